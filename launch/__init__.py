@@ -1,0 +1,1 @@
+"""The `internimage` command line, typed configuration, and local/SLURM launchers."""

@@ -1,0 +1,43 @@
+"""`internimage`: one console script, one subcommand module per verb (launch/commands/)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from launch.commands import COMMANDS
+from launch.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (each subcommand adds its own arguments)."""
+    parser = argparse.ArgumentParser(
+        prog="internimage",
+        description="Pre-train, convert, fine-tune and launch InternImage models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        module.register(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"internimage {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Operators: DCNv3 (pure-PyTorch reference and fused kernels) and its nn.Module."""
