@@ -1,0 +1,230 @@
+"""InternImage: a hierarchical CNN whose core operator is DCNv3.
+
+Module and parameter names follow the released reference model exactly, so released
+checkpoints load with ``strict=True``. Features flow channels-last (N, H, W, C) through
+the stages; ``forward_features`` hands the four stage maps out as NCHW views (their memory
+stays channels-last), which is what FPN-style necks expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.utils.checkpoint as cp
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from models.clip_projector import EMBED_DIM, NUM_HEADS, TOKEN_DIM, UPSAMPLE, AttentionPoolingBlock
+from models.layers import DownsampleLayer, MLPLayer, StemLayer, batch_norm, layer_norm
+from ops.dcnv3 import DCNv3
+
+
+class InternImageLayer(nn.Module):
+    """One block: a DCNv3 branch and an MLP branch, each with its residual.
+
+    Norm placement: pre-norm (default), ``post_norm`` (S..XL) or ``res_post_norm`` (H);
+    ``layer_scale`` multiplies each branch by a learned per-channel gamma.
+    """
+
+    def __init__(
+        self, channels: int, groups: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+        drop_path: float = 0.0, post_norm: bool = False, layer_scale: float | None = None,
+        offset_scale: float = 1.0, with_cp: bool = False, dw_kernel_size: int | None = None,
+        res_post_norm: bool = False, center_feature_scale: bool = False,
+        dcn_backend: str = "auto",
+    ):
+        super().__init__()
+        self.with_cp = with_cp
+        self.post_norm = post_norm
+        self.norm1 = layer_norm(channels)
+        self.dcn = DCNv3(channels, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1,
+                         dilation=1, group=groups, offset_scale=offset_scale,
+                         center_feature_scale=center_feature_scale, backend=dcn_backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = layer_norm(channels)
+        self.mlp = MLPLayer(channels, int(channels * mlp_ratio), drop)
+        self.layer_scale = layer_scale is not None
+        if self.layer_scale:
+            self.gamma1 = nn.Parameter(layer_scale * torch.ones(channels))
+            self.gamma2 = nn.Parameter(layer_scale * torch.ones(channels))
+        self.res_post_norm = res_post_norm
+        if res_post_norm:
+            self.res_post_norm1 = layer_norm(channels)
+            self.res_post_norm2 = layer_norm(channels)
+
+    def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            dcn, mlp = (lambda t: self.norm1(self.dcn(t))), (lambda t: self.norm2(self.mlp(t)))
+        elif self.res_post_norm:
+            dcn = lambda t: self.res_post_norm1(self.dcn(self.norm1(t)))  # noqa: E731
+            mlp = lambda t: self.res_post_norm2(self.mlp(self.norm2(t)))  # noqa: E731
+        else:
+            dcn, mlp = (lambda t: self.dcn(self.norm1(t))), (lambda t: self.mlp(self.norm2(t)))
+        if self.layer_scale:
+            x = x + self.drop_path(self.gamma1 * dcn(x))
+            return x + self.drop_path(self.gamma2 * mlp(x))
+        x = x + self.drop_path(dcn(x))
+        return x + self.drop_path(mlp(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
+            return cp.checkpoint(self._branches, x, use_reentrant=False)
+        return self._branches(x)
+
+
+class InternImageBlock(nn.Module):
+    """One stage ("level"): ``depth`` blocks, optional extra norms, optional downsampling."""
+
+    def __init__(
+        self, channels: int, depth: int, groups: int, drop_path: Sequence[float],
+        downsample: bool, post_norm: bool = False, center_feature_scale: bool = False,
+        post_norm_block_ids: Sequence[int] | None = None, **layer_kwargs,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            InternImageLayer(channels, groups, drop_path=drop_path[i], post_norm=post_norm,
+                             center_feature_scale=center_feature_scale, **layer_kwargs)
+            for i in range(depth)
+        )
+        # The released model keeps a stage-end norm unless post_norm (H has both).
+        self.has_norm = not post_norm or center_feature_scale
+        if self.has_norm:
+            self.norm = layer_norm(channels)
+        self.post_norm_block_ids = list(post_norm_block_ids or [])
+        if self.post_norm_block_ids:
+            self.post_norms = nn.ModuleList(layer_norm(channels) for _ in self.post_norm_block_ids)
+        self.downsample = DownsampleLayer(channels) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (input of the next stage, this stage's output before downsampling)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.post_norm_block_ids:
+                x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+        if self.has_norm:
+            x = self.norm(x)
+        stage_out = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x, stage_out
+
+
+class InternImage(nn.Module):
+    """InternImage backbone + classification head (T..XL: conv head; H: CLIP projector)."""
+
+    def __init__(
+        self,
+        channels: int = 64,
+        depths: Sequence[int] = (4, 4, 18, 4),
+        groups: Sequence[int] = (4, 8, 16, 32),
+        num_classes: int = 1000,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        layer_scale: float | None = None,
+        offset_scale: float = 1.0,
+        post_norm: bool = False,
+        cls_scale: float = 1.5,
+        with_cp: bool = False,
+        dw_kernel_size: int | None = None,
+        use_clip_projector: bool = False,
+        level2_post_norm_block_ids: Sequence[int] | None = None,
+        res_post_norm: bool = False,
+        center_feature_scale: bool = False,
+        in_chans: int = 3,
+        dcn_backend: str = "auto",
+    ):
+        super().__init__()
+        if len(depths) != len(groups):
+            raise ValueError(f"depths ({len(depths)}) and groups ({len(groups)}) differ in length")
+        self.num_classes = num_classes
+        self.depths = list(depths)
+        self.num_levels = len(depths)
+        self.channels = channels
+        self.num_features = int(channels * 2 ** (self.num_levels - 1))
+        self.stage_channels = [int(channels * 2**i) for i in range(self.num_levels)]
+        self.use_clip_projector = use_clip_projector
+        self.patch_embed = StemLayer(in_chans, channels)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.levels = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.levels.append(InternImageBlock(
+                self.stage_channels[i], depth, groups[i], dpr[start:start + depth],
+                downsample=i < self.num_levels - 1, post_norm=post_norm,
+                center_feature_scale=center_feature_scale,
+                post_norm_block_ids=level2_post_norm_block_ids if i == 2 else None,
+                mlp_ratio=mlp_ratio, drop=drop_rate, layer_scale=layer_scale,
+                offset_scale=offset_scale, with_cp=with_cp, dw_kernel_size=dw_kernel_size,
+                res_post_norm=res_post_norm, dcn_backend=dcn_backend,
+            ))
+        if use_clip_projector:
+            self.dcnv3_head_x4 = nn.Sequential(
+                nn.Conv2d(self.num_features, TOKEN_DIM * UPSAMPLE**2, 1), nn.PixelShuffle(UPSAMPLE))
+            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, TOKEN_DIM, 1)
+            self.clip_projector = AttentionPoolingBlock(TOKEN_DIM, NUM_HEADS, EMBED_DIM)
+            self.fc_norm = layer_norm(EMBED_DIM)
+            self.embed_dim = EMBED_DIM
+        else:
+            self.embed_dim = int(self.num_features * cls_scale)
+            self.conv_head = nn.Sequential(
+                nn.Conv2d(self.num_features, self.embed_dim, 1, bias=False),
+                batch_norm(self.embed_dim), nn.GELU())
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, DCNv3):
+                m.reset_parameters()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn per-block activation checkpointing on or off (timm's convention)."""
+        for level in self.levels:
+            for block in level.blocks:
+                block.with_cp = enable
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs as NCHW tensors (channels-last memory), strides 4..32."""
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for level in self.levels:
+            x, stage_out = level(x)
+            outs.append(stage_out.permute(0, 3, 1, 2))
+        return outs
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embedding before the classifier: (N, ``embed_dim``)."""
+        feats = self.forward_features(x)
+        if self.use_clip_projector:
+            fused = self.dcnv3_head_x4(feats[-1]) + self.dcnv3_head_x3(feats[-2])
+            tokens = fused.flatten(2).transpose(1, 2)
+            return self.fc_norm(self.clip_projector(tokens))
+        return torch.flatten(self.avgpool(self.conv_head(feats[-1])), 1)
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Classifier on a pooled embedding."""
+        return self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_pooled(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier (timm's convention) for a new class count."""
+        self.num_classes = num_classes
+        device = next(self.parameters()).device
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=device)
+                     if num_classes > 0 else nn.Identity())
+        if num_classes > 0:
+            self._init_weights(self.head)

@@ -1,0 +1,61 @@
+"""Register the InternImage variants with timm (``timm.create_model("internimage_t_1k_224")``).
+
+Released weights cannot be fetched by name here; pass a local file through timm's
+``pretrained_cfg_overlay=dict(file=PATH)`` with ``pretrained=True``, or call
+``models.load_pretrained`` yourself.
+"""
+
+from __future__ import annotations
+
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+
+from models.intern_image import InternImage
+from models.variants import PRETRAINED_NAMES, VARIANTS
+
+_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
+    """Released checkpoints already use our keys; only unwrap containers."""
+    for key in ("model", "module", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    return state_dict
+
+
+def _cfg(size: int) -> dict:
+    return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": None,
+            "crop_pct": 1.0 if size > 224 else 0.875, "interpolation": "bicubic",
+            "mean": _MEAN, "std": _STD, "first_conv": "patch_embed.conv1",
+            "classifier": "head", "license": "mit"}
+
+
+default_cfgs = generate_default_cfgs(
+    {f"{name}.released": _cfg(size) for name, (_, size) in PRETRAINED_NAMES.items()}
+    | {f"{name}.untrained": _cfg(224) for name in VARIANTS}
+)
+
+
+def _create(name: str, variant: str, pretrained: bool, **kwargs) -> InternImage:
+    arch = VARIANTS[variant].kwargs() | kwargs
+    return build_model_with_cfg(InternImage, name, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg={"flatten_sequential": True}, **arch)
+
+
+def _register(name: str, variant: str) -> None:
+    def factory(pretrained: bool = False, **kwargs) -> InternImage:
+        return _create(name, variant, pretrained, **kwargs)
+
+    factory.__name__ = name
+    factory.__qualname__ = name
+    factory.__module__ = __name__
+    factory.__doc__ = f"InternImage {variant.split('_')[1].upper()} ({name})."
+    globals()[name] = register_model(factory)
+
+
+for _name in VARIANTS:
+    _register(_name, _name)
+for _name, (_variant, _) in PRETRAINED_NAMES.items():
+    _register(_name, _variant)
