@@ -55,9 +55,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling errors come in many types
-            raise CheckpointError(f"cannot read {path} as a weights-only torch file: {err}") from err
+            raise CheckpointError(
+                f"cannot read {path} as a weights-only torch file: {err}") from err
         while isinstance(state, dict):
-            inner = next((state[k] for k in _CONTAINER_KEYS if isinstance(state.get(k), dict)), None)
+            inner = next(
+                (state[k] for k in _CONTAINER_KEYS if isinstance(state.get(k), dict)), None)
             if inner is None:
                 break
             state = inner

@@ -25,7 +25,9 @@ class ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-def layer_norm(channels: int, from_channels_first: bool = False, eps: float = 1e-6) -> nn.Sequential:
+def layer_norm(
+    channels: int, from_channels_first: bool = False, eps: float = 1e-6
+) -> nn.Sequential:
     """LayerNorm over the channel dim of an NHWC tensor (optionally permuting NCHW in first)."""
     layers: list[nn.Module] = [ToChannelsLast()] if from_channels_first else []
     return nn.Sequential(*layers, nn.LayerNorm(channels, eps=eps))
