@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops.dcnv3.function import dcnv3
+from ops.dcnv3.function import _pick_backend, dcnv3
 
 
 class _ChannelsFirstToLastLayerNorm(nn.Sequential):
@@ -81,11 +81,22 @@ class DCNv3(nn.Module):
         x_proj = self.input_proj(x)
         feat = self.dw_conv(x.permute(0, 3, 1, 2))
         offset = self.offset(feat)
-        mask = F.softmax(self.mask(feat).view(n, h, w, self.group, -1), dim=-1)
-        mask = mask.reshape(n, h, w, -1).to(x_proj.dtype)
-        out = dcnv3(x_proj, offset.to(x_proj.dtype), mask, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self.pad, dilation=self.dilation,
-                    groups=self.group, offset_scale=self.offset_scale, backend=self.backend)
+        # The Triton backend can normalise the mask inside its kernel (attribute set by
+        # ops.dcnv3.triton_backend); that skips materialising the mask and its gradient.
+        fused_softmax = getattr(_pick_backend(self.backend, x.device), "fused_softmax", None)
+        if fused_softmax is not None:
+            logits = self.mask(feat).reshape(n, h, w, -1).to(x_proj.dtype)
+            out = fused_softmax(x_proj, offset.to(x_proj.dtype), logits,
+                                kernel_size=self.kernel_size, stride=self.stride,
+                                padding=self.pad, dilation=self.dilation, groups=self.group,
+                                offset_scale=self.offset_scale)
+        else:
+            mask = F.softmax(self.mask(feat).view(n, h, w, self.group, -1), dim=-1)
+            mask = mask.reshape(n, h, w, -1).to(x_proj.dtype)
+            out = dcnv3(x_proj, offset.to(x_proj.dtype), mask, kernel_size=self.kernel_size,
+                        stride=self.stride, padding=self.pad, dilation=self.dilation,
+                        groups=self.group, offset_scale=self.offset_scale,
+                        backend=self.backend)
         if self.center_feature_scale:
             gate = torch.sigmoid(F.linear(feat, self.center_feature_scale_proj_weight,
                                           self.center_feature_scale_proj_bias))

@@ -1,0 +1,150 @@
+"""The Triton DCNv3 backend, registered as PyTorch custom ops.
+
+``torch.library.custom_op`` (with a fake implementation and a registered autograd
+formula) makes the fused kernels opaque to torch.compile, so ``fullgraph=True`` traces
+through them, and lets activation checkpointing and DeepSpeed treat them like any aten op.
+(``triton_op``/``wrap_triton`` would let Inductor see inside, but they fail under
+torch.compile for CPU tensors, which the interpreter-based tests use.)
+
+Importing this module raises ImportError when triton is missing; ``ops.dcnv3.function``
+then simply does not offer the ``"triton"`` backend. On import it registers ``"triton"``
+and exposes ``dcnv3_softmax``, the variant that takes mask *logits* and applies the
+softmax over the K points inside the kernel.
+
+Tensors must be on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before triton was
+first imported (Triton's interpreter; slow, for tests).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("ops.dcnv3.triton_backend needs the `triton` package") from exc
+
+import torch
+
+from ops.dcnv3 import triton_kernels as kernels
+from ops.dcnv3.function import _check, register_backend
+
+# Tests set this to fill every output the kernels must fully overwrite with NaN, so that
+# an element a kernel forgets to write shows up instead of silently reading as zero.
+POISON_OUTPUTS = False
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and kernels.INTERPRET:
+        return
+    hint = ("set TRITON_INTERPRET=1 before importing triton to run on CPU (slow)"
+            if t.device.type == "cpu" else "move the tensors to a CUDA device")
+    raise RuntimeError(f"dcnv3 backend 'triton' needs CUDA tensors, got device "
+                       f"{t.device}; {hint}, or use backend='reference'")
+
+
+def _alloc(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+@torch.library.custom_op("internimage::dcnv3_forward", mutates_args=())
+def _forward_op(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int,
+    stride: int, padding: int, dilation: int, groups: int, offset_scale: float,
+    softmax: bool,
+) -> torch.Tensor:
+    _check_device(input)
+    n, ho, wo, _ = offset.shape
+    out = _alloc((n, ho, wo, input.shape[-1]), input)
+    return kernels.dcnv3_forward(input, offset, mask, out, kernel_size, stride, padding,
+                                 dilation, groups, offset_scale, softmax)
+
+
+@_forward_op.register_fake
+def _forward_fake(input, offset, mask, kernel_size, stride, padding, dilation, groups,
+                  offset_scale, softmax):
+    n, ho, wo, _ = offset.shape
+    return input.new_empty((n, ho, wo, input.shape[-1]))
+
+
+@torch.library.custom_op("internimage::dcnv3_backward", mutates_args=())
+def _backward_op(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, grad_out: torch.Tensor,
+    kernel_size: int, stride: int, padding: int, dilation: int, groups: int,
+    offset_scale: float, softmax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_device(input)
+    # Atomic adds accumulate in fp32 (fp64 for fp64) and are cast once at the end, so
+    # half-precision inputs do not lose the many small contributions per pixel.
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    grad_input = torch.zeros(input.shape, dtype=acc_dtype, device=input.device)
+    grad_offset = _alloc(offset.shape, offset)
+    grad_mask = _alloc(mask.shape, mask)
+    kernels.dcnv3_backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask,
+                           kernel_size, stride, padding, dilation, groups, offset_scale,
+                           softmax)
+    return grad_input.to(input.dtype), grad_offset, grad_mask
+
+
+@_backward_op.register_fake
+def _backward_fake(input, offset, mask, grad_out, kernel_size, stride, padding, dilation,
+                   groups, offset_scale, softmax):
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, offset, mask, *params = inputs
+    ctx.save_for_backward(input, offset, mask)
+    ctx.params = params
+
+
+def _backward(ctx, grad_out):
+    input, offset, mask = ctx.saved_tensors
+    grads = torch.ops.internimage.dcnv3_backward(input, offset, mask, grad_out.contiguous(),
+                                                 *ctx.params)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dcnv3_triton(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int,
+    stride: int, padding: int, dilation: int, groups: int, offset_scale: float,
+) -> torch.Tensor:
+    """Fused DCNv3 (arguments already validated by ``ops.dcnv3.dcnv3``)."""
+    return torch.ops.internimage.dcnv3_forward(
+        input.contiguous(), offset.contiguous(), mask.contiguous(), kernel_size, stride,
+        padding, dilation, groups, float(offset_scale), False)
+
+
+def dcnv3_softmax(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask_logits: torch.Tensor,
+    *,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int = 1,
+    dilation: int = 1,
+    groups: int,
+    offset_scale: float = 1.0,
+) -> torch.Tensor:
+    """DCNv3 with the mask softmax fused in: ``mask_logits`` (N, Ho, Wo, G*K) are raw
+    logits, normalised over the K points of each group inside the kernel.
+
+    Equal to ``dcnv3(input, offset, softmax(mask_logits per group), ...)`` but never
+    materialises the normalised mask (nor its gradient) in memory. Triton only.
+    """
+    _check(input, offset, mask_logits, kernel_size, stride, padding, dilation, groups)
+    return torch.ops.internimage.dcnv3_forward(
+        input.contiguous(), offset.contiguous(), mask_logits.contiguous(), kernel_size,
+        stride, padding, dilation, groups, float(offset_scale), True)
+
+
+# The module looks for this attribute on the resolved backend to use the fused softmax.
+dcnv3_triton.fused_softmax = dcnv3_softmax  # type: ignore[attr-defined]
+
+register_backend("triton", dcnv3_triton)

@@ -1,0 +1,284 @@
+"""The Triton DCNv3 backend against the pure-PyTorch reference.
+
+On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1),
+which is slow: shapes stay tiny but cover odd sizes, stride/dilation/padding, kernel 5,
+offset_scale != 1, 1..8 groups of 4..32 channels (also non powers of two), samples far
+outside the image and samples exactly on pixel centres. Every output the kernels must
+fully write is allocated NaN-filled (``POISON_OUTPUTS``), so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from ops.dcnv3 import DCNv3, available_backends, dcnv3, output_size, triton_backend  # noqa: E402, I001
+from ops.dcnv3.triton_backend import dcnv3_softmax  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(triton_backend, "POISON_OUTPUTS", True)
+
+
+def _case(n, h, w, groups, gc, ks=3, stride=1, pad=1, dil=1, scale=1.0):
+    return dict(n=n, h=h, w=w, groups=groups, gc=gc, ks=ks, stride=stride, pad=pad,
+                dil=dil, scale=scale)
+
+
+CASES = [
+    _case(2, 7, 9, 1, 4),
+    _case(1, 9, 7, 3, 8, ks=5, stride=2, pad=2, dil=2, scale=2.0),
+    _case(1, 5, 11, 8, 32, stride=2, pad=1, dil=2, scale=0.5),
+    _case(2, 6, 5, 5, 6, pad=0),
+    _case(1, 8, 6, 2, 20, ks=5, pad=2),
+]
+
+
+def _make(case, dtype=torch.float64, device=DEVICE, seed=0, far=True):
+    """Fresh random input, offsets (some far outside the image) and softmax weights."""
+    gen = torch.Generator().manual_seed(seed)
+    c = case["groups"] * case["gc"]
+    k = case["ks"] ** 2
+    ho = output_size(case["h"], case["ks"], case["stride"], case["pad"], case["dil"])
+    wo = output_size(case["w"], case["ks"], case["stride"], case["pad"], case["dil"])
+    x = torch.randn(case["n"], case["h"], case["w"], c, generator=gen, dtype=torch.float64)
+    off = 2.5 * torch.randn(case["n"], ho, wo, case["groups"] * k * 2, generator=gen,
+                            dtype=torch.float64)
+    if far:  # a few samples land far away (both signs; 3e4 still fits in fp16)
+        flat = off.view(-1)
+        idx = torch.randperm(flat.numel(), generator=gen)[: max(2, flat.numel() // 20)]
+        flat[idx] = 3e4 * torch.sign(torch.randn(idx.numel(), generator=gen, dtype=flat.dtype))
+    logits = torch.randn(case["n"], ho, wo, case["groups"], k, generator=gen,
+                         dtype=torch.float64)
+    mask = F.softmax(logits, -1).reshape(case["n"], ho, wo, -1)
+    go = torch.randn(case["n"], ho, wo, c, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (x, off, mask, go)]
+
+
+def _params(case):
+    return dict(kernel_size=case["ks"], stride=case["stride"], padding=case["pad"],
+                dilation=case["dil"], groups=case["groups"], offset_scale=case["scale"])
+
+
+def _run(backend, case, x, off, mask, go):
+    """Output and (grad_input, grad_offset, grad_mask) of ``dcnv3`` on ``backend``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, off, mask)]
+    out = dcnv3(*leaves, **_params(case), backend=backend)
+    grads = torch.autograd.grad(out, leaves, go)
+    return out.detach(), grads
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _assert_close(got, want, tol, what=""):
+    names = ("output", "grad_input", "grad_offset", "grad_mask")
+    for name, a, b in zip(names, got, want):
+        assert not torch.isnan(a).any(), f"{what} {name}: NaN (unwritten element?)"
+        err = _rel(a, b)
+        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol}"
+
+
+def _both(backend, case, tensors):
+    out, grads = _run(backend, case, *tensors)
+    return (out, *grads)
+
+
+def _case_id(case):
+    return "g{groups}c{gc}k{ks}s{stride}d{dil}".format(**case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference_float64(case):
+    tensors = _make(case)
+    _assert_close(_both("triton", case, tensors), _both("reference", case, tensors), 1e-10,
+                  "fp64")
+
+
+@pytest.mark.parametrize("case", CASES[1:3], ids=["k5s2d2", "g8c32"])
+def test_float32_within_1e4_of_float64(case):
+    tensors = _make(case, seed=1)
+    want = _both("reference", case, tensors)
+    got = _both("triton", case, [t.float() for t in tensors])
+    _assert_close(got, want, 1e-4, "fp32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_error_at_most_twice_reference_error(dtype):
+    case = CASES[1]
+    low = _make(case, dtype=dtype, seed=2)
+    exact = [t.double() for t in low]  # same (rounded) inputs, computed in float64
+    want = _both("reference", case, exact)
+    ref_low = _both("reference", case, low)
+    tri_low = _both("triton", case, low)
+    names = ("output", "grad_input", "grad_offset", "grad_mask")
+    for name, t, r, w in zip(names, tri_low, ref_low, want):
+        assert t.dtype == dtype and not torch.isnan(t).any()
+        tri_err, ref_err = _rel(t, w), _rel(r, w)
+        assert tri_err <= 2 * ref_err + 1e-6, f"{name}: triton {tri_err:.3g} vs ref {ref_err:.3g}"
+
+
+def test_samples_exactly_on_pixel_centres():
+    """Integer offsets with scale 1 put every sample on a pixel centre, where the bilinear
+    weights are 0/1 and the offset gradient is one-sided: the kernel uses floor(), i.e.
+    the derivative from the right, so compare with the reference nudged to the right."""
+    case = _case(2, 7, 8, 2, 4, pad=1)
+    x, off, mask, go = _make(case, seed=3, far=False)
+    off = off.round()
+    got = _both("triton", case, (x, off, mask, go))
+    want = _both("reference", case, (x, off, mask, go))
+    right = _both("reference", case, (x, off + 1e-9, mask, go))
+    _assert_close(got[:2] + got[3:], want[:2] + want[3:], 1e-10, "centres")
+    assert _rel(got[2], right[2]) <= 1e-6
+
+
+def test_fused_softmax_matches_softmax_then_reference():
+    case = CASES[1]
+    x, off, mask, go = _make(case, seed=4)
+    k = case["ks"] ** 2
+    logits = torch.randn(mask.shape, dtype=mask.dtype, device=mask.device) * 3
+
+    def reference(x, off, logits):
+        p = F.softmax(logits.unflatten(-1, (case["groups"], k)), -1).flatten(-2)
+        return dcnv3(x, off, p, **_params(case), backend="reference")
+
+    leaves = [t.clone().requires_grad_() for t in (x, off, logits)]
+    want = reference(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, go)
+    leaves = [t.clone().requires_grad_() for t in (x, off, logits)]
+    got = dcnv3_softmax(*leaves, **_params(case))
+    got_grads = torch.autograd.grad(got, leaves, go)
+    _assert_close((got, *got_grads), (want, *want_grads), 1e-10, "softmax")
+
+
+def test_module_uses_fused_softmax_and_matches_reference():
+    torch.manual_seed(5)
+    tri = DCNv3(24, group=3, offset_scale=2.0, backend="triton").to(DEVICE).double()
+    for lin in (tri.offset, tri.mask):  # non-trivial offsets and weights
+        torch.nn.init.normal_(lin.weight, std=0.5)
+    ref = DCNv3(24, group=3, offset_scale=2.0, backend="reference").to(DEVICE).double()
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(2, 5, 7, 24, dtype=torch.float64, device=DEVICE)
+    outs = []
+    for m in (tri, ref):
+        m.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert _rel(outs[0][0], outs[1][0]) < 1e-10
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert _rel(a, b) < 1e-9
+
+
+def _compile_backend():
+    # Inductor on CPU spends ~25 s compiling C++ here; aot_eager still runs Dynamo with
+    # fullgraph, fake tensors and AOTAutograd over the custom ops, which is what matters.
+    return "inductor" if DEVICE == "cuda" else "aot_eager"
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    torch._dynamo.reset()
+    case = CASES[3]
+    x, off, mask, go = _make(case, dtype=torch.float32, seed=6)
+
+    def fn(x, off, mask):
+        return dcnv3(x * 2, off, mask, **_params(case), backend="triton").relu()
+
+    compiled = torch.compile(fn, fullgraph=True, backend=_compile_backend())
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, off, mask)]
+        out = f(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, go)))
+    _assert_close(results[1], results[0], 1e-6, "compile")
+
+    torch.manual_seed(7)
+    module = DCNv3(16, group=2, backend="triton").to(DEVICE)
+    torch.nn.init.normal_(module.offset.weight, std=0.5)
+    xm = torch.randn(1, 5, 6, 16, device=DEVICE)
+    eager = module(xm)
+    compiled_module = torch.compile(module, fullgraph=True, backend=_compile_backend())
+    assert _rel(compiled_module(xm), eager) < 1e-6
+
+
+def test_activation_checkpoint_gives_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    case = CASES[0]
+    x, off, mask, go = _make(case, seed=8)
+
+    def fn(x, off, mask):
+        return dcnv3(x.tanh(), off, mask, **_params(case), backend="triton") * 3
+
+    results = []
+    for use_cp in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, off, mask)]
+        out = checkpoint(fn, *leaves, use_reentrant=False) if use_cp else fn(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, go)))
+    _assert_close(results[1], results[0], 1e-12, "checkpoint")
+
+
+def test_backend_registry_and_device_errors(monkeypatch):
+    assert "triton" in available_backends()
+    case = CASES[0]
+    x, off, mask, _ = _make(case, dtype=torch.float32, device="cpu")
+    # auto never picks Triton for CPU tensors (the interpreter is for tests only).
+    auto = dcnv3(x, off, mask, **_params(case), backend="auto")
+    torch.testing.assert_close(auto, dcnv3(x, off, mask, **_params(case), backend="reference"))
+    from ops.dcnv3 import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        dcnv3(x, off, mask, **_params(case), backend="triton")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        dcnv3_softmax(x, off, mask[..., :-1], **_params(case))
+
+
+def test_benchmark_dry_run_plans_every_layer():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dcnv3_gpu.py"),
+                           "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    layers = plan["layers"]
+    assert {row["model"] for row in layers} == {"internimage_t_224", "internimage_h_640"}
+    assert len(layers) == 8
+    t_first = next(r for r in layers if r["model"] == "internimage_t_224")
+    assert t_first["input_shape"][1:] == [56, 56, 64] and t_first["groups"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_larger_shapes(dtype):
+    case = _case(4, 56, 56, 4, 16)
+    low = _make(case, dtype=dtype, seed=9)
+    exact = [t.double() for t in low]
+    want = _both("reference", case, exact)
+    ref_low = _both("reference", case, low)
+    tri_low = _both("triton", case, low)
+    for t, r, w in zip(tri_low, ref_low, want):
+        assert not torch.isnan(t).any()
+        assert _rel(t, w) <= max(2 * _rel(r, w), 1e-4 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.gpu
+def test_gpu_internimage_h_layer_fp64():
+    case = _case(1, 40, 40, 40, 32, scale=1.0)
+    tensors = _make(case, seed=10)
+    _assert_close(_both("triton", case, tensors), _both("reference", case, tensors), 1e-10,
+                  "H stage 3")
