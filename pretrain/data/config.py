@@ -1,0 +1,131 @@
+"""Typed configuration of the streaming data pipeline.
+
+Plain dataclasses: ``launch.config.build`` turns YAML/overrides into them and checks types;
+``__post_init__`` checks value ranges and raises ``ValueError`` naming the key (pretrain/
+must not import launch/, so it cannot raise ``launch.config.ConfigError`` itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class S3Config:
+    """Object storage access (any S3-compatible endpoint) and retry policy for shard reads.
+
+    Unset fields fall back to the standard AWS environment variables (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).
+    ``retries``/``backoff`` apply to every remote shard (s3://, http(s)://, pipe:), both to
+    opening it and to resuming a read that broke mid-stream.
+    """
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    region: str | None = None
+    anon: bool = False
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    block_size: int = 16 * 2**20
+
+    def __post_init__(self) -> None:
+        _check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
+        _check(self.backoff >= 0, "s3.backoff", f"must be >= 0, got {self.backoff}")
+        _check(self.max_backoff >= self.backoff, "s3.max_backoff", "must be >= s3.backoff")
+        _check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
+        _check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
+        _check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
+
+    def __repr__(self) -> str:  # never print credentials, even by accident in a log line
+        hidden = {"key", "secret", "token"}
+        parts = [f"{k}={'***' if k in hidden and v else v!r}" for k, v in vars(self).items()]
+        return f"S3Config({', '.join(parts)})"
+
+
+@dataclass
+class SourceConfig:
+    """One data source: its shards, sampling weight and which tar members hold what.
+
+    ``urls``: a brace pattern (``s3://laion/{000000..041407}.tar``), a list of them, or a
+    path/URL ending in ``.txt`` that lists one shard URL per line.
+    ``image_key``: alternatives separated by ``;`` (the first present member is used).
+    ``text_key``: caption member, or None for image-only sources (then no caption needed).
+    ``tags_key``: ``ext`` (comma separated text) or ``ext:field`` (a JSON member's list
+    field), or None.
+    ``resampled``: draw shards with replacement forever (training); else one pass over the
+    shards in a seeded shuffled order.
+    """
+
+    name: str
+    urls: list[str] | str
+    weight: float = 1.0
+    image_key: str = "jpg;png;webp"
+    text_key: str | None = "txt"
+    tags_key: str | None = "json:tags"
+    resampled: bool = True
+
+    def __post_init__(self) -> None:
+        key = f"sources.{self.name}"
+        _check(bool(self.name), "sources.name", "must not be empty")
+        _check(bool(self.urls), f"{key}.urls", "must name at least one shard")
+        _check(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        _check(bool(self.image_key.strip(";")), f"{key}.image_key", "must not be empty")
+        if self.tags_key is not None:
+            ext, _, fld = self.tags_key.partition(":")
+            _check(bool(ext) and (":" not in self.tags_key or bool(fld)), f"{key}.tags_key",
+                   f"must be 'ext' or 'ext:field', got {self.tags_key!r}")
+
+
+@dataclass
+class DataConfig:
+    """The whole input pipeline of one run (identical on every rank)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    image_size: int = 224
+    batch_size: int = 32
+    workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    context_length: int = 77
+    tokenizer: str = "ViT-B-32"
+    tag_vocab: str | None = None
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    s3: S3Config = field(default_factory=S3Config)
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "data.sources", "at least one source is required")
+        names = [s.name for s in self.sources]
+        _check(len(set(names)) == len(names), "data.sources", f"duplicate names in {names}")
+        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(self.shuffle_initial >= 0, "data.shuffle_initial", "must be >= 0")
+        _check(self.context_length >= 2, "data.context_length", "must be >= 2")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {lo, hi}")
+        _check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        _check(all(s > 0 for s in self.std), "data.std", "must be > 0")
