@@ -1,0 +1,151 @@
+"""The pure-PyTorch DCNv3: exact semantics, gradients, precision, memory, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops.dcnv3.reference as reference
+from ops.dcnv3 import DCNv3, dcnv3, output_size
+from tests.dcnv3_naive import dcnv3_naive
+
+# (N, H, W, groups, group_channels, kernel, stride, padding, dilation, offset_scale, offset_std)
+CASES = [
+    (2, 5, 7, 2, 3, 3, 1, 1, 1, 1.0, 1.0),
+    (1, 7, 6, 1, 4, 3, 2, 1, 1, 1.0, 1.5),  # stride 2, odd/even sizes
+    (1, 6, 7, 3, 2, 3, 1, 2, 2, 1.0, 1.0),  # dilation 2
+    (1, 6, 5, 2, 2, 5, 1, 2, 1, 1.0, 1.0),  # kernel 5
+    (2, 5, 5, 2, 3, 3, 1, 1, 1, 2.0, 1.0),  # offset_scale 2
+    (1, 4, 5, 2, 2, 3, 1, 1, 1, 1.0, 6.0),  # many samples far outside the image
+]
+
+
+def _inputs(case, dtype=torch.float64, seed=None):
+    n, h, w, g, gc, k, s, p, d, _, std = case
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    ho, wo = output_size(h, k, s, p, d), output_size(w, k, s, p, d)
+    x = torch.randn(n, h, w, g * gc, generator=gen, dtype=dtype)
+    offset = torch.randn(n, ho, wo, g * k * k * 2, generator=gen, dtype=dtype) * std
+    logits = torch.randn(n, ho, wo, g, k * k, generator=gen, dtype=dtype)
+    mask = logits.softmax(-1).reshape(n, ho, wo, g * k * k)
+    return x, offset, mask
+
+
+def _kw(case):
+    _, _, _, g, _, k, s, p, d, scale, _ = case
+    return dict(kernel_size=k, stride=s, padding=p, dilation=d, groups=g, offset_scale=scale)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_naive_loop_implementation(case):
+    x, offset, mask = _inputs(case)
+    kw = _kw(case)
+    got = dcnv3(x, offset, mask, backend="reference", **kw)
+    want = dcnv3_naive(x, offset, mask, kw["kernel_size"], kw["stride"], kw["padding"],
+                       kw["dilation"], kw["groups"], kw["offset_scale"])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_float64(case):
+    x, offset, mask = (t.requires_grad_() for t in _inputs(case))
+    kw = _kw(case)
+    # Keep offsets away from integer pixel positions, where bilinear weights have kinks.
+    with torch.no_grad():
+        offset += 0.37 * (offset.frac().abs() < 0.05)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: dcnv3(a, b, c, backend="reference", **kw), (x, offset, mask),
+        eps=1e-6, atol=1e-6)
+
+
+def test_bf16_forward_within_bf16_tolerance():
+    case = (2, 9, 11, 4, 8, 3, 1, 1, 1, 1.0, 1.5)
+    x, offset, mask = _inputs(case)
+    kw = _kw(case)
+    exact = dcnv3(x, offset, mask, **kw)
+    low = dcnv3(x.bfloat16(), offset.bfloat16(), mask.bfloat16(), **kw)
+    assert low.dtype == torch.bfloat16
+    # Inputs are rounded to bf16 (rel. 2**-8) and so is the output: a few ulps in norm.
+    rel = (low.double() - exact).norm() / exact.norm()
+    assert rel < 2e-2, rel
+
+
+def test_chunked_batch_gives_identical_values_and_grads(monkeypatch):
+    case = (5, 6, 6, 2, 4, 3, 1, 1, 1, 1.0, 1.0)
+    x, offset, mask = (t.requires_grad_() for t in _inputs(case, torch.float32))
+    kw = _kw(case)
+    out_full = dcnv3(x, offset, mask, **kw)
+    grads_full = torch.autograd.grad(out_full.square().sum(), (x, offset, mask))
+    per_sample = 6 * 6 * 9 * 8
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * per_sample)  # 3 chunks of <= 2
+    out_chunk = dcnv3(x, offset, mask, **kw)
+    grads_chunk = torch.autograd.grad(out_chunk.square().sum(), (x, offset, mask))
+    torch.testing.assert_close(out_chunk, out_full)
+    for a, b in zip(grads_chunk, grads_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_keeps_no_sampled_values():
+    """Autograd must keep only the op's inputs, never the K-times-larger sampled values."""
+    case = (2, 8, 8, 2, 8, 3, 1, 1, 1, 1.0, 1.0)
+    x, offset, mask = (t.requires_grad_() for t in _inputs(case, torch.float32))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        dcnv3(x, offset, mask, **_kw(case))
+    assert sum(saved) <= x.numel() + offset.numel() + mask.numel()
+
+
+def test_zero_offsets_uniform_mask_is_a_box_filter():
+    """A fresh layer (zero offsets, uniform weights) averages the regular 3x3 grid."""
+    x = torch.randn(2, 7, 9, 6, dtype=torch.float64)
+    offset = torch.zeros(2, 7, 9, 3 * 9 * 2, dtype=torch.float64)
+    mask = torch.full((2, 7, 9, 3 * 9), 1 / 9, dtype=torch.float64)
+    got = dcnv3(x, offset, mask, groups=3)
+    want = F.avg_pool2d(x.permute(0, 3, 1, 2), 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1))
+
+
+def test_point_order_is_x_major():
+    """Point k = kx*3 + ky: point 1 is kx=0 (x-1), ky=1 (y+0), the left neighbour."""
+    x = torch.arange(25, dtype=torch.float64).view(1, 5, 5, 1)
+    offset = torch.zeros(1, 5, 5, 18, dtype=torch.float64)
+    mask = torch.zeros(1, 5, 5, 9, dtype=torch.float64)
+    mask[..., 1] = 1.0
+    out = dcnv3(x, offset, mask, groups=1)
+    assert out[0, 2, 2, 0] == x[0, 2, 1, 0]  # row 2, column 1: one step left in x
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, o, m: (x[0], o, m), "4-D"),
+    (lambda x, o, m: (x, o[..., :-2], m), "offset must have shape"),
+    (lambda x, o, m: (x, o, m[..., :-1]), "mask must have shape"),
+    (lambda x, o, m: (x, o.float(), m), "share a dtype"),
+    (lambda x, o, m: (x[..., :-1], o, m), "divisible by groups"),
+])
+def test_bad_arguments_fail_clearly(bad, message):
+    x, offset, mask = _inputs((1, 4, 4, 2, 2, 3, 1, 1, 1, 1.0, 1.0))
+    with pytest.raises((ValueError, TypeError), match=message):
+        dcnv3(*bad(x, offset, mask), groups=2)
+
+
+def test_unknown_backend_names_the_choices():
+    x, offset, mask = _inputs((1, 4, 4, 1, 2, 3, 1, 1, 1, 1.0, 1.0))
+    with pytest.raises(ValueError, match="available"):
+        dcnv3(x, offset, mask, groups=1, backend="cuda-magic")
+
+
+def test_module_fresh_layer_and_center_feature_scale():
+    torch.manual_seed(0)
+    layer = DCNv3(16, group=2, center_feature_scale=True).double()
+    x = torch.randn(2, 6, 5, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    # Fresh layer: gate = sigmoid(0) = 1/2 blend of box-filtered and projected input.
+    proj = layer.input_proj(x)
+    box = F.avg_pool2d(proj.permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, layer.output_proj(0.5 * box + 0.5 * proj))
+    out.sum().backward()
+    assert layer.offset.weight.grad is not None and layer.offset.weight.grad.abs().sum() > 0
+    assert layer.mask.weight.grad.abs().sum() > 0
