@@ -10,6 +10,7 @@ Batch format (a dict; ``B`` samples, ``S`` image size, ``L`` context length, ``V
 - ``has_tags``: bool (B,), True when the sample has at least one tag in the vocabulary
 - ``source_ids``: long (B,), index into ``cfg.sources``
 - ``keys``: list of ``"<shard file>/<sample key>"`` (for debugging and tests)
+- ``worker``: int, the logical DataLoader worker that made the batch
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class WorkerStreams(IterableDataset):
 
     def __init__(self, cfg: DataConfig, shard_urls: list[list[str]], rank: int,
                  world_size: int, train: bool, workers: int, epoch: int,
-                 positions: dict[int, int], rotation: int):
+                 positions: dict[int, int], rotation: int, tokenizer: Any):
         super().__init__()
         self.cfg = cfg
+        self.tokenizer = tokenizer
         self.shard_urls = shard_urls
         self.rank, self.world_size, self.train = rank, world_size, train
         self.workers, self.epoch = workers, epoch
@@ -97,7 +99,7 @@ class WorkerStreams(IterableDataset):
         transform = ImageTransform(cfg.image_size, self.train, cfg.mean, cfg.std,
                                    cfg.crop_scale, cfg.hflip)
         vocab = TagVocab.load(cfg.tag_vocab)
-        tokenizer = _tokenizer(cfg.tokenizer)
+        tokenizer = self.tokenizer
         slot = (self.rank * self.workers + worker, self.world_size * self.workers)
         pending: list[tuple[int, Sample]] = []
         index = start - 1
@@ -160,6 +162,9 @@ class StreamingLoader:
         self.cfg, self.train = cfg, train
         self.rank, self.world_size = rank, world_size
         self.workers = max(cfg.workers, 1)
+        # Built here, before workers fork, so that they inherit it instead of each paying
+        # open_clip's import (seconds); also fails early on a bad tokenizer name.
+        self.tokenizer = _tokenizer(cfg.tokenizer)
         self.shard_urls = [expand_urls(s.urls, cfg.s3) for s in cfg.sources]
         for source, urls in zip(cfg.sources, self.shard_urls, strict=True):
             if not urls:
@@ -179,7 +184,7 @@ class StreamingLoader:
         st = self._state
         dataset = WorkerStreams(self.cfg, self.shard_urls, self.rank, self.world_size,
                                 self.train, self.workers, st.epoch, st.positions,
-                                st.next_worker)
+                                st.next_worker, self.tokenizer)
         extra: dict[str, Any] = {}
         if self.cfg.workers > 0:
             extra = {"prefetch_factor": self.cfg.prefetch_factor,
@@ -188,7 +193,7 @@ class StreamingLoader:
                             pin_memory=self.cfg.pin_memory, **extra)
         names = [s.name for s in self.cfg.sources]
         for batch in loader:
-            worker = batch.pop("worker")
+            worker = batch["worker"]
             st.positions[worker] = batch.pop("last_index") + 1
             st.next_worker = (worker + 1) % self.workers
             self.stats.add_counts(batch.pop("counts"))

@@ -106,13 +106,12 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                 prefix, ext = base_plus_ext(member.name)
                 if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
                     continue
-                data = tar.extractfile(member).read()
                 if current is not None and current["__key__"] != prefix:
-                    yield current
+                    yield current  # before reading on: a break below must not cost it
                     current = None
                 if current is None:
                     current = {"__key__": prefix, "__url__": url}
-                current[ext.lower()] = data
+                current[ext.lower()] = tar.extractfile(member).read()
         if current is not None:
             yield current
     except Exception as err:

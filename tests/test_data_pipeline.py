@@ -1,0 +1,229 @@
+"""The streaming data pipeline: corrupt data is skipped and counted, sources mix by weight,
+(rank, worker) slots never share a shard, and resume continues with the same samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from s3_server import good_samples, jpeg_bytes, write_tar
+
+from pretrain.data import DataConfig, S3Config, SourceConfig, build_loader
+from pretrain.data.storage import redact_url
+from pretrain.data.verify import verify_shards
+
+
+def _cfg(sources, **kw) -> DataConfig:
+    base = dict(sources=sources, image_size=16, batch_size=8, workers=0, shuffle_buffer=16,
+                shuffle_initial=8, context_length=12, s3=S3Config(retries=1, backoff=0.01))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory) -> tuple[list[str], dict]:
+    """Five shards with every kind of damage; returns URLs and the expected tally."""
+    d = tmp_path_factory.mktemp("corrupt")
+    big = jpeg_bytes(1, size=64)
+    bad = [
+        good_samples("ok", 1)[0],
+        {"__key__": "trunc", "jpg": big[: len(big) * 6 // 10], "txt": "truncated jpeg"},
+        {"__key__": "noise", "jpg": random.Random(0).randbytes(300), "txt": "random bytes"},
+        {"__key__": "empty", "jpg": b"", "txt": "empty image"},
+        {"__key__": "nocap", "jpg": jpeg_bytes(2)},
+        {"__key__": "blankcap", "jpg": jpeg_bytes(3), "txt": "  \n"},
+        {"__key__": "noimg", "txt": "caption without image"},
+        good_samples("ok2", 1)[0],
+    ]
+    urls = [str(write_tar(d / "good.tar", good_samples("g", 5))),
+            str(write_tar(d / "bad-samples.tar", bad))]
+    (d / "random.tar").write_bytes(random.Random(1).randbytes(5000))
+    urls.append(str(d / "random.tar"))
+    full_path = write_tar(d / "full.tar", good_samples("t", 5, size=64))
+    with tarfile.open(full_path) as tar:  # cut inside the 5th sample's image
+        cut = tar.getmember("t0004.jpg").offset_data + 100
+    full = full_path.read_bytes()
+    (d / "truncated.tar").write_bytes(full[:cut])
+    urls.append(str(d / "truncated.tar"))
+    urls.append(str(d / "does-not-exist.tar"))
+    expected = {"samples": 5 + 2 + 4,
+                "reasons": {"undecodable_image": 2, "empty_image": 1, "missing_caption": 2,
+                            "missing_image": 1, "unreadable_shard": 3}}
+    return urls, expected
+
+
+def test_corrupt_samples_are_skipped_and_counted_by_reason(corrupt_shards):
+    urls, expected = corrupt_shards
+    report = verify_shards(urls, S3Config(retries=1, backoff=0.01), image_size=16)
+    assert report["samples"] == expected["samples"]
+    assert report["reasons"] == expected["reasons"]
+    assert report["skipped"] == sum(expected["reasons"].values())
+    assert report["shards"] == 5
+
+
+def test_counts_are_aggregated_across_worker_processes(corrupt_shards):
+    urls, expected = corrupt_shards
+    cfg = _cfg([SourceConfig("mixed", urls, resampled=False)], workers=2, batch_size=3)
+    loader = build_loader(cfg, rank=0, world_size=1, train=True)
+    seen = [k for batch in loader for k in batch["keys"]]
+    assert len(seen) == len(set(seen)) == expected["samples"]
+    assert dict(loader.stats.skipped) == expected["reasons"]
+    assert loader.stats.samples == {"mixed": expected["samples"]}
+
+
+def test_batch_format_tags_and_unknown_tags(tmp_path):
+    vocab = tmp_path / "tags.txt"
+    vocab.write_text("a\nb\nc\n")
+    samples = good_samples("s", 6, tags=("a", "zzz"))
+    samples[0]["json"] = json.dumps({"tags": []})
+    samples[1]["json"] = json.dumps({"tags": ["c", "b"]})
+    url = str(write_tar(tmp_path / "t.tar", samples))
+    cfg = _cfg([SourceConfig("s", url, resampled=False)], tag_vocab=str(vocab), batch_size=6,
+               shuffle_buffer=0)
+    loader = build_loader(cfg, 0, 1, train=False)
+    (batch,) = list(loader)
+    assert batch["images"].shape == (6, 3, 16, 16) and batch["images"].dtype == torch.float32
+    assert batch["tokens"].shape == (6, 12) and batch["tokens"].dtype == torch.long
+    assert batch["tag_targets"].shape == (6, 3)
+    assert batch["source_ids"].tolist() == [0] * 6
+    assert batch["has_text"].all()
+    assert batch["has_tags"].tolist() == [False, True, True, True, True, True]
+    assert batch["tag_targets"][0].sum() == 0
+    assert batch["tag_targets"][1].tolist() == [0, 1, 1]
+    assert batch["tag_targets"][2].tolist() == [1, 0, 0]
+    assert loader.stats.events["unknown_tags"] == 4
+
+
+def _mixed_sources(tmp_path: Path) -> list[SourceConfig]:
+    a = [str(write_tar(tmp_path / f"a{i}.tar", good_samples(f"a{i}-", 30, size=8)))
+         for i in range(4)]
+    b = [str(write_tar(tmp_path / f"b{i}.tar", good_samples(f"b{i}-", 30, size=8)))
+         for i in range(4)]
+    return [SourceConfig("a", a, weight=3.0), SourceConfig("b", b, weight=1.0)]
+
+
+def test_sources_mix_by_weight(tmp_path):
+    cfg = _cfg(_mixed_sources(tmp_path), batch_size=100, image_size=8)
+    loader = build_loader(cfg, 0, 1)
+    n = 4000
+    counts = Counter()
+    for batch in loader:
+        counts.update(batch["source_ids"].tolist())
+        if sum(counts.values()) >= n:
+            break
+    frac_b = counts[1] / n
+    sd = (0.25 * 0.75 / n) ** 0.5
+    assert abs(frac_b - 0.25) < 5 * sd, counts
+    assert loader.stats.samples == {"a": counts[0], "b": counts[1]}
+
+
+def test_no_shard_is_read_by_two_rank_worker_slots(tmp_path):
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 12, size=8)))
+            for i in range(8)]
+    cfg = _cfg([SourceConfig("s", urls)], workers=2, batch_size=6, image_size=8)
+    readers: dict[str, set] = defaultdict(set)
+    for rank in range(2):
+        loader = build_loader(cfg, rank=rank, world_size=2)
+        for i, batch in enumerate(loader):
+            for key in batch["keys"]:
+                readers[key.split("/")[0]].add((rank, batch["worker"]))
+            if i == 40:
+                break
+    assert len(readers) == 8, "every shard is read by some slot"
+    assert all(len(slots) == 1 for slots in readers.values()), dict(readers)
+    assert {s for slots in readers.values() for s in slots} == {(r, w) for r in range(2)
+                                                                 for w in range(2)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_state_gives_the_same_following_batches(tmp_path, corrupt_shards, workers):
+    sources = _mixed_sources(tmp_path)
+    sources.append(SourceConfig("corrupt", corrupt_shards[0][:2], weight=1.0))
+    cfg = _cfg(sources, workers=workers, batch_size=10, image_size=8, seed=7)
+    before = 3 if workers else 4
+    loader = build_loader(cfg, 0, 1)
+    saved, expected = None, []
+    for i, batch in enumerate(loader):
+        if i == before - 1:
+            saved = json.loads(json.dumps(loader.state_dict()))  # as stored in checkpoints
+        elif i >= before:
+            expected.append(batch)
+        if len(expected) == 4:
+            break
+    resumed = build_loader(cfg, 0, 1, state=saved)
+    got = []
+    for batch in resumed:
+        got.append(batch)
+        if len(got) == 4:
+            break
+    for e, g in zip(expected, got, strict=True):
+        assert e["keys"] == g["keys"]
+        assert torch.equal(e["images"], g["images"])
+        assert torch.equal(e["tokens"], g["tokens"])
+        assert torch.equal(e["source_ids"], g["source_ids"])
+    assert sum(resumed.stats.samples.values()) == sum(loader.stats.samples.values())
+    assert resumed.stats.skipped == loader.stats.skipped
+
+
+def test_state_from_another_layout_is_refused(tmp_path):
+    cfg = _cfg(_mixed_sources(tmp_path))
+    state = build_loader(cfg, 0, 1).state_dict()
+    other = _cfg(_mixed_sources(tmp_path), workers=3)
+    with pytest.raises(ValueError, match="workers"):
+        build_loader(other, 0, 1, state=state)
+
+
+def test_shard_list_file_and_env_rank(tmp_path, monkeypatch):
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 3, size=8)))
+            for i in range(4)]
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# shards\n" + "\n".join(urls) + "\n")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]))
+    keys = {k.split("/")[0] for b in loader for k in b["keys"]}
+    assert (loader.rank, loader.world_size) == (1, 2)
+    assert keys == {"s1.tar", "s3.tar"}
+
+
+def test_brace_patterns_and_pipe_urls(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"p{i}.tar", good_samples(f"p{i}-", 2, size=8))
+    braced = build_loader(_cfg([SourceConfig("s", str(tmp_path / "p{0..2}.tar"),
+                                             resampled=False)]), 0, 1, train=False)
+    assert sum(len(b["keys"]) for b in braced) == 6
+    piped = build_loader(_cfg([SourceConfig("s", f"pipe:cat {tmp_path}/p{{0..2}}.tar",
+                                            resampled=False)]), 0, 1, train=False)
+    assert sorted(k.split("/")[1] for b in piped for k in b["keys"]) == \
+        sorted(k.split("/")[1] for b in braced for k in b["keys"])
+
+
+def test_config_errors_name_the_key():
+    src = SourceConfig("s", "x.tar")
+    with pytest.raises(ValueError, match="sources.s.weight"):
+        SourceConfig("s", "x.tar", weight=0)
+    with pytest.raises(ValueError, match="data.batch_size"):
+        DataConfig(sources=[src], batch_size=0)
+    with pytest.raises(ValueError, match="data.sources"):
+        DataConfig(sources=[src, src])
+    from launch.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="shuffle_bufer"):
+        build(DataConfig, {"sources": [{"name": "s", "urls": "x.tar"}], "shuffle_bufer": 3})
+    cfg = build(DataConfig, {"sources": [{"name": "s", "urls": ["a.tar", "b.tar"],
+                                          "weight": 2}], "s3": {"retries": 2}})
+    assert cfg.sources[0].weight == 2.0 and cfg.s3.retries == 2
+
+
+def test_credentials_never_appear_in_logs_or_reprs():
+    assert "secret" not in redact_url("s3://AKIA:secret@bucket/x.tar")
+    assert "sig123" not in redact_url("https://h/x.tar?X-Amz-Signature=sig123&a=1")
+    assert "pw" not in redact_url("pipe:curl -s https://user:pw@host/x.tar")
+    assert "hunter2" not in repr(S3Config(key="AKIA", secret="hunter2"))
+    os.environ.get("AWS_SECRET_ACCESS_KEY")  # nothing read from the environment is logged
