@@ -10,6 +10,7 @@ fully write is allocated NaN-filled (``POISON_OUTPUTS``), so an unwritten elemen
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,10 @@ def test_float32_within_1e4_of_float64(case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_error_at_most_twice_reference_error(dtype):
-    case = CASES[1]
+    # offset_scale 0.7: with a power-of-two scale, half-precision offsets put many samples
+    # exactly on pixel lines, where the offset gradient is one-sided and the float64
+    # reference may pick the other side; that would measure tie-breaking, not precision.
+    case = _case(1, 9, 7, 3, 8, ks=5, stride=2, pad=2, dil=2, scale=0.7)
     low = _make(case, dtype=dtype, seed=2)
     exact = [t.double() for t in low]  # same (rounded) inputs, computed in float64
     want = _both("reference", case, exact)
@@ -262,10 +266,47 @@ def test_benchmark_dry_run_plans_every_layer():
     assert t_first["input_shape"][1:] == [56, 56, 64] and t_first["groups"] == 4
 
 
+_COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ops.dcnv3 import triton_kernels as kernels
+
+SPECIAL = {"KS", "SOFTMAX", "ACC_F64", "BLOCK_P", "BLOCK_C", "BLOCK_K"}
+for name, n_ptr in (("dcnv3_fwd_kernel", 4), ("dcnv3_bwd_kernel", 7)):
+    fn = getattr(kernels, name).fn  # the JITFunction under the autotuner
+    for elem, softmax in (("bf16", True), ("fp32", False)):
+        sig = {}
+        for i, arg in enumerate(fn.arg_names):
+            if i < n_ptr:
+                sig[arg] = "*fp32" if arg == "grad_x_ptr" else "*" + elem
+            else:
+                sig[arg] = ("constexpr" if arg in SPECIAL
+                            else "fp32" if arg == "offset_scale" else "i32")
+        consts = dict(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=64, BLOCK_C=16,
+                      BLOCK_K=16)
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts things the real compiler rejects; compiling the kernels
+    for an H100 target (down to a cubin, no device needed) keeps the GPU path honest."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=env)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("Triton's bundled ptxas is missing")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled" in proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_larger_shapes(dtype):
-    case = _case(4, 56, 56, 4, 16)
+    case = _case(4, 56, 56, 4, 16, scale=0.7)  # 0.7: see test_half_error_at_most_twice...
     low = _make(case, dtype=dtype, seed=9)
     exact = [t.double() for t in low]
     want = _both("reference", case, exact)

@@ -43,10 +43,18 @@ def _check_device(t: torch.Tensor) -> None:
                        f"{t.device}; {hint}, or use backend='reference'")
 
 
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Triton's interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest), which
+    # doubles the rounding error; there the kernels write fp32 and torch rounds instead.
+    return torch.float32 if kernels.INTERPRET and dtype == torch.bfloat16 else dtype
+
+
 def _alloc(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Output buffer the kernel fully overwrites (NaN-filled when POISON_OUTPUTS)."""
+    dtype = _kernel_dtype(like.dtype)
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 @torch.library.custom_op("internimage::dcnv3_forward", mutates_args=())
@@ -58,8 +66,9 @@ def _forward_op(
     _check_device(input)
     n, ho, wo, _ = offset.shape
     out = _alloc((n, ho, wo, input.shape[-1]), input)
-    return kernels.dcnv3_forward(input, offset, mask, out, kernel_size, stride, padding,
-                                 dilation, groups, offset_scale, softmax)
+    kernels.dcnv3_forward(input, offset, mask, out, kernel_size, stride, padding, dilation,
+                          groups, offset_scale, softmax)
+    return out.to(input.dtype)
 
 
 @_forward_op.register_fake
@@ -85,7 +94,7 @@ def _backward_op(
     kernels.dcnv3_backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask,
                            kernel_size, stride, padding, dilation, groups, offset_scale,
                            softmax)
-    return grad_input.to(input.dtype), grad_offset, grad_mask
+    return grad_input.to(input.dtype), grad_offset.to(offset.dtype), grad_mask.to(mask.dtype)
 
 
 @_backward_op.register_fake
