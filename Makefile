@@ -1,0 +1,41 @@
+# Two entry points, each sets itself up on a fresh machine (venv, pip, apt) and is quick
+# when already set up:  `make demo` runs the main job, `make test` runs the whole suite.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the test suite needs (installed only where missing).
+SYSTEM_PACKAGES ?=
+
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: demo test lint setup system-deps clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode: the repo root goes on sys.path, so new top-level packages import at once.
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+
+demo: $(STAMP)
+	$(PY) -m launch.image_demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
