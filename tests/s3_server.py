@@ -115,6 +115,7 @@ def good_samples(prefix: str, n: int, size: int = 16, tags: tuple[str, ...] = ("
     """``n`` valid image-caption-tags samples keyed ``{prefix}{i:04d}``."""
     import json
 
-    return [{"__key__": f"{prefix}{i:04d}", "jpg": jpeg_bytes(zlib.crc32(f"{prefix}{i}".encode()), size),
+    return [{"__key__": f"{prefix}{i:04d}",
+             "jpg": jpeg_bytes(zlib.crc32(f"{prefix}{i}".encode()), size),
              "txt": f"caption {prefix} {i}", "json": json.dumps({"tags": list(tags)})}
             for i in range(n)]
