@@ -65,7 +65,7 @@ def _make(case, dtype=torch.float64, device=DEVICE, seed=0, far=True):
         flat[idx] = 3e4 * torch.sign(torch.randn(idx.numel(), generator=gen, dtype=flat.dtype))
     logits = torch.randn(case["n"], ho, wo, case["groups"], k, generator=gen,
                          dtype=torch.float64)
-    mask = F.softmax(logits, -1).reshape(case["n"], ho, wo, -1)
+    mask = F.softmax(logits, -1).reshape(case["n"], ho, wo, case["groups"] * k)
     go = torch.randn(case["n"], ho, wo, c, generator=gen, dtype=torch.float64)
     return [t.to(device=device, dtype=dtype) for t in (x, off, mask, go)]
 
@@ -236,6 +236,14 @@ def test_activation_checkpoint_gives_same_gradients():
         out = checkpoint(fn, *leaves, use_reentrant=False) if use_cp else fn(*leaves)
         results.append((out, *torch.autograd.grad(out, leaves, go)))
     _assert_close(results[1], results[0], 1e-12, "checkpoint")
+
+
+def test_empty_batch():
+    case = _case(0, 5, 5, 2, 4)
+    tensors = _make(case, far=False)
+    out, grads = _run("triton", case, *tensors)
+    assert out.shape == (0, 5, 5, 8) and [g.shape for g in grads] == [t.shape for t in
+                                                                        tensors[:3]]
 
 
 def test_backend_registry_and_device_errors(monkeypatch):

@@ -20,6 +20,7 @@ config is used; the variable must be set before triton is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -206,6 +207,11 @@ def _launch_shape(x: torch.Tensor, offset: torch.Tensor, groups: int, kernel_siz
     return (n * ho * wo, h, w, ho, wo, c, groups, gc), blocks
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the *current* CUDA device; make that the tensors' device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _grid(p: int, groups: int):
     return lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), groups)
 
@@ -216,10 +222,13 @@ def dcnv3_forward(
     offset_scale: float, softmax: bool,
 ) -> torch.Tensor:
     """Launch the forward kernel into ``out`` (N, Ho, Wo, C); all tensors contiguous."""
+    if out.numel() == 0:  # a zero-sized grid is not launchable
+        return out
     dims, blocks = _launch_shape(x, offset, groups, kernel_size)
-    dcnv3_fwd_kernel[_grid(dims[0], groups)](
-        x, offset, mask, out, *dims, stride, padding, dilation, float(offset_scale),
-        KS=kernel_size, SOFTMAX=softmax, ACC_F64=x.dtype == torch.float64, **blocks)
+    with _on_device(x):
+        dcnv3_fwd_kernel[_grid(dims[0], groups)](
+            x, offset, mask, out, *dims, stride, padding, dilation, float(offset_scale),
+            KS=kernel_size, SOFTMAX=softmax, ACC_F64=x.dtype == torch.float64, **blocks)
     return out
 
 
@@ -231,8 +240,13 @@ def dcnv3_backward(
 ) -> None:
     """Launch the backward kernel. ``grad_x`` must be zeroed (atomics add into it);
     ``grad_offset``/``grad_mask`` are fully overwritten."""
+    if grad_out.numel() == 0:
+        grad_offset.zero_()
+        grad_mask.zero_()
+        return
     dims, blocks = _launch_shape(x, offset, groups, kernel_size)
-    dcnv3_bwd_kernel[_grid(dims[0], groups)](
-        x, offset, mask, grad_out, grad_x, grad_offset, grad_mask, *dims, stride, padding,
-        dilation, float(offset_scale), KS=kernel_size, SOFTMAX=softmax,
-        ACC_F64=x.dtype == torch.float64, **blocks)
+    with _on_device(x):
+        dcnv3_bwd_kernel[_grid(dims[0], groups)](
+            x, offset, mask, grad_out, grad_x, grad_offset, grad_mask, *dims, stride,
+            padding, dilation, float(offset_scale), KS=kernel_size, SOFTMAX=softmax,
+            ACC_F64=x.dtype == torch.float64, **blocks)
