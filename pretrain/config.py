@@ -1,0 +1,187 @@
+"""Typed configuration of a pre-training run (loaded from YAML by the launcher).
+
+Defaults are the CPU demo's where a default is true for everyone; presets in
+configs/pretrain/ hold the real recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pretrain.data.config import DataConfig
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The image tower: an InternImage variant plus architecture overrides."""
+
+    name: str = "internimage_t"
+    channels: int | None = None
+    depths: list[int] | None = None
+    groups: list[int] | None = None
+    drop_path_rate: float | None = None
+    with_cp: bool | None = None  # default: on for L/XL/H
+    dcn_backend: str = "auto"
+    embed_dim: int = 512  # joint image-text embedding width
+
+    def __post_init__(self) -> None:
+        from models import resolve_variant
+
+        try:
+            resolve_variant(self.name)
+        except ValueError as err:
+            raise ValueError(f"model.name: {err}") from None
+        _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        if self.depths is not None and self.groups is not None:
+            _check(len(self.depths) == len(self.groups), "model.depths",
+                   f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
+
+    def overrides(self) -> dict:
+        """Keyword overrides for ``models.build_model``."""
+        out = {"dcn_backend": self.dcn_backend}
+        for key in ("channels", "depths", "groups", "drop_path_rate"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def checkpointing(self) -> bool:
+        """Activation checkpointing: explicit setting, else on for L/XL/H."""
+        if self.with_cp is not None:
+            return self.with_cp
+        from models import resolve_variant
+
+        return resolve_variant(self.name) in ("internimage_l", "internimage_xl", "internimage_h")
+
+
+@dataclass
+class TextConfig:
+    """The text tower (open_clip's TextTransformer)."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    vocab_size: int = 49408
+
+    def __post_init__(self) -> None:
+        _check(self.width % self.heads == 0, "text.width",
+               f"must be divisible by text.heads ({self.heads}), got {self.width}")
+        _check(self.layers >= 1, "text.layers", "must be >= 1")
+
+
+@dataclass
+class ObjectiveConfig:
+    """M3I-style loss: image-text InfoNCE plus an image-tag term, weighted."""
+
+    image_text_weight: float = 1.0
+    tag_weight: float = 0.5
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    gather_with_grad: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.image_text_weight >= 0 and self.tag_weight >= 0, "objective",
+               "term weights must be >= 0")
+        _check(self.image_text_weight + self.tag_weight > 0, "objective",
+               "at least one term must have a positive weight")
+        _check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine schedule and linear warm-up (in steps)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    dcn_offset_lr_mult: float = 1.0  # 0.1 in the fine-tuning recipes
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.dcn_offset_lr_mult > 0, "optim.dcn_offset_lr_mult", "must be > 0")
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed settings that matter; anything else through ``deepspeed_config``."""
+
+    zero_stage: int = 3
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_accum: int = 1
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    deepspeed_config: str | None = None  # JSON file merged over the generated config
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage",
+               f"must be 0..3, got {self.zero_stage}")
+        _check(self.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
+        _check(not self.offload_param or self.zero_stage == 3, "engine.offload_param",
+               "parameter offload needs engine.zero_stage=3")
+
+
+@dataclass
+class ZeroShotConfig:
+    """Held-out classification set for zero-shot evaluation (class names + prompts)."""
+
+    urls: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    label_key: str = "cls"  # tar member holding the integer class id
+    every: int = 0  # steps; 0: only at the end
+    max_batches: int = 0  # 0: the whole set
+
+
+@dataclass
+class RunConfig:
+    """Length, logging, checkpoints and failure handling."""
+
+    output_dir: str = "runs/pretrain"
+    max_steps: int = 200
+    epochs: float = 0.0  # if > 0 (with samples_per_epoch): max_steps derived from it
+    samples_per_epoch: int = 0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps", "must be >= 1")
+        _check(self.log_every >= 1, "run.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+        _check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
+        _check(self.epochs == 0 or self.samples_per_epoch > 0, "run.samples_per_epoch",
+               "is required when run.epochs is set")
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pre-training run. ``data`` unset means the built-in demo shards."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig | None = None
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    run: RunConfig = field(default_factory=RunConfig)
