@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import tarfile
 from collections import Counter, defaultdict
@@ -226,4 +225,3 @@ def test_credentials_never_appear_in_logs_or_reprs():
     assert "sig123" not in redact_url("https://h/x.tar?X-Amz-Signature=sig123&a=1")
     assert "pw" not in redact_url("pipe:curl -s https://user:pw@host/x.tar")
     assert "hunter2" not in repr(S3Config(key="AKIA", secret="hunter2"))
-    os.environ.get("AWS_SECRET_ACCESS_KEY")  # nothing read from the environment is logged
