@@ -211,6 +211,8 @@ def test_config_errors_name_the_key():
         DataConfig(sources=[src], batch_size=0)
     with pytest.raises(ValueError, match="data.sources"):
         DataConfig(sources=[src, src])
+    with pytest.raises(ValueError, match="data.sources"):
+        build_loader(DataConfig(), 0, 1)
     from launch.config import ConfigError, build
 
     with pytest.raises(ConfigError, match="shuffle_bufer"):
@@ -225,3 +227,28 @@ def test_credentials_never_appear_in_logs_or_reprs():
     assert "sig123" not in redact_url("https://h/x.tar?X-Amz-Signature=sig123&a=1")
     assert "pw" not in redact_url("pipe:curl -s https://user:pw@host/x.tar")
     assert "hunter2" not in repr(S3Config(key="AKIA", secret="hunter2"))
+
+
+def test_unreadable_shard_is_counted_once_in_a_resampled_stream(tmp_path):
+    good = str(write_tar(tmp_path / "good.tar", good_samples("g", 4, size=8)))
+    (tmp_path / "junk.tar").write_bytes(random.Random(2).randbytes(2000))
+    cfg = _cfg([SourceConfig("s", [good, str(tmp_path / "junk.tar")])], batch_size=4,
+               image_size=8)
+    loader = build_loader(cfg, 0, 1)
+    for i, _ in enumerate(loader):
+        if i == 30:
+            break
+    assert loader.stats.skipped == {"unreadable_shard": 1}
+
+
+def test_demo_shards_feed_the_loader(tmp_path):
+    from pretrain.data import demo_source, demo_tag_vocab, ensure_demo_shards
+
+    manifest = ensure_demo_shards(tmp_path)
+    cfg = _cfg([demo_source(manifest, "val")], tag_vocab=demo_tag_vocab(manifest),
+               image_size=32, batch_size=64, workers=2)
+    loader = build_loader(cfg, 0, 1, train=False)
+    batches = list(loader)
+    assert sum(len(b["keys"]) for b in batches) == 270
+    assert all(b["has_tags"].all() and b["tag_targets"].sum(1).eq(3).all() for b in batches)
+    assert not loader.stats.skipped

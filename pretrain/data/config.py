@@ -93,7 +93,11 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    """The whole input pipeline of one run (identical on every rank)."""
+    """The whole input pipeline of one run (identical on every rank).
+
+    ``sources`` may be empty in a config (the CPU demo fills in the built-in digits data,
+    see :func:`pretrain.data.demo.demo_source`); :func:`build_loader` requires at least one.
+    """
 
     sources: list[SourceConfig] = field(default_factory=list)
     image_size: int = 224
@@ -115,7 +119,6 @@ class DataConfig:
     s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
-        _check(len(self.sources) > 0, "data.sources", "at least one source is required")
         names = [s.name for s in self.sources]
         _check(len(set(names)) == len(names), "data.sources", f"duplicate names in {names}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pretrain.data.config import SourceConfig
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
 CAPTION_TEMPLATES = (
@@ -153,3 +155,16 @@ def demo_source_urls(manifest: str | Path, split: str = "train") -> list[str]:
     manifest = Path(manifest)
     data = json.loads(manifest.read_text())
     return [str(manifest.parent / name) for name in data["splits"][split]["shards"]]
+
+
+def demo_source(manifest: str | Path, split: str = "train") -> SourceConfig:
+    """A :class:`SourceConfig` for one split of the demo (train: resampled; val: one pass)."""
+    return SourceConfig(name=f"digits-{split}", urls=demo_source_urls(manifest, split),
+                        image_key="jpg", text_key="txt", tags_key="json:tags",
+                        resampled=split == "train")
+
+
+def demo_tag_vocab(manifest: str | Path) -> str:
+    """Path of the demo's tag vocabulary file (for ``DataConfig.tag_vocab``)."""
+    manifest = Path(manifest)
+    return str(manifest.parent / json.loads(manifest.read_text())["tag_vocab"])

@@ -159,6 +159,8 @@ class StreamingLoader:
                  state: dict[str, Any] | None = None):
         if rank is None or world_size is None:
             rank, world_size = dist_info()
+        if not cfg.sources:
+            raise ValueError("data.sources: at least one source is required")
         self.cfg, self.train = cfg, train
         self.rank, self.world_size = rank, world_size
         self.workers = max(cfg.workers, 1)
