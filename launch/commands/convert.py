@@ -1,14 +1,32 @@
 """`internimage convert SRC DST`: ZeRO checkpoint -> safetensors / released layout."""
 
-from launch.commands._pending import not_implemented
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 def register(sub, name: str) -> None:
     p = sub.add_parser(name, help="convert a checkpoint for fine-tuning",
-                       description="Consolidate a DeepSpeed ZeRO checkpoint (or convert a "
-                       "released .pth) into one safetensors file or the released layout.")
+                       description="Consolidate a DeepSpeed ZeRO checkpoint (a step_* dir or "
+                       "a checkpoints dir with 'latest'), a consolidated file or a released "
+                       ".pth into one safetensors file (backbone under the released keys, "
+                       "pre-training heads under pretrain.*) or the released .pth layout.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--format", choices=["safetensors", "official"], default="safetensors")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.set_defaults(func=not_implemented("convert", 7))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.convert import convert
+    from models import CheckpointError
+
+    try:
+        report = convert(args.src, args.dst, fmt=args.format, dtype=args.dtype)
+    except CheckpointError as err:
+        print(f"internimage convert: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0

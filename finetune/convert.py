@@ -1,0 +1,238 @@
+"""Checkpoint conversion: DeepSpeed ZeRO checkpoint / consolidated file / released ``.pth``
+-> one safetensors file (backbone under the released InternImage keys) or the released
+``.pth`` layout.
+
+ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities in lazy mode:
+the rank files are memory-mapped and each tensor is gathered on its own, so converting H
+needs about one fp32 copy of the model in RAM (plus the mapped files), not one per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models import CheckpointError, read_state_dict
+from models.variants import InternImageSpec
+
+log = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "visual."  # M3IModel's image tower
+PRETRAIN_PREFIX = "pretrain."  # everything else of the pre-training network
+FORMAT_TAG = "internimage-convert-v1"
+# Architecture fields a fine-tuning run must copy to rebuild the same backbone.
+ARCH_FIELDS = tuple(f for f in InternImageSpec.__dataclass_fields__
+                    if f not in ("drop_path_rate", "extra"))
+_STEP_DIR = re.compile(r"_model_states\.pt$")
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion wrote: counts, sizes and the provenance stored with it."""
+
+    src: str
+    dst: str
+    format: str
+    dtype: str
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    backbone_tensors: int = 0
+    other_tensors: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"converted {self.src} -> {self.dst} ({self.format}, {self.dtype})",
+                 f"  tensors     {self.tensors} (backbone {self.backbone_tensors}, "
+                 f"other {self.other_tensors})",
+                 f"  parameters  {self.parameters:,}",
+                 f"  bytes       {self.bytes:,} ({self.bytes / 2**20:.1f} MiB)"]
+        for key in ("variant", "arch", "step", "config_hash"):
+            if key in self.metadata:
+                lines.append(f"  {key:<11} {self.metadata[key]}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- locating a ZeRO checkpoint
+def is_zero_checkpoint(path: str | Path) -> bool:
+    """True for a DeepSpeed checkpoint directory: a tag dir, or a dir with ``latest``."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return (path / "latest").is_file() or any(_STEP_DIR.search(p.name) for p in path.iterdir())
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """The tag directory (``step_XXXXXXX``) of a checkpoint dir or of a dir with ``latest``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if any(_STEP_DIR.search(p.name) for p in path.iterdir()):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        step = path / tag
+        if not step.is_dir():
+            raise CheckpointError(f"{latest} names tag {tag!r} but {step} does not exist "
+                                  "(an incomplete or moved checkpoint)")
+        return step
+    raise CheckpointError(f"{path} is not a DeepSpeed checkpoint: no *_model_states.pt and "
+                          "no 'latest' file")
+
+
+def _torch_load(path: Path) -> dict:
+    # DeepSpeed's own files pickle config objects; they are the user's own checkpoint.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def check_complete(step_dir: Path) -> tuple[int, int]:
+    """(ZeRO stage, data-parallel world size) of a tag dir; raise naming missing rank files."""
+    model_files = sorted(p for p in step_dir.iterdir() if _STEP_DIR.search(p.name))
+    if not model_files:
+        raise CheckpointError(f"{step_dir}: no *_model_states.pt file (incomplete checkpoint)")
+    states = _torch_load(model_files[0])
+    world = int(states.get("dp_world_size", 1))
+    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    names = {p.name for p in step_dir.iterdir()}
+    missing = []
+    for rank in range(world):
+        if stage == 3 and f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" not in names:
+            missing.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        if stage >= 1:
+            optim = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            # bf16 runs prefix the optimizer shards with "bf16_"
+            if optim not in names and f"bf16_{optim}" not in names:
+                missing.append(optim)
+    if missing:
+        raise CheckpointError(
+            f"{step_dir} is incomplete: ZeRO-{stage} checkpoint of {world} ranks is missing "
+            f"{len(missing)} file(s): {', '.join(missing)}")
+    return stage, world
+
+
+def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Consolidated fp32 state_dict of a ZeRO checkpoint and its provenance metadata."""
+    from deepspeed.utils import zero_to_fp32
+
+    step_dir = resolve_step_dir(path)
+    stage, world = check_complete(step_dir)
+    if stage == 0:
+        model_file = next(p for p in step_dir.iterdir() if _STEP_DIR.search(p.name))
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in _torch_load(model_file)["module"].items()}
+    else:
+        lazy = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+            str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
+        # one tensor gathered at a time from the memory-mapped rank shards
+        state = {name: t.contiguous() for name, t in lazy.items()}
+    meta = run_metadata(step_dir)
+    meta.update({"zero_stage": str(stage), "zero_world_size": str(world)})
+    return state, meta
+
+
+def run_metadata(step_dir: Path) -> dict[str, str]:
+    """Step, config hash, variant and arch overrides from the run's trainer state/config."""
+    import yaml
+
+    meta: dict[str, str] = {"source_tag": step_dir.name}
+    trainer_state = step_dir / "trainer_state.json"
+    if trainer_state.is_file():
+        state = json.loads(trainer_state.read_text())
+        for key in ("step", "config_hash"):
+            if key in state:
+                meta[key] = str(state[key])
+    for cfg_path in (step_dir.parent.parent / "config.yaml", step_dir.parent / "config.yaml"):
+        if cfg_path.is_file():
+            model = (yaml.safe_load(cfg_path.read_text()) or {}).get("model") or {}
+            if model.get("name"):
+                from models import resolve_variant
+
+                meta["variant"] = resolve_variant(model["name"])
+            arch = {k: v for k, v in model.items() if k in ARCH_FIELDS and v is not None}
+            meta["arch"] = json.dumps(arch, sort_keys=True)
+            break
+    return meta
+
+
+# ---------------------------------------------------------------- reading any source
+def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Any accepted source as (state_dict, metadata): a ZeRO dir, a file (ours or released)."""
+    src = Path(src)
+    if src.is_dir():
+        return read_zero_checkpoint(src)
+    state = read_state_dict(src)
+    meta: dict[str, str] = {}
+    if src.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(src), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    return state, meta
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                           dict[str, torch.Tensor]]:
+    """(backbone under released keys, everything else under ``pretrain.``).
+
+    A pre-training state has its backbone under ``visual.``; a released or converted state
+    already uses the released keys (and converted files keep ``pretrain.*`` as they are).
+    """
+    if any(k.startswith(BACKBONE_PREFIX) for k in state):
+        backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
+                    if k.startswith(BACKBONE_PREFIX)}
+        other = {PRETRAIN_PREFIX + k: v for k, v in state.items()
+                 if not k.startswith(BACKBONE_PREFIX)}
+        return backbone, other
+    backbone = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_PREFIX)}
+    other = {k: v for k, v in state.items() if k.startswith(PRETRAIN_PREFIX)}
+    return backbone, other
+
+
+def read_backbone(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Backbone weights (released keys) and metadata from any accepted source."""
+    state, meta = read_source(src)
+    backbone, _ = split_state(state)
+    if not backbone:
+        raise CheckpointError(f"{src} holds no InternImage backbone weights")
+    return backbone, meta
+
+
+# ---------------------------------------------------------------- writing
+def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
+            dtype: str = "fp32") -> ConvertReport:
+    """Convert ``src`` into ``dst``; see the module docstring. Returns what was written."""
+    if fmt not in ("safetensors", "official"):
+        raise ValueError(f"format must be 'safetensors' or 'official', got {fmt!r}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    state, meta = read_source(src)
+    backbone, other = split_state(state)
+    if not backbone:
+        raise CheckpointError(f"{src} holds no InternImage backbone weights")
+    target = torch.bfloat16 if dtype == "bf16" else torch.float32
+    out = backbone if fmt == "official" else {**backbone, **other}
+    # safetensors refuses shared or non-contiguous storage: give each tensor its own.
+    out = {k: (v.to(target) if v.is_floating_point() else v).contiguous().clone()
+           for k, v in out.items()}
+    meta = {**meta, "format": FORMAT_TAG, "dtype": dtype, "source": str(src)}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "official":
+        torch.save(out, dst)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(out, str(dst), metadata=meta)
+    report = ConvertReport(
+        src=str(src), dst=str(dst), format=fmt, dtype=dtype, tensors=len(out),
+        parameters=sum(v.numel() for v in out.values()),
+        bytes=sum(v.numel() * v.element_size() for v in out.values()),
+        backbone_tensors=len(backbone), other_tensors=len(out) - len(backbone), metadata=meta)
+    log.info("%s", report)
+    return report

@@ -1,0 +1,83 @@
+"""``--init CKPT`` for every fine-tuning entrypoint.
+
+Accepts a ``internimage convert`` output, a DeepSpeed ZeRO checkpoint directory (converted
+on the fly, nothing written) or a released InternImage ``.pth``. The backbone must match
+the model being fine-tuned: a checkpoint of another variant fails with a message saying
+which variant it holds, instead of a wall of shape errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune.convert import read_backbone
+from models import CheckpointError, LoadReport
+
+log = logging.getLogger(__name__)
+
+# Keys a backbone-only model (detection/segmentation) or a new classifier does not need.
+HEAD_PREFIXES = ("head.",)
+CLASSIFIER_ONLY_PREFIXES = ("conv_head.", "head.", "dcnv3_head_", "clip_projector.", "fc_norm.")
+
+
+def check_variant(meta: dict[str, str], variant: str, arch: dict, src: str | Path) -> None:
+    """Fail clearly when the checkpoint's recorded variant/arch differs from the model's."""
+    theirs = meta.get("variant")
+    if theirs and theirs != variant:
+        raise CheckpointError(f"{src} holds an {theirs} backbone but this run builds {variant}; "
+                              "set model.name to the checkpoint's variant")
+    if "arch" in meta:
+        recorded = json.loads(meta["arch"])
+        diffs = [f"{k}={recorded[k]} (checkpoint) vs {arch.get(k)} (config)"
+                 for k in sorted(recorded)
+                 if k in arch and list(_seq(recorded[k])) != list(_seq(arch[k]))]
+        if diffs:
+            raise CheckpointError(f"{src}: backbone architecture differs from the config: "
+                                  + "; ".join(diffs))
+
+
+def _seq(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | None = None,
+              backbone_only: bool = False) -> LoadReport:
+    """Load the backbone of ``src`` into ``model`` (an ``InternImage``) and report keys.
+
+    The classifier (``head.*``) is dropped when its shape differs (new class count); with
+    ``backbone_only`` (dense tasks) every classification-only key is dropped. Any other
+    missing or unexpected key, or a shape mismatch, raises ``CheckpointError``.
+    """
+    state, meta = read_backbone(src)
+    check_variant(meta, variant, arch or {}, src)
+    own = model.state_dict()
+    report = LoadReport()
+    for key in list(state):
+        droppable = key.startswith(CLASSIFIER_ONLY_PREFIXES if backbone_only else HEAD_PREFIXES)
+        if droppable and (key not in own or own[key].shape != state[key].shape):
+            state.pop(key)
+            report.dropped.append(key)
+    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shape_errors:
+        raise CheckpointError(
+            f"{src} does not fit {variant}: {len(shape_errors)} tensors differ in shape (a "
+            f"checkpoint of another variant or width?): " + "; ".join(shape_errors[:4]))
+    with torch.no_grad():
+        result = model.load_state_dict(
+            {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=False)
+    report.missing = [k for k in result.missing_keys
+                      if not (backbone_only and k.startswith(CLASSIFIER_ONLY_PREFIXES))
+                      and not k.startswith(HEAD_PREFIXES)]
+    report.unexpected = list(result.unexpected_keys)
+    report.loaded = len(state) - len(report.unexpected)
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"{src} does not match {variant} (another variant or depth?): "
+                              f"{report}")
+    log.info("init from %s: %s", Path(src), report)
+    return report

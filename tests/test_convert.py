@@ -1,0 +1,187 @@
+"""Conversion from a REAL DeepSpeed ZeRO-3 checkpoint (2 gloo ranks on CPU) and --init.
+
+Run as a script (``python tests/test_convert.py RUN_DIR``) this file is one rank of the
+tiny pre-training job that writes the checkpoint; the fixture starts two of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+             "steps_per_print": 1000}
+
+
+def _rank_main(run_dir: str) -> None:
+    """One rank: tiny M3IModel under ZeRO-3, one AdamW step, save, record reference outputs."""
+    sys.path.insert(0, str(REPO))
+    import deepspeed
+
+    from pretrain.m3i_model import M3IModel
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = M3IModel("internimage_t", embed_dim=16, context_length=8, text_width=16,
+                     text_heads=2, text_layers=1, vocab_size=64, num_tags=4,
+                     dcn_backend="reference", **ARCH)
+    # DeepSpeed 0.19 broadcasts parameters as uint8 views, impossible for a 0-dim tensor.
+    model.logit_scale.data = model.logit_scale.data.reshape(1)
+    # Partition after construction: InternImage re-initialises its DCN layers in __init__,
+    # which zero.Init's construction-time partitioning does not allow.
+    deepspeed.zero.Init(module=model, config_dict_or_path=DS_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=DS_CONFIG)
+    torch.manual_seed(1 + engine.global_rank)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 8))
+    img, txt, _, scale = engine(images, tokens)
+    loss = -(scale * img @ txt.t()).log_softmax(-1).diag().mean()
+    engine.backward(loss)
+    engine.step()
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag="step_0000001")
+    engine.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # every rank joins: ZeRO-3 gathers parameters collectively
+        pooled = engine.module.visual.forward_pooled(x)
+    if engine.global_rank == 0:
+        (ckpt_dir / "step_0000001" / "trainer_state.json").write_text(
+            json.dumps({"step": 1, "config_hash": "abc123"}))
+        torch.save({"x": x, "pooled": pooled}, Path(run_dir) / "reference_outputs.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory) -> Path:
+    """A run dir with a real 2-rank ZeRO-3 checkpoint, config.yaml and reference outputs."""
+    run = tmp_path_factory.mktemp("zero_run")
+    (run / "config.yaml").write_text(json.dumps({"model": {"name": "internimage_t", **ARCH,
+                                                           "dcn_backend": "reference"}}))
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, str(run)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return run
+
+
+def _tiny(**kw):
+    from models import build_model
+
+    return build_model("internimage_t", num_classes=0, dcn_backend="reference", **ARCH, **kw)
+
+
+@pytest.mark.distributed
+def test_zero3_round_trip(zero_run, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from finetune.convert import convert
+    from models import load_pretrained
+
+    dst = tmp_path / "m3i.safetensors"
+    report = convert(zero_run / "checkpoints", dst)  # the dir with `latest`
+    assert report.backbone_tensors > 0 and report.parameters > 0 and report.bytes > 0
+    with safe_open(str(dst), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert "pretrain.image_proj.weight" in keys and "pretrain.logit_scale" in keys
+    assert any(k.startswith("pretrain.text.") for k in keys)
+    assert not any(k.startswith("visual.") for k in keys)
+    assert meta["step"] == "1" and meta["config_hash"] == "abc123"
+    assert meta["variant"] == "internimage_t" and json.loads(meta["arch"]) == ARCH
+
+    model = _tiny().eval()
+    # the safetensors loader of models/ accepts it once pretrain.* is set aside
+    from finetune.convert import read_backbone
+    from finetune.init import load_init
+
+    report = load_init(model, dst, variant="internimage_t", arch=ARCH)
+    assert not report.missing and not report.unexpected
+    ref = torch.load(zero_run / "reference_outputs.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_pooled(ref["x"]), ref["pooled"])
+
+    # official layout: a plain .pth that models.load_pretrained takes strictly
+    official = tmp_path / "backbone.pth"
+    convert(zero_run / "checkpoints" / "step_0000001", official, fmt="official", dtype="bf16")
+    fresh = _tiny().eval()
+    load_pretrained(fresh, official, strict=True)
+    backbone, _ = read_backbone(official)
+    assert set(backbone) == set(fresh.state_dict())
+    assert all(v.dtype == torch.bfloat16 for v in backbone.values() if v.is_floating_point())
+
+    # the ZeRO dir directly as --init, and the CLI's printed report
+    load_init(_tiny(), zero_run / "checkpoints", variant="internimage_t", arch=ARCH)
+    from launch.cli import main
+
+    assert main(["convert", str(zero_run / "checkpoints"), str(tmp_path / "cli.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "bytes" in out
+
+
+@pytest.mark.distributed
+def test_wrong_variant_fails_clearly(zero_run, tmp_path):
+    from finetune.convert import convert
+    from finetune.init import load_init
+    from models import CheckpointError, build_model
+
+    dst = tmp_path / "m3i.safetensors"
+    convert(zero_run / "checkpoints", dst)
+    with pytest.raises(CheckpointError, match="internimage_t backbone but this run builds "
+                                              "internimage_s"):
+        load_init(build_model("internimage_s", num_classes=0, channels=16, depths=(1, 1, 2, 1),
+                              groups=(1, 2, 4, 8)), dst, variant="internimage_s")
+    with pytest.raises(CheckpointError, match="channels=16"):
+        load_init(_tiny(), dst, variant="internimage_t", arch={**ARCH, "channels": 32})
+    # a released-layout .pth carries no metadata: the shapes give the variant away
+    official = tmp_path / "b.pth"
+    convert(dst, official, fmt="official")
+    wide = build_model("internimage_t", num_classes=0, channels=32, depths=(1, 1, 2, 1),
+                       groups=(2, 4, 8, 16))
+    with pytest.raises(CheckpointError, match="differ in shape"):
+        load_init(wide, official, variant="internimage_t")
+
+
+@pytest.mark.distributed
+def test_incomplete_checkpoint_names_missing_files(zero_run, tmp_path):
+    import shutil
+
+    from finetune.convert import convert
+    from models import CheckpointError
+
+    broken = tmp_path / "checkpoints"
+    shutil.copytree(zero_run / "checkpoints", broken)
+    (broken / "step_0000001" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (broken / "step_0000001" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_model_states.pt, "
+                                              "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        convert(broken, tmp_path / "x.safetensors")
+    (broken / "latest").write_text("step_0000009")
+    with pytest.raises(CheckpointError, match="step_0000009"):
+        convert(broken, tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        convert(tmp_path / "nothing.pth", tmp_path / "x.safetensors")
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
