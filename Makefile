@@ -29,7 +29,7 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
 demo: $(STAMP)
-	$(PY) -m launch.image_demo
+	$(VENV)/bin/internimage pretrain
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

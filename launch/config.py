@@ -147,8 +147,10 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix + ': ' if prefix else ''}{err}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # dataclasses validate in __post_init__ and name the key
+        raise ConfigError(str(err)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

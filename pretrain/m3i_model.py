@@ -32,7 +32,8 @@ class M3IModel(nn.Module):
                                     output_dim=embed_dim)
         # One learnable embedding per tag of the vocabulary (the weak-label targets).
         self.tag_embed = nn.Parameter(torch.randn(max(num_tags, 1), embed_dim) / embed_dim**0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
         self.max_logit_scale = max_logit_scale
         nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
 

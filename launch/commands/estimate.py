@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"internimage estimate: --{name.replace('_', '-')} must be >= 1, got {value}")
             return 2
+    size = args.image_size or DEFAULT_SIZE.get(variant, 224)
     est = estimate(variant, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                   zero_stage=args.zero, image_size=args.image_size or DEFAULT_SIZE.get(variant, 224),
+                   zero_stage=args.zero, image_size=size,
                    batch_per_gpu=args.batch, offload=args.offload,
                    activation_checkpointing=not args.no_checkpointing)
     print(json.dumps(est.as_dict(), indent=2) if args.json else _table(est))

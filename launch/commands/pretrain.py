@@ -1,17 +1,68 @@
 """`internimage pretrain`: the main job (DeepSpeed ZeRO-3, M3I-style objectives)."""
 
-from launch.commands._pending import not_implemented
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from launch.config import dump_config, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
 
 
 def register(sub, name: str) -> None:
-    p = sub.add_parser(name, help="pre-train InternImage (no config: the CPU demo)",
-                       description="Pre-train InternImage with DeepSpeed ZeRO-3 on streamed "
-                       "webdataset shards. With no --config it runs the built-in CPU demo.")
-    p.add_argument("--config", help="YAML config (configs/pretrain/*.yaml)")
-    p.add_argument("--output-dir", help="run directory")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--resume", help="auto | PATH")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=not_implemented("pretrain", 5))
+    p = sub.add_parser(
+        name, help="pre-train InternImage (no config: the CPU demo)",
+        description="Pre-train InternImage with DeepSpeed ZeRO-3 on streamed webdataset "
+        "shards. With no --config it runs the built-in CPU demo (configs/pretrain/demo.yaml).")
+    p.add_argument("--config", help="YAML config (configs/pretrain/*.yaml); default: the demo")
+    p.add_argument("--output-dir", help="run directory (run.output_dir)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (run.max_steps)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", help="auto (latest checkpoint of the run, if any) | PATH")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, build the model on the meta device, print the plan; no data")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=run)
+
+
+def load(args: argparse.Namespace):
+    """The resolved PretrainConfig of these arguments (flags win over key=value)."""
+    from pretrain.config import PretrainConfig
+
+    overrides = list(args.overrides)
+    for flag, key in (("output_dir", "run.output_dir"), ("max_steps", "run.max_steps"),
+                      ("checkpoint_every", "run.checkpoint_every")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(PretrainConfig, args.config or DEMO_CONFIG, overrides)
+    if cfg.data is None:
+        from launch.config import ConfigError
+
+        raise ConfigError("data: no data sources configured (the demo config has them)")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    if args.dry_run:
+        from pretrain.plan import plan
+
+        print(json.dumps(plan(cfg), indent=2))
+        return 0
+    from pretrain.demo import resolve_builtin
+    from pretrain.trainer import pretrain
+
+    cfg = resolve_builtin(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
+    final = pretrain(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
+                          "metrics": str(Path(cfg.run.output_dir, "metrics.jsonl").resolve()),
+                          "checkpoints": str(Path(cfg.run.output_dir, "checkpoints").resolve())}))
+    return 0

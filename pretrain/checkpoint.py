@@ -1,0 +1,157 @@
+"""Checkpoints that are never lost: DeepSpeed's shards plus our trainer state, with a
+``latest`` pointer that only ever names a complete checkpoint.
+
+Layout under ``RUN/checkpoints/``: ``step_XXXXXXX/`` (DeepSpeed's files from every rank,
+then ``trainer_state.json`` written by rank 0 once all ranks are done) and ``latest``, a
+text file with the tag (DeepSpeed's own convention, so ``engine.load_checkpoint`` and
+``zero_to_fp32`` read it too), replaced atomically after the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.distributed import DistInfo, all_gather_objects, barrier
+
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed under the current config or world size."""
+
+
+def tag_for(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-ready values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])),
+                                         dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])),
+                                                  dtype=torch.uint8))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Rank 0 writes the gathered trainer state into a checkpoint directory."""
+    _atomic_write(ckpt_dir / TRAINER_STATE, json.dumps(state))
+
+
+def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
+                    shared_state: dict[str, Any], info: DistInfo, keep_last: int) -> Path:
+    """Save on all ranks; point ``latest`` at it only once everything is on disk.
+
+    ``local_state`` differs per rank (RNG, data position); ``shared_state`` is the same
+    everywhere (step, config hash, samples seen).
+    """
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    per_rank = all_gather_objects(local_state)  # also a barrier: every rank has saved
+    if info.is_main:
+        write_trainer_state(root / tag, shared_state | {"ranks": per_rank})
+        _atomic_write(root / LATEST, tag)
+        prune(root, keep_last)
+    barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``latest``'s),
+    and incomplete ones older than ``latest`` (left by a crash mid-save)."""
+    latest = read_latest(root)
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    complete = [t for t in tags if (root / t / TRAINER_STATE).is_file()]
+    keep = set(complete[-keep_last:]) | ({latest} if latest else set())
+    for t in tags:
+        if t not in keep and (t in complete or (latest and t < latest)):
+            shutil.rmtree(root / t, ignore_errors=True)
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag ``latest`` names, or None."""
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint directory to resume from, or None for a fresh start.
+
+    ``auto``: ``root/latest`` if it exists. A path: a ``step_*`` directory, or a
+    checkpoints directory (or run directory) holding ``latest``.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        tag = read_latest(root)
+        return root / tag if tag else None
+    path = Path(resume)
+    for candidate in (path, path / "checkpoints"):
+        tag = read_latest(candidate)
+        if tag:
+            return candidate / tag
+    if (path / TRAINER_STATE).is_file():
+        return path
+    raise ResumeError(f"--resume {resume}: no complete checkpoint there (no {TRAINER_STATE} "
+                      f"and no '{LATEST}' file)")
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """Read and parse a checkpoint's ``trainer_state.json`` (clear error if absent)."""
+    path = ckpt_dir / TRAINER_STATE
+    if not path.is_file():
+        raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {TRAINER_STATE} missing")
+    return json.loads(path.read_text())
+
+
+def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
+                     ckpt_dir: Path) -> None:
+    """Refuse, before any compute, a resume the saved state cannot support."""
+    if state["model_hash"] != model_hash:
+        raise ResumeError(
+            f"{ckpt_dir} was saved for a different model/text-tower config (hash "
+            f"{state['model_hash']} vs {model_hash}); resume with the run's own config.yaml")
+    if state["world_size"] != world_size:
+        raise ResumeError(
+            f"{ckpt_dir} was saved by {state['world_size']} ranks, this run has {world_size}: "
+            f"changing the world size on resume is not supported (ZeRO partitions and each "
+            f"rank's data position are per rank); resume with {state['world_size']} ranks, "
+            f"or convert the checkpoint (internimage convert) and start a new run from it")
