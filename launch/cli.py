@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (argparse stops collecting a positional
+    # list at the first option, e.g. `pretrain a=1 --resume auto b=2`).
+    if hasattr(args, "overrides"):
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra

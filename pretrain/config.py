@@ -185,3 +185,9 @@ class PretrainConfig:
     data: DataConfig | None = None
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # Skipping a step after some micro-batches already added their gradients would
+        # still apply those; only whole single-micro-batch steps can be skipped cleanly.
+        _check(self.run.on_nonfinite == "stop" or self.engine.grad_accum == 1,
+               "run.on_nonfinite", "'skip' needs engine.grad_accum=1")

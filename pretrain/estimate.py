@@ -57,7 +57,7 @@ class MemoryEstimate:
         return out
 
 
-def _largest_layer_params(model: nn.Module) -> int:
+def largest_layer_params(model: nn.Module) -> int:
     """Parameters of the largest single module (DeepSpeed's 'largest layer')."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
                default=0)
@@ -118,27 +118,19 @@ def measure_activation_bytes(
     return without_cp, with_cp
 
 
-def estimate(
-    model_name: str, gpus: int = 8, gpus_per_node: int = 8, zero_stage: int = 3,
-    image_size: int = 224, batch_per_gpu: int = 16, activation_checkpointing: bool = True,
-    offload: bool = False, dtype: torch.dtype = torch.bfloat16, **model_overrides,
-) -> MemoryEstimate:
-    """Plan memory for ``model_name`` trained on ``gpus`` GPUs with ZeRO ``zero_stage``."""
-    if gpus < 1 or gpus_per_node < 1:
-        raise ValueError("gpus and gpus_per_node must be >= 1")
+def model_state_bytes(params: int, largest_layer_params: int, gpus: int, gpus_per_node: int,
+                      zero_stage: int, offload: bool) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per node) of model states, by DeepSpeed's estimators."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0..3, got {zero_stage}")
-    with torch.device("meta"):
-        model = build_model(model_name, **model_overrides)
-    params = sum(p.numel() for p in model.parameters())
-    largest = _largest_layer_params(model)
     per_node = min(gpus, gpus_per_node)
     nodes = math.ceil(gpus / per_node)
     if zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            params, largest, per_node, nodes, cpu_offload=offload, cpu_offload_params=offload)
+            params, largest_layer_params, per_node, nodes, cpu_offload=offload,
+            cpu_offload_params=offload)
     elif zero_stage in (1, 2):
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -148,13 +140,31 @@ def estimate(
             gpu += int(2 * params * (1 - 1 / (per_node * nodes)))
     else:  # plain data parallel, mixed precision AdamW: 16-bit params+grads, fp32 master+moments
         cpu, gpu = 0, 18 * params
+    return int(gpu), int(cpu)
+
+
+def estimate(
+    model_name: str, gpus: int = 8, gpus_per_node: int = 8, zero_stage: int = 3,
+    image_size: int = 224, batch_per_gpu: int = 16, activation_checkpointing: bool = True,
+    offload: bool = False, dtype: torch.dtype = torch.bfloat16, **model_overrides,
+) -> MemoryEstimate:
+    """Plan memory for ``model_name`` trained on ``gpus`` GPUs with ZeRO ``zero_stage``."""
+    if gpus < 1 or gpus_per_node < 1:
+        raise ValueError("gpus and gpus_per_node must be >= 1")
+    with torch.device("meta"):
+        model = build_model(model_name, **model_overrides)
+    params = sum(p.numel() for p in model.parameters())
+    largest = largest_layer_params(model)
+    gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload)
+    per_node = min(gpus, gpus_per_node)
     act_plain, act_cp = measure_activation_bytes(model, batch_per_gpu, image_size, dtype)
     return MemoryEstimate(
-        model=model_name, params=params, largest_layer_params=largest, gpus=per_node * nodes,
-        gpus_per_node=per_node, zero_stage=zero_stage, offload=offload, image_size=image_size,
+        model=model_name, params=params, largest_layer_params=largest,
+        gpus=per_node * math.ceil(gpus / per_node), gpus_per_node=per_node,
+        zero_stage=zero_stage, offload=offload, image_size=image_size,
         batch_per_gpu=batch_per_gpu, activation_checkpointing=activation_checkpointing,
-        dtype=str(dtype).replace("torch.", ""), model_states_per_gpu=int(gpu),
-        model_states_cpu_per_node=int(cpu),
+        dtype=str(dtype).replace("torch.", ""), model_states_per_gpu=gpu,
+        model_states_cpu_per_node=cpu,
         activations_per_gpu=act_cp if activation_checkpointing else act_plain,
         activations_per_gpu_without_checkpointing=act_plain,
     )

@@ -24,6 +24,8 @@ def register(sub, name: str) -> None:
     p.add_argument("--resume", help="auto (latest checkpoint of the run, if any) | PATH")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model on the meta device, print the plan; no data")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="with --dry-run: GPUs to plan for (default: $WORLD_SIZE or 8)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from pretrain.plan import plan
 
-        print(json.dumps(plan(cfg), indent=2))
+        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
+        print(json.dumps(plan(cfg, gpus), indent=2))
         return 0
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain

@@ -1,0 +1,175 @@
+"""Pre-training engine with real processes: ZeRO-3 on 2 gloo ranks, exact resume after a
+kill, checkpoints that survive a crash mid-save, non-finite losses, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.pretrain_utils import REPO, env, latest, losses, pretrain_cmd, run
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache):
+    """8 uninterrupted steps on 2 ranks with ZeRO-3, checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2"), cache)
+    return out
+
+
+def test_two_ranks_zero3_loss_decreases_and_outputs_are_complete(reference_run):
+    loss = losses(reference_run)
+    assert sorted(loss) == list(range(1, 9))
+    assert sum(list(loss.values())[-2:]) < sum(list(loss.values())[:2])
+    rows = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r][-1]
+    for key in ("loss_image_text", "loss_tag", "lr", "temperature", "images_per_s",
+                "data_wait", "skipped", "source_mix"):
+        assert key in train, key
+    assert train["source_mix"] == {"digits": 1.0}
+    assert any("zero_shot_top1" in r for r in rows)
+    assert latest(reference_run) == "step_0000008"
+    ckpt = reference_run / "checkpoints" / "step_0000008"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["samples_seen"]["digits"] == 8 * 16 * 2
+    # ZeRO-3 on 2 ranks: each rank wrote its own optimizer partition.
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2
+    # keep_last=2 (demo default): older complete checkpoints were pruned.
+    assert sorted(p.name for p in (reference_run / "checkpoints").glob("step_*")) == [
+        "step_0000006", "step_0000008"]
+    assert (reference_run / "config.yaml").is_file()
+
+
+def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache):
+    out = tmp_path / "killed"
+    cmd = pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2")
+    proc = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while latest(out) != "step_0000004" and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, no chance to clean up
+    proc.wait()
+    assert latest(out) in ("step_0000004", "step_0000006"), latest(out)
+    run(cmd + ["--resume", "auto"], cache)
+    resumed, reference = losses(out), losses(reference_run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache):
+    ckpt = str(reference_run / "checkpoints")
+    one_rank = run(pretrain_cmd(1, tmp_path / "a", "--resume", ckpt, "--max-steps", "9"),
+                   cache, check=False)
+    assert one_rank.returncode != 0
+    assert "saved by 2 ranks, this run has 1" in one_rank.stderr
+    other_model = run(pretrain_cmd(1, tmp_path / "b", "--resume", ckpt, "model.channels=8",
+                                   "model.groups=[1,1,2,4]"), cache, check=False)
+    assert other_model.returncode != 0
+    assert "different model" in other_model.stderr
+
+
+CRASH_ON_SECOND_SAVE = """
+import os, sys
+import pretrain.checkpoint as ck
+calls = []
+original = ck.write_trainer_state
+def crashing(ckpt_dir, state):
+    calls.append(ckpt_dir)
+    if len(calls) == 2:  # DeepSpeed's shards of the 2nd checkpoint are written: die now
+        os._exit(17)
+    original(ckpt_dir, state)
+ck.write_trainer_state = crashing
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_crash_mid_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path, cache):
+    out = tmp_path / "crash"
+    args = pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2")[3:]
+    proc = run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, *args], cache, check=False)
+    assert proc.returncode == 17
+    assert latest(out) == "step_0000002"
+    incomplete = out / "checkpoints" / "step_0000004"
+    assert incomplete.is_dir() and not (incomplete / "trainer_state.json").exists()
+    run(pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "auto"),
+        cache)
+    assert latest(out) == "step_0000006"
+    assert sorted(losses(out)) == list(range(1, 7))
+
+
+NAN_AT_STEP_3 = """
+import sys, torch
+import pretrain.objectives as ob
+calls = [0]
+original = ob.M3ILoss.__call__
+def poisoned(self, *args):
+    total, terms = original(self, *args)
+    calls[0] += 1
+    if calls[0] == 3:
+        total = total * float("nan")
+    return total, terms
+ob.M3ILoss.__call__ = poisoned
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, cache):
+    out = tmp_path / "nan"
+    args = pretrain_cmd(1, out, "--max-steps", "5", "--checkpoint-every", "2")[3:]
+    proc = run([sys.executable, "-c", NAN_AT_STEP_3, *args], cache, check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "at step 3" in proc.stderr
+    assert latest(out) == "step_0000002"  # nothing saved over the last good checkpoint
+    out2 = tmp_path / "skip"
+    args = pretrain_cmd(1, out2, "--max-steps", "5", "run.on_nonfinite=skip")[3:]
+    run([sys.executable, "-c", NAN_AT_STEP_3, *args], cache)
+    rows = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert 3 not in losses(out2) and train_rows[-1]["nonfinite_skipped"] == 1
+    assert sorted(losses(out2)) == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("engine.zero_stage=4", "engine.zero_stage"),
+    ("model.name=internimage_q", "model.name"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("run.on_nonfinite=ignore", "run.on_nonfinite"),
+])
+def test_bad_config_fails_before_compute(override, message, capsys):
+    from launch.cli import main
+
+    assert main(["pretrain", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_h_recipe_dry_run_prints_the_plan(capsys):
+    from launch.cli import main
+
+    assert main(["pretrain", "--config", str(REPO / "configs/pretrain/internimage_h_m3i.yaml"),
+                 "--dry-run", "--gpus", "128"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["backbone_parameters"] == 1_089_636_760 - 768 * 1000 - 1000  # no classifier
+    assert plan["global_batch"] == 4096 and plan["epochs"] == 30
+    assert plan["steps"] == 30 * 427_000_000 // 4096
+    assert [s["name"] for s in plan["sources"]] == ["laion400m", "yfcc15m", "cc12m"]
+    assert plan["activation_checkpointing"] and plan["zero_stage"] == 3
+    assert 0 < plan["memory_per_gpu_gib"]["total"] < 80
