@@ -75,6 +75,27 @@ def build_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
                     with_cp=cfg.model.checkpointing(), **cfg.model.overrides())
 
 
+def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
+    """(DeepSpeed engine, its config) with our AdamW groups and warm-up + cosine schedule."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    opt = cfg.optim
+    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
+    schedule = warmup_cosine(opt.warmup_steps, steps, opt.min_lr / opt.lr)
+    if cfg.engine.offload_optimizer:  # DeepSpeed's CPU Adam, configured in ds_config
+        optimizer, params = None, param_groups(model, opt.weight_decay, opt.dcn_offset_lr_mult)
+    else:
+        optimizer = build_optimizer(model, opt.lr, opt.weight_decay, opt.betas, opt.eps,
+                                    opt.dcn_offset_lr_mult)
+        params = None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params,
+        lr_scheduler=lambda o: LambdaLR(o, schedule), config=ds_config,
+        dist_init_required=False)
+    return engine, ds_config
+
+
 def _seed_rank(seed: int, rank: int) -> None:
     random.seed(seed * 1000 + rank)
     np.random.seed((seed * 1000 + rank) % 2**32)
@@ -129,7 +150,8 @@ class Trainer:
         self.dtype = DTYPES[cfg.engine.precision]
         self.loss_fn = M3ILoss(cfg.objective.image_text_weight, cfg.objective.tag_weight,
                                cfg.objective.gather_with_grad)
-        self.engine = self._engine(build_model(cfg, num_tags))
+        self.engine, self.ds_config = build_engine(cfg, build_model(cfg, num_tags),
+                                                   self.total_steps)
         self.step = 0
         self.nonfinite_skipped = 0
         if self.state is not None:
@@ -138,25 +160,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "deepspeed_config.json").write_text(
                 json.dumps(self.ds_config, indent=2) + "\n")
-
-    def _engine(self, model: M3IModel):
-        import deepspeed
-        from torch.optim.lr_scheduler import LambdaLR
-
-        opt = self.cfg.optim
-        self.ds_config = deepspeed_config(self.cfg, self.cfg.data.batch_size)
-        schedule = warmup_cosine(opt.warmup_steps, self.total_steps, opt.min_lr / opt.lr)
-        if self.cfg.engine.offload_optimizer:  # DeepSpeed's CPU Adam from the config
-            optimizer, params = None, param_groups(model, opt.weight_decay, opt.dcn_offset_lr_mult)
-        else:
-            optimizer = build_optimizer(model, opt.lr, opt.weight_decay, opt.betas, opt.eps,
-                                        opt.dcn_offset_lr_mult)
-            params = None
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params,
-            lr_scheduler=lambda o: LambdaLR(o, schedule), config=self.ds_config,
-            dist_init_required=False)
-        return engine
 
     def _restore(self) -> None:
         assert self.resume_dir is not None and self.state is not None

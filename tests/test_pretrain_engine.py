@@ -173,3 +173,16 @@ def test_h_recipe_dry_run_prints_the_plan(capsys):
     assert [s["name"] for s in plan["sources"]] == ["laion400m", "yfcc15m", "cc12m"]
     assert plan["activation_checkpointing"] and plan["zero_stage"] == 3
     assert 0 < plan["memory_per_gpu_gib"]["total"] < 80
+
+
+@pytest.mark.triton
+def test_triton_backend_trains_under_zero3_like_the_reference(tmp_path, cache):
+    """The fused op inside DeepSpeed ZeRO-3 (Triton's interpreter on CPU): same losses."""
+    found = {}
+    for backend in ("reference", "triton"):
+        out = tmp_path / backend
+        run(pretrain_cmd(1, out, "--max-steps", "2", "data.batch_size=8",
+                         f"model.dcn_backend={backend}"), cache)
+        found[backend] = losses(out)
+    for step in (1, 2):
+        assert found["triton"][step] == pytest.approx(found["reference"][step], rel=1e-4)
