@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# Set (e.g. by a launcher's signal handler on preemption) to make every rank save a
+# checkpoint at the next step boundary and return from ``fit``.
+STOP_REQUESTED = threading.Event()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -281,6 +287,10 @@ class Trainer:
                 if (every and self.step % every == 0) or self.step == self.total_steps:
                     self._save()
                     saved_step = self.step
+                if any_rank(STOP_REQUESTED.is_set(), info.device):
+                    log.warning("stop requested at step %d: saving and returning", self.step)
+                    last["stopped_early"] = True
+                    break
         finally:
             metrics.close()
         if saved_step != self.step:

@@ -186,3 +186,30 @@ def test_triton_backend_trains_under_zero3_like_the_reference(tmp_path, cache):
         found[backend] = losses(out)
     for step in (1, 2):
         assert found["triton"][step] == pytest.approx(found["reference"][step], rel=1e-4)
+
+
+STOP_AT_STEP_3 = """
+import sys
+import pretrain.objectives as ob
+import pretrain.trainer as tr
+calls = [0]
+original = ob.M3ILoss.__call__
+def counting(self, *args):
+    calls[0] += 1
+    if calls[0] == 3:
+        tr.STOP_REQUESTED.set()  # what a launcher's preemption handler does
+    return original(self, *args)
+ob.M3ILoss.__call__ = counting
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
+    out = tmp_path / "stop"
+    args = pretrain_cmd(1, out, "--max-steps", "50", "--checkpoint-every", "20")[3:]
+    proc = run([sys.executable, "-c", STOP_AT_STEP_3, *args], cache)
+    assert latest(out) == "step_0000003"
+    assert '"stopped_early": true' in proc.stdout
+    run(pretrain_cmd(1, out, "--max-steps", "5", "--resume", "auto"), cache)
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]
