@@ -10,6 +10,7 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
+from models.features import InternImageTimm
 from models.intern_image import InternImage
 from models.variants import PRETRAINED_NAMES, VARIANTS
 
@@ -39,9 +40,12 @@ default_cfgs = generate_default_cfgs(
 
 def _create(name: str, variant: str, pretrained: bool, **kwargs) -> InternImage:
     arch = VARIANTS[variant].kwargs() | kwargs
-    return build_model_with_cfg(InternImage, name, pretrained,
+    # features_only goes through FeatureGetterNet -> InternImageTimm.forward_intermediates.
+    return build_model_with_cfg(InternImageTimm, name, pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg={"flatten_sequential": True}, **arch)
+                                feature_cfg={"feature_cls": "getter",
+                                             "out_indices": tuple(range(len(arch["depths"])))},
+                                **arch)
 
 
 def _register(name: str, variant: str) -> None:
