@@ -1,0 +1,146 @@
+"""Mask2Former semantic segmentation on an InternImage backbone (transformers' model).
+
+transformers' ``Mask2FormerForUniversalSegmentation`` supplies the pixel decoder
+(multi-scale deformable attention), the masked-attention transformer decoder, the
+Hungarian-matched loss with point sampling and the auxiliary losses; its backbone is our
+timm feature extractor through ``InternImageBackbone``. This file adds only what the
+fine-tuning loops need around it:
+
+- ``loss(images, label_maps)``: (B, H, W) class-id maps with an ignore index become the
+  per-image binary masks + class ids Mask2Former trains on (one mask per present class,
+  the semantic-segmentation recipe of the Mask2Former paper).
+- ``forward(images)`` / ``semantic_scores``: (B, C, H, W) per-class scores at input size
+  (softmax class probabilities x sigmoid masks, summed over queries), so the existing
+  sliding-window / whole-image evaluators use this head unchanged.
+- ``predict_semantic(images, scales=..., flip=...)``: class ids, single- or multi-scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+from finetune.heads.hf_backbone import backbone_config
+from finetune.heads.seg_inference import multiscale_flip_scores
+from models.intern_image import InternImage
+from ops.dcnv3 import DCNv3
+
+IGNORE_INDEX = 255
+ARCH_KEYS = ("channels", "depths", "groups")
+
+
+def semantic_targets(label_maps: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> tuple[list[torch.Tensor],
+                                                               list[torch.Tensor]]:
+    """Per image: binary masks (K, H, W) float and class ids (K,) of the classes present.
+
+    Ignored pixels belong to no mask. A label outside ``[0, num_classes)`` that is not the
+    ignore index means a wrong class mapping upstream, so it raises instead of training on it.
+    """
+    mask_labels, class_labels = [], []
+    for labels in label_maps:
+        classes = labels.unique()
+        classes = classes[classes != ignore_index]
+        if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
+            raise ValueError(f"label map holds ids {classes.tolist()} outside [0, {num_classes}) "
+                             f"and not the ignore index {ignore_index}")
+        mask_labels.append((labels[None] == classes[:, None, None]).float())
+        class_labels.append(classes.long())
+    return mask_labels, class_labels
+
+
+class Mask2FormerSegmenter(nn.Module):
+    """Training/inference interface around a transformers Mask2Former (see module doc)."""
+
+    def __init__(self, model: Mask2FormerForUniversalSegmentation,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.model = model
+        self.num_classes = model.config.num_labels
+        self.ignore_index = ignore_index
+
+    @property
+    def backbone(self) -> InternImage:
+        """The InternImage trunk (released-checkpoint parameter names) for --init and lr groups."""
+        return self.model.model.pixel_level_module.encoder.internimage
+
+    def loss(self, images: torch.Tensor, label_maps: torch.Tensor) -> torch.Tensor:
+        """Mask2Former's weighted loss (class CE + mask BCE + dice, with auxiliary layers).
+
+        ``images``: normalised (B, 3, H, W); ``label_maps``: (B, H, W) ids, ignore index.
+        """
+        mask_labels, class_labels = semantic_targets(label_maps, self.num_classes,
+                                                     self.ignore_index)
+        out = self.model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+        return out.loss
+
+    def semantic_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes, H, W) class scores at the input size (one forward pass)."""
+        out = self.model(pixel_values=images)
+        # The last class of Mask2Former's classifier is "no object"; it votes for nothing.
+        class_probs = out.class_queries_logits.softmax(-1)[..., :-1]
+        masks = F.interpolate(out.masks_queries_logits, size=images.shape[-2:],
+                              mode="bilinear", align_corners=False).sigmoid()
+        return torch.einsum("bqc,bqhw->bchw", class_probs, masks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Same as ``semantic_scores``: lets logits-based evaluators use this head."""
+        return self.semantic_scores(images)
+
+    @torch.no_grad()
+    def predict_semantic(self, images: torch.Tensor, scales: Sequence[float] | None = None,
+                         flip: bool = False) -> torch.Tensor:
+        """(B, H, W) class ids. ``scales``/``flip``: the multi-scale + flip protocol."""
+        if scales is None and not flip:
+            return self.semantic_scores(images).argmax(1)
+        scores = multiscale_flip_scores(self.semantic_scores, images,
+                                        scales=scales or (1.0,), flip=flip)
+        return scores.argmax(1)
+
+
+def _reset_backbone_init(backbone: InternImage) -> None:
+    """Give the trunk InternImage's own initialisation back.
+
+    transformers' ``post_init`` re-initialises every submodule with its generic scheme
+    (e.g. N(0, 0.02) BatchNorm weights, non-zero DCN offsets); a trunk trained from
+    scratch should start as InternImage does.
+    """
+    for module in backbone.modules():
+        if not isinstance(module, DCNv3) and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    backbone.apply(InternImage._init_weights)
+    for module in backbone.modules():
+        if isinstance(module, DCNv3):
+            module.reset_parameters()
+
+
+def build_mask2former(backbone: str, num_classes: int, *,
+                      backbone_kwargs: dict | None = None, init: str | None = None,
+                      ignore_index: int = IGNORE_INDEX, **head_cfg) -> Mask2FormerSegmenter:
+    """Mask2Former on InternImage ``backbone`` (a variant or released name).
+
+    ``backbone_kwargs``: architecture overrides for the trunk (``channels``, ``depths``,
+    ``groups``, ``drop_path_rate``, ``with_cp``, ``dcn_backend``), e.g.
+    ``BackboneConfig.build_kwargs()``. ``init``: a classification checkpoint (or converted
+    pre-training run) loaded into the trunk with ``finetune.init.load_init``.
+    ``head_cfg``: ``Mask2FormerConfig`` fields (``num_queries``, ``hidden_dim``,
+    ``decoder_layers``, ``train_num_points``, ...); its defaults are the paper's
+    (100 queries, 256 dims, 9 decoder layers + 1, 6 pixel-decoder layers).
+    """
+    backbone_kwargs = dict(backbone_kwargs or {})
+    config = Mask2FormerConfig(backbone_config=backbone_config(backbone, **backbone_kwargs),
+                               num_labels=num_classes, ignore_value=ignore_index, **head_cfg)
+    segmenter = Mask2FormerSegmenter(Mask2FormerForUniversalSegmentation(config), ignore_index)
+    _reset_backbone_init(segmenter.backbone)
+    if init:
+        from finetune.init import load_init
+        from models import resolve_variant
+
+        arch = {k: backbone_kwargs[k] for k in ARCH_KEYS if backbone_kwargs.get(k) is not None}
+        load_init(segmenter.backbone, init, variant=resolve_variant(backbone), arch=arch,
+                  backbone_only=True)
+    return segmenter
