@@ -1,18 +1,134 @@
-"""`internimage submit`: run pretrain/finetune as a SLURM job through submitit."""
+"""`internimage submit`: run `pretrain` or `finetune` as a SLURM job through submitit.
 
-from launch.commands._pending import not_implemented
+Resources come from a cluster profile (configs/launch/*.yaml) with flags on top; the job
+runs the same command line a user would type, in every task (one per GPU), requeues
+itself on time-out or preemption and resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.config import ConfigError
+
+# flag -> ClusterProfile field
+FLAGS = {
+    "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task", "partition": "partition", "time": "time_min",
+    "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
+    "job_name": "job_name", "folder": "folder", "max_requeues": "max_requeues",
+    "save_on_signal": "save_on_signal",
+}
 
 
 def register(sub, name: str) -> None:
-    p = sub.add_parser(name, help="submit a job to SLURM (submitit)",
-                       description="Submit `pretrain` or `finetune` to SLURM with requeue on "
-                       "preemption and time-out.")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0)
+    p = sub.add_parser(
+        name, help="submit pretrain/finetune to SLURM (submitit), with requeue",
+        description="Submit `pretrain` or `finetune` to SLURM through submitit: one task per "
+        "GPU, distributed set-up from SLURM's environment, requeue on preemption and time-out "
+        "with resume from the latest checkpoint. Options go before the job; everything from "
+        "the job's name on is the job's own command line.")
+    p.add_argument("--profile", help="cluster profile: YAML path or a name in configs/launch/")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem", help="memory per node, e.g. 64G or 500M")
     p.add_argument("--partition")
-    p.add_argument("--time", type=int, help="minutes")
+    p.add_argument("--time", type=int, help="time limit in minutes")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("job", nargs="*", help="pretrain|finetune and its arguments")
-    p.set_defaults(func=not_implemented("submit", 6))
+    p.add_argument("--constraint")
+    p.add_argument("--exclude", help="nodes to avoid")
+    p.add_argument("--job-name")
+    p.add_argument("--folder", help="submitit folder for scripts and logs (%%j: the job id)")
+    p.add_argument("--max-requeues", type=int, help="give up after this many requeues")
+    p.add_argument("--save-on-signal", action=argparse.BooleanOptionalAction, default=None,
+                   help="checkpoint on the time-out/preemption signal before requeueing")
+    p.add_argument("--wait", action="store_true",
+                   help="block until the job ends; non-zero exit and log tail if it failed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resources and the sbatch script; submit nothing")
+    p.add_argument("--local", action="store_true",
+                   help="run through submitit's local executor instead of SLURM (waits)")
+    p.add_argument("job", nargs=argparse.REMAINDER, metavar="pretrain|finetune ...",
+                   help="the job's command line")
+    p.set_defaults(func=run)
+
+
+def _profile(args: argparse.Namespace):
+    from launch.slurm.profile import load_profile, parse_mem_gb
+
+    given = {field: getattr(args, flag) for flag, field in FLAGS.items()}
+    if args.mem is not None:
+        given["mem_gb"] = parse_mem_gb(args.mem)
+    return load_profile(args.profile, given)
+
+
+def _print_dry_run(profile, spec) -> None:
+    from launch.slurm.executor import sbatch_script
+
+    resources = {
+        "nodes": profile.nodes, "tasks_per_node": profile.tasks,
+        "gpus_per_node": profile.gpus_per_node, "world_size": profile.world_size,
+        "cpus_per_task": profile.cpus_per_task, "mem_gb": profile.mem_gb,
+        "partition": profile.partition, "time_min": profile.time_min,
+        "account": profile.account, "qos": profile.qos, "constraint": profile.constraint,
+        "exclude": profile.exclude, "job_name": profile.job_name, "folder": profile.folder,
+        "max_requeues": profile.max_requeues, "save_on_signal": profile.save_on_signal,
+        "signal_delay_s": profile.signal_delay_s, "run_dir": str(spec.run_dir),
+    }
+    print("# resources")
+    for key, value in resources.items():
+        print(f"{key}: {value if value is not None else '-'}")
+    print(f"# each task runs: internimage {' '.join(spec.argv)}")
+    print("# sbatch script (not submitted)")
+    print(sbatch_script(profile))
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch.slurm.jobspec import job_spec
+
+    profile = _profile(args)
+    spec = job_spec(list(args.job))
+    if args.dry_run:
+        _print_dry_run(profile, spec)
+        return 0
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    from launch.slurm.executor import SlurmNotFoundError, make_executor
+    from launch.slurm.job import TrainingJob
+    from launch.slurm.wait import failure, log_tail, wait_for
+
+    try:
+        executor = make_executor(profile, local=args.local)
+    except SlurmNotFoundError as err:
+        print(f"internimage submit: {err}", file=sys.stderr)
+        return 3
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    training = TrainingJob(spec.argv, spec.run_dir, max_requeues=profile.max_requeues,
+                           save_on_signal=profile.save_on_signal,
+                           save_timeout_s=profile.save_timeout_s,
+                           cpus_per_task=profile.cpus_per_task)
+    try:
+        job = executor.submit(training)
+    except (FailedJobError, FailedSubmissionError) as err:
+        print(f"internimage submit: the submission failed:\n{err}", file=sys.stderr)
+        return 3
+    where = "local processes" if args.local else "SLURM"
+    print(f"submitted job {job.job_id} to {where}: {profile.world_size} task(s), run dir "
+          f"{spec.run_dir}, logs {job.paths.folder}", file=sys.stderr, flush=True)
+    status = 0
+    if args.wait or args.local:
+        wait_for(job)
+        why = failure(job)
+        if why:
+            print(f"internimage submit: job {job.job_id} failed:\n{why}\n{log_tail(job)}",
+                  file=sys.stderr)
+            status = 1
+        else:
+            print(f"job {job.job_id} completed", file=sys.stderr)
+    print(job.job_id)
+    return status

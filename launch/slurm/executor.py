@@ -1,0 +1,97 @@
+"""submitit executors from a cluster profile, and the sbatch script they would submit.
+
+The same profile drives the SLURM executor (sbatch + srun, one task per GPU) and
+submitit's local executor (`--local`: the tasks as local processes, no scheduler).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.slurm.slurm import SlurmExecutor
+
+from launch.slurm.profile import ClusterProfile
+
+
+class SlurmNotFoundError(RuntimeError):
+    """No SLURM client (sbatch/srun) on PATH."""
+
+
+def slurm_available() -> bool:
+    """Whether this machine can submit to SLURM (submitit needs both commands)."""
+    return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
+    """AutoExecutor parameters: generic ones, plus ``slurm_*`` ones SLURM alone reads."""
+    params: dict[str, Any] = {
+        "name": profile.job_name,
+        "nodes": profile.nodes,
+        "tasks_per_node": profile.tasks,
+        "gpus_per_node": profile.gpus_per_node,
+        "cpus_per_task": profile.cpus_per_task,
+        "timeout_min": profile.time_min,
+        "slurm_signal_delay_s": profile.signal_delay_s,
+    }
+    if profile.mem_gb is not None:
+        params["mem_gb"] = profile.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        value = getattr(profile, key)
+        if value:
+            params[f"slurm_{key}"] = value
+    if profile.setup:
+        params["slurm_setup"] = list(profile.setup)
+    if profile.sbatch_extra:
+        params["slurm_additional_parameters"] = dict(profile.sbatch_extra)
+    return params
+
+
+def make_executor(profile: ClusterProfile, local: bool = False) -> submitit.AutoExecutor:
+    """The executor that submits with this profile (SLURM, or local processes)."""
+    folder = Path(profile.folder).expanduser().absolute()
+    if local:
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        params = {k: v for k, v in executor_parameters(profile).items()
+                  if not k.startswith("slurm_")}
+        if profile.nodes != 1:
+            raise ValueError("--local runs on this machine only: use --nodes 1")
+        executor.update_parameters(**params)
+        return executor
+    if not slurm_available():
+        raise SlurmNotFoundError(
+            "SLURM is not installed here (`sbatch`/`srun` not found on PATH): cannot submit. "
+            "Run on a SLURM login node, use `--local` to run the same job as local "
+            "processes through submitit, or `--dry-run` to see the sbatch script.")
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                     slurm_max_num_timeout=profile.max_requeues)
+    executor.update_parameters(**executor_parameters(profile))
+    return executor
+
+
+class _RenderingSlurmExecutor(SlurmExecutor):
+    """submitit's SLURM executor, allowed where SLURM is absent: it only renders scripts."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def sbatch_script(profile: ClusterProfile) -> str:
+    """The sbatch script submitit would submit for this profile (nothing is submitted).
+
+    The job id in paths stays the literal ``%j`` that SLURM fills in.
+    """
+    folder = Path(profile.folder).expanduser().absolute()
+    executor = _RenderingSlurmExecutor(folder, max_num_timeout=profile.max_requeues)
+    generic, specific = {}, {}
+    for key, value in executor_parameters(profile).items():
+        if key.startswith("slurm_"):
+            specific[key[len("slurm_"):]] = value
+        else:
+            generic[key] = value
+    # the same translation AutoExecutor applies (timeout_min -> time, mem_gb -> mem, ...)
+    executor.update_parameters(**executor._convert_parameters(generic), **specific)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")

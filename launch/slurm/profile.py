@@ -1,0 +1,111 @@
+"""Cluster profiles: the typed, validated defaults of `internimage submit`.
+
+A profile is a YAML file over :class:`ClusterProfile` (configs/launch/*.yaml); command-line
+flags override its values. Everything is checked before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.config import ConfigError, load_config
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "launch"
+
+
+@dataclass
+class ClusterProfile:
+    """Resources and requeue policy of a SLURM job (one task per GPU)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    # None: one task per GPU, or 1 without GPUs.
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time_min: int = 60
+    job_name: str = "internimage"
+    # submitit's folder: sbatch script, pickles and %j_%t_log.out/err; %j = the job id.
+    folder: str = "runs/submitit/%j"
+    max_requeues: int = 3
+    # On the time-out/preemption signal, save a checkpoint before asking for the requeue.
+    save_on_signal: bool = True
+    # How long the signal handler waits for that save (must end before SLURM's kill).
+    save_timeout_s: int = 60
+    # SLURM sends USR2 this many seconds before the time limit (sbatch --signal).
+    signal_delay_s: int = 120
+    # Shell lines run in the sbatch script before srun (module load, exports...).
+    setup: list[str] = field(default_factory=list)
+    # Extra `#SBATCH --key=value` lines that have no field here.
+    sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus_per_task", "time_min"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "max_requeues", "save_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ValueError(f"tasks_per_node: must be >= 1, got {self.tasks_per_node}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ValueError(f"mem_gb: must be > 0, got {self.mem_gb}")
+        if self.signal_delay_s < 1:
+            raise ValueError(f"signal_delay_s: must be >= 1, got {self.signal_delay_s}")
+        if self.save_on_signal and self.save_timeout_s >= self.signal_delay_s:
+            raise ValueError(f"save_timeout_s ({self.save_timeout_s}) must be below "
+                             f"signal_delay_s ({self.signal_delay_s}): the save has to end "
+                             "before SLURM kills the job")
+        if not self.job_name.strip():
+            raise ValueError("job_name: must not be empty")
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node actually used: as given, else one per GPU, else one."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks
+
+
+def parse_mem_gb(text: str) -> float:
+    """'64G', '500M', '1T' or a plain number of GB -> GB (what submitit's mem_gb takes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([MGT]?)B?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"mem: expected e.g. 64G, 500M or a number of GB, got {text!r}")
+    scale = {"M": 1 / 1024, "G": 1.0, "": 1.0, "T": 1024.0}[match.group(2).upper()]
+    return float(match.group(1)) * scale
+
+
+def resolve_profile_path(name: str) -> Path:
+    """A path as given, or a profile name under configs/launch/ (``local_cpu``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = PROFILE_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    raise ConfigError(f"profile not found: {name} (a YAML path or one of {known})")
+
+
+def load_profile(name: str | None, overrides: dict[str, object]) -> ClusterProfile:
+    """The profile ``name`` (None: defaults) with command-line values (not None) on top."""
+    base = load_config(ClusterProfile, resolve_profile_path(name) if name else None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(ClusterProfile)})
+    if unknown:
+        raise ConfigError(f"unknown profile key(s): {unknown}")
+    try:
+        return dataclasses.replace(base, **given)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
