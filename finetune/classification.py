@@ -1,0 +1,286 @@
+"""Image classification fine-tuning (ImageNet recipe) with timm's training tools.
+
+timm provides the transforms (RandAugment, random erasing), Mixup/CutMix, label-smoothing
+losses, the model EMA and the cosine schedule; this file wires them to InternImage with
+layer-wise lr decay and the 0.1 lr multiplier on DCN offset/mask layers. Runs alone or
+under torchrun (DDP). With no config it fine-tunes on the digits demo shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finetune import runtime
+from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
+from finetune.lr_decay import param_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClsDataConfig:
+    """``demo`` (digits shards), ``imagefolder`` (root/train, root/val) or ``shards``."""
+
+    kind: str = "demo"
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    train_urls: list[str] = field(default_factory=list)
+    val_urls: list[str] = field(default_factory=list)
+    num_classes: int = 10
+    img_size: int = 32
+    source_size: int = 32  # demo: pixel size of the generated digit shards
+    cache_dir: str = "~/.cache/internimage"
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("demo", "imagefolder", "shards"), "data.kind",
+              f"must be demo|imagefolder|shards, got {self.kind!r}")
+        check(self.kind != "imagefolder" or bool(self.root), "data.root",
+              "is required for data.kind=imagefolder")
+        check(self.kind != "shards" or (bool(self.train_urls) and bool(self.val_urls)),
+              "data.train_urls", "data.train_urls and data.val_urls are required for shards")
+        check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        check(self.img_size >= 16, "data.img_size", "must be >= 16")
+        self.cache_dir = str(Path(self.cache_dir).expanduser())
+
+
+@dataclass
+class ClsAugConfig:
+    """timm augmentation, Mixup/CutMix and label smoothing (recipe: smoothing 0.3 for H)."""
+
+    # defaults: the digits demo (no flips: a mirrored 2 is no 2); ImageNet values in configs
+    auto_augment: str = "rand-m4-n1-mstd0.5-inc1"  # "" disables RandAugment
+    re_prob: float = 0.1
+    scale: tuple[float, float] = (0.7, 1.0)
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    test_crop_pct: float = 1.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(0 <= self.re_prob <= 1, "aug.re_prob", "must be in [0, 1]")
+        check(0 <= self.smoothing < 1, "aug.smoothing", "must be in [0, 1)")
+        check(self.mixup >= 0 and self.cutmix >= 0, "aug.mixup", "alphas must be >= 0")
+        check(0 < self.scale[0] <= self.scale[1] <= 1, "aug.scale", "must be 0 < lo <= hi <= 1")
+
+
+@dataclass
+class EmaConfig:
+    """timm ModelEmaV3; evaluated next to the raw weights (``top1_ema``)."""
+
+    enabled: bool = True
+    decay: float = 0.99  # recipes: 0.9998
+    warmup: bool = True  # decay ramps up over the first updates
+
+    def __post_init__(self) -> None:
+        check(0 < self.decay < 1, "ema.decay", "must be in (0, 1)")
+
+
+@dataclass
+class ClassificationConfig:
+    """A classification fine-tuning run."""
+
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    aug: ClsAugConfig = field(default_factory=ClsAugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    init: str | None = None
+
+
+def build_classifier(cfg: ClassificationConfig) -> nn.Module:
+    """InternImage with a ``data.num_classes`` head."""
+    from models import build_model
+
+    return build_model(cfg.model.name, num_classes=cfg.data.num_classes,
+                       **cfg.model.build_kwargs())
+
+
+def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.Optimizer:
+    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)."""
+    groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                          cfg.optim.dcn_lr_mult)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    """timm's cosine schedule, stepped per update, with linear warm-up."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=cfg.optim.min_lr,
+                             warmup_t=cfg.optim.warmup_steps, warmup_lr_init=cfg.optim.lr * 1e-3,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+def build_mixup(cfg: ClassificationConfig):
+    """timm's Mixup/CutMix (None when both alphas are 0); it also applies smoothing."""
+    from timm.data import Mixup
+
+    a = cfg.aug
+    if a.mixup <= 0 and a.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mix_prob,
+                 label_smoothing=a.smoothing, num_classes=cfg.data.num_classes)
+
+
+def build_loss(cfg: ClassificationConfig, mixup) -> nn.Module:
+    """Soft-target CE under Mixup (targets already smoothed), else label-smoothing CE."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.aug.smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.aug.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, d: runtime.Dist) -> dict[str, float]:
+    """Top-1/top-5 accuracy over the (rank-split) validation set, reduced over ranks."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64)
+    for images, labels in loader:
+        logits = model(images.to(d.device))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices.cpu()
+        hit = top == labels[:, None]
+        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)],
+                              dtype=torch.float64)
+    stats = runtime.all_reduce_sum(stats.to(d.device), d).cpu()
+    model.train()
+    return {"top1": stats[0].item() / max(1, stats[2].item()),
+            "top5": stats[1].item() / max(1, stats[2].item())}
+
+
+def dry_run(cfg: ClassificationConfig) -> int:
+    """Build on the meta device (no memory) and print what a run would do."""
+    with torch.device("meta"):
+        model = build_classifier(cfg)
+    groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                          cfg.optim.dcn_lr_mult)
+    scales = sorted({round(g["lr_scale"], 6) for g in groups})
+    runtime.print_plan("classification (dry run)", {
+        "model": f"{cfg.model.name} {cfg.model.arch() or ''}",
+        "parameters": f"{runtime.count_params(model):,}",
+        "classes / image size": f"{cfg.data.num_classes} / {cfg.data.img_size}",
+        "data": cfg.data.kind + (f" {cfg.data.root}" if cfg.data.root else ""),
+        "batch per process": cfg.run.batch_size,
+        "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
+                  f"{cfg.run.epochs} epochs",
+        "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay}",
+        "layer decay": f"{cfg.optim.layer_decay} ({len(groups)} groups, lr scales "
+                       f"{scales[0]:.3g}..{scales[-1]:.3g})",
+        "aug": f"RandAugment {cfg.aug.auto_augment or 'off'}, RE {cfg.aug.re_prob}, "
+               f"mixup {cfg.aug.mixup} cutmix {cfg.aug.cutmix}, smoothing {cfg.aug.smoothing}",
+        "ema": f"{cfg.ema.decay}" if cfg.ema.enabled else "off",
+        "drop path": cfg.model.drop_path_rate,
+        "init": cfg.init or "random",
+        "engine": f"DDP, ZeRO-{cfg.run.zero_stage}" if cfg.run.zero_stage else "DDP/single",
+    })
+    return 0
+
+
+def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -> dict:
+    """Fine-tune; returns the last evaluation metrics."""
+    from timm.utils import ModelEmaV3
+
+    from finetune.cls_data import build_datasets, build_loaders
+    from finetune.init import load_init
+
+    d = runtime.setup_distributed()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.zero_stage:
+        raise NotImplementedError("run.zero_stage > 0 (DeepSpeed ZeRO for L/XL/H fine-tuning)"
+                                  " is not wired yet; use DDP (run.zero_stage=0)")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    runtime.seed_everything(cfg.run.seed + d.rank)
+    train_set, val_set = build_datasets(cfg)
+    model = build_classifier(cfg)
+    if cfg.init:
+        load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
+    model.to(d.device)
+    steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
+    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
+    eval_every = cfg.run.eval_every or steps_per_epoch
+    ckpt_every = cfg.run.checkpoint_every or eval_every
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
+        if cfg.ema.enabled else None
+    mixup = build_mixup(cfg)
+    criterion = build_loss(cfg, mixup)
+    step, last_eval = 0, {}
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    resume_path = runtime.resolve_resume(resume, out_dir)
+    if resume_path is not None:
+        state = runtime.load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        scheduler.step_update(step)
+        log.info("resumed from %s at step %d", resume_path, step)
+    net = runtime.wrap_ddp(model, d)
+    metrics = runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main)
+    bar = tqdm(total=total, initial=step, disable=not (d.is_main and cfg.run.progress),
+               desc="classification", dynamic_ncols=True)
+    net.train()
+    while step < total:
+        epoch = step // max(1, steps_per_epoch)
+        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
+        for i, (images, labels) in enumerate(train_loader):
+            if i < skip:
+                continue
+            images, labels = images.to(d.device), labels.to(d.device)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            loss = criterion(net(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            bar.update(1)
+            if step % cfg.run.log_every == 0 or step == 1:
+                lr = max(g["lr"] for g in optimizer.param_groups)
+                metrics.write(step=step, epoch=epoch, loss=loss.item(), lr=lr)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % eval_every == 0 or step == total:
+                last_eval = evaluate(net, val_loader, d)
+                if ema is not None:
+                    e = evaluate(ema.module, val_loader, d)
+                    last_eval.update(top1_ema=e["top1"], top5_ema=e["top5"])
+                metrics.write(step=step, epoch=epoch, **last_eval)
+                log.info("step %d: %s", step, last_eval)
+            if d.is_main and (step % ckpt_every == 0 or step == total):
+                runtime.save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.module.state_dict() if ema is not None else None,
+                    "step": step, "rng": torch.get_rng_state()})
+            if step >= total:
+                break
+    bar.close()
+    return last_eval

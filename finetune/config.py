@@ -1,0 +1,103 @@
+"""Typed configuration shared by the three fine-tuning entrypoints.
+
+Each task has its own top-level dataclass (``ClassificationConfig`` ...) built from the
+sections here plus its data/augmentation section. Validation runs in ``__post_init__`` and
+names the dotted key, so a bad config fails before any compute. Defaults are the CPU
+demo's; presets in configs/finetune/ hold the paper's recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ValueError('key: message')`` unless ``ok`` (the launcher reports it)."""
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class BackboneConfig:
+    """An InternImage variant plus architecture overrides (must match ``--init``)."""
+
+    name: str = "internimage_t"
+    channels: int | None = 16
+    depths: list[int] | None = field(default_factory=lambda: [1, 1, 2, 1])
+    groups: list[int] | None = field(default_factory=lambda: [1, 2, 4, 8])
+    drop_path_rate: float = 0.1
+    with_cp: bool = False
+    dcn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        from models import resolve_variant
+
+        try:
+            self.name = resolve_variant(self.name)
+        except ValueError as err:
+            raise ValueError(f"model.name: {err}") from None
+        check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+        if self.depths is not None and self.groups is not None:
+            check(len(self.depths) == len(self.groups), "model.depths",
+                  f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
+
+    def arch(self) -> dict:
+        """Architecture overrides (what a checkpoint's metadata must agree with)."""
+        return {k: getattr(self, k) for k in ("channels", "depths", "groups")
+                if getattr(self, k) is not None}
+
+    def build_kwargs(self) -> dict:
+        """Keyword overrides for ``models.build_model``."""
+        return {**self.arch(), "drop_path_rate": self.drop_path_rate, "with_cp": self.with_cp,
+                "dcn_backend": self.dcn_backend}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warm-up + schedule; layer-wise lr decay and the DCN offset/mask multiplier."""
+
+    lr: float = 2e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 20
+    layer_decay: float = 1.0  # 1.0: off; 0.9 / 0.8 in the recipes
+    dcn_lr_mult: float = 0.1  # lr multiplier of ``.dcn.offset.`` / ``.dcn.mask.`` params
+    backbone_lr_mult: float = 1.0  # dense tasks: backbone vs head
+    grad_clip: float = 5.0  # 0: off
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        check(0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
+        check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Length, batch, evaluation, checkpoints and the execution engine."""
+
+    output_dir: str = "runs/finetune"
+    batch_size: int = 64  # per process
+    max_steps: int = 0  # 0: derived from epochs
+    epochs: float = 1.0
+    eval_every: int = 0  # steps; 0: at every epoch end
+    checkpoint_every: int = 0  # steps; 0: at every evaluation
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 1
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    progress: bool = True
+    zero_stage: int = 0  # DeepSpeed ZeRO for L/XL/H: not wired yet (see README)
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
+        check(self.max_steps >= 0, "run.max_steps", "must be >= 0")
+        check(self.max_steps > 0 or self.epochs > 0, "run.epochs", "must be > 0 (or set "
+              "run.max_steps)")
+        check(self.zero_stage in (0, 1, 2, 3), "run.zero_stage", "must be 0..3")
+        check(self.precision in ("fp32", "bf16"), "run.precision", "must be fp32 or bf16")
+        check(self.log_every >= 1, "run.log_every", "must be >= 1")

@@ -1,0 +1,82 @@
+"""The iteration-based training loop shared by detection and segmentation.
+
+The task supplies a model whose forward returns a dict of losses, a batch iterator factory
+and an evaluation function; the loop owns the schedule, clipping, progress bar,
+metrics.jsonl, periodic evaluation, checkpoints and ``--resume auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finetune import runtime
+
+log = logging.getLogger(__name__)
+
+
+def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler, batches: Callable[[int], Iterable[Any]],
+             loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
+             evaluate: Callable[[], dict[str, float]], total_steps: int, eval_every: int,
+             checkpoint_every: int, log_every: int, grad_clip: float, out_dir: Path,
+             d: runtime.Dist, resume: str | None, progress: bool) -> dict[str, float]:
+    """Train ``total_steps`` updates; ``batches(epoch)`` yields one epoch of batches.
+
+    ``model`` is the bare module (saved/restored), ``net`` what is called (DDP or model).
+    Returns the last evaluation's metrics.
+    """
+    step, epoch, last_eval = 0, 0, {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    resume_path = runtime.resolve_resume(resume, out_dir)
+    if resume_path is not None:
+        state = runtime.load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch = state["step"], state["epoch"]
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", resume_path, step)
+    scheduler.step_update(step)
+    metrics = runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main)
+    bar = tqdm(total=total_steps, initial=step, desc=name, dynamic_ncols=True,
+               disable=not (d.is_main and progress))
+    net.train()
+    while step < total_steps:
+        for batch in batches(epoch):
+            losses = loss_fn(net, batch)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            bar.update(1)
+            if step % log_every == 0 or step == 1:
+                record = {k: round(v.item(), 5) for k, v in losses.items()}
+                metrics.write(step=step, epoch=epoch, loss=loss.item(),
+                              lr=max(g["lr"] for g in optimizer.param_groups), **record)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % eval_every == 0 or step == total_steps:
+                net.eval()
+                last_eval = evaluate()
+                net.train()
+                metrics.write(step=step, epoch=epoch, **last_eval)
+                log.info("step %d: %s", step, last_eval)
+            if d.is_main and (step % checkpoint_every == 0 or step == total_steps):
+                runtime.save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()})
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    return last_eval

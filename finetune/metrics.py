@@ -1,0 +1,89 @@
+"""Evaluation metrics: COCO AP through pycocotools, mIoU from a confusion matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm")) -> dict[str, float]:
+    """COCOeval on ``results`` (COCO result dicts) -> ``{bbox_AP, bbox_AP50, ..., segm_AP}``.
+
+    No detections at all gives 0.0 everywhere (pycocotools cannot load an empty result).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    out: dict[str, float] = {}
+    for iou_type in iou_types:
+        dets = [r for r in results if iou_type != "segm" or "segmentation" in r]
+        if not dets:
+            out.update({f"{iou_type}_{k}": 0.0 for k in COCO_STATS})
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+            coco_dt = coco_gt.loadRes(dets)
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        # stats are -1 where a size range has no ground truth; report 0 rather than -1
+        out.update({f"{iou_type}_{k}": max(0.0, float(v)) for k, v in zip(COCO_STATS, ev.stats)})
+    return out
+
+
+def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, label_to_cat: list[int],
+                       mask_threshold: float = 0.5) -> list[dict]:
+    """One torchvision detection output (boxes xyxy, labels, scores, masks) -> COCO results."""
+    from pycocotools import mask as mask_utils
+
+    boxes = output["boxes"].detach().cpu().numpy()
+    scores = output["scores"].detach().cpu().numpy()
+    labels = output["labels"].detach().cpu().numpy()
+    masks = output.get("masks")
+    results = []
+    for i in range(len(boxes)):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        r = {"image_id": int(image_id), "category_id": int(label_to_cat[int(labels[i])]),
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(scores[i])}
+        if masks is not None:
+            m = (masks[i, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode()
+            r["segmentation"] = rle
+        results.append(r)
+    return results
+
+
+class ConfusionMatrix:
+    """Accumulates a (C, C) confusion matrix; ``ignore_index`` pixels are skipped."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add predictions (N,H,W class ids) against targets of the same shape."""
+        keep = target != self.ignore_index
+        idx = target[keep].long() * self.num_classes + pred[keep].long()
+        self.mat += torch.bincount(idx.cpu(), minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes)
+
+    def scores(self, class_names: list[str] | None = None) -> dict[str, float]:
+        """``mIoU``, ``aAcc``, ``mAcc`` and ``IoU.<class>`` (classes never seen: excluded)."""
+        mat = self.mat.double()
+        tp = mat.diag()
+        gt, pred = mat.sum(1), mat.sum(0)
+        union = gt + pred - tp
+        iou = tp / union.clamp(min=1)
+        present = gt > 0
+        names = class_names or [str(i) for i in range(self.num_classes)]
+        out = {"mIoU": iou[present].mean().item() if present.any() else 0.0,
+               "aAcc": (tp.sum() / mat.sum().clamp(min=1)).item(),
+               "mAcc": (tp / gt.clamp(min=1))[present].mean().item() if present.any() else 0.0}
+        out.update({f"IoU.{names[i]}": iou[i].item() for i in range(self.num_classes)
+                    if present[i]})
+        return out

@@ -1,0 +1,83 @@
+"""UperNet decode head (Xiao et al., 2018): a pyramid pooling module on the last stage plus
+an FPN over all stages, fused at stride 4 and classified per pixel.
+
+Written from the paper's description: PPM pools the stride-32 map to 1/2/3/6 bins,
+projects each, upsamples and concatenates with the map; lateral 1x1 convs + top-down
+addition + 3x3 convs form the FPN; all levels are upsampled to stride 4, concatenated
+and fused by a 3x3 conv before the 1x1 classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    """Conv (no bias) -> BatchNorm -> ReLU, the unit every UperNet branch is made of."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class PyramidPooling(nn.Module):
+    """PPM: adaptive average pools at ``bins``, projected to ``channels``, upsampled back."""
+
+    def __init__(self, in_channels: int, channels: int, bins: Sequence[int] = (1, 2, 3, 6)):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, channels, 1))
+            for b in bins)
+        self.bottleneck = conv_bn_relu(in_channels + len(bins) * channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(s(x), size, mode="bilinear", align_corners=False)
+                  for s in self.stages]
+        return self.bottleneck(torch.cat([x, *pooled], 1))
+
+
+class UperNetHead(nn.Module):
+    """Multi-level features (strides 4..32) -> per-pixel logits at stride 4."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels[-1], channels)
+        self.lateral = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_out = nn.ModuleList(conv_bn_relu(channels, channels, 3)
+                                     for _ in in_channels[:-1])
+        self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        laterals = [lat(f) for lat, f in zip(self.lateral, feats[:-1])]
+        laterals.append(self.ppm(feats[-1]))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False)
+        outs = [conv(x) for conv, x in zip(self.fpn_out, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [F.interpolate(o, size, mode="bilinear", align_corners=False)
+                            for o in outs[1:]]
+        return self.classifier(self.dropout(self.fuse(torch.cat(outs, 1))))
+
+
+class UperNetSegmentor(nn.Module):
+    """InternImage trunk + UperNet head; ``forward`` returns logits at input resolution.
+
+    The trunk's stage maps are channels-last views; the head converts them once.
+    """
+
+    def __init__(self, trunk: nn.Module, num_classes: int, channels: int = 512):
+        super().__init__()
+        self.backbone = trunk
+        self.decode_head = UperNetHead(trunk.stage_channels, num_classes, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [f.contiguous() for f in self.backbone.forward_features(x)]
+        logits = self.decode_head(feats)
+        return F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)

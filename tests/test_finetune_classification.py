@@ -1,0 +1,101 @@
+"""Classification fine-tuning on the digits demo shards: loss falls, metrics, resume; the
+layer-wise lr decay groups; every real config validates with --dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["run.batch_size=32", "run.max_steps=6", "run.eval_every=6", "run.log_every=1",
+        "run.num_workers=0", "run.progress=false", "optim.warmup_steps=0"]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_train_loss_falls_metrics_and_resume(cache, tmp_path):
+    from finetune.classification import ClassificationConfig, train
+    from launch.config import load_config
+
+    cfg = load_config(ClassificationConfig, None, [*TINY, f"data.cache_dir={cache}"])
+    out = tmp_path / "run"
+    result = train(cfg, out)
+    assert {"top1", "top5", "top1_ema"} <= set(result)
+    recs = _records(out)
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0]
+    assert sum("top1" in r for r in recs) == 1
+    assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in recs if "top1" in r)
+
+    cfg = load_config(ClassificationConfig, None,
+                      [*TINY, f"data.cache_dir={cache}", "run.max_steps=8"])
+    train(cfg, out, resume="auto")
+    steps = [r["step"] for r in _records(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # continued from step 6, nothing repeated
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_mixup_randaugment_path_runs(cache, tmp_path):
+    from finetune.classification import ClassificationConfig, train
+    from launch.config import load_config
+
+    cfg = load_config(ClassificationConfig, None, [
+        *TINY, f"data.cache_dir={cache}", "run.max_steps=2", "run.eval_every=2",
+        "aug.mixup=0.8", "aug.cutmix=1.0", "aug.re_prob=0.25", "optim.layer_decay=0.8"])
+    assert "top1_ema" in train(cfg, tmp_path / "mix")
+
+
+def test_layer_decay_groups():
+    from finetune.lr_decay import layer_id, param_groups
+    from models import build_model
+
+    depths = [1, 1, 2, 1]
+    model = build_model("internimage_t", num_classes=10, channels=16, depths=depths,
+                        groups=(1, 2, 4, 8))
+    assert layer_id("patch_embed.conv1.weight", depths) == 0
+    assert layer_id("levels.0.blocks.0.dcn.offset.weight", depths) == 1
+    assert layer_id("levels.2.blocks.1.mlp.fc1.weight", depths) == 4
+    assert layer_id("levels.2.downsample.conv.weight", depths) == 4
+    assert layer_id("head.weight", depths) == 6
+    groups = param_groups(model, depths, 0.05, layer_decay=0.8, dcn_lr_mult=0.1)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["head.weight"] == pytest.approx(1.0)
+    assert scale["patch_embed.conv1.weight"] == pytest.approx(0.8**6)
+    assert scale["levels.0.blocks.0.mlp.fc1.weight"] == pytest.approx(0.8**5)
+    assert scale["levels.0.blocks.0.dcn.offset.weight"] == pytest.approx(0.1 * 0.8**5)
+    assert scale["levels.0.blocks.0.dcn.mask.bias"] == pytest.approx(0.1 * 0.8**5)
+    assert wd["head.bias"] == 0 and wd["head.weight"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "finetune").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_real_configs_dry_run(config, capsys):
+    from launch.cli import main
+
+    task = ("classification" if config.stem.startswith(("cls_", "classification"))
+            else "detection" if config.stem.startswith(("det_", "detection"))
+            else "segmentation")
+    assert main(["finetune", task, "--config", str(config), "--dry-run"]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_bad_config_fails_before_compute(capsys):
+    from launch.cli import main
+
+    assert main(["finetune", "classification", "--dry-run", "optim.layer_decay=2"]) == 2
+    assert "optim.layer_decay" in capsys.readouterr().err
+    assert main(["finetune", "segmentation", "--dry-run", "data.kind=voc"]) == 2
+    assert "data.kind" in capsys.readouterr().err
+    assert main(["finetune", "detection", "--init", "/nonexistent.pth", "--dry-run"]) == 2
