@@ -15,8 +15,10 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(("gamma1", "gamma2", "logit_scale"))
 
 
-def param_groups(model: nn.Module, weight_decay: float, dcn_lr_mult: float = 1.0) -> list[dict]:
-    """Groups by (decay or not) x (DCN offset/mask layer or not); ``lr_mult`` per group."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 dcn_lr_mult: float = 1.0) -> list[dict]:
+    """Groups by (decay or not) x (DCN offset/mask layer or not); each group's ``lr`` is
+    ``lr * lr_mult`` (schedulers then scale every group's own base lr)."""
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -25,8 +27,9 @@ def param_groups(model: nn.Module, weight_decay: float, dcn_lr_mult: float = 1.0
         buckets.setdefault(key, []).append(p)
     groups = []
     for (no_decay, dcn), params in sorted(buckets.items()):
+        mult = dcn_lr_mult if dcn else 1.0
         groups.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-                       "lr_mult": dcn_lr_mult if dcn else 1.0})
+                       "lr_mult": mult, "lr": lr * mult})
     return groups
 
 
@@ -34,10 +37,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float,
                     dcn_lr_mult: float = 1.0) -> torch.optim.AdamW:
     """torch AdamW over ``param_groups``; each group's lr is ``lr * lr_mult``."""
-    groups = param_groups(model, weight_decay, dcn_lr_mult)
-    for g in groups:
-        g["lr"] = lr * g["lr_mult"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay, dcn_lr_mult), lr=lr,
+                             betas=betas, eps=eps)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -90,7 +90,8 @@ def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
     ds_config = deepspeed_config(cfg, cfg.data.batch_size)
     schedule = warmup_cosine(opt.warmup_steps, steps, opt.min_lr / opt.lr)
     if cfg.engine.offload_optimizer:  # DeepSpeed's CPU Adam, configured in ds_config
-        optimizer, params = None, param_groups(model, opt.weight_decay, opt.dcn_offset_lr_mult)
+        optimizer, params = None, param_groups(model, opt.lr, opt.weight_decay,
+                                                 opt.dcn_offset_lr_mult)
     else:
         optimizer = build_optimizer(model, opt.lr, opt.weight_decay, opt.betas, opt.eps,
                                     opt.dcn_offset_lr_mult)
