@@ -39,7 +39,7 @@ class DetDataConfig:
     hflip: float = 0.5
     demo_train: int = 400
     demo_val: int = 80
-    demo_size: int = 96
+    demo_size: int = 64
     cache_dir: str = "~/.cache/internimage"
 
     def __post_init__(self) -> None:
@@ -55,14 +55,14 @@ class DetectorConfig:
 
     fpn_channels: int = 64
     anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    train_sizes: list[int] = field(default_factory=lambda: [80, 96, 112])
-    test_size: int = 96
-    max_size: int = 160
+    train_sizes: list[int] = field(default_factory=lambda: [56, 64, 72])
+    test_size: int = 64
+    max_size: int = 96
     box_head_dim: int = 256
-    mask_head_channels: int = 64
+    mask_head_channels: int = 32
     mask_head_layers: int = 2
     rpn_batch_per_image: int = 128
-    box_batch_per_image: int = 128
+    box_batch_per_image: int = 64
     detections_per_image: int = 50
 
     def __post_init__(self) -> None:
@@ -92,7 +92,7 @@ def _det_optim() -> OptimConfig:
 
 
 def _det_run() -> RunConfig:
-    return RunConfig(output_dir="runs/detection", batch_size=8, epochs=12)
+    return RunConfig(output_dir="runs/detection", batch_size=8, epochs=8)
 
 
 @dataclass
@@ -347,7 +347,7 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
                    for t in targets]
         return net(images, targets)
 
-    eval_every = cfg.run.eval_every or steps_per_epoch * 4
+    eval_every = cfg.run.eval_every or steps_per_epoch * 2
     return run_loop(name="detection", model=model, net=net, optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
                     evaluate=lambda: evaluate(net, val_set, cfg, d), total_steps=total,

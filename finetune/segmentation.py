@@ -136,7 +136,7 @@ class SegDataset(Dataset):
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img_path, label_path = self.pairs[i]
-        img = torch.from_numpy(np.asarray(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
         label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
         if self.cfg.reduce_zero_label:  # ADE20K: 0 is "other", ignored; 1..N -> 0..N-1
             label = torch.where(label == 0, IGNORE, label - 1)
