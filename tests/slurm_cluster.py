@@ -1,6 +1,6 @@
 """A real single-node SLURM for tests: munged, slurmctld -D and slurmd -D in a temp folder.
 
-`slurm_cluster` (session-scoped fixture) installs Debian's slurm-wlm and munge where
+`running_cluster` (the body of a session-scoped fixture) installs Debian's slurm-wlm and munge where
 missing, writes a slurm.conf for this machine, starts the daemons, waits until the node is
 idle, points SLURM_CONF at the conf for this process (and so for the jobs it submits) and
 stops everything afterwards. Tests skip, naming the reason, only where the daemons cannot
@@ -156,7 +156,16 @@ class SlurmCluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        """Stop the daemons this cluster started (slurmd, slurmctld, munged), bounded."""
+        """Cancel what still runs, then stop the daemons this cluster started, bounded."""
+        try:  # jobs' slurmstepd processes outlive slurmd: end them first
+            self.cmd("scancel", "--partition=debug", check=False, timeout=10)
+            deadline = time.time() + 20
+            while self.cmd("squeue", "-h", check=False, timeout=10).strip():
+                if time.time() > deadline:
+                    break
+                time.sleep(0.5)
+        except (OSError, subprocess.SubprocessError):
+            pass
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -216,9 +225,9 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
                        f"{cluster.logs_tail()}")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
-    """A running single-node SLURM; SLURM_CONF and PATH point at it during the session."""
+def running_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """Body of a session fixture: a running single-node SLURM, SLURM_CONF and PATH set for
+    this process (so for `internimage submit` and its jobs) until the session ends."""
     reason = ensure_installed()
     if reason:
         pytest.skip(reason)

@@ -51,6 +51,13 @@ def wait_for(job: submitit.Job, poll_s: float = 2.0) -> None:
                 time.sleep(1)
             return
         time.sleep(poll_s)
+    # every task returned; the job ends once its processes have exited (bounded)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = slurm_state(job.job_id)
+        if state is None or state in FINAL_STATES:
+            return
+        time.sleep(0.5)
 
 
 def failure(job: submitit.Job) -> str | None:

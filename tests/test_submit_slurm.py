@@ -1,0 +1,177 @@
+"""`internimage submit` against a real single-node SLURM (munged, slurmctld, slurmd).
+
+2-task CPU pre-training jobs (gloo ranks, the demo shrunk by TINY): a job that completes,
+a job requeued by `scontrol requeue` mid-run that ends with the same losses as the
+undisturbed one, and a job whose time limit runs out, requeued by submitit's time-out
+handling after saving on the signal.
+
+SLURM holds a requeued batch job for about two minutes before it may start again
+(EligibleTime); the tests skip that wait with `scontrol update StartTime=now`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pretrain_utils import REPO, TINY, env, latest, losses
+from tests.slurm_cluster import SlurmCluster, running_cluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+STEPS = ["--max-steps", "10", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def submit_cmd(folder: Path, run_dir: Path, *options: str, job: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
+            "--cpus-per-task", "1", "--folder", str(folder / "%j"), *options,
+            "pretrain", "--output-dir", str(run_dir), *TINY, *job]
+
+
+def job_env(cluster: SlurmCluster, cache: Path) -> dict[str, str]:
+    return env(cache) | {"SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"]}
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm_jobs.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def first_job_id(run_dir: Path, timeout: float = 120) -> str:
+    """The job id, as soon as the job's rank 0 has recorded its start in the run dir."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        starts = [r for r in records(run_dir) if r["event"] == "start"]
+        if starts:
+            return starts[0]["job_id"]
+        time.sleep(0.2)
+    raise AssertionError(f"no job start recorded in {run_dir}")
+
+
+def release(cluster: SlurmCluster, job_id: str, *updates: str) -> None:
+    """Once requeued and pending, let the job start now (and apply ``updates``)."""
+    cluster.wait_job(job_id, lambda j: int(j.get("Restarts", "0")) >= 1
+                     and j.get("JobState") == "PENDING", 90, "the requeue")
+    cluster.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"submit --wait did not return in {timeout}s:\n{err[-3000:]}") from None
+    assert proc.returncode == 0, f"submit --wait failed ({proc.returncode}):\n{err[-4000:]}"
+    return out, err
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, cache, tmp_path_factory):
+    """A 2-task job of 10 steps, submitted with --wait and left alone."""
+    root = tmp_path_factory.mktemp("undisturbed")
+    run_dir = root / "run"
+    proc = subprocess.run(submit_cmd(root / "logs", run_dir, "--wait", job=tuple(STEPS)),
+                          env=job_env(cluster, cache), cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, run_dir, proc.stdout.strip().splitlines()[-1]
+
+
+def test_two_task_job_completes_with_metrics_checkpoints_and_job_record(undisturbed, cluster):
+    root, run_dir, job_id = undisturbed
+    assert job_id.isdigit()  # the job id is the last line printed
+    assert cluster.job(job_id)["JobState"] == "COMPLETED"
+    assert sorted(losses(run_dir)) == list(range(1, 11))
+    assert latest(run_dir) == "step_0000010"
+    state = json.loads((run_dir / "checkpoints/step_0000010/trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    [start] = records(run_dir)
+    assert start["event"] == "start" and start["job_id"] == job_id
+    assert start["requeue"] == 0 and start["world_size"] == 2 and start["cluster"] == "slurm"
+    # submitit's per-job, per-task logs under the job folder
+    logs = root / "logs" / job_id
+    for task in (0, 1):
+        assert (logs / f"{job_id}_{task}_log.out").is_file()
+        assert (logs / f"{job_id}_{task}_log.err").is_file()
+    assert "task 1/2" in (logs / f"{job_id}_1_log.err").read_text()
+
+
+def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, cluster, cache,
+                                                                 tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(submit_cmd(tmp_path / "logs", run_dir, "--wait", job=tuple(STEPS)),
+                            env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = first_job_id(run_dir)
+        deadline = time.time() + 120
+        while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
+            time.sleep(0.05)
+        assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
+        cluster.cmd("scontrol", "requeue", job_id)  # SIGTERM, then SIGKILL: no time to save
+        release(cluster, job_id)
+    finally:
+        out, _ = finish(proc, timeout=240)
+    assert out.strip().splitlines()[-1] == job_id  # a requeue keeps the job id
+    starts = [r for r in records(run_dir) if r["event"] == "start"]
+    assert [(r["job_id"], r["requeue"]) for r in starts] == [(job_id, 0), (job_id, 1)]
+    resumed, reference = losses(run_dir), losses(undisturbed[1])
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert latest(run_dir) == "step_0000010"
+
+
+@pytest.mark.slow
+def test_time_limit_saves_on_the_signal_requeues_and_completes(cluster, cache, tmp_path):
+    """--time 1 with USR2 30 s before the limit: the job cannot finish its 100 steps in
+    time; rank 0 saves at the next step boundary, submitit requeues it, and the requeued
+    run (given a longer limit, so the test ends) resumes from that checkpoint."""
+    profile = tmp_path / "short.yaml"
+    profile.write_text("signal_delay_s: 30\nsave_timeout_s: 20\nmax_requeues: 2\n")
+    run_dir = tmp_path / "run"
+    cmd = submit_cmd(tmp_path / "logs", run_dir, "--profile", str(profile), "--time", "1",
+                     "--wait", job=("--max-steps", "100", "--checkpoint-every", "50"))
+    proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = first_job_id(run_dir)
+        release(cluster, job_id, "TimeLimit=10")
+    finally:
+        finish(proc, timeout=300)
+    events = [r["event"] for r in records(run_dir)]
+    assert events == ["start", "requeue_requested", "start"], events
+    saved_at = int(latest_before_requeue(tmp_path / "logs" / job_id / f"{job_id}_0_log.err"))
+    assert 0 < saved_at < 100  # the checkpoint written on the signal, not a periodic one
+    logs = tmp_path / "logs" / job_id
+    log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
+    assert "this job is timed-out" in log and "checkpoint saved" in log
+    assert sorted(losses(run_dir)) == list(range(1, 101))
+    assert latest(run_dir) == "step_0000100"
+
+
+def latest_before_requeue(log: Path) -> str:
+    """The step the requeued run resumed from (the trainer logs 'resumed from ... at step N')."""
+    for line in log.read_text().splitlines():
+        if "resumed from" in line and "at step" in line:
+            return line.rsplit("at step", 1)[1].strip()
+    raise AssertionError(f"no resume in {log}")
