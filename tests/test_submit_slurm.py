@@ -141,13 +141,12 @@ def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, clu
     assert latest(run_dir) == "step_0000010"
 
 
-@pytest.mark.slow
 def test_time_limit_saves_on_the_signal_requeues_and_completes(cluster, cache, tmp_path):
-    """--time 1 with USR2 30 s before the limit: the job cannot finish its 100 steps in
+    """--time 1 with USR2 50 s before the limit: the job cannot finish its 100 steps in
     time; rank 0 saves at the next step boundary, submitit requeues it, and the requeued
     run (given a longer limit, so the test ends) resumes from that checkpoint."""
     profile = tmp_path / "short.yaml"
-    profile.write_text("signal_delay_s: 30\nsave_timeout_s: 20\nmax_requeues: 2\n")
+    profile.write_text("signal_delay_s: 50\nsave_timeout_s: 40\nmax_requeues: 2\n")
     run_dir = tmp_path / "run"
     cmd = submit_cmd(tmp_path / "logs", run_dir, "--profile", str(profile), "--time", "1",
                      "--wait", job=("--max-steps", "100", "--checkpoint-every", "50"))

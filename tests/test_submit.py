@@ -1,0 +1,128 @@
+"""`internimage submit` without a scheduler: dry-run scripts, profiles, the clear message
+where SLURM is missing, and the same job through submitit's local executor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import main
+from launch.config import ConfigError
+from launch.slurm.job import resume_argv
+from launch.slurm.profile import load_profile, parse_mem_gb
+from tests.pretrain_utils import REPO, TINY, env, latest, losses
+
+
+def test_dry_run_prints_the_resources_and_the_sbatch_script(capsys, tmp_path):
+    status = main(["submit", "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
+                   "--cpus-per-task", "12", "--mem", "480G", "--partition", "gpu",
+                   "--time", "2880", "--account", "vision", "--qos", "high",
+                   "--constraint", "a100", "--exclude", "node[07-08]", "--job-name", "h-m3i",
+                   "--folder", str(tmp_path / "%j"), "--max-requeues", "7",
+                   "pretrain", "--output-dir", str(tmp_path / "run"), "optim.lr=1e-4"])
+    out = capsys.readouterr().out
+    assert status == 0
+    for line in ("nodes: 4", "tasks_per_node: 8", "gpus_per_node: 8", "world_size: 32",
+                 "partition: gpu", "time_min: 2880", "account: vision", "max_requeues: 7"):
+        assert line in out, line
+    for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12",
+                 "--mem=480GB", "--partition=gpu", "--time=2880", "--account=vision",
+                 "--qos=high", "--constraint=a100", "--exclude='node[07-08]'",
+                 "--job-name=h-m3i", "--signal=USR2@", f"--output={tmp_path}/%j/%j_0_log.out"):
+        assert f"#SBATCH {flag}" in out, flag
+    assert "srun" in out and "submitit.core._submit" in out
+    # what every task runs: the same command line, pinned to its run dir, resuming
+    assert f"pretrain --output-dir {tmp_path / 'run'} optim.lr=1e-4" not in out
+    assert f"optim.lr=1e-4 --output-dir {tmp_path / 'run'} --resume auto" in out
+    assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
+
+
+def test_tasks_default_to_one_per_gpu_or_one(capsys):
+    main(["submit", "--dry-run", "--gpus-per-node", "4", "pretrain"])
+    assert "#SBATCH --ntasks-per-node=4" in capsys.readouterr().out
+    main(["submit", "--dry-run", "pretrain"])
+    assert "#SBATCH --ntasks-per-node=1" in capsys.readouterr().out
+
+
+def test_profiles_load_validate_and_yield_to_flags(tmp_path, capsys):
+    gpu = load_profile("example_gpu_cluster", {})
+    assert gpu.gpus_per_node == 8 and gpu.tasks == 8 and gpu.save_timeout_s < gpu.signal_delay_s
+    assert load_profile("local_cpu", {"nodes": 2}).nodes == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gpus: 8\n")
+    assert main(["submit", "--profile", str(bad), "--dry-run", "pretrain"]) == 2
+    assert "unknown key 'gpus'" in capsys.readouterr().err
+    bad.write_text("signal_delay_s: 60\nsave_timeout_s: 90\n")
+    with pytest.raises(ConfigError, match="save_timeout_s"):
+        load_profile(str(bad), {})
+    with pytest.raises(ConfigError, match="nodes"):
+        load_profile(None, {"nodes": 0})
+    with pytest.raises(ConfigError, match="profile not found"):
+        load_profile("no_such_cluster", {})
+    assert parse_mem_gb("512M") == 0.5 and parse_mem_gb("64G") == 64 and parse_mem_gb("2") == 2
+
+
+def test_bad_jobs_fail_before_submission(capsys):
+    assert main(["submit", "--dry-run", "convert", "a", "b"]) == 2
+    assert "must be one of ['pretrain', 'finetune']" in capsys.readouterr().err
+    assert main(["submit", "--dry-run", "pretrain", "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_requeued_runs_resume_from_their_own_checkpoint(tmp_path):
+    argv = ["pretrain", "--resume", "/elsewhere/step_0000100", "--max-steps", "9"]
+    # no checkpoint of its own yet: keep starting from the given one
+    assert resume_argv(argv, tmp_path) == argv
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000004")
+    assert resume_argv(argv, tmp_path) == ["pretrain", "--max-steps", "9", "--resume", "auto"]
+
+
+def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    assert main(["submit", "pretrain", "--output-dir", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err
+    assert "SLURM is not installed" in err and "sbatch" in err and "--local" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.distributed
+def test_local_executor_runs_the_same_two_task_job(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", "--local", "--tasks-per-node", "2",
+         "--folder", str(tmp_path / "logs" / "%j"), "pretrain", "--output-dir", str(run_dir),
+         "--max-steps", "3", *TINY],
+        env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert sorted(losses(run_dir)) == [1, 2, 3] and latest(run_dir) == "step_0000003"
+    [start] = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+    assert start["cluster"] == "local" and start["job_id"] == job_id
+    assert start["world_size"] == 2
+    assert (tmp_path / "logs" / job_id / f"{job_id}_1_log.err").is_file()
+
+
+def test_gives_up_after_max_requeues_with_a_clear_message(tmp_path, monkeypatch):
+    """In a SLURM task (its environment emulated) restarted more often than allowed."""
+    from launch.slurm.job import RequeueLimitError, TrainingJob
+
+    # the job exports these; setting them here first makes monkeypatch restore them after
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, "0")
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(tmp_path),
+                       "SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+                       "SLURM_JOB_NODELIST": "node1", "SLURM_RESTART_COUNT": "3"}.items():
+        monkeypatch.setenv(key, value)
+    job = TrainingJob(["pretrain"], tmp_path / "run", max_requeues=2, save_on_signal=False)
+    with pytest.raises(RequeueLimitError, match="requeued 3 times, more than --max-requeues 2"):
+        job()
+    assert job.checkpoint() is None  # on a signal now: no further requeue either
+    rows = [json.loads(x) for x in (tmp_path / "run/slurm_jobs.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["job_id"], r["requeue"]) for r in rows] == [
+        ("start", "77", 3), ("gave_up", "77", 3)]
