@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs (installed only where missing).
-SYSTEM_PACKAGES ?=
+SYSTEM_PACKAGES ?= slurm-wlm munge
 
 export DS_ACCELERATOR ?= cpu
 
