@@ -87,6 +87,14 @@ class EmaConfig:
 
 
 @dataclass
+class ClsRunConfig(RunConfig):
+    """``RunConfig`` with the digits demo's defaults (a partial section keeps them)."""
+
+    output_dir: str = "runs/classification"
+    epochs: float = 20.0
+
+
+@dataclass
 class ClassificationConfig:
     """A classification fine-tuning run."""
 
@@ -95,7 +103,7 @@ class ClassificationConfig:
     aug: ClsAugConfig = field(default_factory=ClsAugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: ClsRunConfig = field(default_factory=ClsRunConfig)
     init: str | None = None
 
 

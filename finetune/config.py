@@ -63,7 +63,7 @@ class OptimConfig:
     warmup_steps: int = 20
     layer_decay: float = 1.0  # 1.0: off; 0.9 / 0.8 in the recipes
     dcn_lr_mult: float = 0.1  # lr multiplier of ``.dcn.offset.`` / ``.dcn.mask.`` params
-    backbone_lr_mult: float = 1.0  # dense tasks: backbone vs head
+    backbone_lr_mult: float = 1.0  # dense tasks: backbone lr relative to neck/head
     grad_clip: float = 5.0  # 0: off
 
     def __post_init__(self) -> None:
@@ -71,6 +71,7 @@ class OptimConfig:
         check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         check(0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
         check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")
+        check(self.backbone_lr_mult > 0, "optim.backbone_lr_mult", "must be > 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
 

@@ -234,5 +234,5 @@ def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
         parameters=sum(v.numel() for v in out.values()),
         bytes=sum(v.numel() * v.element_size() for v in out.values()),
         backbone_tensors=len(backbone), other_tensors=len(out) - len(backbone), metadata=meta)
-    log.info("%s", report)
+    log.debug("%s", report)  # the CLI prints it
     return report

@@ -87,24 +87,42 @@ class ScheduleConfig:
               "are fractions of the run in (0, 1)")
 
 
-def _det_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=50, dcn_lr_mult=0.1)
+# Task defaults live in subclasses: a partial YAML/override section is built from its
+# class's own defaults, so a default_factory on the parent field would be lost.
+@dataclass
+class DetOptimConfig(OptimConfig):
+    """``OptimConfig`` with the detection demo's defaults."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 50
 
 
-def _det_run() -> RunConfig:
-    return RunConfig(output_dir="runs/detection", batch_size=8, epochs=8)
+@dataclass
+class DetRunConfig(RunConfig):
+    """``RunConfig`` with the detection demo's defaults."""
+
+    output_dir: str = "runs/detection"
+    batch_size: int = 8
+    epochs: float = 8.0
+
+
+@dataclass
+class DetBackboneConfig(BackboneConfig):
+    """``BackboneConfig`` with the detection demo's defaults."""
+
+    drop_path_rate: float = 0.0
 
 
 @dataclass
 class DetectionConfig:
     """A detection fine-tuning run."""
 
-    model: BackboneConfig = field(default_factory=lambda: BackboneConfig(drop_path_rate=0.0))
+    model: DetBackboneConfig = field(default_factory=DetBackboneConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    optim: OptimConfig = field(default_factory=_det_optim)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=_det_run)
+    run: DetRunConfig = field(default_factory=DetRunConfig)
     init: str | None = None
 
 
@@ -269,7 +287,8 @@ def _optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
 
     groups = param_groups(model, list(cfg.model.depths or _variant_depths(cfg)),
                           cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult,
-                          backbone_prefix="backbone.body.")
+                          backbone_prefix="backbone.body.",
+                          backbone_lr_mult=cfg.optim.backbone_lr_mult)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))

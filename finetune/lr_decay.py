@@ -44,13 +44,13 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
                  layer_decay: float = 1.0, dcn_lr_mult: float = 1.0,
-                 backbone_prefix: str = "", head_lr_mult: float = 1.0) -> list[dict]:
+                 backbone_prefix: str = "", backbone_lr_mult: float = 1.0) -> list[dict]:
     """Groups keyed by (layer, decay?, dcn?) with an ``lr_scale`` that timm's schedulers
     multiply into each group's lr.
 
     ``backbone_prefix``: where the InternImage sits inside ``model`` (e.g. ``backbone.body.``
-    for detection); parameters outside it are "head" parameters, trained at
-    ``head_lr_mult`` times the lr scale of layer ``L + 1``.
+    for detection); parameters outside it are "head" parameters at the lr scale of layer
+    ``L + 1``; backbone parameters are further scaled by ``backbone_lr_mult``.
     """
     num_layers = sum(depths) + 1
     groups: dict[tuple[int, bool, bool], dict] = {}
@@ -66,7 +66,7 @@ def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
         if key not in groups:
             scale = layer_decay ** (num_layers - lid)
             scale *= dcn_lr_mult if dcn else 1.0
-            scale *= 1.0 if in_backbone else head_lr_mult
+            scale *= backbone_lr_mult if in_backbone else 1.0
             groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay
                            else 0.0, "lr_scale": scale, "layer_id": lid}
         groups[key]["params"].append(p)

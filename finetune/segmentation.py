@@ -79,25 +79,37 @@ class SegEvalConfig:
         check(min(self.stride) >= 1, "eval.stride", "must be >= 1")
 
 
-def _seg_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=30, min_lr=0.0)
+# Task defaults live in subclasses (a partial section is built from its class's defaults).
+@dataclass
+class SegOptimConfig(OptimConfig):
+    """``OptimConfig`` with the segmentation demo's defaults."""
+
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
 
 
-def _seg_run() -> RunConfig:
-    return RunConfig(output_dir="runs/segmentation", batch_size=8, epochs=10)
+@dataclass
+class SegRunConfig(RunConfig):
+    """``RunConfig`` with the segmentation demo's defaults."""
+
+    output_dir: str = "runs/segmentation"
+    batch_size: int = 8
+    epochs: float = 10.0
 
 
 @dataclass
 class SegmentationConfig:
     """A segmentation fine-tuning run (``poly_power``: the poly schedule's exponent)."""
 
-    model: BackboneConfig = field(default_factory=lambda: BackboneConfig(drop_path_rate=0.1))
+    model: BackboneConfig = field(default_factory=BackboneConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
     head_channels: int = 64
     poly_power: float = 1.0
-    optim: OptimConfig = field(default_factory=_seg_optim)
-    run: RunConfig = field(default_factory=_seg_run)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    run: SegRunConfig = field(default_factory=SegRunConfig)
     init: str | None = None
 
     def __post_init__(self) -> None:
@@ -247,7 +259,8 @@ def _optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: in
 
     depths = list(cfg.model.depths or VARIANTS[cfg.model.name].depths)
     groups = param_groups(model, depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
-                          cfg.optim.dcn_lr_mult, backbone_prefix="backbone.")
+                          cfg.optim.dcn_lr_mult, backbone_prefix="backbone.",
+                          backbone_lr_mult=cfg.optim.backbone_lr_mult)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))

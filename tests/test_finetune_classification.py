@@ -79,8 +79,16 @@ def test_layer_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs" / "finetune").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+def _entrypoint_configs() -> list[Path]:
+    """Presets these entrypoints run (Mask2Former presets carry a ``head`` section that
+    finetune/heads owns and the UperNet entrypoint does not take)."""
+    import yaml
+
+    return [p for p in sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+            if "head" not in (yaml.safe_load(p.read_text()) or {})]
+
+
+@pytest.mark.parametrize("config", _entrypoint_configs(), ids=lambda p: p.stem)
 def test_real_configs_dry_run(config, capsys):
     from launch.cli import main
 
