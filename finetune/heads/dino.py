@@ -1,0 +1,381 @@
+"""DINO object detection on an InternImage backbone, on transformers' Deformable DETR parts.
+
+DINO (Zhang et al., 2022) is Deformable DETR (two-stage, iterative box refinement) plus
+three changes. What is kept from libraries and what is written here:
+
+- Kept (transformers ``DeformableDetrModel``): the backbone wrapper (our timm features
+  model through ``InternImageBackbone``), input projections + extra stride-2 level,
+  sine position embedding, the 6-layer multi-scale deformable encoder, encoder proposal
+  generation, and the decoder layers (self-attention, deformable cross-attention, FFN).
+  Kept (transformers' losses): the focal-cost Hungarian matcher (scipy
+  ``linear_sum_assignment``), the focal / L1 / GIoU losses, RT-DETR's contrastive
+  denoising group builder and its denoising match indices.
+- Written here, because transformers' Deformable DETR lacks them:
+  * contrastive denoising (CDN): noised ground-truth queries (positives inside the box-noise
+    band, negatives outside it, labels flipped at ``label_noise_ratio / 2``) in dynamic
+    groups, concatenated before the matching queries; the self-attention mask keeps the
+    matching queries from seeing any denoising query and each group from seeing the
+    others; positives reconstruct their box/class, negatives are trained as "no object";
+  * mixed query selection: reference boxes = top-k encoder proposals (by max class logit,
+    detached); content queries = a learned embedding (not the selected encoder features);
+  * look-forward-twice: layer i's box prediction is ``sigmoid(delta_i + logit(b_{i-1}))``
+    with ``b_{i-1}`` the *undetached* refined box of layer i-1, so layer i's loss also
+    reaches layer i-1's box head; the box fed to layer i for sampling stays detached;
+  * DINO's per-layer positional query: an MLP of the sine embedding of the current box,
+    a final decoder LayerNorm, and class/box heads shared across decoder layers.
+
+Input/output follow torchvision's detection convention, so the detection entrypoint can use
+this head like its Mask R-CNN: ``model(images, targets)`` in training returns a dict of
+loss terms, ``model(images)`` in eval returns one dict per image with ``boxes`` (absolute
+xyxy), ``scores`` and ``labels`` (1..num_classes; 0 is background). Resizing,
+normalisation and padding are torchvision's ``GeneralizedRCNNTransform`` (``model.transform``,
+whose ``min_size`` the entrypoint switches between train and test sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import box_convert
+from transformers import DeformableDetrConfig
+from transformers.loss.loss_deformable_detr import (
+    DeformableDetrHungarianMatcher,
+    DeformableDetrImageLoss,
+)
+from transformers.loss.loss_rt_detr import RTDetrLoss
+from transformers.models.deformable_detr.modeling_deformable_detr import (
+    DeformableDetrMLPPredictionHead,
+    DeformableDetrModel,
+    DeformableDetrSinePositionEmbedding,
+    inverse_sigmoid,
+)
+from transformers.models.rt_detr.modeling_rt_detr import get_contrastive_denoising_training_group
+
+from finetune.heads.hf_backbone import backbone_config
+from finetune.heads.mask2former import ARCH_KEYS, _reset_backbone_init
+from models.intern_image import InternImage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Model/loss settings ``build_dino`` accepts in ``**cfg``, with DINO's defaults (DINO-4scale,
+# the setting of the public InternImage DINO configs; the H preset overrides what differs).
+DEFAULTS: dict = {
+    "num_queries": 900,            # top-k encoder proposals = matching queries
+    "d_model": 256,
+    "encoder_layers": 6,
+    "decoder_layers": 6,
+    "num_heads": 8,
+    "ffn_dim": 2048,
+    "n_points": 4,                 # deformable sampling points per head and level
+    "num_feature_levels": 4,       # backbone out_indices levels + extra stride-2 levels
+    "out_indices": (1, 2, 3),      # strides 8/16/32 (+ one extra level: 64) = "4-scale"
+    "dropout": 0.0,
+    "pos_temperature": 20,         # sine position embedding of the feature maps
+    "num_dn_queries": 100,         # CDN budget: groups = num_dn_queries // max #boxes per image
+    "label_noise_ratio": 0.5,
+    "box_noise_scale": 1.0,
+    "focal_alpha": 0.25,
+    "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0,      # matcher
+    "weight_class": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0,  # loss
+    "num_select": 300,             # detections kept per image (top-k over queries x classes)
+    "train_sizes": (800,),         # shorter side, one drawn per image (torchvision transform)
+    "test_size": 800,
+    "max_size": 1333,
+    "size_divisible": 32,
+    "label_offset": 1,             # torchvision convention: dataset labels 1..C, 0 = background
+}
+
+
+class DinoDetector(nn.Module):
+    """DINO (see module doc) with a torchvision-style detection interface."""
+
+    def __init__(self, config: DeformableDetrConfig, num_classes: int, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_queries = cfg["num_queries"]
+        self.label_offset = cfg["label_offset"]
+        d = config.d_model
+        self.detr = DeformableDetrModel(config)
+        # DINO replaces Deformable DETR's one-off proposal -> query projection by a per-layer
+        # positional query (ref_point_head); the unused layers would idle under DDP.
+        del self.detr.pos_trans, self.detr.pos_trans_norm
+        self.detr.position_embedding = DeformableDetrSinePositionEmbedding(
+            d // 2, temperature=cfg["pos_temperature"], normalize=True)
+
+        self.query_content = nn.Embedding(self.num_queries, d)          # mixed query selection
+        self.label_embed = nn.Embedding(num_classes + 1, d)             # CDN content (+ pad)
+        self.ref_point_head = DeformableDetrMLPPredictionHead(2 * d, d, d, 2)
+        self.decoder_norm = nn.LayerNorm(d)
+        self.class_embed = nn.Linear(d, num_classes)                    # shared by layers
+        self.bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)   # shared by layers
+        self.enc_class_embed = nn.Linear(d, num_classes)
+        self.enc_bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)
+        prior = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()      # focal-loss prior 0.01
+        for head in (self.class_embed, self.enc_class_embed):
+            nn.init.constant_(head.bias, prior)
+        for head in (self.bbox_embed, self.enc_bbox_embed):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        nn.init.normal_(self.query_content.weight)
+
+        self.transform = GeneralizedRCNNTransform(
+            tuple(cfg["train_sizes"]), cfg["max_size"], list(IMAGENET_MEAN), list(IMAGENET_STD),
+            size_divisible=cfg["size_divisible"])
+        self.matcher = DeformableDetrHungarianMatcher(
+            class_cost=cfg["cost_class"], bbox_cost=cfg["cost_bbox"], giou_cost=cfg["cost_giou"])
+        self.criterion = DeformableDetrImageLoss(self.matcher, num_classes, cfg["focal_alpha"],
+                                                 losses=["labels", "boxes"])
+
+    # ------------------------------------------------------------ structure
+    @property
+    def backbone(self) -> InternImage:
+        """The InternImage trunk (released-checkpoint parameter names) for --init and lr groups."""
+        return self.detr.backbone.model.model
+
+    backbone_prefix = "detr.backbone.model.model."  # for finetune.lr_decay.param_groups
+
+    # ------------------------------------------------------------ encoder
+    def _encode(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> dict:
+        """Backbone + projections + deformable encoder; flattened multi-scale memory."""
+        m = self.detr
+        features = m.backbone(pixel_values, pixel_mask)
+        sources = [m.input_proj[i](f) for i, (f, _) in enumerate(features)]
+        masks = [mask for _, mask in features]
+        for level in range(len(sources), m.config.num_feature_levels):
+            src = features[-1][0] if level == len(features) else sources[-1]
+            sources.append(m.input_proj[level](src))
+            masks.append(F.interpolate(pixel_mask[None].float(), size=sources[-1].shape[-2:])
+                         .bool()[0])
+        pos = [m.position_embedding(shape=s.shape, device=s.device, dtype=s.dtype, mask=k)
+               .to(s.dtype) for s, k in zip(sources, masks)]
+        shapes_list = [tuple(s.shape[-2:]) for s in sources]
+        flat = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
+        mask_flat = torch.cat([k.flatten(1) for k in masks], 1)
+        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + m.level_embed[i].view(1, 1, -1)
+                              for i, p in enumerate(pos)], 1)
+        shapes = torch.as_tensor(shapes_list, dtype=torch.long, device=flat.device)
+        start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([m.get_valid_ratio(k, dtype=flat.dtype) for k in masks], 1)
+        memory = m.encoder(inputs_embeds=flat, attention_mask=mask_flat,
+                           spatial_position_embeddings=pos_flat, spatial_shapes=shapes,
+                           spatial_shapes_list=shapes_list, level_start_index=start,
+                           valid_ratios=valid_ratios).last_hidden_state
+        return {"memory": memory, "mask": mask_flat, "shapes": shapes,
+                "shapes_list": shapes_list, "start": start, "valid_ratios": valid_ratios}
+
+    def _select_queries(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Mixed query selection: (content, reference boxes, encoder outputs for the loss)."""
+        memory = enc["memory"]
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"num_queries={self.num_queries} exceeds the {memory.shape[1]} "
+                             "encoder tokens of this input size; lower num_queries or use "
+                             "larger images")
+        tokens, proposals = self.detr.gen_encoder_output_proposals(memory, ~enc["mask"],
+                                                                   enc["shapes_list"])
+        logits = self.enc_class_embed(tokens)
+        coords = self.enc_bbox_embed(tokens) + proposals       # box logits (inf: invalid)
+        # Padding / border proposals carry inf coordinates; never select them.
+        scores = logits.max(-1).values.masked_fill(~proposals.isfinite().all(-1), float("-inf"))
+        top = scores.topk(self.num_queries, dim=1).indices
+        top_coords = coords.gather(1, top[..., None].expand(-1, -1, 4))
+        enc_out = {"logits": logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1])),
+                   "pred_boxes": top_coords.sigmoid()}
+        reference = top_coords.detach().sigmoid()                # positional part: proposals
+        content = self.query_content.weight[None].expand(memory.shape[0], -1, -1)  # learned
+        return content, reference, enc_out
+
+    # ------------------------------------------------------------ decoder
+    def _decode(self, content: torch.Tensor, reference: torch.Tensor, enc: dict,
+                self_attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder with look-forward-twice; (L, B, Q, C) logits and (L, B, Q, 4) cxcywh boxes."""
+        hidden, ref, prev_box = content, reference, reference
+        ratios = torch.cat([enc["valid_ratios"], enc["valid_ratios"]], -1)[:, None]
+        all_logits, all_boxes = [], []
+        for layer in self.detr.decoder.layers:
+            ref_input = ref[:, :, None] * ratios
+            query_pos = self.ref_point_head(
+                self.detr.get_proposal_pos_embed(inverse_sigmoid(ref_input[:, :, 0])))
+            hidden = layer(hidden, query_pos, ref_input, enc["shapes"], enc["shapes_list"],
+                           enc["start"], enc["memory"], enc["mask"], attention_mask=self_attn_mask)
+            normed = self.decoder_norm(hidden)
+            all_logits.append(self.class_embed(normed))
+            # Look forward twice: prediction built on the previous layer's undetached box.
+            all_boxes.append((self.bbox_embed(normed) + inverse_sigmoid(prev_box)).sigmoid())
+            prev_box = (self.bbox_embed(hidden) + inverse_sigmoid(ref)).sigmoid()
+            ref = prev_box.detach()  # sampling locations of the next layer: no gradient
+        return torch.stack(all_logits), torch.stack(all_boxes)
+
+    def _denoising(self, targets: list[dict]) -> tuple:
+        """CDN queries (content, boxes), the (1, 1, T, T) additive attention mask, meta."""
+        content, box_logits, attn, meta = get_contrastive_denoising_training_group(
+            targets, self.num_classes, self.num_queries, self.label_embed,
+            num_denoising_queries=self.cfg["num_dn_queries"],
+            label_noise_ratio=self.cfg["label_noise_ratio"],
+            box_noise_scale=self.cfg["box_noise_scale"])
+        if content is None:  # no boxes in the whole batch: nothing to denoise
+            return None, None, None, None
+        blocked = torch.isinf(attn)
+        mask = torch.zeros(blocked.shape, dtype=content.dtype, device=content.device)
+        mask = mask.masked_fill(blocked, torch.finfo(content.dtype).min)[None, None]
+        return content, box_logits.sigmoid(), mask, meta
+
+    # ------------------------------------------------------------ batches
+    def _prepare(self, images, targets=None):
+        """torchvision transform -> (pixels, pixel mask, image sizes, originals, DETR targets)."""
+        if isinstance(images, torch.Tensor):
+            images = list(images)
+        originals = [tuple(img.shape[-2:]) for img in images]
+        if targets is not None:  # only what the box loss needs; spares resizing masks
+            targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        image_list, targets = self.transform(images, targets)
+        pixels = image_list.tensors
+        pixel_mask = torch.zeros(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long,
+                                 device=pixels.device)
+        for i, (h, w) in enumerate(image_list.image_sizes):
+            pixel_mask[i, :h, :w] = 1
+        detr_targets = None
+        if targets is not None:
+            detr_targets = []
+            for t, (h, w) in zip(targets, image_list.image_sizes):
+                labels = t["labels"].long() - self.label_offset
+                if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                    raise ValueError(f"labels must lie in [{self.label_offset}, "
+                                     f"{self.label_offset + self.num_classes}), got "
+                                     f"{(labels + self.label_offset).unique().tolist()}")
+                scale = torch.tensor([w, h, w, h], dtype=pixels.dtype, device=pixels.device)
+                boxes = box_convert(t["boxes"].to(pixels.dtype) / scale, "xyxy", "cxcywh")
+                detr_targets.append({"boxes": boxes, "class_labels": labels})
+        return pixels, pixel_mask, image_list.image_sizes, originals, detr_targets
+
+    # ------------------------------------------------------------ losses
+    def _terms(self, out: dict, targets: list[dict], indices, num_boxes: float) -> torch.Tensor:
+        """Weighted focal + L1 + GIoU of one set of predictions."""
+        terms = {**self.criterion.get_loss("labels", out, targets, indices, num_boxes),
+                 **self.criterion.get_loss("boxes", out, targets, indices, num_boxes)}
+        return (self.cfg["weight_class"] * terms["loss_ce"]
+                + self.cfg["weight_bbox"] * terms["loss_bbox"]
+                + self.cfg["weight_giou"] * terms["loss_giou"]), terms
+
+    def loss(self, images, targets: Sequence[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total DINO loss and its weighted terms.
+
+        ``images``: list of (3, H, W) tensors in [0, 1] (or a batch tensor); ``targets``:
+        dicts with ``boxes`` (absolute xyxy pixels) and ``labels`` (``label_offset``-based).
+        Terms: the last decoder layer (``loss_ce``/``loss_bbox``/``loss_giou``), the other
+        decoder layers (``loss_aux``), the encoder proposals (``loss_enc``) and the
+        denoising queries of all layers (``loss_dn``); they sum to the total.
+        """
+        pixels, pixel_mask, _, _, tgts = self._prepare(list(images), list(targets))
+        enc = self._encode(pixels, pixel_mask)
+        content, reference, enc_out = self._select_queries(enc)
+        dn_content, dn_boxes, attn_mask, meta = self._denoising(tgts)
+        if dn_content is not None:
+            content = torch.cat([dn_content, content], 1)
+            reference = torch.cat([dn_boxes, reference], 1)
+        logits, boxes = self._decode(content, reference, enc, attn_mask)
+        num_dn = meta["dn_num_split"][0] if meta else 0
+
+        num_boxes = torch.tensor(float(sum(len(t["class_labels"]) for t in tgts)),
+                                 device=pixels.device)
+        if dist.is_available() and dist.is_initialized():  # average over ranks, as DINO
+            dist.all_reduce(num_boxes)
+            num_boxes = num_boxes / dist.get_world_size()
+        num_boxes = num_boxes.clamp(min=1).item()
+
+        losses: dict[str, torch.Tensor] = {}
+        aux = enc_total = dn_total = pixels.new_zeros(())
+        last = len(logits) - 1
+        for i in range(len(logits)):
+            out = {"logits": logits[i, :, num_dn:], "pred_boxes": boxes[i, :, num_dn:]}
+            total, terms = self._terms(out, tgts, self.matcher(out, tgts), num_boxes)
+            if i == last:
+                losses.update({"loss_ce": self.cfg["weight_class"] * terms["loss_ce"],
+                               "loss_bbox": self.cfg["weight_bbox"] * terms["loss_bbox"],
+                               "loss_giou": self.cfg["weight_giou"] * terms["loss_giou"]})
+            else:
+                aux = aux + total
+        enc_total, _ = self._terms(enc_out, tgts, self.matcher(enc_out, tgts), num_boxes)
+        if meta:
+            dn_indices = RTDetrLoss.get_cdn_matched_indices(meta, tgts)
+            dn_norm = num_boxes * meta["dn_num_group"]
+            for i in range(len(logits)):
+                out = {"logits": logits[i, :, :num_dn], "pred_boxes": boxes[i, :, :num_dn]}
+                dn_total = dn_total + self._terms(out, tgts, dn_indices, dn_norm)[0]
+        losses.update({"loss_aux": aux, "loss_enc": enc_total, "loss_dn": dn_total})
+        return sum(losses.values()), losses
+
+    # ------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images) -> list[dict[str, torch.Tensor]]:
+        """Per image: ``boxes`` (absolute xyxy in the input image), ``scores``, ``labels``."""
+        pixels, pixel_mask, sizes, originals, _ = self._prepare(images)
+        enc = self._encode(pixels, pixel_mask)
+        content, reference, _ = self._select_queries(enc)
+        logits, boxes = self._decode(content, reference, enc, None)
+        prob = logits[-1].sigmoid().flatten(1)                 # (B, Q * C)
+        k = min(self.cfg["num_select"], prob.shape[1])
+        scores, flat_idx = prob.topk(k, dim=1)
+        query = flat_idx // self.num_classes
+        results = []
+        for b, (h, w) in enumerate(sizes):
+            cxcywh = boxes[-1, b, query[b]]
+            xyxy = box_convert(cxcywh, "cxcywh", "xyxy") * cxcywh.new_tensor([w, h, w, h])
+            results.append({"boxes": xyxy, "scores": scores[b],
+                            "labels": flat_idx[b] % self.num_classes + self.label_offset})
+        return self.transform.postprocess(results, sizes, originals)
+
+    def forward(self, images, targets: Sequence[dict] | None = None):
+        """torchvision convention: loss terms in training with targets, else detections."""
+        if self.training and targets is not None:
+            return self.loss(images, targets)[1]
+        return self.predict(images)
+
+
+def build_dino(backbone_name: str, num_classes: int, *, backbone_kwargs: dict | None = None,
+               init: str | None = None, **cfg) -> DinoDetector:
+    """DINO on InternImage ``backbone_name`` (a variant or released name).
+
+    ``backbone_kwargs``: trunk overrides (``channels``, ``depths``, ``groups``,
+    ``drop_path_rate``, ``with_cp``, ...), e.g. ``BackboneConfig.build_kwargs()``.
+    ``init``: a classification checkpoint / converted run loaded into the trunk.
+    ``cfg``: keys of ``DEFAULTS`` (unknown keys raise, naming the allowed ones).
+    """
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"build_dino: unknown keys {unknown}; allowed: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **cfg}
+    levels = len(cfg["out_indices"])
+    if cfg["num_feature_levels"] < levels:
+        raise ValueError(f"num_feature_levels={cfg['num_feature_levels']} < the "
+                         f"{levels} backbone levels of out_indices={cfg['out_indices']}")
+    if cfg["d_model"] % 32:
+        raise ValueError(f"d_model={cfg['d_model']} must be a multiple of 32 (GroupNorm(32))")
+    backbone_kwargs = dict(backbone_kwargs or {})
+    config = DeformableDetrConfig(
+        backbone_config=backbone_config(backbone_name, tuple(cfg["out_indices"]),
+                                        **backbone_kwargs),
+        num_labels=num_classes, num_queries=cfg["num_queries"], d_model=cfg["d_model"],
+        encoder_layers=cfg["encoder_layers"], decoder_layers=cfg["decoder_layers"],
+        encoder_attention_heads=cfg["num_heads"], decoder_attention_heads=cfg["num_heads"],
+        encoder_ffn_dim=cfg["ffn_dim"], decoder_ffn_dim=cfg["ffn_dim"],
+        encoder_n_points=cfg["n_points"], decoder_n_points=cfg["n_points"],
+        num_feature_levels=cfg["num_feature_levels"], dropout=cfg["dropout"],
+        attention_dropout=0.0, activation_dropout=0.0, two_stage=True, with_box_refine=True,
+        two_stage_num_proposals=cfg["num_queries"])
+    model = DinoDetector(config, num_classes, cfg)
+    _reset_backbone_init(model.backbone)
+    if init:
+        from finetune.init import load_init
+        from models import resolve_variant
+
+        arch = {k: backbone_kwargs[k] for k in ARCH_KEYS if backbone_kwargs.get(k) is not None}
+        load_init(model.backbone, init, variant=resolve_variant(backbone_name), arch=arch,
+                  backbone_only=True)
+    return model
