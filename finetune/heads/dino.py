@@ -34,6 +34,7 @@ whose ``min_size`` the entrypoint switches between train and test sizes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -117,7 +118,7 @@ class DinoDetector(nn.Module):
         self.bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)   # shared by layers
         self.enc_class_embed = nn.Linear(d, num_classes)
         self.enc_bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)
-        prior = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()      # focal-loss prior 0.01
+        prior = -math.log((1 - 0.01) / 0.01)                             # focal-loss prior 0.01
         for head in (self.class_embed, self.enc_class_embed):
             nn.init.constant_(head.bias, prior)
         for head in (self.bbox_embed, self.enc_bbox_embed):
