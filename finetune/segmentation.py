@@ -96,7 +96,7 @@ class SegRunConfig(RunConfig):
 
     output_dir: str = "runs/segmentation"
     batch_size: int = 8
-    epochs: float = 10.0
+    epochs: float = 8.0
 
 
 @dataclass
