@@ -91,7 +91,7 @@ class ClsRunConfig(RunConfig):
     """``RunConfig`` with the digits demo's defaults (a partial section keeps them)."""
 
     output_dir: str = "runs/classification"
-    epochs: float = 20.0
+    epochs: float = 30.0
 
 
 @dataclass
