@@ -261,7 +261,9 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
             images, labels = images.to(d.device), labels.to(d.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)
-            loss = criterion(net(images), labels)
+            with torch.autocast(d.device.type, torch.bfloat16,
+                                enabled=cfg.run.precision == "bf16"):
+                loss = criterion(net(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:

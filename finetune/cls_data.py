@@ -15,8 +15,8 @@ from finetune.runtime import Dist
 
 class ShardDataset(Dataset):
     """A (small) shard set read fully into memory as encoded bytes: map-style, so epochs,
-    shuffling, DDP sampling and resume are exact. For ImageNet-size shard sets use an
-    ImageFolder tree or stream (see ``stream_shards``)."""
+    shuffling, DDP sampling and resume are exact. ImageNet-size sets: use an ImageFolder
+    tree (streaming large shard sets is not implemented yet)."""
 
     def __init__(self, urls: list[str], transform, image_key: str = "jpg",
                  label_key: str = "cls"):

@@ -372,4 +372,5 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
                     evaluate=lambda: evaluate(net, val_set, cfg, d), total_steps=total,
                     eval_every=eval_every, checkpoint_every=cfg.run.checkpoint_every or
                     eval_every, log_every=cfg.run.log_every, grad_clip=cfg.optim.grad_clip,
-                    out_dir=out_dir, d=d, resume=resume, progress=cfg.run.progress)
+                    out_dir=out_dir, d=d, resume=resume, progress=cfg.run.progress,
+                    precision=cfg.run.precision)

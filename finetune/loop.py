@@ -26,7 +26,8 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
              loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
              evaluate: Callable[[], dict[str, float]], total_steps: int, eval_every: int,
              checkpoint_every: int, log_every: int, grad_clip: float, out_dir: Path,
-             d: runtime.Dist, resume: str | None, progress: bool) -> dict[str, float]:
+             d: runtime.Dist, resume: str | None, progress: bool,
+             precision: str = "fp32") -> dict[str, float]:
     """Train ``total_steps`` updates; ``batches(epoch)`` yields one epoch of batches.
 
     ``model`` is the bare module (saved/restored), ``net`` what is called (DDP or model).
@@ -50,7 +51,8 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
     net.train()
     while step < total_steps:
         for batch in batches(epoch):
-            losses = loss_fn(net, batch)
+            with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                losses = {k: v.float() for k, v in loss_fn(net, batch).items()}
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
