@@ -3,7 +3,8 @@
 timm provides the transforms (RandAugment, random erasing), Mixup/CutMix, label-smoothing
 losses, the model EMA and the cosine schedule; this file wires them to InternImage with
 layer-wise lr decay and the 0.1 lr multiplier on DCN offset/mask layers. Runs alone or
-under torchrun (DDP). With no config it fine-tunes on the digits demo shards.
+under torchrun (DDP), or through DeepSpeed ZeRO with ``run.zero_stage`` > 0
+(finetune/zero.py). With no config it fine-tunes on the digits demo shards.
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ class ClsRunConfig(RunConfig):
 
     output_dir: str = "runs/classification"
     epochs: float = 30.0
+    # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default)
+    zero_persistence_threshold: int = 100_000
+    deepspeed_config: str = ""  # JSON merged over the generated DeepSpeed config
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.zero_persistence_threshold >= 0, "run.zero_persistence_threshold",
+              "must be >= 0")
 
 
 @dataclass
@@ -116,11 +125,15 @@ def build_classifier(cfg: ClassificationConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.Optimizer:
-    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)."""
+    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler).
+
+    Every group starts at the base lr: timm's schedulers multiply ``lr_scale`` into the
+    scheduled value themselves, so pre-scaling here would apply it twice.
+    """
     groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
                           cfg.optim.dcn_lr_mult)
     for g in groups:
-        g["lr"] = cfg.optim.lr * g["lr_scale"]
+        g["lr"] = cfg.optim.lr
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
@@ -196,7 +209,8 @@ def dry_run(cfg: ClassificationConfig) -> int:
         "ema": f"{cfg.ema.decay}" if cfg.ema.enabled else "off",
         "drop path": cfg.model.drop_path_rate,
         "init": cfg.init or "random",
-        "engine": f"DDP, ZeRO-{cfg.run.zero_stage}" if cfg.run.zero_stage else "DDP/single",
+        "engine": (f"DeepSpeed ZeRO-{cfg.run.zero_stage}, {cfg.run.precision}"
+                   if cfg.run.zero_stage else f"DDP/single, {cfg.run.precision}"),
     })
     return 0
 
@@ -208,11 +222,12 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     from finetune.cls_data import build_datasets, build_loaders
     from finetune.init import load_init
 
+    if cfg.run.zero_stage:  # L/XL/H: DeepSpeed engine, its own checkpoints (finetune/zero.py)
+        from finetune.zero import train_zero
+
+        return train_zero(cfg, out_dir, resume)
     d = runtime.setup_distributed()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.run.zero_stage:
-        raise NotImplementedError("run.zero_stage > 0 (DeepSpeed ZeRO for L/XL/H fine-tuning)"
-                                  " is not wired yet; use DDP (run.zero_stage=0)")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     runtime.seed_everything(cfg.run.seed + d.rank)

@@ -23,7 +23,10 @@ class ShardDataset(Dataset):
         import webdataset as wds
 
         self.items: list[tuple[bytes, int]] = []
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        # every rank reads every shard (the sampler splits the samples), so no node
+        # splitter: webdataset's default refuses to run once a process group exists
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
+                                     nodesplitter=None):
             self.items.append((sample[image_key], int(sample[label_key])))
         if not self.items:
             raise ValueError(f"data: no samples in {urls[:3]}")

@@ -91,7 +91,7 @@ class RunConfig:
     num_workers: int = 1
     threads: int = 0  # torch intra-op threads; 0: torch's default
     progress: bool = True
-    zero_stage: int = 0  # DeepSpeed ZeRO for L/XL/H: not wired yet (see README)
+    zero_stage: int = 0  # DeepSpeed ZeRO (classification only so far; see README)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
