@@ -1,5 +1,6 @@
 """COCO instance detection/segmentation fine-tuning: Mask R-CNN (torchvision) on an
-InternImage + FPN backbone, evaluated with pycocotools (bbox and segm AP).
+InternImage + FPN backbone, evaluated with pycocotools (bbox and segm AP), or DINO
+(``head.kind=dino``, finetune/heads/dino.py; boxes only, bbox AP).
 
 Multi-scale training uses torchvision's own transform (a random shorter side from
 ``detector.train_sizes`` per image); 1x/3x schedules are step decays at 8/11 of 12 and
@@ -87,6 +88,64 @@ class ScheduleConfig:
               "are fractions of the run in (0, 1)")
 
 
+@dataclass
+class DetHeadConfig:
+    """The detector: ``maskrcnn`` (settings in ``detector``) or ``dino``.
+
+    The other keys are DINO's (finetune/heads/dino.py ``DEFAULTS``); these defaults are the
+    CPU demo's (configs/finetune/det_dino_demo.yaml), the COCO preset holds the paper's.
+    ``train_sizes`` / ``test_size`` / ``max_size``: DINO's resize (shorter side, one drawn
+    per training image; the longer side capped).
+    """
+
+    kind: str = "maskrcnn"
+    num_queries: int = 30
+    d_model: int = 64
+    encoder_layers: int = 1
+    decoder_layers: int = 3
+    num_heads: int = 4
+    ffn_dim: int = 256
+    n_points: int = 4
+    num_feature_levels: int = 4
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3])
+    dropout: float = 0.0
+    pos_temperature: int = 20
+    num_dn_queries: int = 20
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    focal_alpha: float = 0.25
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    weight_class: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    num_select: int = 50
+    train_sizes: list[int] = field(default_factory=lambda: [56, 64, 72])
+    test_size: int = 64
+    max_size: int = 96
+    size_divisible: int = 32
+    label_offset: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("maskrcnn", "dino"), "head.kind",
+              f"must be maskrcnn|dino, got {self.kind!r}")
+        check(self.d_model % 32 == 0, "head.d_model", "must be a multiple of 32 (GroupNorm)")
+        check(self.num_feature_levels >= len(self.out_indices), "head.num_feature_levels",
+              f"must be >= the {len(self.out_indices)} levels of head.out_indices")
+        check(bool(self.train_sizes) and min(self.train_sizes) >= 32, "head.train_sizes",
+              "must be a non-empty list of sizes >= 32")
+        check(self.label_offset == 1, "head.label_offset",
+              "must be 1 (the dataset's labels are 1..C, torchvision's convention)")
+
+    def dino_kwargs(self) -> dict:
+        """``build_dino`` keyword settings (everything but ``kind``)."""
+        out = {k: v for k, v in vars(self).items() if k != "kind"}
+        out["out_indices"] = tuple(out["out_indices"])
+        out["train_sizes"] = tuple(out["train_sizes"])
+        return out
+
+
 # Task defaults live in subclasses: a partial YAML/override section is built from its
 # class's own defaults, so a default_factory on the parent field would be lost.
 @dataclass
@@ -115,11 +174,12 @@ class DetBackboneConfig(BackboneConfig):
 
 @dataclass
 class DetectionConfig:
-    """A detection fine-tuning run."""
+    """A detection fine-tuning run (``head.kind``: Mask R-CNN + ``detector``, or DINO)."""
 
     model: DetBackboneConfig = field(default_factory=DetBackboneConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    head: DetHeadConfig = field(default_factory=DetHeadConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: DetRunConfig = field(default_factory=DetRunConfig)
@@ -166,6 +226,23 @@ def build_detector(cfg: DetectionConfig, num_classes: int, init: str | None = No
         box_head=TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim),
         mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_layers, 1),
         **_predictors(c, num_classes + 1))
+
+
+def build_model(cfg: DetectionConfig, num_classes: int, init: str | None = None) -> nn.Module:
+    """``head.kind``'s detector for ``num_classes`` foreground classes (labels 1..C)."""
+    if cfg.head.kind == "dino":
+        from finetune.heads import build_dino
+
+        return build_dino(cfg.model.name, num_classes, backbone_kwargs=cfg.model.build_kwargs(),
+                          init=init, **cfg.head.dino_kwargs())
+    return build_detector(cfg, num_classes, init)
+
+
+def _sizes(cfg: DetectionConfig) -> tuple[list[int], int]:
+    """(train shorter sides, test shorter side) of the detector in use."""
+    if cfg.head.kind == "dino":
+        return list(cfg.head.train_sizes), cfg.head.test_size
+    return list(cfg.detector.train_sizes), cfg.detector.test_size
 
 
 def _predictors(c: DetectorConfig, num_classes: int) -> dict:
@@ -255,14 +332,16 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
 @torch.no_grad()
 def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
              d: runtime.Dist) -> dict[str, float]:
-    """COCO bbox/segm AP over the val set (each rank a slice; rank 0 scores all)."""
+    """COCO bbox (+ segm for Mask R-CNN) AP over the val set (each rank a slice; rank 0
+    scores all)."""
     import torch.distributed as dist
 
     from finetune.metrics import coco_evaluate, detections_to_coco
 
     core = runtime.unwrap(model)
     core.eval()
-    core.transform.min_size = (cfg.detector.test_size,)
+    train_sizes, test_size = _sizes(cfg)
+    core.transform.min_size = (test_size,)
     results = []
     indices = list(range(d.rank, len(val_set), d.world_size))
     for start in range(0, len(indices), cfg.run.batch_size):
@@ -270,13 +349,15 @@ def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
         images = [img.to(d.device) for img, _ in batch]
         for (_, target), out in zip(batch, core(images)):
             results += detections_to_coco(out, target["image_id"], val_set.label_to_cat)
-    core.transform.min_size = tuple(cfg.detector.train_sizes)
+    core.transform.min_size = tuple(train_sizes)
     core.train()
     if d.world_size > 1:
         gathered = [None] * d.world_size
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    keys = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50")
+    keys = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+    if cfg.head.kind == "maskrcnn":
+        keys += ("segm_AP", "segm_AP50")
     scores = coco_evaluate(val_set.coco, results) if d.is_main else {}
     return {k: scores.get(k, 0.0) for k in keys}
 
@@ -287,7 +368,7 @@ def _optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
 
     groups = param_groups(model, list(cfg.model.depths or _variant_depths(cfg)),
                           cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult,
-                          backbone_prefix="backbone.body.",
+                          backbone_prefix=getattr(model, "backbone_prefix", "backbone.body."),
                           backbone_lr_mult=cfg.optim.backbone_lr_mult)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
@@ -312,14 +393,20 @@ def _variant_depths(cfg) -> tuple[int, ...]:
 def dry_run(cfg: DetectionConfig) -> int:
     """Build on the meta device and print the plan."""
     with torch.device("meta"):
-        model = build_detector(cfg, num_classes=80)
-    d = cfg.detector
+        model = build_model(cfg, num_classes=80)
+    d, h = cfg.detector, cfg.head
+    if h.kind == "dino":
+        desc = (f"DINO({h.num_queries} queries, {h.d_model} dims, {h.encoder_layers}+"
+                f"{h.decoder_layers} layers, {h.num_dn_queries} denoising)")
+        sizes = f"{list(h.train_sizes)} / {h.test_size} / {h.max_size}"
+    else:
+        desc = f"Mask R-CNN + FPN({d.fpn_channels})"
+        sizes = f"{d.train_sizes} / {d.test_size} / {d.max_size}"
     runtime.print_plan("detection (dry run)", {
-        "model": f"Mask R-CNN + FPN({d.fpn_channels}) on {cfg.model.name} "
-                 f"{cfg.model.arch() or ''}",
+        "model": f"{desc} on {cfg.model.name} {cfg.model.arch() or ''}",
         "parameters (80 classes)": f"{runtime.count_params(model):,}",
         "data": cfg.data.kind + (f" {cfg.data.root}" if cfg.data.root else ""),
-        "train sizes / test / max": f"{d.train_sizes} / {d.test_size} / {d.max_size}",
+        "train sizes / test / max": sizes,
         "batch per process": cfg.run.batch_size,
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
@@ -333,7 +420,7 @@ def dry_run(cfg: DetectionConfig) -> int:
 
 
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:
-    """Fine-tune Mask R-CNN; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
+    """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
     from finetune.loop import run_loop
 
     d = runtime.setup_distributed()
@@ -343,7 +430,8 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
         torch.set_num_threads(cfg.run.threads)
     runtime.seed_everything(cfg.run.seed + d.rank)
     train_set, val_set = build_datasets(cfg)
-    model = build_detector(cfg, len(train_set.cat_ids), cfg.init).to(d.device)
+    # Mask R-CNN adds its background class itself; DINO predicts the C classes (focal loss).
+    model = build_model(cfg, len(train_set.cat_ids), cfg.init).to(d.device)
     steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * d.world_size))
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)

@@ -1,5 +1,6 @@
-"""Semantic segmentation fine-tuning: UperNet on InternImage, ADE20K or Cityscapes layout,
-sliding-window evaluation, mIoU and per-class IoU.
+"""Semantic segmentation fine-tuning: UperNet or Mask2Former (``head.kind``) on InternImage,
+ADE20K, Cityscapes or Mapillary Vistas (mapped to Cityscapes' 19 classes) layouts,
+sliding-window / whole-image evaluation with optional multi-scale + flip, mIoU and per-class IoU.
 
 Recipe (REFERENCE.md section 4): AdamW, lr 6e-5 (T/S/B) / 2e-5 (L/XL), poly decay power
 1.0, batch 16, 160k iterations, crop 512 / 640. No config: generated shapes scenes.
@@ -27,17 +28,21 @@ from finetune.lr_decay import param_groups
 
 log = logging.getLogger(__name__)
 IGNORE = 255
+DATA_KINDS = ("demo", "ade20k", "cityscapes", "mapillary")
+HEAD_KINDS = ("upernet", "mask2former")
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
 @dataclass
 class SegDataConfig:
-    """``demo`` (generated shapes, ADE layout), ``ade20k`` or ``cityscapes``.
+    """``demo`` (generated shapes, ADE layout), ``ade20k``, ``cityscapes`` or ``mapillary``.
 
     ADE20K: ``images/{training,validation}/*.jpg`` + ``annotations/.../*.png`` with label 0
     = ignore (``reduce_zero_label``: 1..150 -> 0..149). Cityscapes: ``leftImg8bit/{train,
-    val}/<city>/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelTrainIds.png`` (255 ignore).
+    val}/<city>/*_leftImg8bit.png`` + ``gtFine/...`` train ids (or label ids, mapped), 255
+    ignore. Mapillary Vistas: ``{training,validation}/images/*.jpg`` + ``labels/*.png``,
+    mapped onto Cityscapes' 19 train ids (others ignored; ``num_classes`` must be 19).
     """
 
     kind: str = "demo"
@@ -56,10 +61,14 @@ class SegDataConfig:
     cache_dir: str = "~/.cache/internimage"
 
     def __post_init__(self) -> None:
-        check(self.kind in ("demo", "ade20k", "cityscapes"), "data.kind",
-              f"must be demo|ade20k|cityscapes, got {self.kind!r}")
+        check(self.kind in DATA_KINDS, "data.kind",
+              f"must be {'|'.join(DATA_KINDS)}, got {self.kind!r}")
         check(self.kind == "demo" or bool(self.root), "data.root", f"is required for {self.kind}")
         check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        check(self.kind not in ("cityscapes", "mapillary") or self.num_classes == 19,
+              "data.num_classes", f"must be 19 (Cityscapes train ids) for {self.kind}")
+        check(self.kind not in ("cityscapes", "mapillary") or not self.reduce_zero_label,
+              "data.reduce_zero_label", f"must be false for {self.kind} (255 is the ignore id)")
         check(0 < self.ratio_range[0] <= self.ratio_range[1], "data.ratio_range",
               "must be 0 < lo <= hi")
         check(min(self.crop_size) >= 32, "data.crop_size", "must be >= 32")
@@ -77,6 +86,54 @@ class SegEvalConfig:
     def __post_init__(self) -> None:
         check(self.mode in ("slide", "whole"), "eval.mode", "must be slide|whole")
         check(min(self.stride) >= 1, "eval.stride", "must be >= 1")
+
+
+@dataclass
+class SegHeadConfig:
+    """The decode head: ``upernet`` (channels: top-level ``head_channels``) or ``mask2former``.
+
+    Mask2Former fields are transformers' ``Mask2FormerConfig`` ones; the defaults are the CPU
+    demo's (tiny), the presets hold the paper's. ``test_scales`` / ``test_flip``: the
+    multi-scale + flip test protocol (empty scales and no flip: single scale), for either head.
+    """
+
+    kind: str = "upernet"
+    num_queries: int = 16
+    hidden_dim: int = 64
+    feature_size: int = 64
+    mask_feature_size: int = 64
+    encoder_layers: int = 1
+    encoder_feedforward_dim: int = 256
+    decoder_layers: int = 3
+    num_attention_heads: int = 4
+    dim_feedforward: int = 256
+    train_num_points: int = 1024
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    test_scales: list[float] = field(default_factory=list)
+    test_flip: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.kind in HEAD_KINDS, "head.kind",
+              f"must be {'|'.join(HEAD_KINDS)}, got {self.kind!r}")
+        check(all(s > 0 for s in self.test_scales), "head.test_scales", "must be > 0")
+        check(self.num_queries >= 1, "head.num_queries", "must be >= 1")
+        check(self.decoder_layers >= 2, "head.decoder_layers",
+              "must be >= 2 (Mask2Former counts the query-only first layer)")
+        check(self.hidden_dim % self.num_attention_heads == 0, "head.hidden_dim",
+              "must be a multiple of head.num_attention_heads")
+
+    def mask2former_kwargs(self) -> dict:
+        """``Mask2FormerConfig`` fields for ``build_mask2former``."""
+        skip = ("kind", "test_scales", "test_flip")
+        return {k: v for k, v in vars(self).items() if k not in skip}
+
+    @property
+    def multiscale(self) -> bool:
+        """Whether evaluation uses the multi-scale / flip protocol."""
+        return self.test_flip or list(self.test_scales) not in ([], [1.0])
 
 
 # Task defaults live in subclasses (a partial section is built from its class's defaults).
@@ -101,11 +158,14 @@ class SegRunConfig(RunConfig):
 
 @dataclass
 class SegmentationConfig:
-    """A segmentation fine-tuning run (``poly_power``: the poly schedule's exponent)."""
+    """A segmentation fine-tuning run (``poly_power``: the poly schedule's exponent;
+    ``init``: a backbone checkpoint, or a whole segmenter's ``checkpoints/last.pt`` of the
+    same head, e.g. stage 1 of the Cityscapes recipe)."""
 
     model: BackboneConfig = field(default_factory=BackboneConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    head: SegHeadConfig = field(default_factory=SegHeadConfig)
     head_channels: int = 64
     poly_power: float = 1.0
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
@@ -118,20 +178,25 @@ class SegmentationConfig:
 
 
 # ---------------------------------------------------------------- data
-def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path]]:
+def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:
+    """(image, label, label lookup table or None) of the split, per ``data.kind``."""
     root = Path(cfg.root)
     if cfg.kind == "demo":
         from finetune.demo_data import ensure_shapes_ade
 
         root = ensure_shapes_ade(cfg.cache_dir, cfg.demo_train, cfg.demo_val, cfg.demo_size)
     if cfg.kind == "cityscapes":
-        split = "train" if train else "val"
-        imgs = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-        return [(p, root / "gtFine" / split / p.parent.name /
-                 p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")) for p in imgs]
+        from finetune.datasets.cityscapes import cityscapes_pairs
+
+        return cityscapes_pairs(root, "train" if train else "val")
+    if cfg.kind == "mapillary":
+        from finetune.datasets.mapillary import cityscapes_lut, class_names, mapillary_pairs
+
+        return mapillary_pairs(root, "training" if train else "validation",
+                               cityscapes_lut(class_names(root)))
     split = "training" if train else "validation"
     imgs = sorted((root / "images" / split).glob("*.jpg"))
-    return [(p, root / "annotations" / split / (p.stem + ".png")) for p in imgs]
+    return [(p, root / "annotations" / split / (p.stem + ".png"), None) for p in imgs]
 
 
 class SegDataset(Dataset):
@@ -147,9 +212,11 @@ class SegDataset(Dataset):
         return len(self.pairs)
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img_path, label_path = self.pairs[i]
+        from finetune.datasets.base import read_label
+
+        img_path, label_path, lut = self.pairs[i]
         img = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
-        label = torch.from_numpy(np.array(Image.open(label_path), dtype=np.int64))
+        label = torch.from_numpy(read_label(label_path, lut))
         if self.cfg.reduce_zero_label:  # ADE20K: 0 is "other", ignored; 1..N -> 0..N-1
             label = torch.where(label == 0, IGNORE, label - 1)
         return img.float(), label
@@ -188,13 +255,79 @@ def _random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]):
 
 
 # ---------------------------------------------------------------- model and evaluation
-def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Module:
-    """InternImage trunk (``--init`` applied) + UperNet head."""
-    from finetune.backbone import build_trunk
-    from finetune.upernet import UperNetSegmentor
+def is_segmenter_checkpoint(path: str | Path | None) -> bool:
+    """Whether ``path`` is a fine-tuning run's training checkpoint (``checkpoints/last.pt``:
+    a dict with the whole ``model`` state and a ``step``) rather than a backbone checkpoint."""
+    if not path or not Path(path).is_file() or Path(path).suffix != ".pt":
+        return False
+    try:
+        state = runtime.load_checkpoint(Path(path))
+    except Exception:  # noqa: BLE001 - not ours: let the backbone loader report on it
+        return False
+    return isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state
 
-    return UperNetSegmentor(build_trunk(cfg.model, init), cfg.data.num_classes,
-                            cfg.head_channels)
+
+def _load_whole(model: nn.Module, path: str) -> None:
+    """Load a whole segmenter state (stage-2 init); a different head/arch fails clearly."""
+    from models import CheckpointError
+
+    state = runtime.load_checkpoint(Path(path))["model"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path} is a segmenter checkpoint of another head or architecture "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape "
+            f"mismatches; e.g. {(missing + unexpected + shapes)[:3]}); set head.kind / "
+            "model.* / data.num_classes as in the run that wrote it")
+    model.load_state_dict(state)
+    log.info("init: whole segmenter loaded from %s (%d tensors)", path, len(state))
+
+
+def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Module:
+    """InternImage trunk + ``head.kind`` head; ``init``: a backbone checkpoint (trunk only)
+    or a segmenter ``checkpoints/last.pt`` of the same head (whole model loaded)."""
+    whole = is_segmenter_checkpoint(init)
+    trunk_init = None if whole else init
+    if cfg.head.kind == "mask2former":
+        from finetune.heads import build_mask2former
+
+        model: nn.Module = build_mask2former(
+            cfg.model.name, cfg.data.num_classes, backbone_kwargs=cfg.model.build_kwargs(),
+            init=trunk_init, ignore_index=IGNORE, **cfg.head.mask2former_kwargs())
+    else:
+        from finetune.backbone import build_trunk
+        from finetune.upernet import UperNetSegmentor
+
+        model = UperNetSegmentor(build_trunk(cfg.model, trunk_init), cfg.data.num_classes,
+                                 cfg.head_channels)
+    if whole:
+        _load_whole(model, str(init))
+    return model
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """Where ``model.backbone`` (the InternImage trunk) sits in ``model``'s parameter names."""
+    trunk = model.backbone
+    for name, module in model.named_modules():
+        if module is trunk:
+            return f"{name}." if name else ""
+    raise ValueError("model.backbone is not a submodule of the model")
+
+
+class _LossForward(nn.Module):
+    """Calls ``model.loss`` from ``forward``, so DDP's gradient hooks see the training pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's loss."""
+        return self.model.loss(images, labels)
 
 
 def slide_logits(model: nn.Module, img: torch.Tensor, num_classes: int,
@@ -229,16 +362,38 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
         x = img[None].to(d.device)
         if cfg.data.test_short:
             x = _resize(x[0], label, cfg.data.test_short)[0][None]
-        if cfg.eval.mode == "slide":
-            logits = slide_logits(core, x, cfg.data.num_classes, cfg.eval.crop, cfg.eval.stride)
-        else:
-            logits = core(x)
+        logits = _scores(core, x, cfg)
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         conf.update(logits.argmax(1)[0].cpu(), label)
     conf.mat = runtime.all_reduce_sum(conf.mat.to(d.device), d).cpu()
     core.train()
-    names = list(cfg.data.class_names) or _demo_names(cfg)
-    return conf.scores(names)
+    return conf.scores(_class_names(cfg))
+
+
+def _scores(core: nn.Module, x: torch.Tensor, cfg: SegmentationConfig) -> torch.Tensor:
+    """(1, C, H, W) scores of one image: slide / whole, under multi-scale + flip if set."""
+    def single(view: torch.Tensor) -> torch.Tensor:
+        if cfg.eval.mode == "slide":
+            return slide_logits(core, view, cfg.data.num_classes, cfg.eval.crop,
+                                cfg.eval.stride)
+        return core(view)
+
+    if not cfg.head.multiscale:
+        return single(x)
+    from finetune.heads.seg_inference import multiscale_flip_scores
+
+    return multiscale_flip_scores(single, x, scales=list(cfg.head.test_scales) or [1.0],
+                                  flip=cfg.head.test_flip)
+
+
+def _class_names(cfg: SegmentationConfig) -> list[str] | None:
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    if cfg.data.kind in ("cityscapes", "mapillary"):
+        from finetune.datasets import CITYSCAPES_CLASSES
+
+        return list(CITYSCAPES_CLASSES)
+    return _demo_names(cfg)
 
 
 def _demo_names(cfg: SegmentationConfig) -> list[str] | None:
@@ -259,7 +414,7 @@ def _optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: in
 
     depths = list(cfg.model.depths or VARIANTS[cfg.model.name].depths)
     groups = param_groups(model, depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
-                          cfg.optim.dcn_lr_mult, backbone_prefix="backbone.",
+                          cfg.optim.dcn_lr_mult, backbone_prefix=backbone_prefix(model),
                           backbone_lr_mult=cfg.optim.backbone_lr_mult)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
@@ -277,23 +432,40 @@ def dry_run(cfg: SegmentationConfig) -> int:
         model = build_segmentor(cfg)
     d = cfg.data
     runtime.print_plan("segmentation (dry run)", {
-        "model": f"UperNet({cfg.head_channels}) on {cfg.model.name} {cfg.model.arch() or ''}",
+        "model": f"{_head_desc(cfg)} on {cfg.model.name} {cfg.model.arch() or ''}",
         "parameters": f"{runtime.count_params(model):,}",
         "data": f"{d.kind} {d.root} ({d.num_classes} classes)",
         "crop / ratio range": f"{list(d.crop_size)} / {list(d.ratio_range)}",
-        "eval": f"{cfg.eval.mode} crop {list(cfg.eval.crop)} stride {list(cfg.eval.stride)}",
+        "eval": f"{cfg.eval.mode} crop {list(cfg.eval.crop)} stride {list(cfg.eval.stride)}"
+                + (f"; scales {list(cfg.head.test_scales) or [1.0]} flip {cfg.head.test_flip}"
+                   if cfg.head.multiscale else ""),
         "batch per process": cfg.run.batch_size,
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} layer decay "
                      f"{cfg.optim.layer_decay}; poly power {cfg.poly_power}",
-        "init": cfg.init or "random",
+        "init": _init_desc(cfg.init),
     })
     return 0
 
 
+def _head_desc(cfg: SegmentationConfig) -> str:
+    h = cfg.head
+    if h.kind == "mask2former":
+        return (f"Mask2Former({h.num_queries} queries, {h.hidden_dim} dims, "
+                f"{h.decoder_layers} decoder layers)")
+    return f"UperNet({cfg.head_channels})"
+
+
+def _init_desc(init: str | None) -> str:
+    if not init:
+        return "random"
+    return f"{init} (whole segmenter)" if is_segmenter_checkpoint(init) else f"{init} (trunk)"
+
+
 def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> dict:
-    """Fine-tune UperNet; returns the last evaluation (``mIoU``, ``IoU.<class>``, ...)."""
+    """Fine-tune ``head.kind`` on InternImage; returns the last evaluation (``mIoU``,
+    ``IoU.<class>``, ...)."""
     from finetune.loop import run_loop
 
     d = runtime.setup_distributed()
@@ -309,10 +481,11 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * d.world_size))
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
-    net = runtime.wrap_ddp(model, d)
+    net = runtime.wrap_ddp(_LossForward(model) if cfg.head.kind == "mask2former" else model, d)
     sampler = DistributedSampler(train_set, d.world_size, d.rank, seed=cfg.run.seed) \
         if d.world_size > 1 else None
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    mask2former = cfg.head.kind == "mask2former"
 
     def batches(epoch: int):
         if sampler is not None:
@@ -324,12 +497,15 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
 
     def loss_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
-        return {"loss_ce": criterion(net(images.to(d.device)), labels.to(d.device))}
+        images, labels = images.to(d.device), labels.to(d.device)
+        if mask2former:  # class CE + mask BCE + dice, matched, with the auxiliary layers
+            return {"loss_mask2former": net(images, labels)}
+        return {"loss_ce": criterion(net(images), labels)}
 
     eval_every = cfg.run.eval_every or steps_per_epoch * 2
     return run_loop(name="segmentation", model=model, net=net, optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
-                    evaluate=lambda: evaluate(net, val_set, cfg, d), total_steps=total,
+                    evaluate=lambda: evaluate(model, val_set, cfg, d), total_steps=total,
                     eval_every=eval_every, checkpoint_every=cfg.run.checkpoint_every or
                     eval_every, log_every=cfg.run.log_every, grad_clip=cfg.optim.grad_clip,
                     out_dir=out_dir, d=d, resume=resume, progress=cfg.run.progress,

@@ -36,12 +36,23 @@ def test_mask2former_presets_hold_a_valid_head_and_segmentation_run(name: str):
     assert head["kind"] == "mask2former"
     pytest.importorskip("transformers")
     assert _head_config(head).num_queries == head["num_queries"]
-    if cfg["data"]["kind"] == "mapillary":  # not a SegDataConfig kind yet (needs wiring)
-        with pytest.raises(ConfigError, match="data.kind"):
-            build(SegmentationConfig, cfg)
-        cfg["data"]["kind"] = "cityscapes"
-    run = build(SegmentationConfig, cfg)
-    assert run.model.name == "internimage_h"
+    run = build(SegmentationConfig, {**cfg, "head": head})
+    assert run.model.name == "internimage_h" and run.head.kind == "mask2former"
+    assert run.head.mask2former_kwargs() == {k: v for k, v in head.items()
+                                             if k not in ("kind", "test_scales", "test_flip")}
+    with pytest.raises(ConfigError, match="head.kind"):
+        build(SegmentationConfig, {**cfg, "head": {**head, "kind": "segformer"}})
+
+
+@pytest.mark.parametrize("name", [ADE, MAPILLARY, CITYSCAPES])
+def test_mask2former_presets_name_every_head_field(name: str):
+    """SegHeadConfig's defaults are the CPU demo's: a paper preset must not inherit them."""
+    import dataclasses
+
+    from finetune.segmentation import SegHeadConfig
+
+    fields = {f.name for f in dataclasses.fields(SegHeadConfig)}
+    assert fields == set(_load(name)["head"])
 
 
 def test_ade20k_mask2former_recipe():
