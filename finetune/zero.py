@@ -196,6 +196,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     eval_every = cfg.run.eval_every or steps_per_epoch
     ckpt_every = cfg.run.checkpoint_every or eval_every
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    if cfg.run.precision == "bf16":
+        # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers
+        # (BatchNorm running stats of the stem) must match the bf16 activations too
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(torch.bfloat16)
     optimizer = build_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
@@ -257,7 +263,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
                     e = evaluate(ema.module, val_loader, d, torch.float32, cfg.data.img_size)
                     last_eval.update(top1_ema=e["top1"], top5_ema=e["top5"])
                 metrics.write(step=step, epoch=epoch, **last_eval)
-                log.info("step %d: %s", step, last_eval)
+                if d.is_main:
+                    log.info("step %d: %s", step, last_eval)
             if step % ckpt_every == 0 or step == total:
                 _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
                 saved = step
