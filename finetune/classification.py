@@ -226,6 +226,9 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
         from finetune.zero import train_zero
 
         return train_zero(cfg, out_dir, resume)
+    from finetune.zero import check_engine_matches
+
+    check_engine_matches(resume, out_dir, zero=False)
     d = runtime.setup_distributed()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.threads:

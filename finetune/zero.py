@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +83,10 @@ def deepspeed_config(cfg) -> dict[str, Any]:
 
 
 def model_hash(cfg) -> str:
-    """What the checkpoint's tensors depend on: backbone config and class count."""
-    blob = json.dumps([asdict(cfg.model), cfg.data.num_classes], sort_keys=True, default=str)
+    """What the checkpoint's tensors depend on: variant, architecture and class count
+    (not drop path, checkpointing or the DCN backend, which a resume may change)."""
+    blob = json.dumps([cfg.model.name, cfg.model.arch(), cfg.data.num_classes],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -149,6 +150,24 @@ def _save(engine, root: Path, step: int, ema: ShardedEma | None, shared: dict[st
     return save_checkpoint(engine, root, step, {"rng": rng_state()}, shared, info, KEEP_LAST)
 
 
+def check_engine_matches(resume: str | None, out_dir: Path, zero: bool) -> None:
+    """Refuse ``--resume auto`` when the run directory holds only the other engine's
+    checkpoint: starting afresh would silently overwrite the run."""
+    from models import CheckpointError
+
+    if resume != "auto":
+        return
+    ckpts = out_dir / "checkpoints"
+    has_ddp, has_zero = (ckpts / "last.pt").is_file(), (ckpts / "latest").is_file()
+    if zero and has_ddp and not has_zero:
+        raise CheckpointError(f"{ckpts} holds a DDP checkpoint (last.pt) but run.zero_stage "
+                              "> 0 resumes DeepSpeed checkpoints; resume it with run.zero_stage=0")
+    if not zero and has_zero and not has_ddp:
+        raise CheckpointError(f"{ckpts} holds a DeepSpeed checkpoint ('latest') but "
+                              "run.zero_stage=0 resumes DDP checkpoints; resume with the run's "
+                              f"run.zero_stage, or start a new run with --init {ckpts}")
+
+
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
     """Fine-tune ``cfg`` (ClassificationConfig) through DeepSpeed; last evaluation's metrics."""
     import deepspeed
@@ -162,6 +181,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     )
     from finetune.cls_data import build_datasets, build_loaders
     from finetune.init import load_init
+    from models import CheckpointError
     from pretrain.checkpoint import (
         ResumeError,
         check_compatible,
@@ -177,10 +197,14 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     ckpt_root = out_dir / "checkpoints"
     mhash = model_hash(cfg)
     # everything that can refuse a resume is checked before any compute
-    resume_dir = resolve_resume(resume, ckpt_root)
-    state = load_trainer_state(resume_dir) if resume_dir is not None else None
-    if state is not None:
-        check_compatible(state, mhash, d.world_size, resume_dir)
+    check_engine_matches(resume, out_dir, zero=True)
+    try:
+        resume_dir = resolve_resume(resume, ckpt_root)
+        state = load_trainer_state(resume_dir) if resume_dir is not None else None
+        if state is not None:
+            check_compatible(state, mhash, d.world_size, resume_dir)
+    except ResumeError as err:  # the CLI reports CheckpointError without a traceback
+        raise CheckpointError(str(err)) from None
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)

@@ -81,6 +81,15 @@ def test_zero2_single_rank(cache, tmp_path):
     assert json.loads((out / "deepspeed_config.json").read_text())[
         "zero_optimization"]["stage"] == 2
 
+    # resuming that directory as a DDP run must refuse, not silently start afresh
+    from finetune.classification import ClassificationConfig, train
+    from launch.config import load_config
+    from models import CheckpointError
+
+    cfg = load_config(ClassificationConfig, None, [f"data.cache_dir={cache}"])
+    with pytest.raises(CheckpointError, match="DeepSpeed checkpoint"):
+        train(cfg, out, resume="auto")
+
 
 def test_group_lr_is_schedule_times_scale():
     """timm multiplies ``lr_scale`` in: each group's lr is the scheduled lr times its scale
