@@ -256,15 +256,19 @@ def _random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]):
 
 # ---------------------------------------------------------------- model and evaluation
 def is_segmenter_checkpoint(path: str | Path | None) -> bool:
-    """Whether ``path`` is a fine-tuning run's training checkpoint (``checkpoints/last.pt``:
-    a dict with the whole ``model`` state and a ``step``) rather than a backbone checkpoint."""
+    """Whether ``path`` is a dense fine-tuning run's training checkpoint (``checkpoints/last.pt``:
+    the whole ``model`` state and a ``step``, the trunk under a prefix) rather than a backbone
+    checkpoint (convert output, released ``.pth``, classification ``last.pt``)."""
     if not path or not Path(path).is_file() or Path(path).suffix != ".pt":
         return False
     try:
         state = runtime.load_checkpoint(Path(path))
     except Exception:  # noqa: BLE001 - not ours: let the backbone loader report on it
         return False
-    return isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state):
+        return False
+    # A classification run's last.pt holds the trunk at the top level: a backbone init.
+    return not any(k.startswith(("patch_embed.", "levels.")) for k in state["model"])
 
 
 def _load_whole(model: nn.Module, path: str) -> None:

@@ -164,3 +164,13 @@ def test_mapillary_kind_maps_labels_to_cityscapes_train_ids(tmp_path):
         "data.reduce_zero_label=false"])
     _, labels = SegDataset(cfg.data, False)[0]
     assert set(labels[:20].unique().tolist()) == {255} and set(labels[20:].unique().tolist()) == {0}
+
+
+def test_a_classification_run_checkpoint_is_a_backbone_init_not_a_segmenter(tmp_path):
+    from finetune.segmentation import is_segmenter_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"patch_embed.conv1.weight": torch.zeros(1)}, "step": 3}, path)
+    assert not is_segmenter_checkpoint(path)
+    torch.save({"model": {"backbone.patch_embed.conv1.weight": torch.zeros(1)}, "step": 3}, path)
+    assert is_segmenter_checkpoint(path)
