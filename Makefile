@@ -29,7 +29,8 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
 demo: $(STAMP)
-	$(VENV)/bin/internimage pretrain
+	# a new run directory each time: an existing run is never overwritten
+	$(VENV)/bin/internimage pretrain --output-dir runs/demo/$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

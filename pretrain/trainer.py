@@ -25,6 +25,7 @@ from pretrain.checkpoint import (
     ResumeError,
     check_compatible,
     load_trainer_state,
+    read_latest,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -147,6 +148,12 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.info.world_size)
         # Everything that can refuse a resume is checked before any compute.
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
+        if not resume and read_latest(self.ckpt_root):
+            # Starting afresh here would overwrite a run's checkpoints: never lose a run.
+            raise ResumeError(
+                f"{self.run_dir} already holds a run (checkpoints/latest = "
+                f"{read_latest(self.ckpt_root)}); continue it with --resume auto, or pass "
+                f"another --output-dir")
         self.state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)

@@ -213,3 +213,11 @@ def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
     assert '"stopped_early": true' in proc.stdout
     run(pretrain_cmd(1, out, "--max-steps", "5", "--resume", "auto"), cache)
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+
+
+def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
+    before = latest(reference_run)
+    proc = run(pretrain_cmd(1, reference_run, "--max-steps", "2"), cache, check=False)
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and "--resume auto" in proc.stderr
+    assert latest(reference_run) == before
