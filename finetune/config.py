@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pretrain.data.config import check  # one validation helper for every config
 
-def check(ok: bool, key: str, message: str) -> None:
-    """Raise ``ValueError('key: message')`` unless ``ok`` (the launcher reports it)."""
-    if not ok:
-        raise ValueError(f"{key}: {message}")
+__all__ = ["check"]
 
 
 @dataclass

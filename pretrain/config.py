@@ -9,12 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pretrain.data.config import DataConfig
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {message}")
+from pretrain.data.config import DataConfig, check
 
 
 @dataclass
@@ -37,9 +32,9 @@ class ModelConfig:
             resolve_variant(self.name)
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
-        _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
         if self.depths is not None and self.groups is not None:
-            _check(len(self.depths) == len(self.groups), "model.depths",
+            check(len(self.depths) == len(self.groups), "model.depths",
                    f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
 
     def overrides(self) -> dict:
@@ -69,9 +64,9 @@ class TextConfig:
     vocab_size: int = 49408
 
     def __post_init__(self) -> None:
-        _check(self.width % self.heads == 0, "text.width",
+        check(self.width % self.heads == 0, "text.width",
                f"must be divisible by text.heads ({self.heads}), got {self.width}")
-        _check(self.layers >= 1, "text.layers", "must be >= 1")
+        check(self.layers >= 1, "text.layers", "must be >= 1")
 
 
 @dataclass
@@ -85,11 +80,11 @@ class ObjectiveConfig:
     gather_with_grad: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.image_text_weight >= 0 and self.tag_weight >= 0, "objective",
+        check(self.image_text_weight >= 0 and self.tag_weight >= 0, "objective",
                "term weights must be >= 0")
-        _check(self.image_text_weight + self.tag_weight > 0, "objective",
+        check(self.image_text_weight + self.tag_weight > 0, "objective",
                "at least one term must have a positive weight")
-        _check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")
+        check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")
 
 
 @dataclass
@@ -106,11 +101,11 @@ class OptimConfig:
     dcn_offset_lr_mult: float = 1.0  # 0.1 in the fine-tuning recipes
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.dcn_offset_lr_mult > 0, "optim.dcn_offset_lr_mult", "must be > 0")
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.dcn_offset_lr_mult > 0, "optim.dcn_offset_lr_mult", "must be > 0")
 
 
 @dataclass
@@ -129,10 +124,10 @@ class EngineConfig:
     deepspeed_config: str | None = None  # JSON file merged over the generated config
 
     def __post_init__(self) -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage",
+        check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage",
                f"must be 0..3, got {self.zero_stage}")
-        _check(self.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
-        _check(not self.offload_param or self.zero_stage == 3, "engine.offload_param",
+        check(self.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
+        check(not self.offload_param or self.zero_stage == 3, "engine.offload_param",
                "parameter offload needs engine.zero_stage=3")
 
 
@@ -165,11 +160,11 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps", "must be >= 1")
-        _check(self.log_every >= 1, "run.log_every", "must be >= 1")
-        _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
-        _check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
-        _check(self.epochs == 0 or self.samples_per_epoch > 0, "run.samples_per_epoch",
+        check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps", "must be >= 1")
+        check(self.log_every >= 1, "run.log_every", "must be >= 1")
+        check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+        check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
+        check(self.epochs == 0 or self.samples_per_epoch > 0, "run.samples_per_epoch",
                "is required when run.epochs is set")
 
 
@@ -189,5 +184,5 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         # Skipping a step after some micro-batches already added their gradients would
         # still apply those; only whole single-micro-batch steps can be skipped cleanly.
-        _check(self.run.on_nonfinite == "stop" or self.engine.grad_accum == 1,
+        check(self.run.on_nonfinite == "stop" or self.engine.grad_accum == 1,
                "run.on_nonfinite", "'skip' needs engine.grad_accum=1")

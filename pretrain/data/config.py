@@ -15,7 +15,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ValueError('key: message')`` unless ``ok``; the launcher turns it into a
+    config error naming the key. Shared by every typed config of the project."""
     if not ok:
         raise ValueError(f"{key}: {message}")
 
@@ -44,12 +46,12 @@ class S3Config:
     block_size: int = 16 * 2**20
 
     def __post_init__(self) -> None:
-        _check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
-        _check(self.backoff >= 0, "s3.backoff", f"must be >= 0, got {self.backoff}")
-        _check(self.max_backoff >= self.backoff, "s3.max_backoff", "must be >= s3.backoff")
-        _check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
-        _check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
-        _check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
+        check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
+        check(self.backoff >= 0, "s3.backoff", f"must be >= 0, got {self.backoff}")
+        check(self.max_backoff >= self.backoff, "s3.max_backoff", "must be >= s3.backoff")
+        check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
+        check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
+        check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
 
     def __repr__(self) -> str:  # never print credentials, even by accident in a log line
         hidden = {"key", "secret", "token"}
@@ -81,13 +83,13 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         key = f"sources.{self.name}"
-        _check(bool(self.name), "sources.name", "must not be empty")
-        _check(bool(self.urls), f"{key}.urls", "must name at least one shard")
-        _check(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
-        _check(bool(self.image_key.strip(";")), f"{key}.image_key", "must not be empty")
+        check(bool(self.name), "sources.name", "must not be empty")
+        check(bool(self.urls), f"{key}.urls", "must name at least one shard")
+        check(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        check(bool(self.image_key.strip(";")), f"{key}.image_key", "must not be empty")
         if self.tags_key is not None:
             ext, _, fld = self.tags_key.partition(":")
-            _check(bool(ext) and (":" not in self.tags_key or bool(fld)), f"{key}.tags_key",
+            check(bool(ext) and (":" not in self.tags_key or bool(fld)), f"{key}.tags_key",
                    f"must be 'ext' or 'ext:field', got {self.tags_key!r}")
 
 
@@ -120,15 +122,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
-        _check(len(set(names)) == len(names), "data.sources", f"duplicate names in {names}")
-        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
-        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
-        _check(self.workers >= 0, "data.workers", "must be >= 0")
-        _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-        _check(self.shuffle_initial >= 0, "data.shuffle_initial", "must be >= 0")
-        _check(self.context_length >= 2, "data.context_length", "must be >= 2")
+        check(len(set(names)) == len(names), "data.sources", f"duplicate names in {names}")
+        check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        check(self.workers >= 0, "data.workers", "must be >= 0")
+        check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        check(self.shuffle_initial >= 0, "data.shuffle_initial", "must be >= 0")
+        check(self.context_length >= 2, "data.context_length", "must be >= 2")
         lo, hi = self.crop_scale
-        _check(0 < lo <= hi <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {lo, hi}")
-        _check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
-        _check(all(s > 0 for s in self.std), "data.std", "must be > 0")
+        check(0 < lo <= hi <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {lo, hi}")
+        check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        check(all(s > 0 for s in self.std), "data.std", "must be > 0")
