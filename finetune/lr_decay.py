@@ -38,19 +38,24 @@ def layer_id(name: str, depths: list[int]) -> int:
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases and layer-scale gammas are not decayed."""
-    return param.ndim <= 1 or name.endswith(("gamma1", "gamma2"))
+    """Norms, biases, layer-scale gammas and deformable-attention sampling offsets (heads'
+    ``sampling_offsets``, as the released dense-task optimiser constructor) are not decayed."""
+    return param.ndim <= 1 or name.endswith(("gamma1", "gamma2")) or "sampling_offsets" in name
 
 
 def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
                  layer_decay: float = 1.0, dcn_lr_mult: float = 1.0,
-                 backbone_prefix: str = "", backbone_lr_mult: float = 1.0) -> list[dict]:
+                 backbone_prefix: str = "", backbone_lr_mult: float = 1.0,
+                 layer0_patterns: tuple[str, ...] = ()) -> list[dict]:
     """Groups keyed by (layer, decay?, dcn?) with an ``lr_scale`` that timm's schedulers
     multiply into each group's lr.
 
     ``backbone_prefix``: where the InternImage sits inside ``model`` (e.g. ``backbone.body.``
     for detection); parameters outside it are "head" parameters at the lr scale of layer
     ``L + 1``; backbone parameters are further scaled by ``backbone_lr_mult``.
+    ``layer0_patterns``: head parameters whose name contains one of these get layer 0's
+    (smallest) scale instead, as the released Mask2Former recipes do for the query
+    embeddings, level embedding and class/mask predictors.
     """
     num_layers = sum(depths) + 1
     groups: dict[tuple[int, bool, bool], dict] = {}
@@ -59,7 +64,10 @@ def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
             continue
         in_backbone = name.startswith(backbone_prefix)
         local = name[len(backbone_prefix):] if in_backbone else name
-        lid = layer_id(local, depths) if in_backbone else num_layers
+        if in_backbone:
+            lid = layer_id(local, depths)
+        else:
+            lid = 0 if any(pat in name for pat in layer0_patterns) else num_layers
         decay = not no_weight_decay(name, p)
         dcn = any(s in f".{name}" for s in DCN_SAMPLING_LAYERS)
         key = (lid, decay, dcn, in_backbone)

@@ -1,6 +1,9 @@
 """Semantic segmentation fine-tuning: UperNet or Mask2Former (``head.kind``) on InternImage,
-ADE20K, Cityscapes or Mapillary Vistas (mapped to Cityscapes' 19 classes) layouts,
-sliding-window / whole-image evaluation with optional multi-scale + flip, mIoU and per-class IoU.
+ADE20K, Cityscapes, Mapillary Vistas (mapped to Cityscapes' 19 classes) or COCO-Stuff-164k
+layouts, sliding-window / whole-image evaluation with optional multi-scale + flip, mIoU and
+per-class IoU. Training augmentation is mmsegmentation's, as the released recipes use it:
+random rescale within (long, short) bounds, random crop with ``cat_max_ratio``, flip,
+``PhotoMetricDistortion``.
 
 Recipe (REFERENCE.md section 4): AdamW, lr 6e-5 (T/S/B) / 2e-5 (L/XL), poly decay power
 1.0, batch 16, 160k iterations, crop 512 / 640. No config: generated shapes scenes.
@@ -28,7 +31,12 @@ from finetune.lr_decay import param_groups
 
 log = logging.getLogger(__name__)
 IGNORE = 255
-DATA_KINDS = ("demo", "ade20k", "cityscapes", "mapillary")
+DATA_KINDS = ("demo", "ade20k", "cityscapes", "mapillary", "cocostuff")
+# (train split, val split) of each layout
+SPLIT_NAMES = {"demo": ("training", "validation"), "ade20k": ("training", "validation"),
+               "cityscapes": ("train", "val"), "mapillary": ("training", "validation"),
+               "cocostuff": ("train2017", "val2017")}
+NINETEEN_CLASS_KINDS = ("cityscapes", "mapillary")
 HEAD_KINDS = ("upernet", "mask2former")
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
@@ -36,13 +44,22 @@ STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 @dataclass
 class SegDataConfig:
-    """``demo`` (generated shapes, ADE layout), ``ade20k``, ``cityscapes`` or ``mapillary``.
+    """``demo`` (generated shapes, ADE layout), ``ade20k``, ``cityscapes``, ``mapillary`` or
+    ``cocostuff``.
 
     ADE20K: ``images/{training,validation}/*.jpg`` + ``annotations/.../*.png`` with label 0
     = ignore (``reduce_zero_label``: 1..150 -> 0..149). Cityscapes: ``leftImg8bit/{train,
     val}/<city>/*_leftImg8bit.png`` + ``gtFine/...`` train ids (or label ids, mapped), 255
     ignore. Mapillary Vistas: ``{training,validation}/images/*.jpg`` + ``labels/*.png``,
     mapped onto Cityscapes' 19 train ids (others ignored; ``num_classes`` must be 19).
+    COCO-Stuff-164k: ``images/{train2017,val2017}`` + ``annotations/...`` (171 classes).
+
+    ``train_splits``: the splits trained on (default: the layout's train split; the
+    Mapillary stage trains on ``[training, validation]``). ``val_kind`` / ``val_root``:
+    evaluate on another dataset (the Mapillary stage is evaluated on Cityscapes val).
+    Resizing: the short side goes to ``scale_short`` and the long side at most to
+    ``scale_long`` (0: no cap), both times a ratio drawn from ``ratio_range`` in training
+    (mmseg's ``img_scale=(long, short)``); ``test_short`` / ``test_long`` at evaluation.
     """
 
     kind: str = "demo"
@@ -54,7 +71,14 @@ class SegDataConfig:
     ratio_range: tuple[float, float] = (0.75, 1.5)
     crop_size: tuple[int, int] = (80, 80)
     hflip: float = 0.5
+    scale_long: int = 0  # training: long-side cap before random rescale (0: none)
     test_short: int = 96  # evaluation: short side the image is resized to (0: as is)
+    test_long: int = 0  # evaluation: long-side cap (0: none)
+    cat_max_ratio: float = 1.0  # crops retried while one class covers more (1.0: off)
+    photometric: bool = False  # mmseg PhotoMetricDistortion (brightness/contrast/sat./hue)
+    train_splits: list[str] = field(default_factory=list)
+    val_kind: str = ""  # "" : same as kind
+    val_root: str = ""  # "" : same as root
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 96
@@ -64,11 +88,24 @@ class SegDataConfig:
         check(self.kind in DATA_KINDS, "data.kind",
               f"must be {'|'.join(DATA_KINDS)}, got {self.kind!r}")
         check(self.kind == "demo" or bool(self.root), "data.root", f"is required for {self.kind}")
+        check(self.val_kind in ("", *DATA_KINDS), "data.val_kind",
+              f"must be empty or {'|'.join(DATA_KINDS)}, got {self.val_kind!r}")
         check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
-        check(self.kind not in ("cityscapes", "mapillary") or self.num_classes == 19,
-              "data.num_classes", f"must be 19 (Cityscapes train ids) for {self.kind}")
-        check(self.kind not in ("cityscapes", "mapillary") or not self.reduce_zero_label,
-              "data.reduce_zero_label", f"must be false for {self.kind} (255 is the ignore id)")
+        for key, kind in (("data.kind", self.kind), ("data.val_kind", self.val_kind)):
+            check(kind not in NINETEEN_CLASS_KINDS or self.num_classes == 19,
+                  "data.num_classes", f"must be 19 (Cityscapes train ids) for {key} {kind}")
+            check(kind not in (*NINETEEN_CLASS_KINDS, "cocostuff") or not self.reduce_zero_label,
+                  "data.reduce_zero_label", f"must be false for {key} {kind} (255 is the "
+                  "ignore id)")
+        check(self.kind != "cocostuff" or self.num_classes == 171, "data.num_classes",
+              "must be 171 for cocostuff")
+        check(self.val_kind in ("", self.kind) or (self.kind in NINETEEN_CLASS_KINDS and
+                                                   self.val_kind in NINETEEN_CLASS_KINDS),
+              "data.val_kind", f"{self.val_kind} does not share {self.kind}'s classes")
+        known = SPLIT_NAMES[self.kind]
+        check(all(split in known for split in self.train_splits), "data.train_splits",
+              f"must be among {list(known)} for {self.kind}, got {self.train_splits}")
+        check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
         check(0 < self.ratio_range[0] <= self.ratio_range[1], "data.ratio_range",
               "must be 0 < lo <= hi")
         check(min(self.crop_size) >= 32, "data.crop_size", "must be >= 32")
@@ -77,15 +114,19 @@ class SegDataConfig:
 
 @dataclass
 class SegEvalConfig:
-    """``slide`` (windows of ``crop`` every ``stride``, logits averaged) or ``whole``."""
+    """``slide`` (windows of ``crop`` every ``stride``, logits averaged) or ``whole``;
+    ``size_divisor``: the resized test image is stretched up to a multiple of it (mmseg's
+    ``ResizeToMultiple``; 0: off)."""
 
     mode: str = "slide"
     crop: tuple[int, int] = (80, 80)
     stride: tuple[int, int] = (48, 48)
+    size_divisor: int = 0
 
     def __post_init__(self) -> None:
         check(self.mode in ("slide", "whole"), "eval.mode", "must be slide|whole")
         check(min(self.stride) >= 1, "eval.stride", "must be >= 1")
+        check(self.size_divisor >= 0, "eval.size_divisor", "must be >= 0")
 
 
 @dataclass
@@ -139,12 +180,21 @@ class SegHeadConfig:
 # Task defaults live in subclasses (a partial section is built from its class's defaults).
 @dataclass
 class SegOptimConfig(OptimConfig):
-    """``OptimConfig`` with the segmentation demo's defaults."""
+    """``OptimConfig`` with the segmentation demo's defaults, plus the warm-up's starting lr
+    (``warmup_ratio`` x lr; the released recipes start at 1e-6) and ``layer0_params``: head
+    parameter name fragments trained at layer 0's (smallest) layer-decay scale, as the
+    released Mask2Former recipes do for queries, level embedding and predictors."""
 
     lr: float = 1e-3
     min_lr: float = 0.0
     weight_decay: float = 0.01
     warmup_steps: int = 30
+    warmup_ratio: float = 1e-3
+    layer0_params: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.warmup_ratio <= 1, "optim.warmup_ratio", "must be in (0, 1]")
 
 
 @dataclass
@@ -160,7 +210,9 @@ class SegRunConfig(RunConfig):
 class SegmentationConfig:
     """A segmentation fine-tuning run (``poly_power``: the poly schedule's exponent;
     ``init``: a backbone checkpoint, or a whole segmenter's ``checkpoints/last.pt`` of the
-    same head, e.g. stage 1 of the Cityscapes recipe)."""
+    same head, e.g. stage 1 of the Cityscapes recipe; ``init_strict: false`` lets a whole
+    segmenter init differ in tensor shapes (another class count: COCO-Stuff -> ADE20K), the
+    differing tensors keeping their fresh initialisation)."""
 
     model: BackboneConfig = field(default_factory=BackboneConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
@@ -171,6 +223,7 @@ class SegmentationConfig:
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     run: SegRunConfig = field(default_factory=SegRunConfig)
     init: str | None = None
+    init_strict: bool = True
 
     def __post_init__(self) -> None:
         check(self.head_channels >= 8, "head_channels", "must be >= 8")
@@ -178,25 +231,37 @@ class SegmentationConfig:
 
 
 # ---------------------------------------------------------------- data
-def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:
-    """(image, label, label lookup table or None) of the split, per ``data.kind``."""
-    root = Path(cfg.root)
-    if cfg.kind == "demo":
+def _split_pairs(kind: str, root: Path, split: str, cfg: SegDataConfig) -> list[tuple]:
+    """(image, label, label lookup table or None) of one split of a ``kind`` layout."""
+    if kind == "demo":
         from finetune.demo_data import ensure_shapes_ade
 
         root = ensure_shapes_ade(cfg.cache_dir, cfg.demo_train, cfg.demo_val, cfg.demo_size)
-    if cfg.kind == "cityscapes":
+    if kind == "cityscapes":
         from finetune.datasets.cityscapes import cityscapes_pairs
 
-        return cityscapes_pairs(root, "train" if train else "val")
-    if cfg.kind == "mapillary":
+        return cityscapes_pairs(root, split)
+    if kind == "mapillary":
         from finetune.datasets.mapillary import cityscapes_lut, class_names, mapillary_pairs
 
-        return mapillary_pairs(root, "training" if train else "validation",
-                               cityscapes_lut(class_names(root)))
-    split = "training" if train else "validation"
+        return mapillary_pairs(root, split, cityscapes_lut(class_names(root)))
+    if kind == "cocostuff":
+        from finetune.datasets.cocostuff import cocostuff_pairs
+
+        return cocostuff_pairs(root, split)
     imgs = sorted((root / "images" / split).glob("*.jpg"))
     return [(p, root / "annotations" / split / (p.stem + ".png"), None) for p in imgs]
+
+
+def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:
+    """The training pairs (every ``train_splits`` split) or the evaluation pairs (the val
+    split of ``val_kind`` / ``val_root`` when set)."""
+    if train:
+        splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
+        return [pair for split in splits
+                for pair in _split_pairs(cfg.kind, Path(cfg.root), split, cfg)]
+    kind = cfg.val_kind or cfg.kind
+    return _split_pairs(kind, Path(cfg.val_root or cfg.root), SPLIT_NAMES[kind][1], cfg)
 
 
 class SegDataset(Dataset):
@@ -205,8 +270,10 @@ class SegDataset(Dataset):
     def __init__(self, cfg: SegDataConfig, train: bool):
         self.cfg, self.train = cfg, train
         self.pairs = _pairs(cfg, train)
+        self.kind = cfg.kind if train else (cfg.val_kind or cfg.kind)
         if not self.pairs:
-            raise FileNotFoundError(f"data: no images found under {cfg.root or cfg.kind}")
+            where = cfg.root if train else (cfg.val_root or cfg.root)
+            raise FileNotFoundError(f"data: no {self.kind} images found under {where or 'demo'}")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -226,23 +293,43 @@ class SegDataset(Dataset):
         c = self.cfg
         if self.train:
             ratio = random.uniform(*c.ratio_range)
-            img, label = _resize(img, label, int(c.scale_short * ratio))
-            img, label = _random_crop(img, label, c.crop_size)
+            img, label = _resize(img, label, int(c.scale_short * ratio),
+                                 int(c.scale_long * ratio))
+            img, label = _random_crop(img, label, c.crop_size, c.cat_max_ratio)
             if random.random() < c.hflip:
                 img, label = img.flip(-1), label.flip(-1)
+            if c.photometric:
+                from finetune.photometric import photometric_distortion
+
+                img = photometric_distortion(img)
         return (img - MEAN) / STD, label
 
 
-def _resize(img: torch.Tensor, label: torch.Tensor, short: int):
+def _resize(img: torch.Tensor, label: torch.Tensor, short: int, long: int = 0):
+    """Rescale (aspect kept) so the short side is ``short`` and the long side at most
+    ``long`` (0: no cap)."""
     h, w = img.shape[-2:]
     s = short / min(h, w)
+    if long:
+        s = min(s, long / max(h, w))
     size = (max(1, round(h * s)), max(1, round(w * s)))
     img = F.interpolate(img[None], size, mode="bilinear", align_corners=False)[0]
     label = F.interpolate(label[None, None].float(), size, mode="nearest")[0, 0].long()
     return img, label
 
 
-def _random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]):
+def _dominated(label: torch.Tensor, cat_max_ratio: float) -> bool:
+    """Whether one class covers more than ``cat_max_ratio`` of the labelled pixels (or
+    fewer than two classes are present): mmseg's criterion for retrying a crop."""
+    counts = torch.bincount(label[label != IGNORE].flatten())
+    counts = counts[counts > 0]
+    return len(counts) < 2 or counts.max().item() / counts.sum().item() >= cat_max_ratio
+
+
+def _random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int],
+                 cat_max_ratio: float = 1.0):
+    """A random ``crop`` window; with ``cat_max_ratio`` < 1, up to 10 windows are drawn
+    until one is not dominated by a single class (mmseg's ``RandomCrop``)."""
     ch, cw = crop
     h, w = img.shape[-2:]
     if h < ch or w < cw:  # pad: image with 0 (the mean after normalising), label ignored
@@ -250,8 +337,23 @@ def _random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]):
         img = F.pad(img - MEAN, (0, pw, 0, ph)) + MEAN
         label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
         h, w = img.shape[-2:]
-    y, x = random.randint(0, h - ch), random.randint(0, w - cw)
+    for _ in range(10 if cat_max_ratio < 1 else 1):
+        y, x = random.randint(0, h - ch), random.randint(0, w - cw)
+        if not _dominated(label[y:y + ch, x:x + cw], cat_max_ratio):
+            break
     return img[:, y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+def _to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Stretch (B, C, H, W) up to the next multiple of ``divisor`` per side (mmseg's
+    ``ResizeToMultiple``); a no-op for divisor 0 or sizes already multiples."""
+    if not divisor:
+        return x
+    h, w = x.shape[-2:]
+    size = (math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor)
+    if size == (h, w):
+        return x
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------- model and evaluation
@@ -271,8 +373,13 @@ def is_segmenter_checkpoint(path: str | Path | None) -> bool:
     return not any(k.startswith(("patch_embed.", "levels.")) for k in state["model"])
 
 
-def _load_whole(model: nn.Module, path: str) -> None:
-    """Load a whole segmenter state (stage-2 init); a different head/arch fails clearly."""
+def _load_whole(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Load a whole segmenter state (stage-2 init); a different head/arch fails clearly.
+
+    ``strict=False``: tensors whose shape differs (class predictor and class weights of a
+    dataset with another class count) keep their fresh initialisation and are logged;
+    missing or unexpected names still fail (they mean another head or architecture).
+    """
     from models import CheckpointError
 
     state = runtime.load_checkpoint(Path(path))["model"]
@@ -281,6 +388,12 @@ def _load_whole(model: nn.Module, path: str) -> None:
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape]
+    if shapes and not strict and not (missing or unexpected):
+        log.warning("init: %d tensors of %s differ in shape and keep their fresh "
+                    "initialisation: %s", len(shapes), path, shapes)
+        state = {k: v for k, v in state.items() if v.shape == own[k].shape}
+        model.load_state_dict(state, strict=False)
+        return
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{path} is a segmenter checkpoint of another head or architecture "
@@ -309,7 +422,7 @@ def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Modu
         model = UperNetSegmentor(build_trunk(cfg.model, trunk_init), cfg.data.num_classes,
                                  cfg.head_channels)
     if whole:
-        _load_whole(model, str(init))
+        _load_whole(model, str(init), strict=cfg.init_strict)
     return model
 
 
@@ -365,8 +478,8 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
         img, label = val_set[i]
         x = img[None].to(d.device)
         if cfg.data.test_short:
-            x = _resize(x[0], label, cfg.data.test_short)[0][None]
-        logits = _scores(core, x, cfg)
+            x = _resize(x[0], label, cfg.data.test_short, cfg.data.test_long)[0][None]
+        logits = _scores(core, _to_multiple(x, cfg.eval.size_divisor), cfg)
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         conf.update(logits.argmax(1)[0].cpu(), label)
     conf.mat = runtime.all_reduce_sum(conf.mat.to(d.device), d).cpu()
@@ -393,10 +506,14 @@ def _scores(core: nn.Module, x: torch.Tensor, cfg: SegmentationConfig) -> torch.
 def _class_names(cfg: SegmentationConfig) -> list[str] | None:
     if cfg.data.class_names:
         return list(cfg.data.class_names)
-    if cfg.data.kind in ("cityscapes", "mapillary"):
+    if (cfg.data.val_kind or cfg.data.kind) in NINETEEN_CLASS_KINDS:
         from finetune.datasets import CITYSCAPES_CLASSES
 
         return list(CITYSCAPES_CLASSES)
+    if cfg.data.kind == "cocostuff":
+        from finetune.datasets import COCO_STUFF_CLASSES
+
+        return list(COCO_STUFF_CLASSES)
     return _demo_names(cfg)
 
 
@@ -419,13 +536,15 @@ def _optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: in
     depths = list(cfg.model.depths or VARIANTS[cfg.model.name].depths)
     groups = param_groups(model, depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
                           cfg.optim.dcn_lr_mult, backbone_prefix=backbone_prefix(model),
-                          backbone_lr_mult=cfg.optim.backbone_lr_mult)
+                          backbone_lr_mult=cfg.optim.backbone_lr_mult,
+                          layer0_patterns=tuple(cfg.optim.layer0_params))
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     sched = PolyLRScheduler(opt, t_initial=max(1, total), power=cfg.poly_power,
                             lr_min=cfg.optim.min_lr, warmup_t=cfg.optim.warmup_steps,
-                            warmup_lr_init=cfg.optim.lr * 1e-3, warmup_prefix=True,
+                            warmup_lr_init=cfg.optim.lr * cfg.optim.warmup_ratio,
+                            warmup_prefix=True,
                             t_in_epochs=False)
     return opt, sched
 
@@ -438,7 +557,8 @@ def dry_run(cfg: SegmentationConfig) -> int:
     runtime.print_plan("segmentation (dry run)", {
         "model": f"{_head_desc(cfg)} on {cfg.model.name} {cfg.model.arch() or ''}",
         "parameters": f"{runtime.count_params(model):,}",
-        "data": f"{d.kind} {d.root} ({d.num_classes} classes)",
+        "data": f"{d.kind} {d.root} {d.train_splits or ''} ({d.num_classes} classes)"
+                + (f"; eval on {d.val_kind} {d.val_root or d.root}" if d.val_kind else ""),
         "crop / ratio range": f"{list(d.crop_size)} / {list(d.ratio_range)}",
         "eval": f"{cfg.eval.mode} crop {list(cfg.eval.crop)} stride {list(cfg.eval.stride)}"
                 + (f"; scales {list(cfg.head.test_scales) or [1.0]} flip {cfg.head.test_flip}"

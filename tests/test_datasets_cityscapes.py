@@ -63,17 +63,24 @@ def _vistas_index(name: str) -> int:
 
 # Vistas v1.2 class -> expected Cityscapes class (None: ignored).
 VISTAS_CASES = {
-    "construction--flat--road": "road", "marking--general": "road",
-    "construction--flat--bike-lane": "road", "construction--barrier--curb": "sidewalk",
-    "construction--flat--sidewalk": "sidewalk", "construction--structure--tunnel": "building",
-    "construction--barrier--guard-rail": "fence", "object--support--utility-pole": "pole",
-    "object--traffic-light": "traffic light", "object--support--traffic-sign-frame":
-    "traffic sign", "nature--snow": "terrain", "nature--sky": "sky",
+    "construction--flat--road": "road", "marking--general": "road", "object--manhole": "road",
+    "construction--barrier--curb": "sidewalk", "construction--flat--sidewalk": "sidewalk",
+    "object--support--utility-pole": "pole", "object--traffic-light": "traffic light",
+    "object--traffic-sign--front": "traffic sign", "nature--sky": "sky",
     "human--rider--motorcyclist": "rider", "object--vehicle--on-rails": "train",
-    "object--vehicle--bicycle": "bicycle", "animal--bird": None, "nature--water": None,
-    "object--traffic-sign--back": None, "object--vehicle--caravan": None,
-    "void--unlabeled": None,
+    "object--vehicle--bicycle": "bicycle",
+    # classes a broader mapping would keep; the released recipe ignores them
+    "construction--flat--bike-lane": None, "construction--structure--tunnel": None,
+    "construction--barrier--guard-rail": None, "object--support--traffic-sign-frame": None,
+    "nature--snow": None, "marking--crosswalk-zebra": None,
+    "animal--bird": None, "nature--water": None, "object--traffic-sign--back": None,
+    "object--vehicle--caravan": None, "void--unlabeled": None,
 }
+
+# The released recipe's table as v1.2 indices (Cityscapes train id -> Vistas indices), as
+# InternImage's MapillaryHack states it: ties our name order and name table to it.
+RELEASED_VISTAS_INDICES = [[13, 24, 41], [2, 15], [17], [6], [3], [45, 47], [48], [50], [30],
+                           [29], [27], [19], [20, 21, 22], [55], [61], [54], [58], [57], [52]]
 
 
 def _write_vistas(root: Path, labels: np.ndarray, nested: bool = False) -> None:
@@ -94,11 +101,14 @@ def test_mapillary_maps_vistas_classes_onto_cityscapes(tmp_path: Path):
     got = data[0][1].numpy()[0].tolist()
     want = [255 if c is None else CITYSCAPES_CLASSES.index(c) for c in VISTAS_CASES.values()]
     assert got == want
-    # All 66 classes: exactly 38 feed Cityscapes classes, every train id gets one.
+    # All 66 classes: exactly the released table, everything else ignored.
     all_labels = np.arange(66)[None]
     _write_vistas(tmp_path, all_labels, nested=False)
-    mapped = MapillaryVistasSegmentation(tmp_path, "validation")[0][1].numpy()
-    assert (mapped != 255).sum() == 38 and set(mapped[mapped != 255]) == set(range(19))
+    mapped = MapillaryVistasSegmentation(tmp_path, "validation")[0][1].numpy()[0]
+    want = np.full(66, 255)
+    for train_id, indices in enumerate(RELEASED_VISTAS_INDICES):
+        want[indices] = train_id
+    assert mapped.tolist() == want.tolist()
 
 
 def test_mapillary_native_classes_and_config_order(tmp_path: Path):

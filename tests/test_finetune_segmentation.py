@@ -174,3 +174,146 @@ def test_a_classification_run_checkpoint_is_a_backbone_init_not_a_segmenter(tmp_
     assert not is_segmenter_checkpoint(path)
     torch.save({"model": {"backbone.patch_embed.conv1.weight": torch.zeros(1)}, "step": 3}, path)
     assert is_segmenter_checkpoint(path)
+
+
+def test_rescale_caps_the_long_side_and_test_images_stretch_to_a_multiple():
+    from finetune.segmentation import _resize, _to_multiple
+
+    img, label = torch.zeros(3, 100, 400), torch.zeros(100, 400, dtype=torch.long)
+    # mmseg img_scale=(long 200, short 100): a 1:4 image is bounded by its long side
+    assert _resize(img, label, 100, 200)[0].shape[-2:] == (50, 200)
+    assert _resize(img, label, 100)[1].shape == (100, 400)  # no cap: short side rules
+    assert _to_multiple(torch.zeros(1, 3, 50, 200), 32).shape[-2:] == (64, 224)
+    assert _to_multiple(torch.zeros(1, 3, 64, 96), 32).shape[-2:] == (64, 96)
+
+
+def test_crops_dominated_by_one_class_are_redrawn():
+    import random
+
+    from finetune.segmentation import _dominated, _random_crop
+
+    label = torch.zeros(40, 400, dtype=torch.long)
+    label[:, 360:] = 1  # only windows reaching the right edge see two classes
+    img = torch.zeros(3, 40, 400)
+    random.seed(0)
+    plain = [_dominated(_random_crop(img, label, (40, 80))[1], 0.75) for _ in range(200)]
+    random.seed(0)
+    retried = [_dominated(_random_crop(img, label, (40, 80), 0.75)[1], 0.75)
+               for _ in range(200)]
+    assert sum(retried) < 0.7 * sum(plain), (sum(retried), sum(plain))
+    assert _dominated(torch.full((4, 4), 255), 0.75)  # nothing labelled: retry too
+
+
+def test_photometric_distortion_stays_in_range_and_is_seeded():
+    import random
+
+    from finetune.photometric import photometric_distortion
+
+    img = torch.rand(3, 16, 16) * 255
+    outs = [photometric_distortion(img, random.Random(seed)) for seed in range(12)]
+    assert all(o.min() >= 0 and o.max() <= 255 for o in outs)
+    assert sum(not torch.allclose(o, img) for o in outs) >= 10  # 1/16 chance each of no change
+    assert torch.equal(outs[3], photometric_distortion(img, random.Random(3)))
+
+
+def test_cocostuff_stuffthingmaps_map_to_171_train_ids(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.segmentation import SegDataset, SegmentationConfig
+    from launch.config import load_config
+
+    for split in ("train2017", "val2017"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((2, 5, 3), np.uint8)).save(tmp_path / "images" / split / "1.jpg")
+    # stored ids (COCO category id - 1): person 0, stop sign 12 (11 is unused), 181 (last
+    # stuff class), unused 90, unlabeled 255
+    raw = np.array([[0, 12, 181, 90, 255]] * 2, np.uint8)
+    Image.fromarray(raw).save(tmp_path / "annotations" / "val2017" / "1.png")
+    cfg = load_config(SegmentationConfig, None, [
+        "data.kind=cocostuff", f"data.root={tmp_path}", "data.num_classes=171",
+        "data.reduce_zero_label=false"])
+    _, labels = SegDataset(cfg.data, False)[0]
+    assert labels[0].tolist() == [0, 11, 170, 255, 255]
+    # converted *_labelTrainIds.png files win and are read as they are
+    Image.fromarray(np.full((2, 5), 7, np.uint8)).save(
+        tmp_path / "annotations" / "val2017" / "1_labelTrainIds.png")
+    assert set(SegDataset(cfg.data, False)[0][1].unique().tolist()) == {7}
+    with pytest.raises(FileNotFoundError, match="COCO-Stuff label"):
+        SegDataset(cfg.data, True)  # train2017 has an image without a label
+
+
+def test_mapillary_stage_trains_on_both_splits_and_evaluates_on_cityscapes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.segmentation import SegDataset, SegmentationConfig
+    from launch.config import ConfigError, load_config
+
+    vistas, cityscapes = tmp_path / "vistas", tmp_path / "cityscapes"
+    for split in ("training", "validation"):
+        (vistas / split / "images").mkdir(parents=True)
+        (vistas / split / "labels").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(vistas / split / "images" / "a.jpg")
+        Image.fromarray(np.full((8, 8), 13, np.uint8)).save(vistas / split / "labels" / "a.png")
+    city = cityscapes / "leftImg8bit" / "val" / "ulm"
+    city.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(city / "ulm_1_leftImg8bit.png")
+    gt = cityscapes / "gtFine" / "val" / "ulm"
+    gt.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 18, np.uint8)).save(gt / "ulm_1_gtFine_labelTrainIds.png")
+    args = ["data.kind=mapillary", f"data.root={vistas}", "data.num_classes=19",
+            "data.reduce_zero_label=false", "data.train_splits=[training,validation]",
+            "data.val_kind=cityscapes", f"data.val_root={cityscapes}"]
+    cfg = load_config(SegmentationConfig, None, args)
+    assert len(SegDataset(cfg.data, True)) == 2
+    val = SegDataset(cfg.data, False)
+    assert len(val) == 1 and set(val[0][1].unique().tolist()) == {18}
+    with pytest.raises(ConfigError, match="data.train_splits"):
+        load_config(SegmentationConfig, None, [*args, "data.train_splits=[train]"])
+    with pytest.raises(ConfigError, match="data.val_kind"):
+        load_config(SegmentationConfig, None, [*args, "data.val_kind=ade20k"])
+
+
+def test_released_mask2former_layer_decay_groups():
+    from finetune.segmentation import SegmentationConfig, _optimizer_and_schedule, build_segmentor
+    from launch.config import load_config
+
+    layer0 = ["transformer_module.queries_embedder", "class_predictor"]
+    cfg = load_config(SegmentationConfig, None, [
+        *TINY, *M2F, "optim.layer_decay=0.5", f"optim.layer0_params={json.dumps(layer0)}"])
+    model = build_segmentor(cfg)
+    opt, _ = _optimizer_and_schedule(model, cfg, 10)
+    scale = {n: g["lr_scale"] for g in opt.param_groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["names"]}
+    top = sum(model.backbone.depths) + 1  # head layer id: the full lr
+    assert scale["model.class_predictor.weight"] == pytest.approx(0.5 ** top)
+    assert scale["model.model.transformer_module.queries_embedder.weight"] == pytest.approx(
+        0.5 ** top)
+    assert scale["model.model.transformer_module.queries_features.weight"] == 1.0
+    offsets = [n for n in wd if "sampling_offsets.weight" in n]
+    assert offsets and all(wd[n] == 0 for n in offsets)  # as the released constructor
+
+
+def test_a_whole_init_of_another_class_count_loads_all_but_the_predictor(tmp_path):
+    from finetune.segmentation import SegmentationConfig, build_segmentor
+    from launch.config import load_config
+    from models import CheckpointError
+
+    torch.manual_seed(0)
+    source = build_segmentor(load_config(SegmentationConfig, None, [*TINY, *M2F,
+                                                                     "data.num_classes=6"]))
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": source.state_dict(), "step": 1}, ckpt)
+    args = [*TINY, *M2F, "data.num_classes=4", f"init={ckpt}"]
+    with pytest.raises(CheckpointError, match="shape"):
+        build_segmentor(load_config(SegmentationConfig, None, args), str(ckpt))
+    model = build_segmentor(load_config(SegmentationConfig, None, [*args, "init_strict=false"]),
+                            str(ckpt))
+    saved = source.state_dict()
+    state = model.state_dict()
+    differ = {k for k, v in state.items() if v.shape != saved[k].shape}
+    assert differ == {"model.class_predictor.weight", "model.class_predictor.bias",
+                      "model.criterion.empty_weight"}
+    assert all(torch.equal(v, saved[k]) for k, v in state.items() if k not in differ)

@@ -7,12 +7,10 @@ v1.2 labels in ``{split}/v1.2/labels``; both are found), splits ``training`` /
 order below.
 
 Mapping to Cityscapes (``to_cityscapes=True``, the Cityscapes two-stage recipe's
-pre-fine-tuning): the ``VISTAS_TO_CITYSCAPES`` table, the correspondence commonly used
-for Vistas -> Cityscapes transfer (flat surfaces and lane markings -> road, curbs and
-pedestrian areas -> sidewalk, bridge/tunnel -> building, riders -> rider, sign frames ->
-traffic sign, on-rails -> train, ...). Every class not in the table (animals, other
-barriers, mountain, water, street furniture, sign backs, boats, caravans, trailers,
-other/slow vehicles, void) becomes 255 (ignore).
+pre-fine-tuning): ``VISTAS_TO_CITYSCAPES``, the table of the released InternImage recipe
+(road <- road, general lane marking, manhole; sidewalk <- sidewalk, curb; pole <- pole,
+utility pole; rider <- the three riders; one Vistas class for each other Cityscapes class).
+Every class not in the table becomes 255 (ignore).
 """
 
 from __future__ import annotations
@@ -52,45 +50,36 @@ VISTAS_V12_CLASSES = (
 )
 assert len(VISTAS_V12_CLASSES) == 66
 
+# The InternImage recipe's Vistas -> Cityscapes correspondence (its ``MapillaryHack``
+# transform, OpenGVLab/InternImage segmentation/mmseg_custom/datasets/pipelines/transform.py),
+# written by class name instead of v1.2 index. Deliberately narrow: lane markings other than
+# "general", crosswalks, curb cuts, bike lanes, bridges, sign frames, ... are ignored (255).
 VISTAS_TO_CITYSCAPES = {
-    "construction--barrier--curb": "sidewalk",
-    "construction--barrier--fence": "fence",
-    "construction--barrier--guard-rail": "fence",
-    "construction--barrier--wall": "wall",
-    "construction--flat--bike-lane": "road",
-    "construction--flat--crosswalk-plain": "road",
-    "construction--flat--curb-cut": "sidewalk",
-    "construction--flat--parking": "road",
-    "construction--flat--pedestrian-area": "sidewalk",
-    "construction--flat--rail-track": "road",
     "construction--flat--road": "road",
-    "construction--flat--service-lane": "road",
+    "marking--general": "road",
+    "object--manhole": "road",
+    "construction--barrier--curb": "sidewalk",
     "construction--flat--sidewalk": "sidewalk",
-    "construction--structure--bridge": "building",
     "construction--structure--building": "building",
-    "construction--structure--tunnel": "building",
+    "construction--barrier--wall": "wall",
+    "construction--barrier--fence": "fence",
+    "object--support--pole": "pole",
+    "object--support--utility-pole": "pole",
+    "object--traffic-light": "traffic light",
+    "object--traffic-sign--front": "traffic sign",
+    "nature--vegetation": "vegetation",
+    "nature--terrain": "terrain",
+    "nature--sky": "sky",
     "human--person": "person",
     "human--rider--bicyclist": "rider",
     "human--rider--motorcyclist": "rider",
     "human--rider--other-rider": "rider",
-    "marking--crosswalk-zebra": "road",
-    "marking--general": "road",
-    "nature--sand": "terrain",
-    "nature--sky": "sky",
-    "nature--snow": "terrain",
-    "nature--terrain": "terrain",
-    "nature--vegetation": "vegetation",
-    "object--support--pole": "pole",
-    "object--support--traffic-sign-frame": "traffic sign",
-    "object--support--utility-pole": "pole",
-    "object--traffic-light": "traffic light",
-    "object--traffic-sign--front": "traffic sign",
-    "object--vehicle--bicycle": "bicycle",
-    "object--vehicle--bus": "bus",
     "object--vehicle--car": "car",
-    "object--vehicle--motorcycle": "motorcycle",
-    "object--vehicle--on-rails": "train",
     "object--vehicle--truck": "truck",
+    "object--vehicle--bus": "bus",
+    "object--vehicle--on-rails": "train",
+    "object--vehicle--motorcycle": "motorcycle",
+    "object--vehicle--bicycle": "bicycle",
 }
 
 SPLITS = ("training", "validation", "testing")

@@ -1,0 +1,70 @@
+"""COCO-Stuff-164k semantic segmentation: 171 classes (80 things + 91 stuff), 255 ignored.
+
+The first stage of the released InternImage-H ADE20K recipe (Mask2Former pre-fine-tuned on
+COCO-Stuff-164k, then ADE20K). Layout: ``images/{train2017,val2017}/*.jpg`` with
+``annotations/{train2017,val2017}/``, holding either the release's ``stuffthingmaps`` PNGs
+(``<stem>.png``: COCO category id - 1, i.e. 0..181 with 11 ids never used, 255 unlabeled),
+mapped here to contiguous train ids 0..170, or already converted ``<stem>_labelTrainIds.png``
+files (mmsegmentation's converter), read as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.datasets.base import lookup_table
+
+# Stored ids 0..181 that no class uses (COCO's 11 unused thing/stuff category ids, minus 1).
+UNUSED_STORED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+STORED_TO_TRAIN_ID = {stored: train_id for train_id, stored in
+                      enumerate(i for i in range(182) if i not in UNUSED_STORED_IDS)}
+STUFFTHINGMAPS_LUT = lookup_table(STORED_TO_TRAIN_ID)
+
+COCO_STUFF_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
+    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush", "banner", "blanket", "branch", "bridge", "building-other", "bush",
+    "cabinet", "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth",
+    "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff",
+    "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
+    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel",
+    "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
+    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other",
+    "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock",
+    "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
+    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent",
+    "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other",
+    "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops",
+    "window-blind", "window-other", "wood",
+)
+assert len(COCO_STUFF_CLASSES) == len(STORED_TO_TRAIN_ID) == 171
+
+SPLITS = ("train2017", "val2017")
+
+
+def cocostuff_pairs(root: str | Path, split: str) -> list[tuple]:
+    """(image, label, lut) triples of ``split``; a missing label is an error, not a skip."""
+    if split not in SPLITS:
+        raise ValueError(f"cocostuff split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    label_dir = root / "annotations" / split
+    pairs = []
+    for image in sorted((root / "images" / split).glob("*.jpg")):
+        converted = label_dir / f"{image.stem}_labelTrainIds.png"
+        if converted.is_file():
+            pairs.append((image, converted, None))
+            continue
+        raw = label_dir / f"{image.stem}.png"
+        if not raw.is_file():
+            raise FileNotFoundError(f"no COCO-Stuff label for {image} (looked for "
+                                    f"{converted.name} and {raw.name} in {label_dir})")
+        pairs.append((image, raw, STUFFTHINGMAPS_LUT))
+    return pairs
