@@ -224,9 +224,13 @@ class SegmentationConfig:
     run: SegRunConfig = field(default_factory=SegRunConfig)
     init: str | None = None
     init_strict: bool = True
+    aux_weight: float = 0.0  # UperNet's auxiliary FCN head loss weight (0.4 released; 0: off)
 
     def __post_init__(self) -> None:
         check(self.head_channels >= 8, "head_channels", "must be >= 8")
+        check(self.aux_weight >= 0, "aux_weight", "must be >= 0")
+        check(self.aux_weight == 0 or self.head.kind == "upernet", "aux_weight",
+              "is UperNet's auxiliary head; set it to 0 for head.kind mask2former")
         check(self.poly_power > 0, "poly_power", "must be > 0")
 
 
@@ -420,7 +424,7 @@ def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Modu
         from finetune.upernet import UperNetSegmentor
 
         model = UperNetSegmentor(build_trunk(cfg.model, trunk_init), cfg.data.num_classes,
-                                 cfg.head_channels)
+                                 cfg.head_channels, cfg.aux_weight, IGNORE)
     if whole:
         _load_whole(model, str(init), strict=cfg.init_strict)
     return model
@@ -442,8 +446,8 @@ class _LossForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The wrapped model's loss."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        """The wrapped model's loss (a tensor, or a dict of loss terms)."""
         return self.model.loss(images, labels)
 
 
@@ -578,7 +582,8 @@ def _head_desc(cfg: SegmentationConfig) -> str:
     if h.kind == "mask2former":
         return (f"Mask2Former({h.num_queries} queries, {h.hidden_dim} dims, "
                 f"{h.decoder_layers} decoder layers)")
-    return f"UperNet({cfg.head_channels})"
+    aux = f" + auxiliary FCN head x{cfg.aux_weight}" if cfg.aux_weight else ""
+    return f"UperNet({cfg.head_channels}){aux}"
 
 
 def _init_desc(init: str | None) -> str:
@@ -605,10 +610,9 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * d.world_size))
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, total)
-    net = runtime.wrap_ddp(_LossForward(model) if cfg.head.kind == "mask2former" else model, d)
+    net = runtime.wrap_ddp(_LossForward(model), d)
     sampler = DistributedSampler(train_set, d.world_size, d.rank, seed=cfg.run.seed) \
         if d.world_size > 1 else None
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
     mask2former = cfg.head.kind == "mask2former"
 
     def batches(epoch: int):
@@ -624,7 +628,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
         images, labels = images.to(d.device), labels.to(d.device)
         if mask2former:  # class CE + mask BCE + dice, matched, with the auxiliary layers
             return {"loss_mask2former": net(images, labels)}
-        return {"loss_ce": criterion(net(images), labels)}
+        return net(images, labels)  # UperNet: loss_ce (+ weighted loss_aux)
 
     eval_every = cfg.run.eval_every or steps_per_epoch * 2
     return run_loop(name="segmentation", model=model, net=net, optimizer=optimizer,

@@ -5,6 +5,10 @@ Written from the paper's description: PPM pools the stride-32 map to 1/2/3/6 bin
 projects each, upsamples and concatenates with the map; lateral 1x1 convs + top-down
 addition + 3x3 convs form the FPN; all levels are upsampled to stride 4, concatenated
 and fused by a 3x3 conv before the 1x1 classifier.
+
+The released InternImage UperNet recipes also train an auxiliary FCN head (one 3x3 conv of
+256 channels, dropout 0.1, classifier) on the stride-16 stage with loss weight 0.4; it is
+used in training only (``aux_weight`` > 0).
 """
 
 from __future__ import annotations
@@ -66,18 +70,56 @@ class UperNetHead(nn.Module):
         return self.classifier(self.dropout(self.fuse(torch.cat(outs, 1))))
 
 
+class FCNAuxHead(nn.Module):
+    """The auxiliary head: 3x3 conv-BN-ReLU, dropout, 1x1 classifier (training only)."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(x)))
+
+
 class UperNetSegmentor(nn.Module):
-    """InternImage trunk + UperNet head; ``forward`` returns logits at input resolution.
+    """InternImage trunk + UperNet head; ``forward`` returns logits at input resolution,
+    ``loss`` the training loss (cross-entropy, plus ``aux_weight`` x the auxiliary head's).
 
     The trunk's stage maps are channels-last views; the head converts them once.
     """
 
-    def __init__(self, trunk: nn.Module, num_classes: int, channels: int = 512):
+    AUX_STAGE = 2  # stride 16, as the released recipes
+
+    def __init__(self, trunk: nn.Module, num_classes: int, channels: int = 512,
+                 aux_weight: float = 0.0, ignore_index: int = 255):
         super().__init__()
         self.backbone = trunk
         self.decode_head = UperNetHead(trunk.stage_channels, num_classes, channels)
+        self.aux_weight = aux_weight
+        self.auxiliary_head = (FCNAuxHead(trunk.stage_channels[self.AUX_STAGE], num_classes)
+                               if aux_weight > 0 else None)
+        self.ignore_index = ignore_index
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.contiguous() for f in self.backbone.forward_features(x)]
+
+    def _upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(logits, size, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [f.contiguous() for f in self.backbone.forward_features(x)]
-        logits = self.decode_head(feats)
-        return F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
+        return self._upsample(self.decode_head(self._features(x)), x.shape[-2:])
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss_ce`` of the decode head and, with the auxiliary head, ``loss_aux``
+        (already weighted): the training loss is their sum."""
+        feats = self._features(x)
+        logits = self._upsample(self.decode_head(feats), x.shape[-2:])
+        losses = {"loss_ce": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+        if self.auxiliary_head is not None:
+            aux = self._upsample(self.auxiliary_head(feats[self.AUX_STAGE]), x.shape[-2:])
+            losses["loss_aux"] = self.aux_weight * F.cross_entropy(
+                aux, labels, ignore_index=self.ignore_index)
+        return losses

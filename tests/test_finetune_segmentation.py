@@ -317,3 +317,24 @@ def test_a_whole_init_of_another_class_count_loads_all_but_the_predictor(tmp_pat
     assert differ == {"model.class_predictor.weight", "model.class_predictor.bias",
                       "model.criterion.empty_weight"}
     assert all(torch.equal(v, saved[k]) for k, v in state.items() if k not in differ)
+
+
+def test_upernet_auxiliary_head_adds_a_weighted_loss_and_is_left_out_of_inference():
+    from finetune.segmentation import SegmentationConfig, build_segmentor
+    from launch.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(SegmentationConfig, None, [*TINY, "aux_weight=0.4"])
+    model = build_segmentor(cfg)
+    x, labels = torch.randn(2, 3, 64, 64), torch.randint(0, cfg.data.num_classes, (2, 64, 64))
+    losses = model.loss(x, labels)
+    assert set(losses) == {"loss_ce", "loss_aux"}
+    model.auxiliary_head.classifier.weight.data.zero_()
+    model.auxiliary_head.classifier.bias.data.zero_()  # uniform aux logits: CE = log(C)
+    aux = model.loss(x, labels)["loss_aux"]
+    assert aux.item() == pytest.approx(0.4 * torch.log(torch.tensor(4.0)).item(), rel=1e-5)
+    assert model(x).shape == (2, cfg.data.num_classes, 64, 64)
+    plain = build_segmentor(load_config(SegmentationConfig, None, TINY))
+    assert plain.auxiliary_head is None and set(plain.loss(x, labels)) == {"loss_ce"}
+    with pytest.raises(ConfigError, match="aux_weight"):
+        load_config(SegmentationConfig, None, [*TINY, *M2F, "aux_weight=0.4"])

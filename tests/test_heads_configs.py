@@ -122,3 +122,19 @@ def test_imagenet22k_pretraining_presets(variant: str):
     assert cfg.run.epochs == 90
     follow_up = build(ClassificationConfig, _load(f"cls_internimage_{variant}_22kto1k_384.yaml"))
     assert follow_up.data.img_size == 384 and follow_up.model.name == cfg.model.name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("seg_upernet_*.yaml")))
+def test_upernet_presets_follow_the_released_mmseg_recipe(name: str):
+    cfg = build(SegmentationConfig, _load(name))
+    assert cfg.head.kind == "upernet" and cfg.head_channels == 512 and cfg.aux_weight == 0.4
+    assert (cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.warmup_ratio) == (
+        0.05, 1500, 1e-6)
+    assert cfg.poly_power == 1.0 and cfg.run.max_steps == 160_000
+    d = cfg.data
+    assert d.photometric and d.cat_max_ratio == 0.75 and tuple(d.ratio_range) == (0.5, 2.0)
+    assert d.scale_long == 4 * d.scale_short or d.kind == "cityscapes"
+    assert cfg.eval.mode == "whole" and cfg.eval.size_divisor == 32
+    large = cfg.model.name in ("internimage_l", "internimage_xl")
+    assert (cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.grad_clip) == (
+        (2e-5, 0.94, 0.1) if large else (6e-5, 1.0, 0.0))
