@@ -88,6 +88,26 @@ class EmaConfig:
 
 
 @dataclass
+class ClsOptimConfig(OptimConfig):
+    """``OptimConfig`` plus a warm-up given in epochs (the released recipes' unit)."""
+
+    # set: overrides optim.warmup_steps with int(warmup_epochs x steps per epoch) of the
+    # actual run, so the warm-up follows the dataset size and the number of processes
+    warmup_epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.warmup_epochs is None or self.warmup_epochs >= 0, "optim.warmup_epochs",
+              "must be >= 0 (or null: use optim.warmup_steps)")
+
+    def warmup(self, steps_per_epoch: int) -> int:
+        """Warm-up length in optimizer steps."""
+        if self.warmup_epochs is None:
+            return self.warmup_steps
+        return int(self.warmup_epochs * steps_per_epoch)
+
+
+@dataclass
 class ClsRunConfig(RunConfig):
     """``RunConfig`` with the digits demo's defaults (a partial section keeps them)."""
 
@@ -110,7 +130,7 @@ class ClassificationConfig:
     model: BackboneConfig = field(default_factory=BackboneConfig)
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     aug: ClsAugConfig = field(default_factory=ClsAugConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: ClsOptimConfig = field(default_factory=ClsOptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     run: ClsRunConfig = field(default_factory=ClsRunConfig)
     init: str | None = None
@@ -137,13 +157,19 @@ def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
-def build_scheduler(optimizer, cfg, total_steps: int):
-    """timm's cosine schedule, stepped per update, with linear warm-up."""
+def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):
+    """timm's cosine schedule, stepped per update, with linear warm-up.
+
+    As in the released InternImage classification code, the cosine spans the whole run and
+    the warm-up overlays its start (no warm-up prefix), so the lr reaches ``min_lr`` at the
+    last step; ``steps_per_epoch`` converts ``optim.warmup_epochs``.
+    """
     from timm.scheduler import CosineLRScheduler
 
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=cfg.optim.min_lr,
-                             warmup_t=cfg.optim.warmup_steps, warmup_lr_init=cfg.optim.lr * 1e-3,
-                             warmup_prefix=True, t_in_epochs=False)
+                             warmup_t=cfg.optim.warmup(steps_per_epoch),
+                             warmup_lr_init=cfg.optim.lr * 1e-3, warmup_prefix=False,
+                             t_in_epochs=False)
 
 
 def build_mixup(cfg: ClassificationConfig):
@@ -202,6 +228,8 @@ def dry_run(cfg: ClassificationConfig) -> int:
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay}",
+        "warm-up": (f"{cfg.optim.warmup_epochs} epochs" if cfg.optim.warmup_epochs is not None
+                    else f"{cfg.optim.warmup_steps} steps"),
         "layer decay": f"{cfg.optim.layer_decay} ({len(groups)} groups, lr scales "
                        f"{scales[0]:.3g}..{scales[-1]:.3g})",
         "aug": f"RandAugment {cfg.aug.auto_augment or 'off'}, RE {cfg.aug.re_prob}, "
@@ -244,7 +272,7 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     eval_every = cfg.run.eval_every or steps_per_epoch
     ckpt_every = cfg.run.checkpoint_every or eval_every
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
         if cfg.ema.enabled else None
     mixup = build_mixup(cfg)

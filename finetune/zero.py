@@ -232,7 +232,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
                                            dist_init_required=False)
     # timm's schedule drives the client optimizer's groups: ZeRO steps that same object
     # (its groups' params swapped for flat fp32 partitions), so per-group lr_scale holds
-    scheduler = build_scheduler(optimizer, cfg, total)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     zero3 = cfg.run.zero_stage == 3
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     mixup = build_mixup(cfg)

@@ -4,6 +4,7 @@ layer-wise lr decay groups; every real config validates with --dry-run."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,37 @@ def test_mixup_randaugment_path_runs(cache, tmp_path):
         *TINY, f"data.cache_dir={cache}", "run.max_steps=2", "run.eval_every=2",
         "aug.mixup=0.8", "aug.cutmix=1.0", "aug.re_prob=0.25", "optim.layer_decay=0.8"])
     assert "top1_ema" in train(cfg, tmp_path / "mix")
+
+
+def test_warmup_epochs_and_cosine_over_the_whole_run():
+    """optim.warmup_epochs counts in epochs of the actual run; as in the released InternImage
+    code the cosine spans the whole run with the warm-up laid over its start, so the last
+    step reaches min_lr."""
+    from finetune.classification import (
+        ClassificationConfig,
+        build_classifier,
+        build_optimizer,
+        build_scheduler,
+    )
+    from launch.config import load_config
+
+    cfg = load_config(ClassificationConfig, None,
+                      ["optim.warmup_epochs=2", "optim.lr=1e-3", "optim.min_lr=1e-5"])
+    opt = build_optimizer(build_classifier(cfg), cfg)
+    sched = build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=10)
+
+    def lr(step: int) -> float:
+        sched.step_update(step)
+        return max(g["lr"] for g in opt.param_groups)
+
+    assert lr(0) == pytest.approx(1e-6)                       # ramp from lr x 1e-3
+    assert lr(10) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)  # 20-step ramp, half-way
+    cosine_at_20 = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 20 / 100))
+    assert lr(20) == pytest.approx(cosine_at_20)
+    assert lr(100) == pytest.approx(1e-5)
+    assert cfg.optim.warmup(10) == 20
+    cfg = load_config(ClassificationConfig, None, ["optim.warmup_steps=7"])
+    assert cfg.optim.warmup(10) == 7                          # no warmup_epochs: steps
 
 
 def test_layer_decay_groups():
