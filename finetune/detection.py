@@ -374,13 +374,17 @@ def _optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     warm = {"warmup_t": cfg.optim.warmup_steps, "warmup_lr_init": cfg.optim.lr * 1e-3,
-            "warmup_prefix": True, "t_in_epochs": False}
+            "t_in_epochs": False}
     if cfg.schedule.kind == "step":
+        # mmdet's step policy (the released 1x/3x configs): the milestones count from step
+        # 0 (epochs 8/11 of 12, 27/33 of 36) and the warm-up overlays them, not shifts them
         sched = MultiStepLRScheduler(opt, decay_t=[int(m * total) for m in
                                                    cfg.schedule.milestones],
-                                     decay_rate=cfg.schedule.gamma, **warm)
+                                     decay_rate=cfg.schedule.gamma, warmup_prefix=False,
+                                     **warm)
     else:
-        sched = CosineLRScheduler(opt, t_initial=max(1, total), lr_min=cfg.optim.min_lr, **warm)
+        sched = CosineLRScheduler(opt, t_initial=max(1, total), lr_min=cfg.optim.min_lr,
+                                  warmup_prefix=True, **warm)
     return opt, sched
 
 

@@ -90,3 +90,22 @@ def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
                if any(id(p) in trunk for p in g["params"]))
     assert main(["finetune", "detection", "--dry-run", *args]) == 0
     assert "DINO(20 queries" in capsys.readouterr().out
+
+
+def test_step_schedule_milestones_are_not_shifted_by_the_warmup():
+    """mmdet's step policy (the released 1x/3x configs): the lr drops at the milestone
+    fraction of the run, the warm-up overlaying the first steps rather than delaying it."""
+    from finetune.detection import DetectionConfig, _optimizer_and_schedule, build_model
+    from launch.config import load_config
+
+    cfg = load_config(DetectionConfig, None, ["schedule.kind=step", "schedule.milestones=[0.5]",
+                                              "optim.warmup_steps=10", "optim.lr=1e-3"])
+    opt, sched = _optimizer_and_schedule(build_model(cfg, 3), cfg, 100)
+
+    def lr(step: int) -> float:
+        sched.step_update(step)
+        return max(g["lr"] for g in opt.param_groups)
+
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(40) == pytest.approx(1e-3)
+    assert lr(55) == pytest.approx(1e-4)  # a warm-up prefix would hold 1e-3 until step 60
