@@ -126,6 +126,29 @@ def test_matcher_finds_the_optimal_not_the_greedy_assignment():
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
 
 
+def test_box_sine_embedding_is_dinos_y_x_w_h_layout():
+    """The positional query's input is DINO's gen_sineembed_for_position layout: for each
+    coordinate, d_model // 2 features sin/cos-interleaved of 2 pi v / 10000 ** (2 (i // 2) / F),
+    the coordinates concatenated as (y, x, w, h), so ref_point_head weights from DINO fit."""
+    import math
+
+    model = _tiny()
+    feats = TINY_HEAD["d_model"] // 2
+
+    def sine(v: float) -> torch.Tensor:  # written out independently of both libraries
+        i = torch.arange(feats)
+        angle = 2 * math.pi * v / 10000 ** (2 * torch.div(i, 2, rounding_mode="floor") / feats)
+        return torch.where(i % 2 == 0, angle.sin(), angle.cos())
+
+    cx, cy, w, h = 0.3, 0.65, 0.2, 0.1
+    got = model.box_sine_embed(torch.tensor([[[cx, cy, w, h]]]))[0, 0]
+    assert got.shape == (2 * TINY_HEAD["d_model"],)
+    torch.testing.assert_close(got, torch.cat([sine(cy), sine(cx), sine(w), sine(h)]),
+                               rtol=1e-4, atol=1e-5)
+    # x first would differ: the test tells the two orders apart
+    assert not torch.allclose(got, torch.cat([sine(cx), sine(cy), sine(w), sine(h)]), atol=1e-3)
+
+
 def test_bad_inputs_fail_with_a_clear_message():
     with pytest.raises(ValueError, match="unknown keys"):
         build_dino("internimage_t", 3, backbone_kwargs=TINY_TRUNK, num_querys=5)

@@ -21,8 +21,9 @@ three changes. What is kept from libraries and what is written here:
   * look-forward-twice: layer i's box prediction is ``sigmoid(delta_i + logit(b_{i-1}))``
     with ``b_{i-1}`` the *undetached* refined box of layer i-1, so layer i's loss also
     reaches layer i-1's box head; the box fed to layer i for sampling stays detached;
-  * DINO's per-layer positional query: an MLP of the sine embedding of the current box,
-    a final decoder LayerNorm, and class/box heads shared across decoder layers.
+  * DINO's per-layer positional query: an MLP of the sine embedding of the current box
+    (transformers' embedding, coordinates reordered to DINO's y, x, w, h), a final decoder
+    LayerNorm, and class/box heads shared across decoder layers.
 
 Input/output follow torchvision's detection convention, so the detection entrypoint can use
 this head like its Mask R-CNN: ``model(images, targets)`` in training returns a dict of
@@ -193,6 +194,16 @@ class DinoDetector(nn.Module):
         return content, reference, enc_out
 
     # ------------------------------------------------------------ decoder
+    def box_sine_embed(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, Q, 4) cxcywh boxes in [0, 1] -> (B, Q, 2 * d_model) sine embedding, the input
+        of ``ref_point_head``: per coordinate ``d_model // 2`` interleaved sin/cos features
+        of ``2 * pi * v`` (temperature 10000), coordinates in DINO's order (y, x, w, h)."""
+        # transformers' get_proposal_pos_embed embeds (x, y, w, h) in that order, while DINO's
+        # gen_sineembed_for_position puts y first: swapping cx/cy here gives DINO's layout, so
+        # the first layer of a ref_point_head ported from DINO weights reads the right inputs.
+        # It takes logits (it applies the sigmoid itself), hence the inverse_sigmoid.
+        return self.detr.get_proposal_pos_embed(inverse_sigmoid(boxes[..., [1, 0, 2, 3]]))
+
     def _decode(self, content: torch.Tensor, reference: torch.Tensor, enc: dict,
                 self_attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder with look-forward-twice; (L, B, Q, C) logits and (L, B, Q, 4) cxcywh boxes."""
@@ -201,8 +212,7 @@ class DinoDetector(nn.Module):
         all_logits, all_boxes = [], []
         for layer in self.detr.decoder.layers:
             ref_input = ref[:, :, None] * ratios
-            query_pos = self.ref_point_head(
-                self.detr.get_proposal_pos_embed(inverse_sigmoid(ref_input[:, :, 0])))
+            query_pos = self.ref_point_head(self.box_sine_embed(ref_input[:, :, 0]))
             hidden = layer(hidden, query_pos, ref_input, enc["shapes"], enc["shapes_list"],
                            enc["start"], enc["memory"], enc["mask"], attention_mask=self_attn_mask)
             normed = self.decoder_norm(hidden)
