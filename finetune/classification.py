@@ -239,8 +239,21 @@ def dry_run(cfg: ClassificationConfig) -> int:
         "init": cfg.init or "random",
         "engine": (f"DeepSpeed ZeRO-{cfg.run.zero_stage}, {cfg.run.precision}"
                    if cfg.run.zero_stage else f"DDP/single, {cfg.run.precision}"),
+        "memory per GPU": _memory_line(cfg, model),  # last: consumes model
     })
     return 0
+
+
+def _memory_line(cfg: ClassificationConfig, model: nn.Module) -> str:
+    """Per-GPU memory of one training step at ``run.batch_size`` x ``data.img_size``."""
+    from finetune.memory import describe, memory_estimate
+
+    size, batch = cfg.data.img_size, cfg.run.batch_size
+    x = torch.empty(batch, 3, size, size, device="meta")
+    est = memory_estimate(model, lambda: model(x.to(next(model.parameters()).dtype)),
+                          precision=cfg.run.precision, checkpointing=cfg.model.with_cp,
+                          zero_stage=cfg.run.zero_stage, ema=cfg.ema.enabled)
+    return describe(est, batch, (size, size), cfg.model.with_cp, cfg.run.zero_stage)
 
 
 def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -> dict:

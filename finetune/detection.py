@@ -419,8 +419,41 @@ def dry_run(cfg: DetectionConfig) -> int:
         "schedule": cfg.schedule.kind + (f" at {cfg.schedule.milestones}"
                                          if cfg.schedule.kind == "step" else ""),
         "init": cfg.init or "random",
+        "memory per GPU": _memory_line(cfg, model),  # last: consumes model
     })
     return 0
+
+
+def _probe_size(cfg: DetectionConfig) -> tuple[int, int]:
+    """A 4:3 COCO-like image at the largest training size, as the transform resizes and pads
+    it: short side max(train_sizes), long side capped at max_size, both up to 32."""
+    dino = cfg.head.kind == "dino"
+    sizes, max_size = ((cfg.head.train_sizes, cfg.head.max_size) if dino
+                       else (cfg.detector.train_sizes, cfg.detector.max_size))
+    short = max(sizes)
+    long = round(short * 4 / 3)
+    if long > max_size:
+        short, long = round(short * max_size / long), max_size
+    return math.ceil(short / 32) * 32, math.ceil(long / 32) * 32
+
+
+def _memory_line(cfg: DetectionConfig, model: nn.Module) -> str:
+    """Per-GPU memory of one training step: the backbone (+ FPN for Mask R-CNN, + the
+    deformable encoder for DINO) measured at ``_probe_size``; detection heads not counted."""
+    from finetune.memory import describe, memory_estimate
+
+    batch, size = cfg.run.batch_size, _probe_size(cfg)
+    x = torch.empty(batch, 3, *size, device="meta")
+    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+    if cfg.head.kind == "dino":
+        mask = torch.ones(batch, *size, dtype=torch.long, device="meta")
+        probe, scope = (lambda: model._encode(x.to(dtype), mask)), "decoder and losses not counted"
+    else:
+        probe, scope = (lambda: model.backbone(x.to(dtype))), "RPN and RoI heads not counted"
+    est = memory_estimate(model, probe, precision=cfg.run.precision,
+                          checkpointing=cfg.model.with_cp,
+                          training_probe=cfg.head.kind != "dino")
+    return describe(est, batch, size, cfg.model.with_cp, scope=scope)
 
 
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:

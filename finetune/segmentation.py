@@ -553,8 +553,30 @@ def _optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: in
     return opt, sched
 
 
+def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
+    """Per-GPU memory of one training step at ``run.batch_size`` x ``data.crop_size``."""
+    from finetune.memory import describe, memory_estimate
+
+    d, batch = cfg.data, cfg.run.batch_size
+    x = torch.empty(batch, 3, *d.crop_size, device="meta")
+    labels = torch.zeros(batch, *d.crop_size, dtype=torch.long, device="meta")
+    mask2former = cfg.head.kind == "mask2former"
+
+    def probe():
+        images = x.to(next(model.parameters()).dtype)  # the probe's dtype, set by the estimate
+        if mask2former:  # the head's forward up to the per-query outputs
+            return model.model(pixel_values=images)
+        return model.loss(images, labels)
+
+    scope = "Mask2Former loss (point-sampled) not counted" if mask2former else ""
+    est = memory_estimate(model, probe, precision=cfg.run.precision,
+                          checkpointing=cfg.model.with_cp,
+                          training_probe=not mask2former)
+    return describe(est, batch, d.crop_size, cfg.model.with_cp, scope=scope)
+
+
 def dry_run(cfg: SegmentationConfig) -> int:
-    """Build on the meta device and print the plan."""
+    """Build on the meta device and print the plan (with a per-GPU memory estimate)."""
     with torch.device("meta"):
         model = build_segmentor(cfg)
     d = cfg.data
@@ -573,6 +595,7 @@ def dry_run(cfg: SegmentationConfig) -> int:
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} layer decay "
                      f"{cfg.optim.layer_decay}; poly power {cfg.poly_power}",
         "init": _init_desc(cfg.init),
+        "memory per GPU": _memory_line(cfg, model),  # last: consumes model
     })
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,14 @@ def test_real_configs_dry_run(config, capsys):
     if init and init.startswith("runs/"):  # a stage-2 preset: stage 1's output is not here
         extra = ["init=null"]
     assert main(["finetune", task, "--config", str(config), "--dry-run", *extra]) == 0
-    assert "parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "parameters" in out
+    memory = re.search(r"memory per GPU +~([0-9.]+) GiB = states ([0-9.]+) .* activations "
+                       r"([0-9.]+)", out)
+    assert memory, out
+    total, states, activations = map(float, memory.groups())
+    assert states > 0 and activations > 0 and total == pytest.approx(states + activations,
+                                                                      abs=0.02)
 
 
 def test_bad_config_fails_before_compute(capsys):

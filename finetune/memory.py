@@ -1,0 +1,49 @@
+"""The per-GPU memory line of the fine-tuning dry runs: model states (AdamW, DDP or ZeRO)
+plus activations measured on the meta device (models/memory.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.memory import (
+    DDP_ADAMW_BYTES_PER_PARAM,
+    GiB,
+    largest_layer_params,
+    measure_saved_bytes,
+    model_state_bytes,
+)
+
+ASSUMED_GPUS = 8  # ZeRO shards over the data-parallel group; a dry run does not know its size
+
+
+def memory_estimate(model: nn.Module, run: Callable[[], object], *, precision: str,
+                    checkpointing: bool, zero_stage: int = 0, ema: bool = False,
+                    training_probe: bool = True) -> dict[str, float]:
+    """GiB per GPU: ``states`` (weights, gradients, AdamW moments, EMA copy), ``activations``
+    (what autograd keeps for backward of ``run()``, with or without block checkpointing) and
+    ``total``. ``model`` must be on the meta device and is consumed (cast for the probe)."""
+    params = sum(p.numel() for p in model.parameters())
+    if zero_stage:
+        states, _ = model_state_bytes(params, largest_layer_params(model), ASSUMED_GPUS,
+                                      ASSUMED_GPUS, zero_stage, offload=False)
+    else:
+        states = DDP_ADAMW_BYTES_PER_PARAM * params
+    states += 4 * params if ema else 0
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    plain, ckpt = measure_saved_bytes(model, run, dtype, training=training_probe)
+    activations = ckpt if checkpointing else plain
+    return {"states": states / GiB, "activations": activations / GiB,
+            "total": (states + activations) / GiB}
+
+
+def describe(est: dict[str, float], batch: int, size: tuple[int, int], checkpointing: bool,
+             zero_stage: int = 0, scope: str = "") -> str:
+    """One dry-run line for ``memory_estimate``'s result."""
+    states = f"ZeRO-{zero_stage} over {ASSUMED_GPUS} GPUs" if zero_stage else "DDP AdamW"
+    cp = "with" if checkpointing else "without"
+    return (f"~{est['total']:.2f} GiB = states {est['states']:.2f} ({states}) + activations "
+            f"{est['activations']:.2f} (batch {batch} at {size[0]}x{size[1]}, {cp} "
+            f"checkpointing{'; ' + scope if scope else ''}; measured on the meta device)")

@@ -1,0 +1,53 @@
+"""Memory estimates of the dry runs: model states by formula/DeepSpeed, activations measured
+on the meta device (no memory allocated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.memory import memory_estimate
+from models import build_model
+from models.memory import GiB
+
+TINY = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), num_classes=10)
+
+
+def _estimate(batch: int, size: int = 64, **kwargs) -> dict[str, float]:
+    with torch.device("meta"):
+        model = build_model("internimage_t", **{**TINY, "depths": kwargs.pop("depths",
+                                                                             TINY["depths"])})
+    x = torch.empty(batch, 3, size, size, device="meta")
+    return memory_estimate(model, lambda: model(x.to(next(model.parameters()).dtype)),
+                           precision=kwargs.pop("precision", "bf16"), **kwargs)
+
+
+def test_ddp_states_are_sixteen_bytes_per_parameter_and_ema_adds_a_copy():
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model("internimage_t", **TINY).parameters())
+    plain = _estimate(2, checkpointing=False)
+    assert plain["states"] == pytest.approx(16 * params / GiB)
+    assert _estimate(2, checkpointing=False, ema=True)["states"] == pytest.approx(
+        20 * params / GiB)
+    assert plain["total"] == pytest.approx(plain["states"] + plain["activations"])
+
+
+def test_activations_scale_with_batch_and_pixels_and_precision():
+    base = _estimate(2, checkpointing=False)["activations"]
+    assert _estimate(4, checkpointing=False)["activations"] == pytest.approx(2 * base, rel=0.02)
+    assert _estimate(2, size=128, checkpointing=False)["activations"] == pytest.approx(
+        4 * base, rel=0.05)
+    assert _estimate(2, checkpointing=False, precision="fp32")["activations"] == pytest.approx(
+        2 * base, rel=0.02)
+
+
+def test_block_checkpointing_keeps_less_for_backward():
+    # 12 blocks: each keeps only its input, plus one block's activations during recompute
+    plain = _estimate(2, checkpointing=False, depths=(2, 2, 6, 2))["activations"]
+    ckpt = _estimate(2, checkpointing=True, depths=(2, 2, 6, 2))["activations"]
+    assert 0 < ckpt < 0.6 * plain
+
+
+def test_zero_sharding_lowers_the_states_per_gpu():
+    ddp = _estimate(2, checkpointing=False)["states"]
+    assert _estimate(2, checkpointing=False, zero_stage=3)["states"] < ddp
