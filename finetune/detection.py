@@ -150,10 +150,17 @@ class DetHeadConfig:
 # class's own defaults, so a default_factory on the parent field would be lost.
 @dataclass
 class DetOptimConfig(OptimConfig):
-    """``OptimConfig`` with the detection demo's defaults."""
+    """``OptimConfig`` with the detection demo's defaults; ``head_offset_lr_mult`` scales the
+    lr of the head's deformable-attention ``sampling_offsets`` / ``reference_points`` (DINO;
+    the released recipe's ``offset_lr_scale``)."""
 
     lr: float = 1e-3
     warmup_steps: int = 50
+    head_offset_lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.head_offset_lr_mult > 0, "optim.head_offset_lr_mult", "must be > 0")
 
 
 @dataclass
@@ -369,7 +376,8 @@ def _optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
     groups = param_groups(model, list(cfg.model.depths or _variant_depths(cfg)),
                           cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult,
                           backbone_prefix=getattr(model, "backbone_prefix", "backbone.body."),
-                          backbone_lr_mult=cfg.optim.backbone_lr_mult)
+                          backbone_lr_mult=cfg.optim.backbone_lr_mult,
+                          head_offset_lr_mult=cfg.optim.head_offset_lr_mult)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))

@@ -16,6 +16,7 @@ import re
 from torch import nn
 
 DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.mask.")
+HEAD_OFFSET_LAYERS = ("sampling_offsets", "reference_points")
 _BLOCK = re.compile(r"levels\.(\d+)\.blocks\.(\d+)\.")
 _LEVEL = re.compile(r"levels\.(\d+)\.")
 
@@ -46,7 +47,8 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
                  layer_decay: float = 1.0, dcn_lr_mult: float = 1.0,
                  backbone_prefix: str = "", backbone_lr_mult: float = 1.0,
-                 layer0_patterns: tuple[str, ...] = ()) -> list[dict]:
+                 layer0_patterns: tuple[str, ...] = (),
+                 head_offset_lr_mult: float = 1.0) -> list[dict]:
     """Groups keyed by (layer, decay?, dcn?) with an ``lr_scale`` that timm's schedulers
     multiply into each group's lr.
 
@@ -56,6 +58,9 @@ def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
     ``layer0_patterns``: head parameters whose name contains one of these get layer 0's
     (smallest) scale instead, as the released Mask2Former recipes do for the query
     embeddings, level embedding and class/mask predictors.
+    ``head_offset_lr_mult``: lr multiplier of head parameters named ``sampling_offsets`` /
+    ``reference_points`` (deformable-attention offsets; the released DINO recipe's
+    ``offset_lr_scale``).
     """
     num_layers = sum(depths) + 1
     groups: dict[tuple[int, bool, bool], dict] = {}
@@ -70,11 +75,13 @@ def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
             lid = 0 if any(pat in name for pat in layer0_patterns) else num_layers
         decay = not no_weight_decay(name, p)
         dcn = any(s in f".{name}" for s in DCN_SAMPLING_LAYERS)
-        key = (lid, decay, dcn, in_backbone)
+        offset = not in_backbone and any(s in name for s in HEAD_OFFSET_LAYERS)
+        key = (lid, decay, dcn, in_backbone, offset)
         if key not in groups:
             scale = layer_decay ** (num_layers - lid)
             scale *= dcn_lr_mult if dcn else 1.0
             scale *= backbone_lr_mult if in_backbone else 1.0
+            scale *= head_offset_lr_mult if offset else 1.0
             groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay
                            else 0.0, "lr_scale": scale, "layer_id": lid}
         groups[key]["params"].append(p)

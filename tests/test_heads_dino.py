@@ -165,3 +165,21 @@ def test_configs_name_only_known_head_keys(name):
     head = dict(cfg["head"])
     assert head.pop("kind") == "dino"
     assert not set(head) - set(DEFAULTS)
+
+
+def test_head_sampling_offsets_get_their_own_lr_multiplier_backbone_dcn_does_not():
+    """The released DINO recipe's offset_lr_scale: the transformer's deformable-attention
+    offsets at lr x 1e-3; the trunk's DCNv3 offset/mask layers follow optim.dcn_lr_mult."""
+    from finetune.lr_decay import param_groups
+
+    model = _tiny()
+    groups = param_groups(model, list(TINY_TRUNK["depths"]), 0.05, dcn_lr_mult=0.5,
+                          backbone_prefix=model.backbone_prefix, head_offset_lr_mult=1e-3)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    offsets = [n for n in scale if "sampling_offsets" in n]
+    assert offsets and all(scale[n] == pytest.approx(1e-3) for n in offsets)
+    trunk_dcn = [n for n in scale if n.startswith(model.backbone_prefix) and ".dcn.offset." in n]
+    assert trunk_dcn and all(scale[n] == pytest.approx(0.5) for n in trunk_dcn)
+    others = [n for n in scale if not n.startswith(model.backbone_prefix)
+              and "sampling_offsets" not in n]
+    assert others and all(scale[n] == 1.0 for n in others)
