@@ -21,13 +21,17 @@ from tqdm import tqdm
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.lr_decay import param_groups
+from pretrain.data.config import S3Config
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ClsDataConfig:
-    """``demo`` (digits shards), ``imagefolder`` (root/train, root/val) or ``shards``."""
+    """``demo`` (digits shards), ``imagefolder`` (root/train, root/val), ``shards`` (small
+    sets, held in memory) or ``stream`` (shards read on the fly; an epoch is
+    ``train_samples`` samples; ``shuffle_buffer`` samples per worker are mixed; the val
+    shards are held in memory). ``s3``: object-storage access for s3:// shard URLs."""
 
     kind: str = "demo"
     root: str = ""
@@ -39,14 +43,23 @@ class ClsDataConfig:
     img_size: int = 32
     source_size: int = 32  # demo: pixel size of the generated digit shards
     cache_dir: str = "~/.cache/internimage"
+    train_samples: int = 0  # stream: samples per epoch (the size of the training set)
+    shuffle_buffer: int = 2000  # stream: per-worker sample shuffle buffer
+    s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
-        check(self.kind in ("demo", "imagefolder", "shards"), "data.kind",
-              f"must be demo|imagefolder|shards, got {self.kind!r}")
+        check(self.kind in ("demo", "imagefolder", "shards", "stream"), "data.kind",
+              f"must be demo|imagefolder|shards|stream, got {self.kind!r}")
+        check(self.kind != "stream" or self.train_samples > 0, "data.train_samples",
+              "is required for data.kind=stream (samples per epoch, e.g. 14197122 for "
+              "ImageNet-22K)")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
         check(self.kind != "imagefolder" or bool(self.root), "data.root",
               "is required for data.kind=imagefolder")
-        check(self.kind != "shards" or (bool(self.train_urls) and bool(self.val_urls)),
-              "data.train_urls", "data.train_urls and data.val_urls are required for shards")
+        check(self.kind not in ("shards", "stream") or (bool(self.train_urls) and
+                                                        bool(self.val_urls)),
+              "data.train_urls", f"data.train_urls and data.val_urls are required for "
+              f"{self.kind}")
         check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
         check(self.img_size >= 16, "data.img_size", "must be >= 16")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
@@ -260,7 +273,7 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     """Fine-tune; returns the last evaluation metrics."""
     from timm.utils import ModelEmaV3
 
-    from finetune.cls_data import build_datasets, build_loaders
+    from finetune.cls_data import build_datasets, build_loaders, epoch_batches
     from finetune.init import load_init
 
     if cfg.run.zero_stage:  # L/XL/H: DeepSpeed engine, its own checkpoints (finetune/zero.py)
@@ -310,13 +323,12 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     net.train()
     while step < total:
         epoch = step // max(1, steps_per_epoch)
-        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch)
+        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
+        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch,
+                                                          skip)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
-        for i, (images, labels) in enumerate(train_loader):
-            if i < skip:
-                continue
+        for images, labels in epoch_batches(train_loader, skip):
             images, labels = images.to(d.device), labels.to(d.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)

@@ -1,9 +1,13 @@
-"""Classification data: an ImageFolder tree or webdataset shards (``jpg``/``cls`` members),
-with timm's transforms. No ``data.kind`` set: the built-in digits demo shards."""
+"""Classification data: an ImageFolder tree, webdataset shards held in memory (small sets)
+or streamed (``stream``: finetune/cls_stream.py), with timm's transforms. Shards hold an
+image (``jpg``/``jpeg``/``png``/``webp``) and a ``cls`` member per sample and may be local,
+s3:// (``data.s3``), brace patterns or ``.txt`` lists. No ``data.kind`` set: the built-in
+digits demo shards."""
 
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import torch
@@ -11,23 +15,38 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.runtime import Dist
+from pretrain.data.config import S3Config
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataset(Dataset):
     """A (small) shard set read fully into memory as encoded bytes: map-style, so epochs,
-    shuffling, DDP sampling and resume are exact. ImageNet-size sets: use an ImageFolder
-    tree (streaming large shard sets is not implemented yet)."""
+    shuffling, DDP sampling and resume are exact. Large sets: ``data.kind=stream``.
+    Samples without an image or a readable label are skipped and counted (``skipped``)."""
 
-    def __init__(self, urls: list[str], transform, image_key: str = "jpg",
+    def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
                  label_key: str = "cls"):
-        import webdataset as wds
+        from finetune.cls_stream import IMAGE_KEYS
+        from pretrain.data.decode import pick_member
+        from pretrain.data.sources import expand_urls, read_shard
+        from pretrain.data.stats import SkipCounter
 
+        s3 = s3 or S3Config()
         self.items: list[tuple[bytes, int]] = []
-        # every rank reads every shard (the sampler splits the samples), so no node
-        # splitter: webdataset's default refuses to run once a process group exists
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                     nodesplitter=None):
-            self.items.append((sample[image_key], int(sample[label_key])))
+        self.skipped = 0
+        counter = SkipCounter()
+        # every rank reads every shard: the sampler splits the samples
+        for url in expand_urls(urls, s3):
+            for raw in read_shard(url, "shards", s3, counter):
+                image, label = pick_member(raw, IMAGE_KEYS), raw.get(label_key)
+                try:
+                    self.items.append((image, int(label.decode().strip())))
+                except (AttributeError, UnicodeDecodeError, ValueError):
+                    self.skipped += 1
+        if self.skipped:
+            log.warning("data: %d samples without an image or a readable %r label skipped in "
+                        "%s", self.skipped, label_key, urls[:3])
         if not self.items:
             raise ValueError(f"data: no samples in {urls[:3]}")
         self.transform = transform
@@ -74,21 +93,33 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
                 ImageFolder(str(Path(d.root) / d.val_split), val_tf))
     if d.kind == "demo":
         train_urls, val_urls = demo_urls(d.cache_dir, d.source_size)
-    else:
-        from braceexpand import braceexpand
+        return ShardDataset(train_urls, train_tf), ShardDataset(val_urls, val_tf)
+    val = ShardDataset(d.val_urls, val_tf, d.s3)
+    if d.kind == "stream":
+        from finetune.cls_stream import StreamingShards
 
-        train_urls = [u for p in d.train_urls for u in braceexpand(p)]
-        val_urls = [u for p in d.val_urls for u in braceexpand(p)]
-    return ShardDataset(train_urls, train_tf), ShardDataset(val_urls, val_tf)
+        return StreamingShards(d.train_urls, train_tf, d.train_samples, cfg.run.batch_size,
+                               cfg.run.seed, d.shuffle_buffer, d.s3), val
+    return ShardDataset(d.train_urls, train_tf, d.s3), val
 
 
-def build_loaders(cfg, d: Dist, train_set: Dataset, val_set: Dataset, epoch: int = 0):
-    """DataLoaders (DistributedSampler when several ranks); returns (train, val, sampler)."""
+def build_loaders(cfg, d: Dist, train_set: Dataset, val_set: Dataset, epoch: int = 0,
+                  skip: int = 0):
+    """DataLoaders (DistributedSampler when several ranks); returns (train, val, sampler).
+
+    ``skip``: batches of ``epoch`` already trained (resume); a streaming set skips them in
+    its workers, without decoding (iterate with ``epoch_batches``)."""
+    from finetune.cls_stream import StreamingShards
+
+    streaming = isinstance(train_set, StreamingShards)
+    if streaming:
+        train_set.set_epoch(epoch, skip)
     sampler = (DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
                                   seed=cfg.run.seed, drop_last=True)
-               if d.world_size > 1 else None)
+               if d.world_size > 1 and not streaming else None)
     g = torch.Generator().manual_seed(cfg.run.seed + epoch)
-    train = DataLoader(train_set, batch_size=cfg.run.batch_size, shuffle=sampler is None,
+    train = DataLoader(train_set, batch_size=cfg.run.batch_size,
+                       shuffle=sampler is None and not streaming,
                        sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
                        generator=g, persistent_workers=False)
     val_sampler = (DistributedSampler(val_set, d.world_size, d.rank, shuffle=False)
@@ -96,3 +127,16 @@ def build_loaders(cfg, d: Dist, train_set: Dataset, val_set: Dataset, epoch: int
     val = DataLoader(val_set, batch_size=cfg.run.batch_size * 2, shuffle=False,
                      sampler=val_sampler, num_workers=cfg.run.num_workers)
     return train, val, sampler
+
+
+def epoch_batches(loader: DataLoader, skip: int = 0):
+    """The epoch's batches from index ``skip`` on: a streaming set has skipped them in its
+    workers already (``build_loaders``); a map-style one is skipped here."""
+    from finetune.cls_stream import StreamingShards
+
+    if isinstance(loader.dataset, StreamingShards):
+        yield from loader
+        return
+    for i, batch in enumerate(loader):
+        if i >= skip:
+            yield batch

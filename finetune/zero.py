@@ -179,7 +179,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         build_optimizer,
         build_scheduler,
     )
-    from finetune.cls_data import build_datasets, build_loaders
+    from finetune.cls_data import build_datasets, build_loaders, epoch_batches
     from finetune.init import load_init
     from models import CheckpointError
     from pretrain.checkpoint import (
@@ -259,13 +259,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     saved = step
     while step < total:
         epoch = step // max(1, steps_per_epoch)
-        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch)
+        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
+        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch,
+                                                          skip)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
-        for i, (images, labels) in enumerate(train_loader):
-            if i < skip:
-                continue
+        for images, labels in epoch_batches(train_loader, skip):
             images, labels = images.to(d.device), labels.to(d.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)
