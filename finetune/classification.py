@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
@@ -273,7 +272,8 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     """Fine-tune; returns the last evaluation metrics."""
     from timm.utils import ModelEmaV3
 
-    from finetune.cls_data import build_datasets, build_loaders, epoch_batches
+    from finetune.cls_data import build_datasets
+    from finetune.cls_loop import ClsSteps, run_classification
     from finetune.init import load_init
 
     if cfg.run.zero_stage:  # L/XL/H: DeepSpeed engine, its own checkpoints (finetune/zero.py)
@@ -295,15 +295,13 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     model.to(d.device)
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
-    eval_every = cfg.run.eval_every or steps_per_epoch
-    ckpt_every = cfg.run.checkpoint_every or eval_every
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
         if cfg.ema.enabled else None
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
-    step, last_eval = 0, {}
+    step = 0
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     resume_path = runtime.resolve_resume(resume, out_dir)
     if resume_path is not None:
@@ -317,51 +315,38 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
         scheduler.step_update(step)
         log.info("resumed from %s at step %d", resume_path, step)
     net = runtime.wrap_ddp(model, d)
-    metrics = runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main)
-    bar = tqdm(total=total, initial=step, disable=not (d.is_main and cfg.run.progress),
-               desc="classification", dynamic_ncols=True)
     net.train()
-    while step < total:
-        epoch = step // max(1, steps_per_epoch)
-        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
-        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch,
-                                                          skip)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for images, labels in epoch_batches(train_loader, skip):
-            images, labels = images.to(d.device), labels.to(d.device)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            with torch.autocast(d.device.type, torch.bfloat16,
-                                enabled=cfg.run.precision == "bf16"):
-                loss = criterion(net(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == 1:
-                lr = max(g["lr"] for g in optimizer.param_groups)
-                metrics.write(step=step, epoch=epoch, loss=loss.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % eval_every == 0 or step == total:
-                last_eval = evaluate(net, val_loader, d)
-                if ema is not None:
-                    e = evaluate(ema.module, val_loader, d)
-                    last_eval.update(top1_ema=e["top1"], top5_ema=e["top5"])
-                metrics.write(step=step, epoch=epoch, **last_eval)
-                log.info("step %d: %s", step, last_eval)
-            if d.is_main and (step % ckpt_every == 0 or step == total):
-                runtime.save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "ema": ema.module.state_dict() if ema is not None else None,
-                    "step": step, "rng": torch.get_rng_state()})
-            if step >= total:
-                break
-    bar.close()
-    return last_eval
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(d.device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16"):
+            loss = criterion(net(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        return loss
+
+    def evaluate_all(val_loader) -> dict:
+        result = evaluate(net, val_loader, d)
+        if ema is not None:
+            e = evaluate(ema.module, val_loader, d)
+            result.update(top1_ema=e["top1"], top5_ema=e["top5"])
+        return result
+
+    def save(step: int) -> None:
+        if d.is_main:
+            runtime.save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
+                "step": step, "rng": torch.get_rng_state()})
+
+    def after_step(step: int) -> None:
+        if ema is not None:
+            ema.update(model, step=step)
+
+    steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
+    return run_classification(
+        cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
+        mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
+        metrics=runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main), desc="classification")

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from finetune import runtime
 
@@ -179,7 +178,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         build_optimizer,
         build_scheduler,
     )
-    from finetune.cls_data import build_datasets, build_loaders, epoch_batches
+    from finetune.cls_data import build_datasets
+    from finetune.cls_loop import ClsSteps, run_classification
     from finetune.init import load_init
     from models import CheckpointError
     from pretrain.checkpoint import (
@@ -217,8 +217,6 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     runtime.seed_everything(cfg.run.seed + d.rank)
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
-    eval_every = cfg.run.eval_every or steps_per_epoch
-    ckpt_every = cfg.run.checkpoint_every or eval_every
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
         # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers
@@ -237,7 +235,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
-    step, last_eval = 0, {}
+    step = 0
     if resume_dir is not None:
         path, _ = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
         if path is None:
@@ -252,49 +250,32 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     shared = {"world_size": d.world_size, "model_hash": mhash,
               "zero_stage": cfg.run.zero_stage}
-    metrics = runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main)
-    bar = tqdm(total=total, initial=step, disable=not (d.is_main and cfg.run.progress),
-               desc=f"classification ZeRO-{cfg.run.zero_stage}", dynamic_ncols=True)
     engine.train()
-    saved = step
-    while step < total:
-        epoch = step // max(1, steps_per_epoch)
-        skip = step - epoch * steps_per_epoch  # mid-epoch resume: skip consumed batches
-        train_loader, val_loader, sampler = build_loaders(cfg, d, train_set, val_set, epoch,
-                                                          skip)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for images, labels in epoch_batches(train_loader, skip):
-            images, labels = images.to(d.device), labels.to(d.device)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            loss = criterion(engine(images.to(dtype)).float(), labels)
-            engine.backward(loss)
-            engine.step()  # clips (gradient_clipping) and zeroes the gradients
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(engine.module, step, zero3)
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == 1:
-                lr = max(g["lr"] for g in optimizer.param_groups)
-                metrics.write(step=step, epoch=epoch, loss=loss.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % eval_every == 0 or step == total:
-                last_eval = evaluate(engine, val_loader, d, dtype, cfg.data.img_size)
-                if ema is not None:  # a full fp32 copy on every rank: no ZeRO collectives
-                    e = evaluate(ema.module, val_loader, d, torch.float32, cfg.data.img_size)
-                    last_eval.update(top1_ema=e["top1"], top5_ema=e["top5"])
-                metrics.write(step=step, epoch=epoch, **last_eval)
-                if d.is_main:
-                    log.info("step %d: %s", step, last_eval)
-            if step % ckpt_every == 0 or step == total:
-                _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
-                saved = step
-            if step >= total:
-                break
-    if saved != step:
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = criterion(engine(images.to(dtype)).float(), labels)
+        engine.backward(loss)
+        engine.step()  # clips (gradient_clipping) and zeroes the gradients
+        return loss
+
+    def after_step(step: int) -> None:
+        if ema is not None:
+            ema.update(engine.module, step, zero3)
+
+    def evaluate_all(val_loader) -> dict:
+        result = evaluate(engine, val_loader, d, dtype, cfg.data.img_size)
+        if ema is not None:  # a full fp32 copy on every rank: no ZeRO collectives
+            e = evaluate(ema.module, val_loader, d, torch.float32, cfg.data.img_size)
+            result.update(top1_ema=e["top1"], top5_ema=e["top5"])
+        return result
+
+    def save(step: int) -> None:  # every rank writes its shard
         _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
-    bar.close()
-    return last_eval
+
+    steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
+    return run_classification(
+        cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
+        mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
+        metrics=runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main),
+        desc=f"classification ZeRO-{cfg.run.zero_stage}")
 
