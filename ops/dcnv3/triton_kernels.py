@@ -90,6 +90,22 @@ def _load_weights(mask_ptr, p, g, G, pvalid, cols, K: tl.constexpr, SOFTMAX: tl.
     return m
 
 
+@triton.jit
+def _sample_point(p, k, offset_ptr, G, g, pvalid, lane, cols, weights, H, W, Ho, Wo, stride,
+                  pad, dilation, offset_scale, KS: tl.constexpr, ACC_F64: tl.constexpr):
+    """Point k of a block, as both kernels use it: top-left pixel index, its weight, the
+    bilinear fractions and complements, and the (BLOCK_P, BLOCK_C) masks of the 4 corners."""
+    pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
+        p, k, offset_ptr, G, g, pvalid, H, W, Ho, Wo, stride, pad, dilation, offset_scale,
+        KS, ACC_F64)
+    wk = tl.sum(tl.where(cols[None, :] == k, weights, 0.0), axis=1)
+    m00 = lane & (vy0 & vx0)[:, None]
+    m01 = lane & (vy0 & vx1)[:, None]
+    m10 = lane & (vy1 & vx0)[:, None]
+    m11 = lane & (vy1 & vx1)[:, None]
+    return pix00, wk, lx, ly, 1.0 - lx, 1.0 - ly, m00, m01, m10, m11
+
+
 @triton.autotune(configs=_configs(), key=["GC", "KS"])
 @triton.jit
 def dcnv3_fwd_kernel(
@@ -110,21 +126,17 @@ def dcnv3_fwd_kernel(
     chan = (g * GC + c)[None, :]
     cols = tl.arange(0, BLOCK_K)
     weights = _load_weights(mask_ptr, p, g, G, pvalid, cols, K, SOFTMAX, ACC_F64)
+    lane = pvalid[:, None] & cvalid[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in range(K):
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            p, k, offset_ptr, G, g, pvalid, H, W, Ho, Wo, stride, pad, dilation,
-            offset_scale, KS, ACC_F64)
-        wk = tl.sum(tl.where(cols[None, :] == k, weights, 0.0), axis=1)
-        hx = 1.0 - lx
-        hy = 1.0 - ly
+        pix00, wk, lx, ly, hx, hy, m00, m01, m10, m11 = _sample_point(
+            p, k, offset_ptr, G, g, pvalid, lane, cols, weights, H, W, Ho, Wo, stride, pad,
+            dilation, offset_scale, KS, ACC_F64)
         base = x_ptr + pix00[:, None] * C + chan
-        lane = pvalid[:, None] & cvalid[None, :]
-        v00 = tl.load(base, mask=lane & (vy0 & vx0)[:, None], other=0.0).to(acc_ty)
-        v01 = tl.load(base + C, mask=lane & (vy0 & vx1)[:, None], other=0.0).to(acc_ty)
-        v10 = tl.load(base + W * C, mask=lane & (vy1 & vx0)[:, None], other=0.0).to(acc_ty)
-        v11 = tl.load(base + (W + 1) * C, mask=lane & (vy1 & vx1)[:, None],
-                      other=0.0).to(acc_ty)
+        v00 = tl.load(base, mask=m00, other=0.0).to(acc_ty)
+        v01 = tl.load(base + C, mask=m01, other=0.0).to(acc_ty)
+        v10 = tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty)
+        v11 = tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty)
         acc += ((wk * hy * hx)[:, None] * v00 + (wk * hy * lx)[:, None] * v01
                 + (wk * ly * hx)[:, None] * v10 + (wk * ly * lx)[:, None] * v11)
     out = out_ptr + p.to(tl.int64)[:, None] * C + chan
@@ -159,17 +171,10 @@ def dcnv3_bwd_kernel(
     grad_w = tl.zeros([BLOCK_P, BLOCK_K], dtype=acc_ty)
     goff = grad_offset_ptr + p.to(tl.int64) * (G * K * 2) + g * K * 2
     for k in range(K):
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            p, k, offset_ptr, G, g, pvalid, H, W, Ho, Wo, stride, pad, dilation,
-            offset_scale, KS, ACC_F64)
-        wk = tl.sum(tl.where(cols[None, :] == k, weights, 0.0), axis=1)
-        hx = 1.0 - lx
-        hy = 1.0 - ly
+        pix00, wk, lx, ly, hx, hy, m00, m01, m10, m11 = _sample_point(
+            p, k, offset_ptr, G, g, pvalid, lane, cols, weights, H, W, Ho, Wo, stride, pad,
+            dilation, offset_scale, KS, ACC_F64)
         base = x_ptr + pix00[:, None] * C + chan
-        m00 = lane & (vy0 & vx0)[:, None]
-        m01 = lane & (vy0 & vx1)[:, None]
-        m10 = lane & (vy1 & vx0)[:, None]
-        m11 = lane & (vy1 & vx1)[:, None]
         # Channel-reduced <grad_out, corner value>: everything the offset and weight
         # gradients need, so corner vectors are never kept beyond this point.
         d00 = tl.sum(go * tl.load(base, mask=m00, other=0.0).to(acc_ty), axis=1)
