@@ -262,7 +262,7 @@ def _memory_line(cfg: ClassificationConfig, model: nn.Module) -> str:
 
     size, batch = cfg.data.img_size, cfg.run.batch_size
     x = torch.empty(batch, 3, size, size, device="meta")
-    est = memory_estimate(model, lambda: model(x.to(next(model.parameters()).dtype)),
+    est = memory_estimate(model, lambda dtype: model(x.to(dtype)),
                           precision=cfg.run.precision, checkpointing=cfg.model.with_cp,
                           zero_stage=cfg.run.zero_stage, ema=cfg.ema.enabled)
     return describe(est, batch, (size, size), cfg.model.with_cp, cfg.run.zero_stage)

@@ -27,8 +27,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
                  label_key: str = "cls"):
-        from finetune.cls_stream import IMAGE_KEYS
-        from pretrain.data.decode import pick_member
+        from finetune.cls_stream import labelled_member
         from pretrain.data.sources import expand_urls, read_shard
         from pretrain.data.stats import SkipCounter
 
@@ -39,11 +38,11 @@ class ShardDataset(Dataset):
         # every rank reads every shard: the sampler splits the samples
         for url in expand_urls(urls, s3):
             for raw in read_shard(url, "shards", s3, counter):
-                image, label = pick_member(raw, IMAGE_KEYS), raw.get(label_key)
-                try:
-                    self.items.append((image, int(label.decode().strip())))
-                except (AttributeError, UnicodeDecodeError, ValueError):
+                member = labelled_member(raw, label_key)
+                if isinstance(member, str):  # the reason it is unusable
                     self.skipped += 1
+                else:
+                    self.items.append(member)
         if self.skipped:
             log.warning("data: %d samples without an image or a readable %r label skipped in "
                         "%s", self.skipped, label_key, urls[:3])

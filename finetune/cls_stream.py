@@ -39,15 +39,23 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 
-def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls"):
-    """(transformed image, int label) of a raw sample, or the reason it is unusable."""
+def labelled_member(raw: RawSample, label_key: str = "cls") -> tuple[bytes, int] | str:
+    """(encoded image, int label) of a raw sample, or the reason it is unusable."""
     image, label = pick_member(raw, IMAGE_KEYS), raw.get(label_key)
     if image is None or label is None:
         return "missing_member"
     try:
-        target = int(label.decode().strip())
+        return image, int(label.decode().strip())
     except (UnicodeDecodeError, ValueError):
         return "bad_label"
+
+
+def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls"):
+    """(transformed image, int label) of a raw sample, or the reason it is unusable."""
+    member = labelled_member(raw, label_key)
+    if isinstance(member, str):
+        return member
+    image, target = member
     try:
         img = Image.open(io.BytesIO(image))
         img = img.convert("RGB")

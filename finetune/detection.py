@@ -452,12 +452,17 @@ def _memory_line(cfg: DetectionConfig, model: nn.Module) -> str:
 
     batch, size = cfg.run.batch_size, _probe_size(cfg)
     x = torch.empty(batch, 3, *size, device="meta")
-    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     if cfg.head.kind == "dino":
         mask = torch.ones(batch, *size, dtype=torch.long, device="meta")
-        probe, scope = (lambda: model._encode(x.to(dtype), mask)), "decoder and losses not counted"
+        scope = "decoder and losses not counted"
+
+        def probe(dtype: torch.dtype):
+            return model._encode(x.to(dtype), mask)
     else:
-        probe, scope = (lambda: model.backbone(x.to(dtype))), "RPN and RoI heads not counted"
+        scope = "RPN and RoI heads not counted"
+
+        def probe(dtype: torch.dtype):
+            return model.backbone(x.to(dtype))
     est = memory_estimate(model, probe, precision=cfg.run.precision,
                           checkpointing=cfg.model.with_cp,
                           training_probe=cfg.head.kind != "dino")

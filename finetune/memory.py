@@ -19,12 +19,13 @@ from models.memory import (
 ASSUMED_GPUS = 8  # ZeRO shards over the data-parallel group; a dry run does not know its size
 
 
-def memory_estimate(model: nn.Module, run: Callable[[], object], *, precision: str,
+def memory_estimate(model: nn.Module, run: Callable[[torch.dtype], object], *, precision: str,
                     checkpointing: bool, zero_stage: int = 0, ema: bool = False,
                     training_probe: bool = True) -> dict[str, float]:
     """GiB per GPU: ``states`` (weights, gradients, AdamW moments, EMA copy), ``activations``
-    (what autograd keeps for backward of ``run()``, with or without block checkpointing) and
-    ``total``. ``model`` must be on the meta device and is consumed (cast for the probe)."""
+    (what autograd keeps for backward of ``run(dtype)``, which feeds the model meta inputs
+    of the probe's ``dtype``, with or without block checkpointing) and ``total``. ``model``
+    must be on the meta device and is consumed (cast to that dtype for the probe)."""
     params = sum(p.numel() for p in model.parameters())
     if zero_stage:
         states, _ = model_state_bytes(params, largest_layer_params(model), ASSUMED_GPUS,
@@ -33,7 +34,7 @@ def memory_estimate(model: nn.Module, run: Callable[[], object], *, precision: s
         states = DDP_ADAMW_BYTES_PER_PARAM * params
     states += 4 * params if ema else 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    plain, ckpt = measure_saved_bytes(model, run, dtype, training=training_probe)
+    plain, ckpt = measure_saved_bytes(model, lambda: run(dtype), dtype, training=training_probe)
     activations = ckpt if checkpointing else plain
     return {"states": states / GiB, "activations": activations / GiB,
             "total": (states + activations) / GiB}

@@ -111,6 +111,16 @@ class SegDataConfig:
         check(min(self.crop_size) >= 32, "data.crop_size", "must be >= 32")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
 
+    @property
+    def eval_kind(self) -> str:
+        """The layout evaluated on: ``val_kind``, else ``kind``."""
+        return self.val_kind or self.kind
+
+    @property
+    def eval_root(self) -> str:
+        """Where the evaluation layout lives: ``val_root``, else ``root``."""
+        return self.val_root or self.root
+
 
 @dataclass
 class SegEvalConfig:
@@ -264,8 +274,7 @@ def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray
         splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
         return [pair for split in splits
                 for pair in _split_pairs(cfg.kind, Path(cfg.root), split, cfg)]
-    kind = cfg.val_kind or cfg.kind
-    return _split_pairs(kind, Path(cfg.val_root or cfg.root), SPLIT_NAMES[kind][1], cfg)
+    return _split_pairs(cfg.eval_kind, Path(cfg.eval_root), SPLIT_NAMES[cfg.eval_kind][1], cfg)
 
 
 class SegDataset(Dataset):
@@ -274,10 +283,9 @@ class SegDataset(Dataset):
     def __init__(self, cfg: SegDataConfig, train: bool):
         self.cfg, self.train = cfg, train
         self.pairs = _pairs(cfg, train)
-        self.kind = cfg.kind if train else (cfg.val_kind or cfg.kind)
         if not self.pairs:
-            where = cfg.root if train else (cfg.val_root or cfg.root)
-            raise FileNotFoundError(f"data: no {self.kind} images found under {where or 'demo'}")
+            kind, where = (cfg.kind, cfg.root) if train else (cfg.eval_kind, cfg.eval_root)
+            raise FileNotFoundError(f"data: no {kind} images found under {where or 'demo'}")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -510,7 +518,7 @@ def _scores(core: nn.Module, x: torch.Tensor, cfg: SegmentationConfig) -> torch.
 def _class_names(cfg: SegmentationConfig) -> list[str] | None:
     if cfg.data.class_names:
         return list(cfg.data.class_names)
-    if (cfg.data.val_kind or cfg.data.kind) in NINETEEN_CLASS_KINDS:
+    if cfg.data.eval_kind in NINETEEN_CLASS_KINDS:
         from finetune.datasets import CITYSCAPES_CLASSES
 
         return list(CITYSCAPES_CLASSES)
@@ -562,8 +570,8 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
     labels = torch.zeros(batch, *d.crop_size, dtype=torch.long, device="meta")
     mask2former = cfg.head.kind == "mask2former"
 
-    def probe():
-        images = x.to(next(model.parameters()).dtype)  # the probe's dtype, set by the estimate
+    def probe(dtype: torch.dtype):
+        images = x.to(dtype)
         if mask2former:  # the head's forward up to the per-query outputs
             return model.model(pixel_values=images)
         return model.loss(images, labels)
@@ -584,7 +592,7 @@ def dry_run(cfg: SegmentationConfig) -> int:
         "model": f"{_head_desc(cfg)} on {cfg.model.name} {cfg.model.arch() or ''}",
         "parameters": f"{runtime.count_params(model):,}",
         "data": f"{d.kind} {d.root} {d.train_splits or ''} ({d.num_classes} classes)"
-                + (f"; eval on {d.val_kind} {d.val_root or d.root}" if d.val_kind else ""),
+                + (f"; eval on {d.eval_kind} {d.eval_root}" if d.val_kind else ""),
         "crop / ratio range": f"{list(d.crop_size)} / {list(d.ratio_range)}",
         "eval": f"{cfg.eval.mode} crop {list(cfg.eval.crop)} stride {list(cfg.eval.stride)}"
                 + (f"; scales {list(cfg.head.test_scales) or [1.0]} flip {cfg.head.test_flip}"

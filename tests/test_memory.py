@@ -18,7 +18,7 @@ def _estimate(batch: int, size: int = 64, **kwargs) -> dict[str, float]:
         model = build_model("internimage_t", **{**TINY, "depths": kwargs.pop("depths",
                                                                              TINY["depths"])})
     x = torch.empty(batch, 3, size, size, device="meta")
-    return memory_estimate(model, lambda: model(x.to(next(model.parameters()).dtype)),
+    return memory_estimate(model, lambda dtype: model(x.to(dtype)),
                            precision=kwargs.pop("precision", "bf16"), **kwargs)
 
 
