@@ -19,7 +19,7 @@ from torch import nn
 
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
-from finetune.lr_decay import param_groups
+from finetune.lr_decay import adamw, param_groups
 from pretrain.data.config import S3Config
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,10 @@ def build_classifier(cfg: ClassificationConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.Optimizer:
-    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler).
-
-    Every group starts at the base lr: timm's schedulers multiply ``lr_scale`` into the
-    scheduled value themselves, so pre-scaling here would apply it twice.
-    """
+    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)."""
     groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
                           cfg.optim.dcn_lr_mult)
-    for g in groups:
-        g["lr"] = cfg.optim.lr
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return adamw(groups, cfg.optim.lr, cfg.optim.betas)
 
 
 def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):

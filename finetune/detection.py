@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
-from finetune.lr_decay import param_groups
+from finetune.lr_decay import adamw, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +378,7 @@ def _optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
                           backbone_prefix=getattr(model, "backbone_prefix", "backbone.body."),
                           backbone_lr_mult=cfg.optim.backbone_lr_mult,
                           head_offset_lr_mult=cfg.optim.head_offset_lr_mult)
-    for g in groups:
-        g["lr"] = cfg.optim.lr * g["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    opt = adamw(groups, cfg.optim.lr, cfg.optim.betas)
     warm = {"warmup_t": cfg.optim.warmup_steps, "warmup_lr_init": cfg.optim.lr * 1e-3,
             "t_in_epochs": False}
     if cfg.schedule.kind == "step":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.mask.")
@@ -87,3 +88,17 @@ def param_groups(model: nn.Module, depths: list[int], weight_decay: float,
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` output, every group starting at the base ``lr``.
+
+    timm's schedulers multiply each group's ``lr_scale`` into the scheduled value
+    (``timm/scheduler/scheduler.py``, ``update_groups``), so the group lr must not be
+    pre-scaled here: that would apply the scale twice (lr x scale^2). The released mmcv
+    constructors set ``lr = scale * base_lr`` instead because mmcv's lr hooks scale each
+    group's own initial lr; both give ``base_lr * schedule(t) * scale``.
+    """
+    for g in groups:
+        g["lr"] = lr
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))

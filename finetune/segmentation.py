@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
-from finetune.lr_decay import param_groups
+from finetune.lr_decay import adamw, param_groups
 
 log = logging.getLogger(__name__)
 IGNORE = 255
@@ -550,9 +550,7 @@ def _optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: in
                           cfg.optim.dcn_lr_mult, backbone_prefix=backbone_prefix(model),
                           backbone_lr_mult=cfg.optim.backbone_lr_mult,
                           layer0_patterns=tuple(cfg.optim.layer0_params))
-    for g in groups:
-        g["lr"] = cfg.optim.lr * g["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    opt = adamw(groups, cfg.optim.lr, cfg.optim.betas)
     sched = PolyLRScheduler(opt, t_initial=max(1, total), power=cfg.poly_power,
                             lr_min=cfg.optim.min_lr, warmup_t=cfg.optim.warmup_steps,
                             warmup_lr_init=cfg.optim.lr * cfg.optim.warmup_ratio,

@@ -1,0 +1,156 @@
+"""The lr each parameter group actually trains at, for every fine-tuning preset.
+
+The rule is the released recipes': OpenGVLab/InternImage's layer-decay optimizer
+constructors (segmentation/mmseg_custom/core/layer_decay_optimizer_constructor.py and its
+detection twin) give a parameter of layer ``layer_id`` the scale
+``layer_decay_rate ** (num_layers - layer_id - 1)`` with ``num_layers = sum(depths) + 2``
+(stem = layer 0, block j of level i = ``sum(depths[:i]) + j + 1``, neck/head = the last
+layer), times ``offset_lr_scale`` for the deformable-attention offsets; the released
+classification optimizer multiplies the DCN offset/mask layers by ``DCN_LR_MUL``. mmcv's lr
+hooks then scale each group's initial lr by the schedule, so a group trains at
+``base_lr * schedule(t) * scale``. The test steps the real scheduler of each preset (tiny
+backbone on the meta device, the preset's heads and optimiser values) and reads the lr the
+optimizer holds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+TINY = ["model.channels=16", "model.depths=[1,1,2,1]", "model.groups=[1,2,4,8]"]
+DEPTHS = [1, 1, 2, 1]
+STEPS, STEPS_PER_EPOCH = 20_000, 200
+
+
+def _task(path: Path) -> str:
+    stem = path.stem
+    if stem.startswith(("cls_", "classification")):
+        return "classification"
+    return "detection" if stem.startswith(("det_", "detection")) else "segmentation"
+
+
+def _build(path: Path):
+    """(config, model on meta, optimizer, scheduler, warm-up steps) through the task's code."""
+    from launch.config import load_config
+
+    overrides = list(TINY)
+    if "init" in (yaml.safe_load(path.read_text()) or {}):
+        overrides.append("init=null")  # the released/stage-1 weights are not needed here
+    task = _task(path)
+    if task == "classification":
+        from finetune.classification import (
+            ClassificationConfig,
+            build_classifier,
+            build_optimizer,
+            build_scheduler,
+        )
+
+        cfg = load_config(ClassificationConfig, path, overrides)
+        with torch.device("meta"):
+            model = build_classifier(cfg)
+        opt = build_optimizer(model, cfg)
+        return (cfg, model, opt, build_scheduler(opt, cfg, STEPS, STEPS_PER_EPOCH),
+                cfg.optim.warmup(STEPS_PER_EPOCH))
+    if task == "detection":
+        from finetune.detection import DetectionConfig, _optimizer_and_schedule, build_model
+
+        cfg = load_config(DetectionConfig, path, overrides)
+        with torch.device("meta"):
+            model = build_model(cfg, num_classes=80)
+    else:
+        from finetune.segmentation import (
+            SegmentationConfig,
+            _optimizer_and_schedule,
+            build_segmentor,
+        )
+
+        cfg = load_config(SegmentationConfig, path, overrides)
+        with torch.device("meta"):
+            model = build_segmentor(cfg)
+    opt, sched = _optimizer_and_schedule(model, cfg, STEPS)
+    return cfg, model, opt, sched, cfg.optim.warmup_steps
+
+
+def _expected_scales(cfg, model) -> dict[str, float]:
+    """name -> released scale for the parameters the rule singles out."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    stem = next(n for n in names if n.endswith("patch_embed.conv1.weight"))
+    prefix = stem[: -len("patch_embed.conv1.weight")]
+    o = cfg.optim
+    decay = getattr(o, "layer_decay", 1.0)
+    num_layers = sum(DEPTHS) + 2
+    backbone = getattr(o, "backbone_lr_mult", 1.0)
+    offset_level1 = DEPTHS[0] + 1  # levels.1.blocks.0
+    out = {
+        stem: decay ** (num_layers - 1) * backbone,
+        f"{prefix}levels.1.blocks.0.dcn.offset.weight":
+            decay ** (num_layers - offset_level1 - 1) * o.dcn_lr_mult * backbone,
+        f"{prefix}levels.1.blocks.0.mlp.fc1.weight":
+            decay ** (num_layers - offset_level1 - 1) * backbone,
+    }
+    layer0 = tuple(getattr(o, "layer0_params", ()) or ())
+    offsets = ("sampling_offsets", "reference_points")
+    # outside the trunk (classification: the trunk is the whole model; its head is ``head``)
+    head = [n for n in names if (not n.startswith(prefix) if prefix else n.startswith("head."))]
+    plain = [n for n in head if not any(p in n for p in layer0 + offsets)]
+    assert plain, "no head parameter found"
+    out[plain[0]] = 1.0
+    for n in head:
+        if any(p in n for p in layer0):
+            out[n] = decay ** (num_layers - 1)  # the released Mask2Former quirk: layer 0
+            break
+    for n in head:
+        if "sampling_offsets" in n and not any(p in n for p in layer0):
+            out[n] = getattr(o, "head_offset_lr_mult", 1.0)  # DINO's offset_lr_scale
+            break
+    return out
+
+
+def _lr_of(opt) -> dict[int, float]:
+    return {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_each_group_trains_at_base_lr_times_schedule_times_released_scale(path: Path):
+    cfg, model, opt, sched, warmup = _build(path)
+    params = dict(model.named_parameters())
+    scales = _expected_scales(cfg, model)
+    head = next(n for n, s in scales.items() if s == 1.0 and "patch_embed" not in n)
+    o = cfg.optim
+    # At the end of the warm-up the schedule is at its base value (a warm-up prefix), or,
+    # for the released classification cosine that the warm-up overlays, at the cosine's
+    # value there (classification/lr_scheduler.py: CosineLRScheduler, warmup_prefix False).
+    sched.step_update(warmup)
+    lr = _lr_of(opt)
+    if _task(path) == "classification" and warmup:
+        base = o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * warmup / STEPS))
+    else:
+        base = o.lr
+    assert lr[id(params[head])] == pytest.approx(base, rel=1e-6)
+    for t in (warmup, STEPS // 2, STEPS - 1):
+        sched.step_update(t)
+        lr = _lr_of(opt)
+        at = lr[id(params[head])]
+        for name, scale in scales.items():
+            assert lr[id(params[name])] == pytest.approx(at * scale, rel=1e-6), (
+                f"{path.stem} step {t}: {name} trains at {lr[id(params[name])]:.3e}, the "
+                f"released rule gives {at * scale:.3e} (scale {scale:.3e})")
+
+
+def test_dino_h_offsets_train_at_one_thousandth_of_the_base_lr():
+    """The DINO-H preset's transformer sampling offsets: lr 1e-4 x offset_lr_scale 1e-3 =
+    1e-7 once warmed up (released dino_4scale_internimage_h config); the double-scaling bug
+    trained them at 1e-10."""
+    path = REPO / "configs" / "finetune" / "det_dino_internimage_h_coco.yaml"
+    cfg, model, opt, sched, warmup = _build(path)
+    sched.step_update(warmup)
+    lrs = {g["lr"] for g in opt.param_groups if any("sampling_offsets" in n for n in g["names"])
+           and not any(n.startswith("backbone") for n in g["names"])}
+    assert lrs and all(lr == pytest.approx(1e-4 * 1e-3) for lr in lrs)
