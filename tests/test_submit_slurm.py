@@ -2,8 +2,9 @@
 
 2-task CPU pre-training jobs (gloo ranks, the demo shrunk by TINY): a job that completes,
 a job requeued by `scontrol requeue` mid-run that ends with the same losses as the
-undisturbed one, and a job whose time limit runs out, requeued by submitit's time-out
-handling after saving on the signal.
+undisturbed one, a job whose time limit runs out, requeued by submitit's time-out
+handling after saving on the signal, and a job whose tasks are killed (SIGKILL) without
+writing a result, which `--wait` must report instead of waiting forever.
 
 SLURM holds a requeued batch job for about two minutes before it may start again
 (EligibleTime); the tests skip that wait with `scontrol update StartTime=now`.
@@ -12,12 +13,15 @@ SLURM holds a requeued batch job for about two minutes before it may start again
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 from tests.pretrain_utils import REPO, TINY, env, latest, losses
 from tests.slurm_cluster import SlurmCluster, running_cluster
@@ -174,3 +178,86 @@ def latest_before_requeue(log: Path) -> str:
         if "resumed from" in line and "at step" in line:
             return line.rsplit("at step", 1)[1].strip()
     raise AssertionError(f"no resume in {log}")
+
+
+def task_pids(cluster: SlurmCluster, job_id: str, tasks: int, timeout: float = 60) -> list[int]:
+    """The pids of the job's task processes (step 0) from `scontrol listpids` (scontrol(1):
+    the processes of every step of the job on this node). It prints the columns PID JOBID
+    STEPID LOCALID GLOBALID, with a LOCALID on a task's own process, "-" on others."""
+    deadline = time.time() + timeout
+    pids: list[int] = []
+    while time.time() < deadline:
+        out = cluster.cmd("scontrol", "listpids", job_id, check=False)
+        rows = [line.split() for line in out.splitlines()[1:]]
+        pids = [int(r[0]) for r in rows if len(r) == 5 and r[2] == "0" and r[3] != "-"]
+        if len(pids) == tasks:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: {tasks} task pids not listed, got {pids}")
+
+
+def test_wait_reports_tasks_killed_without_a_result_within_a_bound(cluster, cache, tmp_path):
+    """kill -9 both tasks of a running 2-task job (as the OOM killer would): no task writes
+    a result and SLURM has no accounting here (no sacct), yet `submit --wait` must return
+    soon with a non-zero exit naming the job, its final state and the log tail."""
+    run_dir = tmp_path / "run"
+    cmd = submit_cmd(tmp_path / "logs", run_dir, "--wait",
+                     job=("--max-steps", "100000", "--checkpoint-every", "100000"))
+    proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        job_id = first_job_id(run_dir)
+        for pid in task_pids(cluster, job_id, tasks=2):
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("submit --wait still waiting 60 s after its tasks were "
+                                 "killed") from None
+        waited = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if job_id is not None:
+            cluster.cmd("scancel", job_id, check=False)
+    print(f"submit --wait returned {waited:.1f} s after the kill")
+    assert proc.returncode != 0, err[-4000:]
+    # SLURM: a batch job whose script exits non-zero ends FAILED (squeue(1), JOB STATE
+    # CODES: "FAILED: Job terminated with non-zero exit code or other failure condition");
+    # submitit's script ends with the srun of the tasks, which fails when they are killed.
+    state = cluster.job(job_id)["JobState"]
+    assert state == "FAILED"
+    assert f"job {job_id}" in err and state in err, err[-4000:]
+    assert "killed without writing a result" in err, err[-4000:]
+    # the log tail: submitit logs "Starting with JobEnvironment(...)" first in every task
+    # (submitit 1.5.4, core/submission.py, process_job)
+    task_log = tmp_path / "logs" / job_id / f"{job_id}_0_log.err"
+    assert str(task_log) in err and "Starting with JobEnvironment" in err, err[-4000:]
+    assert out.strip().splitlines()[-1] == job_id
+
+
+def test_wait_on_a_job_slurm_no_longer_knows_is_bounded_and_reads_the_results(cluster,
+                                                                                tmp_path):
+    """A job purged from the controller (after MinJobAge) whose task 1 left no result:
+    `scontrol` answers "Invalid job id specified" and sacct has nothing (no accounting).
+    The wait ends after the grace period and reports task 1 only, from the result files."""
+    from submitit.core.utils import cloudpickle_dump
+
+    from launch.slurm.wait import failure, wait_for
+
+    job_id = "67000000"  # below SLURM's default MaxJobId (67043328), never reached here
+    assert "Invalid job id" in subprocess.run(
+        ["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True,
+        text=True).stderr
+    job = submitit.SlurmJob(folder=tmp_path, job_id=job_id, tasks=(0, 1))
+    # what submitit's task writes when its function returns (core/submission.py)
+    cloudpickle_dump(("success", {"rank": 0}), job.task(0).paths.result_pickle)
+    start = time.time()
+    state = wait_for(job, poll_s=0.2, grace_s=2)
+    why = failure(job, state)
+    assert time.time() - start < 10
+    assert why is not None and f"job {job_id}" in why and "no longer known to SLURM" in why
+    assert "task 1: killed without writing a result" in why and "task 0:" not in why

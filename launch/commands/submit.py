@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from launch.slurm.executor import SlurmNotFoundError, make_executor
     from launch.slurm.job import TrainingJob
-    from launch.slurm.wait import failure, log_tail, wait_for
+    from launch.slurm.wait import failure, wait_for
 
     try:
         executor = make_executor(profile, local=args.local)
@@ -122,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
           f"{spec.run_dir}, logs {job.paths.folder}", file=sys.stderr, flush=True)
     status = 0
     if args.wait or args.local:
-        wait_for(job)
-        why = failure(job)
+        # bounded once SLURM says the job is over, even if its tasks were killed (no result)
+        state = wait_for(job)
+        why = failure(job, state)
         if why:
-            print(f"internimage submit: job {job.job_id} failed:\n{why}\n{log_tail(job)}",
-                  file=sys.stderr)
+            print(f"internimage submit: {why}", file=sys.stderr)  # names the job id
             status = 1
         else:
             print(f"job {job.job_id} completed", file=sys.stderr)
