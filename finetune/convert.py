@@ -1,6 +1,7 @@
-"""Checkpoint conversion: DeepSpeed ZeRO checkpoint / consolidated file / released ``.pth``
--> one safetensors file (backbone under the released InternImage keys) or the released
-``.pth`` layout.
+"""Checkpoint conversion: DeepSpeed ZeRO checkpoint (a run dir, ``checkpoints/``,
+``checkpoints/latest`` or a ``step_*`` dir, resolved by ``runtime.checkpoint_path``) /
+consolidated file / released ``.pth`` -> one safetensors file (backbone under the released
+InternImage keys) or the released ``.pth`` layout.
 
 ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities in lazy mode:
 the rank files are memory-mapped and each tensor is gathered on its own, so converting H
@@ -19,6 +20,7 @@ import torch
 
 from models import CheckpointError, read_state_dict
 from models.variants import InternImageSpec
+from runtime.checkpoint_path import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +60,6 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- locating a ZeRO checkpoint
-def is_zero_checkpoint(path: str | Path) -> bool:
-    """True for a DeepSpeed checkpoint directory: a tag dir, or a dir with ``latest``."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    return (path / "latest").is_file() or any(_STEP_DIR.search(p.name) for p in path.iterdir())
-
-
-def resolve_step_dir(path: str | Path) -> Path:
-    """The tag directory (``step_XXXXXXX``) of a checkpoint dir or of a dir with ``latest``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path}")
-    if any(_STEP_DIR.search(p.name) for p in path.iterdir()):
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        step = path / tag
-        if not step.is_dir():
-            raise CheckpointError(f"{latest} names tag {tag!r} but {step} does not exist "
-                                  "(an incomplete or moved checkpoint)")
-        return step
-    raise CheckpointError(f"{path} is not a DeepSpeed checkpoint: no *_model_states.pt and "
-                          "no 'latest' file")
-
-
 def _torch_load(path: Path) -> dict:
     # DeepSpeed's own files pickle config objects; they are the user's own checkpoint.
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -116,11 +90,10 @@ def check_complete(step_dir: Path) -> tuple[int, int]:
     return stage, world
 
 
-def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Consolidated fp32 state_dict of a ZeRO checkpoint and its provenance metadata."""
+def read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Consolidated fp32 state_dict of a ZeRO tag directory and its provenance metadata."""
     from deepspeed.utils import zero_to_fp32
 
-    step_dir = resolve_step_dir(path)
     stage, world = check_complete(step_dir)
     if stage == 0:
         model_file = next(p for p in step_dir.iterdir() if _STEP_DIR.search(p.name))
@@ -161,12 +134,32 @@ def run_metadata(step_dir: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- reading any source
+def _reason(err: BaseException) -> str:
+    """One line of why a file could not be read: torch's weights-only errors run to many
+    lines of advice, the reason follows 'WeightsUnpickler error:'."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Any accepted source as (state_dict, metadata): a ZeRO dir, a file (ours or released)."""
-    src = Path(src)
-    if src.is_dir():
-        return read_zero_checkpoint(src)
-    state = read_state_dict(src)
+    """Any accepted source as (state_dict, metadata): see ``runtime.checkpoint_path`` for
+    the accepted forms (a run dir, ``checkpoints/``, ``checkpoints/latest``, a ``step_*``
+    dir, a released ``.pth``, a ``.safetensors`` file)."""
+    source = resolve_checkpoint(src)
+    if source.is_zero:
+        return read_zero_checkpoint(source.path)
+    src = source.path
+    try:
+        state = read_state_dict(src)
+    except CheckpointError as err:
+        if err.__cause__ is None:  # our own one-line message
+            raise
+        raise CheckpointError(f"cannot read {src} as a torch weights file (as torch.save "
+                              f"writes): {_reason(err.__cause__)}") from err
+    except Exception as err:  # safetensors' own error types for a file that is not one
+        raise CheckpointError(f"cannot read {src} as a .safetensors file: "
+                              f"{_reason(err)}") from err
     meta: dict[str, str] = {}
     if src.suffix == ".safetensors":
         from safetensors import safe_open

@@ -1,7 +1,9 @@
 """``--init CKPT`` for every fine-tuning entrypoint.
 
-Accepts a ``internimage convert`` output, a DeepSpeed ZeRO checkpoint directory (converted
-on the fly, nothing written) or a released InternImage ``.pth``. The backbone must match
+Accepts what ``internimage convert`` accepts (one resolver, ``runtime.checkpoint_path``): a
+pre-training run directory, its ``checkpoints/``, ``checkpoints/latest`` or a ``step_*``
+directory (ZeRO shards consolidated on the fly, nothing written), a ``convert`` output
+(``.safetensors``) or a released InternImage ``.pth``. The backbone must match
 the model being fine-tuned: a checkpoint of another variant fails with a message saying
 which variant it holds, instead of a wall of shape errors.
 """

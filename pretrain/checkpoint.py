@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import DistInfo, all_gather_objects, barrier
+from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -115,23 +116,24 @@ def read_latest(root: Path) -> str | None:
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
     """The checkpoint directory to resume from, or None for a fresh start.
 
-    ``auto``: ``root/latest`` if it exists. A path: a ``step_*`` directory, or a
-    checkpoints directory (or run directory) holding ``latest``.
+    ``auto``: ``root/latest`` if it exists. A path: whatever ``runtime.checkpoint_path``
+    resolves to a ZeRO tag directory (a run directory, its ``checkpoints/``,
+    ``checkpoints/latest``, a ``step_*`` directory).
     """
     if not resume:
         return None
     if resume == "auto":
         tag = read_latest(root)
         return root / tag if tag else None
-    path = Path(resume)
-    for candidate in (path, path / "checkpoints"):
-        tag = read_latest(candidate)
-        if tag:
-            return candidate / tag
-    if (path / TRAINER_STATE).is_file():
-        return path
-    raise ResumeError(f"--resume {resume}: no complete checkpoint there (no {TRAINER_STATE} "
-                      f"and no '{LATEST}' file)")
+    try:
+        source = resolve_checkpoint(resume)
+    except CheckpointPathError as err:
+        raise ResumeError(f"--resume {err}") from None
+    if not source.is_zero:
+        raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
+                          "or data state; resume from a training checkpoint (a run directory, "
+                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
+    return source.path
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:

@@ -183,5 +183,76 @@ def test_incomplete_checkpoint_names_missing_files(zero_run, tmp_path):
         convert(tmp_path / "nothing.pth", tmp_path / "x.safetensors")
 
 
+# What `internimage convert` / `--init` / `--resume` accept, worded as in issue #12 item 6.
+ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "
+            "directory")
+
+
+def _accepted_forms(run: Path, tmp_path: Path) -> dict[str, Path]:
+    """Every path form a user may pass, for the run the fixture wrote."""
+    from finetune.convert import convert
+
+    converted, official = tmp_path / "m3i.safetensors", tmp_path / "released.pth"
+    convert(run / "checkpoints" / "step_0000001", converted)
+    convert(converted, official, fmt="official")  # the released InternImage .pth layout
+    return {"run dir": run, "checkpoints dir": run / "checkpoints",
+            "checkpoints/latest": run / "checkpoints" / "latest",
+            "step dir": run / "checkpoints" / "step_0000001",
+            ".safetensors": converted, "released .pth": official}
+
+
+@pytest.mark.distributed
+def test_every_accepted_form_converts_and_inits(zero_run, tmp_path, capsys):
+    """Issue #12 item 6: `convert RUN/checkpoints/latest OUT` failed ('pop from empty list').
+    Each form gives the backbone the ZeRO-3 engine itself computed with (reference_outputs)."""
+    from finetune.init import load_init
+    from launch.cli import main
+    from pretrain.checkpoint import resolve_resume
+
+    ref = torch.load(zero_run / "reference_outputs.pt")
+    for name, src in _accepted_forms(zero_run, tmp_path).items():
+        dst = tmp_path / f"{name.replace('/', '_').replace(' ', '_')}.safetensors"
+        assert main(["convert", str(src), str(dst)]) == 0, (name, capsys.readouterr().err)
+        for init in (src, dst):  # --init takes the same forms, and the convert output
+            model = _tiny().eval()
+            load_init(model, init, variant="internimage_t", arch=ARCH)
+            with torch.no_grad():
+                torch.testing.assert_close(model.forward_pooled(ref["x"]), ref["pooled"],
+                                           msg=name)
+    step = zero_run / "checkpoints" / "step_0000001"
+    for src in (zero_run, zero_run / "checkpoints", step.parent / "latest", step):
+        assert resolve_resume(str(src), tmp_path) == step  # --resume resolves alike
+
+
+@pytest.mark.distributed
+def test_wrong_paths_give_one_line_naming_the_accepted_forms(zero_run, tmp_path, capsys):
+    import shutil
+
+    from launch.cli import main
+
+    no_latest = tmp_path / "crashed_run"
+    shutil.copytree(zero_run / "checkpoints", no_latest / "checkpoints")
+    (no_latest / "checkpoints" / "latest").unlink()  # written only once a save completes
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    cases = {tmp_path / "missing": "not found",
+             zero_run / "config.yaml": "not a checkpoint file",  # a file of the run, not weights
+             tmp_path: "a directory without a checkpoint",
+             no_latest: "no complete checkpoint",
+             garbage: f"cannot read {garbage} as a torch weights file"}
+    for bad, why in cases.items():
+        assert main(["convert", str(bad), str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+        if bad in (garbage, no_latest):  # a checkpoint by its form: why it cannot be read
+            continue
+        assert ACCEPTED in err, err  # no checkpoint at all: say what is accepted
+        # --init checks the path before any compute (a dry run reads no weights)
+        assert main(["finetune", "classification", "--init", str(bad), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "init:" in err and ACCEPTED in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1])

@@ -8,11 +8,13 @@ import sys
 
 def register(sub, name: str) -> None:
     p = sub.add_parser(name, help="convert a checkpoint for fine-tuning",
-                       description="Consolidate a DeepSpeed ZeRO checkpoint (a step_* dir or "
-                       "a checkpoints dir with 'latest'), a consolidated file or a released "
-                       ".pth into one safetensors file (backbone under the released keys, "
-                       "pre-training heads under pretrain.*) or the released .pth layout.")
-    p.add_argument("src")
+                       description="Consolidate a DeepSpeed ZeRO checkpoint (a pre-training "
+                       "run dir, its checkpoints/ dir, checkpoints/latest or a step_* dir), a "
+                       "consolidated .safetensors file or a released .pth into one safetensors "
+                       "file (backbone under the released keys, pre-training heads under "
+                       "pretrain.*) or the released .pth layout.")
+    p.add_argument("src", help="run dir | RUN/checkpoints | RUN/checkpoints/latest | step_* "
+                   "dir | .pth | .safetensors")
     p.add_argument("dst")
     p.add_argument("--format", choices=["safetensors", "official"], default="safetensors")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

@@ -18,7 +18,9 @@ def register(sub, name: str) -> None:
                        "--config each task runs its built-in CPU demo.")
     p.add_argument("task", choices=["classification", "detection", "segmentation"])
     p.add_argument("--config", help="YAML config (configs/finetune/*.yaml); none: the demo")
-    p.add_argument("--init", help="checkpoint: convert output, ZeRO dir or released .pth")
+    p.add_argument("--init", help="checkpoint: a pre-training run dir, its checkpoints/, "
+                   "checkpoints/latest or a step_* dir, a convert output (.safetensors) or a "
+                   "released .pth")
     p.add_argument("--output-dir", help="run directory (default: run.output_dir)")
     p.add_argument("--resume", help="auto | PATH of a training checkpoint")
     p.add_argument("--dry-run", action="store_true",
@@ -57,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(cls, args.config, overrides)
     except ValueError as err:  # __post_init__ checks name their key too
         raise ConfigError(str(err)) from None
-    if cfg.init and not Path(cfg.init).exists():
-        raise ConfigError(f"init: checkpoint not found: {cfg.init}")
+    if cfg.init:  # before any compute: one line naming the accepted forms
+        from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(cfg.init)
+        except CheckpointPathError as err:
+            raise ConfigError(f"init: {err}") from None
     if args.dry_run:
         return mod.dry_run(cfg)
     out = Path(cfg.run.output_dir)

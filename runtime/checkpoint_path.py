@@ -1,0 +1,119 @@
+"""The one resolver from what a user types as a checkpoint to what is to be read.
+
+A pre-training run directory is laid out as (see ``pretrain/checkpoint.py``)::
+
+    RUN/config.yaml
+    RUN/checkpoints/latest              a text file holding a tag, e.g. ``step_0000300``
+    RUN/checkpoints/step_0000300/       DeepSpeed's files (``*_model_states.pt``, ...)
+                                        plus our ``trainer_state.json``
+
+``latest`` is DeepSpeed's own convention (``engine.load_checkpoint`` and ``zero_to_fp32``
+read it) and is replaced atomically only after a checkpoint is complete. Users point at
+any level of this tree, or at a weights file; :func:`resolve_checkpoint` maps each of them
+to either a ZeRO tag directory or a weights file, and anything else to one line that says
+what is accepted. ``internimage convert``, ``finetune --init`` and resume use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from models.checkpoint import CheckpointError
+
+LATEST = "latest"  # DeepSpeed's name for the file that names the newest tag
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_STATES_SUFFIX = "_model_states.pt"  # every DeepSpeed tag directory holds one per rank
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "
+            "directory, a released .pth (or .pt/.bin) or a .safetensors file")
+
+
+class CheckpointPathError(CheckpointError):
+    """A path that is none of the accepted checkpoint forms (the message says which are)."""
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """What to read for a user-given checkpoint path.
+
+    ``kind``: ``"zero"`` (``path`` is a DeepSpeed tag directory, ``step_XXXXXXX``) or
+    ``"weights"`` (``path`` is a ``.safetensors``/``.pth``/``.pt``/``.bin`` file).
+    """
+
+    kind: Literal["zero", "weights"]
+    path: Path
+    given: str
+
+    @property
+    def is_zero(self) -> bool:
+        """True for a DeepSpeed ZeRO tag directory."""
+        return self.kind == "zero"
+
+
+def _fail(given: str | Path, why: str) -> CheckpointPathError:
+    return CheckpointPathError(f"{given}: {why}; give {ACCEPTED}")
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.name.endswith(MODEL_STATES_SUFFIX) for p in path.iterdir())
+
+
+def _follow_latest(latest: Path, given: str) -> Path:
+    """The tag directory a ``latest`` file names (relative to the file's directory)."""
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise _fail(given, f"cannot read {latest} ({err})") from None
+    if not tag or "\n" in tag or "/" in tag:
+        raise _fail(given, f"{latest} does not hold a checkpoint tag (got {tag[:40]!r})")
+    step = latest.parent / tag
+    where = "" if Path(given).expanduser() == latest else f"{given}: "
+    if not step.is_dir():
+        raise CheckpointPathError(f"{where}{latest} names tag {tag!r} but {step} does not "
+                                  "exist (an incomplete or moved checkpoint)")
+    if not _is_tag_dir(step):
+        raise CheckpointPathError(f"{where}{step} holds no *{MODEL_STATES_SUFFIX} file (an "
+                                  "incomplete checkpoint)")
+    return step
+
+
+def _resolve_dir(path: Path, given: str) -> Path:
+    if _is_tag_dir(path):
+        return path
+    for root in (path, path / CHECKPOINTS_DIR):  # a checkpoints dir, or a run dir above it
+        if (root / LATEST).is_file():
+            return _follow_latest(root / LATEST, given)
+    for root in (path, path / CHECKPOINTS_DIR):
+        steps = sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+        if steps:
+            raise CheckpointPathError(
+                f"{given}: no complete checkpoint: {root} has {', '.join(steps[-3:])} but no "
+                f"'{LATEST}' file (written only once a checkpoint is complete); give a step_* "
+                "directory to use one anyway")
+    raise _fail(given, "a directory without a checkpoint (no 'latest' file, no step_* "
+                       f"directory, no *{MODEL_STATES_SUFFIX} file)")
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointSource:
+    """Map any accepted checkpoint path to the ZeRO tag directory or weights file to read.
+
+    Accepted: a run directory (``RUN``), ``RUN/checkpoints``, ``RUN/checkpoints/latest``, a
+    ``step_*`` tag directory (or a ``*_model_states.pt`` file inside one), a released
+    ``.pth``/``.pt``/``.bin`` or a ``.safetensors`` file. Anything else raises
+    :class:`CheckpointPathError` with one line naming what is accepted.
+    """
+    given = str(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise _fail(given, "not found")
+    if path.is_dir():
+        return CheckpointSource("zero", _resolve_dir(path, given), given)
+    if path.name == LATEST:
+        return CheckpointSource("zero", _follow_latest(path, given), given)
+    if path.name.endswith(MODEL_STATES_SUFFIX):  # a file inside a tag directory
+        return CheckpointSource("zero", path.parent, given)
+    if path.suffix in WEIGHT_SUFFIXES:
+        return CheckpointSource("weights", path, given)
+    raise _fail(given, f"not a checkpoint file (suffix {path.suffix or 'none'!r})")
