@@ -7,7 +7,6 @@ before any compute, with a message naming the dotted key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import types
 import typing
@@ -16,7 +15,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from runtime.redact import config_hash, is_secret, public_dict, secrets_set
+
 T = TypeVar("T")
+__all__ = ["ConfigError", "build", "config_hash", "dump_config", "load_config",
+           "parse_overrides", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -43,7 +46,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+                # the key only: the value may be a credential
+                raise ConfigError(f"override {key.strip()!r} conflicts with another override "
+                                  f"of {part!r}")
             node = child
         node[parts[-1]] = value
     return tree
@@ -144,7 +149,15 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
+        try:
+            kwargs[name] = _coerce(value, hints[name], key)
+        except ConfigError:
+            if not is_secret(fields[name]):
+                raise
+            # the usual message quotes the value: never for a credential
+            raise ConfigError(f"{key}: expected {_type_name(hints[name])}, got a "
+                              f"{type(value).__name__} (value not shown: a credential; quote "
+                              "it in YAML)") from None
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -154,8 +167,12 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a dataclass config (tuples as lists), ready for YAML/JSON."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Plain nested dict of a dataclass config (tuples as lists), ready for YAML/JSON.
+
+    Credentials (fields declared with ``runtime.redact.secret_field``) are None: this is
+    what gets written, so it never holds them.
+    """
+    return json.loads(json.dumps(public_dict(cfg)))
 
 
 def load_config(cls: type[T], path: str | Path | None = None,
@@ -178,11 +195,15 @@ def load_config(cls: type[T], path: str | Path | None = None,
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (every run records what it ran with)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (every run records what it ran with).
 
-
-def config_hash(cfg: Any) -> str:
-    """A short stable hash of a config's content (used to match checkpoints to runs)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    Credentials are written as null; a header comment names those that were set and the
+    environment variables that can provide them again (e.g. when resuming from this file).
+    """
+    header = ""
+    omitted = secrets_set(cfg)
+    if omitted:
+        where = ", ".join(f"{k} ({env})" if env else k for k, env in omitted.items())
+        header = (f"# credentials set for this run but not written: {where}; give them "
+                  "again or through those environment variables\n")
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -38,6 +38,7 @@ from pretrain.m3i_model import M3IModel
 from pretrain.metrics import MetricsLogger
 from pretrain.objectives import M3ILoss
 from pretrain.optim import build_optimizer, param_groups, warmup_cosine
+from runtime.redact import config_hash
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the progress bar.
@@ -144,7 +145,7 @@ class Trainer:
         self.info: DistInfo = init_distributed()
         num_tags = len(TagVocab.load(cfg.data.tag_vocab))
         self.model_hash = model_hash(cfg, num_tags)
-        self.config_hash = _hash(dataclasses.asdict(cfg))
+        self.config_hash = config_hash(cfg)  # without credentials: a rotated key is the same run
         self.total_steps = total_steps(cfg, self.info.world_size)
         # Everything that can refuse a resume is checked before any compute.
         self.resume_dir = resolve_resume(resume, self.ckpt_root)

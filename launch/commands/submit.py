@@ -8,6 +8,7 @@ itself on time-out or preemption and resumes from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launch.config import ConfigError
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         return 3
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # credentials reach the job through the environment sbatch passes on, never the pickle
+    os.environ.update(spec.env)
     training = TrainingJob(spec.argv, spec.run_dir, max_requeues=profile.max_requeues,
                            save_on_signal=profile.save_on_signal,
                            save_timeout_s=profile.save_timeout_s,

@@ -4,12 +4,19 @@ The command is validated here, before anything is submitted (unknown flags or co
 keys fail on the login node, not after hours in the queue), and pinned: an absolute
 run directory (a requeued job must find its checkpoints whatever its working directory)
 and ``--resume auto`` unless the user chose where to resume from.
+
+Credentials given as overrides (``data.s3.secret=...``) never travel in the command line:
+submitit pickles the job (its argv included) into the job folder, and the run records its
+argv in ``slurm_jobs.jsonl``. They are replaced by ``null`` there and handed to the job
+through the environment variables their consumer reads (``AWS_SECRET_ACCESS_KEY`` for
+s3fs/botocore); sbatch passes the submitting environment on (its default ``--export=ALL``),
+as does submitit's local executor.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.config import ConfigError
@@ -19,10 +26,15 @@ JOB_COMMANDS = ("pretrain", "finetune")
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A checked `internimage` command line and the run directory it writes."""
+    """A checked `internimage` command line and the run directory it writes.
+
+    ``env``: environment variables the job needs (credentials taken out of ``argv``); set
+    them in the submitting process, never write them.
+    """
 
     argv: list[str]
     run_dir: Path
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def command(self) -> str:
@@ -75,6 +87,39 @@ def _run_dir(args: argparse.Namespace) -> Path | None:
     return None
 
 
+def _secret_keys(args: argparse.Namespace) -> dict[str, str | None]:
+    """Dotted credential keys of the job's config class -> their environment variables."""
+    from runtime.redact import secret_keys
+
+    if args.command == "pretrain":
+        from pretrain.config import PretrainConfig
+
+        return secret_keys(PretrainConfig)
+    from launch.commands.finetune import _task
+
+    return secret_keys(_task(args.task)[0])
+
+
+def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[list[str],
+                                                                             dict[str, str]]:
+    """``argv`` with each credential override ``KEY=VALUE`` turned into ``KEY=null``, and the
+    environment (variable -> VALUE) that gives the job the same credentials."""
+    out, env = [], {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if arg.startswith("-") or not sep or key.strip() not in keys:
+            out.append(arg)
+            continue
+        var = keys[key.strip()]
+        if var is None:
+            raise ConfigError(f"submit: {key.strip()} is a credential and cannot travel in the "
+                              "job's command line; put it in the --config file")
+        if value.strip():
+            env[var] = value
+        out.append(f"{key.strip()}=null")  # unset in the job: its consumer reads ``var``
+    return out, env
+
+
 def job_spec(job: list[str]) -> JobSpec:
     """Check ``job`` (``["pretrain", ...]``) and pin its run directory and resume policy."""
     if not job or job[0] not in JOB_COMMANDS:
@@ -93,7 +138,8 @@ def job_spec(job: list[str]) -> JobSpec:
         raise ConfigError(f"submit {job[0]}: give --output-dir so that a requeued job finds "
                           "its checkpoints")
     run_dir = run_dir.resolve()
-    argv = with_flag(list(job), "--output-dir", str(run_dir))
+    argv, env = credentials_to_env(list(job), _secret_keys(args))
+    argv = with_flag(argv, "--output-dir", str(run_dir))
     if getattr(args, "resume", None) is None:
         argv += ["--resume", "auto"]
-    return JobSpec(argv, run_dir)
+    return JobSpec(argv, run_dir, env)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runtime.redact import secret_field
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,14 +30,18 @@ class S3Config:
 
     Unset fields fall back to the standard AWS environment variables (AWS_ENDPOINT_URL,
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).
+    ``key``/``secret``/``token`` are credentials: a run's written ``config.yaml`` holds
+    ``null`` for them (give them again, or through those variables, when resuming), and
+    ``internimage submit`` hands them to the job through those variables.
     ``retries``/``backoff`` apply to every remote shard (s3://, http(s)://, pipe:), both to
     opening it and to resuming a read that broke mid-stream.
     """
 
     endpoint_url: str | None = None
-    key: str | None = None
-    secret: str | None = None
-    token: str | None = None
+    # Credentials: never in a repr, a written config or the config hash (runtime.redact).
+    key: str | None = secret_field(env="AWS_ACCESS_KEY_ID")
+    secret: str | None = secret_field(env="AWS_SECRET_ACCESS_KEY")
+    token: str | None = secret_field(env="AWS_SESSION_TOKEN")
     region: str | None = None
     anon: bool = False
     retries: int = 5
@@ -52,11 +58,6 @@ class S3Config:
         check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
         check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
         check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
-
-    def __repr__(self) -> str:  # never print credentials, even by accident in a log line
-        hidden = {"key", "secret", "token"}
-        parts = [f"{k}={'***' if k in hidden and v else v!r}" for k, v in vars(self).items()]
-        return f"S3Config({', '.join(parts)})"
 
 
 @dataclass

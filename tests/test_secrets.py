@@ -1,0 +1,134 @@
+"""Issue #12 item 7: S3 credentials (data.s3.key / secret / token) never reach a written file,
+a printed line, a SLURM job's pickle or the config hash."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+from launch.config import ConfigError, config_hash, dump_config, load_config
+from tests.pretrain_utils import REPO, pretrain_cmd, run
+
+# AWS's documented example credentials (docs.aws.amazon.com, "Understanding and getting your
+# AWS credentials"): shaped like real ones, valid nowhere.
+KEY, SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
+CREDS = [f"data.s3.key={KEY}", f"data.s3.secret={SECRET}", f"data.s3.token={TOKEN}"]
+# The variables s3fs/botocore read when no credentials are given (botocore's documented
+# environment provider): how a job receives them instead.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_SESSION_TOKEN": TOKEN}
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def _leaks(*roots: Path) -> list[str]:
+    """Every file under ``roots`` whose bytes hold one of the credential values."""
+    values = [v.encode() for v in (KEY, SECRET, TOKEN)]
+    return [str(p) for root in roots for p in sorted(root.rglob("*"))
+            if p.is_file() and any(v in p.read_bytes() for v in values)]
+
+
+def _configs():
+    from finetune.classification import ClassificationConfig
+    from pretrain.config import PretrainConfig
+
+    return [(PretrainConfig, DEMO), (ClassificationConfig, None)]
+
+
+@pytest.mark.parametrize("cls, path", _configs())
+def test_rotating_credentials_keeps_the_config_hash(cls, path):
+    with_creds = load_config(cls, path, CREDS)
+    rotated = load_config(cls, path, ["data.s3.key=AKIAOTHERKEY", "data.s3.secret=other"])
+    assert config_hash(with_creds) == config_hash(rotated) == config_hash(load_config(cls, path))
+    # what the data is read from still counts
+    assert config_hash(load_config(cls, path, ["data.s3.endpoint_url=http://other:9000"])) \
+        != config_hash(with_creds)
+
+
+@pytest.mark.parametrize("cls, path", _configs())
+def test_written_config_omits_credentials_and_loads_back(cls, path, tmp_path):
+    cfg = load_config(cls, path, CREDS)
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert not _leaks(tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "data.s3.secret (AWS_SECRET_ACCESS_KEY)" in text.splitlines()[0]  # says where
+    again = load_config(cls, tmp_path / "config.yaml")
+    assert (again.data.s3.key, again.data.s3.secret, again.data.s3.token) == (None, None, None)
+    assert config_hash(again) == config_hash(cfg)  # resuming from it is the same run
+
+
+def test_reprs_and_config_errors_never_show_credentials():
+    from pretrain.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, DEMO, CREDS)
+    for text in (repr(cfg), str(cfg.data), repr(cfg.data.s3)):
+        assert KEY not in text and SECRET not in text and TOKEN not in text
+    assert "endpoint_url" in repr(cfg.data.s3)  # the rest is still shown
+    # a numeric secret is read as a number by YAML: the error names the key, not the value
+    with pytest.raises(ConfigError, match="data.s3.secret: expected") as err:
+        load_config(PretrainConfig, DEMO, ["data.s3.secret=80417255390071"])
+    assert "80417255390071" not in str(err.value)
+
+
+def test_dry_runs_print_no_credentials(capsys):
+    assert main(["pretrain", "--dry-run", "--gpus", "2", *CREDS]) == 0
+    assert main(["finetune", "classification", "--dry-run", *CREDS]) == 0
+    assert main(["submit", "--dry-run", "pretrain", "--output-dir", "/tmp/x", *CREDS]) == 0
+    out = capsys.readouterr()
+    assert "data.s3.secret=null" in out.out  # what every task of the job runs
+    for value in (KEY, SECRET, TOKEN):
+        assert value not in out.out and value not in out.err
+
+
+@pytest.mark.slow
+def test_pretrain_run_writes_no_credentials(tmp_path):
+    """A real run (1 step, a checkpoint): config, metrics, trainer state, DeepSpeed files,
+    logs; the checkpoint's config hash is that of the same config without credentials.
+    (A fine-tuning run writes its config through the same ``dump_config``, tested above;
+    its metrics and ``last.pt`` hold no config.)"""
+    out = tmp_path / "run"
+    proc = run(pretrain_cmd(1, out, "--max-steps", "1", "--checkpoint-every", "1", *CREDS),
+               tmp_path / "cache")
+    assert (out / "checkpoints" / "latest").is_file()
+    assert not _leaks(out)
+    for value in (KEY, SECRET, TOKEN):
+        assert value not in proc.stdout and value not in proc.stderr
+    state = json.loads((out / "checkpoints" / "step_0000001" / "trainer_state.json").read_text())
+    from pretrain.config import PretrainConfig
+
+    written = load_config(PretrainConfig, out / "config.yaml")  # the run's config, sans secrets
+    assert state["config_hash"] == config_hash(written)
+
+
+def _fake_slurm(bin_dir: Path, env_file: Path) -> None:
+    """`sbatch` that records the environment it was given and answers as SLURM does
+    ("Submitted batch job N", the line submitit parses); `srun` only has to exist."""
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\nenv > '{env_file}'\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for p in bin_dir.iterdir():
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+
+
+def test_submitted_job_gets_credentials_through_the_environment(tmp_path, monkeypatch):
+    """submitit pickles the job (its command line included) into the job folder: the
+    credentials travel as AWS_* variables of the sbatch call (exported to the job) instead."""
+    for name in AWS_ENV:  # set first so that monkeypatch restores them after `submit`
+        monkeypatch.setenv(name, "unset")
+    env_file = tmp_path / "sbatch_env.txt"
+    _fake_slurm(tmp_path / "bin", env_file)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    assert main(["submit", "--folder", str(logs), "pretrain", "--output-dir", str(run_dir),
+                 *CREDS]) == 0
+    pickles = list(logs.rglob("*.pkl"))
+    assert pickles and all(b"data.s3.secret=null" in p.read_bytes() for p in pickles)
+    assert list(logs.rglob("*.sh"))  # the sbatch script
+    assert not _leaks(logs) and not (run_dir.exists() and _leaks(run_dir))
+    given = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    assert {k: given.get(k) for k in AWS_ENV} == AWS_ENV
