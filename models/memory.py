@@ -30,9 +30,12 @@ def largest_layer_params(model: nn.Module) -> int:
 
 
 def model_state_bytes(params: int, largest_layer_params: int, gpus: int, gpus_per_node: int,
-                      zero_stage: int, offload: bool) -> tuple[int, int]:
+                      zero_stage: int, offload: bool, zero_init: bool = True) -> tuple[int, int]:
     """(GPU bytes per GPU, CPU bytes per node) of model states, by DeepSpeed's estimators;
-    stage 0: mixed-precision AdamW without ZeRO (16-bit params+grads, fp32 master+moments)."""
+    stage 0: mixed-precision AdamW without ZeRO (16-bit params+grads, fp32 master+moments).
+
+    ``zero_init``: stage 3 builds the model partitioned (``deepspeed.zero.Init``); without
+    it every GPU's process first builds the whole fp32 model in host memory."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0..3, got {zero_stage}")
     per_node = min(gpus, gpus_per_node)
@@ -42,7 +45,7 @@ def model_state_bytes(params: int, largest_layer_params: int, gpus: int, gpus_pe
 
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             params, largest_layer_params, per_node, nodes, cpu_offload=offload,
-            cpu_offload_params=offload)
+            cpu_offload_params=offload, zero_init=zero_init)
     elif zero_stage in (1, 2):
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -51,6 +51,12 @@ def deepspeed_config(cfg: PretrainConfig, micro_batch: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if eng.precision != "fp32":
+        # DeepSpeed casts parameters to 16 bits but leaves buffers as built (fp32) unless
+        # told otherwise: the T..XL head's BatchNorm then meets 16-bit weights and the
+        # first forward fails ("expected scalar type BFloat16 but found Float"). Every
+        # floating buffer follows the parameters' dtype (DeepSpeed's data_types config).
+        config["data_types"] = {"buffer_dtype": eng.precision}
     if eng.offload_optimizer:
         opt = cfg.optim
         config["optimizer"] = {"type": "AdamW", "params": {

@@ -1,5 +1,6 @@
 """Memory planning of a pre-training run: parameters, DeepSpeed's ZeRO model-state
-estimate, activation memory measured on the meta device (models/memory.py)."""
+estimate, ZeRO-3's reduce bucket and gathered parameters, activation memory measured on
+the meta device (models/memory.py), and what one rank holds while the model is built."""
 
 from __future__ import annotations
 
@@ -37,18 +38,24 @@ class MemoryEstimate:
     model_states_cpu_per_node: int
     activations_per_gpu: int
     activations_per_gpu_without_checkpointing: int
+    reduce_bucket_per_gpu: int = 0  # ZeRO-3 only (zero3_buffer_bytes)
+    live_parameters_per_gpu: int = 0
+    zero_init: bool = False  # stage 3 builds the model partitioned (pretrain/zero_init.py)
+    model_build_per_rank: int = 0  # peak parameter bytes per rank during construction
 
     @property
     def total_per_gpu(self) -> int:
-        """Model states plus activations on one GPU."""
-        return self.model_states_per_gpu + self.activations_per_gpu
+        """Model states, activations and ZeRO-3's buffers on one GPU."""
+        return (self.model_states_per_gpu + self.activations_per_gpu
+                + self.reduce_bucket_per_gpu + self.live_parameters_per_gpu)
 
     def as_dict(self) -> dict:
         """JSON-ready dict with GiB figures added."""
         out = asdict(self)
         out["total_per_gpu"] = self.total_per_gpu
         for key in ("model_states_per_gpu", "model_states_cpu_per_node", "activations_per_gpu",
-                    "activations_per_gpu_without_checkpointing", "total_per_gpu"):
+                    "activations_per_gpu_without_checkpointing", "reduce_bucket_per_gpu",
+                    "live_parameters_per_gpu", "model_build_per_rank", "total_per_gpu"):
             out[key.replace("_per", "_gib_per").replace("_cpu_gib", "_gib_cpu")] = round(
                 out[key] / GiB, 2)
         return out
@@ -66,6 +73,67 @@ def measure_activation_bytes(
     return measure_saved_bytes(model, lambda: model.forward_pooled(x), dtype)
 
 
+def measure_text_activation_bytes(text: nn.Module, batch: int, context_length: int,
+                                  dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes autograd keeps for backward of a text-tower forward on ``batch`` captions of
+    ``context_length`` tokens (the text tower is not checkpointed). Meta device only."""
+    tokens = torch.zeros(batch, context_length, dtype=torch.long, device="meta")
+    plain, _ = measure_saved_bytes(text, lambda: text(tokens), dtype)
+    return plain
+
+
+def persistent_params(model: nn.Module, zero_config: dict) -> int:
+    """Parameters ZeRO-3 never partitions: each of at most ``param_persistence_threshold``
+    elements, up to ``model_persistence_threshold`` in all (DeepSpeed's own rule, in
+    named_parameters order). They stay whole, in 16 bits, on every GPU."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zc = DeepSpeedZeroConfig(**zero_config)
+    total = 0
+    for p in model.parameters():
+        if p.numel() <= zc.param_persistence_threshold and (
+                total + p.numel() <= zc.model_persistence_threshold):
+            total += p.numel()
+    return total
+
+
+def zero3_buffer_bytes(model: nn.Module, zero_config: dict, dtype_bytes: int) -> dict[str, int]:
+    """GPU bytes ZeRO-3 holds beyond DeepSpeed's model-state estimate, from the run's
+    ``zero_optimization`` settings (DeepSpeed's defaults where unset):
+
+    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements of
+      the 16-bit dtype, allocated once when ``contiguous_gradients`` is on;
+    - ``live_parameters``: gathered 16-bit parameters: the persistent ones, plus those
+      kept for reuse within ``stage3_max_reuse_distance`` elements, the
+      ``stage3_prefetch_bucket_size`` fetched ahead and the module running now; at most
+      all of them (DeepSpeed's default reuse distance, 1e9, can keep all of H).
+    """
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zc = DeepSpeedZeroConfig(**zero_config)
+    params = sum(p.numel() for p in model.parameters())
+    persistent = persistent_params(model, zero_config)
+    window = zc.max_reuse_distance + zc.prefetch_bucket_size + largest_layer_params(model)
+    live = persistent + min(params - persistent, window)
+    bucket = zc.reduce_bucket_size if zc.contiguous_gradients else 0
+    return {"reduce_bucket": int(bucket * dtype_bytes), "live_parameters": int(live * dtype_bytes)}
+
+
+def build_bytes_per_rank(params: int, largest_layer_params: int, ranks: int, zero_init: bool,
+                         dtype_bytes: int) -> int:
+    """Peak parameter bytes one rank holds while the model is constructed.
+
+    Without zero.Init: the whole model in fp32 (it is cast only by ``deepspeed.initialize``),
+    in host memory. With it: the rank's 1/``ranks`` partition in the run's dtype plus the
+    largest module, whole for a moment before it is partitioned (made in fp32, then cast),
+    on the accelerator (or the host with parameter offload, or on CPU-only runs).
+    """
+    if not zero_init:
+        return 4 * params
+    cast = 0 if dtype_bytes == 4 else dtype_bytes
+    return math.ceil(params / ranks) * dtype_bytes + largest_layer_params * (4 + cast)
+
+
 def estimate(
     model_name: str, gpus: int = 8, gpus_per_node: int = 8, zero_stage: int = 3,
     image_size: int = 224, batch_per_gpu: int = 16, activation_checkpointing: bool = True,
@@ -78,7 +146,12 @@ def estimate(
         model = build_model(model_name, **model_overrides)
     params = sum(p.numel() for p in model.parameters())
     largest = largest_layer_params(model)
-    gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload)
+    zero_init = zero_stage == 3  # what pretrain/trainer.py does
+    gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
+                                 zero_init)
+    # DeepSpeed's defaults (our pre-training config sets the same bucket and thresholds)
+    buffers = (zero3_buffer_bytes(model, {"stage": 3}, dtype.itemsize) if zero_stage == 3
+               else {"reduce_bucket": 0, "live_parameters": 0})
     per_node = min(gpus, gpus_per_node)
     act_plain, act_cp = measure_activation_bytes(model, batch_per_gpu, image_size, dtype)
     return MemoryEstimate(
@@ -90,4 +163,8 @@ def estimate(
         model_states_cpu_per_node=cpu,
         activations_per_gpu=act_cp if activation_checkpointing else act_plain,
         activations_per_gpu_without_checkpointing=act_plain,
+        reduce_bucket_per_gpu=buffers["reduce_bucket"],
+        live_parameters_per_gpu=buffers["live_parameters"], zero_init=zero_init,
+        model_build_per_rank=build_bytes_per_rank(params, largest, gpus, zero_init,
+                                                  dtype.itemsize),
     )

@@ -15,6 +15,22 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 
 from models import build_model
+from pretrain.zero_init import gathered_for_init
+
+
+class _TextTower(TextTransformer):
+    """open_clip's text transformer whose weight init also works under zero.Init: its
+    ``init_parameters`` re-initialises child modules' weights (embedding, attention, MLP),
+    which must be gathered there (see pretrain/zero_init.py)."""
+
+    def init_parameters(self) -> None:
+        with gathered_for_init(self.parameters()):
+            super().init_parameters()
+            # nn.MultiheadAttention zeroes its child out_proj's bias in its own __init__:
+            # lost under zero.Init, so done again here (no random draw: same weights)
+            for block in self.transformer.resblocks:
+                if isinstance(block.attn, nn.MultiheadAttention):
+                    nn.init.zeros_(block.attn.out_proj.bias)
 
 
 class M3IModel(nn.Module):
@@ -27,15 +43,16 @@ class M3IModel(nn.Module):
         super().__init__()
         self.visual = build_model(model_name, num_classes=0, with_cp=with_cp, **model_overrides)
         self.image_proj = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
-        self.text = TextTransformer(context_length=context_length, vocab_size=vocab_size,
-                                    width=text_width, heads=text_heads, layers=text_layers,
-                                    output_dim=embed_dim)
+        self.text = _TextTower(context_length=context_length, vocab_size=vocab_size,
+                               width=text_width, heads=text_heads, layers=text_layers,
+                               output_dim=embed_dim)
         # One learnable embedding per tag of the vocabulary (the weak-label targets).
         self.tag_embed = nn.Parameter(torch.randn(max(num_tags, 1), embed_dim) / embed_dim**0.5)
         # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
         self.max_logit_scale = max_logit_scale
-        nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
+        with gathered_for_init(self.image_proj.parameters()):  # a child: zero.Init-safe
+            nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (B, embed_dim)."""

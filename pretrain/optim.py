@@ -12,7 +12,9 @@ DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.mask.")
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, layer-scale gammas and the temperature are not decayed."""
-    return param.ndim <= 1 or name.endswith(("gamma1", "gamma2", "logit_scale"))
+    # a parameter partitioned by zero.Init is an empty 1-d tensor; ds_shape is its shape
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim <= 1 or name.endswith(("gamma1", "gamma2", "logit_scale"))
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float,

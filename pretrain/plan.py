@@ -7,13 +7,21 @@ from typing import Any
 import torch
 
 from pretrain.config import PretrainConfig
-from pretrain.estimate import largest_layer_params, measure_activation_bytes, model_state_bytes
+from pretrain.estimate import (
+    build_bytes_per_rank,
+    largest_layer_params,
+    measure_activation_bytes,
+    measure_text_activation_bytes,
+    model_state_bytes,
+    zero3_buffer_bytes,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
-    """Parameters (model built on the meta device), steps, samples and per-GPU memory."""
+    """Parameters (model built on the meta device), steps, samples, per-GPU memory and
+    what a rank holds while the model is built (zero.Init under ZeRO-3, as the trainer)."""
     from pretrain.m3i_model import M3IModel
 
     with torch.device("meta"):
@@ -26,12 +34,7 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
         steps = max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / global_batch))
     else:
         steps = cfg.run.max_steps
-    states_gpu, states_cpu = model_state_bytes(total, largest_layer_params(model), gpus,
-                                               gpus_per_node, cfg.engine.zero_stage,
-                                               cfg.engine.offload_optimizer)
-    plain, ckpt = measure_activation_bytes(model.visual, cfg.data.batch_size,
-                                           cfg.data.image_size, DTYPES[cfg.engine.precision])
-    activations = ckpt if cfg.model.checkpointing() else plain
+    memory = _memory(cfg, model, gpus, gpus_per_node)
     weights = sum(s.weight for s in cfg.data.sources)
     gib = 2**30
     return {
@@ -45,10 +48,40 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
                     for s in cfg.data.sources],
         "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
         "activation_checkpointing": cfg.model.checkpointing(),
-        "memory_per_gpu_gib": {
-            "model_states": round(states_gpu / gib, 2),
-            "image_tower_activations": round(activations / gib, 2),
-            "total": round((states_gpu + activations) / gib, 2)},
-        "model_states_cpu_per_node_gib": round(states_cpu / gib, 2),
+        "memory_per_gpu_gib": {k: round(v / gib, 2) for k, v in memory["gpu"].items()},
+        "model_states_cpu_per_node_gib": round(memory["states_cpu_per_node"] / gib, 2),
+        "model_build": {"zero_init": memory["zero_init"], "device": memory["build_device"],
+                        "peak_per_rank_gib": round(memory["build_per_rank"] / gib, 2),
+                        "host_per_node_gib": round(memory["build_host_per_node"] / gib, 2)},
         "checkpoint_every": cfg.run.checkpoint_every,
     }
+
+
+def _memory(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int) -> dict[str, Any]:
+    """Bytes: per-GPU terms and their total, model states in host memory per node, and
+    the peak one rank holds while the model is built (where, and per node on the host)."""
+    from pretrain.ds_config import deepspeed_config
+
+    eng, dtype = cfg.engine, DTYPES[cfg.engine.precision]
+    params, largest = sum(p.numel() for p in model.parameters()), largest_layer_params(model)
+    zero_init = eng.zero_stage == 3  # the trainer builds under deepspeed.zero.Init then
+    states_gpu, states_cpu = model_state_bytes(params, largest, gpus, gpus_per_node,
+                                               eng.zero_stage, eng.offload_optimizer, zero_init)
+    buffers = {"reduce_bucket": 0, "live_parameters": 0}
+    if eng.zero_stage == 3:
+        zero_config = deepspeed_config(cfg, cfg.data.batch_size)["zero_optimization"]
+        buffers = zero3_buffer_bytes(model, zero_config, dtype.itemsize)
+    # the probes move the model to dtype on the meta device: after the counts above
+    plain, ckpt = measure_activation_bytes(model.visual, cfg.data.batch_size,
+                                           cfg.data.image_size, dtype)
+    text = measure_text_activation_bytes(model.text, cfg.data.batch_size,
+                                         cfg.data.context_length, dtype)
+    gpu = {"model_states": states_gpu,
+           "image_tower_activations": ckpt if cfg.model.checkpointing() else plain,
+           "text_tower_activations": text, **buffers}
+    on_host = not zero_init or eng.offload_param
+    peak = build_bytes_per_rank(params, largest, gpus, zero_init, dtype.itemsize)
+    return {"gpu": gpu | {"total": sum(gpu.values())}, "states_cpu_per_node": states_cpu,
+            "zero_init": zero_init, "build_device": "host" if on_host else "gpu",
+            "build_per_rank": peak,
+            "build_host_per_node": peak * min(gpus, gpus_per_node) if on_host else 0}

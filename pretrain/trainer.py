@@ -74,13 +74,47 @@ def total_steps(cfg: PretrainConfig, world_size: int) -> int:
     return cfg.run.max_steps
 
 
-def build_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
-    """The pre-training network (identical initial weights on every rank: seeded)."""
-    torch.manual_seed(cfg.run.seed)
+def check_precision(precision: str) -> None:
+    """Fail before any data or compute when this machine's accelerator cannot train in
+    ``precision`` (DeepSpeed itself refuses only inside ``deepspeed.initialize``, with
+    "Type fp16 is not supported on your device."). Its CPU accelerator allows fp16 only
+    where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs)."""
+    if precision == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = (accelerator.is_fp16_supported() if precision == "fp16"
+                 else accelerator.is_bf16_supported())
+    if not supported:
+        raise ValueError(
+            f"engine.precision={precision}: DeepSpeed's {accelerator.device_name()} "
+            f"accelerator does not support {precision} on this machine; use "
+            f"engine.precision=bf16 or fp32")
+
+
+def _m3i_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
     return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                     cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
                     num_tags, cfg.objective.init_temperature, cfg.objective.max_logit_scale,
                     with_cp=cfg.model.checkpointing(), **cfg.model.overrides())
+
+
+def build_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
+    """The pre-training network (identical initial weights on every rank: seeded).
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (pretrain/zero_init.py): each
+    rank only ever holds its 1/N share of the parameters plus the module being built, in
+    the run's precision, never the whole model; the weights are a plain build's with the
+    same seed. Needs the process group (``init_distributed``) for ZeRO-3.
+    """
+    torch.manual_seed(cfg.run.seed)
+    if cfg.engine.zero_stage != 3:
+        return _m3i_model(cfg, num_tags)
+    from pretrain.zero_init import partitioned_construction
+
+    with partitioned_construction(deepspeed_config(cfg, cfg.data.batch_size)):
+        return _m3i_model(cfg, num_tags)
 
 
 def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
@@ -143,6 +177,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.info: DistInfo = init_distributed()
+        check_precision(cfg.engine.precision)
         num_tags = len(TagVocab.load(cfg.data.tag_vocab))
         self.model_hash = model_hash(cfg, num_tags)
         self.config_hash = config_hash(cfg)  # without credentials: a rotated key is the same run

@@ -12,8 +12,9 @@ def register(sub, name: str) -> None:
     p = sub.add_parser(
         name, help="estimate parameters and per-GPU memory",
         description="Build the model on the meta device (instant, no memory) and print its "
-        "parameters, DeepSpeed's ZeRO model-state estimate per GPU and a measured "
-        "activation-memory estimate.")
+        "parameters, DeepSpeed's ZeRO model-state estimate per GPU, a measured "
+        "activation-memory estimate, ZeRO-3's reduce bucket and gathered parameters "
+        "(DeepSpeed's defaults), and the peak a rank holds while the model is built.")
     p.add_argument("--model", required=True, help="internimage_t|s|b|l|xl|h or a released name")
     p.add_argument("--gpus", type=int, default=8, help="total GPUs (default 8)")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -42,7 +43,11 @@ def _table(est) -> str:
         (f"activations per GPU ({est.dtype})", f"{est.activations_per_gpu / gib:.2f} GiB"),
         ("  without checkpointing",
          f"{est.activations_per_gpu_without_checkpointing / gib:.2f} GiB"),
+        ("ZeRO-3 reduce bucket per GPU", f"{est.reduce_bucket_per_gpu / gib:.2f} GiB"),
+        ("ZeRO-3 gathered parameters per GPU", f"{est.live_parameters_per_gpu / gib:.2f} GiB"),
         ("total per GPU", f"{est.total_per_gpu / gib:.2f} GiB"),
+        ("model build per rank (zero.Init: " + ("yes)" if est.zero_init else "no)"),
+         f"{est.model_build_per_rank / gib:.2f} GiB"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ops.dcnv3.function import _pick_backend, dcnv3
+
+# reset_parameters re-initialises its child Linears, which needs their whole tensors. A
+# wrapper that partitions parameters as modules are built (DeepSpeed's zero.Init, entered
+# by pretrain/) sets a factory here: params -> context in which they are whole. ops/ never
+# imports DeepSpeed; unset, re-initialisation runs as plain PyTorch.
+INIT_GATHER: ContextVar = ContextVar("dcnv3_init_gather", default=None)
 
 
 class _ChannelsFirstToLastLayerNorm(nn.Sequential):
@@ -69,12 +78,15 @@ class DCNv3(nn.Module):
 
     def reset_parameters(self) -> None:
         """Zero offsets and mask logits: a fresh layer samples the regular grid uniformly."""
-        for lin in (self.offset, self.mask):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        for lin in (self.input_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        linears = (self.offset, self.mask, self.input_proj, self.output_proj)
+        gather = INIT_GATHER.get()
+        with gather([p for lin in linears for p in lin.parameters()]) if gather else nullcontext():
+            for lin in (self.offset, self.mask):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            for lin in (self.input_proj, self.output_proj):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, _ = x.shape
