@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 import ops.dcnv3.reference as reference
 from ops.dcnv3 import DCNv3, dcnv3, output_size
-from tests.dcnv3_naive import dcnv3_naive
+from tests.dcnv3_naive import (
+    BORDER_PARAMS,
+    FRESH_LAYER_GRAD_OFFSET_X9,
+    FRESH_LAYER_PARAMS,
+    border_problem,
+    dcnv3_naive,
+    fresh_layer_problem,
+)
 
 # (N, H, W, groups, group_channels, kernel, stride, padding, dilation, offset_scale, offset_std)
 CASES = [
@@ -54,9 +61,41 @@ def test_gradcheck_float64(case):
     # Keep offsets away from integer pixel positions, where bilinear weights have kinks.
     with torch.no_grad():
         offset += 0.37 * (offset.frac().abs() < 0.05)
+    # fast_mode compares random projections v^T J u of the analytic and numerical
+    # Jacobians (torch.autograd.gradcheck docs) instead of one forward per input element
+    # (thousands here, 30-60 s per case). It scales atol by sum(u)*sum(v) (~1e3 here), so
+    # the tolerances are tight: float64 central differences agree to ~1e-10, and a
+    # gradient off by a factor 1.0001 fails.
     assert torch.autograd.gradcheck(
         lambda a, b, c: dcnv3(a, b, c, backend="reference", **kw), (x, offset, mask),
-        eps=1e-6, atol=1e-6)
+        eps=1e-6, atol=1e-9, rtol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_border_rule_matches_released_kernel(dtype):
+    """Locations -1, -0.5, 0, size-1, size-0.5, size (and inf/NaN) on each axis: output and
+    every gradient equal the released CUDA kernel's, hand-computed in tests/dcnv3_naive.py
+    (a point is skipped unless -1 < loc < size; at integers the derivative looks right)."""
+    (x, offset, mask), want = border_problem(dtype)
+    leaves = [t.requires_grad_() for t in (x, offset, mask)]
+    out = dcnv3(*leaves, **BORDER_PARAMS, backend="reference")
+    got = (out, *torch.autograd.grad(out.sum(), leaves))
+    for name, a, b in zip(("output", "grad_input", "grad_offset", "grad_mask"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    # The loop implementation the random-input tests compare with follows the same rule.
+    plain = dcnv3_naive(x.detach(), offset.detach(), mask.detach(), 1, 3, 0, 1, 1, 1.0)
+    torch.testing.assert_close(plain, want[0], rtol=0, atol=1e-12)
+
+
+def test_fresh_layer_border_offset_gradient_matches_released_kernel():
+    """Zero offsets with padding 1 put the corner outputs' outer grid points at exactly -1
+    and 3 (= size); the released kernel gives those points no offset gradient."""
+    x, offset, mask = (t.requires_grad_() for t in fresh_layer_problem())
+    out = dcnv3(x, offset, mask, **FRESH_LAYER_PARAMS, backend="reference")
+    grad_offset = torch.autograd.grad(out.sum(), offset)[0].view(3, 3, 9, 2)
+    for (i, j), rows in FRESH_LAYER_GRAD_OFFSET_X9.items():
+        want = torch.tensor(rows, dtype=torch.float64) / 9
+        torch.testing.assert_close(grad_offset[i, j], want, rtol=0, atol=1e-12)
 
 
 def test_bf16_forward_within_bf16_tolerance():
@@ -77,7 +116,7 @@ def test_chunked_batch_gives_identical_values_and_grads(monkeypatch):
     kw = _kw(case)
     out_full = dcnv3(x, offset, mask, **kw)
     grads_full = torch.autograd.grad(out_full.square().sum(), (x, offset, mask))
-    per_sample = 6 * 6 * 9 * 8
+    per_sample = reference._CORNERS * 6 * 6 * 9 * 8  # gathered corner values per sample
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * per_sample)  # 3 chunks of <= 2
     out_chunk = dcnv3(x, offset, mask, **kw)
     grads_chunk = torch.autograd.grad(out_chunk.square().sum(), (x, offset, mask))

@@ -23,6 +23,13 @@ pytest.importorskip("triton")
 
 from ops.dcnv3 import DCNv3, available_backends, dcnv3, output_size, triton_backend  # noqa: E402, I001
 from ops.dcnv3.triton_backend import dcnv3_softmax  # noqa: E402
+from tests.dcnv3_naive import (  # noqa: E402
+    BORDER_PARAMS,
+    FRESH_LAYER_GRAD_OFFSET_X9,
+    FRESH_LAYER_PARAMS,
+    border_problem,
+    fresh_layer_problem,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -139,17 +146,46 @@ def test_half_error_at_most_twice_reference_error(dtype):
 
 
 def test_samples_exactly_on_pixel_centres():
-    """Integer offsets with scale 1 put every sample on a pixel centre, where the bilinear
-    weights are 0/1 and the offset gradient is one-sided: the kernel uses floor(), i.e.
-    the derivative from the right, so compare with the reference nudged to the right."""
+    """Integer offsets with scale 1 put every sample on a pixel centre (many at -1 and at
+    the size, where the released kernel skips the point), where the bilinear weights are
+    0/1 and the offset gradient is one-sided (floor: the derivative from the right). The
+    reference takes the same side, so all four results agree."""
     case = _case(2, 7, 8, 2, 4, pad=1)
     x, off, mask, go = _make(case, seed=3, far=False)
     off = off.round()
     got = _both("triton", case, (x, off, mask, go))
     want = _both("reference", case, (x, off, mask, go))
-    right = _both("reference", case, (x, off + 1e-9, mask, go))
-    _assert_close(got[:2] + got[3:], want[:2] + want[3:], 1e-10, "centres")
-    assert _rel(got[2], right[2]) <= 1e-6
+    _assert_close(got, want, 1e-10, "centres")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_border_rule_matches_released_kernel(dtype):
+    """Locations -1, -0.5, 0, size-1, size-0.5, size (and inf/NaN) on each axis: output and
+    every gradient equal the released CUDA kernel's, hand-computed in tests/dcnv3_naive.py
+    (a point is skipped unless -1 < loc < size; at integers the derivative looks right)."""
+    (x, offset, mask), want = border_problem(dtype, DEVICE)
+    leaves = [t.requires_grad_() for t in (x, offset, mask)]
+    out = dcnv3(*leaves, **BORDER_PARAMS, backend="triton")
+    got = (out, *torch.autograd.grad(out.sum(), leaves))
+    for name, a, b in zip(("output", "grad_input", "grad_offset", "grad_mask"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fused_softmax", [False, True], ids=["weights", "logits"])
+def test_fresh_layer_border_offset_gradient_matches_released_kernel(fused_softmax):
+    """Zero offsets with padding 1 put the corner outputs' outer grid points at exactly -1
+    and 3 (= size); the released kernel gives those points no offset gradient. With
+    logits, zeros are the uniform 1/9 weights after the kernel's softmax."""
+    x, offset, mask = (t.requires_grad_() for t in fresh_layer_problem(device=DEVICE))
+    if fused_softmax:
+        logits = torch.zeros_like(mask, requires_grad=True)
+        out = dcnv3_softmax(x, offset, logits, **FRESH_LAYER_PARAMS)
+    else:
+        out = dcnv3(x, offset, mask, **FRESH_LAYER_PARAMS, backend="triton")
+    grad_offset = torch.autograd.grad(out.sum(), offset)[0].view(3, 3, 9, 2).cpu()
+    for (i, j), rows in FRESH_LAYER_GRAD_OFFSET_X9.items():
+        want = torch.tensor(rows, dtype=torch.float64) / 9
+        torch.testing.assert_close(grad_offset[i, j], want, rtol=0, atol=1e-12)
 
 
 def test_fused_softmax_matches_softmax_then_reference():

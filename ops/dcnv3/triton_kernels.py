@@ -6,8 +6,10 @@ Layout (all contiguous, channels-last): input (N, H, W, C); offset (P, G*K*2) an
 contiguous group-channel dimension, so every corner load is one vector load per position.
 
 Semantics are those of ``ops.dcnv3.reference`` (sampling location, x-major point order,
-zeros outside the image). The mask may arrive as softmax-normalised weights or, with
-``SOFTMAX=True``, as raw logits that are normalised over the K points inside the kernel.
+zeros outside the image, and the released kernel's rule that a point is skipped unless
+-1 < location < size on both axes). The mask may arrive as softmax-normalised weights
+or, with ``SOFTMAX=True``, as raw logits that are normalised over the K points inside
+the kernel.
 
 Backward computes grad_input (atomic adds into an fp32/fp64 buffer), grad_offset and
 grad_mask in one pass: for each point the four corner vectors are loaded once and reduced
@@ -57,18 +59,24 @@ def _point_geometry(p, k, offset_ptr, G, g, pvalid, H, W, Ho, Wo, stride, pad, d
     dy = tl.load(off + 1, mask=pvalid, other=0.0).to(acc_ty)
     px = (half - pad + wo * stride).to(acc_ty) + offset_scale * ((kx * dilation - half) + dx)
     py = (half - pad + ho * stride).to(acc_ty) + offset_scale * ((ky * dilation - half) + dy)
+    # The released kernel samples a point only if -1 < loc < size on both axes; at
+    # exactly -1 zero padding would still give the offset a gradient (from row/column 0).
+    used = (px > -1.0) & (px < W) & (py > -1.0) & (py < H)
+    # A skipped point goes on at (0, 0) with its corners masked off below, so neither a
+    # far-away (int overflow) nor an inf/NaN location reaches the arithmetic.
+    px = tl.where(used, px, 0.0)
+    py = tl.where(used, py, 0.0)
     x0f = tl.floor(px)
     y0f = tl.floor(py)
     lx = px - x0f
     ly = py - y0f
-    # Clamp before the int cast so far-away samples cannot overflow; any clamped corner
-    # stays outside the image, so the result is unchanged.
-    x0 = tl.minimum(tl.maximum(x0f, -2.0), W + 1.0).to(tl.int32)
-    y0 = tl.minimum(tl.maximum(y0f, -2.0), H + 1.0).to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
     vx0 = (x0 >= 0) & (x0 < W)
     vx1 = (x0 + 1 >= 0) & (x0 + 1 < W)
-    vy0 = (y0 >= 0) & (y0 < H)
-    vy1 = (y0 + 1 >= 0) & (y0 + 1 < H)
+    # Every corner mask takes one of vy0/vy1, so folding `used` in there drops the point.
+    vy0 = used & (y0 >= 0) & (y0 < H)
+    vy1 = used & (y0 + 1 >= 0) & (y0 + 1 < H)
     # Pixel index of the top-left corner; int64 because N*H*W*C can exceed 2**31.
     pix00 = ((n * H + y0) * W + x0).to(tl.int64)
     return pix00, vx0, vx1, vy0, vy1, lx, ly
