@@ -70,6 +70,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _bn_stem_hint(unexpected: list[str]) -> str:
+    """Name the likely cause when a file has the BatchNorm stem that builds of this project
+    made before the stem was fixed to the released LayerNorm one (``patch_embed.norm1.1``)."""
+    if "patch_embed.norm1.0.running_mean" not in unexpected:
+        return ""
+    return ("; its stem is BatchNorm (patch_embed.norm1.0.running_mean), written by an "
+            "older build of this project: released InternImage models and this one use a "
+            "LayerNorm stem (patch_embed.norm1.1.*), so that file cannot be loaded strictly")
+
+
 def load_pretrained(
     model: nn.Module, path: str | Path, *, strict: bool = True, drop_classifier: bool | None = None,
 ) -> LoadReport:
@@ -100,6 +110,7 @@ def load_pretrained(
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(state) - len(report.unexpected)
     if strict and (report.missing or report.unexpected):
-        raise CheckpointError(f"{path} does not match the model: {report}")
+        raise CheckpointError(f"{path} does not match the model: {report}"
+                              + _bn_stem_hint(report.unexpected))
     log.info("loaded %s: %s", path, report)
     return report

@@ -37,6 +37,12 @@ class InternImageTimm(InternImage):
         super().__init__(*args, **kwargs)
         self.feature_info = stage_feature_info(self)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's meaning: the one unpooled NCHW map ``forward_head`` pools (N,
+        ``num_features``, H/32, W/32; H/16 for InternImage-H). The four stage maps come
+        from ``forward_intermediates`` (or ``forward_stages``)."""
+        return self.forward_unpooled(x)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -49,8 +55,9 @@ class InternImageTimm(InternImage):
         """Stage outputs at ``indices`` (timm's contract; ``norm`` is a no-op).
 
         Each stage already ends in its own norm, so there is no extra "final norm" to
-        apply. With ``intermediates_only=False`` also returns the last stage's map
-        (the input of the classification head), as timm models do.
+        apply. With ``intermediates_only=False`` also returns the map the head pools
+        (``forward_features``' output; with ``stop_early``, the last stage run), as timm
+        models do.
         """
         fmt = Format(output_fmt)
         if fmt not in (Format.NCHW, Format.NHWC):
@@ -60,15 +67,16 @@ class InternImageTimm(InternImage):
         last = max_index if (stop_early or intermediates_only) else len(self.levels) - 1
         x = self.pos_drop(self.patch_embed(x))
         intermediates = []
-        stage_out = x
+        stages = [x.permute(0, 3, 1, 2)]  # NCHW views of what each stage put out
         for i, level in enumerate(self.levels[: last + 1]):
             x, stage_out = level(x)  # channels-last (N, H, W, C)
+            stages.append(stage_out.permute(0, 3, 1, 2))
             if i in take:
-                intermediates.append(stage_out if fmt == Format.NHWC
-                                     else stage_out.permute(0, 3, 1, 2))
+                intermediates.append(stage_out if fmt == Format.NHWC else stages[-1])
         if intermediates_only:
             return intermediates
-        return stage_out.permute(0, 3, 1, 2), intermediates
+        ran_all = last == len(self.levels) - 1
+        return (self.head_input(stages) if ran_all else stages[-1]), intermediates
 
     def prune_intermediate_layers(
         self,

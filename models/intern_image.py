@@ -2,8 +2,14 @@
 
 Module and parameter names follow the released reference model exactly, so released
 checkpoints load with ``strict=True``. Features flow channels-last (N, H, W, C) through
-the stages; ``forward_features`` hands the four stage maps out as NCHW views (their memory
-stays channels-last), which is what FPN-style necks expect.
+the stages; ``forward_stages`` (and, on this class, ``forward_features``) hands the four
+stage maps out as NCHW views (their memory stays channels-last), which is what FPN-style
+necks expect. The timm-registered subclass (``models.features.InternImageTimm``) gives
+``forward_features`` timm's meaning instead: the one unpooled map the head pools.
+
+The model is traceable by ``torch.fx`` (timm's FX feature extraction): the DCNv3 layer is
+registered with timm as a leaf module (its backend choice depends on the tensor's device,
+which a symbolic trace does not know), and no ``forward`` branches on a traced value.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from torch import nn
+from torch.fx import Proxy
 
 from models.clip_projector import EMBED_DIM, NUM_HEADS, TOKEN_DIM, UPSAMPLE, AttentionPoolingBlock
 from models.layers import DownsampleLayer, MLPLayer, StemLayer, batch_norm, layer_norm
 from ops.dcnv3 import DCNv3
+
+# FX traces call DCNv3 as one opaque module; its eager forward then picks the backend.
+register_notrace_module(DCNv3)
 
 
 class InternImageLayer(nn.Module):
@@ -68,7 +78,10 @@ class InternImageLayer(nn.Module):
         return x + self.drop_path(mlp(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
+        # A symbolic trace (torch.fx) sees a Proxy, whose requires_grad cannot be branched
+        # on; the traced graph runs the block without recomputation (same values).
+        if (self.with_cp and not isinstance(x, Proxy) and x.requires_grad
+                and torch.is_grad_enabled()):
             return cp.checkpoint(self._branches, x, use_reentrant=False)
         return self._branches(x)
 
@@ -111,7 +124,14 @@ class InternImageBlock(nn.Module):
 
 
 class InternImage(nn.Module):
-    """InternImage backbone + classification head (T..XL: conv head; H: CLIP projector)."""
+    """InternImage backbone + classification head (T..XL: conv head; H: CLIP projector).
+
+    timm's naming: ``num_features`` is the width of the unpooled map the head pools
+    (``forward_unpooled``: the last stage for T..XL; for H the fused stage-3/4 tokens),
+    ``head_hidden_size`` (= ``embed_dim``) the width of the pooled pre-logits embedding,
+    ``global_pool`` the pooling (``"avg"`` for T..XL, ``"map"`` attention pooling for H;
+    ``""`` skips the whole head and needs ``num_classes=0``).
+    """
 
     def __init__(
         self,
@@ -134,6 +154,7 @@ class InternImage(nn.Module):
         center_feature_scale: bool = False,
         in_chans: int = 3,
         dcn_backend: str = "auto",
+        global_pool: str | None = None,
     ):
         super().__init__()
         if len(depths) != len(groups):
@@ -142,8 +163,8 @@ class InternImage(nn.Module):
         self.depths = list(depths)
         self.num_levels = len(depths)
         self.channels = channels
-        self.num_features = int(channels * 2 ** (self.num_levels - 1))
         self.stage_channels = [int(channels * 2**i) for i in range(self.num_levels)]
+        last = self.stage_channels[-1]
         self.use_clip_projector = use_clip_projector
         self.patch_embed = StemLayer(in_chans, channels)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -162,17 +183,21 @@ class InternImage(nn.Module):
             ))
         if use_clip_projector:
             self.dcnv3_head_x4 = nn.Sequential(
-                nn.Conv2d(self.num_features, TOKEN_DIM * UPSAMPLE**2, 1), nn.PixelShuffle(UPSAMPLE))
-            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, TOKEN_DIM, 1)
+                nn.Conv2d(last, TOKEN_DIM * UPSAMPLE**2, 1), nn.PixelShuffle(UPSAMPLE))
+            self.dcnv3_head_x3 = nn.Conv2d(self.stage_channels[-2], TOKEN_DIM, 1)
             self.clip_projector = AttentionPoolingBlock(TOKEN_DIM, NUM_HEADS, EMBED_DIM)
             self.fc_norm = layer_norm(EMBED_DIM)
+            self.num_features = TOKEN_DIM
             self.embed_dim = EMBED_DIM
         else:
-            self.embed_dim = int(self.num_features * cls_scale)
+            self.num_features = last
+            self.embed_dim = int(last * cls_scale)
             self.conv_head = nn.Sequential(
-                nn.Conv2d(self.num_features, self.embed_dim, 1, bias=False),
+                nn.Conv2d(last, self.embed_dim, 1, bias=False),
                 batch_norm(self.embed_dim), nn.GELU())
             self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head_hidden_size = self.embed_dim
+        self.global_pool = self._checked_pool(global_pool, num_classes)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         for m in self.modules():
@@ -195,7 +220,20 @@ class InternImage(nn.Module):
             for block in level.blocks:
                 block.with_cp = enable
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _checked_pool(self, global_pool: str | None, num_classes: int) -> str:
+        """``global_pool`` validated: this variant's own pooling (default) or ``""``."""
+        native = "map" if self.use_clip_projector else "avg"
+        if global_pool is None:
+            return native
+        if global_pool not in (native, ""):
+            raise ValueError(f"global_pool={global_pool!r}: this InternImage pools with "
+                             f"{native!r}; choose {native!r} or '' (no pooling, no head)")
+        if global_pool == "" and num_classes > 0:
+            raise ValueError(f"global_pool='' returns the unpooled map, which has no "
+                             f"classifier: set num_classes=0 (got {num_classes})")
+        return global_pool
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs as NCHW tensors (channels-last memory), strides 4..32."""
         x = self.pos_drop(self.patch_embed(x))
         outs = []
@@ -204,25 +242,49 @@ class InternImage(nn.Module):
             outs.append(stage_out.permute(0, 3, 1, 2))
         return outs
 
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage maps (``forward_stages``), what the dense-prediction necks take."""
+        return self.forward_stages(x)
+
+    def head_input(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The NCHW map the head pools, from the NCHW stage maps: the last stage (stride 32)
+        for T..XL; for H the pixel-shuffled stage 4 plus stage 3 (stride 16)."""
+        if self.use_clip_projector:
+            return self.dcnv3_head_x4(stages[-1]) + self.dcnv3_head_x3(stages[-2])
+        return stages[-1]
+
+    def forward_unpooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled map the head pools, ``num_features`` wide (``head_input``)."""
+        return self.head_input(self.forward_stages(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool an unpooled map (``forward_unpooled``) and classify it (timm's contract).
+
+        ``pre_logits=True`` returns the pooled embedding (N, ``head_hidden_size``); with
+        ``global_pool=""`` the map is returned as it is.
+        """
+        if not self.global_pool:
+            return x
+        if self.use_clip_projector:
+            x = self.fc_norm(self.clip_projector(x.flatten(2).transpose(1, 2)))
+        else:
+            x = torch.flatten(self.avgpool(self.conv_head(x)), 1)
+        return x if pre_logits else self.head(x)
+
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The image embedding before the classifier: (N, ``embed_dim``)."""
-        feats = self.forward_features(x)
-        if self.use_clip_projector:
-            fused = self.dcnv3_head_x4(feats[-1]) + self.dcnv3_head_x3(feats[-2])
-            tokens = fused.flatten(2).transpose(1, 2)
-            return self.fc_norm(self.clip_projector(tokens))
-        return torch.flatten(self.avgpool(self.conv_head(feats[-1])), 1)
-
-    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Classifier on a pooled embedding."""
-        return self.head(pooled)
+        return self.forward_head(self.forward_unpooled(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_pooled(x))
+        return self.forward_head(self.forward_unpooled(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier (timm's convention) for a new class count."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (timm's convention) for a new class count; optionally
+        change ``global_pool`` (``""``: no pooling, for ``num_classes=0``)."""
+        pool = self._checked_pool(self.global_pool if global_pool is None else global_pool,
+                                  num_classes)
         self.num_classes = num_classes
+        self.global_pool = pool
         device = next(self.parameters()).device
         self.head = (nn.Linear(self.embed_dim, num_classes, device=device)
                      if num_classes > 0 else nn.Identity())

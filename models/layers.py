@@ -26,31 +26,44 @@ class ToChannelsLast(nn.Module):
 
 
 def layer_norm(
-    channels: int, from_channels_first: bool = False, eps: float = 1e-6
+    channels: int, from_channels_first: bool = False, to_channels_first: bool = False,
+    eps: float = 1e-6,
 ) -> nn.Sequential:
-    """LayerNorm over the channel dim of an NHWC tensor (optionally permuting NCHW in first)."""
+    """LayerNorm over the channel dim, with the permutes its input/output layout needs.
+
+    Channels-last in and out gives ``[LayerNorm]`` (keys ``0.*``); a channels-first input
+    adds ``ToChannelsLast`` in front (keys ``1.*``) and a channels-first output adds
+    ``ToChannelsFirst`` behind, as ``build_norm_layer(dim, 'LN', in_format, out_format)``
+    of the released model does.
+    """
     layers: list[nn.Module] = [ToChannelsLast()] if from_channels_first else []
-    return nn.Sequential(*layers, nn.LayerNorm(channels, eps=eps))
-
-
-def batch_norm(channels: int, to_channels_last: bool = False) -> nn.Sequential:
-    """BatchNorm2d on an NCHW tensor (optionally permuting the result to NHWC)."""
-    layers: list[nn.Module] = [nn.BatchNorm2d(channels)]
-    if to_channels_last:
-        layers.append(ToChannelsLast())
+    layers.append(nn.LayerNorm(channels, eps=eps))
+    if to_channels_first:
+        layers.append(ToChannelsFirst())
     return nn.Sequential(*layers)
 
 
+def batch_norm(channels: int) -> nn.Sequential:
+    """BatchNorm2d on an NCHW tensor, wrapped like the released head's norm (keys ``0.*``)."""
+    return nn.Sequential(nn.BatchNorm2d(channels))
+
+
 class StemLayer(nn.Module):
-    """Two stride-2 3x3 convs (C/2 then C) with BN; NCHW image in, NHWC features out."""
+    """Two stride-2 3x3 convs (C/2 then C), each followed by a LayerNorm; NCHW image in,
+    NHWC features out.
+
+    The released models build the stem with ``norm_layer='LN'`` (every released config and
+    Hugging Face ``config.json``), so the norms are LayerNorms between permutes with keys
+    ``norm1.1.*`` and ``norm2.1.*``; the reference class's BatchNorm default is never used.
+    """
 
     def __init__(self, in_chans: int = 3, out_chans: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, out_chans // 2, 3, stride=2, padding=1)
-        self.norm1 = batch_norm(out_chans // 2)
+        self.norm1 = layer_norm(out_chans // 2, from_channels_first=True, to_channels_first=True)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(out_chans // 2, out_chans, 3, stride=2, padding=1)
-        self.norm2 = batch_norm(out_chans, to_channels_last=True)
+        self.norm2 = layer_norm(out_chans, from_channels_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))

@@ -25,16 +25,22 @@ def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
     return state_dict
 
 
-def _cfg(size: int) -> dict:
-    return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": None,
+def _unpooled_stride(variant: str) -> int:
+    """Stride of ``forward_features``' map: stage 4 (32), or stage 3 for H's projector (16)."""
+    return 16 if VARIANTS[variant].use_clip_projector else 32
+
+
+def _cfg(variant: str, size: int) -> dict:
+    pool = size // _unpooled_stride(variant)
+    return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": (pool, pool),
             "crop_pct": 1.0 if size > 224 else 0.875, "interpolation": "bicubic",
             "mean": _MEAN, "std": _STD, "first_conv": "patch_embed.conv1",
             "classifier": "head", "license": "mit"}
 
 
 default_cfgs = generate_default_cfgs(
-    {f"{name}.released": _cfg(size) for name, (_, size) in PRETRAINED_NAMES.items()}
-    | {f"{name}.untrained": _cfg(224) for name in VARIANTS}
+    {f"{name}.released": _cfg(variant, size) for name, (variant, size) in PRETRAINED_NAMES.items()}
+    | {f"{name}.untrained": _cfg(name, 224) for name in VARIANTS}
 )
 
 

@@ -37,8 +37,10 @@ def test_activations_scale_with_batch_and_pixels_and_precision():
     assert _estimate(4, checkpointing=False)["activations"] == pytest.approx(2 * base, rel=0.02)
     assert _estimate(2, size=128, checkpointing=False)["activations"] == pytest.approx(
         4 * base, rel=0.05)
+    # Not exactly 2x: LayerNorm keeps its per-position mean/rstd in fp32 at any precision,
+    # and with this tiny width (8-channel stem LayerNorm) those stats are a few % of the total.
     assert _estimate(2, checkpointing=False, precision="fp32")["activations"] == pytest.approx(
-        2 * base, rel=0.02)
+        2 * base, rel=0.05)
 
 
 def test_block_checkpointing_keeps_less_for_backward():

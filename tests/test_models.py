@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -19,9 +21,52 @@ RELEASED_PARAMS = {
     "internimage_h": 1_089_636_760,
 }
 
-BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-WB = ("weight", "bias")
+# The paper's parameter counts (REFERENCE.md section 1 table; InternImage paper, CVPR 2023,
+# Table 1 / the released model zoo): a faithful build lands within 1% of them.
+PAPER_PARAMS = {
+    "internimage_t": 30e6,
+    "internimage_s": 50e6,
+    "internimage_b": 97e6,
+    "internimage_l": 223e6,
+    "internimage_xl": 335e6,
+    "internimage_h": 1.08e9,
+}
+
 TINY = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), drop_path_rate=0.0)
+
+# Architecture of each released model, from the released Hugging Face model folders
+# (OpenGVLab/InternImage classification/huggingface/in1k_model/<name>/config.json, commit
+# fe6cdd2e): every one says "norm_layer": "LN". level2_post_norm_block_ids is given only
+# where "level2_post_norm" is true (H).
+HF_CONFIGS = {
+    "internimage_t": dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
+                          offset_scale=1.0, dw_kernel_size=None, layer_scale=None, post_norm=False,
+                          res_post_norm=False, level2_ids=None, center_feature_scale=False,
+                          use_clip_projector=False, norm_layer="LN"),
+    "internimage_s": dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40),
+                          offset_scale=1.0, dw_kernel_size=None, layer_scale=1e-5, post_norm=True,
+                          res_post_norm=False, level2_ids=None, center_feature_scale=False,
+                          use_clip_projector=False, norm_layer="LN"),
+    "internimage_b": dict(channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56),
+                          offset_scale=1.0, dw_kernel_size=None, layer_scale=1e-5, post_norm=True,
+                          res_post_norm=False, level2_ids=None, center_feature_scale=False,
+                          use_clip_projector=False, norm_layer="LN"),
+    "internimage_l": dict(channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80),
+                          offset_scale=2.0, dw_kernel_size=None, layer_scale=1e-5, post_norm=True,
+                          res_post_norm=False, level2_ids=None, center_feature_scale=False,
+                          use_clip_projector=False, norm_layer="LN"),
+    "internimage_xl": dict(channels=192, depths=(5, 5, 24, 5), groups=(12, 24, 48, 96),
+                           offset_scale=2.0, dw_kernel_size=None, layer_scale=1e-5, post_norm=True,
+                           res_post_norm=False, level2_ids=None, center_feature_scale=False,
+                           use_clip_projector=False, norm_layer="LN"),
+    "internimage_h": dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80),
+                          offset_scale=1.0, dw_kernel_size=5, layer_scale=None, post_norm=False,
+                          res_post_norm=True, level2_ids=(5, 11, 17, 23, 29),
+                          center_feature_scale=True, use_clip_projector=True, norm_layer="LN"),
+}
+
+WB = ("weight", "bias")
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _meta(name: str, **kw):
@@ -29,60 +74,163 @@ def _meta(name: str, **kw):
         return build_model(name, **kw)
 
 
+@functools.cache
+def _meta_variant(name: str):
+    """The full variant on the meta device (no memory), built once per test session."""
+    return _meta(name)
+
+
+def _norm_index(norm_layer: str, in_format: str, out_format: str) -> int:
+    """Position of the norm inside ``build_norm_layer``'s nn.Sequential (released
+    classification/models/intern_image.py, ``build_norm_layer``): 'LN' is preceded by
+    ``to_channels_last`` when the input is channels_first; 'BN' by ``to_channels_first``
+    when the input is channels_last. The permute appended after the norm has no keys."""
+    if norm_layer == "LN":
+        return 1 if in_format == "channels_first" else 0
+    return 1 if in_format == "channels_last" else 0
+
+
+def _norm_keys(prefix: str, norm_layer: str, in_format: str = "channels_last",
+               out_format: str = "channels_last") -> set[str]:
+    idx = _norm_index(norm_layer, in_format, out_format)
+    names = WB if norm_layer == "LN" else BN_KEYS
+    return {f"{prefix}.{idx}.{p}" for p in names}
+
+
+def _linear(prefix: str, bias: bool = True) -> set[str]:
+    return {f"{prefix}.weight"} | ({f"{prefix}.bias"} if bias else set())
+
+
 def released_keys(name: str) -> set[str]:
-    """Every state_dict key of the released reference model, enumerated independently from
-    its definition (OpenGVLab/InternImage classification/models/intern_image.py)."""
-    spec = VARIANTS[name]
-    keys = {f"patch_embed.conv{i}.{p}" for i in (1, 2) for p in WB}
-    keys |= {f"patch_embed.norm{i}.0.{p}" for i in (1, 2) for p in BN}
-    for i, depth in enumerate(spec.depths):
+    """Every state_dict key of the released model, derived from the structure of the
+    released definition (OpenGVLab/InternImage classification/models/intern_image.py at
+    1f76769c and classification/ops_dcnv3/modules/dcnv3.py) with the HF config above."""
+    cfg = HF_CONFIGS[name]
+    norm = cfg["norm_layer"]  # InternImage(norm_layer=...) -> StemLayer/DownsampleLayer/DCNv3
+    # StemLayer.__init__: conv1, norm1 = build_norm_layer(C//2, norm_layer, 'channels_first',
+    # 'channels_first'), conv2, norm2 = build_norm_layer(C, norm_layer, 'channels_first',
+    # 'channels_last').
+    keys = _linear("patch_embed.conv1") | _linear("patch_embed.conv2")
+    keys |= _norm_keys("patch_embed.norm1", norm, "channels_first", "channels_first")
+    keys |= _norm_keys("patch_embed.norm2", norm, "channels_first", "channels_last")
+    for i, depth in enumerate(cfg["depths"]):
         lvl = f"levels.{i}"
         for j in range(depth):
             blk = f"{lvl}.blocks.{j}"
-            keys |= {f"{blk}.norm1.0.{p}" for p in WB} | {f"{blk}.norm2.0.{p}" for p in WB}
-            keys |= {f"{blk}.mlp.fc{k}.{p}" for k in (1, 2) for p in WB}
-            keys |= {f"{blk}.dcn.{m}.{p}" for m in ("dw_conv.0", "dw_conv.1.1", "offset", "mask",
-                                                   "input_proj", "output_proj") for p in WB}
-            if spec.center_feature_scale:
+            # InternImageLayer.__init__: norm1/norm2 = build_norm_layer(channels, 'LN').
+            keys |= _norm_keys(f"{blk}.norm1", "LN") | _norm_keys(f"{blk}.norm2", "LN")
+            # MLPLayer: fc1, fc2 (Linear with bias).
+            keys |= _linear(f"{blk}.mlp.fc1") | _linear(f"{blk}.mlp.fc2")
+            # DCNv3.__init__: dw_conv = Sequential(Conv2d (depthwise, bias),
+            # build_norm_layer(C, norm_layer, 'channels_first', 'channels_last'), act);
+            # offset, mask, input_proj, output_proj are Linear with bias.
+            keys |= _linear(f"{blk}.dcn.dw_conv.0")
+            keys |= _norm_keys(f"{blk}.dcn.dw_conv.1", norm, "channels_first", "channels_last")
+            for lin in ("offset", "mask", "input_proj", "output_proj"):
+                keys |= _linear(f"{blk}.dcn.{lin}")
+            if cfg["center_feature_scale"]:  # DCNv3: two bare nn.Parameters
                 keys |= {f"{blk}.dcn.center_feature_scale_proj_{p}" for p in WB}
-            if spec.layer_scale is not None:
+            if cfg["layer_scale"] is not None:  # InternImageLayer: gamma1, gamma2
                 keys |= {f"{blk}.gamma1", f"{blk}.gamma2"}
-            if spec.res_post_norm:
-                keys |= {f"{blk}.res_post_norm{k}.0.{p}" for k in (1, 2) for p in WB}
-        if not spec.post_norm or spec.center_feature_scale:
-            keys |= {f"{lvl}.norm.0.{p}" for p in WB}
-        if i == 2 and spec.level2_post_norm_block_ids:
-            keys |= {f"{lvl}.post_norms.{k}.0.{p}"
-                     for k in range(len(spec.level2_post_norm_block_ids)) for p in WB}
-        if i < len(spec.depths) - 1:
-            keys |= {f"{lvl}.downsample.conv.weight"} | {f"{lvl}.downsample.norm.1.{p}" for p in WB}
-    if spec.use_clip_projector:
-        keys |= {f"dcnv3_head_x4.0.{p}" for p in WB} | {f"dcnv3_head_x3.{p}" for p in WB}
-        cp = "clip_projector"
-        keys |= {f"{cp}.norm1_{q}.0.{p}" for q in "qkv" for p in WB}
-        keys |= {f"{cp}.cross_dcn.{q}.weight" for q in "qkv"}
-        keys |= {f"{cp}.cross_dcn.{q}_bias" for q in "qkv"}
-        keys |= {f"{cp}.cross_dcn.proj.{p}" for p in WB} | {f"fc_norm.0.{p}" for p in WB}
+            if cfg["res_post_norm"]:  # res_post_norm1/2 = build_norm_layer(channels, 'LN')
+                keys |= _norm_keys(f"{blk}.res_post_norm1", "LN")
+                keys |= _norm_keys(f"{blk}.res_post_norm2", "LN")
+        # InternImageBlock.__init__: `if not self.post_norm or center_feature_scale:
+        # self.norm = build_norm_layer(channels, 'LN')`.
+        if not cfg["post_norm"] or cfg["center_feature_scale"]:
+            keys |= _norm_keys(f"{lvl}.norm", "LN")
+        # InternImage.__init__ passes post_norm_block_ids only to level 2 (and only with
+        # level2_post_norm); InternImageBlock makes one build_norm_layer per id in post_norms.
+        if i == 2 and cfg["level2_ids"]:
+            for k in range(len(cfg["level2_ids"])):
+                keys |= _norm_keys(f"{lvl}.post_norms.{k}", "LN")
+        # DownsampleLayer (all but the last level): conv (bias=False),
+        # norm = build_norm_layer(2C, norm_layer, 'channels_first', 'channels_last').
+        if i < len(cfg["depths"]) - 1:
+            keys |= _linear(f"{lvl}.downsample.conv", bias=False)
+            keys |= _norm_keys(f"{lvl}.downsample.norm", norm, "channels_first", "channels_last")
+    if cfg["use_clip_projector"]:
+        # dcnv3_head_x4 = Sequential(Conv2d (bias), PixelShuffle); dcnv3_head_x3 = Conv2d.
+        keys |= _linear("dcnv3_head_x4.0") | _linear("dcnv3_head_x3")
+        # AttentionPoolingBlock(qkv_bias=True, norm_layer): norm1_q/k/v =
+        # build_norm_layer(dim, norm_layer); CrossAttention: q/k/v Linear(bias=False),
+        # q_bias/k_bias/v_bias Parameters, proj Linear.
+        for q in "qkv":
+            keys |= _norm_keys(f"clip_projector.norm1_{q}", norm)
+            keys |= _linear(f"clip_projector.cross_dcn.{q}", bias=False)
+            keys.add(f"clip_projector.cross_dcn.{q}_bias")
+        keys |= _linear("clip_projector.cross_dcn.proj")
+        keys |= _norm_keys("fc_norm", norm)  # fc_norm = build_norm_layer(768, norm_layer)
     else:
-        keys |= {"conv_head.0.weight"} | {f"conv_head.1.0.{p}" for p in BN}
-    return keys | {f"head.{p}" for p in WB}
+        # conv_head = Sequential(Conv2d (bias=False), build_norm_layer(.., 'BN',
+        # 'channels_first', 'channels_first'), act): the one BatchNorm, at conv_head.1.0.
+        keys |= _linear("conv_head.0", bias=False)
+        keys |= _norm_keys("conv_head.1", "BN", "channels_first", "channels_first")
+    return keys | _linear("head")
+
+
+def test_released_stem_keys_are_layer_norms():
+    """Item 1 of issue #12: the released stem is LN (keys norm1.1 / norm2.1), never BN."""
+    keys = released_keys("internimage_t")
+    assert {"patch_embed.norm1.1.weight", "patch_embed.norm1.1.bias",
+            "patch_embed.norm2.1.weight", "patch_embed.norm2.1.bias"} <= keys
+    assert "conv_head.1.0.running_mean" in keys
+    sd = _meta_variant("internimage_t").state_dict()
+    assert {k for k in sd if k.startswith("patch_embed.")} == {
+        k for k in keys if k.startswith("patch_embed.")}
+    # LayerNorm(C//2) then LayerNorm(C) (StemLayer: out_chans // 2, out_chans).
+    assert sd["patch_embed.norm1.1.weight"].shape == (32,)
+    assert sd["patch_embed.norm2.1.weight"].shape == (64,)
+
+
+def test_stem_normalises_each_position_over_channels():
+    """REFERENCE.md section 1: stem = conv -> LN -> GELU -> conv -> LN, output channels-last.
+    A LayerNorm (fresh: weight 1, bias 0, eps 1e-6) leaves every pixel's channel vector with
+    mean 0 and variance 1, in training and eval mode alike (a BatchNorm would not)."""
+    torch.manual_seed(0)
+    stem = build_model("internimage_t", **TINY).patch_embed
+    x = torch.randn(2, 3, 32, 48) * 3 + 1
+    for train in (True, False):
+        out = stem.train(train)(x)
+        assert out.shape == (2, 8, 12, 16)  # NHWC, stride 4
+        torch.testing.assert_close(out.mean(-1), torch.zeros(2, 8, 12), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 8, 12),
+                                   atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_variants_match_released_hf_configs(name):
+    spec, cfg = VARIANTS[name], HF_CONFIGS[name]
+    got = dict(channels=spec.channels, depths=spec.depths, groups=spec.groups,
+               offset_scale=spec.offset_scale, dw_kernel_size=spec.dw_kernel_size,
+               layer_scale=spec.layer_scale, post_norm=spec.post_norm,
+               res_post_norm=spec.res_post_norm, level2_ids=spec.level2_post_norm_block_ids,
+               center_feature_scale=spec.center_feature_scale,
+               use_clip_projector=spec.use_clip_projector)
+    assert got == {k: v for k, v in cfg.items() if k != "norm_layer"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_count_within_one_percent_of_paper(name):
+    params = sum(p.numel() for p in _meta_variant(name).parameters())
+    assert abs(params / PAPER_PARAMS[name] - 1) < 0.01, params
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS))
 def test_parameter_count_equals_released_model(name):
-    model = _meta(name)
+    model = _meta_variant(name)
     assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS))
 def test_state_dict_keys_equal_released_layout(name):
-    got = set(_meta(name).state_dict())
+    got = set(_meta_variant(name).state_dict())
     want = released_keys(name)
     assert got == want, (sorted(got - want)[:5], sorted(want - got)[:5])
 
 
 def test_key_shapes_of_h_heads_and_dcn():
-    sd = _meta("internimage_h").state_dict()
+    sd = _meta_variant("internimage_h").state_dict()
     assert sd["dcnv3_head_x4.0.weight"].shape == (1024 * 4, 2560, 1, 1)
     assert sd["dcnv3_head_x3.weight"].shape == (1024, 1280, 1, 1)
     assert sd["clip_projector.cross_dcn.proj.weight"].shape == (768, 1024)
@@ -90,7 +238,7 @@ def test_key_shapes_of_h_heads_and_dcn():
     assert sd["levels.0.blocks.0.dcn.offset.weight"].shape == (10 * 9 * 2, 320)
     assert sd["levels.0.blocks.0.dcn.dw_conv.0.weight"].shape == (320, 1, 5, 5)
     assert sd["levels.0.blocks.0.dcn.center_feature_scale_proj_weight"].shape == (10, 320)
-    t = _meta("internimage_t").state_dict()
+    t = _meta_variant("internimage_t").state_dict()
     assert t["conv_head.0.weight"].shape == (768, 512, 1, 1)
 
 
@@ -154,6 +302,20 @@ def test_wrong_variant_and_missing_keys_fail_clearly(tmp_path):
         load_pretrained(wider, tmp_path / "t.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(wider, tmp_path / "nope.pth")
+
+
+def test_file_with_the_old_batchnorm_stem_is_named_as_such(tmp_path):
+    """Files written before the stem fix have BatchNorm stem keys (patch_embed.norm1.0.*);
+    the error says so instead of listing keys only."""
+    sd = build_model("internimage_t", **TINY).state_dict()
+    for i, width in ((1, 8), (2, 16)):
+        for p in WB:
+            del sd[f"patch_embed.norm{i}.1.{p}"]
+        bn = torch.nn.BatchNorm2d(width).state_dict()
+        sd |= {f"patch_embed.norm{i}.0.{k}": v for k, v in bn.items()}
+    torch.save(sd, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="stem is BatchNorm"):
+        load_pretrained(build_model("internimage_t", **TINY), tmp_path / "old.pth")
 
 
 def test_activation_checkpointing_gives_same_gradients():
