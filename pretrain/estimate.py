@@ -82,41 +82,24 @@ def measure_text_activation_bytes(text: nn.Module, batch: int, context_length: i
     return plain
 
 
-def persistent_params(model: nn.Module, zero_config: dict) -> int:
-    """Parameters ZeRO-3 never partitions: each of at most ``param_persistence_threshold``
-    elements, up to ``model_persistence_threshold`` in all (DeepSpeed's own rule, in
-    named_parameters order). They stay whole, in 16 bits, on every GPU."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int) -> dict[str, int]:
+    """GPU bytes ZeRO-3 holds beyond DeepSpeed's model-state estimate, for ``params``
+    parameters and the run's ``zero_optimization`` settings (DeepSpeed's defaults where
+    unset), in the 16-bit dtype's ``dtype_bytes``:
 
-    zc = DeepSpeedZeroConfig(**zero_config)
-    total = 0
-    for p in model.parameters():
-        if p.numel() <= zc.param_persistence_threshold and (
-                total + p.numel() <= zc.model_persistence_threshold):
-            total += p.numel()
-    return total
-
-
-def zero3_buffer_bytes(model: nn.Module, zero_config: dict, dtype_bytes: int) -> dict[str, int]:
-    """GPU bytes ZeRO-3 holds beyond DeepSpeed's model-state estimate, from the run's
-    ``zero_optimization`` settings (DeepSpeed's defaults where unset):
-
-    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements of
-      the 16-bit dtype, allocated once when ``contiguous_gradients`` is on;
-    - ``live_parameters``: gathered 16-bit parameters: the persistent ones, plus those
-      kept for reuse within ``stage3_max_reuse_distance`` elements, the
-      ``stage3_prefetch_bucket_size`` fetched ahead and the module running now; at most
-      all of them (DeepSpeed's default reuse distance, 1e9, can keep all of H).
+    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements,
+      allocated whole at start-up when ``contiguous_gradients`` is on (its default);
+    - ``live_parameters``: gathered parameters. DeepSpeed 0.19.8 keeps every parameter it
+      gathers in the forward gathered until the backward reaches it (measured on 2 ranks,
+      with and without activation checkpointing, whatever ``stage3_max_reuse_distance``
+      and ``stage3_prefetch_bucket_size``: tests/test_zero_init.py; cf. DeepSpeed issue
+      #7670), so at the end of the forward the whole model is whole on every GPU.
     """
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zc = DeepSpeedZeroConfig(**zero_config)
-    params = sum(p.numel() for p in model.parameters())
-    persistent = persistent_params(model, zero_config)
-    window = zc.max_reuse_distance + zc.prefetch_bucket_size + largest_layer_params(model)
-    live = persistent + min(params - persistent, window)
     bucket = zc.reduce_bucket_size if zc.contiguous_gradients else 0
-    return {"reduce_bucket": int(bucket * dtype_bytes), "live_parameters": int(live * dtype_bytes)}
+    return {"reduce_bucket": int(bucket * dtype_bytes), "live_parameters": params * dtype_bytes}
 
 
 def build_bytes_per_rank(params: int, largest_layer_params: int, ranks: int, zero_init: bool,
@@ -150,7 +133,7 @@ def estimate(
     gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
                                  zero_init)
     # DeepSpeed's defaults (our pre-training config sets the same bucket and thresholds)
-    buffers = (zero3_buffer_bytes(model, {"stage": 3}, dtype.itemsize) if zero_stage == 3
+    buffers = (zero3_buffer_bytes(params, {"stage": 3}, dtype.itemsize) if zero_stage == 3
                else {"reduce_bucket": 0, "live_parameters": 0})
     per_node = min(gpus, gpus_per_node)
     act_plain, act_cp = measure_activation_bytes(model, batch_per_gpu, image_size, dtype)

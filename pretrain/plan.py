@@ -19,22 +19,27 @@ from pretrain.estimate import (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
-    """Parameters (model built on the meta device), steps, samples, per-GPU memory and
-    what a rank holds while the model is built (zero.Init under ZeRO-3, as the trainer)."""
+def meta_model(cfg: PretrainConfig):
+    """The run's M3I model on the meta device (no memory; one tag: tags are not counted)."""
     from pretrain.m3i_model import M3IModel
 
     with torch.device("meta"):
-        model = M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
-                         cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                         1, **cfg.model.overrides())
+        return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
+                        cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
+                        1, **cfg.model.overrides())
+
+
+def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
+    """Parameters (model built on the meta device), steps, samples, per-GPU memory and
+    what a rank holds while the model is built (zero.Init under ZeRO-3, as the trainer)."""
+    model = meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     global_batch = cfg.data.batch_size * cfg.engine.grad_accum * gpus
     if cfg.run.epochs > 0:
         steps = max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / global_batch))
     else:
         steps = cfg.run.max_steps
-    memory = _memory(cfg, model, gpus, gpus_per_node)
+    memory = memory_bytes(cfg, model, gpus, gpus_per_node)
     weights = sum(s.weight for s in cfg.data.sources)
     gib = 2**30
     return {
@@ -57,9 +62,11 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
     }
 
 
-def _memory(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int) -> dict[str, Any]:
-    """Bytes: per-GPU terms and their total, model states in host memory per node, and
-    the peak one rank holds while the model is built (where, and per node on the host)."""
+def memory_bytes(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
+    """The run's memory plan in bytes: per-GPU terms (``gpu``, with their ``total``), model
+    states in host memory per node, and the peak one rank holds while the model is built
+    (where, and per node when on the host). ``model``: the M3I model on the meta device;
+    the activation probes leave it in the run's dtype."""
     from pretrain.ds_config import deepspeed_config
 
     eng, dtype = cfg.engine, DTYPES[cfg.engine.precision]
@@ -70,7 +77,7 @@ def _memory(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int) -> dict[s
     buffers = {"reduce_bucket": 0, "live_parameters": 0}
     if eng.zero_stage == 3:
         zero_config = deepspeed_config(cfg, cfg.data.batch_size)["zero_optimization"]
-        buffers = zero3_buffer_bytes(model, zero_config, dtype.itemsize)
+        buffers = zero3_buffer_bytes(params, zero_config, dtype.itemsize)
     # the probes move the model to dtype on the meta device: after the counts above
     plain, ckpt = measure_activation_bytes(model.visual, cfg.data.batch_size,
                                            cfg.data.image_size, dtype)
