@@ -93,7 +93,7 @@ def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int) -> dict
       gathers in the forward gathered until the backward reaches it (measured on 2 ranks,
       with and without activation checkpointing, whatever ``stage3_max_reuse_distance``
       and ``stage3_prefetch_bucket_size``: tests/test_zero_init.py; cf. DeepSpeed issue
-      #7670), so at the end of the forward the whole model is whole on every GPU.
+      #7670): by the end of the forward every GPU holds the whole 16-bit model.
     """
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -132,7 +132,7 @@ def estimate(
     zero_init = zero_stage == 3  # what pretrain/trainer.py does
     gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
                                  zero_init)
-    # DeepSpeed's defaults (our pre-training config sets the same bucket and thresholds)
+    # DeepSpeed's defaults (our pre-training config leaves the reduce bucket at its default)
     buffers = (zero3_buffer_bytes(params, {"stage": 3}, dtype.itemsize) if zero_stage == 3
                else {"reduce_bucket": 0, "live_parameters": 0})
     per_node = min(gpus, gpus_per_node)

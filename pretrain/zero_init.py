@@ -1,7 +1,8 @@
 """Building a model already partitioned across ranks (DeepSpeed ZeRO-3's ``zero.Init``).
 
-Without it every rank builds the whole fp32 model before DeepSpeed partitions it: 4.06 GiB
-per rank for InternImage-H, about 39 GB of host memory on an 8-GPU node. Inside
+Without it every rank builds the whole fp32 model before DeepSpeed partitions it: 4.5 GiB
+per rank for the InternImage-H M3I model (4.06 GiB of it the backbone), about 39 GB of
+host memory on an 8-GPU node. Inside
 ``partitioned_construction`` each module's parameters are split across the ranks as soon
 as its ``__init__`` returns, so a rank only ever holds its 1/N share plus the module being
 built.
