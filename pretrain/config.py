@@ -141,6 +141,12 @@ class ZeroShotConfig:
     label_key: str = "cls"  # tar member holding the integer class id
     every: int = 0  # steps; 0: only at the end
     max_batches: int = 0  # 0: the whole set
+    # prompts per text-tower forward (80 templates x 1000 classes do not fit in one)
+    prompt_batch: int = 256
+
+    def __post_init__(self) -> None:
+        check(self.prompt_batch >= 1, "zero_shot.prompt_batch", "must be >= 1")
+        check(self.max_batches >= 0, "zero_shot.max_batches", "must be >= 0 (0: the whole set)")
 
 
 @dataclass
