@@ -6,7 +6,9 @@
   engine averages gradients, the gradient is exactly the single-process one.
 - image-tag: InfoNCE of each image against the tag vocabulary; a sample's tag set is a
   multi-label target (uniform over its tags, the single-label case being one-hot).
-  Samples without tags contribute to the image-text term only.
+  Samples without tags contribute to the image-text term only. The term is the mean over
+  the tagged samples of the *global* batch, however they fall on the ranks (one
+  all-reduce of the count), so its gradient too equals the single-process one.
 """
 
 from __future__ import annotations
@@ -58,15 +60,40 @@ def image_text_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def _world_size() -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def global_count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of true entries of ``mask`` summed over all ranks (a float scalar)."""
+    count = mask.sum().to(torch.float64)
+    if _world_size() > 1:
+        dist.all_reduce(count)
+    return count
+
+
 def image_tag_loss(image: torch.Tensor, tags: torch.Tensor, targets: torch.Tensor,
                    has_tags: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """InfoNCE of images against tag embeddings with multi-hot targets (tagged rows only)."""
-    if not bool(has_tags.any()):
-        return image.sum() * 0.0  # keeps the graph (and ZeRO's hooks) identical on all ranks
-    logits = logit_scale * image[has_tags] @ tags.t()
-    target = targets[has_tags].to(logits.dtype)
+    """InfoNCE of images against tag embeddings with multi-hot targets, averaged over the
+    tagged samples of the global batch; this rank's share of it, scaled for DeepSpeed.
+
+    With N tagged samples over all W ranks and S_r the sum of per-sample losses on rank
+    r, the global term is L = (S_0 + ... + S_{W-1}) / N. DeepSpeed averages gradients
+    over ranks, (1/W) * sum_r dl_r, so rank r returns l_r = W * S_r / N: the averaged
+    gradient is then exactly dL, and so is the mean of the returned values, L. (A per-rank
+    mean would weight each tagged sample by 1/(tagged samples on its rank).)
+    """
+    tagged = has_tags.to(torch.bool)
+    # Untagged rows get an all-zero target: their loss and gradient are exactly 0, and
+    # every rank runs the same graph whatever its tag count (ZeRO-3's hooks stay aligned).
+    target = targets.to(image.dtype) * tagged[:, None]
     target = target / target.sum(-1, keepdim=True).clamp_min(1.0)
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    logits = logit_scale * image @ tags.t()
+    per_rank_sum = -(target * F.log_softmax(logits, dim=-1)).sum()
+    count = global_count(tagged).clamp_min(1.0).to(per_rank_sum.dtype)
+    return per_rank_sum * (_world_size() / count)
 
 
 @dataclass

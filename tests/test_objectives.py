@@ -22,6 +22,38 @@ def _embeddings(n: int = 12, d: int = 8):
     return image, text
 
 
+def _tag_layouts() -> dict[str, torch.Tensor]:
+    """Which of the 12 samples carry tags: unevenly spread over the two ranks' halves."""
+    return {
+        "5_and_1": torch.tensor([1, 1, 1, 1, 0, 1] + [0, 0, 0, 0, 1, 0], dtype=torch.bool),
+        "3_and_0": torch.tensor([1, 0, 1, 0, 1, 0] + [0] * 6, dtype=torch.bool),
+    }
+
+
+def _m3i_inputs(has_tags: torch.Tensor, rows: slice = slice(None)) -> dict:
+    """Leaf tensors of one M3ILoss call: per-sample rows (``rows`` of the global batch) and
+    the shared tag embeddings and inverse temperature."""
+    image, text = _embeddings()
+    gen = torch.Generator().manual_seed(1)
+    tags = F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1)
+    targets = (torch.rand(12, 5, generator=gen) < 0.4).to(torch.float64)
+    targets[:, 0] = 1.0  # every tagged sample has at least one tag
+    leaves = {"image": image[rows].clone(), "text": text[rows].clone(), "tags": tags,
+              "scale": torch.tensor(10.0, dtype=torch.float64)}
+    for t in leaves.values():
+        t.requires_grad_()
+    return leaves | {"has_text": torch.ones(12, dtype=torch.bool)[rows],
+                     "targets": targets[rows], "has_tags": has_tags[rows]}
+
+
+def _m3i_loss(x: dict) -> tuple[torch.Tensor, dict]:
+    loss, terms = M3ILoss(1.0, 0.5)(x["image"], x["text"], x["tags"], x["scale"],
+                                    x["has_text"], x["targets"], x["has_tags"])
+    loss.backward()
+    grads = {k: x[k].grad for k in ("image", "text", "tags", "scale")}
+    return loss, {"loss": loss.item(), "loss_tag": terms["loss_tag"].item()} | grads
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -31,36 +63,68 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     txt = text[part].clone().requires_grad_()
     loss = image_text_loss(img, txt, torch.tensor(10.0, dtype=torch.float64))
     loss.backward()
-    torch.save({"loss": loss.item(), "img": img.grad, "txt": txt.grad},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    out = {"loss": loss.item(), "img": img.grad, "txt": txt.grad}
+    out["m3i"] = {name: _m3i_loss(_m3i_inputs(has, part))[1]
+                  for name, has in _tag_layouts().items()}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     # Skip interpreter teardown: gloo's destructors occasionally abort (std::terminate) when
     # peers exit at the same moment, which would fail the test after the work is done.
     os._exit(0)
 
 
-@pytest.mark.distributed
-def test_all_gather_loss_and_gradients_equal_single_process(tmp_path):
-    image, text = _embeddings()
-    image.requires_grad_()
-    text.requires_grad_()
-    full = image_text_loss(image, text, torch.tensor(10.0, dtype=torch.float64))
-    full.backward()
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of 2 gloo ranks computed on its half of the global batch."""
+    out = tmp_path_factory.mktemp("two_ranks")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.distributed
+def test_all_gather_loss_and_gradients_equal_single_process(two_ranks):
+    image, text = _embeddings()
+    image.requires_grad_()
+    text.requires_grad_()
+    full = image_text_loss(image, text, torch.tensor(10.0, dtype=torch.float64))
+    full.backward()
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = two_ranks[rank]
         assert got["loss"] == pytest.approx(full.item(), rel=1e-12)
         part = slice(rank * 6, rank * 6 + 6)
         # Every rank holds the whole global loss; the engine then averages over 2 ranks.
         torch.testing.assert_close(got["img"] / 2, image.grad[part])
         torch.testing.assert_close(got["txt"] / 2, text.grad[part])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", sorted(_tag_layouts()))
+def test_tag_term_over_two_ranks_equals_single_process(two_ranks, layout):
+    """Tagged samples spread unevenly (5+1, 3+0): the loss DeepSpeed optimises on 2 ranks
+    is the single-process loss of the same global batch, and so is its gradient.
+
+    DeepSpeed averages gradients over data-parallel ranks (deepspeed 0.19
+    runtime/zero/stage3.py, ``__avg_scatter_contiguous_grads``: each rank's gradient is
+    divided by the world size, then summed over ranks): the applied gradient of a shared
+    tensor is the mean of the ranks' gradients, that of a sample's embedding its rank's
+    gradient / 2. The trainer logs the mean of the ranks' losses."""
+    _, single = _m3i_loss(_m3i_inputs(_tag_layouts()[layout]))
+    ranks = [r["m3i"][layout] for r in two_ranks]
+    assert sum(r["loss_tag"] for r in ranks) / 2 == pytest.approx(single["loss_tag"], rel=1e-12)
+    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(single["loss"], rel=1e-12)
+    for key in ("tags", "scale"):
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, single[key])
+    for rank, got in enumerate(ranks):
+        part = slice(rank * 6, rank * 6 + 6)
+        torch.testing.assert_close(got["image"] / 2, single["image"][part])
+        torch.testing.assert_close(got["text"] / 2, single["text"][part])
 
 
 def test_perfectly_aligned_pairs_have_low_loss_and_shuffled_pairs_high():
