@@ -261,6 +261,17 @@ class Trainer:
         return {"skipped": merged.get("skipped", {}),
                 "source_mix": {k: v / total for k, v in samples.items()}}
 
+    def _skip_step(self) -> None:
+        """Count a step skipped for a non-finite loss and keep the lr schedule on the step
+        counter: DeepSpeed steps the scheduler only in ``engine.step()``, which a skipped
+        step never reaches, so without this the lr of step k would be schedule(k - skips).
+        The periodic work of the step (zero-shot, checkpoint, stop request) still runs."""
+        self.nonfinite_skipped += 1
+        if self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()
+        log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step,
+                    self.nonfinite_skipped)
+
     def fit(self) -> dict[str, Any]:
         """Train to the end (or stop on a non-finite loss); return the final metrics."""
         cfg, info = self.cfg, self.info
@@ -300,14 +311,13 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 if skip:
-                    self.nonfinite_skipped += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d so far)",
-                                self.step, self.nonfinite_skipped)
-                    continue
-                values = _mean_over_ranks(
-                    {"loss": sum(losses) / accum} | {k: v / accum for k, v in term_sums.items()},
-                    info.device)
-                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                    self._skip_step()
+                else:
+                    values = _mean_over_ranks(
+                        {"loss": sum(losses) / accum}
+                        | {k: v / accum for k, v in term_sums.items()}, info.device)
+                if not skip and (self.step % cfg.run.log_every == 0
+                                 or self.step == self.total_steps):
                     elapsed = time.perf_counter() - window_start
                     images = window_steps * accum * cfg.data.batch_size
                     lr = self.engine.get_lr()[0]

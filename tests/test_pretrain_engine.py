@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pretrain.optim import warmup_cosine
 from tests.pretrain_utils import REPO, env, latest, losses, pretrain_cmd, run
 
 pytestmark = [pytest.mark.distributed]
@@ -145,6 +146,13 @@ def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, cache):
     train_rows = [r for r in rows if "loss" in r]
     assert 3 not in losses(out2) and train_rows[-1]["nonfinite_skipped"] == 1
     assert sorted(losses(out2)) == [1, 2, 4, 5]
+    # The lr follows the step counter through the skipped step: after step k it is the
+    # schedule's value at k (TINY: lr 3e-3, 2 warm-up steps; demo min_lr 1e-4; 5 steps),
+    # and the cosine ends at min_lr on the last step as in an unskipped run.
+    schedule = warmup_cosine(2, 5, 1e-4 / 3e-3)
+    for row in train_rows:
+        assert row["lr"] == pytest.approx(3e-3 * schedule(row["step"]), rel=1e-9), row["step"]
+    assert train_rows[-1]["step"] == 5 and train_rows[-1]["lr"] == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("override, message", [
