@@ -51,9 +51,12 @@ def corrupt_shards(tmp_path_factory) -> tuple[list[str], dict]:
     (d / "truncated.tar").write_bytes(full[:cut])
     urls.append(str(d / "truncated.tar"))
     urls.append(str(d / "does-not-exist.tar"))
+    # truncated.tar: 4 whole samples, then the 5th is cut inside its first member (counted
+    # lost); random.tar is not a tar; does-not-exist.tar is missing.
     expected = {"samples": 5 + 2 + 4,
                 "reasons": {"undecodable_image": 2, "empty_image": 1, "missing_caption": 2,
-                            "missing_image": 1, "unreadable_shard": 3}}
+                            "missing_image": 1, "unreadable_shard": 1, "truncated_shard": 1,
+                            "lost_samples": 1, "missing_shard": 1}}
     return urls, expected
 
 

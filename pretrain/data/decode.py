@@ -122,17 +122,30 @@ class ImageTransform:
         return (x.float().div_(255.0) - self.mean) / self.std
 
 
+EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpeg", "jpg"), "tif": ("tif", "tiff"),
+               "tiff": ("tiff", "tif")}
+"""Spellings of one format: a ``.jpeg`` (or ``.JPEG``: members are keyed lower-case) image
+answers ``image_key: jpg``, as in webdataset's own image decoder, which treats both alike."""
+
+
 def pick_member(sample: RawSample, alternatives: str) -> bytes | None:
-    """The first present member among ``a;b;c``."""
+    """The first present member among ``a;b;c`` (each also under its :data:`EXT_ALIASES`)."""
     for ext in alternatives.split(";"):
-        if ext and ext in sample:
-            return sample[ext]
+        for spelling in EXT_ALIASES.get(ext, (ext,)):
+            if spelling and spelling in sample:
+                return sample[spelling]
     return None
+
+
+class MalformedTags(ValueError):
+    """A tags member that is present but cannot be read as tags."""
 
 
 def parse_tags(sample: RawSample, tags_key: str | None) -> list[str] | None:
     """Tags of a sample: ``ext:field`` reads a JSON member's list field, ``ext`` a comma
-    separated text member. None when absent or malformed (the sample is kept, untagged)."""
+    separated text member. None when absent (no member, no such field, null or empty).
+    Raises :class:`MalformedTags` for a member that is not valid JSON / UTF-8 or a field
+    that is not a list or string (the caller keeps the sample untagged and counts it)."""
     if tags_key is None:
         return None
     ext, _, fld = tags_key.partition(":")
@@ -140,15 +153,34 @@ def parse_tags(sample: RawSample, tags_key: str | None) -> list[str] | None:
     if not data:
         return None
     try:
-        value = json.loads(data).get(fld) if fld else data.decode("utf-8").split(",")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        if fld:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise MalformedTags(f"{ext} holds a JSON {type(doc).__name__}, not an object")
+            value = doc.get(fld)
+        else:
+            value = data.decode("utf-8").split(",")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MalformedTags(str(err)) from None
+    if value is None:
         return None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        return None
+        raise MalformedTags(f"{tags_key} is a {type(value).__name__}, not a list")
     tags = [str(t).strip() for t in value if str(t).strip()]
     return tags or None
+
+
+def sample_tags(raw: RawSample, source: SourceConfig, counter: SkipCounter
+                ) -> list[str] | None:
+    """:func:`parse_tags`, with a malformed tags member counted (event ``malformed_tags``)
+    instead of kept silently; the sample stays, untagged."""
+    try:
+        return parse_tags(raw, source.tags_key)
+    except MalformedTags:
+        counter.event(source.name, "malformed_tags")
+        return None
 
 
 def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransform,
@@ -184,5 +216,5 @@ def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransfor
         counter.skip(source.name, "empty_image")
         return None
     image = transform(rgb, rng)
-    return Sample(image, caption, parse_tags(raw, source.tags_key),
+    return Sample(image, caption, sample_tags(raw, source, counter),
                   f"{raw['__url__'].rsplit('/', 1)[-1]}/{raw['__key__']}")

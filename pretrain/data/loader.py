@@ -114,6 +114,14 @@ class WorkerStreams(IterableDataset):
             if len(pending) == cfg.batch_size:
                 yield self.collate(pending, worker, index, counter, vocab, tokenizer)
                 pending = []
+        if self.train and all(s.resampled for s in cfg.sources):
+            # Resampled streams are endless: ending means every source gave up (all its
+            # shards missing or unreadable, see the errors above). Say so here, instead of
+            # letting the trainer die on a bare StopIteration.
+            raise RuntimeError(
+                f"data: every source stream of rank {self.rank} worker {worker} ended (all "
+                f"their shards are missing or unreadable: see the errors logged above); "
+                f"training cannot go on")
         counter.muted = False
         yield self.collate(pending, worker, max(index, start - 1), counter, vocab, tokenizer)
 

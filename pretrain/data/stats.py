@@ -12,15 +12,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "missing_caption",
-                "unreadable_shard")
-"""Why a sample (or a whole shard, for ``unreadable_shard``) was dropped."""
+                "missing_shard", "unreadable_shard", "truncated_shard", "lost_samples")
+"""Why a sample, or a whole shard (the ``*_shard`` reasons), was dropped.
+
+``missing_shard``: the shard does not exist (404 / NoSuchKey). ``unreadable_shard``: nothing
+of it could be read (not a tar), or it failed every retry while other shards could be read.
+``truncated_shard``: it broke before its end-of-archive marker (cut short, a corrupt header).
+``lost_samples``: samples of damaged or given-up shards that were not delivered: exact when
+the shard's sample count is known (img2dataset's ``<shard>_stats.json``), else only the
+sample cut in the middle (see :func:`pretrain.data.sources.count_lost`).
+"""
 
 
 class SkipCounter:
     """Per-worker counts keyed ``(kind, source, name)``; ``drain`` hands over and resets.
 
     kinds: ``skip`` (reasons in :data:`SKIP_REASONS`) and ``event`` (things that are not
-    drops: ``unknown_tags``, ``shard_retries``, ``shards_opened``).
+    drops: ``unknown_tags``, ``malformed_tags``, ``shards_opened``, ``shard_retries`` (in-place
+    re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
+    ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
+    after a break in a damaged shard), ``sources_ended``).
     """
 
     def __init__(self) -> None:
@@ -29,7 +40,7 @@ class SkipCounter:
 
     def skip(self, source: str, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples (or shards) of ``source`` for ``reason``."""
-        if not self.muted:
+        if not self.muted and n:
             self._counts["skip", source, reason] += n
 
     def event(self, source: str, name: str, n: int = 1) -> None:

@@ -1,5 +1,11 @@
 """Opening shards: local paths, ``s3://`` through s3fs, everything else through webdataset's
 ``gopen`` (``pipe:``, ``http(s)://``...), with retries, resumable reads and redacted logs.
+
+A missing object (S3 ``NoSuchKey``/``NoSuchBucket``/404, which s3fs raises as
+``FileNotFoundError``; a missing local file) fails at once: waiting will not create it. Every
+other error is retried in place. Where the object size is known (s3fs asks for it when it
+opens an object; local files), a stream that ends before that size is a broken read, retried
+like any other, never a silent end of the shard.
 """
 
 from __future__ import annotations
@@ -7,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -78,6 +85,7 @@ def s3_filesystem(cfg: S3Config) -> Any:
 
 
 def _open_once(url: str, cfg: S3Config, offset: int) -> IO[bytes]:
+    """``url`` opened for reading at byte ``offset``, one attempt."""
     if url.startswith("s3://"):
         f = s3_filesystem(cfg).open(url, "rb", block_size=cfg.block_size,
                                     cache_type="readahead")
@@ -103,11 +111,50 @@ def _open_once(url: str, cfg: S3Config, offset: int) -> IO[bytes]:
     return f
 
 
-def _permanent(url: str, err: BaseException) -> bool:
-    # A missing local file will not appear by waiting; on object stores a 404 can be a
-    # bucket being recreated or an endpoint coming back, so remote errors are retried.
-    return not is_remote(url) and isinstance(err, (FileNotFoundError, IsADirectoryError,
-                                                   NotADirectoryError, PermissionError))
+def object_size(f: IO[bytes]) -> int | None:
+    """Size in bytes of the object behind an open stream, if the stream knows it: s3fs files
+    carry it (from the HEAD request s3fs makes when opening), local files have fstat;
+    pipes and HTTP streams do not."""
+    size = getattr(f, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe's st_size means nothing
+
+
+def is_missing(err: BaseException) -> bool:
+    """True when ``err`` says the shard does not exist: a missing local path, or an object
+    store's 404 / ``NoSuchKey`` / ``NoSuchBucket`` (s3fs raises those as FileNotFoundError;
+    a botocore ``ClientError`` carries the code in its response)."""
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    response = getattr(err, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code in ("NoSuchKey", "NoSuchBucket", "404")
+
+
+def _retry_in_place(url: str, err: BaseException) -> bool:
+    # A missing object will not appear by waiting, and a local permission error will not go
+    # away: both fail at once. Anything else may be the network or the store: retry.
+    if is_missing(err):
+        return False
+    return is_remote(url) or not isinstance(err, PermissionError)
+
+
+class ShortReadError(OSError):
+    """A stream ended before the object's known size: the connection broke silently."""
+
+
+def read_small(url: str, cfg: S3Config, limit: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes of a small object (a sidecar file), one attempt, no retries."""
+    f = _open_once(url, cfg, 0)
+    try:
+        return f.read(limit)
+    finally:
+        f.close()
 
 
 class RetryingReader:
@@ -115,15 +162,20 @@ class RetryingReader:
 
     On an error while opening or reading, it waits (exponential backoff), reopens the shard
     and continues at the byte offset where the read broke, up to ``cfg.retries`` times in a
-    row; then the error propagates and the caller skips the shard. ``events`` counts the
-    retries so the pipeline can report them.
+    row; then the error propagates and the caller decides (see ``shard_schedule``). A
+    missing object raises at once (:func:`is_missing`). ``size`` is the object's size when
+    known; reaching end-of-stream before it raises :class:`ShortReadError`, retried as a
+    broken read. ``start``: the byte offset to begin at. ``events`` counts the retries so
+    the pipeline can report them.
     """
 
-    def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None):
+    def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None,
+                 start: int = 0):
         self.url = url
         self.cfg = cfg
         self.events = events if events is not None else {}
-        self.offset = 0
+        self.offset = start
+        self.size: int | None = None
         self._f: IO[bytes] | None = None
         self._call(lambda: None)  # open eagerly so an unreachable shard fails here
 
@@ -133,10 +185,12 @@ class RetryingReader:
             try:
                 if self._f is None:
                     self._f = _open_once(self.url, self.cfg, self.offset)
+                    if self.size is None:
+                        self.size = object_size(self._f)
                 return op()
             except Exception as err:
                 self._drop()
-                if _permanent(self.url, err) or failures >= self.cfg.retries:
+                if not _retry_in_place(self.url, err) or failures >= self.cfg.retries:
                     raise
                 delay = min(self.cfg.backoff * 2**failures, self.cfg.max_backoff)
                 failures += 1
@@ -148,8 +202,18 @@ class RetryingReader:
 
     def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (all remaining for -1), retrying transient failures."""
-        data = self._call(lambda: self._f.read(n))
+        data = self._call(lambda: self._read_checked(n))
         self.offset += len(data)
+        return data
+
+    def _read_checked(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if not data and n != 0:
+            if self.size is not None and self.offset < self.size:
+                raise ShortReadError(f"stream ended at byte {self.offset} of {self.size}")
+            wait = getattr(self._f, "wait_for_child", None)  # webdataset's pipe: / curl
+            if wait is not None:
+                wait()  # a command's output is whole only if it exited 0: raises otherwise
         return data
 
     def _drop(self) -> None:

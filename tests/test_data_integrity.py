@@ -1,0 +1,204 @@
+"""Shard integrity and fault policy on local files (issue #14): damaged tars are detected and
+what they lose is counted exactly; ``.jpeg`` images and malformed tag JSON are handled; a
+shard that fails is retried later and never removes its source.
+
+Format facts used (POSIX.1-2017 ``pax``/ustar, and GNU tar's manual): a tar member is a
+512-byte header (with a checksum) followed by its data padded to 512 bytes, and an archive
+ends with two 512-byte zero blocks. img2dataset writes ``<shard>_stats.json`` next to each
+``<shard>.tar``, whose ``successes`` is the number of samples in the tar (its logger.py).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from s3_server import good_samples, jpeg_bytes, write_tar
+
+from pretrain.data import DataConfig, S3Config, SourceConfig, build_loader
+from pretrain.data.shard_schedule import SHARD_ATTEMPTS
+from pretrain.data.sources import read_shard
+from pretrain.data.stats import SkipCounter
+from pretrain.data.verify import verify_shards
+
+WRITTEN = 5  # samples written to each test shard: t0000 .. t0004, members jpg, txt, json
+
+
+def _fast_retries() -> S3Config:
+    return S3Config(retries=0, backoff=0.01, max_backoff=0.01)
+
+
+def _shard(tmp_path: Path) -> tuple[Path, dict[str, tarfile.TarInfo]]:
+    path = write_tar(tmp_path / "whole.tar", good_samples("t", WRITTEN, size=16))
+    with tarfile.open(path) as tar:
+        return path, {m.name: m for m in tar.getmembers()}
+
+
+def _damaged(tmp_path: Path, kind: str) -> tuple[Path, set[str], int]:
+    """A copy of the 5-sample shard damaged as ``kind``; the keys a reader may deliver (the
+    samples whole before the damage, less the last one when the break does not prove it
+    whole) and the samples it cannot deliver."""
+    path, members = _shard(tmp_path)
+    data = bytearray(path.read_bytes())
+    t3_jpg, t3_txt = members["t0003.jpg"], members["t0003.txt"]
+    if kind == "cut_at_header_boundary":  # right before t0003's first header
+        data = data[:t3_jpg.offset]
+        # t0002 may have had more members after the cut: dropped, counted lost
+        delivered = {"t0000", "t0001"}
+    elif kind == "cut_mid_member":  # inside t0003.txt's data: t0003 is partial
+        data = data[:t3_txt.offset_data + 3]
+        delivered = {"t0000", "t0001", "t0002"}  # t0002 is whole: t0003 had begun
+    elif kind == "corrupt_header_mid_shard":  # t0003.txt's header fails its checksum
+        data[t3_txt.offset + 10] ^= 0xFF
+        delivered = {"t0000", "t0001", "t0002"}
+    elif kind == "missing_end_of_archive":  # every member intact, zero blocks gone
+        last = members["t0004.json"]
+        data = data[:last.offset_data + -(-last.size // 512) * 512]
+        delivered = {"t0000", "t0001", "t0002", "t0003"}  # t0004 unproven: dropped
+    else:
+        raise ValueError(kind)
+    out = tmp_path / "damaged.tar"
+    out.write_bytes(bytes(data))
+    return out, delivered, WRITTEN - len(delivered)
+
+
+KINDS = ["cut_at_header_boundary", "cut_mid_member", "corrupt_header_mid_shard",
+         "missing_end_of_archive"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sample_count_known", [False, True])
+def test_damaged_tar_is_detected_and_its_losses_counted(tmp_path, kind, sample_count_known):
+    url, delivered, lost = _damaged(tmp_path, kind)
+    intact = SkipCounter()  # control: the undamaged shard reads whole and counts nothing
+    assert len(list(read_shard(str(tmp_path / "whole.tar"), "src", _fast_retries(),
+                               intact))) == WRITTEN
+    assert not [c for c in intact.drain() if c[0] == "skip"]
+    if sample_count_known:  # as img2dataset leaves it next to each shard
+        (tmp_path / "damaged_stats.json").write_text(json.dumps(
+            {"count": WRITTEN, "successes": WRITTEN, "failed_to_download": 0}))
+    counter = SkipCounter()
+    outcome: dict = {}
+    keys = [s["__key__"] for s in read_shard(str(url), "src", _fast_retries(), counter,
+                                             outcome)]
+    assert keys == sorted(delivered)
+    counts = {(kind_, name): n for kind_, _, name, n in counter.drain()}
+    skipped = {name: n for (kind_, name), n in counts.items() if kind_ == "skip"}
+    # Without the sample count only the sample cut in the middle is known to be lost.
+    assert skipped == {"truncated_shard": 1, "lost_samples": lost if sample_count_known else 1}
+    if sample_count_known:
+        assert len(keys) + skipped["lost_samples"] == WRITTEN  # every sample accounted for
+    assert outcome["status"] == "damaged"
+    if kind == "corrupt_header_mid_shard":  # the rest of the shard was not read: say how much
+        assert counts["event", "unread_bytes"] == url.stat().st_size - \
+            _shard(tmp_path)[1]["t0003.txt"].offset
+
+
+def test_jpeg_spellings_are_images(tmp_path):
+    # webdataset's image decoder treats .jpg and .jpeg alike (its IMAGE_EXTENSIONS);
+    # member keys are compared lower-case, so .JPEG is .jpeg.
+    shard = write_tar(tmp_path / "j.tar", [
+        {"__key__": "lower", "jpeg": jpeg_bytes(1), "txt": "a .jpeg image"},
+        {"__key__": "upper", "JPEG": jpeg_bytes(2), "txt": "a .JPEG image"},
+        {"__key__": "plain", "jpg": jpeg_bytes(3), "txt": "a .jpg image"},
+    ])
+    report = verify_shards(str(shard), _fast_retries(), image_size=16)
+    assert report["samples"] == 3 and report["skipped"] == 0
+
+
+def test_malformed_tag_json_is_counted_and_the_sample_kept_untagged(tmp_path):
+    vocab = tmp_path / "tags.txt"
+    vocab.write_text("a\nb\n")
+    tags = [json.dumps({"tags": ["a"]}),  # fine
+            "{not json",                  # malformed: not JSON
+            json.dumps(["a", "b"]),       # malformed: not an object
+            json.dumps({"tags": 5}),      # malformed: the field is not a list
+            json.dumps({"tags": None}),   # untagged, not malformed
+            json.dumps({"other": 1})]     # untagged, not malformed
+    samples = good_samples("m", len(tags))
+    for sample, value in zip(samples, tags, strict=True):
+        sample["json"] = value
+    url = str(write_tar(tmp_path / "m.tar", samples))
+    cfg = DataConfig(sources=[SourceConfig("s", url, resampled=False)], image_size=16,
+                     batch_size=len(tags), workers=0, shuffle_buffer=0, context_length=12,
+                     tag_vocab=str(vocab), s3=_fast_retries())
+    loader = build_loader(cfg, 0, 1, train=False)
+    (batch,) = list(loader)
+    assert batch["has_tags"].tolist() == [True, False, False, False, False, False]
+    assert loader.stats.events["malformed_tags"] == 3
+    assert not loader.stats.skipped
+
+
+def _flaky(tmp_path: Path, shard: Path, failures: int) -> str:
+    """A ``pipe:`` URL whose command fails (exit 3) its first ``failures`` runs, then serves
+    ``shard``: a store that is down for a while."""
+    runs = tmp_path / f"{shard.stem}.runs"
+    return (f"pipe:sh -c 'n=$(cat {runs} 2>/dev/null || echo 0); echo $((n+1)) > {runs}; "
+            f"[ $n -ge {failures} ] && cat {shard} || exit 3'")
+
+
+def _keys(loader, batches: int | None = None) -> list[str]:
+    keys = []
+    for i, batch in enumerate(loader):
+        keys += [k.split("/")[1] for k in batch["keys"]]
+        if batches is not None and i + 1 == batches:
+            break
+    return keys
+
+
+def _cfg(sources, batch_size: int = 5) -> DataConfig:
+    return DataConfig(sources=sources, image_size=8, batch_size=batch_size, workers=0,
+                      shuffle_buffer=0, context_length=12, s3=_fast_retries())
+
+
+def test_a_failed_shard_is_read_later_without_losing_or_repeating_samples(tmp_path):
+    a = write_tar(tmp_path / "a.tar", good_samples("a", 6, size=8))
+    b = write_tar(tmp_path / "b.tar", good_samples("b", 4, size=8))
+    src = SourceConfig("s", [_flaky(tmp_path, a, failures=2), str(b)], resampled=False)
+    loader = build_loader(_cfg([src]), 0, 1, train=False)
+    keys = _keys(loader)
+    assert sorted(keys) == [f"a{i:04d}" for i in range(6)] + [f"b{i:04d}" for i in range(4)]
+    assert not loader.stats.skipped
+    assert loader.stats.events["shard_failures"] == 2
+
+
+def test_failures_of_the_only_shard_never_end_a_resampled_source(tmp_path):
+    a = write_tar(tmp_path / "a.tar", good_samples("a", 5, size=8))
+    src = SourceConfig("s", [_flaky(tmp_path, a, failures=3)])
+    loader = build_loader(_cfg([src]), 0, 1, train=True)
+    keys = _keys(loader, batches=4)
+    assert keys == [f"a{i:04d}" for i in range(5)] * 4
+    assert not loader.stats.skipped
+    assert loader.stats.events["storage_waits"] == 1
+
+
+def test_a_shard_that_keeps_failing_while_others_read_is_given_up(tmp_path):
+    good = write_tar(tmp_path / "good.tar", good_samples("g", 5, size=8))
+    dead = "pipe:sh -c 'exit 3'"
+    src = SourceConfig("s", [dead, str(good)])
+    loader = build_loader(_cfg([src]), 0, 1, train=True)
+    for i, _ in enumerate(loader):  # until given up (cooldowns 10, 20, 40 ms)
+        if loader.stats.skipped or i == 5000:
+            break
+    assert dict(loader.stats.skipped) == {"unreadable_shard": 1}
+    # retried (set aside) before being given up at the last attempt
+    assert loader.stats.events["shard_failures"] == SHARD_ATTEMPTS - 1
+
+
+def test_a_truncated_shard_stays_in_a_resampled_source_and_is_counted_once(tmp_path):
+    url, delivered, _ = _damaged(tmp_path, "cut_mid_member")
+    loader = build_loader(_cfg([SourceConfig("s", str(url))], batch_size=3), 0, 1)
+    keys = _keys(loader, batches=4)
+    assert keys == sorted(delivered) * 4
+    assert dict(loader.stats.skipped) == {"truncated_shard": 1, "lost_samples": 1}
+
+
+def test_a_training_stream_with_nothing_readable_fails_with_a_clear_error(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x00garbage" * 200)
+    loader = build_loader(_cfg([SourceConfig("s", [str(junk), str(tmp_path / "gone.tar")])]),
+                          0, 1, train=True)
+    with pytest.raises(RuntimeError, match="every source stream .* ended"):
+        _keys(loader)
