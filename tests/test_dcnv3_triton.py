@@ -22,6 +22,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from ops.dcnv3 import DCNv3, available_backends, dcnv3, output_size, triton_backend  # noqa: E402, I001
+from ops.dcnv3 import triton_kernels  # noqa: E402
 from ops.dcnv3.triton_backend import dcnv3_softmax  # noqa: E402
 from tests.dcnv3_naive import (  # noqa: E402
     BORDER_PARAMS,
@@ -289,8 +290,6 @@ def test_backend_registry_and_device_errors(monkeypatch):
     # auto never picks Triton for CPU tensors (the interpreter is for tests only).
     auto = dcnv3(x, off, mask, **_params(case), backend="auto")
     torch.testing.assert_close(auto, dcnv3(x, off, mask, **_params(case), backend="reference"))
-    from ops.dcnv3 import triton_kernels
-
     monkeypatch.setattr(triton_kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         dcnv3(x, off, mask, **_params(case), backend="triton")
@@ -310,41 +309,77 @@ def test_benchmark_dry_run_plans_every_layer():
     assert t_first["input_shape"][1:] == [56, 56, 64] and t_first["groups"] == 4
 
 
-_COMPILE_FOR_H100 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from ops.dcnv3 import triton_kernels as kernels
-
-SPECIAL = {"KS", "SOFTMAX", "ACC_F64", "BLOCK_P", "BLOCK_C", "BLOCK_K"}
-for name, n_ptr in (("dcnv3_fwd_kernel", 4), ("dcnv3_bwd_kernel", 7)):
-    fn = getattr(kernels, name).fn  # the JITFunction under the autotuner
-    for elem, softmax in (("bf16", True), ("fp32", False)):
-        sig = {}
-        for i, arg in enumerate(fn.arg_names):
-            if i < n_ptr:
-                sig[arg] = "*fp32" if arg == "grad_x_ptr" else "*" + elem
-            else:
-                sig[arg] = ("constexpr" if arg in SPECIAL
-                            else "fp32" if arg == "offset_scale" else "i32")
-        consts = dict(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=64, BLOCK_C=16,
-                      BLOCK_K=16)
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter accepts things the real compiler rejects; compiling the kernels
-    for an H100 target (down to a cubin, no device needed) keeps the GPU path honest."""
+def _sm90_code(*args: str) -> list[dict]:
+    """Counts from benchmarks/dcnv3_sm90_code.py: the kernels compiled for an H100 (sm_90)
+    as a launch at an InternImage-H layer would compile them; no GPU needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=env)
-    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's bundled ptxas is missing")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dcnv3_sm90_code.py"),
+                           *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env)
+    if proc.returncode and ("ptxas" in proc.stderr or "cuobjdump" in proc.stderr) \
+            and "not found" in proc.stderr:
+        pytest.skip("Triton's bundled ptxas/cuobjdump is missing")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled" in proc.stdout
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills():
+    """grad_input's atomic adds must not order memory: the released CUDA op uses plain
+    ``atomicAdd``, which the CUDA C++ Programming Guide ("Atomic Functions") describes as
+    not acting as a memory fence, i.e. PTX ``red``/``atom`` with ``.relaxed`` semantics
+    (PTX ISA, "Memory Consistency Model": relaxed operations carry no ordering). An
+    ``.acq_rel`` atomic (Triton's default) makes ptxas wrap each one in MEMBAR/ERRBAR
+    and invalidate L1 (CCTL). Every autotuning config must also fit in registers: local
+    memory loads/stores (LDL/STL) in the cubin are ptxas's spill code."""
+    configs = ",".join(f"{b}x{w}" for b, w in triton_kernels.GPU_CONFIGS)
+    rows = _sm90_code("--kernels", "bwd", "--configs", configs, "--variants", "bf16:softmax")
+    assert len(rows) == len(triton_kernels.GPU_CONFIGS)
+    for row in rows:
+        where = f"BLOCK_P={row['BLOCK_P']} num_warps={row['num_warps']}"
+        atomics = row["ptx"]["atom"] + row["ptx"]["red"]
+        assert atomics > 0, where
+        assert row["ptx"]["relaxed"] == atomics and row["ptx"]["acq_rel"] == 0, (where, row)
+        assert row["ptx"]["fence"] == 0, (where, row["ptx"])
+        fences = {k: row["sass"][k] for k in ("MEMBAR", "ERRBAR", "CCTL")}
+        assert fences == {"MEMBAR": 0, "ERRBAR": 0, "CCTL": 0}, (where, fences)
+        assert row["sass"]["STL"] == row["sass"]["LDL"] == 0, (where, row["registers"])
+        assert row["registers"] <= 255
+
+
+def test_compiled_point_loops_have_no_barriers():
+    """A layout conversion between tiles goes through shared memory and needs ``bar.sync``
+    (PTX ISA: barrier) on both sides; inside the K-point loop that would stall every
+    step. The loop of both kernels must compile without any (the loop is found from its
+    back-edge in PTX and in SASS)."""
+    rows = _sm90_code("--kernels", "fwd,bwd", "--configs", "64x4", "--variants",
+                      "bf16:softmax")
+    assert [r["kernel"] for r in rows] == ["fwd", "bwd"]
+    for row in rows:
+        assert row["loop_found"], row["kernel"]
+        assert row["ptx_loop"]["bar_sync"] == 0, (row["kernel"], row["ptx_loop"])
+        assert row["sass_loop"]["BAR_SYNC"] == 0, (row["kernel"], row["sass_loop"])
+    assert rows[0]["sass"]["STL"] == 0
+
+
+def test_autotune_key_separates_internimage_h_stages():
+    """InternImage-H has 32 channels per group in every stage (320 * 2**i channels in
+    10 * 2**i groups, REFERENCE.md / the released H config) and a 640 px input at stride
+    4 * 2**i, so group width and kernel size alone cannot tell stage 1 (160x160
+    positions per image) from stage 4 (20x20, 64x fewer). The autotuning key must, as
+    it must tell the fused-softmax variant from the plain one."""
+    keys = set()
+    names = triton_kernels.dcnv3_fwd_kernel.arg_names
+    for stage in (0, 3):
+        size, channels = 160 // 2**stage, 320 * 2**stage
+        scalars, _ = triton_kernels.launch_args((16, size, size, channels),
+                                                (16, size, size, 0), 10 * 2**stage, 3, 1,
+                                                1, 1, 1.0)
+        args = dict(zip(names[4:], scalars))
+        assert args["GC"] == 32
+        for softmax in (False, True):
+            args.update(KS=3, SOFTMAX=softmax)
+            keys.add(tuple(args[k] for k in triton_kernels.dcnv3_fwd_kernel.keys))
+    assert len(keys) == 4, keys
 
 
 @pytest.mark.gpu

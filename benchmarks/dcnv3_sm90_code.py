@@ -1,0 +1,225 @@
+"""What the DCNv3 Triton kernels compile to on an H100/H200 (sm_90), without a GPU.
+
+Triton compiles for a named target on any machine: this script builds both kernels for
+``GPUTarget("cuda", 90, 32)`` with the argument specialisation a real launch at an
+InternImage layer shape gets (16-byte aligned pointers; C and GC divisible by 16; the
+kernel's generic arguments left generic), disassembles the cubin (Triton's bundled
+cuobjdump) and counts, in the whole kernel and inside the point loop:
+
+- fences: PTX ``membar``/``fence``, SASS ``MEMBAR`` and ``ERRBAR``; L1 invalidations
+  (SASS ``CCTL``);
+- barriers: PTX ``bar.sync``/``barrier.sync``, SASS ``BAR.SYNC`` (layout conversions
+  through shared memory need them);
+- atomics: PTX ``atom``/``red`` and their ``.relaxed``/``.acq_rel`` qualifiers, SASS
+  ``REDG``/``ATOMG``;
+- registers per thread and spills (SASS ``STL``/``LDL``: local-memory stores and loads,
+  ptxas's spill code; the cubin's resource usage gives the register count).
+
+Run with ``TRITON_INTERPRET`` unset. Prints one JSON line per compiled variant.
+
+    python benchmarks/dcnv3_sm90_code.py                      # both kernels, all configs
+    python benchmarks/dcnv3_sm90_code.py --kernels bwd --configs 64x4 --group-channels 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KERNELS = {"fwd": ("dcnv3_fwd_kernel", 4), "bwd": ("dcnv3_bwd_kernel", 7)}
+# (element type of the tensors, fused softmax): bf16 with logits is what the InternImage
+# module runs under bf16 training; fp32 with normalised weights is the plain op.
+VARIANTS = (("bf16", True), ("fp32", False))
+
+
+def _signature(fn, n_ptr: int, elem: str, scalars: dict) -> tuple[dict, dict]:
+    """Signature and divisibility attributes of a launch, following Triton's own rules:
+    aligned pointers and ints divisible by 16 get ``tt.divisibility`` 16, an int equal to
+    1 becomes a constant, unless the kernel marks the argument ``do_not_specialize``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    sig, attrs, consts = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif i < n_ptr:
+            # The backward accumulates grad_input in fp32 whatever the input dtype.
+            sig[name] = "*fp32" if name == "grad_x_ptr" else "*" + elem
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            value = scalars[name]
+            kind, spec = native_specialize_impl(BaseBackend, value, False,
+                                                not param.do_not_specialize, True)
+            if kind == "constexpr":
+                sig[name] = "constexpr"
+                consts[name] = value
+            else:
+                sig[name] = kind
+                if spec == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs, consts
+
+
+def h_layer_scalars(group_channels: int, groups: int = 10, size: int = 160,
+                    batch: int = 16) -> dict:
+    """Scalar kernel arguments at an InternImage layer (default: H stage 1, batch 16)."""
+    from ops.dcnv3 import triton_kernels as kernels
+
+    c = groups * group_channels
+    scalars, _ = kernels.launch_args((batch, size, size, c), (batch, size, size, 0), groups,
+                                     3, 1, 1, 1, 1.0)
+    names = ("P", "H", "W", "Ho", "Wo", "C", "G", "GC", "stride", "pad", "dilation",
+             "offset_scale", "P_BUCKET")
+    return dict(zip(names, scalars))
+
+
+def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
+                 group_channels: int):
+    """Compile one kernel variant for sm_90; returns Triton's CompiledKernel."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ops.dcnv3 import triton_kernels as kernels
+
+    name, n_ptr = KERNELS[kernel]
+    fn = getattr(kernels, name).fn  # the JITFunction under the autotuner
+    scalars = h_layer_scalars(group_channels)
+    sig, attrs, consts = _signature(fn, n_ptr, elem, scalars)
+    _, block_c = kernels.launch_args((1, 1, 1, group_channels), (1, 1, 1, 0), 1, 3, 1, 1, 1,
+                                     1.0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[elem]
+    consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p, BLOCK_C=block_c,
+                  VEC=kernels.vector_width(dtype, kernel == "bwd", block_c))
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": 1})
+
+
+def _loop_span(lines: list[str], targets: list[tuple[int, int]]) -> list[str]:
+    """Lines of the outermost loop, given (line of a branch, line it jumps to) pairs: from
+    the earliest backward target to the last branch back to it."""
+    back = [(dst, src) for src, dst in targets if dst < src]
+    if not back:
+        return []
+    start = min(dst for dst, _ in back)
+    end = max(src for dst, src in back if dst == start)
+    return lines[start:end + 1]
+
+
+def _ptx_loop(ptx: str) -> list[str]:
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    targets = [(i, labels[m.group(1)]) for i, line in enumerate(lines)
+               if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line))
+               and m.group(1) in labels]
+    return _loop_span(lines, targets)
+
+
+def _sass_loop(sass: str) -> list[str]:
+    # cuobjdump prints "/*3920*/  @P2 BRA 0x1800 ;": branch targets are addresses.
+    lines = sass.splitlines()
+    address = {int(m.group(1), 16): i for i, line in enumerate(lines)
+               if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/", line))}
+    targets = [(i, address[int(m.group(1), 16)]) for i, line in enumerate(lines)
+               if (m := re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", line))
+               and int(m.group(1), 16) in address]
+    return _loop_span(lines, targets)
+
+
+def _count(text: str, patterns: dict[str, str]) -> dict[str, int]:
+    return {name: len(re.findall(pat, text)) for name, pat in patterns.items()}
+
+
+PTX_PATTERNS = {
+    "fence": r"\b(?:membar|fence)\.",
+    "bar_sync": r"\b(?:bar|barrier)\.sync\b",
+    "atom": r"\batom\.",
+    "red": r"\bred\.",
+    "acq_rel": r"\b(?:atom|red)\.[\w.]*acq_rel",
+    "relaxed": r"\b(?:atom|red)\.[\w.]*relaxed",
+}
+SASS_PATTERNS = {
+    "MEMBAR": r"\bMEMBAR\b",
+    "ERRBAR": r"\bERRBAR\b",
+    "CCTL": r"\bCCTL\b",
+    "BAR_SYNC": r"\bBAR\.SYNC\b",
+    "REDG": r"\bREDG\b",
+    "ATOMG": r"\bATOMG\b",
+    "STL": r"\bSTL\b",
+    "LDL": r"\bLDL\b",
+}
+
+
+def _sass_and_registers(cubin: bytes) -> tuple[str, int]:
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        sass = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True,
+                              text=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", path], check=True,
+                               capture_output=True, text=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
+            group_channels: int) -> dict:
+    """Fence, barrier, atomic and spill counts of one compiled variant (see module doc)."""
+    compiled = compile_sm90(kernel, elem, softmax, block_p, num_warps, group_channels)
+    ptx = compiled.asm["ptx"]
+    sass, registers = _sass_and_registers(compiled.asm["cubin"])
+    ptx_loop = "\n".join(_ptx_loop(ptx))
+    sass_loop = "\n".join(_sass_loop(sass))
+    return {
+        "kernel": kernel, "dtype": elem, "softmax": softmax, "BLOCK_P": block_p,
+        "num_warps": num_warps, "group_channels": group_channels, "registers": registers,
+        "ptx": _count(ptx, PTX_PATTERNS), "ptx_loop": _count(ptx_loop, PTX_PATTERNS),
+        "sass": _count(sass, SASS_PATTERNS), "sass_loop": _count(sass_loop, SASS_PATTERNS),
+        "loop_found": bool(ptx_loop) and bool(sass_loop),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile the requested variants and print one JSON line each."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    from ops.dcnv3 import triton_kernels as kernels
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="fwd,bwd", help="comma-separated: fwd, bwd")
+    parser.add_argument("--configs", default=",".join(f"{b}x{w}" for b, w in
+                                                      kernels.GPU_CONFIGS),
+                        help="BLOCK_PxNUM_WARPS, comma-separated")
+    parser.add_argument("--group-channels", default="32",
+                        help="comma-separated (InternImage-H: 32, T..XL: 16)")
+    parser.add_argument("--variants", default="bf16:softmax,fp32:weights",
+                        help="dtype:softmax|weights, comma-separated")
+    args = parser.parse_args(argv)
+    variants = [(v.split(":")[0], v.split(":")[1] == "softmax")
+                for v in args.variants.split(",")]
+    for kernel in args.kernels.split(","):
+        for gc in map(int, args.group_channels.split(",")):
+            for elem, softmax in variants:
+                for cfg in args.configs.split(","):
+                    block_p, warps = map(int, cfg.split("x"))
+                    print(json.dumps(inspect(kernel, elem, softmax, block_p, warps, gc)),
+                          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
