@@ -309,6 +309,90 @@ def test_benchmark_dry_run_plans_every_layer():
     assert t_first["input_shape"][1:] == [56, 56, 64] and t_first["groups"] == 4
 
 
+def _gpu_check(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
+                           "--out", str(tmp_path), "--smoke", *args], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    return proc, report
+
+
+def test_gpu_check_smoke_run_checks_every_output_against_float64(tmp_path):
+    """benchmarks/gpu_check.py on CPU (interpreter, tiny stand-ins for the H shapes):
+    every correctness row compares output and the three gradients with float64 and
+    passes the flash-attention rule (error <= 2x the reference's own error at the same
+    precision); the report names the environment and what was not measured."""
+    proc, report = _gpu_check(tmp_path, "--phases", "env,correctness,memory,released",
+                              "--dtypes", "bfloat16", "--offsets", "far")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["env"]["smoke"] is True and report["env"]["triton"]
+    rows = report["phases"]["correctness"]["rows"]
+    assert {(r["shape"], r["variant"]) for r in rows} == {
+        (s, v) for s in ("h_stage1_batch2", "h_stage4_batch16") for v in ("weights", "softmax")}
+    for row in rows:
+        assert row["ok"], row
+        assert set(row["triton_error"]) == {"output", "grad_input", "grad_offset", "grad_mask"}
+        assert 0 < row["triton_error"]["output"] < 2e-2  # bf16: a few ulps in norm
+    assert report["phases"]["correctness"]["all_ok"] is True
+    assert report["phases"]["memory"]["skipped"] and report["phases"]["released"]["reason"]
+    assert report["summary"]["correctness_all_ok"] is True
+
+
+def test_gpu_check_out_of_time_records_every_row_as_skipped(tmp_path):
+    """A run that has no time left still writes its report: each row it did not start is
+    listed as skipped, and nothing claims a pass."""
+    proc, report = _gpu_check(tmp_path, "--budget-s", "0", "--stages", "1,4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    correctness = report["phases"]["correctness"]
+    assert len(correctness["rows"]) == 2 * 3 * 2 * 2  # shapes x offsets x variants x dtypes
+    assert all(r["skipped"] == "time budget" for r in correctness["rows"])
+    assert correctness["all_ok"] is None and report["summary"]["correctness_all_ok"] is None
+    speed = report["phases"]["speed"]["rows"]
+    assert [r["stage"] for r in speed] == [1] * 4 + [4] * 4
+
+
+def test_released_op_wrapper_uses_the_current_signature_and_the_old_one(monkeypatch):
+    """The released extension's dcnv3_forward takes 16 arguments and dcnv3_backward 17,
+    the last being remove_center (OpenGVLab/InternImage classification/ops_dcnv3/
+    functions/dcnv3_func.py); builds from before remove_center take one fewer. The
+    benchmark's wrapper must call either correctly (not crash with TypeError)."""
+    import types
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from dcnv3_gpu import released_op
+
+    x = torch.randn(2, 4, 4, 8)
+    off, mask = torch.zeros(2, 4, 4, 2 * 9 * 2), torch.full((2, 4, 4, 2 * 9), 1 / 9)
+    for n_forward in (16, 15):
+        calls = []
+
+        def forward(*args, n=n_forward, calls=calls):
+            if len(args) != n:
+                raise TypeError(f"dcnv3_forward(): incompatible function arguments ({len(args)})")
+            calls.append(("forward", args[3:]))
+            return torch.zeros_like(args[0])
+
+        def backward(*args, n=n_forward + 1, calls=calls):
+            if len(args) != n:
+                raise TypeError("dcnv3_backward(): incompatible function arguments")
+            calls.append(("backward", args[3:14], args[15:]))
+            return [torch.zeros_like(t) for t in args[:3]]
+
+        monkeypatch.setitem(sys.modules, "DCNv3",
+                            types.SimpleNamespace(dcnv3_forward=forward, dcnv3_backward=backward))
+        run = released_op()
+        leaves = [t.clone().requires_grad_() for t in (x, off, mask)]
+        out = run(*leaves, kernel_size=3, stride=1, padding=1, dilation=1, groups=2,
+                  offset_scale=1.0)
+        out.sum().backward()
+        # kernel h/w, stride h/w, pad h/w, dilation h/w, group, group_channels, scale,
+        # im2col_step (= batch), [remove_center = 0]
+        args = (3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 2) + ((0,) if n_forward == 16 else ())
+        assert calls[0] == ("forward", args)
+        assert calls[1][0] == "backward" and calls[1][1] == args[:11]
+        assert calls[1][2] == args[11:]
+
+
 def _sm90_code(*args: str) -> list[dict]:
     """Counts from benchmarks/dcnv3_sm90_code.py: the kernels compiled for an H100 (sm_90)
     as a launch at an InternImage-H layer would compile them; no GPU needed."""
