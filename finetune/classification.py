@@ -21,6 +21,8 @@ from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.lr_decay import adamw, param_groups
 from pretrain.data.config import S3Config
+from runtime import rng
+from runtime.metrics import MetricsFile
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +283,10 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    runtime.seed_everything(cfg.run.seed + d.rank)
     train_set, val_set = build_datasets(cfg)
+    # seeded once the data is there: writing the demo shards on a first run draws from
+    # python's generator, and a run must not depend on whether the cache existed
+    rng.seed_all(cfg.run.seed + d.rank)
     model = build_classifier(cfg)
     if cfg.init:
         load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
@@ -295,7 +299,7 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
         if cfg.ema.enabled else None
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
-    step = 0
+    step, state = 0, None
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     resume_path = runtime.resolve_resume(resume, out_dir)
     if resume_path is not None:
@@ -305,7 +309,6 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])
         scheduler.step_update(step)
         log.info("resumed from %s at step %d", resume_path, step)
     net = runtime.wrap_ddp(model, d)
@@ -328,19 +331,24 @@ def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -
             result.update(top1_ema=e["top1"], top5_ema=e["top5"])
         return result
 
-    def save(step: int) -> None:
+    def save(step: int) -> None:  # on every rank: each contributes its random state
+        rng_states = rng.gather_rng_states()
         if d.is_main:
             runtime.save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
-                "step": step, "rng": torch.get_rng_state()})
+                "step": step, "rng_ranks": rng_states})
 
     def after_step(step: int) -> None:
         if ema is not None:
             ema.update(model, step=step)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
+    metrics = MetricsFile(out_dir, d.is_main, resume_step=step if state else None,
+                          timestamp=True)
+    if state is not None:  # last: nothing between here and the first batch draws
+        rng.restore_rank_rng(state.get("rng_ranks"), d.rank, d.world_size)
     return run_classification(
         cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
-        metrics=runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main), desc="classification")
+        metrics=metrics, desc="classification")

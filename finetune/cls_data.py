@@ -10,12 +10,12 @@ import io
 import logging
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.runtime import Dist
 from pretrain.data.config import S3Config
+from runtime.rng import loader_generator, skip_batches
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ def build_loaders(cfg, d: Dist, train_set: Dataset, val_set: Dataset, epoch: int
     sampler = (DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
                                   seed=cfg.run.seed, drop_last=True)
                if d.world_size > 1 and not streaming else None)
-    g = torch.Generator().manual_seed(cfg.run.seed + epoch)
+    # per rank and epoch: the workers' augmentation seeds derive from this generator
+    g = loader_generator(cfg.run.seed, d.rank, epoch)
     train = DataLoader(train_set, batch_size=cfg.run.batch_size,
                        shuffle=sampler is None and not streaming,
                        sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
@@ -136,6 +137,4 @@ def epoch_batches(loader: DataLoader, skip: int = 0):
     if isinstance(loader.dataset, StreamingShards):
         yield from loader
         return
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch
+    yield from skip_batches(loader, skip)  # the skipped batches leave the RNG untouched

@@ -2,7 +2,8 @@
 
 What differs between the engines (the optimisation step, EMA update, evaluation and the
 checkpoint format) comes in as ``ClsSteps``; the epoch/step bookkeeping, mid-epoch resume,
-Mixup/CutMix, the schedule, logging and the evaluation/checkpoint cadence live here once.
+Mixup/CutMix, the schedule, logging, the evaluation/checkpoint cadence and the stop request
+(runtime/preemption.py: save at the step boundary and return) live here once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune import runtime
+from runtime import preemption
+from runtime.metrics import MetricsFile
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,10 @@ class ClsSteps:
 
 def run_classification(cfg, d: runtime.Dist, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
-                       steps_per_epoch: int, total: int, metrics: runtime.MetricsLog,
+                       steps_per_epoch: int, total: int, metrics: MetricsFile,
                        desc: str) -> dict:
-    """Train from ``start_step`` to ``total``; returns the last evaluation."""
+    """Train from ``start_step`` to ``total``; returns the last evaluation (with
+    ``stopped_early`` and the ``step`` when a stop request ended the run first)."""
     from finetune.cls_data import build_loaders, epoch_batches
 
     eval_every = cfg.run.eval_every or steps_per_epoch
@@ -69,8 +73,17 @@ def run_classification(cfg, d: runtime.Dist, train_set, val_set, steps: ClsSteps
                 metrics.write(step=step, epoch=epoch, **last_eval)
                 if d.is_main:
                     log.info("step %d: %s", step, last_eval)
-            if step % ckpt_every == 0 or step == total:
+            saved = step % ckpt_every == 0 or step == total
+            if saved:
                 steps.save(step)
+            preemption.kill_point(step)
+            if preemption.stop_agreed(d.device):  # every rank leaves at this same step
+                if not saved:
+                    steps.save(step)
+                if d.is_main:
+                    log.warning("stop requested: saved at step %d, returning", step)
+                bar.close()
+                return {**last_eval, "step": step, "stopped_early": True}
             if step >= total:
                 break
     bar.close()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.lr_decay import adamw, param_groups
+from runtime import rng
 
 log = logging.getLogger(__name__)
 
@@ -476,8 +477,8 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
         raise NotImplementedError("run.zero_stage > 0 is not wired for detection yet")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    runtime.seed_everything(cfg.run.seed + d.rank)
     train_set, val_set = build_datasets(cfg)
+    rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
     # Mask R-CNN adds its background class itself; DINO predicts the C classes (focal loss).
     model = build_model(cfg, len(train_set.cat_ids), cfg.init).to(d.device)
     steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * d.world_size))
@@ -490,7 +491,7 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
     def batches(epoch: int):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(cfg.run.seed + epoch)
+        g = rng.loader_generator(cfg.run.seed, d.rank, epoch)  # workers' seeds: per rank
         return DataLoader(train_set, cfg.run.batch_size, shuffle=sampler is None,
                           sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
                           collate_fn=_collate, generator=g)

@@ -2,7 +2,8 @@
 
 The task supplies a model whose forward returns a dict of losses, a batch iterator factory
 and an evaluation function; the loop owns the schedule, clipping, progress bar,
-metrics.jsonl, periodic evaluation, checkpoints and ``--resume auto``.
+metrics.jsonl, periodic evaluation, checkpoints, ``--resume auto`` (exact: mid-epoch
+position and every rank's random state) and the stop request (runtime/preemption.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from finetune import runtime
+from runtime import preemption, rng
+from runtime.metrics import MetricsFile
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +34,43 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
     """Train ``total_steps`` updates; ``batches(epoch)`` yields one epoch of batches.
 
     ``model`` is the bare module (saved/restored), ``net`` what is called (DDP or model).
-    Returns the last evaluation's metrics.
+    Returns the last evaluation's metrics (with ``stopped_early`` and the ``step`` when a
+    stop request ended the run first).
     """
-    step, epoch, last_eval = 0, 0, {}
+    step, epoch, skip, last_eval = 0, 0, 0, {}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     resume_path = runtime.resolve_resume(resume, out_dir)
+    state = None
     if resume_path is not None:
         state = runtime.load_checkpoint(resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
-        torch.set_rng_state(state["rng"])
+        # mid-epoch: the batches of ``epoch`` already trained on (absent in checkpoints
+        # written before it was saved, whose ``epoch`` is the next one to start)
+        skip = state.get("epoch_step", 0)
         log.info("resumed from %s at step %d", resume_path, step)
     scheduler.step_update(step)
-    metrics = runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main)
+    metrics = MetricsFile(out_dir, d.is_main, resume_step=step if state else None,
+                          timestamp=True)
     bar = tqdm(total=total_steps, initial=step, desc=name, dynamic_ncols=True,
                disable=not (d.is_main and progress))
+
+    def save(in_epoch: int) -> None:  # on every rank: each contributes its random state
+        rng_states = rng.gather_rng_states()
+        if d.is_main:
+            runtime.save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "epoch": epoch, "epoch_step": in_epoch,
+                "rng_ranks": rng_states})
+
     net.train()
+    if state is not None:  # last: nothing between here and the first batch draws
+        rng.restore_rank_rng(state.get("rng_ranks"), d.rank, d.world_size)
     while step < total_steps:
-        for batch in batches(epoch):
+        in_epoch = skip
+        for batch in rng.skip_batches(batches(epoch), skip):
             with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
                 losses = {k: v.float() for k, v in loss_fn(net, batch).items()}
             loss = sum(losses.values())
@@ -60,6 +80,7 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             step += 1
+            in_epoch += 1
             scheduler.step_update(step)
             bar.update(1)
             if step % log_every == 0 or step == 1:
@@ -73,12 +94,21 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
                 net.train()
                 metrics.write(step=step, epoch=epoch, **last_eval)
                 log.info("step %d: %s", step, last_eval)
-            if d.is_main and (step % checkpoint_every == 0 or step == total_steps):
-                runtime.save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()})
+            saved = step % checkpoint_every == 0 or step == total_steps
+            if saved:
+                save(in_epoch)
+            preemption.kill_point(step)
+            if preemption.stop_agreed(d.device):  # every rank leaves at this same step
+                if not saved:
+                    save(in_epoch)
+                log.warning("stop requested: saved at step %d, returning", step)
+                bar.close()
+                return {**last_eval, "step": step, "stopped_early": True}
             if step >= total_steps:
                 break
-        epoch += 1
+        if in_epoch == 0:
+            raise ValueError(f"{name}: an epoch holds no batch (fewer samples than "
+                             "run.batch_size x processes); lower run.batch_size")
+        epoch, skip = epoch + 1, 0
     bar.close()
     return last_eval

@@ -1,18 +1,16 @@
 """What every fine-tuning loop needs and nothing task-specific: process group, run
-directory, metrics.jsonl, checkpoints with ``--resume auto``, and the dry-run plan."""
+directory, checkpoints with ``--resume auto``, and the dry-run plan. Random state, metrics
+and the stop flag are shared with pre-training: runtime/rng.py, runtime/metrics.py,
+runtime/preemption.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,13 +47,6 @@ def setup_distributed() -> Dist:
     return Dist(0, 1, device)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (per rank offsets are the caller's choice)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def wrap_ddp(model: nn.Module, d: Dist, find_unused: bool = False) -> nn.Module:
     """DDP when there are several ranks; the model itself otherwise."""
     if d.world_size == 1:
@@ -75,21 +66,6 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world_size > 1:
         dist.all_reduce(t)
     return t
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl`` (rank 0 only); one JSON object per line."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, **record: Any) -> None:
-        """Append one record with a wall-clock timestamp."""
-        if not self.enabled:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from finetune import runtime
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.lr_decay import adamw, param_groups
+from runtime import rng
 
 log = logging.getLogger(__name__)
 IGNORE = 255
@@ -631,10 +632,10 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
         raise NotImplementedError("run.zero_stage > 0 is not wired for segmentation yet")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    runtime.seed_everything(cfg.run.seed + d.rank)
     train_set, val_set = SegDataset(cfg.data, True), SegDataset(cfg.data, False)
+    rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
     model = build_segmentor(cfg, cfg.init).to(d.device)
-    if d.world_size > 1:
+    if d.world_size > 1 and d.device.type == "cuda":  # DDP refuses SyncBatchNorm on CPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * d.world_size))
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
@@ -647,7 +648,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     def batches(epoch: int):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(cfg.run.seed + epoch)
+        g = rng.loader_generator(cfg.run.seed, d.rank, epoch)  # workers' seeds: per rank
         return DataLoader(train_set, cfg.run.batch_size, shuffle=sampler is None,
                           sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
                           generator=g)

@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune import runtime
+from runtime import rng
+from runtime.metrics import MetricsFile
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
@@ -142,11 +144,13 @@ def evaluate(net: nn.Module, loader, d: runtime.Dist, dtype: torch.dtype,
 def _save(engine, root: Path, step: int, ema: ShardedEma | None, shared: dict[str, Any],
           info) -> Path:
     """EMA (rank 0) and DeepSpeed's shards first; ``trainer_state.json``/``latest`` last."""
-    from pretrain.checkpoint import rng_state, save_checkpoint, tag_for
+    from pretrain.checkpoint import save_checkpoint, tag_for
 
     if ema is not None and info.is_main:
         runtime.save_checkpoint(root / tag_for(step) / EMA_FILE, ema.module.state_dict())
-    return save_checkpoint(engine, root, step, {"rng": rng_state()}, shared, info, KEEP_LAST)
+    # each rank's own random state, gathered into trainer_state.json ("ranks")
+    return save_checkpoint(engine, root, step, {"rng": rng.rng_state()}, shared, info,
+                           KEEP_LAST)
 
 
 def check_engine_matches(resume: str | None, out_dir: Path, zero: bool) -> None:
@@ -187,7 +191,6 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         check_compatible,
         load_trainer_state,
         resolve_resume,
-        set_rng_state,
     )
     from pretrain.distributed import init_distributed
 
@@ -209,12 +212,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
-    runtime.seed_everything(cfg.run.seed)
+    rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)
     if cfg.init:
         load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
     model.to(d.device)
-    runtime.seed_everything(cfg.run.seed + d.rank)
+    rng.seed_all(cfg.run.seed + d.rank)
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -243,7 +246,6 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         step = int(state["step"])
         if ema is not None and (resume_dir / EMA_FILE).is_file():
             ema.module.load_state_dict(runtime.load_checkpoint(resume_dir / EMA_FILE))
-        set_rng_state(state["ranks"][d.rank]["rng"])
         log.info("resumed from %s at step %d", resume_dir, step)
     scheduler.step_update(step)
     if d.is_main:
@@ -273,9 +275,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
+    metrics = MetricsFile(out_dir, d.is_main, resume_step=step if state else None,
+                          timestamp=True)
+    if state is not None:  # last: nothing between here and the first batch draws
+        rng.restore_rank_rng([r["rng"] for r in state["ranks"]], d.rank, d.world_size)
     return run_classification(
         cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
-        metrics=runtime.MetricsLog(out_dir / "metrics.jsonl", d.is_main),
-        desc=f"classification ZeRO-{cfg.run.zero_stage}")
+        metrics=metrics, desc=f"classification ZeRO-{cfg.run.zero_stage}")
 

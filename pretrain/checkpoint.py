@@ -9,19 +9,16 @@ text file with the tag (DeepSpeed's own convention, so ``engine.load_checkpoint`
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from pretrain.distributed import DistInfo, all_gather_objects, barrier
 from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+from runtime.rng import rng_state as rng_state  # re-exported: the RNG helpers live in
+from runtime.rng import set_rng_state as set_rng_state  # runtime/rng.py
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -34,33 +31,6 @@ class ResumeError(RuntimeError):
 def tag_for(step: int) -> str:
     """Directory name of the checkpoint taken after ``step`` optimizer steps."""
     return f"step_{step:07d}"
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON-ready values."""
-    np_state = np.random.get_state()
-    state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])),
-                                         dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])),
-                                                  dtype=torch.uint8))
 
 
 def _atomic_write(path: Path, text: str) -> None:

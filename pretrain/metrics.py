@@ -1,29 +1,17 @@
 """Run metrics: ``metrics.jsonl`` (one JSON object per line), TensorBoard, a tqdm bar.
 
 Only rank 0 writes. On resume, lines past the resumed step are dropped first, so the file
-reads as one uninterrupted run.
+reads as one uninterrupted run (runtime/metrics.py, shared with fine-tuning).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-
-def truncate_after(path: Path, step: int) -> None:
-    """Drop metric lines with ``step`` > ``step`` (left by a run that died after them)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    path.write_text("".join(f"{line}\n" for line in keep))
+from runtime.metrics import MetricsFile
+from runtime.metrics import truncate_after as truncate_after  # re-exported (runtime/metrics.py)
 
 
 class MetricsLogger:
@@ -32,12 +20,13 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = True, progress: bool = True):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        # the lines past ``start_step`` (left by a run that died after them) are dropped
+        self.file = MetricsFile(run_dir, enabled, resume_step=start_step)
+        self.path = self.file.path
         self.writer = None
         self.bar = None
         if not enabled:
             return
-        truncate_after(self.path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -52,9 +41,7 @@ class MetricsLogger:
         """Record one line of metrics for ``step``."""
         if not self.enabled:
             return
-        row = {"step": step, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.file.write(step, **values)
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

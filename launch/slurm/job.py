@@ -7,11 +7,12 @@ task, and only on global rank 0 does it call :meth:`TrainingJob.checkpoint`, the
 ``scontrol requeue`` and exit. A Python signal handler can only run while the main thread
 executes Python, and training must keep stepping to reach the next step boundary where
 the checkpoint is written; so the training runs in a worker thread and the main thread
-only waits on it. ``checkpoint`` sets ``pretrain.trainer.STOP_REQUESTED`` (rank 0 only is
-enough: the trainer all-reduces the flag at each step boundary, and every rank saves its
-shard and returns), waits a bounded ``save_timeout_s`` for that, then hands submitit a copy
-of itself to requeue. A plain ``scontrol requeue`` or a SIGTERM/SIGKILL preemption gives
-no chance to save: the requeued job resumes from the last periodic checkpoint.
+only waits on it. ``checkpoint`` sets the one stop flag, ``runtime.preemption`` (rank 0
+only is enough: every training loop, pre-training and each fine-tuning task, agrees on it
+over all ranks at each step boundary, and every rank saves its part and returns), waits a
+bounded ``save_timeout_s`` for that, then hands submitit a copy of itself to requeue. A
+plain ``scontrol requeue`` or a SIGTERM/SIGKILL preemption gives no chance to save: the
+requeued job resumes from the last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
     """The command line of a restart: continue the run from its latest checkpoint.
 
     An explicit ``--resume PATH`` (start from another run's checkpoint) is kept only while
-    this run has no checkpoint of its own yet.
+    this run has no checkpoint of its own yet: ``checkpoints/latest`` (pre-training and ZeRO
+    fine-tuning) or ``checkpoints/last.pt`` (DDP fine-tuning).
     """
-    has_own = (run_dir / "checkpoints" / "latest").is_file()
+    ckpts = run_dir / "checkpoints"
+    has_own = (ckpts / "latest").is_file() or (ckpts / "last.pt").is_file()
     explicit = any(a == "--resume" or a.startswith("--resume=") for a in argv)
     return set_resume_auto(argv) if has_own or not explicit else list(argv)
 
@@ -204,14 +207,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return nxt
 
     def _save_now(self, rt: _Runtime) -> None:
-        """Ask the trainer to checkpoint at the next step boundary; wait a bounded time."""
-        if not self.argv or self.argv[0] != "pretrain":
-            log.warning("save on signal is only wired for `pretrain`; the requeued job "
-                        "resumes from the last periodic checkpoint")
-            return
-        from pretrain.trainer import STOP_REQUESTED
+        """Ask the training loop to checkpoint at the next step boundary; wait a bounded time."""
+        from runtime.preemption import request_stop
 
-        STOP_REQUESTED.set()
+        request_stop()
         thread = rt.thread
         if thread is None:
             return

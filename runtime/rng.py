@@ -1,0 +1,144 @@
+"""Random state of a training process: seeding, per-rank save/restore, data-loader seeds.
+
+One home for what an exact resume needs from the random generators, used by pre-training
+and every fine-tuning task:
+
+- :func:`rng_state` / :func:`set_rng_state`: this process's python, numpy, torch CPU and
+  (current device) CUDA generators as JSON-ready values. Every rank has its own state
+  (different data, different augmentations, different dropout masks), so a checkpoint keeps
+  one per rank (:func:`gather_rng_states`) and each rank restores its own
+  (:func:`restore_rank_rng`).
+- :func:`loader_seed`: the seed of an epoch's ``DataLoader`` generator. torch seeds each
+  worker from a base seed drawn from that generator, so it must differ per rank (else every
+  rank's worker k draws the same augmentations) and per epoch.
+- :func:`skip_batches`: the batches of an epoch after the ``skip`` a resumed run already
+  trained on, consumed without disturbing this process's random state.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def seed_all(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch (CPU and every CUDA
+    device: ``torch.manual_seed`` seeds both)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loader_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the ``DataLoader`` generator of ``epoch`` on ``rank``.
+
+    torch draws each iterator's worker base seed from the loader's generator (worker ``w``
+    gets ``base_seed + w``), so a generator seeded alike on every rank gives every rank the
+    same augmentation stream. numpy's ``SeedSequence`` mixes the three numbers into
+    independent, well-spread seeds (``seed + rank + epoch`` would collide across them).
+    """
+    entropy = [int(seed) % 2**63, int(rank), int(epoch)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """A CPU generator seeded with :func:`loader_seed` (pass as ``DataLoader(generator=)``)."""
+    return torch.Generator().manual_seed(loader_seed(seed, rank, epoch))
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-ready values (python, numpy, torch, CUDA)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": _encode(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():  # the current device's generator
+        state["cuda"] = _encode(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["cuda"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (collective: call on every rank)."""
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rank_rng(states: list[dict[str, Any]] | None, rank: int, world_size: int) -> bool:
+    """Restore this rank's entry of ``states`` (from :func:`gather_rng_states`).
+
+    Returns False, with a warning, when the checkpoint holds no per-rank states (written
+    before they were saved) or was saved by another number of ranks: training goes on from
+    the seeded state, and the run is no longer an exact continuation.
+    """
+    if not states or len(states) != world_size:
+        saved = len(states) if states else 0
+        log.warning("resume is not exact: the checkpoint holds the random state of %d "
+                    "rank(s), this run has %d; continuing from freshly seeded generators",
+                    saved, world_size)
+        return False
+    set_rng_state(states[rank])
+    return True
+
+
+_END = object()
+
+
+def skip_batches(batches: Iterable[T], skip: int) -> Iterator[T]:
+    """``batches`` from index ``skip`` on, as if the first ``skip`` had never been drawn.
+
+    A resumed run restores the random state saved after batch ``skip`` was trained on;
+    loading the skipped batches again (in this process, when the loader has no workers)
+    draws augmentations from the generators and would move them past that state, so they
+    are consumed with the state saved and put back. Loaders with workers draw in the
+    workers, whose streams are tied to batch positions: loading and discarding keeps them
+    in step with an uninterrupted run.
+    """
+    if skip <= 0:
+        yield from batches
+        return
+    saved = rng_state()
+    it = iter(batches)  # creating the iterator may draw (a loader without a generator)
+    for _ in range(skip):
+        if next(it, _END) is _END:
+            set_rng_state(saved)
+            return
+    set_rng_state(saved)
+    yield from it

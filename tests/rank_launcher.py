@@ -1,0 +1,67 @@
+"""Start the ranks of an `internimage` command as real processes, fast.
+
+Each rank is a separate OS process joined through torch.distributed's ``env://``
+rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as under torchrun or SLURM. The
+processes are forked from a multiprocessing *forkserver* that has imported torch, timm and
+the fine-tuning tasks once, instead of N fresh interpreters per launch (~8 s of imports
+each on these CPUs, most of a tiny run). The server is a clean process (never the pytest
+process itself), so no thread pool or open file is inherited by the ranks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+from tests.pretrain_utils import free_port
+
+PRELOAD = ["torch", "torchvision", "timm", "pycocotools.coco", "models", "launch.cli",
+           "launch.commands.finetune", "finetune.classification", "finetune.cls_data",
+           "finetune.cls_loop", "finetune.detection", "finetune.segmentation",
+           "finetune.loop", "runtime.rng", "runtime.metrics", "runtime.preemption"]
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload(PRELOAD)  # takes effect when the server first starts
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    # data-loader workers forked from the rank, as in a torchrun rank (python 3.11's Linux
+    # default), not from a forkserver of the rank's own: such workers outlive a SIGKILLed
+    # rank, since their parent (that server) stays alive
+    multiprocessing.set_start_method("fork", force=True)
+    import torch
+
+    torch.set_num_threads(1)  # one core per rank, as OMP_NUM_THREADS=1 would give
+    from launch.cli import main
+
+    sys.exit(main(argv))
+
+
+def run_ranks(argv: list[str], world: int = 2, env: dict[str, str] | None = None,
+              timeout: float = 180) -> list[int]:
+    """Run `internimage <argv>` on ``world`` ranks; their exit codes, in rank order
+    (-9: killed by SIGKILL). Fails the test after ``timeout`` seconds."""
+    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    port = free_port()
+    procs = [_CTX.Process(target=_rank_main, args=(r, world, port, list(argv), env),
+                          name=f"rank{r}") for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.time()))
+        if any(p.is_alive() for p in procs):
+            raise AssertionError(f"`internimage {' '.join(argv)}` on {world} ranks still "
+                                 f"running after {timeout}s")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join()
+    return [p.exitcode for p in procs]
