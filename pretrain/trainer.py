@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import random
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ from pretrain.m3i_model import M3IModel
 from pretrain.metrics import MetricsLogger
 from pretrain.objectives import M3ILoss
 from pretrain.optim import build_optimizer, param_groups, warmup_cosine
+from runtime.preemption import STOP_REQUESTED  # the one stop flag (set by launchers)
 from runtime.redact import config_hash
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# Set (e.g. by a launcher's signal handler on preemption) to make every rank save a
-# checkpoint at the next step boundary and return from ``fit``.
-STOP_REQUESTED = threading.Event()
 
 
 class NonFiniteLossError(RuntimeError):
