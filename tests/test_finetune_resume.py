@@ -25,8 +25,9 @@ pytestmark = [pytest.mark.distributed]
 COMMON = ["run.max_steps=6", "run.eval_every=3", "run.checkpoint_every=3", "run.log_every=1",
           "run.progress=false", "optim.warmup_steps=0"]
 TASKS = {
-    # digits demo; one data-loader worker per rank: augmentations drawn in the workers
-    "classification": ["run.batch_size=16", "run.num_workers=1"],
+    # digits demo; one data-loader worker per rank: augmentations drawn in the workers.
+    # One evaluation, at the end (its 270 images, raw and EMA weights, are most of a step)
+    "classification": ["run.batch_size=16", "run.num_workers=1", "run.eval_every=6"],
     # 16 images, 4 per batch on 2 ranks: 2 batches per epoch, so step 3 is mid-epoch
     "detection": ["data.demo_train=16", "data.demo_val=4", "data.demo_size=64",
                   "run.batch_size=4", "detector.train_sizes=[64]", "detector.test_size=64",

@@ -2,9 +2,16 @@
 
 2-task CPU pre-training jobs (gloo ranks, the demo shrunk by TINY): a job that completes,
 a job requeued by `scontrol requeue` mid-run that ends with the same losses as the
-undisturbed one, a job whose time limit runs out, requeued by submitit's time-out
-handling after saving on the signal, and a job whose tasks are killed (SIGKILL) without
-writing a result, which `--wait` must report instead of waiting forever.
+undisturbed one, a job sent USR2 (what SLURM sends before the time limit or on a
+preemption) that saves at the next step, is requeued by submitit and completes, and a job
+whose tasks are killed (SIGKILL) without writing a result, which `--wait` must report
+instead of waiting forever. A 2-task fine-tuning job (classification demo) sent USR2
+saves, requeues and ends with the metrics of an undisturbed one.
+
+The USR2 tests send the signal themselves (`scancel --signal=USR2`, to every task of the
+job) once the job has logged a step, with a time limit far away: a signal timed by a short
+limit (sbatch --signal=USR2@delay) races the save and requeue against that limit on a busy
+machine, and SLURM may send it up to a minute early (sbatch(1), --signal).
 
 SLURM holds a requeued batch job for about two minutes before it may start again
 (EligibleTime); the tests skip that wait with `scontrol update StartTime=now`.
@@ -145,29 +152,42 @@ def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, clu
     assert latest(run_dir) == "step_0000010"
 
 
-def test_time_limit_saves_on_the_signal_requeues_and_completes(cluster, cache, tmp_path):
-    """--time 1 with USR2 50 s before the limit: the job cannot finish its 100 steps in
-    time; rank 0 saves at the next step boundary, submitit requeues it, and the requeued
-    run (given a longer limit, so the test ends) resumes from that checkpoint."""
-    profile = tmp_path / "short.yaml"
-    profile.write_text("signal_delay_s: 50\nsave_timeout_s: 40\nmax_requeues: 2\n")
+def signal_after_first_step(cluster: SlurmCluster, run_dir: Path, timeout: float = 180) -> str:
+    """Once the job has logged a training step, send USR2 to its tasks; the job id."""
+    job_id = first_job_id(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        assert time.time() < deadline, f"job {job_id} logged no step in {timeout}s"
+        time.sleep(0.1)
+    # scancel(1): with --signal and without --batch/--full the job's steps (the tasks of
+    # submitit's srun) are signalled, as SLURM's time-limit --signal does
+    cluster.cmd("scancel", "--signal=USR2", job_id)
+    return job_id
+
+
+def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_path):
+    """USR2 mid-run: rank 0 saves at the next step boundary, submitit requeues the job, and
+    the requeued run resumes from that checkpoint."""
     run_dir = tmp_path / "run"
-    cmd = submit_cmd(tmp_path / "logs", run_dir, "--profile", str(profile), "--time", "1",
-                     "--wait", job=("--max-steps", "100", "--checkpoint-every", "50"))
+    cmd = submit_cmd(tmp_path / "logs", run_dir, "--time", "30", "--wait",
+                     job=("--max-steps", "100", "--checkpoint-every", "50"))
     proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        job_id = first_job_id(run_dir)
-        release(cluster, job_id, "TimeLimit=10")
+        job_id = signal_after_first_step(cluster, run_dir)
+        release(cluster, job_id)
     finally:
         finish(proc, timeout=300)
     events = [r["event"] for r in records(run_dir)]
     assert events == ["start", "requeue_requested", "start"], events
     saved_at = int(latest_before_requeue(tmp_path / "logs" / job_id / f"{job_id}_0_log.err"))
-    assert 0 < saved_at < 100  # the checkpoint written on the signal, not a periodic one
+    assert 0 < saved_at < 100  # saved on the signal, before the end
     logs = tmp_path / "logs" / job_id
     log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
-    assert "this job is timed-out" in log and "checkpoint saved" in log
+    # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
+    # preempted." when the job is far from its time limit; our job logs the save
+    assert "this job is preempted" in log and "checkpoint saved" in log
     assert sorted(losses(run_dir)) == list(range(1, 101))
     assert latest(run_dir) == "step_0000100"
 
@@ -261,3 +281,55 @@ def test_wait_on_a_job_slurm_no_longer_knows_is_bounded_and_reads_the_results(cl
     assert time.time() - start < 10
     assert why is not None and f"job {job_id}" in why and "no longer known to SLURM" in why
     assert "task 1: killed without writing a result" in why and "task 0:" not in why
+
+
+# The classification demo on 2 tasks, shrunk: only the last step evaluates and checkpoints,
+# so a checkpoint before it can only come from the signal.
+FT_STEPS = 24
+FT_TINY = ["run.batch_size=16", f"run.max_steps={FT_STEPS}", f"run.eval_every={FT_STEPS}",
+           f"run.checkpoint_every={FT_STEPS}", "run.log_every=1", "run.num_workers=0",
+           "run.progress=false", "optim.warmup_steps=0"]
+
+
+def finetune_submit_cmd(folder: Path, run_dir: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
+            "--cpus-per-task", "1", "--folder", str(folder / "%j"), "--time", "30", "--wait",
+            "finetune", "classification", "--output-dir", str(run_dir), *FT_TINY,
+            f"data.cache_dir={cache}"]
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock stamps."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one(
+        cluster, cache, tmp_path):
+    quiet = tmp_path / "undisturbed"
+    proc = subprocess.run(finetune_submit_cmd(tmp_path / "quiet_logs", quiet, cache),
+                          env=job_env(cluster, cache), cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(finetune_submit_cmd(tmp_path / "logs", run_dir, cache),
+                            env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = signal_after_first_step(cluster, run_dir)
+        release(cluster, job_id)
+    finally:
+        finish(proc, timeout=300)
+    events = [r["event"] for r in records(run_dir)]
+    assert events == ["start", "requeue_requested", "start"], events
+    logs = tmp_path / "logs" / job_id
+    log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
+    assert "checkpoint saved" in log  # the training loop saved and returned in time
+    saved_at = int(latest_before_requeue(logs / f"{job_id}_0_log.err"))
+    assert 0 < saved_at < FT_STEPS  # resumed from the checkpoint written on the signal
+    got, want = metric_records(run_dir), metric_records(quiet)
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, FT_STEPS + 1))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-7), mine["step"]
