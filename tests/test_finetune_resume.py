@@ -109,3 +109,30 @@ def test_loader_workers_draw_different_augmentations_per_rank_and_epoch():
     assert not torch.equal(r0e0, first_batch(1, 0))  # ranks: different augmentations
     assert not torch.equal(r0e0, first_batch(0, 1))  # epochs: different augmentations
     assert torch.equal(r0e0, first_batch(0, 0))  # reproducible: what exact resume needs
+
+
+def test_a_stop_request_saves_at_the_step_boundary_and_the_run_resumes_from_it(cache, tmp_path):
+    """What a launcher does on SLURM's USR2 (runtime.preemption.request_stop): the loop
+    saves at the end of the running step and returns; `--resume auto` continues there."""
+    from finetune.segmentation import SegmentationConfig, train
+    from launch.config import load_config
+    from runtime.preemption import STOP_REQUESTED, request_stop
+
+    # one thread, as each rank above: several threads on a busy 2-core machine spin
+    args = [*COMMON, *TASKS["segmentation"], f"data.cache_dir={cache}", "run.max_steps=3",
+            "run.threads=1"]
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    request_stop()  # before the first step: it ends at step 1
+    try:
+        result = train(load_config(SegmentationConfig, None, args), out)
+        STOP_REQUESTED.clear()
+        assert result["stopped_early"] and result["step"] == 1
+        ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu",
+                          weights_only=False)
+        assert ckpt["step"] == 1  # not a periodic checkpoint (every 3): saved on the request
+        train(load_config(SegmentationConfig, None, args), out, resume="auto")
+    finally:
+        STOP_REQUESTED.clear()
+        torch.set_num_threads(threads)
+    assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3]
