@@ -52,8 +52,8 @@ def run_loop(*, name: str, model: nn.Module, net: nn.Module, optimizer: torch.op
         skip = state.get("epoch_step", 0)
         log.info("resumed from %s at step %d", resume_path, step)
     scheduler.step_update(step)
-    metrics = MetricsFile(out_dir, d.is_main, resume_step=step if state else None,
-                          timestamp=True)
+    # lines past the step this run starts from go (a dead run's; a fresh start: all)
+    metrics = MetricsFile(out_dir, d.is_main, resume_step=step, timestamp=True)
     bar = tqdm(total=total_steps, initial=step, desc=name, dynamic_ncols=True,
                disable=not (d.is_main and progress))
 

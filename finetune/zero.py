@@ -275,8 +275,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
-    metrics = MetricsFile(out_dir, d.is_main, resume_step=step if state else None,
-                          timestamp=True)
+    # lines past the step this run starts from go (a dead run's; a fresh start: all)
+    metrics = MetricsFile(out_dir, d.is_main, resume_step=step, timestamp=True)
     if state is not None:  # last: nothing between here and the first batch draws
         rng.restore_rank_rng([r["rng"] for r in state["ranks"]], d.rank, d.world_size)
     return run_classification(

@@ -33,9 +33,9 @@ def truncate_after(path: Path, step: int) -> None:
 class MetricsFile:
     """Appends records to ``run_dir/metrics.jsonl`` (only where ``enabled``: rank 0).
 
-    ``resume_step``: the step of the checkpoint this run resumed from (None: a fresh start,
-    which appends); records past it are removed when the file is opened. ``timestamp``: add
-    the wall-clock time to each record (first key, ``time``).
+    ``resume_step``: the step this run starts from (the resumed checkpoint's; 0 for a fresh
+    start); records past it are removed when the file is opened (None: append to whatever
+    is there). ``timestamp``: add the wall-clock time to each record (first key, ``time``).
     """
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
