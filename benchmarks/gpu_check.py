@@ -1,6 +1,6 @@
 """One-command check of the DCNv3 Triton kernels on one GPU: correctness, speed, memory.
 
-    python benchmarks/gpu_check.py --out DIR            # one H100/H200: < 8 min, compiles included
+    python benchmarks/gpu_check.py --out DIR            # one H100/H200, meant for < 8 min
     python benchmarks/gpu_check.py --out DIR --smoke    # no GPU: Triton interpreter, tiny shapes
 
 Needs torch and triton only (plus this repository's ops/ and models/; no DeepSpeed, no
