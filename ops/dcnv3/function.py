@@ -6,15 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from ops.dcnv3.cpu_fused import dcnv3_compiled, worth_compiling
 from ops.dcnv3.reference import dcnv3_reference
 
 Backend = Callable[..., torch.Tensor]
 
 # name -> implementation; fused backends add themselves when their module imports cleanly.
-# "reference": eager, keeps only the op's inputs for backward (recomputes the samples);
-# "compiled": the same op fused by torch.compile (ops.dcnv3.cpu_fused), made for CPU.
-_BACKENDS: dict[str, Backend] = {"reference": dcnv3_reference, "compiled": dcnv3_compiled}
+_BACKENDS: dict[str, Backend] = {"reference": dcnv3_reference}
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -40,23 +37,11 @@ def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation
     return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
 
 
-def _cpu_auto(
-    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int, *params,
-) -> torch.Tensor:
-    """``auto`` on CPU: the compiled fused op for large layers (faster than the released
-    grid_sample fallback, and leaner), the eager reference for small ones (no compile)."""
-    if worth_compiling(x, offset, kernel_size):
-        return _BACKENDS["compiled"](x, offset, mask, kernel_size, *params)
-    return _BACKENDS["reference"](x, offset, mask, kernel_size, *params)
-
-
 def _pick_backend(backend: str, device: torch.device) -> Backend:
     if backend == "auto":
         _load_optional_backends()
         if device.type == "cuda" and "triton" in _BACKENDS:
             return _BACKENDS["triton"]
-        if device.type == "cpu":
-            return _cpu_auto
         return _BACKENDS["reference"]
     if backend not in _BACKENDS:
         _load_optional_backends()
@@ -127,11 +112,8 @@ def dcnv3(
         kernel_size, stride, padding, dilation: the regular grid, as in a convolution.
         groups: G; each group of C/G channels shares offsets and weights.
         offset_scale: scales both the regular grid and the learned offsets.
-        backend: ``"reference"`` (pure PyTorch, eager, memory-lean), ``"compiled"`` (the
-            same op fused by torch.compile, for CPU), ``"triton"`` (fused GPU kernels,
-            when installed) or ``"auto"``: Triton on CUDA; on CPU ``"compiled"`` for
-            layers of at least ``cpu_fused.COMPILE_MIN_SAMPLES`` sampled values, else
-            ``"reference"``.
+        backend: ``"reference"`` (pure PyTorch), ``"triton"`` (fused, when installed) or
+            ``"auto"`` (the best available for the tensor's device).
 
     Returns:
         (N, Ho, Wo, C) in the input's dtype.
