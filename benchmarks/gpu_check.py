@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"correctness offset kinds, from {OFFSET_KINDS}")
     parser.add_argument("--stages", default="1,2,3,4",
                         help="H stages (1-4) timed by the speed and released phases")
+    parser.add_argument("--released-build", type=Path, default=None,
+                        help="build dir of benchmarks/build_released_dcnv3.py (may still be "
+                             "building: waited for, within the time budget)")
     return parser.parse_args(argv)
 
 
@@ -428,12 +431,30 @@ def phase_memory(report: Report, device: str, smoke: bool) -> None:
         report.add("memory", entry)
 
 
-def phase_released(report: Report, device: str, smoke: bool, stages: list[int]) -> None:
+def wait_for_build(report: Report, build_dir: Path) -> None:
+    """Make a build of the released op importable once it has finished (or record why not)."""
+    phase = report.phase("released")
+    while not ((build_dir / "done").exists() or (build_dir / "failed").exists()):
+        if report.out_of_time():
+            phase["build"] = "still building when the time budget ran out"
+            return
+        time.sleep(2)
+    if (build_dir / "failed").exists():
+        phase["build"] = "failed: " + (build_dir / "failed").read_text()[-1500:]
+        return
+    phase["build"] = f"built in {(build_dir / 'done').read_text().strip()} s"
+    sys.path.insert(0, str(build_dir))
+
+
+def phase_released(report: Report, device: str, smoke: bool, stages: list[int],
+                   build_dir: Path | None = None) -> None:
     """The released CUDA op, when importable: error vs float64 and fp32 speed."""
     import torch
     from dcnv3_gpu import op_kwargs, released_op
 
     phase = report.phase("released")
+    if build_dir is not None and device == "cuda":
+        wait_for_build(report, build_dir)
     op = released_op() if device == "cuda" else None
     if op is None:
         phase["available"] = False
@@ -539,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.offsets.split(","))
         elif name == "memory":
             phase_memory(report, device, args.smoke)
+        elif name == "released":
+            phase_released(report, device, args.smoke, stages, args.released_build)
         else:
             PHASES[name](report, device, args.smoke, stages)
         if name != "env":

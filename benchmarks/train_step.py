@@ -30,9 +30,9 @@ import torch  # noqa: E402
 
 from pretrain.config import EngineConfig, ModelConfig, PretrainConfig, TextConfig  # noqa: E402
 from pretrain.data import DataConfig, SourceConfig  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.engine import DTYPES, build_engine, build_model  # noqa: E402
 from pretrain.objectives import M3ILoss  # noqa: E402
-from pretrain.trainer import DTYPES, build_engine, build_model  # noqa: E402
+from runtime.dist import init_distributed  # noqa: E402
 
 GIB = 2**30
 

@@ -3,26 +3,23 @@
 timm provides the transforms (RandAugment, random erasing), Mixup/CutMix, label-smoothing
 losses, the model EMA and the cosine schedule; this file wires them to InternImage with
 layer-wise lr decay and the 0.1 lr multiplier on DCN offset/mask layers. Runs alone or
-under torchrun (DDP), or through DeepSpeed ZeRO with ``run.zero_stage`` > 0
-(finetune/zero.py). With no config it fine-tunes on the digits demo shards.
+under torchrun or SLURM, through a DeepSpeed engine (``run.zero_stage`` 0..3,
+finetune/zero.py). With no config it fine-tunes on the digits demo shards.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune import runtime
+from data.config import S3Config
+from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
-from finetune.lr_decay import adamw, param_groups
-from pretrain.data.config import S3Config
-from runtime import rng
-from runtime.metrics import MetricsFile
+from finetune.plan import count_params, print_plan
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +124,7 @@ class ClsRunConfig(RunConfig):
 
     output_dir: str = "runs/classification"
     epochs: float = 30.0
-    # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default)
-    zero_persistence_threshold: int = 100_000
     deepspeed_config: str = ""  # JSON merged over the generated DeepSpeed config
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.zero_persistence_threshold >= 0, "run.zero_persistence_threshold",
-              "must be >= 0")
 
 
 @dataclass
@@ -150,89 +140,18 @@ class ClassificationConfig:
     init: str | None = None
 
 
-def build_classifier(cfg: ClassificationConfig) -> nn.Module:
-    """InternImage with a ``data.num_classes`` head."""
-    from models import build_model
-
-    return build_model(cfg.model.name, num_classes=cfg.data.num_classes,
-                       **cfg.model.build_kwargs())
-
-
-def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.Optimizer:
-    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)."""
-    groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
-                          cfg.optim.dcn_lr_mult)
-    return adamw(groups, cfg.optim.lr, cfg.optim.betas)
-
-
-def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):
-    """timm's cosine schedule, stepped per update, with linear warm-up.
-
-    As in the released InternImage classification code, the cosine spans the whole run and
-    the warm-up overlays its start (no warm-up prefix), so the lr reaches ``min_lr`` at the
-    last step; ``steps_per_epoch`` converts ``optim.warmup_epochs``.
-    """
-    from timm.scheduler import CosineLRScheduler
-
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=cfg.optim.min_lr,
-                             warmup_t=cfg.optim.warmup(steps_per_epoch),
-                             warmup_lr_init=cfg.optim.lr * 1e-3, warmup_prefix=False,
-                             t_in_epochs=False)
-
-
-def build_mixup(cfg: ClassificationConfig):
-    """timm's Mixup/CutMix (None when both alphas are 0); it also applies smoothing."""
-    from timm.data import Mixup
-
-    a = cfg.aug
-    if a.mixup <= 0 and a.cutmix <= 0:
-        return None
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mix_prob,
-                 label_smoothing=a.smoothing, num_classes=cfg.data.num_classes)
-
-
-def build_loss(cfg: ClassificationConfig, mixup) -> nn.Module:
-    """Soft-target CE under Mixup (targets already smoothed), else label-smoothing CE."""
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if mixup is not None:
-        return SoftTargetCrossEntropy()
-    if cfg.aug.smoothing > 0:
-        return LabelSmoothingCrossEntropy(cfg.aug.smoothing)
-    return nn.CrossEntropyLoss()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, d: runtime.Dist) -> dict[str, float]:
-    """Top-1/top-5 accuracy over the (rank-split) validation set, reduced over ranks."""
-    model.eval()
-    stats = torch.zeros(3, dtype=torch.float64)
-    for images, labels in loader:
-        logits = model(images.to(d.device))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices.cpu()
-        hit = top == labels[:, None]
-        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)],
-                              dtype=torch.float64)
-    stats = runtime.all_reduce_sum(stats.to(d.device), d).cpu()
-    model.train()
-    return {"top1": stats[0].item() / max(1, stats[2].item()),
-            "top5": stats[1].item() / max(1, stats[2].item())}
-
-
 def dry_run(cfg: ClassificationConfig) -> int:
     """Build on the meta device (no memory) and print what a run would do."""
     with torch.device("meta"):
         model = build_classifier(cfg)
-    groups = param_groups(model, model.depths, cfg.optim.weight_decay, cfg.optim.layer_decay,
-                          cfg.optim.dcn_lr_mult)
+    groups = classifier_groups(model, cfg)
     scales = sorted({round(g["lr_scale"], 6) for g in groups})
-    runtime.print_plan("classification (dry run)", {
+    print_plan("classification (dry run)", {
         "model": f"{cfg.model.name} {cfg.model.arch() or ''}",
-        "parameters": f"{runtime.count_params(model):,}",
+        "parameters": f"{count_params(model):,}",
         "classes / image size": f"{cfg.data.num_classes} / {cfg.data.img_size}",
         "data": cfg.data.kind + (f" {cfg.data.root}" if cfg.data.root else ""),
-        "batch per process": cfg.run.batch_size,
+        "batch": cfg.run.batch_desc(),
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay}",
@@ -246,7 +165,7 @@ def dry_run(cfg: ClassificationConfig) -> int:
         "drop path": cfg.model.drop_path_rate,
         "init": cfg.init or "random",
         "engine": (f"DeepSpeed ZeRO-{cfg.run.zero_stage}, {cfg.run.precision}"
-                   if cfg.run.zero_stage else f"DDP/single, {cfg.run.precision}"),
+                   if cfg.run.zero_stage else f"DeepSpeed (no ZeRO), {cfg.run.precision}"),
         "memory per GPU": _memory_line(cfg, model),  # last: consumes model
     })
     return 0
@@ -265,90 +184,8 @@ def _memory_line(cfg: ClassificationConfig, model: nn.Module) -> str:
 
 
 def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -> dict:
-    """Fine-tune; returns the last evaluation metrics."""
-    from timm.utils import ModelEmaV3
+    """Fine-tune through the DeepSpeed engine (ZeRO stage ``run.zero_stage``, 0 by
+    default: plain data parallelism); returns the last evaluation metrics."""
+    from finetune.zero import train_zero
 
-    from finetune.cls_data import build_datasets
-    from finetune.cls_loop import ClsSteps, run_classification
-    from finetune.init import load_init
-
-    if cfg.run.zero_stage:  # L/XL/H: DeepSpeed engine, its own checkpoints (finetune/zero.py)
-        from finetune.zero import train_zero
-
-        return train_zero(cfg, out_dir, resume)
-    from finetune.zero import check_engine_matches
-
-    check_engine_matches(resume, out_dir, zero=False)
-    d = runtime.setup_distributed()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    train_set, val_set = build_datasets(cfg)
-    # seeded once the data is there: writing the demo shards on a first run draws from
-    # python's generator, and a run must not depend on whether the cache existed
-    rng.seed_all(cfg.run.seed + d.rank)
-    model = build_classifier(cfg)
-    if cfg.init:
-        load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
-    model.to(d.device)
-    steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
-    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
-        if cfg.ema.enabled else None
-    mixup = build_mixup(cfg)
-    criterion = build_loss(cfg, mixup)
-    step, state = 0, None
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    resume_path = runtime.resolve_resume(resume, out_dir)
-    if resume_path is not None:
-        state = runtime.load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        step = state["step"]
-        scheduler.step_update(step)
-        log.info("resumed from %s at step %d", resume_path, step)
-    net = runtime.wrap_ddp(model, d)
-    net.train()
-
-    def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(d.device.type, torch.bfloat16, enabled=cfg.run.precision == "bf16"):
-            loss = criterion(net(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        return loss
-
-    def evaluate_all(val_loader) -> dict:
-        result = evaluate(net, val_loader, d)
-        if ema is not None:
-            e = evaluate(ema.module, val_loader, d)
-            result.update(top1_ema=e["top1"], top5_ema=e["top5"])
-        return result
-
-    def save(step: int) -> None:  # on every rank: each contributes its random state
-        rng_states = rng.gather_rng_states()
-        if d.is_main:
-            runtime.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "step": step, "rng_ranks": rng_states})
-
-    def after_step(step: int) -> None:
-        if ema is not None:
-            ema.update(model, step=step)
-
-    steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
-    # lines past the step this run starts from go (a dead run's; a fresh start: all)
-    metrics = MetricsFile(out_dir, d.is_main, resume_step=step, timestamp=True)
-    if state is not None:  # last: nothing between here and the first batch draws
-        rng.restore_rank_rng(state.get("rng_ranks"), d.rank, d.world_size)
-    return run_classification(
-        cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
-        mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
-        metrics=metrics, desc="classification")
+    return train_zero(cfg, out_dir, resume)

@@ -13,8 +13,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from finetune.runtime import Dist
-from pretrain.data.config import S3Config
+from data.config import S3Config
+from runtime.dist import DistInfo
 from runtime.rng import loader_generator, skip_batches
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ class ShardDataset(Dataset):
 
     def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
                  label_key: str = "cls"):
+        from data.sources import expand_urls, read_shard
+        from data.stats import SkipCounter
         from finetune.cls_stream import labelled_member
-        from pretrain.data.sources import expand_urls, read_shard
-        from pretrain.data.stats import SkipCounter
 
         s3 = s3 or S3Config()
         self.items: list[tuple[bytes, int]] = []
@@ -75,7 +75,7 @@ def build_transforms(cfg, train: bool):
 
 def demo_urls(cache_dir: str, img_size: int) -> tuple[list[str], list[str]]:
     """Train/val shard paths of the digits demo (written on first use)."""
-    from pretrain.data import demo_source_urls, ensure_demo_shards
+    from data.demo import demo_source_urls, ensure_demo_shards
 
     manifest = ensure_demo_shards(cache_dir, image_size=img_size)
     return demo_source_urls(manifest, "train"), demo_source_urls(manifest, "val")
@@ -102,7 +102,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     return ShardDataset(d.train_urls, train_tf, d.s3), val
 
 
-def build_loaders(cfg, d: Dist, train_set: Dataset, val_set: Dataset, epoch: int = 0,
+def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch: int = 0,
                   skip: int = 0):
     """DataLoaders (DistributedSampler when several ranks); returns (train, val, sampler).
 

@@ -4,24 +4,29 @@ hold in memory (ImageNet-22K: 14M images).
 
 An epoch is ``data.train_samples`` samples: each rank delivers exactly
 ``train_samples // (batch x world)`` batches per epoch (ranks stay in step, as DDP and
-ZeRO-3 need). Each DataLoader worker of each rank owns a disjoint slice of the shards
-(pre-training's slot split) and reads it in passes, each pass in a newly seeded shard
-order through a seeded shuffle buffer (drained at the end of each pass, so a pass is a
-permutation of the slice); every epoch starts fresh passes, so an epoch is about one pass
-over the data when ``train_samples`` is the size of the set.
+ZeRO-3 need). Shards are read in epochs without replacement, like pre-training's
+(:mod:`data.epochs`): each data epoch deals a seeded permutation of all shards over every
+(rank, worker) slot (``slot = rank * workers + worker``), so every shard is read by exactly
+one slot per data epoch whatever the slot count; with fewer shards than slots each shard is
+split into interleaved sample parts (several slots read disjoint samples of one shard). A
+slot reads its units through a seeded shuffle buffer that is drained at the end of each of
+its data epochs (its share of a data epoch is a permutation of that share), then goes on
+with its share of the next data epoch. Training epoch ``e`` starts at data epoch ``e`` on
+every slot: when ``train_samples`` is the size of the set and it divides evenly over the
+slots, an epoch reads every sample exactly once; else a slot may run into the next data
+epoch or leave part of its share unread.
 
 Batches are assigned to workers by their index in the epoch, so the data of every batch is
 a function of (seed, epoch, batch index, world size, workers): a mid-epoch resume skips the
 consumed samples without decoding them and continues with the same batches (exact as long
 as no sample before the resume point was corrupt). Samples whose image or label cannot be
-read are skipped, counted and logged by the worker; unreadable shards are skipped after
-the storage layer's retries (pretrain/data).
+read are skipped, counted and logged by the worker; shard faults follow the shared policy
+of :mod:`data.shard_schedule` (a failed shard is retried later, a missing one dropped).
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -29,11 +34,12 @@ from collections.abc import Callable, Iterator
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.data.config import S3Config
-from pretrain.data.decode import pick_member
-from pretrain.data.sources import RawSample, expand_urls, read_shard, shard_order, shards_for_slot
-from pretrain.data.state import derive_seed, dist_info
-from pretrain.data.stats import SkipCounter
+from data.config import S3Config
+from data.epochs import extra_offsets, parts_per_shard
+from data.sources import RawSample, expand_urls, pick_member
+from data.state import derive_seed, dist_info
+from data.stats import SkipCounter
+from data.stream import SourceStream
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
@@ -95,28 +101,31 @@ class StreamingShards(IterableDataset):
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def _raw(self, slot: int, nslots: int, counter: SkipCounter) -> Iterator[RawSample]:
-        """Endless raw samples of one slot: seeded passes over its shards, buffer-shuffled."""
-        shards = shards_for_slot(self.urls, slot, nslots, resampled=True)
+        """Endless raw samples of one slot: its share of data epoch ``self.epoch``, then of
+        the next ones (:mod:`data.epochs` dealing), through the shuffle buffer."""
+        units = len(self.urls) * parts_per_shard(len(self.urls), nslots)
+        offsets, stride = extra_offsets([units], nslots)
+        stream = SourceStream("train", self.urls, slot, nslots, self.seed, self.s3, counter,
+                              resampled=True, shuffle=True, first_epoch=self.epoch,
+                              deal_offset=offsets[0], deal_stride=stride)
         rng = random.Random(derive_seed(self.seed, self.epoch, slot, "buffer"))
         buffer: list[RawSample] = []
-        for pass_id in itertools.count():
-            got = 0
-            order = shard_order(shards, False, derive_seed(self.seed, self.epoch, slot, pass_id))
-            for url in order:
-                for raw in read_shard(url, "train", self.s3, counter):
-                    got += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(raw)
-                        continue
-                    i = rng.randrange(len(buffer))
-                    buffer[i], raw = raw, buffer[i]
-                    yield raw
-            if not got:
-                raise RuntimeError(f"no readable sample in the {len(shards)} shards of stream "
-                                   f"slot {slot} (e.g. {shards[:2]})")
-            rng.shuffle(buffer)  # each pass is a permutation of the slice: drain it at its end
-            yield from buffer
-            buffer = []
+        data_epoch = self.epoch
+        for raw in stream:
+            now = stream.cursor().epoch
+            if now != data_epoch:  # the share of a data epoch is a permutation of it
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer, data_epoch = [], now
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(raw)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], raw = raw, buffer[i]
+            yield raw
+        raise RuntimeError(f"no readable sample left in the {len(self.urls)} shards for "
+                           f"stream slot {slot} (e.g. {self.urls[:2]}): every shard is "
+                           f"missing or unreadable, see the errors logged above")
 
     def __iter__(self):
         info = get_worker_info()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.data.config import check  # one validation helper for every config
+from data.config import check  # one validation helper for every config
 
 __all__ = ["check"]
 
@@ -80,6 +80,12 @@ class RunConfig:
 
     output_dir: str = "runs/finetune"
     batch_size: int = 64  # per process
+    # Gradient accumulation: one optimizer step = grad_accum micro-batches of batch_size
+    # per process (effective batch = batch_size x grad_accum x processes). Steps, schedule,
+    # evaluation/checkpoint cadence and resume count optimizer steps; an epoch holds
+    # floor(batches / grad_accum) steps and a trailing partial group of micro-batches is
+    # dropped (never loaded), as drop_last drops a short batch.
+    grad_accum: int = 1
     max_steps: int = 0  # 0: derived from epochs
     epochs: float = 1.0
     eval_every: int = 0  # steps; 0: at every epoch end
@@ -89,14 +95,32 @@ class RunConfig:
     num_workers: int = 1
     threads: int = 0  # torch intra-op threads; 0: torch's default
     progress: bool = True
-    zero_stage: int = 0  # DeepSpeed ZeRO (classification only so far; see README)
+    tensorboard: bool = True  # events under <output_dir>/tensorboard (rank 0)
+    # DeepSpeed ZeRO stage 0..3 for every task (0: plain data parallelism). Under ZeRO-3
+    # every evaluation runs its forward passes in lock-step across ranks
+    # (runtime/lockstep.py), whatever each rank's share of the validation set holds.
+    zero_stage: int = 0
+    # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default)
+    zero_persistence_threshold: int = 100_000
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
+        check(self.grad_accum >= 1, "run.grad_accum",
+              f"must be >= 1 (micro-batches per optimizer step), got {self.grad_accum}")
         check(self.max_steps >= 0, "run.max_steps", "must be >= 0")
         check(self.max_steps > 0 or self.epochs > 0, "run.epochs", "must be > 0 (or set "
               "run.max_steps)")
         check(self.zero_stage in (0, 1, 2, 3), "run.zero_stage", "must be 0..3")
+        check(self.zero_persistence_threshold >= 0, "run.zero_persistence_threshold",
+              "must be >= 0")
         check(self.precision in ("fp32", "bf16"), "run.precision", "must be fp32 or bf16")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
+
+    def batch_desc(self) -> str:
+        """The dry-run plan's batch line: per process, and per optimizer step if accumulated
+        (the effective batch is this x the number of processes)."""
+        if self.grad_accum == 1:
+            return f"{self.batch_size} per process"
+        return (f"{self.batch_size} per process x {self.grad_accum} accumulated = "
+                f"{self.batch_size * self.grad_accum} per process per optimizer step")

@@ -1,5 +1,5 @@
-"""The per-GPU memory line of the fine-tuning dry runs: model states (AdamW, DDP or ZeRO)
-plus activations measured on the meta device (models/memory.py)."""
+"""The per-GPU memory line of the fine-tuning dry runs: model states (AdamW, DDP or ZeRO;
+runtime/memory.py) plus activations measured on the meta device (models/memory.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.memory import (
-    DDP_ADAMW_BYTES_PER_PARAM,
-    GiB,
-    largest_layer_params,
-    measure_saved_bytes,
-    model_state_bytes,
-)
+from models.memory import GiB, largest_layer_params, measure_saved_bytes
+from runtime.memory import DDP_ADAMW_BYTES_PER_PARAM, model_state_bytes
 
 ASSUMED_GPUS = 8  # ZeRO shards over the data-parallel group; a dry run does not know its size
 

@@ -8,6 +8,8 @@ import io
 import numpy as np
 import torch
 
+from finetune.datasets.base import IGNORE_INDEX
+
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -61,7 +63,7 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, label_to_
 class ConfusionMatrix:
     """Accumulates a (C, C) confusion matrix; ``ignore_index`` pixels are skipped."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 

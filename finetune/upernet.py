@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.datasets.base import IGNORE_INDEX
+
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """Conv (no bias) -> BatchNorm -> ReLU, the unit every UperNet branch is made of."""
@@ -94,7 +96,7 @@ class UperNetSegmentor(nn.Module):
     AUX_STAGE = 2  # stride 16, as the released recipes
 
     def __init__(self, trunk: nn.Module, num_classes: int, channels: int = 512,
-                 aux_weight: float = 0.0, ignore_index: int = 255):
+                 aux_weight: float = 0.0, ignore_index: int = IGNORE_INDEX):
         super().__init__()
         self.backbone = trunk
         self.decode_head = UperNetHead(trunk.stage_channels, num_classes, channels)

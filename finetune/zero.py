@@ -1,7 +1,8 @@
-"""Classification fine-tuning through a DeepSpeed ZeRO engine (``run.zero_stage`` 1..3).
+"""Classification fine-tuning through a DeepSpeed engine (``run.zero_stage`` 0..3; 0, the
+default, is plain data parallelism).
 
-Used for InternImage-L/XL/H, whose AdamW states (and for H the weights too) do not fit
-beside activations on one GPU under DDP. What stays as under DDP: the layer-wise lr decay
+ZeRO is for InternImage-L/XL/H, whose AdamW states (and for H the weights too) do not fit
+beside activations on one GPU without it. At every stage: the layer-wise lr decay
 groups and the DCN lr multiplier (our torch AdamW is the client optimizer, each group keeps
 its ``lr_scale`` and timm's scheduler, stepped here on that same optimizer, multiplies it
 in), gradient clipping (``optim.grad_clip`` -> DeepSpeed's ``gradient_clipping``), the
@@ -13,14 +14,14 @@ partitioned weights with ``deepspeed.zero.GatheredParameters`` (read-only, all r
 together), so the EMA is exact; it costs one extra all-gather of the weights per step and
 one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.enabled=false``.
 
-Checkpoints: pre-training's layout and helpers (``pretrain.checkpoint``):
+Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 ``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt`` and, written last,
 ``trainer_state.json``; ``latest`` names a checkpoint only once it is complete. Such a
 directory is what ``internimage convert`` and ``--init`` read (finetune/convert.py).
 
 Evaluation runs the ZeRO-3 module on every rank for the same number of forward passes
-(a rank whose validation shard is shorter runs dummy batches), since each forward
-all-gathers parameters collectively.
+(runtime/lockstep.py: a rank whose validation shard is shorter runs dummy batches), since
+each forward all-gathers parameters collectively.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from finetune import runtime
 from runtime import rng
-from runtime.metrics import MetricsFile
+from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
+from runtime.ds_config import DeepSpeedSpec
+from runtime.ds_config import deepspeed_config as build_deepspeed_config
+from runtime.lockstep import lockstep
+from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
@@ -50,37 +53,15 @@ KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
 
 
 def deepspeed_config(cfg) -> dict[str, Any]:
-    """DeepSpeed's JSON config for a classification run (``cfg``: ClassificationConfig).
-
-    The optimizer is ours (torch AdamW over lr-decay groups), hence
-    ``zero_allow_untested_optimizer``; the schedule is stepped by us, not DeepSpeed.
-    """
+    """DeepSpeed's JSON config for a classification run (``cfg``: ClassificationConfig),
+    from the one builder (runtime/ds_config.py); the schedule is stepped by us."""
     run = cfg.run
-    zero: dict[str, Any] = {"stage": run.zero_stage, "contiguous_gradients": True,
-                            "overlap_comm": torch.cuda.is_available()}
-    if run.zero_stage == 3:
-        zero |= {"stage3_param_persistence_threshold": run.zero_persistence_threshold,
-                 # exact fp32 weights on save come from the optimizer shards
-                 # (zero_to_fp32 / internimage convert): no 16-bit gather needed
-                 "stage3_gather_16bit_weights_on_model_save": False}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": run.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": run.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,  # we log ourselves
-        "wall_clock_breakdown": False,
-    }
-    if run.deepspeed_config:
-        from pretrain.ds_config import _merge
-
-        path = Path(run.deepspeed_config)
-        if not path.is_file():
-            raise ValueError(f"run.deepspeed_config: file not found: {path}")
-        config = _merge(config, json.loads(path.read_text()))
-    return config
+    return build_deepspeed_config(DeepSpeedSpec(
+        micro_batch=run.batch_size, zero_stage=run.zero_stage, precision=run.precision,
+        grad_accum=run.grad_accum, grad_clip=cfg.optim.grad_clip,
+        overlap_comm=torch.cuda.is_available(),
+        param_persistence_threshold=run.zero_persistence_threshold,
+        extra_json=run.deepspeed_config or None, extra_json_key="run.deepspeed_config"))
 
 
 def model_hash(cfg) -> str:
@@ -115,27 +96,24 @@ class ShardedEma:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, d: runtime.Dist, dtype: torch.dtype,
+def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
              img_size: int) -> dict[str, float]:
-    """Top-1/top-5 over the rank-split validation set with equal forward passes per rank."""
+    """Top-1/top-5 over the rank-split validation set, the forward passes in lock-step
+    across ranks (runtime/lockstep.py: a shorter shard's rank runs dummy passes)."""
     net.eval()
-    n = torch.tensor([len(loader)], dtype=torch.float64, device=d.device)
-    if d.world_size > 1:
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
     stats = torch.zeros(3, dtype=torch.float64)
-    batches = iter(loader)
-    for _ in range(int(n.item())):
-        batch = next(batches, None)
-        if batch is None:  # this rank's shard is done: a dummy pass keeps collectives aligned
-            net(torch.zeros(1, 3, img_size, img_size, device=d.device, dtype=dtype))
-            continue
-        images, labels = batch
-        logits = net(images.to(d.device, dtype)).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        hit = top == labels[:, None]
-        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)],
-                              dtype=torch.float64)
-    stats = runtime.all_reduce_sum(stats.to(d.device), d).cpu()
+
+    def dummy_args() -> tuple[torch.Tensor]:
+        return (torch.zeros(1, 3, img_size, img_size, device=d.device, dtype=dtype),)
+
+    with lockstep(net, dummy_args, d.device) as forward:
+        for images, labels in loader:
+            logits = forward(images.to(d.device, dtype)).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+            hit = top == labels[:, None]
+            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                                   len(labels)], dtype=torch.float64)
+    stats = all_reduce_sum(stats.to(d.device), d).cpu()
     net.train()
     return {"top1": stats[0].item() / max(1, stats[2].item()),
             "top5": stats[1].item() / max(1, stats[2].item())}
@@ -144,38 +122,21 @@ def evaluate(net: nn.Module, loader, d: runtime.Dist, dtype: torch.dtype,
 def _save(engine, root: Path, step: int, ema: ShardedEma | None, shared: dict[str, Any],
           info) -> Path:
     """EMA (rank 0) and DeepSpeed's shards first; ``trainer_state.json``/``latest`` last."""
-    from pretrain.checkpoint import save_checkpoint, tag_for
+    from runtime.checkpoint import save_checkpoint, save_torch_file, tag_for
 
     if ema is not None and info.is_main:
-        runtime.save_checkpoint(root / tag_for(step) / EMA_FILE, ema.module.state_dict())
+        save_torch_file(root / tag_for(step) / EMA_FILE, ema.module.state_dict())
     # each rank's own random state, gathered into trainer_state.json ("ranks")
     return save_checkpoint(engine, root, step, {"rng": rng.rng_state()}, shared, info,
                            KEEP_LAST)
 
 
-def check_engine_matches(resume: str | None, out_dir: Path, zero: bool) -> None:
-    """Refuse ``--resume auto`` when the run directory holds only the other engine's
-    checkpoint: starting afresh would silently overwrite the run."""
-    from models import CheckpointError
-
-    if resume != "auto":
-        return
-    ckpts = out_dir / "checkpoints"
-    has_ddp, has_zero = (ckpts / "last.pt").is_file(), (ckpts / "latest").is_file()
-    if zero and has_ddp and not has_zero:
-        raise CheckpointError(f"{ckpts} holds a DDP checkpoint (last.pt) but run.zero_stage "
-                              "> 0 resumes DeepSpeed checkpoints; resume it with run.zero_stage=0")
-    if not zero and has_zero and not has_ddp:
-        raise CheckpointError(f"{ckpts} holds a DeepSpeed checkpoint ('latest') but "
-                              "run.zero_stage=0 resumes DDP checkpoints; resume with the run's "
-                              f"run.zero_stage, or start a new run with --init {ckpts}")
-
-
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
-    """Fine-tune ``cfg`` (ClassificationConfig) through DeepSpeed; last evaluation's metrics."""
+    """Fine-tune ``cfg`` (ClassificationConfig) through DeepSpeed (ZeRO stage
+    ``run.zero_stage``, 0..3); the last evaluation's metrics."""
     import deepspeed
 
-    from finetune.classification import (
+    from finetune.cls_build import (
         build_classifier,
         build_loss,
         build_mixup,
@@ -185,29 +146,21 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
     from finetune.init import load_init
-    from models import CheckpointError
-    from pretrain.checkpoint import (
+    from runtime.checkpoint import (
         ResumeError,
-        check_compatible,
-        load_trainer_state,
-        resolve_resume,
+        load_torch_file,
+        open_resume,
+        refuse_legacy_resume,
     )
-    from pretrain.distributed import init_distributed
 
-    info = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
-    d = runtime.Dist(info.rank, info.world_size, info.device)
+    d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     mhash = model_hash(cfg)
-    # everything that can refuse a resume is checked before any compute
-    check_engine_matches(resume, out_dir, zero=True)
-    try:
-        resume_dir = resolve_resume(resume, ckpt_root)
-        state = load_trainer_state(resume_dir) if resume_dir is not None else None
-        if state is not None:
-            check_compatible(state, mhash, d.world_size, resume_dir)
-    except ResumeError as err:  # the CLI reports CheckpointError without a traceback
-        raise CheckpointError(str(err)) from None
+    # everything that can refuse a resume is checked before any compute (a ResumeError is
+    # a CheckpointError: the CLI reports it without a traceback)
+    refuse_legacy_resume(resume, ckpt_root)
+    resume_dir, state = open_resume(resume, ckpt_root, mhash, d.world_size)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
@@ -218,7 +171,9 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
-    steps_per_epoch = len(train_set) // (cfg.run.batch_size * d.world_size)
+    # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
+    steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
+                                         * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
@@ -245,7 +200,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
             raise ResumeError(f"DeepSpeed could not load {resume_dir}")
         step = int(state["step"])
         if ema is not None and (resume_dir / EMA_FILE).is_file():
-            ema.module.load_state_dict(runtime.load_checkpoint(resume_dir / EMA_FILE))
+            ema.module.load_state_dict(load_torch_file(resume_dir / EMA_FILE))
         log.info("resumed from %s at step %d", resume_dir, step)
     scheduler.step_update(step)
     if d.is_main:
@@ -255,9 +210,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine.train()
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        broadcast_buffers(engine.module, d)
         loss = criterion(engine(images.to(dtype)).float(), labels)
-        engine.backward(loss)
-        engine.step()  # clips (gradient_clipping) and zeroes the gradients
+        engine.backward(loss)  # scaled by 1/run.grad_accum by DeepSpeed
+        # at the accumulation boundary only: clips (gradient_clipping), steps the optimizer
+        # and zeroes the gradients
+        engine.step()
         return loss
 
     def after_step(step: int) -> None:
@@ -272,15 +230,18 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         return result
 
     def save(step: int) -> None:  # every rank writes its shard
-        _save(engine, ckpt_root, step, ema, shared | {"step": step}, info)
+        _save(engine, ckpt_root, step, ema, shared | {"step": step}, d)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
     # lines past the step this run starts from go (a dead run's; a fresh start: all)
-    metrics = MetricsFile(out_dir, d.is_main, resume_step=step, timestamp=True)
+    desc = f"classification ZeRO-{cfg.run.zero_stage}"
+    metrics = MetricsLogger(out_dir, d.is_main, total, step, desc=desc,
+                            tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                            timestamp=True)
     if state is not None:  # last: nothing between here and the first batch draws
         rng.restore_rank_rng([r["rng"] for r in state["ranks"]], d.rank, d.world_size)
     return run_classification(
         cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
-        metrics=metrics, desc=f"classification ZeRO-{cfg.run.zero_stage}")
+        metrics=metrics, desc=desc)
 

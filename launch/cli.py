@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    # A command that re-runs a command line elsewhere (submit: in every SLURM task) is
+    # handed this entry point and parser, so that nothing below launch.cli imports it back.
+    args.cli_entry = main
+    args.cli_parser = parser
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

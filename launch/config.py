@@ -144,6 +144,11 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
+        # a config class may list keys it has renamed (old -> new): name the new key
+        renamed = [k for k in unknown if k in getattr(cls, "RENAMED_KEYS", {})]
+        if renamed:
+            raise ConfigError(f"key '{where}{renamed[0]}' was renamed: use "
+                              f"'{where}{cls.RENAMED_KEYS[renamed[0]]}'")
         raise ConfigError(f"unknown key '{where}{unknown[0]}'; allowed keys"
                           f"{' under ' + prefix if prefix else ''}: {sorted(fields)}")
     kwargs = {}

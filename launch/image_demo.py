@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, load_pretrained
+from models.constants import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def load_photo(size: int) -> torch.Tensor:

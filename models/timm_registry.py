@@ -10,11 +10,10 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
+from models.constants import IMAGENET_MEAN, IMAGENET_STD
 from models.features import InternImageTimm
 from models.intern_image import InternImage
 from models.variants import PRETRAINED_NAMES, VARIANTS
-
-_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
@@ -34,7 +33,7 @@ def _cfg(variant: str, size: int) -> dict:
     pool = size // _unpooled_stride(variant)
     return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": (pool, pool),
             "crop_pct": 1.0 if size > 224 else 0.875, "interpolation": "bicubic",
-            "mean": _MEAN, "std": _STD, "first_conv": "patch_embed.conv1",
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "patch_embed.conv1",
             "classifier": "head", "license": "mit"}
 
 

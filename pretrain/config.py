@@ -7,7 +7,7 @@ configs/pretrain/ hold the real recipes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pretrain.data.config import DataConfig, check
 
@@ -70,19 +70,73 @@ class TextConfig:
 
 
 @dataclass
+class ImageTargetConfig:
+    """M3I's image branch (issue #16): mixed views, EMA target encoder, decoder.
+
+    Published by M3I (Su et al. 2023, Figure 2): two views of different images mixed into
+    one input; the first image predicts its own view (intra-view), the second another view
+    (cross-view); mask tokens with position embeddings relative to the input views' top-left
+    origin. Not published by M3I, so taken from Siamese Image Modeling (Tao et al. 2022):
+    the EMA target encoder with momentum 0.995 rising to 1 on a cosine, a 4-block decoder,
+    block-wise masks, normalised-feature regression plus a decorrelation term. Our own
+    assumptions: decoder width/heads (MAE's decoder width), the mixing share, the view crop
+    range (the loaded image is already a random resized crop), the decorrelation weight.
+    """
+
+    weight: float = 0.0  # 0: branch off (the CLIP + tags objective)
+    momentum: float = 0.995  # SiamIM's base EMA momentum (published)
+    momentum_final: float = 1.0  # cosine to 1 (SiamIM, after BYOL; published)
+    decoder_depth: int = 4  # SiamIM's decoder depth (published)
+    decoder_width: int = 512  # assumption (MAE's decoder width)
+    decoder_heads: int = 16  # assumption (MAE's decoder heads)
+    mix_share: float = 0.5  # share of patches showing the second image (assumption)
+    view_scale: tuple[float, float] = (0.4, 1.0)  # crop area of each view (assumption)
+    view_flip: float = 0.5  # horizontal flip probability of each view (assumption)
+    decorrelation_weight: float = 0.1  # assumption (the term's form: UniGrad's)
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0, "objective.image.weight", "must be >= 0 (0: branch off)")
+        check(0 <= self.momentum <= self.momentum_final <= 1, "objective.image.momentum",
+              "needs 0 <= momentum <= momentum_final <= 1")
+        check(self.decoder_depth >= 1, "objective.image.decoder_depth", "must be >= 1")
+        check(self.decoder_width % self.decoder_heads == 0 and self.decoder_width % 4 == 0,
+              "objective.image.decoder_width",
+              f"must be divisible by 4 and by decoder_heads ({self.decoder_heads})")
+        check(0 < self.mix_share < 1, "objective.image.mix_share", "must be in (0, 1)")
+        check(0 < self.view_scale[0] <= self.view_scale[1] <= 1, "objective.image.view_scale",
+              "needs 0 < min <= max <= 1")
+        check(0 <= self.view_flip <= 1, "objective.image.view_flip", "must be in [0, 1]")
+        check(self.decorrelation_weight >= 0, "objective.image.decorrelation_weight",
+              "must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run mixes views and trains the image branch."""
+        return self.weight > 0
+
+    def decoder_spec(self) -> dict[str, int] | None:
+        """The decoder's shape for ``M3IModel(decoder=...)`` (None: branch off, no decoder)."""
+        if not self.enabled:
+            return None
+        return {"width": self.decoder_width, "depth": self.decoder_depth,
+                "heads": self.decoder_heads}
+
+
+@dataclass
 class ObjectiveConfig:
-    """M3I-style loss: image-text InfoNCE plus an image-tag term, weighted."""
+    """M3I-style loss: image-text InfoNCE, an image-tag term and the image branch, weighted."""
 
     image_text_weight: float = 1.0
     tag_weight: float = 0.5
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     gather_with_grad: bool = True
+    image: ImageTargetConfig = field(default_factory=ImageTargetConfig)
 
     def __post_init__(self) -> None:
         check(self.image_text_weight >= 0 and self.tag_weight >= 0, "objective",
                "term weights must be >= 0")
-        check(self.image_text_weight + self.tag_weight > 0, "objective",
+        check(self.image_text_weight + self.tag_weight + self.image.weight > 0, "objective",
                "at least one term must have a positive weight")
         check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")
 
@@ -98,14 +152,18 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    dcn_offset_lr_mult: float = 1.0  # 0.1 in the fine-tuning recipes
+    # lr multiplier of the DCN offset/mask layers (0.1 in the released classification
+    # fine-tuning recipes); one name with fine-tuning's optim.dcn_lr_mult
+    dcn_lr_mult: float = 1.0
+    # keys since renamed (old -> new): loading an old one fails and names the new one
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"dcn_offset_lr_mult": "dcn_lr_mult"}
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        check(self.dcn_offset_lr_mult > 0, "optim.dcn_offset_lr_mult", "must be > 0")
+        check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")
 
 
 @dataclass
@@ -192,3 +250,15 @@ class PretrainConfig:
         # still apply those; only whole single-micro-batch steps can be skipped cleanly.
         check(self.run.on_nonfinite == "stop" or self.engine.grad_accum == 1,
                "run.on_nonfinite", "'skip' needs engine.grad_accum=1")
+        if self.objective.image.enabled and self.data is not None:
+            # the image branch mixes at the grid of the map its decoder reads: stride 16
+            # for InternImage-H's fused map, 32 for T..XL's last stage
+            from models import resolve_variant
+
+            stride = 16 if resolve_variant(self.model.name) == "internimage_h" else 32
+            size = self.data.image_size
+            check(size % stride == 0 and size // stride >= 2, "data.image_size",
+                  f"objective.image mixes two images on the backbone's {stride}-pixel patch "
+                  f"grid: needs a multiple of {stride} of at least {2 * stride}, got {size}")
+            check(self.data.batch_size >= 2, "data.batch_size",
+                  "objective.image mixes two images of a rank's batch: needs >= 2")

@@ -1,6 +1,7 @@
 """Memory planning of a pre-training run: parameters, DeepSpeed's ZeRO model-state
-estimate, ZeRO-3's reduce bucket and gathered parameters, activation memory measured on
-the meta device (models/memory.py), and what one rank holds while the model is built."""
+estimate (runtime/memory.py), ZeRO-3's reduce bucket and gathered parameters, activation
+memory measured on the meta device (models/memory.py), and what one rank holds while the
+model is built."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from models.memory import (  # noqa: F401 - re-exported: pretrain.plan and users
     GiB,
     largest_layer_params,
     measure_saved_bytes,
-    model_state_bytes,
 )
+from runtime.memory import model_state_bytes
 
 
 @dataclass
@@ -129,7 +130,7 @@ def estimate(
         model = build_model(model_name, **model_overrides)
     params = sum(p.numel() for p in model.parameters())
     largest = largest_layer_params(model)
-    zero_init = zero_stage == 3  # what pretrain/trainer.py does
+    zero_init = zero_stage == 3  # what pretrain/engine.py does
     gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
                                  zero_init)
     # DeepSpeed's defaults (our pre-training config leaves the reduce bucket at its default)

@@ -39,7 +39,7 @@ class M3IModel(nn.Module):
     def __init__(self, model_name: str, embed_dim: int, context_length: int, text_width: int,
                  text_heads: int, text_layers: int, vocab_size: int, num_tags: int,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0,
-                 with_cp: bool = False, **model_overrides):
+                 with_cp: bool = False, decoder: dict | None = None, **model_overrides):
         super().__init__()
         self.visual = build_model(model_name, num_classes=0, with_cp=with_cp, **model_overrides)
         self.image_proj = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
@@ -53,6 +53,15 @@ class M3IModel(nn.Module):
         self.max_logit_scale = max_logit_scale
         with gathered_for_init(self.image_proj.parameters()):  # a child: zero.Init-safe
             nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
+        # M3I's image branch (pretrain/m3i/): ``decoder`` = {width, depth, heads}; it
+        # predicts the target encoder's unpooled map, as wide as the online one
+        self.decoder = None
+        if decoder is not None:
+            from pretrain.m3i.decoder import MaskTokenDecoder
+
+            features = self.visual.num_features
+            self.decoder = MaskTokenDecoder(features, features, decoder["width"],
+                                            decoder["depth"], decoder["heads"])
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (B, embed_dim)."""
@@ -70,11 +79,45 @@ class M3IModel(nn.Module):
         """exp(logit_scale) clamped: the inverse temperature of every InfoNCE term."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """(image embeddings, text embeddings, tag embeddings, logit scale).
+    def region_pooled(self, unpooled: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) pooled embeddings of each map over its ``region`` (B, h, w) bool:
+        the image tower's own pooling restricted to one image's patches of a mix (T..XL:
+        the conv head, then the mean over the region; H: attention pooling over the
+        region's tokens, one image at a time since regions differ in size)."""
+        visual = self.visual
+        if visual.use_clip_projector:
+            tokens = unpooled.flatten(2)  # (B, C, hw)
+            return torch.cat([visual.forward_head(t[:, r.flatten()][None, :, :, None],
+                                                  pre_logits=True)
+                              for t, r in zip(tokens, region)])
+        mapped = visual.conv_head(unpooled)
+        weight = region.to(mapped.dtype)[:, None]
+        return (mapped * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1.0)
+
+    def forward_mixed(self, images: torch.Tensor, tokens: torch.Tensor, mix_mask: torch.Tensor,
+                      positions_a: torch.Tensor, positions_b: torch.Tensor):
+        """The image branch's forward on mixed inputs (``mix_mask`` True: image B's patch).
+
+        (image embeddings (2B, E): rows 0..B-1 image A of each mix, B..2B-1 image B; text
+        embeddings; tag embeddings; logit scale; decoder predictions (2B, T, C))."""
+        if self.decoder is None:
+            raise RuntimeError("mixed inputs need the image branch: objective.image.weight > 0")
+        unpooled = self.visual.forward_unpooled(images)
+        mix = mix_mask.to(unpooled.device)
+        pooled = torch.cat([self.region_pooled(unpooled, ~mix), self.region_pooled(unpooled, mix)])
+        image = F.normalize(self.image_proj(pooled), dim=-1)
+        predictions = self.decoder(unpooled, mix, positions_a, positions_b)
+        return image, self.encode_text(tokens), self.tag_embeddings(), self.scale(), predictions
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mix_mask=None,
+                positions_a=None, positions_b=None):
+        """(image embeddings, text embeddings, tag embeddings, logit scale); with a
+        ``mix_mask``, :meth:`forward_mixed`'s outputs.
 
         Everything is derived inside forward on purpose: under ZeRO-3 a parameter is only
         materialised while its module runs, so callers must not read parameters directly.
         """
+        if mix_mask is not None:
+            return self.forward_mixed(images, tokens, mix_mask, positions_a, positions_b)
         return (self.encode_image(images), self.encode_text(tokens), self.tag_embeddings(),
                 self.scale())

@@ -98,11 +98,52 @@ def image_tag_loss(image: torch.Tensor, tags: torch.Tensor, targets: torch.Tenso
 
 @dataclass
 class M3ILoss:
-    """Weighted sum of the terms; returns the total and each term for logging."""
+    """Weighted sum of the terms; returns the total and each term for logging.
+
+    Called with one embedding per image (:meth:`__call__`), or on mixed inputs
+    (:meth:`mixed`) where each mix holds image A (its own sample) and image B (sample
+    ``partner[i]``), each with its own pooled embedding and image targets.
+    """
 
     image_text_weight: float = 1.0
     tag_weight: float = 0.5
     gather_with_grad: bool = True
+    image_weight: float = 0.0
+    decorrelation_weight: float = 0.1
+
+    def mixed(self, image, text, tags, scale, has_text, tag_targets, has_tags, partner,
+              predictions, targets):
+        """Total loss and its terms on mixed inputs.
+
+        ``image`` (2B, E): rows 0..B-1 image A of each mix (paired with sample i's text and
+        tags), rows B..2B-1 image B (sample ``partner[i]``'s). The image-text term is the
+        mean of the two InfoNCE problems (each over the global batch, so each image of a
+        mix has its own embedding and its own negatives); the tag term treats the 2B
+        embeddings as samples; the image term compares ``predictions`` (2B, T, C) with
+        the target encoder's ``targets`` (2B, T, C).
+        """
+        from pretrain.m3i.loss import image_target_loss
+
+        b = text.shape[0]
+        terms: dict[str, torch.Tensor] = {}
+        total = image.new_zeros(())
+        if self.image_text_weight > 0:
+            first = image_text_loss(image[:b], text, scale, has_text, self.gather_with_grad)
+            second = image_text_loss(image[b:], text[partner], scale, has_text[partner],
+                                     self.gather_with_grad)
+            terms["loss_image_text"] = 0.5 * (first + second)
+            total = total + self.image_text_weight * terms["loss_image_text"]
+        if self.tag_weight > 0:
+            terms["loss_tag"] = image_tag_loss(
+                image, tags, torch.cat([tag_targets, tag_targets[partner]]),
+                torch.cat([has_tags, has_tags[partner]]), scale)
+            total = total + self.tag_weight * terms["loss_tag"]
+        if self.image_weight > 0:
+            image_loss, image_terms = image_target_loss(predictions, targets,
+                                                        self.decorrelation_weight)
+            terms |= {"loss_image": image_loss} | image_terms
+            total = total + self.image_weight * image_loss
+        return total, terms
 
     def __call__(self, image, text, tags, scale, has_text, tag_targets, has_tags):
         """Total loss and its terms; ``scale`` is the (clamped) inverse temperature."""

@@ -12,9 +12,9 @@ from pretrain.estimate import (
     largest_layer_params,
     measure_activation_bytes,
     measure_text_activation_bytes,
-    model_state_bytes,
     zero3_buffer_bytes,
 )
+from runtime.memory import model_state_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,7 +26,7 @@ def meta_model(cfg: PretrainConfig):
     with torch.device("meta"):
         return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                         cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                        1, **cfg.model.overrides())
+                        1, decoder=cfg.objective.image.decoder_spec(), **cfg.model.overrides())
 
 
 def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
@@ -62,6 +62,38 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
     }
 
 
+def image_branch_bytes(cfg: PretrainConfig, model, gpus: int, dtype: torch.dtype
+                       ) -> dict[str, int]:
+    """Per-GPU bytes of M3I's image branch beyond the online model's states: the fp32 EMA
+    target encoder (partitioned over the GPUs under ZeRO-3, whole otherwise), an upper
+    bound of its no-gradient forward on the 2B target views (the block inputs checkpointing
+    would keep: a no-grad forward frees each block's tensors as it goes), and what autograd
+    keeps for the decoder's backward. ``model``: the M3I model on the meta device."""
+    from models.memory import measure_saved_bytes
+
+    visual_params = sum(p.numel() for p in model.visual.parameters())
+    shards = gpus if cfg.engine.zero_stage == 3 else 1
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    _, teacher_forward = measure_activation_bytes(model.visual, 2 * batch, size, torch.float32)
+    # the unpooled map's grid: the stride of the map the decoder reads (16 for H, 32 else)
+    stride = 16 if model.visual.use_clip_projector else 32
+    grid = size // stride
+    decoder = model.decoder
+
+    def decode():
+        fmap = torch.empty(batch, model.visual.num_features, grid, grid, device="meta",
+                           dtype=dtype)
+        mix = torch.zeros(batch, grid, grid, dtype=torch.bool, device="meta")
+        pos = torch.zeros(batch, grid * grid, 2, device="meta")
+        return decoder(fmap, mix, pos, pos)
+
+    decoder_plain, _ = measure_saved_bytes(decoder, decode, dtype)
+    model.visual.to(dtype=dtype)  # leave the model in the run's dtype, as the other probes
+    return {"target_encoder_states": 4 * -(-visual_params // shards),
+            "target_encoder_forward_upper_bound": teacher_forward,
+            "decoder_activations": decoder_plain}
+
+
 def memory_bytes(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
     """The run's memory plan in bytes: per-GPU terms (``gpu``, with their ``total``), model
     states in host memory per node, and the peak one rank holds while the model is built
@@ -86,6 +118,8 @@ def memory_bytes(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int = 8) 
     gpu = {"model_states": states_gpu,
            "image_tower_activations": ckpt if cfg.model.checkpointing() else plain,
            "text_tower_activations": text, **buffers}
+    if cfg.objective.image.enabled:
+        gpu |= image_branch_bytes(cfg, model, gpus, dtype)
     on_host = not zero_init or eng.offload_param
     peak = build_bytes_per_rank(params, largest, gpus, zero_init, dtype.itemsize)
     return {"gpu": gpu | {"total": sum(gpu.values())}, "states_cpu_per_node": states_cpu,

@@ -1,4 +1,5 @@
-"""The pre-training loop: DeepSpeed engine, M3I-style loss, metrics, checkpoints, resume.
+"""The pre-training loop: M3I-style loss, metrics, checkpoints, resume, on runtime/loop.py
+(the engine, model and teacher come from pretrain/engine.py).
 
 Runs unchanged on one process, under torchrun and under SLURM; CPU (gloo) or GPU (NCCL).
 A resumed run continues exactly: model, optimizer, scheduler (DeepSpeed's checkpoint),
@@ -7,131 +8,53 @@ every rank's RNG and data position (``trainer_state.json``).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import itertools
 import json
 import logging
 import random
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pretrain.checkpoint import (
+from pretrain.config import PretrainConfig
+from pretrain.engine import (
+    DTYPES,
+    TEACHER_KEY,
+    build_engine,
+    build_model,
+    build_teacher,
+    check_precision,
+    model_hash,
+    total_steps,
+)
+from pretrain.objectives import M3ILoss
+from runtime.checkpoint import (
     ResumeError,
     check_compatible,
     load_trainer_state,
     read_latest,
     resolve_resume,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
-from pretrain.config import PretrainConfig
-from pretrain.distributed import DistInfo, all_gather_objects, any_rank, init_distributed
-from pretrain.ds_config import deepspeed_config
-from pretrain.m3i_model import M3IModel
-from pretrain.metrics import MetricsLogger
-from pretrain.objectives import M3ILoss
-from pretrain.optim import build_optimizer, param_groups, warmup_cosine
-from runtime.preemption import STOP_REQUESTED  # the one stop flag (set by launchers)
+from runtime.dist import DistInfo, all_gather_objects, any_rank, init_distributed
+from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
+from runtime.metrics import MetricsLogger
 from runtime.redact import config_hash
+from runtime.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the progress bar.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and the run is configured to stop."""
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def model_hash(cfg: PretrainConfig, num_tags: int) -> str:
-    """What a checkpoint's tensors depend on: model, text tower, context, tag count."""
-    return _hash([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.text),
-                  cfg.data.context_length, num_tags])
-
-
-def total_steps(cfg: PretrainConfig, world_size: int) -> int:
-    """Optimizer steps of the run (from epochs when configured)."""
-    if cfg.run.epochs > 0:
-        per_step = cfg.data.batch_size * cfg.engine.grad_accum * world_size
-        return max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / per_step))
-    return cfg.run.max_steps
-
-
-def check_precision(precision: str) -> None:
-    """Fail before any data or compute when this machine's accelerator cannot train in
-    ``precision`` (DeepSpeed itself refuses only inside ``deepspeed.initialize``, with
-    "Type fp16 is not supported on your device."). Its CPU accelerator allows fp16 only
-    where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs)."""
-    if precision == "fp32":
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    supported = (accelerator.is_fp16_supported() if precision == "fp16"
-                 else accelerator.is_bf16_supported())
-    if not supported:
-        raise ValueError(
-            f"engine.precision={precision}: DeepSpeed's {accelerator.device_name()} "
-            f"accelerator does not support {precision} on this machine; use "
-            f"engine.precision=bf16 or fp32")
-
-
-def _m3i_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
-    return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
-                    cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                    num_tags, cfg.objective.init_temperature, cfg.objective.max_logit_scale,
-                    with_cp=cfg.model.checkpointing(), **cfg.model.overrides())
-
-
-def build_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
-    """The pre-training network (identical initial weights on every rank: seeded).
-
-    Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (pretrain/zero_init.py): each
-    rank only ever holds its 1/N share of the parameters plus the module being built, in
-    the run's precision, never the whole model; the weights are a plain build's with the
-    same seed. Needs the process group (``init_distributed``) for ZeRO-3.
-    """
-    torch.manual_seed(cfg.run.seed)
-    if cfg.engine.zero_stage != 3:
-        return _m3i_model(cfg, num_tags)
-    from pretrain.zero_init import partitioned_construction
-
-    with partitioned_construction(deepspeed_config(cfg, cfg.data.batch_size)):
-        return _m3i_model(cfg, num_tags)
-
-
-def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
-    """(DeepSpeed engine, its config) with our AdamW groups and warm-up + cosine schedule."""
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
-
-    opt = cfg.optim
-    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
-    schedule = warmup_cosine(opt.warmup_steps, steps, opt.min_lr / opt.lr)
-    if cfg.engine.offload_optimizer:  # DeepSpeed's CPU Adam, configured in ds_config
-        optimizer, params = None, param_groups(model, opt.lr, opt.weight_decay,
-                                                 opt.dcn_offset_lr_mult)
-    else:
-        optimizer = build_optimizer(model, opt.lr, opt.weight_decay, opt.betas, opt.eps,
-                                    opt.dcn_offset_lr_mult)
-        params = None
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params,
-        lr_scheduler=lambda o: LambdaLR(o, schedule), config=ds_config,
-        dist_init_required=False)
-    return engine, ds_config
 
 
 def _seed_rank(seed: int, rank: int) -> None:
@@ -161,8 +84,19 @@ def _merge_counts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Window:
+    """What the throughput values of the next log record are measured over: the steps
+    since the previous record and the time spent waiting for their batches."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+    steps: int = 0
+
+
 class Trainer:
-    """One pre-training run (construct on every rank, then call :meth:`fit`)."""
+    """One pre-training run (construct on every rank, then call :meth:`fit`): the task
+    hooks of pre-training on the one training loop (runtime/loop.py)."""
 
     def __init__(self, cfg: PretrainConfig, resume: str | None = None):
         from pretrain.data import build_loader
@@ -188,15 +122,27 @@ class Trainer:
         self.state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)
-            check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir)
-        rank_state = self.state["ranks"][self.info.rank] if self.state else None
+            check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
+                             allow_resize=True)
+        # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
+        self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
+        if self.resized and cfg.objective.image.enabled:
+            raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
+                              f"another world size is not supported (its slices are per rank); "
+                              f"resume with {self.state['world_size']} ranks")
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True,
-                                   state=rank_state["data"] if rank_state else None)
+                                   state=[r["data"] for r in self.state["ranks"]]
+                                   if self.state else None)
         self.dtype = DTYPES[cfg.engine.precision]
+        image = cfg.objective.image
         self.loss_fn = M3ILoss(cfg.objective.image_text_weight, cfg.objective.tag_weight,
-                               cfg.objective.gather_with_grad)
+                               cfg.objective.gather_with_grad, image.weight,
+                               image.decorrelation_weight)
         self.engine, self.ds_config = build_engine(cfg, build_model(cfg, num_tags),
                                                    self.total_steps)
+        # M3I's image branch: the momentum target encoder (None when the branch is off)
+        self.teacher = (build_teacher(cfg, self.engine, self.ds_config) if image.enabled
+                        else None)
         self.step = 0
         self.nonfinite_skipped = 0
         if self.state is not None:
@@ -208,10 +154,23 @@ class Trainer:
 
     def _restore(self) -> None:
         assert self.resume_dir is not None and self.state is not None
-        path, _ = self.engine.load_checkpoint(str(self.resume_dir.parent),
-                                              tag=self.resume_dir.name)
+        tag = self.resume_dir.name
+        if self.resized:
+            from pretrain.resize import universal_tag
+
+            tag = universal_tag(self.engine, self.resume_dir, self.info.is_main)
+        path, client_state = self.engine.load_checkpoint(str(self.resume_dir.parent), tag=tag)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
+        if self.resized:
+            from pretrain.resize import restore_buffers
+
+            restore_buffers(self.engine.module, self.resume_dir)
+        if self.teacher is not None:
+            if TEACHER_KEY not in (client_state or {}):
+                raise ResumeError(f"{self.resume_dir} holds no EMA target encoder "
+                                  f"(saved with objective.image off?)")
+            self.teacher.load_state_dict(client_state[TEACHER_KEY])
         self.step = int(self.state["step"])
         self.nonfinite_skipped = int(self.state.get("nonfinite_skipped", 0))
         if self.info.is_main:
@@ -225,8 +184,9 @@ class Trainer:
                   "samples_seen": _merge_counts([s.get("samples", {}) for s in per_rank_stats]),
                   "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
+        client = {TEACHER_KEY: self.teacher.state_dict()} if self.teacher is not None else None
         return save_checkpoint(self.engine, self.ckpt_root, self.step, local, shared, self.info,
-                               self.cfg.run.keep_last)
+                               self.cfg.run.keep_last, client_state=client)
 
     def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         dev = self.info.device
@@ -235,9 +195,29 @@ class Trainer:
                 "tag_targets": batch["tag_targets"].to(dev), "has_tags": batch["has_tags"].to(dev)}
 
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, float]:
+        if self.teacher is not None:
+            return self._mixed_micro_step(batch)
         image, text, tags, scale = self.engine(batch["images"], batch["tokens"])
         loss, terms = self.loss_fn(image.float(), text.float(), tags.float(), scale.float(),
                                    batch["has_text"], batch["tag_targets"], batch["has_tags"])
+        return loss, terms, float(scale.detach())
+
+    def _mixed_micro_step(self, batch: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, dict, float]:
+        """M3I with the image branch: mixed views in, text/tag/image targets out."""
+        from pretrain.m3i.batch import mix_batch
+
+        image_cfg = self.cfg.objective.image
+        mixed = mix_batch(batch["images"], self.teacher, image_cfg.mix_share,
+                          image_cfg.view_scale, image_cfg.view_flip)
+        image, text, tags, scale, predictions = self.engine(
+            mixed.images, batch["tokens"], mixed.mix_mask, mixed.positions_a,
+            mixed.positions_b)
+        partner = mixed.partner.to(text.device)
+        loss, terms = self.loss_fn.mixed(
+            image.float(), text.float(), tags.float(), scale.float(), batch["has_text"],
+            batch["tag_targets"], batch["has_tags"], partner, predictions.float(),
+            mixed.targets)
         return loss, terms, float(scale.detach())
 
     def _zero_shot(self) -> dict[str, float]:
@@ -256,95 +236,115 @@ class Trainer:
         return {"skipped": merged.get("skipped", {}),
                 "source_mix": {k: v / total for k, v in samples.items()}}
 
-    def _skip_step(self) -> None:
+    # the task hooks ---------------------------------------------------------------------
+    def _after_step(self, step: int) -> None:
+        """After optimizer step ``step``: the EMA step of the target encoder (momentum on
+        BYOL's cosine over the run, indexed by the step just taken, counted from 0)."""
+        self.step = step
+        if self.teacher is None:
+            return
+        from pretrain.m3i.ema import momentum_at
+
+        image = self.cfg.objective.image
+        self.teacher.update(momentum_at(step - 1, self.total_steps, image.momentum,
+                                        image.momentum_final))
+
+    def _skipped(self, step: int) -> None:
         """Count a step skipped for a non-finite loss and keep the lr schedule on the step
         counter: DeepSpeed steps the scheduler only in ``engine.step()``, which a skipped
         step never reaches, so without this the lr of step k would be schedule(k - skips).
         The periodic work of the step (zero-shot, checkpoint, stop request) still runs."""
+        self.step = step
         self.nonfinite_skipped += 1
         if self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.step()
         log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step,
                     self.nonfinite_skipped)
 
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over ``engine.grad_accum`` micro-batches drawn from
+        ``batches``; returns the loss (mean over micro-batches and ranks), or None when a
+        non-finite loss on any rank skipped the step (``run.on_nonfinite=skip``)."""
+        accum, device = self.cfg.engine.grad_accum, self.info.device
+        self._window.steps += 1
+        losses, term_sums = [], {}
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = self._batch_to_device(next(batches))
+            self._window.data_wait += time.perf_counter() - t0
+            loss, terms, self._scale = self._micro_step(batch)
+            if any_rank(not bool(torch.isfinite(loss)), device):
+                if self.cfg.run.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {self.step + 1}; "
+                        f"stopping without saving (last good checkpoint kept). Set "
+                        f"run.on_nonfinite=skip to skip such steps instead")
+                return None
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.item()
+        values = _mean_over_ranks({"loss": sum(losses) / accum}
+                                  | {k: v / accum for k, v in term_sums.items()}, device)
+        self._step_values = values
+        return {"loss": torch.tensor(values["loss"], dtype=torch.float64)}
+
+    def _log_values(self, step: int) -> dict[str, Any]:
+        """The terms of the step, lr, temperature, throughput and data statistics since
+        the previous record (collective: the data statistics of every rank)."""
+        w, scale = self._window, self._scale
+        elapsed = time.perf_counter() - w.start
+        images = w.steps * self.cfg.engine.grad_accum * self.cfg.data.batch_size
+        values = {k: v for k, v in self._step_values.items() if k != "loss"} | {
+            "lr": self.engine.get_lr()[0], "temperature": 1.0 / scale, "logit_scale": scale,
+            "images_per_s": images * self.info.world_size / elapsed,
+            "images_per_s_per_device": images / elapsed,
+            "data_wait": w.data_wait / elapsed,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        } | self._data_stats()
+        self._last = self._step_values | values
+        self._window = _Window()
+        return values
+
+    def _evaluate(self) -> dict[str, float]:
+        zs = self._zero_shot()
+        self._last |= zs
+        return zs
+
+    def _restore_rng(self) -> None:
+        if self.state is not None and self.resized:  # no saved RNG for the new ranks
+            _seed_rank(self.cfg.run.seed + self.step, self.info.rank)
+        elif self.state is not None:
+            set_rng_state(self.state["ranks"][self.info.rank]["rng"])
+        else:
+            _seed_rank(self.cfg.run.seed, self.info.rank)
+
     def fit(self) -> dict[str, Any]:
         """Train to the end (or stop on a non-finite loss); return the final metrics."""
-        cfg, info = self.cfg, self.info
-        accum = cfg.engine.grad_accum
-        metrics = MetricsLogger(self.run_dir, info.is_main, self.total_steps, self.step,
-                                cfg.run.tensorboard, cfg.run.progress)
+        cfg = self.cfg
+        metrics = MetricsLogger(self.run_dir, self.info.is_main, self.total_steps, self.step,
+                                tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                                desc="pretrain")
         batches = iter(self.loader)
-        # RNG last: creating the loader's iterator draws from torch's RNG.
-        if self.state is not None:
-            set_rng_state(self.state["ranks"][info.rank]["rng"])
-        else:
-            _seed_rank(cfg.run.seed, info.rank)
-        window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-        last: dict[str, Any] = {}
-        saved_step = self.step
-        try:
-            while self.step < self.total_steps:
-                losses, term_sums, skip = [], {}, False
-                for _ in range(accum):
-                    t0 = time.perf_counter()
-                    batch = self._batch_to_device(next(batches))
-                    data_wait += time.perf_counter() - t0
-                    loss, terms, scale = self._micro_step(batch)
-                    if any_rank(not bool(torch.isfinite(loss)), info.device):
-                        if cfg.run.on_nonfinite == "stop":
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({loss.item()}) at step {self.step + 1}; "
-                                f"stopping without saving (last good checkpoint kept). Set "
-                                f"run.on_nonfinite=skip to skip such steps instead")
-                        skip = True
-                        break
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    losses.append(loss.item())
-                    for k, v in terms.items():
-                        term_sums[k] = term_sums.get(k, 0.0) + v.item()
-                self.step += 1
-                window_steps += 1
-                if skip:
-                    self._skip_step()
-                else:
-                    values = _mean_over_ranks(
-                        {"loss": sum(losses) / accum}
-                        | {k: v / accum for k, v in term_sums.items()}, info.device)
-                if not skip and (self.step % cfg.run.log_every == 0
-                                 or self.step == self.total_steps):
-                    elapsed = time.perf_counter() - window_start
-                    images = window_steps * accum * cfg.data.batch_size
-                    lr = self.engine.get_lr()[0]
-                    last = values | {
-                        "lr": lr, "temperature": 1.0 / scale, "logit_scale": scale,
-                        "images_per_s": images * info.world_size / elapsed,
-                        "images_per_s_per_device": images / elapsed,
-                        "data_wait": data_wait / elapsed,
-                        "nonfinite_skipped": self.nonfinite_skipped,
-                    } | self._data_stats()
-                    metrics.log(self.step, last)
-                    metrics.progress(self.step, values["loss"], last["images_per_s"])
-                    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-                zs_every = cfg.zero_shot.every
-                if (zs_every and self.step % zs_every == 0) or self.step == self.total_steps:
-                    zs = self._zero_shot()
-                    if zs:
-                        metrics.log(self.step, zs)
-                        last |= zs
-                every = cfg.run.checkpoint_every
-                if (every and self.step % every == 0) or self.step == self.total_steps:
-                    self._save()
-                    saved_step = self.step
-                if any_rank(STOP_REQUESTED.is_set(), info.device):
-                    log.warning("stop requested at step %d: saving and returning", self.step)
-                    last["stopped_early"] = True
-                    break
-        finally:
-            metrics.close()
-        if saved_step != self.step:
-            self._save()
-        return {"step": self.step, **last}
+        # last before the first step (the loader draws from its own generator, never from
+        # torch's global RNG, which the restored state continues)
+        self._restore_rng()
+        self._window, self._last = _Window(), {}
+        # one endless epoch: the position is the loader's own state (restored), so the
+        # loop's skip is ignored; each step pulls its micro-batches itself
+        hooks = TaskHooks(batches=lambda epoch, skip: itertools.repeat(batches),
+                          train_step=self._train_step, evaluate=self._evaluate,
+                          save=lambda pos: self._save(), after_step=self._after_step,
+                          skipped=self._skipped, log_values=self._log_values)
+        spec = LoopSpec(name="pretrain", total_steps=self.total_steps,
+                        eval_every=cfg.zero_shot.every,
+                        checkpoint_every=cfg.run.checkpoint_every,
+                        log_every=cfg.run.log_every, log_first=False, log_last=True,
+                        epochs=False)
+        result = run_loop(spec, hooks, LoopPosition(self.step), metrics=metrics, d=self.info)
+        stopped = {"stopped_early": True} if result.get("stopped_early") else {}
+        return {"step": self.step, **self._last, **stopped}
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 embeddings; images are classified by their nearest class embedding.
 
 Under ZeRO-3 every forward pass all-gathers parameters collectively, so every rank must
-run exactly the same number of forward passes, and every rank must know that number
-before its first one (a rank that finishes early and waits in any other collective
-deadlocks against a rank still inside a forward). Hence:
+run exactly the same number of forward passes, and every rank must know, before each
+one, whether another follows (a rank that finishes early and waits in any other
+collective deadlocks against a rank still inside a forward). Hence:
 
 1. every rank reads the whole held-out set once (it is small: ``max_batches`` caps it),
    keeps the raw samples of its own batches (global batch ``i`` belongs to rank
@@ -12,8 +12,9 @@ deadlocks against a rank still inside a forward). Hence:
 2. one all-gather of (batch count, unreadable shards) before any forward: ranks that read
    different sets (a shard failed on one rank only) all skip the evaluation together and
    report why, instead of splitting the set wrongly;
-3. every rank runs ``ceil(num_batches / world_size)`` image forwards, a dummy one where
-   its share is shorter, and the correct counts are summed over ranks.
+3. the image forwards run in lock-step (runtime/lockstep.py, the one mechanism every
+   evaluation uses): a rank whose share is shorter runs dummy ones until no rank has a
+   batch left, and the correct counts are summed over ranks.
 
 Text forwards (the class prompts, in chunks of ``zero_shot.prompt_batch``) depend on the
 config only, so they are equal on all ranks too.
@@ -31,11 +32,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from data.sources import expand_urls, read_shard
+from data.stats import SkipCounter
 from pretrain.config import ZeroShotConfig
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import ImageTransform
-from pretrain.data.sources import expand_urls, read_shard
-from pretrain.data.stats import SkipCounter
+from runtime.lockstep import lockstep
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,7 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
     was_training = model.training
     engine.eval()
     try:
-        counts = _classify(model, tokenizer, zs, data, share, num_batches, world_size,
-                           device, dtype)
+        counts = _classify(model, tokenizer, zs, data, share, world_size, device, dtype)
     finally:
         if was_training:
             engine.train()
@@ -197,24 +198,27 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
 
 
 def _classify(model, tokenizer, zs: ZeroShotConfig, data: DataConfig, share: HeldOutShare,
-              num_batches: int, world_size: int, device: torch.device,
-              dtype: torch.dtype) -> torch.Tensor:
+              world_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(top-1 hits, top-5 hits, images) summed over ranks; the same forwards on every rank."""
     classes = class_embeddings(model, tokenizer, zs, data.context_length, device)
     transform = ImageTransform(data.image_size, train=False, mean=data.mean, std=data.std)
     counts = torch.zeros(3, device=device, dtype=torch.float64)
-    for k in range(math.ceil(num_batches / world_size)):  # identical on every rank
-        batch = decode_batch(share.batches[k], transform) if k < len(share.batches) else None
-        if batch is None:  # this rank's share is shorter: a dummy pass keeps ZeRO-3 in step
-            size = data.image_size
-            model.encode_image(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
-            continue
-        images, labels = batch
-        logits = model.encode_image(images.to(device, dtype)).float() @ classes.t()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
-        counts[0] += (top[:, 0] == labels).sum()
-        counts[1] += (top == labels[:, None]).any(-1).sum()
-        counts[2] += len(labels)
+    size = data.image_size
+
+    def dummy_args() -> tuple[torch.Tensor]:
+        return (torch.zeros(1, 3, size, size, device=device, dtype=dtype),)
+
+    with lockstep(model.encode_image, dummy_args, device) as encode_image:
+        for samples in share.batches:
+            batch = decode_batch(samples, transform)
+            if batch is None:  # no decodable image: no pass of its own (a dummy matches)
+                continue
+            images, labels = batch
+            logits = encode_image(images.to(device, dtype)).float() @ classes.t()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+            counts[0] += (top[:, 0] == labels).sum()
+            counts[1] += (top == labels[:, None]).any(-1).sum()
+            counts[2] += len(labels)
     if world_size > 1:
         dist.all_reduce(counts)
     return counts

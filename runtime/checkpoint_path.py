@@ -1,6 +1,6 @@
 """The one resolver from what a user types as a checkpoint to what is to be read.
 
-A pre-training run directory is laid out as (see ``pretrain/checkpoint.py``)::
+A pre-training run directory is laid out as (see ``runtime/checkpoint.py``)::
 
     RUN/config.yaml
     RUN/checkpoints/latest              a text file holding a tag, e.g. ``step_0000300``

@@ -1,13 +1,16 @@
-"""``metrics.jsonl``: one JSON object per line, written by rank 0, exact across resumes.
+"""Run metrics of every training job: ``metrics.jsonl``, TensorBoard and a tqdm bar.
 
+``metrics.jsonl`` holds one JSON object per line, written by rank 0, exact across resumes.
 A run killed after its last checkpoint has logged steps that its resumed run trains and
 logs again. On resume the file is cut back to the checkpoint's step first, so it reads as
-one uninterrupted run: every step once, with the values of the run that continued.
+one uninterrupted run: every step once, with the values of the run that continued; the
+TensorBoard writer hides those steps the same way (``purge_step``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -54,3 +57,81 @@ class MetricsFile:
             with self.path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         return record
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of a record: finite numbers, and one level of nested dicts
+    as ``key/sub`` (e.g. the per-source data mix)."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = value
+        elif isinstance(value, dict):
+            out.update({f"{key}/{sub}": v for sub, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (:class:`MetricsFile`), TensorBoard events under
+    ``run_dir/tensorboard`` and the progress bar of one run; only rank 0 (``enabled``)
+    writes or shows anything.
+
+    ``start_step``: the step the run starts from (the resumed checkpoint's; 0 for a fresh
+    start). What a dead run logged past it is dropped from ``metrics.jsonl`` and hidden in
+    TensorBoard: the writer opens with ``purge_step=start_step + 1``, which TensorBoard
+    documents as discarding the events of a crashed run from that step on.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, *,
+                 tensorboard: bool = True, progress: bool = True, desc: str = "train",
+                 timestamp: bool = False):
+        self.enabled = enabled
+        self.file = MetricsFile(run_dir, enabled, resume_step=start_step, timestamp=timestamp)
+        self.path = self.file.path
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc,
+                            dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        """Record ``values`` for ``step`` (jsonl line and TensorBoard scalars); returns the
+        record as written, without the time (also where this rank writes nothing)."""
+        record = self.file.write(step, **values)
+        if self.writer is not None:
+            for tag, value in _scalars(values).items():
+                self.writer.add_scalar(tag, value, step)
+        return record
+
+    def progress(self, step: int, **postfix: str) -> None:
+        """Advance the bar to ``step``; ``postfix``: what it shows beside (loss, img/s)."""
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        if postfix:
+            self.bar.set_postfix(postfix)
+
+    def flush(self) -> None:
+        """Put the TensorBoard events written so far on disk (the writer buffers them):
+        called with each checkpoint, so what a killed run leaves reaches its checkpoint."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writers (TensorBoard's events reach the disk here)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from runtime.dist import any_rank
+
 log = logging.getLogger(__name__)
 
 # Set (by a launcher's signal handler on preemption) to make every rank save a checkpoint
@@ -31,18 +33,6 @@ KILL_AFTER_STEP_ENV = "INTERNIMAGE_KILL_AFTER_STEP"
 def request_stop() -> None:
     """Ask the running training loop to save at its next step boundary and return."""
     STOP_REQUESTED.set()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (collective when a process
-    group exists: every rank must call it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def stop_agreed(device: torch.device) -> bool:

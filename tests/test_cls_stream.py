@@ -17,6 +17,9 @@ from torch.utils.data import DataLoader
 
 from finetune.cls_stream import StreamingShards
 
+# whole DeepSpeed training runs (the suite's long files run first, tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 
 def _jpeg(value: int) -> bytes:
     buf = io.BytesIO()
@@ -121,3 +124,17 @@ def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     with pytest.raises(ConfigError, match="data.train_samples"):
         load_config(ClassificationConfig, None, [a for a in args if "train_samples" not in a])
+
+
+def test_fewer_shards_than_slots_still_reads_every_sample_once_per_epoch(tmp_path):
+    # Issue #14's rule for epochs without replacement: every shard is read exactly once per
+    # epoch whatever the slot count; a source with fewer shards than slots is split so that
+    # several slots read disjoint samples of one shard. 2 shards, 2 ranks x 2 workers.
+    urls = _write_shards(tmp_path, n_shards=2, per_shard=16)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            ds = StreamingShards([urls], _to_tensor, num_samples=32, batch_size=4)
+            ds.rank, ds.world = rank, 2
+            seen += sum(_labels(ds, epoch), [])
+        assert sorted(seen) == list(range(32)), epoch

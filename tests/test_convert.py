@@ -207,7 +207,7 @@ def test_every_accepted_form_converts_and_inits(zero_run, tmp_path, capsys):
     Each form gives the backbone the ZeRO-3 engine itself computed with (reference_outputs)."""
     from finetune.init import load_init
     from launch.cli import main
-    from pretrain.checkpoint import resolve_resume
+    from runtime.checkpoint import resolve_resume
 
     ref = torch.load(zero_run / "reference_outputs.pt")
     for name, src in _accepted_forms(zero_run, tmp_path).items():

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from s3_server import good_samples, jpeg_bytes, write_tar
 
-from pretrain.data import DataConfig, S3Config, SourceConfig, build_loader
-from pretrain.data.shard_schedule import SHARD_ATTEMPTS
-from pretrain.data.sources import read_shard
-from pretrain.data.stats import SkipCounter
+from data.config import S3Config
+from data.shard_schedule import SHARD_ATTEMPTS
+from data.sources import read_shard
+from data.stats import SkipCounter
+from pretrain.data import DataConfig, SourceConfig, build_loader
 from pretrain.data.verify import verify_shards
 
 WRITTEN = 5  # samples written to each test shard: t0000 .. t0004, members jpg, txt, json

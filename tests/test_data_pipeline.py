@@ -13,8 +13,9 @@ import pytest
 import torch
 from s3_server import good_samples, jpeg_bytes, write_tar
 
-from pretrain.data import DataConfig, S3Config, SourceConfig, build_loader
-from pretrain.data.storage import redact_url
+from data.config import S3Config
+from data.storage import redact_url
+from pretrain.data import DataConfig, SourceConfig, build_loader
 from pretrain.data.verify import verify_shards
 
 
@@ -125,22 +126,31 @@ def test_sources_mix_by_weight(tmp_path):
     assert loader.stats.samples == {"a": counts[0], "b": counts[1]}
 
 
-def test_no_shard_is_read_by_two_rank_worker_slots(tmp_path):
+def test_every_shard_is_read_by_exactly_one_slot_per_epoch(tmp_path):
+    # Issue #14: each epoch deals a permutation of the shards over all rank x worker slots,
+    # so every shard is read once per epoch and shards change slot between epochs. 8 shards
+    # of 12 samples over 2 ranks x 2 workers: a slot reads 2 shards (2 batches) per epoch.
     urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 12, size=8)))
             for i in range(8)]
-    cfg = _cfg([SourceConfig("s", urls)], workers=2, batch_size=6, image_size=8)
-    readers: dict[str, set] = defaultdict(set)
+    cfg = _cfg([SourceConfig("s", urls)], workers=2, batch_size=12, image_size=8,
+               shuffle_buffer=0)
+    reads: dict[int, Counter] = defaultdict(Counter)
+    owner: dict[int, dict[str, tuple]] = defaultdict(dict)
     for rank in range(2):
         loader = build_loader(cfg, rank=rank, world_size=2)
-        for i, batch in enumerate(loader):
-            for key in batch["keys"]:
-                readers[key.split("/")[0]].add((rank, batch["worker"]))
-            if i == 40:
+        seen: Counter = Counter()
+        for batch in loader:
+            epoch = seen[batch["worker"]] // 2
+            seen[batch["worker"]] += 1
+            (shard,) = {key.split("/")[0] for key in batch["keys"]}  # one shard per batch
+            reads[epoch][shard] += 1
+            owner[epoch][shard] = (rank, batch["worker"])
+            if min(seen[0], seen[1]) >= 6:
                 break
-    assert len(readers) == 8, "every shard is read by some slot"
-    assert all(len(slots) == 1 for slots in readers.values()), dict(readers)
-    assert {s for slots in readers.values() for s in slots} == {(r, w) for r in range(2)
-                                                                 for w in range(2)}
+    shards = {f"s{i}.tar" for i in range(8)}
+    for epoch in range(3):
+        assert reads[epoch] == {s: 1 for s in shards}, (epoch, reads[epoch])
+    assert owner[0] != owner[1] or owner[1] != owner[2], "the dealing changes per epoch"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -188,10 +198,19 @@ def test_shard_list_file_and_env_rank(tmp_path, monkeypatch):
     listing.write_text("# shards\n" + "\n".join(urls) + "\n")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    # the case under test is a process without a process group (a dataloader tool, a
+    # launcher that only sets the env); an in-process run earlier in the suite may have
+    # left a world-1 group, which would rightly win, and DeepSpeed caches groups so it
+    # cannot be torn down between files
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     loader = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]))
     keys = {k.split("/")[0] for b in loader for k in b["keys"]}
     assert (loader.rank, loader.world_size) == (1, 2)
-    assert keys == {"s1.tar", "s3.tar"}
+    other = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]), 0, 2)
+    other_keys = {k.split("/")[0] for b in other for k in b["keys"]}
+    # one pass: the two ranks read disjoint halves of the listed shards
+    assert len(keys) == 2 and keys | other_keys == {f"s{i}.tar" for i in range(4)}
 
 
 def test_brace_patterns_and_pipe_urls(tmp_path):
@@ -255,3 +274,21 @@ def test_demo_shards_feed_the_loader(tmp_path):
     assert sum(len(b["keys"]) for b in batches) == 270
     assert all(b["has_tags"].all() and b["tag_targets"].sum(1).eq(3).all() for b in batches)
     assert not loader.stats.skipped
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_leaves_torch_global_rng_alone(tmp_path, workers):
+    # The training step draws from torch's global RNG (M3I views and masks, drop path) and a
+    # resumed run restores that RNG before its loader starts a new iterator. torch's
+    # DataLoader draws its workers' base seed from the global RNG at every new iterator
+    # unless it is given a `generator` (torch.utils.data.DataLoader docs, `generator`), so
+    # the stream must not start one that does: a resumed run's random numbers would shift.
+    urls = [str(write_tar(tmp_path / "s0.tar", good_samples("s0-", 4, size=8)))]
+    loader = build_loader(_cfg([SourceConfig("s", urls)], workers=workers, batch_size=2),
+                          0, 1)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    it = iter(loader)
+    next(it)
+    next(it)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -7,12 +7,15 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from s3_server import CREDENTIALS, SeaweedServer, good_samples, weed_unusable_reason, write_tar
 
-from pretrain.data import DataConfig, S3Config, SourceConfig, build_loader
+from data.config import S3Config
+from pretrain.data import DataConfig, SourceConfig, build_loader
+from tests.pretrain_utils import REPO
 
 pytestmark = pytest.mark.s3
 
@@ -125,8 +128,11 @@ def test_outage_mid_stream_loses_and_repeats_no_sample(server, shard_files, aws_
     # No in-place retry: the outage (4 s down, then the restart) outlasts the attempts on
     # both shards (~2 s each, botocore's and s3fs's own retries included), so the shard
     # schedule rides it out: reads set aside, the stream waits, reads go on where they
-    # broke. Small blocks: most of each shard is fetched after the outage.
-    s3 = _s3(server, retries=0, max_backoff=0.5, block_size=8192, connect_timeout=1,
+    # broke. Small blocks: most of each shard is fetched after the outage. Cooldowns of
+    # 2, 4, 8 s: a restarted SeaweedFS serves one volume before another (500 "please try
+    # again" meanwhile), for seconds on a loaded machine; with 0.5 s the schedule's rule
+    # (4 failed reads while other shards read) gave a shard up after 3.5 s in one run.
+    s3 = _s3(server, retries=0, max_backoff=2.0, block_size=8192, connect_timeout=1,
              read_timeout=5)
     loader = build_loader(_eval_cfg(urls, s3), 0, 1, train=False)
     keys: list[str] = []
@@ -205,3 +211,44 @@ def test_resume_from_state_over_s3_gives_the_same_following_batches(server, shar
     for e, g in zip(expected, got, strict=True):
         assert e["keys"] == g["keys"]
         assert torch.equal(e["images"], g["images"])
+
+
+@pytest.mark.distributed
+def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
+        server, tmp_path_factory):
+    # Issue #14, "Done means": 2-rank pre-training killed and resumed against the real S3
+    # server gives the same loss at every step. The kill is a SIGKILL of every rank at the
+    # end of step 3 (INTERNIMAGE_KILL_AFTER_STEP, runtime/preemption.py); the last
+    # checkpoint is step 2's, so the resumed run re-opens each rank's shard at its saved
+    # byte offset over S3 and re-reads its shuffle block.
+    import subprocess
+
+    from pretrain.data import demo_source_urls, ensure_demo_shards
+    from runtime.preemption import KILL_AFTER_STEP_ENV
+    from tests.pretrain_utils import env, losses, pretrain_cmd
+
+    cache = tmp_path_factory.mktemp("cache")
+    manifest = ensure_demo_shards(cache, image_size=32)
+    urls = server.upload("digits", [Path(u) for u in demo_source_urls(manifest, "train")])
+    source = {"name": "digits", "urls": urls, "image_key": "jpg", "text_key": "txt",
+              "tags_key": "json:tags"}
+    args = ["--max-steps", "5", "--checkpoint-every", "2", f"data.sources={json.dumps([source])}",
+            f"data.s3.endpoint_url={server.endpoint}", "data.shuffle_buffer=24"]
+
+    def train(out: Path, *extra: str, kill: int | None = None) -> int:
+        child = env(cache) | CREDENTIALS | ({KILL_AFTER_STEP_ENV: str(kill)} if kill else {})
+        proc = subprocess.run(pretrain_cmd(2, out, *args, *extra), env=child, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        if kill is None and proc.returncode != 0:
+            raise AssertionError(proc.stderr[-4000:])
+        return proc.returncode
+
+    reference, killed = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("killed")
+    train(reference)
+    assert train(killed, kill=3) != 0
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    train(killed, "--resume", "auto")
+    expected, got = losses(reference), losses(killed)
+    assert sorted(expected) == sorted(got) == [1, 2, 3, 4, 5]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step

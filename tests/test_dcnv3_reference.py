@@ -136,6 +136,25 @@ def test_backward_keeps_no_sampled_values():
     assert sum(saved) <= x.numel() + offset.numel() + mask.numel()
 
 
+def test_meta_device_saves_what_a_real_call_saves_and_gives_shaped_grads():
+    """Memory plans run the model on the meta device: the op must keep exactly the tensors
+    a CPU call keeps (so the plan is right) and give gradients of the inputs' shapes."""
+    case = (3, 9, 7, 2, 8, 3, 2, 1, 1, 1.0, 1.0)
+
+    def run(device):
+        inputs = [t.to(device).requires_grad_() for t in _inputs(case, torch.float32)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = dcnv3(*inputs, **_kw(case))
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return out.shape, saved, [g.shape for g in grads], [t.shape for t in inputs]
+
+    cpu, meta = run("cpu"), run("meta")
+    assert meta[:2] == cpu[:2]
+    assert meta[2] == meta[3]
+
+
 def test_zero_offsets_uniform_mask_is_a_box_filter():
     """A fresh layer (zero offsets, uniform weights) averages the regular 3x3 grid."""
     x = torch.randn(2, 7, 9, 6, dtype=torch.float64)
@@ -188,3 +207,122 @@ def test_module_fresh_layer_and_center_feature_scale():
     out.sum().backward()
     assert layer.offset.weight.grad is not None and layer.offset.weight.grad.abs().sum() > 0
     assert layer.mask.weight.grad.abs().sum() > 0
+
+
+# --- The fused CPU formulation (ops/dcnv3/cpu_fused.py) -----------------------------------
+
+
+def _fused(*args, **kw):
+    from ops.dcnv3.cpu_fused import dcnv3_fused
+
+    p = dict(kernel_size=3, stride=1, padding=1, dilation=1, offset_scale=1.0) | kw
+    return dcnv3_fused(*args, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
+                       p["groups"], p["offset_scale"])
+
+
+@pytest.mark.parametrize("case", CASES[1:4] + CASES[5:])
+def test_fused_formulation_matches_naive_loop_and_its_gradients(case):
+    x, offset, mask = _inputs(case, seed=11)
+    kw = _kw(case)
+    want = dcnv3_naive(x, offset, mask, kw["kernel_size"], kw["stride"], kw["padding"],
+                       kw["dilation"], kw["groups"], kw["offset_scale"])
+    torch.testing.assert_close(_fused(x, offset, mask, **kw), want, rtol=1e-10, atol=1e-10)
+    leaves = [t.requires_grad_() for t in (x, offset, mask)]
+    with torch.no_grad():
+        offset += 0.37 * (offset.frac().abs() < 0.05)  # away from kinks, as gradcheck above
+    assert torch.autograd.gradcheck(lambda a, b, c: _fused(a, b, c, **kw), leaves, eps=1e-6,
+                                    atol=1e-9, rtol=1e-6, fast_mode=True)
+
+
+def test_fused_formulation_follows_the_released_kernel_at_the_border():
+    """The same hand-computed released-kernel values as the reference must meet
+    (tests/dcnv3_naive.py: -1 < loc < size, one-sided derivative at integers)."""
+    (x, offset, mask), want = border_problem(torch.float64)
+    leaves = [t.requires_grad_() for t in (x, offset, mask)]
+    out = _fused(*leaves, **BORDER_PARAMS)
+    got = (out, *torch.autograd.grad(out.sum(), leaves))
+    for name, a, b in zip(("output", "grad_input", "grad_offset", "grad_mask"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    x, offset, mask = (t.requires_grad_() for t in fresh_layer_problem())
+    out = _fused(x, offset, mask, **FRESH_LAYER_PARAMS)
+    grad_offset = torch.autograd.grad(out.sum(), offset)[0].view(3, 3, 9, 2)
+    for (i, j), rows in FRESH_LAYER_GRAD_OFFSET_X9.items():
+        torch.testing.assert_close(grad_offset[i, j], torch.tensor(rows, dtype=torch.float64) / 9,
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.fixture
+def cpu_fused(monkeypatch):
+    """ops.dcnv3.cpu_fused with a fresh compile state, compiled by Dynamo with the
+    "eager" backend: the same tracing with dynamic shapes, without Inductor's C++ build
+    (a minute on 2 cores; benchmarks/dcnv3_cpu.py checks Inductor's results)."""
+    import ops.dcnv3.cpu_fused as module
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(module, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(module, "_compiled", None)
+    monkeypatch.setattr(module, "_compile_failed", False)
+    monkeypatch.setattr(module, "_compiled_ran", False)
+    yield module
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: Dynamo traces five steps with dynamic shapes
+def test_compiled_backend_equals_reference_with_and_without_grad(cpu_fused):
+    case = (2, 6, 7, 2, 4, 3, 1, 1, 1, 1.0, 2.0)
+    x, offset, mask = _inputs(case, torch.float32, seed=12)
+    kw = _kw(case)
+    results = []
+    for backend in ("compiled", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+        out = dcnv3(*leaves, **kw, backend=backend)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+        with torch.no_grad():
+            results[-1] += (dcnv3(x, offset, mask, **kw, backend=backend),)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_compiles_large_layers_and_stays_correct_without_a_compiler(
+        cpu_fused, monkeypatch, caplog):
+    """auto on CPU: small layers run the eager reference (no compile); a layer of
+    COMPILE_MIN_SAMPLES or more takes the compiled op, and so does every layer after it;
+    where compiling fails (no C++ compiler), one warning and the reference's results."""
+    case = (2, 6, 7, 2, 4, 3, 1, 1, 1, 1.0, 2.0)
+    x, offset, mask = _inputs(case, torch.float32, seed=13)
+    kw = _kw(case)
+    want = dcnv3(x, offset, mask, **kw, backend="reference")
+    calls = []
+
+    def compiler(fails: bool):
+        """Stand-in for the compiled kernels: records each call (its first step)."""
+        def loop(name):
+            def run(*args):
+                if name == "geometry":  # the first step of every call
+                    calls.append(fails)
+                if fails:
+                    raise RuntimeError("InductorError: no working C++ compiler found")
+                return getattr(cpu_fused.EAGER, name)(*args)
+            return run
+        return lambda: cpu_fused.Kernels(*map(loop, cpu_fused.Kernels._fields))
+
+    monkeypatch.setattr(cpu_fused, "_compiled_kernels", compiler(fails=False))
+    torch.testing.assert_close(dcnv3(x, offset, mask, **kw), want)
+    assert calls == []  # 2*6*7*8*9 sampled values: below the threshold, not compiled yet
+    monkeypatch.setattr(cpu_fused, "COMPILE_MIN_SAMPLES", 2 * 6 * 7 * 8 * 9)
+    torch.testing.assert_close(dcnv3(x, offset, mask, **kw), want)
+    monkeypatch.setattr(cpu_fused, "COMPILE_MIN_SAMPLES", 1 << 40)
+    torch.testing.assert_close(dcnv3(x[:1], offset[:1], mask[:1], **kw), want[:1])
+    assert calls == [False, False]  # the large layer, then the small one: compiled already
+
+    monkeypatch.setattr(cpu_fused, "_compiled_ran", False)
+    monkeypatch.setattr(cpu_fused, "COMPILE_MIN_SAMPLES", 1)
+    monkeypatch.setattr(cpu_fused, "_compiled_kernels", compiler(fails=True))
+    with caplog.at_level("WARNING", logger="ops.dcnv3.cpu_fused"):
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+            out = dcnv3(*leaves, **kw)
+            torch.testing.assert_close(out, want)
+            out.sum().backward()
+    assert calls == [False, False, True]
+    assert sum("compiling the fused CPU op failed" in r.message for r in caplog.records) == 1

@@ -66,7 +66,7 @@ DINO = ["head.kind=dino", "head.num_queries=20", "head.decoder_layers=2", "head.
 
 
 def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
-    from finetune.detection import DetectionConfig, _optimizer_and_schedule, build_model
+    from finetune.detection import DetectionConfig, build_model, optimizer_and_schedule
     from launch.cli import main
     from launch.config import load_config
 
@@ -84,7 +84,7 @@ def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
     cfg = load_config(DetectionConfig, None, [*args, "optim.backbone_lr_mult=0.5"])
     model = build_model(cfg, 3)
     assert model.class_embed.out_features == 3  # C classes, no background slot
-    opt, _ = _optimizer_and_schedule(model, cfg, 10)
+    opt, _ = optimizer_and_schedule(model, cfg, 10)
     trunk = {id(p) for p in model.backbone.parameters()}
     assert all(g["lr_scale"] <= 0.5 for g in opt.param_groups
                if any(id(p) in trunk for p in g["params"]))
@@ -95,12 +95,12 @@ def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
 def test_step_schedule_milestones_are_not_shifted_by_the_warmup():
     """mmdet's step policy (the released 1x/3x configs): the lr drops at the milestone
     fraction of the run, the warm-up overlaying the first steps rather than delaying it."""
-    from finetune.detection import DetectionConfig, _optimizer_and_schedule, build_model
+    from finetune.detection import DetectionConfig, build_model, optimizer_and_schedule
     from launch.config import load_config
 
     cfg = load_config(DetectionConfig, None, ["schedule.kind=step", "schedule.milestones=[0.5]",
                                               "optim.warmup_steps=10", "optim.lr=1e-3"])
-    opt, sched = _optimizer_and_schedule(build_model(cfg, 3), cfg, 100)
+    opt, sched = optimizer_and_schedule(build_model(cfg, 3), cfg, 100)
 
     def lr(step: int) -> float:
         sched.step_update(step)

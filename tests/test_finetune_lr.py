@@ -45,12 +45,8 @@ def _build(path: Path):
         overrides.append("init=null")  # the released/stage-1 weights are not needed here
     task = _task(path)
     if task == "classification":
-        from finetune.classification import (
-            ClassificationConfig,
-            build_classifier,
-            build_optimizer,
-            build_scheduler,
-        )
+        from finetune.classification import ClassificationConfig
+        from finetune.cls_build import build_classifier, build_optimizer, build_scheduler
 
         cfg = load_config(ClassificationConfig, path, overrides)
         with torch.device("meta"):
@@ -59,7 +55,7 @@ def _build(path: Path):
         return (cfg, model, opt, build_scheduler(opt, cfg, STEPS, STEPS_PER_EPOCH),
                 cfg.optim.warmup(STEPS_PER_EPOCH))
     if task == "detection":
-        from finetune.detection import DetectionConfig, _optimizer_and_schedule, build_model
+        from finetune.detection import DetectionConfig, build_model, optimizer_and_schedule
 
         cfg = load_config(DetectionConfig, path, overrides)
         with torch.device("meta"):
@@ -67,14 +63,14 @@ def _build(path: Path):
     else:
         from finetune.segmentation import (
             SegmentationConfig,
-            _optimizer_and_schedule,
             build_segmentor,
+            optimizer_and_schedule,
         )
 
         cfg = load_config(SegmentationConfig, path, overrides)
         with torch.device("meta"):
             model = build_segmentor(cfg)
-    opt, sched = _optimizer_and_schedule(model, cfg, STEPS)
+    opt, sched = optimizer_and_schedule(model, cfg, STEPS)
     return cfg, model, opt, sched, cfg.optim.warmup_steps
 
 

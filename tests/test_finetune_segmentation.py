@@ -99,10 +99,16 @@ def test_mask2former_trains_through_the_entrypoint_and_stage2_loads_it_whole(cac
     assert "mIoU" in records[-1] and any(k.startswith("IoU.") for k in records[-1])
 
     # stage 2: a segmenter checkpoint of the same head is loaded whole (head included)
-    ckpt = out / "checkpoints" / "last.pt"
+    ckpt = out  # the run directory: its checkpoints/latest names the last complete one
     cfg = load_config(SegmentationConfig, None, [*args, f"init={ckpt}"])
     model = build_segmentor(cfg, cfg.init)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    # DeepSpeed (ZeRO stage 0) keeps the whole module state under "module" in
+    # mp_rank_00_model_states.pt; the engine wrapped the segmenter as ``model``
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    saved = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]
+    saved = {k.removeprefix("model."): v for k, v in saved.items()}
+    assert saved.keys() == model.state_dict().keys()
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     # ... and one of another head fails with the reason, not a wall of key errors
     upernet = load_config(SegmentationConfig, None, [*TINY, f"init={ckpt}"])
@@ -113,24 +119,24 @@ def test_mask2former_trains_through_the_entrypoint_and_stage2_loads_it_whole(cac
 
 
 def test_multiscale_flip_evaluation_and_backbone_lr_groups(cache):
-    from finetune import runtime
     from finetune.segmentation import (
         SegDataset,
         SegmentationConfig,
-        _optimizer_and_schedule,
         build_segmentor,
         evaluate,
+        optimizer_and_schedule,
     )
     from launch.config import load_config
+    from runtime.dist import DistInfo
 
     torch.manual_seed(0)
     cfg = load_config(SegmentationConfig, None, [
         *TINY, *M2F, f"data.cache_dir={cache}", "head.test_scales=[0.75,1.0]",
         "head.test_flip=true", "eval.mode=whole", "optim.backbone_lr_mult=0.1"])
     model = build_segmentor(cfg)
-    scores = evaluate(model, SegDataset(cfg.data, False), cfg, runtime.Dist())
+    scores = evaluate(model, SegDataset(cfg.data, False), cfg, DistInfo())
     assert 0 <= scores["mIoU"] <= 1
-    opt, _ = _optimizer_and_schedule(model, cfg, 10)
+    opt, _ = optimizer_and_schedule(model, cfg, 10)
     trunk = {id(p) for p in model.backbone.parameters()}
     for group in opt.param_groups:
         in_trunk = {id(p) in trunk for p in group["params"]}
@@ -177,31 +183,31 @@ def test_a_classification_run_checkpoint_is_a_backbone_init_not_a_segmenter(tmp_
 
 
 def test_rescale_caps_the_long_side_and_test_images_stretch_to_a_multiple():
-    from finetune.segmentation import _resize, _to_multiple
+    from finetune.segmentation import resize_short_side, resize_to_multiple
 
     img, label = torch.zeros(3, 100, 400), torch.zeros(100, 400, dtype=torch.long)
     # mmseg img_scale=(long 200, short 100): a 1:4 image is bounded by its long side
-    assert _resize(img, label, 100, 200)[0].shape[-2:] == (50, 200)
-    assert _resize(img, label, 100)[1].shape == (100, 400)  # no cap: short side rules
-    assert _to_multiple(torch.zeros(1, 3, 50, 200), 32).shape[-2:] == (64, 224)
-    assert _to_multiple(torch.zeros(1, 3, 64, 96), 32).shape[-2:] == (64, 96)
+    assert resize_short_side(img, label, 100, 200)[0].shape[-2:] == (50, 200)
+    assert resize_short_side(img, label, 100)[1].shape == (100, 400)  # no cap: short side rules
+    assert resize_to_multiple(torch.zeros(1, 3, 50, 200), 32).shape[-2:] == (64, 224)
+    assert resize_to_multiple(torch.zeros(1, 3, 64, 96), 32).shape[-2:] == (64, 96)
 
 
 def test_crops_dominated_by_one_class_are_redrawn():
     import random
 
-    from finetune.segmentation import _dominated, _random_crop
+    from finetune.segmentation import crop_is_dominated, random_crop
 
     label = torch.zeros(40, 400, dtype=torch.long)
     label[:, 360:] = 1  # only windows reaching the right edge see two classes
     img = torch.zeros(3, 40, 400)
     random.seed(0)
-    plain = [_dominated(_random_crop(img, label, (40, 80))[1], 0.75) for _ in range(200)]
+    plain = [crop_is_dominated(random_crop(img, label, (40, 80))[1], 0.75) for _ in range(200)]
     random.seed(0)
-    retried = [_dominated(_random_crop(img, label, (40, 80), 0.75)[1], 0.75)
+    retried = [crop_is_dominated(random_crop(img, label, (40, 80), 0.75)[1], 0.75)
                for _ in range(200)]
     assert sum(retried) < 0.7 * sum(plain), (sum(retried), sum(plain))
-    assert _dominated(torch.full((4, 4), 255), 0.75)  # nothing labelled: retry too
+    assert crop_is_dominated(torch.full((4, 4), 255), 0.75)  # nothing labelled: retry too
 
 
 def test_photometric_distortion_stays_in_range_and_is_seeded():
@@ -277,14 +283,14 @@ def test_mapillary_stage_trains_on_both_splits_and_evaluates_on_cityscapes(tmp_p
 
 
 def test_released_mask2former_layer_decay_groups():
-    from finetune.segmentation import SegmentationConfig, _optimizer_and_schedule, build_segmentor
+    from finetune.segmentation import SegmentationConfig, build_segmentor, optimizer_and_schedule
     from launch.config import load_config
 
     layer0 = ["transformer_module.queries_embedder", "class_predictor"]
     cfg = load_config(SegmentationConfig, None, [
         *TINY, *M2F, "optim.layer_decay=0.5", f"optim.layer0_params={json.dumps(layer0)}"])
     model = build_segmentor(cfg)
-    opt, _ = _optimizer_and_schedule(model, cfg, 10)
+    opt, _ = optimizer_and_schedule(model, cfg, 10)
     scale = {n: g["lr_scale"] for g in opt.param_groups for n in g["names"]}
     wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["names"]}
     top = sum(model.backbone.depths) + 1  # head layer id: the full lr
@@ -338,3 +344,40 @@ def test_upernet_auxiliary_head_adds_a_weighted_loss_and_is_left_out_of_inferenc
     assert plain.auxiliary_head is None and set(plain.loss(x, labels)) == {"loss_ce"}
     with pytest.raises(ConfigError, match="aux_weight"):
         load_config(SegmentationConfig, None, [*TINY, *M2F, "aux_weight=0.4"])
+
+
+def test_zero2_trains_and_its_checkpoint_is_a_whole_stage2_init(cache, tmp_path):
+    """Issue #13: dense tasks run on the DeepSpeed engine, ZeRO stage from run.zero_stage.
+    ZeRO-2 partitions the optimizer states (DeepSpeed names each rank's shard
+    zero_pp_rank_<r>_mp_rank_00_optim_states.pt); a stage-2 init from that run gets the
+    weights DeepSpeed's own zero_to_fp32 consolidates."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from finetune.segmentation import SegmentationConfig, build_segmentor, train
+    from launch.config import load_config
+
+    args = [*TINY, f"data.cache_dir={cache}", "run.max_steps=2", "run.eval_every=2"]
+    out = tmp_path / "zero2"
+    result = train(load_config(SegmentationConfig, None, [*args, "run.zero_stage=2"]), out)
+    assert "mIoU" in result
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+    model = build_segmentor(load_config(SegmentationConfig, None, [*args, f"init={out}"]),
+                            str(out))
+    own = model.state_dict()
+    params = {k.removeprefix("model."): v for k, v in consolidated.items()}
+    assert set(params) <= set(own) and any(k.startswith("backbone.") for k in params)
+    assert all(torch.equal(own[k], v.to(own[k].dtype)) for k, v in params.items())
+    # the DeepSpeed config the engine ran with is written next to the run's config
+    ds = json.loads((out / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    # a directory holding only an earlier version's last.pt refuses --resume auto
+    from models import CheckpointError
+
+    legacy = tmp_path / "legacy"
+    (legacy / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "step": 3}, legacy / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(load_config(SegmentationConfig, None, args), legacy, resume="auto")
+    # ZeRO-3 (accepted since issue #13): tests/test_finetune_zero3_dense.py

@@ -12,6 +12,9 @@ import pytest
 
 from tests.pretrain_utils import free_port, run
 
+# whole DeepSpeed training runs (the suite's long files run first, tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 TINY = ["run.batch_size=16", "run.log_every=1", "run.num_workers=0", "run.progress=false",
         "optim.warmup_steps=0", "optim.lr=3e-3", "ema.decay=0.9"]
 
@@ -59,7 +62,8 @@ def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     assert state["step"] == 8 and state["world_size"] == 2
 
     # the checkpoint directory is a valid --init / convert source (consolidated ZeRO-3)
-    from finetune.classification import ClassificationConfig, build_classifier
+    from finetune.classification import ClassificationConfig
+    from finetune.cls_build import build_classifier
     from finetune.init import load_init
     from launch.config import load_config
 
@@ -81,25 +85,27 @@ def test_zero2_single_rank(cache, tmp_path):
     assert json.loads((out / "deepspeed_config.json").read_text())[
         "zero_optimization"]["stage"] == 2
 
-    # resuming that directory as a DDP run must refuse, not silently start afresh
+    # a directory holding only an earlier version's last.pt must refuse --resume auto,
+    # not silently start afresh over it
+    import torch
+
     from finetune.classification import ClassificationConfig, train
     from launch.config import load_config
     from models import CheckpointError
 
+    legacy = tmp_path / "legacy" / "checkpoints"
+    legacy.mkdir(parents=True)
+    torch.save({"model": {}, "step": 3}, legacy / "last.pt")
     cfg = load_config(ClassificationConfig, None, [f"data.cache_dir={cache}"])
-    with pytest.raises(CheckpointError, match="DeepSpeed checkpoint"):
-        train(cfg, out, resume="auto")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(cfg, legacy.parent, resume="auto")
 
 
 def test_group_lr_is_schedule_times_scale():
     """timm multiplies ``lr_scale`` in: each group's lr is the scheduled lr times its scale
     (layer decay and the DCN multiplier applied exactly once)."""
-    from finetune.classification import (
-        ClassificationConfig,
-        build_classifier,
-        build_optimizer,
-        build_scheduler,
-    )
+    from finetune.classification import ClassificationConfig
+    from finetune.cls_build import build_classifier, build_optimizer, build_scheduler
     from launch.config import load_config
 
     cfg = load_config(ClassificationConfig, None, ["optim.layer_decay=0.8",

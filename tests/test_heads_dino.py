@@ -170,10 +170,10 @@ def test_configs_name_only_known_head_keys(name):
 def test_head_sampling_offsets_get_their_own_lr_multiplier_backbone_dcn_does_not():
     """The released DINO recipe's offset_lr_scale: the transformer's deformable-attention
     offsets at lr x 1e-3; the trunk's DCNv3 offset/mask layers follow optim.dcn_lr_mult."""
-    from finetune.lr_decay import param_groups
+    from runtime.param_groups import param_groups
 
     model = _tiny()
-    groups = param_groups(model, list(TINY_TRUNK["depths"]), 0.05, dcn_lr_mult=0.5,
+    groups = param_groups(model, 0.05, depths=TINY_TRUNK["depths"], dcn_lr_mult=0.5,
                           backbone_prefix=model.backbone_prefix, head_offset_lr_mult=1e-3)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     offsets = [n for n in scale if "sampling_offsets" in n]

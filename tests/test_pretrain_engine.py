@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pretrain.optim import warmup_cosine
+from runtime.schedules import warmup_cosine
 from tests.pretrain_utils import REPO, env, latest, losses, pretrain_cmd, run
 
 pytestmark = [pytest.mark.distributed]
@@ -74,11 +74,8 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
 
 
 def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache):
+    # (another world size is supported: tests/test_pretrain_resize.py)
     ckpt = str(reference_run / "checkpoints")
-    one_rank = run(pretrain_cmd(1, tmp_path / "a", "--resume", ckpt, "--max-steps", "9"),
-                   cache, check=False)
-    assert one_rank.returncode != 0
-    assert "saved by 2 ranks, this run has 1" in one_rank.stderr
     other_model = run(pretrain_cmd(1, tmp_path / "b", "--resume", ckpt, "model.channels=8",
                                    "model.groups=[1,1,2,4]"), cache, check=False)
     assert other_model.returncode != 0
@@ -87,7 +84,7 @@ def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache
 
 CRASH_ON_SECOND_SAVE = """
 import os, sys
-import pretrain.checkpoint as ck
+import runtime.checkpoint as ck
 calls = []
 original = ck.write_trainer_state
 def crashing(ckpt_dir, state):
@@ -199,13 +196,13 @@ def test_triton_backend_trains_under_zero3_like_the_reference(tmp_path, cache):
 STOP_AT_STEP_3 = """
 import sys
 import pretrain.objectives as ob
-import pretrain.trainer as tr
+from runtime.preemption import STOP_REQUESTED
 calls = [0]
 original = ob.M3ILoss.__call__
 def counting(self, *args):
     calls[0] += 1
     if calls[0] == 3:
-        tr.STOP_REQUESTED.set()  # what a launcher's preemption handler does
+        STOP_REQUESTED.set()  # what a launcher's preemption handler does
     return original(self, *args)
 ob.M3ILoss.__call__ = counting
 from launch.cli import main

@@ -119,7 +119,8 @@ def test_gives_up_after_max_requeues_with_a_clear_message(tmp_path, monkeypatch)
                        "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
                        "SLURM_JOB_NODELIST": "node1", "SLURM_RESTART_COUNT": "3"}.items():
         monkeypatch.setenv(key, value)
-    job = TrainingJob(["pretrain"], tmp_path / "run", max_requeues=2, save_on_signal=False)
+    job = TrainingJob(["pretrain"], tmp_path / "run", max_requeues=2, save_on_signal=False,
+                      entry=main)
     with pytest.raises(RequeueLimitError, match="requeued 3 times, more than --max-requeues 2"):
         job()
     assert job.checkpoint() is None  # on a signal now: no further requeue either

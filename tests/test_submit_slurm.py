@@ -166,12 +166,18 @@ def signal_after_first_step(cluster: SlurmCluster, run_dir: Path, timeout: float
     return job_id
 
 
+# Enough steps that the signal (sent once step 1 is logged) lands mid-run: a step of the
+# demo takes 0.1-1 s here, a signal is handled at the next step boundary.
+USR2_STEPS = 40
+
+
 def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_path):
     """USR2 mid-run: rank 0 saves at the next step boundary, submitit requeues the job, and
     the requeued run resumes from that checkpoint."""
     run_dir = tmp_path / "run"
     cmd = submit_cmd(tmp_path / "logs", run_dir, "--time", "30", "--wait",
-                     job=("--max-steps", "100", "--checkpoint-every", "50"))
+                     job=("--max-steps", str(USR2_STEPS), "--checkpoint-every",
+                          str(USR2_STEPS // 2)))
     proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -182,14 +188,14 @@ def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_
     events = [r["event"] for r in records(run_dir)]
     assert events == ["start", "requeue_requested", "start"], events
     saved_at = int(latest_before_requeue(tmp_path / "logs" / job_id / f"{job_id}_0_log.err"))
-    assert 0 < saved_at < 100  # saved on the signal, before the end
+    assert 0 < saved_at < USR2_STEPS  # saved on the signal, before the end
     logs = tmp_path / "logs" / job_id
     log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
     # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
     # preempted." when the job is far from its time limit; our job logs the save
     assert "this job is preempted" in log and "checkpoint saved" in log
-    assert sorted(losses(run_dir)) == list(range(1, 101))
-    assert latest(run_dir) == "step_0000100"
+    assert sorted(losses(run_dir)) == list(range(1, USR2_STEPS + 1))
+    assert latest(run_dir) == f"step_{USR2_STEPS:07d}"
 
 
 def latest_before_requeue(log: Path) -> str:

@@ -59,7 +59,7 @@ class _PeakRSS:
 
 def _named_groups(model, groups) -> list[tuple[float, float, list[str]]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return sorted((g["weight_decay"], g["lr_mult"], sorted(names[id(p)] for p in g["params"]))
+    return sorted((g["weight_decay"], g["lr_scale"], sorted(names[id(p)] for p in g["params"]))
                   for g in groups)
 
 
@@ -95,10 +95,10 @@ def _rank_main(out_dir: str) -> None:
     from launch.config import load_config
     from models.memory import largest_layer_params
     from pretrain.config import PretrainConfig
-    from pretrain.distributed import init_distributed
+    from pretrain.engine import build_engine, build_model
     from pretrain.estimate import zero3_buffer_bytes
-    from pretrain.optim import param_groups
-    from pretrain.trainer import build_engine, build_model
+    from runtime.dist import init_distributed
+    from runtime.param_groups import param_groups
 
     info = init_distributed()
     zero3 = load_config(PretrainConfig, DEMO_CONFIG, [*OVERRIDES, "engine.zero_stage=3"])
@@ -109,7 +109,7 @@ def _rank_main(out_dir: str) -> None:
     with _PeakRSS() as zero_mem:
         model = build_model(zero3, num_tags=10)
     held = sum(p.ds_tensor.numel() for p in model.parameters())
-    groups = _named_groups(model, param_groups(model, 1e-3, 0.05))
+    groups = _named_groups(model, param_groups(model, 0.05))
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         gathered = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -124,7 +124,7 @@ def _rank_main(out_dir: str) -> None:
         "partition_numel": held, "zero_init_build_bytes": zero_mem.bytes,
         "plain_build_bytes": plain_mem.bytes, "mismatched": mismatched,
         "compared": len(gathered),
-        "groups_equal": groups == _named_groups(plain, param_groups(plain, 1e-3, 0.05)),
+        "groups_equal": groups == _named_groups(plain, param_groups(plain, 0.05)),
     }
     # Training, with DeepSpeed's reuse distance and prefetch bucket set far below the
     # model's 30M parameters (as a user bounding the gathered parameters would): what

@@ -106,9 +106,9 @@ def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from pretrain.distributed import init_distributed
-    from pretrain.trainer import build_engine, build_model
+    from pretrain.engine import build_engine, build_model
     from pretrain.zeroshot import evaluate
+    from runtime.dist import init_distributed
 
     info = init_distributed()
     engine, _ = build_engine(cfg, build_model(cfg, _num_tags(cfg)), 10)
@@ -155,7 +155,7 @@ def _run_ranks(world: int, setup, out_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def single_process(setup) -> dict:
     """The same weights evaluated by one process without DeepSpeed (no collectives)."""
-    from pretrain.trainer import build_model
+    from pretrain.engine import build_model
     from pretrain.zeroshot import evaluate
 
     plain = dataclasses.replace(setup.cfg, engine=dataclasses.replace(setup.cfg.engine,

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+# The label of pixels no loss or metric counts; the value of the released mmseg configs
+# (``ignore_index=255``), defined here once for every segmentation dataset, head and metric.
 IGNORE_INDEX = 255
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

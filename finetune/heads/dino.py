@@ -39,7 +39,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -49,7 +48,6 @@ from transformers.loss.loss_deformable_detr import (
     DeformableDetrHungarianMatcher,
     DeformableDetrImageLoss,
 )
-from transformers.loss.loss_rt_detr import RTDetrLoss
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrMLPPredictionHead,
     DeformableDetrModel,
@@ -58,12 +56,11 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (
 )
 from transformers.models.rt_detr.modeling_rt_detr import get_contrastive_denoising_training_group
 
+from finetune.heads.dino_criterion import dino_losses
 from finetune.heads.hf_backbone import backbone_config
-from finetune.heads.mask2former import ARCH_KEYS, _reset_backbone_init
+from finetune.heads.mask2former import ARCH_KEYS, reset_backbone_init
+from models.constants import IMAGENET_MEAN, IMAGENET_STD
 from models.intern_image import InternImage
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Model/loss settings ``build_dino`` accepts in ``**cfg``, with DINO's defaults (DINO-4scale,
 # the setting of the public InternImage DINO configs; the H preset overrides what differs).
@@ -141,7 +138,7 @@ class DinoDetector(nn.Module):
         """The InternImage trunk (released-checkpoint parameter names) for --init and lr groups."""
         return self.detr.backbone.model.model
 
-    backbone_prefix = "detr.backbone.model.model."  # for finetune.lr_decay.param_groups
+    backbone_prefix = "detr.backbone.model.model."  # for runtime.param_groups.param_groups
 
     # ------------------------------------------------------------ encoder
     def _encode(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> dict:
@@ -266,14 +263,6 @@ class DinoDetector(nn.Module):
         return pixels, pixel_mask, image_list.image_sizes, originals, detr_targets
 
     # ------------------------------------------------------------ losses
-    def _terms(self, out: dict, targets: list[dict], indices, num_boxes: float) -> torch.Tensor:
-        """Weighted focal + L1 + GIoU of one set of predictions."""
-        terms = {**self.criterion.get_loss("labels", out, targets, indices, num_boxes),
-                 **self.criterion.get_loss("boxes", out, targets, indices, num_boxes)}
-        return (self.cfg["weight_class"] * terms["loss_ce"]
-                + self.cfg["weight_bbox"] * terms["loss_bbox"]
-                + self.cfg["weight_giou"] * terms["loss_giou"]), terms
-
     def loss(self, images, targets: Sequence[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total DINO loss and its weighted terms.
 
@@ -292,35 +281,8 @@ class DinoDetector(nn.Module):
             reference = torch.cat([dn_boxes, reference], 1)
         logits, boxes = self._decode(content, reference, enc, attn_mask)
         num_dn = meta["dn_num_split"][0] if meta else 0
-
-        num_boxes = torch.tensor(float(sum(len(t["class_labels"]) for t in tgts)),
-                                 device=pixels.device)
-        if dist.is_available() and dist.is_initialized():  # average over ranks, as DINO
-            dist.all_reduce(num_boxes)
-            num_boxes = num_boxes / dist.get_world_size()
-        num_boxes = num_boxes.clamp(min=1).item()
-
-        losses: dict[str, torch.Tensor] = {}
-        aux = enc_total = dn_total = pixels.new_zeros(())
-        last = len(logits) - 1
-        for i in range(len(logits)):
-            out = {"logits": logits[i, :, num_dn:], "pred_boxes": boxes[i, :, num_dn:]}
-            total, terms = self._terms(out, tgts, self.matcher(out, tgts), num_boxes)
-            if i == last:
-                losses.update({"loss_ce": self.cfg["weight_class"] * terms["loss_ce"],
-                               "loss_bbox": self.cfg["weight_bbox"] * terms["loss_bbox"],
-                               "loss_giou": self.cfg["weight_giou"] * terms["loss_giou"]})
-            else:
-                aux = aux + total
-        enc_total, _ = self._terms(enc_out, tgts, self.matcher(enc_out, tgts), num_boxes)
-        if meta:
-            dn_indices = RTDetrLoss.get_cdn_matched_indices(meta, tgts)
-            dn_norm = num_boxes * meta["dn_num_group"]
-            for i in range(len(logits)):
-                out = {"logits": logits[i, :, :num_dn], "pred_boxes": boxes[i, :, :num_dn]}
-                dn_total = dn_total + self._terms(out, tgts, dn_indices, dn_norm)[0]
-        losses.update({"loss_aux": aux, "loss_enc": enc_total, "loss_dn": dn_total})
-        return sum(losses.values()), losses
+        return dino_losses(self.criterion, self.matcher, self.cfg, logits, boxes, num_dn,
+                           enc_out, meta, tgts, zero=pixels.new_zeros(()))
 
     # ------------------------------------------------------------ inference
     @torch.no_grad()
@@ -381,7 +343,7 @@ def build_dino(backbone_name: str, num_classes: int, *, backbone_kwargs: dict | 
         attention_dropout=0.0, activation_dropout=0.0, two_stage=True, with_box_refine=True,
         two_stage_num_proposals=cfg["num_queries"])
     model = DinoDetector(config, num_classes, cfg)
-    _reset_backbone_init(model.backbone)
+    reset_backbone_init(model.backbone)
     if init:
         from finetune.init import load_init
         from models import resolve_variant

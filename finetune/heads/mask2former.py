@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
+from finetune.datasets.base import IGNORE_INDEX
 from finetune.heads.hf_backbone import backbone_config
 from finetune.heads.seg_inference import multiscale_flip_scores
 from models.intern_image import InternImage
 from ops.dcnv3 import DCNv3
 
-IGNORE_INDEX = 255
 ARCH_KEYS = ("channels", "depths", "groups")
 
 
@@ -102,7 +102,7 @@ class Mask2FormerSegmenter(nn.Module):
         return scores.argmax(1)
 
 
-def _reset_backbone_init(backbone: InternImage) -> None:
+def reset_backbone_init(backbone: InternImage) -> None:
     """Give the trunk InternImage's own initialisation back.
 
     transformers' ``post_init`` re-initialises every submodule with its generic scheme
@@ -135,7 +135,7 @@ def build_mask2former(backbone: str, num_classes: int, *,
     config = Mask2FormerConfig(backbone_config=backbone_config(backbone, **backbone_kwargs),
                                num_labels=num_classes, ignore_value=ignore_index, **head_cfg)
     segmenter = Mask2FormerSegmenter(Mask2FormerForUniversalSegmentation(config), ignore_index)
-    _reset_backbone_init(segmenter.backbone)
+    reset_backbone_init(segmenter.backbone)
     if init:
         from finetune.init import load_init
         from models import resolve_variant

@@ -30,7 +30,8 @@ def register(sub, name: str) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
-def _task(task: str):
+def task_entry(task: str):
+    """(config class, module) of fine-tuning task ``task``."""
     if task == "classification":
         from finetune import classification as mod
 
@@ -45,7 +46,7 @@ def _task(task: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    cls, mod = _task(args.task)
+    cls, mod = task_entry(args.task)
     extras = list(getattr(args, "extra", []) or [])
     bad = [e for e in extras if "=" not in e or e.startswith("-")]
     if bad:

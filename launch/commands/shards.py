@@ -1,6 +1,8 @@
-"""`internimage shards demo|write|verify`: build and check webdataset shards.
+"""`internimage shards demo|write|verify|tags`: build and check webdataset shards, and
+build a tag vocabulary from them.
 
-Thin: argument parsing and printing; the work is in pretrain/data/.
+Thin: argument parsing and printing; the work is in data/ (shard I/O) and pretrain/data/
+(the recipe).
 """
 
 from __future__ import annotations
@@ -48,10 +50,26 @@ def register(sub, name: str) -> None:
     verify.add_argument("--image-size", type=int, default=64)
     verify.set_defaults(func=run_verify)
 
+    tags = actions.add_parser("tags", help="build a tag vocabulary from the shards' tags",
+                              description="Streams the shards once, counts the tags of "
+                              "each sample (the data config's tags_key), writes the N most "
+                              "frequent one per line (the format of data.tag_vocab) and "
+                              "prints counts and coverage: the fraction of tagged samples "
+                              "with at least one tag in the vocabulary. Last stdout line: "
+                              "JSON.")
+    tags.add_argument("urls", nargs="+", help="shard URLs or brace patterns or .txt lists")
+    tags.add_argument("--top", type=int, required=True, help="vocabulary size N")
+    tags.add_argument("--out", required=True, help="vocabulary file to write")
+    tags.add_argument("--tags-key", default="json:tags",
+                      help="'ext:field' (a JSON member's list) or 'ext' (comma separated)")
+    tags.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    tags.add_argument("--show", type=int, default=20, help="print the first N counts")
+    tags.set_defaults(func=run_tags)
+
 
 def run_demo(args: argparse.Namespace) -> int:
     """Write the digits demo shards and print the manifest path and counts."""
-    from pretrain.data.demo import write_demo_shards
+    from data.demo import write_demo_shards
 
     manifest = write_demo_shards(args.out, image_size=args.image_size, maxcount=args.maxcount)
     splits = json.loads(manifest.read_text())["splits"]
@@ -63,7 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_write(args: argparse.Namespace) -> int:
     """Write shards from an image folder and a captions table."""
-    from pretrain.data.shard_writer import MissingImagesError, write_shards
+    from data.shard_writer import MissingImagesError, write_shards
 
     try:
         manifest = write_shards(args.images, args.captions, args.out, maxcount=args.maxcount,
@@ -78,7 +96,7 @@ def run_write(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Decode every sample; the last stdout line is the JSON tally."""
-    from pretrain.data.config import S3Config
+    from data.config import S3Config
     from pretrain.data.verify import verify_shards
 
     report = verify_shards(args.urls, S3Config(endpoint_url=args.endpoint_url),
@@ -86,3 +104,26 @@ def run_verify(args: argparse.Namespace) -> int:
                            tags_key=args.tags_key or None, image_size=args.image_size)
     print(json.dumps(report, sort_keys=True))
     return 0 if report["samples"] > 0 else 1
+
+
+def run_tags(args: argparse.Namespace) -> int:
+    """Count tags, write the top-N vocabulary, print counts and coverage."""
+    from data.config import S3Config
+    from data.sources import expand_urls
+    from data.tags import count_tags, top_tags, write_vocab
+
+    if args.top < 1:
+        print(f"internimage shards tags: --top must be >= 1, got {args.top}", file=sys.stderr)
+        return 2
+    s3 = S3Config(endpoint_url=args.endpoint_url)
+    counts = count_tags(expand_urls(args.urls, s3), args.tags_key, s3)
+    vocab = top_tags(counts.tags, args.top)
+    path = write_vocab(vocab, args.out)
+    for tag in vocab[:args.show]:
+        print(f"{counts.tags[tag]}\t{tag}")
+    report = {"samples": counts.samples, "tagged": counts.tagged,
+              "malformed_tags": counts.malformed, "distinct_tags": len(counts.tags),
+              "vocab": len(vocab), "coverage": round(counts.coverage(vocab), 6),
+              "shard_skips": counts.shard_skips, "out": str(path)}
+    print(json.dumps(report, sort_keys=True))
+    return 0 if counts.tagged > 0 else 1

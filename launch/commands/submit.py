@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from launch.slurm.jobspec import job_spec
 
     profile = _profile(args)
-    spec = job_spec(list(args.job))
+    spec = job_spec(list(args.job), args.cli_parser)
     if args.dry_run:
         _print_dry_run(profile, spec)
         return 0
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     training = TrainingJob(spec.argv, spec.run_dir, max_requeues=profile.max_requeues,
                            save_on_signal=profile.save_on_signal,
                            save_timeout_s=profile.save_timeout_s,
-                           cpus_per_task=profile.cpus_per_task)
+                           cpus_per_task=profile.cpus_per_task, entry=args.cli_entry)
     try:
         job = executor.submit(training)
     except (FailedJobError, FailedSubmissionError) as err:

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,17 @@ def set_resume_auto(argv: list[str]) -> list[str]:
 class TrainingJob(submitit.helpers.Checkpointable):
     """Runs ``internimage <argv>`` in this task; on time-out/preemption, saves and requeues.
 
-    ``argv`` is a full `internimage` command line (``["pretrain", "--output-dir", ...]``)
-    whose run directory is ``run_dir``; rank 0 appends each start, requeue request and
-    give-up to ``run_dir/slurm_jobs.jsonl``.
+    ``argv`` is a full `internimage` command line (``["pretrain", "--output-dir", ...]``),
+    run by ``entry`` (the console script's ``main``), whose run directory is ``run_dir``;
+    rank 0 appends each start, requeue request and give-up to ``run_dir/slurm_jobs.jsonl``.
     """
 
     def __init__(self, argv: list[str], run_dir: str | Path, max_requeues: int = 3,
                  save_on_signal: bool = True, save_timeout_s: float = 60,
-                 cpus_per_task: int = 1) -> None:
+                 cpus_per_task: int = 1, *, entry: Callable[[list[str]], int]) -> None:
+        # ``entry`` (`internimage`'s main, pickled by reference) is handed in rather than
+        # imported here: launch.cli -> commands -> slurm.job must not lead back to launch.cli.
+        self.entry = entry
         self.argv = list(argv)
         self.run_dir = str(Path(run_dir).resolve())
         self.max_requeues = max_requeues
@@ -121,8 +125,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def _run_in_thread(self, argv: list[str]) -> int:
         """Run the command in a worker thread; the main thread stays free for signals."""
-        from launch.cli import main
-
+        main = self.entry
         outcome: dict[str, Any] = {}
 
         def target() -> None:

@@ -55,11 +55,8 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return [*out, flag, value]
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    """Parse like `internimage` itself does (key=value overrides may follow options)."""
-    from launch.cli import build_parser
-
-    parser = build_parser()
+def _parse(argv: list[str], parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse with `internimage`'s own ``parser`` (key=value overrides may follow options)."""
     try:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as err:  # argparse already printed why
@@ -95,9 +92,9 @@ def _secret_keys(args: argparse.Namespace) -> dict[str, str | None]:
         from pretrain.config import PretrainConfig
 
         return secret_keys(PretrainConfig)
-    from launch.commands.finetune import _task
+    from launch.commands.finetune import task_entry
 
-    return secret_keys(_task(args.task)[0])
+    return secret_keys(task_entry(args.task)[0])
 
 
 def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[list[str],
@@ -120,12 +117,13 @@ def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[li
     return out, env
 
 
-def job_spec(job: list[str]) -> JobSpec:
-    """Check ``job`` (``["pretrain", ...]``) and pin its run directory and resume policy."""
+def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
+    """Check ``job`` (``["pretrain", ...]``, parsed by the `internimage` ``parser``) and pin
+    its run directory and resume policy."""
     if not job or job[0] not in JOB_COMMANDS:
         got = job[0] if job else "nothing"
         raise ConfigError(f"submit: the job must be one of {list(JOB_COMMANDS)}, got {got!r}")
-    args = _parse(job)
+    args = _parse(job, parser)
     if args.command == "pretrain":
         from launch.commands.pretrain import load
 

@@ -1,7 +1,8 @@
 """DCNv3: deformable convolution with group-wise, softmax-normalised sampling.
 
-``dcnv3`` is the functional op (backends: ``reference``, pure PyTorch; ``triton``, fused
-kernels when available; ``auto`` picks the best for the tensor's device). ``DCNv3`` is the
+``dcnv3`` is the functional op (backends: ``reference``, pure PyTorch; ``compiled``, the
+same fused by torch.compile, for CPU; ``triton``, fused GPU kernels when available;
+``auto`` picks the best for the tensor's device and size). ``DCNv3`` is the
 module InternImage uses.
 """
 

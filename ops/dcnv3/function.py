@@ -1,22 +1,20 @@
-"""The public DCNv3 op: argument checks and backend dispatch."""
+"""The public DCNv3 op: backend dispatch (the registry and checks live in ``registry``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from ops.dcnv3.cpu_fused import dcnv3_compiled, worth_compiling
 from ops.dcnv3.reference import dcnv3_reference
+from ops.dcnv3.registry import BACKENDS as _BACKENDS
+from ops.dcnv3.registry import Backend, check_inputs, output_size, register_backend
 
-Backend = Callable[..., torch.Tensor]
+__all__ = ["available_backends", "dcnv3", "output_size", "register_backend"]
 
-# name -> implementation; fused backends add themselves when their module imports cleanly.
-_BACKENDS: dict[str, Backend] = {"reference": dcnv3_reference}
-
-
-def register_backend(name: str, fn: Backend) -> None:
-    """Make ``fn`` selectable as ``dcnv3(..., backend=name)``."""
-    _BACKENDS[name] = fn
+# "reference": eager, keeps only the op's inputs for backward (recomputes the samples);
+# "compiled": the same op fused by torch.compile (ops.dcnv3.cpu_fused), made for CPU.
+register_backend("reference", dcnv3_reference)
+register_backend("compiled", dcnv3_compiled)
 
 
 def available_backends() -> list[str]:
@@ -32,16 +30,24 @@ def _load_optional_backends() -> None:
         pass
 
 
-def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length along one axis (the released op's formula)."""
-    return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
+def _cpu_auto(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int, *params,
+) -> torch.Tensor:
+    """``auto`` on CPU: the compiled fused op for large layers (faster than the released
+    grid_sample fallback, and leaner), the eager reference for small ones (no compile)."""
+    if worth_compiling(x, offset, kernel_size):
+        return _BACKENDS["compiled"](x, offset, mask, kernel_size, *params)
+    return _BACKENDS["reference"](x, offset, mask, kernel_size, *params)
 
 
-def _pick_backend(backend: str, device: torch.device) -> Backend:
+def pick_backend(backend: str, device: torch.device) -> Backend:
+    """The backend object ``backend`` ("auto": the fastest available) names on ``device``."""
     if backend == "auto":
         _load_optional_backends()
         if device.type == "cuda" and "triton" in _BACKENDS:
             return _BACKENDS["triton"]
+        if device.type == "cpu":
+            return _cpu_auto
         return _BACKENDS["reference"]
     if backend not in _BACKENDS:
         _load_optional_backends()
@@ -50,43 +56,6 @@ def _pick_backend(backend: str, device: torch.device) -> Backend:
             f"dcnv3: unknown backend {backend!r}; available: {['auto', *available_backends()]}"
         )
     return _BACKENDS[backend]
-
-
-def _check(
-    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int, stride: int,
-    padding: int, dilation: int, groups: int,
-) -> None:
-    for name, t in (("input", x), ("offset", offset), ("mask", mask)):
-        if t.dim() != 4:
-            raise ValueError(f"dcnv3: {name} must be 4-D channels-last (N,H,W,C), "
-                             f"got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"dcnv3: {name} must be floating point, got {t.dtype}")
-    if offset.dtype != x.dtype or mask.dtype != x.dtype:
-        raise TypeError(f"dcnv3: input, offset and mask must share a dtype, got {x.dtype}, "
-                        f"{offset.dtype}, {mask.dtype}")
-    if not (offset.device == x.device == mask.device):
-        raise ValueError("dcnv3: input, offset and mask must be on the same device")
-    for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
-                         ("dilation", dilation, 1), ("padding", padding, 0), ("groups", groups, 1)):
-        if not isinstance(v, int) or v < low:
-            raise ValueError(f"dcnv3: {name} must be an int >= {low}, got {v!r}")
-    n, h, w, c = x.shape
-    if c % groups:
-        raise ValueError(f"dcnv3: channels ({c}) must be divisible by groups ({groups})")
-    ho = output_size(h, kernel_size, stride, padding, dilation)
-    wo = output_size(w, kernel_size, stride, padding, dilation)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"dcnv3: input {h}x{w} is too small for kernel {kernel_size}, "
-                         f"dilation {dilation}, padding {padding}")
-    k = kernel_size * kernel_size
-    want_offset, want_mask = (n, ho, wo, groups * k * 2), (n, ho, wo, groups * k)
-    if tuple(offset.shape) != want_offset:
-        raise ValueError(f"dcnv3: offset must have shape {want_offset} (N,Ho,Wo,G*K*2), "
-                         f"got {tuple(offset.shape)}")
-    if tuple(mask.shape) != want_mask:
-        raise ValueError(f"dcnv3: mask must have shape {want_mask} (N,Ho,Wo,G*K), "
-                         f"got {tuple(mask.shape)}")
 
 
 def dcnv3(
@@ -112,13 +81,16 @@ def dcnv3(
         kernel_size, stride, padding, dilation: the regular grid, as in a convolution.
         groups: G; each group of C/G channels shares offsets and weights.
         offset_scale: scales both the regular grid and the learned offsets.
-        backend: ``"reference"`` (pure PyTorch), ``"triton"`` (fused, when installed) or
-            ``"auto"`` (the best available for the tensor's device).
+        backend: ``"reference"`` (pure PyTorch, eager, memory-lean), ``"compiled"`` (the
+            same op fused by torch.compile, for CPU), ``"triton"`` (fused GPU kernels,
+            when installed) or ``"auto"``: Triton on CUDA; on CPU ``"compiled"`` for
+            layers of at least ``cpu_fused.COMPILE_MIN_SAMPLES`` sampled values, else
+            ``"reference"``.
 
     Returns:
         (N, Ho, Wo, C) in the input's dtype.
     """
-    _check(input, offset, mask, kernel_size, stride, padding, dilation, groups)
-    fn = _pick_backend(backend, input.device)
+    check_inputs(input, offset, mask, kernel_size, stride, padding, dilation, groups)
+    fn = pick_backend(backend, input.device)
     return fn(input, offset, mask, kernel_size, stride, padding, dilation, groups,
               float(offset_scale))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops.dcnv3.function import _pick_backend, dcnv3
+from ops.dcnv3.function import dcnv3, pick_backend
 
 # reset_parameters re-initialises its child Linears, which needs their whole tensors. A
 # wrapper that partitions parameters as modules are built (DeepSpeed's zero.Init, entered
@@ -95,7 +95,7 @@ class DCNv3(nn.Module):
         offset = self.offset(feat)
         # The Triton backend can normalise the mask inside its kernel (attribute set by
         # ops.dcnv3.triton_backend); that skips materialising the mask and its gradient.
-        fused_softmax = getattr(_pick_backend(self.backend, x.device), "fused_softmax", None)
+        fused_softmax = getattr(pick_backend(self.backend, x.device), "fused_softmax", None)
         if fused_softmax is not None:
             logits = self.mask(feat).reshape(n, h, w, -1).to(x_proj.dtype)
             out = fused_softmax(x_proj, offset.to(x_proj.dtype), logits,

@@ -58,10 +58,12 @@ def _grid_coords(
     return centres, taps
 
 
-def _sampling_locations(
+def sampling_locations(
     x: torch.Tensor, offset: torch.Tensor, kernel_size: int, stride: int, padding: int,
     dilation: int, groups: int, offset_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute sampling positions (x, y) in pixels of every (position, group, point), the
+    released op's grid rule; shared by the reference and the CPU fused op."""
     """Pixel coordinates (loc_x, loc_y) of every point, each (N, Ho, Wo, G, K)."""
     n, h, w, _ = x.shape
     _, ho, wo, _ = offset.shape
@@ -104,7 +106,7 @@ def _sample_chunk(
     _, ho, wo, _ = offset.shape
     k = kernel_size * kernel_size
     gc = c // groups
-    loc_x, loc_y = _sampling_locations(x, offset, kernel_size, stride, padding, dilation,
+    loc_x, loc_y = sampling_locations(x, offset, kernel_size, stride, padding, dilation,
                                        groups, offset_scale)
     # The released kernel's test before it samples a point (see the module docstring).
     used = (loc_x > -1) & (loc_x < w) & (loc_y > -1) & (loc_y < h)
@@ -132,7 +134,8 @@ def _chunks(batch: int, per_sample_elements: int) -> list[slice]:
     return [slice(i, min(batch, i + step)) for i in range(0, batch, step)]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU ops compute in for inputs of ``dtype``."""
     # Half types are computed in fp32 (as the fused kernels accumulate in fp32).
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -147,7 +150,9 @@ class _DCNv3Reference(torch.autograd.Function):
         ctx.save_for_backward(x, offset, mask)
         n, ho, wo, _ = offset.shape
         out = x.new_empty((n, ho, wo, x.shape[-1]))
-        cd = _compute_dtype(x.dtype)
+        if x.is_meta:  # no values to compute: shapes and saved tensors are all a probe sees
+            return out
+        cd = compute_dtype(x.dtype)
         per_sample = ho * wo * kernel_size * kernel_size * x.shape[-1]
         for sl in _chunks(n, _CORNERS * per_sample):
             out[sl] = _sample_chunk(x[sl].to(cd), offset[sl].to(cd), mask[sl].to(cd),
@@ -161,7 +166,9 @@ class _DCNv3Reference(torch.autograd.Function):
         kernel_size = ctx.params[0]
         wants = ctx.needs_input_grad[:3]
         grads = [torch.zeros_like(t) if need else None for t, need in zip((x, offset, mask), wants)]
-        cd = _compute_dtype(x.dtype)
+        if x.is_meta:
+            return (*grads, None, None, None, None, None, None)
+        cd = compute_dtype(x.dtype)
         per_sample = offset.shape[1] * offset.shape[2] * kernel_size**2 * x.shape[-1]
         for sl in _chunks(x.shape[0], _CORNERS * per_sample):
             inputs = [t[sl].detach().to(cd).requires_grad_(need)

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 
 from ops.dcnv3 import triton_kernels as kernels
-from ops.dcnv3.function import _check, register_backend
+from ops.dcnv3.registry import check_inputs, register_backend
 
 # Tests set this to fill every output the kernels must fully overwrite with NaN, so that
 # an element a kernel forgets to write shows up instead of silently reading as zero.
@@ -147,7 +147,7 @@ def dcnv3_softmax(
     Equal to ``dcnv3(input, offset, softmax(mask_logits per group), ...)`` but never
     materialises the normalised mask (nor its gradient) in memory. Triton only.
     """
-    _check(input, offset, mask_logits, kernel_size, stride, padding, dilation, groups)
+    check_inputs(input, offset, mask_logits, kernel_size, stride, padding, dilation, groups)
     return torch.ops.internimage.dcnv3_forward(
         input.contiguous(), offset.contiguous(), mask_logits.contiguous(), kernel_size,
         stride, padding, dilation, groups, float(offset_scale), True)

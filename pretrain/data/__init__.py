@@ -1,13 +1,15 @@
-"""Streaming webdataset input pipeline: sources, mixing, decoding, state, shard tools.
+"""The pre-training data recipe: mixing of sources, decoding of image, text and tags, the
+demo's source config (shard I/O and the demo shards themselves live in the top-level
+``data`` package; ``ensure_demo_shards`` and friends are re-exported here for callers).
 
 The trainer calls :func:`build_loader`; the demo calls :func:`ensure_demo_shards`.
 """
 
-from pretrain.data.config import DataConfig, S3Config, SourceConfig
-from pretrain.data.demo import demo_source, demo_source_urls, demo_tag_vocab, ensure_demo_shards
+from data.demo import demo_source_urls, demo_tag_vocab, ensure_demo_shards
+from pretrain.data.config import DataConfig, SourceConfig
+from pretrain.data.demo import demo_source
 from pretrain.data.loader import StreamingLoader, build_loader
-from pretrain.data.stats import SKIP_REASONS, DataStats
 
-__all__ = ["DataConfig", "DataStats", "S3Config", "SKIP_REASONS", "SourceConfig",
+__all__ = ["DataConfig", "SourceConfig",
            "StreamingLoader", "build_loader", "demo_source", "demo_source_urls",
            "demo_tag_vocab", "ensure_demo_shards"]

@@ -9,55 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.redact import secret_field
+from data.config import S3Config, check
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def check(ok: bool, key: str, message: str) -> None:
-    """Raise ``ValueError('key: message')`` unless ``ok``; the launcher turns it into a
-    config error naming the key. Shared by every typed config of the project."""
-    if not ok:
-        raise ValueError(f"{key}: {message}")
-
-
-@dataclass
-class S3Config:
-    """Object storage access (any S3-compatible endpoint) and retry policy for shard reads.
-
-    Unset fields fall back to the standard AWS environment variables (AWS_ENDPOINT_URL,
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).
-    ``key``/``secret``/``token`` are credentials: a run's written ``config.yaml`` holds
-    ``null`` for them (give them again, or through those variables, when resuming), and
-    ``internimage submit`` hands them to the job through those variables.
-    ``retries``/``backoff`` apply to every remote shard (s3://, http(s)://, pipe:), both to
-    opening it and to resuming a read that broke mid-stream.
-    """
-
-    endpoint_url: str | None = None
-    # Credentials: never in a repr, a written config or the config hash (runtime.redact).
-    key: str | None = secret_field(env="AWS_ACCESS_KEY_ID")
-    secret: str | None = secret_field(env="AWS_SECRET_ACCESS_KEY")
-    token: str | None = secret_field(env="AWS_SESSION_TOKEN")
-    region: str | None = None
-    anon: bool = False
-    retries: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 10.0
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    block_size: int = 16 * 2**20
-
-    def __post_init__(self) -> None:
-        check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
-        check(self.backoff >= 0, "s3.backoff", f"must be >= 0, got {self.backoff}")
-        check(self.max_backoff >= self.backoff, "s3.max_backoff", "must be >= s3.backoff")
-        check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
-        check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
-        check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
 
 
 @dataclass
@@ -70,8 +25,9 @@ class SourceConfig:
     ``text_key``: caption member, or None for image-only sources (then no caption needed).
     ``tags_key``: ``ext`` (comma separated text) or ``ext:field`` (a JSON member's list
     field), or None.
-    ``resampled``: draw shards with replacement forever (training); else one pass over the
-    shards in a seeded shuffled order.
+    ``resampled``: epoch after epoch without replacement for ever (training: each epoch
+    deals a seeded permutation of the shards over all rank x worker slots, see
+    :mod:`data.epochs`); else one pass over the shards in a seeded shuffled order.
     """
 
     name: str
@@ -100,6 +56,14 @@ class DataConfig:
 
     ``sources`` may be empty in a config (the CPU demo fills in the built-in digits data,
     see :func:`pretrain.data.demo.demo_source`); :func:`build_loader` requires at least one.
+    ``shuffle_buffer``: raw samples of a worker are shuffled in blocks of this many (0 or
+    1: no shuffle); a resume re-reads at most one block per worker (:mod:`data.stream`).
+    ``shuffle_initial`` is no longer used (blocks need no warm-up); it is still accepted
+    so that existing configs load.
+    ``max_image_pixels``: images whose header declares more pixels are skipped undecoded
+    and counted ``oversized_image``; the default is PIL's own decompression-bomb limit.
+    ``mean``/``std``: CLIP's normalisation by default (OpenAI CLIP's preprocessing); for
+    ImageNet's, use the values of :mod:`models.constants` (defined there once).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -117,6 +81,7 @@ class DataConfig:
     seed: int = 0
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.5
+    max_image_pixels: int = 1024 * 1024 * 1024 // 4 // 3  # PIL's Image.MAX_IMAGE_PIXELS
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     s3: S3Config = field(default_factory=S3Config)
@@ -134,4 +99,6 @@ class DataConfig:
         lo, hi = self.crop_scale
         check(0 < lo <= hi <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {lo, hi}")
         check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        check(self.max_image_pixels >= 1, "data.max_image_pixels",
+              f"must be >= 1, got {self.max_image_pixels}")
         check(all(s > 0 for s in self.std), "data.std", "must be > 0")

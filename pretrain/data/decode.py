@@ -8,9 +8,9 @@ draw from the global torch RNG, which the trainer also uses).
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.sources import RawSample, pick_member
+from data.stats import SkipCounter
+from data.tags import MalformedTags, parse_tags
 from pretrain.data.config import SourceConfig
-from pretrain.data.sources import RawSample
-from pretrain.data.stats import SkipCounter
 
 
 @dataclass
@@ -89,87 +90,117 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+PIL_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+"""PIL's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89,478,485 pixels: ~0.25
+GiB of 3-byte pixels); the default of ``data.max_image_pixels``."""
+
+
+class OversizedImage(ValueError):
+    """An image whose header declares more pixels than the configured limit."""
+
+
+class EmptyImage(ValueError):
+    """An image with no pixels."""
+
+
+@dataclass
+class CropPlan:
+    """Where the output comes from, in the coordinates of the full-size image: ``box``
+    (left, top, right, bottom) resized to ``resize`` (train: the output itself; eval: the
+    short side to S, then the centre ``crop``), then flipped if ``flip``. ``needed``: the
+    smallest full-image size whose ``box`` still has ``resize`` pixels (what a JPEG may be
+    decoded down to without upsampling later)."""
+
+    box: tuple[float, float, float, float]
+    resize: tuple[int, int]
+    crop: tuple[int, int, int, int] | None
+    flip: bool
+    needed: tuple[int, int]
+
+
 class ImageTransform:
-    """PIL image -> normalised float tensor (3, S, S).
+    """Encoded or PIL image -> normalised float tensor (3, S, S).
 
     train: random resized crop (``scale``, aspect 3/4..4/3) + horizontal flip with
     probability ``hflip``; eval: resize the short side to S + centre crop. Bicubic.
+
+    :meth:`decode` (bytes) refuses images over ``max_pixels`` (:class:`OversizedImage`)
+    from the header alone, and decodes a JPEG with PIL's ``draft()``: libjpeg then decodes
+    at 1/2, 1/4 or 1/8 scale (the only JPEG scales; other formats ignore it), the largest
+    whose crop still holds at least S x S pixels, so the bicubic resize never upsamples
+    what full decoding would have downsampled, and the output is at most 2x coarser than
+    the target before the final resize. The crop is drawn on the full-size geometry, so the
+    random draws (and a resumed run) are the same with or without draft.
     """
 
     def __init__(self, size: int, train: bool, mean: tuple[float, ...], std: tuple[float, ...],
-                 scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5):
+                 scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
+                 max_pixels: int = PIL_MAX_IMAGE_PIXELS, draft: bool = True):
         self.size = size
         self.train = train
         self.scale = scale
         self.hflip = hflip
+        self.max_pixels = max_pixels
+        self.draft = draft
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def plan(self, width: int, height: int, rng: random.Random) -> CropPlan:
+        """The crop of a ``width`` x ``height`` image (draws from ``rng`` in train mode:
+        the crop box, then the flip)."""
         s = self.size
         if self.train:
-            left, top, w, h = random_resized_crop_box(img.width, img.height, self.scale,
+            left, top, w, h = random_resized_crop_box(width, height, self.scale,
                                                       (3 / 4, 4 / 3), rng)
-            img = img.resize((s, s), Image.BICUBIC, box=(left, top, left + w, top + h))
-            if rng.random() < self.hflip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            short = min(img.width, img.height)
-            w, h = round(img.width * s / short), round(img.height * s / short)
-            left, top = (w - s) // 2, (h - s) // 2
-            img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + s, top + s))
+            flip = rng.random() < self.hflip
+            needed = (math.ceil(width * s / w), math.ceil(height * s / h))
+            return CropPlan((left, top, left + w, top + h), (s, s), None, flip, needed)
+        short = min(width, height)
+        w, h = round(width * s / short), round(height * s / short)
+        left, top = (w - s) // 2, (h - s) // 2
+        return CropPlan((0, 0, width, height), (w, h), (left, top, left + s, top + s), False,
+                        (w, h))
+
+    def apply(self, img: Image.Image, plan: CropPlan, full_size: tuple[int, int] | None = None
+              ) -> torch.Tensor:
+        """``plan`` carried out on ``img``, an RGB image that may be a reduced decode of a
+        ``full_size`` image (the plan's box is scaled to it)."""
+        fx, fy = ((img.width / full_size[0], img.height / full_size[1]) if full_size
+                  else (1.0, 1.0))
+        left, top, right, bottom = plan.box
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        img = img.resize(plan.resize, Image.BICUBIC, box=box)
+        if plan.crop is not None:
+            img = img.crop(plan.crop)
+        if plan.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return (x.float().div_(255.0) - self.mean) / self.std
 
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        """Transform an already decoded RGB image."""
+        return self.apply(img, self.plan(img.width, img.height, rng))
 
-EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpeg", "jpg"), "tif": ("tif", "tiff"),
-               "tiff": ("tiff", "tif")}
-"""Spellings of one format: a ``.jpeg`` (or ``.JPEG``: members are keyed lower-case) image
-answers ``image_key: jpg``, as in webdataset's own image decoder, which treats both alike."""
-
-
-def pick_member(sample: RawSample, alternatives: str) -> bytes | None:
-    """The first present member among ``a;b;c`` (each also under its :data:`EXT_ALIASES`)."""
-    for ext in alternatives.split(";"):
-        for spelling in EXT_ALIASES.get(ext, (ext,)):
-            if spelling and spelling in sample:
-                return sample[spelling]
-    return None
-
-
-class MalformedTags(ValueError):
-    """A tags member that is present but cannot be read as tags."""
-
-
-def parse_tags(sample: RawSample, tags_key: str | None) -> list[str] | None:
-    """Tags of a sample: ``ext:field`` reads a JSON member's list field, ``ext`` a comma
-    separated text member. None when absent (no member, no such field, null or empty).
-    Raises :class:`MalformedTags` for a member that is not valid JSON / UTF-8 or a field
-    that is not a list or string (the caller keeps the sample untagged and counts it)."""
-    if tags_key is None:
-        return None
-    ext, _, fld = tags_key.partition(":")
-    data = sample.get(ext)
-    if not data:
-        return None
-    try:
-        if fld:
-            doc = json.loads(data)
-            if not isinstance(doc, dict):
-                raise MalformedTags(f"{ext} holds a JSON {type(doc).__name__}, not an object")
-            value = doc.get(fld)
-        else:
-            value = data.decode("utf-8").split(",")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MalformedTags(str(err)) from None
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise MalformedTags(f"{tags_key} is a {type(value).__name__}, not a list")
-    tags = [str(t).strip() for t in value if str(t).strip()]
-    return tags or None
+    def decode(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """Decode ``data`` and transform it (see the class docstring). Raises
+        :class:`OversizedImage`, or PIL's errors for data it cannot decode."""
+        with warnings.catch_warnings():
+            # Our limit is checked below from the header; PIL would only warn here (and
+            # raise DecompressionBombError itself beyond twice its own limit).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            width, height = img.size
+            if width * height > self.max_pixels:
+                raise OversizedImage(f"{width}x{height} pixels > limit {self.max_pixels}")
+            if width == 0 or height == 0:
+                raise EmptyImage(f"{width}x{height} image")
+            plan = self.plan(width, height, rng)
+            if self.draft and img.format == "JPEG":
+                img.draft("RGB", plan.needed)
+            img.load()  # decode fully now: truncated files raise here, not later
+            rgb = img.convert("RGB")
+        return self.apply(rgb, plan, (width, height))
 
 
 def sample_tags(raw: RawSample, source: SourceConfig, counter: SkipCounter
@@ -206,15 +237,15 @@ def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransfor
             counter.skip(source.name, "missing_caption")
             return None
     try:
-        with Image.open(io.BytesIO(image_bytes)) as img:
-            img.load()  # decode fully now: truncated files raise here, not later
-            rgb = img.convert("RGB")
+        image = transform.decode(image_bytes, rng)
+    except (OversizedImage, Image.DecompressionBombError):
+        counter.skip(source.name, "oversized_image")
+        return None
+    except EmptyImage:
+        counter.skip(source.name, "empty_image")
+        return None
     except Exception:
         counter.skip(source.name, "undecodable_image")
         return None
-    if rgb.width == 0 or rgb.height == 0:
-        counter.skip(source.name, "empty_image")
-        return None
-    image = transform(rgb, rng)
     return Sample(image, caption, sample_tags(raw, source, counter),
                   f"{raw['__url__'].rsplit('/', 1)[-1]}/{raw['__key__']}")

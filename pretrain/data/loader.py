@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.epochs import extra_offsets, parts_per_shard
+from data.sources import expand_urls
+from data.state import PipelineState, derive_seed, dist_info
+from data.stats import DataStats, SkipCounter
+from data.stream import MixedStream, SourceCursor, SourceStream
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import ImageTransform, Sample, TagVocab, decode_sample
-from pretrain.data.mix import mix_streams
-from pretrain.data.sources import RawSample, expand_urls, shards_for_slot, source_samples
-from pretrain.data.state import PipelineState, derive_seed, dist_info
-from pretrain.data.stats import DataStats, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class WorkerStreams(IterableDataset):
 
     def __init__(self, cfg: DataConfig, shard_urls: list[list[str]], rank: int,
                  world_size: int, train: bool, workers: int, epoch: int,
-                 positions: dict[int, int], rotation: int, tokenizer: Any):
+                 positions: dict[int, dict[str, Any]], rotation: int, tokenizer: Any):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -65,54 +66,53 @@ class WorkerStreams(IterableDataset):
         physical = info.id if info is not None else 0
         yield from self.batches((physical + self.rotation) % self.workers)
 
-    def raw_stream(self, worker: int, counter: SkipCounter
-                   ) -> Iterator[tuple[int, int, RawSample]]:
-        """(index, source id, raw sample) of logical ``worker``: its sources' shards split
-        by slot, shuffled and mixed by weight, all seeded by (seed, slot, epoch)."""
+    def mixed_stream(self, worker: int, counter: SkipCounter) -> MixedStream:
+        """The raw samples of logical ``worker``: every source's epochs dealt over all
+        (rank, worker) slots (:mod:`data.epochs`), mixed by weight and shuffled in blocks
+        (:mod:`data.stream`), resumed from the worker's saved state if there is one."""
         cfg = self.cfg
         nslots = self.world_size * self.workers
         slot = self.rank * self.workers + worker
-        streams = []
-        for i, (source, urls) in enumerate(zip(cfg.sources, self.shard_urls, strict=True)):
-            resampled = source.resampled and self.train
-            owned = shards_for_slot(urls, slot, nslots, resampled)
-            seed = derive_seed(cfg.seed, "source", i, slot, nslots, self.epoch)
-            streams.append(source_samples(
-                source, owned, resampled, seed, cfg.s3, counter,
-                shuffle_buffer=cfg.shuffle_buffer if self.train else 0,
-                shuffle_initial=cfg.shuffle_initial, shuffle_shards=self.train))
-        rng = random.Random(derive_seed(cfg.seed, "mix", slot, nslots, self.epoch))
-        mixed = mix_streams(streams, [s.weight for s in cfg.sources], rng)
-        for index, (source_id, raw) in enumerate(mixed):
-            yield index, source_id, raw
+
+        resampled = [s.resampled and self.train for s in cfg.sources]
+        units = [len(urls) * (parts_per_shard(len(urls), nslots) if r else 1)
+                 for urls, r in zip(self.shard_urls, resampled, strict=True)]
+        offsets, stride = extra_offsets(units, nslots)
+
+        def make_sources(cursors: list[SourceCursor] | None) -> list[SourceStream]:
+            return [SourceStream(source.name, urls, slot, nslots, cfg.seed, cfg.s3, counter,
+                                 resampled=resampled[i], shuffle=self.train,
+                                 first_epoch=self.epoch,
+                                 cursor=cursors[i] if cursors is not None else None,
+                                 deal_offset=offsets[i], deal_stride=stride)
+                    for i, (source, urls) in enumerate(zip(cfg.sources, self.shard_urls,
+                                                           strict=True))]
+
+        return MixedStream(make_sources, [s.weight for s in cfg.sources],
+                           derive_seed(cfg.seed, self.epoch), slot,
+                           cfg.shuffle_buffer if self.train else 0, counter,
+                           state=self.positions.get(worker))
 
     def batches(self, worker: int) -> Iterator[Batch]:
-        """Decoded batches of logical ``worker``, starting at its saved position (earlier
-        raw samples are skipped undecoded). A final batch may be short, or empty when only
-        skip counts are left to report."""
+        """Decoded batches of logical ``worker``, continuing from its saved state. A final
+        batch may be short, or empty when only skip counts are left to report."""
         cfg = self.cfg
         counter = SkipCounter()
-        start = self.positions.get(worker, 0)
-        # Counts of what happens while fast-forwarding were already reported before the
-        # checkpoint (they are in the restored totals).
-        counter.muted = start > 0
         transform = ImageTransform(cfg.image_size, self.train, cfg.mean, cfg.std,
-                                   cfg.crop_scale, cfg.hflip)
+                                   cfg.crop_scale, cfg.hflip, cfg.max_image_pixels)
         vocab = TagVocab.load(cfg.tag_vocab)
         tokenizer = self.tokenizer
         slot = (self.rank * self.workers + worker, self.world_size * self.workers)
         pending: list[tuple[int, Sample]] = []
-        index = start - 1
-        for index, source_id, raw in self.raw_stream(worker, counter):
-            if index < start:
-                continue
-            counter.muted = False
+        mixed = self.mixed_stream(worker, counter)
+        for source_id, raw in mixed:
+            index = mixed.index - 1  # the raw sample's number in this worker's stream
             rng = random.Random(derive_seed(cfg.seed, "aug", *slot, self.epoch, index))
             sample = decode_sample(raw, cfg.sources[source_id], transform, rng, counter)
             if sample is not None:
                 pending.append((source_id, sample))
             if len(pending) == cfg.batch_size:
-                yield self.collate(pending, worker, index, counter, vocab, tokenizer)
+                yield self.collate(pending, worker, mixed.state(), counter, vocab, tokenizer)
                 pending = []
         if self.train and all(s.resampled for s in cfg.sources):
             # Resampled streams are endless: ending means every source gave up (all its
@@ -122,10 +122,9 @@ class WorkerStreams(IterableDataset):
                 f"data: every source stream of rank {self.rank} worker {worker} ended (all "
                 f"their shards are missing or unreadable: see the errors logged above); "
                 f"training cannot go on")
-        counter.muted = False
-        yield self.collate(pending, worker, max(index, start - 1), counter, vocab, tokenizer)
+        yield self.collate(pending, worker, mixed.state(), counter, vocab, tokenizer)
 
-    def collate(self, pending: list[tuple[int, Sample]], worker: int, last_index: int,
+    def collate(self, pending: list[tuple[int, Sample]], worker: int, state: dict[str, Any],
                 counter: SkipCounter, vocab: TagVocab, tokenizer) -> Batch:
         """Stack samples into the batch dict plus the bookkeeping the loader strips off."""
         cfg = self.cfg
@@ -147,7 +146,7 @@ class WorkerStreams(IterableDataset):
             "source_ids": torch.tensor([i for i, _ in pending], dtype=torch.long),
             "keys": [s.key for _, s in pending],
             "worker": worker,
-            "last_index": last_index,
+            "state": state,
             "counts": counter.drain(),
         }
 
@@ -176,14 +175,15 @@ class StreamingLoader:
         # open_clip's import (seconds); also fails early on a bad tokenizer name.
         self.tokenizer = _tokenizer(cfg.tokenizer)
         self.shard_urls = [expand_urls(s.urls, cfg.s3) for s in cfg.sources]
+        nslots = world_size * self.workers
         for source, urls in zip(cfg.sources, self.shard_urls, strict=True):
             if not urls:
                 raise ValueError(f"sources.{source.name}.urls: no shard URLs")
-            nslots = world_size * self.workers
-            if train and source.resampled and len(urls) < nslots and rank == 0:
-                log.warning("source %r has %d shards for %d rank x worker slots: slots "
-                            "share shards (resampled independently)", source.name,
-                            len(urls), nslots)
+            parts = parts_per_shard(len(urls), nslots)
+            if train and source.resampled and parts > 1 and rank == 0:
+                log.info("source %r has %d shards for %d rank x worker slots: each shard is "
+                         "read as %d parts (disjoint samples), its bytes %d times per epoch",
+                         source.name, len(urls), nslots, parts, parts)
         self._state = PipelineState(cfg.seed, rank, world_size, self.workers,
                                     [s.name for s in cfg.sources])
         self.stats = DataStats()
@@ -199,12 +199,18 @@ class StreamingLoader:
         if self.cfg.workers > 0:
             extra = {"prefetch_factor": self.cfg.prefetch_factor,
                      "persistent_workers": self.cfg.persistent_workers}
+        # Its own generator: without one, starting the DataLoader's iterator draws the
+        # workers' base seed from torch's global RNG (torch.utils.data docs, `generator`),
+        # which the training step draws from too (M3I views and masks, drop path). A resumed
+        # run restores that RNG and starts a new iterator, so the draw would shift every
+        # later random number. The workers seed themselves (derive_seed), not from it.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                            pin_memory=self.cfg.pin_memory, **extra)
+                            pin_memory=self.cfg.pin_memory,
+                            generator=torch.Generator().manual_seed(self.cfg.seed), **extra)
         names = [s.name for s in self.cfg.sources]
         for batch in loader:
             worker = batch["worker"]
-            st.positions[worker] = batch.pop("last_index") + 1
+            st.positions[worker] = batch.pop("state")
             st.next_worker = (worker + 1) % self.workers
             self.stats.add_counts(batch.pop("counts"))
             if len(batch["keys"]) == 0:
@@ -223,20 +229,44 @@ class StreamingLoader:
         self._state.stats = self.stats.to_dict()
         return self._state.to_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Continue from ``state`` at the next iteration; ValueError if it was saved with
-        a different seed, rank, world size, worker count or source list."""
+        a different seed, rank, world size, worker count or source list.
+
+        ``state`` may also be every old rank's state (``[rank 0's, rank 1's, ...]``): then
+        a run with another world size or worker count resumes at shard granularity
+        (:mod:`data.redeal`: what the old slots left of the current epochs is re-dealt over
+        the new slots; what is repeated is logged)."""
+        if isinstance(state, list):
+            first = PipelineState.from_dict(state[0])
+            if (first.world_size, first.workers) == (self.world_size, self.workers):
+                state = state[self.rank]
+            else:
+                self._load_resized(state)
+                return
         saved = PipelineState.from_dict(state)
         self._state.check_compatible(saved)
         self._state.epoch, self._state.next_worker = saved.epoch, saved.next_worker
         self._state.positions = dict(saved.positions)
         self.stats = DataStats.from_dict(saved.stats)
 
+    def _load_resized(self, states: list[dict[str, Any]]) -> None:
+        from data.redeal import SourceSpec, resized_state
+
+        specs = [SourceSpec(s.name, urls, s.resampled and self.train, self.train)
+                 for s, urls in zip(self.cfg.sources, self.shard_urls, strict=True)]
+        new = resized_state(states, specs, self.rank, self.world_size, self.workers,
+                            self.cfg.seed)
+        self._state.epoch, self._state.next_worker = new.epoch, new.next_worker
+        self._state.positions = dict(new.positions)
+        self.stats = DataStats.from_dict(new.stats) if new.stats else DataStats()
+
 
 def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
                  train: bool = True, state: dict[str, Any] | None = None) -> StreamingLoader:
     """The loader of this rank. ``rank``/``world_size`` default to torch.distributed, then
     RANK/WORLD_SIZE, then a single process. ``train=False``: eval transform, no shuffling,
-    one pass over every source's shards. ``state``: from :meth:`StreamingLoader.state_dict`.
+    one pass over every source's shards. ``state``: from :meth:`StreamingLoader.state_dict`,
+    or the list of every rank's (needed when the world size or worker count changed).
     """
     return StreamingLoader(cfg, rank, world_size, train, state)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.data.config import DataConfig, S3Config, SourceConfig
+from data.config import S3Config
+from data.sources import expand_urls
+from pretrain.data.config import DataConfig, SourceConfig
 from pretrain.data.loader import build_loader
-from pretrain.data.sources import expand_urls
 
 
 def verify_shards(urls: list[str] | str, s3: S3Config | None = None,

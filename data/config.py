@@ -1,0 +1,61 @@
+"""Typed configuration shared by every task's shard I/O: object storage access and retries.
+
+``check`` is the one validation helper of the project's typed configs: ``launch.config``
+turns the ``ValueError('key: message')`` it raises into a config error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.redact import secret_field
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ValueError('key: message')`` unless ``ok``; the launcher turns it into a
+    config error naming the key. Shared by every typed config of the project."""
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class S3Config:
+    """Object storage access (any S3-compatible endpoint) and retry policy for shard reads.
+
+    Unset fields fall back to the standard AWS environment variables (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION).
+    ``key``/``secret``/``token`` are credentials: a run's written ``config.yaml`` holds
+    ``null`` for them (give them again, or through those variables, when resuming), and
+    ``internimage submit`` hands them to the job through those variables.
+    ``retries``/``backoff`` apply to every remote shard (s3://, http(s)://, pipe:), both to
+    opening it and to resuming a read that broke mid-stream.
+    ``prefetch_bytes``: how much of the next shard a stream fetches in the background while
+    it decodes the current one (:class:`data.storage.ShardPrefetcher`); 0 turns it off.
+    """
+
+    endpoint_url: str | None = None
+    # Credentials: never in a repr, a written config or the config hash (runtime.redact).
+    key: str | None = secret_field(env="AWS_ACCESS_KEY_ID")
+    secret: str | None = secret_field(env="AWS_SECRET_ACCESS_KEY")
+    token: str | None = secret_field(env="AWS_SESSION_TOKEN")
+    region: str | None = None
+    anon: bool = False
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    block_size: int = 16 * 2**20
+    # First bytes of the next shard fetched while the current one is decoded (0: off);
+    # per source stream, so a node holds up to workers x sources x this much.
+    prefetch_bytes: int = 32 * 2**20
+
+    def __post_init__(self) -> None:
+        check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
+        check(self.backoff >= 0, "s3.backoff", f"must be >= 0, got {self.backoff}")
+        check(self.max_backoff >= self.backoff, "s3.max_backoff", "must be >= s3.backoff")
+        check(self.connect_timeout > 0, "s3.connect_timeout", "must be > 0")
+        check(self.read_timeout > 0, "s3.read_timeout", "must be > 0")
+        check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
+        check(self.prefetch_bytes >= 0, "s3.prefetch_bytes",
+              f"must be >= 0 (0: no prefetch), got {self.prefetch_bytes}")

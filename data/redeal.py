@@ -1,0 +1,221 @@
+"""Resume on another slot count (ranks x workers): what the old slots left of the current
+epochs, re-dealt over the new slots, at shard granularity.
+
+The saved per-slot cursors (:class:`data.stream.SourceCursor`) say, per source, which units
+(shards, or parts of shards) of each epoch a slot has finished, which one it is inside (at
+which byte offset) and which it set aside after a failed read. For each source, with
+``E`` the oldest epoch any old slot is still in and ``L`` the newest one any slot reached,
+the units of epochs ``E`` .. ``L`` that no old slot finished are dealt round the new slots
+(epoch by epoch, keeping the old permutation's order); each new slot reads its entries
+first, then goes on with the ordinary deal of epoch ``L + 1`` over the new slot count
+(:mod:`data.epochs`). So every unit of those epochs is read exactly once across the change:
+
+- a unit an old slot was inside goes on at its saved byte offset (nothing of it repeated);
+- nothing is skipped;
+- repeated: the samples of each old worker's current shuffle block that were already
+  handed out (a saved cursor is the block's start, see :mod:`data.stream`; the new slots
+  cannot re-create another slot's block), at most ``shuffle_buffer`` per old worker. The
+  count is logged and returned (per old worker's block, not per source: a block mixes
+  sources).
+
+Units keep the split they were dealt with (their key names ``#part/parts``), so a source
+read in parts under the old slot count is finished in the same parts. Dropped and damaged
+keys of every old slot are carried to every new slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from data.epochs import extra_offsets, first_slot, parts_per_shard, slot_units
+from data.state import PipelineState, derive_seed
+from data.stream import SourceCursor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceSpec:
+    """How a source is dealt: its name, shard URLs, and whether it runs epochs forever
+    (``resampled``) in a seeded order (``shuffle``)."""
+
+    name: str
+    urls: list[str]
+    resampled: bool = True
+    shuffle: bool = True
+
+
+@dataclass
+class Redeal:
+    """The outcome for every new slot: ``positions[slot]`` (a :class:`MixedStream` state),
+    and what the change costs: ``units[source]`` re-dealt, ``resumed[source]`` of them at
+    a byte offset, ``repeated`` samples (already handed out, read again)."""
+
+    positions: list[dict[str, Any]]
+    units: dict[str, int] = field(default_factory=dict)
+    resumed: dict[str, int] = field(default_factory=dict)
+    repeated: int = 0
+
+
+def _key(urls: list[str], unit_id: int, parts: int) -> str:
+    shard, part = divmod(int(unit_id), parts)
+    return urls[shard] if parts == 1 else f"{urls[shard]}#{part}/{parts}"
+
+
+class _OldDeal:
+    """The deal of one source under the old slot count (what each old slot was given)."""
+
+    def __init__(self, spec: SourceSpec, nslots: int, seed: int, offset: int, stride: int):
+        self.spec, self.nslots, self.seed = spec, nslots, seed
+        self.offset, self.stride = offset, stride
+        self.parts = parts_per_shard(len(spec.urls), nslots) if spec.resampled else 1
+
+    def share(self, slot: int, epoch: int) -> list[str]:
+        """Keys old ``slot`` was dealt in ``epoch``, in reading order."""
+        start = first_slot(self.nslots, epoch, self.offset, self.stride)
+        ids = slot_units(len(self.spec.urls) * self.parts, self.nslots, slot, self.seed,
+                         self.spec.name, epoch, self.spec.shuffle, start)
+        return [_key(self.spec.urls, u, self.parts) for u in ids]
+
+
+def _entries(c: SourceCursor, deal: _OldDeal, slot: int) -> tuple[list[list], int]:
+    """``[epoch, key, *start]`` of this slot's share from its current epoch on, and the
+    epoch after it: the entries before ``position`` are started, the rest not."""
+    if c.share is not None:
+        return [list(e) for e in c.share], c.share_last + 1
+    return [[c.epoch, k] for k in deal.share(slot, c.epoch)], c.epoch + 1
+
+
+def _left(cursors: list[SourceCursor], deal: _OldDeal
+          ) -> tuple[dict[int, list[list]], int, int]:
+    """Per epoch, the entries ``[epoch, key]`` no old slot finished (in slot order, each
+    slot's in its reading order), with ``offset, samples, compressed`` appended for units an
+    old slot was inside or set aside; the first and last epoch concerned."""
+    current, tails = [], []
+    for slot, c in enumerate(cursors):
+        entries, after = _entries(c, deal, slot)
+        started = entries[:c.position]
+        now = started[-1][0] if started else (entries[0][0] if entries else after)
+        if c.position >= len(entries) and c.unit is None:
+            now = after
+        current.append(now)
+        tails.append((entries, after))
+    first, last = min(current), max(current)
+    left: dict[int, list[list]] = {e: [] for e in range(first, last + 1)}
+    for slot, c in enumerate(cursors):
+        entries, after = tails[slot]
+        if c.unit is not None:  # inside a unit: it goes on at its byte offset
+            epoch = entries[c.position - 1][0] if c.position else current[slot]
+            left.setdefault(epoch, []).append([epoch, c.unit, c.offset, c.samples,
+                                               c.compressed])
+        for key, (offset, samples, compressed, _failures) in c.aside.items():
+            left.setdefault(current[slot], []).append([current[slot], key, offset, samples,
+                                                       compressed])
+        for entry in entries[c.position:]:
+            left.setdefault(entry[0], []).append(entry)
+        for epoch in range(after, last + 1):  # epochs this slot had not reached
+            left.setdefault(epoch, []).extend([epoch, k] for k in deal.share(slot, epoch))
+    return left, first, last
+
+
+def redeal_source(cursors: list[SourceCursor], spec: SourceSpec, old_nslots: int,
+                  new_nslots: int, seed: int, offset: int = 0, stride: int = 0
+                  ) -> tuple[list[SourceCursor], int, int]:
+    """New cursors (one per new slot) for one source from the old slots' ``cursors``
+    (``offset``/``stride``: the old deal's, :func:`data.epochs.extra_offsets`); also the
+    number of units re-dealt and of units resumed at a byte offset."""
+    if len(cursors) != old_nslots:
+        raise ValueError(f"source {spec.name!r}: {len(cursors)} saved cursors for "
+                         f"{old_nslots} old slots")
+    deal = _OldDeal(spec, old_nslots, seed, offset, stride)
+    left, first, last = _left(cursors, deal)
+    dropped = sorted({k for c in cursors for k in c.dropped})
+    damaged = sorted({k for c in cursors for k in c.damaged})
+    shares: list[list[list]] = [[] for _ in range(new_nslots)]
+    turn = 0  # extra units go round the new slots epoch after epoch
+    for epoch in range(first, last + 1):
+        entries = [e for e in left.get(epoch, []) if e[1] not in dropped]
+        for i, entry in enumerate(entries):
+            shares[(turn + i) % new_nslots].append(entry)
+        turn = (turn + len(entries)) % new_nslots
+    total = sum(len(s) for s in shares)
+    resumed = sum(len(e) > 2 for share in shares for e in share)
+    out = [SourceCursor(epoch=first, share=share, share_last=last, share_total=total,
+                        dropped=list(dropped), damaged=list(damaged))
+           for share in shares]
+    return out, total, resumed
+
+
+def _merge(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for key, value in d.items():
+            out[key] = _merge([out.get(key, {}), value]) if isinstance(value, dict) \
+                else out.get(key, 0) + value
+    return out
+
+
+def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int,
+           workers: int, seed: int) -> Redeal:
+    """Every new slot's position from every old rank's saved
+    :meth:`PipelineState.to_dict` (``saved[rank]``), for ``world_size`` x ``workers``
+    slots. Raises ValueError naming what differs if the streams themselves changed."""
+    states = [PipelineState.from_dict(s) for s in saved]
+    old = states[0]
+    names = [s.name for s in specs]
+    for st in states:
+        if st.seed != seed or st.sources != names:
+            raise ValueError(f"data state: saved seed={st.seed} sources={st.sources} but this "
+                             f"run has seed={seed} sources={names}; the sample streams differ")
+    if len(states) != old.world_size:
+        raise ValueError(f"data state: {len(states)} ranks saved, expected {old.world_size}")
+    old_nslots, new_nslots = old.world_size * old.workers, world_size * workers
+    mixes = [st.positions.get(w, {}) for st in states for w in range(old.workers)]
+    if any(m and m.get("sources") is None for m in mixes):
+        raise ValueError("data state: a worker's saved position has no source cursors")
+    result = Redeal(positions=[])
+    per_source: list[list[SourceCursor]] = []
+    units = [len(sp.urls) * (parts_per_shard(len(sp.urls), old_nslots) if sp.resampled else 1)
+             for sp in specs]
+    offsets, stride = extra_offsets(units, old_nslots)
+    for i, spec in enumerate(specs):
+        cursors = [SourceCursor.from_dict(m["sources"][i]) if m else SourceCursor(
+            epoch=old.epoch) for m in mixes]
+        new, n, resumed = redeal_source(cursors, spec, old_nslots, new_nslots, seed,
+                                        offsets[i], stride)
+        per_source.append(new)
+        result.units[spec.name], result.resumed[spec.name] = n, resumed
+    result.repeated = sum(m.get("emitted", 0) for m in mixes if m)
+    draws = max((m.get("draws", 0) for m in mixes if m), default=0)
+    index = max((m.get("index", 0) for m in mixes if m), default=0)
+    for slot in range(new_nslots):
+        # a fresh block numbering and mix draws past any old slot's (new seeds, no reuse)
+        result.positions.append({"block": derive_seed(seed, "redeal", new_nslots, slot) % 2**31,
+                                 "emitted": 0, "draws": draws, "index": index,
+                                 "sources": [per_source[i][slot].to_dict()
+                                             for i in range(len(specs))]})
+    return result
+
+
+def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: int,
+                  world_size: int, workers: int, seed: int) -> PipelineState:
+    """This rank's :class:`PipelineState` after :func:`redeal`, logging (on rank 0) what
+    the change re-deals, resumes at a byte offset and repeats. Stats totals of every old
+    rank go to rank 0 (so their sum over ranks stays the run's total)."""
+    old = PipelineState.from_dict(saved[0])
+    out = redeal(saved, specs, world_size, workers, seed)
+    if rank == 0:
+        for name in out.units:
+            log.warning("data: resuming %d ranks x %d workers on %d x %d: source %r: %d "
+                        "unfinished units of the current epoch(s) re-dealt over the new slots "
+                        "(%d continue at their saved byte offset), none skipped",
+                        old.world_size, old.workers, world_size, workers, name,
+                        out.units[name], out.resumed[name])
+        log.warning("data: %d samples repeated across the change (handed out from the old "
+                    "workers' current shuffle blocks, which are read again)", out.repeated)
+    positions = {w: out.positions[rank * workers + w] for w in range(workers)}
+    stats = _merge([PipelineState.from_dict(s).stats for s in saved]) if rank == 0 else {}
+    return PipelineState(seed, rank, world_size, workers, [s.name for s in specs],
+                         epoch=old.epoch, next_worker=0, positions=positions, stats=stats)

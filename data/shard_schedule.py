@@ -1,0 +1,209 @@
+"""The fault policy of a source stream: which shard it reads next, and what becomes of a
+shard whose read did not complete.
+
+Each read of a shard ends one of four ways (``read_shard``'s ``outcome["status"]``):
+
+- ``complete``: nothing to do; a resampled stream may draw the shard again.
+- ``missing`` (404 / ``NoSuchKey``, no such file): counted ``missing_shard`` by the read, at
+  once and without retry delay; this process never reads it again.
+- ``damaged`` (not a tar, cut short, a corrupt header: bytes that will not change when read
+  again): counted once per process (``unreadable_shard`` or ``truncated_shard``, plus
+  ``lost_samples``). A shard that gave no sample is never read again; one with a readable
+  start stays in a resampled stream's draw (its start is good data) and is not counted again.
+- ``failed`` (the store did not answer after the reader's in-place retries: connection
+  refused or reset, timeouts, 5xx, 403...): the shard is set aside with a cursor at its
+  first undelivered sample and retried after a cooldown that doubles from ``s3.max_backoff``
+  up to :data:`COOLDOWN_CAP_S`; the retry continues at the cursor, so no sample is lost or
+  repeated. After two failed reads in a row, or with nothing left but set-aside shards, the
+  stream waits for its storage (a warning at once and every :data:`WAIT_LOG_EVERY_S`; it
+  retries set-aside shards, and starts a fresh one only once each of those failed
+  :data:`SHARD_ATTEMPTS` times): an outage pauses the stream, it never ends a source. A
+  shard is given up (counted ``unreadable_shard``) only after :data:`SHARD_ATTEMPTS` reads
+  in a row that delivered nothing, and only if other reads of the stream delivered samples
+  since its first failure: when the store answers but that shard does not. Alone, or while
+  nothing else is readable, it is retried for ever.
+
+A resampled stream ends only when every shard it owns is missing, unreadable or given up
+(an error is logged and ``sources_ended`` counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from data.config import S3Config
+from data.stats import SkipCounter
+from data.storage import redact_url
+from data.tar_stream import ShardCursor
+
+log = logging.getLogger(__name__)
+
+SHARD_ATTEMPTS = 4
+"""Failed reads in a row (delivering nothing) before a shard may be given up."""
+COOLDOWN_CAP_S = 60.0
+"""Longest wait before a failed shard is tried again (also: how late, at most, a stream
+notices that its storage is back)."""
+WAIT_LOG_EVERY_S = 60.0
+"""How often a waiting stream repeats its warning."""
+
+
+@dataclass
+class SetAside:
+    """A shard set aside after a transient failure: where to resume it, failures so far,
+    when the first one happened."""
+    cursor: ShardCursor
+    failures: int
+    first_failure: float
+    due: float = 0.0
+    error: str = ""
+
+
+class ShardSchedule:
+    """Shards to read, in order, for one source stream, with the policy above.
+
+    Iterate to get ``(url, cursor)``: cursor None for a fresh read from the start, else the
+    place where the shard's earlier read broke. After each read, call :meth:`report` with
+    its outcome. ``draws``: the shard order (endless when ``resampled``); ``owned``: how
+    many distinct shards it holds. ``give_up(url, cursor)`` counts a shard given up.
+    ``clock`` and ``sleep`` are injectable for tests.
+
+    The stream is *waiting for storage* from two failed reads in a row (or from having
+    nothing but set-aside shards left) until a read delivers again. Meanwhile it retries
+    the set-aside shard due first and starts no fresh shard, which would most likely fail
+    too after its own ~15 s of in-place retries (see :meth:`_may_start_fresh`); it warns on
+    entering and every :data:`WAIT_LOG_EVERY_S`.
+    """
+
+    def __init__(self, draws: Iterator[str], owned: int, resampled: bool, source: str,
+                 s3: S3Config, counter: SkipCounter,
+                 give_up: Callable[[str, ShardCursor], None],
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.draws, self.owned, self.resampled = draws, owned, resampled
+        self.source, self.s3, self.counter, self.give_up = source, s3, counter, give_up
+        self.clock, self.sleep = clock, sleep
+        self.dropped: set[str] = set()  # missing, unreadable or given up: never read again
+        self.damaged: set[str] = set()  # damage already counted by this process
+        self.aside: dict[str, SetAside] = {}
+        self.last_progress = -math.inf  # when a read last delivered samples or completed
+        self.failures_in_row = 0
+        self.waiting_since: float | None = None
+        self._last_warning = -math.inf
+        self._last_error = ""
+
+    def __iter__(self) -> Iterator[tuple[str, ShardCursor | None]]:
+        while True:
+            url = self._due()
+            if url is not None:
+                yield url, self.aside[url].cursor
+                continue
+            if self.resampled and len(self.dropped) >= self.owned:
+                log.error("source %r: all %d shards of this stream are missing or unreadable; "
+                          "ending its stream", self.source, self.owned)
+                self.counter.event(self.source, "sources_ended")
+                return
+            url = self._draw() if self._may_start_fresh() else None
+            if url is not None:
+                yield url, None
+            elif self.aside:
+                self._wait()
+            else:
+                return  # one pass done
+
+    def _due(self) -> str | None:
+        now = self.clock()
+        due = [(entry.due, url) for url, entry in self.aside.items() if entry.due <= now]
+        return min(due)[1] if due else None
+
+    def _may_start_fresh(self) -> bool:
+        # While waiting for storage, a fresh shard would most likely fail as well; but if
+        # only shards that keep failing are left, one fresh read tells a dead store from
+        # a few dead shards (and lets those be given up).
+        return self.waiting_since is None or all(
+            entry.failures >= SHARD_ATTEMPTS for entry in self.aside.values())
+
+    def _draw(self) -> str | None:
+        if self.resampled and len(self.dropped) + len(self.aside) >= self.owned:
+            return None  # nothing readable until a set-aside shard is due
+        for url in self.draws:
+            if url not in self.dropped and url not in self.aside:
+                return url
+        return None
+
+    def _wait(self) -> None:
+        now = self.clock()
+        self._start_waiting(now)
+        delay = max(0.0, min(entry.due for entry in self.aside.values()) - now)
+        self._warn(now, delay)
+        self.sleep(delay)
+
+    def _start_waiting(self, now: float) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = now
+            self.counter.event(self.source, "storage_waits")
+
+    def _warn(self, now: float, next_try: float) -> None:
+        if now - self._last_warning < WAIT_LOG_EVERY_S:
+            return
+        self._last_warning = now
+        log.warning("source %r: storage unavailable: %d shard(s) of this stream failed to "
+                    "read and wait for a retry (last error: %s); waiting for %.0f s so far, "
+                    "next try in %.1f s", self.source, len(self.aside), self._last_error,
+                    now - self.waiting_since, next_try)
+
+    def report(self, url: str, outcome: dict[str, Any]) -> None:
+        """Apply the policy to the outcome of the read of ``url`` just finished."""
+        status = outcome["status"]
+        now = self.clock()
+        if status == "complete" or outcome["samples"] > 0:
+            self._progress(now)
+        if status == "failed":
+            self._set_aside(url, outcome, now)
+            return
+        self.aside.pop(url, None)
+        if status == "missing":
+            self.dropped.add(url)
+        elif status == "damaged":
+            self.damaged.add(url)
+            if outcome["cursor"].samples == 0:
+                self.dropped.add(url)
+
+    def _progress(self, now: float) -> None:
+        self.last_progress = now
+        self.failures_in_row = 0
+        if self.waiting_since is not None:
+            waited = now - self.waiting_since
+            log.warning("source %r: storage answers again after %.0f s; going on",
+                        self.source, waited)
+            self.counter.event(self.source, "storage_wait_seconds", round(waited))
+            self.waiting_since, self._last_warning = None, -math.inf
+
+    def _set_aside(self, url: str, outcome: dict[str, Any], now: float) -> None:
+        entry = self.aside.get(url)
+        if entry is None or outcome["samples"] > 0:
+            entry = SetAside(outcome["cursor"], 0, now)
+        entry.failures += 1
+        entry.cursor, entry.error = outcome["cursor"], outcome["error"]
+        self._last_error = f"{redact_url(url)}: {entry.error}"
+        self.failures_in_row += 1  # after report()'s reset, if this read delivered first
+        if entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure:
+            log.warning("source %r: giving up shard %s after %d failed reads while other "
+                        "shards could be read (last error: %s)", self.source,
+                        redact_url(url), entry.failures, entry.error)
+            self.aside.pop(url, None)
+            self.dropped.add(url)
+            self.give_up(url, entry.cursor)
+            return
+        cooldown = min(max(self.s3.max_backoff, 0.01) * 2 ** (entry.failures - 1),
+                       COOLDOWN_CAP_S)
+        entry.due = now + cooldown
+        self.aside[url] = entry
+        self.counter.event(self.source, "shard_failures")
+        if self.failures_in_row >= 2:
+            self._start_waiting(now)
+            self._warn(now, max(0.0, min(e.due for e in self.aside.values()) - now))

@@ -1,0 +1,221 @@
+"""Per-source shard I/O: shard URL lists, tar members grouped into raw samples (and which
+member of a sample to read), and the accounting of shards that are missing, damaged or
+fail to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import braceexpand
+from webdataset.tariterators import base_plus_ext
+
+from data.config import S3Config
+from data.stats import SkipCounter
+from data.storage import RetryingReader, is_missing, read_small, redact_url
+from data.tar_stream import ShardCursor, TarDamage, open_tar_stream, tar_members
+
+log = logging.getLogger(__name__)
+
+RawSample = dict[str, Any]
+"""Tar members of one sample by lower-case extension, plus ``__key__`` and ``__url__``."""
+
+EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpeg", "jpg"), "tif": ("tif", "tiff"),
+               "tiff": ("tiff", "tif")}
+"""Spellings of one format: a ``.jpeg`` (or ``.JPEG``: members are keyed lower-case) image
+answers ``image_key: jpg``, as in webdataset's own image decoder, which treats both alike."""
+
+
+def pick_member(sample: RawSample, alternatives: str) -> bytes | None:
+    """The first present member among ``a;b;c`` (each also under its :data:`EXT_ALIASES`).
+
+    Shared by pre-training's decoder and streamed classification, so both read the same
+    member of a sample."""
+    for ext in alternatives.split(";"):
+        for spelling in EXT_ALIASES.get(ext, (ext,)):
+            if spelling and spelling in sample:
+                return sample[spelling]
+    return None
+
+
+def expand_urls(urls: list[str] | str, s3: S3Config | None = None) -> list[str]:
+    """All shard URLs of a source, in order.
+
+    Each item is a brace pattern (``{000000..041407}``; several may be joined with ``::``
+    as in webdataset), or a path/URL ending in ``.txt`` listing shard URLs (one per line,
+    ``#`` comments allowed; lines may use braces too).
+    """
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for part in item.split("::"):
+            part = part.strip()
+            if not part:
+                continue
+            if part.endswith(".txt"):
+                out.extend(expand_urls(_read_list(part, s3 or S3Config()), s3))
+            else:
+                out.extend(braceexpand.braceexpand(part))
+    return out
+
+
+def _read_list(url: str, s3: S3Config) -> list[str]:
+    with RetryingReader(url, s3) as reader:
+        text = reader.read().decode("utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def stats_sidecar(url: str) -> str | None:
+    """URL of img2dataset's per-shard statistics file (``00042.tar`` -> ``00042_stats.json``,
+    written next to each shard; its ``successes`` field is the shard's sample count), or
+    None for URLs that are not plain shard files."""
+    if url.startswith("pipe:"):
+        return None
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if url.endswith(suffix):
+            return url[: -len(suffix)] + "_stats.json"
+    return None
+
+
+def shard_sample_count(url: str, s3: S3Config) -> int | None:
+    """How many samples the shard holds, when its img2dataset ``_stats.json`` says so (one
+    small read, only made for a shard that broke); None when unknown."""
+    sidecar = stats_sidecar(url)
+    if sidecar is None:
+        return None
+    try:
+        count = json.loads(read_small(sidecar, s3)).get("successes")
+    except Exception:  # absent or unreadable: the count is simply unknown
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def count_lost(url: str, source: str, s3: S3Config, counter: SkipCounter, delivered: int,
+               partial: bool) -> int:
+    """Count and return the samples of a shard that a broken read did not deliver.
+
+    With the shard's sample count known (:func:`shard_sample_count`): that count minus the
+    ``delivered`` complete samples, exactly. Without it: only the sample cut in the middle
+    (``partial``), a lower bound: samples after a break cannot be seen.
+    """
+    total = shard_sample_count(url, s3)
+    lost = max(total - delivered, int(partial)) if total is not None else int(partial)
+    counter.skip(source, "lost_samples", lost)
+    return lost
+
+
+def _new_outcome(cursor: ShardCursor) -> dict[str, Any]:
+    return {"status": "complete", "failed": False, "samples": 0, "cursor": cursor,
+            "error": ""}
+
+
+def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
+               outcome: dict[str, Any] | None = None, cursor: ShardCursor | None = None,
+               count_damage: bool = True, opener: Callable[..., Any] | None = None
+               ) -> Iterator[RawSample]:
+    """Raw samples of one tar shard, in tar order, from ``cursor`` (None: the start).
+
+    ``outcome`` is filled in for the caller: ``status`` (``complete``, ``missing``,
+    ``damaged`` or ``failed``, see :mod:`data.shard_schedule`), ``failed`` (not
+    complete), ``samples`` (delivered by this read), ``cursor`` (where a retry goes on) and
+    ``error``. A missing shard is counted ``missing_shard``. A damaged one (``count_damage``)
+    is counted ``unreadable_shard`` when nothing of it could be parsed, else
+    ``truncated_shard``, plus ``lost_samples`` (:func:`count_lost`) and ``unread_bytes``
+    (the bytes after the break, when the object size is known). ``opener(url, events,
+    start)``: opens the byte stream instead of :class:`~data.storage.RetryingReader` (a
+    :class:`~data.storage.ShardPrefetcher`'s ``open``). A failed read counts nothing
+    here: the caller retries it later or counts it. The last sample before a break is
+    delivered only when the break is inside a member of another sample; otherwise its
+    missing members may be the ones that were cut, and it is dropped and counted lost.
+    """
+    outcome = outcome if outcome is not None else {}
+    cursor = cursor or ShardCursor()
+    outcome.update(_new_outcome(cursor))
+    events: dict[str, int] = {}
+    start = 0 if cursor.compressed else cursor.offset
+    try:
+        reader = (opener(url, events, start) if opener is not None
+                  else RetryingReader(url, s3, events, start=start))
+    except Exception as err:
+        _opening_failed(url, source, counter, outcome, err)
+        counter.event(source, "shard_retries", events.get("shard_retries", 0))
+        return
+    current: RawSample | None = None
+    last_end = start  # where the member read last ends: the next sample may start there
+    done = cursor.samples if not cursor.compressed else 0  # complete samples passed
+    try:
+        with reader:
+            counter.event(source, "shards_opened")
+            stream, compressed = open_tar_stream(reader)
+            for member in tar_members(stream, 0 if compressed else start):
+                prefix, ext = base_plus_ext(member.name)
+                if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                if current is not None and current["__key__"] != prefix:
+                    done += 1
+                    if done > cursor.samples:  # else: passed before the break (compressed)
+                        outcome["samples"] += 1
+                        outcome["cursor"] = ShardCursor(member.offset, done, compressed)
+                        yield current  # before reading on: a break below must not cost it
+                    current = None
+                if current is None:
+                    current = {"__key__": prefix, "__url__": url}
+                current[ext.lower()] = member.data
+                last_end = member.end
+            if current is not None and done + 1 > cursor.samples:
+                outcome["samples"] += 1
+                # at the end-of-archive marker: a read from here finds no more samples
+                outcome["cursor"] = ShardCursor(last_end, done + 1, compressed)
+                yield current
+    except TarDamage as damage:
+        outcome.update(status="damaged", failed=True, error=str(damage))
+        cut_key = base_plus_ext(damage.member)[0] if damage.member else None
+        if current is not None and cut_key is not None and cut_key != current["__key__"]:
+            done += 1  # the break is in the next sample's member: this one is whole
+            outcome["samples"] += 1
+            outcome["cursor"] = ShardCursor(last_end, done, compressed)
+            yield current
+            current = None
+        if count_damage:
+            _count_damage(url, source, s3, counter, damage, reader.size, done,
+                          partial=current is not None or cut_key is not None)
+    except Exception as err:
+        outcome.update(status="failed", failed=True, error=_describe(err))
+        log.warning("shard %s of source %r: read broke after %d samples (%s); it will be "
+                    "resumed there", redact_url(url), source, outcome["samples"],
+                    outcome["error"])
+    finally:
+        counter.event(source, "shard_retries", events.get("shard_retries", 0))
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {redact_url(str(err))[:200]}"
+
+
+def _opening_failed(url: str, source: str, counter: SkipCounter, outcome: dict[str, Any],
+                    err: BaseException) -> None:
+    outcome.update(failed=True, error=_describe(err))
+    if is_missing(err):
+        outcome["status"] = "missing"
+        counter.skip(source, "missing_shard")
+        log.warning("shard %s of source %r does not exist (%s); skipped", redact_url(url),
+                    source, outcome["error"])
+    else:
+        outcome["status"] = "failed"
+        log.warning("shard %s of source %r could not be opened (%s)", redact_url(url), source,
+                    outcome["error"])
+
+
+def _count_damage(url: str, source: str, s3: S3Config, counter: SkipCounter,
+                  damage: TarDamage, size: int | None, delivered: int, partial: bool) -> None:
+    reason = "unreadable_shard" if damage.offset == 0 else "truncated_shard"
+    counter.skip(source, reason)
+    lost = count_lost(url, source, s3, counter, delivered, partial)
+    unread = size - damage.offset if size is not None and size > damage.offset else 0
+    counter.event(source, "unread_bytes", unread)
+    log.warning("shard %s of source %r is damaged: %s (counted %s; %d samples delivered, %d "
+                "counted lost, %d bytes not read)", redact_url(url), source, damage, reason,
+                delivered, lost, unread)

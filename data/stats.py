@@ -1,0 +1,105 @@
+"""Counting what the pipeline skipped and saw, across DataLoader worker processes.
+
+Workers are separate processes, so each worker keeps a local :class:`SkipCounter` and ships
+the counts accumulated since its previous batch inside that batch (``batch["counts"]``);
+the loader in the main process folds them into one :class:`DataStats` the trainer reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "oversized_image",
+                "missing_caption", "missing_shard", "unreadable_shard", "truncated_shard",
+                "lost_samples")
+"""Why a sample, or a whole shard (the ``*_shard`` reasons), was dropped.
+
+``oversized_image``: the image header declares more pixels than ``data.max_image_pixels``
+(not decoded). ``missing_shard``: the shard does not exist (404 / NoSuchKey).
+``unreadable_shard``: nothing of it could be read (not a tar), or it failed every retry
+while other shards could be read.
+``truncated_shard``: it broke before its end-of-archive marker (cut short, a corrupt header).
+``lost_samples``: samples of damaged or given-up shards that were not delivered: exact when
+the shard's sample count is known (img2dataset's ``<shard>_stats.json``), else only the
+sample cut in the middle (see :func:`data.sources.count_lost`).
+"""
+
+
+class SkipCounter:
+    """Per-worker counts keyed ``(kind, source, name)``; ``drain`` hands over and resets.
+
+    kinds: ``skip`` (reasons in :data:`SKIP_REASONS`) and ``event`` (things that are not
+    drops: ``unknown_tags``, ``malformed_tags``, ``shards_opened``, ``shard_retries`` (in-place
+    re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
+    ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
+    after a break in a damaged shard), ``sources_ended``).
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str, str]] = Counter()
+        self.muted = False
+
+    def skip(self, source: str, reason: str, n: int = 1) -> None:
+        """Count ``n`` dropped samples (or shards) of ``source`` for ``reason``."""
+        if not self.muted and n:
+            self._counts["skip", source, reason] += n
+
+    def event(self, source: str, name: str, n: int = 1) -> None:
+        """Count ``n`` occurrences of a non-dropping event."""
+        if not self.muted and n:
+            self._counts["event", source, name] += n
+
+    def drain(self) -> list[tuple[str, str, str, int]]:
+        """All counts since the last drain (picklable), then start again from zero."""
+        out = [(k, s, n, c) for (k, s, n), c in self._counts.items()]
+        self._counts.clear()
+        return out
+
+
+@dataclass
+class DataStats:
+    """Totals over all workers of one loader, as seen by the consumer (main process).
+
+    ``samples``: good samples delivered per source (the realised mix). ``skipped``: per
+    reason, ``skipped_by_source``: per source and reason; ``events``: e.g. unknown_tags,
+    shard_retries, shards_opened.
+    """
+
+    samples: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_by_source: dict[str, Counter] = field(default_factory=dict)
+    events: Counter = field(default_factory=Counter)
+
+    def add_counts(self, counts: list[tuple[str, str, str, int]]) -> None:
+        """Fold one batch's drained worker counts in."""
+        for kind, source, name, n in counts:
+            if kind == "skip":
+                self.skipped[name] += n
+                self.skipped_by_source.setdefault(source, Counter())[name] += n
+            else:
+                self.events[name] += n
+
+    @property
+    def total_skipped(self) -> int:
+        """All dropped samples and shards."""
+        return sum(self.skipped.values())
+
+    def mix(self) -> dict[str, float]:
+        """Realised fraction of delivered samples per source."""
+        total = sum(self.samples.values())
+        return {k: v / total for k, v in sorted(self.samples.items())} if total else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready totals (also the form stored in checkpoints)."""
+        return {"samples": dict(self.samples), "skipped": dict(self.skipped),
+                "skipped_by_source": {k: dict(v) for k, v in self.skipped_by_source.items()},
+                "events": dict(self.events)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataStats:
+        """Inverse of :meth:`to_dict`."""
+        return cls(Counter(d.get("samples", {})), Counter(d.get("skipped", {})),
+                   {k: Counter(v) for k, v in d.get("skipped_by_source", {}).items()},
+                   Counter(d.get("events", {})))

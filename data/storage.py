@@ -1,0 +1,374 @@
+"""Opening shards: local paths, ``s3://`` through s3fs, everything else through webdataset's
+``gopen`` (``pipe:``, ``http(s)://``...), with retries, resumable reads and redacted logs.
+
+A missing object (S3 ``NoSuchKey``/``NoSuchBucket``/404, which s3fs raises as
+``FileNotFoundError``; a missing local file) fails at once: waiting will not create it. Every
+other error is retried in place. Where the object size is known (s3fs asks for it when it
+opens an object; local files), a stream that ends before that size is a broken read, retried
+like any other, never a silent end of the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from data.config import S3Config
+
+log = logging.getLogger(__name__)
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_PARAM = re.compile(
+    r"(?i)(?P<name>[?&](?:x-amz-[a-z-]*|signature|sig|token|key|secret|password|"
+    r"access_?key[a-z_]*|aws_[a-z_]+)=)[^&\s]*")
+_SECRET_FLAG = re.compile(r"(?i)(?P<name>--?(?:password|secret|token|key)[= ])\S+")
+_SECRET_ENV = re.compile(r"(?P<name>AWS_(?:SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)=)\S+")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with credentials removed, safe to log.
+
+    Drops user:password@ in any embedded URL (also inside ``pipe:`` commands), signed-URL
+    query parameters, ``--password X`` style flags and inline AWS variables.
+    """
+    url = _USERINFO.sub(r"\g<scheme>***@", url)
+    url = _SECRET_PARAM.sub(r"\g<name>***", url)
+    url = _SECRET_FLAG.sub(r"\g<name>***", url)
+    return _SECRET_ENV.sub(r"\g<name>***", url)
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs whose failures may be transient (network, object store, commands)."""
+    scheme = urlsplit(url).scheme
+    return scheme not in ("", "file") and not re.match(r"^[a-zA-Z]:[\\/]", url)
+
+
+_FS_CACHE: dict[tuple[int, str], Any] = {}
+
+
+def s3_filesystem(cfg: S3Config) -> Any:
+    """An s3fs filesystem for ``cfg``, one per process (s3fs clients do not survive fork)."""
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+    cache_key = (os.getpid(), repr((endpoint, cfg.key, cfg.secret, cfg.token, cfg.region,
+                                    cfg.anon, cfg.connect_timeout, cfg.read_timeout)))
+    fs = _FS_CACHE.get(cache_key)
+    if fs is None:
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        if cfg.region or os.environ.get("AWS_DEFAULT_REGION"):
+            client_kwargs["region_name"] = cfg.region or os.environ["AWS_DEFAULT_REGION"]
+        fs = s3fs.S3FileSystem(
+            anon=cfg.anon,
+            endpoint_url=endpoint,
+            key=cfg.key or None,  # None: botocore reads AWS_ACCESS_KEY_ID & co. itself
+            secret=cfg.secret or None,
+            token=cfg.token or None,
+            client_kwargs=client_kwargs,
+            # Our own loop (RetryingReader) owns the retry policy, with backoff long enough
+            # to ride out an endpoint restart; botocore and s3fs only retry briefly.
+            config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
+                           "connect_timeout": cfg.connect_timeout,
+                           "read_timeout": cfg.read_timeout},
+            skip_instance_cache=True,
+            default_block_size=cfg.block_size,
+        )
+        fs.retries = 2
+        _FS_CACHE[cache_key] = fs
+    return fs
+
+
+def _open_once(url: str, cfg: S3Config, offset: int) -> IO[bytes]:
+    """``url`` opened for reading at byte ``offset``, one attempt."""
+    if url.startswith("s3://"):
+        f = s3_filesystem(cfg).open(url, "rb", block_size=cfg.block_size,
+                                    cache_type="readahead")
+        if offset:
+            f.seek(offset)
+        return f
+    if not is_remote(url):
+        path = urlsplit(url).path if url.startswith("file:") else url
+        f = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed by RetryingReader
+        if offset:
+            f.seek(offset)
+        return f
+    import webdataset as wds
+
+    f = wds.gopen(url, "rb")
+    if offset:  # pipes and HTTP streams cannot seek: skip forward by reading
+        remaining = offset
+        while remaining:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise OSError(f"stream ended before offset {offset}")
+            remaining -= len(chunk)
+    return f
+
+
+def object_size(f: IO[bytes]) -> int | None:
+    """Size in bytes of the object behind an open stream, if the stream knows it: s3fs files
+    carry it (from the HEAD request s3fs makes when opening), local files have fstat;
+    pipes and HTTP streams do not."""
+    size = getattr(f, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe's st_size means nothing
+
+
+def is_missing(err: BaseException) -> bool:
+    """True when ``err`` says the shard does not exist: a missing local path, or an object
+    store's 404 / ``NoSuchKey`` / ``NoSuchBucket`` (s3fs raises those as FileNotFoundError;
+    a botocore ``ClientError`` carries the code in its response)."""
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    response = getattr(err, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code in ("NoSuchKey", "NoSuchBucket", "404")
+
+
+def _retry_in_place(url: str, err: BaseException) -> bool:
+    # A missing object will not appear by waiting, and a local permission error will not go
+    # away: both fail at once. Anything else may be the network or the store: retry.
+    if is_missing(err):
+        return False
+    return is_remote(url) or not isinstance(err, PermissionError)
+
+
+class ShortReadError(OSError):
+    """A stream ended before the object's known size: the connection broke silently."""
+
+
+def read_small(url: str, cfg: S3Config, limit: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes of a small object (a sidecar file), one attempt, no retries."""
+    f = _open_once(url, cfg, 0)
+    try:
+        return f.read(limit)
+    finally:
+        f.close()
+
+
+class RetryingReader:
+    """A read-only byte stream over one shard that survives transient failures.
+
+    On an error while opening or reading, it waits (exponential backoff), reopens the shard
+    and continues at the byte offset where the read broke, up to ``cfg.retries`` times in a
+    row; then the error propagates and the caller decides (see ``shard_schedule``). A
+    missing object raises at once (:func:`is_missing`). ``size`` is the object's size when
+    known; reaching end-of-stream before it raises :class:`ShortReadError`, retried as a
+    broken read. ``start``: the byte offset to begin at. ``events`` counts the retries so
+    the pipeline can report them.
+    """
+
+    def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None,
+                 start: int = 0):
+        self.url = url
+        self.cfg = cfg
+        self.events = events if events is not None else {}
+        self.offset = start
+        self.size: int | None = None
+        self._f: IO[bytes] | None = None
+        self._call(lambda: None)  # open eagerly so an unreachable shard fails here
+
+    def _call(self, op):
+        failures = 0
+        while True:
+            try:
+                if self._f is None:
+                    self._f = _open_once(self.url, self.cfg, self.offset)
+                    if self.size is None:
+                        self.size = object_size(self._f)
+                return op()
+            except Exception as err:
+                self._drop()
+                if not _retry_in_place(self.url, err) or failures >= self.cfg.retries:
+                    raise
+                delay = min(self.cfg.backoff * 2**failures, self.cfg.max_backoff)
+                failures += 1
+                self.events["shard_retries"] = self.events.get("shard_retries", 0) + 1
+                log.warning("shard %s: %s: %s; retry %d/%d in %.1fs", redact_url(self.url),
+                            type(err).__name__, redact_url(str(err))[:200], failures,
+                            self.cfg.retries, delay)
+                time.sleep(delay)
+
+    def read(self, n: int = -1) -> bytes:
+        """Read up to ``n`` bytes (all remaining for -1), retrying transient failures."""
+        data = self._call(lambda: self._read_checked(n))
+        self.offset += len(data)
+        return data
+
+    def _read_checked(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if not data and n != 0:
+            if self.size is not None and self.offset < self.size:
+                raise ShortReadError(f"stream ended at byte {self.offset} of {self.size}")
+            wait = getattr(self._f, "wait_for_child", None)  # webdataset's pipe: / curl
+            if wait is not None:
+                wait()  # a command's output is whole only if it exited 0: raises otherwise
+        return data
+
+    def _drop(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # a broken connection may fail to close; nothing to save
+                pass
+            self._f = None
+
+    def close(self) -> None:
+        """Close the underlying stream."""
+        self._drop()
+
+    def __enter__(self) -> RetryingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Prefetch:
+    """One background fetch: the first bytes of a shard, or the error that stopped it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.events: dict[str, int] = {}
+        self.chunks: list[bytes] = []
+        self.reader: RetryingReader | None = None
+        self.error: BaseException | None = None
+        self.eof = False
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+class PrefetchedReader:
+    """A shard's byte stream whose first bytes were fetched ahead (:class:`ShardPrefetcher`):
+    serves them, then carries on with the prefetch's own :class:`RetryingReader` (already
+    at the right offset), or raises the error that stopped the prefetch at exactly the byte
+    where it stopped (what the reader would have raised had it been read now)."""
+
+    def __init__(self, job: _Prefetch):
+        self._job = job
+        self._buf = b"".join(job.chunks)
+        job.chunks = []
+        self._pos = 0
+        self.size = job.reader.size if job.reader is not None else None
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all remaining for -1)."""
+        if self._pos < len(self._buf):
+            end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
+            data = self._buf[self._pos:end]
+            self._pos = end
+            if n < 0:
+                data += self._rest(-1)
+            return data
+        return self._rest(n)
+
+    def _rest(self, n: int) -> bytes:
+        job = self._job
+        if job.error is not None:
+            raise job.error
+        if job.eof or job.reader is None:
+            return b""
+        return job.reader.read(n)
+
+    def close(self) -> None:
+        """Close the underlying stream."""
+        self._buf = b""
+        self._job.close()
+
+    def __enter__(self) -> PrefetchedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShardPrefetcher:
+    """Fetches the first ``cfg.prefetch_bytes`` of the shard a stream will read next, in a
+    background thread, while the stream decodes the current one.
+
+    At most one shard ahead (a new :meth:`start` cancels an unclaimed fetch of another
+    shard), so memory is bounded by ``prefetch_bytes`` per stream. :meth:`open` claims the
+    fetch when it is for the same URL from byte 0, else opens the shard as usual; either
+    way the caller gets the same bytes and the same errors, raised where it would have met
+    them (a missing shard at open, a read that failed every retry at the byte where it
+    failed) and the prefetch's retries are added to the caller's ``events``. The order of
+    shards, and so the samples and resume cursors, does not depend on prefetching: a wrong
+    guess only costs the wasted fetch (its retries are not counted).
+    """
+
+    def __init__(self, cfg: S3Config, chunk: int = 1 << 20):
+        self.cfg = cfg
+        self.chunk = chunk
+        self._job: _Prefetch | None = None
+
+    def start(self, url: str) -> None:
+        """Begin fetching ``url`` in the background (no-op if already fetching it)."""
+        if self.cfg.prefetch_bytes <= 0 or (self._job is not None and self._job.url == url):
+            return
+        self.cancel()
+        job = self._job = _Prefetch(url)
+        threading.Thread(target=self._fetch, args=(job,), name="shard-prefetch",
+                         daemon=True).start()
+
+    def _fetch(self, job: _Prefetch) -> None:
+        got = 0
+        try:
+            job.reader = RetryingReader(job.url, self.cfg, job.events)
+            while got < self.cfg.prefetch_bytes and not job.cancelled:
+                data = job.reader.read(min(self.chunk, self.cfg.prefetch_bytes - got))
+                if not data:
+                    job.eof = True
+                    break
+                job.chunks.append(data)
+                got += len(data)
+        except Exception as err:  # handed to whoever claims the shard, at the same point
+            job.error = err
+        finally:
+            if job.cancelled:
+                job.close()
+            job.done.set()
+
+    def cancel(self) -> None:
+        """Drop the unclaimed fetch, if any."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.cancelled = True
+            if job.done.is_set():
+                job.close()
+            job.chunks = []
+
+    def open(self, url: str, events: dict[str, int], start: int = 0
+             ) -> RetryingReader | PrefetchedReader:
+        """``url`` opened for reading at byte ``start`` (see the class docstring)."""
+        job = self._job
+        if job is None or job.url != url or start != 0:
+            self.cancel()
+            return RetryingReader(url, self.cfg, events, start=start)
+        self._job = None
+        job.done.wait()
+        for name, n in job.events.items():
+            events[name] = events.get(name, 0) + n
+        if job.reader is None:  # opening failed: raise as RetryingReader would have
+            raise job.error
+        job.reader.events = events  # retries from here on are the caller's
+        return PrefetchedReader(job)
+
+    def close(self) -> None:
+        """Drop any unclaimed fetch (call when the stream ends)."""
+        self.cancel()

@@ -1,0 +1,414 @@
+"""Resumable raw-sample streams of one (rank, worker) slot: per source, then mixed and
+shuffled, each with a constant-size cursor that a resumed run restores without replay.
+
+**Source cursor** (:class:`SourceStream`, one per source and slot): the source's epoch and
+the position in this slot's share of that epoch's shard permutation (:mod:`data.epochs`),
+the unit being read (shard URL and part), the byte offset of the next tar header in it and
+the samples passed in it, and the fault state of :class:`~data.shard_schedule.ShardSchedule`
+(shards set aside with their own cursors, shards dropped as missing or unreadable, shards
+whose damage was counted). Resuming opens the current shard once, at that byte offset (a
+local file seeks, ``s3://`` issues one ranged GET through s3fs), and nothing before it is
+read again. A compressed shard cannot be entered mid-way: it is read again from its start
+(bounded by one shard).
+
+**Mix** (:class:`MixedStream`): draw ``k`` of the slot picks its source from a uniform
+number derived from ``(seed, slot, k)`` against the weights of the sources still going, so
+the mix is a function of the draw counter and the cursors alone (no RNG state to save or
+replay). Each weight is scaled by the slot's share of the source's current epoch
+(:meth:`SourceStream.share`): slots dealt more units draw the source more often, so all
+slots end an epoch of a source at about the same time, and cluster-wide the mix is the
+configured one (``tests/test_data_epochs.py`` simulates the H recipe at 4,096 slots).
+
+**Shuffle buffer: references, re-fetched.** Raw samples are shuffled in blocks of
+``shuffle_buffer`` consecutive draws, each block permuted by a seed derived from
+``(seed, slot, block number)``. The saved state names the block by the source cursors and
+draw counter at its start (those are its references) plus how many of its samples were
+emitted; a resumed stream re-reads that one block (at most ``shuffle_buffer`` raw samples,
+starting with one ranged read per source), skips the emitted samples and continues, so
+the resumed stream is exactly the uninterrupted one from the saved point on. Counts made
+while re-reading the block were already reported before the checkpoint and are muted.
+(The alternative, dropping the buffer and refilling it, would lose up to a buffer of
+samples per worker at every resume and make the resumed stream differ.)
+
+**Cost at scale** (427M samples, 44k shards, 512 GPUs x 8 workers = 4,096 slots): a resume
+computes one permutation per source (44k integers in all, milliseconds), opens one ranged
+read per source and worker (3 x 4,096 GETs cluster-wide) and re-reads at most one shuffle
+block per worker: ``shuffle_buffer`` raw samples, on average half of them not yet emitted
+(the default 1,000 x ~50 KB = ~50 MB per worker, ~200 GB cluster-wide, read in parallel by
+4,096 readers; the H preset's 5,000: ~250 MB per worker, ~1 TB cluster-wide; a smaller
+buffer costs proportionally less). None of it grows with the samples consumed: the same
+after 10^3 samples or after 30 epochs (the replay it replaces read ~7.5 TB after 300M
+samples). The saved state is a few hundred bytes per worker plus the (rare) set-aside and
+dropped shard names. Measured: ``benchmarks/data_resume.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from data.config import S3Config
+from data.epochs import first_slot, parts_per_shard, slot_units, unit_of
+from data.shard_schedule import SetAside, ShardSchedule
+from data.sources import RawSample, count_lost, read_shard
+from data.state import derive_seed
+from data.stats import SkipCounter
+from data.storage import ShardPrefetcher
+from data.tar_stream import ShardCursor
+
+log = logging.getLogger(__name__)
+
+_U63 = float(2**63)
+
+
+@dataclass
+class SourceCursor:
+    """Where one source stream of one slot is (JSON-ready through :meth:`to_dict`).
+
+    ``epoch``/``position``: the next unit to start is ``position`` in this slot's share of
+    epoch ``epoch``. ``unit``: the unit being read (its key: the shard URL, plus ``#r/m``
+    for part ``r`` of ``m``), None between units; ``offset``: tar byte of its next sample's
+    header; ``samples``: samples of the shard passed. ``aside``: key -> ``[offset, samples,
+    compressed, failures]`` of shards whose read failed and waits for a retry; ``dropped``:
+    keys never read again (missing, unreadable, given up); ``damaged``: keys whose damage
+    was already counted.
+
+    After a resume on another slot count (:mod:`data.redeal`): ``share``, when not None,
+    replaces this slot's deal: ``[epoch, key]`` entries, the slot's part of what the old
+    slots left of epochs ``epoch`` .. ``share_last`` (``position`` indexes it); dealing goes
+    on at epoch ``share_last + 1``. ``share_total``: entries over all new slots (the mixer's
+    weight scale). An entry ``[epoch, key, offset, samples, compressed]`` is a unit an old
+    slot was inside: it goes on at that byte offset.
+    """
+
+    epoch: int = 0
+    position: int = 0
+    unit: str | None = None
+    offset: int = 0
+    samples: int = 0
+    compressed: bool = False
+    aside: dict[str, list] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    share: list[list] | None = None
+    share_last: int = 0
+    share_total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceCursor:
+        """Inverse of :meth:`to_dict`."""
+        share = d.get("share")
+        return cls(**{**d, "aside": {k: list(v) for k, v in d["aside"].items()},
+                      "dropped": list(d["dropped"]), "damaged": list(d["damaged"]),
+                      "share": [list(e) for e in share] if share is not None else None})
+
+
+class SourceStream:
+    """Raw samples of one source for one slot, epoch after epoch without replacement, with
+    the fault policy of :class:`~data.shard_schedule.ShardSchedule` and a resumable
+    :class:`SourceCursor` (:meth:`cursor` after any sample; ``cursor=`` to resume).
+
+    ``resampled``: epochs forever, shards split into parts when the source has fewer
+    shards than slots; else one pass (epoch ``first_epoch`` only, whole shards).
+    ``shuffle``: seeded permutation per epoch; else the listed order.
+    ``deal_offset``/``deal_stride``: where the epoch's dealing starts
+    (:func:`data.epochs.first_slot`; :func:`data.epochs.extra_offsets` gives them).
+    """
+
+    def __init__(self, name: str, urls: list[str], slot: int, nslots: int, seed: int,
+                 s3: S3Config, counter: SkipCounter, resampled: bool = True,
+                 shuffle: bool = True, first_epoch: int = 0,
+                 cursor: SourceCursor | None = None, deal_offset: int = 0,
+                 deal_stride: int = 0,
+                 clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        if not urls:
+            raise ValueError(f"source {name!r}: no shard URLs")
+        self.name, self.urls, self.slot, self.nslots = name, urls, slot, nslots
+        self.seed, self.s3, self.counter = seed, s3, counter
+        self.resampled, self.shuffle = resampled, shuffle
+        self.deal_offset, self.deal_stride = deal_offset, deal_stride
+        self.parts = parts_per_shard(len(urls), nslots) if resampled else 1
+        self._cursor = cursor or SourceCursor(epoch=first_epoch)
+        self._units_epoch: int | None = None
+        self._units: np.ndarray | None = None
+        timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v is not None}
+        self.schedule = ShardSchedule(self._draws(), len(urls) * self.parts, resampled, name,
+                                      s3, counter, self._give_up, **timing)
+        self._restore_faults()
+        # Reads ahead the shard this slot's deal names next (see _open); never changes
+        # which shard is read, so samples and cursors are the same with it off.
+        self._prefetcher = ShardPrefetcher(s3)
+        self._lookahead: tuple[int, np.ndarray] | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    def cursor(self) -> SourceCursor:
+        """A copy of the current cursor, with the fault state of the schedule."""
+        c = self._cursor
+        aside = {k: [e.cursor.offset, e.cursor.samples, e.cursor.compressed, e.failures]
+                 for k, e in sorted(self.schedule.aside.items())}
+        return SourceCursor(c.epoch, c.position, c.unit, c.offset, c.samples, c.compressed,
+                            aside, sorted(self.schedule.dropped),
+                            sorted(self.schedule.damaged),
+                            [list(e) for e in c.share] if c.share is not None else None,
+                            c.share_last, c.share_total)
+
+    def _restore_faults(self) -> None:
+        now = self.schedule.clock()
+        for key, (offset, samples, compressed, failures) in self._cursor.aside.items():
+            # Retried first after a resume: the outage that set it aside may be over.
+            self.schedule.aside[key] = SetAside(ShardCursor(offset, samples, compressed),
+                                                 failures, now, due=now)
+        self.schedule.dropped.update(self._cursor.dropped)
+        self.schedule.damaged.update(self._cursor.damaged)
+
+    # -- units ---------------------------------------------------------------------------
+    def key(self, unit_id: int) -> str:
+        """The name of a unit in cursors, logs and the fault policy."""
+        unit = unit_of(unit_id, self.parts)
+        url = self.urls[unit.shard]
+        return url if unit.parts == 1 else f"{url}#{unit.part}/{unit.parts}"
+
+    def share(self) -> float:
+        """This slot's share of the current epoch relative to an average slot (units held
+        x slots / units): the mixer scales the source's weight by it, so that a slot dealt
+        11 shards instead of 10 (or 2 parts instead of 1) draws the source that much more
+        often and every slot ends its epoch of the source at about the same time."""
+        c = self._cursor
+        if c.share is not None:  # re-dealt after a slot-count change
+            return len(c.share) * self.nslots / c.share_total if c.share_total else 1.0
+        units = self._epoch_units(c.epoch)
+        return len(units) * self.nslots / (len(self.urls) * self.parts)
+
+    @staticmethod
+    def split_key(key: str) -> tuple[str, int, int]:
+        """(shard URL, part, parts) of a unit key (``url`` or ``url#part/parts``). The key
+        carries its own split: a unit re-dealt after a slot-count change keeps the split it
+        was dealt with, whatever this run's :func:`data.epochs.parts_per_shard`."""
+        url, sep, tail = key.rpartition("#")
+        if sep and "/" in tail:
+            part, _, parts = tail.partition("/")
+            if part.isdigit() and parts.isdigit():
+                return url, int(part), int(parts)
+        return key, 0, 1
+
+    def _epoch_units(self, epoch: int) -> np.ndarray:
+        if self._units_epoch != epoch:
+            start = first_slot(self.nslots, epoch, self.deal_offset, self.deal_stride)
+            self._units = slot_units(len(self.urls) * self.parts, self.nslots, self.slot,
+                                     self.seed, self.name, epoch, self.shuffle, start)
+            self._units_epoch = epoch
+        return self._units
+
+    def _draws(self) -> Iterator[str]:
+        c = self._cursor
+        if c.share is not None:  # what the old slots left, then the deal goes on
+            while c.position < len(c.share):
+                c.position += 1
+                yield c.share[c.position - 1][1]
+            if not self.resampled:
+                return
+            c.epoch, c.position, c.share = c.share_last + 1, 0, None
+        while True:
+            units = self._epoch_units(c.epoch)
+            while c.position < len(units):
+                c.position += 1
+                yield self.key(units[c.position - 1])
+            if not self.resampled:
+                return  # one pass done (resampled: parts_per_shard gives every slot units)
+            c.epoch, c.position = c.epoch + 1, 0
+
+    def _next_url(self) -> str | None:
+        """The shard the deal names next for a fresh read (a guess: a set-aside shard may be
+        retried first), looking into the next epoch at the end of this one."""
+        for key in self._upcoming_keys():
+            if key not in self.schedule.dropped and key not in self.schedule.aside:
+                return self.split_key(key)[0]
+        return None
+
+    def _upcoming_keys(self) -> Iterator[str]:
+        c = self._cursor
+        if c.share is not None:  # a re-dealt share first, then the deal of share_last + 1
+            yield from (entry[1] for entry in c.share[c.position:])
+            following = c.share_last + 1
+        else:
+            yield from (self.key(u) for u in self._epoch_units(c.epoch)[c.position:])
+            following = c.epoch + 1
+        if not self.resampled:
+            return
+        # its own cache: share() reads the current epoch's units at every mix draw
+        if self._lookahead is None or self._lookahead[0] != following:
+            start = first_slot(self.nslots, following, self.deal_offset, self.deal_stride)
+            self._lookahead = (following, slot_units(
+                len(self.urls) * self.parts, self.nslots, self.slot, self.seed, self.name,
+                following, self.shuffle, start))
+        yield from (self.key(u) for u in self._lookahead[1])
+
+    def _prefetch_next(self) -> None:
+        upcoming = self._next_url()
+        if upcoming is not None:
+            self._prefetcher.start(upcoming)
+
+    def _give_up(self, key: str, cursor: ShardCursor) -> None:
+        self.counter.skip(self.name, "unreadable_shard")
+        count_lost(self.split_key(key)[0], self.name, self.s3, self.counter, cursor.samples,
+                   partial=False)
+
+    # -- samples -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[RawSample]:
+        c = self._cursor
+        barren, limit = 0, 10 * len(self.urls) * self.parts + 10
+        pending = None
+        if c.unit is not None:  # resumed inside a unit: continue it at its byte offset
+            pending = (c.unit, ShardCursor(c.offset, c.samples, c.compressed))
+        units = self.schedule.__iter__()
+        while True:
+            if pending is None:
+                pending = next(units, None)
+                if pending is None:
+                    return
+            key, start = pending
+            pending = None
+            if start is None and c.share is not None and c.position:
+                entry = c.share[c.position - 1]  # the entry just drawn
+                if entry[1] == key and len(entry) > 2:  # an old slot was inside it
+                    start = ShardCursor(*entry[2:5])
+            outcome: dict[str, Any] = {}
+            yield from self._read_unit(key, start, outcome)
+            c.unit = None
+            self.schedule.report(key, outcome)
+            if outcome["status"] == "complete":
+                barren = 0 if outcome["samples"] else barren + 1
+            if self.resampled and barren >= limit:
+                log.error("source %r: %d shard reads in a row gave no sample; ending its "
+                          "stream", self.name, barren)
+                self.counter.event(self.name, "sources_ended")
+                return
+
+    def _read_unit(self, key: str, start: ShardCursor | None,
+                   outcome: dict[str, Any]) -> Iterator[RawSample]:
+        c = self._cursor
+        start = start or ShardCursor()
+        c.unit, c.offset, c.samples, c.compressed = (key, start.offset, start.samples,
+                                                     start.compressed)
+        url, part, parts = self.split_key(key)
+        ahead = False
+        for raw in read_shard(url, self.name, self.s3, self.counter, outcome, start,
+                              count_damage=key not in self.schedule.damaged,
+                              opener=self._prefetcher.open):
+            after = outcome["cursor"]
+            c.offset, c.samples, c.compressed = after.offset, after.samples, after.compressed
+            if (after.samples - 1) % parts == part:
+                yield raw
+            if not ahead:  # from the second sample on: a resume's first costs one read
+                ahead = True
+                self._prefetch_next()
+
+
+@dataclass
+class MixState:
+    """Where a :class:`MixedStream` is: shuffle block ``block`` started at mix draw
+    ``draws`` with the source cursors ``sources`` and ``emitted`` of its samples were handed
+    out; ``index``: raw samples handed out so far (seeds each sample's augmentation)."""
+
+    block: int = 0
+    emitted: int = 0
+    draws: int = 0
+    index: int = 0
+    sources: list[dict[str, Any]] | None = None
+
+
+class MixedStream:
+    """``(source id, raw sample)`` of one slot: sources mixed by weight with counter-based
+    draws, then shuffled in blocks (see the module docstring); :meth:`state` after any
+    sample, ``state=`` (from :meth:`state`) to resume exactly there.
+
+    ``make_sources(cursors)`` builds the source streams (cursors: None for a fresh start).
+    """
+
+    def __init__(self, make_sources: Callable[[list[SourceCursor] | None],
+                                              list[SourceStream]],
+                 weights: list[float], seed: int, slot: int, block_size: int,
+                 counter: SkipCounter, state: dict[str, Any] | None = None):
+        self.make_sources, self.weights = make_sources, list(weights)
+        self.seed, self.slot, self.counter = seed, slot, counter
+        self.block_size = max(1, block_size)
+        self._state = MixState(**state) if state is not None else MixState()
+        self._streams: list[SourceStream] = []
+        self._at_block_end = True  # state() then reads the cursors of the live streams
+
+    @property
+    def index(self) -> int:
+        """Raw samples handed out so far (from the start of the run, across resumes)."""
+        return self._state.index
+
+    def state(self) -> dict[str, Any]:
+        """The resumable position after the last sample handed out (JSON-ready)."""
+        out = asdict(self._state)
+        if self._at_block_end and self._streams:
+            out["sources"] = [s.cursor().to_dict() for s in self._streams]
+        return out
+
+    def _pick(self, draw: int, active: list[int]) -> int:
+        if len(active) == 1:
+            return active[0]
+        u = derive_seed(self.seed, "mix", self.slot, draw) / _U63
+        weights = [self.weights[i] * (self._streams[i].share() if self._streams else 1.0)
+                   for i in active]
+        x, acc = u * sum(weights), 0.0
+        for i, w in zip(active, weights, strict=True):
+            acc += w
+            if x < acc:
+                return i
+        return active[-1]
+
+    def __iter__(self) -> Iterator[tuple[int, RawSample]]:
+        st = self._state
+        cursors = ([SourceCursor.from_dict(d) for d in st.sources]
+                   if st.sources is not None else None)
+        self._streams = streams = self.make_sources(cursors)
+        iters = [iter(s) for s in streams]
+        active, live, skip = list(range(len(streams))), st.draws, st.emitted
+        while active:
+            start = ([s.cursor().to_dict() for s in streams] if self.block_size > 1
+                     else None)
+            first, block_no = live, st.block
+            # Re-reading a block whose first samples went out before the checkpoint: what
+            # it counts was reported then.
+            muted, self.counter.muted = self.counter.muted, skip > 0 or self.counter.muted
+            block: list[tuple[int, RawSample]] = []
+            while active and len(block) < self.block_size:
+                pick = self._pick(live, active)
+                live += 1
+                item = next(iters[pick], None)
+                if item is None:
+                    active.remove(pick)
+                else:
+                    block.append((pick, item))
+            self.counter.muted = muted
+            order = self._block_order(block_no, len(block))
+            for j in range(skip, len(block)):
+                st.index += 1
+                if j + 1 < len(block):  # resuming here re-reads this block from its start
+                    st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
+                    self._at_block_end = False
+                else:  # the next block starts at the live cursors
+                    st.block, st.emitted, st.draws, st.sources = block_no + 1, 0, live, None
+                    self._at_block_end = True
+                yield block[order[j]]
+            skip = 0
+
+    def _block_order(self, block: int, n: int) -> np.ndarray:
+        if self.block_size == 1 or n <= 1:
+            return np.arange(n)
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, "block", self.slot,
+                                                              block)))
+        return rng.permutation(n)

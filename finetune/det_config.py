@@ -1,0 +1,175 @@
+"""Detection fine-tuning config: the typed dataclasses of ``internimage finetune
+detection`` (COCO layout, detector sizes, schedule, head, optimiser, run) and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
+
+
+@dataclass
+class DetDataConfig:
+    """``demo`` (generated shapes) or ``coco`` (images dirs + instance annotation JSONs)."""
+
+    kind: str = "demo"
+    root: str = ""
+    train_images: str = "train2017"
+    train_ann: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_ann: str = "annotations/instances_val2017.json"
+    hflip: float = 0.5
+    demo_train: int = 400
+    demo_val: int = 80
+    demo_size: int = 64
+    cache_dir: str = "~/.cache/internimage"
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("demo", "coco"), "data.kind", f"must be demo|coco, got {self.kind!r}")
+        check(self.kind != "coco" or bool(self.root), "data.root", "is required for data.kind=coco")
+        check(0 <= self.hflip <= 1, "data.hflip", "must be in [0, 1]")
+        self.cache_dir = str(Path(self.cache_dir).expanduser())
+
+
+@dataclass
+class DetectorConfig:
+    """Mask R-CNN + FPN sizes (torchvision defaults are the COCO ones)."""
+
+    fpn_channels: int = 64
+    anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    train_sizes: list[int] = field(default_factory=lambda: [56, 64, 72])
+    test_size: int = 64
+    max_size: int = 96
+    box_head_dim: int = 256
+    mask_head_channels: int = 32
+    mask_head_layers: int = 2
+    rpn_batch_per_image: int = 128
+    box_batch_per_image: int = 64
+    detections_per_image: int = 50
+
+    def __post_init__(self) -> None:
+        check(len(self.anchor_sizes) == 5, "detector.anchor_sizes",
+              "needs 5 sizes (FPN levels P2..P6)")
+        check(bool(self.train_sizes) and min(self.train_sizes) >= 32, "detector.train_sizes",
+              "must be a non-empty list of sizes >= 32")
+        check(self.mask_head_layers >= 1, "detector.mask_head_layers", "must be >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    """``step`` (decay by ``gamma`` at ``milestones``, fractions of the run) or ``cosine``."""
+
+    kind: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("step", "cosine"), "schedule.kind", "must be step|cosine")
+        check(all(0 < m < 1 for m in self.milestones), "schedule.milestones",
+              "are fractions of the run in (0, 1)")
+
+
+@dataclass
+class DetHeadConfig:
+    """The detector: ``maskrcnn`` (settings in ``detector``) or ``dino``.
+
+    The other keys are DINO's (finetune/heads/dino.py ``DEFAULTS``); these defaults are the
+    CPU demo's (configs/finetune/det_dino_demo.yaml), the COCO preset holds the paper's.
+    ``train_sizes`` / ``test_size`` / ``max_size``: DINO's resize (shorter side, one drawn
+    per training image; the longer side capped).
+    """
+
+    kind: str = "maskrcnn"
+    num_queries: int = 30
+    d_model: int = 64
+    encoder_layers: int = 1
+    decoder_layers: int = 3
+    num_heads: int = 4
+    ffn_dim: int = 256
+    n_points: int = 4
+    num_feature_levels: int = 4
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3])
+    dropout: float = 0.0
+    pos_temperature: int = 20
+    num_dn_queries: int = 20
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    focal_alpha: float = 0.25
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    weight_class: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    num_select: int = 50
+    train_sizes: list[int] = field(default_factory=lambda: [56, 64, 72])
+    test_size: int = 64
+    max_size: int = 96
+    size_divisible: int = 32
+    label_offset: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("maskrcnn", "dino"), "head.kind",
+              f"must be maskrcnn|dino, got {self.kind!r}")
+        check(self.d_model % 32 == 0, "head.d_model", "must be a multiple of 32 (GroupNorm)")
+        check(self.num_feature_levels >= len(self.out_indices), "head.num_feature_levels",
+              f"must be >= the {len(self.out_indices)} levels of head.out_indices")
+        check(bool(self.train_sizes) and min(self.train_sizes) >= 32, "head.train_sizes",
+              "must be a non-empty list of sizes >= 32")
+        check(self.label_offset == 1, "head.label_offset",
+              "must be 1 (the dataset's labels are 1..C, torchvision's convention)")
+
+    def dino_kwargs(self) -> dict:
+        """``build_dino`` keyword settings (everything but ``kind``)."""
+        out = {k: v for k, v in vars(self).items() if k != "kind"}
+        out["out_indices"] = tuple(out["out_indices"])
+        out["train_sizes"] = tuple(out["train_sizes"])
+        return out
+
+
+# Task defaults live in subclasses: a partial YAML/override section is built from its
+# class's own defaults, so a default_factory on the parent field would be lost.
+@dataclass
+class DetOptimConfig(OptimConfig):
+    """``OptimConfig`` with the detection demo's defaults; ``head_offset_lr_mult`` scales the
+    lr of the head's deformable-attention ``sampling_offsets`` / ``reference_points`` (DINO;
+    the released recipe's ``offset_lr_scale``)."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    head_offset_lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.head_offset_lr_mult > 0, "optim.head_offset_lr_mult", "must be > 0")
+
+
+@dataclass
+class DetRunConfig(RunConfig):
+    """``RunConfig`` with the detection demo's defaults."""
+
+    output_dir: str = "runs/detection"
+    batch_size: int = 8
+    epochs: float = 8.0
+
+
+@dataclass
+class DetBackboneConfig(BackboneConfig):
+    """``BackboneConfig`` with the detection demo's defaults."""
+
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DetectionConfig:
+    """A detection fine-tuning run (``head.kind``: Mask R-CNN + ``detector``, or DINO)."""
+
+    model: DetBackboneConfig = field(default_factory=DetBackboneConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    head: DetHeadConfig = field(default_factory=DetHeadConfig)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: DetRunConfig = field(default_factory=DetRunConfig)
+    init: str | None = None

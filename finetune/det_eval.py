@@ -1,0 +1,60 @@
+"""Detection evaluation: COCO bbox (and segm) AP with pycocotools."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finetune.det_config import DetectionConfig
+from finetune.det_data import CocoInstances
+from runtime.dist import DistInfo
+from runtime.lockstep import lockstep
+
+
+def _sizes(cfg: DetectionConfig) -> tuple[list[int], int]:
+    """(train shorter sides, test shorter side) of the detector in use."""
+    if cfg.head.kind == "dino":
+        return list(cfg.head.train_sizes), cfg.head.test_size
+    return list(cfg.detector.train_sizes), cfg.detector.test_size
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
+             d: DistInfo) -> dict[str, float]:
+    """COCO bbox (+ segm for Mask R-CNN) AP over the val set (each rank a slice; rank 0
+    scores all).
+
+    The forward passes run in lock-step with the other ranks (runtime/lockstep.py), so a
+    ZeRO-3 model evaluates whatever each rank's slice holds.
+    """
+    import torch.distributed as dist
+
+    from finetune.metrics import coco_evaluate, detections_to_coco
+
+    core = model
+    core.eval()
+    train_sizes, test_size = _sizes(cfg)
+    core.transform.min_size = (test_size,)
+    results = []
+    indices = list(range(d.rank, len(val_set), d.world_size))
+
+    def dummy_args() -> tuple[list[torch.Tensor]]:
+        return ([torch.zeros(3, test_size, test_size, device=d.device)],)
+
+    with lockstep(core, dummy_args, d.device) as forward:
+        for start in range(0, len(indices), cfg.run.batch_size):
+            batch = [val_set[i] for i in indices[start:start + cfg.run.batch_size]]
+            images = [img.to(d.device) for img, _ in batch]
+            for (_, target), out in zip(batch, forward(images)):
+                results += detections_to_coco(out, target["image_id"], val_set.label_to_cat)
+    core.transform.min_size = tuple(train_sizes)
+    core.train()
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    keys = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+    if cfg.head.kind == "maskrcnn":
+        keys += ("segm_AP", "segm_AP50")
+    scores = coco_evaluate(val_set.coco, results) if d.is_main else {}
+    return {k: scores.get(k, 0.0) for k in keys}

@@ -1,0 +1,146 @@
+"""Segmentation data: dataset layouts (demo, ADE20K, Cityscapes, Mapillary Vistas,
+COCO-Stuff) and mmsegmentation's training transforms (rescale, crop with
+``cat_max_ratio``, flip, photometric distortion), as the released recipes use them."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from finetune.datasets.base import IGNORE_INDEX
+from finetune.seg_config import SPLIT_NAMES, SegDataConfig
+from models.constants import IMAGENET_MEAN, IMAGENET_STD
+
+# images stay on the 0..255 scale here (mmseg's recipe), so ImageNet's statistics are too
+MEAN = torch.tensor([255 * m for m in IMAGENET_MEAN]).view(3, 1, 1)
+STD = torch.tensor([255 * s for s in IMAGENET_STD]).view(3, 1, 1)
+
+
+def _split_pairs(kind: str, root: Path, split: str, cfg: SegDataConfig) -> list[tuple]:
+    """(image, label, label lookup table or None) of one split of a ``kind`` layout."""
+    if kind == "demo":
+        from finetune.demo_data import ensure_shapes_ade
+
+        root = ensure_shapes_ade(cfg.cache_dir, cfg.demo_train, cfg.demo_val, cfg.demo_size)
+    if kind == "cityscapes":
+        from finetune.datasets.cityscapes import cityscapes_pairs
+
+        return cityscapes_pairs(root, split)
+    if kind == "mapillary":
+        from finetune.datasets.mapillary import cityscapes_lut, class_names, mapillary_pairs
+
+        return mapillary_pairs(root, split, cityscapes_lut(class_names(root)))
+    if kind == "cocostuff":
+        from finetune.datasets.cocostuff import cocostuff_pairs
+
+        return cocostuff_pairs(root, split)
+    imgs = sorted((root / "images" / split).glob("*.jpg"))
+    return [(p, root / "annotations" / split / (p.stem + ".png"), None) for p in imgs]
+
+
+def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:
+    """The training pairs (every ``train_splits`` split) or the evaluation pairs (the val
+    split of ``val_kind`` / ``val_root`` when set)."""
+    if train:
+        splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
+        return [pair for split in splits
+                for pair in _split_pairs(cfg.kind, Path(cfg.root), split, cfg)]
+    return _split_pairs(cfg.eval_kind, Path(cfg.eval_root), SPLIT_NAMES[cfg.eval_kind][1], cfg)
+
+
+class SegDataset(Dataset):
+    """(normalised image, label map with 255 = ignore); train: rescale, crop, flip."""
+
+    def __init__(self, cfg: SegDataConfig, train: bool):
+        self.cfg, self.train = cfg, train
+        self.pairs = _pairs(cfg, train)
+        if not self.pairs:
+            kind, where = (cfg.kind, cfg.root) if train else (cfg.eval_kind, cfg.eval_root)
+            raise FileNotFoundError(f"data: no {kind} images found under {where or 'demo'}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from finetune.datasets.base import read_label
+
+        img_path, label_path, lut = self.pairs[i]
+        img = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
+        label = torch.from_numpy(read_label(label_path, lut))
+        if self.cfg.reduce_zero_label:  # ADE20K: 0 is "other", ignored; 1..N -> 0..N-1
+            label = torch.where(label == 0, IGNORE_INDEX, label - 1)
+        return img.float(), label
+
+    def __getitem__(self, i: int):
+        img, label = self._load(i)
+        c = self.cfg
+        if self.train:
+            ratio = random.uniform(*c.ratio_range)
+            img, label = resize_short_side(img, label, int(c.scale_short * ratio),
+                                           int(c.scale_long * ratio))
+            img, label = random_crop(img, label, c.crop_size, c.cat_max_ratio)
+            if random.random() < c.hflip:
+                img, label = img.flip(-1), label.flip(-1)
+            if c.photometric:
+                from finetune.photometric import photometric_distortion
+
+                img = photometric_distortion(img)
+        return (img - MEAN) / STD, label
+
+
+def resize_short_side(img: torch.Tensor, label: torch.Tensor, short: int, long: int = 0):
+    """Rescale (aspect kept) so the short side is ``short`` and the long side at most
+    ``long`` (0: no cap)."""
+    h, w = img.shape[-2:]
+    s = short / min(h, w)
+    if long:
+        s = min(s, long / max(h, w))
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    img = F.interpolate(img[None], size, mode="bilinear", align_corners=False)[0]
+    label = F.interpolate(label[None, None].float(), size, mode="nearest")[0, 0].long()
+    return img, label
+
+
+def crop_is_dominated(label: torch.Tensor, cat_max_ratio: float) -> bool:
+    """Whether one class covers more than ``cat_max_ratio`` of the labelled pixels (or
+    fewer than two classes are present): mmseg's criterion for retrying a crop."""
+    counts = torch.bincount(label[label != IGNORE_INDEX].flatten())
+    counts = counts[counts > 0]
+    return len(counts) < 2 or counts.max().item() / counts.sum().item() >= cat_max_ratio
+
+
+def random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int],
+                cat_max_ratio: float = 1.0):
+    """A random ``crop`` window; with ``cat_max_ratio`` < 1, up to 10 windows are drawn
+    until one is not dominated by a single class (mmseg's ``RandomCrop``)."""
+    ch, cw = crop
+    h, w = img.shape[-2:]
+    if h < ch or w < cw:  # pad: image with 0 (the mean after normalising), label ignored
+        ph, pw = max(0, ch - h), max(0, cw - w)
+        img = F.pad(img - MEAN, (0, pw, 0, ph)) + MEAN
+        label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+        h, w = img.shape[-2:]
+    for _ in range(10 if cat_max_ratio < 1 else 1):
+        y, x = random.randint(0, h - ch), random.randint(0, w - cw)
+        if not crop_is_dominated(label[y:y + ch, x:x + cw], cat_max_ratio):
+            break
+    return img[:, y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+def resize_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Stretch (B, C, H, W) up to the next multiple of ``divisor`` per side (mmseg's
+    ``ResizeToMultiple``); a no-op for divisor 0 or sizes already multiples."""
+    if not divisor:
+        return x
+    h, w = x.shape[-2:]
+    size = (math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor)
+    if size == (h, w):
+        return x
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)

@@ -1,0 +1,110 @@
+"""Segmentation evaluation: sliding-window / whole-image logits, optional multi-scale +
+flip, mIoU and per-class IoU."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.datasets.base import IGNORE_INDEX
+from finetune.seg_config import NINETEEN_CLASS_KINDS, SegmentationConfig
+from finetune.seg_data import SegDataset, resize_short_side, resize_to_multiple
+from runtime.dist import DistInfo, all_reduce_sum
+from runtime.lockstep import lockstep
+
+
+def slide_logits(model: nn.Module, img: torch.Tensor, num_classes: int,
+                 crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Logits (1, C, H, W) of one image from overlapping ``crop`` windows, averaged."""
+    _, _, h, w = img.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride
+    rows = max(1, math.ceil((h - ch) / sh) + 1)
+    cols = max(1, math.ceil((w - cw) / sw) + 1)
+    logits = img.new_zeros(1, num_classes, h, w)
+    count = img.new_zeros(1, 1, h, w)
+    for r in range(rows):
+        for c in range(cols):
+            y0, x0 = min(r * sh, h - ch), min(c * sw, w - cw)
+            logits[:, :, y0:y0 + ch, x0:x0 + cw] += model(img[:, :, y0:y0 + ch, x0:x0 + cw])
+            count[:, :, y0:y0 + ch, x0:x0 + cw] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
+             d: DistInfo) -> dict[str, float]:
+    """mIoU (+ per-class IoU) over the val set; each rank a slice, matrices summed.
+
+    Every forward pass (window, scale, flip) runs in lock-step with the other ranks
+    (runtime/lockstep.py), so a ZeRO-3 model evaluates whatever each rank's slice holds.
+    """
+    from finetune.metrics import ConfusionMatrix
+
+    core = model
+    core.eval()
+    conf = ConfusionMatrix(cfg.data.num_classes, IGNORE_INDEX)
+    crop = tuple(cfg.data.crop_size)  # a training crop: a valid input for every head
+
+    def dummy_args() -> tuple[torch.Tensor]:
+        return (torch.zeros(1, 3, *crop, device=d.device),)
+
+    with lockstep(core, dummy_args, d.device) as forward:
+        for i in range(d.rank, len(val_set), d.world_size):
+            img, label = val_set[i]
+            x = img[None].to(d.device)
+            if cfg.data.test_short:
+                x = resize_short_side(x[0], label, cfg.data.test_short,
+                                      cfg.data.test_long)[0][None]
+            logits = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg)
+            logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
+            conf.update(logits.argmax(1)[0].cpu(), label)
+    conf.mat = all_reduce_sum(conf.mat.to(d.device), d).cpu()
+    core.train()
+    return conf.scores(_class_names(cfg))
+
+
+def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            cfg: SegmentationConfig) -> torch.Tensor:
+    """(1, C, H, W) scores of one image: slide / whole, under multi-scale + flip if set."""
+    def single(view: torch.Tensor) -> torch.Tensor:
+        if cfg.eval.mode == "slide":
+            return slide_logits(core, view, cfg.data.num_classes, cfg.eval.crop,
+                                cfg.eval.stride)
+        return core(view)
+
+    if not cfg.head.multiscale:
+        return single(x)
+    from finetune.heads.seg_inference import multiscale_flip_scores
+
+    return multiscale_flip_scores(single, x, scales=list(cfg.head.test_scales) or [1.0],
+                                  flip=cfg.head.test_flip)
+
+
+def _class_names(cfg: SegmentationConfig) -> list[str] | None:
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    if cfg.data.eval_kind in NINETEEN_CLASS_KINDS:
+        from finetune.datasets import CITYSCAPES_CLASSES
+
+        return list(CITYSCAPES_CLASSES)
+    if cfg.data.kind == "cocostuff":
+        from finetune.datasets import COCO_STUFF_CLASSES
+
+        return list(COCO_STUFF_CLASSES)
+    return _demo_names(cfg)
+
+
+def _demo_names(cfg: SegmentationConfig) -> list[str] | None:
+    if cfg.data.kind != "demo":
+        return None
+    from finetune.demo_data import ensure_shapes_ade
+
+    root = ensure_shapes_ade(cfg.data.cache_dir, cfg.data.demo_train, cfg.data.demo_val,
+                             cfg.data.demo_size)
+    return json.loads((root / "classes.json").read_text())

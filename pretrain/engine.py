@@ -1,0 +1,141 @@
+"""Pre-training's engine: the network, its DeepSpeed engine (AdamW groups, warm-up + cosine
+schedule), the M3I momentum teacher, and what a checkpoint's compatibility is judged by
+(model hash, step count, precision check). pretrain/trainer.py runs them on the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from pretrain.config import PretrainConfig
+from pretrain.ds_config import deepspeed_config
+from pretrain.m3i_model import M3IModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+TEACHER_KEY = "m3i_ema_teacher"  # the EMA target encoder's slices in DeepSpeed's client state
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_hash(cfg: PretrainConfig, num_tags: int) -> str:
+    """What a checkpoint's tensors depend on: model, text tower, context, tag count (and,
+    with the image branch on, its decoder and target encoder)."""
+    parts = [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.text),
+             cfg.data.context_length, num_tags]
+    if cfg.objective.image.enabled:  # absent when off: earlier runs keep their hash
+        parts.append({"image_branch": cfg.objective.image.decoder_spec()})
+    return _hash(parts)
+
+
+def total_steps(cfg: PretrainConfig, world_size: int) -> int:
+    """Optimizer steps of the run (from epochs when configured)."""
+    if cfg.run.epochs > 0:
+        per_step = cfg.data.batch_size * cfg.engine.grad_accum * world_size
+        return max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / per_step))
+    return cfg.run.max_steps
+
+
+def check_precision(precision: str) -> None:
+    """Fail before any data or compute when this machine's accelerator cannot train in
+    ``precision`` (DeepSpeed itself refuses only inside ``deepspeed.initialize``, with
+    "Type fp16 is not supported on your device."). Its CPU accelerator allows fp16 only
+    where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs)."""
+    if precision == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = (accelerator.is_fp16_supported() if precision == "fp16"
+                 else accelerator.is_bf16_supported())
+    if not supported:
+        raise ValueError(
+            f"engine.precision={precision}: DeepSpeed's {accelerator.device_name()} "
+            f"accelerator does not support {precision} on this machine; use "
+            f"engine.precision=bf16 or fp32")
+
+
+def _m3i_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
+    return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
+                    cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
+                    num_tags, cfg.objective.init_temperature, cfg.objective.max_logit_scale,
+                    with_cp=cfg.model.checkpointing(),
+                    decoder=cfg.objective.image.decoder_spec(),
+                    **cfg.model.overrides())
+
+
+def build_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
+    """The pre-training network (identical initial weights on every rank: seeded).
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init`` (pretrain/zero_init.py): each
+    rank only ever holds its 1/N share of the parameters plus the module being built, in
+    the run's precision, never the whole model; the weights are a plain build's with the
+    same seed. Needs the process group (``init_distributed``) for ZeRO-3.
+    """
+    torch.manual_seed(cfg.run.seed)
+    if cfg.engine.zero_stage != 3:
+        return _m3i_model(cfg, num_tags)
+    from pretrain.zero_init import partitioned_construction
+
+    with partitioned_construction(deepspeed_config(cfg, cfg.data.batch_size)):
+        return _m3i_model(cfg, num_tags)
+
+
+def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
+    """(DeepSpeed engine, its config) with our AdamW groups and warm-up + cosine schedule.
+
+    The groups are runtime/param_groups.py's with no layer decay (every parameter at scale 1, the
+    DCN offset/mask layers at ``optim.dcn_lr_mult``); each starts at the base lr and
+    ``WarmupCosine`` multiplies its ``lr_scale`` in. DeepSpeed owns the scheduler, so its
+    state is saved and restored with every checkpoint.
+    """
+    import deepspeed
+
+    from runtime.param_groups import adamw, param_groups, start_at_base_lr
+    from runtime.schedules import WarmupCosine
+
+    opt = cfg.optim
+    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
+    groups = start_at_base_lr(param_groups(model, opt.weight_decay,
+                                           dcn_lr_mult=opt.dcn_lr_mult), opt.lr)
+    if cfg.engine.offload_optimizer:  # DeepSpeed's CPU Adam, configured in ds_config
+        optimizer, params = None, groups
+    else:
+        optimizer, params = adamw(groups, opt.lr, opt.betas, opt.eps), None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params,
+        lr_scheduler=lambda o: WarmupCosine(o, opt.warmup_steps, steps, opt.min_lr / opt.lr),
+        config=ds_config, dist_init_required=False)
+    return engine, ds_config
+
+
+def build_teacher(cfg: PretrainConfig, engine, ds_config: dict[str, Any]):
+    """The image branch's momentum target encoder (pretrain/m3i/ema.py), starting as an
+    exact copy of the online image tower. Under ZeRO-3 it is built under zero.Init in
+    fp32 and partitioned like the online tower; else a plain fp32 module."""
+    from models import build_model as build_backbone
+    from pretrain.m3i.ema import MomentumTeacher, TargetEncoder, teacher_ds_config
+
+    def encoder() -> TargetEncoder:
+        # no activation checkpointing: the teacher runs without gradient
+        return TargetEncoder(build_backbone(cfg.model.name, num_classes=0, with_cp=False,
+                                            **cfg.model.overrides()))
+
+    if cfg.engine.zero_stage == 3:
+        from pretrain.zero_init import partitioned_construction
+
+        config = teacher_ds_config(ds_config)
+        with partitioned_construction(config):
+            teacher = MomentumTeacher(encoder(), engine.module, config)
+    else:
+        teacher = MomentumTeacher(encoder().to(engine.device), engine.module)
+    teacher.update(0.0)
+    return teacher

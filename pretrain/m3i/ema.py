@@ -1,0 +1,136 @@
+"""The momentum (EMA) target encoder, partitioned like the online model under ZeRO-3.
+
+Targets of the image branch come from an exponential moving average of the online image
+tower (BYOL's momentum encoder; Siamese Image Modeling's target encoder): after every
+optimizer step, theta_t <- m theta_t + (1 - m) theta_s, with m rising from ``base`` to
+``final`` on BYOL's cosine (``momentum_at``).
+
+Under ZeRO-3 the teacher is a second DeepSpeed engine without an optimizer, built under
+zero.Init: each parameter is split across the ranks exactly as its online twin (same
+shape, same world size), so every rank updates its own slice in place from the online
+model's fp32 master slice, with no communication and never a whole copy of the model
+(REFERENCE.md section 6, measured on this machine). The teacher stays fp32 even in bf16
+runs (a bf16 EMA with m near 1 stalls: the increments round away). Its slices are saved
+and restored with every checkpoint (``state_dict``), so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def momentum_at(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """BYOL's schedule (Grill et al. 2020, section 3.2): base at step 0, rising on a
+    half cosine to ``final`` at ``total_steps``."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class TargetEncoder(nn.Module):
+    """The image tower as the target encoder: its forward is the unpooled feature map
+    (the map the decoder predicts), named ``visual.*`` like the online model's tower."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual.forward_unpooled(images)
+
+
+def teacher_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The online run's DeepSpeed config for an fp32 engine without an optimizer."""
+    config = copy.deepcopy(ds_config)
+    config["bf16"] = {"enabled": False}
+    config["fp16"] = {"enabled": False}
+    for key in ("optimizer", "scheduler", "data_types"):
+        config.pop(key, None)
+    config.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return config
+
+
+def _online_fp32(param: nn.Parameter) -> torch.Tensor:
+    """The online parameter's fp32 master values: this rank's slice under ZeRO-3, else
+    the whole tensor (the optimizer's fp32 copy where DeepSpeed keeps one)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+    if hasattr(param, "ds_id"):
+        return safe_get_local_fp32_param(param)
+    master = safe_get_full_fp32_param(param) if hasattr(param, "_hp_mapping") else None
+    return (master if master is not None else param.detach()).float()
+
+
+class MomentumTeacher:
+    """The EMA of ``online``'s parameters named ``visual.*``, held by ``encoder``.
+
+    ``ds_config``: the teacher engine's config (``teacher_ds_config``) when the online
+    model is a ZeRO-3 engine (``encoder`` then built under zero.Init with it), else None
+    (a plain module, updated whole). Call :meth:`update` with momentum 0 once the online
+    engine has its optimizer: the teacher then starts as an exact copy.
+    """
+
+    def __init__(self, encoder: TargetEncoder, online: nn.Module,
+                 ds_config: dict[str, Any] | None = None):
+        encoder.requires_grad_(False)
+        self.partitioned = ds_config is not None
+        if self.partitioned:
+            import deepspeed
+
+            self.engine, _, _, _ = deepspeed.initialize(model=encoder, config=ds_config,
+                                                        dist_init_required=False)
+            self.module = self.engine.module
+        else:
+            self.engine, self.module = encoder, encoder
+        self.module.eval()
+        online_params = dict(online.named_parameters())
+        self.pairs: list[tuple[str, nn.Parameter, nn.Parameter]] = []
+        for name, param in self.module.named_parameters():
+            if name not in online_params:
+                raise ValueError(f"target encoder parameter {name} has no online twin")
+            self.pairs.append((name, param, online_params[name]))
+
+    def _local(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor this rank owns: its ZeRO-3 slice, or the whole parameter."""
+        return param.ds_tensor if self.partitioned else param.data
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """theta_t <- m theta_t + (1 - m) theta_s, on this rank's slices only."""
+        for _, teacher, online in self.pairs:
+            local = self._local(teacher)
+            source = _online_fp32(online).reshape(-1)[:local.numel()].view_as(local)
+            # (with optimizer offload the fp32 master slice lives on the host)
+            local.mul_(momentum).add_(source.to(local.device, local.dtype), alpha=1 - momentum)
+        if self.partitioned:
+            # parameters under stage3_param_persistence_threshold keep a gathered copy,
+            # which would now be stale: drop it so the next forward gathers the new slices
+            coordinator = getattr(self.engine, "optimizer", None)
+            if coordinator is not None and hasattr(coordinator, "partition_all_parameters"):
+                coordinator.partition_all_parameters()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The target feature map of ``images`` (fp32, no gradient)."""
+        self.engine.eval()
+        return self.engine(images.float())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's teacher tensors by name (its slices under ZeRO-3), for checkpoints."""
+        return {name: self._local(p).detach().clone().cpu() for name, p, _ in self.pairs}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy back tensors saved by :meth:`state_dict` on the same rank and world size."""
+        missing = [name for name, _, _ in self.pairs if name not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks the target encoder's {missing[:3]} "
+                             f"({len(missing)} tensors)")
+        with torch.no_grad():
+            for name, p, _ in self.pairs:
+                self._local(p).copy_(state[name])
+        if self.partitioned:
+            self.update(1.0)  # no change; refreshes any persisted gathered copies

@@ -1,0 +1,177 @@
+"""Checkpoints that are never lost: DeepSpeed's shards plus our trainer state, with a
+``latest`` pointer that only ever names a complete checkpoint. One format and one resume
+resolver for pre-training and every DeepSpeed fine-tuning run.
+
+Layout under ``RUN/checkpoints/``: ``step_XXXXXXX/`` (DeepSpeed's files from every rank,
+then ``trainer_state.json`` written by rank 0 once all ranks are done) and ``latest``, a
+text file with the tag (DeepSpeed's own convention, so ``engine.load_checkpoint`` and
+``zero_to_fp32`` read it too), replaced atomically after the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import CheckpointError
+from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+from runtime.dist import DistInfo, all_gather_objects, barrier
+
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+class ResumeError(CheckpointError):
+    """A checkpoint that cannot be resumed under the current config or world size (a
+    ``CheckpointError``: the command line reports it in one line, without a traceback)."""
+
+
+def tag_for(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_torch_file(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically (a side file of a checkpoint, e.g. an EMA's weights): a
+    crash mid-write never leaves half a file under the final name."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_torch_file(path: Path) -> Any:
+    """A file written by :func:`save_torch_file` (the run's own file: trusted)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Rank 0 writes the gathered trainer state into a checkpoint directory."""
+    _atomic_write(ckpt_dir / TRAINER_STATE, json.dumps(state))
+
+
+def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
+                    shared_state: dict[str, Any], info: DistInfo, keep_last: int,
+                    client_state: dict[str, Any] | None = None) -> Path:
+    """Save on all ranks; point ``latest`` at it only once everything is on disk.
+
+    ``local_state`` differs per rank (RNG, data position); ``shared_state`` is the same
+    everywhere (step, config hash, samples seen); ``client_state``: per-rank tensors
+    stored in DeepSpeed's own files (the EMA teacher's slices), returned on load.
+    """
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           client_state=client_state or {})
+    per_rank = all_gather_objects(local_state)  # also a barrier: every rank has saved
+    if info.is_main:
+        write_trainer_state(root / tag, shared_state | {"ranks": per_rank})
+        _atomic_write(root / LATEST, tag)
+        prune(root, keep_last)
+    barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``latest``'s),
+    and incomplete ones older than ``latest`` (left by a crash mid-save)."""
+    latest = read_latest(root)
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    complete = [t for t in tags if (root / t / TRAINER_STATE).is_file()]
+    keep = set(complete[-keep_last:]) | ({latest} if latest else set())
+    for t in tags:
+        if t not in keep and (t in complete or (latest and t < latest)):
+            shutil.rmtree(root / t, ignore_errors=True)
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag ``latest`` names, or None."""
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint directory to resume from, or None for a fresh start.
+
+    ``auto``: ``root/latest`` if it exists. A path: whatever ``runtime.checkpoint_path``
+    resolves to a ZeRO tag directory (a run directory, its ``checkpoints/``,
+    ``checkpoints/latest``, a ``step_*`` directory).
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        tag = read_latest(root)
+        return root / tag if tag else None
+    try:
+        source = resolve_checkpoint(resume)
+    except CheckpointPathError as err:
+        raise ResumeError(f"--resume {err}") from None
+    if not source.is_zero:
+        raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
+                          "or data state; resume from a training checkpoint (a run directory, "
+                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
+    return source.path
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """Read and parse a checkpoint's ``trainer_state.json`` (clear error if absent)."""
+    path = ckpt_dir / TRAINER_STATE
+    if not path.is_file():
+        raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {TRAINER_STATE} missing")
+    return json.loads(path.read_text())
+
+
+def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
+                     ckpt_dir: Path, allow_resize: bool = False) -> None:
+    """Refuse, before any compute, a resume the saved state cannot support
+    (``allow_resize``: the caller resumes on another world size itself)."""
+    if state["model_hash"] != model_hash:
+        raise ResumeError(
+            f"{ckpt_dir} was saved for a different model/text-tower config (hash "
+            f"{state['model_hash']} vs {model_hash}); resume with the run's own config.yaml")
+    if state["world_size"] != world_size and not allow_resize:
+        raise ResumeError(
+            f"{ckpt_dir} was saved by {state['world_size']} ranks, this run has {world_size}: "
+            f"changing the world size on resume is not supported (ZeRO partitions and each "
+            f"rank's data position are per rank); resume with {state['world_size']} ranks, "
+            f"or convert the checkpoint (internimage convert) and start a new run from it")
+
+
+def refuse_legacy_resume(resume: str | None, root: Path) -> None:
+    """Refuse ``--resume auto`` when ``root`` holds only a ``last.pt`` (written by
+    fine-tuning before it ran on DeepSpeed): starting afresh would silently overwrite it."""
+    if resume != "auto":
+        return
+    if (root / "last.pt").is_file() and not (root / LATEST).is_file():
+        raise CheckpointError(
+            f"{root} holds a last.pt checkpoint of an earlier version (DDP); fine-tuning "
+            f"now resumes DeepSpeed checkpoints (checkpoints/{LATEST}): finish that run with "
+            "the version that wrote it, or start a new run in another directory")
+
+
+def open_resume(resume: str | None, root: Path, model_hash: str,
+                world_size: int) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint directory ``resume`` names under ``root`` and its trainer state,
+    checked against this run (model hash, world size) before any compute; (None, None)
+    for a fresh start."""
+    ckpt_dir = resolve_resume(resume, root)
+    if ckpt_dir is None:
+        return None, None
+    state = load_trainer_state(ckpt_dir)
+    check_compatible(state, model_hash, world_size, ckpt_dir)
+    return ckpt_dir, state

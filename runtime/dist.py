@@ -1,0 +1,125 @@
+"""Process-group set-up and rank info, the same for pre-training and every fine-tuning task.
+
+One function, :func:`init_distributed`, joins (or creates) the process group whether the
+process was started alone, by torchrun, by our rank launcher or by SLURM through submitit:
+the backend is detected (NCCL with CUDA, gloo otherwise), never hard-coded, and a lone
+process gets the rendezvous variables DeepSpeed needs (else DeepSpeed falls back to MPI
+discovery). It returns a :class:`DistInfo`, the one type every loop passes around.
+
+The collectives below are no-ops without a process group, so code that calls them runs
+unchanged in a plain single-process test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ranks, world size, device and communication backend.
+
+    The defaults describe a lone CPU process (rank 0 of 1), which is what evaluation
+    helpers and tests get without any set-up.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, shows progress and writes shared files."""
+        return self.rank == 0
+
+
+def _process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent); return where we are."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede importing deepspeed
+    import deepspeed
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:  # a plain `python`/`internimage` process
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def barrier() -> None:
+    """A barrier when a process group exists (no-op otherwise)."""
+    import torch.distributed as dist
+
+    if _process_group_up():
+        dist.barrier()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (a one-element list without a process group)."""
+    import torch.distributed as dist
+
+    if not _process_group_up():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
+    import torch.distributed as dist
+
+    if not _process_group_up() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``t`` over ranks, in place (identity alone)."""
+    import torch.distributed as dist
+
+    if info.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP does before
+    each forward (``broadcast_buffers=True``). A DeepSpeed engine leaves buffers rank-local
+    and saves rank 0's only: without this a resumed run would evaluate with other
+    statistics than the uninterrupted one. Call before each training forward."""
+    import torch.distributed as dist
+
+    if info.world_size > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)

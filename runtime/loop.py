@@ -1,0 +1,204 @@
+"""The one training loop of every task (pre-training and each fine-tuning task); a task
+plugs in through :class:`TaskHooks`.
+
+The loop owns what every task does alike: epochs and the position inside one (mid-epoch
+resume), the schedule (stepped per update), the progress bar, the metrics records
+(runtime/metrics.py: metrics.jsonl and TensorBoard), the evaluation and checkpoint
+cadence, the stop request (runtime/preemption.py: save at the step boundary, every rank
+together, and return) and the kill point the resume tests use.
+
+The task supplies its batches, one optimisation step (forward, backward, clipping and the
+optimizer step through whichever engine it built, with as many micro-batches as it
+accumulates), its evaluation and its checkpoint writer, so the engine and the checkpoint
+format stay the task's choice. Pre-training is one endless epoch whose position is its
+data loader's own state, a task that owns its lr schedule passes no ``scheduler``, and a
+task may report a step as skipped (a non-finite loss) or add values to each log record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime import preemption
+from runtime.dist import DistInfo
+from runtime.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopPosition:
+    """Where a run stands: optimizer steps done, the epoch, and the batches of that epoch
+    already trained on (what a mid-epoch resume skips)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+@dataclass
+class LoopSpec:
+    """Length and cadence of a run, in optimizer steps.
+
+    ``eval_every`` / ``checkpoint_every``: 0 means at the last step only (both also run at
+    the last step otherwise). Training records are written every ``log_every`` steps, and
+    at step 1 (``log_first``) and/or the last step (``log_last``). ``epochs``: the run
+    counts epochs, and each record carries its ``epoch`` (pre-training is one endless
+    epoch and leaves it out).
+    """
+
+    name: str
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    log_every: int
+    log_first: bool = True
+    log_last: bool = False
+    epochs: bool = True
+
+
+def _no_op(step: int) -> None:
+    return None
+
+
+def _no_values(step: int) -> dict[str, Any]:
+    return {}
+
+
+@dataclass
+class TaskHooks:
+    """What a task plugs into :func:`run_loop`.
+
+    ``batches(epoch, skip)``: the batches of ``epoch`` after the first ``skip`` (already
+    trained on), drawn without disturbing the random state; an endless iterable for a task
+    whose data position is its loader's own (pre-training). ``train_step(batch)``: one
+    optimisation step; returns the named losses (the loop logs their sum as ``loss``, and
+    each one unless the only name is ``loss``), or None for a step the task skipped (a
+    non-finite loss): it counts as a step but is neither logged nor followed by
+    ``after_step``. ``evaluate()``: metrics, called on every rank (an empty dict logs
+    nothing). ``save(position)``: a checkpoint, called on every rank.
+    ``after_step(step)``: after each step taken (e.g. EMA); ``skipped(step)``: after each
+    skipped one. ``log_values(step)``: more values for the training record of ``step``
+    (throughput, temperature, data statistics; an ``lr`` here replaces the loop's),
+    called on every rank at each logged step, so it may run collectives.
+    """
+
+    batches: Callable[[int, int], Iterable[Any]]
+    train_step: Callable[[Any], dict[str, torch.Tensor] | None]
+    evaluate: Callable[[], dict[str, float]]
+    save: Callable[[LoopPosition], None]
+    after_step: Callable[[int], None] = field(default=_no_op)
+    skipped: Callable[[int], None] = field(default=_no_op)
+    log_values: Callable[[int], dict[str, Any]] = field(default=_no_values)
+
+
+def _due(every: int, step: int, total: int) -> bool:
+    """Periodic work (evaluation, checkpoint) at every ``every`` steps (never for 0) and
+    at the last step."""
+    return (every > 0 and step % every == 0) or step == total
+
+
+def _log_due(spec: LoopSpec, step: int) -> bool:
+    return (step % spec.log_every == 0 or (spec.log_first and step == 1)
+            or (spec.log_last and step == spec.total_steps))
+
+
+def _total_loss(losses: dict[str, torch.Tensor]) -> float:
+    if list(losses) == ["loss"]:  # the total itself, at its own precision
+        return losses["loss"].item()
+    return sum(v.detach().float() for v in losses.values()).item()
+
+
+def _log_step(metrics: MetricsLogger, spec: LoopSpec, pos: LoopPosition,
+              losses: dict[str, torch.Tensor], optimizer, extra: dict[str, Any]) -> None:
+    loss = _total_loss(losses)
+    record: dict[str, Any] = {"epoch": pos.epoch} if spec.epochs else {}
+    record["loss"] = loss
+    if optimizer is not None:
+        record["lr"] = max(g["lr"] for g in optimizer.param_groups)
+    # a lone ``loss`` is the total itself; any other names are logged each
+    if list(losses) != ["loss"]:
+        record |= {k: round(v.item(), 5) for k, v in losses.items()}
+    metrics.log(pos.step, record | extra)
+    postfix = {"loss": f"{loss:.4f}"}
+    if "images_per_s" in extra:
+        postfix["img_s"] = f"{extra['images_per_s']:.1f}"
+    metrics.progress(pos.step, **postfix)
+
+
+def _evaluate(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition, metrics: MetricsLogger,
+              d: DistInfo) -> dict[str, float]:
+    result = hooks.evaluate()
+    if result:
+        metrics.log(pos.step, ({"epoch": pos.epoch} if spec.epochs else {}) | result)
+        if d.is_main:
+            log.info("step %d: %s", pos.step, result)
+    return result
+
+
+def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
+    hooks.save(pos)
+    metrics.flush()  # the events up to a checkpoint survive a kill, as metrics.jsonl does
+
+
+def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer=None,
+             scheduler=None, metrics: MetricsLogger, d: DistInfo) -> dict:
+    """Train from ``start`` to ``spec.total_steps``; returns the last evaluation (with
+    ``stopped_early`` and the ``step`` when a stop request ended the run first).
+
+    ``scheduler``: timm-style (``step_update(step)``), stepped by the loop; None where the
+    task's engine steps its own. ``optimizer``: its largest group lr is logged (None: the
+    task logs its lr through ``log_values``). ``metrics`` is closed when the loop ends.
+    """
+    try:
+        return _run(spec, hooks, start, optimizer, scheduler, metrics, d)
+    finally:
+        metrics.close()
+
+
+def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, scheduler,
+         metrics: MetricsLogger, d: DistInfo) -> dict:
+    pos, last_eval = LoopPosition(start.step, start.epoch, start.epoch_step), {}
+    if scheduler is not None:
+        scheduler.step_update(pos.step)
+    while pos.step < spec.total_steps:
+        skipped = pos.epoch_step  # a resumed epoch may have no batch left: not an error
+        for batch in hooks.batches(pos.epoch, pos.epoch_step):
+            losses = hooks.train_step(batch)
+            pos.step += 1
+            pos.epoch_step += 1
+            if scheduler is not None:
+                scheduler.step_update(pos.step)
+            if losses is None:
+                hooks.skipped(pos.step)
+            else:
+                hooks.after_step(pos.step)
+            if losses is not None and _log_due(spec, pos.step):
+                _log_step(metrics, spec, pos, losses, optimizer, hooks.log_values(pos.step))
+            else:
+                metrics.progress(pos.step)
+            if _due(spec.eval_every, pos.step, spec.total_steps):
+                last_eval = _evaluate(hooks, spec, pos, metrics, d)
+            saved = _due(spec.checkpoint_every, pos.step, spec.total_steps)
+            if saved:
+                _save(hooks, pos, metrics)
+            preemption.kill_point(pos.step)
+            if preemption.stop_agreed(d.device):  # every rank leaves at this same step
+                if not saved:
+                    _save(hooks, pos, metrics)
+                if d.is_main:
+                    log.warning("stop requested: saved at step %d, returning", pos.step)
+                return {**last_eval, "step": pos.step, "stopped_early": True}
+            if pos.step >= spec.total_steps:
+                break
+        if pos.epoch_step == 0 and skipped == 0:
+            raise ValueError(f"{spec.name}: an epoch holds no optimizer step (fewer samples "
+                             "than run.batch_size x run.grad_accum x processes); lower "
+                             "run.batch_size or run.grad_accum")
+        pos.epoch, pos.epoch_step = pos.epoch + 1, 0
+    return last_eval

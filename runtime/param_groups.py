@@ -1,0 +1,132 @@
+"""AdamW parameter groups of every training job: no weight decay on norms, biases,
+layer-scale gammas, the temperature and deformable-attention offsets; layer-wise lr decay;
+a multiplier on the DCN offset/mask layers; backbone/head multipliers.
+
+Every group carries ``lr_scale``; the optimizer's group ``lr`` starts at the base lr and
+the schedule (runtime/schedules.py, or timm's ``update_groups``) multiplies the scale in, so
+a group trains at ``base_lr * schedule(t) * lr_scale``. Pre-scaling the group lr as well
+would apply the scale twice.
+
+Layer ids follow the depth of the network: the stem is layer 0, block j of level i is
+``1 + sum(depths[:i]) + j``, a level's downsample (and its extra norms) share the id of
+that level's last block, and everything after the backbone (classifier, neck, head) is
+``num_layers = sum(depths) + 1``. A parameter of layer ``l`` gets
+``layer_decay ** (num_layers - l)``, so the head trains at the full rate and the stem at
+the smallest (the released fine-tuning recipes' rule).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.mask.")
+HEAD_OFFSET_LAYERS = ("sampling_offsets", "reference_points")
+NO_DECAY_SUFFIXES = ("gamma1", "gamma2", "logit_scale")
+_BLOCK = re.compile(r"levels\.(\d+)\.blocks\.(\d+)\.")
+_LEVEL = re.compile(r"levels\.(\d+)\.")
+
+
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer id of backbone parameter ``name`` (released keys); ``sum(depths) + 1`` for the
+    head and anything not in the backbone trunk."""
+    if name.startswith("patch_embed."):
+        return 0
+    m = _BLOCK.match(name)
+    if m:
+        level, block = int(m.group(1)), int(m.group(2))
+        return 1 + sum(depths[:level]) + block
+    m = _LEVEL.match(name)
+    if m:  # downsample / post norms / level norm: with the level's last block
+        return sum(depths[:int(m.group(1)) + 1])
+    return sum(depths) + 1
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases, layer-scale gammas, the temperature (``logit_scale``) and heads'
+    deformable-attention ``sampling_offsets`` (as the released dense-task optimiser
+    constructor) are not decayed."""
+    # a parameter partitioned by zero.Init is an empty 1-d tensor; ds_shape is its shape
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) or "sampling_offsets" in name
+
+
+def is_dcn_sampling(name: str) -> bool:
+    """A DCNv3 offset / mask projection (the layers ``dcn_lr_mult`` scales)."""
+    return any(s in f".{name}" for s in DCN_SAMPLING_LAYERS)
+
+
+def param_groups(model: nn.Module, weight_decay: float, *,
+                 depths: Sequence[int] | None = None,
+                 backbone_prefix: str | None = None,
+                 layer_decay: float = 1.0, dcn_lr_mult: float = 1.0,
+                 backbone_lr_mult: float = 1.0,
+                 layer0_patterns: tuple[str, ...] = (),
+                 head_offset_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups keyed by (layer, decay?, DCN?, backbone?, head offset?), each with its
+    ``lr_scale``, ``weight_decay``, ``layer_id`` and parameter ``names``.
+
+    ``backbone_prefix``: where the InternImage trunk sits inside ``model`` (``""``: the
+    model is the trunk plus a ``head``, as a classifier; ``backbone.body.`` in detection);
+    its parameters get layer ids from ``depths`` and are further scaled by
+    ``backbone_lr_mult``. ``None``: no layer-wise decay at all (pre-training): every
+    parameter is a "head" parameter at scale 1, times ``dcn_lr_mult`` on the DCN
+    offset/mask layers.
+    ``layer0_patterns``: head parameters whose name contains one of these get layer 0's
+    (smallest) scale instead, as the released Mask2Former recipes do for the query
+    embeddings, level embedding and class/mask predictors.
+    ``head_offset_lr_mult``: lr multiplier of head parameters named ``sampling_offsets`` /
+    ``reference_points`` (deformable-attention offsets; the released DINO recipe's
+    ``offset_lr_scale``).
+    """
+    if backbone_prefix is not None and depths is None:
+        raise ValueError("param_groups: a backbone_prefix needs the trunk's depths")
+    num_layers = sum(depths) + 1 if depths is not None else 1
+    groups: dict[tuple[int, bool, bool, bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_backbone = backbone_prefix is not None and name.startswith(backbone_prefix)
+        if in_backbone:
+            lid = layer_id(name[len(backbone_prefix):], depths)
+        else:
+            lid = 0 if any(pat in name for pat in layer0_patterns) else num_layers
+        no_decay = no_weight_decay(name, p)
+        dcn = is_dcn_sampling(name)
+        offset = not in_backbone and any(s in name for s in HEAD_OFFSET_LAYERS)
+        # decayed before undecayed within a layer: pre-training's group order since its
+        # first checkpoints (an optimizer state is restored group by group)
+        key = (lid, no_decay, dcn, in_backbone, offset)
+        if key not in groups:
+            scale = layer_decay ** (num_layers - lid)
+            scale *= dcn_lr_mult if dcn else 1.0
+            scale *= backbone_lr_mult if in_backbone else 1.0
+            scale *= head_offset_lr_mult if offset else 1.0
+            groups[key] = {"params": [], "names": [], "lr_scale": scale, "layer_id": lid,
+                           "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def start_at_base_lr(groups: list[dict], lr: float) -> list[dict]:
+    """Set every group's ``lr`` to the base ``lr`` (the schedule applies ``lr_scale``)."""
+    for g in groups:
+        g["lr"] = lr
+    return groups
+
+
+def adamw(groups: list[dict], lr: float, betas: Sequence[float],
+          eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch AdamW over ``param_groups`` output, every group starting at the base ``lr``.
+
+    The schedule multiplies each group's ``lr_scale`` in (timm: ``update_groups`` in
+    ``timm/scheduler/scheduler.py``; pre-training: ``schedules.WarmupCosine``). The
+    released mmcv constructors set ``lr = scale * base_lr`` instead because mmcv's lr hooks
+    scale each group's own initial lr; both give ``base_lr * schedule(t) * scale``.
+    """
+    return torch.optim.AdamW(start_at_base_lr(groups, lr), lr=lr, betas=tuple(betas),
+                             eps=eps)

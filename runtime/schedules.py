@@ -1,0 +1,115 @@
+"""Learning-rate schedules of every training job, one function per schedule kind.
+
+All of them apply each param group's ``lr_scale`` (runtime/param_groups.py), the optimizer's
+group ``lr`` having started at the base lr: a group trains at
+``base_lr * schedule(t) * lr_scale``.
+
+- ``WarmupCosine``: pre-training's linear warm-up then cosine to ``min_lr``, in steps; a
+  torch scheduler, so DeepSpeed can own it (``lr_scheduler=``) and save/restore its
+  ``state_dict`` with every checkpoint.
+- ``cosine``, ``multistep``, ``poly``: fine-tuning's timm schedulers (stepped per update
+  with ``step_update``), whose ``update_groups`` multiplies ``lr_scale`` in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+# the released recipes warm up from 1e-3 x the base lr (mmdet/mmseg warmup_ratio, and the
+# classification code's WARMUP_LR / BASE_LR = 5e-7 / 5e-4)
+WARMUP_RATIO = 1e-3
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int,
+                  min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base lr at step ``s``: linear warm-up over ``warmup_steps`` steps
+    (step 0 already at ``1 / warmup_steps``), then cosine from 1 to ``min_ratio`` at
+    ``total_steps``, constant after."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class WarmupCosine(LRScheduler):
+    """Pre-training's schedule: group ``i`` trains at
+    ``base_lrs[i] * warmup_cosine(t) * lr_scale_i`` at step ``t``.
+
+    ``base_lrs`` are the groups' initial lrs (the base lr, by runtime/param_groups.py's
+    convention). A group without ``lr_scale`` trains at scale 1; so a checkpoint of the
+    earlier ``LambdaLR`` over pre-scaled groups (whose restored groups carry no
+    ``lr_scale`` and whose ``base_lrs`` hold the scaled lrs) resumes at the same rates.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int,
+                 total_steps: int, min_ratio: float, last_epoch: int = -1) -> None:
+        if not 0 <= min_ratio <= 1:
+            raise ValueError(f"WarmupCosine: min_ratio must be in [0, 1], got {min_ratio}")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The schedule's multiplier of the base lr at ``step``."""
+        return warmup_cosine(self.warmup_steps, self.total_steps, self.min_ratio)(step)
+
+    def get_lr(self) -> list[float]:
+        """Each group's lr at the current step (``last_epoch`` counts steps here)."""
+        f = self.factor(self.last_epoch)
+        return [base * f * group.get("lr_scale", 1.0)
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
+
+
+def _warmup(lr: float, warmup_steps: int) -> dict:
+    """timm's warm-up arguments: linear from ``WARMUP_RATIO x lr`` over ``warmup_steps``
+    updates (``t_in_epochs=False``: the scheduler counts updates)."""
+    return {"warmup_t": warmup_steps, "warmup_lr_init": lr * WARMUP_RATIO,
+            "t_in_epochs": False}
+
+
+def cosine(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
+           warmup_steps: int, warmup_prefix: bool):
+    """timm's cosine from ``lr`` to ``min_lr`` over ``total_steps`` updates.
+
+    ``warmup_prefix=False`` is the released classification code's (the cosine spans the
+    whole run and the warm-up overlays its start, so the lr reaches ``min_lr`` at the last
+    step); ``True`` starts the cosine after the warm-up.
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=min_lr,
+                             warmup_prefix=warmup_prefix, **_warmup(lr, warmup_steps))
+
+
+def multistep(optimizer: torch.optim.Optimizer, *, lr: float, milestones: Sequence[int],
+              gamma: float, warmup_steps: int):
+    """timm's step decay by ``gamma`` at each of ``milestones`` (update counts).
+
+    mmdet's step policy (the released 1x/3x detection configs): the milestones count from
+    step 0 and the warm-up overlays them, not shifts them.
+    """
+    from timm.scheduler import MultiStepLRScheduler
+
+    return MultiStepLRScheduler(optimizer, decay_t=list(milestones), decay_rate=gamma,
+                                warmup_prefix=False, **_warmup(lr, warmup_steps))
+
+
+def poly(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
+         power: float, warmup_steps: int, warmup_ratio: float = WARMUP_RATIO):
+    """timm's polynomial decay to ``min_lr`` (mmseg's poly policy), after a linear warm-up
+    from ``warmup_ratio x lr``."""
+    from timm.scheduler import PolyLRScheduler
+
+    warm = _warmup(lr, warmup_steps) | {"warmup_lr_init": lr * warmup_ratio}
+    return PolyLRScheduler(optimizer, t_initial=max(1, total_steps), power=power,
+                           lr_min=min_lr, warmup_prefix=True, **warm)

@@ -1,0 +1,149 @@
+"""The momentum target encoder (issue #16) under ZeRO-3 on real gloo ranks.
+
+Run as a script (``python tests/test_m3i_ema.py OUT_DIR``) this file is one rank. Each
+rank builds the tiny demo model and its EMA teacher as the trainer does, takes optimizer
+steps on fixed data and updates the teacher in place on its own slices. Expected values
+come from the EMA definition (BYOL, Grill et al. 2020, section 3.2: xi <- tau xi +
+(1 - tau) theta, tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2), applied to the whole
+gathered tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = ["model.channels=8", "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
+             "model.dcn_backend=reference", "model.embed_dim=16", "text.width=16",
+             "text.heads=2", "text.layers=1", "engine.precision=fp32", "data.batch_size=2",
+             # well below the tiny model's sizes: persisted copies must be refreshed too
+             "engine.param_persistence_threshold=64"]
+MOMENTA = [0.0, 0.9, 0.5]  # 0: the teacher starts as an exact copy of the online tower
+
+
+def _gather(params):
+    import deepspeed
+
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return [p.detach().clone() for p in params]
+    with deepspeed.zero.GatheredParameters(params):
+        return [p.detach().clone() for p in params]
+
+
+def _rank_main(out_dir: str) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import build_engine, build_model, build_teacher
+    from runtime.dist import init_distributed
+
+    info = init_distributed()
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [*OVERRIDES, "engine.zero_stage=3"])
+    engine, ds_config = build_engine(cfg, build_model(cfg, num_tags=10), steps=10)
+    teacher = build_teacher(cfg, engine, ds_config)
+    torch.manual_seed(123)  # the same data on every rank: same step for any world size
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(0, cfg.text.vocab_size, (2, cfg.data.context_length))
+    errors, teacher_params = [], [p for _, p, _ in teacher.pairs]
+    online_params = [p for _, _, p in teacher.pairs]
+    for momentum in MOMENTA:
+        before, online = _gather(teacher_params), _gather(online_params)
+        teacher.update(momentum)
+        after = _gather(teacher_params)
+        expected = [momentum * b + (1 - momentum) * s for b, s in zip(before, online)]
+        errors.append(max(float((a - e).abs().max()) for a, e in zip(after, expected)))
+        img, txt, _, scale = engine(images, tokens)
+        loss = -(scale * img @ txt.t()).log_softmax(-1).diag().mean()
+        engine.backward(loss)
+        engine.step()
+    # the teacher's forward sees the updated slices (no stale gathered copy)
+    with torch.no_grad():
+        target = teacher(images)
+    saved = teacher.state_dict()
+    teacher.update(0.0)  # move it, then restore from the saved slices
+    teacher.load_state_dict(saved)
+    result = {"errors": errors, "target": target.flatten()[:64].tolist(),
+              "restored": all(torch.equal(a, b) for a, b in
+                              zip(teacher.state_dict().values(), saved.values())),
+              "teacher": [t.flatten()[:32].tolist() for t in _gather(teacher_params)],
+              "local_numel": sum(p.ds_tensor.numel() for p in teacher_params),
+              "full_numel": sum(p.ds_numel for p in teacher_params)}
+    Path(out_dir, f"world{info.world_size}_rank{info.rank}.json").write_text(json.dumps(result))
+
+
+def _start(out: Path, world: int) -> list[subprocess.Popen]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, list[dict]]:
+    out = tmp_path_factory.mktemp("m3i_ema")
+    procs = {world: _start(out, world) for world in (1, 2)}  # the 3 processes at once
+    for group in procs.values():
+        logs = [p.communicate(timeout=150)[0].decode(errors="replace") for p in group]
+        for p, log in zip(group, logs):
+            assert p.returncode == 0, log[-3000:]
+    return {world: [json.loads((out / f"world{world}_rank{r}.json").read_text())
+                    for r in range(world)] for world in procs}
+
+
+@pytest.mark.distributed
+def test_update_on_own_slices_equals_the_whole_tensor_update(runs):
+    for world, ranks in runs.items():
+        for r in ranks:
+            assert len(r["errors"]) == len(MOMENTA)
+            assert max(r["errors"]) < 1e-6, (world, r["errors"])
+
+
+@pytest.mark.distributed
+def test_two_ranks_hold_half_and_end_where_one_rank_ends(runs):
+    one, two = runs[1][0], runs[2]
+    # ZeRO-3 splits each tensor evenly (DeepSpeed docs); padding adds < 1 element each
+    assert one["local_numel"] == one["full_numel"]
+    for r in two:
+        assert r["local_numel"] == pytest.approx(r["full_numel"] / 2, rel=0.02)
+    # same data and steps: the teacher (and its targets) do not depend on the sharding
+    for r in two:
+        for a, b in zip(one["teacher"], r["teacher"]):
+            assert a == pytest.approx(b, abs=1e-5)
+        assert one["target"] == pytest.approx(r["target"], abs=1e-4)
+        assert r["restored"]
+
+
+def test_momentum_schedule_is_byols_cosine():
+    from pretrain.m3i.ema import momentum_at
+
+    # Siamese Image Modeling's default: 0.995 rising to 1 (BYOL's formula)
+    assert momentum_at(0, 100, 0.995) == pytest.approx(0.995)
+    assert momentum_at(50, 100, 0.995) == pytest.approx(1 - 0.005 * 0.5)
+    assert momentum_at(25, 100, 0.995) == pytest.approx(
+        1 - 0.005 * (math.cos(math.pi / 4) + 1) / 2)
+    assert momentum_at(100, 100, 0.995) == pytest.approx(1.0)
+    assert momentum_at(500, 100, 0.995) == pytest.approx(1.0)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
