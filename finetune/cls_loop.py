@@ -16,7 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from runtime.dist import DistInfo
-from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
+from runtime.loop import (
+    LoopPosition,
+    LoopSpec,
+    TaskHooks,
+    accumulated_step,
+    run_loop,
+    step_batches,
+)
 from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,6 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     Steps are optimizer steps of ``run.grad_accum`` micro-batches each;
     ``steps_per_epoch`` counts them."""
     from finetune.cls_data import build_loaders, epoch_batches
-    from finetune.loop import step_batches
 
     eval_every = cfg.run.eval_every or steps_per_epoch
     accum = cfg.run.grad_accum
@@ -61,20 +67,15 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
         return step_batches(epoch_batches(train_loader, skip * accum), accum,
                             steps_per_epoch - skip)
 
-    def micro_step(batch) -> torch.Tensor:
+    def micro_step(batch) -> dict[str, torch.Tensor]:
         images, labels = (t.to(d.device) for t in batch)
         if mixup is not None:
             images, labels = mixup(images, labels)
-        return steps.train(images, labels)
+        return {"loss": steps.train(images, labels)}
 
-    def train_step(micro_batches: list) -> dict[str, torch.Tensor]:
-        """One update; its loss is the mean over the micro-batches."""
-        losses = [micro_step(batch) for batch in micro_batches]
-        if len(losses) == 1:
-            return {"loss": losses[0]}
-        return {"loss": torch.stack([loss.detach() for loss in losses]).mean()}
-
-    hooks = TaskHooks(batches=batches, train_step=train_step,
+    # one update; its loss is the mean over the micro-batches
+    hooks = TaskHooks(batches=batches,
+                      train_step=lambda group: accumulated_step(micro_step, group),
                       evaluate=lambda: steps.evaluate(loaders["val"]),
                       save=lambda pos: steps.save(pos.step), after_step=steps.after_step)
     spec = LoopSpec(name=desc, total_steps=total, eval_every=eval_every,

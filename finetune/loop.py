@@ -2,11 +2,11 @@
 DeepSpeed engine (``run.zero_stage`` 0..3) as classification and pre-training are.
 
 The task supplies the module the engine wraps (its forward returns a dict of losses), a
-batch iterator factory and an evaluation function; this file builds the engine from the one
-DeepSpeed-config builder (clipping, ZeRO stage), adds the optimisation step (bf16 through
-autocast over fp32 weights, as before DeepSpeed) and the one checkpoint format
-(runtime/checkpoint.py: DeepSpeed tag directories, per-rank random state and the position
-in ``trainer_state.json``, an atomic ``latest``) with an exact ``--resume auto``.
+batch iterator factory and an evaluation function; the engine, its resume, checkpoints and
+metrics are fine-tuning's one set (finetune/engine.py: the one DeepSpeed-config builder,
+the one checkpoint format with per-rank random state and, here, the position in
+``trainer_state.json``, an exact ``--resume auto``); this file adds the optimisation step
+of a micro-batch (bf16 through autocast over fp32 weights, as before DeepSpeed).
 
 ZeRO-3: the engine partitions the module at ``deepspeed.initialize`` (as classification's);
 the dense evaluations run each rank's share of the validation set on the bare module with
@@ -18,70 +18,21 @@ weights and statistics the checkpoint holds.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from finetune.engine import fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
-from runtime.checkpoint import open_resume, refuse_legacy_resume, save_checkpoint
 from runtime.dist import DistInfo, broadcast_buffers
-from runtime.ds_config import DeepSpeedSpec, deepspeed_config
-from runtime.loop import LoopPosition, LoopSpec, TaskHooks
+from runtime.ds_config import DeepSpeedSpec
+from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
 from runtime.loop import run_loop as run_training_loop
-from runtime.metrics import MetricsLogger
 
-log = logging.getLogger(__name__)
-KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
-T = TypeVar("T")
-
-
-def fingerprint(*parts: Any) -> str:
-    """Hash of what a checkpoint's tensors depend on (a resume with another one fails)."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def step_batches(micro_batches: Iterable[T], accum: int, steps: int) -> Iterator[list[T]]:
-    """At most ``steps`` optimizer steps of ``micro_batches``, each a list of ``accum``
-    consecutive micro-batches (``run.grad_accum``).
-
-    Nothing past the last whole step is drawn: the micro-batches of a trailing partial
-    step are never loaded (as a loader's ``drop_last`` never loads a short batch), so they
-    consume no augmentation draw that an exact resume would have to replay.
-    """
-    it = iter(micro_batches)
-    for _ in range(steps):
-        group = list(itertools.islice(it, accum))
-        if len(group) < accum:
-            return
-        yield group
-
-
-def build_engine(net: nn.Module, optimizer: torch.optim.Optimizer, *, zero_stage: int,
-                 batch_size: int, grad_clip: float, grad_accum: int = 1,
-                 persistence_threshold: int | None = None):
-    """``net`` and our optimizer in a DeepSpeed engine (fp32 weights; clipping by it), and
-    the DeepSpeed config it runs with. ``grad_accum``: DeepSpeed's
-    ``gradient_accumulation_steps`` (its ``step()`` updates at every ``grad_accum``-th
-    micro-batch only, and its ``backward`` scales each micro-batch loss by 1/grad_accum).
-    ``persistence_threshold``: ZeRO-3 keeps parameters smaller than this whole on every
-    rank (``run.zero_persistence_threshold``; None: DeepSpeed's default)."""
-    import deepspeed
-
-    config = deepspeed_config(DeepSpeedSpec(
-        micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
-        grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),
-        param_persistence_threshold=persistence_threshold))
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config,
-                                           dist_init_required=False)
-    return engine, config
+__all__ = ["fingerprint", "run_loop"]  # fingerprint: what detection/segmentation hash with
 
 
 def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -100,46 +51,31 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     ``evaluate`` runs on the bare model. Returns the last evaluation's metrics (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir / "checkpoints"
-    # everything that can refuse a resume is checked before any compute
-    refuse_legacy_resume(resume, root)
-    resume_dir, state = open_resume(resume, root, model_hash, d.world_size)
-    engine, ds_config = build_engine(net, optimizer, zero_stage=zero_stage,
-                                     batch_size=batch_size, grad_clip=grad_clip,
-                                     grad_accum=grad_accum,
-                                     persistence_threshold=zero_persistence_threshold)
-    if d.is_main:  # next to config.yaml, as classification and pre-training write it
-        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    run = open_run(resume, out_dir, model_hash, d.world_size)  # may refuse: before compute
+    # bf16 through autocast over fp32 weights (as before DeepSpeed): the engine's are fp32
+    engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
+        micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
+        grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),
+        param_persistence_threshold=zero_persistence_threshold), run, d)
     start = LoopPosition()
-    if resume_dir is not None:
-        path, _ = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {resume_dir}")
-        start = LoopPosition(state["step"], state["epoch"], state["epoch_step"])
-        log.info("resumed from %s at step %d", resume_dir, start.step)
+    if run.state is not None:
+        start = LoopPosition(run.start_step, run.state["epoch"], run.state["epoch_step"])
     scheduler.step_update(start.step)
-    # lines past the step this run starts from go (a dead run's; a fresh start: all)
-    metrics = MetricsLogger(out_dir, d.is_main, total_steps, start.step, desc=name,
-                            tensorboard=tensorboard, progress=progress, timestamp=True)
+    metrics = open_metrics(run, d, total_steps, name, tensorboard=tensorboard,
+                           progress=progress)
     # ``task``: what a later --init reads to tell a whole segmenter from a backbone
     shared = {"task": name, "world_size": d.world_size, "model_hash": model_hash,
               "zero_stage": zero_stage}
 
-    def train_step(micro_batches: list) -> dict[str, torch.Tensor]:
-        """One update; each loss is its mean over the micro-batches."""
-        totals: dict[str, torch.Tensor] = {}
-        for batch in micro_batches:
-            broadcast_buffers(net, d)
-            with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
-                losses = {k: v.float() for k, v in loss_fn(engine, batch).items()}
-            engine.backward(sum(losses.values()))  # scaled by 1/grad_accum by DeepSpeed
-            # at the accumulation boundary only: clips (gradient_clipping), steps the
-            # optimizer and zeroes the gradients
-            engine.step()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0) + v.detach()
-        return {k: v / len(micro_batches) for k, v in totals.items()}
+    def micro_step(batch: Any) -> dict[str, torch.Tensor]:
+        broadcast_buffers(net, d)
+        with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
+            losses = {k: v.float() for k, v in loss_fn(engine, batch).items()}
+        engine.backward(sum(losses.values()))  # scaled by 1/grad_accum by DeepSpeed
+        # at the accumulation boundary only: clips (gradient_clipping), steps the
+        # optimizer and zeroes the gradients
+        engine.step()
+        return losses
 
     def epoch_steps(epoch: int, skip: int) -> Iterator[list]:
         """The epoch's updates from ``skip`` on (positions count updates, the loader
@@ -158,16 +94,15 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
         return result
 
     def save(pos: LoopPosition) -> None:  # every rank: its shard and its random state
-        save_checkpoint(engine, root, pos.step, {"rng": rng.rng_state()},
-                        shared | {"step": pos.step, "epoch": pos.epoch,
-                                  "epoch_step": pos.epoch_step}, d, KEEP_LAST)
+        run.save(engine, pos.step, shared | {"epoch": pos.epoch, "epoch_step": pos.epoch_step},
+                 d)
 
-    hooks = TaskHooks(batches=epoch_steps, train_step=train_step, evaluate=run_evaluation,
-                      save=save)
+    hooks = TaskHooks(batches=epoch_steps,
+                      train_step=lambda group: accumulated_step(micro_step, group),
+                      evaluate=run_evaluation, save=save)
     spec = LoopSpec(name=name, total_steps=total_steps, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, log_every=log_every)
     engine.train()
-    if state is not None:  # last: nothing between here and the first batch draws
-        rng.restore_rank_rng([r["rng"] for r in state["ranks"]], d.rank, d.world_size)
+    run.restore_rng(d)  # last: nothing between here and the first batch draws
     return run_training_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
                              metrics=metrics, d=d)

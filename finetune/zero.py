@@ -26,8 +26,6 @@ each forward all-gathers parameters collectively.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import warnings
@@ -37,39 +35,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
 from runtime.lockstep import lockstep
-from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 EMA_FILE = "ema.pt"
-KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
 
 
-def deepspeed_config(cfg) -> dict[str, Any]:
-    """DeepSpeed's JSON config for a classification run (``cfg``: ClassificationConfig),
-    from the one builder (runtime/ds_config.py); the schedule is stepped by us."""
+def deepspeed_spec(cfg) -> DeepSpeedSpec:
+    """The DeepSpeed settings of a classification run (``cfg``: ClassificationConfig); the
+    schedule is stepped by us."""
     run = cfg.run
-    return build_deepspeed_config(DeepSpeedSpec(
+    return DeepSpeedSpec(
         micro_batch=run.batch_size, zero_stage=run.zero_stage, precision=run.precision,
         grad_accum=run.grad_accum, grad_clip=cfg.optim.grad_clip,
         overlap_comm=torch.cuda.is_available(),
         param_persistence_threshold=run.zero_persistence_threshold,
-        extra_json=run.deepspeed_config or None, extra_json_key="run.deepspeed_config"))
+        extra_json=run.deepspeed_config or None, extra_json_key="run.deepspeed_config")
+
+
+def deepspeed_config(cfg) -> dict[str, Any]:
+    """DeepSpeed's JSON config for a classification run (``cfg``: ClassificationConfig),
+    from the one builder (runtime/ds_config.py)."""
+    return build_deepspeed_config(deepspeed_spec(cfg))
 
 
 def model_hash(cfg) -> str:
     """What the checkpoint's tensors depend on: variant, architecture and class count
     (not drop path, checkpointing or the DCN backend, which a resume may change)."""
-    blob = json.dumps([cfg.model.name, cfg.model.arch(), cfg.data.num_classes],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(cfg.model.name, cfg.model.arch(), cfg.data.num_classes)
 
 
 class ShardedEma:
@@ -119,23 +120,19 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
             "top5": stats[1].item() / max(1, stats[2].item())}
 
 
-def _save(engine, root: Path, step: int, ema: ShardedEma | None, shared: dict[str, Any],
-          info) -> Path:
+def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
+          shared: dict[str, Any], info: DistInfo) -> Path:
     """EMA (rank 0) and DeepSpeed's shards first; ``trainer_state.json``/``latest`` last."""
-    from runtime.checkpoint import save_checkpoint, save_torch_file, tag_for
+    from runtime.checkpoint import save_torch_file, tag_for
 
     if ema is not None and info.is_main:
-        save_torch_file(root / tag_for(step) / EMA_FILE, ema.module.state_dict())
-    # each rank's own random state, gathered into trainer_state.json ("ranks")
-    return save_checkpoint(engine, root, step, {"rng": rng.rng_state()}, shared, info,
-                           KEEP_LAST)
+        save_torch_file(run.root / tag_for(step) / EMA_FILE, ema.module.state_dict())
+    return run.save(engine, step, shared, info)
 
 
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
     """Fine-tune ``cfg`` (ClassificationConfig) through DeepSpeed (ZeRO stage
     ``run.zero_stage``, 0..3); the last evaluation's metrics."""
-    import deepspeed
-
     from finetune.cls_build import (
         build_classifier,
         build_loss,
@@ -146,21 +143,11 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
     from finetune.init import load_init
-    from runtime.checkpoint import (
-        ResumeError,
-        load_torch_file,
-        open_resume,
-        refuse_legacy_resume,
-    )
+    from runtime.checkpoint import load_torch_file
 
     d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out_dir / "checkpoints"
     mhash = model_hash(cfg)
-    # everything that can refuse a resume is checked before any compute (a ResumeError is
-    # a CheckpointError: the CLI reports it without a traceback)
-    refuse_legacy_resume(resume, ckpt_root)
-    resume_dir, state = open_resume(resume, ckpt_root, mhash, d.world_size)
+    run = open_run(resume, out_dir, mhash, d.world_size)  # may refuse: before any compute
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
@@ -183,9 +170,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
     optimizer = build_optimizer(model, cfg)
-    ds_config = deepspeed_config(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+    engine, _ = start_engine(model, optimizer, deepspeed_spec(cfg), run, d)
     # timm's schedule drives the client optimizer's groups: ZeRO steps that same object
     # (its groups' params swapped for flat fp32 partitions), so per-group lr_scale holds
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
@@ -193,18 +178,10 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
-    step = 0
-    if resume_dir is not None:
-        path, _ = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load {resume_dir}")
-        step = int(state["step"])
-        if ema is not None and (resume_dir / EMA_FILE).is_file():
-            ema.module.load_state_dict(load_torch_file(resume_dir / EMA_FILE))
-        log.info("resumed from %s at step %d", resume_dir, step)
+    step = run.start_step
+    if ema is not None and run.resume_dir is not None and (run.resume_dir / EMA_FILE).is_file():
+        ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
     scheduler.step_update(step)
-    if d.is_main:
-        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     shared = {"world_size": d.world_size, "model_hash": mhash,
               "zero_stage": cfg.run.zero_stage}
     engine.train()
@@ -230,18 +207,14 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         return result
 
     def save(step: int) -> None:  # every rank writes its shard
-        _save(engine, ckpt_root, step, ema, shared | {"step": step}, d)
+        _save(engine, run, step, ema, shared, d)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
-    # lines past the step this run starts from go (a dead run's; a fresh start: all)
     desc = f"classification ZeRO-{cfg.run.zero_stage}"
-    metrics = MetricsLogger(out_dir, d.is_main, total, step, desc=desc,
-                            tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                            timestamp=True)
-    if state is not None:  # last: nothing between here and the first batch draws
-        rng.restore_rank_rng([r["rng"] for r in state["ranks"]], d.rank, d.world_size)
+    metrics = open_metrics(run, d, total, desc, tensorboard=cfg.run.tensorboard,
+                           progress=cfg.run.progress)
+    run.restore_rng(d)  # last: nothing between here and the first batch draws
     return run_classification(
         cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
         metrics=metrics, desc=desc)
-

@@ -17,10 +17,11 @@ task may report a step as skipped (a non-finite loss) or add values to each log 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ from runtime.dist import DistInfo
 from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,6 +97,37 @@ class TaskHooks:
     after_step: Callable[[int], None] = field(default=_no_op)
     skipped: Callable[[int], None] = field(default=_no_op)
     log_values: Callable[[int], dict[str, Any]] = field(default=_no_values)
+
+
+def step_batches(micro_batches: Iterable[T], accum: int, steps: int) -> Iterator[list[T]]:
+    """At most ``steps`` optimizer steps of ``micro_batches``, each a list of ``accum``
+    consecutive micro-batches (``run.grad_accum``).
+
+    Nothing past the last whole step is drawn: the micro-batches of a trailing partial
+    step are never loaded (as a loader's ``drop_last`` never loads a short batch), so they
+    consume no augmentation draw that an exact resume would have to replay.
+    """
+    it = iter(micro_batches)
+    for _ in range(steps):
+        group = list(itertools.islice(it, accum))
+        if len(group) < accum:
+            return
+        yield group
+
+
+def accumulated_step(micro_step: Callable[[T], dict[str, torch.Tensor]],
+                     micro_batches: list[T]) -> dict[str, torch.Tensor]:
+    """One optimizer update over ``micro_batches`` (a group from :func:`step_batches`):
+    ``micro_step(batch)`` runs one micro-batch's forward, backward and engine step (a
+    DeepSpeed engine updates the weights at its ``gradient_accumulation_steps``-th call
+    only) and returns its named losses; each comes back as its mean over the group, the
+    loss of the whole update (DeepSpeed scales each micro-batch's gradient by
+    1/accumulation steps alike)."""
+    totals: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        for name, value in micro_step(batch).items():
+            totals[name] = totals[name] + value.detach() if name in totals else value.detach()
+    return {name: total / len(micro_batches) for name, total in totals.items()}
 
 
 def _due(every: int, step: int, total: int) -> bool:

@@ -1,0 +1,114 @@
+"""The DeepSpeed engine of every fine-tuning task (classification, detection,
+segmentation) and the run around it: opening a resume, building and starting the engine,
+its checkpoints and its metrics records, written once for all three.
+
+The sequence a task follows: :func:`open_run` before any compute (everything that can
+refuse a resume is checked there), the model and optimizer, :func:`start_engine` (the one
+DeepSpeed-config builder, runtime/ds_config.py, then ``deepspeed.initialize``,
+``deepspeed_config.json`` next to ``config.yaml`` and the resumed checkpoint's shards),
+:func:`open_metrics`, and last, right before the first batch is drawn,
+:meth:`FinetuneRun.restore_rng`. :meth:`FinetuneRun.save` writes the one checkpoint format
+(runtime/checkpoint.py) with every rank's random state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime import rng
+from runtime.checkpoint import ResumeError, open_resume, refuse_legacy_resume, save_checkpoint
+from runtime.dist import DistInfo
+from runtime.ds_config import DeepSpeedSpec, deepspeed_config
+from runtime.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Hash of what a checkpoint's tensors depend on (a resume with another one fails)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """A run's output directory and the checkpoint it resumes (``resume_dir`` and its
+    ``trainer_state.json`` contents ``state``; both None for a fresh start)."""
+
+    out_dir: Path
+    resume_dir: Path | None
+    state: dict[str, Any] | None
+
+    @property
+    def root(self) -> Path:
+        """``OUT/checkpoints``: the DeepSpeed tag directories and ``latest``."""
+        return self.out_dir / "checkpoints"
+
+    @property
+    def start_step(self) -> int:
+        """Optimizer steps already done (0 for a fresh start)."""
+        return int(self.state["step"]) if self.state is not None else 0
+
+    def save(self, engine, step: int, shared: dict[str, Any], d: DistInfo) -> Path:
+        """A checkpoint at ``step``, written on every rank: DeepSpeed's shards, and in
+        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state."""
+        return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()},
+                               shared | {"step": step}, d, KEEP_LAST)
+
+    def restore_rng(self, d: DistInfo) -> None:
+        """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a
+        fresh start). Call it last: nothing between it and the first batch may draw."""
+        if self.state is not None:
+            rng.restore_rank_rng([r["rng"] for r in self.state["ranks"]], d.rank,
+                                 d.world_size)
+
+
+def open_run(resume: str | None, out_dir: Path, model_hash: str,
+             world_size: int) -> FinetuneRun:
+    """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
+    None), refused here, before any compute, when this run cannot continue it (a
+    ``CheckpointError``: the CLI reports it without a traceback)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir / "checkpoints"
+    refuse_legacy_resume(resume, root)
+    resume_dir, state = open_resume(resume, root, model_hash, world_size)
+    return FinetuneRun(out_dir, resume_dir, state)
+
+
+def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpeedSpec,
+                 run: FinetuneRun, d: DistInfo):
+    """``net`` and our optimizer in a DeepSpeed engine configured from ``spec`` (the
+    engine clips, accumulates ``spec.grad_accum`` micro-batches per update, and casts to
+    ``spec.precision``), with the resumed checkpoint's shards loaded; returns the engine
+    and its DeepSpeed config (also written to ``OUT/deepspeed_config.json`` by rank 0)."""
+    import deepspeed
+
+    config = deepspeed_config(spec)
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    if d.is_main:  # next to config.yaml, as pre-training writes it
+        (run.out_dir / "deepspeed_config.json").write_text(
+            json.dumps(config, indent=2) + "\n")
+    if run.resume_dir is not None:
+        path, _ = engine.load_checkpoint(str(run.resume_dir.parent), tag=run.resume_dir.name)
+        if path is None:
+            raise ResumeError(f"DeepSpeed could not load {run.resume_dir}")
+        log.info("resumed from %s at step %d", run.resume_dir, run.start_step)
+    return engine, config
+
+
+def open_metrics(run: FinetuneRun, d: DistInfo, total_steps: int, desc: str, *,
+                 tensorboard: bool, progress: bool) -> MetricsLogger:
+    """The run's metrics records (runtime/metrics.py); the lines past the step this run
+    starts from go (a dead run's; a fresh start: all), so a resume logs no step twice."""
+    return MetricsLogger(run.out_dir, d.is_main, total_steps, run.start_step, desc=desc,
+                         tensorboard=tensorboard, progress=progress, timestamp=True)
