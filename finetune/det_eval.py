@@ -21,8 +21,9 @@ def _sizes(cfg: DetectionConfig) -> tuple[list[int], int]:
 @torch.no_grad()
 def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
              d: DistInfo) -> dict[str, float]:
-    """COCO bbox (+ segm for Mask R-CNN) AP over the val set (each rank a slice; rank 0
-    scores all).
+    """COCO bbox (+ segm for Mask R-CNN) AP over the val set: each rank predicts a slice,
+    rank 0 scores them all, and every rank returns rank 0's scores (whatever a rank does
+    with them, e.g. ``train``'s return value, must not depend on which rank it is).
 
     The forward passes run in lock-step with the other ranks (runtime/lockstep.py), so a
     ZeRO-3 model evaluates whatever each rank's slice holds.
@@ -49,12 +50,19 @@ def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
                 results += detections_to_coco(out, target["image_id"], val_set.label_to_cat)
     core.transform.min_size = tuple(train_sizes)
     core.train()
-    if d.world_size > 1:
-        gathered = [None] * d.world_size
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
     keys = ("bbox_AP", "bbox_AP50", "bbox_AP75")
     if cfg.head.kind == "maskrcnn":
         keys += ("segm_AP", "segm_AP50")
-    scores = coco_evaluate(val_set.coco, results) if d.is_main else {}
-    return {k: scores.get(k, 0.0) for k in keys}
+    if d.world_size == 1:
+        scores = coco_evaluate(val_set.coco, results)
+        return {k: scores.get(k, 0.0) for k in keys}
+    # COCOeval ranks the detections of all images together, so one rank scores them all
+    # (only it holds every rank's detections) and shares the scores
+    gathered = [None] * d.world_size if d.is_main else None
+    dist.gather_object(results, gathered, dst=0)
+    shared: list = [None]
+    if d.is_main:
+        scores = coco_evaluate(val_set.coco, [r for part in gathered for r in part])
+        shared[0] = {k: scores.get(k, 0.0) for k in keys}
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
+from finetune.dense_data import train_batches
 from finetune.det_config import (  # noqa: F401  (the public import path)
     DetBackboneConfig,
     DetDataConfig,
@@ -153,20 +153,11 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
     # Mask R-CNN adds its background class itself; DINO predicts the C classes (focal loss).
     model = build_model(cfg, len(train_set.cat_ids), cfg.init).to(d.device)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
-    steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
-                                                 * d.world_size))
+    batches, steps_per_epoch = train_batches(
+        train_set, d, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum,
+        seed=cfg.run.seed, num_workers=cfg.run.num_workers, collate_fn=collate)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
-    sampler = DistributedSampler(train_set, d.world_size, d.rank, seed=cfg.run.seed) \
-        if d.world_size > 1 else None
-
-    def batches(epoch: int):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        g = rng.loader_generator(cfg.run.seed, d.rank, epoch)  # workers' seeds: per rank
-        return DataLoader(train_set, cfg.run.batch_size, shuffle=sampler is None,
-                          sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
-                          collate_fn=collate, generator=g)
 
     def loss_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets = batch

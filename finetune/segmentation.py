@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
+from finetune.dense_data import train_batches
 from finetune.plan import count_params, print_plan
 from finetune.seg_config import (  # noqa: F401  (the public import path)
     DATA_KINDS,
@@ -151,21 +151,12 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     if d.world_size > 1 and d.device.type == "cuda":  # SyncBatchNorm needs CUDA (NCCL)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
-    steps_per_epoch = max(1, len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
-                                                 * d.world_size))
+    batches, steps_per_epoch = train_batches(
+        train_set, d, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum,
+        seed=cfg.run.seed, num_workers=cfg.run.num_workers)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
-    sampler = DistributedSampler(train_set, d.world_size, d.rank, seed=cfg.run.seed) \
-        if d.world_size > 1 else None
     mask2former = cfg.head.kind == "mask2former"
-
-    def batches(epoch: int):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        g = rng.loader_generator(cfg.run.seed, d.rank, epoch)  # workers' seeds: per rank
-        return DataLoader(train_set, cfg.run.batch_size, shuffle=sampler is None,
-                          sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
-                          generator=g)
 
     def loss_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, labels = batch

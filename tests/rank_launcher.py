@@ -10,6 +10,7 @@ process itself), so no thread pool or open file is inherited by the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -26,7 +27,8 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(PRELOAD)  # takes effect when the server first starts
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str, str]) -> None:
+def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str, str],
+               stdout_dir: str | None = None) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -39,17 +41,25 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str,
     torch.set_num_threads(1)  # one core per rank, as OMP_NUM_THREADS=1 would give
     from launch.cli import main
 
-    sys.exit(main(argv))
+    if stdout_dir is None:
+        sys.exit(main(argv))
+    # what this rank prints (the CLI's result), line by line: a kill leaves what was printed
+    with open(os.path.join(stdout_dir, f"rank{rank}.out"), "w", buffering=1) as out, \
+            contextlib.redirect_stdout(out):
+        code = main(argv)
+    sys.exit(code)
 
 
 def run_ranks(argv: list[str], world: int = 2, env: dict[str, str] | None = None,
-              timeout: float = 180) -> list[int]:
+              timeout: float = 180, stdout_dir: str | None = None) -> list[int]:
     """Run `internimage <argv>` on ``world`` ranks; their exit codes, in rank order
-    (-9: killed by SIGKILL). Fails the test after ``timeout`` seconds."""
+    (-9: killed by SIGKILL). Fails the test after ``timeout`` seconds. ``stdout_dir``: each
+    rank's standard output goes to ``rank<r>.out`` there."""
     env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     port = free_port()
-    procs = [_CTX.Process(target=_rank_main, args=(r, world, port, list(argv), env),
-                          name=f"rank{r}") for r in range(world)]
+    procs = [_CTX.Process(target=_rank_main, name=f"rank{r}",
+                          args=(r, world, port, list(argv), env, stdout_dir))
+             for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout

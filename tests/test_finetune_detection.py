@@ -109,3 +109,30 @@ def test_step_schedule_milestones_are_not_shifted_by_the_warmup():
     assert lr(0) == pytest.approx(1e-6)
     assert lr(40) == pytest.approx(1e-3)
     assert lr(55) == pytest.approx(1e-4)  # a warm-up prefix would hold 1e-3 until step 60
+
+
+def test_steps_per_epoch_are_the_steps_each_ranks_loader_yields():
+    """Detection and segmentation count an epoch's optimizer steps from the loader they
+    train on. torch's DistributedSampler (``drop_last=False``) pads the set so each of W
+    ranks draws ceil(N / W) samples (torch.utils.data.distributed.DistributedSampler docs),
+    so with 17 images on 2 ranks an epoch of batch 1 is 9 steps, not 17 // 2 = 8: the
+    schedule's epochs must end where the loader's do, as a mid-epoch resume assumes."""
+    from finetune.dense_data import train_batches
+    from runtime.dist import DistInfo
+
+    data = list(range(17))  # map-style: what a loader and a sampler need
+    # (world size, batch, grad_accum) -> steps per epoch: whole steps of ceil(17 / world)
+    cases = {(2, 1, 1): 9, (2, 3, 1): 3, (2, 2, 2): 2, (2, 4, 2): 1, (1, 4, 1): 4}
+    for (world, batch, accum), steps in cases.items():
+        drawn = set()
+        for rank in range(world):
+            batches, got = train_batches(data, DistInfo(rank=rank, world_size=world),
+                                         batch_size=batch, grad_accum=accum, seed=0,
+                                         num_workers=0)
+            assert got == steps, (world, batch, accum)
+            for epoch in (0, 1):
+                loader = list(batches(epoch))
+                assert len(loader) // accum == steps, (world, batch, accum, rank, epoch)
+                drawn |= {int(i) for b in loader for i in b} if epoch == 0 else set()
+        if batch == 1:  # every image is trained on in an epoch
+            assert drawn == set(range(17))

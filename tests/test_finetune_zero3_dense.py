@@ -12,6 +12,7 @@ logs.
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -45,8 +46,22 @@ def _overrides(task: str, cache: Path) -> list[str]:
 
 
 def _run(task: str, out: Path, cache: Path, *extra: str, env: dict | None = None) -> list[int]:
+    """The 2-rank run; each rank's standard output lands in ``out/rank<r>.out``."""
     argv = ["finetune", task, "--output-dir", str(out), *_overrides(task, cache), *extra]
-    return run_ranks(argv, world=2, env=env, timeout=TIMEOUT_S)
+    out.mkdir(parents=True, exist_ok=True)
+    return run_ranks(argv, world=2, env=env, timeout=TIMEOUT_S, stdout_dir=str(out))
+
+
+def _assert_every_rank_returns(out: Path, logged: dict) -> None:
+    """Each rank's ``train`` returned (the CLI prints it, floats to 4 places) the metrics
+    rank 0 logged: a rank's result must not depend on which rank it is (issue #13: ranks
+    other than 0 used to return 0.0 for every COCO AP)."""
+    printed = []
+    for rank in (0, 1):
+        lines = (out / f"rank{rank}.out").read_text().splitlines()
+        printed.append(ast.literal_eval([ln for ln in lines if ln.startswith("{")][-1]))
+    want = {k: round(v, 4) for k, v in logged.items() if k not in ("step", "epoch")}
+    assert printed[0] == printed[1] == want
 
 
 def _records(out: Path) -> list[dict]:
@@ -105,6 +120,7 @@ def test_segmentation_zero3_two_ranks_evaluate_as_one_process(seg_run, cache):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     got = _last_eval(seg_run, "mIoU")
     assert got["step"] == 4
+    _assert_every_rank_returns(seg_run, got)
     # The stage-2 init from the ZeRO-3 run (whole segmenter, consolidated by zero_to_fp32)
     # evaluated by one process over the same 3 images. mIoU, aAcc and each class IoU are
     # functions of the confusion matrix summed over every pixel of every image
@@ -147,6 +163,7 @@ def test_detection_zero3_two_ranks_evaluate_as_one_process(cache, tmp_path):
     tag_dir = _assert_zero3_checkpoint(out)
     got = _last_eval(out, "bbox_AP")
     assert got["step"] == 10
+    _assert_every_rank_returns(out, got)
     # The same weights in one process: the checkpoint consolidated as convert / --init do
     state, meta = read_zero_checkpoint(tag_dir)
     assert (meta["zero_stage"], meta["zero_world_size"]) == ("3", "2")
@@ -161,3 +178,67 @@ def test_detection_zero3_two_ranks_evaluate_as_one_process(cache, tmp_path):
     assert scores.keys() == expected.keys()
     assert scores == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert expected["bbox_AP50"] > 0  # some box matched: a meaningful compare
+
+
+# The heads with their own transformers (deformable attention, query embeddings, CDN
+# denoising queries; transformers' Mask2Former): tiny versions of the overrides in
+# test_finetune_detection.py / test_finetune_segmentation.py, 4 steps, a checkpoint at 2
+DINO = ["run.batch_size=1", "head.kind=dino", "head.num_queries=20", "head.decoder_layers=2",
+        "head.ffn_dim=128", "head.num_dn_queries=10", "head.train_sizes=[64]",
+        "head.test_size=64", "head.max_size=64", "optim.grad_clip=0.1", "data.hflip=0",
+        "run.max_steps=4", "run.eval_every=4", "run.checkpoint_every=2"]
+M2F = ["run.batch_size=2", "head.kind=mask2former", "head.num_queries=8", "head.hidden_dim=32",
+       "head.feature_size=32", "head.mask_feature_size=32", "head.decoder_layers=2",
+       "head.num_attention_heads=2", "head.dim_feedforward=64",
+       "head.encoder_feedforward_dim=64", "head.train_num_points=256"]
+
+
+def test_dino_zero3_two_ranks_train_and_evaluate_as_one_process(cache, tmp_path):
+    from finetune.convert import read_zero_checkpoint
+    from finetune.detection import DetectionConfig, build_datasets, build_model, evaluate
+    from launch.config import load_config
+    from runtime.dist import DistInfo
+
+    out = tmp_path / "dino"
+    assert _run("detection", out, cache, *DINO) == [0, 0]
+    tag_dir = _assert_zero3_checkpoint(out)
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    got = _last_eval(out, "bbox_AP")
+    assert got["step"] == 4 and "segm_AP" not in got  # DINO predicts boxes only
+    _assert_every_rank_returns(out, got)
+    # 4 steps from random weights find no box (AP 0 on every rank and on one process), so
+    # the value compare is the Mask R-CNN test's; here: the detector gathers whole from the
+    # 2 partitions, and the lock-step evaluation of DINO's own forward does not deadlock
+    state, _ = read_zero_checkpoint(tag_dir)
+    cfg = load_config(DetectionConfig, None, [*_overrides("detection", cache), *DINO])
+    train_set, val_set = build_datasets(cfg)
+    model = build_model(cfg, len(train_set.cat_ids))
+    model.load_state_dict(state)  # strict: the whole detector, gathered from 2 partitions
+    expected = _one_process(lambda: evaluate(model, val_set, cfg, DistInfo()))
+    assert {k: v for k, v in got.items() if k not in ("step", "epoch")} == \
+        pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_mask2former_zero3_two_ranks_train_and_evaluate_as_one_process(cache, tmp_path):
+    from finetune.segmentation import SegDataset, SegmentationConfig, build_segmentor, evaluate
+    from launch.config import load_config
+    from runtime.dist import DistInfo
+
+    out = tmp_path / "m2f"
+    assert _run("segmentation", out, cache, *M2F) == [0, 0]
+    _assert_zero3_checkpoint(out)
+    losses = [r["loss_mask2former"] for r in _records(out) if "loss" in r]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    got = _last_eval(out, "mIoU")
+    assert got["step"] == 4
+    _assert_every_rank_returns(out, got)
+    # the whole segmenter from the ZeRO-3 checkpoint (stage-2 init), on one process
+    cfg = load_config(SegmentationConfig, None, [*_overrides("segmentation", cache), *M2F,
+                                                 f"init={out}"])
+    model = build_segmentor(cfg, cfg.init)
+    expected = _one_process(lambda: evaluate(model, SegDataset(cfg.data, False), cfg,
+                                             DistInfo()))
+    assert {k: v for k, v in got.items() if k not in ("step", "epoch")} == \
+        pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert expected["mIoU"] > 0  # some class was segmented: a meaningful compare
