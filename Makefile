@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES ?= slurm-wlm munge
 
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed builds its CPU ops (shm comm, cpu_adam) at first use; one build folder per
+# checkout, so two checkouts running at once never rebuild over each other's files.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test lint setup system-deps clean
 
@@ -40,7 +43,7 @@ lint: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP) system-deps lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

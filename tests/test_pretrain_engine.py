@@ -186,8 +186,11 @@ def test_triton_backend_trains_under_zero3_like_the_reference(tmp_path, cache):
     found = {}
     for backend in ("reference", "triton"):
         out = tmp_path / backend
-        run(pretrain_cmd(1, out, "--max-steps", "2", "data.batch_size=8",
-                         f"model.dcn_backend={backend}"), cache)
+        # Triton's interpreter runs every program of a launch in Python: one block and one
+        # group per stage keep the same kernels with far fewer programs; no zero-shot pass
+        run(pretrain_cmd(1, out, "--max-steps", "2", "data.batch_size=4",
+                         "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
+                         "zero_shot.urls=[]", f"model.dcn_backend={backend}"), cache)
         found[backend] = losses(out)
     for step in (1, 2):
         assert found["triton"][step] == pytest.approx(found["reference"][step], rel=1e-4)
