@@ -27,6 +27,7 @@ BRANCH = ["data.image_size=64", "data.batch_size=2", "model.depths=[1,1,1,1]",
           "model.groups=[1,1,1,1]", "objective.image.weight=1.0",
           "objective.image.decoder_width=32", "objective.image.decoder_heads=2",
           "objective.image.decoder_depth=1", "model.dcn_backend=triton",
+          "zero_shot.urls=[]",  # nothing here reads zero-shot: no interpreted eval pass
           # a constant momentum far from 1, so that one EMA step moves the teacher visibly
           # and its value does not depend on the cosine's position in a 2-step run
           f"objective.image.momentum={MOMENTUM}", f"objective.image.momentum_final={MOMENTUM}",
