@@ -59,3 +59,18 @@ def _heavy_files_first(items) -> None:
             m in item.keywords for m in _HEAVY_MARKS) else 2
         rank[path] = min(rank.get(path, 2), heavy)
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """The demo-data cache (``INTERNIMAGE_CACHE`` / ``data.cache_dir``) of this test run,
+    shared by every test file and both pytest-xdist workers, so each built-in dataset is
+    written once per run instead of once per file. Safe to share: every demo writer builds
+    in a temporary directory and renames it into place (the losers of a race discard
+    theirs), and no test modifies the cache."""
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker has its own basetemp inside the run's common one
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "demo_cache"
+    path.mkdir(exist_ok=True)
+    return path

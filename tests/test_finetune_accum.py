@@ -43,11 +43,6 @@ SEG = ["data.demo_val=2", "data.demo_size=64", "data.scale_short=64",
        "run.tensorboard=false", "run.threads=1", "optim.warmup_steps=2", "head_channels=16"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 @pytest.fixture
 def keep_threads():
     """``run.threads`` sets torch's global thread count: put it back for later tests."""

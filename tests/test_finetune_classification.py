@@ -22,11 +22,6 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def test_train_loss_falls_metrics_and_resume(cache, tmp_path):
     from finetune.classification import ClassificationConfig, train
     from launch.config import load_config

@@ -15,11 +15,6 @@ TINY = ["data.demo_train=16", "data.demo_val=4", "data.demo_size=64", "run.batch
         "run.progress=false", "optim.warmup_steps=0"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

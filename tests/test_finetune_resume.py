@@ -45,11 +45,6 @@ CASES = {**{task: (task, []) for task in TASKS},
                                        ["run.batch_size=2", "run.grad_accum=2"])}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def _argv(task: str, out: Path, cache: Path, *extra: str) -> list[str]:
     return ["finetune", task, "--output-dir", str(out), *COMMON, *TASKS[task],
             f"data.cache_dir={cache}", *extra]

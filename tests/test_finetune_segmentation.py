@@ -16,11 +16,6 @@ TINY = ["data.demo_train=16", "data.demo_val=3", "data.demo_size=64", "data.scal
         "head_channels=32"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -32,11 +32,6 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     out = tmp_path / "z3"
     # threshold 0: every parameter is really partitioned across the two ranks

@@ -36,11 +36,6 @@ DET = ["run.batch_size=1", "detector.train_sizes=[64]", "detector.test_size=64",
        "detector.max_size=64", "run.max_steps=10", "run.eval_every=10"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def _overrides(task: str, cache: Path) -> list[str]:
     return [*COMMON, *(SEG if task == "segmentation" else DET), f"data.cache_dir={cache}"]
 

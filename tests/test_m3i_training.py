@@ -39,11 +39,6 @@ def _rows(run_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("m3i_all_branches")
     codes = run_ranks(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH],

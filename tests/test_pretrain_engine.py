@@ -19,11 +19,6 @@ pytestmark = [pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache):
     """8 uninterrupted steps on 2 ranks with ZeRO-3, checkpoints every 2 steps."""
     out = tmp_path_factory.mktemp("uninterrupted")

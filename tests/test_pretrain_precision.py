@@ -14,11 +14,6 @@ from tests.pretrain_utils import losses, pretrain_cmd, run
 pytestmark = [pytest.mark.distributed]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")  # the built-in demo shards, written once
-
-
 def _fp16_supported() -> bool:
     from deepspeed.accelerator import get_accelerator
 

@@ -43,11 +43,6 @@ def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def submit_cmd(folder: Path, run_dir: Path, *options: str, job: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
             "--cpus-per-task", "1", "--folder", str(folder / "%j"), *options,
