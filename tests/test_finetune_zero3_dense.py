@@ -105,30 +105,40 @@ def seg_run(cache, tmp_path_factory) -> Path:
     return out
 
 
-def test_segmentation_zero3_two_ranks_evaluate_as_one_process(seg_run, cache):
+def _segmentation_zero3_run_evaluates_as_one_process(out: Path, cache: Path, loss_key: str,
+                                                     *extra: str) -> dict:
+    """A 2-rank ZeRO-3 segmentation run of 4 steps: a partitioned checkpoint, finite losses,
+    a last evaluation at step 4 that every rank returns, equal to the stage-2 init from
+    that checkpoint (whole segmenter, consolidated by zero_to_fp32) evaluated by one
+    process over the same images; returns the one-process scores.
+
+    mIoU, aAcc and each class IoU are functions of the confusion matrix summed over every
+    pixel of every image (mmsegmentation's mean_iou: IoU = TP / (TP + FP + FN)), so they
+    cannot depend on how the images were split between ranks, as long as each is counted
+    exactly once."""
     from finetune.segmentation import SegDataset, SegmentationConfig, build_segmentor, evaluate
     from launch.config import load_config
     from runtime.dist import DistInfo
 
-    _assert_zero3_checkpoint(seg_run)
-    losses = [r["loss"] for r in _records(seg_run) if "loss" in r]
+    _assert_zero3_checkpoint(out)
+    losses = [r[loss_key] for r in _records(out) if "loss" in r]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    got = _last_eval(seg_run, "mIoU")
+    got = _last_eval(out, "mIoU")
     assert got["step"] == 4
-    _assert_every_rank_returns(seg_run, got)
-    # The stage-2 init from the ZeRO-3 run (whole segmenter, consolidated by zero_to_fp32)
-    # evaluated by one process over the same 3 images. mIoU, aAcc and each class IoU are
-    # functions of the confusion matrix summed over every pixel of every image
-    # (mmsegmentation's mean_iou: IoU = TP / (TP + FP + FN)), so they cannot depend on how
-    # the images were split between ranks, as long as each is counted exactly once.
-    cfg = load_config(SegmentationConfig, None, [*_overrides("segmentation", cache),
-                                                 f"init={seg_run}"])
+    _assert_every_rank_returns(out, got)
+    cfg = load_config(SegmentationConfig, None, [*_overrides("segmentation", cache), *extra,
+                                                 f"init={out}"])
     model = build_segmentor(cfg, cfg.init)
     expected = _one_process(lambda: evaluate(model, SegDataset(cfg.data, False), cfg,
                                              DistInfo()))
     scores = {k: v for k, v in got.items() if k not in ("step", "epoch")}
     assert scores.keys() == expected.keys()
     assert scores == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    return expected
+
+
+def test_segmentation_zero3_two_ranks_evaluate_as_one_process(seg_run, cache):
+    expected = _segmentation_zero3_run_evaluates_as_one_process(seg_run, cache, "loss")
     assert 0 < expected["aAcc"] <= 1  # something was predicted right: a meaningful compare
 
 
@@ -216,24 +226,8 @@ def test_dino_zero3_two_ranks_train_and_evaluate_as_one_process(cache, tmp_path)
 
 
 def test_mask2former_zero3_two_ranks_train_and_evaluate_as_one_process(cache, tmp_path):
-    from finetune.segmentation import SegDataset, SegmentationConfig, build_segmentor, evaluate
-    from launch.config import load_config
-    from runtime.dist import DistInfo
-
     out = tmp_path / "m2f"
     assert _run("segmentation", out, cache, *M2F) == [0, 0]
-    _assert_zero3_checkpoint(out)
-    losses = [r["loss_mask2former"] for r in _records(out) if "loss" in r]
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    got = _last_eval(out, "mIoU")
-    assert got["step"] == 4
-    _assert_every_rank_returns(out, got)
-    # the whole segmenter from the ZeRO-3 checkpoint (stage-2 init), on one process
-    cfg = load_config(SegmentationConfig, None, [*_overrides("segmentation", cache), *M2F,
-                                                 f"init={out}"])
-    model = build_segmentor(cfg, cfg.init)
-    expected = _one_process(lambda: evaluate(model, SegDataset(cfg.data, False), cfg,
-                                             DistInfo()))
-    assert {k: v for k, v in got.items() if k not in ("step", "epoch")} == \
-        pytest.approx(expected, rel=1e-9, abs=1e-12)
+    expected = _segmentation_zero3_run_evaluates_as_one_process(out, cache,
+                                                                "loss_mask2former", *M2F)
     assert expected["mIoU"] > 0  # some class was segmented: a meaningful compare
