@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +65,17 @@ def losses(run_dir: Path) -> dict[int, float]:
 def latest(run_dir: Path) -> str | None:
     path = run_dir / "checkpoints" / "latest"
     return path.read_text().strip() if path.is_file() else None
+
+
+def kill_once_saved(cmd: list[str], cache: Path, run_dir: Path, tag: str,
+                    timeout: float = 240) -> None:
+    """Run ``cmd`` (a training run writing to ``run_dir``) in its own process group and
+    SIGKILL the whole group as soon as ``checkpoints/latest`` names ``tag``: a kill
+    mid-run, with no chance to clean up (also when it exits or ``timeout`` passes)."""
+    proc = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while latest(run_dir) != tag and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

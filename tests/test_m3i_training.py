@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 
-from tests.pretrain_utils import REPO, TINY, env, latest, losses, pretrain_cmd
+from tests.pretrain_utils import TINY, kill_once_saved, latest, losses, pretrain_cmd
 from tests.rank_launcher import run_ranks
 
 pytestmark = [pytest.mark.distributed]
@@ -67,13 +63,7 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
     # do the RNG states that draw views and masks: the resumed steps repeat exactly
     out = tmp_path / "killed"
     cmd = pretrain_cmd(2, out, *IMAGE_BRANCH)
-    proc = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while latest(out) != "step_0000002" and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, no chance to clean up
-    proc.wait()
+    kill_once_saved(cmd, cache, out, "step_0000002")  # mid-run, no chance to clean up
     assert latest(out) in ("step_0000002", "step_0000004"), latest(out)
     codes = run_ranks(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH,
                        "--resume", "auto"], world=2, env={"INTERNIMAGE_CACHE": str(cache)},

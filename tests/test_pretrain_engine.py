@@ -4,16 +4,19 @@ kill, checkpoints that survive a crash mid-save, non-finite losses, bad configs.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from runtime.schedules import warmup_cosine
-from tests.pretrain_utils import REPO, env, latest, losses, pretrain_cmd, run
+from tests.pretrain_utils import (
+    REPO,
+    kill_once_saved,
+    latest,
+    losses,
+    pretrain_cmd,
+    run,
+)
 
 pytestmark = [pytest.mark.distributed]
 
@@ -53,13 +56,7 @@ def test_two_ranks_zero3_loss_decreases_and_outputs_are_complete(reference_run):
 def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache):
     out = tmp_path / "killed"
     cmd = pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2")
-    proc = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while latest(out) != "step_0000004" and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, no chance to clean up
-    proc.wait()
+    kill_once_saved(cmd, cache, out, "step_0000004")  # mid-run, no chance to clean up
     assert latest(out) in ("step_0000004", "step_0000006"), latest(out)
     run(cmd + ["--resume", "auto"], cache)
     resumed, reference = losses(out), losses(reference_run)
