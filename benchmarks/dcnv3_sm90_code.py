@@ -13,7 +13,13 @@ cuobjdump) and counts, in the whole kernel and inside the point loop:
 - atomics: PTX ``atom``/``red`` and their ``.relaxed``/``.acq_rel`` qualifiers, SASS
   ``REDG``/``ATOMG``;
 - registers per thread and spills (SASS ``STL``/``LDL``: local-memory stores and loads,
-  ptxas's spill code; the cubin's resource usage gives the register count).
+  ptxas's spill code; the cubin's resource usage gives the register count);
+- instructions: static SASS instructions in the kernel and in the point loop, the warp
+  instructions one launch at H stage 1 issues (the loop body runs K = 9 times, nothing
+  else repeats; every warp of every program runs the whole body), and the time an H200
+  needs just to issue them (132 SMs x 4 schedulers x one warp instruction per cycle at
+  the 1.98 GHz boost clock). The H200 measurements of 2026-11-30 took 1.3-1.4x that
+  time, so the forward is issue-bound: fewer instructions is the lever.
 
 Run with ``TRITON_INTERPRET`` unset. Prints one JSON line per compiled variant.
 
@@ -76,8 +82,8 @@ def h_layer_scalars(group_channels: int, groups: int = 10, size: int = 160,
     from ops.dcnv3 import triton_kernels as kernels
 
     c = groups * group_channels
-    scalars, _ = kernels.launch_args((batch, size, size, c), (batch, size, size, 0), groups,
-                                     3, 1, 1, 1, 1.0)
+    scalars = kernels.launch_args((batch, size, size, c), (batch, size, size, 0), groups, 3,
+                                  1, 1, 1, 1.0)
     names = ("P", "H", "W", "Ho", "Wo", "C", "G", "GC", "stride", "pad", "dilation",
              "offset_scale", "P_BUCKET")
     return dict(zip(names, scalars))
@@ -97,11 +103,9 @@ def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps:
     fn = getattr(kernels, name).fn  # the JITFunction under the autotuner
     scalars = h_layer_scalars(group_channels)
     sig, attrs, consts = _signature(fn, n_ptr, elem, scalars)
-    _, block_c = kernels.launch_args((1, 1, 1, group_channels), (1, 1, 1, 0), 1, 3, 1, 1, 1,
-                                     1.0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[elem]
-    consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p, BLOCK_C=block_c,
-                  VEC=kernels.vector_width(dtype, kernel == "bwd", block_c))
+    consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p,
+                  **kernels.tile_constants(dtype, kernel == "bwd", group_channels, 3))
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": 1})
 
@@ -176,6 +180,30 @@ def _sass_and_registers(cubin: bytes) -> tuple[str, int]:
     return sass, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
+# H200: 132 SMs, 4 warp schedulers each issuing one warp instruction per cycle, 1.98 GHz.
+H200_ISSUE_PER_S = 132 * 4 * 1.98e9
+
+
+def _instructions(lines: list[str]) -> int:
+    return sum(1 for line in lines
+               if (m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))
+               and m.group(1) != "NOP")
+
+
+def issue_estimate(sass: str, kernel_loop: list[str], block_p: int, num_warps: int,
+                   group_channels: int, points: int = 9) -> dict:
+    """Warp instructions of one launch at H stage 1 (batch 16) and their issue time."""
+    static = _instructions(sass.splitlines())
+    loop = _instructions(kernel_loop)
+    per_warp = static - loop + points * loop
+    scalars = h_layer_scalars(group_channels)
+    programs = -(-scalars["P"] // block_p) * scalars["G"]
+    warp_instructions = programs * num_warps * per_warp
+    return {"instructions": static, "loop_instructions": loop,
+            "warp_instructions_h_stage1": warp_instructions,
+            "issue_ms_h200": round(warp_instructions / H200_ISSUE_PER_S * 1e3, 3)}
+
+
 def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
             group_channels: int) -> dict:
     """Fence, barrier, atomic and spill counts of one compiled variant (see module doc)."""
@@ -183,13 +211,15 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
     ptx = compiled.asm["ptx"]
     sass, registers = _sass_and_registers(compiled.asm["cubin"])
     ptx_loop = "\n".join(_ptx_loop(ptx))
-    sass_loop = "\n".join(_sass_loop(sass))
+    sass_loop_lines = _sass_loop(sass)
+    sass_loop = "\n".join(sass_loop_lines)
     return {
         "kernel": kernel, "dtype": elem, "softmax": softmax, "BLOCK_P": block_p,
         "num_warps": num_warps, "group_channels": group_channels, "registers": registers,
         "ptx": _count(ptx, PTX_PATTERNS), "ptx_loop": _count(ptx_loop, PTX_PATTERNS),
         "sass": _count(sass, SASS_PATTERNS), "sass_loop": _count(sass_loop, SASS_PATTERNS),
         "loop_found": bool(ptx_loop) and bool(sass_loop),
+        **issue_estimate(sass, sass_loop_lines, block_p, num_warps, group_channels),
     }
 
 
@@ -201,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="fwd,bwd", help="comma-separated: fwd, bwd")
-    parser.add_argument("--configs", default=",".join(f"{b}x{w}" for b, w in
-                                                      kernels.GPU_CONFIGS),
-                        help="BLOCK_PxNUM_WARPS, comma-separated")
+    parser.add_argument("--configs", default=None,
+                        help="BLOCK_PxNUM_WARPS, comma-separated (default: each kernel's "
+                             "autotuning configs)")
     parser.add_argument("--group-channels", default="32",
                         help="comma-separated (InternImage-H: 32, T..XL: 16)")
     parser.add_argument("--variants", default="bf16:softmax,fp32:weights",
@@ -214,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     for kernel in args.kernels.split(","):
         for gc in map(int, args.group_channels.split(",")):
             for elem, softmax in variants:
-                for cfg in args.configs.split(","):
+                configs = (args.configs.split(",") if args.configs else
+                           [f"{b}x{w}" for b, w in kernels.GPU_CONFIGS[kernel]])
+                for cfg in configs:
                     block_p, warps = map(int, cfg.split("x"))
                     print(json.dumps(inspect(kernel, elem, softmax, block_p, warps, gc)),
                           flush=True)

@@ -76,18 +76,17 @@ def launchers(module, row, x, offset, mask, grad):
     import torch
 
     ks, groups = row["kernel_size"], row["groups"]
-    scalars, block_c = module.launch_args(x.shape, offset.shape, groups, ks, 1, ks // 2, 1,
-                                          1.0)
+    scalars = module.launch_args(x.shape, offset.shape, groups, ks, 1, ks // 2, 1, 1.0)
     grid = lambda bp: (-(-scalars[0] // bp) * groups,)  # noqa: E731
     out = torch.empty_like(x)
     gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     goff, gmask = torch.empty_like(offset), torch.empty_like(mask)
-    common = dict(KS=ks, SOFTMAX=True, ACC_F64=False, BLOCK_C=block_c)
+    common = dict(KS=ks, SOFTMAX=True, ACC_F64=False)
 
     def forward(bp, warps, stages):
         module.dcnv3_fwd_kernel.fn[grid(bp)](
             x, offset, mask, out, *scalars, **common, BLOCK_P=bp,
-            VEC=module.vector_width(x.dtype, False, block_c), num_warps=warps,
+            **module.tile_constants(x.dtype, False, scalars[7], ks), num_warps=warps,
             num_stages=stages)
         return (out,)
 
@@ -95,7 +94,7 @@ def launchers(module, row, x, offset, mask, grad):
         gx.zero_()
         module.dcnv3_bwd_kernel.fn[grid(bp)](
             x, offset, mask, grad, gx, goff, gmask, *scalars, **common, BLOCK_P=bp,
-            VEC=module.vector_width(x.dtype, True, block_c), num_warps=warps,
+            **module.tile_constants(x.dtype, True, scalars[7], ks), num_warps=warps,
             num_stages=stages)
         return gx, goff, gmask
 

@@ -2,7 +2,7 @@
 
 On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1),
 which is slow: shapes stay tiny but cover odd sizes, stride/dilation/padding, kernel 5,
-offset_scale != 1, 1..8 groups of 4..32 channels (also non powers of two), samples far
+offset_scale != 1, 1..8 groups of 4..64 channels (also non powers of two), samples far
 outside the image and samples exactly on pixel centres. Every output the kernels must
 fully write is allocated NaN-filled (``POISON_OUTPUTS``), so an unwritten element fails.
 """
@@ -54,6 +54,11 @@ CASES = [
     _case(1, 5, 11, 8, 32, stride=2, pad=1, dil=2, scale=0.5),
     _case(2, 6, 5, 5, 6, pad=0),
     _case(1, 8, 6, 2, 20, ks=5, pad=2),
+    # The channel chunking of triton_kernels.tile_constants: 16 channels (InternImage-T..XL)
+    # are one tile; 32 (H) and 20 (above: the second chunk partly masked) are two chunks
+    # of 16; 64 are two chunks of 32.
+    _case(1, 5, 6, 2, 16),
+    _case(1, 4, 5, 1, 64, stride=2),
 ]
 
 
@@ -414,11 +419,16 @@ def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills():
     (PTX ISA, "Memory Consistency Model": relaxed operations carry no ordering). An
     ``.acq_rel`` atomic (Triton's default) makes ptxas wrap each one in MEMBAR/ERRBAR
     and invalidate L1 (CCTL). Every autotuning config must also fit in registers: local
-    memory loads/stores (LDL/STL) in the cubin are ptxas's spill code."""
-    configs = ",".join(f"{b}x{w}" for b, w in triton_kernels.GPU_CONFIGS)
-    rows = _sm90_code("--kernels", "bwd", "--configs", configs, "--variants", "bf16:softmax")
-    assert len(rows) == len(triton_kernels.GPU_CONFIGS)
+    memory loads/stores (LDL/STL) in the cubin are ptxas's spill code; that holds for
+    the forward's configs too."""
+    rows = _sm90_code("--kernels", "fwd,bwd", "--variants", "bf16:softmax")
+    configs = triton_kernels.GPU_CONFIGS
+    assert len(rows) == len(configs["fwd"]) + len(configs["bwd"])
     for row in rows:
+        where = f"{row['kernel']} BLOCK_P={row['BLOCK_P']} num_warps={row['num_warps']}"
+        assert row["sass"]["STL"] == row["sass"]["LDL"] == 0, (where, row["registers"])
+        assert row["registers"] <= 255
+    for row in rows[len(configs["fwd"]):]:
         where = f"BLOCK_P={row['BLOCK_P']} num_warps={row['num_warps']}"
         atomics = row["ptx"]["atom"] + row["ptx"]["red"]
         assert atomics > 0, where
@@ -426,8 +436,6 @@ def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills():
         assert row["ptx"]["fence"] == 0, (where, row["ptx"])
         fences = {k: row["sass"][k] for k in ("MEMBAR", "ERRBAR", "CCTL")}
         assert fences == {"MEMBAR": 0, "ERRBAR": 0, "CCTL": 0}, (where, fences)
-        assert row["sass"]["STL"] == row["sass"]["LDL"] == 0, (where, row["registers"])
-        assert row["registers"] <= 255
 
 
 def test_compiled_point_loops_have_no_barriers():
@@ -455,9 +463,9 @@ def test_autotune_key_separates_internimage_h_stages():
     names = triton_kernels.dcnv3_fwd_kernel.arg_names
     for stage in (0, 3):
         size, channels = 160 // 2**stage, 320 * 2**stage
-        scalars, _ = triton_kernels.launch_args((16, size, size, channels),
-                                                (16, size, size, 0), 10 * 2**stage, 3, 1,
-                                                1, 1, 1.0)
+        scalars = triton_kernels.launch_args((16, size, size, channels),
+                                             (16, size, size, 0), 10 * 2**stage, 3, 1, 1,
+                                             1, 1.0)
         args = dict(zip(names[4:], scalars))
         assert args["GC"] == 32
         for softmax in (False, True):

@@ -4,6 +4,9 @@ Layout (all contiguous, channels-last): input (N, H, W, C); offset (P, G*K*2) an
 (P, G*K) with P = N*Ho*Wo output positions; output (P, C). One program handles a block of
 ``BLOCK_P`` output positions of one group; its ``BLOCK_C`` channel lanes run along the
 contiguous group-channel dimension, so every corner load is one vector load per position.
+A group wider than two tiles (InternImage-H: 32 channels) is handled as ``NCH = 2``
+chunks of BLOCK_C channels by the same lanes, so each point's geometry, computed per
+lane, serves twice the channels.
 
 Semantics are those of ``ops.dcnv3.reference`` (sampling location, x-major point order,
 zeros outside the image, and the released kernel's rule that a point is skipped unless
@@ -23,11 +26,15 @@ How the code is shaped for the GPU (each point checked in the sm_90 code, see
   its contiguous run along the lanes, so the compiler gives all tiles one layout and the
   point loop needs no layout conversion (each costs shared memory and barriers);
   per-position values are [BLOCK_P] vectors taken from (reduced out of) such tiles.
-- A position's offsets (2K contiguous numbers) and weights (K) are loaded as two tiles
-  before the point loop (lane j of row r holds number j of position r: BLOCK_C >= 2K),
-  which then selects column k with a reduction across the lanes of one warp: no
-  offset load stands between one point's corner loads and the next's. The backward
-  gathers its mask and offset gradients in tiles of the same form and stores each once.
+- A position's x and y locations and weights (K each) are loaded as three tiles before
+  the point loop (lane j of row r holds point j of position r: BLOCK_C >= K), which
+  then selects column k with a reduction across the lanes of one warp: no offset load
+  stands between one point's corner loads and the next's. The backward gathers its
+  mask and offset gradients in tiles of the same form and stores each once.
+- The forward is bound by instruction issue, not by memory (sm_90 instruction counts
+  against H200 timings, benchmarks/RESULTS.md): the per-lane point geometry and
+  column selection are the overhead the chunks amortise, and each corner adds into the
+  accumulator with one fused multiply-add per channel.
 - The backward's vectors are capped at 4 lanes (``_lanes``), so that its bf16 loads and
   its fp32 atomics get the same layout.
 - The backward's atomics are ``sem="relaxed"``: Triton's default (acq_rel) fences every
@@ -55,10 +62,13 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# (BLOCK_P, num_warps) tried by the autotuner. All compile for sm_90 without register
-# spills at InternImage's group widths (16 and 32 channels, fp32 and bf16); see
-# benchmarks/RESULTS.md for the register counts.
-GPU_CONFIGS = ((32, 4), (64, 4), (64, 8), (128, 8))
+# (BLOCK_P, num_warps) tried by the autotuner, per kernel. None spills registers when
+# compiled for sm_90 at InternImage's group widths (16 and 32 channels, fp32 and bf16),
+# and each covers its tile without idle warps: a warp spans 32 / (BLOCK_C / VEC) rows,
+# 16 for the forward's bf16 16-lane chunks, 8 in the backward (see tile_constants).
+# Register counts: benchmarks/RESULTS.md.
+GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 4), (128, 8)),
+               "bwd": ((32, 4), (64, 4), (64, 8), (128, 8))}
 
 # Integer arguments that vary with the layer shape but gain nothing from Triton's
 # specialisation on their value (== 1, divisible by 16): leaving them generic keeps one
@@ -69,10 +79,11 @@ _GENERIC_ARGS = ["P", "H", "W", "Ho", "Wo", "G", "stride", "pad", "dilation", "P
 AUTOTUNE_KEY = ["GC", "KS", "SOFTMAX", "P_BUCKET"]
 
 
-def _configs() -> list[triton.Config]:
+def _configs(kernel: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_P": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=1) for bp, w in GPU_CONFIGS]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=1)
+            for bp, w in GPU_CONFIGS[kernel]]
 
 
 def position_bucket(positions: int) -> int:
@@ -84,36 +95,36 @@ def position_bucket(positions: int) -> int:
 def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad, dilation,
                  offset_scale, c, KS: tl.constexpr, SOFTMAX: tl.constexpr,
                  acc_ty: tl.constexpr):
-    """Sampling locations and weights of all K points of each row, as two tiles.
+    """Sampling locations and weights of all K points of each row, as three tiles.
 
-    ``loc``: column 2k holds point k's x location, column 2k + 1 its y (the offsets'
-    own interleaved order, so the tile is one contiguous load per row); ``w``: column k
-    holds point k's weight (softmax-normalised if SOFTMAX). Needs BLOCK_C >= 2K. Loaded
-    once, before the point loop, which then only selects columns and never waits on an
-    offset load before issuing its corner loads.
+    Column k of ``locx``/``locy``/``w`` holds point k's x location, y location and
+    weight (softmax-normalised if SOFTMAX); needs BLOCK_C >= K. Loaded once, before the
+    point loop, which then only selects columns and never waits on an offset load
+    before issuing its corner loads.
     """
     K: tl.constexpr = KS * KS
     row = p.to(tl.int64)[:, None]
     col = c[None, :]
-    off = tl.load(offset_ptr + row * (G * K * 2) + g * (K * 2) + col,
-                  mask=pvalid[:, None] & (col < 2 * K), other=0.0).to(acc_ty)
     kcol = col < K
-    w = tl.load(mask_ptr + row * (G * K) + g * K + col, mask=pvalid[:, None] & kcol,
-                other=0.0).to(acc_ty)
+    used = pvalid[:, None] & kcol
+    # Offsets interleave (x, y) per point: x of point k at 2k, y at 2k + 1.
+    obase = offset_ptr + row * (G * K * 2) + g * (K * 2) + 2 * col
+    offx = tl.load(obase, mask=used, other=0.0).to(acc_ty)
+    offy = tl.load(obase + 1, mask=used, other=0.0).to(acc_ty)
+    w = tl.load(mask_ptr + row * (G * K) + g * K + col, mask=used, other=0.0).to(acc_ty)
     if SOFTMAX:
         # Padded columns get -inf (weight 0); rows past P hold zeros, so no NaN appears.
         w = tl.where(kcol, w, float("-inf"))
         w = tl.exp(w - tl.max(w, axis=1)[:, None])
         w = w / tl.sum(w, axis=1)[:, None]
     half = (dilation * (KS - 1)) // 2
-    is_y = (col % 2) == 1
-    point = col // 2
-    # Output centre along the column's axis, and the regular grid's tap (x-major order).
-    centre = tl.where(is_y, ((p // Wo) % Ho)[:, None], (p % Wo)[:, None])
-    tap = tl.where(is_y, point % KS, point // KS)
-    loc = ((half - pad + centre * stride).to(acc_ty)
-           + offset_scale * ((tap * dilation - half).to(acc_ty) + off))
-    return loc, w
+    # Output centre plus the regular grid's tap (x-major order: point k = i * KS + j has
+    # x tap i and y tap j).
+    centre_x = (half - pad + (p % Wo) * stride).to(acc_ty)[:, None]
+    centre_y = (half - pad + ((p // Wo) % Ho) * stride).to(acc_ty)[:, None]
+    locx = centre_x + offset_scale * (((col // KS) * dilation - half).to(acc_ty) + offx)
+    locy = centre_y + offset_scale * (((col % KS) * dilation - half).to(acc_ty) + offy)
+    return locx, locy, w
 
 
 @triton.jit
@@ -150,6 +161,13 @@ def _point_geometry(px, py, n, H, W):
 
 
 @triton.jit
+def _corner_masks(lane, vx0, vx1, vy0, vy1):
+    """Load masks of the four corners (top-left, top-right, bottom-left, bottom-right)."""
+    return (lane & (vy0 & vx0)[:, None], lane & (vy0 & vx1)[:, None],
+            lane & (vy1 & vx0)[:, None], lane & (vy1 & vx1)[:, None])
+
+
+@triton.jit
 def _lanes(BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """Channel lanes 0..BLOCK_C-1, vectorised VEC at a time.
 
@@ -170,45 +188,90 @@ def _block_of_program(P, G, BLOCK_P: tl.constexpr):
     return p, p < P, g
 
 
-@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY)
+@triton.jit
+def _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
+                  acc_ty: tl.constexpr):
+    """acc + the four corners at ``base`` (top-left) weighted a00..a11 (per row); one
+    fused multiply-add per corner and channel."""
+    acc = acc + a00[:, None] * tl.load(base, mask=m00, other=0.0).to(acc_ty)
+    acc = acc + a01[:, None] * tl.load(base + C, mask=m01, other=0.0).to(acc_ty)
+    acc = acc + a10[:, None] * tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty)
+    acc = acc + a11[:, None] * tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty)
+    return acc
+
+
+@triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY)
 @triton.jit(do_not_specialize=_GENERIC_ARGS)
 def dcnv3_fwd_kernel(
     x_ptr, offset_ptr, mask_ptr, out_ptr,
     P, H, W, Ho, Wo, C, G, GC,
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
 ):
-    """out[p, g*GC:(g+1)*GC] = sum_k w_k(p) * bilinear(x, loc_k(p)) for a block of p."""
+    """out[p, g*GC:(g+1)*GC] = sum_k w_k(p) * bilinear(x, loc_k(p)) for a block of p.
+
+    The group's channels are NCH (1 or 2) chunks of BLOCK_C, each its own tile: one
+    point's geometry serves both, so a lane computes it once per 2 * VEC channels."""
     acc_ty: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     K: tl.constexpr = KS * KS
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
     c = _lanes(BLOCK_C, VEC)
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
-    loc, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
-                          dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
+    lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
+    locx, locy, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride,
+                                 pad, dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in range(K):
         wk = _column(w, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            _column(loc, c, 2 * k), _column(loc, c, 2 * k + 1), n, H, W)
-        hx = 1.0 - lx
-        hy = 1.0 - ly
+            _column(locx, c, k), _column(locy, c, k), n, H, W)
+        a00 = wk * (1.0 - ly) * (1.0 - lx)
+        a01 = wk * (1.0 - ly) * lx
+        a10 = wk * ly * (1.0 - lx)
+        a11 = wk * ly * lx
         base = x_ptr + pix00[:, None] * C + chan
-        v00 = tl.load(base, mask=lane & (vy0 & vx0)[:, None], other=0.0).to(acc_ty)
-        v01 = tl.load(base + C, mask=lane & (vy0 & vx1)[:, None], other=0.0).to(acc_ty)
-        v10 = tl.load(base + W * C, mask=lane & (vy1 & vx0)[:, None], other=0.0).to(acc_ty)
-        v11 = tl.load(base + (W + 1) * C, mask=lane & (vy1 & vx1)[:, None],
-                      other=0.0).to(acc_ty)
-        acc += ((wk * hy * hx)[:, None] * v00 + (wk * hy * lx)[:, None] * v01
-                + (wk * ly * hx)[:, None] * v10 + (wk * ly * lx)[:, None] * v11)
+        m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
+        acc = _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
+                            acc_ty)
+        if NCH == 2:
+            m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
+            acc1 = _bilinear_add(acc1, base + BLOCK_C, C, W, m00, m01, m10, m11,
+                                 a00, a01, a10, a11, acc_ty)
     out = out_ptr + p.to(tl.int64)[:, None] * C + chan
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=lane)
+    if NCH == 2:
+        tl.store(out + BLOCK_C, acc1.to(out_ptr.dtype.element_ty), mask=lane1)
 
 
-@triton.autotune(configs=_configs(), key=AUTOTUNE_KEY, reset_to_zero=["grad_x_ptr"])
+@triton.jit
+def _corner_grads(x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
+                  a00, a01, a10, a11, acc_ty: tl.constexpr):
+    """One channel chunk's share of a point's backward: atomically adds a_ij * go into
+    grad_x at the four corners and returns the channel-reduced <go, corner value> of
+    each corner (all the offset and weight gradients need)."""
+    base = x_ptr + pix00[:, None] * C + chan
+    d00 = tl.sum(go * tl.load(base, mask=m00, other=0.0).to(acc_ty), axis=1)
+    d01 = tl.sum(go * tl.load(base + C, mask=m01, other=0.0).to(acc_ty), axis=1)
+    d10 = tl.sum(go * tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty), axis=1)
+    d11 = tl.sum(go * tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty), axis=1)
+    # Relaxed: no fence or L1 invalidation per atomic (the default is acq_rel);
+    # nothing here reads what other programs add, as in the released atomicAdd.
+    gx_ty: tl.constexpr = grad_x_ptr.dtype.element_ty
+    gbase = grad_x_ptr + pix00[:, None] * C + chan
+    tl.atomic_add(gbase, (a00[:, None] * go).to(gx_ty), mask=m00, sem="relaxed")
+    tl.atomic_add(gbase + C, (a01[:, None] * go).to(gx_ty), mask=m01, sem="relaxed")
+    tl.atomic_add(gbase + W * C, (a10[:, None] * go).to(gx_ty), mask=m10, sem="relaxed")
+    tl.atomic_add(gbase + (W + 1) * C, (a11[:, None] * go).to(gx_ty), mask=m11,
+                  sem="relaxed")
+    return d00, d01, d10, d11
+
+
+@triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY,
+                  reset_to_zero=["grad_x_ptr"])
 @triton.jit(do_not_specialize=_GENERIC_ARGS)
 def dcnv3_bwd_kernel(
     x_ptr, offset_ptr, mask_ptr, grad_out_ptr,
@@ -216,102 +279,103 @@ def dcnv3_bwd_kernel(
     P, H, W, Ho, Wo, C, G, GC,
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
 ):
-    """All three gradients in one pass (grad_x accumulated with atomics, pre-zeroed)."""
+    """All three gradients in one pass (grad_x accumulated with atomics, pre-zeroed);
+    channels in NCH chunks of BLOCK_C as in the forward."""
     acc_ty: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     K: tl.constexpr = KS * KS
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
     c = _lanes(BLOCK_C, VEC)
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
-    loc, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
-                          dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
+    lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
+    locx, locy, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride,
+                                 pad, dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
-    go = tl.load(grad_out_ptr + p.to(tl.int64)[:, None] * C + chan, mask=lane,
-                 other=0.0).to(acc_ty)
-    # Gradients of the weights (column k) and of the offsets (columns 2k, 2k + 1), laid
-    # out like ``w`` and ``loc``: tiles of the one shape, hence layout, of every tile
-    # here (per-row stores inside the loop would each need a layout conversion).
+    go_ptr = grad_out_ptr + p.to(tl.int64)[:, None] * C + chan
+    go = tl.load(go_ptr, mask=lane, other=0.0).to(acc_ty)
+    go1 = tl.load(go_ptr + BLOCK_C, mask=lane1, other=0.0).to(acc_ty)  # NCH == 1: none
+    # Gradients of the weights and of the x and y locations (column k = point k), laid
+    # out like ``w``: tiles of the one shape, hence layout, of every tile here (per-row
+    # stores inside the loop would each need a layout conversion).
     grad_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    grad_loc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    gx_ty = grad_x_ptr.dtype.element_ty
+    grad_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    grad_y = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in range(K):
         wk = _column(w, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            _column(loc, c, 2 * k), _column(loc, c, 2 * k + 1), n, H, W)
+            _column(locx, c, k), _column(locy, c, k), n, H, W)
         hx = 1.0 - lx
         hy = 1.0 - ly
-        m00 = lane & (vy0 & vx0)[:, None]
-        m01 = lane & (vy0 & vx1)[:, None]
-        m10 = lane & (vy1 & vx0)[:, None]
-        m11 = lane & (vy1 & vx1)[:, None]
-        base = x_ptr + pix00[:, None] * C + chan
-        # Channel-reduced <grad_out, corner value>: everything the offset and weight
-        # gradients need, so corner vectors are never kept beyond this point.
-        d00 = tl.sum(go * tl.load(base, mask=m00, other=0.0).to(acc_ty), axis=1)
-        d01 = tl.sum(go * tl.load(base + C, mask=m01, other=0.0).to(acc_ty), axis=1)
-        d10 = tl.sum(go * tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty), axis=1)
-        d11 = tl.sum(go * tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty),
-                     axis=1)
+        m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
+        d00, d01, d10, d11 = _corner_grads(
+            x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
+            wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty)
+        if NCH == 2:
+            m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
+            e00, e01, e10, e11 = _corner_grads(
+                x_ptr, grad_x_ptr, pix00, chan + BLOCK_C, C, W, go1, m00, m01, m10, m11,
+                wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty)
+            d00 += e00
+            d01 += e01
+            d10 += e10
+            d11 += e11
+        at_k = c[None, :] == k
         gw = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
-        grad_w = tl.where(c[None, :] == k, gw[:, None], grad_w)
+        grad_w = tl.where(at_k, gw[:, None], grad_w)
         gpx = wk * (hy * (d01 - d00) + ly * (d11 - d10))
         gpy = wk * (hx * (d10 - d00) + lx * (d11 - d01))
-        grad_loc = tl.where(c[None, :] == 2 * k, gpx[:, None], grad_loc)
-        grad_loc = tl.where(c[None, :] == 2 * k + 1, gpy[:, None], grad_loc)
-        # Relaxed: no fence or L1 invalidation per atomic (the default is acq_rel);
-        # nothing here reads what other programs add, as in the released atomicAdd.
-        gbase = grad_x_ptr + pix00[:, None] * C + chan
-        tl.atomic_add(gbase, ((wk * hy * hx)[:, None] * go).to(gx_ty), mask=m00,
-                      sem="relaxed")
-        tl.atomic_add(gbase + C, ((wk * hy * lx)[:, None] * go).to(gx_ty), mask=m01,
-                      sem="relaxed")
-        tl.atomic_add(gbase + W * C, ((wk * ly * hx)[:, None] * go).to(gx_ty), mask=m10,
-                      sem="relaxed")
-        tl.atomic_add(gbase + (W + 1) * C, ((wk * ly * lx)[:, None] * go).to(gx_ty),
-                      mask=m11, sem="relaxed")
+        grad_x = tl.where(at_k, gpx[:, None], grad_x)
+        grad_y = tl.where(at_k, gpy[:, None], grad_y)
     if SOFTMAX:
         # d logits = w * (g - sum_j w_j g_j), per position (padded columns: w = 0).
         grad_w = w * (grad_w - tl.sum(w * grad_w, axis=1)[:, None])
     row = p.to(tl.int64)[:, None]
     col = c[None, :]
+    used = pvalid[:, None] & (col < K)
     tl.store(grad_mask_ptr + row * (G * K) + g * K + col,
-             grad_w.to(grad_mask_ptr.dtype.element_ty), mask=pvalid[:, None] & (col < K))
-    # d loc / d offset = offset_scale on both axes.
-    tl.store(grad_offset_ptr + row * (G * K * 2) + g * (K * 2) + col,
-             (grad_loc * offset_scale).to(grad_offset_ptr.dtype.element_ty),
-             mask=pvalid[:, None] & (col < 2 * K))
+             grad_w.to(grad_mask_ptr.dtype.element_ty), mask=used)
+    # d loc / d offset = offset_scale on both axes; (x, y) interleaved per point.
+    gof_ty: tl.constexpr = grad_offset_ptr.dtype.element_ty
+    gof = grad_offset_ptr + row * (G * K * 2) + g * (K * 2) + 2 * col
+    tl.store(gof, (grad_x * offset_scale).to(gof_ty), mask=used)
+    tl.store(gof + 1, (grad_y * offset_scale).to(gof_ty), mask=used)
 
 
 def launch_args(
     x_shape: tuple[int, ...], offset_shape: tuple[int, ...], groups: int, kernel_size: int,
     stride: int, padding: int, dilation: int, offset_scale: float,
-) -> tuple[tuple, int]:
-    """Scalar arguments (P .. P_BUCKET) and BLOCK_C of a launch, from the shapes.
-
-    BLOCK_C covers both the group's channels and the 2K offsets of a position (the point
-    tiles use the channel lanes as columns); a group narrower than 2K channels (16 for
-    a 3x3 kernel, InternImage-T..XL) leaves lanes idle.
-    """
+) -> tuple:
+    """Scalar arguments (P .. P_BUCKET) of a launch, from the shapes."""
     n, h, w, c = x_shape
     ho, wo = offset_shape[1], offset_shape[2]
-    gc = c // groups
     p = n * ho * wo
-    scalars = (p, h, w, ho, wo, c, groups, gc, stride, padding, dilation,
-               float(offset_scale), position_bucket(p))
-    block_c = max(triton.next_power_of_2(gc), triton.next_power_of_2(2 * kernel_size**2))
-    return scalars, block_c
+    return (p, h, w, ho, wo, c, groups, c // groups, stride, padding, dilation,
+            float(offset_scale), position_bucket(p))
 
 
-def vector_width(dtype: torch.dtype, backward: bool, block_c: int) -> int:
-    """VEC: elements per vector access. 16 bytes of the tensors' dtype in the forward; in
-    the backward, what one 16-byte atomic of the fp32 (fp64) accumulator holds, so that
-    loads and atomics share one layout (see ``_lanes``)."""
+def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
+                   kernel_size: int) -> dict:
+    """BLOCK_C, NCH and VEC of a launch.
+
+    A tile is BLOCK_C lanes wide; the point tiles use the lanes as columns, so BLOCK_C
+    >= K. A group wider than two such tiles is split into NCH = 2 chunks of half its
+    (power-of-two) width, each a tile of its own handled by the same lanes: a lane then
+    computes each point's geometry once for twice the channels (InternImage-H, 32
+    channels per group: two 16-lane chunks; T..XL, 16 channels: one tile, no idle
+    lanes). VEC: elements per vector access, 16 bytes of the tensors' dtype in the
+    forward; in the backward what one 16-byte atomic of the fp32 (fp64) accumulator
+    holds, so that loads and atomics share one layout (see ``_lanes``).
+    """
+    k_width = triton.next_power_of_2(kernel_size**2)
+    width = triton.next_power_of_2(group_channels)
+    nch = 2 if width >= 2 * k_width else 1
+    block_c = width // 2 if nch == 2 else max(width, k_width)
     elem = dtype.itemsize
     if backward:
         elem = max(elem, 4)
-    return max(1, min(block_c, 16 // elem))
+    return {"BLOCK_C": block_c, "NCH": nch, "VEC": max(1, min(block_c, 16 // elem))}
 
 
 def _on_device(t: torch.Tensor):
@@ -332,13 +396,13 @@ def dcnv3_forward(
     """Launch the forward kernel into ``out`` (N, Ho, Wo, C); all tensors contiguous."""
     if out.numel() == 0:  # a zero-sized grid is not launchable
         return out
-    scalars, block_c = launch_args(x.shape, offset.shape, groups, kernel_size, stride,
-                                   padding, dilation, offset_scale)
+    scalars = launch_args(x.shape, offset.shape, groups, kernel_size, stride, padding,
+                          dilation, offset_scale)
+    tiles = tile_constants(x.dtype, False, scalars[7], kernel_size)
     with _on_device(x):
         dcnv3_fwd_kernel[_grid(scalars[0], groups)](
             x, offset, mask, out, *scalars, KS=kernel_size, SOFTMAX=softmax,
-            ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c,
-            VEC=vector_width(x.dtype, False, block_c))
+            ACC_F64=x.dtype == torch.float64, **tiles)
     return out
 
 
@@ -354,10 +418,10 @@ def dcnv3_backward(
         grad_offset.zero_()
         grad_mask.zero_()
         return
-    scalars, block_c = launch_args(x.shape, offset.shape, groups, kernel_size, stride,
-                                   padding, dilation, offset_scale)
+    scalars = launch_args(x.shape, offset.shape, groups, kernel_size, stride, padding,
+                          dilation, offset_scale)
+    tiles = tile_constants(x.dtype, True, scalars[7], kernel_size)
     with _on_device(x):
         dcnv3_bwd_kernel[_grid(scalars[0], groups)](
             x, offset, mask, grad_out, grad_x, grad_offset, grad_mask, *scalars,
-            KS=kernel_size, SOFTMAX=softmax, ACC_F64=x.dtype == torch.float64,
-            BLOCK_C=block_c, VEC=vector_width(x.dtype, True, block_c))
+            KS=kernel_size, SOFTMAX=softmax, ACC_F64=x.dtype == torch.float64, **tiles)
