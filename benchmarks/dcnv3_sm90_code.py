@@ -24,7 +24,7 @@ cuobjdump) and counts, in the whole kernel and inside the point loop:
 Run with ``TRITON_INTERPRET`` unset. Prints one JSON line per compiled variant.
 
     python benchmarks/dcnv3_sm90_code.py                      # both kernels, all configs
-    python benchmarks/dcnv3_sm90_code.py --kernels bwd --configs 64x4 --group-channels 32
+    python benchmarks/dcnv3_sm90_code.py --kernels bwd --configs 64x4,64x4u --group-channels 32
 """
 
 from __future__ import annotations
@@ -89,8 +89,11 @@ def h_layer_scalars(group_channels: int, groups: int = 10, size: int = 160,
     return dict(zip(names, scalars))
 
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
-                 group_channels: int):
+                 group_channels: int, unroll: int = 0):
     """Compile one kernel variant for sm_90; returns Triton's CompiledKernel."""
     import torch
     import triton
@@ -103,8 +106,8 @@ def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps:
     fn = getattr(kernels, name).fn  # the JITFunction under the autotuner
     scalars = h_layer_scalars(group_channels)
     sig, attrs, consts = _signature(fn, n_ptr, elem, scalars)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[elem]
-    consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p,
+    dtype = getattr(torch, DTYPES[elem])
+    consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p, UNROLL=unroll,
                   **kernels.tile_constants(dtype, kernel == "bwd", group_channels, 3))
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": 1})
@@ -205,9 +208,10 @@ def issue_estimate(sass: str, kernel_loop: list[str], block_p: int, num_warps: i
 
 
 def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
-            group_channels: int) -> dict:
+            group_channels: int, unroll: int = 0) -> dict:
     """Fence, barrier, atomic and spill counts of one compiled variant (see module doc)."""
-    compiled = compile_sm90(kernel, elem, softmax, block_p, num_warps, group_channels)
+    compiled = compile_sm90(kernel, elem, softmax, block_p, num_warps, group_channels,
+                            unroll)
     ptx = compiled.asm["ptx"]
     sass, registers = _sass_and_registers(compiled.asm["cubin"])
     ptx_loop = "\n".join(_ptx_loop(ptx))
@@ -215,7 +219,8 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
     sass_loop = "\n".join(sass_loop_lines)
     return {
         "kernel": kernel, "dtype": elem, "softmax": softmax, "BLOCK_P": block_p,
-        "num_warps": num_warps, "group_channels": group_channels, "registers": registers,
+        "num_warps": num_warps, "unroll": unroll, "group_channels": group_channels,
+        "registers": registers,
         "ptx": _count(ptx, PTX_PATTERNS), "ptx_loop": _count(ptx_loop, PTX_PATTERNS),
         "sass": _count(sass, SASS_PATTERNS), "sass_loop": _count(sass_loop, SASS_PATTERNS),
         "loop_found": bool(ptx_loop) and bool(sass_loop),
@@ -227,29 +232,42 @@ def main(argv: list[str] | None = None) -> int:
     """Compile the requested variants and print one JSON line each."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    import torch
+
     from ops.dcnv3 import triton_kernels as kernels
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="fwd,bwd", help="comma-separated: fwd, bwd")
     parser.add_argument("--configs", default=None,
-                        help="BLOCK_PxNUM_WARPS, comma-separated (default: each kernel's "
-                             "autotuning configs)")
+                        help="BLOCK_PxNUM_WARPS[u] (u: point loop unrolled), comma-separated "
+                             "(default: what the autotuner is offered for the kernel and "
+                             "dtype)")
     parser.add_argument("--group-channels", default="32",
                         help="comma-separated (InternImage-H: 32, T..XL: 16)")
     parser.add_argument("--variants", default="bf16:softmax,fp32:weights",
                         help="dtype:softmax|weights, comma-separated")
+    parser.add_argument("--widest", action="store_true",
+                        help="of the offered configs, only the first (BLOCK_P, num_warps) "
+                             "with the most positions per warp, looped and unrolled (the "
+                             "most registers: the others run the same code on fewer rows "
+                             "per thread)")
     args = parser.parse_args(argv)
     variants = [(v.split(":")[0], v.split(":")[1] == "softmax")
                 for v in args.variants.split(",")]
     for kernel in args.kernels.split(","):
         for gc in map(int, args.group_channels.split(",")):
             for elem, softmax in variants:
+                offered = kernels.offered_configs(kernel, getattr(torch, DTYPES[elem]))
+                if args.widest:
+                    widest = max(offered, key=lambda c: c[0] // c[1])[:2]
+                    offered = [c for c in offered if c[:2] == widest]
                 configs = (args.configs.split(",") if args.configs else
-                           [f"{b}x{w}" for b, w in kernels.GPU_CONFIGS[kernel]])
+                           [f"{b}x{w}{'u' * u}" for b, w, u in offered])
                 for cfg in configs:
-                    block_p, warps = map(int, cfg.split("x"))
-                    print(json.dumps(inspect(kernel, elem, softmax, block_p, warps, gc)),
-                          flush=True)
+                    unroll = int(cfg.endswith("u"))
+                    block_p, warps = map(int, cfg.rstrip("u").split("x"))
+                    print(json.dumps(inspect(kernel, elem, softmax, block_p, warps, gc,
+                                             unroll)), flush=True)
     return 0
 
 

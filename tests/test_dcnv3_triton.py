@@ -419,17 +419,31 @@ def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills():
     (PTX ISA, "Memory Consistency Model": relaxed operations carry no ordering). An
     ``.acq_rel`` atomic (Triton's default) makes ptxas wrap each one in MEMBAR/ERRBAR
     and invalidate L1 (CCTL). Every autotuning config must also fit in registers: local
-    memory loads/stores (LDL/STL) in the cubin are ptxas's spill code; that holds for
-    the forward's configs too."""
-    rows = _sm90_code("--kernels", "fwd,bwd", "--variants", "bf16:softmax")
-    configs = triton_kernels.GPU_CONFIGS
-    assert len(rows) == len(configs["fwd"]) + len(configs["bwd"])
+    memory loads/stores (LDL/STL) in the cubin are ptxas's spill code. Checked on the
+    configs the autotuner is offered (``offered_configs``: loop and unrolled, forward and
+    backward, bf16 and fp32) that keep the most positions per thread; the others run
+    the same code on fewer rows (compiling all of them takes minutes)."""
+    rows = _sm90_code("--kernels", "fwd,bwd", "--variants", "bf16:softmax,fp32:weights",
+                      "--widest")
+    offered = {(kernel, elem): triton_kernels.offered_configs(kernel, dtype)
+               for kernel in ("fwd", "bwd")
+               for elem, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    compiled = {(r["kernel"], r["dtype"], r["BLOCK_P"], r["num_warps"], r["unroll"])
+                for r in rows}
+    for (kernel, elem), configs in offered.items():
+        # The widest config (most positions per warp) holds the most per thread; both
+        # the looped and the unrolled variant where offered.
+        widest = max(configs, key=lambda c: c[0] // c[1])[:2]
+        assert {(kernel, elem, *c) for c in configs if c[:2] == widest} == {
+            c for c in compiled if c[:2] == (kernel, elem)}
     for row in rows:
-        where = f"{row['kernel']} BLOCK_P={row['BLOCK_P']} num_warps={row['num_warps']}"
+        where = (f"{row['kernel']} {row['dtype']} BLOCK_P={row['BLOCK_P']} "
+                 f"num_warps={row['num_warps']} unroll={row['unroll']}")
         assert row["sass"]["STL"] == row["sass"]["LDL"] == 0, (where, row["registers"])
         assert row["registers"] <= 255
-    for row in rows[len(configs["fwd"]):]:
-        where = f"BLOCK_P={row['BLOCK_P']} num_warps={row['num_warps']}"
+    for row in rows:
+        if row["kernel"] != "bwd":
+            continue
         atomics = row["ptx"]["atom"] + row["ptx"]["red"]
         assert atomics > 0, where
         assert row["ptx"]["relaxed"] == atomics and row["ptx"]["acq_rel"] == 0, (where, row)
@@ -451,6 +465,25 @@ def test_compiled_point_loops_have_no_barriers():
         assert row["ptx_loop"]["bar_sync"] == 0, (row["kernel"], row["ptx_loop"])
         assert row["sass_loop"]["BAR_SYNC"] == 0, (row["kernel"], row["sass_loop"])
     assert rows[0]["sass"]["STL"] == 0
+
+
+def test_autotuner_pruning_offers_unrolled_loops_only_where_they_fit():
+    """The autotuner's pruning hook (Triton calls ``early_config_prune(configs,
+    named_args)`` with the launch's arguments by name) keeps, for the launch's input
+    dtype, exactly ``offered_configs``: the unrolled forward only for 16-bit inputs (it
+    spills from 4-byte inputs on, see the sm_90 test above), the unrolled backward up to
+    4 bytes, the looped kernels always."""
+    for kernel, unrolled_dtypes in (("fwd", {torch.bfloat16, torch.float16}),
+                                    ("bwd", {torch.bfloat16, torch.float16, torch.float32})):
+        configs = triton_kernels._configs(kernel, interpret=False)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            kept = triton_kernels.prune_configs(kernel, configs,
+                                                {"x_ptr": torch.empty(0, dtype=dtype)})
+            unroll = {c.kwargs["UNROLL"] for c in kept}
+            assert unroll == ({0, 1} if dtype in unrolled_dtypes else {0}), (kernel, dtype)
+            looped = {(c.kwargs["BLOCK_P"], c.num_warps) for c in kept
+                      if c.kwargs["UNROLL"] == 0}
+            assert looped == set(triton_kernels.GPU_CONFIGS[kernel]), (kernel, dtype)
 
 
 def test_autotune_key_separates_internimage_h_stages():

@@ -34,7 +34,9 @@ How the code is shaped for the GPU (each point checked in the sm_90 code, see
 - The forward is bound by instruction issue, not by memory (sm_90 instruction counts
   against H200 timings, benchmarks/RESULTS.md): the per-lane point geometry and
   column selection are the overhead the chunks amortise, and each corner adds into the
-  accumulator with one fused multiply-add per channel.
+  accumulator with one fused multiply-add per channel. bf16 corners are widened to fp32
+  by two integer instructions per pair (``_widen``), and the autotuner may also pick the
+  fully unrolled point loop (``offered_configs``), where the column selections fold.
 - The backward's vectors are capped at 4 lanes (``_lanes``), so that its bf16 loads and
   its fp32 atomics get the same layout.
 - The backward's atomics are ``sem="relaxed"``: Triton's default (acq_rel) fences every
@@ -54,6 +56,7 @@ config is used; the variable must be set before triton is imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -62,13 +65,17 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# (BLOCK_P, num_warps) tried by the autotuner, per kernel. None spills registers when
-# compiled for sm_90 at InternImage's group widths (16 and 32 channels, fp32 and bf16),
-# and each covers its tile without idle warps: a warp spans 32 / (BLOCK_C / VEC) rows,
-# 16 for the forward's bf16 16-lane chunks, 8 in the backward (see tile_constants).
-# Register counts: benchmarks/RESULTS.md.
+# (BLOCK_P, num_warps) tried by the autotuner, per kernel, each with the point loop as a
+# loop and fully unrolled where that fits (``offered_configs``). None spills registers
+# when compiled for sm_90 at InternImage's group widths (16 and 32 channels, fp32 and
+# bf16), and each covers its tile without idle warps: a warp spans 32 / (BLOCK_C / VEC)
+# rows, 16 for the forward's bf16 16-lane chunks, 8 in the backward (see
+# tile_constants). Register counts: benchmarks/RESULTS.md.
 GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 4), (128, 8)),
                "bwd": ((32, 4), (64, 4), (64, 8), (128, 8))}
+# Largest input element (bytes) whose kernel is also offered with the point loop fully
+# unrolled: the unrolled forward spills registers from 4-byte inputs on (sm_90 code).
+UNROLL_MAX_ITEMSIZE = {"fwd": 2, "bwd": 4}
 
 # Integer arguments that vary with the layer shape but gain nothing from Triton's
 # specialisation on their value (== 1, divisible by 16): leaving them generic keeps one
@@ -79,11 +86,38 @@ _GENERIC_ARGS = ["P", "H", "W", "Ho", "Wo", "G", "stride", "pad", "dilation", "P
 AUTOTUNE_KEY = ["GC", "KS", "SOFTMAX", "P_BUCKET"]
 
 
-def _configs(kernel: str) -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_P": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=1)
-            for bp, w in GPU_CONFIGS[kernel]]
+def offered_configs(kernel: str, dtype: torch.dtype) -> list[tuple[int, int, int]]:
+    """(BLOCK_P, num_warps, UNROLL) the autotuner tries for ``kernel`` ("fwd"/"bwd") on
+    inputs of ``dtype``. UNROLL=1 unrolls the K-point loop: the column selections fold
+    to constants and the next points' loads can start early (about a fifth fewer
+    instructions issued, more registers), so it is offered where it does not spill."""
+    unrolls = (0, 1) if dtype.itemsize <= UNROLL_MAX_ITEMSIZE[kernel] else (0,)
+    return [(bp, w, u) for bp, w in GPU_CONFIGS[kernel] for u in unrolls]
+
+
+def _configs(kernel: str, interpret: bool = INTERPRET) -> list[triton.Config]:
+    """Every config of ``GPU_CONFIGS[kernel]``, as a loop and unrolled (the autotuner's
+    pruning keeps what ``offered_configs`` allows for the launch's dtype); one config
+    under the interpreter."""
+    if interpret:
+        return [triton.Config({"BLOCK_P": 32, "UNROLL": 0}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp, "UNROLL": u}, num_warps=w, num_stages=1)
+            for bp, w in GPU_CONFIGS[kernel] for u in (0, 1)]
+
+
+def prune_configs(kernel: str, configs: list[triton.Config], named_args: dict,
+                  **kwargs) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: the configs ``offered_configs`` gives for
+    the dtype of the launch's input (``x_ptr``)."""
+    offered = set(offered_configs(kernel, named_args["x_ptr"].dtype))
+    return [c for c in configs
+            if (c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["UNROLL"]) in offered]
+
+
+def _pruner(kernel: str) -> dict | None:
+    # Under the interpreter there is one config and nothing to prune.
+    return None if INTERPRET else {"early_config_prune": functools.partial(prune_configs,
+                                                                           kernel)}
 
 
 def position_bucket(positions: int) -> int:
@@ -189,18 +223,36 @@ def _block_of_program(P, G, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _widen(v, acc_ty: tl.constexpr, WIDEN_ASM: tl.constexpr):
+    """v in the accumulator's type. bf16 is the top half of an fp32, so with WIDEN_ASM
+    (bf16 on an NVIDIA GPU) each 32-bit register of two bf16 becomes two fp32 by one
+    shift and one mask; the compiler's own conversion spends three instructions on the
+    pair. Element order in the packed register (the lower address in the low half, as
+    loaded) was checked in the LLVM IR Triton emits for sm_90: output 0 is element 0."""
+    if WIDEN_ASM:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [v],
+            dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return v.to(acc_ty)
+
+
+@triton.jit
 def _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
-                  acc_ty: tl.constexpr):
+                  acc_ty: tl.constexpr, WIDEN_ASM: tl.constexpr):
     """acc + the four corners at ``base`` (top-left) weighted a00..a11 (per row); one
     fused multiply-add per corner and channel."""
-    acc = acc + a00[:, None] * tl.load(base, mask=m00, other=0.0).to(acc_ty)
-    acc = acc + a01[:, None] * tl.load(base + C, mask=m01, other=0.0).to(acc_ty)
-    acc = acc + a10[:, None] * tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty)
-    acc = acc + a11[:, None] * tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty)
-    return acc
+    v00 = _widen(tl.load(base, mask=m00, other=0.0), acc_ty, WIDEN_ASM)
+    acc = acc + a00[:, None] * v00
+    v01 = _widen(tl.load(base + C, mask=m01, other=0.0), acc_ty, WIDEN_ASM)
+    acc = acc + a01[:, None] * v01
+    v10 = _widen(tl.load(base + W * C, mask=m10, other=0.0), acc_ty, WIDEN_ASM)
+    acc = acc + a10[:, None] * v10
+    v11 = _widen(tl.load(base + (W + 1) * C, mask=m11, other=0.0), acc_ty, WIDEN_ASM)
+    return acc + a11[:, None] * v11
 
 
-@triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY)
+@triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=_GENERIC_ARGS)
 def dcnv3_fwd_kernel(
     x_ptr, offset_ptr, mask_ptr, out_ptr,
@@ -208,6 +260,7 @@ def dcnv3_fwd_kernel(
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
+    WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """out[p, g*GC:(g+1)*GC] = sum_k w_k(p) * bilinear(x, loc_k(p)) for a block of p.
 
@@ -225,7 +278,7 @@ def dcnv3_fwd_kernel(
     n = p // (Ho * Wo)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for k in range(K):
+    for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
             _column(locx, c, k), _column(locy, c, k), n, H, W)
@@ -236,11 +289,11 @@ def dcnv3_fwd_kernel(
         base = x_ptr + pix00[:, None] * C + chan
         m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
         acc = _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
-                            acc_ty)
+                            acc_ty, WIDEN_ASM)
         if NCH == 2:
             m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
             acc1 = _bilinear_add(acc1, base + BLOCK_C, C, W, m00, m01, m10, m11,
-                                 a00, a01, a10, a11, acc_ty)
+                                 a00, a01, a10, a11, acc_ty, WIDEN_ASM)
     out = out_ptr + p.to(tl.int64)[:, None] * C + chan
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=lane)
     if NCH == 2:
@@ -249,15 +302,19 @@ def dcnv3_fwd_kernel(
 
 @triton.jit
 def _corner_grads(x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
-                  a00, a01, a10, a11, acc_ty: tl.constexpr):
+                  a00, a01, a10, a11, acc_ty: tl.constexpr, WIDEN_ASM: tl.constexpr):
     """One channel chunk's share of a point's backward: atomically adds a_ij * go into
     grad_x at the four corners and returns the channel-reduced <go, corner value> of
     each corner (all the offset and weight gradients need)."""
     base = x_ptr + pix00[:, None] * C + chan
-    d00 = tl.sum(go * tl.load(base, mask=m00, other=0.0).to(acc_ty), axis=1)
-    d01 = tl.sum(go * tl.load(base + C, mask=m01, other=0.0).to(acc_ty), axis=1)
-    d10 = tl.sum(go * tl.load(base + W * C, mask=m10, other=0.0).to(acc_ty), axis=1)
-    d11 = tl.sum(go * tl.load(base + (W + 1) * C, mask=m11, other=0.0).to(acc_ty), axis=1)
+    v00 = _widen(tl.load(base, mask=m00, other=0.0), acc_ty, WIDEN_ASM)
+    d00 = tl.sum(go * v00, axis=1)
+    v01 = _widen(tl.load(base + C, mask=m01, other=0.0), acc_ty, WIDEN_ASM)
+    d01 = tl.sum(go * v01, axis=1)
+    v10 = _widen(tl.load(base + W * C, mask=m10, other=0.0), acc_ty, WIDEN_ASM)
+    d10 = tl.sum(go * v10, axis=1)
+    v11 = _widen(tl.load(base + (W + 1) * C, mask=m11, other=0.0), acc_ty, WIDEN_ASM)
+    d11 = tl.sum(go * v11, axis=1)
     # Relaxed: no fence or L1 invalidation per atomic (the default is acq_rel);
     # nothing here reads what other programs add, as in the released atomicAdd.
     gx_ty: tl.constexpr = grad_x_ptr.dtype.element_ty
@@ -270,7 +327,7 @@ def _corner_grads(x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
     return d00, d01, d10, d11
 
 
-@triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY,
+@triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY, prune_configs_by=_pruner("bwd"),
                   reset_to_zero=["grad_x_ptr"])
 @triton.jit(do_not_specialize=_GENERIC_ARGS)
 def dcnv3_bwd_kernel(
@@ -280,6 +337,7 @@ def dcnv3_bwd_kernel(
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
+    WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """All three gradients in one pass (grad_x accumulated with atomics, pre-zeroed);
     channels in NCH chunks of BLOCK_C as in the forward."""
@@ -302,7 +360,7 @@ def dcnv3_bwd_kernel(
     grad_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     grad_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     grad_y = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for k in range(K):
+    for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
             _column(locx, c, k), _column(locy, c, k), n, H, W)
@@ -311,12 +369,12 @@ def dcnv3_bwd_kernel(
         m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
         d00, d01, d10, d11 = _corner_grads(
             x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
-            wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty)
+            wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty, WIDEN_ASM)
         if NCH == 2:
             m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
             e00, e01, e10, e11 = _corner_grads(
                 x_ptr, grad_x_ptr, pix00, chan + BLOCK_C, C, W, go1, m00, m01, m10, m11,
-                wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty)
+                wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty, WIDEN_ASM)
             d00 += e00
             d01 += e01
             d10 += e10
@@ -366,7 +424,9 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
     channels per group: two 16-lane chunks; T..XL, 16 channels: one tile, no idle
     lanes). VEC: elements per vector access, 16 bytes of the tensors' dtype in the
     forward; in the backward what one 16-byte atomic of the fp32 (fp64) accumulator
-    holds, so that loads and atomics share one layout (see ``_lanes``).
+    holds, so that loads and atomics share one layout (see ``_lanes``). WIDEN_ASM: bf16
+    widened by inline PTX (``_widen``), on NVIDIA GPUs only (not the interpreter, not
+    ROCm).
     """
     k_width = triton.next_power_of_2(kernel_size**2)
     width = triton.next_power_of_2(group_channels)
@@ -375,7 +435,9 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
     elem = dtype.itemsize
     if backward:
         elem = max(elem, 4)
-    return {"BLOCK_C": block_c, "NCH": nch, "VEC": max(1, min(block_c, 16 // elem))}
+    widen_asm = dtype == torch.bfloat16 and not INTERPRET and torch.version.hip is None
+    return {"BLOCK_C": block_c, "NCH": nch, "VEC": max(1, min(block_c, 16 // elem)),
+            "WIDEN_ASM": widen_asm}
 
 
 def _on_device(t: torch.Tensor):
