@@ -197,6 +197,11 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
 
     def after_step(step: int) -> None:
         if ema is not None:
+            # The step's forward left each rank its own BatchNorm statistics (the head's
+            # norm); the EMA must average rank 0's on every rank, as rank 0's EMA is the
+            # one saved and every rank resumes from it (else a resumed run evaluates
+            # other EMA statistics on ranks > 0 than the uninterrupted one).
+            broadcast_buffers(engine.module, d)
             ema.update(engine.module, step, zero3)
 
     def evaluate_all(val_loader) -> dict:
