@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
@@ -99,10 +100,11 @@ class ShardedEma:
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
              img_size: int) -> dict[str, float]:
-    """Top-1/top-5 over the rank-split validation set, the forward passes in lock-step
-    across ranks (runtime/lockstep.py: a shorter shard's rank runs dummy passes)."""
+    """Top-1/top-5 and the mean cross-entropy (``val_loss``) over the rank-split
+    validation set, the forward passes in lock-step across ranks (runtime/lockstep.py: a
+    shorter shard's rank runs dummy passes)."""
     net.eval()
-    stats = torch.zeros(3, dtype=torch.float64)
+    stats = torch.zeros(4, dtype=torch.float64)
 
     def dummy_args() -> tuple[torch.Tensor]:
         return (torch.zeros(1, 3, img_size, img_size, device=d.device, dtype=dtype),)
@@ -112,12 +114,14 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
             logits = forward(images.to(d.device, dtype)).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
             hit = top == labels[:, None]
+            ce = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
             stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                   len(labels)], dtype=torch.float64)
+                                   len(labels), ce.item()], dtype=torch.float64)
     stats = all_reduce_sum(stats.to(d.device), d).cpu()
     net.train()
-    return {"top1": stats[0].item() / max(1, stats[2].item()),
-            "top5": stats[1].item() / max(1, stats[2].item())}
+    n = max(1, stats[2].item())
+    return {"top1": stats[0].item() / n, "top5": stats[1].item() / n,
+            "val_loss": stats[3].item() / n}
 
 
 def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
@@ -208,7 +212,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         result = evaluate(engine, val_loader, d, dtype, cfg.data.img_size)
         if ema is not None:  # a full fp32 copy on every rank: no ZeRO collectives
             e = evaluate(ema.module, val_loader, d, torch.float32, cfg.data.img_size)
-            result.update(top1_ema=e["top1"], top5_ema=e["top5"])
+            result.update(top1_ema=e["top1"], top5_ema=e["top5"], val_loss_ema=e["val_loss"])
         return result
 
     def save(step: int) -> None:  # every rank writes its shard
