@@ -228,12 +228,23 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
     }
 
 
+def _offered(kernels, kernel: str, elem: str, widest: bool) -> list[str]:
+    """The configs the autotuner is offered for ``kernel`` on ``elem`` inputs, as
+    ``BLOCK_PxNUM_WARPS[u]``; with ``widest`` only the first (BLOCK_P, num_warps) with
+    the most positions per warp."""
+    import torch
+
+    offered = kernels.offered_configs(kernel, getattr(torch, DTYPES[elem]))
+    if widest:
+        first = max(offered, key=lambda c: c[0] // c[1])[:2]
+        offered = [c for c in offered if c[:2] == first]
+    return [f"{b}x{w}{'u' * u}" for b, w, u in offered]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile the requested variants and print one JSON line each."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    import torch
-
     from ops.dcnv3 import triton_kernels as kernels
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -257,12 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     for kernel in args.kernels.split(","):
         for gc in map(int, args.group_channels.split(",")):
             for elem, softmax in variants:
-                offered = kernels.offered_configs(kernel, getattr(torch, DTYPES[elem]))
-                if args.widest:
-                    widest = max(offered, key=lambda c: c[0] // c[1])[:2]
-                    offered = [c for c in offered if c[:2] == widest]
                 configs = (args.configs.split(",") if args.configs else
-                           [f"{b}x{w}{'u' * u}" for b, w, u in offered])
+                           _offered(kernels, kernel, elem, args.widest))
                 for cfg in configs:
                     unroll = int(cfg.endswith("u"))
                     block_p, warps = map(int, cfg.rstrip("u").split("x"))

@@ -195,6 +195,15 @@ def _point_geometry(px, py, n, H, W):
 
 
 @triton.jit
+def _corner_weights(wk, lx, ly):
+    """Weight of each corner (top-left, top-right, bottom-left, bottom-right): the
+    point's weight times its bilinear factor."""
+    hx = 1.0 - lx
+    hy = 1.0 - ly
+    return wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx
+
+
+@triton.jit
 def _corner_masks(lane, vx0, vx1, vy0, vy1):
     """Load masks of the four corners (top-left, top-right, bottom-left, bottom-right)."""
     return (lane & (vy0 & vx0)[:, None], lane & (vy0 & vx1)[:, None],
@@ -282,10 +291,7 @@ def dcnv3_fwd_kernel(
         wk = _column(w, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
             _column(locx, c, k), _column(locy, c, k), n, H, W)
-        a00 = wk * (1.0 - ly) * (1.0 - lx)
-        a01 = wk * (1.0 - ly) * lx
-        a10 = wk * ly * (1.0 - lx)
-        a11 = wk * ly * lx
+        a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         base = x_ptr + pix00[:, None] * C + chan
         m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
         acc = _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
@@ -366,15 +372,16 @@ def dcnv3_bwd_kernel(
             _column(locx, c, k), _column(locy, c, k), n, H, W)
         hx = 1.0 - lx
         hy = 1.0 - ly
+        a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
         d00, d01, d10, d11 = _corner_grads(
             x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
-            wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty, WIDEN_ASM)
+            a00, a01, a10, a11, acc_ty, WIDEN_ASM)
         if NCH == 2:
             m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
             e00, e01, e10, e11 = _corner_grads(
                 x_ptr, grad_x_ptr, pix00, chan + BLOCK_C, C, W, go1, m00, m01, m10, m11,
-                wk * hy * hx, wk * hy * lx, wk * ly * hx, wk * ly * lx, acc_ty, WIDEN_ASM)
+                a00, a01, a10, a11, acc_ty, WIDEN_ASM)
             d00 += e00
             d01 += e01
             d10 += e10
