@@ -13,7 +13,12 @@ export DS_ACCELERATOR ?= cpu
 # checkout, so two checkouts running at once never rebuild over each other's files.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test lint setup system-deps clean
+# The Triton of the GPU machine the kernels are measured on (torch 2.11 pins 3.6), kept
+# beside ours: tests/test_dcnv3_triton.py compiles the kernels for sm_90 with both.
+GPU_TRITON ?= 3.6.0
+export GPU_TRITON_DIR ?= $(CURDIR)/$(VENV)/triton-$(GPU_TRITON)
+
+.PHONY: demo test lint setup system-deps gpu-triton clean
 
 setup: $(STAMP)
 
@@ -23,6 +28,12 @@ $(STAMP): pyproject.toml
 	# compat mode: the repo root goes on sys.path, so new top-level packages import at once.
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
+
+gpu-triton: $(GPU_TRITON_DIR)/.installed
+
+$(GPU_TRITON_DIR)/.installed: | $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_TRITON)
+	touch $@
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
@@ -42,7 +53,7 @@ lint: $(STAMP)
 # a shared reference run stay one per file); TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) gpu-triton system-deps lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 clean:

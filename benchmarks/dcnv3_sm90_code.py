@@ -217,7 +217,10 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
     ptx_loop = "\n".join(_ptx_loop(ptx))
     sass_loop_lines = _sass_loop(sass)
     sass_loop = "\n".join(sass_loop_lines)
+    import triton
+
     return {
+        "triton": triton.__version__,
         "kernel": kernel, "dtype": elem, "softmax": softmax, "BLOCK_P": block_p,
         "num_warps": num_warps, "unroll": unroll, "group_channels": group_channels,
         "registers": registers,

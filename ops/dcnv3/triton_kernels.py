@@ -26,11 +26,14 @@ How the code is shaped for the GPU (each point checked in the sm_90 code, see
   its contiguous run along the lanes, so the compiler gives all tiles one layout and the
   point loop needs no layout conversion (each costs shared memory and barriers);
   per-position values are [BLOCK_P] vectors taken from (reduced out of) such tiles.
-- A position's x and y locations and weights (K each) are loaded as three tiles before
-  the point loop (lane j of row r holds point j of position r: BLOCK_C >= K), which
-  then selects column k with a reduction across the lanes of one warp: no offset load
-  stands between one point's corner loads and the next's. The backward gathers its
-  mask and offset gradients in tiles of the same form and stores each once.
+- A position's 2K offsets (as stored, x and y interleaved) and K weights are loaded
+  as tiles before the point loop, each load contiguous along the lanes (lane j of row r
+  holds value j of position r; BLOCK_C >= K), and the loop selects point k's columns
+  with a reduction across the lanes of one warp: no offset load stands between one
+  point's corner loads and the next's. The backward gathers its mask and offset
+  gradients in tiles of the same form and stores each once. (A strided load, e.g. only
+  the x offsets, gets a layout of its own from Triton 3.6, the GPU machine's, which
+  then converts between the two at every point: checked with both compilers.)
 - The forward is bound by instruction issue, not by memory (sm_90 instruction counts
   against H200 timings, benchmarks/RESULTS.md): the per-lane point geometry and
   column selection are the overhead the chunks amortise, and each corner adds into the
@@ -126,39 +129,35 @@ def position_bucket(positions: int) -> int:
 
 
 @triton.jit
-def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad, dilation,
-                 offset_scale, c, KS: tl.constexpr, SOFTMAX: tl.constexpr,
-                 acc_ty: tl.constexpr):
-    """Sampling locations and weights of all K points of each row, as three tiles.
+def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS: tl.constexpr,
+                 SOFTMAX: tl.constexpr, acc_ty: tl.constexpr):
+    """Offsets and weights of all K points of each row, as tiles, loaded before the point
+    loop (which then only selects columns and never waits on an offset load).
 
-    Column k of ``locx``/``locy``/``w`` holds point k's x location, y location and
-    weight (softmax-normalised if SOFTMAX); needs BLOCK_C >= K. Loaded once, before the
-    point loop, which then only selects columns and never waits on an offset load
-    before issuing its corner loads.
+    ``oa`` and ``ob``: the group's 2K offsets as stored, (x, y) interleaved per point,
+    lanes 0..BLOCK_C-1 and BLOCK_C..2K-1 (``_point_location`` picks point k's pair);
+    ``w``: column k holds point k's weight (softmax-normalised if SOFTMAX). Needs
+    BLOCK_C >= K. Every load runs contiguously along the lanes, like the corner loads:
+    a strided one gets a layout of its own from Triton 3.6, and converting between the
+    two inside the loop costs shared memory and barriers at every point.
     """
     K: tl.constexpr = KS * KS
+    BLOCK_C: tl.constexpr = c.shape[0]
     row = p.to(tl.int64)[:, None]
     col = c[None, :]
+    obase = offset_ptr + row * (G * K * 2) + g * (K * 2) + col
+    oa = tl.load(obase, mask=pvalid[:, None] & (col < 2 * K), other=0.0).to(acc_ty)
+    ob = tl.load(obase + BLOCK_C, mask=pvalid[:, None] & (col + BLOCK_C < 2 * K),
+                 other=0.0).to(acc_ty)
     kcol = col < K
-    used = pvalid[:, None] & kcol
-    # Offsets interleave (x, y) per point: x of point k at 2k, y at 2k + 1.
-    obase = offset_ptr + row * (G * K * 2) + g * (K * 2) + 2 * col
-    offx = tl.load(obase, mask=used, other=0.0).to(acc_ty)
-    offy = tl.load(obase + 1, mask=used, other=0.0).to(acc_ty)
-    w = tl.load(mask_ptr + row * (G * K) + g * K + col, mask=used, other=0.0).to(acc_ty)
+    w = tl.load(mask_ptr + row * (G * K) + g * K + col, mask=pvalid[:, None] & kcol,
+                other=0.0).to(acc_ty)
     if SOFTMAX:
         # Padded columns get -inf (weight 0); rows past P hold zeros, so no NaN appears.
         w = tl.where(kcol, w, float("-inf"))
         w = tl.exp(w - tl.max(w, axis=1)[:, None])
         w = w / tl.sum(w, axis=1)[:, None]
-    half = (dilation * (KS - 1)) // 2
-    # Output centre plus the regular grid's tap (x-major order: point k = i * KS + j has
-    # x tap i and y tap j).
-    centre_x = (half - pad + (p % Wo) * stride).to(acc_ty)[:, None]
-    centre_y = (half - pad + ((p // Wo) % Ho) * stride).to(acc_ty)[:, None]
-    locx = centre_x + offset_scale * (((col // KS) * dilation - half).to(acc_ty) + offx)
-    locy = centre_y + offset_scale * (((col % KS) * dilation - half).to(acc_ty) + offy)
-    return locx, locy, w
+    return oa, ob, w
 
 
 @triton.jit
@@ -166,6 +165,40 @@ def _column(tile, c, j):
     """Column j of a tile as a per-row vector (exact: one value plus zeros); a reduction
     across the few lanes of a warp that share a row."""
     return tl.sum(tl.where(c[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _centres(p, Ho, Wo, stride, pad, dilation, KS: tl.constexpr, acc_ty: tl.constexpr):
+    """Where the regular grid of each output position is centred in the input (x, y)."""
+    half = (dilation * (KS - 1)) // 2
+    return ((half - pad + (p % Wo) * stride).to(acc_ty),
+            (half - pad + ((p // Wo) % Ho) * stride).to(acc_ty))
+
+
+@triton.jit
+def _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
+                    KS: tl.constexpr, acc_ty: tl.constexpr):
+    """Sampling location (x, y) of point k of each row: the grid's centre plus its tap
+    plus the point's offset (from ``_point_tiles``), the last two scaled."""
+    BLOCK_C: tl.constexpr = c.shape[0]
+    if 2 * k < BLOCK_C:  # one tile holds the pair (BLOCK_C is even)
+        ox = _column(oa, c, 2 * k)
+        oy = _column(oa, c, 2 * k + 1)
+    else:
+        ox = _column(ob, c, 2 * k - BLOCK_C)
+        oy = _column(ob, c, 2 * k + 1 - BLOCK_C)
+    half = (dilation * (KS - 1)) // 2
+    # x-major order: point k = i * KS + j has x tap i and y tap j.
+    tap_x = ((k // KS) * dilation - half).to(acc_ty)
+    tap_y = ((k % KS) * dilation - half).to(acc_ty)
+    return centre_x + offset_scale * (tap_x + ox), centre_y + offset_scale * (tap_y + oy)
+
+
+@triton.jit
+def _set_pair(tile, c, j, x, y):
+    """``tile`` with columns j and j + 1 of each row set to x and y (per-row vectors)."""
+    col = c[None, :]
+    return tl.where(col == j, x[:, None], tl.where(col == j + 1, y[:, None], tile))
 
 
 @triton.jit
@@ -282,15 +315,16 @@ def dcnv3_fwd_kernel(
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
     lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
-    locx, locy, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride,
-                                 pad, dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
+    oa, ob, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
+    centre_x, centre_y = _centres(p, Ho, Wo, stride, pad, dilation, KS, acc_ty)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            _column(locx, c, k), _column(locy, c, k), n, H, W)
+        px, py = _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
+                                 KS, acc_ty)
+        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         base = x_ptr + pix00[:, None] * C + chan
         m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
@@ -354,22 +388,24 @@ def dcnv3_bwd_kernel(
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
     lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
-    locx, locy, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride,
-                                 pad, dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
+    oa, ob, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
+    centre_x, centre_y = _centres(p, Ho, Wo, stride, pad, dilation, KS, acc_ty)
     go_ptr = grad_out_ptr + p.to(tl.int64)[:, None] * C + chan
     go = tl.load(go_ptr, mask=lane, other=0.0).to(acc_ty)
     go1 = tl.load(go_ptr + BLOCK_C, mask=lane1, other=0.0).to(acc_ty)  # NCH == 1: none
-    # Gradients of the weights and of the x and y locations (column k = point k), laid
-    # out like ``w``: tiles of the one shape, hence layout, of every tile here (per-row
-    # stores inside the loop would each need a layout conversion).
+    # Gradients of the weights (column k = point k, like ``w``) and of the locations
+    # (interleaved as stored, like ``oa``/``ob``): tiles of the one shape, hence layout,
+    # of every tile here (per-row stores inside the loop would each need a layout
+    # conversion).
     grad_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    grad_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    grad_y = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    grad_oa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    grad_ob = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(
-            _column(locx, c, k), _column(locy, c, k), n, H, W)
+        px, py = _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
+                                 KS, acc_ty)
+        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
         hx = 1.0 - lx
         hy = 1.0 - ly
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
@@ -391,21 +427,23 @@ def dcnv3_bwd_kernel(
         grad_w = tl.where(at_k, gw[:, None], grad_w)
         gpx = wk * (hy * (d01 - d00) + ly * (d11 - d10))
         gpy = wk * (hx * (d10 - d00) + lx * (d11 - d01))
-        grad_x = tl.where(at_k, gpx[:, None], grad_x)
-        grad_y = tl.where(at_k, gpy[:, None], grad_y)
+        if 2 * k < BLOCK_C:
+            grad_oa = _set_pair(grad_oa, c, 2 * k, gpx, gpy)
+        else:
+            grad_ob = _set_pair(grad_ob, c, 2 * k - BLOCK_C, gpx, gpy)
     if SOFTMAX:
         # d logits = w * (g - sum_j w_j g_j), per position (padded columns: w = 0).
         grad_w = w * (grad_w - tl.sum(w * grad_w, axis=1)[:, None])
     row = p.to(tl.int64)[:, None]
     col = c[None, :]
-    used = pvalid[:, None] & (col < K)
     tl.store(grad_mask_ptr + row * (G * K) + g * K + col,
-             grad_w.to(grad_mask_ptr.dtype.element_ty), mask=used)
-    # d loc / d offset = offset_scale on both axes; (x, y) interleaved per point.
+             grad_w.to(grad_mask_ptr.dtype.element_ty), mask=pvalid[:, None] & (col < K))
+    # d loc / d offset = offset_scale on both axes.
     gof_ty: tl.constexpr = grad_offset_ptr.dtype.element_ty
-    gof = grad_offset_ptr + row * (G * K * 2) + g * (K * 2) + 2 * col
-    tl.store(gof, (grad_x * offset_scale).to(gof_ty), mask=used)
-    tl.store(gof + 1, (grad_y * offset_scale).to(gof_ty), mask=used)
+    gof = grad_offset_ptr + row * (G * K * 2) + g * (K * 2) + col
+    tl.store(gof, (grad_oa * offset_scale).to(gof_ty), mask=pvalid[:, None] & (col < 2 * K))
+    tl.store(gof + BLOCK_C, (grad_ob * offset_scale).to(gof_ty),
+             mask=pvalid[:, None] & (col + BLOCK_C < 2 * K))
 
 
 def launch_args(
@@ -438,7 +476,8 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
     k_width = triton.next_power_of_2(kernel_size**2)
     width = triton.next_power_of_2(group_channels)
     nch = 2 if width >= 2 * k_width else 1
-    block_c = width // 2 if nch == 2 else max(width, k_width)
+    # At least 2 lanes: a point's (x, y) offset pair never straddles two tiles.
+    block_c = width // 2 if nch == 2 else max(width, k_width, 2)
     elem = dtype.itemsize
     if backward:
         elem = max(elem, 4)
