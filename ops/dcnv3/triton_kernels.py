@@ -129,26 +129,45 @@ def position_bucket(positions: int) -> int:
 
 
 @triton.jit
-def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS: tl.constexpr,
-                 SOFTMAX: tl.constexpr, acc_ty: tl.constexpr):
-    """Offsets and weights of all K points of each row, as tiles, loaded before the point
-    loop (which then only selects columns and never waits on an offset load).
+def _located(off, i, centre_x, centre_y, half, dilation, offset_scale, KS: tl.constexpr,
+             acc_ty: tl.constexpr):
+    """Locations from the offsets ``off`` at interleaved indices ``i`` (even: x, odd: y
+    of point i // 2): grid centre + offset_scale * (grid tap + offset). x-major order:
+    point k = a * KS + b has x tap a and y tap b."""
+    k = i // 2
+    is_x = (i % 2) == 0
+    tap = (tl.where(is_x, k // KS, k % KS) * dilation - half).to(acc_ty)
+    return tl.where(is_x, centre_x, centre_y) + offset_scale * (tap + off)
 
-    ``oa`` and ``ob``: the group's 2K offsets as stored, (x, y) interleaved per point,
-    lanes 0..BLOCK_C-1 and BLOCK_C..2K-1 (``_point_location`` picks point k's pair);
-    ``w``: column k holds point k's weight (softmax-normalised if SOFTMAX). Needs
-    BLOCK_C >= K. Every load runs contiguously along the lanes, like the corner loads:
-    a strided one gets a layout of its own from Triton 3.6, and converting between the
-    two inside the loop costs shared memory and barriers at every point.
+
+@triton.jit
+def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad, dilation,
+                 offset_scale, c, KS: tl.constexpr, SOFTMAX: tl.constexpr,
+                 acc_ty: tl.constexpr):
+    """Sampling locations and weights of all K points of each row, as tiles, made before
+    the point loop (which then only selects columns and never waits on an offset load).
+
+    ``la`` and ``lb``: the group's 2K locations in the offsets' own order, (x, y)
+    interleaved per point, lanes 0..BLOCK_C-1 and BLOCK_C..2K-1 (``_point_location``
+    picks point k's pair); ``w``: column k holds point k's weight (softmax-normalised if
+    SOFTMAX). Needs BLOCK_C >= K. Every load runs contiguously along the lanes, like the
+    corner loads: a strided one gets a layout of its own from Triton 3.6, and converting
+    between the two inside the loop costs shared memory and barriers at every point.
     """
     K: tl.constexpr = KS * KS
     BLOCK_C: tl.constexpr = c.shape[0]
     row = p.to(tl.int64)[:, None]
     col = c[None, :]
     obase = offset_ptr + row * (G * K * 2) + g * (K * 2) + col
-    oa = tl.load(obase, mask=pvalid[:, None] & (col < 2 * K), other=0.0).to(acc_ty)
-    ob = tl.load(obase + BLOCK_C, mask=pvalid[:, None] & (col + BLOCK_C < 2 * K),
+    la = tl.load(obase, mask=pvalid[:, None] & (col < 2 * K), other=0.0).to(acc_ty)
+    lb = tl.load(obase + BLOCK_C, mask=pvalid[:, None] & (col + BLOCK_C < 2 * K),
                  other=0.0).to(acc_ty)
+    half = (dilation * (KS - 1)) // 2
+    centre_x = (half - pad + (p % Wo) * stride).to(acc_ty)[:, None]
+    centre_y = (half - pad + ((p // Wo) % Ho) * stride).to(acc_ty)[:, None]
+    la = _located(la, col, centre_x, centre_y, half, dilation, offset_scale, KS, acc_ty)
+    lb = _located(lb, col + BLOCK_C, centre_x, centre_y, half, dilation, offset_scale, KS,
+                  acc_ty)
     kcol = col < K
     w = tl.load(mask_ptr + row * (G * K) + g * K + col, mask=pvalid[:, None] & kcol,
                 other=0.0).to(acc_ty)
@@ -157,7 +176,7 @@ def _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS: tl.constexpr,
         w = tl.where(kcol, w, float("-inf"))
         w = tl.exp(w - tl.max(w, axis=1)[:, None])
         w = w / tl.sum(w, axis=1)[:, None]
-    return oa, ob, w
+    return la, lb, w
 
 
 @triton.jit
@@ -168,30 +187,18 @@ def _column(tile, c, j):
 
 
 @triton.jit
-def _centres(p, Ho, Wo, stride, pad, dilation, KS: tl.constexpr, acc_ty: tl.constexpr):
-    """Where the regular grid of each output position is centred in the input (x, y)."""
-    half = (dilation * (KS - 1)) // 2
-    return ((half - pad + (p % Wo) * stride).to(acc_ty),
-            (half - pad + ((p // Wo) % Ho) * stride).to(acc_ty))
-
-
-@triton.jit
-def _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
-                    KS: tl.constexpr, acc_ty: tl.constexpr):
-    """Sampling location (x, y) of point k of each row: the grid's centre plus its tap
-    plus the point's offset (from ``_point_tiles``), the last two scaled."""
+def _point_location(la, lb, c, k):
+    """Sampling location (x, y) of point k of each row (tiles from ``_point_tiles``)."""
     BLOCK_C: tl.constexpr = c.shape[0]
+    # One return after the branch: returning from inside it led Triton 3.8 to lay the
+    # tiles out apart and convert between them at every point (sm_90 code).
     if 2 * k < BLOCK_C:  # one tile holds the pair (BLOCK_C is even)
-        ox = _column(oa, c, 2 * k)
-        oy = _column(oa, c, 2 * k + 1)
+        px = _column(la, c, 2 * k)
+        py = _column(la, c, 2 * k + 1)
     else:
-        ox = _column(ob, c, 2 * k - BLOCK_C)
-        oy = _column(ob, c, 2 * k + 1 - BLOCK_C)
-    half = (dilation * (KS - 1)) // 2
-    # x-major order: point k = i * KS + j has x tap i and y tap j.
-    tap_x = ((k // KS) * dilation - half).to(acc_ty)
-    tap_y = ((k % KS) * dilation - half).to(acc_ty)
-    return centre_x + offset_scale * (tap_x + ox), centre_y + offset_scale * (tap_y + oy)
+        px = _column(lb, c, 2 * k - BLOCK_C)
+        py = _column(lb, c, 2 * k + 1 - BLOCK_C)
+    return px, py
 
 
 @triton.jit
@@ -315,15 +322,14 @@ def dcnv3_fwd_kernel(
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
     lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
-    oa, ob, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS, SOFTMAX, acc_ty)
+    la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
+                             dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
-    centre_x, centre_y = _centres(p, Ho, Wo, stride, pad, dilation, KS, acc_ty)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
-        px, py = _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
-                                 KS, acc_ty)
+        px, py = _point_location(la, lb, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         base = x_ptr + pix00[:, None] * C + chan
@@ -388,14 +394,14 @@ def dcnv3_bwd_kernel(
     chan = (g * GC + c)[None, :]
     lane = pvalid[:, None] & (c < GC)[None, :]
     lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
-    oa, ob, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, c, KS, SOFTMAX, acc_ty)
+    la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
+                             dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
-    centre_x, centre_y = _centres(p, Ho, Wo, stride, pad, dilation, KS, acc_ty)
     go_ptr = grad_out_ptr + p.to(tl.int64)[:, None] * C + chan
     go = tl.load(go_ptr, mask=lane, other=0.0).to(acc_ty)
     go1 = tl.load(go_ptr + BLOCK_C, mask=lane1, other=0.0).to(acc_ty)  # NCH == 1: none
     # Gradients of the weights (column k = point k, like ``w``) and of the locations
-    # (interleaved as stored, like ``oa``/``ob``): tiles of the one shape, hence layout,
+    # (interleaved as stored, like ``la``/``lb``): tiles of the one shape, hence layout,
     # of every tile here (per-row stores inside the loop would each need a layout
     # conversion).
     grad_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
@@ -403,8 +409,7 @@ def dcnv3_bwd_kernel(
     grad_ob = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
-        px, py = _point_location(oa, ob, c, k, centre_x, centre_y, dilation, offset_scale,
-                                 KS, acc_ty)
+        px, py = _point_location(la, lb, c, k)
         pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
         hx = 1.0 - lx
         hy = 1.0 - ly
