@@ -40,6 +40,9 @@ How the code is shaped for the GPU (each point checked in the sm_90 code, see
   accumulator with one fused multiply-add per channel. bf16 corners are widened to fp32
   by two integer instructions per pair (``_widen``), and the autotuner may also pick the
   fully unrolled point loop (``offered_configs``), where the column selections fold.
+  The corner masks are per row where the group's channels fill the chunks (``FULL``,
+  every InternImage width), shared by the chunks, with the row's own validity folded
+  into the point's; each corner tests one bound per axis.
 - The backward's vectors are capped at 4 lanes (``_lanes``), so that its bf16 loads and
   its fp32 atomics get the same layout.
 - The backward's atomics are ``sem="relaxed"``: Triton's default (acq_rel) fences every
@@ -209,11 +212,12 @@ def _set_pair(tile, c, j, x, y):
 
 
 @triton.jit
-def _point_geometry(px, py, n, H, W):
-    """Corner indices, validity and fractions of one point at locations (px, py)."""
+def _point_geometry(px, py, n, H, W, pvalid):
+    """Corner indices, validity and fractions of one point at locations (px, py) of
+    each row (rows that are not ``pvalid`` sample nothing)."""
     # The released kernel samples a point only if -1 < loc < size on both axes; at
     # exactly -1 zero padding would still give the offset a gradient (from row/column 0).
-    used = (px > -1.0) & (px < W) & (py > -1.0) & (py < H)
+    used = pvalid & (px > -1.0) & (px < W) & (py > -1.0) & (py < H)
     # A skipped point goes on at (0, 0) with its corners masked off below, so neither a
     # far-away (int overflow) nor an inf/NaN location reaches the arithmetic.
     px = tl.where(used, px, 0.0)
@@ -224,11 +228,13 @@ def _point_geometry(px, py, n, H, W):
     ly = py - y0f
     x0 = x0f.to(tl.int32)
     y0 = y0f.to(tl.int32)
-    vx0 = (x0 >= 0) & (x0 < W)
-    vx1 = (x0 + 1 >= 0) & (x0 + 1 < W)
+    # -1 < loc < size puts the top-left corner in [-1, size-1], so each corner needs one
+    # bound per axis (a skipped point, at 0, is dropped by vy0/vy1 below).
+    vx0 = x0 >= 0
+    vx1 = x0 < W - 1
     # Every corner mask takes one of vy0/vy1, so folding `used` in there drops the point.
-    vy0 = used & (y0 >= 0) & (y0 < H)
-    vy1 = used & (y0 + 1 >= 0) & (y0 + 1 < H)
+    vy0 = used & (y0 >= 0)
+    vy1 = used & (y0 < H - 1)
     # Pixel index of the top-left corner; int64 because N*H*W*C can exceed 2**31.
     pix00 = ((n * H + y0) * W + x0).to(tl.int64)
     return pix00, vx0, vx1, vy0, vy1, lx, ly
@@ -244,10 +250,17 @@ def _corner_weights(wk, lx, ly):
 
 
 @triton.jit
-def _corner_masks(lane, vx0, vx1, vy0, vy1):
-    """Load masks of the four corners (top-left, top-right, bottom-left, bottom-right)."""
-    return (lane & (vy0 & vx0)[:, None], lane & (vy0 & vx1)[:, None],
-            lane & (vy1 & vx0)[:, None], lane & (vy1 & vx1)[:, None])
+def _corner_masks(chan_ok, vx0, vx1, vy0, vy1, FULL: tl.constexpr):
+    """Load masks of the four corners (top-left, top-right, bottom-left, bottom-right).
+    With FULL (every lane of the chunk is a channel of the group, as at every
+    InternImage width) a mask is per row, shared by the chunks; else the lanes past
+    the group's channels (``chan_ok`` false) are masked too."""
+    if FULL:
+        return ((vy0 & vx0)[:, None], (vy0 & vx1)[:, None], (vy1 & vx0)[:, None],
+                (vy1 & vx1)[:, None])
+    else:
+        return (chan_ok & (vy0 & vx0)[:, None], chan_ok & (vy0 & vx1)[:, None],
+                chan_ok & (vy1 & vx0)[:, None], chan_ok & (vy1 & vx1)[:, None])
 
 
 @triton.jit
@@ -309,7 +322,7 @@ def dcnv3_fwd_kernel(
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
-    WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
+    FULL: tl.constexpr, WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """out[p, g*GC:(g+1)*GC] = sum_k w_k(p) * bilinear(x, loc_k(p)) for a block of p.
 
@@ -320,8 +333,10 @@ def dcnv3_fwd_kernel(
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
     c = _lanes(BLOCK_C, VEC)
     chan = (g * GC + c)[None, :]
-    lane = pvalid[:, None] & (c < GC)[None, :]
-    lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
+    chan0 = (c < GC)[None, :]
+    chan1 = (c + BLOCK_C < GC)[None, :]
+    lane = pvalid[:, None] & chan0
+    lane1 = pvalid[:, None] & chan1
     la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
                              dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
@@ -330,14 +345,14 @@ def dcnv3_fwd_kernel(
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         px, py = _point_location(la, lb, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
+        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W, pvalid)
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         base = x_ptr + pix00[:, None] * C + chan
-        m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
+        m00, m01, m10, m11 = _corner_masks(chan0, vx0, vx1, vy0, vy1, FULL)
         acc = _bilinear_add(acc, base, C, W, m00, m01, m10, m11, a00, a01, a10, a11,
                             acc_ty, WIDEN_ASM)
         if NCH == 2:
-            m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
+            m00, m01, m10, m11 = _corner_masks(chan1, vx0, vx1, vy0, vy1, FULL)
             acc1 = _bilinear_add(acc1, base + BLOCK_C, C, W, m00, m01, m10, m11,
                                  a00, a01, a10, a11, acc_ty, WIDEN_ASM)
     out = out_ptr + p.to(tl.int64)[:, None] * C + chan
@@ -383,7 +398,7 @@ def dcnv3_bwd_kernel(
     stride, pad, dilation, offset_scale, P_BUCKET,
     KS: tl.constexpr, SOFTMAX: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr,
-    WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
+    FULL: tl.constexpr, WIDEN_ASM: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """All three gradients in one pass (grad_x accumulated with atomics, pre-zeroed);
     channels in NCH chunks of BLOCK_C as in the forward."""
@@ -392,8 +407,10 @@ def dcnv3_bwd_kernel(
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
     c = _lanes(BLOCK_C, VEC)
     chan = (g * GC + c)[None, :]
-    lane = pvalid[:, None] & (c < GC)[None, :]
-    lane1 = pvalid[:, None] & (c + BLOCK_C < GC)[None, :]
+    chan0 = (c < GC)[None, :]
+    chan1 = (c + BLOCK_C < GC)[None, :]
+    lane = pvalid[:, None] & chan0
+    lane1 = pvalid[:, None] & chan1
     la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
                              dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
@@ -410,16 +427,16 @@ def dcnv3_bwd_kernel(
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         px, py = _point_location(la, lb, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W)
+        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W, pvalid)
         hx = 1.0 - lx
         hy = 1.0 - ly
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
-        m00, m01, m10, m11 = _corner_masks(lane, vx0, vx1, vy0, vy1)
+        m00, m01, m10, m11 = _corner_masks(chan0, vx0, vx1, vy0, vy1, FULL)
         d00, d01, d10, d11 = _corner_grads(
             x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
             a00, a01, a10, a11, acc_ty, WIDEN_ASM)
         if NCH == 2:
-            m00, m01, m10, m11 = _corner_masks(lane1, vx0, vx1, vy0, vy1)
+            m00, m01, m10, m11 = _corner_masks(chan1, vx0, vx1, vy0, vy1, FULL)
             e00, e01, e10, e11 = _corner_grads(
                 x_ptr, grad_x_ptr, pix00, chan + BLOCK_C, C, W, go1, m00, m01, m10, m11,
                 a00, a01, a10, a11, acc_ty, WIDEN_ASM)
@@ -465,7 +482,7 @@ def launch_args(
 
 def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
                    kernel_size: int) -> dict:
-    """BLOCK_C, NCH and VEC of a launch.
+    """BLOCK_C, NCH, VEC, FULL and WIDEN_ASM of a launch.
 
     A tile is BLOCK_C lanes wide; the point tiles use the lanes as columns, so BLOCK_C
     >= K. A group wider than two such tiles is split into NCH = 2 chunks of half its
@@ -474,9 +491,10 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
     channels per group: two 16-lane chunks; T..XL, 16 channels: one tile, no idle
     lanes). VEC: elements per vector access, 16 bytes of the tensors' dtype in the
     forward; in the backward what one 16-byte atomic of the fp32 (fp64) accumulator
-    holds, so that loads and atomics share one layout (see ``_lanes``). WIDEN_ASM: bf16
-    widened by inline PTX (``_widen``), on NVIDIA GPUs only (not the interpreter, not
-    ROCm).
+    holds, so that loads and atomics share one layout (see ``_lanes``). FULL: the group's
+    channels fill the NCH chunks exactly (no lane to mask in the point loop).
+    WIDEN_ASM: bf16 widened by inline PTX (``_widen``), on NVIDIA GPUs only (not the
+    interpreter, not ROCm).
     """
     k_width = triton.next_power_of_2(kernel_size**2)
     width = triton.next_power_of_2(group_channels)
@@ -488,7 +506,7 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
         elem = max(elem, 4)
     widen_asm = dtype == torch.bfloat16 and not INTERPRET and torch.version.hip is None
     return {"BLOCK_C": block_c, "NCH": nch, "VEC": max(1, min(block_c, 16 // elem)),
-            "WIDEN_ASM": widen_asm}
+            "FULL": group_channels == nch * block_c, "WIDEN_ASM": widen_asm}
 
 
 def _on_device(t: torch.Tensor):
