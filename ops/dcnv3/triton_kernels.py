@@ -363,20 +363,31 @@ def dcnv3_fwd_kernel(
 
 
 @triton.jit
+def _plus(acc, v):
+    """acc + v, or v where acc is None (adding to 0.0 would cost an add: x + 0.0 is not
+    x for x = -0.0, so the compiler keeps it)."""
+    if acc is None:
+        return v
+    else:
+        return acc + v
+
+
+@triton.jit
 def _corner_grads(x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
-                  a00, a01, a10, a11, acc_ty: tl.constexpr, WIDEN_ASM: tl.constexpr):
+                  a00, a01, a10, a11, d00, d01, d10, d11, acc_ty: tl.constexpr,
+                  WIDEN_ASM: tl.constexpr):
     """One channel chunk's share of a point's backward: atomically adds a_ij * go into
-    grad_x at the four corners and returns the channel-reduced <go, corner value> of
-    each corner (all the offset and weight gradients need)."""
+    grad_x at the four corners and returns d_ij + go * (corner value) per lane (d_ij
+    None: the first chunk). Summed over the group's channels, these are all the offset
+    and weight gradients need; the chunks accumulate lane-wise, so each corner is
+    reduced across the lanes once."""
     base = x_ptr + pix00[:, None] * C + chan
-    v00 = _widen(tl.load(base, mask=m00, other=0.0), acc_ty, WIDEN_ASM)
-    d00 = tl.sum(go * v00, axis=1)
-    v01 = _widen(tl.load(base + C, mask=m01, other=0.0), acc_ty, WIDEN_ASM)
-    d01 = tl.sum(go * v01, axis=1)
-    v10 = _widen(tl.load(base + W * C, mask=m10, other=0.0), acc_ty, WIDEN_ASM)
-    d10 = tl.sum(go * v10, axis=1)
-    v11 = _widen(tl.load(base + (W + 1) * C, mask=m11, other=0.0), acc_ty, WIDEN_ASM)
-    d11 = tl.sum(go * v11, axis=1)
+    d00 = _plus(d00, go * _widen(tl.load(base, mask=m00, other=0.0), acc_ty, WIDEN_ASM))
+    d01 = _plus(d01, go * _widen(tl.load(base + C, mask=m01, other=0.0), acc_ty, WIDEN_ASM))
+    d10 = _plus(d10, go * _widen(tl.load(base + W * C, mask=m10, other=0.0), acc_ty,
+                                 WIDEN_ASM))
+    d11 = _plus(d11, go * _widen(tl.load(base + (W + 1) * C, mask=m11, other=0.0), acc_ty,
+                                 WIDEN_ASM))
     # Relaxed: no fence or L1 invalidation per atomic (the default is acq_rel);
     # nothing here reads what other programs add, as in the released atomicAdd.
     gx_ty: tl.constexpr = grad_x_ptr.dtype.element_ty
@@ -435,16 +446,16 @@ def dcnv3_bwd_kernel(
         m00, m01, m10, m11 = _corner_masks(chan0, vx0, vx1, vy0, vy1, FULL)
         d00, d01, d10, d11 = _corner_grads(
             x_ptr, grad_x_ptr, pix00, chan, C, W, go, m00, m01, m10, m11,
-            a00, a01, a10, a11, acc_ty, WIDEN_ASM)
+            a00, a01, a10, a11, None, None, None, None, acc_ty, WIDEN_ASM)
         if NCH == 2:
             m00, m01, m10, m11 = _corner_masks(chan1, vx0, vx1, vy0, vy1, FULL)
-            e00, e01, e10, e11 = _corner_grads(
+            d00, d01, d10, d11 = _corner_grads(
                 x_ptr, grad_x_ptr, pix00, chan + BLOCK_C, C, W, go1, m00, m01, m10, m11,
-                a00, a01, a10, a11, acc_ty, WIDEN_ASM)
-            d00 += e00
-            d01 += e01
-            d10 += e10
-            d11 += e11
+                a00, a01, a10, a11, d00, d01, d10, d11, acc_ty, WIDEN_ASM)
+        d00 = tl.sum(d00, axis=1)
+        d01 = tl.sum(d01, axis=1)
+        d10 = tl.sum(d10, axis=1)
+        d11 = tl.sum(d11, axis=1)
         at_k = c[None, :] == k
         gw = hy * hx * d00 + hy * lx * d01 + ly * hx * d10 + ly * lx * d11
         grad_w = tl.where(at_k, gw[:, None], grad_w)
