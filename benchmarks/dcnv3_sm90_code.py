@@ -233,14 +233,14 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
 
 def _offered(kernels, kernel: str, elem: str, widest: bool) -> list[str]:
     """The configs the autotuner is offered for ``kernel`` on ``elem`` inputs, as
-    ``BLOCK_PxNUM_WARPS[u]``; with ``widest`` only the first (BLOCK_P, num_warps) with
-    the most positions per warp."""
+    ``BLOCK_PxNUM_WARPS[u]``; with ``widest`` only the (BLOCK_P, num_warps) with the
+    most positions per warp (ties included)."""
     import torch
 
     offered = kernels.offered_configs(kernel, getattr(torch, DTYPES[elem]))
     if widest:
-        first = max(offered, key=lambda c: c[0] // c[1])[:2]
-        offered = [c for c in offered if c[:2] == first]
+        most = max(c[0] // c[1] for c in offered)
+        offered = [c for c in offered if c[0] // c[1] == most]
     return [f"{b}x{w}{'u' * u}" for b, w, u in offered]
 
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="bf16:softmax,fp32:weights",
                         help="dtype:softmax|weights, comma-separated")
     parser.add_argument("--widest", action="store_true",
-                        help="of the offered configs, only the first (BLOCK_P, num_warps) "
+                        help="of the offered configs, only those (BLOCK_P, num_warps) "
                              "with the most positions per warp, looped and unrolled (the "
                              "most registers: the others run the same code on fewer rows "
                              "per thread)")

@@ -469,10 +469,10 @@ def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills(wides
     compiled = {(r["kernel"], r["dtype"], r["BLOCK_P"], r["num_warps"], r["unroll"])
                 for r in rows}
     for (kernel, elem), configs in offered.items():
-        # The widest config (most positions per warp) holds the most per thread; both
+        # The widest configs (most positions per warp) hold the most per thread; both
         # the looped and the unrolled variant where offered.
-        widest = max(configs, key=lambda c: c[0] // c[1])[:2]
-        assert {(kernel, elem, *c) for c in configs if c[:2] == widest} == {
+        most = max(c[0] // c[1] for c in configs)
+        assert {(kernel, elem, *c) for c in configs if c[0] // c[1] == most} == {
             c for c in compiled if c[:2] == (kernel, elem)}
     for row in rows:
         assert row["sass"]["STL"] == row["sass"]["LDL"] == 0, (_where(row), row["registers"])

@@ -79,7 +79,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # warp spans 32 / (BLOCK_C / VEC) rows, 16 for the forward's bf16 16-lane chunks, 8 in
 # the backward (see tile_constants). Register counts: benchmarks/RESULTS.md.
 GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 4), (128, 8)),
-               "bwd": ((32, 4), (64, 4), (64, 8), (128, 8))}
+               "bwd": ((32, 4), (64, 4), (64, 8))}
 # Largest input element (bytes) whose kernel is also offered with the point loop fully
 # unrolled: the unrolled forward spills registers from 4-byte inputs on (sm_90 code).
 UNROLL_MAX_ITEMSIZE = {"fwd": 2, "bwd": 4}
