@@ -74,10 +74,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (BLOCK_P, num_warps) tried by the autotuner, per kernel, each with the point loop as a
 # loop and fully unrolled where that fits (``offered_configs``). Compiled for sm_90 at
 # InternImage's group widths (16 and 32 channels, fp32 and bf16) none spills in its
-# point loop, with Triton 3.6 or 3.8 (ptxas under 3.8 keeps one value of two narrow
-# configs in local memory across it), and each covers its tile without idle warps: a
-# warp spans 32 / (BLOCK_C / VEC) rows, 16 for the forward's bf16 16-lane chunks, 8 in
-# the backward (see tile_constants). Register counts: benchmarks/RESULTS.md.
+# point loop, with Triton 3.6 or 3.8 (ptxas under 3.8 keeps one value of the fp32
+# forward at 128x8 in local memory across it), and each covers its tile without idle
+# warps: a warp spans 32 / (BLOCK_C / VEC) rows, 16 for the forward's bf16 16-lane
+# chunks, 8 in the backward (see tile_constants). Register counts: benchmarks/RESULTS.md.
 GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 4), (128, 8)),
                "bwd": ((32, 4), (64, 4), (64, 8))}
 # Largest input element (bytes) whose kernel is also offered with the point loop fully
