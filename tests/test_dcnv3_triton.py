@@ -356,6 +356,29 @@ def test_gpu_check_out_of_time_records_every_row_as_skipped(tmp_path):
     assert [r["stage"] for r in speed] == [1] * 4 + [4] * 4
 
 
+def test_gpu_session_script_runs_check_and_released_build_and_keeps_the_logs(tmp_path):
+    """benchmarks/gpu_session.sh, the one command a lent GPU runs: the released op's build
+    starts beside gpu_check (here from a folder without the sources: the build fails and
+    says so in its log; gpu_check records why the released phase has no numbers), the
+    report and both logs land in OUT, and with no time left the sweep is not started."""
+    out, src = tmp_path / "out", tmp_path / "no_sources"
+    src.mkdir()
+    env = {k: v for k, v in os.environ.items()}
+    env.update(GPU_CHECK_ARGS="--smoke --stages 1,4", CHECK_BUDGET_S="0", TOTAL_S="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), str(out),
+                           str(src)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no time left for the sweep" in proc.stdout
+    assert {"gpu_check.json", "gpu_check.log", "released_build.log"} <= {
+        p.name for p in out.iterdir()}
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["env"]["smoke"] is True
+    assert all(r["skipped"] == "time budget"
+               for r in report["phases"]["correctness"]["rows"])
+    assert not (out / "dcnv3_sweep.json").exists()
+
+
 def test_released_op_wrapper_uses_the_current_signature_and_the_old_one(monkeypatch):
     """The released extension's dcnv3_forward takes 16 arguments and dcnv3_backward 17,
     the last being remove_center (OpenGVLab/InternImage classification/ops_dcnv3/
