@@ -363,9 +363,9 @@ def test_gpu_session_script_runs_check_and_released_build_and_keeps_the_logs(tmp
     report and both logs land in OUT, and with no time left the sweep is not started."""
     out, src = tmp_path / "out", tmp_path / "no_sources"
     src.mkdir()
-    env = {k: v for k, v in os.environ.items()}
-    env.update(GPU_CHECK_ARGS="--smoke --stages 1,4", CHECK_BUDGET_S="0", TOTAL_S="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    env = dict(os.environ, GPU_CHECK_ARGS="--smoke --stages 1,4", CHECK_BUDGET_S="0",
+               TOTAL_S="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), str(out),
                            str(src)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
