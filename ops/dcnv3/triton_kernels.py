@@ -277,6 +277,19 @@ def _lanes(BLOCK_C: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _channels(g, GC, pvalid, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """The lanes ``c`` of this program's group ``g`` and what the kernels index and mask
+    with: ``chan`` (the first chunk's channel of each lane; the second's is chan +
+    BLOCK_C), ``chan0``/``chan1`` (the lane is a channel of the group in chunk 0 / 1) and
+    ``lane``/``lane1`` (that, on a valid row: the masks of the per-position tiles)."""
+    c = _lanes(BLOCK_C, VEC)
+    chan0 = (c < GC)[None, :]
+    chan1 = (c + BLOCK_C < GC)[None, :]
+    return (c, (g * GC + c)[None, :], chan0, chan1, pvalid[:, None] & chan0,
+            pvalid[:, None] & chan1)
+
+
+@triton.jit
 def _block_of_program(P, G, BLOCK_P: tl.constexpr):
     """(positions, their validity, group) of this program; groups are the fast axis."""
     pid = tl.program_id(0)
@@ -332,12 +345,7 @@ def dcnv3_fwd_kernel(
     acc_ty: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     K: tl.constexpr = KS * KS
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
-    c = _lanes(BLOCK_C, VEC)
-    chan = (g * GC + c)[None, :]
-    chan0 = (c < GC)[None, :]
-    chan1 = (c + BLOCK_C < GC)[None, :]
-    lane = pvalid[:, None] & chan0
-    lane1 = pvalid[:, None] & chan1
+    c, chan, chan0, chan1, lane, lane1 = _channels(g, GC, pvalid, BLOCK_C, VEC)
     la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
                              dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
@@ -417,12 +425,7 @@ def dcnv3_bwd_kernel(
     acc_ty: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     K: tl.constexpr = KS * KS
     p, pvalid, g = _block_of_program(P, G, BLOCK_P)
-    c = _lanes(BLOCK_C, VEC)
-    chan = (g * GC + c)[None, :]
-    chan0 = (c < GC)[None, :]
-    chan1 = (c + BLOCK_C < GC)[None, :]
-    lane = pvalid[:, None] & chan0
-    lane1 = pvalid[:, None] & chan1
+    c, chan, chan0, chan1, lane, lane1 = _channels(g, GC, pvalid, BLOCK_C, VEC)
     la, lb, w = _point_tiles(offset_ptr, mask_ptr, p, pvalid, g, G, Ho, Wo, stride, pad,
                              dilation, offset_scale, c, KS, SOFTMAX, acc_ty)
     n = p // (Ho * Wo)
