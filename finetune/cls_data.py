@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
-from runtime.dist import DistInfo
+from runtime.dist import DistInfo, rank_share
 from runtime.rng import loader_generator, skip_batches
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 
 def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch: int = 0,
                   skip: int = 0):
-    """DataLoaders (DistributedSampler when several ranks); returns (train, val, sampler).
+    """DataLoaders (training: a DistributedSampler when several ranks; validation: this
+    rank's share, unpadded); returns (train, val, sampler).
 
     ``skip``: batches of ``epoch`` already trained (resume); a streaming set skips them in
     its workers, without decoding (iterate with ``epoch_batches``)."""
@@ -122,10 +123,9 @@ def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch:
                        shuffle=sampler is None and not streaming,
                        sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
                        generator=g, persistent_workers=False)
-    val_sampler = (DistributedSampler(val_set, d.world_size, d.rank, shuffle=False)
-                   if d.world_size > 1 else None)
+    # each validation image on exactly one rank (no padding): evaluate() sums the counts
     val = DataLoader(val_set, batch_size=cfg.run.batch_size * 2, shuffle=False,
-                     sampler=val_sampler, num_workers=cfg.run.num_workers)
+                     sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers)
     return train, val, sampler
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from finetune.det_config import DetectionConfig
 from finetune.det_data import CocoInstances
-from runtime.dist import DistInfo
+from runtime.dist import DistInfo, rank_share
 from runtime.lockstep import lockstep
 
 
@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
     train_sizes, test_size = _sizes(cfg)
     core.transform.min_size = (test_size,)
     results = []
-    indices = list(range(d.rank, len(val_set), d.world_size))
+    indices = rank_share(len(val_set), d)
 
     def dummy_args() -> tuple[list[torch.Tensor]]:
         return ([torch.zeros(3, test_size, test_size, device=d.device)],)

@@ -14,7 +14,7 @@ from torch import nn
 from finetune.datasets.base import IGNORE_INDEX
 from finetune.seg_config import NINETEEN_CLASS_KINDS, SegmentationConfig
 from finetune.seg_data import SegDataset, resize_short_side, resize_to_multiple
-from runtime.dist import DistInfo, all_reduce_sum
+from runtime.dist import DistInfo, all_reduce_sum, rank_share
 from runtime.lockstep import lockstep
 
 
@@ -55,7 +55,7 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
         return (torch.zeros(1, 3, *crop, device=d.device),)
 
     with lockstep(core, dummy_args, d.device) as forward:
-        for i in range(d.rank, len(val_set), d.world_size):
+        for i in rank_share(len(val_set), d):
             img, label = val_set[i]
             x = img[None].to(d.device)
             if cfg.data.test_short:

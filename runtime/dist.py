@@ -74,6 +74,14 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
+def rank_share(n: int, info: DistInfo) -> range:
+    """This rank's indices of an ``n``-item evaluation set: the shares are disjoint and
+    cover every item exactly once. (``DistributedSampler`` instead pads the shares to equal
+    length by repeating items, which a metric would count twice: 176 of ImageNet's 50,000
+    validation images on 512 ranks. Uneven shares are what runtime/lockstep.py is for.)"""
+    return range(info.rank, n, info.world_size)
+
+
 def barrier() -> None:
     """A barrier when a process group exists (no-op otherwise)."""
     import torch.distributed as dist

@@ -144,3 +144,24 @@ def test_bad_config_fails_before_compute(capsys):
     assert main(["finetune", "segmentation", "--dry-run", "data.kind=voc"]) == 2
     assert "data.kind" in capsys.readouterr().err
     assert main(["finetune", "detection", "--init", "/nonexistent.pth", "--dry-run"]) == 2
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_validation_image_is_counted_once_on_any_rank_count(world_size):
+    """top-1 is a fraction of the validation set (ImageNet-1k: exactly 50,000 images).
+    torch's DistributedSampler pads the ranks' shares to equal length by repeating
+    images (its ``drop_last=False`` docs), so a padded split counts some twice; 10
+    images do not divide among 3 or 4 ranks."""
+    from finetune.classification import ClassificationConfig
+    from finetune.cls_data import build_loaders
+    from launch.config import load_config
+    from runtime.dist import DistInfo
+
+    cfg = load_config(ClassificationConfig, None, ["run.num_workers=0", "run.batch_size=1"])
+    images = [(i, 0) for i in range(10)]  # the item is its own index
+    seen = []
+    for rank in range(world_size):
+        _, val, _ = build_loaders(cfg, DistInfo(rank=rank, world_size=world_size), images,
+                                  images)
+        seen += [int(i) for batch, _ in val for i in batch]
+    assert sorted(seen) == list(range(10))
