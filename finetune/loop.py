@@ -12,7 +12,7 @@ ZeRO-3: the engine partitions the module at ``deepspeed.initialize`` (as classif
 the dense evaluations run each rank's share of the validation set on the bare module with
 every forward pass in lock-step across ranks (runtime/lockstep.py), since a ZeRO-3 module
 needs every rank in every forward. Rank 0's buffers (BatchNorm statistics) are broadcast
-before every training forward and before each evaluation, so all ranks evaluate the
+after every training micro-step (runtime.dist.broadcast_buffers), so all ranks evaluate the
 weights and statistics the checkpoint holds.
 """
 
@@ -68,13 +68,15 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
               "zero_stage": zero_stage}
 
     def micro_step(batch: Any) -> dict[str, torch.Tensor]:
-        broadcast_buffers(net, d)
         with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
             losses = {k: v.float() for k, v in loss_fn(engine, batch).items()}
         engine.backward(sum(losses.values()))  # scaled by 1/grad_accum by DeepSpeed
         # at the accumulation boundary only: clips (gradient_clipping), steps the
         # optimizer and zeroes the gradients
         engine.step()
+        # the forward updated this rank's own statistics (after the backward: BatchNorm
+        # saves them for it and refuses in-place changes)
+        broadcast_buffers(net, d)
         return losses
 
     def epoch_steps(epoch: int, skip: int) -> Iterator[list]:
@@ -85,9 +87,6 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
                             len(loader) // grad_accum - skip)
 
     def run_evaluation() -> dict[str, float]:
-        # every rank evaluates with rank 0's BatchNorm statistics (those a checkpoint
-        # holds): the training forwards since the last broadcast updated each rank's own
-        broadcast_buffers(net, d)
         engine.eval()
         result = evaluate()
         engine.train()

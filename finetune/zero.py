@@ -191,21 +191,19 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine.train()
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        broadcast_buffers(engine.module, d)
         loss = criterion(engine(images.to(dtype)).float(), labels)
         engine.backward(loss)  # scaled by 1/run.grad_accum by DeepSpeed
         # at the accumulation boundary only: clips (gradient_clipping), steps the optimizer
         # and zeroes the gradients
         engine.step()
+        # the forward updated this rank's own BatchNorm statistics: rank 0's on every rank
+        # from here on (the next forward, the EMA, an evaluation, a checkpoint). Not
+        # before the backward: BatchNorm's saves them for it and refuses in-place changes
+        broadcast_buffers(engine.module, d)
         return loss
 
     def after_step(step: int) -> None:
         if ema is not None:
-            # The step's forward left each rank its own BatchNorm statistics (the head's
-            # norm); the EMA must average rank 0's on every rank, as rank 0's EMA is the
-            # one saved and every rank resumes from it (else a resumed run evaluates
-            # other EMA statistics on ranks > 0 than the uninterrupted one).
-            broadcast_buffers(engine.module, d)
             ema.update(engine.module, step, zero3)
 
     def evaluate_all(val_loader) -> dict:

@@ -48,11 +48,18 @@ def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     step_dir = ckpts / "step_0000006"
     assert {"trainer_state.json", "ema.pt"} <= {p.name for p in step_dir.iterdir()}
     assert len(list(step_dir.glob("*optim_states.pt"))) == 2  # one shard per rank
+    _logged_evaluation_is_the_checkpoints(evals[0], step_dir, cache)
 
-    run(_cmd(2, out, cache, *zero3, "run.max_steps=8", "--resume", "auto"), cache)
+    # resumed without the EMA (not part of what a checkpoint's tensors depend on): the
+    # raw weights' statistics are then synchronised by the training step alone
+    run(_cmd(2, out, cache, *zero3, "run.max_steps=8", "ema.enabled=false", "--resume",
+             "auto"), cache)
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # continued after step 6, nothing repeated
     assert (ckpts / "latest").read_text().strip() == "step_0000008"
+    evals = [r for r in _records(out) if "top1" in r]
+    assert [r["step"] for r in evals] == [6, 8] and "top1_ema" not in evals[1]
+    _logged_evaluation_is_the_checkpoints(evals[1], ckpts / "step_0000008", cache)
     state = json.loads((ckpts / "step_0000008" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["world_size"] == 2
 
@@ -66,6 +73,38 @@ def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     report = load_init(build_classifier(cfg), ckpts, variant=cfg.model.name,
                        arch=cfg.model.arch())
     assert report.loaded > 0 and not report.dropped
+
+
+def _logged_evaluation_is_the_checkpoints(logged: dict, step_dir: Path, cache: Path) -> None:
+    """What a user reads in metrics.jsonl is what the checkpoint of that step scores: the
+    consolidated ZeRO-3 weights with rank 0's BatchNorm statistics (DeepSpeed saves rank
+    0's buffers only), evaluated alone on the whole validation set. The last training
+    forward updates each rank's statistics with its own batch: rank 1 must not evaluate
+    with those."""
+    import torch
+
+    from finetune.classification import ClassificationConfig
+    from finetune.cls_build import build_classifier
+    from finetune.cls_data import build_datasets, build_loaders
+    from finetune.init import load_init
+    from finetune.zero import evaluate
+    from launch.config import load_config
+    from runtime.dist import DistInfo
+
+    cfg = load_config(ClassificationConfig, None, [*TINY, f"data.cache_dir={cache}"])
+    model = build_classifier(cfg)
+    load_init(model, step_dir, variant=cfg.model.name, arch=cfg.model.arch())
+    assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if "running_mean" in n)
+    train_set, val_set = build_datasets(cfg)
+    _, val, _ = build_loaders(cfg, DistInfo(), train_set, val_set)
+    alone = evaluate(model, val, DistInfo(), torch.float32, cfg.data.img_size)
+    assert alone["top1"] == logged["top1"] and alone["top5"] == logged["top5"]
+    assert alone["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    if "top1_ema" in logged:  # rank 0's EMA, the one saved (ema.pt)
+        model.load_state_dict(torch.load(step_dir / "ema.pt", weights_only=True))
+        ema = evaluate(model, val, DistInfo(), torch.float32, cfg.data.img_size)
+        assert ema["top1"] == logged["top1_ema"]
+        assert ema["val_loss"] == pytest.approx(logged["val_loss_ema"], rel=1e-5)
 
 
 def test_zero2_single_rank(cache, tmp_path):
