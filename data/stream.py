@@ -183,9 +183,13 @@ class SourceStream:
         11 shards instead of 10 (or 2 parts instead of 1) draws the source that much more
         often and every slot ends its epoch of the source at about the same time."""
         c = self._cursor
-        if c.share is not None:  # re-dealt after a slot-count change
-            return len(c.share) * self.nslots / c.share_total if c.share_total else 1.0
-        units = self._epoch_units(c.epoch)
+        if c.share is not None and c.position < len(c.share):  # re-dealt after a resize
+            return len(c.share) * self.nslots / c.share_total
+        # A re-dealt share that is used up, or was empty (fewer units left than new
+        # slots), is weighed by the deal that follows it: weighed by the empty share (0),
+        # the source would never be drawn again on this slot, so never move on to it.
+        epoch = c.share_last + 1 if c.share is not None else c.epoch
+        units = self._epoch_units(epoch)
         return len(units) * self.nslots / (len(self.urls) * self.parts)
 
     @staticmethod

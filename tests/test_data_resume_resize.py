@@ -85,3 +85,35 @@ def test_loader_saved_on_two_ranks_resumes_on_three_with_each_sample_once(tmp_pa
                 break  # this sample is the next epoch's
             seen[batch["keys"][0].split("/")[1]] += 1
     assert seen == Counter({f"s{i}-{j:04d}": 1 for i in range(6) for j in range(6)})
+
+
+def test_a_new_slot_dealt_nothing_of_a_source_goes_on_drawing_it(tmp_path):
+    # 2 ranks resumed on 4: source B (2 shards) has fewer unfinished units than new
+    # slots, so ranks 2 and 3 are re-dealt none of it. They must move on to B's next
+    # epoch and keep drawing it at its weight: a slot whose source weight fell to 0 would
+    # never draw it again, for the rest of the run (the mix of the config silently lost).
+    from pretrain.data import DataConfig, SourceConfig, build_loader
+
+    a = [str(write_tar(tmp_path / f"a{i}.tar", good_samples(f"a{i}-", 4, size=8)))
+         for i in range(8)]
+    b = [str(write_tar(tmp_path / f"b{i}.tar", good_samples(f"b{i}-", 4, size=8)))
+         for i in range(2)]
+    cfg = DataConfig(sources=[SourceConfig("A", a), SourceConfig("B", b)], image_size=8,
+                     batch_size=1, workers=0, shuffle_buffer=0, context_length=8, seed=2,
+                     s3=S3)
+    saved = []
+    for rank in range(2):
+        loader = build_loader(cfg, rank, 2)
+        for i, _ in enumerate(loader):
+            if i + 1 == 5:
+                break
+        saved.append(json.loads(json.dumps(loader.state_dict())))
+    for rank in range(4):
+        loader = build_loader(cfg, rank, 4, state=saved)
+        drawn: Counter[int] = Counter()
+        for i, batch in enumerate(loader):
+            drawn[int(batch["source_ids"][0])] += 1
+            if i + 1 == 40:
+                break
+        # equal weights: 20 of each expected; a source starved on this slot gives 0
+        assert min(drawn[0], drawn[1]) >= 8, (rank, drawn)
