@@ -8,7 +8,8 @@ end-of-archive marker, and raises :class:`TarDamage` saying where and how the ar
 
 Format facts relied on (POSIX ustar/pax, GNU tar): every member is a 512-byte header followed
 by its data padded to a multiple of 512 bytes; an archive ends with two 512-byte blocks of
-zeros (GNU tar accepts one, with a warning: so do we); a pax ``x`` header carries ``path``
+zeros (GNU tar accepts one, with a warning: so do we), after which the writer pads the
+archive with zeros to a whole *record* (:data:`RECORD`); a pax ``x`` header carries ``path``
 and ``size`` for the member that follows, a ``g`` header global defaults, a GNU ``L``/``K``
 member the long name/link name of the next member. gzip, bzip2 and xz compressed tars are
 recognised by their magic bytes (what ``tarfile``'s ``r|*`` mode accepted).
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 from typing import IO
 
 BLOCK = 512
+RECORD = 20 * BLOCK
+"""tar's default record (blocking factor 20): what Python's ``tarfile`` (so webdataset's and
+img2dataset's writers), GNU tar, bsdtar and POSIX pax for ustar pad an archive to."""
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _MAGIC = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
@@ -40,13 +44,17 @@ class TarDamage(Exception):
 
     ``member``: the name of the member whose data was cut, when the break is inside one
     (its sample had started); None when the break is at or inside a header.
+    ``zero_tail``: the "end-of-archive marker" is the start of zeros that run past the
+    padding of the archive's last record (see :func:`tar_members`).
     """
 
-    def __init__(self, offset: int, reason: str, member: str | None = None):
+    def __init__(self, offset: int, reason: str, member: str | None = None,
+                 zero_tail: bool = False):
         super().__init__(f"{reason} at byte {offset}")
         self.offset = offset
         self.reason = reason
         self.member = member
+        self.zero_tail = zero_tail
 
 
 @dataclass
@@ -146,9 +154,11 @@ def tar_members(stream: IO[bytes], offset: int = 0) -> Iterator[TarMember]:
     """Regular-file members of the tar in ``stream`` (which starts at tar byte ``offset``,
     a header boundary), in order; directories, links and global headers are passed over.
 
-    Ends normally only at the end-of-archive marker; otherwise raises :class:`TarDamage`:
-    the stream ends at a header boundary or inside a header or a member's data, or a header
-    fails its checksum (a corrupt header mid-shard, or a file that is not a tar at all).
+    Ends normally only at the end-of-archive marker followed by nothing but the zeros that
+    pad the last record (:func:`_check_end`); otherwise raises :class:`TarDamage`: the
+    stream ends at a header boundary or inside a header or a member's data, a header fails
+    its checksum (a corrupt header mid-shard, or a file that is not a tar at all), or the
+    zero block that looked like the marker is followed by more than that padding.
     """
     name_override: str | None = None
     size_override: int | None = None
@@ -160,6 +170,7 @@ def tar_members(stream: IO[bytes], offset: int = 0) -> Iterator[TarMember]:
         if len(block) < BLOCK:
             raise TarDamage(offset, "stream ends inside a header")
         if block == _ZERO_BLOCK:
+            _check_end(stream, offset)
             return
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
@@ -191,3 +202,28 @@ def tar_members(stream: IO[bytes], offset: int = 0) -> Iterator[TarMember]:
         name_override = size_override = first_header = None
         if info.type in _REGULAR:
             yield TarMember(name, data, header_at, offset)
+
+
+def _check_end(stream: IO[bytes], offset: int) -> None:
+    """Raise :class:`TarDamage` unless the zero block at tar byte ``offset`` (a header
+    position) is a real end-of-archive marker.
+
+    A proper archive ends with two zero blocks and is then padded with zeros to a whole
+    :data:`RECORD`, so it ends at the latest at the record boundary after those two blocks:
+    at most ~10 KiB past the marker, read here (a healthy shard costs that, no more). More
+    bytes than that are damage: zeros are what a preallocated file holds where an
+    interrupted write never reached (the samples there are lost, not absent), and data is
+    what follows a zeroed header mid-archive. Checking that the rest is zero would not do:
+    the interrupted-write tail *is* zero. A writer that pads to a larger record (``tar -b
+    64``) also fails this test; the caller may clear it with the shard's known sample count
+    (``zero_tail``).
+    """
+    end = -(-(offset + 2 * BLOCK) // RECORD) * RECORD
+    allowed = end - offset - BLOCK  # bytes after this block that may still be padding
+    rest = read_exact(stream, allowed + 1)
+    if rest.count(0) != len(rest):
+        raise TarDamage(offset, "a zero block followed by tar data (a zeroed header?)")
+    if len(rest) > allowed:
+        raise TarDamage(offset, f"zeros run on past where a tar padded to {RECORD}-byte "
+                        f"records ends (more than {allowed} bytes after this zero block: an "
+                        f"interrupted write to a preallocated file?)", zero_tail=True)

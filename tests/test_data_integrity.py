@@ -25,6 +25,7 @@ from pretrain.data import DataConfig, SourceConfig, build_loader
 from pretrain.data.verify import verify_shards
 
 WRITTEN = 5  # samples written to each test shard: t0000 .. t0004, members jpg, txt, json
+PREALLOCATED = 64 * 1024  # > 3 tar records: the test shard is 2 (it is padded to one)
 
 
 def _fast_retries() -> S3Config:
@@ -58,6 +59,12 @@ def _damaged(tmp_path: Path, kind: str) -> tuple[Path, set[str], int]:
         last = members["t0004.json"]
         data = data[:last.offset_data + -(-last.size // 512) * 512]
         delivered = {"t0000", "t0001", "t0002", "t0003"}  # t0004 unproven: dropped
+    elif kind == "zero_filled_tail":  # a write into a preallocated 64 KiB file stopped
+        data = data[:t3_jpg.offset] + bytes(PREALLOCATED - t3_jpg.offset)  # before t0003
+        delivered = {"t0000", "t0001"}  # as cut there: t0002 may have lost members
+    elif kind == "zeroed_header_mid_shard":  # t0003.txt's header block is all zeros
+        data[t3_txt.offset:t3_txt.offset + 512] = bytes(512)
+        delivered = {"t0000", "t0001", "t0002"}  # t0003 lost its txt (and the rest)
     else:
         raise ValueError(kind)
     out = tmp_path / "damaged.tar"
@@ -66,7 +73,7 @@ def _damaged(tmp_path: Path, kind: str) -> tuple[Path, set[str], int]:
 
 
 KINDS = ["cut_at_header_boundary", "cut_mid_member", "corrupt_header_mid_shard",
-         "missing_end_of_archive"]
+         "missing_end_of_archive", "zero_filled_tail", "zeroed_header_mid_shard"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -95,6 +102,28 @@ def test_damaged_tar_is_detected_and_its_losses_counted(tmp_path, kind, sample_c
     if kind == "corrupt_header_mid_shard":  # the rest of the shard was not read: say how much
         assert counts["event", "unread_bytes"] == url.stat().st_size - \
             _shard(tmp_path)[1]["t0003.txt"].offset
+
+
+@pytest.mark.parametrize("sample_count_known", [False, True])
+def test_zero_padding_past_the_usual_record_is_cleared_only_by_the_sample_count(
+        tmp_path, sample_count_known):
+    # A writer with a larger record (``tar -b 128``: 64 KiB) pads the whole archive with
+    # zeros further than tar's default 10 KiB record; without the shard's sample count
+    # that padding cannot be told from a zero-filled tail, so it is counted as one.
+    path, _ = _shard(tmp_path)
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(path.read_bytes().ljust(PREALLOCATED, b"\0"))
+    if sample_count_known:
+        (tmp_path / "padded_stats.json").write_text(json.dumps({"successes": WRITTEN}))
+    counter, outcome = SkipCounter(), {}
+    keys = [s["__key__"] for s in read_shard(str(padded), "src", _fast_retries(), counter,
+                                             outcome)]
+    skipped = {name: n for kind, _, name, n in counter.drain() if kind == "skip"}
+    if sample_count_known:
+        assert len(keys) == WRITTEN and outcome["status"] == "complete" and not skipped
+    else:
+        assert outcome["status"] == "damaged"
+        assert skipped == {"truncated_shard": 1, "lost_samples": 1}
 
 
 def test_jpeg_spellings_are_images(tmp_path):
