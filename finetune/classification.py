@@ -2,7 +2,7 @@
 
 timm provides the transforms (RandAugment, random erasing), Mixup/CutMix, label-smoothing
 losses, the model EMA and the cosine schedule; this file wires them to InternImage with
-layer-wise lr decay and the 0.1 lr multiplier on DCN offset/mask layers. Runs alone or
+layer-wise lr decay and the 0.1 lr multiplier on the DCN offset layers. Runs alone or
 under torchrun or SLURM, through a DeepSpeed engine (``run.zero_stage`` 0..3,
 finetune/zero.py). With no config it fine-tunes on the digits demo shards.
 """

@@ -33,10 +33,12 @@ def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.
 
 
 def classifier_groups(model: nn.Module, cfg: ClassificationConfig) -> list[dict]:
-    """The classifier's param groups: the whole model is the trunk (its ``head`` is the
-    layer after the last block), layer decay and the DCN multiplier of ``cfg.optim``."""
+    """The classifier's param groups: the whole model is the trunk, layer-decayed by the
+    released classification rule (the last block and the head at the full rate), with the
+    DCN multiplier of ``cfg.optim``."""
     return param_groups(model, cfg.optim.weight_decay, depths=model.depths, backbone_prefix="",
-                        layer_decay=cfg.optim.layer_decay, dcn_lr_mult=cfg.optim.dcn_lr_mult)
+                        layer_decay=cfg.optim.layer_decay, dcn_lr_mult=cfg.optim.dcn_lr_mult,
+                        rule="classification")
 
 
 def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):

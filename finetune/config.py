@@ -52,7 +52,7 @@ class BackboneConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW + warm-up + schedule; layer-wise lr decay and the DCN offset/mask multiplier."""
+    """AdamW + warm-up + schedule; layer-wise lr decay and the DCN offset multiplier."""
 
     lr: float = 2e-3
     min_lr: float = 1e-6
@@ -60,7 +60,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 20
     layer_decay: float = 1.0  # 1.0: off; 0.9 / 0.8 in the recipes
-    dcn_lr_mult: float = 0.1  # lr multiplier of ``.dcn.offset.`` / ``.dcn.mask.`` params
+    dcn_lr_mult: float = 0.1  # lr multiplier of the DCN offset layers (param_groups.py)
     backbone_lr_mult: float = 1.0  # dense tasks: backbone lr relative to neck/head
     grad_clip: float = 5.0  # 0: off
 

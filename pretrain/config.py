@@ -152,7 +152,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    # lr multiplier of the DCN offset/mask layers (0.1 in the released classification
+    # lr multiplier of the DCN offset layers (0.1 in the released classification
     # fine-tuning recipes); one name with fine-tuning's optim.dcn_lr_mult
     dcn_lr_mult: float = 1.0
     # keys since renamed (old -> new): loading an old one fails and names the new one

@@ -93,7 +93,7 @@ def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
     """(DeepSpeed engine, its config) with our AdamW groups and warm-up + cosine schedule.
 
     The groups are runtime/param_groups.py's with no layer decay (every parameter at scale 1, the
-    DCN offset/mask layers at ``optim.dcn_lr_mult``); each starts at the base lr and
+    DCN offset layers at ``optim.dcn_lr_mult``); each starts at the base lr and
     ``WarmupCosine`` multiplies its ``lr_scale`` in. DeepSpeed owns the scheduler, so its
     state is saved and restored with every checkpoint.
     """

@@ -1,18 +1,29 @@
 """AdamW parameter groups of every training job: no weight decay on norms, biases,
 layer-scale gammas, the temperature and deformable-attention offsets; layer-wise lr decay;
-a multiplier on the DCN offset/mask layers; backbone/head multipliers.
+a multiplier on the DCN offset layers; backbone/head multipliers.
 
 Every group carries ``lr_scale``; the optimizer's group ``lr`` starts at the base lr and
 the schedule (runtime/schedules.py, or timm's ``update_groups``) multiplies the scale in, so
 a group trains at ``base_lr * schedule(t) * lr_scale``. Pre-scaling the group lr as well
 would apply the scale twice.
 
-Layer ids follow the depth of the network: the stem is layer 0, block j of level i is
-``1 + sum(depths[:i]) + j``, a level's downsample (and its extra norms) share the id of
-that level's last block, and everything after the backbone (classifier, neck, head) is
-``num_layers = sum(depths) + 1``. A parameter of layer ``l`` gets
-``layer_decay ** (num_layers - l)``, so the head trains at the full rate and the stem at
-the smallest (the released fine-tuning recipes' rule).
+Layer-wise decay follows the released recipes, which differ between the tasks
+(OpenGVLab/InternImage). A parameter of layer ``l`` gets ``layer_decay ** (num_layers - l)``:
+
+- ``"dense"`` (detection and segmentation: ``mmcv_custom/
+  custom_layer_decay_optimizer_constructor.py``, ``get_num_layer_for_swin``): the stem is
+  layer 0, block j of level i is ``1 + sum(depths[:i]) + j``, the downsample and norm of
+  level i that of the next level's first block, ``1 + sum(depths[:i+1])`` (the last
+  level's: ``1 + sum(depths[:3])``), and InternImage-H's ``levels.i.post_norms.j`` that
+  of block j of level i (the released function reads the index after any other part name
+  as a block index); everything outside the trunk is ``num_layers = sum(depths) + 1`` (full
+  rate), so the last block trains at ``layer_decay`` times the head's rate.
+- ``"classification"`` (``classification/optimizer.py`` over the model's
+  ``lr_decay_keywards``): the last block trains at the full rate and each block before it
+  one factor less (``num_layers = sum(depths)``, block ids as above); the stem takes level
+  0's first block's rate, the downsample and norm of levels 0-2 the next level's first
+  block's; whatever no keyword names (the last level's norm, InternImage-H's post norms,
+  the classifier head and the H/G CLIP-projector head) trains at the full rate.
 """
 
 from __future__ import annotations
@@ -23,26 +34,41 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.mask.")
+# The layers the released classification optimizer scales by DCN_LR_MUL (names containing
+# "offset" or "center_feature_scale_proj"; InternImage's DCNv3 has no "attention_weights"
+# or "alpha_beta"): the sampling offsets, not the mask (softmax-weight) projection.
+DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.center_feature_scale_proj")
 HEAD_OFFSET_LAYERS = ("sampling_offsets", "reference_points")
 NO_DECAY_SUFFIXES = ("gamma1", "gamma2", "logit_scale")
-_BLOCK = re.compile(r"levels\.(\d+)\.blocks\.(\d+)\.")
-_LEVEL = re.compile(r"levels\.(\d+)\.")
+LAYER_RULES = ("dense", "classification")
+_LEVEL_PART = re.compile(r"levels\.(\d+)\.([A-Za-z_]+)\.(\d+\.)?")
 
 
-def layer_id(name: str, depths: Sequence[int]) -> int:
-    """Layer id of backbone parameter ``name`` (released keys); ``sum(depths) + 1`` for the
-    head and anything not in the backbone trunk."""
+def layer_id(name: str, depths: Sequence[int], rule: str = "dense") -> int:
+    """Layer id of trunk parameter ``name`` (released keys) under ``rule`` (module
+    docstring); ids run from 0 (dense) or 1 (classification) to :func:`num_layers`, the
+    id of whatever the rule gives the full rate."""
+    top = num_layers(depths, rule)
+    first_block = [1 + sum(depths[:i]) for i in range(len(depths))]
     if name.startswith("patch_embed."):
-        return 0
-    m = _BLOCK.match(name)
-    if m:
-        level, block = int(m.group(1)), int(m.group(2))
-        return 1 + sum(depths[:level]) + block
-    m = _LEVEL.match(name)
-    if m:  # downsample / post norms / level norm: with the level's last block
-        return sum(depths[:int(m.group(1)) + 1])
-    return sum(depths) + 1
+        return 0 if rule == "dense" else first_block[0]
+    m = _LEVEL_PART.match(name)
+    if m is None:
+        return top
+    level, part, index = int(m.group(1)), m.group(2), m.group(3)
+    last = len(depths) - 1
+    if part in ("downsample", "norm"):
+        if rule == "dense":
+            return first_block[min(level + 1, last)]
+        return first_block[level + 1] if level < last else top
+    if part == "blocks" or (rule == "dense" and index is not None):
+        return first_block[level] + int(index[:-1])
+    return top
+
+
+def num_layers(depths: Sequence[int], rule: str = "dense") -> int:
+    """The layer id that trains at the full rate under ``rule``."""
+    return sum(depths) + 1 if rule == "dense" else sum(depths)
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -55,7 +81,7 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def is_dcn_sampling(name: str) -> bool:
-    """A DCNv3 offset / mask projection (the layers ``dcn_lr_mult`` scales)."""
+    """A DCNv3 sampling-offset layer (the layers ``dcn_lr_mult`` scales)."""
     return any(s in f".{name}" for s in DCN_SAMPLING_LAYERS)
 
 
@@ -65,16 +91,17 @@ def param_groups(model: nn.Module, weight_decay: float, *,
                  layer_decay: float = 1.0, dcn_lr_mult: float = 1.0,
                  backbone_lr_mult: float = 1.0,
                  layer0_patterns: tuple[str, ...] = (),
-                 head_offset_lr_mult: float = 1.0) -> list[dict]:
+                 head_offset_lr_mult: float = 1.0, rule: str = "dense") -> list[dict]:
     """AdamW groups keyed by (layer, decay?, DCN?, backbone?, head offset?), each with its
     ``lr_scale``, ``weight_decay``, ``layer_id`` and parameter ``names``.
 
     ``backbone_prefix``: where the InternImage trunk sits inside ``model`` (``""``: the
     model is the trunk plus a ``head``, as a classifier; ``backbone.body.`` in detection);
-    its parameters get layer ids from ``depths`` and are further scaled by
+    its parameters get layer ids from ``depths`` under ``rule`` (``"dense"`` or
+    ``"classification"``, module docstring) and are further scaled by
     ``backbone_lr_mult``. ``None``: no layer-wise decay at all (pre-training): every
     parameter is a "head" parameter at scale 1, times ``dcn_lr_mult`` on the DCN
-    offset/mask layers.
+    offset layers.
     ``layer0_patterns``: head parameters whose name contains one of these get layer 0's
     (smallest) scale instead, as the released Mask2Former recipes do for the query
     embeddings, level embedding and class/mask predictors.
@@ -84,16 +111,18 @@ def param_groups(model: nn.Module, weight_decay: float, *,
     """
     if backbone_prefix is not None and depths is None:
         raise ValueError("param_groups: a backbone_prefix needs the trunk's depths")
-    num_layers = sum(depths) + 1 if depths is not None else 1
+    if rule not in LAYER_RULES:
+        raise ValueError(f"param_groups: rule must be one of {LAYER_RULES}, got {rule!r}")
+    top = num_layers(depths, rule) if depths is not None else 1
     groups: dict[tuple[int, bool, bool, bool, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         in_backbone = backbone_prefix is not None and name.startswith(backbone_prefix)
         if in_backbone:
-            lid = layer_id(name[len(backbone_prefix):], depths)
+            lid = layer_id(name[len(backbone_prefix):], depths, rule)
         else:
-            lid = 0 if any(pat in name for pat in layer0_patterns) else num_layers
+            lid = 0 if any(pat in name for pat in layer0_patterns) else top
         no_decay = no_weight_decay(name, p)
         dcn = is_dcn_sampling(name)
         offset = not in_backbone and any(s in name for s in HEAD_OFFSET_LAYERS)
@@ -101,7 +130,7 @@ def param_groups(model: nn.Module, weight_decay: float, *,
         # first checkpoints (an optimizer state is restored group by group)
         key = (lid, no_decay, dcn, in_backbone, offset)
         if key not in groups:
-            scale = layer_decay ** (num_layers - lid)
+            scale = layer_decay ** (top - lid)
             scale *= dcn_lr_mult if dcn else 1.0
             scale *= backbone_lr_mult if in_backbone else 1.0
             scale *= head_offset_lr_mult if offset else 1.0

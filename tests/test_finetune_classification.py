@@ -1,5 +1,6 @@
-"""Classification fine-tuning on the digits demo shards: loss falls, metrics, resume; the
-layer-wise lr decay groups; every real config validates with --dry-run."""
+"""Classification fine-tuning on the digits demo shards: loss falls, metrics, resume; every
+real config validates with --dry-run (the layer-wise lr decay groups:
+tests/test_param_groups.py)."""
 
 from __future__ import annotations
 
@@ -80,31 +81,6 @@ def test_warmup_epochs_and_cosine_over_the_whole_run():
     assert cfg.optim.warmup(10) == 20
     cfg = load_config(ClassificationConfig, None, ["optim.warmup_steps=7"])
     assert cfg.optim.warmup(10) == 7                          # no warmup_epochs: steps
-
-
-def test_layer_decay_groups():
-    from models import build_model
-    from runtime.param_groups import layer_id, param_groups
-
-    depths = [1, 1, 2, 1]
-    model = build_model("internimage_t", num_classes=10, channels=16, depths=depths,
-                        groups=(1, 2, 4, 8))
-    assert layer_id("patch_embed.conv1.weight", depths) == 0
-    assert layer_id("levels.0.blocks.0.dcn.offset.weight", depths) == 1
-    assert layer_id("levels.2.blocks.1.mlp.fc1.weight", depths) == 4
-    assert layer_id("levels.2.downsample.conv.weight", depths) == 4
-    assert layer_id("head.weight", depths) == 6
-    groups = param_groups(model, 0.05, depths=depths, backbone_prefix="", layer_decay=0.8,
-                          dcn_lr_mult=0.1)
-    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
-    assert scale["head.weight"] == pytest.approx(1.0)
-    assert scale["patch_embed.conv1.weight"] == pytest.approx(0.8**6)
-    assert scale["levels.0.blocks.0.mlp.fc1.weight"] == pytest.approx(0.8**5)
-    assert scale["levels.0.blocks.0.dcn.offset.weight"] == pytest.approx(0.1 * 0.8**5)
-    assert scale["levels.0.blocks.0.dcn.mask.bias"] == pytest.approx(0.1 * 0.8**5)
-    assert wd["head.bias"] == 0 and wd["head.weight"] == 0.05
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def _entrypoint_configs() -> list[Path]:

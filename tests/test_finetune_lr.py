@@ -1,13 +1,11 @@
 """The lr each parameter group actually trains at, for every fine-tuning preset.
 
-The rule is the released recipes': OpenGVLab/InternImage's layer-decay optimizer
-constructors (segmentation/mmseg_custom/core/layer_decay_optimizer_constructor.py and its
-detection twin) give a parameter of layer ``layer_id`` the scale
-``layer_decay_rate ** (num_layers - layer_id - 1)`` with ``num_layers = sum(depths) + 2``
-(stem = layer 0, block j of level i = ``sum(depths[:i]) + j + 1``, neck/head = the last
-layer), times ``offset_lr_scale`` for the deformable-attention offsets; the released
-classification optimizer multiplies the DCN offset/mask layers by ``DCN_LR_MUL``. mmcv's lr
-hooks then scale each group's initial lr by the schedule, so a group trains at
+The scales are the released recipes' (tests/released_lr.py, from OpenGVLab/InternImage):
+the classification optimizer's keyword ratios times ``DCN_LR_MUL`` on the offset layers
+for the ``cls_*`` presets; the dense tasks' layer-decay optimizer constructors
+(``layer_decay_rate ** (num_layers - layer_id - 1)``, ``num_layers = sum(depths) + 2``,
+neck/head = the last layer) times ``offset_lr_scale`` for the deformable-attention
+offsets. The lr schedule then scales each group's initial lr, so a group trains at
 ``base_lr * schedule(t) * scale``. The test steps the real scheduler of each preset (tiny
 backbone on the meta device, the preset's heads and optimiser values) and reads the lr the
 optimizer holds.
@@ -76,6 +74,8 @@ def _build(path: Path):
 
 def _expected_scales(cfg, model) -> dict[str, float]:
     """name -> released scale for the parameters the rule singles out."""
+    from tests.released_lr import classification_dcn, classification_ratio, dense_scale
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     stem = next(n for n in names if n.endswith("patch_embed.conv1.weight"))
     prefix = stem[: -len("patch_embed.conv1.weight")]
@@ -83,14 +83,20 @@ def _expected_scales(cfg, model) -> dict[str, float]:
     decay = getattr(o, "layer_decay", 1.0)
     num_layers = sum(DEPTHS) + 2
     backbone = getattr(o, "backbone_lr_mult", 1.0)
-    offset_level1 = DEPTHS[0] + 1  # levels.1.blocks.0
-    out = {
-        stem: decay ** (num_layers - 1) * backbone,
-        f"{prefix}levels.1.blocks.0.dcn.offset.weight":
-            decay ** (num_layers - offset_level1 - 1) * o.dcn_lr_mult * backbone,
-        f"{prefix}levels.1.blocks.0.mlp.fc1.weight":
-            decay ** (num_layers - offset_level1 - 1) * backbone,
-    }
+    trunk = [stem, "levels.1.blocks.0.dcn.offset.weight", "levels.1.blocks.0.dcn.mask.weight",
+             "levels.1.blocks.0.mlp.fc1.weight", "levels.2.downsample.conv.weight",
+             f"levels.{len(DEPTHS) - 1}.blocks.0.mlp.fc1.weight"]
+    out = {}
+    for name in trunk:
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        # ``optim.dcn_lr_mult`` on the layers the released classification optimizer
+        # multiplies (the released dense constructors have no such multiplier: the dense
+        # presets set 1.0, the demos keep the default)
+        dcn = o.dcn_lr_mult if classification_dcn(name) else 1.0
+        if prefix == "":  # a classifier: the whole model is the trunk
+            out[name] = classification_ratio(name, DEPTHS, decay) * dcn
+        else:  # the released dense rule reads ``backbone.``-prefixed names
+            out[prefix + name] = dense_scale("backbone." + name, DEPTHS, decay) * backbone * dcn
     layer0 = tuple(getattr(o, "layer0_params", ()) or ())
     offsets = ("sampling_offsets", "reference_points")
     # outside the trunk (classification: the trunk is the whole model; its head is ``head``)

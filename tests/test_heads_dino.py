@@ -169,7 +169,7 @@ def test_configs_name_only_known_head_keys(name):
 
 def test_head_sampling_offsets_get_their_own_lr_multiplier_backbone_dcn_does_not():
     """The released DINO recipe's offset_lr_scale: the transformer's deformable-attention
-    offsets at lr x 1e-3; the trunk's DCNv3 offset/mask layers follow optim.dcn_lr_mult."""
+    offsets at lr x 1e-3; the trunk's DCNv3 offset layers follow optim.dcn_lr_mult."""
     from runtime.param_groups import param_groups
 
     model = _tiny()

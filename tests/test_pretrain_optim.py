@@ -2,9 +2,11 @@
 
 Outside facts:
 - OpenGVLab/InternImage classification/optimizer.py (``set_weight_decay_and_lr``, config
-  key ``TRAIN.OPTIMIZER.DCN_LR_MUL``): the DCNv3 offset/mask projections train at
-  ``DCN_LR_MUL`` x the lr of every other parameter; norms, biases and the layer-scale
-  gammas are not weight-decayed (the model's ``no_weight_decay`` keywords).
+  key ``TRAIN.OPTIMIZER.DCN_LR_MUL``): the DCNv3 sampling-offset projections (names with
+  ``offset`` or ``center_feature_scale_proj``; tests/released_lr.py) train at
+  ``DCN_LR_MUL`` x the lr of every other parameter, the mask projection among the others;
+  norms, biases and the layer-scale gammas are not weight-decayed (the model's
+  ``no_weight_decay`` keywords).
 - CLIP (Radford et al. 2021, section 2.5): the learnable temperature is not decayed.
 - The schedule: linear warm-up (Goyal et al. 2017, "Accurate, Large Minibatch SGD",
   section 2.2), then cosine annealing ``min + (max - min) / 2 * (1 + cos(pi * t / T))``
@@ -37,7 +39,9 @@ def _released_schedule(step: int) -> float:
 
 
 def _is_dcn_sampling(name: str) -> bool:
-    return ".dcn.offset." in name or ".dcn.mask." in name
+    from tests.released_lr import classification_dcn
+
+    return classification_dcn(name)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +93,8 @@ def test_groups_exclude_norms_biases_gammas_and_temperature_from_weight_decay(en
     assert by_param[id(named["logit_scale"])]["weight_decay"] == 0
 
 
-def test_dcn_offset_mask_train_at_dcn_lr_mult_of_the_scheduled_lr_at_every_step(engine_parts):
-    """The released DCN_LR_MUL rule under the real scheduler: offset/mask params train at
+def test_dcn_offsets_train_at_dcn_lr_mult_of_the_scheduled_lr_at_every_step(engine_parts):
+    """The released DCN_LR_MUL rule under the real scheduler: offset params train at
     ``lr * schedule(t) * dcn_lr_mult``, every other parameter (image and text towers,
     projections, tags, temperature) at ``lr * schedule(t)``."""
     model, opt, sched = engine_parts
