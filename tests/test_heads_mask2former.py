@@ -81,6 +81,35 @@ def test_multiscale_flip_averages_views_at_input_size():
     torch.testing.assert_close(out, torch.full_like(out, 0.5))
 
 
+def test_multiscale_averages_each_views_class_probabilities_as_released():
+    """mmseg's aug_test averages ``inference`` outputs, each the softmax of a view's
+    scores (encoder_decoder_mask2former.py in OpenGVLab/InternImage). One view sure of
+    class 0 (scores 3, 0, 1.6), the other unsure between 1 and 2 (0, 2, 1.6): the mean
+    probability picks class 0, where the mean raw score would pick class 2."""
+    views = iter([torch.tensor([3.0, 0.0, 1.6]), torch.tensor([0.0, 2.0, 1.6])])
+
+    def score_fn(x: torch.Tensor) -> torch.Tensor:
+        return next(views)[None, :, None, None].expand(x.shape[0], 3, *x.shape[-2:])
+
+    out = multiscale_flip_scores(score_fn, torch.zeros(1, 3, 32, 32), scales=(1.0, 1.0),
+                                 flip=False)
+    assert int(out.argmax(1).unique()) == 0
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 32, 32))
+
+
+def test_scaled_views_round_up_to_the_size_divisor():
+    # 0.75 x 100 = 75 -> 96 (mmseg's ResizeToMultiple rounds up; rounding to the nearest
+    # multiple would give 64, a smaller view than the scale asks for)
+    sizes = []
+
+    def score_fn(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    multiscale_flip_scores(score_fn, torch.zeros(1, 3, 100, 64), scales=(0.75,), flip=False)
+    assert sizes == [(96, 64)]
+
+
 def test_init_checkpoint_loads_into_the_trunk(tmp_path):
     from models import build_model
 

@@ -2,11 +2,18 @@
 
 The paper's multi-scale (MS) numbers rescale each image by factors such as
 0.5, 0.75, ..., 1.75, add horizontally flipped copies, resize every score map back to the
-input size and average them; the argmax of the average is the prediction.
+input size and average their class probabilities; the argmax of the average is the
+prediction. As released (OpenGVLab/InternImage ``segmentation/mmseg_custom/models/
+segmentors/encoder_decoder_mask2former.py`` and mmseg's ``EncoderDecoder``: ``inference``
+takes the softmax of each view's score map, ``aug_test`` averages those): a view that is
+confident about one class outweighs one that is unsure, which averaging raw scores would
+not do. Each scaled size is rounded up to the size divisor, as mmseg's
+``ResizeToMultiple`` after the rescale.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,23 +32,24 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def multiscale_flip_scores(score_fn: ScoreFn, images: torch.Tensor,
                            scales: Sequence[float] = MS_SCALES, flip: bool = True,
                            size_divisor: int = 32) -> torch.Tensor:
-    """Average of ``score_fn`` (B, C, h, w scores) over rescaled and flipped inputs.
+    """Mean class probabilities (softmax of ``score_fn``'s (B, C, h, w) scores) over
+    rescaled and flipped inputs.
 
-    Each scaled size is rounded to a multiple of ``size_divisor`` (the backbone's stride),
-    so every view is valid input; returns (B, C, H, W) at the input size.
+    Each scaled size is rounded up to a multiple of ``size_divisor`` (the backbone's
+    stride), so every view is valid input; returns (B, C, H, W) at the input size.
     """
     height, width = images.shape[-2:]
     total = None
     views = 0
     for scale in scales:
-        size = (max(size_divisor, round(height * scale / size_divisor) * size_divisor),
-                max(size_divisor, round(width * scale / size_divisor) * size_divisor))
+        size = tuple(max(1, math.ceil(round(side * scale) / size_divisor)) * size_divisor
+                     for side in (height, width))
         scaled = _resize(images, size)
         for flipped in ((False, True) if flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
             scores = score_fn(view)
             scores = scores.flip(-1) if flipped else scores
-            scores = _resize(scores, (height, width))
-            total = scores if total is None else total + scores
+            probs = _resize(scores, (height, width)).softmax(1)
+            total = probs if total is None else total + probs
             views += 1
     return total / views
