@@ -106,10 +106,15 @@ def multistep(optimizer: torch.optim.Optimizer, *, lr: float, milestones: Sequen
 
 def poly(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
          power: float, warmup_steps: int, warmup_ratio: float = WARMUP_RATIO):
-    """timm's polynomial decay to ``min_lr`` (mmseg's poly policy), after a linear warm-up
-    from ``warmup_ratio x lr``."""
+    """timm's polynomial decay to ``min_lr`` over ``total_steps`` updates (mmseg's poly
+    policy), with a linear warm-up from ``warmup_ratio x lr`` laid over its start.
+
+    mmcv's ``PolyLrUpdaterHook`` computes the decay on the absolute iteration and its
+    warm-up only scales the first iterations' lr, so the decay is not shifted by the
+    warm-up (``warmup_prefix=False``) and reaches ``min_lr`` at the last step.
+    """
     from timm.scheduler import PolyLRScheduler
 
     warm = _warmup(lr, warmup_steps) | {"warmup_lr_init": lr * warmup_ratio}
     return PolyLRScheduler(optimizer, t_initial=max(1, total_steps), power=power,
-                           lr_min=min_lr, warmup_prefix=True, **warm)
+                           lr_min=min_lr, warmup_prefix=False, **warm)

@@ -126,13 +126,18 @@ def test_each_group_trains_at_base_lr_times_schedule_times_released_scale(path: 
     scales = _expected_scales(cfg, model)
     head = next(n for n, s in scales.items() if s == 1.0 and "patch_embed" not in n)
     o = cfg.optim
-    # At the end of the warm-up the schedule is at its base value (a warm-up prefix), or,
-    # for the released classification cosine that the warm-up overlays, at the cosine's
-    # value there (classification/lr_scheduler.py: CosineLRScheduler, warmup_prefix False).
+    # At the end of the warm-up the schedule is at its base value (detection's step
+    # policy), or, where the warm-up overlays the decay, at the decay's value there: the
+    # released classification cosine (classification/lr_scheduler.py: CosineLRScheduler,
+    # warmup_prefix False) and mmseg's poly.
     sched.step_update(warmup)
     lr = _lr_of(opt)
     if _task(path) == "classification" and warmup:
         base = o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * warmup / STEPS))
+    elif _task(path) == "segmentation":
+        # mmcv's PolyLrUpdaterHook: the decay on the absolute iteration, the warm-up laid
+        # over its start (mmcv/runner/hooks/lr_updater.py, PolyLrUpdaterHook.get_lr)
+        base = o.min_lr + (o.lr - o.min_lr) * (1 - warmup / STEPS) ** cfg.poly_power
     else:
         base = o.lr
     assert lr[id(params[head])] == pytest.approx(base, rel=1e-6)
