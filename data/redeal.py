@@ -142,8 +142,10 @@ def redeal_source(cursors: list[SourceCursor], spec: SourceSpec, old_nslots: int
         turn = (turn + len(entries)) % new_nslots
     total = sum(len(s) for s in shares)
     resumed = sum(len(e) > 2 for share in shares for e in share)
+    # the epoch whose reads count losses stays the run's (every old slot has the same)
+    counting = min((c.count_epoch for c in cursors if c.count_epoch is not None), default=None)
     out = [SourceCursor(epoch=first, share=share, share_last=last, share_total=total,
-                        dropped=list(dropped), damaged=list(damaged))
+                        dropped=list(dropped), damaged=list(damaged), count_epoch=counting)
            for share in shares]
     return out, total, resumed
 

@@ -7,9 +7,10 @@ Each read of a shard ends one of four ways (``read_shard``'s ``outcome["status"]
 - ``missing`` (404 / ``NoSuchKey``, no such file): counted ``missing_shard`` by the read, at
   once and without retry delay; this process never reads it again.
 - ``damaged`` (not a tar, cut short, a corrupt header: bytes that will not change when read
-  again): counted once per process (``unreadable_shard`` or ``truncated_shard``, plus
-  ``lost_samples``). A shard that gave no sample is never read again; one with a readable
-  start stays in a resampled stream's draw (its start is good data) and is not counted again.
+  again): counted once per run (``unreadable_shard`` or ``truncated_shard``, plus
+  ``lost_samples``; which read counts it: :class:`data.stream.SourceStream`). A shard that
+  gave no sample is never read again; one with a readable start stays in a resampled
+  stream's draw (its start is good data) and is not counted again.
 - ``failed`` (the store did not answer after the reader's in-place retries: connection
   refused or reset, timeouts, 5xx, 403...): the shard is set aside with a cursor at its
   first undelivered sample and retried after a cooldown that doubles from ``s3.max_backoff``

@@ -93,16 +93,26 @@ def shard_sample_count(url: str, s3: S3Config) -> int | None:
     return count if isinstance(count, int) and count >= 0 else None
 
 
+def part_share(start: int, stop: int, part: int, parts: int) -> int:
+    """How many sample indices in ``[start, stop)`` belong to part ``part`` of ``parts``
+    (index ``part`` modulo ``parts``, :mod:`data.epochs`)."""
+    return len(range(start + (part - start) % parts, stop, parts)) if stop > start else 0
+
+
 def count_lost(url: str, source: str, s3: S3Config, counter: SkipCounter, delivered: int,
-               partial: bool) -> int:
+               partial: bool, part: int = 0, parts: int = 1) -> int:
     """Count and return the samples of a shard that a broken read did not deliver.
 
     With the shard's sample count known (:func:`shard_sample_count`): that count minus the
     ``delivered`` complete samples, exactly. Without it: only the sample cut in the middle
-    (``partial``), a lower bound: samples after a break cannot be seen.
+    (``partial``), a lower bound: samples after a break cannot be seen. A read of part
+    ``part`` of ``parts`` (which reads the whole shard) counts only the lost samples of its
+    part, so the parts of a shard together count each lost sample once.
     """
     total = shard_sample_count(url, s3)
-    lost = max(total - delivered, int(partial)) if total is not None else int(partial)
+    lost = part_share(delivered, total, part, parts) if total is not None else 0
+    if partial and delivered % parts == part:  # the sample cut is number ``delivered``
+        lost = max(lost, 1)
     counter.skip(source, "lost_samples", lost)
     return lost
 
@@ -114,17 +124,20 @@ def _new_outcome(cursor: ShardCursor) -> dict[str, Any]:
 
 def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                outcome: dict[str, Any] | None = None, cursor: ShardCursor | None = None,
-               count_damage: bool = True, opener: Callable[..., Any] | None = None
-               ) -> Iterator[RawSample]:
+               count_damage: bool = True, opener: Callable[..., Any] | None = None,
+               part: int = 0, parts: int = 1) -> Iterator[RawSample]:
     """Raw samples of one tar shard, in tar order, from ``cursor`` (None: the start).
 
     ``outcome`` is filled in for the caller: ``status`` (``complete``, ``missing``,
     ``damaged`` or ``failed``, see :mod:`data.shard_schedule`), ``failed`` (not
     complete), ``samples`` (delivered by this read), ``cursor`` (where a retry goes on) and
-    ``error``. A missing shard is counted ``missing_shard``. A damaged one (``count_damage``)
-    is counted ``unreadable_shard`` when nothing of it could be parsed, else
+    ``error``. With ``count_damage``, a missing shard is counted ``missing_shard`` and a
+    damaged one ``unreadable_shard`` when nothing of it could be parsed, else
     ``truncated_shard``, plus ``lost_samples`` (:func:`count_lost`) and ``unread_bytes``
-    (the bytes after the break, when the object size is known). ``opener(url, events,
+    (the bytes after the break, when the object size is known). A read of part ``part`` of
+    ``parts`` (:mod:`data.epochs`) counts the shard itself (and its unread bytes) only for
+    part 0, and the lost samples of its own part: every part reads the whole shard and
+    meets the same damage, which the parts together count once. ``opener(url, events,
     start)``: opens the byte stream instead of :class:`~data.storage.RetryingReader` (a
     :class:`~data.storage.ShardPrefetcher`'s ``open``). A failed read counts nothing
     here: the caller retries it later or counts it. The last sample before a break is
@@ -140,7 +153,8 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
         reader = (opener(url, events, start) if opener is not None
                   else RetryingReader(url, s3, events, start=start))
     except Exception as err:
-        _opening_failed(url, source, counter, outcome, err)
+        _opening_failed(url, source, counter if count_damage and part == 0 else None,
+                        outcome, err)
         counter.event(source, "shard_retries", events.get("shard_retries", 0))
         return
     current: RawSample | None = None
@@ -189,7 +203,7 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
             current = None
         if count_damage:
             _count_damage(url, source, s3, counter, damage, reader.size, done,
-                          partial=current is not None or cut_key is not None)
+                          current is not None or cut_key is not None, part, parts)
     except Exception as err:
         outcome.update(status="failed", failed=True, error=_describe(err))
         log.warning("shard %s of source %r: read broke after %d samples (%s); it will be "
@@ -203,12 +217,14 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {redact_url(str(err))[:200]}"
 
 
-def _opening_failed(url: str, source: str, counter: SkipCounter, outcome: dict[str, Any],
-                    err: BaseException) -> None:
+def _opening_failed(url: str, source: str, counter: SkipCounter | None,
+                    outcome: dict[str, Any], err: BaseException) -> None:
+    """``counter``: None when another read counts this shard (see :func:`read_shard`)."""
     outcome.update(failed=True, error=_describe(err))
     if is_missing(err):
         outcome["status"] = "missing"
-        counter.skip(source, "missing_shard")
+        if counter is not None:
+            counter.skip(source, "missing_shard")
         log.warning("shard %s of source %r does not exist (%s); skipped", redact_url(url),
                     source, outcome["error"])
     else:
@@ -218,12 +234,16 @@ def _opening_failed(url: str, source: str, counter: SkipCounter, outcome: dict[s
 
 
 def _count_damage(url: str, source: str, s3: S3Config, counter: SkipCounter,
-                  damage: TarDamage, size: int | None, delivered: int, partial: bool) -> None:
+                  damage: TarDamage, size: int | None, delivered: int, partial: bool,
+                  part: int, parts: int) -> None:
     reason = "unreadable_shard" if damage.offset == 0 else "truncated_shard"
-    counter.skip(source, reason)
-    lost = count_lost(url, source, s3, counter, delivered, partial)
     unread = size - damage.offset if size is not None and size > damage.offset else 0
-    counter.event(source, "unread_bytes", unread)
+    if part == 0:
+        counter.skip(source, reason)
+        counter.event(source, "unread_bytes", unread)
+    lost = count_lost(url, source, s3, counter, delivered, partial, part, parts)
+    counted = reason if part == 0 else f"{reason} by part 0"
+    unit = f" (part {part} of {parts}: its samples only)" if parts > 1 else ""
     log.warning("shard %s of source %r is damaged: %s (counted %s; %d samples delivered, %d "
-                "counted lost, %d bytes not read)", redact_url(url), source, damage, reason,
-                delivered, lost, unread)
+                "counted lost%s, %d bytes not read)", redact_url(url), source, damage, counted,
+                delivered, lost, unit, unread)

@@ -24,6 +24,10 @@ while other shards could be read.
 ``lost_samples``: samples of damaged or given-up shards that were not delivered: exact when
 the shard's sample count is known (img2dataset's ``<shard>_stats.json``), else only the
 sample cut in the middle (see :func:`data.sources.count_lost`).
+
+A missing or damaged shard and its lost samples are counted once per run, however many
+slots, parts and epochs read it (:class:`data.stream.SourceStream`); a shard given up after
+failed reads is counted each time a slot gives it up.
 """
 
 

@@ -83,6 +83,11 @@ class SourceCursor:
     on at epoch ``share_last + 1``. ``share_total``: entries over all new slots (the mixer's
     weight scale). An entry ``[epoch, key, offset, samples, compressed]`` is a unit an old
     slot was inside: it goes on at that byte offset.
+
+
+    ``count_epoch``: the epoch whose reads count what damaged and missing shards lose (see
+    :class:`SourceStream`); None in states saved before it existed (then the stream's
+    ``first_epoch``).
     """
 
     epoch: int = 0
@@ -97,6 +102,7 @@ class SourceCursor:
     share: list[list] | None = None
     share_last: int = 0
     share_total: int = 0
+    count_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -121,13 +127,24 @@ class SourceStream:
     ``shuffle``: seeded permutation per epoch; else the listed order.
     ``deal_offset``/``deal_stride``: where the epoch's dealing starts
     (:func:`data.epochs.first_slot`; :func:`data.epochs.extra_offsets` gives them).
+
+    **Counting what is lost, once per run.** Every slot reads a damaged or missing shard
+    the same way, and a resampled source deals it to some slot in every epoch (to another
+    slot each time, at thousands of slots), and to every part's slot when shards are split.
+    So that the run's totals count each damaged shard and each lost sample once, only the
+    reads of units dealt in epoch ``count_epoch`` (default ``first_epoch``: the epoch every
+    slot starts in, where each unit is dealt to exactly one slot) count them, the shard
+    itself only through its part 0 and the lost samples by part (:func:`read_shard`);
+    reads in later epochs skip the same samples without counting them again. Shards a slot
+    gives up after failed reads (a property of that slot's reads, not of the shard's bytes)
+    are counted whenever that happens.
     """
 
     def __init__(self, name: str, urls: list[str], slot: int, nslots: int, seed: int,
                  s3: S3Config, counter: SkipCounter, resampled: bool = True,
                  shuffle: bool = True, first_epoch: int = 0,
                  cursor: SourceCursor | None = None, deal_offset: int = 0,
-                 deal_stride: int = 0,
+                 deal_stride: int = 0, count_epoch: int | None = None,
                  clock: Callable[[], float] | None = None,
                  sleep: Callable[[float], None] | None = None):
         if not urls:
@@ -138,6 +155,8 @@ class SourceStream:
         self.deal_offset, self.deal_stride = deal_offset, deal_stride
         self.parts = parts_per_shard(len(urls), nslots) if resampled else 1
         self._cursor = cursor or SourceCursor(epoch=first_epoch)
+        if self._cursor.count_epoch is None:
+            self._cursor.count_epoch = first_epoch if count_epoch is None else count_epoch
         self._units_epoch: int | None = None
         self._units: np.ndarray | None = None
         timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v is not None}
@@ -159,7 +178,7 @@ class SourceStream:
                             aside, sorted(self.schedule.dropped),
                             sorted(self.schedule.damaged),
                             [list(e) for e in c.share] if c.share is not None else None,
-                            c.share_last, c.share_total)
+                            c.share_last, c.share_total, c.count_epoch)
 
     def _restore_faults(self) -> None:
         now = self.schedule.clock()
@@ -263,8 +282,16 @@ class SourceStream:
 
     def _give_up(self, key: str, cursor: ShardCursor) -> None:
         self.counter.skip(self.name, "unreadable_shard")
-        count_lost(self.split_key(key)[0], self.name, self.s3, self.counter, cursor.samples,
-                   partial=False)
+        url, part, parts = self.split_key(key)
+        count_lost(url, self.name, self.s3, self.counter, cursor.samples, False, part, parts)
+
+    def _counts_losses(self, key: str) -> bool:
+        """Whether the read of ``key`` (just drawn, or resumed) counts what its shard lost:
+        a unit of epoch ``count_epoch`` whose damage this slot did not count yet."""
+        c = self._cursor
+        reading_share = c.share is not None and 0 < c.position <= len(c.share)
+        epoch = c.share[c.position - 1][0] if reading_share else c.epoch
+        return epoch == c.count_epoch and key not in self.schedule.damaged
 
     # -- samples -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[RawSample]:
@@ -306,8 +333,8 @@ class SourceStream:
         url, part, parts = self.split_key(key)
         ahead = False
         for raw in read_shard(url, self.name, self.s3, self.counter, outcome, start,
-                              count_damage=key not in self.schedule.damaged,
-                              opener=self._prefetcher.open):
+                              count_damage=self._counts_losses(key),
+                              opener=self._prefetcher.open, part=part, parts=parts):
             after = outcome["cursor"]
             c.offset, c.samples, c.compressed = after.offset, after.samples, after.compressed
             if (after.samples - 1) % parts == part:

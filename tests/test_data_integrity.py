@@ -20,7 +20,8 @@ from s3_server import good_samples, jpeg_bytes, write_tar
 from data.config import S3Config
 from data.shard_schedule import SHARD_ATTEMPTS
 from data.sources import read_shard
-from data.stats import SkipCounter
+from data.stats import DataStats, SkipCounter
+from data.stream import SourceStream
 from pretrain.data import DataConfig, SourceConfig, build_loader
 from pretrain.data.verify import verify_shards
 
@@ -232,3 +233,61 @@ def test_a_training_stream_with_nothing_readable_fails_with_a_clear_error(tmp_pa
                           0, 1, train=True)
     with pytest.raises(RuntimeError, match="every source stream .* ended"):
         _keys(loader)
+
+
+def _cut_shard(tmp_path: Path, name: str, n: int, cut_in: int | None,
+               count: bool = True) -> str:
+    """A shard of ``n`` samples ``{name}0000..``, cut inside sample ``cut_in``'s caption
+    (None: whole), with img2dataset's ``_stats.json`` when ``count``."""
+    path = write_tar(tmp_path / f"{name}.tar", good_samples(name, n, size=8))
+    if cut_in is not None:
+        with tarfile.open(path) as tar:
+            txt = tar.getmember(f"{name}{cut_in:04d}.txt")
+        path.write_bytes(path.read_bytes()[:txt.offset_data + 3])
+    if count:
+        (tmp_path / f"{name}_stats.json").write_text(json.dumps({"successes": n}))
+    return str(path)
+
+
+def _run_slots(urls: list[str], nslots: int, epochs: int) -> tuple[DataStats, list[str]]:
+    """Every slot's stream of one resampled source read through ``epochs`` epochs (or until
+    it ends): the totals of all slots, as the run reports them, and the keys of epoch 0."""
+    stats, first = DataStats(), []
+    for slot in range(nslots):
+        counter = SkipCounter()
+        stream = SourceStream("s", urls, slot, nslots, 0, S3Config(prefetch_bytes=0, retries=0),
+                              counter)
+        for raw in stream:
+            if stream.cursor().epoch >= epochs:
+                break
+            if stream.cursor().epoch == 0:
+                first.append(raw["__key__"])
+        stats.add_counts(counter.drain())
+    return stats, sorted(first)
+
+
+@pytest.mark.parametrize("sample_count_known", [False, True])
+def test_a_damaged_shard_read_in_parts_and_epochs_is_counted_once(tmp_path,
+                                                                  sample_count_known):
+    # 1 shard, 3 slots: 3 parts, each reads the whole shard and meets the same break; over
+    # 3 epochs every slot reads every part. 10 samples, cut inside t0004: t0000..t0003 read.
+    url = _cut_shard(tmp_path, "t", 10, cut_in=4, count=sample_count_known)
+    stats, first = _run_slots([url], nslots=3, epochs=3)
+    assert first == [f"t{i:04d}" for i in range(4)]
+    assert dict(stats.skipped) == {"truncated_shard": 1,
+                                   "lost_samples": 6 if sample_count_known else 1}
+
+
+def test_a_damaged_whole_shard_dealt_to_other_slots_in_later_epochs_is_counted_once(
+        tmp_path):
+    # 4 shards over 2 slots for 4 epochs: the damaged one is read by both slots
+    urls = [_cut_shard(tmp_path, f"w{i}", 5, cut_in=3 if i == 1 else None) for i in range(4)]
+    stats, _ = _run_slots(urls, nslots=2, epochs=4)
+    assert dict(stats.skipped) == {"truncated_shard": 1, "lost_samples": 2}
+
+
+def test_a_missing_shard_read_in_parts_is_counted_once(tmp_path):
+    good = _cut_shard(tmp_path, "g", 6, cut_in=None)
+    stats, first = _run_slots([good, str(tmp_path / "gone.tar")], nslots=4, epochs=3)
+    assert first == [f"g{i:04d}" for i in range(6)]
+    assert dict(stats.skipped) == {"missing_shard": 1}
