@@ -75,17 +75,21 @@ class ConfusionMatrix:
             self.num_classes, self.num_classes)
 
     def scores(self, class_names: list[str] | None = None) -> dict[str, float]:
-        """``mIoU``, ``aAcc``, ``mAcc`` and ``IoU.<class>`` (classes never seen: excluded)."""
+        """``mIoU``, ``aAcc``, ``mAcc`` and ``IoU.<class>``, as mmseg's
+        ``total_area_to_metrics`` + ``nanmean``: a class's IoU is undefined (left out)
+        only when it is neither labelled nor predicted, so a class predicted where none is
+        labelled counts with IoU 0; its accuracy is undefined when it is not labelled."""
         mat = self.mat.double()
         tp = mat.diag()
         gt, pred = mat.sum(1), mat.sum(0)
         union = gt + pred - tp
         iou = tp / union.clamp(min=1)
-        present = gt > 0
+        seen, labelled = union > 0, gt > 0
         names = class_names or [str(i) for i in range(self.num_classes)]
-        out = {"mIoU": iou[present].mean().item() if present.any() else 0.0,
+        out = {"mIoU": iou[seen].mean().item() if seen.any() else 0.0,
                "aAcc": (tp.sum() / mat.sum().clamp(min=1)).item(),
-               "mAcc": (tp / gt.clamp(min=1))[present].mean().item() if present.any() else 0.0}
+               "mAcc": (tp / gt.clamp(min=1))[labelled].mean().item()
+               if labelled.any() else 0.0}
         out.update({f"IoU.{names[i]}": iou[i].item() for i in range(self.num_classes)
-                    if present[i]})
+                    if seen[i]})
         return out

@@ -22,6 +22,17 @@ from torch import nn
 from finetune.datasets.base import IGNORE_INDEX
 
 
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-pixel cross-entropy averaged over every pixel, ignored ones counting 0: mmseg
+    0.x's ``CrossEntropyLoss`` as the released UperNet recipes train it
+    (``avg_non_ignore=False``, its default: ``mmseg/models/losses/cross_entropy_loss.py``).
+    torch's mean over the non-ignored pixels instead weighs an image by its share of
+    labelled pixels and rescales the loss the gradient clip sees."""
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / labels.numel()
+
+
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """Conv (no bias) -> BatchNorm -> ReLU, the unit every UperNet branch is made of."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
@@ -119,9 +130,9 @@ class UperNetSegmentor(nn.Module):
         (already weighted): the training loss is their sum."""
         feats = self._features(x)
         logits = self._upsample(self.decode_head(feats), x.shape[-2:])
-        losses = {"loss_ce": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+        losses = {"loss_ce": pixel_cross_entropy(logits, labels, self.ignore_index)}
         if self.auxiliary_head is not None:
             aux = self._upsample(self.auxiliary_head(feats[self.AUX_STAGE]), x.shape[-2:])
-            losses["loss_aux"] = self.aux_weight * F.cross_entropy(
-                aux, labels, ignore_index=self.ignore_index)
+            losses["loss_aux"] = self.aux_weight * pixel_cross_entropy(aux, labels,
+                                                                       self.ignore_index)
         return losses

@@ -64,9 +64,33 @@ def test_miou_arithmetic():
     target = torch.tensor([[0, 0, 1, 1, 255]])
     cm.update(torch.tensor([[0, 1, 1, 1, 2]]), target)
     s = cm.scores(["a", "b", "c"])
-    # class a: tp 1, union 2 -> 0.5; class b: tp 2, union 3 -> 2/3; c never in the target
+    # class a: tp 1, union 2 -> 0.5; class b: tp 2, union 3 -> 2/3; c predicted only on
+    # the ignored pixel: never seen, left out
     assert s["IoU.a"] == pytest.approx(0.5) and s["IoU.b"] == pytest.approx(2 / 3)
     assert s["mIoU"] == pytest.approx((0.5 + 2 / 3) / 2) and "IoU.c" not in s
+    # mmseg (total_area_to_metrics, then nanmean): IoU = intersect / union is NaN only
+    # when the union is empty, so c predicted on a labelled pixel counts, with IoU 0;
+    # accuracy = intersect / label area leaves c out (never labelled)
+    cm.update(torch.tensor([[2]]), torch.tensor([[0]]))
+    s = cm.scores(["a", "b", "c"])
+    assert s["IoU.c"] == 0 and s["IoU.a"] == pytest.approx(1 / 3)
+    assert s["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert s["mAcc"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_pixel_loss_averages_over_every_pixel_ignored_ones_counting_zero():
+    """mmseg 0.x CrossEntropyLoss (avg_non_ignore=False, its default; the released UperNet
+    recipes keep it): the per-pixel losses summed, divided by all pixels."""
+    import torch.nn.functional as F
+
+    from finetune.upernet import pixel_cross_entropy
+
+    logits = torch.randn(2, 4, 3, 5)
+    labels = torch.randint(0, 4, (2, 3, 5))
+    labels[0, :2] = 255
+    per_pixel = F.cross_entropy(logits, labels.clamp(max=3), reduction="none")
+    per_pixel[labels == 255] = 0
+    torch.testing.assert_close(pixel_cross_entropy(logits, labels), per_pixel.mean())
 
 
 # ---------------------------------------------------------------- head.kind=mask2former
