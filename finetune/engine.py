@@ -58,11 +58,13 @@ class FinetuneRun:
         """Optimizer steps already done (0 for a fresh start)."""
         return int(self.state["step"]) if self.state is not None else 0
 
-    def save(self, engine, step: int, shared: dict[str, Any], d: DistInfo) -> Path:
+    def save(self, engine, step: int, shared: dict[str, Any], d: DistInfo,
+             side_files: dict[str, Any] | None = None) -> Path:
         """A checkpoint at ``step``, written on every rank: DeepSpeed's shards, and in
-        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state."""
+        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state;
+        ``side_files``: name -> object rank 0 saves into it (an EMA's weights)."""
         return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()},
-                               shared | {"step": step}, d, KEEP_LAST)
+                               shared | {"step": step}, d, KEEP_LAST, side_files=side_files)
 
     def restore_rng(self, d: DistInfo) -> None:
         """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a

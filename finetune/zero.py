@@ -126,12 +126,10 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
 
 def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
           shared: dict[str, Any], info: DistInfo) -> Path:
-    """EMA (rank 0) and DeepSpeed's shards first; ``trainer_state.json``/``latest`` last."""
-    from runtime.checkpoint import save_torch_file, tag_for
-
-    if ema is not None and info.is_main:
-        save_torch_file(run.root / tag_for(step) / EMA_FILE, ema.module.state_dict())
-    return run.save(engine, step, shared, info)
+    """DeepSpeed's shards and the EMA (rank 0) first; ``trainer_state.json``/``latest``
+    last (the EMA goes into the checkpoint's staging folder, runtime/checkpoint.py)."""
+    side = {EMA_FILE: ema.module.state_dict()} if ema is not None and info.is_main else None
+    return run.save(engine, step, shared, info, side_files=side)
 
 
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:

@@ -13,7 +13,7 @@ and its buffers are deterministic functions of the config (rebuilt identically a
 The conversion runs once, on rank 0, into ``checkpoints/<tag>_universal`` (written under a
 temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete);
 a later resize from the same checkpoint reuses it. ``runtime.checkpoint.prune`` deletes it
-with the checkpoints older than ``latest``.
+once ``latest`` names another checkpoint.
 """
 
 from __future__ import annotations

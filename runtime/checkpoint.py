@@ -6,18 +6,39 @@ Layout under ``RUN/checkpoints/``: ``step_XXXXXXX/`` (DeepSpeed's files from eve
 then ``trainer_state.json`` written by rank 0 once all ranks are done) and ``latest``, a
 text file with the tag (DeepSpeed's own convention, so ``engine.load_checkpoint`` and
 ``zero_to_fp32`` read it too), replaced atomically after the checkpoint is complete.
+
+A save never writes into a ``step_*`` folder: every rank writes into a staging folder,
+``step_XXXXXXX.tmp-<token>`` (rank 0's random token, so a crashed earlier attempt's files
+never mix in), which rank 0 renames into place once it is complete. The same step may
+already have a folder: one of a branch the run abandoned (it was resumed from an earlier
+checkpoint) or of a save that crashed after its rename; ``latest`` may name it. That one is
+replaced only after the new one is complete, with ``latest`` naming the new one (under its
+staging name) while the two are swapped, so ``latest`` never names anything incomplete.
+
+Lineage: the checkpoint just saved is the newest of the run. Checkpoints of higher steps
+belong to a branch the run abandoned when it was resumed from an earlier one; they are
+deleted once the first checkpoint of the new branch is complete (until then, a rewind can
+still be undone by resuming from them), and never count among the ``keep_last`` kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import CheckpointError
-from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+from runtime.checkpoint_path import (
+    STAGING,
+    CheckpointPathError,
+    is_staging,
+    latest_tag,
+    resolve_checkpoint,
+)
 from runtime.dist import DistInfo, all_gather_objects, barrier
 
 TRAINER_STATE = "trainer_state.json"
@@ -68,41 +89,95 @@ def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
 
 def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
                     shared_state: dict[str, Any], info: DistInfo, keep_last: int,
-                    client_state: dict[str, Any] | None = None) -> Path:
+                    client_state: dict[str, Any] | None = None,
+                    side_files: dict[str, Any] | None = None) -> Path:
     """Save on all ranks; point ``latest`` at it only once everything is on disk.
 
     ``local_state`` differs per rank (RNG, data position); ``shared_state`` is the same
     everywhere (step, config hash, samples seen); ``client_state``: per-rank tensors
-    stored in DeepSpeed's own files (the EMA teacher's slices), returned on load.
+    stored in DeepSpeed's own files (the EMA teacher's slices), returned on load;
+    ``side_files``: name -> object that rank 0 writes into the checkpoint with
+    :func:`save_torch_file` (an EMA's weights). Returns the checkpoint's directory.
     """
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+    # every rank must write into the same folder: rank 0's token names it
+    staging = f"{tag}{STAGING}{all_gather_objects(secrets.token_hex(4))[0]}"
+    engine.save_checkpoint(str(root), tag=staging, save_latest=False,
                            client_state=client_state or {})
     per_rank = all_gather_objects(local_state)  # also a barrier: every rank has saved
     if info.is_main:
-        write_trainer_state(root / tag, shared_state | {"ranks": per_rank})
-        _atomic_write(root / LATEST, tag)
+        for name, obj in (side_files or {}).items():
+            save_torch_file(root / staging / name, obj)
+        write_trainer_state(root / staging, shared_state | {"ranks": per_rank})
+        _publish(root, staging, tag)
         prune(root, keep_last)
     barrier()
     return root / tag
 
 
+def _publish(root: Path, staging: str, tag: str) -> None:
+    """Rank 0: rename the complete ``staging`` folder to ``tag`` and point ``latest`` at
+    it. A folder already named ``tag`` (an abandoned branch's, which ``latest`` may name)
+    is swapped out with ``latest`` on the new one's staging name meanwhile, then deleted:
+    a crash at any point leaves ``latest`` naming a complete checkpoint (right after the
+    rename, by its staging name, which ``checkpoint_path.latest_tag`` maps to ``tag``)."""
+    final = root / tag
+    if final.exists():
+        _atomic_write(root / LATEST, staging)
+        aside = root / f"{staging}-replaced"
+        os.replace(final, aside)
+        os.replace(root / staging, final)
+        _atomic_write(root / LATEST, tag)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(root / staging, final)
+        _atomic_write(root / LATEST, tag)
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a folder ``step_<digits><anything>`` (None for any other name)."""
+    match = re.match(r"step_(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
 def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never ``latest``'s),
-    and incomplete ones older than ``latest`` (left by a crash mid-save)."""
+    """Keep the newest ``keep_last`` complete checkpoints of the run's lineage (never
+    ``latest``'s); delete the rest of the ``step_*`` folders.
+
+    The lineage is what ``latest`` has reached: checkpoints at or below its step. Those
+    above it belong to a branch the run abandoned when it was resumed from an earlier
+    checkpoint (rank 0 prunes right after pointing ``latest`` at the new branch's first
+    checkpoint). Also deleted: staging folders (``step_*.tmp-*``: a save that crashed),
+    incomplete checkpoints older than ``latest`` (a crashed save of an earlier version),
+    and folders derived from a checkpoint (``step_*<suffix>``, e.g. a resize's universal
+    form) other than ``latest``'s.
+    """
     latest = read_latest(root)
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-    complete = [t for t in tags if (root / t / TRAINER_STATE).is_file()]
+    head = _step_of(latest) if latest else None
+    folders = sorted((p for p in root.glob("step_*") if p.is_dir()),
+                     key=lambda p: (_step_of(p.name) or 0, p.name))
+    complete = [p.name for p in folders if re.fullmatch(r"step_\d+", p.name)
+                and (head is None or _step_of(p.name) <= head)
+                and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
-    for t in tags:
-        if t not in keep and (t in complete or (latest and t < latest)):
-            shutil.rmtree(root / t, ignore_errors=True)
+    for p in folders:
+        name, step = p.name, _step_of(p.name)
+        if name in keep:
+            continue
+        if head is None:  # no lineage known (no ``latest``): only surplus ones go
+            gone = name in complete
+        elif is_staging(name) or re.fullmatch(r"step_\d+", name):
+            gone = True  # crashed save, abandoned branch, surplus or incomplete
+        else:  # derived from a checkpoint
+            gone = step != head
+        if gone:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_latest(root: Path) -> str | None:
     """The tag ``latest`` names, or None."""
     path = root / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    return latest_tag(root, path.read_text().strip()) if path.is_file() else None
 
 
 def resolve_resume(resume: str | None, root: Path) -> Path | None:

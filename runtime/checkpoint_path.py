@@ -8,7 +8,10 @@ A pre-training run directory is laid out as (see ``runtime/checkpoint.py``)::
                                         plus our ``trainer_state.json``
 
 ``latest`` is DeepSpeed's own convention (``engine.load_checkpoint`` and ``zero_to_fp32``
-read it) and is replaced atomically only after a checkpoint is complete. Users point at
+read it) and is replaced atomically only after a checkpoint is complete. A save writes into
+a staging folder, ``step_XXXXXXX.tmp-<token>``, renamed into place once complete: such a
+folder is never chosen unless ``latest`` names it (only while a complete checkpoint is
+being swapped over an older one of the same step), and refused when given by hand. Users point at
 any level of this tree, or at a weights file; :func:`resolve_checkpoint` maps each of them
 to either a ZeRO tag directory or a weights file, and anything else to one line that says
 what is accepted. ``internimage convert``, ``finetune --init`` and resume use it.
@@ -23,6 +26,7 @@ from typing import Literal
 from models.checkpoint import CheckpointError
 
 LATEST = "latest"  # DeepSpeed's name for the file that names the newest tag
+STAGING = ".tmp-"  # in the name of a folder a checkpoint is written into (or swapped out)
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_STATES_SUFFIX = "_model_states.pt"  # every DeepSpeed tag directory holds one per rank
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -52,6 +56,21 @@ class CheckpointSource:
         return self.kind == "zero"
 
 
+def is_staging(name: str) -> bool:
+    """True for a folder a save is writing (or has abandoned): not a checkpoint."""
+    return STAGING in name
+
+
+def latest_tag(directory: Path, tag: str) -> str:
+    """The tag that ``directory/latest`` holding ``tag`` means. ``latest`` names a staging
+    folder only while rank 0 swaps a new checkpoint over an older one of the same step;
+    when that folder is gone it was renamed to its step's own name (rank 0 died before
+    rewriting ``latest``), which is where the checkpoint now is."""
+    if is_staging(tag) and not (directory / tag).is_dir():
+        return tag.split(STAGING)[0]
+    return tag
+
+
 def _fail(given: str | Path, why: str) -> CheckpointPathError:
     return CheckpointPathError(f"{given}: {why}; give {ACCEPTED}")
 
@@ -68,6 +87,7 @@ def _follow_latest(latest: Path, given: str) -> Path:
         raise _fail(given, f"cannot read {latest} ({err})") from None
     if not tag or "\n" in tag or "/" in tag:
         raise _fail(given, f"{latest} does not hold a checkpoint tag (got {tag[:40]!r})")
+    tag = latest_tag(latest.parent, tag)
     step = latest.parent / tag
     where = "" if Path(given).expanduser() == latest else f"{given}: "
     if not step.is_dir():
@@ -80,13 +100,18 @@ def _follow_latest(latest: Path, given: str) -> Path:
 
 
 def _resolve_dir(path: Path, given: str) -> Path:
+    if is_staging(path.name):
+        raise CheckpointPathError(
+            f"{given}: a staging folder (a save in progress, or one that died before it was "
+            f"complete); give a step_* directory or the run directory")
     if _is_tag_dir(path):
         return path
     for root in (path, path / CHECKPOINTS_DIR):  # a checkpoints dir, or a run dir above it
         if (root / LATEST).is_file():
             return _follow_latest(root / LATEST, given)
     for root in (path, path / CHECKPOINTS_DIR):
-        steps = sorted(p.name for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+        steps = sorted(p.name for p in root.glob("step_*")
+                       if p.is_dir() and not is_staging(p.name)) if root.is_dir() else []
         if steps:
             raise CheckpointPathError(
                 f"{given}: no complete checkpoint: {root} has {', '.join(steps[-3:])} but no "
@@ -113,7 +138,7 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     if path.name == LATEST:
         return CheckpointSource("zero", _follow_latest(path, given), given)
     if path.name.endswith(MODEL_STATES_SUFFIX):  # a file inside a tag directory
-        return CheckpointSource("zero", path.parent, given)
+        return CheckpointSource("zero", _resolve_dir(path.parent, given), given)
     if path.suffix in WEIGHT_SUFFIXES:
         return CheckpointSource("weights", path, given)
     raise _fail(given, f"not a checkpoint file (suffix {path.suffix or 'none'!r})")

@@ -96,11 +96,14 @@ def test_crash_mid_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path, c
     proc = run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, *args], cache, check=False)
     assert proc.returncode == 17
     assert latest(out) == "step_0000002"
-    incomplete = out / "checkpoints" / "step_0000004"
-    assert incomplete.is_dir() and not (incomplete / "trainer_state.json").exists()
+    # the dead save's shards are in its staging folder, never under the checkpoint's name
+    assert not (out / "checkpoints" / "step_0000004").exists()
+    [incomplete] = (out / "checkpoints").glob("step_0000004.tmp-*")
+    assert not (incomplete / "trainer_state.json").exists()
     run(pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "auto"),
         cache)
     assert latest(out) == "step_0000006"
+    assert not list((out / "checkpoints").glob("*.tmp-*"))  # pruned with the next save
     assert sorted(losses(out)) == list(range(1, 7))
 
 

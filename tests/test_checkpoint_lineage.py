@@ -1,0 +1,166 @@
+"""Checkpoints after a rewind (``--resume RUN/checkpoints/step_X`` of an earlier step):
+a save that dies never leaves ``latest`` on a folder mixing two saves' shards, the rewind
+point survives pruning, and resume resolution never picks a staging folder
+(runtime/checkpoint.py, runtime/checkpoint_path.py).
+
+The engine here writes DeepSpeed's layout (one ``*_model_states.pt`` per rank in
+``save_dir/tag``) with a marker naming the save, so a test can tell which save each shard
+came from; the real engine's use of the staging folder is covered by the fine-tuning and
+pre-training resume tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import runtime.checkpoint as ck
+from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+from runtime.dist import DistInfo
+
+RANKS = 2
+SHARED = {"model_hash": "h", "world_size": 1}
+
+
+class Killed(BaseException):
+    """A SIGKILL / node failure in the middle of a save (not an Exception: nothing
+    catches it on the way out)."""
+
+
+class FakeEngine:
+    """Writes DeepSpeed's per-rank shard files holding ``label``; dies before writing
+    rank ``die_at_rank``'s shard when given."""
+
+    def __init__(self, label: str, die_at_rank: int | None = None):
+        self.label, self.die_at_rank = label, die_at_rank
+
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+        assert save_latest is False  # ``latest`` is ours, written once complete
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for rank in range(RANKS):
+            if rank == self.die_at_rank:
+                raise Killed
+            (folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_text(self.label)
+
+
+def save(root: Path, step: int, label: str, keep_last: int = 2, **engine) -> None:
+    ck.save_checkpoint(FakeEngine(label, **engine), root, step, {}, SHARED | {"step": step,
+                       "label": label}, DistInfo(), keep_last)
+
+
+def shards(folder: Path) -> set[str]:
+    """The labels of the saves whose shards ``folder`` holds (one for a sound checkpoint)."""
+    return {p.read_text() for p in folder.glob("*_model_states.pt")}
+
+
+def resumed(root: Path) -> tuple[Path, dict]:
+    """What ``--resume auto`` (a requeued job) and ``--resume RUN`` would load."""
+    auto, state = ck.open_resume("auto", root, "h", 1)
+    assert resolve_checkpoint(root.parent).path == auto
+    return auto, state
+
+
+def step_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("step_*"))
+
+
+def test_a_save_that_dies_after_a_rewind_leaves_latest_on_one_consistent_checkpoint(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1900, "old")
+    save(root, 2000, "old")
+    # rewound to step 1900, trained to 2000 again, killed while the ranks write their shards
+    with pytest.raises(Killed):
+        save(root, 2000, "new", die_at_rank=1)
+    folder, state = resumed(root)
+    assert folder.name == "step_0002000" and state["label"] == "old"
+    assert shards(folder) == {"old"}  # before: {"old", "new"}, and it looked complete
+    # the next attempt completes: latest names it, nothing of the old one or the dead
+    # attempt is left
+    save(root, 2000, "new")
+    folder, state = resumed(root)
+    assert folder.name == "step_0002000" and state["label"] == "new"
+    assert shards(folder) == {"new"}
+    assert step_dirs(root) == ["step_0001900", "step_0002000"]
+
+
+@pytest.mark.parametrize("die_at", range(1, 6))
+def test_a_crash_anywhere_while_a_checkpoint_replaces_one_of_its_step_resumes_a_whole_one(
+        tmp_path, monkeypatch, die_at):
+    """Rank 0 swapping the new step_0002000 over the abandoned branch's: dying after any
+    of its file operations leaves ``latest`` naming a complete checkpoint, one save's."""
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1900, "old")
+    save(root, 2000, "old")
+    calls = [0]
+    for name in ("replace", "rename"):
+        real = getattr(ck.os, name)
+
+        def dying(src, dst, real=real):
+            real(src, dst)
+            calls[0] += 1
+            if calls[0] == die_at:
+                raise Killed
+        monkeypatch.setattr(ck.os, name, dying)
+    with pytest.raises(Killed):
+        save(root, 2000, "new")
+    monkeypatch.undo()
+    folder, state = resumed(root)
+    assert len(shards(folder)) == 1 and state["label"] in shards(folder)
+    assert folder.name.startswith("step_0002000")
+
+
+def test_after_a_rewind_pruning_keeps_the_rewind_point_and_drops_the_abandoned_branch(
+        tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1800, 1900, 2000):
+        save(root, step, "old")
+    assert step_dirs(root) == ["step_0001900", "step_0002000"]
+    # rewound to step 1900 (checkpoint_every 20): the abandoned step 2000 is no newer
+    # than what the run has reached, and never one of the two kept
+    save(root, 1920, "new")
+    assert step_dirs(root) == ["step_0001900", "step_0001920"]  # before: 1920, 2000
+    save(root, 1940, "new")
+    assert step_dirs(root) == ["step_0001920", "step_0001940"]
+    assert ck.read_latest(root) == "step_0001940"
+
+
+def test_the_abandoned_branch_stays_until_the_new_branch_has_a_complete_checkpoint(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1900, 2000):
+        save(root, step, "old")
+    with pytest.raises(Killed):  # the rewind's first save dies: the rewind can be undone
+        save(root, 1920, "new", die_at_rank=1)
+    assert ck.read_latest(root) == "step_0002000"
+    assert {"step_0001900", "step_0002000"} <= set(step_dirs(root))
+    save(root, 1920, "new")  # the dead attempt's staging folder goes with the old branch
+    assert step_dirs(root) == ["step_0001900", "step_0001920"]
+
+
+def test_resolution_never_picks_a_staging_folder(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 2, "a")
+    with pytest.raises(Killed):
+        save(root, 4, "b", die_at_rank=1)
+    staging = next(root.glob("step_0000004.tmp-*"))
+    assert (staging / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    for given in (staging, staging / "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        with pytest.raises(CheckpointPathError, match="staging folder"):
+            resolve_checkpoint(given)
+    (root / "latest").unlink()  # no latest: the listing names only checkpoints
+    with pytest.raises(CheckpointPathError) as err:
+        resolve_checkpoint(tmp_path / "run")
+    assert "step_0000002" in str(err.value) and ".tmp-" not in str(err.value)
+
+
+def test_side_files_land_in_the_checkpoint_before_it_is_complete(tmp_path):
+    """An EMA's weights are written into the staging folder, so the published checkpoint
+    holds them and no half-written step_* folder ever exists."""
+    root = tmp_path / "run" / "checkpoints"
+    ck.save_checkpoint(FakeEngine("a"), root, 2, {}, SHARED | {"step": 2}, DistInfo(), 2,
+                       side_files={"ema.pt": {"w": 1}})
+    folder = resolve_checkpoint(root).path
+    assert ck.load_torch_file(folder / "ema.pt") == {"w": 1}
+    assert json.loads((folder / ck.TRAINER_STATE).read_text())["step"] == 2
+    assert step_dirs(root) == ["step_0000002"]
