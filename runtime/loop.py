@@ -215,19 +215,28 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 _log_step(metrics, spec, pos, losses, optimizer, hooks.log_values(pos.step))
             else:
                 metrics.progress(pos.step)
+            # Asked before the evaluation: a stop request (SLURM's warning signal before
+            # the time limit) leaves a grace period that the checkpoint needs and that an
+            # evaluation (minutes on ImageNet or COCO at scale) would use up first. The
+            # evaluation due at the stop step is then skipped (logged), except at the
+            # last step, which no resumed run would come back to.
+            stopping = preemption.stop_agreed(d.device)  # every rank: the same answer
+            last = pos.step >= spec.total_steps
             if _due(spec.eval_every, pos.step, spec.total_steps):
-                last_eval = _evaluate(hooks, spec, pos, metrics, d)
-            saved = _due(spec.checkpoint_every, pos.step, spec.total_steps)
-            if saved:
+                if stopping and not last:
+                    if d.is_main:
+                        log.warning("stop requested: the evaluation due at step %d is "
+                                    "skipped to save in time", pos.step)
+                else:
+                    last_eval = _evaluate(hooks, spec, pos, metrics, d)
+            if stopping or _due(spec.checkpoint_every, pos.step, spec.total_steps):
                 _save(hooks, pos, metrics)
             preemption.kill_point(pos.step)
-            if preemption.stop_agreed(d.device):  # every rank leaves at this same step
-                if not saved:
-                    _save(hooks, pos, metrics)
+            if stopping:  # every rank leaves at this same step
                 if d.is_main:
                     log.warning("stop requested: saved at step %d, returning", pos.step)
                 return {**last_eval, "step": pos.step, "stopped_early": True}
-            if pos.step >= spec.total_steps:
+            if last:
                 break
         if pos.epoch_step == 0 and skipped == 0:
             raise ValueError(f"{spec.name}: an epoch holds no optimizer step (fewer samples "
