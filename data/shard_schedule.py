@@ -39,8 +39,8 @@ from typing import Any
 
 from data.config import S3Config
 from data.stats import SkipCounter
-from data.storage import redact_url
 from data.tar_stream import ShardCursor
+from runtime.redact import redact_url
 
 log = logging.getLogger(__name__)
 

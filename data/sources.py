@@ -15,8 +15,9 @@ from webdataset.tariterators import base_plus_ext
 
 from data.config import S3Config
 from data.stats import SkipCounter
-from data.storage import RetryingReader, is_missing, read_small, redact_url
+from data.storage import RetryingReader, is_missing, read_small
 from data.tar_stream import ShardCursor, TarDamage, open_tar_stream, tar_members
+from runtime.redact import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -20,27 +20,9 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from data.config import S3Config
+from runtime.redact import redact_url
 
 log = logging.getLogger(__name__)
-
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_PARAM = re.compile(
-    r"(?i)(?P<name>[?&](?:x-amz-[a-z-]*|signature|sig|token|key|secret|password|"
-    r"access_?key[a-z_]*|aws_[a-z_]+)=)[^&\s]*")
-_SECRET_FLAG = re.compile(r"(?i)(?P<name>--?(?:password|secret|token|key)[= ])\S+")
-_SECRET_ENV = re.compile(r"(?P<name>AWS_(?:SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)=)\S+")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with credentials removed, safe to log.
-
-    Drops user:password@ in any embedded URL (also inside ``pipe:`` commands), signed-URL
-    query parameters, ``--password X`` style flags and inline AWS variables.
-    """
-    url = _USERINFO.sub(r"\g<scheme>***@", url)
-    url = _SECRET_PARAM.sub(r"\g<name>***", url)
-    url = _SECRET_FLAG.sub(r"\g<name>***", url)
-    return _SECRET_ENV.sub(r"\g<name>***", url)
 
 
 def is_remote(url: str) -> bool:

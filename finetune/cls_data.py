@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
 from runtime.dist import DistInfo, rank_share
+from runtime.redact import redact_urls
 from runtime.rng import loader_generator, skip_batches
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,9 @@ class ShardDataset(Dataset):
                     self.items.append(member)
         if self.skipped:
             log.warning("data: %d samples without an image or a readable %r label skipped in "
-                        "%s", self.skipped, label_key, urls[:3])
+                        "%s", self.skipped, label_key, redact_urls(urls))
         if not self.items:
-            raise ValueError(f"data: no samples in {urls[:3]}")
+            raise ValueError(f"data: no samples in {redact_urls(urls)}")
         self.transform = transform
 
     def __len__(self) -> int:

@@ -40,6 +40,7 @@ from data.sources import RawSample, expand_urls, pick_member
 from data.state import derive_seed, dist_info
 from data.stats import SkipCounter
 from data.stream import SourceStream
+from runtime.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
@@ -79,7 +80,7 @@ class StreamingShards(IterableDataset):
         self.s3 = s3 or S3Config()
         self.urls = expand_urls(urls, self.s3)
         if not self.urls:
-            raise ValueError(f"data.train_urls: no shards in {urls}")
+            raise ValueError(f"data.train_urls: no shards in {redact_urls(urls)}")
         self.rank, self.world = dist_info()  # captured in the main process
         if num_samples < batch_size * self.world:
             raise ValueError(f"data.train_samples={num_samples} is less than one global batch "
@@ -124,7 +125,7 @@ class StreamingShards(IterableDataset):
             buffer[i], raw = raw, buffer[i]
             yield raw
         raise RuntimeError(f"no readable sample left in the {len(self.urls)} shards for "
-                           f"stream slot {slot} (e.g. {self.urls[:2]}): every shard is "
+                           f"stream slot {slot} (e.g. {redact_urls(self.urls, 2)}): every shard is "
                            f"missing or unreadable, see the errors logged above")
 
     def __iter__(self):
@@ -147,7 +148,8 @@ class StreamingShards(IterableDataset):
             if isinstance(item, str):
                 bad += 1
                 log.warning("skipped sample %s of %s (%s); %d skipped by this worker this "
-                            "epoch", raw.get("__key__"), raw.get("__url__"), item, bad)
+                            "epoch", raw.get("__key__"), redact_url(str(raw.get("__url__"))),
+                            item, bad)
                 continue
             produced += 1
             yield item

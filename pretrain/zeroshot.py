@@ -38,6 +38,7 @@ from pretrain.config import ZeroShotConfig
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import ImageTransform
 from runtime.lockstep import lockstep
+from runtime.redact import redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
         log.warning("zero-shot evaluation without %d unreadable held-out shard(s)", unreadable)
     if num_batches == 0:
         log.warning("zero-shot evaluation skipped: the held-out set %s has no labelled sample",
-                    zs.urls)
+                    redact_urls(zs.urls))
         return {"zero_shot_samples": 0, "zero_shot_unreadable_shards": unreadable}
     model = engine.module
     was_training = model.training

@@ -1,4 +1,6 @@
-"""Credentials in typed configs: marked once on the field, then never written, hashed or printed.
+"""Credentials in typed configs: marked once on the field, then never written, hashed or printed;
+and credentials in shard URLs and commands, removed from every text that is logged or raised
+(:func:`redact_url`).
 
 A config field declared with :func:`secret_field` (S3 access key, secret key, session token)
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -108,3 +111,55 @@ def secret_keys(cls: type) -> dict[str, str | None]:
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.update({f"{f.name}.{k}": env for k, env in secret_keys(tp).items()})
     return out
+
+
+# What a shard URL or ``pipe:`` command may carry; each match keeps its ``name`` part and
+# loses the rest ("-u ***").
+_USERINFO = re.compile(r"(?P<name>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+(?=@)")  # user:pw@
+_SECRET_PARAM = re.compile(  # signed-URL and token query parameters
+    r"(?i)(?P<name>[?&](?:x-amz-[a-z-]*|signature|sig|token|key|secret|password|"
+    r"access_?key[a-z_]*|aws_[a-z_]+)=)[^&\s]*")
+# a header given to a command (curl -H, wget --header): its value, whatever the header;
+# quoted, up to the closing quote (an "Authorization: Bearer ..." value has a space)
+_HEADER_QUOTED = re.compile(
+    r"""(?i)(?P<name>(?<![\w-])(?:-H|--header)(?:=|\s*)["'][^:"']+:)[^"']*""")
+_HEADER_BARE = re.compile(r"""(?i)(?P<name>(?<![\w-])(?:-H|--header)(?:=|\s+)[^:"'\s]+:)\S*""")
+# an Authorization header anywhere else (an error message may echo one)
+_AUTHORIZATION = re.compile(
+    r"(?i)(?P<name>\b(?:proxy-)?authorization\s*:\s*)"
+    r"(?:(?:bearer|basic|token|digest|negotiate|aws4-hmac-sha256)\s+)?[^\s\"',)\]]+")
+_VALUE = r"""(?:"[^"]*"|'[^']*'|\S+)"""  # one shell word: quoted (spaces and all) or bare
+# options that take a credential, "--opt value" or "--opt=value": curl's --user (user:pw),
+# --proxy-user, --oauth2-bearer, --password, --secret-key, --token ...
+_SECRET_FLAG = re.compile(
+    r"(?i)(?P<name>(?<![\w-])--?[\w-]*(?:password|passwd|secret|token|key|user|auth|bearer|"
+    r"credential)[\w-]*(?:=|\s+))" + _VALUE)
+_SHORT_USER = re.compile(r"(?P<name>(?<![\w-])-[uU]\s*)" + _VALUE)  # curl -u alice:pw
+# inline variables named like credentials before a command: AWS_SECRET_ACCESS_KEY=, HF_TOKEN=
+_SECRET_ENV = re.compile(
+    r"(?P<name>\b[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|KEY|CREDENTIALS?|AUTH)[A-Z0-9_]*=)"
+    + _VALUE)
+_REDACTIONS = (_USERINFO, _SECRET_PARAM, _HEADER_QUOTED, _HEADER_BARE, _AUTHORIZATION,
+               _SECRET_FLAG, _SHORT_USER, _SECRET_ENV)
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a shard URL, a ``pipe:`` command, an error message about one) with every
+    credential it may carry replaced by ``***``: safe to log or raise.
+
+    Removed: ``user:password@`` of any embedded URL, signed-URL query parameters,
+    credential options of commands (``-u``/``--user``, ``--password``, ``--oauth2-bearer``
+    ...; a quoted value whole), the value of every header given with ``-H``/``--header``
+    (``Authorization: Bearer ...``) and of any ``Authorization:``, and inline variables
+    named like credentials (``AWS_SECRET_ACCESS_KEY=...``, ``HF_TOKEN=...``).
+    """
+    for pattern in _REDACTIONS:
+        text = pattern.sub(r"\g<name>***", text)
+    return text
+
+
+def redact_urls(urls: list[str] | str, limit: int = 3) -> str:
+    """The first ``limit`` of ``urls`` (or the one pattern), redacted, for a message."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    more = f" ... ({len(items)} in all)" if len(items) > limit else ""
+    return "[" + ", ".join(repr(redact_url(u)) for u in items[:limit]) + "]" + more

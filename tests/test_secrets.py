@@ -132,3 +132,77 @@ def test_submitted_job_gets_credentials_through_the_environment(tmp_path, monkey
     assert not _leaks(logs) and not (run_dir.exists() and _leaks(run_dir))
     given = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     assert {k: given.get(k) for k in AWS_ENV} == AWS_ENV
+
+
+# Credentials a shard URL may carry, as users write them in pipe: commands (curl's -u/--user
+# and -H, an inline token variable): the leaked values must appear nowhere, the rest stays.
+PIPE_SECRETS = ("hunter2", "hf_EXAMPLEtoken", "sk_EXAMPLEtoken")
+
+
+def _pipe(command: str) -> str:
+    """``pipe:`` URL running ``command``, with credentials in arguments a shell ignores."""
+    return (f"pipe:{command}; : -u alice:hunter2 --user=alice:hunter2 "
+            f"-H 'Authorization: Bearer hf_EXAMPLEtoken' HF_TOKEN=sk_EXAMPLEtoken")
+
+
+def test_redact_url_hides_command_line_credentials():
+    from runtime.redact import redact_url
+
+    cases = {
+        "pipe:curl -u alice:hunter2 https://h/x.tar": "pipe:curl -u *** https://h/x.tar",
+        "pipe:curl -s --user alice:hunter2 https://h/x.tar": "pipe:curl -s --user *** https://h/x.tar",
+        "pipe:curl --user 'alice:hunter2 x' https://h/x.tar": "pipe:curl --user *** https://h/x.tar",
+        'pipe:curl -H "Authorization: Bearer hf_EXAMPLEtoken" -L https://h/x.tar':
+            'pipe:curl -H "Authorization:***" -L https://h/x.tar',
+        "pipe:wget --header=Authorization:hf_EXAMPLEtoken -O - https://h/x.tar":
+            "pipe:wget --header=Authorization:*** -O - https://h/x.tar",
+        "pipe:HF_TOKEN=sk_EXAMPLEtoken curl https://h/x.tar": "pipe:HF_TOKEN=*** curl https://h/x.tar",
+        "HTTP 401 (Authorization: Bearer hf_EXAMPLEtoken)": "HTTP 401 (Authorization: ***)",
+        "s3://AKIA:hunter2@bucket/x.tar": "s3://***@bucket/x.tar",
+        # nothing to hide: unchanged
+        "pipe:curl -sL https://h/shards/{000..009}.tar": "pipe:curl -sL https://h/shards/{000..009}.tar",
+        "s3://laion-400m/x-user/00001.tar": "s3://laion-400m/x-user/00001.tar",
+    }
+    assert {url: redact_url(url) for url in cases} == cases
+
+
+def _cls_shard(path: Path, labels: list[bytes]) -> Path:
+    import io
+    import tarfile
+
+    from s3_server import jpeg_bytes
+
+    with tarfile.open(path, "w") as tar:
+        for i, label in enumerate(labels):
+            for ext, data in (("jpg", jpeg_bytes(i, 8)), ("cls", label)):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_classification_data_never_logs_or_raises_url_credentials(tmp_path, caplog):
+    from finetune.cls_data import ShardDataset
+    from finetune.cls_stream import StreamingShards
+
+    shard = _cls_shard(tmp_path / "s.tar", [b"0", b"not a label", b"1", b"0"])
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    good, bad = _pipe(f"cat {shard}"), _pipe(f"cat {junk}")
+    messages = []
+    with caplog.at_level("WARNING"):
+        ds = ShardDataset([good], lambda img: img)  # skips (and reports) the bad label
+        assert len(ds) == 3
+        with pytest.raises(ValueError) as no_samples:
+            ShardDataset([bad], lambda img: img)
+        messages.append(str(no_samples.value))
+        stream = StreamingShards([good], lambda img: img, num_samples=2, batch_size=2,
+                                 shuffle_buffer=1)
+        assert len([item for item in stream]) == 2  # the unlabelled sample skipped
+        with pytest.raises(RuntimeError) as ended:
+            list(StreamingShards([bad], lambda img: img, num_samples=2, batch_size=2))
+        messages.append(str(ended.value))
+    messages += [r.getMessage() for r in caplog.records]
+    assert "skipped sample" in caplog.text and "no readable sample" in messages[1]
+    leaks = [m for m in messages if any(s in m for s in PIPE_SECRETS)]
+    assert not leaks
