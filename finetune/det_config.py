@@ -134,11 +134,14 @@ class DetHeadConfig:
 class DetOptimConfig(OptimConfig):
     """``OptimConfig`` with the detection demo's defaults; ``head_offset_lr_mult`` scales the
     lr of the head's deformable-attention ``sampling_offsets`` / ``reference_points`` (DINO;
-    the released recipe's ``offset_lr_scale``)."""
+    the released recipe's ``offset_lr_scale``); ``layer0_params``: head parameter name
+    fragments trained at layer 0's (smallest) layer-decay scale, as the released dense
+    layer-decay constructor does for DINO's level embeddings (``level_embeds``)."""
 
     lr: float = 1e-3
     warmup_steps: int = 50
     head_offset_lr_mult: float = 1.0
+    layer0_params: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -55,7 +55,8 @@ def optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
                           backbone_prefix=getattr(model, "backbone_prefix", "backbone.body."),
                           layer_decay=o.layer_decay, dcn_lr_mult=o.dcn_lr_mult,
                           backbone_lr_mult=o.backbone_lr_mult,
-                          head_offset_lr_mult=o.head_offset_lr_mult)
+                          head_offset_lr_mult=o.head_offset_lr_mult,
+                          layer0_patterns=tuple(o.layer0_params))
     opt = adamw(groups, o.lr, o.betas)
     if cfg.schedule.kind == "step":
         # the released 1x/3x milestones: epochs 8/11 of 12, 27/33 of 36, counted from step 0
