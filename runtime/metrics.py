@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,53 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 
 
+_BLOCK = 1 << 16  # bytes read at a time when looking for the cut from the end
+
+
+def _lines_backwards(f, end: int):
+    """(offset, bytes) of each line of the binary file ``f`` up to offset ``end``, the
+    last first; a line keeps its newline (the last one may have none)."""
+    pos, tail = end, b""  # tail: the file's bytes from pos to the last line not yet given
+    while tail or pos > 0:
+        cut = tail.rfind(b"\n", 0, len(tail) - 1)
+        if cut >= 0 or pos == 0:
+            yield pos + cut + 1, tail[cut + 1:]
+            tail = tail[:cut + 1]
+            continue
+        start = max(0, pos - _BLOCK)
+        f.seek(start)
+        tail, pos = f.read(pos - start) + tail, start
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of ``path`` whose ``step`` is past ``step`` (and lines cut short by a
-    crash mid-write); a missing file is left missing."""
+    """Drop the records of ``path`` whose ``step`` is past ``step`` (and lines cut short
+    by a crash mid-write among them); a missing file is left missing.
+
+    Steps never decrease down the file, so the cut is the end of the last whole record
+    at or before ``step``, found by reading backwards from the end: a resume reads the
+    lines it removes, not the whole file (its cost does not grow with the run's length),
+    and the file is cut in place, never rewritten (a kill meanwhile loses nothing more).
+    """
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(f"{line}\n" for line in keep))
+    with path.open("r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep, line = 0, b"\n"
+        for offset, line in _lines_backwards(f, end):
+            try:
+                record = json.loads(line)
+            except ValueError:  # cut short by a crash mid-write, or not a record at all
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep = offset + len(line)
+                break
+        else:
+            line = b"\n"
+        if keep < end:
+            f.truncate(keep)
+        if not line.endswith(b"\n"):  # a whole last record whose newline was not written
+            f.seek(keep)
+            f.write(b"\n")
 
 
 class MetricsFile:
