@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
 from runtime.dist import DistInfo, rank_share
-from runtime.redact import redact_urls
+from runtime.redact import redact_url, redact_urls
 from runtime.rng import loader_generator, skip_batches
 
 log = logging.getLogger(__name__)
@@ -24,29 +25,35 @@ log = logging.getLogger(__name__)
 class ShardDataset(Dataset):
     """A (small) shard set read fully into memory as encoded bytes: map-style, so epochs,
     shuffling, DDP sampling and resume are exact. Large sets: ``data.kind=stream``.
-    Samples without an image or a readable label are skipped and counted (``skipped``)."""
+    Samples without an image or a readable label, or (with ``num_classes``) with a label
+    outside ``[0, num_classes)``, are skipped, counted (``skipped``, by reason in
+    ``skipped_by_reason``) and logged once per shard."""
 
     def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
-                 label_key: str = "cls"):
+                 label_key: str = "cls", num_classes: int | None = None):
         from data.sources import expand_urls, read_shard
         from data.stats import SkipCounter
-        from finetune.cls_stream import labelled_member
+        from finetune.cls_stream import describe_skip, labelled_member
 
         s3 = s3 or S3Config()
         self.items: list[tuple[bytes, int]] = []
-        self.skipped = 0
+        self.skipped_by_reason: Counter[str] = Counter()
         counter = SkipCounter()
         # every rank reads every shard: the sampler splits the samples
         for url in expand_urls(urls, s3):
+            skipped, first = Counter(), ""
             for raw in read_shard(url, "shards", s3, counter):
-                member = labelled_member(raw, label_key)
+                member = labelled_member(raw, label_key, num_classes)
                 if isinstance(member, str):  # the reason it is unusable
-                    self.skipped += 1
+                    skipped[member] += 1
+                    first = first or describe_skip(raw, member, label_key, num_classes)
                 else:
                     self.items.append(member)
-        if self.skipped:
-            log.warning("data: %d samples without an image or a readable %r label skipped in "
-                        "%s", self.skipped, label_key, redact_urls(urls))
+            if skipped:
+                log.warning("data: shard %s: %d samples skipped (%s), e.g. %s",
+                            redact_url(url), sum(skipped.values()), dict(skipped), first)
+                self.skipped_by_reason.update(skipped)
+        self.skipped = sum(self.skipped_by_reason.values())
         if not self.items:
             raise ValueError(f"data: no samples in {redact_urls(urls)}")
         self.transform = transform
@@ -91,16 +98,18 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 
         return (ImageFolder(str(Path(d.root) / d.train_split), train_tf),
                 ImageFolder(str(Path(d.root) / d.val_split), val_tf))
+    n = d.num_classes  # a label outside [0, n) is skipped, never handed to the loss
     if d.kind == "demo":
         train_urls, val_urls = demo_urls(d.cache_dir, d.source_size)
-        return ShardDataset(train_urls, train_tf), ShardDataset(val_urls, val_tf)
-    val = ShardDataset(d.val_urls, val_tf, d.s3)
+        return (ShardDataset(train_urls, train_tf, num_classes=n),
+                ShardDataset(val_urls, val_tf, num_classes=n))
+    val = ShardDataset(d.val_urls, val_tf, d.s3, num_classes=n)
     if d.kind == "stream":
         from finetune.cls_stream import StreamingShards
 
         return StreamingShards(d.train_urls, train_tf, d.train_samples, cfg.run.batch_size,
-                               cfg.run.seed, d.shuffle_buffer, d.s3), val
-    return ShardDataset(d.train_urls, train_tf, d.s3), val
+                               cfg.run.seed, d.shuffle_buffer, d.s3, num_classes=n), val
+    return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 
 def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch: int = 0,

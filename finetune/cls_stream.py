@@ -46,20 +46,29 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 
-def labelled_member(raw: RawSample, label_key: str = "cls") -> tuple[bytes, int] | str:
-    """(encoded image, int label) of a raw sample, or the reason it is unusable."""
+def labelled_member(raw: RawSample, label_key: str = "cls", num_classes: int | None = None
+                    ) -> tuple[bytes, int] | str:
+    """(encoded image, int label) of a raw sample, or the reason it is unusable:
+    ``missing_member``, ``bad_label`` (not an integer) or, with ``num_classes``,
+    ``label_out_of_range`` (outside ``[0, num_classes)``: the loss would index out of its
+    logits, a device-side assert on a GPU)."""
     image, label = pick_member(raw, IMAGE_KEYS), raw.get(label_key)
     if image is None or label is None:
         return "missing_member"
     try:
-        return image, int(label.decode().strip())
+        target = int(label.decode().strip())
     except (UnicodeDecodeError, ValueError):
         return "bad_label"
+    if num_classes is not None and not 0 <= target < num_classes:
+        return "label_out_of_range"
+    return image, target
 
 
-def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls"):
-    """(transformed image, int label) of a raw sample, or the reason it is unusable."""
-    member = labelled_member(raw, label_key)
+def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls",
+                    num_classes: int | None = None):
+    """(transformed image, int label) of a raw sample, or the reason it is unusable
+    (:func:`labelled_member`, or ``undecodable_image``)."""
+    member = labelled_member(raw, label_key, num_classes)
     if isinstance(member, str):
         return member
     image, target = member
@@ -71,12 +80,23 @@ def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls")
     return transform(img), target
 
 
+def describe_skip(raw: RawSample, reason: str, label_key: str, num_classes: int | None) -> str:
+    """What a log says about a skipped sample: its key, its shard (credentials removed)
+    and why; an out-of-range label with its value and the valid range."""
+    why = reason
+    if reason == "label_out_of_range":
+        label = raw[label_key].decode(errors="replace").strip()[:20]
+        why = f"label {label} outside [0, {num_classes}) of data.num_classes"
+    return f"sample {raw.get('__key__')} of shard {redact_url(str(raw.get('__url__')))} ({why})"
+
+
 class StreamingShards(IterableDataset):
     """Training samples streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://)."""
 
     def __init__(self, urls: list[str], transform: Callable, num_samples: int,
                  batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
-                 s3: S3Config | None = None, label_key: str = "cls"):
+                 s3: S3Config | None = None, label_key: str = "cls",
+                 num_classes: int | None = None):
         self.s3 = s3 or S3Config()
         self.urls = expand_urls(urls, self.s3)
         if not self.urls:
@@ -87,6 +107,7 @@ class StreamingShards(IterableDataset):
                              f"({batch_size} x {self.world} ranks)")
         self.transform, self.num_samples, self.batch_size = transform, num_samples, batch_size
         self.seed, self.shuffle_buffer, self.label_key = seed, shuffle_buffer, label_key
+        self.num_classes = num_classes  # labels outside [0, num_classes) are skipped
         self.epoch, self.skip_batches = 0, 0
 
     def __len__(self) -> int:
@@ -144,12 +165,11 @@ class StreamingShards(IterableDataset):
         produced = bad = 0
         while produced < wanted:
             raw = next(stream)
-            item = decode_labelled(raw, self.transform, self.label_key)
+            item = decode_labelled(raw, self.transform, self.label_key, self.num_classes)
             if isinstance(item, str):
                 bad += 1
-                log.warning("skipped sample %s of %s (%s); %d skipped by this worker this "
-                            "epoch", raw.get("__key__"), redact_url(str(raw.get("__url__"))),
-                            item, bad)
+                log.warning("skipped %s; %d skipped by this worker this epoch",
+                            describe_skip(raw, item, self.label_key, self.num_classes), bad)
                 continue
             produced += 1
             yield item

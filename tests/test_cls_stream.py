@@ -138,3 +138,38 @@ def test_fewer_shards_than_slots_still_reads_every_sample_once_per_epoch(tmp_pat
             ds.rank, ds.world = rank, 2
             seen += sum(_labels(ds, epoch), [])
         assert sorted(seen) == list(range(32)), epoch
+
+
+def _labelled_shard(path: Path, labels: list[str]) -> str:
+    """One shard, sample ``i`` an 8x8 JPEG with ``cls`` member ``labels[i]``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i, label in enumerate(labels):
+            for ext, data in (("jpg", _jpeg(i)), ("cls", label.encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+# 4 classes; -1 and 99999 would index outside the logits (a CUDA device assert in the loss)
+LABELS = ["0", "-1", "1", "99999", "2", "3", "4", "1"]
+
+
+def test_labels_outside_the_classes_are_skipped_counted_and_logged(tmp_path, caplog):
+    from finetune.cls_data import ShardDataset
+
+    url = _labelled_shard(tmp_path / "s.tar", LABELS)
+    with caplog.at_level("WARNING"):
+        ds = ShardDataset([url], _to_tensor, num_classes=4)
+    assert sorted(label for _, label in ds.items) == [0, 1, 1, 2, 3]
+    assert ds.skipped == 3 and ds.skipped_by_reason == {"label_out_of_range": 3}
+    assert "s.tar" in caplog.text and "outside [0, 4)" in caplog.text
+    caplog.clear()
+    stream = StreamingShards([url], _to_tensor, num_samples=4, batch_size=4, shuffle_buffer=1,
+                             num_classes=4)
+    with caplog.at_level("WARNING"):
+        (labels,) = _labels(stream, 0, workers=0)
+    assert sorted(labels) == [0, 1, 2, 3]  # the first four in range; the loss gets no other
+    assert "label -1 outside [0, 4)" in caplog.text and "label 99999 outside" in caplog.text
+    assert "s.tar" in caplog.text
