@@ -114,8 +114,9 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 
 def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch: int = 0,
                   skip: int = 0):
-    """DataLoaders (training: a DistributedSampler when several ranks; validation: this
-    rank's share, unpadded); returns (train, val, sampler).
+    """DataLoaders (training: a DistributedSampler when several ranks, or a streaming set's
+    own batches with their counts; validation: this rank's share, unpadded); returns
+    (train, val, sampler).
 
     ``skip``: batches of ``epoch`` already trained (resume); a streaming set skips them in
     its workers, without decoding (iterate with ``epoch_batches``)."""
@@ -132,7 +133,8 @@ def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch:
     train = DataLoader(train_set, batch_size=cfg.run.batch_size,
                        shuffle=sampler is None and not streaming,
                        sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
-                       generator=g, persistent_workers=False)
+                       generator=g, persistent_workers=False,
+                       collate_fn=StreamingShards.collate if streaming else None)
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
     val = DataLoader(val_set, batch_size=cfg.run.batch_size * 2, shuffle=False,
                      sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers)
@@ -140,11 +142,14 @@ def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch:
 
 
 def epoch_batches(loader: DataLoader, skip: int = 0):
-    """The epoch's batches from index ``skip`` on: a streaming set has skipped them in its
-    workers already (``build_loaders``); a map-style one is skipped here."""
+    """The epoch's ``(images, labels)`` batches from index ``skip`` on: a streaming set has
+    skipped them in its workers already (``build_loaders``), and the counts its batches
+    carry go to its ``stats``; a map-style one is skipped here."""
     from finetune.cls_stream import StreamingShards
 
     if isinstance(loader.dataset, StreamingShards):
-        yield from loader
+        for images, labels, counts in loader:
+            loader.dataset.stats.add_counts(counts)
+            yield images, labels
         return
     yield from skip_batches(loader, skip)  # the skipped batches leave the RNG untouched

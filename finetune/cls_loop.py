@@ -3,19 +3,21 @@
 The engine-side parts (the optimisation step, EMA update, evaluation and the checkpoint,
 finetune/zero.py) come in as ``ClsSteps``; what classification adds to every task's loop
 lives here: per-epoch loaders (the validation loader is the epoch's), Mixup/CutMix on the
-batch, and the position derived from the step (checkpoints store the step only).
+batch, the data counts of a streaming set in each training record, and the position
+derived from the step (checkpoints store the step only).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from runtime.dist import DistInfo
+from runtime.dist import DistInfo, all_gather_objects
 from runtime.loop import (
     LoopPosition,
     LoopSpec,
@@ -40,6 +42,21 @@ class ClsSteps:
     after_step: Callable[[int], None]
     evaluate: Callable[[DataLoader], dict]
     save: Callable[[int], None]
+
+
+def data_values(train_set) -> dict:
+    """What a training record adds about the data: a streaming set's skip and shard counts
+    summed over ranks (``skipped``: by reason, as pre-training logs them), this run's
+    process so far. A collective on every rank (as :class:`runtime.loop.TaskHooks` allows);
+    nothing for an in-memory set, which counted its skips when it was read."""
+    from finetune.cls_stream import StreamingShards
+
+    if not isinstance(train_set, StreamingShards):
+        return {}
+    skipped: Counter = Counter()
+    for counts in all_gather_objects(dict(train_set.stats.skipped)):
+        skipped.update(counts)
+    return {"skipped": dict(sorted(skipped.items()))}
 
 
 def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
@@ -77,7 +94,8 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     hooks = TaskHooks(batches=batches,
                       train_step=lambda group: accumulated_step(micro_step, group),
                       evaluate=lambda: steps.evaluate(loaders["val"]),
-                      save=lambda pos: steps.save(pos.step), after_step=steps.after_step)
+                      save=lambda pos: steps.save(pos.step), after_step=steps.after_step,
+                      log_values=lambda step: data_values(train_set))
     spec = LoopSpec(name=desc, total_steps=total, eval_every=eval_every,
                     checkpoint_every=cfg.run.checkpoint_every or eval_every,
                     log_every=cfg.run.log_every)

@@ -22,6 +22,13 @@ consumed samples without decoding them and continues with the same batches (exac
 as no sample before the resume point was corrupt). Samples whose image or label cannot be
 read are skipped, counted and logged by the worker; shard faults follow the shared policy
 of :mod:`data.shard_schedule` (a failed shard is retried later, a missing one dropped).
+
+Counts reach the training metrics as pre-training's do (:mod:`data.stats`): each item
+carries its worker's counts since the item before it, :meth:`StreamingShards.collate` puts
+a batch's together, and the loader's consumer folds them into :attr:`StreamingShards.stats`
+in the main process (``finetune.cls_data.epoch_batches``). They are this process's totals:
+what a damaged shard loses is counted in the first data epoch it trains
+(:class:`data.stream.SourceStream`), once, not once per epoch.
 """
 
 from __future__ import annotations
@@ -32,13 +39,13 @@ import random
 from collections.abc import Callable, Iterator
 
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample, expand_urls, pick_member
 from data.state import derive_seed, dist_info
-from data.stats import SkipCounter
+from data.stats import DataStats, SkipCounter
 from data.stream import SourceStream
 from runtime.redact import redact_url, redact_urls
 
@@ -91,7 +98,13 @@ def describe_skip(raw: RawSample, reason: str, label_key: str, num_classes: int 
 
 
 class StreamingShards(IterableDataset):
-    """Training samples streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://)."""
+    """Training samples streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://).
+
+    Items are ``(image, label, counts)``: ``counts`` are the worker's skip and shard counts
+    (:meth:`data.stats.SkipCounter.drain`) since its previous item. Batch them with
+    :meth:`collate`, and fold each batch's counts into :attr:`stats` (what
+    ``finetune.cls_data.epoch_batches`` does).
+    """
 
     def __init__(self, urls: list[str], transform: Callable, num_samples: int,
                  batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
@@ -109,6 +122,16 @@ class StreamingShards(IterableDataset):
         self.seed, self.shuffle_buffer, self.label_key = seed, shuffle_buffer, label_key
         self.num_classes = num_classes  # labels outside [0, num_classes) are skipped
         self.epoch, self.skip_batches = 0, 0
+        # the data epoch whose reads count damaged shards: this process's first
+        self.count_epoch: int | None = None
+        self.stats = DataStats()  # the consumer's totals (main process), see collate
+
+    @staticmethod
+    def collate(items: list[tuple]) -> tuple:
+        """``(images, labels, counts)`` of a batch of items: the images and labels batched
+        as the default collate does, the counts of every item concatenated."""
+        images, labels = default_collate([(image, label) for image, label, _ in items])
+        return images, labels, [c for _, _, counts in items for c in counts]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -121,6 +144,8 @@ class StreamingShards(IterableDataset):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Next iteration: ``epoch``'s batches from index ``skip_batches`` on (resume)."""
         self.epoch, self.skip_batches = epoch, skip_batches
+        if self.count_epoch is None:
+            self.count_epoch = epoch
 
     def _raw(self, slot: int, nslots: int, counter: SkipCounter) -> Iterator[RawSample]:
         """Endless raw samples of one slot: its share of data epoch ``self.epoch``, then of
@@ -129,7 +154,8 @@ class StreamingShards(IterableDataset):
         offsets, stride = extra_offsets([units], nslots)
         stream = SourceStream("train", self.urls, slot, nslots, self.seed, self.s3, counter,
                               resampled=True, shuffle=True, first_epoch=self.epoch,
-                              deal_offset=offsets[0], deal_stride=stride)
+                              deal_offset=offsets[0], deal_stride=stride,
+                              count_epoch=self.count_epoch)
         rng = random.Random(derive_seed(self.seed, self.epoch, slot, "buffer"))
         buffer: list[RawSample] = []
         data_epoch = self.epoch
@@ -168,8 +194,9 @@ class StreamingShards(IterableDataset):
             item = decode_labelled(raw, self.transform, self.label_key, self.num_classes)
             if isinstance(item, str):
                 bad += 1
+                counter.skip("train", item)
                 log.warning("skipped %s; %d skipped by this worker this epoch",
                             describe_skip(raw, item, self.label_key, self.num_classes), bad)
                 continue
             produced += 1
-            yield item
+            yield (*item, counter.drain())

@@ -51,8 +51,9 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 def _labels(ds: StreamingShards, epoch: int, skip: int = 0, workers: int = 2) -> list[list[int]]:
     ds.set_epoch(epoch, skip)
-    loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=workers, drop_last=True)
-    return [labels.tolist() for _, labels in loader]
+    loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=workers, drop_last=True,
+                        collate_fn=StreamingShards.collate)
+    return [labels.tolist() for _, labels, _ in loader]
 
 
 def test_an_epoch_is_one_pass_in_exact_batches_and_epochs_reshuffle(tmp_path):
@@ -173,3 +174,30 @@ def test_labels_outside_the_classes_are_skipped_counted_and_logged(tmp_path, cap
     assert sorted(labels) == [0, 1, 2, 3]  # the first four in range; the loss gets no other
     assert "label -1 outside [0, 4)" in caplog.text and "label 99999 outside" in caplog.text
     assert "s.tar" in caplog.text
+
+
+def test_streamed_skips_and_shard_damage_reach_the_training_metrics(tmp_path):
+    # what pre-training logs as "skipped": here a corrupt image (shard 0, sample 5) and a
+    # shard cut inside its sample 10's label (shard 3: 10 of 16 samples read, 1 counted lost)
+    from finetune.classification import ClassificationConfig, train
+    from launch.config import load_config
+
+    urls = _write_shards(tmp_path / "shards", n_shards=4, per_shard=16, corrupt=5)
+    cut = tmp_path / "shards" / "shard-0003.tar"
+    with tarfile.open(cut) as tar:
+        label = tar.getmember(f"{3 * 16 + 10:06d}.cls")
+    cut.write_bytes(cut.read_bytes()[:label.offset_data])
+    args = ["data.kind=stream", f"data.train_urls={json.dumps([urls])}",
+            f"data.val_urls={json.dumps([str(tmp_path / 'shards' / 'shard-0001.tar')])}",
+            "data.train_samples=64", "data.num_classes=64", "data.img_size=16",
+            "run.batch_size=8", "run.max_steps=8", "run.eval_every=8", "run.log_every=4",
+            "run.num_workers=2", "run.progress=false", "optim.warmup_steps=0",
+            "ema.enabled=false"]
+    train(load_config(ClassificationConfig, None, args), tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    assert last["step"] == 8  # an epoch: every slot read its share of the shards
+    skipped = last["skipped"]
+    assert skipped["truncated_shard"] == 1 and skipped["lost_samples"] == 1
+    assert skipped["undecodable_image"] >= 1  # once per read of it
