@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data.epochs import extra_offsets, first_slot, parts_per_shard, slot_units
-from data.state import PipelineState, derive_seed
+from data.state import PipelineState, derive_seed, url_list_digest
 from data.stream import SourceCursor
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,12 @@ def redeal_source(cursors: list[SourceCursor], spec: SourceSpec, old_nslots: int
     return out, total, resumed
 
 
-def _merge(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_stats(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several ranks' stats totals (:meth:`data.stats.DataStats.to_dict`) summed."""
     out: dict[str, Any] = {}
     for d in dicts:
         for key, value in d.items():
-            out[key] = _merge([out.get(key, {}), value]) if isinstance(value, dict) \
+            out[key] = merge_stats([out.get(key, {}), value]) if isinstance(value, dict) \
                 else out.get(key, 0) + value
     return out
 
@@ -167,10 +168,13 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     states = [PipelineState.from_dict(s) for s in saved]
     old = states[0]
     names = [s.name for s in specs]
+    lists = [url_list_digest(sp.urls) for sp in specs]
     for st in states:
         if st.seed != seed or st.sources != names:
             raise ValueError(f"data state: saved seed={st.seed} sources={st.sources} but this "
                              f"run has seed={seed} sources={names}; the sample streams differ")
+        # the old deal is rebuilt from the lists: it must be the one the cursors index
+        PipelineState(seed, 0, 1, 1, names, shard_lists=lists).check_shard_lists(st)
     if len(states) != old.world_size:
         raise ValueError(f"data state: {len(states)} ranks saved, expected {old.world_size}")
     old_nslots, new_nslots = old.world_size * old.workers, world_size * workers
@@ -218,6 +222,7 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
         log.warning("data: %d samples repeated across the change (handed out from the old "
                     "workers' current shuffle blocks, which are read again)", out.repeated)
     positions = {w: out.positions[rank * workers + w] for w in range(workers)}
-    stats = _merge([PipelineState.from_dict(s).stats for s in saved]) if rank == 0 else {}
+    stats = merge_stats([PipelineState.from_dict(s).stats for s in saved]) if rank == 0 else {}
     return PipelineState(seed, rank, world_size, workers, [s.name for s in specs],
-                         epoch=old.epoch, next_worker=0, positions=positions, stats=stats)
+                         epoch=old.epoch, next_worker=0, positions=positions, stats=stats,
+                         shard_lists=[url_list_digest(s.urls) for s in specs])

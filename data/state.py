@@ -5,6 +5,13 @@ source a cursor into its epoch's shard permutation with the byte offset of the n
 header, plus the mix draw counter and the shuffle block); batches carry their worker's
 state after their last raw sample. The loader records it per worker, with which worker's
 batch comes next; a restored pipeline opens each source at its cursor: nothing is replayed.
+
+The cursors index each source's epoch permutations, which are functions of its shard URL
+list: the state records every list's length and a short hash (:func:`url_list_digest`),
+and a resume whose list changed (a regenerated ``.txt`` list with a shard added or removed)
+is refused (:meth:`PipelineState.check_compatible`), since it would silently go on in other
+permutations, repeating and skipping samples. States saved before the record existed load
+and resume unchecked.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def url_list_digest(urls: list[str]) -> list:
+    """``[count, hash]`` of a source's shard URLs in their order (16 hex digits of their
+    SHA-256): what a saved state keeps to tell that a resume deals the same shards. (44k
+    URLs: a few milliseconds, once per loader.)"""
+    return [len(urls), hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]]
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size): torch.distributed if initialised, else RANK/WORLD_SIZE, else
     a single process."""
@@ -41,7 +55,9 @@ class PipelineState:
     ``positions[w]``: the stream state of logical worker ``w`` after its last delivered
     batch (:meth:`data.stream.MixedStream.state`);
     ``next_worker``: the logical worker whose batch comes next; ``epoch``: passes completed
-    (one-pass sources; resampled streams never finish a pass); ``stats``: totals so far.
+    (one-pass sources; resampled streams never finish a pass); ``stats``: totals so far;
+    ``shard_lists``: :func:`url_list_digest` of each source's URLs (None in states saved
+    before it was recorded).
     """
 
     seed: int
@@ -53,6 +69,7 @@ class PipelineState:
     next_worker: int = 0
     positions: dict[int, dict[str, Any]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    shard_lists: list[list] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (worker ids as strings, as JSON keys must be)."""
@@ -61,7 +78,7 @@ class PipelineState:
                 "sources": list(self.sources), "epoch": self.epoch,
                 "next_worker": self.next_worker,
                 "positions": {str(k): v for k, v in sorted(self.positions.items())},
-                "stats": self.stats}
+                "stats": self.stats, "shard_lists": self.shard_lists}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineState:
@@ -73,7 +90,7 @@ class PipelineState:
                    workers=d["workers"], sources=list(d["sources"]), epoch=d["epoch"],
                    next_worker=d["next_worker"],
                    positions={int(k): v for k, v in d["positions"].items()},
-                   stats=d.get("stats", {}))
+                   stats=d.get("stats", {}), shard_lists=d.get("shard_lists"))
 
     def check_compatible(self, other: PipelineState) -> None:
         """Raise ValueError naming what differs if ``other`` (the saved state) describes
@@ -86,3 +103,32 @@ class PipelineState:
                     "sample streams differ, so this rank's data position cannot be restored "
                     "alone (another world size or worker count: pass every rank's saved "
                     "state, data.redeal; else start the data pipeline fresh with state=None)")
+        self.check_shard_lists(other)
+
+    def changed_sources(self, other: PipelineState) -> list[str]:
+        """Sources whose shard list differs between ``self`` and ``other`` (none when
+        either state does not record its lists)."""
+        if self.shard_lists is None or other.shard_lists is None:
+            return []
+        return [name for name, mine, theirs in zip(self.sources, self.shard_lists,
+                                                   other.shard_lists, strict=True)
+                if list(mine) != list(theirs)]
+
+    def check_shard_lists(self, other: PipelineState) -> None:
+        """Raise ValueError naming each source whose shard list differs from the one
+        ``other`` (the saved state) was dealt from."""
+        changed = self.changed_sources(other)
+        if not changed:
+            return
+        lists = dict(zip(self.sources, self.shard_lists, strict=True))
+        saved = dict(zip(other.sources, other.shard_lists, strict=True))
+        what = "; ".join(f"source {name!r}: saved with {saved[name][0]} shards (list "
+                         f"{saved[name][1]}), now {lists[name][0]} (list {lists[name][1]})"
+                         for name in changed)
+        raise ValueError(
+            f"data state: the shard list changed since it was saved ({what}). Each epoch's "
+            "order is a permutation of the list, so the saved positions would go on in "
+            "another order, repeating and skipping samples. Resume with the list the run "
+            "was saved with, or set data.on_shard_list_change=restart to start the data "
+            "pipeline afresh over the new lists (its counts kept; the epoch's samples read "
+            "so far are read again)")

@@ -98,3 +98,53 @@ def test_resume_opens_the_current_shard_at_its_saved_byte_offset(tmp_path, monke
     # header; what came before in it is never read again
     assert all(opened.count(c) == 1 for c in cursors), (opened, cursors)
     assert not {url for url, offset in opened if offset == 0} & {u for u, _ in cursors}
+
+
+def _list_cfg(urls: list[str], **kw):
+    from pretrain.data import DataConfig, SourceConfig
+
+    return DataConfig(sources=[SourceConfig("laion", urls)], image_size=8, batch_size=1,
+                      workers=0, shuffle_buffer=0, context_length=8, seed=1,
+                      s3=S3Config(prefetch_bytes=0), **kw)
+
+
+def _keys(loader, n: int) -> list[str]:
+    out = []
+    for batch in loader:
+        out.append(batch["keys"][0].split("/")[1])
+        if len(out) == n:
+            return out
+    return out
+
+
+def test_a_changed_shard_list_is_refused_unless_a_restart_is_asked_for(tmp_path):
+    import pytest
+
+    from pretrain.data import build_loader
+
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 4, size=8)))
+            for i in range(9)]
+    saved = []
+    for rank in (0, 1):  # the run so far: 2 ranks, 6 samples each into an epoch of 8 shards
+        loader = build_loader(_list_cfg(urls[:8]), rank, 2)
+        _keys(loader, 6)
+        saved.append(json.loads(json.dumps(loader.state_dict())))  # as checkpoints store it
+    # the same list resumes, on the same ranks or re-dealt over another count
+    build_loader(_list_cfg(urls[:8]), 0, 2, state=saved[0])
+    build_loader(_list_cfg(urls[:8]), 0, 1, state=saved)
+    for new in (urls, urls[:7], urls[:7] + urls[8:]):  # a shard added, removed, replaced
+        for state, world in ((saved[0], 2), (saved, 1)):  # same ranks; re-dealt
+            with pytest.raises(ValueError, match=f"source 'laion': saved with 8 shards .*now "
+                                                 f"{len(new)}.*on_shard_list_change"):
+                build_loader(_list_cfg(new), 0, world, state=state)
+    # asked for: a fresh start over the new list, the counts kept
+    restarted = build_loader(_list_cfg(urls, on_shard_list_change="restart"), 0, 2,
+                             state=saved[0])
+    assert restarted.stats.samples == {"laion": 6}
+    fresh = build_loader(_list_cfg(urls), 0, 2)
+    assert _keys(restarted, 10) == _keys(fresh, 10)
+    merged = build_loader(_list_cfg(urls, on_shard_list_change="restart"), 0, 1, state=saved)
+    assert merged.stats.samples == {"laion": 12}
+    # a state saved before lists were recorded still resumes (unchecked)
+    legacy = {k: v for k, v in saved[0].items() if k != "shard_lists"}
+    build_loader(_list_cfg(urls), 0, 2, state=legacy)

@@ -64,6 +64,9 @@ class DataConfig:
     and counted ``oversized_image``; the default is PIL's own decompression-bomb limit.
     ``mean``/``std``: CLIP's normalisation by default (OpenAI CLIP's preprocessing); for
     ImageNet's, use the values of :mod:`models.constants` (defined there once).
+    ``on_shard_list_change``: a resume whose source's shard list differs from the saved
+    one is refused (``error``), or (``restart``) starts the data pipeline afresh over the
+    new lists, keeping its counts (:mod:`data.state`).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -85,6 +88,7 @@ class DataConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     s3: S3Config = field(default_factory=S3Config)
+    on_shard_list_change: str = "error"
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -102,3 +106,5 @@ class DataConfig:
         check(self.max_image_pixels >= 1, "data.max_image_pixels",
               f"must be >= 1, got {self.max_image_pixels}")
         check(all(s > 0 for s in self.std), "data.std", "must be > 0")
+        check(self.on_shard_list_change in ("error", "restart"), "data.on_shard_list_change",
+              f"must be 'error' or 'restart', got {self.on_shard_list_change!r}")

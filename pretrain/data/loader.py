@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import expand_urls
-from data.state import PipelineState, derive_seed, dist_info
+from data.state import PipelineState, derive_seed, dist_info, url_list_digest
 from data.stats import DataStats, SkipCounter
 from data.stream import MixedStream, SourceCursor, SourceStream
 from pretrain.data.config import DataConfig
@@ -185,7 +185,8 @@ class StreamingLoader:
                          "read as %d parts (disjoint samples), its bytes %d times per epoch",
                          source.name, len(urls), nslots, parts, parts)
         self._state = PipelineState(cfg.seed, rank, world_size, self.workers,
-                                    [s.name for s in cfg.sources])
+                                    [s.name for s in cfg.sources],
+                                    shard_lists=[url_list_digest(u) for u in self.shard_urls])
         self.stats = DataStats()
         if state is not None:
             self.load_state_dict(state)
@@ -236,7 +237,13 @@ class StreamingLoader:
         ``state`` may also be every old rank's state (``[rank 0's, rank 1's, ...]``): then
         a run with another world size or worker count resumes at shard granularity
         (:mod:`data.redeal`: what the old slots left of the current epochs is re-dealt over
-        the new slots; what is repeated is logged)."""
+        the new slots; what is repeated is logged).
+
+        A source whose shard list changed since the save is refused (ValueError naming
+        it), or with ``data.on_shard_list_change=restart`` the pipeline starts afresh with
+        the saved counts (the old positions index permutations of the old lists)."""
+        if self._restart_on_changed_lists(state):
+            return
         if isinstance(state, list):
             first = PipelineState.from_dict(state[0])
             if (first.world_size, first.workers) == (self.world_size, self.workers):
@@ -249,6 +256,31 @@ class StreamingLoader:
         self._state.epoch, self._state.next_worker = saved.epoch, saved.next_worker
         self._state.positions = dict(saved.positions)
         self.stats = DataStats.from_dict(saved.stats)
+
+    def _restart_on_changed_lists(self, state: dict[str, Any] | list[dict[str, Any]]
+                                  ) -> bool:
+        """With ``on_shard_list_change=restart`` and a changed list: fresh positions, the
+        saved counts kept (summed on rank 0 after a resize, as a re-deal does)."""
+        states = state if isinstance(state, list) else [state]
+        saved = [PipelineState.from_dict(s) for s in states]
+        changed = self._state.changed_sources(saved[0])
+        if not changed or self.cfg.on_shard_list_change != "restart":
+            return False
+        if self.rank == 0:
+            log.warning("data: the shard list of source(s) %s changed since the checkpoint; "
+                        "data.on_shard_list_change=restart: the data pipeline starts afresh "
+                        "over the new lists (samples of the current epoch read again)",
+                        changed)
+        if isinstance(state, list) and (saved[0].world_size, saved[0].workers) != (
+                self.world_size, self.workers):
+            from data.redeal import merge_stats
+
+            self.stats = DataStats.from_dict(merge_stats([s.stats for s in saved])
+                                             if self.rank == 0 else {})
+        else:
+            self.stats = DataStats.from_dict(saved[self.rank if isinstance(state, list)
+                                                   else 0].stats)
+        return True
 
     def _load_resized(self, states: list[dict[str, Any]]) -> None:
         from data.redeal import SourceSpec, resized_state
