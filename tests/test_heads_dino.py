@@ -80,6 +80,30 @@ def test_predict_follows_torchvision_convention():
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
 
 
+def test_predicted_boxes_are_clipped_to_the_image(monkeypatch):
+    """The released DINO head clips boxes to the (resized) image before scaling them back
+    (OpenGVLab/InternImage detection/mmdet_custom/models/dense_heads/detr_head.py,
+    _get_bboxes_single): boxes made nearly image-sized end on the borders, also for the
+    shorter image of a padded batch, where unclipped they reach past them."""
+    import finetune.heads.dino as dino
+
+    model = _tiny(num_select=15).eval()
+    with torch.no_grad():  # box logits + 6: widths/heights -> ~1, centres unchanged
+        model.bbox_embed.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 6.0, 6.0]))
+    images, _ = _scenes()
+    for img, det in zip(images, model(images)):
+        h, w = img.shape[-2:]
+        b = det["boxes"]
+        assert b.min() >= 0 and b[:, [0, 2]].max() <= w + 1e-4 and b[:, [1, 3]].max() <= h + 1e-4
+        for side, edge in ((b[:, 0], 0), (b[:, 1], 0), (b[:, 2], w), (b[:, 3], h)):
+            assert ((side - edge).abs() < 1e-4).any()  # clipped on every border
+    monkeypatch.setattr(dino, "clip_boxes_to_image", lambda boxes, size: boxes)
+    for img, det in zip(images, model(images)):
+        h, w = img.shape[-2:]
+        b = det["boxes"]
+        assert b.min() < -1 or b[:, [0, 2]].max() > w + 1 or b[:, [1, 3]].max() > h + 1
+
+
 def test_denoising_queries_and_group_isolation():
     """CDN: 2 * max_gt queries per group, num_dn // max_gt groups; a change in one group
     reaches neither the other groups nor the matching queries."""

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 from transformers import DeformableDetrConfig
 from transformers.loss.loss_deformable_detr import (
     DeformableDetrHungarianMatcher,
@@ -287,7 +287,8 @@ class DinoDetector(nn.Module):
     # ------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images) -> list[dict[str, torch.Tensor]]:
-        """Per image: ``boxes`` (absolute xyxy in the input image), ``scores``, ``labels``."""
+        """Per image: ``boxes`` (absolute xyxy, clipped to the input image), ``scores``,
+        ``labels``."""
         pixels, pixel_mask, sizes, originals, _ = self._prepare(images)
         enc = self._encode(pixels, pixel_mask)
         content, reference, _ = self._select_queries(enc)
@@ -300,6 +301,11 @@ class DinoDetector(nn.Module):
         for b, (h, w) in enumerate(sizes):
             cxcywh = boxes[-1, b, query[b]]
             xyxy = box_convert(cxcywh, "cxcywh", "xyxy") * cxcywh.new_tensor([w, h, w, h])
+            # Clipped to the resized image before scaling back, as the released DINO head's
+            # post-processing (DETRHead._get_bboxes_single in OpenGVLab/InternImage
+            # detection/mmdet_custom/models/dense_heads/detr_head.py): a box reaching into
+            # the padding or past the border would otherwise be scored as predicted.
+            xyxy = clip_boxes_to_image(xyxy, (h, w))
             results.append({"boxes": xyxy, "scores": scores[b],
                             "labels": flat_idx[b] % self.num_classes + self.label_offset})
         return self.transform.postprocess(results, sizes, originals)
