@@ -47,8 +47,16 @@ class DetectorConfig:
     rpn_batch_per_image: int = 128
     box_batch_per_image: int = 64
     detections_per_image: int = 50
+    # mmdet's _base_/models/mask_rcnn_r50_fpn.py (the released Mask R-CNN base): 1000 RPN
+    # proposals kept after NMS in training (torchvision's default: 2000), and RoIAlign with
+    # an adaptive sampling grid (sampling_ratio=0; torchvision's MaskRCNN default: 2)
+    rpn_post_nms_train: int = 1000
+    roi_sampling_ratio: int = 0
 
     def __post_init__(self) -> None:
+        check(self.rpn_post_nms_train >= 1, "detector.rpn_post_nms_train", "must be >= 1")
+        check(self.roi_sampling_ratio >= 0, "detector.roi_sampling_ratio",
+              "must be >= 0 (0: adaptive, ceil(RoI size / output size) per bin)")
         check(len(self.anchor_sizes) == 5, "detector.anchor_sizes",
               "needs 5 sizes (FPN levels P2..P6)")
         check(bool(self.train_sizes) and min(self.train_sizes) >= 32, "detector.train_sizes",

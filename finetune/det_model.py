@@ -30,20 +30,31 @@ class InternImageFPN(nn.Module):
 
 
 def build_detector(cfg: DetectionConfig, num_classes: int, init: str | None = None) -> nn.Module:
-    """torchvision MaskRCNN (``num_classes`` + background) on InternImage + FPN."""
+    """torchvision MaskRCNN (``num_classes`` + background) on InternImage + FPN.
+
+    RPN proposals and RoIAlign follow mmdet's Mask R-CNN base (``detector``'s
+    ``rpn_post_nms_train`` / ``roi_sampling_ratio``). Not expressible with torchvision:
+    mmcv's RoIAlign ``aligned=True`` half-pixel offset (``MultiScaleRoIAlign`` calls
+    ``roi_align`` with ``aligned=False``) and mmdet's L1 box losses (torchvision: smooth L1).
+    """
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+    from torchvision.ops import MultiScaleRoIAlign
 
     from finetune.backbone import build_trunk
 
     c = cfg.detector
     backbone = InternImageFPN(build_trunk(cfg.model, init), c.fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    levels = ["0", "1", "2", "3"]  # P2..P5 (InternImageFPN's names); P6 feeds the RPN only
     return MaskRCNN(
         backbone, min_size=tuple(c.train_sizes),
         max_size=c.max_size, rpn_anchor_generator=anchors,
+        rpn_post_nms_top_n_train=c.rpn_post_nms_train,
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, c.roi_sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(levels, 14, c.roi_sampling_ratio),
         rpn_batch_size_per_image=c.rpn_batch_per_image,
         box_batch_size_per_image=c.box_batch_per_image,
         box_detections_per_img=c.detections_per_image,

@@ -87,6 +87,24 @@ def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
     assert "DINO(20 queries" in capsys.readouterr().out
 
 
+def test_mask_rcnn_proposals_and_roi_align_follow_mmdets_base():
+    """mmdet's _base_/models/mask_rcnn_r50_fpn.py (the released Mask R-CNN base): 1000 RPN
+    proposals after NMS in training (torchvision's default 2000), 1000 at test; RoIAlign
+    sampling_ratio=0 for the 7x7 box and 14x14 mask features (torchvision's default 2)."""
+    from finetune.detection import DetectionConfig, build_model
+    from launch.config import ConfigError, load_config
+
+    model = build_model(load_config(DetectionConfig, None, []), 3)
+    assert model.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
+    assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}  # mmdet nms_pre
+    for pool, size in ((model.roi_heads.box_roi_pool, (7, 7)),
+                       (model.roi_heads.mask_roi_pool, (14, 14))):
+        assert pool.sampling_ratio == 0 and pool.output_size == size
+        assert pool.featmap_names == ["0", "1", "2", "3"]
+    with pytest.raises(ConfigError, match="detector.roi_sampling_ratio"):
+        load_config(DetectionConfig, None, ["detector.roi_sampling_ratio=-1"])
+
+
 def test_step_schedule_milestones_are_not_shifted_by_the_warmup():
     """mmdet's step policy (the released 1x/3x configs): the lr drops at the milestone
     fraction of the run, the warm-up overlaying the first steps rather than delaying it."""
