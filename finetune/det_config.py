@@ -10,8 +10,38 @@ from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 
 
 @dataclass
+class DetCropAugConfig:
+    """The DETR-style crop branch of the released 3x Mask R-CNN recipes (mmdet ``AutoAugment``
+    over two policies, each drawn with probability 0.5; OpenGVLab/InternImage
+    detection/configs/coco/mask_rcnn_internimage_t_fpn_3x_coco.py).
+
+    With probability ``prob`` a training image is resized to a shorter side drawn from
+    ``resize_sizes`` (longer side <= ``max_size``, ratio kept), then randomly cropped to
+    ``crop_size`` = (min, max) pixels per side (mmdet ``RandomCrop`` with
+    ``crop_type='absolute_range'``, ``allow_negative_crop=True``). The model's own multi-scale
+    resize then plays the policy's second ``Resize`` (``override=True``). ``prob=0``: off.
+    """
+
+    prob: float = 0.0
+    resize_sizes: list[int] = field(default_factory=lambda: [400, 500, 600])
+    max_size: int = 1333
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+
+    def __post_init__(self) -> None:
+        check(0 <= self.prob <= 1, "data.crop_aug.prob", "must be in [0, 1]")
+        check(bool(self.resize_sizes) and min(self.resize_sizes) >= 1,
+              "data.crop_aug.resize_sizes", "must be a non-empty list of sizes >= 1")
+        check(self.max_size >= max(self.resize_sizes), "data.crop_aug.max_size",
+              "must be >= every size of data.crop_aug.resize_sizes")
+        check(len(self.crop_size) == 2 and 1 <= self.crop_size[0] <= self.crop_size[1],
+              "data.crop_aug.crop_size", f"must be [min, max] with 1 <= min <= max, got "
+              f"{self.crop_size}")
+
+
+@dataclass
 class DetDataConfig:
-    """``demo`` (generated shapes) or ``coco`` (images dirs + instance annotation JSONs)."""
+    """``demo`` (generated shapes) or ``coco`` (images dirs + instance annotation JSONs);
+    training augmentation: horizontal flip (``hflip``) and the optional ``crop_aug``."""
 
     kind: str = "demo"
     root: str = ""
@@ -20,6 +50,7 @@ class DetDataConfig:
     val_images: str = "val2017"
     val_ann: str = "annotations/instances_val2017.json"
     hflip: float = 0.5
+    crop_aug: DetCropAugConfig = field(default_factory=DetCropAugConfig)
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 64

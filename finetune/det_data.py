@@ -8,13 +8,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.det_config import DetectionConfig
+from finetune.det_config import DetCropAugConfig, DetectionConfig
 
 
 class CocoInstances(Dataset):
-    """COCO instance annotations -> (image tensor in [0, 1], torchvision target dict)."""
+    """COCO instance annotations -> (image tensor in [0, 1], torchvision target dict).
 
-    def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5):
+    Training draws, in the released pipelines' order: a horizontal flip (``hflip``), then,
+    if ``crop_aug`` is given and on, its resize-and-crop branch (``resize_and_crop``). The
+    draws use torch's default generator, which the loader seeds per worker.
+    """
+
+    def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
+                 crop_aug: DetCropAugConfig | None = None):
         import contextlib
         import io
 
@@ -23,6 +29,7 @@ class CocoInstances(Dataset):
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO(str(ann_file))
         self.image_dir, self.train, self.hflip = image_dir, train, hflip
+        self.crop_aug = crop_aug
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -52,11 +59,53 @@ class CocoInstances(Dataset):
             img, target["masks"] = img.flip(-1), target["masks"].flip(-1)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
                                            boxes[:, 3]], 1)
+        # prob 0 draws nothing: the flips of a run without the branch stay as they were
+        aug = self.crop_aug
+        if self.train and aug is not None and aug.prob > 0 and torch.rand(()) < aug.prob:
+            img, target = resize_and_crop(img, target, aug)
         keep = (target["boxes"][:, 2] > target["boxes"][:, 0]) & \
                (target["boxes"][:, 3] > target["boxes"][:, 1])
         for k in ("boxes", "masks", "labels"):
             target[k] = target[k][keep]
         return img.float() / 255, target
+
+
+def resize_and_crop(img: torch.Tensor, target: dict,
+                    aug: DetCropAugConfig) -> tuple[torch.Tensor, dict]:
+    """The crop branch of mmdet's DETR-style ``AutoAugment``, up to its last resize.
+
+    ``img``: (3, H, W); ``target``: ``boxes`` (xyxy pixels), ``masks`` (N, H, W), ``labels``.
+    Resize to a shorter side drawn from ``aug.resize_sizes`` (longer side <= ``aug.max_size``),
+    then mmdet 2.x ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``
+    (open-mmlab/mmdetection mmdet/datasets/pipelines/transforms.py): crop height and width
+    drawn independently and uniformly from the integers [min(side, lo), min(side, hi)], the
+    offset uniformly from [0, side - crop]; boxes shifted and clipped to the crop, those left
+    without area dropped with their masks and labels; a crop with no box left is kept.
+    """
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = img.shape[-2:]
+    short = aug.resize_sizes[int(torch.randint(len(aug.resize_sizes), ()))]
+    scale = min(short / min(h, w), aug.max_size / max(h, w))
+    size = [int(h * scale + 0.5), int(w * scale + 0.5)]  # mmcv.imrescale's rounding
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w),
+                                     clamping_mode="hard")
+    # antialias off: mmcv resizes with cv2's bilinear, which does not antialias
+    img = F.resize(img, size, antialias=False)
+    boxes = F.resize(boxes, size)
+    masks = F.resize(tv_tensors.Mask(target["masks"]), size)  # nearest, as mmdet's masks
+
+    lo, hi = aug.crop_size
+    crop_h, crop_w = (int(torch.randint(min(s, lo), min(s, hi) + 1, ())) for s in size)
+    top = int(torch.randint(size[0] - crop_h + 1, ()))
+    left = int(torch.randint(size[1] - crop_w + 1, ()))
+    img = F.crop(img, top, left, crop_h, crop_w)
+    boxes = F.crop(boxes, top, left, crop_h, crop_w).as_subclass(torch.Tensor)  # clipped
+    masks = F.crop(masks, top, left, crop_h, crop_w).as_subclass(torch.Tensor)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return img, {**target, "boxes": boxes[keep], "masks": masks[keep],
+                 "labels": target["labels"][keep]}
 
 
 def collate(batch):
@@ -81,5 +130,5 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"data: {p} does not exist")
-    return (CocoInstances(paths[0], paths[1], True, d.hflip),
+    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug),
             CocoInstances(paths[2], paths[3], False))

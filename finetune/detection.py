@@ -92,6 +92,7 @@ def dry_run(cfg: DetectionConfig) -> int:
         "parameters (80 classes)": f"{count_params(model):,}",
         "data": cfg.data.kind + (f" {cfg.data.root}" if cfg.data.root else ""),
         "train sizes / test / max": sizes,
+        "train augmentation": _augmentation_desc(cfg),
         "batch": cfg.run.batch_desc(),
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
@@ -103,6 +104,14 @@ def dry_run(cfg: DetectionConfig) -> int:
         "memory per GPU": _memory_line(cfg, model),  # last: consumes model
     })
     return 0
+
+
+def _augmentation_desc(cfg: DetectionConfig) -> str:
+    """The dataset's training augmentation, as the dry run prints it."""
+    c = cfg.data.crop_aug
+    crop = (f", crop p={c.prob} to {c.resize_sizes} (<= {c.max_size}), "
+            f"{c.crop_size[0]}..{c.crop_size[1]} px" if c.prob else ", no crop branch")
+    return f"hflip p={cfg.data.hflip}{crop}"
 
 
 def _probe_size(cfg: DetectionConfig) -> tuple[int, int]:
