@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from runtime import rng
-from runtime.checkpoint import ResumeError, open_resume, refuse_legacy_resume, save_checkpoint
+from runtime.checkpoint import (
+    ResumeError,
+    open_resume,
+    refuse_fresh_start,
+    refuse_legacy_resume,
+    resolve_resume,
+    save_checkpoint,
+)
 from runtime.dist import DistInfo
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
 from runtime.metrics import MetricsLogger
@@ -74,15 +81,25 @@ class FinetuneRun:
                                  d.world_size)
 
 
+def resume_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
+    """The checkpoint a run in ``out_dir`` started with ``resume`` (``auto``, a path or
+    None) continues from, None for a fresh start; refused (a ``CheckpointError``) when
+    ``resume`` names no training checkpoint, or a fresh start would replace a run's
+    metrics and checkpoints (``out_dir`` already holds one)."""
+    root = out_dir / "checkpoints"
+    refuse_legacy_resume(resume, root)
+    refuse_fresh_start(resume, root, out_dir)
+    return resolve_resume(resume, root)
+
+
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir / "checkpoints"
-    refuse_legacy_resume(resume, root)
-    resume_dir, state = open_resume(resume, root, model_hash, world_size)
+    resume_checkpoint(resume, out_dir)
+    resume_dir, state = open_resume(resume, out_dir / "checkpoints", model_hash, world_size)
     return FinetuneRun(out_dir, resume_dir, state)
 
 

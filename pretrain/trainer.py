@@ -38,7 +38,7 @@ from runtime.checkpoint import (
     ResumeError,
     check_compatible,
     load_trainer_state,
-    read_latest,
+    refuse_fresh_start,
     resolve_resume,
     save_checkpoint,
 )
@@ -113,12 +113,7 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.info.world_size)
         # Everything that can refuse a resume is checked before any compute.
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
-        if not resume and read_latest(self.ckpt_root):
-            # Starting afresh here would overwrite a run's checkpoints: never lose a run.
-            raise ResumeError(
-                f"{self.run_dir} already holds a run (checkpoints/latest = "
-                f"{read_latest(self.ckpt_root)}); continue it with --resume auto, or pass "
-                f"another --output-dir")
+        refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
         self.state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)

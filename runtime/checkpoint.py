@@ -227,6 +227,17 @@ def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
             f"or convert the checkpoint (internimage convert) and start a new run from it")
 
 
+def refuse_fresh_start(resume: str | None, root: Path, run_dir: Path) -> None:
+    """Refuse a start without ``--resume`` in ``run_dir`` when its checkpoints ``root``
+    have a ``latest``: the new run would replace the run's metrics and, one save after
+    another, its checkpoints. Never lose a run."""
+    tag = None if resume else read_latest(root)
+    if tag:
+        raise ResumeError(
+            f"{run_dir} already holds a run (checkpoints/{LATEST} = {tag}); continue it with "
+            f"--resume auto, or pass another --output-dir")
+
+
 def refuse_legacy_resume(resume: str | None, root: Path) -> None:
     """Refuse ``--resume auto`` when ``root`` holds only a ``last.pt`` (written by
     fine-tuning before it ran on DeepSpeed): starting afresh would silently overwrite it."""
