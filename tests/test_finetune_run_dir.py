@@ -1,13 +1,17 @@
-"""A fine-tuning run directory is never lost: a start without ``--resume`` over an
-existing run is refused (before, it emptied metrics.jsonl and went on to overwrite the
-checkpoints)."""
+"""A fine-tuning run directory is never lost and always resumable: a start without
+``--resume`` over an existing run is refused (before, it emptied metrics.jsonl and went on
+to overwrite the checkpoints), and a resume needs no ``--init`` source (the checkpoint
+holds every weight; pre-training may have pruned the step it came from)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.pretrain_utils import run
 
 CLS = ["run.batch_size=16", "run.log_every=1", "run.num_workers=0", "run.progress=false",
        "run.threads=1", "optim.warmup_steps=0", "ema.enabled=false", "run.eval_every=100",
@@ -50,3 +54,31 @@ def test_a_fresh_start_over_an_existing_run_is_refused_and_touches_nothing(tmp_p
     assert _snapshot(out) == before  # before: metrics.jsonl emptied by the metrics logger
     run_ = open_run("auto", out, "h", 1)  # the way out it names
     assert run_.start_step == 2000
+
+
+@pytest.mark.slow
+def test_a_resume_needs_no_init_source(cache, tmp_path):
+    """A fine-tune started with --init from a pre-training run whose checkpoint has since
+    been pruned: its requeued job (same argv plus --resume auto) resumes."""
+    def finetune(out: Path, *args: str) -> list[str]:
+        return [sys.executable, "-m", "launch.cli", "finetune", "classification",
+                "--output-dir", str(out), *CLS, f"data.cache_dir={cache}", *args]
+
+    source, out = tmp_path / "source", tmp_path / "ft"
+    run(finetune(source, "run.max_steps=2"), cache)
+    run(finetune(out, "--init", str(source), "run.max_steps=2"), cache)
+    for p in sorted(source.rglob("*"), reverse=True):  # pruned: the init source is gone
+        p.unlink() if p.is_file() else p.rmdir()
+    source.rmdir()
+    proc = run(finetune(out, "--init", str(source), "run.max_steps=4", "--resume", "auto"),
+               cache, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # before: "init: ... not found"
+    assert "not needed" in proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000004"
+    # a fresh start still needs its init source
+    proc = run(finetune(tmp_path / "other", "--init", str(source), "run.max_steps=2"), cache,
+               check=False)
+    assert proc.returncode == 2 and "init:" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -60,25 +61,47 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(cls, args.config, overrides)
     except ValueError as err:  # __post_init__ checks name their key too
         raise ConfigError(str(err)) from None
-    if cfg.init:  # before any compute: one line naming the accepted forms
-        from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
-
-        try:
-            resolve_checkpoint(cfg.init)
-        except CheckpointPathError as err:
-            raise ConfigError(f"init: {err}") from None
     if args.dry_run:
+        _check_init(cfg.init)
         return mod.dry_run(cfg)
+    from finetune.engine import resume_checkpoint
+    from models import CheckpointError
+
     out = Path(cfg.run.output_dir)
+    try:
+        resume_dir = resume_checkpoint(args.resume, out)
+    except CheckpointError as err:
+        print(f"internimage finetune: {err}", file=sys.stderr)
+        return 2
+    train_cfg = cfg
+    if resume_dir is not None and cfg.init:
+        # the checkpoint holds every weight; the init source may be gone since (pre-training
+        # pruned that step), and a requeued job must still start
+        log.info("resuming from %s: init %s is not needed, neither checked nor loaded",
+                 resume_dir, cfg.init)
+        train_cfg = dataclasses.replace(cfg, init=None)
+    else:
+        _check_init(cfg.init)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
-    from models import CheckpointError
-
     try:
-        result = mod.train(cfg, out, resume=args.resume)
+        result = mod.train(train_cfg, out, resume=args.resume)
     except CheckpointError as err:
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
+
+
+def _check_init(init: str | None) -> None:
+    """Refuse, before any compute, an ``init`` that is no checkpoint (one line naming the
+    accepted forms)."""
+    if not init:
+        return
+    from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(init)
+    except CheckpointPathError as err:
+        raise ConfigError(f"init: {err}") from None
