@@ -67,6 +67,48 @@ class ShardDataset(Dataset):
         return self.transform(img), label
 
 
+class SkipUnreadable(Dataset):
+    """A map-style set whose unreadable samples (an image PIL cannot decode: truncated,
+    not an image, a decompression bomb) are logged and skipped instead of ending the run.
+
+    Training (``substitute``): the next readable sample in index order takes its place,
+    so every batch keeps its size (all ranks step in lock-step) and a resume replays the
+    same samples (no random draw; mmdet/mmseg datasets substitute another sample alike).
+    Validation: the sample is left out (None; :func:`drop_unreadable` filters the batch)
+    and every metric is over the images actually evaluated; evaluate() logs how many."""
+
+    MAX_TRIES = 16
+
+    def __init__(self, dataset: Dataset, substitute: bool):
+        self.dataset, self.substitute = dataset, substitute
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        for k in range(self.MAX_TRIES if self.substitute else 1):
+            j = (i + k) % len(self.dataset)
+            try:
+                return self.dataset[j]
+            except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped
+                log.warning("data: sample %d unreadable (%s: %s), %s", j,
+                            type(err).__name__, err,
+                            "replaced by the next one" if self.substitute else "left out")
+        if self.substitute:
+            raise RuntimeError(f"data: {self.MAX_TRIES} consecutive samples from index {i} "
+                               f"are unreadable: the set is damaged, see the warnings above")
+        return None
+
+
+def drop_unreadable(items: list):
+    """Collate a validation batch without the samples :class:`SkipUnreadable` left out
+    (None for a batch that held nothing readable)."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in items if item is not None]
+    return default_collate(kept) if kept else None
+
+
 def build_transforms(cfg, train: bool):
     """timm's ``create_transform``: RandAugment, random erasing, resize/crop, normalise."""
     from timm.data import create_transform
@@ -130,14 +172,18 @@ def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch:
                if d.world_size > 1 and not streaming else None)
     # per rank and epoch: the workers' augmentation seeds derive from this generator
     g = loader_generator(cfg.run.seed, d.rank, epoch)
-    train = DataLoader(train_set, batch_size=cfg.run.batch_size,
+    # the sampler draws from the set itself: the wrapper only changes what a bad index holds
+    train = DataLoader(train_set if streaming else SkipUnreadable(train_set, substitute=True),
+                       batch_size=cfg.run.batch_size,
                        shuffle=sampler is None and not streaming,
                        sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
                        generator=g, persistent_workers=False,
                        collate_fn=StreamingShards.collate if streaming else None)
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
-    val = DataLoader(val_set, batch_size=cfg.run.batch_size * 2, shuffle=False,
-                     sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers)
+    val = DataLoader(SkipUnreadable(val_set, substitute=False),
+                     batch_size=cfg.run.batch_size * 2, shuffle=False,
+                     sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers,
+                     collate_fn=drop_unreadable)
     return train, val, sampler
 
 

@@ -104,21 +104,29 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
     validation set, the forward passes in lock-step across ranks (runtime/lockstep.py: a
     shorter shard's rank runs dummy passes)."""
     net.eval()
-    stats = torch.zeros(4, dtype=torch.float64)
+    # top-1 hits, top-5 hits, images, summed cross-entropy, unreadable images
+    stats = torch.zeros(5, dtype=torch.float64)
 
     def dummy_args() -> tuple[torch.Tensor]:
         return (torch.zeros(1, 3, img_size, img_size, device=d.device, dtype=dtype),)
 
     with lockstep(net, dummy_args, d.device) as forward:
-        for images, labels in loader:
+        for batch in loader:
+            if batch is None:  # nothing readable in it (finetune/cls_data.py)
+                continue
+            images, labels = batch
             logits = forward(images.to(d.device, dtype)).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
             hit = top == labels[:, None]
             ce = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
             stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
                                    len(labels), ce.item()], dtype=torch.float64)
+    stats[4] = len(loader.sampler) - stats[2]  # the share's images not evaluated
     stats = all_reduce_sum(stats.to(d.device), d).cpu()
     net.train()
+    if stats[4] > 0 and d.is_main:
+        log.warning("evaluation: %d validation images unreadable, left out of the metrics",
+                    int(stats[4]))
     n = max(1, stats[2].item())
     return {"top1": stats[0].item() / n, "top5": stats[1].item() / n,
             "val_loss": stats[3].item() / n}

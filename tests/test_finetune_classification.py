@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 # whole DeepSpeed training runs (the suite's long files run first, tests/conftest.py)
 pytestmark = pytest.mark.slow
@@ -141,3 +142,42 @@ def test_every_validation_image_is_counted_once_on_any_rank_count(world_size):
                                   images)
         seen += [int(i) for batch, _ in val for i in batch]
     assert sorted(seen) == list(range(10))
+
+
+class _TwoUnreadable(torch.utils.data.Dataset):
+    """Six samples (the value is the index, the label the index too); 2 and 3 raise what
+    PIL raises on a truncated file."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        if i in (2, 3):
+            raise OSError("image file is truncated (4 bytes not processed)")
+        return torch.tensor([float(i)]), i
+
+
+def test_unreadable_images_are_replaced_in_training_and_left_out_of_evaluation(caplog):
+    """A corrupt image never ends a run: in training the next readable sample takes its
+    place (batches keep their size, as every rank must), in evaluation it is left out of
+    the metrics and the count is logged (the guide: corrupt samples skipped and counted)."""
+    from finetune.classification import ClassificationConfig
+    from finetune.cls_data import build_loaders
+    from finetune.zero import evaluate
+    from launch.config import load_config
+    from runtime.dist import DistInfo
+
+    cfg = load_config(ClassificationConfig, None, ["run.num_workers=0", "run.batch_size=3"])
+    data = _TwoUnreadable()
+    train, val, _ = build_loaders(cfg, DistInfo(), data, data)
+    drawn = sorted(int(v) for images, _ in train for v in images.flatten())
+    assert drawn == [0, 1, 4, 4, 4, 5]
+
+    class Onehot(torch.nn.Module):  # predicts the class equal to the input value
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x.flatten().long(), 6).float()
+
+    with caplog.at_level("WARNING"):
+        result = evaluate(Onehot(), val, DistInfo(), torch.float32, img_size=8)
+    assert result["top1"] == 1.0  # over the 4 readable images, all right
+    assert "2 validation images unreadable" in caplog.text
