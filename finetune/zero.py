@@ -120,7 +120,7 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
             hit = top == labels[:, None]
             ce = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
             stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                   len(labels), ce.item()], dtype=torch.float64)
+                                   len(labels), ce.item(), 0.0], dtype=torch.float64)
     stats[4] = len(loader.sampler) - stats[2]  # the share's images not evaluated
     stats = all_reduce_sum(stats.to(d.device), d).cpu()
     net.train()
