@@ -27,6 +27,7 @@ from runtime import rng
 from runtime.checkpoint import (
     ResumeError,
     open_resume,
+    publish_config,
     refuse_fresh_start,
     refuse_legacy_resume,
     resolve_resume,
@@ -96,10 +97,12 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
-    ``CheckpointError``: the CLI reports it without a traceback)."""
+    ``CheckpointError``: the CLI reports it without a traceback); once all checks passed,
+    the config the command line staged becomes ``config.yaml``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_checkpoint(resume, out_dir)
     resume_dir, state = open_resume(resume, out_dir / "checkpoints", model_hash, world_size)
+    publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)
 
 

@@ -38,6 +38,7 @@ from runtime.checkpoint import (
     ResumeError,
     check_compatible,
     load_trainer_state,
+    publish_config,
     refuse_fresh_start,
     resolve_resume,
     save_checkpoint,
@@ -125,6 +126,8 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
                               f"another world size is not supported (its slices are per rank); "
                               f"resume with {self.state['world_size']} ranks")
+        if self.info.is_main:  # checks passed: the config this run starts with is the run's
+            publish_config(self.run_dir)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True,
                                    state=[r["data"] for r in self.state["ranks"]]
                                    if self.state else None)

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from runtime.dist import DistInfo, all_gather_objects, barrier
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+CONFIG = "config.yaml"  # the resolved config a run directory's run started with
+PENDING_CONFIG = ".config.yaml.pending"
 
 
 class ResumeError(CheckpointError):
@@ -236,6 +239,29 @@ def refuse_fresh_start(resume: str | None, root: Path, run_dir: Path) -> None:
         raise ResumeError(
             f"{run_dir} already holds a run (checkpoints/{LATEST} = {tag}); continue it with "
             f"--resume auto, or pass another --output-dir")
+
+
+def stage_config(run_dir: Path, write: Callable[[Path], None]) -> None:
+    """Stage the resolved config a run is about to start with (``write(path)`` writes it):
+    the run's ``config.yaml`` is replaced by it only once the run's resume checks have
+    passed (:func:`publish_config`), so a refused start (the wrong config for a resume, a
+    fresh start over a run) leaves the run's own config.yaml as it was."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write(run_dir / PENDING_CONFIG)
+
+
+def publish_config(run_dir: Path) -> None:
+    """The staged config becomes ``run_dir/config.yaml`` (atomic; nothing to do when none
+    is staged: a run started without the command line, or another rank published it)."""
+    try:
+        os.replace(run_dir / PENDING_CONFIG, run_dir / CONFIG)
+    except FileNotFoundError:
+        pass
+
+
+def discard_config(run_dir: Path) -> None:
+    """Drop the staged config of a start that was refused."""
+    (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
 
 
 def refuse_legacy_resume(resume: str | None, root: Path) -> None:

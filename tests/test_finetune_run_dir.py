@@ -1,7 +1,8 @@
 """A fine-tuning run directory is never lost and always resumable: a start without
 ``--resume`` over an existing run is refused (before, it emptied metrics.jsonl and went on
-to overwrite the checkpoints), and a resume needs no ``--init`` source (the checkpoint
-holds every weight; pre-training may have pruned the step it came from)."""
+to overwrite the checkpoints), a refused start leaves the run's own config.yaml, and a
+resume needs no ``--init`` source (the checkpoint holds every weight; pre-training may
+have pruned the step it came from)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,30 @@ def test_a_resume_needs_no_init_source(cache, tmp_path):
     proc = run(finetune(tmp_path / "other", "--init", str(source), "run.max_steps=2"), cache,
                check=False)
     assert proc.returncode == 2 and "init:" in proc.stderr
+
+
+def test_a_refused_start_keeps_the_runs_config(tmp_path, capsys):
+    """Refused before any compute: a fresh start over the run (in this process: nothing
+    distributed is set up before the refusal)."""
+    from launch.cli import main
+
+    out = _existing_run(tmp_path / "run")
+    before = _snapshot(out)
+    assert main(["finetune", "classification", "--output-dir", str(out), *CLS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already holds a run" in err and "Traceback" not in err
+    assert _snapshot(out) == before  # before: config.yaml replaced by the refused config
+
+
+@pytest.mark.slow
+def test_a_resume_refused_for_another_model_keeps_the_runs_config(cache, tmp_path):
+    """Refused once the task knows its model: the run's config.yaml is the one the
+    message tells the user to resume with, so it must still be there."""
+    out = _existing_run(tmp_path / "run", model_hash="another model")
+    before = _snapshot(out)
+    proc = run([sys.executable, "-m", "launch.cli", "finetune", "classification",
+                "--output-dir", str(out), *CLS, f"data.cache_dir={cache}", "--resume", "auto"],
+               cache, check=False)
+    assert proc.returncode == 2 and "different model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(out) == before

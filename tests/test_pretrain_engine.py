@@ -224,3 +224,23 @@ def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
     assert proc.returncode != 0
     assert "already holds a run" in proc.stderr and "--resume auto" in proc.stderr
     assert latest(reference_run) == before
+
+
+def test_a_refused_start_keeps_the_runs_config_and_says_why_in_one_line(tmp_path, cache):
+    """config.yaml is what `convert` reads and what a refusal tells the user to resume
+    with: a start refused (a fresh start over the run, a resume with another model) leaves
+    it as it was, and says why in one line, as finetune and convert do."""
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "model_hash": "another model", "world_size": 1, "ranks": [{}]}))
+    (out / "checkpoints" / "latest").write_text("step_0000002")
+    (out / "config.yaml").write_text("# the run's own config\n")
+    for args, why in ((["--max-steps", "2"], "already holds a run"),
+                      (["--resume", "auto"], "different model")):
+        proc = run(pretrain_cmd(1, out, *args), cache, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
+        assert (out / "config.yaml").read_text() == "# the run's own config\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return mod.dry_run(cfg)
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
+    from runtime.checkpoint import discard_config, stage_config
 
     out = Path(cfg.run.output_dir)
     try:
@@ -82,12 +84,15 @@ def run(args: argparse.Namespace) -> int:
         train_cfg = dataclasses.replace(cfg, init=None)
     else:
         _check_init(cfg.init)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
+        stage_config(out, lambda path: dump_config(cfg, path))
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
     except CheckpointError as err:
+        if is_main:
+            discard_config(out)
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})

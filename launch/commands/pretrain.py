@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from launch.config import dump_config, load_config
@@ -56,15 +57,24 @@ def run(args: argparse.Namespace) -> int:
         gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
         print(json.dumps(plan(cfg, gpus), indent=2))
         return 0
+    from models import CheckpointError
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
+    from runtime.checkpoint import discard_config, stage_config
 
     cfg = resolve_builtin(cfg)
-    if os.environ.get("RANK", "0") == "0":
-        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
-    final = pretrain(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
+    run_dir = Path(cfg.run.output_dir)
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
+        stage_config(run_dir, lambda path: dump_config(cfg, path))
+    try:
+        final = pretrain(cfg, resume=args.resume)
+    except CheckpointError as err:  # a refused resume: one line, as finetune and convert
+        if is_main:
+            discard_config(run_dir)
+        print(f"internimage pretrain: {err}", file=sys.stderr)
+        return 2
+    if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
                           "metrics": str(Path(cfg.run.output_dir, "metrics.jsonl").resolve()),
                           "checkpoints": str(Path(cfg.run.output_dir, "checkpoints").resolve())}))
