@@ -24,6 +24,7 @@ still be undone by resuming from them), and never count among the ``keep_last`` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,6 +42,8 @@ from runtime.checkpoint_path import (
     resolve_checkpoint,
 )
 from runtime.dist import DistInfo, all_gather_objects, barrier
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -203,7 +206,23 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
                           "or data state; resume from a training checkpoint (a run directory, "
                           f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
+    _warn_rewind(source.path, root)
     return source.path
+
+
+def _warn_rewind(ckpt_dir: Path, root: Path) -> None:
+    """Say which checkpoints a resume from an earlier checkpoint of this run abandons:
+    :func:`prune` deletes them once the resumed run's first checkpoint is complete."""
+    latest = read_latest(root)
+    if not latest or ckpt_dir.parent.resolve() != root.resolve():
+        return
+    step = _step_of(ckpt_dir.name) or 0
+    later = [p.name for p in sorted(root.glob("step_*"))
+             if re.fullmatch(r"step_\d+", p.name) and _step_of(p.name) > step]
+    if later:
+        log.warning("resuming from %s, before %s (latest): %s will be deleted once this "
+                    "run's first checkpoint is complete (until then, resuming from them "
+                    "still works)", ckpt_dir.name, latest, ", ".join(later))
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:

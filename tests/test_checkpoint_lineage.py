@@ -126,6 +126,20 @@ def test_after_a_rewind_pruning_keeps_the_rewind_point_and_drops_the_abandoned_b
     assert ck.read_latest(root) == "step_0001940"
 
 
+def test_a_rewind_says_which_checkpoints_it_abandons(tmp_path, caplog):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1900, 2000):
+        save(root, step, "old")
+    with caplog.at_level("WARNING", logger="runtime.checkpoint"):
+        assert ck.resolve_resume(str(root / "step_0001900"), root) == root / "step_0001900"
+    assert "step_0002000 will be deleted" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runtime.checkpoint"):
+        ck.resolve_resume("auto", root)
+        ck.resolve_resume(str(root / "step_0002000"), root)
+    assert not caplog.text
+
+
 def test_the_abandoned_branch_stays_until_the_new_branch_has_a_complete_checkpoint(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     for step in (1900, 2000):
