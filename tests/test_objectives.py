@@ -1,4 +1,11 @@
-"""M3I-style objectives: all-rank negatives equal the single-process global batch."""
+"""M3I-style objectives: all-rank negatives equal the single-process global batch.
+
+The image-text term is open_clip's local loss with gradients through the gather (open_clip
+3.3.0, src/open_clip/loss.py ``ClipLoss(local_loss=True, gather_with_grad=True)``): each
+rank scores its own rows against the gathered columns. The tests hold it against the
+textbook full-matrix loss of the whole global batch on one process (``_full_matrix``,
+restated here), on 2 and 3 gloo ranks, with uncaptioned samples and on mixed inputs.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pretrain.objectives import M3ILoss, image_tag_loss, image_text_loss
+from pretrain.objectives import M3ILoss, image_tag_loss, image_text_loss, mixed_image_text_loss
 from tests.pretrain_utils import free_port
 
 
@@ -93,13 +100,15 @@ def test_all_gather_loss_and_gradients_equal_single_process(two_ranks):
     image, text = _embeddings()
     image.requires_grad_()
     text.requires_grad_()
-    full = image_text_loss(image, text, torch.tensor(10.0, dtype=torch.float64))
+    full = _full_matrix(image, text, torch.tensor(10.0, dtype=torch.float64))
     full.backward()
+    # Each rank holds its share of the global loss (the trainer logs their mean); its rows'
+    # gradient is 2x theirs in the global loss, which the engine's average over 2 ranks
+    # halves.
+    assert sum(r["loss"] for r in two_ranks) / 2 == pytest.approx(full.item(), rel=1e-12)
     for rank in range(2):
         got = two_ranks[rank]
-        assert got["loss"] == pytest.approx(full.item(), rel=1e-12)
         part = slice(rank * 6, rank * 6 + 6)
-        # Every rank holds the whole global loss; the engine then averages over 2 ranks.
         torch.testing.assert_close(got["img"] / 2, image.grad[part])
         torch.testing.assert_close(got["txt"] / 2, text.grad[part])
 
@@ -125,6 +134,193 @@ def test_tag_term_over_two_ranks_equals_single_process(two_ranks, layout):
         part = slice(rank * 6, rank * 6 + 6)
         torch.testing.assert_close(got["image"] / 2, single["image"][part])
         torch.testing.assert_close(got["text"] / 2, single["text"][part])
+
+
+def _full_matrix(image, text, scale, has_text=None):
+    """The symmetric InfoNCE of the whole batch as one N x N matrix (CLIP's loss),
+    uncaptioned pairs removed: the single-process reference."""
+    if has_text is not None:
+        image, text = image[has_text], text[has_text]
+    if image.shape[0] == 0:
+        return (image.sum() + text.sum()) * scale * 0.0
+    logits = scale * image @ text.t()
+    labels = torch.arange(logits.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+W3, B3, E3, V3 = 3, 4, 8, 5  # 3 ranks of 4 pairs: N = 12 > 2B, where the full matrix costs more
+CAPTIONS = {
+    "all": [1] * 12,
+    # rank 1 holds no caption at all; ranks 0 and 2 a few
+    "uneven": [1, 1, 0, 1] + [0, 0, 0, 0] + [1, 0, 1, 1],
+    "none": [0] * 12,
+}
+PARTNERS = {"roll": [1, 2, 3, 0], "repeats": [2, 0, 0, 1]}  # per rank, local indices
+
+
+def _inputs3(dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The global batch of the 3-rank tests: 2 image rows per pair (A, B), texts, tags."""
+    gen = torch.Generator().manual_seed(3)
+    n = W3 * B3
+    return {"image_a": F.normalize(torch.randn(n, E3, generator=gen), dim=-1).to(dtype),
+            "image_b": F.normalize(torch.randn(n, E3, generator=gen), dim=-1).to(dtype),
+            "text": F.normalize(torch.randn(n, E3, generator=gen), dim=-1).to(dtype),
+            "tags": F.normalize(torch.randn(V3, E3, generator=gen), dim=-1).to(dtype),
+            "tag_targets": (torch.rand(n, V3, generator=gen) < 0.5).to(dtype),
+            "scale": torch.tensor(7.0, dtype=dtype)}
+
+
+def _leaves(x: dict, names) -> dict:
+    return {k: x[k].clone().requires_grad_() for k in names}
+
+
+def _rank_rows(x: torch.Tensor, rank: int) -> torch.Tensor:
+    return x[rank * B3:(rank + 1) * B3]
+
+
+def _three_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=W3)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = _inputs3()
+    out: dict = {}
+    for name, caps in CAPTIONS.items():
+        has = _rank_rows(torch.tensor(caps, dtype=torch.bool), rank)
+        leaf = _leaves({"image": _rank_rows(x["image_a"], rank),
+                        "text": _rank_rows(x["text"], rank), "scale": x["scale"]},
+                       ("image", "text", "scale"))
+        loss = image_text_loss(leaf["image"], leaf["text"], leaf["scale"], has)
+        loss.backward()
+        out[f"plain/{name}"] = {"loss": loss.item()} | {k: v.grad for k, v in leaf.items()}
+        for pname, partner in PARTNERS.items():
+            leaf = _leaves({"image": torch.cat([_rank_rows(x["image_a"], rank),
+                                                _rank_rows(x["image_b"], rank)]),
+                            "text": _rank_rows(x["text"], rank), "tags": x["tags"],
+                            "scale": x["scale"]}, ("image", "text", "tags", "scale"))
+            targets = _rank_rows(x["tag_targets"], rank)
+            loss, terms = M3ILoss(1.0, 0.5).mixed(
+                leaf["image"], leaf["text"], leaf["tags"], leaf["scale"], has, targets,
+                targets.sum(-1) > 0, torch.tensor(partner), None, None)
+            loss.backward()
+            out[f"mixed/{name}/{pname}"] = ({"loss": loss.item()}
+                                            | {k: t.item() for k, t in terms.items()}
+                                            | {k: v.grad for k, v in leaf.items()})
+    # what one step of the mixed image-text term costs this rank: matrix-multiply FLOPs
+    # (forward and backward) and collectives in the forward
+    calls = []
+    real_gather = dist.all_gather
+
+    def counted(*args, **kwargs):
+        calls.append("all_gather")
+        return real_gather(*args, **kwargs)
+
+    leaf = _leaves({"image": torch.cat([_rank_rows(x["image_a"], rank),
+                                        _rank_rows(x["image_b"], rank)]),
+                    "text": _rank_rows(x["text"], rank)}, ("image", "text"))
+    with FlopCounterMode(display=False) as flops:
+        dist.all_gather = counted
+        try:
+            loss = mixed_image_text_loss(leaf["image"], leaf["text"], x["scale"],
+                                         torch.ones(B3, dtype=torch.bool),
+                                         torch.tensor(PARTNERS["roll"]))
+        finally:
+            dist.all_gather = real_gather
+        loss.backward()
+    out["cost"] = {"flops": flops.get_total_flops(), "forward_gathers": len(calls)}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # see _worker
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> list[dict]:
+    """What each of 3 gloo ranks computed on its third of the global batch."""
+    out = tmp_path_factory.mktemp("three_ranks")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_three_rank_worker, args=(r, port, str(out)))
+             for r in range(W3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(W3)]
+
+
+def _check_against_reference(ranks: list[dict], key: str, reference: dict) -> None:
+    """The ranks' losses average to the reference loss; DeepSpeed's gradient (the mean
+    over ranks: a shared tensor's, or a row's own rank's / W) equals the reference's."""
+    got = [r[key] for r in ranks]
+    assert sum(g["loss"] for g in got) / W3 == pytest.approx(reference["loss"], rel=1e-5,
+                                                             abs=1e-6)
+    for name, ref_grad in reference["grads"].items():
+        if name in ("image", "text"):  # per-sample rows, each owned by one rank
+            mean = torch.cat([g[name] for g in got]) / W3
+        else:
+            mean = sum(g[name] for g in got) / W3
+        torch.testing.assert_close(mean, ref_grad, msg=f"{key}: gradient of {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("captions", sorted(CAPTIONS))
+def test_local_loss_on_three_ranks_equals_the_full_matrix_on_one(three_ranks, captions):
+    x = _inputs3()
+    has = torch.tensor(CAPTIONS[captions], dtype=torch.bool)
+    leaf = _leaves({"image": x["image_a"], "text": x["text"], "scale": x["scale"]},
+                   ("image", "text", "scale"))
+    loss = _full_matrix(leaf["image"], leaf["text"], leaf["scale"], has)
+    loss.backward()
+    reference = {"loss": loss.item(), "grads": {k: v.grad for k, v in leaf.items()}}
+    _check_against_reference(three_ranks, f"plain/{captions}", reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("partner", sorted(PARTNERS))
+@pytest.mark.parametrize("captions", sorted(CAPTIONS))
+def test_mixed_inputs_on_three_ranks_equal_the_full_matrices_on_one(three_ranks, captions,
+                                                                     partner):
+    """Both InfoNCE problems of mixed inputs (image A with its text, image B with its
+    partner's) plus the tag term: the single process's two full matrices."""
+    x = _inputs3()
+    has = torch.tensor(CAPTIONS[captions], dtype=torch.bool)
+    local = torch.tensor(PARTNERS[partner])
+    glob = torch.cat([local + r * B3 for r in range(W3)])  # partner's global index
+    leaf = _leaves({"image_a": x["image_a"], "image_b": x["image_b"], "text": x["text"],
+                    "tags": x["tags"], "scale": x["scale"]},
+                   ("image_a", "image_b", "text", "tags", "scale"))
+    image_text = 0.5 * (_full_matrix(leaf["image_a"], leaf["text"], leaf["scale"], has)
+                        + _full_matrix(leaf["image_b"], leaf["text"][glob], leaf["scale"],
+                                       has[glob]))
+    targets = torch.cat([x["tag_targets"], x["tag_targets"][glob]])
+    tagged = targets.sum(-1) > 0
+    logits = leaf["scale"] * torch.cat([leaf["image_a"], leaf["image_b"]]) @ leaf["tags"].t()
+    per_sample = -(targets / targets.sum(-1, keepdim=True).clamp_min(1)
+                   * F.log_softmax(logits, -1)).sum(-1)
+    loss = image_text + 0.5 * per_sample[tagged].mean()
+    loss.backward()
+    grads = {k: v.grad for k, v in leaf.items()}
+    # each rank's image rows are its A rows then its B rows
+    grads["image"] = torch.cat([torch.cat([_rank_rows(grads["image_a"], r),
+                                           _rank_rows(grads["image_b"], r)])
+                                for r in range(W3)])
+    del grads["image_a"], grads["image_b"]
+    reference = {"loss": loss.item(), "grads": grads}
+    _check_against_reference(three_ranks, f"mixed/{captions}/{partner}", reference)
+
+
+@pytest.mark.distributed
+def test_each_rank_computes_its_rows_not_the_global_matrix(three_ranks):
+    """Per rank, the mixed image-text term multiplies B x N logits, not N x N: 2 problems
+    x 2 directions x (forward + 2 backward products) x 2 B N E FLOPs; before, every rank
+    computed 2 x 3 x 2 N^2 E (N/2B times more: 256x for 512 ranks of 32 images). Text
+    embeddings are gathered once for both problems, with the images: 2 all-gathers in the
+    forward (features with gradient, captions/partners without) instead of 6."""
+    n = W3 * B3
+    for r in three_ranks:
+        assert r["cost"]["flops"] == 2 * 2 * 3 * 2 * B3 * n * E3
+        assert r["cost"]["forward_gathers"] == 2
 
 
 def test_perfectly_aligned_pairs_have_low_loss_and_shuffled_pairs_high():
