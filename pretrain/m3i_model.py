@@ -83,13 +83,23 @@ class M3IModel(nn.Module):
         """(B, embed_dim) pooled embeddings of each map over its ``region`` (B, h, w) bool:
         the image tower's own pooling restricted to one image's patches of a mix (T..XL:
         the conv head, then the mean over the region; H: attention pooling over the
-        region's tokens, one image at a time since regions differ in size)."""
+        region's tokens, the whole batch in one call of the head).
+
+        H needs every region to hold the same number of patches, which mixing guarantees
+        (``pretrain.m3i.mixing.block_mask`` marks exactly round(share * h * w), clipped
+        to [1, h * w - 1], of every mask); each image's tokens keep their raster order.
+        """
         visual = self.visual
         if visual.use_clip_projector:
+            counts = region.flatten(1).sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(f"regions of one batch must hold equal patch counts for "
+                                 f"batched attention pooling, got {counts.tolist()}")
             tokens = unpooled.flatten(2)  # (B, C, hw)
-            return torch.cat([visual.forward_head(t[:, r.flatten()][None, :, :, None],
-                                                  pre_logits=True)
-                              for t, r in zip(tokens, region)])
+            # the region's patch indices of each image, in raster order: (B, k)
+            index = region.flatten(1).nonzero()[:, 1].view(region.shape[0], -1)
+            index = index.to(tokens.device)[:, None].expand(-1, tokens.shape[1], -1)
+            return visual.forward_head(tokens.gather(2, index)[..., None], pre_logits=True)
         mapped = visual.conv_head(unpooled)
         weight = region.to(mapped.dtype)[:, None]
         return (mapped * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1.0)
