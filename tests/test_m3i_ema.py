@@ -1,11 +1,12 @@
-"""The momentum target encoder (issue #16) under ZeRO-3 on real gloo ranks.
+"""The momentum target encoder (issue #16) under ZeRO-3 and ZeRO-2 on real gloo ranks.
 
-Run as a script (``python tests/test_m3i_ema.py OUT_DIR``) this file is one rank. Each
-rank builds the tiny demo model and its EMA teacher as the trainer does, takes optimizer
-steps on fixed data and updates the teacher in place on its own slices. Expected values
-come from the EMA definition (BYOL, Grill et al. 2020, section 3.2: xi <- tau xi +
-(1 - tau) theta, tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2), applied to the whole
-gathered tensors.
+Run as a script (``python tests/test_m3i_ema.py OUT_DIR STAGE PRECISION``) this file is one
+rank. Each rank builds the tiny demo model and its EMA teacher as the trainer does, takes
+optimizer steps on fixed data and updates the teacher in place (its own slices under
+ZeRO-3, the whole tensors under ZeRO-2), counting the collectives each update issues.
+Expected values come from the EMA definition (BYOL, Grill et al. 2020, section 3.2:
+xi <- tau xi + (1 - tau) theta, tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2), applied
+to the whole gathered tensors.
 """
 
 from __future__ import annotations
@@ -22,10 +23,42 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.channels=8", "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
              "model.dcn_backend=reference", "model.embed_dim=16", "text.width=16",
-             "text.heads=2", "text.layers=1", "engine.precision=fp32", "data.batch_size=2",
+             "text.heads=2", "text.layers=1", "data.batch_size=2",
              # well below the tiny model's sizes: persisted copies must be refreshed too
              "engine.param_persistence_threshold=64"]
 MOMENTA = [0.0, 0.9, 0.5]  # 0: the teacher starts as an exact copy of the online tower
+# (ZeRO stage, precision, world size) of each run
+RUNS = [(3, "fp32", 1), (3, "fp32", 2), (2, "fp32", 2), (2, "bf16", 2)]
+# collectives of torch.distributed and DeepSpeed's comm layer (which calls torch's)
+COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "broadcast", "all_to_all_single", "reduce", "reduce_scatter"]
+
+
+class _CollectiveCounter:
+    """Counts collective calls (torch.distributed's and deepspeed.comm's) while active."""
+
+    def __init__(self):
+        import deepspeed.comm
+        import torch.distributed
+
+        self.calls: list[str] = []
+        self._saved = []
+        for module in (torch.distributed, deepspeed.comm):
+            for name in COLLECTIVES:
+                if hasattr(module, name):
+                    self._saved.append((module, name, getattr(module, name)))
+
+    def __enter__(self):
+        for module, name, real in self._saved:
+            def counted(*args, _real=real, _name=name, **kwargs):
+                self.calls.append(_name)
+                return _real(*args, **kwargs)
+            setattr(module, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, real in self._saved:
+            setattr(module, name, real)
 
 
 def _gather(params):
@@ -38,30 +71,36 @@ def _gather(params):
         return [p.detach().clone() for p in params]
 
 
-def _rank_main(out_dir: str) -> None:
+def _rank_main(out_dir: str, stage: int, precision: str) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
     from launch.commands.pretrain import DEMO_CONFIG
     from launch.config import load_config
     from pretrain.config import PretrainConfig
-    from pretrain.engine import build_engine, build_model, build_teacher
+    from pretrain.engine import DTYPES, build_engine, build_model, build_teacher
     from runtime.dist import init_distributed
 
     info = init_distributed()
-    cfg = load_config(PretrainConfig, DEMO_CONFIG, [*OVERRIDES, "engine.zero_stage=3"])
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [*OVERRIDES, f"engine.zero_stage={stage}",
+                                                    f"engine.precision={precision}"])
     engine, ds_config = build_engine(cfg, build_model(cfg, num_tags=10), steps=10)
     teacher = build_teacher(cfg, engine, ds_config)
     torch.manual_seed(123)  # the same data on every rank: same step for any world size
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, 3, 32, 32, dtype=DTYPES[precision])
     tokens = torch.randint(0, cfg.text.vocab_size, (2, cfg.data.context_length))
     errors, teacher_params = [], [p for _, p, _ in teacher.pairs]
     online_params = [p for _, _, p in teacher.pairs]
+    collectives = []
     for momentum in MOMENTA:
+        # the online weights the EMA follows: the (gathered) module parameters, fp32
+        # masters in fp32 runs, their bf16 copies (what the online network runs) in bf16
         before, online = _gather(teacher_params), _gather(online_params)
-        teacher.update(momentum)
+        with _CollectiveCounter() as counter:
+            teacher.update(momentum)
+        collectives.append(counter.calls)
         after = _gather(teacher_params)
-        expected = [momentum * b + (1 - momentum) * s for b, s in zip(before, online)]
+        expected = [momentum * b + (1 - momentum) * s.float() for b, s in zip(before, online)]
         errors.append(max(float((a - e).abs().max()) for a, e in zip(after, expected)))
         img, txt, _, scale = engine(images, tokens)
         loss = -(scale * img @ txt.t()).log_softmax(-1).diag().mean()
@@ -73,16 +112,22 @@ def _rank_main(out_dir: str) -> None:
     saved = teacher.state_dict()
     teacher.update(0.0)  # move it, then restore from the saved slices
     teacher.load_state_dict(saved)
-    result = {"errors": errors, "target": target.flatten()[:64].tolist(),
+    result = {"errors": errors, "collectives": collectives,
+              "target": target.flatten()[:64].tolist(),
               "restored": all(torch.equal(a, b) for a, b in
                               zip(teacher.state_dict().values(), saved.values())),
               "teacher": [t.flatten()[:32].tolist() for t in _gather(teacher_params)],
-              "local_numel": sum(p.ds_tensor.numel() for p in teacher_params),
-              "full_numel": sum(p.ds_numel for p in teacher_params)}
-    Path(out_dir, f"world{info.world_size}_rank{info.rank}.json").write_text(json.dumps(result))
+              "local_numel": sum(_local_numel(p) for p in teacher_params),
+              "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in teacher_params)}
+    Path(out_dir, f"{stage}_{precision}_world{info.world_size}_rank{info.rank}.json"
+         ).write_text(json.dumps(result))
 
 
-def _start(out: Path, world: int) -> list[subprocess.Popen]:
+def _local_numel(param) -> int:
+    return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+
+
+def _start(out: Path, stage: int, precision: str, world: int) -> list[subprocess.Popen]:
     import socket
 
     with socket.socket() as s:
@@ -93,34 +138,58 @@ def _start(out: Path, world: int) -> list[subprocess.Popen]:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out), str(stage), precision],
+                                      env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[int, list[dict]]:
+def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
     out = tmp_path_factory.mktemp("m3i_ema")
-    procs = {world: _start(out, world) for world in (1, 2)}  # the 3 processes at once
+    procs = {run: _start(out, *run) for run in RUNS}  # the 7 processes at once
     for group in procs.values():
-        logs = [p.communicate(timeout=150)[0].decode(errors="replace") for p in group]
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in group]
         for p, log in zip(group, logs):
             assert p.returncode == 0, log[-3000:]
-    return {world: [json.loads((out / f"world{world}_rank{r}.json").read_text())
-                    for r in range(world)] for world in procs}
+    return {(stage, precision, world): [
+        json.loads((out / f"{stage}_{precision}_world{world}_rank{r}.json").read_text())
+        for r in range(world)] for stage, precision, world in procs}
 
 
 @pytest.mark.distributed
 def test_update_on_own_slices_equals_the_whole_tensor_update(runs):
-    for world, ranks in runs.items():
+    for run, ranks in runs.items():
         for r in ranks:
             assert len(r["errors"]) == len(MOMENTA)
-            assert max(r["errors"]) < 1e-6, (world, r["errors"])
+            assert max(r["errors"]) < 1e-6, (run, r["errors"])
+
+
+@pytest.mark.distributed
+def test_update_issues_no_collective_under_any_zero_stage(runs):
+    """Each rank reads what it holds: its fp32 master slice (ZeRO-3) or the whole module
+    parameter (ZeRO-2). Before, ZeRO-2 assembled every tensor's fp32 master with an
+    all-reduce of the whole tensor (``safe_get_full_fp32_param``): 108 collectives per
+    update for this tiny tower, 1355 for InternImage-H."""
+    for run, ranks in runs.items():
+        for r in ranks:
+            assert r["collectives"] == [[] for _ in MOMENTA], run
+
+
+@pytest.mark.distributed
+def test_zero2_teacher_equals_the_zero3_teacher(runs):
+    """fp32: the module parameter ZeRO-2 reads is the fp32 master ZeRO-3 reads a slice of,
+    so after the same steps both teachers (and their targets) agree."""
+    for z2, z3 in zip(runs[(2, "fp32", 2)], runs[(3, "fp32", 2)]):
+        for a, b in zip(z2["teacher"], z3["teacher"]):
+            assert a == pytest.approx(b, abs=1e-5)
+        assert z2["target"] == pytest.approx(z3["target"], abs=1e-4)
+        assert z2["restored"]
 
 
 @pytest.mark.distributed
 def test_two_ranks_hold_half_and_end_where_one_rank_ends(runs):
-    one, two = runs[1][0], runs[2]
+    one, two = runs[(3, "fp32", 1)][0], runs[(3, "fp32", 2)]
     # ZeRO-3 splits each tensor evenly (DeepSpeed docs); padding adds < 1 element each
     assert one["local_numel"] == one["full_numel"]
     for r in two:
@@ -146,4 +215,4 @@ def test_momentum_schedule_is_byols_cosine():
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1])
+    _rank_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
