@@ -130,12 +130,24 @@ class ObjectiveConfig:
     tag_weight: float = 0.5
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    # Only true is correct, so only true is accepted (the key stays so that configs naming
+    # it load): see __post_init__.
     gather_with_grad: bool = True
     image: ImageTargetConfig = field(default_factory=ImageTargetConfig)
 
     def __post_init__(self) -> None:
         check(self.image_text_weight >= 0 and self.tag_weight >= 0, "objective",
                "term weights must be >= 0")
+        # Each rank scores its own rows against every rank's embeddings
+        # (pretrain/objectives.py): without gradients through the all-gather, the other
+        # ranks' rows send nothing back to this rank's embeddings, and the image-text
+        # gradient is wrong (with a full matrix per rank it was 1/world_size of the true
+        # one while the tag and image terms kept their scale).
+        check(self.gather_with_grad, "objective.gather_with_grad",
+              "false is not supported: the image-text loss needs gradients through the "
+              "all-gather of embeddings; without them its gradient is wrong (1/world_size "
+              "of the true one at best, while the other terms keep their scale). Remove "
+              "the key")
         check(self.image_text_weight + self.tag_weight + self.image.weight > 0, "objective",
                "at least one term must have a positive weight")
         check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")

@@ -203,17 +203,8 @@ class M3ILoss:
 
     image_text_weight: float = 1.0
     tag_weight: float = 0.5
-    gather_with_grad: bool = True
     image_weight: float = 0.0
     decorrelation_weight: float = 0.1
-
-    def __post_init__(self) -> None:
-        # Without gradients through the gather, a rank's local rows would send nothing to
-        # the other ranks' columns: a wrong gradient, not merely a scaled one (open_clip
-        # pairs --local-loss with --gather-with-grad for the same reason).
-        if not self.gather_with_grad:
-            raise ValueError("gather_with_grad=False is not supported: the image-text "
-                             "loss needs gradients through the all-gather")
 
     def mixed(self, image, text, tags, scale, has_text, tag_targets, has_tags, partner,
               predictions, targets):

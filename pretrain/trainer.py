@@ -134,8 +134,8 @@ class Trainer:
         self.dtype = DTYPES[cfg.engine.precision]
         image = cfg.objective.image
         self.loss_fn = M3ILoss(cfg.objective.image_text_weight, cfg.objective.tag_weight,
-                               cfg.objective.gather_with_grad, image.weight,
-                               image.decorrelation_weight)
+                               image_weight=image.weight,
+                               decorrelation_weight=image.decorrelation_weight)
         self.engine, self.ds_config = build_engine(cfg, build_model(cfg, num_tags),
                                                    self.total_steps)
         # M3I's image branch: the momentum target encoder (None when the branch is off)

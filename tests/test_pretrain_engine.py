@@ -153,12 +153,23 @@ def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, cache):
     ("model.name=internimage_q", "model.name"),
     ("data.batch_size=0", "data.batch_size"),
     ("run.on_nonfinite=ignore", "run.on_nonfinite"),
+    # without gradients through the gather the image-text gradient is wrong (1/world_size
+    # of the true one at best, against the tag and image terms' full scale)
+    ("objective.gather_with_grad=false", "objective.gather_with_grad: false is not supported"),
 ])
 def test_bad_config_fails_before_compute(override, message, capsys):
     from launch.cli import main
 
     assert main(["pretrain", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_configs_naming_gather_with_grad_true_still_load():
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+
+    assert load_config(PretrainConfig, DEMO_CONFIG, ["objective.gather_with_grad=true"])
 
 
 def test_h_recipe_dry_run_prints_the_plan(capsys):
