@@ -150,5 +150,10 @@ def test_group_lr_is_schedule_times_scale():
     head = next(g["lr"] for g in opt.param_groups if "head.weight" in g["names"])
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(head * g["lr_scale"])
+    from tests.released_lr import classification_ratio
+
     dcn = next(g for g in opt.param_groups if any(".dcn.offset." in n for n in g["names"]))
-    assert dcn["lr_scale"] == pytest.approx(0.1 * 0.8 ** (6 - dcn["layer_id"]))
+    name = next(n for n in dcn["names"] if ".dcn.offset." in n)
+    depths = build_classifier(cfg).depths
+    # the released classification rule (tests/released_lr.py) times DCN_LR_MUL
+    assert dcn["lr_scale"] == pytest.approx(0.1 * classification_ratio(name, depths, 0.8))
