@@ -151,6 +151,13 @@ class ObjectiveConfig:
         check(self.image_text_weight + self.tag_weight + self.image.weight > 0, "objective",
                "at least one term must have a positive weight")
         check(0 < self.init_temperature < 1, "objective.init_temperature", "must be in (0, 1)")
+        # the learnable logit scale is clamped to [0, ln max_logit_scale] after every step
+        # (pretrain.engine.clamp_logit_scale); it must start inside
+        check(self.max_logit_scale > 1, "objective.max_logit_scale", "must be > 1")
+        check(1 / self.init_temperature <= self.max_logit_scale, "objective.init_temperature",
+              f"1 / init_temperature ({1 / self.init_temperature:.4g}) exceeds "
+              f"objective.max_logit_scale ({self.max_logit_scale:g}), the bound the logit "
+              f"scale is clamped to")
 
 
 @dataclass

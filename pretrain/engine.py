@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 import torch
@@ -66,8 +67,7 @@ def check_precision(precision: str) -> None:
 def _m3i_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
     return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                     cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                    num_tags, cfg.objective.init_temperature, cfg.objective.max_logit_scale,
-                    with_cp=cfg.model.checkpointing(),
+                    num_tags, cfg.objective.init_temperature, with_cp=cfg.model.checkpointing(),
                     decoder=cfg.objective.image.decoder_spec(),
                     **cfg.model.overrides())
 
@@ -139,3 +139,40 @@ def build_teacher(cfg: PretrainConfig, engine, ds_config: dict[str, Any]):
         teacher = MomentumTeacher(encoder().to(engine.device), engine.module)
     teacher.update(0.0)
     return teacher
+
+
+@torch.no_grad()
+def clamp_logit_scale(engine, max_logit_scale: float) -> None:
+    """Clamp the model's log inverse temperature to [0, ln ``max_logit_scale``] in place,
+    on every copy DeepSpeed keeps of it: call after each optimizer step.
+
+    open_clip clamps the parameter, not exp(parameter) in the forward, after each step
+    (open_clip 3.3.0, src/open_clip_train/train.py: ``logit_scale.clamp_(0,
+    math.log(100))``): the gradient stays intact, so a temperature driven to the bound
+    can come back. The master is fp32 while the forward reads a 16-bit copy, so both are
+    clamped, each rank on what it holds, with no communication and one element's work:
+
+    - ZeRO-3: this rank's fp32 master slice (DeepSpeed's local API,
+      ``safe_get/set_local_fp32_param``, offload included), its 16-bit slice
+      (``ds_tensor``) and the whole gathered copy, which DeepSpeed keeps between steps for
+      parameters under ``stage3_param_persistence_threshold`` (empty otherwise);
+    - ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment of the fp32 master,
+      if it holds one (``_hp_mapping``), and the whole 16-bit parameter every rank keeps;
+    - otherwise (fp32 without a ZeRO optimizer) the parameter is the master.
+
+    Clamping commutes with rounding to 16 bits (both monotone; torch rounds the bounds to
+    the tensor's dtype), so each copy ends as DeepSpeed would derive it from the clamped
+    master at its next step.
+    """
+    param = engine.module.logit_scale
+    low, high = 0.0, math.log(max_logit_scale)
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        master = safe_get_local_fp32_param(param)
+        if master is not None:
+            safe_set_local_fp32_param(param, master.clamp(low, high))
+        param.ds_tensor.clamp_(low, high)
+    elif getattr(param, "_hp_mapping", None) is not None:
+        param._hp_mapping.get_hp_fragment().clamp_(low, high)
+    param.data.clamp_(low, high)

@@ -38,8 +38,8 @@ class M3IModel(nn.Module):
 
     def __init__(self, model_name: str, embed_dim: int, context_length: int, text_width: int,
                  text_heads: int, text_layers: int, vocab_size: int, num_tags: int,
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0,
-                 with_cp: bool = False, decoder: dict | None = None, **model_overrides):
+                 init_temperature: float = 0.07, with_cp: bool = False,
+                 decoder: dict | None = None, **model_overrides):
         super().__init__()
         self.visual = build_model(model_name, num_classes=0, with_cp=with_cp, **model_overrides)
         self.image_proj = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
@@ -50,7 +50,6 @@ class M3IModel(nn.Module):
         self.tag_embed = nn.Parameter(torch.randn(max(num_tags, 1), embed_dim) / embed_dim**0.5)
         # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
-        self.max_logit_scale = max_logit_scale
         with gathered_for_init(self.image_proj.parameters()):  # a child: zero.Init-safe
             nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
         # M3I's image branch (pretrain/m3i/): ``decoder`` = {width, depth, heads}; it
@@ -76,8 +75,14 @@ class M3IModel(nn.Module):
         return F.normalize(self.tag_embed, dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped: the inverse temperature of every InfoNCE term."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """exp(logit_scale): the inverse temperature of every InfoNCE term.
+
+        Not clamped here: a clamp of the forward value has gradient 0 above its bound, so
+        once past it the temperature could never come back. The training loop clamps the
+        parameter itself after every optimizer step (``pretrain.engine.clamp_logit_scale``),
+        so every forward already sees a bounded value.
+        """
+        return self.logit_scale.exp()
 
     def region_pooled(self, unpooled: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim) pooled embeddings of each map over its ``region`` (B, h, w) bool:

@@ -30,6 +30,7 @@ from pretrain.engine import (
     build_model,
     build_teacher,
     check_precision,
+    clamp_logit_scale,
     model_hash,
     total_steps,
 )
@@ -145,6 +146,9 @@ class Trainer:
         self.nonfinite_skipped = 0
         if self.state is not None:
             self._restore()
+        # a no-op for a fresh run (the config keeps the initial value inside); a
+        # checkpoint saved while the forward clamped exp() instead may hold it past the bound
+        clamp_logit_scale(self.engine, cfg.objective.max_logit_scale)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "deepspeed_config.json").write_text(
@@ -236,9 +240,11 @@ class Trainer:
 
     # the task hooks ---------------------------------------------------------------------
     def _after_step(self, step: int) -> None:
-        """After optimizer step ``step``: the EMA step of the target encoder (momentum on
-        BYOL's cosine over the run, indexed by the step just taken, counted from 0)."""
+        """After optimizer step ``step``: the logit scale clamped into its bounds (open_clip's
+        rule), then the EMA step of the target encoder (momentum on BYOL's cosine over the
+        run, indexed by the step just taken, counted from 0)."""
         self.step = step
+        clamp_logit_scale(self.engine, self.cfg.objective.max_logit_scale)
         if self.teacher is None:
             return
         from pretrain.m3i.ema import momentum_at

@@ -156,6 +156,9 @@ def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, cache):
     # without gradients through the gather the image-text gradient is wrong (1/world_size
     # of the true one at best, against the tag and image terms' full scale)
     ("objective.gather_with_grad=false", "objective.gather_with_grad: false is not supported"),
+    # the logit scale is clamped to [1, max_logit_scale] after every step: it starts inside
+    ("objective.init_temperature=0.005", "objective.init_temperature: 1 / init_temperature"),
+    ("objective.max_logit_scale=1", "objective.max_logit_scale"),
 ])
 def test_bad_config_fails_before_compute(override, message, capsys):
     from launch.cli import main

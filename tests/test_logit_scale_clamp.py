@@ -1,0 +1,116 @@
+"""The learnable temperature is clamped as a parameter after each step, not in the forward.
+
+open_clip clamps ``logit_scale`` to [0, ln 100] in place after every optimizer step (open_clip
+3.3.0, src/open_clip_train/train.py). A clamp of exp(logit_scale) in the forward instead
+has gradient 0 past the bound, so a temperature once driven there never comes back (Adam's
+momentum even keeps pushing it up). Under DeepSpeed the fp32 master and the 16-bit copies
+the forward reads must all be clamped, on every rank: ``pretrain.engine.clamp_logit_scale``.
+
+Run as a script (``python tests/test_logit_scale_clamp.py OUT_DIR STAGE PERSIST``) this file
+is one rank: a tiny model in bf16 whose loss is -scale for some steps (the scale wants to
+grow past 100) and then +scale (it wants to shrink).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = ["model.channels=8", "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
+             "model.dcn_backend=reference", "model.embed_dim=16", "text.width=16",
+             "text.heads=2", "text.layers=1", "engine.precision=bf16", "data.batch_size=2",
+             "optim.lr=0.05", "optim.min_lr=0.05", "optim.warmup_steps=0",
+             "optim.weight_decay=0", "objective.init_temperature=0.0102"]  # scale 98
+UP, DOWN = 6, 14  # steps that push the scale up, then down
+# (ZeRO stage, whether ZeRO-3 keeps the 1-element parameter gathered between steps)
+RUNS = [(3, True), (3, False), (2, True)]
+
+
+def _rank_main(out_dir: str, stage: int, persist: bool) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import build_engine, build_model, clamp_logit_scale
+    from runtime.dist import init_distributed
+
+    info = init_distributed()
+    threshold = 100_000 if persist else 0
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [
+        *OVERRIDES, f"engine.zero_stage={stage}",
+        f"engine.param_persistence_threshold={threshold}"])
+    engine, _ = build_engine(cfg, build_model(cfg, num_tags=10), steps=100)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    tokens = torch.randint(0, cfg.text.vocab_size, (2, cfg.data.context_length))
+    forward, master = [], []
+    for step in range(UP + DOWN + 1):
+        image, text, tags, scale = engine(images, tokens)
+        forward.append(float(scale))
+        if step == UP + DOWN:
+            break
+        sign = -1.0 if step < UP else 1.0
+        unused = image.float().sum() + text.float().sum() + tags.float().sum()
+        engine.backward(sign * scale.float().sum() + 0.0 * unused)
+        engine.step()
+        clamp_logit_scale(engine, cfg.objective.max_logit_scale)
+        master.append(float(safe_get_full_fp32_param(engine.module.logit_scale)))
+    Path(out_dir, f"{stage}_{persist}_rank{info.rank}.json").write_text(
+        json.dumps({"forward": forward, "master": master}))
+
+
+def _start(out: Path, stage: int, persist: bool, world: int = 2) -> list[subprocess.Popen]:
+    from tests.pretrain_utils import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, str(out), str(stage), str(int(persist))], env=env,
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
+    out = tmp_path_factory.mktemp("logit_scale")
+    procs = {run: _start(out, *run) for run in RUNS}
+    for group in procs.values():
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in group]
+        for p, log in zip(group, logs):
+            assert p.returncode == 0, log[-3000:]
+    return {run: [json.loads((out / f"{run[0]}_{run[1]}_rank{r}.json").read_text())
+                  for r in range(2)] for run in procs}
+
+
+@pytest.mark.distributed
+def test_scale_reaches_the_bound_and_comes_back(runs):
+    bound = math.log(100.0)
+    for run, ranks in runs.items():
+        for r in ranks:
+            assert r == ranks[0], run  # every rank reads and holds the same values
+            # the fp32 master never passes ln 100 and sits on it while pushed up
+            assert max(r["master"]) <= bound + 1e-6, run
+            assert r["master"][UP - 1] == pytest.approx(bound, abs=1e-6), run
+            # the forward reads the clamped bf16 copy: never above 100
+            assert max(r["forward"]) <= 100.0, run
+            # pushed down, it comes back (a forward clamp left it at 100 for good)
+            assert r["forward"][-1] < 90.0, (run, r["forward"])
+            assert r["master"][-1] < bound - 0.1, run
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
