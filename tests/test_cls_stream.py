@@ -105,17 +105,23 @@ def test_bad_settings_fail_clearly(tmp_path):
         StreamingShards([_write_shards(tmp_path)], _to_tensor, num_samples=2, batch_size=4)
 
 
+def _stream_args(train_urls: str, val_urls: str, steps: int, log_every: int) -> list[str]:
+    """Overrides of a small streamed classification run (64 classes of 16 px images,
+    one 64-sample epoch = 8 steps of 8), evaluated at its last step."""
+    return ["data.kind=stream", f"data.train_urls={json.dumps([train_urls])}",
+            f"data.val_urls={json.dumps([val_urls])}",
+            "data.train_samples=64", "data.num_classes=64", "data.img_size=16",
+            "run.batch_size=8", f"run.max_steps={steps}", f"run.eval_every={steps}",
+            f"run.log_every={log_every}", "run.num_workers=2", "run.progress=false",
+            "optim.warmup_steps=0", "ema.enabled=false"]
+
+
 def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
     from finetune.classification import ClassificationConfig, train
     from launch.config import ConfigError, load_config
 
     urls = _write_shards(tmp_path / "shards", n_shards=4, per_shard=16)
-    args = ["data.kind=stream", f"data.train_urls={json.dumps([urls])}",
-            f"data.val_urls={json.dumps([urls])}",
-            "data.train_samples=64", "data.num_classes=64", "data.img_size=16",
-            "run.batch_size=8", "run.max_steps=5", "run.eval_every=5", "run.log_every=1",
-            "run.num_workers=2", "run.progress=false", "optim.warmup_steps=0",
-            "ema.enabled=false"]
+    args = _stream_args(urls, urls, steps=5, log_every=1)
     out = tmp_path / "run"
     result = train(load_config(ClassificationConfig, None, args), out)
     assert 0 <= result["top1"] <= 1
@@ -187,12 +193,8 @@ def test_streamed_skips_and_shard_damage_reach_the_training_metrics(tmp_path):
     with tarfile.open(cut) as tar:
         label = tar.getmember(f"{3 * 16 + 10:06d}.cls")
     cut.write_bytes(cut.read_bytes()[:label.offset_data])
-    args = ["data.kind=stream", f"data.train_urls={json.dumps([urls])}",
-            f"data.val_urls={json.dumps([str(tmp_path / 'shards' / 'shard-0001.tar')])}",
-            "data.train_samples=64", "data.num_classes=64", "data.img_size=16",
-            "run.batch_size=8", "run.max_steps=8", "run.eval_every=8", "run.log_every=4",
-            "run.num_workers=2", "run.progress=false", "optim.warmup_steps=0",
-            "ema.enabled=false"]
+    args = _stream_args(urls, str(tmp_path / "shards" / "shard-0001.tar"), steps=8,
+                        log_every=4)
     train(load_config(ClassificationConfig, None, args), tmp_path / "run")
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
                .splitlines()]
