@@ -197,6 +197,23 @@ def read_backbone(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 # ---------------------------------------------------------------- writing
+def _own_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor filling a storage of its own, as safetensors requires
+    (it refuses shared or partial storage). Only views and tensors sharing a storage are
+    copied: cloning every tensor doubled the peak memory of a conversion (about 4.4 GB
+    more for InternImage-H in fp32)."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        storage = value.untyped_storage()
+        whole = (value.is_contiguous() and value.storage_offset() == 0
+                 and storage.nbytes() == value.numel() * value.element_size())
+        if not whole or storage.data_ptr() in seen:
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
 def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
             dtype: str = "fp32") -> ConvertReport:
     """Convert ``src`` into ``dst``; see the module docstring. Returns what was written."""
@@ -210,9 +227,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
         raise CheckpointError(f"{src} holds no InternImage backbone weights")
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     out = backbone if fmt == "official" else {**backbone, **other}
-    # safetensors refuses shared or non-contiguous storage: give each tensor its own.
-    out = {k: (v.to(target) if v.is_floating_point() else v).contiguous().clone()
-           for k, v in out.items()}
+    out = _own_storages({k: v.to(target) if v.is_floating_point() else v
+                         for k, v in out.items()})
     meta = {**meta, "format": FORMAT_TAG, "dtype": dtype, "source": str(src)}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

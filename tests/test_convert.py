@@ -256,3 +256,24 @@ def test_wrong_paths_give_one_line_naming_the_accepted_forms(zero_run, tmp_path,
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
+
+
+def test_only_shared_or_partial_tensors_are_copied_for_safetensors(tmp_path):
+    """safetensors refuses tensors that share a storage or fill part of one; everything
+    else goes out as it is (a conversion holds one copy of the weights, not two)."""
+    from safetensors.torch import load_file, save_file
+
+    from finetune.convert import _own_storages
+
+    whole = torch.arange(6.0)
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"whole": whole, "tied_a": base, "tied_b": base, "transposed": base.t(),
+             "row": base[1]}
+    out = _own_storages(state)
+    assert out["whole"] is whole and out["tied_a"] is base  # not copied
+    ptrs = [t.untyped_storage().data_ptr() for t in out.values()]
+    assert len(set(ptrs)) == len(ptrs)
+    save_file(out, str(tmp_path / "w.safetensors"))
+    back = load_file(str(tmp_path / "w.safetensors"))
+    for key, value in state.items():
+        assert torch.equal(back[key], value), key
