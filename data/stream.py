@@ -84,7 +84,6 @@ class SourceCursor:
     weight scale). An entry ``[epoch, key, offset, samples, compressed]`` is a unit an old
     slot was inside: it goes on at that byte offset.
 
-
     ``count_epoch``: the epoch whose reads count what damaged and missing shards lose (see
     :class:`SourceStream`); None in states saved before it existed (then the stream's
     ``first_epoch``).

@@ -26,7 +26,7 @@ from torch import nn
 from runtime import rng
 from runtime.checkpoint import (
     ResumeError,
-    open_resume,
+    checked_state,
     publish_config,
     refuse_fresh_start,
     refuse_legacy_resume,
@@ -100,8 +100,9 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     ``CheckpointError``: the CLI reports it without a traceback); once all checks passed,
     the config the command line staged becomes ``config.yaml``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    resume_checkpoint(resume, out_dir)
-    resume_dir, state = open_resume(resume, out_dir / "checkpoints", model_hash, world_size)
+    resume_dir = resume_checkpoint(resume, out_dir)
+    state = (checked_state(resume_dir, model_hash, world_size) if resume_dir is not None
+             else None)
     publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)
 

@@ -140,10 +140,18 @@ def _publish(root: Path, staging: str, tag: str) -> None:
         _atomic_write(root / LATEST, tag)
 
 
+_TAG = re.compile(r"step_(\d+)")  # tag_for's names: step_<digits>
+
+
 def _step_of(name: str) -> int | None:
     """The step of a folder ``step_<digits><anything>`` (None for any other name)."""
-    match = re.match(r"step_(\d+)", name)
+    match = _TAG.match(name)
     return int(match.group(1)) if match else None
+
+
+def _is_tag(name: str) -> bool:
+    """A checkpoint's own folder name (not a staging or derived folder)."""
+    return _TAG.fullmatch(name) is not None
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -162,7 +170,7 @@ def prune(root: Path, keep_last: int) -> None:
     head = _step_of(latest) if latest else None
     folders = sorted((p for p in root.glob("step_*") if p.is_dir()),
                      key=lambda p: (_step_of(p.name) or 0, p.name))
-    complete = [p.name for p in folders if re.fullmatch(r"step_\d+", p.name)
+    complete = [p.name for p in folders if _is_tag(p.name)
                 and (head is None or _step_of(p.name) <= head)
                 and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
@@ -172,7 +180,7 @@ def prune(root: Path, keep_last: int) -> None:
             continue
         if head is None:  # no lineage known (no ``latest``): only surplus ones go
             gone = name in complete
-        elif is_staging(name) or re.fullmatch(r"step_\d+", name):
+        elif is_staging(name) or _is_tag(name):
             gone = True  # crashed save, abandoned branch, surplus or incomplete
         else:  # derived from a checkpoint
             gone = step != head
@@ -218,7 +226,7 @@ def _warn_rewind(ckpt_dir: Path, root: Path) -> None:
         return
     step = _step_of(ckpt_dir.name) or 0
     later = [p.name for p in sorted(root.glob("step_*"))
-             if re.fullmatch(r"step_\d+", p.name) and _step_of(p.name) > step]
+             if _is_tag(p.name) and _step_of(p.name) > step]
     if later:
         log.warning("resuming from %s, before %s (latest): %s will be deleted once this "
                     "run's first checkpoint is complete (until then, resuming from them "
@@ -303,6 +311,12 @@ def open_resume(resume: str | None, root: Path, model_hash: str,
     ckpt_dir = resolve_resume(resume, root)
     if ckpt_dir is None:
         return None, None
+    return ckpt_dir, checked_state(ckpt_dir, model_hash, world_size)
+
+
+def checked_state(ckpt_dir: Path, model_hash: str, world_size: int) -> dict[str, Any]:
+    """The trainer state of the resolved checkpoint ``ckpt_dir``, checked against this
+    run (model hash, world size)."""
     state = load_trainer_state(ckpt_dir)
     check_compatible(state, model_hash, world_size, ckpt_dir)
-    return ckpt_dir, state
+    return state

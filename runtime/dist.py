@@ -127,10 +127,10 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
     A DeepSpeed engine leaves buffers rank-local and saves rank 0's only. Called after
     each training micro-step (its forward is the only thing that changes them; not
     between forward and backward, where BatchNorm's autograd refuses a changed buffer),
-    it keeps every rank
-    holding rank 0's statistics at all other times: the next forward starts from them, as
-    under DDP (``broadcast_buffers=True``, before each forward), and an evaluation, an EMA
-    update and a checkpoint see on every rank the statistics the checkpoint holds.
+    it keeps every rank holding rank 0's statistics at all other times: the next forward
+    starts from them, as under DDP (``broadcast_buffers=True``, before each forward), and
+    an evaluation, an EMA update and a checkpoint see on every rank the statistics the
+    checkpoint holds.
 
     One broadcast per dtype (the buffers flattened together), not one per buffer: a
     UperNet head holds about 50 BatchNorm buffers, and each collective costs its latency
