@@ -166,6 +166,7 @@ class SourceStream:
         # which shard is read, so samples and cursors are the same with it off.
         self._prefetcher = ShardPrefetcher(s3)
         self._lookahead: tuple[int, np.ndarray] | None = None
+        self._unit_start: SourceCursor | None = None
 
     # -- state ---------------------------------------------------------------------------
     def cursor(self) -> SourceCursor:
@@ -284,13 +285,23 @@ class SourceStream:
         url, part, parts = self.split_key(key)
         count_lost(url, self.name, self.s3, self.counter, cursor.samples, False, part, parts)
 
+    def reading_epoch(self) -> int:
+        """The epoch of the unit last drawn (the one being read)."""
+        c = self._cursor
+        if c.share is not None and 0 < c.position <= len(c.share):
+            return c.share[c.position - 1][0]
+        return c.epoch
+
+    def unit_start(self) -> SourceCursor | None:
+        """The cursor as the current unit's read began, before its first sample (None
+        before any): resuming from it reads that unit again from where it started."""
+        return self._unit_start
+
     def _counts_losses(self, key: str) -> bool:
         """Whether the read of ``key`` (just drawn, or resumed) counts what its shard lost:
         a unit of epoch ``count_epoch`` whose damage this slot did not count yet."""
-        c = self._cursor
-        reading_share = c.share is not None and 0 < c.position <= len(c.share)
-        epoch = c.share[c.position - 1][0] if reading_share else c.epoch
-        return epoch == c.count_epoch and key not in self.schedule.damaged
+        return (self.reading_epoch() == self._cursor.count_epoch
+                and key not in self.schedule.damaged)
 
     # -- samples -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[RawSample]:
@@ -329,6 +340,7 @@ class SourceStream:
         start = start or ShardCursor()
         c.unit, c.offset, c.samples, c.compressed = (key, start.offset, start.samples,
                                                      start.compressed)
+        self._unit_start = self.cursor()  # once per unit
         url, part, parts = self.split_key(key)
         ahead = False
         for raw in read_shard(url, self.name, self.s3, self.counter, outcome, start,
@@ -347,13 +359,17 @@ class SourceStream:
 class MixState:
     """Where a :class:`MixedStream` is: shuffle block ``block`` started at mix draw
     ``draws`` with the source cursors ``sources`` and ``emitted`` of its samples were handed
-    out; ``index``: raw samples handed out so far (seeds each sample's augmentation)."""
+    out; ``index``: raw samples handed out so far (seeds each sample's augmentation).
+    ``lead``: the source whose sample, drawn before the block began, opens it (the first
+    sample of that source's next epoch; its cursor in ``sources`` is at that sample's
+    unit start), None when the block's first sample is drawn in it."""
 
     block: int = 0
     emitted: int = 0
     draws: int = 0
     index: int = 0
     sources: list[dict[str, Any]] | None = None
+    lead: int | None = None
 
 
 class MixedStream:
@@ -407,34 +423,60 @@ class MixedStream:
         self._streams = streams = self.make_sources(cursors)
         iters = [iter(s) for s in streams]
         active, live, skip = list(range(len(streams))), st.draws, st.emitted
-        while active:
-            start = ([s.cursor().to_dict() for s in streams] if self.block_size > 1
-                     else None)
-            first, block_no = live, st.block
+        start, lead = st.sources, None
+        if st.lead is not None:  # the block opens with a sample read before it began
+            muted, self.counter.muted = self.counter.muted, True  # reported before the save
+            item = next(iters[st.lead], None)
+            self.counter.muted = muted
+            lead = (st.lead, item) if item is not None else None
+        while active or lead is not None:
+            if lead is None:  # the block's first sample is drawn in it: from the cursors now
+                start = ([s.cursor().to_dict() for s in streams] if self.block_size > 1
+                         else None)
+            first, block_no, leader = live, st.block, lead[0] if lead is not None else None
             # Re-reading a block whose first samples went out before the checkpoint: what
             # it counts was reported then.
             muted, self.counter.muted = self.counter.muted, skip > 0 or self.counter.muted
-            block: list[tuple[int, RawSample]] = []
+            block = [lead] if lead is not None else []
+            # the epoch of each source's samples in this block: a block never holds two
+            # epochs of a source, so a slot's share of an epoch is a permutation of it
+            epochs: list[int | None] = [None] * len(streams)
+            if lead is not None:
+                epochs[lead[0]] = streams[lead[0]].reading_epoch()
+            lead = next_start = None
             while active and len(block) < self.block_size:
                 pick = self._pick(live, active)
                 live += 1
                 item = next(iters[pick], None)
                 if item is None:
                     active.remove(pick)
-                else:
-                    block.append((pick, item))
+                    continue
+                epoch = streams[pick].reading_epoch()
+                if self.block_size > 1 and epochs[pick] not in (None, epoch):
+                    # the first sample of the source's next epoch opens the next block;
+                    # resuming there reads it again from its unit's start
+                    lead = (pick, item)
+                    next_start = [(s.unit_start() if i == pick else s.cursor()).to_dict()
+                                  for i, s in enumerate(streams)]
+                    break
+                epochs[pick] = epoch
+                block.append((pick, item))
             self.counter.muted = muted
             order = self._block_order(block_no, len(block))
             for j in range(skip, len(block)):
                 st.index += 1
                 if j + 1 < len(block):  # resuming here re-reads this block from its start
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
-                    self._at_block_end = False
+                    st.lead, self._at_block_end = leader, False
+                elif lead is not None:  # the next block opens with the sample read ahead
+                    st.block, st.emitted, st.draws, st.sources = (block_no + 1, 0, live,
+                                                                  next_start)
+                    st.lead, self._at_block_end = lead[0], False
                 else:  # the next block starts at the live cursors
                     st.block, st.emitted, st.draws, st.sources = block_no + 1, 0, live, None
-                    self._at_block_end = True
+                    st.lead, self._at_block_end = None, True
                 yield block[order[j]]
-            skip = 0
+            start, skip = next_start, 0
 
     def _block_order(self, block: int, n: int) -> np.ndarray:
         if self.block_size == 1 or n <= 1:

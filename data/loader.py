@@ -1,0 +1,308 @@
+"""The resumable loader of one rank: per-worker sample streams (:mod:`data.stream`), decoded
+and batched by a task's :class:`SampleCodec`, delivered in the DataLoader's strict
+round-robin worker order, with a constant-size state that resumes exactly.
+
+Pre-training (``pretrain/data/loader.py``: image, caption and tags of several mixed
+sources) and streamed classification (``finetune/cls_stream.py``: image and label of one
+source) both run on it; they differ only in their codec.
+
+**Slots.** Each (rank, logical worker) pair is a slot (``slot = rank * workers + worker``)
+with its own :class:`~data.stream.MixedStream`: every source's epochs dealt over all slots
+without replacement (:mod:`data.epochs`), mixed by weight and shuffled in blocks. Physical
+DataLoader worker ``j`` plays logical worker ``(j + rotation) % workers``, so that after a
+resume the DataLoader's fixed round-robin (worker 0 first) goes on with the logical worker
+whose batch was next.
+
+**State.** Every batch carries its worker's stream state after its last raw sample and the
+skip counts since its previous batch; the consumer (:meth:`ResumableLoader.__iter__`, in
+the main process) records the state of each worker and which worker is next, and folds
+the counts into :attr:`ResumableLoader.stats`. So :meth:`ResumableLoader.state_dict` is
+the position after the last batch *handed to the caller*, whatever the workers prefetched,
+and a loader built with it continues with exactly the batches an uninterrupted one would
+have delivered (``state`` of every old rank: on another slot count, at shard granularity,
+:mod:`data.redeal`). Per-sample augmentation draws from an RNG seeded by (seed, slot,
+epoch, sample index), never from a worker's RNG, so resumed batches match bit for bit.
+
+**Cost.** The state is a few hundred bytes per worker; a resume re-reads at most one
+shuffle block per worker (:mod:`data.stream`), whatever the length of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.config import S3Config
+from data.epochs import extra_offsets, parts_per_shard
+from data.sources import RawSample
+from data.state import PipelineState, derive_seed, url_list_digest
+from data.stats import DataStats, SkipCounter
+from data.stream import MixedStream, SourceCursor, SourceStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamSource:
+    """One source of a loader: its name, expanded shard URLs, mix weight, and whether its
+    training stream runs epochs forever (``resampled``; else one pass)."""
+
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+    resampled: bool = True
+
+
+@dataclass
+class LoaderOptions:
+    """How a loader reads: seed, samples per batch, DataLoader workers per rank (0: in
+    the main process), the shuffle block, object storage, the DataLoader's prefetching
+    and what a resume does when a source's shard list changed (``error`` | ``restart``,
+    :mod:`data.state`)."""
+
+    seed: int
+    batch_size: int
+    workers: int
+    shuffle_buffer: int
+    s3: S3Config
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    on_shard_list_change: str = "error"
+
+
+class SampleCodec(Protocol):
+    """A task's part of the loader: what a raw sample becomes, and how samples batch."""
+
+    def decode(self, source_id: int, raw: RawSample, rng: random.Random,
+               counter: SkipCounter) -> Any | None:
+        """The decoded, augmented sample (drawing only from ``rng``), or None after
+        counting why it is unusable in ``counter``."""
+
+    def collate(self, samples: list[tuple[int, Any]], worker: int,
+                counter: SkipCounter) -> Any:
+        """One batch of ``(source id, sample)`` pairs (at least one)."""
+
+
+class SlotStreams(IterableDataset):
+    """What each DataLoader worker runs: its logical worker's stream, decoded and batched.
+    Items are dicts: ``data`` (the codec's batch, None when only counts are left to
+    report), ``worker``, ``state``, ``counts`` and ``sources`` (samples per source id)."""
+
+    def __init__(self, sources: list[StreamSource], opts: LoaderOptions, codec: SampleCodec,
+                 rank: int, world_size: int, train: bool, epoch: int,
+                 positions: dict[int, dict[str, Any]], rotation: int):
+        super().__init__()
+        self.sources, self.opts, self.codec = sources, opts, codec
+        self.rank, self.world_size, self.train = rank, world_size, train
+        self.workers = max(opts.workers, 1)
+        self.epoch, self.positions, self.rotation = epoch, dict(positions), rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        yield from self.batches((physical + self.rotation) % self.workers)
+
+    def mixed_stream(self, worker: int, counter: SkipCounter) -> MixedStream:
+        """The raw samples of logical ``worker``: every source's epochs dealt over all
+        (rank, worker) slots (:mod:`data.epochs`), mixed by weight and shuffled in blocks
+        (:mod:`data.stream`), resumed from the worker's saved state if there is one."""
+        opts = self.opts
+        nslots = self.world_size * self.workers
+        slot = self.rank * self.workers + worker
+        resampled = [s.resampled and self.train for s in self.sources]
+        units = [len(s.urls) * (parts_per_shard(len(s.urls), nslots) if r else 1)
+                 for s, r in zip(self.sources, resampled, strict=True)]
+        offsets, stride = extra_offsets(units, nslots)
+
+        def make_sources(cursors: list[SourceCursor] | None) -> list[SourceStream]:
+            return [SourceStream(s.name, s.urls, slot, nslots, opts.seed, opts.s3, counter,
+                                 resampled=resampled[i], shuffle=self.train,
+                                 first_epoch=self.epoch,
+                                 cursor=cursors[i] if cursors is not None else None,
+                                 deal_offset=offsets[i], deal_stride=stride)
+                    for i, s in enumerate(self.sources)]
+
+        return MixedStream(make_sources, [s.weight for s in self.sources],
+                           derive_seed(opts.seed, self.epoch), slot,
+                           opts.shuffle_buffer if self.train else 0, counter,
+                           state=self.positions.get(worker))
+
+    def batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        """Batches of logical ``worker``, continuing from its saved state. A final one may
+        be short, or hold only counts (``data`` None)."""
+        opts, counter = self.opts, SkipCounter()
+        slot = (self.rank * self.workers + worker, self.world_size * self.workers)
+        pending: list[tuple[int, Any]] = []
+        mixed = self.mixed_stream(worker, counter)
+        for source_id, raw in mixed:
+            index = mixed.index - 1  # the raw sample's number in this worker's stream
+            rng = random.Random(derive_seed(opts.seed, "aug", *slot, self.epoch, index))
+            sample = self.codec.decode(source_id, raw, rng, counter)
+            if sample is not None:
+                pending.append((source_id, sample))
+            if len(pending) == opts.batch_size:
+                yield self._item(pending, worker, mixed, counter)
+                pending = []
+        if self.train and all(s.resampled for s in self.sources):
+            # Resampled streams are endless: ending means every source gave up (all its
+            # shards missing or unreadable, see the errors above). Say so here, instead of
+            # letting the trainer die on a bare StopIteration.
+            raise RuntimeError(
+                f"data: every source stream of rank {self.rank} worker {worker} ended (all "
+                f"their shards are missing or unreadable: see the errors logged above); "
+                f"training cannot go on")
+        yield self._item(pending, worker, mixed, counter)
+
+    def _item(self, pending: list[tuple[int, Any]], worker: int, mixed: MixedStream,
+              counter: SkipCounter) -> dict[str, Any]:
+        data = self.codec.collate(pending, worker, counter) if pending else None
+        return {"data": data, "worker": worker, "state": mixed.state(),
+                "counts": counter.drain(), "sources": dict(Counter(i for i, _ in pending))}
+
+
+class ResumableLoader:
+    """Iterable over the batches of one rank, with ``stats`` and ``state_dict``.
+
+    Iterating builds a DataLoader whose workers run :class:`SlotStreams`; batches arrive
+    in its strict round-robin worker order, which makes the batch sequence a function of
+    the sources, options and state alone. Resampled (training) streams never end; one-pass
+    streams end after each shard was read once, and the next iteration is the next epoch
+    (a differently seeded order).
+    """
+
+    def __init__(self, sources: list[StreamSource], opts: LoaderOptions, codec: SampleCodec,
+                 rank: int, world_size: int, train: bool = True,
+                 state: dict[str, Any] | list[dict[str, Any]] | None = None):
+        if not sources:
+            raise ValueError("data.sources: at least one source is required")
+        for s in sources:
+            if not s.urls:
+                raise ValueError(f"sources.{s.name}.urls: no shard URLs")
+        self.sources, self.opts, self.codec, self.train = sources, opts, codec, train
+        self.rank, self.world_size = rank, world_size
+        self.workers = max(opts.workers, 1)
+        nslots = world_size * self.workers
+        for s in sources:
+            parts = parts_per_shard(len(s.urls), nslots)
+            if train and s.resampled and parts > 1 and rank == 0:
+                log.info("source %r has %d shards for %d rank x worker slots: each shard is "
+                         "read as %d parts (disjoint samples), its bytes %d times per epoch",
+                         s.name, len(s.urls), nslots, parts, parts)
+        self._state = PipelineState(opts.seed, rank, world_size, self.workers,
+                                    [s.name for s in sources],
+                                    shard_lists=[url_list_digest(s.urls) for s in sources])
+        self.stats = DataStats()
+        if state is not None:
+            self.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        st, opts = self._state, self.opts
+        dataset = SlotStreams(self.sources, opts, self.codec, self.rank, self.world_size,
+                              self.train, st.epoch, st.positions, st.next_worker)
+        extra: dict[str, Any] = {}
+        if opts.workers > 0:
+            extra = {"prefetch_factor": opts.prefetch_factor,
+                     "persistent_workers": opts.persistent_workers}
+        # Its own generator: without one, starting the DataLoader's iterator draws the
+        # workers' base seed from torch's global RNG (torch.utils.data docs, `generator`),
+        # which the training step draws from too (augmentation views, masks, drop path). A
+        # resumed run restores that RNG and starts a new iterator, so the draw would shift
+        # every later random number. The workers seed their samples themselves.
+        loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
+                            pin_memory=opts.pin_memory,
+                            generator=torch.Generator().manual_seed(opts.seed), **extra)
+        names = [s.name for s in self.sources]
+        for item in loader:
+            worker = item["worker"]
+            st.positions[worker] = item["state"]
+            st.next_worker = (worker + 1) % self.workers
+            self.stats.add_counts(item["counts"])
+            for source_id, n in item["sources"].items():
+                self.stats.samples[names[int(source_id)]] += n
+            if item["data"] is not None:
+                yield item["data"]
+        st.epoch += 1
+        st.positions = {}
+        st.next_worker = 0
+
+    def start_at(self, epoch: int) -> None:
+        """Fresh positions at the start of data epoch ``epoch`` (a resume from a checkpoint
+        that holds no stream position: the nearest exact point it knows)."""
+        self._state.epoch, self._state.next_worker, self._state.positions = epoch, 0, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready position of this rank's stream (plus stats totals); pass it back as
+        ``state=`` or to :meth:`load_state_dict` to resume exactly."""
+        self._state.stats = self.stats.to_dict()
+        return self._state.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue from ``state`` at the next iteration; ValueError if it was saved with
+        a different seed, rank, world size, worker count or source list.
+
+        ``state`` may also be every old rank's state (``[rank 0's, rank 1's, ...]``): then
+        a run with another world size or worker count resumes at shard granularity
+        (:mod:`data.redeal`: what the old slots left of the current epochs is re-dealt over
+        the new slots; what is repeated is logged).
+
+        A source whose shard list changed since the save is refused (ValueError naming
+        it), or with ``on_shard_list_change=restart`` the pipeline starts afresh with the
+        saved counts (the old positions index permutations of the old lists)."""
+        if self._restart_on_changed_lists(state):
+            return
+        if isinstance(state, list):
+            first = PipelineState.from_dict(state[0])
+            if (first.world_size, first.workers) == (self.world_size, self.workers):
+                state = state[self.rank]
+            else:
+                self._load_resized(state)
+                return
+        saved = PipelineState.from_dict(state)
+        self._state.check_compatible(saved)
+        self._state.epoch, self._state.next_worker = saved.epoch, saved.next_worker
+        self._state.positions = dict(saved.positions)
+        self.stats = DataStats.from_dict(saved.stats)
+
+    def _restart_on_changed_lists(self, state: dict[str, Any] | list[dict[str, Any]]
+                                  ) -> bool:
+        """With ``on_shard_list_change=restart`` and a changed list: fresh positions, the
+        saved counts kept (summed on rank 0 after a resize, as a re-deal does)."""
+        states = state if isinstance(state, list) else [state]
+        saved = [PipelineState.from_dict(s) for s in states]
+        changed = self._state.changed_sources(saved[0])
+        if not changed or self.opts.on_shard_list_change != "restart":
+            return False
+        if self.rank == 0:
+            log.warning("data: the shard list of source(s) %s changed since the checkpoint; "
+                        "data.on_shard_list_change=restart: the data pipeline starts afresh "
+                        "over the new lists (samples of the current epoch read again)",
+                        changed)
+        if isinstance(state, list) and (saved[0].world_size, saved[0].workers) != (
+                self.world_size, self.workers):
+            from data.redeal import merge_stats
+
+            self.stats = DataStats.from_dict(merge_stats([s.stats for s in saved])
+                                             if self.rank == 0 else {})
+        else:
+            self.stats = DataStats.from_dict(saved[self.rank if isinstance(state, list)
+                                                   else 0].stats)
+        return True
+
+    def _load_resized(self, states: list[dict[str, Any]]) -> None:
+        from data.redeal import SourceSpec, resized_state
+
+        specs = [SourceSpec(s.name, s.urls, s.resampled and self.train, self.train)
+                 for s in self.sources]
+        new = resized_state(states, specs, self.rank, self.world_size, self.workers,
+                            self.opts.seed)
+        self._state.epoch, self._state.next_worker = new.epoch, new.next_worker
+        self._state.positions = dict(new.positions)
+        self.stats = DataStats.from_dict(new.stats) if new.stats else DataStats()
