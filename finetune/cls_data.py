@@ -150,35 +150,28 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
         from finetune.cls_stream import StreamingShards
 
         return StreamingShards(d.train_urls, train_tf, d.train_samples, cfg.run.batch_size,
-                               cfg.run.seed, d.shuffle_buffer, d.s3, num_classes=n), val
+                               cfg.run.seed, d.shuffle_buffer, d.s3, num_classes=n,
+                               workers=cfg.run.num_workers), val
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 
-def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch: int = 0,
-                  skip: int = 0):
-    """DataLoaders (training: a DistributedSampler when several ranks, or a streaming set's
-    own batches with their counts; validation: this rank's share, unpadded); returns
-    (train, val, sampler).
-
-    ``skip``: batches of ``epoch`` already trained (resume); a streaming set skips them in
-    its workers, without decoding (iterate with ``epoch_batches``)."""
+def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0):
+    """The epoch's loaders: training (a DataLoader over a DistributedSampler when several
+    ranks; a streaming set is its own loader, its stream going on across epochs) and
+    validation (this rank's share, unpadded); returns (train, val, sampler)."""
     from finetune.cls_stream import StreamingShards
 
     streaming = isinstance(train_set, StreamingShards)
-    if streaming:
-        train_set.set_epoch(epoch, skip)
     sampler = (DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
                                   seed=cfg.run.seed, drop_last=True)
                if d.world_size > 1 and not streaming else None)
     # per rank and epoch: the workers' augmentation seeds derive from this generator
     g = loader_generator(cfg.run.seed, d.rank, epoch)
     # the sampler draws from the set itself: the wrapper only changes what a bad index holds
-    train = DataLoader(train_set if streaming else SkipUnreadable(train_set, substitute=True),
-                       batch_size=cfg.run.batch_size,
-                       shuffle=sampler is None and not streaming,
-                       sampler=sampler, num_workers=cfg.run.num_workers, drop_last=True,
-                       generator=g, persistent_workers=False,
-                       collate_fn=StreamingShards.collate if streaming else None)
+    train = train_set if streaming else DataLoader(
+        SkipUnreadable(train_set, substitute=True), batch_size=cfg.run.batch_size,
+        shuffle=sampler is None, sampler=sampler, num_workers=cfg.run.num_workers,
+        drop_last=True, generator=g, persistent_workers=False)
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
     val = DataLoader(SkipUnreadable(val_set, substitute=False),
                      batch_size=cfg.run.batch_size * 2, shuffle=False,
@@ -187,15 +180,12 @@ def build_loaders(cfg, d: DistInfo, train_set: Dataset, val_set: Dataset, epoch:
     return train, val, sampler
 
 
-def epoch_batches(loader: DataLoader, skip: int = 0):
-    """The epoch's ``(images, labels)`` batches from index ``skip`` on: a streaming set has
-    skipped them in its workers already (``build_loaders``), and the counts its batches
-    carry go to its ``stats``; a map-style one is skipped here."""
+def epoch_batches(loader, skip: int = 0):
+    """The epoch's ``(images, labels)`` batches from index ``skip`` on: a streaming set's
+    stream goes on where it stopped (a resumed one was restored there); a map-style
+    loader's first ``skip`` batches are skipped here."""
     from finetune.cls_stream import StreamingShards
 
-    if isinstance(loader.dataset, StreamingShards):
-        for images, labels, counts in loader:
-            loader.dataset.stats.add_counts(counts)
-            yield images, labels
-        return
-    yield from skip_batches(loader, skip)  # the skipped batches leave the RNG untouched
+    if isinstance(loader, StreamingShards):
+        return loader.batches()
+    return skip_batches(loader, skip)  # the skipped batches leave the RNG untouched

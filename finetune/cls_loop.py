@@ -75,12 +75,11 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     loaders: dict[str, DataLoader] = {}
 
     def batches(epoch: int, skip: int):
-        # the loaders count micro-batches: a resume skips ``skip`` whole steps of them
         train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,
-                                                              epoch, skip * accum)
+                                                              epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        # mid-epoch resume: skips consumed batches
+        # the loaders count micro-batches: a resume skips ``skip`` whole steps of them
         return step_batches(epoch_batches(train_loader, skip * accum), accum,
                             steps_per_epoch - skip)
 

@@ -2,33 +2,34 @@
 member per sample) read on the fly, local or from object storage, for sets too large to
 hold in memory (ImageNet-22K: 14M images).
 
-An epoch is ``data.train_samples`` samples: each rank delivers exactly
-``train_samples // (batch x world)`` batches per epoch (ranks stay in step, as DDP and
-ZeRO-3 need). Shards are read in epochs without replacement, like pre-training's
-(:mod:`data.epochs`): each data epoch deals a seeded permutation of all shards over every
-(rank, worker) slot (``slot = rank * workers + worker``), so every shard is read by exactly
-one slot per data epoch whatever the slot count; with fewer shards than slots each shard is
-split into interleaved sample parts (several slots read disjoint samples of one shard). A
-slot reads its units through a seeded shuffle buffer that is drained at the end of each of
-its data epochs (its share of a data epoch is a permutation of that share), then goes on
-with its share of the next data epoch. Training epoch ``e`` starts at data epoch ``e`` on
-every slot: when ``train_samples`` is the size of the set and it divides evenly over the
-slots, an epoch reads every sample exactly once; else a slot may run into the next data
-epoch or leave part of its share unread.
+The stream is the one every task's streaming runs on (:mod:`data.loader`): shards are read
+in data epochs without replacement (:mod:`data.epochs`): each data epoch deals a seeded
+permutation of all shards over every (rank, worker) slot, so every shard is read by
+exactly one slot per data epoch whatever the slot count (with fewer shards than slots,
+shards are split into interleaved sample parts). A slot's samples are shuffled in blocks of
+``shuffle_buffer``.
 
-Batches are assigned to workers by their index in the epoch, so the data of every batch is
-a function of (seed, epoch, batch index, world size, workers): a mid-epoch resume skips the
-consumed samples without decoding them and continues with the same batches (exact as long
-as no sample before the resume point was corrupt). Samples whose image or label cannot be
-read are skipped, counted and logged by the worker; shard faults follow the shared policy
-of :mod:`data.shard_schedule` (a failed shard is retried later, a missing one dropped).
+**A training epoch** is ``data.train_samples`` samples: each rank delivers exactly
+``train_samples // (batch x world)`` batches (ranks stay in step, as DDP and ZeRO-3
+need), taken from where the previous epoch stopped. The stream is never restarted at an
+epoch boundary: slots whose share of a data epoch is a shard larger than another's reach
+the next data epoch a little later, and over the run every sample is read once per data
+epoch. (Restarting every slot at data epoch ``e`` in training epoch ``e``, as this module
+once did, left the end of the larger shares unread and read the start of the next data
+epoch's twice: 7.2% of ImageNet-22K each, per epoch, at 512 x 8 slots.)
 
-Counts reach the training metrics as pre-training's do (:mod:`data.stats`): each item
-carries its worker's counts since the item before it, :meth:`StreamingShards.collate` puts
-a batch's together, and the loader's consumer folds them into :attr:`StreamingShards.stats`
-in the main process (``finetune.cls_data.epoch_batches``). They are this process's totals:
-what a damaged shard loses is counted in the first data epoch it trains
-(:class:`data.stream.SourceStream`), once, not once per epoch.
+**Resume** is exact: the checkpoint keeps every rank's stream state (:meth:`state_dict`,
+a few hundred bytes per worker; restored with :meth:`load_state_dict`), and a resumed run
+re-reads at most one shuffle block per worker (:mod:`data.stream`), not the samples since
+the epoch's start. Each sample's augmentation is seeded by its place in its slot's stream
+(:func:`runtime.rng.seeded_host_rngs`), so the resumed batches equal the uninterrupted
+run's bit for bit.
+
+Samples whose image or label cannot be read are skipped, counted and logged by the worker;
+shard faults follow the shared policy of :mod:`data.shard_schedule` (a failed shard is
+retried later, a missing one dropped). The counts reach the training metrics as
+pre-training's do (:attr:`StreamingShards.stats`, kept in the checkpoint with the stream
+position).
 """
 
 from __future__ import annotations
@@ -37,20 +38,22 @@ import io
 import logging
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from PIL import Image
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 
 from data.config import S3Config
-from data.epochs import extra_offsets, parts_per_shard
+from data.loader import LoaderOptions, ResumableLoader, StreamSource
 from data.sources import RawSample, expand_urls, pick_member
-from data.state import derive_seed, dist_info
+from data.state import dist_info
 from data.stats import DataStats, SkipCounter
-from data.stream import SourceStream
 from runtime.redact import redact_url, redact_urls
+from runtime.rng import seeded_host_rngs
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
+SOURCE = "train"  # the one source's name in counts and states
 
 
 def labelled_member(raw: RawSample, label_key: str = "cls", num_classes: int | None = None
@@ -71,22 +74,6 @@ def labelled_member(raw: RawSample, label_key: str = "cls", num_classes: int | N
     return image, target
 
 
-def decode_labelled(raw: RawSample, transform: Callable, label_key: str = "cls",
-                    num_classes: int | None = None):
-    """(transformed image, int label) of a raw sample, or the reason it is unusable
-    (:func:`labelled_member`, or ``undecodable_image``)."""
-    member = labelled_member(raw, label_key, num_classes)
-    if isinstance(member, str):
-        return member
-    image, target = member
-    try:
-        img = Image.open(io.BytesIO(image))
-        img = img.convert("RGB")
-    except Exception:  # noqa: BLE001 - any undecodable image is skipped, never fatal
-        return "undecodable_image"
-    return transform(img), target
-
-
 def describe_skip(raw: RawSample, reason: str, label_key: str, num_classes: int | None) -> str:
     """What a log says about a skipped sample: its key, its shard (credentials removed)
     and why; an out-of-range label with its value and the valid range."""
@@ -97,41 +84,75 @@ def describe_skip(raw: RawSample, reason: str, label_key: str, num_classes: int 
     return f"sample {raw.get('__key__')} of shard {redact_url(str(raw.get('__url__')))} ({why})"
 
 
-class StreamingShards(IterableDataset):
-    """Training samples streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://).
+class LabelledCodec:
+    """Raw sample -> ``(transformed image, int label)``, the transform seeded per sample;
+    samples -> ``(images, labels)`` batched as the default collate does. Unusable samples
+    are counted by reason and logged with their key and shard."""
 
-    Items are ``(image, label, counts)``: ``counts`` are the worker's skip and shard counts
-    (:meth:`data.stats.SkipCounter.drain`) since its previous item. Batch them with
-    :meth:`collate`, and fold each batch's counts into :attr:`stats` (what
-    ``finetune.cls_data.epoch_batches`` does).
+    def __init__(self, transform: Callable, label_key: str = "cls",
+                 num_classes: int | None = None):
+        self.transform, self.label_key, self.num_classes = transform, label_key, num_classes
+        self.skipped = 0  # by this process (each worker has its own copy)
+
+    def decode(self, source_id: int, raw: RawSample, rng: random.Random,
+               counter: SkipCounter) -> tuple[Any, int] | None:
+        """The sample, or None (its reason counted and logged)."""
+        member = labelled_member(raw, self.label_key, self.num_classes)
+        if isinstance(member, str):
+            return self._skip(raw, member, counter)
+        image, target = member
+        try:
+            img = Image.open(io.BytesIO(image))
+            img = img.convert("RGB")
+        except Exception:  # noqa: BLE001 - any undecodable image is skipped, never fatal
+            return self._skip(raw, "undecodable_image", counter)
+        # a worker's generators serve nothing else; the main process's serve training
+        with seeded_host_rngs(rng.getrandbits(63), restore=get_worker_info() is None):
+            return self.transform(img), target
+
+    def _skip(self, raw: RawSample, reason: str, counter: SkipCounter) -> None:
+        self.skipped += 1
+        counter.skip(SOURCE, reason)
+        log.warning("skipped %s; %d skipped by this worker",
+                    describe_skip(raw, reason, self.label_key, self.num_classes), self.skipped)
+        return None
+
+    def collate(self, samples: list[tuple[int, tuple[Any, int]]], worker: int,
+                counter: SkipCounter) -> tuple[Any, Any]:
+        """``(images, labels)`` of a batch."""
+        return tuple(default_collate([sample for _, sample in samples]))
+
+
+class StreamingShards:
+    """Training batches streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://) by
+    ``workers`` DataLoader processes per rank (0: in this process).
+
+    :meth:`batches` goes on with the run's stream where the previous call stopped; its
+    position is :meth:`state_dict` (every rank's goes into a checkpoint) and
+    :meth:`load_state_dict` continues from a saved one. ``rank``/``world`` default to
+    torch.distributed, then RANK/WORLD_SIZE.
     """
 
     def __init__(self, urls: list[str], transform: Callable, num_samples: int,
                  batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                  s3: S3Config | None = None, label_key: str = "cls",
-                 num_classes: int | None = None):
-        self.s3 = s3 or S3Config()
-        self.urls = expand_urls(urls, self.s3)
-        if not self.urls:
+                 num_classes: int | None = None, workers: int = 0,
+                 rank: int | None = None, world: int | None = None):
+        s3 = s3 or S3Config()
+        shards = expand_urls(urls, s3)
+        if not shards:
             raise ValueError(f"data.train_urls: no shards in {redact_urls(urls)}")
-        self.rank, self.world = dist_info()  # captured in the main process
-        if num_samples < batch_size * self.world:
+        if rank is None or world is None:
+            rank, world = dist_info()
+        if num_samples < batch_size * world:
             raise ValueError(f"data.train_samples={num_samples} is less than one global batch "
-                             f"({batch_size} x {self.world} ranks)")
-        self.transform, self.num_samples, self.batch_size = transform, num_samples, batch_size
-        self.seed, self.shuffle_buffer, self.label_key = seed, shuffle_buffer, label_key
-        self.num_classes = num_classes  # labels outside [0, num_classes) are skipped
-        self.epoch, self.skip_batches = 0, 0
-        # the data epoch whose reads count damaged shards: this process's first
-        self.count_epoch: int | None = None
-        self.stats = DataStats()  # the consumer's totals (main process), see collate
-
-    @staticmethod
-    def collate(items: list[tuple]) -> tuple:
-        """``(images, labels, counts)`` of a batch of items: the images and labels batched
-        as the default collate does, the counts of every item concatenated."""
-        images, labels = default_collate([(image, label) for image, label, _ in items])
-        return images, labels, [c for _, _, counts in items for c in counts]
+                             f"({batch_size} x {world} ranks)")
+        self.num_samples, self.batch_size, self.world = num_samples, batch_size, world
+        opts = LoaderOptions(seed, batch_size, workers, shuffle_buffer, s3)
+        self.loader = ResumableLoader([StreamSource(SOURCE, shards)], opts,
+                                      LabelledCodec(transform, label_key, num_classes),
+                                      rank, world, train=True)
+        self._live: Iterator | None = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -141,62 +162,35 @@ class StreamingShards(IterableDataset):
         """Batches each rank delivers per epoch."""
         return self.num_samples // (self.batch_size * self.world)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Next iteration: ``epoch``'s batches from index ``skip_batches`` on (resume)."""
-        self.epoch, self.skip_batches = epoch, skip_batches
-        if self.count_epoch is None:
-            self.count_epoch = epoch
+    @property
+    def stats(self) -> DataStats:
+        """Skip and shard counts of this rank's stream since the run began (restored with
+        the stream position)."""
+        return self.loader.stats
 
-    def _raw(self, slot: int, nslots: int, counter: SkipCounter) -> Iterator[RawSample]:
-        """Endless raw samples of one slot: its share of data epoch ``self.epoch``, then of
-        the next ones (:mod:`data.epochs` dealing), through the shuffle buffer."""
-        units = len(self.urls) * parts_per_shard(len(self.urls), nslots)
-        offsets, stride = extra_offsets([units], nslots)
-        stream = SourceStream("train", self.urls, slot, nslots, self.seed, self.s3, counter,
-                              resampled=True, shuffle=True, first_epoch=self.epoch,
-                              deal_offset=offsets[0], deal_stride=stride,
-                              count_epoch=self.count_epoch)
-        rng = random.Random(derive_seed(self.seed, self.epoch, slot, "buffer"))
-        buffer: list[RawSample] = []
-        data_epoch = self.epoch
-        for raw in stream:
-            now = stream.cursor().epoch
-            if now != data_epoch:  # the share of a data epoch is a permutation of it
-                rng.shuffle(buffer)
-                yield from buffer
-                buffer, data_epoch = [], now
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(raw)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], raw = raw, buffer[i]
-            yield raw
-        raise RuntimeError(f"no readable sample left in the {len(self.urls)} shards for "
-                           f"stream slot {slot} (e.g. {redact_urls(self.urls, 2)}): every shard is "
-                           f"missing or unreadable, see the errors logged above")
+    def batches(self) -> Iterator[tuple[Any, Any]]:
+        """The stream's next ``(images, labels)`` batches, endless: draw what an epoch
+        needs (``batches_per_epoch``), and the next call goes on after the last one drawn
+        (the workers and what they prefetched live on between calls)."""
+        if self._live is None:
+            self._live = iter(self.loader)
+        while True:
+            yield next(self._live)
 
-    def __iter__(self):
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        # The loader takes batches round-robin from worker 0 on: rotating the slot by the
-        # resume point keeps "batch b comes from slot b % workers" true after a resume.
-        slot = (worker + self.skip_batches) % workers
-        mine = range(slot, self.batches_per_epoch, workers)
-        skipped = sum(1 for b in mine if b < self.skip_batches)
-        wanted = (len(mine) - skipped) * self.batch_size
-        counter = SkipCounter()
-        stream = self._raw(self.rank * workers + slot, self.world * workers, counter)
-        for _ in range(skipped * self.batch_size):  # resume: consumed samples, not decoded
-            next(stream)
-        produced = bad = 0
-        while produced < wanted:
-            raw = next(stream)
-            item = decode_labelled(raw, self.transform, self.label_key, self.num_classes)
-            if isinstance(item, str):
-                bad += 1
-                counter.skip("train", item)
-                log.warning("skipped %s; %d skipped by this worker this epoch",
-                            describe_skip(raw, item, self.label_key, self.num_classes), bad)
-                continue
-            produced += 1
-            yield (*item, counter.drain())
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stream position after the last batch drawn (JSON-ready)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, states: list[dict[str, Any] | None], epoch: int = 0) -> None:
+        """Continue after the batches the checkpoint's stream positions (every rank's,
+        from :meth:`state_dict`) had delivered; another worker count is re-dealt
+        (:mod:`data.redeal`). A checkpoint saved before positions were kept (None) starts
+        the stream afresh at data epoch ``epoch`` (the resumed training epoch), logged."""
+        if any(s is None for s in states):
+            log.warning("data: the checkpoint holds no stream position (saved by an older "
+                        "version): the stream starts afresh at data epoch %d, so samples "
+                        "of this epoch read before the checkpoint may be read again", epoch)
+            self.loader.start_at(epoch)
+        else:
+            self.loader.load_state_dict(states)
+        self._live = None

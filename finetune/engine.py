@@ -67,12 +67,21 @@ class FinetuneRun:
         return int(self.state["step"]) if self.state is not None else 0
 
     def save(self, engine, step: int, shared: dict[str, Any], d: DistInfo,
-             side_files: dict[str, Any] | None = None) -> Path:
+             side_files: dict[str, Any] | None = None,
+             local: dict[str, Any] | None = None) -> Path:
         """A checkpoint at ``step``, written on every rank: DeepSpeed's shards, and in
-        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state;
+        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state
+        plus its ``local`` entries (a streamed set's position: :meth:`rank_states`);
         ``side_files``: name -> object rank 0 saves into it (an EMA's weights)."""
-        return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()},
+        return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()} | (local or {}),
                                shared | {"step": step}, d, KEEP_LAST, side_files=side_files)
+
+    def rank_states(self, key: str) -> list[Any] | None:
+        """Every rank's ``local`` entry ``key`` as saved (None where a rank saved none);
+        None for a fresh start."""
+        if self.state is None:
+            return None
+        return [r.get(key) for r in self.state["ranks"]]
 
     def restore_rng(self, d: DistInfo) -> None:
         """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a

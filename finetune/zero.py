@@ -16,7 +16,8 @@ one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.ena
 
 Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 ``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt`` and, written last,
-``trainer_state.json``; ``latest`` names a checkpoint only once it is complete. Such a
+``trainer_state.json`` (with every rank's random state and, for a streamed training set,
+its stream position); ``latest`` names a checkpoint only once it is complete. Such a
 directory is what ``internimage convert`` and ``--init`` read (finetune/convert.py).
 
 Evaluation runs the ZeRO-3 module on every rank for the same number of forward passes
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.cls_stream import StreamingShards
 from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 EMA_FILE = "ema.pt"
+DATA_KEY = "data"  # a rank's streamed-set position in trainer_state.json
 
 
 def deepspeed_spec(cfg) -> DeepSpeedSpec:
@@ -133,11 +136,20 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
 
 
 def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
-          shared: dict[str, Any], info: DistInfo) -> Path:
+          shared: dict[str, Any], info: DistInfo, train_set) -> Path:
     """DeepSpeed's shards and the EMA (rank 0) first; ``trainer_state.json``/``latest``
-    last (the EMA goes into the checkpoint's staging folder, runtime/checkpoint.py)."""
+    last (the EMA goes into the checkpoint's staging folder, runtime/checkpoint.py), with
+    each rank's position in a streamed training set."""
     side = {EMA_FILE: ema.module.state_dict()} if ema is not None and info.is_main else None
-    return run.save(engine, step, shared, info, side_files=side)
+    local = {DATA_KEY: train_set.state_dict()} if isinstance(train_set, StreamingShards) else None
+    return run.save(engine, step, shared, info, side_files=side, local=local)
+
+
+def _restore_stream(train_set, run: FinetuneRun, steps_per_epoch: int) -> None:
+    """A resumed streamed set goes on after the batches its checkpoint had trained."""
+    states = run.rank_states(DATA_KEY)
+    if isinstance(train_set, StreamingShards) and states is not None:
+        train_set.load_state_dict(states, epoch=run.start_step // max(1, steps_per_epoch))
 
 
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
@@ -172,6 +184,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
                                          * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
+    _restore_stream(train_set, run, steps_per_epoch)
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
         # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers
@@ -220,7 +233,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         return result
 
     def save(step: int) -> None:  # every rank writes its shard
-        _save(engine, run, step, ema, shared, d)
+        _save(engine, run, step, ema, shared, d, train_set)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
     desc = f"classification ZeRO-{cfg.run.zero_stage}"

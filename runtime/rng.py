@@ -11,6 +11,8 @@ and every fine-tuning task:
 - :func:`loader_seed`: the seed of an epoch's ``DataLoader`` generator. torch seeds each
   worker from a base seed drawn from that generator, so it must differ per rank (else every
   rank's worker k draws the same augmentations) and per epoch.
+- :func:`seeded_host_rngs`: one sample's augmentation drawn from a seed of its own (a
+  streamed sample's place in its stream), whatever the process drew before it.
 - :func:`skip_batches`: the batches of an epoch after the ``skip`` a resumed run already
   trained on, consumed without disturbing this process's random state.
 """
@@ -21,6 +23,7 @@ import base64
 import logging
 import random
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,6 +39,34 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def seeded_host_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Run the block with python's ``random``, numpy's global generator and torch's CPU
+    generator seeded from ``seed``; with ``restore``, give them back their previous states
+    after it.
+
+    For library transforms that draw from the global generators (timm's RandAugment draws
+    from numpy and ``random``, its crops and erasing from ``random``, torchvision's flips
+    from torch): seeding each sample makes its augmentation a function of its seed alone,
+    so a resumed stream augments exactly as the uninterrupted one. CUDA generators are
+    left alone (``torch.manual_seed`` would reseed them too). Seeding costs ~12 us; the
+    restore ~140 us (numpy's state copy), so a DataLoader worker, whose generators serve
+    nothing else, passes ``restore=False``; the main process must restore (training
+    draws from them)."""
+    saved = ((random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+             if restore else None)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
 
 
 def loader_seed(seed: int, rank: int, epoch: int) -> int:

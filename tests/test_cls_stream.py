@@ -1,19 +1,21 @@
 """Streaming classification shards (finetune/cls_stream.py): exact batch counts per rank,
-one pass per epoch, fresh order per epoch, exact mid-epoch resume, corrupt samples skipped,
-and a training run through the entrypoint on streamed shards."""
+one pass per epoch, fresh order per epoch, epochs that go on where the last stopped, exact
+resume from the saved stream state (augmentations included), corrupt samples skipped and
+counted across a resume, and training runs through the entrypoint on streamed shards."""
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from finetune.cls_stream import StreamingShards
 
@@ -49,53 +51,97 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
 
-def _labels(ds: StreamingShards, epoch: int, skip: int = 0, workers: int = 2) -> list[list[int]]:
-    ds.set_epoch(epoch, skip)
-    loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=workers, drop_last=True,
-                        collate_fn=StreamingShards.collate)
-    return [labels.tolist() for _, labels, _ in loader]
+def _labels(ds: StreamingShards, n: int) -> list[list[int]]:
+    """The labels of the stream's next ``n`` batches."""
+    batches = ds.batches()
+    return [next(batches)[1].tolist() for _ in range(n)]
 
 
-def test_an_epoch_is_one_pass_in_exact_batches_and_epochs_reshuffle(tmp_path):
+def _stream(urls: str, workers: int = 2, **kw) -> StreamingShards:
+    kw = {"num_samples": 40, "batch_size": 4, "rank": 0, "world": 1} | kw
+    return StreamingShards([urls], _to_tensor, workers=workers, **kw)
+
+
+def test_an_epoch_is_one_pass_in_exact_batches_and_the_next_reshuffles(tmp_path):
     urls = _write_shards(tmp_path)
-    ds = StreamingShards([urls], _to_tensor, num_samples=40, batch_size=4, shuffle_buffer=8)
+    ds = _stream(urls, shuffle_buffer=8)
     assert ds.batches_per_epoch == 10
-    epoch0 = _labels(ds, 0)
+    epoch0 = _labels(ds, 10)
     assert len(epoch0) == 10 and all(len(b) == 4 for b in epoch0)
     assert sorted(sum(epoch0, [])) == list(range(40))  # every sample exactly once
-    epoch1 = _labels(ds, 1)
+    epoch1 = _labels(ds, 10)  # the stream goes on: the next data epoch, reshuffled
     assert sorted(sum(epoch1, [])) == list(range(40)) and epoch1 != epoch0
-    assert _labels(ds, 0) == epoch0  # a function of (seed, epoch): reproducible
+    assert _labels(_stream(urls, shuffle_buffer=8), 10) == epoch0  # reproducible
 
 
-def test_mid_epoch_resume_continues_with_the_same_batches(tmp_path):
-    ds = StreamingShards([_write_shards(tmp_path)], _to_tensor, num_samples=40, batch_size=4)
-    full = _labels(ds, 2)
-    for skip in (3, 4, 7):
-        assert _labels(ds, 2, skip) == full[skip:], skip
-    assert _labels(ds, 2, 5, workers=1) == _labels(ds, 2, 0, workers=1)[5:]
+@pytest.mark.parametrize("n_shards", [5, 7])
+def test_epochs_go_on_where_the_last_stopped_so_no_sample_falls_behind(tmp_path, n_shards):
+    # 5 (7) shards over 2 worker slots: a data epoch deals one slot a shard more than the
+    # other. Restarting both slots at data epoch e in training epoch e (this module's old
+    # rule) left the end of the larger share unread and read the next epoch's start
+    # twice: after 8 epochs samples were read 5..11 times. Going on where the last epoch
+    # stopped, no sample is ever more than one read behind or ahead.
+    urls = _write_shards(tmp_path, n_shards=n_shards, per_shard=8)
+    ds = _stream(urls, num_samples=8 * n_shards, shuffle_buffer=8)
+    epochs = 8
+    counts = Counter(sum(_labels(ds, epochs * ds.batches_per_epoch), []))
+    assert sum(counts.values()) == epochs * 8 * n_shards
+    assert {counts[i] for i in range(8 * n_shards)} <= {epochs - 1, epochs, epochs + 1}
+
+
+def _augmenting(img: Image.Image) -> torch.Tensor:
+    """A transform drawing from python's, numpy's and torch's global generators, as
+    timm's RandAugment, crops and erasing and torchvision's flips do."""
+    return torch.tensor([float(np.asarray(img).mean()), random.random(),
+                         float(np.random.rand()), float(torch.rand(()))])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_from_the_saved_state_delivers_the_uninterrupted_batches(tmp_path, workers):
+    urls = _write_shards(tmp_path)
+
+    def stream() -> StreamingShards:
+        return StreamingShards([urls], _augmenting, num_samples=40, batch_size=4,
+                               shuffle_buffer=8, workers=workers, rank=0, world=1)
+
+    def take(ds: StreamingShards, n: int) -> list[torch.Tensor]:
+        batches = ds.batches()
+        return [torch.cat([x, y[:, None].float()], 1) for x, y in
+                (next(batches) for _ in range(n))]
+
+    full = take(stream(), 25)  # two and a half epochs
+    for cut in (3, 10, 17):  # mid-epoch, at an epoch's end, in the next
+        first = stream()
+        take(first, cut)
+        resumed = stream()
+        resumed.load_state_dict([first.state_dict()])
+        rest = take(resumed, 25 - cut)
+        for a, b in zip(rest, full[cut:], strict=True):  # labels and augmentation draws
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state = json.loads(json.dumps(first.state_dict()))  # it goes into trainer_state.json
+    assert state["positions"] and len(json.dumps(state)) < 4000
 
 
 def test_ranks_read_disjoint_slices_and_deliver_equal_batch_counts(tmp_path):
     # 2 ranks x 2 workers = 4 slots, one 8-sample shard each, 2 batches of 4 per slot
     urls = _write_shards(tmp_path, n_shards=4, per_shard=8)
-    per_rank = []
-    for rank in (0, 1):
-        ds = StreamingShards([urls], _to_tensor, num_samples=32, batch_size=4)
-        ds.rank, ds.world = rank, 2
-        per_rank.append(sum(_labels(ds, 0), []))
+    per_rank = [sum(_labels(_stream(urls, num_samples=32, rank=rank, world=2), 4), [])
+                for rank in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) == 16
     assert sorted(per_rank[0] + per_rank[1]) == list(range(32))
 
 
 def test_corrupt_samples_are_skipped_counted_and_batches_stay_full(tmp_path, caplog):
-    ds = StreamingShards([_write_shards(tmp_path, corrupt=5)], _to_tensor, num_samples=36,
-                         batch_size=4)
-    with caplog.at_level("WARNING"):
-        batches = _labels(ds, 0, workers=0)
-    assert len(batches) == 9 and all(len(b) == 4 for b in batches)
+    ds = _stream(_write_shards(tmp_path, corrupt=5), workers=0)
+    with caplog.at_level("WARNING"):  # 40 samples: the first data epoch's 39 and one more
+        batches = _labels(ds, 10)
+    assert all(len(b) == 4 for b in batches)
     assert 5 not in sum(batches, [])
     assert "undecodable_image" in caplog.text and "1 skipped" in caplog.text
+    assert ds.stats.skipped == {"undecodable_image": 1}
+    resumed = _stream(_write_shards(tmp_path, corrupt=5), workers=0)
+    resumed.load_state_dict([ds.state_dict()])
+    assert resumed.stats.skipped == {"undecodable_image": 1}  # counts go on after a resume
 
 
 def test_bad_settings_fail_clearly(tmp_path):
@@ -120,6 +166,8 @@ def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
     from finetune.classification import ClassificationConfig, train
     from launch.config import ConfigError, load_config
 
+    # an exact resume (the same losses as the uninterrupted run) on 2 ranks after kill -9:
+    # tests/test_finetune_resume.py, case classification-stream
     urls = _write_shards(tmp_path / "shards", n_shards=4, per_shard=16)
     args = _stream_args(urls, urls, steps=5, log_every=1)
     out = tmp_path / "run"
@@ -129,6 +177,9 @@ def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
           resume="auto")  # resumes inside epoch 0 (8 batches per epoch), then epoch 1
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    state = json.loads((out / "checkpoints" / "step_0000012" / "trainer_state.json")
+                       .read_text())
+    assert [r["data"]["positions"] != {} for r in state["ranks"]] == [True]
     with pytest.raises(ConfigError, match="data.train_samples"):
         load_config(ClassificationConfig, None, [a for a in args if "train_samples" not in a])
 
@@ -138,12 +189,9 @@ def test_fewer_shards_than_slots_still_reads_every_sample_once_per_epoch(tmp_pat
     # epoch whatever the slot count; a source with fewer shards than slots is split so that
     # several slots read disjoint samples of one shard. 2 shards, 2 ranks x 2 workers.
     urls = _write_shards(tmp_path, n_shards=2, per_shard=16)
+    streams = [_stream(urls, num_samples=32, rank=rank, world=2) for rank in (0, 1)]
     for epoch in (0, 1):
-        seen = []
-        for rank in (0, 1):
-            ds = StreamingShards([urls], _to_tensor, num_samples=32, batch_size=4)
-            ds.rank, ds.world = rank, 2
-            seen += sum(_labels(ds, epoch), [])
+        seen = sum((sum(_labels(ds, 4), []) for ds in streams), [])
         assert sorted(seen) == list(range(32)), epoch
 
 
@@ -173,10 +221,9 @@ def test_labels_outside_the_classes_are_skipped_counted_and_logged(tmp_path, cap
     assert ds.skipped == 3 and ds.skipped_by_reason == {"label_out_of_range": 3}
     assert "s.tar" in caplog.text and "outside [0, 4)" in caplog.text
     caplog.clear()
-    stream = StreamingShards([url], _to_tensor, num_samples=4, batch_size=4, shuffle_buffer=1,
-                             num_classes=4)
+    stream = _stream(url, workers=0, num_samples=4, shuffle_buffer=1, num_classes=4)
     with caplog.at_level("WARNING"):
-        (labels,) = _labels(stream, 0, workers=0)
+        (labels,) = _labels(stream, 1)
     assert sorted(labels) == [0, 1, 2, 3]  # the first four in range; the loss gets no other
     assert "label -1 outside [0, 4)" in caplog.text and "label 99999 outside" in caplog.text
     assert "s.tar" in caplog.text
