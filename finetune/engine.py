@@ -91,15 +91,16 @@ class FinetuneRun:
                                  d.world_size)
 
 
-def resume_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
+def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:
     """The checkpoint a run in ``out_dir`` started with ``resume`` (``auto``, a path or
     None) continues from, None for a fresh start; refused (a ``CheckpointError``) when
     ``resume`` names no training checkpoint, or a fresh start would replace a run's
-    metrics and checkpoints (``out_dir`` already holds one)."""
+    metrics and checkpoints (``out_dir`` already holds one). ``warn``: log what a rewind
+    abandons (the training run's own resolution does; a look-ahead passes False)."""
     root = out_dir / "checkpoints"
     refuse_legacy_resume(resume, root)
     refuse_fresh_start(resume, root, out_dir)
-    return resolve_resume(resume, root)
+    return resolve_resume(resume, root, warn)
 
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,

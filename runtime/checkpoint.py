@@ -194,12 +194,13 @@ def read_latest(root: Path) -> str | None:
     return latest_tag(root, path.read_text().strip()) if path.is_file() else None
 
 
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
+def resolve_resume(resume: str | None, root: Path, warn: bool = True) -> Path | None:
     """The checkpoint directory to resume from, or None for a fresh start.
 
     ``auto``: ``root/latest`` if it exists. A path: whatever ``runtime.checkpoint_path``
     resolves to a ZeRO tag directory (a run directory, its ``checkpoints/``,
-    ``checkpoints/latest``, a ``step_*`` directory).
+    ``checkpoints/latest``, a ``step_*`` directory). ``warn``: log which checkpoints a
+    rewind abandons (off for a look-ahead whose caller resolves again to train).
     """
     if not resume:
         return None
@@ -214,7 +215,8 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
                           "or data state; resume from a training checkpoint (a run directory, "
                           f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
-    _warn_rewind(source.path, root)
+    if warn:
+        _warn_rewind(source.path, root)
     return source.path
 
 

@@ -178,3 +178,29 @@ def test_side_files_land_in_the_checkpoint_before_it_is_complete(tmp_path):
     assert ck.load_torch_file(folder / "ema.pt") == {"w": 1}
     assert json.loads((folder / ck.TRAINER_STATE).read_text())["step"] == 2
     assert step_dirs(root) == ["step_0000002"]
+
+
+def test_the_finetune_command_says_once_what_a_rewind_abandons(tmp_path, caplog,
+                                                                monkeypatch):
+    # The command resolves --resume to know whether --init is needed, then the training
+    # run resolves it again: the rewind's warning must come once (it came twice).
+    import finetune.classification
+    from finetune.engine import resume_checkpoint
+    from launch.cli import main
+
+    out = tmp_path / "run"
+    for step in (1900, 2000):
+        save(out / "checkpoints", step, "old")
+    resolved = []
+
+    def train(cfg, out_dir, resume=None):  # the run's own resolution, then no compute
+        resolved.append(resume_checkpoint(resume, out_dir))
+        return {}
+
+    monkeypatch.setattr(finetune.classification, "train", train)
+    rewind = str(out / "checkpoints" / "step_0001900")
+    with caplog.at_level("WARNING", logger="runtime.checkpoint"):
+        assert main(["finetune", "classification", "--output-dir", str(out),
+                     "--resume", rewind]) == 0
+    assert resolved == [out / "checkpoints" / "step_0001900"]
+    assert caplog.text.count("step_0002000 will be deleted") == 1

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(cfg.run.output_dir)
     try:
-        resume_dir = resume_checkpoint(args.resume, out)
+        # to know whether --init is needed; the training run resolves it again (and says
+        # what a rewind abandons, once)
+        resume_dir = resume_checkpoint(args.resume, out, warn=False)
     except CheckpointError as err:
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
