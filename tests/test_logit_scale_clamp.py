@@ -6,9 +6,12 @@ has gradient 0 past the bound, so a temperature once driven there never comes ba
 momentum even keeps pushing it up). Under DeepSpeed the fp32 master and the 16-bit copies
 the forward reads must all be clamped, on every rank: ``pretrain.engine.clamp_logit_scale``.
 
-Run as a script (``python tests/test_logit_scale_clamp.py OUT_DIR STAGE PERSIST``) this file
-is one rank: a tiny model in bf16 whose loss is -scale for some steps (the scale wants to
-grow past 100) and then +scale (it wants to shrink).
+Run as a script (``python tests/test_logit_scale_clamp.py OUT_DIR``) this file is one rank:
+for each DeepSpeed set-up in RUNS, one after the other in the same process group, a tiny
+model in bf16 whose loss is -scale for some steps (the scale wants to grow past 100) and
+then +scale (it wants to shrink). (One pair of processes for the three set-ups, not three
+pairs at once: six processes on two cores contended, and each paid torch's and DeepSpeed's
+imports; every engine is built from its own config, seed and data as before.)
 """
 
 from __future__ import annotations
@@ -33,8 +36,16 @@ UP, DOWN = 6, 14  # steps that push the scale up, then down
 RUNS = [(3, True), (3, False), (2, True)]
 
 
-def _rank_main(out_dir: str, stage: int, persist: bool) -> None:
+def _rank_main(out_dir: str) -> None:
     sys.path.insert(0, str(REPO))
+    from runtime.dist import init_distributed
+
+    info = init_distributed()
+    for stage, persist in RUNS:
+        _run(out_dir, stage, persist, info.rank)
+
+
+def _run(out_dir: str, stage: int, persist: bool, rank: int) -> None:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -42,9 +53,7 @@ def _rank_main(out_dir: str, stage: int, persist: bool) -> None:
     from launch.config import load_config
     from pretrain.config import PretrainConfig
     from pretrain.engine import build_engine, build_model, clamp_logit_scale
-    from runtime.dist import init_distributed
 
-    info = init_distributed()
     threshold = 100_000 if persist else 0
     cfg = load_config(PretrainConfig, DEMO_CONFIG, [
         *OVERRIDES, f"engine.zero_stage={stage}",
@@ -65,11 +74,12 @@ def _rank_main(out_dir: str, stage: int, persist: bool) -> None:
         engine.step()
         clamp_logit_scale(engine, cfg.objective.max_logit_scale)
         master.append(float(safe_get_full_fp32_param(engine.module.logit_scale)))
-    Path(out_dir, f"{stage}_{persist}_rank{info.rank}.json").write_text(
+    Path(out_dir, f"{stage}_{persist}_rank{rank}.json").write_text(
         json.dumps({"forward": forward, "master": master}))
+    engine.destroy()
 
 
-def _start(out: Path, stage: int, persist: bool, world: int = 2) -> list[subprocess.Popen]:
+def _start(out: Path, world: int = 2) -> list[subprocess.Popen]:
     from tests.pretrain_utils import free_port
 
     port = str(free_port())
@@ -79,7 +89,7 @@ def _start(out: Path, stage: int, persist: bool, world: int = 2) -> list[subproc
                "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, str(out), str(stage), str(int(persist))], env=env,
+            [sys.executable, __file__, str(out)], env=env,
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs
 
@@ -87,13 +97,12 @@ def _start(out: Path, stage: int, persist: bool, world: int = 2) -> list[subproc
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
     out = tmp_path_factory.mktemp("logit_scale")
-    procs = {run: _start(out, *run) for run in RUNS}
-    for group in procs.values():
-        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in group]
-        for p, log in zip(group, logs):
-            assert p.returncode == 0, log[-3000:]
+    procs = _start(out)
+    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
     return {run: [json.loads((out / f"{run[0]}_{run[1]}_rank{r}.json").read_text())
-                  for r in range(2)] for run in procs}
+                  for r in range(2)] for run in RUNS}
 
 
 @pytest.mark.distributed
@@ -113,4 +122,4 @@ def test_scale_reaches_the_bound_and_comes_back(runs):
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    _rank_main(sys.argv[1])
