@@ -13,10 +13,12 @@ shards are split into interleaved sample parts). A slot's samples are shuffled i
 ``train_samples // (batch x world)`` batches (ranks stay in step, as DDP and ZeRO-3
 need), taken from where the previous epoch stopped. The stream is never restarted at an
 epoch boundary: slots whose share of a data epoch is a shard larger than another's reach
-the next data epoch a little later, and over the run every sample is read once per data
-epoch. (Restarting every slot at data epoch ``e`` in training epoch ``e``, as this module
-once did, left the end of the larger shares unread and read the start of the next data
-epoch's twice: 7.2% of ImageNet-22K each, per epoch, at 512 x 8 slots.)
+the next data epoch a little later, and after ``e`` epochs every sample was read ``e-1``,
+``e`` or ``e+1`` times. (Restarting every slot at data epoch ``e`` in training epoch
+``e``, as this module once did, left the end of the larger shares unread and read the
+start of the next data epoch's twice, 7.2% of ImageNet-22K each at 512 x 8 slots, and
+never evened out: after 8 epochs samples were read 1..14 times, now 7..9;
+``benchmarks/stream_epochs.py``.)
 
 **Resume** is exact: the checkpoint keeps every rank's stream state (:meth:`state_dict`,
 a few hundred bytes per worker; restored with :meth:`load_state_dict`), and a resumed run
