@@ -1,5 +1,9 @@
 """Pre-training engine with real processes: ZeRO-3 on 2 gloo ranks, exact resume after a
-kill, checkpoints that survive a crash mid-save, non-finite losses, bad configs."""
+kill, checkpoints that survive a crash mid-save, non-finite losses, bad configs.
+
+The reference run is launched by torchrun, as a user launches one; the other runs fork their
+ranks from tests/rank_launcher.py's forkserver (``run_forked``: the same command, argv and
+environment, without paying torch's imports in a fresh interpreter per rank)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ import pytest
 from runtime.schedules import warmup_cosine
 from tests.pretrain_utils import (
     REPO,
-    kill_once_saved,
+    kill_forked_once_saved,
     latest,
     losses,
     pretrain_cmd,
     run,
+    run_forked,
 )
 
 pytestmark = [pytest.mark.distributed]
@@ -56,9 +61,9 @@ def test_two_ranks_zero3_loss_decreases_and_outputs_are_complete(reference_run):
 def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache):
     out = tmp_path / "killed"
     cmd = pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2")
-    kill_once_saved(cmd, cache, out, "step_0000004")  # mid-run, no chance to clean up
+    kill_forked_once_saved(cmd, cache, out, "step_0000004")  # mid-run, no chance to clean up
     assert latest(out) in ("step_0000004", "step_0000006"), latest(out)
-    run(cmd + ["--resume", "auto"], cache)
+    run_forked(cmd + ["--resume", "auto"], cache)
     resumed, reference = losses(out), losses(reference_run)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
@@ -68,8 +73,9 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
 def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache):
     # (another world size is supported: tests/test_pretrain_resize.py)
     ckpt = str(reference_run / "checkpoints")
-    other_model = run(pretrain_cmd(1, tmp_path / "b", "--resume", ckpt, "model.channels=8",
-                                   "model.groups=[1,1,2,4]"), cache, check=False)
+    other_model = run_forked(pretrain_cmd(1, tmp_path / "b", "--resume", ckpt,
+                                          "model.channels=8", "model.groups=[1,1,2,4]"),
+                             cache, check=False)
     assert other_model.returncode != 0
     assert "different model" in other_model.stderr
 
@@ -93,15 +99,15 @@ sys.exit(main(sys.argv[1:]))
 def test_crash_mid_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path, cache):
     out = tmp_path / "crash"
     args = pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2")[3:]
-    proc = run([sys.executable, "-c", CRASH_ON_SECOND_SAVE, *args], cache, check=False)
+    proc = run_forked([sys.executable, "-c", CRASH_ON_SECOND_SAVE, *args], cache, check=False)
     assert proc.returncode == 17
     assert latest(out) == "step_0000002"
     # the dead save's shards are in its staging folder, never under the checkpoint's name
     assert not (out / "checkpoints" / "step_0000004").exists()
     [incomplete] = (out / "checkpoints").glob("step_0000004.tmp-*")
     assert not (incomplete / "trainer_state.json").exists()
-    run(pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "auto"),
-        cache)
+    run_forked(pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "2",
+                            "--resume", "auto"), cache)
     assert latest(out) == "step_0000006"
     assert not list((out / "checkpoints").glob("*.tmp-*"))  # pruned with the next save
     assert sorted(losses(out)) == list(range(1, 7))
@@ -127,13 +133,13 @@ sys.exit(main(sys.argv[1:]))
 def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path, cache):
     out = tmp_path / "nan"
     args = pretrain_cmd(1, out, "--max-steps", "5", "--checkpoint-every", "2")[3:]
-    proc = run([sys.executable, "-c", NAN_AT_STEP_3, *args], cache, check=False)
+    proc = run_forked([sys.executable, "-c", NAN_AT_STEP_3, *args], cache, check=False)
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "at step 3" in proc.stderr
     assert latest(out) == "step_0000002"  # nothing saved over the last good checkpoint
     out2 = tmp_path / "skip"
     args = pretrain_cmd(1, out2, "--max-steps", "5", "run.on_nonfinite=skip")[3:]
-    run([sys.executable, "-c", NAN_AT_STEP_3, *args], cache)
+    run_forked([sys.executable, "-c", NAN_AT_STEP_3, *args], cache)
     rows = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert 3 not in losses(out2) and train_rows[-1]["nonfinite_skipped"] == 1
@@ -197,9 +203,9 @@ def test_triton_backend_trains_under_zero3_like_the_reference(tmp_path, cache):
         out = tmp_path / backend
         # Triton's interpreter runs every program of a launch in Python: one block and one
         # group per stage keep the same kernels with far fewer programs; no zero-shot pass
-        run(pretrain_cmd(1, out, "--max-steps", "2", "data.batch_size=4",
-                         "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
-                         "zero_shot.urls=[]", f"model.dcn_backend={backend}"), cache)
+        run_forked(pretrain_cmd(1, out, "--max-steps", "2", "data.batch_size=4",
+                                "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
+                                "zero_shot.urls=[]", f"model.dcn_backend={backend}"), cache)
         found[backend] = losses(out)
     for step in (1, 2):
         assert found["triton"][step] == pytest.approx(found["reference"][step], rel=1e-4)
@@ -225,16 +231,16 @@ sys.exit(main(sys.argv[1:]))
 def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
     out = tmp_path / "stop"
     args = pretrain_cmd(1, out, "--max-steps", "50", "--checkpoint-every", "20")[3:]
-    proc = run([sys.executable, "-c", STOP_AT_STEP_3, *args], cache)
+    proc = run_forked([sys.executable, "-c", STOP_AT_STEP_3, *args], cache)
     assert latest(out) == "step_0000003"
     assert '"stopped_early": true' in proc.stdout
-    run(pretrain_cmd(1, out, "--max-steps", "5", "--resume", "auto"), cache)
+    run_forked(pretrain_cmd(1, out, "--max-steps", "5", "--resume", "auto"), cache)
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
 
 
 def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
     before = latest(reference_run)
-    proc = run(pretrain_cmd(1, reference_run, "--max-steps", "2"), cache, check=False)
+    proc = run_forked(pretrain_cmd(1, reference_run, "--max-steps", "2"), cache, check=False)
     assert proc.returncode != 0
     assert "already holds a run" in proc.stderr and "--resume auto" in proc.stderr
     assert latest(reference_run) == before
@@ -253,7 +259,7 @@ def test_a_refused_start_keeps_the_runs_config_and_says_why_in_one_line(tmp_path
     (out / "config.yaml").write_text("# the run's own config\n")
     for args, why in ((["--max-steps", "2"], "already holds a run"),
                       (["--resume", "auto"], "different model")):
-        proc = run(pretrain_cmd(1, out, *args), cache, check=False)
+        proc = run_forked(pretrain_cmd(1, out, *args), cache, check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
