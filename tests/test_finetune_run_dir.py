@@ -2,7 +2,10 @@
 ``--resume`` over an existing run is refused (before, it emptied metrics.jsonl and went on
 to overwrite the checkpoints), a refused start leaves the run's own config.yaml, and a
 resume needs no ``--init`` source (the checkpoint holds every weight; pre-training may
-have pruned the step it came from)."""
+have pruned the step it came from).
+
+The runs are `internimage finetune` commands forked from tests/rank_launcher.py's forkserver
+(``run_forked``: same argv and environment, no fresh interpreter's imports)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_utils import run
+from tests.pretrain_utils import run_forked
 
 CLS = ["run.batch_size=16", "run.log_every=1", "run.num_workers=0", "run.progress=false",
        "run.threads=1", "optim.warmup_steps=0", "ema.enabled=false", "run.eval_every=100",
@@ -66,13 +69,13 @@ def test_a_resume_needs_no_init_source(cache, tmp_path):
                 "--output-dir", str(out), *CLS, f"data.cache_dir={cache}", *args]
 
     source, out = tmp_path / "source", tmp_path / "ft"
-    run(finetune(source, "run.max_steps=2"), cache)
-    run(finetune(out, "--init", str(source), "run.max_steps=2"), cache)
+    run_forked(finetune(source, "run.max_steps=2"), cache)
+    run_forked(finetune(out, "--init", str(source), "run.max_steps=2"), cache)
     for p in sorted(source.rglob("*"), reverse=True):  # pruned: the init source is gone
         p.unlink() if p.is_file() else p.rmdir()
     source.rmdir()
-    proc = run(finetune(out, "--init", str(source), "run.max_steps=4", "--resume", "auto"),
-               cache, check=False)
+    proc = run_forked(finetune(out, "--init", str(source), "run.max_steps=4",
+                               "--resume", "auto"), cache, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]  # before: "init: ... not found"
     assert "not needed" in proc.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
@@ -80,8 +83,8 @@ def test_a_resume_needs_no_init_source(cache, tmp_path):
     assert steps == [1, 2, 3, 4]
     assert (out / "checkpoints" / "latest").read_text() == "step_0000004"
     # a fresh start still needs its init source
-    proc = run(finetune(tmp_path / "other", "--init", str(source), "run.max_steps=2"), cache,
-               check=False)
+    proc = run_forked(finetune(tmp_path / "other", "--init", str(source), "run.max_steps=2"),
+                      cache, check=False)
     assert proc.returncode == 2 and "init:" in proc.stderr
 
 
@@ -104,9 +107,9 @@ def test_a_resume_refused_for_another_model_keeps_the_runs_config(cache, tmp_pat
     message tells the user to resume with, so it must still be there."""
     out = _existing_run(tmp_path / "run", model_hash="another model")
     before = _snapshot(out)
-    proc = run([sys.executable, "-m", "launch.cli", "finetune", "classification",
-                "--output-dir", str(out), *CLS, f"data.cache_dir={cache}", "--resume", "auto"],
-               cache, check=False)
+    proc = run_forked([sys.executable, "-m", "launch.cli", "finetune", "classification",
+                       "--output-dir", str(out), *CLS, f"data.cache_dir={cache}",
+                       "--resume", "auto"], cache, check=False)
     assert proc.returncode == 2 and "different model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _snapshot(out) == before
