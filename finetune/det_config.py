@@ -18,7 +18,7 @@ class DetCropAugConfig:
     With probability ``prob`` a training image is resized to a shorter side drawn from
     ``resize_sizes`` (longer side <= ``max_size``, ratio kept), then randomly cropped to
     ``crop_size`` = (min, max) pixels per side (mmdet ``RandomCrop`` with
-    ``crop_type='absolute_range'``, ``allow_negative_crop=True``). The model's own multi-scale
+    ``crop_type='absolute_range'``, ``allow_negative_crop``). The model's own multi-scale
     resize then plays the policy's second ``Resize`` (``override=True``). ``prob=0``: off.
     """
 
@@ -26,6 +26,11 @@ class DetCropAugConfig:
     resize_sizes: list[int] = field(default_factory=lambda: [400, 500, 600])
     max_size: int = 1333
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
+    # mmdet's allow_negative_crop: True keeps a crop left without any box (the 3x Mask
+    # R-CNN files); False (the released DINO-T/L files) drops it and, as mmdet's
+    # CustomDataset does when a pipeline returns None, draws another training image of
+    # the same aspect group (width > height or not) and runs the whole pipeline on it
+    allow_negative_crop: bool = True
 
     def __post_init__(self) -> None:
         check(0 <= self.prob <= 1, "data.crop_aug.prob", "must be in [0, 1]")
@@ -51,6 +56,10 @@ class DetDataConfig:
     val_ann: str = "annotations/instances_val2017.json"
     hflip: float = 0.5
     crop_aug: DetCropAugConfig = field(default_factory=DetCropAugConfig)
+    # mmdet's filter_empty_gt (CocoDataset._filter_imgs, training set only): train on the
+    # images holding at least one annotation of the dataset's categories (a crowd one
+    # counts). mmdet's companion rule, dropping images under 32 px a side, is not applied.
+    filter_empty_gt: bool = False
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 64

@@ -16,11 +16,16 @@ class CocoInstances(Dataset):
 
     Training draws, in the released pipelines' order: a horizontal flip (``hflip``), then,
     if ``crop_aug`` is given and on, its resize-and-crop branch (``resize_and_crop``). The
-    draws use torch's default generator, which the loader seeds per worker.
+    draws use torch's default generator, which the loader seeds per worker. A crop left
+    without boxes under ``crop_aug.allow_negative_crop=False`` is replaced by item ``j``, a
+    uniform draw over the images of item ``i``'s aspect group (``i`` included), and so on,
+    as mmdet's ``CustomDataset.__getitem__`` / ``_rand_another`` do. ``filter_empty_gt``
+    (training only): keep the images with at least one annotation of the dataset's
+    categories, crowd ones included (mmdet's ``CocoDataset._filter_imgs``).
     """
 
     def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
-                 crop_aug: DetCropAugConfig | None = None):
+                 crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False):
         import contextlib
         import io
 
@@ -32,6 +37,15 @@ class CocoInstances(Dataset):
         self.crop_aug = crop_aug
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
+        if train and filter_empty_gt:
+            cats = set(self.cat_ids)
+            with_ann = {a["image_id"] for a in self.coco.anns.values()
+                        if a["category_id"] in cats}
+            self.ids = [i for i in self.ids if i in with_ann]
+        # mmdet's aspect groups (flag 1 where width / height > 1): the indices of each
+        self.wide = [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1
+                     for i in self.ids]
+        self.groups = {w: [j for j, x in enumerate(self.wide) if x == w] for w in (False, True)}
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = [0, *self.cat_ids]
 
@@ -39,6 +53,18 @@ class CocoInstances(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
+        for _ in range(1000):
+            item = self._load(i)
+            if item is not None:
+                return item
+            group = self.groups[self.wide[i]]
+            i = group[int(torch.randint(len(group), ()))]
+        raise RuntimeError("data.crop_aug.allow_negative_crop=false: 1000 crops in a row "
+                           "left no box (images without boxes in the training set?)")
+
+    def _load(self, i: int):
+        """Item ``i`` through the pipeline; None for a crop left without boxes when the
+        crop branch does not allow that."""
         import numpy as np
         from torchvision.transforms.functional import pil_to_tensor
 
@@ -63,6 +89,8 @@ class CocoInstances(Dataset):
         aug = self.crop_aug
         if self.train and aug is not None and aug.prob > 0 and torch.rand(()) < aug.prob:
             img, target = resize_and_crop(img, target, aug)
+            if not aug.allow_negative_crop and len(target["boxes"]) == 0:
+                return None
         keep = (target["boxes"][:, 2] > target["boxes"][:, 0]) & \
                (target["boxes"][:, 3] > target["boxes"][:, 1])
         for k in ("boxes", "masks", "labels"):
@@ -130,5 +158,5 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"data: {p} does not exist")
-    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug),
+    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt),
             CocoInstances(paths[2], paths[3], False))

@@ -2,7 +2,8 @@
 resize + crop geometry against mmdet 2.x ``RandomCrop(crop_type='absolute_range',
 allow_negative_crop=True)`` (open-mmlab/mmdetection mmdet/datasets/pipelines/transforms.py),
 the dataset with the branch on and off, and the presets that use it
-(OpenGVLab/InternImage detection/configs/coco/mask_rcnn_internimage_{t,s}_fpn_3x_coco.py)."""
+(OpenGVLab/InternImage detection/configs/coco/mask_rcnn_internimage_{t,s}_fpn_3x_coco.py and
+dino_4scale_internimage_{t,l}_1x_coco_layer_wise_lr.py)."""
 
 from __future__ import annotations
 
@@ -150,6 +151,43 @@ def test_dataset_with_the_branch_on_returns_consistent_crops(cache):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
 
 
+def test_crops_left_without_boxes_are_redrawn_when_negative_crops_are_not_allowed(cache):
+    """allow_negative_crop=False (the released DINO-T/L files): mmdet's RandomCrop returns
+    None for a crop without a box and CustomDataset.__getitem__ then runs the pipeline on
+    ``_rand_another(idx)``, a uniform draw over idx's aspect group (width > height or not),
+    idx included (open-mmlab/mmdetection mmdet/datasets/custom.py). True keeps the crop."""
+    small = dict(prob=1.0, resize_sizes=[64], max_size=1333, crop_size=[8, 12])
+    kept = _dataset(cache, DetCropAugConfig(**small))
+    redrawn = _dataset(cache, DetCropAugConfig(**small, allow_negative_crop=False))
+    torch.manual_seed(0)
+    empty = sum(len(kept[i][1]["boxes"]) == 0 for i in range(len(kept)) for _ in range(4))
+    assert empty > 0
+    torch.manual_seed(0)
+    assert all(len(redrawn[i][1]["boxes"]) > 0 for i in range(len(redrawn)) for _ in range(4))
+
+    # the redraw rule: make items 0..7 one group and 8..15 the other, fail item 3 once
+    redrawn.wide = [j >= 8 for j in range(len(redrawn))]
+    redrawn.groups = {False: list(range(8)), True: list(range(8, 16))}
+    calls: list[int] = []
+    load = redrawn._load
+
+    def first_fails(i):
+        calls.append(i)
+        return None if len(calls) == 1 else load(i)
+
+    redrawn._load = first_fails
+    drawn = set()
+    for seed in range(60):
+        calls.clear()
+        torch.manual_seed(seed)
+        expect = list(range(8))[int(torch.randint(8, ()))]
+        torch.manual_seed(seed)
+        img, t = redrawn[3]
+        assert calls[:2] == [3, expect] and len(t["boxes"]) > 0
+        drawn.add(calls[1])
+    assert drawn == set(range(8))  # uniform over the group, the failed item included
+
+
 def test_crop_aug_config_is_checked_before_compute():
     from finetune.det_config import DetectionConfig
     from launch.config import ConfigError, load_config
@@ -165,12 +203,18 @@ def test_crop_aug_config_is_checked_before_compute():
 
 
 RELEASED_CROP = {"prob": 0.5, "resize_sizes": [400, 500, 600], "max_size": 1333,
-                 "crop_size": [384, 600]}
+                 "crop_size": [384, 600], "allow_negative_crop": True}
+# OpenGVLab/InternImage detection/configs/coco/
+# dino_4scale_internimage_{t,l}_1x_coco_layer_wise_lr.py: the crop policy's first resize caps
+# the longer side at 4200 (img_scale (400..600, 4200)); RandomCrop allow_negative_crop=False
+RELEASED_DINO_CROP = {**RELEASED_CROP, "max_size": 4200, "allow_negative_crop": False}
 
 
 @pytest.mark.parametrize("name, crop", [
     ("det_mask_rcnn_internimage_t_fpn_3x_coco.yaml", RELEASED_CROP),
     ("det_mask_rcnn_internimage_s_fpn_3x_coco.yaml", RELEASED_CROP),
+    ("det_dino_internimage_t_1x_coco.yaml", RELEASED_DINO_CROP),
+    ("det_dino_internimage_l_1x_coco.yaml", RELEASED_DINO_CROP),
     # the 1x files train single-scale (_base_/datasets/coco_instance.py); DINO-H's
     # dino_4scale_internimage_h_objects365_coco_ss.py resizes over a range, no crop branch
     ("det_mask_rcnn_internimage_t_fpn_1x_coco.yaml", None),
@@ -188,8 +232,11 @@ def test_presets_hold_the_released_crop_branch(name, crop, capsys):
         assert cfg.data.crop_aug.prob == 0.0
     else:
         assert asdict(cfg.data.crop_aug) == crop
-        # the policy's other resizes: shorter side 480..800 step 32, longer <= 1333
-        assert cfg.detector.train_sizes == list(range(480, 801, 32))
-        assert cfg.detector.max_size == 1333
+        # the policy's other resizes: shorter side 480..800 step 32, longer <= 1333 (the
+        # model's own resize: Mask R-CNN's detector.*, DINO's head.*)
+        sizes = cfg.head if cfg.head.kind == "dino" else cfg.detector
+        assert list(sizes.train_sizes) == list(range(480, 801, 32))
+        assert sizes.max_size == 1333
         assert main(["finetune", "detection", "--dry-run", "--config", str(CONFIGS / name)]) == 0
-        assert "crop p=0.5 to [400, 500, 600] (<= 1333), 384..600 px" in capsys.readouterr().out
+        assert (f"crop p=0.5 to [400, 500, 600] (<= {crop['max_size']}), 384..600 px"
+                in capsys.readouterr().out)

@@ -149,3 +149,90 @@ def test_steps_per_epoch_are_the_steps_each_ranks_loader_yields():
                 drawn |= {int(i) for b in loader for i in b} if epoch == 0 else set()
         if batch == 1:  # every image is trained on in an epoch
             assert drawn == set(range(17))
+
+
+def test_filter_empty_gt_keeps_training_images_with_annotations(tmp_path):
+    """mmdet's filter_empty_gt (CocoDataset._filter_imgs, training set only): an image stays
+    if it holds any annotation of the dataset's categories, a crowd one included; off (our
+    default) and at evaluation every image stays."""
+    from finetune.det_data import CocoInstances
+
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": w, "height": 40}
+              for i, w in ((1, 50), (2, 30), (3, 60), (4, 20))]
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 9, 9], "area": 81,
+             "iscrowd": 0, "segmentation": [[1, 1, 10, 1, 10, 10]]},
+            {"id": 2, "image_id": 3, "category_id": 7, "bbox": [2, 2, 9, 9], "area": 81,
+             "iscrowd": 1, "segmentation": [[2, 2, 11, 2, 11, 11]]}]
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": 5, "name": "a"}, {"id": 7, "name": "b"}]}))
+    assert CocoInstances(tmp_path, ann, True, filter_empty_gt=True).ids == [1, 3]
+    kept = CocoInstances(tmp_path, ann, True, filter_empty_gt=True)
+    assert kept.wide == [True, True] and kept.groups == {False: [], True: [0, 1]}
+    assert CocoInstances(tmp_path, ann, True).ids == [1, 2, 3, 4]
+    assert CocoInstances(tmp_path, ann, False, filter_empty_gt=True).ids == [1, 2, 3, 4]
+
+
+# The released DINO files (OpenGVLab/InternImage, detection/configs/coco/), value by value:
+# what each preset must hold. T: dino_4scale_internimage_t_1x_coco_layer_wise_lr.py, L:
+# dino_4scale_internimage_l_1x_coco_layer_wise_lr.py (both on _base_/datasets/coco_detection.py,
+# _base_/schedules/schedule_1x.py: 12 epochs, step=[11] in the file); H:
+# dino_4scale_internimage_h_objects365_coco_ss.py (20k iterations, no decay step).
+_DINO_HEAD = {"num_queries": 900, "d_model": 256, "encoder_layers": 6, "decoder_layers": 6,
+              "num_heads": 8, "ffn_dim": 2048, "n_points": 4, "num_feature_levels": 4,
+              "out_indices": [1, 2, 3], "dropout": 0.0, "pos_temperature": 20,
+              "label_noise_ratio": 0.5, "box_noise_scale": 1.0, "focal_alpha": 0.25,
+              "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "weight_class": 1.0,
+              "weight_bbox": 5.0, "weight_giou": 2.0, "size_divisible": 32}
+_DINO_1X = {"train_sizes": list(range(480, 801, 32)), "test_size": 800, "max_size": 1333}
+RELEASED_DINO = {
+    "det_dino_internimage_t_1x_coco.yaml": dict(
+        model=("internimage_t", 0.2, True), head={**_DINO_HEAD, **_DINO_1X, "num_dn_queries": 100,
+                                                 "num_select": 100},
+        optim=(1e-4, 1e-4, 0.9, 0.1, 500, 1.0), num_layers=30, batch=2, epochs=12,
+        milestones=[11 / 12], filter_empty_gt=True, max_steps=0),
+    "det_dino_internimage_l_1x_coco.yaml": dict(
+        model=("internimage_l", 0.4, False), head={**_DINO_HEAD, **_DINO_1X, "num_dn_queries": 100,
+                                                  "num_select": 300},
+        optim=(1e-4, 1e-4, 0.9, 0.1, 500, 1.0), num_layers=37, batch=2, epochs=12,
+        milestones=[11 / 12], filter_empty_gt=True, max_steps=0),
+    "det_dino_internimage_h_coco.yaml": dict(
+        model=("internimage_h", 0.5, True), head={**_DINO_HEAD, "num_dn_queries": 1000,
+                                                 "num_select": 300, "test_size": 1000,
+                                                 "max_size": 2000},
+        optim=(1e-4, 1e-4, 0.94, 0.1, 500, 1e-3), num_layers=50, batch=1, epochs=None,
+        milestones=[], filter_empty_gt=True, max_steps=20_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_DINO))
+def test_dino_presets_hold_the_released_values(name):
+    from dataclasses import asdict
+
+    from finetune.detection import DetectionConfig
+    from launch.config import load_config
+    from models.variants import VARIANTS
+
+    want = RELEASED_DINO[name]
+    cfg = load_config(DetectionConfig, Path(__file__).resolve().parents[1] / "configs" /
+                      "finetune" / name)
+    m = cfg.model
+    assert (m.name, m.drop_path_rate, m.with_cp) == want["model"]
+    assert m.channels is None and m.depths is None and m.groups is None  # the variant's own
+    # the released paramwise num_layers is the trunk's block count, from which our
+    # layer-decay rule derives its depth (runtime/param_groups.py)
+    assert sum(VARIANTS[m.name].depths) == want["num_layers"]
+    head = asdict(cfg.head)
+    assert head["kind"] == "dino"
+    assert {k: head[k] for k in want["head"]} == want["head"]
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.layer_decay, o.grad_clip, o.warmup_steps,
+            o.head_offset_lr_mult) == want["optim"]
+    assert o.dcn_lr_mult == 1.0 and o.min_lr == 0.0 and o.layer0_params == ["level_embed"]
+    assert cfg.schedule.kind == "step" and cfg.schedule.gamma == 0.1
+    assert cfg.schedule.milestones == pytest.approx(want["milestones"], abs=1e-6)
+    assert cfg.run.batch_size == want["batch"] and cfg.run.max_steps == want["max_steps"]
+    if want["epochs"] is not None:
+        assert cfg.run.epochs == want["epochs"]
+    assert cfg.data.hflip == 0.5 and cfg.data.filter_empty_gt is want["filter_empty_gt"]
+    assert cfg.run.num_workers == 2  # workers_per_gpu of _base_/datasets/coco_detection.py

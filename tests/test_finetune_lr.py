@@ -161,3 +161,20 @@ def test_dino_h_offsets_train_at_one_thousandth_of_the_base_lr():
     lrs = {g["lr"] for g in opt.param_groups if any("sampling_offsets" in n for n in g["names"])
            and not any(n.startswith("backbone") for n in g["names"])}
     assert lrs and all(lr == pytest.approx(1e-4 * 1e-3) for lr in lrs)
+
+
+@pytest.mark.parametrize("name", ["det_dino_internimage_t_1x_coco.yaml",
+                                  "det_dino_internimage_l_1x_coco.yaml"])
+def test_dino_t_l_offsets_train_at_the_base_lr_and_level_embeds_at_layer_0(name):
+    """The released DINO-T/L files (OpenGVLab/InternImage detection/configs/coco/
+    dino_4scale_internimage_{t,l}_1x_coco_layer_wise_lr.py) set no offset_lr_scale: the
+    CustomLayerDecayOptimizerConstructor's default 1.0 leaves the transformer's sampling
+    offsets at the head's lr (1e-4 once warmed up), unlike DINO-H's 1e-3; its level_embeds
+    sit at layer 0: 0.9 ** (num_layers + 1) of it (tiny trunk here: num_layers = 5)."""
+    cfg, model, opt, sched, warmup = _build(REPO / "configs" / "finetune" / name)
+    sched.step_update(warmup)
+    head = [g for g in opt.param_groups if not any(n.startswith("backbone") for n in g["names"])]
+    offsets = {g["lr"] for g in head if any("sampling_offsets" in n for n in g["names"])}
+    assert offsets and all(lr == pytest.approx(1e-4) for lr in offsets)
+    level = {g["lr"] for g in head if any("level_embed" in n for n in g["names"])}
+    assert level and all(lr == pytest.approx(1e-4 * 0.9 ** (sum(DEPTHS) + 1)) for lr in level)
