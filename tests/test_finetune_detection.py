@@ -236,3 +236,19 @@ def test_dino_presets_hold_the_released_values(name):
         assert cfg.run.epochs == want["epochs"]
     assert cfg.data.hflip == 0.5 and cfg.data.filter_empty_gt is want["filter_empty_gt"]
     assert cfg.run.num_workers == 2  # workers_per_gpu of _base_/datasets/coco_detection.py
+
+
+@pytest.mark.parametrize("name", ["det_mask_rcnn_internimage_t_fpn_1x_coco.yaml",
+                                  "det_mask_rcnn_internimage_t_fpn_3x_coco.yaml",
+                                  "det_mask_rcnn_internimage_s_fpn_3x_coco.yaml"])
+def test_mask_rcnn_presets_drop_training_images_without_annotations_as_released(name):
+    # The released Mask R-CNN files (OpenGVLab/InternImage detection/configs/coco/
+    # mask_rcnn_internimage_{t,s}_fpn_{1x,3x}_coco.py) take their dataset from
+    # _base_/datasets/coco_instance.py, which sets no filter_empty_gt: mmdet's CocoDataset
+    # default (True) drops the ~1% of COCO train2017 images without annotations.
+    from finetune.detection import DetectionConfig
+    from launch.config import load_config
+
+    cfg = load_config(DetectionConfig, Path(__file__).resolve().parents[1] / "configs" /
+                      "finetune" / name)
+    assert cfg.data.filter_empty_gt is True
