@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from tests.pretrain_utils import TINY, kill_once_saved, latest, losses, pretrain_cmd
+from tests.pretrain_utils import TINY, kill_forked_once_saved, latest, losses, pretrain_cmd
 from tests.rank_launcher import run_ranks
 
 pytestmark = [pytest.mark.distributed]
@@ -63,7 +63,8 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
     # do the RNG states that draw views and masks: the resumed steps repeat exactly
     out = tmp_path / "killed"
     cmd = pretrain_cmd(2, out, *IMAGE_BRANCH)
-    kill_once_saved(cmd, cache, out, "step_0000002")  # mid-run, no chance to clean up
+    # mid-run, no chance to clean up (its ranks forked, as the resume's: no fresh imports)
+    kill_forked_once_saved(cmd, cache, out, "step_0000002")
     assert latest(out) in ("step_0000002", "step_0000004"), latest(out)
     codes = run_ranks(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH,
                        "--resume", "auto"], world=2, env={"INTERNIMAGE_CACHE": str(cache)},
