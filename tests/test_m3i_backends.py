@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.pretrain_utils import pretrain_cmd, run
+from tests.pretrain_utils import pretrain_cmd, run_forked
 
 pytestmark = [pytest.mark.distributed, pytest.mark.triton]
 
@@ -48,9 +48,11 @@ def _online(root, tag: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
 
 
-def test_triton_backend_trains_the_image_branch_and_the_teacher_follows_ema(tmp_path):
+def test_triton_backend_trains_the_image_branch_and_the_teacher_follows_ema(tmp_path, cache):
     out = tmp_path / "triton"
-    run(pretrain_cmd(1, out, *BRANCH), tmp_path / "cache")
+    # the run's demo shards from the suite's shared cache (not written again for this test);
+    # its rank forked from tests/rank_launcher.py's forkserver (no fresh interpreter)
+    run_forked(pretrain_cmd(1, out, *BRANCH), cache)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
