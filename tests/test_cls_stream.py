@@ -110,14 +110,21 @@ def test_a_resume_from_the_saved_state_delivers_the_uninterrupted_batches(tmp_pa
                 (next(batches) for _ in range(n))]
 
     full = take(stream(), 25)  # two and a half epochs
-    for cut in (3, 10, 17):  # mid-epoch, at an epoch's end, in the next
+    # mid-epoch; at epoch 0's end (the next block opens with a sample read ahead); in
+    # the block it opens; further on
+    seen = set()  # (a block opened with a sample read ahead, samples of it handed out)
+    for cut in (3, 10, 13, 17):
         first = stream()
         take(first, cut)
+        seen |= {(p["lead"] is not None, p["emitted"] > 0)
+                 for p in first.state_dict()["positions"].values()}
         resumed = stream()
         resumed.load_state_dict([first.state_dict()])
         rest = take(resumed, 25 - cut)
         for a, b in zip(rest, full[cut:], strict=True):  # labels and augmentation draws
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if workers:  # 2 slots of 20 samples a data epoch, blocks of 8: every kind of state
+        assert seen == {(False, False), (False, True), (True, False), (True, True)}
     state = json.loads(json.dumps(first.state_dict()))  # it goes into trainer_state.json
     assert state["positions"] and len(json.dumps(state)) < 4000
 
