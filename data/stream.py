@@ -388,6 +388,9 @@ class MixedStream:
         self.seed, self.slot, self.counter = seed, slot, counter
         self.block_size = max(1, block_size)
         self._state = MixState(**state) if state is not None else MixState()
+        # A state saved before blocks ended at epoch boundaries (no "lead" key) names a
+        # block that may hold two epochs of a source: re-read it as it was filled then.
+        self._legacy_block = state is not None and "lead" not in state
         self._streams: list[SourceStream] = []
         self._at_block_end = True  # state() then reads the cursors of the live streams
 
@@ -452,7 +455,8 @@ class MixedStream:
                     active.remove(pick)
                     continue
                 epoch = streams[pick].reading_epoch()
-                if self.block_size > 1 and epochs[pick] not in (None, epoch):
+                if (self.block_size > 1 and epochs[pick] not in (None, epoch)
+                        and not self._legacy_block):
                     # the first sample of the source's next epoch opens the next block;
                     # resuming there reads it again from its unit's start
                     lead = (pick, item)
@@ -462,6 +466,7 @@ class MixedStream:
                 epochs[pick] = epoch
                 block.append((pick, item))
             self.counter.muted = muted
+            self._legacy_block = False
             order = self._block_order(block_no, len(block))
             for j in range(skip, len(block)):
                 st.index += 1

@@ -171,3 +171,33 @@ def test_a_resume_at_any_sample_continues_the_mix_exactly(tmp_path):
         resumed = iter(_mixed(urls_a, urls_b, SkipCounter(), block=6, state=states[at]))
         got = [next(resumed)[1]["__key__"] for _ in range(20)]
         assert got == keys[at + 1:at + 21], at
+
+
+def test_a_state_saved_before_blocks_ended_at_epochs_re_reads_its_block_as_filled_then(
+        tmp_path):
+    # States written before 8b66a0c have no "lead": their shuffle block may hold two
+    # epochs of a source. Resumed inside such a block, the block is filled as it was then
+    # (12 draws across the slot's 7-sample epoch boundary, same permutation), so what it
+    # had left to hand out comes out, none repeated or lost; later blocks follow the rule.
+    urls = [str(write_tar(tmp_path / "a.tar", good_samples("a-", 7, size=8))),
+            str(write_tar(tmp_path / "b.tar", good_samples("b-", 7, size=8)))]
+
+    def one_source(block: int, state: dict | None = None) -> MixedStream:
+        def make(cursors):
+            return [SourceStream("a", urls, slot=0, nslots=2, seed=5, s3=S3,
+                                 counter=SkipCounter(),
+                                 cursor=cursors[0] if cursors else None)]
+        return MixedStream(make, [1.0], seed=5, slot=0, block_size=block,
+                           counter=SkipCounter(), state=state)
+
+    raw = iter(one_source(block=1))  # the draws in order, unshuffled
+    draws = [next(raw)[1]["__key__"] for _ in range(12)]
+    assert len({key.split("-")[0] for key in draws[:7]}) == 1  # epoch 0: one 7-sample shard
+    old_block = [draws[i] for i in one_source(block=12)._block_order(0, 12)]
+    legacy = {"block": 0, "emitted": 3, "draws": 0, "index": 3, "sources": None}
+    resumed = iter(one_source(block=12, state=legacy))
+    assert [next(resumed)[1]["__key__"] for _ in range(9)] == old_block[3:]
+    # with the key present (a state of this version) the same block ends at the epoch
+    current = iter(one_source(block=12, state={**legacy, "lead": None}))
+    assert sorted(next(current)[1]["__key__"] for _ in range(4)) == sorted(
+        [draws[i] for i in one_source(block=12)._block_order(0, 7)][3:])
