@@ -199,7 +199,7 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     for slot in range(new_nslots):
         # a fresh block numbering and mix draws past any old slot's (new seeds, no reuse)
         result.positions.append({"block": derive_seed(seed, "redeal", new_nslots, slot) % 2**31,
-                                 "emitted": 0, "draws": draws, "index": index,
+                                 "emitted": 0, "draws": draws, "index": index, "lead": None,
                                  "sources": [per_source[i][slot].to_dict()
                                              for i in range(len(specs))]})
     return result
