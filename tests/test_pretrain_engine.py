@@ -1,9 +1,10 @@
 """Pre-training engine with real processes: ZeRO-3 on 2 gloo ranks, exact resume after a
 kill, checkpoints that survive a crash mid-save, non-finite losses, bad configs.
 
-The reference run is launched by torchrun, as a user launches one; the other runs fork their
-ranks from tests/rank_launcher.py's forkserver (``run_forked``: the same command, argv and
-environment, without paying torch's imports in a fresh interpreter per rank)."""
+The runs fork their ranks from tests/rank_launcher.py's forkserver (``run_forked``: the
+same command, argv and environment, without paying torch's imports in a fresh interpreter
+per rank); torchrun's own launch of 2 ranks is run by tests/test_pretrain_precision.py and
+tests/test_pretrain_resize.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from tests.pretrain_utils import (
     latest,
     losses,
     pretrain_cmd,
-    run,
     run_forked,
 )
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.distributed]
 def reference_run(tmp_path_factory, cache):
     """8 uninterrupted steps on 2 ranks with ZeRO-3, checkpoints every 2 steps."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    run(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2"), cache)
+    run_forked(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2"), cache)
     return out
 
 
