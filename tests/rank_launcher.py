@@ -22,7 +22,8 @@ from tests.pretrain_utils import free_port
 PRELOAD = ["torch", "torchvision", "timm", "pycocotools.coco", "models", "launch.cli",
            "launch.commands.finetune", "finetune.classification", "finetune.cls_data",
            "finetune.cls_loop", "finetune.detection", "finetune.segmentation",
-           "finetune.loop", "runtime.rng", "runtime.metrics", "runtime.preemption"]
+           "finetune.loop", "runtime.rng", "runtime.metrics", "runtime.preemption",
+           "deepspeed", "pretrain.trainer"]
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(PRELOAD)  # takes effect when the server first starts
 
