@@ -111,6 +111,8 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
             left.setdefault(epoch, []).append([epoch, c.unit, c.offset, c.samples,
                                                c.compressed])
         for key, (offset, samples, compressed, _failures) in c.aside.items():
+            if key == c.unit:  # being retried: the unit entry above has the newer offset
+                continue
             left.setdefault(current[slot], []).append([current[slot], key, offset, samples,
                                                        compressed])
         for entry in entries[c.position:]:

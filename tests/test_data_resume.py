@@ -201,3 +201,51 @@ def test_a_state_saved_before_blocks_ended_at_epochs_re_reads_its_block_as_fille
     current = iter(one_source(block=12, state={**legacy, "lead": None}))
     assert sorted(next(current)[1]["__key__"] for _ in range(4)) == sorted(
         [draws[i] for i in one_source(block=12)._block_order(0, 7)][3:])
+
+
+def test_a_shard_being_retried_at_the_save_is_re_dealt_once(tmp_path, monkeypatch):
+    # A shard whose read broke is set aside, then retried; while the retry reads it, the
+    # saved cursor names it both as the unit in progress (newer offset) and in its
+    # set-aside list (the offset where it broke). A resume on another slot count must
+    # re-deal it once, at the newer offset: twice, two new slots read its rest (and the
+    # samples between the two offsets) again.
+    import data.stream as stream_module
+    from data.redeal import SourceSpec, redeal_source
+
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 6, size=8)))
+            for i in range(3)]
+    s3 = S3Config(retries=0, backoff=0.01, max_backoff=0.01, prefetch_bytes=0)
+    real, broke = stream_module.read_shard, []
+
+    def breaks_once(url, source, s3, counter, outcome=None, cursor=None, **kw):
+        for n, raw in enumerate(real(url, source, s3, counter, outcome, cursor, **kw), 1):
+            yield raw
+            if not broke and n == 2:  # the connection drops before the third sample
+                broke.append(url)
+                outcome.update(status="failed", failed=True, error="simulated reset")
+                return
+
+    monkeypatch.setattr(stream_module, "read_shard", breaks_once)
+    clock = iter(range(1, 10_000))
+
+    def source(slot: int, nslots: int, cursor: SourceCursor | None) -> SourceStream:
+        return SourceStream("a", urls, slot=slot, nslots=nslots, seed=1, s3=s3,
+                            counter=SkipCounter(), cursor=cursor,
+                            clock=lambda: float(next(clock)), sleep=lambda s: None)
+
+    mixed = MixedStream(lambda c: [source(0, 1, c[0] if c else None)], [1.0], seed=1, slot=0,
+                        block_size=1, counter=SkipCounter())
+    stream, before, saved = iter(mixed), [], None
+    while saved is None:
+        before.append(next(stream)[1]["__key__"])
+        cursor = SourceCursor.from_dict(json.loads(json.dumps(mixed.state()))["sources"][0])
+        if cursor.unit is not None and cursor.unit in cursor.aside:
+            saved = cursor
+    monkeypatch.setattr(stream_module, "read_shard", real)
+    new, _, _ = redeal_source([saved], SourceSpec("a", urls), 1, 2, seed=1)
+    after = []
+    for slot, c in enumerate(new):  # what the two new slots read of the old epoch
+        reader = iter(source(slot, 2, c))
+        after += [next(reader)["__key__"] for _ in range(sum(
+            6 - (e[3] if len(e) > 2 else 0) for e in c.share))]
+    assert sorted(before + after) == sorted(f"s{i}-{j:04d}" for i in range(3) for j in range(6))
