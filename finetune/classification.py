@@ -43,6 +43,9 @@ class ClsDataConfig:
     cache_dir: str = "~/.cache/internimage"
     train_samples: int = 0  # stream: samples per epoch (the size of the training set)
     shuffle_buffer: int = 2000  # stream: per-worker sample shuffle buffer
+    # stream: a resume whose shard list changed since the checkpoint is refused (error),
+    # or starts the stream afresh over the new list (restart), as pre-training's data.*
+    on_shard_list_change: str = "error"
     s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class ClsDataConfig:
               "is required for data.kind=stream (samples per epoch, e.g. 14197122 for "
               "ImageNet-22K)")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.on_shard_list_change in ("error", "restart"), "data.on_shard_list_change",
+              f"must be 'error' or 'restart', got {self.on_shard_list_change!r}")
         check(self.kind != "imagefolder" or bool(self.root), "data.root",
               "is required for data.kind=imagefolder")
         check(self.kind not in ("shards", "stream") or (bool(self.train_urls) and

@@ -151,7 +151,8 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
 
         return StreamingShards(d.train_urls, train_tf, d.train_samples, cfg.run.batch_size,
                                cfg.run.seed, d.shuffle_buffer, d.s3, num_classes=n,
-                               workers=cfg.run.num_workers), val
+                               workers=cfg.run.num_workers,
+                               on_shard_list_change=d.on_shard_list_change), val
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 

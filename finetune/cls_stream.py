@@ -127,7 +127,9 @@ class LabelledCodec:
 
 class StreamingShards:
     """Training batches streamed from ``urls`` (brace patterns, ``.txt`` lists, s3://) by
-    ``workers`` DataLoader processes per rank (0: in this process).
+    ``workers`` DataLoader processes per rank (0: in this process);
+    ``on_shard_list_change``: what a resume over a changed shard list does
+    (:class:`data.loader.LoaderOptions`).
 
     :meth:`batches` goes on with the run's stream where the previous call stopped; its
     position is :meth:`state_dict` (every rank's goes into a checkpoint) and
@@ -139,7 +141,8 @@ class StreamingShards:
                  batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                  s3: S3Config | None = None, label_key: str = "cls",
                  num_classes: int | None = None, workers: int = 0,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None,
+                 on_shard_list_change: str = "error"):
         s3 = s3 or S3Config()
         shards = expand_urls(urls, s3)
         if not shards:
@@ -150,7 +153,8 @@ class StreamingShards:
             raise ValueError(f"data.train_samples={num_samples} is less than one global batch "
                              f"({batch_size} x {world} ranks)")
         self.num_samples, self.batch_size, self.world = num_samples, batch_size, world
-        opts = LoaderOptions(seed, batch_size, workers, shuffle_buffer, s3)
+        opts = LoaderOptions(seed, batch_size, workers, shuffle_buffer, s3,
+                             on_shard_list_change=on_shard_list_change)
         self.loader = ResumableLoader([StreamSource(SOURCE, shards)], opts,
                                       LabelledCodec(transform, label_key, num_classes),
                                       rank, world, train=True)

@@ -40,6 +40,7 @@ from torch import nn
 from finetune.cls_stream import StreamingShards
 from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
+from runtime.checkpoint import ResumeError, publish_config
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
@@ -146,10 +147,16 @@ def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
 
 
 def _restore_stream(train_set, run: FinetuneRun, steps_per_epoch: int) -> None:
-    """A resumed streamed set goes on after the batches its checkpoint had trained."""
+    """A resumed streamed set goes on after the batches its checkpoint had trained; a
+    position it cannot continue (a changed shard list, another seed) is refused as a
+    ``ResumeError``, before the model is built."""
     states = run.rank_states(DATA_KEY)
-    if isinstance(train_set, StreamingShards) and states is not None:
+    if not isinstance(train_set, StreamingShards) or states is None:
+        return
+    try:
         train_set.load_state_dict(states, epoch=run.start_step // max(1, steps_per_epoch))
+    except ValueError as err:
+        raise ResumeError(f"{run.resume_dir}: {err}") from None
 
 
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
@@ -169,10 +176,16 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
 
     d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
     mhash = model_hash(cfg)
-    run = open_run(resume, out_dir, mhash, d.world_size)  # may refuse: before any compute
+    # may refuse: before any compute; config.yaml once the stream position is checked too
+    run = open_run(resume, out_dir, mhash, d.world_size, publish=False)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
+    # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
+    steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
+                                         * d.world_size)
+    _restore_stream(train_set, run, steps_per_epoch)
+    publish_config(out_dir)
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)
@@ -180,11 +193,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
-    # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
-    steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
-                                         * d.world_size)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
-    _restore_stream(train_set, run, steps_per_epoch)
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
         # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers

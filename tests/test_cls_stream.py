@@ -186,8 +186,9 @@ def _stream_args(train_urls: str, val_urls: str, steps: int, log_every: int) -> 
             "optim.warmup_steps=0", "ema.enabled=false"]
 
 
-def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
+def test_classification_trains_on_streamed_shards_and_resumes(tmp_path, capsys):
     from finetune.classification import ClassificationConfig, train
+    from launch.cli import main
     from launch.config import ConfigError, load_config
 
     # an exact resume (the same losses as the uninterrupted run) on 2 ranks after kill -9:
@@ -204,6 +205,18 @@ def test_classification_trains_on_streamed_shards_and_resumes(tmp_path):
     state = json.loads((out / "checkpoints" / "step_0000012" / "trainer_state.json")
                        .read_text())
     assert [r["data"]["positions"] != {} for r in state["ranks"]] == [True]
+    # a shard list that changed since the checkpoint: refused before the model is built,
+    # the run's config.yaml kept; data.on_shard_list_change=restart goes on afresh
+    fewer = [*_stream_args(urls.replace("0003", "0002"), urls, 5, 1), "run.max_steps=13"]
+    (out / "config.yaml").write_text("the run's own\n")
+    assert main(["finetune", "classification", "--output-dir", str(out), "--resume", "auto",
+                 *fewer]) == 2
+    assert "on_shard_list_change=restart" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "the run's own\n"
+    train(load_config(ClassificationConfig, None,
+                      [*fewer, "data.on_shard_list_change=restart"]), out, resume="auto")
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][-1] == 13
     with pytest.raises(ConfigError, match="data.train_samples"):
         load_config(ClassificationConfig, None, [a for a in args if "train_samples" not in a])
 
