@@ -362,7 +362,9 @@ class MixState:
     out; ``index``: raw samples handed out so far (seeds each sample's augmentation).
     ``lead``: the source whose sample, drawn before the block began, opens it (the first
     sample of that source's next epoch; its cursor in ``sources`` is at that sample's
-    unit start), None when the block's first sample is drawn in it."""
+    unit start), None when the block's first sample is drawn in it. ``size``: the block
+    size ``block`` was filled with (a resume inside it fills it alike, even when the
+    configured shuffle buffer changed since; later blocks take the new size)."""
 
     block: int = 0
     emitted: int = 0
@@ -370,6 +372,7 @@ class MixState:
     index: int = 0
     sources: list[dict[str, Any]] | None = None
     lead: int | None = None
+    size: int | None = None
 
 
 class MixedStream:
@@ -433,9 +436,10 @@ class MixedStream:
             self.counter.muted = muted
             lead = (st.lead, item) if item is not None else None
         while active or lead is not None:
+            # a block resumed inside is filled to the size it had (the buffer may differ)
+            size = (st.size or self.block_size) if skip > 0 else self.block_size
             if lead is None:  # the block's first sample is drawn in it: from the cursors now
-                start = ([s.cursor().to_dict() for s in streams] if self.block_size > 1
-                         else None)
+                start = [s.cursor().to_dict() for s in streams] if size > 1 else None
             first, block_no, leader = live, st.block, lead[0] if lead is not None else None
             # Re-reading a block whose first samples went out before the checkpoint: what
             # it counts was reported then.
@@ -447,7 +451,7 @@ class MixedStream:
             if lead is not None:
                 epochs[lead[0]] = streams[lead[0]].reading_epoch()
             lead = next_start = None
-            while active and len(block) < self.block_size:
+            while active and len(block) < size:
                 pick = self._pick(live, active)
                 live += 1
                 item = next(iters[pick], None)
@@ -455,7 +459,7 @@ class MixedStream:
                     active.remove(pick)
                     continue
                 epoch = streams[pick].reading_epoch()
-                if (self.block_size > 1 and epochs[pick] not in (None, epoch)
+                if (size > 1 and epochs[pick] not in (None, epoch)
                         and not self._legacy_block):
                     # the first sample of the source's next epoch opens the next block;
                     # resuming there reads it again from its unit's start
@@ -467,24 +471,24 @@ class MixedStream:
                 block.append((pick, item))
             self.counter.muted = muted
             self._legacy_block = False
-            order = self._block_order(block_no, len(block))
+            order = self._block_order(block_no, len(block), size)
             for j in range(skip, len(block)):
                 st.index += 1
                 if j + 1 < len(block):  # resuming here re-reads this block from its start
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
-                    st.lead, self._at_block_end = leader, False
+                    st.lead, st.size, self._at_block_end = leader, size, False
                 elif lead is not None:  # the next block opens with the sample read ahead
                     st.block, st.emitted, st.draws, st.sources = (block_no + 1, 0, live,
                                                                   next_start)
-                    st.lead, self._at_block_end = lead[0], False
+                    st.lead, st.size, self._at_block_end = lead[0], None, False
                 else:  # the next block starts at the live cursors
                     st.block, st.emitted, st.draws, st.sources = block_no + 1, 0, live, None
-                    st.lead, self._at_block_end = None, True
+                    st.lead, st.size, self._at_block_end = None, None, True
                 yield block[order[j]]
             start, skip = next_start, 0
 
-    def _block_order(self, block: int, n: int) -> np.ndarray:
-        if self.block_size == 1 or n <= 1:
+    def _block_order(self, block: int, n: int, size: int) -> np.ndarray:
+        if size == 1 or n <= 1:
             return np.arange(n)
         rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, "block", self.slot,
                                                               block)))

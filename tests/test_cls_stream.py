@@ -146,6 +146,24 @@ def test_a_resume_with_another_worker_count_skips_no_sample(tmp_path, caplog):
     assert "re-dealt" in caplog.text and "0 samples repeated" in caplog.text
 
 
+def test_a_resume_with_another_shuffle_buffer_finishes_the_saved_block_first(tmp_path):
+    # data.shuffle_buffer changed between the save and the resume (8 -> 4): the block the
+    # save was inside is filled to its saved size and permuted as before, so its rest comes
+    # out as in the uninterrupted run; the new size holds from the next block on, and the
+    # data epoch is read once (before: 2 samples repeated, 2 never read)
+    urls = _write_shards(tmp_path)
+    first = _stream(urls, workers=0, shuffle_buffer=8)
+    before = _labels(first, 1)  # 4 samples of the first 8-sample block
+    saved = first.state_dict()
+    assert {p["emitted"] for p in saved["positions"].values()} == {4}
+    rest_of_block = _labels(first, 1)
+    resumed = _stream(urls, workers=0, shuffle_buffer=4)
+    resumed.load_state_dict([saved])
+    after = _labels(resumed, 9)
+    assert after[0] == rest_of_block[0]
+    assert sorted(sum(before + after, [])) == list(range(40))
+
+
 def test_ranks_read_disjoint_slices_and_deliver_equal_batch_counts(tmp_path):
     # 2 ranks x 2 workers = 4 slots, one 8-sample shard each, 2 batches of 4 per slot
     urls = _write_shards(tmp_path, n_shards=4, per_shard=8)

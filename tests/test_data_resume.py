@@ -193,14 +193,14 @@ def test_a_state_saved_before_blocks_ended_at_epochs_re_reads_its_block_as_fille
     raw = iter(one_source(block=1))  # the draws in order, unshuffled
     draws = [next(raw)[1]["__key__"] for _ in range(12)]
     assert len({key.split("-")[0] for key in draws[:7]}) == 1  # epoch 0: one 7-sample shard
-    old_block = [draws[i] for i in one_source(block=12)._block_order(0, 12)]
+    old_block = [draws[i] for i in one_source(block=12)._block_order(0, 12, 12)]
     legacy = {"block": 0, "emitted": 3, "draws": 0, "index": 3, "sources": None}
     resumed = iter(one_source(block=12, state=legacy))
     assert [next(resumed)[1]["__key__"] for _ in range(9)] == old_block[3:]
     # with the key present (a state of this version) the same block ends at the epoch
     current = iter(one_source(block=12, state={**legacy, "lead": None}))
     assert sorted(next(current)[1]["__key__"] for _ in range(4)) == sorted(
-        [draws[i] for i in one_source(block=12)._block_order(0, 7)][3:])
+        [draws[i] for i in one_source(block=12)._block_order(0, 7, 12)][3:])
 
 
 def test_a_shard_being_retried_at_the_save_is_re_dealt_once(tmp_path, monkeypatch):
