@@ -9,9 +9,10 @@ exactly one slot per data epoch whatever the slot count (with fewer shards than 
 shards are split into interleaved sample parts). A slot's samples are shuffled in blocks of
 ``shuffle_buffer``.
 
-**A training epoch** is ``data.train_samples`` samples: each rank delivers exactly
-``train_samples // (batch x world)`` batches (ranks stay in step, as DDP and ZeRO-3
-need), taken from where the previous epoch stopped. The stream is never restarted at an
+**A training epoch** is ``data.train_samples`` samples: each rank draws the same number of
+batches, its optimizer steps' worth (``train_samples // (batch x grad_accum x world)``
+steps of ``grad_accum`` batches; ranks stay in step, as DDP and ZeRO-3 need), taken from
+where the previous epoch stopped. The stream is never restarted at an
 epoch boundary: slots whose share of a data epoch is a shard larger than another's reach
 the next data epoch a little later, and after ``e`` epochs every sample was read ``e-1``,
 ``e`` or ``e+1`` times. (Restarting every slot at data epoch ``e`` in training epoch
@@ -165,7 +166,9 @@ class StreamingShards:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank delivers per epoch."""
+        """The most batches of ``batch_size`` a rank's share of an epoch holds (the loop
+        draws whole optimizer steps of them: fewer when ``run.grad_accum`` does not
+        divide it)."""
         return self.num_samples // (self.batch_size * self.world)
 
     @property
@@ -176,8 +179,8 @@ class StreamingShards:
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
         """The stream's next ``(images, labels)`` batches, endless: draw what an epoch
-        needs (``batches_per_epoch``), and the next call goes on after the last one drawn
-        (the workers and what they prefetched live on between calls)."""
+        needs, and the next call goes on after the last one drawn (the workers and what
+        they prefetched live on between calls)."""
         if self._live is None:
             self._live = iter(self.loader)
         while True:
