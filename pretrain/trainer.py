@@ -127,11 +127,14 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
                               f"another world size is not supported (its slices are per rank); "
                               f"resume with {self.state['world_size']} ranks")
+        self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
+        if self.state is not None:
+            try:  # the saved data position is a resume check too (a changed shard list)
+                self.loader.load_state_dict([r["data"] for r in self.state["ranks"]])
+            except ValueError as err:
+                raise ResumeError(f"{self.resume_dir}: {err}") from None
         if self.info.is_main:  # checks passed: the config this run starts with is the run's
             publish_config(self.run_dir)
-        self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True,
-                                   state=[r["data"] for r in self.state["ranks"]]
-                                   if self.state else None)
         self.dtype = DTYPES[cfg.engine.precision]
         image = cfg.objective.image
         self.loss_fn = M3ILoss(cfg.objective.image_text_weight, cfg.objective.tag_weight,

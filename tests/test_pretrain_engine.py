@@ -9,6 +9,7 @@ tests/test_pretrain_resize.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -78,6 +79,28 @@ def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache
                              cache, check=False)
     assert other_model.returncode != 0
     assert "different model" in other_model.stderr
+
+
+def test_a_resume_over_a_changed_shard_list_is_refused_in_one_line(reference_run, tmp_path,
+                                                                    cache):
+    # A regenerated shard list (another length or order) would make the saved positions
+    # go on in other permutations: refused before any compute like every resume check,
+    # one line, the run's config.yaml kept (it came as a traceback after config.yaml had
+    # been replaced)
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    saved = out / "checkpoints" / latest(out) / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    for rank in state["ranks"]:
+        rank["data"]["shard_lists"][0][1] = "0" * 16  # the list's hash as if regenerated
+    saved.write_text(json.dumps(state))
+    (out / "config.yaml").write_text("# the run's own config\n")
+    proc = run_forked(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2",
+                                   "--resume", "auto"), cache, check=False)
+    assert proc.returncode != 0
+    assert "on_shard_list_change=restart" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (out / "config.yaml").read_text() == "# the run's own config\n"
 
 
 CRASH_ON_SECOND_SAVE = """
