@@ -83,7 +83,7 @@ class StreamingLoader(ResumableLoader):
                  state: dict[str, Any] | list[dict[str, Any]] | None = None):
         if rank is None or world_size is None:
             rank, world_size = dist_info()
-        if not cfg.sources:
+        if not cfg.sources:  # ResumableLoader checks it too, after the tokenizer's import
             raise ValueError("data.sources: at least one source is required")
         self.cfg = cfg
         # Built here, before workers fork, so that they inherit it instead of each paying
