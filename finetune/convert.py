@@ -21,6 +21,7 @@ import torch
 from models import CheckpointError, read_state_dict
 from models.variants import InternImageSpec
 from runtime.checkpoint_path import resolve_checkpoint
+from runtime.master_weights import read_master_weights
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[
     stage, world = check_complete(step_dir)
     if stage == 0:
         model_file = next(p for p in step_dir.iterdir() if _STEP_DIR.search(p.name))
-        state = {k: v.float() if v.is_floating_point() else v
-                 for k, v in _torch_load(model_file)["module"].items()}
+        state = _stage0_state(model_file)
     else:
         lazy = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
             str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
@@ -107,6 +107,29 @@ def read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[
     meta = run_metadata(step_dir)
     meta.update({"zero_stage": str(stage), "zero_world_size": str(world)})
     return state, meta
+
+
+def _stage0_state(model_file: Path) -> dict[str, torch.Tensor]:
+    """A stage-0 checkpoint's weights in fp32: the fp32 masters where a 16-bit run kept
+    them (runtime/master_weights.py), the module's tensors for the rest (buffers, frozen
+    weights) and for an fp32 run."""
+    states = _torch_load(model_file)
+    module = states["module"]
+    try:
+        masters = read_master_weights(states)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{model_file}: its fp32 master weights do not fit the module's "
+                              f"({type(err).__name__}: {err})") from err
+    sixteen_bit = [k for k, v in module.items()
+                   if v.is_floating_point() and v.dtype != torch.float32]
+    if masters is None and sixteen_bit:
+        log.warning("%s holds 16-bit weights (%d tensors, e.g. %s) and no names for its fp32 "
+                    "masters (a checkpoint saved before they were recorded): converted from "
+                    "the 16-bit weights, each up to half a bf16 ulp off its master",
+                    model_file, len(sixteen_bit), sixteen_bit[0])
+    masters = masters or {}
+    return {k: masters[k] if k in masters else (v.float() if v.is_floating_point() else v)
+            for k, v in module.items()}
 
 
 def run_metadata(step_dir: Path) -> dict[str, str]:

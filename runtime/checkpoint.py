@@ -42,6 +42,7 @@ from runtime.checkpoint_path import (
     resolve_checkpoint,
 )
 from runtime.dist import DistInfo, all_gather_objects, barrier
+from runtime.master_weights import MASTER_NAMES, master_names
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,20 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
 
     ``local_state`` differs per rank (RNG, data position); ``shared_state`` is the same
     everywhere (step, config hash, samples seen); ``client_state``: per-rank tensors
-    stored in DeepSpeed's own files (the EMA teacher's slices), returned on load;
+    stored in DeepSpeed's own files (the EMA teacher's slices), returned on load, plus,
+    for a 16-bit engine without ZeRO, its fp32 masters' names (runtime/master_weights.py);
     ``side_files``: name -> object that rank 0 writes into the checkpoint with
     :func:`save_torch_file` (an EMA's weights). Returns the checkpoint's directory.
     """
     tag = tag_for(step)
     # every rank must write into the same folder: rank 0's token names it
     staging = f"{tag}{STAGING}{all_gather_objects(secrets.token_hex(4))[0]}"
+    client_state = dict(client_state or {})
+    names = master_names(engine)
+    if names is not None:
+        client_state[MASTER_NAMES] = names
     engine.save_checkpoint(str(root), tag=staging, save_latest=False,
-                           client_state=client_state or {})
+                           client_state=client_state)
     per_rank = all_gather_objects(local_state)  # also a barrier: every rank has saved
     if info.is_main:
         for name, obj in (side_files or {}).items():
