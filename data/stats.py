@@ -35,7 +35,9 @@ class SkipCounter:
     """Per-worker counts keyed ``(kind, source, name)``; ``drain`` hands over and resets.
 
     kinds: ``skip`` (reasons in :data:`SKIP_REASONS`) and ``event`` (things that are not
-    drops: ``unknown_tags``, ``malformed_tags``, ``shards_opened``, ``shard_retries`` (in-place
+    drops: ``unknown_tags``, ``malformed_tags``, ``shards_opened`` (every open for reading:
+    a shard read on from its saved position after a resume, or retried later, counts
+    again), ``shard_retries`` (in-place
     re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
     ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
     after a break in a damaged shard), ``sources_ended``).
