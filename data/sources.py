@@ -15,7 +15,7 @@ from webdataset.tariterators import base_plus_ext
 
 from data.config import S3Config
 from data.stats import SkipCounter
-from data.storage import RetryingReader, is_missing, read_small
+from data.storage import RetryingReader, ShardChangedError, is_missing, read_small
 from data.tar_stream import ShardCursor, TarDamage, open_tar_stream, tar_members
 from runtime.redact import redact_url
 
@@ -126,7 +126,7 @@ def _new_outcome(cursor: ShardCursor) -> dict[str, Any]:
 def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                outcome: dict[str, Any] | None = None, cursor: ShardCursor | None = None,
                count_damage: bool = True, opener: Callable[..., Any] | None = None,
-               part: int = 0, parts: int = 1) -> Iterator[RawSample]:
+               part: int = 0, parts: int = 1, reread: bool = True) -> Iterator[RawSample]:
     """Raw samples of one tar shard, in tar order, from ``cursor`` (None: the start).
 
     ``outcome`` is filled in for the caller: ``status`` (``complete``, ``missing``,
@@ -144,6 +144,12 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
     here: the caller retries it later or counts it. The last sample before a break is
     delivered only when the break is inside a member of another sample; otherwise its
     missing members may be the ones that were cut, and it is dropped and counted lost.
+
+    A shard whose object changed since ``cursor`` was taken or while it is read
+    (:class:`~data.storage.ShardChangedError`; counted as the event ``shards_changed``) is
+    read again from the start of the new object, skipping the samples already passed
+    (the likely change is the same shard uploaded again): once per call (``reread``); a
+    second change fails the read, to be retried later from there.
     """
     outcome = outcome if outcome is not None else {}
     cursor = cursor or ShardCursor()
@@ -161,9 +167,16 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
     current: RawSample | None = None
     last_end = start  # where the member read last ends: the next sample may start there
     done = cursor.samples if not cursor.compressed else 0  # complete samples passed
+    changed: ShardChangedError | None = None
     try:
         with reader:
             counter.event(source, "shards_opened")
+            version = reader.version
+            if cursor.version and version and version != cursor.version and start:
+                raise ShardChangedError(f"{version} where the saved position was taken in "
+                                        f"{cursor.version}")
+            outcome["cursor"] = ShardCursor(cursor.offset, cursor.samples, cursor.compressed,
+                                            version)
             stream, compressed = open_tar_stream(reader)
             try:
                 for member in tar_members(stream, 0 if compressed else start):
@@ -174,7 +187,8 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                         done += 1
                         if done > cursor.samples:  # else: passed before the break
                             outcome["samples"] += 1
-                            outcome["cursor"] = ShardCursor(member.offset, done, compressed)
+                            outcome["cursor"] = ShardCursor(member.offset, done, compressed,
+                                                            version)
                             yield current  # before reading on: a break must not cost it
                         current = None
                     if current is None:
@@ -191,7 +205,7 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
             if current is not None and done + 1 > cursor.samples:
                 outcome["samples"] += 1
                 # at the end-of-archive marker: a read from here finds no more samples
-                outcome["cursor"] = ShardCursor(last_end, done + 1, compressed)
+                outcome["cursor"] = ShardCursor(last_end, done + 1, compressed, version)
                 yield current
     except TarDamage as damage:
         outcome.update(status="damaged", failed=True, error=str(damage))
@@ -199,12 +213,14 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
         if current is not None and cut_key is not None and cut_key != current["__key__"]:
             done += 1  # the break is in the next sample's member: this one is whole
             outcome["samples"] += 1
-            outcome["cursor"] = ShardCursor(last_end, done, compressed)
+            outcome["cursor"] = ShardCursor(last_end, done, compressed, version)
             yield current
             current = None
         if count_damage:
             _count_damage(url, source, s3, counter, damage, reader.size, done,
                           current is not None or cut_key is not None, part, parts)
+    except ShardChangedError as err:
+        changed = err
     except Exception as err:
         outcome.update(status="failed", failed=True, error=_describe(err))
         log.warning("shard %s of source %r: read broke after %d samples (%s); it will be "
@@ -212,6 +228,31 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                     outcome["error"])
     finally:
         counter.event(source, "shard_retries", events.get("shard_retries", 0))
+    if changed is not None:
+        yield from _reread_changed(url, source, s3, counter, outcome, done, changed,
+                                   count_damage, part, parts, reread)
+
+
+def _reread_changed(url: str, source: str, s3: S3Config, counter: SkipCounter,
+                    outcome: dict[str, Any], done: int, err: ShardChangedError,
+                    count_damage: bool, part: int, parts: int,
+                    reread: bool) -> Iterator[RawSample]:
+    """:func:`read_shard`'s answer to a changed object: ``done`` samples were passed."""
+    counter.event(source, "shards_changed")
+    # from the start, skipping what was passed: what a compressed shard's cursor means
+    restart = ShardCursor(0, done, compressed=True)
+    if not reread:
+        outcome.update(status="failed", failed=True, error=_describe(err), cursor=restart)
+        log.warning("shard %s of source %r changed again (%s); it will be read later",
+                    redact_url(url), source, outcome["error"])
+        return
+    log.warning("shard %s of source %r changed since its read began (%s): reading the new "
+                "object from its start, skipping the %d samples already passed",
+                redact_url(url), source, _describe(err), done)
+    delivered = outcome["samples"]
+    yield from read_shard(url, source, s3, counter, outcome, restart, count_damage,
+                          part=part, parts=parts, reread=False)
+    outcome["samples"] += delivered
 
 
 def _describe(err: BaseException) -> str:

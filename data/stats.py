@@ -37,7 +37,8 @@ class SkipCounter:
     kinds: ``skip`` (reasons in :data:`SKIP_REASONS`) and ``event`` (things that are not
     drops: ``unknown_tags``, ``malformed_tags``, ``shards_opened`` (every open for reading:
     a shard read on from its saved position after a resume, or retried later, counts
-    again), ``shard_retries`` (in-place
+    again), ``shards_changed`` (a shard's object replaced since its read began or its
+    position was saved: read again from its start), ``shard_retries`` (in-place
     re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
     ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
     after a break in a damaged shard), ``sources_ended``).

@@ -6,6 +6,14 @@ A missing object (S3 ``NoSuchKey``/``NoSuchBucket``/404, which s3fs raises as
 other error is retried in place. Where the object size is known (s3fs asks for it when it
 opens an object; local files), a stream that ends before that size is a broken read, retried
 like any other, never a silent end of the shard.
+
+A retry goes on at a byte offset, which only means something in the object the read began
+on. So a reader remembers that object's version (:func:`object_version`: S3's ETag, a local
+file's size and mtime) and refuses to go on in another one (:class:`ShardChangedError`):
+s3fs itself sends ``If-Match: <ETag>`` with every ranged GET of an open file and raises
+``FileExpired`` when the object was replaced (S3 answers 412), and a reopen compares the
+versions. Splicing the new object's bytes onto the old one's would deliver samples of both,
+or misread the rest as damage.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from typing import IO, Any
@@ -108,6 +117,32 @@ def object_size(f: IO[bytes]) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe's st_size means nothing
 
 
+def object_version(f: IO[bytes]) -> str | None:
+    """What identifies the content behind an open stream, if the stream knows: an s3fs
+    file's ETag (from the HEAD request s3fs makes when opening), a local file's size and
+    mtime; None for pipes and HTTP streams."""
+    details = getattr(f, "details", None)
+    if isinstance(details, dict) and details.get("ETag"):
+        return f"etag:{details['ETag']}"
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return f"file:{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
+class ShardChangedError(OSError):
+    """The object behind a shard URL is no longer the one a read began on (or a saved
+    position was taken in): its byte offsets mean nothing in the new one."""
+
+
+def _expired(err: BaseException) -> bool:
+    """s3fs's ``FileExpired``: the object changed under an open file (412 on If-Match)."""
+    utils = sys.modules.get("s3fs.utils")
+    expired = getattr(utils, "FileExpired", None)
+    return expired is not None and isinstance(err, expired)
+
+
 def is_missing(err: BaseException) -> bool:
     """True when ``err`` says the shard does not exist: a missing local path, or an object
     store's 404 / ``NoSuchKey`` / ``NoSuchBucket`` (s3fs raises those as FileNotFoundError;
@@ -121,8 +156,9 @@ def is_missing(err: BaseException) -> bool:
 
 def _retry_in_place(url: str, err: BaseException) -> bool:
     # A missing object will not appear by waiting, and a local permission error will not go
-    # away: both fail at once. Anything else may be the network or the store: retry.
-    if is_missing(err):
+    # away: both fail at once, as does a changed object (no offset of the old one holds in
+    # it). Anything else may be the network or the store: retry.
+    if is_missing(err) or isinstance(err, ShardChangedError):
         return False
     return is_remote(url) or not isinstance(err, PermissionError)
 
@@ -149,30 +185,45 @@ class RetryingReader:
     missing object raises at once (:func:`is_missing`). ``size`` is the object's size when
     known; reaching end-of-stream before it raises :class:`ShortReadError`, retried as a
     broken read. ``start``: the byte offset to begin at. ``events`` counts the retries so
-    the pipeline can report them.
+    the pipeline can report them. ``version``: the object's :func:`object_version` as of
+    the read that ``start`` was taken in (None: whatever opens first); a reopen that finds
+    another version, or s3fs's ``FileExpired``, raises :class:`ShardChangedError` at once.
     """
 
     def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None,
-                 start: int = 0):
+                 start: int = 0, version: str | None = None):
         self.url = url
         self.cfg = cfg
         self.events = events if events is not None else {}
         self.offset = start
         self.size: int | None = None
+        self.version = version
         self._f: IO[bytes] | None = None
         self._call(lambda: None)  # open eagerly so an unreachable shard fails here
+
+    def _open(self) -> None:
+        f = _open_once(self.url, self.cfg, self.offset)
+        seen = object_version(f)
+        if self.version is not None and seen is not None and seen != self.version:
+            f.close()
+            raise ShardChangedError(f"{redact_url(self.url)} changed: {seen} where the read "
+                                    f"began on {self.version}")
+        self._f, self.version = f, self.version or seen
+        if self.size is None:
+            self.size = object_size(f)
 
     def _call(self, op):
         failures = 0
         while True:
             try:
                 if self._f is None:
-                    self._f = _open_once(self.url, self.cfg, self.offset)
-                    if self.size is None:
-                        self.size = object_size(self._f)
+                    self._open()
                 return op()
             except Exception as err:
                 self._drop()
+                if _expired(err):
+                    raise ShardChangedError(f"{redact_url(self.url)} changed while being "
+                                            f"read ({type(err).__name__})") from err
                 if not _retry_in_place(self.url, err) or failures >= self.cfg.retries:
                     raise
                 delay = min(self.cfg.backoff * 2**failures, self.cfg.max_backoff)
@@ -248,6 +299,7 @@ class PrefetchedReader:
         job.chunks = []
         self._pos = 0
         self.size = job.reader.size if job.reader is not None else None
+        self.version = job.reader.version if job.reader is not None else None
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all remaining for -1)."""

@@ -86,7 +86,9 @@ class SourceCursor:
 
     ``count_epoch``: the epoch whose reads count what damaged and missing shards lose (see
     :class:`SourceStream`); None in states saved before it existed (then the stream's
-    ``first_epoch``).
+    ``first_epoch``). ``version``: the version of ``unit``'s object that ``offset`` was
+    taken in (:func:`data.storage.object_version`; a resume into another one reads it
+    again from its start), None when unknown.
     """
 
     epoch: int = 0
@@ -102,6 +104,7 @@ class SourceCursor:
     share_last: int = 0
     share_total: int = 0
     count_epoch: int | None = None
+    version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -178,7 +181,7 @@ class SourceStream:
                             aside, sorted(self.schedule.dropped),
                             sorted(self.schedule.damaged),
                             [list(e) for e in c.share] if c.share is not None else None,
-                            c.share_last, c.share_total, c.count_epoch)
+                            c.share_last, c.share_total, c.count_epoch, c.version)
 
     def _restore_faults(self) -> None:
         now = self.schedule.clock()
@@ -309,7 +312,7 @@ class SourceStream:
         barren, limit = 0, 10 * len(self.urls) * self.parts + 10
         pending = None
         if c.unit is not None:  # resumed inside a unit: continue it at its byte offset
-            pending = (c.unit, ShardCursor(c.offset, c.samples, c.compressed))
+            pending = (c.unit, ShardCursor(c.offset, c.samples, c.compressed, c.version))
         units = self.schedule.__iter__()
         while True:
             if pending is None:
@@ -324,7 +327,7 @@ class SourceStream:
                     start = ShardCursor(*entry[2:5])
             outcome: dict[str, Any] = {}
             yield from self._read_unit(key, start, outcome)
-            c.unit = None
+            c.unit, c.version = None, None
             self.schedule.report(key, outcome)
             if outcome["status"] == "complete":
                 barren = 0 if outcome["samples"] else barren + 1
@@ -338,8 +341,8 @@ class SourceStream:
                    outcome: dict[str, Any]) -> Iterator[RawSample]:
         c = self._cursor
         start = start or ShardCursor()
-        c.unit, c.offset, c.samples, c.compressed = (key, start.offset, start.samples,
-                                                     start.compressed)
+        c.unit, c.offset, c.samples, c.compressed, c.version = (
+            key, start.offset, start.samples, start.compressed, start.version)
         self._unit_start = self.cursor()  # once per unit
         url, part, parts = self.split_key(key)
         ahead = False
@@ -347,7 +350,8 @@ class SourceStream:
                               count_damage=self._counts_losses(key),
                               opener=self._prefetcher.open, part=part, parts=parts):
             after = outcome["cursor"]
-            c.offset, c.samples, c.compressed = after.offset, after.samples, after.compressed
+            c.offset, c.samples, c.compressed, c.version = (
+                after.offset, after.samples, after.compressed, after.version)
             if (after.samples - 1) % parts == part:
                 yield raw
             if not ahead:  # from the second sample on: a resume's first costs one read

@@ -74,11 +74,14 @@ class ShardCursor:
     """Where an interrupted read of a shard goes on: ``samples`` complete samples were
     delivered, and the next one starts at tar byte ``offset``. A compressed shard cannot be
     entered mid-way (``compressed``): it is read again from the start, skipping ``samples``.
+    ``version``: the object's version the offset was taken in
+    (:func:`data.storage.object_version`; None when unknown or saved before it was kept).
     """
 
     offset: int = 0
     samples: int = 0
     compressed: bool = False
+    version: str | None = None
 
 
 def read_exact(stream: IO[bytes], n: int) -> bytes:

@@ -291,3 +291,32 @@ def test_a_missing_shard_read_in_parts_is_counted_once(tmp_path):
     stats, first = _run_slots([good, str(tmp_path / "gone.tar")], nslots=4, epochs=3)
     assert first == [f"g{i:04d}" for i in range(6)]
     assert dict(stats.skipped) == {"missing_shard": 1}
+
+
+def test_a_stream_resumed_into_a_replaced_local_shard_reads_it_from_its_start(tmp_path):
+    """A saved position is a byte offset in the object it was taken in; the same path may
+    hold another file by the resume (a shard written again): its version (size, mtime) is
+    saved with the position, and another one is read from its start, skipping the samples
+    already passed. Before, the offset was read in the new file as a tar header."""
+    import os
+
+    from data.stream import SourceCursor
+
+    path = write_tar(tmp_path / "shard.tar", good_samples("A", 12, size=8))
+    stream = SourceStream("s", [str(path)], 0, 1, 0, _fast_retries(), SkipCounter(),
+                          resampled=False, shuffle=False)
+    it = iter(stream)
+    assert [next(it)["__key__"] for _ in range(5)] == [f"A{i:04d}" for i in range(5)]
+    saved = json.loads(json.dumps(stream.cursor().to_dict()))
+    assert saved["version"]
+    new = write_tar(tmp_path / "new.tar", good_samples("B", 12, size=16))
+    os.replace(new, path)
+    counter = SkipCounter()
+    resumed = SourceStream("s", [str(path)], 0, 1, 0, _fast_retries(), counter,
+                           resampled=False, shuffle=False,
+                           cursor=SourceCursor.from_dict(saved))
+    keys = [raw["__key__"] for raw in resumed]
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    assert keys == [f"B{i:04d}" for i in range(5, 12)]
+    assert stats.events["shards_changed"] == 1 and not stats.skipped

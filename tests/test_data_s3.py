@@ -14,6 +14,8 @@ import torch
 from s3_server import CREDENTIALS, SeaweedServer, good_samples, weed_unusable_reason, write_tar
 
 from data.config import S3Config
+from data.sources import read_shard
+from data.stats import DataStats, SkipCounter
 from pretrain.data import DataConfig, SourceConfig, build_loader
 from tests.pretrain_utils import REPO
 
@@ -252,3 +254,70 @@ def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
     assert sorted(expected) == sorted(got) == [1, 2, 3, 4, 5]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def _replaced(server: SeaweedServer, bucket: str, tmp: Path) -> tuple[str, bytes, bytes]:
+    """A shard URL whose object starts as A (40 samples) and may be replaced by B: the same
+    sample count under other keys, with images of another size (so B's byte offsets do not
+    line up with A's)."""
+    a = write_tar(tmp / "a.tar", good_samples("A", 40, size=16))
+    b = write_tar(tmp / "b.tar", good_samples("B", 40, size=24))
+    return server.upload(bucket, [a])[0], a.read_bytes(), b.read_bytes()
+
+
+def _put(server: SeaweedServer, url: str, body: bytes) -> None:
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    server.client().put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def _events(counter: SkipCounter) -> DataStats:
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    return stats
+
+
+def test_a_shard_replaced_while_it_is_read_is_read_again_from_the_new_objects_start(
+        server, aws_env, tmp_path):
+    # s3fs sends If-Match: <ETag> with every ranged GET of an open file and raises
+    # FileExpired when the object was replaced (S3 answers 412 Precondition Failed). The
+    # reader went on at the old byte offset in the new object: 42 samples, A's and B's.
+    url, _, b = _replaced(server, "replaced-mid", tmp_path)
+    s3 = _s3(server, block_size=4096, prefetch_bytes=0, backoff=0.01, max_backoff=0.05)
+    counter, outcome, keys = SkipCounter(), {}, []
+    for raw in read_shard(url, "s", s3, counter, outcome):
+        keys.append(raw["__key__"])
+        if len(keys) == 10:
+            _put(server, url, b)
+    stats = _events(counter)
+    assert keys == [f"A{i:04d}" for i in range(10)] + [f"B{i:04d}" for i in range(10, 40)]
+    assert outcome["status"] == "complete" and outcome["samples"] == 40
+    assert stats.events["shards_changed"] == 1 and not stats.skipped
+
+
+def test_a_resume_into_a_replaced_shard_reads_the_new_object_from_its_start(
+        server, aws_env, tmp_path):
+    # Before: the saved offset was read in B as a tar header ("invalid tar header"),
+    # counted a truncated shard, and all of B's samples were lost for the epoch.
+    url, a, b = _replaced(server, "replaced-resume", tmp_path)
+    s3 = _s3(server, block_size=4096, prefetch_bytes=0)
+    counter, outcome = SkipCounter(), {}
+    for n, _ in enumerate(read_shard(url, "s", s3, counter, outcome), 1):
+        if n == 10:
+            break
+    cursor = outcome["cursor"]
+    assert cursor.samples == 10 and cursor.version
+    _put(server, url, b)
+    counter, outcome = SkipCounter(), {}
+    keys = [raw["__key__"] for raw in read_shard(url, "s", s3, counter, outcome, cursor)]
+    stats = _events(counter)
+    assert keys == [f"B{i:04d}" for i in range(10, 40)]
+    assert stats.events["shards_changed"] == 1 and not stats.skipped
+    # the same object again: the saved offset holds, nothing is read twice
+    _put(server, url, a)
+    counter, outcome = SkipCounter(), {}
+    for n, _ in enumerate(read_shard(url, "s", s3, counter, outcome), 1):
+        if n == 10:
+            break
+    keys = [raw["__key__"] for raw in read_shard(url, "s", s3, SkipCounter(), {},
+                                                 outcome["cursor"])]
+    assert keys == [f"A{i:04d}" for i in range(10, 40)]
