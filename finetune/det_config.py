@@ -46,7 +46,9 @@ class DetCropAugConfig:
 @dataclass
 class DetDataConfig:
     """``demo`` (generated shapes) or ``coco`` (images dirs + instance annotation JSONs);
-    training augmentation: horizontal flip (``hflip``) and the optional ``crop_aug``."""
+    training augmentation: horizontal flip (``hflip``) and the optional ``crop_aug``;
+    training images kept: those with annotations (``filter_empty_gt``) and at least
+    ``min_size`` pixels a side (mmdet's ``CocoDataset._filter_imgs``)."""
 
     kind: str = "demo"
     root: str = ""
@@ -58,8 +60,12 @@ class DetDataConfig:
     crop_aug: DetCropAugConfig = field(default_factory=DetCropAugConfig)
     # mmdet's filter_empty_gt (CocoDataset._filter_imgs, training set only): train on the
     # images holding at least one annotation of the dataset's categories (a crowd one
-    # counts). mmdet's companion rule, dropping images under 32 px a side, is not applied.
+    # counts).
     filter_empty_gt: bool = False
+    # mmdet 2.x CocoDataset._filter_imgs(min_size=32), run on every training set (not at
+    # evaluation) whatever filter_empty_gt says: a training image stays only if
+    # min(width, height) >= min_size, the sizes its annotation file records. 0: off.
+    min_size: int = 32
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 64
@@ -69,6 +75,11 @@ class DetDataConfig:
         check(self.kind in ("demo", "coco"), "data.kind", f"must be demo|coco, got {self.kind!r}")
         check(self.kind != "coco" or bool(self.root), "data.root", "is required for data.kind=coco")
         check(0 <= self.hflip <= 1, "data.hflip", "must be in [0, 1]")
+        check(self.min_size >= 0, "data.min_size", "must be >= 0 (0: off)")
+        # the demo's images are demo_size squared: a larger min_size would drop them all
+        check(self.kind != "demo" or self.demo_size >= self.min_size, "data.min_size",
+              f"drops every demo image (data.demo_size={self.demo_size} < {self.min_size}); "
+              "lower data.min_size or raise data.demo_size")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
 
 
@@ -184,12 +195,18 @@ class DetOptimConfig(OptimConfig):
     lr of the head's deformable-attention ``sampling_offsets`` / ``reference_points`` (DINO;
     the released recipe's ``offset_lr_scale``); ``layer0_params``: head parameter name
     fragments trained at layer 0's (smallest) layer-decay scale, as the released dense
-    layer-decay constructor does for DINO's level embeddings (``level_embeds``)."""
+    layer-decay constructor does for DINO's level embeddings (``level_embeds``);
+    ``decay_all``: weight decay on every parameter, no exemptions."""
 
     lr: float = 1e-3
     warmup_steps: int = 50
     head_offset_lr_mult: float = 1.0
     layer0_params: list[str] = field(default_factory=list)
+    # True: weight decay on every parameter (norms, biases, layer-scale gammas and offsets
+    # included), as mmcv's DefaultOptimizerConstructor without decay multipliers does (the
+    # released DINO-L 0.1x-backbone-lr file); False: the exemptions of the released
+    # layer-decay constructor (runtime/param_groups.py no_weight_decay)
+    decay_all: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,13 +19,17 @@ class CocoInstances(Dataset):
     draws use torch's default generator, which the loader seeds per worker. A crop left
     without boxes under ``crop_aug.allow_negative_crop=False`` is replaced by item ``j``, a
     uniform draw over the images of item ``i``'s aspect group (``i`` included), and so on,
-    as mmdet's ``CustomDataset.__getitem__`` / ``_rand_another`` do. ``filter_empty_gt``
-    (training only): keep the images with at least one annotation of the dataset's
-    categories, crowd ones included (mmdet's ``CocoDataset._filter_imgs``).
+    as mmdet's ``CustomDataset.__getitem__`` / ``_rand_another`` do. Training only, as
+    mmdet 2.x ``CocoDataset._filter_imgs`` (open-mmlab/mmdetection mmdet/datasets/coco.py,
+    called by ``CustomDataset.__init__`` unless ``test_mode``): ``filter_empty_gt`` keeps
+    the images with at least one annotation of the dataset's categories, crowd ones
+    included; ``min_size`` (mmdet: 32; here 0, off, unless given) keeps those whose
+    recorded ``min(width, height) >= min_size``, whatever ``filter_empty_gt`` says.
     """
 
     def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
-                 crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False):
+                 crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False,
+                 min_size: int = 0):
         import contextlib
         import io
 
@@ -42,6 +46,10 @@ class CocoInstances(Dataset):
             with_ann = {a["image_id"] for a in self.coco.anns.values()
                         if a["category_id"] in cats}
             self.ids = [i for i in self.ids if i in with_ann]
+        if train and min_size:
+            imgs = self.coco.imgs
+            self.ids = [i for i in self.ids
+                        if min(imgs[i]["width"], imgs[i]["height"]) >= min_size]
         # mmdet's aspect groups (flag 1 where width / height > 1): the indices of each
         self.wide = [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1
                      for i in self.ids]
@@ -158,5 +166,6 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"data: {p} does not exist")
-    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt),
+    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
+                          d.min_size),
             CocoInstances(paths[2], paths[3], False))

@@ -57,6 +57,9 @@ def optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
                           backbone_lr_mult=o.backbone_lr_mult,
                           head_offset_lr_mult=o.head_offset_lr_mult,
                           layer0_patterns=tuple(o.layer0_params))
+    if o.decay_all:  # mmcv's DefaultOptimizerConstructor: norms and biases decay too
+        for g in groups:
+            g["weight_decay"] = o.weight_decay
     opt = adamw(groups, o.lr, o.betas)
     if cfg.schedule.kind == "step":
         # the released 1x/3x milestones: epochs 8/11 of 12, 27/33 of 36, counted from step 0
@@ -151,17 +154,62 @@ def _memory_line(cfg: DetectionConfig, model: nn.Module) -> str:
     return describe(est, batch, size, cfg.model.with_cp, scope=scope)
 
 
+def detection_model_hash(cfg: DetectionConfig, num_classes: int, *,
+                         dino_layout: bool = True) -> str:
+    """The hash a detection run's checkpoints carry (``trainer_state.json`` ``model_hash``):
+    what their tensors depend on. DINO's adds its parameter-shaping head settings and the
+    head's layout (finetune/heads/dino.py ``SHAPE_KEYS`` / ``HEAD_LAYOUT``); Mask R-CNN's is
+    unchanged since its first checkpoints. ``dino_layout=False``: the hash DINO runs had
+    before the per-layer class/box branches (no head part), to recognise their checkpoints."""
+    from finetune.engine import fingerprint
+
+    parts: list = ["detection", cfg.model.name, cfg.model.arch(), cfg.head.kind, num_classes]
+    if cfg.head.kind == "dino" and dino_layout:
+        from finetune.heads.dino import HEAD_LAYOUT, SHAPE_KEYS
+
+        parts.append({"layout": HEAD_LAYOUT,
+                      **{k: getattr(cfg.head, k) for k in SHAPE_KEYS}})
+    return fingerprint(*parts)
+
+
+def refuse_shared_head_checkpoint(cfg: DetectionConfig, num_classes: int,
+                                  resume: str | None, out_dir: Path) -> None:
+    """Refuse, naming the cause, a resume of a DINO checkpoint written before the class/box
+    branches became per decoder layer (the released layout): its weights cannot fill the
+    new head. Without this the run would be refused as "saved for a different model ...
+    resume with the run's own config.yaml", which the user was already doing."""
+    from finetune.engine import resume_checkpoint
+    from runtime.checkpoint import ResumeError, load_trainer_state
+
+    ckpt = resume_checkpoint(resume, out_dir, warn=False)  # the training run resolves again
+    if ckpt is None:
+        return
+    saved = load_trainer_state(ckpt).get("model_hash")
+    if saved == detection_model_hash(cfg, num_classes, dino_layout=False):
+        raise ResumeError(
+            f"{ckpt} was written by an earlier DINO head with one class/box head shared by "
+            "all decoder layers; DINO now has one class and one box branch per decoder layer "
+            "plus the encoder's, as the released InternImage DINO, so that checkpoint cannot "
+            "be resumed: finish that run with the version that wrote it, or start a new run "
+            "in another directory (--init from the same backbone checkpoint still works)")
+
+
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
-    from finetune.loop import fingerprint, run_loop
+    from finetune.loop import run_loop
 
     d = init_distributed()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
     rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
+    num_classes = len(train_set.cat_ids)
+    # what the checkpoint's tensors depend on: a resume with another model fails early
+    model_hash = detection_model_hash(cfg, num_classes)
+    if cfg.head.kind == "dino":  # before the model is built: a refusal costs nothing
+        refuse_shared_head_checkpoint(cfg, num_classes, resume, out_dir)
     # Mask R-CNN adds its background class itself; DINO predicts the C classes (focal loss).
-    model = build_model(cfg, len(train_set.cat_ids), cfg.init).to(d.device)
+    model = build_model(cfg, num_classes, cfg.init).to(d.device)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     batches, steps_per_epoch = train_batches(
         train_set, d, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum,
@@ -177,9 +225,6 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
         return net(images, targets)
 
     eval_every = cfg.run.eval_every or steps_per_epoch * 2
-    # what the checkpoint's tensors depend on: a resume with another model fails early
-    model_hash = fingerprint("detection", cfg.model.name, cfg.model.arch(), cfg.head.kind,
-                             len(train_set.cat_ids))
     return run_loop(name="detection", net=model, optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
                     evaluate=lambda: evaluate(model, val_set, cfg, d), total_steps=total,

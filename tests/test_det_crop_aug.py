@@ -215,6 +215,8 @@ RELEASED_DINO_CROP = {**RELEASED_CROP, "max_size": 4200, "allow_negative_crop": 
     ("det_mask_rcnn_internimage_s_fpn_3x_coco.yaml", RELEASED_CROP),
     ("det_dino_internimage_t_1x_coco.yaml", RELEASED_DINO_CROP),
     ("det_dino_internimage_l_1x_coco.yaml", RELEASED_DINO_CROP),
+    # dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.py: the same train_pipeline
+    ("det_dino_internimage_l_1x_coco_0.1x_backbone_lr.yaml", RELEASED_DINO_CROP),
     # the 1x files train single-scale (_base_/datasets/coco_instance.py); DINO-H's
     # dino_4scale_internimage_h_objects365_coco_ss.py resizes over a range, no crop branch
     ("det_mask_rcnn_internimage_t_fpn_1x_coco.yaml", None),

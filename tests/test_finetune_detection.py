@@ -78,7 +78,8 @@ def test_dino_trains_through_the_entrypoint(cache, tmp_path, capsys):
 
     cfg = load_config(DetectionConfig, None, [*args, "optim.backbone_lr_mult=0.5"])
     model = build_model(cfg, 3)
-    assert model.class_embed.out_features == 3  # C classes, no background slot
+    # C classes, no background slot, in every class branch (per decoder layer + encoder)
+    assert [b.out_features for b in model.class_embed] == [3] * 3
     opt, _ = optimizer_and_schedule(model, cfg, 10)
     trunk = {id(p) for p in model.backbone.parameters()}
     assert all(g["lr_scale"] <= 0.5 for g in opt.param_groups
@@ -176,7 +177,10 @@ def test_filter_empty_gt_keeps_training_images_with_annotations(tmp_path):
 # The released DINO files (OpenGVLab/InternImage, detection/configs/coco/), value by value:
 # what each preset must hold. T: dino_4scale_internimage_t_1x_coco_layer_wise_lr.py, L:
 # dino_4scale_internimage_l_1x_coco_layer_wise_lr.py (both on _base_/datasets/coco_detection.py,
-# _base_/schedules/schedule_1x.py: 12 epochs, step=[11] in the file); H:
+# _base_/schedules/schedule_1x.py: 12 epochs, step=[11] in the file); L 0.1x:
+# dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.py (the L file but for its optimizer:
+# weight_decay 0.05, mmcv's DefaultOptimizerConstructor with custom_keys backbone lr_mult 0.1,
+# no layer decay, every parameter decayed); H:
 # dino_4scale_internimage_h_objects365_coco_ss.py (20k iterations, no decay step).
 _DINO_HEAD = {"num_queries": 900, "d_model": 256, "encoder_layers": 6, "decoder_layers": 6,
               "num_heads": 8, "ffn_dim": 2048, "n_points": 4, "num_feature_levels": 4,
@@ -196,6 +200,12 @@ RELEASED_DINO = {
                                                   "num_select": 300},
         optim=(1e-4, 1e-4, 0.9, 0.1, 500, 1.0), num_layers=37, batch=2, epochs=12,
         milestones=[11 / 12], filter_empty_gt=True, max_steps=0),
+    "det_dino_internimage_l_1x_coco_0.1x_backbone_lr.yaml": dict(
+        model=("internimage_l", 0.4, False), head={**_DINO_HEAD, **_DINO_1X, "num_dn_queries": 100,
+                                                  "num_select": 300},
+        optim=(1e-4, 0.05, 1.0, 0.1, 500, 1.0), num_layers=37, batch=2, epochs=12,
+        milestones=[11 / 12], filter_empty_gt=True, max_steps=0, layer0_params=[],
+        backbone_lr_mult=0.1, decay_all=True),
     "det_dino_internimage_h_coco.yaml": dict(
         model=("internimage_h", 0.5, True), head={**_DINO_HEAD, "num_dn_queries": 1000,
                                                  "num_select": 300, "test_size": 1000,
@@ -228,7 +238,10 @@ def test_dino_presets_hold_the_released_values(name):
     o = cfg.optim
     assert (o.lr, o.weight_decay, o.layer_decay, o.grad_clip, o.warmup_steps,
             o.head_offset_lr_mult) == want["optim"]
-    assert o.dcn_lr_mult == 1.0 and o.min_lr == 0.0 and o.layer0_params == ["level_embed"]
+    assert o.dcn_lr_mult == 1.0 and o.min_lr == 0.0
+    assert o.layer0_params == want.get("layer0_params", ["level_embed"])
+    assert o.backbone_lr_mult == want.get("backbone_lr_mult", 1.0)
+    assert o.decay_all is want.get("decay_all", False)
     assert cfg.schedule.kind == "step" and cfg.schedule.gamma == 0.1
     assert cfg.schedule.milestones == pytest.approx(want["milestones"], abs=1e-6)
     assert cfg.run.batch_size == want["batch"] and cfg.run.max_steps == want["max_steps"]

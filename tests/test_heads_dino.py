@@ -89,7 +89,8 @@ def test_predicted_boxes_are_clipped_to_the_image(monkeypatch):
 
     model = _tiny(num_select=15).eval()
     with torch.no_grad():  # box logits + 6: widths/heights -> ~1, centres unchanged
-        model.bbox_embed.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 6.0, 6.0]))
+        for branch in model.bbox_embed:  # one per decoder layer + the encoder's
+            branch.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 6.0, 6.0]))
     images, _ = _scenes()
     for img, det in zip(images, model(images)):
         h, w = img.shape[-2:]

@@ -22,8 +22,19 @@ three changes. What is kept from libraries and what is written here:
     with ``b_{i-1}`` the *undetached* refined box of layer i-1, so layer i's loss also
     reaches layer i-1's box head; the box fed to layer i for sampling stays detached;
   * DINO's per-layer positional query: an MLP of the sine embedding of the current box
-    (transformers' embedding, coordinates reordered to DINO's y, x, w, h), a final decoder
-    LayerNorm, and class/box heads shared across decoder layers.
+    (transformers' embedding, coordinates reordered to DINO's y, x, w, h) and a final decoder
+    LayerNorm;
+  * the released head's class/box branches (OpenGVLab/InternImage
+    detection/mmdet_custom/models/dense_heads/deformable_detr_head.py with dino_head.py,
+    ``with_box_refine=True, as_two_stage=True``): one class branch (Linear) and one box
+    branch (3-layer MLP) per decoder layer plus one more, the last, for the encoder's
+    proposals (``class_embed[i]`` / ``bbox_embed[i]``, ``i = decoder_layers``: the
+    encoder's). Decoder layer i refines its reference boxes with ``bbox_embed[i]`` and
+    predicts with ``class_embed[i]`` / ``bbox_embed[i]``. Initialised as released: the
+    branches are copies of one (identical at the start), class biases at the focal prior
+    0.01, each box branch's last layer all zero. Checkpoints of the earlier layout (one
+    class/box head shared across the decoder layers) cannot be resumed (finetune/detection.py
+    refuses them by name).
 
 Input/output follow torchvision's detection convention, so the detection entrypoint can use
 this head like its Mask R-CNN: ``model(images, targets)`` in training returns a dict of
@@ -35,6 +46,7 @@ whose ``min_size`` the entrypoint switches between train and test sizes).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -90,6 +102,33 @@ DEFAULTS: dict = {
     "label_offset": 1,             # torchvision convention: dataset labels 1..C, 0 = background
 }
 
+# The head settings its parameter shapes depend on, and the layout they are laid out in:
+# both enter a DINO run's model hash (finetune/detection.py), so a resume under other
+# shapes, or of a checkpoint of an earlier layout, is refused before any compute. Change
+# HEAD_LAYOUT whenever the head's parameters change name or shape. "per-layer-branches":
+# a class/box branch per decoder layer + the encoder's, one CDN row per class (earlier,
+# unnamed: one class/box head shared by the decoder layers and a CDN padding row).
+SHAPE_KEYS = ("num_queries", "d_model", "encoder_layers", "decoder_layers", "num_heads",
+              "ffn_dim", "n_points", "num_feature_levels", "out_indices")
+HEAD_LAYOUT = "per-layer-branches"
+
+
+def _branches(d: int, num_classes: int, count: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``count`` class branches (Linear) and box branches (3-layer MLP), initialised as the
+    released DINO head's (OpenGVLab/InternImage detection/mmdet_custom/models/dense_heads/
+    deformable_detr_head.py, ``_init_layers`` / ``init_weights``, ``with_box_refine`` and
+    ``as_two_stage``): deep copies of one branch each (so they start identical), every
+    class bias at the focal-loss prior ``bias_init_with_prob(0.01)``, every box branch's
+    last Linear at zero weight and bias (the release's -2.0 width/height bias of branch 0
+    is reset to 0 in the two-stage case)."""
+    cls = nn.Linear(d, num_classes)
+    box = DeformableDetrMLPPredictionHead(d, d, 4, 3)
+    nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))
+    nn.init.zeros_(box.layers[-1].weight)
+    nn.init.zeros_(box.layers[-1].bias)
+    return (nn.ModuleList(copy.deepcopy(cls) for _ in range(count)),
+            nn.ModuleList(copy.deepcopy(box) for _ in range(count)))
+
 
 class DinoDetector(nn.Module):
     """DINO (see module doc) with a torchvision-style detection interface."""
@@ -109,19 +148,12 @@ class DinoDetector(nn.Module):
             d // 2, temperature=cfg["pos_temperature"], normalize=True)
 
         self.query_content = nn.Embedding(self.num_queries, d)          # mixed query selection
-        self.label_embed = nn.Embedding(num_classes + 1, d)             # CDN content (+ pad)
+        # CDN content: one row per class, as the release's label_embedding (cls_out_channels
+        # rows under the sigmoid focal loss); padding queries get zeros (_label_content)
+        self.label_embed = nn.Embedding(num_classes, d)
         self.ref_point_head = DeformableDetrMLPPredictionHead(2 * d, d, d, 2)
         self.decoder_norm = nn.LayerNorm(d)
-        self.class_embed = nn.Linear(d, num_classes)                    # shared by layers
-        self.bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)   # shared by layers
-        self.enc_class_embed = nn.Linear(d, num_classes)
-        self.enc_bbox_embed = DeformableDetrMLPPredictionHead(d, d, 4, 3)
-        prior = -math.log((1 - 0.01) / 0.01)                             # focal-loss prior 0.01
-        for head in (self.class_embed, self.enc_class_embed):
-            nn.init.constant_(head.bias, prior)
-        for head in (self.bbox_embed, self.enc_bbox_embed):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
+        self.class_embed, self.bbox_embed = _branches(d, num_classes, config.decoder_layers + 1)
         nn.init.normal_(self.query_content.weight)
 
         self.transform = GeneralizedRCNNTransform(
@@ -178,8 +210,9 @@ class DinoDetector(nn.Module):
                              "larger images")
         tokens, proposals = self.detr.gen_encoder_output_proposals(memory, ~enc["mask"],
                                                                    enc["shapes_list"])
-        logits = self.enc_class_embed(tokens)
-        coords = self.enc_bbox_embed(tokens) + proposals       # box logits (inf: invalid)
+        # the last class/box branch is the encoder's (the release's cls_branches[num_layers])
+        logits = self.class_embed[-1](tokens)
+        coords = self.bbox_embed[-1](tokens) + proposals       # box logits (inf: invalid)
         # Padding / border proposals carry inf coordinates; never select them.
         scores = logits.max(-1).values.masked_fill(~proposals.isfinite().all(-1), float("-inf"))
         top = scores.topk(self.num_queries, dim=1).indices
@@ -207,23 +240,35 @@ class DinoDetector(nn.Module):
         hidden, ref, prev_box = content, reference, reference
         ratios = torch.cat([enc["valid_ratios"], enc["valid_ratios"]], -1)[:, None]
         all_logits, all_boxes = [], []
-        for layer in self.detr.decoder.layers:
+        for i, layer in enumerate(self.detr.decoder.layers):
             ref_input = ref[:, :, None] * ratios
             query_pos = self.ref_point_head(self.box_sine_embed(ref_input[:, :, 0]))
             hidden = layer(hidden, query_pos, ref_input, enc["shapes"], enc["shapes_list"],
                            enc["start"], enc["memory"], enc["mask"], attention_mask=self_attn_mask)
             normed = self.decoder_norm(hidden)
-            all_logits.append(self.class_embed(normed))
+            cls_branch, box_branch = self.class_embed[i], self.bbox_embed[i]
+            all_logits.append(cls_branch(normed))
             # Look forward twice: prediction built on the previous layer's undetached box.
-            all_boxes.append((self.bbox_embed(normed) + inverse_sigmoid(prev_box)).sigmoid())
-            prev_box = (self.bbox_embed(hidden) + inverse_sigmoid(ref)).sigmoid()
+            all_boxes.append((box_branch(normed) + inverse_sigmoid(prev_box)).sigmoid())
+            # layer i refines with its own box branch, on the un-normed output (the
+            # release's DinoTransformerDecoder: reg_branches[lid](output))
+            prev_box = (box_branch(hidden) + inverse_sigmoid(ref)).sigmoid()
             ref = prev_box.detach()  # sampling locations of the next layer: no gradient
         return torch.stack(all_logits), torch.stack(all_boxes)
+
+    def _label_content(self, labels: torch.Tensor) -> torch.Tensor:
+        """CDN content of (noised) class ``labels``; the builder's padding label
+        ``num_classes`` (an image with fewer boxes than the batch's most) gets zeros, as
+        the release's query generator leaves its padding queries (``padding_label`` in
+        OpenGVLab/InternImage detection/mmdet_custom/models/utils/query_denoising.py)."""
+        pad = labels >= self.num_classes
+        content = self.label_embed(labels.masked_fill(pad, 0).long())
+        return content.masked_fill(pad[..., None], 0.0)
 
     def _denoising(self, targets: list[dict]) -> tuple:
         """CDN queries (content, boxes), the (1, 1, T, T) additive attention mask, meta."""
         content, box_logits, attn, meta = get_contrastive_denoising_training_group(
-            targets, self.num_classes, self.num_queries, self.label_embed,
+            targets, self.num_classes, self.num_queries, self._label_content,
             num_denoising_queries=self.cfg["num_dn_queries"],
             label_noise_ratio=self.cfg["label_noise_ratio"],
             box_noise_scale=self.cfg["box_noise_scale"])
