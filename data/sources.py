@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RawSample = dict[str, Any]
 """Tar members of one sample by lower-case extension, plus ``__key__`` and ``__url__``."""
+DUPLICATE = "__duplicate__"  # set while a sample is read: an extension it met twice
 
 EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpeg", "jpg"), "tif": ("tif", "tiff"),
                "tiff": ("tiff", "tif")}
@@ -181,18 +182,21 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
             try:
                 for member in tar_members(stream, 0 if compressed else start):
                     prefix, ext = base_plus_ext(member.name)
-                    if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
+                    if prefix is None or _is_metadata(member.name):
                         continue
                     if current is not None and current["__key__"] != prefix:
                         done += 1
                         if done > cursor.samples:  # else: passed before the break
-                            outcome["samples"] += 1
                             outcome["cursor"] = ShardCursor(member.offset, done, compressed,
                                                             version)
-                            yield current  # before reading on: a break must not cost it
+                            if _unique(current, source, counter, done, part, parts):
+                                outcome["samples"] += 1
+                                yield current  # before reading on: a break must not cost it
                         current = None
                     if current is None:
                         current = {"__key__": prefix, "__url__": url}
+                    if ext.lower() in current:
+                        current[DUPLICATE] = ext.lower()
                     current[ext.lower()] = member.data
                     last_end = member.end
             except TarDamage as damage:
@@ -203,18 +207,20 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                         current is not None):
                     raise
             if current is not None and done + 1 > cursor.samples:
-                outcome["samples"] += 1
                 # at the end-of-archive marker: a read from here finds no more samples
                 outcome["cursor"] = ShardCursor(last_end, done + 1, compressed, version)
-                yield current
+                if _unique(current, source, counter, done + 1, part, parts):
+                    outcome["samples"] += 1
+                    yield current
     except TarDamage as damage:
         outcome.update(status="damaged", failed=True, error=str(damage))
         cut_key = base_plus_ext(damage.member)[0] if damage.member else None
         if current is not None and cut_key is not None and cut_key != current["__key__"]:
             done += 1  # the break is in the next sample's member: this one is whole
-            outcome["samples"] += 1
             outcome["cursor"] = ShardCursor(last_end, done, compressed, version)
-            yield current
+            if _unique(current, source, counter, done, part, parts):
+                outcome["samples"] += 1
+                yield current
             current = None
         if count_damage:
             _count_damage(url, source, s3, counter, damage, reader.size, done,
@@ -231,6 +237,28 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
     if changed is not None:
         yield from _reread_changed(url, source, s3, counter, outcome, done, changed,
                                    count_damage, part, parts, reread)
+
+
+def _is_metadata(name: str) -> bool:
+    """webdataset's rule for archive metadata (webdataset 1.0, tariterators.py: a top-level
+    name that starts and ends with ``__``), skipped; any other name is a sample's member."""
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
+def _unique(sample: RawSample, source: str, counter: SkipCounter, index: int, part: int,
+            parts: int) -> bool:
+    """Whether ``sample`` (the ``index``-th of its shard) holds each extension once. Two
+    members with one name (after lower-casing) make it ambiguous: webdataset refuses the
+    shard ("duplicate file name", tariterators.py ``group_by_keys``); we drop the sample and
+    count ``duplicate_member``, once, by the part that owns it."""
+    if DUPLICATE not in sample:
+        return True
+    if (index - 1) % parts == part:
+        counter.skip(source, "duplicate_member")
+        log.warning("sample %s of shard %s (source %r) has two .%s members; skipped",
+                    sample["__key__"], redact_url(sample["__url__"]), source,
+                    sample[DUPLICATE])
+    return False
 
 
 def _reread_changed(url: str, source: str, s3: S3Config, counter: SkipCounter,

@@ -13,7 +13,7 @@ from typing import Any
 
 SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "oversized_image",
                 "missing_caption", "missing_shard", "unreadable_shard", "truncated_shard",
-                "lost_samples")
+                "lost_samples", "duplicate_member")
 """Why a sample, or a whole shard (the ``*_shard`` reasons), was dropped.
 
 ``oversized_image``: the image header declares more pixels than ``data.max_image_pixels``
@@ -21,6 +21,7 @@ SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "oversized_
 ``unreadable_shard``: nothing of it could be read (not a tar), or it failed every retry
 while other shards could be read.
 ``truncated_shard``: it broke before its end-of-archive marker (cut short, a corrupt header).
+``duplicate_member``: a sample with two members of one extension (ambiguous).
 ``lost_samples``: samples of damaged or given-up shards that were not delivered: exact when
 the shard's sample count is known (img2dataset's ``<shard>_stats.json``), else only the
 sample cut in the middle (see :func:`data.sources.count_lost`).

@@ -320,3 +320,38 @@ def test_a_stream_resumed_into_a_replaced_local_shard_reads_it_from_its_start(tm
     stats.add_counts(counter.drain())
     assert keys == [f"B{i:04d}" for i in range(5, 12)]
     assert stats.events["shards_changed"] == 1 and not stats.skipped
+
+
+def test_member_names_follow_webdatasets_rules(tmp_path):
+    """webdataset 1.0 (tariterators.py) skips only top-level names that start and end with
+    ``__`` (archive metadata) and refuses two members of one name in a sample ("duplicate
+    file name"). Before, a key starting with ``__`` was dropped uncounted, and a repeated
+    member silently replaced the first."""
+    import io
+
+    members = [("t0000.jpg", jpeg_bytes(0)), ("t0000.txt", b"zero"),
+               ("__meta__", b"{}"),
+               ("__t0001.jpg", jpeg_bytes(1)), ("__t0001.txt", b"one"),
+               ("t0002.jpg", jpeg_bytes(2)), ("t0002.txt", b"two"), ("t0002.TXT", b"2"),
+               ("t0003.jpg", jpeg_bytes(3)), ("t0003.txt", b"three")]
+    path = tmp_path / "names.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    counter, outcome = SkipCounter(), {}
+    samples = list(read_shard(str(path), "s", _fast_retries(), counter, outcome))
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    assert [s["__key__"] for s in samples] == ["t0000", "__t0001", "t0003"]
+    assert samples[1]["txt"] == b"one"
+    assert dict(stats.skipped) == {"duplicate_member": 1}
+    assert outcome["status"] == "complete" and outcome["cursor"].samples == 4
+    # read in two parts (a shard split between slots): the sample is counted once
+    counter = SkipCounter()
+    for part in (0, 1):
+        list(read_shard(str(path), "s", _fast_retries(), counter, {}, part=part, parts=2))
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    assert dict(stats.skipped) == {"duplicate_member": 1}
