@@ -19,8 +19,33 @@ first, then goes on with the ordinary deal of epoch ``L + 1`` over the new slot 
   sources).
 
 Units keep the split they were dealt with (their key names ``#part/parts``), so a source
-read in parts under the old slot count is finished in the same parts. Dropped and damaged
-keys of every old slot are carried to every new slot.
+read in parts under the old slot count is finished in the same parts.
+
+**Fault state.** New cursors start with no dropped or damaged keys (a slot's record of
+the shards it found missing, unreadable or gave up, and of those whose damage it met). A
+cursor consults them only for a unit it draws: to skip it, and to not count its loss again.
+
+- Units of epochs after the counting one (``count_epoch``, at most ``E``: every slot starts
+  in it) whose shard any old slot dropped are not re-dealt; no read of them would count.
+- Units of the counting epoch are re-dealt whatever the old slots found: each is dealt to
+  one slot in that epoch, and that read is the one that counts what its shard loses. An
+  old slot that met the shard in a later epoch counted nothing (its keys, carried to the
+  new slot, used to keep the loss from ever being counted); one that counted it in the
+  counting epoch finished that unit, so it is not left to re-deal.
+- In the epochs after the change each slot meets a missing or broken shard by itself, as
+  in a run that never changed its slot count: one failed open (or, for a shard given up,
+  the retries that tell a dead shard from a dead store), counting nothing.
+
+Every old slot's keys used to be given to every new slot: ``new slots x bad shards`` of
+state. At 512 x 8 slots with 500 of 41k shards missing that was 150 MB in every checkpoint
+and every batch's cursor (334 KB per rank), and 21 s of every new rank's resume.
+
+**Cost** (the H preset: 41,408 + 1,500 + 1,243 shards, 4,096 old slots -> 3,584): every
+new rank runs :func:`redeal` over every old slot's cursors (one permutation per source and
+epoch concerned, shared by all old slots) and builds the positions of its own slots only
+(:func:`resized_state`): measured 0.6-0.8 s and 12 MB per rank (11-21 s and 26-110 MB
+when each old slot recomputed its permutation and every rank built all 3,584 positions),
+each rank's state ~11 KB with or without missing shards.
 """
 
 from __future__ import annotations
@@ -29,7 +54,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.epochs import extra_offsets, first_slot, parts_per_shard, slot_units
+import numpy as np
+
+from data.epochs import deal as deal_units
+from data.epochs import extra_offsets, first_slot, parts_per_shard
 from data.state import PipelineState, derive_seed, url_list_digest
 from data.stream import SourceCursor
 
@@ -49,11 +77,12 @@ class SourceSpec:
 
 @dataclass
 class Redeal:
-    """The outcome for every new slot: ``positions[slot]`` (a :class:`MixedStream` state),
-    and what the change costs: ``units[source]`` re-dealt, ``resumed[source]`` of them at
-    a byte offset, ``repeated`` samples (already handed out, read again)."""
+    """The outcome for the new slots asked for: ``positions[slot]`` (a :class:`MixedStream`
+    state), and what the change costs over all new slots: ``units[source]`` re-dealt,
+    ``resumed[source]`` of them at a byte offset, ``repeated`` samples (already handed out,
+    read again)."""
 
-    positions: list[dict[str, Any]]
+    positions: dict[int, dict[str, Any]]
     units: dict[str, int] = field(default_factory=dict)
     resumed: dict[str, int] = field(default_factory=dict)
     repeated: int = 0
@@ -71,13 +100,20 @@ class _OldDeal:
         self.spec, self.nslots, self.seed = spec, nslots, seed
         self.offset, self.stride = offset, stride
         self.parts = parts_per_shard(len(spec.urls), nslots) if spec.resampled else 1
+        self._dealt: dict[int, list[np.ndarray]] = {}
 
     def share(self, slot: int, epoch: int) -> list[str]:
         """Keys old ``slot`` was dealt in ``epoch``, in reading order."""
-        start = first_slot(self.nslots, epoch, self.offset, self.stride)
-        ids = slot_units(len(self.spec.urls) * self.parts, self.nslots, slot, self.seed,
-                         self.spec.name, epoch, self.spec.shuffle, start)
-        return [_key(self.spec.urls, u, self.parts) for u in ids]
+        # One permutation per epoch for all old slots: computed per slot, as a stream
+        # does for itself, it cost 4,096 permutations of 41k units per epoch (~6 s of
+        # every new rank's resume at the H preset's scale).
+        dealt = self._dealt.get(epoch)
+        if dealt is None:
+            start = first_slot(self.nslots, epoch, self.offset, self.stride)
+            dealt = self._dealt[epoch] = deal_units(
+                len(self.spec.urls) * self.parts, self.nslots, self.seed, self.spec.name,
+                epoch, self.spec.shuffle, start)
+        return [_key(self.spec.urls, u, self.parts) for u in dealt[slot]]
 
 
 def _entries(c: SourceCursor, deal: _OldDeal, slot: int) -> tuple[list[list], int]:
@@ -133,21 +169,23 @@ def redeal_source(cursors: list[SourceCursor], spec: SourceSpec, old_nslots: int
                          f"{old_nslots} old slots")
     deal = _OldDeal(spec, old_nslots, seed, offset, stride)
     left, first, last = _left(cursors, deal)
-    dropped = sorted({k for c in cursors for k in c.dropped})
-    damaged = sorted({k for c in cursors for k in c.damaged})
+    # the epoch whose reads count losses stays the run's (every old slot has the same)
+    counting = min((c.count_epoch for c in cursors if c.count_epoch is not None), default=None)
+    dropped = {k for c in cursors for k in c.dropped}  # a set: tested for every entry
     shares: list[list[list]] = [[] for _ in range(new_nslots)]
     turn = 0  # extra units go round the new slots epoch after epoch
     for epoch in range(first, last + 1):
-        entries = [e for e in left.get(epoch, []) if e[1] not in dropped]
+        # a unit of the counting epoch left unread is read even if an old slot dropped its
+        # shard meanwhile (in a later epoch, counting nothing): its read counts the loss
+        entries = [e for e in left.get(epoch, []) if epoch == counting or e[1] not in dropped]
         for i, entry in enumerate(entries):
             shares[(turn + i) % new_nslots].append(entry)
         turn = (turn + len(entries)) % new_nslots
     total = sum(len(s) for s in shares)
     resumed = sum(len(e) > 2 for share in shares for e in share)
-    # the epoch whose reads count losses stays the run's (every old slot has the same)
-    counting = min((c.count_epoch for c in cursors if c.count_epoch is not None), default=None)
+    # no fault state: see the module docstring (it made the state new slots x bad shards)
     out = [SourceCursor(epoch=first, share=share, share_last=last, share_total=total,
-                        dropped=list(dropped), damaged=list(damaged), count_epoch=counting)
+                        count_epoch=counting)
            for share in shares]
     return out, total, resumed
 
@@ -163,10 +201,12 @@ def merge_stats(dicts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int,
-           workers: int, seed: int) -> Redeal:
-    """Every new slot's position from every old rank's saved
-    :meth:`PipelineState.to_dict` (``saved[rank]``), for ``world_size`` x ``workers``
-    slots. Raises ValueError naming what differs if the streams themselves changed."""
+           workers: int, seed: int, slots: range | None = None) -> Redeal:
+    """The positions of new ``slots`` (default: all ``world_size`` x ``workers``) from
+    every old rank's saved :meth:`PipelineState.to_dict` (``saved[rank]``). The deal is
+    computed over all slots either way; ``slots`` only saves building the positions of
+    other ranks' slots. Raises ValueError naming what differs if the streams themselves
+    changed."""
     states = [PipelineState.from_dict(s) for s in saved]
     old = states[0]
     names = [s.name for s in specs]
@@ -183,7 +223,7 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     mixes = [st.positions.get(w, {}) for st in states for w in range(old.workers)]
     if any(m and m.get("sources") is None for m in mixes):
         raise ValueError("data state: a worker's saved position has no source cursors")
-    result = Redeal(positions=[])
+    result = Redeal(positions={})
     per_source: list[list[SourceCursor]] = []
     units = [len(sp.urls) * (parts_per_shard(len(sp.urls), old_nslots) if sp.resampled else 1)
              for sp in specs]
@@ -198,12 +238,12 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     result.repeated = sum(m.get("emitted", 0) for m in mixes if m)
     draws = max((m.get("draws", 0) for m in mixes if m), default=0)
     index = max((m.get("index", 0) for m in mixes if m), default=0)
-    for slot in range(new_nslots):
+    for slot in range(new_nslots) if slots is None else slots:
         # a fresh block numbering and mix draws past any old slot's (new seeds, no reuse)
-        result.positions.append({"block": derive_seed(seed, "redeal", new_nslots, slot) % 2**31,
-                                 "emitted": 0, "draws": draws, "index": index, "lead": None,
-                                 "sources": [per_source[i][slot].to_dict()
-                                             for i in range(len(specs))]})
+        result.positions[slot] = {"block": derive_seed(seed, "redeal", new_nslots, slot) % 2**31,
+                                  "emitted": 0, "draws": draws, "index": index, "lead": None,
+                                  "sources": [per_source[i][slot].to_dict()
+                                              for i in range(len(specs))]}
     return result
 
 
@@ -213,7 +253,8 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
     the change re-deals, resumes at a byte offset and repeats. Stats totals of every old
     rank go to rank 0 (so their sum over ranks stays the run's total)."""
     old = PipelineState.from_dict(saved[0])
-    out = redeal(saved, specs, world_size, workers, seed)
+    out = redeal(saved, specs, world_size, workers, seed,
+                 slots=range(rank * workers, (rank + 1) * workers))
     if rank == 0:
         for name in out.units:
             log.warning("data: resuming %d ranks x %d workers on %d x %d: source %r: %d "

@@ -6,8 +6,10 @@ the change, and a shard an old slot was inside goes on at its saved byte offset.
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 
+import pytest
 from s3_server import good_samples, write_tar
 
 from data.config import S3Config
@@ -117,3 +119,141 @@ def test_a_new_slot_dealt_nothing_of_a_source_goes_on_drawing_it(tmp_path):
                 break
         # equal weights: 20 of each expected; a source starved on this slot gives 0
         assert min(drawn[0], drawn[1]) >= 8, (rank, drawn)
+
+
+# -- fault state across a resize ---------------------------------------------------------
+
+FAULTY = S3Config(retries=0, backoff=0.01, prefetch_bytes=0)
+
+
+def _shards_with_faults(tmp_path, n: int = 8, missing: int = 2, cut: int = 5) -> list[str]:
+    """``n`` shards of 5 samples ``s{i}-0000``..; shard ``missing`` does not exist and shard
+    ``cut`` is cut inside sample 3's caption (samples 0-2 readable)."""
+    urls = []
+    for i in range(n):
+        path = write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8))
+        if i == cut:
+            with tarfile.open(path) as tar:
+                txt = tar.getmember(f"s{i}-0003.txt")
+            path.write_bytes(path.read_bytes()[:txt.offset_data + 3])
+        if i == missing:
+            path.unlink()
+        urls.append(str(path))
+    return urls
+
+
+def _skips(counter: SkipCounter) -> Counter[str]:
+    return Counter({reason: n for kind, _, reason, n in counter.drain() if kind == "skip"})
+
+
+def _read(urls, slot, nslots, cursor, seen, skips, take=None, until_epoch=None):
+    """Read ``take`` samples (or every sample of epochs before ``until_epoch``) of one slot,
+    tallying keys per epoch in ``seen`` and skip counts in ``skips``; the cursor after it,
+    as stored in checkpoints."""
+    counter = SkipCounter()
+    stream = SourceStream("a", urls, slot, nslots, SEED, FAULTY, counter, cursor=cursor)
+    it, n = iter(stream), 0
+    while take is None or n < take:
+        raw = next(it)
+        if until_epoch is not None and stream.reading_epoch() >= until_epoch:
+            break
+        seen[raw["__key__"], stream.reading_epoch()] += 1
+        n += 1
+    skips.update(_skips(counter))
+    return SourceCursor.from_dict(json.loads(json.dumps(stream.cursor().to_dict())))
+
+
+def test_resizes_carry_no_slots_fault_lists_and_lose_nothing(tmp_path):
+    # 4 slots -> 3 -> 2 over a source with a missing and a truncated shard. A new slot's
+    # cursor used to get every old slot's dropped and damaged keys: at 512 x 8 slots with
+    # 500 missing shards, 150 MB of cursors in every checkpoint. Now none (a cursor only
+    # consults them for the units it draws; see data.redeal), while the samples read and
+    # the losses counted over 4 epochs stay those of a run that never changed.
+    urls = _shards_with_faults(tmp_path)
+    seen: Counter[tuple[str, int]] = Counter()
+    skips: Counter[str] = Counter()
+    # old slot 0 counts the truncated s5 in epoch 0; old slot 2 meets the missing s2 in
+    # epoch 1 while slot 3 has not reached it in epoch 0 (the epoch that counts it)
+    old = [_read(urls, slot, 4, None, seen, skips, take)
+           for slot, take in enumerate((14, 4, 12, 0))]
+    assert {k for c in old for k in c.dropped} == {urls[2]}  # met by the old slots
+    assert {k for c in old for k in c.damaged} == {urls[5]}
+    middle, _, _ = redeal_source(old, SourceSpec("a", urls), 4, 3, SEED)
+    assert all(c.dropped == [] and c.damaged == [] for c in middle)  # before: the union
+    middle = [_read(urls, slot, 3, c, seen, skips, take)
+              for slot, (c, take) in enumerate(zip(middle, (3, 11, 6), strict=True))]
+    new, _, _ = redeal_source(middle, SourceSpec("a", urls), 3, 2, SEED)
+    assert all(c.dropped == [] and c.damaged == [] for c in new)
+    for slot, c in enumerate(new):
+        _read(urls, slot, 2, c, seen, skips, until_epoch=4)
+    # epochs 0-3: every readable sample once per epoch; the losses counted once
+    readable = [f"s{i}-{j:04d}" for i in range(8) if i != 2 for j in range(3 if i == 5 else 5)]
+    assert seen == Counter({(key, epoch): 1 for key in readable for epoch in range(4)})
+    reference: Counter[str] = Counter()
+    _read(urls, 0, 1, None, Counter(), reference, until_epoch=1)  # one slot, one epoch
+    assert skips == reference and reference["missing_shard"] == 1
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncated"])
+def test_a_shard_met_in_a_later_epoch_before_the_resize_is_counted_once(tmp_path, fault):
+    # Shard 2 is dealt to old slot 3 in epoch 0 (the epoch whose reads count losses) and
+    # to old slot 2 in epoch 1. Slot 2 gets there first and meets the fault, counting
+    # nothing (a later epoch); slot 3 has not read anything when the run resizes. The
+    # re-deal left the loss uncounted: a missing shard's unit was not re-dealt (dropped by
+    # slot 2), a truncated one's new slot got slot 2's damaged key (as if counted).
+    urls = _shards_with_faults(tmp_path, missing=2 if fault == "missing" else -1,
+                               cut=2 if fault == "truncated" else -1)
+    skips: Counter[str] = Counter()
+    # slot 2: s0 and s4 of epoch 0, then s2 of epoch 1 (nothing, or its 3 readable
+    # samples), and the first sample of s4 after it
+    past = 11 if fault == "missing" else 14
+    old = [_read(urls, slot, 4, None, Counter(), skips, take)
+           for slot, take in enumerate((0, 0, past, 0))]
+    assert urls[2] in (old[2].dropped if fault == "missing" else old[2].damaged)
+    assert skips == Counter()  # met, not counted
+    new, _, _ = redeal_source(old, SourceSpec("a", urls), 4, 2, SEED)
+    for slot, c in enumerate(new):
+        _read(urls, slot, 2, c, Counter(), skips, until_epoch=2)
+    reference: Counter[str] = Counter()
+    _read(urls, 0, 1, None, Counter(), reference, until_epoch=1)
+    assert skips == reference and reference[f"{fault}_shard"] == 1
+
+
+def test_a_rank_resizing_deals_each_epoch_once_and_builds_only_its_own_positions(
+        monkeypatch):
+    # Every new rank re-deals all old slots. At 4,096 old slots it computed each epoch's
+    # permutation once per old slot (4,096 of 41k units: ~6 s) and built the positions of
+    # all 3,584 new slots to keep its own 8 (~3 s); now one permutation per source and
+    # epoch, and its own positions only, equal to those of the full re-deal.
+    import data.epochs as epochs
+    from data.redeal import redeal, resized_state
+    from data.state import PipelineState, url_list_digest
+
+    specs = [SourceSpec(name, [f"s3://b/{name}{i}.tar" for i in range(16)])
+             for name in ("a", "b")]
+    saved = []
+    for rank in range(4):  # 4 ranks x 2 workers, each slot one unit into epoch 0
+        positions = {w: {"block": 1, "emitted": 0, "draws": 1, "index": 1, "lead": None,
+                         "sources": [SourceCursor(epoch=0, position=1).to_dict()
+                                     for _ in specs]} for w in range(2)}
+        saved.append(PipelineState(SEED, rank, 4, 2, ["a", "b"], positions=positions,
+                                   shard_lists=[url_list_digest(s.urls) for s in specs]
+                                   ).to_dict())
+    everything = redeal(saved, specs, 3, 2, SEED).positions
+    permutations: Counter[tuple[str, int]] = Counter()
+    real_permutation, real_to_dict, built = epochs.epoch_permutation, SourceCursor.to_dict, []
+
+    def permutation(units, seed, source, epoch, shuffle=True):
+        permutations[source, epoch] += 1
+        return real_permutation(units, seed, source, epoch, shuffle)
+
+    def to_dict(cursor):
+        built.append(cursor)
+        return real_to_dict(cursor)
+
+    monkeypatch.setattr(epochs, "epoch_permutation", permutation)
+    monkeypatch.setattr(SourceCursor, "to_dict", to_dict)
+    state = resized_state(saved, specs, 1, 3, 2, SEED)
+    assert permutations == Counter({("a", 0): 1, ("b", 0): 1})  # before: 8 each
+    assert len(built) == 2 * len(specs)  # rank 1's 2 slots; before: all 6
+    assert state.positions == {0: everything[2], 1: everything[3]}
