@@ -35,6 +35,9 @@ class FakeEngine:
     def __init__(self, label: str, die_at_rank: int | None = None):
         self.label, self.die_at_rank = label, die_at_rank
 
+    def zero_optimization(self) -> bool:  # asked by runtime.master_weights.master_names
+        return False
+
     def save_checkpoint(self, save_dir, tag, save_latest, client_state):
         assert save_latest is False  # ``latest`` is ours, written once complete
         folder = Path(save_dir) / tag
