@@ -41,7 +41,7 @@ from runtime.checkpoint_path import (
     latest_tag,
     resolve_checkpoint,
 )
-from runtime.dist import DistInfo, all_gather_objects, barrier
+from runtime.dist import DistInfo, all_gather_objects, barrier, gather_objects
 from runtime.master_weights import MASTER_NAMES, master_names
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,10 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         client_state[MASTER_NAMES] = names
     engine.save_checkpoint(str(root), tag=staging, save_latest=False,
                            client_state=client_state)
-    per_rank = all_gather_objects(local_state)  # also a barrier: every rank has saved
+    # To rank 0 alone, the one that writes them (every rank used to get all ranks' states).
+    # Also what lets rank 0 publish: it returns once every rank has sent its state, so has
+    # written its shards; the others go on to the barrier below, which waits for the publish.
+    per_rank = gather_objects(local_state)
     if info.is_main:
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
