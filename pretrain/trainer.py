@@ -44,7 +44,13 @@ from runtime.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from runtime.dist import DistInfo, all_gather_objects, any_rank, init_distributed
+from runtime.dist import (
+    DistInfo,
+    all_gather_objects,
+    any_rank,
+    gather_objects,
+    init_distributed,
+)
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger
 from runtime.redact import config_hash
@@ -183,7 +189,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------
     def _save(self) -> Path:
-        per_rank_stats = all_gather_objects(self.loader.stats.to_dict())
+        # rank 0 alone writes the shared state: only it needs every rank's counts
+        per_rank_stats = gather_objects(self.loader.stats.to_dict()) or []
         shared = {"step": self.step, "world_size": self.info.world_size,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": _merge_counts([s.get("samples", {}) for s in per_rank_stats]),

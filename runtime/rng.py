@@ -6,7 +6,7 @@ and every fine-tuning task:
 - :func:`rng_state` / :func:`set_rng_state`: this process's python, numpy, torch CPU and
   (current device) CUDA generators as JSON-ready values. Every rank has its own state
   (different data, different augmentations, different dropout masks), so a checkpoint keeps
-  one per rank (:func:`gather_rng_states`) and each rank restores its own
+  one per rank (in ``trainer_state.json``) and each rank restores its own
   (:func:`restore_rank_rng`).
 - :func:`loader_seed`: the seed of an epoch's ``DataLoader`` generator. torch seeds each
   worker from a base seed drawn from that generator, so it must differ per rank (else every
@@ -120,20 +120,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_decode(state["cuda"]))
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's :func:`rng_state`, in rank order (collective: call on every rank)."""
-    import torch.distributed as dist
-
-    mine = rng_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
-
-
 def restore_rank_rng(states: list[dict[str, Any]] | None, rank: int, world_size: int) -> bool:
-    """Restore this rank's entry of ``states`` (from :func:`gather_rng_states`).
+    """Restore this rank's entry of ``states`` (every rank's :func:`rng_state`, as saved).
 
     Returns False, with a warning, when the checkpoint holds no per-rank states (written
     before they were saved) or was saved by another number of ranks: training goes on from
