@@ -127,8 +127,9 @@ def _entries(c: SourceCursor, deal: _OldDeal, slot: int) -> tuple[list[list], in
 def _left(cursors: list[SourceCursor], deal: _OldDeal
           ) -> tuple[dict[int, list[list]], int, int]:
     """Per epoch, the entries ``[epoch, key]`` no old slot finished (in slot order, each
-    slot's in its reading order), with ``offset, samples, compressed`` appended for units an
-    old slot was inside or set aside; the first and last epoch concerned."""
+    slot's in its reading order), with ``offset, samples, compressed, version`` appended
+    for units an old slot was inside or set aside (no version in states saved before it);
+    the first and last epoch concerned."""
     current, tails = [], []
     for slot, c in enumerate(cursors):
         entries, after = _entries(c, deal, slot)
@@ -145,12 +146,12 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
         if c.unit is not None:  # inside a unit: it goes on at its byte offset
             epoch = entries[c.position - 1][0] if c.position else current[slot]
             left.setdefault(epoch, []).append([epoch, c.unit, c.offset, c.samples,
-                                               c.compressed])
-        for key, (offset, samples, compressed, _failures) in c.aside.items():
+                                               c.compressed, c.version])
+        for key, (offset, samples, compressed, _failures, *version) in c.aside.items():
             if key == c.unit:  # being retried: the unit entry above has the newer offset
                 continue
             left.setdefault(current[slot], []).append([current[slot], key, offset, samples,
-                                                       compressed])
+                                                       compressed, *version])
         for entry in entries[c.position:]:
             left.setdefault(entry[0], []).append(entry)
         for epoch in range(after, last + 1):  # epochs this slot had not reached

@@ -73,7 +73,8 @@ class SourceCursor:
     epoch ``epoch``. ``unit``: the unit being read (its key: the shard URL, plus ``#r/m``
     for part ``r`` of ``m``), None between units; ``offset``: tar byte of its next sample's
     header; ``samples``: samples of the shard passed. ``aside``: key -> ``[offset, samples,
-    compressed, failures]`` of shards whose read failed and waits for a retry; ``dropped``:
+    compressed, failures, version]`` of shards whose read failed and waits for a retry
+    (``version`` absent in states saved before it was kept); ``dropped``:
     keys never read again (missing, unreadable, given up); ``damaged``: keys whose damage
     was already counted.
 
@@ -81,8 +82,8 @@ class SourceCursor:
     replaces this slot's deal: ``[epoch, key]`` entries, the slot's part of what the old
     slots left of epochs ``epoch`` .. ``share_last`` (``position`` indexes it); dealing goes
     on at epoch ``share_last + 1``. ``share_total``: entries over all new slots (the mixer's
-    weight scale). An entry ``[epoch, key, offset, samples, compressed]`` is a unit an old
-    slot was inside: it goes on at that byte offset.
+    weight scale). An entry ``[epoch, key, offset, samples, compressed, version]`` is a
+    unit an old slot was inside: it goes on at that byte offset.
 
     ``count_epoch``: the epoch whose reads count what damaged and missing shards lose (see
     :class:`SourceStream`); None in states saved before it existed (then the stream's
@@ -175,8 +176,8 @@ class SourceStream:
     def cursor(self) -> SourceCursor:
         """A copy of the current cursor, with the fault state of the schedule."""
         c = self._cursor
-        aside = {k: [e.cursor.offset, e.cursor.samples, e.cursor.compressed, e.failures]
-                 for k, e in sorted(self.schedule.aside.items())}
+        aside = {k: [e.cursor.offset, e.cursor.samples, e.cursor.compressed, e.failures,
+                     e.cursor.version] for k, e in sorted(self.schedule.aside.items())}
         return SourceCursor(c.epoch, c.position, c.unit, c.offset, c.samples, c.compressed,
                             aside, sorted(self.schedule.dropped),
                             sorted(self.schedule.damaged),
@@ -185,10 +186,11 @@ class SourceStream:
 
     def _restore_faults(self) -> None:
         now = self.schedule.clock()
-        for key, (offset, samples, compressed, failures) in self._cursor.aside.items():
+        for key, (offset, samples, compressed, failures, *version) in (
+                self._cursor.aside.items()):  # no version: saved before it was kept
             # Retried first after a resume: the outage that set it aside may be over.
-            self.schedule.aside[key] = SetAside(ShardCursor(offset, samples, compressed),
-                                                 failures, now, due=now)
+            start = ShardCursor(offset, samples, compressed, *version)
+            self.schedule.aside[key] = SetAside(start, failures, now, due=now)
         self.schedule.dropped.update(self._cursor.dropped)
         self.schedule.damaged.update(self._cursor.damaged)
 
@@ -324,7 +326,7 @@ class SourceStream:
             if start is None and c.share is not None and c.position:
                 entry = c.share[c.position - 1]  # the entry just drawn
                 if entry[1] == key and len(entry) > 2:  # an old slot was inside it
-                    start = ShardCursor(*entry[2:5])
+                    start = ShardCursor(*entry[2:6])  # (no version: saved before it)
             outcome: dict[str, Any] = {}
             yield from self._read_unit(key, start, outcome)
             c.unit, c.version = None, None

@@ -355,3 +355,32 @@ def test_member_names_follow_webdatasets_rules(tmp_path):
     stats = DataStats()
     stats.add_counts(counter.drain())
     assert dict(stats.skipped) == {"duplicate_member": 1}
+
+
+def test_a_set_aside_shard_replaced_before_the_resume_is_read_from_its_start(tmp_path):
+    """A shard whose read failed waits with its position (and the version it was taken
+    in) in the saved state; replaced by the resume, it is read again from its start."""
+    import os
+
+    from data.stream import SourceCursor
+
+    path = write_tar(tmp_path / "shard.tar", good_samples("A", 12, size=8))
+    outcome: dict = {}
+    for n, _ in enumerate(read_shard(str(path), "s", _fast_retries(), SkipCounter(),
+                                     outcome), 1):
+        if n == 5:
+            break
+    failed = outcome["cursor"]  # where a read that broke after 5 samples goes on
+    saved = SourceCursor(epoch=0, position=1, aside={
+        str(path): [failed.offset, failed.samples, failed.compressed, 1, failed.version]})
+    os.replace(write_tar(tmp_path / "new.tar", good_samples("B", 12, size=16)), path)
+    counter = SkipCounter()
+    resumed = SourceStream("s", [str(path)], 0, 1, 0, _fast_retries(), counter,
+                           resampled=False, shuffle=False,
+                           cursor=SourceCursor.from_dict(json.loads(json.dumps(
+                               saved.to_dict()))))
+    keys = [raw["__key__"] for raw in resumed]
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    assert keys == [f"B{i:04d}" for i in range(5, 12)]
+    assert stats.events["shards_changed"] == 1 and not stats.skipped

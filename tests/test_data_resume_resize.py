@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from s3_server import good_samples, write_tar
@@ -257,3 +258,40 @@ def test_a_rank_resizing_deals_each_epoch_once_and_builds_only_its_own_positions
     assert permutations == Counter({("a", 0): 1, ("b", 0): 1})  # before: 8 each
     assert len(built) == 2 * len(specs)  # rank 1's 2 slots; before: all 6
     assert state.positions == {0: everything[2], 1: everything[3]}
+
+
+def test_a_resize_keeps_the_version_of_a_unit_an_old_slot_was_inside(tmp_path):
+    """The re-dealt entry of a unit an old slot was inside keeps the object version its
+    byte offset belongs to: a shard replaced by the resume is read from its start."""
+    import os
+
+    from data.stats import DataStats
+
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
+            for i in range(2)]
+    stream = _stream(urls, 0, 1)
+    it = iter(stream)
+    first = [next(it)["__key__"] for _ in range(2)]
+    cursor = SourceCursor.from_dict(json.loads(json.dumps(stream.cursor().to_dict())))
+    assert cursor.unit is not None and cursor.version
+    new, _, resumed = redeal_source([cursor], SourceSpec("a", urls), 1, 2, SEED)
+    assert resumed == 1
+    inside = next(e for c in new for e in c.share if len(e) > 2)
+    assert inside[1] == cursor.unit and inside[5] == cursor.version
+    shard = inside[1]
+    prefix = Path(shard).stem + "-"
+    os.replace(write_tar(tmp_path / "new.tar", good_samples("N" + prefix, 5, size=16)),
+               shard)
+    slot = next(i for i, c in enumerate(new) if inside in c.share)
+    counter = SkipCounter()
+    resumed_stream = SourceStream("a", urls, slot, 2, SEED, S3, counter, cursor=new[slot])
+    keys = []
+    for raw in resumed_stream:
+        if resumed_stream.cursor().share is None:
+            break
+        keys.append(raw["__key__"])
+    stats = DataStats()
+    stats.add_counts(counter.drain())
+    assert [k for k in keys if k.startswith("N")] == [f"N{prefix}{i:04d}" for i in range(2, 5)]
+    assert not any(k.startswith(prefix) and k in first for k in keys)
+    assert stats.events["shards_changed"] == 1
