@@ -123,8 +123,12 @@ def test_two_task_job_completes_with_metrics_checkpoints_and_job_record(undistur
 
 def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, cluster, cache,
                                                                  tmp_path):
+    """Also with --max-requeues 0: a restart by SLURM (here `scontrol requeue`; likewise a
+    preemption with PreemptMode=REQUEUE or a node failure) is no time-out and is not
+    limited."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(submit_cmd(tmp_path / "logs", run_dir, "--wait", job=tuple(STEPS)),
+    proc = subprocess.Popen(submit_cmd(tmp_path / "logs", run_dir, "--max-requeues", "0",
+                                       "--wait", job=tuple(STEPS)),
                             env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -139,7 +143,8 @@ def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, clu
         out, _ = finish(proc, timeout=240)
     assert out.strip().splitlines()[-1] == job_id  # a requeue keeps the job id
     starts = [r for r in records(run_dir) if r["event"] == "start"]
-    assert [(r["job_id"], r["requeue"]) for r in starts] == [(job_id, 0), (job_id, 1)]
+    assert [(r["job_id"], r["requeue"], r["timeouts"]) for r in starts] == [
+        (job_id, 0, 0), (job_id, 1, 0)]
     resumed, reference = losses(run_dir), losses(undisturbed[1])
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
@@ -168,9 +173,11 @@ USR2_STEPS = 40
 
 def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_path):
     """USR2 mid-run: rank 0 saves at the next step boundary, submitit requeues the job, and
-    the requeued run resumes from that checkpoint."""
+    the requeued run resumes from that checkpoint. With --max-requeues 0 (submitit's
+    slurm_max_num_timeout 0): a signal far from the time limit is a preemption, which
+    neither this job nor submitit counts."""
     run_dir = tmp_path / "run"
-    cmd = submit_cmd(tmp_path / "logs", run_dir, "--time", "30", "--wait",
+    cmd = submit_cmd(tmp_path / "logs", run_dir, "--time", "30", "--max-requeues", "0", "--wait",
                      job=("--max-steps", str(USR2_STEPS), "--checkpoint-every",
                           str(USR2_STEPS // 2)))
     proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
@@ -182,6 +189,8 @@ def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_
         finish(proc, timeout=300)
     events = [r["event"] for r in records(run_dir)]
     assert events == ["start", "requeue_requested", "start"], events
+    request = records(run_dir)[1]
+    assert (request["timed_out"], request["timeouts"], request["saved"]) == (False, 0, True)
     saved_at = int(latest_before_requeue(tmp_path / "logs" / job_id / f"{job_id}_0_log.err"))
     assert 0 < saved_at < USR2_STEPS  # saved on the signal, before the end
     logs = tmp_path / "logs" / job_id
@@ -189,6 +198,7 @@ def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_
     # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
     # preempted." when the job is far from its time limit; our job logs the save
     assert "this job is preempted" in log and "checkpoint saved" in log
+    assert "cannot read the job's time limit" not in log  # judged on submitit's limit
     assert sorted(losses(run_dir)) == list(range(1, USR2_STEPS + 1))
     assert latest(run_dir) == f"step_{USR2_STEPS:07d}"
 

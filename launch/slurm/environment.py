@@ -67,17 +67,66 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def requeue_count(run_dir: Path, info: TaskInfo) -> int:
-    """How often this job has been requeued so far.
+def restart_count(run_dir: Path, info: TaskInfo) -> int:
+    """How often this job has been restarted so far, for any reason.
 
-    SLURM counts restarts of a batch job itself (SLURM_RESTART_COUNT, absent before the
-    first); submitit's local executor has no such counter, so there we count this job's
-    earlier starts in the run's record.
+    SLURM counts every restart of a batch job (SLURM_RESTART_COUNT, absent before the
+    first): a requeue on the time-limit signal, a preemption requeued by SLURM
+    (PreemptMode=REQUEUE), a node failure, `scontrol requeue`. So it only says how
+    often, not why; :func:`timeout_count` is the count that ``--max-requeues`` limits.
+    submitit's local executor has no such counter, so there we count this job's earlier
+    starts in the run's record.
     """
     if info.cluster == "slurm":
         return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     return sum(1 for r in read_records(run_dir)
                if r.get("job_id") == info.job_id and r.get("event") == "start")
+
+
+def timeout_count(run_dir: Path, job_id: str) -> int:
+    """How many of this job's requeues so far were for its time limit.
+
+    Rank 0 records each requeue it asks for with ``timed_out`` (see :func:`is_timeout`);
+    restarts without such a record (SLURM's own preemption requeue, node failures,
+    `scontrol requeue`) were not time-outs.
+    """
+    return sum(1 for r in read_records(run_dir)
+               if r.get("job_id") == job_id and r.get("event") == "requeue_requested"
+               and r.get("timed_out"))
+
+
+def is_timeout(elapsed_s: float, time_limit_min: float | None) -> bool:
+    """Whether the signal that came ``elapsed_s`` into the job means its time limit.
+
+    The rule submitit applies before it decides on a requeue (submitit 1.5.4,
+    ``SignalHandler.has_timed_out``): a time-out once the job has run 80% of its time
+    limit or all but 10 minutes of it, whichever comes first; a preemption before. The
+    same rule on the same numbers keeps this job's count of time-outs in step with the
+    countdown submitit keeps (``slurm_max_num_timeout``), which refuses the requeue on its
+    own once it runs out. An unknown limit counts as a preemption: nothing to count
+    against.
+    """
+    if time_limit_min is None:
+        return False
+    limit_s = 60.0 * time_limit_min
+    return elapsed_s >= min(0.8 * limit_s, limit_s - 600.0)
+
+
+def submitted_time_limit_min() -> float | None:
+    """The time limit (minutes) submitit judges this job's time-outs against; None if
+    unknown.
+
+    submitit keeps it in the job's submitted pickle (``DelayedSubmission._timeout_min``,
+    set at submission from ``timeout_min``), not in SLURM's environment.
+    """
+    try:
+        path = submitit.JobEnvironment().paths.submitted_pickle
+        delayed = submitit.helpers.DelayedSubmission.load(path)
+        return float(delayed._timeout_min)
+    except Exception as err:  # no or unreadable pickle: judge every signal a preemption
+        log.warning("cannot read the job's time limit from submitit's pickle (%r): "
+                    "every signal counts as a preemption", err)
+        return None
 
 
 def record(run_dir: Path, event: str, info: TaskInfo, **extra: Any) -> None:

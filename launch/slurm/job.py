@@ -13,6 +13,16 @@ over all ranks at each step boundary, and every rank saves its part and returns)
 bounded ``save_timeout_s`` for that, then hands submitit a copy of itself to requeue. A
 plain ``scontrol requeue`` or a SIGTERM/SIGKILL preemption gives no chance to save: the
 requeued job resumes from the last periodic checkpoint.
+
+What ``--max-requeues`` limits. As submitit's ``slurm_max_num_timeout`` (to which the
+same number is passed), only time-outs count: a signal is a time-out or a preemption by
+submitit's rule (:func:`~launch.slurm.environment.is_timeout`), recorded with each
+requeue request in ``slurm_jobs.jsonl``, and a job whose time limit comes once more than
+``--max-requeues`` allows saves and stops. Preemptions are requeued however often they
+come, and restarts SLURM makes by itself (preemption with PreemptMode=REQUEUE, a node
+failure, ``scontrol requeue``) are not limited here either: each is the scheduler's or an
+operator's decision, resumes from a checkpoint, and on a busy preemptible partition a
+weeks-long run may meet dozens of them.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +41,18 @@ from typing import Any
 
 import submitit
 
-from launch.slurm.environment import TaskInfo, export_distributed_env, record, requeue_count
+from launch.slurm.environment import (
+    TaskInfo,
+    export_distributed_env,
+    is_timeout,
+    record,
+    restart_count,
+    submitted_time_limit_min,
+    timeout_count,
+)
 from launch.slurm.jobspec import with_flag
 
 log = logging.getLogger(__name__)
-
-
-class RequeueLimitError(RuntimeError):
-    """The job has been requeued ``max_requeues`` times and will not run again."""
 
 
 @dataclass
@@ -45,9 +60,24 @@ class _Runtime:
     """Per-process state of a running task (never pickled into a requeue)."""
 
     info: TaskInfo
-    requeues: int
+    restarts: int  # every restart of this job so far (SLURM_RESTART_COUNT)
+    timeouts: int  # of these, requeues for the time limit (what --max-requeues limits)
+    time_limit_min: float | None  # submitit's, to tell a time-out from a preemption
+    # time.monotonic() at the job's start: submitit judges from its own start, a moment
+    # before it calls the job
+    started: float = field(default_factory=time.monotonic)
     thread: threading.Thread | None = None
-    signalled: threading.Event = field(default_factory=threading.Event)
+    # set by the training thread as it ends, after ``status`` or ``error``
+    ended: threading.Event = field(default_factory=threading.Event)
+    status: int | None = None
+    error: BaseException | None = None
+
+    def failure(self) -> str | None:
+        """Why the ended training thread failed (its exception or exit status); None if it
+        returned 0."""
+        if self.error is not None:
+            return repr(self.error)
+        return f"exit status {self.status}" if self.status else None
 
 
 def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
@@ -74,6 +104,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     ``argv`` is a full `internimage` command line (``["pretrain", "--output-dir", ...]``),
     run by ``entry`` (the console script's ``main``), whose run directory is ``run_dir``;
     rank 0 appends each start, requeue request and give-up to ``run_dir/slurm_jobs.jsonl``.
+    ``max_requeues`` limits requeues for the time limit only (see the module docstring).
     """
 
     def __init__(self, argv: list[str], run_dir: str | Path, max_requeues: int = 3,
@@ -99,52 +130,58 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        started = time.monotonic()  # as close to submitit's own start as this gets
         info = export_distributed_env(self.cpus_per_task)
         run_dir = Path(self.run_dir)
-        requeues = requeue_count(run_dir, info)
-        self._rt = _Runtime(info, requeues)
-        log.info("job %s task %d/%d (master %s), requeue %d of at most %d, run dir %s",
-                 info.job_id, info.rank, info.world_size, info.master, requeues,
-                 self.max_requeues, run_dir)
+        restarts = restart_count(run_dir, info)
+        # only rank 0 handles the signal, so only it judges and counts time-outs
+        timeouts = timeout_count(run_dir, info.job_id) if info.is_main else 0
+        limit = submitted_time_limit_min() if info.is_main else None
+        self._rt = _Runtime(info, restarts, timeouts, limit, started)
+        log.info("job %s task %d/%d (master %s), restart %d (%d for the time limit, at most "
+                 "%d allowed; preemptions unlimited), run dir %s", info.job_id, info.rank,
+                 info.world_size, info.master, restarts, timeouts, self.max_requeues, run_dir)
         if info.is_main:
-            record(run_dir, "start", info, requeue=requeues, argv=self.argv)
-        if requeues > self.max_requeues:
-            raise RequeueLimitError(
-                f"job {info.job_id} was requeued {requeues} times, more than --max-requeues "
-                f"{self.max_requeues}: giving up. Resume by hand with `--resume auto` on the "
-                f"same run directory ({run_dir}).")
+            record(run_dir, "start", info, requeue=restarts, timeouts=timeouts,
+                   argv=self.argv)
         self._forget_previous_result()
         self._watch_signal()
-        argv = resume_argv(self.argv, run_dir) if requeues else self.argv
+        argv = resume_argv(self.argv, run_dir) if restarts else self.argv
         status = self._run_in_thread(argv)
         if status != 0:
             raise RuntimeError(f"`internimage {' '.join(argv)}` exited with status {status} "
                                f"(job {info.job_id}, task {info.rank})")
         return {"job_id": info.job_id, "rank": info.rank, "run_dir": str(run_dir),
-                "requeues": requeues}
+                "requeues": restarts}
 
     def _run_in_thread(self, argv: list[str]) -> int:
-        """Run the command in a worker thread; the main thread stays free for signals."""
+        """Run the command in a worker thread; the main thread stays free for signals.
+
+        The outcome stays in the task's runtime state: the signal handler must know whether
+        the run had already ended, and whether the save it asked for raised.
+        """
         main = self.entry
-        outcome: dict[str, Any] = {}
+        rt = self._rt
+        assert rt is not None
 
         def target() -> None:
             try:
-                outcome["status"] = main(argv)
+                rt.status = int(main(argv) or 0)
             except BaseException as err:  # re-raised in the main thread below
-                outcome["error"] = err
+                rt.error = err
+            finally:
+                rt.ended.set()
 
-        assert self._rt is not None
         # daemon: when submitit exits after requeueing, a save that overran its bound
         # must not keep the process alive.
         thread = threading.Thread(target=target, name="internimage-train", daemon=True)
-        self._rt.thread = thread
+        rt.thread = thread
         thread.start()
         while thread.is_alive():
             thread.join(timeout=0.5)  # short waits: signal handlers run between them
-        if "error" in outcome:
-            raise outcome["error"]
-        return int(outcome.get("status") or 0)
+        if rt.error is not None:
+            raise rt.error
+        return rt.status or 0
 
     def _watch_signal(self) -> None:
         """Note the time-out/preemption signal on every rank, then let submitit handle it."""
@@ -157,9 +194,19 @@ class TrainingJob(submitit.helpers.Checkpointable):
         def on_signal(signum: int, frame: Any) -> None:
             if os.getpid() != main_pid:
                 return  # a forked data-loader worker: its task's main process handles this
-            rt.signalled.set()
-            log.warning("task %d got %s (time limit near or preempted)", rt.info.rank,
-                        signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if rt.ended.is_set():
+                # The run finished (its last step fell within signal_delay_s of the limit)
+                # or failed by itself: nothing to save, and a requeue would run a finished
+                # job again or hide its error. Not handing the signal to submitit lets the
+                # task end as it would have without it (submitit would make even a
+                # refused requeue an error of the job).
+                why = rt.failure()
+                outcome = f"failed ({why})" if why else "completed"
+                log.warning("task %d got %s after its run had %s: nothing to save, not "
+                            "requeueing", rt.info.rank, name, outcome)
+                return
+            log.warning("task %d got %s (time limit near or preempted)", rt.info.rank, name)
             if callable(previous):
                 previous(signum, frame)
 
@@ -181,26 +228,51 @@ class TrainingJob(submitit.helpers.Checkpointable):
         """Save (optionally), then return the requeue of this job with ``--resume auto``.
 
         Called by submitit inside its USR2 handler, in the main thread of global rank 0
-        only. Returning None makes submitit end the job as failed (no requeue).
+        only. Returning None makes submitit end the job as failed (no requeue): done when
+        the run had already ended before the signal, and when the job reaches its time
+        limit more often than ``max_requeues`` allows. A preemption is always requeued.
+
+        A save that raises (disk full, a lost rank) or overruns ``save_timeout_s`` is
+        recorded (``saved: false``, the error), and the job is still requeued: the next
+        run resumes from the last complete checkpoint (``checkpoints/latest`` only ever
+        names complete ones), losing the steps since. Such failures are mostly transient
+        or tied to this allocation, and the alternative, ending a weeks-long run, loses
+        more; a failure that is not transient comes back without any signal in the next
+        run, which then fails by itself.
         """
         rt = self._rt
         if rt is None:  # not started by __call__ (e.g. a signal before the job began)
             return submitit.helpers.DelayedSubmission(self._requeued(), *args, **kwargs)
         run_dir = Path(self.run_dir)
-        if self.save_on_signal:
-            self._save_now(rt)
-        if rt.requeues >= self.max_requeues:
-            message = (f"not requeueing job {rt.info.job_id}: already requeued {rt.requeues} "
-                       f"times (--max-requeues {self.max_requeues}). Resume by hand with "
-                       f"`--resume auto` on {run_dir}")
+        if rt.ended.is_set():
+            # checked before the stop request: a run that ends after it may have stopped
+            # for it, and is requeued (a run stopped at its very last step resumes there
+            # and ends at once)
+            why = rt.failure()
+            log.warning("the run had %s before the signal: not requeueing",
+                        f"failed ({why})" if why else "completed")
+            return None
+        timed_out = is_timeout(time.monotonic() - rt.started, rt.time_limit_min)
+        saved, save_error = self._save_now(rt) if self.save_on_signal else (False, None)
+        extra: dict[str, Any] = {"timed_out": timed_out, "saved": saved}
+        if save_error is not None:
+            extra["save_error"] = save_error
+        if timed_out and rt.timeouts >= self.max_requeues:
+            message = (f"not requeueing job {rt.info.job_id}: it reached its time limit "
+                       f"{rt.timeouts + 1} times, more than --max-requeues "
+                       f"{self.max_requeues} allows (preemptions do not count). Resume by "
+                       f"hand with `--resume auto` on {run_dir}")
             log.error(message)
             print(message, file=sys.stderr, flush=True)
-            record(run_dir, "gave_up", rt.info, requeue=rt.requeues)
+            record(run_dir, "gave_up", rt.info, requeue=rt.restarts,
+                   timeouts=rt.timeouts + 1, **extra)
             return None
-        record(run_dir, "requeue_requested", rt.info, requeue=rt.requeues + 1,
-               saved=bool(self.save_on_signal))
-        log.warning("requeueing job %s (requeue %d of at most %d)", rt.info.job_id,
-                    rt.requeues + 1, self.max_requeues)
+        timeouts = rt.timeouts + int(timed_out)
+        record(run_dir, "requeue_requested", rt.info, requeue=rt.restarts + 1,
+               timeouts=timeouts, **extra)
+        log.warning("requeueing job %s after a %s (%d of at most %d time-out requeues used)",
+                    rt.info.job_id, "time-out" if timed_out else "preemption", timeouts,
+                    self.max_requeues)
         return submitit.helpers.DelayedSubmission(self._requeued(), *args, **kwargs)
 
     def _requeued(self) -> TrainingJob:
@@ -209,19 +281,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
         nxt.argv = resume_argv(self.argv, Path(self.run_dir))
         return nxt
 
-    def _save_now(self, rt: _Runtime) -> None:
-        """Ask the training loop to checkpoint at the next step boundary; wait a bounded time."""
+    def _save_now(self, rt: _Runtime) -> tuple[bool, str | None]:
+        """Ask the training loop to checkpoint at the next step boundary; wait a bounded
+        time. Whether it saved, and why not."""
         from runtime.preemption import request_stop
 
         request_stop()
         thread = rt.thread
         if thread is None:
-            return
-        log.warning("saving a checkpoint before the requeue (waiting up to %ss)",
+            return False, "training had not started"
+        log.warning("saving a checkpoint on the signal (waiting up to %ss)",
                     self.save_timeout_s)
         thread.join(timeout=self.save_timeout_s)
         if thread.is_alive():
-            log.error("the save did not finish within %ss; requeueing anyway (the job resumes "
-                      "from the last complete checkpoint)", self.save_timeout_s)
-        else:
-            log.warning("checkpoint saved; training stopped cleanly")
+            log.error("the save did not finish within %ss (the job resumes from the last "
+                      "complete checkpoint)", self.save_timeout_s)
+            return False, f"not finished within save_timeout_s={self.save_timeout_s}"
+        why = rt.failure()
+        if why is not None:
+            log.error("the save on the signal failed: %s (the job resumes from the last "
+                      "complete checkpoint)", why)
+            return False, why
+        log.warning("checkpoint saved; training stopped cleanly")
+        return True, None

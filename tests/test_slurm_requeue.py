@@ -1,0 +1,237 @@
+"""What `TrainingJob` does on SLURM's signal: which requeues `--max-requeues` limits, and
+the signal after the run ended or with a save that failed.
+
+Each test plays rank 0 of a SLURM job in this process (its environment emulated), with a
+stand-in for submitit's part: a USR2 handler that calls ``job.checkpoint()`` and keeps its
+answer (submitit would requeue the job on a DelayedSubmission, end it on None). The
+training is an ``entry`` function that sends itself USR2 mid-run, as SLURM would, and
+returns once asked to stop (where the real loop saves). A requeued job is the next
+segment: a new ``TrainingJob`` on the same run directory with SLURM_RESTART_COUNT one
+higher, as after ``scontrol requeue``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import submitit
+from submitit.core.job_environment import SignalHandler
+
+from launch.slurm.job import TrainingJob
+from runtime import preemption
+
+JOB_ID = "77"
+USR2 = signal.SIGUSR2
+
+
+@pytest.fixture
+def task(tmp_path, monkeypatch):
+    """This process as task 0 of 1 of SLURM job 77, submitit folder under ``tmp_path``."""
+    # the job exports these; setting them here first makes monkeypatch restore them after
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, "0")
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(tmp_path),
+                       "SLURM_JOB_ID": JOB_ID, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+                       "SLURM_JOB_NODELIST": "node1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    before = signal.getsignal(USR2)
+    preemption.STOP_REQUESTED.clear()
+    yield Segments(tmp_path, monkeypatch)
+    signal.signal(USR2, before)
+    preemption.STOP_REQUESTED.clear()
+
+
+class Segments:
+    """Runs the job's successive segments (one per start) on one run directory."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.run_dir = root / "run"
+        self.monkeypatch = monkeypatch
+
+    def run(self, restarts: int, entry: Callable[[TrainingJob], Callable[[list[str]], int]],
+            *, max_requeues: int, time_limit_min: float = 60, save_timeout_s: float = 5,
+            ) -> tuple[TrainingJob, list]:
+        """One segment: restart number ``restarts`` under a ``time_limit_min`` limit. Returns
+        the job and what each checkpoint() call answered (submitit's USR2 handler)."""
+        self.monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+        # what submitit's executor writes at submission (and rewrites on each requeue):
+        # the job and its time limit, which time-outs are judged against
+        delayed = submitit.helpers.DelayedSubmission(print)
+        delayed.set_timeout(time_limit_min, max_requeues)
+        delayed.dump(submitit.JobEnvironment().paths.submitted_pickle)
+        preemption.STOP_REQUESTED.clear()  # a fresh process in each segment
+        job = TrainingJob(["pretrain"], self.run_dir, max_requeues=max_requeues,
+                          save_timeout_s=save_timeout_s, entry=print)
+        job.entry = entry(job)
+        answers: list = []
+        signal.signal(USR2, lambda signum, frame: answers.append(job.checkpoint()))
+        return job, answers
+
+    def records(self) -> list[dict]:
+        path = self.run_dir / "slurm_jobs.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def signalled_after(minutes: float, then: Callable[[], int] | None = None):
+    """An entry that has run ``minutes`` of its job when SLURM's USR2 comes, then returns
+    once asked to stop (the loop's save), or does ``then`` instead of returning 0."""
+    def make(job: TrainingJob) -> Callable[[list[str]], int]:
+        def entry(argv: list[str]) -> int:
+            assert job._rt is not None
+            job._rt.started -= 60 * minutes  # as if the job had been running that long
+            os.kill(os.getpid(), USR2)  # handled in the main thread, which waits on this one
+            assert preemption.STOP_REQUESTED.wait(10), "no stop request after the signal"
+            return then() if then is not None else 0
+        return entry
+    return make
+
+
+def completes(job: TrainingJob) -> Callable[[list[str]], int]:
+    return lambda argv: 0
+
+
+PREEMPTED = signalled_after(5)     # 5 of 60 minutes: far from the limit
+TIMED_OUT = signalled_after(58)    # 58 of 60 minutes: SLURM's warning before the limit
+
+
+def requeued(answers: list) -> bool:
+    [answer] = answers
+    return isinstance(answer, submitit.helpers.DelayedSubmission)
+
+
+# ------------------------------------------------------------ what --max-requeues limits
+def test_preemptions_beyond_max_requeues_keep_requeueing(task):
+    """Six preempted segments with --max-requeues 1, then one that completes: every
+    preemption is requeued and every restart starts (SLURM_RESTART_COUNT up to 6)."""
+    for restart in range(6):
+        job, answers = task.run(restart, PREEMPTED, max_requeues=1)
+        job()
+        assert requeued(answers), f"restart {restart}: not requeued"
+    job, answers = task.run(6, completes, max_requeues=1)
+    assert job()["requeues"] == 6 and answers == []
+    rows = [(r["event"], r["requeue"], r.get("timed_out"), r["timeouts"])
+            for r in task.records()]
+    assert rows == [row for k in range(6) for row in (("start", k, None, 0),
+                                                      ("requeue_requested", k + 1, False, 0))
+                    ] + [("start", 6, None, 0)]
+
+
+def test_time_outs_beyond_max_requeues_stop_with_a_clear_error(task, capsys):
+    """--max-requeues 1 with preemptions in between: the first time-out is requeued, the
+    second saves and gives up, naming the count, the limit and how to resume."""
+    answers_of = []
+    for restart, entry in enumerate((PREEMPTED, TIMED_OUT, PREEMPTED, TIMED_OUT)):
+        job, answers = task.run(restart, entry, max_requeues=1)
+        job()
+        answers_of.append(answers)
+    assert [requeued(a) for a in answers_of] == [True, True, True, False]
+    err = capsys.readouterr().err
+    assert (f"not requeueing job {JOB_ID}: it reached its time limit 2 times, more than "
+            "--max-requeues 1 allows (preemptions do not count)") in err
+    assert f"`--resume auto` on {task.run_dir}" in err
+    rows = [(r["event"], r.get("timed_out"), r["timeouts"], r.get("saved"))
+            for r in task.records() if r["event"] != "start"]
+    assert rows == [("requeue_requested", False, 0, True), ("requeue_requested", True, 1, True),
+                    ("requeue_requested", False, 1, True), ("gave_up", True, 2, True)]
+
+
+def test_max_requeues_zero_requeues_preemptions_but_no_time_out(task):
+    job, answers = task.run(0, PREEMPTED, max_requeues=0)
+    job()
+    assert requeued(answers)
+    job, answers = task.run(1, TIMED_OUT, max_requeues=0)
+    job()
+    assert answers == [None]
+    assert [r["event"] for r in task.records()] == ["start", "requeue_requested", "start",
+                                                    "gave_up"]
+
+
+@pytest.mark.parametrize("limit_min", [5, 12, 30, 60, 600, 4320])
+def test_time_out_or_preemption_is_judged_as_submitit_judges_it(tmp_path, limit_min):
+    """The same answer as submitit's own judgement before its requeue countdown (its
+    SignalHandler.has_timed_out, from its start and the submitted time limit), so the
+    two never disagree on what counts; a guard for submitit upgrades."""
+    from launch.slurm.environment import is_timeout
+
+    delayed = submitit.helpers.DelayedSubmission(print)
+    delayed.set_timeout(limit_min, 3)
+    handler = SignalHandler(None, None, delayed)  # has_timed_out reads neither
+    limit_s = 60 * limit_min
+    # away from the boundary by seconds: the clock moves between the two calls
+    for elapsed in sorted({5.0, 0.5 * limit_s, 0.79 * limit_s, 0.81 * limit_s,
+                           limit_s - 601, limit_s - 599, limit_s - 60}):
+        if elapsed < 0:
+            continue
+        handler._start_time = time.time() - elapsed
+        assert is_timeout(elapsed, limit_min) == handler.has_timed_out(), (limit_min, elapsed)
+
+
+# -------------------------------------------------------- the signal after the run ended
+def test_signal_after_the_run_completed_does_not_requeue_it(task):
+    """The last step fell within signal_delay_s of the limit: the run has completed when
+    USR2 comes. It is not handed to submitit (which would requeue the run, or make a
+    refused requeue an error of the job), and checkpoint() refuses a requeue too."""
+    job, answers = task.run(0, completes, max_requeues=3)
+    assert job()["requeues"] == 0
+    os.kill(os.getpid(), USR2)
+    time.sleep(0.1)  # the handler runs in this (main) thread at the next bytecode
+    assert answers == []  # submitit's handler never ran
+    assert job.checkpoint() is None
+    assert [r["event"] for r in task.records()] == ["start"]
+
+
+def test_signal_after_the_run_failed_does_not_requeue_it(task):
+    def make(job):
+        def entry(argv):
+            raise ValueError("bad config")
+        return entry
+    job, answers = task.run(0, make, max_requeues=3)
+    with pytest.raises(ValueError, match="bad config"):
+        job()
+    assert job.checkpoint() is None
+    assert [r["event"] for r in task.records()] == ["start"]
+
+
+# ------------------------------------------------------------- a save that did not happen
+def test_a_save_that_raises_is_recorded_as_failed_and_still_requeued(task, caplog):
+    """Disk full during the save on the signal: recorded saved=false with the error and
+    logged as an error; the job is requeued (it resumes from the last complete
+    checkpoint; see TrainingJob.checkpoint for why)."""
+    def disk_full() -> int:
+        raise OSError(28, "No space left on device")
+
+    job, answers = task.run(0, signalled_after(5, then=disk_full), max_requeues=3)
+    # submitit would have exited after the requeue; here the error comes back
+    with (caplog.at_level(logging.INFO, logger="launch.slurm.job"),
+          pytest.raises(OSError, match="No space left")):
+        job()
+    assert requeued(answers)
+    [req] = [r for r in task.records() if r["event"] == "requeue_requested"]
+    assert req["saved"] is False and "No space left on device" in req["save_error"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("save on the signal failed" in m and "OSError" in m for m in errors), errors
+    assert not any("checkpoint saved" in r.getMessage() for r in caplog.records)
+
+
+def test_a_save_that_overruns_its_bound_is_recorded_as_not_saved(task):
+    def slow_save() -> int:
+        time.sleep(1.0)
+        return 0
+
+    job, answers = task.run(0, signalled_after(5, then=slow_save), max_requeues=3,
+                            save_timeout_s=0.2)
+    job()
+    assert requeued(answers)
+    [req] = [r for r in task.records() if r["event"] == "requeue_requested"]
+    assert req["saved"] is False and "save_timeout_s=0.2" in req["save_error"]
