@@ -35,6 +35,11 @@ def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
         "cpus_per_task": profile.cpus_per_task,
         "timeout_min": profile.time_min,
         "slurm_signal_delay_s": profile.signal_delay_s,
+        # srun ends the other tasks as soon as one exits non-zero: without it they wait on
+        # the dead rank in a collective until its timeout, holding the allocation. A clean
+        # stop is not cut short: after a requeue rank 0 exits non-zero (submitit), but the
+        # requeue it has already asked for ends every task anyway.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if profile.mem_gb is not None:
         params["mem_gb"] = profile.mem_gb

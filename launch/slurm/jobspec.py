@@ -5,12 +5,15 @@ keys fail on the login node, not after hours in the queue), and pinned: an absol
 run directory (a requeued job must find its checkpoints whatever its working directory)
 and ``--resume auto`` unless the user chose where to resume from.
 
-Credentials given as overrides (``data.s3.secret=...``) never travel in the command line:
-submitit pickles the job (its argv included) into the job folder, and the run records its
-argv in ``slurm_jobs.jsonl``. They are replaced by ``null`` there and handed to the job
-through the environment variables their consumer reads (``AWS_SECRET_ACCESS_KEY`` for
-s3fs/botocore); sbatch passes the submitting environment on (its default ``--export=ALL``),
-as does submitit's local executor.
+Credentials given as overrides never travel in the command line: submitit pickles the job
+(its argv included) into the job folder, the run records its argv in ``slurm_jobs.jsonl``
+and ``submit --dry-run`` prints it. Whether an override sets a credential is decided on its
+parsed value, so every spelling counts: a dotted key (``data.s3.secret=...``) or a mapping
+that holds one at any depth (``data.s3={key: ..., secret: ...}``, ``data={s3: {...}}``).
+Each credential is replaced by ``null`` in the override and handed to the job through the
+environment variable its consumer reads (``AWS_SECRET_ACCESS_KEY`` for s3fs/botocore);
+sbatch passes the submitting environment on (its default ``--export=ALL``), as does
+submitit's local executor.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from launch.config import ConfigError
+import yaml
+
+from launch.config import ConfigError, load_config, parse_overrides
 
 JOB_COMMANDS = ("pretrain", "finetune")
 
@@ -97,24 +103,135 @@ def _secret_keys(args: argparse.Namespace) -> dict[str, str | None]:
     return secret_keys(task_entry(args.task)[0])
 
 
+def _override_tree(arg: str) -> tuple[list[str], dict[str, Any]] | None:
+    """The dotted key (split) and parsed tree of override ``arg``; None for anything that is
+    no override (an option, a value the config loader refuses: it reports that itself)."""
+    key, sep, _ = arg.partition("=")
+    if arg.startswith("-") or not sep or not key.strip():
+        return None
+    try:
+        return key.strip().split("."), parse_overrides([arg])
+    except ConfigError:
+        return None
+
+
+def _lookup(tree: Any, path: list[str]) -> tuple[bool, Any]:
+    """(whether ``tree`` holds ``path``, the value there)."""
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def _nulled(parts: list[str], tree: dict[str, Any], found: dict[str, str | None]) -> str:
+    """The override of key ``parts`` (parsed: ``tree``) rewritten with the credentials at
+    the dotted keys ``found`` (-> their environment variables) set to null, checked to
+    parse back to exactly that."""
+    for dotted in found:
+        *parents, leaf = dotted.split(".")
+        _lookup(tree, parents)[1][leaf] = None
+    value = _lookup(tree, parts)[1]
+    key = ".".join(parts)
+    if value is None:  # the key is the credential itself: as written before
+        new = f"{key}=null"
+    else:  # a mapping that held credentials: the rest of it, unchanged, in YAML flow style
+        new = f"{key}=" + yaml.safe_dump(value, default_flow_style=True, sort_keys=False,
+                                         width=2**31).strip()
+    try:
+        same = parse_overrides([new]) == tree
+    except ConfigError:
+        same = False
+    if not same:  # never hand the job a config other than the one given
+        where = ", ".join(f"{k} ({v})" if v else k for k, v in found.items())
+        raise ConfigError(f"submit: the override of {key} holds credentials that cannot be "
+                          f"taken out of the job's command line: {where}; give them through "
+                          "those environment variables instead")
+    return new
+
+
 def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[list[str],
                                                                              dict[str, str]]:
-    """``argv`` with each credential override ``KEY=VALUE`` turned into ``KEY=null``, and the
-    environment (variable -> VALUE) that gives the job the same credentials."""
-    out, env = [], {}
+    """``argv`` with every credential an override sets turned into ``null``, and the
+    environment (variable -> value) that gives the job the same credentials.
+
+    ``keys``: dotted credential key -> its environment variable
+    (:func:`runtime.redact.secret_keys`). An override sets a credential when its parsed
+    value reaches the key: ``data.s3.secret=S``, ``data.s3={secret: S}``,
+    ``data={s3: {secret: S}}``. The environment holds what the job's config would have held
+    with all overrides applied in order (a later override of ``data.s3`` replaces an earlier
+    ``data.s3.secret``, as the config loader does).
+    """
+    out: list[str] = []
+    final: dict[str, Any] = {}  # credential key -> the value the overrides leave it with
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        if arg.startswith("-") or not sep or key.strip() not in keys:
+        parsed = _override_tree(arg)
+        if parsed is None:
             out.append(arg)
             continue
-        var = keys[key.strip()]
-        if var is None:
-            raise ConfigError(f"submit: {key.strip()} is a credential and cannot travel in the "
+        parts, tree = parsed
+        found: dict[str, str | None] = {}
+        for dotted, var in keys.items():
+            path = dotted.split(".")
+            if path[:len(parts)] != parts:
+                continue  # neither the credential nor a mapping above it
+            present, value = _lookup(tree, path)
+            final.pop(dotted, None)  # this override replaces whatever was set before
+            if present:
+                final[dotted] = value
+                found[dotted] = var
+        out.append(_nulled(parts, tree, found) if found else arg)
+    env: dict[str, str] = {}
+    for dotted, value in final.items():
+        if value is None or value == "":
+            continue  # unset in the job as on the command line: nothing to hand over
+        if not isinstance(value, str):  # never quote the value: it is a credential
+            raise ConfigError(f"submit: {dotted}: expected a string, got a "
+                              f"{type(value).__name__} (value not shown: a credential; quote "
+                              "it in YAML)")
+        if keys[dotted] is None:
+            raise ConfigError(f"submit: {dotted} is a credential and cannot travel in the "
                               "job's command line; put it in the --config file")
-        if value.strip():
-            env[var] = value
-        out.append(f"{key.strip()}=null")  # unset in the job: its consumer reads ``var``
+        env[keys[dotted]] = value  # unset in the job: its consumer reads this variable
     return out, env
+
+
+def _finetune_config(args: argparse.Namespace) -> Any:
+    """The fine-tuning config of ``args``, loaded and validated as `internimage finetune`
+    loads it (the same overrides, then ``--init`` and ``--output-dir``)."""
+    from launch.commands.finetune import task_entry
+
+    overrides = list(args.overrides)
+    if args.init:
+        overrides.append(f"init={args.init}")
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        return load_config(task_entry(args.task)[0], args.config, overrides)
+    except ValueError as err:  # __post_init__ checks name their key too
+        raise ConfigError(str(err)) from None
+
+
+def _check_init(init: str | None, resume: str | None, run_dir: Path) -> None:
+    """Refuse a fine-tuning ``init`` that is no checkpoint, unless the job (``--resume
+    resume``) will continue ``run_dir``'s own checkpoint: `internimage finetune` then
+    neither needs nor checks it (that pre-training step may be pruned since), nor does this."""
+    if not init:
+        return
+    from finetune.engine import resume_checkpoint
+    from models import CheckpointError
+    from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
+
+    try:
+        # the job runs with --resume auto unless one was given (see job_spec)
+        if resume_checkpoint(resume or "auto", run_dir, warn=False) is not None:
+            return
+    except CheckpointError as err:  # the job would stop on it, with this message
+        raise ConfigError(str(err)) from None
+    try:
+        resolve_checkpoint(init)
+    except CheckpointPathError as err:
+        raise ConfigError(f"init: {err}") from None
 
 
 def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
@@ -124,10 +241,13 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
         got = job[0] if job else "nothing"
         raise ConfigError(f"submit: the job must be one of {list(JOB_COMMANDS)}, got {got!r}")
     args = _parse(job, parser)
+    # fail now on a bad config, not inside the job after its wait in the queue
     if args.command == "pretrain":
         from launch.commands.pretrain import load
 
-        load(args)  # fail now on a bad config, not inside the job
+        load(args)
+    else:
+        finetune_cfg = _finetune_config(args)
     if getattr(args, "dry_run", False):
         raise ConfigError(f"submit: `{job[0]} --dry-run` plans without training; run it "
                           "directly, or use `submit --dry-run` to see the sbatch script")
@@ -136,6 +256,8 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
         raise ConfigError(f"submit {job[0]}: give --output-dir so that a requeued job finds "
                           "its checkpoints")
     run_dir = run_dir.resolve()
+    if args.command == "finetune":
+        _check_init(finetune_cfg.init, args.resume, run_dir)
     argv, env = credentials_to_env(list(job), _secret_keys(args))
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if getattr(args, "resume", None) is None:

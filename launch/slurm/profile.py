@@ -56,6 +56,11 @@ class ClusterProfile:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
             raise ValueError(f"tasks_per_node: must be >= 1, got {self.tasks_per_node}")
+        if self.gpus_per_node and self.tasks > self.gpus_per_node:
+            # each task drives GPU LOCAL_RANK: the extra ones would fail on a device that is
+            # not there, after the job's wait in the queue
+            raise ValueError(f"tasks_per_node ({self.tasks}) must not exceed gpus_per_node "
+                             f"({self.gpus_per_node}): one task per GPU")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ValueError(f"mem_gb: must be > 0, got {self.mem_gb}")
         if self.signal_delay_s < 1:

@@ -1,0 +1,214 @@
+"""`internimage submit` refuses on the login node what could only fail inside the job, and
+keeps credentials out of everything a job writes, however they are spelled.
+
+- Credentials given in any override spelling (a dotted key, a mapping at any depth) reach
+  the job only through its environment: never the pickled job, `slurm_jobs.jsonl`, the
+  dry-run output or the logs.
+- `submit finetune` validates the task's config and `--init` before sbatch, as
+  `submit pretrain` does.
+- More tasks per node than GPUs is refused.
+- srun ends the other tasks when one exits non-zero (--kill-on-bad-exit).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import build_parser, main
+from launch.config import ConfigError
+from launch.slurm.jobspec import credentials_to_env, job_spec
+from runtime.redact import public_dict
+from tests.pretrain_utils import REPO, TINY, env
+from tests.test_secrets import AWS_ENV, KEY, SECRET, TOKEN, _fake_slurm, _leaks
+
+# Every way an override can carry the credentials (the config loader reads the value of
+# `key=value` as YAML, so a mapping is as good as a dotted key).
+SPELLINGS = {
+    "dotted keys": [f"data.s3.key={KEY}", f"data.s3.secret={SECRET}",
+                    f"data.s3.token={TOKEN}"],
+    "s3 mapping": [f"data.s3={{key: {KEY}, secret: '{SECRET}', token: {TOKEN}, retries: 7}}"],
+    "data mapping": [f"data={{s3: {{key: {KEY}, secret: {SECRET}, token: {TOKEN}, "
+                     "retries: 7}}"],
+    "mixed": [f"data={{s3: {{token: {TOKEN}, retries: 7}}}}", f"data.s3.key={KEY}",
+              f"data.s3={{secret: {SECRET}, token: {TOKEN}, retries: 7, key: {KEY}}}"],
+    # a later mapping replaces an earlier dotted credential (as the config loader does)
+    "replaced": ["data.s3.secret=EARLIERSECRETNEVERUSED",
+                 f"data.s3={{key: {KEY}, secret: {SECRET}, token: {TOKEN}}}"],
+}
+JOBS = {"pretrain": ["pretrain"], "finetune": ["finetune", "classification"]}
+
+
+def _load(argv: list[str]):
+    """The config `internimage <argv>` runs with (the job's loader, not submit's)."""
+    from launch.commands.finetune import task_entry
+    from launch.commands.pretrain import load
+    from launch.config import load_config
+
+    args, extra = build_parser().parse_known_args(argv)
+    args.overrides += extra
+    if args.command == "pretrain":
+        return load(args)
+    overrides = [*args.overrides, f"run.output_dir={args.output_dir}"]
+    return load_config(task_entry(args.task)[0], args.config, overrides)
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_credentials_in_any_spelling_travel_only_in_the_environment(job, spelling, tmp_path,
+                                                                    monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    argv = [*JOBS[job], "--output-dir", str(run_dir), *SPELLINGS[spelling]]
+
+    # what every task runs: the same config, but the credentials come from the environment
+    spec = job_spec(argv, build_parser())
+    assert spec.env == AWS_ENV
+    given, in_job = _load(argv), _load(spec.argv)
+    assert (given.data.s3.key, given.data.s3.secret, given.data.s3.token) == (KEY, SECRET, TOKEN)
+    assert (in_job.data.s3.key, in_job.data.s3.secret, in_job.data.s3.token) == (None,) * 3
+    assert public_dict(in_job) == public_dict(given)  # nothing else changed (retries too)
+    if "retries: 7" in " ".join(SPELLINGS[spelling]):
+        assert in_job.data.s3.retries == 7
+
+    assert main(["submit", "--dry-run", *argv]) == 0
+    out = capsys.readouterr()
+    assert "# each task runs: internimage" in out.out
+    for value in (KEY, SECRET, TOKEN, "EARLIERSECRETNEVERUSED"):
+        assert value not in out.out and value not in out.err
+
+    # a submission: the pickled job holds none; sbatch is given them (exported to the job)
+    for name in AWS_ENV:  # set first so that monkeypatch restores them after `submit`
+        monkeypatch.setenv(name, "unset")
+    env_file = tmp_path / "sbatch_env.txt"
+    _fake_slurm(tmp_path / "bin", env_file)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    logs = tmp_path / "logs"
+    assert main(["submit", "--folder", str(logs), *argv]) == 0
+    pickles = list(logs.rglob("*.pkl"))
+    assert pickles and not _leaks(logs) and not (run_dir.exists() and _leaks(run_dir))
+    assert not any(b"EARLIERSECRETNEVERUSED" in p.read_bytes() for p in pickles)
+    sbatch_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                      if "=" in line)
+    assert {k: sbatch_env.get(k) for k in AWS_ENV} == AWS_ENV
+
+
+def test_an_override_that_would_not_parse_back_the_same_is_refused(monkeypatch):
+    """The rewritten override is checked to mean what was given, credentials aside. YAML
+    reads back what it writes, so this stands for a value a future loader or dumper could
+    not reproduce: the job is refused, naming the variables to use, never run changed."""
+    import yaml
+
+    from pretrain.config import PretrainConfig
+    from runtime.redact import secret_keys
+
+    def lossy(value, **kw):  # drops the rest of the mapping
+        return yaml.dump({k: v for k, v in value.items() if v is None}, **kw)
+
+    monkeypatch.setattr("launch.slurm.jobspec.yaml.safe_dump", lossy)
+    with pytest.raises(ConfigError) as err:
+        credentials_to_env(["pretrain", f"data.s3={{secret: {SECRET}, retries: 7}}"],
+                           secret_keys(PretrainConfig))
+    message = str(err.value)
+    assert "data.s3.secret (AWS_SECRET_ACCESS_KEY)" in message and "\n" not in message
+    assert SECRET not in message
+
+
+@pytest.mark.slow
+def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_path):
+    """The same job through submitit's local executor: it runs, and its run directory
+    (`slurm_jobs.jsonl`, config, checkpoints), its folder (pickles, logs) and what submit
+    printed hold none of the credentials."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", "--local", "--folder",
+         str(logs / "%j"), "pretrain", "--output-dir", str(run_dir), "--max-steps", "1",
+         *TINY, *SPELLINGS["data mapping"]],
+        env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [start] = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+    assert any(a.startswith("data={s3: {key: null, secret: null") for a in start["argv"])
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert not _leaks(run_dir, logs)
+    for value in (KEY, SECRET, TOKEN):
+        assert value not in proc.stdout and value not in proc.stderr
+
+
+# ------------------------------------------------------------- finetune before sbatch
+@pytest.fixture
+def no_sbatch(tmp_path, monkeypatch) -> Path:
+    """A fake SLURM on PATH; the file its sbatch writes exists only if it was called."""
+    called = tmp_path / "sbatch_called.txt"
+    _fake_slurm(tmp_path / "bin", called)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    return called
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["no_such.key=1"], "unknown key 'no_such'"),
+    (["run.batch_size=notanint"], "run.batch_size: expected an integer, got 'notanint'"),
+    (["--init", "/nonexistent/ckpt.pt"], "init: /nonexistent/ckpt.pt: not found; give"),
+    (["init=/nonexistent/ckpt.pt"], "init: /nonexistent/ckpt.pt: not found; give"),
+])
+def test_finetune_config_and_init_are_checked_before_sbatch(extra, message, no_sbatch,
+                                                           tmp_path, capsys):
+    status = main(["submit", "--folder", str(tmp_path / "logs"), "finetune", "classification",
+                   "--output-dir", str(tmp_path / "ft"), *extra])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("internimage submit: config error:") and message in err
+    assert err.count("\n") == 1  # one line
+    assert not no_sbatch.exists() and not (tmp_path / "logs").exists()
+
+
+def test_finetune_init_is_not_needed_when_the_job_resumes_its_own_run(no_sbatch, tmp_path,
+                                                                      capsys):
+    """As `internimage finetune`: a run with its own checkpoint resumes from it and does
+    not read --init (the pre-training step may be pruned since); a weights file is fine."""
+    run_dir = tmp_path / "ft"
+    step = run_dir / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (run_dir / "checkpoints" / "latest").write_text("step_0000004")
+    assert main(["submit", "--dry-run", "finetune", "classification", "--output-dir",
+                 str(run_dir), "--init", "/pruned/step_0000100"]) == 0
+    weights = tmp_path / "backbone.safetensors"
+    weights.write_bytes(b"")
+    assert main(["submit", "--dry-run", "finetune", "classification", "--output-dir",
+                 str(tmp_path / "fresh"), "--init", str(weights)]) == 0
+    assert "# each task runs: internimage finetune" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- resources
+def test_more_tasks_per_node_than_gpus_is_refused_naming_both(tmp_path, capsys):
+    assert main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+                 "--tasks-per-node", "8", "pretrain"]) == 2
+    err = capsys.readouterr().err
+    assert "tasks_per_node (8)" in err and "gpus_per_node (4)" in err
+    profile = tmp_path / "p.yaml"
+    profile.write_text("gpus_per_node: 2\ntasks_per_node: 4\n")
+    assert main(["submit", "--profile", str(profile), "--dry-run", "pretrain"]) == 2
+    assert "tasks_per_node (4)" in capsys.readouterr().err
+    # fewer tasks than GPUs, and any number without GPUs, stay allowed
+    assert main(["submit", "--dry-run", "--gpus-per-node", "8", "--tasks-per-node", "4",
+                 "pretrain"]) == 0
+    assert main(["submit", "--dry-run", "--tasks-per-node", "8", "pretrain"]) == 0
+
+
+def _srun_line(script: str) -> str:
+    [line] = [x for x in script.splitlines() if x.startswith("srun ")]
+    return line
+
+
+def test_srun_ends_every_task_when_one_fails(no_sbatch, tmp_path, capsys):
+    assert main(["submit", "--dry-run", "pretrain"]) == 0
+    assert "--kill-on-bad-exit=1" in _srun_line(capsys.readouterr().out)
+    # the script submitit really hands to sbatch
+    logs = tmp_path / "logs"
+    assert main(["submit", "--folder", str(logs), "pretrain", "--output-dir",
+                 str(tmp_path / "run")]) == 0
+    [script] = logs.rglob("*_submission.sh")
+    assert "--kill-on-bad-exit=1" in _srun_line(script.read_text())
