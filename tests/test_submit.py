@@ -104,26 +104,3 @@ def test_local_executor_runs_the_same_two_task_job(tmp_path):
     assert start["cluster"] == "local" and start["job_id"] == job_id
     assert start["world_size"] == 2
     assert (tmp_path / "logs" / job_id / f"{job_id}_1_log.err").is_file()
-
-
-def test_gives_up_after_max_requeues_with_a_clear_message(tmp_path, monkeypatch):
-    """In a SLURM task (its environment emulated) restarted more often than allowed."""
-    from launch.slurm.job import RequeueLimitError, TrainingJob
-
-    # the job exports these; setting them here first makes monkeypatch restore them after
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(key, "0")
-    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(tmp_path),
-                       "SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                       "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
-                       "SLURM_JOB_NODELIST": "node1", "SLURM_RESTART_COUNT": "3"}.items():
-        monkeypatch.setenv(key, value)
-    job = TrainingJob(["pretrain"], tmp_path / "run", max_requeues=2, save_on_signal=False,
-                      entry=main)
-    with pytest.raises(RequeueLimitError, match="requeued 3 times, more than --max-requeues 2"):
-        job()
-    assert job.checkpoint() is None  # on a signal now: no further requeue either
-    rows = [json.loads(x) for x in (tmp_path / "run/slurm_jobs.jsonl").read_text().splitlines()]
-    assert [(r["event"], r["job_id"], r["requeue"]) for r in rows] == [
-        ("start", "77", 3), ("gave_up", "77", 3)]

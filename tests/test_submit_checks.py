@@ -212,3 +212,18 @@ def test_srun_ends_every_task_when_one_fails(no_sbatch, tmp_path, capsys):
                  str(tmp_path / "run")]) == 0
     [script] = logs.rglob("*_submission.sh")
     assert "--kill-on-bad-exit=1" in _srun_line(script.read_text())
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_the_time_out_allowance_is_max_requeues_on_slurm_and_locally(local, tmp_path,
+                                                                      monkeypatch):
+    """submitit counts time-outs itself (``max_num_timeout``, default 3 for both of its
+    executors) and refuses a requeue past it: it must be --max-requeues on SLURM and with
+    --local alike (locally it stayed 3)."""
+    from launch.slurm import executor as executor_module
+    from launch.slurm.profile import ClusterProfile
+
+    monkeypatch.setattr(executor_module, "slurm_available", lambda: True)
+    profile = ClusterProfile(folder=str(tmp_path), max_requeues=7)
+    executor = executor_module.make_executor(profile, local=local)
+    assert executor._executor.max_num_timeout == 7

@@ -44,7 +44,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--exclude", help="nodes to avoid")
     p.add_argument("--job-name")
     p.add_argument("--folder", help="submitit folder for scripts and logs (%%j: the job id)")
-    p.add_argument("--max-requeues", type=int, help="give up after this many requeues")
+    p.add_argument("--max-requeues", type=int,
+                   help="time-outs after which the job stops instead of requeueing "
+                   "(preemptions and SLURM's own restarts are not counted)")
     p.add_argument("--save-on-signal", action=argparse.BooleanOptionalAction, default=None,
                    help="checkpoint on the time-out/preemption signal before requeueing")
     p.add_argument("--wait", action="store_true",

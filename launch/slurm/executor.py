@@ -58,7 +58,9 @@ def make_executor(profile: ClusterProfile, local: bool = False) -> submitit.Auto
     """The executor that submits with this profile (SLURM, or local processes)."""
     folder = Path(profile.folder).expanduser().absolute()
     if local:
-        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        # the same time-out allowance as on SLURM (submitit's local default is 3)
+        executor = submitit.AutoExecutor(folder=folder, cluster="local",
+                                         local_max_num_timeout=profile.max_requeues)
         params = {k: v for k, v in executor_parameters(profile).items()
                   if not k.startswith("slurm_")}
         if profile.nodes != 1:
