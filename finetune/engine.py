@@ -104,16 +104,18 @@ def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> P
 
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
-             world_size: int, publish: bool = True) -> FinetuneRun:
+             world_size: int, engine: dict[str, Any], publish: bool = True) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
-    ``CheckpointError``: the CLI reports it without a traceback); once all checks passed,
-    the config the command line staged becomes ``config.yaml`` (``publish=False``: the
-    caller checks more first, then calls ``runtime.checkpoint.publish_config``)."""
+    ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
+    ``runtime.checkpoint.engine_layout``, which a checkpoint's must match); once all
+    checks passed, the config the command line staged becomes ``config.yaml``
+    (``publish=False``: the caller checks more first, then calls
+    ``runtime.checkpoint.publish_config``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = resume_checkpoint(resume, out_dir)
-    state = (checked_state(resume_dir, model_hash, world_size) if resume_dir is not None
-             else None)
+    state = (checked_state(resume_dir, model_hash, world_size, engine)
+             if resume_dir is not None else None)
     if publish:
         publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)

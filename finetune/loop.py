@@ -27,6 +27,7 @@ from torch import nn
 
 from finetune.engine import fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
+from runtime.checkpoint import engine_layout
 from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
@@ -51,8 +52,10 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     ``evaluate`` runs on the bare model. Returns the last evaluation's metrics (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
     """
-    run = open_run(resume, out_dir, model_hash, d.world_size)  # may refuse: before compute
     # bf16 through autocast over fp32 weights (as before DeepSpeed): the engine's are fp32
+    engine_state = engine_layout(zero_stage, "fp32")
+    # may refuse: before compute
+    run = open_run(resume, out_dir, model_hash, d.world_size, engine_state)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
         grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),
@@ -65,7 +68,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
                            progress=progress)
     # ``task``: what a later --init reads to tell a whole segmenter from a backbone
     shared = {"task": name, "world_size": d.world_size, "model_hash": model_hash,
-              "zero_stage": zero_stage}
+              "zero_stage": zero_stage, "engine": engine_state}
 
     def micro_step(batch: Any) -> dict[str, torch.Tensor]:
         with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):

@@ -40,7 +40,7 @@ from torch import nn
 from finetune.cls_stream import StreamingShards
 from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
 from runtime import rng
-from runtime.checkpoint import ResumeError, publish_config
+from runtime.checkpoint import ResumeError, engine_layout, publish_config
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
@@ -177,7 +177,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
     mhash = model_hash(cfg)
     # may refuse: before any compute; config.yaml once the stream position is checked too
-    run = open_run(resume, out_dir, mhash, d.world_size, publish=False)
+    engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
+    run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)
@@ -215,7 +216,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
     scheduler.step_update(step)
     shared = {"world_size": d.world_size, "model_hash": mhash,
-              "zero_stage": cfg.run.zero_stage}
+              "zero_stage": cfg.run.zero_stage, "engine": engine_state}
     engine.train()
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

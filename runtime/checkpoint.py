@@ -252,10 +252,48 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# DeepSpeed (0.19) loads a checkpoint only into an engine that writes the same files:
+# ZeRO-0 keeps the optimizer in mp_rank_00_model_states.pt, ZeRO-1 and -2 share
+# zero_pp_rank_*_optim_states.pt, ZeRO-3 adds per-rank model states; and a 16-bit
+# engine's optimizer (loss scale, fp32 groups; bf16_-prefixed files) is not an fp32 one's.
+# Measured over every pair of stages 0-3 x fp32/bf16: all others fail inside
+# load_checkpoint (AssertionError, KeyError, FileNotFoundError, TypeError).
+_ZERO_LAYOUT = {0: "0", 1: "1/2", 2: "1/2", 3: "3"}
+
+
+def engine_layout(zero_stage: int, precision: str) -> dict[str, Any]:
+    """What a run's DeepSpeed checkpoint files depend on besides the model: its ZeRO stage
+    and the precision of the engine's weights (``fp32`` for detection and segmentation,
+    which autocast over fp32 weights). Saved in ``trainer_state.json`` as ``engine``."""
+    return {"zero_stage": zero_stage, "precision": precision}
+
+
+def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path) -> None:
+    saved = state.get("engine") or {}
+    stage = saved.get("zero_stage", state.get("zero_stage"))  # older states: stage only
+    if stage is not None and _ZERO_LAYOUT[int(stage)] != _ZERO_LAYOUT[engine["zero_stage"]]:
+        raise ResumeError(
+            f"{ckpt_dir} was saved with ZeRO stage {stage}, this run has stage "
+            f"{engine['zero_stage']}: DeepSpeed resumes a checkpoint only in the ZeRO layout "
+            f"that wrote it (stages 1 and 2 share one); resume with zero_stage={stage} as in "
+            f"the run's config.yaml, or convert it (internimage convert) and --init a new run")
+    precision = saved.get("precision")
+    if precision is not None and precision != engine["precision"]:
+        raise ResumeError(
+            f"{ckpt_dir} was saved by a {precision} engine, this run's is "
+            f"{engine['precision']}: DeepSpeed's optimizer state differs between them; resume "
+            f"with precision={precision} as in the run's config.yaml, or convert it "
+            f"(internimage convert) and --init a new run")
+
+
 def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
-                     ckpt_dir: Path, allow_resize: bool = False) -> None:
+                     ckpt_dir: Path, allow_resize: bool = False,
+                     engine: dict[str, Any] | None = None) -> None:
     """Refuse, before any compute, a resume the saved state cannot support
-    (``allow_resize``: the caller resumes on another world size itself)."""
+    (``allow_resize``: the caller resumes on another world size itself; ``engine``: this
+    run's :func:`engine_layout`, checked against the saved one when given)."""
+    if engine is not None:
+        _check_engine(state, engine, ckpt_dir)
     if state["model_hash"] != model_hash:
         raise ResumeError(
             f"{ckpt_dir} was saved for a different model/text-tower config (hash "
@@ -325,9 +363,10 @@ def open_resume(resume: str | None, root: Path, model_hash: str,
     return ckpt_dir, checked_state(ckpt_dir, model_hash, world_size)
 
 
-def checked_state(ckpt_dir: Path, model_hash: str, world_size: int) -> dict[str, Any]:
+def checked_state(ckpt_dir: Path, model_hash: str, world_size: int,
+                  engine: dict[str, Any] | None = None) -> dict[str, Any]:
     """The trainer state of the resolved checkpoint ``ckpt_dir``, checked against this
-    run (model hash, world size)."""
+    run (model hash, world size, and ``engine``'s layout when given)."""
     state = load_trainer_state(ckpt_dir)
-    check_compatible(state, model_hash, world_size, ckpt_dir)
+    check_compatible(state, model_hash, world_size, ckpt_dir, engine=engine)
     return state

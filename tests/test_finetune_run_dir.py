@@ -46,17 +46,17 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 def test_a_fresh_start_over_an_existing_run_is_refused_and_touches_nothing(tmp_path):
     """What every task calls first (finetune/engine.py ``open_run``), then the metrics."""
     from finetune.engine import open_run
-    from runtime.checkpoint import ResumeError
+    from runtime.checkpoint import ResumeError, engine_layout
 
     out = _existing_run(tmp_path / "run")
     before = _snapshot(out)
     with pytest.raises(ResumeError) as err:
-        open_run(None, out, "h", 1)
+        open_run(None, out, "h", 1, engine_layout(0, "fp32"))
     message = str(err.value)
     assert "\n" not in message and str(out) in message
     assert "--resume auto" in message and "--output-dir" in message
     assert _snapshot(out) == before  # before: metrics.jsonl emptied by the metrics logger
-    run_ = open_run("auto", out, "h", 1)  # the way out it names
+    run_ = open_run("auto", out, "h", 1, engine_layout(0, "fp32"))  # the way out it names
     assert run_.start_step == 2000
 
 

@@ -107,11 +107,18 @@ def _logged_evaluation_is_the_checkpoints(logged: dict, step_dir: Path, cache: P
         assert ema["val_loss"] == pytest.approx(logged["val_loss_ema"], rel=1e-5)
 
 
-def test_zero2_single_rank(cache, tmp_path):
-    out = tmp_path / "z2"
+@pytest.fixture(scope="module")
+def zero2_run(cache, tmp_path_factory) -> tuple[Path, str]:
+    """4 steps of ZeRO-2 (fp32) on one rank, checkpointed at step 4; its stdout."""
+    out = tmp_path_factory.mktemp("z2") / "z2"
     proc = run(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=4",
                     "run.eval_every=4"), cache)
-    assert "top1" in proc.stdout
+    return out, proc.stdout
+
+
+def test_zero2_single_rank(zero2_run, cache, tmp_path):
+    out, stdout = zero2_run
+    assert "top1" in stdout
     recs = _records(out)
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
     assert sum("top1_ema" in r for r in recs) == 1
@@ -133,6 +140,32 @@ def test_zero2_single_rank(cache, tmp_path):
     cfg = load_config(ClassificationConfig, None, [f"data.cache_dir={cache}"])
     with pytest.raises(CheckpointError, match="last.pt"):
         train(cfg, legacy.parent, resume="auto")
+
+
+def test_a_resume_in_another_zero_layout_or_precision_is_refused_before_compute(
+        zero2_run, cache, tmp_path):
+    """DeepSpeed 0.19 resumes a checkpoint only in the ZeRO layout (0, 1/2 or 3) and the
+    weight precision that wrote it (measured over every pair of stages 0-3 x fp32/bf16: the
+    others fail inside load_checkpoint). Before, a ZeRO-2 checkpoint resumed at stage 3
+    died in DeepSpeed (``assert len(self.ckpt_list) > 0``) after the model was built."""
+    import shutil
+
+    out = tmp_path / "z2"
+    shutil.copytree(zero2_run[0], out)  # the fixture's run stays as it was for the others
+    config = (out / "config.yaml").read_text()
+    for change, reason in (("run.zero_stage=3", "saved with ZeRO stage 2, this run has stage 3"),
+                           ("run.precision=bf16", "saved by a fp32 engine, this run's is bf16")):
+        proc = run(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=6", change,
+                        "--resume", "auto"), cache, check=False)
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if "internimage finetune" in line]
+        assert len(errors) == 1 and reason in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert (out / "config.yaml").read_text() == config  # the run's own, untouched
+    # stages 1 and 2 write the same files: the run goes on at stage 1
+    run(_cmd(1, out, cache, "run.zero_stage=1", "run.max_steps=5", "run.eval_every=100",
+             "--resume", "auto"), cache)
+    assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
 def test_group_lr_is_schedule_times_scale():
