@@ -3,6 +3,13 @@
 consolidated file / released ``.pth`` -> one safetensors file (backbone under the released
 InternImage keys) or the released ``.pth`` layout.
 
+Sources and where their InternImage trunk sits: a pre-training run under ``visual.`` (the
+rest goes to ``pretrain.*``); a classification run, a released or converted file at the top
+level; a detection or segmentation run under its task model's prefix (``model.backbone.``
+for UperNet, ``backbone.body.`` for Mask R-CNN, ...), taken out to the released keys with
+the task's head kept under ``task.<task>.*`` by the run's own names (``--format official``
+leaves it out).
+
 ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities in lazy mode:
 the rank files are memory-mapped and each tensor is gathered on its own, so converting H
 needs about one fp32 copy of the model in RAM (plus the mapped files), not one per rank.
@@ -27,6 +34,17 @@ log = logging.getLogger(__name__)
 
 BACKBONE_PREFIX = "visual."  # M3IModel's image tower
 PRETRAIN_PREFIX = "pretrain."  # everything else of the pre-training network
+TASK_PREFIX = "task."  # a detection/segmentation run's head: task.<task>.<its own name>
+# A tensor every InternImage has once (the stem's first conv): the text before it in a
+# checkpoint's name is where the trunk sits in the model that was saved.
+TRUNK_ANCHOR = "patch_embed.conv1.weight"
+# Which task a trunk prefix comes from, for a source that does not record its task
+# (a consolidated file, an earlier version's last.pt): the ends of the names each task
+# model gives its trunk, with or without the engine's ``model.`` wrapper. First match wins.
+TASK_TRUNKS = (("backbone.body.", "detection"),                # Mask R-CNN (InternImageFPN)
+               ("detr.backbone.model.model.", "detection"),    # DINO
+               ("pixel_level_module.encoder._backbone.model.", "segmentation"),  # Mask2Former
+               ("backbone.", "segmentation"))                  # UperNet
 FORMAT_TAG = "internimage-convert-v1"
 # Architecture fields a fine-tuning run must copy to rebuild the same backbone.
 ARCH_FIELDS = tuple(f for f in InternImageSpec.__dataclass_fields__
@@ -55,9 +73,17 @@ class ConvertReport:
                  f"other {self.other_tensors})",
                  f"  parameters  {self.parameters:,}",
                  f"  bytes       {self.bytes:,} ({self.bytes / 2**20:.1f} MiB)"]
+        meta = self.metadata
+        if "task_backbone_prefix" in meta:  # say where a task run's two parts went
+            head = ("left out" if self.format == "official"
+                    else f"under {TASK_PREFIX}{meta['task']}.*")
+            lines.append(f"  task        {meta['task']} (backbone from "
+                         f"{meta['task_backbone_prefix']}*, head {head})")
+        elif "task" in meta:
+            lines.append(f"  task        {meta['task']}")
         for key in ("variant", "arch", "step", "config_hash"):
-            if key in self.metadata:
-                lines.append(f"  {key:<11} {self.metadata[key]}")
+            if key in meta:
+                lines.append(f"  {key:<11} {meta[key]}")
         return "\n".join(lines)
 
 
@@ -140,7 +166,8 @@ def run_metadata(step_dir: Path) -> dict[str, str]:
     trainer_state = step_dir / "trainer_state.json"
     if trainer_state.is_file():
         state = json.loads(trainer_state.read_text())
-        for key in ("step", "config_hash"):
+        # ``task``: fine-tuning runs record it (finetune/loop.py); a pre-training run does not
+        for key in ("step", "config_hash", "task"):
             if key in state:
                 meta[key] = str(state[key])
     for cfg_path in (step_dir.parent.parent / "config.yaml", step_dir.parent / "config.yaml"):
@@ -192,12 +219,36 @@ def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return state, meta
 
 
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                           dict[str, torch.Tensor]]:
-    """(backbone under released keys, everything else under ``pretrain.``).
+def trunk_prefix(state: dict[str, torch.Tensor], task: str | None = None) -> tuple[str, str]:
+    """(where the InternImage trunk sits in ``state``'s names, the task that put it there).
 
-    A pre-training state has its backbone under ``visual.``; a released or converted state
-    already uses the released keys (and converted files keep ``pretrain.*`` as they are).
+    ``""`` for a released, converted or classification state (the trunk at the top level)
+    and for a state without a trunk; a detection/segmentation state gives its task model's
+    prefix and ``task`` (as its run recorded it), else the task ``TASK_TRUNKS`` names, else
+    ``"unknown"``. Already converted ``pretrain.*``/``task.*`` tensors are not looked at.
+    """
+    prefixes = sorted({k[:-len(TRUNK_ANCHOR)] for k in state if k.endswith(TRUNK_ANCHOR)
+                       and not k.startswith((PRETRAIN_PREFIX, TASK_PREFIX))})
+    if len(prefixes) > 1:
+        # two trunks (say a model and a copy of it): which one is meant is not ours to guess
+        raise CheckpointError(f"the checkpoint holds {len(prefixes)} InternImage trunks, "
+                              f"under {', '.join(repr(p) for p in prefixes)}; expected one")
+    prefix = prefixes[0] if prefixes else ""
+    if not prefix:
+        return "", ""
+    named = next((name for end, name in TASK_TRUNKS if prefix.endswith(end)), "unknown")
+    return prefix, task or named
+
+
+def split_state(state: dict[str, torch.Tensor], task: str | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone under released keys, everything else under ``pretrain.``/``task.<task>.``).
+
+    A pre-training state has its backbone under ``visual.``; a detection/segmentation state
+    under its task model's prefix (``trunk_prefix``; ``task``: the task its run recorded),
+    the rest of it is the task's head; a released, converted or classification state
+    already uses the released keys (and converted files keep ``pretrain.*``/``task.*`` as
+    they are).
     """
     if any(k.startswith(BACKBONE_PREFIX) for k in state):
         backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
@@ -205,15 +256,34 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         other = {PRETRAIN_PREFIX + k: v for k, v in state.items()
                  if not k.startswith(BACKBONE_PREFIX)}
         return backbone, other
-    backbone = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_PREFIX)}
-    other = {k: v for k, v in state.items() if k.startswith(PRETRAIN_PREFIX)}
+    prefix, task = trunk_prefix(state, task)
+    if prefix:
+        backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        head = f"{TASK_PREFIX}{task}."
+        other = {head + k: v for k, v in state.items() if not k.startswith(prefix)}
+        return backbone, other
+    converted = (PRETRAIN_PREFIX, TASK_PREFIX)
+    backbone = {k: v for k, v in state.items() if not k.startswith(converted)}
+    other = {k: v for k, v in state.items() if k.startswith(converted)}
     return backbone, other
+
+
+def _task_meta(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    """``meta`` plus the task and trunk prefix of a detection/segmentation source, which
+    ``--init`` reports and which put a converted head back under the run's names."""
+    if any(k.startswith(BACKBONE_PREFIX) for k in state):  # pre-training: pretrain.*
+        return meta
+    prefix, task = trunk_prefix(state, meta.get("task"))
+    if not prefix:
+        return meta
+    return {**meta, "task": task, "task_backbone_prefix": prefix}
 
 
 def read_backbone(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Backbone weights (released keys) and metadata from any accepted source."""
     state, meta = read_source(src)
-    backbone, _ = split_state(state)
+    meta = _task_meta(state, meta)
+    backbone, _ = split_state(state, meta.get("task"))
     if not backbone:
         raise CheckpointError(f"{src} holds no InternImage backbone weights")
     return backbone, meta
@@ -245,7 +315,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
     state, meta = read_source(src)
-    backbone, other = split_state(state)
+    meta = _task_meta(state, meta)
+    backbone, other = split_state(state, meta.get("task"))
     if not backbone:
         raise CheckpointError(f"{src} holds no InternImage backbone weights")
     target = torch.bfloat16 if dtype == "bf16" else torch.float32

@@ -1,11 +1,13 @@
 """``--init CKPT`` for every fine-tuning entrypoint.
 
 Accepts what ``internimage convert`` accepts (one resolver, ``runtime.checkpoint_path``): a
-pre-training run directory, its ``checkpoints/``, ``checkpoints/latest`` or a ``step_*``
-directory (ZeRO shards consolidated on the fly, nothing written), a ``convert`` output
-(``.safetensors``) or a released InternImage ``.pth``. The backbone must match
-the model being fine-tuned: a checkpoint of another variant fails with a message saying
-which variant it holds, instead of a wall of shape errors.
+pre-training or fine-tuning run directory, its ``checkpoints/``, ``checkpoints/latest`` or a
+``step_*`` directory (ZeRO shards consolidated on the fly, nothing written), a ``convert``
+output (``.safetensors``) or a released InternImage ``.pth``. A detection or segmentation run
+gives its trunk only (``finetune.convert.split_state``); that trunk has no classification
+modules, so a classifier initialised from it starts them fresh. The backbone must match the
+model being fine-tuned: a checkpoint of another variant fails with a message saying which
+variant it holds, instead of a wall of shape errors.
 """
 
 from __future__ import annotations
@@ -73,13 +75,30 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
     with torch.no_grad():
         result = model.load_state_dict(
             {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=False)
-    report.missing = [k for k in result.missing_keys
-                      if not (backbone_only and k.startswith(CLASSIFIER_ONLY_PREFIXES))
-                      and not k.startswith(HEAD_PREFIXES)]
+    # A detection/segmentation trunk never had the classification-only modules
+    # (finetune/backbone.py deletes them): a classifier built on it starts them fresh.
+    # Only when the checkpoint holds none of them, so a classifier checkpoint that lost
+    # some of its head still fails below.
+    dense_trunk = not any(k.startswith(CLASSIFIER_ONLY_PREFIXES) for k in state)
+    fresh = [k for k in result.missing_keys
+             if ((backbone_only or dense_trunk) and k.startswith(CLASSIFIER_ONLY_PREFIXES))
+             or k.startswith(HEAD_PREFIXES)]
+    report.missing = [k for k in result.missing_keys if k not in fresh]
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(state) - len(report.unexpected)
     if report.missing or report.unexpected:
         raise CheckpointError(f"{src} does not match {variant} (another variant or depth?): "
                               f"{report}")
-    log.info("init from %s: %s", Path(src), report)
+    # the dropped classifier is fresh too, but the report already names it
+    fresh = [k for k in fresh if k not in report.dropped]
+    log.info("init from %s%s: %s%s", Path(src), _source_desc(meta), report,
+             f"; {len(fresh)} not in the checkpoint, initialised fresh: "
+             f"{', '.join(sorted({k.split('.')[0] + '.*' for k in fresh}))}" if fresh else "")
     return report
+
+
+def _source_desc(meta: dict[str, str]) -> str:
+    """`` (a segmentation run's backbone, its head left out)`` for a task run's trunk."""
+    if "task_backbone_prefix" not in meta:
+        return ""
+    return f" ({meta['task']} run's backbone, its head left out)"

@@ -1,4 +1,5 @@
-"""`internimage convert SRC DST`: ZeRO checkpoint -> safetensors / released layout."""
+"""`internimage convert SRC DST`: ZeRO checkpoint (any task's run) -> safetensors / released
+layout."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import sys
 def register(sub, name: str) -> None:
     p = sub.add_parser(name, help="convert a checkpoint for fine-tuning",
                        description="Consolidate a DeepSpeed ZeRO checkpoint (a pre-training "
-                       "run dir, its checkpoints/ dir, checkpoints/latest or a step_* dir), a "
-                       "consolidated .safetensors file or a released .pth into one safetensors "
+                       "or fine-tuning run dir, its checkpoints/ dir, checkpoints/latest or a "
+                       "step_* dir), a consolidated .safetensors file or a released .pth into "
+                       "one safetensors "
                        "file (backbone under the released keys, pre-training heads under "
-                       "pretrain.*) or the released .pth layout.")
-    p.add_argument("src", help="run dir | RUN/checkpoints | RUN/checkpoints/latest | step_* "
-                   "dir | .pth | .safetensors")
+                       "pretrain.*, a detection/segmentation run's head under task.<task>.*) "
+                       "or the released .pth layout (backbone only).")
+    p.add_argument("src", help="run dir (pre-training or fine-tuning) | RUN/checkpoints | "
+                   "RUN/checkpoints/latest | step_* dir | .pth | .safetensors")
     p.add_argument("dst")
     p.add_argument("--format", choices=["safetensors", "official"], default="safetensors")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
