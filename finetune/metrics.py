@@ -17,12 +17,21 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm")) -> d
     """COCOeval on ``results`` (COCO result dicts) -> ``{bbox_AP, bbox_AP50, ..., segm_AP}``.
 
     No detections at all gives 0.0 everywhere (pycocotools cannot load an empty result).
+    ``results`` are left as given: ``loadRes`` writes into the dicts it loads (``area``,
+    ``id``, and a box polygon as ``segmentation`` for results without a mask), so each pass
+    loads copies. Mask results go to the segm pass without their ``bbox``, as mmdet
+    (>= 2.12, ``CocoDataset.evaluate_det_segm``) does: pycocotools takes a result's area
+    from its box when it has one, which would size masks by their boxes for APs/APm/APl.
     """
     from pycocotools.cocoeval import COCOeval
 
     out: dict[str, float] = {}
     for iou_type in iou_types:
-        dets = [r for r in results if iou_type != "segm" or "segmentation" in r]
+        if iou_type == "segm":
+            dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results
+                    if "segmentation" in r]
+        else:
+            dets = [dict(r) for r in results]
         if not dets:
             out.update({f"{iou_type}_{k}": 0.0 for k in COCO_STATS})
             continue

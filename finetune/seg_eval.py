@@ -61,7 +61,8 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
             if cfg.data.test_short:
                 x = resize_short_side(x[0], label, cfg.data.test_short,
                                       cfg.data.test_long)[0][None]
-            logits = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg)
+            logits = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg,
+                             tuple(label.shape))
             logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
             conf.update(logits.argmax(1)[0].cpu(), label)
     conf.mat = all_reduce_sum(conf.mat.to(d.device), d).cpu()
@@ -70,8 +71,9 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
 
 
 def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            cfg: SegmentationConfig) -> torch.Tensor:
-    """(1, C, H, W) scores of one image: slide / whole, under multi-scale + flip if set."""
+            cfg: SegmentationConfig, out_size: tuple[int, int]) -> torch.Tensor:
+    """(1, C, h, w) scores of one image: slide / whole at the input's size, or under
+    multi-scale + flip the mean probabilities at ``out_size`` (the label's)."""
     def single(view: torch.Tensor) -> torch.Tensor:
         if cfg.eval.mode == "slide":
             return slide_logits(core, view, cfg.data.num_classes, cfg.eval.crop,
@@ -83,7 +85,9 @@ def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     from finetune.heads.seg_inference import multiscale_flip_scores
 
     return multiscale_flip_scores(single, x, scales=list(cfg.head.test_scales) or [1.0],
-                                  flip=cfg.head.test_flip)
+                                  flip=cfg.head.test_flip,
+                                  # 0 (no stretching): the backbone's stride still applies
+                                  size_divisor=cfg.eval.size_divisor or 32, out_size=out_size)
 
 
 def _class_names(cfg: SegmentationConfig) -> list[str] | None:

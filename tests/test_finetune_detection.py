@@ -265,3 +265,61 @@ def test_mask_rcnn_presets_drop_training_images_without_annotations_as_released(
     cfg = load_config(DetectionConfig, Path(__file__).resolve().parents[1] / "configs" /
                       "finetune" / name)
     assert cfg.data.filter_empty_gt is True
+
+
+def _one_box_coco():
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    gt = {"images": [{"id": 1, "height": 200, "width": 200}],
+          "categories": [{"id": 5, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "iscrowd": 0,
+                           "bbox": [10, 10, 20, 20], "area": 400.0,
+                           "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+    return coco
+
+
+def _rle(mask):
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def test_coco_eval_sizes_masks_by_their_own_area_and_leaves_results_alone():
+    """mmdet (>= 2.12, CocoDataset.evaluate_det_segm) drops each result's bbox before the
+    segm evaluation: pycocotools otherwise takes a result's area from its box. A thin
+    false-positive cross (mask ~1k px, box 130x130) belongs with the small masks, where it
+    halves APs. And pycocotools' loadRes writes into the dicts it is given (a box polygon
+    as segmentation): box-only results then scored segm AP as if they had masks."""
+    import copy
+
+    import numpy as np
+
+    from finetune.metrics import coco_evaluate
+
+    coco = _one_box_coco()
+    good = np.zeros((200, 200))
+    good[10:30, 10:30] = 1
+    cross = np.zeros((200, 200))
+    cross[100:104, 60:190] = 1
+    cross[60:190, 100:104] = 1
+    results = [{"image_id": 1, "category_id": 5, "bbox": [10, 10, 20, 20], "score": 0.5,
+                "segmentation": _rle(good)},
+               {"image_id": 1, "category_id": 5, "bbox": [60, 60, 130, 130], "score": 0.9,
+                "segmentation": _rle(cross)}]
+    given = copy.deepcopy(results)
+    scores = coco_evaluate(coco, results)
+    assert results == given
+    assert scores["segm_AP"] == pytest.approx(0.5) and scores["segm_APs"] == pytest.approx(0.5)
+    boxes_only = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    scores = coco_evaluate(coco, boxes_only)
+    assert scores["bbox_AP"] > 0 and scores["segm_AP"] == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
@@ -122,3 +123,35 @@ def test_init_checkpoint_loads_into_the_trunk(tmp_path):
     assert len(shared) > 50
     for key in shared:
         torch.testing.assert_close(got[key], source.state_dict()[key], msg=key)
+
+
+def test_multiscale_interpolates_each_views_logits_to_the_original_size_before_softmax():
+    """mmseg 0.x (``EncoderDecoder.whole_inference`` with ``rescale``, then ``inference``'s
+    softmax, averaged by ``aug_test``; the same in OpenGVLab/InternImage's
+    encoder_decoder_mask2former.py): each view's logits are resized to the original image
+    size, then turned into probabilities. Before, the probabilities were averaged at the
+    test size and resized to the original size afterwards, which moves boundaries."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 5, 5, padding=2)
+    original = (75, 100)
+    test = torch.randn(1, 3, 96, 128)
+    scales = (0.5, 1.0, 1.5)
+
+    def score_fn(x: torch.Tensor) -> torch.Tensor:
+        return net(x) * 4
+
+    with torch.no_grad():
+        ours = multiscale_flip_scores(score_fn, test, scales=scales, flip=True,
+                                      out_size=original)
+        expected = 0
+        for scale in scales:  # the reference protocol, written out
+            size = tuple(-(-round(side * scale) // 32) * 32 for side in (96, 128))
+            view = F.interpolate(test, size, mode="bilinear", align_corners=False)
+            for flipped in (False, True):
+                logits = score_fn(view.flip(-1) if flipped else view)
+                logits = logits.flip(-1) if flipped else logits
+                expected = expected + F.interpolate(
+                    logits, original, mode="bilinear", align_corners=False).softmax(1)
+        expected = expected / (2 * len(scales))
+    assert ours.shape == (1, 5, *original)
+    torch.testing.assert_close(ours, expected)

@@ -1,14 +1,17 @@
 """Semantic-segmentation test-time protocols shared by every segmentation head.
 
 The paper's multi-scale (MS) numbers rescale each image by factors such as
-0.5, 0.75, ..., 1.75, add horizontally flipped copies, resize every score map back to the
-input size and average their class probabilities; the argmax of the average is the
-prediction. As released (OpenGVLab/InternImage ``segmentation/mmseg_custom/models/
-segmentors/encoder_decoder_mask2former.py`` and mmseg's ``EncoderDecoder``: ``inference``
-takes the softmax of each view's score map, ``aug_test`` averages those): a view that is
-confident about one class outweighs one that is unsure, which averaging raw scores would
-not do. Each scaled size is rounded up to the size divisor, as mmseg's
-``ResizeToMultiple`` after the rescale.
+0.5, 0.75, ..., 1.75, add horizontally flipped copies, resize every score map to the
+original image's size and average their class probabilities there; the argmax of the
+average is the prediction. As released (OpenGVLab/InternImage ``segmentation/mmseg_custom/
+models/segmentors/encoder_decoder_mask2former.py`` and mmseg's ``EncoderDecoder``:
+``whole_inference``/``slide_inference`` with ``rescale`` resize each view's logits to
+``ori_shape``, ``inference`` takes their softmax, ``aug_test`` averages those): a view
+that is confident about one class outweighs one that is unsure, which averaging raw scores
+would not do, and logits, not probabilities, are what gets interpolated. Each scaled size
+is rounded up to the size divisor, as mmseg's ``ResizeToMultiple`` after the rescale.
+(mmseg rescales the original image for every scale; the views here are rescaled from the
+image at the test size, one more bilinear resampling of the input.)
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def multiscale_flip_scores(score_fn: ScoreFn, images: torch.Tensor,
                            scales: Sequence[float] = MS_SCALES, flip: bool = True,
-                           size_divisor: int = 32) -> torch.Tensor:
-    """Mean class probabilities (softmax of ``score_fn``'s (B, C, h, w) scores) over
+                           size_divisor: int = 32,
+                           out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Mean class probabilities (softmax of ``score_fn``'s (B, C, h, w) scores, each
+    resized to ``out_size`` first: the original image's size, default the input's) over
     rescaled and flipped inputs.
 
     Each scaled size is rounded up to a multiple of ``size_divisor`` (the backbone's
-    stride), so every view is valid input; returns (B, C, H, W) at the input size.
+    stride), so every view is valid input; returns (B, C, *out_size).
     """
     height, width = images.shape[-2:]
+    out_size = tuple(out_size) if out_size is not None else (height, width)
     total = None
     views = 0
     for scale in scales:
@@ -49,7 +55,7 @@ def multiscale_flip_scores(score_fn: ScoreFn, images: torch.Tensor,
             view = scaled.flip(-1) if flipped else scaled
             scores = score_fn(view)
             scores = scores.flip(-1) if flipped else scores
-            probs = _resize(scores, (height, width)).softmax(1)
+            probs = _resize(scores, out_size).softmax(1)
             total = probs if total is None else total + probs
             views += 1
     return total / views
