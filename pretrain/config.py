@@ -78,9 +78,10 @@ class ImageTargetConfig:
     (cross-view); mask tokens with position embeddings relative to the input views' top-left
     origin. Not published by M3I, so taken from Siamese Image Modeling (Tao et al. 2022):
     the EMA target encoder with momentum 0.995 rising to 1 on a cosine, a 4-block decoder,
-    block-wise masks, normalised-feature regression plus a decorrelation term. Our own
-    assumptions: decoder width/heads (MAE's decoder width), the mixing share, the view crop
-    range (the loaded image is already a random resized crop), the decorrelation weight.
+    block-wise masks, normalised-feature regression. Our own assumptions: decoder
+    width/heads (MAE's decoder width), the mixing share, the view crop range (the loaded
+    image is already a random resized crop), the decorrelation term's form (not SiamIM's
+    target-correlation term: pretrain/m3i/loss.py) and its weight.
     """
 
     weight: float = 0.0  # 0: branch off (the CLIP + tags objective)
@@ -92,7 +93,7 @@ class ImageTargetConfig:
     mix_share: float = 0.5  # share of patches showing the second image (assumption)
     view_scale: tuple[float, float] = (0.4, 1.0)  # crop area of each view (assumption)
     view_flip: float = 0.5  # horizontal flip probability of each view (assumption)
-    decorrelation_weight: float = 0.1  # assumption (the term's form: UniGrad's)
+    decorrelation_weight: float = 0.1  # assumption (the term: ours, see pretrain/m3i/loss.py)
 
     def __post_init__(self) -> None:
         check(self.weight >= 0, "objective.image.weight", "must be >= 0 (0: branch off)")
