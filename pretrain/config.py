@@ -6,7 +6,7 @@ configs/pretrain/ hold the real recipes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
 from pretrain.data.config import DataConfig, check
@@ -56,17 +56,32 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    """The text tower (open_clip's TextTransformer)."""
+    """The text tower: ``arch`` ``clip`` (open_clip's TextTransformer: causal, pre-norm,
+    pooled at the end-of-text token) or ``bert`` (BERT-Base's architecture, M3I's text
+    target encoder: bidirectional, post-norm, pooled at the first token; see
+    ``pretrain.m3i_model._BertTextTower``). Both read the CLIP BPE tokenizer's ids."""
 
     width: int = 512
     heads: int = 8
     layers: int = 12
     vocab_size: int = 49408
+    arch: Literal["clip", "bert"] = "clip"
 
     def __post_init__(self) -> None:
         check(self.width % self.heads == 0, "text.width",
                f"must be divisible by text.heads ({self.heads}), got {self.width}")
         check(self.layers >= 1, "text.layers", "must be >= 1")
+        check(self.arch in ("clip", "bert"), "text.arch",
+              f"must be clip or bert, got {self.arch!r}")
+
+    def hashed(self) -> dict:
+        """The fields a checkpoint's model hash covers (``pretrain.engine.model_hash``):
+        all of them, ``arch`` only when not ``clip``: runs from before the switch existed
+        (all clip) keep the hash their checkpoints carry, so they still resume."""
+        out = asdict(self)
+        if self.arch == "clip":
+            del out["arch"]
+        return out
 
 
 @dataclass

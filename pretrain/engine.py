@@ -30,7 +30,7 @@ def _hash(obj: Any) -> str:
 def model_hash(cfg: PretrainConfig, num_tags: int) -> str:
     """What a checkpoint's tensors depend on: model, text tower, context, tag count (and,
     with the image branch on, its decoder and target encoder)."""
-    parts = [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.text),
+    parts = [dataclasses.asdict(cfg.model), cfg.text.hashed(),
              cfg.data.context_length, num_tags]
     if cfg.objective.image.enabled:  # absent when off: earlier runs keep their hash
         parts.append({"image_branch": cfg.objective.image.decoder_spec()})
@@ -68,7 +68,7 @@ def _m3i_model(cfg: PretrainConfig, num_tags: int) -> M3IModel:
     return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                     cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
                     num_tags, cfg.objective.init_temperature, with_cp=cfg.model.checkpointing(),
-                    decoder=cfg.objective.image.decoder_spec(),
+                    decoder=cfg.objective.image.decoder_spec(), text_arch=cfg.text.arch,
                     **cfg.model.overrides())
 
 

@@ -8,6 +8,7 @@ normalised embeddings and the learnable temperature those losses need.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +34,109 @@ class _TextTower(TextTransformer):
                     nn.init.zeros_(block.attn.out_proj.bias)
 
 
+class _BertTextTower(nn.Module):
+    """BERT-Base's architecture as the text tower (M3I's text target encoder: "a 12-layer
+    Transformer with BERT-Base's architecture"): transformers' ``BertModel`` without its
+    pooler, built from a config and trained from scratch, then our projection to the joint
+    embedding.
+
+    BERT's blocks as they are: bidirectional self-attention, post-LayerNorm, GELU, learned
+    absolute positions (``context_length`` of them), token-type embeddings (all type 0),
+    dropout 0.1, an FFN 4x the width (3072 at BERT-Base's 768). The text is represented by
+    the final hidden state of the first position, BERT's [CLS] position: the CLIP tokenizer
+    starts every sequence with <start_of_text>, which takes [CLS]'s place. Not BERT's
+    pooler (dense + tanh, trained by next-sentence prediction): the projection that follows
+    already maps the [CLS] state into the joint space, as the CLIP tower's does its pooled
+    state.
+
+    The one difference from BERT-Base: the vocabulary is open_clip's CLIP BPE (the run's
+    tokenizer, ``vocab_size`` ids) rather than BERT's WordPiece, which the training data
+    pipeline does not use. Padding follows that tokenizer: every position after the first
+    end-of-text token (the vocabulary's last id, as open_clip's own argmax pooling assumes)
+    is masked out of attention; id 0 is a real BPE token ('!'), so it is not a pad id here.
+    """
+
+    def __init__(self, context_length: int, vocab_size: int, width: int, heads: int,
+                 layers: int, output_dim: int):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=4 * width,
+                            max_position_embeddings=context_length, hidden_act="gelu",
+                            attn_implementation="sdpa",
+                            # BertConfig's default pad id 0 would freeze the embedding of
+                            # CLIP's '!' at zero (nn.Embedding's padding_idx)
+                            pad_token_id=None)
+        self.eot_token_id = vocab_size - 1
+        # BertModel initialises itself in its __init__ (post_init) by walking its children;
+        # under zero.Init they are already partitioned there, so those draws land nowhere
+        # and the random stream would differ from a plain build's. Whatever construction
+        # draws is thrown away and every weight is drawn by init_parameters instead.
+        with torch.random.fork_rng(devices=[]):
+            self.bert = BertModel(config, add_pooling_layer=False)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        self.init_std = config.initializer_range
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """BERT's initialisation (normal, std ``initializer_range`` 0.02; zero biases;
+        LayerNorm 1/0) and the CLIP tower's projection init (std width^-0.5), gathered
+        under zero.Init (see pretrain/zero_init.py)."""
+        with gathered_for_init(self.parameters()):
+            for module in self.bert.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=self.init_std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+            nn.init.normal_(self.text_projection, std=self.text_projection.shape[0]**-0.5)
+
+    def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: True up to and including each row's first end-of-text token, False
+        after it (a row without one: all True; the tokenizer's truncation ends on one)."""
+        is_eot = tokens == self.eot_token_id
+        last = torch.where(is_eot.any(-1), is_eot.int().argmax(-1), tokens.shape[1] - 1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return positions[None] <= last[:, None]
+
+    def token_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) final hidden states of every position."""
+        # Given as the (B, 1, 1, L) mask SDPA reads: from a (B, L) one, transformers first
+        # asks whether anything is masked at all (a host sync per forward, and impossible
+        # on the meta device, where the --dry-run memory plan runs the tower)
+        mask = self.attention_mask(tokens)[:, None, None, :]
+        return self.bert(input_ids=tokens, attention_mask=mask).last_hidden_state
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, output_dim) projected final hidden state of the first ([CLS]) position."""
+        return self.token_states(tokens)[:, 0] @ self.text_projection
+
+
+TEXT_TOWERS = {"clip": _TextTower, "bert": _BertTextTower}
+
+
 class M3IModel(nn.Module):
-    """Image tower + projection, text tower, tag embeddings and a learnable logit scale."""
+    """Image tower + projection, text tower, tag embeddings and a learnable logit scale.
+
+    ``text_arch``: ``"clip"`` (open_clip's causal pre-norm transformer, pooled at the
+    end-of-text token) or ``"bert"`` (BERT-Base's architecture, :class:`_BertTextTower`).
+    """
 
     def __init__(self, model_name: str, embed_dim: int, context_length: int, text_width: int,
                  text_heads: int, text_layers: int, vocab_size: int, num_tags: int,
                  init_temperature: float = 0.07, with_cp: bool = False,
-                 decoder: dict | None = None, **model_overrides):
+                 decoder: dict | None = None, text_arch: Literal["clip", "bert"] = "clip",
+                 **model_overrides):
         super().__init__()
         self.visual = build_model(model_name, num_classes=0, with_cp=with_cp, **model_overrides)
         self.image_proj = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
-        self.text = _TextTower(context_length=context_length, vocab_size=vocab_size,
-                               width=text_width, heads=text_heads, layers=text_layers,
-                               output_dim=embed_dim)
+        # text_arch: see TextConfig.arch (pretrain/config.py)
+        self.text = TEXT_TOWERS[text_arch](context_length=context_length, vocab_size=vocab_size,
+                                           width=text_width, heads=text_heads,
+                                           layers=text_layers, output_dim=embed_dim)
         # One learnable embedding per tag of the vocabulary (the weak-label targets).
         self.tag_embed = nn.Parameter(torch.randn(max(num_tags, 1), embed_dim) / embed_dim**0.5)
         # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views
