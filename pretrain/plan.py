@@ -26,7 +26,8 @@ def meta_model(cfg: PretrainConfig):
     with torch.device("meta"):
         return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                         cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                        1, decoder=cfg.objective.image.decoder_spec(), **cfg.model.overrides())
+                        1, decoder=cfg.objective.image.decoder_spec(),
+                        text_arch=cfg.text.arch, **cfg.model.overrides())
 
 
 def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:

@@ -139,6 +139,12 @@ def test_h_preset_uses_bert_base_text_tower():
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "internimage_h_m3i.yaml")
     assert (cfg.text.arch, cfg.text.width, cfg.text.heads, cfg.text.layers) == (
         "bert", 768, 12, 12)
+    # the memory plan (--dry-run, internimage estimate) builds the run's own text tower
+    from transformers import BertModel
+
+    from pretrain.plan import meta_model
+
+    assert any(isinstance(m, BertModel) for m in meta_model(cfg).modules())
 
 
 @pytest.mark.distributed
