@@ -37,12 +37,46 @@ def model_hash(cfg: PretrainConfig, num_tags: int) -> str:
     return _hash(parts)
 
 
-def total_steps(cfg: PretrainConfig, world_size: int) -> int:
-    """Optimizer steps of the run (from epochs when configured)."""
-    if cfg.run.epochs > 0:
-        per_step = cfg.data.batch_size * cfg.engine.grad_accum * world_size
-        return max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / per_step))
-    return cfg.run.max_steps
+def global_batch(cfg: PretrainConfig, world_size: int) -> int:
+    """Samples one optimizer step reads over all ranks."""
+    return cfg.data.batch_size * cfg.engine.grad_accum * world_size
+
+
+def total_steps(cfg: PretrainConfig, world_size: int, step: int = 0,
+                samples: int = 0) -> int:
+    """Optimizer steps of the run: ``run.max_steps``, or with ``run.epochs`` the steps that
+    read the planned ``epochs x samples_per_epoch`` samples.
+
+    The epoch plan is in samples, so a run resumed at ``step`` with ``samples`` read (on
+    another world size or global batch, possibly more than once) ends when the samples
+    left are read at the current global batch: ``step + floor(left / global batch)``, the
+    rounding of a fresh run (``step = samples = 0``; at least one step). A step-based run
+    counts optimizer steps whatever each reads.
+    """
+    if cfg.run.epochs <= 0:
+        return cfg.run.max_steps
+    planned = cfg.run.epochs * cfg.run.samples_per_epoch
+    per_step = global_batch(cfg, world_size)
+    if step == 0:
+        return max(1, int(planned / per_step))
+    return step + int(max(0.0, planned - samples) / per_step)
+
+
+def align_schedule(scheduler, step: int, end_step: int, batch: int,
+                   batch_before: int) -> bool:
+    """Make a restored ``WarmupCosine`` (runtime/schedules.py) at optimizer ``step`` follow
+    an epoch run's plan: ``batch`` samples per step from here, the end at ``end_step``
+    (:func:`total_steps`). The saved schedule knows the plan of the run that saved it
+    (``batch_before`` samples per step, its end); when either differs it is re-planned in
+    samples (``rebase``: lr continuous in samples, ``min_lr`` after ``end_step``). Returns
+    whether it was; an unchanged plan keeps the saved schedule as it is (an exact resume).
+    """
+    here = scheduler.samples_at(step, batch_before)
+    if (batch == batch_before
+            and scheduler.end_samples(batch_before) == here + (end_step - step) * batch):
+        return False
+    scheduler.rebase(step, end_step, batch, batch_before)
+    return True
 
 
 def check_precision(precision: str) -> None:

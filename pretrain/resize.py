@@ -1,66 +1,132 @@
 """Resume pre-training on another world size: model and optimizer through DeepSpeed's
-universal checkpoint (the data side is :mod:`data.redeal`).
+universal checkpoint where the files are per rank (the data side is :mod:`data.redeal`, the
+schedule's re-planning: :func:`pretrain.engine.align_schedule`).
 
-ZeRO-3 files hold each rank's flat partition, so a checkpoint written by N ranks cannot be
-loaded by M directly. DeepSpeed's ``ds_to_universal`` turns a tag folder into one file per
-parameter (fp32 weights and Adam moments), which ``load_checkpoint`` re-partitions for any
-world size when the engine's config has ``"checkpoint": {"load_universal": true}``
-(measured here: fp32 parameters and Adam moments bit-identical 2 -> 1 and 2 -> 3 ranks, step
-and scheduler restored; /work/shared/design/REFERENCE.md). The universal path does not
-restore module buffers or frozen parameters; the pre-training model trains every parameter,
-and its buffers are deterministic functions of the config (rebuilt identically at init).
+What a checkpoint's files depend on, by ZeRO stage (measured here, deepspeed 0.19.8, every
+stage 2 -> 1 ranks, fp32 and bf16; REFERENCE.md):
+
+- stage 0: one ``mp_rank_00_model_states.pt`` with the whole module, optimizer and
+  scheduler, written by rank 0 and read by every rank; nothing in it depends on the world
+  size, so DeepSpeed's ``load_checkpoint`` loads it directly on any number of ranks.
+- stages 1 and 2: the optimizer (fp32 masters, Adam moments) is flat and cut into one
+  ``*zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank. ``ds_to_universal`` converts
+  them once it is told that the checkpoint needs no tensor-parallel merging
+  (``--inject_missing_state`` adds the ``universal_checkpoint_info`` DeepSpeed's own save
+  writes only for models with tensor-parallel metadata).
+- stage 3: parameters too are per rank; ``ds_to_universal`` converts as saved.
+
+A converted folder (one file per parameter: fp32 weights and Adam moments) loads
+re-partitioned for any world size with ``"checkpoint": {"load_universal": true}`` (fp32
+parameters and Adam moments bit-identical, step and scheduler restored). The universal path
+does not restore module buffers or frozen parameters; the pre-training model trains every
+parameter, and its buffers (BatchNorm statistics) are copied from rank 0's model states
+(:func:`restore_buffers`).
 
 The conversion runs once, on rank 0, into ``checkpoints/<tag>_universal`` (written under a
-temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete);
-a later resize from the same checkpoint reuses it. ``runtime.checkpoint.prune`` deletes it
-once ``latest`` names another checkpoint.
+temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete),
+with the identity of the checkpoint it was made from (:func:`source_identity`); a later
+resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
+tag (a rewound run re-saving that step) converts again. ``runtime.checkpoint.prune``
+deletes it once ``latest`` names another checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from runtime.checkpoint import ResumeError
+from runtime.checkpoint import TRAINER_STATE, ResumeError
 from runtime.dist import barrier
 
 log = logging.getLogger(__name__)
 
 SUFFIX = "_universal"
+# inside a universal folder: the identity of the checkpoint it was converted from
+SOURCE = "converted_from.json"
+
+
+def is_per_rank(ckpt_dir: Path) -> bool:
+    """Whether ``ckpt_dir``'s optimizer (ZeRO 1-3) or parameters (ZeRO-3) are split into one
+    file per rank: DeepSpeed writes ``*_optim_states.pt`` files only then."""
+    return any(ckpt_dir.glob("*_optim_states.pt"))
+
+
+def source_identity(ckpt_dir: Path) -> str:
+    """A fingerprint of the checkpoint saved in ``ckpt_dir``: its trainer state's bytes (the
+    save's time, step and data positions: different for every save) and the name, size and
+    modification time of each of its files. Cheap (no shard is read) and different for a
+    checkpoint saved again under the same tag."""
+    digest = hashlib.sha256()
+    state = ckpt_dir / TRAINER_STATE
+    digest.update(state.read_bytes() if state.is_file() else b"")
+    for path in sorted(ckpt_dir.iterdir()):
+        st = path.stat()
+        digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _converted_from(universal: Path) -> str | None:
+    try:
+        return json.loads((universal / SOURCE).read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # made before identities were recorded, or damaged: not trusted
 
 
 def convert_to_universal(ckpt_dir: Path) -> Path:
     """``ckpt_dir``'s universal form beside it (``<tag>_universal``), converted with
-    DeepSpeed's ``ds_to_universal`` unless already there. Call on one process."""
+    DeepSpeed's ``ds_to_universal`` unless one made from this very checkpoint is there.
+    Call on one process."""
     out = ckpt_dir.with_name(ckpt_dir.name + SUFFIX)
+    identity = source_identity(ckpt_dir)
     if out.is_dir():
-        return out
+        if _converted_from(out) == identity:
+            return out
+        log.warning("%s was not converted from the current %s (saved again since, or made by "
+                    "an older version): converting again", out.name, ckpt_dir.name)
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}{SUFFIX}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     # its default worker counts: --num_extract_workers 1 with the default merge workers
-    # hangs (REFERENCE.md)
+    # hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry no
+    # universal_checkpoint_info unless the model has tensor-parallel metadata (ours has
+    # none: nothing to merge); ZeRO-3's conversion ignores the flag.
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                           "--input_folder", str(ckpt_dir), "--output_folder", str(tmp)],
+                           "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
+                           "--inject_missing_state"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
-                          f"({proc.returncode}):\n{proc.stderr[-2000:]}")
-    tmp.rename(out)
+                          f"({proc.returncode}): {last}")
+    (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity}))
+    if out.exists():  # a stale conversion: set aside, then gone once the new one is in place
+        aside = out.with_name(f".{out.name}.stale")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+        os.replace(tmp, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out
 
 
-def universal_tag(engine, ckpt_dir: Path, is_main: bool) -> str:
+def resize_tag(engine, ckpt_dir: Path, is_main: bool) -> str:
     """The tag to pass to ``engine.load_checkpoint`` to load ``ckpt_dir`` on this world
-    size: rank 0 converts (every rank waits), and the engine is switched to DeepSpeed's
-    universal loading (its ``checkpoint.load_universal`` config key, read at load time)."""
+    size. A ZeRO-0 checkpoint is loaded as saved; otherwise rank 0 converts (every rank
+    waits) and the engine is switched to DeepSpeed's universal loading (its
+    ``checkpoint.load_universal`` config key, read at load time)."""
+    if not is_per_rank(ckpt_dir):
+        return ckpt_dir.name
     if is_main:
         convert_to_universal(ckpt_dir)
     barrier()
@@ -68,12 +134,21 @@ def universal_tag(engine, ckpt_dir: Path, is_main: bool) -> str:
     return ckpt_dir.name + SUFFIX
 
 
+def needs_buffers(ckpt_dir: Path) -> bool:
+    """Whether loading ``ckpt_dir`` on another world size leaves the module buffers at
+    their initial values (the universal path) so :func:`restore_buffers` must copy them."""
+    return is_per_rank(ckpt_dir)
+
+
 def restore_buffers(module, ckpt_dir: Path) -> int:
     """Copy the module buffers saved by rank 0 in ``ckpt_dir`` into ``module`` (the
     universal load leaves them at their initial values); returns how many."""
     import torch
 
-    files = sorted(ckpt_dir.glob("*rank_0_mp_rank_00_model_states.pt"))
+    # ZeRO-3: every rank writes zero_pp_rank_R_mp_rank_00_model_states.pt (rank 0's
+    # holds the buffers); ZeRO 0-2: rank 0 alone writes mp_rank_00_model_states.pt
+    files = (sorted(ckpt_dir.glob("zero_pp_rank_0_mp_rank_00_model_states.pt"))
+             or sorted(ckpt_dir.glob("mp_rank_00_model_states.pt")))
     if not files:
         raise ResumeError(f"{ckpt_dir}: no rank-0 model states file to restore buffers from")
     saved = torch.load(files[0], map_location="cpu", weights_only=False)

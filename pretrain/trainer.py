@@ -26,11 +26,13 @@ from pretrain.config import PretrainConfig
 from pretrain.engine import (
     DTYPES,
     TEACHER_KEY,
+    align_schedule,
     build_engine,
     build_model,
     build_teacher,
     check_precision,
     clamp_logit_scale,
+    global_batch,
     model_hash,
     total_steps,
 )
@@ -118,7 +120,7 @@ class Trainer:
         num_tags = len(TagVocab.load(cfg.data.tag_vocab))
         self.model_hash = model_hash(cfg, num_tags)
         self.config_hash = config_hash(cfg)  # without credentials: a rotated key is the same run
-        self.total_steps = total_steps(cfg, self.info.world_size)
+        self.batch = global_batch(cfg, self.info.world_size)
         # Everything that can refuse a resume is checked before any compute.
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
         refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
@@ -129,6 +131,19 @@ class Trainer:
                              allow_resize=True)
         # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
         self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
+        # The run's position in samples, what an epoch plan is measured in: every optimizer
+        # step counts one global batch (a step skipped for a non-finite loss too, as the lr
+        # schedule counts it). A checkpoint written before it was recorded read its steps
+        # at its own world size with this config's batch.
+        self.samples, self.batch_before = 0, self.batch
+        if self.state is not None:
+            self.batch_before = int(self.state.get(
+                "global_batch", global_batch(cfg, self.state["world_size"])))
+            self.samples = int(self.state.get(
+                "samples_done", int(self.state["step"]) * self.batch_before))
+        self.total_steps = total_steps(cfg, self.info.world_size,
+                                       int(self.state["step"]) if self.state else 0,
+                                       self.samples)
         if self.resized and cfg.objective.image.enabled:
             raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
                               f"another world size is not supported (its slices are per rank); "
@@ -167,16 +182,17 @@ class Trainer:
         assert self.resume_dir is not None and self.state is not None
         tag = self.resume_dir.name
         if self.resized:
-            from pretrain.resize import universal_tag
+            from pretrain.resize import resize_tag
 
-            tag = universal_tag(self.engine, self.resume_dir, self.info.is_main)
+            tag = resize_tag(self.engine, self.resume_dir, self.info.is_main)
         path, client_state = self.engine.load_checkpoint(str(self.resume_dir.parent), tag=tag)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
         if self.resized:
-            from pretrain.resize import restore_buffers
+            from pretrain.resize import needs_buffers, restore_buffers
 
-            restore_buffers(self.engine.module, self.resume_dir)
+            if needs_buffers(self.resume_dir):
+                restore_buffers(self.engine.module, self.resume_dir)
         if self.teacher is not None:
             if TEACHER_KEY not in (client_state or {}):
                 raise ResumeError(f"{self.resume_dir} holds no EMA target encoder "
@@ -186,12 +202,30 @@ class Trainer:
         self.nonfinite_skipped = int(self.state.get("nonfinite_skipped", 0))
         if self.info.is_main:
             log.info("resumed from %s at step %d", self.resume_dir, self.step)
+        self._align_schedule()
+
+    def _align_schedule(self) -> None:
+        """An epoch run's schedule follows its plan in samples: the restored one was made
+        for the saved run's global batch and end, so on another world size (or batch, or
+        epochs) it is re-planned from here (lr continuous in samples, ``min_lr`` at the
+        new last step). A step-based run (``run.max_steps``) keeps the restored schedule,
+        which counts steps, whatever the world size."""
+        if self.cfg.run.epochs <= 0:
+            return
+        if align_schedule(self.engine.lr_scheduler, self.step, self.total_steps, self.batch,
+                          self.batch_before) and self.info.is_main:
+            log.warning("epoch plan re-planned at step %d (%d samples read, %d per step "
+                        "before, %d now): the run ends at step %d after %d samples; the lr "
+                        "schedule continues in samples", self.step, self.samples,
+                        self.batch_before, self.batch, self.total_steps,
+                        self.samples + (self.total_steps - self.step) * self.batch)
 
     # ----------------------------------------------------------------------------------
     def _save(self) -> Path:
         # rank 0 alone writes the shared state: only it needs every rank's counts
         per_rank_stats = gather_objects(self.loader.stats.to_dict()) or []
         shared = {"step": self.step, "world_size": self.info.world_size,
+                  "global_batch": self.batch, "samples_done": self.samples,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": _merge_counts([s.get("samples", {}) for s in per_rank_stats]),
                   "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time()}
@@ -254,6 +288,7 @@ class Trainer:
         rule), then the EMA step of the target encoder (momentum on BYOL's cosine over the
         run, indexed by the step just taken, counted from 0)."""
         self.step = step
+        self.samples += self.batch
         clamp_logit_scale(self.engine, self.cfg.objective.max_logit_scale)
         if self.teacher is None:
             return
@@ -269,6 +304,7 @@ class Trainer:
         step never reaches, so without this the lr of step k would be schedule(k - skips).
         The periodic work of the step (zero-shot, checkpoint, stop request) still runs."""
         self.step = step
+        self.samples += self.batch  # the plan moves on, as the lr schedule does
         self.nonfinite_skipped += 1
         if self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.step()

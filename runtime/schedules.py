@@ -4,7 +4,8 @@ All of them apply each param group's ``lr_scale`` (runtime/param_groups.py), the
 group ``lr`` having started at the base lr: a group trains at
 ``base_lr * schedule(t) * lr_scale``.
 
-- ``WarmupCosine``: pre-training's linear warm-up then cosine to ``min_lr``, in steps; a
+- ``WarmupCosine``: pre-training's linear warm-up then cosine to ``min_lr``, in steps (or,
+  once re-planned for another global batch, in samples: :meth:`WarmupCosine.rebase`); a
   torch scheduler, so DeepSpeed can own it (``lr_scheduler=``) and save/restore its
   ``state_dict`` with every checkpoint.
 - ``cosine``, ``multistep``, ``poly``: fine-tuning's timm schedulers (stepped per update
@@ -48,6 +49,13 @@ class WarmupCosine(LRScheduler):
     convention). A group without ``lr_scale`` trains at scale 1; so a checkpoint of the
     earlier ``LambdaLR`` over pre-scaled groups (whose restored groups carry no
     ``lr_scale`` and whose ``base_lrs`` hold the scaled lrs) resumes at the same rates.
+
+    After :meth:`rebase` (a run resumed with another global batch) the multiplier is a
+    function of the samples read instead (``samples_plan``), saved and restored with the
+    rest of the state; until then ``samples_plan`` is None and the schedule is
+    ``warmup_cosine`` of the step, as it always was (a checkpoint written before
+    ``samples_plan`` existed restores with None: torch's ``load_state_dict`` updates
+    ``__dict__`` with what was saved, leaving attributes it did not save as built).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int,
@@ -57,17 +65,88 @@ class WarmupCosine(LRScheduler):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio
+        self.samples_plan: dict[str, float] | None = None
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int) -> float:
         """The schedule's multiplier of the base lr at ``step``."""
-        return warmup_cosine(self.warmup_steps, self.total_steps, self.min_ratio)(step)
+        if self.samples_plan is None:
+            return warmup_cosine(self.warmup_steps, self.total_steps, self.min_ratio)(step)
+        return self._samples_factor(self.samples_plan, self.samples_at(step))
 
     def get_lr(self) -> list[float]:
         """Each group's lr at the current step (``last_epoch`` counts steps here)."""
         f = self.factor(self.last_epoch)
         return [base * f * group.get("lr_scale", 1.0)
                 for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
+
+    # -- the schedule in samples -----------------------------------------------------------
+    def _plan(self, batch_before: int) -> dict[str, float]:
+        """The schedule as a curve in samples: the re-planned one, or the step schedule
+        read with ``batch_before`` samples per step (step ``s`` = ``s * batch_before``
+        samples; the first warm-up step already at ``1 / warmup_steps`` becomes a warm-up
+        that starts one step's samples in)."""
+        if self.samples_plan is not None:
+            return self.samples_plan
+        b = float(batch_before)
+        return {"step": 0, "samples": 0.0, "batch": b, "unit": b,
+                "warmup": self.warmup_steps * b, "anchor": self.warmup_steps * b,
+                "progress": 0.0, "end": self.total_steps * b}
+
+    def samples_at(self, step: int, batch_before: int = 1) -> float:
+        """Samples read after optimizer step ``step`` as this schedule counts them
+        (``batch_before`` per step where it still counts steps)."""
+        plan = self._plan(batch_before)
+        return plan["samples"] + (step - plan["step"]) * plan["batch"]
+
+    def end_samples(self, batch_before: int = 1) -> float:
+        """Samples after which the lr is ``min_ratio`` (``batch_before`` per step where the
+        schedule still counts steps)."""
+        return self._plan(batch_before)["end"]
+
+    @staticmethod
+    def _progress(plan: dict[str, float], samples: float) -> float:
+        """How far the cosine is (0 at its start, 1 at ``min_ratio``) after ``samples``."""
+        span = plan["end"] - plan["anchor"]
+        if span <= 0:
+            return 1.0
+        done = plan["progress"] + (1 - plan["progress"]) * (samples - plan["anchor"]) / span
+        return min(1.0, max(0.0, done))
+
+    def _samples_factor(self, plan: dict[str, float], samples: float) -> float:
+        if samples < plan["warmup"]:
+            # linear in samples, at the step schedule's values at whole steps; capped at 1
+            # because a position between the last warm-up step and the cosine's start
+            # exists only in samples
+            return min(1.0, (samples + plan["unit"]) / plan["warmup"])
+        cosine = 0.5 * (1 + math.cos(math.pi * self._progress(plan, samples)))
+        return self.min_ratio + (1 - self.min_ratio) * cosine
+
+    def rebase(self, step: int, end_step: int, batch: int, batch_before: int) -> None:
+        """Re-plan from optimizer step ``step`` (where the scheduler stands): from here on
+        each step reads ``batch`` samples and the run ends at ``end_step``.
+
+        The lr as a function of the samples read is kept where it is (the warm-up ends
+        at the same sample count) and the rest of the cosine is laid over the samples left,
+        ``(end_step - step) * batch``, so the lr is continuous in samples across the change
+        and is ``min_ratio`` exactly after ``end_step``. ``batch_before``: samples per step
+        so far, needed only while the schedule still counts steps (never re-planned).
+        The groups' lrs are set to the re-planned value at ``step`` (what the next step
+        trains at).
+        """
+        old = self._plan(batch_before)
+        here = self.samples_at(step, batch_before)
+        anchor = max(old["warmup"], here)  # the cosine continues from here (or its start)
+        self.samples_plan = {
+            "step": step, "samples": here, "batch": float(batch), "unit": old["unit"],
+            "warmup": old["warmup"], "anchor": anchor,
+            "progress": self._progress(old, anchor) if anchor > old["warmup"] else 0.0,
+            "end": here + (end_step - step) * batch}
+        self.total_steps = end_step
+        self.last_epoch = step
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 def _warmup(lr: float, warmup_steps: int) -> dict:

@@ -1,17 +1,19 @@
 """Pre-training resumed on another world size (issue #14: ``--resume`` on a different
 number of ranks works, with DeepSpeed's universal checkpoint for model and optimizer and
-the data re-dealt at shard granularity)."""
+the data re-dealt at shard granularity): ZeRO-3 through torchrun; every ZeRO stage's round
+trip and the epoch plan kept in samples with forked ranks (tests/pretrain_utils.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
 import torch
 
 from runtime.schedules import warmup_cosine
-from tests.pretrain_utils import losses, pretrain_cmd, run
+from tests.pretrain_utils import latest, losses, pretrain_cmd, run, run_forked
 
 pytestmark = [pytest.mark.distributed]
 
@@ -65,3 +67,198 @@ def test_two_rank_zero3_checkpoint_resumes_on_one_rank(tmp_path):
     # Data: re-dealt at shard granularity, and the log says what is repeated.
     assert "re-dealt over the new slots" in proc.stderr
     assert "samples repeated across the change" in proc.stderr
+
+
+# Resume through the CLI and dump, from rank 0, the whole optimizer state right after the
+# checkpoint of step N is saved and right after it is loaded (files argv[1] + ".savedN" /
+# ".restored"): per parameter its fp32 master weight and Adam moments, the Adam step
+# counts, the lr and scheduler step, the module buffers.
+DUMP_ROUND_TRIP = """
+import os, sys, torch
+import pretrain.trainer as tr
+out = sys.argv.pop(1)
+
+def full_state(engine):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        # ZeRO-1/2 give each parameter views of the optimizer state, made once after the
+        # first step: made again here, so that they view the state as it is now
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    # DeepSpeed's 16-bit optimizer without ZeRO keeps an fp32 copy per parameter
+    fp32_of = {id(low): high for lows, highs in zip(getattr(opt, "fp16_groups", []),
+                                                     getattr(opt, "fp32_groups", []))
+               for low, high in zip(lows, highs)}
+    base = getattr(opt, "optimizer", opt)
+    params = {}
+    for name, p in engine.module.named_parameters():
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: gathered from every rank's partition
+            values = [safe_get_full_fp32_param(p)] + [
+                safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")]
+        else:
+            master = fp32_of.get(id(p), p)
+            state = base.state[master]
+            values = [master, state["exp_avg"], state["exp_avg_sq"]]
+        params[name] = [v.detach().float().clone() for v in values]
+    return {"params": params, "lr": engine.get_lr(),
+            "adam_steps": sorted({float(s["step"]) for s in base.state.values()}),
+            "last_epoch": engine.lr_scheduler.last_epoch,
+            "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()}}
+
+def dump(trainer, suffix):
+    state = full_state(trainer.engine)  # every rank: the gathering is collective
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(state | {"step": trainer.step}, out + suffix)
+
+save, restore = tr.Trainer._save, tr.Trainer._restore
+def saving(self):
+    path = save(self)
+    dump(self, f".saved{self.step}")
+    return path
+def restoring(self):
+    restore(self)
+    dump(self, ".restored")
+tr.Trainer._save, tr.Trainer._restore = saving, restoring
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_code_forked(code: str, ranks: int, args: list[str], cache, logs) -> None:
+    """``python -c CODE ARGS`` on ``ranks`` ranks forked as ``run_forked`` forks them (its
+    command form takes code on one rank only); fails with the ranks' stderr."""
+    from tests.pretrain_utils import _forked_rank, env, free_port
+    from tests.rank_launcher import _CTX
+
+    port, environ = free_port(), env(cache)
+    procs = [_CTX.Process(target=_forked_rank, args=(
+        r, ranks, port, code, args, environ, str(logs / f"rank{r}.out"),
+        str(logs / f"rank{r}.err"))) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if any(p.exitcode for p in procs):
+        raise AssertionError("".join((logs / f"rank{r}.err").read_text()[-3000:]
+                                     for r in range(ranks)))
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16"),
+                                             (2, "fp32")])
+def test_zero_stages_0_to_2_resume_on_another_world_size(tmp_path, cache, stage, precision):
+    """ZeRO-0 checkpoints load as saved (nothing in them is per rank); ZeRO-1/2 ones go
+    through DeepSpeed's universal checkpoint like ZeRO-3's. Before, both failed: ZeRO-0
+    with FileNotFoundError (no optimizer files to convert), ZeRO-1/2 with "Required
+    universal_checkpoint_info state is missing"."""
+    out, dump = tmp_path / "run", str(tmp_path / "dump")
+    config = [f"engine.zero_stage={stage}", f"engine.precision={precision}"]
+    cli = pretrain_cmd(1, out, *config, "--max-steps", "2", "--checkpoint-every", "2")[3:]
+    run_code_forked(DUMP_ROUND_TRIP, 2, [dump, *cli], cache, tmp_path)
+    proc = run_forked([sys.executable, "-c", DUMP_ROUND_TRIP, dump, *pretrain_cmd(
+        1, out, *config, "--max-steps", "3", "--resume", "auto")[3:]], cache)
+    saved, restored = torch.load(dump + ".saved2"), torch.load(dump + ".restored")
+    # the optimizer state of every parameter as the 2 ranks had it, bit for bit
+    assert set(saved["params"]) == set(restored["params"])
+    for name, values in saved["params"].items():
+        for what, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), values,
+                              restored["params"][name]):
+            assert torch.equal(a, b), (name, what)
+    assert restored["step"] == saved["step"] == 2
+    assert restored["adam_steps"] == saved["adam_steps"] and saved["adam_steps"]
+    assert restored["lr"] == saved["lr"] and restored["last_epoch"] == 2
+    assert any("running_mean" in name for name in saved["buffers"])
+    for name, value in saved["buffers"].items():
+        assert torch.equal(restored["buffers"][name], value), name
+    # and it trains on: step 3 on one rank
+    assert sorted(losses(out)) == [1, 2, 3] and math.isfinite(losses(out)[3])
+    universal = "step_0000002_universal" in proc.stderr
+    assert universal == (stage > 0)  # ZeRO-0: loaded directly, no conversion
+
+
+# run.epochs=1 over 256 samples: the plan is 256 samples, whatever the world size.
+EPOCH_PLAN = ["run.epochs=1", "run.samples_per_epoch=256", "optim.min_lr=1e-4"]
+LR, MIN_LR = 3e-3, 1e-4  # TINY's optim.lr, EPOCH_PLAN's min_lr
+
+
+def lr_in_samples(samples: float, warmup_samples: float, unit: float, end: float) -> float:
+    """The config's lr after ``samples`` samples, computed here from the config: linear
+    warm-up (the first step already at one step's share) over the first run's warm-up
+    steps in samples, then a half cosine from the lr to min_lr at the planned ``end``."""
+    if samples < warmup_samples:
+        return LR * min(1.0, (samples + unit) / warmup_samples)
+    progress = (samples - warmup_samples) / (end - warmup_samples)
+    return MIN_LR + (LR - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _lr_rows(run_dir) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "loss" in r}
+
+
+def _final_state(run_dir) -> dict:
+    return json.loads((run_dir / "checkpoints" / latest(run_dir) / "trainer_state.json"
+                       ).read_text())
+
+
+def _kill_after(monkeypatch, cmd, cache, step: int) -> None:
+    """Run ``cmd`` and SIGKILL every rank at the end of ``step`` (after its checkpoint)."""
+    monkeypatch.setenv("INTERNIMAGE_KILL_AFTER_STEP", str(step))
+    run_forked(cmd, cache, check=False)
+    monkeypatch.delenv("INTERNIMAGE_KILL_AFTER_STEP")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["state", "legacy_state"])
+def test_epoch_run_resumed_on_fewer_ranks_reads_its_planned_samples(tmp_path, cache,
+                                                                    monkeypatch, legacy):
+    """2 ranks (32 samples a step: an 8-step plan), killed after step 2 (64 samples), go on
+    on 1 rank (16 a step): the 192 samples left are 12 steps, to step 14, on the same lr
+    curve in samples. Before, the run went to the 1-rank plan's 16 steps (288 samples)
+    while the restored 8-step schedule sat at min_lr from step 8 on. ``legacy``: a
+    checkpoint written before the trainer state recorded its samples and global batch
+    (both follow from its step, world size and the config)."""
+    out = tmp_path / "run"
+    _kill_after(monkeypatch, pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "2"),
+                cache, 2)
+    assert latest(out) == "step_0000002"
+    if legacy:
+        path = out / "checkpoints" / "step_0000002" / "trainer_state.json"
+        state = json.loads(path.read_text())
+        assert state.pop("samples_done") == 64 and state.pop("global_batch") == 32
+        path.write_text(json.dumps(state))
+    run_forked(pretrain_cmd(1, out, *EPOCH_PLAN, "--checkpoint-every", "100",
+                            "--resume", "auto"), cache)
+    lrs = _lr_rows(out)
+    assert sorted(lrs) == list(range(1, 15))
+    samples = {k: 32 * k if k <= 2 else 64 + 16 * (k - 2) for k in lrs}
+    for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 32 samples
+        assert lr == pytest.approx(lr_in_samples(samples[step], 64, 32, 256), rel=1e-9), step
+    assert lrs[14] == pytest.approx(MIN_LR, rel=1e-12)
+    state = _final_state(out)
+    assert state["step"] == 14 and sum(state["samples_seen"].values()) == 256
+
+
+def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cache,
+                                                                   monkeypatch):
+    """1 rank (a 16-step plan), killed after step 10 (160 samples), goes on on 2 ranks (32
+    a step): 3 steps to step 13, lr on the same curve in samples. Before, the 2-rank plan
+    of 8 steps was already behind it: the run ended at once at step 10, exit 0, having read
+    160 of the 256 samples."""
+    out = tmp_path / "run"
+    _kill_after(monkeypatch, pretrain_cmd(1, out, *EPOCH_PLAN, "--checkpoint-every", "10"),
+                cache, 10)
+    assert latest(out) == "step_0000010"
+    run_forked(pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "100",
+                            "--resume", "auto"), cache)
+    lrs = _lr_rows(out)
+    assert sorted(lrs) == list(range(1, 14))
+    samples = {k: 16 * k if k <= 10 else 160 + 32 * (k - 10) for k in lrs}
+    for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 16 samples
+        assert lr == pytest.approx(lr_in_samples(samples[step], 32, 16, 256), rel=1e-9), step
+    assert lrs[13] == pytest.approx(MIN_LR, rel=1e-12)
+    state = _final_state(out)
+    assert state["step"] == 13 and sum(state["samples_seen"].values()) == 256
