@@ -40,6 +40,7 @@ from pretrain.objectives import M3ILoss
 from runtime.checkpoint import (
     ResumeError,
     check_compatible,
+    engine_layout,
     load_trainer_state,
     publish_config,
     refuse_fresh_start,
@@ -128,7 +129,7 @@ class Trainer:
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)
             check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
-                             allow_resize=True)
+                             allow_resize=True, engine=self._engine_layout())
         # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
         self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
         # The run's position in samples, what an epoch plan is measured in: every optimizer
@@ -221,6 +222,11 @@ class Trainer:
                         self.samples + (self.total_steps - self.step) * self.batch)
 
     # ----------------------------------------------------------------------------------
+    def _engine_layout(self) -> dict[str, Any]:
+        """What this run's checkpoint files depend on besides the model (a resume in
+        another ZeRO layout or precision is refused: runtime.checkpoint.engine_layout)."""
+        return engine_layout(self.cfg.engine.zero_stage, self.cfg.engine.precision)
+
     def _save(self) -> Path:
         # rank 0 alone writes the shared state: only it needs every rank's counts
         per_rank_stats = gather_objects(self.loader.stats.to_dict()) or []
@@ -228,7 +234,8 @@ class Trainer:
                   "global_batch": self.batch, "samples_done": self.samples,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": _merge_counts([s.get("samples", {}) for s in per_rank_stats]),
-                  "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time()}
+                  "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time(),
+                  "engine": self._engine_layout()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
         client = {TEACHER_KEY: self.teacher.state_dict()} if self.teacher is not None else None
         return save_checkpoint(self.engine, self.ckpt_root, self.step, local, shared, self.info,

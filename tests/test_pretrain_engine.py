@@ -79,6 +79,14 @@ def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache
                              cache, check=False)
     assert other_model.returncode != 0
     assert "different model" in other_model.stderr
+    # DeepSpeed loads a checkpoint only in the ZeRO layout and precision that wrote it
+    # (runtime/checkpoint.py engine_layout); refused in one line before any compute
+    for change, reason in (("engine.zero_stage=0", "saved with ZeRO stage 3"),
+                           ("engine.precision=bf16", "saved by a fp32 engine")):
+        proc = run_forked(pretrain_cmd(2, tmp_path / "c", "--resume", ckpt, change), cache,
+                          check=False)
+        assert proc.returncode != 0 and reason in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_a_resume_over_a_changed_shard_list_is_refused_in_one_line(reference_run, tmp_path,
