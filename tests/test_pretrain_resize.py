@@ -212,34 +212,38 @@ def _kill_after(monkeypatch, cmd, cache, step: int) -> None:
     monkeypatch.delenv("INTERNIMAGE_KILL_AFTER_STEP")
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["state", "legacy_state"])
 def test_epoch_run_resumed_on_fewer_ranks_reads_its_planned_samples(tmp_path, cache,
-                                                                    monkeypatch, legacy):
+                                                                    monkeypatch):
     """2 ranks (32 samples a step: an 8-step plan), killed after step 2 (64 samples), go on
     on 1 rank (16 a step): the 192 samples left are 12 steps, to step 14, on the same lr
     curve in samples. Before, the run went to the 1-rank plan's 16 steps (288 samples)
-    while the restored 8-step schedule sat at min_lr from step 8 on. ``legacy``: a
-    checkpoint written before the trainer state recorded its samples and global batch
-    (both follow from its step, world size and the config)."""
+    while the restored 8-step schedule sat at min_lr from step 8 on. The same again from
+    a copy of the checkpoint as written before the trainer state recorded its samples and
+    global batch (both follow from its step, world size and the config)."""
+    import shutil
+
     out = tmp_path / "run"
     _kill_after(monkeypatch, pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "2"),
                 cache, 2)
     assert latest(out) == "step_0000002"
-    if legacy:
-        path = out / "checkpoints" / "step_0000002" / "trainer_state.json"
-        state = json.loads(path.read_text())
-        assert state.pop("samples_done") == 64 and state.pop("global_batch") == 32
-        path.write_text(json.dumps(state))
-    run_forked(pretrain_cmd(1, out, *EPOCH_PLAN, "--checkpoint-every", "100",
-                            "--resume", "auto"), cache)
-    lrs = _lr_rows(out)
-    assert sorted(lrs) == list(range(1, 15))
-    samples = {k: 32 * k if k <= 2 else 64 + 16 * (k - 2) for k in lrs}
-    for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 32 samples
-        assert lr == pytest.approx(lr_in_samples(samples[step], 64, 32, 256), rel=1e-9), step
-    assert lrs[14] == pytest.approx(MIN_LR, rel=1e-12)
-    state = _final_state(out)
-    assert state["step"] == 14 and sum(state["samples_seen"].values()) == 256
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    path = legacy / "checkpoints" / "step_0000002" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    assert state.pop("samples_done") == 64 and state.pop("global_batch") == 32
+    path.write_text(json.dumps(state))
+    for run_dir in (out, legacy):
+        run_forked(pretrain_cmd(1, run_dir, *EPOCH_PLAN, "--checkpoint-every", "100",
+                                "--resume", "auto"), cache)
+        lrs = _lr_rows(run_dir)
+        assert sorted(lrs) == list(range(1, 15))
+        samples = {k: 32 * k if k <= 2 else 64 + 16 * (k - 2) for k in lrs}
+        for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 32 samples
+            assert lr == pytest.approx(lr_in_samples(samples[step], 64, 32, 256),
+                                       rel=1e-9), step
+        assert lrs[14] == pytest.approx(MIN_LR, rel=1e-12)
+        state = _final_state(run_dir)
+        assert state["step"] == 14 and sum(state["samples_seen"].values()) == 256
 
 
 def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cache,
