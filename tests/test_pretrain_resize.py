@@ -148,8 +148,10 @@ def run_code_forked(code: str, ranks: int, args: list[str], cache, logs) -> None
                                      for r in range(ranks)))
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16"),
-                                             (2, "fp32")])
+# ZeRO-0 in bf16 (its fp32 masters in the optimizer state, unlike fp32's plain AdamW),
+# ZeRO-1 in bf16 and ZeRO-2 in fp32: each layout once, both precisions (ZeRO-0 fp32 was
+# also checked bit-identical when this was written; left out for the suite's time)
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (1, "bf16"), (2, "fp32")])
 def test_zero_stages_0_to_2_resume_on_another_world_size(tmp_path, cache, stage, precision):
     """ZeRO-0 checkpoints load as saved (nothing in them is per rank); ZeRO-1/2 ones go
     through DeepSpeed's universal checkpoint like ZeRO-3's. Before, both failed: ZeRO-0
