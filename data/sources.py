@@ -184,6 +184,7 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                     prefix, ext = base_plus_ext(member.name)
                     if prefix is None or _is_metadata(member.name):
                         continue
+                    ext = ext.lower()  # members are keyed lower-case
                     if current is not None and current["__key__"] != prefix:
                         done += 1
                         if done > cursor.samples:  # else: passed before the break
@@ -195,9 +196,9 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                         current = None
                     if current is None:
                         current = {"__key__": prefix, "__url__": url}
-                    if ext.lower() in current:
-                        current[DUPLICATE] = ext.lower()
-                    current[ext.lower()] = member.data
+                    if ext in current:
+                        current[DUPLICATE] = ext
+                    current[ext] = member.data
                     last_end = member.end
             except TarDamage as damage:
                 # Zeros past the usual record padding: damage, unless the shard's own count

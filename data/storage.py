@@ -185,19 +185,21 @@ class RetryingReader:
     missing object raises at once (:func:`is_missing`). ``size`` is the object's size when
     known; reaching end-of-stream before it raises :class:`ShortReadError`, retried as a
     broken read. ``start``: the byte offset to begin at. ``events`` counts the retries so
-    the pipeline can report them. ``version``: the object's :func:`object_version` as of
-    the read that ``start`` was taken in (None: whatever opens first); a reopen that finds
-    another version, or s3fs's ``FileExpired``, raises :class:`ShardChangedError` at once.
+    the pipeline can report them. ``version``: the :func:`object_version` of the object
+    the first open found (None when the stream does not tell); a reopen that finds another
+    one, or s3fs's ``FileExpired``, raises :class:`ShardChangedError` at once. (Whether
+    ``start`` belongs to the version a saved position was taken in is the caller's check:
+    ``data.sources.read_shard``.)
     """
 
     def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None,
-                 start: int = 0, version: str | None = None):
+                 start: int = 0):
         self.url = url
         self.cfg = cfg
         self.events = events if events is not None else {}
         self.offset = start
         self.size: int | None = None
-        self.version = version
+        self.version: str | None = None
         self._f: IO[bytes] | None = None
         self._call(lambda: None)  # open eagerly so an unreachable shard fails here
 
@@ -298,8 +300,8 @@ class PrefetchedReader:
         self._buf = b"".join(job.chunks)
         job.chunks = []
         self._pos = 0
-        self.size = job.reader.size if job.reader is not None else None
-        self.version = job.reader.version if job.reader is not None else None
+        # built only for a fetch whose reader opened (ShardPrefetcher.open raises otherwise)
+        self.size, self.version = job.reader.size, job.reader.version
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all remaining for -1)."""
