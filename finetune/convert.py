@@ -240,52 +240,50 @@ def trunk_prefix(state: dict[str, torch.Tensor], task: str | None = None) -> tup
     return prefix, task or named
 
 
-def split_state(state: dict[str, torch.Tensor], task: str | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(backbone under released keys, everything else under ``pretrain.``/``task.<task>.``).
+def split_state(state: dict[str, torch.Tensor], meta: dict[str, str]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """(backbone under released keys, everything else under ``pretrain.``/``task.<task>.``,
+    ``meta`` plus, for a detection/segmentation source, its ``task`` and
+    ``task_backbone_prefix``: what ``--init`` reports).
 
     A pre-training state has its backbone under ``visual.``; a detection/segmentation state
-    under its task model's prefix (``trunk_prefix``; ``task``: the task its run recorded),
-    the rest of it is the task's head; a released, converted or classification state
-    already uses the released keys (and converted files keep ``pretrain.*``/``task.*`` as
-    they are).
+    under its task model's prefix (``trunk_prefix``; the task as its run recorded it in
+    ``meta``), the rest of it is the task's head; a released, converted or classification
+    state already uses the released keys (and converted files keep ``pretrain.*``/``task.*``
+    as they are).
     """
     if any(k.startswith(BACKBONE_PREFIX) for k in state):
         backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
                     if k.startswith(BACKBONE_PREFIX)}
         other = {PRETRAIN_PREFIX + k: v for k, v in state.items()
                  if not k.startswith(BACKBONE_PREFIX)}
-        return backbone, other
-    prefix, task = trunk_prefix(state, task)
+        return backbone, other, meta
+    prefix, task = trunk_prefix(state, meta.get("task"))
     if prefix:
         backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         head = f"{TASK_PREFIX}{task}."
         other = {head + k: v for k, v in state.items() if not k.startswith(prefix)}
-        return backbone, other
+        return backbone, other, {**meta, "task": task, "task_backbone_prefix": prefix}
     converted = (PRETRAIN_PREFIX, TASK_PREFIX)
     backbone = {k: v for k, v in state.items() if not k.startswith(converted)}
     other = {k: v for k, v in state.items() if k.startswith(converted)}
-    return backbone, other
+    return backbone, other, meta
 
 
-def _task_meta(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
-    """``meta`` plus the task and trunk prefix of a detection/segmentation source, which
-    ``--init`` reports and which put a converted head back under the run's names."""
-    if any(k.startswith(BACKBONE_PREFIX) for k in state):  # pre-training: pretrain.*
-        return meta
-    prefix, task = trunk_prefix(state, meta.get("task"))
-    if not prefix:
-        return meta
-    return {**meta, "task": task, "task_backbone_prefix": prefix}
+def split_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                           dict[str, str]]:
+    """Any accepted source (:func:`read_source`) split by :func:`split_state`; refused
+    when it holds no InternImage backbone."""
+    state, meta = read_source(src)
+    backbone, other, meta = split_state(state, meta)
+    if not backbone:
+        raise CheckpointError(f"{src} holds no InternImage backbone weights")
+    return backbone, other, meta
 
 
 def read_backbone(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Backbone weights (released keys) and metadata from any accepted source."""
-    state, meta = read_source(src)
-    meta = _task_meta(state, meta)
-    backbone, _ = split_state(state, meta.get("task"))
-    if not backbone:
-        raise CheckpointError(f"{src} holds no InternImage backbone weights")
+    backbone, _, meta = split_source(src)
     return backbone, meta
 
 
@@ -314,11 +312,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
         raise ValueError(f"format must be 'safetensors' or 'official', got {fmt!r}")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
-    state, meta = read_source(src)
-    meta = _task_meta(state, meta)
-    backbone, other = split_state(state, meta.get("task"))
-    if not backbone:
-        raise CheckpointError(f"{src} holds no InternImage backbone weights")
+    backbone, other, meta = split_source(src)
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     out = backbone if fmt == "official" else {**backbone, **other}
     out = _own_storages({k: v.to(target) if v.is_floating_point() else v
