@@ -68,7 +68,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
                            progress=progress)
     # ``task``: what a later --init reads to tell a whole segmenter from a backbone
     shared = {"task": name, "world_size": d.world_size, "model_hash": model_hash,
-              "zero_stage": zero_stage, "engine": engine_state}
+              "engine": engine_state}
 
     def micro_step(batch: Any) -> dict[str, torch.Tensor]:
         with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):

@@ -216,7 +216,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
     scheduler.step_update(step)
     shared = {"world_size": d.world_size, "model_hash": mhash,
-              "zero_stage": cfg.run.zero_stage, "engine": engine_state}
+              "engine": engine_state}
     engine.train()
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

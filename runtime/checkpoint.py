@@ -270,7 +270,8 @@ def engine_layout(zero_stage: int, precision: str) -> dict[str, Any]:
 
 def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path) -> None:
     saved = state.get("engine") or {}
-    stage = saved.get("zero_stage", state.get("zero_stage"))  # older states: stage only
+    # states saved before ``engine`` was recorded hold the stage alone (fine-tuning's)
+    stage = saved.get("zero_stage", state.get("zero_stage"))
     if stage is not None and _ZERO_LAYOUT[int(stage)] != _ZERO_LAYOUT[engine["zero_stage"]]:
         raise ResumeError(
             f"{ckpt_dir} was saved with ZeRO stage {stage}, this run has stage "
