@@ -47,23 +47,30 @@ def task_entry(task: str):
     return mod.SegmentationConfig, mod
 
 
-def run(args: argparse.Namespace) -> int:
-    cls, mod = task_entry(args.task)
-    extras = list(getattr(args, "extra", []) or [])
-    bad = [e for e in extras if "=" not in e or e.startswith("-")]
-    if bad:
-        raise ConfigError(f"unrecognized arguments: {' '.join(bad)}")
-    overrides = list(args.overrides) + extras
+def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
+    """The task's config from ``args`` (its ``--config``, the overrides and ``extras``, then
+    ``--init`` and ``--output-dir``), validated: a ``ConfigError`` naming the key. Also
+    what `internimage submit` checks before sbatch."""
+    overrides = list(args.overrides) + list(extras)
     if args.init:
         overrides.append(f"init={args.init}")
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
-        cfg = load_config(cls, args.config, overrides)
+        return load_config(task_entry(args.task)[0], args.config, overrides)
     except ValueError as err:  # __post_init__ checks name their key too
         raise ConfigError(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    _, mod = task_entry(args.task)
+    extras = list(getattr(args, "extra", []) or [])
+    bad = [e for e in extras if "=" not in e or e.startswith("-")]
+    if bad:
+        raise ConfigError(f"unrecognized arguments: {' '.join(bad)}")
+    cfg = load(args, extras)
     if args.dry_run:
-        _check_init(cfg.init)
+        check_init(cfg.init)
         return mod.dry_run(cfg)
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                  resume_dir, cfg.init)
         train_cfg = dataclasses.replace(cfg, init=None)
     else:
-        _check_init(cfg.init)
+        check_init(cfg.init)
     is_main = os.environ.get("RANK", "0") == "0"
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(out, lambda path: dump_config(cfg, path))
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_init(init: str | None) -> None:
+def check_init(init: str | None) -> None:
     """Refuse, before any compute, an ``init`` that is no checkpoint (one line naming the
     accepted forms)."""
     if not init:

@@ -79,6 +79,11 @@ class _Runtime:
             return repr(self.error)
         return f"exit status {self.status}" if self.status else None
 
+    def outcome(self) -> str:
+        """How the ended training thread ended: ``completed`` or ``failed (why)``."""
+        why = self.failure()
+        return f"failed ({why})" if why else "completed"
+
 
 def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
     """The command line of a restart: continue the run from its latest checkpoint.
@@ -181,7 +186,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             thread.join(timeout=0.5)  # short waits: signal handlers run between them
         if rt.error is not None:
             raise rt.error
-        return rt.status or 0
+        return rt.status
 
     def _watch_signal(self) -> None:
         """Note the time-out/preemption signal on every rank, then let submitit handle it."""
@@ -201,10 +206,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 # job again or hide its error. Not handing the signal to submitit lets the
                 # task end as it would have without it (submitit would make even a
                 # refused requeue an error of the job).
-                why = rt.failure()
-                outcome = f"failed ({why})" if why else "completed"
                 log.warning("task %d got %s after its run had %s: nothing to save, not "
-                            "requeueing", rt.info.rank, name, outcome)
+                            "requeueing", rt.info.rank, name, rt.outcome())
                 return
             log.warning("task %d got %s (time limit near or preempted)", rt.info.rank, name)
             if callable(previous):
@@ -248,9 +251,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             # checked before the stop request: a run that ends after it may have stopped
             # for it, and is requeued (a run stopped at its very last step resumes there
             # and ends at once)
-            why = rt.failure()
-            log.warning("the run had %s before the signal: not requeueing",
-                        f"failed ({why})" if why else "completed")
+            log.warning("the run had %s before the signal: not requeueing", rt.outcome())
             return None
         timed_out = is_timeout(time.monotonic() - rt.started, rt.time_limit_min)
         saved, save_error = self._save_now(rt) if self.save_on_signal else (False, None)

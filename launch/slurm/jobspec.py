@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from launch.config import ConfigError, load_config, parse_overrides
+from launch.config import ConfigError, parse_overrides
 
 JOB_COMMANDS = ("pretrain", "finetune")
 
@@ -196,31 +196,15 @@ def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[li
     return out, env
 
 
-def _finetune_config(args: argparse.Namespace) -> Any:
-    """The fine-tuning config of ``args``, loaded and validated as `internimage finetune`
-    loads it (the same overrides, then ``--init`` and ``--output-dir``)."""
-    from launch.commands.finetune import task_entry
-
-    overrides = list(args.overrides)
-    if args.init:
-        overrides.append(f"init={args.init}")
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
-    try:
-        return load_config(task_entry(args.task)[0], args.config, overrides)
-    except ValueError as err:  # __post_init__ checks name their key too
-        raise ConfigError(str(err)) from None
-
-
-def _check_init(init: str | None, resume: str | None, run_dir: Path) -> None:
+def _check_job_init(init: str | None, resume: str | None, run_dir: Path) -> None:
     """Refuse a fine-tuning ``init`` that is no checkpoint, unless the job (``--resume
     resume``) will continue ``run_dir``'s own checkpoint: `internimage finetune` then
     neither needs nor checks it (that pre-training step may be pruned since), nor does this."""
     if not init:
         return
     from finetune.engine import resume_checkpoint
+    from launch.commands.finetune import check_init
     from models import CheckpointError
-    from runtime.checkpoint_path import CheckpointPathError, resolve_checkpoint
 
     try:
         # the job runs with --resume auto unless one was given (see job_spec)
@@ -228,10 +212,7 @@ def _check_init(init: str | None, resume: str | None, run_dir: Path) -> None:
             return
     except CheckpointError as err:  # the job would stop on it, with this message
         raise ConfigError(str(err)) from None
-    try:
-        resolve_checkpoint(init)
-    except CheckpointPathError as err:
-        raise ConfigError(f"init: {err}") from None
+    check_init(init)
 
 
 def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
@@ -247,7 +228,9 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
 
         load(args)
     else:
-        finetune_cfg = _finetune_config(args)
+        from launch.commands.finetune import load as load_finetune
+
+        finetune_cfg = load_finetune(args)
     if getattr(args, "dry_run", False):
         raise ConfigError(f"submit: `{job[0]} --dry-run` plans without training; run it "
                           "directly, or use `submit --dry-run` to see the sbatch script")
@@ -257,7 +240,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
                           "its checkpoints")
     run_dir = run_dir.resolve()
     if args.command == "finetune":
-        _check_init(finetune_cfg.init, args.resume, run_dir)
+        _check_job_init(finetune_cfg.init, args.resume, run_dir)
     argv, env = credentials_to_env(list(job), _secret_keys(args))
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if getattr(args, "resume", None) is None:
