@@ -107,14 +107,12 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
         raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
                           f"({proc.returncode}): {last}")
     (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity}))
+    aside = out.with_name(f".{out.name}.stale")
     if out.exists():  # a stale conversion: set aside, then gone once the new one is in place
-        aside = out.with_name(f".{out.name}.stale")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(out, aside)
-        os.replace(tmp, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    os.replace(tmp, out)
+    shutil.rmtree(aside, ignore_errors=True)
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out
@@ -134,15 +132,10 @@ def resize_tag(engine, ckpt_dir: Path, is_main: bool) -> str:
     return ckpt_dir.name + SUFFIX
 
 
-def needs_buffers(ckpt_dir: Path) -> bool:
-    """Whether loading ``ckpt_dir`` on another world size leaves the module buffers at
-    their initial values (the universal path) so :func:`restore_buffers` must copy them."""
-    return is_per_rank(ckpt_dir)
-
-
 def restore_buffers(module, ckpt_dir: Path) -> int:
     """Copy the module buffers saved by rank 0 in ``ckpt_dir`` into ``module`` (the
-    universal load leaves them at their initial values); returns how many."""
+    universal load leaves them at their initial values: a tag other than the saved one
+    from :func:`resize_tag`); returns how many."""
     import torch
 
     # ZeRO-3: every rank writes zero_pp_rank_R_mp_rank_00_model_states.pt (rank 0's

@@ -189,11 +189,10 @@ class Trainer:
         path, client_state = self.engine.load_checkpoint(str(self.resume_dir.parent), tag=tag)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
-        if self.resized:
-            from pretrain.resize import needs_buffers, restore_buffers
+        if tag != self.resume_dir.name:  # the universal path leaves buffers at init
+            from pretrain.resize import restore_buffers
 
-            if needs_buffers(self.resume_dir):
-                restore_buffers(self.engine.module, self.resume_dir)
+            restore_buffers(self.engine.module, self.resume_dir)
         if self.teacher is not None:
             if TEACHER_KEY not in (client_state or {}):
                 raise ResumeError(f"{self.resume_dir} holds no EMA target encoder "
