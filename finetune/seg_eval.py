@@ -61,10 +61,9 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
             if cfg.data.test_short:
                 x = resize_short_side(x[0], label, cfg.data.test_short,
                                       cfg.data.test_long)[0][None]
-            logits = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg,
+            scores = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg,
                              tuple(label.shape))
-            logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
-            conf.update(logits.argmax(1)[0].cpu(), label)
+            conf.update(scores.argmax(1)[0].cpu(), label)
     conf.mat = all_reduce_sum(conf.mat.to(d.device), d).cpu()
     core.train()
     return conf.scores(_class_names(cfg))
@@ -72,8 +71,9 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
 
 def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             cfg: SegmentationConfig, out_size: tuple[int, int]) -> torch.Tensor:
-    """(1, C, h, w) scores of one image: slide / whole at the input's size, or under
-    multi-scale + flip the mean probabilities at ``out_size`` (the label's)."""
+    """(1, C, *out_size) scores of one image at ``out_size`` (the label's): slide / whole
+    logits resized bilinearly, or under multi-scale + flip the mean probabilities (each
+    view's logits resized before its softmax)."""
     def single(view: torch.Tensor) -> torch.Tensor:
         if cfg.eval.mode == "slide":
             return slide_logits(core, view, cfg.data.num_classes, cfg.eval.crop,
@@ -81,7 +81,7 @@ def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         return core(view)
 
     if not cfg.head.multiscale:
-        return single(x)
+        return F.interpolate(single(x), out_size, mode="bilinear", align_corners=False)
     from finetune.heads.seg_inference import multiscale_flip_scores
 
     return multiscale_flip_scores(single, x, scales=list(cfg.head.test_scales) or [1.0],
