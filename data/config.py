@@ -18,6 +18,14 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ValueError(f"{key}: {message}")
 
 
+def check_shard_list_policy(value: str) -> None:
+    """``data.on_shard_list_change`` (every streamed task's): what a resume does when its
+    source's shard list changed since the save (data/loader.py): ``error`` or
+    ``restart``."""
+    check(value in ("error", "restart"), "data.on_shard_list_change",
+          f"must be 'error' or 'restart', got {value!r}")
+
+
 @dataclass
 class S3Config:
     """Object storage access (any S3-compatible endpoint) and retry policy for shard reads.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.config import S3Config
+from data.config import S3Config, check_shard_list_policy
 from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.plan import count_params, print_plan
@@ -55,8 +55,7 @@ class ClsDataConfig:
               "is required for data.kind=stream (samples per epoch, e.g. 14197122 for "
               "ImageNet-22K)")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-        check(self.on_shard_list_change in ("error", "restart"), "data.on_shard_list_change",
-              f"must be 'error' or 'restart', got {self.on_shard_list_change!r}")
+        check_shard_list_policy(self.on_shard_list_change)
         check(self.kind != "imagefolder" or bool(self.root), "data.root",
               "is required for data.kind=imagefolder")
         check(self.kind not in ("shards", "stream") or (bool(self.train_urls) and

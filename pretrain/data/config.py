@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.config import S3Config, check
+from data.config import S3Config, check, check_shard_list_policy
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,5 +106,4 @@ class DataConfig:
         check(self.max_image_pixels >= 1, "data.max_image_pixels",
               f"must be >= 1, got {self.max_image_pixels}")
         check(all(s > 0 for s in self.std), "data.std", "must be > 0")
-        check(self.on_shard_list_change in ("error", "restart"), "data.on_shard_list_change",
-              f"must be 'error' or 'restart', got {self.on_shard_list_change!r}")
+        check_shard_list_policy(self.on_shard_list_change)
