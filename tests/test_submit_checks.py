@@ -5,7 +5,10 @@ keeps credentials out of everything a job writes, however they are spelled.
   the job only through its environment: never the pickled job, `slurm_jobs.jsonl`, the
   dry-run output or the logs.
 - `submit finetune` validates the task's config and `--init` before sbatch, as
-  `submit pretrain` does.
+  `submit pretrain` does, and runs in the output dir its config chooses (no --output-dir
+  needed).
+- A `--resume` the job would refuse (no checkpoint, a weights file, `auto` over a legacy
+  last.pt) is refused before sbatch, with the job's own message.
 - More tasks per node than GPUs is refused.
 - srun ends the other tasks when one exits non-zero (--kill-on-bad-exit).
 """
@@ -227,3 +230,99 @@ def test_the_time_out_allowance_is_max_requeues_on_slurm_and_locally(local, tmp_
     profile = ClusterProfile(folder=str(tmp_path), max_requeues=7)
     executor = executor_module.make_executor(profile, local=local)
     assert executor._executor.max_num_timeout == 7
+
+
+# ------------------------------------------------------ run dir and resume before sbatch
+TASKS = ("classification", "detection", "segmentation")
+
+
+def _job_line(out: str) -> str:
+    """The command line every task of a `submit --dry-run` runs."""
+    [line] = [x for x in out.splitlines() if x.startswith("# each task runs: internimage ")]
+    return line.removeprefix("# each task runs: internimage ")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_finetune_runs_in_the_output_dir_its_config_chooses(task, tmp_path, monkeypatch,
+                                                            capsys):
+    """As `submit pretrain`: no --output-dir is needed; the job is pinned to the run dir
+    its config sets (the --config YAML's, else the task's default), made absolute."""
+    monkeypatch.chdir(tmp_path)  # the relative run dirs resolve here
+    demo = REPO / "configs" / "finetune" / f"{task}_demo.yaml"  # sets runs/<task>_demo
+    assert main(["submit", "--dry-run", "finetune", task, "--config", str(demo)]) == 0
+    from_yaml = tmp_path / "runs" / f"{task}_demo"
+    assert _job_line(capsys.readouterr().out).endswith(
+        f"--output-dir {from_yaml} --resume auto")
+
+    spec = job_spec(["finetune", task], build_parser())  # no output dir anywhere
+    assert spec.run_dir == tmp_path / "runs" / task
+    assert spec.argv == ["finetune", task, "--output-dir", str(tmp_path / "runs" / task),
+                         "--resume", "auto"]
+
+
+def _fake_checkpoint(run_dir: Path) -> Path:
+    """``run_dir`` laid out as a run with one training checkpoint (what resolving a
+    ``--resume`` looks at; nothing here is loaded)."""
+    step = run_dir / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (run_dir / "checkpoints" / "latest").write_text("step_0000004")
+    return step
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("resume, message", [
+    ("/nonexistent/step_0000100", "--resume /nonexistent/step_0000100: not found; give"),
+    ("WEIGHTS", "a weights file holds no optimizer, schedule or data state"),
+])
+def test_a_resume_the_job_would_refuse_is_refused_before_sbatch(job, resume, message,
+                                                               no_sbatch, tmp_path, capsys):
+    if resume == "WEIGHTS":
+        weights = tmp_path / "backbone.safetensors"
+        weights.write_bytes(b"")
+        resume = str(weights)
+    status = main(["submit", "--folder", str(tmp_path / "logs"), *JOBS[job], "--output-dir",
+                   str(tmp_path / "run"), "--resume", resume])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("internimage submit: config error:") and message in err
+    assert resume in err and err.count("\n") == 1  # one line, naming what was given
+    assert not no_sbatch.exists() and not (tmp_path / "logs").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_resume_auto_over_a_legacy_checkpoint_is_refused_before_sbatch(
+        no_sbatch, tmp_path, capsys):
+    """`--resume auto` (submit's default) where only a pre-DeepSpeed last.pt is: the job
+    would refuse to start afresh over it, so submit does."""
+    run_dir = tmp_path / "ft"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    status = main(["submit", "--folder", str(tmp_path / "logs"), "finetune", "classification",
+                   "--output-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("internimage submit: config error:"), err
+    assert "last.pt" in err and err.count("\n") == 1
+    assert not no_sbatch.exists()
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_resumes_the_job_would_accept_are_submitted(job, tmp_path):
+    parser = build_parser()
+    # a fresh run dir (new or empty): --resume auto starts afresh
+    (tmp_path / "empty").mkdir()
+    for fresh in (tmp_path / "new", tmp_path / "empty"):
+        spec = job_spec([*JOBS[job], "--output-dir", str(fresh)], parser)
+        assert spec.argv[-2:] == ["--resume", "auto"]
+    # the run's own checkpoint, through auto
+    own = tmp_path / "own"
+    _fake_checkpoint(own)
+    assert job_spec([*JOBS[job], "--output-dir", str(own)], parser).argv[-2:] == [
+        "--resume", "auto"]
+    # another run's checkpoint, given as its run dir or its step dir: kept as given
+    other = tmp_path / "other"
+    step = _fake_checkpoint(other)
+    for given in (str(other), str(step)):
+        spec = job_spec([*JOBS[job], "--output-dir", str(tmp_path / "next"), "--resume",
+                         given], parser)
+        assert spec.argv[-4:] == ["--resume", given, "--output-dir", str(tmp_path / "next")]

@@ -1,9 +1,10 @@
 """What a submitted job runs: an `internimage pretrain|finetune` command line, checked.
 
 The command is validated here, before anything is submitted (unknown flags or config
-keys fail on the login node, not after hours in the queue), and pinned: an absolute
-run directory (a requeued job must find its checkpoints whatever its working directory)
-and ``--resume auto`` unless the user chose where to resume from.
+keys, a ``--resume`` or ``--init`` the job would refuse fail on the login node, not after
+hours in the queue), and pinned: the run directory the job's config chooses, absolute (a
+requeued job must find its checkpoints whatever its working directory), and
+``--resume auto`` unless the user chose where to resume from.
 
 Credentials given as overrides never travel in the command line: submitit pickles the job
 (its argv included) into the job folder, the run records its argv in ``slurm_jobs.jsonl``
@@ -74,20 +75,6 @@ def _parse(argv: list[str], parser: argparse.ArgumentParser) -> argparse.Namespa
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
     return args
-
-
-def _run_dir(args: argparse.Namespace) -> Path | None:
-    if getattr(args, "output_dir", None):
-        return Path(args.output_dir)
-    for item in reversed(getattr(args, "overrides", [])):
-        key, _, value = item.partition("=")
-        if key.strip() == "run.output_dir" and value:
-            return Path(value)
-    if args.command == "pretrain":
-        from launch.commands.pretrain import load
-
-        return Path(load(args).run.output_dir)  # also validates the whole config
-    return None
 
 
 def _secret_keys(args: argparse.Namespace) -> dict[str, str | None]:
@@ -196,23 +183,29 @@ def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[li
     return out, env
 
 
-def _check_job_init(init: str | None, resume: str | None, run_dir: Path) -> None:
-    """Refuse a fine-tuning ``init`` that is no checkpoint, unless the job (``--resume
-    resume``) will continue ``run_dir``'s own checkpoint: `internimage finetune` then
-    neither needs nor checks it (that pre-training step may be pruned since), nor does this."""
-    if not init:
-        return
-    from finetune.engine import resume_checkpoint
-    from launch.commands.finetune import check_init
+def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint the job will resume from (None: a fresh start), resolved as the job
+    itself resolves ``--resume resume`` in ``run_dir``; what the job would refuse (a path
+    that is no training checkpoint, a fresh start over a run) is a ``ConfigError`` with the
+    job's own one-line message, raised before anything waits in the queue."""
     from models import CheckpointError
 
     try:
-        # the job runs with --resume auto unless one was given (see job_spec)
-        if resume_checkpoint(resume or "auto", run_dir, warn=False) is not None:
-            return
+        if command == "finetune":
+            from finetune.engine import resume_checkpoint
+
+            return resume_checkpoint(resume, run_dir, warn=False)
+        from runtime.checkpoint import refuse_fresh_start, resolve_resume
+        from runtime.checkpoint_path import CHECKPOINTS_DIR
+
+        # the two checks pretrain.trainer.Trainer runs on its run's checkpoints, in its
+        # order; warn=False: the job resolves again and says what a rewind abandons then
+        root = run_dir / CHECKPOINTS_DIR
+        resume_dir = resolve_resume(resume, root, warn=False)
+        refuse_fresh_start(resume, root, run_dir)
+        return resume_dir
     except CheckpointError as err:  # the job would stop on it, with this message
         raise ConfigError(str(err)) from None
-    check_init(init)
 
 
 def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
@@ -225,24 +218,26 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
     # fail now on a bad config, not inside the job after its wait in the queue
     if args.command == "pretrain":
         from launch.commands.pretrain import load
-
-        load(args)
     else:
-        from launch.commands.finetune import load as load_finetune
-
-        finetune_cfg = load_finetune(args)
+        from launch.commands.finetune import load
+    cfg = load(args)
     if getattr(args, "dry_run", False):
         raise ConfigError(f"submit: `{job[0]} --dry-run` plans without training; run it "
                           "directly, or use `submit --dry-run` to see the sbatch script")
-    run_dir = _run_dir(args)
-    if run_dir is None:
-        raise ConfigError(f"submit {job[0]}: give --output-dir so that a requeued job finds "
-                          "its checkpoints")
-    run_dir = run_dir.resolve()
-    if args.command == "finetune":
-        _check_job_init(finetune_cfg.init, args.resume, run_dir)
+    # the run dir the job's own loader chooses (flag, override, --config or the default)
+    run_dir = Path(cfg.run.output_dir).resolve()
+    # the job runs with --resume auto unless one was given (appended below); an empty
+    # --resume stays as given: the job then starts afresh, or refuses to over a run
+    resume = "auto" if args.resume is None else args.resume
+    resume_dir = _check_resume(args.command, resume, run_dir)
+    if args.command == "finetune" and resume_dir is None:
+        from launch.commands.finetune import check_init
+
+        # a resumed job neither needs nor checks --init (that pre-training step may be
+        # pruned since): as `internimage finetune`
+        check_init(cfg.init)
     argv, env = credentials_to_env(list(job), _secret_keys(args))
     argv = with_flag(argv, "--output-dir", str(run_dir))
-    if getattr(args, "resume", None) is None:
+    if args.resume is None:
         argv += ["--resume", "auto"]
     return JobSpec(argv, run_dir, env)
