@@ -95,15 +95,34 @@ class SegDataset(Dataset):
         return (img - MEAN) / STD, label
 
 
-def resize_short_side(img: torch.Tensor, label: torch.Tensor, short: int, long: int = 0):
-    """Rescale (aspect kept) so the short side is ``short`` and the long side at most
-    ``long`` (0: no cap)."""
-    h, w = img.shape[-2:]
+def rescale_size(h: int, w: int, short: int, long: int = 0) -> tuple[int, int]:
+    """(height, width) of an (h, w) image rescaled, aspect kept, as large as fits a short
+    side of ``short`` and a long side of ``long`` (0: no cap).
+
+    mmseg's ``Resize(keep_ratio=True)`` calls mmcv's ``imrescale``, whose ``rescale_size``
+    (mmcv 1.5 ``mmcv/image/geometric.py``, what InternImage's segmentation installs) takes
+    the factor ``min(long / max(h, w), short / min(h, w))`` and rounds each side with
+    ``_scale_size``: ``int(side * factor + 0.5)``, halves up (Python's ``round`` would
+    round them to even)."""
     s = short / min(h, w)
     if long:
-        s = min(s, long / max(h, w))
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    img = F.interpolate(img[None], size, mode="bilinear", align_corners=False)[0]
+        s = min(long / max(h, w), s)
+    return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
+
+
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) resized to ``size``: mmcv's ``imresize`` default (cv2 ``INTER_LINEAR``:
+    half-pixel centres, no anti-aliasing); a no-op at the same size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
+def resize_short_side(img: torch.Tensor, label: torch.Tensor, short: int, long: int = 0):
+    """Rescale (aspect kept) so the short side is ``short`` and the long side at most
+    ``long`` (0: no cap); sizes as mmcv's ``rescale_size`` (``rescale_size`` here)."""
+    size = rescale_size(*img.shape[-2:], short, long)
+    img = _bilinear(img[None], size)[0]
     label = F.interpolate(label[None, None].float(), size, mode="nearest")[0, 0].long()
     return img, label
 
@@ -140,7 +159,25 @@ def resize_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
     if not divisor:
         return x
     h, w = x.shape[-2:]
-    size = (math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor)
-    if size == (h, w):
-        return x
-    return F.interpolate(x, size, mode="bilinear", align_corners=False)
+    return _bilinear(x, (math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor))
+
+
+def eval_view(img: torch.Tensor, short: int, long: int = 0, divisor: int = 0,
+               ratio: float = 1.0) -> torch.Tensor:
+    """(1, C, h, w): the test view of one ORIGINAL (C, H, W) image at ``ratio`` of the test
+    scale, as mmseg's ``MultiScaleFlipAug`` + ``Resize(keep_ratio=True)`` +
+    ``ResizeToMultiple`` make it (mmseg 0.27 ``datasets/pipelines/test_time_aug.py``,
+    ``transforms.py``; OpenGVLab/InternImage ``segmentation/configs``).
+
+    The test scale ``img_scale=(long, short)`` times ``ratio``, each side truncated
+    (``int(side * ratio)``, MultiScaleFlipAug's mode 2; ``short`` 0 "as loaded": the
+    image's own sides, its mode 1), bounds a rescale of the original (``rescale_size``,
+    bilinear), which is then stretched up to a multiple of ``divisor`` (0: not), a second
+    bilinear resampling as ``ResizeToMultiple``'s. Ratio 1 is the single-scale input; every
+    multi-scale view is made from the original, never from another view.
+    """
+    h, w = img.shape[-2:]
+    if not short:
+        short, long = min(h, w), max(h, w)
+    size = rescale_size(h, w, int(short * ratio), int(long * ratio))
+    return resize_to_multiple(_bilinear(img[None], size), divisor)

@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune.datasets.base import IGNORE_INDEX
 from finetune.seg_config import NINETEEN_CLASS_KINDS, SegmentationConfig
-from finetune.seg_data import SegDataset, resize_short_side, resize_to_multiple
+from finetune.seg_data import SegDataset, eval_view
 from runtime.dist import DistInfo, all_reduce_sum, rank_share
 from runtime.lockstep import lockstep
 
@@ -56,38 +56,40 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
 
     with lockstep(core, dummy_args, d.device) as forward:
         for i in rank_share(len(val_set), d):
-            img, label = val_set[i]
-            x = img[None].to(d.device)
-            if cfg.data.test_short:
-                x = resize_short_side(x[0], label, cfg.data.test_short,
-                                      cfg.data.test_long)[0][None]
-            scores = _scores(forward, resize_to_multiple(x, cfg.eval.size_divisor), cfg,
-                             tuple(label.shape))
+            img, label = val_set[i]  # one original image at a time
+            scores = _scores(forward, img.to(d.device), cfg, tuple(label.shape))
             conf.update(scores.argmax(1)[0].cpu(), label)
     conf.mat = all_reduce_sum(conf.mat.to(d.device), d).cpu()
     core.train()
     return conf.scores(_class_names(cfg))
 
 
-def _scores(core: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def _scores(core: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor,
             cfg: SegmentationConfig, out_size: tuple[int, int]) -> torch.Tensor:
-    """(1, C, *out_size) scores of one image at ``out_size`` (the label's): slide / whole
-    logits resized bilinearly, or under multi-scale + flip the mean probabilities (each
-    view's logits resized before its softmax)."""
+    """(1, C, *out_size) scores of one original (C, H, W) image at ``out_size`` (the
+    label's): slide / whole logits resized bilinearly, or under multi-scale + flip the mean
+    probabilities (each view's logits resized before its softmax).
+
+    Every view, the single-scale one included, is made from the original image by
+    ``eval_view`` (mmseg's ``MultiScaleFlipAug``: ``img_scale`` x ratio bounds a rescale of
+    the loaded image, then ``ResizeToMultiple``), one view at a time."""
     def single(view: torch.Tensor) -> torch.Tensor:
         if cfg.eval.mode == "slide":
             return slide_logits(core, view, cfg.data.num_classes, cfg.eval.crop,
                                 cfg.eval.stride)
         return core(view)
 
+    short, long = cfg.data.test_short, cfg.data.test_long
     if not cfg.head.multiscale:
+        x = eval_view(img, short, long, cfg.eval.size_divisor)
         return F.interpolate(single(x), out_size, mode="bilinear", align_corners=False)
-    from finetune.heads.seg_inference import multiscale_flip_scores
+    from finetune.heads.seg_inference import mean_view_probs
 
-    return multiscale_flip_scores(single, x, scales=list(cfg.head.test_scales) or [1.0],
-                                  flip=cfg.head.test_flip,
-                                  # 0 (no stretching): the backbone's stride still applies
-                                  size_divisor=cfg.eval.size_divisor or 32, out_size=out_size)
+    # 0 (no stretching): the backbone's stride still applies
+    divisor = cfg.eval.size_divisor or 32
+    views = (eval_view(img, short, long, divisor, ratio)
+             for ratio in list(cfg.head.test_scales) or [1.0])
+    return mean_view_probs(single, views, flip=cfg.head.test_flip, out_size=out_size)
 
 
 def _class_names(cfg: SegmentationConfig) -> list[str] | None:

@@ -10,14 +10,17 @@ models/segmentors/encoder_decoder_mask2former.py`` and mmseg's ``EncoderDecoder`
 that is confident about one class outweighs one that is unsure, which averaging raw scores
 would not do, and logits, not probabilities, are what gets interpolated. Each scaled size
 is rounded up to the size divisor, as mmseg's ``ResizeToMultiple`` after the rescale.
-(mmseg rescales the original image for every scale; the views here are rescaled from the
-image at the test size, one more bilinear resampling of the input.)
+
+``multiscale_flip_scores`` rescales the tensor it is given; evaluation
+(``finetune/seg_eval.py``) instead makes every view from the original image, as
+mmseg's ``MultiScaleFlipAug`` does (``finetune.seg_data.eval_view``), and averages them
+with ``mean_view_probs``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +47,29 @@ def multiscale_flip_scores(score_fn: ScoreFn, images: torch.Tensor,
     stride), so every view is valid input; returns (B, C, *out_size).
     """
     height, width = images.shape[-2:]
-    out_size = tuple(out_size) if out_size is not None else (height, width)
+    views = (_resize(images, tuple(
+        max(1, math.ceil(round(side * scale) / size_divisor)) * size_divisor
+        for side in (height, width))) for scale in scales)
+    return mean_view_probs(score_fn, views, flip=flip,
+                           out_size=out_size if out_size is not None else (height, width))
+
+
+@torch.no_grad()
+def mean_view_probs(score_fn: ScoreFn, views: Iterable[torch.Tensor], flip: bool,
+                    out_size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, *out_size) mean class probabilities of ``views`` (each also flipped with
+    ``flip``): every view's scores, flipped back, are resized to ``out_size`` and then
+    soft-maxed (mmseg's ``aug_test`` over ``inference`` with ``rescale``). ``views`` is
+    consumed one at a time, so a generator holds one view in memory."""
+    out_size = tuple(out_size)
     total = None
-    views = 0
-    for scale in scales:
-        size = tuple(max(1, math.ceil(round(side * scale) / size_divisor)) * size_divisor
-                     for side in (height, width))
-        scaled = _resize(images, size)
+    count = 0
+    for scaled in views:
         for flipped in ((False, True) if flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
             scores = score_fn(view)
             scores = scores.flip(-1) if flipped else scores
             probs = _resize(scores, out_size).softmax(1)
             total = probs if total is None else total + probs
-            views += 1
-    return total / views
+            count += 1
+    return total / count
