@@ -16,11 +16,14 @@ three changes. What is kept from libraries and what is written here:
     groups, concatenated before the matching queries; the self-attention mask keeps the
     matching queries from seeing any denoising query and each group from seeing the
     others; positives reconstruct their box/class, negatives are trained as "no object";
+    the slots padding an image with fewer boxes than the batch's most get zero content and
+    the reference box (0.5, 0.5, 0.5, 0.5), as released (``_denoising``);
   * mixed query selection: reference boxes = top-k encoder proposals (by max class logit,
     detached); content queries = a learned embedding (not the selected encoder features);
   * look-forward-twice: layer i's box prediction is ``sigmoid(delta_i + logit(b_{i-1}))``
     with ``b_{i-1}`` the *undetached* refined box of layer i-1, so layer i's loss also
     reaches layer i-1's box head; the box fed to layer i for sampling stays detached;
+    ``logit`` clamps at the release's eps 1e-3 (``LOGIT_EPS``), not mmdet's default 1e-5;
   * DINO's per-layer positional query: an MLP of the sine embedding of the current box
     (transformers' embedding, coordinates reordered to DINO's y, x, w, h) and a final decoder
     LayerNorm;
@@ -101,6 +104,21 @@ DEFAULTS: dict = {
     "size_divisible": 32,
     "label_offset": 1,             # torchvision convention: dataset labels 1..C, 0 = background
 }
+
+# The logit clamp of every inverse_sigmoid on the released DINO path (OpenGVLab/InternImage
+# detection/mmdet_custom/): the decoder's box refinement (models/utils/transformer.py,
+# DinoTransformerDecoder.forward), the head's per-layer box prediction
+# (models/dense_heads/dino_head.py, DINOHead.forward) and the denoising boxes
+# (models/utils/query_denoising.py, DnQueryGenerator.forward) all pass eps=1e-3, where
+# mmdet's (and transformers') inverse_sigmoid defaults to 1e-5: a box coordinate below
+# 1e-3 (or above 1 - 1e-3) enters the next logit as 1e-3 (1 - 1e-3).
+LOGIT_EPS = 1e-3
+
+
+def _logit(boxes: torch.Tensor) -> torch.Tensor:
+    """The released DINO's ``inverse_sigmoid(boxes, eps=1e-3)`` (``LOGIT_EPS``)."""
+    return inverse_sigmoid(boxes, eps=LOGIT_EPS)
+
 
 # The head settings its parameter shapes depend on, and the layout they are laid out in:
 # both enter a DINO run's model hash (finetune/detection.py), so a resume under other
@@ -231,7 +249,9 @@ class DinoDetector(nn.Module):
         # transformers' get_proposal_pos_embed embeds (x, y, w, h) in that order, while DINO's
         # gen_sineembed_for_position puts y first: swapping cx/cy here gives DINO's layout, so
         # the first layer of a ref_point_head ported from DINO weights reads the right inputs.
-        # It takes logits (it applies the sigmoid itself), hence the inverse_sigmoid.
+        # It takes logits (it applies the sigmoid itself), hence the inverse_sigmoid: a round
+        # trip, not one of the release's logits (DINO embeds the box itself), so it keeps
+        # the default eps 1e-5, which moves no coordinate in [1e-5, 1 - 1e-5].
         return self.detr.get_proposal_pos_embed(inverse_sigmoid(boxes[..., [1, 0, 2, 3]]))
 
     def _decode(self, content: torch.Tensor, reference: torch.Tensor, enc: dict,
@@ -249,10 +269,10 @@ class DinoDetector(nn.Module):
             cls_branch, box_branch = self.class_embed[i], self.bbox_embed[i]
             all_logits.append(cls_branch(normed))
             # Look forward twice: prediction built on the previous layer's undetached box.
-            all_boxes.append((box_branch(normed) + inverse_sigmoid(prev_box)).sigmoid())
+            all_boxes.append((box_branch(normed) + _logit(prev_box)).sigmoid())
             # layer i refines with its own box branch, on the un-normed output (the
             # release's DinoTransformerDecoder: reg_branches[lid](output))
-            prev_box = (box_branch(hidden) + inverse_sigmoid(ref)).sigmoid()
+            prev_box = (box_branch(hidden) + _logit(ref)).sigmoid()
             ref = prev_box.detach()  # sampling locations of the next layer: no gradient
         return torch.stack(all_logits), torch.stack(all_boxes)
 
@@ -266,7 +286,13 @@ class DinoDetector(nn.Module):
         return content.masked_fill(pad[..., None], 0.0)
 
     def _denoising(self, targets: list[dict]) -> tuple:
-        """CDN queries (content, boxes), the (1, 1, T, T) additive attention mask, meta."""
+        """CDN queries (content, reference boxes), the (1, 1, T, T) additive attention mask,
+        meta. The reference boxes are the release's (OpenGVLab/InternImage
+        detection/mmdet_custom/models/utils/query_denoising.py, DnQueryGenerator.forward, and
+        the ``reference_points.sigmoid()`` of models/utils/transformer.py DinoTransformer):
+        ``sigmoid(inverse_sigmoid(noised box, eps=1e-3))`` for the slots of a ground-truth
+        box, and ``sigmoid(0) = 0.5`` in every coordinate for the slots that pad an image with
+        fewer boxes than the batch's most (its ``padding_bbox`` zeros are box *logits*)."""
         content, box_logits, attn, meta = get_contrastive_denoising_training_group(
             targets, self.num_classes, self.num_queries, self._label_content,
             num_denoising_queries=self.cfg["num_dn_queries"],
@@ -274,10 +300,20 @@ class DinoDetector(nn.Module):
             box_noise_scale=self.cfg["box_noise_scale"])
         if content is None:  # no boxes in the whole batch: nothing to denoise
             return None, None, None, None
+        # RT-DETR's builder returns the noised boxes' logits at eps 1e-5 (the boxes themselves
+        # when box_noise_scale is 0): back to boxes, then through the release's 1e-3 clamp
+        # (clamping at 1e-5 first changes nothing that the 1e-3 clamp leaves)
+        boxes = box_logits.sigmoid() if self.cfg["box_noise_scale"] > 0 else box_logits
+        boxes = _logit(boxes).sigmoid()
+        # its padding slots hold zero *boxes* (logit -11.5, a box of ~1e-5); the release's
+        # hold zero logits
+        counts = torch.tensor([len(t["class_labels"]) for t in targets], device=boxes.device)
+        slot = torch.arange(boxes.shape[1], device=boxes.device) % counts.max()
+        boxes = boxes.masked_fill((slot[None] >= counts[:, None])[..., None], 0.5)
         blocked = torch.isinf(attn)
         mask = torch.zeros(blocked.shape, dtype=content.dtype, device=content.device)
         mask = mask.masked_fill(blocked, torch.finfo(content.dtype).min)[None, None]
-        return content, box_logits.sigmoid(), mask, meta
+        return content, boxes, mask, meta
 
     # ------------------------------------------------------------ batches
     def _prepare(self, images, targets=None):
