@@ -39,6 +39,13 @@ class S3Config:
     opening it and to resuming a read that broke mid-stream.
     ``prefetch_bytes``: how much of the next shard a stream fetches in the background while
     it decodes the current one (:class:`data.storage.ShardPrefetcher`); 0 turns it off.
+    ``auth_grace_s``: how long a stream goes on retrying while the store refuses its reads
+    (403 ``AccessDenied``, ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``,
+    ``ExpiredToken``, 401, no credentials found) and no other read of it succeeds, before it
+    ends the run with :class:`data.shard_schedule.StorageAccessError`: long enough for a
+    credential refresher to rotate a session token (each refused read re-reads the
+    credentials, see :func:`data.storage.forget_filesystem`), short enough not to hold 512
+    GPUs idle; 0 ends the run at the first refused read.
     """
 
     endpoint_url: str | None = None
@@ -57,6 +64,9 @@ class S3Config:
     # First bytes of the next shard fetched while the current one is decoded (0: off);
     # per source stream, so a node holds up to workers x sources x this much.
     prefetch_bytes: int = 32 * 2**20
+    # Refusals (bad or expired credentials) are the store answering, not an outage: they end
+    # the run after this long without a successful read, where an outage is waited out.
+    auth_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         check(self.retries >= 0, "s3.retries", f"must be >= 0, got {self.retries}")
@@ -67,3 +77,6 @@ class S3Config:
         check(self.block_size >= 4096, "s3.block_size", "must be >= 4096 bytes")
         check(self.prefetch_bytes >= 0, "s3.prefetch_bytes",
               f"must be >= 0 (0: no prefetch), got {self.prefetch_bytes}")
+        check(self.auth_grace_s >= 0, "s3.auth_grace_s",
+              f"must be >= 0 (0: end the run at the first refused read), got "
+              f"{self.auth_grace_s}")

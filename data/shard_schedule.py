@@ -12,17 +12,31 @@ Each read of a shard ends one of four ways (``read_shard``'s ``outcome["status"]
   gave no sample is never read again; one with a readable start stays in a resampled
   stream's draw (its start is good data) and is not counted again.
 - ``failed`` (the store did not answer after the reader's in-place retries: connection
-  refused or reset, timeouts, 5xx, 403...): the shard is set aside with a cursor at its
-  first undelivered sample and retried after a cooldown that doubles from ``s3.max_backoff``
-  up to :data:`COOLDOWN_CAP_S`; the retry continues at the cursor, so no sample is lost or
-  repeated. After two failed reads in a row, or with nothing left but set-aside shards, the
-  stream waits for its storage (a warning at once and every :data:`WAIT_LOG_EVERY_S`; it
-  retries set-aside shards, and starts a fresh one only once each of those failed
-  :data:`SHARD_ATTEMPTS` times): an outage pauses the stream, it never ends a source. A
-  shard is given up (counted ``unreadable_shard``) only after :data:`SHARD_ATTEMPTS` reads
-  in a row that delivered nothing, and only if other reads of the stream delivered samples
-  since its first failure: when the store answers but that shard does not. Alone, or while
-  nothing else is readable, it is retried for ever.
+  refused or reset, timeouts, 5xx; or it refused the read, see below): the shard is set
+  aside with a cursor at its first undelivered sample and retried after a cooldown that
+  doubles from ``s3.max_backoff`` up to :data:`COOLDOWN_CAP_S`; the retry continues at the
+  cursor, so no sample is lost or repeated. After two failed reads in a row, or with
+  nothing left but set-aside shards, the stream waits for its storage (a warning at once
+  and every :data:`WAIT_LOG_EVERY_S`; it retries set-aside shards, and starts a fresh one
+  only once each of those failed :data:`SHARD_ATTEMPTS` times): an outage pauses the
+  stream, it never ends a source. A shard is given up (counted ``unreadable_shard``) only
+  after :data:`SHARD_ATTEMPTS` reads in a row that delivered nothing, and only if other
+  reads of the stream delivered samples since its first failure: when the store answers
+  but that shard does not. Alone, or while nothing else is readable, it is retried for
+  ever.
+
+A refused read (:class:`~data.storage.StoreRefusedError`: 403 ``AccessDenied``,
+``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken``, 401, no credentials)
+is the store answering, not an outage: waiting for ever would hold every GPU of the run
+idle. It is set aside and retried like any failed read (each retry reads the credentials
+again, so a refresher that rotates them has ``s3.auth_grace_s`` to do it), but once the
+stream has had reads refused for ``s3.auth_grace_s`` with no read delivering since the
+first, the next refused read raises :class:`StorageAccessError`, which ends the run with
+the shard, the store's code and what to do. A shard refused while other reads of the
+stream deliver (a per-object permission) is not the credentials: it is given up like an
+unreadable shard after :data:`SHARD_ATTEMPTS` reads, but counted ``forbidden_shard``
+here instead of through ``give_up`` (which counts ``unreadable_shard`` and the shard's
+``lost_samples``; a refused shard's sample-count sidecar is most likely refused too).
 
 A resampled stream ends only when every shard it owns is missing, unreadable or given up
 (an error is logged and ``sources_ended`` counted).
@@ -39,6 +53,7 @@ from typing import Any
 
 from data.config import S3Config
 from data.stats import SkipCounter
+from data.storage import refused_code
 from data.tar_stream import ShardCursor
 from runtime.redact import redact_url
 
@@ -51,6 +66,12 @@ COOLDOWN_CAP_S = 60.0
 notices that its storage is back)."""
 WAIT_LOG_EVERY_S = 60.0
 """How often a waiting stream repeats its warning."""
+
+
+class StorageAccessError(RuntimeError):
+    """The object store kept refusing a stream's reads for ``s3.auth_grace_s`` with no read
+    succeeding: its credentials are rejected. Raised in the data worker, it ends the run (a
+    DataLoader re-raises a worker's exception in the trainer with its type and message)."""
 
 
 @dataclass
@@ -94,6 +115,7 @@ class ShardSchedule:
         self.last_progress = -math.inf  # when a read last delivered samples or completed
         self.failures_in_row = 0
         self.waiting_since: float | None = None
+        self.refused_since: float | None = None  # first refused read since the last progress
         self._last_warning = -math.inf
         self._last_error = ""
 
@@ -152,6 +174,13 @@ class ShardSchedule:
         if now - self._last_warning < WAIT_LOG_EVERY_S:
             return
         self._last_warning = now
+        if self.refused_since is not None:
+            log.warning("source %r: the object store refuses this stream's reads (last error: "
+                        "%s) for %.0f s so far; the run ends when this lasts s3.auth_grace_s "
+                        "= %g s without a successful read: refresh the credentials",
+                        self.source, self._last_error, now - self.refused_since,
+                        self.s3.auth_grace_s)
+            return
         log.warning("source %r: storage unavailable: %d shard(s) of this stream failed to "
                     "read and wait for a retry (last error: %s); waiting for %.0f s so far, "
                     "next try in %.1f s", self.source, len(self.aside), self._last_error,
@@ -164,7 +193,10 @@ class ShardSchedule:
         if status == "complete" or outcome["samples"] > 0:
             self._progress(now)
         if status == "failed":
-            self._set_aside(url, outcome, now)
+            code = refused_code(outcome["error"])
+            if code is not None:
+                self._refused(url, code, outcome["error"], now)
+            self._set_aside(url, outcome, now, forbidden=code is not None)
             return
         self.aside.pop(url, None)
         if status == "missing":
@@ -174,8 +206,27 @@ class ShardSchedule:
             if outcome["cursor"].samples == 0:
                 self.dropped.add(url)
 
+    def _refused(self, url: str, code: str, error: str, now: float) -> None:
+        """Raise :class:`StorageAccessError` once reads have been refused for
+        ``s3.auth_grace_s`` with none delivering since (see the module docstring)."""
+        if self.refused_since is None:
+            self.refused_since = now
+        refused_for = now - self.refused_since
+        if refused_for < self.s3.auth_grace_s:
+            return
+        raise StorageAccessError(
+            f"data source {self.source!r}: the object store refused access to shard "
+            f"{redact_url(url)} ({code}), and has refused this stream's reads for "
+            f"{refused_for:.0f} s (s3.auth_grace_s = {self.s3.auth_grace_s:g}) with none "
+            f"succeeding since: the credentials are rejected (wrong, expired, or without "
+            f"read permission on these objects). Last answer: {error}. Refresh the "
+            f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, "
+            f"the shared credentials file, or data.s3.key/secret/token) and resume: the last "
+            f"checkpoint holds the data position.")
+
     def _progress(self, now: float) -> None:
         self.last_progress = now
+        self.refused_since = None
         self.failures_in_row = 0
         if self.waiting_since is not None:
             waited = now - self.waiting_since
@@ -184,7 +235,8 @@ class ShardSchedule:
             self.counter.event(self.source, "storage_wait_seconds", round(waited))
             self.waiting_since, self._last_warning = None, -math.inf
 
-    def _set_aside(self, url: str, outcome: dict[str, Any], now: float) -> None:
+    def _set_aside(self, url: str, outcome: dict[str, Any], now: float,
+                   forbidden: bool = False) -> None:
         entry = self.aside.get(url)
         if entry is None or outcome["samples"] > 0:
             entry = SetAside(outcome["cursor"], 0, now)
@@ -194,11 +246,16 @@ class ShardSchedule:
         self.failures_in_row += 1  # after report()'s reset, if this read delivered first
         if entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure:
             log.warning("source %r: giving up shard %s after %d failed reads while other "
-                        "shards could be read (last error: %s)", self.source,
-                        redact_url(url), entry.failures, entry.error)
+                        "shards could be read (last error: %s)%s", self.source,
+                        redact_url(url), entry.failures, entry.error,
+                        "; the store refuses this object: counted forbidden_shard"
+                        if forbidden else "")
             self.aside.pop(url, None)
             self.dropped.add(url)
-            self.give_up(url, entry.cursor)
+            if forbidden:  # a per-object permission, not damage: a reason of its own
+                self.counter.skip(self.source, "forbidden_shard")
+            else:
+                self.give_up(url, entry.cursor)
             return
         cooldown = min(max(self.s3.max_backoff, 0.01) * 2 ** (entry.failures - 1),
                        COOLDOWN_CAP_S)

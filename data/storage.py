@@ -14,6 +14,14 @@ s3fs itself sends ``If-Match: <ETag>`` with every ranged GET of an open file and
 ``FileExpired`` when the object was replaced (S3 answers 412), and a reopen compares the
 versions. Splicing the new object's bytes onto the old one's would deliver samples of both,
 or misread the rest as damage.
+
+An ``s3://`` read the store refuses (:func:`refusal_code`: 403 ``AccessDenied``,
+``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken``..., 401, or no
+credentials found) is retried in place like other errors, each attempt with a new s3fs
+filesystem, so credentials rotated in the shared credentials file are read again
+(:func:`forget_filesystem`); after the last attempt it raises :class:`StoreRefusedError`
+naming the store's code. Whether that ends the run (credentials rejected) or only sets one
+shard aside (a per-object permission) is the stream's decision: ``data.shard_schedule``.
 """
 
 from __future__ import annotations
@@ -43,12 +51,37 @@ def is_remote(url: str) -> bool:
 _FS_CACHE: dict[tuple[int, str], Any] = {}
 
 
+def _endpoint(cfg: S3Config) -> str | None:
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+
+
+def _fs_cache_key(cfg: S3Config) -> tuple[int, str]:
+    return (os.getpid(), repr((_endpoint(cfg), cfg.key, cfg.secret, cfg.token, cfg.region,
+                               cfg.anon, cfg.connect_timeout, cfg.read_timeout)))
+
+
+def forget_filesystem(cfg: S3Config) -> None:
+    """Drop this process's cached filesystem for ``cfg``: the next :func:`s3_filesystem`
+    builds a new one, whose botocore session looks for credentials again.
+
+    Why: a botocore session resolves credentials once, and the static kinds are never read
+    again by it (botocore/credentials.py: ``EnvProvider`` without
+    ``AWS_CREDENTIAL_EXPIRATION`` and ``SharedCredentialProvider`` return plain
+    ``Credentials``; only assume-role, SSO, ``credential_process``, container and instance
+    metadata credentials refresh themselves). A new session reads the shared credentials file
+    (``AWS_SHARED_CREDENTIALS_FILE``, ``~/.aws/credentials``) again, so a refresher that
+    rewrites it is picked up. Credentials in the config (``s3.key``/``secret``/``token``) or
+    in the process's environment cannot be changed from outside the process: rotating those
+    takes a restart. Called only after a refused read: reads that work pay nothing.
+    """
+    _FS_CACHE.pop(_fs_cache_key(cfg), None)
+
+
 def s3_filesystem(cfg: S3Config) -> Any:
     """An s3fs filesystem for ``cfg``, one per process (s3fs clients do not survive fork)."""
-    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")
-    cache_key = (os.getpid(), repr((endpoint, cfg.key, cfg.secret, cfg.token, cfg.region,
-                                    cfg.anon, cfg.connect_timeout, cfg.read_timeout)))
+    endpoint = _endpoint(cfg)
+    cache_key = _fs_cache_key(cfg)
     fs = _FS_CACHE.get(cache_key)
     if fs is None:
         import s3fs
@@ -154,6 +187,92 @@ def is_missing(err: BaseException) -> bool:
     return code in ("NoSuchKey", "NoSuchBucket", "404")
 
 
+def store_error_code(err: BaseException) -> str | None:
+    """The error code an object store answered with (botocore ``ClientError.response``),
+    found on ``err`` or what it was raised from: s3fs raises its translation of a
+    ``ClientError`` (s3fs/errors.py ``translate_boto_error``) with the original as
+    ``__cause__``. A HEAD's answer has no body, so its code is the bare HTTP status."""
+    for _ in range(4):  # s3fs wraps once; a few more links cost nothing and stop any cycle
+        if err is None:
+            return None
+        response = getattr(err, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code:
+            return str(code)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _no_credentials(err: BaseException) -> bool:
+    """botocore's ``NoCredentialsError``: nothing to sign with (it is never a store's answer,
+    so s3fs passes it through untranslated)."""
+    exceptions = sys.modules.get("botocore.exceptions")
+    missing = getattr(exceptions, "NoCredentialsError", None)
+    return missing is not None and isinstance(err, missing)
+
+
+def refusal_code(url: str, err: BaseException) -> str | None:
+    """The store's code when ``err`` says the object store refused an ``s3://`` request, else
+    None.
+
+    Refused: what s3fs raises as ``PermissionError`` (s3fs/errors.py maps HTTP 403 and the
+    codes ``AccessDenied``, ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``,
+    ``ExpiredToken``, ``AccountProblem``, ``InvalidObjectState``... to it), a 401 (not in
+    s3fs's map: a plain ``OSError`` whose cause carries the code), and botocore's
+    ``NoCredentialsError`` (code ``NoCredentials``). Only ``s3://`` URLs: a local
+    ``PermissionError`` is the file's mode and keeps its handling (:func:`_retry_in_place`),
+    and ``pipe:``/``http(s)://`` failures carry no code to tell.
+    """
+    if not url.startswith("s3://"):
+        return None
+    if _no_credentials(err):
+        return "NoCredentials"
+    code = store_error_code(err)
+    if isinstance(err, PermissionError) or code in ("401", "Unauthorized"):
+        return code or type(err).__name__
+    return None
+
+
+class StoreRefusedError(PermissionError):
+    """The object store refused a shard read through every in-place retry. Its text is
+    ``<code>: <the store's message> (object <redacted url>)``: the read's outcome carries
+    only the error's text (``data.sources``), so :func:`refused_code` reads the code back
+    from there."""
+
+
+def refused_code(error: str) -> str | None:
+    """The store's code in a read's error text (``"<type name>: <text>"``, as
+    ``data.sources`` records it) when the read was refused (:class:`StoreRefusedError`),
+    else None."""
+    prefix = f"{StoreRefusedError.__name__}: "
+    return error[len(prefix):].split(":", 1)[0] if error.startswith(prefix) else None
+
+
+def _probe_refusal(url: str, cfg: S3Config) -> tuple[str, str] | None:
+    """(code, message) of the store's refusal of a GET of the object's first byte, or None
+    when it does not refuse it.
+
+    Why: s3fs opens an object with HEAD, and a HEAD's error answer has no body, so botocore
+    can only report ``403 Forbidden``; a GET's error body says which refusal it is
+    (``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken``, ``AccessDenied``),
+    which is what an operator needs to know. One request, made only for a refused read.
+    """
+    try:
+        s3_filesystem(cfg).cat_file(url, start=0, end=1)
+    except Exception as err:
+        code = refusal_code(url, err)
+        if code is not None:
+            return code, str(err)
+    return None
+
+
+def _refused(url: str, cfg: S3Config, code: str, err: BaseException) -> StoreRefusedError:
+    message = str(err)
+    if code == "403":  # a HEAD's answer: ask once what the refusal is
+        code, message = _probe_refusal(url, cfg) or (code, message)
+    return StoreRefusedError(f"{code}: {redact_url(message)[:200]} (object {redact_url(url)})")
+
+
 def _retry_in_place(url: str, err: BaseException) -> bool:
     # A missing object will not appear by waiting, and a local permission error will not go
     # away: both fail at once, as does a changed object (no offset of the old one holds in
@@ -181,15 +300,15 @@ class RetryingReader:
 
     On an error while opening or reading, it waits (exponential backoff), reopens the shard
     and continues at the byte offset where the read broke, up to ``cfg.retries`` times in a
-    row; then the error propagates and the caller decides (see ``shard_schedule``). A
-    missing object raises at once (:func:`is_missing`). ``size`` is the object's size when
-    known; reaching end-of-stream before it raises :class:`ShortReadError`, retried as a
-    broken read. ``start``: the byte offset to begin at. ``events`` counts the retries so
-    the pipeline can report them. ``version``: the :func:`object_version` of the object
-    the first open found (None when the stream does not tell); a reopen that finds another
-    one, or s3fs's ``FileExpired``, raises :class:`ShardChangedError` at once. (Whether
-    ``start`` belongs to the version a saved position was taken in is the caller's check:
-    ``data.sources.read_shard``.)
+    row; then the error propagates and the caller decides (see ``shard_schedule``), a
+    refusal by the store as :class:`StoreRefusedError`. A missing object raises at once
+    (:func:`is_missing`). ``size`` is the object's size when known; reaching end-of-stream
+    before it raises :class:`ShortReadError`, retried as a broken read. ``start``: the byte
+    offset to begin at. ``events`` counts the retries so the pipeline can report them.
+    ``version``: the :func:`object_version` of the object the first open found (None when
+    the stream does not tell); a reopen that finds another one, or s3fs's ``FileExpired``,
+    raises :class:`ShardChangedError` at once. (Whether ``start`` belongs to the version a
+    saved position was taken in is the caller's check: ``data.sources.read_shard``.)
     """
 
     def __init__(self, url: str, cfg: S3Config, events: dict[str, int] | None = None,
@@ -226,7 +345,15 @@ class RetryingReader:
                 if _expired(err):
                     raise ShardChangedError(f"{redact_url(self.url)} changed while being "
                                             f"read ({type(err).__name__})") from err
-                if not _retry_in_place(self.url, err) or failures >= self.cfg.retries:
+                refused = refusal_code(self.url, err)
+                last = not _retry_in_place(self.url, err) or failures >= self.cfg.retries
+                if refused is not None:
+                    refusal = _refused(self.url, self.cfg, refused, err) if last else None
+                    # after _refused's probe: the next attempt, or read, reads them anew
+                    forget_filesystem(self.cfg)
+                    if refusal is not None:
+                        raise refusal from err
+                if last:
                     raise
                 delay = min(self.cfg.backoff * 2**failures, self.cfg.max_backoff)
                 failures += 1
