@@ -144,7 +144,10 @@ def restore_buffers(module, ckpt_dir: Path) -> int:
              or sorted(ckpt_dir.glob("mp_rank_00_model_states.pt")))
     if not files:
         raise ResumeError(f"{ckpt_dir}: no rank-0 model states file to restore buffers from")
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    # mmap: only the buffers' pages are read. At ZeRO 0-2 the file holds the whole module
+    # (InternImage-H: 2.2 GB in bf16), which every rank would otherwise read in full on a
+    # resize (measured on a 1 GiB file: 1.9 s and +1 GiB RSS loaded, 0.01 s mmapped).
+    saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     buffers = dict(module.named_buffers())
     names = saved.get("buffer_names", [])
     missing = [n for n in names if n not in buffers]
