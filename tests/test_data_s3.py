@@ -220,9 +220,11 @@ def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
         server, tmp_path_factory):
     # Issue #14, "Done means": 2-rank pre-training killed and resumed against the real S3
     # server gives the same loss at every step. The kill is a SIGKILL of every rank at the
-    # end of step 3 (INTERNIMAGE_KILL_AFTER_STEP, runtime/preemption.py); the last
-    # checkpoint is step 2's, so the resumed run re-opens each rank's shard at its saved
-    # byte offset over S3 and re-reads its shuffle block.
+    # end of step 5 (INTERNIMAGE_KILL_AFTER_STEP, runtime/preemption.py); the last
+    # checkpoint is step 3's, so the resumed run re-opens each rank's shard at its saved
+    # byte offset over S3, re-reads its shuffle block and computes steps 4 and 5 again. Up
+    # to its kill the killed run is the uninterrupted run, so its own steps 4 and 5 are the
+    # reference (a separate uninterrupted run would repeat them at the cost of a launch).
     import subprocess
 
     from pretrain.data import demo_source_urls, ensure_demo_shards
@@ -234,7 +236,7 @@ def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
     urls = server.upload("digits", [Path(u) for u in demo_source_urls(manifest, "train")])
     source = {"name": "digits", "urls": urls, "image_key": "jpg", "text_key": "txt",
               "tags_key": "json:tags"}
-    args = ["--max-steps", "5", "--checkpoint-every", "2", f"data.sources={json.dumps([source])}",
+    args = ["--max-steps", "6", "--checkpoint-every", "3", f"data.sources={json.dumps([source])}",
             f"data.s3.endpoint_url={server.endpoint}", "data.shuffle_buffer=24"]
 
     def train(out: Path, *extra: str, kill: int | None = None) -> int:
@@ -245,15 +247,17 @@ def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
             raise AssertionError(proc.stderr[-4000:])
         return proc.returncode
 
-    reference, killed = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("killed")
-    train(reference)
-    assert train(killed, kill=3) != 0
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    killed = tmp_path_factory.mktemp("killed")
+    assert train(killed, kill=5) != 0
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    before = losses(killed)
+    assert sorted(before) == [1, 2, 3, 4, 5]
     train(killed, "--resume", "auto")
-    expected, got = losses(reference), losses(killed)
-    assert sorted(expected) == sorted(got) == [1, 2, 3, 4, 5]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    after = losses(killed)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5):  # computed before the kill and again after the resume
+        assert after[step] == pytest.approx(before[step], rel=1e-6, abs=1e-7), step
+    assert before[4] != before[5]  # two different batches, not one repeated
 
 
 def _replaced(server: SeaweedServer, bucket: str, tmp: Path) -> tuple[str, bytes, bytes]:

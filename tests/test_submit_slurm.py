@@ -2,13 +2,14 @@
 
 2-task CPU pre-training jobs (gloo ranks, the demo shrunk by TINY): a job that completes,
 a job requeued by `scontrol requeue` mid-run that ends with the same losses as the
-undisturbed one, a job sent USR2 (what SLURM sends before the time limit or on a
-preemption) that saves at the next step, is requeued by submitit and completes, and a job
-whose tasks are killed (SIGKILL) without writing a result, which `--wait` must report
-instead of waiting forever. A 2-task fine-tuning job (classification demo) sent USR2
-saves, requeues and ends with the metrics of an undisturbed one.
+undisturbed one, and a job whose tasks are killed (SIGKILL) without writing a result,
+which `--wait` must report instead of waiting forever. A 2-task fine-tuning job
+(classification demo) sent USR2 (what SLURM sends before the time limit or on a
+preemption) saves at the next step, is requeued by submitit and ends with the metrics of
+an undisturbed one. (Pre-training and fine-tuning stop on a signal through the same loop,
+runtime/loop.py: tests/test_runtime_loop_stop.py; one job type here is enough.)
 
-The USR2 tests send the signal themselves (`scancel --signal=USR2`, to every task of the
+The USR2 test sends the signal themselves (`scancel --signal=USR2`, to every task of the
 job) once the job has logged a step, with a time limit far away: a signal timed by a short
 limit (sbatch --signal=USR2@delay) races the save and requeue against that limit on a busy
 machine, and SLURM may send it up to a minute early (sbatch(1), --signal).
@@ -166,43 +167,6 @@ def signal_after_first_step(cluster: SlurmCluster, run_dir: Path, timeout: float
     return job_id
 
 
-# Enough steps that the signal (sent once step 1 is logged) lands mid-run: a step of the
-# demo takes 0.1-1 s here, a signal is handled at the next step boundary.
-USR2_STEPS = 40
-
-
-def test_usr2_saves_at_the_next_step_requeues_and_completes(cluster, cache, tmp_path):
-    """USR2 mid-run: rank 0 saves at the next step boundary, submitit requeues the job, and
-    the requeued run resumes from that checkpoint. With --max-requeues 0 (submitit's
-    slurm_max_num_timeout 0): a signal far from the time limit is a preemption, which
-    neither this job nor submitit counts."""
-    run_dir = tmp_path / "run"
-    cmd = submit_cmd(tmp_path / "logs", run_dir, "--time", "30", "--max-requeues", "0", "--wait",
-                     job=("--max-steps", str(USR2_STEPS), "--checkpoint-every",
-                          str(USR2_STEPS // 2)))
-    proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        job_id = signal_after_first_step(cluster, run_dir)
-        release(cluster, job_id)
-    finally:
-        finish(proc, timeout=300)
-    events = [r["event"] for r in records(run_dir)]
-    assert events == ["start", "requeue_requested", "start"], events
-    request = records(run_dir)[1]
-    assert (request["timed_out"], request["timeouts"], request["saved"]) == (False, 0, True)
-    saved_at = int(latest_before_requeue(tmp_path / "logs" / job_id / f"{job_id}_0_log.err"))
-    assert 0 < saved_at < USR2_STEPS  # saved on the signal, before the end
-    logs = tmp_path / "logs" / job_id
-    log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
-    # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
-    # preempted." when the job is far from its time limit; our job logs the save
-    assert "this job is preempted" in log and "checkpoint saved" in log
-    assert "cannot read the job's time limit" not in log  # judged on submitit's limit
-    assert sorted(losses(run_dir)) == list(range(1, USR2_STEPS + 1))
-    assert latest(run_dir) == f"step_{USR2_STEPS:07d}"
-
-
 def latest_before_requeue(log: Path) -> str:
     """The step the requeued run resumed from (the trainer logs 'resumed from ... at step N')."""
     for line in log.read_text().splitlines():
@@ -304,7 +268,8 @@ FT_TINY = ["run.batch_size=16", f"run.max_steps={FT_STEPS}", f"run.eval_every={F
 
 def finetune_submit_cmd(folder: Path, run_dir: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
-            "--cpus-per-task", "1", "--folder", str(folder / "%j"), "--time", "30", "--wait",
+            "--cpus-per-task", "1", "--folder", str(folder / "%j"), "--time", "30",
+            "--max-requeues", "0", "--wait",
             "finetune", "classification", "--output-dir", str(run_dir), *FT_TINY,
             f"data.cache_dir={cache}"]
 
@@ -317,6 +282,10 @@ def metric_records(run_dir: Path) -> list[dict]:
 
 def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one(
         cluster, cache, tmp_path):
+    """USR2 mid-run: rank 0 saves at the next step boundary, submitit requeues the job, and
+    the requeued run resumes from that checkpoint and ends with the undisturbed run's
+    metrics. With --max-requeues 0 (submitit's slurm_max_num_timeout 0): a signal far from
+    the time limit is a preemption, which neither this job nor submitit counts."""
     quiet = tmp_path / "undisturbed"
     proc = subprocess.run(finetune_submit_cmd(tmp_path / "quiet_logs", quiet, cache),
                           env=job_env(cluster, cache), cwd=REPO, capture_output=True,
@@ -334,9 +303,15 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
         finish(proc, timeout=300)
     events = [r["event"] for r in records(run_dir)]
     assert events == ["start", "requeue_requested", "start"], events
+    request = records(run_dir)[1]
+    assert (request["timed_out"], request["timeouts"], request["saved"]) == (False, 0, True)
     logs = tmp_path / "logs" / job_id
     log = "".join((logs / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
-    assert "checkpoint saved" in log  # the training loop saved and returned in time
+    # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
+    # preempted." when the job is far from its time limit; our job logs the save, which
+    # the training loop made and returned from in time
+    assert "this job is preempted" in log and "checkpoint saved" in log
+    assert "cannot read the job's time limit" not in log  # judged on submitit's limit
     saved_at = int(latest_before_requeue(logs / f"{job_id}_0_log.err"))
     assert 0 < saved_at < FT_STEPS  # resumed from the checkpoint written on the signal
     got, want = metric_records(run_dir), metric_records(quiet)
