@@ -34,9 +34,9 @@ stream has had reads refused for ``s3.auth_grace_s`` with no read delivering sin
 first, the next refused read raises :class:`StorageAccessError`, which ends the run with
 the shard, the store's code and what to do. A shard refused while other reads of the
 stream deliver (a per-object permission) is not the credentials: it is given up like an
-unreadable shard after :data:`SHARD_ATTEMPTS` reads, but counted ``forbidden_shard``
-here instead of through ``give_up`` (which counts ``unreadable_shard`` and the shard's
-``lost_samples``; a refused shard's sample-count sidecar is most likely refused too).
+unreadable shard after :data:`SHARD_ATTEMPTS` reads, but counted ``forbidden_shard`` (its
+undelivered samples ``lost_samples`` as for any given-up shard: exact when its sample-count
+sidecar can be read, which a refusing store most likely refuses too).
 
 A resampled stream ends only when every shard it owns is missing, unreadable or given up
 (an error is logged and ``sources_ended`` counted).
@@ -91,7 +91,8 @@ class ShardSchedule:
     Iterate to get ``(url, cursor)``: cursor None for a fresh read from the start, else the
     place where the shard's earlier read broke. After each read, call :meth:`report` with
     its outcome. ``draws``: the shard order (endless when ``resampled``); ``owned``: how
-    many distinct shards it holds. ``give_up(url, cursor)`` counts a shard given up.
+    many distinct shards it holds. ``give_up(url, cursor, reason)`` counts a shard given up
+    (``unreadable_shard`` or ``forbidden_shard``) and its lost samples.
     ``clock`` and ``sleep`` are injectable for tests.
 
     The stream is *waiting for storage* from two failed reads in a row (or from having
@@ -103,7 +104,7 @@ class ShardSchedule:
 
     def __init__(self, draws: Iterator[str], owned: int, resampled: bool, source: str,
                  s3: S3Config, counter: SkipCounter,
-                 give_up: Callable[[str, ShardCursor], None],
+                 give_up: Callable[[str, ShardCursor, str], None],
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.draws, self.owned, self.resampled = draws, owned, resampled
@@ -252,10 +253,9 @@ class ShardSchedule:
                         if forbidden else "")
             self.aside.pop(url, None)
             self.dropped.add(url)
-            if forbidden:  # a per-object permission, not damage: a reason of its own
-                self.counter.skip(self.source, "forbidden_shard")
-            else:
-                self.give_up(url, entry.cursor)
+            # a per-object permission is not damage: a reason of its own, same lost count
+            self.give_up(url, entry.cursor, "forbidden_shard" if forbidden
+                         else "unreadable_shard")
             return
         cooldown = min(max(self.s3.max_backoff, 0.01) * 2 ** (entry.failures - 1),
                        COOLDOWN_CAP_S)

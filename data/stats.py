@@ -13,13 +13,16 @@ from typing import Any
 
 SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "oversized_image",
                 "missing_caption", "missing_shard", "unreadable_shard", "truncated_shard",
-                "lost_samples", "duplicate_member")
+                "lost_samples", "duplicate_member", "forbidden_shard")
 """Why a sample, or a whole shard (the ``*_shard`` reasons), was dropped.
 
 ``oversized_image``: the image header declares more pixels than ``data.max_image_pixels``
 (not decoded). ``missing_shard``: the shard does not exist (404 / NoSuchKey).
 ``unreadable_shard``: nothing of it could be read (not a tar), or it failed every retry
 while other shards could be read.
+``forbidden_shard``: the object store refused every read of it while other shards of the
+stream could be read (a per-object permission; refused credentials end the run instead,
+see :mod:`data.shard_schedule`).
 ``truncated_shard``: it broke before its end-of-archive marker (cut short, a corrupt header).
 ``duplicate_member``: a sample with two members of one extension (ambiguous).
 ``lost_samples``: samples of damaged or given-up shards that were not delivered: exact when

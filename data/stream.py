@@ -285,8 +285,8 @@ class SourceStream:
         if upcoming is not None:
             self._prefetcher.start(upcoming)
 
-    def _give_up(self, key: str, cursor: ShardCursor) -> None:
-        self.counter.skip(self.name, "unreadable_shard")
+    def _give_up(self, key: str, cursor: ShardCursor, reason: str) -> None:
+        self.counter.skip(self.name, reason)
         url, part, parts = self.split_key(key)
         count_lost(url, self.name, self.s3, self.counter, cursor.samples, False, part, parts)
 
