@@ -113,6 +113,10 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
         os.replace(out, aside)
     os.replace(tmp, out)
     shutil.rmtree(aside, ignore_errors=True)
+    # ds_to_universal points ``latest_universal`` beside its output at the folder it wrote,
+    # our temporary name, gone now; the loads here always pass the tag, and the folder is
+    # pruned with its checkpoint, so no pointer is left to go stale
+    (ckpt_dir.parent / "latest_universal").unlink(missing_ok=True)
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out
