@@ -163,6 +163,20 @@ class SeaweedServer:
         return urls
 
 
+def running_server(data_dir: Path, server_class: type[SeaweedServer] = SeaweedServer):
+    """A pytest fixture's body: a started ``server_class`` storing in ``data_dir``, stopped
+    after the yield; the test is skipped when SeaweedFS cannot run here."""
+    import pytest
+
+    reason = weed_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    srv = server_class(data_dir)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 def jpeg_bytes(seed: int, size: int = 16, quality: int = 90) -> bytes:
     """A small noisy RGB JPEG (noise keeps it from compressing to nothing)."""
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from s3_server import CREDENTIALS, SeaweedServer, good_samples, weed_unusable_reason, write_tar
+from s3_server import CREDENTIALS, SeaweedServer, good_samples, running_server, write_tar
 
 from data.config import S3Config
 from data.stats import SkipCounter
@@ -135,13 +135,7 @@ class _TwoIdentityServer(SeaweedServer):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    reason = weed_unusable_reason()
-    if reason:
-        pytest.skip(reason)
-    srv = _TwoIdentityServer(tmp_path_factory.mktemp("seaweedfs-auth"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory.mktemp("seaweedfs-auth"), _TwoIdentityServer)
 
 
 @pytest.fixture(scope="module")

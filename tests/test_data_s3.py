@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3_server import CREDENTIALS, SeaweedServer, good_samples, weed_unusable_reason, write_tar
+from s3_server import CREDENTIALS, SeaweedServer, good_samples, running_server, write_tar
 
 from data.config import S3Config
 from data.sources import read_shard
@@ -32,13 +32,7 @@ def aws_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    reason = weed_unusable_reason()
-    if reason:
-        pytest.skip(reason)
-    srv = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory.mktemp("seaweedfs"))
 
 
 @pytest.fixture(scope="module")
