@@ -6,6 +6,12 @@ the backend is detected (NCCL with CUDA, gloo otherwise), never hard-coded, and 
 process gets the rendezvous variables DeepSpeed needs (else DeepSpeed falls back to MPI
 discovery). It returns a :class:`DistInfo`, the one type every loop passes around.
 
+Which GPU a task drives is decided once, here (:func:`cuda_device_for_task`): the GPU
+``LOCAL_RANK`` when the task sees one GPU per task of its node (``--gpus-per-node``, no
+binding, as under torchrun), its only GPU when the scheduler binds one GPU per task
+(``--gpus-per-task=1``, ``--gpu-bind``, cgroup ``ConstrainDevices``), and an error before
+any compute otherwise.
+
 The collectives below are no-ops without a process group, so code that calls them runs
 unchanged in a plain single-process test.
 """
@@ -29,6 +35,9 @@ def _free_port() -> int:
 class DistInfo:
     """Where this process sits: ranks, world size, device and communication backend.
 
+    ``local_rank`` is the task's index on its node; ``device`` the GPU it drives, which is
+    ``cuda:local_rank`` only where every task sees all of its node's GPUs.
+
     The defaults describe a lone CPU process (rank 0 of 1), which is what evaluation
     helpers and tests get without any set-up.
     """
@@ -51,26 +60,96 @@ def _process_group_up() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+class DeviceBindingError(RuntimeError):
+    """The GPUs this task sees do not give it a GPU of its own."""
+
+
+def cuda_device_for_task(local_rank: int, local_world_size: int | None, visible: int) -> int:
+    """The index, among the ``visible`` CUDA devices, of the GPU this task drives.
+
+    ``local_rank`` is the task's index on its node and ``local_world_size`` the number of
+    tasks on the node (None: unknown, then at least ``local_rank + 1``).
+
+    - Every task sees at least one GPU per task of the node (no binding): GPU
+      ``local_rank``, as under torchrun.
+    - The task sees exactly one GPU (the scheduler bound one per task; SLURM then renumbers
+      it 0, or hides the others by cgroup): that GPU, 0.
+    - Anything else (2 visible for 4 tasks, none at all) would put two tasks on one GPU or
+      ask for a device that is not there ("invalid device ordinal") after the job's wait in
+      the queue: :class:`DeviceBindingError` now, naming the fix.
+    """
+    tasks = max(local_world_size or 0, local_rank + 1)
+    if visible >= tasks:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise DeviceBindingError(
+        f"task LOCAL_RANK={local_rank} (LOCAL_WORLD_SIZE={local_world_size}) sees {visible} "
+        f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): a task "
+        "needs either one visible GPU per task of its node or exactly one GPU of its own. "
+        "Use --gpus-per-node with one task per GPU (no GPU binding), or bind one GPU per "
+        "task (--gpus-per-task=1, or --gpu-bind=single:1)")
+
+
+def _slurm_gpus_on_node() -> int:
+    """GPUs SLURM gave this step on this node (``SLURM_GPUS_ON_NODE``, man srun); 0 outside
+    a GPU job."""
+    try:
+        return int(os.environ.get("SLURM_GPUS_ON_NODE", "0"))
+    except ValueError:
+        return 0
+
+
+# The task's index on its node, kept here once init_distributed has set LOCAL_RANK to a
+# different device index (see there), so that a second call still reports it.
+_rebound_local_rank: int | None = None
+
+
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent); return where we are."""
-    if not torch.cuda.is_available():
+    """Initialise torch.distributed through DeepSpeed (idempotent); return where we are.
+
+    On CUDA, the task's GPU (:func:`cuda_device_for_task`) is made current before the
+    process group exists, and ``LOCAL_RANK`` is set to that GPU's index when the two
+    differ (one GPU bound per task, ``LOCAL_RANK`` > 0). DeepSpeed (0.19.8) takes
+    ``LOCAL_RANK`` as the device ordinal in more places than its engine's ``device_rank``
+    argument reaches: the NCCL process group's ``device_id`` (comm/torch.py), ZeRO-3's
+    ``zero.Init`` (partition_parameters.py, also run inside ``deepspeed.initialize``) and
+    stage 3's cross-rank checks on the first steps (zero/utils.py), so only ``LOCAL_RANK``
+    makes all of DeepSpeed use our GPU. ``DistInfo.local_rank`` stays the task's index on
+    its node; nothing of ours reads ``LOCAL_RANK`` afterwards, and the DeepSpeed features
+    that read it as a node index (``use_node_local_storage``,
+    ``pipeline_loading_checkpoint``) are not in our configs.
+    """
+    global _rebound_local_rank
+    # a GPU job whose task sees no GPU would otherwise train on CPU over gloo
+    use_cuda = torch.cuda.is_available() or _slurm_gpus_on_node() > 0
+    if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede importing deepspeed
-    import deepspeed
     import torch.distributed as dist
 
     if "WORLD_SIZE" not in os.environ:  # a plain `python`/`internimage` process
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized() and _rebound_local_rank is not None:
+        local_rank = _rebound_local_rank  # LOCAL_RANK holds the device index by now
+    device = torch.device("cpu")
+    if use_cuda:  # before the process group: NCCL binds to the current device
+        local_world_size = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun, submitit's export
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = cuda_device_for_task(
+            local_rank, int(local_world_size) if local_world_size else None, visible)
+        if index != local_rank:
+            _rebound_local_rank = local_rank
+            os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    import deepspeed
+
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 

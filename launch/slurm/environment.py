@@ -41,11 +41,16 @@ class TaskInfo:
 
 
 def export_distributed_env(cpus_per_task: int) -> TaskInfo:
-    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this task.
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT for this task.
 
-    CUDA_VISIBLE_DEVICES is left alone: every task of a node sees all of the node's GPUs
-    and the training code picks ``cuda:LOCAL_RANK`` (as under torchrun). Thread pools are
-    sized to the CPUs SLURM gave the task, so 2 tasks on 2 cores do not oversubscribe.
+    CUDA_VISIBLE_DEVICES is left as SLURM set it: with ``--gpus-per-node`` and no binding
+    every task of a node sees all of the node's GPUs; where the cluster binds one GPU per
+    task (``--gpus-per-task=1``, ``--gpu-bind``, a site default, cgroup ConstrainDevices)
+    each task sees only its own. runtime/dist.py (``cuda_device_for_task``) picks the task's
+    GPU in both cases from LOCAL_RANK and LOCAL_WORLD_SIZE (which submitit 1.5.4 exports
+    as SLURM_NTASKS // SLURM_JOB_NUM_NODES: exact for our equal tasks per node). Thread
+    pools are sized to the CPUs SLURM gave the task, so 2 tasks on 2 cores do not
+    oversubscribe.
     """
     # overwrite: the submitting shell's variables travel into the job (sbatch --export=ALL)
     dist = submitit.helpers.TorchDistributedEnvironment().export(
