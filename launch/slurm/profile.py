@@ -57,8 +57,8 @@ class ClusterProfile:
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
             raise ValueError(f"tasks_per_node: must be >= 1, got {self.tasks_per_node}")
         if self.gpus_per_node and self.tasks > self.gpus_per_node:
-            # each task drives GPU LOCAL_RANK: the extra ones would fail on a device that is
-            # not there, after the job's wait in the queue
+            # each task drives a GPU of its own (runtime.dist.cuda_device_for_task): the
+            # extra ones would fail at start-up, after the job's wait in the queue
             raise ValueError(f"tasks_per_node ({self.tasks}) must not exceed gpus_per_node "
                              f"({self.gpus_per_node}): one task per GPU")
         if self.mem_gb is not None and self.mem_gb <= 0:
