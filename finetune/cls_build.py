@@ -46,11 +46,15 @@ def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):
 
     As in the released InternImage classification code, the cosine spans the whole run and
     the warm-up overlays its start (no warm-up prefix), so the lr reaches ``min_lr`` at the
-    last step; ``steps_per_epoch`` converts ``optim.warmup_epochs``.
+    last step; and each layer-decayed / DCN group runs from the one warm-up start to its
+    own peak ``lr_scale x lr``, then to the one ``min_lr`` (``absolute_ends``: the released
+    groups carry their scaled lr as timm's base value). ``steps_per_epoch`` converts
+    ``optim.warmup_epochs``.
     """
     return schedules.cosine(optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                             total_steps=total_steps,
-                            warmup_steps=cfg.optim.warmup(steps_per_epoch), warmup_prefix=False)
+                            warmup_steps=cfg.optim.warmup(steps_per_epoch), warmup_prefix=False,
+                            absolute_ends=True)
 
 
 def build_mixup(cfg: ClassificationConfig):

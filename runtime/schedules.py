@@ -2,7 +2,8 @@
 
 All of them apply each param group's ``lr_scale`` (runtime/param_groups.py), the optimizer's
 group ``lr`` having started at the base lr: a group trains at
-``base_lr * schedule(t) * lr_scale``.
+``base_lr * schedule(t) * lr_scale`` (classification's ``cosine(absolute_ends=True)``:
+with the warm-up start and ``min_lr`` left unscaled, as the released code does).
 
 - ``WarmupCosine``: pre-training's linear warm-up then cosine to ``min_lr``, in steps (or,
   once re-planned for another global batch, in samples: :meth:`WarmupCosine.rebase`); a
@@ -14,6 +15,7 @@ group ``lr`` having started at the base lr: a group trains at
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -157,17 +159,58 @@ def _warmup(lr: float, warmup_steps: int) -> dict:
 
 
 def cosine(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
-           warmup_steps: int, warmup_prefix: bool):
+           warmup_steps: int, warmup_prefix: bool, absolute_ends: bool = False):
     """timm's cosine from ``lr`` to ``min_lr`` over ``total_steps`` updates.
 
     ``warmup_prefix=False`` is the released classification code's (the cosine spans the
     whole run and the warm-up overlays its start, so the lr reaches ``min_lr`` at the last
     step); ``True`` starts the cosine after the warm-up.
+
+    ``absolute_ends``: the warm-up start and ``min_lr`` are absolute lrs, not scaled by
+    each group's ``lr_scale``: a group runs from ``warmup_lr_init`` up to
+    ``lr_scale x lr``, then cosine to ``min_lr`` (which lies above its peak where
+    ``lr_scale x lr < min_lr``). That is the released classification code: its groups hold
+    ``ratio x BASE_LR`` as their own lr and timm's CosineLRScheduler schedules each from
+    that lr to the one ``MIN_LR`` (OpenGVLab/InternImage classification/optimizer.py
+    ``set_weight_decay_and_lr``, classification/lr_scheduler.py ``build_scheduler``).
+    Otherwise a group trains at ``lr_scale x`` the base lr's schedule.
     """
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=min_lr,
-                             warmup_prefix=warmup_prefix, **_warmup(lr, warmup_steps))
+    cls = _absolute_ends_cosine() if absolute_ends else CosineLRScheduler
+    return cls(optimizer, t_initial=max(1, total_steps), lr_min=min_lr,
+               warmup_prefix=warmup_prefix, **_warmup(lr, warmup_steps))
+
+
+@functools.cache
+def _absolute_ends_cosine():
+    from timm.scheduler import CosineLRScheduler
+
+    class AbsoluteEndsCosine(CosineLRScheduler):
+        """timm's cosine (one cycle) with the warm-up start and ``lr_min`` absolute per
+        group (:func:`cosine`, ``absolute_ends``). ``_get_lr`` returns each group's lr
+        divided by its ``lr_scale``, which timm's ``update_groups`` multiplies back in."""
+
+        def __init__(self, optimizer, **kwargs):
+            super().__init__(optimizer, **kwargs)
+            if self.warmup_t:  # timm set warmup_lr_init x lr_scale: the absolute start
+                self.update_groups(self._get_lr(0))
+
+        def _get_lr(self, t: int) -> list[float]:
+            scales = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+            if t < self.warmup_t:
+                w0 = self.warmup_lr_init
+                return [(w0 + t * (s * base - w0) / self.warmup_t) / s
+                        for s, base in zip(scales, self.base_values)]
+            if self.warmup_prefix:
+                t = t - self.warmup_t
+            if t >= self.t_initial:  # after the one cycle (cycle_limit 1): lr_min
+                return [self.lr_min / s for s in scales]
+            c = 0.5 * (1 + math.cos(math.pi * t / self.t_initial))
+            return [(self.lr_min + (s * base - self.lr_min) * c) / s
+                    for s, base in zip(scales, self.base_values)]
+
+    return AbsoluteEndsCosine
 
 
 def multistep(optimizer: torch.optim.Optimizer, *, lr: float, milestones: Sequence[int],

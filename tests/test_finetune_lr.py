@@ -6,9 +6,11 @@ for the ``cls_*`` presets; the dense tasks' layer-decay optimizer constructors
 (``layer_decay_rate ** (num_layers - layer_id - 1)``, ``num_layers = sum(depths) + 2``,
 neck/head = the last layer) times ``offset_lr_scale`` for the deformable-attention
 offsets. The lr schedule then scales each group's initial lr, so a group trains at
-``base_lr * schedule(t) * scale``. The test steps the real scheduler of each preset (tiny
-backbone on the meta device, the preset's heads and optimiser values) and reads the lr the
-optimizer holds.
+``base_lr * schedule(t) * scale``; except that the released classification cosine runs each
+group from its own peak ``scale * base_lr`` to the one absolute ``MIN_LR`` (timm's
+scheduler over groups holding their scaled lr). The test steps the real scheduler of each
+preset (tiny backbone on the meta device, the preset's heads and optimiser values) and reads
+the lr the optimizer holds.
 """
 
 from __future__ import annotations
@@ -146,9 +148,37 @@ def test_each_group_trains_at_base_lr_times_schedule_times_released_scale(path: 
         lr = _lr_of(opt)
         at = lr[id(params[head])]
         for name, scale in scales.items():
-            assert lr[id(params[name])] == pytest.approx(at * scale, rel=1e-6), (
+            if _task(path) == "classification":
+                # cosine from scale x lr to the unscaled min_lr (classification/
+                # lr_scheduler.py: CosineLRScheduler(lr_min=MIN_LR) over groups whose lr is
+                # ratio x BASE_LR, classification/optimizer.py); at: the head's (scale 1)
+                c = (at - o.min_lr) / (o.lr - o.min_lr)
+                want = o.min_lr + (scale * o.lr - o.min_lr) * c
+            else:
+                want = at * scale
+            assert lr[id(params[name])] == pytest.approx(want, rel=1e-6), (
                 f"{path.stem} step {t}: {name} trains at {lr[id(params[name])]:.3e}, the "
-                f"released rule gives {at * scale:.3e} (scale {scale:.3e})")
+                f"released rule gives {want:.3e} (scale {scale:.3e})")
+
+
+def test_cls_h_224_layer_decayed_groups_decay_to_the_released_absolute_min_lr():
+    """The released internimage_h_jointto1k_224.yaml (OpenGVLab/InternImage commit 3ba75d4,
+    classification/configs/; BASE_LR 3e-5, MIN_LR 3e-7 per 512 images, LR_LAYER_DECAY_RATIO
+    0.8, WARMUP_EPOCHS 0): classification/optimizer.py gives each group lr ratio x BASE_LR
+    and classification/lr_scheduler.py's timm CosineLRScheduler takes every group from that
+    lr to the one MIN_LR. So a layer-decayed group ends at 3e-7, not at ratio x 3e-7 (with
+    H's 50 blocks the bottom ~29 layers peak below 3e-7 and their lr rises toward it)."""
+    from tests.released_lr import classification_ratio
+
+    path = REPO / "configs" / "finetune" / "cls_internimage_h_jointto1k_224.yaml"
+    cfg, model, opt, sched, warmup = _build(path)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.layer_decay, warmup) == (3e-5, 3e-7, 0.8, 0)
+    stem = dict(model.named_parameters())["patch_embed.conv1.weight"]
+    peak = classification_ratio("patch_embed.conv1.weight", DEPTHS, 0.8) * 3e-5
+    for t in (0, STEPS // 2, STEPS - 1, STEPS):
+        sched.step_update(t)
+        c = 0.5 * (1 + math.cos(math.pi * t / STEPS))
+        assert _lr_of(opt)[id(stem)] == pytest.approx(3e-7 + (peak - 3e-7) * c, rel=1e-6), t
 
 
 def test_dino_h_offsets_train_at_one_thousandth_of_the_base_lr():

@@ -170,13 +170,14 @@ def test_a_resume_in_another_zero_layout_or_precision_is_refused_before_compute(
 
 def test_group_lr_is_schedule_times_scale():
     """timm multiplies ``lr_scale`` in: each group's lr is the scheduled lr times its scale
-    (layer decay and the DCN multiplier applied exactly once)."""
+    (layer decay and the DCN multiplier applied exactly once). min_lr 0: with a min_lr the
+    released cosine ends every group at that same unscaled min_lr (tests/test_finetune_lr.py)."""
     from finetune.classification import ClassificationConfig
     from finetune.cls_build import build_classifier, build_optimizer, build_scheduler
     from launch.config import load_config
 
     cfg = load_config(ClassificationConfig, None, ["optim.layer_decay=0.8",
-                                                   "optim.warmup_steps=0"])
+                                                   "optim.warmup_steps=0", "optim.min_lr=0"])
     opt = build_optimizer(build_classifier(cfg), cfg)
     sched = build_scheduler(opt, cfg, 100)
     sched.step_update(10)
