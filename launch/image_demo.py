@@ -3,8 +3,7 @@
 The photo is scikit-learn's bundled sample image (no download). Without ``--weights`` the
 model is randomly initialised (released weights cannot be fetched here), so the classes it
 prints are meaningless; pass a released checkpoint (e.g. ``internimage_t_1k_224.pth``) and
-they become real ImageNet predictions. ``make demo`` runs this until the pre-training demo
-lands.
+they become real ImageNet predictions (``make demo`` runs the pre-training demo instead).
 """
 
 from __future__ import annotations
