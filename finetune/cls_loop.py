@@ -70,7 +70,7 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     ``steps_per_epoch`` counts them."""
     from finetune.cls_data import build_loaders, epoch_batches
 
-    eval_every = cfg.run.eval_every or steps_per_epoch
+    eval_every = cfg.run.eval_interval(steps_per_epoch)
     accum = cfg.run.grad_accum
     loaders: dict[str, DataLoader] = {}
 

@@ -117,6 +117,12 @@ class RunConfig:
         check(self.precision in ("fp32", "bf16"), "run.precision", "must be fp32 or bf16")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
 
+    def eval_interval(self, steps_per_epoch: int) -> int:
+        """Optimizer steps between evaluations, for every task: ``eval_every``, or one epoch
+        with 0 (the released classification, detection and epoch-based configs evaluate
+        every epoch; checkpoints follow unless ``checkpoint_every`` says otherwise)."""
+        return self.eval_every or steps_per_epoch
+
     def batch_desc(self) -> str:
         """The dry-run plan's batch line: per process, and per optimizer step if accumulated
         (the effective batch is this x the number of processes)."""

@@ -194,16 +194,6 @@ def refuse_shared_head_checkpoint(cfg: DetectionConfig, num_classes: int,
             "in another directory (--init from the same backbone checkpoint still works)")
 
 
-def eval_every_steps(cfg: DetectionConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps between evaluations (and, unless ``run.checkpoint_every`` says
-    otherwise, checkpoints): ``run.eval_every``, or with 0 one epoch, as RunConfig documents
-    and as the released detection configs evaluate (OpenGVLab/InternImage
-    detection/configs/_base_/datasets/coco_detection.py ``evaluation = dict(interval=1)``,
-    which the DINO 1x files keep, and coco_instance.py's ``evaluation`` without an interval:
-    mmcv's EvalHook default, 1 epoch)."""
-    return cfg.run.eval_every or steps_per_epoch
-
-
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
     from finetune.loop import run_loop
@@ -234,7 +224,10 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
                    for t in targets]
         return net(images, targets)
 
-    eval_every = eval_every_steps(cfg, steps_per_epoch)
+    # 0: every epoch, as the released detection configs evaluate (OpenGVLab/InternImage
+    # detection/configs/_base_/datasets/coco_detection.py ``evaluation = dict(interval=1)``,
+    # kept by the DINO 1x files; coco_instance.py's has no interval: mmcv EvalHook's 1)
+    eval_every = cfg.run.eval_interval(steps_per_epoch)
     return run_loop(name="detection", net=model, optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
                     evaluate=lambda: evaluate(model, val_set, cfg, d), total_steps=total,

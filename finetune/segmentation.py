@@ -165,7 +165,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
             return {"loss_mask2former": net(images, labels)}
         return net(images, labels)  # UperNet: loss_ce (+ weighted loss_aux)
 
-    eval_every = cfg.run.eval_every or steps_per_epoch * 2
+    eval_every = cfg.run.eval_interval(steps_per_epoch)
     # what the checkpoint's tensors depend on: a resume with another model fails early
     model_hash = fingerprint("segmentation", cfg.model.name, cfg.model.arch(), cfg.head.kind,
                              cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes)

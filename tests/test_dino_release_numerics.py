@@ -189,7 +189,7 @@ def test_dino_1x_presets_evaluate_and_checkpoint_every_epoch_as_released(name, m
     cfg = load_config(det.DetectionConfig, CONFIGS / name)
     assert cfg.run.eval_every == 0 and cfg.run.checkpoint_every == 0
     steps_per_epoch = 7_329  # 117,266 filtered COCO train2017 images / (8 GPUs x 2)
-    assert det.eval_every_steps(cfg, steps_per_epoch) == steps_per_epoch
+    assert cfg.run.eval_interval(steps_per_epoch) == steps_per_epoch
 
     class _Set:
         cat_ids = list(range(80))

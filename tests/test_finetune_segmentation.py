@@ -400,3 +400,25 @@ def test_zero2_trains_and_its_checkpoint_is_a_whole_stage2_init(cache, tmp_path)
     with pytest.raises(CheckpointError, match="last.pt"):
         train(load_config(SegmentationConfig, None, args), legacy, resume="auto")
     # ZeRO-3 (accepted since issue #13): tests/test_finetune_zero3_dense.py
+
+
+def test_eval_every_0_evaluates_and_checkpoints_every_epoch(monkeypatch, tmp_path):
+    """``run.eval_every: 0`` is documented (finetune/config.py RunConfig) as "at every epoch
+    end", for every task; segmentation evaluated every 2 epochs. The loop's inputs are
+    captured; data, model and optimizer are stand-ins, the cadence is what is checked."""
+    import finetune.loop
+    import finetune.segmentation as seg
+    from launch.config import load_config
+
+    cfg = load_config(seg.SegmentationConfig, None, ["run.epochs=3", "run.eval_every=0",
+                                                    "run.checkpoint_every=0"])
+    steps_per_epoch = 125
+    captured = {}
+    monkeypatch.setattr(seg, "SegDataset", lambda data, train: None)
+    monkeypatch.setattr(seg, "build_segmentor", lambda cfg, init: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(seg, "train_batches", lambda *a, **k: (None, steps_per_epoch))
+    monkeypatch.setattr(seg, "optimizer_and_schedule", lambda *a: (None, None))
+    monkeypatch.setattr(finetune.loop, "run_loop", lambda **kw: captured.update(kw) or {})
+    seg.train(cfg, tmp_path)
+    assert captured["total_steps"] == 3 * steps_per_epoch
+    assert captured["eval_every"] == captured["checkpoint_every"] == steps_per_epoch
