@@ -29,10 +29,13 @@ A refused read (:class:`~data.storage.StoreRefusedError`: 403 ``AccessDenied``,
 ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken``, 401, no credentials)
 is the store answering, not an outage: waiting for ever would hold every GPU of the run
 idle. It is set aside and retried like any failed read (each retry reads the credentials
-again, so a refresher that rotates them has ``s3.auth_grace_s`` to do it), but once the
-stream has had reads refused for ``s3.auth_grace_s`` with no read delivering since the
-first, the next refused read raises :class:`StorageAccessError`, which ends the run with
-the shard, the store's code and what to do. A shard refused while other reads of the
+again, so a refresher that rotates them has ``s3.auth_grace_s`` to do it), but it does
+not make the stream wait for storage, and the next read is a fresh shard when one is
+left: the reads in between reach readable objects if there are any. Once the stream has
+had reads refused in a row (no other failure between them) for ``s3.auth_grace_s`` with
+no read delivering since the first, the next refused read raises
+:class:`StorageAccessError`, which ends the run with the shard, the store's code and what
+to do. A shard refused while other reads of the
 stream deliver (a per-object permission) is not the credentials: it is given up like an
 unreadable shard after :data:`SHARD_ATTEMPTS` reads, but counted ``forbidden_shard`` (its
 undelivered samples ``lost_samples`` as for any given-up shard: exact when its sample-count
@@ -117,11 +120,20 @@ class ShardSchedule:
         self.failures_in_row = 0
         self.waiting_since: float | None = None
         self.refused_since: float | None = None  # first refused read since the last progress
+        self._fresh_next = False  # the last read was refused: draw a fresh shard first
         self._last_warning = -math.inf
         self._last_error = ""
 
     def __iter__(self) -> Iterator[tuple[str, ShardCursor | None]]:
         while True:
+            # after a refused read, a fresh shard before any retry: while some objects are
+            # forbidden, the reads in between reach readable ones (whose progress restarts
+            # the grace) instead of cycling through the refused ones' retries
+            fresh = self._draw() if self._fresh_next and self._may_start_fresh() else None
+            self._fresh_next = False
+            if fresh is not None:
+                yield fresh, None
+                continue
             url = self._due()
             if url is not None:
                 yield url, self.aside[url].cursor
@@ -195,7 +207,12 @@ class ShardSchedule:
             self._progress(now)
         if status == "failed":
             code = refused_code(outcome["error"])
-            if code is not None:
+            if code is None:
+                # the grace measures refusals in a row: an outage between two refusals (a
+                # 403 from a gateway at each end of it) is no proof of bad credentials
+                self.refused_since = None
+            else:
+                self._fresh_next = True
                 self._refused(url, code, outcome["error"], now)
             self._set_aside(url, outcome, now, forbidden=code is not None)
             return
@@ -244,7 +261,13 @@ class ShardSchedule:
         entry.failures += 1
         entry.cursor, entry.error = outcome["cursor"], outcome["error"]
         self._last_error = f"{redact_url(url)}: {entry.error}"
-        self.failures_in_row += 1  # after report()'s reset, if this read delivered first
+        if not forbidden:  # after report()'s reset, if this read delivered first
+            # A refusal is the store answering, not an outage: it does not make the stream
+            # wait for storage. Fresh shards keep being read, which tells a few forbidden
+            # objects (given up below) from rejected credentials (the grace ends the run);
+            # waiting instead, a few forbidden shards in a row used up the grace on their
+            # own retries and ended a healthy run.
+            self.failures_in_row += 1
         if entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure:
             log.warning("source %r: giving up shard %s after %d failed reads while other "
                         "shards could be read (last error: %s)%s", self.source,

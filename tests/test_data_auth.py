@@ -281,3 +281,70 @@ def test_a_shard_refused_while_others_read_is_given_up_as_forbidden(server, shar
                 break
     assert dict(loader.stats.skipped) == {"forbidden_shard": 1}
     assert {k.split("/")[0] for k in keys} == {"shard-00.tar", "shard-01.tar"}
+
+
+def _refused(url: str) -> dict:
+    return {"status": "failed", "samples": 0, "cursor": ShardCursor(),
+            "error": f"StoreRefusedError: AccessDenied: Access Denied (object {url})"}
+
+
+def test_an_outage_between_two_refusals_does_not_count_toward_the_grace():
+    """A 403 at each end of a 10-minute outage (a gateway refusing while its backend comes
+    and goes) is no proof of rejected credentials: the grace counts refusals in a row."""
+    from data.shard_schedule import ShardSchedule
+
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    urls = ["s3://bucket/a.tar", "s3://bucket/b.tar"]
+    schedule = ShardSchedule(itertools.cycle(urls), 2, True, "s",
+                             S3Config(auth_grace_s=300.0), SkipCounter(), lambda *_: None,
+                             clock=lambda: now[0], sleep=sleep)
+    reads = iter(schedule)
+    url, _ = next(reads)
+    schedule.report(url, _refused(url))
+    while now[0] < 600:  # the outage
+        url, _ = next(reads)
+        now[0] += 15.5  # the read's in-place retries
+        schedule.report(url, {"status": "failed", "samples": 0, "cursor": ShardCursor(),
+                              "error": "OSError: [Errno 111] Connect call failed"})
+    url, _ = next(reads)
+    schedule.report(url, _refused(url))  # raised StorageAccessError here before
+
+
+@pytest.mark.parametrize("forbidden", [3, 6, 10])
+def test_forbidden_shards_in_a_row_are_given_up_and_the_run_goes_on(forbidden):
+    """One pass over ``forbidden`` shards the store refuses, then 20 readable ones, at the
+    default retry timings (a refused read spends ~15.5 s on its in-place retries): the
+    forbidden ones are given up as forbidden_shard and every readable one is read. Before,
+    two refusals in a row made the stream wait for storage, cycling through the refused
+    shards' retries until the grace ran out (from 3 in a row)."""
+    from data.shard_schedule import ShardSchedule, StorageAccessError
+
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    urls = ([f"s3://b/private/{i}.tar" for i in range(forbidden)]
+            + [f"s3://b/open/{i}.tar" for i in range(20)])
+    given_up, read = [], []
+    schedule = ShardSchedule(iter(urls), len(urls), False, "s", S3Config(), SkipCounter(),
+                             lambda url, cursor, reason: given_up.append((url, reason)),
+                             clock=lambda: now[0], sleep=sleep)
+    try:
+        for url, _ in schedule:
+            if "private" in url:
+                now[0] += 15.5
+                schedule.report(url, _refused(url))
+            else:
+                now[0] += 30
+                read.append(url)
+                schedule.report(url, {"status": "complete", "samples": 100,
+                                      "cursor": ShardCursor(), "error": ""})
+    except StorageAccessError as err:
+        raise AssertionError(f"a healthy run ended: {err}") from None
+    assert sorted(given_up) == sorted((u, "forbidden_shard") for u in urls[:forbidden])
+    assert sorted(read) == sorted(urls[forbidden:])
