@@ -18,6 +18,15 @@ first, then goes on with the ordinary deal of epoch ``L + 1`` over the new slot 
   count is logged and returned (per old worker's block, not per source: a block mixes
   sources).
 
+**Skip counts of those blocks.** Whatever an old worker counted from its block's start
+(a missing or cut shard, lost samples, an undecodable image of a sample handed out) the
+new slots count again as they read the same shards. A resume on the same slot count mutes
+its re-read of the block; the new slots cannot tell the block's samples from the rest of
+their shards, so the skips each old worker's state says its block met
+(:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
+(:func:`resized_state`), to be counted once more by the re-read: totals end up those of a
+run that never changed its slot count. Nothing of it goes to the new slots' positions.
+
 Units keep the split they were dealt with (their key names ``#part/parts``), so a source
 read in parts under the old slot count is finished in the same parts.
 
@@ -51,6 +60,7 @@ each rank's state ~11 KB with or without missing shards.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +69,7 @@ import numpy as np
 from data.epochs import deal as deal_units
 from data.epochs import extra_offsets, first_slot, parts_per_shard
 from data.state import PipelineState, derive_seed, url_list_digest
+from data.stats import DataStats
 from data.stream import SourceCursor
 
 log = logging.getLogger(__name__)
@@ -80,12 +91,14 @@ class Redeal:
     """The outcome for the new slots asked for: ``positions[slot]`` (a :class:`MixedStream`
     state), and what the change costs over all new slots: ``units[source]`` re-dealt,
     ``resumed[source]`` of them at a byte offset, ``repeated`` samples (already handed out,
-    read again)."""
+    read again), ``recounted``: ``[source, reason, n]`` skips the old workers counted in
+    their current blocks, which the re-read counts again."""
 
     positions: dict[int, dict[str, Any]]
     units: dict[str, int] = field(default_factory=dict)
     resumed: dict[str, int] = field(default_factory=dict)
     repeated: int = 0
+    recounted: list[list] = field(default_factory=list)
 
 
 def _key(urls: list[str], unit_id: int, parts: int) -> str:
@@ -237,6 +250,11 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
         per_source.append(new)
         result.units[spec.name], result.resumed[spec.name] = n, resumed
     result.repeated = sum(m.get("emitted", 0) for m in mixes if m)
+    recounted: Counter[tuple[str, str]] = Counter()
+    for m in mixes:
+        for source, reason, n in (m or {}).get("skips", []):  # none in older states
+            recounted[source, reason] += n
+    result.recounted = [[source, reason, n] for (source, reason), n in sorted(recounted.items())]
     draws = max((m.get("draws", 0) for m in mixes if m), default=0)
     index = max((m.get("index", 0) for m in mixes if m), default=0)
     for slot in range(new_nslots) if slots is None else slots:
@@ -252,7 +270,9 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                   world_size: int, workers: int, seed: int) -> PipelineState:
     """This rank's :class:`PipelineState` after :func:`redeal`, logging (on rank 0) what
     the change re-deals, resumes at a byte offset and repeats. Stats totals of every old
-    rank go to rank 0 (so their sum over ranks stays the run's total)."""
+    rank go to rank 0 (so their sum over ranks stays the run's total), less the skips of
+    the old workers' current blocks (:attr:`Redeal.recounted`: the new slots count them
+    again)."""
     old = PipelineState.from_dict(saved[0])
     out = redeal(saved, specs, world_size, workers, seed,
                  slots=range(rank * workers, (rank + 1) * workers))
@@ -264,9 +284,16 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                         old.world_size, old.workers, world_size, workers, name,
                         out.units[name], out.resumed[name])
         log.warning("data: %d samples repeated across the change (handed out from the old "
-                    "workers' current shuffle blocks, which are read again)", out.repeated)
+                    "workers' current shuffle blocks, which are read again; their skips "
+                    "%s are taken out of the totals, to be counted again)", out.repeated,
+                    out.recounted)
     positions = {w: out.positions[rank * workers + w] for w in range(workers)}
-    stats = merge_stats([PipelineState.from_dict(s).stats for s in saved]) if rank == 0 else {}
+    stats: dict[str, Any] = {}
+    if rank == 0:
+        totals = DataStats.from_dict(merge_stats([PipelineState.from_dict(s).stats
+                                                  for s in saved]))
+        totals.withdraw(out.recounted)
+        stats = totals.to_dict()
     return PipelineState(seed, rank, world_size, workers, [s.name for s in specs],
                          epoch=old.epoch, next_worker=0, positions=positions, stats=stats,
                          shard_lists=[url_list_digest(s.urls) for s in specs])

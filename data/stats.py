@@ -46,14 +46,23 @@ class SkipCounter:
     re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
     ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
     after a break in a damaged shard), ``sources_ended``).
+
+    ``met``: every skip since the counter was made, ``(source, reason)`` -> n, muted or
+    not (never drained): what a read of the same samples meets, from which
+    :class:`data.stream.MixedStream` tells what a re-read of its current shuffle block
+    counts again (a few entries: one per source and reason met).
     """
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self.muted = False
+        self.met: Counter[tuple[str, str]] = Counter()
 
     def skip(self, source: str, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples (or shards) of ``source`` for ``reason``."""
+        if n:
+            # muted too: a muted re-read meets what the saved block's count holds
+            self.met[source, reason] += n
         if not self.muted and n:
             self._counts["skip", source, reason] += n
 
@@ -91,6 +100,19 @@ class DataStats:
                 self.skipped_by_source.setdefault(source, Counter())[name] += n
             else:
                 self.events[name] += n
+
+    def withdraw(self, skips: list[list]) -> None:
+        """Take ``[source, reason, n]`` skips back out of the totals: counts that a re-read
+        of the same samples will make again (see :func:`data.redeal.resized_state`)."""
+        for source, reason, n in skips:
+            self.skipped[reason] -= n
+            by_source = self.skipped_by_source.setdefault(source, Counter())
+            by_source[reason] -= n
+            for counts in (self.skipped, by_source):  # as if never counted: no 0 entries
+                if counts[reason] == 0:
+                    del counts[reason]
+            if not by_source:
+                del self.skipped_by_source[source]
 
     @property
     def total_skipped(self) -> int:

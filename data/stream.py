@@ -27,6 +27,9 @@ emitted; a resumed stream re-reads that one block (at most ``shuffle_buffer`` ra
 starting with one ranged read per source), skips the emitted samples and continues, so
 the resumed stream is exactly the uninterrupted one from the saved point on. Counts made
 while re-reading the block were already reported before the checkpoint and are muted.
+The state also keeps the skips counted from the block's start (``MixState.skips``, a
+few entries): a resume on another slot count, whose new slots read the block's shards
+again unmuted, takes them out of the totals instead (:mod:`data.redeal`).
 (The alternative, dropping the buffer and refilling it, would lose up to a buffer of
 samples per worker at every resume and make the resumed stream differ.)
 
@@ -45,6 +48,7 @@ dropped shard names. Measured: ``benchmarks/data_resume.py``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -171,6 +175,7 @@ class SourceStream:
         self._prefetcher = ShardPrefetcher(s3)
         self._lookahead: tuple[int, np.ndarray] | None = None
         self._unit_start: SourceCursor | None = None
+        self._unit_met: Counter[tuple[str, str]] = Counter()
 
     # -- state ---------------------------------------------------------------------------
     def cursor(self) -> SourceCursor:
@@ -302,6 +307,11 @@ class SourceStream:
         before any): resuming from it reads that unit again from where it started."""
         return self._unit_start
 
+    def met_in_unit(self) -> Counter[tuple[str, str]]:
+        """Skips met (:attr:`SkipCounter.met`) since the current unit's read began: what
+        a read from :meth:`unit_start` meets again up to here."""
+        return self.counter.met - self._unit_met
+
     def _counts_losses(self, key: str) -> bool:
         """Whether the read of ``key`` (just drawn, or resumed) counts what its shard lost:
         a unit of epoch ``count_epoch`` whose damage this slot did not count yet."""
@@ -346,6 +356,7 @@ class SourceStream:
         c.unit, c.offset, c.samples, c.compressed, c.version = (
             key, start.offset, start.samples, start.compressed, start.version)
         self._unit_start = self.cursor()  # once per unit
+        self._unit_met = self.counter.met.copy()  # a few entries, once per unit
         url, part, parts = self.split_key(key)
         ahead = False
         for raw in read_shard(url, self.name, self.s3, self.counter, outcome, start,
@@ -370,7 +381,15 @@ class MixState:
     sample of that source's next epoch; its cursor in ``sources`` is at that sample's
     unit start), None when the block's first sample is drawn in it. ``size``: the block
     size ``block`` was filled with (a resume inside it fills it alike, even when the
-    configured shuffle buffer changed since; later blocks take the new size)."""
+    configured shuffle buffer changed since; later blocks take the new size).
+
+    ``skips``: ``[source, reason, n]``, the skips this stream counted from ``sources`` on
+    (reading the block and its lead, decoding its emitted samples): reported before the
+    save, and met again by any read of the block. A resume on the same slot count mutes
+    its re-read; one on another slot count cannot (other slots read the block's shards
+    again), so it takes them back out of the totals (:mod:`data.redeal`). Empty at a
+    block end; one entry per source and reason met otherwise (states saved before it
+    was kept: none)."""
 
     block: int = 0
     emitted: int = 0
@@ -379,6 +398,12 @@ class MixState:
     sources: list[dict[str, Any]] | None = None
     lead: int | None = None
     size: int | None = None
+    skips: list[list] = field(default_factory=list)
+
+
+def _skip_list(met: Counter[tuple[str, str]]) -> list[list]:
+    """``[source, reason, n]`` of ``met``'s positive counts, sorted (JSON-ready)."""
+    return [[source, reason, n] for (source, reason), n in sorted(met.items()) if n > 0]
 
 
 class MixedStream:
@@ -402,6 +427,9 @@ class MixedStream:
         self._legacy_block = state is not None and "lead" not in state
         self._streams: list[SourceStream] = []
         self._at_block_end = True  # state() then reads the cursors of the live streams
+        # Inside a block: (skips met before its fill, counter.met when its fill began or,
+        # when resumed, ended); state() adds what was met since (its samples' decoding).
+        self._block_met: tuple[Counter, Counter] | None = None
 
     @property
     def index(self) -> int:
@@ -413,6 +441,9 @@ class MixedStream:
         out = asdict(self._state)
         if self._at_block_end and self._streams:
             out["sources"] = [s.cursor().to_dict() for s in self._streams]
+        if self._block_met is not None:
+            before, mark = self._block_met
+            out["skips"] = _skip_list(before + (self.counter.met - mark))
         return out
 
     def _pick(self, draw: int, active: list[int]) -> int:
@@ -436,6 +467,8 @@ class MixedStream:
         iters = [iter(s) for s in streams]
         active, live, skip = list(range(len(streams))), st.draws, st.emitted
         start, lead = st.sources, None
+        # what the saved block met before the save (its muted re-read meets it again)
+        before = Counter({(source, reason): n for source, reason, n in st.skips})
         if st.lead is not None:  # the block opens with a sample read before it began
             muted, self.counter.muted = self.counter.muted, True  # reported before the save
             item = next(iters[st.lead], None)
@@ -450,6 +483,7 @@ class MixedStream:
             # Re-reading a block whose first samples went out before the checkpoint: what
             # it counts was reported then.
             muted, self.counter.muted = self.counter.muted, skip > 0 or self.counter.muted
+            mark, lead_met = self.counter.met.copy(), Counter()
             block = [lead] if lead is not None else []
             # the epoch of each source's samples in this block: a block never holds two
             # epochs of a source, so a slot's share of an epoch is a permutation of it
@@ -472,10 +506,13 @@ class MixedStream:
                     lead = (pick, item)
                     next_start = [(s.unit_start() if i == pick else s.cursor()).to_dict()
                                   for i, s in enumerate(streams)]
+                    lead_met = streams[pick].met_in_unit()  # re-read with the lead's unit
                     break
                 epochs[pick] = epoch
                 block.append((pick, item))
             self.counter.muted = muted
+            if skip > 0:  # a resumed block: ``before`` holds what its re-read just met
+                mark = self.counter.met.copy()
             self._legacy_block = False
             order = self._block_order(block_no, len(block), size)
             for j in range(skip, len(block)):
@@ -483,15 +520,19 @@ class MixedStream:
                 if j + 1 < len(block):  # resuming here re-reads this block from its start
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
                     st.lead, st.size, self._at_block_end = leader, size, False
+                    self._block_met = (before, mark)
                 elif lead is not None:  # the next block opens with the sample read ahead
                     st.block, st.emitted, st.draws, st.sources = (block_no + 1, 0, live,
                                                                   next_start)
                     st.lead, st.size, self._at_block_end = lead[0], None, False
+                    st.skips, self._block_met = _skip_list(lead_met), None
                 else:  # the next block starts at the live cursors
                     st.block, st.emitted, st.draws, st.sources = block_no + 1, 0, live, None
                     st.lead, st.size, self._at_block_end = None, None, True
+                    st.skips, self._block_met = [], None
                 yield block[order[j]]
             start, skip = next_start, 0
+            before = lead_met if lead is not None else Counter()
 
     def _block_order(self, block: int, n: int, size: int) -> np.ndarray:
         if size == 1 or n <= 1:
