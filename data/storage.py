@@ -27,6 +27,7 @@ shard aside (a per-object permission) is the stream's decision: ``data.shard_sch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -49,6 +50,10 @@ def is_remote(url: str) -> bool:
 
 
 _FS_CACHE: dict[tuple[int, str], Any] = {}
+_FS_BUILT_AT: dict[tuple[int, str], float] = {}  # time.monotonic() of each cached one's build
+FS_REBUILD_MIN_S = 15.0
+"""The least time between two rebuilds of a process's filesystem after refusals (each new
+botocore session may ask STS or the metadata service for credentials again)."""
 
 
 def _endpoint(cfg: S3Config) -> str | None:
@@ -73,9 +78,14 @@ def forget_filesystem(cfg: S3Config) -> None:
     (``AWS_SHARED_CREDENTIALS_FILE``, ``~/.aws/credentials``) again, so a refresher that
     rewrites it is picked up. Credentials in the config (``s3.key``/``secret``/``token``) or
     in the process's environment cannot be changed from outside the process: rotating those
-    takes a restart. Called only after a refused read: reads that work pay nothing.
+    takes a restart. Called only after a refused read: reads that work pay nothing. At most
+    one rebuild per :data:`FS_REBUILD_MIN_S` per process: a refused read makes up to
+    ``s3.retries + 1`` attempts, from every stream of every worker of every rank, and the
+    filesystem is shared by the process's streams that still read.
     """
-    _FS_CACHE.pop(_fs_cache_key(cfg), None)
+    key = _fs_cache_key(cfg)
+    if time.monotonic() - _FS_BUILT_AT.get(key, -math.inf) >= FS_REBUILD_MIN_S:
+        _FS_CACHE.pop(key, None)
 
 
 def s3_filesystem(cfg: S3Config) -> Any:
@@ -106,6 +116,7 @@ def s3_filesystem(cfg: S3Config) -> Any:
         )
         fs.retries = 2
         _FS_CACHE[cache_key] = fs
+        _FS_BUILT_AT[cache_key] = time.monotonic()
     return fs
 
 
