@@ -326,3 +326,20 @@ def test_resumes_the_job_would_accept_are_submitted(job, tmp_path):
         spec = job_spec([*JOBS[job], "--output-dir", str(tmp_path / "next"), "--resume",
                          given], parser)
         assert spec.argv[-4:] == ["--resume", given, "--output-dir", str(tmp_path / "next")]
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_a_submission_over_an_existing_run_says_it_continues_it(job, tmp_path, monkeypatch,
+                                                                capsys):
+    """Submitting into a run directory that holds a checkpoint continues that run (the
+    documented way to resume by hand), which two submissions of one preset without
+    --output-dir share: submit says so before anything is submitted, naming the
+    checkpoint; into a new directory it says nothing of the kind."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["submit", "--dry-run", *JOBS[job], "--output-dir", str(run)]) == 0
+    assert "holds a run" not in capsys.readouterr().err
+    step = _fake_checkpoint(run)
+    assert main(["submit", "--dry-run", *JOBS[job], "--output-dir", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run} holds a run: the job continues it from {step.name}" in err

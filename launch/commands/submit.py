@@ -95,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
     profile = _profile(args)
     spec = job_spec(list(args.job), args.cli_parser)
+    if spec.resumes is not None:
+        # said before anything is submitted: the same command submitted again continues
+        # the run (resuming by hand), and a new run needs a directory of its own (a preset's
+        # default output dir is shared by every submission that does not name one)
+        print(f"internimage submit: {spec.run_dir} holds a run: the job continues it from "
+              f"{spec.resumes.name}; give another --output-dir to start a new run",
+              file=sys.stderr, flush=True)
     if args.dry_run:
         _print_dry_run(profile, spec)
         return 0

@@ -36,12 +36,14 @@ class JobSpec:
     """A checked `internimage` command line and the run directory it writes.
 
     ``env``: environment variables the job needs (credentials taken out of ``argv``); set
-    them in the submitting process, never write them.
+    them in the submitting process, never write them. ``resumes``: the checkpoint the job
+    will continue when it starts (None: a fresh start), as resolved at submission.
     """
 
     argv: list[str]
     run_dir: Path
     env: dict[str, str] = field(default_factory=dict, repr=False)
+    resumes: Path | None = None
 
     @property
     def command(self) -> str:
@@ -240,4 +242,4 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if args.resume is None:
         argv += ["--resume", "auto"]
-    return JobSpec(argv, run_dir, env)
+    return JobSpec(argv, run_dir, env, resume_dir)
