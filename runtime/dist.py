@@ -121,8 +121,10 @@ def init_distributed() -> DistInfo:
     ``pipeline_loading_checkpoint``) are not in our configs.
     """
     global _rebound_local_rank
-    # a GPU job whose task sees no GPU would otherwise train on CPU over gloo
-    use_cuda = torch.cuda.is_available() or _slurm_gpus_on_node() > 0
+    # a GPU job whose task sees no GPU would otherwise train on CPU over gloo; an explicit
+    # DS_ACCELERATOR=cpu (DeepSpeed's own switch) asks for the CPU whatever is visible
+    use_cuda = os.environ.get("DS_ACCELERATOR") != "cpu" and (
+        torch.cuda.is_available() or _slurm_gpus_on_node() > 0)
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede importing deepspeed
     import torch.distributed as dist

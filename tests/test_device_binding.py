@@ -58,7 +58,8 @@ class _FakeNode:
     """
 
     def __init__(self, monkeypatch, *, visible: int, local_rank: int, local_world_size: int,
-                 cuda_visible_devices: str | None, slurm_gpus: int | None = None):
+                 cuda_visible_devices: str | None, slurm_gpus: int | None = None,
+                 accelerator: str | None = None):
         import deepspeed
         import torch.distributed as dist
 
@@ -82,7 +83,8 @@ class _FakeNode:
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", "29500")
         for name, value in (("CUDA_VISIBLE_DEVICES", cuda_visible_devices),
-                            ("SLURM_GPUS_ON_NODE", slurm_gpus)):
+                            ("SLURM_GPUS_ON_NODE", slurm_gpus),
+                            ("DS_ACCELERATOR", accelerator)):  # `make test` sets cpu
             if value is None:
                 monkeypatch.delenv(name, raising=False)
             else:
@@ -139,6 +141,20 @@ def test_a_gpu_job_whose_task_sees_no_gpu_fails_instead_of_training_on_cpu(monke
     with pytest.raises(RuntimeError, match="LOCAL_RANK=0 .* sees 0 GPU.*CUDA_VISIBLE_DEVICES=''"):
         init_distributed()
     assert node.init_calls == []
+
+
+@pytest.mark.parametrize(("visible", "slurm_gpus"), [(0, 4), (4, 4), (4, None)])
+def test_an_explicit_cpu_accelerator_runs_on_the_cpu(monkeypatch, visible, slurm_gpus):
+    """DS_ACCELERATOR=cpu (DeepSpeed's accelerator switch) is a deliberate CPU run, inside a
+    GPU allocation too: gloo on the CPU, no GPU touched, no binding error."""
+    from runtime.dist import init_distributed
+
+    node = _FakeNode(monkeypatch, visible=visible, local_rank=0, local_world_size=4,
+                     cuda_visible_devices="", slurm_gpus=slurm_gpus, accelerator="cpu")
+    info = init_distributed()
+    assert (info.device, info.backend) == (torch.device("cpu"), "gloo")
+    assert node.set_device_calls == []
+    assert [c["dist_backend"] for c in node.init_calls] == ["gloo"]
 
 
 def test_deepspeed_zero3_uses_the_gpu_init_distributed_chose(tmp_path):
@@ -200,6 +216,8 @@ def _bound_task_with_zero3(out: Path) -> None:
     real = torch.cuda.is_available, torch.cuda.device_count, torch.cuda.set_device
     torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 1)
     torch.cuda.set_device = lambda index: None
+    # the accelerator is set explicitly above; DS_ACCELERATOR=cpu would ask for a CPU run
+    os.environ.pop("DS_ACCELERATOR", None)
     info = init_distributed()
     torch.cuda.is_available, torch.cuda.device_count, torch.cuda.set_device = real
 
