@@ -71,6 +71,23 @@ WAIT_LOG_EVERY_S = 60.0
 """How often a waiting stream repeats its warning."""
 
 
+_REFRESH = ("Refresh the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            "AWS_SESSION_TOKEN, the shared credentials file, or data.s3.key/secret/token)")
+REFUSAL_CAUSES = {
+    "*": ("the credentials are rejected (wrong, expired, or without read permission on "
+          "these objects)", _REFRESH),
+    # s3fs maps these to PermissionError too (s3fs/errors.py), but new credentials would
+    # not help: the signing clock is off, or the objects are archived
+    "RequestTimeTooSkewed": ("this machine's clock differs from the store's by more than "
+                             "S3 allows (15 minutes), so every signed request is refused",
+                             "Synchronise the clock (NTP) of the nodes"),
+    "InvalidObjectState": ("the objects are archived (e.g. S3 Glacier) and must be restored "
+                           "before they can be read", "Restore the objects"),
+}
+"""Per refusal code: (what it means, what to do) for :class:`StorageAccessError`'s message;
+``"*"``: every other code."""
+
+
 class StorageAccessError(RuntimeError):
     """The object store kept refusing a stream's reads for ``s3.auth_grace_s`` with no read
     succeeding: its credentials are rejected. Raised in the data worker, it ends the run (a
@@ -232,15 +249,13 @@ class ShardSchedule:
         refused_for = now - self.refused_since
         if refused_for < self.s3.auth_grace_s:
             return
+        cause, remedy = REFUSAL_CAUSES.get(code, REFUSAL_CAUSES["*"])
         raise StorageAccessError(
             f"data source {self.source!r}: the object store refused access to shard "
             f"{redact_url(url)} ({code}), and has refused this stream's reads for "
             f"{refused_for:.0f} s (s3.auth_grace_s = {self.s3.auth_grace_s:g}) with none "
-            f"succeeding since: the credentials are rejected (wrong, expired, or without "
-            f"read permission on these objects). Last answer: {error}. Refresh the "
-            f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, "
-            f"the shared credentials file, or data.s3.key/secret/token) and resume: the last "
-            f"checkpoint holds the data position.")
+            f"succeeding since: {cause}. Last answer: {error}. {remedy} and resume: the "
+            f"last checkpoint holds the data position.")
 
     def _progress(self, now: float) -> None:
         self.last_progress = now

@@ -110,6 +110,18 @@ def test_refused_reads_end_the_stream_after_the_grace_with_one_clear_error():
     assert "resume: the last checkpoint holds the data position" in text
 
 
+@pytest.mark.parametrize(("code", "says"), [
+    ("RequestTimeTooSkewed", "Synchronise the clock"), ("InvalidObjectState", "Restore the"),
+    ("InvalidAccessKeyId", "Refresh the credentials")])
+def test_the_error_says_what_to_do_for_the_refusal_met(code, says):
+    """s3fs raises PermissionError for a skewed clock and for archived objects as for bad
+    credentials (s3fs/errors.py); refreshing credentials would not help those two."""
+    error = f"StoreRefusedError: {code}: refused (object s3://bucket/a.tar)"
+    _, err = _run_schedule(error, grace=10.0, limit_s=10_000)
+    assert type(err).__name__ == "StorageAccessError" and says in str(err)
+    assert ("Refresh the credentials" in str(err)) == (code == "InvalidAccessKeyId")
+
+
 @pytest.mark.parametrize("error", [
     "OSError: [Errno 111] Connect call failed ('127.0.0.1', 9000)",  # an outage
     "PermissionError: [Errno 13] Permission denied: '/data/a.tar'"])  # a local file's mode
