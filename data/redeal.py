@@ -8,7 +8,8 @@ which byte offset) and which it set aside after a failed read. For each source, 
 the units of epochs ``E`` .. ``L`` that no old slot finished are dealt round the new slots
 (epoch by epoch, keeping the old permutation's order); each new slot reads its entries
 first, then goes on with the ordinary deal of epoch ``L + 1`` over the new slot count
-(:mod:`data.epochs`). So every unit of those epochs is read exactly once across the change:
+(:mod:`data.epochs`); a one-pass source, the pass in progress only (see below). So every
+unit of those epochs is read exactly once across the change:
 
 - a unit an old slot was inside goes on at its saved byte offset (nothing of it repeated);
 - nothing is skipped;
@@ -29,6 +30,21 @@ run that never changed its slot count. Nothing of it goes to the new slots' posi
 
 Units keep the split they were dealt with (their key names ``#part/parts``), so a source
 read in parts under the old slot count is finished in the same parts.
+
+**One-pass sources** (not resampled: evaluation, a finite pass per loader iteration). A
+slot's stream ends with its share of the pass, and the loader deals the next pass afresh
+when it is iterated again. So only what the old slots left of the pass in progress ``P`` is
+re-dealt (never units of ``P + 1``: they would be read inside pass ``P``, then again in
+pass ``P + 1``), and the new slots go on with pass ``P``. ``P`` is the oldest pass of any
+old rank: a rank that finished its pass saved the next one's start (its ``epoch`` one
+more, no positions) while others were still in it; its slots have nothing left of ``P``.
+A slot with no saved position starts at its own rank's pass (before, every such slot took
+rank 0's: a finished rank's share was dealt and read again, a rank not yet started lost
+its share when rank 0 had finished). A rank that had gone on into pass ``P + 1`` (its
+loader iterated again before the others ended ``P``) is not carried: after pass ``P`` the
+new slots deal ``P + 1`` afresh, so what it had handed out of it is read again (added to
+the repeated count and logged). Losses are counted by the reads of pass ``P`` (a one-pass
+stream counts those of its own pass).
 
 **Fault state.** New cursors start with no dropped or damaged keys (a slot's record of
 the shards it found missing, unreadable or gave up, and of those whose damage it met). A
@@ -92,9 +108,13 @@ class Redeal:
     state), and what the change costs over all new slots: ``units[source]`` re-dealt,
     ``resumed[source]`` of them at a byte offset, ``repeated`` samples (already handed out,
     read again), ``recounted``: ``[source, reason, n]`` skips the old workers counted in
-    their current blocks, which the re-read counts again."""
+    their current blocks, which the re-read counts again; ``epoch``: the loader epoch (pass)
+    the new slots go on with; ``ahead``: old ranks that had begun a later pass than it (see
+    the module docstring on one-pass sources)."""
 
     positions: dict[int, dict[str, Any]]
+    epoch: int = 0
+    ahead: list[int] = field(default_factory=list)
     units: dict[str, int] = field(default_factory=dict)
     resumed: dict[str, int] = field(default_factory=dict)
     repeated: int = 0
@@ -137,6 +157,38 @@ def _entries(c: SourceCursor, deal: _OldDeal, slot: int) -> tuple[list[list], in
     return [[c.epoch, k] for k in deal.share(slot, c.epoch)], c.epoch + 1
 
 
+def _in_progress(c: SourceCursor, unit_epoch: int, aside_epoch: int) -> list[list]:
+    """The unit ``c`` is inside (an entry of ``unit_epoch``) and the units it set aside
+    (entries of ``aside_epoch``), each with ``offset, samples, compressed, version``
+    appended (no version in states saved before it)."""
+    out = []
+    if c.unit is not None:  # it goes on at its byte offset
+        out.append([unit_epoch, c.unit, c.offset, c.samples, c.compressed, c.version])
+    for key, (offset, samples, compressed, _failures, *version) in c.aside.items():
+        if key == c.unit:  # being retried: the unit entry above has the newer offset
+            continue
+        out.append([aside_epoch, key, offset, samples, compressed, *version])
+    return out
+
+
+def _left_of_pass(cursors: list[SourceCursor], deal: _OldDeal, epoch: int) -> list[list]:
+    """A one-pass source: the entries of pass ``epoch`` that no old slot finished, as
+    :func:`_left` gives them. A slot whose cursor is in a later pass (its rank ended pass
+    ``epoch``) has none left; nothing of a later pass is taken (the loader deals it afresh
+    when it gets there)."""
+    left: list[list] = []
+    for slot, c in enumerate(cursors):
+        if c.epoch != epoch:
+            continue
+        entries, _ = _entries(c, deal, slot)
+        # a one-pass stream's set-aside units are of its one pass, even once its draws
+        # ran out (where _left would take the slot as in the next epoch)
+        left.extend(_in_progress(c, epoch, epoch))
+        # (a share re-dealt before this rule may hold units of the next pass: not taken)
+        left.extend(e for e in entries[c.position:] if e[0] == epoch)
+    return left
+
+
 def _left(cursors: list[SourceCursor], deal: _OldDeal
           ) -> tuple[dict[int, list[list]], int, int]:
     """Per epoch, the entries ``[epoch, key]`` no old slot finished (in slot order, each
@@ -156,15 +208,9 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
     left: dict[int, list[list]] = {e: [] for e in range(first, last + 1)}
     for slot, c in enumerate(cursors):
         entries, after = tails[slot]
-        if c.unit is not None:  # inside a unit: it goes on at its byte offset
-            epoch = entries[c.position - 1][0] if c.position else current[slot]
-            left.setdefault(epoch, []).append([epoch, c.unit, c.offset, c.samples,
-                                               c.compressed, c.version])
-        for key, (offset, samples, compressed, _failures, *version) in c.aside.items():
-            if key == c.unit:  # being retried: the unit entry above has the newer offset
-                continue
-            left.setdefault(current[slot], []).append([current[slot], key, offset, samples,
-                                                       compressed, *version])
+        unit_epoch = entries[c.position - 1][0] if c.position else current[slot]
+        for entry in _in_progress(c, unit_epoch, current[slot]):
+            left.setdefault(entry[0], []).append(entry)
         for entry in entries[c.position:]:
             left.setdefault(entry[0], []).append(entry)
         for epoch in range(after, last + 1):  # epochs this slot had not reached
@@ -173,18 +219,25 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
 
 
 def redeal_source(cursors: list[SourceCursor], spec: SourceSpec, old_nslots: int,
-                  new_nslots: int, seed: int, offset: int = 0, stride: int = 0
-                  ) -> tuple[list[SourceCursor], int, int]:
+                  new_nslots: int, seed: int, offset: int = 0, stride: int = 0,
+                  pass_epoch: int | None = None) -> tuple[list[SourceCursor], int, int]:
     """New cursors (one per new slot) for one source from the old slots' ``cursors``
     (``offset``/``stride``: the old deal's, :func:`data.epochs.extra_offsets`); also the
-    number of units re-dealt and of units resumed at a byte offset."""
+    number of units re-dealt and of units resumed at a byte offset. ``pass_epoch``: for a
+    one-pass source, the pass in progress (default: the oldest epoch of the cursors)."""
     if len(cursors) != old_nslots:
         raise ValueError(f"source {spec.name!r}: {len(cursors)} saved cursors for "
                          f"{old_nslots} old slots")
     deal = _OldDeal(spec, old_nslots, seed, offset, stride)
-    left, first, last = _left(cursors, deal)
-    # the epoch whose reads count losses stays the run's (every old slot has the same)
-    counting = min((c.count_epoch for c in cursors if c.count_epoch is not None), default=None)
+    if spec.resampled:
+        left, first, last = _left(cursors, deal)
+        # the epoch whose reads count losses stays the run's (every old slot has the same)
+        counting = min((c.count_epoch for c in cursors if c.count_epoch is not None),
+                       default=None)
+    else:  # one pass: its own reads count its losses (the stream's first_epoch)
+        first = last = counting = (min(c.epoch for c in cursors) if pass_epoch is None
+                                   else pass_epoch)
+        left = {first: _left_of_pass(cursors, deal, first)}
     dropped = {k for c in cursors for k in c.dropped}  # a set: tested for every entry
     shares: list[list[list]] = [[] for _ in range(new_nslots)]
     turn = 0  # extra units go round the new slots epoch after epoch
@@ -234,22 +287,31 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     if len(states) != old.world_size:
         raise ValueError(f"data state: {len(states)} ranks saved, expected {old.world_size}")
     old_nslots, new_nslots = old.world_size * old.workers, world_size * workers
+    # Ranks differ in epoch only when every stream is one pass (an endless loader never
+    # ends its iteration): a rank that ended the pass saved the next one's start. The
+    # new slots go on with the oldest; see the module docstring.
+    result = Redeal(positions={}, epoch=min(st.epoch for st in states))
+    result.ahead = [st.rank for st in states if st.epoch > result.epoch and st.positions]
     mixes = [st.positions.get(w, {}) for st in states for w in range(old.workers)]
+    # a slot with no position yet is at its own rank's epoch start (not rank 0's)
+    epochs = [st.epoch for st in states for _ in range(old.workers)]
     if any(m and m.get("sources") is None for m in mixes):
         raise ValueError("data state: a worker's saved position has no source cursors")
-    result = Redeal(positions={})
     per_source: list[list[SourceCursor]] = []
     units = [len(sp.urls) * (parts_per_shard(len(sp.urls), old_nslots) if sp.resampled else 1)
              for sp in specs]
     offsets, stride = extra_offsets(units, old_nslots)
     for i, spec in enumerate(specs):
-        cursors = [SourceCursor.from_dict(m["sources"][i]) if m else SourceCursor(
-            epoch=old.epoch) for m in mixes]
+        cursors = [SourceCursor.from_dict(m["sources"][i]) if m else SourceCursor(epoch=e)
+                   for m, e in zip(mixes, epochs, strict=True)]
         new, n, resumed = redeal_source(cursors, spec, old_nslots, new_nslots, seed,
-                                        offsets[i], stride)
+                                        offsets[i], stride, pass_epoch=result.epoch)
         per_source.append(new)
         result.units[spec.name], result.resumed[spec.name] = n, resumed
-    result.repeated = sum(m.get("emitted", 0) for m in mixes if m)
+    # a rank in a later pass: all it handed out of it (``index``) is read again, not
+    # only its current block
+    result.repeated = sum(m.get("index" if e > result.epoch else "emitted", 0)
+                          for m, e in zip(mixes, epochs, strict=True) if m)
     recounted: Counter[tuple[str, str]] = Counter()
     for m in mixes:
         for source, reason, n in (m or {}).get("skips", []):  # none in older states
@@ -283,6 +345,11 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                         "(%d continue at their saved byte offset), none skipped",
                         old.world_size, old.workers, world_size, workers, name,
                         out.units[name], out.resumed[name])
+        if out.ahead:
+            log.warning("data: old rank(s) %s had begun pass %d while others were still in "
+                        "pass %d: the new ranks finish pass %d, then deal pass %d afresh, so "
+                        "what those ranks read of it is read (and its losses counted) again",
+                        out.ahead, out.epoch + 1, out.epoch, out.epoch, out.epoch + 1)
         log.warning("data: %d samples repeated across the change (handed out from the old "
                     "workers' current shuffle blocks, which are read again; their skips "
                     "%s are taken out of the totals, to be counted again)", out.repeated,
@@ -295,5 +362,5 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
         totals.withdraw(out.recounted)
         stats = totals.to_dict()
     return PipelineState(seed, rank, world_size, workers, [s.name for s in specs],
-                         epoch=old.epoch, next_worker=0, positions=positions, stats=stats,
+                         epoch=out.epoch, next_worker=0, positions=positions, stats=stats,
                          shard_lists=[url_list_digest(s.urls) for s in specs])

@@ -494,3 +494,160 @@ def test_a_saved_state_holds_the_skips_a_re_read_of_its_block_meets_again(tmp_pa
              and states[i + 1]["lead"] is not None and states[i + 1]["skips"])
     more, later = run(states[k], 20)
     check(states[:k + 1] + later, handed[:k + 1] + more)
+
+
+# -- one-pass sources: old ranks at different points of the pass -------------------------
+
+def _read_pass(loader, take=None) -> tuple[list[str], dict]:
+    """The keys ``loader`` delivers (``take`` batches of one sample, or its whole pass),
+    and its state after them, as stored in checkpoints."""
+    keys: list[str] = []
+    if take != 0:
+        for batch in loader:
+            keys += batch
+            if len(keys) == take:
+                break
+    return keys, json.loads(json.dumps(loader.state_dict()))
+
+
+# batches read by each old rank before the save (None: its whole pass, so its state is the
+# next pass's start: epoch 1, no positions; 0: none yet, epoch 0, no positions); each old
+# rank's share is 2 or 3 shards (10-15 batches)
+@pytest.mark.parametrize("takes, new_ranks", [
+    ((3, None), 3),         # rank 1 finished: its whole share was dealt and read again
+    ((None, 3), 3),         # rank 0 finished: the next pass was dealt into this one
+    ((None, 0, 5), 2),      # rank 1 not started took rank 0's epoch: its share was lost
+    ((7, None, None), 2),
+])
+def test_a_rank_that_finished_its_pass_has_nothing_re_dealt_and_the_pass_ends_once(
+        tmp_path, takes, new_ranks):
+    # A one-pass source (resampled=False, as in evaluation or an epochs run over a finite
+    # pass) saved while some ranks had finished the pass and others had not, resumed on
+    # another rank count and read to the end of the pass: every sample of the pass is
+    # delivered exactly once, apart from the documented repetition (the samples each old
+    # worker had handed out of its current shuffle block). The next pass is a whole pass
+    # 1, dealt over the new ranks as in a run that started there.
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
+            for i in range(6)]
+    one_pass = Counter(f"s{i}-{j:04d}" for i in range(6) for j in range(5))
+    delivered, repeated, saved = Counter(), Counter(), []
+    for rank, take in enumerate(takes):
+        keys, state = _read_pass(_pass_loader(urls, rank, len(takes)), take)
+        assert (state["epoch"], bool(state["positions"])) == (
+            (1, False) if take is None else (0, take > 0))
+        emitted = state["positions"]["0"]["emitted"] if state["positions"] else 0
+        repeated.update(keys[len(keys) - emitted:])  # the current block's, read again
+        delivered.update(keys)
+        saved.append(state)
+    loaders = [_pass_loader(urls, rank, new_ranks, state=saved) for rank in range(new_ranks)]
+    for loader in loaders:
+        keys, state = _read_pass(loader)
+        delivered.update(keys)
+        assert state["epoch"] == 1  # the resumed pass was pass 0
+    assert delivered == one_pass + repeated, (delivered - one_pass - repeated,
+                                              one_pass + repeated - delivered)
+    for rank, loader in enumerate(loaders):  # the next pass: pass 1 of the new rank count
+        fresh = _pass_loader(urls, rank, new_ranks)
+        fresh.start_at(1)
+        assert _read_pass(loader)[0] == _read_pass(fresh)[0]
+
+
+@pytest.mark.parametrize("takes", [(3, None), (None, 3), (19, None), (None, 13)])
+def test_losses_of_a_rank_that_finished_its_pass_count_once_across_a_resize(tmp_path, takes):
+    # Save points as above over shards with each loss kind (a full pass is 21 and 14
+    # batches): a finished rank's shards were read again after the resize and every loss
+    # in them counted twice.
+    urls = _damaged_shard_set(tmp_path)
+    reference: Counter[str] = Counter()
+    for rank in range(2):  # one uninterrupted pass on 2 ranks
+        loader = _pass_loader(urls, rank, 2)
+        _read_pass(loader)
+        reference.update(loader.stats.skipped)
+    saved = [_read_pass(_pass_loader(urls, rank, 2), take)[1]
+             for rank, take in enumerate(takes)]
+    skipped: Counter[str] = Counter()
+    for rank in range(3):
+        loader = _pass_loader(urls, rank, 3, state=saved)
+        _read_pass(loader)
+        skipped.update(loader.stats.skipped)
+    assert skipped == reference
+
+
+def test_a_one_pass_slot_at_the_end_of_its_share_leaves_nothing_and_no_next_pass(tmp_path):
+    # Old slot 0 read its whole share of a one-pass source (its cursor at the share's end,
+    # its rank not yet at the pass's end); slot 1 is inside its first shard. What is left
+    # is slot 1's rest of pass 0 only: the re-deal used to take slot 0 as being in epoch 1
+    # and deal all of epoch 1 into the resumed pass (a one-pass stream reads its share and
+    # ends), so the source was read a second time inside one pass.
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
+            for i in range(4)]
+    spec = SourceSpec("a", urls, resampled=False)
+    cursors, seen = [], Counter()
+    for slot, take in ((0, None), (1, 2)):  # None: to the stream's end
+        stream = SourceStream("a", urls, slot, 2, SEED, S3, SkipCounter(), resampled=False)
+        for n, raw in enumerate(stream, 1):
+            seen[raw["__key__"]] += 1
+            if n == take:
+                break
+        cursors.append(SourceCursor.from_dict(json.loads(json.dumps(
+            stream.cursor().to_dict()))))
+    assert cursors[0].unit is None and cursors[1].unit is not None
+    new, units, resumed = redeal_source(cursors, spec, 2, 3, SEED)
+    assert (units, resumed) == (2, 1)  # slot 1's current shard and its next one
+    assert all(e[0] == 0 for c in new for e in c.share)
+    assert {(c.epoch, c.share_last, c.count_epoch) for c in new} == {(0, 0, 0)}
+    for slot, cursor in enumerate(new):
+        stream = SourceStream("a", urls, slot, 3, SEED, S3, SkipCounter(), resampled=False,
+                              cursor=cursor)
+        seen.update(raw["__key__"] for raw in stream)
+    assert seen == Counter(f"s{i}-{j:04d}" for i in range(4) for j in range(5))
+
+
+def test_a_rank_already_in_the_next_pass_is_re_read_in_it_and_says_so(tmp_path):
+    # Old rank 1 finished pass 0 and read 2 batches of pass 1 while rank 0 was still in
+    # pass 0. The new ranks finish pass 0 exactly (its samples once, but for rank 0's
+    # current block) and deal pass 1 afresh: rank 1's 2 samples of it are read again,
+    # which the re-deal counts as repeated and names rank 1 for.
+    from data.redeal import redeal
+
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
+            for i in range(6)]
+    one_pass = Counter(f"s{i}-{j:04d}" for i in range(6) for j in range(5))
+    keys, first = _read_pass(_pass_loader(urls, 0, 2), 7)
+    delivered = Counter(keys)
+    emitted = first["positions"]["0"]["emitted"]
+    repeated = Counter(keys[len(keys) - emitted:])
+    ahead = _pass_loader(urls, 1, 2)
+    delivered.update(_read_pass(ahead)[0])
+    assert _read_pass(ahead, 2)[1]["epoch"] == 1
+    saved = [first, json.loads(json.dumps(ahead.state_dict()))]
+    out = redeal(saved, [SourceSpec("s", urls, resampled=False)], 3, 1, 3)
+    assert (out.epoch, out.ahead, out.repeated) == (0, [1], emitted + 2)
+    loaders = [_pass_loader(urls, rank, 3, state=saved) for rank in range(3)]
+    for loader in loaders:
+        delivered.update(_read_pass(loader)[0])
+    assert delivered == one_pass + repeated
+    for rank, loader in enumerate(loaders):
+        fresh = _pass_loader(urls, rank, 3)
+        fresh.start_at(1)
+        assert _read_pass(loader)[0] == _read_pass(fresh)[0]
+
+
+def test_a_one_pass_slot_waiting_on_a_set_aside_shard_keeps_it_in_its_pass():
+    # One-pass slot 0 drew both its units; the second failed at sample 2 and waits for a
+    # retry (set aside). Slot 1 has not started. Left of the pass: that unit at its
+    # cursor, and slot 1's two units; nothing of epoch 1 (the slot's draws ran out, which
+    # the resampled rule takes as being in the next epoch).
+    from data.epochs import slot_units
+
+    urls = [f"s3://b/s{i}.tar" for i in range(4)]
+    mine = [urls[u] for u in slot_units(4, 2, 0, SEED, "a", 0)]
+    waiting = SourceCursor(epoch=0, position=2, aside={mine[1]: [1024, 2, False, 1, "v1"]},
+                           count_epoch=0)
+    new, units, resumed = redeal_source([waiting, SourceCursor()],
+                                        SourceSpec("a", urls, resampled=False), 2, 2, SEED)
+    entries = [e for c in new for e in c.share]
+    assert (units, resumed) == (3, 1)
+    assert [0, mine[1], 1024, 2, False, "v1"] in entries
+    assert {e[1] for e in entries} == set(urls) - {mine[0]}
+    assert {(e[0], c.share_last) for c in new for e in c.share} == {(0, 0)}
