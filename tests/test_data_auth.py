@@ -245,6 +245,11 @@ def test_credentials_rotated_in_the_credentials_file_within_the_grace_are_picked
     # A credential refresher rewrites the shared credentials file; the process's environment
     # and config cannot be changed from outside. Before: the cached s3fs filesystem kept the
     # credentials its session first found, and the stream waited for ever.
+    import data.storage
+
+    # rebuilds after refusals are at most one per FS_REBUILD_MIN_S (15 s) per process; the
+    # loader reads in this process (workers=0), so a shorter bound keeps the test short
+    monkeypatch.setattr(data.storage, "FS_REBUILD_MIN_S", 1.0)
     urls = server.upload("rotated", shard_files[:2])
     credentials = tmp_path / "credentials"
     _write_credentials(credentials, "expired-key", "expired-secret")
@@ -360,3 +365,25 @@ def test_forbidden_shards_in_a_row_are_given_up_and_the_run_goes_on(forbidden):
         raise AssertionError(f"a healthy run ended: {err}") from None
     assert sorted(given_up) == sorted((u, "forbidden_shard") for u in urls[:forbidden])
     assert sorted(read) == sorted(urls[forbidden:])
+
+
+def test_refusals_rebuild_the_filesystem_at_most_once_per_bound(monkeypatch):
+    """Every refused attempt asks for a new filesystem (to read rotated credentials), from
+    every stream of the process; each new botocore session may ask STS again, and the
+    process's healthy streams share the filesystem: at most one rebuild per
+    FS_REBUILD_MIN_S."""
+    import data.storage as storage
+
+    clock = [1000.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    cfg = S3Config(endpoint_url="http://127.0.0.1:1", key="k", secret="s")
+    first = storage.s3_filesystem(cfg)
+    clock[0] += storage.FS_REBUILD_MIN_S - 1
+    storage.forget_filesystem(cfg)
+    assert storage.s3_filesystem(cfg) is first  # too soon after its build: kept
+    clock[0] += 1
+    storage.forget_filesystem(cfg)
+    second = storage.s3_filesystem(cfg)
+    assert second is not first  # rebuilt: a new session reads the credentials again
+    storage.forget_filesystem(cfg)
+    assert storage.s3_filesystem(cfg) is second
