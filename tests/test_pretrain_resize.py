@@ -209,6 +209,24 @@ def _final_state(run_dir) -> dict:
                        ).read_text())
 
 
+def _assert_read_the_plan(run_dir, *, last: int, resumed_at: int, batch_before: int,
+                          batch_after: int) -> None:
+    """The epoch plan of 256 samples was read in full: steps 1..``last`` logged, the first
+    run's ``batch_before`` samples a step up to ``resumed_at`` and ``batch_after`` after,
+    every step's lr on the config's curve in samples (warm-up: 2 steps of the first run's
+    batch), ``min_lr`` at the last step."""
+    lrs = _lr_rows(run_dir)
+    assert sorted(lrs) == list(range(1, last + 1))
+    samples = {k: batch_before * k if k <= resumed_at
+               else batch_before * resumed_at + batch_after * (k - resumed_at) for k in lrs}
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(lr_in_samples(samples[step], 2 * batch_before,
+                                                 batch_before, 256), rel=1e-9), step
+    assert lrs[last] == pytest.approx(MIN_LR, rel=1e-12)
+    state = _final_state(run_dir)
+    assert state["step"] == last and sum(state["samples_seen"].values()) == 256
+
+
 def _kill_after(monkeypatch, cmd, cache, step: int) -> None:
     """Run ``cmd`` and SIGKILL every rank at the end of ``step`` (after its checkpoint)."""
     monkeypatch.setenv("INTERNIMAGE_KILL_AFTER_STEP", str(step))
@@ -239,15 +257,7 @@ def test_epoch_run_resumed_on_fewer_ranks_reads_its_planned_samples(tmp_path, ca
     for run_dir in (out, legacy):
         run_forked(pretrain_cmd(1, run_dir, *EPOCH_PLAN, "--checkpoint-every", "100",
                                 "--resume", "auto"), cache)
-        lrs = _lr_rows(run_dir)
-        assert sorted(lrs) == list(range(1, 15))
-        samples = {k: 32 * k if k <= 2 else 64 + 16 * (k - 2) for k in lrs}
-        for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 32 samples
-            assert lr == pytest.approx(lr_in_samples(samples[step], 64, 32, 256),
-                                       rel=1e-9), step
-        assert lrs[14] == pytest.approx(MIN_LR, rel=1e-12)
-        state = _final_state(run_dir)
-        assert state["step"] == 14 and sum(state["samples_seen"].values()) == 256
+        _assert_read_the_plan(run_dir, last=14, resumed_at=2, batch_before=32, batch_after=16)
 
 
 def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cache,
@@ -262,11 +272,4 @@ def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cac
     assert latest(out) == "step_0000010"
     run_forked(pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "100",
                             "--resume", "auto"), cache)
-    lrs = _lr_rows(out)
-    assert sorted(lrs) == list(range(1, 14))
-    samples = {k: 16 * k if k <= 10 else 160 + 32 * (k - 10) for k in lrs}
-    for step, lr in lrs.items():  # warm-up: 2 steps of the first run's 16 samples
-        assert lr == pytest.approx(lr_in_samples(samples[step], 32, 16, 256), rel=1e-9), step
-    assert lrs[13] == pytest.approx(MIN_LR, rel=1e-12)
-    state = _final_state(out)
-    assert state["step"] == 13 and sum(state["samples_seen"].values()) == 256
+    _assert_read_the_plan(out, last=13, resumed_at=10, batch_before=16, batch_after=32)
