@@ -62,6 +62,21 @@ def total_steps(cfg: PretrainConfig, world_size: int, step: int = 0,
     return step + int(max(0.0, planned - samples) / per_step)
 
 
+def run_progress(cfg: PretrainConfig, step: int, samples: int, batch: int,
+                 end_step: int) -> tuple[float, float]:
+    """(done, total) of the run before optimizer step ``step`` (counted from 1), in the
+    unit its plan counts: steps for a step-based run, samples for an epoch run, where
+    ``samples`` were read once step ``step`` is taken, ``batch`` per step from here to
+    ``end_step`` (:func:`total_steps`). As the lr schedule, an epoch run that changed its
+    global batch on resume stays continuous in samples: the fraction does not jump, and
+    reaches ``(end_step - 1) / end_step`` of its range at the last step as a fresh run's
+    ``(step - 1) / end_step`` does."""
+    if cfg.run.epochs <= 0:
+        return float(step - 1), float(end_step)
+    done = samples - batch
+    return float(done), float(done + (end_step - step + 1) * batch)
+
+
 def align_schedule(scheduler, step: int, end_step: int, batch: int,
                    batch_before: int) -> bool:
     """Make a restored ``WarmupCosine`` (runtime/schedules.py) at optimizer ``step`` follow

@@ -34,6 +34,7 @@ from pretrain.engine import (
     clamp_logit_scale,
     global_batch,
     model_hash,
+    run_progress,
     total_steps,
 )
 from pretrain.objectives import M3ILoss
@@ -169,6 +170,7 @@ class Trainer:
                         else None)
         self.step = 0
         self.nonfinite_skipped = 0
+        self._momentum = cfg.objective.image.momentum  # the last EMA update's (logged)
         if self.state is not None:
             self._restore()
         # a no-op for a fresh run (the config keeps the initial value inside); a
@@ -291,8 +293,9 @@ class Trainer:
     # the task hooks ---------------------------------------------------------------------
     def _after_step(self, step: int) -> None:
         """After optimizer step ``step``: the logit scale clamped into its bounds (open_clip's
-        rule), then the EMA step of the target encoder (momentum on BYOL's cosine over the
-        run, indexed by the step just taken, counted from 0)."""
+        rule), then the EMA step of the target encoder: momentum on BYOL's cosine at the
+        fraction of the run done before this step, in the plan's unit (samples for an
+        epoch plan, so a resume with another global batch does not jump; run_progress)."""
         self.step = step
         self.samples += self.batch
         clamp_logit_scale(self.engine, self.cfg.objective.max_logit_scale)
@@ -301,8 +304,9 @@ class Trainer:
         from pretrain.m3i.ema import momentum_at
 
         image = self.cfg.objective.image
-        self.teacher.update(momentum_at(step - 1, self.total_steps, image.momentum,
-                                        image.momentum_final))
+        done, total = run_progress(self.cfg, step, self.samples, self.batch, self.total_steps)
+        self._momentum = momentum_at(done, total, image.momentum, image.momentum_final)
+        self.teacher.update(self._momentum)
 
     def _skipped(self, step: int) -> None:
         """Count a step skipped for a non-finite loss and keep the lr schedule on the step
@@ -359,6 +363,8 @@ class Trainer:
             "data_wait": w.data_wait / elapsed,
             "nonfinite_skipped": self.nonfinite_skipped,
         } | self._data_stats()
+        if self.teacher is not None:  # the EMA momentum of the last update (BYOL's cosine)
+            values["ema_momentum"] = self._momentum
         self._last = self._step_values | values
         self._window = _Window()
         return values

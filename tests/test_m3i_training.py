@@ -52,6 +52,11 @@ def test_all_branches_finite_and_falling(reference_run):
     for key in TERMS:
         first, last = rows[0][key] + rows[1][key], rows[-2][key] + rows[-1][key]
         assert last < first, (key, [r[key] for r in rows])
+    # the teacher's momentum as logged: BYOL's cosine from SiamIM's 0.995 to 1 over the
+    # 6 steps, step k updating at (k - 1) / 6 (Grill et al. 2020, section 3.2)
+    for row in rows:
+        expected = 1 - 0.005 * (math.cos(math.pi * (row["step"] - 1) / 6) + 1) / 2
+        assert row["ema_momentum"] == pytest.approx(expected, rel=1e-12), row["step"]
     # the squared cosine of different patches is a mean of values in [0, 1]
     assert all(0 <= r["loss_image_decorrelation"] <= 1 for r in rows)
     ckpt = reference_run / "checkpoints" / "step_0000006"

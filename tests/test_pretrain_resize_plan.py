@@ -149,6 +149,42 @@ def test_epoch_plan_is_counted_in_samples():
     assert total_steps(cfg, 1, step=2, samples=64) == total_steps(cfg, 4) == 40
 
 
+def test_ema_momentum_of_an_epoch_run_stays_on_its_curve_in_samples_when_the_batch_changes():
+    """The EMA teacher's momentum follows BYOL's cosine (written out here: Grill et al.
+    2020, section 3.2) over the run's plan. An epoch run (960 samples, 8 per step) saved at
+    step 40 and resumed with 16 per step (grad_accum 2 at the same world size) continues
+    at the samples read, as its lr does; counted in steps it jumped from 1/3 to 1/2 of the
+    cosine at the resume (40/120 -> 40/80)."""
+    from pretrain.engine import run_progress, total_steps
+    from pretrain.m3i.ema import momentum_at
+
+    base = 0.995
+
+    def byol(fraction: float) -> float:
+        return 1 - (1 - base) * (math.cos(math.pi * fraction) + 1) / 2
+
+    def momentum(cfg, step: int, samples_after: int, batch: int, end: int) -> float:
+        return momentum_at(*run_progress(cfg, step, samples_after, batch, end), base)
+
+    cfg = SimpleNamespace(data=SimpleNamespace(batch_size=8),
+                          engine=SimpleNamespace(grad_accum=1),
+                          run=SimpleNamespace(epochs=1.0, samples_per_epoch=960, max_steps=0))
+    end = total_steps(cfg, 1)
+    assert end == 120
+    for step in (1, 2, 40, 41, 120):  # a fresh run: step k updates at (k - 1) / K
+        assert momentum(cfg, step, 8 * step, 8, end) == pytest.approx(byol((step - 1) / 120))
+    cfg.engine.grad_accum = 2  # resumed at step 40 (320 samples), 16 per step from here
+    end = total_steps(cfg, 1, step=40, samples=320)
+    assert end == 80
+    for step in (41, 60, 80):
+        read_before = 320 + 16 * (step - 41)
+        assert momentum(cfg, step, read_before + 16, 16, end) == pytest.approx(
+            byol(read_before / 960), rel=1e-12), step
+    # a step-based run counts steps whatever each reads (as its lr schedule)
+    cfg.run.epochs, cfg.run.max_steps = 0.0, 50
+    assert momentum(cfg, 26, 10**6, 16, 50) == pytest.approx(byol(25 / 50))
+
+
 # ---------------------------------------------------------------------------------------
 # The universal conversion's reuse: rank-0 file operations as runtime.checkpoint does them.
 

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 
-def momentum_at(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
-    """BYOL's schedule (Grill et al. 2020, section 3.2): base at step 0, rising on a
-    half cosine to ``final`` at ``total_steps``."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+def momentum_at(done: float, total: float, base: float, final: float = 1.0) -> float:
+    """BYOL's schedule (Grill et al. 2020, section 3.2): ``base`` at the start, rising on a
+    half cosine to ``final`` when ``done`` reaches ``total`` (steps, or samples for an
+    epoch plan: pretrain.engine.run_progress)."""
+    progress = min(max(done / max(total, 1), 0.0), 1.0)
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
