@@ -64,11 +64,14 @@ class DeviceBindingError(RuntimeError):
     """The GPUs this task sees do not give it a GPU of its own."""
 
 
-def cuda_device_for_task(local_rank: int, local_world_size: int | None, visible: int) -> int:
+def cuda_device_for_task(local_rank: int, local_world_size: int | None, visible: int,
+                         unbound: bool = False) -> int:
     """The index, among the ``visible`` CUDA devices, of the GPU this task drives.
 
     ``local_rank`` is the task's index on its node and ``local_world_size`` the number of
-    tasks on the node (None: unknown, then at least ``local_rank + 1``).
+    tasks on the node (None: unknown, then at least ``local_rank + 1``). ``unbound``: the
+    launcher binds no GPU to a task (torchrun: its processes share one environment), so
+    one visible GPU is every task's, not this task's own.
 
     - Every task sees at least one GPU per task of the node (no binding): GPU
       ``local_rank``, as under torchrun.
@@ -81,6 +84,12 @@ def cuda_device_for_task(local_rank: int, local_world_size: int | None, visible:
     tasks = max(local_world_size or 0, local_rank + 1)
     if visible >= tasks:
         return local_rank
+    if unbound:
+        raise DeviceBindingError(
+            f"task LOCAL_RANK={local_rank} of {tasks} started by torchrun sees {visible} "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}), "
+            "shared by all of its processes: use --nproc_per_node at most the GPUs this "
+            "node has, one process per GPU")
     if visible == 1:
         return 0
     raise DeviceBindingError(
@@ -141,7 +150,8 @@ def init_distributed() -> DistInfo:
         local_world_size = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun, submitit's export
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = cuda_device_for_task(
-            local_rank, int(local_world_size) if local_world_size else None, visible)
+            local_rank, int(local_world_size) if local_world_size else None, visible,
+            unbound="TORCHELASTIC_RUN_ID" in os.environ)  # set by torchrun for its workers
         if index != local_rank:
             _rebound_local_rank = local_rank
             os.environ["LOCAL_RANK"] = str(index)

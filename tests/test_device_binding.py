@@ -50,6 +50,20 @@ def test_rule_refuses_what_gives_no_task_a_gpu_of_its_own(local_rank, local_worl
         cuda_device_for_task(local_rank, local_world_size, visible)
 
 
+def test_torchrun_processes_sharing_one_gpu_are_refused():
+    """torchrun gives its workers one environment (no per-process CUDA_VISIBLE_DEVICES), so
+    `--nproc_per_node 2` on a one-GPU node is two ranks on that GPU (NCCL then refuses the
+    duplicate GPU at the first collective, or they compete for its memory), not a GPU bound
+    to each task as under srun --gpus-per-task=1."""
+    from runtime.dist import DeviceBindingError, cuda_device_for_task
+
+    with pytest.raises(DeviceBindingError, match="LOCAL_RANK=1 of 2 started by torchrun "
+                                                 "sees 1 GPU.*--nproc_per_node"):
+        cuda_device_for_task(1, 2, 1, unbound=True)
+    assert cuda_device_for_task(1, 2, 2, unbound=True) == 1  # one GPU each: GPU LOCAL_RANK
+    assert cuda_device_for_task(0, 1, 1, unbound=True) == 0  # a lone process
+
+
 class _FakeNode:
     """torch.cuda and DeepSpeed's process-group start as a task of a GPU node sees them.
 
@@ -82,6 +96,7 @@ class _FakeNode:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", "29500")
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # not under torchrun
         for name, value in (("CUDA_VISIBLE_DEVICES", cuda_visible_devices),
                             ("SLURM_GPUS_ON_NODE", slurm_gpus),
                             ("DS_ACCELERATOR", accelerator)):  # `make test` sets cpu
@@ -129,6 +144,17 @@ def test_too_few_gpus_for_the_tasks_fail_before_the_process_group(monkeypatch):
     for part in ("LOCAL_RANK=1", "LOCAL_WORLD_SIZE=4", "sees 2 GPU",
                  "CUDA_VISIBLE_DEVICES='0,1'", "--gpus-per-node", "--gpus-per-task=1"):
         assert part in message, (part, message)
+    assert node.init_calls == [] and node.set_device_calls == []
+
+
+def test_torchrun_on_a_one_gpu_node_fails_before_the_process_group(monkeypatch):
+    from runtime.dist import init_distributed
+
+    node = _FakeNode(monkeypatch, visible=1, local_rank=1, local_world_size=2,
+                     cuda_visible_devices=None)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets for its workers
+    with pytest.raises(RuntimeError, match="started by torchrun sees 1 GPU"):
+        init_distributed()
     assert node.init_calls == [] and node.set_device_calls == []
 
 
