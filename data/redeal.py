@@ -20,8 +20,9 @@ unit of those epochs is read exactly once across the change:
   sources).
 
 **Skip counts of those blocks.** Whatever an old worker counted from its block's start
-(a missing or cut shard, lost samples, an undecodable image of a sample handed out) the
-new slots count again as they read the same shards. A resume on the same slot count mutes
+(a missing or cut shard, lost samples, an undecodable image of a sample handed out, the
+``unread_bytes`` of a damaged shard: :data:`data.stats.MET_EVENTS`) the new slots count
+again as they read the same shards. A resume on the same slot count mutes
 its re-read of the block; the new slots cannot tell the block's samples from the rest of
 their shards, so the skips each old worker's state says its block met
 (:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
@@ -107,10 +108,10 @@ class Redeal:
     """The outcome for the new slots asked for: ``positions[slot]`` (a :class:`MixedStream`
     state), and what the change costs over all new slots: ``units[source]`` re-dealt,
     ``resumed[source]`` of them at a byte offset, ``repeated`` samples (already handed out,
-    read again), ``recounted``: ``[source, reason, n]`` skips the old workers counted in
-    their current blocks, which the re-read counts again; ``epoch``: the loader epoch (pass)
-    the new slots go on with; ``ahead``: old ranks that had begun a later pass than it (see
-    the module docstring on one-pass sources)."""
+    read again), ``recounted``: ``[source, reason, n]`` skips (and unread bytes) the old
+    workers counted in their current blocks, which the re-read counts again; ``epoch``:
+    the loader epoch (pass) the new slots go on with; ``ahead``: old ranks that had begun
+    a later pass than it (see the module docstring on one-pass sources)."""
 
     positions: dict[int, dict[str, Any]]
     epoch: int = 0

@@ -35,6 +35,14 @@ failed reads is counted each time a slot gives it up.
 """
 
 
+MET_EVENTS = ("unread_bytes",)
+"""Events that measure a shard's damage, counted with it once per run (by the read that
+counts its ``truncated_shard``): tallied in :attr:`SkipCounter.met` with the skips, so a
+resize takes those of the old workers' current blocks out of the totals with them
+(:meth:`DataStats.withdraw`). Other events count this run's own reads (``shards_opened``
+counts a re-read again) and are not."""
+
+
 class SkipCounter:
     """Per-worker counts keyed ``(kind, source, name)``; ``drain`` hands over and resets.
 
@@ -48,9 +56,10 @@ class SkipCounter:
     after a break in a damaged shard), ``sources_ended``).
 
     ``met``: every skip since the counter was made, ``(source, reason)`` -> n, muted or
-    not (never drained): what a read of the same samples meets, from which
-    :class:`data.stream.MixedStream` tells what a re-read of its current shuffle block
-    counts again (a few entries: one per source and reason met).
+    not (never drained), and the events of :data:`MET_EVENTS` alike: what a read of the
+    same samples meets, from which :class:`data.stream.MixedStream` tells what a re-read
+    of its current shuffle block counts again (a few entries: one per source and reason
+    met).
     """
 
     def __init__(self) -> None:
@@ -68,6 +77,8 @@ class SkipCounter:
 
     def event(self, source: str, name: str, n: int = 1) -> None:
         """Count ``n`` occurrences of a non-dropping event."""
+        if n and name in MET_EVENTS:  # muted too, as skips
+            self.met[source, name] += n
         if not self.muted and n:
             self._counts["event", source, name] += n
 
@@ -102,9 +113,15 @@ class DataStats:
                 self.events[name] += n
 
     def withdraw(self, skips: list[list]) -> None:
-        """Take ``[source, reason, n]`` skips back out of the totals: counts that a re-read
-        of the same samples will make again (see :func:`data.redeal.resized_state`)."""
+        """Take ``[source, reason, n]`` skips (and events of :data:`MET_EVENTS`) back out
+        of the totals: counts that a re-read of the same samples will make again (see
+        :func:`data.redeal.resized_state`)."""
         for source, reason, n in skips:
+            if reason in MET_EVENTS:  # a damage measure, not a skip
+                self.events[reason] -= n
+                if self.events[reason] == 0:
+                    del self.events[reason]
+                continue
             self.skipped[reason] -= n
             by_source = self.skipped_by_source.setdefault(source, Counter())
             by_source[reason] -= n

@@ -412,6 +412,53 @@ def test_skip_counts_of_the_old_shuffle_blocks_count_once_across_a_resize(tmp_pa
     assert skipped == reference
 
 
+def _corrupt_header_shard(path: Path, member: str) -> None:
+    """Flip a byte of ``member``'s tar header: its checksum fails, the read stops there and
+    the rest of the shard is never read (``unread_bytes``)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(member).offset
+    data = bytearray(path.read_bytes())
+    data[offset + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("old_ranks, new_ranks", [(2, 3), (3, 2)])
+def test_unread_bytes_of_a_damaged_shard_in_an_old_block_count_once_across_a_resize(
+        tmp_path, old_ranks, new_ranks):
+    # A shard whose header is corrupt in its middle (s7, at sample 3) is counted
+    # truncated_shard with the bytes after the break (unread_bytes, an event). Saved
+    # inside the shuffle block whose read met the damage, the new slots read it again: the
+    # skips were taken out of the totals (MixState.skips), its unread bytes were not and
+    # counted twice (2 -> 3: 18,432 bytes counted 36,864).
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 6, size=8)))
+            for i in range(8)]
+    _corrupt_header_shard(Path(urls[7]), "s7-0003.txt")
+    reference: Counter[str] = Counter()
+    takes = []
+    for rank in range(old_ranks):  # one uninterrupted pass; where to save each rank
+        loader = _pass_loader(urls, rank, old_ranks)
+        met = None  # the first batch after which the current block has met the damage
+        for i, _ in enumerate(loader, 1):
+            skips = loader.state_dict()["positions"]["0"]["skips"]
+            if met is None and any(reason == "truncated_shard" for _, reason, _ in skips):
+                met = i
+        takes.append(met)
+        reference.update(loader.stats.skipped)
+        reference["unread_bytes"] += loader.stats.events["unread_bytes"]
+    assert reference["truncated_shard"] == 1 and reference["unread_bytes"] > 0
+    assert takes.count(None) == old_ranks - 1  # one rank saves inside that block
+    takes = [2 if take is None else take for take in takes]  # the others: 2 batches in
+    saved = [_read_pass(_pass_loader(urls, rank, old_ranks), take)[1]
+             for rank, take in enumerate(takes)]
+    totals: Counter[str] = Counter()
+    for rank in range(new_ranks):  # to the end of the pass (rank 0 has the old totals)
+        loader = _pass_loader(urls, rank, new_ranks, state=saved)
+        _read_pass(loader)
+        totals.update(loader.stats.skipped)
+        totals["unread_bytes"] += loader.stats.events["unread_bytes"]
+    assert totals == reference
+
+
 class _MutedSkips(SkipCounter):
     """Also keeps the skips it was asked to count while muted."""
 
