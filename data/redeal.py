@@ -32,6 +32,17 @@ run that never changed its slot count. Nothing of it goes to the new slots' posi
 Units keep the split they were dealt with (their key names ``#part/parts``), so a source
 read in parts under the old slot count is finished in the same parts.
 
+**Set-aside units** (a failed read waiting for its retry, at the cursor where it broke)
+are re-dealt as units of the epoch they were dealt in, saved with them (the ``aside``
+entry's last field, :class:`data.stream.SourceCursor`): a slot whose draws of epoch ``e``
+ran out before the retry was due goes on into ``e + 1`` with the unit still owed to
+``e``. Filed under the slot's epoch instead (as states saved before the field still are),
+the unit's rest was read as one of ``e + 1``: after every unit of ``e``, in an epoch
+``e + 1`` shuffle block, and not by the counting epoch (its damage never counted when
+``e`` counts losses), or not at all when an old slot had dropped its shard. Cost: one
+integer per set-aside unit (3-4 bytes of JSON, none without such units; the 4,096-slot
+benchmark's states are byte for byte what they were), nothing that grows with the run.
+
 **One-pass sources** (not resampled: evaluation, a finite pass per loader iteration). A
 slot's stream ends with its share of the pass, and the loader deals the next pass afresh
 when it is iterated again. So only what the old slots left of the pass in progress ``P`` is
@@ -158,17 +169,27 @@ def _entries(c: SourceCursor, deal: _OldDeal, slot: int) -> tuple[list[list], in
     return [[c.epoch, k] for k in deal.share(slot, c.epoch)], c.epoch + 1
 
 
+def _aside_epoch(entry: list, default: int) -> int:
+    """The epoch a set-aside unit was dealt in (its ``aside`` entry's last field), or
+    ``default`` for states saved before it was kept."""
+    return entry[5] if len(entry) > 5 and entry[5] is not None else default
+
+
 def _in_progress(c: SourceCursor, unit_epoch: int, aside_epoch: int) -> list[list]:
-    """The unit ``c`` is inside (an entry of ``unit_epoch``) and the units it set aside
-    (entries of ``aside_epoch``), each with ``offset, samples, compressed, version``
+    """The unit ``c`` is inside and the units it set aside, each an entry of the epoch it
+    was dealt in (saved with a set-aside unit; else ``unit_epoch`` for the unit inside,
+    ``aside_epoch`` for the units set aside) with ``offset, samples, compressed, version``
     appended (no version in states saved before it)."""
     out = []
-    if c.unit is not None:  # it goes on at its byte offset
-        out.append([unit_epoch, c.unit, c.offset, c.samples, c.compressed, c.version])
-    for key, (offset, samples, compressed, _failures, *version) in c.aside.items():
+    if c.unit is not None:  # it goes on at its byte offset (a retry: of its own epoch)
+        epoch = _aside_epoch(c.aside[c.unit], unit_epoch) if c.unit in c.aside else unit_epoch
+        out.append([epoch, c.unit, c.offset, c.samples, c.compressed, c.version])
+    for key, entry in c.aside.items():
         if key == c.unit:  # being retried: the unit entry above has the newer offset
             continue
-        out.append([aside_epoch, key, offset, samples, compressed, *version])
+        offset, samples, compressed, _failures, *version = entry
+        out.append([_aside_epoch(entry, aside_epoch), key, offset, samples, compressed,
+                    *version[:1]])
     return out
 
 
@@ -184,7 +205,7 @@ def _left_of_pass(cursors: list[SourceCursor], deal: _OldDeal, epoch: int) -> li
         entries, _ = _entries(c, deal, slot)
         # a one-pass stream's set-aside units are of its one pass, even once its draws
         # ran out (where _left would take the slot as in the next epoch)
-        left.extend(_in_progress(c, epoch, epoch))
+        left.extend([epoch, *e[1:]] for e in _in_progress(c, epoch, epoch))
         # (a share re-dealt before this rule may hold units of the next pass: not taken)
         left.extend(e for e in entries[c.position:] if e[0] == epoch)
     return left
@@ -195,8 +216,15 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
     """Per epoch, the entries ``[epoch, key]`` no old slot finished (in slot order, each
     slot's in its reading order), with ``offset, samples, compressed, version`` appended
     for units an old slot was inside or set aside (no version in states saved before it);
-    the first and last epoch concerned."""
-    current, tails = [], []
+    the first and last epoch concerned.
+
+    A set-aside unit is an entry of the epoch it was dealt in (saved with it), which may
+    be before the epoch its slot is in: its retry was still due when the slot's draws of
+    that epoch ran out. Filed under the slot's epoch instead (states saved before the
+    epoch was kept), its rest was read as a unit of the next epoch: after every unit of
+    its own, not counting its losses in the counting epoch, and left out when an old slot
+    had dropped its shard."""
+    current, tails, progress = [], [], []
     for slot, c in enumerate(cursors):
         entries, after = _entries(c, deal, slot)
         started = entries[:c.position]
@@ -205,13 +233,14 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
             now = after
         current.append(now)
         tails.append((entries, after))
-    first, last = min(current), max(current)
+        progress.append(_in_progress(c, started[-1][0] if started else now, now))
+    own = [entry[0] for entries in progress for entry in entries]
+    first, last = min(current + own), max(current + own)
     left: dict[int, list[list]] = {e: [] for e in range(first, last + 1)}
     for slot, c in enumerate(cursors):
         entries, after = tails[slot]
-        unit_epoch = entries[c.position - 1][0] if c.position else current[slot]
-        for entry in _in_progress(c, unit_epoch, current[slot]):
-            left.setdefault(entry[0], []).append(entry)
+        for entry in progress[slot]:
+            left[entry[0]].append(entry)
         for entry in entries[c.position:]:
             left.setdefault(entry[0], []).append(entry)
         for epoch in range(after, last + 1):  # epochs this slot had not reached

@@ -77,8 +77,10 @@ class SourceCursor:
     epoch ``epoch``. ``unit``: the unit being read (its key: the shard URL, plus ``#r/m``
     for part ``r`` of ``m``), None between units; ``offset``: tar byte of its next sample's
     header; ``samples``: samples of the shard passed. ``aside``: key -> ``[offset, samples,
-    compressed, failures, version]`` of shards whose read failed and waits for a retry
-    (``version`` absent in states saved before it was kept); ``dropped``:
+    compressed, failures, version, epoch]`` of shards whose read failed and waits for a
+    retry, ``epoch`` the one the unit was dealt in (its retry may come after the slot went
+    on to the next epoch; ``version``, ``epoch`` absent in states saved before they were
+    kept: such a unit is taken as of the slot's current epoch); ``dropped``:
     keys never read again (missing, unreadable, given up); ``damaged``: keys whose damage
     was already counted.
 
@@ -176,13 +178,18 @@ class SourceStream:
         self._lookahead: tuple[int, np.ndarray] | None = None
         self._unit_start: SourceCursor | None = None
         self._unit_met: Counter[tuple[str, str]] = Counter()
+        # the epoch each set-aside unit was dealt in (its retry reads it as that epoch's)
+        self._aside_epochs: dict[str, int] = {
+            key: entry[5] for key, entry in self._cursor.aside.items()
+            if len(entry) > 5 and entry[5] is not None}
 
     # -- state ---------------------------------------------------------------------------
     def cursor(self) -> SourceCursor:
         """A copy of the current cursor, with the fault state of the schedule."""
         c = self._cursor
         aside = {k: [e.cursor.offset, e.cursor.samples, e.cursor.compressed, e.failures,
-                     e.cursor.version] for k, e in sorted(self.schedule.aside.items())}
+                     e.cursor.version, self._aside_epochs.get(k)]
+                 for k, e in sorted(self.schedule.aside.items())}
         return SourceCursor(c.epoch, c.position, c.unit, c.offset, c.samples, c.compressed,
                             aside, sorted(self.schedule.dropped),
                             sorted(self.schedule.damaged),
@@ -194,7 +201,7 @@ class SourceStream:
         for key, (offset, samples, compressed, failures, *version) in (
                 self._cursor.aside.items()):  # no version: saved before it was kept
             # Retried first after a resume: the outage that set it aside may be over.
-            start = ShardCursor(offset, samples, compressed, *version)
+            start = ShardCursor(offset, samples, compressed, *version[:1])
             self.schedule.aside[key] = SetAside(start, failures, now, due=now)
         self.schedule.dropped.update(self._cursor.dropped)
         self.schedule.damaged.update(self._cursor.damaged)
@@ -296,8 +303,12 @@ class SourceStream:
         count_lost(url, self.name, self.s3, self.counter, cursor.samples, False, part, parts)
 
     def reading_epoch(self) -> int:
-        """The epoch of the unit last drawn (the one being read)."""
+        """The epoch of the unit being read, the one it was dealt in: for the retry of a
+        set-aside unit, maybe one before the last draw's; between units, the epoch of the
+        unit last drawn."""
         c = self._cursor
+        if c.unit is not None and c.unit in self._aside_epochs:  # a retry (a set-aside
+            return self._aside_epochs[c.unit]  # unit is never drawn afresh meanwhile)
         if c.share is not None and 0 < c.position <= len(c.share):
             return c.share[c.position - 1][0]
         return c.epoch
@@ -339,8 +350,13 @@ class SourceStream:
                     start = ShardCursor(*entry[2:6])  # (no version: saved before it)
             outcome: dict[str, Any] = {}
             yield from self._read_unit(key, start, outcome)
+            epoch = self.reading_epoch()  # this unit's (c.unit is still set)
             c.unit, c.version = None, None
             self.schedule.report(key, outcome)
+            if key in self.schedule.aside:  # to be retried, as a unit of this epoch
+                self._aside_epochs[key] = epoch
+            else:
+                self._aside_epochs.pop(key, None)
             if outcome["status"] == "complete":
                 barren = 0 if outcome["samples"] else barren + 1
             if self.resampled and barren >= limit:
