@@ -57,6 +57,10 @@ from runtime.rng import seeded_host_rngs
 log = logging.getLogger(__name__)
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 SOURCE = "train"  # the one source's name in counts and states
+# A worker logs its first skips one by one, then a count at each power of ten: a shard set
+# with many bad samples (a whole shard of wrong labels: 10k lines per epoch per worker)
+# must not flood the job's log. Every skip is counted (the run's metrics) either way.
+SKIPS_LOGGED_EACH = 10
 
 
 def labelled_member(raw: RawSample, label_key: str = "cls", num_classes: int | None = None
@@ -116,8 +120,16 @@ class LabelledCodec:
     def _skip(self, raw: RawSample, reason: str, counter: SkipCounter) -> None:
         self.skipped += 1
         counter.skip(SOURCE, reason)
-        log.warning("skipped %s; %d skipped by this worker",
-                    describe_skip(raw, reason, self.label_key, self.num_classes), self.skipped)
+        n = self.skipped
+        if n <= SKIPS_LOGGED_EACH:
+            log.warning("skipped %s; %d skipped by this worker%s",
+                        describe_skip(raw, reason, self.label_key, self.num_classes), n,
+                        "" if n < SKIPS_LOGGED_EACH else
+                        " (further skips are logged at each power of ten; all are counted "
+                        "in the metrics' skipped)")
+        elif n == 10 ** len(str(n)[1:]):  # 100, 1000, ...
+            log.warning("%d samples skipped by this worker (the latest: %s)", n,
+                        describe_skip(raw, reason, self.label_key, self.num_classes))
         return None
 
     def collate(self, samples: list[tuple[int, tuple[Any, int]]], worker: int,

@@ -186,6 +186,24 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_full(tmp_path, cap
     assert resumed.stats.skipped == {"undecodable_image": 1}  # counts go on after a resume
 
 
+def test_a_shard_of_bad_samples_is_counted_whole_but_logged_in_a_few_lines(tmp_path, caplog):
+    """A shard whose first 120 labels are outside the classes (a wrong label file): every
+    sample is counted by reason, but the worker logs only its first skips and then a line
+    at 100, not one line per sample (10k lines per epoch and worker on a real shard)."""
+    from finetune.cls_stream import SKIPS_LOGGED_EACH
+
+    url = _labelled_shard(tmp_path / "bad.tar", ["7"] * 120 + ["0", "1", "2", "3"])
+    stream = _stream(url, workers=0, num_samples=4, shuffle_buffer=1, num_classes=4)
+    with caplog.at_level("WARNING", logger="finetune.cls_stream"):
+        (labels,) = _labels(stream, 1)
+    assert sorted(labels) == [0, 1, 2, 3]
+    assert stream.stats.skipped == {"label_out_of_range": 120}
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == SKIPS_LOGGED_EACH + 1, lines
+    assert "label 7 outside [0, 4)" in lines[0] and "bad.tar" in lines[0]
+    assert lines[-1].startswith("100 samples skipped by this worker")
+
+
 def test_bad_settings_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="no shards"):
         StreamingShards([], _to_tensor, num_samples=40, batch_size=4)
