@@ -235,6 +235,11 @@ def _left(cursors: list[SourceCursor], deal: _OldDeal
         tails.append((entries, after))
         progress.append(_in_progress(c, started[-1][0] if started else now, now))
     own = [entry[0] for entries in progress for entry in entries]
+    # a re-dealt share's entries not yet read reach its last epoch: before, with every slot
+    # still in its share's earlier epochs, those were left out and their epoch dealt
+    # afresh after the change, its units the old slots had read (or begun) read again
+    own += [entries[-1][0] for (entries, _), c in zip(tails, cursors, strict=True)
+            if c.share is not None and c.position < len(entries)]
     first, last = min(current + own), max(current + own)
     left: dict[int, list[list]] = {e: [] for e in range(first, last + 1)}
     for slot, c in enumerate(cursors):

@@ -62,6 +62,39 @@ def test_four_slots_resumed_on_three_read_every_sample_once_per_epoch(tmp_path):
     assert set(seen.values()) == {2}, {k: v for k, v in seen.items() if v != 2}
 
 
+def test_a_second_resize_before_any_slot_reached_its_shares_next_epoch_keeps_it(tmp_path):
+    # 4 slots -> 3 with old slot 0 two samples into epoch 1: each new slot's share holds
+    # entries of epochs 0 and 1. Resized again (3 -> 2) while every slot was still in its
+    # share's epoch-0 entries, the epoch-1 entries were left out (the last epoch concerned
+    # was taken from the slots' current epochs only) and epoch 1 dealt afresh: the
+    # samples old slot 0 had read of it were read twice.
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
+            for i in range(8)]
+    seen: Counter[tuple[str, int]] = Counter()
+
+    def read(slot, nslots, cursor, take):
+        stream = _stream(urls, slot, nslots, cursor)
+        it = iter(stream)
+        for _ in range(take):
+            seen[next(it)["__key__"], stream.reading_epoch()] += 1
+        return SourceCursor.from_dict(json.loads(json.dumps(stream.cursor().to_dict())))
+
+    old = [read(slot, 4, None, take) for slot, take in enumerate((12, 1, 1, 1))]
+    middle, _, _ = redeal_source(old, SourceSpec("a", urls), 4, 3, SEED)
+    assert all({e[0] for e in c.share} == {0, 1} for c in middle)
+    middle = [read(slot, 3, c, 1) for slot, c in enumerate(middle)]
+    assert {c.share[c.position - 1][0] for c in middle} == {0}
+    new, _, _ = redeal_source(middle, SourceSpec("a", urls), 3, 2, SEED)
+    for slot, cursor in enumerate(new):
+        stream = _stream(urls, slot, 2, cursor)
+        for raw in stream:
+            if stream.reading_epoch() > 1:
+                break
+            seen[raw["__key__"], stream.reading_epoch()] += 1
+    assert seen == Counter({(f"s{i}-{j:04d}", epoch): 1 for i in range(8) for j in range(5)
+                            for epoch in (0, 1)})
+
+
 def test_loader_saved_on_two_ranks_resumes_on_three_with_each_sample_once(tmp_path):
     # The same rule through the training loader: 2 ranks save their states mid-epoch, 3
     # ranks load every old rank's state and finish the epoch; no shuffle buffer, so nothing
