@@ -144,6 +144,18 @@ class ClassificationConfig:
     init: str | None = None
 
 
+def check_start(cfg: ClassificationConfig) -> None:
+    """What a run refuses before anything is built: data its readers would not find (a
+    ``ValueError`` naming the key) and an ``init`` recording another backbone (a
+    ``CheckpointError``)."""
+    from finetune.cls_data import check_data
+    from finetune.init import check_init_backbone
+
+    check_data(cfg)
+    if cfg.init:
+        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+
+
 def dry_run(cfg: ClassificationConfig) -> int:
     """Build on the meta device (no memory) and print what a run would do."""
     with torch.device("meta"):

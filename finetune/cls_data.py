@@ -131,6 +131,25 @@ def demo_urls(cache_dir: str, img_size: int) -> tuple[list[str], list[str]]:
     return demo_source_urls(manifest, "train"), demo_source_urls(manifest, "val")
 
 
+def check_data(cfg) -> None:
+    """Refuse, before anything is built, data the readers of ``cfg.data.kind`` would not
+    find (a ``ValueError`` naming the key and the path): the image folder's train and val
+    class folders, the local shards and shard lists (remote URLs are the pipeline's)."""
+    from finetune.data_paths import DataPath, check_data_paths, check_shard_urls
+
+    d = cfg.data
+    if d.kind == "imagefolder":
+        root = Path(d.root)
+        check_data_paths([DataPath("data.root", root, f"an image folder holding "
+                                   f"{d.train_split}/ and {d.val_split}/, as ImageNet's")])
+        check_data_paths(DataPath("data.root", root / split, f"ImageNet's {split}/ folder of "
+                                  "class folders", holds="*/", holds_desc="holds no class "
+                                  "folders") for split in (d.train_split, d.val_split))
+    elif d.kind in ("shards", "stream"):
+        check_shard_urls("data.train_urls", d.train_urls)
+        check_shard_urls("data.val_urls", d.val_urls)
+
+
 def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for ``cfg.data.kind``."""
     d = cfg.data

@@ -219,6 +219,24 @@ def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return state, meta
 
 
+def read_metadata(src: str | Path) -> dict[str, str]:
+    """The metadata :func:`read_source` gives ``src``, read without its tensors (a run's
+    trainer state and config, a ``.safetensors`` header); empty for a file that records
+    none (a released ``.pth``) or that cannot be read (the loader reports on it)."""
+    source = resolve_checkpoint(src)
+    if source.is_zero:
+        return run_metadata(source.path)
+    if source.path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source.path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file: read_source says why
+        return {}
+
+
 def trunk_prefix(state: dict[str, torch.Tensor], task: str | None = None) -> tuple[str, str]:
     """(where the InternImage trunk sits in ``state``'s names, the task that put it there).
 

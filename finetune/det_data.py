@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from finetune.data_paths import DataPath, check_data_paths
 from finetune.det_config import DetCropAugConfig, DetectionConfig
 
 
@@ -150,6 +151,31 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
+def data_paths(cfg: DetectionConfig) -> list[DataPath]:
+    """What the COCO readers of ``data.kind=coco`` open (finetune/data_paths.py), in the
+    order a user would fix them: the root, then each split's annotation file and image
+    folder (nothing for the demo, generated on first use)."""
+    d = cfg.data
+    if d.kind == "demo":
+        return []
+    root = Path(d.root)
+    out = [DataPath("data.root", root, "the COCO folder holding train2017/, val2017/ and "
+                    "annotations/")]
+    for split, images, ann in (("training", "train_images", "train_ann"),
+                               ("validation", "val_images", "val_ann")):
+        out += [DataPath(f"data.{ann}", root / getattr(d, ann), f"COCO's instance "
+                         f"annotation JSON of the {split} images", kind="file"),
+                DataPath(f"data.{images}", root / getattr(d, images), f"the folder of the "
+                         f"{split} images its annotation file names")]
+    return out
+
+
+def check_data(cfg: DetectionConfig) -> None:
+    """Refuse, before anything is built, COCO paths that are missing (a ``ValueError``
+    naming the key and the path)."""
+    check_data_paths(data_paths(cfg))
+
+
 def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
     """(train, val) for ``data.kind``; the demo set is generated on first use."""
     d = cfg.data
@@ -160,12 +186,10 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
         paths = (root / "train", root / "annotations/instances_train.json",
                  root / "val", root / "annotations/instances_val.json")
     else:
+        check_data(cfg)
         root = Path(d.root)
         paths = (root / d.train_images, root / d.train_ann, root / d.val_images,
                  root / d.val_ann)
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"data: {p} does not exist")
     return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
                           d.min_size),
             CocoInstances(paths[2], paths[3], False))

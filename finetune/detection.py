@@ -78,6 +78,18 @@ def _variant_depths(cfg) -> tuple[int, ...]:
     return VARIANTS[cfg.model.name].depths
 
 
+def check_start(cfg: DetectionConfig) -> None:
+    """What a run refuses before anything is built: COCO paths that are missing (a
+    ``ValueError`` naming the key) and an ``init`` recording another backbone (a
+    ``CheckpointError``)."""
+    from finetune.det_data import check_data
+    from finetune.init import check_init_backbone
+
+    check_data(cfg)
+    if cfg.init:
+        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+
+
 def dry_run(cfg: DetectionConfig) -> int:
     """Build on the meta device and print the plan."""
     with torch.device("meta"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.convert import read_backbone
+from finetune.convert import read_backbone, read_metadata
 from models import CheckpointError, LoadReport
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ def check_variant(meta: dict[str, str], variant: str, arch: dict, src: str | Pat
         if diffs:
             raise CheckpointError(f"{src}: backbone architecture differs from the config: "
                                   + "; ".join(diffs))
+
+
+def check_init_backbone(src: str | Path, variant: str, arch: dict) -> None:
+    """Before any compute: refuse (``CheckpointError``) an init checkpoint whose recorded
+    variant or architecture differs from the model's, from its metadata alone (no tensor
+    read). A source that records none (a released ``.pth``) is checked by its shapes when
+    :func:`load_init` loads it."""
+    check_variant(read_metadata(src), variant, arch, src)
 
 
 def _seq(v):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from finetune.data_paths import DataPath, check_data_paths
 from finetune.datasets.base import IGNORE_INDEX
 from finetune.seg_config import SPLIT_NAMES, SegDataConfig
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -43,6 +44,52 @@ def _split_pairs(kind: str, root: Path, split: str, cfg: SegDataConfig) -> list[
         return cocostuff_pairs(root, split)
     imgs = sorted((root / "images" / split).glob("*.jpg"))
     return [(p, root / "annotations" / split / (p.stem + ".png"), None) for p in imgs]
+
+
+# kind -> (its name, the image folder of a split and the files it holds, the label folder)
+LAYOUTS = {"ade20k": ("ADE20K", "images/{}", "*.jpg", "annotations/{}"),
+           "cityscapes": ("Cityscapes", "leftImg8bit/{}", "*/*_leftImg8bit.png", "gtFine/{}"),
+           "mapillary": ("Mapillary Vistas", "{}/images", "*.jpg", "{}/labels"),
+           "cocostuff": ("COCO-Stuff-164k", "images/{}", "*.jpg", "annotations/{}")}
+
+
+def _layout_paths(kind: str, key: str, root: Path, splits: list[str]) -> list[DataPath]:
+    """What :func:`_split_pairs` opens for ``splits`` of a ``kind`` layout at ``root``
+    (``key``: the config key that sets ``root``)."""
+    if kind == "demo":
+        return []
+    name, images, pattern, labels = LAYOUTS[kind]
+    tops = sorted({images.format(s).split("/")[0] + "/" for s in splits}
+                  | {labels.format(s).split("/")[0] + "/" for s in splits})
+    out = [DataPath(key, root, f"the {name} folder holding {', '.join(tops)}")]
+    for split in splits:
+        label_dir = root / labels.format(split)
+        if kind == "mapillary":  # a v2.0 release keeps the v1.2 labels one level down
+            from finetune.datasets.mapillary import labels_dir
+
+            label_dir = labels_dir(root, split)
+        out += [DataPath(key, root / images.format(split), f"the {split} images of {name}, "
+                         f"{pattern}", holds=pattern, holds_desc=f"holds no {pattern} "
+                         "images"),
+                DataPath(key, label_dir, f"the {split} label maps of {name}")]
+    return out
+
+
+def data_paths(cfg: SegDataConfig) -> list[DataPath]:
+    """The local folders the training and evaluation sets read (finetune/data_paths.py):
+    each layout's root, then per split its image folder (holding at least one image) and
+    its label folder; nothing for the demo (generated on first use)."""
+    train_splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
+    val_key = "data.val_root" if cfg.val_root else "data.root"
+    return (_layout_paths(cfg.kind, "data.root", Path(cfg.root), train_splits)
+            + _layout_paths(cfg.eval_kind, val_key, Path(cfg.eval_root),
+                            [SPLIT_NAMES[cfg.eval_kind][1]]))
+
+
+def check_data(cfg) -> None:
+    """Refuse, before anything is built, a segmentation run's missing data folders (a
+    ``ValueError`` naming the key and the path; ``cfg``: SegmentationConfig)."""
+    check_data_paths(data_paths(cfg.data))
 
 
 def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:

@@ -97,6 +97,18 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
     return describe(est, batch, d.crop_size, cfg.model.with_cp, scope=scope)
 
 
+def check_start(cfg: SegmentationConfig) -> None:
+    """What a run refuses before anything is built: data folders that are missing (a
+    ``ValueError`` naming the key) and a backbone ``init`` recording another backbone (a
+    ``CheckpointError``; a whole segmenter's init is checked when it is loaded)."""
+    from finetune.init import check_init_backbone
+    from finetune.seg_data import check_data
+
+    check_data(cfg)
+    if cfg.init and not is_segmenter_checkpoint(cfg.init):
+        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+
+
 def dry_run(cfg: SegmentationConfig) -> int:
     """Build on the meta device and print the plan (with a per-GPU memory estimate)."""
     with torch.device("meta"):

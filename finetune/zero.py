@@ -176,7 +176,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
 
     d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
     mhash = model_hash(cfg)
-    # may refuse: before any compute; config.yaml once the stream position is checked too
+    # may refuse: before any compute; config.yaml once the stream position is checked and
+    # the init weights are loaded too (a refused start leaves no config.yaml)
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False)
     if cfg.run.threads:
@@ -186,12 +187,12 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
                                          * d.world_size)
     _restore_stream(train_set, run, steps_per_epoch)
-    publish_config(out_dir)
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)
-    if cfg.init:
+    if cfg.init:  # may refuse (another variant, other shapes): nothing published yet
         load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
+    publish_config(out_dir)
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))

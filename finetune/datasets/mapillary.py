@@ -104,14 +104,21 @@ def native_lut(names: tuple[str, ...] = VISTAS_V12_CLASSES) -> np.ndarray:
     return lookup_table({i: i for i, name in enumerate(names) if name != "void--unlabeled"})
 
 
+def labels_dir(root: str | Path, split: str) -> Path:
+    """The label folder of ``split``: ``{split}/labels``, or a v2.0 release's
+    ``{split}/v1.2/labels`` where only that one exists."""
+    base = Path(root) / split
+    if not (base / "labels").is_dir() and (base / "v1.2" / "labels").is_dir():
+        return base / "v1.2" / "labels"
+    return base / "labels"
+
+
 def mapillary_pairs(root: str | Path, split: str, lut: np.ndarray) -> list[tuple]:
     """(image, label, lut) triples of ``split``; a missing label is an error, not a skip."""
     if split not in SPLITS:
         raise ValueError(f"mapillary split must be one of {SPLITS}, got {split!r}")
     base = Path(root) / split
-    label_dir = base / "labels"
-    if not label_dir.is_dir() and (base / "v1.2" / "labels").is_dir():
-        label_dir = base / "v1.2" / "labels"
+    label_dir = labels_dir(root, split)
     pairs = []
     for image in sorted((base / "images").glob("*.jpg")):
         label = label_dir / f"{image.stem}.png"

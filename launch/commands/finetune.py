@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         train_cfg = dataclasses.replace(cfg, init=None)
     else:
         check_init(cfg.init)
+    check_start(mod, train_cfg)
     is_main = os.environ.get("RANK", "0") == "0"
+    created = not out.exists()
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(out, lambda path: dump_config(cfg, path))
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
@@ -102,10 +104,33 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         if is_main:
             discard_config(out)
+            if created:  # a refused fresh start leaves no run directory behind either
+                _remove_if_empty(out)
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
+
+
+def check_start(mod, cfg) -> None:
+    """The task's own checks of a start, before anything is built or written: its data
+    paths (a missing dataset root: ``data.root: PATH not found (expected ...)``) and the
+    backbone its ``init`` records; refused as a ``ConfigError`` (one line, no traceback)."""
+    from models import CheckpointError
+
+    try:
+        mod.check_start(cfg)
+    except ValueError as err:  # names its key, as the config's own checks
+        raise ConfigError(str(err)) from None
+    except CheckpointError as err:
+        raise ConfigError(f"init: {err}") from None
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty (another rank's files, a user's): left as it is
+        pass
 
 
 def check_init(init: str | None) -> None:

@@ -1,0 +1,104 @@
+"""The local data a fine-tuning run will read, checked before anything is built.
+
+Each task's data module lists what its readers open (:class:`DataPath`: the config key that
+sets it, the path and what must be there), from the same settings its datasets are built
+from; :func:`check_data_paths` refuses the first one that is missing, in one line naming
+the key, the path and what was expected, as a ``ValueError('key: ...')`` that the command
+line reports as a config error. Only local paths are looked at: ``s3://``, ``pipe:`` and
+other remote shard URLs are read (and their faults handled) by the data pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["DataPath", "check_data_paths", "check_shard_urls"]
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """A local path a run reads: ``key`` sets it, ``expected`` says what belongs there.
+    ``kind``: ``dir`` or ``file``; ``holds``: a glob at least one entry of the folder must
+    match (``*/``: a sub-folder), described by ``holds_desc`` when none does."""
+
+    key: str
+    path: Path
+    expected: str
+    kind: str = "dir"
+    holds: str = ""
+    holds_desc: str = ""
+
+
+def _problem(p: DataPath) -> str | None:
+    """What is wrong with ``p`` (None: nothing)."""
+    if not p.path.exists():
+        return "not found"
+    if p.kind == "dir" and not p.path.is_dir():
+        return "is not a folder"
+    if p.kind == "file" and not p.path.is_file():
+        return "is not a file"
+    if p.holds and not _holds(p.path, p.holds):
+        return p.holds_desc or f"holds nothing matching {p.holds}"
+    return None
+
+
+def _holds(folder: Path, pattern: str) -> bool:
+    """Whether ``folder`` holds an entry matching ``pattern`` (stops at the first one: an
+    ImageNet folder is not listed in full)."""
+    if pattern == "*/":  # Path.glob returns files too for a trailing slash before 3.11
+        with os.scandir(folder) as entries:
+            return any(e.is_dir() for e in entries)
+    return next(iter(folder.glob(pattern)), None) is not None
+
+
+def check_data_paths(paths: Iterable[DataPath]) -> None:
+    """Refuse the first of ``paths`` that is missing or not what its reader expects:
+    ``ValueError('key: PATH not found (expected ...)')``."""
+    for p in paths:
+        problem = _problem(p)
+        if problem is not None:
+            raise ValueError(f"{p.key}: {p.path} {problem} (expected {p.expected})")
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a local shard URL names (a plain path or ``file:``), None for a remote one."""
+    from data.storage import is_remote
+
+    if is_remote(url):
+        return None
+    return Path(urlsplit(url).path if url.startswith("file:") else url)
+
+
+def check_shard_urls(key: str, urls: list[str]) -> None:
+    """Refuse, for the shard list ``key`` (``data.train_urls`` ...), a local ``.txt`` list
+    that does not exist and a local shard pattern none of whose shards exists (a wrong
+    folder or name). Single missing shards of a pattern are the data pipeline's to skip
+    and count, as for any shard; remote URLs are not looked at."""
+    import braceexpand
+
+    for item in urls:
+        for part in (p.strip() for p in item.split("::")):
+            if not part or _local_path(part) is None:
+                continue
+            if part.endswith(".txt"):
+                path = _local_path(part)
+                check_data_paths([DataPath(key, path, "a shard list file, one shard URL per "
+                                           "line", kind="file")])
+                check_shard_urls(key, _list_lines(path))
+                continue
+            shards = [_local_path(u) for u in braceexpand.braceexpand(part)]
+            if not any(s.is_file() for s in shards):
+                what = f"none of its {len(shards)} shards exists" if len(shards) > 1 else \
+                    "no such file"
+                raise ValueError(f"{key}: {part} not found (expected local webdataset .tar "
+                                 f"shards; {what})")
+
+
+def _list_lines(path: Path) -> list[str]:
+    """The shard URLs a ``.txt`` list holds (as ``data.sources.expand_urls`` reads it)."""
+    text = path.read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
