@@ -24,7 +24,7 @@ unit of those epochs is read exactly once across the change:
 ``unread_bytes`` of a damaged shard: :data:`data.stats.MET_EVENTS`) the new slots count
 again as they read the same shards. A resume on the same slot count mutes
 its re-read of the block; the new slots cannot tell the block's samples from the rest of
-their shards, so the skips each old worker's state says its block met
+their shards, so the skips (and unread bytes) each old worker's state says its block met
 (:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
 (:func:`resized_state`), to be counted once more by the re-read: totals end up those of a
 run that never changed its slot count. Nothing of it goes to the new slots' positions.
@@ -387,8 +387,8 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                         out.ahead, out.epoch + 1, out.epoch, out.epoch, out.epoch + 1)
         log.warning("data: %d samples repeated across the change (handed out from the old "
                     "workers' current shuffle blocks, which are read again; their skips "
-                    "%s are taken out of the totals, to be counted again)", out.repeated,
-                    out.recounted)
+                    "and unread bytes %s are taken out of the totals, to be counted again)",
+                    out.repeated, out.recounted)
     positions = {w: out.positions[rank * workers + w] for w in range(workers)}
     stats: dict[str, Any] = {}
     if rank == 0:

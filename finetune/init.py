@@ -50,7 +50,11 @@ def check_init_backbone(src: str | Path, variant: str, arch: dict) -> None:
     variant or architecture differs from the model's, from its metadata alone (no tensor
     read). A source that records none (a released ``.pth``) is checked by its shapes when
     :func:`load_init` loads it."""
-    check_variant(read_metadata(src), variant, arch, src)
+    try:
+        meta = read_metadata(src)
+    except ValueError as err:  # its own record is at fault, not this run's config
+        raise CheckpointError(f"{src}: cannot tell which backbone it holds: {err}") from None
+    check_variant(meta, variant, arch, src)
 
 
 def _seq(v):

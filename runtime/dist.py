@@ -84,7 +84,7 @@ def cuda_device_for_task(local_rank: int, local_world_size: int | None, visible:
     tasks = max(local_world_size or 0, local_rank + 1)
     if visible >= tasks:
         return local_rank
-    if unbound:
+    if unbound and visible:  # (none visible: the general message below)
         raise DeviceBindingError(
             f"task LOCAL_RANK={local_rank} of {tasks} started by torchrun sees {visible} "
             f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}), "

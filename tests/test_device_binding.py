@@ -62,6 +62,9 @@ def test_torchrun_processes_sharing_one_gpu_are_refused():
         cuda_device_for_task(1, 2, 1, unbound=True)
     assert cuda_device_for_task(1, 2, 2, unbound=True) == 1  # one GPU each: GPU LOCAL_RANK
     assert cuda_device_for_task(0, 1, 1, unbound=True) == 0  # a lone process
+    with pytest.raises(DeviceBindingError) as err:  # none at all: not a launcher matter
+        cuda_device_for_task(0, 1, 0, unbound=True)
+    assert "sees 0 GPU" in str(err.value) and "--nproc_per_node" not in str(err.value)
 
 
 class _FakeNode:

@@ -149,6 +149,41 @@ def test_an_init_of_another_variant_is_refused_before_the_run_dir_is_made(task, 
                    "checkpoint's variant")
 
 
+def test_an_init_whose_own_record_is_unreadable_is_named_as_the_fault(tmp_path, capsys):
+    """A run dir given as --init whose config.yaml names a model we do not know: the
+    refusal names the init source (the user's own model.name is fine)."""
+    init = tmp_path / "initrun"
+    (init / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (init / "checkpoints" / "step_0000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (init / "checkpoints" / "latest").write_text("step_0000001")
+    (init / "config.yaml").write_text("model:\n  name: internimage_t_custom\n")
+    err = _refusal(capsys, "classification", tmp_path / "run", "--init", str(init))
+    assert err.startswith(f"internimage finetune: config error: init: {init}")
+    assert "cannot tell which backbone it holds" in err and "internimage_t_custom" in err
+
+
+def test_a_refused_start_removes_the_folders_it_made_and_keeps_the_users():
+    """What a refused fresh start removes: the run folder and the parents the start made
+    (--output-dir nest/a/run), while they are empty; never a folder that was there."""
+    import tempfile
+
+    from launch.commands.finetune import _first_missing, _remove_empty_up_to
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keep = Path(tmp) / "keep"
+        keep.mkdir()
+        out = keep / "a" / "run"
+        top = _first_missing(out)
+        assert top == keep / "a" and _first_missing(keep) is None
+        out.mkdir(parents=True)
+        _remove_empty_up_to(out, top)
+        assert keep.is_dir() and not (keep / "a").exists()
+        out.mkdir(parents=True)
+        (keep / "a" / "user.txt").write_text("x")  # a file appeared beside it: kept
+        _remove_empty_up_to(out, top)
+        assert not out.exists() and (keep / "a" / "user.txt").is_file()
+
+
 @pytest.mark.slow
 def test_an_init_that_does_not_fit_leaves_no_config(cache, tmp_path):
     """A released-layout .pth records no variant: its shapes refuse it once the model is
@@ -161,11 +196,11 @@ def test_an_init_that_does_not_fit_leaves_no_config(cache, tmp_path):
     init = tmp_path / "wide.pth"
     torch.save(build_model("internimage_t", num_classes=0, channels=32, depths=(1, 1, 2, 1),
                            groups=(2, 4, 8, 16)).state_dict(), init)
-    out = tmp_path / "run"
+    out = tmp_path / "nest" / "a" / "run"  # folders the start makes, parents too
     proc = run_forked([sys.executable, "-m", "launch.cli", "finetune", "classification",
                        "--output-dir", str(out), "--init", str(init), "run.num_workers=0",
                        "run.threads=1", "run.progress=false", "run.tensorboard=false",
                        f"data.cache_dir={cache}"], cache, check=False)
     assert proc.returncode == 2 and "does not fit internimage_t" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not out.exists()
+    assert not (tmp_path / "nest").exists()

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         check_init(cfg.init)
     check_start(mod, train_cfg)
     is_main = os.environ.get("RANK", "0") == "0"
-    created = not out.exists()
+    created = _first_missing(out)  # the outermost folder this start creates (None: none)
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(out, lambda path: dump_config(cfg, path))
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         if is_main:
             discard_config(out)
-            if created:  # a refused fresh start leaves no run directory behind either
-                _remove_if_empty(out)
+            if created is not None:  # a refused fresh start leaves no folder behind either
+                _remove_empty_up_to(out, created)
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
@@ -126,11 +126,25 @@ def check_start(mod, cfg) -> None:
         raise ConfigError(f"init: {err}") from None
 
 
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:  # not empty (another rank's files, a user's): left as it is
-        pass
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None: it exists)."""
+    path, top = path.absolute(), None
+    while not path.exists():
+        path, top = path.parent, path
+    return top
+
+
+def _remove_empty_up_to(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty."""
+    path = path.absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another rank's files, a user's): left as it is
+            return
+        if path == top:
+            return
+        path = path.parent
 
 
 def check_init(init: str | None) -> None:
