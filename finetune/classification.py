@@ -147,13 +147,15 @@ class ClassificationConfig:
 def check_start(cfg: ClassificationConfig) -> None:
     """What a run refuses before anything is built: data its readers would not find (a
     ``ValueError`` naming the key) and an ``init`` recording another backbone (a
-    ``CheckpointError``)."""
+    ``CheckpointError``).
+    The init first: ``internimage submit`` refuses it but only warns about data (which
+    the compute nodes may see where the login node does not)"""
     from finetune.cls_data import check_data
     from finetune.init import check_init_backbone
 
-    check_data(cfg)
     if cfg.init:
         check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+    check_data(cfg)
 
 
 def dry_run(cfg: ClassificationConfig) -> int:

@@ -100,13 +100,15 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
 def check_start(cfg: SegmentationConfig) -> None:
     """What a run refuses before anything is built: data folders that are missing (a
     ``ValueError`` naming the key) and a backbone ``init`` recording another backbone (a
-    ``CheckpointError``; a whole segmenter's init is checked when it is loaded)."""
+    ``CheckpointError``; a whole segmenter's init is checked when it is loaded).
+    The init first: ``internimage submit`` refuses it but only warns about data (which
+    the compute nodes may see where the login node does not)"""
     from finetune.init import check_init_backbone
     from finetune.seg_data import check_data
 
-    check_data(cfg)
     if cfg.init and not is_segmenter_checkpoint(cfg.init):
         check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+    check_data(cfg)
 
 
 def dry_run(cfg: SegmentationConfig) -> int:

@@ -185,6 +185,33 @@ def test_finetune_init_is_not_needed_when_the_job_resumes_its_own_run(no_sbatch,
     assert "# each task runs: internimage finetune" in capsys.readouterr().out
 
 
+def test_finetune_init_of_another_backbone_is_refused_and_missing_data_warned_at_submit(
+        no_sbatch, tmp_path, capsys):
+    """What the job would refuse at its start: an --init recording another backbone is
+    refused before sbatch; a dataset the login node does not see is only a warning (the
+    compute nodes may see it, e.g. staged by the profile's setup), naming key and path."""
+    import torch
+    from safetensors.torch import save_file
+
+    init = tmp_path / "internimage_s.safetensors"
+    save_file({"patch_embed.conv1.weight": torch.zeros(1)}, str(init),
+              metadata={"variant": "internimage_s"})
+    status = main(["submit", "--folder", str(tmp_path / "logs"), "finetune", "classification",
+                   "--output-dir", str(tmp_path / "ft"), "--init", str(init),
+                   "data.kind=imagefolder", f"data.root={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert status == 2 and not no_sbatch.exists(), err
+    assert err.startswith(f"internimage submit: config error: init: {init} holds an "
+                          "internimage_s backbone but this run builds internimage_t")
+    assert main(["submit", "--dry-run", "finetune", "classification", "--output-dir",
+                 str(tmp_path / "ft"), "data.kind=imagefolder",
+                 f"data.root={tmp_path / 'nowhere'}"]) == 0
+    err = capsys.readouterr().err
+    assert (f"internimage submit: warning: data.root: {tmp_path / 'nowhere'} not found "
+            "(expected an image folder holding train/ and val/") in err
+    assert "unless its nodes see it" in err
+
+
 # --------------------------------------------------------------------- resources
 def test_more_tasks_per_node_than_gpus_is_refused_naming_both(tmp_path, capsys):
     assert main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4",

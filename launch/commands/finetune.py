@@ -112,16 +112,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_start(mod, cfg) -> None:
-    """The task's own checks of a start, before anything is built or written: its data
-    paths (a missing dataset root: ``data.root: PATH not found (expected ...)``) and the
-    backbone its ``init`` records; refused as a ``ConfigError`` (one line, no traceback)."""
+def check_start(mod, cfg, missing_data: str = "refuse") -> None:
+    """The task's own checks of a start, before anything is built or written: the backbone
+    its ``init`` records, then its data paths (a missing dataset root: ``data.root: PATH
+    not found (expected ...)``); refused as a ``ConfigError`` (one line, no traceback).
+    ``missing_data="warn"`` (at submit, on a login node that may not see the compute
+    nodes' data): missing data is a warning on stderr instead."""
     from models import CheckpointError
 
     try:
         mod.check_start(cfg)
     except ValueError as err:  # names its key, as the config's own checks
-        raise ConfigError(str(err)) from None
+        if missing_data != "warn":
+            raise ConfigError(str(err)) from None
+        print(f"internimage submit: warning: {err}, on this machine: the job fails at its "
+              "start unless its nodes see it", file=sys.stderr, flush=True)
     except CheckpointError as err:
         raise ConfigError(f"init: {err}") from None
 
