@@ -22,6 +22,9 @@ METRICS_FILE = "metrics.jsonl"
 _BLOCK = 1 << 16  # bytes read at a time when looking for the cut from the end
 
 
+LOG_FILE_BAR_S = 60.0  # seconds between progress-bar redraws when stderr is not a terminal
+
+
 def _lines_backwards(f, end: int):
     """(offset, bytes) of each line of the binary file ``f`` up to offset ``end``, the
     last first; a line keeps its newline (the last one may have none)."""
@@ -136,10 +139,15 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
                                         purge_step=start_step + 1)
         if progress:
+            import sys
+
             from tqdm import tqdm
 
+            # into a job's log file (not a terminal) each redraw is kept: at tqdm's 0.1 s
+            # one per step, ~100 MB over a 800k-step run; there once a minute is plenty
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True,
+                            mininterval=0.1 if sys.stderr.isatty() else LOG_FILE_BAR_S)
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
         """Record ``values`` for ``step`` (jsonl line and TensorBoard scalars); returns the
@@ -154,9 +162,9 @@ class MetricsLogger:
         """Advance the bar to ``step``; ``postfix``: what it shows beside (loss, img/s)."""
         if self.bar is None:
             return
+        if postfix:  # shown at the next redraw (refreshing here would redraw every step)
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
-        if postfix:
-            self.bar.set_postfix(postfix)
 
     def flush(self) -> None:
         """Put the TensorBoard events written so far on disk (the writer buffers them):
