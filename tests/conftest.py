@@ -31,6 +31,16 @@ if not _has_cuda():
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
 
 
+def pytest_configure(config):
+    """Keep the file order of `_heavy_files_first` under `make test` (``-n 2 --dist
+    loadfile``): pytest-xdist (3.x, ``--loadscope-reorder``, on by default) would otherwise
+    hand out files by their number of tests, most first, so that a long file of few tests
+    (the SLURM files, the Triton backend run) came among the last and one worker ran it
+    alone at the end. Set here, in the controller, which loads this file too."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     """Run heavy test files first; skip `gpu`-marked tests with a clear reason where no
     CUDA device exists."""
