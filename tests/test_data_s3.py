@@ -17,7 +17,6 @@ from data.config import S3Config
 from data.sources import read_shard
 from data.stats import DataStats, SkipCounter
 from pretrain.data import DataConfig, SourceConfig, build_loader
-from tests.pretrain_utils import REPO
 
 pytestmark = pytest.mark.s3
 
@@ -211,7 +210,7 @@ def test_resume_from_state_over_s3_gives_the_same_following_batches(server, shar
 
 @pytest.mark.distributed
 def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
-        server, tmp_path_factory):
+        server, cache, tmp_path_factory, monkeypatch):
     # Issue #14, "Done means": 2-rank pre-training killed and resumed against the real S3
     # server gives the same loss at every step. The kill is a SIGKILL of every rank at the
     # end of step 5 (INTERNIMAGE_KILL_AFTER_STEP, runtime/preemption.py); the last
@@ -219,34 +218,31 @@ def test_two_rank_pretraining_killed_and_resumed_over_s3_gives_the_same_losses(
     # byte offset over S3, re-reads its shuffle block and computes steps 4 and 5 again. Up
     # to its kill the killed run is the uninterrupted run, so its own steps 4 and 5 are the
     # reference (a separate uninterrupted run would repeat them at the cost of a launch).
-    import subprocess
-
+    # The demo shards come from the suite's shared cache (uploaded, not written again), and
+    # the ranks are forked from tests/rank_launcher.py's forkserver (``run_forked``: the
+    # argv and environment of a torchrun rank, without a fresh interpreter's imports).
     from pretrain.data import demo_source_urls, ensure_demo_shards
     from runtime.preemption import KILL_AFTER_STEP_ENV
-    from tests.pretrain_utils import env, losses, pretrain_cmd
+    from tests.pretrain_utils import losses, pretrain_cmd, run_forked
 
-    cache = tmp_path_factory.mktemp("cache")
     manifest = ensure_demo_shards(cache, image_size=32)
     urls = server.upload("digits", [Path(u) for u in demo_source_urls(manifest, "train")])
     source = {"name": "digits", "urls": urls, "image_key": "jpg", "text_key": "txt",
               "tags_key": "json:tags"}
     args = ["--max-steps", "6", "--checkpoint-every", "3", f"data.sources={json.dumps([source])}",
             f"data.s3.endpoint_url={server.endpoint}", "data.shuffle_buffer=24"]
-
-    def train(out: Path, *extra: str, kill: int | None = None) -> int:
-        child = env(cache) | CREDENTIALS | ({KILL_AFTER_STEP_ENV: str(kill)} if kill else {})
-        proc = subprocess.run(pretrain_cmd(2, out, *args, *extra), env=child, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        if kill is None and proc.returncode != 0:
-            raise AssertionError(proc.stderr[-4000:])
-        return proc.returncode
+    for name, value in CREDENTIALS.items():  # the ranks' environment (tests/pretrain_utils.env)
+        monkeypatch.setenv(name, value)
 
     killed = tmp_path_factory.mktemp("killed")
-    assert train(killed, kill=5) != 0
+    monkeypatch.setenv(KILL_AFTER_STEP_ENV, "5")
+    assert run_forked(pretrain_cmd(2, killed, *args), cache, timeout=120,
+                      check=False).returncode != 0
+    monkeypatch.delenv(KILL_AFTER_STEP_ENV)
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     before = losses(killed)
     assert sorted(before) == [1, 2, 3, 4, 5]
-    train(killed, "--resume", "auto")
+    run_forked(pretrain_cmd(2, killed, *args, "--resume", "auto"), cache, timeout=120)
     after = losses(killed)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5):  # computed before the kill and again after the resume

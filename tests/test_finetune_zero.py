@@ -1,6 +1,9 @@
 """Classification fine-tuning through DeepSpeed ZeRO (CPU, gloo): two ranks under ZeRO-3
 (loss falls, top-1 logged, resume from the DeepSpeed checkpoint, the checkpoint works as
-``--init``), one rank under ZeRO-2, and the per-group lr scaling the engine relies on."""
+``--init``), one rank under ZeRO-2, and the per-group lr scaling the engine relies on.
+The first ZeRO-3 run goes through torchrun; the other runs fork their ranks from
+tests/rank_launcher.py's forkserver (``run_forked``: the same argv and environment, no
+fresh interpreter's imports)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_utils import free_port, run
+from tests.pretrain_utils import free_port, run, run_forked
 
 # whole DeepSpeed training runs (the suite's long files run first, tests/conftest.py)
 pytestmark = pytest.mark.slow
@@ -51,9 +54,11 @@ def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     _logged_evaluation_is_the_checkpoints(evals[0], step_dir, cache)
 
     # resumed without the EMA (not part of what a checkpoint's tensors depend on): the
-    # raw weights' statistics are then synchronised by the training step alone
-    run(_cmd(2, out, cache, *zero3, "run.max_steps=8", "ema.enabled=false", "--resume",
-             "auto"), cache)
+    # raw weights' statistics are then synchronised by the training step alone. The ranks
+    # of this second launch are forked (run_forked: torchrun's argv and environment, no
+    # fresh interpreters); the first one above went through torchrun itself.
+    run_forked(_cmd(2, out, cache, *zero3, "run.max_steps=8", "ema.enabled=false",
+                    "--resume", "auto"), cache)
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # continued after step 6, nothing repeated
     assert (ckpts / "latest").read_text().strip() == "step_0000008"
@@ -111,8 +116,8 @@ def _logged_evaluation_is_the_checkpoints(logged: dict, step_dir: Path, cache: P
 def zero2_run(cache, tmp_path_factory) -> tuple[Path, str]:
     """4 steps of ZeRO-2 (fp32) on one rank, checkpointed at step 4; its stdout."""
     out = tmp_path_factory.mktemp("z2") / "z2"
-    proc = run(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=4",
-                    "run.eval_every=4"), cache)
+    proc = run_forked(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=4",
+                           "run.eval_every=4"), cache)
     return out, proc.stdout
 
 
@@ -155,16 +160,16 @@ def test_a_resume_in_another_zero_layout_or_precision_is_refused_before_compute(
     config = (out / "config.yaml").read_text()
     for change, reason in (("run.zero_stage=3", "saved with ZeRO stage 2, this run has stage 3"),
                            ("run.precision=bf16", "saved by a fp32 engine, this run's is bf16")):
-        proc = run(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=6", change,
-                        "--resume", "auto"), cache, check=False)
+        proc = run_forked(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=6",
+                               change, "--resume", "auto"), cache, check=False)
         assert proc.returncode != 0
         errors = [line for line in proc.stderr.splitlines() if "internimage finetune" in line]
         assert len(errors) == 1 and reason in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert (out / "config.yaml").read_text() == config  # the run's own, untouched
     # stages 1 and 2 write the same files: the run goes on at stage 1
-    run(_cmd(1, out, cache, "run.zero_stage=1", "run.max_steps=5", "run.eval_every=100",
-             "--resume", "auto"), cache)
+    run_forked(_cmd(1, out, cache, "run.zero_stage=1", "run.max_steps=5",
+                    "run.eval_every=100", "--resume", "auto"), cache)
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
 

@@ -1,7 +1,9 @@
 """16-bit pre-training with real processes: 2 gloo ranks, DeepSpeed ZeRO-3 (issue #12
 item 2: bf16, the H recipe's precision, crashed at the first forward with "expected scalar
 type BFloat16 but found Float": DeepSpeed casts parameters, not buffers such as the T..XL
-head's BatchNorm statistics)."""
+head's BatchNorm statistics). The first run goes through torchrun; the others fork their
+ranks from tests/rank_launcher.py's forkserver (``run_forked``: the same argv and
+environment, no fresh interpreter's imports)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import math
 
 import pytest
 
-from tests.pretrain_utils import losses, pretrain_cmd, run
+from tests.pretrain_utils import losses, pretrain_cmd, run, run_forked
 
 pytestmark = [pytest.mark.distributed]
 
@@ -38,8 +40,8 @@ def test_bf16_without_zero_init_casts_the_buffers_too(tmp_path, cache):
     # ZeRO-2 builds the model plainly (fp32 buffers, cast by DeepSpeed's data_types config
     # only); under ZeRO-3, zero.Init builds it in bf16 already.
     out = tmp_path / "bf16_zero2"
-    run(pretrain_cmd(1, out, "--max-steps", "2", "engine.precision=bf16",
-                     "engine.zero_stage=2"), cache)
+    run_forked(pretrain_cmd(1, out, "--max-steps", "2", "engine.precision=bf16",
+                            "engine.zero_stage=2"), cache)
     loss = losses(out)
     assert sorted(loss) == [1, 2] and all(math.isfinite(v) for v in loss.values()), loss
 
@@ -51,8 +53,8 @@ def test_fp16_pretraining_trains_or_is_refused_before_any_compute(tmp_path, cach
     # start keeps every step of this short run.
     scale = tmp_path / "fp16_scale.json"
     scale.write_text('{"fp16": {"initial_scale_power": 8}}')
-    proc = run(pretrain_cmd(2, out, "--max-steps", "6", "engine.precision=fp16",
-                            f"engine.deepspeed_config={scale}"), cache, check=False)
+    proc = run_forked(pretrain_cmd(2, out, "--max-steps", "6", "engine.precision=fp16",
+                                   f"engine.deepspeed_config={scale}"), cache, check=False)
     if _fp16_supported():
         assert proc.returncode == 0, proc.stderr[-3000:]
         _assert_trains(out, 6)

@@ -1,7 +1,7 @@
 """Pre-training resumed on another world size (issue #14: ``--resume`` on a different
 number of ranks works, with DeepSpeed's universal checkpoint for model and optimizer and
-the data re-dealt at shard granularity): ZeRO-3 through torchrun; every ZeRO stage's round
-trip and the epoch plan kept in samples with forked ranks (tests/pretrain_utils.py)."""
+the data re-dealt at shard granularity): ZeRO-3, every ZeRO stage's round trip and the
+epoch plan kept in samples, with forked ranks (tests/pretrain_utils.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.schedules import warmup_cosine
-from tests.pretrain_utils import latest, losses, pretrain_cmd, run, run_forked
+from tests.pretrain_utils import latest, losses, pretrain_cmd, run_forked
 
 pytestmark = [pytest.mark.distributed]
 
@@ -37,12 +37,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_two_rank_zero3_checkpoint_resumes_on_one_rank(tmp_path):
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    run(pretrain_cmd(2, out, "--max-steps", "2", "--checkpoint-every", "2"), cache)
+def test_two_rank_zero3_checkpoint_resumes_on_one_rank(tmp_path, cache):
+    # both runs' ranks forked (run_forked) and the demo shards from the suite's shared cache:
+    # the same argv and environment as torchrun's ranks (2-rank pre-training through
+    # torchrun itself: tests/test_pretrain_precision.py)
+    out = tmp_path / "run"
+    run_forked(pretrain_cmd(2, out, "--max-steps", "2", "--checkpoint-every", "2"), cache)
     dump = tmp_path / "restored.pt"
     args = pretrain_cmd(1, out, "--max-steps", "3", "--resume", "auto")[3:]  # after the -m
-    proc = run([sys.executable, "-c", DUMP_AFTER_RESTORE, str(dump), *args], cache)
+    proc = run_forked([sys.executable, "-c", DUMP_AFTER_RESTORE, str(dump), *args], cache)
     # Model: the weights after loading on 1 rank are the 2 ranks' saved fp32 weights, as
     # DeepSpeed's own consolidation of the ZeRO-3 files gives them (zero_to_fp32), and so
     # are the buffers (the image tower's BatchNorm statistics, rank 0's there), which
