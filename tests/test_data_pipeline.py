@@ -263,10 +263,10 @@ def test_unreadable_shard_is_counted_once_in_a_resampled_stream(tmp_path):
     assert loader.stats.skipped == {"unreadable_shard": 1}
 
 
-def test_demo_shards_feed_the_loader(tmp_path):
+def test_demo_shards_feed_the_loader(cache):
     from pretrain.data import demo_source, demo_tag_vocab, ensure_demo_shards
 
-    manifest = ensure_demo_shards(tmp_path)
+    manifest = ensure_demo_shards(cache)  # the suite's shared demo cache (read only)
     cfg = _cfg([demo_source(manifest, "val")], tag_vocab=demo_tag_vocab(manifest),
                image_size=32, batch_size=64, workers=2)
     loader = build_loader(cfg, 0, 1, train=False)

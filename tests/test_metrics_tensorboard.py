@@ -24,7 +24,7 @@ def _loss_steps(run_dir: Path) -> list[int]:
 
 
 def test_finetuning_writes_tensorboard_and_a_resume_purges_the_steps_past_its_checkpoint(
-        tmp_path):
+        tmp_path, cache):
     """A crash while step 4's checkpoint is written leaves step 4 logged and ``latest`` on
     step 2 (DeepSpeed's ``latest`` names the last complete checkpoint). The resumed run
     logs step 4 again; torch's SummaryWriter docs: with ``purge_step`` T, "any events whose
@@ -37,7 +37,7 @@ def test_finetuning_writes_tensorboard_and_a_resume_purges_the_steps_past_its_ch
     from launch.config import load_config
 
     out = tmp_path / "run"
-    args = [*TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+    args = [*TINY, f"data.cache_dir={cache}"]  # the suite's shared demo cache
     threads = torch.get_num_threads()
     try:
         train(load_config(ClassificationConfig, None, args), out)

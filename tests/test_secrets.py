@@ -86,14 +86,14 @@ def test_dry_runs_print_no_credentials(capsys):
 
 
 @pytest.mark.slow
-def test_pretrain_run_writes_no_credentials(tmp_path):
+def test_pretrain_run_writes_no_credentials(tmp_path, cache):
     """A real run (1 step, a checkpoint): config, metrics, trainer state, DeepSpeed files,
     logs; the checkpoint's config hash is that of the same config without credentials.
     (A fine-tuning run writes its config through the same ``dump_config``, tested above;
     its metrics and ``last.pt`` hold no config.)"""
     out = tmp_path / "run"
     proc = run(pretrain_cmd(1, out, "--max-steps", "1", "--checkpoint-every", "1", *CREDS),
-               tmp_path / "cache")
+               cache)
     assert (out / "checkpoints" / "latest").is_file()
     assert not _leaks(out)
     for value in (KEY, SECRET, TOKEN):

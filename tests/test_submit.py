@@ -90,13 +90,13 @@ def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, 
 
 
 @pytest.mark.distributed
-def test_local_executor_runs_the_same_two_task_job(tmp_path):
+def test_local_executor_runs_the_same_two_task_job(tmp_path, cache):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "submit", "--local", "--tasks-per-node", "2",
          "--folder", str(tmp_path / "logs" / "%j"), "pretrain", "--output-dir", str(run_dir),
          "--max-steps", "3", *TINY],
-        env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=300)
+        env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     job_id = proc.stdout.strip().splitlines()[-1]
     assert sorted(losses(run_dir)) == [1, 2, 3] and latest(run_dir) == "step_0000003"

@@ -121,7 +121,7 @@ def test_an_override_that_would_not_parse_back_the_same_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_path):
+def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_path, cache):
     """The same job through submitit's local executor: it runs, and its run directory
     (`slurm_jobs.jsonl`, config, checkpoints), its folder (pickles, logs) and what submit
     printed hold none of the credentials."""
@@ -130,7 +130,7 @@ def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_p
         [sys.executable, "-m", "launch.cli", "submit", "--local", "--folder",
          str(logs / "%j"), "pretrain", "--output-dir", str(run_dir), "--max-steps", "1",
          *TINY, *SPELLINGS["data mapping"]],
-        env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=300)
+        env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     [start] = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
     assert any(a.startswith("data={s3: {key: null, secret: null") for a in start["argv"])
