@@ -56,13 +56,15 @@ FS_REBUILD_MIN_S = 15.0
 botocore session may ask STS or the metadata service for credentials again)."""
 
 
-def _endpoint(cfg: S3Config) -> str | None:
+def endpoint(cfg: S3Config) -> str | None:
+    """The S3 endpoint a read goes to: the config's, else the AWS environment's; None for
+    the AWS default."""
     return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL")
 
 
 def _fs_cache_key(cfg: S3Config) -> tuple[int, str]:
-    return (os.getpid(), repr((_endpoint(cfg), cfg.key, cfg.secret, cfg.token, cfg.region,
+    return (os.getpid(), repr((endpoint(cfg), cfg.key, cfg.secret, cfg.token, cfg.region,
                                cfg.anon, cfg.connect_timeout, cfg.read_timeout)))
 
 
@@ -90,7 +92,7 @@ def forget_filesystem(cfg: S3Config) -> None:
 
 def s3_filesystem(cfg: S3Config) -> Any:
     """An s3fs filesystem for ``cfg``, one per process (s3fs clients do not survive fork)."""
-    endpoint = _endpoint(cfg)
+    url = endpoint(cfg)
     cache_key = _fs_cache_key(cfg)
     fs = _FS_CACHE.get(cache_key)
     if fs is None:
@@ -101,7 +103,7 @@ def s3_filesystem(cfg: S3Config) -> Any:
             client_kwargs["region_name"] = cfg.region or os.environ["AWS_DEFAULT_REGION"]
         fs = s3fs.S3FileSystem(
             anon=cfg.anon,
-            endpoint_url=endpoint,
+            endpoint_url=url,
             key=cfg.key or None,  # None: botocore reads AWS_ACCESS_KEY_ID & co. itself
             secret=cfg.secret or None,
             token=cfg.token or None,

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.preflight import check_sources_readable
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     DTYPES,
@@ -151,6 +152,9 @@ class Trainer:
                               f"another world size is not supported (its slices are per rank); "
                               f"resume with {self.state['world_size']} ranks")
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
+        # a store that serves no shard of a source ends the run here, before the model is
+        # built, rather than the streams waiting for it for ever (data/preflight.py)
+        check_sources_readable([(s.name, s.urls) for s in self.loader.sources], cfg.data.s3)
         if self.state is not None:
             try:  # the saved data position is a resume check too (a changed shard list)
                 self.loader.load_state_dict([r["data"] for r in self.state["ranks"]])

@@ -387,3 +387,114 @@ def test_refusals_rebuild_the_filesystem_at_most_once_per_bound(monkeypatch):
     assert second is not first  # rebuilt: a new session reads the credentials again
     storage.forget_filesystem(cfg)
     assert storage.s3_filesystem(cfg) is second
+
+
+# -- before the run starts: a store that serves no shard of a source (data/preflight.py) --
+
+def test_a_store_that_cannot_be_reached_is_named_before_the_run_starts(aws_env):
+    # Before: the streams waited "storage unavailable" for ever, the model built and every
+    # GPU idle (a mistyped endpoint on a fresh start is no outage to wait out).
+    from s3_server import free_port
+
+    from data.preflight import check_source_readable
+    from data.shard_schedule import StorageAccessError
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s3 = S3Config(endpoint_url=endpoint, key="k", secret="s", retries=1, backoff=0.05)
+    with _deadline(60), pytest.raises(StorageAccessError) as err:
+        check_source_readable("laion", [f"s3://b/s-{i}.tar" for i in range(9)], s3)
+    text = str(err.value)
+    assert f"data source 'laion': cannot read from the object store at {endpoint}" in text
+    assert "s3://b/s-0.tar" in text and "EndpointConnectionError" in text
+    assert "data.s3.endpoint_url" in text
+
+
+def test_a_source_none_of_whose_shards_exists_is_refused_and_a_few_missing_are_not(
+        server, shard_files, aws_env):
+    from data.preflight import check_source_readable
+    from data.shard_schedule import StorageAccessError
+
+    s3 = _fast(server, key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+               secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], auth_grace_s=0.0)
+    present = server.upload("preflight", shard_files[:1])
+    wrong = [f"s3://preflight/wrong-prefix/shard-{i:02d}.tar" for i in range(20)]
+    with pytest.raises(StorageAccessError) as err:
+        check_source_readable("cc12m", wrong, s3)
+    text = str(err.value)
+    assert "data source 'cc12m': none of the 3 shards tried exists" in text
+    assert "wrong-prefix/shard-00.tar" in text and "urls (bucket, prefix" in text
+    # a good list with its first and last shard missing: the middle one opens
+    check_source_readable("cc12m", [wrong[0], *present, wrong[1]], s3)
+
+
+def test_refused_credentials_before_the_run_are_named_after_the_grace_and_rotation_counts(
+        server, shard_files, aws_env, tmp_path, monkeypatch):
+    import data.storage
+    from data.preflight import check_source_readable
+    from data.shard_schedule import StorageAccessError
+
+    urls = server.upload("preflight-auth", shard_files[:1])
+    wrong_secret = "not-the-secret-" + "y" * 24
+    s3 = _fast(server, key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=wrong_secret,
+               auth_grace_s=0.5)
+    start = time.monotonic()
+    with _deadline(60), pytest.raises(StorageAccessError) as err:
+        check_source_readable("yfcc", urls, s3)
+    text = str(err.value)
+    assert time.monotonic() - start >= 0.5  # the grace was given
+    assert "data source 'yfcc': the object store refuses to open its shards" in text
+    assert "SignatureDoesNotMatch" in text and "Refresh the credentials" in text
+    assert wrong_secret not in text
+    # a refresher rotating the shared credentials file within the grace: the run starts
+    monkeypatch.setattr(data.storage, "FS_REBUILD_MIN_S", 0.2)
+    credentials = tmp_path / "credentials"
+    _write_credentials(credentials, "expired-key", "expired-secret")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    seen = _Seen("InvalidAccessKeyId")
+    logging.getLogger("data").addHandler(seen)
+
+    def rotate() -> None:
+        if seen.event.wait(timeout=30):
+            _write_credentials(credentials, CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                               CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+    rotating = S3Config(endpoint_url=server.endpoint, retries=0, backoff=0.05,
+                        max_backoff=0.3, connect_timeout=2, read_timeout=10, auth_grace_s=30.0)
+    # this process may hold a filesystem for these settings from another test, with the
+    # credentials its session found then: start from the expired ones
+    monkeypatch.setattr(data.storage, "_FS_CACHE", {})
+    rotator = threading.Thread(target=rotate, daemon=True)
+    rotator.start()
+    try:
+        with _deadline(60):
+            check_source_readable("yfcc", urls, rotating)
+    finally:
+        logging.getLogger("data").removeHandler(seen)
+    assert seen.event.is_set(), "no probe was refused: the test did not test a rotation"
+
+
+def test_pretraining_over_an_unreachable_store_ends_in_one_line_before_the_model(tmp_path,
+                                                                                cache):
+    """The trainer's path: `internimage pretrain` refuses before building the model (its
+    log never reaches DeepSpeed's engine), exit 2, one line naming the source."""
+    import subprocess
+    import sys
+
+    from s3_server import free_port
+
+    from tests.pretrain_utils import TINY, env
+
+    out = tmp_path / "run"
+    source = '[{name: laion, urls: "s3://bucket/shard-{000..099}.tar", weight: 1}]'
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "pretrain", "--output-dir", str(out), *TINY,
+         "--max-steps", "2", f"data.sources={source}",
+         f"data.s3.endpoint_url=http://127.0.0.1:{free_port()}", "data.s3.retries=0"],
+        env=env(cache) | {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("internimage pretrain: data source 'laion': cannot read from the "
+                           "object store at http://127.0.0.1:"), last
+    assert "Traceback" not in proc.stderr
+    assert "DeepSpeed info" not in proc.stderr and not (out / "checkpoints").exists()

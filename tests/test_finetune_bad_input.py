@@ -204,3 +204,28 @@ def test_an_init_that_does_not_fit_leaves_no_config(cache, tmp_path):
     assert proc.returncode == 2 and "does not fit internimage_t" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "nest").exists()
+
+
+def test_a_streamed_set_on_an_unreachable_store_ends_in_one_line_before_the_model(
+        cache, tmp_path):
+    """Shards on an object store nothing answers for (a mistyped endpoint): the start is
+    refused before the model is built (data/preflight.py; before, the readers waited for
+    the store for ever), exit 2, one line naming the set, and no run directory left."""
+    from s3_server import free_port
+
+    out = tmp_path / "run"
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    proc = run_forked([sys.executable, "-m", "launch.cli", "finetune", "classification",
+                       "--output-dir", str(out), "data.kind=stream",
+                       'data.train_urls=["s3://imagenet/train-{0000..0099}.tar"]',
+                       'data.val_urls=["s3://imagenet/val-{0000..0009}.tar"]',
+                       "data.train_samples=64", f"data.s3.endpoint_url={endpoint}",
+                       "data.s3.retries=0", "data.s3.key=k", "data.s3.secret=s",
+                       "run.num_workers=0", "run.progress=false",
+                       "run.tensorboard=false"], cache, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("internimage finetune: data source 'train': cannot read from the "
+                           f"object store at {endpoint}"), last
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         check_init(cfg.init)
         return mod.dry_run(cfg)
+    from data.shard_schedule import StorageAccessError
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
     from runtime.checkpoint import discard_config, stage_config
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except CheckpointError as err:
+    except (CheckpointError, StorageAccessError) as err:  # a refused start: one line
         if is_main:
             discard_config(out)
             if created is not None:  # a refused fresh start leaves no folder behind either

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
         print(json.dumps(plan(cfg, gpus), indent=2))
         return 0
+    from data.shard_schedule import StorageAccessError
     from models import CheckpointError
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)
-    except CheckpointError as err:  # a refused resume: one line, as finetune and convert
+    except (CheckpointError, StorageAccessError) as err:
+        # a refused resume, or a store its data cannot be read from: one line, as finetune
         if is_main:
             discard_config(run_dir)
         print(f"internimage pretrain: {err}", file=sys.stderr)
