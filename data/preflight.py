@@ -7,7 +7,9 @@ prefix that is not there, credentials the store rejects. Every GPU of the run wo
 idle behind "storage unavailable" warnings, and a SLURM job would requeue into the same.
 So each rank opens a few shards of every remote source once, before the model is built
 (:func:`check_sources_readable`), and a store that cannot serve any of them ends the run
-with one message naming the source, the store's answer and what to check.
+with one message naming the source, the store's answer and what to check. A resumed run
+(a requeued job) has been served by its store: one that does not answer then is an outage
+and is waited out as mid-run; a missing source or refused credentials still end it.
 
 Cost: at most :data:`PROBES_PER_SOURCE` opens (a HEAD each, through the shard reader and
 its ``s3.retries``) per source and rank, the first success ending a source's probes: at
@@ -47,11 +49,12 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {redact_url(str(err))[:300]}"
 
 
-def _probe(name: str, probes: list[str], s3: S3Config
+def _probe(name: str, probes: list[str], s3: S3Config, resumed: bool
            ) -> tuple[list[tuple[str, StoreRefusedError]], list[tuple[str, BaseException]]]:
     """Open ``probes`` in turn until one opens: ([], []) then; else the refusals and the
     missing ones. A failure that is neither (the store does not answer through
-    ``s3.retries``) raises :class:`StorageAccessError` at once: a store-wide matter."""
+    ``s3.retries``) raises :class:`StorageAccessError` at once, a store-wide matter; when
+    ``resumed``, it is logged and ([], []) returned: the streams wait for the store."""
     refusals: list[tuple[str, StoreRefusedError]] = []
     missing: list[tuple[str, BaseException]] = []
     for url in probes:
@@ -61,6 +64,10 @@ def _probe(name: str, probes: list[str], s3: S3Config
         except StoreRefusedError as err:  # maybe this object only: try the others
             refusals.append((url, err))
         except Exception as err:  # noqa: BLE001 - every failure is reported
+            if not is_missing(err) and resumed:
+                log.warning("data source %r: the object store does not answer (%s); a "
+                            "resumed run waits for it", name, _describe(err))
+                return [], []
             if not is_missing(err):
                 raise StorageAccessError(
                     f"data source {name!r}: cannot read from the object store at "
@@ -75,19 +82,22 @@ def _probe(name: str, probes: list[str], s3: S3Config
 
 
 def check_source_readable(name: str, urls: Sequence[str], s3: S3Config,
+                          resumed: bool = False,
                           clock: Callable[[], float] = time.monotonic,
                           sleep: Callable[[float], None] = time.sleep) -> None:
     """Raise :class:`StorageAccessError` when none of a few of ``urls``' ``s3://`` shards
     can be opened: the store cannot be reached, does not hold them, or refuses them. As for
     a running stream, refusals are retried for ``s3.auth_grace_s`` (each retry reads the
-    credentials again: a refresher may be about to rotate them)."""
+    credentials again: a refresher may be about to rotate them). ``resumed``: the run
+    continues a checkpoint, so its store has served it: one that does not answer is an
+    outage, waited out as mid-run (a requeued job must not end for it), not a mistake."""
     remote = [u for u in urls if u.startswith("s3://")]
     if not remote:
         return
     probes = _spread(remote, PROBES_PER_SOURCE)
     deadline = clock() + s3.auth_grace_s
     while True:
-        refusals, missing = _probe(name, probes, s3)
+        refusals, missing = _probe(name, probes, s3, resumed)
         if not refusals and not missing:
             return
         if not refusals or clock() >= deadline:
@@ -111,8 +121,8 @@ def check_source_readable(name: str, urls: Sequence[str], s3: S3Config,
         f"Check the source's urls (bucket, prefix, brace range)")
 
 
-def check_sources_readable(sources: Sequence[tuple[str, Sequence[str]]],
-                           s3: S3Config) -> None:
+def check_sources_readable(sources: Sequence[tuple[str, Sequence[str]]], s3: S3Config,
+                           resumed: bool = False) -> None:
     """:func:`check_source_readable` for every ``(name, expanded urls)`` source."""
     for name, urls in sources:
-        check_source_readable(name, urls, s3)
+        check_source_readable(name, urls, s3, resumed)

@@ -152,8 +152,9 @@ def check_data(cfg) -> None:
         check_shard_urls("data.val_urls", d.val_urls)
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets for ``cfg.data.kind``."""
+def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for ``cfg.data.kind``; ``resumed``: the run continues a
+    checkpoint (a remote store that does not answer is then waited for)."""
     d = cfg.data
     train_tf, val_tf = build_transforms(cfg, True), build_transforms(cfg, False)
     if d.kind == "imagefolder":
@@ -169,7 +170,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     # a store that serves no shard of either set ends the run here, before the model is
     # built, not in a reader waiting for it (data/preflight.py; local paths: check_data)
     check_sources_readable([("train", expand_urls(d.train_urls, d.s3)),
-                            ("val", expand_urls(d.val_urls, d.s3))], d.s3)
+                            ("val", expand_urls(d.val_urls, d.s3))], d.s3, resumed)
     val = ShardDataset(d.val_urls, val_tf, d.s3, num_classes=n)
     if d.kind == "stream":
         from finetune.cls_stream import StreamingShards

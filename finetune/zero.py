@@ -182,7 +182,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
                                          * d.world_size)

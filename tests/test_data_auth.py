@@ -407,6 +407,11 @@ def test_a_store_that_cannot_be_reached_is_named_before_the_run_starts(aws_env):
     assert f"data source 'laion': cannot read from the object store at {endpoint}" in text
     assert "s3://b/s-0.tar" in text and "EndpointConnectionError" in text
     assert "data.s3.endpoint_url" in text
+    # a resumed run (a requeued job) was served by this store: an outage, waited out by
+    # the streams as mid-run, not a reason to end the job
+    with _deadline(60):
+        check_source_readable("laion", [f"s3://b/s-{i}.tar" for i in range(9)], s3,
+                              resumed=True)
 
 
 def test_a_source_none_of_whose_shards_exists_is_refused_and_a_few_missing_are_not(
