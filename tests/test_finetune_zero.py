@@ -57,10 +57,13 @@ def test_zero3_two_ranks_train_eval_resume_init(cache, tmp_path):
     # raw weights' statistics are then synchronised by the training step alone. The ranks
     # of this second launch are forked (run_forked: torchrun's argv and environment, no
     # fresh interpreters); the first one above went through torchrun itself.
-    run_forked(_cmd(2, out, cache, *zero3, "run.max_steps=8", "ema.enabled=false",
-                    "--resume", "auto"), cache)
+    proc = run_forked(_cmd(2, out, cache, *zero3, "run.max_steps=8", "ema.enabled=false",
+                           "--resume", "auto"), cache)
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # continued after step 6, nothing repeated
+    # and from the checkpoint: a restart from step 0 would log the same rows (the file is
+    # cut back to the checkpoint's step, and the rerun is deterministic)
+    assert "step_0000006 at step 6" in proc.stderr, proc.stderr[-3000:]  # "resumed from"
     assert (ckpts / "latest").read_text().strip() == "step_0000008"
     evals = [r for r in _records(out) if "top1" in r]
     assert [r["step"] for r in evals] == [6, 8] and "top1_ema" not in evals[1]
