@@ -50,18 +50,20 @@ def expand_urls(urls: list[str] | str, s3: S3Config | None = None) -> list[str]:
     as in webdataset), or a path/URL ending in ``.txt`` listing shard URLs (one per line,
     ``#`` comments allowed; lines may use braces too).
     """
-    items = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
-    for item in items:
-        for part in item.split("::"):
-            part = part.strip()
-            if not part:
-                continue
-            if part.endswith(".txt"):
-                out.extend(expand_urls(_read_list(part, s3 or S3Config()), s3))
-            else:
-                out.extend(braceexpand.braceexpand(part))
+    for part in url_items(urls):
+        if part.endswith(".txt"):
+            out.extend(expand_urls(_read_list(part, s3 or S3Config()), s3))
+        else:
+            out.extend(braceexpand.braceexpand(part))
     return out
+
+
+def url_items(urls: list[str] | str) -> list[str]:
+    """The items of a source's URLs as configured: its patterns and lists, ``::`` joins
+    split, before any expansion."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return [part.strip() for item in items for part in item.split("::") if part.strip()]
 
 
 def _read_list(url: str, s3: S3Config) -> list[str]:

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
-from data.sources import expand_urls
 from runtime.dist import DistInfo, rank_share
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import loader_generator, skip_batches
@@ -33,7 +32,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
                  label_key: str = "cls", num_classes: int | None = None):
-        from data.sources import read_shard
+        from data.sources import expand_urls, read_shard
         from data.stats import SkipCounter
         from finetune.cls_stream import describe_skip, labelled_member
 
@@ -169,8 +168,7 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
                 ShardDataset(val_urls, val_tf, num_classes=n))
     # a store that serves no shard of either set ends the run here, before the model is
     # built, not in a reader waiting for it (data/preflight.py; local paths: check_data)
-    check_sources_readable([("train", expand_urls(d.train_urls, d.s3)),
-                            ("val", expand_urls(d.val_urls, d.s3))], d.s3, resumed)
+    check_sources_readable([("train", d.train_urls), ("val", d.val_urls)], d.s3, resumed)
     val = ShardDataset(d.val_urls, val_tf, d.s3, num_classes=n)
     if d.kind == "stream":
         from finetune.cls_stream import StreamingShards

@@ -151,11 +151,12 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
                               f"another world size is not supported (its slices are per rank); "
                               f"resume with {self.state['world_size']} ranks")
-        self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
-        # a store that serves no shard of a source ends the run here, before the model is
-        # built, rather than the streams waiting for it for ever (data/preflight.py)
-        check_sources_readable([(s.name, s.urls) for s in self.loader.sources], cfg.data.s3,
+        # a store that serves no shard of a source ends the run here, before the shard
+        # lists are read and the model is built, rather than the streams waiting for it
+        # for ever (data/preflight.py)
+        check_sources_readable([(s.name, s.urls) for s in cfg.data.sources], cfg.data.s3,
                                resumed=self.state is not None)
+        self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
             try:  # the saved data position is a resume check too (a changed shard list)
                 self.loader.load_state_dict([r["data"] for r in self.state["ranks"]])

@@ -145,9 +145,10 @@ class MetricsLogger:
 
             # into a job's log file (not a terminal) each redraw is kept: at tqdm's 0.1 s
             # one per step, ~100 MB over a 800k-step run; there once a minute is plenty
+            tty = sys.stderr.isatty()  # (tqdm's monitor redraws after maxinterval too)
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc,
-                            dynamic_ncols=True,
-                            mininterval=0.1 if sys.stderr.isatty() else LOG_FILE_BAR_S)
+                            dynamic_ncols=True, mininterval=0.1 if tty else LOG_FILE_BAR_S,
+                            maxinterval=10.0 if tty else LOG_FILE_BAR_S)
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
         """Record ``values`` for ``step`` (jsonl line and TensorBoard scalars); returns the

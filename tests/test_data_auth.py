@@ -391,7 +391,7 @@ def test_refusals_rebuild_the_filesystem_at_most_once_per_bound(monkeypatch):
 
 # -- before the run starts: a store that serves no shard of a source (data/preflight.py) --
 
-def test_a_store_that_cannot_be_reached_is_named_before_the_run_starts(aws_env):
+def test_a_store_that_cannot_be_reached_is_named_before_the_run_starts(aws_env, monkeypatch):
     # Before: the streams waited "storage unavailable" for ever, the model built and every
     # GPU idle (a mistyped endpoint on a fresh start is no outage to wait out).
     from s3_server import free_port
@@ -399,19 +399,38 @@ def test_a_store_that_cannot_be_reached_is_named_before_the_run_starts(aws_env):
     from data.preflight import check_source_readable
     from data.shard_schedule import StorageAccessError
 
+    monkeypatch.delenv("INTERNIMAGE_REQUEUED", raising=False)
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    s3 = S3Config(endpoint_url=endpoint, key="k", secret="s", retries=1, backoff=0.05)
+    s3 = S3Config(endpoint_url=endpoint, key="k", secret="s", retries=0)
     with _deadline(60), pytest.raises(StorageAccessError) as err:
         check_source_readable("laion", [f"s3://b/s-{i}.tar" for i in range(9)], s3)
     text = str(err.value)
     assert f"data source 'laion': cannot read from the object store at {endpoint}" in text
     assert "s3://b/s-0.tar" in text and "EndpointConnectionError" in text
     assert "data.s3.endpoint_url" in text
-    # a resumed run (a requeued job) was served by this store: an outage, waited out by
-    # the streams as mid-run, not a reason to end the job
-    with _deadline(60):
-        check_source_readable("laion", [f"s3://b/s-{i}.tar" for i in range(9)], s3,
-                              resumed=True)
+    # a source given as a shard list on that store: the list's read is the probe (before,
+    # the loader read it first, outside any check: a traceback)
+    with _deadline(60), pytest.raises(StorageAccessError, match="cannot read from the "
+                                      r"object store .* opening s3://b/train\.txt"):
+        check_source_readable("laion", "s3://b/train.txt", s3)
+    # a resumed run, or a requeued job, was served by this store: an outage, waited for
+    # as the streams would, not a reason to end the job
+    class Waited(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 2:
+            raise Waited
+
+    for resumed, env in ((True, None), (False, "1")):
+        slept: list[float] = []
+        if env:
+            monkeypatch.setenv("INTERNIMAGE_REQUEUED", env)
+        with _deadline(60), pytest.raises(Waited):
+            check_source_readable("laion", ["s3://b/s-{0..8}.tar"], s3, resumed=resumed,
+                                  sleep=sleep)
+        assert slept == [s3.max_backoff] * 2
 
 
 def test_a_source_none_of_whose_shards_exists_is_refused_and_a_few_missing_are_not(
@@ -426,10 +445,16 @@ def test_a_source_none_of_whose_shards_exists_is_refused_and_a_few_missing_are_n
     with pytest.raises(StorageAccessError) as err:
         check_source_readable("cc12m", wrong, s3)
     text = str(err.value)
-    assert "data source 'cc12m': none of the 3 shards tried exists" in text
+    assert ("data source 'cc12m': its first, middle and last shard (of 20) not found"
+            in text)
     assert "wrong-prefix/shard-00.tar" in text and "urls (bucket, prefix" in text
     # a good list with its first and last shard missing: the middle one opens
     check_source_readable("cc12m", [wrong[0], *present, wrong[1]], s3)
+    # a shard list the store does not hold is named as such, before any expansion reads it
+    with pytest.raises(StorageAccessError) as err:
+        check_source_readable("cc12m", ["s3://preflight/lists/train.txt"], s3)
+    assert ("data source 'cc12m': its shard list s3://preflight/lists/train.txt not found"
+            in str(err.value))
 
 
 def test_refused_credentials_before_the_run_are_named_after_the_grace_and_rotation_counts(
@@ -447,7 +472,7 @@ def test_refused_credentials_before_the_run_are_named_after_the_grace_and_rotati
         check_source_readable("yfcc", urls, s3)
     text = str(err.value)
     assert time.monotonic() - start >= 0.5  # the grace was given
-    assert "data source 'yfcc': the object store refuses to open its shards" in text
+    assert "data source 'yfcc': the object store refuses to open its shards (1 of 1" in text
     assert "SignatureDoesNotMatch" in text and "Refresh the credentials" in text
     assert wrong_secret not in text
     # a refresher rotating the shared credentials file within the grace: the run starts

@@ -123,9 +123,12 @@ def check_start(mod, cfg, missing_data: str = "refuse") -> None:
 
     try:
         mod.check_start(cfg)
-    except ValueError as err:  # names its key, as the config's own checks
+    except (ValueError, OSError) as err:  # a ValueError names its key (config checks)
         if missing_data != "warn":
+            if isinstance(err, OSError):
+                raise
             raise ConfigError(str(err)) from None
+        # (an OSError: a path this machine cannot look into, e.g. a folder it may not read)
         print(f"internimage submit: warning: {err}, on this machine: the job fails at its "
               "start unless its nodes see it", file=sys.stderr, flush=True)
     except CheckpointError as err:

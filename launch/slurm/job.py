@@ -152,6 +152,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self._forget_previous_result()
         self._watch_signal()
         argv = resume_argv(self.argv, run_dir) if restarts else self.argv
+        if restarts:  # served by its store before, even without a checkpoint yet: a store
+            # that does not answer at the start is an outage to wait for (data/preflight.py)
+            from data.preflight import REQUEUED_ENV
+
+            os.environ[REQUEUED_ENV] = "1"
         status = self._run_in_thread(argv)
         if status != 0:
             raise RuntimeError(f"`internimage {' '.join(argv)}` exited with status {status} "
