@@ -145,17 +145,11 @@ class ClassificationConfig:
 
 
 def check_start(cfg: ClassificationConfig) -> None:
-    """What a run refuses before anything is built: data its readers would not find (a
-    ``ValueError`` naming the key) and an ``init`` recording another backbone (a
-    ``CheckpointError``).
-    The init first: ``internimage submit`` refuses it but only warns about data (which
-    the compute nodes may see where the login node does not)"""
+    """:func:`finetune.init.start_checks` with this task's data paths."""
     from finetune.cls_data import check_data
-    from finetune.init import check_init_backbone
+    from finetune.init import start_checks
 
-    if cfg.init:
-        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
-    check_data(cfg)
+    start_checks(cfg, check_data)
 
 
 def dry_run(cfg: ClassificationConfig) -> int:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +57,18 @@ def check_init_backbone(src: str | Path, variant: str, arch: dict) -> None:
     except ValueError as err:  # its own record is at fault, not this run's config
         raise CheckpointError(f"{src}: cannot tell which backbone it holds: {err}") from None
     check_variant(meta, variant, arch, src)
+
+
+def start_checks(cfg, check_data: Callable[[Any], None], backbone_init: bool = True) -> None:
+    """What a fine-tuning run refuses before anything is built: an ``init`` recording
+    another backbone than ``cfg.model`` (a ``CheckpointError``; ``backbone_init=False``:
+    the init is not a backbone, checked when it is loaded), then data its readers would not
+    find (``check_data``: a ``ValueError`` naming the key). The init first: ``internimage
+    submit`` refuses it but only warns about data (which the compute nodes may see where
+    the login node does not)."""
+    if cfg.init and backbone_init:
+        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+    check_data(cfg)
 
 
 def _seq(v):

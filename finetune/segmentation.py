@@ -98,17 +98,13 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
 
 
 def check_start(cfg: SegmentationConfig) -> None:
-    """What a run refuses before anything is built: data folders that are missing (a
-    ``ValueError`` naming the key) and a backbone ``init`` recording another backbone (a
-    ``CheckpointError``; a whole segmenter's init is checked when it is loaded).
-    The init first: ``internimage submit`` refuses it but only warns about data (which
-    the compute nodes may see where the login node does not)"""
-    from finetune.init import check_init_backbone
+    """:func:`finetune.init.start_checks` with this task's data paths (a whole segmenter's
+    init is checked when it is loaded)."""
+    from finetune.init import start_checks
     from finetune.seg_data import check_data
 
-    if cfg.init and not is_segmenter_checkpoint(cfg.init):
-        check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
-    check_data(cfg)
+    start_checks(cfg, check_data,
+                 backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)))
 
 
 def dry_run(cfg: SegmentationConfig) -> int:
