@@ -29,7 +29,15 @@ _CTX.set_forkserver_preload(PRELOAD)  # takes effect when the server first start
 
 
 def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str, str],
-               stdout_dir: str | None = None) -> None:
+               stdout_dir: str | None = None, parent_env: dict[str, str] | None = None
+               ) -> None:
+    # the environment a launched process inherits is its launcher's at launch time: the
+    # forkserver's own is the pytest process's when the server started, which may hold a
+    # variable a test had set then (e.g. INTERNIMAGE_KILL_AFTER_STEP: every later rank
+    # SIGKILLed itself at that step)
+    if parent_env is not None:
+        os.environ.clear()
+        os.environ.update(parent_env)
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -59,7 +67,7 @@ def run_ranks(argv: list[str], world: int = 2, env: dict[str, str] | None = None
     env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     port = free_port()
     procs = [_CTX.Process(target=_rank_main, name=f"rank{r}",
-                          args=(r, world, port, list(argv), env, stdout_dir))
+                          args=(r, world, port, list(argv), env, stdout_dir, dict(os.environ)))
              for r in range(world)]
     for p in procs:
         p.start()
