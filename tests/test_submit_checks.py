@@ -212,6 +212,23 @@ def test_finetune_init_of_another_backbone_is_refused_and_missing_data_warned_at
     assert "unless its nodes see it" in err
 
 
+def test_a_data_path_the_login_node_cannot_look_into_is_a_warning_at_submit(
+        monkeypatch, tmp_path, capsys):
+    """A folder the login node may not read (stat raises PermissionError there, not on the
+    compute nodes): a warning, as for a path it does not see, not a traceback."""
+    import finetune.cls_data
+
+    def unreadable(cfg):
+        raise PermissionError(13, "Permission denied", "/datasets/imagenet/train")
+
+    monkeypatch.setattr(finetune.cls_data, "check_data", unreadable)
+    assert main(["submit", "--dry-run", "finetune", "classification", "--output-dir",
+                 str(tmp_path / "ft")]) == 0
+    err = capsys.readouterr().err
+    assert "internimage submit: warning: [Errno 13] Permission denied: " in err
+    assert "unless its nodes see it" in err
+
+
 # --------------------------------------------------------------------- resources
 def test_more_tasks_per_node_than_gpus_is_refused_naming_both(tmp_path, capsys):
     assert main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
