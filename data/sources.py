@@ -66,10 +66,15 @@ def url_items(urls: list[str] | str) -> list[str]:
     return [part.strip() for item in items for part in item.split("::") if part.strip()]
 
 
+def list_lines(text: str) -> list[str]:
+    """The shard URLs a ``.txt`` shard list holds: one per line, ``#`` comments and blank
+    lines skipped."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
 def _read_list(url: str, s3: S3Config) -> list[str]:
     with RetryingReader(url, s3) as reader:
-        text = reader.read().decode("utf-8")
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        return list_lines(reader.read().decode("utf-8"))
 
 
 def stats_sidecar(url: str) -> str | None:

@@ -80,25 +80,20 @@ def check_shard_urls(key: str, urls: list[str]) -> None:
     and count, as for any shard; remote URLs are not looked at."""
     import braceexpand
 
-    for item in urls:
-        for part in (p.strip() for p in item.split("::")):
-            if not part or _local_path(part) is None:
-                continue
-            if part.endswith(".txt"):
-                path = _local_path(part)
-                check_data_paths([DataPath(key, path, "a shard list file, one shard URL per "
-                                           "line", kind="file")])
-                check_shard_urls(key, _list_lines(path))
-                continue
-            shards = [_local_path(u) for u in braceexpand.braceexpand(part)]
-            if not any(s.is_file() for s in shards):
-                what = f"none of its {len(shards)} shards exists" if len(shards) > 1 else \
-                    "no such file"
-                raise ValueError(f"{key}: {part} not found (expected local webdataset .tar "
-                                 f"shards; {what})")
+    from data.sources import list_lines, url_items
 
-
-def _list_lines(path: Path) -> list[str]:
-    """The shard URLs a ``.txt`` list holds (as ``data.sources.expand_urls`` reads it)."""
-    text = path.read_text(encoding="utf-8")
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    for part in url_items(urls):  # the items as data.sources.expand_urls reads them
+        if _local_path(part) is None:
+            continue
+        if part.endswith(".txt"):
+            path = _local_path(part)
+            check_data_paths([DataPath(key, path, "a shard list file, one shard URL per "
+                                       "line", kind="file")])
+            check_shard_urls(key, list_lines(path.read_text(encoding="utf-8")))
+            continue
+        shards = [_local_path(u) for u in braceexpand.braceexpand(part)]
+        if not any(s.is_file() for s in shards):
+            what = f"none of its {len(shards)} shards exists" if len(shards) > 1 else \
+                "no such file"
+            raise ValueError(f"{key}: {part} not found (expected local webdataset .tar "
+                             f"shards; {what})")

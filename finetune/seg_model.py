@@ -41,7 +41,7 @@ def _legacy_segmenter_file(path: str | Path) -> bool:
     if not Path(path).is_file() or Path(path).suffix != ".pt":
         return False
     try:  # mapped, not read: a peek at the keys of a file that may hold GBs of weights
-        state = torch.load(Path(path), map_location="cpu", weights_only=False, mmap=True)
+        state = load_torch_file(Path(path), mmap=True)
     except Exception:  # noqa: BLE001 - not ours: let the backbone loader report on it
         return False
     if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "step" in state):

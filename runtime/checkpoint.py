@@ -82,11 +82,12 @@ def save_torch_file(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_torch_file(path: Path) -> Any:
-    """A file written by :func:`save_torch_file` (the run's own file: trusted)."""
+def load_torch_file(path: Path, mmap: bool = False) -> Any:
+    """A file written by :func:`save_torch_file` (the run's own file: trusted); ``mmap``:
+    its tensors mapped from the file, not read (a peek at a file that may hold GBs)."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:

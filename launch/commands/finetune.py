@@ -85,16 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
-    train_cfg = cfg
-    if resume_dir is not None and cfg.init:
-        # the checkpoint holds every weight; the init source may be gone since (pre-training
-        # pruned that step), and a requeued job must still start
-        log.info("resuming from %s: init %s is not needed, neither checked nor loaded",
-                 resume_dir, cfg.init)
-        train_cfg = dataclasses.replace(cfg, init=None)
-    else:
-        check_init(cfg.init)
-    check_start(mod, train_cfg)
+    train_cfg = checked_start(mod, cfg, resume_dir)
     is_main = os.environ.get("RANK", "0") == "0"
     created = _first_missing(out)  # the outermost folder this start creates (None: none)
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
@@ -113,26 +104,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_start(mod, cfg, missing_data: str = "refuse") -> None:
-    """The task's own checks of a start, before anything is built or written: the backbone
-    its ``init`` records, then its data paths (a missing dataset root: ``data.root: PATH
-    not found (expected ...)``); refused as a ``ConfigError`` (one line, no traceback).
-    ``missing_data="warn"`` (at submit, on a login node that may not see the compute
-    nodes' data): missing data is a warning on stderr instead."""
+def checked_start(mod, cfg, resume_dir: Path | None, missing_data: str = "refuse"):
+    """The config a start of ``mod``'s task trains with, once every check before anything
+    is built or written has passed (``internimage finetune`` and, on the login node,
+    ``internimage submit``): without ``init`` when the run resumes ``resume_dir`` (the
+    checkpoint holds every weight; the init source may be gone since, pre-training pruned
+    that step, and a requeued job must still start), else ``init`` is a checkpoint; then
+    the backbone ``init`` records and the data paths (a missing dataset root:
+    ``data.root: PATH not found (expected ...)``). Refusals are a ``ConfigError`` (one
+    line, no traceback). ``missing_data="warn"`` (at submit, on a login node that may not
+    see the compute nodes' data, or not look into them: an ``OSError``): missing data is a
+    warning on stderr instead."""
     from models import CheckpointError
 
+    if resume_dir is not None and cfg.init:
+        log.info("resuming from %s: init %s is not needed, neither checked nor loaded",
+                 resume_dir, cfg.init)
+        cfg = dataclasses.replace(cfg, init=None)
+    else:
+        check_init(cfg.init)
     try:
         mod.check_start(cfg)
-    except (ValueError, OSError) as err:  # a ValueError names its key (config checks)
-        if missing_data != "warn":
-            if isinstance(err, OSError):
-                raise
-            raise ConfigError(str(err)) from None
-        # (an OSError: a path this machine cannot look into, e.g. a folder it may not read)
-        print(f"internimage submit: warning: {err}, on this machine: the job fails at its "
-              "start unless its nodes see it", file=sys.stderr, flush=True)
     except CheckpointError as err:
         raise ConfigError(f"init: {err}") from None
+    except (ValueError, OSError) as err:  # a ValueError names its key (config checks)
+        if missing_data == "warn":
+            print(f"internimage submit: warning: {err}, on this machine: the job fails at "
+                  "its start unless its nodes see it", file=sys.stderr, flush=True)
+        elif isinstance(err, OSError):
+            raise
+        else:
+            raise ConfigError(str(err)) from None
+    return cfg
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -20,7 +20,6 @@ submitit's local executor.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,16 +232,10 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
     # --resume stays as given: the job then starts afresh, or refuses to over a run
     resume = "auto" if args.resume is None else args.resume
     resume_dir = _check_resume(args.command, resume, run_dir)
-    if args.command == "finetune":
-        from launch.commands.finetune import check_init, check_start, task_entry
+    if args.command == "finetune":  # the job's own start checks (a resumed job's: no init)
+        from launch.commands.finetune import checked_start, task_entry
 
-        # a resumed job neither needs nor checks --init (that pre-training step may be
-        # pruned since): as `internimage finetune`
-        if resume_dir is None:
-            check_init(cfg.init)
-        else:
-            cfg = dataclasses.replace(cfg, init=None)
-        check_start(task_entry(args.task)[1], cfg, missing_data="warn")
+        checked_start(task_entry(args.task)[1], cfg, resume_dir, missing_data="warn")
     argv, env = credentials_to_env(list(job), _secret_keys(args))
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if args.resume is None:
