@@ -155,7 +155,9 @@ def test_torchrun_on_a_one_gpu_node_fails_before_the_process_group(monkeypatch):
 
     node = _FakeNode(monkeypatch, visible=1, local_rank=1, local_world_size=2,
                      cuda_visible_devices=None)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets for its workers
+    # what torchrun sets for its workers (torch/distributed/elastic/agent/server/
+    # local_elastic_agent.py, the workers' environment: TORCHELASTIC_RUN_ID)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(RuntimeError, match="started by torchrun sees 1 GPU"):
         init_distributed()
     assert node.init_calls == [] and node.set_device_calls == []
