@@ -1,9 +1,15 @@
 """Segmentation data: dataset layouts (demo, ADE20K, Cityscapes, Mapillary Vistas,
 COCO-Stuff) and mmsegmentation's training transforms (rescale, crop with
-``cat_max_ratio``, flip, photometric distortion), as the released recipes use them."""
+``cat_max_ratio``, flip, photometric distortion), as the released recipes use them.
+
+Data faults: images without a label file are a config error when the pairs are listed
+(:func:`check_data`, before anything is built); a file that lists but cannot be read is
+replaced by the next readable pair in training (logged, naming it) and ends an
+evaluation, naming it (:class:`SegDataset`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -11,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.data_paths import DataPath, check_data_paths
-from finetune.datasets.base import IGNORE_INDEX
+from finetune.datasets.base import IGNORE_INDEX, UnlabelledImages, UnreadableFile
 from finetune.seg_config import SPLIT_NAMES, SegDataConfig
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 # images stay on the 0..255 scale here (mmseg's recipe), so ImageNet's statistics are too
 MEAN = torch.tensor([255 * m for m in IMAGENET_MEAN]).view(3, 1, 1)
@@ -42,8 +49,9 @@ def _split_pairs(kind: str, root: Path, split: str, cfg: SegDataConfig) -> list[
         from finetune.datasets.cocostuff import cocostuff_pairs
 
         return cocostuff_pairs(root, split)
-    imgs = sorted((root / "images" / split).glob("*.jpg"))
-    return [(p, root / "annotations" / split / (p.stem + ".png"), None) for p in imgs]
+    from finetune.datasets.ade20k import ade20k_pairs
+
+    return ade20k_pairs(root, split)
 
 
 # kind -> (its name, the image folder of a split and the files it holds, the label folder)
@@ -87,26 +95,51 @@ def data_paths(cfg: SegDataConfig) -> list[DataPath]:
 
 
 def check_data(cfg) -> None:
-    """Refuse, before anything is built, a segmentation run's missing data folders (a
-    ``ValueError`` naming the key and the path; ``cfg``: SegmentationConfig)."""
-    check_data_paths(data_paths(cfg.data))
+    """Refuse, before anything is built, a segmentation run's missing data folders, then
+    images without their label file (a ``ValueError`` naming the key and the path;
+    ``cfg``: SegmentationConfig). The pairing lists each image and label folder once
+    (the listing the datasets make again when they are built), never a stat per file."""
+    d = cfg.data
+    check_data_paths(data_paths(d))
+    if d.kind != "demo":  # the demo set is generated, complete, on first use
+        _pairs(d, train=True)
+    if d.eval_kind != "demo":
+        _pairs(d, train=False)
 
 
 def _pairs(cfg: SegDataConfig, train: bool) -> list[tuple[Path, Path, np.ndarray | None]]:
     """The training pairs (every ``train_splits`` split) or the evaluation pairs (the val
-    split of ``val_kind`` / ``val_root`` when set)."""
-    if train:
-        splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
-        return [pair for split in splits
-                for pair in _split_pairs(cfg.kind, Path(cfg.root), split, cfg)]
-    return _split_pairs(cfg.eval_kind, Path(cfg.eval_root), SPLIT_NAMES[cfg.eval_kind][1], cfg)
+    split of ``val_kind`` / ``val_root`` when set); images without a label file are an
+    :class:`UnlabelledImages` naming the config key of their root."""
+    key = "data.root" if train or not cfg.val_root else "data.val_root"
+    try:
+        if train:
+            splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
+            return [pair for split in splits
+                    for pair in _split_pairs(cfg.kind, Path(cfg.root), split, cfg)]
+        return _split_pairs(cfg.eval_kind, Path(cfg.eval_root), SPLIT_NAMES[cfg.eval_kind][1],
+                            cfg)
+    except UnlabelledImages as err:
+        raise UnlabelledImages(f"{key}: {err}") from None
 
 
 class SegDataset(Dataset):
-    """(normalised image, label map with 255 = ignore); train: rescale, crop, flip."""
+    """(normalised image, label map with 255 = ignore); train: rescale, crop, flip.
+
+    A pair whose image or label cannot be read (truncated, not an image; the file is
+    named): in training the next readable pair in index order takes its place, logged
+    with a count of this process's skips, so every batch keeps its size (the ranks step
+    together) and a resume replays the same pairs (no random draw), as the classification
+    sets skip theirs (``finetune.cls_data.SkipUnreadable``); more than ``MAX_TRIES`` in a
+    row end the run. In evaluation it ends the run (:class:`UnreadableFile`): an mIoU
+    over fewer images than the split holds would not be the benchmark's number.
+    """
+
+    MAX_TRIES = 16
 
     def __init__(self, cfg: SegDataConfig, train: bool):
         self.cfg, self.train = cfg, train
+        self.skipped = 0  # unreadable pairs replaced by this process (each worker its own)
         self.pairs = _pairs(cfg, train)
         if not self.pairs:
             kind, where = (cfg.kind, cfg.root) if train else (cfg.eval_kind, cfg.eval_root)
@@ -116,17 +149,32 @@ class SegDataset(Dataset):
         return len(self.pairs)
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from finetune.datasets.base import read_label
+        from finetune.datasets.base import read_image, read_label
 
         img_path, label_path, lut = self.pairs[i]
-        img = torch.from_numpy(np.array(Image.open(img_path).convert("RGB"))).permute(2, 0, 1)
+        img = torch.from_numpy(read_image(img_path)).permute(2, 0, 1)
         label = torch.from_numpy(read_label(label_path, lut))
         if self.cfg.reduce_zero_label:  # ADE20K: 0 is "other", ignored; 1..N -> 0..N-1
             label = torch.where(label == 0, IGNORE_INDEX, label - 1)
         return img.float(), label
 
+    def _readable(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``i`` as read; in training the next readable one where it cannot be read."""
+        if not self.train:
+            return self._load(i)
+        for k in range(self.MAX_TRIES):
+            j = (i + k) % len(self.pairs)
+            try:
+                return self._load(j)
+            except UnreadableFile as err:
+                self.skipped += 1
+                log.warning("data: training pair %d skipped, the next one read instead: %s "
+                            "(%d skipped by this process)", j, err, self.skipped)
+        raise RuntimeError(f"data: {self.MAX_TRIES} consecutive training pairs from index "
+                           f"{i} cannot be read: the set is damaged, see the warnings above")
+
     def __getitem__(self, i: int):
-        img, label = self._load(i)
+        img, label = self._readable(i)
         c = self.cfg
         if self.train:
             ratio = random.uniform(*c.ratio_range)

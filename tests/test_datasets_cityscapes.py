@@ -51,7 +51,10 @@ def test_cityscapes_reads_train_ids_and_maps_label_ids(tmp_path: Path):
 
 def test_cityscapes_missing_label_and_bad_split_fail_clearly(tmp_path: Path):
     _image(tmp_path / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000019_leftImg8bit.png")
-    with pytest.raises(FileNotFoundError, match="no gtFine label"):
+    # a config error (ValueError) naming the count, the label expected and the image
+    with pytest.raises(ValueError, match=r"1 of 1 images .* have no label file \(expected "
+                       r"gtFine/train/<city>/<name>_gtFine_labelTrainIds\.png, or "
+                       r"_gtFine_labelIds\.png; first: ulm/ulm_000000_000019_leftImg8bit\.png\)"):
         CityscapesSegmentation(tmp_path, "train")
     with pytest.raises(ValueError, match="split"):
         CityscapesSegmentation(tmp_path, "training")

@@ -132,6 +132,46 @@ def test_segmentation_names_the_missing_dataset_folder(tmp_path, capsys):
                         "Cityscapes folder holding gtFine/, leftImg8bit/)")
 
 
+def _files(root: Path, *names: str) -> Path:
+    """Empty files under ``root`` (the data checks list folders, they open no file)."""
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    return root
+
+
+def test_segmentation_names_images_without_their_label_file(tmp_path, capsys):
+    """Images whose label file is missing (a partial copy, a cut download) are refused
+    when the dataset is listed, before the model is built: the key, how many of how many,
+    the label path expected and the first ones. Before, ADE20K trained until a DataLoader
+    worker met the image, the other layouts ended in a FileNotFoundError traceback."""
+    out = tmp_path / "run"
+    ade = _files(tmp_path / "ade", "images/training/a.jpg", "annotations/training/a.png",
+                 "images/training/b.jpg", "images/training/c.jpg",
+                 "annotations/training/c.png", "images/validation/v.jpg",
+                 "annotations/validation/v.png")
+    err = _refusal(capsys, "segmentation", out, "data.kind=ade20k", f"data.root={ade}",
+                   "data.num_classes=150")
+    assert err == (f"internimage finetune: config error: data.root: 1 of 3 images in "
+                   f"{ade / 'images' / 'training'} have no label file (expected "
+                   "annotations/training/<name>.png; first: b.jpg)")
+    # the Mapillary stage's evaluation set, Cityscapes val: its own key is named
+    vistas = _files(tmp_path / "vistas", "training/images/m.jpg", "training/labels/m.png",
+                    "validation/images/n.jpg", "validation/labels/n.png")
+    cityscapes = _files(tmp_path / "cityscapes",
+                        "leftImg8bit/val/ulm/ulm_000000_000019_leftImg8bit.png",
+                        "gtFine/val/ulm/ulm_000000_000019_gtFine_labelIds.png",
+                        "leftImg8bit/val/ulm/ulm_000001_000019_leftImg8bit.png")
+    err = _refusal(capsys, "segmentation", out, "data.kind=mapillary", f"data.root={vistas}",
+                   "data.num_classes=19", "data.reduce_zero_label=false",
+                   "data.train_splits=[training,validation]", "data.val_kind=cityscapes",
+                   f"data.val_root={cityscapes}")
+    assert err == (f"internimage finetune: config error: data.val_root: 1 of 2 images in "
+                   f"{cityscapes / 'leftImg8bit' / 'val'} have no label file (expected "
+                   "gtFine/val/<city>/<name>_gtFine_labelTrainIds.png, or _gtFine_labelIds.png; "
+                   "first: ulm/ulm_000001_000019_leftImg8bit.png)")
+
+
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
 def test_an_init_of_another_variant_is_refused_before_the_run_dir_is_made(task, tmp_path,
                                                                          capsys):

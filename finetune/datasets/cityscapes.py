@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import PairedSegmentation, Transform, lookup_table
+from finetune.datasets.base import (
+    PairedSegmentation,
+    Transform,
+    listed_names,
+    lookup_table,
+    refuse_unlabelled,
+)
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -30,23 +36,34 @@ SPLITS = ("train", "val", "test")
 
 
 def cityscapes_pairs(root: str | Path, split: str) -> list[tuple[Path, Path, object]]:
-    """(image, label, lut) triples; lut is None for train-id files, the table for label ids."""
+    """(image, label, lut) triples; lut is None for train-id files, the table for label ids.
+
+    Every image needs its label file (:class:`UnlabelledImages` otherwise, naming how many
+    lack one); each city's label folder is listed once, no file is looked at one by one.
+    """
     if split not in SPLITS:
         raise ValueError(f"cityscapes split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
-    pairs = []
-    for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+    image_dir = root / "leftImg8bit" / split
+    images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+    listed: dict[str, frozenset[str]] = {}  # city -> names in its gtFine folder
+    pairs, unlabelled = [], []
+    for image in images:
+        city = image.parent.name
+        label_dir = root / "gtFine" / split / city
+        if city not in listed:
+            listed[city] = listed_names(label_dir)
         stem = image.name[: -len("_leftImg8bit.png")]
-        label_dir = root / "gtFine" / split / image.parent.name
-        train_ids = label_dir / f"{stem}_gtFine_labelTrainIds.png"
-        if train_ids.is_file():
-            pairs.append((image, train_ids, None))
-            continue
-        label_ids = label_dir / f"{stem}_gtFine_labelIds.png"
-        if not label_ids.is_file():
-            raise FileNotFoundError(f"no gtFine label for {image} (looked for {train_ids.name} "
-                                    f"and {label_ids.name})")
-        pairs.append((image, label_ids, LABEL_ID_LUT))
+        train_ids, label_ids = f"{stem}_gtFine_labelTrainIds.png", f"{stem}_gtFine_labelIds.png"
+        if train_ids in listed[city]:
+            pairs.append((image, label_dir / train_ids, None))
+        elif label_ids in listed[city]:
+            pairs.append((image, label_dir / label_ids, LABEL_ID_LUT))
+        else:
+            unlabelled.append(image)
+    refuse_unlabelled(image_dir, len(images), unlabelled,
+                      f"gtFine/{split}/<city>/<name>_gtFine_labelTrainIds.png, or "
+                      "_gtFine_labelIds.png")
     return pairs
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import lookup_table
+from finetune.datasets.base import listed_names, lookup_table, refuse_unlabelled
 
 # Stored ids 0..181 that no class uses (COCO's 11 unused thing/stuff category ids, minus 1).
 UNUSED_STORED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
@@ -51,20 +51,24 @@ SPLITS = ("train2017", "val2017")
 
 
 def cocostuff_pairs(root: str | Path, split: str) -> list[tuple]:
-    """(image, label, lut) triples of ``split``; a missing label is an error, not a skip."""
+    """(image, label, lut) triples of ``split``; images without a label file are an
+    :class:`UnlabelledImages` error naming how many (one listing of the label folder, no
+    file looked at one by one)."""
     if split not in SPLITS:
         raise ValueError(f"cocostuff split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
-    label_dir = root / "annotations" / split
-    pairs = []
-    for image in sorted((root / "images" / split).glob("*.jpg")):
-        converted = label_dir / f"{image.stem}_labelTrainIds.png"
-        if converted.is_file():
-            pairs.append((image, converted, None))
-            continue
-        raw = label_dir / f"{image.stem}.png"
-        if not raw.is_file():
-            raise FileNotFoundError(f"no COCO-Stuff label for {image} (looked for "
-                                    f"{converted.name} and {raw.name} in {label_dir})")
-        pairs.append((image, raw, STUFFTHINGMAPS_LUT))
+    image_dir, label_dir = root / "images" / split, root / "annotations" / split
+    images = sorted(image_dir.glob("*.jpg"))
+    labels = listed_names(label_dir)
+    pairs, unlabelled = [], []
+    for image in images:
+        converted, raw = f"{image.stem}_labelTrainIds.png", f"{image.stem}.png"
+        if converted in labels:
+            pairs.append((image, label_dir / converted, None))
+        elif raw in labels:
+            pairs.append((image, label_dir / raw, STUFFTHINGMAPS_LUT))
+        else:
+            unlabelled.append(image)
+    refuse_unlabelled(image_dir, len(images), unlabelled,
+                      f"annotations/{split}/<name>_labelTrainIds.png, or <name>.png")
     return pairs

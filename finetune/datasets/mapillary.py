@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.datasets.base import PairedSegmentation, Transform, lookup_table
+from finetune.datasets.base import (
+    PairedSegmentation,
+    Transform,
+    listed_names,
+    lookup_table,
+    refuse_unlabelled,
+)
 from finetune.datasets.cityscapes import CITYSCAPES_CLASSES
 
 VISTAS_V12_CLASSES = (
@@ -114,17 +120,23 @@ def labels_dir(root: str | Path, split: str) -> Path:
 
 
 def mapillary_pairs(root: str | Path, split: str, lut: np.ndarray) -> list[tuple]:
-    """(image, label, lut) triples of ``split``; a missing label is an error, not a skip."""
+    """(image, label, lut) triples of ``split``; images without a label file are an
+    :class:`UnlabelledImages` error naming how many (one listing of the label folder, no
+    file looked at one by one)."""
     if split not in SPLITS:
         raise ValueError(f"mapillary split must be one of {SPLITS}, got {split!r}")
-    base = Path(root) / split
+    image_dir = Path(root) / split / "images"
     label_dir = labels_dir(root, split)
-    pairs = []
-    for image in sorted((base / "images").glob("*.jpg")):
-        label = label_dir / f"{image.stem}.png"
-        if not label.is_file():
-            raise FileNotFoundError(f"no label for {image} (expected {label})")
-        pairs.append((image, label, lut))
+    images = sorted(image_dir.glob("*.jpg"))
+    labels = listed_names(label_dir)
+    pairs, unlabelled = [], []
+    for image in images:
+        if f"{image.stem}.png" in labels:
+            pairs.append((image, label_dir / f"{image.stem}.png", lut))
+        else:
+            unlabelled.append(image)
+    refuse_unlabelled(image_dir, len(images), unlabelled,
+                      f"{label_dir.relative_to(root)}/<name>.png")
     return pairs
 
 
