@@ -265,7 +265,7 @@ def test_cocostuff_stuffthingmaps_map_to_171_train_ids(tmp_path):
     Image.fromarray(np.full((2, 5), 7, np.uint8)).save(
         tmp_path / "annotations" / "val2017" / "1_labelTrainIds.png")
     assert set(SegDataset(cfg.data, False)[0][1].unique().tolist()) == {7}
-    with pytest.raises(FileNotFoundError, match="COCO-Stuff label"):
+    with pytest.raises(ValueError, match="1 of 1 images .* have no label file"):
         SegDataset(cfg.data, True)  # train2017 has an image without a label
 
 
