@@ -12,13 +12,31 @@ what to check. A run that continues a checkpoint, or a requeued job (:data:`REQU
 has been served by its store: one that does not answer then is an outage and is waited
 for here, as the streams would; a missing source or refused credentials still end it.
 
-Cost: each shard list once (the loader reads it again), and at most
-:data:`PROBES_PER_SOURCE` shard opens (a HEAD each, plus a LIST for a missing key; through
-the shard reader and its ``s3.retries``) per source and rank, the first success ending a
-source's probes: at 512 ranks x 3 sources, ~1,500 HEADs at the start of a run, nothing
-afterwards. A shard missing here and there is normal at scale and is skipped and counted
-by the streams; only a source none of whose probed shards exists is refused. Only
-``s3://`` URLs are probed: ``pipe:`` and ``http(s)://`` streams report nothing until read.
+Each part of a source is checked on its own: every brace pattern and every ``.txt`` list
+among its URLs, as configured (a YAML list, or ``::``-joined as in webdataset), must hold a
+shard, so a typo in one part of a mix is named here, not skipped by the streams for ever;
+shards named one by one form one part. A list's own lines, nested lists included, are its
+part's shards; every list is read here under the same rules as the top-level ones.
+
+The ranks agree (``gather``: an all-gather of each rank's outcome, e.g.
+``runtime.dist.all_gather_objects``): a refusal on any rank is raised on every rank,
+naming the failing ranks and their messages, so that every rank's log (rank 0's, which
+``submit --wait`` shows) says why the run ended; :func:`check_sources_readable` reasons
+why that adds neither a deadlock nor a collective timeout.
+
+Cost, per rank: each shard list once (a HEAD and a GET; the loader reads it again), and
+per part at most :data:`PROBES_PER_SOURCE` shard opens (a HEAD each, plus a LIST for a
+missing key; through the shard reader and its ``s3.retries``), the first success ending
+the part's probes. At 512 ranks x 3 sources of one brace pattern each: 1,536 HEADs when
+each part's first shard opens, at most 7,680 requests (5 a part, where only the last of
+its three opens; a refused part ends the check), plus 1,024 per shard list; and one
+all-gather of the outcomes, which torch runs as two collectives (the sizes, then the
+pickled outcomes padded to the largest: a few bytes per rank when all pass, at most
+:data:`MAX_MESSAGE` characters when some fail, so at most ~1 MB received per rank);
+nothing afterwards. A shard missing here and there is normal at scale and is skipped and
+counted by the streams; only a part none of whose probed shards exists is refused. Only
+``s3://`` URLs are probed: ``pipe:`` and ``http(s)://`` streams report nothing until read
+(their ``.txt`` lists, and local ones, are read as the loader reads them).
 """
 
 from __future__ import annotations
@@ -28,20 +46,26 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import braceexpand
+
 from data.config import S3Config
 from data.shard_schedule import COOLDOWN_CAP_S, REFUSAL_CAUSES, StorageAccessError
-from data.sources import expand_urls, url_items
+from data.sources import list_lines, url_items
 from data.storage import RetryingReader, StoreRefusedError, endpoint, is_missing, refused_code
 from runtime.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 PROBES_PER_SOURCE = 3
-"""Shards of a source opened at most: its first, middle and last (a wrong prefix or bucket
-misses all three; a few missing shards of a good list rarely do)."""
+"""Shards of a source's part opened at most: its first, middle and last (a wrong prefix or
+bucket misses all three; a few missing shards of a good list rarely do)."""
 REQUEUED_ENV = "INTERNIMAGE_REQUEUED"
 """Set to ``1`` by the SLURM job wrapper (launch/slurm/job.py) in a requeued job: its run
 may have no checkpoint yet, but its store has served it."""
+MAX_MESSAGE = 2000
+"""Characters of a rank's refusal sent to the others (the messages are a few hundred)."""
+MAX_AGREED = 3
+"""Distinct refusals an agreed error spells out; the ranks of the others are named."""
 
 
 def _spread(urls: Sequence[str], k: int) -> list[str]:
@@ -64,20 +88,21 @@ class _Probe:
         self.name, self.s3, self.resumed = name, s3, resumed
         self.clock, self.sleep = clock, sleep
 
-    def open(self, url: str) -> BaseException | None:
-        """None when ``url`` opens; the refusal or the missing error when it does not. A
-        store that does not answer through ``s3.retries`` ends the run (a fresh start) or
-        is waited for (a resumed run)."""
+    def open(self, url: str, read: bool = False) -> tuple[BaseException | None, bytes]:
+        """(None, the object's bytes when ``read``, else b"") when ``url`` opens; (the
+        refusal or the missing error, b"") when it does not. A store that does not answer
+        through ``s3.retries`` ends the run (a fresh start) or is waited for (a resumed
+        run)."""
         waiting_since = last_warning = None
         while True:
             try:
-                with RetryingReader(url, self.s3):  # opens at once, retrying as reads do
-                    return None
+                with RetryingReader(url, self.s3) as reader:  # opens at once, retrying
+                    return None, reader.read() if read else b""
             except StoreRefusedError as err:
-                return err
+                return err, b""
             except Exception as err:  # noqa: BLE001 - every failure is sorted here
                 if is_missing(err):
-                    return err
+                    return err, b""
                 if not self.resumed:
                     raise StorageAccessError(
                         f"data source {self.name!r}: cannot read from the object store at "
@@ -96,27 +121,30 @@ class _Probe:
                                 _describe(err), now - waiting_since)
                 self.sleep(self.s3.max_backoff)
 
-    def first_open(self, urls: Sequence[str]) -> tuple[list[tuple[str, BaseException]],
-                                                       list[tuple[str, BaseException]]]:
-        """Open ``urls`` in turn until one opens: ([], []) then; else (refusals, missing)."""
+    def first_open(self, urls: Sequence[str], read: bool
+                   ) -> tuple[list[tuple[str, BaseException]], list[tuple[str, BaseException]],
+                              bytes]:
+        """Open ``urls`` in turn until one opens: ([], [], its bytes when ``read``) then;
+        else (refusals, missing, b"")."""
         refusals: list[tuple[str, BaseException]] = []
         missing: list[tuple[str, BaseException]] = []
         for url in urls:
-            err = self.open(url)
+            err, data = self.open(url, read)
             if err is None:
-                return [], []
+                return [], [], data
             (refusals if isinstance(err, StoreRefusedError) else missing).append((url, err))
-        return refusals, missing
+        return refusals, missing, b""
 
-    def require_one(self, urls: Sequence[str], what: str) -> None:
-        """Raise :class:`StorageAccessError` unless one of ``urls`` opens; refusals are
-        retried for ``s3.auth_grace_s`` (each retry reads the credentials again: a
-        refresher may be about to rotate them), as a running stream's."""
+    def require_one(self, urls: Sequence[str], what: str, read: bool = False) -> bytes:
+        """Raise :class:`StorageAccessError` unless one of ``urls`` opens (its bytes when
+        ``read``); refusals are retried for ``s3.auth_grace_s`` (each retry reads the
+        credentials again: a refresher may be about to rotate them), as a running
+        stream's."""
         deadline = self.clock() + self.s3.auth_grace_s
         while True:
-            refusals, missing = self.first_open(urls)
+            refusals, missing, data = self.first_open(urls, read)
             if not refusals and not missing:
-                return
+                return data
             if not refusals or self.clock() >= deadline:
                 break
             log.warning("data source %r: the object store refuses to open %s (%s); trying "
@@ -138,31 +166,151 @@ class _Probe:
             f"data source {self.name!r}: {what} not found ({redact_url(url)}: "
             f"{_describe(err)}). Check the source's urls (bucket, prefix, brace range)")
 
+    def list_urls(self, url: str, parents: tuple[str, ...] = ()) -> list[str]:
+        """The shard URLs the ``.txt`` list ``url`` holds, as ``data.sources.expand_urls``
+        reads them (a line may be a brace pattern, ``::`` joins or another list), each
+        ``s3://`` list opened under :meth:`require_one`'s rules. ``parents``: the lists
+        that led here, to name where a list was listed and to refuse one listing itself
+        (the loader would recurse until Python's recursion limit)."""
+        what = f"its shard list {redact_url(url)}" + (
+            f" (listed in {redact_url(parents[-1])})" if parents else "")
+        if url in parents:
+            raise StorageAccessError(
+                f"data source {self.name!r}: {what} lists itself, through "
+                f"{' -> '.join(redact_url(u) for u in (*parents, url))}. A shard list "
+                "names shards, or other lists that do not lead back to it")
+        if url.startswith("s3://"):
+            text = self.require_one([url], what, read=True)
+        else:  # a local or http(s) list: read as the loader reads it (not probed)
+            with RetryingReader(url, self.s3) as reader:
+                text = reader.read()
+        out: list[str] = []
+        for item in url_items(list_lines(text.decode("utf-8"))):
+            out.extend(self.list_urls(item, (*parents, url)) if item.endswith(".txt")
+                       else braceexpand.braceexpand(item))
+        return out
+
+    def parts(self, urls: list[str] | str) -> list[tuple[str | None, list[str]]]:
+        """(part, its shard URLs) of a source as configured: each brace pattern and each
+        list is a part of its own; the shards named one by one form one part (None)."""
+        parts: list[tuple[str | None, list[str]]] = []
+        single: list[str] = []
+        for item in url_items(urls):
+            shards = (self.list_urls(item) if item.endswith(".txt")
+                      else list(braceexpand.braceexpand(item)))
+            if item.endswith(".txt") or len(shards) > 1:
+                parts.append((item, shards))
+            else:
+                single.extend(shards)
+        return ([(None, single)] if single else []) + parts
+
 
 def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
                           resumed: bool = False,
                           clock: Callable[[], float] = time.monotonic,
                           sleep: Callable[[float], None] = time.sleep) -> None:
     """Raise :class:`StorageAccessError` when a source's ``s3://`` objects cannot be read:
-    one of its ``.txt`` shard lists, or all of a few of its shards (first, middle, last),
-    because the store cannot be reached, does not hold them, or refuses them. ``urls``:
-    the source's URL items as configured (brace patterns, ``::`` joins, ``.txt`` lists).
-    ``resumed``: the run continues a checkpoint (a requeued job counts too): a store that
-    does not answer is waited for instead."""
+    one of its ``.txt`` shard lists (nested ones too), or, for any of its parts (each brace
+    pattern or list; the shards named one by one together), all of a few of its shards
+    (first, middle, last), because the store cannot be reached, does not hold them, or
+    refuses them. ``urls``: the source's URL items as configured (brace patterns, ``::``
+    joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint (a requeued job
+    counts too): a store that does not answer is waited for instead."""
     probe = _Probe(name, s3, resumed or os.environ.get(REQUEUED_ENV) == "1", clock, sleep)
-    for item in url_items(urls):  # the lists first: expanding the source reads them
-        if item.startswith("s3://") and item.endswith(".txt"):
-            probe.require_one([item], f"its shard list {redact_url(item)}")
-    remote = [u for u in expand_urls(urls, s3) if u.startswith("s3://")]
-    if remote:
+    for part, shards in probe.parts(urls):  # the lists first: parts() reads them
+        remote = [u for u in shards if u.startswith("s3://")]
+        if not remote:
+            continue
         probes = _spread(remote, PROBES_PER_SOURCE)
         where = ("its shards" if len(remote) <= len(probes) else
                  f"its first, middle and last shard (of {len(remote)})")
-        probe.require_one(probes, where)
+        probe.require_one(probes, where if part is None else f"{where} in {redact_url(part)}")
 
 
 def check_sources_readable(sources: Sequence[tuple[str, list[str] | str]], s3: S3Config,
-                           resumed: bool = False) -> None:
-    """:func:`check_source_readable` for every ``(name, urls as configured)`` source."""
-    for name, urls in sources:
-        check_source_readable(name, urls, s3, resumed)
+                           resumed: bool = False,
+                           gather: Callable[[str | None], list] | None = None) -> None:
+    """:func:`check_source_readable` for every ``(name, urls as configured)`` source.
+
+    ``gather``: None, each rank decides alone; else the ranks agree: a callable that every
+    rank calls once with its outcome (None, or its refusal's message) and that returns
+    every rank's, in rank order (``runtime.dist.all_gather_objects``): a refusal on any
+    rank is then raised on every rank, as one :class:`StorageAccessError` naming the
+    failing ranks (e.g. ``rank 1 of 2: data source 'laion': ...``); alone (one rank), a
+    refusal is raised as it is. Collective: every rank calls it with such a ``gather``,
+    which each calls once, except a rank that fails in a resumed run: it raises at once,
+    alone, as without ``gather`` (another rank may be waiting for its store; see below).
+    """
+    # Why the agreement neither deadlocks nor adds a collective timeout (the process
+    # group's: DeepSpeed's default 10 min), reasoned for each outcome of a rank:
+    # - it passes: it gathers, waiting for the slowest rank; without the agreement it went
+    #   on to build the model and waited as long in the first collective of the DeepSpeed
+    #   engine's set-up (the callers run nothing collective in between). A rank waiting out
+    #   its store (a resumed run) holds the others in the gather as it held them there,
+    #   under the same timeout.
+    # - it fails on a fresh start: it gathers. No rank of a fresh start waits for its
+    #   store (an unreachable store is refused after s3.retries, refusals after
+    #   s3.auth_grace_s), so the gather ends once every rank's bounded probes have; a
+    #   failure of the gather itself (a rank killed; the timeout, were another rank to
+    #   take the run for resumed and wait) raises this rank's own error.
+    # - it fails in a resumed run: it raises at once, without gathering, as before the
+    #   agreement. Another rank may be waiting there for its store for as long as the
+    #   outage lasts; gathering would hold this rank's refusal that long, up to a
+    #   collective timeout that did not exist before. The ranks that gather then wait, as
+    #   they would have waited in the model's first collective, until the launcher ends
+    #   them (torchrun, srun --kill-on-bad-exit) when this rank exits. A refusal in a
+    #   resumed run (credentials, a source gone) is met by every rank alike in practice,
+    #   and then each log has it anyway.
+    # - anything else (an error that is not a refusal, a signal): it ends its rank alone,
+    #   the others waiting as in the previous case.
+    # Every rank that goes on gathers exactly once, whatever it decided alone, so a rank
+    # that takes the run for resumed while another does not still meets it in the gather.
+    resumed = resumed or os.environ.get(REQUEUED_ENV) == "1"
+    refusal: StorageAccessError | None = None
+    try:
+        for name, urls in sources:
+            check_source_readable(name, urls, s3, resumed)
+    except StorageAccessError as err:
+        if gather is None or resumed:
+            raise
+        refusal = err
+    if gather is None:
+        return
+    try:
+        outcomes = gather(None if refusal is None else str(refusal)[:MAX_MESSAGE])
+    except Exception:
+        if refusal is None:
+            raise  # as the model's first collective would have failed
+        raise refusal from None
+    failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
+    if not failed:
+        return
+    if len(outcomes) == 1 and refusal is not None:
+        raise refusal
+    raise StorageAccessError(_agreed(failed, len(outcomes))) from None
+
+
+def _agreed(failed: list[tuple[int, str]], world: int) -> str:
+    """One message for the refusals of ``failed`` ranks: the ranks of each distinct message
+    (the first :data:`MAX_AGREED` in full), e.g. ``ranks 0-3, 7 of 8: <message>``."""
+    by_message: dict[str, list[int]] = {}
+    for rank, message in failed:
+        by_message.setdefault(message, []).append(rank)
+    shown = [f"{_ranks(ranks)} of {world}: {message}"
+             for message, ranks in list(by_message.items())[:MAX_AGREED]]
+    rest = sorted(r for ranks in list(by_message.values())[MAX_AGREED:] for r in ranks)
+    if rest:
+        shown.append(f"other refusals on {_ranks(rest)} (see their logs)")
+    return "; ".join(shown)
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``rank 3``, or ``ranks 0-3, 7`` (sorted ranks)."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
