@@ -1,37 +1,59 @@
 """Zero-shot classification on a held-out set: class names x prompt templates -> text
 embeddings; images are classified by their nearest class embedding.
 
+The evaluated set is the first ``max_batches * data.batch_size`` labelled samples of
+``zero_shot.urls`` in URL order (all of them when ``max_batches`` is 0): it does not depend
+on the number of ranks, so an evaluation curve stays comparable across a resize.
+
 Under ZeRO-3 every forward pass all-gathers parameters collectively, so every rank must
 run exactly the same number of forward passes, and every rank must know, before each
 one, whether another follows (a rank that finishes early and waits in any other
 collective deadlocks against a rank still inside a forward). Hence:
 
-1. every rank reads the whole held-out set once (it is small: ``max_batches`` caps it),
-   keeps the raw samples of its own batches (global batch ``i`` belongs to rank
-   ``i % world_size``) and counts the batches and unreadable shards;
-2. one all-gather of (batch count, unreadable shards) before any forward: ranks that read
-   different sets (a shard failed on one rank only) all skip the evaluation together and
-   report why, instead of splitting the set wrongly;
+1. the shards are read in rounds, each shard by one rank only: in round ``t`` rank ``r``
+   reads shard ``t * world_size + r`` (if there is one) and keeps its labelled raw
+   samples (no more than the cap still lacks at the start of the round); then one
+   all-gather of every rank's (labelled samples, unreadable, number of shards). From
+   these counts, in shard order, every rank knows how many samples of its shard fall
+   inside the cap (it drops the rest) and whether the cap is reached (then all stop):
+   all ranks run the same rounds, decided by gathered numbers only. Ranks that expanded
+   ``zero_shot.urls`` to different shard counts (a list file that changed between their
+   reads) all skip the evaluation together and report why. An unreadable shard of the set
+   is counted once (only one rank tried it) and the evaluation goes on without it;
+2. each rank cuts its own samples (in URL order) into batches of ``data.batch_size``;
 3. the image forwards run in lock-step (runtime/lockstep.py, the one mechanism every
-   evaluation uses): a rank whose share is shorter runs dummy ones until no rank has a
-   batch left, and the correct counts are summed over ranks.
+   evaluation uses): a rank whose share is shorter (or empty) runs dummy ones until no
+   rank has a batch left, and the correct counts are summed over ranks.
 
 Text forwards (the class prompts, in chunks of ``zero_shot.prompt_batch``) depend on the
 config only, so they are equal on all ranks too.
+
+Cost, for the H preset at 512 ranks (configs/pretrain/internimage_h_m3i.yaml: ImageNet val
+in 50 shards of 1000 images, ~130 MB each; 200 batches of 32 = 6400 samples, every 5000
+steps): 7 shards hold the set, so one round, in which ranks 0-6 read one shard each and
+ranks 7-511 read nothing: ~0.9 GB from the object store per evaluation in all, where every
+rank used to read the first 6400 samples itself (~0.8 GB a rank, ~0.4 TB in all), and the
+stall before the first forward is one shard's read (~130 MB) instead of ~0.8 GB. Then one
+all-gather of 3 integers per rank. Memory: the raw bytes of a rank's own shards only
+(~130 MB on 7 ranks, none on the others). The forwards: 32 in lock-step (a reading rank's
+1000 images in batches of 32; the other ranks run dummy ones), where the old round-robin
+split of the 200 global batches over 512 ranks ran 1.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-import math
 import random
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 
+from data.config import S3Config
 from data.sources import expand_urls, read_shard
 from data.stats import SkipCounter
 from pretrain.config import ZeroShotConfig
@@ -48,12 +70,13 @@ RawSample = tuple[bytes, int]  # (encoded image, class id)
 
 @dataclass
 class HeldOutShare:
-    """One rank's read of the held-out set: the raw samples of its own batches, and the
-    totals that every rank must agree on before the first forward pass."""
+    """One rank's part of the held-out set: the raw samples of the shards it read (cut at
+    the cap), in batches; and totals over all ranks, the same on every rank."""
 
     batches: list[list[RawSample]] = field(default_factory=list)
-    num_batches: int = 0  # batches of the whole (capped) set, all ranks together
-    unreadable_shards: int = 0
+    num_samples: int = 0  # labelled samples in the evaluated set, all ranks together
+    unreadable_shards: int = 0  # all ranks together
+    error: str | None = None  # why the ranks cannot evaluate (they all skip it)
 
 
 def _labelled(raw: dict, label_key: str) -> RawSample | None:
@@ -68,35 +91,78 @@ def _labelled(raw: dict, label_key: str) -> RawSample | None:
         return None
 
 
-def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int,
-               world_size: int) -> HeldOutShare:
-    """Read the held-out set once (up to ``max_batches`` batches); keep this rank's batches.
-
-    Batch boundaries come from the raw samples (not from decoding), so they are the same
-    on every rank that read the same bytes; images are decoded later, only by their rank.
-    """
-    batch_size = data.batch_size
-    cap = zs.max_batches * batch_size if zs.max_batches else None
-    share, seen = HeldOutShare(), 0
-    counter = SkipCounter()
-    for url in expand_urls(zs.urls, data.s3):
-        outcome: dict[str, bool] = {}
-        for raw in read_shard(url, "zero_shot", data.s3, counter, outcome):
-            sample = _labelled(raw, zs.label_key)
+def _read_labelled(url: str, label_key: str, s3: S3Config, counter: SkipCounter,
+                   limit: int | None) -> tuple[list[RawSample], bool]:
+    """The labelled samples of one shard in tar order, at most ``limit`` (None: all), and
+    whether the read failed (the samples delivered before a failure are kept)."""
+    outcome: dict = {}
+    samples: list[RawSample] = []
+    with closing(read_shard(url, "zero_shot", s3, counter, outcome)) as raws:
+        for raw in raws:
+            sample = _labelled(raw, label_key)
             if sample is None:
                 continue
-            batch = seen // batch_size
-            if batch % world_size == rank:
-                if len(share.batches) <= batch // world_size:
-                    share.batches.append([])
-                share.batches[batch // world_size].append(sample)
-            seen += 1
-            if cap is not None and seen >= cap:
-                break
-        share.unreadable_shards += int(outcome.get("failed", False))
-        if cap is not None and seen >= cap:
+            samples.append(sample)
+            if limit is not None and len(samples) >= limit:
+                break  # the rest of the shard is past the cap whatever precedes it
+    return samples, bool(outcome.get("failed", False))
+
+
+def _gather_round(mine: tuple[int, int, int], world_size: int,
+                  device: torch.device) -> list[tuple[int, int, int]]:
+    """Every rank's (labelled samples, unreadable, shard count), in rank order."""
+    if world_size == 1:
+        return [mine]
+    t = torch.tensor(mine, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t)
+    return [(int(p[0]), int(p[1]), int(p[2])) for p in parts]
+
+
+def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
+               device: torch.device | None = None) -> HeldOutShare:
+    """Read this rank's shards of the held-out set (see the module docstring, step 1) and
+    cut its samples inside the cap into batches of ``data.batch_size``.
+
+    Collective when ``world_size > 1`` (one all-gather per round, on ``device``); every
+    rank must call it. Batches come from the raw samples (not from decoding); images are
+    decoded later, only by their rank.
+    """
+    device = device if device is not None else torch.device("cpu")
+    urls = expand_urls(zs.urls, data.s3)
+    cap = zs.max_batches * data.batch_size if zs.max_batches else None
+    counter = SkipCounter()
+    share, mine = HeldOutShare(), []
+    for start in itertools.count(0, world_size):
+        index = start + rank
+        samples, failed = [], False
+        if index < len(urls):
+            # the shard's samples after the first ``cap - num_samples`` are past the cap
+            # whatever the round's earlier shards hold: not read
+            limit = None if cap is None else cap - share.num_samples
+            samples, failed = _read_labelled(urls[index], zs.label_key, data.s3, counter,
+                                             limit)
+        counts = _gather_round((len(samples), int(failed), len(urls)), world_size, device)
+        other = next((r for r, c in enumerate(counts) if c[2] != counts[0][2]), None)
+        if other is not None:  # the ranks would not agree on the rounds: all stop here
+            share.error = (f"zero-shot evaluation skipped: ranks found different numbers of "
+                           f"held-out shards in zero_shot.urls (rank 0: "
+                           f"{counts[0][2]}, rank {other}: {counts[other][2]})")
+            return share
+        for r, (n, unreadable, _) in enumerate(counts):  # the round's shards in URL order
+            if cap is not None and share.num_samples >= cap:
+                break  # this shard and the later ones are past the cap: not in the set
+            take = n if cap is None else min(n, cap - share.num_samples)
+            if r == rank:
+                mine.extend(samples[:take])
+            share.num_samples += take
+            share.unreadable_shards += unreadable
+        if cap is not None and share.num_samples >= cap:
             break
-    share.num_batches = math.ceil(seen / batch_size)
+        if start + world_size >= len(urls):
+            break
+    size = data.batch_size
+    share.batches = [mine[i:i + size] for i in range(0, len(mine), size)]
     return share
 
 
@@ -115,18 +181,6 @@ def decode_batch(samples: list[RawSample],
     if not images:
         return None
     return torch.stack(images), torch.tensor(labels)
-
-
-def agree_on_reads(share: HeldOutShare, world_size: int,
-                   device: torch.device) -> list[tuple[int, int]]:
-    """Every rank's (num_batches, unreadable_shards), in rank order (one all-gather)."""
-    mine = (share.num_batches, share.unreadable_shards)
-    if world_size == 1:
-        return [mine]
-    t = torch.tensor(mine, dtype=torch.int64, device=device)
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(parts, t)
-    return [(int(p[0]), int(p[1])) for p in parts]
 
 
 @torch.no_grad()
@@ -152,35 +206,24 @@ def class_embeddings(model, tokenizer, zs: ZeroShotConfig, context_length: int,
     return torch.nn.functional.normalize(sums / num_templates, dim=-1)
 
 
-def _check_agreement(reads: list[tuple[int, int]]) -> str | None:
-    """Why the ranks cannot split the evaluation, or None when they read the same set."""
-    if len(set(reads)) == 1:
-        return None
-    per_rank = ", ".join(f"rank {r}: {n} batches, {u} unreadable shards"
-                         for r, (n, u) in enumerate(reads))
-    return (f"zero-shot evaluation skipped: ranks read different held-out sets ({per_rank}); "
-            f"see the 'skipping unreadable shard' warnings")
-
-
 @torch.no_grad()
 def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
              world_size: int, device: torch.device, dtype: torch.dtype) -> dict:
     """``zero_shot_top1`` / ``zero_shot_top5`` over the held-out set (same on all ranks).
 
-    Also ``zero_shot_samples`` (images classified) and ``zero_shot_unreadable_shards``;
-    ``zero_shot_error`` instead of accuracies when the ranks read different sets.
+    Also ``zero_shot_samples`` (images classified) and ``zero_shot_unreadable_shards``
+    (shards of the set that could not be read: the evaluation goes on without them);
+    ``zero_shot_error`` instead of accuracies when the ranks found different shard lists.
+    Collective: every rank calls it with the same configs.
     """
-    share = read_share(zs, data, rank, world_size)
-    reads = agree_on_reads(share, world_size, device)
-    error = _check_agreement(reads)
-    if error is not None:
-        log.error(error)
-        return {"zero_shot_error": error,
-                "zero_shot_unreadable_shards": max(u for _, u in reads)}
-    num_batches, unreadable = reads[0]
+    share = read_share(zs, data, rank, world_size, device)
+    unreadable = share.unreadable_shards
+    if share.error is not None:
+        log.error(share.error)
+        return {"zero_shot_error": share.error, "zero_shot_unreadable_shards": unreadable}
     if unreadable:
         log.warning("zero-shot evaluation without %d unreadable held-out shard(s)", unreadable)
-    if num_batches == 0:
+    if share.num_samples == 0:
         log.warning("zero-shot evaluation skipped: the held-out set %s has no labelled sample",
                     redact_urls(zs.urls))
         return {"zero_shot_samples": 0, "zero_shot_unreadable_shards": unreadable}

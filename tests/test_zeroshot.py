@@ -1,6 +1,7 @@
 """Zero-shot evaluation: every rank runs the same forward passes under a real ZeRO-3 engine
-(2 and 3 gloo ranks, odd and even batch counts, the demo config), a rank whose read failed
-never changes the result silently, and class prompts are embedded in bounded chunks."""
+(2 and 3 gloo ranks, odd and even batch counts, the demo config), the result is the one
+process's result on the same held-out set, each shard is read by one rank only, an
+unreadable shard is counted once, and class prompts are embedded in bounded chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import dataclasses
 import io
 import json
 import os
+import random
 import tarfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,29 +31,42 @@ OVERRIDES = ["engine.param_persistence_threshold=0", "data.s3.retries=0",
 JOIN_TIMEOUT_S = 180  # a deadlock fails the test instead of hanging the suite
 
 
-def _write_shard(path: Path, first: int, count: int, num_classes: int) -> None:
-    """A webdataset tar of ``count`` random PNG images with integer ``cls`` labels."""
+def _write_shard(path: Path, first: int, count: int, num_classes: int,
+                 unlabelled_every: int = 0) -> None:
+    """A webdataset tar of ``count`` random PNG images with integer ``cls`` labels; every
+    ``unlabelled_every``-th sample has no label (0: all have one)."""
     gen = torch.Generator().manual_seed(first)
     with tarfile.open(path, "w") as tar:
         for i in range(first, first + count):
             pixels = torch.randint(0, 256, (24, 24, 3), generator=gen, dtype=torch.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels.numpy()).save(buf, format="PNG")
-            for ext, blob in (("png", buf.getvalue()), ("cls", str(i % num_classes).encode())):
+            members = [("png", buf.getvalue()), ("cls", str(i % num_classes).encode())]
+            if unlabelled_every and (i - first) % unlabelled_every == unlabelled_every - 1:
+                members = members[:1]
+            for ext, blob in members:
                 info = tarfile.TarInfo(f"{i:06d}.{ext}")
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
 
 
-def _labelled_samples(urls: list[str]) -> int:
-    """Samples with an image and a ``cls`` member, counted straight from the tar files."""
-    keys: dict[str, set[str]] = {}
+def _first_labelled(urls: list[str], cap: int) -> list[tuple[bytes, int]]:
+    """The first ``cap`` (0: all) samples with an image and a ``cls`` member, in URL then
+    tar order, read straight from the tar files; a file that is not a tar is left out."""
+    samples = []
     for url in urls:
+        if not tarfile.is_tarfile(url):
+            continue
         with tarfile.open(url) as tar:
-            for name in tar.getnames():
-                stem, ext = name.rsplit(".", 1)
-                keys.setdefault(f"{url}/{stem}", set()).add(ext)
-    return sum(1 for exts in keys.values() if "cls" in exts and exts & {"jpg", "png"})
+            members: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                stem, ext = member.name.rsplit(".", 1)
+                members.setdefault(stem, {})[ext] = tar.extractfile(member).read()
+        for sample in members.values():
+            image = next((sample[k] for k in ("jpg", "png") if k in sample), None)
+            if image is not None and "cls" in sample:
+                samples.append((image, int(sample["cls"])))
+    return samples[:cap] if cap else samples
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +87,15 @@ def setup(tmp_path_factory):
             del os.environ["INTERNIMAGE_CACHE"]
         else:
             os.environ["INTERNIMAGE_CACHE"] = saved
-    shards = [root / "a.tar", root / "b.tar"]
-    _write_shard(shards[0], 0, 23, 10)
-    _write_shard(shards[1], 23, 17, 10)
-    own = dataclasses.replace(cfg.zero_shot, urls=[str(s) for s in shards])
-    # Readable on every rank but rank 1 (a transient failure there): the ranks disagree.
-    flaky = f"pipe:sh -c 'test \"$RANK\" != 1 && exec cat {shards[1]}'"
+    # An odd number of shards of unequal sizes; c.tar has 2 unlabelled samples of 11.
+    shards, first = {}, 0
+    for name, count in {"a": 23, "b": 17, "c": 11, "d": 7, "e": 13}.items():
+        shards[name] = str(root / f"{name}.tar")
+        _write_shard(Path(shards[name]), first, count, 10, 4 if name == "c" else 0)
+        first += count
+    Path(root, "broken.tar").write_bytes(b"not a tar file " * 100)
+    five = [shards[n] for n in "abcde"]
+    own = dataclasses.replace(cfg.zero_shot, urls=five[:2])
     data = cfg.data
     cases = [
         ("demo", cfg.zero_shot, data),  # 270 digits, batch 64: 5 batches
@@ -84,8 +103,12 @@ def setup(tmp_path_factory):
         ("even", own, dataclasses.replace(data, batch_size=10)),  # 4 batches
         ("capped", dataclasses.replace(own, max_batches=3), dataclasses.replace(data,
                                                                                batch_size=8)),
-        ("one_rank_fails", dataclasses.replace(own, urls=[str(shards[0]), flaky]),
-         dataclasses.replace(data, batch_size=8)),
+        # 6 batches of 7 = 42 labelled samples: a.tar, b.tar and 2 of c.tar's 9; on 2 ranks
+        # in the second round of reads, on 3 ranks in the first
+        ("five_capped", dataclasses.replace(own, urls=five, max_batches=6),
+         dataclasses.replace(data, batch_size=7)),
+        ("unreadable", dataclasses.replace(own, urls=five[:2] + [str(root / "broken.tar")]
+                                           + five[3:]), dataclasses.replace(data, batch_size=8)),
     ]
     return SimpleNamespace(cfg=cfg, cases=cases, root=root)
 
@@ -120,10 +143,28 @@ def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str) -> None:
     with torch.no_grad():
         engine(torch.zeros(1, 3, size, size), torch.zeros(1, context, dtype=torch.long))
     tokenizer = _tokenizer(cfg)
-    results = {name: evaluate(engine, tokenizer, zs, data, rank, world, info.device,
-                              torch.float32)
-               for name, zs, data in cases}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    # Every shard this rank reads, per case (a call of read_shard is one read of a shard).
+    import pretrain.zeroshot as zeroshot
+
+    opened: list[str] = []
+    real_read_shard = zeroshot.read_shard
+
+    def counting_read_shard(url, *args, **kwargs):
+        opened.append(url)
+        return real_read_shard(url, *args, **kwargs)
+
+    zeroshot.read_shard = counting_read_shard
+    # Ranks that expanded the shard list differently (rank 0 finds 1 shard, the others 2).
+    _, own, own_data = cases[1]
+    differ = dataclasses.replace(own, urls=own.urls[:1 if rank == 0 else 2])
+    results, reads = {}, {}
+    for name, zs, data in [*cases, ("lists_differ", differ, own_data)]:
+        opened.clear()
+        results[name] = evaluate(engine, tokenizer, zs, data, rank, world, info.device,
+                                 torch.float32)
+        reads[name] = list(opened)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results,
+                                                             "opened": reads}))
     import torch.distributed as dist
 
     dist.barrier()
@@ -152,23 +193,51 @@ def _run_ranks(world: int, setup, out_dir: Path) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _direct_counts(model, tokenizer, zs, data) -> dict:
+    """The accuracies of ``model`` on the first ``max_batches * batch_size`` labelled
+    samples, computed here in one process without pretrain.zeroshot's reading and batching
+    (the same class embeddings and eval transform)."""
+    from pretrain.data.decode import ImageTransform
+    from pretrain.zeroshot import class_embeddings
+
+    samples = _first_labelled(zs.urls, zs.max_batches * data.batch_size)
+    transform = ImageTransform(data.image_size, train=False, mean=data.mean, std=data.std)
+    classes = class_embeddings(model, tokenizer, zs, data.context_length, torch.device("cpu"))
+    top1 = top5 = 0
+    for start in range(0, len(samples), data.batch_size):
+        batch = samples[start:start + data.batch_size]
+        images = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB"),
+                                        random.Random(0)) for b, _ in batch])
+        labels = torch.tensor([label for _, label in batch])
+        top = (model.encode_image(images).float() @ classes.t()).topk(5, dim=-1).indices
+        top1 += int((top[:, 0] == labels).sum())
+        top5 += int((top == labels[:, None]).any(-1).sum())
+    return {"zero_shot_samples": len(samples), "zero_shot_top1": top1 / len(samples),
+            "zero_shot_top5": top5 / len(samples)}
+
+
 @pytest.fixture(scope="module")
-def single_process(setup) -> dict:
-    """The same weights evaluated by one process without DeepSpeed (no collectives)."""
+def single_process(setup) -> SimpleNamespace:
+    """The same weights evaluated by one process without DeepSpeed (no collectives):
+    ``evaluated`` by pretrain.zeroshot.evaluate on 1 rank, ``direct`` by _direct_counts."""
     from pretrain.engine import build_model
     from pretrain.zeroshot import evaluate
 
     plain = dataclasses.replace(setup.cfg, engine=dataclasses.replace(setup.cfg.engine,
                                                                       zero_stage=0))
-    model = build_model(plain, _num_tags(plain))  # same seed: the ranks' initial weights
+    model = build_model(plain, _num_tags(plain)).eval()  # same seed: the ranks' weights
     engine = SimpleNamespace(module=model, eval=model.eval, train=model.train)
     tokenizer = _tokenizer(setup.cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # several times faster on a shared 2-core machine
     try:
-        return {name: evaluate(engine, tokenizer, zs, data, 0, 1, torch.device("cpu"),
-                               torch.float32)
-                for name, zs, data in setup.cases if name != "one_rank_fails"}
+        with torch.no_grad():
+            return SimpleNamespace(
+                evaluated={name: evaluate(engine, tokenizer, zs, data, 0, 1,
+                                          torch.device("cpu"), torch.float32)
+                           for name, zs, data in setup.cases},
+                direct={name: _direct_counts(model, tokenizer, zs, data)
+                        for name, zs, data in setup.cases})
     finally:
         torch.set_num_threads(threads)
 
@@ -177,28 +246,40 @@ def single_process(setup) -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, single_process,
                                                                 tmp_path):
+    from data.sources import expand_urls
+
     per_rank = _run_ranks(world, setup, tmp_path)
-    for result in per_rank[1:]:
-        assert result == per_rank[0]  # every rank reports the same numbers
-    got, expected = per_rank[0], single_process
+    results = [r["results"] for r in per_rank]
+    for result in results[1:]:
+        assert result == results[0]  # every rank reports the same numbers
+    got = results[0]
     for name, zs, data in setup.cases:
-        if name == "one_rank_fails":
-            continue
-        # Each labelled sample written to the tar files is classified exactly once.
-        total = _labelled_samples(zs.urls)
-        if zs.max_batches:
-            total = min(total, zs.max_batches * data.batch_size)
-        assert got[name]["zero_shot_samples"] == total, name
-        # The accuracy of given weights on a given set does not depend on the rank count.
-        assert got[name]["zero_shot_top1"] == expected[name]["zero_shot_top1"], name
-        assert got[name]["zero_shot_top5"] == expected[name]["zero_shot_top5"], name
+        # The accuracy of given weights on a given set does not depend on the rank count:
+        # each of the first max_batches * batch_size labelled samples is classified once.
+        for key in ("zero_shot_samples", "zero_shot_top1", "zero_shot_top5"):
+            want = single_process.direct[name][key]
+            assert got[name][key] == want, (name, key)
+            assert single_process.evaluated[name][key] == want, (name, key)
+        # No shard is read by two ranks; without a cap, every shard is read.
+        opens = Counter(url for r in per_rank for url in r["opened"][name])
+        assert max(opens.values()) == 1, (name, opens)
+        if not zs.max_batches:
+            assert set(opens) == set(expand_urls(zs.urls, data.s3)), name
+        if name != "unreadable":
+            assert got[name]["zero_shot_unreadable_shards"] == 0, name
     assert got["demo"]["zero_shot_samples"] == 270  # 15% of scikit-learn's 1797 digits
-    # A shard that failed on rank 1 only: reported on every rank, no accuracy from a set
-    # split differently on each rank (rank 1 read a.tar's 23 samples: 3 batches of 8).
-    failed = got["one_rank_fails"]
-    assert "zero_shot_top1" not in failed
-    assert "rank 1: 3 batches, 1 unreadable shards" in failed["zero_shot_error"]
-    assert failed["zero_shot_unreadable_shards"] == 1
+    # The cap falls in c.tar: the reads stop after the round that holds it (2 shards a
+    # round on 2 ranks, 3 on 3), and e.tar is never read.
+    capped = Counter(url for r in per_rank for url in r["opened"]["five_capped"])
+    assert sorted(Path(u).name for u in capped) == ["a.tar", "b.tar", "c.tar",
+                                                    "d.tar"][:{2: 4, 3: 3}[world]]
+    # An unreadable shard (the third of five) is counted once (one rank tried it); the
+    # others are evaluated.
+    assert got["unreadable"]["zero_shot_unreadable_shards"] == 1
+    assert got["unreadable"]["zero_shot_samples"] == 23 + 17 + 7 + 13
+    # Ranks that found different shard lists skip the evaluation together, no deadlock.
+    assert "zero_shot_top1" not in got["lists_differ"]
+    assert "different numbers of held-out shards" in got["lists_differ"]["zero_shot_error"]
 
 
 class _CountingModel(torch.nn.Module):
