@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
-from runtime.dist import DistInfo, rank_share
+from runtime.dist import DistInfo, all_gather_objects, rank_share
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import loader_generator, skip_batches
 
@@ -168,7 +168,8 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
                 ShardDataset(val_urls, val_tf, num_classes=n))
     # a store that serves no shard of either set ends the run here, before the model is
     # built, not in a reader waiting for it (data/preflight.py; local paths: check_data)
-    check_sources_readable([("train", d.train_urls), ("val", d.val_urls)], d.s3, resumed)
+    check_sources_readable([("train", d.train_urls), ("val", d.val_urls)], d.s3, resumed,
+                           gather=all_gather_objects)
     val = ShardDataset(d.val_urls, val_tf, d.s3, num_classes=n)
     if d.kind == "stream":
         from finetune.cls_stream import StreamingShards

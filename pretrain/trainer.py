@@ -51,6 +51,7 @@ from runtime.checkpoint import (
 )
 from runtime.dist import (
     DistInfo,
+    all_gather_objects,
     any_rank,
     gather_objects,
     init_distributed,
@@ -155,7 +156,7 @@ class Trainer:
         # lists are read and the model is built, rather than the streams waiting for it
         # for ever (data/preflight.py)
         check_sources_readable([(s.name, s.urls) for s in cfg.data.sources], cfg.data.s3,
-                               resumed=self.state is not None)
+                               resumed=self.state is not None, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
             try:  # the saved data position is a resume check too (a changed shard list)
