@@ -20,10 +20,17 @@ collective deadlocks against a rank still inside a forward). Hence:
    ``zero_shot.urls`` to different shard counts (a list file that changed between their
    reads) all skip the evaluation together and report why. An unreadable shard of the set
    is counted once (only one rank tried it) and the evaluation goes on without it;
-2. each rank cuts its own samples (in URL order) into batches of ``data.batch_size``;
+2. the samples are dealt to the round-robin batches: global batch ``b`` (the set in URL
+   order cut into batches of ``data.batch_size``, the batches of a one-rank run) belongs to
+   rank ``b % world_size``. From the gathered counts every rank knows the global index of
+   each sample it read and which rank's batch it falls in, so one all-to-all of byte sizes
+   (``world_size`` integers a rank) and one variable-size all-to-all of the raw bytes
+   (per sample: global index, class id and length, then the encoded image) move every
+   sample to its batch's rank; samples of a rank's own batches stay where they are;
 3. the image forwards run in lock-step (runtime/lockstep.py, the one mechanism every
    evaluation uses): a rank whose share is shorter (or empty) runs dummy ones until no
-   rank has a batch left, and the correct counts are summed over ranks.
+   rank has a batch left, and the correct counts are summed over ranks. With the deal,
+   every rank runs ``ceil(num_batches / world_size)`` forwards.
 
 Text forwards (the class prompts, in chunks of ``zero_shot.prompt_batch``) depend on the
 config only, so they are equal on all ranks too.
@@ -34,10 +41,20 @@ steps): 7 shards hold the set, so one round, in which ranks 0-6 read one shard e
 ranks 7-511 read nothing: ~0.9 GB from the object store per evaluation in all, where every
 rank used to read the first 6400 samples itself (~0.8 GB a rank, ~0.4 TB in all), and the
 stall before the first forward is one shard's read (~130 MB) instead of ~0.8 GB. Then one
-all-gather of 3 integers per rank. Memory: the raw bytes of a rank's own shards only
-(~130 MB on 7 ranks, none on the others). The forwards: 32 in lock-step (a reading rank's
-1000 images in batches of 32; the other ranks run dummy ones), where the old round-robin
-split of the 200 global batches over 512 ranks ran 1.
+all-gather of 3 integers per rank. The deal: the capped set crosses the network once
+(~0.8 GB in all, less the few batches a reader keeps): each of ranks 0-5 sends ~125 MB
+(rank 6: ~50 MB, the 400 samples of the cap's last shard), ranks 0-199 receive one batch
+each (~4 MB), ranks 200-511 nothing (~1.6 MB a rank on average); two collectives (the
+all-to-all of 512 sizes, then the bytes), plus 24 bytes of framing per sample. Memory: a
+reader holds its shard's raw bytes (~130 MB) and copies them into one send buffer,
+releasing each sample once copied: at most twice the shard (~260 MB) on the host, less in
+practice, plus, under NCCL, the buffer's copy on the GPU during the exchange (~130 MB); a
+rank then holds its own batches' bytes only (~4 MB). The forwards: 1 in
+lock-step on every rank (ranks 0-199 classify their batch, ranks 200-511 run a dummy one),
+as the round-robin split of the 200 global batches over 512 ranks did before the sharded
+read, instead of 32 (a reader's 1000 images in batches of 32) without the deal. Under
+ZeRO-3 each forward all-gathers InternImage-H's parameters (~2.2 GB in bf16), so the deal
+saves 31 such gathers per evaluation for the cost of moving the ~0.8 GB set once.
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ import io
 import itertools
 import logging
 import random
+import struct
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -66,12 +84,16 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 RawSample = tuple[bytes, int]  # (encoded image, class id)
+# The framing of one sample in the deal's byte exchange, before its encoded image: its
+# global index (the receiver orders and checks by it), class id and image length.
+_FRAME = struct.Struct("<qqq")
 
 
 @dataclass
 class HeldOutShare:
-    """One rank's part of the held-out set: the raw samples of the shards it read (cut at
-    the cap), in batches; and totals over all ranks, the same on every rank."""
+    """One rank's part of the held-out set: the raw samples of its round-robin batches
+    (global batches ``rank``, ``rank + world_size``, ...), in order; and totals over all
+    ranks, the same on every rank."""
 
     batches: list[list[RawSample]] = field(default_factory=list)
     num_samples: int = 0  # labelled samples in the evaluated set, all ranks together
@@ -121,18 +143,20 @@ def _gather_round(mine: tuple[int, int, int], world_size: int,
 
 def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
                device: torch.device | None = None) -> HeldOutShare:
-    """Read this rank's shards of the held-out set (see the module docstring, step 1) and
-    cut its samples inside the cap into batches of ``data.batch_size``.
+    """Read this rank's shards of the held-out set (see the module docstring, step 1), deal
+    the samples inside the cap to the ranks of their round-robin batches (step 2) and cut
+    this rank's into batches of ``data.batch_size``.
 
-    Collective when ``world_size > 1`` (one all-gather per round, on ``device``); every
-    rank must call it. Batches come from the raw samples (not from decoding); images are
-    decoded later, only by their rank.
+    Collective when ``world_size > 1`` (one all-gather per round, then two all-to-alls, on
+    ``device``); every rank must call it. Batches come from the raw samples (not from
+    decoding); images are decoded later, only by their rank.
     """
     device = device if device is not None else torch.device("cpu")
     urls = expand_urls(zs.urls, data.s3)
     cap = zs.max_batches * data.batch_size if zs.max_batches else None
     counter = SkipCounter()
-    share, mine = HeldOutShare(), []
+    share = HeldOutShare()
+    mine: list[tuple[int, RawSample]] = []  # (global index in the set, sample)
     for start in itertools.count(0, world_size):
         index = start + rank
         samples, failed = [], False
@@ -154,16 +178,83 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
                 break  # this shard and the later ones are past the cap: not in the set
             take = n if cap is None else min(n, cap - share.num_samples)
             if r == rank:
-                mine.extend(samples[:take])
+                mine.extend(enumerate(samples[:take], start=share.num_samples))
             share.num_samples += take
             share.unreadable_shards += unreadable
+        del samples  # the kept ones are in ``mine``; the deal releases them one by one
         if cap is not None and share.num_samples >= cap:
             break
         if start + world_size >= len(urls):
             break
+    if world_size > 1 and share.num_samples > 0:  # the same decision on every rank
+        own = _deal(mine, share.num_samples, data.batch_size, rank, world_size, device)
+    else:
+        own = [sample for _, sample in mine]
     size = data.batch_size
-    share.batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+    share.batches = [own[i:i + size] for i in range(0, len(own), size)]
     return share
+
+
+def _deal(mine: list[tuple[int, RawSample]], num_samples: int, batch_size: int, rank: int,
+          world_size: int, device: torch.device) -> list[RawSample]:
+    """The samples of this rank's round-robin batches, in global order, given the samples
+    this rank read with their global indices (module docstring, step 2). Collective: two
+    all-to-alls on ``device``. Empties ``mine`` (each sample is released once copied)."""
+
+    def owner(index: int) -> int:  # the rank of the global batch holding sample ``index``
+        return index // batch_size % world_size
+
+    # Samples of this rank's own batches stay; the others go into one buffer, grouped by
+    # destination rank (all_to_all_single sends a contiguous slice to each rank).
+    kept = [(index, sample) for index, sample in mine if owner(index) == rank]
+    sizes = [0] * world_size
+    for index, (blob, _) in mine:
+        if owner(index) != rank:
+            sizes[owner(index)] += _FRAME.size + len(blob)
+    ends = list(itertools.accumulate(sizes))
+    offsets = [end - n for end, n in zip(ends, sizes)]
+    send = torch.empty(sum(sizes), dtype=torch.uint8)
+    view = memoryview(send.numpy())
+    for k, (index, (blob, label)) in enumerate(mine):
+        mine[k] = None  # released as copied: the shard's bytes are held once, not twice
+        dest = owner(index)
+        if dest == rank:
+            continue
+        at = offsets[dest]
+        _FRAME.pack_into(view, at, index, label, len(blob))
+        view[at + _FRAME.size:at + _FRAME.size + len(blob)] = blob
+        offsets[dest] = at + _FRAME.size + len(blob)
+    mine.clear()
+    del view
+    # Receivers know how many samples they get but not their sizes: exchange those first.
+    send_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
+    recv_sizes = torch.empty_like(send_sizes)
+    dist.all_to_all_single(recv_sizes, send_sizes)
+    recv_split = recv_sizes.tolist()
+    send = send.to(device)  # a copy on the GPU under NCCL; gloo sends the host buffer
+    recv = torch.empty(sum(recv_split), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_split, input_split_sizes=sizes)
+    del send
+    data = memoryview(recv.cpu().numpy())
+    at = 0
+    while at < len(data):
+        index, label, length = _FRAME.unpack_from(data, at)
+        at += _FRAME.size
+        kept.append((index, (bytes(data[at:at + length]), label)))
+        at += length
+    kept.sort(key=lambda item: item[0])
+    # Every rank derived the deal from the same gathered counts: a mismatch is a bug here,
+    # never a data problem, so fail loudly rather than evaluate a wrong set.
+    num_batches = -(-num_samples // batch_size)
+    expected = [index for batch in range(rank, num_batches, world_size)
+                for index in range(batch * batch_size,
+                                   min((batch + 1) * batch_size, num_samples))]
+    got = [index for index, _ in kept]
+    if got != expected:
+        raise RuntimeError(f"zero-shot deal on rank {rank}: received {len(got)} samples "
+                           f"(first {got[:3]}), expected {len(expected)} "
+                           f"(first {expected[:3]})")
+    return [sample for _, sample in kept]
 
 
 def decode_batch(samples: list[RawSample],

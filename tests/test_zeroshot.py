@@ -1,11 +1,13 @@
 """Zero-shot evaluation: every rank runs the same forward passes under a real ZeRO-3 engine
 (2 and 3 gloo ranks, odd and even batch counts, the demo config), the result is the one
-process's result on the same held-out set, each shard is read by one rank only, an
+process's result on the same held-out set, each shard is read by one rank only, each rank
+classifies exactly the round-robin batches (global batch b on rank b % world size), an
 unreadable shard is counted once, and class prompts are embedded in bounded chunks."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -29,6 +31,11 @@ DEMO_CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 OVERRIDES = ["engine.param_persistence_threshold=0", "data.s3.retries=0",
              "zero_shot.templates=[\"a photo of the digit {}\",\"a handwritten {}\"]"]
 JOIN_TIMEOUT_S = 180  # a deadlock fails the test instead of hanging the suite
+
+
+def _identity(blob: bytes) -> str:
+    """A sample's identity: every test image is a distinct random PNG."""
+    return hashlib.sha1(blob).hexdigest()[:16]
 
 
 def _write_shard(path: Path, first: int, count: int, num_classes: int,
@@ -154,17 +161,28 @@ def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str) -> None:
         return real_read_shard(url, *args, **kwargs)
 
     zeroshot.read_shard = counting_read_shard
+    # The samples of every batch this rank classifies (each is one real image forward).
+    classified: list[list[str]] = []
+    real_decode_batch = zeroshot.decode_batch
+
+    def recording_decode_batch(samples, *args, **kwargs):
+        classified.append([_identity(blob) for blob, _ in samples])
+        return real_decode_batch(samples, *args, **kwargs)
+
+    zeroshot.decode_batch = recording_decode_batch
     # Ranks that expanded the shard list differently (rank 0 finds 1 shard, the others 2).
     _, own, own_data = cases[1]
     differ = dataclasses.replace(own, urls=own.urls[:1 if rank == 0 else 2])
-    results, reads = {}, {}
+    results, reads, batches = {}, {}, {}
     for name, zs, data in [*cases, ("lists_differ", differ, own_data)]:
         opened.clear()
+        classified.clear()
         results[name] = evaluate(engine, tokenizer, zs, data, rank, world, info.device,
                                  torch.float32)
         reads[name] = list(opened)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results,
-                                                             "opened": reads}))
+        batches[name] = list(classified)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+        {"results": results, "opened": reads, "batches": batches}))
     import torch.distributed as dist
 
     dist.barrier()
@@ -267,6 +285,17 @@ def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, si
             assert set(opens) == set(expand_urls(zs.urls, data.s3)), name
         if name != "unreadable":
             assert got[name]["zero_shot_unreadable_shards"] == 0, name
+        # Each rank classifies the round-robin batches of the set in URL order, global
+        # batch b on rank b % world: ceil or floor of num_batches / world real forwards
+        # per rank, not the batches of the shards it happened to read.
+        ids = [_identity(blob) for blob, _ in
+               _first_labelled(zs.urls, zs.max_batches * data.batch_size)]
+        size = data.batch_size
+        num_batches = -(-len(ids) // size)
+        for rank, r in enumerate(per_rank):
+            want = [ids[b * size:(b + 1) * size] for b in range(rank, num_batches, world)]
+            assert len(r["batches"][name]) == len(want), (name, rank, num_batches)
+            assert r["batches"][name] == want, (name, rank)
     assert got["demo"]["zero_shot_samples"] == 270  # 15% of scikit-learn's 1797 digits
     # The cap falls in c.tar: the reads stop after the round that holds it (2 shards a
     # round on 2 ranks, 3 on 3), and e.tar is never read.
@@ -280,6 +309,7 @@ def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, si
     # Ranks that found different shard lists skip the evaluation together, no deadlock.
     assert "zero_shot_top1" not in got["lists_differ"]
     assert "different numbers of held-out shards" in got["lists_differ"]["zero_shot_error"]
+    assert all(r["batches"]["lists_differ"] == [] for r in per_rank)
 
 
 class _CountingModel(torch.nn.Module):
