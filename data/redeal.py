@@ -21,10 +21,11 @@ unit of those epochs is read exactly once across the change:
 
 **Skip counts of those blocks.** Whatever an old worker counted from its block's start
 (a missing or cut shard, lost samples, an undecodable image of a sample handed out, the
-``unread_bytes`` of a damaged shard: :data:`data.stats.MET_EVENTS`) the new slots count
-again as they read the same shards. A resume on the same slot count mutes
+``unread_bytes`` of a damaged shard, the ``unknown_tags`` and ``malformed_tags`` of the
+samples handed out: :data:`data.stats.MET_EVENTS`) the new slots count again as they read
+the same shards. A resume on the same slot count mutes
 its re-read of the block; the new slots cannot tell the block's samples from the rest of
-their shards, so the skips (and unread bytes) each old worker's state says its block met
+their shards, so the skips (and those events) each old worker's state says its block met
 (:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
 (:func:`resized_state`), to be counted once more by the re-read: totals end up those of a
 run that never changed its slot count. Nothing of it goes to the new slots' positions.
@@ -386,9 +387,9 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                         "what those ranks read of it is read (and its losses counted) again",
                         out.ahead, out.epoch + 1, out.epoch, out.epoch, out.epoch + 1)
         log.warning("data: %d samples repeated across the change (handed out from the old "
-                    "workers' current shuffle blocks, which are read again; their skips "
-                    "and unread bytes %s are taken out of the totals, to be counted again)",
-                    out.repeated, out.recounted)
+                    "workers' current shuffle blocks, which are read again; their skips, "
+                    "unread bytes and tag counts %s are taken out of the totals, to be "
+                    "counted again)", out.repeated, out.recounted)
     positions = {w: out.positions[rank * workers + w] for w in range(workers)}
     stats: dict[str, Any] = {}
     if rank == 0:

@@ -35,12 +35,21 @@ failed reads is counted each time a slot gives it up.
 """
 
 
-MET_EVENTS = ("unread_bytes",)
-"""Events that measure a shard's damage, counted with it once per run (by the read that
-counts its ``truncated_shard``): tallied in :attr:`SkipCounter.met` with the skips, so a
-resize takes those of the old workers' current blocks out of the totals with them
-(:meth:`DataStats.withdraw`). Other events count this run's own reads (``shards_opened``
-counts a re-read again) and are not."""
+MET_EVENTS = ("unread_bytes", "unknown_tags", "malformed_tags")
+"""Events that count what the data holds, like the skips: a damaged shard's
+``unread_bytes`` (once per run, by the read that counts its ``truncated_shard``) and the
+tags of each sample handed out (``unknown_tags``, ``malformed_tags``: once per sample and
+epoch). Tallied in :attr:`SkipCounter.met` with the skips, so a resize takes those of the
+old workers' current blocks out of the totals with them (:meth:`DataStats.withdraw`): the
+new slots read those samples again and count them again. Other events count this run's
+own reads (``shards_opened`` counts a re-read again) and are not.
+
+A block's tally runs from its fill to the save, which comes after its samples are decoded
+and collated: an event a codec counts when it collates a batch (pre-training's
+``unknown_tags``) for samples of the block before, collated with the block's first ones,
+is taken out with it though not read again (up to a batch less one sample per old worker,
+against the block's samples handed out, up to ``shuffle_buffer``, when it was not taken
+out at all). Counted per sample, when decoded, it is exact."""
 
 
 class SkipCounter:

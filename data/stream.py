@@ -400,13 +400,13 @@ class MixState:
     configured shuffle buffer changed since; later blocks take the new size).
 
     ``skips``: ``[source, reason, n]``, the skips this stream counted from ``sources`` on
-    (reading the block and its lead, decoding its emitted samples; also the damaged
-    shards' ``unread_bytes``, :data:`data.stats.MET_EVENTS`): reported before the
-    save, and met again by any read of the block. A resume on the same slot count mutes
-    its re-read; one on another slot count cannot (other slots read the block's shards
-    again), so it takes them back out of the totals (:mod:`data.redeal`). Empty at a
-    block end; one entry per source and reason met otherwise (states saved before it
-    was kept: none)."""
+    (reading the block and its lead, decoding its emitted samples; also the events of
+    :data:`data.stats.MET_EVENTS`: damaged shards' unread bytes, the samples' tag counts):
+    reported before the save, and met again by any read of the block. A resume on the
+    same slot count mutes its re-read; one on another slot count cannot (other slots read
+    the block's shards again), so it takes them back out of the totals
+    (:mod:`data.redeal`). Empty at a block end; one entry per source and reason met
+    otherwise (states saved before it was kept: none)."""
 
     block: int = 0
     emitted: int = 0
