@@ -35,7 +35,9 @@ read in parts under the old slot count is finished in the same parts.
 
 **Set-aside units** (a failed read waiting for its retry, at the cursor where it broke)
 are re-dealt as units of the epoch they were dealt in, saved with them (the ``aside``
-entry's last field, :class:`data.stream.SourceCursor`): a slot whose draws of epoch ``e``
+entry's ``epoch`` field, :class:`data.stream.SourceCursor`), and so are the reads of
+them owed to later epochs (``owed``: the slot was dealt the shard again before the retry
+was done; one short entry each, rare): a slot whose draws of epoch ``e``
 ran out before the retry was due goes on into ``e + 1`` with the unit still owed to
 ``e``. Filed under the slot's epoch instead (as states saved before the field still are),
 the unit's rest was read as one of ``e + 1``: after every unit of ``e``, in an epoch
@@ -180,7 +182,9 @@ def _in_progress(c: SourceCursor, unit_epoch: int, aside_epoch: int) -> list[lis
     """The unit ``c`` is inside and the units it set aside, each an entry of the epoch it
     was dealt in (saved with a set-aside unit; else ``unit_epoch`` for the unit inside,
     ``aside_epoch`` for the units set aside) with ``offset, samples, compressed, version``
-    appended (no version in states saved before it)."""
+    appended (no version in states saved before it); then the reads of set-aside units
+    the slot was dealt again meanwhile (the ``aside`` entry's ``owed``: entries of their
+    own epochs, whole or at an old slot's offset)."""
     out = []
     if c.unit is not None:  # it goes on at its byte offset (a retry: of its own epoch)
         epoch = _aside_epoch(c.aside[c.unit], unit_epoch) if c.unit in c.aside else unit_epoch
@@ -191,6 +195,9 @@ def _in_progress(c: SourceCursor, unit_epoch: int, aside_epoch: int) -> list[lis
         offset, samples, compressed, _failures, *version = entry
         out.append([_aside_epoch(entry, aside_epoch), key, offset, samples, compressed,
                     *version[:1]])
+    for key, entry in c.aside.items():
+        out.extend([epoch, key, *start] for epoch, *start in (entry[6] if len(entry) > 6
+                                                               else []))
     return out
 
 

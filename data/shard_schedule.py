@@ -15,7 +15,10 @@ Each read of a shard ends one of four ways (``read_shard``'s ``outcome["status"]
   refused or reset, timeouts, 5xx; or it refused the read, see below): the shard is set
   aside with a cursor at its first undelivered sample and retried after a cooldown that
   doubles from ``s3.max_backoff`` up to :data:`COOLDOWN_CAP_S`; the retry continues at the
-  cursor, so no sample is lost or repeated. After two failed reads in a row, or with
+  cursor, so no sample is lost or repeated. A set-aside shard drawn again (its slot is
+  dealt it in the next epoch too) is not skipped: that read is owed to the drawing
+  epoch, and ``redrawn`` has it read once the set-aside one is done (see
+  :class:`ShardSchedule`). After two failed reads in a row, or with
   nothing left but set-aside shards, the stream waits for its storage (a warning at once
   and every :data:`WAIT_LOG_EVERY_S`; it retries set-aside shards, and starts a fresh one
   only once each of those failed :data:`SHARD_ATTEMPTS` times): an outage pauses the
@@ -113,7 +116,11 @@ class ShardSchedule:
     its outcome. ``draws``: the shard order (endless when ``resampled``); ``owned``: how
     many distinct shards it holds. ``give_up(url, cursor, reason)`` counts a shard given up
     (``unreadable_shard`` or ``forbidden_shard``) and its lost samples.
-    ``clock`` and ``sleep`` are injectable for tests.
+    ``redrawn(url)``: told of a unit drawn while its earlier read is set aside (the same
+    shard dealt to the slot again, in the next epoch): a unit has one place in the fault
+    state, so the owner keeps the new read owed and sets it aside once the earlier one is
+    done (:class:`data.stream.SourceStream`); the draw goes on with the next unit (without
+    ``redrawn``, it is skipped). ``clock`` and ``sleep`` are injectable for tests.
 
     The stream is *waiting for storage* from two failed reads in a row (or from having
     nothing but set-aside shards left) until a read delivers again. Meanwhile it retries
@@ -126,9 +133,11 @@ class ShardSchedule:
                  s3: S3Config, counter: SkipCounter,
                  give_up: Callable[[str, ShardCursor, str], None],
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 redrawn: Callable[[str], None] | None = None):
         self.draws, self.owned, self.resampled = draws, owned, resampled
         self.source, self.s3, self.counter, self.give_up = source, s3, counter, give_up
+        self.redrawn = redrawn
         self.clock, self.sleep = clock, sleep
         self.dropped: set[str] = set()  # missing, unreadable or given up: never read again
         self.damaged: set[str] = set()  # damage already counted by this process
@@ -184,8 +193,17 @@ class ShardSchedule:
         if self.resampled and len(self.dropped) + len(self.aside) >= self.owned:
             return None  # nothing readable until a set-aside shard is due
         for url in self.draws:
-            if url not in self.dropped and url not in self.aside:
-                return url
+            if url in self.dropped:
+                continue
+            if url in self.aside:
+                # dealt again while its read of an earlier epoch waits for its retry:
+                # owed too (skipped, that epoch lost the whole shard; holding the deal
+                # until the retry is done would stall it on one shard: a refused one
+                # would end the run, its retries the only reads of its stream)
+                if self.redrawn is not None:
+                    self.redrawn(url)
+                continue
+            return url
         return None
 
     def _wait(self) -> None:

@@ -77,10 +77,13 @@ class SourceCursor:
     epoch ``epoch``. ``unit``: the unit being read (its key: the shard URL, plus ``#r/m``
     for part ``r`` of ``m``), None between units; ``offset``: tar byte of its next sample's
     header; ``samples``: samples of the shard passed. ``aside``: key -> ``[offset, samples,
-    compressed, failures, version, epoch]`` of shards whose read failed and waits for a
-    retry, ``epoch`` the one the unit was dealt in (its retry may come after the slot went
-    on to the next epoch; ``version``, ``epoch`` absent in states saved before they were
-    kept: such a unit is taken as of the slot's current epoch); ``dropped``:
+    compressed, failures, version, epoch, owed]`` of shards whose read failed and waits
+    for a retry, ``epoch`` the one the unit was dealt in (its retry may come after the
+    slot went on to the next epoch; ``version``, ``epoch`` absent in states saved before
+    they were kept: such a unit is taken as of the slot's current epoch); ``owed``, only
+    when the slot was dealt the unit again meanwhile: those reads, ``[epoch, *start]``
+    each (``start``: an old slot's ``offset, samples, compressed, version`` in it, see
+    ``share``; none: from its start), set aside once this one is done; ``dropped``:
     keys never read again (missing, unreadable, given up); ``damaged``: keys whose damage
     was already counted.
 
@@ -170,7 +173,8 @@ class SourceStream:
         self._units: np.ndarray | None = None
         timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v is not None}
         self.schedule = ShardSchedule(self._draws(), len(urls) * self.parts, resampled, name,
-                                      s3, counter, self._give_up, **timing)
+                                      s3, counter, self._give_up, redrawn=self._owe,
+                                      **timing)
         self._restore_faults()
         # Reads ahead the shard this slot's deal names next (see _open); never changes
         # which shard is read, so samples and cursors are the same with it off.
@@ -182,13 +186,18 @@ class SourceStream:
         self._aside_epochs: dict[str, int] = {
             key: entry[5] for key, entry in self._cursor.aside.items()
             if len(entry) > 5 and entry[5] is not None}
+        # reads of a set-aside unit dealt to this slot again meanwhile (see _owe)
+        self._owed: dict[str, list[list]] = {
+            key: [list(e) for e in entry[6]] for key, entry in self._cursor.aside.items()
+            if len(entry) > 6 and entry[6]}
 
     # -- state ---------------------------------------------------------------------------
     def cursor(self) -> SourceCursor:
         """A copy of the current cursor, with the fault state of the schedule."""
         c = self._cursor
         aside = {k: [e.cursor.offset, e.cursor.samples, e.cursor.compressed, e.failures,
-                     e.cursor.version, self._aside_epochs.get(k)]
+                     e.cursor.version, self._aside_epochs.get(k),
+                     *([[list(o) for o in self._owed[k]]] if k in self._owed else [])]
                  for k, e in sorted(self.schedule.aside.items())}
         return SourceCursor(c.epoch, c.position, c.unit, c.offset, c.samples, c.compressed,
                             aside, sorted(self.schedule.dropped),
@@ -297,6 +306,28 @@ class SourceStream:
         if upcoming is not None:
             self._prefetcher.start(upcoming)
 
+    def _owe(self, key: str) -> None:
+        """The deal just named ``key`` again (its next epoch, this slot) while its read of
+        an earlier epoch is set aside: that epoch's read is owed too, after this one."""
+        c = self._cursor  # at the entry just drawn
+        entry = (c.share[c.position - 1] if c.share is not None and c.position
+                 else [c.epoch, key])
+        self._owed.setdefault(key, []).append([entry[0], *entry[2:]])
+
+    def _start_owed(self, key: str) -> None:
+        """``key``'s set-aside read is done: its first owed read (:meth:`_owe`) is set
+        aside in its place, due at once, as a unit of its own epoch (read like a retry);
+        none if the shard was dropped (missing, unreadable, given up: never read again)."""
+        owed = self._owed.pop(key, None)
+        if not owed or key in self.schedule.dropped:
+            return
+        (epoch, *start), rest = owed[0], owed[1:]
+        if rest:
+            self._owed[key] = rest
+        now = self.schedule.clock()
+        self.schedule.aside[key] = SetAside(ShardCursor(*start), 0, now, due=now)
+        self._aside_epochs[key] = epoch
+
     def _give_up(self, key: str, cursor: ShardCursor, reason: str) -> None:
         self.counter.skip(self.name, reason)
         url, part, parts = self.split_key(key)
@@ -357,6 +388,7 @@ class SourceStream:
                 self._aside_epochs[key] = epoch
             else:
                 self._aside_epochs.pop(key, None)
+                self._start_owed(key)
             if outcome["status"] == "complete":
                 barren = 0 if outcome["samples"] else barren + 1
             if self.resampled and barren >= limit:
