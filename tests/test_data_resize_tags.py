@@ -59,12 +59,10 @@ def _tag_counts(loader) -> Counter[str]:
 # (batch size, batches read by old rank 0 and by old rank 1 before the save)
 @pytest.mark.parametrize("batch, takes", [
     (1, (2, 7)), (1, (5, 1)), (2, (1, 3)),
-    # A batch that holds the end of one block and the start of the next: its unknown tags
-    # are counted when it is collated (pretrain/data/loader.py), after the next block
-    # began, so those of the first block's samples are taken out too: 11 counted, not 12
-    # (malformed_tags, counted when a sample is decoded, is exact: 12).
-    pytest.param(3, (1, 3), marks=pytest.mark.xfail(
-        strict=True, reason="unknown_tags is counted per batch (collate), not per sample")),
+    # a batch that holds the end of one block and the start of the next: counted at collate
+    # time, after the next block began, the first block's unknown tags in it were taken out
+    # with the block's (11 counted, not 12); counted per sample when decoded, they are not
+    (3, (1, 3)),
 ])
 def test_tag_counts_of_the_old_shuffle_blocks_count_once_across_a_resize(tagged, batch,
                                                                          takes):

@@ -52,6 +52,10 @@ class TagVocab:
     def __len__(self) -> int:
         return len(self.tags)
 
+    def unknown(self, tags: list[str] | None) -> int:
+        """How many of ``tags`` are not in the vocabulary."""
+        return sum(1 for tag in tags or () if tag not in self.index)
+
     def encode(self, tags: list[str] | None) -> tuple[torch.Tensor, int]:
         """Multi-hot vector of ``tags`` and how many of them were not in the vocabulary."""
         vec = torch.zeros(len(self.tags))

@@ -49,17 +49,24 @@ class PretrainCodec:
 
     def decode(self, source_id: int, raw: RawSample, rng: random.Random,
                counter: SkipCounter) -> Sample | None:
-        """The sample, or None (its reason counted)."""
-        return decode_sample(raw, self.cfg.sources[source_id], self.transform, rng, counter)
+        """The sample, or None (its reason counted); tags outside the vocabulary are
+        counted here, per sample, as every other per-sample count is: the counts of a
+        shuffle block must be complete when its last sample is handed out, which a count
+        at collate time is not for a batch that straddles two blocks (a resize withdraws
+        the counts of the blocks it reads again: data/stats.py ``MET_EVENTS``)."""
+        source = self.cfg.sources[source_id]
+        sample = decode_sample(raw, source, self.transform, rng, counter)
+        if sample is not None:
+            counter.event(source.name, "unknown_tags", self.vocab.unknown(sample.tags))
+        return sample
 
     def collate(self, samples: list[tuple[int, Sample]], worker: int,
                 counter: SkipCounter) -> Batch:
-        """Stack samples into the batch dict (tags outside the vocabulary counted)."""
+        """Stack samples into the batch dict."""
         cfg, vocab = self.cfg, self.vocab
         tags = torch.zeros(len(samples), len(vocab))
-        for row, (source_id, sample) in enumerate(samples):
-            tags[row], unknown = vocab.encode(sample.tags)
-            counter.event(cfg.sources[source_id].name, "unknown_tags", unknown)
+        for row, (_, sample) in enumerate(samples):
+            tags[row], _ = vocab.encode(sample.tags)  # the unknown ones: counted in decode
         captions = [s.caption or "" for _, s in samples]
         return {
             "images": torch.stack([s.image for _, s in samples]),
