@@ -104,3 +104,23 @@ def test_local_executor_runs_the_same_two_task_job(tmp_path, cache):
     assert start["cluster"] == "local" and start["job_id"] == job_id
     assert start["world_size"] == 2
     assert (tmp_path / "logs" / job_id / f"{job_id}_1_log.err").is_file()
+
+
+def test_local_tasks_agree_on_the_restart_count_whichever_reads_first(tmp_path):
+    # submitit's local executor starts every task of a job again under the same job id and
+    # exports no restart counter (submitit/local/local.py, the controller's run loop); rank 0
+    # appends the job's start record. A task that looked only after that append used to
+    # count one restart more than rank 0: it alone ran with --resume auto and took its
+    # store for one that had served it.
+    from launch.slurm.environment import TaskInfo, record, restart_count
+
+    tasks = [TaskInfo("4242", rank, rank, 2, "127.0.0.1:29500", "local") for rank in (0, 1)]
+    first = [restart_count(tmp_path, tasks[0])]
+    record(tmp_path, "start", tasks[0])
+    first.append(restart_count(tmp_path, tasks[1]))
+    assert first == [0, 0]
+    again = [restart_count(tmp_path, tasks[1]), restart_count(tmp_path, tasks[0])]
+    record(tmp_path, "start", tasks[0])
+    assert again == [1, 1]  # the second start of the same job, in either order
+    other = TaskInfo("4343", 1, 1, 2, "127.0.0.1:29500", "local")
+    assert restart_count(tmp_path, other) == 0  # another job of the run starts afresh

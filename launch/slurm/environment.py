@@ -22,6 +22,9 @@ import submitit
 log = logging.getLogger(__name__)
 
 JOBS_FILE = "slurm_jobs.jsonl"
+LOCAL_STARTS = ".local_starts"
+"""Under submitit's local executor: one small file per task of each job, holding how often
+that task has started (:func:`restart_count`)."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,20 @@ def restart_count(run_dir: Path, info: TaskInfo) -> int:
     first): a requeue on the time-limit signal, a preemption requeued by SLURM
     (PreemptMode=REQUEUE), a node failure, `scontrol requeue`. So it only says how
     often, not why; :func:`timeout_count` is the count that ``--max-requeues`` limits.
-    submitit's local executor has no such counter, so there we count this job's earlier
-    starts in the run's record.
+    submitit's local executor has no such counter (it starts every task of the job again,
+    under the same job id), so there each task counts its own starts, in a file of its
+    own (``LOCAL_STARTS``/``<job id>.<rank>``): counting the job's ``start`` records, which
+    rank 0 appends, would let a task that reads after rank 0 wrote this start's record
+    count one restart more than rank 0 does (and resume, or wait for its store, alone).
+    Called once per task start: it counts that start.
     """
     if info.cluster == "slurm":
         return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    return sum(1 for r in read_records(run_dir)
-               if r.get("job_id") == info.job_id and r.get("event") == "start")
+    path = run_dir / LOCAL_STARTS / f"{info.job_id}.{info.rank}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = int(path.read_text() or 0) if path.is_file() else 0
+    path.write_text(str(before + 1))
+    return before
 
 
 def timeout_count(run_dir: Path, job_id: str) -> int:
