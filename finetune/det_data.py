@@ -1,15 +1,94 @@
-"""Detection data: COCO instances (boxes, masks) as torchvision detection targets."""
+"""Detection data: COCO instances (boxes, masks) as torchvision detection targets.
+
+Data faults: an image the annotation file names but its image folder lacks (a partial
+copy, a cut download) is a config error at the start checks (:func:`check_data`, before
+anything is built), found from one listing of the folder; an image that exists but cannot
+be decoded is replaced by the next readable item in training (logged, naming it) and ends
+an evaluation, naming it (:class:`CocoInstances`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.data_paths import DataPath, check_data_paths
+from finetune.datasets.base import NAMED_UNLABELLED, UnreadableFile, listed_names, read_image
 from finetune.det_config import DetCropAugConfig, DetectionConfig
+
+log = logging.getLogger(__name__)
+
+# annotation file -> ((size, mtime_ns), its parsed JSON): what the start check parsed, left
+# for the dataset built next from the same file in this process, so COCO train2017's
+# ~450 MB are parsed once (~15 s) and not twice (see check_data)
+_PARSED: dict[Path, tuple[tuple[int, int], dict]] = {}
+
+
+class MissingImages(ValueError):
+    """Images an annotation file names that its image folder lacks: a config error raised
+    by the start checks, before anything is built (a ``ValueError``, as every data check
+    that ``internimage finetune`` reports in one line)."""
+
+
+def _read_json(path: Path) -> object:
+    """``path`` parsed as JSON (bytes in: json detects UTF-8/16/32 as pycocotools' read
+    does for UTF-8)."""
+    return json.loads(path.read_bytes())
+
+
+def _annotations(ann_file: Path, keep: bool = False) -> dict:
+    """The parsed annotation file ``ann_file``: the copy the start check kept when the file
+    has not changed since (taken, not kept twice), else parsed now; ``keep``: left for the
+    dataset built next from it. A ``ValueError`` when it is not a JSON object."""
+    path = Path(ann_file).resolve()
+    st = path.stat()
+    stamp = (st.st_size, st.st_mtime_ns)
+    kept = _PARSED.pop(path, None)
+    if kept is not None and kept[0] == stamp:
+        data = kept[1]
+    else:
+        try:
+            data = _read_json(path)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: a cut download
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not COCO's object "
+                             "of images, annotations and categories")
+    if keep:
+        _PARSED[path] = (stamp, data)
+    return data
+
+
+def _coco(ann_file: Path):
+    """pycocotools' ``COCO`` index of ``ann_file`` (parsed once, see :func:`_annotations`)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = _annotations(ann_file)
+    with contextlib.redirect_stdout(io.StringIO()):  # its "creating index..." lines
+        coco.createIndex()
+    return coco
+
+
+def missing_images(image_dir: Path, file_names: list[str]) -> list[str]:
+    """The ``file_names`` (relative to ``image_dir``, maybe with a sub-folder) that are not
+    in ``image_dir``: one listing per folder they name, no file looked at one by one (a
+    stat per image costs ~1 ms on a network filesystem, two minutes for COCO train2017)."""
+    listed: dict[str, frozenset[str]] = {}  # sub-folder ('' for image_dir) -> its names
+    missing = []
+    for name in file_names:
+        folder, _, base = name.rpartition("/")
+        if folder not in listed:
+            listed[folder] = listed_names(image_dir / folder if folder else image_dir)
+        if base not in listed[folder]:
+            missing.append(name)
+    return missing
 
 
 class CocoInstances(Dataset):
@@ -26,19 +105,23 @@ class CocoInstances(Dataset):
     the images with at least one annotation of the dataset's categories, crowd ones
     included; ``min_size`` (mmdet: 32; here 0, off, unless given) keeps those whose
     recorded ``min(width, height) >= min_size``, whatever ``filter_empty_gt`` says.
+
+    An image that cannot be decoded (truncated, not an image; the file is named): in
+    training the next readable item in index order takes its place, logged with a count
+    of this process's skips, before any random draw of the item (so a resume replays the
+    same items and draws, and every batch keeps its size); ``MAX_TRIES`` in a row end the
+    run. In evaluation it ends the run (:class:`UnreadableFile`): an AP over fewer images
+    than the split holds would not be the benchmark's number.
     """
+
+    MAX_TRIES = 16
 
     def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
                  crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False,
                  min_size: int = 0):
-        import contextlib
-        import io
-
-        from pycocotools.coco import COCO
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(ann_file))
+        self.coco = _coco(Path(ann_file))
         self.image_dir, self.train, self.hflip = image_dir, train, hflip
+        self.skipped = 0  # unreadable images replaced by this process (each worker its own)
         self.crop_aug = crop_aug
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
@@ -63,7 +146,7 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, i: int):
         for _ in range(1000):
-            item = self._load(i)
+            i, item = self._readable(i)
             if item is not None:
                 return item
             group = self.groups[self.wide[i]]
@@ -71,15 +154,31 @@ class CocoInstances(Dataset):
         raise RuntimeError("data.crop_aug.allow_negative_crop=false: 1000 crops in a row "
                            "left no box (images without boxes in the training set?)")
 
+    def _readable(self, i: int) -> tuple[int, tuple | None]:
+        """(index, :meth:`_load` of it) for item ``i``; in training, for the next item in
+        index order whose image can be read where item ``i``'s cannot."""
+        if not self.train:
+            return i, self._load(i)
+        for k in range(self.MAX_TRIES):
+            j = (i + k) % len(self.ids)
+            try:
+                return j, self._load(j)
+            except UnreadableFile as err:
+                self.skipped += 1
+                log.warning("data: training image %d skipped, the next one read instead: %s "
+                            "(%d skipped by this process)", j, err, self.skipped)
+        raise RuntimeError(f"data: {self.MAX_TRIES} consecutive training images from index "
+                           f"{i} cannot be read: the set is damaged, see the warnings above")
+
     def _load(self, i: int):
         """Item ``i`` through the pipeline; None for a crop left without boxes when the
-        crop branch does not allow that."""
+        crop branch does not allow that. Its image is read first, before any random draw:
+        an :class:`UnreadableFile` (naming it) leaves the generator as it was."""
         import numpy as np
-        from torchvision.transforms.functional import pil_to_tensor
 
         img_id = self.ids[i]
         info = self.coco.imgs[img_id]
-        img = pil_to_tensor(Image.open(self.image_dir / info["file_name"]).convert("RGB"))
+        img = torch.from_numpy(read_image(self.image_dir / info["file_name"])).permute(2, 0, 1)
         anns = [a for a in self.coco.imgToAnns[img_id] if not a.get("iscrowd", 0)]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns],
@@ -171,9 +270,61 @@ def data_paths(cfg: DetectionConfig) -> list[DataPath]:
 
 
 def check_data(cfg: DetectionConfig) -> None:
-    """Refuse, before anything is built, COCO paths that are missing (a ``ValueError``
-    naming the key and the path)."""
+    """Refuse, before anything is built, COCO paths that are missing, then an annotation
+    file that is not JSON, then images an annotation file names that its image folder
+    lacks (a ``ValueError`` naming the key: how many of how many, the folder, the first
+    few).
+
+    The annotation files are parsed here, ~15 s for COCO train2017's ~450 MB, and the
+    parse is kept for the dataset built next from the same file in this process (the
+    ``internimage finetune`` start, then ``train``), which would otherwise parse it again:
+    the start costs no more than before; ``internimage submit`` parses them once on the
+    login node to warn. The images are compared with one listing per folder."""
     check_data_paths(data_paths(cfg))
+    d = cfg.data
+    if d.kind == "demo":  # generated, complete, on first use
+        return
+    root = Path(d.root)
+    checked = set()
+    try:
+        for images, ann in (("train_images", "train_ann"), ("val_images", "val_ann")):
+            ann_file, image_dir = root / getattr(d, ann), root / getattr(d, images)
+            try:
+                names = _file_names(_annotations(ann_file, keep=True), ann_file)
+            except ValueError as err:
+                raise ValueError(f"data.{ann}: {err}") from None
+            checked.add(ann_file.resolve())
+            _refuse_missing(f"data.{images}", image_dir, ann_file, names)
+    except ValueError:
+        _PARSED.clear()  # a refused start builds nothing: free the parses
+        raise
+    for path in set(_PARSED) - checked:  # an earlier check's, that nothing will take now
+        del _PARSED[path]
+
+
+def _file_names(data: dict, ann_file: Path) -> list[str]:
+    """The ``file_name`` of each entry of the ``images`` list of ``data`` (``ann_file``
+    parsed; a file without the list names no image, as pycocotools reads it)."""
+    entries = data.get("images", [])
+    names = [e.get("file_name") for e in entries if isinstance(e, dict)] \
+        if isinstance(entries, list) else []
+    if not isinstance(entries, list) or len(names) != len(entries) or \
+            not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{ann_file}: 'images' must be a list of objects with a file_name, "
+                         "as COCO's")
+    return names
+
+
+def _refuse_missing(key: str, image_dir: Path, ann_file: Path, names: list[str]) -> None:
+    """Raise :class:`MissingImages` for the ``names`` (those ``ann_file`` names) that
+    ``image_dir`` lacks: ``key``, how many of how many, the folder, the first few."""
+    missing = missing_images(image_dir, names)
+    if not missing:
+        return
+    first = ", ".join(missing[:NAMED_UNLABELLED])
+    more = ", ..." if len(missing) > NAMED_UNLABELLED else ""
+    raise MissingImages(f"{key}: {len(missing)} of {len(names)} images that {ann_file} "
+                        f"names are not in {image_dir} (first: {first}{more})")
 
 
 def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
@@ -186,7 +337,9 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
         paths = (root / "train", root / "annotations/instances_train.json",
                  root / "val", root / "annotations/instances_val.json")
     else:
-        check_data(cfg)
+        # the paths only: the images were compared with their folders at the start checks
+        # (finetune.init.start_checks), whose parse of the annotation files is taken below
+        check_data_paths(data_paths(cfg))
         root = Path(d.root)
         paths = (root / d.train_images, root / d.train_ann, root / d.val_images,
                  root / d.val_ann)
