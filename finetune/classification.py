@@ -144,12 +144,12 @@ class ClassificationConfig:
     init: str | None = None
 
 
-def check_start(cfg: ClassificationConfig) -> None:
+def check_start(cfg: ClassificationConfig, thorough: bool = True) -> None:
     """:func:`finetune.init.start_checks` with this task's data paths."""
     from finetune.cls_data import check_data
     from finetune.init import start_checks
 
-    start_checks(cfg, check_data)
+    start_checks(cfg, check_data, thorough=thorough)
 
 
 def dry_run(cfg: ClassificationConfig) -> int:

@@ -132,10 +132,12 @@ def demo_urls(cache_dir: str, img_size: int) -> tuple[list[str], list[str]]:
     return demo_source_urls(manifest, "train"), demo_source_urls(manifest, "val")
 
 
-def check_data(cfg) -> None:
+def check_data(cfg, thorough: bool = True) -> None:
     """Refuse, before anything is built, data the readers of ``cfg.data.kind`` would not
     find (a ``ValueError`` naming the key and the path): the image folder's train and val
-    class folders, the local shards and shard lists (remote URLs are the pipeline's)."""
+    class folders, the local shards and shard lists (remote URLs are the pipeline's).
+    Nothing here reads more than a listing or a shard list, so ``thorough`` (False at
+    submit: see ``finetune.init.start_checks``) changes nothing."""
     from finetune.data_paths import DataPath, check_data_paths, check_shard_urls
 
     d = cfg.data

@@ -269,7 +269,7 @@ def data_paths(cfg: DetectionConfig) -> list[DataPath]:
     return out
 
 
-def check_data(cfg: DetectionConfig) -> None:
+def check_data(cfg: DetectionConfig, thorough: bool = True) -> None:
     """Refuse, before anything is built, COCO paths that are missing, then an annotation
     file that is not JSON, then images an annotation file names that its image folder
     lacks (a ``ValueError`` naming the key: how many of how many, the folder, the first
@@ -278,11 +278,12 @@ def check_data(cfg: DetectionConfig) -> None:
     The annotation files are parsed here, ~15 s for COCO train2017's ~450 MB, and the
     parse is kept for the dataset built next from the same file in this process (the
     ``internimage finetune`` start, then ``train``), which would otherwise parse it again:
-    the start costs no more than before; ``internimage submit`` parses them once on the
-    login node to warn. The images are compared with one listing per folder."""
+    the start costs no more than before. ``thorough=False`` (``internimage submit`` on a
+    login node, see ``finetune.init.start_checks``): the paths only, no parse. The images
+    are compared with one listing per folder."""
     check_data_paths(data_paths(cfg))
     d = cfg.data
-    if d.kind == "demo":  # generated, complete, on first use
+    if d.kind == "demo" or not thorough:  # demo: generated, complete, on first use
         return
     root = Path(d.root)
     checked = set()

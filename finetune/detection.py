@@ -78,12 +78,12 @@ def _variant_depths(cfg) -> tuple[int, ...]:
     return VARIANTS[cfg.model.name].depths
 
 
-def check_start(cfg: DetectionConfig) -> None:
+def check_start(cfg: DetectionConfig, thorough: bool = True) -> None:
     """:func:`finetune.init.start_checks` with this task's data paths."""
     from finetune.det_data import check_data
     from finetune.init import start_checks
 
-    start_checks(cfg, check_data)
+    start_checks(cfg, check_data, thorough=thorough)
 
 
 def dry_run(cfg: DetectionConfig) -> int:

@@ -94,11 +94,12 @@ def data_paths(cfg: SegDataConfig) -> list[DataPath]:
                             [SPLIT_NAMES[cfg.eval_kind][1]]))
 
 
-def check_data(cfg) -> None:
+def check_data(cfg, thorough: bool = True) -> None:
     """Refuse, before anything is built, a segmentation run's missing data folders, then
     images without their label file (a ``ValueError`` naming the key and the path;
     ``cfg``: SegmentationConfig). The pairing lists each image and label folder once
-    (the listing the datasets make again when they are built), never a stat per file."""
+    (the listing the datasets make again when they are built), never a stat per file: as
+    cheap as the folder checks, so done at submit too (``thorough`` changes nothing)."""
     d = cfg.data
     check_data_paths(data_paths(d))
     if d.kind != "demo":  # the demo set is generated, complete, on first use

@@ -97,14 +97,15 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
     return describe(est, batch, d.crop_size, cfg.model.with_cp, scope=scope)
 
 
-def check_start(cfg: SegmentationConfig) -> None:
+def check_start(cfg: SegmentationConfig, thorough: bool = True) -> None:
     """:func:`finetune.init.start_checks` with this task's data paths (a whole segmenter's
     init is checked when it is loaded)."""
     from finetune.init import start_checks
     from finetune.seg_data import check_data
 
     start_checks(cfg, check_data,
-                 backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)))
+                 backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)),
+                 thorough=thorough)
 
 
 def dry_run(cfg: SegmentationConfig) -> int:

@@ -144,3 +144,26 @@ def test_an_image_that_cannot_be_decoded_is_named_skipped_in_training_fatal_in_e
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(UnreadableFile, match=re.escape(f"cannot read image {truncated}")):
         val[1]
+
+
+def test_submit_checks_the_paths_but_leaves_the_annotation_parse_to_the_job(tmp_path,
+                                                                          monkeypatch,
+                                                                          capsys):
+    """On a login node `internimage submit` must not parse COCO annotation files (~3 GB of
+    memory for train2017's ~450 MB of JSON, far more for Objects365): it checks the paths
+    (a missing folder is a warning there), the job's own start checks the images."""
+    from finetune import det_data, detection
+    from launch.commands.finetune import checked_start
+
+    root = _coco(tmp_path / "coco")
+    (root / "train2017" / "b.jpg").unlink()
+    parsed = []
+    monkeypatch.setattr(det_data, "_read_json", lambda p: parsed.append(p) or {})
+    checked_start(detection, _cfg(root), None, missing_data="warn")
+    assert parsed == [] and capsys.readouterr().err == ""
+    (root / "val2017" / "sub" / "v2.jpg").unlink()
+    (root / "val2017" / "sub").rmdir()
+    (root / "val2017" / "v1.jpg").unlink()
+    (root / "val2017").rmdir()  # a path check: still a warning at submit
+    checked_start(detection, _cfg(root), None, missing_data="warn")
+    assert "warning: data.val_images" in capsys.readouterr().err and parsed == []

@@ -218,7 +218,7 @@ def test_a_data_path_the_login_node_cannot_look_into_is_a_warning_at_submit(
     compute nodes): a warning, as for a path it does not see, not a traceback."""
     import finetune.cls_data
 
-    def unreadable(cfg):
+    def unreadable(cfg, thorough=True):
         raise PermissionError(13, "Permission denied", "/datasets/imagenet/train")
 
     monkeypatch.setattr(finetune.cls_data, "check_data", unreadable)

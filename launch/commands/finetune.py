@@ -124,7 +124,9 @@ def checked_start(mod, cfg, resume_dir: Path | None, missing_data: str = "refuse
     else:
         check_init(cfg.init)
     try:
-        mod.check_start(cfg)
+        # at submit, on a login node: no check that reads data files (a COCO annotation
+        # file is gigabytes of memory to parse; the job's start parses it)
+        mod.check_start(cfg, thorough=missing_data != "warn")
     except CheckpointError as err:
         raise ConfigError(f"init: {err}") from None
     except (ValueError, OSError) as err:  # a ValueError names its key (config checks)
