@@ -9,17 +9,19 @@ an evaluation, naming it (:class:`CocoInstances`)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from finetune.data_paths import DataPath, check_data_paths
-from finetune.datasets.base import NAMED_UNLABELLED, UnreadableFile, listed_names, read_image
+from finetune.datasets.base import (
+    NAMED_UNLABELLED,
+    NextReadable,
+    listed_names,
+    read_image,
+)
 from finetune.det_config import DetCropAugConfig, DetectionConfig
-
-log = logging.getLogger(__name__)
 
 # annotation file -> ((size, mtime_ns), its parsed JSON): what the start check parsed, left
 # for the dataset built next from the same file in this process, so COCO train2017's
@@ -107,21 +109,19 @@ class CocoInstances(Dataset):
     recorded ``min(width, height) >= min_size``, whatever ``filter_empty_gt`` says.
 
     An image that cannot be decoded (truncated, not an image; the file is named): in
-    training the next readable item in index order takes its place, logged with a count
-    of this process's skips, before any random draw of the item (so a resume replays the
-    same items and draws, and every batch keeps its size); ``MAX_TRIES`` in a row end the
-    run. In evaluation it ends the run (:class:`UnreadableFile`): an AP over fewer images
-    than the split holds would not be the benchmark's number.
+    training the next readable item takes its place
+    (``finetune.datasets.base.NextReadable``), before any random draw of the item (so a
+    resume replays the same items and draws); in evaluation it ends the run
+    (:class:`UnreadableFile`): an AP over fewer images than the split holds would not be
+    the benchmark's number.
     """
-
-    MAX_TRIES = 16
 
     def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
                  crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False,
                  min_size: int = 0):
         self.coco = _coco(Path(ann_file))
         self.image_dir, self.train, self.hflip = image_dir, train, hflip
-        self.skipped = 0  # unreadable images replaced by this process (each worker its own)
+        self.replace = NextReadable("image")
         self.crop_aug = crop_aug
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
@@ -154,21 +154,17 @@ class CocoInstances(Dataset):
         raise RuntimeError("data.crop_aug.allow_negative_crop=false: 1000 crops in a row "
                            "left no box (images without boxes in the training set?)")
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable training images replaced by this process (each worker its own)."""
+        return self.replace.skipped
+
     def _readable(self, i: int) -> tuple[int, tuple | None]:
         """(index, :meth:`_load` of it) for item ``i``; in training, for the next item in
         index order whose image can be read where item ``i``'s cannot."""
         if not self.train:
             return i, self._load(i)
-        for k in range(self.MAX_TRIES):
-            j = (i + k) % len(self.ids)
-            try:
-                return j, self._load(j)
-            except UnreadableFile as err:
-                self.skipped += 1
-                log.warning("data: training image %d skipped, the next one read instead: %s "
-                            "(%d skipped by this process)", j, err, self.skipped)
-        raise RuntimeError(f"data: {self.MAX_TRIES} consecutive training images from index "
-                           f"{i} cannot be read: the set is damaged, see the warnings above")
+        return self.replace.read(self._load, i, len(self.ids))
 
     def _load(self, i: int):
         """Item ``i`` through the pipeline; None for a crop left without boxes when the

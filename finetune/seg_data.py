@@ -9,7 +9,6 @@ evaluation, naming it (:class:`SegDataset`)."""
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from pathlib import Path
@@ -20,11 +19,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from finetune.data_paths import DataPath, check_data_paths
-from finetune.datasets.base import IGNORE_INDEX, UnlabelledImages, UnreadableFile
+from finetune.datasets.base import (
+    IGNORE_INDEX,
+    NextReadable,
+    UnlabelledImages,
+)
 from finetune.seg_config import SPLIT_NAMES, SegDataConfig
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
-
-log = logging.getLogger(__name__)
 
 # images stay on the 0..255 scale here (mmseg's recipe), so ImageNet's statistics are too
 MEAN = torch.tensor([255 * m for m in IMAGENET_MEAN]).view(3, 1, 1)
@@ -128,19 +129,15 @@ class SegDataset(Dataset):
     """(normalised image, label map with 255 = ignore); train: rescale, crop, flip.
 
     A pair whose image or label cannot be read (truncated, not an image; the file is
-    named): in training the next readable pair in index order takes its place, logged
-    with a count of this process's skips, so every batch keeps its size (the ranks step
-    together) and a resume replays the same pairs (no random draw), as the classification
-    sets skip theirs (``finetune.cls_data.SkipUnreadable``); more than ``MAX_TRIES`` in a
-    row end the run. In evaluation it ends the run (:class:`UnreadableFile`): an mIoU
-    over fewer images than the split holds would not be the benchmark's number.
+    named): in training the next readable pair takes its place
+    (``finetune.datasets.base.NextReadable``); in evaluation it ends the run
+    (:class:`UnreadableFile`): an mIoU over fewer images than the split holds would not be
+    the benchmark's number.
     """
-
-    MAX_TRIES = 16
 
     def __init__(self, cfg: SegDataConfig, train: bool):
         self.cfg, self.train = cfg, train
-        self.skipped = 0  # unreadable pairs replaced by this process (each worker its own)
+        self.replace = NextReadable("pair")
         self.pairs = _pairs(cfg, train)
         if not self.pairs:
             kind, where = (cfg.kind, cfg.root) if train else (cfg.eval_kind, cfg.eval_root)
@@ -159,20 +156,16 @@ class SegDataset(Dataset):
             label = torch.where(label == 0, IGNORE_INDEX, label - 1)
         return img.float(), label
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable training pairs replaced by this process (each worker its own)."""
+        return self.replace.skipped
+
     def _readable(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair ``i`` as read; in training the next readable one where it cannot be read."""
         if not self.train:
             return self._load(i)
-        for k in range(self.MAX_TRIES):
-            j = (i + k) % len(self.pairs)
-            try:
-                return self._load(j)
-            except UnreadableFile as err:
-                self.skipped += 1
-                log.warning("data: training pair %d skipped, the next one read instead: %s "
-                            "(%d skipped by this process)", j, err, self.skipped)
-        raise RuntimeError(f"data: {self.MAX_TRIES} consecutive training pairs from index "
-                           f"{i} cannot be read: the set is damaged, see the warnings above")
+        return self.replace.read(self._load, i, len(self.pairs))[1]
 
     def __getitem__(self, i: int):
         img, label = self._readable(i)

@@ -131,7 +131,7 @@ def test_an_image_that_cannot_be_decoded_is_named_skipped_in_training_fatal_in_e
     bad = root / "train2017" / "b.jpg"
     bad.write_bytes(b"not a jpeg")
     train, val = build_datasets(_cfg(root))
-    with caplog.at_level(logging.WARNING, logger="finetune.det_data"):
+    with caplog.at_level(logging.WARNING, logger="finetune.datasets.base"):
         torch.manual_seed(0)
         img, target = train[1]  # b.jpg: c.jpg (item 2) instead
     assert target["image_id"] == 3 and train.skipped == 1

@@ -176,7 +176,7 @@ def _real_ade20k(root: Path, n: int = 3) -> None:
         for i in range(count):
             for d in ("images", "annotations"):
                 (root / d / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+            Image.fromarray(np.full((8, 8, 3), 40 * i % 256, np.uint8)).save(
                 root / "images" / split / f"{i}.jpg")
             Image.fromarray(np.full((8, 8), i + 1, np.uint8)).save(
                 root / "annotations" / split / f"{i}.png")
@@ -211,7 +211,7 @@ def test_an_unreadable_training_label_is_replaced_by_the_next_pair_and_named(tmp
     bad = tmp_path / "annotations" / "training" / "1.png"
     _truncate(bad)
     data = SegDataset(_seg_data(tmp_path), train=True)
-    with caplog.at_level(logging.WARNING, logger="finetune.seg_data"):
+    with caplog.at_level(logging.WARNING, logger="finetune.datasets.base"):
         img, label = _item(data, 1)
     want_img, want_label = _item(data, 2)
     assert torch.equal(img, want_img) and torch.equal(label, want_label)
@@ -220,15 +220,22 @@ def test_an_unreadable_training_label_is_replaced_by_the_next_pair_and_named(tmp
     assert f"cannot read label map {bad}" in caplog.text and "1 skipped" in caplog.text
 
 
-def test_a_damaged_training_set_ends_the_run_after_sixteen_unreadable_pairs(tmp_path):
+@pytest.mark.parametrize("pairs, tries", [(20, 16), (3, 3)])
+def test_a_damaged_training_set_ends_the_run_after_sixteen_unreadable_pairs(
+        tmp_path, caplog, pairs, tries):
+    # sixteen in a row, or every pair once when the set holds fewer (never one file twice)
     from finetune.seg_data import SegDataset
 
-    _real_ade20k(tmp_path)
+    _real_ade20k(tmp_path, pairs)
     for label in (tmp_path / "annotations" / "training").iterdir():
         label.write_bytes(b"not a png")
     data = SegDataset(_seg_data(tmp_path), train=True)
-    with pytest.raises(RuntimeError, match="16 consecutive training pairs from index 0"):
+    with pytest.raises(RuntimeError, match=f"{tries} consecutive training pairs from index 0"):
         data[0]
+    assert data.skipped == tries
+    tried = [int(m.group(1)) for r in caplog.records
+             if (m := re.search(r"training pair (\d+) skipped", r.getMessage()))]
+    assert tried == list(range(tries))
 
 
 def test_an_unreadable_evaluation_file_ends_the_evaluation_naming_it(tmp_path):
@@ -244,3 +251,28 @@ def test_an_unreadable_evaluation_file_ends_the_evaluation_naming_it(tmp_path):
     image.write_bytes(b"")
     with pytest.raises(OSError, match=f"^cannot read image {re.escape(str(image))} "):
         SegDataset(data, train=False)[0]
+
+
+def test_listings_keep_the_order_sorted_glob_gave(tmp_path):
+    # a dataset's order is part of an exact resume: the string-sorted listing must give
+    # the order of sorted(Path.glob(...)) that the datasets used before (pathlib's glob
+    # includes hidden names; Python 3.11 orders paths part by part)
+    from finetune.datasets.base import files_named
+    from finetune.datasets.cityscapes import cityscapes_pairs
+
+    names = ["x-1", "x_1", "X", "x.1", "x", ".hidden", "x1", "x10", "x2"]
+    for city in ("aachen", "aachen-x", "Bonn", "a.b", "zz", ".h"):
+        for name in names:
+            for root, label in (("leftImg8bit", "_leftImg8bit.png"),
+                                ("gtFine", "_gtFine_labelTrainIds.png")):
+                folder = tmp_path / root / "train" / city
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{name}{label}").touch()
+    (tmp_path / "leftImg8bit" / "train" / "stray_leftImg8bit.png").touch()  # not a city
+    images = [image for image, _, _ in cityscapes_pairs(tmp_path, "train")]
+    assert images == sorted((tmp_path / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in (*names, "a.JPG"):
+        (flat / f"{name}.jpg").touch()
+    assert files_named(flat, ".jpg") == sorted(flat.glob("*.jpg"))

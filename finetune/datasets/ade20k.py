@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import listed_names, refuse_unlabelled
+from finetune.datasets.base import files_named, listed_names, refuse_unlabelled
 
 
 def ade20k_pairs(root: str | Path, split: str) -> list[tuple]:
@@ -18,7 +18,7 @@ def ade20k_pairs(root: str | Path, split: str) -> list[tuple]:
     file looked at one by one)."""
     root = Path(root)
     image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    images = sorted(image_dir.glob("*.jpg"))
+    images = files_named(image_dir, ".jpg")
     labels = listed_names(label_dir)
     unlabelled = [image for image in images if f"{image.stem}.png" not in labels]
     refuse_unlabelled(image_dir, len(images), unlabelled, f"annotations/{split}/<name>.png")

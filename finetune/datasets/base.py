@@ -4,9 +4,11 @@ set whose labels are missing or cannot be read."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ IGNORE_INDEX = 255
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # how many unlabelled images an error names (the count says how many there are)
 NAMED_UNLABELLED = 3
+# unreadable training items in a row that end a run (the set is damaged, not a file)
+MAX_UNREADABLE_IN_A_ROW = 16
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UnlabelledImages(ValueError):
@@ -46,6 +52,23 @@ def listed_names(folder: Path) -> frozenset[str]:
         return frozenset()
 
 
+def files_named(folder: Path, suffix: str) -> list[Path]:
+    """The entries of ``folder`` whose names end in ``suffix``, in name order (what
+    ``sorted(folder.glob("*" + suffix))`` lists, hidden names included, as pathlib's glob
+    includes them: the order of a dataset is part of an exact resume); none when it does
+    not exist.
+
+    One directory listing, sorted as name strings: sorting ``glob``'s Path objects took
+    3.7 s of the 5 s a COCO-Stuff listing took at 118k images, and the start check and the
+    dataset each list it."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(suffix))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / name for name in names]
+
+
 def refuse_unlabelled(image_dir: Path, total: int, unlabelled: list[Path],
                       expected: str) -> None:
     """Raise :class:`UnlabelledImages` when ``unlabelled`` (of the ``total`` images listed
@@ -57,6 +80,34 @@ def refuse_unlabelled(image_dir: Path, total: int, unlabelled: list[Path],
     more = ", ..." if len(unlabelled) > NAMED_UNLABELLED else ""
     raise UnlabelledImages(f"{len(unlabelled)} of {total} images in {image_dir} have no "
                            f"label file (expected {expected}; first: {first}{more})")
+
+
+class NextReadable:
+    """Training's rule for an item that cannot be read (:class:`UnreadableFile`): the next
+    item in index order is read in its place, so every batch keeps its size (the ranks step
+    together) and a resume replays the same items (no random draw decides), as the
+    classification sets skip theirs (``finetune.cls_data.SkipUnreadable``). Each
+    replacement is logged with this process's count (``skipped``; a DataLoader worker
+    counts its own); :data:`MAX_UNREADABLE_IN_A_ROW` in a row (or the whole set, when
+    smaller) end the run. ``what``: the item's name in the messages (``pair``, ``image``)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.skipped = 0
+
+    def read(self, load: Callable[[int], T], i: int, size: int) -> tuple[int, T]:
+        """(index read, ``load`` of it): item ``i``'s, or the next readable one's."""
+        tries = min(MAX_UNREADABLE_IN_A_ROW, size)
+        for k in range(tries):
+            j = (i + k) % size
+            try:
+                return j, load(j)
+            except UnreadableFile as err:
+                self.skipped += 1
+                log.warning("data: training %s %d skipped, the next one read instead: %s "
+                            "(%d skipped by this process)", self.what, j, err, self.skipped)
+        raise RuntimeError(f"data: {tries} consecutive training {self.what}s from index {i} "
+                           "cannot be read: the set is damaged, see the warnings above")
 
 
 def read_image(path: str | Path) -> np.ndarray:

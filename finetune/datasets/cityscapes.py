@@ -14,6 +14,7 @@ from pathlib import Path
 from finetune.datasets.base import (
     PairedSegmentation,
     Transform,
+    files_named,
     listed_names,
     lookup_table,
     refuse_unlabelled,
@@ -45,7 +46,9 @@ def cityscapes_pairs(root: str | Path, split: str) -> list[tuple[Path, Path, obj
         raise ValueError(f"cityscapes split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
     image_dir = root / "leftImg8bit" / split
-    images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+    # city by city, each in name order: the order of glob("*/*_leftImg8bit.png") sorted
+    cities = [c for c in files_named(image_dir, "") if c.is_dir()]
+    images = [image for city in cities for image in files_named(city, "_leftImg8bit.png")]
     listed: dict[str, frozenset[str]] = {}  # city -> names in its gtFine folder
     pairs, unlabelled = [], []
     for image in images:

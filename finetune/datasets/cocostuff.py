@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import listed_names, lookup_table, refuse_unlabelled
+from finetune.datasets.base import files_named, listed_names, lookup_table, refuse_unlabelled
 
 # Stored ids 0..181 that no class uses (COCO's 11 unused thing/stuff category ids, minus 1).
 UNUSED_STORED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
@@ -58,7 +58,7 @@ def cocostuff_pairs(root: str | Path, split: str) -> list[tuple]:
         raise ValueError(f"cocostuff split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
     image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    images = sorted(image_dir.glob("*.jpg"))
+    images = files_named(image_dir, ".jpg")
     labels = listed_names(label_dir)
     pairs, unlabelled = [], []
     for image in images:

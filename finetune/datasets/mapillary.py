@@ -23,6 +23,7 @@ import numpy as np
 from finetune.datasets.base import (
     PairedSegmentation,
     Transform,
+    files_named,
     listed_names,
     lookup_table,
     refuse_unlabelled,
@@ -127,7 +128,7 @@ def mapillary_pairs(root: str | Path, split: str, lut: np.ndarray) -> list[tuple
         raise ValueError(f"mapillary split must be one of {SPLITS}, got {split!r}")
     image_dir = Path(root) / split / "images"
     label_dir = labels_dir(root, split)
-    images = sorted(image_dir.glob("*.jpg"))
+    images = files_named(image_dir, ".jpg")
     labels = listed_names(label_dir)
     pairs, unlabelled = [], []
     for image in images:
