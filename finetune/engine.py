@@ -27,11 +27,14 @@ from runtime import rng
 from runtime.checkpoint import (
     ResumeError,
     checked_state,
+    load_rank_state,
+    load_rank_states,
     publish_config,
     refuse_fresh_start,
     refuse_legacy_resume,
     resolve_resume,
     save_checkpoint,
+    saved_ranks,
 )
 from runtime.dist import DistInfo
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
@@ -69,26 +72,40 @@ class FinetuneRun:
     def save(self, engine, step: int, shared: dict[str, Any], d: DistInfo,
              side_files: dict[str, Any] | None = None,
              local: dict[str, Any] | None = None) -> Path:
-        """A checkpoint at ``step``, written on every rank: DeepSpeed's shards, and in
-        ``trainer_state.json`` ``shared`` with the ``step`` and each rank's random state
-        plus its ``local`` entries (a streamed set's position: :meth:`rank_states`);
+        """A checkpoint at ``step``, written on every rank: DeepSpeed's shards,
+        ``trainer_state.json`` with ``shared`` and the ``step``, and each rank's own file
+        with its random state plus its ``local`` entries (a streamed set's position:
+        :meth:`rank_states`);
         ``side_files``: name -> object rank 0 saves into it (an EMA's weights)."""
         return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()} | (local or {}),
                                shared | {"step": step}, d, KEEP_LAST, side_files=side_files)
 
     def rank_states(self, key: str) -> list[Any] | None:
         """Every rank's ``local`` entry ``key`` as saved (None where a rank saved none);
-        None for a fresh start."""
+        None for a fresh start. Every rank saves the same keys (one code path), so rank
+        0's file alone tells a key none saved (a set that is not streamed: a list of
+        None, one file read); a key they saved reads every rank's file, as a streamed
+        set's positions are re-dealt over another worker count (data/redeal.py)."""
         if self.state is None:
             return None
-        return [r.get(key) for r in self.state["ranks"]]
+        assert self.resume_dir is not None
+        saved = saved_ranks(self.state)
+        if saved == 0 or key not in load_rank_state(self.resume_dir, self.state, 0):
+            return [None] * saved
+        return [r.get(key) for r in load_rank_states(self.resume_dir, self.state)]
 
     def restore_rng(self, d: DistInfo) -> None:
         """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a
-        fresh start). Call it last: nothing between it and the first batch may draw."""
-        if self.state is not None:
-            rng.restore_rank_rng([r["rng"] for r in self.state["ranks"]], d.rank,
-                                 d.world_size)
+        fresh start): this rank's file alone is read. Call it last: nothing between it
+        and the first batch may draw."""
+        if self.state is None:
+            return
+        assert self.resume_dir is not None
+        saved = saved_ranks(self.state)
+        if saved != d.world_size:  # none saved (an old checkpoint): warns, not exact
+            rng.restore_rank_rng([{}] * saved, d.rank, d.world_size)  # (entries unread)
+            return
+        rng.set_rng_state(load_rank_state(self.resume_dir, self.state, d.rank)["rng"])
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:

@@ -27,7 +27,9 @@ temporary name and renamed, so a crash mid-conversion leaves nothing that looks 
 with the identity of the checkpoint it was made from (:func:`source_identity`); a later
 resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
 tag (a rewound run re-saving that step) converts again. ``runtime.checkpoint.prune``
-deletes it once ``latest`` names another checkpoint.
+deletes it once ``latest`` names another checkpoint. It holds DeepSpeed's state only: the
+trainer state and every old rank's state file (``rank_states/``: the data positions a
+resize re-deals) are read from the checkpoint itself, never copied (pretrain/trainer.py).
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def is_per_rank(ckpt_dir: Path) -> bool:
 
 def source_identity(ckpt_dir: Path) -> str:
     """A fingerprint of the checkpoint saved in ``ckpt_dir``: its trainer state's bytes (the
-    save's time, step and data positions: different for every save) and the name, size and
-    modification time of each of its files. Cheap (no shard is read) and different for a
-    checkpoint saved again under the same tag."""
+    save's time and step: different for every save) and the name, size and modification
+    time of each of its files (the per-rank state files are not read: they are not
+    converted, a resize reads them from ``ckpt_dir`` itself). Cheap (no shard is read) and
+    different for a checkpoint saved again under the same tag."""
     digest = hashlib.sha256()
     state = ckpt_dir / TRAINER_STATE
     digest.update(state.read_bytes() if state.is_file() else b"")

@@ -3,7 +3,7 @@
 
 Runs unchanged on one process, under torchrun and under SLURM; CPU (gloo) or GPU (NCCL).
 A resumed run continues exactly: model, optimizer, scheduler (DeepSpeed's checkpoint),
-every rank's RNG and data position (``trainer_state.json``).
+every rank's RNG and data position (each rank's own file: runtime/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from runtime.checkpoint import (
     ResumeError,
     check_compatible,
     engine_layout,
+    load_rank_state,
+    load_rank_states,
     load_trainer_state,
     publish_config,
     refuse_fresh_start,
@@ -159,16 +161,7 @@ class Trainer:
                                resumed=self.state is not None, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
-            try:  # the saved data position is a resume check too (a changed shard list)
-                self.loader.load_state_dict([r["data"] for r in self.state["ranks"]])
-            except ValueError as err:
-                raise ResumeError(f"{self.resume_dir}: {err}") from None
-            # every rank's entries (~32 KB each: 16 MB, 47 MB parsed at 512 ranks) served
-            # the data position above; of the rest this rank needs its RNG state only
-            ranks = self.state.pop("ranks")
-            if not self.resized:
-                self._saved_rng = ranks[self.info.rank]["rng"]
-            del ranks
+            self._restore_rank_state()
         if self.info.is_main:  # checks passed: the config this run starts with is the run's
             publish_config(self.run_dir)
         self.dtype = DTYPES[cfg.engine.precision]
@@ -193,6 +186,30 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "deepspeed_config.json").write_text(
                 json.dumps(self.ds_config, indent=2) + "\n")
+
+    def _restore_rank_state(self) -> None:
+        """This rank's data position and (kept for :meth:`_restore`) RNG state as saved.
+
+        On the same world size and worker count this rank's own file alone is read (O(1)
+        per rank; the loader's same-slots path uses this rank's entry only). Otherwise the
+        loader re-deals what every old slot left (data/redeal.py), so every old rank's
+        file is read: O(old world size) per rank, only on a resize, and inherent to it."""
+        assert self.resume_dir is not None and self.state is not None
+        own = (None if self.resized
+               else load_rank_state(self.resume_dir, self.state, self.info.rank))
+        if own is not None and own["data"].get("workers") == self.loader.workers:
+            data: dict[str, Any] | list[dict[str, Any]] = own["data"]
+        else:
+            data = [r["data"] for r in load_rank_states(self.resume_dir, self.state)]
+        try:  # the saved data position is a resume check too (a changed shard list)
+            self.loader.load_state_dict(data)
+        except ValueError as err:
+            raise ResumeError(f"{self.resume_dir}: {err}") from None
+        if own is not None:
+            self._saved_rng = own["rng"]
+        # a checkpoint written before rank files holds every rank's entries in the shared
+        # state (~32 KB each: 16 MB at 512 ranks); they have served
+        self.state.pop("ranks", None)
 
     def _restore(self) -> None:
         assert self.resume_dir is not None and self.state is not None

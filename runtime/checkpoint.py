@@ -3,9 +3,19 @@
 resolver for pre-training and every DeepSpeed fine-tuning run.
 
 Layout under ``RUN/checkpoints/``: ``step_XXXXXXX/`` (DeepSpeed's files from every rank,
-then ``trainer_state.json`` written by rank 0 once all ranks are done) and ``latest``, a
-text file with the tag (DeepSpeed's own convention, so ``engine.load_checkpoint`` and
-``zero_to_fp32`` read it too), replaced atomically after the checkpoint is complete.
+each rank's own state in ``rank_states/<rank>.json``, then ``trainer_state.json`` written
+by rank 0 once all ranks are done) and ``latest``, a text file with the tag (DeepSpeed's
+own convention, so ``engine.load_checkpoint`` and ``zero_to_fp32`` read it too), replaced
+atomically after the checkpoint is complete.
+
+Per-rank state (RNG, data position: ~30 KB a rank) lives in one file per rank, so a save
+and a same-size resume cost each rank O(1), not O(world size): ``trainer_state.json``
+holds the shared state only (step, hashes, samples seen, world size; ``rank_states``: how
+many rank files there are). A resume on the same world size reads this rank's file alone;
+a resize reads them all (the data re-deal needs every old rank's position). Checkpoints
+written before rank files (every rank's state inside ``trainer_state.json``, under
+``ranks``) are read as before: :func:`load_rank_state` and :func:`load_rank_states` serve
+both layouts.
 
 A save never writes into a ``step_*`` folder: every rank writes into a staging folder,
 ``step_XXXXXXX.tmp-<token>`` (rank 0's random token, so a crashed earlier attempt's files
@@ -41,12 +51,13 @@ from runtime.checkpoint_path import (
     latest_tag,
     resolve_checkpoint,
 )
-from runtime.dist import DistInfo, all_gather_objects, barrier, gather_objects
+from runtime.dist import DistInfo, all_gather_objects, barrier
 from runtime.master_weights import MASTER_NAMES, master_names
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
 LATEST = "latest"
 CONFIG = "config.yaml"  # the resolved config a run directory's run started with
 PENDING_CONFIG = ".config.yaml.pending"
@@ -91,8 +102,46 @@ def load_torch_file(path: Path, mmap: bool = False) -> Any:
 
 
 def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
-    """Rank 0 writes the gathered trainer state into a checkpoint directory."""
+    """Rank 0 writes the shared trainer state into a checkpoint directory (last: its
+    presence marks the checkpoint complete)."""
     _atomic_write(ckpt_dir / TRAINER_STATE, json.dumps(state))
+
+
+def rank_state_path(ckpt_dir: Path, rank: int) -> Path:
+    """The file holding ``rank``'s own state in the checkpoint ``ckpt_dir``."""
+    return ckpt_dir / RANK_STATES / f"{rank:05d}.json"
+
+
+def write_rank_state(ckpt_dir: Path, rank: int, local_state: dict[str, Any]) -> None:
+    """Every rank writes its own state (RNG, data position) into a checkpoint directory."""
+    path = rank_state_path(ckpt_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(local_state))
+
+
+def saved_ranks(state: dict[str, Any]) -> int:
+    """How many ranks' own states the checkpoint whose trainer state is ``state`` holds."""
+    if "ranks" in state:  # written before rank files: every rank's inside the shared file
+        return len(state["ranks"])
+    return int(state[RANK_STATES])
+
+
+def load_rank_state(ckpt_dir: Path, state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """``rank``'s own state as saved in ``ckpt_dir`` (``state``: its trainer state): one
+    small file read, whatever the world size."""
+    if "ranks" in state:  # written before rank files: already parsed with the shared state
+        return state["ranks"][rank]
+    path = rank_state_path(ckpt_dir, rank)
+    if not path.is_file():
+        raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {path.relative_to(ckpt_dir)}"
+                          f" missing (saved by {saved_ranks(state)} ranks)")
+    return json.loads(path.read_text())
+
+
+def load_rank_states(ckpt_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every saved rank's own state, in rank order: O(saved world size) reads, for what
+    needs them all (a data position re-dealt over another world size)."""
+    return [load_rank_state(ckpt_dir, state, r) for r in range(saved_ranks(state))]
 
 
 def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
@@ -101,8 +150,10 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
                     side_files: dict[str, Any] | None = None) -> Path:
     """Save on all ranks; point ``latest`` at it only once everything is on disk.
 
-    ``local_state`` differs per rank (RNG, data position); ``shared_state`` is the same
-    everywhere (step, config hash, samples seen); ``client_state``: per-rank tensors
+    ``local_state`` differs per rank (RNG, data position): each rank writes its own file
+    (:func:`rank_state_path`); ``shared_state`` is the same everywhere (step, config hash,
+    samples seen): rank 0 writes it, with the number of rank files, into
+    ``trainer_state.json``, last; ``client_state``: per-rank tensors
     stored in DeepSpeed's own files (the EMA teacher's slices), returned on load, plus,
     for a 16-bit engine without ZeRO, its fp32 masters' names (runtime/master_weights.py);
     ``side_files``: name -> object that rank 0 writes into the checkpoint with
@@ -117,17 +168,22 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         client_state[MASTER_NAMES] = names
     engine.save_checkpoint(str(root), tag=staging, save_latest=False,
                            client_state=client_state)
-    # To rank 0 alone, the one that writes them (every rank used to get all ranks' states).
-    # Also what lets rank 0 publish: it returns once every rank has sent its state, so has
-    # written its shards; the others go on to the barrier below, which waits for the publish.
-    per_rank = gather_objects(local_state)
+    # Each rank's own file (rank 0 used to gather them all into trainer_state.json: 16 MB
+    # built and dumped by rank 0, then parsed by every rank, at 512 ranks).
+    write_rank_state(root / staging, info.rank, local_state)
+    # What lets rank 0 publish: a rank enters the barrier only once engine.save_checkpoint
+    # has returned (its shards written) and its rank file is fsynced and renamed into
+    # place, and no rank leaves it before every rank has entered; so rank 0 finds every
+    # rank's files on disk. O(1) per rank, where the gather it replaces carried every
+    # state to rank 0.
+    barrier()
     if info.is_main:
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
-        write_trainer_state(root / staging, shared_state | {"ranks": per_rank})
+        write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
         _publish(root, staging, tag)
         prune(root, keep_last)
-    barrier()
+    barrier()  # the others return once the checkpoint is published
     return root / tag
 
 

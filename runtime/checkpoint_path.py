@@ -5,7 +5,8 @@ A pre-training run directory is laid out as (see ``runtime/checkpoint.py``)::
     RUN/config.yaml
     RUN/checkpoints/latest              a text file holding a tag, e.g. ``step_0000300``
     RUN/checkpoints/step_0000300/       DeepSpeed's files (``*_model_states.pt``, ...)
-                                        plus our ``trainer_state.json``
+                                        plus our ``trainer_state.json`` and
+                                        ``rank_states/`` (one file per rank)
 
 ``latest`` is DeepSpeed's own convention (``engine.load_checkpoint`` and ``zero_to_fp32``
 read it) and is replaced atomically only after a checkpoint is complete. A save writes into

@@ -49,7 +49,11 @@ def test_two_ranks_zero3_loss_decreases_and_outputs_are_complete(reference_run):
     assert latest(reference_run) == "step_0000008"
     ckpt = reference_run / "checkpoints" / "step_0000008"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 8 and state["world_size"] == 2 and len(state["ranks"]) == 2
+    # the shared state; each rank's RNG and data position in its own file
+    assert state["step"] == 8 and state["world_size"] == 2 and state["rank_states"] == 2
+    assert "ranks" not in state
+    assert sorted(p.name for p in (ckpt / "rank_states").iterdir()) == [
+        "00000.json", "00001.json"]
     assert state["samples_seen"]["digits"] == 8 * 16 * 2
     # ZeRO-3 on 2 ranks: each rank wrote its own optimizer partition.
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2
@@ -69,6 +73,32 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_checkpoint_holding_every_rank_in_its_trainer_state_resumes_exactly(
+        reference_run, tmp_path, cache):
+    """A checkpoint written before rank files (every rank's state inside
+    trainer_state.json, under ``ranks``): a run in progress upgrades mid-run and resumes
+    exactly, its next checkpoint in rank files."""
+    out = tmp_path / "old_layout"
+    shutil.copytree(reference_run, out)
+    ckpt = out / "checkpoints" / "step_0000006"
+    path = ckpt / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["rank_states"]
+    state["ranks"] = [json.loads((ckpt / "rank_states" / f"{r:05d}.json").read_text())
+                      for r in range(2)]
+    path.write_text(json.dumps(state))
+    shutil.rmtree(ckpt / "rank_states")
+    shutil.rmtree(out / "checkpoints" / "step_0000008")
+    (out / "checkpoints" / "latest").write_text("step_0000006")
+    run_forked(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2",
+                            "--resume", "auto"), cache)
+    resumed, reference = losses(out), losses(reference_run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert (out / "checkpoints" / "step_0000008" / "rank_states" / "00001.json").is_file()
 
 
 def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache):
@@ -97,11 +127,10 @@ def test_a_resume_over_a_changed_shard_list_is_refused_in_one_line(reference_run
     # been replaced)
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
-    saved = out / "checkpoints" / latest(out) / "trainer_state.json"
-    state = json.loads(saved.read_text())
-    for rank in state["ranks"]:
+    for saved in (out / "checkpoints" / latest(out) / "rank_states").iterdir():
+        rank = json.loads(saved.read_text())
         rank["data"]["shard_lists"][0][1] = "0" * 16  # the list's hash as if regenerated
-    saved.write_text(json.dumps(state))
+        saved.write_text(json.dumps(rank))
     (out / "config.yaml").write_text("# the run's own config\n")
     proc = run_forked(pretrain_cmd(2, out, "--max-steps", "8", "--checkpoint-every", "2",
                                    "--resume", "auto"), cache, check=False)
