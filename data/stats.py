@@ -45,11 +45,10 @@ new slots read those samples again and count them again. Other events count this
 own reads (``shards_opened`` counts a re-read again) and are not.
 
 A block's tally runs from its fill to the save, which comes after its samples are decoded
-and collated: an event a codec counts when it collates a batch (pre-training's
-``unknown_tags``) for samples of the block before, collated with the block's first ones,
-is taken out with it though not read again (up to a batch less one sample per old worker,
-against the block's samples handed out, up to ``shuffle_buffer``, when it was not taken
-out at all). Counted per sample, when decoded, it is exact."""
+and collated, so codecs count these per sample, when a sample is decoded (pre-training's
+``unknown_tags`` too): counted when a batch is collated, the events of a batch's samples
+from the block before, collated with the block's first ones, would be taken out with the
+block though not read again."""
 
 
 class SkipCounter:
