@@ -1,7 +1,7 @@
 """Cost of resuming the data pipeline on another number of ranks, at the H recipe's scale.
 
-Every rank of the resumed run reads every old rank's saved data state from
-``trainer_state.json`` and re-deals what the old slots left (data/loader.py ->
+Every rank of the resumed run reads every old rank's saved data state (each old rank's
+``rank_states/NNNNN.json``) and re-deals what the old slots left (data/loader.py ->
 ``data.redeal.resized_state``). Built here without I/O: ``--old-ranks`` x ``--workers``
 saved slots, each inside its first unit of each source, the sources shaped like the H
 preset's (Laion-400M 41,408 shards, YFCC-15M 1,500, CC12M 1,243), and ``--missing``
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     specs = [SourceSpec(name, [f"s3://{name}/{i:06d}.tar" for i in range(n)])
              for name, n in SOURCES]
-    # as every rank reads them back from trainer_state.json
+    # as every rank reads them back from the old ranks' JSON state files
     saved = json.loads(json.dumps(saved_states(specs, args.old_ranks, args.workers,
                                                args.missing)))
     start = time.perf_counter()

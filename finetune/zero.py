@@ -16,9 +16,10 @@ one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.ena
 
 Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 ``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt`` and, written last,
-``trainer_state.json`` (with every rank's random state and, for a streamed training set,
-its stream position); ``latest`` names a checkpoint only once it is complete. Such a
-directory is what ``internimage convert`` and ``--init`` read (finetune/convert.py).
+``trainer_state.json`` (each rank's random state and, for a streamed training set, its
+stream position in that rank's ``rank_states/NNNNN.json``); ``latest`` names a checkpoint
+only once it is complete. Such a directory is what ``internimage convert`` and ``--init``
+read (finetune/convert.py).
 
 Evaluation runs the ZeRO-3 module on every rank for the same number of forward passes
 (runtime/lockstep.py: a rank whose validation shard is shorter runs dummy batches), since
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 EMA_FILE = "ema.pt"
-DATA_KEY = "data"  # a rank's streamed-set position in trainer_state.json
+DATA_KEY = "data"  # a rank's streamed-set position in its checkpoint rank-state file
 
 
 def deepspeed_spec(cfg) -> DeepSpeedSpec:

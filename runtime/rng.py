@@ -6,7 +6,8 @@ and every fine-tuning task:
 - :func:`rng_state` / :func:`set_rng_state`: this process's python, numpy, torch CPU and
   (current device) CUDA generators as JSON-ready values. Every rank has its own state
   (different data, different augmentations, different dropout masks), so a checkpoint keeps
-  one per rank (in ``trainer_state.json``) and each rank restores its own
+  one per rank (in that rank's own ``rank_states/NNNNN.json``, runtime/checkpoint.py) and
+  each rank restores its own
   (:func:`restore_rank_rng`).
 - :func:`loader_seed`: the seed of an epoch's ``DataLoader`` generator. torch seeds each
   worker from a base seed drawn from that generator, so it must differ per rank (else every
