@@ -16,11 +16,15 @@ Each part of a source is checked on its own: every brace pattern and every ``.tx
 among its URLs, as configured (a YAML list, or ``::``-joined as in webdataset), must hold a
 shard, so a typo in one part of a mix is named here, not skipped by the streams for ever;
 shards named one by one form one part. A list's own lines, nested lists included, are its
-part's shards; every list is read here under the same rules as the top-level ones.
+part's shards; every list is read here under the same rules as the top-level ones, and
+one that lists no shard (empty, or only comments) is refused: the loader would train
+without it and say nothing. A local or http(s) list that cannot be read is named as an
+``s3://`` one is (the source, and the list it was listed in).
 
 The ranks agree (``gather``: an all-gather of each rank's outcome, e.g.
 ``runtime.dist.all_gather_objects``): a refusal on any rank is raised on every rank,
-naming the failing ranks and their messages, so that every rank's log (rank 0's, which
+naming the failing ranks and their messages (any other error a check raises on a fresh
+start too, as its type and message), so that every rank's log (rank 0's, which
 ``submit --wait`` shows) says why the run ended; :func:`check_sources_readable` reasons
 why that adds neither a deadlock nor a collective timeout.
 
@@ -182,13 +186,33 @@ class _Probe:
         if url.startswith("s3://"):
             text = self.require_one([url], what, read=True)
         else:  # a local or http(s) list: read as the loader reads it (not probed)
-            with RetryingReader(url, self.s3) as reader:
-                text = reader.read()
+            text = self.read_list(url, what)
         out: list[str] = []
         for item in url_items(list_lines(text.decode("utf-8"))):
             out.extend(self.list_urls(item, (*parents, url)) if item.endswith(".txt")
                        else braceexpand.braceexpand(item))
+        if not out:  # the loader would train without this part of the mix, and say nothing
+            raise StorageAccessError(
+                f"data source {self.name!r}: {what} lists no shard (only blank lines or "
+                "'#' comments). Fill the list, or remove it from the source's urls")
         return out
+
+    def read_list(self, url: str, what: str) -> bytes:
+        """The bytes of the local or http(s) shard list ``url`` (``what`` names it), read
+        as the loader reads it; one that cannot be read raises :class:`StorageAccessError`
+        naming the source and where the list was listed, as an ``s3://`` one does (a bare
+        FileNotFoundError named neither, and escaped the ranks' agreement)."""
+        try:
+            with RetryingReader(url, self.s3) as reader:
+                return reader.read()
+        except Exception as err:  # noqa: BLE001 - any failure: the list is named
+            if is_missing(err):
+                raise StorageAccessError(
+                    f"data source {self.name!r}: {what} not found ({_describe(err)}). Check "
+                    "the source's urls, and that the list's filesystem is mounted on this "
+                    "node") from None
+            raise StorageAccessError(f"data source {self.name!r}: {what} cannot be read: "
+                                     f"{_describe(err)}") from err
 
     def parts(self, urls: list[str] | str) -> list[tuple[str | None, list[str]]]:
         """(part, its shard URLs) of a source as configured: each brace pattern and each
@@ -213,14 +237,15 @@ def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
     one of its ``.txt`` shard lists (nested ones too), or, for any of its parts (each brace
     pattern or list; the shards named one by one together), all of a few of its shards
     (first, middle, last), because the store cannot be reached, does not hold them, or
-    refuses them. ``urls``: the source's URL items as configured (brace patterns, ``::``
-    joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint (a requeued job
-    counts too): a store that does not answer is waited for instead."""
+    refuses them; and when any of its ``.txt`` lists (local, http(s) or ``s3://``) cannot
+    be read or lists no shard. ``urls``: the source's URL items as configured (brace
+    patterns, ``::`` joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint
+    (a requeued job counts too): a store that does not answer is waited for instead."""
     probe = _Probe(name, s3, resumed or os.environ.get(REQUEUED_ENV) == "1", clock, sleep)
     for part, shards in probe.parts(urls):  # the lists first: parts() reads them
         remote = [u for u in shards if u.startswith("s3://")]
-        if not remote:
-            continue
+        if not remote:  # local or http(s) shards: read by the loader, not probed (a list
+            continue  # part holds one at least: list_urls refuses an empty list)
         probes = _spread(remote, PROBES_PER_SOURCE)
         where = ("its shards" if len(remote) <= len(probes) else
                  f"its first, middle and last shard (of {len(remote)})")
@@ -233,13 +258,16 @@ def check_sources_readable(sources: Sequence[tuple[str, list[str] | str]], s3: S
     """:func:`check_source_readable` for every ``(name, urls as configured)`` source.
 
     ``gather``: None, each rank decides alone; else the ranks agree: a callable that every
-    rank calls once with its outcome (None, or its refusal's message) and that returns
-    every rank's, in rank order (``runtime.dist.all_gather_objects``): a refusal on any
-    rank is then raised on every rank, as one :class:`StorageAccessError` naming the
-    failing ranks (e.g. ``rank 1 of 2: data source 'laion': ...``); alone (one rank), a
-    refusal is raised as it is. Collective: every rank calls it with such a ``gather``,
-    which each calls once, except a rank that fails in a resumed run: it raises at once,
-    alone, as without ``gather`` (another rank may be waiting for its store; see below).
+    rank calls once with its outcome (None; its refusal's message; or, for any other error
+    the checks raised, its type and message, e.g. ``FileNotFoundError: ...``) and that
+    returns every rank's, in rank order (``runtime.dist.all_gather_objects``): a failure on
+    any rank is then raised on every rank, as one :class:`StorageAccessError` naming the
+    failing ranks (e.g. ``rank 1 of 2: data source 'laion': ...``), except that a rank whose
+    own error is not a refusal raises that error, chained from the agreed one (its
+    traceback: an unexpected error's only trace); alone (one rank), a failure is raised as
+    it is. Collective: every rank calls it with such a ``gather``, which each calls once,
+    except a rank that fails in a resumed run: it raises at once, alone, as without
+    ``gather`` (another rank may be waiting for its store; see below).
     """
     # Why the agreement neither deadlocks nor adds a collective timeout (the process
     # group's: DeepSpeed's default 10 min), reasoned for each outcome of a rank:
@@ -248,11 +276,13 @@ def check_sources_readable(sources: Sequence[tuple[str, list[str] | str]], s3: S
     #   engine's set-up (the callers run nothing collective in between). A rank waiting out
     #   its store (a resumed run) holds the others in the gather as it held them there,
     #   under the same timeout.
-    # - it fails on a fresh start: it gathers. No rank of a fresh start waits for its
-    #   store (an unreachable store is refused after s3.retries, refusals after
-    #   s3.auth_grace_s), so the gather ends once every rank's bounded probes have; a
-    #   failure of the gather itself (a rank killed; the timeout, were another rank to
-    #   take the run for resumed and wait) raises this rank's own error.
+    # - it fails on a fresh start (a refusal, or any other Exception the checks raised):
+    #   it gathers. No rank of a fresh start waits for its store (an unreachable store is
+    #   refused after s3.retries, refusals after s3.auth_grace_s), so the gather ends once
+    #   every rank's bounded probes have; a failure of the gather itself (a rank killed;
+    #   the timeout, were another rank to take the run for resumed and wait) raises this
+    #   rank's own error. (Before, an error that was not a refusal ended its rank alone:
+    #   the others, in the gather, failed there, rank 0's log not saying why.)
     # - it fails in a resumed run: it raises at once, without gathering, as before the
     #   agreement. Another rank may be waiting there for its store for as long as the
     #   outage lasts; gathering would hold this rank's refusal that long, up to a
@@ -261,33 +291,49 @@ def check_sources_readable(sources: Sequence[tuple[str, list[str] | str]], s3: S
     #   them (torchrun, srun --kill-on-bad-exit) when this rank exits. A refusal in a
     #   resumed run (credentials, a source gone) is met by every rank alike in practice,
     #   and then each log has it anyway.
-    # - anything else (an error that is not a refusal, a signal): it ends its rank alone,
-    #   the others waiting as in the previous case.
+    # - anything else (a signal, KeyboardInterrupt, SystemExit: not an Exception): it ends
+    #   its rank alone, the others waiting as in the previous case.
     # Every rank that goes on gathers exactly once, whatever it decided alone, so a rank
     # that takes the run for resumed while another does not still meets it in the gather.
     resumed = resumed or os.environ.get(REQUEUED_ENV) == "1"
-    refusal: StorageAccessError | None = None
+    failure: Exception | None = None
     try:
         for name, urls in sources:
             check_source_readable(name, urls, s3, resumed)
-    except StorageAccessError as err:
+    except Exception as err:  # noqa: BLE001 - a refusal or not, the other ranks hear of it
         if gather is None or resumed:
             raise
-        refusal = err
+        failure = err
     if gather is None:
         return
+    outcome = None if failure is None else _outcome(failure)
     try:
-        outcomes = gather(None if refusal is None else str(refusal)[:MAX_MESSAGE])
+        outcomes = gather(outcome)
     except Exception:
-        if refusal is None:
+        if failure is None:
             raise  # as the model's first collective would have failed
-        raise refusal from None
+        outcomes = None
+    if outcomes is None:  # the gather failed (a rank ended, the timeout): this rank's own
+        raise failure  # error says more than the gather's
     failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
     if not failed:
         return
-    if len(outcomes) == 1 and refusal is not None:
-        raise refusal
-    raise StorageAccessError(_agreed(failed, len(outcomes))) from None
+    if len(outcomes) == 1 and failure is not None:
+        raise failure
+    agreed = StorageAccessError(_agreed(failed, len(outcomes)))
+    if failure is None or isinstance(failure, StorageAccessError):
+        raise agreed from None
+    # not a refusal (a bug, an error no check names): its traceback is what this rank's
+    # log needs, the agreed error (the others' failures too) its cause
+    raise failure from agreed
+
+
+def _outcome(failure: Exception) -> str:
+    """What a failing rank sends the others: a refusal's message, or any other error's
+    type and message (``FileNotFoundError: ...``)."""
+    if isinstance(failure, StorageAccessError):
+        return str(failure)[:MAX_MESSAGE]
+    return f"{type(failure).__name__}: {redact_url(str(failure))}"[:MAX_MESSAGE]
 
 
 def _agreed(failed: list[tuple[int, str]], world: int) -> str:

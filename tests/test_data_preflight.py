@@ -90,6 +90,41 @@ def test_a_shard_list_listed_by_another_is_read_under_the_same_guard(server, sha
         check_source_readable("nested", loop, s3)
 
 
+def test_a_list_that_lists_no_shard_is_refused_naming_it(server, shards, tmp_path):
+    # Before: an empty or comments-only list part passed, and the loader trained without
+    # that part of the mix, saying nothing.
+    s3 = _s3(server)
+    good = "s3://mix/a-shard-{00..02}.tar"
+    empty = _put_list(server, "lists/empty.txt", [])
+    comments = _put_list(server, "lists/comments.txt", ["# laion part 2 (to be filled)", ""])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "comments.txt").write_text("# to be filled\n\n")
+    local = [str(tmp_path / "empty.txt"), str(tmp_path / "comments.txt")]
+    for part in (empty, comments, *local):
+        for urls in (f"{good}::{part}", [part, good], part):  # in a mix, or alone
+            with pytest.raises(StorageAccessError) as err:
+                check_source_readable("mix", urls, s3)
+            assert str(err.value).startswith(
+                f"data source 'mix': its shard list {part} lists no shard"), str(err.value)
+    outer = _put_list(server, "lists/outer-empty.txt", [shards[0], empty])  # nested too
+    with pytest.raises(StorageAccessError, match=r"^data source 'mix': its shard list "
+                       r"s3://mix/lists/empty\.txt \(listed in s3://mix/lists/outer-empty"
+                       r"\.txt\) lists no shard"):
+        check_source_readable("mix", outer, s3)
+
+
+def test_a_missing_local_list_names_the_source_and_where_it_was_listed(tmp_path):
+    # Before: a bare FileNotFoundError, naming neither the source nor the outer list.
+    s3 = S3Config()
+    outer, inner = tmp_path / "outer.txt", tmp_path / "not-mounted" / "inner.txt"
+    outer.write_text(f"/data/shard-0.tar\n{inner}\n")
+    for urls, where in ((str(outer), f" (listed in {outer})"), ([str(inner)], "")):
+        with pytest.raises(StorageAccessError) as err:
+            check_source_readable("loc", urls, s3)
+        assert str(err.value).startswith(
+            f"data source 'loc': its shard list {inner}{where} not found "
+            "(FileNotFoundError: "), str(err.value)
+
 # -- the ranks agree ----------------------------------------------------------------------
 
 def test_the_ranks_agree_and_a_failing_rank_of_a_resumed_run_raises_alone(monkeypatch):
@@ -143,35 +178,93 @@ def test_the_ranks_agree_and_a_failing_rank_of_a_resumed_run_raises_alone(monkey
         check_sources_readable(failing, s3, gather=broken)  # its own error, not gloo's
 
 
-def _rank_checks(rank: int, world: int, port: int, urls: str, s3: S3Config, out: str) -> None:
-    """One rank of a 2-rank gloo group: checks its source, writes what it raised to ``out``."""
+
+def test_an_error_that_is_not_a_refusal_is_agreed_on_too(monkeypatch):
+    """Any error of the checks on a fresh start is gathered as its type and message: every
+    rank raises the agreed error, the failing rank its own error chained from it (its
+    traceback kept); a resumed run's failing rank, or a broken gather, raises it alone."""
+    import data.preflight
+
+    monkeypatch.delenv("INTERNIMAGE_REQUEUED", raising=False)
+    s3, sent = S3Config(), []
+
+    def bug(*_args, **_kw):
+        raise RuntimeError("unexpected on this node")
+
+    def gather(outcome):
+        sent.append(outcome)
+        return [None, outcome]
+
+    monkeypatch.setattr(data.preflight, "check_source_readable", bug)
+    sources = [("x", "/data/list.txt")]
+    with pytest.raises(RuntimeError, match="^unexpected on this node$") as err:
+        check_sources_readable(sources, s3, gather=gather)
+    assert sent == ["RuntimeError: unexpected on this node"]
+    assert isinstance(err.value.__cause__, StorageAccessError)
+    assert str(err.value.__cause__) == "rank 1 of 2: RuntimeError: unexpected on this node"
+    sent[:] = []
+    with pytest.raises(RuntimeError, match="^unexpected on this node$") as err:
+        check_sources_readable(sources, s3, resumed=True, gather=gather)
+    assert sent == [] and err.value.__cause__ is None  # resumed: at once, alone
+
+    def broken(_outcome):
+        raise RuntimeError("Connection closed by peer")
+
+    with pytest.raises(RuntimeError, match="^unexpected on this node$"):
+        check_sources_readable(sources, s3, gather=broken)  # its own error, not gloo's
+
+def _rank_checks(rank: int, world: int, port: int, checks: list, s3: S3Config,
+                 out: str) -> None:
+    """One rank of a 2-rank gloo group: runs each of ``checks`` in turn, ``(urls, error)``:
+    checks its source, or, where ``error`` is set, fails the checks with it (an error on
+    this node only); writes what each raised to ``out`` (a JSON list)."""
+    import json
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    import data.preflight
     from runtime.dist import all_gather_objects
 
+    def failing(*_args, **_kw):
+        raise error
+
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.pop("INTERNIMAGE_REQUEUED", None)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        check_sources_readable([("laion", urls)], s3, gather=all_gather_objects)
-        outcome = "passed"
-    except Exception as err:  # noqa: BLE001 - reported to the test
-        outcome = f"{type(err).__name__}: {err}"
-    Path(out).write_text(outcome)
+    outcomes = []
+    real = data.preflight.check_source_readable
+    for urls, error in checks:
+        data.preflight.check_source_readable = real if error is None else failing
+        try:
+            check_sources_readable([("laion", urls)], s3, gather=all_gather_objects)
+            outcome = "passed"
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            outcome = f"{type(err).__name__}: {err}"
+            if err.__cause__ is not None:
+                outcome += f" <- {type(err.__cause__).__name__}: {err.__cause__}"
+        outcomes.append(outcome)
+        Path(out).write_text(json.dumps(outcomes))
     dist.destroy_process_group()
 
 
 def test_every_rank_raises_the_same_error_naming_the_failing_rank(server, shards, tmp_path):
     # Before: rank 1 alone raised (its message only in its own log, the launcher ending
-    # rank 0, whose log said nothing of it).
+    # rank 0, whose log said nothing of it); then for a refusal only: an error that was not
+    # one (e.g. a FileNotFoundError) still ended rank 1 alone, rank 0 failing in the gather
+    # ("Connection closed by peer"), its log not saying why.
+    import json
+
     from s3_server import free_port
 
     from tests.rank_launcher import _CTX
 
     port, s3 = free_port(), _s3(server)
-    urls = ["s3://mix/a-shard-{00..02}.tar", "s3://mix/wrong-prefix/shard-{00..02}.tar"]
-    procs = [_CTX.Process(target=_rank_checks, args=(r, 2, port, urls[r], s3,
+    good, wrong = "s3://mix/a-shard-{00..02}.tar", "s3://mix/wrong-prefix/shard-{00..02}.tar"
+    bug = RuntimeError("unexpected on this node")
+    checks = [[(good, None), (good, None)],  # rank 0's checks, in turn
+              [(wrong, None), (good, bug)]]  # rank 1's
+    procs = [_CTX.Process(target=_rank_checks, args=(r, 2, port, checks[r], s3,
                                                      str(tmp_path / f"rank{r}")))
              for r in range(2)]
     for p in procs:
@@ -184,8 +277,12 @@ def test_every_rank_raises_the_same_error_naming_the_failing_rank(server, shards
             p.kill()
             p.join()
     assert not alive, "a rank still checking after 90 s"
-    said = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
-    assert said[0] == said[1], said
-    assert said[0].startswith(
+    said = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert len(said[0]) == len(said[1]) == 2, said
+    refused, failed = zip(*said)  # each check's outcome on rank 0 and rank 1
+    assert refused[0] == refused[1], refused
+    assert refused[0].startswith(
         "StorageAccessError: rank 1 of 2: data source 'laion': its shards in "
-        "s3://mix/wrong-prefix/shard-{00..02}.tar not found"), said[0]
+        "s3://mix/wrong-prefix/shard-{00..02}.tar not found"), refused[0]
+    agreed = "StorageAccessError: rank 1 of 2: RuntimeError: unexpected on this node"
+    assert failed == (agreed, f"RuntimeError: unexpected on this node <- {agreed}"), failed
