@@ -10,23 +10,35 @@ run exactly the same number of forward passes, and every rank must know, before 
 one, whether another follows (a rank that finishes early and waits in any other
 collective deadlocks against a rank still inside a forward). Hence:
 
-1. the shards are read in rounds, each shard by one rank only: in round ``t`` rank ``r``
-   reads shard ``t * world_size + r`` (if there is one) and keeps its labelled raw
-   samples (no more than the cap still lacks at the start of the round); then one
-   all-gather of every rank's (labelled samples, unreadable, number of shards). From
-   these counts, in shard order, every rank knows how many samples of its shard fall
-   inside the cap (it drops the rest) and whether the cap is reached (then all stop):
-   all ranks run the same rounds, decided by gathered numbers only. Ranks that expanded
-   ``zero_shot.urls`` to different shard counts (a list file that changed between their
-   reads) all skip the evaluation together and report why. An unreadable shard of the set
-   is counted once (only one rank tried it) and the evaluation goes on without it;
+1. the shards are read in rounds, each shard by one rank only (shard ``s`` by rank
+   ``world_size - 1 - s % world_size``, see ``_reader``), a round's shards being the next
+   ones in URL order, at most one a rank. How many a round reads is decided from what is
+   known (``_round_size``): without a cap all of ``world_size`` (every shard is in the
+   set); with one, a single shard first, then as many as the labelled samples per shard
+   read so far say the cap still lacks (``world_size`` while none was labelled). A reader
+   keeps its shard's labelled raw samples (no more than the cap still lacks at the start
+   of the round); then one all-gather of every rank's (labelled samples, unreadable,
+   number of shards, bad labels). From these counts, in shard order, every rank knows how
+   many samples of each shard fall inside the cap (a reader drops the rest), whether the
+   cap is reached (then all stop) and the next round's size: all ranks run the same
+   rounds, decided by gathered numbers only. Ranks that expanded ``zero_shot.urls`` to
+   different shard counts (a list file that changed between their reads) all skip the
+   evaluation together after the first round and report why. An unreadable shard of the
+   set is counted once (only one rank tried it) and the evaluation goes on without it. A
+   sample whose label is not a class id (not an integer in ``0..len(class_names) - 1``) is
+   not labelled, so not in the set, whatever the world size; those up to the set's end are
+   counted (``zero_shot_bad_labels``): the gathered counts give them for the shards wholly
+   in the set, and one broadcast from its reader for the shard the cap ends in;
 2. the samples are dealt to the round-robin batches: global batch ``b`` (the set in URL
    order cut into batches of ``data.batch_size``, the batches of a one-rank run) belongs to
-   rank ``b % world_size``. From the gathered counts every rank knows the global index of
-   each sample it read and which rank's batch it falls in, so one all-to-all of byte sizes
-   (``world_size`` integers a rank) and one variable-size all-to-all of the raw bytes
-   (per sample: global index, class id and length, then the encoded image) move every
-   sample to its batch's rank; samples of a rank's own batches stay where they are;
+   rank ``b % world_size``. From the gathered counts every rank knows each shard's global
+   indices and reader, hence which ranks it sends samples to (the owners of the batches
+   its samples fall in) and which it receives from (the readers of the shards its own
+   batches' samples come from), with no further collective: point-to-point transfers
+   between those pairs only (``torch.distributed.batch_isend_irecv``), first one int64
+   byte size per pair, then the raw bytes (per sample: global index, class id and length,
+   then the encoded image); samples of a rank's own batches stay where they are, and a
+   rank with no peer takes no part;
 3. the image forwards run in lock-step (runtime/lockstep.py, the one mechanism every
    evaluation uses): a rank whose share is shorter (or empty) runs dummy ones until no
    rank has a batch left, and the correct counts are summed over ranks. With the deal,
@@ -35,26 +47,51 @@ collective deadlocks against a rank still inside a forward). Hence:
 Text forwards (the class prompts, in chunks of ``zero_shot.prompt_batch``) depend on the
 config only, so they are equal on all ranks too.
 
+Why point-to-point and not an all-to-all: NCCL sets up a connection, with its buffers on
+the GPU, for each peer a rank first sends to or receives from, and keeps it for the
+communicator's life. An all-to-all (even of the byte sizes alone) connects every rank to
+all ``world_size - 1`` others: NVIDIA/nccl issue #1685 measured 1.06 -> 4.34 GB of GPU
+memory a rank after the first all_to_all_single on 8 H100s (dedicated NVLink buffers for
+7 peers), which InternImage-H, run near its memory limit, cannot spare. Point-to-point
+transfers connect only the pairs that exchange samples. torch's batched point-to-point
+operations run on the process group's own communicator (no new one); they may involve a
+subset of the ranks only when they are not the first operation on the group, which they
+never are here (the rounds' all-gathers precede them).
+
 Cost, for the H preset at 512 ranks (configs/pretrain/internimage_h_m3i.yaml: ImageNet val
 in 50 shards of 1000 images, ~130 MB each; 200 batches of 32 = 6400 samples, every 5000
-steps): 7 shards hold the set, so one round, in which ranks 0-6 read one shard each and
-ranks 7-511 read nothing: ~0.9 GB from the object store per evaluation in all, where every
-rank used to read the first 6400 samples itself (~0.8 GB a rank, ~0.4 TB in all), and the
-stall before the first forward is one shard's read (~130 MB) instead of ~0.8 GB. Then one
-all-gather of 3 integers per rank. The deal: the capped set crosses the network once
-(~0.8 GB in all, less the few batches a reader keeps): each of ranks 0-5 sends ~125 MB
-(rank 6: ~50 MB, the 400 samples of the cap's last shard), ranks 0-199 receive one batch
-each (~4 MB), ranks 200-511 nothing (~1.6 MB a rank on average); two collectives (the
-all-to-all of 512 sizes, then the bytes), plus 24 bytes of framing per sample. Memory: a
-reader holds its shard's raw bytes (~130 MB) and copies them into one send buffer,
-releasing each sample once copied: at most twice the shard (~260 MB) on the host, less in
-practice, plus, under NCCL, the buffer's copy on the GPU during the exchange (~130 MB); a
-rank then holds its own batches' bytes only (~4 MB). The forwards: 1 in
-lock-step on every rank (ranks 0-199 classify their batch, ranks 200-511 run a dummy one),
-as the round-robin split of the 200 global batches over 512 ranks did before the sharded
-read, instead of 32 (a reader's 1000 images in batches of 32) without the deal. Under
-ZeRO-3 each forward all-gathers InternImage-H's parameters (~2.2 GB in bf16), so the deal
-saves 31 such gathers per evaluation for the cost of moving the ~0.8 GB set once.
+steps): round 1 reads shard 0 (rank 511); its 1000 labelled samples say the remaining
+5400 need 6 more shards, which round 2 reads in parallel (shards 1-6, ranks 510-505),
+and the cap is reached. In all 7 shards, ~0.9 GB from the object store per evaluation
+(7000 samples for a set of 6400: 600 read and dropped), where every rank used to read the
+first 6400 samples itself (~0.8 GB a rank, ~0.4 TB in all), and reading a whole shard on
+each of ranks 0-49 would read ~6.5 GB. The price of reading one shard first: the stall
+before the first forward is two shard reads (~130 MB each, one after the other) instead of
+one, plus one more all-gather of 4 integers a rank. The rounds' sizes are estimates from
+the shards read so far: with shards of similar labelled counts, as here, reads exceed the
+cap by at most about one shard a round; unequal ones may take further rounds (an estimate
+that fell short) or read more past the cap (a first shard with few labelled samples; none
+at all makes the next round read ``world_size`` shards). The deal: the capped set
+crosses the network once (~0.8 GB in all): each of ranks 511-506 sends ~130 MB to 32
+ranks, rank 505 ~50 MB (the 400 samples of the cap's last shard) to 13; ranks 0-199
+receive one batch each (~4 MB) from one reader (from two for the 5 batches that straddle
+two shards); ranks 200-504 take no part. Two batches of point-to-point transfers (the
+int64 sizes, then the bytes), plus 24 bytes of framing per sample, and one broadcast of
+one integer (the bad labels of the cap's last shard). NCCL connections: a reader <= 32
+peers, a receiver 1-2, 305 ranks none, instead of 511 peers for every rank; with ranks
+numbered node by node (8 GPUs a node) no pair shares a node, so none of #1685's NVLink
+buffers are set up, only network connections (whose point-to-point buffers NCCL draws
+from one shared pool by default, NCCL_NET_SHARED_BUFFERS); the same pairs recur at every
+evaluation, so they are set up once. Host memory: a reader holds its shard's raw bytes
+(~130 MB) and copies them into one send buffer, releasing each sample once copied: at
+most twice the shard (~260 MB), less in practice, plus, under NCCL, the buffer's copy on
+the GPU during the exchange (~130 MB); a rank then holds its own batches' bytes only (~4
+MB). The forwards: 1 in lock-step on every rank (ranks 0-199 classify their batch, ranks
+200-511 run a dummy one), as the round-robin split of the 200 global batches over 512
+ranks did before the sharded read, instead of 32 (a reader's 1000 images in batches of
+32) without the deal. Under ZeRO-3 each forward all-gathers InternImage-H's parameters
+(~2.2 GB in bf16), so the deal saves 31 such gathers per evaluation for the cost of moving
+the ~0.8 GB set once.
 """
 
 from __future__ import annotations
@@ -98,47 +135,98 @@ class HeldOutShare:
     batches: list[list[RawSample]] = field(default_factory=list)
     num_samples: int = 0  # labelled samples in the evaluated set, all ranks together
     unreadable_shards: int = 0  # all ranks together
+    # samples up to the set's end whose label is not a class id (left out), all ranks
+    bad_labels: int = 0
     error: str | None = None  # why the ranks cannot evaluate (they all skip it)
 
 
-def _labelled(raw: dict, label_key: str) -> RawSample | None:
-    """(image bytes, class id) of a tar sample, or None when either is missing/invalid."""
+def _labelled(raw: dict, label_key: str, num_classes: int) -> tuple[RawSample | None, bool]:
+    """(image bytes, class id) of a tar sample, or None when it has no image or no label;
+    and whether its label is not a class id (not an integer in ``0..num_classes - 1``):
+    such a sample is not labelled either (not in the set), only counted."""
     blob = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     label = raw.get(label_key)
     if blob is None or label is None:
-        return None
+        return None, False
     try:
-        return blob, int(label.decode().strip())
+        class_id = int(label.decode().strip())
     except (UnicodeDecodeError, ValueError):
-        return None
+        return None, True
+    if not 0 <= class_id < num_classes:  # also keeps the framing's int64 from overflowing
+        return None, True
+    return (blob, class_id), False
 
 
-def _read_labelled(url: str, label_key: str, s3: S3Config, counter: SkipCounter,
-                   limit: int | None) -> tuple[list[RawSample], bool]:
-    """The labelled samples of one shard in tar order, at most ``limit`` (None: all), and
-    whether the read failed (the samples delivered before a failure are kept)."""
+@dataclass
+class _ShardRead:
+    """One rank's read of one shard: its labelled samples in tar order (at most the
+    limit), whether the read failed (the samples delivered before the failure are kept),
+    and the samples whose label is not a class id: in all, and before each kept sample."""
+
+    samples: list[RawSample] = field(default_factory=list)
+    failed: bool = False
+    bad_labels: int = 0
+    bad_before: list[int] = field(default_factory=list)  # bad labels read before samples[i]
+
+
+def _read_labelled(url: str, label_key: str, num_classes: int, s3: S3Config,
+                   counter: SkipCounter, limit: int | None) -> _ShardRead:
+    """Read one shard's labelled samples, at most ``limit`` (None: all)."""
     outcome: dict = {}
-    samples: list[RawSample] = []
+    read = _ShardRead()
     with closing(read_shard(url, "zero_shot", s3, counter, outcome)) as raws:
         for raw in raws:
-            sample = _labelled(raw, label_key)
+            sample, bad = _labelled(raw, label_key, num_classes)
+            read.bad_labels += bad
             if sample is None:
                 continue
-            samples.append(sample)
-            if limit is not None and len(samples) >= limit:
+            read.samples.append(sample)
+            read.bad_before.append(read.bad_labels)
+            if limit is not None and len(read.samples) >= limit:
                 break  # the rest of the shard is past the cap whatever precedes it
-    return samples, bool(outcome.get("failed", False))
+    read.failed = bool(outcome.get("failed", False))
+    return read
 
 
-def _gather_round(mine: tuple[int, int, int], world_size: int,
-                  device: torch.device) -> list[tuple[int, int, int]]:
-    """Every rank's (labelled samples, unreadable, shard count), in rank order."""
+def _reader(shard: int, world_size: int) -> int:
+    """The rank that reads ``shard``: shards in order from the last rank down. A round's
+    shards are consecutive (at most ``world_size``), so its readers are distinct ranks.
+    Batches are dealt from rank 0 up, so when the set has far fewer batches than there are
+    ranks (the H preset: 200 on 512) the readers own none of them and, with ranks numbered
+    node by node, share no node with a rank they send to: no NVLink connection is set up
+    for the deal (module docstring, why point-to-point)."""
+    return world_size - 1 - shard % world_size
+
+
+def _round_size(cap: int | None, num_samples: int, shards_read: int, shards_left: int,
+                world_size: int) -> int:
+    """How many shards the next round reads, one per rank (module docstring, step 1).
+
+    Without a cap every shard is in the set: as many as there are ranks. With one: a
+    single shard first (nothing is known yet about how many labelled samples a shard
+    holds), then as many as the labelled samples per shard read so far say the cap still
+    needs (all ranks while none was labelled). Every rank computes it from the same
+    gathered counts."""
+    if cap is None:
+        return min(world_size, shards_left)
+    if shards_read == 0:
+        return min(1, shards_left)
+    if num_samples == 0:
+        return min(world_size, shards_left)
+    needed = -(-(cap - num_samples) * shards_read // num_samples)  # ceil
+    return min(world_size, shards_left, needed)
+
+
+def _gather_round(mine: tuple[int, ...], world_size: int,
+                  device: torch.device) -> list[tuple[int, ...]]:
+    """Every rank's (labelled samples, unreadable, shard count, bad labels), in rank
+    order."""
     if world_size == 1:
         return [mine]
     t = torch.tensor(mine, dtype=torch.int64, device=device)
     parts = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(parts, t)
-    return [(int(p[0]), int(p[1]), int(p[2])) for p in parts]
+    return [tuple(row) for row in torch.stack(parts).tolist()]  # one copy to the host
 
 
 def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
@@ -147,47 +235,68 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
     the samples inside the cap to the ranks of their round-robin batches (step 2) and cut
     this rank's into batches of ``data.batch_size``.
 
-    Collective when ``world_size > 1`` (one all-gather per round, then two all-to-alls, on
-    ``device``); every rank must call it. Batches come from the raw samples (not from
+    Collective when ``world_size > 1`` (one all-gather per round, one broadcast when the
+    cap is reached, then point-to-point transfers between the ranks that exchange samples,
+    on ``device``); every rank must call it. Batches come from the raw samples (not from
     decoding); images are decoded later, only by their rank.
     """
     device = device if device is not None else torch.device("cpu")
     urls = expand_urls(zs.urls, data.s3)
     cap = zs.max_batches * data.batch_size if zs.max_batches else None
+    num_classes = len(zs.class_names)
     counter = SkipCounter()
     share = HeldOutShare()
     mine: list[tuple[int, RawSample]] = []  # (global index in the set, sample)
-    for start in itertools.count(0, world_size):
-        index = start + rank
-        samples, failed = [], False
-        if index < len(urls):
+    held: list[tuple[int, int, int]] = []  # (first global index, samples, reader) a shard
+    cut: tuple[int, int] | None = None  # (reader, bad labels) of the shard the cap ends in
+    done = 0  # shards read in the rounds so far
+    while True:  # the first round runs on every rank, even with no shard: it checks lists
+        shards = range(done, done + _round_size(cap, share.num_samples, done,
+                                                len(urls) - done, world_size))
+        read = _ShardRead()
+        ours = next((s for s in shards if _reader(s, world_size) == rank), None)
+        if ours is not None:  # at most one: a round has no more shards than ranks
             # the shard's samples after the first ``cap - num_samples`` are past the cap
             # whatever the round's earlier shards hold: not read
             limit = None if cap is None else cap - share.num_samples
-            samples, failed = _read_labelled(urls[index], zs.label_key, data.s3, counter,
-                                             limit)
-        counts = _gather_round((len(samples), int(failed), len(urls)), world_size, device)
+            read = _read_labelled(urls[ours], zs.label_key, num_classes, data.s3, counter,
+                                  limit)
+        counts = _gather_round((len(read.samples), int(read.failed), len(urls),
+                                read.bad_labels), world_size, device)
         other = next((r for r, c in enumerate(counts) if c[2] != counts[0][2]), None)
         if other is not None:  # the ranks would not agree on the rounds: all stop here
             share.error = (f"zero-shot evaluation skipped: ranks found different numbers of "
                            f"held-out shards in zero_shot.urls (rank 0: "
                            f"{counts[0][2]}, rank {other}: {counts[other][2]})")
             return share
-        for r, (n, unreadable, _) in enumerate(counts):  # the round's shards in URL order
+        for shard in shards:  # the round's shards in URL order
             if cap is not None and share.num_samples >= cap:
                 break  # this shard and the later ones are past the cap: not in the set
+            reader = _reader(shard, world_size)
+            n, unreadable, _, bad = counts[reader]
             take = n if cap is None else min(n, cap - share.num_samples)
-            if r == rank:
-                mine.extend(enumerate(samples[:take], start=share.num_samples))
+            if cap is not None and take > 0 and share.num_samples + take == cap:
+                # The set ends inside this shard: only its bad labels before the set's
+                # last sample count, and only its reader knows how many those are.
+                cut = (reader, read.bad_before[take - 1] if reader == rank else 0)
+            else:  # the whole shard is in the set (its reader read it to the end)
+                share.bad_labels += bad
+            if reader == rank:
+                mine.extend(enumerate(read.samples[:take], start=share.num_samples))
+            if take:
+                held.append((share.num_samples, take, reader))
             share.num_samples += take
             share.unreadable_shards += unreadable
-        del samples  # the kept ones are in ``mine``; the deal releases them one by one
+        del read  # the kept samples are in ``mine``; the deal releases them one by one
+        done += len(shards)
         if cap is not None and share.num_samples >= cap:
             break
-        if start + world_size >= len(urls):
+        if done >= len(urls):
             break
+    if cut is not None:
+        share.bad_labels += _from_rank(cut[1], cut[0], world_size, device)
     if world_size > 1 and share.num_samples > 0:  # the same decision on every rank
-        own = _deal(mine, share.num_samples, data.batch_size, rank, world_size, device)
+        own = _deal(mine, held, share.num_samples, data.batch_size, rank, world_size, device)
     else:
         own = [sample for _, sample in mine]
     size = data.batch_size
@@ -195,24 +304,50 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
     return share
 
 
-def _deal(mine: list[tuple[int, RawSample]], num_samples: int, batch_size: int, rank: int,
-          world_size: int, device: torch.device) -> list[RawSample]:
+def _from_rank(value: int, src: int, world_size: int, device: torch.device) -> int:
+    """``value`` of rank ``src`` on every rank (a broadcast of one integer)."""
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+def _exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
+    """Send ``sends[peer]`` to each of its peers and receive ``recvs[peer]`` from each of
+    its peers, in one batch of point-to-point operations; nothing when this rank has no
+    peer (batch_isend_irecv rejects an empty batch). Not a collective: only the ranks in a
+    pair take part, so it must never be the first operation on the process group (torch's
+    batch_isend_irecv then needs every rank); the rounds' all-gathers always precede it."""
+    ops = [dist.P2POp(dist.isend, t, peer) for peer, t in sends.items()]
+    ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs.items()]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _deal(mine: list[tuple[int, RawSample]], held: list[tuple[int, int, int]],
+          num_samples: int, batch_size: int, rank: int, world_size: int,
+          device: torch.device) -> list[RawSample]:
     """The samples of this rank's round-robin batches, in global order, given the samples
-    this rank read with their global indices (module docstring, step 2). Collective: two
-    all-to-alls on ``device``. Empties ``mine`` (each sample is released once copied)."""
+    this rank read with their global indices and, for every shard of the set, its first
+    global index, sample count and reader (module docstring, step 2). Point-to-point
+    transfers on ``device`` with the ranks this rank exchanges samples with, known to both
+    sides from ``held``. Empties ``mine`` (each sample is released once copied)."""
 
     def owner(index: int) -> int:  # the rank of the global batch holding sample ``index``
         return index // batch_size % world_size
 
     # Samples of this rank's own batches stay; the others go into one buffer, grouped by
-    # destination rank (all_to_all_single sends a contiguous slice to each rank).
+    # destination rank (one contiguous slice a destination).
     kept = [(index, sample) for index, sample in mine if owner(index) == rank]
     sizes = [0] * world_size
     for index, (blob, _) in mine:
         if owner(index) != rank:
             sizes[owner(index)] += _FRAME.size + len(blob)
     ends = list(itertools.accumulate(sizes))
-    offsets = [end - n for end, n in zip(ends, sizes)]
+    starts = [end - n for end, n in zip(ends, sizes)]
+    offsets = list(starts)
     send = torch.empty(sum(sizes), dtype=torch.uint8)
     view = memoryview(send.numpy())
     for k, (index, (blob, label)) in enumerate(mine):
@@ -226,15 +361,23 @@ def _deal(mine: list[tuple[int, RawSample]], num_samples: int, batch_size: int, 
         offsets[dest] = at + _FRAME.size + len(blob)
     mine.clear()
     del view
+    # The peers: those this rank sends to (it holds a sample of one of their batches), and
+    # those it receives from (the readers of shards holding a sample of one of its own
+    # batches; every rank knows every shard's global indices and reader).
+    receivers = [peer for peer in range(world_size) if sizes[peer]]
+    senders = sorted({reader for first, count, reader in held if reader != rank and any(
+        batch % world_size == rank
+        for batch in range(first // batch_size, (first + count - 1) // batch_size + 1))})
     # Receivers know how many samples they get but not their sizes: exchange those first.
-    send_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
-    recv_sizes = torch.empty_like(send_sizes)
-    dist.all_to_all_single(recv_sizes, send_sizes)
-    recv_split = recv_sizes.tolist()
+    recv_sizes = {peer: torch.empty(1, dtype=torch.int64, device=device) for peer in senders}
+    _exchange({peer: torch.tensor([sizes[peer]], dtype=torch.int64, device=device)
+               for peer in receivers}, recv_sizes)
+    split = [int(recv_sizes[peer].item()) for peer in senders]
     send = send.to(device)  # a copy on the GPU under NCCL; gloo sends the host buffer
-    recv = torch.empty(sum(recv_split), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_split, input_split_sizes=sizes)
-    del send
+    recv = torch.empty(sum(split), dtype=torch.uint8, device=device)
+    parts = dict(zip(senders, torch.split(recv, split))) if senders else {}
+    _exchange({peer: send[starts[peer]:ends[peer]] for peer in receivers}, parts)
+    del send, parts
     data = memoryview(recv.cpu().numpy())
     at = 0
     while at < len(data):
@@ -302,8 +445,10 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
              world_size: int, device: torch.device, dtype: torch.dtype) -> dict:
     """``zero_shot_top1`` / ``zero_shot_top5`` over the held-out set (same on all ranks).
 
-    Also ``zero_shot_samples`` (images classified) and ``zero_shot_unreadable_shards``
-    (shards of the set that could not be read: the evaluation goes on without them);
+    Also ``zero_shot_samples`` (images classified), ``zero_shot_unreadable_shards``
+    (shards of the set that could not be read: the evaluation goes on without them) and
+    ``zero_shot_bad_labels`` (samples up to the set's end whose label is not a class id of
+    ``zero_shot.class_names``: left out of the set, so they do not count against the cap);
     ``zero_shot_error`` instead of accuracies when the ranks found different shard lists.
     Collective: every rank calls it with the same configs.
     """
@@ -314,10 +459,15 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
         return {"zero_shot_error": share.error, "zero_shot_unreadable_shards": unreadable}
     if unreadable:
         log.warning("zero-shot evaluation without %d unreadable held-out shard(s)", unreadable)
+    if share.bad_labels:
+        log.warning("zero-shot evaluation without %d held-out sample(s) whose label is not a "
+                    "class id (0 to %d, zero_shot.class_names)", share.bad_labels,
+                    len(zs.class_names) - 1)
+    totals = {"zero_shot_unreadable_shards": unreadable, "zero_shot_bad_labels": share.bad_labels}
     if share.num_samples == 0:
         log.warning("zero-shot evaluation skipped: the held-out set %s has no labelled sample",
                     redact_urls(zs.urls))
-        return {"zero_shot_samples": 0, "zero_shot_unreadable_shards": unreadable}
+        return {"zero_shot_samples": 0} | totals
     model = engine.module
     was_training = model.training
     engine.eval()
@@ -328,8 +478,7 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
             engine.train()
     seen = max(counts[2].item(), 1.0)
     return {"zero_shot_top1": counts[0].item() / seen, "zero_shot_top5": counts[1].item() / seen,
-            "zero_shot_samples": int(counts[2].item()),
-            "zero_shot_unreadable_shards": unreadable}
+            "zero_shot_samples": int(counts[2].item())} | totals
 
 
 def _classify(model, tokenizer, zs: ZeroShotConfig, data: DataConfig, share: HeldOutShare,

@@ -1,8 +1,10 @@
 """Zero-shot evaluation: every rank runs the same forward passes under a real ZeRO-3 engine
 (2 and 3 gloo ranks, odd and even batch counts, the demo config), the result is the one
-process's result on the same held-out set, each shard is read by one rank only, each rank
-classifies exactly the round-robin batches (global batch b on rank b % world size), an
-unreadable shard is counted once, and class prompts are embedded in bounded chunks."""
+process's result on the same held-out set, each shard is read by one rank only and a cap
+reads the shards it needs (one when it is smaller than the first), each rank classifies
+exactly the round-robin batches (global batch b on rank b % world size, dealt point to
+point), an unreadable shard is counted once, a label outside the classes is left out and
+counted, and class prompts are embedded in bounded chunks."""
 
 from __future__ import annotations
 
@@ -39,16 +41,18 @@ def _identity(blob: bytes) -> str:
 
 
 def _write_shard(path: Path, first: int, count: int, num_classes: int,
-                 unlabelled_every: int = 0) -> None:
+                 unlabelled_every: int = 0, bad: dict[int, bytes] | None = None) -> None:
     """A webdataset tar of ``count`` random PNG images with integer ``cls`` labels; every
-    ``unlabelled_every``-th sample has no label (0: all have one)."""
+    ``unlabelled_every``-th sample has no label (0: all have one); ``bad`` maps a sample's
+    position in the shard to a label that is not a class id."""
     gen = torch.Generator().manual_seed(first)
     with tarfile.open(path, "w") as tar:
         for i in range(first, first + count):
             pixels = torch.randint(0, 256, (24, 24, 3), generator=gen, dtype=torch.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels.numpy()).save(buf, format="PNG")
-            members = [("png", buf.getvalue()), ("cls", str(i % num_classes).encode())]
+            label = (bad or {}).get(i - first, str(i % num_classes).encode())
+            members = [("png", buf.getvalue()), ("cls", label)]
             if unlabelled_every and (i - first) % unlabelled_every == unlabelled_every - 1:
                 members = members[:1]
             for ext, blob in members:
@@ -57,10 +61,13 @@ def _write_shard(path: Path, first: int, count: int, num_classes: int,
                 tar.addfile(info, io.BytesIO(blob))
 
 
-def _first_labelled(urls: list[str], cap: int) -> list[tuple[bytes, int]]:
-    """The first ``cap`` (0: all) samples with an image and a ``cls`` member, in URL then
-    tar order, read straight from the tar files; a file that is not a tar is left out."""
-    samples = []
+def _first_labelled(urls: list[str], cap: int,
+                    num_classes: int = 10) -> tuple[list[tuple[bytes, int]], int]:
+    """The first ``cap`` (0: all) samples with an image and a ``cls`` member that is a class
+    id (``0 <= cls < num_classes``), in URL then tar order, read straight from the tar
+    files (a file that is not a tar is left out); and how many samples with an image have a
+    ``cls`` that is not a class id before the last of them (all of them without a cap)."""
+    samples, bad = [], 0
     for url in urls:
         if not tarfile.is_tarfile(url):
             continue
@@ -70,10 +77,17 @@ def _first_labelled(urls: list[str], cap: int) -> list[tuple[bytes, int]]:
                 stem, ext = member.name.rsplit(".", 1)
                 members.setdefault(stem, {})[ext] = tar.extractfile(member).read()
         for sample in members.values():
+            if cap and len(samples) == cap:
+                return samples, bad
             image = next((sample[k] for k in ("jpg", "png") if k in sample), None)
-            if image is not None and "cls" in sample:
-                samples.append((image, int(sample["cls"])))
-    return samples[:cap] if cap else samples
+            if image is None or "cls" not in sample:
+                continue
+            label = int(sample["cls"])
+            if 0 <= label < num_classes:
+                samples.append((image, label))
+            else:
+                bad += 1
+    return samples, bad
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +108,16 @@ def setup(tmp_path_factory):
             del os.environ["INTERNIMAGE_CACHE"]
         else:
             os.environ["INTERNIMAGE_CACHE"] = saved
-    # An odd number of shards of unequal sizes; c.tar has 2 unlabelled samples of 11.
+    # An odd number of shards of unequal sizes. c.tar: 11 samples, 2 unlabelled (positions
+    # 3 and 7) and 2 with a label that is not a class id (1: outside int64, 9: negative),
+    # so 7 labelled (0, 2, 4, 5, 6, 8, 10); d.tar: 7 samples, one labelled 10 of 10 classes
+    # (position 2), so 6 labelled.
+    bad = {"c": {1: b"99999999999999999999", 9: b"-1"}, "d": {2: b"10"}}
     shards, first = {}, 0
     for name, count in {"a": 23, "b": 17, "c": 11, "d": 7, "e": 13}.items():
         shards[name] = str(root / f"{name}.tar")
-        _write_shard(Path(shards[name]), first, count, 10, 4 if name == "c" else 0)
+        _write_shard(Path(shards[name]), first, count, 10, 4 if name == "c" else 0,
+                     bad.get(name))
         first += count
     Path(root, "broken.tar").write_bytes(b"not a tar file " * 100)
     five = [shards[n] for n in "abcde"]
@@ -110,12 +129,20 @@ def setup(tmp_path_factory):
         ("even", own, dataclasses.replace(data, batch_size=10)),  # 4 batches
         ("capped", dataclasses.replace(own, max_batches=3), dataclasses.replace(data,
                                                                                batch_size=8)),
-        # 6 batches of 7 = 42 labelled samples: a.tar, b.tar and 2 of c.tar's 9; on 2 ranks
-        # in the second round of reads, on 3 ranks in the first
+        # 6 batches of 7 = 42 labelled samples: a.tar, b.tar and 2 of c.tar's 7 (1 bad
+        # label before the second)
         ("five_capped", dataclasses.replace(own, urls=five, max_batches=6),
          dataclasses.replace(data, batch_size=7)),
+        # 58 labelled samples (d.tar's bad label left out)
         ("unreadable", dataclasses.replace(own, urls=five[:2] + [str(root / "broken.tar")]
                                            + five[3:]), dataclasses.replace(data, batch_size=8)),
+        # 2 batches of 8 = 16 labelled samples, all in a.tar (23)
+        ("first_shard", dataclasses.replace(own, urls=five, max_batches=2),
+         dataclasses.replace(data, batch_size=8)),
+        # 5 batches of 7 = 35 labelled samples: c.tar's 7 (2 bad labels), a.tar's 23 and 5 of
+        # b.tar's 17
+        ("overshoot", dataclasses.replace(own, urls=[shards[n] for n in "cabde"], max_batches=5),
+         dataclasses.replace(data, batch_size=7)),
     ]
     return SimpleNamespace(cfg=cfg, cases=cases, root=root)
 
@@ -218,7 +245,7 @@ def _direct_counts(model, tokenizer, zs, data) -> dict:
     from pretrain.data.decode import ImageTransform
     from pretrain.zeroshot import class_embeddings
 
-    samples = _first_labelled(zs.urls, zs.max_batches * data.batch_size)
+    samples, bad = _first_labelled(zs.urls, zs.max_batches * data.batch_size)
     transform = ImageTransform(data.image_size, train=False, mean=data.mean, std=data.std)
     classes = class_embeddings(model, tokenizer, zs, data.context_length, torch.device("cpu"))
     top1 = top5 = 0
@@ -231,7 +258,7 @@ def _direct_counts(model, tokenizer, zs, data) -> dict:
         top1 += int((top[:, 0] == labels).sum())
         top5 += int((top == labels[:, None]).any(-1).sum())
     return {"zero_shot_samples": len(samples), "zero_shot_top1": top1 / len(samples),
-            "zero_shot_top5": top5 / len(samples)}
+            "zero_shot_top5": top5 / len(samples), "zero_shot_bad_labels": bad}
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +301,10 @@ def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, si
     for name, zs, data in setup.cases:
         # The accuracy of given weights on a given set does not depend on the rank count:
         # each of the first max_batches * batch_size labelled samples is classified once.
-        for key in ("zero_shot_samples", "zero_shot_top1", "zero_shot_top5"):
+        # A label outside the classes is left out of the set and counted, whatever the
+        # rank count.
+        for key in ("zero_shot_samples", "zero_shot_top1", "zero_shot_top5",
+                    "zero_shot_bad_labels"):
             want = single_process.direct[name][key]
             assert got[name][key] == want, (name, key)
             assert single_process.evaluated[name][key] == want, (name, key)
@@ -289,7 +319,7 @@ def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, si
         # batch b on rank b % world: ceil or floor of num_batches / world real forwards
         # per rank, not the batches of the shards it happened to read.
         ids = [_identity(blob) for blob, _ in
-               _first_labelled(zs.urls, zs.max_batches * data.batch_size)]
+               _first_labelled(zs.urls, zs.max_batches * data.batch_size)[0]]
         size = data.batch_size
         num_batches = -(-len(ids) // size)
         for rank, r in enumerate(per_rank):
@@ -297,15 +327,41 @@ def test_zero3_ranks_evaluate_every_batch_once_without_deadlock(world, setup, si
             assert len(r["batches"][name]) == len(want), (name, rank, num_batches)
             assert r["batches"][name] == want, (name, rank)
     assert got["demo"]["zero_shot_samples"] == 270  # 15% of scikit-learn's 1797 digits
-    # The cap falls in c.tar: the reads stop after the round that holds it (2 shards a
-    # round on 2 ranks, 3 on 3), and e.tar is never read.
-    capped = Counter(url for r in per_rank for url in r["opened"]["five_capped"])
-    assert sorted(Path(u).name for u in capped) == ["a.tar", "b.tar", "c.tar",
-                                                    "d.tar"][:{2: 4, 3: 3}[world]]
+    # With a cap, the first round reads one shard, each later one as many as the labelled
+    # samples per shard so far say the cap still needs (at most one a rank): the shards
+    # read are the ones holding the set, plus at most one per estimated round past the
+    # cap's last shard (a round's estimate may be one shard too many).
+    opened = {name: sorted(Path(u).name for r in per_rank for u in r["opened"][name])
+              for name, zs, _ in setup.cases if zs.max_batches}
+    # 16 samples < a.tar's 23: a.tar only (all ranks used to read one shard each).
+    assert opened["first_shard"] == ["a.tar"]
+    # capped (24 of a.tar 23, b.tar 17): a.tar, then ceil(1 / 23) = 1 shard.
+    assert opened["capped"] == ["a.tar", "b.tar"]
+    # five_capped (42): a.tar (23), then ceil(19 / 23) = 1 shard: b.tar (40 in all), then
+    # ceil(2 * 2 / 40) = 1: c.tar. Neither d.tar nor e.tar (2 ranks used to read d.tar).
+    assert opened["five_capped"] == ["a.tar", "b.tar", "c.tar"]
+    # overshoot (35 of c, a, b, d, e): c.tar (7), then ceil(28 / 7) = 4 shards, at most
+    # one a rank: a.tar and b.tar on 2 ranks (enough), a.tar, b.tar and d.tar on 3 ranks
+    # (d.tar past the cap: needed + 1 for the one estimated round; its bad label is not
+    # counted, the set ending in b.tar).
+    assert opened["overshoot"] == sorted(["c.tar", "a.tar", "b.tar", "d.tar"][:world + 1])
+    for name, zs, data in setup.cases:
+        if zs.max_batches:
+            samples = _first_labelled(zs.urls, zs.max_batches * data.batch_size)[0]
+            needed = next(i + 1 for i in range(len(zs.urls))
+                          if len(_first_labelled(zs.urls[:i + 1], 0)[0]) >= len(samples))
+            assert len(opened[name]) <= needed + 1, (name, opened[name], needed)
+    # Labels that are not class ids: left out, counted up to the set's end (the cap's last
+    # shard partly: c.tar's first bad label precedes the set's 42nd sample, its second
+    # follows it).
+    assert got["five_capped"]["zero_shot_bad_labels"] == 1
+    assert got["overshoot"]["zero_shot_bad_labels"] == 2
+    assert got["unreadable"]["zero_shot_bad_labels"] == 1  # d.tar's
+    assert got["demo"]["zero_shot_bad_labels"] == 0
     # An unreadable shard (the third of five) is counted once (one rank tried it); the
     # others are evaluated.
     assert got["unreadable"]["zero_shot_unreadable_shards"] == 1
-    assert got["unreadable"]["zero_shot_samples"] == 23 + 17 + 7 + 13
+    assert got["unreadable"]["zero_shot_samples"] == 23 + 17 + 6 + 13
     # Ranks that found different shard lists skip the evaluation together, no deadlock.
     assert "zero_shot_top1" not in got["lists_differ"]
     assert "different numbers of held-out shards" in got["lists_differ"]["zero_shot_error"]
