@@ -1,4 +1,5 @@
-"""Before a run computes anything: can the object store of its ``s3://`` sources be read?
+"""Before a run computes anything: can its remote sources be read? (``s3://`` objects; on a
+fresh start, ``pipe:`` and ``http(s)://`` shards too.)
 
 Once a run is going, a store that does not answer is waited out (data/shard_schedule.py:
 an outage pauses the streams, it never ends the run). At the start, the same wait hides a
@@ -38,24 +39,67 @@ all-gather of the outcomes, which torch runs as two collectives (the sizes, then
 pickled outcomes padded to the largest: a few bytes per rank when all pass, at most
 :data:`MAX_MESSAGE` characters when some fail, so at most ~1 MB received per rank);
 nothing afterwards. A shard missing here and there is normal at scale and is skipped and
-counted by the streams; only a part none of whose probed shards exists is refused. Only
-``s3://`` URLs are probed: ``pipe:`` and ``http(s)://`` streams report nothing until read
-(their ``.txt`` lists, and local ones, are read as the loader reads them).
+counted by the streams; only a part none of whose probed shards exists is refused.
+
+``pipe:`` and ``http(s)://`` shards (and gopen's other schemes: webdataset runs a command
+for each, ``curl -f -s -L`` for http(s)) report nothing until read, and their failures
+carry no code: a ``pipe:curl -f`` whose URL is wrong or whose token expired exits 22,
+which the streams take for an outage and wait out for ever; ``curl -s`` without ``-f``
+exits 0 with the server's HTML error page, which the streams set aside as damaged shard
+after shard (then end the source's stream; the run stops at its first batch when no source
+is left, trains on the others without it when one is). So on a fresh start each part's
+first, middle and last such shard is read through the streams' reader until one starts
+like a tar (:func:`_not_a_tar`: a tar header that passes its checksum, or gzip, bzip2 or xz
+magic): its first 512 bytes, then its command is killed (with what it started: a
+``pipe:`` runs under ``sh -c``), so a probe never reads a whole shard nor waits for a
+command to end; a command that fails is run again (``s3.retries``, with backoff), one that
+writes no block within :data:`PEEK_TIMEOUT_S` is stopped and counted unread. A part none
+of whose probes passes is refused, each probe's outcome named (``exit status 22``, ``not a
+tar: starts with b'<!DOCTYPE html>'``). A resumed run or requeued job does not probe them:
+there a failing command may be an outage, which the streams wait out as before. Cost: per
+rank and part, one command when its first probe passes (at 512 ranks x 3 sources: 1,536
+``curl`` or ``aws`` processes started within seconds against the sources' hosts, fewer
+than the streams' own first reads, one per worker and source); at most 3 x (1 +
+``s3.retries``) when none does (27,648 at 512 x 3 with the default 5 retries, spread over
+the backoff; up to 3 x :data:`PEEK_TIMEOUT_S` of waiting for a host that does not answer).
+Each reads one block; what a killed command had fetched beyond it (its pipe's 64 KiB, its
+socket buffers) is dropped. ``s3://`` probes only open the object (one HEAD): reading its
+first block would add a ranged GET per part and rank (1,536 at 512 x 3; at the default
+16 MiB ``s3.block_size`` s3fs's read-ahead would fetch 16 MiB each, 24 GiB in all, unless
+the probe shrank it) to catch an object that exists but is not a tar, which is rare: a
+mistyped key or bucket is already missing. (``.txt`` lists of any kind, and local shards,
+are read as the loader reads them.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import io
 import logging
 import os
+import re
+import signal
+import tarfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import braceexpand
 
 from data.config import S3Config
 from data.shard_schedule import COOLDOWN_CAP_S, REFUSAL_CAUSES, StorageAccessError
 from data.sources import list_lines, url_items
-from data.storage import RetryingReader, StoreRefusedError, endpoint, is_missing, refused_code
+from data.storage import (
+    RetryingReader,
+    StoreRefusedError,
+    endpoint,
+    is_missing,
+    is_remote,
+    refused_code,
+)
+from data.tar_stream import BLOCK, open_tar_stream, read_exact
 from runtime.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -70,6 +114,20 @@ MAX_MESSAGE = 2000
 """Characters of a rank's refusal sent to the others (the messages are a few hundred)."""
 MAX_AGREED = 3
 """Distinct refusals an agreed error spells out; the ranks of the others are named."""
+PEEK_TIMEOUT_S = 60.0
+"""How long a ``pipe:`` or ``http(s)://`` probe waits for a shard's first block before it
+stops the command and counts the shard unread (a host that does not answer: webdataset's
+``curl`` for http(s) retries a connection timeout 30 times, 30 s each)."""
+SHOWN_BYTES = 48
+"""Bytes of a probed shard that is not a tar shown in the refusal (an HTML or XML error
+page names itself there: ``<!DOCTYPE html>``, ``<Error><Code>AccessDenied``)."""
+_EXIT = re.compile(r": exit (-?\d+) \(read\)")  # webdataset's Pipe: "...: exit 22 (read) {}"
+_CURL_EXITS = {  # curl(1), EXIT CODES: what most shard commands are
+    6: "curl: could not resolve the host",
+    7: "curl: could not connect to the host",
+    22: "curl -f: the server answered an HTTP error, >= 400",
+    28: "curl: timed out",
+}
 
 
 def _spread(urls: Sequence[str], k: int) -> list[str]:
@@ -82,6 +140,120 @@ def _spread(urls: Sequence[str], k: int) -> list[str]:
 
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {redact_url(str(err))[:300]}"
+
+
+def _where(part: str | None, urls: Sequence[str], probes: Sequence[str]) -> str:
+    """The probed shards of a part, in words (``its first, middle and last shard (of 40)
+    in <part>``)."""
+    where = ("its shards" if len(urls) <= len(probes) else
+             f"its first, middle and last shard (of {len(urls)})")
+    return where if part is None else f"{where} in {redact_url(part)}"
+
+
+def _not_a_tar(head: bytes) -> str | None:
+    """None when ``head``, a shard's first :data:`BLOCK` bytes (fewer: all it held), starts
+    a tar as the streams read one (data.tar_stream): a header that passes the reader's own
+    check, ``tarfile.TarInfo.frombuf`` (its checksum: the unsigned, or historically signed,
+    sum of the block's bytes with the checksum field, 8 bytes at offset 148, counted as
+    spaces, against that field's octal number, as POSIX ustar and GNU tar define it), or
+    gzip, bzip2 or xz magic (the reader decompresses those; what they hold is not checked
+    here). Else what the shard held instead, e.g. ``not a tar: starts with
+    b'<!DOCTYPE html>'``."""
+    if open_tar_stream(io.BytesIO(head))[1]:
+        return None
+    if not head:
+        return "empty: not a byte"
+    shown = redact_url(repr(head[:SHOWN_BYTES]))
+    if len(head) < BLOCK:
+        return f"not a tar: {len(head)} bytes in all, {shown}"
+    if head.count(0) == BLOCK:
+        return "an empty tar: its first block is the end-of-archive marker"
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return f"not a tar: starts with {shown}"
+    return None
+
+
+def _failure(url: str, err: BaseException) -> str:
+    """A failed probe read in words: a command's exit status (what it means, for curl's
+    common ones), or the error's type and message."""
+    match = _EXIT.search(str(err))
+    if match is None:
+        return _describe(err)
+    status = int(match.group(1))
+    if status < 0:
+        return f"killed by signal {-status}"
+    meaning = _CURL_EXITS.get(status) if (not url.startswith("pipe:") or "curl" in url) else None
+    meaning = meaning or ("the shell: command not found" if status == 127 else None)
+    return f"exit status {status}" + (f" ({meaning})" if meaning else "")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and the processes below it, from Linux's ``/proc/<pid>/task/<tid>/children``
+    (elsewhere, or on a kernel without that file: ``pid`` alone)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for path in glob.glob(f"/proc/{tree[i]}/task/*/children"):
+            try:
+                with open(path) as f:
+                    tree.extend(int(child) for child in f.read().split())
+            except (OSError, ValueError):  # ended meanwhile
+                pass
+        i += 1
+    return tree
+
+
+def _stop_command(reader: RetryingReader | None) -> None:
+    """Kill the command a ``pipe:`` or ``http(s)://`` reader reads from, and what it
+    started, so that closing the reader returns at once.
+
+    Why: webdataset's ``Pipe.close`` closes the pipe and then waits for the command, up to
+    two hours. A command that is writing ends at its next write (SIGPIPE, or curl's exit
+    23), but one that does not write (a host that does not answer, a stalled download)
+    would hold the probe that long, and a ``pipe:`` command runs under ``sh -c``, whose
+    children keep the pipe open when only the shell is ended. The exit status of a killed
+    command is never read: the reader's close swallows the error it raises. RetryingReader
+    keeps its open stream in ``_f``: webdataset's ``Pipe`` for these URLs (its ``proc``:
+    the command); another stream has no ``proc`` and is left to its close."""
+    proc = getattr(getattr(reader, "_f", None), "proc", None)
+    if proc is None or proc.poll() is not None:
+        return
+    for pid in _process_tree(proc.pid):  # the shell first: it starts nothing more
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # ended meanwhile
+            pass
+
+
+def _first_block(url: str, s3: S3Config, timeout: float) -> tuple[bytes, BaseException | None]:
+    """(the first :data:`BLOCK` bytes of ``url``, fewer where it ends; None), or (b"", the
+    error that ended the read: ``TimeoutError`` when no block came within ``timeout`` s),
+    read through the streams' reader (:class:`RetryingReader`: webdataset's ``gopen``) with
+    ``s3``'s retries (the caller's are 0: a retry after the timeout would run the command
+    again, unwatched), the command stopped after the block or the timeout."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            with RetryingReader(url, s3) as reader:
+                box["reader"] = reader
+                try:
+                    box["head"] = read_exact(reader, BLOCK)
+                finally:
+                    _stop_command(reader)  # not the whole shard: a block is all we need
+        except Exception as err:  # noqa: BLE001 - the probe's outcome, whatever it is
+            box["error"] = err
+        finally:
+            done.set()
+
+    # A thread: a read from a command that writes nothing blocks until the command ends
+    threading.Thread(target=read, name="preflight-probe", daemon=True).start()
+    if done.wait(timeout):
+        return box.get("head", b""), box.get("error")
+    _stop_command(box.get("reader"))  # its pipe closes: the thread's read returns, and ends
+    return b"", TimeoutError(f"no {BLOCK} bytes within {timeout:g} s (the command was stopped)")
 
 
 class _Probe:
@@ -170,6 +342,42 @@ class _Probe:
             f"data source {self.name!r}: {what} not found ({redact_url(url)}: "
             f"{_describe(err)}). Check the source's urls (bucket, prefix, brace range)")
 
+    def peek(self, url: str) -> str | None:
+        """None when the ``pipe:`` or ``http(s)://`` shard ``url`` starts like a tar
+        (:func:`_not_a_tar`); else what its probe gave (``exit status 22 (...)``, ``not a
+        tar: starts with b'<!DOCTYPE html>'``). A command that fails is run again as a
+        stream's read would be (``s3.retries``, with backoff: 512 ranks starting at once may
+        be answered 429 or 503 by one host); what a command wrote is not read twice, nor is
+        one that timed out run again (each attempt waits up to :data:`PEEK_TIMEOUT_S`)."""
+        once = dataclasses.replace(self.s3, retries=0)
+        failures = 0
+        while True:
+            head, err = _first_block(url, once, PEEK_TIMEOUT_S)
+            if err is None:
+                return _not_a_tar(head)
+            if isinstance(err, TimeoutError) or failures >= self.s3.retries:
+                return str(err) if isinstance(err, TimeoutError) else _failure(url, err)
+            self.sleep(min(self.s3.backoff * 2**failures, self.s3.max_backoff))
+            failures += 1
+
+    def require_tar(self, urls: Sequence[str], what: str, spread: bool) -> None:
+        """Raise :class:`StorageAccessError` unless one of the ``pipe:`` or ``http(s)://``
+        shards ``urls`` starts like a tar (:meth:`peek`, in turn: the first that does ends
+        the probes). ``what``: the shards, in words (:func:`_where`); ``spread``: they are
+        the first, middle and last of more (each outcome is named so; else by its URL)."""
+        failed: list[tuple[str, str]] = []
+        for url in urls:
+            failure = self.peek(url)
+            if failure is None:
+                return
+            failed.append((url, failure))
+        labels = (["first", "middle", "last"] if spread else
+                  [redact_url(url) for url, _ in failed])
+        said = "; ".join(f"{label}: {failure}" for label, (_, failure) in zip(labels, failed))
+        raise StorageAccessError(
+            f"data source {self.name!r}: none of {what} could be read as a tar ({said}). "
+            "Check the command, the host, the path and any token it needs")
+
     def list_urls(self, url: str, parents: tuple[str, ...] = ()) -> list[str]:
         """The shard URLs the ``.txt`` list ``url`` holds, as ``data.sources.expand_urls``
         reads them (a line may be a brace pattern, ``::`` joins or another list), each
@@ -237,19 +445,28 @@ def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
     one of its ``.txt`` shard lists (nested ones too), or, for any of its parts (each brace
     pattern or list; the shards named one by one together), all of a few of its shards
     (first, middle, last), because the store cannot be reached, does not hold them, or
-    refuses them; and when any of its ``.txt`` lists (local, http(s) or ``s3://``) cannot
-    be read or lists no shard. ``urls``: the source's URL items as configured (brace
-    patterns, ``::`` joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint
-    (a requeued job counts too): a store that does not answer is waited for instead."""
+    refuses them; when any of its ``.txt`` lists (local, http(s) or ``s3://``) cannot be
+    read or lists no shard; and, on a fresh start, when none of a few ``pipe:`` or
+    ``http(s)://`` shards of a part starts like a tar (the module's docstring). ``urls``:
+    the source's URL items as configured (brace patterns, ``::`` joins, ``.txt`` lists).
+    ``resumed``: the run continues a checkpoint (a requeued job counts too): a store that
+    does not answer is waited for instead, and commands are not probed."""
     probe = _Probe(name, s3, resumed or os.environ.get(REQUEUED_ENV) == "1", clock, sleep)
     for part, shards in probe.parts(urls):  # the lists first: parts() reads them
-        remote = [u for u in shards if u.startswith("s3://")]
-        if not remote:  # local or http(s) shards: read by the loader, not probed (a list
-            continue  # part holds one at least: list_urls refuses an empty list)
-        probes = _spread(remote, PROBES_PER_SOURCE)
-        where = ("its shards" if len(remote) <= len(probes) else
-                 f"its first, middle and last shard (of {len(remote)})")
-        probe.require_one(probes, where if part is None else f"{where} in {redact_url(part)}")
+        # local shards are read by the loader, not probed (a list part holds one at least:
+        # list_urls refuses an empty list)
+        stored = [u for u in shards if u.startswith("s3://")]
+        if stored:
+            probes = _spread(stored, PROBES_PER_SOURCE)
+            probe.require_one(probes, _where(part, stored, probes))
+        # pipe: and http(s):// (all that webdataset's gopen opens): only on a fresh start;
+        # their failures carry no code to tell an outage from a mistake (the module's
+        # docstring), and a resumed run's streams wait an outage out
+        commands = [u for u in shards if is_remote(u) and not u.startswith("s3://")]
+        if commands and not probe.resumed:
+            probes = _spread(commands, PROBES_PER_SOURCE)
+            probe.require_tar(probes, _where(part, commands, probes),
+                              spread=len(commands) > len(probes))
 
 
 def check_sources_readable(sources: Sequence[tuple[str, list[str] | str]], s3: S3Config,
