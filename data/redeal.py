@@ -37,14 +37,18 @@ read in parts under the old slot count is finished in the same parts.
 are re-dealt as units of the epoch they were dealt in, saved with them (the ``aside``
 entry's ``epoch`` field, :class:`data.stream.SourceCursor`), and so are the reads of
 them owed to later epochs (``owed``: the slot was dealt the shard again before the retry
-was done; one short entry each, rare): a slot whose draws of epoch ``e``
+was done; one short entry each, rare, at most :data:`data.stream.MAX_OWED` per set-aside
+unit): a slot whose draws of epoch ``e``
 ran out before the retry was due goes on into ``e + 1`` with the unit still owed to
 ``e``. Filed under the slot's epoch instead (as states saved before the field still are),
 the unit's rest was read as one of ``e + 1``: after every unit of ``e``, in an epoch
 ``e + 1`` shuffle block, and not by the counting epoch (its damage never counted when
 ``e`` counts losses), or not at all when an old slot had dropped its shard. Cost: one
 integer per set-aside unit (3-4 bytes of JSON, none without such units; the 4,096-slot
-benchmark's states are byte for byte what they were), nothing that grows with the run.
+benchmark's states are byte for byte what they were), plus at most ``MAX_OWED`` owed
+entries of ~10-15 bytes per set-aside unit: nothing that grows with the run (before the
+cap, a shard breaking on every read of a slot whose epochs were shorter than the retry
+cooldown owed one more read per epoch, without limit).
 
 **One-pass sources** (not resampled: evaluation, a finite pass per loader iteration). A
 slot's stream ends with its share of the pass, and the loader deals the next pass afresh

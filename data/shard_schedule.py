@@ -18,7 +18,9 @@ Each read of a shard ends one of four ways (``read_shard``'s ``outcome["status"]
   cursor, so no sample is lost or repeated. A set-aside shard drawn again (its slot is
   dealt it in the next epoch too) is not skipped: that read is owed to the drawing
   epoch, and ``redrawn`` has it read once the set-aside one is done (see
-  :class:`ShardSchedule`). After two failed reads in a row, or with
+  :class:`ShardSchedule`; at most :data:`data.stream.MAX_OWED` such reads per shard wait,
+  any further one is skipped, logged and counted lost). After two failed reads in a row,
+  or with
   nothing left but set-aside shards, the stream waits for its storage (a warning at once
   and every :data:`WAIT_LOG_EVERY_S`; it retries set-aside shards, and starts a fresh one
   only once each of those failed :data:`SHARD_ATTEMPTS` times): an outage pauses the

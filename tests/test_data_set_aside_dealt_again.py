@@ -1,11 +1,12 @@
 """A unit set aside after a failed read (waiting for its retry) that its slot is dealt
 again in the next epoch: both reads are owed, the retry of the rest to the epoch the unit
 was dealt in, the whole shard to the next one (:class:`data.shard_schedule.ShardSchedule`
-``redrawn``), also across a resume and a resize."""
+``redrawn``), also across a resume and a resize; at most ``MAX_OWED`` such reads wait."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -68,13 +69,13 @@ def _dealt_to_slot_0(urls: list[str], epochs: range) -> Counter[tuple[str, int]]
 
 
 def _stream(urls: list[str], slot: int = 0, nslots: int = 2,
-            cursor: SourceCursor | None = None) -> SourceStream:
+            cursor: SourceCursor | None = None, seed: int = SEED) -> SourceStream:
     now = [0.0]
 
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    stream = SourceStream("a", urls, slot, nslots, SEED, S3, SkipCounter(), cursor=cursor,
+    stream = SourceStream("a", urls, slot, nslots, seed, S3, SkipCounter(), cursor=cursor,
                           clock=lambda: now[0], sleep=sleep)
     stream.now = now  # (the test's handle on its clock)
     return stream
@@ -133,3 +134,43 @@ def test_resized_anywhere_each_sample_is_read_once_per_epoch(shards):
                 seen[raw["__key__"], stream.reading_epoch()] += 1
         every = _every_sample(range(new[0].share_last + 1))
         assert seen == every, (i, every - seen, seen - every)
+
+
+def test_the_reads_owed_to_later_epochs_are_capped(tmp_path, monkeypatch, caplog):
+    # A 2-shard source over 2 slots: a slot's epoch of it (4 samples) is shorter than the
+    # retry cooldown (1 s = 10 samples), and every read of s0 from its start breaks after
+    # 1 sample (its retries from sample 1 read on). Each epoch deals s0 to the slot again
+    # while its earlier read waits: the owed reads grew without limit (2,364 after 20k
+    # samples, a 19 KB cursor). Now at most MAX_OWED wait; the reads beyond are skipped,
+    # logged, and their samples counted lost (s0's sample count is known here).
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 4, size=8)))
+            for i in range(2)]
+    (tmp_path / "s0_stats.json").write_text(json.dumps({"successes": 4}))
+    real = stream_module.read_shard
+
+    def breaking(url, source, s3, counter, outcome=None, cursor=None, **kw):
+        start = cursor.samples if cursor is not None else 0
+        for n, raw in enumerate(real(url, source, s3, counter, outcome, cursor, **kw), 1):
+            yield raw
+            if url == urls[0] and start == 0 and n == 1:
+                outcome.update(status="failed", failed=True, error="simulated reset")
+                return
+
+    monkeypatch.setattr(stream_module, "read_shard", breaking)
+    caplog.set_level(logging.WARNING, logger="data.stream")
+    stream = _stream(urls, seed=0)
+    most, size = 0, 0
+    for n, _ in enumerate(stream, 1):
+        cursor = json.loads(json.dumps(stream.cursor().to_dict()))
+        most = max([most, *(len(e[6]) for e in cursor["aside"].values() if len(e) > 6)])
+        size = max(size, len(json.dumps(cursor)))
+        stream.now[0] += STEP_S
+        if n == 3000:
+            break
+    assert cursor["epoch"] > 1000  # (the epochs went by)
+    assert size < 600, size
+    assert most == stream_module.MAX_OWED
+    lost = {(s, r): n for kind, s, r, n in stream.counter.drain() if kind == "skip"}
+    assert set(lost) == {("a", "lost_samples")}
+    assert lost["a", "lost_samples"] % 4 == 0  # each skipped read: s0's 4 samples
+    assert any("this epoch's read is skipped" in r.getMessage() for r in caplog.records)
