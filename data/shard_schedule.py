@@ -48,6 +48,12 @@ sidecar can be read, which a refusing store most likely refuses too).
 
 A resampled stream ends only when every shard it owns is missing, unreadable or given up
 (an error is logged and ``sources_ended`` counted).
+
+Which shard comes next after a failed read, and when a set-aside one is retried, depend on
+the clock and on faults that a later read of the same shards may not meet. ``faults``
+counts those turns (failed reads, reads of set-aside shards) so that
+:class:`data.stream.MixedStream` ends a shuffle block at each: a block is then a run of
+reads that a resume re-reads alike, with :meth:`ShardSchedule.replay` on.
 """
 
 from __future__ import annotations
@@ -123,6 +129,8 @@ class ShardSchedule:
     state, so the owner keeps the new read owed and sets it aside once the earlier one is
     done (:class:`data.stream.SourceStream`); the draw goes on with the next unit (without
     ``redrawn``, it is skipped). ``clock`` and ``sleep`` are injectable for tests.
+    ``faults``: failed reads and reads of set-aside shards yielded so far (see the module
+    docstring); ``replaying``: see :meth:`replay`.
 
     The stream is *waiting for storage* from two failed reads in a row (or from having
     nothing but set-aside shards left) until a read delivers again. Meanwhile it retries
@@ -151,9 +159,34 @@ class ShardSchedule:
         self._fresh_next = False  # the last read was refused: draw a fresh shard first
         self._last_warning = -math.inf
         self._last_error = ""
+        self.faults = 0
+        self.replaying = False
+        self._again: str | None = None  # failed while replaying: retried in place
+
+    def replay(self, on: bool) -> None:
+        """Re-read reads made before (a resumed shuffle block, from its start: see
+        :class:`data.stream.MixedStream`), or stop. That block was read without a failure
+        or a retry (each ends a block), so meanwhile no set-aside shard is retried (their
+        retry times were not saved: restored, they are all due, and one retried first would
+        change the block) and a read that fails is retried in place, after its cooldown,
+        before any other (a fresh shard in its place would change the block too; it is
+        never given up meanwhile: like an outage, it is waited for). Off again, the
+        set-aside shards are due, as after any resume."""
+        self.replaying, self._again = on, None
 
     def __iter__(self) -> Iterator[tuple[str, ShardCursor | None]]:
         while True:
+            if self.replaying:
+                again, self._again = self._again, None
+                if again is not None and again in self.aside:
+                    self._wait(self.aside[again].due)
+                    self.faults += 1
+                    yield again, self.aside[again].cursor
+                    continue
+                url = self._draw()  # what the read replayed did: nothing else was due
+                if url is not None:
+                    yield url, None
+                    continue
             # after a refused read, a fresh shard before any retry: while some objects are
             # forbidden, the reads in between reach readable ones (whose progress restarts
             # the grace) instead of cycling through the refused ones' retries
@@ -164,6 +197,7 @@ class ShardSchedule:
                 continue
             url = self._due()
             if url is not None:
+                self.faults += 1
                 yield url, self.aside[url].cursor
                 continue
             if self.resampled and len(self.dropped) >= self.owned:
@@ -208,10 +242,13 @@ class ShardSchedule:
             return url
         return None
 
-    def _wait(self) -> None:
+    def _wait(self, until: float | None = None) -> None:
+        """Wait for storage until ``until``, or until the first set-aside shard is due."""
         now = self.clock()
         self._start_waiting(now)
-        delay = max(0.0, min(entry.due for entry in self.aside.values()) - now)
+        if until is None:
+            until = min(entry.due for entry in self.aside.values())
+        delay = max(0.0, until - now)
         self._warn(now, delay)
         self.sleep(delay)
 
@@ -243,6 +280,9 @@ class ShardSchedule:
         if status == "complete" or outcome["samples"] > 0:
             self._progress(now)
         if status == "failed":
+            self.faults += 1
+            if self.replaying:
+                self._again = url
             code = refused_code(outcome["error"])
             if code is None:
                 # the grace measures refusals in a row: an outage between two refusals (a
@@ -303,7 +343,8 @@ class ShardSchedule:
             # waiting instead, a few forbidden shards in a row used up the grace on their
             # own retries and ended a healthy run.
             self.failures_in_row += 1
-        if entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure:
+        if (entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure
+                and not self.replaying):
             log.warning("source %r: giving up shard %s after %d failed reads while other "
                         "shards could be read (last error: %s)%s", self.source,
                         redact_url(url), entry.failures, entry.error,

@@ -25,13 +25,31 @@ configured one (``tests/test_data_epochs.py`` simulates the H recipe at 4,096 sl
 draw counter at its start (those are its references) plus how many of its samples were
 emitted; a resumed stream re-reads that one block (at most ``shuffle_buffer`` raw samples,
 starting with one ranged read per source), skips the emitted samples and continues, so
-the resumed stream is exactly the uninterrupted one from the saved point on. Counts made
+the resumed stream is exactly the uninterrupted one from the saved point on (to the end of
+the block at least: a resumed stream retries the shards set aside after failed reads at
+once, from the next block on, where the uninterrupted one waited for their cooldowns; the
+same samples, each once). Counts made
 while re-reading the block were already reported before the checkpoint and are muted.
 The state also keeps the skips counted from the block's start (``MixState.skips``, a
 few entries): a resume on another slot count, whose new slots read the block's shards
 again unmuted, takes them out of the totals instead (:mod:`data.redeal`).
 (The alternative, dropping the buffer and refilling it, would lose up to a buffer of
 samples per worker at every resume and make the resumed stream differ.)
+
+**Faults end a block.** Re-reading a block from its start cursors reads what was read
+only if nothing in the read depended on the clock or on a transient fault: a failed read
+(set aside, the next shard read in its place) or the retry of a set-aside shard (when it
+came due) may not happen again, or not at the same sample. So such a fault ends the block
+being filled (``ShardSchedule.faults``): the sample drawn after it opens the next block,
+as at an epoch change, and the block's state keeps its length and the next block's start
+(``MixState.cut``, one more set of source cursors, only while inside such a block). A
+resume inside it re-reads that many samples with :meth:`ShardSchedule.replay` on (no
+set-aside shard retried; a read failing now retried in place), hands out the rest, then
+goes on from the saved next start, where the uninterrupted run went on. Before, the
+re-read met no fault and retried the restored set-aside shards at once: it built another
+block and skipped the wrong samples (up to a block per worker and resume, silently). The
+cost: a block cut short per fault (two per failed read: the failure, the retry), and two
+integer reads per draw.
 
 **Cost at scale** (427M samples, 44k shards, 512 GPUs x 8 workers = 4,096 slots): a resume
 computes one permutation per source (44k integers in all, milliseconds), opens one ranged
@@ -42,14 +60,15 @@ block per worker: ``shuffle_buffer`` raw samples, on average half of them not ye
 buffer costs proportionally less). None of it grows with the samples consumed: the same
 after 10^3 samples or after 30 epochs (the replay it replaces read ~7.5 TB after 300M
 samples). The saved state is a few hundred bytes per worker plus the (rare) set-aside and
-dropped shard names. Measured: ``benchmarks/data_resume.py``.
+dropped shard names (twice the source cursors inside a block a fault cut). Measured:
+``benchmarks/data_resume.py``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,7 +92,6 @@ MAX_OWED = 4
 """Reads of one set-aside unit owed to later epochs at most (see
 :meth:`SourceStream._owe`): a saved cursor holds at most this many short entries per
 set-aside unit, whatever the run's length. The tests' 12-sample epochs owe up to 3."""
-
 
 
 @dataclass
@@ -354,6 +372,10 @@ class SourceStream:
         self.schedule.aside[key] = SetAside(ShardCursor(*start), 0, now, due=now)
         self._aside_epochs[key] = epoch
 
+    def close(self) -> None:
+        """Drop the read-ahead of the next shard (the stream is not read on)."""
+        self._prefetcher.cancel()
+
     def _give_up(self, key: str, cursor: ShardCursor, reason: str) -> None:
         self.counter.skip(self.name, reason)
         url, part, parts = self.split_key(key)
@@ -452,10 +474,24 @@ class MixState:
     ``draws`` with the source cursors ``sources`` and ``emitted`` of its samples were handed
     out; ``index``: raw samples handed out so far (seeds each sample's augmentation).
     ``lead``: the source whose sample, drawn before the block began, opens it (the first
-    sample of that source's next epoch; its cursor in ``sources`` is at that sample's
-    unit start), None when the block's first sample is drawn in it. ``size``: the block
-    size ``block`` was filled with (a resume inside it fills it alike, even when the
-    configured shuffle buffer changed since; later blocks take the new size).
+    sample of that source's next epoch, or the first after a fault, see ``cut``; its
+    cursor in ``sources`` is at that sample's unit start), None when the block's first
+    sample is drawn in it. ``size``: the block size ``block`` was filled with (a resume
+    inside it fills it alike, even when the configured shuffle buffer changed since;
+    later blocks take the new size).
+
+    ``cut``: None, or, inside a block that a fault ended (a failed read, a retry: see
+    :class:`MixedStream`), ``{"length", "draws", "sources", "lead", "skips", "ended"}``:
+    the block's sample count and the next block's start as the stream went on (what the
+    block's last sample saves). A resume inside it re-reads ``length`` samples (the
+    transient fault that ended the block is not met again) and then goes on from that
+    start (states saved before it was kept: none).
+
+    ``ended``: the sources whose stream had ended before the block began (one-pass
+    sources read to their end), never drawn again. A resume that drew them to find out
+    spent mix draws the uninterrupted run did not, and with three sources or more picked
+    other sources for the block's samples than it had (states saved before it was kept:
+    none).
 
     ``skips``: ``[source, reason, n]``, the skips this stream counted from ``sources`` on
     (reading the block and its lead, decoding its emitted samples; also the events of
@@ -474,6 +510,8 @@ class MixState:
     lead: int | None = None
     size: int | None = None
     skips: list[list] = field(default_factory=list)
+    cut: dict[str, Any] | None = None
+    ended: list[int] = field(default_factory=list)
 
 
 def _skip_list(met: Counter[tuple[str, str]]) -> list[list]:
@@ -535,26 +573,43 @@ class MixedStream:
         return active[-1]
 
     def __iter__(self) -> Iterator[tuple[int, RawSample]]:
+        # a resume inside a block cut by a fault goes on from the next block's saved start
+        while (yield from self._resumed()):
+            pass
+
+    def _resumed(self) -> Generator[tuple[int, RawSample], None, bool]:
+        """The samples from the saved state on. True: it stopped at the end of the
+        resumed block, a block cut by a fault (``MixState.cut``), with the state at the
+        next block's start: resume from it (source streams built again)."""
         st = self._state
         cursors = ([SourceCursor.from_dict(d) for d in st.sources]
                    if st.sources is not None else None)
         self._streams = streams = self.make_sources(cursors)
         iters = [iter(s) for s in streams]
-        active, live, skip = list(range(len(streams))), st.draws, st.emitted
+        active = [i for i in range(len(streams)) if i not in st.ended]
+        live, skip = st.draws, st.emitted
         start, lead = st.sources, None
+        # the block resumed inside was cut by a fault: it is re-read to its saved length
+        cut = st.cut if skip > 0 else None
         # what the saved block met before the save (its muted re-read meets it again)
         before = Counter({(source, reason): n for source, reason, n in st.skips})
+        # Re-reading what was read before the save (the block's lead, the block up to its
+        # emitted samples): set-aside shards wait and a read failing now is retried in
+        # place, so the re-read is the read (ShardSchedule.replay).
+        replaying = self._replay(streams, skip > 0 or st.lead is not None)
         if st.lead is not None:  # the block opens with a sample read before it began
             muted, self.counter.muted = self.counter.muted, True  # reported before the save
             item = next(iters[st.lead], None)
             self.counter.muted = muted
             lead = (st.lead, item) if item is not None else None
+            replaying = self._replay(streams, skip > 0)
         while active or lead is not None:
             # a block resumed inside is filled to the size it had (the buffer may differ)
             size = (st.size or self.block_size) if skip > 0 else self.block_size
             if lead is None:  # the block's first sample is drawn in it: from the cursors now
                 start = [s.cursor().to_dict() for s in streams] if size > 1 else None
             first, block_no, leader = live, st.block, lead[0] if lead is not None else None
+            ended = self._ended(active)  # before the block
             # Re-reading a block whose first samples went out before the checkpoint: what
             # it counts was reported then.
             muted, self.counter.muted = self.counter.muted, skip > 0 or self.counter.muted
@@ -566,18 +621,29 @@ class MixedStream:
             if lead is not None:
                 epochs[lead[0]] = streams[lead[0]].reading_epoch()
             lead = next_start = None
-            while active and len(block) < size:
+            faulted = False
+            while active and len(block) < (cut["length"] if cut is not None else size):
                 pick = self._pick(live, active)
                 live += 1
+                faults = streams[pick].schedule.faults
                 item = next(iters[pick], None)
+                # A read failed or a set-aside shard was retried while drawing it: which
+                # reads came next depended on the clock and on a fault a re-read from the
+                # block's start may not meet. The block ends here, so that a resume inside
+                # it re-reads what was read (MixState.cut).
+                faulted = (size > 1 and not replaying
+                           and streams[pick].schedule.faults != faults)
                 if item is None:
                     active.remove(pick)
+                    if faulted:  # the next block starts at the cursors now
+                        next_start = [s.cursor().to_dict() for s in streams]
+                        break
                     continue
                 epoch = streams[pick].reading_epoch()
-                if (size > 1 and epochs[pick] not in (None, epoch)
-                        and not self._legacy_block):
-                    # the first sample of the source's next epoch opens the next block;
-                    # resuming there reads it again from its unit's start
+                if faulted or (size > 1 and epochs[pick] not in (None, epoch)
+                               and not self._legacy_block):
+                    # the first sample of the source's next epoch (or after the fault) opens
+                    # the next block; resuming there reads it again from its unit's start
                     lead = (pick, item)
                     next_start = [(s.unit_start() if i == pick else s.cursor()).to_dict()
                                   for i, s in enumerate(streams)]
@@ -586,6 +652,14 @@ class MixedStream:
                 epochs[pick] = epoch
                 block.append((pick, item))
             self.counter.muted = muted
+            replaying = self._replay(streams, False)
+            # a resumed cut block goes on where the run went on after it (the streams now
+            # are where its re-read stopped, without the fault)
+            jump = cut is not None
+            if faulted:
+                cut = {"length": len(block), "draws": live, "sources": next_start,
+                       "lead": lead[0] if lead is not None else None,
+                       "skips": _skip_list(lead_met), "ended": self._ended(active)}
             if skip > 0:  # a resumed block: ``before`` holds what its re-read just met
                 mark = self.counter.met.copy()
             self._legacy_block = False
@@ -595,19 +669,47 @@ class MixedStream:
                 if j + 1 < len(block):  # resuming here re-reads this block from its start
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
                     st.lead, st.size, self._at_block_end = leader, size, False
-                    self._block_met = (before, mark)
+                    st.cut, st.ended, self._block_met = cut, ended, (before, mark)
+                elif cut is not None:  # the next block starts where the run went on
+                    self._next_block(block_no + 1, cut)
                 elif lead is not None:  # the next block opens with the sample read ahead
-                    st.block, st.emitted, st.draws, st.sources = (block_no + 1, 0, live,
-                                                                  next_start)
-                    st.lead, st.size, self._at_block_end = lead[0], None, False
-                    st.skips, self._block_met = _skip_list(lead_met), None
+                    self._next_block(block_no + 1, {
+                        "draws": live, "sources": next_start, "lead": lead[0],
+                        "skips": _skip_list(lead_met), "ended": self._ended(active)})
                 else:  # the next block starts at the live cursors
-                    st.block, st.emitted, st.draws, st.sources = block_no + 1, 0, live, None
-                    st.lead, st.size, self._at_block_end = None, None, True
-                    st.skips, self._block_met = [], None
+                    self._next_block(block_no + 1, {
+                        "draws": live, "sources": None, "lead": None, "skips": [],
+                        "ended": self._ended(active)})
                 yield block[order[j]]
-            start, skip = next_start, 0
+            if jump:
+                if len(block) <= skip:  # (nothing re-read to hand out: go on all the same)
+                    self._next_block(block_no + 1, cut)
+                for stream, it in zip(streams, iters, strict=True):
+                    it.close()  # its open shard
+                    stream.close()
+                return True
+            start, skip, cut = next_start, 0, None
             before = lead_met if lead is not None else Counter()
+        return False
+
+    def _ended(self, active: list[int]) -> list[int]:
+        return [i for i in range(len(self._streams)) if i not in active]
+
+    def _next_block(self, block: int, start: dict[str, Any]) -> None:
+        """The state at ``block``'s start: ``draws``, its first mix draw; ``sources``, the
+        cursors there (None: the live ones); ``lead``, the source whose sample opens it;
+        ``skips``, what that sample's read met; ``ended``, the sources ended by then."""
+        st = self._state
+        st.block, st.emitted, st.draws, st.sources = block, 0, start["draws"], start["sources"]
+        st.lead, st.size, st.skips, st.cut = start["lead"], None, start["skips"], None
+        st.ended = start.get("ended", [])
+        self._at_block_end, self._block_met = start["sources"] is None, None
+
+    @staticmethod
+    def _replay(streams: list[SourceStream], on: bool) -> bool:
+        for s in streams:
+            s.schedule.replay(on)
+        return on
 
     def _block_order(self, block: int, n: int, size: int) -> np.ndarray:
         if size == 1 or n <= 1:
