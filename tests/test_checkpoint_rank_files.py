@@ -34,6 +34,18 @@ def _cfg(tmp_path: Path, workers: int = 0):
                       workers=workers, shuffle_buffer=0, context_length=8, seed=4, s3=S3)
 
 
+def _write(ckpt: Path, shared: dict, states: list[dict], layout: str) -> None:
+    """A checkpoint's trainer state with ``states`` as rank files, or (``old``) every rank
+    inside trainer_state.json, as checkpoints were written before rank files."""
+    if layout == "old":
+        ckpt.mkdir(parents=True)
+        ck.write_trainer_state(ckpt, shared | {"ranks": states})
+        return
+    for rank, state in enumerate(states):
+        ck.write_rank_state(ckpt, rank, state)
+    ck.write_trainer_state(ckpt, shared | {ck.RANK_STATES: len(states)})
+
+
 def _saved_checkpoint(tmp_path: Path, world: int, layout: str = "files",
                       tag: str = "step_0000002") -> tuple[Path, list]:
     """A checkpoint of ``world`` ranks that each drew a few batches: its folder (each
@@ -51,14 +63,7 @@ def _saved_checkpoint(tmp_path: Path, world: int, layout: str = "files",
         states.append({"rng": {"rank": rank},
                        "data": json.loads(json.dumps(loader.state_dict()))})
     ckpt = tmp_path / "checkpoints" / tag
-    shared = {"step": 2, "world_size": world, "model_hash": "h"}
-    if layout == "old":
-        ckpt.mkdir(parents=True)
-        ck.write_trainer_state(ckpt, shared | {"ranks": states})
-    else:
-        for rank, state in enumerate(states):
-            ck.write_rank_state(ckpt, rank, state)
-        ck.write_trainer_state(ckpt, shared | {ck.RANK_STATES: world})
+    _write(ckpt, {"step": 2, "world_size": world, "model_hash": "h"}, states, layout)
     return ckpt, states
 
 
@@ -153,14 +158,7 @@ def test_finetune_reads_its_own_rng_and_every_rank_only_for_a_saved_key(tmp_path
 
     ckpt = tmp_path / "checkpoints" / "step_0000004"
     states = [{"rng": rng_state(), "data": {"rank": r}} for r in range(3)]
-    shared = {"step": 4, "world_size": 3, "model_hash": "h"}
-    if layout == "old":
-        ckpt.mkdir(parents=True)
-        ck.write_trainer_state(ckpt, shared | {"ranks": states})
-    else:
-        for rank, state in enumerate(states):
-            ck.write_rank_state(ckpt, rank, state)
-        ck.write_trainer_state(ckpt, shared | {ck.RANK_STATES: 3})
+    _write(ckpt, {"step": 4, "world_size": 3, "model_hash": "h"}, states, layout)
     run = FinetuneRun(tmp_path, ckpt, ck.load_trainer_state(ckpt))
     assert run.rank_states("data") == [{"rank": r} for r in range(3)]
     if layout == "files":  # the others' files gone: neither needs them

@@ -35,15 +35,13 @@ def _shards(tmp_path: Path, prefix: str, n: int, samples: int = SAMPLES) -> list
             for i in range(n)]
 
 
-def _break_reads(monkeypatch, plan: dict[str, list[int | None]]) -> None:
-    """The k-th read of ``url`` (in this process, from now on) breaks after
-    ``plan[url][k]`` samples (a dropped connection); later reads, or None, complete."""
-    real, reads = stream_module.read_shard, Counter()
+def _breaking_reads(monkeypatch, stop_at) -> None:
+    """Reads of shards break after ``stop_at(url, cursor)`` samples (a dropped connection;
+    None: the read completes); ``stop_at`` is asked once per read, as it starts."""
+    real = stream_module.read_shard
 
     def breaking(url, source, s3, counter, outcome=None, cursor=None, **kw):
-        stops = plan.get(url, [])
-        stop = stops[reads[url]] if reads[url] < len(stops) else None
-        reads[url] += 1
+        stop = stop_at(url, cursor)
         for n, raw in enumerate(real(url, source, s3, counter, outcome, cursor, **kw), 1):
             yield raw
             if n == stop:
@@ -51,22 +49,26 @@ def _break_reads(monkeypatch, plan: dict[str, list[int | None]]) -> None:
                 return
 
     monkeypatch.setattr(stream_module, "read_shard", breaking)
+
+
+def _break_reads(monkeypatch, plan: dict[str, list[int | None]]) -> None:
+    """The k-th read of ``url`` (in this process, from now on) breaks after
+    ``plan[url][k]`` samples (a dropped connection); later reads, or None, complete."""
+    reads: Counter[str] = Counter()
+
+    def stop_at(url, cursor):
+        stops = plan.get(url, [])
+        reads[url] += 1
+        return stops[reads[url] - 1] if reads[url] <= len(stops) else None
+
+    _breaking_reads(monkeypatch, stop_at)
 
 
 def _break_from(monkeypatch, plan: dict[str, dict[int, int]]) -> None:
     """Every read of ``url`` that starts at sample ``s`` of it breaks after
     ``plan[url][s]`` samples: a fault met again by every read, resumed or not."""
-    real = stream_module.read_shard
-
-    def breaking(url, source, s3, counter, outcome=None, cursor=None, **kw):
-        stop = plan.get(url, {}).get(cursor.samples if cursor is not None else 0)
-        for n, raw in enumerate(real(url, source, s3, counter, outcome, cursor, **kw), 1):
-            yield raw
-            if n == stop:
-                outcome.update(status="failed", failed=True, error="simulated reset")
-                return
-
-    monkeypatch.setattr(stream_module, "read_shard", breaking)
+    _breaking_reads(monkeypatch, lambda url, cursor: plan.get(url, {}).get(
+        cursor.samples if cursor is not None else 0))
 
 
 class _Tagged(SourceStream):
