@@ -162,6 +162,9 @@ class ShardSchedule:
         self.faults = 0
         self.replaying = False
         self._again: str | None = None  # failed while replaying: retried in place
+        # why the last replay ended before its end (a shard failing for good), else None
+        self.replay_broken: str | None = None
+        self.replay_missing: str | None = None  # the last shard found missing in a replay
 
     def replay(self, on: bool) -> None:
         """Re-read reads made before (a resumed shuffle block, from its start: see
@@ -169,10 +172,29 @@ class ShardSchedule:
         or a retry (each ends a block), so meanwhile no set-aside shard is retried (their
         retry times were not saved: restored, they are all due, and one retried first would
         change the block) and a read that fails is retried in place, after its cooldown,
-        before any other (a fresh shard in its place would change the block too; it is
-        never given up meanwhile: like an outage, it is waited for). Off again, the
-        set-aside shards are due, as after any resume."""
+        before any other (a fresh shard in its place would change the block too). Off
+        again, the set-aside shards are due, as after any resume.
+
+        Best effort: a shard that fails for good since the save cannot be re-read, and
+        waiting for it would stop the run (retried in place for ever, a refused shard
+        used up ``s3.auth_grace_s`` and ended it, a 5xx for ever made it wait for ever).
+        So a read refused, or failing :data:`SHARD_ATTEMPTS` times in a row without
+        delivering, ends the replay at once (:meth:`_break_replay`: one warning,
+        ``replay_broken`` set): the normal policy takes over from that read on (set
+        aside, given up and counted as in a fresh run), and the block is filled on from
+        other shards, not as it was."""
         self.replaying, self._again = on, None
+        if on:
+            self.replay_broken = self.replay_missing = None
+
+    def _break_replay(self, url: str, why: str) -> None:
+        """End the replay before its end: ``url`` cannot be re-read (``why``)."""
+        self.replaying, self._again, self.replay_broken = False, None, why
+        log.warning("source %r: shard %s, read in the resumed shuffle block, %s since the "
+                    "save: the block is filled on from other shards, so its samples may "
+                    "differ from the uninterrupted run's (the shard is retried, given up and "
+                    "counted as in a fresh run; nothing else changes)", self.source,
+                    redact_url(url), why)
 
     def __iter__(self) -> Iterator[tuple[str, ShardCursor | None]]:
         while True:
@@ -281,9 +303,18 @@ class ShardSchedule:
             self._progress(now)
         if status == "failed":
             self.faults += 1
-            if self.replaying:
-                self._again = url
             code = refused_code(outcome["error"])
+            if self.replaying:
+                entry = self.aside.get(url)
+                failures = 1 + (entry.failures if entry is not None
+                                and outcome["samples"] == 0 else 0)
+                if code is not None:  # a refusal is no outage: waiting will not end it
+                    self._break_replay(url, f"is refused ({code})")
+                elif failures >= SHARD_ATTEMPTS:
+                    self._break_replay(url, f"failed {failures} reads in a row (last "
+                                            f"error: {outcome['error']})")
+                else:
+                    self._again = url
             if code is None:
                 # the grace measures refusals in a row: an outage between two refusals (a
                 # 403 from a gateway at each end of it) is no proof of bad credentials
@@ -296,6 +327,8 @@ class ShardSchedule:
         self.aside.pop(url, None)
         if status == "missing":
             self.dropped.add(url)
+            if self.replaying:  # missing since the save, or then too: the owner tells
+                self.replay_missing = url
         elif status == "damaged":
             self.damaged.add(url)
             if outcome["cursor"].samples == 0:
@@ -343,8 +376,7 @@ class ShardSchedule:
             # waiting instead, a few forbidden shards in a row used up the grace on their
             # own retries and ended a healthy run.
             self.failures_in_row += 1
-        if (entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure
-                and not self.replaying):
+        if entry.failures >= SHARD_ATTEMPTS and self.last_progress > entry.first_failure:
             log.warning("source %r: giving up shard %s after %d failed reads while other "
                         "shards could be read (last error: %s)%s", self.source,
                         redact_url(url), entry.failures, entry.error,

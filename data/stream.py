@@ -79,7 +79,7 @@ from data.epochs import first_slot, parts_per_shard, slot_units, unit_of
 from data.shard_schedule import SetAside, ShardSchedule
 from data.sources import RawSample, count_lost, read_shard
 from data.state import derive_seed
-from data.stats import SkipCounter
+from data.stats import MET_EVENTS, SkipCounter
 from data.storage import ShardPrefetcher
 from data.tar_stream import ShardCursor
 from runtime.redact import redact_url
@@ -597,12 +597,17 @@ class MixedStream:
         # emitted samples): set-aside shards wait and a read failing now is retried in
         # place, so the re-read is the read (ShardSchedule.replay).
         replaying = self._replay(streams, skip > 0 or st.lead is not None)
+        # Best effort (see _reread_check): met by the muted re-read beyond ``before`` and
+        # counted since (a shard missing now); exact until a shard fails for good or goes
+        # missing since the save
+        reread, recounted, exact = self.counter.met.copy(), Counter(), True
         if st.lead is not None:  # the block opens with a sample read before it began
             muted, self.counter.muted = self.counter.muted, True  # reported before the save
             item = next(iters[st.lead], None)
             self.counter.muted = muted
             lead = (st.lead, item) if item is not None else None
-            replaying = self._replay(streams, skip > 0)
+            exact = self._reread_check(streams, reread, before, recounted, exact)
+            replaying = self._replay(streams, skip > 0 and exact)
         while active or lead is not None:
             # a block resumed inside is filled to the size it had (the buffer may differ)
             size = (st.size or self.block_size) if skip > 0 else self.block_size
@@ -633,6 +638,9 @@ class MixedStream:
                 # it re-reads what was read (MixState.cut).
                 faulted = (size > 1 and not replaying
                            and streams[pick].schedule.faults != faults)
+                if skip > 0:  # (muted: a re-read)
+                    exact = self._reread_check(streams, reread, before, recounted, exact)
+                    replaying = replaying and exact
                 if item is None:
                     active.remove(pick)
                     if faulted:  # the next block starts at the cursors now
@@ -653,6 +661,8 @@ class MixedStream:
                 block.append((pick, item))
             self.counter.muted = muted
             replaying = self._replay(streams, False)
+            if not exact:  # filled on from other shards: it goes on from the live streams
+                cut = None
             # a resumed cut block goes on where the run went on after it (the streams now
             # are where its re-read stopped, without the fault)
             jump = cut is not None
@@ -662,6 +672,16 @@ class MixedStream:
                        "skips": _skip_list(lead_met), "ended": self._ended(active)}
             if skip > 0:  # a resumed block: ``before`` holds what its re-read just met
                 mark = self.counter.met.copy()
+            before += recounted  # met by this block's read too (a resume of it mutes them)
+            recounted = Counter()
+            if cut is not None:  # the next block starts where the run went on
+                after = cut
+            elif lead is not None:  # the next block opens with the sample read ahead
+                after = {"draws": live, "sources": next_start, "lead": lead[0],
+                         "skips": _skip_list(lead_met), "ended": self._ended(active)}
+            else:  # the next block starts at the live cursors
+                after = {"draws": live, "sources": None, "lead": None, "skips": [],
+                         "ended": self._ended(active)}
             self._legacy_block = False
             order = self._block_order(block_no, len(block), size)
             for j in range(skip, len(block)):
@@ -670,26 +690,57 @@ class MixedStream:
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
                     st.lead, st.size, self._at_block_end = leader, size, False
                     st.cut, st.ended, self._block_met = cut, ended, (before, mark)
-                elif cut is not None:  # the next block starts where the run went on
-                    self._next_block(block_no + 1, cut)
-                elif lead is not None:  # the next block opens with the sample read ahead
-                    self._next_block(block_no + 1, {
-                        "draws": live, "sources": next_start, "lead": lead[0],
-                        "skips": _skip_list(lead_met), "ended": self._ended(active)})
-                else:  # the next block starts at the live cursors
-                    self._next_block(block_no + 1, {
-                        "draws": live, "sources": None, "lead": None, "skips": [],
-                        "ended": self._ended(active)})
+                else:
+                    self._next_block(block_no + 1, after)
                 yield block[order[j]]
+            if len(block) <= skip:  # (nothing re-read to hand out: go on all the same)
+                self._next_block(block_no + 1, after)
             if jump:
-                if len(block) <= skip:  # (nothing re-read to hand out: go on all the same)
-                    self._next_block(block_no + 1, cut)
                 for stream, it in zip(streams, iters, strict=True):
                     it.close()  # its open shard
                     stream.close()
                 return True
             start, skip, cut = next_start, 0, None
             before = lead_met if lead is not None else Counter()
+        return False
+
+    def _reread_check(self, streams: list[SourceStream], since: Counter, before: Counter,
+                      recounted: Counter, exact: bool) -> bool:
+        """After a draw of a muted re-read (a resumed block's lead or fill): whether it is
+        still exact. A re-read is muted because the saved block counted what it meets
+        (``before``, ``MixState.skips``); what it meets beyond that (``met`` since
+        ``since``: a shard missing or damaged since the save; a shard given up once the
+        replay ended) nobody counted, so it is counted here, unmuted, and added to
+        ``recounted``. Met beyond the saved block, or a schedule whose replay ended on a
+        shard failing for good (:meth:`ShardSchedule.replay`), ends the replay of every
+        source (their normal policy: set-aside shards retried, faults end blocks), and
+        one warning says so. Exactness is lost then, the counts are kept."""
+        new = (self.counter.met - since) - before - recounted
+        if new:
+            muted, self.counter.muted = self.counter.muted, False
+            for (source, reason), n in sorted(new.items()):
+                if reason in MET_EVENTS:
+                    self.counter.event(source, reason, n)
+                else:
+                    self.counter.skip(source, reason, n)
+                self.counter.met[source, reason] -= n  # met once (by the read), counted now
+            self.counter.muted = muted
+            recounted += new
+        if not exact:
+            return False
+        if new:
+            missing = [s.schedule.replay_missing for s in streams
+                       if s.schedule.replay_missing is not None]
+            log.warning("a resumed shuffle block, re-read, met what its first read did not "
+                        "(%s%s; counted now): it is filled on as a fresh run would, so its "
+                        "samples may differ from the uninterrupted run's (nothing else "
+                        "changes)", ", ".join(f"{s} {r} {n}" for (s, r), n in sorted(
+                            new.items())),
+                        f"; shard {redact_url(missing[-1])} missing since the save"
+                        if missing else "")
+        elif not any(s.schedule.replay_broken for s in streams):
+            return True  # (the schedule that broke off warned)
+        self._replay(streams, False)
         return False
 
     def _ended(self, active: list[int]) -> list[int]:

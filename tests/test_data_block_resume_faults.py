@@ -176,8 +176,10 @@ def test_a_failure_while_a_block_is_re_read_is_retried_in_place(one_pass, monkey
     for i in range(len(run) - 1):
         if states[i]["emitted"] == 0:
             continue
-        _break_reads(monkeypatch, {url: [1] for url in urls})
-        got = [k for k, _, _ in _run(_mixed(one_pass, block, states[i]))]
+        # patched once per resume (a fresh read count), over the fixture's patch
+        with monkeypatch.context() as patch:
+            _break_reads(patch, {url: [1] for url in urls})
+            got = [k for k, _, _ in _run(_mixed(one_pass, block, states[i]))]
         rest = _block_rest(states, i)
         assert got[:rest] == keys[i + 1:i + 1 + rest], i
         assert Counter(keys[:i + 1] + got) == Counter(keys), i
