@@ -67,8 +67,8 @@ socket buffers) is dropped. ``s3://`` probes only open the object (one HEAD): re
 first block would add a ranged GET per part and rank (1,536 at 512 x 3; at the default
 16 MiB ``s3.block_size`` s3fs's read-ahead would fetch 16 MiB each, 24 GiB in all, unless
 the probe shrank it) to catch an object that exists but is not a tar, which is rare: a
-mistyped key or bucket is already missing. (``.txt`` lists of any kind, and local shards,
-are read as the loader reads them.)
+mistyped key or bucket is already missing. (``.txt`` lists of any kind are read as the
+loader reads them; local shards are not probed.)
 """
 
 from __future__ import annotations

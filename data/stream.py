@@ -20,36 +20,40 @@ slots end an epoch of a source at about the same time, and cluster-wide the mix 
 configured one (``tests/test_data_epochs.py`` simulates the H recipe at 4,096 slots).
 
 **Shuffle buffer: references, re-fetched.** Raw samples are shuffled in blocks of
-``shuffle_buffer`` consecutive draws, each block permuted by a seed derived from
-``(seed, slot, block number)``. The saved state names the block by the source cursors and
-draw counter at its start (those are its references) plus how many of its samples were
-emitted; a resumed stream re-reads that one block (at most ``shuffle_buffer`` raw samples,
-starting with one ranged read per source), skips the emitted samples and continues, so
-the resumed stream is exactly the uninterrupted one from the saved point on (to the end of
-the block at least: a resumed stream retries the shards set aside after failed reads at
-once, from the next block on, where the uninterrupted one waited for their cooldowns; the
-same samples, each once). Counts made
-while re-reading the block were already reported before the checkpoint and are muted.
-The state also keeps the skips counted from the block's start (``MixState.skips``, a
-few entries): a resume on another slot count, whose new slots read the block's shards
-again unmuted, takes them out of the totals instead (:mod:`data.redeal`).
-(The alternative, dropping the buffer and refilling it, would lose up to a buffer of
-samples per worker at every resume and make the resumed stream differ.)
+``shuffle_buffer`` consecutive draws, each block permuted by a seed derived from ``(seed,
+slot, block number)``. The saved state names the block by the source cursors and draw
+counter at its start (those are its references) plus how many of its samples were emitted;
+a resumed stream re-reads that one block (at most ``shuffle_buffer`` raw samples, starting
+with one ranged read per source), skips the emitted samples and continues, so the resumed
+stream is exactly the uninterrupted one from the saved point on (unless the re-read breaks:
+see "Faults end a block"; to the end of the block at least: a resumed stream retries the
+shards set aside after failed reads at once, from the next block on, where the
+uninterrupted one waited for their cooldowns; the same samples, each once). Counts made
+while re-reading the block were already reported before the checkpoint and are muted. The
+state also keeps the skips counted from the block's start (``MixState.skips``, a few
+entries): a resume on another slot count, whose new slots read the block's shards again
+unmuted, takes them out of the totals instead (:mod:`data.redeal`). (The alternative,
+dropping the buffer and refilling it, would lose up to a buffer of samples per worker at
+every resume and make the resumed stream differ.)
 
 **Faults end a block.** Re-reading a block from its start cursors reads what was read
 only if nothing in the read depended on the clock or on a transient fault: a failed read
 (set aside, the next shard read in its place) or the retry of a set-aside shard (when it
 came due) may not happen again, or not at the same sample. So such a fault ends the block
-being filled (``ShardSchedule.faults``): the sample drawn after it opens the next block,
-as at an epoch change, and the block's state keeps its length and the next block's start
+being filled (``ShardSchedule.faults``): the sample drawn after it opens the next block, as
+at an epoch change, and the block's state keeps its length and the next block's start
 (``MixState.cut``, one more set of source cursors, only while inside such a block). A
 resume inside it re-reads that many samples with :meth:`ShardSchedule.replay` on (no
 set-aside shard retried; a read failing now retried in place), hands out the rest, then
-goes on from the saved next start, where the uninterrupted run went on. Before, the
-re-read met no fault and retried the restored set-aside shards at once: it built another
-block and skipped the wrong samples (up to a block per worker and resume, silently). The
-cost: a block cut short per fault (two per failed read: the failure, the retry), and two
-integer reads per draw.
+goes on from the saved next start, where the uninterrupted run went on. Best effort: a
+shard of the block refused, failing ``SHARD_ATTEMPTS`` reads in a row, or missing since the
+save ends the replay (one warning; ``ShardSchedule.replay``,
+``MixedStream._reread_check``); the block is then filled on from the live streams, counted
+as a fresh run counts, and may differ from the uninterrupted run's. Before, the re-read met
+no fault and retried the restored set-aside shards at once: it built another block and
+skipped the wrong samples (up to a block per worker and resume, silently). The cost: a
+block cut short per fault (two per failed read: the failure, the retry), and two integer
+reads per draw.
 
 **Cost at scale** (427M samples, 44k shards, 512 GPUs x 8 workers = 4,096 slots): a resume
 computes one permutation per source (44k integers in all, milliseconds), opens one ranged
@@ -485,7 +489,8 @@ class MixState:
     the block's sample count and the next block's start as the stream went on (what the
     block's last sample saves). A resume inside it re-reads ``length`` samples (the
     transient fault that ended the block is not met again) and then goes on from that
-    start (states saved before it was kept: none).
+    start (unless the re-read broke: then from the live streams; states saved before it
+    was kept: none).
 
     ``ended``: the sources whose stream had ended before the block began (one-pass
     sources read to their end), never drawn again. A resume that drew them to find out

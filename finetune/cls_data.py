@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
+from finetune.data_files import NextReadable
 from runtime.dist import DistInfo, all_gather_objects, rank_share
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import loader_generator, skip_batches
@@ -72,33 +73,30 @@ class SkipUnreadable(Dataset):
     """A map-style set whose unreadable samples (an image PIL cannot decode: truncated,
     not an image, a decompression bomb) are logged and skipped instead of ending the run.
 
-    Training (``substitute``): the next readable sample in index order takes its place,
-    so every batch keeps its size (all ranks step in lock-step) and a resume replays the
-    same samples (no random draw; mmdet/mmseg datasets substitute another sample alike).
-    Validation: the sample is left out (None; :func:`drop_unreadable` filters the batch)
-    and every metric is over the images actually evaluated; evaluate() logs how many."""
-
-    MAX_TRIES = 16
+    Training (``substitute``): the next readable sample in index order takes its place
+    (``finetune.data_files.NextReadable``, every task's rule: every batch keeps its size,
+    a resume replays the same samples; mmdet/mmseg datasets substitute another sample
+    alike). Validation: the sample is left out (None; :func:`drop_unreadable` filters the
+    batch) and every metric is over the images actually evaluated; evaluate() logs how
+    many."""
 
     def __init__(self, dataset: Dataset, substitute: bool):
         self.dataset, self.substitute = dataset, substitute
+        # any error: torchvision's ImageFolder and PIL raise errors of every type
+        self.replace = NextReadable("sample", errors=(Exception,))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        for k in range(self.MAX_TRIES if self.substitute else 1):
-            j = (i + k) % len(self.dataset)
-            try:
-                return self.dataset[j]
-            except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped
-                log.warning("data: sample %d unreadable (%s: %s), %s", j,
-                            type(err).__name__, err,
-                            "replaced by the next one" if self.substitute else "left out")
         if self.substitute:
-            raise RuntimeError(f"data: {self.MAX_TRIES} consecutive samples from index {i} "
-                               f"are unreadable: the set is damaged, see the warnings above")
-        return None
+            return self.replace.read(self.dataset.__getitem__, i, len(self.dataset))[1]
+        try:
+            return self.dataset[i]
+        except Exception as err:  # noqa: BLE001 - any unreadable sample is left out
+            log.warning("data: validation sample %d unreadable (%s: %s), left out", i,
+                        type(err).__name__, err)
+            return None
 
 
 def drop_unreadable(items: list):

@@ -14,13 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from finetune.data_files import NextReadable, first_few, listed_names, read_image
 from finetune.data_paths import DataPath, check_data_paths
-from finetune.datasets.base import (
-    NAMED_UNLABELLED,
-    NextReadable,
-    listed_names,
-    read_image,
-)
 from finetune.det_config import DetCropAugConfig, DetectionConfig
 
 # annotation file -> ((size, mtime_ns), its parsed JSON): what the start check parsed, left
@@ -110,7 +105,7 @@ class CocoInstances(Dataset):
 
     An image that cannot be decoded (truncated, not an image; the file is named): in
     training the next readable item takes its place
-    (``finetune.datasets.base.NextReadable``), before any random draw of the item (so a
+    (``finetune.data_files.NextReadable``), before any random draw of the item (so a
     resume replays the same items and draws); in evaluation it ends the run
     (:class:`UnreadableFile`): an AP over fewer images than the split holds would not be
     the benchmark's number.
@@ -318,10 +313,9 @@ def _refuse_missing(key: str, image_dir: Path, ann_file: Path, names: list[str])
     missing = missing_images(image_dir, names)
     if not missing:
         return
-    first = ", ".join(missing[:NAMED_UNLABELLED])
-    more = ", ..." if len(missing) > NAMED_UNLABELLED else ""
     raise MissingImages(f"{key}: {len(missing)} of {len(names)} images that {ann_file} "
-                        f"names are not in {image_dir} (first: {first}{more})")
+                        f"names are not in {image_dir} (first: "
+                        f"{first_few(missing, len(missing))})")
 
 
 def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:

@@ -103,7 +103,7 @@ class FinetuneRun:
         assert self.resume_dir is not None
         saved = saved_ranks(self.state)
         if saved != d.world_size:  # none saved (an old checkpoint): warns, not exact
-            rng.restore_rank_rng([{}] * saved, d.rank, d.world_size)  # (entries unread)
+            rng.warn_rng_not_restored(saved, d.world_size)
             return
         rng.set_rng_state(load_rank_state(self.resume_dir, self.state, d.rank)["rng"])
 

@@ -18,12 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from finetune.data_files import NextReadable, read_image
 from finetune.data_paths import DataPath, check_data_paths
-from finetune.datasets.base import (
-    IGNORE_INDEX,
-    NextReadable,
-    UnlabelledImages,
-)
+from finetune.datasets.base import IGNORE_INDEX, UnlabelledImages
 from finetune.seg_config import SPLIT_NAMES, SegDataConfig
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -130,7 +127,7 @@ class SegDataset(Dataset):
 
     A pair whose image or label cannot be read (truncated, not an image; the file is
     named): in training the next readable pair takes its place
-    (``finetune.datasets.base.NextReadable``); in evaluation it ends the run
+    (``finetune.data_files.NextReadable``); in evaluation it ends the run
     (:class:`UnreadableFile`): an mIoU over fewer images than the split holds would not be
     the benchmark's number.
     """
@@ -147,7 +144,7 @@ class SegDataset(Dataset):
         return len(self.pairs)
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from finetune.datasets.base import read_image, read_label
+        from finetune.datasets.base import read_label
 
         img_path, label_path, lut = self.pairs[i]
         img = torch.from_numpy(read_image(img_path)).permute(2, 0, 1)

@@ -15,11 +15,11 @@ together), so the EMA is exact; it costs one extra all-gather of the weights per
 one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.enabled=false``.
 
 Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
-``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt`` and, written last,
-``trainer_state.json`` (each rank's random state and, for a streamed training set, its
-stream position in that rank's ``rank_states/NNNNN.json``); ``latest`` names a checkpoint
-only once it is complete. Such a directory is what ``internimage convert`` and ``--init``
-read (finetune/convert.py).
+``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt``, each rank's random
+state and, for a streamed training set, its stream position (in that rank's
+``rank_states/NNNNN.json``) and, written last, ``trainer_state.json`` (the shared state);
+``latest`` names a checkpoint only once it is complete. Such a directory is what
+``internimage convert`` and ``--init`` read (finetune/convert.py).
 
 Evaluation runs the ZeRO-3 module on every rank for the same number of forward passes
 (runtime/lockstep.py: a rank whose validation shard is shorter runs dummy batches), since

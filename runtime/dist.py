@@ -197,10 +197,10 @@ def gather_objects(obj, dst: int = 0) -> list | None:
     one-element list without a process group). Collective: every rank calls it.
 
     For what one rank alone consumes (rank 0 writing a file): :func:`all_gather_objects`
-    hands each of ``N`` ranks all ``N`` objects, ``N`` x the bytes that matter (512 ranks'
-    checkpoint states, ~30 KB each: 15 MB received by each rank, 8 GB across the job, per
-    save); here ``dst`` receives them once, the others only the ``N`` sizes (8 bytes each,
-    all-gathered by torch so that every rank pads to the largest). ``dst`` returns only
+    hands each of ``N`` ranks all ``N`` objects, ``N`` x the bytes that matter (a log
+    step's data statistics, ~750 B a rank: 0.2 GB across the job at 512 ranks); here
+    ``dst`` receives them once, the others only the ``N`` sizes (8 bytes each, all-gathered
+    by torch so that every rank pads to the largest). ``dst`` returns only
     once every rank has sent its object. Under NCCL the objects travel through the current
     CUDA device, as for :func:`all_gather_objects`: :func:`init_distributed` sets it to the
     rank's own.

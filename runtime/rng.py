@@ -7,8 +7,8 @@ and every fine-tuning task:
   (current device) CUDA generators as JSON-ready values. Every rank has its own state
   (different data, different augmentations, different dropout masks), so a checkpoint keeps
   one per rank (in that rank's own ``rank_states/NNNNN.json``, runtime/checkpoint.py) and
-  each rank restores its own
-  (:func:`restore_rank_rng`).
+  each rank restores its own with :func:`set_rng_state` (:func:`warn_rng_not_restored`
+  when the checkpoint holds none for this run's ranks).
 - :func:`loader_seed`: the seed of an epoch's ``DataLoader`` generator. torch seeds each
   worker from a base seed drawn from that generator, so it must differ per rank (else every
   rank's worker k draws the same augmentations) and per epoch.
@@ -121,21 +121,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_decode(state["cuda"]))
 
 
-def restore_rank_rng(states: list[dict[str, Any]] | None, rank: int, world_size: int) -> bool:
-    """Restore this rank's entry of ``states`` (every rank's :func:`rng_state`, as saved).
-
-    Returns False, with a warning, when the checkpoint holds no per-rank states (written
-    before they were saved) or was saved by another number of ranks: training goes on from
-    the seeded state, and the run is no longer an exact continuation.
-    """
-    if not states or len(states) != world_size:
-        saved = len(states) if states else 0
-        log.warning("resume is not exact: the checkpoint holds the random state of %d "
-                    "rank(s), this run has %d; continuing from freshly seeded generators",
-                    saved, world_size)
-        return False
-    set_rng_state(states[rank])
-    return True
+def warn_rng_not_restored(saved: int, world_size: int) -> None:
+    """The warning of a resume whose checkpoint holds no random state for this run's ranks
+    (``saved`` ranks' states, none when written before they were saved, for ``world_size``
+    ranks now): training goes on from the seeded state, no longer an exact continuation."""
+    log.warning("resume is not exact: the checkpoint holds the random state of %d rank(s), "
+                "this run has %d; continuing from freshly seeded generators", saved,
+                world_size)
 
 
 _END = object()

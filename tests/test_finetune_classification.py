@@ -157,6 +157,26 @@ class _TwoUnreadable(torch.utils.data.Dataset):
         return torch.tensor([float(i)]), i
 
 
+def test_a_small_damaged_training_set_tries_each_sample_once(caplog):
+    # every task's rule (finetune.data_files.NextReadable): sixteen unreadable samples in a
+    # row end the run, or every sample once when the set holds fewer; it used to cycle a
+    # three-sample set sixteen times, logging the same files again and again
+    from finetune.cls_data import SkipUnreadable
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            raise OSError(f"image file {i} is truncated")
+
+    data = SkipUnreadable(Broken(), substitute=True)
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="3 consecutive"):
+        data[1]
+    assert [r.getMessage().split(" skipped")[0] for r in caplog.records] == [
+        f"data: training sample {j}" for j in (1, 2, 0)]
+
+
 def test_unreadable_images_are_replaced_in_training_and_left_out_of_evaluation(caplog):
     """A corrupt image never ends a run: in training the next readable sample takes its
     place (batches keep their size, as every rank must), in evaluation it is left out of

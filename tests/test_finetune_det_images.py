@@ -124,14 +124,14 @@ def test_an_image_that_cannot_be_decoded_is_named_skipped_in_training_fatal_in_e
         tmp_path, caplog):
     """Training: the next readable item replaces it, before any random draw of the item
     (a resume replays the same items and draws); evaluation ends, naming the file."""
-    from finetune.datasets.base import UnreadableFile
+    from finetune.data_files import UnreadableFile
     from finetune.det_data import build_datasets
 
     root = _coco(tmp_path / "coco")
     bad = root / "train2017" / "b.jpg"
     bad.write_bytes(b"not a jpeg")
     train, val = build_datasets(_cfg(root))
-    with caplog.at_level(logging.WARNING, logger="finetune.datasets.base"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data_files"):
         torch.manual_seed(0)
         img, target = train[1]  # b.jpg: c.jpg (item 2) instead
     assert target["image_id"] == 3 and train.skipped == 1

@@ -211,7 +211,7 @@ def test_an_unreadable_training_label_is_replaced_by_the_next_pair_and_named(tmp
     bad = tmp_path / "annotations" / "training" / "1.png"
     _truncate(bad)
     data = SegDataset(_seg_data(tmp_path), train=True)
-    with caplog.at_level(logging.WARNING, logger="finetune.datasets.base"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data_files"):
         img, label = _item(data, 1)
     want_img, want_label = _item(data, 2)
     assert torch.equal(img, want_img) and torch.equal(label, want_label)
@@ -257,7 +257,7 @@ def test_listings_keep_the_order_sorted_glob_gave(tmp_path):
     # a dataset's order is part of an exact resume: the string-sorted listing must give
     # the order of sorted(Path.glob(...)) that the datasets used before (pathlib's glob
     # includes hidden names; Python 3.11 orders paths part by part)
-    from finetune.datasets.base import files_named
+    from finetune.data_files import files_named
     from finetune.datasets.cityscapes import cityscapes_pairs
 
     names = ["x-1", "x_1", "X", "x.1", "x", ".hidden", "x1", "x10", "x2"]

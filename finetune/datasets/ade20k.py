@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import files_named, listed_names, refuse_unlabelled
+from finetune.data_files import files_named, listed_names
+from finetune.datasets.base import refuse_unlabelled
 
 
 def ade20k_pairs(root: str | Path, split: str) -> list[tuple]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.data_files import files_named, listed_names
 from finetune.datasets.base import (
     PairedSegmentation,
     Transform,
-    files_named,
-    listed_names,
     lookup_table,
     refuse_unlabelled,
 )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.datasets.base import files_named, listed_names, lookup_table, refuse_unlabelled
+from finetune.data_files import files_named, listed_names
+from finetune.datasets.base import lookup_table, refuse_unlabelled
 
 # Stored ids 0..181 that no class uses (COCO's 11 unused thing/stuff category ids, minus 1).
 UNUSED_STORED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data_files import files_named, listed_names
 from finetune.datasets.base import (
     PairedSegmentation,
     Transform,
-    files_named,
-    listed_names,
     lookup_table,
     refuse_unlabelled,
 )

@@ -56,17 +56,15 @@ class TagVocab:
         """How many of ``tags`` are not in the vocabulary."""
         return sum(1 for tag in tags or () if tag not in self.index)
 
-    def encode(self, tags: list[str] | None) -> tuple[torch.Tensor, int]:
-        """Multi-hot vector of ``tags`` and how many of them were not in the vocabulary."""
+    def encode(self, tags: list[str] | None) -> torch.Tensor:
+        """Multi-hot vector of ``tags`` (those outside the vocabulary left out: counted per
+        sample by :meth:`unknown`)."""
         vec = torch.zeros(len(self.tags))
-        unknown = 0
         for tag in tags or ():
             i = self.index.get(tag)
-            if i is None:
-                unknown += 1
-            else:
+            if i is not None:
                 vec[i] = 1.0
-        return vec, unknown
+        return vec
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],

@@ -66,7 +66,7 @@ class PretrainCodec:
         cfg, vocab = self.cfg, self.vocab
         tags = torch.zeros(len(samples), len(vocab))
         for row, (_, sample) in enumerate(samples):
-            tags[row], _ = vocab.encode(sample.tags)  # the unknown ones: counted in decode
+            tags[row] = vocab.encode(sample.tags)  # the unknown ones: counted in decode
         captions = [s.caption or "" for _, s in samples]
         return {
             "images": torch.stack([s.image for _, s in samples]),

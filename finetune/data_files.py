@@ -1,0 +1,106 @@
+"""Reading the files of a fine-tuning dataset (segmentation and detection alike): folder
+listings (one directory listing answers for a whole folder, where a stat per file costs
+~1 ms on a network filesystem), images, and what training does with a file that exists but
+cannot be read (the next item read in its place, :class:`NextReadable`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+# how many missing files an error names (its count says how many there are)
+NAMED_MISSING = 3
+# unreadable training items in a row that end a run (the set is damaged, not a file)
+MAX_UNREADABLE_IN_A_ROW = 16
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def first_few(names: Iterable[str], total: int) -> str:
+    """The first :data:`NAMED_MISSING` of ``names`` (``total`` of them), comma-separated,
+    with ``, ...`` when there are more: the tail of a "first: ..." in an error."""
+    shown = list(names)[:NAMED_MISSING]
+    return ", ".join(shown) + (", ..." if total > NAMED_MISSING else "")
+
+
+class UnreadableFile(OSError):
+    """An image or label file that exists but cannot be read (truncated, not an image, a
+    label map of the wrong kind): the message names the file and the reader's error."""
+
+
+def listed_names(folder: Path) -> frozenset[str]:
+    """The names of the entries of ``folder`` (none when it does not exist).
+
+    One directory listing answers "has this image a label file?" for the whole folder,
+    where a stat per label costs ~1 ms on a network filesystem (two minutes for
+    COCO-Stuff's 118k images); a name that lists but cannot be opened is an
+    :class:`UnreadableFile` when it is read."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(e.name for e in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()
+
+
+def files_named(folder: Path, suffix: str) -> list[Path]:
+    """The entries of ``folder`` whose names end in ``suffix``, in name order (what
+    ``sorted(folder.glob("*" + suffix))`` lists, hidden names included, as pathlib's glob
+    includes them: the order of a dataset is part of an exact resume); none when it does
+    not exist.
+
+    One directory listing, sorted as name strings: sorting ``glob``'s Path objects took
+    3.7 s of the 5 s a COCO-Stuff listing took at 118k images, and the start check and the
+    dataset each list it."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(suffix))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / name for name in names]
+
+
+class NextReadable:
+    """Training's rule for an item that cannot be read (:class:`UnreadableFile`): the next
+    item in index order is read in its place, so every batch keeps its size (the ranks step
+    together) and a resume replays the same items (no random draw decides), for every
+    task (segmentation, detection, the classification sets: ``finetune.cls_data``). Each
+    replacement is logged with this process's count (``skipped``; a DataLoader worker
+    counts its own); :data:`MAX_UNREADABLE_IN_A_ROW` in a row (or the whole set, when
+    smaller: no item is tried twice) end the run. ``what``: the item's name in the messages
+    (``pair``, ``image``, ``sample``); ``errors``: what "cannot be read" is (the
+    classification sets read through torchvision/PIL, whose errors are of any type)."""
+
+    def __init__(self, what: str, errors: tuple[type[BaseException], ...] = (UnreadableFile,)):
+        self.what, self.errors = what, errors
+        self.skipped = 0
+
+    def read(self, load: Callable[[int], T], i: int, size: int) -> tuple[int, T]:
+        """(index read, ``load`` of it): item ``i``'s, or the next readable one's."""
+        tries = min(MAX_UNREADABLE_IN_A_ROW, size)
+        for k in range(tries):
+            j = (i + k) % size
+            try:
+                return j, load(j)
+            except self.errors as err:
+                self.skipped += 1
+                why = str(err) if isinstance(err, UnreadableFile) else \
+                    f"{type(err).__name__}: {err}"
+                log.warning("data: training %s %d skipped, the next one read instead: %s "
+                            "(%d skipped by this process)", self.what, j, why, self.skipped)
+        raise RuntimeError(f"data: {tries} consecutive training {self.what}s from index {i} "
+                           "cannot be read: the set is damaged, see the warnings above")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file -> RGB uint8 (H, W, 3); :class:`UnreadableFile` naming it otherwise."""
+    try:
+        return np.array(Image.open(path).convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - whatever PIL raises, the file is named
+        raise UnreadableFile(f"cannot read image {path} ({type(err).__name__}: {err})") \
+            from err
