@@ -189,11 +189,32 @@ def _failure(url: str, err: BaseException) -> str:
     return f"exit status {status}" + (f" ({meaning})" if meaning else "")
 
 
+def _freeze(pid: int) -> None:
+    """Stop ``pid`` (SIGSTOP) and wait, briefly, until the kernel shows it stopped: from
+    then on it starts no process (a shell between two commands would fork the next one
+    after its children were listed, and that one would outlive the kill)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except OSError:  # ended meanwhile
+        return
+    for _ in range(100):  # kill() only queues the signal
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # ended meanwhile, or no /proc
+            return
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
+
+
 def _process_tree(pid: int) -> list[int]:
-    """``pid`` and the processes below it, from Linux's ``/proc/<pid>/task/<tid>/children``
-    (elsewhere, or on a kernel without that file: ``pid`` alone)."""
+    """``pid`` and the processes below it, each stopped (:func:`_freeze`) before its
+    children are listed, from Linux's ``/proc/<pid>/task/<tid>/children`` (elsewhere, or
+    on a kernel without that file: ``pid`` alone)."""
     tree, i = [pid], 0
     while i < len(tree):
+        _freeze(tree[i])
         for path in glob.glob(f"/proc/{tree[i]}/task/*/children"):
             try:
                 with open(path) as f:
@@ -219,7 +240,7 @@ def _stop_command(reader: RetryingReader | None) -> None:
     proc = getattr(getattr(reader, "_f", None), "proc", None)
     if proc is None or proc.poll() is not None:
         return
-    for pid in _process_tree(proc.pid):  # the shell first: it starts nothing more
+    for pid in _process_tree(proc.pid):  # all stopped: none starts anything more
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:  # ended meanwhile
