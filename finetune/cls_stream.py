@@ -202,12 +202,15 @@ class StreamingShards:
         """This rank's stream position after the last batch drawn (JSON-ready)."""
         return self.loader.state_dict()
 
-    def load_state_dict(self, states: list[dict[str, Any] | None], epoch: int = 0) -> None:
-        """Continue after the batches the checkpoint's stream positions (every rank's,
-        from :meth:`state_dict`) had delivered; another worker count is re-dealt
-        (:mod:`data.redeal`). A checkpoint saved before positions were kept (None) starts
-        the stream afresh at data epoch ``epoch`` (the resumed training epoch), logged."""
-        if any(s is None for s in states):
+    def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any] | None],
+                        epoch: int = 0) -> None:
+        """Continue after the batches the checkpoint's stream positions had delivered:
+        this rank's own (a dict, from :meth:`state_dict`, saved on the same world size and
+        worker count) or every rank's (a list; another worker count is re-dealt,
+        :mod:`data.redeal`). A checkpoint saved before positions were kept (None entries)
+        starts the stream afresh at data epoch ``epoch`` (the resumed training epoch),
+        logged."""
+        if isinstance(states, list) and any(s is None for s in states):
             log.warning("data: the checkpoint holds no stream position (saved by an older "
                         "version): the stream starts afresh at data epoch %d, so samples "
                         "of this epoch read before the checkpoint may be read again", epoch)

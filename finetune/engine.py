@@ -80,12 +80,22 @@ class FinetuneRun:
         return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()} | (local or {}),
                                shared | {"step": step}, d, KEEP_LAST, side_files=side_files)
 
+    def own_entry(self, key: str, d: DistInfo) -> Any | None:
+        """This rank's ``local`` entry ``key`` as saved, when the checkpoint was saved by
+        as many ranks as run now (its own file alone is read: O(1) per rank); None for a
+        fresh start, another world size, or a key this rank saved none of."""
+        if self.state is None or saved_ranks(self.state) != d.world_size:
+            return None
+        assert self.resume_dir is not None
+        return load_rank_state(self.resume_dir, self.state, d.rank).get(key)
+
     def rank_states(self, key: str) -> list[Any] | None:
         """Every rank's ``local`` entry ``key`` as saved (None where a rank saved none);
         None for a fresh start. Every rank saves the same keys (one code path), so rank
         0's file alone tells a key none saved (a set that is not streamed: a list of
-        None, one file read); a key they saved reads every rank's file, as a streamed
-        set's positions are re-dealt over another worker count (data/redeal.py)."""
+        None, one file read); a key they saved reads every rank's file (O(saved world
+        size) per rank: for a re-deal of a streamed set's positions over another world
+        size or worker count, data/redeal.py; else :meth:`own_entry` serves)."""
         if self.state is None:
             return None
         assert self.resume_dir is not None

@@ -322,3 +322,46 @@ def test_streamed_skips_and_shard_damage_reach_the_training_metrics(tmp_path):
     skipped = last["skipped"]
     assert skipped["truncated_shard"] == 1 and skipped["lost_samples"] == 1
     assert skipped["undecodable_image"] >= 1  # once per read of it
+
+
+@pytest.mark.parametrize("workers, reads_all", [(0, False), (2, True)])
+def test_a_streamed_resume_reads_its_own_rank_file_unless_the_workers_changed(
+        tmp_path, workers, reads_all):
+    """3 ranks saved their stream positions (workers=0); rank 1 resumes on 3 ranks. With
+    the same worker count it reads its own rank file alone (every rank used to read every
+    rank's: 7.8 GB across a 512-rank job); with another worker count every rank's, which
+    the re-deal needs. Either way it delivers what a stream built from every position
+    delivers."""
+    import runtime.checkpoint as ck
+    from finetune.engine import FinetuneRun
+    from finetune.zero import DATA_KEY, _restore_stream
+    from runtime.dist import DistInfo
+
+    urls = _write_shards(tmp_path, n_shards=6, per_shard=8)
+    ckpt = tmp_path / "checkpoints" / "step_0000002"
+    for rank in range(3):
+        ds = _stream(urls, workers=0, num_samples=48, rank=rank, world=3)
+        _labels(ds, 2 + rank)
+        ck.write_rank_state(ckpt, rank, {"rng": {}, DATA_KEY: ds.state_dict()})
+    ck.write_trainer_state(ckpt, {"step": 2, "world_size": 3, ck.RANK_STATES: 3})
+    states = [json.loads(ck.rank_state_path(ckpt, r).read_text())[DATA_KEY]
+              for r in range(3)]
+    run = FinetuneRun(tmp_path, ckpt, ck.load_trainer_state(ckpt))
+    read: list[str] = []
+    real = Path.read_text
+
+    def spy(path, *args, **kwargs):
+        read.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    resumed = _stream(urls, workers=workers, num_samples=48, rank=1, world=3)
+    Path.read_text = spy
+    try:
+        _restore_stream(resumed, run, steps_per_epoch=4, d=DistInfo(rank=1, world_size=3))
+    finally:
+        Path.read_text = real
+    assert set(read) == ({"00000.json", "00001.json", "00002.json"} if reads_all
+                         else {"00001.json"})
+    expected = _stream(urls, workers=workers, num_samples=48, rank=1, world=3)
+    expected.load_state_dict(states)
+    assert _labels(resumed, 3) == _labels(expected, 3)
