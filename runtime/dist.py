@@ -192,6 +192,23 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group).
+    Collective: every rank calls it; the ``obj`` the other ranks pass is ignored.
+
+    For one value every rank must agree on (a name chosen by rank 0): each rank receives
+    one object, where :func:`all_gather_objects` hands each rank all ``N``. Under NCCL the
+    object travels through the current CUDA device, as for :func:`all_gather_objects`.
+    """
+    import torch.distributed as dist
+
+    if not _process_group_up():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def gather_objects(obj, dst: int = 0) -> list | None:
     """Every rank's ``obj`` in rank order on rank ``dst``, None on the other ranks (a
     one-element list without a process group). Collective: every rank calls it.

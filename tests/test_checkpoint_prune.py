@@ -1,0 +1,282 @@
+"""Deleting old checkpoints off the critical path (runtime/checkpoint.py): rank 0 renames
+each folder that goes to a garbage name and a background thread deletes it, so a save
+returns (and its second barrier lets every rank go) while the files are still being
+unlinked; a deletion cut short leaves garbage that nothing resolves as a checkpoint and
+the next prune finishes; the staging token is rank 0's, broadcast (not all-gathered)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import runtime.checkpoint as ck
+from runtime.checkpoint_path import CheckpointPathError, is_staging, resolve_checkpoint
+from runtime.dist import DistInfo, broadcast_object
+from tests.pretrain_utils import free_port
+
+SHARED = {"model_hash": "h", "world_size": 1}
+SHARDS = 4  # DeepSpeed files per checkpoint (one per rank at 512 ranks: ~1,024)
+
+
+class Engine:
+    """Writes DeepSpeed-style shard files holding ``label`` (``ranks``: whose shards)."""
+
+    def __init__(self, label: str = "x", ranks: range = range(SHARDS)):
+        self.label, self.ranks = label, ranks
+
+    def zero_optimization(self) -> bool:  # asked by runtime.master_weights.master_names
+        return False
+
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for rank in self.ranks:
+            (folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_text(self.label)
+
+
+def save(root: Path, step: int, label: str = "x", keep_last: int = 2) -> None:
+    ck.save_checkpoint(Engine(label), root, step, {}, SHARED | {"step": step, "label": label},
+                       DistInfo(), keep_last)
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+class BlockedRmtree:
+    """``shutil.rmtree`` that waits for ``release`` before deleting (a slow Lustre)."""
+
+    def __init__(self):
+        self.real = shutil.rmtree
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, path, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(timeout=60)
+        return self.real(path, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _deletions_done():
+    """No test leaves the deletion thread running (a non-daemon thread: pytest's exit
+    would wait for it)."""
+    yield
+    assert ck.wait_for_deletions(timeout=60)
+
+
+def _save_in_thread(root: Path, step: int, label: str = "x") -> threading.Thread:
+    thread = threading.Thread(target=save, args=(root, step, label))
+    thread.start()
+    return thread
+
+
+def test_a_save_returns_while_the_pruned_checkpoint_is_still_being_deleted(tmp_path,
+                                                                          monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1)
+    save(root, 2)
+    rmtree = BlockedRmtree()
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    saving = _save_in_thread(root, 3)
+    try:
+        saving.join(timeout=10)
+        # before: rank 0 deleted step 1 inside save_checkpoint, before the second barrier
+        assert not saving.is_alive(), "save_checkpoint waited for the deletion"
+        assert rmtree.entered.wait(timeout=10)  # the deletion is under way, blocked
+        [garbage] = [n for n in names(root) if ck.is_garbage(n)]
+        assert garbage.endswith("-step_0000001")
+        assert (root / garbage / "trainer_state.json").is_file()  # not deleted yet
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_0000002", "step_0000003"]
+        assert ck.read_latest(root) == "step_0000003"
+        assert ck.open_resume("auto", root, "h", 1)[0] == root / "step_0000003"
+    finally:
+        rmtree.release.set()
+        saving.join(timeout=60)
+    assert ck.wait_for_deletions(timeout=60)
+    assert names(root) == ["latest", "step_0000002", "step_0000003"]
+
+
+def test_a_same_step_checkpoint_swapped_out_after_a_rewind_is_deleted_in_the_background(
+        tmp_path, monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1900, "old")
+    save(root, 2000, "old")
+    rmtree = BlockedRmtree()
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    saving = _save_in_thread(root, 2000, "new")  # rewound to 1900, saved 2000 again
+    try:
+        saving.join(timeout=10)
+        assert not saving.is_alive(), "save_checkpoint waited for the deletion"
+        folder, state = ck.open_resume("auto", root, "h", 1)
+        assert folder == root / "step_0002000" and state["label"] == "new"
+        assert {p.read_text() for p in folder.glob("*_model_states.pt")} == {"new"}
+    finally:
+        rmtree.release.set()
+        saving.join(timeout=60)
+    assert ck.wait_for_deletions(timeout=60)
+    assert names(root) == ["latest", "step_0001900", "step_0002000"]
+
+
+def test_a_deletion_cut_short_is_never_resumed_and_the_next_prune_finishes_it(tmp_path,
+                                                                            monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1)
+    save(root, 2)
+    real = shutil.rmtree
+
+    def dies_halfway(path, *args, **kwargs):  # what a kill mid-deletion leaves on disk
+        for shard in sorted(Path(path).glob("*_model_states.pt"))[:SHARDS // 2]:
+            shard.unlink()
+
+    monkeypatch.setattr(ck.shutil, "rmtree", dies_halfway)
+    save(root, 3)
+    assert ck.wait_for_deletions(timeout=60)
+    monkeypatch.setattr(ck.shutil, "rmtree", real)
+    # before: step_0000001 was left half-deleted under its own name, trainer_state.json
+    # and all (it looked complete)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000002", "step_0000003"]
+    [garbage] = [root / n for n in names(root) if ck.is_garbage(n)]
+    assert (garbage / "trainer_state.json").is_file()
+    # an abandoned branch's newer checkpoint whose deletion died before it began
+    newer = root / f"{ck.DELETING}0badc0de-step_0000009"
+    shutil.copytree(root / "step_0000003", newer)
+    for left in (garbage, newer):
+        assert is_staging(left.name) and ck._step_of(left.name) is None
+        for given in (left, left / "zero_pp_rank_3_mp_rank_00_model_states.pt"):
+            with pytest.raises(CheckpointPathError, match="staging folder"):
+                resolve_checkpoint(given)
+    assert ck.open_resume("auto", root, "h", 1)[0] == root / "step_0000003"
+    assert resolve_checkpoint(root.parent).path == root / "step_0000003"
+    (root / "latest").unlink()  # without latest: the listing names only checkpoints
+    with pytest.raises(CheckpointPathError) as err:
+        resolve_checkpoint(root.parent)
+    assert "step_0000003" in str(err.value) and "deleting" not in str(err.value)
+    assert ck.resolve_resume("auto", root) is None
+    # no lineage known (no latest): garbage goes all the same, checkpoints stay
+    ck.prune(root, keep_last=2)
+    assert names(root) == ["step_0000002", "step_0000003"]
+    (root / "latest").write_text("step_0000003")
+    shutil.copytree(root / "step_0000002", root / f"{ck.DELETING}0badc0de-step_0000002")
+    save(root, 4)  # the next save's prune finishes what was left
+    assert ck.wait_for_deletions(timeout=60)
+    assert names(root) == ["latest", "step_0000003", "step_0000004"]
+
+
+def _saves_then_exits(root: str) -> None:
+    """Three saves keeping one, each deletion slow; then the process ends normally."""
+    real = shutil.rmtree
+
+    def slow(path, *args, **kwargs):
+        time.sleep(0.5)
+        real(path, *args, **kwargs)
+
+    ck.shutil.rmtree = slow
+    for step in (1, 2, 3):
+        ck.save_checkpoint(Engine(), Path(root), step, {}, {"step": step}, DistInfo(), 1)
+
+
+def test_a_normal_exit_finishes_the_deletions_already_decided(tmp_path):
+    """The deletion thread is no daemon: the process ends once it is done (not before,
+    leaving a checkpoint's 13 GB behind; not never). The process is forked, as the test
+    ranks of tests/pretrain_utils.py are: its end joins threads as an interpreter's does."""
+    import multiprocessing
+
+    root = tmp_path / "checkpoints"
+    proc = multiprocessing.get_context("fork").Process(target=_saves_then_exits,
+                                                       args=(str(root),))
+    start = time.monotonic()
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert names(root) == ["latest", "step_0000003"]
+    assert 1.0 <= time.monotonic() - start < 60  # it waited for both deletions
+
+
+def test_broadcast_object_without_a_process_group_is_the_object():
+    assert broadcast_object("a1b2c3d4") == "a1b2c3d4"
+
+
+# ---------------------------------------------------------------------------------------
+# Two real ranks (gloo): the second barrier lets rank 1 go while rank 0 still deletes.
+
+WORLD = 2
+
+
+def _save_on_rank(rank: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    calls = {"all_gather_object": 0, "broadcast_object_list": 0}
+
+    def counted(name):
+        real = getattr(dist, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    for name in calls:
+        setattr(dist, name, counted(name))
+    out_dir, info = Path(out), DistInfo(rank=rank, world_size=WORLD)
+    ck.save_checkpoint(Engine(ranks=[rank]), Path(root), 1, {}, {"step": 1}, info, 1)
+    if rank == 0:  # Lustre unlinking step 1's files: done when the test says so
+        real = shutil.rmtree
+
+        def slow(path, *args, **kwargs):
+            (out_dir / "deleting").touch()
+            deadline = time.monotonic() + 60
+            while not (out_dir / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            real(path, *args, **kwargs)
+
+        ck.shutil.rmtree = slow
+    ck.save_checkpoint(Engine(ranks=[rank]), Path(root), 2, {}, {"step": 2}, info, 1)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(calls))
+    if rank == 0:
+        ck.wait_for_deletions()
+    dist.barrier()
+    # Skip interpreter teardown: gloo's destructors occasionally abort when peers exit at
+    # the same moment (as in tests/test_checkpoint_ranks.py).
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_no_rank_waits_for_rank_0s_deletion_and_the_staging_token_is_broadcast(tmp_path):
+    root, out = tmp_path / "checkpoints", tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_save_on_rank, args=(r, port, str(root), str(out)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + 60
+        returned = [out / f"rank{r}.json" for r in range(WORLD)]
+        while not all(p.exists() for p in returned) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # before: rank 0 deleted step 1 between the barriers; every rank waited for it
+        assert all(p.exists() for p in returned), "a save waited for rank 0's deletion"
+        assert (out / "deleting").exists()  # rank 0's deletion was still blocked then
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_0000002"]
+    finally:
+        (out / "release").touch()
+        for p in procs:
+            p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    assert names(root) == ["latest", "step_0000002"]
+    assert sorted(p.name for p in (root / "step_0000002").glob("*_model_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORLD)]
+    # one broadcast of rank 0's token a save, no all-gather (every rank's token to every
+    # rank: 512 strings received by each of 512 ranks)
+    for r in range(WORLD):
+        assert json.loads((out / f"rank{r}.json").read_text()) == {
+            "all_gather_object": 0, "broadcast_object_list": 2}
