@@ -1,5 +1,5 @@
 """Before a run computes anything: can its remote sources be read? (``s3://`` objects; on a
-fresh start, ``pipe:`` and ``http(s)://`` shards too.)
+fresh start, whether ``s3://``, ``pipe:`` and ``http(s)://`` shards start like tars.)
 
 Once a run is going, a store that does not answer is waited out (data/shard_schedule.py:
 an outage pauses the streams, it never ends the run). At the start, the same wait hides a
@@ -17,10 +17,11 @@ Each part of a source is checked on its own: every brace pattern and every ``.tx
 among its URLs, as configured (a YAML list, or ``::``-joined as in webdataset), must hold a
 shard, so a typo in one part of a mix is named here, not skipped by the streams for ever;
 shards named one by one form one part. A list's own lines, nested lists included, are its
-part's shards; every list is read here under the same rules as the top-level ones, and
-one that lists no shard (empty, or only comments) is refused: the loader would train
-without it and say nothing. A local or http(s) list that cannot be read is named as an
-``s3://`` one is (the source, and the list it was listed in).
+part's shards, walked by the loader's own walker (``data.sources.expand_urls``), every
+list read here under the same rules as the top-level ones (:meth:`_Probe.read_list`): a
+list that lists itself, or lists no shard (empty, or only comments), is refused there, as
+the loader refuses it, here naming the source. A local or http(s) list that cannot be
+read is named as an ``s3://`` one is (the source, and the list it was listed in).
 
 The ranks agree (``gather``: an all-gather of each rank's outcome, e.g.
 ``runtime.dist.all_gather_objects``): a refusal on any rank is raised on every rank,
@@ -31,10 +32,13 @@ why that adds neither a deadlock nor a collective timeout.
 
 Cost, per rank: each shard list once (a HEAD and a GET; the loader reads it again), and
 per part at most :data:`PROBES_PER_SOURCE` shard opens (a HEAD each, plus a LIST for a
-missing key; through the shard reader and its ``s3.retries``), the first success ending
-the part's probes. At 512 ranks x 3 sources of one brace pattern each: 1,536 HEADs when
-each part's first shard opens, at most 7,680 requests (5 a part, where only the last of
-its three opens; a refused part ends the check), plus 1,024 per shard list; and one
+missing key; through the shard reader and its ``s3.retries``), and on a fresh start, for
+each shard that opens, one ranged GET of its first 512 bytes (:meth:`_Probe.head`); the
+first shard that starts like a tar (a resumed run: that opens) ends the part's probes.
+At 512 ranks x 3 sources of one brace pattern each: 1,536 HEADs and 1,536 ranged GETs of
+512 bytes (768 KiB in all) when each part's first shard is a tar, at most 9,216 requests
+(6 a part: three that open and are no tars, or two missing before the last; a resumed
+run at most 5; a refused part ends the check), plus 1,024 per shard list; and one
 all-gather of the outcomes, which torch runs as two collectives (the sizes, then the
 pickled outcomes padded to the largest: a few bytes per rank when all pass, at most
 :data:`MAX_MESSAGE` characters when some fail, so at most ~1 MB received per rank);
@@ -63,12 +67,20 @@ than the streams' own first reads, one per worker and source); at most 3 x (1 +
 ``s3.retries``) when none does (27,648 at 512 x 3 with the default 5 retries, spread over
 the backoff; up to 3 x :data:`PEEK_TIMEOUT_S` of waiting for a host that does not answer).
 Each reads one block; what a killed command had fetched beyond it (its pipe's 64 KiB, its
-socket buffers) is dropped. ``s3://`` probes only open the object (one HEAD): reading its
-first block would add a ranged GET per part and rank (1,536 at 512 x 3; at the default
-16 MiB ``s3.block_size`` s3fs's read-ahead would fetch 16 MiB each, 24 GiB in all, unless
-the probe shrank it) to catch an object that exists but is not a tar, which is rare: a
-mistyped key or bucket is already missing. (``.txt`` lists of any kind are read as the
-loader reads them; local shards are not probed.)
+socket buffers) is dropped.
+
+``s3://`` shards that open can still be no tars: a pattern naming parquet files or a
+folder of JPEGs, an HTML error page uploaded as ``.tar``; the streams would set every
+shard aside as damaged. So on a fresh start each probed shard that opens is read too: its
+first 512 bytes, in ONE ranged GET (s3fs's ``cat_file`` through the streams' filesystem:
+their endpoint, credentials and refusal rules; a read of the open file would fetch
+``s3.block_size`` more as read-ahead, 16 MiB by default: 24 GiB at 512 x 3), checked as a
+command's block is (:func:`_not_a_tar`). A part whose probes open but none starts like a
+tar is refused, each probe's outcome named (``first: not a tar: starts with b'PAR1...';
+middle: not found; last: empty: not a byte``); a part none of whose probes opens is
+refused as missing or refused, as before. A resumed run or requeued job only opens them.
+(``.txt`` lists of any kind are read as the loader reads them; local shards are not
+probed.)
 """
 
 from __future__ import annotations
@@ -86,18 +98,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import braceexpand
-
 from data.config import S3Config
 from data.shard_schedule import COOLDOWN_CAP_S, REFUSAL_CAUSES, StorageAccessError
-from data.sources import list_lines, url_items
+from data.sources import ShardListError, expand_urls, list_label, url_items
 from data.storage import (
     RetryingReader,
     StoreRefusedError,
     endpoint,
     is_missing,
     is_remote,
+    refusal_code,
     refused_code,
+    s3_filesystem,
 )
 from data.tar_stream import BLOCK, open_tar_stream, read_exact
 from runtime.redact import redact_url
@@ -187,6 +199,21 @@ def _failure(url: str, err: BaseException) -> str:
     meaning = _CURL_EXITS.get(status) if (not url.startswith("pipe:") or "curl" in url) else None
     meaning = meaning or ("the shell: command not found" if status == 127 else None)
     return f"exit status {status}" + (f" ({meaning})" if meaning else "")
+
+
+def _unopened(err: BaseException) -> str:
+    """A probed shard that did not open, in words, among other probes' outcomes."""
+    if isinstance(err, StoreRefusedError):  # its text: "<code>: <message> (object ...)"
+        return f"refused ({str(err).split(':', 1)[0]})"
+    return "not found" if is_missing(err) else _describe(err)
+
+
+def _outcomes(probes: Sequence[tuple[str, str]], spread: bool) -> str:
+    """Each probe's outcome, ``first: <outcome>; middle: ...`` when ``spread`` (the
+    first, middle and last shard of more), else by URL."""
+    labels = (["first", "middle", "last"] if spread else
+              [redact_url(url) for url, _ in probes])
+    return "; ".join(f"{label}: {outcome}" for label, (_, outcome) in zip(labels, probes))
 
 
 def _freeze(pid: int) -> None:
@@ -285,15 +312,18 @@ class _Probe:
         self.name, self.s3, self.resumed = name, s3, resumed
         self.clock, self.sleep = clock, sleep
 
-    def open(self, url: str, read: bool = False) -> tuple[BaseException | None, bytes]:
-        """(None, the object's bytes when ``read``, else b"") when ``url`` opens; (the
-        refusal or the missing error, b"") when it does not. A store that does not answer
-        through ``s3.retries`` ends the run (a fresh start) or is waited for (a resumed
-        run)."""
+    def open(self, url: str, read: bool = False, head: bool = False
+             ) -> tuple[BaseException | None, bytes]:
+        """(None, the object's bytes when ``read``, its first :data:`BLOCK` bytes when
+        ``head`` (:meth:`head`), else b"") when ``url`` opens; (the refusal or the missing
+        error, b"") when it does not. A store that does not answer through ``s3.retries``
+        ends the run (a fresh start) or is waited for (a resumed run)."""
         waiting_since = last_warning = None
         while True:
             try:
                 with RetryingReader(url, self.s3) as reader:  # opens at once, retrying
+                    if head:
+                        return None, self.head(url, reader.size)
                     return None, reader.read() if read else b""
             except StoreRefusedError as err:
                 return err, b""
@@ -318,37 +348,80 @@ class _Probe:
                                 _describe(err), now - waiting_since)
                 self.sleep(self.s3.max_backoff)
 
-    def first_open(self, urls: Sequence[str], read: bool
+    def head(self, url: str, size: int | None) -> bytes:
+        """The first :data:`BLOCK` bytes of the ``s3://`` object ``url`` (of ``size``
+        bytes, when its open told), in ONE ranged GET through the streams' filesystem
+        (their endpoint and credentials): s3fs's ``cat_file`` with a range fetches exactly
+        those bytes, where a read of the open file would fetch ``s3.block_size`` (16 MiB)
+        more as read-ahead. Transient errors are retried ``s3.retries`` times, with
+        backoff; a refusal raises :class:`StoreRefusedError`, as the shard reader's does."""
+        if size == 0:
+            return b""  # a range of an empty object is answered 416: nothing to read
+        end = BLOCK if size is None else min(BLOCK, size)
+        failures = 0
+        while True:
+            try:
+                return s3_filesystem(self.s3).cat_file(url, start=0, end=end)
+            except Exception as err:  # noqa: BLE001 - sorted below
+                code = refusal_code(url, err)
+                if code is not None:
+                    raise StoreRefusedError(f"{code}: {redact_url(str(err))[:200]} (object "
+                                            f"{redact_url(url)})") from err
+                if is_missing(err) or failures >= self.s3.retries:
+                    raise
+            self.sleep(min(self.s3.backoff * 2**failures, self.s3.max_backoff))
+            failures += 1
+
+    def first_open(self, urls: Sequence[str], read: bool, tar: bool = False
                    ) -> tuple[list[tuple[str, BaseException]], list[tuple[str, BaseException]],
-                              bytes]:
-        """Open ``urls`` in turn until one opens: ([], [], its bytes when ``read``) then;
-        else (refusals, missing, b"")."""
+                              list[tuple[str, str]], bytes]:
+        """Open ``urls`` in turn until one opens (with ``tar``: and its first block starts
+        like a tar, :func:`_not_a_tar`): ([], [], [], its bytes when ``read``) then; else
+        (refusals, missing, the ones that opened but are not tars with what they held,
+        b"")."""
         refusals: list[tuple[str, BaseException]] = []
         missing: list[tuple[str, BaseException]] = []
+        not_tars: list[tuple[str, str]] = []
         for url in urls:
-            err, data = self.open(url, read)
+            err, data = self.open(url, read, head=tar)
             if err is None:
-                return [], [], data
+                failure = _not_a_tar(data) if tar else None
+                if failure is None:
+                    return [], [], [], data
+                not_tars.append((url, failure))
+                continue
             (refusals if isinstance(err, StoreRefusedError) else missing).append((url, err))
-        return refusals, missing, b""
+        return refusals, missing, not_tars, b""
 
-    def require_one(self, urls: Sequence[str], what: str, read: bool = False) -> bytes:
+    def require_one(self, urls: Sequence[str], what: str, read: bool = False,
+                    tar: bool = False, spread: bool = False) -> bytes:
         """Raise :class:`StorageAccessError` unless one of ``urls`` opens (its bytes when
         ``read``); refusals are retried for ``s3.auth_grace_s`` (each retry reads the
         credentials again: a refresher may be about to rotate them), as a running
-        stream's."""
+        stream's. With ``tar`` (``s3://`` shards on a fresh start), one of them must also
+        start like a tar (:meth:`head`); when some open but none does, the refusal names
+        each probe's outcome (``spread``: the first, middle and last of more, named so;
+        else by URL), as :meth:`require_tar`'s does."""
         deadline = self.clock() + self.s3.auth_grace_s
         while True:
-            refusals, missing, data = self.first_open(urls, read)
-            if not refusals and not missing:
+            refusals, missing, not_tars, data = self.first_open(urls, read, tar)
+            if not refusals and not missing and not not_tars:
                 return data
-            if not refusals or self.clock() >= deadline:
+            # an object that opened: the credentials work, no refusal is waited out
+            if not refusals or not_tars or self.clock() >= deadline:
                 break
             log.warning("data source %r: the object store refuses to open %s (%s); trying "
                         "again for up to %.0f s more (s3.auth_grace_s): refresh the "
                         "credentials", self.name, what, refusals[0][1],
                         deadline - self.clock())
             self.sleep(max(0.0, min(self.s3.max_backoff, deadline - self.clock())))
+        if not_tars:  # the store serves the part, but not tar shards
+            outcomes = dict(not_tars)
+            outcomes.update((url, _unopened(err)) for url, err in (*refusals, *missing))
+            raise StorageAccessError(
+                f"data source {self.name!r}: none of {what} could be read as a tar "
+                f"({_outcomes([(u, outcomes[u]) for u in urls], spread)}). Check the "
+                "source's urls: they must name webdataset tar shards (.tar, or .tar.gz)")
         if refusals:
             url, err = refusals[0]
             code = refused_code(f"{StoreRefusedError.__name__}: {err}") or "refused"
@@ -392,45 +465,32 @@ class _Probe:
             if failure is None:
                 return
             failed.append((url, failure))
-        labels = (["first", "middle", "last"] if spread else
-                  [redact_url(url) for url, _ in failed])
-        said = "; ".join(f"{label}: {failure}" for label, (_, failure) in zip(labels, failed))
         raise StorageAccessError(
-            f"data source {self.name!r}: none of {what} could be read as a tar ({said}). "
-            "Check the command, the host, the path and any token it needs")
+            f"data source {self.name!r}: none of {what} could be read as a tar "
+            f"({_outcomes(failed, spread)}). Check the command, the host, the path and any "
+            "token it needs")
 
-    def list_urls(self, url: str, parents: tuple[str, ...] = ()) -> list[str]:
-        """The shard URLs the ``.txt`` list ``url`` holds, as ``data.sources.expand_urls``
-        reads them (a line may be a brace pattern, ``::`` joins or another list), each
-        ``s3://`` list opened under :meth:`require_one`'s rules. ``parents``: the lists
-        that led here, to name where a list was listed and to refuse one listing itself
-        (the loader would recurse until Python's recursion limit)."""
-        what = f"its shard list {redact_url(url)}" + (
-            f" (listed in {redact_url(parents[-1])})" if parents else "")
-        if url in parents:
-            raise StorageAccessError(
-                f"data source {self.name!r}: {what} lists itself, through "
-                f"{' -> '.join(redact_url(u) for u in (*parents, url))}. A shard list "
-                "names shards, or other lists that do not lead back to it")
-        if url.startswith("s3://"):
-            text = self.require_one([url], what, read=True)
-        else:  # a local or http(s) list: read as the loader reads it (not probed)
-            text = self.read_list(url, what)
-        out: list[str] = []
-        for item in url_items(list_lines(text.decode("utf-8"))):
-            out.extend(self.list_urls(item, (*parents, url)) if item.endswith(".txt")
-                       else braceexpand.braceexpand(item))
-        if not out:  # the loader would train without this part of the mix, and say nothing
-            raise StorageAccessError(
-                f"data source {self.name!r}: {what} lists no shard (only blank lines or "
-                "'#' comments). Fill the list, or remove it from the source's urls")
-        return out
+    def expand(self, item: str) -> list[str]:
+        """The shard URLs of one item of a source's urls (a brace pattern, or a ``.txt``
+        list), as the loader reads them: through ``data.sources.expand_urls``, the one
+        walker of lists, each list read by :meth:`read_list`; a list that lists itself or
+        lists no shard (:class:`~data.sources.ShardListError`) is refused, naming the
+        source."""
+        try:
+            return expand_urls(item, self.s3, read_list=self.read_list)
+        except ShardListError as err:
+            raise StorageAccessError(f"data source {self.name!r}: its {err}") from None
 
-    def read_list(self, url: str, what: str) -> bytes:
-        """The bytes of the local or http(s) shard list ``url`` (``what`` names it), read
-        as the loader reads it; one that cannot be read raises :class:`StorageAccessError`
-        naming the source and where the list was listed, as an ``s3://`` one does (a bare
+    def read_list(self, url: str, parents: tuple[str, ...]) -> bytes:
+        """The bytes of the ``.txt`` shard list ``url`` (``parents``: the lists that led
+        to it; a ``data.sources.ListReader``): an ``s3://`` list opened under
+        :meth:`require_one`'s rules, a local or http(s) one read as the loader reads it (not
+        probed). One that cannot be read raises :class:`StorageAccessError` naming the
+        source and where the list was listed, as an ``s3://`` one does (a bare
         FileNotFoundError named neither, and escaped the ranks' agreement)."""
+        what = f"its {list_label(url, parents)}"
+        if url.startswith("s3://"):
+            return self.require_one([url], what, read=True)
         try:
             with RetryingReader(url, self.s3) as reader:
                 return reader.read()
@@ -449,8 +509,7 @@ class _Probe:
         parts: list[tuple[str | None, list[str]]] = []
         single: list[str] = []
         for item in url_items(urls):
-            shards = (self.list_urls(item) if item.endswith(".txt")
-                      else list(braceexpand.braceexpand(item)))
+            shards = self.expand(item)
             if item.endswith(".txt") or len(shards) > 1:
                 parts.append((item, shards))
             else:
@@ -467,19 +526,23 @@ def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
     pattern or list; the shards named one by one together), all of a few of its shards
     (first, middle, last), because the store cannot be reached, does not hold them, or
     refuses them; when any of its ``.txt`` lists (local, http(s) or ``s3://``) cannot be
-    read or lists no shard; and, on a fresh start, when none of a few ``pipe:`` or
-    ``http(s)://`` shards of a part starts like a tar (the module's docstring). ``urls``:
-    the source's URL items as configured (brace patterns, ``::`` joins, ``.txt`` lists).
-    ``resumed``: the run continues a checkpoint (a requeued job counts too): a store that
-    does not answer is waited for instead, and commands are not probed."""
+    read, lists itself or lists no shard; and, on a fresh start, when none of a few
+    ``s3://``, ``pipe:`` or ``http(s)://`` shards of a part starts like a tar (the module's
+    docstring). ``urls``: the source's URL items as configured (brace patterns, ``::``
+    joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint (a requeued job
+    counts too): a store that does not answer is waited for instead, and shards are only
+    opened, not read (commands not run)."""
     probe = _Probe(name, s3, resumed or os.environ.get(REQUEUED_ENV) == "1", clock, sleep)
     for part, shards in probe.parts(urls):  # the lists first: parts() reads them
         # local shards are read by the loader, not probed (a list part holds one at least:
-        # list_urls refuses an empty list)
+        # the walker refuses an empty list)
         stored = [u for u in shards if u.startswith("s3://")]
         if stored:
             probes = _spread(stored, PROBES_PER_SOURCE)
-            probe.require_one(probes, _where(part, stored, probes))
+            # on a fresh start, one of them must start like a tar too (one ranged GET of
+            # its first block): objects that are not tars would each be set aside damaged
+            probe.require_one(probes, _where(part, stored, probes), tar=not probe.resumed,
+                              spread=len(stored) > len(probes))
         # pipe: and http(s):// (all that webdataset's gopen opens): only on a fresh start;
         # their failures carry no code to tell an outage from a mistake (the module's
         # docstring), and a resumed run's streams wait an outage out

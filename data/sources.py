@@ -43,19 +43,75 @@ def pick_member(sample: RawSample, alternatives: str) -> bytes | None:
     return None
 
 
-def expand_urls(urls: list[str] | str, s3: S3Config | None = None) -> list[str]:
+class ShardListError(ValueError):
+    """A ``.txt`` shard list that cannot be used as one: it lists itself (directly or
+    through nested lists), or it lists no shard. Its message names the list, where it was
+    listed and, for a loop, the chain of lists (``data.preflight`` raises it as a
+    ``StorageAccessError`` naming the source)."""
+
+
+ListReader = Callable[[str, tuple[str, ...]], bytes | str]
+"""``read_list(url, parents)``: the text (or UTF-8 bytes) of the ``.txt`` list ``url``;
+``parents`` are the lists that led to it, outermost first (empty for a source's own)."""
+
+
+def list_label(url: str, parents: tuple[str, ...] = ()) -> str:
+    """A shard list in words, with the list it was listed in: ``shard list <url> (listed
+    in <parent>)``."""
+    return f"shard list {redact_url(url)}" + (
+        f" (listed in {redact_url(parents[-1])})" if parents else "")
+
+
+def expand_urls(urls: list[str] | str, s3: S3Config | None = None,
+                read_list: ListReader | None = None) -> list[str]:
     """All shard URLs of a source, in order.
 
     Each item is a brace pattern (``{000000..041407}``; several may be joined with ``::``
     as in webdataset), or a path/URL ending in ``.txt`` listing shard URLs (one per line,
-    ``#`` comments allowed; lines may use braces too).
+    ``#`` comments allowed; lines may use braces, ``::`` joins or other lists too).
+
+    The one walker of shard lists: the loader, evaluation, fine-tuning's streamed sets,
+    the ``shards`` CLI and the start's check (``data.preflight``, which passes its own
+    ``read_list`` to read each list under its rules) all read lists through it. A list
+    that lists itself, directly or through nested lists (else: a recursion until Python's
+    limit), and a list that lists no shard (empty, or only comments: else the source
+    silently trains without that part) raise :class:`ShardListError`. ``read_list``
+    (:data:`ListReader`): how a list is read; by default through
+    :class:`~data.storage.RetryingReader` with ``s3``.
     """
+    read = read_list or _list_reader(s3 or S3Config())
     out: list[str] = []
     for part in url_items(urls):
-        if part.endswith(".txt"):
-            out.extend(expand_urls(_read_list(part, s3 or S3Config()), s3))
-        else:
-            out.extend(braceexpand.braceexpand(part))
+        out.extend(_expand_item(part, (), read))
+    return out
+
+
+def _list_reader(s3: S3Config) -> ListReader:
+    """The loader's way to read a list: whole, through the shard reader and its retries."""
+    def read(url: str, _parents: tuple[str, ...]) -> bytes:
+        with RetryingReader(url, s3) as reader:
+            return reader.read()
+    return read
+
+
+def _expand_item(item: str, parents: tuple[str, ...], read_list: ListReader) -> list[str]:
+    """The shard URLs of one item: a brace pattern's expansion, or a list's shards."""
+    if not item.endswith(".txt"):
+        return list(braceexpand.braceexpand(item))
+    if item in parents:
+        chain = " -> ".join(redact_url(u) for u in (*parents, item))
+        raise ShardListError(f"{list_label(item, parents)} lists itself, through {chain}. "
+                             "A shard list names shards, or other lists that do not lead "
+                             "back to it")
+    data = read_list(item, parents)
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    out: list[str] = []
+    for line in url_items(list_lines(text)):
+        out.extend(_expand_item(line, (*parents, item), read_list))
+    if not out:
+        raise ShardListError(f"{list_label(item, parents)} lists no shard (only blank "
+                             "lines or '#' comments). Fill the list, or remove it from the "
+                             "source's urls")
     return out
 
 
@@ -70,11 +126,6 @@ def list_lines(text: str) -> list[str]:
     """The shard URLs a ``.txt`` shard list holds: one per line, ``#`` comments and blank
     lines skipped."""
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def _read_list(url: str, s3: S3Config) -> list[str]:
-    with RetryingReader(url, s3) as reader:
-        return list_lines(reader.read().decode("utf-8"))
 
 
 def stats_sidecar(url: str) -> str | None:
