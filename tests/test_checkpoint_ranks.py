@@ -1,7 +1,8 @@
 """A checkpoint saved by several real ranks (gloo): each rank writes its own state file,
 no rank is sent another's state (rank 0 used to gather them all into trainer_state.json:
-16.5 MB at 512 ranks), and rank 0 publishes only once every rank has written its shards
-and its state file (runtime/checkpoint.py)."""
+16.5 MB at 512 ranks), rank 0 publishes only once every rank has written its shards and
+its state file, no rank waits while rank 0 deletes the checkpoint the save pruned, and the
+staging folder's token is rank 0's, broadcast (runtime/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -41,22 +42,33 @@ class SlowEngine:
 def _save_on_rank(rank: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    import shutil
+
     import runtime.checkpoint as ck
     from runtime.dist import DistInfo
 
-    # what this rank is handed by the object collectives (their output lists)
+    # what this rank is handed by the object collectives (their output lists), and how
+    # often each is called
     received: list = []
+    calls = {"all_gather_object": 0, "gather_object": 0, "broadcast_object_list": 0}
 
-    def spy(real):
+    def spy(name):
+        real = getattr(dist, name)
+
         def call(*args, **kwargs):
+            calls[name] += 1
             real(*args, **kwargs)
             for arg in (*args, *kwargs.values()):
                 if isinstance(arg, list):
                     received.extend(x for x in arg if isinstance(x, dict))
         return call
 
-    dist.all_gather_object = spy(dist.all_gather_object)
-    dist.gather_object = spy(dist.gather_object)
+    for name in calls:
+        setattr(dist, name, spy(name))
+    info = DistInfo(rank=rank, world_size=WORLD)
+    local = {"rank": rank, "rng": f"rank {rank}'s generators"}
+    ck.save_checkpoint(SlowEngine(rank), Path(root), 2, local, {"step": 2, "world_size": WORLD},
+                       info, keep_last=1)
     # what rank 0 found in the staging folder when it published
     publish = ck._publish
 
@@ -67,18 +79,37 @@ def _save_on_rank(rank: int, port: int, root: str, out: str) -> None:
         publish(root_dir, staging, tag)
 
     ck._publish = spy_publish
-    local = {"rank": rank, "rng": f"rank {rank}'s generators"}
+    if rank == 0:  # a Lustre unlinking step 2's files: done when the test says so
+        real = shutil.rmtree
+
+        def slow(path, *args, **kwargs):
+            Path(out, "deleting").touch()
+            _wait_for([Path(out, "release")], 180)
+            real(path, *args, **kwargs)
+
+        ck.shutil.rmtree = slow
     ck.save_checkpoint(SlowEngine(rank), Path(root), 3, local,
-                       {"step": 3, "world_size": WORLD}, DistInfo(rank=rank, world_size=WORLD),
-                       keep_last=2)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(received))
+                       {"step": 3, "world_size": WORLD}, info, keep_last=1)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"received": received} | calls))
+    if rank == 0:
+        ck.wait_for_deletions()
     dist.barrier()
     # Skip interpreter teardown: gloo's destructors occasionally abort when peers exit at
     # the same moment (as in tests/test_objectives.py).
     os._exit(0)
 
 
-def test_each_rank_writes_its_own_state_file_and_none_is_sent_another_ranks(tmp_path):
+def _wait_for(paths: list[Path], timeout: float) -> bool:
+    """Until every one of ``paths`` exists (True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_each_rank_writes_its_own_state_file_and_none_waits_for_rank_0s_deletion(tmp_path):
     root, out = tmp_path / "checkpoints", tmp_path / "out"
     out.mkdir()
     ctx = mp.get_context("spawn")
@@ -87,9 +118,18 @@ def test_each_rank_writes_its_own_state_file_and_none_is_sent_another_ranks(tmp_
              for r in range(WORLD)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    try:
+        _wait_for([out / "deleting"], 120)  # rank 0's deletion began (and blocks)
+        # before: rank 0 deleted step 2 between the two barriers; every rank waited for it
+        returned = [out / f"rank{r}.json" for r in range(WORLD)]
+        assert _wait_for(returned, 30), "a save waited for rank 0's deletion"
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003"]
+    finally:
+        (out / "release").touch()
+        for p in procs:
+            p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]
     states = [{"rank": r, "rng": f"rank {r}'s generators"} for r in range(WORLD)]
     folder = root / "step_0000003"
     assert (root / "latest").read_text() == "step_0000003"
@@ -103,7 +143,10 @@ def test_each_rank_writes_its_own_state_file_and_none_is_sent_another_ranks(tmp_
     assert json.loads((out / "at_publish.json").read_text()) == [
         *(f"rank_states/{r:05d}.json" for r in range(WORLD)), "trainer_state.json",
         *(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORLD))]
-    # no rank was handed a rank's state by an object collective (rank 0 was sent all
-    # 512 at every save, ~32 KB each)
+    # no rank was handed a rank's state by an object collective (rank 0 was sent all 512
+    # at every save, ~32 KB each); the staging token: one broadcast a save, no all-gather
+    # (every rank's token to every rank: 512 strings received by each of 512 ranks)
     for r in range(WORLD):
-        assert json.loads((out / f"rank{r}.json").read_text()) == []
+        assert json.loads((out / f"rank{r}.json").read_text()) == {
+            "received": [], "all_gather_object": 0, "gather_object": 0,
+            "broadcast_object_list": 2}
