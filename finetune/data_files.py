@@ -71,10 +71,13 @@ class NextReadable:
     together) and a resume replays the same items (no random draw decides), for every
     task (segmentation, detection, the classification sets: ``finetune.cls_data``). Each
     replacement is logged with this process's count (``skipped``; a DataLoader worker
-    counts its own); :data:`MAX_UNREADABLE_IN_A_ROW` in a row (or the whole set, when
-    smaller: no item is tried twice) end the run. ``what``: the item's name in the messages
-    (``pair``, ``image``, ``sample``); ``errors``: what "cannot be read" is (the
-    classification sets read through torchvision/PIL, whose errors are of any type)."""
+    counts its own, which is why :meth:`read_counted` also says how many items a read
+    replaced: a count that travels with the item out of the worker, summed by the dense
+    tasks' training loop into the ``skipped`` field of metrics.jsonl);
+    :data:`MAX_UNREADABLE_IN_A_ROW` in a row (or the whole set, when smaller: no item is
+    tried twice) end the run. ``what``: the item's name in the messages (``pair``,
+    ``image``, ``sample``); ``errors``: what "cannot be read" is (the classification sets
+    read through torchvision/PIL, whose errors are of any type)."""
 
     def __init__(self, what: str, errors: tuple[type[BaseException], ...] = (UnreadableFile,)):
         self.what, self.errors = what, errors
@@ -82,11 +85,18 @@ class NextReadable:
 
     def read(self, load: Callable[[int], T], i: int, size: int) -> tuple[int, T]:
         """(index read, ``load`` of it): item ``i``'s, or the next readable one's."""
+        j, item, _ = self.read_counted(load, i, size)
+        return j, item
+
+    def read_counted(self, load: Callable[[int], T], i: int,
+                     size: int) -> tuple[int, T, int]:
+        """(index read, ``load`` of it, how many unreadable items it replaced): as
+        :meth:`read`, with the count of this read alone (0 when item ``i`` was read)."""
         tries = min(MAX_UNREADABLE_IN_A_ROW, size)
         for k in range(tries):
             j = (i + k) % size
             try:
-                return j, load(j)
+                return j, load(j), k
             except self.errors as err:
                 self.skipped += 1
                 why = str(err) if isinstance(err, UnreadableFile) else \

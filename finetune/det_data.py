@@ -140,10 +140,18 @@ class CocoInstances(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
+        return self.counted_item(i)[0]
+
+    def counted_item(self, i: int) -> tuple[tuple, int]:
+        """(item ``i``, how many unreadable images it replaced, over every crop redrawn):
+        the count is made where the item is read (a DataLoader worker) and travels with it
+        to the training loop (``finetune.dense_data.CountedItems``)."""
+        replaced = 0
         for _ in range(1000):
-            i, item = self._readable(i)
+            i, item, n = self._readable(i)
+            replaced += n
             if item is not None:
-                return item
+                return item, replaced
             group = self.groups[self.wide[i]]
             i = group[int(torch.randint(len(group), ()))]
         raise RuntimeError("data.crop_aug.allow_negative_crop=false: 1000 crops in a row "
@@ -151,15 +159,17 @@ class CocoInstances(Dataset):
 
     @property
     def skipped(self) -> int:
-        """Unreadable training images replaced by this process (each worker its own)."""
+        """Unreadable training images replaced by this process (each worker its own; the
+        run's count travels with the items: :meth:`counted_item`)."""
         return self.replace.skipped
 
-    def _readable(self, i: int) -> tuple[int, tuple | None]:
-        """(index, :meth:`_load` of it) for item ``i``; in training, for the next item in
-        index order whose image can be read where item ``i``'s cannot."""
+    def _readable(self, i: int) -> tuple[int, tuple | None, int]:
+        """(index, :meth:`_load` of it, unreadable images replaced) for item ``i``; in
+        training, for the next item in index order whose image can be read where item
+        ``i``'s cannot."""
         if not self.train:
-            return i, self._load(i)
-        return self.replace.read(self._load, i, len(self.ids))
+            return i, self._load(i), 0
+        return self.replace.read_counted(self._load, i, len(self.ids))
 
     def _load(self, i: int):
         """Item ``i`` through the pipeline; None for a crop left without boxes when the

@@ -155,17 +155,26 @@ class SegDataset(Dataset):
 
     @property
     def skipped(self) -> int:
-        """Unreadable training pairs replaced by this process (each worker its own)."""
+        """Unreadable training pairs replaced by this process (each worker its own; the
+        run's count travels with the items: :meth:`counted_item`)."""
         return self.replace.skipped
 
-    def _readable(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair ``i`` as read; in training the next readable one where it cannot be read."""
+    def _readable(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """(pair ``i`` as read, unreadable pairs replaced); in training the next readable
+        one where it cannot be read."""
         if not self.train:
-            return self._load(i)
-        return self.replace.read(self._load, i, len(self.pairs))[1]
+            return self._load(i), 0
+        _, pair, replaced = self.replace.read_counted(self._load, i, len(self.pairs))
+        return pair, replaced
 
     def __getitem__(self, i: int):
-        img, label = self._readable(i)
+        return self.counted_item(i)[0]
+
+    def counted_item(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """(item ``i``, how many unreadable pairs it replaced): the count is made where the
+        item is read (a DataLoader worker) and travels with it to the training loop
+        (``finetune.dense_data.CountedItems``)."""
+        (img, label), replaced = self._readable(i)
         c = self.cfg
         if self.train:
             ratio = random.uniform(*c.ratio_range)
@@ -178,7 +187,7 @@ class SegDataset(Dataset):
                 from finetune.photometric import photometric_distortion
 
                 img = photometric_distortion(img)
-        return (img - MEAN) / STD, label
+        return ((img - MEAN) / STD, label), replaced
 
 
 def rescale_size(h: int, w: int, short: int, long: int = 0) -> tuple[int, int]:

@@ -1,0 +1,96 @@
+"""The unreadable training items a dense fine-tuning run replaced reach metrics.jsonl.
+
+Segmentation and detection read the next item in place of one that exists but cannot be
+read (``finetune.data_files.NextReadable``). Each replacement used to be counted only in
+the log line of the DataLoader worker that made it (two workers here); now each batch
+carries its count out of the worker and every training record from the first replacement
+on holds the run's total, ``skipped: {"unreadable": N}`` (classification's field), summed
+over ranks and kept across a resume.
+
+The sets here hold two consecutive unreadable images at indices 3 and 4: a draw of item 3
+replaces two (3 and 4, read 5), a draw of item 4 one, so a whole epoch replaces exactly
+three, whatever the shuffle (every item is drawn once an epoch: the batch divides the
+set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.demo_data import write_shapes_ade, write_shapes_coco
+
+PER_EPOCH = 3  # items 3 and 4 unreadable: 2 + 1 replaced per epoch
+# 8 images, batch 2: 4 steps an epoch; records at steps 1 and every 4th
+COMMON = ["run.batch_size=2", "run.num_workers=2", "run.log_every=4", "run.progress=false",
+          "run.tensorboard=false", "optim.warmup_steps=0", "run.eval_every=0"]
+SEG = ["data.kind=ade20k", "data.num_classes=4", "data.scale_short=32",
+       "data.crop_size=[32,32]", "data.test_short=32", "eval.crop=[32,32]",
+       "eval.stride=[32,32]", "head_channels=16"]
+DET = ["detector.train_sizes=[32]", "detector.test_size=32", "detector.max_size=32"]
+
+
+def _truncate(path: Path) -> None:
+    """Cut an image file to half its bytes (a download cut short): it opens, then fails."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _training_records(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _train(task: str, root: Path, out: Path, steps: int, resume: str | None = None) -> None:
+    from launch.config import load_config
+
+    if task == "segmentation":
+        from finetune.segmentation import SegmentationConfig as Config
+        from finetune.segmentation import train
+        extra = [*SEG, f"data.root={root}"]
+    else:
+        from finetune.detection import DetectionConfig as Config
+        from finetune.detection import train
+        extra = [*DET, "data.kind=coco", f"data.root={root}", "data.train_images=train",
+                 "data.val_images=val", "data.train_ann=annotations/instances_train.json",
+                 "data.val_ann=annotations/instances_val.json"]
+    cfg = load_config(Config, None, [*COMMON, *extra, f"run.max_steps={steps}"])
+    train(cfg, out, resume=resume)
+
+
+def _dataset(task: str, root: Path) -> list[Path]:
+    """Write a tiny set of 8 training and 2 validation images under ``root``; its training
+    images in index order (sorted by name, as both datasets list them)."""
+    if task == "segmentation":
+        write_shapes_ade(root, 8, 2, 32)
+        return sorted((root / "images" / "training").iterdir())
+    write_shapes_coco(root, 8, 2, 32)
+    return sorted((root / "train").iterdir())
+
+
+def test_segmentation_counts_replaced_items_over_workers_and_a_resume(tmp_path):
+    root, out = tmp_path / "data", tmp_path / "run"
+    for path in _dataset("segmentation", root)[3:5]:
+        _truncate(path)
+    _train("segmentation", root, out, steps=4)  # one epoch, saved at its end
+    assert _training_records(out)[4]["skipped"] == {"unreadable": PER_EPOCH}
+    # the resume loads the saved epoch's batches again to skip them (not counted again)
+    # and goes on from the total the checkpoint holds
+    _train("segmentation", root, out, steps=8, resume="auto")
+    records = _training_records(out)
+    assert records[4]["skipped"] == {"unreadable": PER_EPOCH}
+    assert records[8]["skipped"] == {"unreadable": 2 * PER_EPOCH}
+
+
+def test_detection_counts_replaced_items_summed_over_ranks(tmp_path, monkeypatch):
+    """Two ranks that replaced the same items, as the loop's gather sees them: the record
+    holds their sum (one process here: the gather is the only place ranks meet)."""
+    import finetune.loop
+
+    monkeypatch.setattr(finetune.loop, "all_gather_objects", lambda obj: [obj, obj],
+                        raising=False)  # a loop without it fails on the record below
+    root, out = tmp_path / "data", tmp_path / "run"
+    for path in _dataset("detection", root)[3:5]:
+        _truncate(path)
+    _train("detection", root, out, steps=4)
+    assert _training_records(out)[4]["skipped"] == {"unreadable": 2 * PER_EPOCH}
