@@ -72,10 +72,10 @@ def test_segmentation_counts_replaced_items_over_workers_and_a_resume(tmp_path):
     root, out = tmp_path / "data", tmp_path / "run"
     for path in _dataset("segmentation", root)[3:5]:
         _truncate(path)
-    _train("segmentation", root, out, steps=4)  # one epoch, saved at its end
+    _train("segmentation", root, out, steps=6)  # saved at step 6, inside epoch 1
     assert _training_records(out)[4]["skipped"] == {"unreadable": PER_EPOCH}
-    # the resume loads the saved epoch's batches again to skip them (not counted again)
-    # and goes on from the total the checkpoint holds
+    # the resume loads epoch 1's first two batches again to skip them (their replacements
+    # are in the saved total: not counted again) and goes on from the total it holds
     _train("segmentation", root, out, steps=8, resume="auto")
     records = _training_records(out)
     assert records[4]["skipped"] == {"unreadable": PER_EPOCH}
