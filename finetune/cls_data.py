@@ -10,6 +10,7 @@ import io
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from data.config import S3Config
 from data.preflight import check_sources_readable
 from finetune.data_files import NextReadable
+from finetune.dense_data import CollateCounted, CountedItems
 from runtime.dist import DistInfo, all_gather_objects, rank_share
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import loader_generator, skip_batches
@@ -78,7 +80,11 @@ class SkipUnreadable(Dataset):
     a resume replays the same samples; mmdet/mmseg datasets substitute another sample
     alike). Validation: the sample is left out (None; :func:`drop_unreadable` filters the
     batch) and every metric is over the images actually evaluated; evaluate() logs how
-    many."""
+    many.
+
+    The training loop's count of replaced samples is :meth:`counted_item`'s: made where
+    the sample is read (a DataLoader worker) and carried out with it (``NextReadable``'s
+    own count stays in the worker's copy of this object)."""
 
     def __init__(self, dataset: Dataset, substitute: bool):
         self.dataset, self.substitute = dataset, substitute
@@ -88,9 +94,16 @@ class SkipUnreadable(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def counted_item(self, i: int) -> tuple[Any, int]:
+        """(training sample ``i`` or the next readable one, how many unreadable samples it
+        replaced): what ``finetune.dense_data.CountedItems`` hands the loader."""
+        _, item, replaced = self.replace.read_counted(self.dataset.__getitem__, i,
+                                                      len(self.dataset))
+        return item, replaced
+
     def __getitem__(self, i: int):
         if self.substitute:
-            return self.replace.read(self.dataset.__getitem__, i, len(self.dataset))[1]
+            return self.counted_item(i)[0]
         try:
             return self.dataset[i]
         except Exception as err:  # noqa: BLE001 - any unreadable sample is left out
@@ -181,10 +194,15 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 
-def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0):
+def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0,
+                  counted: bool = False):
     """The epoch's loaders: training (a DataLoader over a DistributedSampler when several
     ranks; a streaming set is its own loader, its stream going on across epochs) and
-    validation (this rank's share, unpadded); returns (train, val, sampler)."""
+    validation (this rank's share, unpadded); returns (train, val, sampler).
+
+    ``counted``: a map-style training loader yields ``finetune.dense_data.Counted``
+    batches, each with the number of unreadable samples its samples replaced (what the
+    training loop sums into the records' ``skipped``); a streaming set counts its own."""
     from finetune.cls_stream import StreamingShards
 
     streaming = isinstance(train_set, StreamingShards)
@@ -194,10 +212,14 @@ def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0)
     # per rank and epoch: the workers' augmentation seeds derive from this generator
     g = loader_generator(cfg.run.seed, d.rank, epoch)
     # the sampler draws from the set itself: the wrapper only changes what a bad index holds
+    items: Dataset = SkipUnreadable(train_set, substitute=True)
+    collate = None
+    if counted:
+        items, collate = CountedItems(items), CollateCounted()
     train = train_set if streaming else DataLoader(
-        SkipUnreadable(train_set, substitute=True), batch_size=cfg.run.batch_size,
-        shuffle=sampler is None, sampler=sampler, num_workers=cfg.run.num_workers,
-        drop_last=True, generator=g, persistent_workers=False)
+        items, batch_size=cfg.run.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=cfg.run.num_workers, drop_last=True, generator=g,
+        persistent_workers=False, collate_fn=collate)
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
     val = DataLoader(SkipUnreadable(val_set, substitute=False),
                      batch_size=cfg.run.batch_size * 2, shuffle=False,
@@ -207,9 +229,10 @@ def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0)
 
 
 def epoch_batches(loader, skip: int = 0):
-    """The epoch's ``(images, labels)`` batches from index ``skip`` on: a streaming set's
-    stream goes on where it stopped (a resumed one was restored there); a map-style
-    loader's first ``skip`` batches are skipped here."""
+    """The epoch's ``(images, labels)`` batches (a counted loader's: ``Counted`` ones)
+    from index ``skip`` on: a streaming set's stream goes on where it stopped (a resumed
+    one was restored there); a map-style loader's first ``skip`` batches are skipped here
+    (loaded again and dropped: the run that trained on them counted their replacements)."""
     from finetune.cls_stream import StreamingShards
 
     if isinstance(loader, StreamingShards):

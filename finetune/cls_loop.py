@@ -3,20 +3,31 @@
 The engine-side parts (the optimisation step, EMA update, evaluation and the checkpoint,
 finetune/zero.py) come in as ``ClsSteps``; what classification adds to every task's loop
 lives here: per-epoch loaders (the validation loader is the epoch's), Mixup/CutMix on the
-batch, the data counts of a streaming set in each training record, and the position
-derived from the step (checkpoints store the step only).
+batch, the skipped samples in each training record, and the position derived from the
+step (checkpoints store the step only).
+
+``skipped`` (metrics.jsonl), summed over ranks, from the first skip on (a run without any
+logs no such field, as detection and segmentation): a streamed set's counts by reason
+(and its shard counts), which its stream state carries across a resume; for a map-style
+set (image folder, in-memory shards), the unreadable samples replaced by the next
+readable one (``finetune.cls_data.SkipUnreadable``) as ``{"unreadable": N}``: each batch
+carries its count out of the DataLoader worker, the loop adds up those of the batches it
+trains on (not those a resume loads again to skip them), and the total goes into the
+checkpoint's shared state, from which a resume goes on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from finetune.dense_data import UNREADABLE, Counted
 from runtime.dist import DistInfo, all_gather_objects
 from runtime.loop import (
     LoopPosition,
@@ -36,52 +47,80 @@ class ClsSteps:
     """Engine-specific parts: ``train`` runs forward, backward and the engine's step of one
     (mixed) micro-batch and returns its loss (the engine updates the weights at every
     ``run.grad_accum``-th micro-batch); ``after_step(step)`` (EMA); ``evaluate(val_loader)``
-    returns the metrics; ``save(step)`` writes a checkpoint (called on every rank)."""
+    returns the metrics; ``save(step, state)`` writes a checkpoint whose shared state
+    (``trainer_state.json``) holds ``state`` too (called on every rank)."""
 
     train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     after_step: Callable[[int], None]
     evaluate: Callable[[DataLoader], dict]
-    save: Callable[[int], None]
+    save: Callable[[int, dict[str, Any]], None]
 
 
-def data_values(train_set) -> dict:
-    """What a training record adds about the data: a streaming set's skip and shard counts
-    summed over ranks (``skipped``: by reason, as pre-training logs them), this run's
-    process so far. A collective on every rank (as :class:`runtime.loop.TaskHooks` allows);
-    nothing for an in-memory set, which counted its skips when it was read."""
-    from finetune.cls_stream import StreamingShards
+class SkipCounts:
+    """The training records' ``skipped`` (the module's docstring): ``before``, the
+    resumed checkpoint's total of a map-style set (its shared state's ``skipped``)."""
 
-    if not isinstance(train_set, StreamingShards):
-        return {}
-    skipped: Counter = Counter()
-    for counts in all_gather_objects(dict(train_set.stats.skipped)):
-        skipped.update(counts)
-    return {"skipped": dict(sorted(skipped.items()))}
+    def __init__(self, train_set, before: Mapping[str, int] | None = None):
+        from finetune.cls_stream import StreamingShards
+
+        self.stream = train_set if isinstance(train_set, StreamingShards) else None
+        self.before = Counter(before or {})
+        self.here: Counter[str] = Counter()  # this process's, since it started
+
+    def counted(self, batches: Iterable[Counted]) -> Iterator[Any]:
+        """A map-style epoch's batches, their replaced samples counted as each is drawn
+        for an update."""
+        for batch, replaced in batches:
+            self.here[UNREADABLE] += replaced
+            yield batch
+
+    def total(self) -> dict[str, int]:
+        """The run's skips by reason, summed over ranks: a collective on every rank (as
+        :class:`runtime.loop.TaskHooks` allows), at log steps and checkpoints only."""
+        own = self.stream.stats.skipped if self.stream is not None else self.here
+        total = Counter() if self.stream is not None else Counter(self.before)
+        for counts in all_gather_objects(dict(own)):
+            total.update(counts)
+        return {reason: n for reason, n in sorted(total.items()) if n}
+
+    def record(self) -> dict[str, Any]:
+        """A training record's field: absent until something was skipped."""
+        skipped = self.total()  # every rank: a collective, whatever it returns
+        return {"skipped": skipped} if skipped else {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint's shared state keeps (a streamed set's counts travel in each
+        rank's stream position instead: nothing, and no collective)."""
+        return {} if self.stream is not None else {"skipped": self.total()}
 
 
 def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
                        steps_per_epoch: int, total: int, metrics: MetricsLogger,
-                       desc: str) -> dict:
+                       desc: str, skipped_before: Mapping[str, int] | None = None) -> dict:
     """Train from ``start_step`` to ``total``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
     Steps are optimizer steps of ``run.grad_accum`` micro-batches each;
-    ``steps_per_epoch`` counts them."""
+    ``steps_per_epoch`` counts them. ``skipped_before``: the resumed checkpoint's
+    ``skipped`` (its shared state's), which a map-style set's count goes on from."""
     from finetune.cls_data import build_loaders, epoch_batches
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)
     accum = cfg.run.grad_accum
     loaders: dict[str, DataLoader] = {}
+    skips = SkipCounts(train_set, skipped_before)
 
     def batches(epoch: int, skip: int):
         train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,
-                                                              epoch)
+                                                              epoch, counted=True)
         if sampler is not None:
             sampler.set_epoch(epoch)
         # the loaders count micro-batches: a resume skips ``skip`` whole steps of them
-        return step_batches(epoch_batches(train_loader, skip * accum), accum,
-                            steps_per_epoch - skip)
+        micro = epoch_batches(train_loader, skip * accum)
+        if skips.stream is None:  # counted after the skip: those were counted before
+            micro = skips.counted(micro)
+        return step_batches(micro, accum, steps_per_epoch - skip)
 
     def micro_step(batch) -> dict[str, torch.Tensor]:
         images, labels = (t.to(d.device) for t in batch)
@@ -93,8 +132,9 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     hooks = TaskHooks(batches=batches,
                       train_step=lambda group: accumulated_step(micro_step, group),
                       evaluate=lambda: steps.evaluate(loaders["val"]),
-                      save=lambda pos: steps.save(pos.step), after_step=steps.after_step,
-                      log_values=lambda step: data_values(train_set))
+                      save=lambda pos: steps.save(pos.step, skips.state()),
+                      after_step=steps.after_step,
+                      log_values=lambda step: skips.record())
     spec = LoopSpec(name=desc, total_steps=total, eval_every=eval_every,
                     checkpoint_every=cfg.run.checkpoint_every or eval_every,
                     log_every=cfg.run.log_every)

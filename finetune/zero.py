@@ -17,7 +17,9 @@ one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.ena
 Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 ``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt``, each rank's random
 state and, for a streamed training set, its stream position (in that rank's
-``rank_states/NNNNN.json``) and, written last, ``trainer_state.json`` (the shared state);
+``rank_states/NNNNN.json``) and, written last, ``trainer_state.json`` (the shared state,
+with a map-style training set's count of replaced unreadable images, ``skipped``, which a
+resume's training records go on from: finetune/cls_loop.py);
 ``latest`` names a checkpoint only once it is complete. Such a directory is what
 ``internimage convert`` and ``--init`` read (finetune/convert.py).
 
@@ -253,8 +255,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
             result.update(top1_ema=e["top1"], top5_ema=e["top5"], val_loss_ema=e["val_loss"])
         return result
 
-    def save(step: int) -> None:  # every rank writes its shard
-        _save(engine, run, step, ema, shared, d, train_set)
+    def save(step: int, state: dict[str, Any]) -> None:  # every rank writes its shard
+        _save(engine, run, step, ema, shared | state, d, train_set)
 
     steps = ClsSteps(train=train_step, after_step=after_step, evaluate=evaluate_all, save=save)
     desc = f"classification ZeRO-{cfg.run.zero_stage}"
@@ -264,4 +266,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     return run_classification(
         cfg, d, train_set, val_set, steps, optimizer=optimizer, scheduler=scheduler,
         mixup=mixup, start_step=step, steps_per_epoch=steps_per_epoch, total=total,
-        metrics=metrics, desc=desc)
+        metrics=metrics, desc=desc,
+        # a map-style set's replaced samples go on from the checkpoint's count (one saved
+        # before it was kept: from 0)
+        skipped_before=run.state.get("skipped") if run.state is not None else None)

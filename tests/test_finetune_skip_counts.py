@@ -1,11 +1,13 @@
-"""The unreadable training items a dense fine-tuning run replaced reach metrics.jsonl.
+"""The unreadable training items a fine-tuning run replaced reach metrics.jsonl.
 
-Segmentation and detection read the next item in place of one that exists but cannot be
-read (``finetune.data_files.NextReadable``). Each replacement used to be counted only in
+Segmentation, detection and classification's map-style sets (an image folder, shards held
+in memory) read the next item in place of one that exists but cannot be read
+(``finetune.data_files.NextReadable``). Each replacement used to be counted only in
 the log line of the DataLoader worker that made it (two workers here); now each batch
 carries its count out of the worker and every training record from the first replacement
-on holds the run's total, ``skipped: {"unreadable": N}`` (classification's field), summed
-over ranks and kept across a resume.
+on holds the run's total, ``skipped: {"unreadable": N}`` (the field a streamed
+classification set logs its skips in, by reason), summed over ranks and kept across a
+resume.
 
 The sets here hold two consecutive unreadable images at indices 3 and 4: a draw of item 3
 replaces two (3 and 4, read 5), a draw of item 4 one, so a whole epoch replaces exactly
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from finetune.demo_data import write_shapes_ade, write_shapes_coco
 
@@ -44,7 +48,11 @@ def _training_records(out: Path) -> dict[int, dict]:
 def _train(task: str, root: Path, out: Path, steps: int, resume: str | None = None) -> None:
     from launch.config import load_config
 
-    if task == "segmentation":
+    if task == "classification":
+        from finetune.classification import ClassificationConfig as Config
+        from finetune.classification import train
+        extra = ["data.kind=imagefolder", f"data.root={root}", "data.num_classes=2"]
+    elif task == "segmentation":
         from finetune.segmentation import SegmentationConfig as Config
         from finetune.segmentation import train
         extra = [*SEG, f"data.root={root}"]
@@ -60,7 +68,18 @@ def _train(task: str, root: Path, out: Path, steps: int, resume: str | None = No
 
 def _dataset(task: str, root: Path) -> list[Path]:
     """Write a tiny set of 8 training and 2 validation images under ``root``; its training
-    images in index order (sorted by name, as both datasets list them)."""
+    images in index order (sorted by name, as the datasets list them)."""
+    if task == "classification":  # an ImageNet-layout folder: two classes, 4 + 1 each
+        from PIL import Image
+
+        gen = torch.Generator().manual_seed(0)
+        for split, per_class in (("train", 4), ("val", 1)):
+            for c in ("a", "b"):
+                (root / split / c).mkdir(parents=True)
+                for k in range(per_class):
+                    pixels = torch.randint(256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                    Image.fromarray(pixels.numpy()).save(root / split / c / f"{k}.png")
+        return sorted((root / "train").glob("*/*.png"))
     if task == "segmentation":
         write_shapes_ade(root, 8, 2, 32)
         return sorted((root / "images" / "training").iterdir())
@@ -94,3 +113,56 @@ def test_detection_counts_replaced_items_summed_over_ranks(tmp_path, monkeypatch
         _truncate(path)
     _train("detection", root, out, steps=4)
     assert _training_records(out)[4]["skipped"] == {"unreadable": 2 * PER_EPOCH}
+
+
+def test_classification_counts_replaced_images_over_workers_ranks_and_a_resume(
+        tmp_path, monkeypatch):
+    """An image folder (map-style): its unreadable images used to be replaced with no
+    count in the records at all (only the streamed set logged ``skipped``). Two ranks that
+    replaced the same images, as the loop's gather sees them (doubled): the records hold
+    their sum, and the resume goes on from the saved total without counting again the
+    batches it loads only to skip them."""
+    import finetune.cls_loop
+
+    monkeypatch.setattr(finetune.cls_loop, "all_gather_objects", lambda obj: [obj, obj])
+    root, out = tmp_path / "data", tmp_path / "run"
+    images = _dataset("classification", root)
+    assert [p.relative_to(root / "train").as_posix() for p in images[3:5]] == [
+        "a/3.png", "b/0.png"]  # ImageFolder's indices 3 and 4
+    for path in images[3:5]:
+        _truncate(path)
+    _train("classification", root, out, steps=6)  # saved at step 6, inside epoch 1
+    records = _training_records(out)
+    assert records[4]["skipped"] == {"unreadable": 2 * PER_EPOCH}
+    _train("classification", root, out, steps=8, resume="auto")
+    records = _training_records(out)
+    assert records[4]["skipped"] == {"unreadable": 2 * PER_EPOCH}
+    assert records[8]["skipped"] == {"unreadable": 2 * 2 * PER_EPOCH}
+
+
+def test_the_skipped_field_is_absent_until_something_was_skipped_in_every_kind_of_set(
+        tmp_path):
+    """Detection, segmentation and a map-style classification set log no ``skipped``
+    before the first skip; a streamed classification set logged ``skipped: {}`` in every
+    record instead. Now each record's field (``finetune.cls_loop.SkipCounts``) follows the
+    one rule, and the streamed set keeps its counts by reason."""
+    import tarfile
+
+    from finetune.cls_loop import SkipCounts
+    from finetune.cls_stream import StreamingShards
+
+    shard = tmp_path / "shard-0000.tar"
+    tarfile.open(shard, "w").close()  # never read: the stream is not iterated
+    stream = StreamingShards([str(shard)], lambda img: img, num_samples=4, batch_size=2,
+                             rank=0, world=1)
+    streamed = SkipCounts(stream)
+    assert streamed.record() == {} and streamed.state() == {}
+    stream.stats.skipped["undecodable_image"] += 1  # what its workers report
+    assert streamed.record() == {"skipped": {"undecodable_image": 1}}
+    assert streamed.state() == {}  # the stream position carries it across a resume
+
+    in_memory = SkipCounts([(0, 0)] * 4)
+    assert in_memory.record() == {}
+    assert in_memory.state() == {"skipped": {}}
+    resumed = SkipCounts([(0, 0)] * 4, before={"unreadable": 2})
+    assert resumed.record() == {"skipped": {"unreadable": 2}}
