@@ -78,6 +78,10 @@ def expand_urls(urls: list[str] | str, s3: S3Config | None = None,
     silently trains without that part) raise :class:`ShardListError`. ``read_list``
     (:data:`ListReader`): how a list is read; by default through
     :class:`~data.storage.RetryingReader` with ``s3``.
+
+    A line of a list is used as written: a relative path in it (a shard or a nested list)
+    is resolved against the working directory of the process reading it, not against the
+    folder of the list that names it.
     """
     read = read_list or _list_reader(s3 or S3Config())
     out: list[str] = []
@@ -123,9 +127,10 @@ def url_items(urls: list[str] | str) -> list[str]:
 
 
 def list_lines(text: str) -> list[str]:
-    """The shard URLs a ``.txt`` shard list holds: one per line, ``#`` comments and blank
-    lines skipped."""
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    """The shard URLs a ``.txt`` shard list holds: one per line, ``#`` comments (indented
+    ones too) and blank lines skipped."""
+    lines = (ln.strip() for ln in text.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
 def stats_sidecar(url: str) -> str | None:

@@ -75,25 +75,53 @@ def _local_path(url: str) -> Path | None:
 
 def check_shard_urls(key: str, urls: list[str]) -> None:
     """Refuse, for the shard list ``key`` (``data.train_urls`` ...), a local ``.txt`` list
-    that does not exist and a local shard pattern none of whose shards exists (a wrong
-    folder or name). Single missing shards of a pattern are the data pipeline's to skip
-    and count, as for any shard; remote URLs are not looked at."""
-    import braceexpand
+    that does not exist, lists itself (through nested lists too) or lists no shard (only
+    blank lines or comments), and a local shard pattern none of whose shards exists (a
+    wrong folder or name): one ``ValueError('key: ...')``. Lists are walked by the loader's
+    own walker (``data.sources.expand_urls``, which refuses the loops and empty lists, as
+    :class:`~data.sources.ShardListError`); only local lists are read here. Single missing
+    shards of a pattern are the data pipeline's to skip and count, as for any shard;
+    remote URLs, lists included, are not looked at (a login node may not reach them)."""
+    from data.sources import ShardListError, expand_urls, list_lines, url_items
 
-    from data.sources import list_lines, url_items
+    def read_list(url: str, _parents: tuple[str, ...]) -> str:
+        path = _local_path(url)
+        if path is None:  # a remote list in a local one: the pipeline reads it
+            return _UNREAD
+        check_data_paths([DataPath(key, path, "a shard list file, one shard URL per "
+                                   "line", kind="file")])
+        text = path.read_text(encoding="utf-8")
+        for item in url_items(list_lines(text)):  # its patterns; the walker its lists
+            if not item.endswith(".txt"):
+                _check_pattern(key, item)
+        return text
 
     for part in url_items(urls):  # the items as data.sources.expand_urls reads them
         if _local_path(part) is None:
             continue
-        if part.endswith(".txt"):
-            path = _local_path(part)
-            check_data_paths([DataPath(key, path, "a shard list file, one shard URL per "
-                                       "line", kind="file")])
-            check_shard_urls(key, list_lines(path.read_text(encoding="utf-8")))
+        if not part.endswith(".txt"):
+            _check_pattern(key, part)
             continue
-        shards = [_local_path(u) for u in braceexpand.braceexpand(part)]
-        if not any(s.is_file() for s in shards):
-            what = f"none of its {len(shards)} shards exists" if len(shards) > 1 else \
-                "no such file"
-            raise ValueError(f"{key}: {part} not found (expected local webdataset .tar "
-                             f"shards; {what})")
+        try:
+            expand_urls(part, read_list=read_list)
+        except ShardListError as err:
+            raise ValueError(f"{key}: {err}") from None
+
+
+_UNREAD = "<a remote shard list, not read here>"
+"""What :func:`check_shard_urls` walks for a remote list: one line that names no list (so
+the walker neither reads it nor takes it for an empty list), never opened."""
+
+
+def _check_pattern(key: str, pattern: str) -> None:
+    """Refuse a local shard pattern none of whose shards exists; a remote one passes."""
+    import braceexpand
+
+    if _local_path(pattern) is None:
+        return
+    shards = [_local_path(u) for u in braceexpand.braceexpand(pattern)]
+    if not any(s.is_file() for s in shards):
+        what = f"none of its {len(shards)} shards exists" if len(shards) > 1 else \
+            "no such file"
+        raise ValueError(f"{key}: {pattern} not found (expected local webdataset .tar "
+                         f"shards; {what})")

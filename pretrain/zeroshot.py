@@ -18,17 +18,21 @@ collective deadlocks against a rank still inside a forward). Hence:
    read so far say the cap still lacks (``world_size`` while none was labelled). A reader
    keeps its shard's labelled raw samples (no more than the cap still lacks at the start
    of the round); then one all-gather of every rank's (labelled samples, unreadable,
-   number of shards, bad labels). From these counts, in shard order, every rank knows how
-   many samples of each shard fall inside the cap (a reader drops the rest), whether the
-   cap is reached (then all stop) and the next round's size: all ranks run the same
-   rounds, decided by gathered numbers only. Ranks that expanded ``zero_shot.urls`` to
-   different shard counts (a list file that changed between their reads) all skip the
-   evaluation together after the first round and report why. An unreadable shard of the
-   set is counted once (only one rank tried it) and the evaluation goes on without it. A
-   sample whose label is not a class id (not an integer in ``0..len(class_names) - 1``) is
-   not labelled, so not in the set, whatever the world size; those up to the set's end are
-   counted (``zero_shot_bad_labels``): the gathered counts give them for the shards wholly
-   in the set, and one broadcast from its reader for the shard the cap ends in;
+   number of shards, bad labels, whether its listing failed). From these counts, in
+   shard order, every rank knows how many samples of each shard fall inside the cap (a
+   reader drops the rest), whether the cap is reached (then all stop) and the next
+   round's size: all ranks run the same rounds, decided by gathered numbers only. Ranks
+   that expanded ``zero_shot.urls`` to different shard counts (a list file that changed
+   between their reads) all skip the evaluation together after the first round and
+   report why; so do they when any rank could not list the set (a ``.txt`` list that
+   cannot be read, lists itself or lists no shard: ``_held_out_urls``), the run going on
+   (the start's check refuses such lists before any compute, ``zero_shot_source``; this
+   covers a list changed since). An unreadable shard of the set is counted once (only
+   one rank tried it) and the evaluation goes on without it. A sample whose label is not
+   a class id (not an integer in ``0..len(class_names) - 1``) is not labelled, so not in
+   the set, whatever the world size; those up to the set's end are counted
+   (``zero_shot_bad_labels``): the gathered counts give them for the shards wholly in the
+   set, and one broadcast from its reader for the shard the cap ends in;
 2. the samples are dealt to the round-robin batches: global batch ``b`` (the set in URL
    order cut into batches of ``data.batch_size``, the batches of a one-rank run) belongs to
    rank ``b % world_size``. From the gathered counts every rank knows each shard's global
@@ -115,7 +119,7 @@ from pretrain.config import ZeroShotConfig
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import ImageTransform
 from runtime.lockstep import lockstep
-from runtime.redact import redact_urls
+from runtime.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +221,32 @@ def _round_size(cap: int | None, num_samples: int, shards_read: int, shards_left
     return min(world_size, shards_left, needed)
 
 
+def zero_shot_source(zs: ZeroShotConfig) -> list[tuple[str, list[str]]]:
+    """The held-out set as a source of the start's check (``data.preflight``'s
+    ``check_sources_readable``), named ``zero_shot``: ``[("zero_shot", zs.urls)]`` when
+    zero-shot evaluation is configured (``urls`` and ``class_names`` set, as the trainer
+    runs it), else ``[]``. A list of the set that cannot be read, lists itself or lists no
+    shard then ends a fresh start before any compute, instead of every evaluation being
+    skipped (:func:`read_share`)."""
+    return [("zero_shot", list(zs.urls))] if zs.urls and zs.class_names else []
+
+
+def _held_out_urls(zs: ZeroShotConfig, s3: S3Config) -> tuple[list[str], str | None]:
+    """(the shard URLs of ``zs.urls``, None), or ([], why) when they cannot be listed: a
+    ``.txt`` list that lists itself or lists no shard (``ShardListError``), or that cannot
+    be read (any error: an evaluation never ends the run; :func:`evaluate` logs why)."""
+    try:
+        return expand_urls(zs.urls, s3), None
+    except Exception as err:  # noqa: BLE001 - the ranks agree on skipping (read_share)
+        why = (f"zero-shot evaluation skipped: the held-out set zero_shot.urls cannot be "
+               f"listed ({type(err).__name__}: {redact_url(str(err))})")
+        return [], why
+
+
 def _gather_round(mine: tuple[int, ...], world_size: int,
                   device: torch.device) -> list[tuple[int, ...]]:
-    """Every rank's (labelled samples, unreadable, shard count, bad labels), in rank
-    order."""
+    """Every rank's (labelled samples, unreadable, shard count, bad labels, listing
+    failed), in rank order."""
     if world_size == 1:
         return [mine]
     t = torch.tensor(mine, dtype=torch.int64, device=device)
@@ -241,7 +267,7 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
     decoding); images are decoded later, only by their rank.
     """
     device = device if device is not None else torch.device("cpu")
-    urls = expand_urls(zs.urls, data.s3)
+    urls, unlisted = _held_out_urls(zs, data.s3)  # ([], why) when the lists are unusable
     cap = zs.max_batches * data.batch_size if zs.max_batches else None
     num_classes = len(zs.class_names)
     counter = SkipCounter()
@@ -262,7 +288,14 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
             read = _read_labelled(urls[ours], zs.label_key, num_classes, data.s3, counter,
                                   limit)
         counts = _gather_round((len(read.samples), int(read.failed), len(urls),
-                                read.bad_labels), world_size, device)
+                                read.bad_labels, int(unlisted is not None)), world_size,
+                               device)
+        failed = [r for r, c in enumerate(counts) if c[4]]
+        if failed:  # a rank could not list the set (its shard count is 0): all stop here
+            share.error = unlisted or (
+                f"zero-shot evaluation skipped: rank {failed[0]} could not list the "
+                f"held-out set zero_shot.urls (its log says why)")
+            return share
         other = next((r for r, c in enumerate(counts) if c[2] != counts[0][2]), None)
         if other is not None:  # the ranks would not agree on the rounds: all stop here
             share.error = (f"zero-shot evaluation skipped: ranks found different numbers of "
@@ -273,7 +306,7 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
             if cap is not None and share.num_samples >= cap:
                 break  # this shard and the later ones are past the cap: not in the set
             reader = _reader(shard, world_size)
-            n, unreadable, _, bad = counts[reader]
+            n, unreadable, _, bad, _ = counts[reader]
             take = n if cap is None else min(n, cap - share.num_samples)
             if cap is not None and take > 0 and share.num_samples + take == cap:
                 # The set ends inside this shard: only its bad labels before the set's
@@ -449,7 +482,8 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
     (shards of the set that could not be read: the evaluation goes on without them) and
     ``zero_shot_bad_labels`` (samples up to the set's end whose label is not a class id of
     ``zero_shot.class_names``: left out of the set, so they do not count against the cap);
-    ``zero_shot_error`` instead of accuracies when the ranks found different shard lists.
+    ``zero_shot_error`` instead of accuracies when the ranks found different shard lists
+    or a rank could not list them (logged as an error on every rank; the run goes on).
     Collective: every rank calls it with the same configs.
     """
     share = read_share(zs, data, rank, world_size, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from s3_server import good_samples, write_tar
 
 from data.sources import ShardListError, expand_urls
@@ -110,3 +111,153 @@ def test_a_loop_through_another_spelling_of_the_list_is_caught_when_it_repeats(t
     with pytest.raises(ShardListError, match=rf"lists itself, through {loop} -> {other} -> "
                        rf"{other}\."):
         expand_urls(str(loop))
+
+
+def test_an_indented_comment_is_a_comment(tmp_path):
+    # Before: list_lines tested '#' on the unstripped line, so "  # to be filled" was taken
+    # for a shard URL and a list holding only such lines was not refused
+    from data.sources import list_lines
+
+    assert list_lines("  # to be filled\n\t#x\n/d/a.tar\n  /d/b.tar # kept as written\n") == [
+        "/d/a.tar", "/d/b.tar # kept as written"]
+    hollow = _write(tmp_path / "hollow.txt", "  # laion part 2 (to be filled)", "\t#")
+    with pytest.raises(ShardListError, match=rf"^shard list {hollow} lists no shard"):
+        expand_urls(hollow)
+
+
+# fine-tuning's start check (finetune.data_paths.check_shard_urls) walks lists through the
+# same walker; a ValueError naming the key is what `internimage finetune`/`submit` print
+# as one line (launch.commands.finetune.checked_start)
+
+def test_finetune_start_check_refuses_a_self_listing_or_empty_local_list(tmp_path):
+    # Before: its own recursive walk ended in a RecursionError traceback on a loop, and
+    # passed an empty list (the streamed set then had no shard)
+    from finetune.data_paths import check_shard_urls
+
+    loop = tmp_path / "loop.txt"
+    shard = write_tar(tmp_path / "a.tar", good_samples("s", 1, size=8))
+    _write(loop, str(shard), str(loop))
+    with pytest.raises(ValueError, match=rf"^data\.train_urls: shard list {loop} \(listed in "
+                       rf"{loop}\) lists itself, through {loop} -> {loop}\."):
+        check_shard_urls("data.train_urls", [str(loop)])
+    empty = _write(tmp_path / "empty.txt", "  # to be filled")
+    outer = _write(tmp_path / "outer.txt", str(shard), empty)
+    with pytest.raises(ValueError, match=rf"^data\.val_urls: shard list {empty} \(listed in "
+                       rf"{outer}\) lists no shard"):
+        check_shard_urls("data.val_urls", f"{shard}::{outer}")
+
+
+def test_finetune_start_check_keeps_its_rules_and_reads_no_remote_list(tmp_path, monkeypatch):
+    from finetune.data_paths import check_shard_urls
+
+    def no_remote_read(*args, **kwargs):  # a login node may not reach the store
+        raise AssertionError(f"a remote read: {args}")
+
+    monkeypatch.setattr("data.storage.RetryingReader", no_remote_read)
+    monkeypatch.setattr("data.sources.RetryingReader", no_remote_read)
+    shard = write_tar(tmp_path / "a-0.tar", good_samples("s", 1, size=8))
+    # a local list of a local pattern with one shard present, a remote list and a remote
+    # pattern (not looked at), and a nested local list
+    inner = _write(tmp_path / "inner.txt", str(shard))
+    outer = _write(tmp_path / "outer.txt", f"{tmp_path}/a-{{0..2}}.tar",
+                   "s3://bucket/part-2.txt", "s3://bucket/{000..999}.tar", inner)
+    check_shard_urls("data.train_urls", [outer, "s3://bucket/other.txt", "pipe:cat x.tar"])
+    missing = tmp_path / "gone.txt"
+    with_missing = _write(tmp_path / "with_missing.txt", str(shard), str(missing))
+    with pytest.raises(ValueError, match=rf"^data\.train_urls: {missing} not found \(expected "
+                       "a shard list file"):
+        check_shard_urls("data.train_urls", with_missing)
+    typo = _write(tmp_path / "typo.txt", f"{tmp_path}/b-{{0..2}}.tar")
+    with pytest.raises(ValueError, match=rf"^data\.train_urls: {tmp_path}/b-\{{0\.\.2\}}\.tar "
+                       "not found \\(expected local webdataset .tar shards; none of its 3"):
+        check_shard_urls("data.train_urls", typo)
+
+
+# zero-shot evaluation (pretrain.zeroshot) reads its held-out set through the walker too:
+# a fresh start checks it as the source 'zero_shot'; an evaluation that cannot list it is
+# skipped by every rank alike, never ending the run (its last step's save follows it)
+
+def _zero_shot(urls):
+    from data.config import S3Config
+    from pretrain.config import ZeroShotConfig
+    from pretrain.data.config import DataConfig, SourceConfig
+
+    zs = ZeroShotConfig(urls=urls, class_names=["zero", "one"])
+    data = DataConfig(sources=[SourceConfig("train", "/d/x.tar")], batch_size=2,
+                      s3=S3Config(retries=0))
+    return zs, data
+
+
+def test_the_start_check_refuses_a_zero_shot_list_that_lists_no_shard(tmp_path):
+    import dataclasses
+
+    from data.config import S3Config
+    from data.preflight import check_sources_readable
+    from data.shard_schedule import StorageAccessError
+    from pretrain.zeroshot import zero_shot_source
+
+    empty = _write(tmp_path / "val.txt", "# held-out set: to be filled")
+    zs, _ = _zero_shot([empty])
+    assert zero_shot_source(zs) == [("zero_shot", [empty])]
+    with pytest.raises(StorageAccessError, match=rf"^data source 'zero_shot': its shard list "
+                       rf"{empty} lists no shard"):
+        check_sources_readable([("train", "/d/x.tar")] + zero_shot_source(zs), S3Config())
+    # not configured (no class names: the trainer runs no evaluation): not checked
+    assert zero_shot_source(dataclasses.replace(zs, class_names=[])) == []
+    assert zero_shot_source(dataclasses.replace(zs, urls=[])) == []
+
+
+def test_a_zero_shot_evaluation_whose_set_cannot_be_listed_is_skipped(tmp_path, caplog):
+    # Before: ShardListError (or the read error) escaped evaluate() and ended the run at
+    # its last step, before the final checkpoint was saved
+    from pretrain.zeroshot import evaluate, read_share
+
+    empty = _write(tmp_path / "val.txt", "  # to be filled")
+    loop = tmp_path / "loop.txt"
+    _write(loop, str(loop))
+    for urls, why in (([empty], "lists no shard"), ([str(loop)], "lists itself"),
+                      ([str(tmp_path / "gone.txt")], "FileNotFoundError")):
+        zs, data = _zero_shot(urls)
+        share = read_share(zs, data, 0, 1)
+        assert share.error is not None and share.batches == [] and share.num_samples == 0
+        assert share.error.startswith("zero-shot evaluation skipped: the held-out set "
+                                      "zero_shot.urls cannot be listed (") and why in share.error
+        caplog.clear()
+        # no engine is touched: the evaluation ends before any forward
+        assert evaluate(None, None, zs, data, 0, 1, torch.device("cpu"), torch.float32) == {
+            "zero_shot_error": share.error, "zero_shot_unreadable_shards": 0}
+        assert [r.levelname for r in caplog.records if r.getMessage() == share.error] == [
+            "ERROR"]
+
+
+def test_every_rank_skips_when_one_rank_cannot_list_the_set(tmp_path, monkeypatch):
+    # The ranks agree through the first round's all-gather (here its stand-in: every
+    # rank's counts), so none runs the evaluation's collectives alone
+    import pretrain.zeroshot as zeroshot
+
+    shards = [str(tmp_path / f"v-{i}.tar") for i in range(2)]
+    for url in shards:
+        write_tar(Path(url), good_samples("s", 1, size=8))
+    listed = _write(tmp_path / "val.txt", *shards)
+    gathered = []
+
+    def gather(mine, world_size, device, others):
+        gathered.append(mine)
+        return [mine, *others]
+
+    # this rank (0 of 2) lists the set; rank 1 could not: both stop after the first round
+    monkeypatch.setattr(zeroshot, "_gather_round",
+                        lambda mine, w, d: gather(mine, w, d, [(0, 0, 0, 0, 1)]))
+    zs, data = _zero_shot([listed])
+    share = zeroshot.read_share(zs, data, 0, 2)
+    assert share.error == ("zero-shot evaluation skipped: rank 1 could not list the held-out "
+                           "set zero_shot.urls (its log says why)")
+    assert len(gathered) == 1 and gathered[0][2:] == (2, 0, 0) and share.batches == []
+    # this rank could not (its list emptied since): its own reason, the same single round
+    gathered.clear()
+    monkeypatch.setattr(zeroshot, "_gather_round",
+                        lambda mine, w, d: gather(mine, w, d, [(1, 0, 2, 0, 0)]))
+    _write(tmp_path / "val.txt", "# emptied")
+    share = zeroshot.read_share(zs, data, 0, 2)
+    assert "cannot be listed (ShardListError: shard list" in share.error
+    assert gathered == [(0, 0, 0, 0, 1)]

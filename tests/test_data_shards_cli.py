@@ -135,3 +135,19 @@ def test_verify_counts_bad_samples_and_fails_only_when_nothing_read(tmp_path, ca
                       "reasons": {"undecodable_image": 1, "unreadable_shard": 1}}
     assert main(["shards", "verify", str(tmp_path / "junk.tar")]) == 1
     assert _last_json(capsys.readouterr().out)["samples"] == 0
+
+
+@pytest.mark.parametrize("action", [["verify"], ["tags", "--top", "3", "--out", "vocab.txt"]])
+def test_verify_and_tags_name_an_unusable_shard_list_in_one_line(tmp_path, capsys, action):
+    # Before: a ShardListError traceback (verify of an empty list printed its tally, exit 1)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  # to be filled\n")
+    loop = tmp_path / "loop.txt"
+    loop.write_text(f"{loop}\n")
+    action = [a if a != "vocab.txt" else str(tmp_path / a) for a in action]
+    for lst, why in ((empty, "lists no shard"), (loop, "lists itself")):
+        assert main(["shards", action[0], str(lst), *action[1:]]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"internimage shards {action[0]}: shard list {lst} ")
+        assert why in err and err.count("\n") == 1 and out == ""
+    assert not (tmp_path / "vocab.txt").exists()

@@ -95,28 +95,40 @@ def run_write(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """Decode every sample; the last stdout line is the JSON tally."""
+    """Decode every sample; the last stdout line is the JSON tally. A ``.txt`` list that
+    cannot be used as one: its message on stderr, exit status 2."""
     from data.config import S3Config
+    from data.sources import ShardListError
     from pretrain.data.verify import verify_shards
 
-    report = verify_shards(args.urls, S3Config(endpoint_url=args.endpoint_url),
-                           image_key=args.image_key, text_key=args.text_key or None,
-                           tags_key=args.tags_key or None, image_size=args.image_size)
+    try:
+        report = verify_shards(args.urls, S3Config(endpoint_url=args.endpoint_url),
+                               image_key=args.image_key, text_key=args.text_key or None,
+                               tags_key=args.tags_key or None, image_size=args.image_size)
+    except ShardListError as err:  # a .txt list that lists itself or lists no shard
+        print(f"internimage shards verify: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(report, sort_keys=True))
     return 0 if report["samples"] > 0 else 1
 
 
 def run_tags(args: argparse.Namespace) -> int:
-    """Count tags, write the top-N vocabulary, print counts and coverage."""
+    """Count tags, write the top-N vocabulary, print counts and coverage. A ``.txt`` list
+    that cannot be used as one: its message on stderr, exit status 2."""
     from data.config import S3Config
-    from data.sources import expand_urls
+    from data.sources import ShardListError, expand_urls
     from data.tags import count_tags, top_tags, write_vocab
 
     if args.top < 1:
         print(f"internimage shards tags: --top must be >= 1, got {args.top}", file=sys.stderr)
         return 2
     s3 = S3Config(endpoint_url=args.endpoint_url)
-    counts = count_tags(expand_urls(args.urls, s3), args.tags_key, s3)
+    try:
+        urls = expand_urls(args.urls, s3)
+    except ShardListError as err:  # a .txt list that lists itself or lists no shard
+        print(f"internimage shards tags: {err}", file=sys.stderr)
+        return 2
+    counts = count_tags(urls, args.tags_key, s3)
     vocab = top_tags(counts.tags, args.top)
     path = write_vocab(vocab, args.out)
     for tag in vocab[:args.show]:
