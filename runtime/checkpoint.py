@@ -44,10 +44,14 @@ all-gather, every rank's token sent to every rank), and two barriers. Rank 0, be
 barriers: its side files, ``trainer_state.json``, the publish (renames and ``latest``
 writes) and prune's decisions and renames, one metadata operation per folder that goes,
 whatever it holds. Unlinking those folders' files (an InternImage-H ZeRO-3 checkpoint at
-512 ranks: ~1,024 files, ~13 GB of optimizer state; seconds on Lustre) happens after the
-second barrier, in rank 0's deletion thread, while every rank trains on. The thread is
-not a daemon and ends when it has nothing left: a normal exit waits for the deletions
-already decided (the files go with the run), a kill leaves them to the next prune.
+512 ranks: ~1,024 files, ~13 GB of optimizer state; seconds on Lustre) is left to rank 0's
+deletion thread, which starts on them as prune queues them and goes on while every rank
+trains. At most one save's deletions are outstanding: a save whose predecessor's are not
+done yet (a filesystem that cannot delete a checkpoint in a checkpoint interval) waits
+for them between the barriers, as every save did before, so checkpoints never pile up.
+The thread is not a daemon and ends when it has nothing left: a normal exit waits for the
+deletions already decided (the files go with the run), a kill leaves them to the next
+prune.
 """
 
 from __future__ import annotations
@@ -202,6 +206,10 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
         write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
+        # at most one save's deletions outstanding (publishing may set a folder aside): a
+        # filesystem too slow to delete a checkpoint in a checkpoint interval would
+        # otherwise pile up 13 GB a save
+        _wait_for_previous_deletions()
         _publish(root, staging, tag)
         # renames only: the files are deleted by rank 0's deletion thread, so the barrier
         # below does not hold every rank while rank 0 unlinks a thousand files
@@ -324,6 +332,18 @@ def wait_for_deletions(timeout: float | None = None) -> bool:
     """Block until every folder :func:`prune` (or a save) set aside is deleted: True, or
     False when ``timeout`` seconds passed first."""
     return _DELETER.wait(timeout)
+
+
+def _wait_for_previous_deletions(warn_every_s: float = 60.0) -> None:
+    """Rank 0, in a save: until the folders the previous saves set aside are deleted (at
+    once, unless the filesystem could not delete them in a whole checkpoint interval),
+    with a warning each ``warn_every_s`` seconds it waits."""
+    waited = 0.0
+    while not wait_for_deletions(timeout=warn_every_s):
+        waited += warn_every_s
+        log.warning("this save waits %.0f s now for the deletion of the checkpoints the "
+                    "previous save pruned (a slow filesystem): they are deleted before more "
+                    "are set aside, so they cannot pile up", waited)
 
 
 def prune(root: Path, keep_last: int, wait: bool = True) -> None:

@@ -198,3 +198,29 @@ def test_a_normal_exit_finishes_the_deletions_already_decided(tmp_path):
 
 def test_broadcast_object_without_a_process_group_is_the_object():
     assert broadcast_object("a1b2c3d4") == "a1b2c3d4"
+
+
+def test_a_save_waits_for_the_previous_saves_deletions_so_they_never_pile_up(tmp_path,
+                                                                           monkeypatch):
+    """A filesystem that cannot delete a checkpoint before the next save: that save waits
+    for it (as every save did before deletions left the critical path). Without the wait,
+    six saves behind a stuck delete left six whole checkpoints set aside on disk."""
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1)
+    save(root, 2)
+    rmtree = BlockedRmtree()
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    first = _save_in_thread(root, 3)  # sets step 1 aside: its deletion blocks
+    first.join(timeout=10)
+    assert not first.is_alive() and rmtree.entered.wait(timeout=10)
+    second = _save_in_thread(root, 4)
+    try:
+        second.join(timeout=2)
+        assert second.is_alive(), "a save set more aside while the last was not deleted"
+        assert ck.read_latest(root) == "step_0000003"  # it waits before publishing
+        assert len([n for n in names(root) if ck.is_garbage(n)]) == 1
+    finally:
+        rmtree.release.set()
+        second.join(timeout=60)
+    assert ck.wait_for_deletions(timeout=60)
+    assert names(root) == ["latest", "step_0000003", "step_0000004"]
