@@ -6,29 +6,21 @@ lives here: per-epoch loaders (the validation loader is the epoch's), Mixup/CutM
 batch, the skipped samples in each training record, and the position derived from the
 step (checkpoints store the step only).
 
-``skipped`` (metrics.jsonl), summed over ranks, from the first skip on (a run without any
-logs no such field, as detection and segmentation): a streamed set's counts by reason
-(and its shard counts), which its stream state carries across a resume; for a map-style
-set (image folder, in-memory shards), the unreadable samples replaced by the next
-readable one (``finetune.cls_data.SkipUnreadable``) as ``{"unreadable": N}``: each batch
-carries its count out of the DataLoader worker, the loop adds up those of the batches it
-trains on (not those a resume loads again to skip them), and the total goes into the
-checkpoint's shared state, from which a resume goes on.
+``skipped`` (metrics.jsonl): finetune/skip_counts.py, as every fine-tuning task logs it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.dense_data import UNREADABLE, Counted
-from runtime.dist import DistInfo, all_gather_objects
+from finetune.skip_counts import SkipCounts
+from runtime.dist import DistInfo
 from runtime.loop import (
     LoopPosition,
     LoopSpec,
@@ -56,44 +48,6 @@ class ClsSteps:
     save: Callable[[int, dict[str, Any]], None]
 
 
-class SkipCounts:
-    """The training records' ``skipped`` (the module's docstring): ``before``, the
-    resumed checkpoint's total of a map-style set (its shared state's ``skipped``)."""
-
-    def __init__(self, train_set, before: Mapping[str, int] | None = None):
-        from finetune.cls_stream import StreamingShards
-
-        self.stream = train_set if isinstance(train_set, StreamingShards) else None
-        self.before = Counter(before or {})
-        self.here: Counter[str] = Counter()  # this process's, since it started
-
-    def counted(self, batches: Iterable[Counted]) -> Iterator[Any]:
-        """A map-style epoch's batches, their replaced samples counted as each is drawn
-        for an update."""
-        for batch, replaced in batches:
-            self.here[UNREADABLE] += replaced
-            yield batch
-
-    def total(self) -> dict[str, int]:
-        """The run's skips by reason, summed over ranks: a collective on every rank (as
-        :class:`runtime.loop.TaskHooks` allows), at log steps and checkpoints only."""
-        own = self.stream.stats.skipped if self.stream is not None else self.here
-        total = Counter() if self.stream is not None else Counter(self.before)
-        for counts in all_gather_objects(dict(own)):
-            total.update(counts)
-        return {reason: n for reason, n in sorted(total.items()) if n}
-
-    def record(self) -> dict[str, Any]:
-        """A training record's field: absent until something was skipped."""
-        skipped = self.total()  # every rank: a collective, whatever it returns
-        return {"skipped": skipped} if skipped else {}
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint's shared state keeps (a streamed set's counts travel in each
-        rank's stream position instead: nothing, and no collective)."""
-        return {} if self.stream is not None else {"skipped": self.total()}
-
-
 def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
                        steps_per_epoch: int, total: int, metrics: MetricsLogger,
@@ -109,7 +63,11 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     eval_every = cfg.run.eval_interval(steps_per_epoch)
     accum = cfg.run.grad_accum
     loaders: dict[str, DataLoader] = {}
-    skips = SkipCounts(train_set, skipped_before)
+    from finetune.cls_stream import StreamingShards
+
+    stream = train_set if isinstance(train_set, StreamingShards) else None
+    skips = SkipCounts(skipped_before,
+                       stream=(lambda: stream.stats.skipped) if stream is not None else None)
 
     def batches(epoch: int, skip: int):
         train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,

@@ -72,8 +72,9 @@ class NextReadable:
     task (segmentation, detection, the classification sets: ``finetune.cls_data``). Each
     replacement is logged with this process's count (``skipped``; a DataLoader worker
     counts its own, which is why :meth:`read_counted` also says how many items a read
-    replaced: a count that travels with the item out of the worker, summed by the dense
-    tasks' training loop into the ``skipped`` field of metrics.jsonl);
+    replaced: a count that travels with the item out of the worker, summed by every
+    task's training loop into the ``skipped`` field of metrics.jsonl,
+    finetune/skip_counts.py);
     :data:`MAX_UNREADABLE_IN_A_ROW` in a row (or the whole set, when smaller: no item is
     tried twice) end the run. ``what``: the item's name in the messages (``pair``,
     ``image``, ``sample``); ``errors``: what "cannot be read" is (the classification sets
@@ -83,15 +84,10 @@ class NextReadable:
         self.what, self.errors = what, errors
         self.skipped = 0
 
-    def read(self, load: Callable[[int], T], i: int, size: int) -> tuple[int, T]:
-        """(index read, ``load`` of it): item ``i``'s, or the next readable one's."""
-        j, item, _ = self.read_counted(load, i, size)
-        return j, item
-
     def read_counted(self, load: Callable[[int], T], i: int,
                      size: int) -> tuple[int, T, int]:
-        """(index read, ``load`` of it, how many unreadable items it replaced): as
-        :meth:`read`, with the count of this read alone (0 when item ``i`` was read)."""
+        """(index read, ``load`` of it, how many unreadable items it replaced: 0 when item
+        ``i`` was read): item ``i``'s, or the next readable one's."""
         tries = min(MAX_UNREADABLE_IN_A_ROW, size)
         for k in range(tries):
             j = (i + k) % size

@@ -15,18 +15,13 @@ needs every rank in every forward. Rank 0's buffers (BatchNorm statistics) are b
 after every training micro-step (runtime.dist.broadcast_buffers), so all ranks evaluate the
 weights and statistics the checkpoint holds.
 
-Unreadable training items replaced by the next readable one
-(``finetune.data_files.NextReadable``): each batch carries how many its items replaced
-(``finetune.dense_data.Counted``, counted in the DataLoader worker that read them); the
-loop adds up those of the batches it trains on, and from the first one replaced on, every
-training record holds the run's total over all ranks as ``skipped: {"unreadable": N}`` (the
-field classification and pre-training log their skips in; a run without any logs no such
-field, as before), kept in ``trainer_state.json`` so a resume goes on from it.
+Unreadable training items replaced by the next readable one: each batch carries its count
+(``finetune.dense_data.Counted``), logged as the records' ``skipped`` and kept in
+``trainer_state.json`` (finetune/skip_counts.py, as every fine-tuning task does).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.dense_data import UNREADABLE, Counted
+from finetune.dense_data import Counted
 from finetune.engine import fingerprint, open_metrics, open_run, start_engine
+from finetune.skip_counts import SkipCounts
 from runtime import rng
 from runtime.checkpoint import engine_layout
-from runtime.dist import DistInfo, all_gather_objects, broadcast_buffers
+from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
 from runtime.loop import run_loop as run_training_loop
@@ -80,10 +76,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # ``task``: what a later --init reads to tell a whole segmenter from a backbone
     shared = {"task": name, "world_size": d.world_size, "model_hash": model_hash,
               "engine": engine_state}
-    # unreadable items replaced: the resumed run's total (every rank holds it; a
-    # checkpoint from before it was saved: none), and those of this process's batches
-    skipped_before = Counter(run.state.get("skipped", {}) if run.state is not None else {})
-    replaced_here: Counter[str] = Counter()
+    skips = SkipCounts(run.state.get("skipped") if run.state is not None else None)
 
     def micro_step(batch: Any) -> dict[str, torch.Tensor]:
         with torch.autocast(d.device.type, torch.bfloat16, enabled=precision == "bf16"):
@@ -97,27 +90,13 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
         broadcast_buffers(net, d)
         return losses
 
-    def counted(micro_batches: Iterable[Counted]) -> Iterator[Any]:
-        """The batches, their replaced items counted as each is drawn for an update (the
-        batches a resume skips were counted by the run that trained on them)."""
-        for batch, replaced in micro_batches:
-            replaced_here[UNREADABLE] += replaced
-            yield batch
-
     def epoch_steps(epoch: int, skip: int) -> Iterator[list]:
         """The epoch's updates from ``skip`` on (positions count updates, the loader
         micro-batches)."""
         loader = batches(epoch)
-        return step_batches(counted(rng.skip_batches(loader, skip * grad_accum)), grad_accum,
-                            len(loader) // grad_accum - skip)
-
-    def skipped_total() -> dict[str, int]:
-        """The run's replaced items by reason, summed over ranks (a collective: called on
-        every rank, at log steps and checkpoints only)."""
-        total = Counter(skipped_before)
-        for counts in all_gather_objects(dict(replaced_here)):
-            total.update(counts)
-        return {reason: n for reason, n in sorted(total.items()) if n}
+        # counted after the skip: the run that trained on the skipped batches counted them
+        micro = skips.counted(rng.skip_batches(loader, skip * grad_accum))
+        return step_batches(micro, grad_accum, len(loader) // grad_accum - skip)
 
     def run_evaluation() -> dict[str, float]:
         engine.eval()
@@ -125,18 +104,14 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
         engine.train()
         return result
 
-    def log_values(step: int) -> dict[str, Any]:
-        skipped = skipped_total()  # every rank: a collective, whatever it returns
-        return {"skipped": skipped} if skipped else {}
-
     def save(pos: LoopPosition) -> None:  # every rank: its shard and its random state
         run.save(engine, pos.step, shared | {"epoch": pos.epoch, "epoch_step": pos.epoch_step,
-                                             "skipped": skipped_total()}, d)
+                                             **skips.state()}, d)
 
     hooks = TaskHooks(batches=epoch_steps,
                       train_step=lambda group: accumulated_step(micro_step, group),
                       evaluate=run_evaluation, save=save,
-                      log_values=log_values)
+                      log_values=lambda step: skips.record())
     spec = LoopSpec(name=name, total_steps=total_steps, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, log_every=log_every)
     engine.train()

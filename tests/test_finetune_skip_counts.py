@@ -104,10 +104,9 @@ def test_segmentation_counts_replaced_items_over_workers_and_a_resume(tmp_path):
 def test_detection_counts_replaced_items_summed_over_ranks(tmp_path, monkeypatch):
     """Two ranks that replaced the same items, as the loop's gather sees them: the record
     holds their sum (one process here: the gather is the only place ranks meet)."""
-    import finetune.loop
+    import finetune.skip_counts
 
-    monkeypatch.setattr(finetune.loop, "all_gather_objects", lambda obj: [obj, obj],
-                        raising=False)  # a loop without it fails on the record below
+    monkeypatch.setattr(finetune.skip_counts, "gather_objects", lambda obj: [obj, obj])
     root, out = tmp_path / "data", tmp_path / "run"
     for path in _dataset("detection", root)[3:5]:
         _truncate(path)
@@ -122,9 +121,9 @@ def test_classification_counts_replaced_images_over_workers_ranks_and_a_resume(
     replaced the same images, as the loop's gather sees them (doubled): the records hold
     their sum, and the resume goes on from the saved total without counting again the
     batches it loads only to skip them."""
-    import finetune.cls_loop
+    import finetune.skip_counts
 
-    monkeypatch.setattr(finetune.cls_loop, "all_gather_objects", lambda obj: [obj, obj])
+    monkeypatch.setattr(finetune.skip_counts, "gather_objects", lambda obj: [obj, obj])
     root, out = tmp_path / "data", tmp_path / "run"
     images = _dataset("classification", root)
     assert [p.relative_to(root / "train").as_posix() for p in images[3:5]] == [
@@ -141,28 +140,31 @@ def test_classification_counts_replaced_images_over_workers_ranks_and_a_resume(
 
 
 def test_the_skipped_field_is_absent_until_something_was_skipped_in_every_kind_of_set(
-        tmp_path):
+        monkeypatch):
     """Detection, segmentation and a map-style classification set log no ``skipped``
     before the first skip; a streamed classification set logged ``skipped: {}`` in every
-    record instead. Now each record's field (``finetune.cls_loop.SkipCounts``) follows the
-    one rule, and the streamed set keeps its counts by reason."""
-    import tarfile
+    record instead. Now each record's field (``finetune.skip_counts.SkipCounts``) follows
+    the one rule, the streamed set keeps its counts by reason, and only rank 0, which
+    writes the records, receives the counts."""
+    from collections import Counter
 
-    from finetune.cls_loop import SkipCounts
-    from finetune.cls_stream import StreamingShards
+    import finetune.skip_counts
+    from finetune.skip_counts import SkipCounts
 
-    shard = tmp_path / "shard-0000.tar"
-    tarfile.open(shard, "w").close()  # never read: the stream is not iterated
-    stream = StreamingShards([str(shard)], lambda img: img, num_samples=4, batch_size=2,
-                             rank=0, world=1)
-    streamed = SkipCounts(stream)
+    stream_counts: Counter[str] = Counter()
+    streamed = SkipCounts(stream=lambda: stream_counts)
     assert streamed.record() == {} and streamed.state() == {}
-    stream.stats.skipped["undecodable_image"] += 1  # what its workers report
+    stream_counts["undecodable_image"] += 1  # what its workers report
     assert streamed.record() == {"skipped": {"undecodable_image": 1}}
     assert streamed.state() == {}  # the stream position carries it across a resume
 
-    in_memory = SkipCounts([(0, 0)] * 4)
+    in_memory = SkipCounts()
     assert in_memory.record() == {}
     assert in_memory.state() == {"skipped": {}}
-    resumed = SkipCounts([(0, 0)] * 4, before={"unreadable": 2})
+    resumed = SkipCounts(before={"unreadable": 2})
     assert resumed.record() == {"skipped": {"unreadable": 2}}
+    assert list(resumed.counted([("batch", 1), ("next", 0)])) == ["batch", "next"]
+    assert resumed.state() == {"skipped": {"unreadable": 3}}
+    # a rank other than 0 (its gather returns None): no field, the state not its to write
+    monkeypatch.setattr(finetune.skip_counts, "gather_objects", lambda obj: None)
+    assert resumed.record() == {} and resumed.state() == {"skipped": {}}

@@ -1,0 +1,72 @@
+"""The ``skipped`` field of fine-tuning's training records (metrics.jsonl), one mechanism for
+every task.
+
+A map-style training set (segmentation, detection, an image folder or in-memory shards)
+reads the next item in place of one that exists but cannot be read
+(``finetune.data_files.NextReadable``); each batch carries how many its items replaced out
+of the DataLoader worker that read them (``finetune.dense_data.Counted``). The loop adds
+up those of the batches it trains on (:meth:`SkipCounts.counted`, after a resume's
+skipped batches: the run that trained on them counted them), and the run's total, with
+the resumed checkpoint's (``trainer_state.json``'s ``skipped``), is logged as
+``{"unreadable": N}``. A streamed classification set counts its own skips by reason
+(``data.stats``), carried across a resume by its stream position.
+
+Either way the field is absent until something was skipped, and the counts are summed
+over ranks by a gather to rank 0, which alone writes the records and the checkpoint's
+shared state: one collective per logged step and per checkpoint, where an all-gather
+would hand each of 512 ranks all 512 counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from finetune.dense_data import UNREADABLE, Counted
+from runtime.dist import gather_objects
+
+
+class SkipCounts:
+    """The run's skipped items. ``before``: the resumed checkpoint's total (its shared
+    state's ``skipped``; None for a fresh start or a checkpoint saved before it was kept);
+    ``stream``: a streamed set's own counts by reason (then :meth:`counted` is unused and
+    nothing goes into the shared state)."""
+
+    def __init__(self, before: Mapping[str, int] | None = None,
+                 stream: Callable[[], Mapping[str, int]] | None = None):
+        self.stream = stream
+        self.before = Counter(before or {}) if stream is None else Counter()
+        self.here: Counter[str] = Counter()  # this process's batches, since it started
+
+    def counted(self, batches: Iterable[Counted]) -> Iterator[Any]:
+        """The batches, their replaced items counted as each is drawn for an update."""
+        for batch, replaced in batches:
+            self.here[UNREADABLE] += replaced
+            yield batch
+
+    def total(self) -> dict[str, int] | None:
+        """The run's skips by reason, summed over ranks, on rank 0 (None on the others).
+        Collective: every rank calls it, at logged steps and checkpoints only."""
+        own = self.stream() if self.stream is not None else self.here
+        counts = gather_objects(dict(own))
+        if counts is None:
+            return None
+        total = Counter(self.before)
+        for rank_counts in counts:
+            total.update(rank_counts)
+        return {reason: n for reason, n in sorted(total.items()) if n}
+
+    def record(self) -> dict[str, Any]:
+        """A training record's field: absent until something was skipped (and on ranks
+        other than 0, which write no record)."""
+        skipped = self.total()  # every rank: a collective, whatever it returns
+        return {"skipped": skipped} if skipped else {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint's shared state keeps (rank 0 writes it): a map-style set's
+        total; nothing for a streamed set (its position carries its counts) and no
+        collective."""
+        if self.stream is not None:
+            return {}
+        return {"skipped": self.total() or {}}
