@@ -326,6 +326,10 @@ class _Deleter:
 
 
 _DELETER = _Deleter()
+# A forked child has none of its parent's threads, yet would inherit the deleter's state
+# (a thread it takes for running, a queue it does not own, a lock perhaps held): it starts
+# afresh, with nothing queued (the parent deletes what it queued).
+os.register_at_fork(after_in_child=_DELETER.__init__)
 
 
 def wait_for_deletions(timeout: float | None = None) -> bool:

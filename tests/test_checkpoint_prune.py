@@ -229,3 +229,37 @@ def test_a_save_waits_for_the_previous_saves_deletions_so_they_never_pile_up(tmp
         second.join(timeout=60)
     assert ck.wait_for_deletions(timeout=60)
     assert names(root) == ["latest", "step_0000003", "step_0000004"]
+
+
+def _fork_saves(root: str) -> None:
+    save(Path(root), 3, keep_last=1)
+    ck.wait_for_deletions(timeout=30)
+
+
+def test_a_process_forked_while_a_deletion_runs_saves_and_prunes_on_its_own(tmp_path,
+                                                                           monkeypatch):
+    """A process forked while its parent's deletion thread works (a test runner, a
+    launcher forking after a save) has no such thread: it used to take the parent's for
+    its own, queue behind it, and wait for ever at its next save."""
+    import multiprocessing
+
+    parent_root, child_root = tmp_path / "parent", tmp_path / "child"
+    for root in (parent_root, child_root):
+        save(root, 1)
+        save(root, 2)
+    rmtree = BlockedRmtree()
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    save(parent_root, 3)  # its deletion blocks in this process's thread
+    assert rmtree.entered.wait(timeout=10)
+    try:
+        monkeypatch.setattr(ck.shutil, "rmtree", rmtree.real)  # the child's deletes freely
+        child = multiprocessing.get_context("fork").Process(target=_fork_saves,
+                                                            args=(str(child_root),))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:  # waiting for ever for a thread it does not have
+            child.kill()
+        assert child.exitcode == 0
+        assert names(child_root) == ["latest", "step_0000003"]
+    finally:
+        rmtree.release.set()
