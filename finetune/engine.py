@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.checkpoint import CheckpointError
 from runtime import rng
 from runtime.checkpoint import (
     ResumeError,
+    agree_on_refusal,
     checked_state,
     load_rank_state,
     load_rank_states,
@@ -140,9 +142,15 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     (``publish=False``: the caller checks more first, then calls
     ``runtime.checkpoint.publish_config``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    resume_dir = resume_checkpoint(resume, out_dir)
-    state = (checked_state(resume_dir, model_hash, world_size, engine)
-             if resume_dir is not None else None)
+    refusal: CheckpointError | None = None
+    resume_dir, state = None, None
+    try:
+        resume_dir = resume_checkpoint(resume, out_dir)
+        state = (checked_state(resume_dir, model_hash, world_size, engine)
+                 if resume_dir is not None else None)
+    except CheckpointError as err:
+        refusal = err
+    agree_on_refusal(refusal)  # no rank ends before every rank has checked
     if publish:
         publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from data.preflight import check_sources_readable
+from models.checkpoint import CheckpointError
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     DTYPES,
@@ -41,6 +42,7 @@ from pretrain.engine import (
 from pretrain.objectives import M3ILoss
 from runtime.checkpoint import (
     ResumeError,
+    agree_on_refusal,
     check_compatible,
     engine_layout,
     load_rank_state,
@@ -126,34 +128,14 @@ class Trainer:
         self.model_hash = model_hash(cfg, num_tags)
         self.config_hash = config_hash(cfg)  # without credentials: a rotated key is the same run
         self.batch = global_batch(cfg, self.info.world_size)
-        # Everything that can refuse a resume is checked before any compute.
-        self.resume_dir = resolve_resume(resume, self.ckpt_root)
-        refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
-        self.state: dict[str, Any] | None = None
-        self._saved_rng: dict[str, Any] | None = None  # this rank's, from the checkpoint
-        if self.resume_dir is not None:
-            self.state = load_trainer_state(self.resume_dir)
-            check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
-                             allow_resize=True, engine=self._engine_layout())
-        # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
-        self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
-        # The run's position in samples, what an epoch plan is measured in: every optimizer
-        # step counts one global batch (a step skipped for a non-finite loss too, as the lr
-        # schedule counts it). A checkpoint written before it was recorded read its steps
-        # at its own world size with this config's batch.
-        self.samples, self.batch_before = 0, self.batch
-        if self.state is not None:
-            self.batch_before = int(self.state.get(
-                "global_batch", global_batch(cfg, self.state["world_size"])))
-            self.samples = int(self.state.get(
-                "samples_done", int(self.state["step"]) * self.batch_before))
-        self.total_steps = total_steps(cfg, self.info.world_size,
-                                       int(self.state["step"]) if self.state else 0,
-                                       self.samples)
-        if self.resized and cfg.objective.image.enabled:
-            raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
-                              f"another world size is not supported (its slices are per rank); "
-                              f"resume with {self.state['world_size']} ranks")
+        # Everything that can refuse a resume is checked before any compute, and the
+        # ranks agree on a refusal before any of them ends (runtime/checkpoint.py).
+        refusal: CheckpointError | None = None
+        try:
+            self._open_resume(cfg, resume)
+        except CheckpointError as err:
+            refusal = err
+        agree_on_refusal(refusal)
         # a store that serves no shard of a source ends the run here, before the shard
         # lists are read and the model is built, rather than the streams waiting for it
         # for ever (data/preflight.py); the zero-shot set too, when configured (a list of
@@ -190,6 +172,37 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "deepspeed_config.json").write_text(
                 json.dumps(self.ds_config, indent=2) + "\n")
+
+    def _open_resume(self, cfg: PretrainConfig, resume: str | None) -> None:
+        """The checkpoint ``resume`` names, its state and the run's position from it;
+        refused (a ``CheckpointError``) when this run cannot continue it."""
+        self.resume_dir = resolve_resume(resume, self.ckpt_root)
+        refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
+        self.state: dict[str, Any] | None = None
+        self._saved_rng: dict[str, Any] | None = None  # this rank's, from the checkpoint
+        if self.resume_dir is not None:
+            self.state = load_trainer_state(self.resume_dir)
+            check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
+                             allow_resize=True, engine=self._engine_layout())
+        # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
+        self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
+        # The run's position in samples, what an epoch plan is measured in: every optimizer
+        # step counts one global batch (a step skipped for a non-finite loss too, as the lr
+        # schedule counts it). A checkpoint written before it was recorded read its steps
+        # at its own world size with this config's batch.
+        self.samples, self.batch_before = 0, self.batch
+        if self.state is not None:
+            self.batch_before = int(self.state.get(
+                "global_batch", global_batch(cfg, self.state["world_size"])))
+            self.samples = int(self.state.get(
+                "samples_done", int(self.state["step"]) * self.batch_before))
+        self.total_steps = total_steps(cfg, self.info.world_size,
+                                       int(self.state["step"]) if self.state else 0,
+                                       self.samples)
+        if self.resized and cfg.objective.image.enabled:
+            raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
+                              f"another world size is not supported (its slices are per rank); "
+                              f"resume with {self.state['world_size']} ranks")
 
     def _restore_rank_state(self) -> None:
         """This rank's data position and (kept for :meth:`_restore`) RNG state as saved.

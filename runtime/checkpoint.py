@@ -76,7 +76,7 @@ from runtime.checkpoint_path import (
     latest_tag,
     resolve_checkpoint,
 )
-from runtime.dist import DistInfo, barrier, broadcast_object
+from runtime.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from runtime.master_weights import MASTER_NAMES, master_names
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,27 @@ PENDING_CONFIG = ".config.yaml.pending"
 class ResumeError(CheckpointError):
     """A checkpoint that cannot be resumed under the current config or world size (a
     ``CheckpointError``: the command line reports it in one line, without a traceback)."""
+
+
+def agree_on_refusal(refusal: CheckpointError | None) -> None:
+    """Collective, right after a start's resume checks, before anything else collective:
+    every rank passes its own refusal (None: its checks passed); a refusal on any rank is
+    then raised on every rank (its own on a refusing rank; on the others a
+    :class:`ResumeError` naming the first refusing rank and its message).
+
+    Why: the checks read the same shared files, so the ranks refuse alike, each at once.
+    Rank 0, which hosts the rendezvous store, could then exit while a slower rank was
+    still inside the process group's set-up; that rank died of "Connection reset by peer"
+    with a traceback in its log instead of the one-line refusal. Here no rank returns or
+    raises before every rank has finished the set-up and its checks. Cost: one all-gather
+    of ``None`` per rank at start (the message only where a rank refused)."""
+    outcomes = all_gather_objects(None if refusal is None else str(refusal))
+    if refusal is not None:
+        raise refusal
+    failed = [(rank, message) for rank, message in enumerate(outcomes) if message]
+    if failed:
+        rank, message = failed[0]
+        raise ResumeError(f"rank {rank} of {len(outcomes)} refused the resume: {message}")
 
 
 def tag_for(step: int) -> str:

@@ -171,3 +171,27 @@ def test_finetune_reads_its_own_rng_and_every_rank_only_for_a_saved_key(tmp_path
     torch.rand(3)
     run.restore_rng(DistInfo(rank=0, world_size=3))
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_a_refused_resume_is_raised_on_every_rank_only_once_all_have_checked(monkeypatch):
+    """A refusing rank (rank 0 hosts the rendezvous store) used to exit at once, while a
+    slower rank was still setting up its process group: that rank died of "Connection
+    reset by peer", a traceback in its log. Now each rank's outcome is all-gathered first;
+    the refusing rank raises its own error, the others one naming it."""
+    gathered: list = []
+
+    def gather(outcome):
+        gathered.append(outcome)
+        return [None, "step_0000002: saved by a fp32 engine"]
+
+    monkeypatch.setattr(ck, "all_gather_objects", gather)
+    with pytest.raises(ck.ResumeError, match=r"rank 1 of 2 refused the resume: "
+                                             r"step_0000002: saved by a fp32 engine"):
+        ck.agree_on_refusal(None)  # rank 0, whose checks passed
+    own = ck.ResumeError("step_0000002: saved by a fp32 engine")
+    with pytest.raises(ck.ResumeError) as raised:
+        ck.agree_on_refusal(own)  # rank 1: its own error, after the gather
+    assert raised.value is own
+    assert gathered == [None, "step_0000002: saved by a fp32 engine"]
+    monkeypatch.setattr(ck, "all_gather_objects", lambda outcome: [None, None])
+    ck.agree_on_refusal(None)  # every rank passed: nothing raised
