@@ -8,8 +8,11 @@ of the DataLoader worker that read them (``finetune.dense_data.Counted``). The l
 up those of the batches it trains on (:meth:`SkipCounts.counted`, after a resume's
 skipped batches: the run that trained on them counted them), and the run's total, with
 the resumed checkpoint's (``trainer_state.json``'s ``skipped``), is logged as
-``{"unreadable": N}``. A streamed classification set counts its own skips by reason
-(``data.stats``), carried across a resume by its stream position.
+``{"unreadable": N}``: N counts replacements (reads that met an unreadable item),
+cumulative over the run, not distinct files (a bad file met every epoch counts every
+epoch; two bad files side by side count three reads when the first is drawn). A streamed
+classification set counts its own skips by reason (``data.stats``), carried across a
+resume by its stream position.
 
 Either way the field is absent until something was skipped, and the counts are summed
 over ranks by a gather to rank 0, which alone writes the records and the checkpoint's

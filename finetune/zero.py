@@ -19,7 +19,7 @@ Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 state and, for a streamed training set, its stream position (in that rank's
 ``rank_states/NNNNN.json``) and, written last, ``trainer_state.json`` (the shared state,
 with a map-style training set's count of replaced unreadable images, ``skipped``, which a
-resume's training records go on from: finetune/cls_loop.py);
+resume's training records go on from: finetune/skip_counts.py);
 ``latest`` names a checkpoint only once it is complete. Such a directory is what
 ``internimage convert`` and ``--init`` read (finetune/convert.py).
 

@@ -138,13 +138,15 @@ class Trainer:
         agree_on_refusal(refusal)
         # a store that serves no shard of a source ends the run here, before the shard
         # lists are read and the model is built, rather than the streams waiting for it
-        # for ever (data/preflight.py); the zero-shot set too, when configured (a list of
-        # it that lists no shard would else only be met at the first evaluation)
+        # for ever (data/preflight.py); on a fresh start the zero-shot set too, when
+        # configured (a list of it that lists no shard would else only be met at the first
+        # evaluation)
         from pretrain.zeroshot import zero_shot_source
 
+        resumed = self.state is not None
         check_sources_readable([(s.name, s.urls) for s in cfg.data.sources]
-                               + zero_shot_source(cfg.zero_shot), cfg.data.s3,
-                               resumed=self.state is not None, gather=all_gather_objects)
+                               + zero_shot_source(cfg.zero_shot, resumed), cfg.data.s3,
+                               resumed=resumed, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
             self._restore_rank_state()

@@ -221,14 +221,17 @@ def _round_size(cap: int | None, num_samples: int, shards_read: int, shards_left
     return min(world_size, shards_left, needed)
 
 
-def zero_shot_source(zs: ZeroShotConfig) -> list[tuple[str, list[str]]]:
+def zero_shot_source(zs: ZeroShotConfig, resumed: bool = False) -> list[tuple[str, list[str]]]:
     """The held-out set as a source of the start's check (``data.preflight``'s
     ``check_sources_readable``), named ``zero_shot``: ``[("zero_shot", zs.urls)]`` when
     zero-shot evaluation is configured (``urls`` and ``class_names`` set, as the trainer
-    runs it), else ``[]``. A list of the set that cannot be read, lists itself or lists no
-    shard then ends a fresh start before any compute, instead of every evaluation being
-    skipped (:func:`read_share`)."""
-    return [("zero_shot", list(zs.urls))] if zs.urls and zs.class_names else []
+    runs it) on a fresh start, else ``[]``. A list of the set that cannot be read, lists
+    itself or lists no shard then ends a fresh start before any compute, instead of every
+    evaluation being skipped (:func:`read_share`). A ``resumed`` run is not checked: an
+    auxiliary evaluation set gone since must not end a run of weeks at its requeue; its
+    evaluations are skipped instead, logged."""
+    return [("zero_shot", list(zs.urls))] if zs.urls and zs.class_names and not resumed \
+        else []
 
 
 def _held_out_urls(zs: ZeroShotConfig, s3: S3Config) -> tuple[list[str], str | None]:

@@ -48,7 +48,9 @@ whatever it holds. Unlinking those folders' files (an InternImage-H ZeRO-3 check
 deletion thread, which starts on them as prune queues them and goes on while every rank
 trains. At most one save's deletions are outstanding: a save whose predecessor's are not
 done yet (a filesystem that cannot delete a checkpoint in a checkpoint interval) waits
-for them between the barriers, as every save did before, so checkpoints never pile up.
+for them between the barriers, once its checkpoint is published, holding every rank as
+every save did before, so checkpoints never pile up (a wait longer than the process
+group's timeout fails the other ranks in the barrier; the checkpoint is complete).
 The thread is not a daemon and ends when it has nothing left: a normal exit waits for the
 deletions already decided (the files go with the run), a kill leaves them to the next
 prune.
@@ -227,11 +229,13 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
         write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
-        # at most one save's deletions outstanding (publishing may set a folder aside): a
-        # filesystem too slow to delete a checkpoint in a checkpoint interval would
-        # otherwise pile up 13 GB a save
+        swapped_out = _publish(root, staging, tag)
+        # At most one save's deletions outstanding: a filesystem too slow to delete a
+        # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
+        # for once the new checkpoint is published: a stop request's save cut short here
+        # (its grace period is a minute) has lost nothing.
         _wait_for_previous_deletions()
-        _publish(root, staging, tag)
+        _DELETER.add(swapped_out)
         # renames only: the files are deleted by rank 0's deletion thread, so the barrier
         # below does not hold every rank while rank 0 unlinks a thousand files
         prune(root, keep_last, wait=False)
@@ -239,14 +243,14 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     return root / tag
 
 
-def _publish(root: Path, staging: str, tag: str) -> None:
+def _publish(root: Path, staging: str, tag: str) -> list[Path]:
     """Rank 0: rename the complete ``staging`` folder to ``tag`` and point ``latest`` at
     it. A folder already named ``tag`` (an abandoned branch's, which ``latest`` may name)
     is swapped out with ``latest`` on the new one's staging name meanwhile, then deleted:
     a crash at any point leaves ``latest`` naming a complete checkpoint (right after the
     rename, by its staging name, which ``checkpoint_path.latest_tag`` maps to ``tag``).
-    The swapped-out folder is set aside under a garbage name and deleted in the
-    background (:func:`wait_for_deletions`)."""
+    The swapped-out folder is set aside under a garbage name (returned, for the caller
+    to queue for deletion; a crash before that leaves it to the next prune)."""
     final = root / tag
     if final.exists():
         _atomic_write(root / LATEST, staging)
@@ -254,10 +258,10 @@ def _publish(root: Path, staging: str, tag: str) -> None:
         os.replace(final, aside)
         os.replace(root / staging, final)
         _atomic_write(root / LATEST, tag)
-        _DELETER.add([aside])
-    else:
-        os.replace(root / staging, final)
-        _atomic_write(root / LATEST, tag)
+        return [aside]
+    os.replace(root / staging, final)
+    _atomic_write(root / LATEST, tag)
+    return []
 
 
 _TAG = re.compile(r"step_(\d+)")  # tag_for's names: step_<digits>

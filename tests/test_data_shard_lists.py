@@ -205,6 +205,8 @@ def test_the_start_check_refuses_a_zero_shot_list_that_lists_no_shard(tmp_path):
     # not configured (no class names: the trainer runs no evaluation): not checked
     assert zero_shot_source(dataclasses.replace(zs, class_names=[])) == []
     assert zero_shot_source(dataclasses.replace(zs, urls=[])) == []
+    # a resumed run (a requeue) is not ended by its held-out set: evaluations are skipped
+    assert zero_shot_source(zs, resumed=True) == []
 
 
 def test_a_zero_shot_evaluation_whose_set_cannot_be_listed_is_skipped(tmp_path, caplog):

@@ -150,4 +150,10 @@ def test_verify_and_tags_name_an_unusable_shard_list_in_one_line(tmp_path, capsy
         out, err = capsys.readouterr()
         assert err.startswith(f"internimage shards {action[0]}: shard list {lst} ")
         assert why in err and err.count("\n") == 1 and out == ""
+    # a list that is not there (before: a FileNotFoundError traceback)
+    assert main(["shards", action[0], str(tmp_path / "gone.txt"), *action[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"internimage shards {action[0]}: a shard list could not be read "
+                          "(FileNotFoundError")
+    assert "gone.txt" in err and err.count("\n") == 1 and out == ""
     assert not (tmp_path / "vocab.txt").exists()

@@ -96,7 +96,7 @@ def run_write(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Decode every sample; the last stdout line is the JSON tally. A ``.txt`` list that
-    cannot be used as one: its message on stderr, exit status 2."""
+    cannot be read or used as one: its message on stderr, exit status 2."""
     from data.config import S3Config
     from data.sources import ShardListError
     from pretrain.data.verify import verify_shards
@@ -105,16 +105,27 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify_shards(args.urls, S3Config(endpoint_url=args.endpoint_url),
                                image_key=args.image_key, text_key=args.text_key or None,
                                tags_key=args.tags_key or None, image_size=args.image_size)
-    except ShardListError as err:  # a .txt list that lists itself or lists no shard
-        print(f"internimage shards verify: {err}", file=sys.stderr)
+    except (ShardListError, OSError) as err:  # a .txt list unusable, missing or unreadable
+        print(f"internimage shards verify: {_list_error(err)}", file=sys.stderr)
         return 2
     print(json.dumps(report, sort_keys=True))
     return 0 if report["samples"] > 0 else 1
 
 
+def _list_error(err: Exception) -> str:
+    """A shard list that could not be used, in one line: a refusal's own message, or a
+    read error's type and message (credentials in a URL removed)."""
+    from data.sources import ShardListError
+    from runtime.redact import redact_url
+
+    if isinstance(err, ShardListError):
+        return str(err)
+    return f"a shard list could not be read ({type(err).__name__}: {redact_url(str(err))})"
+
+
 def run_tags(args: argparse.Namespace) -> int:
     """Count tags, write the top-N vocabulary, print counts and coverage. A ``.txt`` list
-    that cannot be used as one: its message on stderr, exit status 2."""
+    that cannot be read or used as one: its message on stderr, exit status 2."""
     from data.config import S3Config
     from data.sources import ShardListError, expand_urls
     from data.tags import count_tags, top_tags, write_vocab
@@ -125,8 +136,8 @@ def run_tags(args: argparse.Namespace) -> int:
     s3 = S3Config(endpoint_url=args.endpoint_url)
     try:
         urls = expand_urls(args.urls, s3)
-    except ShardListError as err:  # a .txt list that lists itself or lists no shard
-        print(f"internimage shards tags: {err}", file=sys.stderr)
+    except (ShardListError, OSError) as err:  # a .txt list unusable, missing or unreadable
+        print(f"internimage shards tags: {_list_error(err)}", file=sys.stderr)
         return 2
     counts = count_tags(urls, args.tags_key, s3)
     vocab = top_tags(counts.tags, args.top)
