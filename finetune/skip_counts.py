@@ -10,7 +10,7 @@ skipped batches: the run that trained on them counted them), and the run's total
 the resumed checkpoint's (``trainer_state.json``'s ``skipped``), is logged as
 ``{"unreadable": N}``: N counts replacements (reads that met an unreadable item),
 cumulative over the run, not distinct files (a bad file met every epoch counts every
-epoch; two bad files side by side count three reads when the first is drawn). A streamed
+epoch; of two bad files side by side, the first drawn counts two, the second one). A streamed
 classification set counts its own skips by reason (``data.stats``), carried across a
 resume by its stream position.
 
