@@ -7,6 +7,7 @@ tests/test_checkpoint_ranks.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -232,35 +233,48 @@ def test_a_save_waits_for_the_previous_saves_deletions_so_they_never_pile_up(tmp
     assert names(root) == ["latest", "step_0000003", "step_0000004"]
 
 
-def _fork_saves(root: str) -> None:
-    save(Path(root), 3, keep_last=1)
-    ck.wait_for_deletions(timeout=30)
-
-
-def test_a_process_forked_while_a_deletion_runs_saves_and_prunes_on_its_own(tmp_path,
-                                                                           monkeypatch):
-    """A process forked while its parent's deletion thread works (a test runner, a
-    launcher forking after a save) has no such thread: it used to take the parent's for
-    its own, queue behind it, and wait for ever at its next save."""
+def _fork_during_a_deletion(tmp: str) -> None:
+    """In a fresh interpreter (a forked pytest worker carries other tests' threads and
+    state): a deletion blocked in this process's thread, then a forked child that saves
+    and prunes; exits 0 once the child has, 3 if the child never ends."""
     import multiprocessing
 
-    parent_root, child_root = tmp_path / "parent", tmp_path / "child"
+    parent_root, child_root = Path(tmp) / "parent", Path(tmp) / "child"
     for root in (parent_root, child_root):
         save(root, 1)
         save(root, 2)
     rmtree = BlockedRmtree()
-    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    ck.shutil.rmtree = rmtree
     save(parent_root, 3)  # its deletion blocks in this process's thread
     assert rmtree.entered.wait(timeout=10)
-    try:
-        monkeypatch.setattr(ck.shutil, "rmtree", rmtree.real)  # the child's deletes freely
-        child = multiprocessing.get_context("fork").Process(target=_fork_saves,
-                                                            args=(str(child_root),))
-        child.start()
-        child.join(timeout=60)
-        if child.exitcode is None:  # waiting for ever for a thread it does not have
-            child.kill()
-        assert child.exitcode == 0
-        assert names(child_root) == ["latest", "step_0000003"]
-    finally:
-        rmtree.release.set()
+    ck.shutil.rmtree = rmtree.real  # the child deletes freely
+
+    def child_saves() -> None:
+        save(child_root, 3, keep_last=1)
+        ck.wait_for_deletions(timeout=30)
+
+    child = multiprocessing.get_context("fork").Process(target=child_saves)
+    child.start()
+    child.join(timeout=60)
+    code = 0 if child.exitcode == 0 else 3
+    if child.exitcode is None:  # waiting for ever for a thread it does not have
+        child.kill()
+    rmtree.release.set()
+    assert names(child_root) == ["latest", "step_0000003"] or code
+    os._exit(code)
+
+
+def test_a_process_forked_while_a_deletion_runs_saves_and_prunes_on_its_own(tmp_path):
+    """A process forked while its parent's deletion thread works (a launcher forking
+    after a save) has no such thread: it used to take the parent's for its own, queue
+    behind it, and wait for ever at its next save."""
+    import subprocess
+    import sys
+
+    from tests.pretrain_utils import REPO
+
+    code = ("import sys; from tests.test_checkpoint_prune import _fork_during_a_deletion; "
+            "_fork_during_a_deletion(sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])

@@ -76,7 +76,7 @@ def _save_on_rank(rank: int, port: int, root: str, out: str) -> None:
         folder = Path(root_dir) / staging
         Path(out, "at_publish.json").write_text(json.dumps(sorted(
             str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())))
-        publish(root_dir, staging, tag)
+        return publish(root_dir, staging, tag)
 
     ck._publish = spy_publish
     if rank == 0:  # a Lustre unlinking step 2's files: done when the test says so
