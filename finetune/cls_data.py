@@ -194,32 +194,32 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 
-def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0,
-                  counted: bool = False):
+def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0):
     """The epoch's loaders: training (a DataLoader over a DistributedSampler when several
     ranks; a streaming set is its own loader, its stream going on across epochs) and
     validation (this rank's share, unpadded); returns (train, val, sampler).
 
-    ``counted``: a map-style training loader yields ``finetune.dense_data.Counted``
-    batches, each with the number of unreadable samples its samples replaced (what the
-    training loop sums into the records' ``skipped``); a streaming set counts its own."""
+    A map-style training loader yields ``finetune.dense_data.Counted`` batches, each with
+    the number of unreadable samples its samples replaced (what the training loop sums
+    into the records' ``skipped``); a streaming set counts its own by reason."""
     from finetune.cls_stream import StreamingShards
 
-    streaming = isinstance(train_set, StreamingShards)
-    sampler = (DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
-                                  seed=cfg.run.seed, drop_last=True)
-               if d.world_size > 1 and not streaming else None)
-    # per rank and epoch: the workers' augmentation seeds derive from this generator
-    g = loader_generator(cfg.run.seed, d.rank, epoch)
-    # the sampler draws from the set itself: the wrapper only changes what a bad index holds
-    items: Dataset = SkipUnreadable(train_set, substitute=True)
-    collate = None
-    if counted:
-        items, collate = CountedItems(items), CollateCounted()
-    train = train_set if streaming else DataLoader(
-        items, batch_size=cfg.run.batch_size, shuffle=sampler is None, sampler=sampler,
-        num_workers=cfg.run.num_workers, drop_last=True, generator=g,
-        persistent_workers=False, collate_fn=collate)
+    sampler = None
+    if isinstance(train_set, StreamingShards):
+        train = train_set
+    else:
+        if d.world_size > 1:
+            sampler = DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
+                                         seed=cfg.run.seed, drop_last=True)
+        # the sampler draws from the set itself: the wrappers only change what a bad
+        # index holds and carry the replacement count out of the worker with the batch
+        items = CountedItems(SkipUnreadable(train_set, substitute=True))
+        train = DataLoader(
+            items, batch_size=cfg.run.batch_size, shuffle=sampler is None, sampler=sampler,
+            num_workers=cfg.run.num_workers, drop_last=True,
+            # per rank and epoch: the workers' augmentation seeds derive from it
+            generator=loader_generator(cfg.run.seed, d.rank, epoch),
+            persistent_workers=False, collate_fn=CollateCounted())
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
     val = DataLoader(SkipUnreadable(val_set, substitute=False),
                      batch_size=cfg.run.batch_size * 2, shuffle=False,

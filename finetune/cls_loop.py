@@ -71,7 +71,7 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
 
     def batches(epoch: int, skip: int):
         train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,
-                                                              epoch, counted=True)
+                                                              epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         # the loaders count micro-batches: a resume skips ``skip`` whole steps of them

@@ -56,11 +56,11 @@ class CollateCounted:
 
 def train_batches(train_set: Dataset, d: DistInfo, *, batch_size: int, grad_accum: int,
                   seed: int, num_workers: int, collate_fn: Callable | None = None,
-                  counted: bool = False) -> tuple[Callable[[int], DataLoader], int]:
+                  ) -> tuple[Callable[[int], DataLoader], int]:
     """``(batches, steps_per_epoch)``: ``batches(epoch)`` is this rank's loader of that
     epoch; ``steps_per_epoch`` the optimizer steps (``grad_accum`` micro-batches each) it
-    yields, at least 1 (the training loop refuses an epoch without one). ``counted``: the
-    loader yields :class:`Counted` batches, read through ``train_set.counted_item`` (what
+    yields, at least 1 (the training loop refuses an epoch without one). The loader
+    yields :class:`Counted` batches, read through ``train_set.counted_item`` (what
     ``finetune.loop.run_loop`` takes).
 
     Several ranks share the set through a ``DistributedSampler`` that pads each rank's
@@ -69,8 +69,7 @@ def train_batches(train_set: Dataset, d: DistInfo, *, batch_size: int, grad_accu
     rank draws 9 batches of 1, not 8, and the epochs the schedule counts end where the
     loader's do (what a mid-epoch resume and the epoch cadence rely on).
     """
-    if counted:
-        train_set, collate_fn = CountedItems(train_set), CollateCounted(collate_fn)
+    train_set, collate_fn = CountedItems(train_set), CollateCounted(collate_fn)
     sampler = DistributedSampler(train_set, d.world_size, d.rank, seed=seed) \
         if d.world_size > 1 else None
 

@@ -221,8 +221,7 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     batches, steps_per_epoch = train_batches(
         train_set, d, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum,
-        seed=cfg.run.seed, num_workers=cfg.run.num_workers, collate_fn=collate,
-        counted=True)
+        seed=cfg.run.seed, num_workers=cfg.run.num_workers, collate_fn=collate)
     total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total)
 

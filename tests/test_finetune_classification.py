@@ -190,8 +190,12 @@ def test_unreadable_images_are_replaced_in_training_and_left_out_of_evaluation(c
     cfg = load_config(ClassificationConfig, None, ["run.num_workers=0", "run.batch_size=3"])
     data = _TwoUnreadable()
     train, val, _ = build_loaders(cfg, DistInfo(), data, data)
-    drawn = sorted(int(v) for images, _ in train for v in images.flatten())
+    batches = list(train)
+    drawn = sorted(int(v) for b in batches for v in b.batch[0].flatten())
     assert drawn == [0, 1, 4, 4, 4, 5]
+    # each batch carries its count of failed reads (what metrics.jsonl's skipped sums):
+    # index 2 tries 2 and 3 before reading 4, index 3 tries 3 before reading 4
+    assert sum(b.replaced for b in batches) == 3
 
     class Onehot(torch.nn.Module):  # predicts the class equal to the input value
         def forward(self, x):

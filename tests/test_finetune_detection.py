@@ -134,7 +134,11 @@ def test_steps_per_epoch_are_the_steps_each_ranks_loader_yields():
     from finetune.dense_data import train_batches
     from runtime.dist import DistInfo
 
-    data = list(range(17))  # map-style: what a loader and a sampler need
+    class Items(list):  # map-style, with the training loader's counted read
+        def counted_item(self, i: int) -> tuple[int, int]:
+            return self[i], 0
+
+    data = Items(range(17))
     # (world size, batch, grad_accum) -> steps per epoch: whole steps of ceil(17 / world)
     cases = {(2, 1, 1): 9, (2, 3, 1): 3, (2, 2, 2): 2, (2, 4, 2): 1, (1, 4, 1): 4}
     for (world, batch, accum), steps in cases.items():
@@ -147,7 +151,7 @@ def test_steps_per_epoch_are_the_steps_each_ranks_loader_yields():
             for epoch in (0, 1):
                 loader = list(batches(epoch))
                 assert len(loader) // accum == steps, (world, batch, accum, rank, epoch)
-                drawn |= {int(i) for b in loader for i in b} if epoch == 0 else set()
+                drawn |= {int(i) for b in loader for i in b.batch} if epoch == 0 else set()
         if batch == 1:  # every image is trained on in an epoch
             assert drawn == set(range(17))
 

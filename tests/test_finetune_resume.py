@@ -140,7 +140,7 @@ def test_loader_workers_draw_different_augmentations_per_rank_and_epoch():
 
     def first_batch(rank: int, epoch: int) -> torch.Tensor:
         train, _, _ = build_loaders(cfg, DistInfo(rank=rank, world_size=2), data, data, epoch)
-        return next(iter(train))[0]
+        return next(iter(train)).batch[0]
 
     r0e0 = first_batch(0, 0)
     assert not torch.equal(r0e0, first_batch(1, 0))  # ranks: different augmentations
