@@ -66,8 +66,10 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     from finetune.cls_stream import StreamingShards
 
     stream = train_set if isinstance(train_set, StreamingShards) else None
+    # in-memory shards skip unusable samples once, as they load (the same on every rank)
     skips = SkipCounts(skipped_before,
-                       stream=(lambda: stream.stats.skipped) if stream is not None else None)
+                       stream=(lambda: stream.stats.skipped) if stream is not None else None,
+                       loaded=getattr(train_set, "skipped_by_reason", None))
 
     def batches(epoch: int, skip: int):
         train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,

@@ -14,6 +14,12 @@ epoch; of two bad files side by side, the first drawn counts two, the second one
 classification set counts its own skips by reason (``data.stats``), carried across a
 resume by its stream position.
 
+Shards held in memory also skip, once, the samples they cannot use (no image, a label
+outside the classes: ``finetune.cls_data.ShardDataset.skipped_by_reason``) while every
+rank reads every shard: those counts, the same on each rank, are added to the records as
+they are (``loaded``), never summed over ranks nor saved (a resumed run's set counts them
+again when it loads).
+
 Either way the field is absent until something was skipped, and the counts are summed
 over ranks by a gather to rank 0, which alone writes the records and the checkpoint's
 shared state: one collective per logged step and per checkpoint, where an all-gather
@@ -34,12 +40,15 @@ class SkipCounts:
     """The run's skipped items. ``before``: the resumed checkpoint's total (its shared
     state's ``skipped``; None for a fresh start or a checkpoint saved before it was kept);
     ``stream``: a streamed set's own counts by reason (then :meth:`counted` is unused and
-    nothing goes into the shared state)."""
+    nothing goes into the shared state); ``loaded``: the samples the training set skipped
+    while it loaded, by reason, the same on every rank (added to the records only)."""
 
     def __init__(self, before: Mapping[str, int] | None = None,
-                 stream: Callable[[], Mapping[str, int]] | None = None):
+                 stream: Callable[[], Mapping[str, int]] | None = None,
+                 loaded: Mapping[str, int] | None = None):
         self.stream = stream
         self.before = Counter(before or {}) if stream is None else Counter()
+        self.loaded = Counter(loaded or {})
         self.here: Counter[str] = Counter()  # this process's batches, since it started
 
     def counted(self, batches: Iterable[Counted]) -> Iterator[Any]:
@@ -49,8 +58,9 @@ class SkipCounts:
             yield batch
 
     def total(self) -> dict[str, int] | None:
-        """The run's skips by reason, summed over ranks, on rank 0 (None on the others).
-        Collective: every rank calls it, at logged steps and checkpoints only."""
+        """The run's skips by reason while it trains, summed over ranks, on rank 0 (None
+        on the others; ``loaded`` not included). Collective: every rank calls it, at logged
+        steps and checkpoints only."""
         own = self.stream() if self.stream is not None else self.here
         counts = gather_objects(dict(own))
         if counts is None:
@@ -64,7 +74,10 @@ class SkipCounts:
         """A training record's field: absent until something was skipped (and on ranks
         other than 0, which write no record)."""
         skipped = self.total()  # every rank: a collective, whatever it returns
-        return {"skipped": skipped} if skipped else {}
+        if skipped is None:
+            return {}
+        skipped = Counter(skipped) + self.loaded  # drops zero counts
+        return {"skipped": dict(sorted(skipped.items()))} if skipped else {}
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint's shared state keeps (rank 0 writes it): a map-style set's

@@ -168,3 +168,61 @@ def test_the_skipped_field_is_absent_until_something_was_skipped_in_every_kind_o
     # a rank other than 0 (its gather returns None): no field, the state not its to write
     monkeypatch.setattr(finetune.skip_counts, "gather_objects", lambda obj: None)
     assert resumed.record() == {} and resumed.state() == {"skipped": {}}
+
+
+def _shard(path: Path, samples: list[tuple[bytes, str]]) -> str:
+    """A webdataset shard: sample ``i`` holds ``i.png`` and its ``cls`` label."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, (image, label) in enumerate(samples):
+            for name, data in ((f"{i:06d}.png", image), (f"{i:06d}.cls", label.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = torch.randint(256, (32, 32, 3), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_in_memory_shards_log_their_load_skips_beside_replaced_images_across_a_resume(
+        tmp_path):
+    """Shards held in memory drop the samples whose label lies outside the classes as they
+    load (a CUDA device assert in the loss otherwise); that count reached the log only.
+    Now the records hold it by reason beside the replaced images, and a resume, whose set
+    loads and counts them again, does not count them twice. The set: 10 samples, labels
+    -1 and 99999 outside [0, 2), so 8 trained on (batch 2: 4 steps an epoch); the kept
+    sample at index 3 is a truncated PNG, replaced by the next once an epoch."""
+    from finetune.classification import ClassificationConfig, train
+    from launch.config import load_config
+
+    labels = ["0", "1", "-1", "0", "1", "99999", "0", "1", "0", "1"]
+    images = [_png(i) for i in range(len(labels))]
+    images[4] = images[4][:len(images[4]) // 2]  # the 4th kept sample (index 3 once loaded)
+    train_url = _shard(tmp_path / "train.tar", list(zip(images, labels, strict=True)))
+    val_url = _shard(tmp_path / "val.tar", [(_png(100), "0"), (_png(101), "1")])
+    out = tmp_path / "run"
+
+    def run(steps: int, resume: str | None = None) -> dict[int, dict]:
+        cfg = load_config(ClassificationConfig, None, [
+            *COMMON, "data.kind=shards", f"data.train_urls=[{train_url}]",
+            f"data.val_urls=[{val_url}]", "data.num_classes=2", f"run.max_steps={steps}"])
+        train(cfg, out, resume=resume)
+        return _training_records(out)
+
+    records = run(6)  # saved at step 6, inside epoch 1
+    assert records[1].get("skipped", {}).get("label_out_of_range") == 2  # from the start
+    assert records[4]["skipped"] == {"label_out_of_range": 2, "unreadable": 1}
+    records = run(8, resume="auto")
+    assert records[8]["skipped"] == {"label_out_of_range": 2, "unreadable": 2}
