@@ -18,21 +18,24 @@ collective deadlocks against a rank still inside a forward). Hence:
    read so far say the cap still lacks (``world_size`` while none was labelled). A reader
    keeps its shard's labelled raw samples (no more than the cap still lacks at the start
    of the round); then one all-gather of every rank's (labelled samples, unreadable,
-   number of shards, bad labels, whether its listing failed). From these counts, in
-   shard order, every rank knows how many samples of each shard fall inside the cap (a
-   reader drops the rest), whether the cap is reached (then all stop) and the next
-   round's size: all ranks run the same rounds, decided by gathered numbers only. Ranks
-   that expanded ``zero_shot.urls`` to different shard counts (a list file that changed
-   between their reads) all skip the evaluation together after the first round and
-   report why; so do they when any rank could not list the set (a ``.txt`` list that
-   cannot be read, lists itself or lists no shard: ``_held_out_urls``), the run going on
-   (the start's check refuses such lists before any compute, ``zero_shot_source``; this
-   covers a list changed since). An unreadable shard of the set is counted once (only
-   one rank tried it) and the evaluation goes on without it. A sample whose label is not
-   a class id (not an integer in ``0..len(class_names) - 1``) is not labelled, so not in
-   the set, whatever the world size; those up to the set's end are counted
-   (``zero_shot_bad_labels``): the gathered counts give them for the shards wholly in the
-   set, and one broadcast from its reader for the shard the cap ends in;
+   bad labels). From these counts, in shard order, every rank knows how many samples of
+   each shard fall inside the cap (a reader drops the rest), whether the cap is reached
+   (then all stop) and the next round's size: all ranks run the same rounds, decided by
+   gathered numbers only. Before the first round one all-gather of every rank's (number
+   of shards, whether its listing failed): ranks that expanded ``zero_shot.urls`` to
+   different shard counts (a list file that changed between their reads) all skip the
+   evaluation together, before any shard is read, and report why; so do they when any
+   rank could not list the set (a ``.txt`` list that cannot be read, lists itself or
+   lists no shard: ``_held_out_urls``), the run going on (the start's check refuses such
+   lists before any compute, ``zero_shot_source``; this covers a list changed since).
+   Those gathered first used to travel with the first round's counts, so every other
+   rank read its first shard of a set the evaluation then skipped (up to ``world_size``
+   shards per evaluation while the list stayed broken). An unreadable shard of the set
+   is counted once (only one rank tried it) and the evaluation goes on without it. A
+   sample whose label is not a class id (not an integer in ``0..len(class_names) - 1``)
+   is not labelled, so not in the set, whatever the world size; those up to the set's end
+   are counted (``zero_shot_bad_labels``): the gathered counts give them for the shards
+   wholly in the set, and one broadcast from its reader for the shard the cap ends in;
 2. the samples are dealt to the round-robin batches: global batch ``b`` (the set in URL
    order cut into batches of ``data.batch_size``, the batches of a one-rank run) belongs to
    rank ``b % world_size``. From the gathered counts every rank knows each shard's global
@@ -64,38 +67,37 @@ never are here (the rounds' all-gathers precede them).
 
 Cost, for the H preset at 512 ranks (configs/pretrain/internimage_h_m3i.yaml: ImageNet val
 in 50 shards of 1000 images, ~130 MB each; 200 batches of 32 = 6400 samples, every 5000
-steps): round 1 reads shard 0 (rank 511); its 1000 labelled samples say the remaining
-5400 need 6 more shards, which round 2 reads in parallel (shards 1-6, ranks 510-505),
-and the cap is reached. In all 7 shards, ~0.9 GB from the object store per evaluation
-(7000 samples for a set of 6400: 600 read and dropped), where every rank used to read the
-first 6400 samples itself (~0.8 GB a rank, ~0.4 TB in all), and reading a whole shard on
-each of ranks 0-49 would read ~6.5 GB. The price of reading one shard first: the stall
-before the first forward is two shard reads (~130 MB each, one after the other) instead of
-one, plus one more all-gather of 4 integers a rank. The rounds' sizes are estimates from
-the shards read so far: with shards of similar labelled counts, as here, reads exceed the
-cap by at most about one shard a round; unequal ones may take further rounds (an estimate
-that fell short) or read more past the cap (a first shard with few labelled samples; none
-at all makes the next round read ``world_size`` shards). The deal: the capped set
-crosses the network once (~0.8 GB in all): each of ranks 511-506 sends ~130 MB to 32
-ranks, rank 505 ~50 MB (the 400 samples of the cap's last shard) to 13; ranks 0-199
-receive one batch each (~4 MB) from one reader (from two for the 5 batches that straddle
-two shards); ranks 200-504 take no part. Two batches of point-to-point transfers (the
-int64 sizes, then the bytes), plus 24 bytes of framing per sample, and one broadcast of
-one integer (the bad labels of the cap's last shard). NCCL connections: a reader <= 32
+steps): round 1 reads shard 0 (rank 511); its 1000 labelled samples say the remaining 5400
+need 6 more shards, which round 2 reads in parallel (shards 1-6, ranks 510-505), and the
+cap is reached. In all 7 shards, ~0.9 GB from the object store per evaluation (7000 samples
+for a set of 6400: 600 read and dropped), where every rank used to read the first 6400
+samples itself (~0.8 GB a rank, ~0.4 TB in all), and reading a whole shard on each of ranks
+0-49 would read ~6.5 GB. The price of reading one shard first: the stall before the first
+forward is two shard reads (~130 MB each, one after the other) instead of one, plus one
+more all-gather of 3 integers a rank (and the listing check's 2). The rounds' sizes are
+estimates from the shards read so far: with shards of similar labelled counts, as here,
+reads exceed the cap by at most about one shard a round; unequal ones may take further
+rounds (an estimate that fell short) or read more past the cap (a first shard with few
+labelled samples; none at all makes the next round read ``world_size`` shards). The deal:
+the capped set crosses the network once (~0.8 GB in all): each of ranks 511-506 sends ~130
+MB to 32 ranks, rank 505 ~50 MB (the 400 samples of the cap's last shard) to 13; ranks
+0-199 receive one batch each (~4 MB) from one reader (from two for the 5 batches that
+straddle two shards); ranks 200-504 take no part. Two batches of point-to-point transfers
+(the int64 sizes, then the bytes), plus 24 bytes of framing per sample, and one broadcast
+of one integer (the bad labels of the cap's last shard). NCCL connections: a reader <= 32
 peers, a receiver 1-2, 305 ranks none, instead of 511 peers for every rank; with ranks
 numbered node by node (8 GPUs a node) no pair shares a node, so none of #1685's NVLink
-buffers are set up, only network connections (whose point-to-point buffers NCCL draws
-from one shared pool by default, NCCL_NET_SHARED_BUFFERS); the same pairs recur at every
+buffers are set up, only network connections (whose point-to-point buffers NCCL draws from
+one shared pool by default, NCCL_NET_SHARED_BUFFERS); the same pairs recur at every
 evaluation, so they are set up once. Host memory: a reader holds its shard's raw bytes
-(~130 MB) and copies them into one send buffer, releasing each sample once copied: at
-most twice the shard (~260 MB), less in practice, plus, under NCCL, the buffer's copy on
-the GPU during the exchange (~130 MB); a rank then holds its own batches' bytes only (~4
-MB). The forwards: 1 in lock-step on every rank (ranks 0-199 classify their batch, ranks
-200-511 run a dummy one), as the round-robin split of the 200 global batches over 512
-ranks did before the sharded read, instead of 32 (a reader's 1000 images in batches of
-32) without the deal. Under ZeRO-3 each forward all-gathers InternImage-H's parameters
-(~2.2 GB in bf16), so the deal saves 31 such gathers per evaluation for the cost of moving
-the ~0.8 GB set once.
+(~130 MB) and copies them into one send buffer, releasing each sample once copied: at most
+twice the shard (~260 MB), less in practice, plus, under NCCL, the buffer's copy on the GPU
+during the exchange (~130 MB); a rank then holds its own batches' bytes only (~4 MB). The
+forwards: 1 in lock-step on every rank (ranks 0-199 classify their batch, ranks 200-511 run
+a dummy one), as the round-robin split of the 200 global batches over 512 ranks did before
+the sharded read, instead of 32 (a reader's 1000 images in batches of 32) without the deal.
+Under ZeRO-3 each forward all-gathers InternImage-H's parameters (~2.2 GB in bf16), so the
+deal saves 31 such gathers per evaluation for the cost of moving the ~0.8 GB set once.
 """
 
 from __future__ import annotations
@@ -246,16 +248,32 @@ def _held_out_urls(zs: ZeroShotConfig, s3: S3Config) -> tuple[list[str], str | N
         return [], why
 
 
-def _gather_round(mine: tuple[int, ...], world_size: int,
-                  device: torch.device) -> list[tuple[int, ...]]:
-    """Every rank's (labelled samples, unreadable, shard count, bad labels, listing
-    failed), in rank order."""
+def _gather_ints(mine: tuple[int, ...], world_size: int,
+                 device: torch.device) -> list[tuple[int, ...]]:
+    """Every rank's ``mine`` (the same number of integers on each), in rank order."""
     if world_size == 1:
         return [mine]
     t = torch.tensor(mine, dtype=torch.int64, device=device)
     parts = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(parts, t)
     return [tuple(row) for row in torch.stack(parts).tolist()]  # one copy to the host
+
+
+def _listing_error(urls: list[str], unlisted: str | None, world_size: int,
+                   device: torch.device) -> str | None:
+    """Why every rank skips the evaluation (the same on all: a gathered decision), or None
+    when all ranks listed the same number of shards. Collective."""
+    listed = _gather_ints((len(urls), int(unlisted is not None)), world_size, device)
+    failed = [r for r, (_, bad) in enumerate(listed) if bad]
+    if failed:
+        return unlisted or (f"zero-shot evaluation skipped: rank {failed[0]} could not "
+                            "list the held-out set zero_shot.urls (its log says why)")
+    other = next((r for r, (n, _) in enumerate(listed) if n != listed[0][0]), None)
+    if other is not None:
+        return (f"zero-shot evaluation skipped: ranks found different numbers of held-out "
+                f"shards in zero_shot.urls (rank 0: {listed[0][0]}, rank {other}: "
+                f"{listed[other][0]})")
+    return None
 
 
 def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
@@ -279,7 +297,10 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
     held: list[tuple[int, int, int]] = []  # (first global index, samples, reader) a shard
     cut: tuple[int, int] | None = None  # (reader, bad labels) of the shard the cap ends in
     done = 0  # shards read in the rounds so far
-    while True:  # the first round runs on every rank, even with no shard: it checks lists
+    share.error = _listing_error(urls, unlisted, world_size, device)
+    if share.error is not None:  # before any read: the ranks agree to skip
+        return share
+    while done < len(urls):  # the same number on every rank (just checked), at least 1
         shards = range(done, done + _round_size(cap, share.num_samples, done,
                                                 len(urls) - done, world_size))
         read = _ShardRead()
@@ -290,26 +311,13 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
             limit = None if cap is None else cap - share.num_samples
             read = _read_labelled(urls[ours], zs.label_key, num_classes, data.s3, counter,
                                   limit)
-        counts = _gather_round((len(read.samples), int(read.failed), len(urls),
-                                read.bad_labels, int(unlisted is not None)), world_size,
-                               device)
-        failed = [r for r, c in enumerate(counts) if c[4]]
-        if failed:  # a rank could not list the set (its shard count is 0): all stop here
-            share.error = unlisted or (
-                f"zero-shot evaluation skipped: rank {failed[0]} could not list the "
-                f"held-out set zero_shot.urls (its log says why)")
-            return share
-        other = next((r for r, c in enumerate(counts) if c[2] != counts[0][2]), None)
-        if other is not None:  # the ranks would not agree on the rounds: all stop here
-            share.error = (f"zero-shot evaluation skipped: ranks found different numbers of "
-                           f"held-out shards in zero_shot.urls (rank 0: "
-                           f"{counts[0][2]}, rank {other}: {counts[other][2]})")
-            return share
+        counts = _gather_ints((len(read.samples), int(read.failed), read.bad_labels),
+                              world_size, device)
         for shard in shards:  # the round's shards in URL order
             if cap is not None and share.num_samples >= cap:
                 break  # this shard and the later ones are past the cap: not in the set
             reader = _reader(shard, world_size)
-            n, unreadable, _, bad, _ = counts[reader]
+            n, unreadable, bad = counts[reader]
             take = n if cap is None else min(n, cap - share.num_samples)
             if cap is not None and take > 0 and share.num_samples + take == cap:
                 # The set ends inside this shard: only its bad labels before the set's
@@ -326,8 +334,6 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
         del read  # the kept samples are in ``mine``; the deal releases them one by one
         done += len(shards)
         if cap is not None and share.num_samples >= cap:
-            break
-        if done >= len(urls):
             break
     if cut is not None:
         share.bad_labels += _from_rank(cut[1], cut[0], world_size, device)

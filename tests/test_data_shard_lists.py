@@ -232,34 +232,48 @@ def test_a_zero_shot_evaluation_whose_set_cannot_be_listed_is_skipped(tmp_path, 
             "ERROR"]
 
 
-def test_every_rank_skips_when_one_rank_cannot_list_the_set(tmp_path, monkeypatch):
-    # The ranks agree through the first round's all-gather (here its stand-in: every
-    # rank's counts), so none runs the evaluation's collectives alone
+def test_every_rank_skips_when_one_rank_cannot_list_the_set_before_reading_a_shard(
+        tmp_path, monkeypatch):
+    # The ranks agree through an all-gather before the first round (here its stand-in:
+    # every rank's integers), so none runs the evaluation's collectives alone, and none
+    # reads a shard of a set the evaluation then skips: the agreement used to travel with
+    # the first round's counts, after each rank had read its first shard
     import pretrain.zeroshot as zeroshot
 
     shards = [str(tmp_path / f"v-{i}.tar") for i in range(2)]
     for url in shards:
         write_tar(Path(url), good_samples("s", 1, size=8))
     listed = _write(tmp_path / "val.txt", *shards)
-    gathered = []
+    gathered, opened = [], []
+    read = zeroshot._read_labelled
+    monkeypatch.setattr(zeroshot, "_read_labelled",
+                        lambda url, *a: opened.append(url) or read(url, *a))
 
     def gather(mine, world_size, device, others):
         gathered.append(mine)
         return [mine, *others]
 
-    # this rank (0 of 2) lists the set; rank 1 could not: both stop after the first round
-    monkeypatch.setattr(zeroshot, "_gather_round",
-                        lambda mine, w, d: gather(mine, w, d, [(0, 0, 0, 0, 1)]))
+    # this rank (0 of 2) lists the set; rank 1 could not: both stop before any read
+    monkeypatch.setattr(zeroshot, "_gather_ints",
+                        lambda mine, w, d: gather(mine, w, d, [(0, 1)]))
     zs, data = _zero_shot([listed])
     share = zeroshot.read_share(zs, data, 0, 2)
     assert share.error == ("zero-shot evaluation skipped: rank 1 could not list the held-out "
                            "set zero_shot.urls (its log says why)")
-    assert len(gathered) == 1 and gathered[0][2:] == (2, 0, 0) and share.batches == []
-    # this rank could not (its list emptied since): its own reason, the same single round
+    assert gathered == [(2, 0)] and share.batches == [] and opened == []
+    # the ranks listed different numbers of shards (a list changed between their reads)
     gathered.clear()
-    monkeypatch.setattr(zeroshot, "_gather_round",
-                        lambda mine, w, d: gather(mine, w, d, [(1, 0, 2, 0, 0)]))
+    monkeypatch.setattr(zeroshot, "_gather_ints",
+                        lambda mine, w, d: gather(mine, w, d, [(3, 0)]))
+    share = zeroshot.read_share(zs, data, 0, 2)
+    assert share.error == ("zero-shot evaluation skipped: ranks found different numbers of "
+                           "held-out shards in zero_shot.urls (rank 0: 2, rank 1: 3)")
+    assert gathered == [(2, 0)] and opened == []
+    # this rank could not (its list emptied since): its own reason, the same single gather
+    gathered.clear()
+    monkeypatch.setattr(zeroshot, "_gather_ints",
+                        lambda mine, w, d: gather(mine, w, d, [(2, 0)]))
     _write(tmp_path / "val.txt", "# emptied")
     share = zeroshot.read_share(zs, data, 0, 2)
     assert "cannot be listed (ShardListError: shard list" in share.error
-    assert gathered == [(0, 0, 0, 0, 1)]
+    assert gathered == [(0, 1)] and opened == []
