@@ -143,24 +143,28 @@ def demo_urls(cache_dir: str, img_size: int) -> tuple[list[str], list[str]]:
     return demo_source_urls(manifest, "train"), demo_source_urls(manifest, "val")
 
 
-def check_data(cfg, thorough: bool = True) -> None:
+def check_data(cfg, thorough: bool = True, val_only: bool = False) -> None:
     """Refuse, before anything is built, data the readers of ``cfg.data.kind`` would not
     find (a ``ValueError`` naming the key and the path): the image folder's train and val
     class folders, the local shards and shard lists (remote URLs are the pipeline's).
     Nothing here reads more than a listing or a shard list, so ``thorough`` (False at
-    submit: see ``finetune.init.start_checks``) changes nothing."""
+    submit: see ``finetune.init.start_checks``) changes nothing. ``val_only``: the
+    validation data alone (an evaluation without training: finetune/eval_only.py)."""
     from finetune.data_paths import DataPath, check_data_paths, check_shard_urls
 
     d = cfg.data
     if d.kind == "imagefolder":
         root = Path(d.root)
-        check_data_paths([DataPath("data.root", root, f"an image folder holding "
-                                   f"{d.train_split}/ and {d.val_split}/, as ImageNet's")])
+        splits = (d.val_split,) if val_only else (d.train_split, d.val_split)
+        check_data_paths([DataPath("data.root", root, "an image folder holding "
+                                   + " and ".join(f"{s}/" for s in splits)
+                                   + ", as ImageNet's")])
         check_data_paths(DataPath("data.root", root / split, f"ImageNet's {split}/ folder of "
                                   "class folders", holds="*/", holds_desc="holds no class "
-                                  "folders") for split in (d.train_split, d.val_split))
+                                  "folders") for split in splits)
     elif d.kind in ("shards", "stream"):
-        check_shard_urls("data.train_urls", d.train_urls)
+        if not val_only:
+            check_shard_urls("data.train_urls", d.train_urls)
         check_shard_urls("data.val_urls", d.val_urls)
 
 
@@ -168,22 +172,20 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for ``cfg.data.kind``; ``resumed``: the run continues a
     checkpoint (a remote store that does not answer is then waited for)."""
     d = cfg.data
-    train_tf, val_tf = build_transforms(cfg, True), build_transforms(cfg, False)
+    train_tf = build_transforms(cfg, True)
     if d.kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 
-        return (ImageFolder(str(Path(d.root) / d.train_split), train_tf),
-                ImageFolder(str(Path(d.root) / d.val_split), val_tf))
+        return ImageFolder(str(Path(d.root) / d.train_split), train_tf), _val_set(cfg)
     n = d.num_classes  # a label outside [0, n) is skipped, never handed to the loss
     if d.kind == "demo":
-        train_urls, val_urls = demo_urls(d.cache_dir, d.source_size)
-        return (ShardDataset(train_urls, train_tf, num_classes=n),
-                ShardDataset(val_urls, val_tf, num_classes=n))
+        train_urls, _ = demo_urls(d.cache_dir, d.source_size)
+        return ShardDataset(train_urls, train_tf, num_classes=n), _val_set(cfg)
     # a store that serves no shard of either set ends the run here, before the model is
     # built, not in a reader waiting for it (data/preflight.py; local paths: check_data)
     check_sources_readable([("train", d.train_urls), ("val", d.val_urls)], d.s3, resumed,
                            gather=all_gather_objects)
-    val = ShardDataset(d.val_urls, val_tf, d.s3, num_classes=n)
+    val = _val_set(cfg)
     if d.kind == "stream":
         from finetune.cls_stream import StreamingShards
 
@@ -192,6 +194,27 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
                                workers=cfg.run.num_workers,
                                on_shard_list_change=d.on_shard_list_change), val
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
+
+
+def build_val_set(cfg) -> Dataset:
+    """The validation set alone, as :func:`build_datasets` builds it (an evaluation
+    without training reads no training image or shard: finetune/eval_only.py)."""
+    d = cfg.data
+    if d.kind in ("shards", "stream"):  # as build_datasets: refused here, not in a reader
+        check_sources_readable([("val", d.val_urls)], d.s3, gather=all_gather_objects)
+    return _val_set(cfg)
+
+
+def _val_set(cfg) -> Dataset:
+    """``cfg.data``'s validation set (a stream's is held in memory too)."""
+    d = cfg.data
+    transform = build_transforms(cfg, False)
+    if d.kind == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(str(Path(d.root) / d.val_split), transform)
+    urls = demo_urls(d.cache_dir, d.source_size)[1] if d.kind == "demo" else d.val_urls
+    return ShardDataset(urls, transform, d.s3, num_classes=d.num_classes)
 
 
 def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0):
@@ -220,12 +243,17 @@ def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0)
             # per rank and epoch: the workers' augmentation seeds derive from it
             generator=loader_generator(cfg.run.seed, d.rank, epoch),
             persistent_workers=False, collate_fn=CollateCounted())
+    return train, build_val_loader(cfg, d, val_set), sampler
+
+
+def build_val_loader(cfg, d: DistInfo, val_set: Dataset) -> DataLoader:
+    """This rank's share of ``val_set``, unpadded, in batches of 2 x ``run.batch_size``
+    (unreadable images left out: :class:`SkipUnreadable`)."""
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
-    val = DataLoader(SkipUnreadable(val_set, substitute=False),
-                     batch_size=cfg.run.batch_size * 2, shuffle=False,
-                     sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers,
-                     collate_fn=drop_unreadable)
-    return train, val, sampler
+    return DataLoader(SkipUnreadable(val_set, substitute=False),
+                      batch_size=cfg.run.batch_size * 2, shuffle=False,
+                      sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers,
+                      collate_fn=drop_unreadable)
 
 
 def epoch_batches(loader, skip: int = 0):

@@ -87,6 +87,16 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
     missing or unexpected key, or a shape mismatch, raises ``CheckpointError``.
     """
     state, meta = read_backbone(src)
+    return load_backbone_state(model, state, meta, src, variant=variant, arch=arch,
+                               backbone_only=backbone_only)
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],
+                        meta: dict[str, str], src: str | Path, *, variant: str,
+                        arch: dict | None = None, backbone_only: bool = False) -> LoadReport:
+    """:func:`load_init` of weights already read (``finetune.convert.read_backbone`` of
+    ``src``), for a caller that looks at them first (finetune/eval_only.py); ``state`` is
+    consumed (its dropped keys popped)."""
     check_variant(meta, variant, arch or {}, src)
     own = model.state_dict()
     report = LoadReport()

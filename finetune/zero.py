@@ -139,6 +139,18 @@ def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
             "val_loss": stats[3].item() / n}
 
 
+def evaluate_with_ema(net: nn.Module, ema_net: nn.Module | None, loader, d: DistInfo,
+                      dtype: torch.dtype, img_size: int) -> dict[str, float]:
+    """What a classification run logs at an evaluation (and ``--eval-only`` prints):
+    :func:`evaluate` of ``net`` in ``dtype`` and, when given, of the EMA weights
+    ``ema_net`` in fp32, their metrics suffixed ``_ema``."""
+    result = evaluate(net, loader, d, dtype, img_size)
+    if ema_net is not None:  # a full fp32 copy on every rank: no ZeRO collectives
+        e = evaluate(ema_net, loader, d, torch.float32, img_size)
+        result.update({f"{k}_ema": v for k, v in e.items()})
+    return result
+
+
 def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
           shared: dict[str, Any], info: DistInfo, train_set) -> Path:
     """DeepSpeed's shards and the EMA (rank 0) first; ``trainer_state.json``/``latest``
@@ -249,11 +261,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
             ema.update(engine.module, step, zero3)
 
     def evaluate_all(val_loader) -> dict:
-        result = evaluate(engine, val_loader, d, dtype, cfg.data.img_size)
-        if ema is not None:  # a full fp32 copy on every rank: no ZeRO collectives
-            e = evaluate(ema.module, val_loader, d, torch.float32, cfg.data.img_size)
-            result.update(top1_ema=e["top1"], top5_ema=e["top5"], val_loss_ema=e["val_loss"])
-        return result
+        return evaluate_with_ema(engine, ema.module if ema is not None else None, val_loader,
+                                 d, dtype, cfg.data.img_size)
 
     def save(step: int, state: dict[str, Any]) -> None:  # every rank writes its shard
         _save(engine, run, step, ema, shared | state, d, train_set)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--resume", help="auto | PATH of a training checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model on the meta device, print the plan")
+    p.add_argument("--eval-only", action="store_true",
+                   help="classification: evaluate --init CKPT or --resume PATH|auto once on "
+                   "the validation set, no training; prints the metrics as one JSON line")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     # key=value overrides may also follow the options (argparse leaves them as extras)
     p.set_defaults(func=run, accepts_extra=True)
@@ -68,10 +72,14 @@ def run(args: argparse.Namespace) -> int:
     bad = [e for e in extras if "=" not in e or e.startswith("-")]
     if bad:
         raise ConfigError(f"unrecognized arguments: {' '.join(bad)}")
+    if args.eval_only:
+        check_eval_only(args)
     cfg = load(args, extras)
     if args.dry_run:
         check_init(cfg.init)
         return mod.dry_run(cfg)
+    if args.eval_only:
+        return eval_only(cfg, args.resume)
     from data.shard_schedule import StorageAccessError
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
@@ -101,6 +109,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    return 0
+
+
+def check_eval_only(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, an ``--eval-only`` of a task that has none or
+    without exactly one weight source (also what `internimage submit` checks)."""
+    if args.task != "classification":
+        raise ConfigError(f"--eval-only evaluates classification checkpoints only; a "
+                          f"{args.task} run logs its evaluations in its metrics.jsonl")
+    if bool(args.init) == bool(args.resume):
+        raise ConfigError("--eval-only needs --init CKPT or --resume PATH"
+                          + (", not both" if args.init else ""))
+
+
+def eval_only(cfg, resume: str | None) -> int:
+    """``--eval-only``: the checks of ``finetune.eval_only`` (a refusal: one line, exit 2),
+    then one evaluation; rank 0 prints its metrics as the last line, one JSON object. No
+    run directory is created: the training start's checks (a fresh start over a run) and
+    its config.yaml do not apply."""
+    from data.shard_schedule import StorageAccessError
+    from finetune.eval_only import check_eval_start, evaluate_checkpoint
+    from models import CheckpointError
+
+    if resume:  # a config's own init (a stage-2 preset's) is not what is evaluated
+        cfg = dataclasses.replace(cfg, init=None)
+    try:
+        try:
+            source = check_eval_start(cfg, resume)
+        except ValueError as err:  # names its key (data paths)
+            raise ConfigError(str(err)) from None
+        result = evaluate_checkpoint(cfg, source)
+    except (CheckpointError, StorageAccessError) as err:
+        print(f"internimage finetune: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -90,8 +90,11 @@ def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
 
     An explicit ``--resume PATH`` (start from another run's checkpoint) is kept only while
     this run has no checkpoint of its own yet: ``checkpoints/latest`` (pre-training and ZeRO
-    fine-tuning) or ``checkpoints/last.pt`` (DDP fine-tuning).
+    fine-tuning) or ``checkpoints/last.pt`` (DDP fine-tuning). An ``--eval-only`` command
+    line is kept as it is.
     """
+    if "--eval-only" in argv:  # an evaluation starts over from the weights it names
+        return list(argv)
     ckpts = run_dir / "checkpoints"
     has_own = (ckpts / "latest").is_file() or (ckpts / "last.pt").is_file()
     explicit = any(a == "--resume" or a.startswith("--resume=") for a in argv)

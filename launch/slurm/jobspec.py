@@ -228,6 +228,14 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
                           "directly, or use `submit --dry-run` to see the sbatch script")
     # the run dir the job's own loader chooses (flag, override, --config or the default)
     run_dir = Path(cfg.run.output_dir).resolve()
+    if getattr(args, "eval_only", False):
+        # one evaluation of the weights it names: no --resume auto, and no fresh-start
+        # refusal (it starts no run over the one in run_dir)
+        from launch.commands.finetune import check_eval_only
+
+        check_eval_only(args)
+        argv, env = credentials_to_env(list(job), _secret_keys(args))
+        return JobSpec(with_flag(argv, "--output-dir", str(run_dir)), run_dir, env)
     # the job runs with --resume auto unless one was given (appended below); an empty
     # --resume stays as given: the job then starts afresh, or refuses to over a run
     resume = "auto" if args.resume is None else args.resume

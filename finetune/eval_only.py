@@ -1,0 +1,185 @@
+"""``internimage finetune classification --eval-only``: one evaluation of a checkpoint, no
+training.
+
+The model is built as training builds it (``finetune.cls_build.build_classifier``, in
+``run.precision``); its weights are an ``--init`` source (a released ``.pth`` with its
+classifier, a ``convert`` output, a run's checkpoint) or a fine-tuning run's own checkpoint
+(``--resume PATH|auto``: ZeRO shards consolidated as ``convert`` does, plus the EMA weights
+the run saved). The evaluation is the training loop's own (``finetune.zero``'s over
+``finetune.cls_data.build_val_loader``): the same metrics a training run logs for the same
+weights, each image on one rank (no padding), the counts summed.
+
+Only the validation set is read. The checkpoint's own classifier head is evaluated, never
+a new one: a head of another class count than ``data.num_classes``, or none at all (a
+pre-training or detection trunk), is refused, since a fresh head scores chance, a number a
+user would misread (``--init`` for training drops or adds the head on purpose).
+
+No run directory is created or needed; into the run directory of a ``--resume``d checkpoint
+only one ``eval-<timestamp>.json`` is written, beside (never into) its metrics and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.cls_build import build_classifier
+from finetune.init import CLASSIFIER_ONLY_PREFIXES
+from models import CheckpointError
+from runtime.checkpoint import ResumeError, load_trainer_state, resolve_resume
+from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """The weights to evaluate: ``weights`` is anything ``--init`` reads; ``step_dir`` is
+    set for a run's own checkpoint (``--resume``), whose EMA and run directory it holds."""
+
+    weights: str | Path
+    step_dir: Path | None = None
+
+
+def check_eval_start(cfg, resume: str | None) -> EvalSource:
+    """What ``cfg`` (ClassificationConfig) evaluates: ``resume`` (``auto`` or a path, in
+    ``run.output_dir``'s ``checkpoints/`` for ``auto``) else ``cfg.init``; refused before
+    anything is built or read but file names, the trainer state and a checkpoint's
+    metadata: a ``CheckpointError`` for the weights (another variant or class count), a
+    ``ValueError`` naming the key for validation data that is not there."""
+    from finetune.cls_data import check_data
+    from finetune.init import check_init_backbone
+    from finetune.zero import model_hash
+
+    if resume:
+        step_dir = _resumed(cfg, resume)
+        state = load_trainer_state(step_dir)
+        if state.get("model_hash") != model_hash(cfg):
+            raise ResumeError(
+                f"{step_dir} was saved for another model than this config builds "
+                "(variant, architecture or data.num_classes differ); evaluate it with the "
+                "run's own config (--config RUN/config.yaml)")
+        evaluated = EvalSource(step_dir, step_dir)
+    else:
+        try:
+            check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
+        except CheckpointError as err:
+            raise CheckpointError(f"--init {err}") from None
+        evaluated = EvalSource(cfg.init)
+    check_data(cfg, val_only=True)
+    return evaluated
+
+
+def _resumed(cfg, resume: str) -> Path:
+    """The ZeRO tag directory ``--resume`` names: ``auto``, ``run.output_dir``'s latest;
+    a path, as ``runtime.checkpoint_path`` resolves it (a weights file is ``--init``'s)."""
+    if resume != "auto":
+        try:
+            source = resolve_checkpoint(resume)
+        except CheckpointError as err:
+            raise ResumeError(f"--resume {err}") from None
+        if not source.is_zero:
+            raise ResumeError(f"--resume {resume} is a weights file, not a run's checkpoint: "
+                              f"evaluate it with --init {resume}")
+        return source.path
+    root = Path(cfg.run.output_dir) / CHECKPOINTS_DIR
+    step_dir = resolve_resume(resume, root, warn=False)
+    if step_dir is None:
+        raise ResumeError(f"--resume auto: {root} holds no checkpoint (no {LATEST}); pass the "
+                          "run's --output-dir, or --resume PATH")
+    return step_dir
+
+
+def check_head(state: dict[str, torch.Tensor], cfg, src: str | Path) -> None:
+    """Refuse weights whose classifier the model would have to start fresh: a checkpoint
+    without one (a pre-training or dense-task trunk) or with another class count than
+    ``data.num_classes``. Checked against the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        own = build_classifier(cfg).state_dict()
+    head = {k: v.shape for k, v in own.items() if k.startswith(CLASSIFIER_ONLY_PREFIXES)}
+    missing = sorted(k for k in head if k not in state)
+    if missing:
+        raise CheckpointError(
+            f"{src} holds no classifier head for {cfg.model.name} ({len(missing)} tensors "
+            f"missing, e.g. {missing[0]}): a new head would score chance; --eval-only takes "
+            "a classifier (a released .pth, a classification run or its convert output)")
+    wrong = [k for k in head if state[k].shape != head[k]]
+    if "head.weight" in wrong:
+        classes = state["head.weight"].shape[0]
+        raise CheckpointError(
+            f"{src} holds a {classes}-class head, data.num_classes is "
+            f"{cfg.data.num_classes}: set data.num_classes={classes} (--eval-only evaluates "
+            "the checkpoint's own head, never a new one)")
+    if wrong:
+        raise CheckpointError(f"{src}: classifier tensors differ in shape from the model's: "
+                              + "; ".join(f"{k} {tuple(state[k].shape)} vs {tuple(head[k])}"
+                                          for k in wrong[:4]))
+
+
+def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
+    """Evaluate ``source`` (from :func:`check_eval_start`) once on ``cfg``'s validation set,
+    on every rank of the job; the metrics a training run's evaluation of the same weights
+    logs (``top1``, ``top5``, ``val_loss``; ``_ema`` ones when the run's checkpoint holds
+    EMA weights)."""
+    from finetune.cls_data import build_val_loader, build_val_set
+    from finetune.convert import read_backbone
+    from finetune.init import load_backbone_state
+    from finetune.zero import EMA_FILE, evaluate_with_ema
+    from runtime import rng
+    from runtime.checkpoint import load_torch_file
+    from runtime.dist import init_distributed
+
+    d = init_distributed()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
+    with contextlib.redirect_stdout(sys.stderr):
+        state, meta = read_backbone(source.weights)
+    check_head(state, cfg, source.weights)
+    rng.seed_all(cfg.run.seed)  # as training builds it (every weight is then loaded)
+    model = build_classifier(cfg)
+    load_backbone_state(model, state, meta, source.weights, variant=cfg.model.name,
+                        arch=cfg.model.arch())
+    del state
+    ema_file = source.step_dir / EMA_FILE if source.step_dir is not None else None
+    ema = None
+    if ema_file is not None and ema_file.is_file():  # training evaluates its fp32 EMA too
+        ema = copy.deepcopy(model)
+        ema.load_state_dict(load_torch_file(ema_file))
+        ema.to(d.device)
+    # a bf16 run evaluates its engine's bf16 weights and buffers (finetune/zero.py)
+    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+    model.to(d.device, dtype)
+    loader = build_val_loader(cfg, d, build_val_set(cfg))
+    result = evaluate_with_ema(model, ema, loader, d, dtype, cfg.data.img_size)
+    if d.is_main:
+        log.info("eval-only %s on %d image(s), %d rank(s): %s", source.weights,
+                 len(loader.dataset), d.world_size, result)
+        if source.step_dir is not None:
+            _write_record(source.step_dir, result, d.world_size)
+    return result
+
+
+def _write_record(step_dir: Path, result: dict[str, float], world_size: int) -> None:
+    """``RUN/eval-<timestamp>.json`` beside the run's own files (a run directory that is
+    not writable, a downloaded one, only warns: the metrics are printed anyway)."""
+    run_dir = step_dir.parent.parent
+    state: dict[str, Any] = load_trainer_state(step_dir)
+    record = {"checkpoint": str(step_dir), "step": state.get("step"),
+              "world_size": world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **result}
+    path = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    try:
+        path.write_text(json.dumps(record) + "\n")
+    except OSError as err:
+        log.warning("eval-only: cannot write %s (%s); the metrics are printed only", path, err)
