@@ -88,6 +88,13 @@ class ClsAugConfig:
         check(0 <= self.smoothing < 1, "aug.smoothing", "must be in [0, 1)")
         check(self.mixup >= 0 and self.cutmix >= 0, "aug.mixup", "alphas must be >= 0")
         check(0 < self.scale[0] <= self.scale[1] <= 1, "aug.scale", "must be 0 < lo <= hi <= 1")
+        check(0 <= self.hflip <= 1, "aug.hflip", f"must be in [0, 1], got {self.hflip}")
+        check(0 <= self.mix_prob <= 1, "aug.mix_prob", f"must be in [0, 1], got {self.mix_prob}")
+        check(self.color_jitter >= 0, "aug.color_jitter",
+              f"must be >= 0 (0: off), got {self.color_jitter}")
+        # timm reads crop_pct 0 as "unset" and silently evaluates at 0.875
+        check(0 < self.test_crop_pct <= 1, "aug.test_crop_pct",
+              f"must be in (0, 1], got {self.test_crop_pct}")
 
 
 @dataclass

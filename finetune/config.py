@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 
 from data.config import check  # one validation helper for every config
 
-__all__ = ["check"]
+__all__ = ["check", "check_dcn_backend"]
+
+
+def check_dcn_backend(value: str) -> None:
+    """``model.dcn_backend``: ``auto`` or a name in the DCNv3 op's backend registry (the
+    op raises only at the first forward, after the run directory is written)."""
+    from ops.dcnv3 import available_backends  # models imports it anyway: no extra cost
+
+    names = ["auto", *available_backends()]
+    check(value in names, "model.dcn_backend", f"must be one of {'|'.join(names)}, got "
+          f"{value!r}")
 
 
 @dataclass
@@ -35,6 +45,7 @@ class BackboneConfig:
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
         check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+        check_dcn_backend(self.dcn_backend)
         if self.depths is not None and self.groups is not None:
             check(len(self.depths) == len(self.groups), "model.depths",
                   f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
@@ -72,6 +83,8 @@ class OptimConfig:
         check(self.backbone_lr_mult > 0, "optim.backbone_lr_mult", "must be > 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "optim.grad_clip",
+              f"must be >= 0 (max gradient norm; 0: off), got {self.grad_clip}")
 
 
 @dataclass
@@ -116,6 +129,16 @@ class RunConfig:
               "must be >= 0")
         check(self.precision in ("fp32", "bf16"), "run.precision", "must be fp32 or bf16")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
+        # negative intervals would silently mean "last step only" (runtime/loop.py _due)
+        check(self.eval_every >= 0, "run.eval_every",
+              f"must be >= 0 (optimizer steps; 0: every epoch), got {self.eval_every}")
+        check(self.checkpoint_every >= 0, "run.checkpoint_every",
+              f"must be >= 0 (optimizer steps; 0: at every evaluation), got "
+              f"{self.checkpoint_every}")
+        check(self.num_workers >= 0, "run.num_workers",
+              f"must be >= 0 (0: load in the training process), got {self.num_workers}")
+        check(self.threads >= 0, "run.threads",
+              f"must be >= 0 (0: torch's default), got {self.threads}")
 
     def eval_interval(self, steps_per_epoch: int) -> int:
         """Optimizer steps between evaluations, for every task: ``eval_every``, or one epoch

@@ -84,6 +84,7 @@ class SegDataConfig:
         check(0 < self.ratio_range[0] <= self.ratio_range[1], "data.ratio_range",
               "must be 0 < lo <= hi")
         check(min(self.crop_size) >= 32, "data.crop_size", "must be >= 32")
+        check(0 <= self.hflip <= 1, "data.hflip", f"must be in [0, 1], got {self.hflip}")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
 
     @property

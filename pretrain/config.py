@@ -33,6 +33,11 @@ class ModelConfig:
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
         check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        from ops.dcnv3 import available_backends  # the op's registry (models imports it)
+
+        backends = ["auto", *available_backends()]
+        check(self.dcn_backend in backends, "model.dcn_backend",
+              f"must be one of {'|'.join(backends)}, got {self.dcn_backend!r}")
         if self.depths is not None and self.groups is not None:
             check(len(self.depths) == len(self.groups), "model.depths",
                    f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
@@ -199,6 +204,8 @@ class OptimConfig:
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")
+        check(self.grad_clip >= 0, "optim.grad_clip",
+              f"must be >= 0 (max gradient norm; 0: off), got {self.grad_clip}")
 
 
 @dataclass
