@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,83 @@ def check_data(cfg, thorough: bool = True, val_only: bool = False) -> None:
         check_data_paths(DataPath("data.root", root / split, f"ImageNet's {split}/ folder of "
                                   "class folders", holds="*/", holds_desc="holds no class "
                                   "folders") for split in splits)
+        _check_class_folders(root / d.train_split, root / d.val_split, d.num_classes)
     elif d.kind in ("shards", "stream"):
         if not val_only:
             check_shard_urls("data.train_urls", d.train_urls)
         check_shard_urls("data.val_urls", d.val_urls)
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted: torchvision's own rule
+    (``torchvision.datasets.folder.find_classes``: every sub-folder, hidden ones included),
+    so index ``i`` here is the label ImageFolder gives the ``i``-th. Kept here rather than
+    imported: torchvision takes seconds to import, and check_data runs at submit too."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir())
+
+
+def _named(names: list[str], most: int = 5) -> str:
+    """``names`` for a one-line message (ImageNet has 1000: the first ``most``)."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most
+                                      else "")
+
+
+def _check_class_folders(train: Path, val: Path, num_classes: int) -> None:
+    """Refuse class folders the run would mislabel or crash on, from the listings alone:
+    more training class folders than ``num_classes`` (a label past the head: the loss
+    fails mid-run) and a validation class folder training does not have (validation
+    takes training's class->index mapping: such images have no index). ``train``
+    missing (an evaluation of the validation set alone): ``val``'s folders are what
+    ``num_classes`` is checked against. Fewer folders (a subset) are legitimate."""
+    val_classes = class_folders(val)
+    labelled = train if train.is_dir() else val
+    classes = class_folders(train) if train.is_dir() else val_classes
+    if len(classes) > num_classes:
+        raise ValueError(f"data.num_classes={num_classes} but {labelled} holds {len(classes)} "
+                         f"class folders ({_named(classes)}): set "
+                         f"data.num_classes={len(classes)}")
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        raise ValueError(f"data.val_split: {val} holds {len(extra)} class folder(s) that "
+                         f"{train} does not ({_named(extra)}): validation labels follow "
+                         "the training set's class folders, so these images would have "
+                         "none; remove them from the validation set or add them to training")
+
+
+def _val_image_folder(folder: Path, transform, class_to_idx: dict[str, int] | None):
+    """The validation ImageFolder, its targets by ``class_to_idx`` (the training set's
+    class->index mapping): on its own, ImageFolder numbers the folders it holds, so a
+    validation set without some class would shift the labels of every class after it.
+    A class folder missing (or empty) is logged once; one training does not have is
+    refused (:func:`check_data` refuses it first). ``class_to_idx`` None: no training
+    set to take it from (an evaluation with no train split): the folders' own order,
+    as torchvision numbers them."""
+    from torchvision.datasets import ImageFolder
+
+    # empty folders allowed: a missing class is counted below, not torchvision's error
+    val = ImageFolder(str(folder), transform, allow_empty=True)
+    if not val.samples:
+        raise ValueError(f"data.val_split: {folder} holds no images")
+    if class_to_idx is None:
+        return val
+    extra = sorted(set(val.classes) - set(class_to_idx))
+    if extra:
+        raise ValueError(f"data.val_split: {folder} holds {len(extra)} class folder(s) the "
+                         f"training set does not ({_named(extra)})")
+    # remapped in place rather than by overriding find_classes in a subclass: a plain
+    # ImageFolder pickles for spawned DataLoader workers (a class made on first use,
+    # torchvision being imported lazily, would not)
+    index = [class_to_idx[c] for c in val.classes]
+    val.samples = [(path, index[t]) for path, t in val.samples]
+    val.imgs, val.targets = val.samples, [t for _, t in val.samples]
+    missing = len(class_to_idx) - len(set(val.targets))
+    if missing:
+        log.warning("data: %s holds no images of %d of the training set's %d classes: "
+                    "their labels kept as training numbers them, top-1/top-5 over the "
+                    "classes present", folder, missing, len(class_to_idx))
+    val.classes, val.class_to_idx = list(class_to_idx), dict(class_to_idx)
+    return val
 
 
 def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
@@ -176,7 +250,8 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     if d.kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 
-        return ImageFolder(str(Path(d.root) / d.train_split), train_tf), _val_set(cfg)
+        train = ImageFolder(str(Path(d.root) / d.train_split), train_tf)
+        return train, _val_set(cfg, train.class_to_idx)
     n = d.num_classes  # a label outside [0, n) is skipped, never handed to the loss
     if d.kind == "demo":
         train_urls, _ = demo_urls(d.cache_dir, d.source_size)
@@ -205,14 +280,24 @@ def build_val_set(cfg) -> Dataset:
     return _val_set(cfg)
 
 
-def _val_set(cfg) -> Dataset:
-    """``cfg.data``'s validation set (a stream's is held in memory too)."""
+def _val_set(cfg, class_to_idx: dict[str, int] | None = None) -> Dataset:
+    """``cfg.data``'s validation set (a stream's is held in memory too); an image folder's
+    labelled by the training set's ``class_to_idx`` (not given: read from the train
+    split's class folders where there is one)."""
     d = cfg.data
     transform = build_transforms(cfg, False)
     if d.kind == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
-        return ImageFolder(str(Path(d.root) / d.val_split), transform)
+        train, val = Path(d.root) / d.train_split, Path(d.root) / d.val_split
+        if class_to_idx is None and train.is_dir():  # an evaluation without training
+            class_to_idx = {c: i for i, c in enumerate(class_folders(train))}
+        elif class_to_idx is None and len(class_folders(val)) < d.num_classes:
+            # nothing to check the numbering against: a class missing from val/ shifts
+            # the labels of every class sorted after it
+            log.warning("data: no %s to number the classes by: labels follow %s's own %d "
+                        "class folders (data.num_classes=%d), right only if the missing "
+                        "classes sort last", train, val, len(class_folders(val)),
+                        d.num_classes)
+        return _val_image_folder(val, transform, class_to_idx)
     urls = demo_urls(d.cache_dir, d.source_size)[1] if d.kind == "demo" else d.val_urls
     return ShardDataset(urls, transform, d.s3, num_classes=d.num_classes)
 
