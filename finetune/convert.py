@@ -323,13 +323,41 @@ def _own_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# The destination suffixes each format may be written to: every reader (read_source, --init,
+# models.load_pretrained) picks the format by the suffix alone (runtime.checkpoint_path)
+FORMAT_SUFFIXES = {"safetensors": (".safetensors",), "official": (".pth", ".pt", ".bin")}
+
+
+def check_destination(dst: str | Path, fmt: str) -> None:
+    """Refuse a ``dst`` whose suffix the readers would take for another format than
+    ``fmt`` writes (safetensors bytes in a ``.pth``, a torch zip in a ``.safetensors``),
+    or that no reader takes at all: a ``CheckpointError`` naming the suffix, the format
+    and the suffixes accepted for it."""
+    suffix, accepted = Path(dst).suffix, FORMAT_SUFFIXES[fmt]
+    if suffix in accepted:
+        return
+    names, named = "/".join(accepted), Path(dst).with_suffix(accepted[0]).name
+    other = next((f for f, ends in FORMAT_SUFFIXES.items() if suffix in ends), None)
+    if other is not None:
+        raise CheckpointError(
+            f"{dst}: --format {fmt} writes a {names} file, but a {suffix} file is read as "
+            f"--format {other} writes it: name it {named} or pass --format {other}")
+    what = f"{suffix} files" if suffix else "files without a suffix"
+    raise CheckpointError(f"{dst}: --init and convert do not read {what}: --format {fmt} "
+                          f"writes a {names} file (name it {named})")
+
+
 def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
             dtype: str = "fp32") -> ConvertReport:
-    """Convert ``src`` into ``dst``; see the module docstring. Returns what was written."""
+    """Convert ``src`` into ``dst``; see the module docstring. Returns what was written.
+    A ``dst`` whose suffix is not ``fmt``'s is refused before ``src`` is read
+    (:func:`check_destination`)."""
     if fmt not in ("safetensors", "official"):
         raise ValueError(f"format must be 'safetensors' or 'official', got {fmt!r}")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    # before the source is read: consolidating a large ZeRO run takes minutes
+    check_destination(dst, fmt)
     backbone, other, meta = split_source(src)
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     out = backbone if fmt == "official" else {**backbone, **other}
