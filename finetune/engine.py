@@ -156,15 +156,59 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     return FinetuneRun(out_dir, resume_dir, state)
 
 
+# What a param group's training depends on that the config sets (optim.lr, layer_decay and
+# dcn_lr_mult -> lr_scale, weight_decay, betas; initial_lr where a task built its timm
+# scheduler before the engine): a resume takes these from the config and the AdamW moments
+# from the checkpoint
+GROUP_SETTINGS = ("lr", "initial_lr", "lr_scale", "weight_decay", "betas")
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's :data:`GROUP_SETTINGS` that it holds (and its parameter names),
+    as built."""
+    return [{k: g[k] for k in (*GROUP_SETTINGS, "names") if k in g}
+            for g in optimizer.param_groups]
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]],
+                         resume_dir: Path) -> None:
+    """Give the param groups a checkpoint restored the ``settings`` this run built them
+    with (:func:`group_settings` before the load).
+
+    DeepSpeed's ``load_checkpoint`` restores the optimizer's groups whole: the lr they
+    had reached, timm's ``initial_lr`` (the base lr a scheduler built afterwards takes with
+    ``setdefault``, keeping an existing one), ``lr_scale``, ``weight_decay`` and ``betas``.
+    So a resume with another ``optim.lr`` (``layer_decay``, ``weight_decay``, ...) trained
+    on with the checkpoint's values while config.yaml recorded the new ones
+    (classification builds its scheduler after the engine: every value; detection and
+    segmentation before it: all but the base lr). Each group gets back what this config
+    built, ``initial_lr`` included only where it was set then (a fresh run's state); the
+    scheduler, stepped to the resumed step, then sets the lr of that step. The optimizer's
+    state (the moments and step counts) stays the checkpoint's."""
+    groups = optimizer.param_groups
+    same = len(groups) == len(settings) and all(
+        g.get("names", s.get("names")) == s.get("names") for g, s in zip(groups, settings))
+    if not same:  # the model hash matched: groups are built in a fixed order from it
+        raise ResumeError(f"{resume_dir}: the optimizer's param groups differ from the "
+                          "checkpoint's")
+    for group, built in zip(groups, settings):
+        if "initial_lr" not in built:
+            group.pop("initial_lr", None)
+        group.update(built)
+
+
 def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpeedSpec,
                  run: FinetuneRun, d: DistInfo):
     """``net`` and our optimizer in a DeepSpeed engine configured from ``spec`` (the
     engine clips, accumulates ``spec.grad_accum`` micro-batches per update, and casts to
     ``spec.precision``), with the resumed checkpoint's shards loaded; returns the engine
-    and its DeepSpeed config (also written to ``OUT/deepspeed_config.json`` by rank 0)."""
+    and its DeepSpeed config (also written to ``OUT/deepspeed_config.json`` by rank 0).
+    A resume keeps the checkpoint's optimizer state and this config's group settings
+    (:func:`apply_group_settings`)."""
     import deepspeed
 
     config = deepspeed_config(spec)
+    built = group_settings(optimizer)  # this config's, before a checkpoint's replace them
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if d.is_main:  # next to config.yaml, as pre-training writes it
@@ -174,6 +218,7 @@ def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpe
         path, _ = engine.load_checkpoint(str(run.resume_dir.parent), tag=run.resume_dir.name)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {run.resume_dir}")
+        apply_group_settings(optimizer, built, run.resume_dir)
         log.info("resumed from %s at step %d", run.resume_dir, run.start_step)
     return engine, config
 

@@ -183,42 +183,6 @@ def _restore_stream(train_set, run: FinetuneRun, steps_per_epoch: int, d: DistIn
         raise ResumeError(f"{run.resume_dir}: {err}") from None
 
 
-# What a param group's training depends on that the config sets (optim.lr, layer_decay and
-# dcn_lr_mult -> lr_scale, weight_decay, betas): a resume takes these from the config and
-# the AdamW moments from the checkpoint
-GROUP_SETTINGS = ("lr", "lr_scale", "weight_decay", "betas")
-
-
-def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's :data:`GROUP_SETTINGS` (and its parameter names), as built."""
-    return [{k: g[k] for k in (*GROUP_SETTINGS, "names") if k in g}
-            for g in optimizer.param_groups]
-
-
-def apply_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]],
-                         resume_dir: Path) -> None:
-    """Give the param groups a checkpoint restored the ``settings`` this run built them
-    with, before the scheduler is built.
-
-    DeepSpeed's ``load_checkpoint`` restores the optimizer's groups whole: the lr they
-    had reached, timm's ``initial_lr`` (the base lr its scheduler takes with
-    ``setdefault``, keeping an existing one), ``lr_scale``, ``weight_decay`` and
-    ``betas``. So a resume with another ``optim.lr`` (``layer_decay``, ...) trained on
-    with the checkpoint's values while config.yaml recorded the new ones. Each group
-    starts again at this config's base lr with no ``initial_lr``, as a fresh run's does;
-    the scheduler, stepped to the resumed step, then sets the lr of that step. The
-    optimizer's state (the moments and step counts) stays the checkpoint's."""
-    groups = optimizer.param_groups
-    same = len(groups) == len(settings) and all(
-        g.get("names", s.get("names")) == s.get("names") for g, s in zip(groups, settings))
-    if not same:  # the model hash matched: groups are built in a fixed order from it
-        raise ResumeError(f"{resume_dir}: the optimizer's param groups differ from the "
-                          "checkpoint's")
-    for group, built in zip(groups, settings):
-        group.update(built)
-        group.pop("initial_lr", None)
-
-
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
     """Fine-tune ``cfg`` (ClassificationConfig) through DeepSpeed (ZeRO stage
     ``run.zero_stage``, 0..3); the last evaluation's metrics."""
@@ -264,10 +228,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
     optimizer = build_optimizer(model, cfg)
-    settings = group_settings(optimizer)  # from this config, before a checkpoint's
+    # a resume: the checkpoint's moments, this config's group settings (start_engine)
     engine, _ = start_engine(model, optimizer, deepspeed_spec(cfg), run, d)
-    if run.resume_dir is not None:  # the checkpoint's moments, this config's settings
-        apply_group_settings(optimizer, settings, run.resume_dir)
     # timm's schedule drives the client optimizer's groups: ZeRO steps that same object
     # (its groups' params swapped for flat fp32 partitions), so per-group lr_scale holds
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)

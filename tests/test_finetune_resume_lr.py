@@ -99,3 +99,59 @@ def test_a_resume_with_changed_optimizer_settings_trains_with_them(stage, cache,
     assert resumed["groups"] == fresh["groups"]
     # ... with the AdamW moments of the checkpoint's 2 steps (a fresh run has none yet)
     assert resumed["steps"] == {2} and fresh["steps"] == set()
+
+
+# the segmentation demo shrunk (tests/test_finetune_resume.py's), 4 steps, a checkpoint at 2
+SEG = ["data.demo_train=8", "data.demo_val=2", "data.demo_size=64", "data.scale_short=64",
+       "data.crop_size=[48,48]", "data.test_short=64", "eval.crop=[48,48]",
+       "eval.stride=[32,32]", "run.batch_size=2", "run.num_workers=0", "head_channels=16",
+       "run.threads=1", "run.max_steps=4", "run.checkpoint_every=2", "run.log_every=1",
+       "run.eval_every=4", "run.progress=false", "run.tensorboard=false",
+       "optim.warmup_steps=3", "optim.layer_decay=0.9"]
+
+
+def test_a_resumed_segmentation_run_trains_with_its_configs_group_settings(
+        cache, tmp_path, monkeypatch):
+    """Segmentation (as detection: finetune/loop.py) builds its scheduler before the engine,
+    so a changed ``optim.lr`` did apply, but the restored groups kept the checkpoint's
+    ``lr_scale`` (layer decay, DCN multiplier), ``weight_decay`` and ``betas``."""
+    import torch
+
+    import finetune.loop
+    from finetune.segmentation import SegmentationConfig, train
+    from launch.config import load_config
+    from runtime import preemption
+
+    start_engine = finetune.loop.start_engine
+    seen: dict[str, list] = {}
+
+    def train_once(out: Path, extra: list[str], resume: str | None = None,
+                   kill_after: int | None = None) -> list[dict]:
+        def recording(net, optimizer, *args, **kwargs):  # the groups the loop trains with
+            started = start_engine(net, optimizer, *args, **kwargs)
+            seen["groups"] = [{k: g[k] for k in SETTINGS} for g in optimizer.param_groups]
+            return started
+
+        def kill_point(step: int) -> None:
+            if step == kill_after:
+                raise _Killed(step)
+
+        monkeypatch.setattr(finetune.loop, "start_engine", recording)
+        monkeypatch.setattr(preemption, "kill_point", kill_point)
+        cfg = load_config(SegmentationConfig, None,
+                          [*SEG, f"data.cache_dir={cache}", *extra])
+        train(cfg, out, resume=resume)
+        return seen["groups"]
+
+    threads = torch.get_num_threads()
+    try:
+        fresh = train_once(tmp_path / "fresh", CHANGED)
+        with pytest.raises(_Killed):
+            train_once(tmp_path / "run", [], kill_after=2)
+        resumed = train_once(tmp_path / "run", CHANGED, resume="auto")
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed == fresh
+    want, got = _lrs(tmp_path / "fresh"), _lrs(tmp_path / "run")
+    assert got[3] == pytest.approx(want[3], rel=1e-12)
+    assert got[4] == pytest.approx(want[4], rel=1e-12)
