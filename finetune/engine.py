@@ -41,6 +41,7 @@ from runtime.checkpoint import (
 from runtime.dist import DistInfo
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
 from runtime.metrics import MetricsLogger
+from runtime.param_groups import apply_group_settings, group_settings
 
 log = logging.getLogger(__name__)
 KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
@@ -154,47 +155,6 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     if publish:
         publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)
-
-
-# What a param group's training depends on that the config sets (optim.lr, layer_decay and
-# dcn_lr_mult -> lr_scale, weight_decay, betas; initial_lr where a task built its timm
-# scheduler before the engine): a resume takes these from the config and the AdamW moments
-# from the checkpoint
-GROUP_SETTINGS = ("lr", "initial_lr", "lr_scale", "weight_decay", "betas")
-
-
-def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's :data:`GROUP_SETTINGS` that it holds (and its parameter names),
-    as built."""
-    return [{k: g[k] for k in (*GROUP_SETTINGS, "names") if k in g}
-            for g in optimizer.param_groups]
-
-
-def apply_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]],
-                         resume_dir: Path) -> None:
-    """Give the param groups a checkpoint restored the ``settings`` this run built them
-    with (:func:`group_settings` before the load).
-
-    DeepSpeed's ``load_checkpoint`` restores the optimizer's groups whole: the lr they
-    had reached, timm's ``initial_lr`` (the base lr a scheduler built afterwards takes with
-    ``setdefault``, keeping an existing one), ``lr_scale``, ``weight_decay`` and ``betas``.
-    So a resume with another ``optim.lr`` (``layer_decay``, ``weight_decay``, ...) trained
-    on with the checkpoint's values while config.yaml recorded the new ones
-    (classification builds its scheduler after the engine: every value; detection and
-    segmentation before it: all but the base lr). Each group gets back what this config
-    built, ``initial_lr`` included only where it was set then (a fresh run's state); the
-    scheduler, stepped to the resumed step, then sets the lr of that step. The optimizer's
-    state (the moments and step counts) stays the checkpoint's."""
-    groups = optimizer.param_groups
-    same = len(groups) == len(settings) and all(
-        g.get("names", s.get("names")) == s.get("names") for g, s in zip(groups, settings))
-    if not same:  # the model hash matched: groups are built in a fixed order from it
-        raise ResumeError(f"{resume_dir}: the optimizer's param groups differ from the "
-                          "checkpoint's")
-    for group, built in zip(groups, settings):
-        if "initial_lr" not in built:
-            group.pop("initial_lr", None)
-        group.update(built)
 
 
 def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpeedSpec,

@@ -94,6 +94,30 @@ def align_schedule(scheduler, step: int, end_step: int, batch: int,
     return True
 
 
+def apply_schedule_settings(scheduler, cfg: PretrainConfig) -> None:
+    """Give a restored ``WarmupCosine`` (runtime/schedules.py) this config's schedule at
+    the step it was restored at, once its groups hold this config's settings again
+    (runtime/param_groups.py ``apply_group_settings``).
+
+    DeepSpeed's ``load_checkpoint`` restores the scheduler's state whole: ``base_lrs`` (the
+    saved run's ``optim.lr``), ``warmup_steps`` and ``min_ratio`` (``optim.min_lr``), so a
+    resume with another ``optim.lr``, ``optim.min_lr`` or ``optim.warmup_steps`` trained on
+    with the checkpoint's. Here they follow the config (``base_lrs`` from the groups'
+    ``initial_lr``, as a fresh build takes them) and the groups' lr is set to the value at
+    the restored step: the next steps train at a fresh new-config run's lr. The position
+    (``last_epoch``), the end (``total_steps``: a step-based run keeps the saved one, an
+    epoch run's plan is re-planned by :func:`align_schedule`) and a re-planned schedule's
+    ``samples_plan`` (whose warm-up is fixed in samples) stay the checkpoint's."""
+    opt = cfg.optim
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    scheduler.warmup_steps = opt.warmup_steps
+    scheduler.min_ratio = opt.min_lr / opt.lr
+    scheduler._last_lr = scheduler.get_lr()
+    for group, lr in zip(groups, scheduler._last_lr):
+        group["lr"] = lr
+
+
 def check_precision(precision: str) -> None:
     """Fail before any data or compute when this machine's accelerator cannot train in
     ``precision`` (DeepSpeed itself refuses only inside ``deepspeed.initialize``, with

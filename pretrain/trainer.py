@@ -3,7 +3,9 @@
 
 Runs unchanged on one process, under torchrun and under SLURM; CPU (gloo) or GPU (NCCL).
 A resumed run continues exactly: model, optimizer, scheduler (DeepSpeed's checkpoint),
-every rank's RNG and data position (each rank's own file: runtime/checkpoint.py).
+every rank's RNG and data position (each rank's own file: runtime/checkpoint.py); with
+another ``optim`` config (lr, min_lr, warmup_steps, weight_decay, betas, dcn_lr_mult) it
+trains with the new settings from the restored step on, the AdamW moments kept.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pretrain.engine import (
     DTYPES,
     TEACHER_KEY,
     align_schedule,
+    apply_schedule_settings,
     build_engine,
     build_model,
     build_teacher,
@@ -62,6 +65,7 @@ from runtime.dist import (
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger
+from runtime.param_groups import apply_group_settings, group_settings
 from runtime.redact import config_hash
 from runtime.rng import rng_state, set_rng_state
 
@@ -237,9 +241,15 @@ class Trainer:
             from pretrain.resize import resize_tag
 
             tag = resize_tag(self.engine, self.resume_dir, self.info.is_main)
+        # this config's optimizer settings, before the checkpoint's replace them: a resume
+        # trains with them and the checkpoint's moments (apply_schedule_settings)
+        optimizer = self.engine.lr_scheduler.optimizer
+        built = group_settings(optimizer)
         path, client_state = self.engine.load_checkpoint(str(self.resume_dir.parent), tag=tag)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
+        apply_group_settings(optimizer, built, self.resume_dir)
+        apply_schedule_settings(self.engine.lr_scheduler, self.cfg)
         if tag != self.resume_dir.name:  # the universal path leaves buffers at init
             from pretrain.resize import restore_buffers
 

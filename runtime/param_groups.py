@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,3 +161,49 @@ def adamw(groups: list[dict], lr: float, betas: Sequence[float],
     """
     return torch.optim.AdamW(start_at_base_lr(groups, lr), lr=lr, betas=tuple(betas),
                              eps=eps)
+
+
+# What a param group's training depends on that the config sets (optim.lr, layer_decay and
+# dcn_lr_mult -> lr_scale, weight_decay, betas; initial_lr where a scheduler was built
+# before the load: timm's in detection/segmentation, pre-training's WarmupCosine): a resume
+# (fine-tuning's finetune/engine.py start_engine, pre-training's pretrain/trainer.py)
+# takes these from the config and the AdamW moments from the checkpoint
+GROUP_SETTINGS = ("lr", "initial_lr", "lr_scale", "weight_decay", "betas")
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's :data:`GROUP_SETTINGS` that it holds (and its parameter names),
+    as built."""
+    return [{k: g[k] for k in (*GROUP_SETTINGS, "names") if k in g}
+            for g in optimizer.param_groups]
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]],
+                         resume_dir: Path) -> None:
+    """Give the param groups a checkpoint restored the ``settings`` this run built them
+    with (:func:`group_settings` before the load).
+
+    DeepSpeed's ``load_checkpoint`` restores the optimizer's groups whole: the lr they
+    had reached, timm's ``initial_lr`` (the base lr a scheduler built afterwards takes with
+    ``setdefault``, keeping an existing one), ``lr_scale``, ``weight_decay`` and ``betas``.
+    So a resume with another ``optim.lr`` (``layer_decay``, ``weight_decay``, ...) trained
+    on with the checkpoint's values while config.yaml recorded the new ones
+    (classification builds its scheduler after the engine: every value; detection and
+    segmentation before it: all but the base lr; pre-training: every value, its
+    DeepSpeed-owned scheduler's ``base_lrs`` too, pretrain/engine.py
+    ``apply_schedule_settings``). Each group gets back what this config built,
+    ``initial_lr`` included only where it was set then (a fresh run's state); the
+    scheduler, stepped to the resumed step, then sets the lr of that step. The optimizer's
+    state (the moments and step counts) stays the checkpoint's."""
+    groups = optimizer.param_groups
+    same = len(groups) == len(settings) and all(
+        g.get("names", s.get("names")) == s.get("names") for g, s in zip(groups, settings))
+    if not same:  # the model hash matched: groups are built in a fixed order from it
+        from runtime.checkpoint import ResumeError
+
+        raise ResumeError(f"{resume_dir}: the optimizer's param groups differ from the "
+                          "checkpoint's")
+    for group, built in zip(groups, settings):
+        if "initial_lr" not in built:
+            group.pop("initial_lr", None)
+        group.update(built)
