@@ -136,26 +136,41 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     from finetune.init import load_backbone_state
     from finetune.zero import EMA_FILE, evaluate_with_ema
     from runtime import rng
-    from runtime.checkpoint import load_torch_file
-    from runtime.dist import init_distributed
+    from runtime.checkpoint import agree_on_refusal, load_torch_file
+    from runtime.dist import broadcast_object, init_distributed
 
     d = init_distributed()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
-    with contextlib.redirect_stdout(sys.stderr):
-        state, meta = read_backbone(source.weights)
-    check_head(state, cfg, source.weights)
+    # Rank 0's choice for every rank: a run still training may publish a newer checkpoint
+    # (or prune this one) between two ranks' reads of ``latest``, and ranks that evaluated
+    # different weights would sum their counts without a word, or, disagreeing on the EMA,
+    # run different collectives (a deadlock)
+    ema_file = source.step_dir / EMA_FILE if source.step_dir is not None else None
+    source, has_ema = broadcast_object(
+        (source, ema_file is not None and ema_file.is_file()))
+    ema_file = source.step_dir / EMA_FILE if source.step_dir is not None else None
+    refusal, state, meta, ema_state = None, {}, None, None
+    try:
+        # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
+        with contextlib.redirect_stdout(sys.stderr):
+            state, meta = read_backbone(source.weights)
+        check_head(state, cfg, source.weights)
+        if has_ema:  # training evaluates its fp32 EMA too
+            ema_state = load_torch_file(ema_file)
+    except (CheckpointError, OSError) as err:  # e.g. pruned while this rank read it
+        refusal = err if isinstance(err, CheckpointError) else CheckpointError(
+            f"{source.weights}: {err}")
+    agree_on_refusal(refusal)  # every rank raises together, none waits in a collective
     rng.seed_all(cfg.run.seed)  # as training builds it (every weight is then loaded)
     model = build_classifier(cfg)
     load_backbone_state(model, state, meta, source.weights, variant=cfg.model.name,
                         arch=cfg.model.arch())
     del state
-    ema_file = source.step_dir / EMA_FILE if source.step_dir is not None else None
     ema = None
-    if ema_file is not None and ema_file.is_file():  # training evaluates its fp32 EMA too
+    if ema_state is not None:
         ema = copy.deepcopy(model)
-        ema.load_state_dict(load_torch_file(ema_file))
+        ema.load_state_dict(ema_state)
         ema.to(d.device)
     # a bf16 run evaluates its engine's bf16 weights and buffers (finetune/zero.py)
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32

@@ -150,3 +150,35 @@ def test_submit_passes_eval_only_through_without_a_resume(trained, capsys):
     assert "--eval-only --init" in line and "--resume" not in line
     argv = line.split("internimage ", 1)[1].split()
     assert resume_argv(argv, out) == argv  # out holds checkpoints: a requeue keeps it
+
+
+def test_every_rank_evaluates_rank_0s_choice_and_refuses_together(trained, cache, capsys,
+                                                                    monkeypatch):
+    """A run still training may publish or prune checkpoints between two ranks' reads of
+    ``latest``: each rank used to pick its checkpoint (and whether an EMA is there) alone,
+    so ranks could sum counts over different weights, or run different collectives. Rank
+    0's choice now goes to every rank (here the broadcast's stand-in hands this rank rank
+    0's: the same step, no EMA), and a read that fails on one rank (the step pruned under
+    it) is refused on every rank in one line (``agree_on_refusal``)."""
+    import finetune.convert
+    import runtime.dist
+    from launch.cli import main
+
+    out, logged = trained
+    step_dir = out / "checkpoints" / "step_0000002"
+    monkeypatch.setattr(runtime.dist, "broadcast_object",
+                        lambda obj, src=0: (obj[0], False))  # rank 0 saw no ema.pt
+    assert main(["finetune", "classification", "--eval-only", "--resume", str(step_dir),
+                 *TINY, f"data.cache_dir={cache}"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == logged["top1"] and "top1_ema" not in printed
+
+    def pruned(src):
+        raise FileNotFoundError(f"{src}/mp_rank_00_model_states.pt")
+
+    monkeypatch.setattr(finetune.convert, "read_backbone", pruned)
+    code = main(["finetune", "classification", "--eval-only", "--resume", str(step_dir),
+                 *TINY, f"data.cache_dir={cache}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("internimage finetune: ") and "mp_rank_00" in err
