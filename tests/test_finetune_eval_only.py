@@ -182,3 +182,26 @@ def test_every_rank_evaluates_rank_0s_choice_and_refuses_together(trained, cache
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("internimage finetune: ") and "mp_rank_00" in err
+
+
+def test_submit_refuses_weights_it_cannot_evaluate_before_queueing(trained, tmp_path,
+                                                                    capsys):
+    """Training jobs are checked at submit; an eval-only job's weights were not, so a
+    missing --init file or a head of another class count failed only after the job's
+    wait in the queue. Missing validation data only warns there (the compute nodes may
+    see other data than the login node), as for training jobs."""
+    from launch.cli import main
+
+    out, _ = trained
+    step_dir = out / "checkpoints" / "step_0000002"
+    for args, why in ((["--init", str(tmp_path / "gone.pth")], "gone.pth"),
+                      (["--resume", str(step_dir), "data.num_classes=5"],
+                       "data.num_classes differ")):
+        code = main(["submit", "--dry-run", "finetune", "classification", "--eval-only",
+                     *args, "--output-dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and why in err[-1], err
+    assert main(["submit", "--dry-run", "finetune", "classification", "--eval-only",
+                 "--resume", str(step_dir), "data.kind=imagefolder",
+                 f"data.root={tmp_path / 'nowhere'}", "--output-dir", str(out)]) == 0
+    assert "warning: data.root" in capsys.readouterr().err

@@ -129,16 +129,11 @@ def eval_only(cfg, resume: str | None) -> int:
     run directory is created: the training start's checks (a fresh start over a run) and
     its config.yaml do not apply."""
     from data.shard_schedule import StorageAccessError
-    from finetune.eval_only import check_eval_start, evaluate_checkpoint
+    from finetune.eval_only import evaluate_checkpoint
     from models import CheckpointError
 
-    if resume:  # a config's own init (a stage-2 preset's) is not what is evaluated
-        cfg = dataclasses.replace(cfg, init=None)
     try:
-        try:
-            source = check_eval_start(cfg, resume)
-        except ValueError as err:  # names its key (data paths)
-            raise ConfigError(str(err)) from None
+        cfg, source = checked_eval(cfg, resume)
         result = evaluate_checkpoint(cfg, source)
     except (CheckpointError, StorageAccessError) as err:
         print(f"internimage finetune: {err}", file=sys.stderr)
@@ -146,6 +141,28 @@ def eval_only(cfg, resume: str | None) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
     return 0
+
+
+def checked_eval(cfg, resume: str | None, missing_data: str = "refuse"):
+    """``(cfg, source)`` of an ``--eval-only`` once ``finetune.eval_only``'s checks passed
+    (``internimage finetune`` and, on the login node, ``internimage submit``): ``cfg``
+    without ``init`` when ``resume`` names the weights (a config's own init, a stage-2
+    preset's, is not what is evaluated). Weights that cannot be evaluated raise a
+    ``CheckpointError``; missing validation data is a ``ConfigError`` naming its key, or
+    with ``missing_data="warn"`` (at submit: the compute nodes may see other data) a
+    warning on stderr (``source`` is then None)."""
+    if resume:
+        cfg = dataclasses.replace(cfg, init=None)
+    from finetune.eval_only import check_eval_start
+
+    try:
+        return cfg, check_eval_start(cfg, resume)
+    except ValueError as err:  # names its key (data paths)
+        if missing_data != "warn":
+            raise ConfigError(str(err)) from None
+        print(f"internimage submit: warning: {err}, on this machine: the job fails at its "
+              "start unless its nodes see it", file=sys.stderr, flush=True)
+        return cfg, None
 
 
 def checked_start(mod, cfg, resume_dir: Path | None, missing_data: str = "refuse"):

@@ -230,10 +230,16 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
     run_dir = Path(cfg.run.output_dir).resolve()
     if getattr(args, "eval_only", False):
         # one evaluation of the weights it names: no --resume auto, and no fresh-start
-        # refusal (it starts no run over the one in run_dir)
-        from launch.commands.finetune import check_eval_only
+        # refusal (it starts no run over the one in run_dir); weights it cannot evaluate
+        # are refused now, not after the job's wait in the queue
+        from launch.commands.finetune import check_eval_only, checked_eval
+        from models import CheckpointError
 
         check_eval_only(args)
+        try:
+            checked_eval(cfg, args.resume, missing_data="warn")
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
         argv, env = credentials_to_env(list(job), _secret_keys(args))
         return JobSpec(with_flag(argv, "--output-dir", str(run_dir)), run_dir, env)
     # the job runs with --resume auto unless one was given (appended below); an empty
