@@ -37,7 +37,7 @@ from finetune.cls_build import build_classifier
 from finetune.init import CLASSIFIER_ONLY_PREFIXES
 from models import CheckpointError
 from runtime.checkpoint import ResumeError, load_trainer_state, resolve_resume
-from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST, resolve_checkpoint
+from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,9 @@ def check_eval_start(cfg, resume: str | None) -> EvalSource:
 
 
 def _resumed(cfg, resume: str) -> Path:
-    """The ZeRO tag directory ``--resume`` names: ``auto``, ``run.output_dir``'s latest;
-    a path, as ``runtime.checkpoint_path`` resolves it (a weights file is ``--init``'s)."""
-    if resume != "auto":
-        try:
-            source = resolve_checkpoint(resume)
-        except CheckpointError as err:
-            raise ResumeError(f"--resume {err}") from None
-        if not source.is_zero:
-            raise ResumeError(f"--resume {resume} is a weights file, not a run's checkpoint: "
-                              f"evaluate it with --init {resume}")
-        return source.path
+    """The ZeRO tag directory ``--resume`` names, as a training resume resolves it
+    (``runtime.checkpoint.resolve_resume``): ``auto``, ``run.output_dir``'s latest; a path
+    of a run's checkpoint (a weights file is refused there: ``--init`` takes it)."""
     root = Path(cfg.run.output_dir) / CHECKPOINTS_DIR
     step_dir = resolve_resume(resume, root, warn=False)
     if step_dir is None:
