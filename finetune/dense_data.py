@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from runtime import rng
 from runtime.dist import DistInfo
+from runtime.loop import refuse_empty_epoch
 
 # the reason the training loop logs the replaced items under (metrics.jsonl ``skipped``,
 # by reason, as classification and pre-training log theirs)
@@ -59,9 +60,9 @@ def train_batches(train_set: Dataset, d: DistInfo, *, batch_size: int, grad_accu
                   ) -> tuple[Callable[[int], DataLoader], int]:
     """``(batches, steps_per_epoch)``: ``batches(epoch)`` is this rank's loader of that
     epoch; ``steps_per_epoch`` the optimizer steps (``grad_accum`` micro-batches each) it
-    yields, at least 1 (the training loop refuses an epoch without one). The loader
-    yields :class:`Counted` batches, read through ``train_set.counted_item`` (what
-    ``finetune.loop.run_loop`` takes).
+    yields, at least 1 (``runtime.loop.EmptyEpochError`` otherwise, before anything is
+    built on it). The loader yields :class:`Counted` batches, read through
+    ``train_set.counted_item`` (what ``finetune.loop.run_loop`` takes).
 
     Several ranks share the set through a ``DistributedSampler`` that pads each rank's
     share to ceil(len / world_size) samples (its ``drop_last=False``), so the count comes
@@ -82,4 +83,7 @@ def train_batches(train_set: Dataset, d: DistInfo, *, batch_size: int, grad_accu
                           generator=g)
 
     # the loader's length: len(sampler) // batch_size whole batches (drop_last)
-    return batches, max(1, len(batches(0)) // grad_accum)
+    steps = len(batches(0)) // grad_accum
+    refuse_empty_epoch("training", steps, len(sampler) if sampler is not None
+                       else len(train_set))
+    return batches, steps

@@ -48,6 +48,7 @@ from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distr
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
 from runtime.lockstep import lockstep
+from runtime.loop import refuse_empty_epoch
 
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
@@ -210,6 +211,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
                                          * d.world_size)
+    refuse_empty_epoch("classification", steps_per_epoch, len(train_set) // d.world_size)
     _restore_stream(train_set, run, steps_per_epoch, d)
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)

@@ -64,6 +64,25 @@ class LoopSpec:
     epochs: bool = True
 
 
+class EmptyEpochError(ValueError):
+    """An epoch of the training set holds no optimizer step: fewer samples than
+    ``run.batch_size x run.grad_accum x processes`` (a refused start, one line)."""
+
+    def __init__(self, name: str, samples: int | None = None) -> None:
+        held = f"{samples} samples" if samples is not None else "fewer samples"
+        super().__init__(f"{name}: an epoch holds no optimizer step ({held} a process, "
+                         "fewer than run.batch_size x run.grad_accum); lower run.batch_size "
+                         "or run.grad_accum, or use fewer processes")
+
+
+def refuse_empty_epoch(name: str, steps_per_epoch: int, samples: int | None = None) -> None:
+    """Raise :class:`EmptyEpochError` when ``steps_per_epoch`` is 0: called where the count
+    is first known, before the model and the engine are built (the loop, which would meet
+    it at its first epoch, checks again)."""
+    if steps_per_epoch < 1:
+        raise EmptyEpochError(name, samples)
+
+
 def _no_op(step: int) -> None:
     return None
 
@@ -239,8 +258,6 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
             if last:
                 break
         if pos.epoch_step == 0 and skipped == 0:
-            raise ValueError(f"{spec.name}: an epoch holds no optimizer step (fewer samples "
-                             "than run.batch_size x run.grad_accum x processes); lower "
-                             "run.batch_size or run.grad_accum")
+            raise EmptyEpochError(spec.name)
         pos.epoch, pos.epoch_step = pos.epoch + 1, 0
     return last_eval

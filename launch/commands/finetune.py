@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
     from runtime.checkpoint import discard_config, stage_config
+    from runtime.loop import EmptyEpochError
 
     out = Path(cfg.run.output_dir)
     try:
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except (CheckpointError, StorageAccessError) as err:  # a refused start: one line
+    except (CheckpointError, StorageAccessError, EmptyEpochError) as err:  # refused: one line
         if is_main:
             discard_config(out)
             if created is not None:  # a refused fresh start leaves no folder behind either
