@@ -164,11 +164,11 @@ def adamw(groups: list[dict], lr: float, betas: Sequence[float],
 
 
 # What a param group's training depends on that the config sets (optim.lr, layer_decay and
-# dcn_lr_mult -> lr_scale, weight_decay, betas; initial_lr where a scheduler was built
+# dcn_lr_mult -> lr_scale, weight_decay, betas, eps; initial_lr where a scheduler was built
 # before the load: timm's in detection/segmentation, pre-training's WarmupCosine): a resume
 # (fine-tuning's finetune/engine.py start_engine, pre-training's pretrain/trainer.py)
 # takes these from the config and the AdamW moments from the checkpoint
-GROUP_SETTINGS = ("lr", "initial_lr", "lr_scale", "weight_decay", "betas")
+GROUP_SETTINGS = ("lr", "initial_lr", "lr_scale", "weight_decay", "betas", "eps")
 
 
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -194,15 +194,21 @@ def apply_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[s
     ``apply_schedule_settings``). Each group gets back what this config built,
     ``initial_lr`` included only where it was set then (a fresh run's state); the
     scheduler, stepped to the resumed step, then sets the lr of that step. The optimizer's
-    state (the moments and step counts) stays the checkpoint's."""
+    state (the moments and step counts) stays the checkpoint's.
+
+    Only the number of groups is compared: the model hash matched, and groups are built
+    in a fixed order from the model, while what a checkpoint restores into a group cannot
+    be trusted to name it. DeepSpeed 0.19.8 loads a ZeRO-3 universal checkpoint (a resume
+    on another world size) by copying group 0's saved keys into every group
+    (zero/stage3.py, ``_load_universal_checkpoint``): every group then held group 0's
+    ``names``, ``weight_decay`` and ``lr_scale`` (norms and biases decayed, the DCN
+    multiplier lost) until this put each group's own back."""
     groups = optimizer.param_groups
-    same = len(groups) == len(settings) and all(
-        g.get("names", s.get("names")) == s.get("names") for g, s in zip(groups, settings))
-    if not same:  # the model hash matched: groups are built in a fixed order from it
+    if len(groups) != len(settings):
         from runtime.checkpoint import ResumeError
 
-        raise ResumeError(f"{resume_dir}: the optimizer's param groups differ from the "
-                          "checkpoint's")
+        raise ResumeError(f"{resume_dir}: the checkpoint's optimizer holds {len(groups)} "
+                          f"param groups, this config builds {len(settings)}")
     for group, built in zip(groups, settings):
         if "initial_lr" not in built:
             group.pop("initial_lr", None)

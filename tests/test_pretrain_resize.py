@@ -31,6 +31,9 @@ def restore(self):
         weights = {n: p.detach().float().clone() for n, p in named}
         buffers = {n: b.detach().clone() for n, b in self.engine.module.named_buffers()}
         torch.save(weights | buffers, out)
+    groups = [{k: g.get(k) for k in ("names", "weight_decay", "lr_scale")}
+              for g in self.engine.optimizer.param_groups]
+    torch.save(groups, out + ".groups")
 tr.Trainer._restore = restore
 from launch.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -59,6 +62,19 @@ def test_two_rank_zero3_checkpoint_resumes_on_one_rank(tmp_path, cache):
     assert any("running_mean" in name for name in saved)
     for name, value in saved.items():
         assert torch.equal(restored[name].to(value.dtype), value), name
+    # Optimizer groups: each trains at its own settings. DeepSpeed's universal ZeRO-3 load
+    # copies group 0's saved keys into every group (zero/stage3.py, 0.19.8), so every group
+    # trained with group 0's names, weight decay and lr scale: norms and biases decayed,
+    # which the release never does (no decay on 1-D parameters, runtime/param_groups.py).
+    from runtime.param_groups import no_weight_decay
+
+    groups = torch.load(str(dump) + ".groups")
+    names = [n for g in groups for n in g["names"]]
+    assert len(names) == len(set(names))  # each parameter in one group
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}  # the demo's 0.05
+    for g in groups:
+        for n in g["names"]:
+            assert (g["weight_decay"] == 0.0) == no_weight_decay(n, restored[n]), n
     # Training continues: step 3 ran on the new world size with a finite loss.
     steps = losses(out)
     assert sorted(steps) == [1, 2, 3] and torch.isfinite(torch.tensor(steps[3]))
