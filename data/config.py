@@ -18,6 +18,17 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ValueError(f"{key}: {message}")
 
 
+def check_dcn_backend(value: str) -> None:
+    """``model.dcn_backend`` (every task's): ``auto`` or a name in the DCNv3 op's backend
+    registry (the op raises only at the first forward, after the run directory is
+    written)."""
+    from ops.dcnv3 import available_backends  # models imports it anyway: no extra cost
+
+    names = ["auto", *available_backends()]
+    check(value in names, "model.dcn_backend", f"must be one of {'|'.join(names)}, got "
+          f"{value!r}")
+
+
 def check_shard_list_policy(value: str) -> None:
     """``data.on_shard_list_change`` (every streamed task's): what a resume does when its
     source's shard list changed since the save (data/loader.py): ``error`` or

@@ -10,19 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.config import check  # one validation helper for every config
+# one validation helper for every config, and the one check of model.dcn_backend
+from data.config import check, check_dcn_backend
 
 __all__ = ["check", "check_dcn_backend"]
-
-
-def check_dcn_backend(value: str) -> None:
-    """``model.dcn_backend``: ``auto`` or a name in the DCNv3 op's backend registry (the
-    op raises only at the first forward, after the run directory is written)."""
-    from ops.dcnv3 import available_backends  # models imports it anyway: no extra cost
-
-    names = ["auto", *available_backends()]
-    check(value in names, "model.dcn_backend", f"must be one of {'|'.join(names)}, got "
-          f"{value!r}")
 
 
 @dataclass

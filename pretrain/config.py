@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
+from data.config import check_dcn_backend
 from pretrain.data.config import DataConfig, check
 
 
@@ -33,11 +34,7 @@ class ModelConfig:
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
         check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
-        from ops.dcnv3 import available_backends  # the op's registry (models imports it)
-
-        backends = ["auto", *available_backends()]
-        check(self.dcn_backend in backends, "model.dcn_backend",
-              f"must be one of {'|'.join(backends)}, got {self.dcn_backend!r}")
+        check_dcn_backend(self.dcn_backend)
         if self.depths is not None and self.groups is not None:
             check(len(self.depths) == len(self.groups), "model.depths",
                    f"{len(self.depths)} stages but model.groups has {len(self.groups)}")
