@@ -84,3 +84,19 @@ def cache(tmp_path_factory) -> Path:
     path = root / "demo_cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_linear_restored():
+    """A test that runs ZeRO-3 in this process must not leave DeepSpeed's wrapper of
+    ``torch.nn.functional.linear`` to the tests after it: ``zero.Init`` replaces it for
+    the rest of the process ("This will persist unless manually reset",
+    deepspeed/runtime/zero/partition_parameters.py, 0.19.8), and torch.fx cannot trace
+    the wrapper (its ``if input.dim() == 2`` on a proxy: tests/test_timm_contract.py's
+    FX tests failed when they ran in the same worker after an in-process ZeRO-3 run). A
+    job is one process: nothing of ours resets it outside tests."""
+    import torch.nn.functional as F
+
+    original = F.linear
+    yield
+    F.linear = original
