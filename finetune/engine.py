@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError
-from runtime import rng
+from runtime import rng, run_lock
 from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
@@ -134,24 +134,32 @@ def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> P
 
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
-             world_size: int, engine: dict[str, Any], publish: bool = True) -> FinetuneRun:
+             world_size: int, engine: dict[str, Any], publish: bool = True,
+             is_main: bool = True) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
     ``runtime.checkpoint.engine_layout``, which a checkpoint's must match); once all
     checks passed, the config the command line staged becomes ``config.yaml``
     (``publish=False``: the caller checks more first, then calls
-    ``runtime.checkpoint.publish_config``)."""
+    ``runtime.checkpoint.publish_config``). ``is_main``: this is rank 0, which takes the
+    run directory's lock (runtime/run_lock.py: another live job there is refused too)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     refusal: CheckpointError | None = None
     resume_dir, state = None, None
     try:
+        if is_main:  # one job at a time in a run directory (runtime/run_lock.py)
+            run_lock.acquire(out_dir)
         resume_dir = resume_checkpoint(resume, out_dir)
         state = (checked_state(resume_dir, model_hash, world_size, engine)
                  if resume_dir is not None else None)
     except CheckpointError as err:
         refusal = err
-    agree_on_refusal(refusal)  # no rank ends before every rank has checked
+    try:
+        agree_on_refusal(refusal)  # no rank ends before every rank has checked
+    except CheckpointError:
+        run_lock.release()  # a refused start leaves the run directory as it found it
+        raise
     if publish:
         publish_config(out_dir)
     return FinetuneRun(out_dir, resume_dir, state)

@@ -62,7 +62,8 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # bf16 through autocast over fp32 weights (as before DeepSpeed): the engine's are fp32
     engine_state = engine_layout(zero_stage, "fp32")
     # may refuse: before compute
-    run = open_run(resume, out_dir, model_hash, d.world_size, engine_state)
+    run = open_run(resume, out_dir, model_hash, d.world_size, engine_state,
+                   is_main=d.is_main)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
         grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),

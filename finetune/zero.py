@@ -204,7 +204,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     # may refuse: before any compute; config.yaml once the stream position is checked and
     # the init weights are loaded too (a refused start leaves no config.yaml)
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
-    run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False)
+    run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
+                   is_main=d.is_main)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)

@@ -43,6 +43,7 @@ from pretrain.engine import (
     total_steps,
 )
 from pretrain.objectives import M3ILoss
+from runtime import run_lock
 from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
@@ -181,7 +182,10 @@ class Trainer:
 
     def _open_resume(self, cfg: PretrainConfig, resume: str | None) -> None:
         """The checkpoint ``resume`` names, its state and the run's position from it;
-        refused (a ``CheckpointError``) when this run cannot continue it."""
+        refused (a ``CheckpointError``) when this run cannot continue it, or another
+        live job holds the run directory (rank 0 takes its lock: runtime/run_lock.py)."""
+        if self.info.is_main:
+            run_lock.acquire(self.run_dir)
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
         refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
         self.state: dict[str, Any] | None = None
@@ -475,6 +479,10 @@ class Trainer:
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Run (or resume) pre-training; return the final metrics (rank-local view)."""
-    trainer = Trainer(cfg, resume=resume)
-    return trainer.fit()
+    """Run (or resume) pre-training; return the final metrics (rank-local view). The
+    run directory's lock (rank 0's) is released when it returns or raises."""
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        return trainer.fit()
+    finally:
+        run_lock.release()

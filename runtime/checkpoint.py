@@ -80,6 +80,7 @@ from runtime.checkpoint_path import (
 )
 from runtime.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from runtime.master_weights import MASTER_NAMES, master_names
+from runtime.run_lock import RunLockError, lost_message
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,15 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     :func:`save_torch_file` (an EMA's weights). Returns the checkpoint's directory.
     """
     tag = tag_for(step)
-    # every rank must write into the same folder: rank 0's token names it
-    staging = f"{tag}{STAGING}{broadcast_object(secrets.token_hex(4))}"
+    # every rank must write into the same folder: rank 0's token names it; none when
+    # another job took the run directory over from this one (runtime/run_lock.py): then
+    # no rank writes anything
+    lost = lost_message(root.parent) if info.is_main else None
+    token = broadcast_object(None if lost else secrets.token_hex(4))
+    if token is None:
+        raise RunLockError(lost or f"rank 0 refused to save into {root}: another job "
+                           "took its run directory over")
+    staging = f"{tag}{STAGING}{token}"
     client_state = dict(client_state or {})
     names = master_names(engine)
     if names is not None:

@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from data.shard_schedule import StorageAccessError
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
+    from runtime import run_lock
     from runtime.checkpoint import discard_config, stage_config
-    from runtime.loop import EmptyEpochError
+    from runtime.loop import RefusedStart
 
     out = Path(cfg.run.output_dir)
     try:
@@ -102,13 +103,16 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except (CheckpointError, StorageAccessError, EmptyEpochError) as err:  # refused: one line
+    except (CheckpointError, StorageAccessError, RefusedStart) as err:  # refused: one line
         if is_main:
             discard_config(out)
+            run_lock.release()  # before the folder it lies in is removed
             if created is not None:  # a refused fresh start leaves no folder behind either
                 _remove_empty_up_to(out, created)
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
+    finally:
+        run_lock.release()  # the run directory's lock, taken by rank 0's start
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
 

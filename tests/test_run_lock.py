@@ -1,0 +1,254 @@
+"""One job at a time in a run directory (runtime/run_lock.py): a live holder is refused,
+a dead one is taken over at once where that can be told (this machine, this SLURM job)
+and after its heartbeat has stopped elsewhere; a holder that lost the lock saves nothing.
+
+The holders here are real processes (a subprocess that takes the lock and keeps it
+beating) or lock files written as another machine's holder would write them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime import run_lock
+from runtime.checkpoint import save_checkpoint
+from runtime.dist import DistInfo
+from runtime.run_lock import LOCK_NAME, RunLockError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _release():
+    yield
+    run_lock.release()
+
+
+def _holder_process(run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Another process on this machine that takes ``run_dir``'s lock and keeps it."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from runtime import run_lock
+        run_lock.acquire(Path({str(run_dir)!r}), heartbeat_s=0.1)
+        print("held", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _other_machine(run_dir: Path, beat: int = 0, slurm_job: str | None = None) -> dict:
+    """A lock file as a holder on another machine writes it."""
+    holder = {"token": "0123456789abcdef", "host": "node-elsewhere-17", "pid": 4242,
+              "pid_namespace": "pid:[4026531836]", "process_start": "123456",
+              "slurm_job": slurm_job, "started": "2026-12-01T10:00:00+0000", "beat": beat}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(json.dumps(holder) + "\n")
+    return holder
+
+
+def test_lock_names_its_holder_and_goes_with_release(tmp_path):
+    run_lock.acquire(tmp_path, heartbeat_s=0.05)
+    saved = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert saved["pid"] == os.getpid() and saved["host"] == socket.gethostname()
+    time.sleep(0.3)  # the heartbeat rewrites it
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["beat"] > 0
+    run_lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left either
+
+
+def test_live_holder_on_this_machine_is_refused_at_once_then_taken_over_once_killed(
+        tmp_path, caplog):
+    proc = _holder_process(tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RunLockError, match=f"in use by process {proc.pid} on "):
+            run_lock.acquire(tmp_path, stale_s=60)  # no watching: this machine can tell
+        assert time.monotonic() - start < 5
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == proc.pid
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a holder killed without warning leaves its lock: taken over at once, with a warning
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+        run_lock.acquire(tmp_path, stale_s=60)
+    assert time.monotonic() - start < 5
+    assert f"process {proc.pid} is gone" in caplog.text
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_reused_pid_is_not_the_holder(tmp_path, caplog):
+    """A live process with the holder's PID that started at another time (the PID was
+    reused after the holder died) does not hold the run."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        me = run_lock.RunLock(tmp_path).me  # this machine's identity, as a holder's file has
+        stale = dict(vars(me), token="fedcba9876543210", pid=other.pid, process_start="1")
+        (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
+        with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+            run_lock.acquire(tmp_path, stale_s=60)
+        assert f"process {other.pid} is another process now" in caplog.text
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_requeued_slurm_job_takes_its_own_lock_over(tmp_path, monkeypatch, caplog):
+    """A requeue keeps SLURM_JOB_ID and may start on another node: the lock the job's
+    first run left is taken over without waiting for a heartbeat."""
+    _other_machine(tmp_path, slurm_job="918273")
+    monkeypatch.setenv("SLURM_JOB_ID", "918273")
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+        run_lock.acquire(tmp_path, stale_s=60)
+    assert time.monotonic() - start < 5
+    assert "this SLURM job (918273), requeued" in caplog.text
+
+
+def test_other_machine_with_a_beating_lock_is_refused(tmp_path):
+    holder = _other_machine(tmp_path)
+    stop = threading.Event()
+
+    def beat():  # the remote holder's heartbeat, as its thread writes it
+        while not stop.wait(0.05):
+            holder["beat"] += 1
+            tmp = tmp_path / "beat.tmp"
+            tmp.write_text(json.dumps(holder))
+            os.replace(tmp, tmp_path / LOCK_NAME)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(RunLockError, match="in use by process 4242 on node-elsewhere-17"):
+            run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=30)
+    finally:
+        stop.set()
+        thread.join()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == holder["token"]
+
+
+@pytest.mark.parametrize("content", ["holder", "unreadable"])
+def test_silent_lock_of_another_machine_is_taken_over_after_stale_s(tmp_path, caplog, content):
+    if content == "holder":
+        _other_machine(tmp_path, slurm_job="1")  # another SLURM job than this one's (none)
+    else:  # a holder killed while it created the file
+        (tmp_path / LOCK_NAME).write_text('{"token": "ab')
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+        run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=1.0)
+    assert time.monotonic() - start >= 1.0
+    assert "no heartbeat for 1 s" in caplog.text
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+class _NoSave:
+    """An engine a refused save must never reach."""
+
+    def save_checkpoint(self, *args, **kwargs):
+        raise AssertionError("saved although the run directory was taken over")
+
+
+def test_a_holder_that_lost_its_lock_saves_nothing(tmp_path, caplog):
+    run_lock.acquire(tmp_path, heartbeat_s=0.05)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    with caplog.at_level(logging.ERROR, logger="runtime.run_lock"):
+        _other_machine(tmp_path)  # another job decided this one was dead
+        deadline = time.monotonic() + 10
+        while run_lock.lost_message(tmp_path) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "taken over by process 4242 on node-elsewhere-17" in caplog.text
+    with pytest.raises(RunLockError, match="taken over by process 4242"):
+        save_checkpoint(_NoSave(), root, 3, {}, {"step": 3}, DistInfo(), keep_last=2)
+    assert list(root.iterdir()) == []
+    run_lock.release()  # not its lock any more: the new holder's file stays
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 4242
+
+
+def test_finetune_start_in_a_run_directory_another_job_holds_is_refused(tmp_path):
+    from finetune.engine import open_run
+    from runtime.checkpoint import engine_layout
+
+    proc = _holder_process(tmp_path)
+    try:
+        with pytest.raises(RunLockError, match=f"in use by process {proc.pid}"):
+            open_run("auto", tmp_path, "h", 1, engine_layout(0, "fp32"))
+    finally:
+        proc.kill()
+        proc.wait()
+    run = open_run("auto", tmp_path, "h", 1, engine_layout(0, "fp32"))  # the holder is gone
+    assert run.resume_dir is None
+
+
+@pytest.mark.distributed
+def test_pretrain_resume_while_the_run_still_trains_is_refused_then_continues_it(
+        tmp_path, cache):
+    """The run a second job would corrupt: a 1-rank run still training (as workers left
+    by a killed torchrun go on) and a 2-rank `--resume auto` of it. Every rank of the
+    second job refuses in one line and writes nothing; once the first is killed, a resume
+    takes its lock over at once and continues from its last checkpoint."""
+    from tests.pretrain_utils import _logs, _start_forked, latest, losses, pretrain_cmd, run_forked
+
+    out = tmp_path / "run"
+    holder = _start_forked(pretrain_cmd(1, out, "--max-steps", "100000",
+                                        "--checkpoint-every", "2"), cache, _logs())[0]
+    try:
+        deadline = time.time() + 240
+        while latest(out) is None and time.time() < deadline and holder.exitcode is None:
+            time.sleep(0.05)
+        assert latest(out) is not None, "the first run saved no checkpoint"
+        config = (out / "config.yaml").read_text()
+        second = run_forked(pretrain_cmd(2, out, "--max-steps", "100000", "--resume", "auto"),
+                            cache, check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"in use by process {holder.pid}" in second.stderr  # rank 0's refusal
+        assert "rank 0 of 2 refused" in second.stderr  # and rank 1's, in one line
+        assert (out / "config.yaml").read_text() == config
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid
+        assert holder.exitcode is None  # the first run trains on, untouched
+    finally:
+        if holder.exitcode is None:
+            os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
+    step = int(latest(out).split("_")[1])
+    resumed = run_forked(pretrain_cmd(1, out, "--max-steps", str(step + 1), "--resume", "auto"),
+                         cache)
+    assert f"process {holder.pid} is gone" in resumed.stderr
+    assert latest(out) == f"step_{step + 1:07d}"
+    assert max(losses(out)) == step + 1
+    assert not (out / LOCK_NAME).exists()  # released at the end of the run
+
+
+def test_a_filesystem_without_hard_links_still_locks(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    run_lock.acquire(tmp_path, heartbeat_s=0.05)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    proc = _holder_process(tmp_path / "other")  # a second holder elsewhere is unaffected
+    try:
+        with pytest.raises(RunLockError, match=f"in use by process {proc.pid}"):
+            run_lock.RunLock(tmp_path / "other").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    run_lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
