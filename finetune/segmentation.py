@@ -53,6 +53,7 @@ from finetune.seg_model import (  # noqa: F401  (the public import path)
 )
 from runtime import rng, schedules
 from runtime.dist import init_distributed
+from runtime.loop import RefusedStart
 from runtime.param_groups import adamw, param_groups
 
 log = logging.getLogger(__name__)
@@ -148,18 +149,34 @@ def _init_desc(init: str | None) -> str:
     return f"{init} (whole segmenter)" if is_segmenter_checkpoint(init) else f"{init} (trunk)"
 
 
+def refuse_single_image_batchnorm(cfg: SegmentationConfig, pooled_ranks: int) -> None:
+    """Refuse (``RefusedStart``) a UperNet run whose BatchNorm layers would see one image:
+    the pyramid pooling's 1x1 bin then holds one value per channel, which BatchNorm cannot
+    normalise in training (the first forward raised, after the run directory was made).
+    ``pooled_ranks``: how many ranks' images one BatchNorm pools (SyncBatchNorm: all)."""
+    if cfg.head.kind == "upernet" and cfg.run.batch_size * pooled_ranks < 2:
+        raise RefusedStart(
+            f"segmentation: run.batch_size={cfg.run.batch_size} image per process, and "
+            f"UperNet's BatchNorm layers pool no other process's images here (SyncBatchNorm "
+            f"runs on CUDA with more than one process only): its 1x1 pyramid-pooling bin "
+            f"then has one value per channel, which BatchNorm cannot train on; use "
+            f"run.batch_size >= 2 (the UperNet configs use 2 per GPU)")
+
+
 def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind`` on InternImage; returns the last evaluation (``mIoU``,
     ``IoU.<class>``, ...)."""
     from finetune.loop import fingerprint, run_loop
 
     d = init_distributed()
+    sync_bn = d.world_size > 1 and d.device.type == "cuda"  # SyncBatchNorm needs NCCL
+    refuse_single_image_batchnorm(cfg, d.world_size if sync_bn else 1)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = SegDataset(cfg.data, True), SegDataset(cfg.data, False)
     rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
     model = build_segmentor(cfg, cfg.init).to(d.device)
-    if d.world_size > 1 and d.device.type == "cuda":  # SyncBatchNorm needs CUDA (NCCL)
+    if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     batches, steps_per_epoch = train_batches(

@@ -64,7 +64,12 @@ class LoopSpec:
     epochs: bool = True
 
 
-class EmptyEpochError(ValueError):
+class RefusedStart(ValueError):
+    """A start refused before any compute for a reason known only once the processes are
+    up (their number, the device): the command line reports it in one line, exit 2."""
+
+
+class EmptyEpochError(RefusedStart):
     """An epoch of the training set holds no optimizer step: fewer samples than
     ``run.batch_size x run.grad_accum x processes`` (a refused start, one line)."""
 

@@ -422,3 +422,19 @@ def test_eval_every_0_evaluates_and_checkpoints_every_epoch(monkeypatch, tmp_pat
     seg.train(cfg, tmp_path)
     assert captured["total_steps"] == 3 * steps_per_epoch
     assert captured["eval_every"] == captured["checkpoint_every"] == steps_per_epoch
+
+
+def test_a_one_image_upernet_batch_is_refused_at_the_start(cache, tmp_path, capsys):
+    """BatchNorm cannot train on one value per channel, which UperNet's 1x1 pyramid-pooling
+    bin holds with one image per BatchNorm (one process, or any number without CUDA's
+    SyncBatchNorm). It raised in the first forward, after the run directory was made."""
+    from launch.cli import main
+
+    out = tmp_path / "runs" / "run"
+    code = main(["finetune", "segmentation", "--output-dir", str(out), *TINY,
+                 "run.batch_size=1", f"data.cache_dir={cache}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err[-5:]
+    assert err[-1].startswith("internimage finetune: ") and "Traceback" not in "\n".join(err)
+    assert "run.batch_size=1" in err[-1] and "run.batch_size >= 2" in err[-1]
+    assert not (tmp_path / "runs").exists()
