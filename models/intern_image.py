@@ -18,12 +18,19 @@ from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, register_notrace_module
 from torch import nn
 from torch.fx import Proxy
 
 from models.clip_projector import EMBED_DIM, NUM_HEADS, TOKEN_DIM, UPSAMPLE, AttentionPoolingBlock
-from models.layers import DownsampleLayer, MLPLayer, StemLayer, batch_norm, layer_norm
+from models.layers import (
+    DownsampleLayer,
+    MLPLayer,
+    StemLayer,
+    batch_norm,
+    layer_norm,
+    trunc_normal_fp32_,
+)
 from ops.dcnv3 import DCNv3
 
 # FX traces call DCNv3 as one opaque module; its eager forward then picks the backend.
@@ -207,7 +214,7 @@ class InternImage(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
+            trunc_normal_fp32_(m.weight, std=0.02)  # bf16 under zero.Init: see there
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

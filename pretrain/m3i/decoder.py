@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import trunc_normal_fp32_
 from pretrain.m3i.pos_embed import grid_positions, sincos_embed
 
 
@@ -61,7 +62,7 @@ class MaskTokenDecoder(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal_fp32_(m.weight, std=0.02)  # bf16 under zero.Init
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
