@@ -48,6 +48,57 @@ from data.stream import MixedStream, SourceCursor, SourceStream
 
 log = logging.getLogger(__name__)
 
+# Samples of one source skipped in a row (no usable one between) that end the run. A
+# source whose every sample is skipped (a wrong ``image_key``/``text_key``, shards of
+# another layout) otherwise re-reads its shards for ever with nothing logged: a
+# resampled stream never ends, skipped samples never make a batch, and skip counts reach
+# the records only with one. 10,000 is a whole shard of LAION-style data: damage that
+# skips a few samples here and there never comes near it.
+MAX_SKIPPED_IN_A_ROW = 10_000
+
+
+class UnusableSourceError(RuntimeError):
+    """Every sample a source delivered for :data:`MAX_SKIPPED_IN_A_ROW` samples was
+    skipped: its keys do not match its shards, or its data is unusable. Raised in the
+    main process (one line, the reasons counted), not in a data worker."""
+
+
+class _SkippedInARow:
+    """Per source of one worker: samples skipped since its last usable one, and the skip
+    reasons counted since that run began: the counter's never-drained ``met`` (a few
+    entries) copied before each sample that may start a run, i.e. one that follows a
+    usable one (a small dict copy a sample, beside a JPEG decode)."""
+
+    def __init__(self, names: list[str], counter: SkipCounter, limit: int):
+        self.names, self.counter, self.limit = names, counter, limit
+        self.runs = [0] * len(names)
+        self.before: list[Counter[tuple[str, str]]] = [Counter() for _ in names]
+
+    def next_sample(self, source_id: int) -> None:
+        """Before ``source_id``'s next sample is decoded."""
+        if self.runs[source_id] == 0:
+            self.before[source_id] = self.counter.met.copy()
+
+    def usable(self, source_id: int) -> None:
+        self.runs[source_id] = 0
+
+    def skipped(self, source_id: int) -> str | None:
+        """Count one skipped sample; the error message once the run reaches the limit."""
+        self.runs[source_id] += 1
+        if self.runs[source_id] < self.limit:
+            return None
+        name = self.names[source_id]
+        reasons = self._met(self.counter.met, name) - self._met(self.before[source_id], name)
+        why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+        return (f"data: source {name!r}: the last {self.runs[source_id]} samples it "
+                f"delivered were all skipped ({why}); check the keys configured for it "
+                f"(image_key, text_key; pre-training: sources.{name}.*) against those its "
+                f"shards hold (`internimage shards verify` counts what is missing)")
+
+    @staticmethod
+    def _met(met: Counter[tuple[str, str]], name: str) -> Counter[str]:
+        return Counter({reason: n for (source, reason), n in met.items() if source == name})
+
 
 @dataclass
 class StreamSource:
@@ -142,12 +193,21 @@ class SlotStreams(IterableDataset):
         slot = (self.rank * self.workers + worker, self.world_size * self.workers)
         pending: list[tuple[int, Any]] = []
         mixed = self.mixed_stream(worker, counter)
+        in_a_row = _SkippedInARow([s.name for s in self.sources], counter,
+                                  MAX_SKIPPED_IN_A_ROW)
         for source_id, raw in mixed:
             index = mixed.index - 1  # the raw sample's number in this worker's stream
             rng = random.Random(derive_seed(opts.seed, "aug", *slot, self.epoch, index))
+            in_a_row.next_sample(source_id)
             sample = self.codec.decode(source_id, raw, rng, counter)
             if sample is not None:
                 pending.append((source_id, sample))
+                in_a_row.usable(source_id)
+            elif (error := in_a_row.skipped(source_id)) is not None:
+                # handed to the main process with the batch items: raised there in one
+                # line (a worker's exception arrives wrapped in its traceback)
+                yield self._item(pending, worker, mixed, counter) | {"error": error}
+                return
             if len(pending) == opts.batch_size:
                 yield self._item(pending, worker, mixed, counter)
                 pending = []
@@ -221,6 +281,8 @@ class ResumableLoader:
                             generator=torch.Generator().manual_seed(opts.seed), **extra)
         names = [s.name for s in self.sources]
         for item in loader:
+            if "error" in item:
+                raise UnusableSourceError(item["error"])
             worker = item["worker"]
             st.positions[worker] = item["state"]
             st.next_worker = (worker + 1) % self.workers

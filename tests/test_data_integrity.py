@@ -384,3 +384,44 @@ def test_a_set_aside_shard_replaced_before_the_resume_is_read_from_its_start(tmp
     stats.add_counts(counter.drain())
     assert keys == [f"B{i:04d}" for i in range(5, 12)]
     assert stats.events["shards_changed"] == 1 and not stats.skipped
+
+
+# A source whose samples are all skipped (keys that do not match its shards) re-read its
+# shards for ever: a resampled stream never ends, and skip counts reach the records only
+# with a batch, so the run sat at step 0 with nothing logged (QA: text_key=caption over
+# shards holding .txt, image_key=png over .jpg shards).
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("wrong", [{"text_key": "caption"}, {"image_key": "png"}])
+def test_a_source_whose_every_sample_is_skipped_ends_the_run_with_its_reason(
+        tmp_path, monkeypatch, workers, wrong):
+    import data.loader
+    from data.loader import UnusableSourceError
+
+    monkeypatch.setattr(data.loader, "MAX_SKIPPED_IN_A_ROW", 40)
+    shard = write_tar(tmp_path / "a.tar", good_samples("a", 6, size=8))
+    good = write_tar(tmp_path / "b.tar", good_samples("b", 6, size=8))
+    cfg = _cfg([SourceConfig("ok", str(good)), SourceConfig("bad", str(shard), **wrong)])
+    cfg.workers = workers
+    loader = build_loader(cfg, 0, 1, train=True)
+    reason = "missing_caption" if "text_key" in wrong else "missing_image"
+    # the good source keeps delivering batches: the bad one's run is counted on its own
+    with pytest.raises(UnusableSourceError) as err:
+        _keys(loader, batches=1000)
+    message = str(err.value)
+    assert "\n" not in message and "source 'bad'" in message
+    assert f"the last 40 samples it delivered were all skipped ({reason}: 40)" in message
+
+
+def test_skips_between_usable_samples_never_end_a_source(tmp_path, monkeypatch):
+    import data.loader
+
+    monkeypatch.setattr(data.loader, "MAX_SKIPPED_IN_A_ROW", 3)
+    samples = good_samples("a", 8, size=8)
+    for s in samples[::2]:  # every other sample has no caption: runs of one
+        del s["txt"]
+    loader = build_loader(_cfg([SourceConfig("s", str(write_tar(tmp_path / "a.tar", samples)))],
+                               batch_size=2), 0, 1, train=True)
+    keys = _keys(loader, batches=20)
+    assert len(keys) == 40 and loader.stats.skipped["missing_caption"] == 40

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return mod.dry_run(cfg)
     if args.eval_only:
         return eval_only(cfg, args.resume)
+    from data.loader import UnusableSourceError
     from data.shard_schedule import StorageAccessError
     from finetune.engine import resume_checkpoint
     from models import CheckpointError
@@ -103,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except (CheckpointError, StorageAccessError, RefusedStart) as err:  # refused: one line
+    # refused, or data that cannot be used (storage, a source whose samples are all
+    # skipped): one line
+    except (CheckpointError, StorageAccessError, UnusableSourceError, RefusedStart) as err:
         if is_main:
             discard_config(out)
             run_lock.release()  # before the folder it lies in is removed
