@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 log = logging.getLogger(__name__)
 
+# Suffix -> shard member for the formats the reader takes (its image_key, jpg;png;webp):
+# these files are stored byte for byte. Any other image PIL decodes is stored as PNG.
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+# Modes a PNG holds as they are; any other (CMYK, YCbCr, 32-bit int, float) is stored as
+# its RGB conversion, the pixels the reader's convert("RGB") would give it anyway.
+PNG_MODES = {"1", "L", "LA", "I;16", "P", "RGB", "RGBA"}
 
 
 class MissingImagesError(FileNotFoundError):
@@ -81,6 +90,46 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
                          "with `pip install pyarrow` (or use CSV/JSONL)") from None
 
 
+class UnreadableImage(ValueError):
+    """A file that is not an image the reader could decode; ``reason`` names why, as the
+    reader's skip counts do (``not_an_image``, ``undecodable_image``, ``oversized_image``)."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+def image_member(file: Path) -> tuple[str, bytes, bool]:
+    """``(member, bytes, transcoded)`` to store for the image ``file``: a jpg/jpeg/png/webp
+    file byte for byte under its own member, any other image PIL decodes (bmp, tif, gif,
+    ...) as a PNG of its first frame under ``png`` (``transcoded``). Every file is decoded
+    once, as the reader does, so a sample is written only if the reader can read it; one
+    that cannot be raises :class:`UnreadableImage`."""
+    data = file.read_bytes()
+    try:
+        with warnings.catch_warnings():
+            # large but legal images: the reader silences the same warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            member = IMAGE_EXTS.get(file.suffix.lower())
+            if member is not None and img.format == "JPEG":
+                # only checked, not kept: a 1/8-scale decode still reads every byte
+                img.draft("RGB", (1, 1))
+            img.load()  # truncated or corrupt data raises here
+            if member is not None:
+                return member, data, False
+            out = io.BytesIO()
+            (img if img.mode in PNG_MODES else img.convert("RGB")).save(out, format="PNG")
+            return "png", out.getvalue(), True
+    except UnidentifiedImageError as err:  # a text file, an empty file, random bytes
+        raise UnreadableImage("not_an_image", "no image format PIL knows") from err
+    except Image.DecompressionBombError as err:  # beyond twice PIL's limit: so does the reader
+        raise UnreadableImage("oversized_image", str(err)) from err
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged data
+        raise UnreadableImage("undecodable_image", f"{type(err).__name__}: {err}") from err
+
+
 def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
                  maxcount: int = 10000, maxsize: int = 1_000_000_000,
                  skip_missing: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -89,7 +138,11 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     write ``manifest.json`` next to them and return it.
 
     Missing image files raise :class:`MissingImagesError` listing them, unless
-    ``skip_missing`` (then they are left out and counted in the manifest).
+    ``skip_missing`` (then they are left out and counted in the manifest). Images in other
+    formats are stored as PNG (counted, ``transcoded``); a file that is no image the reader
+    could decode is left out, counted by reason (``skipped_unreadable``) and named in a
+    warning: that is only known once it is decoded, while writing, unlike a missing file
+    (see :func:`image_member`).
     """
     import webdataset as wds
     from tqdm import tqdm
@@ -106,21 +159,37 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     out_dir = Path(out_pattern).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[str] = []
-    written = 0
+    written = transcoded = 0
+    unreadable: dict[str, int] = {}  # reason -> rows left out
+    shown: list[str] = []  # the first 20 of them, named in the warning
     with wds.ShardWriter(out_pattern, maxcount=maxcount, maxsize=maxsize, verbose=0,
                          post=lambda fname: shards.append(Path(fname).name)) as sink:
         for row in tqdm(rows, desc="writing shards", unit="img", disable=not progress):
             if row["path"] in missing_set:
                 continue
-            file = images_dir / row["path"]
-            ext = IMAGE_EXTS.get(file.suffix.lower(), file.suffix.lower().lstrip(".") or "jpg")
-            sink.write({"__key__": f"{written:09d}", ext: file.read_bytes(),
-                        "txt": row["caption"],
+            try:
+                member, data, was_transcoded = image_member(images_dir / row["path"])
+            except UnreadableImage as err:
+                unreadable[err.reason] = unreadable.get(err.reason, 0) + 1
+                if len(shown) < 20:
+                    shown.append(f"{row['path']} ({err})")
+                continue
+            transcoded += was_transcoded
+            sink.write({"__key__": f"{written:09d}", member: data, "txt": row["caption"],
                         "json": json.dumps({"path": row["path"], "tags": row["tags"]})})
             written += 1
     if missing:
         log.warning("skipped %d caption rows whose image is missing", len(missing))
+    skipped = sum(unreadable.values())
+    if skipped:
+        more = f"\n  ... and {skipped - len(shown)} more" if skipped > len(shown) else ""
+        log.warning("skipped %d caption rows whose file is not an image the reader can "
+                    "decode:\n  %s%s", skipped, "\n  ".join(shown), more)
+    if transcoded:
+        log.info("stored %d images of other formats as PNG (the reader takes jpg, png and "
+                 "webp)", transcoded)
     manifest = {"shards": shards, "samples": written, "skipped_missing": len(missing),
+                "skipped_unreadable": unreadable, "transcoded": transcoded,
                 "captions": str(captions), "images": str(images_dir),
                 "members": {"image": "jpg;png;webp", "caption": "txt", "tags": "json:tags"}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
