@@ -14,12 +14,15 @@ checkpoints load into it unchanged and libraries that accept timm backbones can 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import Format
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from models.intern_image import InternImage
+from models.layer_decay import layer_id
 
 
 def stage_feature_info(model: InternImage) -> list[dict]:
@@ -36,6 +39,30 @@ class InternImageTimm(InternImage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.feature_info = stage_feature_info(self)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's contract: what ``reset_classifier`` replaces)."""
+        return self.head
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's parameter grouping (``timm.optim.create_optimizer_v2(..., layer_decay=)``,
+        ``train.py --layer-decay``): parameter name -> ordinal. Fine: the released
+        classification rule (models/layer_decay.py), so timm's layer decay gives the scales
+        the released optimizer gives (the last block and the head at the full rate, each
+        block before one factor less; without it timm grouped by module order: 108 groups,
+        T's stem at 0.9**53). Coarse: the stem, then one group per level, then the head."""
+        if not coarse:
+            depths = self.depths
+            return lambda name: layer_id(name, depths, "classification")
+
+        def by_level(name: str) -> int:
+            if name.startswith("patch_embed."):
+                return 0
+            if name.startswith("levels."):
+                return 1 + int(name.split(".")[1])
+            return 1 + self.num_levels
+        return by_level
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's meaning: the one unpooled NCHW map ``forward_head`` pools (N,

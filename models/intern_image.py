@@ -257,7 +257,13 @@ class InternImage(nn.Module):
         """The NCHW map the head pools, from the NCHW stage maps: the last stage (stride 32)
         for T..XL; for H the pixel-shuffled stage 4 plus stage 3 (stride 16)."""
         if self.use_clip_projector:
-            return self.dcnv3_head_x4(stages[-1]) + self.dcnv3_head_x3(stages[-2])
+            x4 = self.dcnv3_head_x4(stages[-1])
+            x3 = self.dcnv3_head_x3(stages[-2])
+            # Stage 4 is stage 3 at stride 2 (rounded up), so its 2x pixel shuffle is one
+            # row/column larger where stage 3's side is odd (224 px: 14, fine; 240, 336,
+            # 560 px: 15, 21, 35). The released code adds the two as they are and fails
+            # there; the extra trailing row/column lies past stage 3's grid: cropped.
+            return x4[:, :, : x3.shape[-2], : x3.shape[-1]] + x3
         return stages[-1]
 
     def forward_unpooled(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ Layer-wise decay follows the released recipes, which differ between the tasks
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,43 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.layer_decay import LAYER_RULES, layer_id, num_layers
+
 # The layers the released classification optimizer scales by DCN_LR_MUL (names containing
 # "offset" or "center_feature_scale_proj"; InternImage's DCNv3 has no "attention_weights"
 # or "alpha_beta"): the sampling offsets, not the mask (softmax-weight) projection.
 DCN_SAMPLING_LAYERS = (".dcn.offset.", ".dcn.center_feature_scale_proj")
 HEAD_OFFSET_LAYERS = ("sampling_offsets", "reference_points")
 NO_DECAY_SUFFIXES = ("gamma1", "gamma2", "logit_scale")
-LAYER_RULES = ("dense", "classification")
-_LEVEL_PART = re.compile(r"levels\.(\d+)\.([A-Za-z_]+)\.(\d+\.)?")
-
-
-def layer_id(name: str, depths: Sequence[int], rule: str = "dense") -> int:
-    """Layer id of trunk parameter ``name`` (released keys) under ``rule`` (module
-    docstring); ids run from 0 (dense) or 1 (classification) to :func:`num_layers`, the
-    id of whatever the rule gives the full rate."""
-    top = num_layers(depths, rule)
-    first_block = [1 + sum(depths[:i]) for i in range(len(depths))]
-    if name.startswith("patch_embed."):
-        return 0 if rule == "dense" else first_block[0]
-    m = _LEVEL_PART.match(name)
-    if m is None:
-        return top
-    level, part, index = int(m.group(1)), m.group(2), m.group(3)
-    last = len(depths) - 1
-    if part in ("downsample", "norm"):
-        if rule == "dense":
-            return first_block[min(level + 1, last)]
-        return first_block[level + 1] if level < last else top
-    if part == "blocks" or (rule == "dense" and index is not None):
-        return first_block[level] + int(index[:-1])
-    return top
-
-
-def num_layers(depths: Sequence[int], rule: str = "dense") -> int:
-    """The layer id that trains at the full rate under ``rule``."""
-    return sum(depths) + 1 if rule == "dense" else sum(depths)
-
-
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, layer-scale gammas, the temperature (``logit_scale``) and heads'
     deformable-attention ``sampling_offsets`` (as the released dense-task optimiser

@@ -190,3 +190,61 @@ def test_eager_forward_and_backward_contract():
     out.mean().backward()
     assert out.shape == (2, 42)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_timm_layer_decay_follows_the_released_classification_rule():
+    """timm's optimizer factory (``train.py --layer-decay``) groups by the model's
+    ``group_matcher``; without one it grouped by module order (InternImage-T: 108 groups,
+    the stem at 0.9**53). It must give the released classification optimizer's scales
+    (runtime/param_groups.py, checked against classification/optimizer.py there): the
+    last block and the head at the full rate, the stem with level 0's first block."""
+    from timm.optim import create_optimizer_v2
+
+    from runtime.param_groups import param_groups
+
+    model = timm.create_model("internimage_t", **TINY_T)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.9)
+    timm_scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    ours = param_groups(model, 0.05, depths=model.depths, backbone_prefix="", layer_decay=0.9,
+                        rule="classification")
+    our_scale = {n: g["lr_scale"] for g in ours for n in g["names"]}
+    assert timm_scale.keys() == our_scale.keys()
+    for name, scale in our_scale.items():
+        assert timm_scale[name] == pytest.approx(scale), name
+    blocks = sum(TINY_T["depths"])
+    assert timm_scale["patch_embed.conv1.weight"] == pytest.approx(0.9 ** (blocks - 1))
+    assert timm_scale["head.weight"] == 1.0
+    coarse = model.group_matcher(coarse=True)
+    assert [coarse(n) for n in ("patch_embed.conv1.weight", "levels.0.blocks.0.mlp.fc1.weight",
+                                "levels.3.norm.0.weight", "head.weight")] == [0, 1, 4, 5]
+
+
+def test_get_classifier_is_what_reset_classifier_replaces():
+    """timm's contract (90 of timm 1.0.31's 118 model files define it; its fine-tuning
+    and model-surgery helpers read it)."""
+    model = timm.create_model("internimage_t", **TINY_T)
+    assert model.get_classifier() is model.head
+    model.reset_classifier(10)
+    assert model.get_classifier() is model.head and model.head.out_features == 10
+
+
+@pytest.mark.parametrize("size", [224, 240, 336, 560, (100, 130)])
+def test_internimage_h_takes_sizes_whose_stride_16_side_is_odd(size):
+    """InternImage-H adds its 2x-upsampled stage 4 to stage 3; where stage 3's side is odd
+    (240, 336, 560 px: 15, 21, 35) the upsampled map is one larger and the released add
+    fails ("Attempting to broadcast a dimension of length 21"). The extra row/column lies
+    past stage 3's grid and is cropped."""
+    h, w = (size, size) if isinstance(size, int) else size
+    with torch.device("meta"):  # the full H at once; no memory
+        model = timm.create_model("internimage_h")
+        assert model(torch.empty(2, 3, h, w)).shape == (2, 1000)
+    if max(h, w) > 240:  # the full H on the meta device is the check; real numbers below
+        return
+    tiny = timm.create_model("internimage_h", **TINY_H).eval()
+    x = torch.randn(1, 3, h, w)
+    stages = tiny.forward_stages(x)
+    x4, x3 = tiny.dcnv3_head_x4(stages[-1]), tiny.dcnv3_head_x3(stages[-2])
+    assert x4.shape[-2] == 2 * stages[-1].shape[-2] and x3.shape[-2] == stages[-2].shape[-2]
+    torch.testing.assert_close(tiny.head_input(stages),
+                               x4[:, :, :x3.shape[-2], :x3.shape[-1]] + x3, rtol=0, atol=0)
