@@ -50,6 +50,7 @@ FORMAT_TAG = "internimage-convert-v1"
 ARCH_FIELDS = tuple(f for f in InternImageSpec.__dataclass_fields__
                     if f not in ("drop_path_rate", "extra"))
 _STEP_DIR = re.compile(r"_model_states\.pt$")
+_RANK_FILE = re.compile(r"_(model|optim)_states\.pt$")  # what zero_to_fp32 reads
 
 
 @dataclass
@@ -88,8 +89,15 @@ class ConvertReport:
 
 
 def _torch_load(path: Path) -> dict:
-    # DeepSpeed's own files pickle config objects; they are the user's own checkpoint.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """One DeepSpeed rank file, its tensors memory-mapped (not read). A file torch cannot
+    open (truncated by an interrupted copy or a full disk, corrupt) is a ``CheckpointError``
+    naming it, as a damaged ``.pth`` is (``read_source``): torch's own error names no file."""
+    try:
+        # DeepSpeed's own files pickle config objects; they are the user's own checkpoint.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, pickle/EOF errors, ... for damage
+        raise CheckpointError(f"cannot read {path} (a rank file of a DeepSpeed checkpoint, "
+                              f"damaged or truncated?): {_reason(err)}") from err
 
 
 def check_complete(step_dir: Path) -> tuple[int, int]:
@@ -114,6 +122,13 @@ def check_complete(step_dir: Path) -> tuple[int, int]:
         raise CheckpointError(
             f"{step_dir} is incomplete: ZeRO-{stage} checkpoint of {world} ranks is missing "
             f"{len(missing)} file(s): {', '.join(missing)}")
+    if stage >= 1:
+        # DeepSpeed's zero_to_fp32 reads every rank file and its errors name none of them:
+        # open each here first (tensors memory-mapped, so this costs the pickles only) so a
+        # damaged one is named. A stage-0 checkpoint is its one model file, read above.
+        for path in sorted(step_dir.iterdir()):
+            if path != model_files[0] and _RANK_FILE.search(path.name):
+                _torch_load(path)
     return stage, world
 
 
