@@ -89,8 +89,10 @@ def run_write(args: argparse.Namespace) -> int:
     except (MissingImagesError, ValueError) as err:
         print(f"internimage shards write: {err}", file=sys.stderr)
         return 2
+    unreadable = sum(manifest.get("skipped_unreadable", {}).values())
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shard(s); "
-          f"skipped {manifest['skipped_missing']} with missing images")
+          f"skipped {manifest['skipped_missing']} with missing images, {unreadable} not "
+          f"decodable as images; {manifest.get('transcoded', 0)} transcoded to PNG")
     return 0
 
 
