@@ -11,7 +11,9 @@ list: the state records every list's length and a short hash (:func:`url_list_di
 and a resume whose list changed (a regenerated ``.txt`` list with a shard added or removed)
 is refused (:meth:`PipelineState.check_compatible`), since it would silently go on in other
 permutations, repeating and skipping samples. States saved before the record existed load
-and resume unchecked.
+and resume unchecked. A source added or removed since the save is refused likewise (the
+position is one cursor per saved source), naming it; the loader's
+``on_shard_list_change=restart`` starts afresh in both cases (:meth:`changed_sources`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class PipelineState:
     def check_compatible(self, other: PipelineState) -> None:
         """Raise ValueError naming what differs if ``other`` (the saved state) describes
         different streams than ``self`` (the new loader): exact resume is impossible then."""
-        for name in ("seed", "rank", "world_size", "workers", "sources"):
+        for name in ("seed", "rank", "world_size", "workers"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise ValueError(
@@ -103,20 +105,56 @@ class PipelineState:
                     "sample streams differ, so this rank's data position cannot be restored "
                     "alone (another world size or worker count: pass every rank's saved "
                     "state, data.redeal; else start the data pipeline fresh with state=None)")
-        self.check_shard_lists(other)
+        self.check_shard_lists(other)  # which names a source added, removed or reordered
+
+    def source_changes(self, other: PipelineState) -> tuple[list[str], list[str]]:
+        """(added, removed): this run's sources that ``other`` (the saved state) lacks, in
+        this run's order, and the saved sources this run lacks, in the saved order."""
+        added = [name for name in self.sources if name not in other.sources]
+        removed = [name for name in other.sources if name not in self.sources]
+        return added, removed
+
+    def check_sources(self, other: PipelineState) -> None:
+        """Raise ValueError (one line) unless this run has the sources of ``other`` (the
+        saved state) in its order: the saved position is one cursor per source, by index,
+        so a source added or removed has no exact continuation."""
+        if self.sources == other.sources:
+            return
+        added, removed = self.source_changes(other)
+        if not added and not removed:  # the same sources in another order
+            raise ValueError(
+                f"data state: saved with the sources in the order {other.sources} but this "
+                f"run lists them as {self.sources}; the saved position is one cursor per "
+                "source in the saved order: list data.sources in that order")
+        what = "; ".join(part for part in (
+            f"added {added}" if added else "", f"removed {removed}" if removed else "")
+            if part)
+        raise ValueError(
+            f"data state: the data sources changed since the checkpoint ({what}: saved "
+            f"{other.sources}, now {self.sources}). The saved data position is one cursor "
+            "per saved source, so it cannot continue over another set. Resume with the "
+            "saved sources, or set data.on_shard_list_change=restart to start the data "
+            "pipeline afresh over this run's sources (its counts kept; the samples of the "
+            "current epoch read so far are read again)")
 
     def changed_sources(self, other: PipelineState) -> list[str]:
-        """Sources whose shard list differs between ``self`` and ``other`` (none when
-        either state does not record its lists)."""
+        """Sources whose saved position cannot go on in this run: those added or removed
+        since ``other`` (the saved state) and those whose shard list differs from the saved
+        one (lists compared by source name, and only when both states record them); this
+        run's sources first, then the removed ones. Sources only listed in another order
+        are not changed (:meth:`check_sources` refuses the order)."""
+        added, removed = self.source_changes(other)
         if self.shard_lists is None or other.shard_lists is None:
-            return []
-        return [name for name, mine, theirs in zip(self.sources, self.shard_lists,
-                                                   other.shard_lists, strict=True)
-                if list(mine) != list(theirs)]
+            return added + removed
+        saved = dict(zip(other.sources, other.shard_lists, strict=True))
+        return [name for name, mine in zip(self.sources, self.shard_lists, strict=True)
+                if name in added or list(mine) != list(saved[name])] + removed
 
     def check_shard_lists(self, other: PipelineState) -> None:
         """Raise ValueError naming each source whose shard list differs from the one
-        ``other`` (the saved state) was dealt from."""
+        ``other`` (the saved state) was dealt from, or (:meth:`check_sources`) a source
+        added, removed or listed in another order."""
+        self.check_sources(other)  # first: a source added has no saved list to compare
         changed = self.changed_sources(other)
         if not changed:
             return
