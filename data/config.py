@@ -6,6 +6,8 @@ turns the ``ValueError('key: message')`` it raises into a config error naming th
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.redact import secret_field
@@ -16,6 +18,24 @@ def check(ok: bool, key: str, message: str) -> None:
     config error naming the key. Shared by every typed config of the project."""
     if not ok:
         raise ValueError(f"{key}: {message}")
+
+
+def check_positive_finite(value: float, key: str) -> None:
+    """``key`` must be a finite number > 0 (``inf`` and ``nan`` pass ``> 0`` checks or
+    fail only later: an infinite lr trains until the loss is non-finite)."""
+    check(math.isfinite(value) and value > 0, key, f"must be finite and > 0, got {value}")
+
+
+def check_adamw(lr: float, betas: Sequence[float], eps: float | None = None) -> None:
+    """``optim.lr``, ``optim.betas`` and (where a task has the key) ``optim.eps`` of every
+    task's AdamW: torch's AdamW refuses betas outside [0, 1) and a negative eps only when
+    the optimizer is built, after the model ("Invalid beta parameter"); an eps of 0 it
+    takes, but then a weight whose gradient stayed 0 updates by 0/0."""
+    check_positive_finite(lr, "optim.lr")
+    check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas",
+          f"needs two values, each in [0, 1), got {list(betas)}")
+    if eps is not None:
+        check_positive_finite(eps, "optim.eps")
 
 
 def check_dcn_backend(value: str) -> None:
@@ -31,8 +51,8 @@ def check_dcn_backend(value: str) -> None:
 
 def check_shard_list_policy(value: str) -> None:
     """``data.on_shard_list_change`` (every streamed task's): what a resume does when its
-    source's shard list changed since the save (data/loader.py): ``error`` or
-    ``restart``."""
+    source's shard list changed since the save, or a source was added or removed
+    (data/loader.py, data/state.py): ``error`` or ``restart``."""
     check(value in ("error", "restart"), "data.on_shard_list_change",
           f"must be 'error' or 'restart', got {value!r}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
-from data.config import check_dcn_backend
+from data.config import check_adamw, check_dcn_backend
 from pretrain.data.config import DataConfig, check
 
 
@@ -196,7 +196,9 @@ class OptimConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"dcn_offset_lr_mult": "dcn_lr_mult"}
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        # torch's AdamW would refuse bad betas or eps only after the model is built, and an
+        # infinite lr trains until the loss is non-finite (one check for every task's AdamW)
+        check_adamw(self.lr, self.betas, self.eps)
         check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -16,6 +16,7 @@ import torch
 from pretrain.config import PretrainConfig
 from pretrain.ds_config import deepspeed_config
 from pretrain.m3i_model import M3IModel
+from runtime.loop import RefusedStart
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,7 +123,8 @@ def check_precision(precision: str) -> None:
     """Fail before any data or compute when this machine's accelerator cannot train in
     ``precision`` (DeepSpeed itself refuses only inside ``deepspeed.initialize``, with
     "Type fp16 is not supported on your device."). Its CPU accelerator allows fp16 only
-    where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs)."""
+    where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs). Raises
+    :class:`runtime.loop.RefusedStart`: the command reports it in one line, exit 2."""
     if precision == "fp32":
         return
     from deepspeed.accelerator import get_accelerator
@@ -131,7 +133,7 @@ def check_precision(precision: str) -> None:
     supported = (accelerator.is_fp16_supported() if precision == "fp16"
                  else accelerator.is_bf16_supported())
     if not supported:
-        raise ValueError(
+        raise RefusedStart(
             f"engine.precision={precision}: DeepSpeed's {accelerator.device_name()} "
             f"accelerator does not support {precision} on this machine; use "
             f"engine.precision=bf16 or fp32")

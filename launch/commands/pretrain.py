@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import discard_config, stage_config
+    from runtime.loop import RefusedStart
 
     cfg = resolve_builtin(cfg)
     run_dir = Path(cfg.run.output_dir)
@@ -70,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)
-    except (CheckpointError, StorageAccessError) as err:
-        # a refused resume, or a store its data cannot be read from: one line, as finetune
+    except (CheckpointError, StorageAccessError, RefusedStart) as err:
+        # a refused resume, a store its data cannot be read from, or a start this machine
+        # cannot run (engine.precision): one line, exit 2, as finetune
         if is_main:
             discard_config(run_dir)
         print(f"internimage pretrain: {err}", file=sys.stderr)

@@ -7,9 +7,11 @@ must not import launch/, so it cannot raise ``launch.config.ConfigError`` itself
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from data.config import S3Config, check, check_shard_list_policy
+from data.config import S3Config, check, check_positive_finite, check_shard_list_policy
+from data.sources import url_items
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,7 +44,14 @@ class SourceConfig:
         key = f"sources.{self.name}"
         check(bool(self.name), "sources.name", "must not be empty")
         check(bool(self.urls), f"{key}.urls", "must name at least one shard")
-        check(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        # an entry that names no shard (blank, or only '::' joins) would be dropped when
+        # the URLs are expanded, or leave the source none after the run has started
+        entries = [self.urls] if isinstance(self.urls, str) else list(self.urls)
+        check(all(url_items(entry) for entry in entries), f"{key}.urls",
+              f"every entry must name a shard pattern or list, got {self.urls!r}")
+        # the mix draws u x sum(weights) (data/stream.py): with an infinite weight that is
+        # inf, and every draw falls on the last source, whatever the weights
+        check_positive_finite(self.weight, f"{key}.weight")
         check(bool(self.image_key.strip(";")), f"{key}.image_key", "must not be empty")
         if self.tags_key is not None:
             ext, _, fld = self.tags_key.partition(":")
@@ -65,8 +74,9 @@ class DataConfig:
     ``mean``/``std``: CLIP's normalisation by default (OpenAI CLIP's preprocessing); for
     ImageNet's, use the values of :mod:`models.constants` (defined there once).
     ``on_shard_list_change``: a resume whose source's shard list differs from the saved
-    one is refused (``error``), or (``restart``) starts the data pipeline afresh over the
-    new lists, keeping its counts (:mod:`data.state`).
+    one, or with a source added or removed, is refused (``error``), or (``restart``) starts
+    the data pipeline afresh over the new lists, keeping its counts (:mod:`data.state`).
+    Sources listed in another order are refused either way (list them as saved).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -93,6 +103,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
         check(len(set(names)) == len(names), "data.sources", f"duplicate names in {names}")
+        # each weight is finite (SourceConfig), but their sum can still overflow
+        total = sum(s.weight for s in self.sources)  # as data/stream.py sums them
+        check(math.isfinite(total), "data.sources",
+              f"the sum of the source weights must be finite, got {total} (scale them down: "
+              "only their ratios matter)")
         check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         check(self.workers >= 0, "data.workers", "must be >= 0")
