@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,6 +364,30 @@ def check_destination(dst: str | Path, fmt: str) -> None:
                           f"writes a {names} file (name it {named})")
 
 
+def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
+                      meta: dict[str, str]) -> None:
+    """Write ``out`` to ``dst`` through a temporary file beside it, renamed into place
+    once complete: a convert killed or failing mid-write (an H export is 4 GB) leaves
+    ``dst`` as it was (a previous export, or nothing), never a truncated file an ``--init``
+    then reads. The file gets the mode the umask gives (safetensors' writer creates
+    0600 files: unreadable by the group on a shared filesystem)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        if fmt == "official":
+            torch.save(out, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(out, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
             dtype: str = "fp32") -> ConvertReport:
     """Convert ``src`` into ``dst``; see the module docstring. Returns what was written.
@@ -380,13 +406,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
                          for k, v in out.items()})
     meta = {**meta, "format": FORMAT_TAG, "dtype": dtype, "source": str(src)}
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "official":
-        torch.save(out, dst)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(out, str(dst), metadata=meta)
+    _write_atomically(dst, out, fmt, meta)
     report = ConvertReport(
         src=str(src), dst=str(dst), format=fmt, dtype=dtype, tensors=len(out),
         parameters=sum(v.numel() for v in out.values()),

@@ -1,0 +1,58 @@
+"""What `internimage convert` leaves at its destination: the whole file or, when the
+write fails, what was there before (never a truncated export an ``--init`` reads), with
+the mode the umask gives (safetensors' writer made 0600 files, which the rest of a team
+cannot read on a shared filesystem)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from tests.test_convert_formats import _tiny
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src") / "released.pth"
+    torch.manual_seed(0)
+    torch.save(_tiny().state_dict(), src)
+    return src
+
+
+@pytest.mark.parametrize("name, fmt", [("out.safetensors", "safetensors"),
+                                       ("out.pth", "official")])
+def test_the_export_gets_the_umasks_mode(released, tmp_path, name, fmt):
+    from finetune.convert import convert
+
+    old = os.umask(0o022)
+    try:
+        convert(released, tmp_path / name, fmt=fmt)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+def test_a_write_that_fails_leaves_the_previous_export(released, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from finetune.convert import convert
+    from models import read_state_dict
+
+    dst = tmp_path / "out.safetensors"
+    convert(released, dst)
+    before = dst.read_bytes()
+
+    def half_then_fail(tensors, path, metadata=None):  # a full disk, a kill mid-write
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        convert(released, dst, dtype="bf16")
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+    assert read_state_dict(str(dst)).keys() == torch.load(released).keys()
