@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from launch.slurm.executor import SlurmNotFoundError, make_executor
     from launch.slurm.job import TrainingJob
-    from launch.slurm.wait import failure, wait_for
+    from launch.slurm.wait import RunResults, failure, wait_for
 
     try:
         executor = make_executor(profile, local=args.local)
@@ -135,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     if args.wait or args.local:
         # bounded once SLURM says the job is over, even if its tasks were killed (no result)
-        state = wait_for(job)
-        why = failure(job, state)
+        # through requeues: results of a run that SLURM requeued are not the job's
+        results = RunResults(job)
+        state = wait_for(job, results=results)
+        why = failure(job, state, results)
         if why:
             print(f"internimage submit: {why}", file=sys.stderr)  # names the job id
             status = 1

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 # States after which SLURM will not run the job again (REQUEUED/PENDING are not final).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+# Final states that a requeue may pass through (a preemption with PreemptMode=REQUEUE, a
+# node failure with requeue): believed only once they have held for the result grace.
+SETTLING_STATES = {"PREEMPTED", "NODE_FAIL"}
+# States in which no task of the job runs and SLURM will start it (again): a result file
+# present then was written by a run that has ended without ending the job (a requeue).
+WAITING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
+                  "CONFIGURING", "POWER_UP_NODE"}
 # scontrol could not answer (controller busy or unreachable): ask again later.
 UNANSWERED = "UNKNOWN"
 # How long result files may lag behind the job's end on a shared file system: submitit's
@@ -35,19 +42,34 @@ RESULT_GRACE_S = 15.0
 EXIT_GRACE_S = 60.0
 
 
-def slurm_state(job_id: str) -> str | None:
-    """The controller's state of ``job_id``; None once SLURM has forgotten (purged) the job;
-    ``UNANSWERED`` when scontrol gave no answer (a transient failure, not a final state)."""
+@dataclass(frozen=True)
+class SlurmJobInfo:
+    """What ``scontrol show job`` says of a job: its state (None once SLURM forgot it,
+    ``UNANSWERED`` when scontrol gave no answer) and how often SLURM restarted it."""
+
+    state: str | None
+    restarts: int | None = None
+
+
+def slurm_job(job_id: str) -> SlurmJobInfo:
+    """The controller's state of ``job_id`` and its restart count (``Restarts=``)."""
     try:
         proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
                               text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return UNANSWERED
+        return SlurmJobInfo(UNANSWERED)
     match = re.search(r"JobState=(\S+)", proc.stdout)
     if match:
-        return match.group(1)
+        restarts = re.search(r"\bRestarts=(\d+)", proc.stdout)
+        return SlurmJobInfo(match.group(1), int(restarts.group(1)) if restarts else None)
     # SLURM's answer for a job id it does not hold (never had, or purged after MinJobAge)
-    return None if "Invalid job id" in proc.stderr else UNANSWERED
+    return SlurmJobInfo(None if "Invalid job id" in proc.stderr else UNANSWERED)
+
+
+def slurm_state(job_id: str) -> str | None:
+    """The controller's state of ``job_id``; None once SLURM has forgotten (purged) the job;
+    ``UNANSWERED`` when scontrol gave no answer (a transient failure, not a final state)."""
+    return slurm_job(job_id).state
 
 
 def is_over(state: str | None) -> bool:
@@ -55,31 +77,97 @@ def is_over(state: str | None) -> bool:
     return state is None or state in FINAL_STATES
 
 
-def results_written(job: submitit.Job) -> bool:
-    """Every task has written its result file (without asking sacct)."""
-    tasks = [job.task(k) for k in range(job.num_tasks)]
-    return all(Path(t.paths.result_pickle).exists() for t in tasks)
+def _fingerprint(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class RunResults:
+    """The result files of the job's current run, told from those an earlier run left.
+
+    SLURM restarts a requeued job (``scontrol requeue``, a preemption with
+    PreemptMode=REQUEUE, a node failure) under the same job id, and its tasks write the same
+    result files. The run that was requeued often writes them too: SLURM's SIGTERM kills
+    the data-loader workers, the training raises and submitit writes ``("error", ...)``. Such
+    files are no outcome of the job. They are told apart by what the waiter sees, with no
+    clock compared (file-system and controller clocks may differ; a restart may come within
+    the second): when SLURM shows the job waiting to run (again) (``WAITING_STATES``: no
+    task runs then) or a higher restart count (``Restarts=``, in case a poll missed the
+    wait), every result file present is from a run that has ended and is noted as stale by
+    its identity (inode, size, mtime, ctime). A later run's file is a new one (submitit
+    writes a temporary file and renames it; TrainingJob also removes its task's stale
+    file as it starts), so it counts again. A waiter that starts only after a requeue
+    relies on that removal.
+    """
+
+    def __init__(self, job: submitit.Job) -> None:
+        self.job = job
+        self.restarts: int | None = None
+        self.stale: dict[int, tuple[int, int, int, int]] = {}
+
+    def path(self, task: int) -> Path:
+        return Path(self.job.task(task).paths.result_pickle)
+
+    def observe(self, info: SlurmJobInfo) -> bool:
+        """Note what SLURM says; True if it shows a restart (stale results noted)."""
+        restarted = info.state in WAITING_STATES or (
+            info.restarts is not None and self.restarts is not None
+            and info.restarts > self.restarts)
+        if info.restarts is not None:
+            self.restarts = max(info.restarts, self.restarts or 0)
+        if restarted:
+            for task in range(self.job.num_tasks):
+                fingerprint = _fingerprint(self.path(task))
+                if fingerprint is not None:
+                    self.stale[task] = fingerprint
+        return restarted
+
+    def is_stale(self, task: int) -> bool:
+        return task in self.stale and _fingerprint(self.path(task)) == self.stale[task]
+
+    def written(self, task: int) -> bool:
+        return self.path(task).exists() and not self.is_stale(task)
+
+    def all_written(self) -> bool:
+        """Every task of the current run has written its result file."""
+        return all(self.written(k) for k in range(self.job.num_tasks))
+
+
+# _until_final's answer when the results it waited on turned out to be an earlier run's
+_AGAIN = object()
 
 
 def wait_for(job: submitit.Job, poll_s: float = 2.0, grace_s: float = RESULT_GRACE_S,
-             exit_grace_s: float = EXIT_GRACE_S) -> str | None:
+             exit_grace_s: float = EXIT_GRACE_S,
+             results: RunResults | None = None) -> str | None:
     """Block until ``job`` is over; return its last state (None: SLURM forgot the job).
 
     A SLURM job is over when every task has written its result, or when SLURM says it is
     final (or no longer knows it) and the missing results have not come within
-    ``grace_s``. A job that SLURM restarts meanwhile (requeue) is waited for again. Once
-    SLURM is final, the wait is bounded; while SLURM says the job runs, it waits.
+    ``grace_s``. A job that SLURM restarts meanwhile (requeue) is waited for again: results
+    written by a run that SLURM then requeued are not the job's (see :class:`RunResults`;
+    pass ``results`` to :func:`failure` to read only the final run's). Once SLURM is final,
+    the wait is bounded; while SLURM says the job runs, it waits.
     """
     if not isinstance(job, submitit.SlurmJob):
         job.wait()  # local jobs: submitit watches the processes itself
         return job.state
+    results = results if results is not None else RunResults(job)
     warned = False
     while True:
-        if results_written(job):
-            return _until_final(job.job_id, exit_grace_s, poll_s)
-        state = slurm_state(job.job_id)
+        info = slurm_job(job.job_id)
+        results.observe(info)
+        state = info.state
+        if results.all_written():
+            final = _until_final(job.job_id, results, exit_grace_s, grace_s, poll_s)
+            if final is not _AGAIN:
+                return final  # type: ignore[return-value]
+            continue  # requeued: wait for the next run
         if is_over(state):
-            state = _results_grace(job, state, grace_s, poll_s)
+            state = _results_grace(job, results, state, grace_s, poll_s)
             if is_over(state):
                 return state
         elif state == UNANSWERED and not warned:
@@ -89,30 +177,49 @@ def wait_for(job: submitit.Job, poll_s: float = 2.0, grace_s: float = RESULT_GRA
         time.sleep(poll_s)
 
 
-def _results_grace(job: submitit.Job, state: str | None, grace_s: float,
-                   poll_s: float) -> str | None:
+def _results_grace(job: submitit.Job, results: RunResults, state: str | None,
+                   grace_s: float, poll_s: float) -> str | None:
     """SLURM says the job is over: wait up to ``grace_s`` for the missing result files
     (they may lag on a shared file system). Returns the state SLURM reports at the end;
     a non-final one means SLURM restarted the job (requeue) and the wait goes on."""
     deadline = time.time() + grace_s
-    while not results_written(job) and time.time() < deadline:
+    while not results.all_written() and time.time() < deadline:
         time.sleep(min(poll_s, 1.0))
-        now = slurm_state(job.job_id)
-        if now != UNANSWERED:
-            state = now
+        info = slurm_job(job.job_id)
+        results.observe(info)
+        if info.state != UNANSWERED:
+            state = info.state
         if not is_over(state):
             return state
     return state
 
 
-def _until_final(job_id: str, bound_s: float, poll_s: float) -> str | None:
-    """Every task returned; the job ends once its processes have exited (bounded)."""
+def _until_final(job_id: str, results: RunResults, bound_s: float, settle_s: float,
+                 poll_s: float) -> object:
+    """Every task of the current run returned; the job ends once its processes have exited
+    (bounded by ``bound_s`` but for COMPLETING: a run whose results are in but whose
+    processes do not exit is reported from its results). ``_AGAIN`` when SLURM restarts
+    the job instead (the results were a requeued run's); a final state that a requeue
+    passes through (``SETTLING_STATES``) is believed once it has held for ``settle_s``."""
     deadline = time.time() + bound_s
-    state = slurm_state(job_id)
-    while not is_over(state) and time.time() < deadline:
+    settled: float | None = None
+    while True:
+        info = slurm_job(job_id)
+        if results.observe(info) or not results.all_written():
+            return _AGAIN  # a restart, or the next run removed (replaced) the files
+        state = info.state
+        if is_over(state):
+            if state not in SETTLING_STATES:
+                return state
+            settled = settled if settled is not None else time.time() + settle_s
+            if time.time() >= settled:
+                return state
+        elif time.time() >= deadline and state != "COMPLETING":
+            # COMPLETING: SLURM is ending the run's processes, and will then make the job
+            # final or requeue it (its SIGTERM may be what made the tasks return): its
+            # own KillWait and UnkillableStepTimeout bound that, so it is waited out
+            return state
         time.sleep(min(poll_s, 0.5))
-        state = slurm_state(job_id)
-    return state
 
 
 @dataclass(frozen=True)
@@ -128,13 +235,19 @@ class TaskOutcome:
         return self.status == "success"
 
 
-def task_outcome(job: submitit.Job, task: int) -> TaskOutcome:
+def task_outcome(job: submitit.Job, task: int,
+                 results: RunResults | None = None) -> TaskOutcome:
     """Read task ``task``'s result file directly (never blocks, unlike ``job.exception()``).
 
     submitit's task writes ``("success", result)`` or ``("error", traceback)`` there when
-    its function returns or raises; a task killed by a signal writes nothing.
+    its function returns or raises; a task killed by a signal writes nothing. With
+    ``results`` (the waiter's), a file left by a run that SLURM requeued counts as none.
     """
     path = Path(job.task(task).paths.result_pickle)
+    if results is not None and results.is_stale(task):
+        return TaskOutcome(task, "missing", "killed without writing a result in the job's "
+                           f"last run ({path} is from a run before a requeue; e.g. a node "
+                           "failure or SLURM)")
     if not path.exists():
         return TaskOutcome(task, "missing", f"killed without writing a result (no {path}; "
                            "e.g. SIGKILL by the OOM killer, a node failure or SLURM)")
@@ -155,12 +268,14 @@ def ending(job_id: str, state: str | None) -> str:
     return f"job {job_id} ended in state {state}"
 
 
-def failure(job: submitit.Job, state: str | None) -> str | None:
+def failure(job: submitit.Job, state: str | None,
+            results: RunResults | None = None) -> str | None:
     """Why the job failed, with the tail of the relevant logs; None if every task succeeded.
 
-    ``state`` is what :func:`wait_for` returned.
+    ``state`` is what :func:`wait_for` returned; ``results`` the :class:`RunResults` it
+    waited with (then result files of a requeued run are not read as the job's).
     """
-    outcomes = [task_outcome(job, k) for k in range(job.num_tasks)]
+    outcomes = [task_outcome(job, k, results) for k in range(job.num_tasks)]
     failed = [o for o in outcomes if not o.ok]
     if not failed:
         return None
