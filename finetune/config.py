@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # one validation helper for every config, and the one check of model.dcn_backend
-from data.config import check, check_dcn_backend
+from data.config import check, check_adamw, check_dcn_backend
 
 __all__ = ["check", "check_dcn_backend"]
 
@@ -67,7 +67,7 @@ class OptimConfig:
     grad_clip: float = 5.0  # 0: off
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check_adamw(self.lr, self.betas)  # finite lr > 0, betas in [0, 1)
         check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         check(0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
         check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")

@@ -29,6 +29,10 @@ SHARED_BAD = [
     ("run.eval_every", -1, ">= 0"),
     ("run.checkpoint_every", -1, ">= 0"),
     ("optim.grad_clip", -1, ">= 0"),
+    # torch's AdamW refused these only once built, after the model, with a traceback
+    ("optim.betas", "[0.9,1.5]", "[0, 1)"),
+    ("optim.betas", "[-0.1,0.999]", "[0, 1)"),
+    ("optim.lr", ".inf", "finite and > 0"),  # trained until the loss was non-finite
 ]
 BAD = [(cls, key, value, allowed) for cls in FINETUNE for key, value, allowed in SHARED_BAD]
 BAD += [
