@@ -89,3 +89,33 @@ def test_a_precision_the_accelerator_lacks_is_refused_in_one_line(tmp_path, cach
                       "accelerator does not support fp16 on this machine; use "
                       "engine.precision=bf16 or fp32"], proc.stderr[-3000:]
     assert not [p for p in out.rglob("*") if p.is_file()]  # no config, staged or not
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--gpus", "0"], {}, "--gpus 0: must be >= 1"),  # planned for 8 GPUs
+    (["--gpus", "-2"], {}, "--gpus -2: must be >= 1"),  # printed a negative global batch
+    ([], {"WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be >= 1"),  # ZeroDivisionError
+])
+def test_a_dry_run_for_no_gpus_is_refused_in_one_line(argv, env, message, capsys, monkeypatch):
+    from launch.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["pretrain", "--dry-run", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_source_whose_keys_match_nothing_ends_the_run_in_one_line(tmp_path, cache):
+    """A wrong text_key re-read the demo shards for ever at step 0, nothing logged (QA:
+    killed by `timeout` after 150 s); now the run ends once the source delivered
+    data.loader.MAX_SKIPPED_IN_A_ROW samples in a row without a usable one."""
+    out = tmp_path / "run"
+    wrong = "data.sources=[{name: digits, urls: builtin:digits/train, text_key: caption}]"
+    proc = run_forked([sys.executable, "-m", "launch.cli", "pretrain", "--output-dir", str(out),
+                       *TINY, wrong], cache, check=False, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("internimage pretrain:")]
+    assert len(errors) == 1 and "source 'digits'" in errors[0], proc.stderr[-3000:]
+    assert "were all skipped (missing_caption: 10000)" in errors[0]

@@ -49,14 +49,34 @@ def load(args: argparse.Namespace):
     return cfg
 
 
+def dry_run_gpus(gpus: int | None) -> int:
+    """The GPU count a dry run plans for: ``--gpus``, else ``WORLD_SIZE``, else 8; refused
+    below 1 (``--gpus 0`` planned for 8, a negative count printed a negative batch,
+    ``WORLD_SIZE=0`` divided by zero)."""
+    from launch.config import ConfigError
+
+    if gpus is None:
+        value = os.environ.get("WORLD_SIZE", "8")
+        try:
+            gpus = int(value)
+        except ValueError:
+            raise ConfigError(f"WORLD_SIZE={value!r}: not a GPU count") from None
+        source = f"WORLD_SIZE={gpus}"
+    else:
+        source = f"--gpus {gpus}"
+    if gpus < 1:
+        raise ConfigError(f"{source}: must be >= 1")
+    return gpus
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.dry_run:
         from pretrain.plan import plan
 
-        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "8"))
-        print(json.dumps(plan(cfg, gpus), indent=2))
+        print(json.dumps(plan(cfg, dry_run_gpus(args.gpus)), indent=2))
         return 0
+    from data.loader import UnusableSourceError
     from data.shard_schedule import StorageAccessError
     from models import CheckpointError
     from pretrain.demo import resolve_builtin
@@ -71,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)
-    except (CheckpointError, StorageAccessError, RefusedStart) as err:
-        # a refused resume, a store its data cannot be read from, or a start this machine
-        # cannot run (engine.precision): one line, exit 2, as finetune
+    except (CheckpointError, StorageAccessError, UnusableSourceError, RefusedStart) as err:
+        # a refused resume, a store its data cannot be read from, a source whose samples
+        # are all skipped, or a start this machine cannot run (engine.precision): one line,
+        # exit 2, as finetune
         if is_main:
             discard_config(run_dir)
         print(f"internimage pretrain: {err}", file=sys.stderr)
