@@ -343,10 +343,10 @@ class ResumableLoader:
         if not changed or self.opts.on_shard_list_change != "restart":
             return False
         if self.rank == 0:
-            log.warning("data: the shard list of source(s) %s changed since the checkpoint; "
-                        "data.on_shard_list_change=restart: the data pipeline starts afresh "
-                        "over the new lists (samples of the current epoch read again)",
-                        changed)
+            log.warning("data: the sources or shard lists changed since the checkpoint "
+                        "(%s); data.on_shard_list_change=restart: the data pipeline starts "
+                        "afresh over this run's sources and lists (samples of the current "
+                        "epoch read again)", ", ".join(changed))
         if isinstance(state, list) and (saved[0].world_size, saved[0].workers) != (
                 self.world_size, self.workers):
             from data.redeal import merge_stats
