@@ -118,6 +118,17 @@ def build_bytes_per_rank(params: int, largest_layer_params: int, ranks: int, zer
     return math.ceil(params / ranks) * dtype_bytes + largest_layer_params * (4 + cast)
 
 
+def check_whole_nodes(gpus: int, gpus_per_node: int) -> None:
+    """Refuse (ValueError) a GPU count that fills no whole number of nodes: DeepSpeed's
+    estimators count GPUs per node x nodes, so 10 GPUs at 8 a node were estimated as 16,
+    understating every GPU's share of the model states."""
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        fits = max(d for d in range(1, gpus_per_node + 1) if gpus % d == 0)
+        raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node "
+                         f"{gpus_per_node}: give the GPUs per node the job uses (e.g. "
+                         f"--gpus-per-node {fits})")
+
+
 def estimate(
     model_name: str, gpus: int = 8, gpus_per_node: int = 8, zero_stage: int = 3,
     image_size: int = 224, batch_per_gpu: int = 16, activation_checkpointing: bool = True,
@@ -126,6 +137,7 @@ def estimate(
     """Plan memory for ``model_name`` trained on ``gpus`` GPUs with ZeRO ``zero_stage``."""
     if gpus < 1 or gpus_per_node < 1:
         raise ValueError("gpus and gpus_per_node must be >= 1")
+    check_whole_nodes(gpus, gpus_per_node)
     with torch.device("meta"):
         model = build_model(model_name, **model_overrides)
     params = sum(p.numel() for p in model.parameters())

@@ -56,3 +56,16 @@ def test_estimate_rejects_bad_input(capsys):
     assert main(["estimate", "--model", "internimage_q"]) == 2
     assert "unknown InternImage model" in capsys.readouterr().out
     assert main(["estimate", "--model", "internimage_t", "--batch", "0"]) == 2
+
+
+def test_estimate_refuses_gpus_that_fill_no_whole_nodes(capsys):
+    """DeepSpeed's estimators count GPUs per node x nodes: --gpus 10 at 8 a node was
+    estimated (and shown) as 16 GPUs, understating each GPU's share of the states."""
+    assert main(["estimate", "--model", "internimage_t", "--gpus", "10",
+                 "--gpus-per-node", "8"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert "--gpus 10 is not a whole number of nodes" in out and "--gpus-per-node 5" in out
+    assert main(["estimate", "--model", "internimage_t", "--gpus", "10", "--gpus-per-node",
+                 "5", "--batch", "2", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["gpus"] == 10 and est["gpus_per_node"] == 5

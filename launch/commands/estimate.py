@@ -55,7 +55,7 @@ def _table(est) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from models import resolve_variant
-    from pretrain.estimate import estimate
+    from pretrain.estimate import check_whole_nodes, estimate
 
     try:
         variant = resolve_variant(args.model)
@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"internimage estimate: --{name.replace('_', '-')} must be >= 1, got {value}")
             return 2
+    try:
+        check_whole_nodes(args.gpus, args.gpus_per_node)
+    except ValueError as err:
+        print(f"internimage estimate: {err}")
+        return 2
     size = args.image_size or DEFAULT_SIZE.get(variant, 224)
     est = estimate(variant, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                    zero_stage=args.zero, image_size=size,
