@@ -43,12 +43,14 @@ from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
 from data.state import PipelineState, derive_seed, url_list_digest
-from data.stats import DataStats, SkipCounter
+from data.stats import SKIP_REASONS, DataStats, SkipCounter
 from data.stream import MixedStream, SourceCursor, SourceStream
 
 log = logging.getLogger(__name__)
 
-# Samples of one source skipped in a row (no usable one between) that end the run. A
+# Samples of one source skipped in a row (no usable one between) that end the run, by
+# default (``LoaderOptions.max_skipped_in_a_row``; pre-training: data.max_skipped_in_a_row,
+# 0: never). A
 # source whose every sample is skipped (a wrong ``image_key``/``text_key``, shards of
 # another layout) otherwise re-reads its shards for ever with nothing logged: a
 # resampled stream never ends, skipped samples never make a batch, and skip counts reach
@@ -83,9 +85,10 @@ class _SkippedInARow:
         self.runs[source_id] = 0
 
     def skipped(self, source_id: int) -> str | None:
-        """Count one skipped sample; the error message once the run reaches the limit."""
+        """Count one skipped sample; the error message once the run reaches the limit
+        (none with a limit of 0)."""
         self.runs[source_id] += 1
-        if self.runs[source_id] < self.limit:
+        if not self.limit or self.runs[source_id] < self.limit:
             return None
         name = self.names[source_id]
         reasons = self._met(self.counter.met, name) - self._met(self.before[source_id], name)
@@ -97,7 +100,8 @@ class _SkippedInARow:
 
     @staticmethod
     def _met(met: Counter[tuple[str, str]], name: str) -> Counter[str]:
-        return Counter({reason: n for (source, reason), n in met.items() if source == name})
+        return Counter({reason: n for (source, reason), n in met.items()
+                        if source == name and reason in SKIP_REASONS})
 
 
 @dataclass
@@ -127,6 +131,7 @@ class LoaderOptions:
     persistent_workers: bool = False
     pin_memory: bool = False
     on_shard_list_change: str = "error"
+    max_skipped_in_a_row: int = MAX_SKIPPED_IN_A_ROW  # 0: never end a source for skips
 
 
 class SampleCodec(Protocol):
@@ -194,7 +199,7 @@ class SlotStreams(IterableDataset):
         pending: list[tuple[int, Any]] = []
         mixed = self.mixed_stream(worker, counter)
         in_a_row = _SkippedInARow([s.name for s in self.sources], counter,
-                                  MAX_SKIPPED_IN_A_ROW)
+                                  opts.max_skipped_in_a_row)
         for source_id, raw in mixed:
             index = mixed.index - 1  # the raw sample's number in this worker's stream
             rng = random.Random(derive_seed(opts.seed, "aug", *slot, self.epoch, index))

@@ -364,6 +364,20 @@ def check_destination(dst: str | Path, fmt: str) -> None:
                           f"writes a {names} file (name it {named})")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+ reports it in
+    /proc/self/status; elsewhere set and restored, which another thread could race)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
                       meta: dict[str, str]) -> None:
     """Write ``out`` to ``dst`` through a temporary file beside it, renamed into place
@@ -380,9 +394,7 @@ def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
             from safetensors.torch import save_file
 
             save_file(out, str(tmp), metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

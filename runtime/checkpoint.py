@@ -64,6 +64,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -88,7 +89,7 @@ TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
 LATEST = "latest"
 CONFIG = "config.yaml"  # the resolved config a run directory's run started with
-PENDING_CONFIG = ".config.yaml.pending"
+PENDING_CONFIG = ".config.yaml.pending"  # + this process's host and PID (_pending_config)
 
 
 class ResumeError(CheckpointError):
@@ -557,27 +558,35 @@ def refuse_fresh_start(resume: str | None, root: Path, run_dir: Path) -> None:
             f"--resume auto, or pass another --output-dir")
 
 
+def _pending_config(run_dir: Path) -> Path:
+    """This process's staged config: named by host and PID (unique among live processes,
+    read at each call: a forked process gets its own), so a second job started in the
+    directory (refused by the run lock only after staging) neither replaces the config
+    the first one is about to publish nor deletes it when its own start is refused."""
+    return run_dir / f"{PENDING_CONFIG}-{socket.gethostname()}-{os.getpid()}"
+
+
 def stage_config(run_dir: Path, write: Callable[[Path], None]) -> None:
     """Stage the resolved config a run is about to start with (``write(path)`` writes it):
     the run's ``config.yaml`` is replaced by it only once the run's resume checks have
     passed (:func:`publish_config`), so a refused start (the wrong config for a resume, a
     fresh start over a run) leaves the run's own config.yaml as it was."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write(run_dir / PENDING_CONFIG)
+    write(_pending_config(run_dir))
 
 
 def publish_config(run_dir: Path) -> None:
     """The staged config becomes ``run_dir/config.yaml`` (atomic; nothing to do when none
     is staged: a run started without the command line, or another rank published it)."""
     try:
-        os.replace(run_dir / PENDING_CONFIG, run_dir / CONFIG)
+        os.replace(_pending_config(run_dir), run_dir / CONFIG)
     except FileNotFoundError:
         pass
 
 
 def discard_config(run_dir: Path) -> None:
     """Drop the staged config of a start that was refused."""
-    (run_dir / PENDING_CONFIG).unlink(missing_ok=True)
+    _pending_config(run_dir).unlink(missing_ok=True)
 
 
 def refuse_legacy_resume(resume: str | None, root: Path) -> None:

@@ -11,10 +11,12 @@ second job refuse at its start, in one line naming the holder, before any comput
 Never blocking a requeue. A lock outlives a job killed without warning (SIGKILL, a node
 failure); a start takes it over, at once, when its holder is provably gone:
 
-- the holder is this SLURM job (a requeue keeps ``SLURM_JOB_ID``; one job never trains
-  twice at once);
-- the holder ran on this machine (same host name and PID namespace) and its process is
-  gone: no process with its PID, or one started at another time (a reused PID);
+- the holder is this SLURM job (a requeue keeps ``SLURM_JOB_ID``; SLURM runs a job once
+  at a time. Two runs started by hand into one directory from job steps of one
+  allocation, ``salloc`` or an interactive shell, share the id: not told apart);
+- the holder ran on this machine (same host name, boot id and PID namespace) and its
+  process is gone: no process with its PID, or one started at another time (a reused
+  PID);
 - the holder is this process (an earlier start in the same process that did not release).
 
 Otherwise (the holder ran on another machine, outside this SLURM job) the start watches
@@ -24,9 +26,14 @@ count that moves means a live holder (refused); one that has not moved for ``sta
 compared: machines' clocks differ, the watcher only sees whether the count changes.
 
 A holder that finds the lock taken over (it stalled for longer than ``stale_s``, and
-another job took the run) stops at its next checkpoint without saving:
-:func:`lost_message` says so to ``runtime.checkpoint.save_checkpoint``, which refuses the
-save on every rank.
+another job took the run) stops without saving: its heartbeat requests a stop (the
+training loop's stop flag, agreed over the ranks at each step boundary), and the save
+that follows, like every save, reads the lock again first (:func:`lost_message`, rank 0:
+~300 bytes a checkpoint) and is refused on every rank. A read that fails (ESTALE, EIO)
+is logged and retried at the next beat; it never ends the heartbeat. What no lock file
+can exclude: a holder stalled inside its own heartbeat's write for longer than
+``stale_s`` may replace the lock of the job that took over meanwhile; that job then finds
+its lock taken at its next beat and stops. One writer either way.
 
 Cost: rank 0 alone; one file of ~300 bytes created at start, rewritten every 30 s by a
 daemon thread, removed at exit; the same at any world size. A start that must watch a
@@ -44,10 +51,11 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from models.checkpoint import CheckpointError
+from runtime import preemption
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +116,20 @@ class Holder:
     slurm_job: str | None
     started: str
     beat: int = 0
+    boot_id: str = ""  # this boot of this machine: two hosts may share a name
 
     def describe(self) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         return f"process {self.pid} on {self.host}{job}, started {self.started}"
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux): containers given one ``--hostname`` on two
+    machines share a name and the initial PID namespace's inode, never a boot id."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _this_holder() -> Holder:
@@ -119,7 +137,11 @@ def _this_holder() -> Holder:
     return Holder(token=secrets.token_hex(8), host=socket.gethostname(), pid=pid,
                   pid_namespace=_pid_namespace(), process_start=_process_start(pid) or "",
                   slurm_job=os.environ.get("SLURM_JOB_ID"),
-                  started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                  started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), boot_id=_boot_id())
+
+
+_UNKNOWN = dict(host="?", pid=-1, pid_namespace="", process_start="", slurm_job=None,
+                started="?")
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -131,10 +153,13 @@ def read_holder(path: Path) -> Holder | None:
     except FileNotFoundError:
         return None
     try:
-        return Holder(**json.loads(text))
-    except (ValueError, TypeError):
-        return Holder(token="unreadable", host="?", pid=-1, pid_namespace="",
-                      process_start="", slurm_job=None, started="?")
+        record = json.loads(text)
+        # fields another version added are left out, fields it lacks take their defaults
+        known = {f.name for f in fields(Holder)}
+        return Holder(**{k: v for k, v in record.items() if k in known})
+    except (ValueError, TypeError, AttributeError):
+        # the token is the text itself: a holder whose file changes is seen to beat
+        return Holder(token=f"unreadable:{text[:64]}", **_UNKNOWN)
 
 
 def _write(path: Path, holder: Holder) -> None:
@@ -161,7 +186,19 @@ class RunLock:
     # -- taking the lock --------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Hold the lock, or raise :class:`RunLockError` naming the live holder."""
+        """Hold the lock, or raise :class:`RunLockError` naming the live holder (or what
+        the filesystem refused: a one-line refusal every rank agrees on, not an
+        ``OSError`` on rank 0 alone while the others wait in the start's agreement)."""
+        try:
+            self._acquire()
+        except OSError as err:
+            raise RunLockError(f"{self.path}: cannot take the run directory's lock "
+                               f"({err})") from None
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def _acquire(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while not self._create():
             holder = read_holder(self.path)
@@ -170,6 +207,8 @@ class RunLock:
             reason = self._gone(holder)
             if reason is None:
                 reason = self._watch(holder)
+                if reason is _CHANGED:  # released or taken meanwhile: judge it afresh
+                    continue
             if not reason:
                 raise RunLockError(
                     f"{self.run_dir} is in use by {holder.describe()}, whose lock "
@@ -179,9 +218,6 @@ class RunLock:
             log.warning("%s: taking over the lock of %s (%s)", self.run_dir,
                         holder.describe(), reason)
             self._take_over(holder)
-        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
-                                        daemon=True)
-        self._thread.start()
 
     def _create(self) -> bool:
         """Create the lock file holding this process; False when one exists."""
@@ -214,7 +250,8 @@ class RunLock:
         live process on this machine); None when that cannot be told from here."""
         if holder.slurm_job and holder.slurm_job == self.me.slurm_job:
             return f"this SLURM job ({holder.slurm_job}), requeued"
-        if (holder.host, holder.pid_namespace) != (self.me.host, self.me.pid_namespace):
+        if (holder.host, holder.pid_namespace, holder.boot_id) != (
+                self.me.host, self.me.pid_namespace, self.me.boot_id):
             return None
         if holder.pid == self.me.pid and holder.process_start == self.me.process_start:
             return "this process's earlier start"
@@ -228,8 +265,9 @@ class RunLock:
         return ""
 
     def _watch(self, holder: Holder) -> str | None:
-        """Watch ``holder``'s heartbeat for up to ``stale_s``: None when it moves (or the
-        lock changes hands), the reason to take over when it does not."""
+        """Watch ``holder``'s heartbeat for up to ``stale_s``: None when it moves,
+        :data:`_CHANGED` when the lock is released or changes hands meanwhile (judged
+        afresh), the reason to take over when it does not move."""
         log.warning("%s is locked by %s; watching its heartbeat for up to %.0f s",
                     self.run_dir, holder.describe(), self.stale_s)
         deadline = time.monotonic() + self.stale_s
@@ -237,7 +275,9 @@ class RunLock:
         while time.monotonic() < deadline:
             time.sleep(poll)
             now = read_holder(self.path)
-            if now is None or (now.token, now.beat) != (holder.token, holder.beat):
+            if now is None or now.token != holder.token:
+                return _CHANGED
+            if now.beat != holder.beat:
                 return None
         return f"no heartbeat for {self.stale_s:.0f} s"
 
@@ -262,18 +302,32 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            now = read_holder(self.path)
-            if now is None or now.token != self.me.token:
-                self.lost = now or Holder(token="", host="?", pid=-1, pid_namespace="",
-                                          process_start="", slurm_job=None, started="?")
-                log.error("%s: this job's lock was taken over by %s; it stops at its next "
-                          "checkpoint without saving", self.run_dir, self.lost.describe())
-                return
-            self.me.beat += 1
             try:
+                if not self.still_held():
+                    return
+                self.me.beat += 1
                 _write(self.path, self.me)
-            except OSError as err:  # a filesystem hiccup: the next beat tries again
+            except OSError as err:
+                # a filesystem hiccup (ESTALE, EIO on NFS/Lustre): the next beat tries
+                # again; a thread that died here would stop beating, and another job
+                # would take the run over while this one saves on
                 log.warning("%s: heartbeat not written (%s)", self.path, err)
+
+    def still_held(self) -> bool:
+        """Whether the lock file still names this process (re-read; OSError propagates).
+        The first time it does not: logged, :attr:`lost` set, and a stop requested, so
+        the training loop ends at its next step, where its save is refused
+        (:func:`lost_message`): a job that lost its run writes nothing more to it."""
+        if self.lost is not None:
+            return False
+        now = read_holder(self.path)
+        if now is not None and now.token == self.me.token:
+            return True
+        self.lost = now or Holder(token="", **_UNKNOWN)
+        log.error("%s: this job's lock was taken over by %s; it stops at its next step "
+                  "without saving", self.run_dir, self.lost.describe())
+        preemption.request_stop()
+        return False
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock when it is still this process's."""
@@ -285,6 +339,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
+_CHANGED = "changed"  # _watch: the lock was released or changed hands while watched
 _HELD: RunLock | None = None
 _GUARD = threading.Lock()
 
@@ -319,10 +374,15 @@ def lost_message(run_dir: Path) -> str | None:
     over); None when it holds the lock, or holds none for ``run_dir`` (nothing to check:
     a caller that never locked)."""
     held = _HELD
-    if held is None or held.lost is None:
+    if held is None or Path(run_dir).resolve() != held.run_dir.resolve():
         return None
-    if Path(run_dir).resolve() != held.run_dir.resolve():
+    try:  # read again at each save (rank 0, ~300 bytes): not only the heartbeat's view
+        if held.still_held():
+            return None
+    except OSError as err:  # unreadable now: the heartbeat goes on checking
+        log.warning("%s: lock not readable at this save (%s)", held.path, err)
         return None
+    assert held.lost is not None
     return (f"{run_dir} was taken over by {held.lost.describe()} while this job stalled "
             f"(no heartbeat for {held.stale_s:.0f} s); this job stops without saving so "
             f"that the two never write one run")

@@ -395,15 +395,13 @@ def test_a_set_aside_shard_replaced_before_the_resume_is_read_from_its_start(tmp
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("wrong", [{"text_key": "caption"}, {"image_key": "png"}])
 def test_a_source_whose_every_sample_is_skipped_ends_the_run_with_its_reason(
-        tmp_path, monkeypatch, workers, wrong):
-    import data.loader
+        tmp_path, workers, wrong):
     from data.loader import UnusableSourceError
 
-    monkeypatch.setattr(data.loader, "MAX_SKIPPED_IN_A_ROW", 40)
     shard = write_tar(tmp_path / "a.tar", good_samples("a", 6, size=8))
     good = write_tar(tmp_path / "b.tar", good_samples("b", 6, size=8))
     cfg = _cfg([SourceConfig("ok", str(good)), SourceConfig("bad", str(shard), **wrong)])
-    cfg.workers = workers
+    cfg.workers, cfg.max_skipped_in_a_row = workers, 40
     loader = build_loader(cfg, 0, 1, train=True)
     reason = "missing_caption" if "text_key" in wrong else "missing_image"
     # the good source keeps delivering batches: the bad one's run is counted on its own
@@ -414,14 +412,24 @@ def test_a_source_whose_every_sample_is_skipped_ends_the_run_with_its_reason(
     assert f"the last 40 samples it delivered were all skipped ({reason}: 40)" in message
 
 
-def test_skips_between_usable_samples_never_end_a_source(tmp_path, monkeypatch):
-    import data.loader
-
-    monkeypatch.setattr(data.loader, "MAX_SKIPPED_IN_A_ROW", 3)
+def test_skips_between_usable_samples_never_end_a_source(tmp_path):
     samples = good_samples("a", 8, size=8)
     for s in samples[::2]:  # every other sample has no caption: runs of one
         del s["txt"]
-    loader = build_loader(_cfg([SourceConfig("s", str(write_tar(tmp_path / "a.tar", samples)))],
-                               batch_size=2), 0, 1, train=True)
+    cfg = _cfg([SourceConfig("s", str(write_tar(tmp_path / "a.tar", samples)))], batch_size=2)
+    cfg.max_skipped_in_a_row = 3
+    loader = build_loader(cfg, 0, 1, train=True)
     keys = _keys(loader, batches=20)
     assert len(keys) == 40 and loader.stats.skipped["missing_caption"] == 40
+
+
+def test_a_limit_of_zero_never_ends_a_source(tmp_path):
+    """data.max_skipped_in_a_row=0: a source known to hold long runs of unusable samples
+    (beside a good one) trains on."""
+    bad = write_tar(tmp_path / "a.tar", good_samples("a", 6, size=8))
+    good = write_tar(tmp_path / "b.tar", good_samples("b", 6, size=8))
+    cfg = _cfg([SourceConfig("ok", str(good)), SourceConfig("bad", str(bad), text_key="x")])
+    cfg.max_skipped_in_a_row = 0
+    loader = build_loader(cfg, 0, 1, train=True)
+    assert len(_keys(loader, batches=200)) == 1000
+    assert loader.stats.skipped["missing_caption"] > 400

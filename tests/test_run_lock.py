@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import run_lock
+from runtime import preemption, run_lock
 from runtime.checkpoint import save_checkpoint
 from runtime.dist import DistInfo
 from runtime.run_lock import LOCK_NAME, RunLockError
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _release():
     yield
     run_lock.release()
+    preemption.STOP_REQUESTED.clear()  # a lost lock requests the training loop's stop
 
 
 def _holder_process(run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -40,7 +41,7 @@ def _holder_process(run_dir: Path, env: dict[str, str] | None = None) -> subproc
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from runtime import run_lock
+        from runtime import preemption, run_lock
         run_lock.acquire(Path({str(run_dir)!r}), heartbeat_s=0.1)
         print("held", flush=True)
         time.sleep(120)
@@ -174,6 +175,7 @@ def test_a_holder_that_lost_its_lock_saves_nothing(tmp_path, caplog):
         while run_lock.lost_message(tmp_path) is None and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "taken over by process 4242 on node-elsewhere-17" in caplog.text
+    assert preemption.STOP_REQUESTED.is_set()  # the loop stops at its next step
     with pytest.raises(RunLockError, match="taken over by process 4242"):
         save_checkpoint(_NoSave(), root, 3, {}, {"step": 3}, DistInfo(), keep_last=2)
     assert list(root.iterdir()) == []
@@ -252,3 +254,85 @@ def test_a_filesystem_without_hard_links_still_locks(tmp_path, monkeypatch):
         proc.wait()
     run_lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_failed_read_never_ends_the_heartbeat(tmp_path, monkeypatch):
+    """ESTALE/EIO on a shared filesystem: a heartbeat thread that died of one stopped
+    beating, another job took the run over 120 s later, and this one saved on."""
+    real = run_lock.read_holder
+    failures = [OSError(116, "Stale file handle")]
+
+    def flaky(path):
+        if failures:
+            raise failures.pop()
+        return real(path)
+
+    monkeypatch.setattr(run_lock, "read_holder", flaky)
+    lock = run_lock.acquire(tmp_path, heartbeat_s=0.05)
+    deadline = time.monotonic() + 10
+    while lock.me.beat < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not failures and lock._thread.is_alive() and lock.me.beat >= 3
+
+
+def test_every_save_reads_the_lock_again(tmp_path):
+    """Not only the heartbeat's view: a taken-over lock is found at the save even where
+    no beat came since (a heartbeat far apart, or a thread that is gone)."""
+    run_lock.acquire(tmp_path, heartbeat_s=3600)
+    assert run_lock.lost_message(tmp_path) is None
+    _other_machine(tmp_path)
+    assert "taken over by process 4242" in run_lock.lost_message(tmp_path)
+    assert preemption.STOP_REQUESTED.is_set()
+
+
+def test_a_lock_released_while_watched_is_taken_not_refused(tmp_path):
+    """`scancel` of the first job, then a second submission on another node while the
+    first one still shuts down: the lock it watches goes away; it was refused as alive."""
+    _other_machine(tmp_path)
+    threading.Timer(0.3, (tmp_path / LOCK_NAME).unlink).start()
+    run_lock.acquire(tmp_path, heartbeat_s=3, stale_s=30)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_another_machine_with_this_hosts_name_is_not_this_machine(tmp_path, caplog):
+    """Containers given one --hostname on two machines share the name and the initial PID
+    namespace's inode, not the boot id: its holder's PID is not looked up here."""
+    me = run_lock.RunLock(tmp_path).me
+    gone_pid = subprocess.Popen(["true"])
+    gone_pid.wait()
+    remote = dict(vars(me), token="fedcba9876543210", pid=gone_pid.pid,
+                  boot_id="another-boot", extra_field_of_a_newer_version=1)
+    (tmp_path / LOCK_NAME).write_text(json.dumps(remote))
+    with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+        run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=1.0)
+    assert "no heartbeat for 1 s" in caplog.text and "is gone" not in caplog.text
+
+
+def test_a_filesystem_error_at_the_start_is_a_one_line_refusal(tmp_path, monkeypatch):
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_lock.RunLock, "_create", full)
+    with pytest.raises(RunLockError, match="cannot take the run directory's lock .*No space"):
+        run_lock.acquire(tmp_path)
+
+
+def test_a_refused_second_job_leaves_the_first_ones_staged_config(tmp_path):
+    """The command line stages the config before the start takes the lock; a second job
+    staging into the same directory replaced the first one's staged config (the first
+    then published the second's as the run's config.yaml), or deleted it on its refusal."""
+    from runtime.checkpoint import CONFIG, discard_config, publish_config, stage_config
+
+    stage_config(tmp_path, lambda path: path.write_text("first job's config\n"))
+    second = textwrap.dedent(f"""
+        from pathlib import Path
+        from runtime.checkpoint import discard_config, stage_config
+        run = Path({str(tmp_path)!r})
+        stage_config(run, lambda path: path.write_text("second job's config\\n"))
+        discard_config(run)  # its start was refused: the run directory is in use
+    """)
+    subprocess.run([sys.executable, "-c", second], cwd=ROOT, check=True)
+    publish_config(tmp_path)
+    assert (tmp_path / CONFIG).read_text() == "first job's config\n"
+    discard_config(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG]

@@ -77,6 +77,10 @@ class DataConfig:
     one, or with a source added or removed, is refused (``error``), or (``restart``) starts
     the data pipeline afresh over the new lists, keeping its counts (:mod:`data.state`).
     Sources listed in another order are refused either way (list them as saved).
+    ``max_skipped_in_a_row``: a source that delivers this many samples in a row without a
+    usable one ends the run, naming the reasons (keys that match nothing made the run
+    re-read its shards for ever at step 0); 0: never (a source known to hold long runs of
+    unusable samples).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -99,6 +103,7 @@ class DataConfig:
     std: tuple[float, float, float] = CLIP_STD
     s3: S3Config = field(default_factory=S3Config)
     on_shard_list_change: str = "error"
+    max_skipped_in_a_row: int = 10_000  # data.loader.MAX_SKIPPED_IN_A_ROW; 0: never
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -122,3 +127,6 @@ class DataConfig:
               f"must be >= 1, got {self.max_image_pixels}")
         check(all(s > 0 for s in self.std), "data.std", "must be > 0")
         check_shard_list_policy(self.on_shard_list_change)
+        check(self.max_skipped_in_a_row >= 0, "data.max_skipped_in_a_row",
+              f"must be >= 0 (0: never end a source for its skipped samples), got "
+              f"{self.max_skipped_in_a_row}")

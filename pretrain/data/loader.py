@@ -100,7 +100,8 @@ class StreamingLoader(ResumableLoader):
                    for s in cfg.sources]
         opts = LoaderOptions(cfg.seed, cfg.batch_size, cfg.workers, cfg.shuffle_buffer,
                              cfg.s3, cfg.prefetch_factor, cfg.persistent_workers,
-                             cfg.pin_memory, cfg.on_shard_list_change)
+                             cfg.pin_memory, cfg.on_shard_list_change,
+                             cfg.max_skipped_in_a_row)
         super().__init__(sources, opts, PretrainCodec(cfg, train, self.tokenizer), rank,
                          world_size, train, state)
 
