@@ -330,13 +330,20 @@ class RunLock:
         return False
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock when it is still this process's."""
+        """Stop the heartbeat and remove the lock when it is still this process's. Never
+        raises and never waits long: it runs in the ``finally`` of a run that may be
+        ending on another error, and at exit. A lock left behind (a filesystem error
+        here) is taken over by the next start as any dead holder's."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        holder = read_holder(self.path)
-        if holder is not None and holder.token == self.me.token:
-            self.path.unlink(missing_ok=True)
+            self._thread.join(timeout=5.0)  # a beat stuck in a hung filesystem
+        try:
+            holder = read_holder(self.path)
+            if holder is not None and holder.token == self.me.token:
+                self.path.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("%s: lock not removed (%s); the next start takes it over", self.path,
+                        err)
 
 
 _CHANGED = "changed"  # _watch: the lock was released or changed hands while watched

@@ -336,3 +336,17 @@ def test_a_refused_second_job_leaves_the_first_ones_staged_config(tmp_path):
     assert (tmp_path / CONFIG).read_text() == "first job's config\n"
     discard_config(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG]
+
+
+def test_release_never_raises(tmp_path, monkeypatch, caplog):
+    """It runs in the `finally` of a run (which may be ending on another error) and at
+    exit: a filesystem error there must not replace the run's own outcome."""
+    run_lock.acquire(tmp_path, heartbeat_s=3600)
+
+    def stale(path):
+        raise OSError(116, "Stale file handle")
+
+    monkeypatch.setattr(run_lock, "read_holder", stale)
+    with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
+        run_lock.release()
+    assert "lock not removed" in caplog.text
