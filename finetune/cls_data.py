@@ -199,7 +199,14 @@ def _check_class_folders(train: Path, val: Path, num_classes: int) -> None:
         raise ValueError(f"data.num_classes={num_classes} but {labelled} holds {len(classes)} "
                          f"class folders ({_named(classes)}): set "
                          f"data.num_classes={len(classes)}")
-    extra = sorted(set(val_classes) - set(classes))
+    _refuse_extra_val_classes(val, val_classes, train, classes)
+
+
+def _refuse_extra_val_classes(val: Path, val_classes: list[str], train: Path,
+                              train_classes: list[str] | dict[str, int]) -> None:
+    """Refuse validation class folders training does not have: validation takes
+    training's class->index mapping, so their images would have no index."""
+    extra = sorted(set(val_classes) - set(train_classes))
     if extra:
         raise ValueError(f"data.val_split: {val} holds {len(extra)} class folder(s) that "
                          f"{train} does not ({_named(extra)}): validation labels follow "
@@ -207,7 +214,8 @@ def _check_class_folders(train: Path, val: Path, num_classes: int) -> None:
                          "none; remove them from the validation set or add them to training")
 
 
-def _val_image_folder(folder: Path, transform, class_to_idx: dict[str, int] | None):
+def _val_image_folder(folder: Path, transform, class_to_idx: dict[str, int] | None,
+                      train: Path):
     """The validation ImageFolder, its targets by ``class_to_idx`` (the training set's
     class->index mapping): on its own, ImageFolder numbers the folders it holds, so a
     validation set without some class would shift the labels of every class after it.
@@ -223,10 +231,7 @@ def _val_image_folder(folder: Path, transform, class_to_idx: dict[str, int] | No
         raise ValueError(f"data.val_split: {folder} holds no images")
     if class_to_idx is None:
         return val
-    extra = sorted(set(val.classes) - set(class_to_idx))
-    if extra:
-        raise ValueError(f"data.val_split: {folder} holds {len(extra)} class folder(s) the "
-                         f"training set does not ({_named(extra)})")
+    _refuse_extra_val_classes(folder, val.classes, train, class_to_idx)
     # remapped in place rather than by overriding find_classes in a subclass: a plain
     # ImageFolder pickles for spawned DataLoader workers (a class made on first use,
     # torchvision being imported lazily, would not)
@@ -290,14 +295,13 @@ def _val_set(cfg, class_to_idx: dict[str, int] | None = None) -> Dataset:
         train, val = Path(d.root) / d.train_split, Path(d.root) / d.val_split
         if class_to_idx is None and train.is_dir():  # an evaluation without training
             class_to_idx = {c: i for i, c in enumerate(class_folders(train))}
-        elif class_to_idx is None and len(class_folders(val)) < d.num_classes:
+        elif class_to_idx is None and (n := len(class_folders(val))) < d.num_classes:
             # nothing to check the numbering against: a class missing from val/ shifts
             # the labels of every class sorted after it
             log.warning("data: no %s to number the classes by: labels follow %s's own %d "
                         "class folders (data.num_classes=%d), right only if the missing "
-                        "classes sort last", train, val, len(class_folders(val)),
-                        d.num_classes)
-        return _val_image_folder(val, transform, class_to_idx)
+                        "classes sort last", train, val, n, d.num_classes)
+        return _val_image_folder(val, transform, class_to_idx, train)
     urls = demo_urls(d.cache_dir, d.source_size)[1] if d.kind == "demo" else d.val_urls
     return ShardDataset(urls, transform, d.s3, num_classes=d.num_classes)
 
