@@ -80,13 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return mod.dry_run(cfg)
     if args.eval_only:
         return eval_only(cfg, args.resume)
-    from data.loader import UnusableSourceError
-    from data.shard_schedule import StorageAccessError
     from finetune.engine import resume_checkpoint
+    from launch.commands.refusals import training_refusals
     from models import CheckpointError
     from runtime import run_lock
     from runtime.checkpoint import discard_config, stage_config
-    from runtime.loop import RefusedStart
 
     out = Path(cfg.run.output_dir)
     try:
@@ -104,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    # refused, or data that cannot be used (storage, a source whose samples are all
-    # skipped): one line
-    except (CheckpointError, StorageAccessError, UnusableSourceError, RefusedStart) as err:
+    except training_refusals() as err:  # one line, exit 2
         if is_main:
             discard_config(out)
             run_lock.release()  # before the folder it lies in is removed

@@ -76,13 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(plan(cfg, dry_run_gpus(args.gpus)), indent=2))
         return 0
-    from data.loader import UnusableSourceError
-    from data.shard_schedule import StorageAccessError
-    from models import CheckpointError
+    from launch.commands.refusals import training_refusals
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import discard_config, stage_config
-    from runtime.loop import RefusedStart
 
     cfg = resolve_builtin(cfg)
     run_dir = Path(cfg.run.output_dir)
@@ -91,10 +88,7 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)
-    except (CheckpointError, StorageAccessError, UnusableSourceError, RefusedStart) as err:
-        # a refused resume, a store its data cannot be read from, a source whose samples
-        # are all skipped, or a start this machine cannot run (engine.precision): one line,
-        # exit 2, as finetune
+    except training_refusals() as err:  # one line, exit 2, as finetune
         if is_main:
             discard_config(run_dir)
         print(f"internimage pretrain: {err}", file=sys.stderr)
