@@ -162,11 +162,20 @@ def read_holder(path: Path) -> Holder | None:
         return Holder(token=f"unreadable:{text[:64]}", **_UNKNOWN)
 
 
+def _record(holder: Holder) -> str:
+    return json.dumps(asdict(holder)) + "\n"
+
+
+def _staged(path: Path, holder: Holder) -> Path:
+    """``holder``'s record in a temporary file beside ``path`` (named by its token)."""
+    tmp = path.with_name(f"{path.name}.{holder.token}.tmp")
+    tmp.write_text(_record(holder))
+    return tmp
+
+
 def _write(path: Path, holder: Holder) -> None:
     """Replace ``path`` with ``holder`` atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f"{path.name}.{holder.token}.tmp")
-    tmp.write_text(json.dumps(asdict(holder)) + "\n")
-    os.replace(tmp, path)
+    os.replace(_staged(path, holder), path)
 
 
 class RunLock:
@@ -221,8 +230,7 @@ class RunLock:
 
     def _create(self) -> bool:
         """Create the lock file holding this process; False when one exists."""
-        tmp = self.path.with_name(f"{self.path.name}.{self.me.token}.tmp")
-        tmp.write_text(json.dumps(asdict(self.me)) + "\n")
+        tmp = _staged(self.path, self.me)
         try:  # a hard link fails on an existing name: creation and content in one step
             os.link(tmp, self.path)
         except FileExistsError:
@@ -242,7 +250,7 @@ class RunLock:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(self.me)) + "\n")
+            f.write(_record(self.me))
         return True
 
     def _gone(self, holder: Holder) -> str | None:
