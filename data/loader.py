@@ -43,7 +43,7 @@ from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
 from data.state import PipelineState, derive_seed, url_list_digest
-from data.stats import SKIP_REASONS, DataStats, SkipCounter
+from data.stats import DataStats, SkipCounter
 from data.stream import MixedStream, SourceCursor, SourceStream
 
 log = logging.getLogger(__name__)
@@ -66,42 +66,31 @@ class UnusableSourceError(RuntimeError):
 
 
 class _SkippedInARow:
-    """Per source of one worker: samples skipped since its last usable one, and the skip
-    reasons counted since that run began: the counter's never-drained ``met`` (a few
-    entries) copied before each sample that may start a run, i.e. one that follows a
-    usable one (a small dict copy a sample, beside a JPEG decode)."""
+    """Per source of one worker: the reasons of the samples skipped since its last usable
+    one (the codec counts each skip's reason in the counter, which keeps the latest:
+    O(1) a sample)."""
 
     def __init__(self, names: list[str], counter: SkipCounter, limit: int):
         self.names, self.counter, self.limit = names, counter, limit
-        self.runs = [0] * len(names)
-        self.before: list[Counter[tuple[str, str]]] = [Counter() for _ in names]
-
-    def next_sample(self, source_id: int) -> None:
-        """Before ``source_id``'s next sample is decoded."""
-        if self.runs[source_id] == 0:
-            self.before[source_id] = self.counter.met.copy()
+        self.runs: list[Counter[str]] = [Counter() for _ in names]
 
     def usable(self, source_id: int) -> None:
-        self.runs[source_id] = 0
+        if self.runs[source_id]:
+            self.runs[source_id].clear()
 
     def skipped(self, source_id: int) -> str | None:
         """Count one skipped sample; the error message once the run reaches the limit
         (none with a limit of 0)."""
-        self.runs[source_id] += 1
-        if not self.limit or self.runs[source_id] < self.limit:
+        run = self.runs[source_id]
+        run[self.counter.last_skip or "unknown"] += 1
+        if not self.limit or run.total() < self.limit:
             return None
         name = self.names[source_id]
-        reasons = self._met(self.counter.met, name) - self._met(self.before[source_id], name)
-        why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
-        return (f"data: source {name!r}: the last {self.runs[source_id]} samples it "
-                f"delivered were all skipped ({why}); check the keys configured for it "
-                f"(image_key, text_key; pre-training: sources.{name}.*) against those its "
-                f"shards hold (`internimage shards verify` counts what is missing)")
-
-    @staticmethod
-    def _met(met: Counter[tuple[str, str]], name: str) -> Counter[str]:
-        return Counter({reason: n for (source, reason), n in met.items()
-                        if source == name and reason in SKIP_REASONS})
+        why = ", ".join(f"{reason}: {n}" for reason, n in run.most_common())
+        return (f"data: source {name!r}: the last {run.total()} samples it delivered "
+                f"were all skipped ({why}); check the keys configured for it (image_key, "
+                f"text_key; pre-training: sources.{name}.*) against those its shards hold "
+                f"(`internimage shards verify` counts what is missing)")
 
 
 @dataclass
@@ -203,7 +192,6 @@ class SlotStreams(IterableDataset):
         for source_id, raw in mixed:
             index = mixed.index - 1  # the raw sample's number in this worker's stream
             rng = random.Random(derive_seed(opts.seed, "aug", *slot, self.epoch, index))
-            in_a_row.next_sample(source_id)
             sample = self.codec.decode(source_id, raw, rng, counter)
             if sample is not None:
                 pending.append((source_id, sample))

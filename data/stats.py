@@ -74,9 +74,11 @@ class SkipCounter:
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self.muted = False
         self.met: Counter[tuple[str, str]] = Counter()
+        self.last_skip: str | None = None  # the reason of the latest skip (data.loader)
 
     def skip(self, source: str, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples (or shards) of ``source`` for ``reason``."""
+        self.last_skip = reason
         if n:
             # muted too: a muted re-read meets what the saved block's count holds
             self.met[source, reason] += n
