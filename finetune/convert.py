@@ -17,11 +17,12 @@ needs about one fp32 copy of the model in RAM (plus the mapped files), not one p
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import re
-import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -378,15 +379,55 @@ def _umask() -> int:
     return mask
 
 
+TMP_TAG = ".tmp-"
+"""Between a destination's name and its writer's host and PID in the temporary file's
+name (``.out.safetensors.tmp-HOST-PID``), which a later convert to the same destination
+uses to remove what a killed one left (:func:`remove_abandoned`)."""
+
+
+def _temporary(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned(dst: Path) -> list[Path]:
+    """Remove the temporary files of earlier converts to ``dst`` that were killed
+    (SIGKILL, the OOM killer: no cleanup ran) on this host, whose PID runs no longer;
+    returns them. Another host's, or a running process's (a convert to the same
+    destination beside this one), are left alone: this host cannot tell whether they
+    still write."""
+    prefix = f".{dst.name}{TMP_TAG}{socket.gethostname()}-"
+    removed = []
+    for path in dst.parent.glob(f".{glob.escape(dst.name)}{TMP_TAG}*"):
+        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
                       meta: dict[str, str]) -> None:
     """Write ``out`` to ``dst`` through a temporary file beside it, renamed into place
     once complete: a convert killed or failing mid-write (an H export is 4 GB) leaves
     ``dst`` as it was (a previous export, or nothing), never a truncated file an ``--init``
     then reads. The file gets the mode the umask gives (safetensors' writer creates
-    0600 files: unreadable by the group on a shared filesystem)."""
+    0600 files: unreadable by the group on a shared filesystem). An error or SIGTERM
+    (``internimage convert`` turns it into SystemExit) removes the temporary file; what
+    a SIGKILL leaves, the next convert to ``dst`` removes (:func:`remove_abandoned`)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
+    for path in remove_abandoned(dst):
+        log.warning("removed %s, left by a convert that was killed while writing", path)
+    tmp = _temporary(dst)
     try:
         if fmt == "official":
             torch.save(out, tmp)

@@ -56,3 +56,65 @@ def test_a_write_that_fails_leaves_the_previous_export(released, tmp_path, monke
     assert dst.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
     assert read_state_dict(str(dst)).keys() == torch.load(released).keys()
+
+
+_SLOW_WRITE = """
+import os, sys, time
+import safetensors.torch
+from launch.cli import main
+
+def slow(tensors, path, metadata=None):  # an H export takes minutes to write
+    with open(path, "wb") as f:
+        f.write(b"\\0" * 100)
+        f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+safetensors.torch.save_file = slow
+sys.exit(main(["convert", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def _start_slow_convert(released, dst):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(released), str(dst)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_convert_stopped_by_sigterm_leaves_no_temporary_file(released, tmp_path):
+    """scancel and SLURM's time limit send SIGTERM: the half-written temporary file (up
+    to 4 GB for H) is removed, not left hidden beside the destination."""
+    import signal
+
+    proc = _start_slow_convert(released, tmp_path / "out.safetensors")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_convert_removes_what_a_killed_convert_left(released, tmp_path, caplog):
+    """SIGKILL (the OOM killer) runs no cleanup: the next convert to the same destination
+    removes the dead process's temporary file, and says so; a live one's is kept."""
+    import signal
+
+    from launch.cli import main
+
+    dst = tmp_path / "out.safetensors"
+    live = _start_slow_convert(released, dst)
+    try:
+        proc = _start_slow_convert(released, dst)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        (abandoned,) = [p for p in tmp_path.iterdir() if p.name.endswith(f"-{proc.pid}")]
+        assert main(["convert", str(released), str(dst)]) == 0
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert abandoned.name not in left and "out.safetensors" in left
+        assert len(left) == 2  # the live convert's file is kept
+        assert abandoned.name in caplog.text
+    finally:
+        live.kill()
+        live.wait()

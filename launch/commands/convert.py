@@ -4,6 +4,7 @@ layout."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -24,14 +25,23 @@ def register(sub, name: str) -> None:
     p.set_defaults(func=run)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # scancel and a SLURM time limit send SIGTERM, whose default ends the process at once:
+    # as SystemExit the export's cleanup runs (its half-written temporary file goes)
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     from finetune.convert import convert
     from models import CheckpointError
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         report = convert(args.src, args.dst, fmt=args.format, dtype=args.dtype)
     except CheckpointError as err:
         print(f"internimage convert: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report)
     return 0
