@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
@@ -22,7 +22,7 @@ from finetune.data_files import NextReadable
 from finetune.dense_data import CollateCounted, CountedItems
 from runtime.dist import DistInfo, all_gather_objects, rank_share
 from runtime.redact import redact_url, redact_urls
-from runtime.rng import loader_generator, skip_batches
+from runtime.rng import StartAt, loader_generator
 
 log = logging.getLogger(__name__)
 
@@ -306,31 +306,39 @@ def _val_set(cfg, class_to_idx: dict[str, int] | None = None) -> Dataset:
     return ShardDataset(urls, transform, d.s3, num_classes=d.num_classes)
 
 
-def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0):
+def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0,
+                  skip: int = 0):
     """The epoch's loaders: training (a DataLoader over a DistributedSampler when several
-    ranks; a streaming set is its own loader, its stream going on across epochs) and
-    validation (this rank's share, unpadded); returns (train, val, sampler).
+    ranks, from micro-batch ``skip`` on: a resumed epoch's, whose earlier samples are not
+    read; a streaming set is its own loader, its stream going on across epochs, restored
+    where it stopped) and validation (this rank's share, unpadded); returns (train, val,
+    sampler), the sampler set to ``epoch``.
 
     A map-style training loader yields ``finetune.dense_data.Counted`` batches, each with
     the number of unreadable samples its samples replaced (what the training loop sums
-    into the records' ``skipped``); a streaming set counts its own by reason."""
+    into the records' ``skipped``), each sample augmented from its own seed
+    (``CountedItems``); a streaming set counts its own by reason."""
     from finetune.cls_stream import StreamingShards
 
     sampler = None
     if isinstance(train_set, StreamingShards):
         train = train_set
     else:
+        # per rank and epoch: the order on one rank, the workers' base seeds
+        g = loader_generator(cfg.run.seed, d.rank, epoch)
         if d.world_size > 1:
             sampler = DistributedSampler(train_set, d.world_size, d.rank, shuffle=True,
                                          seed=cfg.run.seed, drop_last=True)
+            sampler.set_epoch(epoch)
         # the sampler draws from the set itself: the wrappers only change what a bad
-        # index holds and carry the replacement count out of the worker with the batch
-        items = CountedItems(SkipUnreadable(train_set, substitute=True))
+        # index holds, seed its augmentation and carry the replacement count out of the
+        # worker with the batch
+        order = sampler if sampler is not None else RandomSampler(train_set, generator=g)
+        items = CountedItems(SkipUnreadable(train_set, substitute=True), cfg.run.seed, epoch)
         train = DataLoader(
-            items, batch_size=cfg.run.batch_size, shuffle=sampler is None, sampler=sampler,
-            num_workers=cfg.run.num_workers, drop_last=True,
-            # per rank and epoch: the workers' augmentation seeds derive from it
-            generator=loader_generator(cfg.run.seed, d.rank, epoch),
+            items, batch_size=cfg.run.batch_size,
+            sampler=StartAt(order, skip * cfg.run.batch_size),
+            num_workers=cfg.run.num_workers, drop_last=True, generator=g,
             persistent_workers=False, collate_fn=CollateCounted())
     return train, build_val_loader(cfg, d, val_set), sampler
 
@@ -345,13 +353,12 @@ def build_val_loader(cfg, d: DistInfo, val_set: Dataset) -> DataLoader:
                       collate_fn=drop_unreadable)
 
 
-def epoch_batches(loader, skip: int = 0):
-    """The epoch's ``(images, labels)`` batches (a counted loader's: ``Counted`` ones)
-    from index ``skip`` on: a streaming set's stream goes on where it stopped (a resumed
-    one was restored there); a map-style loader's first ``skip`` batches are skipped here
-    (loaded again and dropped: the run that trained on them counted their replacements)."""
+def epoch_batches(loader):
+    """The epoch's ``(images, labels)`` batches (a counted loader's: ``Counted`` ones): a
+    streaming set's stream goes on where it stopped (a resumed one was restored there); a
+    map-style loader starts where :func:`build_loaders` was told to."""
     from finetune.cls_stream import StreamingShards
 
     if isinstance(loader, StreamingShards):
         return loader.batches()
-    return skip_batches(loader, skip)  # the skipped batches leave the RNG untouched
+    return loader

@@ -72,12 +72,10 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        loaded=getattr(train_set, "skipped_by_reason", None))
 
     def batches(epoch: int, skip: int):
-        train_loader, loaders["val"], sampler = build_loaders(cfg, d, train_set, val_set,
-                                                              epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
         # the loaders count micro-batches: a resume skips ``skip`` whole steps of them
-        micro = epoch_batches(train_loader, skip * accum)
+        train_loader, loaders["val"], _ = build_loaders(cfg, d, train_set, val_set, epoch,
+                                                        skip * accum)
+        micro = epoch_batches(train_loader)
         if skips.stream is None:  # counted after the skip: those were counted before
             micro = skips.counted(micro)
         return step_batches(micro, accum, steps_per_epoch - skip)

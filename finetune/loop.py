@@ -32,7 +32,6 @@ from torch import nn
 from finetune.dense_data import Counted
 from finetune.engine import fingerprint, open_metrics, open_run, start_engine
 from finetune.skip_counts import SkipCounts
-from runtime import rng
 from runtime.checkpoint import engine_layout
 from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
@@ -43,7 +42,7 @@ __all__ = ["fingerprint", "run_loop"]  # fingerprint: what detection/segmentatio
 
 
 def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             batches: Callable[[int], Iterable[Counted]],
+             batches: Callable[[int, int], Iterable[Counted]],
              loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
              evaluate: Callable[[], dict[str, float]], total_steps: int, eval_every: int,
              checkpoint_every: int, log_every: int, grad_clip: float, out_dir: Path,
@@ -51,9 +50,10 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
              model_hash: str, zero_stage: int = 0, precision: str = "fp32",
              tensorboard: bool = True, grad_accum: int = 1,
              zero_persistence_threshold: int | None = None) -> dict[str, float]:
-    """Train ``total_steps`` updates; ``batches(epoch)`` is one epoch's loader (sized) of
-    micro-batches, each a :class:`finetune.dense_data.Counted` (the batch ``loss_fn``
-    takes and the unreadable items it replaced), ``grad_accum`` of which make one update.
+    """Train ``total_steps`` updates; ``batches(epoch, skip)`` is one epoch's loader
+    (sized) of micro-batches from micro-batch ``skip`` on (a resumed epoch's), each a
+    :class:`finetune.dense_data.Counted` (the batch ``loss_fn`` takes and the unreadable
+    items it replaced), ``grad_accum`` of which make one update.
 
     ``net``: the module the engine wraps and ``loss_fn`` calls (through the engine);
     ``evaluate`` runs on the bare model. Returns the last evaluation's metrics (with
@@ -94,10 +94,10 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     def epoch_steps(epoch: int, skip: int) -> Iterator[list]:
         """The epoch's updates from ``skip`` on (positions count updates, the loader
         micro-batches)."""
-        loader = batches(epoch)
-        # counted after the skip: the run that trained on the skipped batches counted them
-        micro = skips.counted(rng.skip_batches(loader, skip * grad_accum))
-        return step_batches(micro, grad_accum, len(loader) // grad_accum - skip)
+        # the skipped micro-batches are not read (their samples' replacements were counted
+        # by the run that trained on them)
+        loader = batches(epoch, skip * grad_accum)
+        return step_batches(skips.counted(loader), grad_accum, len(loader) // grad_accum)
 
     def run_evaluation() -> dict[str, float]:
         engine.eval()

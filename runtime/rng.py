@@ -13,25 +13,28 @@ and every fine-tuning task:
   worker from a base seed drawn from that generator, so it must differ per rank (else every
   rank's worker k draws the same augmentations) and per epoch.
 - :func:`seeded_host_rngs`: one sample's augmentation drawn from a seed of its own (a
-  streamed sample's place in its stream), whatever the process drew before it.
-- :func:`skip_batches`: the batches of an epoch after the ``skip`` a resumed run already
-  trained on, consumed without disturbing this process's random state.
+  streamed sample's place in its stream, a map-style set's :func:`sample_seed`), whatever
+  the process drew before it.
+- :class:`StartAt`: an epoch's sampler from the first sample a resumed run has not
+  trained on; the samples before it are never read (their augmentations depend on
+  nothing the skipped ones drew).
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def seed_all(seed: int) -> None:
@@ -130,27 +133,44 @@ def warn_rng_not_restored(saved: int, world_size: int) -> None:
                 world_size)
 
 
-_END = object()
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of sample ``index`` of a map-style training set in
+    ``epoch`` (:func:`seeded_host_rngs`): a function of the three numbers alone, so a
+    sample is augmented alike whichever worker, rank or resumed run loads it, and the
+    samples before it need not be loaded. The numbers are mixed by chained SplitMix64
+    finalisers (Steele, Lea and Flood, "Fast splittable pseudorandom number generators",
+    2014; ~2 us here, against ~60 us for numpy's ``SeedSequence``, per sample) into a
+    63-bit seed that differs from its neighbours in about half its bits."""
+    x = _splitmix64(int(seed) % 2**64 ^ _SAMPLE_TAG)
+    x = _splitmix64(x ^ int(epoch) % 2**64)
+    return _splitmix64(x ^ int(index) % 2**64) >> 1
 
 
-def skip_batches(batches: Iterable[T], skip: int) -> Iterator[T]:
-    """``batches`` from index ``skip`` on, as if the first ``skip`` had never been drawn.
+_SAMPLE_TAG = 0x53414D50  # "SAMP": a sample's seed chain starts apart from the run seed
+_M64 = 2**64 - 1
 
-    A resumed run restores the random state saved after batch ``skip`` was trained on;
-    loading the skipped batches again (in this process, when the loader has no workers)
-    draws augmentations from the generators and would move them past that state, so they
-    are consumed with the state saved and put back. Loaders with workers draw in the
-    workers, whose streams are tied to batch positions: loading and discarding keeps them
-    in step with an uninterrupted run.
-    """
-    if skip <= 0:
-        yield from batches
-        return
-    saved = rng_state()
-    it = iter(batches)  # creating the iterator may draw (a loader without a generator)
-    for _ in range(skip):
-        if next(it, _END) is _END:
-            set_rng_state(saved)
-            return
-    set_rng_state(saved)
-    yield from it
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class StartAt(Sampler):
+    """``sampler``'s indices from position ``start`` on: a resumed epoch's sampler, whose
+    first ``start`` samples the run that saved already trained on. The whole order is
+    drawn as before (the same permutation), only the first ``start`` indices are dropped,
+    so nothing is loaded for them. Exact only when each sample's augmentation is drawn
+    from its own seed (:func:`sample_seed`); the sampler's draws stay lazy, as the
+    wrapped sampler's are (a DataLoader draws its workers' base seed from the same
+    generator when its iterator is made, before the first index)."""
+
+    def __init__(self, sampler: Sampler, start: int):
+        self.sampler, self.start = sampler, max(0, int(start))
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.start, None)
