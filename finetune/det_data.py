@@ -251,18 +251,21 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-def data_paths(cfg: DetectionConfig) -> list[DataPath]:
+_SPLITS = (("training", "train_images", "train_ann"), ("validation", "val_images", "val_ann"))
+
+
+def data_paths(cfg: DetectionConfig, val_only: bool = False) -> list[DataPath]:
     """What the COCO readers of ``data.kind=coco`` open (finetune/data_paths.py), in the
     order a user would fix them: the root, then each split's annotation file and image
-    folder (nothing for the demo, generated on first use)."""
+    folder (the validation split's alone with ``val_only``; nothing for the demo,
+    generated on first use)."""
     d = cfg.data
     if d.kind == "demo":
         return []
     root = Path(d.root)
     out = [DataPath("data.root", root, "the COCO folder holding train2017/, val2017/ and "
                     "annotations/")]
-    for split, images, ann in (("training", "train_images", "train_ann"),
-                               ("validation", "val_images", "val_ann")):
+    for split, images, ann in _SPLITS[1:] if val_only else _SPLITS:
         out += [DataPath(f"data.{ann}", root / getattr(d, ann), f"COCO's instance "
                          f"annotation JSON of the {split} images", kind="file"),
                 DataPath(f"data.{images}", root / getattr(d, images), f"the folder of the "
@@ -270,7 +273,7 @@ def data_paths(cfg: DetectionConfig) -> list[DataPath]:
     return out
 
 
-def check_data(cfg: DetectionConfig, thorough: bool = True) -> None:
+def check_data(cfg: DetectionConfig, thorough: bool = True, val_only: bool = False) -> None:
     """Refuse, before anything is built, COCO paths that are missing, then an annotation
     file that is not JSON, then images an annotation file names that its image folder
     lacks (a ``ValueError`` naming the key: how many of how many, the folder, the first
@@ -281,15 +284,16 @@ def check_data(cfg: DetectionConfig, thorough: bool = True) -> None:
     ``internimage finetune`` start, then ``train``), which would otherwise parse it again:
     the start costs no more than before. ``thorough=False`` (``internimage submit`` on a
     login node, see ``finetune.init.start_checks``): the paths only, no parse. The images
-    are compared with one listing per folder."""
-    check_data_paths(data_paths(cfg))
+    are compared with one listing per folder. ``val_only`` (``--eval-only``): the
+    validation split's alone."""
+    check_data_paths(data_paths(cfg, val_only))
     d = cfg.data
     if d.kind == "demo" or not thorough:  # demo: generated, complete, on first use
         return
     root = Path(d.root)
     checked = set()
     try:
-        for images, ann in (("train_images", "train_ann"), ("val_images", "val_ann")):
+        for _, images, ann in _SPLITS[1:] if val_only else _SPLITS:
             ann_file, image_dir = root / getattr(d, ann), root / getattr(d, images)
             try:
                 names = _file_names(_annotations(ann_file, keep=True), ann_file)
@@ -328,22 +332,38 @@ def _refuse_missing(key: str, image_dir: Path, ann_file: Path, names: list[str])
                         f"{first_few(missing, len(missing))})")
 
 
-def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
-    """(train, val) for ``data.kind``; the demo set is generated on first use."""
+def _split_files(cfg: DetectionConfig) -> tuple[Path, Path, Path, Path]:
+    """(train images, train annotations, val images, val annotations) of ``data.kind``;
+    the demo set is generated on first use."""
     d = cfg.data
     if d.kind == "demo":
         from finetune.demo_data import ensure_shapes_coco
 
         root = ensure_shapes_coco(d.cache_dir, d.demo_train, d.demo_val, d.demo_size)
-        paths = (root / "train", root / "annotations/instances_train.json",
-                 root / "val", root / "annotations/instances_val.json")
-    else:
+        return (root / "train", root / "annotations/instances_train.json",
+                root / "val", root / "annotations/instances_val.json")
+    root = Path(d.root)
+    return root / d.train_images, root / d.train_ann, root / d.val_images, root / d.val_ann
+
+
+def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
+    """(train, val) for ``data.kind``; the demo set is generated on first use."""
+    d = cfg.data
+    if d.kind != "demo":
         # the paths only: the images were compared with their folders at the start checks
         # (finetune.init.start_checks), whose parse of the annotation files is taken below
         check_data_paths(data_paths(cfg))
-        root = Path(d.root)
-        paths = (root / d.train_images, root / d.train_ann, root / d.val_images,
-                 root / d.val_ann)
+    paths = _split_files(cfg)
     return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
                           d.min_size),
             CocoInstances(paths[2], paths[3], False))
+
+
+def build_val_set(cfg: DetectionConfig) -> CocoInstances:
+    """The validation set alone (``--eval-only``: the training annotations, COCO's 450 MB,
+    are not parsed); its categories are the class list, as the training set's are when
+    both files list the same (COCO's do: all 80 in each)."""
+    if cfg.data.kind != "demo":
+        check_data_paths(data_paths(cfg, val_only=True))
+    _, _, images, ann = _split_files(cfg)
+    return CocoInstances(images, ann, False)

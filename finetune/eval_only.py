@@ -62,7 +62,7 @@ def check_eval_start(cfg, resume: str | None) -> EvalSource:
     from finetune.zero import model_hash
 
     if resume:
-        step_dir = _resumed(cfg, resume)
+        step_dir = resumed_step_dir(cfg, resume)
         state = load_trainer_state(step_dir)
         if state.get("model_hash") != model_hash(cfg):
             raise ResumeError(
@@ -80,7 +80,7 @@ def check_eval_start(cfg, resume: str | None) -> EvalSource:
     return evaluated
 
 
-def _resumed(cfg, resume: str) -> Path:
+def resumed_step_dir(cfg, resume: str) -> Path:
     """The ZeRO tag directory ``--resume`` names, as a training resume resolves it
     (``runtime.checkpoint.resolve_resume``): ``auto``, ``run.output_dir``'s latest; a path
     of a run's checkpoint (a weights file is refused there: ``--init`` takes it)."""
@@ -173,11 +173,11 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
         log.info("eval-only %s on %d image(s), %d rank(s): %s", source.weights,
                  len(loader.dataset), d.world_size, result)
         if source.step_dir is not None:
-            _write_record(source.step_dir, result, d.world_size)
+            write_record(source.step_dir, result, d.world_size)
     return result
 
 
-def _write_record(step_dir: Path, result: dict[str, float], world_size: int) -> None:
+def write_record(step_dir: Path, result: dict[str, float], world_size: int) -> None:
     """``RUN/eval-<timestamp>.json`` beside the run's own files (a run directory that is
     not writable, a downloaded one, only warns: the metrics are printed anyway)."""
     run_dir = step_dir.parent.parent

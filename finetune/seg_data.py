@@ -81,26 +81,29 @@ def _layout_paths(kind: str, key: str, root: Path, splits: list[str]) -> list[Da
     return out
 
 
-def data_paths(cfg: SegDataConfig) -> list[DataPath]:
+def data_paths(cfg: SegDataConfig, val_only: bool = False) -> list[DataPath]:
     """The local folders the training and evaluation sets read (finetune/data_paths.py):
     each layout's root, then per split its image folder (holding at least one image) and
-    its label folder; nothing for the demo (generated on first use)."""
+    its label folder (the evaluation set's alone with ``val_only``); nothing for the demo
+    (generated on first use)."""
     train_splits = cfg.train_splits or [SPLIT_NAMES[cfg.kind][0]]
     val_key = "data.val_root" if cfg.val_root else "data.root"
-    return (_layout_paths(cfg.kind, "data.root", Path(cfg.root), train_splits)
-            + _layout_paths(cfg.eval_kind, val_key, Path(cfg.eval_root),
-                            [SPLIT_NAMES[cfg.eval_kind][1]]))
+    train = [] if val_only else _layout_paths(cfg.kind, "data.root", Path(cfg.root),
+                                              train_splits)
+    return train + _layout_paths(cfg.eval_kind, val_key, Path(cfg.eval_root),
+                                 [SPLIT_NAMES[cfg.eval_kind][1]])
 
 
-def check_data(cfg, thorough: bool = True) -> None:
+def check_data(cfg, thorough: bool = True, val_only: bool = False) -> None:
     """Refuse, before anything is built, a segmentation run's missing data folders, then
     images without their label file (a ``ValueError`` naming the key and the path;
     ``cfg``: SegmentationConfig). The pairing lists each image and label folder once
     (the listing the datasets make again when they are built), never a stat per file: as
-    cheap as the folder checks, so done at submit too (``thorough`` changes nothing)."""
+    cheap as the folder checks, so done at submit too (``thorough`` changes nothing).
+    ``val_only`` (``--eval-only``): the evaluation set's alone."""
     d = cfg.data
-    check_data_paths(data_paths(d))
-    if d.kind != "demo":  # the demo set is generated, complete, on first use
+    check_data_paths(data_paths(d, val_only))
+    if d.kind != "demo" and not val_only:  # the demo set is generated, on first use
         _pairs(d, train=True)
     if d.eval_kind != "demo":
         _pairs(d, train=False)

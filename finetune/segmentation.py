@@ -163,10 +163,19 @@ def refuse_single_image_batchnorm(cfg: SegmentationConfig, pooled_ranks: int) ->
             f"run.batch_size >= 2 (the UperNet configs use 2 per GPU)")
 
 
+def segmentation_model_hash(cfg: SegmentationConfig) -> str:
+    """The hash a segmentation run's checkpoints carry (``trainer_state.json``
+    ``model_hash``): what their tensors depend on."""
+    from finetune.engine import fingerprint
+
+    return fingerprint("segmentation", cfg.model.name, cfg.model.arch(), cfg.head.kind,
+                       cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes)
+
+
 def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind`` on InternImage; returns the last evaluation (``mIoU``,
     ``IoU.<class>``, ...)."""
-    from finetune.loop import fingerprint, run_loop
+    from finetune.loop import run_loop
 
     d = init_distributed()
     sync_bn = d.world_size > 1 and d.device.type == "cuda"  # SyncBatchNorm needs NCCL
@@ -195,8 +204,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)
     # what the checkpoint's tensors depend on: a resume with another model fails early
-    model_hash = fingerprint("segmentation", cfg.model.name, cfg.model.arch(), cfg.head.kind,
-                             cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes)
+    model_hash = segmentation_model_hash(cfg)
     return run_loop(name="segmentation", net=LossForward(model), optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
                     evaluate=lambda: evaluate(model, val_set, cfg, d), total_steps=total,

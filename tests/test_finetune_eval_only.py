@@ -65,11 +65,14 @@ def test_resume_prints_the_runs_own_last_evaluation_on_two_ranks_and_on_one(
                            *TINY, f"data.cache_dir={cache}"), cache)
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("{")]  # rank 0's
     printed = json.loads(line)
-    exact = [k for k in METRICS if k != "val_loss_ema"]
-    assert {k: printed[k] for k in exact} == {k: logged[k] for k in exact}
-    # the ZeRO-3 run's EMA cross-entropy differs in the 9th digit (6e-9 relative, seen
-    # on these CPUs; its top-1/top-5 are equal, and a ZeRO-0 run matches in every digit)
-    assert printed["val_loss_ema"] == pytest.approx(logged["val_loss_ema"], rel=1e-7)
+    counts = ("top1", "top5", "top1_ema", "top5_ema")
+    assert {k: printed[k] for k in counts} == {k: logged[k] for k in counts}
+    # the ZeRO-3 run's cross-entropies may differ in the 8th-9th digit (6e-9 and 2.5e-8
+    # relative seen on these CPUs, with other trained weights: the training evaluation
+    # runs through ZeRO-3's gathered parameters and its own linear function, eval-only
+    # through the plain module); its top-1/top-5 counts are equal
+    for key in ("val_loss", "val_loss_ema"):
+        assert printed[key] == pytest.approx(logged[key], rel=1e-7), key
     assert _tree(out) == before
     (record,) = out.glob("eval-*.json")
     assert json.loads(record.read_text())["top1_ema"] == logged["top1_ema"]
@@ -133,7 +136,8 @@ def test_a_missing_doubled_or_mismatched_weight_source_is_one_line(
                 "both": "--eval-only needs --init CKPT or --resume PATH, not both",
                 "head": "holds a 10-class head, data.num_classes is 5",
                 "run_head": "data.num_classes differ",
-                "detection": "--eval-only evaluates classification checkpoints only"}[case]
+                "detection": "--eval-only of detection evaluates a detection run's own checkpoint: "
+                "--resume PATH|auto"}[case]
     assert expected in err, err
 
 

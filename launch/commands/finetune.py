@@ -29,8 +29,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model on the meta device, print the plan")
     p.add_argument("--eval-only", action="store_true",
-                   help="classification: evaluate --init CKPT or --resume PATH|auto once on "
-                   "the validation set, no training; prints the metrics as one JSON line")
+                   help="evaluate --resume PATH|auto (classification also --init CKPT) "
+                   "once on the validation set, no training; prints the metrics as one "
+                   "JSON line")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     # key=value overrides may also follow the options (argparse leaves them as extras)
     p.set_defaults(func=run, accepts_extra=True)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         check_init(cfg.init)
         return mod.dry_run(cfg)
     if args.eval_only:
-        return eval_only(cfg, args.resume)
+        return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
     from launch.commands.refusals import training_refusals
     from models import CheckpointError
@@ -119,26 +120,30 @@ def run(args: argparse.Namespace) -> int:
 def check_eval_only(args: argparse.Namespace) -> None:
     """Refuse, before anything is loaded, an ``--eval-only`` of a task that has none or
     without exactly one weight source (also what `internimage submit` checks)."""
-    if args.task != "classification":
-        raise ConfigError(f"--eval-only evaluates classification checkpoints only; a "
-                          f"{args.task} run logs its evaluations in its metrics.jsonl")
+    if args.task != "classification" and (args.init or not args.resume):
+        raise ConfigError(f"--eval-only of {args.task} evaluates a {args.task} run's own "
+                          "checkpoint: --resume PATH|auto (an --init is a backbone, whose "
+                          "head would start fresh and score chance)")
     if bool(args.init) == bool(args.resume):
         raise ConfigError("--eval-only needs --init CKPT or --resume PATH"
                           + (", not both" if args.init else ""))
 
 
-def eval_only(cfg, resume: str | None) -> int:
-    """``--eval-only``: the checks of ``finetune.eval_only`` (a refusal: one line, exit 2),
-    then one evaluation; rank 0 prints its metrics as the last line, one JSON object. No
-    run directory is created: the training start's checks (a fresh start over a run) and
-    its config.yaml do not apply."""
+def eval_only(task: str, cfg, resume: str | None) -> int:
+    """``--eval-only``: the checks of ``finetune.eval_only`` (classification) or
+    ``finetune.dense_eval_only`` (a refusal: one line, exit 2), then one evaluation; rank 0
+    prints its metrics as the last line, one JSON object. No run directory is created:
+    the training start's checks (a fresh start over a run) and its config.yaml do not
+    apply."""
     from data.shard_schedule import StorageAccessError
+    from finetune.dense_eval_only import evaluate_dense_checkpoint
     from finetune.eval_only import evaluate_checkpoint
     from models import CheckpointError
 
     try:
-        cfg, source = checked_eval(cfg, resume)
-        result = evaluate_checkpoint(cfg, source)
+        cfg, source = checked_eval(task, cfg, resume)
+        result = (evaluate_checkpoint(cfg, source) if task == "classification"
+                  else evaluate_dense_checkpoint(task, cfg, source))
     except (CheckpointError, StorageAccessError) as err:
         print(f"internimage finetune: {err}", file=sys.stderr)
         return 2
@@ -147,7 +152,7 @@ def eval_only(cfg, resume: str | None) -> int:
     return 0
 
 
-def checked_eval(cfg, resume: str | None, missing_data: str = "refuse"):
+def checked_eval(task: str, cfg, resume: str | None, missing_data: str = "refuse"):
     """``(cfg, source)`` of an ``--eval-only`` once ``finetune.eval_only``'s checks passed
     (``internimage finetune`` and, on the login node, ``internimage submit``): ``cfg``
     without ``init`` when ``resume`` names the weights (a config's own init, a stage-2
@@ -157,10 +162,14 @@ def checked_eval(cfg, resume: str | None, missing_data: str = "refuse"):
     warning on stderr (``source`` is then None)."""
     if resume:
         cfg = dataclasses.replace(cfg, init=None)
+    from finetune.dense_eval_only import check_dense_eval_start
     from finetune.eval_only import check_eval_start
 
     try:
-        return cfg, check_eval_start(cfg, resume)
+        if task == "classification":
+            return cfg, check_eval_start(cfg, resume)
+        return cfg, check_dense_eval_start(task, cfg, resume,
+                                           thorough=missing_data != "warn")
     except ValueError as err:  # names its key (data paths)
         if missing_data != "warn":
             raise ConfigError(str(err)) from None

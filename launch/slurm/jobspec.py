@@ -237,7 +237,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
 
         check_eval_only(args)
         try:
-            checked_eval(cfg, args.resume, missing_data="warn")
+            checked_eval(args.task, cfg, args.resume, missing_data="warn")
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
         argv, env = credentials_to_env(list(job), _secret_keys(args))
