@@ -238,7 +238,9 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
         write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
-        swapped_out = _publish(root, staging, tag)
+        # a swap an earlier rank 0 died in is finished first: else the prune below would
+        # take the run's checkpoint (still under its staging name) for a crashed save
+        swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
         # At most one save's deletions outstanding: a filesystem too slow to delete a
         # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
         # for once the new checkpoint is published: a stop request's save cut short here
@@ -271,6 +273,30 @@ def _publish(root: Path, staging: str, tag: str) -> list[Path]:
     os.replace(root / staging, final)
     _atomic_write(root / LATEST, tag)
     return []
+
+
+def _interrupted_swap(root: Path) -> str | None:
+    """The staging folder ``latest`` names when rank 0 died in :func:`_publish`'s swap
+    (the complete new checkpoint, not yet under its step's name), else None."""
+    path = root / LATEST
+    raw = path.read_text().strip() if path.is_file() else ""
+    return raw if is_staging(raw) and (root / raw).is_dir() else None
+
+
+def finish_interrupted_swap(root: Path) -> list[Path]:
+    """Rank 0: finish a swap of :func:`_publish` that a crash cut short (``latest`` still
+    names the new checkpoint's staging folder): the same step's older folder, if still
+    there, is set aside, the new one renamed to its step's name, ``latest`` rewritten.
+    Returns what was set aside (to delete). Called by every save before its own publish;
+    until then ``--resume auto`` resumes the staging folder, and a resume naming the
+    step's folder is refused (:func:`resolve_resume`): it may be the abandoned branch's."""
+    staging = _interrupted_swap(root)
+    if staging is None:
+        return []
+    tag = staging.split(STAGING)[0]
+    log.warning("finishing the swap of %s over %s that an earlier save did not complete",
+                staging, tag)
+    return _publish(root, staging, tag)
 
 
 _TAG = re.compile(r"step_(\d+)")  # tag_for's names: step_<digits>
@@ -464,6 +490,13 @@ def resolve_resume(resume: str | None, root: Path, warn: bool = True) -> Path | 
         raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
                           "or data state; resume from a training checkpoint (a run directory, "
                           f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
+    staging = _interrupted_swap(source.path.parent)
+    if staging is not None and staging.split(STAGING)[0] == source.path.name:
+        raise ResumeError(
+            f"--resume {resume}: a save was cut short while replacing {source.path.name} "
+            f"with the run's newer checkpoint of that step, {staging}; {source.path.name} "
+            "may be the branch the run abandoned: --resume auto resumes the run's own (the "
+            "next save puts it under its name)")
     if warn:
         _warn_rewind(source.path, root)
     return source.path

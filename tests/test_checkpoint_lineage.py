@@ -112,6 +112,22 @@ def test_a_crash_anywhere_while_a_checkpoint_replaces_one_of_its_step_resumes_a_
     folder, state = resumed(root)
     assert len(shards(folder)) == 1 and state["label"] in shards(folder)
     assert folder.name.startswith("step_0002000")
+    loaded = state["label"]
+    # the step's folder by name is the checkpoint the run resumed from, or refused while
+    # the swap is unfinished (it was the abandoned branch's, under the right name), or
+    # not there (set aside already)
+    try:
+        by_name = ck.resolve_resume(str(root / "step_0002000"), root)
+        assert shards(by_name) == {loaded}
+    except ck.ResumeError as err:
+        assert "--resume auto" in str(err) or "not found" in str(err)
+    # the resumed run's next save keeps it under its own name (its first prune deleted
+    # it and kept the abandoned branch's step_0002000, or left none)
+    save(root, 2100, "next", keep_last=5)
+    kept = root / "step_0002000"
+    assert shards(kept) == {loaded}
+    assert json.loads((kept / ck.TRAINER_STATE).read_text())["label"] == loaded
+    assert ck.resolve_resume(str(kept), root) == kept
 
 
 def test_after_a_rewind_pruning_keeps_the_rewind_point_and_drops_the_abandoned_branch(
