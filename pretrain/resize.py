@@ -22,7 +22,8 @@ does not restore module buffers or frozen parameters; the pre-training model tra
 parameter, and its buffers (BatchNorm statistics) are copied from rank 0's model states
 (:func:`restore_buffers`).
 
-The conversion runs once, on rank 0, into ``checkpoints/<tag>_universal`` (written under a
+The conversion runs once, on rank 0, into the resuming run's own
+``checkpoints/<tag>_universal`` (never into another run's folder; written under a
 temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete),
 with the identity of the checkpoint it was made from (:func:`source_identity`); a later
 resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
@@ -82,18 +83,22 @@ def _converted_from(universal: Path) -> str | None:
         return None  # made before identities were recorded, or damaged: not trusted
 
 
-def convert_to_universal(ckpt_dir: Path) -> Path:
-    """``ckpt_dir``'s universal form beside it (``<tag>_universal``), converted with
-    DeepSpeed's ``ds_to_universal`` unless one made from this very checkpoint is there.
-    Call on one process."""
-    out = ckpt_dir.with_name(ckpt_dir.name + SUFFIX)
+def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
+    """``ckpt_dir``'s universal form (``<tag>_universal``) in ``into``, the resuming run's
+    own ``checkpoints/`` (default: beside ``ckpt_dir``), converted with DeepSpeed's
+    ``ds_to_universal`` unless one made from this very checkpoint is there. A run resumed
+    from another run's checkpoint writes nothing into that run (it holds no lock of it; it
+    may be live, read-only, or pruning). Call on one process."""
+    into = ckpt_dir.parent if into is None else into
+    into.mkdir(parents=True, exist_ok=True)
+    out = into / (ckpt_dir.name + SUFFIX)
     identity = source_identity(ckpt_dir)
     if out.is_dir():
         if _converted_from(out) == identity:
             return out
         log.warning("%s was not converted from the current %s (saved again since, or made by "
                     "an older version): converting again", out.name, ckpt_dir.name)
-    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}{SUFFIX}.tmp")
+    tmp = into / f".{ckpt_dir.name}{SUFFIX}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     # its default worker counts: --num_extract_workers 1 with the default merge workers
@@ -119,30 +124,31 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     # ds_to_universal points ``latest_universal`` beside its output at the folder it wrote,
     # our temporary name, gone now; the loads here always pass the tag, and the folder is
     # pruned with its checkpoint, so no pointer is left to go stale
-    (ckpt_dir.parent / "latest_universal").unlink(missing_ok=True)
+    (into / "latest_universal").unlink(missing_ok=True)
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out
 
 
-def resize_tag(engine, ckpt_dir: Path, is_main: bool) -> str:
-    """The tag to pass to ``engine.load_checkpoint`` to load ``ckpt_dir`` on this world
-    size. A ZeRO-0 checkpoint is loaded as saved; otherwise rank 0 converts (every rank
-    waits) and the engine is switched to DeepSpeed's universal loading (its
-    ``checkpoint.load_universal`` config key, read at load time)."""
+def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[Path, str]:
+    """``(load_dir, tag)`` to pass to ``engine.load_checkpoint`` to load ``ckpt_dir`` on
+    this world size. A ZeRO-0 checkpoint is loaded as saved; otherwise rank 0 converts
+    into ``own_root``, the run's own ``checkpoints/`` (every rank waits), and the engine is
+    switched to DeepSpeed's universal loading (its ``checkpoint.load_universal`` config
+    key, read at load time)."""
     if not is_per_rank(ckpt_dir):
-        return ckpt_dir.name
+        return ckpt_dir.parent, ckpt_dir.name
     if is_main:
-        convert_to_universal(ckpt_dir)
+        convert_to_universal(ckpt_dir, into=own_root)
     barrier()
     engine._config.load_universal_checkpoint = True
-    return ckpt_dir.name + SUFFIX
+    return own_root, ckpt_dir.name + SUFFIX
 
 
 def restore_buffers(module, ckpt_dir: Path) -> int:
     """Copy the module buffers saved by rank 0 in ``ckpt_dir`` into ``module`` (the
     universal load leaves them at their initial values: a tag other than the saved one
-    from :func:`resize_tag`); returns how many."""
+    from :func:`resize_load`); returns how many."""
     import torch
 
     # ZeRO-3: every rank writes zero_pp_rank_R_mp_rank_00_model_states.pt (rank 0's

@@ -240,16 +240,17 @@ class Trainer:
 
     def _restore(self) -> None:
         assert self.resume_dir is not None and self.state is not None
-        tag = self.resume_dir.name
+        load_dir, tag = self.resume_dir.parent, self.resume_dir.name
         if self.resized:
-            from pretrain.resize import resize_tag
+            from pretrain.resize import resize_load
 
-            tag = resize_tag(self.engine, self.resume_dir, self.info.is_main)
+            load_dir, tag = resize_load(self.engine, self.resume_dir, self.ckpt_root,
+                                        self.info.is_main)
         # this config's optimizer settings, before the checkpoint's replace them: a resume
         # trains with them and the checkpoint's moments (apply_schedule_settings)
         optimizer = self.engine.lr_scheduler.optimizer
         built = group_settings(optimizer)
-        path, client_state = self.engine.load_checkpoint(str(self.resume_dir.parent), tag=tag)
+        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
         apply_group_settings(optimizer, built, self.resume_dir)

@@ -270,3 +270,23 @@ def test_failed_conversion_is_one_line(tmp_path, monkeypatch):
         resize.convert_to_universal(ckpt)
     assert "\n" not in str(err.value) and str(err.value).endswith("ValueError: broken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004"]
+
+
+def test_a_resize_from_another_runs_checkpoint_converts_into_this_run(tmp_path, converter):
+    """`--resume OTHER_RUN/checkpoints/step_X` on another world size: the universal form
+    (twice the checkpoint's size) goes into this run's checkpoints/, which prunes it; the
+    other run, which this one does not hold the lock of (it may be live, or read-only),
+    is left as it was, its own files and pointers included."""
+    from pretrain.resize import convert_to_universal
+
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    ckpt = _checkpoint(other, "step_0000004", "A")
+    (other / "latest").write_text("step_0000004")
+    (other / "latest_universal").write_text("step_0000002_universal")  # the other run's
+    before = sorted(p.name for p in other.iterdir())
+    mine = tmp_path / "mine" / "checkpoints"
+    out = convert_to_universal(ckpt, into=mine)
+    assert out.parent == mine and (out / "branch").read_text() == "A"
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert convert_to_universal(ckpt, into=mine) == out and len(converter) == 1  # reused
