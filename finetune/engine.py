@@ -133,9 +133,35 @@ def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> P
     return resolve_resume(resume, root, warn)
 
 
+def batch_state(batch_size: int, grad_accum: int) -> dict[str, int]:
+    """What a fine-tuning checkpoint records of its batch (``trainer_state.json``
+    ``batch``): a resume must train on the same (:func:`check_batch`)."""
+    return {"batch_size": int(batch_size), "grad_accum": int(grad_accum)}
+
+
+def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) -> None:
+    """Refuse a resume of ``ckpt_dir`` (trainer state ``state``) with another per-rank
+    batch or accumulation than it was trained with: its step, epoch and position in the
+    epoch count optimizer steps of ``batch_size x grad_accum x ranks`` images (the world
+    size is checked already), and the schedule's length is planned from them, so another
+    batch would re-plan the run from a position that means something else. A checkpoint
+    written before the batch was recorded is not checked."""
+    saved = state.get("batch")
+    if not isinstance(saved, dict):
+        return
+    changed = [k for k in batch if k in saved and saved[k] != batch[k]]
+    if changed:
+        raise ResumeError(
+            f"{ckpt_dir} was trained with "
+            + ", ".join(f"run.{k}={saved[k]}" for k in changed) + ", this run has "
+            + ", ".join(f"run.{k}={batch[k]}" for k in changed)
+            + ": a fine-tuning resume keeps the batch (its steps, epochs and schedule count "
+            "steps of it); resume with " + " ".join(f"run.{k}={saved[k]}" for k in changed))
+
+
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int, engine: dict[str, Any], publish: bool = True,
-             is_main: bool = True) -> FinetuneRun:
+             is_main: bool = True, batch: dict[str, int] | None = None) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
@@ -143,7 +169,8 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     checks passed, the config the command line staged becomes ``config.yaml``
     (``publish=False``: the caller checks more first, then calls
     ``runtime.checkpoint.publish_config``). ``is_main``: this is rank 0, which takes the
-    run directory's lock (runtime/run_lock.py: another live job there is refused too)."""
+    run directory's lock (runtime/run_lock.py: another live job there is refused too).
+    ``batch``: this run's :func:`batch_state`, which the checkpoint's must equal."""
     out_dir.mkdir(parents=True, exist_ok=True)
     refusal: CheckpointError | None = None
     resume_dir, state = None, None
@@ -153,6 +180,8 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
         resume_dir = resume_checkpoint(resume, out_dir)
         state = (checked_state(resume_dir, model_hash, world_size, engine)
                  if resume_dir is not None else None)
+        if state is not None and batch is not None:
+            check_batch(state, batch, resume_dir)
     except CheckpointError as err:
         refusal = err
     try:

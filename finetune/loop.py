@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from finetune.dense_data import Counted
-from finetune.engine import fingerprint, open_metrics, open_run, start_engine
+from finetune.engine import (
+    batch_state,
+    fingerprint,
+    open_metrics,
+    open_run,
+    start_engine,
+)
 from finetune.skip_counts import SkipCounts
 from runtime.checkpoint import engine_layout
 from runtime.dist import DistInfo, broadcast_buffers
@@ -62,8 +68,9 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # bf16 through autocast over fp32 weights (as before DeepSpeed): the engine's are fp32
     engine_state = engine_layout(zero_stage, "fp32")
     # may refuse: before compute
+    batch = batch_state(batch_size, grad_accum)
     run = open_run(resume, out_dir, model_hash, d.world_size, engine_state,
-                   is_main=d.is_main)
+                   is_main=d.is_main, batch=batch)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
         grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),
@@ -76,7 +83,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
                            progress=progress)
     # ``task``: what a later --init reads to tell a whole segmenter from a backbone
     shared = {"task": name, "world_size": d.world_size, "model_hash": model_hash,
-              "engine": engine_state}
+              "engine": engine_state, "batch": batch}
     skips = SkipCounts(run.state.get("skipped") if run.state is not None else None)
 
     def micro_step(batch: Any) -> dict[str, torch.Tensor]:

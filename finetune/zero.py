@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.cls_stream import StreamingShards
-from finetune.engine import FinetuneRun, fingerprint, open_metrics, open_run, start_engine
+from finetune.engine import (
+    FinetuneRun,
+    batch_state,
+    fingerprint,
+    open_metrics,
+    open_run,
+    start_engine,
+)
 from runtime import rng
 from runtime.checkpoint import ResumeError, engine_layout, publish_config
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
@@ -204,8 +211,9 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     # may refuse: before any compute; config.yaml once the stream position is checked and
     # the init weights are loaded too (a refused start leaves no config.yaml)
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
+    batch = batch_state(cfg.run.batch_size, cfg.run.grad_accum)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main)
+                   is_main=d.is_main, batch=batch)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)
@@ -245,7 +253,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
     scheduler.step_update(step)
     shared = {"world_size": d.world_size, "model_hash": mhash,
-              "engine": engine_state}
+              "engine": engine_state, "batch": batch}
     engine.train()
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
