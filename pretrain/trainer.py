@@ -154,7 +154,14 @@ class Trainer:
                                resumed=resumed, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
-            self._restore_rank_state()
+            # each rank reads its own state file: a refusal there (missing, damaged, a
+            # data position this config cannot continue) is agreed as the checks above
+            refusal = None
+            try:
+                self._restore_rank_state()
+            except CheckpointError as err:
+                refusal = err
+            agree_on_refusal(refusal)
         if self.info.is_main:  # checks passed: the config this run starts with is the run's
             publish_config(self.run_dir)
         self.dtype = DTYPES[cfg.engine.precision]

@@ -185,7 +185,18 @@ def load_rank_state(ckpt_dir: Path, state: dict[str, Any], rank: int) -> dict[st
     if not path.is_file():
         raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {path.relative_to(ckpt_dir)}"
                           f" missing (saved by {saved_ranks(state)} ranks)")
-    return json.loads(path.read_text())
+    return _read_json(path, ckpt_dir)
+
+
+def _read_json(path: Path, ckpt_dir: Path) -> dict[str, Any]:
+    """A checkpoint's JSON state file, or a ResumeError naming it when it is damaged (the
+    saves write them atomically: a file cut short by a full disk or a bad copy)."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} is damaged, not JSON "
+                          f"({err}); resume from an earlier checkpoint (--resume "
+                          f"{ckpt_dir.parent}/step_...)") from None
 
 
 def load_rank_states(ckpt_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -522,7 +533,7 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     path = ckpt_dir / TRAINER_STATE
     if not path.is_file():
         raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {TRAINER_STATE} missing")
-    return json.loads(path.read_text())
+    return _read_json(path, ckpt_dir)
 
 
 # DeepSpeed (0.19) loads a checkpoint only into an engine that writes the same files:

@@ -1,0 +1,40 @@
+"""A resume refused by what one rank reads of its own state is refused on every rank, in
+one line, and a damaged state file is named, not a JSON traceback.
+
+Each rank reads its own ``rank_states/NNNNN.json`` (runtime/checkpoint.py) after the
+resume checks the ranks agree on: a missing or damaged file of rank 1 ended rank 1 alone,
+while rank 0 went on to build the engine (killed by torchrun; under a bare ``srun``
+without --kill-on-bad-exit it would wait in a collective until the process group's
+timeout). The README promises a refused resume is "refused on every rank"."""
+
+from __future__ import annotations
+
+import pytest
+
+import runtime.checkpoint as ck
+from tests.pretrain_utils import pretrain_cmd, run_forked
+from tests.test_checkpoint_rank_files import _resume, _saved_checkpoint
+
+
+@pytest.mark.parametrize("name", ["trainer_state", "rank_state"])
+def test_a_damaged_state_file_is_named(name, tmp_path):
+    ckpt, _ = _saved_checkpoint(tmp_path, 2)
+    path = ckpt / ck.TRAINER_STATE if name == "trainer_state" else ck.rank_state_path(ckpt, 1)
+    path.write_text(path.read_text()[:40])  # cut short (a disk that filled, a bad copy)
+    with pytest.raises(ck.ResumeError, match=str(path.relative_to(ckpt)) + ".*not JSON"):
+        _resume(tmp_path, ckpt, 1, 2)
+
+
+@pytest.mark.slow
+def test_a_rank_file_missing_refuses_the_resume_on_every_rank(tmp_path, cache):
+    out = tmp_path / "run"
+    run_forked(pretrain_cmd(2, out, "--max-steps", "2", "--checkpoint-every", "2"), cache)
+    ckpt = out / "checkpoints" / "step_0000002"
+    ck.rank_state_path(ckpt, 1).unlink()
+    proc = run_forked(pretrain_cmd(2, out, "--max-steps", "3", "--resume", "auto"), cache,
+                      check=False)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("internimage pretrain:")]
+    assert len(lines) == 2, proc.stderr[-3000:]  # one line on each rank
+    assert all("rank_states/00001.json missing" in x for x in lines), lines
+    assert "Traceback" not in proc.stderr
