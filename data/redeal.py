@@ -103,7 +103,7 @@ import numpy as np
 
 from data.epochs import deal as deal_units
 from data.epochs import extra_offsets, first_slot, parts_per_shard
-from data.state import PipelineState, derive_seed, url_list_digest
+from data.state import PipelineState, check_seed, derive_seed, url_list_digest
 from data.stats import DataStats
 from data.stream import SourceCursor
 
@@ -326,9 +326,10 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     names = [s.name for s in specs]
     lists = [url_list_digest(sp.urls) for sp in specs]
     for st in states:
-        if st.seed != seed or st.sources != names:
-            raise ValueError(f"data state: saved seed={st.seed} sources={st.sources} but this "
-                             f"run has seed={seed} sources={names}; the sample streams differ")
+        check_seed(st.seed, seed)
+        if st.sources != names:
+            raise ValueError(f"data state: saved sources={st.sources} but this run has "
+                             f"sources={names}; the sample streams differ")
         # the old deal is rebuilt from the lists: it must be the one the cursors index
         PipelineState(seed, 0, 1, 1, names, shard_lists=lists).check_shard_lists(st)
     if len(states) != old.world_size:

@@ -50,6 +50,18 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_seed(saved: int, mine: int) -> None:
+    """Raise ValueError (one line, for the command line) when the checkpoint's data seed is
+    not this run's: every shard order and shuffle is drawn from it, so a saved position
+    means nothing under another seed."""
+    if saved != mine:
+        raise ValueError(
+            f"data state: the checkpoint was saved with data.seed={saved}, this run has "
+            f"data.seed={mine}; the shard order and shuffles are drawn from the seed, so the "
+            f"saved data position cannot continue under another: resume with "
+            f"data.seed={saved}")
+
+
 @dataclass
 class PipelineState:
     """The resumable position of one rank's loader (store one per rank).
@@ -97,7 +109,8 @@ class PipelineState:
     def check_compatible(self, other: PipelineState) -> None:
         """Raise ValueError naming what differs if ``other`` (the saved state) describes
         different streams than ``self`` (the new loader): exact resume is impossible then."""
-        for name in ("seed", "rank", "world_size", "workers"):
+        check_seed(other.seed, self.seed)
+        for name in ("rank", "world_size", "workers"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise ValueError(

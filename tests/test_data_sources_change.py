@@ -139,3 +139,22 @@ def test_a_pretraining_resume_with_a_source_added(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4]
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(final["source_mix"]) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_another_data_seed_is_refused_naming_the_key_and_the_saved_value(shards, saved,
+                                                                          world):
+    """Same world size (this rank's own state) and another (every rank's, re-dealt): the
+    message names ``data.seed`` and what to resume with, not the loader's internals (it
+    used to point at ``state=None`` and data.redeal, and at a world size or worker count
+    that had not changed)."""
+    import dataclasses
+
+    from pretrain.data import build_loader
+
+    cfg = dataclasses.replace(_cfg({"a": shards["a"], "b": shards["b"]}), seed=2)
+    with pytest.raises(ValueError) as err:
+        build_loader(cfg, 0, world, state=saved[0] if world == 2 else saved)
+    message = str(err.value)
+    assert "data.seed=1" in message and "data.seed=2" in message
+    assert "resume with data.seed=1" in message and "redeal" not in message
