@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,8 +19,8 @@ import yaml
 from runtime.redact import config_hash, is_secret, public_dict, secrets_set
 
 T = TypeVar("T")
-__all__ = ["ConfigError", "build", "config_hash", "dump_config", "load_config",
-           "parse_overrides", "to_dict"]
+__all__ = ["ConfigError", "build", "check_output_dir", "config_hash", "dump_config",
+           "load_config", "parse_overrides", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,26 @@ def load_config(cls: type[T], path: str | Path | None = None,
         data = loaded
     data = _merge(data, parse_overrides(overrides or []))
     return build(cls, data)
+
+
+def check_output_dir(output_dir: str | Path, key: str = "run.output_dir") -> None:
+    """Refuse a run directory that cannot be one: ``output_dir`` itself, or one of the
+    folders above it, exists but is not a directory (a file, a broken link). A
+    ``ConfigError`` naming ``key`` and what is in the way, raised when the config is loaded
+    (a dry run and `internimage submit` too): before, the start failed after its setup
+    with a ``FileExistsError``/``NotADirectoryError`` traceback from creating the folder.
+    A path that does not exist yet is fine (the start creates it and its parents)."""
+    path = Path(output_dir).absolute()
+    for folder in (path, *path.parents):
+        if not os.path.lexists(folder):
+            continue  # created by the start
+        if folder.is_dir():  # follows a link to a directory
+            return  # the folders above a directory are directories
+        what = ("a file" if folder.is_file() else "a broken link" if folder.is_symlink()
+                else "a special file")
+        if folder == path:
+            raise ConfigError(f"{key}: {output_dir} is {what}, not a directory")
+        raise ConfigError(f"{key}: {output_dir} cannot be created: {folder} is {what}")
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

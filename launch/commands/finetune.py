@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from launch.config import ConfigError, config_hash, dump_config, load_config
+from launch.config import ConfigError, check_output_dir, config_hash, dump_config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,20 @@ def task_entry(task: str):
 
 def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
     """The task's config from ``args`` (its ``--config``, the overrides and ``extras``, then
-    ``--init`` and ``--output-dir``), validated: a ``ConfigError`` naming the key. Also
-    what `internimage submit` checks before sbatch."""
+    ``--init`` and ``--output-dir``), validated: a ``ConfigError`` naming the key (a run
+    directory that is a file included). Also what `internimage submit` checks before
+    sbatch."""
     overrides = list(args.overrides) + list(extras)
     if args.init:
         overrides.append(f"init={args.init}")
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
-        return load_config(task_entry(args.task)[0], args.config, overrides)
+        cfg = load_config(task_entry(args.task)[0], args.config, overrides)
     except ValueError as err:  # __post_init__ checks name their key too
         raise ConfigError(str(err)) from None
+    check_output_dir(cfg.run.output_dir, "--output-dir" if args.output_dir else "run.output_dir")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from launch.config import dump_config, load_config
+from launch.config import check_output_dir, dump_config, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
 
@@ -32,7 +32,8 @@ def register(sub, name: str) -> None:
 
 
 def load(args: argparse.Namespace):
-    """The resolved PretrainConfig of these arguments (flags win over key=value)."""
+    """The resolved PretrainConfig of these arguments (flags win over key=value); a run
+    directory that is a file is refused here (also what `internimage submit` checks)."""
     from pretrain.config import PretrainConfig
 
     overrides = list(args.overrides)
@@ -46,6 +47,8 @@ def load(args: argparse.Namespace):
         from launch.config import ConfigError
 
         raise ConfigError("data: no data sources configured (the demo config has them)")
+    check_output_dir(cfg.run.output_dir,
+                     "--output-dir" if args.output_dir is not None else "run.output_dir")
     return cfg
 
 

@@ -1,0 +1,63 @@
+"""Where a command is told to write is checked before any compute, and a start that fails
+leaves nothing of its own behind:
+
+- a run directory (``--output-dir`` / ``run.output_dir``) that is a file, or lies under
+  one, is refused when the config is loaded (pretrain, every fine-tuning task, their dry
+  runs and `internimage submit`); before, the start failed after its setup with a
+  ``FileExistsError``/``NotADirectoryError`` traceback, and a dry run accepted it;
+- a `convert` destination that is a directory, or lies under a file, is refused before the
+  source is read; before, the whole conversion ran and then ended in a traceback;
+- a start that crashes (not one of the one-line refusals) removes rank 0's staged config
+  (``.config.yaml.pending-<host>-<pid>``); a demo of no images is refused at load;
+- only rank 0 prints a fine-tuning run's final metrics.
+
+Every command runs in this process through the CLI's entry point (``launch.cli.main``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+COMMANDS = {"classification": ["finetune", "classification"],
+            "detection": ["finetune", "detection"],
+            "segmentation": ["finetune", "segmentation"],
+            "pretrain": ["pretrain"]}
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    """The one line `internimage <argv>` writes to stderr when it refuses (exit 2)."""
+    from launch.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under ``root`` (what a command left there)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_dir_that_is_a_file_is_refused_when_the_config_is_loaded(command, tmp_path,
+                                                                          capsys):
+    blocker = tmp_path / "ofile"
+    blocker.write_text("hi\n")
+    argv, cmd = COMMANDS[command], COMMANDS[command][0]
+    # the file itself, a path under it, with the flag or the key, a dry run or a start
+    err = _one_line(capsys, [*argv, "--output-dir", str(blocker), "--dry-run"])
+    assert err == (f"internimage {cmd}: config error: --output-dir: {blocker} is a file, "
+                   "not a directory")
+    err = _one_line(capsys, [*argv, "--output-dir", str(blocker / "sub"), "run.max_steps=1"])
+    assert err == (f"internimage {cmd}: config error: --output-dir: {blocker / 'sub'} cannot "
+                   f"be created: {blocker} is a file")
+    err = _one_line(capsys, [*argv, f"run.output_dir={blocker}", "run.max_steps=1"])
+    assert err == (f"internimage {cmd}: config error: run.output_dir: {blocker} is a file, "
+                   "not a directory")
+    # submit checks the job's config with the job's own loader, before sbatch
+    err = _one_line(capsys, ["submit", "--dry-run", *argv, "--output-dir", str(blocker)])
+    assert err == (f"internimage submit: config error: --output-dir: {blocker} is a file, "
+                   "not a directory")
+    assert _tree(tmp_path) == ["ofile"] and blocker.read_text() == "hi\n"
