@@ -347,10 +347,22 @@ FORMAT_SUFFIXES = {"safetensors": (".safetensors",), "official": (".pth", ".pt",
 
 
 def check_destination(dst: str | Path, fmt: str) -> None:
-    """Refuse a ``dst`` whose suffix the readers would take for another format than
-    ``fmt`` writes (safetensors bytes in a ``.pth``, a torch zip in a ``.safetensors``),
-    or that no reader takes at all: a ``CheckpointError`` naming the suffix, the format
-    and the suffixes accepted for it."""
+    """Refuse a ``dst`` that cannot be written (an existing directory, a path under a
+    file: a ``CheckpointError`` naming what is in the way), or whose suffix the readers
+    would take for another format than ``fmt`` writes (safetensors bytes in a ``.pth``, a
+    torch zip in a ``.safetensors``), or that no reader takes at all: a
+    ``CheckpointError`` naming the suffix, the format and the suffixes accepted for it."""
+    # where the final rename cannot put a file: found out before, not after, the
+    # conversion (minutes for InternImage-H; it ended in an IsADirectoryError or
+    # FileExistsError traceback). An existing file is replaced; missing folders are made.
+    path = Path(dst).absolute()
+    if path.is_dir():
+        raise CheckpointError(f"{dst} is a directory: name the file to write in it")
+    for folder in path.parents:
+        if folder.is_dir():
+            break  # the folders above a directory are directories
+        if os.path.lexists(folder):  # a file (or a broken link) where a folder must be
+            raise CheckpointError(f"{dst} cannot be written: {folder} is not a directory")
     suffix, accepted = Path(dst).suffix, FORMAT_SUFFIXES[fmt]
     if suffix in accepted:
         return

@@ -61,3 +61,31 @@ def test_an_output_dir_that_is_a_file_is_refused_when_the_config_is_loaded(comma
     assert err == (f"internimage submit: config error: --output-dir: {blocker} is a file, "
                    "not a directory")
     assert _tree(tmp_path) == ["ofile"] and blocker.read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("dst", ["dd.safetensors", "ofile/out.safetensors",
+                                 "ofile/sub/out.pth"])
+def test_a_convert_destination_that_cannot_be_written_is_refused_before_the_source_is_read(
+        dst, tmp_path, capsys, monkeypatch):
+    import finetune.convert
+
+    read = []
+
+    def recorded(src):  # the conversion's first step: must not be reached
+        read.append(src)
+        raise AssertionError("the source was read")
+
+    monkeypatch.setattr(finetune.convert, "read_source", recorded)
+    (tmp_path / "dd.safetensors").mkdir()
+    (tmp_path / "ofile").write_text("hi\n")
+    src, target = tmp_path / "released.pth", tmp_path / dst
+    src.write_bytes(b"")
+    fmt = ["--format", "official"] if dst.endswith(".pth") else []
+    err = _one_line(capsys, ["convert", str(src), str(target), *fmt])
+    if dst == "dd.safetensors":
+        assert err == f"internimage convert: {target} is a directory: name the file to write in it"
+    else:
+        assert err == (f"internimage convert: {target} cannot be written: {tmp_path / 'ofile'} "
+                       "is not a directory")
+    assert read == []
+    assert _tree(tmp_path) == ["dd.safetensors", "ofile", "released.pth"]
