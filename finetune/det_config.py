@@ -80,6 +80,10 @@ class DetDataConfig:
         check(self.kind != "demo" or self.demo_size >= self.min_size, "data.min_size",
               f"drops every demo image (data.demo_size={self.demo_size} < {self.min_size}); "
               "lower data.min_size or raise data.demo_size")
+        # the demo writes this many training / validation images: none of either ended in
+        # a "no demo images found" traceback after the run directory was set up
+        for key, count in (("data.demo_train", self.demo_train), ("data.demo_val", self.demo_val)):
+            check(count >= 1, key, f"must be >= 1 (images the demo writes), got {count}")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
 
 

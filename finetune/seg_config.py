@@ -85,6 +85,10 @@ class SegDataConfig:
               "must be 0 < lo <= hi")
         check(min(self.crop_size) >= 32, "data.crop_size", "must be >= 32")
         check(0 <= self.hflip <= 1, "data.hflip", f"must be in [0, 1], got {self.hflip}")
+        # the demo writes this many training / validation images: none of either ended in
+        # a "no demo images found" traceback after the run directory was set up
+        for key, count in (("data.demo_train", self.demo_train), ("data.demo_val", self.demo_val)):
+            check(count >= 1, key, f"must be >= 1 (images the demo writes), got {count}")
         self.cache_dir = str(Path(self.cache_dir).expanduser())
 
     @property

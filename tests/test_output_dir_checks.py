@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.checkpoint import PENDING_CONFIG
+from tests.test_finetune_bad_input import _refusal
+
 COMMANDS = {"classification": ["finetune", "classification"],
             "detection": ["finetune", "detection"],
             "segmentation": ["finetune", "segmentation"],
@@ -89,3 +92,50 @@ def test_a_convert_destination_that_cannot_be_written_is_refused_before_the_sour
                        "is not a directory")
     assert read == []
     assert _tree(tmp_path) == ["dd.safetensors", "ofile", "released.pth"]
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+@pytest.mark.parametrize("key", ["data.demo_train", "data.demo_val"])
+def test_a_demo_of_no_images_is_refused_when_the_config_is_loaded(task, key, tmp_path, capsys):
+    err = _refusal(capsys, task, tmp_path / "run", f"{key}=0", "run.max_steps=2")
+    assert err == (f"internimage finetune: config error: {key}: must be >= 1 (images the demo "
+                   "writes), got 0")
+    assert _tree(tmp_path) == []
+
+
+def _crash(*_args, **_kwargs):
+    raise FileNotFoundError("data: no demo images found under demo")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_finetune_start_that_crashes_removes_its_staged_config(existing, tmp_path,
+                                                                 monkeypatch):
+    """Any exception of the start (not only the one-line refusals): rank 0's staged config
+    goes, and a fresh start's empty run folder with it; a folder that was there stays."""
+    import finetune.segmentation
+    from launch.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(finetune.segmentation, "train", _crash)
+    out = tmp_path / "nest" / "run"
+    if existing:
+        out.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no demo images"):
+        main(["finetune", "segmentation", "--output-dir", str(out), "run.max_steps=2",
+              f"data.cache_dir={tmp_path / 'cache'}"])
+    assert not list(tmp_path.rglob(f"{PENDING_CONFIG}*"))
+    assert _tree(tmp_path) == (["nest", "nest/run"] if existing else [])
+
+
+def test_a_pretrain_start_that_crashes_removes_its_staged_config(tmp_path, monkeypatch):
+    import pretrain.demo
+    import pretrain.trainer
+    from launch.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(pretrain.demo, "resolve_builtin", lambda cfg: cfg)  # no demo shards
+    monkeypatch.setattr(pretrain.trainer, "pretrain", _crash)
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no demo images"):
+        main(["pretrain", "--output-dir", str(out), "--max-steps", "1"])
+    assert not list(tmp_path.rglob(f"{PENDING_CONFIG}*"))

@@ -106,13 +106,17 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except training_refusals() as err:  # one line, exit 2
+    except BaseException as err:
+        # whatever ended the start, a refusal or a crash (a missing file, an interrupt):
+        # rank 0's staged config goes (this process's own file; nothing once published)
         if is_main:
             discard_config(out)
             run_lock.release()  # before the folder it lies in is removed
-            if created is not None:  # a refused fresh start leaves no folder behind either
+            if created is not None:  # a failed fresh start leaves no empty folder either
                 _remove_empty_up_to(out, created)
-        print(f"internimage finetune: {err}", file=sys.stderr)
+        if not isinstance(err, training_refusals()):
+            raise
+        print(f"internimage finetune: {err}", file=sys.stderr)  # one line, exit 2
         return 2
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start

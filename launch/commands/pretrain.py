@@ -91,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)
-    except training_refusals() as err:  # one line, exit 2, as finetune
+    except BaseException as err:
+        # whatever ended the start, a refusal or a crash: rank 0's staged config goes
+        # (this process's own file; nothing once published)
         if is_main:
             discard_config(run_dir)
-        print(f"internimage pretrain: {err}", file=sys.stderr)
+        if not isinstance(err, training_refusals()):
+            raise
+        print(f"internimage pretrain: {err}", file=sys.stderr)  # one line, exit 2, as finetune
         return 2
     if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
