@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 
 import numpy as np
 import torch
 
 from finetune.datasets.base import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -70,35 +73,69 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, label_to_
 
 
 class ConfusionMatrix:
-    """Accumulates a (C, C) confusion matrix; ``ignore_index`` pixels are skipped."""
+    """Accumulates a confusion matrix ``mat[label, pred]`` of shape (C + 1, C);
+    ``ignore_index`` pixels are skipped.
+
+    Row C holds the predictions on pixels whose label is neither ``ignore_index`` nor a
+    class id (outside [0, C): a ``data.num_classes`` set too small, a stray value in a
+    label map). mmseg's ``intersect_and_union`` (mmseg/core/evaluation/metrics.py, the
+    evaluation of OpenGVLab/InternImage's segmentation) drops only the ignore index, then
+    bins with ``torch.histc(bins=C, min=0, max=C - 1)``: such a label falls in no bin (no
+    label area, no intersection) while its pixel's prediction still counts in the
+    predicted area. Keeping them in a row of the matrix lets the one all-reduce of
+    ``mat`` sum them across ranks with the rest.
+    """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.mat = torch.zeros(num_classes + 1, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add predictions (N,H,W class ids) against targets of the same shape."""
+        c = self.num_classes
         keep = target != self.ignore_index
-        idx = target[keep].long() * self.num_classes + pred[keep].long()
-        self.mat += torch.bincount(idx.cpu(), minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes)
+        label, pred = target[keep].long(), pred[keep].long()
+        label = torch.where((label < 0) | (label >= c), c, label)  # no class: row C
+        idx = label * c + pred
+        self.mat += torch.bincount(idx.cpu(), minlength=(c + 1) * c).view(c + 1, c)
+
+    @property
+    def left_out(self) -> int:
+        """Pixels whose label is outside [0, C) and not the ignore index (row C)."""
+        return int(self.mat[self.num_classes].sum())
 
     def scores(self, class_names: list[str] | None = None) -> dict[str, float]:
         """``mIoU``, ``aAcc``, ``mAcc`` and ``IoU.<class>``, as mmseg's
         ``total_area_to_metrics`` + ``nanmean``: a class's IoU is undefined (left out)
         only when it is neither labelled nor predicted, so a class predicted where none is
-        labelled counts with IoU 0; its accuracy is undefined when it is not labelled."""
+        labelled counts with IoU 0; its accuracy is undefined when it is not labelled.
+        Pixels labelled outside the classes (row C) are logged once here, one warning per
+        evaluation."""
+        c = self.num_classes
+        if self.left_out and _is_main():  # the count is every rank's once mat is reduced
+            log.warning("segmentation evaluation: %d pixels have label values outside "
+                        "[0, data.num_classes - 1 = %d] (and not the ignore index %d): left "
+                        "out of the label areas and accuracies (their predictions still "
+                        "count in the predicted areas, as mmseg's); is data.num_classes "
+                        "too small?", self.left_out, c - 1, self.ignore_index)
         mat = self.mat.double()
-        tp = mat.diag()
-        gt, pred = mat.sum(1), mat.sum(0)
+        tp = mat[:c].diag()
+        # row C (labels outside the classes) adds to the predicted areas only, as mmseg's
+        gt, pred = mat[:c].sum(1), mat.sum(0)
         union = gt + pred - tp
         iou = tp / union.clamp(min=1)
         seen, labelled = union > 0, gt > 0
         names = class_names or [str(i) for i in range(self.num_classes)]
         out = {"mIoU": iou[seen].mean().item() if seen.any() else 0.0,
-               "aAcc": (tp.sum() / mat.sum().clamp(min=1)).item(),
+               "aAcc": (tp.sum() / gt.sum().clamp(min=1)).item(),
                "mAcc": (tp / gt.clamp(min=1))[labelled].mean().item()
                if labelled.any() else 0.0}
         out.update({f"IoU.{names[i]}": iou[i].item() for i in range(self.num_classes)
                     if seen[i]})
         return out
+
+
+def _is_main() -> bool:
+    """Whether this process is rank 0 (or runs alone): it logs what every rank knows."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
