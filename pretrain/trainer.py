@@ -282,8 +282,16 @@ class Trainer:
         for the saved run's global batch and end, so on another world size (or batch, or
         epochs) it is re-planned from here (lr continuous in samples, ``min_lr`` at the
         new last step). A step-based run (``run.max_steps``) keeps the restored schedule,
-        which counts steps, whatever the world size."""
+        which counts steps, whatever the world size (said when the run now goes past its
+        end: those steps train at ``optim.min_lr``)."""
         if self.cfg.run.epochs <= 0:
+            end = self.engine.lr_scheduler.total_steps
+            if self.total_steps > end and self.info.is_main:
+                log.warning("run.max_steps=%d, the checkpoint's schedule ends at step %d: "
+                            "steps %d-%d train at optim.min_lr=%g (a step-based schedule "
+                            "keeps its end on resume; start a new run to re-plan it)",
+                            self.total_steps, end, end + 1, self.total_steps,
+                            self.cfg.optim.min_lr)
             return
         if align_schedule(self.engine.lr_scheduler, self.step, self.total_steps, self.batch,
                           self.batch_before) and self.info.is_main:

@@ -38,3 +38,19 @@ def test_a_rank_file_missing_refuses_the_resume_on_every_rank(tmp_path, cache):
     assert len(lines) == 2, proc.stderr[-3000:]  # one line on each rank
     assert all("rank_states/00001.json missing" in x for x in lines), lines
     assert "Traceback" not in proc.stderr
+
+
+def test_raising_max_steps_on_resume_says_the_extra_steps_train_at_min_lr(tmp_path, cache):
+    """README: a step-based run's schedule keeps its end on resume. The steps past it
+    train at optim.min_lr; that used to happen without a word while config.yaml recorded
+    the new run.max_steps (which a fresh run would schedule to the end)."""
+    import json
+
+    out = tmp_path / "run"
+    run_forked(pretrain_cmd(1, out, "--max-steps", "3", "--checkpoint-every", "3"), cache)
+    proc = run_forked(pretrain_cmd(1, out, "--max-steps", "5", "--resume", "auto"), cache)
+    assert "run.max_steps=5, the checkpoint's schedule ends at step 3: steps 4-5 train at " \
+           "optim.min_lr" in proc.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # the demo's optim.min_lr
