@@ -200,6 +200,7 @@ def _evaluate(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition, metrics: Metr
 
 def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
     hooks.save(pos)
+    metrics.checkpointed()  # what a resume cut is no checkpoint's any more
     metrics.flush()  # the events up to a checkpoint survive a kill, as metrics.jsonl does
 
 

@@ -5,6 +5,17 @@ A run killed after its last checkpoint has logged steps that its resumed run tra
 logs again. On resume the file is cut back to the checkpoint's step first, so it reads as
 one uninterrupted run: every step once, with the values of the run that continued; the
 TensorBoard writer hides those steps the same way (``purge_step``).
+
+What a resume cuts is kept in ``metrics.jsonl.cut`` (:data:`CUT_SUFFIX`) until the resumed
+run's first checkpoint (:meth:`MetricsLogger.checkpointed`): a rewind (a resume from an
+earlier checkpoint) can be undone until then by resuming a later checkpoint of the old
+branch, whose records it cut. While the cut file exists no checkpoint was saved since it
+was made, so the records after its step in ``metrics.jsonl`` belong to no checkpoint: a
+resume builds the run's lineage from the file up to the cut file's step plus the cut
+file, keeps it up to its own step in ``metrics.jsonl`` (re-logged in TensorBoard past the
+purge) and the rest in a new cut file (:func:`cut_back`). Each step is ordered so that a
+kill in between leaves the same lineage to the next resume. Cost: the records after the
+cut (what a run logged past its checkpoint, or the rewind's distance), never the history.
 """
 
 from __future__ import annotations
@@ -71,20 +82,106 @@ def truncate_after(path: Path, step: int) -> None:
             f.write(b"\n")
 
 
+CUT_SUFFIX = ".cut"
+
+
+def _step(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # cut short by a crash mid-write, or not a record at all
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
+def _tail(path: Path, step: int) -> list[bytes]:
+    """The whole records of ``path`` past ``step``, in file order (read from the end)."""
+    if not path.is_file():
+        return []
+    lines = []
+    with path.open("rb") as f:
+        for _, line in _lines_backwards(f, f.seek(0, os.SEEK_END)):
+            found = _step(line)
+            if found is not None and found <= step:
+                break
+            if found is not None:
+                lines.append(line if line.endswith(b"\n") else line + b"\n")
+    return lines[::-1]
+
+
+def _read_cut(cut: Path) -> tuple[int, list[bytes]] | None:
+    """(the step a resume cut back to, the records it cut) of a cut file, None when there
+    is none or it is damaged (then the file alone is the lineage, as before)."""
+    try:
+        head, *lines = cut.read_bytes().splitlines(keepends=True)
+        return int(json.loads(head)["cut_after"]), [x for x in lines if _step(x) is not None]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cut(cut: Path, step: int, lines: list[bytes]) -> None:
+    """Replace ``cut`` atomically with the records ``lines`` cut back to ``step`` (removed
+    when there are none)."""
+    if not lines:
+        cut.unlink(missing_ok=True)
+        return
+    tmp = cut.with_name(cut.name + ".tmp")
+    tmp.write_bytes(json.dumps({"cut_after": step}).encode() + b"\n" + b"".join(lines))
+    os.replace(tmp, cut)
+
+
+def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
+    """Make ``path`` read as the run's lineage up to ``step`` (a resume from that step),
+    keeping what follows in the cut file; returns (the first step TensorBoard must purge,
+    the records put back past it, to re-log there). See the module docstring."""
+    cut = path.with_name(path.name + CUT_SUFFIX)
+    saved = _read_cut(cut)
+    if saved is None or step <= saved[0]:
+        # the lineage past ``step`` is the file's past ``step`` (and, past the cut file's
+        # step, the cut file's instead): kept first, then the file is cut in place
+        later = _tail(path, step)
+        if saved is not None:  # the file's records past the cut file's step are no one's
+            later = [x for x in later if _step(x) <= saved[0]] + saved[1]
+        _write_cut(cut, step, later)
+        truncate_after(path, step)
+        return step + 1, []
+    base, cut_lines = saved
+    back = [x for x in cut_lines if _step(x) <= step]
+    # the file first (the old cut file still describes the lineage if a kill comes
+    # between), then the cut file
+    truncate_after(path, base)
+    with path.open("ab") as f:
+        f.write(b"".join(back))
+    _write_cut(cut, step, [x for x in cut_lines if _step(x) > step])
+    return base + 1, [json.loads(x) for x in back]
+
+
 class MetricsFile:
     """Appends records to ``run_dir/metrics.jsonl`` (only where ``enabled``: rank 0).
 
     ``resume_step``: the step this run starts from (the resumed checkpoint's; 0 for a fresh
-    start); records past it are removed when the file is opened (None: append to whatever
-    is there). ``timestamp``: add the wall-clock time to each record (first key, ``time``).
+    start); records past it are removed when the file is opened, into the cut file
+    (:func:`cut_back`; None: append to whatever is there). ``purge_from`` and ``restored``
+    are what TensorBoard must hide and re-log. ``timestamp``: add the wall-clock time to
+    each record (first key, ``time``).
     """
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
                  timestamp: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled, self.timestamp = enabled, timestamp
+        self.purge_from = (resume_step or 0) + 1
+        self.restored: list[dict[str, Any]] = []
+        self._cut_pending = False
         if enabled and resume_step is not None:
-            truncate_after(self.path, resume_step)
+            self.purge_from, self.restored = cut_back(self.path, resume_step)
+            self._cut_pending = True
+
+    def checkpointed(self) -> None:
+        """A checkpoint of this run is complete: the records cut at its start belong to
+        no checkpoint any more (a rewind is final once the old branch is pruned)."""
+        if self._cut_pending:
+            self.path.with_name(self.path.name + CUT_SUFFIX).unlink(missing_ok=True)
+            self._cut_pending = False
 
     def write(self, step: int, **values: Any) -> dict[str, Any]:
         """Append one record for ``step``; returns it (as written, without the time)."""
@@ -137,7 +234,11 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                        purge_step=start_step + 1)
+                                        purge_step=self.file.purge_from)
+            for record in self.file.restored:  # an undone rewind's records, put back
+                for tag, value in _scalars(record).items():
+                    if tag not in ("step", "time"):  # as :meth:`log` adds them
+                        self.writer.add_scalar(tag, value, record["step"])
         if progress:
             import sys
 
@@ -166,6 +267,10 @@ class MetricsLogger:
         if postfix:  # shown at the next redraw (refreshing here would redraw every step)
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def checkpointed(self) -> None:
+        """A checkpoint is complete (runtime/loop.py): see :meth:`MetricsFile.checkpointed`."""
+        self.file.checkpointed()
 
     def flush(self) -> None:
         """Put the TensorBoard events written so far on disk (the writer buffers them):

@@ -1,0 +1,86 @@
+"""An interrupted rewind undone with ``--resume auto`` leaves ``metrics.jsonl`` (and
+TensorBoard) reading as the run that continued.
+
+A rewind (``--resume RUN/checkpoints/step_30`` while step_40 is ``latest``) cuts the file
+back to step 30 at its start; the abandoned checkpoints stay until the rewound run's first
+checkpoint is complete, so until then ``--resume auto`` can undo it (README). That undo
+continued from step 40 over a file holding steps 1-30 and the rewound run's 31-33: the
+records 31-40 of the branch that continued were lost, the abandoned 31-33 kept. Now what
+a resume cuts is kept in ``metrics.jsonl.cut`` until the resumed run's first checkpoint,
+and a later resume rebuilds the lineage from it (runtime/metrics.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.metrics import CUT_SUFFIX, MetricsLogger
+
+
+def _run(out: Path, start: int, end: int, checkpoints=(), branch: str = "a") -> None:
+    """A run resumed from ``start`` logging steps start+1..end, checkpointing at
+    ``checkpoints`` (what runtime/loop.py's save tells the logger)."""
+    logger = MetricsLogger(out, True, end, start, tensorboard=True, progress=False,
+                           timestamp=True)  # as pre-training logs
+    for step in range(start + 1, end + 1):
+        logger.log(step, {"loss": step + (0.5 if branch == "b" else 0.0)})
+        if step in checkpoints:
+            logger.checkpointed()
+    logger.close()
+
+
+def _records(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads,
+                                                (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def _tensorboard(out: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["loss"]  # no step or time re-logged as scalars
+    return [(e.step, e.value) for e in events.Scalars("loss")]
+
+
+def _lineage(*parts: tuple[int, int, str]) -> list[tuple[int, float]]:
+    return [(s, s + (0.5 if b == "b" else 0.0)) for lo, hi, b in parts for s in range(lo, hi + 1)]
+
+
+def test_an_undone_rewind_restores_the_records_of_the_branch_that_continued(tmp_path):
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")  # the rewind, killed before its first checkpoint
+    assert _records(tmp_path) == _lineage((1, 30, "a"), (31, 33, "b"))
+    _run(tmp_path, 40, 42, checkpoints=(42,))  # --resume auto: latest is still step 40
+    want = _lineage((1, 42, "a"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+    assert not (tmp_path / ("metrics.jsonl" + CUT_SUFFIX)).exists()  # gone with the save
+
+
+def test_a_rewind_whose_first_checkpoint_is_complete_is_final(tmp_path):
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 36, checkpoints=(35,), branch="b")  # saved: step 40 is pruned
+    _run(tmp_path, 35, 37, branch="b")  # killed after step 36, resumed from its step 35
+    want = _lineage((1, 30, "a"), (31, 37, "b"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+
+
+@pytest.mark.parametrize("back", [20, 30])
+def test_a_second_rewind_before_any_save_then_an_undo(tmp_path, back):
+    _run(tmp_path, 0, 40, checkpoints=(20, 30, 40))
+    _run(tmp_path, 30, 33, branch="b")
+    _run(tmp_path, back, back + 2, branch="b")  # rewound again, killed again
+    _run(tmp_path, 40, 41)  # undone: step 40 was never replaced
+    want = _lineage((1, 41, "a"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+
+
+def test_an_ordinary_kill_and_resume_reads_as_the_uninterrupted_run(tmp_path):
+    _run(tmp_path, 0, 13, checkpoints=(10,))  # killed at 13, after the checkpoint of 10
+    _run(tmp_path, 10, 20, checkpoints=(20,))
+    assert _records(tmp_path) == _tensorboard(tmp_path) == _lineage((1, 20, "a"))
