@@ -364,17 +364,26 @@ def _segmentation_fault(segm: object, size: tuple[int, int] | None) -> str | Non
     image's (height, width) ``size``, None when no image entry has its image_id), or
     None."""
     if isinstance(segm, list):
-        # COCO's polygons: a list of [x1, y1, x2, y2, ...]; pycocotools' frPyObjects
-        # raises on an empty list or a first polygon of fewer than 4 numbers ("input type
-        # is not supported"), reads a first one of 4 as a box (then a ragged list fails),
-        # and np.array(poly, np.double) fails on anything but numbers: a polygon is held
-        # to COCO's form, x, y pairs, at least 3 of them
+        # COCO's polygons: a list of [x1, y1, x2, y2, ...]. pycocotools' frPyObjects
+        # (PythonAPI/pycocotools/_mask.pyx) branches on the FIRST polygon's length: 4
+        # numbers read the whole list as boxes (frBbox: every entry then 4 numbers, else
+        # the ragged array fails), more than 4 as polygons (frPoly: each np.array(poly,
+        # np.double), so numbers only; an odd count or a short later polygon is read as
+        # its len // 2 points, no error), fewer raise "input type is not supported", and
+        # an empty list fails at pyobj[0]. Only what fails is refused: polygons that
+        # pycocotools reads (detectron2 drops odd or short ones with a warning) load
         if not segm:
             return "segmentation is an empty list of polygons"
+        first = segm[0]
+        if not isinstance(first, list) or len(first) < 4:
+            return (f"segmentation polygon 0 {_show(first)} is not x, y pairs (pycocotools "
+                    "reads a first polygon of 4 numbers or more)")
         for j, poly in enumerate(segm):
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                return (f"segmentation polygon {j} {_show(poly)} is not x, y pairs (an "
-                        "even count of 6 numbers or more)")
+            if not isinstance(poly, list) or (len(first) == 4 and len(poly) != 4):
+                return (f"segmentation polygon {j} {_show(poly)} does not fit polygon 0 "
+                        f"{_show(first)} (4 numbers: pycocotools reads them all as boxes)"
+                        if isinstance(poly, list) else
+                        f"segmentation polygon {j} {_show(poly)} is not a list of numbers")
             try:  # sum: a C loop over the numbers, raising on anything else
                 sum(poly)
             except TypeError:

@@ -50,8 +50,8 @@ BAD = {
     "bbox_not_numbers": ("annotations", _set("bbox", "oops"),
                          'bbox "oops" is not [x, y, width, height] numbers'),
     "short_polygon": ("annotations", _set("segmentation", [[1, 2, 3]]),
-                      "segmentation polygon 0 [1, 2, 3] is not x, y pairs (an even count "
-                      "of 6 numbers or more)"),
+                      "segmentation polygon 0 [1, 2, 3] is not x, y pairs (pycocotools "
+                      "reads a first polygon of 4 numbers or more)"),
     "no_segmentation": ("annotations", _drop("segmentation"), "no segmentation"),
     "null_annotation": ("annotations", _null, None),
     "image_without_width": ("images", _drop("width"), "no width"),
@@ -108,6 +108,10 @@ def test_a_valid_file_passes_and_lenient_entries_are_left_alone(tmp_path):
     _corrupt(train, "annotations", 1, lambda a: {"id": 2, "image_id": 2, "category_id": 1,
                                                  "iscrowd": 1})
     _corrupt(train, "annotations", 2, _set("image_id", 999))
+    # polygons pycocotools reads though they are not COCO's form (an odd count, a short
+    # second polygon): as len // 2 points, no error (refusing them could refuse real data)
+    _corrupt(train, "annotations", 3, _set("segmentation", [[4, 4, 20, 4, 20, 20, 9],
+                                                            [1, 1]]))
     _corrupt(val, "annotations", 0, _set("segmentation", {"size": [40, 48],
                                                          "counts": [0, 1920]}))
     cfg = _cfg(root)
