@@ -140,23 +140,34 @@ def batch_state(batch_size: int, grad_accum: int) -> dict[str, int]:
 
 
 def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) -> None:
-    """Refuse a resume of ``ckpt_dir`` (trainer state ``state``) with another per-rank
-    batch or accumulation than it was trained with: its step, epoch and position in the
-    epoch count optimizer steps of ``batch_size x grad_accum x ranks`` images (the world
-    size is checked already), and the schedule's length is planned from them, so another
-    batch would re-plan the run from a position that means something else. A checkpoint
-    written before the batch was recorded is not checked."""
+    """Refuse a resume of ``ckpt_dir`` (trainer state ``state``) whose optimizer step holds
+    another number of images per rank, ``batch_size x grad_accum``, than it was trained
+    with: its step, epoch and position in the epoch count optimizer steps of that many
+    images (the world size is checked already), and the schedule's length is planned from
+    them, so another would re-plan the run from a position that means something else. The
+    same product split otherwise (``batch_size=2 grad_accum=2`` after ``4/1``: the usual
+    way round an out-of-memory) is accepted: every step then holds the same samples, with
+    the same augmentations (each sample's own seed), and an epoch the same steps (logged:
+    BatchNorm statistics see the smaller micro-batches). A checkpoint written before the
+    batch was recorded is not checked."""
     saved = state.get("batch")
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not {"batch_size", "grad_accum"} <= set(saved):
         return
-    changed = [k for k in batch if k in saved and saved[k] != batch[k]]
-    if changed:
+    before = saved["batch_size"] * saved["grad_accum"]
+    now = batch["batch_size"] * batch["grad_accum"]
+    was = f"run.batch_size={saved['batch_size']} run.grad_accum={saved['grad_accum']}"
+    if before != now:
         raise ResumeError(
-            f"{ckpt_dir} was trained with "
-            + ", ".join(f"run.{k}={saved[k]}" for k in changed) + ", this run has "
-            + ", ".join(f"run.{k}={batch[k]}" for k in changed)
-            + ": a fine-tuning resume keeps the batch (its steps, epochs and schedule count "
-            "steps of it); resume with " + " ".join(f"run.{k}={saved[k]}" for k in changed))
+            f"{ckpt_dir} was trained with {was} ({before} images per rank and step), this "
+            f"run has run.batch_size={batch['batch_size']} run.grad_accum="
+            f"{batch['grad_accum']} ({now}): a fine-tuning resume keeps the images per "
+            "step (its steps, epochs and schedule count steps of them); resume with "
+            f"{was}, or another split of {before} images")
+    if saved != batch:
+        log.warning("resuming %s (%s) as run.batch_size=%d run.grad_accum=%d: the same %d "
+                    "images per rank and step, BatchNorm statistics over the smaller "
+                    "micro-batches", ckpt_dir, was, batch["batch_size"], batch["grad_accum"],
+                    now)
 
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,

@@ -26,6 +26,7 @@ SEG = ["data.demo_train=16", "data.demo_val=3", "data.demo_size=64", "data.scale
 
 @pytest.mark.parametrize("changed", [["run.batch_size=2"], ["run.grad_accum=2"]])
 def test_a_changed_batch_is_refused_on_resume(changed, cache, tmp_path, capsys):
+    """Another number of images per rank and step: refused, naming the saved values."""
     from launch.cli import main
 
     out = tmp_path / "run"
@@ -37,8 +38,8 @@ def test_a_changed_batch_is_refused_on_resume(changed, cache, tmp_path, capsys):
     code = main([*args, "run.batch_size=4", *changed, "run.max_steps=4", "--resume", "auto"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("internimage finetune:")
-    key = changed[0].split("=")[0]
-    assert key in err[-1] and "resume with" in err[-1], err[-1]
+    assert "run.batch_size=4 run.grad_accum=1 (4 images per rank and step)" in err[-1]
+    assert "resume with run.batch_size=4 run.grad_accum=1" in err[-1], err[-1]
     assert (out / "metrics.jsonl").read_text() == before  # nothing trained
     # the same batch resumes
     assert main([*args, "run.batch_size=4", "run.max_steps=4", "--resume", "auto"]) == 0
@@ -73,3 +74,25 @@ def test_classification_refuses_a_changed_batch_on_resume(cache, tmp_path, capsy
     capsys.readouterr()
     assert main([*args, "run.batch_size=4", "--resume", "auto"]) == 2
     assert "run.batch_size=8" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_same_images_per_step_split_otherwise_resumes_as_the_uninterrupted_run(
+        cache, tmp_path):
+    """batch_size=2 grad_accum=2 after 4/1 (the usual way round an out-of-memory): every
+    step holds the same samples with the same augmentations, an epoch the same steps."""
+    from launch.cli import main
+
+    def run(out: Path, *extra: str) -> None:
+        assert main(["finetune", "segmentation", "--output-dir", str(out), *SEG,
+                     f"data.cache_dir={cache}", "run.batch_size=4", *extra]) == 0
+
+    run(tmp_path / "whole", "run.max_steps=4")
+    run(tmp_path / "split", "run.max_steps=2")
+    run(tmp_path / "split", "run.max_steps=4", "run.batch_size=2", "run.grad_accum=2",
+        "--resume", "auto")
+
+    def epochs(out: Path) -> list[tuple[int, int]]:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["epoch"]) for r in rows if "loss" in r]
+
+    assert epochs(tmp_path / "split") == epochs(tmp_path / "whole")
