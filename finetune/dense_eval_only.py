@@ -60,10 +60,12 @@ def check_dense_eval_start(task: str, cfg, resume: str, thorough: bool = True) -
         from finetune.seg_data import check_data
     step_dir = resumed_step_dir(cfg, resume)
     state = load_trainer_state(step_dir)
-    saved = state.get("task")
+    saved = state.get("task")  # every fine-tuning task records it (classification
+    # since 2026-12); pre-training and older classification checkpoints do not
     if saved != task:
-        raise ResumeError(f"{step_dir} was saved by a {saved or 'pre-training'} run, not a "
-                          f"{task} run: --eval-only of {task} evaluates its own checkpoints")
+        writer = f"a {saved} run" if saved else "a run of another task (no task recorded)"
+        raise ResumeError(f"{step_dir} was saved by {writer}, not a {task} run: --eval-only "
+                          f"of {task} evaluates its own checkpoints")
     check_data(cfg, thorough, val_only=True)
     if (thorough or task == "segmentation") and state.get("model_hash") != _model_hash(task,
                                                                                        cfg):
@@ -118,6 +120,16 @@ def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, f
     agree_on_refusal(refusal)  # every rank raises together, none waits in a collective
     rng.seed_all(cfg.run.seed)  # as training builds it (every weight is then loaded)
     model, named, val_set, evaluate = _build(task, cfg)
+    own = named.state_dict()
+    # shapes the hash does not cover (Mask2Former's queries, a detector's widths):
+    # load_state_dict would raise a size-mismatch traceback
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:  # the same on every rank
+        raise CheckpointError(
+            f"{source.weights} does not fit the {task} model this config builds: "
+            f"{len(wrong)} tensors differ in shape (checkpoint vs model), e.g. "
+            + "; ".join(wrong[:3]) + ": evaluate it with the run's own config")
     result = named.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:  # the same on every rank
         raise CheckpointError(

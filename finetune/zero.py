@@ -252,7 +252,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     if ema is not None and run.resume_dir is not None and (run.resume_dir / EMA_FILE).is_file():
         ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
     scheduler.step_update(step)
-    shared = {"world_size": d.world_size, "model_hash": mhash,
+    shared = {"task": "classification", "world_size": d.world_size, "model_hash": mhash,
               "engine": engine_state, "batch": batch}
     engine.train()
 
