@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,13 +393,16 @@ def _umask() -> int:
 
 
 TMP_TAG = ".tmp-"
-"""Between a destination's name and its writer's host and PID in the temporary file's
-name (``.out.safetensors.tmp-HOST-PID``), which a later convert to the same destination
-uses to remove what a killed one left (:func:`remove_abandoned`)."""
+"""Between a destination's name and its writer's host, PID and a random token in the
+temporary file's name (``.out.safetensors.tmp-HOST-PID-TOKEN``): a later convert to the
+same destination removes what a killed one left (:func:`remove_abandoned`); the token
+keeps two writers apart whose host name and PID agree (containers sharing a host name,
+each its own PID namespace)."""
 
 
 def _temporary(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}")
+    return dst.with_name(f".{dst.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}-"
+                         f"{secrets.token_hex(4)}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -420,7 +424,7 @@ def remove_abandoned(dst: Path) -> list[Path]:
     prefix = f".{dst.name}{TMP_TAG}{socket.gethostname()}-"
     removed = []
     for path in dst.parent.glob(f".{glob.escape(dst.name)}{TMP_TAG}*"):
-        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+        pid = path.name[len(prefix):].split("-")[0] if path.name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)

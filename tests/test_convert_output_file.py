@@ -109,7 +109,7 @@ def test_a_convert_removes_what_a_killed_convert_left(released, tmp_path, caplog
         proc = _start_slow_convert(released, dst)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        (abandoned,) = [p for p in tmp_path.iterdir() if p.name.endswith(f"-{proc.pid}")]
+        (abandoned,) = [p for p in tmp_path.iterdir() if f"-{proc.pid}-" in p.name]
         assert main(["convert", str(released), str(dst)]) == 0
         left = sorted(p.name for p in tmp_path.iterdir())
         assert abandoned.name not in left and "out.safetensors" in left
