@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,6 +401,11 @@ keeps two writers apart whose host name and PID agree (containers sharing a host
 each its own PID namespace)."""
 
 
+ABANDONED_AFTER_S = 600.0
+"""How long a dead writer's temporary file must have been left unchanged before a later
+convert removes it (:func:`remove_abandoned`)."""
+
+
 def _temporary(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}-"
                          f"{secrets.token_hex(4)}")
@@ -417,15 +423,24 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_abandoned(dst: Path) -> list[Path]:
     """Remove the temporary files of earlier converts to ``dst`` that were killed
-    (SIGKILL, the OOM killer: no cleanup ran) on this host, whose PID runs no longer;
-    returns them. Another host's, or a running process's (a convert to the same
-    destination beside this one), are left alone: this host cannot tell whether they
-    still write."""
+    (SIGKILL, the OOM killer: no cleanup ran) on this host, whose PID runs no longer and
+    which nothing wrote for :data:`ABANDONED_AFTER_S`; returns them. Another host's, or a
+    running process's (a convert to the same destination beside this one), are left
+    alone: this host cannot tell whether they still write. The quiet time covers a
+    writer in another PID namespace under the same host name (a container), whose PID
+    this process cannot see: a live writer's file changes as it is written, then is
+    renamed away."""
     prefix = f".{dst.name}{TMP_TAG}{socket.gethostname()}-"
     removed = []
     for path in dst.parent.glob(f".{glob.escape(dst.name)}{TMP_TAG}*"):
         pid = path.name[len(prefix):].split("-")[0] if path.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            quiet = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+        if quiet >= ABANDONED_AFTER_S:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
