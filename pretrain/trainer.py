@@ -154,14 +154,7 @@ class Trainer:
                                resumed=resumed, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
         if self.state is not None:
-            # each rank reads its own state file: a refusal there (missing, damaged, a
-            # data position this config cannot continue) is agreed as the checks above
-            refusal = None
-            try:
-                self._restore_rank_state()
-            except CheckpointError as err:
-                refusal = err
-            agree_on_refusal(refusal)
+            self._agreed_rank_state()
         if self.info.is_main:  # checks passed: the config this run starts with is the run's
             publish_config(self.run_dir)
         self.dtype = DTYPES[cfg.engine.precision]
@@ -220,6 +213,23 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
                               f"another world size is not supported (its slices are per rank); "
                               f"resume with {self.state['world_size']} ranks")
+
+    def _agreed_rank_state(self) -> None:
+        """:meth:`_restore_rank_state`, whose refusal every rank raises together: each rank
+        reads its own state file, so a missing or damaged one, or a data position this
+        config cannot continue, is met by one rank alone (it used to end alone while the
+        others built the engine and waited in its first collective)."""
+        refusal = None
+        try:
+            self._restore_rank_state()
+        except CheckpointError as err:
+            refusal = err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            # a rank file that parses but does not hold what a save writes
+            refusal = ResumeError(f"{self.resume_dir}: rank {self.info.rank}'s saved state "
+                                  f"does not hold a data position and random state as "
+                                  f"saved ({type(err).__name__}: {err})")
+        agree_on_refusal(refusal)
 
     def _restore_rank_state(self) -> None:
         """This rank's data position and (kept for :meth:`_restore`) RNG state as saved.

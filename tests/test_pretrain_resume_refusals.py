@@ -16,6 +16,22 @@ from tests.pretrain_utils import pretrain_cmd, run_forked
 from tests.test_checkpoint_rank_files import _resume, _saved_checkpoint
 
 
+def test_a_rank_file_without_a_data_position_is_a_resume_error(tmp_path, monkeypatch):
+    """A rank file that parses but lacks what a save writes: a ResumeError (which the
+    ranks agree on), not a KeyError on that rank alone."""
+    from pretrain.trainer import Trainer
+
+    ckpt, _ = _saved_checkpoint(tmp_path, 2)
+    ck.rank_state_path(ckpt, 1).write_text("{}")
+    seen = []
+    monkeypatch.setattr("pretrain.trainer.agree_on_refusal", seen.append)
+    trainer = Trainer.__new__(Trainer)
+    trainer.resume_dir, trainer.info = ckpt, type("I", (), {"rank": 1})()
+    trainer._restore_rank_state = lambda: _resume(tmp_path, ckpt, 1, 2)
+    trainer._agreed_rank_state()
+    assert isinstance(seen[0], ck.ResumeError) and "rank 1's saved state" in str(seen[0])
+
+
 @pytest.mark.parametrize("name", ["trainer_state", "rank_state"])
 def test_a_damaged_state_file_is_named(name, tmp_path):
     ckpt, _ = _saved_checkpoint(tmp_path, 2)
