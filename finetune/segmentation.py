@@ -168,7 +168,10 @@ class LabelRangeError(RefusedStart):
     """A training label that is neither a class id (0 .. ``data.num_classes - 1``) nor the
     ignore index: every head's loss would index past its classes (on a GPU a device-side
     assert that kills the process). Raised by the rank whose batch holds it, at that step;
-    the command line reports it in one line, exit 2, as a refused start."""
+    the command line reports it in one line, exit 2, as a refused start. The other ranks,
+    inside collectives, are ended by torchrun or srun's ``--kill-on-bad-exit`` (set by
+    launch/slurm/executor.py); a bare srun without it leaves them to the process group's
+    timeout."""
 
 
 def check_train_labels(labels: torch.Tensor, num_classes: int) -> None:
