@@ -9,13 +9,16 @@ TensorBoard writer hides those steps the same way (``purge_step``).
 What a resume cuts is kept in ``metrics.jsonl.cut`` (:data:`CUT_SUFFIX`) until the resumed
 run's first checkpoint (:meth:`MetricsLogger.checkpointed`): a rewind (a resume from an
 earlier checkpoint) can be undone until then by resuming a later checkpoint of the old
-branch, whose records it cut. While the cut file exists no checkpoint was saved since it
-was made, so the records after its step in ``metrics.jsonl`` belong to no checkpoint: a
-resume builds the run's lineage from the file up to the cut file's step plus the cut
-file, keeps it up to its own step in ``metrics.jsonl`` (re-logged in TensorBoard past the
-purge) and the rest in a new cut file (:func:`cut_back`). Each step is ordered so that a
+branch, whose records it cut. The cut file lists the checkpoints past its step when it
+was made; while no other is there, no checkpoint was saved since (a save published by a
+run killed before it removed the cut file adds one: the cut file is then void), so the
+records after its step in ``metrics.jsonl`` belong to no checkpoint: a resume builds the
+run's lineage from the file up to the cut file's step plus the cut file, keeps it up to
+its own step in ``metrics.jsonl`` (re-logged in TensorBoard past the purge) and the rest
+in a new cut file (:func:`cut_back`). Each step is ordered so that a
 kill in between leaves the same lineage to the next resume. Cost: the records after the
-cut (what a run logged past its checkpoint, or the rewind's distance), never the history.
+cut (what a run logged past its checkpoint, or the rewind's distance), never the history,
+and one listing of ``checkpoints/`` (``run.keep_last`` folders and a few).
 """
 
 from __future__ import annotations
@@ -108,24 +111,50 @@ def _tail(path: Path, step: int) -> list[bytes]:
     return lines[::-1]
 
 
-def _read_cut(cut: Path) -> tuple[int, list[bytes]] | None:
+def _saves_past(path: Path, step: int) -> list[str]:
+    """An identity (modification time and size of its ``trainer_state.json``, which a save
+    writes last; kept by a rename) of each complete checkpoint past ``step`` in the run
+    directory of ``path``, staging folders included: one listing of ``checkpoints/``."""
+    from runtime.checkpoint_path import CHECKPOINTS_DIR
+
+    out = []
+    for folder in (path.parent / CHECKPOINTS_DIR).glob("step_*"):
+        digits = folder.name[len("step_"):].split(".")[0]
+        if not digits.isdigit() or int(digits) <= step:
+            continue
+        try:
+            st = (folder / "trainer_state.json").stat()
+        except OSError:  # incomplete, or a folder derived from a checkpoint
+            continue
+        out.append(f"{st.st_mtime_ns}-{st.st_size}")
+    return sorted(out)
+
+
+def _read_cut(path: Path, cut: Path) -> tuple[int, list[bytes]] | None:
     """(the step a resume cut back to, the records it cut) of a cut file, None when there
-    is none or it is damaged (then the file alone is the lineage, as before)."""
+    is none, it is damaged, or a checkpoint was saved since it was made (one past its
+    step that it does not list: a save published before the run could remove the cut
+    file; then the file alone is the lineage, as before)."""
     try:
         head, *lines = cut.read_bytes().splitlines(keepends=True)
-        return int(json.loads(head)["cut_after"]), [x for x in lines if _step(x) is not None]
+        meta = json.loads(head)
+        step, known = int(meta["cut_after"]), set(meta["saves_past"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not set(_saves_past(path, step)) <= known:
+        return None
+    return step, [x for x in lines if _step(x) is not None]
 
 
-def _write_cut(cut: Path, step: int, lines: list[bytes]) -> None:
-    """Replace ``cut`` atomically with the records ``lines`` cut back to ``step`` (removed
-    when there are none)."""
+def _write_cut(path: Path, cut: Path, step: int, lines: list[bytes]) -> None:
+    """Replace ``cut`` atomically with the records ``lines`` cut back to ``step`` and the
+    checkpoints past ``step`` there are now (removed when there are no records)."""
     if not lines:
         cut.unlink(missing_ok=True)
         return
+    head = {"cut_after": step, "saves_past": _saves_past(path, step)}
     tmp = cut.with_name(cut.name + ".tmp")
-    tmp.write_bytes(json.dumps({"cut_after": step}).encode() + b"\n" + b"".join(lines))
+    tmp.write_bytes(json.dumps(head).encode() + b"\n" + b"".join(lines))
     os.replace(tmp, cut)
 
 
@@ -134,14 +163,14 @@ def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
     keeping what follows in the cut file; returns (the first step TensorBoard must purge,
     the records put back past it, to re-log there). See the module docstring."""
     cut = path.with_name(path.name + CUT_SUFFIX)
-    saved = _read_cut(cut)
+    saved = _read_cut(path, cut)
     if saved is None or step <= saved[0]:
         # the lineage past ``step`` is the file's past ``step`` (and, past the cut file's
         # step, the cut file's instead): kept first, then the file is cut in place
         later = _tail(path, step)
         if saved is not None:  # the file's records past the cut file's step are no one's
             later = [x for x in later if _step(x) <= saved[0]] + saved[1]
-        _write_cut(cut, step, later)
+        _write_cut(path, cut, step, later)
         truncate_after(path, step)
         return step + 1, []
     base, cut_lines = saved
@@ -151,7 +180,7 @@ def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
     truncate_after(path, base)
     with path.open("ab") as f:
         f.write(b"".join(back))
-    _write_cut(cut, step, [x for x in cut_lines if _step(x) > step])
+    _write_cut(path, cut, step, [x for x in cut_lines if _step(x) > step])
     return base + 1, [json.loads(x) for x in back]
 
 

@@ -12,6 +12,8 @@ and a later resume rebuilds the lineage from it (runtime/metrics.py)."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,26 @@ import pytest
 from runtime.metrics import CUT_SUFFIX, MetricsLogger
 
 
-def _run(out: Path, start: int, end: int, checkpoints=(), branch: str = "a") -> None:
+def _run(out: Path, start: int, end: int, checkpoints=(), branch: str = "a",
+         unannounced: int | None = None) -> None:
     """A run resumed from ``start`` logging steps start+1..end, checkpointing at
-    ``checkpoints`` (what runtime/loop.py's save tells the logger)."""
+    ``checkpoints`` as a save does (a complete ``checkpoints/step_*`` folder, then what
+    runtime/loop.py's save tells the logger); the save of step ``unannounced`` is
+    published but the run dies before telling the logger (killed after the publish)."""
     logger = MetricsLogger(out, True, end, start, tensorboard=True, progress=False,
                            timestamp=True)  # as pre-training logs
     for step in range(start + 1, end + 1):
         logger.log(step, {"loss": step + (0.5 if branch == "b" else 0.0)})
-        if step in checkpoints:
+        if step in checkpoints or step == unannounced:
+            folder = out / "checkpoints" / f"step_{step:07d}"
+            shutil.rmtree(folder, ignore_errors=True)  # a branch's save replaces its step's
+            folder.mkdir(parents=True)
+            (folder / "trainer_state.json").write_text(json.dumps({"step": step,
+                                                                   "branch": branch}))
+            time.sleep(0.01)  # file times apart, as saves are
+            if step == unannounced:
+                logger.close()
+                return
             logger.checkpointed()
     logger.close()
 
@@ -63,6 +77,7 @@ def test_an_undone_rewind_restores_the_records_of_the_branch_that_continued(tmp_
 def test_a_rewind_whose_first_checkpoint_is_complete_is_final(tmp_path):
     _run(tmp_path, 0, 40, checkpoints=(30, 40))
     _run(tmp_path, 30, 36, checkpoints=(35,), branch="b")  # saved: step 40 is pruned
+    shutil.rmtree(tmp_path / "checkpoints" / "step_0000040")
     _run(tmp_path, 35, 37, branch="b")  # killed after step 36, resumed from its step 35
     want = _lineage((1, 30, "a"), (31, 37, "b"))
     assert _records(tmp_path) == want
@@ -84,3 +99,25 @@ def test_an_ordinary_kill_and_resume_reads_as_the_uninterrupted_run(tmp_path):
     _run(tmp_path, 0, 13, checkpoints=(10,))  # killed at 13, after the checkpoint of 10
     _run(tmp_path, 10, 20, checkpoints=(20,))
     assert _records(tmp_path) == _tensorboard(tmp_path) == _lineage((1, 20, "a"))
+
+
+@pytest.mark.parametrize("rewind", [False, True])
+def test_a_run_killed_between_its_save_and_telling_the_logger_keeps_its_records(
+        tmp_path, rewind):
+    """The cut file outlives a save that was published but not announced (a kill in the
+    save's prune or final barrier, or rank 0 dying mid-swap): the resume of that new
+    checkpoint is no undo, the file's own records are the lineage (a reviewer's case: the
+    continuing branch's records were replaced by the dead run's)."""
+    if rewind:
+        _run(tmp_path, 0, 40, checkpoints=(30, 40))
+        _run(tmp_path, 30, 36, branch="b", unannounced=35)
+        shutil.rmtree(tmp_path / "checkpoints" / "step_0000040")  # pruned by that save
+        _run(tmp_path, 35, 37, branch="b")
+        want = _lineage((1, 30, "a"), (31, 37, "b"))
+    else:
+        _run(tmp_path, 0, 15, checkpoints=(10,))  # killed at 15
+        _run(tmp_path, 10, 21, branch="b", unannounced=20)
+        _run(tmp_path, 20, 22, branch="b")
+        want = _lineage((1, 10, "a"), (11, 22, "b"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
