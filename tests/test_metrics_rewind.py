@@ -11,14 +11,37 @@ and a later resume rebuilds the lineage from it (runtime/metrics.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from runtime.metrics import CUT_SUFFIX, MetricsLogger
+
+_SECONDS = itertools.count(int(time.time()) + 1)
+
+
+@contextmanager
+def _own_second():
+    """TensorBoard names each events file by the second its writer opened, then the PID
+    and a per-process counter compared as text ("10" sorts before "9"), and reads a run
+    directory's files in name order: real resumes are new processes seconds apart, these
+    runs share a process and a second. Each writer here is opened in a second of its own
+    (tensorboard's event_file_writer reads time.time() for the name)."""
+    import tensorboard.summary.writer.event_file_writer as efw
+
+    second = float(next(_SECONDS))
+    real = efw.time
+    efw.time = SimpleNamespace(time=lambda: second)
+    try:
+        yield
+    finally:
+        efw.time = real
 
 
 def _run(out: Path, start: int, end: int, checkpoints=(), branch: str = "a",
@@ -27,8 +50,9 @@ def _run(out: Path, start: int, end: int, checkpoints=(), branch: str = "a",
     ``checkpoints`` as a save does (a complete ``checkpoints/step_*`` folder, then what
     runtime/loop.py's save tells the logger); the save of step ``unannounced`` is
     published but the run dies before telling the logger (killed after the publish)."""
-    logger = MetricsLogger(out, True, end, start, tensorboard=True, progress=False,
-                           timestamp=True)  # as pre-training logs
+    with _own_second():
+        logger = MetricsLogger(out, True, end, start, tensorboard=True, progress=False,
+                               timestamp=True)  # as pre-training logs
     for step in range(start + 1, end + 1):
         logger.log(step, {"loss": step + (0.5 if branch == "b" else 0.0)})
         if step in checkpoints or step == unannounced:
