@@ -139,16 +139,3 @@ def test_a_pretrain_start_that_crashes_removes_its_staged_config(tmp_path, monke
     with pytest.raises(FileNotFoundError, match="no demo images"):
         main(["pretrain", "--output-dir", str(out), "--max-steps", "1"])
     assert not list(tmp_path.rglob(f"{PENDING_CONFIG}*"))
-
-
-@pytest.mark.parametrize("rank", ["0", "1"])
-def test_only_rank_0_prints_the_final_metrics(rank, tmp_path, monkeypatch, capsys):
-    import finetune.segmentation
-    from launch.cli import main
-
-    monkeypatch.setenv("RANK", rank)
-    monkeypatch.setattr(finetune.segmentation, "train", lambda *a, **k: {"mIoU": 0.123456})
-    assert main(["finetune", "segmentation", "--output-dir", str(tmp_path / "run"),
-                 f"data.cache_dir={tmp_path / 'cache'}"]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("'mIoU': 0.1235") == (1 if rank == "0" else 0), printed

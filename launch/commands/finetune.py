@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start
-    if is_main:  # one copy of the metrics, not one per rank
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
 
 
