@@ -99,6 +99,17 @@ def _run(out_dir: str, stage: int, precision: str, info) -> None:
                                                     f"engine.precision={precision}"])
     engine, ds_config = build_engine(cfg, build_model(cfg, num_tags=10), steps=10)
     teacher = build_teacher(cfg, engine, ds_config)
+    # the padding that evens out the last rank's ZeRO-3 slices is uninitialised memory in
+    # the fp32 masters (at times NaN): poisoned here, it must never reach the teacher (an
+    # EMA over it, or a 0 * x refresh, made the teacher's padding NaN, and a restored
+    # checkpoint compare unequal to itself: a flaky "restored")
+    from pretrain.m3i.ema import _online_source
+
+    with torch.no_grad():
+        for _, _, online in teacher.pairs:
+            if hasattr(online, "ds_id"):
+                master = _online_source(online).view(-1)
+                master[max(0, online.ds_numel - info.rank * master.numel()):] = float("nan")
     torch.manual_seed(123)  # the same data on every rank: same step for any world size
     images = torch.randn(2, 3, 32, 32, dtype=DTYPES[precision])
     tokens = torch.randint(0, cfg.text.vocab_size, (2, cfg.data.context_length))
@@ -129,6 +140,7 @@ def _run(out_dir: str, stage: int, precision: str, info) -> None:
               "target": target.flatten()[:64].tolist(),
               "restored": all(torch.equal(a, b) for a, b in
                               zip(teacher.state_dict().values(), saved.values())),
+              "finite": all(bool(torch.isfinite(v).all()) for v in saved.values()),
               "teacher": [t.flatten()[:32].tolist() for t in _gather(teacher_params)],
               "local_numel": sum(_local_numel(p) for p in teacher_params),
               "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in teacher_params)}
@@ -198,7 +210,7 @@ def test_zero2_teacher_equals_the_zero3_teacher(runs):
         for a, b in zip(z2["teacher"], z3["teacher"]):
             assert a == pytest.approx(b, abs=1e-5)
         assert z2["target"] == pytest.approx(z3["target"], abs=1e-4)
-        assert z2["restored"]
+        assert z2["restored"] and z3["restored"] and z3["finite"]
 
 
 @pytest.mark.distributed
@@ -213,7 +225,7 @@ def test_two_ranks_hold_half_and_end_where_one_rank_ends(runs):
         for a, b in zip(one["teacher"], r["teacher"]):
             assert a == pytest.approx(b, abs=1e-5)
         assert one["target"] == pytest.approx(r["target"], abs=1e-4)
-        assert r["restored"]
+        assert r["restored"] and r["finite"]
 
 
 def test_momentum_schedule_is_byols_cosine():

@@ -102,21 +102,34 @@ class MomentumTeacher:
             self.pairs.append((name, param, online_params[name]))
 
     def _local(self, param: nn.Parameter) -> torch.Tensor:
-        """The tensor this rank owns: its ZeRO-3 slice, or the whole parameter."""
-        return param.ds_tensor if self.partitioned else param.data
+        """The elements this rank owns: its ZeRO-3 slice without the padding that evens out
+        the last rank's slice (never gathered into the parameter, and left uninitialised:
+        an EMA or a 0 * x refresh over it reads NaN garbage of the fp32 master's padding),
+        or the whole parameter."""
+        if not self.partitioned:
+            return param.data
+        import torch.distributed as dist
+
+        flat = param.ds_tensor.view(-1)
+        rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+        return flat[:max(0, min(flat.numel(), param.ds_numel - rank * flat.numel()))]
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         """theta_t <- m theta_t + (1 - m) theta_s, on this rank's slices only."""
         for _, teacher, online in self.pairs:
             local = self._local(teacher)
+            # the master slice is padded as the teacher's: its first elements are ours
             source = _online_source(online).reshape(-1)[:local.numel()].view_as(local)
             # (with optimizer offload the fp32 master slice lives on the host; a 16-bit
             # source is promoted by add_ into the fp32 teacher, no copy)
             local.mul_(momentum).add_(source.to(local.device), alpha=1 - momentum)
+        self._drop_gathered()
+
+    def _drop_gathered(self) -> None:
+        """Parameters under stage3_param_persistence_threshold keep a gathered copy, which
+        a change of the slices makes stale: dropped, so the next forward gathers them."""
         if self.partitioned:
-            # parameters under stage3_param_persistence_threshold keep a gathered copy,
-            # which would now be stale: drop it so the next forward gathers the new slices
             coordinator = getattr(self.engine, "optimizer", None)
             if coordinator is not None and hasattr(coordinator, "partition_all_parameters"):
                 coordinator.partition_all_parameters()
@@ -139,6 +152,7 @@ class MomentumTeacher:
                              f"({len(missing)} tensors)")
         with torch.no_grad():
             for name, p, _ in self.pairs:
-                self._local(p).copy_(state[name])
-        if self.partitioned:
-            self.update(1.0)  # no change; refreshes any persisted gathered copies
+                local = self._local(p)
+                # checkpoints saved before the padding was left out hold it at the end
+                local.copy_(state[name].reshape(-1)[:local.numel()].view_as(local))
+        self._drop_gathered()
