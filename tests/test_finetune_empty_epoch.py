@@ -23,10 +23,16 @@ import pytest
 def test_an_epoch_without_an_optimizer_step_is_refused_before_anything_is_built(
         task, args, cache, tmp_path, capsys, monkeypatch):
     import finetune.engine
+    import finetune.loop
+    import finetune.zero
     from launch.cli import main
 
     started = []
-    monkeypatch.setattr(finetune.engine, "start_engine", lambda *a, **k: started.append(a))
+    # patched where it is called: finetune.zero and finetune.loop bind the name when they
+    # are imported (patching finetune.engine alone, a first import of finetune.zero during
+    # this test bound the stand-in for good: later tests' engines were None)
+    for module in (finetune.engine, finetune.loop, finetune.zero):
+        monkeypatch.setattr(module, "start_engine", lambda *a, **k: started.append(a))
     out = tmp_path / "runs" / "run"
     code = main(["finetune", task, "--output-dir", str(out), *args,
                  f"data.cache_dir={cache}"])
