@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.datasets.base import IGNORE_INDEX
 from finetune.dense_data import train_batches
 from finetune.plan import count_params, print_plan
 from finetune.seg_config import (  # noqa: F401  (the public import path)
@@ -36,6 +35,7 @@ from finetune.seg_config import (  # noqa: F401  (the public import path)
 from finetune.seg_data import (  # noqa: F401  (the public import path)
     MEAN,
     STD,
+    LabelRangeError,
     SegDataset,
     crop_is_dominated,
     random_crop,
@@ -164,39 +164,6 @@ def refuse_single_image_batchnorm(cfg: SegmentationConfig, pooled_ranks: int) ->
             f"run.batch_size >= 2 (the UperNet configs use 2 per GPU)")
 
 
-class LabelRangeError(RefusedStart):
-    """A training label that is neither a class id (0 .. ``data.num_classes - 1``) nor the
-    ignore index: every head's loss would index past its classes (on a GPU a device-side
-    assert that kills the process). Raised by the rank whose batch holds it, at that step;
-    the command line reports it in one line, exit 2, as a refused start. The other ranks,
-    inside collectives, are ended by torchrun or srun's ``--kill-on-bad-exit`` (set by
-    launch/slurm/executor.py); a bare srun without it leaves them to the process group's
-    timeout."""
-
-
-def check_train_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Raise :class:`LabelRangeError` when ``labels`` (a training batch's label maps) hold
-    a value outside [0, ``num_classes``) other than the ignore index.
-
-    Cost: one ``aminmax`` over the batch's labels where they are (the loader's CPU
-    tensors, before the copy to the device, so no device sync), the ignore index masked
-    first: about 3 passes over B x H x W int64 (13 ms for 16 x 512 x 512 on 2 shared
-    CPU cores; the released per-GPU batch, 2 x 512 x 512, under 2 ms)."""
-    if labels.numel() == 0:
-        return
-    # the ignore index counts as class 0 here: it is never out of range
-    low, high = torch.where(labels == IGNORE_INDEX, 0, labels).aminmax()
-    if low >= 0 and high < num_classes:
-        return
-    bad = int(high) if high >= num_classes else int(low)
-    fix = (f"set data.num_classes to the dataset's class count (at least {bad + 1} for "
-           "this value) or fix the label maps" if bad >= 0 else "fix the label maps")
-    raise LabelRangeError(
-        f"segmentation: a training label map holds the value {bad}, outside the classes "
-        f"0 .. data.num_classes - 1 = {num_classes - 1} (and not the ignore index "
-        f"{IGNORE_INDEX}); {fix}")
-
-
 def segmentation_model_hash(cfg: SegmentationConfig) -> str:
     """The hash a segmentation run's checkpoints carry (``trainer_state.json``
     ``model_hash``): what their tensors depend on."""
@@ -230,9 +197,9 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     mask2former = cfg.head.kind == "mask2former"
 
     def loss_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
+        # labels outside the classes were refused where each map was read
+        # (finetune.seg_data.check_label_range), naming its file
         images, labels = batch
-        # one check for every head, before the loss can index past the classes
-        check_train_labels(labels, cfg.data.num_classes)
         images, labels = images.to(d.device), labels.to(d.device)
         if mask2former:  # class CE + mask BCE + dice, matched, with the auxiliary layers
             return {"loss_mask2former": net(images, labels)}

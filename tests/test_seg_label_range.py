@@ -9,7 +9,7 @@ and no intersection, while its pixel's prediction still counts in the predicted 
 
 Training: a label >= data.num_classes reached the loss as ``IndexError: Target 3 is out of
 bounds`` (on a GPU, a device-side assert); it is now one line, exit 2, naming the value and
-data.num_classes."""
+data.num_classes (and the label file: tests/test_seg_label_file.py)."""
 
 from __future__ import annotations
 
@@ -80,24 +80,6 @@ def test_in_range_validation_labels_log_nothing(caplog):
     with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
         assert cm.scores()["mIoU"] == pytest.approx(1.0)
     assert cm.left_out == 0 and not caplog.records
-
-
-def test_training_labels_past_the_classes_are_refused_in_one_line():
-    from finetune.segmentation import LabelRangeError, check_train_labels
-    from launch.commands.refusals import training_refusals
-
-    labels = torch.zeros(2, 8, 8, dtype=torch.long)
-    labels[1, 4:, :] = 255
-    labels[0, 0, 0] = 2
-    check_train_labels(labels, 3)  # in range, with the ignore index: passes
-    check_train_labels(torch.full((1, 4, 4), 255), 3)  # all ignored: passes
-    labels[1, 2, 3] = 3
-    with pytest.raises(LabelRangeError) as err:
-        check_train_labels(labels, 3)
-    msg = str(err.value)
-    assert "\n" not in msg and "value 3" in msg and "data.num_classes - 1 = 2" in msg
-    # what `internimage finetune` reports in one line, exit 2
-    assert isinstance(err.value, training_refusals())
 
 
 @pytest.mark.parametrize("head", [[], M2F], ids=["upernet", "mask2former"])

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
-    from launch.commands.refusals import training_refusals
+    from launch.commands.refusals import refusal_line, training_refusals
     from models import CheckpointError
     from runtime import run_lock
     from runtime.checkpoint import discard_config, stage_config
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 _remove_empty_up_to(out, created)
         if not isinstance(err, training_refusals()):
             raise
-        print(f"internimage finetune: {err}", file=sys.stderr)  # one line, exit 2
+        print(f"internimage finetune: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
         return 2
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start

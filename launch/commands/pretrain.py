@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(plan(cfg, dry_run_gpus(args.gpus)), indent=2))
         return 0
-    from launch.commands.refusals import training_refusals
+    from launch.commands.refusals import refusal_line, training_refusals
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import discard_config, stage_config
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             discard_config(run_dir)
         if not isinstance(err, training_refusals()):
             raise
-        print(f"internimage pretrain: {err}", file=sys.stderr)  # one line, exit 2, as finetune
+        # one line, exit 2, as finetune
+        print(f"internimage pretrain: {refusal_line(err)}", file=sys.stderr)
         return 2
     if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),

@@ -16,3 +16,25 @@ def training_refusals() -> tuple[type[Exception], ...]:
     from runtime.loop import RefusedStart
 
     return CheckpointError, StorageAccessError, UnusableSourceError, RefusedStart
+
+
+def refusal_line(err: BaseException) -> str:
+    """The one line a refusal ``err`` prints: its message, or, for one raised in a
+    DataLoader worker process, the worker's own message.
+
+    torch re-raises a worker's exception in the trainer with its type kept and its message
+    replaced by ``Caught <type> in DataLoader worker process <n>.`` and the worker's whole
+    traceback (torch/_utils.py ``ExceptionWrapper.reraise``), whose last entry is
+    ``<module>.<type>: <message>`` (``traceback.format_exception``): that message is taken
+    out, so a refusal met while reading the data (a label outside the classes, a store
+    refusing its credentials) reads as one line there too."""
+    text = str(err)
+    kind = type(err)
+    if not text.startswith(f"Caught {kind.__name__} ") or "\nOriginal Traceback" not in text:
+        return text
+    prefix = f"{kind.__module__}.{kind.__qualname__}: "
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):  # the last entry: its message may span lines
+        if lines[i].startswith(prefix):
+            return " ".join([lines[i][len(prefix):], *lines[i + 1:]]).strip()
+    return text
