@@ -32,6 +32,7 @@ from runtime.checkpoint import (
     load_rank_state,
     load_rank_states,
     publish_config,
+    rank_state_path,
     refuse_fresh_start,
     refuse_legacy_resume,
     resolve_resume,
@@ -53,14 +54,46 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def own_rank_state(resume_dir: Path, state: dict[str, Any], rank: int,
+                   world_size: int) -> dict[str, Any] | None:
+    """``rank``'s own saved state in the checkpoint ``resume_dir`` (trainer state
+    ``state``), checked to hold what a save writes (its random state); None when the
+    checkpoint was saved by another number of ranks (no file of this rank's to read: the
+    random state is not restored, :meth:`FinetuneRun.restore_rng` warns). A missing,
+    damaged or incomplete file is a ``ResumeError`` naming it."""
+    try:
+        if saved_ranks(state) != world_size:
+            return None
+        own = load_rank_state(resume_dir, state, rank)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        # a trainer state that parses but does not say what its ranks saved
+        raise ResumeError(f"{resume_dir}: rank {rank}'s saved state cannot be found in "
+                          f"what a save writes ({type(err).__name__}: {err})") from None
+    saved = own.get("rng") if isinstance(own, dict) else None
+    # what runtime.rng.rng_state writes: checked here, since restore_rng runs after the
+    # engine exists, where one rank's failure would leave the others in a collective
+    if not (isinstance(saved, dict) and isinstance(saved.get("python"), list)
+            and isinstance(saved.get("numpy"), list) and isinstance(saved.get("torch"), str)):
+        where = (f"trainer_state.json ranks[{rank}]" if "ranks" in state
+                 else rank_state_path(resume_dir, rank).relative_to(resume_dir))
+        raise ResumeError(f"{resume_dir}: {where} holds no random state as a save writes it "
+                          f"(rng: python, numpy, torch); resume from an earlier checkpoint "
+                          f"(--resume {resume_dir.parent}/step_...)")
+    return own
+
+
 @dataclass(frozen=True)
 class FinetuneRun:
     """A run's output directory and the checkpoint it resumes (``resume_dir`` and its
-    ``trainer_state.json`` contents ``state``; both None for a fresh start)."""
+    ``trainer_state.json`` contents ``state``; both None for a fresh start). ``own``: this
+    rank's own saved state (:func:`own_rank_state`), read and checked once by
+    :func:`open_run` before any rank goes on; None where there is none to read (a fresh
+    start, another world size) or the run was built without it (read on demand then)."""
 
     out_dir: Path
     resume_dir: Path | None
     state: dict[str, Any] | None
+    own: dict[str, Any] | None = None
 
     @property
     def root(self) -> Path:
@@ -85,12 +118,19 @@ class FinetuneRun:
 
     def own_entry(self, key: str, d: DistInfo) -> Any | None:
         """This rank's ``local`` entry ``key`` as saved, when the checkpoint was saved by
-        as many ranks as run now (its own file alone is read: O(1) per rank); None for a
-        fresh start, another world size, or a key this rank saved none of."""
+        as many ranks as run now (its own file alone, as :func:`open_run` read it: O(1)
+        per rank); None for a fresh start, another world size, or a key this rank saved
+        none of."""
         if self.state is None or saved_ranks(self.state) != d.world_size:
             return None
-        assert self.resume_dir is not None
-        return load_rank_state(self.resume_dir, self.state, d.rank).get(key)
+        return self._own_state(d).get(key)
+
+    def _own_state(self, d: DistInfo) -> dict[str, Any]:
+        """This rank's own saved state: the one :func:`open_run` read, else its file."""
+        if self.own is not None:
+            return self.own
+        assert self.resume_dir is not None and self.state is not None
+        return load_rank_state(self.resume_dir, self.state, d.rank)
 
     def rank_states(self, key: str) -> list[Any] | None:
         """Every rank's ``local`` entry ``key`` as saved (None where a rank saved none);
@@ -109,8 +149,8 @@ class FinetuneRun:
 
     def restore_rng(self, d: DistInfo) -> None:
         """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a
-        fresh start): this rank's file alone is read. Call it last: nothing between it
-        and the first batch may draw."""
+        fresh start): from this rank's file alone, as :func:`open_run` read it. Call it
+        last: nothing between it and the first batch may draw."""
         if self.state is None:
             return
         assert self.resume_dir is not None
@@ -118,7 +158,7 @@ class FinetuneRun:
         if saved != d.world_size:  # none saved (an old checkpoint): warns, not exact
             rng.warn_rng_not_restored(saved, d.world_size)
             return
-        rng.set_rng_state(load_rank_state(self.resume_dir, self.state, d.rank)["rng"])
+        rng.set_rng_state(self._own_state(d)["rng"])
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:
@@ -172,7 +212,8 @@ def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) ->
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int, engine: dict[str, Any], publish: bool = True,
-             is_main: bool = True, batch: dict[str, int] | None = None) -> FinetuneRun:
+             is_main: bool = True, batch: dict[str, int] | None = None,
+             rank: int = 0) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
@@ -181,10 +222,14 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     (``publish=False``: the caller checks more first, then calls
     ``runtime.checkpoint.publish_config``). ``is_main``: this is rank 0, which takes the
     run directory's lock (runtime/run_lock.py: another live job there is refused too).
-    ``batch``: this run's :func:`batch_state`, which the checkpoint's must equal."""
+    ``batch``: this run's :func:`batch_state`, which the checkpoint's must equal.
+    ``rank``: this process's rank, whose own saved state (random state, stream position)
+    is read and checked here too (:func:`own_rank_state`): a missing or damaged file is
+    met by that rank alone, which would otherwise end alone later while the others wait
+    in the engine's first collective until the process group times out."""
     out_dir.mkdir(parents=True, exist_ok=True)
     refusal: CheckpointError | None = None
-    resume_dir, state = None, None
+    resume_dir, state, own = None, None, None
     try:
         if is_main:  # one job at a time in a run directory (runtime/run_lock.py)
             run_lock.acquire(out_dir)
@@ -193,6 +238,9 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
                  if resume_dir is not None else None)
         if state is not None and batch is not None:
             check_batch(state, batch, resume_dir)
+        if state is not None:
+            assert resume_dir is not None
+            own = own_rank_state(resume_dir, state, rank, world_size)
     except CheckpointError as err:
         refusal = err
     try:
@@ -202,7 +250,7 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
         raise
     if publish:
         publish_config(out_dir)
-    return FinetuneRun(out_dir, resume_dir, state)
+    return FinetuneRun(out_dir, resume_dir, state, own)
 
 
 def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpeedSpec,

@@ -70,7 +70,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # may refuse: before compute
     batch = batch_state(batch_size, grad_accum)
     run = open_run(resume, out_dir, model_hash, d.world_size, engine_state,
-                   is_main=d.is_main, batch=batch)
+                   is_main=d.is_main, batch=batch, rank=d.rank)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
         grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),

@@ -49,8 +49,14 @@ from finetune.engine import (
     open_run,
     start_engine,
 )
+from models.checkpoint import CheckpointError
 from runtime import rng
-from runtime.checkpoint import ResumeError, engine_layout, publish_config
+from runtime.checkpoint import (
+    ResumeError,
+    agree_on_refusal,
+    engine_layout,
+    publish_config,
+)
 from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
@@ -180,15 +186,18 @@ def _restore_stream(train_set, run: FinetuneRun, steps_per_epoch: int, d: DistIn
     the re-deal needs (data/redeal.py)."""
     if not isinstance(train_set, StreamingShards) or run.state is None:
         return
-    own = run.own_entry(DATA_KEY, d)
-    if own is not None and own.get("workers") == train_set.loader.workers:
-        states: dict[str, Any] | list[Any] = own
-    else:
-        states = run.rank_states(DATA_KEY)
     try:
+        own = run.own_entry(DATA_KEY, d)
+        if own is not None and own.get("workers") == train_set.loader.workers:
+            states: dict[str, Any] | list[Any] = own
+        else:
+            states = run.rank_states(DATA_KEY)
         train_set.load_state_dict(states, epoch=run.start_step // max(1, steps_per_epoch))
     except ValueError as err:
         raise ResumeError(f"{run.resume_dir}: {err}") from None
+    except (KeyError, TypeError, AttributeError) as err:  # a position not as a save writes
+        raise ResumeError(f"{run.resume_dir}: rank {d.rank}'s saved stream position is not "
+                          f"as a save writes it ({type(err).__name__}: {err})") from None
 
 
 def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float]:
@@ -213,7 +222,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
     batch = batch_state(cfg.run.batch_size, cfg.run.grad_accum)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch)
+                   is_main=d.is_main, batch=batch, rank=d.rank)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)
@@ -221,7 +230,13 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     steps_per_epoch = len(train_set) // (cfg.run.batch_size * cfg.run.grad_accum
                                          * d.world_size)
     refuse_empty_epoch("classification", steps_per_epoch, len(train_set) // d.world_size)
-    _restore_stream(train_set, run, steps_per_epoch, d)
+    # each rank continues its own stream position: one rank's refusal is every rank's
+    refusal: CheckpointError | None = None
+    try:
+        _restore_stream(train_set, run, steps_per_epoch, d)
+    except CheckpointError as err:
+        refusal = err
+    agree_on_refusal(refusal)
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)

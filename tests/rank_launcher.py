@@ -29,8 +29,13 @@ _CTX.set_forkserver_preload(PRELOAD)  # takes effect when the server first start
 
 
 def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str, str],
-               stdout_dir: str | None = None, parent_env: dict[str, str] | None = None
-               ) -> None:
+               stdout_dir: str | None = None, parent_env: dict[str, str] | None = None,
+               stderr_dir: str | None = None) -> None:
+    if stderr_dir is not None:  # at the descriptor: logging, tracebacks, native libraries
+        err = os.open(os.path.join(stderr_dir, f"rank{rank}.err"),
+                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(err, 2)
+        os.close(err)
     # the environment a launched process inherits is its launcher's at launch time: the
     # forkserver's own is the pytest process's when the server started, which may hold a
     # variable a test had set then (e.g. INTERNIMAGE_KILL_AFTER_STEP: every later rank
@@ -60,14 +65,17 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], env: dict[str,
 
 
 def run_ranks(argv: list[str], world: int = 2, env: dict[str, str] | None = None,
-              timeout: float = 180, stdout_dir: str | None = None) -> list[int]:
+              timeout: float = 180, stdout_dir: str | None = None,
+              stderr_dir: str | None = None) -> list[int]:
     """Run `internimage <argv>` on ``world`` ranks; their exit codes, in rank order
     (-9: killed by SIGKILL). Fails the test after ``timeout`` seconds. ``stdout_dir``: each
-    rank's standard output goes to ``rank<r>.out`` there."""
+    rank's standard output goes to ``rank<r>.out`` there; ``stderr_dir``: its standard
+    error to ``rank<r>.err``."""
     env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     port = free_port()
     procs = [_CTX.Process(target=_rank_main, name=f"rank{r}",
-                          args=(r, world, port, list(argv), env, stdout_dir, dict(os.environ)))
+                          args=(r, world, port, list(argv), env, stdout_dir, dict(os.environ),
+                                stderr_dir))
              for r in range(world)]
     for p in procs:
         p.start()

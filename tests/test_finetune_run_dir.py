@@ -26,11 +26,15 @@ CONFIG = "# the run's own config\nrun: {}\n"
 def _existing_run(out: Path, model_hash: str = "h") -> Path:
     """A run directory as a fine-tuning run leaves it: config.yaml, 2000 metrics records,
     a complete checkpoint of step 2000 that ``latest`` names."""
+    from runtime.rng import rng_state
+
     step = out / "checkpoints" / "step_0002000"
     step.mkdir(parents=True)
     (step / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    # the rank's random state, as a save writes it (a resume checks it when it opens)
     (step / "trainer_state.json").write_text(json.dumps(
-        {"step": 2000, "model_hash": model_hash, "world_size": 1, "ranks": [{}]}))
+        {"step": 2000, "model_hash": model_hash, "world_size": 1,
+         "ranks": [{"rng": rng_state()}]}))
     (out / "checkpoints" / "latest").write_text("step_0002000")
     (out / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 2001)))
