@@ -39,9 +39,9 @@ from runtime.checkpoint import (
     save_checkpoint,
     saved_ranks,
 )
-from runtime.dist import DistInfo
+from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
-from runtime.metrics import MetricsLogger
+from runtime.metrics import METRICS_FILE, MetricsLogger
 from runtime.param_groups import apply_group_settings, group_settings
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,30 @@ class FinetuneRun:
             return [None] * saved
         return [r.get(key) for r in load_rank_states(self.resume_dir, self.state)]
 
+    def completed(self, total_steps: int, d: DistInfo) -> dict[str, Any] | None:
+        """None while the run has steps left to train (``total_steps``: its schedule's
+        length); else the result of a resume with nothing to train (its checkpoint at or
+        past the schedule's end): the last evaluation ``metrics.jsonl`` records at the
+        checkpoint's step (what the run returned when it trained that step), with the
+        ``step`` and ``already_complete``, said in the log by rank 0. Collective (rank 0,
+        which writes the file, reads it once; every rank returns the same)."""
+        if self.state is None or self.start_step < total_steps:
+            return None
+        assert self.resume_dir is not None
+        step = self.start_step
+        recorded = broadcast_object(recorded_evaluation(self.out_dir, step)
+                                    if d.is_main else None)
+        if d.is_main:
+            end = (f"step {step} of {total_steps}" if step == total_steps else
+                   f"step {step}, past this config's schedule end at step {total_steps}")
+            found = (f"its last evaluation (metrics.jsonl, step {step}): {recorded}"
+                     if recorded is not None else
+                     f"metrics.jsonl records no evaluation at step {step}")
+            log.info("the run is already complete: its checkpoint %s is at %s; nothing to "
+                     "train or evaluate, the run directory is left as it was; %s",
+                     self.resume_dir, end, found)
+        return {**(recorded or {}), "step": step, "already_complete": True}
+
     def restore_rng(self, d: DistInfo) -> None:
         """This rank's CPU/CUDA random state as the checkpoint saved it (nothing for a
         fresh start): from this rank's file alone, as :func:`open_run` read it. Call it
@@ -159,6 +183,30 @@ class FinetuneRun:
             rng.warn_rng_not_restored(saved, d.world_size)
             return
         rng.set_rng_state(self._own_state(d)["rng"])
+
+
+def recorded_evaluation(out_dir: Path, step: int) -> dict[str, Any] | None:
+    """The metrics of the last evaluation record at ``step`` in ``out_dir``'s
+    ``metrics.jsonl`` (runtime/loop.py logs an evaluation as ``step``, ``epoch`` and the
+    metrics; a training record holds a ``loss``), without the step, epoch and time; None
+    when it holds none. One pass over the file (a resume that trains nothing reads it
+    once, on rank 0)."""
+    path = out_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    found = None
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash mid-write
+                continue
+            if (isinstance(record, dict) and record.get("step") == step
+                    and "loss" not in record):
+                found = record
+    if found is None:
+        return None
+    return {k: v for k, v in found.items() if k not in ("step", "epoch", "time")}
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:

@@ -38,7 +38,7 @@ from finetune.engine import (
     start_engine,
 )
 from finetune.skip_counts import SkipCounts
-from runtime.checkpoint import engine_layout
+from runtime.checkpoint import discard_config, engine_layout, publish_config
 from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
@@ -69,8 +69,13 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     engine_state = engine_layout(zero_stage, "fp32")
     # may refuse: before compute
     batch = batch_state(batch_size, grad_accum)
-    run = open_run(resume, out_dir, model_hash, d.world_size, engine_state,
+    run = open_run(resume, out_dir, model_hash, d.world_size, engine_state, publish=False,
                    is_main=d.is_main, batch=batch, rank=d.rank)
+    done = run.completed(total_steps, d)
+    if done is not None:  # nothing to train: the run's own config.yaml stays
+        discard_config(out_dir)
+        return done
+    publish_config(out_dir)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
         grad_clip=grad_clip, overlap_comm=torch.cuda.is_available(),

@@ -54,6 +54,7 @@ from runtime import rng
 from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
+    discard_config,
     engine_layout,
     publish_config,
 )
@@ -237,6 +238,11 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     except CheckpointError as err:
         refusal = err
     agree_on_refusal(refusal)
+    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
+    done = run.completed(total, d)
+    if done is not None:  # nothing to train: the run's own config.yaml stays
+        discard_config(out_dir)
+        return done
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)
@@ -245,7 +251,6 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     publish_config(out_dir)
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
-    total = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
     ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
         # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers
