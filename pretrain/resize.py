@@ -55,6 +55,18 @@ SUFFIX = "_universal"
 SOURCE = "converted_from.json"
 
 
+def check_resize(state: dict, world_size: int, ckpt_dir: Path, image_branch: bool) -> None:
+    """Refuse a resume of ``ckpt_dir`` (trainer state ``state``) on ``world_size`` ranks
+    that pre-training cannot make: another world size than the checkpoint's with M3I's
+    image branch on (``image_branch``), whose EMA teacher is saved in per-rank slices.
+    Every other resize is made (:func:`resize_load`, the data re-dealt). The one home of
+    the rule: the trainer's start checks it, and `internimage submit` before sbatch."""
+    if image_branch and state["world_size"] != world_size:
+        raise ResumeError(f"{ckpt_dir}: resuming the image branch's EMA teacher on another "
+                          f"world size is not supported (its slices are per rank); resume "
+                          f"with {state['world_size']} ranks")
+
+
 def is_per_rank(ckpt_dir: Path) -> bool:
     """Whether ``ckpt_dir``'s optimizer (ZeRO 1-3) or parameters (ZeRO-3) are split into one
     file per rank: DeepSpeed writes ``*_optim_states.pt`` files only then."""

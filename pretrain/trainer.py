@@ -43,6 +43,7 @@ from pretrain.engine import (
     total_steps,
 )
 from pretrain.objectives import M3ILoss
+from pretrain.resize import check_resize
 from runtime import run_lock
 from runtime.checkpoint import (
     ResumeError,
@@ -209,10 +210,9 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.info.world_size,
                                        int(self.state["step"]) if self.state else 0,
                                        self.samples)
-        if self.resized and cfg.objective.image.enabled:
-            raise ResumeError(f"{self.resume_dir}: resuming the image branch's EMA teacher on "
-                              f"another world size is not supported (its slices are per rank); "
-                              f"resume with {self.state['world_size']} ranks")
+        if self.state is not None:
+            check_resize(self.state, self.info.world_size, self.resume_dir,
+                         cfg.objective.image.enabled)
 
     def _agreed_rank_state(self) -> None:
         """:meth:`_restore_rank_state`, whose refusal every rank raises together: each rank

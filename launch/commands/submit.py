@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from launch.slurm.jobspec import job_spec
 
     profile = _profile(args)
-    spec = job_spec(list(args.job), args.cli_parser)
+    # checked against the job's world size (tasks x nodes): a resume its start would
+    # refuse on that many ranks is refused now, not after its wait in the queue
+    spec = job_spec(list(args.job), args.cli_parser, world_size=profile.world_size)
     if spec.resumes is not None:
         # said before anything is submitted: the same command submitted again continues
         # the run (resuming by hand), and a new run needs a directory of its own (a preset's

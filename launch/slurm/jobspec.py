@@ -210,9 +210,41 @@ def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
         raise ConfigError(str(err)) from None
 
 
-def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
+def _check_world_size(command: str, cfg: Any, resume_dir: Path, world_size: int) -> None:
+    """Refuse, as a ``ConfigError`` with the job's own one-line message, a resume of
+    ``resume_dir`` that the job's start would refuse on ``world_size`` ranks (its tasks x
+    nodes), by the rule the job itself runs: fine-tuning resumes on the saved world size
+    only (``check_compatible``, as ``finetune.engine.open_run`` calls it); pre-training
+    resizes but with M3I's image branch on (``pretrain.resize.check_resize``). A trainer
+    state that cannot be read is left to the job, whose start names what is wrong."""
+    from models import CheckpointError
+    from runtime.checkpoint import check_compatible, load_trainer_state
+
+    try:
+        state = load_trainer_state(resume_dir)
+    except CheckpointError:
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
+        return
+    try:
+        if command == "finetune":
+            if "model_hash" in state:
+                # the model hash is the job's to check (it builds the model): given the
+                # saved one, check_compatible judges the world size alone
+                check_compatible(state, state["model_hash"], world_size, resume_dir)
+        else:
+            from pretrain.resize import check_resize
+
+            check_resize(state, world_size, resume_dir, cfg.objective.image.enabled)
+    except CheckpointError as err:  # the job would stop on it, with this message
+        raise ConfigError(str(err)) from None
+
+
+def job_spec(job: list[str], parser: argparse.ArgumentParser,
+             world_size: int | None = None) -> JobSpec:
     """Check ``job`` (``["pretrain", ...]``, parsed by the `internimage` ``parser``) and pin
-    its run directory and resume policy."""
+    its run directory and resume policy. ``world_size``: the job's number of tasks, against
+    which the checkpoint it will resume is checked (None: not checked)."""
     if not job or job[0] not in JOB_COMMANDS:
         got = job[0] if job else "nothing"
         raise ConfigError(f"submit: the job must be one of {list(JOB_COMMANDS)}, got {got!r}")
@@ -246,6 +278,8 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser) -> JobSpec:
     # --resume stays as given: the job then starts afresh, or refuses to over a run
     resume = "auto" if args.resume is None else args.resume
     resume_dir = _check_resume(args.command, resume, run_dir)
+    if resume_dir is not None and world_size is not None:
+        _check_world_size(args.command, cfg, resume_dir, world_size)
     if args.command == "finetune":  # the job's own start checks (a resumed job's: no init)
         from launch.commands.finetune import checked_start, task_entry
 

@@ -279,13 +279,42 @@ def failure(job: submitit.Job, state: str | None,
     failed = [o for o in outcomes if not o.ok]
     if not failed:
         return None
-    lines = [f"{ending(job.job_id, state)}; {len(failed)} of {len(outcomes)} task(s) "
-             "did not succeed:"]
+    lines = []
+    refused = refusal(job, failed)
+    if refused is not None:  # the job's own reason first, not line ~20 of a traceback
+        lines.append(f"{ending(job.job_id, state)}: {refused}")
+    lines.append(f"{ending(job.job_id, state)}; {len(failed)} of {len(outcomes)} task(s) "
+                 "did not succeed:")
     lines += [f"task {o.task}: {o.detail}" for o in failed]
     # task 0's stderr also holds the batch script's and srun's messages ("tasks 0-1: Killed")
     shown = sorted({0, failed[0].task})
     lines.append(log_tail(job, shown, lines=40 // len(shown)))
     return "\n".join(lines)
+
+
+# What launch.slurm.job.TrainingJob raises when the command exits non-zero, and the status
+# with which `internimage pretrain|finetune` ends on a refusal (or a config error), having
+# printed it in one line to stderr, ``internimage <command>: <why>`` (launch/cli.py,
+# launch/commands/pretrain.py, launch/commands/finetune.py)
+REFUSED_STATUS = "exited with status 2 "
+REFUSAL_LINE = re.compile(r"^internimage (pretrain|finetune): \S.*$")
+
+
+def refusal(job: submitit.Job, failed: list[TaskOutcome]) -> str | None:
+    """The one line with which the job refused (a resume or start it cannot make, a config
+    error: exit status 2), as its first such task printed it last to its stderr log; None
+    when no task refused, or its log holds no such line."""
+    for outcome in failed:
+        if outcome.status != "error" or REFUSED_STATUS not in outcome.detail:
+            continue
+        path = Path(job.task(outcome.task).paths.stderr)
+        if not path.is_file():
+            continue
+        found = [line for line in path.read_text(errors="replace").splitlines()
+                 if REFUSAL_LINE.match(line)]
+        if found:
+            return found[-1]
+    return None
 
 
 def log_tail(job: submitit.Job, tasks: list[int] | None = None, lines: int = 40) -> str:

@@ -1,0 +1,195 @@
+"""`internimage submit` refuses before sbatch the resumes the job would refuse for its world
+size (tasks x nodes), with the job's own one-line message; `submit --wait` shows a job's
+one-line refusal first.
+
+- Pre-training resumes on another world size, but not with M3I's image branch on (its EMA
+  teacher is saved per rank): such a submission is refused, nothing is submitted and the
+  run directory is left as it was; the same resume on the saved world size, and a resize
+  without the image branch, are submitted.
+- Fine-tuning resumes on the saved world size only.
+- A job that refused to start (exit 2, one line on stderr) is reported by `--wait` with
+  that line first, before the tracebacks and the log tail.
+
+No SLURM needed: a fake `sbatch` on PATH tells whether anything was submitted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import build_parser, main
+from tests.pretrain_utils import REPO, TINY, env
+from tests.test_secrets import _fake_slurm
+
+# The image branch on, at the least image size that can mix two views (tests/test_m3i_*)
+IMAGE_BRANCH = ["data.image_size=64", "data.batch_size=8", "objective.image.weight=1.0",
+                "objective.image.decoder_width=32", "objective.image.decoder_heads=2",
+                "objective.image.decoder_depth=1"]
+IMAGE_REFUSAL = ("resuming the image branch's EMA teacher on another world size is not "
+                 "supported (its slices are per rank); resume with 2 ranks")
+
+
+@pytest.fixture
+def no_sbatch(tmp_path, monkeypatch) -> Path:
+    """A fake SLURM on PATH; the file its sbatch writes exists only if it was called."""
+    called = tmp_path / "sbatch_called.txt"
+    _fake_slurm(tmp_path / "bin", called)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    return called
+
+
+def _pretrain_hash(argv: list[str]) -> str:
+    """The model hash `internimage <argv>` (a pretrain command) computes at its start."""
+    from launch.commands.pretrain import load
+    from pretrain.data.decode import TagVocab
+    from pretrain.demo import resolve_builtin
+    from pretrain.engine import model_hash
+
+    args, extra = build_parser().parse_known_args(argv)
+    args.overrides += extra
+    cfg = resolve_builtin(load(args))
+    return model_hash(cfg, len(TagVocab.load(cfg.data.tag_vocab)))
+
+
+def _saved_run(run_dir: Path, world_size: int, model_hash: str) -> Path:
+    """``run_dir`` holding a checkpoint saved by ``world_size`` ranks, as far as a start's
+    resume checks read it (its trainer state: step, world size, model hash)."""
+    step = run_dir / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "world_size": world_size, "model_hash": model_hash}))
+    (run_dir / "checkpoints" / "latest").write_text(step.name)
+    return step
+
+
+def _files(run_dir: Path) -> dict[str, int]:
+    """Every file under ``run_dir`` -> its modification time (ns)."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+            for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _submit(tmp_path: Path, tasks: int, *job: str) -> int:
+    return main(["submit", "--tasks-per-node", str(tasks), "--folder",
+                 str(tmp_path / "logs"), *job])
+
+
+def test_an_image_branch_resume_on_another_world_size_is_refused_before_sbatch(
+        no_sbatch, tmp_path, cache, monkeypatch, capsys):
+    """A 2-rank M3I run with the image branch on, submitted on 1 task: refused in one line
+    (exit 2), the job's own message, with nothing submitted and the run dir untouched."""
+    monkeypatch.setenv("INTERNIMAGE_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    job = ["pretrain", "--output-dir", str(run_dir), *TINY, *IMAGE_BRANCH]
+    step = _saved_run(run_dir, 2, _pretrain_hash(job))
+    before = _files(run_dir)
+
+    assert _submit(tmp_path, 1, *job) == 2
+    err = capsys.readouterr().err
+    assert err == f"internimage submit: config error: {step}: {IMAGE_REFUSAL}\n"
+    assert not no_sbatch.exists() and not (tmp_path / "logs").exists()
+    assert _files(run_dir) == before  # no slurm_jobs.jsonl, no lock, no staged config
+    # --dry-run says the same: the submission it shows could only fail
+    assert main(["submit", "--dry-run", "--tasks-per-node", "1", *job]) == 2
+    assert IMAGE_REFUSAL in capsys.readouterr().err
+
+    # the job's own start on 1 rank refuses with the same message
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *job, "--resume", "auto"],
+                          env=env(cache), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"internimage pretrain: {step}: {IMAGE_REFUSAL}" in proc.stderr.splitlines()
+
+    # on the saved world size it is submitted
+    assert _submit(tmp_path, 2, *job) == 0
+    assert f"the job continues it from {step.name}" in capsys.readouterr().err
+    assert no_sbatch.exists()
+
+
+def test_a_resize_the_job_makes_is_submitted(no_sbatch, tmp_path, capsys):
+    """Pre-training without the image branch resumes on another world size (re-dealt):
+    a 2-rank run submitted on 1 task is submitted."""
+    run_dir = tmp_path / "run"
+    job = ["pretrain", "--output-dir", str(run_dir), *TINY]
+    step = _saved_run(run_dir, 2, "any")  # the job checks the hash; submit leaves it
+    assert _submit(tmp_path, 1, *job) == 0
+    assert f"the job continues it from {step.name}" in capsys.readouterr().err
+    assert no_sbatch.exists()
+
+
+def test_a_finetune_resume_on_another_world_size_is_refused_before_sbatch(
+        no_sbatch, tmp_path, capsys):
+    """Fine-tuning resumes on the saved number of ranks only: refused with the message of
+    the check its start runs (runtime.checkpoint.check_compatible); the saved number is
+    submitted."""
+    from runtime.checkpoint import ResumeError, check_compatible
+
+    run_dir = tmp_path / "ft"
+    job = ["finetune", "classification", "--output-dir", str(run_dir)]
+    step = _saved_run(run_dir, 2, "h")
+    before = _files(run_dir)
+    with pytest.raises(ResumeError) as expected:
+        check_compatible(json.loads((step / "trainer_state.json").read_text()), "h", 1, step)
+
+    assert _submit(tmp_path, 1, *job) == 2
+    err = capsys.readouterr().err
+    assert err == f"internimage submit: config error: {expected.value}\n"
+    assert "was saved by 2 ranks, this run has 1" in err
+    assert not no_sbatch.exists() and _files(run_dir) == before
+
+    assert _submit(tmp_path, 2, *job) == 0
+    assert no_sbatch.exists()
+
+
+def test_a_checkpoint_whose_state_cannot_be_read_is_left_to_the_job(no_sbatch, tmp_path):
+    """No trainer state (or one without a world size): nothing to judge the world size
+    by; the job's start names what is wrong, as before."""
+    run_dir = tmp_path / "run"
+    step = _saved_run(run_dir, 2, "h")
+    (step / "trainer_state.json").unlink()
+    assert _submit(tmp_path, 1, "pretrain", "--output-dir", str(run_dir), *TINY,
+                   *IMAGE_BRANCH) == 0
+
+
+# ------------------------------------------------------------------ the --wait report
+def _failed_job(tmp_path: Path, status: int, stderr: str):
+    """A 2-task SLURM job whose tasks both raised TrainingJob's error for ``status``, each
+    with ``stderr`` in its log (what submitit's task leaves; SLURM is not asked)."""
+    import submitit
+    from submitit.core.utils import cloudpickle_dump
+
+    job = submitit.SlurmJob(folder=tmp_path, job_id="4242", tasks=(0, 1))
+    for task in (0, 1):
+        trace = ("Traceback (most recent call last):\n" + "  File \"x.py\", line 1\n" * 30
+                 + f"RuntimeError: `internimage pretrain --output-dir /r` exited with status "
+                 f"{status} (job 4242, task {task})\n")
+        cloudpickle_dump(("error", trace), job.task(task).paths.result_pickle)
+        Path(job.task(task).paths.stderr).write_text(stderr + trace)
+    return job
+
+
+def test_wait_reports_a_refusal_line_first(tmp_path):
+    from launch.slurm.wait import failure
+
+    line = f"internimage pretrain: /r/checkpoints/step_0000004: {IMAGE_REFUSAL}"
+    log = "2024-01-01 00:00:00 INFO launch.slurm.job: job 4242 task 0/2\n" + line + "\n"
+    why = failure(_failed_job(tmp_path, 2, log), "FAILED")
+    first, rest = why.split("\n", 1)
+    assert first == f"job 4242 ended in state FAILED: {line}"
+    assert rest.startswith("job 4242 ended in state FAILED; 2 of 2 task(s) did not succeed:")
+    assert "task 0: raised an exception:" in rest  # the details stay
+
+
+def test_wait_reports_a_crash_as_before(tmp_path):
+    """Another exit status is no refusal: no line is singled out (even one that looks
+    like a refusal, left in the log by an earlier run)."""
+    from launch.slurm.wait import failure
+
+    log = f"internimage pretrain: /r: {IMAGE_REFUSAL}\n"
+    why = failure(_failed_job(tmp_path, 1, log), "FAILED")
+    assert why.startswith("job 4242 ended in state FAILED; 2 of 2 task(s) did not succeed:")
