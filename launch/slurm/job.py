@@ -14,6 +14,16 @@ bounded ``save_timeout_s`` for that, then hands submitit a copy of itself to req
 plain ``scontrol requeue`` or a SIGTERM/SIGKILL preemption gives no chance to save: the
 requeued job resumes from the last periodic checkpoint.
 
+The handler itself only notes the signal; the main thread acts on it (submitit's handler,
+the save and its wait) in its waiting loop, once. A Python handler runs between two
+bytecodes of the main thread, wherever that thread is: inside a logging call holding its
+handler's lock, say. Waiting there for the training thread to save, which logs through the
+same handler, deadlocked until ``save_timeout_s`` when a second USR2 came during the first
+one's save (SLURM's --signal and a manual one, several ``scancel --signal``): the save was
+recorded as failed, and a training thread stuck before its save lost the steps since the
+last periodic checkpoint. Further stop signals are ignored: the first one's save and
+requeue happen once.
+
 What ``--max-requeues`` limits. As submitit's ``slurm_max_num_timeout`` (to which the
 same number is passed), only time-outs count: a signal is a time-out or a preemption by
 submitit's rule (:func:`~launch.slurm.environment.is_timeout`), recorded with each
@@ -28,6 +38,7 @@ weeks-long run may meet dozens of them.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import signal
@@ -71,6 +82,14 @@ class _Runtime:
     ended: threading.Event = field(default_factory=threading.Event)
     status: int | None = None
     error: BaseException | None = None
+    # Stop signals numbered as they come (0 for the first); next() on it is one C call,
+    # which a signal handler nested in another cannot split (see _watch_signal)
+    signals: itertools.count = field(default_factory=itertools.count)
+    # (signum, frame) of the first stop signal, written by the handler only
+    stop_signal: tuple[int, Any] | None = None
+    ignored: int = 0  # further stop signals, written by the handler only (for a log)
+    # written by the main thread only: whether it has acted on ``stop_signal``
+    stop_taken: bool = False
 
     def failure(self) -> str | None:
         """Why the ended training thread failed (its exception or exit status); None if it
@@ -153,25 +172,27 @@ class TrainingJob(submitit.helpers.Checkpointable):
             record(run_dir, "start", info, requeue=restarts, timeouts=timeouts,
                    argv=self.argv)
         self._forget_previous_result()
-        self._watch_signal()
+        act_on_signal = self._watch_signal()
         argv = resume_argv(self.argv, run_dir) if restarts else self.argv
         if restarts:  # served by its store before, even without a checkpoint yet: a store
             # that does not answer at the start is an outage to wait for (data/preflight.py)
             from data.preflight import REQUEUED_ENV
 
             os.environ[REQUEUED_ENV] = "1"
-        status = self._run_in_thread(argv)
+        status = self._run_in_thread(argv, act_on_signal)
         if status != 0:
             raise RuntimeError(f"`internimage {' '.join(argv)}` exited with status {status} "
                                f"(job {info.job_id}, task {info.rank})")
         return {"job_id": info.job_id, "rank": info.rank, "run_dir": str(run_dir),
                 "requeues": restarts}
 
-    def _run_in_thread(self, argv: list[str]) -> int:
+    def _run_in_thread(self, argv: list[str], act_on_signal: Callable[[], None]) -> int:
         """Run the command in a worker thread; the main thread stays free for signals.
 
-        The outcome stays in the task's runtime state: the signal handler must know whether
-        the run had already ended, and whether the save it asked for raised.
+        The main thread acts on a stop signal its handler noted (``act_on_signal``) between
+        short waits, and once more after the run ended (to say it is ignored). The outcome
+        stays in the task's runtime state: acting on the signal must know whether the run
+        had already ended, and whether the save it asked for raised.
         """
         main = self.entry
         rt = self._rt
@@ -188,16 +209,27 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # daemon: when submitit exits after requeueing, a save that overran its bound
         # must not keep the process alive.
         thread = threading.Thread(target=target, name="internimage-train", daemon=True)
+        act_on_signal()  # a signal before the training started: nothing to wait for
         rt.thread = thread
         thread.start()
         while thread.is_alive():
-            thread.join(timeout=0.5)  # short waits: signal handlers run between them
+            # Short waits: the handler interrupts one and only notes the signal; acting on
+            # it here, outside the handler, it may log, wait and exit (submitit's requeue)
+            thread.join(timeout=0.5)
+            act_on_signal()
+        act_on_signal()  # noted as the run ended: ignored, and said so
         if rt.error is not None:
             raise rt.error
         return rt.status
 
-    def _watch_signal(self) -> None:
-        """Note the time-out/preemption signal on every rank, then let submitit handle it."""
+    def _watch_signal(self) -> Callable[[], None]:
+        """Note the time-out/preemption signal on every rank; the returned function, called
+        by the main thread outside the handler, lets submitit handle the first one.
+
+        The handler takes no lock, logs nothing and waits on nothing: it may run while the
+        main thread holds any lock (logging's, a stream buffer's, the import lock), and
+        while it handles an earlier signal. It numbers the signal and notes the first.
+        """
         assert self._rt is not None
         sig = submitit.JobEnvironment._usr_sig()
         previous = signal.getsignal(sig)
@@ -207,6 +239,16 @@ class TrainingJob(submitit.helpers.Checkpointable):
         def on_signal(signum: int, frame: Any) -> None:
             if os.getpid() != main_pid:
                 return  # a forked data-loader worker: its task's main process handles this
+            if next(rt.signals) == 0:
+                rt.stop_signal = (signum, frame)
+            else:
+                rt.ignored += 1
+
+        def act_on_signal() -> None:
+            if rt.stop_signal is None or rt.stop_taken:
+                return
+            rt.stop_taken = True  # once: the handler never writes it, so this cannot race
+            signum, frame = rt.stop_signal
             name = signal.Signals(signum).name
             if rt.ended.is_set():
                 # The run finished (its last step fell within signal_delay_s of the limit)
@@ -222,6 +264,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 previous(signum, frame)
 
         signal.signal(sig, on_signal)
+        return act_on_signal
 
     def _forget_previous_result(self) -> None:
         """Remove this task's result file left by the job's previous run (before a requeue).
@@ -238,10 +281,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """Save (optionally), then return the requeue of this job with ``--resume auto``.
 
-        Called by submitit inside its USR2 handler, in the main thread of global rank 0
-        only. Returning None makes submitit end the job as failed (no requeue): done when
-        the run had already ended before the signal, and when the job reaches its time
-        limit more often than ``max_requeues`` allows. A preemption is always requeued.
+        Called by submitit's USR2 handler, in the main thread of global rank 0 only, once
+        (that handler is called outside the signal handler: see ``_watch_signal``).
+        Returning None makes submitit end the job as failed (no requeue): done when the run
+        had already ended before the signal, and when the job reaches its time limit more
+        often than ``max_requeues`` allows. A preemption is always requeued.
 
         A save that raises (disk full, a lost rank) or overruns ``save_timeout_s`` is
         recorded (``saved: false``, the error), and the job is still requeued: the next
@@ -263,6 +307,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
             return None
         timed_out = is_timeout(time.monotonic() - rt.started, rt.time_limit_min)
         saved, save_error = self._save_now(rt) if self.save_on_signal else (False, None)
+        if rt.ignored:
+            log.warning("ignored %d further %s signal(s) while handling the first: its "
+                        "save and requeue happen once", rt.ignored,
+                        signal.Signals(submitit.JobEnvironment._usr_sig()).name)
         extra: dict[str, Any] = {"timed_out": timed_out, "saved": saved}
         if save_error is not None:
             extra["save_error"] = save_error

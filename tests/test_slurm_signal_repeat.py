@@ -1,0 +1,147 @@
+"""Several stop signals at once (SLURM's --signal and a manual `scancel --signal=USR2`, a
+preemption and an impatient user): `TrainingJob` saves and requeues once, and a signal that
+lands while the main thread holds the logging lock does not deadlock the save.
+
+As in tests/test_slurm_requeue.py (whose fixture and segments these use), this process plays
+rank 0 of a SLURM job, with a stand-in for submitit's USR2 handler that calls
+``job.checkpoint()``. The signals go to the main thread itself (``signal.pthread_kill``):
+sent to the process, another thread may take one, and a main thread blocked in a wait
+would run the Python handler only when that wait ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from launch.slurm.job import TrainingJob
+from runtime import preemption
+from tests import test_slurm_requeue
+
+USR2 = signal.SIGUSR2
+task = test_slurm_requeue.task  # the fixture: this process as task 0 of SLURM job 77
+requeued = test_slurm_requeue.requeued
+JOB_LOG = "launch.slurm.job"
+
+
+def to_main_thread() -> None:
+    """Send USR2 to the main thread (its Python handler runs there, at once)."""
+    signal.pthread_kill(threading.main_thread().ident, USR2)
+
+
+def count_submitit_calls(job: TrainingJob, answers: list, calls: list[int]) -> None:
+    """Replace the segment's stand-in for submitit's handler by one that also notes each
+    call as it starts (the stand-in notes its answer only once checkpoint() returns)."""
+    def handler(signum, frame):
+        calls.append(signum)
+        answers.append(job.checkpoint())
+
+    signal.signal(USR2, handler)
+
+
+def handled_or_not(job: TrainingJob, calls: list[int], seen: int) -> None:
+    """Wait until the main thread has run the handler for ``seen`` signals in all: each
+    either reached submitit's handler or was ignored (the job's count of those). The
+    handler runs at once; a second's grace."""
+    deadline = time.monotonic() + 1
+    while (len(calls) + getattr(job._rt, "ignored", 0) < seen
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+
+
+def saves(task) -> list[tuple]:
+    return [(r["event"], r.get("saved"), r.get("save_error")) for r in task.records()
+            if r["event"] != "start"]
+
+
+def test_signals_during_the_save_are_ignored_one_save_one_requeue(task, caplog):
+    """Two more USR2 while the first one's save is waited for: submitit's handler runs
+    once, the save is recorded once as made, one requeue, and the repeats are logged once.
+
+    Before, each repeat ran submitit's handler again, nested in the first one's wait:
+    requeue requests for one stop, one per signal."""
+    calls: list[int] = []
+
+    def make(job: TrainingJob) -> Callable[[list[str]], int]:
+        def entry(argv: list[str]) -> int:
+            to_main_thread()
+            assert preemption.STOP_REQUESTED.wait(10), "no stop request after the signal"
+            # the first signal's save is being waited for: two more come, one at a time
+            # (two pending at once would be one)
+            for seen in (2, 3):
+                to_main_thread()
+                handled_or_not(job, calls, seen)
+            return 0  # where the loop saves, then returns
+        return entry
+
+    job, answers = task.run(0, make, max_requeues=3)
+    count_submitit_calls(job, answers, calls)
+    with caplog.at_level(logging.WARNING, logger=JOB_LOG):
+        job()
+    assert calls == [USR2]
+    assert requeued(answers)
+    assert saves(task) == [("requeue_requested", True, None)]
+    repeats = [r.getMessage() for r in caplog.records if "further" in r.getMessage()]
+    assert repeats == ["ignored 2 further SIGUSR2 signal(s) while handling the first: its "
+                       "save and requeue happen once"]
+
+
+class SignalWhileLogging(logging.Handler):
+    """A log handler that sends the main thread a second USR2 while that thread is inside
+    ``emit`` for the first signal, so holding this handler's lock: as a repeat that lands
+    in a logging call of the main thread. ``signal.pthread_kill`` runs the Python handler
+    before it returns, still under the lock."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.sent = False
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if (not self.sent and threading.current_thread() is threading.main_thread()
+                and "got SIGUSR2" in record.getMessage()):
+            self.sent = True
+            to_main_thread()
+
+
+@pytest.fixture
+def signal_while_logging():
+    logger = logging.getLogger(JOB_LOG)
+    handler, level = SignalWhileLogging(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_signal_inside_a_logging_call_does_not_deadlock_the_save(task, signal_while_logging):
+    """QA's stall: a repeat USR2 interrupts the main thread inside a logging call, holding
+    the handler's lock; the training thread logs through the same handler on its way to
+    the save. The save is made and recorded as made, well within save_timeout_s.
+
+    Before, the nested handler waited for the training thread there, which waited for
+    that lock: stuck for all of save_timeout_s, recorded ``saved: false``."""
+    def make(job: TrainingJob) -> Callable[[list[str]], int]:
+        def entry(argv: list[str]) -> int:
+            to_main_thread()
+            assert preemption.STOP_REQUESTED.wait(10), "no stop request after the signal"
+            logging.getLogger(JOB_LOG).info("training thread: saving at the step boundary")
+            return 0
+        return entry
+
+    job, answers = task.run(0, make, max_requeues=3, save_timeout_s=3)
+    started = time.monotonic()
+    job()
+    took = time.monotonic() - started
+    assert signal_while_logging.sent, "the second signal was not sent"
+    assert saves(task) == [("requeue_requested", True, None)]
+    assert requeued(answers)
+    assert took < 2, f"the job took {took:.1f}s: stuck on the logging lock?"
+    assert "training thread: saving at the step boundary" in signal_while_logging.messages
