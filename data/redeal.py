@@ -398,10 +398,13 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
                         "pass %d: the new ranks finish pass %d, then deal pass %d afresh, so "
                         "what those ranks read of it is read (and its losses counted) again",
                         out.ahead, out.epoch + 1, out.epoch, out.epoch, out.epoch + 1)
+        # what those blocks counted, named only when there is any (it printed "[]")
+        counts = ", ".join(f"{source} {reason}: {n}" for source, reason, n in out.recounted)
+        withdrawn = (f"; what they counted there ({counts}) is taken out of the totals, to "
+                     "be counted again" if counts else "")
         log.warning("data: %d samples repeated across the change (handed out from the old "
-                    "workers' current shuffle blocks, which are read again; their skips, "
-                    "unread bytes and tag counts %s are taken out of the totals, to be "
-                    "counted again)", out.repeated, out.recounted)
+                    "workers' current shuffle blocks, which are read again%s)", out.repeated,
+                    withdrawn)
     positions = {w: out.positions[rank * workers + w] for w in range(workers)}
     stats: dict[str, Any] = {}
     if rank == 0:

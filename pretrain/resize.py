@@ -24,7 +24,9 @@ parameter, and its buffers (BatchNorm statistics) are copied from rank 0's model
 
 The conversion runs once, on rank 0, into the resuming run's own
 ``checkpoints/<tag>_universal`` (never into another run's folder; written under a
-temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete),
+temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete;
+what it leaves, hidden, is deleted by the run's next start or save:
+``runtime.checkpoint.clear_leftovers`` and ``prune``),
 with the identity of the checkpoint it was made from (:func:`source_identity`); a later
 resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
 tag (a rewound run re-saving that step) converts again. ``runtime.checkpoint.prune``
@@ -45,7 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.checkpoint import TRAINER_STATE, ResumeError
+from runtime.checkpoint import (
+    TRAINER_STATE,
+    ResumeError,
+    derived_aside,
+    derived_staging,
+    ranks_text,
+)
 from runtime.dist import barrier
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,7 @@ def check_resize(state: dict, world_size: int, ckpt_dir: Path, image_branch: boo
     if image_branch and state["world_size"] != world_size:
         raise ResumeError(f"{ckpt_dir}: resuming the image branch's EMA teacher on another "
                           f"world size is not supported (its slices are per rank); resume "
-                          f"with {state['world_size']} ranks")
+                          f"with {ranks_text(state['world_size'])}")
 
 
 def is_per_rank(ckpt_dir: Path) -> bool:
@@ -110,7 +118,7 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
             return out
         log.warning("%s was not converted from the current %s (saved again since, or made by "
                     "an older version): converting again", out.name, ckpt_dir.name)
-    tmp = into / f".{ckpt_dir.name}{SUFFIX}.tmp"
+    tmp = into / derived_staging(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     # its default worker counts: --num_extract_workers 1 with the default merge workers
@@ -127,7 +135,7 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
         raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
                           f"({proc.returncode}): {last}")
     (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity}))
-    aside = out.with_name(f".{out.name}.stale")
+    aside = into / derived_aside(out.name)
     if out.exists():  # a stale conversion: set aside, then gone once the new one is in place
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(out, aside)

@@ -49,6 +49,8 @@ from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
     check_compatible,
+    clear_leftovers,
+    discard_config,
     engine_layout,
     load_rank_state,
     load_rank_states,
@@ -66,7 +68,7 @@ from runtime.dist import (
     init_distributed,
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
-from runtime.metrics import MetricsLogger
+from runtime.metrics import METRICS_FILE, MetricsLogger
 from runtime.param_groups import apply_group_settings, group_settings
 from runtime.redact import config_hash
 from runtime.rng import rng_state, set_rng_state
@@ -142,6 +144,10 @@ class Trainer:
         except CheckpointError as err:
             refusal = err
         agree_on_refusal(refusal)
+        # a resume of a run already at its end: nothing is built, read or written
+        self.completed = self._completed()
+        if self.completed is not None:
+            return
         # a store that serves no shard of a source ends the run here, before the shard
         # lists are read and the model is built, rather than the streams waiting for it
         # for ever (data/preflight.py); on a fresh start the zero-shot set too, when
@@ -187,6 +193,9 @@ class Trainer:
         live job holds the run directory (rank 0 takes its lock: runtime/run_lock.py)."""
         if self.info.is_main:
             run_lock.acquire(self.run_dir)
+            # the run is this job's now: what a killed job left (a deletion or a resize's
+            # conversion cut short) goes, also when this start saves nothing
+            clear_leftovers(self.ckpt_root)
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
         refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
         self.state: dict[str, Any] | None = None
@@ -213,6 +222,29 @@ class Trainer:
         if self.state is not None:
             check_resize(self.state, self.info.world_size, self.resume_dir,
                          cfg.objective.image.enabled)
+
+    def _completed(self) -> dict[str, Any] | None:
+        """None while the run has steps left; else (its checkpoint at or past the run's
+        last step) what :meth:`fit` returns without training: the records
+        ``metrics.jsonl`` holds at the checkpoint's step (its last training and zero-shot
+        values: what the run returned when it ended; rank 0 reads them), with ``step``
+        and ``already_complete``. Rank 0 says so in the log and drops the staged config
+        (the run's own config.yaml stays). Every rank decides alike (the same saved step)."""
+        if self.state is None or int(self.state["step"]) < self.total_steps:
+            return None
+        step = int(self.state["step"])
+        if not self.info.is_main:
+            return {"step": step, "already_complete": True}
+        discard_config(self.run_dir)
+        recorded = recorded_metrics(self.run_dir, step)
+        end = (f"step {step} of {self.total_steps}" if step == self.total_steps else
+               f"step {step}, past this config's end at step {self.total_steps}")
+        found = (f"its last values (metrics.jsonl, step {step}): {recorded}" if recorded
+                 else f"metrics.jsonl records nothing at step {step}")
+        log.info("the run is already complete: its checkpoint %s is at %s; nothing to "
+                 "train, its checkpoints, metrics and config are left as they were; %s",
+                 self.resume_dir, end, found)
+        return {**recorded, "step": step, "already_complete": True}
 
     def _agreed_rank_state(self) -> None:
         """:meth:`_restore_rank_state`, whose refusal every rank raises together: each rank
@@ -479,6 +511,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or stop on a non-finite loss); return the final metrics."""
+        if self.completed is not None:  # nothing to train (a resume of a finished run)
+            return self.completed
         cfg = self.cfg
         metrics = MetricsLogger(self.run_dir, self.info.is_main, self.total_steps, self.step,
                                 tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
@@ -502,6 +536,25 @@ class Trainer:
         result = run_loop(spec, hooks, LoopPosition(self.step), metrics=metrics, d=self.info)
         stopped = {"stopped_early": True} if result.get("stopped_early") else {}
         return {"step": self.step, **self._last, **stopped}
+
+
+def recorded_metrics(run_dir: Path, step: int) -> dict[str, Any]:
+    """The values ``run_dir``'s ``metrics.jsonl`` records at ``step`` (its training and
+    zero-shot records merged, a later record's value winning), without the step and time;
+    {} when none. One pass over the file."""
+    path = run_dir / METRICS_FILE
+    found: dict[str, Any] = {}
+    if not path.is_file():
+        return found
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash mid-write
+                continue
+            if isinstance(record, dict) and record.get("step") == step:
+                found |= {k: v for k, v in record.items() if k not in ("step", "time")}
+    return found
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:

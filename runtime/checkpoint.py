@@ -36,7 +36,8 @@ Deletion is off the critical path: rank 0 renames each folder that goes
 deletes it. Such a name is never a checkpoint: it does not match ``step_*``, so no
 listing, resolver or ``latest`` sees it, and it contains ``.tmp-``, so a path given by hand
 is refused as a staging folder. A deletion cut short (a crash, a kill) leaves such a
-folder, never a half-deleted ``step_*`` one that looks complete; the next prune finishes it.
+folder, never a half-deleted ``step_*`` one that looks complete; the next prune, or the
+next start of the run (:func:`clear_leftovers`: a run that never saves again), finishes it.
 
 What a save costs. Every rank: writing its DeepSpeed files and its rank file, one
 broadcast of rank 0's 8-character staging token (each rank receives one string; it was an
@@ -73,6 +74,7 @@ from typing import Any
 
 from models.checkpoint import CheckpointError
 from runtime.checkpoint_path import (
+    RESUMABLE,
     STAGING,
     CheckpointPathError,
     is_staging,
@@ -116,6 +118,11 @@ def agree_on_refusal(refusal: CheckpointError | None) -> None:
     if failed:
         rank, message = failed[0]
         raise ResumeError(f"rank {rank} of {len(outcomes)} refused the resume: {message}")
+
+
+def ranks_text(n: int) -> str:
+    """``n`` ranks in words: "1 rank", "2 ranks" (a message said "resume with 1 ranks")."""
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def tag_for(step: int) -> str:
@@ -184,7 +191,7 @@ def load_rank_state(ckpt_dir: Path, state: dict[str, Any], rank: int) -> dict[st
     path = rank_state_path(ckpt_dir, rank)
     if not path.is_file():
         raise ResumeError(f"{ckpt_dir} is not a complete checkpoint: {path.relative_to(ckpt_dir)}"
-                          f" missing (saved by {saved_ranks(state)} ranks)")
+                          f" missing (saved by {ranks_text(saved_ranks(state))})")
     return _read_json(path, ckpt_dir)
 
 
@@ -339,6 +346,69 @@ def is_garbage(name: str) -> bool:
     return name.startswith(DELETING)
 
 
+def derived_staging(name: str) -> str:
+    """The hidden name a folder derived from a checkpoint (``name``: ``step_*<suffix>``,
+    e.g. a resize's universal form, pretrain/resize.py) is written under before it is
+    renamed to ``name``: a crash mid-write leaves nothing that looks complete."""
+    return f".{name}.tmp"
+
+
+def derived_aside(name: str) -> str:
+    """The hidden name an outdated derived folder ``name`` is set aside under while its
+    replacement is renamed into place."""
+    return f".{name}.stale"
+
+
+# what derived_staging and derived_aside name: left behind only when the writer died
+_DERIVED_LEFTOVER = re.compile(r"\.step_\d+.+\.(tmp|stale)")
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Folders of ``root`` an earlier process left behind and nothing else removes:
+    garbage whose deletion was cut short (:func:`is_garbage`) and the hidden folders of a
+    derived folder's write that was cut short (:func:`derived_staging`,
+    :func:`derived_aside`; a universal form of InternImage-H: ~13 GB)."""
+    return [p for p in root.glob("*") if (is_garbage(p.name)
+            or _DERIVED_LEFTOVER.fullmatch(p.name)) and p.is_dir()]
+
+
+def _set_aside(root: Path, folders: list[Path]) -> list[Path]:
+    """Rename each of ``folders`` (in ``root``) to a garbage name; returns the new paths.
+    One that cannot be renamed is left, with a warning: the next prune tries again."""
+    garbage = []
+    for p in folders:
+        aside = root / _garbage_name(p.name)
+        try:
+            os.replace(p, aside)  # atomic: never a half-deleted folder under its own name
+        except OSError as err:  # rank 0 raising here would leave every rank at the barrier
+            log.warning("could not set %s aside for deletion (%s); the next prune tries "
+                        "again", p, err)
+            continue
+        garbage.append(aside)
+    return garbage
+
+
+def clear_leftovers(root: Path) -> list[Path]:
+    """Rank 0 of the job that holds the run directory's lock (runtime/run_lock.py), at its
+    start, before it writes anything into ``root``: queue for the deletion thread what an
+    earlier job of the run left behind (:func:`_leftovers`). A run that never saves again
+    (a resume of a finished run) would otherwise keep them for ever, as only a save's
+    :func:`prune` deleted garbage. Safe: the lock means no other live job writes in the
+    run directory, and this job's own derived folders are written later (a resize's
+    conversion, in its restore). Renames derived leftovers to garbage names first, as
+    :func:`prune` does; returns the garbage queued."""
+    if not root.is_dir():
+        return []
+    found = _leftovers(root)
+    garbage = [p for p in found if is_garbage(p.name)]
+    garbage += _set_aside(root, [p for p in found if not is_garbage(p.name)])
+    if garbage:
+        log.warning("deleting %d folder(s) an earlier job left in %s: %s", len(garbage), root,
+                    ", ".join(p.name for p in garbage))
+    _DELETER.add(garbage)
+    return garbage
+
+
 class _Deleter:
     """Deletes folders already renamed to garbage names, one after another, in one
     thread that exists only while it has work: a new batch of folders is queued behind
@@ -459,17 +529,12 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
             gone = step != head
         if gone:
             doomed.append(p)
-    garbage = [p for p in root.glob(f"{DELETING}*") if p.is_dir()]
-    for p in doomed:
-        aside = root / _garbage_name(p.name)
-        try:
-            os.replace(p, aside)  # atomic: never a half-deleted folder under its own name
-        except OSError as err:  # rank 0 raising here would leave every rank at the barrier
-            log.warning("could not set %s aside for deletion (%s); the next prune tries "
-                        "again", p, err)
-            continue
-        garbage.append(aside)
-    _DELETER.add(garbage)
+    # a derived folder's hidden leftovers go too: rank 0 prunes only in a save, never
+    # during a conversion of its own (pretrain/resize.py converts before the first step)
+    found = _leftovers(root)
+    garbage = [p for p in found if is_garbage(p.name)]
+    doomed += [p for p in found if not is_garbage(p.name)]
+    _DELETER.add(garbage + _set_aside(root, doomed))
     if wait:
         wait_for_deletions()
 
@@ -494,13 +559,14 @@ def resolve_resume(resume: str | None, root: Path, warn: bool = True) -> Path | 
         tag = read_latest(root)
         return root / tag if tag else None
     try:
-        source = resolve_checkpoint(resume)
+        source = resolve_checkpoint(resume, accepted=RESUMABLE)
     except CheckpointPathError as err:
         raise ResumeError(f"--resume {err}") from None
     if not source.is_zero:
         raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
                           "or data state; resume from a training checkpoint (a run directory, "
-                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)")
+                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory); "
+                          "fine-tuning starts from weights with --init")
     staging = _interrupted_swap(source.path.parent)
     if staging is not None and staging.split(STAGING)[0] == source.path.name:
         raise ResumeError(
@@ -584,11 +650,12 @@ def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
             f"{ckpt_dir} was saved for a different model/text-tower config (hash "
             f"{state['model_hash']} vs {model_hash}); resume with the run's own config.yaml")
     if state["world_size"] != world_size and not allow_resize:
+        saved = ranks_text(state["world_size"])
         raise ResumeError(
-            f"{ckpt_dir} was saved by {state['world_size']} ranks, this run has {world_size}: "
-            f"changing the world size on resume is not supported (ZeRO partitions and each "
-            f"rank's data position are per rank); resume with {state['world_size']} ranks, "
-            f"or convert the checkpoint (internimage convert) and start a new run from it")
+            f"{ckpt_dir} was saved by {saved}, this run has {world_size}: changing the world "
+            f"size on resume is not supported (ZeRO partitions and each rank's data position "
+            f"are per rank); resume with {saved}, or convert the checkpoint (internimage "
+            f"convert) and start a new run from it")
 
 
 def refuse_fresh_start(resume: str | None, root: Path, run_dir: Path) -> None:

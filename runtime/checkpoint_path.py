@@ -33,6 +33,10 @@ MODEL_STATES_SUFFIX = "_model_states.pt"  # every DeepSpeed tag directory holds 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "
             "directory, a released .pth (or .pt/.bin) or a .safetensors file")
+# what --resume accepts: a weights file resolves, but holds no optimizer or data state
+RESUMABLE = ("a run directory, its checkpoints/ directory, checkpoints/latest or a step_* "
+             "directory (a released .pth or .safetensors file holds weights only: "
+             "fine-tuning starts from one with --init)")
 
 
 class CheckpointPathError(CheckpointError):
@@ -72,22 +76,23 @@ def latest_tag(directory: Path, tag: str) -> str:
     return tag
 
 
-def _fail(given: str | Path, why: str) -> CheckpointPathError:
-    return CheckpointPathError(f"{given}: {why}; give {ACCEPTED}")
+def _fail(given: str | Path, why: str, accepted: str = ACCEPTED) -> CheckpointPathError:
+    return CheckpointPathError(f"{given}: {why}; give {accepted}")
 
 
 def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(p.name.endswith(MODEL_STATES_SUFFIX) for p in path.iterdir())
 
 
-def _follow_latest(latest: Path, given: str) -> Path:
+def _follow_latest(latest: Path, given: str, accepted: str) -> Path:
     """The tag directory a ``latest`` file names (relative to the file's directory)."""
     try:
         tag = latest.read_text().strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise _fail(given, f"cannot read {latest} ({err})") from None
+        raise _fail(given, f"cannot read {latest} ({err})", accepted) from None
     if not tag or "\n" in tag or "/" in tag:
-        raise _fail(given, f"{latest} does not hold a checkpoint tag (got {tag[:40]!r})")
+        raise _fail(given, f"{latest} does not hold a checkpoint tag (got {tag[:40]!r})",
+                    accepted)
     tag = latest_tag(latest.parent, tag)
     step = latest.parent / tag
     where = "" if Path(given).expanduser() == latest else f"{given}: "
@@ -100,7 +105,7 @@ def _follow_latest(latest: Path, given: str) -> Path:
     return step
 
 
-def _resolve_dir(path: Path, given: str) -> Path:
+def _resolve_dir(path: Path, given: str, accepted: str) -> Path:
     if is_staging(path.name):
         raise CheckpointPathError(
             f"{given}: a staging folder (a save in progress, or one that died before it was "
@@ -109,7 +114,7 @@ def _resolve_dir(path: Path, given: str) -> Path:
         return path
     for root in (path, path / CHECKPOINTS_DIR):  # a checkpoints dir, or a run dir above it
         if (root / LATEST).is_file():
-            return _follow_latest(root / LATEST, given)
+            return _follow_latest(root / LATEST, given, accepted)
     for root in (path, path / CHECKPOINTS_DIR):
         steps = sorted(p.name for p in root.glob("step_*")
                        if p.is_dir() and not is_staging(p.name)) if root.is_dir() else []
@@ -119,27 +124,29 @@ def _resolve_dir(path: Path, given: str) -> Path:
                 f"'{LATEST}' file (written only once a checkpoint is complete); give a step_* "
                 "directory to use one anyway")
     raise _fail(given, "a directory without a checkpoint (no 'latest' file, no step_* "
-                       f"directory, no *{MODEL_STATES_SUFFIX} file)")
+                       f"directory, no *{MODEL_STATES_SUFFIX} file)", accepted)
 
 
-def resolve_checkpoint(path: str | Path) -> CheckpointSource:
+def resolve_checkpoint(path: str | Path, accepted: str = ACCEPTED) -> CheckpointSource:
     """Map any accepted checkpoint path to the ZeRO tag directory or weights file to read.
 
     Accepted: a run directory (``RUN``), ``RUN/checkpoints``, ``RUN/checkpoints/latest``, a
     ``step_*`` tag directory (or a ``*_model_states.pt`` file inside one), a released
     ``.pth``/``.pt``/``.bin`` or a ``.safetensors`` file. Anything else raises
-    :class:`CheckpointPathError` with one line naming what is accepted.
+    :class:`CheckpointPathError` with one line naming what is accepted: ``accepted``, the
+    caller's wording of it (:data:`RESUMABLE` for ``--resume``, which refuses a weights
+    file: suggesting one there led to a second refusal).
     """
     given = str(path)
     path = Path(path).expanduser()
     if not path.exists():
-        raise _fail(given, "not found")
+        raise _fail(given, "not found", accepted)
     if path.is_dir():
-        return CheckpointSource("zero", _resolve_dir(path, given), given)
+        return CheckpointSource("zero", _resolve_dir(path, given, accepted), given)
     if path.name == LATEST:
-        return CheckpointSource("zero", _follow_latest(path, given), given)
+        return CheckpointSource("zero", _follow_latest(path, given, accepted), given)
     if path.name.endswith(MODEL_STATES_SUFFIX):  # a file inside a tag directory
-        return CheckpointSource("zero", _resolve_dir(path.parent, given), given)
+        return CheckpointSource("zero", _resolve_dir(path.parent, given, accepted), given)
     if path.suffix in WEIGHT_SUFFIXES:
         return CheckpointSource("weights", path, given)
-    raise _fail(given, f"not a checkpoint file (suffix {path.suffix or 'none'!r})")
+    raise _fail(given, f"not a checkpoint file (suffix {path.suffix or 'none'!r})", accepted)

@@ -1,0 +1,146 @@
+"""What a killed job leaves in a run's ``checkpoints/`` is deleted (runtime/checkpoint.py):
+the hidden folders of a resize's conversion cut short (``.step_N_universal.tmp``, and
+``.stale`` when it was replacing an older one: ~13 GB for InternImage-H), which nothing
+removed, and ``deleting.tmp-*`` garbage, which only a save's prune removed (a resume of
+a finished run never saves). Rank 0 of the job holding the run's lock deletes them at its
+start (:func:`clear_leftovers`) and at each save (:func:`prune`). Also: a pre-training
+``--resume auto`` of a run at its last step says it is complete and builds nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import runtime.checkpoint as ck
+
+
+@pytest.fixture(autouse=True)
+def _deletions_done():
+    """No test leaves the deletion thread running (a non-daemon thread)."""
+    yield
+    assert ck.wait_for_deletions(timeout=60)
+
+
+def _checkpoint(root: Path, step: int) -> Path:
+    d = root / ck.tag_for(step)
+    d.mkdir(parents=True)
+    (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
+    (d / ck.TRAINER_STATE).write_text(json.dumps({"step": step}))
+    return d
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "shard.pt").write_text("13 GB")
+    return path
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _interrupted_conversion(root: Path, ckpt: Path, monkeypatch) -> None:
+    """pretrain/resize.py's conversion of ``ckpt`` into ``root``, killed while
+    ``ds_to_universal`` writes (the QA repro: SIGTERM once the hidden folder appears)."""
+    import pretrain.resize as resize
+
+    def killed(cmd, **kw):
+        (Path(cmd[cmd.index("--output_folder") + 1]) / "zero").mkdir(parents=True)
+        raise KeyboardInterrupt  # the process dies here: no clean-up of its own runs
+
+    monkeypatch.setattr(resize.subprocess, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resize.convert_to_universal(ckpt, into=root)
+
+
+def test_prune_deletes_a_conversion_cut_short_and_keeps_latests_universal_form(
+        tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    _checkpoint(root, 20)
+    ckpt = _checkpoint(root, 30)
+    (root / ck.LATEST).write_text("step_0000030")
+    _interrupted_conversion(root, ckpt, monkeypatch)
+    assert ".step_0000030_universal.tmp" in _names(root)
+    # a conversion that was replacing an older universal form, killed between its renames
+    _folder(root / ".step_0000030_universal.stale")
+    _folder(root / "step_0000030_universal")  # latest's: what a resize resume loads
+    ck.prune(root, keep_last=2)
+    assert _names(root) == ["latest", "step_0000020", "step_0000030",
+                            "step_0000030_universal"]
+
+
+def test_a_start_deletes_what_killed_jobs_left_and_nothing_else(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    ckpt = _checkpoint(root, 30)
+    (root / ck.LATEST).write_text("step_0000030")
+    _interrupted_conversion(root, ckpt, monkeypatch)
+    _folder(root / ".step_0000030_universal.stale")
+    _folder(root / "step_0000030_universal")  # kept: a resize resume may load it
+    _folder(root / f"{ck.DELETING}0badc0de-step_0000010")  # a deletion cut short
+    (root / ".latest.tmp").write_text("step_0000030")  # a file, not a derived folder
+    staging = _folder(root / "step_0000040.tmp-12345678")  # a save's: prune's decision
+    queued = ck.clear_leftovers(root)
+    assert len(queued) == 3 and all(ck.is_garbage(p.name) for p in queued)
+    assert ck.wait_for_deletions(timeout=60)
+    assert _names(root) == [".latest.tmp", "latest", "step_0000030", "step_0000030_universal",
+                            staging.name]
+    assert ck.clear_leftovers(tmp_path / "nothing") == []  # a fresh run: no checkpoints/
+
+
+def test_resume_of_a_run_with_no_checkpoint_suggests_training_checkpoints_only(tmp_path):
+    """`--resume DIR` with no checkpoint suggested a .pth or .safetensors file, which
+    --resume then refused (a weights file holds no optimizer state): it names what
+    --resume takes, and --init for weights. `convert` and --init keep their wording."""
+    from runtime.checkpoint_path import ACCEPTED, CheckpointPathError, resolve_checkpoint
+
+    with pytest.raises(ck.ResumeError) as err:
+        ck.resolve_resume(str(tmp_path), tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"--resume {tmp_path}: a directory without a checkpoint")
+    assert "step_* directory" in message and "--init" in message
+    assert "a released .pth (or .pt/.bin) or a .safetensors file" not in message
+    weights = tmp_path / "backbone.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ck.ResumeError, match="--init"):
+        ck.resolve_resume(str(weights), tmp_path)
+    with pytest.raises(CheckpointPathError) as err:
+        resolve_checkpoint(tmp_path)
+    assert str(err.value).endswith(ACCEPTED)
+
+
+def _contents(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_pretrain_resume_of_a_finished_run_says_so_and_deletes_leftovers(cache, tmp_path):
+    """`pretrain --resume auto` of a run at its last step used to build the engine, load
+    the checkpoint, say "resumed ... at step 2" and print {"step": 2}; now it says the run
+    is complete (naming its checkpoint), prints the run's last values, writes nothing
+    (config.yaml, deepspeed_config.json, metrics.jsonl as they were), and deletes what a
+    killed job left (garbage, a conversion cut short) although it never saves."""
+    from pretrain_utils import pretrain_cmd, run
+
+    out = tmp_path / "run"
+    args = ["run.max_steps=2", "run.checkpoint_every=2"]
+    run(pretrain_cmd(1, out, *args), cache)
+    root = out / "checkpoints"
+    leftovers = [_folder(root / f"{ck.DELETING}0badc0de-step_0000001"),
+                 _folder(root / ".step_0000002_universal.tmp")]
+    before = {k: v for k, v in _contents(out).items() if not k.startswith("checkpoints/")}
+    proc = run(pretrain_cmd(1, out, *args, "--resume", "auto"), cache)
+    assert f"the run is already complete: its checkpoint {root / 'step_0000002'} is at " \
+           "step 2 of 2" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from" not in proc.stderr
+    final = json.loads(proc.stdout.strip().splitlines()[-1])["final"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = {k: v for r in rows if r["step"] == 2 for k, v in r.items() if k != "step"}
+    assert final == {**trained, "step": 2, "already_complete": True}
+    assert {k: v for k, v in _contents(out).items()
+            if not k.startswith("checkpoints/")} == before
+    assert not any(p.exists() for p in leftovers)
+    assert _names(root) == ["latest", "step_0000002", "zero_to_fp32.py", "zero_to_torch.py"]
