@@ -29,6 +29,7 @@ from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
     checked_state,
+    clear_leftovers,
     load_rank_state,
     load_rank_states,
     publish_config,
@@ -281,6 +282,9 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     try:
         if is_main:  # one job at a time in a run directory (runtime/run_lock.py)
             run_lock.acquire(out_dir)
+            # the run is this job's now: what a killed job left (a deletion or a conversion
+            # cut short) goes, also when this start saves nothing (a finished run's resume)
+            clear_leftovers(out_dir / "checkpoints")
         resume_dir = resume_checkpoint(resume, out_dir)
         state = (checked_state(resume_dir, model_hash, world_size, engine)
                  if resume_dir is not None else None)

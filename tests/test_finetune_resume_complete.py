@@ -54,9 +54,21 @@ def test_resume_auto_of_a_finished_run_says_so_and_prints_its_last_evaluation(
     assert trained == {k: round(v, 4) for k, v in logged.items()
                        if k not in ("time", "step", "epoch")}
     before = _contents(out)
+    # what a killed earlier job left: a deletion and a resize's conversion cut short
+    # (runtime.checkpoint.clear_leftovers: the lock holder's start removes them, also here,
+    # where nothing is saved and so no prune runs)
+    leftovers = [out / "checkpoints" / "deleting.tmp-host-1-step_0000001",
+                 out / "checkpoints" / ".step_0000002_universal.tmp"]
+    for folder in leftovers:
+        (folder / "part").mkdir(parents=True)
+        (folder / "part" / "shard.pt").write_bytes(b"x" * 100)
 
     caplog.set_level(logging.INFO)
     assert main([*argv, "--resume", "auto"]) == 0
+    from runtime.checkpoint import wait_for_deletions
+
+    assert wait_for_deletions(timeout=60)
+    assert not any(folder.exists() for folder in leftovers)
     assert _printed(capsys.readouterr().out) == {**trained, "step": 2, "already_complete": True}
     ckpt = out / "checkpoints" / "step_0000002"
     assert any("already complete" in r.getMessage() and f"{ckpt} is at step 2 of 2"
