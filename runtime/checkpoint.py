@@ -396,10 +396,15 @@ def clear_leftovers(root: Path) -> list[Path]:
     :func:`prune` deleted garbage. Safe: the lock means no other live job writes in the
     run directory, and this job's own derived folders are written later (a resize's
     conversion, in its restore). Renames derived leftovers to garbage names first, as
-    :func:`prune` does; returns the garbage queued."""
-    if not root.is_dir():
+    :func:`prune` does; returns the garbage queued. Best effort: a ``root`` that cannot
+    be listed (EACCES, ESTALE) only warns, since rank 0 raising here, before the ranks
+    agree on their resume checks, would leave the others waiting in a collective."""
+    try:
+        found = _leftovers(root) if root.is_dir() else []
+    except OSError as err:
+        log.warning("could not look for what an earlier job left in %s (%s); the next "
+                    "save's prune looks again", root, err)
         return []
-    found = _leftovers(root)
     garbage = [p for p in found if is_garbage(p.name)]
     garbage += _set_aside(root, [p for p in found if not is_garbage(p.name)])
     if garbage:

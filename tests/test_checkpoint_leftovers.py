@@ -90,6 +90,21 @@ def test_a_start_deletes_what_killed_jobs_left_and_nothing_else(tmp_path, monkey
     assert ck.clear_leftovers(tmp_path / "nothing") == []  # a fresh run: no checkpoints/
 
 
+def test_a_start_that_cannot_list_checkpoints_warns_and_goes_on(tmp_path, monkeypatch,
+                                                                caplog):
+    # rank 0 runs this before the ranks agree on their resume checks: an OSError raised
+    # here (EACCES, ESTALE on NFS) would end rank 0 alone while the others wait
+    root = tmp_path / "checkpoints"
+    _folder(root / f"{ck.DELETING}0badc0de-step_0000010")
+
+    def unlistable(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "glob", unlistable)
+    assert ck.clear_leftovers(root) == []
+    assert "could not look for what an earlier job left" in caplog.text
+
+
 def test_resume_of_a_run_with_no_checkpoint_suggests_training_checkpoints_only(tmp_path):
     """`--resume DIR` with no checkpoint suggested a .pth or .safetensors file, which
     --resume then refused (a weights file holds no optimizer state): it names what
