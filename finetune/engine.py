@@ -42,7 +42,7 @@ from runtime.checkpoint import (
 )
 from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
-from runtime.metrics import METRICS_FILE, MetricsLogger
+from runtime.metrics import MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 
 log = logging.getLogger(__name__)
@@ -190,24 +190,12 @@ def recorded_evaluation(out_dir: Path, step: int) -> dict[str, Any] | None:
     """The metrics of the last evaluation record at ``step`` in ``out_dir``'s
     ``metrics.jsonl`` (runtime/loop.py logs an evaluation as ``step``, ``epoch`` and the
     metrics; a training record holds a ``loss``), without the step, epoch and time; None
-    when it holds none. One pass over the file (a resume that trains nothing reads it
-    once, on rank 0)."""
-    path = out_dir / METRICS_FILE
-    if not path.is_file():
+    when it holds none. Rank 0 only: the file's lineage is repaired first
+    (``runtime.metrics.records_at``)."""
+    evaluations = [r for r in records_at(out_dir, step) if "loss" not in r]
+    if not evaluations:
         return None
-    found = None
-    with path.open() as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a crash mid-write
-                continue
-            if (isinstance(record, dict) and record.get("step") == step
-                    and "loss" not in record):
-                found = record
-    if found is None:
-        return None
-    return {k: v for k, v in found.items() if k not in ("step", "epoch", "time")}
+    return {k: v for k, v in evaluations[-1].items() if k not in ("step", "epoch", "time")}
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:

@@ -68,7 +68,7 @@ from runtime.dist import (
     init_distributed,
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
-from runtime.metrics import METRICS_FILE, MetricsLogger
+from runtime.metrics import MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 from runtime.redact import config_hash
 from runtime.rng import rng_state, set_rng_state
@@ -541,19 +541,11 @@ class Trainer:
 def recorded_metrics(run_dir: Path, step: int) -> dict[str, Any]:
     """The values ``run_dir``'s ``metrics.jsonl`` records at ``step`` (its training and
     zero-shot records merged, a later record's value winning), without the step and time;
-    {} when none. One pass over the file."""
-    path = run_dir / METRICS_FILE
+    {} when none. Rank 0 only: the file's lineage is repaired first
+    (``runtime.metrics.records_at``)."""
     found: dict[str, Any] = {}
-    if not path.is_file():
-        return found
-    with path.open() as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a crash mid-write
-                continue
-            if isinstance(record, dict) and record.get("step") == step:
-                found |= {k: v for k, v in record.items() if k not in ("step", "time")}
+    for record in records_at(run_dir, step):
+        found |= {k: v for k, v in record.items() if k not in ("step", "time")}
     return found
 
 

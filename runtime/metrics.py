@@ -184,6 +184,29 @@ def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
     return base + 1, [json.loads(x) for x in back]
 
 
+def records_at(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The records ``run_dir``'s metrics file holds at ``step``, in file order, for a
+    resume from ``step`` that trains nothing (a finished run): rank 0 only. The lineage is
+    repaired first, as a training resume's :class:`MetricsFile` does (:func:`cut_back`: a
+    rewind killed before its first checkpoint is undone, its cut records put back), then
+    read from the end, stopping at the first record before ``step``: the cost does not
+    grow with the run's length. TensorBoard's copy of a repaired lineage is not re-logged
+    (a known gap: it keeps showing the abandoned branch past the rewind's step)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    cut_back(path, step)
+    found = []
+    with path.open("rb") as f:
+        for _, line in _lines_backwards(f, f.seek(0, os.SEEK_END)):
+            at = _step(line)
+            if at is not None and at < step:
+                break
+            if at == step:
+                found.append(json.loads(line))
+    return found[::-1]
+
+
 class MetricsFile:
     """Appends records to ``run_dir/metrics.jsonl`` (only where ``enabled``: rank 0).
 

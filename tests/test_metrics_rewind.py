@@ -145,3 +145,19 @@ def test_a_run_killed_between_its_save_and_telling_the_logger_keeps_its_records(
         want = _lineage((1, 10, "a"), (11, 22, "b"))
     assert _records(tmp_path) == want
     assert _tensorboard(tmp_path) == want
+
+
+def test_a_finished_runs_resume_undoes_an_interrupted_rewind_and_reads_its_last_records(
+        tmp_path):
+    # a finished run (step 40 of 40) rewound to step 30 and killed before its first
+    # checkpoint, then resumed with --resume auto: latest is the finished step 40, the
+    # resume trains nothing (FinetuneRun.completed, pre-training's finished check); it
+    # read the file as it was (the abandoned 31-33 kept, the cut file left for ever)
+    from runtime.metrics import records_at
+
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")
+    assert [(r["step"], r["loss"]) for r in records_at(tmp_path, 40)] == [(40, 40.0)]
+    assert _records(tmp_path) == _lineage((1, 40, "a"))
+    assert not (tmp_path / ("metrics.jsonl" + CUT_SUFFIX)).exists()
+    assert records_at(tmp_path / "nothing", 40) == []
