@@ -42,7 +42,7 @@ from runtime.checkpoint import (
 )
 from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
-from runtime.metrics import MetricsLogger, records_at
+from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,18 @@ class FinetuneRun:
             return None
         assert self.resume_dir is not None
         step = self.start_step
-        recorded = broadcast_object(recorded_evaluation(self.out_dir, step)
-                                    if d.is_main else None)
+        # rank 0 reads (and repairs) the file; a failure there is every rank's refusal,
+        # raised together: the others would otherwise wait in this broadcast
+        outcome: tuple[bool, Any] = (True, None)
+        if d.is_main:
+            try:
+                outcome = (True, recorded_evaluation(self.out_dir, step))
+            except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+                outcome = (False, f"{self.out_dir / METRICS_FILE}: cannot read the finished "
+                                  f"run's records ({type(err).__name__}: {err})")
+        ok, recorded = broadcast_object(outcome)
+        if not ok:
+            raise ResumeError(recorded)
         if d.is_main:
             end = (f"step {step} of {total_steps}" if step == total_steps else
                    f"step {step}, past this config's schedule end at step {total_steps}")
