@@ -100,3 +100,15 @@ def _torch_linear_restored():
     original = F.linear
     yield
     F.linear = original
+
+
+@pytest.fixture
+def no_sbatch(tmp_path, monkeypatch) -> Path:
+    """A fake SLURM on PATH (tests/test_secrets.py): the file its sbatch writes exists
+    only if it was called, so a test sees whether submit queued anything."""
+    from tests.test_secrets import _fake_slurm
+
+    called = tmp_path / "sbatch_called.txt"
+    _fake_slurm(tmp_path / "bin", called)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    return called

@@ -141,15 +141,6 @@ def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_p
 
 
 # ------------------------------------------------------------- finetune before sbatch
-@pytest.fixture
-def no_sbatch(tmp_path, monkeypatch) -> Path:
-    """A fake SLURM on PATH; the file its sbatch writes exists only if it was called."""
-    called = tmp_path / "sbatch_called.txt"
-    _fake_slurm(tmp_path / "bin", called)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
-    return called
-
-
 @pytest.mark.parametrize("extra, message", [
     (["no_such.key=1"], "unknown key 'no_such'"),
     (["run.batch_size=notanint"], "run.batch_size: expected an integer, got 'notanint'"),

@@ -24,7 +24,6 @@ import pytest
 
 from launch.cli import build_parser, main
 from tests.pretrain_utils import REPO, TINY, env
-from tests.test_secrets import _fake_slurm
 
 # The image branch on, at the least image size that can mix two views (tests/test_m3i_*)
 IMAGE_BRANCH = ["data.image_size=64", "data.batch_size=8", "objective.image.weight=1.0",
@@ -32,15 +31,6 @@ IMAGE_BRANCH = ["data.image_size=64", "data.batch_size=8", "objective.image.weig
                 "objective.image.decoder_depth=1"]
 IMAGE_REFUSAL = ("resuming the image branch's EMA teacher on another world size is not "
                  "supported (its slices are per rank); resume with 2 ranks")
-
-
-@pytest.fixture
-def no_sbatch(tmp_path, monkeypatch) -> Path:
-    """A fake SLURM on PATH; the file its sbatch writes exists only if it was called."""
-    called = tmp_path / "sbatch_called.txt"
-    _fake_slurm(tmp_path / "bin", called)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin")
-    return called
 
 
 def _pretrain_hash(argv: list[str]) -> str:
