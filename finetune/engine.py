@@ -70,11 +70,9 @@ def own_rank_state(resume_dir: Path, state: dict[str, Any], rank: int,
         # a trainer state that parses but does not say what its ranks saved
         raise ResumeError(f"{resume_dir}: rank {rank}'s saved state cannot be found in "
                           f"what a save writes ({type(err).__name__}: {err})") from None
-    saved = own.get("rng") if isinstance(own, dict) else None
-    # what runtime.rng.rng_state writes: checked here, since restore_rng runs after the
-    # engine exists, where one rank's failure would leave the others in a collective
-    if not (isinstance(saved, dict) and isinstance(saved.get("python"), list)
-            and isinstance(saved.get("numpy"), list) and isinstance(saved.get("torch"), str)):
+    # checked here, since restore_rng runs after the engine exists, where one rank's
+    # failure would leave the others in a collective
+    if not rng.is_rng_state(own.get("rng") if isinstance(own, dict) else None):
         where = (f"trainer_state.json ranks[{rank}]" if "ranks" in state
                  else rank_state_path(resume_dir, rank).relative_to(resume_dir))
         raise ResumeError(f"{resume_dir}: {where} holds no random state as a save writes it "

@@ -113,6 +113,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def is_rng_state(value: Any) -> bool:
+    """Whether ``value`` has the shape :func:`rng_state` writes (its python, numpy and
+    torch entries): checked before a resume's first collective, where restoring a damaged
+    one later would fail on one rank alone."""
+    return (isinstance(value, dict) and isinstance(value.get("python"), list)
+            and isinstance(value.get("numpy"), list) and isinstance(value.get("torch"), str))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     version, internal, gauss = state["python"]
