@@ -38,7 +38,6 @@ weeks-long run may meet dozens of them.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 import signal
@@ -82,14 +81,14 @@ class _Runtime:
     ended: threading.Event = field(default_factory=threading.Event)
     status: int | None = None
     error: BaseException | None = None
-    # Stop signals numbered as they come (0 for the first); next() on it is one C call,
-    # which a signal handler nested in another cannot split (see _watch_signal)
-    signals: itertools.count = field(default_factory=itertools.count)
-    # (signum, frame) of the first stop signal, written by the handler only
-    stop_signal: tuple[int, Any] | None = None
-    ignored: int = 0  # further stop signals, written by the handler only (for a log)
-    # written by the main thread only: whether it has acted on ``stop_signal``
+    # (signum, frame) of every stop signal, in order, appended by the handler only: one
+    # append is one C call, which a handler nested in another cannot split. The first is
+    # acted on; the others are ignored (see _note_signals).
+    signals: list[tuple[int, Any]] = field(default_factory=list)
+    # written by the main thread only: whether it has acted on the first signal, and how
+    # many of the ignored ones it has logged
     stop_taken: bool = False
+    ignored_logged: int = 0
 
     def failure(self) -> str | None:
         """Why the ended training thread failed (its exception or exit status); None if it
@@ -102,6 +101,17 @@ class _Runtime:
         """How the ended training thread ended: ``completed`` or ``failed (why)``."""
         why = self.failure()
         return f"failed ({why})" if why else "completed"
+
+
+def log_ignored(rt: _Runtime) -> None:
+    """Log the stop signals after the first that came since the last such log (once per
+    batch of repeats: a signal storm is one line)."""
+    ignored = len(rt.signals) - 1 - rt.ignored_logged
+    if ignored <= 0:
+        return
+    rt.ignored_logged += ignored
+    log.warning("ignored %d further %s signal(s): only the first is acted on (one save, "
+                "one requeue at most)", ignored, signal.Signals(rt.signals[0][0]).name)
 
 
 def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
@@ -155,16 +165,19 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     # ------------------------------------------------------------------------ the job
     def __call__(self) -> dict[str, Any]:
+        started = time.monotonic()  # as close to submitit's own start as this gets
+        # First: from here on a stop signal is only noted (submitit's handler, installed
+        # before this call, would run nested in whatever the main thread is doing)
+        signals, submitit_handler = self._note_signals()
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        started = time.monotonic()  # as close to submitit's own start as this gets
         info = export_distributed_env(self.cpus_per_task)
         run_dir = Path(self.run_dir)
         restarts = restart_count(run_dir, info)
         # only rank 0 handles the signal, so only it judges and counts time-outs
         timeouts = timeout_count(run_dir, info.job_id) if info.is_main else 0
         limit = submitted_time_limit_min() if info.is_main else None
-        self._rt = _Runtime(info, restarts, timeouts, limit, started)
+        self._rt = _Runtime(info, restarts, timeouts, limit, started, signals=signals)
         log.info("job %s task %d/%d (master %s), restart %d (%d for the time limit, at most "
                  "%d allowed; preemptions unlimited), run dir %s", info.job_id, info.rank,
                  info.world_size, info.master, restarts, timeouts, self.max_requeues, run_dir)
@@ -172,7 +185,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             record(run_dir, "start", info, requeue=restarts, timeouts=timeouts,
                    argv=self.argv)
         self._forget_previous_result()
-        act_on_signal = self._watch_signal()
+        act_on_signal = self._signal_action(submitit_handler)
         argv = resume_argv(self.argv, run_dir) if restarts else self.argv
         if restarts:  # served by its store before, even without a checkpoint yet: a store
             # that does not answer at the start is an outage to wait for (data/preflight.py)
@@ -218,52 +231,57 @@ class TrainingJob(submitit.helpers.Checkpointable):
             thread.join(timeout=0.5)
             act_on_signal()
         act_on_signal()  # noted as the run ended: ignored, and said so
+        log_ignored(rt)  # repeats that came after a first one acted on above, or after it
         if rt.error is not None:
             raise rt.error
         return rt.status
 
-    def _watch_signal(self) -> Callable[[], None]:
-        """Note the time-out/preemption signal on every rank; the returned function, called
-        by the main thread outside the handler, lets submitit handle the first one.
+    def _note_signals(self) -> tuple[list[tuple[int, Any]], Any]:
+        """Install a handler that only notes the time-out/preemption signal (every rank);
+        return the list it appends to and the handler it replaced (submitit's).
 
         The handler takes no lock, logs nothing and waits on nothing: it may run while the
         main thread holds any lock (logging's, a stream buffer's, the import lock), and
-        while it handles an earlier signal. It numbers the signal and notes the first.
+        while it handles an earlier signal. ``_signal_action`` acts on the first signal.
         """
-        assert self._rt is not None
         sig = submitit.JobEnvironment._usr_sig()
         previous = signal.getsignal(sig)
         main_pid = os.getpid()
-        rt = self._rt
+        signals: list[tuple[int, Any]] = []
 
         def on_signal(signum: int, frame: Any) -> None:
-            if os.getpid() != main_pid:
-                return  # a forked data-loader worker: its task's main process handles this
-            if next(rt.signals) == 0:
-                rt.stop_signal = (signum, frame)
-            else:
-                rt.ignored += 1
+            if os.getpid() == main_pid:  # not a forked data-loader worker: its task's
+                signals.append((signum, frame))  # main process handles the signal
+
+        signal.signal(sig, on_signal)
+        return signals, previous
+
+    def _signal_action(self, previous: Any) -> Callable[[], None]:
+        """The function the main thread calls between its waits, outside the handler: it
+        lets submitit's handler (``previous``) act on the first noted signal, once."""
+        assert self._rt is not None
+        rt = self._rt
 
         def act_on_signal() -> None:
-            if rt.stop_signal is None or rt.stop_taken:
+            if not rt.signals or rt.stop_taken:
                 return
             rt.stop_taken = True  # once: the handler never writes it, so this cannot race
-            signum, frame = rt.stop_signal
+            signum, frame = rt.signals[0]
             name = signal.Signals(signum).name
             if rt.ended.is_set():
                 # The run finished (its last step fell within signal_delay_s of the limit)
-                # or failed by itself: nothing to save, and a requeue would run a finished
-                # job again or hide its error. Not handing the signal to submitit lets the
-                # task end as it would have without it (submitit would make even a
-                # refused requeue an error of the job).
-                log.warning("task %d got %s after its run had %s: nothing to save, not "
+                # or failed by itself, before the signal or in the moment before this
+                # call: nothing to save, and a requeue would run a finished job again or
+                # hide its error. Not handing the signal to submitit lets the task end as
+                # it would have without it (submitit would make even a refused requeue an
+                # error of the job).
+                log.warning("task %d got %s; its run has %s: nothing to save, not "
                             "requeueing", rt.info.rank, name, rt.outcome())
                 return
             log.warning("task %d got %s (time limit near or preempted)", rt.info.rank, name)
             if callable(previous):
                 previous(signum, frame)
 
-        signal.signal(sig, on_signal)
         return act_on_signal
 
     def _forget_previous_result(self) -> None:
@@ -282,7 +300,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         """Save (optionally), then return the requeue of this job with ``--resume auto``.
 
         Called by submitit's USR2 handler, in the main thread of global rank 0 only, once
-        (that handler is called outside the signal handler: see ``_watch_signal``).
+        (that handler is called outside the signal handler: see ``_note_signals``).
         Returning None makes submitit end the job as failed (no requeue): done when the run
         had already ended before the signal, and when the job reaches its time limit more
         often than ``max_requeues`` allows. A preemption is always requeued.
@@ -307,10 +325,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             return None
         timed_out = is_timeout(time.monotonic() - rt.started, rt.time_limit_min)
         saved, save_error = self._save_now(rt) if self.save_on_signal else (False, None)
-        if rt.ignored:
-            log.warning("ignored %d further %s signal(s) while handling the first: its "
-                        "save and requeue happen once", rt.ignored,
-                        signal.Signals(submitit.JobEnvironment._usr_sig()).name)
+        log_ignored(rt)
         extra: dict[str, Any] = {"timed_out": timed_out, "saved": saved}
         if save_error is not None:
             extra["save_error"] = save_error
