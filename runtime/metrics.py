@@ -27,10 +27,12 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # a run's TensorBoard events, under its run directory
 
 
 _BLOCK = 1 << 16  # bytes read at a time when looking for the cut from the end
@@ -158,16 +160,23 @@ def _write_cut(path: Path, cut: Path, step: int, lines: list[bytes]) -> None:
     os.replace(tmp, cut)
 
 
-def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
+def cut_back(path: Path, step: int, before_change: Callable[[int, list[dict[str, Any]]], None]
+             | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Make ``path`` read as the run's lineage up to ``step`` (a resume from that step),
     keeping what follows in the cut file; returns (the first step TensorBoard must purge,
-    the records put back past it, to re-log there). See the module docstring."""
+    the records put back past it, to re-log there). See the module docstring.
+
+    ``before_change``: called with that pair before the file or the cut file is touched,
+    and only where the lineage past ``step`` changes (the file holds records past ``step``
+    or a cut file is there); a kill after it leaves the same repair to the next call."""
     cut = path.with_name(path.name + CUT_SUFFIX)
     saved = _read_cut(path, cut)
     if saved is None or step <= saved[0]:
         # the lineage past ``step`` is the file's past ``step`` (and, past the cut file's
         # step, the cut file's instead): kept first, then the file is cut in place
         later = _tail(path, step)
+        if before_change is not None and (later or cut.exists()):
+            before_change(step + 1, [])
         if saved is not None:  # the file's records past the cut file's step are no one's
             later = [x for x in later if _step(x) <= saved[0]] + saved[1]
         _write_cut(path, cut, step, later)
@@ -175,6 +184,8 @@ def cut_back(path: Path, step: int) -> tuple[int, list[dict[str, Any]]]:
         return step + 1, []
     base, cut_lines = saved
     back = [x for x in cut_lines if _step(x) <= step]
+    if before_change is not None:
+        before_change(base + 1, [json.loads(x) for x in back])
     # the file first (the old cut file still describes the lineage if a kill comes
     # between), then the cut file
     truncate_after(path, base)
@@ -190,12 +201,20 @@ def records_at(run_dir: Path, step: int) -> list[dict[str, Any]]:
     repaired first, as a training resume's :class:`MetricsFile` does (:func:`cut_back`: a
     rewind killed before its first checkpoint is undone, its cut records put back), then
     read from the end, stopping at the first record before ``step``: the cost does not
-    grow with the run's length. TensorBoard's copy of a repaired lineage is not re-logged
-    (a known gap: it keeps showing the abandoned branch past the rewind's step)."""
+    grow with the run's length. Where the repair changes the lineage, the run's TensorBoard
+    copy (if it has one) is mended as a training resume's :class:`MetricsLogger` mends it
+    (:func:`mend_tensorboard`), before the file is changed: a kill in between leaves the
+    repair to the next call."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    cut_back(path, step)
+    board = Path(run_dir) / TENSORBOARD_DIR
+
+    def mend(purge_from: int, restored: list[dict[str, Any]]) -> None:
+        if board.is_dir():  # a run logged without TensorBoard gains none
+            mend_tensorboard(run_dir, purge_from, restored).close()
+
+    cut_back(path, step, before_change=mend)
     found = []
     with path.open("rb") as f:
         for _, line in _lines_backwards(f, f.seek(0, os.SEEK_END)):
@@ -261,6 +280,25 @@ def _scalars(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def mend_tensorboard(run_dir: Path, purge_from: int, restored: list[dict[str, Any]]):
+    """A TensorBoard writer of ``run_dir`` that hides every step from ``purge_from`` on
+    (``purge_step``: what a dead run or an abandoned branch logged there) and has re-logged
+    ``restored`` (the records :func:`cut_back` put back past it), flushed to disk: the
+    one mending of a repaired lineage's TensorBoard copy, by a training resume
+    (:class:`MetricsLogger`, which logs on with the writer) and by a finished run's resume
+    (:func:`records_at`, which closes it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge_from)
+    for record in restored:  # an undone rewind's records, put back
+        for tag, value in _scalars(record).items():
+            if tag not in ("step", "time"):  # as :meth:`MetricsLogger.log` adds them
+                writer.add_scalar(tag, value, record["step"])
+    if restored:
+        writer.flush()
+    return writer
+
+
 class MetricsLogger:
     """``metrics.jsonl`` (:class:`MetricsFile`), TensorBoard events under
     ``run_dir/tensorboard`` and the progress bar of one run; only rank 0 (``enabled``)
@@ -283,14 +321,7 @@ class MetricsLogger:
         if not enabled:
             return
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                        purge_step=self.file.purge_from)
-            for record in self.file.restored:  # an undone rewind's records, put back
-                for tag, value in _scalars(record).items():
-                    if tag not in ("step", "time"):  # as :meth:`log` adds them
-                        self.writer.add_scalar(tag, value, record["step"])
+            self.writer = mend_tensorboard(run_dir, self.file.purge_from, self.file.restored)
         if progress:
             import sys
 

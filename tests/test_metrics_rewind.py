@@ -161,3 +161,61 @@ def test_a_finished_runs_resume_undoes_an_interrupted_rewind_and_reads_its_last_
     assert _records(tmp_path) == _lineage((1, 40, "a"))
     assert not (tmp_path / ("metrics.jsonl" + CUT_SUFFIX)).exists()
     assert records_at(tmp_path / "nothing", 40) == []
+
+
+def _finished_resume(out: Path, step: int) -> list[tuple[int, float]]:
+    """What a finished run's ``--resume auto`` reads (``records_at``, which trains nothing),
+    its TensorBoard writer (if any) opened in a second of its own, as a new process's is."""
+    from runtime.metrics import records_at
+
+    with _own_second():
+        return [(r["step"], r["loss"]) for r in records_at(out, step)]
+
+
+def test_a_finished_runs_resume_that_undoes_a_rewind_mends_tensorboard_too(tmp_path):
+    # the rewind's writer purged steps 31 on and logged branch b's 31-33; the finished
+    # run's resume put branch a's 31-40 back in metrics.jsonl only, so TensorBoard showed
+    # 31-33 of the abandoned branch b and nothing past 33 (README's former known gap)
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")  # the rewind, killed before its first checkpoint
+    assert _finished_resume(tmp_path, 40) == [(40, 40.0)]
+    want = _lineage((1, 40, "a"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+    # a second look changes nothing (and writes no further events file)
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert _finished_resume(tmp_path, 40) == [(40, 40.0)]
+    assert sorted((tmp_path / "tensorboard").iterdir()) == files
+    assert _tensorboard(tmp_path) == want
+
+
+def test_a_finished_runs_resume_killed_mid_repair_is_finished_by_the_next(tmp_path,
+                                                                          monkeypatch):
+    # TensorBoard is mended before metrics.jsonl is touched: killed in between, the cut
+    # file still describes the undo, and the next resume repairs both again
+    import runtime.metrics as metrics
+
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")
+
+    def killed(path, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "truncate_after", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _finished_resume(tmp_path, 40)
+    monkeypatch.undo()
+    assert _finished_resume(tmp_path, 40) == [(40, 40.0)]
+    want = _lineage((1, 40, "a"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+    assert not (tmp_path / ("metrics.jsonl" + CUT_SUFFIX)).exists()
+
+
+def test_a_finished_runs_resume_gives_a_run_without_tensorboard_none(tmp_path):
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")
+    shutil.rmtree(tmp_path / "tensorboard")  # as a run with run.tensorboard=false logs
+    assert _finished_resume(tmp_path, 40) == [(40, 40.0)]
+    assert _records(tmp_path) == _lineage((1, 40, "a"))
+    assert not (tmp_path / "tensorboard").exists()
