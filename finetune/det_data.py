@@ -105,6 +105,9 @@ class CocoInstances(Dataset):
     included; ``min_size`` (mmdet: 32; here 0, off, unless given) keeps those whose
     recorded ``min(width, height) >= min_size``, whatever ``filter_empty_gt`` says.
 
+    A target's boxes are those :func:`in_target` keeps, clipped to the image
+    (:func:`clip_boxes`, mmdet's ``Resize``).
+
     An image that cannot be decoded (truncated, not an image; the file is named): in
     training the next readable item takes its place
     (``finetune.data_files.NextReadable``), before any random draw of the item (so a
@@ -188,6 +191,7 @@ class CocoInstances(Dataset):
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns],
                              dtype=torch.float32).reshape(-1, 4)
+        boxes = clip_boxes(boxes, *img.shape[-2:])
         masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns \
             else torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
         target = {"boxes": boxes, "masks": masks, "image_id": img_id,
@@ -228,6 +232,23 @@ def in_target(ann: dict, width: int, height: int) -> bool:
     if min(x + w, width) - max(x, 0) <= 0 or min(y + h, height) - max(y, 0) <= 0:
         return False  # no overlap with the image
     return ann.get("area", 1) > 0 and w >= 1 and h >= 1
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``boxes`` (N, 4 xyxy pixels) clipped to a ``height`` x ``width`` image: x to
+    [0, width], y to [0, height], as mmdet 2.28.1's ``Resize._resize_bboxes`` clips
+    the loaded boxes with its default ``bbox_clip_border=True``
+    (open-mmlab/mmdetection mmdet/datasets/pipelines/transforms.py). A box that clipping
+    leaves without area is kept, as Resize keeps it (only ``RandomCrop`` drops such
+    boxes); none of a target's boxes is one, since :func:`in_target` keeps only boxes
+    that overlap their image by some area.
+
+    Clipping to the image as loaded gives the boxes mmdet clips after its resize: the
+    resize scales x and the width by one factor, y and the height by another, so clipping
+    before or after it is the same box; a horizontal flip maps [0, width] onto itself, so
+    clipping before it (DINO's pipeline flips before it resizes) is the same too."""
+    return torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
 
 
 def resize_and_crop(img: torch.Tensor, target: dict,

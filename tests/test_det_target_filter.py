@@ -43,7 +43,7 @@ def test_the_training_target_keeps_what_mmdet_keeps(tmp_path):
         _ann(6, [2, 3, 0.5, 16]),  # `w < 1`
         _ann(7, [2, 3, 20, 0.9]),  # `h < 1`
         _ann(8, [4, 5, 10, 10], iscrowd=1),  # mmdet's gt_bboxes_ignore: not a target
-        _ann(9, [40, 30, 20, 20]),  # kept: partly outside, overlapping the image
+        _ann(9, [40, 30, 20, 20]),  # kept, clipped: partly outside, overlapping the image
         _ann(10, [5, 6, 1, 1]),  # kept: w and h exactly 1
     ]
     data["annotations"] = anns + [a for a in data["annotations"] if a["image_id"] != 1]
@@ -51,8 +51,9 @@ def test_the_training_target_keeps_what_mmdet_keeps(tmp_path):
     check_data(_cfg(root))  # none of them is refused: mmdet skips them without a word
     train = CocoInstances(root / "train2017", ann_file, True, hflip=0.0)
     _, target = train[train.ids.index(1)]
-    kept = [a["bbox"] for a in anns if a["id"] in (1, 9, 10)]
-    expected = [[x, y, x + w, y + h] for x, y, w, h in kept]
+    # mmdet's Resize(bbox_clip_border=True) clips box 9 to the image: x to [0, 48], y to
+    # [0, 40] (tests/test_det_box_clip.py)
+    expected = [[2, 3, 22, 19], [40, 30, 48, 40], [5, 6, 6, 7]]
     assert target["boxes"].tolist() == expected
     assert target["labels"].tolist() == [1, 1, 1] and target["masks"].shape[0] == 3
 
