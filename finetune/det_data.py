@@ -106,7 +106,10 @@ class CocoInstances(Dataset):
     recorded ``min(width, height) >= min_size``, whatever ``filter_empty_gt`` says.
 
     A target's boxes are those :func:`in_target` keeps, clipped to the image
-    (:func:`clip_boxes`, mmdet's ``Resize``).
+    (:func:`clip_boxes`, mmdet's ``Resize``). An evaluation item's target holds
+    ``boxes``, ``labels`` and ``image_id``, no ``masks``: the evaluation reads only
+    ``image_id`` (COCOeval scores against the annotation file), so the masks are decoded
+    for training items alone.
 
     An image that cannot be decoded (truncated, not an image; the file is named): in
     training the next readable item takes its place
@@ -185,26 +188,30 @@ class CocoInstances(Dataset):
         img_id = self.ids[i]
         info = self.coco.imgs[img_id]
         img = torch.from_numpy(read_image(self.image_dir / info["file_name"])).permute(2, 0, 1)
-        # the evaluation reads only image_id of its targets (COCOeval reads the file)
         anns = [a for a in self.coco.imgToAnns[img_id]
                 if in_target(a, info["width"], info["height"])]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns],
                              dtype=torch.float32).reshape(-1, 4)
-        boxes = clip_boxes(boxes, *img.shape[-2:])
-        masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns \
-            else torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
-        target = {"boxes": boxes, "masks": masks, "image_id": img_id,
+        target = {"boxes": clip_boxes(boxes, *img.shape[-2:]), "image_id": img_id,
                   "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns],
                                          dtype=torch.int64)}
-        if self.train and torch.rand(()) < self.hflip:
+        if not self.train:
+            # the evaluation reads only image_id of its targets (COCOeval reads the
+            # annotation file): decoding COCO val's 36k masks, up to full image size, for
+            # each evaluation would be time and memory spent on nothing
+            return img.float() / 255, target
+        boxes = target["boxes"]
+        target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) \
+            if anns else torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
+        if torch.rand(()) < self.hflip:
             w = img.shape[-1]
             img, target["masks"] = img.flip(-1), target["masks"].flip(-1)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
                                            boxes[:, 3]], 1)
         # prob 0 draws nothing: the flips of a run without the branch stay as they were
         aug = self.crop_aug
-        if self.train and aug is not None and aug.prob > 0 and torch.rand(()) < aug.prob:
+        if aug is not None and aug.prob > 0 and torch.rand(()) < aug.prob:
             img, target = resize_and_crop(img, target, aug)
             if not aug.allow_negative_crop and len(target["boxes"]) == 0:
                 return None

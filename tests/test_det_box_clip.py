@@ -4,7 +4,11 @@ OpenGVLab/InternImage detection/README.md) ``Resize`` clips them with its defaul
 ``Resize._resize_bboxes``: ``bboxes = results[key] * results['scale_factor']``, then x
 clipped to [0, img_shape[1]] and y to [0, img_shape[0]], no box dropped; ``RandomFlip``
 mirrors x as ``w - x2``, ``w - x1`` on the resized image). Before, a box reaching past
-the image kept its outside part in the target the detector trained on."""
+the image kept its outside part in the target the detector trained on.
+
+And evaluation items no longer decode instance masks (pycocotools ``annToMask``), which the
+evaluation never reads (COCOeval scores against the annotation file): before, every
+evaluation decoded each of COCO val's 36k masks at image size."""
 
 from __future__ import annotations
 
@@ -79,3 +83,27 @@ def test_training_boxes_are_clipped_where_mmdets_resize_clips_them(flip, tmp_pat
     torch.testing.assert_close(resized["boxes"],
                                _mmdet_resize_then_flip(raw, new_h, new_w, flip))
 
+
+def test_evaluation_items_decode_no_masks(tmp_path, monkeypatch):
+    """An evaluation item's target: the image id, boxes and labels, no ``masks``, and no
+    ``annToMask`` call; a training item still decodes one mask per kept annotation."""
+    from pycocotools.coco import COCO
+
+    calls: list[int] = []
+    decode = COCO.annToMask
+
+    def counted(self, ann):
+        calls.append(ann["id"])
+        return decode(self, ann)
+
+    monkeypatch.setattr(COCO, "annToMask", counted)
+    val = _dataset(tmp_path / "val", train=False)
+    for i in range(len(val)):
+        img, target = val[i]
+        assert "masks" not in target and target["image_id"] == val.ids[i]
+        assert len(target["boxes"]) == len(target["labels"]) == len(
+            val.coco.imgToAnns[val.ids[i]])
+    assert calls == []
+    train = _dataset(tmp_path / "train", train=True)
+    _, target = train[train.ids.index(1)]
+    assert calls == [1, 2, 3] and target["masks"].shape == (3, H, W)
