@@ -12,6 +12,7 @@ bounded grace period and reads them directly; a task without one is reported as 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import time
@@ -298,33 +299,69 @@ def failure(job: submitit.Job, state: str | None,
 # launch/commands/pretrain.py, launch/commands/finetune.py)
 REFUSED_STATUS = "exited with status 2 "
 REFUSAL_LINE = re.compile(r"^internimage (pretrain|finetune): \S.*$")
+# The line launch.slurm.job.TrainingJob logs once at each start of every task, before it
+# runs the command ("job 4242 task 0/2 (master node1), restart 1 (...)"), to stderr: the
+# start of an attempt in the task's stderr log, which submitit names %j_%t_log.err and
+# SLURM appends to (open-mode append) at every requeue of the job, so one file holds all
+# of the job's attempts. A task that refused has logged it: TrainingJob raises the
+# "exited with status 2" it is judged by only after. (submitit's own "Starting with
+# JobEnvironment(...)" is no such marker: it logs it at INFO level, which its logging
+# config sends to stdout only, not stderr.)
+ATTEMPT_START = re.compile(r"\bjob \S+ task \d+/\d+ \(master .*?\), restart \d+\b")
+# How much of a log's end is read, at most (a weeks-long job's logs grow with the run; what
+# the report shows is at their end: the refusal is the command's last line before it exits,
+# followed only by the job's traceback, submitit's error and srun's messages)
+LOG_TAIL_BYTES = 256 * 1024
+
+
+def _tail_lines(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> list[str]:
+    """The whole lines among the last ``max_bytes`` bytes of ``path`` (a line that bound
+    cuts is left out); the cost does not grow with the file."""
+    with path.open("rb") as f:
+        start = max(0, f.seek(0, os.SEEK_END) - max_bytes)
+        f.seek(max(0, start - 1))  # the byte before: does the window start a line?
+        data = f.read(max_bytes + 1)
+    if start > 0:
+        cut = data.find(b"\n")
+        data = data[cut + 1:] if cut >= 0 else b""
+    return data.decode(errors="replace").splitlines()
 
 
 def refusal(job: submitit.Job, failed: list[TaskOutcome]) -> str | None:
     """The one line with which the job refused (a resume or start it cannot make, a config
     error: exit status 2), as its first such task printed it last to its stderr log; None
-    when no task refused, or its log holds no such line."""
+    when no task refused, or its log holds no such line.
+
+    Only the job's last attempt is read (the log's lines after its last
+    :data:`ATTEMPT_START`): an earlier attempt's refusal, before a requeue, is not how the
+    job ended. And only the log's last :data:`LOG_TAIL_BYTES`: an attempt whose start is
+    further back fills all of them.
+    """
     for outcome in failed:
         if outcome.status != "error" or REFUSED_STATUS not in outcome.detail:
             continue
         path = Path(job.task(outcome.task).paths.stderr)
         if not path.is_file():
             continue
-        found = [line for line in path.read_text(errors="replace").splitlines()
-                 if REFUSAL_LINE.match(line)]
+        lines = _tail_lines(path)
+        starts = [i for i, line in enumerate(lines) if ATTEMPT_START.search(line)]
+        if starts:
+            lines = lines[starts[-1] + 1:]
+        found = [line for line in lines if REFUSAL_LINE.match(line)]
         if found:
             return found[-1]
     return None
 
 
 def log_tail(job: submitit.Job, tasks: list[int] | None = None, lines: int = 40) -> str:
-    """The end of the stderr and stdout logs of ``tasks`` (default: task 0)."""
+    """The end of the stderr and stdout logs of ``tasks`` (default: task 0): their last
+    ``lines`` lines within their last :data:`LOG_TAIL_BYTES`."""
     out = []
     for k in tasks or [0]:
         task = job.task(k)
         for path in (task.paths.stderr, task.paths.stdout):
             path = Path(path)
             if path.is_file():
-                text = path.read_text(errors="replace").splitlines()[-lines:]
+                text = _tail_lines(path)[-lines:]
                 out.append(f"==> {path} <==\n" + "\n".join(text))
     return "\n".join(out) or f"(no log files under {job.paths.folder})"
