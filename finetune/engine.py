@@ -30,6 +30,7 @@ from runtime.checkpoint import (
     agree_on_refusal,
     checked_state,
     clear_leftovers,
+    complete_message,
     load_rank_state,
     load_rank_states,
     publish_config,
@@ -40,6 +41,7 @@ from runtime.checkpoint import (
     save_checkpoint,
     saved_ranks,
 )
+from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
 from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
@@ -97,7 +99,7 @@ class FinetuneRun:
     @property
     def root(self) -> Path:
         """``OUT/checkpoints``: the DeepSpeed tag directories and ``latest``."""
-        return self.out_dir / "checkpoints"
+        return self.out_dir / CHECKPOINTS_DIR
 
     @property
     def start_step(self) -> int:
@@ -152,7 +154,13 @@ class FinetuneRun:
         past the schedule's end): the last evaluation ``metrics.jsonl`` records at the
         checkpoint's step (what the run returned when it trained that step), with the
         ``step`` and ``already_complete``, said in the log by rank 0. Collective (rank 0,
-        which writes the file, reads it once; every rank returns the same)."""
+        which writes the file, reads it once; every rank returns the same).
+
+        Called as soon as the schedule's length is known, before the model and engine are
+        built and before anything is saved: detection and segmentation (finetune/loop.py)
+        right after :func:`open_run`; classification (finetune/zero.py) once it has built
+        its datasets and restored each rank's stream position, since an epoch schedule's
+        length counts the training set (``len(train_set)``)."""
         if self.state is None or self.start_step < total_steps:
             return None
         assert self.resume_dir is not None
@@ -170,14 +178,8 @@ class FinetuneRun:
         if not ok:
             raise ResumeError(recorded)
         if d.is_main:
-            end = (f"step {step} of {total_steps}" if step == total_steps else
-                   f"step {step}, past this config's schedule end at step {total_steps}")
-            found = (f"its last evaluation (metrics.jsonl, step {step}): {recorded}"
-                     if recorded is not None else
-                     f"metrics.jsonl records no evaluation at step {step}")
-            log.info("the run is already complete: its checkpoint %s is at %s; nothing to "
-                     "train or evaluate, the run directory is left as it was; %s",
-                     self.resume_dir, end, found)
+            log.info("%s", complete_message(self.resume_dir, step, total_steps, recorded,
+                                            "evaluation"))
         return {**(recorded or {}), "step": step, "already_complete": True}
 
     def restore_rng(self, d: DistInfo) -> None:
@@ -212,10 +214,10 @@ def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> P
     ``resume`` names no training checkpoint, or a fresh start would replace a run's
     metrics and checkpoints (``out_dir`` already holds one). ``warn``: log what a rewind
     abandons (the training run's own resolution does; a look-ahead passes False)."""
-    root = out_dir / "checkpoints"
+    root = out_dir / CHECKPOINTS_DIR
     refuse_legacy_resume(resume, root)
     refuse_fresh_start(resume, root, out_dir)
-    return resolve_resume(resume, root, warn)
+    return resolve_resume(resume, root, warn, init=True)  # a weights file: --init's
 
 
 def batch_state(batch_size: int, grad_accum: int) -> dict[str, int]:
@@ -280,7 +282,7 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
             run_lock.acquire(out_dir)
             # the run is this job's now: what a killed job left (a deletion or a conversion
             # cut short) goes, also when this start saves nothing (a finished run's resume)
-            clear_leftovers(out_dir / "checkpoints")
+            clear_leftovers(out_dir / CHECKPOINTS_DIR)
         resume_dir = resume_checkpoint(resume, out_dir)
         state = (checked_state(resume_dir, model_hash, world_size, engine)
                  if resume_dir is not None else None)

@@ -85,7 +85,7 @@ def resumed_step_dir(cfg, resume: str) -> Path:
     (``runtime.checkpoint.resolve_resume``): ``auto``, ``run.output_dir``'s latest; a path
     of a run's checkpoint (a weights file is refused there: ``--init`` takes it)."""
     root = Path(cfg.run.output_dir) / CHECKPOINTS_DIR
-    step_dir = resolve_resume(resume, root, warn=False)
+    step_dir = resolve_resume(resume, root, warn=False, init=True)
     if step_dir is None:
         raise ResumeError(f"--resume auto: {root} holds no checkpoint (no {LATEST}); pass the "
                           "run's --output-dir, or --resume PATH")

@@ -50,6 +50,7 @@ from runtime.checkpoint import (
     agree_on_refusal,
     check_compatible,
     clear_leftovers,
+    complete_message,
     discard_config,
     engine_layout,
     load_rank_state,
@@ -60,6 +61,7 @@ from runtime.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import (
     DistInfo,
     all_gather_objects,
@@ -129,7 +131,7 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / CHECKPOINTS_DIR
         self.info: DistInfo = init_distributed()
         check_precision(cfg.engine.precision)
         num_tags = len(TagVocab.load(cfg.data.tag_vocab))
@@ -144,7 +146,8 @@ class Trainer:
         except CheckpointError as err:
             refusal = err
         agree_on_refusal(refusal)
-        # a resume of a run already at its end: nothing is built, read or written
+        # a resume of a run already at its end: nothing is built, trained or saved (rank 0
+        # reads metrics.jsonl's records at its step, mending a rewind's cut first)
         self.completed = self._completed()
         if self.completed is not None:
             return
@@ -237,13 +240,8 @@ class Trainer:
             return {"step": step, "already_complete": True}
         discard_config(self.run_dir)
         recorded = recorded_metrics(self.run_dir, step)
-        end = (f"step {step} of {self.total_steps}" if step == self.total_steps else
-               f"step {step}, past this config's end at step {self.total_steps}")
-        found = (f"its last values (metrics.jsonl, step {step}): {recorded}" if recorded
-                 else f"metrics.jsonl records nothing at step {step}")
-        log.info("the run is already complete: its checkpoint %s is at %s; nothing to "
-                 "train, its checkpoints, metrics and config are left as they were; %s",
-                 self.resume_dir, end, found)
+        log.info("%s", complete_message(self.resume_dir, step, self.total_steps, recorded,
+                                        "values"))
         return {**recorded, "step": step, "already_complete": True}
 
     def _agreed_rank_state(self) -> None:

@@ -75,6 +75,7 @@ from typing import Any
 from models.checkpoint import CheckpointError
 from runtime.checkpoint_path import (
     RESUMABLE,
+    RESUMABLE_OR_INIT,
     STAGING,
     CheckpointPathError,
     is_staging,
@@ -550,13 +551,16 @@ def read_latest(root: Path) -> str | None:
     return latest_tag(root, path.read_text().strip()) if path.is_file() else None
 
 
-def resolve_resume(resume: str | None, root: Path, warn: bool = True) -> Path | None:
+def resolve_resume(resume: str | None, root: Path, warn: bool = True,
+                   init: bool = False) -> Path | None:
     """The checkpoint directory to resume from, or None for a fresh start.
 
     ``auto``: ``root/latest`` if it exists. A path: whatever ``runtime.checkpoint_path``
     resolves to a ZeRO tag directory (a run directory, its ``checkpoints/``,
     ``checkpoints/latest``, a ``step_*`` directory). ``warn``: log which checkpoints a
     rewind abandons (off for a look-ahead whose caller resolves again to train).
+    ``init``: the command has ``--init`` (fine-tuning), which a refusal of a weights file
+    or of a path without a checkpoint then suggests; pre-training has none to suggest.
     """
     if not resume:
         return None
@@ -564,14 +568,14 @@ def resolve_resume(resume: str | None, root: Path, warn: bool = True) -> Path | 
         tag = read_latest(root)
         return root / tag if tag else None
     try:
-        source = resolve_checkpoint(resume, accepted=RESUMABLE)
+        source = resolve_checkpoint(resume, accepted=RESUMABLE_OR_INIT if init else RESUMABLE)
     except CheckpointPathError as err:
         raise ResumeError(f"--resume {err}") from None
     if not source.is_zero:
         raise ResumeError(f"--resume {resume}: a weights file holds no optimizer, schedule "
                           "or data state; resume from a training checkpoint (a run directory, "
-                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory); "
-                          "fine-tuning starts from weights with --init")
+                          f"its checkpoints/, checkpoints/{LATEST} or a step_* directory)"
+                          + ("; fine-tuning starts from weights with --init" if init else ""))
     staging = _interrupted_swap(source.path.parent)
     if staging is not None and staging.split(STAGING)[0] == source.path.name:
         raise ResumeError(
@@ -703,6 +707,23 @@ def publish_config(run_dir: Path) -> None:
 def discard_config(run_dir: Path) -> None:
     """Drop the staged config of a start that was refused."""
     _pending_config(run_dir).unlink(missing_ok=True)
+
+
+def complete_message(ckpt_dir: Path, step: int, total: int,
+                     recorded: dict[str, Any] | None, what: str) -> str:
+    """What rank 0 logs at a resume with nothing left to train, the one wording of
+    pre-training and fine-tuning: the run's checkpoint ``ckpt_dir`` is at ``step``, the
+    run's end (``total``, this config's last step) or past it, and ``recorded`` is what
+    ``metrics.jsonl`` holds at that step (None or empty: nothing), ``what`` naming it
+    ("values": pre-training's training and zero-shot records; "evaluation": fine-tuning's
+    last evaluation)."""
+    end = (f"step {step} of {total}" if step == total else
+           f"step {step}, past this config's end at step {total}")
+    found = (f"its last {what} (metrics.jsonl, step {step}): {recorded}" if recorded
+             else f"metrics.jsonl records no {what} at step {step}")
+    return (f"the run is already complete: its checkpoint {ckpt_dir} is at {end}; nothing "
+            f"to train or evaluate, nothing saved: the run's checkpoints and {CONFIG} are "
+            f"left as they were; {found}")
 
 
 def refuse_legacy_resume(resume: str | None, root: Path) -> None:

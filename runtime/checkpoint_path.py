@@ -35,8 +35,10 @@ ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a 
             "directory, a released .pth (or .pt/.bin) or a .safetensors file")
 # what --resume accepts: a weights file resolves, but holds no optimizer or data state
 RESUMABLE = ("a run directory, its checkpoints/ directory, checkpoints/latest or a step_* "
-             "directory (a released .pth or .safetensors file holds weights only: "
-             "fine-tuning starts from one with --init)")
+             "directory (a released .pth or .safetensors file holds weights only)")
+# the same for a command that starts from weights with --init (fine-tuning; pre-training
+# has no such option, so its refusal names none)
+RESUMABLE_OR_INIT = RESUMABLE[:-1] + ": fine-tuning starts from one with --init)"
 
 
 class CheckpointPathError(CheckpointError):
@@ -134,8 +136,9 @@ def resolve_checkpoint(path: str | Path, accepted: str = ACCEPTED) -> Checkpoint
     ``step_*`` tag directory (or a ``*_model_states.pt`` file inside one), a released
     ``.pth``/``.pt``/``.bin`` or a ``.safetensors`` file. Anything else raises
     :class:`CheckpointPathError` with one line naming what is accepted: ``accepted``, the
-    caller's wording of it (:data:`RESUMABLE` for ``--resume``, which refuses a weights
-    file: suggesting one there led to a second refusal).
+    caller's wording of it (:data:`RESUMABLE`, or :data:`RESUMABLE_OR_INIT` for
+    fine-tuning, for ``--resume``, which refuses a weights file: suggesting one there led
+    to a second refusal).
     """
     given = str(path)
     path = Path(path).expanduser()

@@ -108,11 +108,12 @@ def test_a_start_that_cannot_list_checkpoints_warns_and_goes_on(tmp_path, monkey
 def test_resume_of_a_run_with_no_checkpoint_suggests_training_checkpoints_only(tmp_path):
     """`--resume DIR` with no checkpoint suggested a .pth or .safetensors file, which
     --resume then refused (a weights file holds no optimizer state): it names what
-    --resume takes, and --init for weights. `convert` and --init keep their wording."""
+    --resume takes, and fine-tuning's --init for weights (init=True: pre-training has no
+    --init, tests/test_resume_wording.py). `convert` and --init keep their wording."""
     from runtime.checkpoint_path import ACCEPTED, CheckpointPathError, resolve_checkpoint
 
     with pytest.raises(ck.ResumeError) as err:
-        ck.resolve_resume(str(tmp_path), tmp_path)
+        ck.resolve_resume(str(tmp_path), tmp_path, init=True)
     message = str(err.value)
     assert message.startswith(f"--resume {tmp_path}: a directory without a checkpoint")
     assert "step_* directory" in message and "--init" in message
@@ -120,7 +121,7 @@ def test_resume_of_a_run_with_no_checkpoint_suggests_training_checkpoints_only(t
     weights = tmp_path / "backbone.safetensors"
     weights.write_bytes(b"x")
     with pytest.raises(ck.ResumeError, match="--init"):
-        ck.resolve_resume(str(weights), tmp_path)
+        ck.resolve_resume(str(weights), tmp_path, init=True)
     with pytest.raises(CheckpointPathError) as err:
         resolve_checkpoint(tmp_path)
     assert str(err.value).endswith(ACCEPTED)

@@ -322,6 +322,8 @@ def test_a_resume_the_job_would_refuse_is_refused_before_sbatch(job, resume, mes
     assert status == 2, err
     assert err.startswith("internimage submit: config error:") and message in err
     assert resume in err and err.count("\n") == 1  # one line, naming what was given
+    # --init, for weights, only where the command has it: pretrain has none
+    assert ("--init" in err) == (job == "finetune")
     assert not no_sbatch.exists() and not (tmp_path / "logs").exists()
     assert not (tmp_path / "run").exists()
 
