@@ -26,7 +26,9 @@ The conversion runs once, on rank 0, into the resuming run's own
 ``checkpoints/<tag>_universal`` (never into another run's folder; written under a
 temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete;
 what it leaves, hidden, is deleted by the run's next start or save:
-``runtime.checkpoint.clear_leftovers`` and ``prune``),
+``runtime.checkpoint.clear_leftovers`` and ``prune``; renamed only while that folder
+still holds this conversion's token, so one whose folder a job that took the run over
+removed mid-write publishes nothing),
 with the identity of the checkpoint it was made from (:func:`source_identity`); a later
 resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
 tag (a rewound run re-saving that step) converts again. ``runtime.checkpoint.prune``
@@ -41,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -103,6 +106,32 @@ def _converted_from(universal: Path) -> str | None:
         return None  # made before identities were recorded, or damaged: not trusted
 
 
+def _token_of(folder: Path) -> str | None:
+    """The token the conversion that created ``folder`` wrote into it (None: none)."""
+    try:
+        return json.loads((folder / SOURCE).read_text())["token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_own(tmp: Path, token: str, out: Path) -> None:
+    """Refuse to publish ``tmp`` as ``out`` unless it is still the folder this conversion
+    created (its ``token``). Another job that took the run directory's lock from this one
+    while it was converting (runtime/run_lock.py: a holder stalled past the lock's
+    timeout, e.g. the next step of the same SLURM job) deletes what it takes for a killed
+    job's leftovers (``runtime.checkpoint.clear_leftovers``): this conversion's folder,
+    renamed away mid-write. ds_to_universal then writes the rest of its files under the
+    same name again, a partial folder without the token (or the new job's own conversion
+    is there, with its token); published, it would be loaded as the checkpoint's whole
+    universal form. Nothing is published, nothing of the other job's touched."""
+    if _token_of(tmp) != token:
+        raise ResumeError(
+            f"{out}: the universal conversion's folder {tmp.name} was replaced while it was "
+            "being written (another job took over the run directory: its start removes "
+            "what it takes for a killed job's leftovers); nothing published, the run's "
+            "checkpoints are as they were: resume again once this run directory has one job")
+
+
 def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
     """``ckpt_dir``'s universal form (``<tag>_universal``) in ``into``, the resuming run's
     own ``checkpoints/`` (default: beside ``ckpt_dir``), converted with DeepSpeed's
@@ -120,6 +149,12 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
                     "an older version): converting again", out.name, ckpt_dir.name)
     tmp = into / derived_staging(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
+    # this conversion's mark in its folder (ds_to_universal writes into an existing one):
+    # checked before the folder is published, see _check_own
+    token = secrets.token_hex(8)
+    tmp.mkdir(exist_ok=True)  # a leftover rmtree could not remove: written over
+    (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity,
+                                          "token": token}))
     start = time.perf_counter()
     # its default worker counts: --num_extract_workers 1 with the default merge workers
     # hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry no
@@ -130,11 +165,12 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
                            "--inject_missing_state"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _token_of(tmp) == token:  # never another job's folder
+            shutil.rmtree(tmp, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
                           f"({proc.returncode}): {last}")
-    (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity}))
+    _check_own(tmp, token, out)
     aside = into / derived_aside(out.name)
     if out.exists():  # a stale conversion: set aside, then gone once the new one is in place
         shutil.rmtree(aside, ignore_errors=True)

@@ -396,10 +396,13 @@ def clear_leftovers(root: Path) -> list[Path]:
     (a resume of a finished run) would otherwise keep them for ever, as only a save's
     :func:`prune` deleted garbage. Safe: the lock means no other live job writes in the
     run directory, and this job's own derived folders are written later (a resize's
-    conversion, in its restore). Renames derived leftovers to garbage names first, as
-    :func:`prune` does; returns the garbage queued. Best effort: a ``root`` that cannot
-    be listed (EACCES, ESTALE) only warns, since rank 0 raising here, before the ranks
-    agree on their resume checks, would leave the others waiting in a collective."""
+    conversion, in its restore). A holder whose lock was taken over while it was still
+    alive (stalled past the lock's timeout) may be converting: its folder goes, and its
+    conversion then refuses to publish what is left (pretrain/resize.py). Renames
+    derived leftovers to garbage names first, as :func:`prune` does; returns the garbage
+    queued. Best effort: a ``root`` that cannot be listed (EACCES, ESTALE) only warns,
+    since rank 0 raising here, before the ranks agree on their resume checks, would leave
+    the others waiting in a collective."""
     try:
         found = _leftovers(root) if root.is_dir() else []
     except OSError as err:

@@ -210,7 +210,7 @@ def converter(monkeypatch):
     def run(cmd, **kw):
         src = Path(cmd[cmd.index("--input_folder") + 1])
         dst = Path(cmd[cmd.index("--output_folder") + 1])
-        dst.mkdir()
+        dst.mkdir(exist_ok=True)  # as ds_to_universal's os.makedirs(exist_ok=True)
         content = (src / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_text()
         (dst / "branch").write_text(content)
         calls.append(src.name)
@@ -290,3 +290,74 @@ def test_a_resize_from_another_runs_checkpoint_converts_into_this_run(tmp_path, 
     assert out.parent == mine and (out / "branch").read_text() == "A"
     assert sorted(p.name for p in other.iterdir()) == before
     assert convert_to_universal(ckpt, into=mine) == out and len(converter) == 1  # reused
+
+
+def _taken_over(monkeypatch, new_job_converts: bool) -> None:
+    """``ds_to_universal`` (a stand-in) of a job whose run lock another job took while it
+    was converting (a holder stalled past the lock's timeout: two steps of one SLURM job):
+    half-way, the new holder's start removes what it takes for a killed job's leftovers
+    (runtime.checkpoint.clear_leftovers, run for real here), this conversion's folder
+    among them; ``new_job_converts``: the new holder then starts its own conversion under
+    the same name. The old conversion goes on writing its files under its folder's name."""
+    import pretrain.resize as resize
+    import runtime.checkpoint as ck
+
+    def run(cmd, **kw):
+        dst = Path(cmd[cmd.index("--output_folder") + 1])
+        (dst / "zero" / "param_a").mkdir(parents=True)
+        (dst / "zero" / "param_a" / "fp32.pt").write_text("converted")
+        assert len(ck.clear_leftovers(dst.parent)) == 1  # the new holder's start
+        if new_job_converts:
+            dst.mkdir()
+            (dst / resize.SOURCE).write_text(json.dumps({"token": "the new job's"}))
+        (dst / "zero" / "param_b").mkdir(parents=True, exist_ok=True)  # the rest
+        (dst / "zero" / "param_b" / "fp32.pt").write_text("converted")
+        (dst / "mp_rank_00_model_states.pt").write_text("states")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(resize.subprocess, "run", run)
+
+
+@pytest.mark.parametrize("new_job_converts", [False, True])
+def test_a_conversion_whose_folder_was_taken_over_publishes_nothing(new_job_converts,
+                                                                     tmp_path, monkeypatch):
+    """The old holder's conversion finished writing into a folder that is no longer the
+    one it created: publishing it (the rename it ends with) put a universal form without
+    param_a, or with the new job's files, where a resize resume loads it. It is refused in
+    one line; the universal form already there (an older conversion) stays, and the new
+    job's folder is left to it."""
+    from pretrain.resize import SOURCE, convert_to_universal
+    from runtime.checkpoint import ResumeError, derived_staging, wait_for_deletions
+
+    ckpt = _checkpoint(tmp_path, "step_0000004", "A")
+    published = tmp_path / "step_0000004_universal"
+    published.mkdir()  # made by an older version: converted again
+    (published / "branch").write_text("old")
+    _taken_over(monkeypatch, new_job_converts)
+    with pytest.raises(ResumeError) as err:
+        convert_to_universal(ckpt)
+    assert wait_for_deletions(timeout=60)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{published}: ")
+    assert "replaced while it was being written" in message and "nothing published" in message
+    assert sorted(p.name for p in published.iterdir()) == ["branch"]  # as it was
+    assert (published / "branch").read_text() == "old"
+    tmp = tmp_path / derived_staging(published.name)
+    assert not (tmp_path / f".{published.name}.stale").exists()
+    if new_job_converts:  # the new job's own conversion, untouched
+        assert json.loads((tmp / SOURCE).read_text()) == {"token": "the new job's"}
+    else:  # what the old one wrote after the takeover: a hidden leftover, not published
+        assert not (tmp / "zero" / "param_a").exists() and (tmp / "zero" / "param_b").exists()
+
+
+def test_a_conversion_publishes_its_own_folder_with_its_source(tmp_path, converter):
+    """The mark a conversion checks before publishing is its source record: the published
+    form still names the checkpoint and its identity (what a later resize reuses it by)."""
+    from pretrain.resize import SOURCE, convert_to_universal, source_identity
+
+    ckpt = _checkpoint(tmp_path, "step_0000004", "A")
+    out = convert_to_universal(ckpt)
+    record = json.loads((out / SOURCE).read_text())
+    assert record["source"] == "step_0000004" and record["identity"] == source_identity(ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004",
+                                                          "step_0000004_universal"]
