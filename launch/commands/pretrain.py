@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import discard_config, stage_config
+    from runtime.checkpoint_path import CHECKPOINTS_DIR
 
     cfg = resolve_builtin(cfg)
     run_dir = Path(cfg.run.output_dir)
@@ -104,5 +105,5 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
                           "metrics": str(Path(cfg.run.output_dir, "metrics.jsonl").resolve()),
-                          "checkpoints": str(Path(cfg.run.output_dir, "checkpoints").resolve())}))
+                          "checkpoints": str(Path(cfg.run.output_dir, CHECKPOINTS_DIR).resolve())}))
     return 0

@@ -124,7 +124,9 @@ def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
     """
     if "--eval-only" in argv:  # an evaluation starts over from the weights it names
         return list(argv)
-    ckpts = run_dir / "checkpoints"
+    from runtime.checkpoint_path import CHECKPOINTS_DIR  # here: it imports torch
+
+    ckpts = run_dir / CHECKPOINTS_DIR
     has_own = (ckpts / "latest").is_file() or (ckpts / "last.pt").is_file()
     explicit = any(a == "--resume" or a.startswith("--resume=") for a in argv)
     return set_resume_auto(argv) if has_own or not explicit else list(argv)
