@@ -233,18 +233,20 @@ class MetricsFile:
     start); records past it are removed when the file is opened, into the cut file
     (:func:`cut_back`; None: append to whatever is there). ``purge_from`` and ``restored``
     are what TensorBoard must hide and re-log. ``timestamp``: add the wall-clock time to
-    each record (first key, ``time``).
+    each record (first key, ``time``). ``before_change``: :func:`cut_back`'s hook, called
+    with that pair before the file is touched where the cut changes the lineage.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
-                 timestamp: bool = False):
+                 timestamp: bool = False,
+                 before_change: Callable[[int, list[dict[str, Any]]], None] | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled, self.timestamp = enabled, timestamp
         self.purge_from = (resume_step or 0) + 1
         self.restored: list[dict[str, Any]] = []
         self._cut_pending = False
         if enabled and resume_step is not None:
-            self.purge_from, self.restored = cut_back(self.path, resume_step)
+            self.purge_from, self.restored = cut_back(self.path, resume_step, before_change)
             self._cut_pending = True
 
     def checkpointed(self) -> None:
@@ -294,8 +296,7 @@ def mend_tensorboard(run_dir: Path, purge_from: int, restored: list[dict[str, An
         for tag, value in _scalars(record).items():
             if tag not in ("step", "time"):  # as :meth:`MetricsLogger.log` adds them
                 writer.add_scalar(tag, value, record["step"])
-    if restored:
-        writer.flush()
+    writer.flush()  # the purge too: on disk before the caller changes metrics.jsonl
     return writer
 
 
@@ -307,20 +308,37 @@ class MetricsLogger:
     ``start_step``: the step the run starts from (the resumed checkpoint's; 0 for a fresh
     start). What a dead run logged past it is dropped from ``metrics.jsonl`` and hidden in
     TensorBoard: the writer opens with ``purge_step=start_step + 1``, which TensorBoard
-    documents as discarding the events of a crashed run from that step on.
+    documents as discarding the events of a crashed run from that step on (or from an
+    undone rewind's step, with the records put back re-logged: :func:`mend_tensorboard`).
+    Where the resume changes the lineage, that writer is opened, and its purge flushed,
+    by :func:`cut_back`'s ``before_change`` hook, before ``metrics.jsonl`` or its cut file
+    is touched, as :func:`records_at` does: a kill after the cut leaves TensorBoard
+    mended, a kill before it leaves the cut (and the mending) to the next resume. The
+    run logs on with that writer.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, *,
                  tensorboard: bool = True, progress: bool = True, desc: str = "train",
                  timestamp: bool = False):
         self.enabled = enabled
-        self.file = MetricsFile(run_dir, enabled, resume_step=start_step, timestamp=timestamp)
-        self.path = self.file.path
         self.writer = None
         self.bar = None
+
+        def mend(purge_from: int, restored: list[dict[str, Any]]) -> None:
+            self.writer = mend_tensorboard(run_dir, purge_from, restored)
+
+        try:
+            self.file = MetricsFile(run_dir, enabled, resume_step=start_step,
+                                    timestamp=timestamp,
+                                    before_change=mend if enabled and tensorboard else None)
+        except BaseException:
+            if self.writer is not None:  # its purge is on disk already
+                self.writer.close()
+            raise
+        self.path = self.file.path
         if not enabled:
             return
-        if tensorboard:
+        if tensorboard and self.writer is None:  # the lineage past start_step is unchanged
             self.writer = mend_tensorboard(run_dir, self.file.purge_from, self.file.restored)
         if progress:
             import sys

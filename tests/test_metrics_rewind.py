@@ -219,3 +219,44 @@ def test_a_finished_runs_resume_gives_a_run_without_tensorboard_none(tmp_path):
     assert _finished_resume(tmp_path, 40) == [(40, 40.0)]
     assert _records(tmp_path) == _lineage((1, 40, "a"))
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_a_training_resume_killed_right_after_its_cut_leaves_tensorboard_mended(tmp_path,
+                                                                                 monkeypatch):
+    # an undo (--resume auto after an interrupted rewind) put branch a's 31-40 back in
+    # metrics.jsonl and removed the cut file, then the job died before its TensorBoard
+    # writer was opened: the next resume (from 40, nothing left to cut) purged from 41
+    # only, and TensorBoard showed the abandoned branch b's 31-33 for ever
+    import runtime.metrics as metrics
+
+    _run(tmp_path, 0, 40, checkpoints=(30, 40))
+    _run(tmp_path, 30, 33, branch="b")  # the rewind, killed before its first checkpoint
+    real = metrics.cut_back
+
+    def killed_after(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "cut_back", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, 40, 42, checkpoints=(42,))
+    monkeypatch.undo()
+    assert _records(tmp_path) == _lineage((1, 40, "a"))
+    assert not (tmp_path / ("metrics.jsonl" + CUT_SUFFIX)).exists()  # nothing left to cut
+    _run(tmp_path, 40, 42, checkpoints=(42,))
+    want = _lineage((1, 42, "a"))
+    assert _records(tmp_path) == want
+    assert _tensorboard(tmp_path) == want
+
+
+def test_a_training_resumes_purge_is_on_disk_before_it_logs(tmp_path):
+    # the writer's purge event waited in its buffer until the first checkpoint's flush:
+    # a job killed before it (or before a save it published could tell the logger) left
+    # the dead run's steps past the checkpoint showing beside the new run's
+    _run(tmp_path, 0, 13, checkpoints=(10,))  # killed at 13, after the checkpoint of 10
+    with _own_second():
+        logger = MetricsLogger(tmp_path, True, 20, 10, tensorboard=True, progress=False)
+    try:
+        assert _tensorboard(tmp_path) == _lineage((1, 10, "a"))  # nothing flushed since
+    finally:
+        logger.close()
