@@ -109,7 +109,10 @@ class CocoInstances(Dataset):
     (:func:`clip_boxes`, mmdet's ``Resize``). An evaluation item's target holds
     ``boxes``, ``labels`` and ``image_id``, no ``masks``: the evaluation reads only
     ``image_id`` (COCOeval scores against the annotation file), so the masks are decoded
-    for training items alone.
+    for training items alone, and for those only with ``masks`` (what :func:`needs_masks`
+    says of the config: Mask R-CNN's mask head learns from them, DINO's head reads only
+    boxes and labels); a training target without them is flipped and cropped all the
+    same, with the same random draws.
 
     An image that cannot be decoded (truncated, not an image; the file is named): in
     training the next readable item takes its place
@@ -121,9 +124,10 @@ class CocoInstances(Dataset):
 
     def __init__(self, image_dir: Path, ann_file: Path, train: bool, hflip: float = 0.5,
                  crop_aug: DetCropAugConfig | None = None, filter_empty_gt: bool = False,
-                 min_size: int = 0):
+                 min_size: int = 0, masks: bool = True):
         self.coco = _coco(Path(ann_file))
         self.image_dir, self.train, self.hflip = image_dir, train, hflip
+        self.masks = train and masks  # decode instance masks (annToMask) into the target
         self.replace = NextReadable("image")
         self.crop_aug = crop_aug
         self.ids = sorted(self.coco.imgs)
@@ -202,11 +206,15 @@ class CocoInstances(Dataset):
             # each evaluation would be time and memory spent on nothing
             return img.float() / 255, target
         boxes = target["boxes"]
-        target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) \
-            if anns else torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
+        if self.masks:  # COCO: ~7 image-size masks an item, for a head that uses them
+            target["masks"] = torch.from_numpy(
+                np.stack([self.coco.annToMask(a) for a in anns])) if anns else \
+                torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
         if torch.rand(()) < self.hflip:
             w = img.shape[-1]
-            img, target["masks"] = img.flip(-1), target["masks"].flip(-1)
+            img = img.flip(-1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
                                            boxes[:, 3]], 1)
         # prob 0 draws nothing: the flips of a run without the branch stay as they were
@@ -262,7 +270,8 @@ def resize_and_crop(img: torch.Tensor, target: dict,
                     aug: DetCropAugConfig) -> tuple[torch.Tensor, dict]:
     """The crop branch of mmdet's DETR-style ``AutoAugment``, up to its last resize.
 
-    ``img``: (3, H, W); ``target``: ``boxes`` (xyxy pixels), ``masks`` (N, H, W), ``labels``.
+    ``img``: (3, H, W); ``target``: ``boxes`` (xyxy pixels), ``labels`` and, where the
+    dataset decodes them, ``masks`` (N, H, W) (a target without them: the same draws).
     Resize to a shorter side drawn from ``aug.resize_sizes`` (longer side <= ``aug.max_size``),
     then mmdet 2.x ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``
     (open-mmlab/mmdetection mmdet/datasets/pipelines/transforms.py): crop height and width
@@ -282,7 +291,6 @@ def resize_and_crop(img: torch.Tensor, target: dict,
     # antialias off: mmcv resizes with cv2's bilinear, which does not antialias
     img = F.resize(img, size, antialias=False)
     boxes = F.resize(boxes, size)
-    masks = F.resize(tv_tensors.Mask(target["masks"]), size)  # nearest, as mmdet's masks
 
     lo, hi = aug.crop_size
     crop_h, crop_w = (int(torch.randint(min(s, lo), min(s, hi) + 1, ())) for s in size)
@@ -290,10 +298,13 @@ def resize_and_crop(img: torch.Tensor, target: dict,
     left = int(torch.randint(size[1] - crop_w + 1, ()))
     img = F.crop(img, top, left, crop_h, crop_w)
     boxes = F.crop(boxes, top, left, crop_h, crop_w).as_subclass(torch.Tensor)  # clipped
-    masks = F.crop(masks, top, left, crop_h, crop_w).as_subclass(torch.Tensor)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return img, {**target, "boxes": boxes[keep], "masks": masks[keep],
-                 "labels": target["labels"][keep]}
+    out = {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
+    if "masks" in target:
+        masks = F.resize(tv_tensors.Mask(target["masks"]), size)  # nearest, as mmdet's masks
+        masks = F.crop(masks, top, left, crop_h, crop_w).as_subclass(torch.Tensor)
+        out["masks"] = masks[keep]
+    return img, out
 
 
 def collate(batch):
@@ -671,8 +682,18 @@ def _split_files(cfg: DetectionConfig) -> tuple[Path, Path, Path, Path]:
     return root / d.train_images, root / d.train_ann, root / d.val_images, root / d.val_ann
 
 
+def needs_masks(cfg: DetectionConfig) -> bool:
+    """Whether ``head.kind`` learns from instance masks and predicts them (Mask R-CNN:
+    its training items decode them, its evaluation scores segm AP too); DINO's head reads
+    only the boxes and labels of a target and predicts boxes (finetune/heads/dino.py
+    ``_prepare``), so its training items decode none (annToMask of ~7 image-size masks
+    an item on COCO, for nothing)."""
+    return cfg.head.kind == "maskrcnn"
+
+
 def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
-    """(train, val) for ``data.kind``; the demo set is generated on first use."""
+    """(train, val) for ``data.kind``; the demo set is generated on first use. The
+    training items hold instance masks where the head needs them (:func:`needs_masks`)."""
     d = cfg.data
     if d.kind != "demo":
         # the paths only: the images were compared with their folders at the start checks
@@ -680,7 +701,7 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
         check_data_paths(data_paths(cfg))
     paths = _split_files(cfg)
     return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
-                          d.min_size),
+                          d.min_size, masks=needs_masks(cfg)),
             CocoInstances(paths[2], paths[3], False))
 
 
