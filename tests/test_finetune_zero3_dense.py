@@ -164,7 +164,9 @@ def test_detection_zero3_two_ranks_evaluate_as_one_process(cache, tmp_path):
     from runtime.dist import DistInfo
 
     out = tmp_path / "det"
-    assert _run("detection", out, cache) == [0, 0]
+    # each rank reads its evaluation batches through 2 loader workers (the one-process
+    # evaluation below reads them in its own process: the scores must not differ)
+    assert _run("detection", out, cache, "run.num_workers=2") == [0, 0]
     tag_dir = _assert_zero3_checkpoint(out)
     got = _last_eval(out, "bbox_AP")
     assert got["step"] == 10
