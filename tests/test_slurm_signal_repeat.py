@@ -174,16 +174,24 @@ def test_a_signal_while_the_job_sets_up_is_acted_on_outside_the_handler(task, mo
     assert saves(task) == [("requeue_requested", False, "training had not started")]
 
 
-def test_repeats_after_the_run_ended_are_logged(task, caplog):
+def test_repeats_after_the_run_ended_are_logged(task, caplog, monkeypatch):
     """Two USR2 as the run completes: the task ends as completed (no save, no requeue)
     and the ignored repeat is said once in the log, as during a save.
 
-    Before, a repeat was logged only from within a save on the signal."""
+    Before, a repeat was logged only from within a save on the signal.
+
+    The job's handler is called by the training thread itself, as the main thread's
+    would be, and the main thread waits in one long slice: a real signal could be acted
+    on between the two, or (landing as the main thread blocks) only when its wait ends."""
+    import launch.slurm.job as job_module
+
+    monkeypatch.setattr(job_module, "POLL_S", 120)  # join returns as the thread ends
+
     def make(job: TrainingJob) -> Callable[[list[str]], int]:
         def entry(argv: list[str]) -> int:
-            for seen in (1, 2):
-                to_main_thread()
-                noted(job, seen)
+            on_signal = signal.getsignal(USR2)
+            on_signal(USR2, None)
+            on_signal(USR2, None)
             return 0  # completes before the main thread acts on the first signal
         return entry
 

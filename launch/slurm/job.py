@@ -64,6 +64,11 @@ from launch.slurm.jobspec import with_flag
 
 log = logging.getLogger(__name__)
 
+# The main thread waits in slices this long. CPython looks for a pending signal before it
+# blocks, not atomically with it: a signal landing in between runs its handler only when
+# the wait ends. Short waits bound that delay, and the delay of acting on a noted signal.
+POLL_S = 0.5
+
 
 @dataclass
 class _Runtime:
@@ -230,10 +235,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         while thread.is_alive():
             # Short waits: the handler interrupts one and only notes the signal; acting on
             # it here, outside the handler, it may log, wait and exit (submitit's requeue)
-            thread.join(timeout=0.5)
+            thread.join(timeout=POLL_S)
             act_on_signal()
         act_on_signal()  # noted as the run ended: ignored, and said so
-        log_ignored(rt)  # repeats that came after a first one acted on above, or after it
+        log_ignored(rt)  # repeats noted since (one landing after this goes unsaid: the
+        # run has ended, and the task with it)
         if rt.error is not None:
             raise rt.error
         return rt.status
@@ -253,7 +259,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
         def on_signal(signum: int, frame: Any) -> None:
             if os.getpid() == main_pid:  # not a forked data-loader worker: its task's
-                signals.append((signum, frame))  # main process handles the signal
+                # main process handles the signal; only the first one's frame is used
+                signals.append((signum, None if signals else frame))
 
         signal.signal(sig, on_signal)
         return signals, previous
@@ -366,7 +373,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
             return False, "training had not started"
         log.warning("saving a checkpoint on the signal (waiting up to %ss)",
                     self.save_timeout_s)
-        thread.join(timeout=self.save_timeout_s)
+        deadline = time.monotonic() + self.save_timeout_s
+        while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+            thread.join(timeout=min(left, POLL_S))  # short waits: see POLL_S
         if thread.is_alive():
             log.error("the save did not finish within %ss (the job resumes from the last "
                       "complete checkpoint)", self.save_timeout_s)
