@@ -26,6 +26,22 @@ def check_positive_finite(value: float, key: str) -> None:
     check(math.isfinite(value) and value > 0, key, f"must be finite and > 0, got {value}")
 
 
+# ~1.9 years: "never" for any job, and well inside what torch's millisecond count holds
+MAX_COLLECTIVE_TIMEOUT_MIN = 1e6
+
+
+def check_collective_timeout(minutes: float | None,
+                             key: str = "run.collective_timeout_min") -> None:
+    """A collective timeout in minutes (runtime/dist.py ``init_distributed``): unset (None,
+    DeepSpeed's default) or a finite number > 0 and at most
+    :data:`MAX_COLLECTIVE_TIMEOUT_MIN`. Pre-training's and fine-tuning's ``RunConfig``."""
+    if minutes is None:
+        return
+    check(math.isfinite(minutes) and 0 < minutes <= MAX_COLLECTIVE_TIMEOUT_MIN, key,
+          f"must be > 0 minutes (at most {MAX_COLLECTIVE_TIMEOUT_MIN:g}; unset: DeepSpeed's "
+          f"default), got {minutes}")
+
+
 def check_adamw(lr: float, betas: Sequence[float], eps: float | None = None) -> None:
     """``optim.lr``, ``optim.betas`` and (where a task has the key) ``optim.eps`` of every
     task's AdamW: torch's AdamW refuses betas outside [0, 1) and a negative eps only when

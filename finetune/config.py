@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # one validation helper for every config, and the one check of model.dcn_backend
-from data.config import check, check_adamw, check_dcn_backend
+from data.config import check, check_adamw, check_collective_timeout, check_dcn_backend
 
 __all__ = ["check", "check_dcn_backend"]
 
@@ -107,6 +107,12 @@ class RunConfig:
     # ZeRO-3: parameters smaller than this stay whole on every rank (DeepSpeed's default)
     zero_persistence_threshold: int = 100_000
     precision: str = "fp32"
+    # Minutes one collective may wait for the other ranks before the job fails (a rank
+    # that hangs rather than dies: a stalled file read, a GPU in a bad state, a stopped
+    # process). None: DeepSpeed's default, DEEPSPEED_TIMEOUT minutes else 10. Longer than
+    # any wait a healthy rank imposes (rank 0 writing a checkpoint or evaluating while the
+    # others wait). Fixed when the process group is created (runtime/dist.py).
+    collective_timeout_min: float | None = None
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "run.batch_size", "must be >= 1")
@@ -130,6 +136,7 @@ class RunConfig:
               f"must be >= 0 (0: load in the training process), got {self.num_workers}")
         check(self.threads >= 0, "run.threads",
               f"must be >= 0 (0: torch's default), got {self.threads}")
+        check_collective_timeout(self.collective_timeout_min)
 
     def eval_interval(self, steps_per_epoch: int) -> int:
         """Optimizer steps between evaluations, for every task: ``eval_every``, or one epoch

@@ -104,7 +104,7 @@ def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, f
     from runtime.checkpoint import agree_on_refusal
     from runtime.dist import broadcast_object, init_distributed
 
-    d = init_distributed()
+    d = init_distributed(cfg.run.collective_timeout_min)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # rank 0's choice on every rank: a run still training may publish a newer checkpoint

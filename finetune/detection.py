@@ -206,7 +206,7 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
     """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
     from finetune.loop import run_loop
 
-    d = init_distributed()
+    d = init_distributed(cfg.run.collective_timeout_min)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg)

@@ -131,7 +131,7 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     from runtime.checkpoint import agree_on_refusal, load_torch_file
     from runtime.dist import broadcast_object, init_distributed
 
-    d = init_distributed()
+    d = init_distributed(cfg.run.collective_timeout_min)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # Rank 0's choice for every rank: a run still training may publish a newer checkpoint

@@ -178,7 +178,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     ``IoU.<class>``, ...)."""
     from finetune.loop import run_loop
 
-    d = init_distributed()
+    d = init_distributed(cfg.run.collective_timeout_min)
     sync_bn = d.world_size > 1 and d.device.type == "cuda"  # SyncBatchNorm needs NCCL
     refuse_single_image_batchnorm(cfg, d.world_size if sync_bn else 1)
     if cfg.run.threads:

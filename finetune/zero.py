@@ -216,7 +216,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     from finetune.init import load_init
     from runtime.checkpoint import load_torch_file
 
-    d = init_distributed()  # env for a lone process, gloo on CPU / nccl on GPU
+    d = init_distributed(cfg.run.collective_timeout_min)  # env for a lone process, gloo/nccl
     mhash = model_hash(cfg)
     # may refuse: before any compute; config.yaml once the stream position is checked and
     # the init weights are loaded too (a refused start leaves no config.yaml)

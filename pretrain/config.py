@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
-from data.config import check_adamw, check_dcn_backend
+from data.config import check_adamw, check_collective_timeout, check_dcn_backend
 from pretrain.data.config import DataConfig, check
 
 
@@ -263,6 +263,12 @@ class RunConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     tensorboard: bool = True
     progress: bool = True
+    # Minutes one collective may wait for the other ranks before the job fails (a rank
+    # that hangs rather than dies: a stalled file read, a GPU in a bad state, a stopped
+    # process). None: DeepSpeed's default, DEEPSPEED_TIMEOUT minutes else 10. Longer than
+    # any wait a healthy rank imposes (rank 0 writing a checkpoint or evaluating while the
+    # others wait). Fixed when the process group is created (runtime/dist.py).
+    collective_timeout_min: float | None = None
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps", "must be >= 1")
@@ -271,6 +277,7 @@ class RunConfig:
         check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
         check(self.epochs == 0 or self.samples_per_epoch > 0, "run.samples_per_epoch",
                "is required when run.epochs is set")
+        check_collective_timeout(self.collective_timeout_min)
 
 
 @dataclass

@@ -132,7 +132,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.run_dir / CHECKPOINTS_DIR
-        self.info: DistInfo = init_distributed()
+        self.info: DistInfo = init_distributed(cfg.run.collective_timeout_min)
         check_precision(cfg.engine.precision)
         num_tags = len(TagVocab.load(cfg.data.tag_vocab))
         self.model_hash = model_hash(cfg, num_tags)

@@ -6,6 +6,11 @@ the backend is detected (NCCL with CUDA, gloo otherwise), never hard-coded, and 
 process gets the rendezvous variables DeepSpeed needs (else DeepSpeed falls back to MPI
 discovery). It returns a :class:`DistInfo`, the one type every loop passes around.
 
+How long a collective may wait for the other ranks before it fails (a rank that hangs
+rather than dies: a stalled NFS read, a GPU in a bad state, a stopped process) is the
+run's ``run.collective_timeout_min`` (:func:`collective_timeout`), given to the process
+group and to every group created after it (DeepSpeed's ZeRO group included).
+
 Which GPU a task drives is decided once, here (:func:`cuda_device_for_task`): the GPU
 ``LOCAL_RANK`` when the task sees one GPU per task of its node (``--gpus-per-node``, no
 binding, as under torchrun), its only GPU when the scheduler binds one GPU per task
@@ -18,11 +23,15 @@ unchanged in a plain single-process test.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -114,8 +123,54 @@ def _slurm_gpus_on_node() -> int:
 _rebound_local_rank: int | None = None
 
 
-def init_distributed() -> DistInfo:
+TIMEOUT_KEY = "run.collective_timeout_min"
+
+
+def collective_timeout(minutes: float | None) -> tuple[timedelta, str]:
+    """How long one collective may wait for the other ranks, and the setting that says so.
+
+    ``minutes`` is the run's ``run.collective_timeout_min``; None keeps what runs got before
+    that setting existed, DeepSpeed's default: ``DEEPSPEED_TIMEOUT`` minutes, else 10
+    (``default_pg_timeout``, deepspeed/constants.py, 0.19.8). Imports DeepSpeed: call it
+    once ``DS_ACCELERATOR`` is settled (as :func:`init_distributed` does).
+    """
+    if minutes is not None:
+        return timedelta(minutes=minutes), TIMEOUT_KEY
+    from deepspeed.constants import default_pg_timeout
+
+    if "DEEPSPEED_TIMEOUT" in os.environ:
+        return default_pg_timeout, f"DEEPSPEED_TIMEOUT={os.environ['DEEPSPEED_TIMEOUT']} " \
+            f"({TIMEOUT_KEY} unset)"
+    return default_pg_timeout, f"DeepSpeed's default ({TIMEOUT_KEY} unset)"
+
+
+def _later_groups_default_to(timeout: timedelta) -> None:
+    """Give the groups created after the world group the same timeout.
+
+    torch gives a group created without a timeout (``dist.new_group(ranks)``, which is how
+    DeepSpeed creates the data-parallel group every ZeRO collective runs on:
+    deepspeed/utils/groups.py ``_clone_world_group``) its backend's default, not the world
+    group's: 30 minutes for gloo, 10 for NCCL (torch/distributed/distributed_c10d.py
+    ``_get_default_timeout`` reads the module's ``default_pg_timeout`` and
+    ``default_pg_nccl_timeout``, torch 2.14). Those two are set here.
+    """
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if hasattr(distributed_c10d, name):
+            setattr(distributed_c10d, name, timeout)
+
+
+def init_distributed(timeout_min: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent); return where we are.
+
+    ``timeout_min`` (the run's ``run.collective_timeout_min``; None: DeepSpeed's default,
+    see :func:`collective_timeout`) bounds every collective: a rank that waits longer for
+    the others fails (gloo: a ``RuntimeError`` "Timed out waiting ...ms"; NCCL: the
+    watchdog aborts the process) instead of waiting on a hung rank. It applies to the
+    world group and to every group created after it. Rank 0 logs it once, when the group
+    is created. Idempotent: when the process group already exists (a second call, or a
+    group created by someone else) it is joined as it is and its timeout does not change.
 
     On CUDA, the task's GPU (:func:`cuda_device_for_task`) is made current before the
     process group exists, and ``LOCAL_RANK`` is set to that GPU's index when the two
@@ -161,7 +216,14 @@ def init_distributed() -> DistInfo:
 
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        timeout, source = collective_timeout(timeout_min)
+        _later_groups_default_to(timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timeout)
+        if dist.get_rank() == 0:
+            log.info("collective timeout: %g min (%s): a rank that waits this long for the "
+                     "others in one collective fails the job (one hung rank stops them all)",
+                     timeout.total_seconds() / 60, source)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 

@@ -88,6 +88,11 @@ class _FakeNode:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
         monkeypatch.setattr(torch.cuda, "set_device", self.set_device_calls.append)
         monkeypatch.setattr(deepspeed, "init_distributed", self._init_distributed)
+        # init_distributed sets torch's default timeout of later groups: restored after
+        from torch.distributed import distributed_c10d
+
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+            monkeypatch.setattr(distributed_c10d, name, getattr(distributed_c10d, name))
         monkeypatch.setattr(dist, "is_initialized", lambda: bool(self.init_calls))
         monkeypatch.setattr(dist, "get_rank", lambda: 5)
         monkeypatch.setattr(dist, "get_world_size", lambda: 8)
@@ -128,8 +133,12 @@ def test_a_task_drives_its_own_gpu_from_before_the_process_group(
     assert info.device == torch.device("cuda", expected)
     assert (info.rank, info.local_rank, info.world_size, info.backend) == (5, 3, 8, "nccl")
     # DeepSpeed starts NCCL on the same GPU: current already, and named by LOCAL_RANK
+    # with the collective timeout of an unset run.collective_timeout_min: DeepSpeed's own
+    from deepspeed.constants import default_pg_timeout
+
     assert node.init_calls == [{"LOCAL_RANK": str(expected), "current": [expected],
-                                "dist_backend": "nccl", "auto_mpi_discovery": False}]
+                                "dist_backend": "nccl", "auto_mpi_discovery": False,
+                                "timeout": default_pg_timeout}]
     # a second call (the process group is up) still knows the task's index on its node
     again = init_distributed()
     assert (again.local_rank, again.device) == (3, torch.device("cuda", expected))

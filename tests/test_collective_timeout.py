@@ -1,0 +1,163 @@
+"""``run.collective_timeout_min``: how long one collective waits for the other ranks.
+
+A rank that hangs rather than dies (a stalled NFS read, a GPU in a bad state, a stopped
+process) makes every other rank wait in its next collective until the process group's
+timeout. The setting bounds that wait for the world group and for the groups DeepSpeed
+creates after it (ZeRO's data-parallel group), rank 0's log names it at the start, and a
+value that cannot be a timeout is refused before any compute."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.pretrain_utils import REPO, free_port
+
+KEY = "run.collective_timeout_min"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".nan", ".inf", "1e7"])
+@pytest.mark.parametrize("command", [["pretrain"], ["finetune", "classification"],
+                                     ["finetune", "detection"], ["finetune", "segmentation"]])
+def test_a_timeout_that_cannot_be_one_is_refused_in_one_line(command, value, tmp_path,
+                                                             capsys):
+    from launch.cli import main
+
+    out = tmp_path / "run"
+    assert main([*command, "--output-dir", str(out), f"{KEY}={value}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "config error: " in lines[0], lines
+    assert f"{KEY}: must be > 0 minutes" in lines[0]
+    assert not out.exists()
+
+
+def test_the_timeout_loads_unset_or_as_a_number_of_minutes():
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+
+    assert load_config(PretrainConfig, DEMO_CONFIG, []).run.collective_timeout_min is None
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [f"{KEY}=0.25"])
+    assert cfg.run.collective_timeout_min == 0.25
+
+
+def test_the_timeout_reaches_deepspeed_and_the_later_groups_and_is_fixed_once_set(
+        monkeypatch):
+    """``init_distributed(minutes)`` hands DeepSpeed the timedelta and makes it torch's
+    default for groups created later; a second call, the group being up, changes nothing."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    from runtime.dist import init_distributed
+    from tests.test_device_binding import _FakeNode
+
+    node = _FakeNode(monkeypatch, visible=1, local_rank=0, local_world_size=1,
+                     cuda_visible_devices="0")
+    init_distributed(0.25)
+    assert [call["timeout"] for call in node.init_calls] == [timedelta(seconds=15)]
+    assert distributed_c10d._get_default_timeout("gloo") == timedelta(seconds=15)
+    assert distributed_c10d._get_default_timeout("nccl") == timedelta(seconds=15)
+    init_distributed(5.0)
+    assert len(node.init_calls) == 1
+    assert distributed_c10d._get_default_timeout("nccl") == timedelta(seconds=15)
+
+
+# Two ranks join through runtime.dist.init_distributed with a 3 s timeout; rank 1 stops
+# itself (SIGSTOP: alive, its sockets open, never answering) and rank 0 runs one
+# collective on the world group and one on the group every ZeRO collective runs on
+# (DeepSpeed creates it later with dist.new_group(ranks), deepspeed/utils/groups.py
+# _clone_world_group), printing how long each took to fail.
+_GROUPS = """
+import logging, os, signal, time
+import torch
+import torch.distributed as dist
+from runtime.dist import barrier, init_distributed
+
+logging.basicConfig(level=logging.INFO)  # as the command line sets it
+info = init_distributed(0.05)
+from deepspeed.utils import groups
+
+zero_group = groups._get_data_parallel_group()
+barrier()
+if info.rank == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)
+for name, wait in (("world", barrier),
+                   ("zero", lambda: dist.all_reduce(torch.ones(4), group=zero_group))):
+    start = time.monotonic()
+    try:
+        wait()
+        print(name, "returned", flush=True)
+    except RuntimeError as err:
+        print(name, "failed after", round(time.monotonic() - start, 1), "s:", err, flush=True)
+os._exit(0)
+"""
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.distributed
+def test_a_stopped_rank_fails_the_others_collectives_after_the_timeout():
+    """Both the world group's barrier and ZeRO's group fail after the configured 3 s, not
+    after torch's default for groups created later (gloo: 30 min)."""
+    port = free_port()
+    peer = subprocess.Popen([sys.executable, "-c", _GROUPS], env=_rank_env(1, port),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # bounded: before the fix the ZeRO group's collective waited for 30 minutes
+        main = subprocess.run([sys.executable, "-c", _GROUPS], env=_rank_env(0, port),
+                              cwd=REPO, capture_output=True, text=True, timeout=240)
+    finally:
+        peer.kill()  # SIGKILL ends a stopped process too
+        peer.wait()
+    lines = [x for x in main.stdout.splitlines() if x.startswith(("world ", "zero "))]
+    assert [x.split()[:2] for x in lines] == [["world", "failed"], ["zero", "failed"]], \
+        main.stdout + main.stderr[-3000:]
+    for line in lines:
+        assert 2.5 <= float(line.split()[3]) < 60, line  # the 3 s timeout, not 30 min
+        assert "Timed out waiting 3000ms" in line, line
+    assert f"collective timeout: 0.05 min ({KEY})" in main.stderr
+
+
+@pytest.mark.distributed
+def test_pretraining_with_a_stopped_rank_ends_after_the_timeout(tmp_path, cache):
+    """A 2-rank pre-training whose rank 1 is stopped (SIGSTOP) after the first logged step:
+    rank 0 exits non-zero about ``run.collective_timeout_min`` (15 s) later instead of
+    waiting for DeepSpeed's 10 minutes, and its log named the setting at the start."""
+    from tests.pretrain_utils import _logs, _start_forked, losses, pretrain_cmd
+
+    out, logs = tmp_path / "run", _logs()
+    procs = _start_forked(pretrain_cmd(2, out, "--max-steps", "100000", f"{KEY}=0.25"),
+                          cache, logs)
+    rank0, rank1 = procs
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and rank0.exitcode is None and rank1.exitcode is None:
+            if (out / "metrics.jsonl").is_file() and losses(out):
+                break
+            time.sleep(0.05)
+        assert (out / "metrics.jsonl").is_file() and losses(out), \
+            "no step logged:\n" + (logs / "rank0.err").read_text(errors="replace")[-3000:]
+        os.kill(rank1.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rank0.join(15 + 105)  # the timeout, and generous room for a loaded machine
+        took = time.monotonic() - stopped
+        assert rank0.exitcode is not None, f"rank 0 still waiting {took:.0f} s after the stop"
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.join()
+    err = (logs / "rank0.err").read_text(errors="replace")
+    assert rank0.exitcode != 0, err[-3000:]
+    assert f"collective timeout: 0.25 min ({KEY})" in err
+    assert "Timed out waiting 15000ms" in err, err[-3000:]
