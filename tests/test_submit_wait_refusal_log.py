@@ -20,6 +20,7 @@ import pytest
 import submitit
 from submitit.core.utils import cloudpickle_dump
 
+from launch.slurm import wait
 from launch.slurm.wait import ATTEMPT_START, failure, refusal, task_outcome
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,10 +93,12 @@ def _bytes_read() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").is_file(), reason="needs Linux's /proc/self/io")
-def test_a_long_log_is_read_from_its_end_only(tmp_path):
-    """A weeks-long attempt's log (64 MiB here, its start line at the top, an earlier
+def test_a_long_log_is_read_from_its_end_only(tmp_path, monkeypatch):
+    """A weeks-long attempt's log (4 MiB here, read with a 64 KiB bound in place of the
+    real 256 KiB: the same code at a smaller scale; its start line at the top, an earlier
     attempt's refusal before it): the report reads a bounded end of each log, and still
     finds the last attempt's refusal there (the attempt began before that end)."""
+    monkeypatch.setattr(wait, "LOG_TAIL_BYTES", 64 << 10)
     body = "".join(f"step {i} loss 1.234 lr 1e-4 throughput 123.4 img/s\n"
                    for i in range(1000)).encode()
     job = _failed_job(tmp_path, {k: "" for k in (0, 1)})
@@ -103,18 +106,77 @@ def test_a_long_log_is_read_from_its_end_only(tmp_path):
         paths = job.task(task).paths
         with open(paths.stderr, "wb") as f:
             f.write((_start(0, task) + FIRST + "\n" + _start(1, task)).encode())
-            while f.tell() < 64 << 20:
+            while f.tell() < 4 << 20:
                 f.write(body)
             f.write((LAST + "\n" + _trace(task, 2)).encode())
         with open(paths.stdout, "wb") as f:
-            while f.tell() < 64 << 20:
+            while f.tell() < 4 << 20:
                 f.write(body)
     before = _bytes_read()
     why = failure(job, "FAILED")
     read = _bytes_read() - before
     assert why.split("\n", 1)[0] == f"job {JOB_ID} ended in state FAILED: {LAST}"
     assert "RuntimeError: `internimage pretrain --output-dir /r` exited with status 2" in why
-    assert read < 4 << 20, f"read {read} bytes of logs of 4 x 64 MiB"
+    # 4 x 64 KiB of logs, and whatever else the report reads; any one whole log is 4 MiB
+    assert read < 2 << 20, f"read {read} bytes of logs of 4 x 4 MiB"
+
+
+def _bar(i: int, n: int = 100_000) -> str:
+    """One redraw of a progress bar as tqdm writes it to a file: a carriage return before
+    it, no newline after it (the next redraw overwrites it on a terminal)."""
+    return f"\rtrain: {100 * i // n:3d}%|{'#' * (10 * i // n):<10}| {i:6d}/{n} [00:12<00:34]"
+
+
+def _bars(first: int, last: int) -> str:
+    return "".join(_bar(i) for i in range(first, last + 1))  # ~52 bytes a redraw
+
+
+def _shown_bars(why: str) -> list[str]:
+    """The lines of the stderr log's tail in the report that are whole redraws of the bar
+    (a redraw the tail's bound cut would not be one)."""
+    tail = why.split("_log.err <==\n", 1)[1].split("\n==> ", 1)[0].split("\n")
+    bars = [line for line in tail if line.startswith("train: ")]
+    for line in bars:  # whole, not the end of one the bound cut
+        assert _bar(int(line.rsplit("| ", 1)[1].split("/")[0])).lstrip("\r") == line, line
+    return bars
+
+
+def test_a_log_ending_in_a_progress_bar_shows_its_last_redraws(tmp_path):
+    """The task was killed (a crash of the node, say) while a progress bar was redrawn
+    with carriage returns and no newline: the log's whole last 256 KiB is one bar's
+    redraws. The report shows the last of them, not an empty log tail."""
+    job = _failed_job(tmp_path, {k: "" for k in (0, 1)}, status=1)
+    path = Path(job.task(0).paths.stderr)
+    path.write_text(_start(0) + "step 1 loss 1.0\n" + _bars(1, 10_000))
+    bars = _shown_bars(failure(job, "NODE_FAIL"))
+    assert bars and bars[-1] == _bar(10_000).lstrip("\r")
+
+
+def test_redraws_at_the_start_of_a_logs_end_are_not_dropped(tmp_path):
+    """The bar's redraws fill the log's last 256 KiB but for its last few lines: the
+    report shows the last redraws before those lines, as it would for a shorter log, not
+    the few lines alone."""
+    job = _failed_job(tmp_path, {k: "" for k in (0, 1)}, status=1)
+    path = Path(job.task(0).paths.stderr)
+    path.write_text(_start(0) + "step 1 loss 1.0\n" + _bars(1, 10_000) + "\n"
+                    + "RuntimeError: CUDA error: an illegal memory access was encountered\n")
+    why = failure(job, "FAILED")
+    assert "RuntimeError: CUDA error: an illegal memory access" in why
+    bars = _shown_bars(why)
+    assert bars and bars[-1] == _bar(10_000).lstrip("\r")
+
+
+def test_the_start_line_is_the_one_job_py_logs():
+    """ATTEMPT_START is built from the format the job logs with, and matches a whole line
+    of it (whatever the job id, master and run dir hold)."""
+    from launch.slurm.job import START_LINE
+
+    for args in (("4242", 0, 2, "node1", 0, 0, 3, "/r"),
+                 ("4242_7", 15, 16, "gpu-a (b)", 12, 3, 100, "/runs/my run (2)")):
+        line = START_LINE % args
+        assert ATTEMPT_START.search(f"2024-01-01 00:00:00,000 INFO launch.slurm.job: {line}")
+        assert ATTEMPT_START.fullmatch(line) is not None
+    assert not ATTEMPT_START.search("job 4242 task 0/2 (master node1) started")
 
 
 def test_the_start_line_the_job_writes_marks_each_attempt(tmp_path):

@@ -69,6 +69,12 @@ log = logging.getLogger(__name__)
 # the wait ends. Short waits bound that delay, and the delay of acting on a noted signal.
 POLL_S = 0.5
 
+# The line each task logs at every start, before it runs the command (job id, rank, world
+# size, master, restarts, time-outs, allowed requeues, run dir): launch.slurm.wait finds
+# the start of an attempt in a log by it (its ATTEMPT_START is built from this format)
+START_LINE = ("job %s task %d/%d (master %s), restart %d (%d for the time limit, at most "
+              "%d allowed; preemptions unlimited), run dir %s")
+
 
 @dataclass
 class _Runtime:
@@ -185,9 +191,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         timeouts = timeout_count(run_dir, info.job_id) if info.is_main else 0
         limit = submitted_time_limit_min() if info.is_main else None
         self._rt = _Runtime(info, restarts, timeouts, limit, started, signals=signals)
-        log.info("job %s task %d/%d (master %s), restart %d (%d for the time limit, at most "
-                 "%d allowed; preemptions unlimited), run dir %s", info.job_id, info.rank,
-                 info.world_size, info.master, restarts, timeouts, self.max_requeues, run_dir)
+        log.info(START_LINE, info.job_id, info.rank, info.world_size, info.master, restarts,
+                 timeouts, self.max_requeues, run_dir)
         if info.is_main:
             record(run_dir, "start", info, requeue=restarts, timeouts=timeouts,
                    argv=self.argv)

@@ -22,6 +22,8 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import pickle_load
 
+from launch.slurm.job import START_LINE
+
 log = logging.getLogger(__name__)
 
 # States after which SLURM will not run the job again (REQUEUED/PENDING are not final).
@@ -300,31 +302,42 @@ def failure(job: submitit.Job, state: str | None,
 REFUSED_STATUS = "exited with status 2 "
 REFUSAL_LINE = re.compile(r"^internimage (pretrain|finetune): \S.*$")
 # The line launch.slurm.job.TrainingJob logs once at each start of every task, before it
-# runs the command ("job 4242 task 0/2 (master node1), restart 1 (...)"), to stderr: the
+# runs the command ("job 4242 task 0/2 (master node1), restart 1 (...)", its START_LINE
+# format: each %s stands for any text, each %d for a whole number), to stderr: the
 # start of an attempt in the task's stderr log, which submitit names %j_%t_log.err and
 # SLURM appends to (open-mode append) at every requeue of the job, so one file holds all
 # of the job's attempts. A task that refused has logged it: TrainingJob raises the
 # "exited with status 2" it is judged by only after. (submitit's own "Starting with
 # JobEnvironment(...)" is no such marker: it logs it at INFO level, which its logging
 # config sends to stdout only, not stderr.)
-ATTEMPT_START = re.compile(r"\bjob \S+ task \d+/\d+ \(master .*?\), restart \d+\b")
+ATTEMPT_START = re.compile(r"\b" + "".join(
+    {"%s": ".*?", "%d": r"-?\d+"}.get(part, re.escape(part))
+    for part in re.split(r"(%[sd])", START_LINE)))
 # How much of a log's end is read, at most (a weeks-long job's logs grow with the run; what
 # the report shows is at their end: the refusal is the command's last line before it exits,
 # followed only by the job's traceback, submitit's error and srun's messages)
 LOG_TAIL_BYTES = 256 * 1024
 
 
-def _tail_lines(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> list[str]:
-    """The whole lines among the last ``max_bytes`` bytes of ``path`` (a line that bound
-    cuts is left out); the cost does not grow with the file."""
+def _tail_lines(path: Path, max_bytes: int | None = None) -> list[str]:
+    """The whole lines among the last ``max_bytes`` (default :data:`LOG_TAIL_BYTES`) bytes
+    of ``path``, split where ``str.splitlines`` splits (``\\n``, also ``\\r``: a progress
+    bar redrawn in place, as tqdm does in a log); a line that bound cuts is left out, unless
+    no line starts within the window (one line longer than it): then the window is kept as
+    it is, rather than nothing. The cost does not grow with the file."""
+    max_bytes = LOG_TAIL_BYTES if max_bytes is None else max_bytes
     with path.open("rb") as f:
         start = max(0, f.seek(0, os.SEEK_END) - max_bytes)
         f.seek(max(0, start - 1))  # the byte before: does the window start a line?
         data = f.read(max_bytes + 1)
-    if start > 0:
-        cut = data.find(b"\n")
-        data = data[cut + 1:] if cut >= 0 else b""
-    return data.decode(errors="replace").splitlines()
+    if start == 0:
+        return data.decode(errors="replace").splitlines()
+    # the first piece is the line the bound cuts, or only the end of the line before the
+    # window (the byte before it ends a line): either way no whole line of the window
+    pieces = data.decode(errors="replace").splitlines(keepends=True)
+    if len(pieces) > 1:
+        return "".join(pieces[1:]).splitlines()
+    return data[1:].decode(errors="replace").splitlines()
 
 
 def refusal(job: submitit.Job, failed: list[TaskOutcome]) -> str | None:
