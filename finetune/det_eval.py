@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from finetune.data_files import UnreadableFile
 from finetune.det_config import DetectionConfig
 from finetune.det_data import CocoInstances, needs_masks
-from runtime.dist import DistInfo, rank_share
+from finetune.eval_loader import share_batches
+from runtime.dist import DistInfo
 from runtime.lockstep import lockstep
 
 
@@ -20,47 +21,12 @@ def _sizes(cfg: DetectionConfig) -> tuple[list[int], int]:
     return list(cfg.detector.train_sizes), cfg.detector.test_size
 
 
-class _Unreadable:
-    """An evaluation item whose image could not be read: the message of the
-    :class:`UnreadableFile` it raised, carried to the evaluation loop, which raises it
-    there (a DataLoader worker's exception reaches the main process as torch's
-    ``Caught ... in DataLoader worker process`` text with the worker's traceback)."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-class _EvalItems(Dataset):
-    """``val_set``'s items at ``indices`` (this rank's share, in order); an unreadable
-    image's item is an :class:`_Unreadable`."""
-
-    def __init__(self, val_set: CocoInstances, indices: range):
-        self.val_set, self.indices = val_set, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.val_set[self.indices[i]]
-        except UnreadableFile as err:
-            return _Unreadable(str(err))
-
-
-def _as_list(batch: list) -> list:
-    """The DataLoader's collate: the items as they are (images differ in size)."""
-    return batch
-
-
-def val_batches(val_set: CocoInstances, cfg: DetectionConfig, d: DistInfo) -> DataLoader:
-    """This rank's share of ``val_set`` (:func:`runtime.dist.rank_share`), in order, in
-    lists of ``run.batch_size`` items (the last one shorter), read by ``run.num_workers``
-    loader processes (0: in this one) as training reads, so the images are decoded while
-    the model runs on the batch before them (tens of milliseconds a COCO-size JPEG, which
-    the model waited for when the evaluating process read the items itself)."""
-    return DataLoader(_EvalItems(val_set, rank_share(len(val_set), d)),
-                      batch_size=cfg.run.batch_size, shuffle=False,
-                      num_workers=cfg.run.num_workers, collate_fn=_as_list)
+def val_batches(val_set: CocoInstances, cfg: DetectionConfig, d: DistInfo) -> Iterator[list]:
+    """This rank's share of ``val_set``, in order, in lists of ``run.batch_size`` (image,
+    target) items (the last one shorter), read by ``run.num_workers`` loader processes
+    (:func:`finetune.eval_loader.share_batches`), so the images are decoded while the
+    model runs on the batch before them (tens of milliseconds a COCO-size JPEG)."""
+    return share_batches(val_set, d, cfg.run.batch_size, cfg.run.num_workers)
 
 
 @torch.no_grad()
@@ -90,9 +56,6 @@ def evaluate(model: nn.Module, val_set: CocoInstances, cfg: DetectionConfig,
 
     with lockstep(core, dummy_args, d.device) as forward:
         for batch in val_batches(val_set, cfg, d):
-            for item in batch:
-                if isinstance(item, _Unreadable):
-                    raise UnreadableFile(item.message)
             images = [img.to(d.device) for img, _ in batch]
             for (_, target), out in zip(batch, forward(images)):
                 results += detections_to_coco(out, target["image_id"], val_set.label_to_cat)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.datasets.base import IGNORE_INDEX
+from finetune.eval_loader import share_batches
 from finetune.seg_config import NINETEEN_CLASS_KINDS, SegmentationConfig
 from finetune.seg_data import SegDataset, eval_view
-from runtime.dist import DistInfo, all_reduce_sum, rank_share
+from runtime.dist import DistInfo, all_reduce_sum
 from runtime.lockstep import lockstep
 
 
@@ -43,6 +44,12 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
 
     Every forward pass (window, scale, flip) runs in lock-step with the other ranks
     (runtime/lockstep.py), so a ZeRO-3 model evaluates whatever each rank's slice holds.
+    The pairs are read by ``run.num_workers`` loader processes while the model runs
+    (:func:`finetune.eval_loader.share_batches`), one original image at a time, in the
+    order of this rank's share, so each rank's forward passes do not depend on
+    ``run.num_workers``; an image or label map that cannot be read ends the evaluation
+    with its :class:`~finetune.data_files.UnreadableFile` (naming it), whichever process
+    read it.
     """
     from finetune.metrics import ConfusionMatrix
 
@@ -55,8 +62,8 @@ def evaluate(model: nn.Module, val_set: SegDataset, cfg: SegmentationConfig,
         return (torch.zeros(1, 3, *crop, device=d.device),)
 
     with lockstep(core, dummy_args, d.device) as forward:
-        for i in rank_share(len(val_set), d):
-            img, label = val_set[i]  # one original image at a time
+        # one original image at a time: its views are made from it (_scores)
+        for [(img, label)] in share_batches(val_set, d, 1, cfg.run.num_workers):
             scores = _scores(forward, img.to(d.device), cfg, tuple(label.shape))
             conf.update(scores.argmax(1)[0].cpu(), label)
     conf.mat = all_reduce_sum(conf.mat.to(d.device), d).cpu()
