@@ -34,11 +34,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "
             "directory, a released .pth (or .pt/.bin) or a .safetensors file")
 # what --resume accepts: a weights file resolves, but holds no optimizer or data state
-RESUMABLE = ("a run directory, its checkpoints/ directory, checkpoints/latest or a step_* "
-             "directory (a released .pth or .safetensors file holds weights only)")
+_RESUMABLE_FORMS = ("a run directory, its checkpoints/ directory, checkpoints/latest or a "
+                    "step_* directory")
+_WEIGHTS_ONLY = "a released .pth or .safetensors file holds weights only"
+RESUMABLE = f"{_RESUMABLE_FORMS} ({_WEIGHTS_ONLY})"
 # the same for a command that starts from weights with --init (fine-tuning; pre-training
 # has no such option, so its refusal names none)
-RESUMABLE_OR_INIT = RESUMABLE[:-1] + ": fine-tuning starts from one with --init)"
+RESUMABLE_OR_INIT = (f"{_RESUMABLE_FORMS} ({_WEIGHTS_ONLY}: fine-tuning starts from one "
+                     "with --init)")
 
 
 class CheckpointPathError(CheckpointError):
