@@ -362,8 +362,10 @@ def check_data(cfg: DetectionConfig, thorough: bool = True, val_only: bool = Fal
             try:
                 data = _annotations(ann_file, keep=True)
                 names = _file_names(data, ann_file)
-                # the validation file is also read by COCOeval (finetune/metrics.py)
-                _refuse_unusable(data, ann_file, evaluated=ann == "val_ann")
+                # the validation file is also read by COCOeval (finetune/metrics.py);
+                # the masks only by a head that learns and predicts them (Mask R-CNN)
+                _refuse_unusable(data, ann_file, evaluated=ann == "val_ann",
+                                 masks=needs_masks(cfg))
             except ValueError as err:
                 raise ValueError(f"data.{ann}: {err}") from None
             checked.add(ann_file.resolve())
@@ -558,11 +560,14 @@ def _rle_pixels_of(strings: list[str]):
 
 
 def _annotation_fault(ann: object, cats: set, sizes: dict, evaluated: bool,
-                      rles: list) -> str | None:
+                      rles: list, masks: bool = True) -> str | None:
     """What keeps annotation entry ``ann`` from being read, or None: by pycocotools'
     index (every entry), then by ``CocoInstances`` (those :func:`in_target` keeps), and,
-    with ``evaluated``, by COCOeval (every entry). ``cats``: the file's category ids;
-    ``sizes``: image id -> (height, width); ``rles``: see :func:`_segmentation_fault`."""
+    with ``evaluated``, by COCOeval (every entry). ``masks``: whether its ``segmentation``
+    is read at all (:func:`needs_masks`: Mask R-CNN's training items decode it, its segm
+    COCOeval reads it; DINO's items and bbox COCOeval never do). ``cats``: the file's
+    category ids; ``sizes``: image id -> (height, width); ``rles``: see
+    :func:`_segmentation_fault`."""
     if not isinstance(ann, dict):  # COCO.createIndex indexes ann['image_id']
         return f"not an object ({_show(ann)})"
     # createIndex keys its dicts by id and image_id (KeyError without them, TypeError
@@ -579,8 +584,8 @@ def _annotation_fault(ann: object, cats: set, sizes: dict, evaluated: bool,
         return f"category_id {_show(cat)} is not one of the file's {len(cats)} categories"
     if evaluated:
         # COCOeval: int(gt['iscrowd']) in computeIoU/evaluateImg, gt['area'] compared
-        # with the area ranges in evaluateImg; and it reads the box and mask of every
-        # entry, crowd ones too
+        # with the area ranges in evaluateImg; and it reads the box of every entry, crowd
+        # ones too, and for segm (Mask R-CNN's) the mask (annToRLE in _prepare)
         for key in ("iscrowd", "area"):
             if not isinstance(ann.get(key), (int, float)):
                 return f"no {key}" if key not in ann else \
@@ -601,18 +606,23 @@ def _annotation_fault(ann: object, cats: set, sizes: dict, evaluated: bool,
     size = sizes.get(ann["image_id"])
     if not evaluated and size is not None and not in_target(ann, size[1], size[0]):
         return None  # left out of the training target: its mask is never made
-    # the mask: CocoInstances reads one for every entry in its target (annToMask)
+    if not masks:  # DINO: its training items decode no mask, its COCOeval is bbox only
+        return None
+    # the mask: a Mask R-CNN training item decodes one for every entry in its target
+    # (CocoInstances, annToMask); its segm COCOeval one for every entry of the validation
+    # file (annToRLE); an evaluation item decodes none
     if "segmentation" not in ann:
         return "no segmentation"
     return _segmentation_fault(ann["segmentation"], size, rles)
 
 
-def _refuse_unusable(data: dict, ann_file: Path, evaluated: bool) -> None:
+def _refuse_unusable(data: dict, ann_file: Path, evaluated: bool, masks: bool = True) -> None:
     """Raise a ``ValueError`` when entries of ``data`` (``ann_file`` parsed, its images
     list checked by :func:`_file_names`) cannot be read by ``CocoInstances``,
     pycocotools, or, with ``evaluated`` (the validation file), COCOeval: how many of how
     many, the first (index, and id where it has one) and what is wrong with it. Images
-    first: an annotation's mask is made at its image's size.
+    first: an annotation's mask is made at its image's size. The masks (``segmentation``)
+    only with ``masks`` (:func:`needs_masks`): nothing else reads them.
 
     What is not read is left alone, as mmdet's ``CocoDataset`` leaves it: the training
     file's entries that :func:`in_target` leaves out (crowd, ``ignore``, a box outside its
@@ -642,7 +652,7 @@ def _refuse_unusable(data: dict, ann_file: Path, evaluated: bool) -> None:
     faults, rles = [], []  # rles: (index, counts, size) of the compressed RLE masks read
     for i, ann in enumerate(anns):
         found: list = []
-        fault = _annotation_fault(ann, cats, sizes, evaluated, found)
+        fault = _annotation_fault(ann, cats, sizes, evaluated, found, masks)
         if fault is not None:
             faults.append((i, fault))
         rles += [(i, *rle) for rle in found]

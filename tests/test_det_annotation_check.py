@@ -154,3 +154,39 @@ def test_a_start_is_refused_in_one_line_leaving_no_run_directory(tmp_path, capsy
     assert err == (f"internimage finetune: config error: data.val_ann: {ann}: 1 of 2 "
                    "annotations unusable, first: annotation id 2 (index 1): category_id 99 "
                    "is not one of the file's 1 categories")
+
+
+DINO = ("head.kind=dino",)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_masks_are_checked_only_for_a_head_that_reads_them(split, tmp_path):
+    """DINO's training items decode no mask and its evaluation is bbox COCOeval alone,
+    which reads none: a file without (or with unreadable) ``segmentation`` starts, and is
+    read and scored as it is; Mask R-CNN's reads them (annToMask, segm COCOeval) and is
+    refused with the same message as before."""
+    from finetune import det_data
+    from finetune.metrics import coco_evaluate
+
+    root = _coco(tmp_path / "coco")
+    ann = root / "annotations" / f"instances_{split}2017.json"
+    total = len(json.loads(ann.read_text())["annotations"])
+    for i in range(total):
+        _corrupt(ann, "annotations", i, _drop("segmentation"))
+    _corrupt(ann, "annotations", total - 1, _set("segmentation", [[1, 2, 3]]))
+    det_data.check_data(_cfg(root, *DINO))
+    det_data.check_data(_cfg(root, *DINO), val_only=True)
+    train, val = det_data.build_datasets(_cfg(root, *DINO))
+    items = [train[i][1] for i in range(len(train))]
+    assert items and all("masks" not in target for target in items)
+    gt = val.coco.dataset["annotations"]
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"],
+                "bbox": a["bbox"], "score": 0.9} for a in gt]
+    assert coco_evaluate(val.coco, results, iou_types=("bbox",))["bbox_AP"] > 0.99
+    det_data._PARSED.clear()
+
+    with pytest.raises(ValueError) as info:
+        det_data.check_data(_cfg(root))  # Mask R-CNN, the default head
+    assert str(info.value) == (f"data.{split}_ann: {ann}: {total} of {total} annotations "
+                               "unusable, first: annotation id 1 (index 0): no segmentation")
+    assert not det_data._PARSED
