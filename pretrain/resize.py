@@ -26,8 +26,9 @@ The conversion runs once, on rank 0, into the resuming run's own
 ``checkpoints/<tag>_universal`` (never into another run's folder; written under a
 temporary name and renamed, so a crash mid-conversion leaves nothing that looks complete;
 what it leaves, hidden, is deleted by the run's next start or save:
-``runtime.checkpoint.clear_leftovers`` and ``prune``; renamed only while that folder
-still holds this conversion's token, so one whose folder a job that took the run over
+``runtime.checkpoint.clear_leftovers`` and ``prune``; that name is the conversion's own,
+with its token, so two jobs' conversions never write into one folder, and it is renamed
+only while it still holds that token, so one whose folder a job that took the run over
 removed mid-write publishes nothing),
 with the identity of the checkpoint it was made from (:func:`source_identity`); a later
 resize from the same checkpoint reuses it, one from a checkpoint saved again under the same
@@ -50,14 +51,15 @@ import sys
 import time
 from pathlib import Path
 
+from models.checkpoint import CheckpointError
 from runtime.checkpoint import (
     TRAINER_STATE,
     ResumeError,
+    agree_on_refusal,
     derived_aside,
     derived_staging,
     ranks_text,
 )
-from runtime.dist import barrier
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,34 @@ def _check_own(tmp: Path, token: str, out: Path) -> None:
     timeout, e.g. the next step of the same SLURM job) deletes what it takes for a killed
     job's leftovers (``runtime.checkpoint.clear_leftovers``): this conversion's folder,
     renamed away mid-write. ds_to_universal then writes the rest of its files under the
-    same name again, a partial folder without the token (or the new job's own conversion
-    is there, with its token); published, it would be loaded as the checkpoint's whole
-    universal form. Nothing is published, nothing of the other job's touched."""
+    same name again (it creates folders with ``exist_ok=True``): a partial folder without
+    the token; published, it would be loaded as the checkpoint's whole universal form.
+    The name is this conversion's alone (its token in it), so the new job's own
+    conversion is never in it, and this one's late files never in the new job's."""
     if _token_of(tmp) != token:
         raise ResumeError(
             f"{out}: the universal conversion's folder {tmp.name} was replaced while it was "
             "being written (another job took over the run directory: its start removes "
             "what it takes for a killed job's leftovers); nothing published, the run's "
             "checkpoints are as they were: resume again once this run directory has one job")
+
+
+# ds_to_universal's own pointer: it writes the name of its output folder (basename of
+# --output_folder) into this file beside it once it is done (deepspeed/checkpoint/
+# ds_to_universal.py, main's end); our loads always pass the tag and never read it
+POINTER = "latest_universal"
+
+
+def _drop_pointer(into: Path, out: Path) -> None:
+    """Remove ``into``'s ``latest_universal`` when it names a staging folder of ``out``
+    (this conversion's, or another's of the same checkpoint): such a folder is renamed or
+    deleted once its conversion ends, so the pointer would name nothing. Best effort."""
+    pointer = into / POINTER
+    try:
+        if pointer.read_text().strip().startswith(derived_staging(out.name)):
+            pointer.unlink(missing_ok=True)
+    except OSError:
+        pass  # none, or unreadable: nothing of ours to remove
 
 
 def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
@@ -147,40 +168,50 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
             return out
         log.warning("%s was not converted from the current %s (saved again since, or made by "
                     "an older version): converting again", out.name, ckpt_dir.name)
-    tmp = into / derived_staging(out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    # this conversion's mark in its folder (ds_to_universal writes into an existing one):
-    # checked before the folder is published, see _check_own
+    # this conversion's own folder: its token in the name, so a conversion of another job
+    # (one that took the run over while this one converts, or the one this job took it
+    # over from) never writes into it, nor this one's ds_to_universal, which runs on after
+    # a refusal, into theirs (runtime.checkpoint's leftovers match the suffix); the token
+    # is also written into it, checked before it is published (see _check_own)
     token = secrets.token_hex(8)
-    tmp.mkdir(exist_ok=True)  # a leftover rmtree could not remove: written over
+    tmp = into / f"{derived_staging(out.name)}-{token}"
+    aside = into / f"{derived_aside(out.name)}-{token}"
+    tmp.mkdir()
     (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity,
                                           "token": token}))
     start = time.perf_counter()
-    # its default worker counts: --num_extract_workers 1 with the default merge workers
-    # hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry no
-    # universal_checkpoint_info unless the model has tensor-parallel metadata (ours has
-    # none: nothing to merge); ZeRO-3's conversion ignores the flag.
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                           "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
-                           "--inject_missing_state"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        if _token_of(tmp) == token:  # never another job's folder
+    published = False
+    try:
+        # its default worker counts: --num_extract_workers 1 with the default merge
+        # workers hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry
+        # no universal_checkpoint_info unless the model has tensor-parallel metadata (ours
+        # has none: nothing to merge); ZeRO-3's conversion ignores the flag.
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                               "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
+                               "--inject_missing_state"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
+                              f"({proc.returncode}): {last}")
+        _check_own(tmp, token, out)
+        if out.exists():  # a stale conversion: set aside, then gone once the new one is in
+            os.replace(out, aside)
+        os.replace(tmp, out)
+        published = True
+    finally:
+        # ds_to_universal's pointer names our staging folder, renamed or removed here;
+        # left on no path (a refusal, a failure, a publish)
+        _drop_pointer(into, out)
+        if published:  # the outdated form it replaced
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # its name is this conversion's alone: no other job's folder
             shutil.rmtree(tmp, ignore_errors=True)
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
-                          f"({proc.returncode}): {last}")
-    _check_own(tmp, token, out)
-    aside = into / derived_aside(out.name)
-    if out.exists():  # a stale conversion: set aside, then gone once the new one is in place
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(out, aside)
-    os.replace(tmp, out)
-    shutil.rmtree(aside, ignore_errors=True)
-    # ds_to_universal points ``latest_universal`` beside its output at the folder it wrote,
-    # our temporary name, gone now; the loads here always pass the tag, and the folder is
-    # pruned with its checkpoint, so no pointer is left to go stale
-    (into / "latest_universal").unlink(missing_ok=True)
+            if aside.exists() and not out.exists():  # set aside, then the rename failed
+                try:
+                    os.replace(aside, out)
+                except OSError:
+                    pass  # left hidden: deleted by the run's next start or save
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out
@@ -189,14 +220,26 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
 def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[Path, str]:
     """``(load_dir, tag)`` to pass to ``engine.load_checkpoint`` to load ``ckpt_dir`` on
     this world size. A ZeRO-0 checkpoint is loaded as saved; otherwise rank 0 converts
-    into ``own_root``, the run's own ``checkpoints/`` (every rank waits), and the engine is
+    into ``own_root``, the run's own ``checkpoints/`` (every rank waits, and raises its
+    refusal: :func:`runtime.checkpoint.agree_on_refusal`), and the engine is
     switched to DeepSpeed's universal loading (its ``checkpoint.load_universal`` config
     key, read at load time)."""
     if not is_per_rank(ckpt_dir):
         return ckpt_dir.parent, ckpt_dir.name
+    # rank 0's refusal (a conversion that failed, or whose folder another job took) is
+    # raised on every rank, in one line: the others waited for it in a bare barrier, to
+    # end only when the launcher killed them (torchrun, srun --kill-on-bad-exit) or, under
+    # a plain srun, at the collective timeout
+    refusal: CheckpointError | None = None
     if is_main:
-        convert_to_universal(ckpt_dir, into=own_root)
-    barrier()
+        try:
+            convert_to_universal(ckpt_dir, into=own_root)
+        except CheckpointError as err:
+            refusal = err
+        except OSError as err:  # the run's own checkpoints/ unwritable, full, ...
+            refusal = ResumeError(f"{ckpt_dir}: its universal conversion into {own_root} "
+                                  f"failed: {err}")
+    agree_on_refusal(refusal)
     engine._config.load_universal_checkpoint = True
     return own_root, ckpt_dir.name + SUFFIX
 

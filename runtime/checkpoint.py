@@ -360,8 +360,10 @@ def derived_aside(name: str) -> str:
     return f".{name}.stale"
 
 
-# what derived_staging and derived_aside name: left behind only when the writer died
-_DERIVED_LEFTOVER = re.compile(r"\.step_\d+.+\.(tmp|stale)")
+# what derived_staging and derived_aside name, as they are or followed by ``-<suffix>``
+# (a resize's conversion adds its token: each writes its own folder, pretrain/resize.py):
+# left behind only when the writer died, or by a job whose run lock was taken over
+_DERIVED_LEFTOVER = re.compile(r"\.step_\d+.+\.(tmp|stale)(-.+)?")
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -398,7 +400,8 @@ def clear_leftovers(root: Path) -> list[Path]:
     run directory, and this job's own derived folders are written later (a resize's
     conversion, in its restore). A holder whose lock was taken over while it was still
     alive (stalled past the lock's timeout) may be converting: its folder goes, and its
-    conversion then refuses to publish what is left (pretrain/resize.py). Renames
+    conversion then refuses to publish what is left (pretrain/resize.py; each
+    conversion writes a folder of its own name, so this job's never gets its files). Renames
     derived leftovers to garbage names first, as :func:`prune` does; returns the garbage
     queued. Best effort: a ``root`` that cannot be listed (EACCES, ESTALE) only warns,
     since rank 0 raising here, before the ranks agree on their resume checks, would leave

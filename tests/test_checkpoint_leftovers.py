@@ -1,6 +1,7 @@
 """What a killed job leaves in a run's ``checkpoints/`` is deleted (runtime/checkpoint.py):
-the hidden folders of a resize's conversion cut short (``.step_N_universal.tmp``, and
-``.stale`` when it was replacing an older one: ~13 GB for InternImage-H), which nothing
+the hidden folders of a resize's conversion cut short (``.step_N_universal.tmp-<token>``,
+and ``.stale-<token>`` when it was replacing an older one, each conversion's own; without
+the token as earlier versions named them: ~13 GB for InternImage-H), which nothing
 removed, and ``deleting.tmp-*`` garbage, which only a save's prune removed (a resume of
 a finished run never saves). Rank 0 of the job holding the run's lock deletes them at its
 start (:func:`clear_leftovers`) and at each save (:func:`prune`). Also: a pre-training
@@ -42,18 +43,23 @@ def _names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
-def _interrupted_conversion(root: Path, ckpt: Path, monkeypatch) -> None:
+def _interrupted_conversion(root: Path, ckpt: Path, monkeypatch) -> str:
     """pretrain/resize.py's conversion of ``ckpt`` into ``root``, killed while
-    ``ds_to_universal`` writes (the QA repro: SIGTERM once the hidden folder appears)."""
+    ``ds_to_universal`` writes (the QA repro: SIGTERM once the hidden folder appears);
+    returns the name of the folder it leaves."""
     import pretrain.resize as resize
 
     def killed(cmd, **kw):
         (Path(cmd[cmd.index("--output_folder") + 1]) / "zero").mkdir(parents=True)
-        raise KeyboardInterrupt  # the process dies here: no clean-up of its own runs
+        raise KeyboardInterrupt  # the process dies here
 
-    monkeypatch.setattr(resize.subprocess, "run", killed)
-    with pytest.raises(KeyboardInterrupt):
-        resize.convert_to_universal(ckpt, into=root)
+    with monkeypatch.context() as m:
+        m.setattr(resize.subprocess, "run", killed)
+        m.setattr(resize.shutil, "rmtree", lambda *a, **kw: None)  # no clean-up of its own
+        with pytest.raises(KeyboardInterrupt):
+            resize.convert_to_universal(ckpt, into=root)
+    [left] = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    return left
 
 
 def test_prune_deletes_a_conversion_cut_short_and_keeps_latests_universal_form(
@@ -62,10 +68,12 @@ def test_prune_deletes_a_conversion_cut_short_and_keeps_latests_universal_form(
     _checkpoint(root, 20)
     ckpt = _checkpoint(root, 30)
     (root / ck.LATEST).write_text("step_0000030")
-    _interrupted_conversion(root, ckpt, monkeypatch)
-    assert ".step_0000030_universal.tmp" in _names(root)
+    # each conversion writes a folder of its own name (two jobs' never mix)
+    assert _interrupted_conversion(root, ckpt, monkeypatch).startswith(
+        ".step_0000030_universal.tmp-")
     # a conversion that was replacing an older universal form, killed between its renames
-    _folder(root / ".step_0000030_universal.stale")
+    _folder(root / ".step_0000030_universal.stale-0123456789abcdef")
+    _folder(root / ".step_0000030_universal.tmp")  # an earlier version's, unsuffixed
     _folder(root / "step_0000030_universal")  # latest's: what a resize resume loads
     ck.prune(root, keep_last=2)
     assert _names(root) == ["latest", "step_0000020", "step_0000030",
@@ -76,14 +84,16 @@ def test_a_start_deletes_what_killed_jobs_left_and_nothing_else(tmp_path, monkey
     root = tmp_path / "checkpoints"
     ckpt = _checkpoint(root, 30)
     (root / ck.LATEST).write_text("step_0000030")
-    _interrupted_conversion(root, ckpt, monkeypatch)
-    _folder(root / ".step_0000030_universal.stale")
+    assert _interrupted_conversion(root, ckpt, monkeypatch).startswith(
+        ".step_0000030_universal.tmp-")  # its own name: its token
+    _folder(root / ".step_0000030_universal.stale-0123456789abcdef")
+    _folder(root / ".step_0000030_universal.stale")  # an earlier version's, unsuffixed
     _folder(root / "step_0000030_universal")  # kept: a resize resume may load it
     _folder(root / f"{ck.DELETING}0badc0de-step_0000010")  # a deletion cut short
     (root / ".latest.tmp").write_text("step_0000030")  # a file, not a derived folder
     staging = _folder(root / "step_0000040.tmp-12345678")  # a save's: prune's decision
     queued = ck.clear_leftovers(root)
-    assert len(queued) == 3 and all(ck.is_garbage(p.name) for p in queued)
+    assert len(queued) == 4 and all(ck.is_garbage(p.name) for p in queued)
     assert ck.wait_for_deletions(timeout=60)
     assert _names(root) == [".latest.tmp", "latest", "step_0000030", "step_0000030_universal",
                             staging.name]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -213,6 +214,8 @@ def converter(monkeypatch):
         dst.mkdir(exist_ok=True)  # as ds_to_universal's os.makedirs(exist_ok=True)
         content = (src / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_text()
         (dst / "branch").write_text(content)
+        # as ds_to_universal's main ends: its output folder's name, in a file beside it
+        (dst.parent / "latest_universal").write_text(dst.name)
         calls.append(src.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
@@ -257,15 +260,25 @@ def test_universal_form_without_a_recorded_source_is_converted_again(tmp_path, c
     assert converter == ["step_0000004"]
 
 
+def _failing(cmd, **kw):
+    """``ds_to_universal`` (a stand-in) that failed, after it had written some of its files
+    and its ``latest_universal`` pointer to its output folder."""
+    dst = Path(cmd[cmd.index("--output_folder") + 1])
+    (dst / "zero" / "param_a").mkdir(parents=True, exist_ok=True)
+    (dst.parent / "latest_universal").write_text(dst.name)
+    return subprocess.CompletedProcess(
+        cmd, 1, "", "Traceback (most recent call last):\n  File x\nValueError: broken\n")
+
+
 def test_failed_conversion_is_one_line(tmp_path, monkeypatch):
     """The command line prints a ResumeError as one line: DeepSpeed's traceback is cut to
-    its last line, and nothing of the attempt is left."""
+    its last line, and nothing of the attempt is left (its folder, and the pointer to it
+    that ds_to_universal writes, which named a folder gone once it failed)."""
     import pretrain.resize as resize
     from runtime.checkpoint import ResumeError
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
-    monkeypatch.setattr(resize.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
-        cmd, 1, "", "Traceback (most recent call last):\n  File x\nValueError: broken\n"))
+    monkeypatch.setattr(resize.subprocess, "run", _failing)
     with pytest.raises(ResumeError) as err:
         resize.convert_to_universal(ckpt)
     assert "\n" not in str(err.value) and str(err.value).endswith("ValueError: broken")
@@ -292,30 +305,67 @@ def test_a_resize_from_another_runs_checkpoint_converts_into_this_run(tmp_path, 
     assert convert_to_universal(ckpt, into=mine) == out and len(converter) == 1  # reused
 
 
-def _taken_over(monkeypatch, new_job_converts: bool) -> None:
+def _old_conversion_goes_on(dst: Path) -> None:
+    """What the old job's ds_to_universal writes after the takeover, into ``dst``, the
+    output folder it was given: the rest of its fragments (folders made with
+    ``exist_ok=True``), the removal of its ``tmp/`` fragments (``shutil.rmtree(<output>/
+    tmp)`` after merging) and the copy of the ``mp*`` files into the output
+    (deepspeed/checkpoint/ds_to_universal.py)."""
+    (dst / "zero" / "param_b").mkdir(parents=True, exist_ok=True)
+    (dst / "zero" / "param_b" / "fp32.pt").write_text("old")
+    shutil.rmtree(dst / "tmp", ignore_errors=True)
+    (dst / "mp_rank_00_model_states.pt").write_text("old")
+
+
+def _taken_over(monkeypatch, new_job_converts: bool, new_job: dict) -> None:
     """``ds_to_universal`` (a stand-in) of a job whose run lock another job took while it
     was converting (a holder stalled past the lock's timeout: two steps of one SLURM job):
     half-way, the new holder's start removes what it takes for a killed job's leftovers
     (runtime.checkpoint.clear_leftovers, run for real here), this conversion's folder
-    among them; ``new_job_converts``: the new holder then starts its own conversion under
-    the same name. The old conversion goes on writing its files under its folder's name."""
+    among them; ``new_job_converts``: the new holder then converts the same checkpoint
+    (convert_to_universal, for real: its outcome in ``new_job["outcome"]``) while the old
+    one's ds_to_universal goes on writing into the folder it was given."""
     import pretrain.resize as resize
     import runtime.checkpoint as ck
 
+    given: list[Path] = []  # each ds_to_universal's output folder, the old job's first
+
     def run(cmd, **kw):
         dst = Path(cmd[cmd.index("--output_folder") + 1])
+        given.append(dst)
+        if len(given) == 2:  # the new job's: extract, merge, copy (the old one's interleaved)
+            (dst / "tmp").mkdir()
+            (dst / "tmp" / "fragment").write_text("new")
+            _old_conversion_goes_on(given[0])
+            if not (dst / "tmp" / "fragment").is_file():
+                return subprocess.CompletedProcess(cmd, 1, "", "FileNotFoundError: fragment")
+            for param in ("param_a", "param_b"):
+                (dst / "zero" / param).mkdir(parents=True, exist_ok=True)
+                (dst / "zero" / param / "fp32.pt").write_text("new")
+            shutil.rmtree(dst / "tmp")
+            (dst / "mp_rank_00_model_states.pt").write_text("new")
+            (dst.parent / "latest_universal").write_text(dst.name)
+            return subprocess.CompletedProcess(cmd, 0, "", "")
         (dst / "zero" / "param_a").mkdir(parents=True)
-        (dst / "zero" / "param_a" / "fp32.pt").write_text("converted")
+        (dst / "zero" / "param_a" / "fp32.pt").write_text("old")
         assert len(ck.clear_leftovers(dst.parent)) == 1  # the new holder's start
         if new_job_converts:
-            dst.mkdir()
-            (dst / resize.SOURCE).write_text(json.dumps({"token": "the new job's"}))
-        (dst / "zero" / "param_b").mkdir(parents=True, exist_ok=True)  # the rest
-        (dst / "zero" / "param_b" / "fp32.pt").write_text("converted")
-        (dst / "mp_rank_00_model_states.pt").write_text("states")
+            try:
+                new_job["outcome"] = resize.convert_to_universal(
+                    Path(cmd[cmd.index("--input_folder") + 1]))
+            except ck.ResumeError as err:
+                new_job["outcome"] = err
+        else:
+            _old_conversion_goes_on(dst)
+        (dst.parent / "latest_universal").write_text(dst.name)  # its main's end
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(resize.subprocess, "run", run)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("new_job_converts", [False, True])
@@ -323,31 +373,39 @@ def test_a_conversion_whose_folder_was_taken_over_publishes_nothing(new_job_conv
                                                                      tmp_path, monkeypatch):
     """The old holder's conversion finished writing into a folder that is no longer the
     one it created: publishing it (the rename it ends with) put a universal form without
-    param_a, or with the new job's files, where a resize resume loads it. It is refused in
-    one line; the universal form already there (an older conversion) stays, and the new
-    job's folder is left to it."""
-    from pretrain.resize import SOURCE, convert_to_universal
-    from runtime.checkpoint import ResumeError, derived_staging, wait_for_deletions
+    param_a where a resize resume loads it. It is refused in one line; the universal form
+    already there (an older conversion) stays. The new job's own conversion of the same
+    checkpoint, made meanwhile, holds nothing of the old one's: both wrote into one folder
+    name, so the old one's late files landed in the new job's folder and its removal of
+    ``tmp/`` took the new job's fragments (its conversion failed, or published the old
+    one's files). And ds_to_universal's pointer to the old one's folder, gone, is not left."""
+    from pretrain.resize import SOURCE, convert_to_universal, source_identity
+    from runtime.checkpoint import ResumeError, wait_for_deletions
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
     published = tmp_path / "step_0000004_universal"
     published.mkdir()  # made by an older version: converted again
     (published / "branch").write_text("old")
-    _taken_over(monkeypatch, new_job_converts)
+    new_job: dict = {}
+    _taken_over(monkeypatch, new_job_converts, new_job)
     with pytest.raises(ResumeError) as err:
         convert_to_universal(ckpt)
     assert wait_for_deletions(timeout=60)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{published}: ")
     assert "replaced while it was being written" in message and "nothing published" in message
-    assert sorted(p.name for p in published.iterdir()) == ["branch"]  # as it was
-    assert (published / "branch").read_text() == "old"
-    tmp = tmp_path / derived_staging(published.name)
-    assert not (tmp_path / f".{published.name}.stale").exists()
-    if new_job_converts:  # the new job's own conversion, untouched
-        assert json.loads((tmp / SOURCE).read_text()) == {"token": "the new job's"}
-    else:  # what the old one wrote after the takeover: a hidden leftover, not published
-        assert not (tmp / "zero" / "param_a").exists() and (tmp / "zero" / "param_b").exists()
+    if new_job_converts:  # the new job's, published, with its files alone
+        assert new_job["outcome"] == published
+        files = _files(published)
+        assert json.loads(files.pop(SOURCE))["identity"] == source_identity(ckpt)
+        assert files == {"zero/param_a/fp32.pt": "new", "zero/param_b/fp32.pt": "new",
+                         "mp_rank_00_model_states.pt": "new"}
+    else:  # the older form, as it was
+        assert _files(published) == {"branch": "old"}
+    # nothing of the old job's is left: its folder (its own name: no other job's) and
+    # ds_to_universal's pointer to it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004",
+                                                          "step_0000004_universal"]
 
 
 def test_a_conversion_publishes_its_own_folder_with_its_source(tmp_path, converter):
@@ -361,3 +419,67 @@ def test_a_conversion_publishes_its_own_folder_with_its_source(tmp_path, convert
     assert record["source"] == "step_0000004" and record["identity"] == source_identity(ckpt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004",
                                                           "step_0000004_universal"]
+
+
+def _fake_gather(monkeypatch, rank: int, world: int, gathered: list) -> None:
+    """runtime.checkpoint.all_gather_objects on rank ``rank`` of ``world``: every other rank
+    passed (None); what this rank passed is recorded in ``gathered``."""
+    import runtime.checkpoint as ck
+
+    def gather(outcome):
+        gathered.append(outcome)
+        return [outcome if r == rank else None for r in range(world)]
+
+    monkeypatch.setattr(ck, "all_gather_objects", gather)
+
+
+def test_a_refused_conversion_is_raised_on_every_rank(tmp_path, monkeypatch):
+    """Rank 0 converts; the others waited for it in a bare barrier, and when it refused
+    (ds_to_universal failed, or its folder was taken over) they waited on, ending only
+    when the launcher killed them (under a plain srun: at the collective timeout). Now
+    rank 0's refusal is all-gathered: rank 0 raises its own, every other rank one line
+    naming it, and no rank switches to a universal load."""
+    import pretrain.resize as resize
+    from runtime.checkpoint import ResumeError
+
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = _checkpoint(tmp_path / "checkpoints", "step_0000004", "A")
+    monkeypatch.setattr(resize.subprocess, "run", _failing)
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+    gathered: list = []
+    _fake_gather(monkeypatch, 0, 2, gathered)
+    with pytest.raises(ResumeError) as own:
+        resize.resize_load(engine, ckpt, ckpt.parent, is_main=True)
+    assert gathered == [str(own.value)] and str(own.value).endswith("ValueError: broken")
+    # rank 1 of 2: handed rank 0's refusal by the gather
+    monkeypatch.setattr("runtime.checkpoint.all_gather_objects",
+                        lambda outcome: [str(own.value), None])
+    with pytest.raises(ResumeError) as other:
+        resize.resize_load(engine, ckpt, ckpt.parent, is_main=False)
+    assert str(other.value) == f"rank 0 of 2 refused the resume: {own.value}"
+    assert engine._config.load_universal_checkpoint is False
+
+
+def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monkeypatch):
+    """An OSError of rank 0's conversion (its checkpoints/ unwritable, a full disk) is a
+    one-line refusal all ranks raise too, not a traceback on rank 0 with the others left
+    waiting."""
+    import pretrain.resize as resize
+    from runtime.checkpoint import ResumeError
+
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = _checkpoint(tmp_path / "checkpoints", "step_0000004", "A")
+
+    def full(cmd, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resize.subprocess, "run", full)
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+    gathered: list = []
+    _fake_gather(monkeypatch, 0, 2, gathered)
+    with pytest.raises(ResumeError) as err:
+        resize.resize_load(engine, ckpt, ckpt.parent, is_main=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{ckpt}: ")
+    assert "No space left on device" in message and gathered == [message]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_0000004"]
