@@ -37,9 +37,11 @@ def check_collective_timeout(minutes: float | None,
     :data:`MAX_COLLECTIVE_TIMEOUT_MIN`. Pre-training's and fine-tuning's ``RunConfig``."""
     if minutes is None:
         return
-    check(math.isfinite(minutes) and 0 < minutes <= MAX_COLLECTIVE_TIMEOUT_MIN, key,
-          f"must be > 0 minutes (at most {MAX_COLLECTIVE_TIMEOUT_MIN:g}; unset: DeepSpeed's "
-          f"default), got {minutes}")
+    # at least a second: a smaller value rounds to a zero timedelta (1e-9 minutes does),
+    # which torch takes, and no collective of a healthy job returns that fast
+    check(math.isfinite(minutes) and 1 / 60 <= minutes <= MAX_COLLECTIVE_TIMEOUT_MIN, key,
+          f"must be > 0 minutes, at least 1/60 (one second) and at most "
+          f"{MAX_COLLECTIVE_TIMEOUT_MIN:g} (unset: DeepSpeed's default), got {minutes}")
 
 
 def check_adamw(lr: float, betas: Sequence[float], eps: float | None = None) -> None:

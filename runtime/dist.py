@@ -124,6 +124,8 @@ _rebound_local_rank: int | None = None
 
 
 TIMEOUT_KEY = "run.collective_timeout_min"
+# the timeout this process's group was created with (None: not by init_distributed)
+_group_timeout: timedelta | None = None
 
 
 def collective_timeout(minutes: float | None) -> tuple[timedelta, str]:
@@ -159,6 +161,13 @@ def _later_groups_default_to(timeout: timedelta) -> None:
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if hasattr(distributed_c10d, name):
             setattr(distributed_c10d, name, timeout)
+    # private names: a torch that renames them or stops reading them would leave ZeRO's
+    # group at the backend default without a word
+    for backend in ("gloo", "nccl"):
+        if distributed_c10d._get_default_timeout(backend) != timeout:
+            log.warning("the %s groups created after the world group keep torch's default "
+                        "timeout, not %s: this torch no longer reads the defaults set here "
+                        "(runtime/dist.py _later_groups_default_to)", backend, timeout)
 
 
 def init_distributed(timeout_min: float | None = None) -> DistInfo:
@@ -184,7 +193,7 @@ def init_distributed(timeout_min: float | None = None) -> DistInfo:
     that read it as a node index (``use_node_local_storage``,
     ``pipeline_loading_checkpoint``) are not in our configs.
     """
-    global _rebound_local_rank
+    global _rebound_local_rank, _group_timeout
     # a GPU job whose task sees no GPU would otherwise train on CPU over gloo; an explicit
     # DS_ACCELERATOR=cpu (DeepSpeed's own switch) asks for the CPU whatever is visible
     use_cuda = os.environ.get("DS_ACCELERATOR") != "cpu" and (
@@ -220,10 +229,16 @@ def init_distributed(timeout_min: float | None = None) -> DistInfo:
         _later_groups_default_to(timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timeout)
+        _group_timeout = timeout
         if dist.get_rank() == 0:
             log.info("collective timeout: %g min (%s): a rank that waits this long for the "
                      "others in one collective fails the job (one hung rank stops them all)",
                      timeout.total_seconds() / 60, source)
+    elif (timeout_min is not None and _group_timeout is not None
+          and timedelta(minutes=timeout_min) != _group_timeout):
+        log.warning("%s=%g is not applied: this process's group already exists with a %g "
+                    "min timeout", TIMEOUT_KEY, timeout_min,
+                    _group_timeout.total_seconds() / 60)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 

@@ -8,6 +8,7 @@ value that cannot be a timeout is refused before any compute."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from tests.pretrain_utils import REPO, free_port
 KEY = "run.collective_timeout_min"
 
 
-@pytest.mark.parametrize("value", ["0", "-1", ".nan", ".inf", "1e7"])
+# 1e-9 minutes passes "> 0" but is a zero timedelta (torch's millisecond count)
+@pytest.mark.parametrize("value", ["0", "-1", ".nan", ".inf", "1e7", "1e-9"])
 @pytest.mark.parametrize("command", [["pretrain"], ["finetune", "classification"],
                                      ["finetune", "detection"], ["finetune", "segmentation"]])
 def test_a_timeout_that_cannot_be_one_is_refused_in_one_line(command, value, tmp_path,
@@ -47,7 +49,7 @@ def test_the_timeout_loads_unset_or_as_a_number_of_minutes():
 
 
 def test_the_timeout_reaches_deepspeed_and_the_later_groups_and_is_fixed_once_set(
-        monkeypatch):
+        monkeypatch, caplog):
     """``init_distributed(minutes)`` hands DeepSpeed the timedelta and makes it torch's
     default for groups created later; a second call, the group being up, changes nothing."""
     from datetime import timedelta
@@ -63,9 +65,14 @@ def test_the_timeout_reaches_deepspeed_and_the_later_groups_and_is_fixed_once_se
     assert [call["timeout"] for call in node.init_calls] == [timedelta(seconds=15)]
     assert distributed_c10d._get_default_timeout("gloo") == timedelta(seconds=15)
     assert distributed_c10d._get_default_timeout("nccl") == timedelta(seconds=15)
-    init_distributed(5.0)
+    with caplog.at_level(logging.WARNING, logger="runtime.dist"):
+        init_distributed(5.0)
     assert len(node.init_calls) == 1
     assert distributed_c10d._get_default_timeout("nccl") == timedelta(seconds=15)
+    # said, not silently ignored: the run's setting has no effect in this process
+    assert [r.getMessage() for r in caplog.records] == [
+        "run.collective_timeout_min=5 is not applied: this process's group already "
+        "exists with a 0.25 min timeout"]
 
 
 # Two ranks join through runtime.dist.init_distributed with a 3 s timeout; rank 1 stops

@@ -98,6 +98,7 @@ class _FakeNode:
         monkeypatch.setattr(dist, "get_world_size", lambda: 8)
         # the remembered task index of an earlier call in this process (absent before)
         monkeypatch.setattr(runtime.dist, "_rebound_local_rank", None, raising=False)
+        monkeypatch.setattr(runtime.dist, "_group_timeout", None, raising=False)
         monkeypatch.setenv("RANK", "5")
         monkeypatch.setenv("WORLD_SIZE", "8")
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
