@@ -104,16 +104,10 @@ def test_the_pairs_are_read_in_the_loader_workers(cache, tmp_path, monkeypatch):
     from finetune import seg_data
     from finetune.seg_eval import evaluate
     from runtime.dist import DistInfo
+    from tests.reader_pids import log_reader_pids
 
     log = tmp_path / "pids"
-    read = seg_data.read_image
-
-    def logged(path):
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return read(path)
-
-    monkeypatch.setattr(seg_data, "read_image", logged)
+    log_reader_pids(monkeypatch, seg_data, "read_image", log)
     for workers in (2, 0):
         log.unlink(missing_ok=True)
         cfg, val_set = _demo(cache, f"run.num_workers={workers}")
