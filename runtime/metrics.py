@@ -184,15 +184,16 @@ def cut_back(path: Path, step: int, before_change: Callable[[int, list[dict[str,
         return step + 1, []
     base, cut_lines = saved
     back = [x for x in cut_lines if _step(x) <= step]
+    restored = [json.loads(x) for x in back]
     if before_change is not None:
-        before_change(base + 1, [json.loads(x) for x in back])
+        before_change(base + 1, restored)
     # the file first (the old cut file still describes the lineage if a kill comes
     # between), then the cut file
     truncate_after(path, base)
     with path.open("ab") as f:
         f.write(b"".join(back))
     _write_cut(path, cut, step, [x for x in cut_lines if _step(x) > step])
-    return base + 1, [json.loads(x) for x in back]
+    return base + 1, restored
 
 
 def records_at(run_dir: Path, step: int) -> list[dict[str, Any]]:
