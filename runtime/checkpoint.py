@@ -82,7 +82,13 @@ from runtime.checkpoint_path import (
     latest_tag,
     resolve_checkpoint,
 )
-from runtime.dist import DistInfo, all_gather_objects, barrier, broadcast_object
+from runtime.dist import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    group_timeout,
+)
 from runtime.master_weights import MASTER_NAMES, master_names
 from runtime.run_lock import RunLockError, lost_message
 
@@ -494,10 +500,27 @@ def wait_for_deletions(timeout: float | None = None) -> bool:
 def _wait_for_previous_deletions(warn_every_s: float = 60.0) -> None:
     """Rank 0, in a save: until the folders the previous saves set aside are deleted (at
     once, unless the filesystem could not delete them in a whole checkpoint interval),
-    with a warning each ``warn_every_s`` seconds it waits."""
+    with a warning each ``warn_every_s`` seconds it waits.
+
+    The other ranks wait meanwhile in the save's last barrier, which fails them after the
+    collective timeout: so the wait ends at half of it (a rank 0 that outwaited it would
+    end the run), and the save goes on with the deletions still queued."""
+    timeout = group_timeout()
+    bound = None if timeout is None else timeout.total_seconds() / 2
     waited = 0.0
-    while not wait_for_deletions(timeout=warn_every_s):
-        waited += warn_every_s
+    while True:
+        step = warn_every_s if bound is None else min(warn_every_s, bound - waited)
+        if wait_for_deletions(timeout=step):
+            return
+        waited += step
+        if bound is not None and waited >= bound:
+            log.warning("this save waited %.0f s for the deletion of the checkpoints the "
+                        "previous saves pruned and goes on without it: the other ranks "
+                        "wait in a barrier that fails after %.0f s (the collective "
+                        "timeout); the deletions go on in the background and more are "
+                        "queued (a filesystem too slow to delete a checkpoint between "
+                        "two saves: disk use grows)", waited, timeout.total_seconds())
+            return
         log.warning("this save waits %.0f s now for the deletion of the checkpoints the "
                     "previous save pruned (a slow filesystem): they are deleted before more "
                     "are set aside, so they cannot pile up", waited)

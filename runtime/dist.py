@@ -242,6 +242,12 @@ def init_distributed(timeout_min: float | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
+def group_timeout() -> timedelta | None:
+    """The timeout this process's ranks wait in a collective before failing (set by
+    :func:`init_distributed`); None when no group was created there (one process)."""
+    return _group_timeout
+
+
 def rank_share(n: int, info: DistInfo) -> range:
     """This rank's indices of an ``n``-item evaluation set: the shares are disjoint and
     cover every item exactly once. (``DistributedSampler`` instead pads the shares to equal

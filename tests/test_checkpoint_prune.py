@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,34 @@ def test_a_save_waits_for_the_previous_saves_deletions_so_they_never_pile_up(tmp
     finally:
         rmtree.release.set()
         second.join(timeout=60)
+    assert ck.wait_for_deletions(timeout=60)
+    assert names(root) == ["latest", "step_0000003", "step_0000004"]
+
+
+def test_the_wait_for_deletions_ends_before_the_other_ranks_collective_timeout(
+        tmp_path, monkeypatch, caplog):
+    """The other ranks wait in the save's last barrier while rank 0 waits for a slow
+    deletion; a wait past the collective timeout would fail them and end the run. Rank 0
+    waits half of it, then saves on with the deletion still queued (and says so)."""
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 1)
+    save(root, 2)
+    rmtree = BlockedRmtree()
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(ck, "group_timeout", lambda: timedelta(seconds=2))
+    first = _save_in_thread(root, 3)  # sets step 1 aside: its deletion blocks
+    first.join(timeout=10)
+    assert not first.is_alive() and rmtree.entered.wait(timeout=10)
+    second = _save_in_thread(root, 4)
+    try:
+        second.join(timeout=20)
+        assert not second.is_alive(), "rank 0 waited past the collective timeout"
+        assert ck.read_latest(root) == "step_0000004"
+        # both set aside, the first still blocked: the deletions are only queued
+        assert len([n for n in names(root) if ck.is_garbage(n)]) == 2
+        assert "goes on without it" in caplog.text
+    finally:
+        rmtree.release.set()
     assert ck.wait_for_deletions(timeout=60)
     assert names(root) == ["latest", "step_0000003", "step_0000004"]
 
