@@ -60,6 +60,7 @@ from runtime.checkpoint import (
     derived_staging,
     ranks_text,
 )
+from runtime.dist import MainRankLostError, mark_done, wait_for_main
 
 log = logging.getLogger(__name__)
 
@@ -220,17 +221,19 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
 def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[Path, str]:
     """``(load_dir, tag)`` to pass to ``engine.load_checkpoint`` to load ``ckpt_dir`` on
     this world size. A ZeRO-0 checkpoint is loaded as saved; otherwise rank 0 converts
-    into ``own_root``, the run's own ``checkpoints/`` (every rank waits, and raises its
-    refusal: :func:`runtime.checkpoint.agree_on_refusal`), and the engine is
+    into ``own_root``, the run's own ``checkpoints/`` (the others wait for it, however
+    long it takes: :func:`runtime.dist.wait_for_main`; every rank raises its refusal:
+    :func:`runtime.checkpoint.agree_on_refusal`), and the engine is
     switched to DeepSpeed's universal loading (its ``checkpoint.load_universal`` config
     key, read at load time)."""
     if not is_per_rank(ckpt_dir):
         return ckpt_dir.parent, ckpt_dir.name
     # rank 0's refusal (a conversion that failed, or whose folder another job took) is
-    # raised on every rank, in one line: the others waited for it in a bare barrier, to
-    # end only when the launcher killed them (torchrun, srun --kill-on-bad-exit) or, under
-    # a plain srun, at the collective timeout
+    # raised on every rank, in one line (agree_on_refusal). The others wait for the
+    # conversion through the store, not in a collective: at InternImage-H size it may
+    # outlast the collective timeout (NCCL's 10 min), which would end them mid-wait
     refusal: CheckpointError | None = None
+    key = f"internimage/resize/{ckpt_dir.name}"
     if is_main:
         try:
             convert_to_universal(ckpt_dir, into=own_root)
@@ -239,6 +242,13 @@ def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[
         except OSError as err:  # the run's own checkpoints/ unwritable, full, ...
             refusal = ResumeError(f"{ckpt_dir}: its universal conversion into {own_root} "
                                   f"failed: {err}")
+        finally:
+            mark_done(key)
+    else:
+        try:
+            wait_for_main(key, f"the universal conversion of {ckpt_dir}")
+        except MainRankLostError as err:
+            raise ResumeError(str(err)) from None
     agree_on_refusal(refusal)
     engine._config.load_universal_checkpoint = True
     return own_root, ckpt_dir.name + SUFFIX

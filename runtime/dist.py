@@ -248,6 +248,51 @@ def group_timeout() -> timedelta | None:
     return _group_timeout
 
 
+class MainRankLostError(RuntimeError):
+    """Rank 0 went away while this rank waited for it in :func:`wait_for_main`."""
+
+
+def mark_done(key: str) -> None:
+    """Rank 0: let the ranks waiting in :func:`wait_for_main` for ``key`` go on."""
+    import torch.distributed as dist
+
+    if _process_group_up():
+        dist.distributed_c10d._get_default_store().set(key, "1")
+
+
+def wait_for_main(key: str, what: str, poll_s: float = 2.0,
+                  log_every_s: float = 60.0) -> None:
+    """Ranks other than 0: wait until rank 0 has called :func:`mark_done` for ``key``,
+    however long ``what`` takes it, logging every ``log_every_s`` seconds.
+
+    For work of rank 0 alone that may outlast the collective timeout (a universal
+    checkpoint conversion at InternImage-H size): the others ask the process group's
+    key-value store (hosted with the rendezvous) every ``poll_s`` seconds instead of
+    waiting in a collective, which would fail them once the timeout passed. A store that
+    stops answering (rank 0, or the launcher hosting it, gone) ends the wait at once with
+    :class:`MainRankLostError`. Cost: one small request per rank per ``poll_s``."""
+    import time
+
+    import torch.distributed as dist
+
+    if not _process_group_up():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    start = last_log = time.monotonic()
+    while True:
+        try:
+            if store.check([key]):
+                return
+        except (RuntimeError, OSError) as err:  # DistStoreError, a reset connection
+            raise MainRankLostError(f"rank 0 went away during {what}: its store stopped "
+                                    f"answering ({err})") from None
+        time.sleep(poll_s)
+        if time.monotonic() - last_log >= log_every_s:
+            last_log = time.monotonic()
+            log.info("still waiting for rank 0: %s (%.0f s so far)", what,
+                     last_log - start)
+
+
 def rank_share(n: int, info: DistInfo) -> range:
     """This rank's indices of an ``n``-item evaluation set: the shares are disjoint and
     cover every item exactly once. (``DistributedSampler`` instead pads the shares to equal

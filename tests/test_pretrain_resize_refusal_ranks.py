@@ -2,7 +2,9 @@
 its folder was taken over by another job) is raised on every rank, with real ranks
 (gloo): the other ranks waited for rank 0 in a bare barrier, to end only when the launcher
 killed them (torchrun, srun --kill-on-bad-exit) or, under a plain srun, at the collective
-timeout; each now raises a one-line refusal naming rank 0's at once."""
+timeout; each now raises a one-line refusal naming rank 0's at once. They wait for the
+conversion through the store, so one longer than the collective timeout does not fail
+them, and a rank 0 killed mid-conversion ends them at once."""
 
 from __future__ import annotations
 
@@ -26,13 +28,17 @@ WORLD = 2
 TIMEOUT_S = 40  # the process group's: a rank left in the barrier fails only then
 
 
-def _resize_on_rank(rank: int, port: int, ckpt: str, out: str) -> None:
+def _resize_on_rank(rank: int, port: int, ckpt: str, out: str, timeout_s: float = TIMEOUT_S,
+                    converts_s: float = 0.0, rank0_dies: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=TIMEOUT_S))
+                            timeout=timedelta(seconds=timeout_s))
     import pretrain.resize as resize
 
-    def failed(cmd, **kw):  # ds_to_universal, on rank 0 only
+    def failed(cmd, **kw):  # ds_to_universal, on rank 0 only, after ``converts_s``
+        time.sleep(converts_s)
+        if rank0_dies:  # killed mid-conversion (OOM killer, a failed node)
+            os._exit(9)
         return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nValueError: broken\n")
 
     resize.subprocess.run = failed
@@ -46,9 +52,9 @@ def _resize_on_rank(rank: int, port: int, ckpt: str, out: str) -> None:
     outcome |= {"seconds": time.monotonic() - start,
                 "universal": engine._config.load_universal_checkpoint}
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
-    if rank == 0:  # rank 0 stays up (as a rank that has not exited yet, or NCCL's peers):
-        # the others are not ended by its connection closing
-        deadline = time.monotonic() + TIMEOUT_S + 30
+    if rank == 0 and not rank0_dies:  # rank 0 stays up (as a rank that has not exited
+        # yet, or NCCL's peers): the others are not ended by its connection closing
+        deadline = time.monotonic() + timeout_s + 30
         while not Path(out, "rank1.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     # Skip interpreter teardown: gloo's destructors occasionally abort when peers exit at
@@ -56,7 +62,9 @@ def _resize_on_rank(rank: int, port: int, ckpt: str, out: str) -> None:
     os._exit(0)
 
 
-def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
+def _run_ranks(tmp_path: Path, **kwargs) -> tuple[Path, list[int | None], list[Path]]:
+    """Both ranks through resize_load of a per-rank checkpoint; (checkpoint, exit codes,
+    each rank's outcome file)."""
     ckpt = tmp_path / "checkpoints" / "step_0000004"
     ckpt.mkdir(parents=True)
     (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")  # per rank
@@ -64,8 +72,8 @@ def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
     out.mkdir()
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_resize_on_rank, args=(r, port, str(ckpt), str(out)))
-             for r in range(WORLD)]
+    procs = [ctx.Process(target=_resize_on_rank, args=(r, port, str(ckpt), str(out)),
+                         kwargs=kwargs) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -74,8 +82,13 @@ def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
         if p.is_alive():
             p.kill()
             p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD))
+    return ckpt, [p.exitcode for p in procs], [out / f"rank{r}.json" for r in range(WORLD)]
+
+
+def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
+    ckpt, codes, files = _run_ranks(tmp_path)
+    assert codes == [0] * WORLD
+    rank0, rank1 = (json.loads(f.read_text()) for f in files)
     own = f"{ckpt}: DeepSpeed's ds_to_universal failed (1): ValueError: broken"
     assert rank0["raised"] == "ResumeError" and rank0["message"] == own
     # rank 1: the same refusal, in one line, at once (not at the collective timeout)
@@ -83,3 +96,28 @@ def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
     assert rank1["message"] == f"rank 0 of 2 refused the resume: {own}"
     assert rank1["seconds"] < TIMEOUT_S / 2
     assert not rank0["universal"] and not rank1["universal"]
+
+
+def test_the_other_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(tmp_path):
+    """An InternImage-H conversion may take longer than NCCL's 10-minute collective
+    timeout: the other ranks, waiting for it in a collective, failed at the timeout. Here
+    it takes 3 x the timeout, and rank 1 gets rank 0's outcome."""
+    ckpt, codes, files = _run_ranks(tmp_path, timeout_s=1.0, converts_s=3.0)
+    assert codes == [0] * WORLD
+    rank1 = json.loads(files[1].read_text())
+    assert rank1["raised"] == "ResumeError", rank1
+    assert rank1["message"].startswith("rank 0 of 2 refused the resume"), rank1
+    assert rank1["seconds"] >= 3.0
+
+
+def test_a_rank_0_killed_mid_conversion_ends_the_others_at_once(tmp_path):
+    """Rank 0 dies converting (it hosts the rendezvous store): the others stop waiting as
+    soon as the store stops answering, in one line, not at a timeout."""
+    ckpt, codes, files = _run_ranks(tmp_path, timeout_s=TIMEOUT_S, converts_s=1.0,
+                                    rank0_dies=True)
+    assert codes == [9, 0]
+    rank1 = json.loads(files[1].read_text())
+    assert rank1["raised"] == "ResumeError", rank1
+    assert rank1["message"].startswith(f"rank 0 went away during the universal conversion "
+                                       f"of {ckpt}"), rank1
+    assert rank1["seconds"] < TIMEOUT_S / 2
