@@ -270,7 +270,8 @@ def wait_for_main(key: str, what: str, poll_s: float = 2.0,
     key-value store (hosted with the rendezvous) every ``poll_s`` seconds instead of
     waiting in a collective, which would fail them once the timeout passed. A store that
     stops answering (rank 0, or the launcher hosting it, gone) ends the wait at once with
-    :class:`MainRankLostError`. Cost: one small request per rank per ``poll_s``."""
+    :class:`MainRankLostError`. Cost: one small request per rank per ``poll_s`` (at most a
+    quarter of the collective timeout)."""
     import time
 
     import torch.distributed as dist
@@ -278,6 +279,10 @@ def wait_for_main(key: str, what: str, poll_s: float = 2.0,
     if not _process_group_up():
         return
     store = dist.distributed_c10d._get_default_store()
+    # rank 0 waits for the others in the next collective, bounded by the timeout: a rank
+    # that noticed the key only a whole poll later would fail it
+    timeout = _group_timeout.total_seconds() if _group_timeout is not None else None
+    poll_s = poll_s if timeout is None else min(poll_s, timeout / 4)
     start = last_log = time.monotonic()
     while True:
         try:
