@@ -60,6 +60,12 @@ def test_profiles_load_validate_and_yield_to_flags(tmp_path, capsys):
         load_profile(str(bad), {})
     with pytest.raises(ConfigError, match="nodes"):
         load_profile(None, {"nodes": 0})
+    assert load_profile(None, {}).result_grace_s == 15.0  # submitit's allowance
+    assert load_profile("local_cpu", {}).result_grace_s == 2.0
+    for grace in ("-1", ".inf", ".nan"):
+        bad.write_text(f"result_grace_s: {grace}\n")
+        with pytest.raises(ConfigError, match="result_grace_s"):
+            load_profile(str(bad), {})
     with pytest.raises(ConfigError, match="profile not found"):
         load_profile("no_such_cluster", {})
     assert parse_mem_gb("512M") == 0.5 and parse_mem_gb("64G") == 64 and parse_mem_gb("2") == 2
@@ -87,6 +93,63 @@ def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "SLURM is not installed" in err and "sbatch" in err and "--local" in err
     assert not (tmp_path / "run").exists()
+
+
+def _forgotten_job_scontrol(bin_dir, asked):
+    """`scontrol` answering as SLURM does for a job it no longer holds (purged, or never
+    had), having first touched ``asked``: the job is over from the first question on."""
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\n[ -e '{asked}' ] || touch '{asked}'\n"
+                        "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    scontrol.chmod(0o755)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_submit_wait_gives_result_files_the_profiles_grace(late, no_sbatch, tmp_path,
+                                                           capsys):
+    """`submit --wait` on a job SLURM says is over: a result file that arrives within the
+    profile's result_grace_s is read (the job completed); a missing one is reported as a
+    task killed without a result once that grace has passed, not before, and not only
+    after the 15 s default."""
+    import threading
+    import time
+
+    import submitit
+    from submitit.core.utils import cloudpickle_dump
+
+    asked = tmp_path / "scontrol_asked"
+    _forgotten_job_scontrol(no_sbatch.parent / "bin", asked)
+    grace = 4.0 if late else 1.5
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(f"result_grace_s: {grace}\n")
+    logs = tmp_path / "logs"
+    result = submitit.SlurmJob(folder=logs / "4242", job_id="4242",
+                               tasks=(0,)).task(0).paths.result_pickle
+
+    def write_late() -> None:  # 1 s after the wait first asked SLURM: within the grace
+        deadline = time.time() + 60
+        while not asked.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        cloudpickle_dump(("success", None), result)  # as submitit's task writes it
+
+    writer = threading.Thread(target=write_late, daemon=True)
+    if late:
+        writer.start()
+    status = main(["submit", "--profile", str(profile), "--folder", str(logs / "%j"),
+                   "--wait", "pretrain", "--output-dir", str(tmp_path / "run")])
+    returned = time.time()
+    err = capsys.readouterr().err
+    assert no_sbatch.exists()
+    if late:
+        writer.join(timeout=60)
+        assert status == 0 and "job 4242 completed" in err, err
+        return
+    waited = returned - asked.stat().st_mtime
+    assert status == 1, err
+    assert "job 4242 is no longer known to SLURM" in err
+    assert "task 0: killed without writing a result" in err
+    assert grace <= waited < 10, waited
 
 
 @pytest.mark.distributed

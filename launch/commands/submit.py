@@ -80,7 +80,8 @@ def _print_dry_run(profile, spec) -> None:
         "account": profile.account, "qos": profile.qos, "constraint": profile.constraint,
         "exclude": profile.exclude, "job_name": profile.job_name, "folder": profile.folder,
         "max_requeues": profile.max_requeues, "save_on_signal": profile.save_on_signal,
-        "signal_delay_s": profile.signal_delay_s, "run_dir": str(spec.run_dir),
+        "signal_delay_s": profile.signal_delay_s, "result_grace_s": profile.result_grace_s,
+        "run_dir": str(spec.run_dir),
     }
     print("# resources")
     for key, value in resources.items():
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         # bounded once SLURM says the job is over, even if its tasks were killed (no result)
         # through requeues: results of a run that SLURM requeued are not the job's
         results = RunResults(job)
-        state = wait_for(job, results=results)
+        state = wait_for(job, grace_s=profile.result_grace_s, results=results)
         why = failure(job, state, results)
         if why:
             print(f"internimage submit: {why}", file=sys.stderr)  # names the job id

@@ -7,6 +7,7 @@ flags override its values. Everything is checked before anything is submitted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 from launch.config import ConfigError, load_config
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "launch"
+# How long result files may lag behind the job's end on a shared file system: submitit's
+# own allowance (Job._results_timeout_s in submitit 1.5.4); the default of result_grace_s.
+RESULT_GRACE_S = 15.0
 
 
 @dataclass
@@ -42,6 +46,12 @@ class ClusterProfile:
     save_timeout_s: int = 60
     # SLURM sends USR2 this many seconds before the time limit (sbatch --signal).
     signal_delay_s: int = 120
+    # `submit --wait`: once SLURM says the job is over, how long a task's result file may
+    # still arrive (it can lag behind the job's end on a shared file system; a task killed
+    # without writing one is reported after it). Also how long a PREEMPTED or NODE_FAIL
+    # state must hold before it is taken as final (a requeue passes through them).
+    # A single machine (its local disk) needs little.
+    result_grace_s: float = RESULT_GRACE_S
     # Shell lines run in the sbatch script before srun (module load, exports...).
     setup: list[str] = field(default_factory=list)
     # Extra `#SBATCH --key=value` lines that have no field here.
@@ -63,6 +73,10 @@ class ClusterProfile:
                              f"({self.gpus_per_node}): one task per GPU")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ValueError(f"mem_gb: must be > 0, got {self.mem_gb}")
+        if not (math.isfinite(self.result_grace_s) and self.result_grace_s >= 0):
+            # an infinite grace would wait forever for a task killed without a result
+            raise ValueError(f"result_grace_s: must be a finite number >= 0, got "
+                             f"{self.result_grace_s}")
         if self.signal_delay_s < 1:
             raise ValueError(f"signal_delay_s: must be >= 1, got {self.signal_delay_s}")
         if self.save_on_signal and self.save_timeout_s >= self.signal_delay_s:

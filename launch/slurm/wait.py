@@ -23,6 +23,7 @@ import submitit
 from submitit.core.utils import pickle_load
 
 from launch.slurm.job import START_LINE
+from launch.slurm.profile import RESULT_GRACE_S
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,8 @@ WAITING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DE
                   "CONFIGURING", "POWER_UP_NODE"}
 # scontrol could not answer (controller busy or unreachable): ask again later.
 UNANSWERED = "UNKNOWN"
-# How long result files may lag behind the job's end on a shared file system: submitit's
-# own allowance (Job._results_timeout_s in submitit 1.5.4).
-RESULT_GRACE_S = 15.0
+# RESULT_GRACE_S (launch.slurm.profile): how long result files may lag behind the job's
+# end by default; `submit --wait` passes the profile's result_grace_s.
 # How long a job whose tasks all returned may take to be final in SLURM.
 EXIT_GRACE_S = 60.0
 
