@@ -143,7 +143,7 @@ class SlurmCluster:
             info = self.job(job_id)
             if predicate(info):
                 return info
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise AssertionError(f"job {job_id}: timed out waiting for {what}; last: {info}\n"
                              f"{self.logs_tail()}")
 
@@ -192,6 +192,21 @@ def _start_munge(root: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_for_controller(cluster: SlurmCluster, deadline: float) -> None:
+    """Until `scontrol ping` says slurmctld is UP (or raise, having stopped the cluster)."""
+    answer = ""
+    while time.time() < deadline:
+        if cluster.procs[-1].poll() is not None:
+            break
+        answer = cluster.cmd("scontrol", "ping", check=False, timeout=10).strip()
+        if "is UP" in answer:
+            return
+        time.sleep(0.1)
+    cluster.stop()
+    raise RuntimeError(f"slurmctld not answering (scontrol ping: {answer!r})\n"
+                       f"{cluster.logs_tail()}")
+
+
 def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
     """Start munged, slurmctld -D, slurmd -D; return once the node is idle (or raise)."""
     node = socket.gethostname().split(".")[0]
@@ -203,13 +218,16 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
     deadline = time.time() + 20
     while not sock.exists() and time.time() < deadline:
         time.sleep(0.1)
+    deadline = time.time() + timeout
     for daemon in ("slurmctld", "slurmd"):
         log = (root / f"{daemon}.out").open("w")
         cluster.procs.append(subprocess.Popen(
             [_which(daemon) or daemon, "-D", "-f", str(conf)], env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
-        time.sleep(1.0)
-    deadline = time.time() + timeout
+        if daemon == "slurmctld":
+            # slurmd registers with the controller as it starts: start it once the
+            # controller answers (polled: it takes from a fraction of a second to seconds)
+            _wait_for_controller(cluster, deadline)
     state = ""
     while time.time() < deadline:
         dead = [p.args[0] for p in cluster.procs if p.poll() is not None]
@@ -219,7 +237,7 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
         state = cluster.cmd("sinfo", "-h", "-N", "-o", "%T", check=False).strip()
         if state.startswith("idle"):
             return cluster
-        time.sleep(0.5)
+        time.sleep(0.2)
     cluster.stop()
     raise RuntimeError(f"node not idle after {timeout}s (sinfo: {state!r})\n"
                        f"{cluster.logs_tail()}")

@@ -45,8 +45,11 @@ def cluster(tmp_path_factory):
 
 
 def submit_cmd(folder: Path, run_dir: Path, *options: str, job: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
-            "--cpus-per-task", "1", "--folder", str(folder / "%j"), *options,
+    # the shipped profile of a one-machine cluster (its result_grace_s of 2 s: a task
+    # killed without a result is reported 2 s after the job's end, not submitit's 15 s)
+    return [sys.executable, "-m", "launch.cli", "submit", "--profile", "local_cpu",
+            "--tasks-per-node", "2", "--cpus-per-task", "1", "--folder", str(folder / "%j"),
+            *options,
             "pretrain", "--output-dir", str(run_dir), *TINY, *job]
 
 
@@ -207,9 +210,12 @@ def test_wait_reports_tasks_killed_without_a_result_within_a_bound(cluster, cach
             os.kill(pid, signal.SIGKILL)
         killed_at = time.time()
         try:
-            out, err = proc.communicate(timeout=60)
+            # local_cpu's result grace is 2 s: the job's end (seconds after the kill)
+            # plus that grace; 30 s leaves room for a loaded machine (it was 60 s while
+            # the grace was submitit's 15 s)
+            out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            raise AssertionError("submit --wait still waiting 60 s after its tasks were "
+            raise AssertionError("submit --wait still waiting 30 s after its tasks were "
                                  "killed") from None
         waited = time.time() - killed_at
     finally:
@@ -272,8 +278,9 @@ def finetune_argv(run_dir: Path, cache: Path) -> list[str]:
 
 
 def finetune_submit_cmd(folder: Path, run_dir: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
-            "--cpus-per-task", "1", "--folder", str(folder / "%j"), "--time", "30",
+    return [sys.executable, "-m", "launch.cli", "submit", "--profile", "local_cpu",
+            "--tasks-per-node", "2", "--cpus-per-task", "1", "--folder", str(folder / "%j"),
+            "--time", "30",
             "--max-requeues", "0", "--wait", *finetune_argv(run_dir, cache)]
 
 

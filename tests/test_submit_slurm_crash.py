@@ -67,8 +67,11 @@ def test_a_failed_task_ends_the_job_promptly(cluster: SlurmCluster, cache, tmp_p
         port = holder.getsockname()[1]
         job_env = env(cache) | {"SLURM_CONF": cluster.env["SLURM_CONF"],
                                 "PATH": cluster.env["PATH"], "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-m", "launch.cli", "submit", "--tasks-per-node", "2",
-               "--cpus-per-task", "1", "--time", "10", "--folder", str(logs / "%j"), "--wait",
+        # local_cpu: this one machine's result_grace_s (2 s): task 1, killed by srun,
+        # writes no result, and --wait reports it 2 s after the job's end, not 15 s
+        cmd = [sys.executable, "-m", "launch.cli", "submit", "--profile", "local_cpu",
+               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+               "--folder", str(logs / "%j"), "--wait",
                "pretrain", "--output-dir", str(run_dir), "--max-steps", "5", *TINY]
         proc = subprocess.Popen(cmd, env=job_env, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
