@@ -119,18 +119,18 @@ def test_submit_wait_gives_result_files_the_profiles_grace(late, no_sbatch, tmp_
 
     asked = tmp_path / "scontrol_asked"
     _forgotten_job_scontrol(no_sbatch.parent / "bin", asked)
-    grace = 4.0 if late else 1.5
+    grace = 3.0 if late else 1.0
     profile = tmp_path / "cluster.yaml"
     profile.write_text(f"result_grace_s: {grace}\n")
     logs = tmp_path / "logs"
     result = submitit.SlurmJob(folder=logs / "4242", job_id="4242",
                                tasks=(0,)).task(0).paths.result_pickle
 
-    def write_late() -> None:  # 1 s after the wait first asked SLURM: within the grace
+    def write_late() -> None:  # 0.5 s after the wait first asked SLURM: within the grace
         deadline = time.time() + 60
         while not asked.exists() and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)
+        time.sleep(0.5)
         cloudpickle_dump(("success", None), result)  # as submitit's task writes it
 
     writer = threading.Thread(target=write_late, daemon=True)
