@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from tests.pretrain_utils import REPO, free_port
@@ -219,7 +218,10 @@ def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str) -> None:
 
 
 def _run_ranks(world: int, setup, out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
+    # each rank a process forked from tests/rank_launcher.py's forkserver (torch and
+    # DeepSpeed imported once, in a clean process), not a fresh interpreter (~5 s a rank)
+    from tests.rank_launcher import _CTX as ctx
+
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, setup.cfg, setup.cases,
                                                str(out_dir)))
