@@ -503,25 +503,23 @@ def test_refused_credentials_before_the_run_are_named_after_the_grace_and_rotati
     assert seen.event.is_set(), "no probe was refused: the test did not test a rotation"
 
 
-def test_pretraining_over_an_unreachable_store_ends_in_one_line_before_the_model(tmp_path,
-                                                                                cache):
+def test_pretraining_over_an_unreachable_store_ends_in_one_line_before_the_model(
+        tmp_path, cache, monkeypatch):
     """The trainer's path: `internimage pretrain` refuses before building the model (its
     log never reaches DeepSpeed's engine), exit 2, one line naming the source."""
-    import subprocess
-    import sys
-
     from s3_server import free_port
 
-    from tests.pretrain_utils import TINY, env
+    from tests.pretrain_utils import pretrain_cmd, run_forked
 
     out = tmp_path / "run"
     source = '[{name: laion, urls: "s3://bucket/shard-{000..099}.tar", weight: 1}]'
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "pretrain", "--output-dir", str(out), *TINY,
-         "--max-steps", "2", f"data.sources={source}",
-         f"data.s3.endpoint_url=http://127.0.0.1:{free_port()}", "data.s3.retries=0"],
-        env=env(cache) | {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
-        capture_output=True, text=True, timeout=180)
+    # the rank forked from the forkserver (run_forked: the command's argv, this process's
+    # environment as a launched one inherits it), not a fresh interpreter importing torch
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    proc = run_forked(pretrain_cmd(1, out, "--max-steps", "2", f"data.sources={source}",
+                                   f"data.s3.endpoint_url=http://127.0.0.1:{free_port()}",
+                                   "data.s3.retries=0"), cache, timeout=180, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("internimage pretrain: data source 'laion': cannot read from the "
