@@ -1,9 +1,10 @@
 """Building the pre-training model under DeepSpeed's zero.Init (ZeRO-3) on 2 real gloo ranks.
 
 Run as a script (``python tests/test_zero_init.py OUT_DIR``) this file is one rank; the
-fixture starts two. Each rank builds InternImage-T's M3I model twice with the same seed,
-partitioned (as the trainer does under ZeRO-3) and plain, measuring its resident memory
-while building, and compares the gathered weights with the plain ones.
+fixture starts two, forked from tests/rank_launcher.py's forkserver (tests/forked_ranks.py:
+no fresh interpreter's imports). Each rank builds InternImage-T's M3I model twice with the
+same seed, partitioned (as the trainer does under ZeRO-3) and plain, measuring its resident
+memory while building, and compares the gathered weights with the plain ones.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import ctypes
 import gc
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.channels=64", "model.depths=[4,4,18,4]", "model.groups=[4,8,16,32]",
              "model.dcn_backend=reference", "model.embed_dim=32", "text.width=32",
              "text.heads=2", "text.layers=1", "engine.precision=fp32"]
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def _rss() -> int:
@@ -122,6 +124,10 @@ def _bf16_build_differences(plain) -> dict:
 
 def _rank_main(out_dir: str) -> None:
     sys.path.insert(0, str(REPO))
+    # a fixed mmap threshold (what MALLOC_MMAP_THRESHOLD_=65536 sets at a process's start,
+    # too late for a forked rank): glibc otherwise raises it after the first large free
+    # and keeps later freed tensors resident, and RSS would count garbage
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
     import deepspeed
     import torch
 
@@ -181,29 +187,12 @@ def _rank_main(out_dir: str) -> None:
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
+    from tests.forked_ranks import run_ranks
+
     out = tmp_path_factory.mktemp("zero_init")
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-               # a fixed threshold: glibc otherwise raises it after the first large free
-               # and keeps later freed tensors resident, and RSS would count garbage
-               "MALLOC_MMAP_THRESHOLD_": "65536"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_ranks(__file__, "_rank_main", 2, str(out), timeout=300)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
