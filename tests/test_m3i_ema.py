@@ -2,8 +2,9 @@
 
 Run as a script (``python tests/test_m3i_ema.py OUT_DIR``) this file is one rank, which runs
 every set-up of RUNS for its world size, one after the other (three 2-rank set-ups in one
-pair of processes, the 1-rank one in a third: not seven processes contending for the cores,
-each importing torch and DeepSpeed). For each set-up the rank builds the tiny demo model
+pair of processes, the 1-rank one in a third: not seven processes contending for the cores;
+the fixture forks them from tests/rank_launcher.py's forkserver, tests/forked_ranks.py, so
+none imports torch and DeepSpeed afresh). For each set-up the rank builds the tiny demo model
 and its EMA teacher as the trainer does, takes optimizer steps on fixed data and updates
 the teacher in place (its own slices under ZeRO-3, the whole tensors under ZeRO-2),
 counting the collectives each update issues.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -153,31 +152,13 @@ def _local_numel(param) -> int:
     return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
 
 
-def _start(out: Path, world: int) -> list[subprocess.Popen]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)],
-                                      env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return procs
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
+    from tests.forked_ranks import run_ranks
+
     out = tmp_path_factory.mktemp("m3i_ema")
-    procs = {world: _start(out, world) for world in sorted({run[2] for run in RUNS})}
-    for group in procs.values():
-        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in group]
-        for p, log in zip(group, logs):
-            assert p.returncode == 0, log[-3000:]
+    for world in sorted({run[2] for run in RUNS}):
+        run_ranks(__file__, "_rank_main", world, str(out), timeout=240)
     return {(stage, precision, world): [
         json.loads((out / f"{stage}_{precision}_world{world}_rank{r}.json").read_text())
         for r in range(world)] for stage, precision, world in RUNS}
