@@ -15,11 +15,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.objectives import M3ILoss, image_tag_loss, image_text_loss, mixed_image_text_loss
-from tests.pretrain_utils import free_port
+from tests.forked_ranks import run_ranks
 
 
 def _embeddings(n: int = 12, d: int = 8):
@@ -61,9 +60,9 @@ def _m3i_loss(x: dict) -> tuple[torch.Tensor, dict]:
     return loss, {"loss": loss.item(), "loss_tag": terms["loss_tag"].item()} | grads
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(out_dir: str) -> None:
+    dist.init_process_group("gloo")  # env://: the rank's variables, as torchrun sets them
+    rank = dist.get_rank()
     image, text = _embeddings()
     part = slice(rank * 6, rank * 6 + 6)
     img = image[part].clone().requires_grad_()
@@ -84,14 +83,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def two_ranks(tmp_path_factory) -> list[dict]:
     """What each of 2 gloo ranks computed on its half of the global batch."""
     out = tmp_path_factory.mktemp("two_ranks")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    # each rank forked from tests/rank_launcher.py's forkserver (torch imported there once),
+    # not a spawned interpreter importing torch afresh
+    run_ranks(__file__, "_worker", 2, str(out), timeout=120)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
@@ -178,9 +172,10 @@ def _rank_rows(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x[rank * B3:(rank + 1) * B3]
 
 
-def _three_rank_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=W3)
+def _three_rank_worker(out_dir: str) -> None:
+    dist.init_process_group("gloo")  # env://, as _worker
+    rank = dist.get_rank()
+    assert dist.get_world_size() == W3
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _inputs3()
@@ -237,15 +232,7 @@ def _three_rank_worker(rank: int, port: int, out_dir: str) -> None:
 def three_ranks(tmp_path_factory) -> list[dict]:
     """What each of 3 gloo ranks computed on its third of the global batch."""
     out = tmp_path_factory.mktemp("three_ranks")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_three_rank_worker, args=(r, port, str(out)))
-             for r in range(W3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    run_ranks(__file__, "_three_rank_worker", W3, str(out), timeout=120)  # as two_ranks
     return [torch.load(out / f"rank{rank}.pt") for rank in range(W3)]
 
 
