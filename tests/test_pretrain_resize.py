@@ -198,12 +198,8 @@ def test_zero_stages_0_to_2_resume_on_another_world_size(tmp_path, cache, stage,
     assert not (out / "checkpoints" / "latest_universal").exists()
 
 
-# run.epochs=1 over 128 samples: the plan is 128 samples, whatever the world size. Small:
-# each step of the plan is a step run, and 4 global batches of 32 are enough for the plan
-# to differ between world sizes on both sides of a kill (the bugs the tests guard against
-# showed at any size).
-PLAN = 128
-EPOCH_PLAN = ["run.epochs=1", f"run.samples_per_epoch={PLAN}", "optim.min_lr=1e-4"]
+# run.epochs=1 over 256 samples: the plan is 256 samples, whatever the world size.
+EPOCH_PLAN = ["run.epochs=1", "run.samples_per_epoch=256", "optim.min_lr=1e-4"]
 LR, MIN_LR = 3e-3, 1e-4  # TINY's optim.lr, EPOCH_PLAN's min_lr
 
 
@@ -229,7 +225,7 @@ def _final_state(run_dir) -> dict:
 
 def _assert_read_the_plan(run_dir, *, last: int, resumed_at: int, batch_before: int,
                           batch_after: int) -> None:
-    """The epoch plan of PLAN samples was read in full: steps 1..``last`` logged, the first
+    """The epoch plan of 256 samples was read in full: steps 1..``last`` logged, the first
     run's ``batch_before`` samples a step up to ``resumed_at`` and ``batch_after`` after,
     every step's lr on the config's curve in samples (warm-up: 2 steps of the first run's
     batch), ``min_lr`` at the last step."""
@@ -239,10 +235,10 @@ def _assert_read_the_plan(run_dir, *, last: int, resumed_at: int, batch_before: 
                else batch_before * resumed_at + batch_after * (k - resumed_at) for k in lrs}
     for step, lr in lrs.items():
         assert lr == pytest.approx(lr_in_samples(samples[step], 2 * batch_before,
-                                                 batch_before, PLAN), rel=1e-9), step
+                                                 batch_before, 256), rel=1e-9), step
     assert lrs[last] == pytest.approx(MIN_LR, rel=1e-12)
     state = _final_state(run_dir)
-    assert state["step"] == last and sum(state["samples_seen"].values()) == PLAN
+    assert state["step"] == last and sum(state["samples_seen"].values()) == 256
 
 
 def _kill_after(monkeypatch, cmd, cache, step: int) -> None:
@@ -254,10 +250,10 @@ def _kill_after(monkeypatch, cmd, cache, step: int) -> None:
 
 def test_epoch_run_resumed_on_fewer_ranks_reads_its_planned_samples(tmp_path, cache,
                                                                     monkeypatch):
-    """2 ranks (32 samples a step: a 4-step plan), killed after step 2 (64 samples), go on
-    on 1 rank (16 a step): the 64 samples left are 4 steps, to step 6, on the same lr
-    curve in samples. Before, the run went to the 1-rank plan's 8 steps (160 samples)
-    while the restored 4-step schedule sat at min_lr from step 4 on. The same again from
+    """2 ranks (32 samples a step: an 8-step plan), killed after step 2 (64 samples), go on
+    on 1 rank (16 a step): the 192 samples left are 12 steps, to step 14, on the same lr
+    curve in samples. Before, the run went to the 1-rank plan's 16 steps (288 samples)
+    while the restored 8-step schedule sat at min_lr from step 8 on. The same again from
     a copy of the checkpoint as written before the trainer state recorded its samples and
     global batch (both follow from its step, world size and the config)."""
     import shutil
@@ -275,19 +271,19 @@ def test_epoch_run_resumed_on_fewer_ranks_reads_its_planned_samples(tmp_path, ca
     for run_dir in (out, legacy):
         run_forked(pretrain_cmd(1, run_dir, *EPOCH_PLAN, "--checkpoint-every", "100",
                                 "--resume", "auto"), cache)
-        _assert_read_the_plan(run_dir, last=6, resumed_at=2, batch_before=32, batch_after=16)
+        _assert_read_the_plan(run_dir, last=14, resumed_at=2, batch_before=32, batch_after=16)
 
 
 def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cache,
                                                                    monkeypatch):
-    """1 rank (an 8-step plan), killed after step 4 (64 samples), goes on on 2 ranks (32 a
-    step): 2 steps to step 6, lr on the same curve in samples. Before, the 2-rank plan of 4
-    steps was already reached: the run ended at once at step 4, exit 0, having read 64 of
-    the 128 samples."""
+    """1 rank (a 16-step plan), killed after step 10 (160 samples), goes on on 2 ranks (32
+    a step): 3 steps to step 13, lr on the same curve in samples. Before, the 2-rank plan
+    of 8 steps was already behind it: the run ended at once at step 10, exit 0, having read
+    160 of the 256 samples."""
     out = tmp_path / "run"
-    _kill_after(monkeypatch, pretrain_cmd(1, out, *EPOCH_PLAN, "--checkpoint-every", "4"),
-                cache, 4)
-    assert latest(out) == "step_0000004"
+    _kill_after(monkeypatch, pretrain_cmd(1, out, *EPOCH_PLAN, "--checkpoint-every", "10"),
+                cache, 10)
+    assert latest(out) == "step_0000010"
     run_forked(pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "100",
                             "--resume", "auto"), cache)
-    _assert_read_the_plan(out, last=6, resumed_at=4, batch_before=16, batch_after=32)
+    _assert_read_the_plan(out, last=13, resumed_at=10, batch_before=16, batch_after=32)
