@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -48,5 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The process's entry (the console script, ``python -m launch.cli``): :func:`main`,
+    then exit with its code. What is still alive is frozen first (``gc.freeze``): the
+    interpreter's last collection at exit would walk the ~570k objects of torch, DeepSpeed
+    and timm only to free memory the exit frees anyway (2 s per process on these CPUs,
+    0.4 s frozen, at every rank's exit)."""
+    code = main(argv)
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
