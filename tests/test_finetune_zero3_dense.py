@@ -12,7 +12,6 @@ logs.
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -41,22 +40,27 @@ def _overrides(task: str, cache: Path) -> list[str]:
 
 
 def _run(task: str, out: Path, cache: Path, *extra: str, env: dict | None = None) -> list[int]:
-    """The 2-rank run; each rank's standard output lands in ``out/rank<r>.out``."""
+    """The 2-rank run; each rank's standard output and error land in ``out/rank<r>.out``
+    and ``.err``."""
     argv = ["finetune", task, "--output-dir", str(out), *_overrides(task, cache), *extra]
     out.mkdir(parents=True, exist_ok=True)
-    return run_ranks(argv, world=2, env=env, timeout=TIMEOUT_S, stdout_dir=str(out))
+    return run_ranks(argv, world=2, env=env, timeout=TIMEOUT_S, stdout_dir=str(out),
+                     stderr_dir=str(out))
 
 
 def _assert_every_rank_returns(out: Path, logged: dict) -> None:
-    """Each rank's ``train`` returned (the CLI prints it, floats to 4 places) the metrics
-    rank 0 logged: a rank's result must not depend on which rank it is (issue #13: ranks
-    other than 0 used to return 0.0 for every COCO AP)."""
-    printed = []
+    """Each rank's ``train`` returned (its log says so) the metrics rank 0 logged: a rank's
+    result must not depend on which rank it is (issue #13: ranks other than 0 used to
+    return 0.0 for every COCO AP). Rank 0 alone prints it, as its last stdout line."""
+    want = {k: v for k, v in logged.items() if k not in ("step", "epoch")}
     for rank in (0, 1):
-        lines = (out / f"rank{rank}.out").read_text().splitlines()
-        printed.append(ast.literal_eval([ln for ln in lines if ln.startswith("{")][-1]))
-    want = {k: round(v, 4) for k, v in logged.items() if k not in ("step", "epoch")}
-    assert printed[0] == printed[1] == want
+        marker = f"finetune result on rank {rank}: "
+        (line,) = [ln for ln in (out / f"rank{rank}.err").read_text().splitlines()
+                   if marker in ln]
+        assert json.loads(line.split(marker, 1)[1]) == want, rank
+    assert json.loads((out / "rank0.out").read_text().strip().splitlines()[-1]) == want
+    assert not [ln for ln in (out / "rank1.out").read_text().splitlines()
+                if ln.startswith("{")]
 
 
 def _records(out: Path) -> list[dict]:

@@ -120,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    # every rank's own log says what it computed; rank 0 alone prints it, as one JSON
+    # line (as pretrain and --eval-only do: 512 ranks printed 512 copies before)
+    log.info("finetune result on rank %d: %s", int(os.environ.get("RANK", "0")),
+             json.dumps(result))
+    if is_main:
+        print(json.dumps(result), flush=True)
     return 0
 
 
