@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
 import sys
@@ -25,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script (and of each task of a SLURM job); returns the
+    process exit code."""
+    # What is alive at the interpreter's exit is frozen first (gc.freeze, at exit, before
+    # the last collection): that collection would walk the ~570k objects of torch,
+    # DeepSpeed and timm only to free memory the exit frees anyway (2 s per process on
+    # these CPUs, 0.4 s frozen, at every rank's exit; in-process callers pay it only once
+    # they exit). Registered once per process.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow options (argparse stops collecting a positional
@@ -49,16 +58,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run(argv: list[str] | None = None) -> None:
-    """The process's entry (the console script, ``python -m launch.cli``): :func:`main`,
-    then exit with its code. What is still alive is frozen first (``gc.freeze``): the
-    interpreter's last collection at exit would walk the ~570k objects of torch, DeepSpeed
-    and timm only to free memory the exit frees anyway (2 s per process on these CPUs,
-    0.4 s frozen, at every rank's exit)."""
-    code = main(argv)
-    gc.freeze()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

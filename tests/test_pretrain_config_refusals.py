@@ -71,8 +71,8 @@ NO_FP16 = """
 import sys
 from deepspeed.accelerator import get_accelerator
 get_accelerator().is_fp16_supported = lambda: False
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -153,8 +153,8 @@ def crashing(ckpt_dir, state):
         os._exit(17)
     original(ckpt_dir, state)
 ck.write_trainer_state = crashing
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -187,8 +187,8 @@ def poisoned(self, *args):
         total = total * float("nan")
     return total, terms
 ob.M3ILoss.__call__ = poisoned
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -285,8 +285,8 @@ def counting(self, *args):
         STOP_REQUESTED.set()  # what a launcher's preemption handler does
     return original(self, *args)
 ob.M3ILoss.__call__ = counting
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -35,8 +35,8 @@ def restore(self):
               for g in self.engine.optimizer.param_groups]
     torch.save(groups, out + ".groups")
 tr.Trainer._restore = restore
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -139,8 +139,8 @@ def restoring(self):
     restore(self)
     dump(self, ".restored")
 tr.Trainer._save, tr.Trainer._restore = saving, restoring
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 

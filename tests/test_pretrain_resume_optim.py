@@ -36,8 +36,8 @@ def fit(self):
     (self.run_dir / "groups.json").write_text(json.dumps(dump))
     return original(self)
 tr.Trainer.fit = fit
-from launch.cli import run
-run(sys.argv[1:])
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 NEW = ["optim.lr=1e-3", "optim.weight_decay=0.2", "optim.betas=[0.8,0.95]",

@@ -1,8 +1,8 @@
 """The training loop keeps what is alive at its start out of the cyclic garbage collector's
 reach while it trains (runtime/loop.py ``start_up_objects_frozen``) and gives it back after;
-the process entry freezes what is alive before the interpreter's exit (launch/cli.py
-``run``). CPython's ``gc.freeze`` docs: frozen objects are ignored by every later
-collection; ``gc.unfreeze`` puts them back in the oldest generation."""
+the command line freezes what is alive before the interpreter's exit (launch/cli.py
+``main``, registered with atexit). CPython's ``gc.freeze`` docs: frozen objects are ignored
+by every later collection; ``gc.unfreeze`` puts them back in the oldest generation."""
 
 from __future__ import annotations
 
@@ -86,15 +86,16 @@ def test_a_training_step_that_raises_unfreezes(tmp_path):
     assert gc.get_freeze_count() == 0
 
 
-def test_the_process_entry_freezes_what_is_alive_before_exiting():
+def test_the_command_line_freezes_what_is_alive_before_the_process_exits():
+    # registered before main: atexit runs it after main's own callback (last in, first out)
     code = ("import atexit, gc, sys\n"
             "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count()))\n"
-            # a config error: main returns (2) without a run; any return path exits here
-            "sys.argv = ['internimage', 'pretrain', 'no_such.key=1']\n"
-            "from launch.cli import run\n"
-            "run()\n")
+            "from launch.cli import main\n"
+            "print('frozen before', gc.get_freeze_count())\n"
+            # a config error: main returns (2) without a run; any way out exits alike
+            "sys.exit(main(['pretrain', 'no_such.key=1']))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "no_such" in proc.stderr, proc.stderr[-2000:]
-    frozen = int(proc.stdout.strip().splitlines()[-1].split()[-1])
-    assert frozen > 1000, proc.stdout[-500:]
+    before, at_exit = (int(line.split()[-1]) for line in proc.stdout.strip().splitlines())
+    assert before == 0 and at_exit > 1000, proc.stdout[-500:]
