@@ -41,6 +41,7 @@ resize re-deals) are read from the checkpoint itself, never copied (pretrain/tra
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -63,8 +64,17 @@ from runtime.checkpoint import (
 from runtime.dist import MainRankLostError, mark_done, wait_for_main
 
 log = logging.getLogger(__name__)
+_CALLS = itertools.count()  # resize_load calls in this process (its store keys)
 
 SUFFIX = "_universal"
+# How long rank 0's ds_to_universal may take, and the others wait for it (plus the publish):
+# InternImage-H's optimizer state is ~13 GB (fp32 masters and two Adam moments), read from
+# every old rank's file and written once per parameter: minutes on a parallel file system.
+# A conversion still running after this is taken as hung (a stalled mount, the extract
+# workers' hang of REFERENCE.md) and refused, so the job ends instead of idling to its
+# time limit.
+CONVERSION_TIMEOUT_S = 2 * 3600
+_WAIT_MARGIN_S = 600  # rank 0's publish (renames) after the conversion, and its start
 # inside a universal folder: the identity of the checkpoint it was converted from
 SOURCE = "converted_from.json"
 
@@ -187,10 +197,15 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
         # workers hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry
         # no universal_checkpoint_info unless the model has tensor-parallel metadata (ours
         # has none: nothing to merge); ZeRO-3's conversion ignores the flag.
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                               "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
-                               "--inject_missing_state"],
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                 "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
+                 "--inject_missing_state"],
+                capture_output=True, text=True, timeout=CONVERSION_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal did not finish "
+                              f"within {CONVERSION_TIMEOUT_S} s (hung?)") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
@@ -233,7 +248,9 @@ def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[
     # conversion through the store, not in a collective: at InternImage-H size it may
     # outlast the collective timeout (NCCL's 10 min), which would end them mid-wait
     refusal: CheckpointError | None = None
-    key = f"internimage/resize/{ckpt_dir.name}"
+    # one key per call (every rank calls alike): a second resize in this process, from a
+    # checkpoint of the same name, must not find the first one's mark
+    key = f"internimage/resize/{next(_CALLS)}/{ckpt_dir.name}"
     if is_main:
         try:
             convert_to_universal(ckpt_dir, into=own_root)
@@ -242,11 +259,13 @@ def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[
         except OSError as err:  # the run's own checkpoints/ unwritable, full, ...
             refusal = ResumeError(f"{ckpt_dir}: its universal conversion into {own_root} "
                                   f"failed: {err}")
-        finally:
-            mark_done(key)
+        # converted or refused (anything else unwinds rank 0 without the mark: its store
+        # goes with it, or the launcher ends the others)
+        mark_done(key)
     else:
         try:
-            wait_for_main(key, f"the universal conversion of {ckpt_dir}")
+            wait_for_main(key, f"the universal conversion of {ckpt_dir}",
+                          bound_s=CONVERSION_TIMEOUT_S + _WAIT_MARGIN_S)
         except MainRankLostError as err:
             raise ResumeError(str(err)) from None
     agree_on_refusal(refusal)

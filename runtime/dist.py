@@ -249,7 +249,8 @@ def group_timeout() -> timedelta | None:
 
 
 class MainRankLostError(RuntimeError):
-    """Rank 0 went away while this rank waited for it in :func:`wait_for_main`."""
+    """Rank 0 went away, or did not finish within the bound, while this rank waited for
+    it in :func:`wait_for_main`."""
 
 
 def mark_done(key: str) -> None:
@@ -260,10 +261,11 @@ def mark_done(key: str) -> None:
         dist.distributed_c10d._get_default_store().set(key, "1")
 
 
-def wait_for_main(key: str, what: str, poll_s: float = 2.0,
+def wait_for_main(key: str, what: str, bound_s: float, poll_s: float = 2.0,
                   log_every_s: float = 60.0) -> None:
-    """Ranks other than 0: wait until rank 0 has called :func:`mark_done` for ``key``,
-    however long ``what`` takes it, logging every ``log_every_s`` seconds.
+    """Ranks other than 0: wait until rank 0 has called :func:`mark_done` for ``key``, up
+    to ``bound_s`` seconds (a hung rank 0 then ends the wait, as the collective timeout
+    would have), logging every ``log_every_s`` seconds.
 
     For work of rank 0 alone that may outlast the collective timeout (a universal
     checkpoint conversion at InternImage-H size): the others ask the process group's
@@ -291,6 +293,8 @@ def wait_for_main(key: str, what: str, poll_s: float = 2.0,
         except (RuntimeError, OSError) as err:  # DistStoreError, a reset connection
             raise MainRankLostError(f"rank 0 went away during {what}: its store stopped "
                                     f"answering ({err})") from None
+        if time.monotonic() - start >= bound_s:
+            raise MainRankLostError(f"rank 0 did not finish {what} within {bound_s:g} s")
         time.sleep(poll_s)
         if time.monotonic() - last_log >= log_every_s:
             last_log = time.monotonic()

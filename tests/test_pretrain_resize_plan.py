@@ -483,3 +483,43 @@ def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monke
     assert "\n" not in message and message.startswith(f"{ckpt}: ")
     assert "No space left on device" in message and gathered == [message]
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_0000004"]
+
+
+def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
+    """A ds_to_universal that never ends (a stalled mount; the extract workers' hang noted
+    in REFERENCE.md) is killed at CONVERSION_TIMEOUT_S and refused in one line, nothing of
+    it left, instead of holding every rank until the job's time limit."""
+    import pretrain.resize as resize
+    from runtime.checkpoint import ResumeError
+
+    ckpt = _checkpoint(tmp_path, "step_0000004", "A")
+    hang = tmp_path / "python-that-hangs"
+    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(resize.sys, "executable", str(hang))  # the real subprocess.run
+    monkeypatch.setattr(resize, "CONVERSION_TIMEOUT_S", 1)
+    with pytest.raises(ResumeError) as err:
+        resize.convert_to_universal(ckpt)
+    assert str(err.value) == (f"{ckpt}: DeepSpeed's ds_to_universal did not finish within "
+                              "1 s (hung?)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["python-that-hangs", "step_0000004"]
+
+
+def test_a_rank_waiting_for_rank_0_gives_up_at_its_bound():
+    """The other ranks wait for rank 0's conversion through the store, however long it
+    takes up to a bound: a rank 0 that hangs (alive, its store answering) ends their wait
+    with one error naming what they waited for. A one-process gloo group over a HashStore
+    stands in for the job's (wait_for_main asks only the store)."""
+    import torch.distributed as dist
+
+    from runtime.dist import MainRankLostError, mark_done, wait_for_main
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(MainRankLostError) as err:
+            wait_for_main("internimage/test/never", "the conversion", bound_s=0.3, poll_s=0.1)
+        assert str(err.value) == "rank 0 did not finish the conversion within 0.3 s"
+        mark_done("internimage/test/done")
+        wait_for_main("internimage/test/done", "the conversion", bound_s=0.3, poll_s=0.1)
+    finally:
+        dist.destroy_process_group()

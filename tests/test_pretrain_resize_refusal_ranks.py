@@ -32,11 +32,18 @@ def _resize_on_rank(rank: int, port: int, ckpt: str, out: str, timeout_s: float 
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
     from runtime.dist import init_distributed
 
+    # both interpreters up before the rendezvous, which the short timeouts also bound
+    Path(out, f"ready{rank}").touch()
+    deadline = time.monotonic() + 120
+    while not all(Path(out, f"ready{r}").exists() for r in range(WORLD)):
+        assert time.monotonic() < deadline, "the other rank never started"
+        time.sleep(0.05)
     init_distributed(timeout_s / 60)  # as the trainer: run.collective_timeout_min
     import pretrain.resize as resize
 
     def failed(cmd, **kw):  # ds_to_universal, on rank 0 only, after ``converts_s``
         time.sleep(converts_s)
+        Path(out, "converted_at").write_text(repr(time.time()))
         if rank0_dies:  # killed mid-conversion (OOM killer, a failed node)
             os._exit(9)
         return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nValueError: broken\n")
@@ -49,7 +56,7 @@ def _resize_on_rank(rank: int, port: int, ckpt: str, out: str, timeout_s: float 
         outcome = {"raised": None}
     except Exception as err:  # what the command line would report
         outcome = {"raised": type(err).__name__, "message": str(err)}
-    outcome |= {"seconds": time.monotonic() - start,
+    outcome |= {"seconds": time.monotonic() - start, "returned_at": time.time(),
                 "universal": engine._config.load_universal_checkpoint}
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
     if rank == 0 and not rank0_dies:  # rank 0 stays up (as a rank that has not exited
@@ -101,13 +108,14 @@ def test_a_conversion_refused_on_rank_0_is_raised_on_every_rank(tmp_path):
 def test_the_other_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(tmp_path):
     """An InternImage-H conversion may take longer than NCCL's 10-minute collective
     timeout: the other ranks, waiting for it in a collective, failed at the timeout. Here
-    it takes 3 x the timeout, and rank 1 gets rank 0's outcome."""
-    ckpt, codes, files = _run_ranks(tmp_path, timeout_s=2.0, converts_s=6.0)
+    it takes 2.5 x the timeout, and rank 1 gets rank 0's outcome."""
+    ckpt, codes, files = _run_ranks(tmp_path, timeout_s=4.0, converts_s=10.0)
     assert codes == [0] * WORLD
     rank1 = json.loads(files[1].read_text())
     assert rank1["raised"] == "ResumeError", rank1
     assert rank1["message"].startswith("rank 0 of 2 refused the resume"), rank1
-    assert rank1["seconds"] >= 6.0
+    # it returned only once rank 0's conversion had ended (the same machine's clock)
+    assert rank1["returned_at"] >= float((tmp_path / "out" / "converted_at").read_text())
 
 
 def test_a_rank_0_killed_mid_conversion_ends_the_others_at_once(tmp_path):
