@@ -67,6 +67,7 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -259,6 +260,7 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     # rank's files on disk. O(1) per rank, where the gather it replaces carried every
     # state to rank 0.
     barrier()
+    others_waiting_since = time.monotonic()  # the others are in the barrier below from now
     if info.is_main:
         for name, obj in (side_files or {}).items():
             save_torch_file(root / staging / name, obj)
@@ -270,7 +272,7 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
         # for once the new checkpoint is published: a stop request's save cut short here
         # (its grace period is a minute) has lost nothing.
-        _wait_for_previous_deletions()
+        _wait_for_previous_deletions(others_waiting_since if info.world_size > 1 else None)
         _DELETER.add(swapped_out)
         # renames only: the files are deleted by rank 0's deletion thread, so the barrier
         # below does not hold every rank while rank 0 unlinks a thousand files
@@ -497,23 +499,28 @@ def wait_for_deletions(timeout: float | None = None) -> bool:
     return _DELETER.wait(timeout)
 
 
-def _wait_for_previous_deletions(warn_every_s: float = 60.0) -> None:
+def _wait_for_previous_deletions(others_waiting_since: float | None,
+                                 warn_every_s: float = 60.0) -> None:
     """Rank 0, in a save: until the folders the previous saves set aside are deleted (at
     once, unless the filesystem could not delete them in a whole checkpoint interval),
     with a warning each ``warn_every_s`` seconds it waits.
 
-    The other ranks wait meanwhile in the save's last barrier, which fails them after the
-    collective timeout: so the wait ends at half of it (a rank 0 that outwaited it would
-    end the run), and the save goes on with the deletions still queued."""
+    The other ranks wait meanwhile in the save's last barrier (since
+    ``others_waiting_since``, a ``time.monotonic()``; None: no other rank), which fails
+    them after the collective timeout: so the wait ends once they have waited half of it
+    (rank 0's side files and publish count too; a rank 0 that outwaited it would end the
+    run), and the save goes on with the deletions still queued."""
     timeout = group_timeout()
-    bound = None if timeout is None else timeout.total_seconds() / 2
-    waited = 0.0
+    deadline = (None if timeout is None or others_waiting_since is None
+                else others_waiting_since + timeout.total_seconds() / 2)
+    start = time.monotonic()
     while True:
-        step = warn_every_s if bound is None else min(warn_every_s, bound - waited)
-        if wait_for_deletions(timeout=step):
+        step = warn_every_s if deadline is None else min(warn_every_s,
+                                                         deadline - time.monotonic())
+        if wait_for_deletions(timeout=max(step, 0.0)):
             return
-        waited += step
-        if bound is not None and waited >= bound:
+        waited = time.monotonic() - start
+        if deadline is not None and time.monotonic() >= deadline:
             log.warning("this save waited %.0f s for the deletion of the checkpoints the "
                         "previous saves pruned and goes on without it: the other ranks "
                         "wait in a barrier that fails after %.0f s (the collective "
