@@ -41,6 +41,11 @@ WAITING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DE
 UNANSWERED = "UNKNOWN"
 # RESULT_GRACE_S (launch.slurm.profile): how long result files may lag behind the job's
 # end by default; `submit --wait` passes the profile's result_grace_s.
+# How long a final state that a requeue passes through (SETTLING_STATES) must hold before
+# it is believed: SLURM's own requeue transition, nothing to do with file-system lag (so
+# not the profile's result_grace_s, which a one-machine profile sets to 2 s); submitit's
+# 15 s allowance, which this wait used for both before result_grace_s existed.
+SETTLE_S = 15.0
 # How long a job whose tasks all returned may take to be final in SLURM.
 EXIT_GRACE_S = 60.0
 
@@ -165,7 +170,7 @@ def wait_for(job: submitit.Job, poll_s: float = 2.0, grace_s: float = RESULT_GRA
         results.observe(info)
         state = info.state
         if results.all_written():
-            final = _until_final(job.job_id, results, exit_grace_s, grace_s, poll_s)
+            final = _until_final(job.job_id, results, exit_grace_s, SETTLE_S, poll_s)
             if final is not _AGAIN:
                 return final  # type: ignore[return-value]
             continue  # requeued: wait for the next run
@@ -183,10 +188,17 @@ def wait_for(job: submitit.Job, poll_s: float = 2.0, grace_s: float = RESULT_GRA
 def _results_grace(job: submitit.Job, results: RunResults, state: str | None,
                    grace_s: float, poll_s: float) -> str | None:
     """SLURM says the job is over: wait up to ``grace_s`` for the missing result files
-    (they may lag on a shared file system). Returns the state SLURM reports at the end;
-    a non-final one means SLURM restarted the job (requeue) and the wait goes on."""
-    deadline = time.time() + grace_s
-    while not results.all_written() and time.time() < deadline:
+    (they may lag on a shared file system), and for a state a requeue passes through at
+    least ``SETTLE_S``. Returns the state SLURM reports at the end; a non-final one means
+    SLURM restarted the job (requeue) and the wait goes on."""
+    start = time.time()
+
+    def waiting() -> bool:
+        bound = max(grace_s, SETTLE_S) if state in SETTLING_STATES else grace_s
+        return time.time() < start + bound and (state in SETTLING_STATES
+                                                or not results.all_written())
+
+    while waiting():
         time.sleep(min(poll_s, 1.0))
         info = slurm_job(job.job_id)
         results.observe(info)
