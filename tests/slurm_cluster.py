@@ -208,10 +208,20 @@ def _wait_for_controller(cluster: SlurmCluster, deadline: float) -> None:
 
 
 def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
-    """Start munged, slurmctld -D, slurmd -D; return once the node is idle (or raise)."""
+    """Start munged, slurmctld -D, slurmd -D; return once the node is idle (or raise,
+    with whatever was started stopped: a client command timing out included)."""
     node = socket.gethostname().split(".")[0]
     conf = write_conf(root, node, os.cpu_count() or 1)
     cluster = SlurmCluster(root, conf, node)
+    try:
+        return _start_daemons(cluster, root, conf, timeout)
+    except BaseException:
+        cluster.stop()  # bounded; a second stop of stopped daemons is a no-op
+        raise
+
+
+def _start_daemons(cluster: SlurmCluster, root: Path, conf: Path,
+                   timeout: float) -> SlurmCluster:
     env = cluster.env
     cluster.procs.append(_start_munge(root))
     sock = root / "munge" / "munge.socket"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import weakref
 
+import pytest
 import torch
 
 from runtime.dist import DistInfo
@@ -79,10 +80,8 @@ def test_a_training_step_that_raises_unfreezes(tmp_path):
     def train_step(batch):
         raise RuntimeError("boom")
 
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         _loop(tmp_path, train_step)
-    except RuntimeError:
-        pass
     assert gc.get_freeze_count() == 0
 
 
