@@ -65,6 +65,7 @@ class SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.ports = {name: free_port() for name in _PORTS}
         self.proc: subprocess.Popen | None = None
+        self.started = False  # once up, its endpoint is in use: restarts keep the ports
         self.log_path = self.data_dir / "weed.log"
         identity = {"name": "tester", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                     "credentials": [{"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -92,8 +93,29 @@ class SeaweedServer:
                 f"-filer.localSocket={self.data_dir / 'filer.sock'}",
                 f"-s3.localSocket={self.data_dir / 's3.sock'}"]
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the server and wait until its S3 API answers and accepts writes."""
+    def start(self, timeout: float = 60.0, attempts: int = 4) -> None:
+        """Start the server and wait until its S3 API answers and accepts writes.
+
+        A port picked free may be taken before the server binds it (free_port's ports are
+        ephemeral ones, which any process's outgoing connection may get meanwhile): a
+        server that exits on "address already in use" is started again, on new ports if
+        it never ran (nothing refers to them yet), else on the same ones a moment later
+        (a restart after an outage must keep its endpoint)."""
+        for attempt in range(attempts):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                with self.log_path.open("rb") as log:
+                    log.seek(logged)
+                    collided = b"address already in use" in log.read()
+                if not collided or attempt == attempts - 1:
+                    raise
+            if not self.started:
+                self.ports = {name: free_port() for name in _PORTS}
+            time.sleep(0.5)
+
+    def _start_once(self, timeout: float) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -105,6 +127,7 @@ class SeaweedServer:
                                    f"{self.log_tail()}")
             try:
                 client.put_object(Bucket=self._probe_bucket(client), Key="ready", Body=b"1")
+                self.started = True
                 return
             except Exception as err:  # not up yet: connection refused, 5xx while electing
                 if time.monotonic() > deadline:
