@@ -17,8 +17,6 @@ task may report a step as skipped (a non-finite loss) or add values to each log 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -216,30 +214,9 @@ def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer
     task logs its lr through ``log_values``). ``metrics`` is closed when the loop ends.
     """
     try:
-        with start_up_objects_frozen():
-            return _run(spec, hooks, start, optimizer, scheduler, metrics, d)
+        return _run(spec, hooks, start, optimizer, scheduler, metrics, d)
     finally:
         metrics.close()
-
-
-@contextlib.contextmanager
-def start_up_objects_frozen() -> Iterator[None]:
-    """While training: what is alive when it starts (imported modules, the model's and
-    engine's Python objects) is out of the cyclic garbage collector's reach (``gc.freeze``),
-    given back at the end (``gc.unfreeze``: their cycles are collectable again).
-
-    Why: a full collection walks every tracked object, ~570k after torch, DeepSpeed and
-    timm are imported: 0.3 s on these CPUs, 9 times in a 20-step demo run, at steps no
-    rank agrees on (a straggler the others wait for in the next collective). Frozen, it
-    walks what training itself creates. Data-loader workers forked inside also leave the
-    frozen objects' pages unwritten (CPython's docs: freeze before fork). Garbage present
-    at the start is collected first, so none is kept for the run."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, scheduler,
