@@ -158,7 +158,12 @@ def _num_tags(cfg) -> int:
     return len(TagVocab.load(cfg.data.tag_vocab))
 
 
-def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, cfg, cases, out_dir: str,
+            parent_env: dict[str, str]) -> None:
+    # the test's environment now, not the forkserver's from when it started (which may
+    # hold what another test had set then: tests/rank_launcher.py)
+    os.environ.clear()
+    os.environ.update(parent_env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -224,7 +229,7 @@ def _run_ranks(world: int, setup, out_dir: Path) -> list[dict]:
 
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, setup.cfg, setup.cases,
-                                               str(out_dir)))
+                                               str(out_dir), dict(os.environ)))
              for r in range(world)]
     for p in procs:
         p.start()
