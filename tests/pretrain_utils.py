@@ -10,6 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tests/rank_launcher.py imports this module: no import cycle at run time
+    from multiprocessing.process import BaseProcess
+
+    from tests.rank_launcher import RankWork
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,57 +95,32 @@ def kill_once_saved(cmd: list[str], cache: Path, run_dir: Path, tag: str,
 # sets them), its argv, one thread, and its stdout/stderr (file descriptors) captured.
 
 
-def _split(cmd: list[str]) -> tuple[int, str | None, list[str]]:
-    """(ranks, ``-c`` code or None, CLI arguments) of a command built as above."""
+def _work(cmd: list[str]) -> tuple[int, RankWork]:
+    """(ranks, what each runs: a rank_launcher ``Cli`` or ``Code``) of a command built as
+    above (or ``python -c CODE ARGS``)."""
+    from tests.rank_launcher import Cli, Code
+
     if cmd[1:3] == ["-m", "launch.cli"]:
-        return 1, None, cmd[3:]
+        return 1, Cli(cmd[3:])
     if cmd[1] == "-c":
-        return 1, cmd[2], cmd[3:]
+        return 1, Code(cmd[2], cmd[3:])
     if cmd[1:3] == ["-m", "torch.distributed.run"]:
         start = cmd.index("launch.cli")
-        return int(cmd[cmd.index("--nproc-per-node") + 1]), None, cmd[start + 1:]
+        return int(cmd[cmd.index("--nproc-per-node") + 1]), Cli(cmd[start + 1:])
     raise ValueError(f"not a command of pretrain_cmd: {cmd[:4]}")
 
 
-def _forked_rank(rank: int, world: int, port: int, code: str | None, argv: list[str],
-                 environ: dict[str, str], out: str, err: str) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
-    if world > 1:
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                           "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)})
-    for fd, path in ((1, out), (2, err)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(target, fd)
-        os.close(target)
-    # data-loader workers forked from the rank, as in a launched rank (tests/rank_launcher.py)
-    import multiprocessing
+def start_forked(cmd: list[str], cache: Path, logs: Path) -> list[BaseProcess]:
+    """Start the ranks of ``cmd`` (a `pretrain_cmd` or ``python -c CODE ARGS`` command)
+    forked, in the environment of `env`; rank r's stdout and stderr go to
+    ``logs/rank<r>.out`` / ``.err``. The processes, in rank order: the caller waits for
+    or ends them (tests/rank_launcher.py's ``wait_ranks``, ``stop_ranks``)."""
+    from tests.rank_launcher import start_ranks
 
-    multiprocessing.set_start_method("fork", force=True)
-    import torch
-
-    torch.set_num_threads(1)  # OMP_NUM_THREADS=1 of `env`, read at torch's import
-    if code is not None:
-        sys.argv = ["-c", *argv]
-        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
-        return
-    from launch.cli import main
-
-    sys.exit(main(argv))
-
-
-def _start_forked(cmd: list[str], cache: Path, logs: Path) -> list:
-    from tests.rank_launcher import _CTX
-
-    world, code, argv = _split(cmd)
-    port, environ = free_port(), env(cache)
-    procs = [_CTX.Process(target=_forked_rank, name=f"rank{r}", args=(
-        r, world, port, code, argv, environ, str(logs / f"rank{r}.out"),
-        str(logs / f"rank{r}.err"))) for r in range(world)]
-    for p in procs:
-        p.start()
-    return procs
+    world, work = _work(cmd)
+    # one rank: a plain `python ...` command, which has no rank variables (`env` drops any)
+    return start_ranks(work, world, env(cache), stdout_dir=logs, stderr_dir=logs,
+                       torchrun_env=world > 1)
 
 
 def _logs() -> Path:
@@ -154,22 +135,17 @@ def run_forked(cmd: list[str], cache: Path, timeout: int = 300, check: bool = Tr
     the first nonzero exit code of the ranks (as torchrun's), their outputs in rank order."""
     import shutil
 
+    from tests.rank_launcher import wait_ranks
+
     logs = _logs()
-    procs = _start_forked(cmd, cache, logs)
-    deadline = time.time() + timeout
     try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.time()))
-        if any(p.is_alive() for p in procs):
+        procs = start_forked(cmd, cache, logs)
+        if wait_ranks(procs, timeout):
             raise subprocess.TimeoutExpired(cmd, timeout)
         codes = [p.exitcode for p in procs]
         out, err = ("".join((logs / f"rank{r}.{kind}").read_text(errors="replace")
                             for r in range(len(procs))) for kind in ("out", "err"))
     finally:
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
-                p.join()
         shutil.rmtree(logs, ignore_errors=True)
     proc = subprocess.CompletedProcess(cmd, next((c for c in codes if c), 0), out, err)
     if check and proc.returncode != 0:
@@ -183,15 +159,13 @@ def kill_forked_once_saved(cmd: list[str], cache: Path, run_dir: Path, tag: str,
     ``checkpoints/latest`` names ``tag`` (also when one exits or ``timeout`` passes)."""
     import shutil
 
+    from tests.rank_launcher import stop_ranks
+
     logs = _logs()
-    procs = _start_forked(cmd, cache, logs)
+    procs = start_forked(cmd, cache, logs)
     deadline = time.time() + timeout
     while (latest(run_dir) != tag and time.time() < deadline
            and all(p.exitcode is None for p in procs)):
         time.sleep(0.05)
-    for p in procs:
-        if p.exitcode is None:
-            os.kill(p.pid, signal.SIGKILL)
-    for p in procs:
-        p.join()
+    stop_ranks(procs)
     shutil.rmtree(logs, ignore_errors=True)

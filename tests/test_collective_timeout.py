@@ -108,22 +108,20 @@ os._exit(0)
 def test_a_stopped_rank_fails_the_others_collectives_after_the_timeout(tmp_path):
     """Both the world group's barrier and ZeRO's group fail after the configured 3 s, not
     after torch's default for groups created later (gloo: 30 min)."""
-    from tests.forked_code import start_code_ranks
+    from tests.rank_launcher import Code, start_ranks, stop_ranks
 
-    # both ranks forked from the forkserver (tests/forked_code.py): real processes, without
+    # both ranks forked from the forkserver (tests/rank_launcher.py): real processes, without
     # two fresh interpreters' imports of torch and DeepSpeed
     environ = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(REPO)}
-    main, peer = start_code_ranks(_GROUPS, 2, [], environ, tmp_path)
+    main, peer = start_ranks(Code(_GROUPS), 2, environ, stdout_dir=tmp_path,
+                             stderr_dir=tmp_path)
     try:
         # bounded: before the fix the ZeRO group's collective waited for 30 minutes
         main.join(240)
         assert main.exitcode is not None, "rank 0 still waiting after 240 s"
     finally:
-        for p in (main, peer):  # SIGKILL ends a stopped process too
-            if p.exitcode is None:
-                p.kill()
-            p.join()
+        stop_ranks([main, peer])  # SIGKILL ends a stopped process too
     stdout, stderr = ((tmp_path / f"rank0.{kind}").read_text() for kind in ("out", "err"))
     lines = [x for x in stdout.splitlines() if x.startswith(("world ", "zero "))]
     assert [x.split()[:2] for x in lines] == [["world", "failed"], ["zero", "failed"]], \
@@ -143,11 +141,13 @@ def test_pretraining_with_a_stopped_rank_ends_after_the_timeout(tmp_path, cache)
     12 s: the test waits the whole timeout out, yet it bounds every collective of the run,
     start-up's (rank 0's own work before a collective) too, on a machine the other test
     worker keeps busy: a 6 s bound left too little margin there."""
-    from tests.pretrain_utils import _logs, _start_forked, losses, pretrain_cmd
+    from tests.pretrain_utils import losses, pretrain_cmd, start_forked
+    from tests.rank_launcher import stop_ranks
 
-    out, logs = tmp_path / "run", _logs()
-    procs = _start_forked(pretrain_cmd(2, out, "--max-steps", "100000", f"{KEY}=0.2"),
-                          cache, logs)
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    procs = start_forked(pretrain_cmd(2, out, "--max-steps", "100000", f"{KEY}=0.2"),
+                         cache, logs)
     rank0, rank1 = procs
     try:
         deadline = time.time() + 300
@@ -163,10 +163,7 @@ def test_pretraining_with_a_stopped_rank_ends_after_the_timeout(tmp_path, cache)
         took = time.monotonic() - stopped
         assert rank0.exitcode is not None, f"rank 0 still waiting {took:.0f} s after the stop"
     finally:
-        for p in procs:
-            if p.exitcode is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.join()
+        stop_ranks(procs)
     err = (logs / "rank0.err").read_text(errors="replace")
     assert rank0.exitcode != 0, err[-3000:]
     assert f"collective timeout: 0.2 min ({KEY})" in err

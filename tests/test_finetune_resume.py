@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from runtime.preemption import KILL_AFTER_STEP_ENV
-from tests.rank_launcher import run_ranks
+from tests.rank_launcher import run_cli
 
 pytestmark = [pytest.mark.distributed]
 
@@ -86,15 +86,15 @@ def test_kill_9_then_resume_auto_logs_every_step_as_the_uninterrupted_run(case, 
     if "data.kind=stream" in extra:
         extra = [*extra, *_stream_urls(cache)]
     reference = tmp_path / "uninterrupted"
-    assert run_ranks(_argv(task, reference, cache, *extra)) == [0, 0]
+    assert run_cli(_argv(task, reference, cache, *extra)) == [0, 0]
 
     out = tmp_path / "killed"
-    codes = run_ranks(_argv(task, out, cache, *extra), env={KILL_AFTER_STEP_ENV: "5"})
+    codes = run_cli(_argv(task, out, cache, *extra), env={KILL_AFTER_STEP_ENV: "5"})
     assert codes == [-9, -9]  # multiprocessing: -N for a process ended by signal N
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4, 5]
     assert _saved_step(out) == 3
 
-    assert run_ranks(_argv(task, out, cache, *extra, "--resume", "auto")) == [0, 0]
+    assert run_cli(_argv(task, out, cache, *extra, "--resume", "auto")) == [0, 0]
     resumed, expected = _records(out), _records(reference)
     train_steps = [r["step"] for r in resumed if "loss" in r]
     assert train_steps == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 once, from the resumed run

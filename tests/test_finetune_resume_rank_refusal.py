@@ -22,7 +22,7 @@ import pytest
 
 import runtime.checkpoint as ck
 from runtime.preemption import KILL_AFTER_STEP_ENV
-from tests.rank_launcher import run_ranks
+from tests.rank_launcher import run_cli
 
 pytestmark = [pytest.mark.distributed]
 
@@ -51,7 +51,7 @@ def trained(tmp_path_factory, cache) -> Path:
     """A 2-rank run of 4 steps killed after its checkpoint of step 2 (copied by each
     test): a resume has steps left to train."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    codes = run_ranks(_argv(out, cache), env={KILL_AFTER_STEP_ENV: "2"}, timeout=TIMEOUT_S * 2)
+    codes = run_cli(_argv(out, cache), env={KILL_AFTER_STEP_ENV: "2"}, timeout=TIMEOUT_S * 2)
     assert codes == [-9, -9]  # multiprocessing: -N for a process ended by signal N
     return out
 
@@ -79,8 +79,8 @@ def test_one_ranks_damaged_rank_file_refuses_the_resume_on_every_rank(damage, tr
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    codes = run_ranks(_argv(out, cache, "--resume", "auto"), timeout=TIMEOUT_S,
-                      stderr_dir=str(logs))
+    codes = run_cli(_argv(out, cache, "--resume", "auto"), timeout=TIMEOUT_S,
+                    stderr_dir=str(logs))
 
     errs = [(logs / f"rank{r}.err").read_text() for r in (0, 1)]
     assert codes == [2, 2], errs

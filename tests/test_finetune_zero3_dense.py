@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from runtime.preemption import KILL_AFTER_STEP_ENV
-from tests.rank_launcher import run_ranks
+from tests.rank_launcher import run_cli
 
 pytestmark = [pytest.mark.distributed]
 
@@ -44,8 +44,8 @@ def _run(task: str, out: Path, cache: Path, *extra: str, env: dict | None = None
     and ``.err``."""
     argv = ["finetune", task, "--output-dir", str(out), *_overrides(task, cache), *extra]
     out.mkdir(parents=True, exist_ok=True)
-    return run_ranks(argv, world=2, env=env, timeout=TIMEOUT_S, stdout_dir=str(out),
-                     stderr_dir=str(out))
+    return run_cli(argv, world=2, env=env, timeout=TIMEOUT_S, stdout_dir=str(out),
+                   stderr_dir=str(out))
 
 
 def _assert_every_rank_returns(out: Path, logged: dict) -> None:

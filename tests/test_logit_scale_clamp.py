@@ -12,7 +12,7 @@ model in bf16 whose loss is -scale for some steps (the scale wants to grow past 
 then +scale (it wants to shrink). (One pair of processes for the three set-ups, not three
 pairs at once: six processes on two cores contended; every engine is built from its own
 config, seed and data as before. The fixture forks the two ranks from
-tests/rank_launcher.py's forkserver, tests/forked_ranks.py: no fresh interpreter's imports.)
+tests/rank_launcher.py's forkserver, run_file_function: no fresh interpreter's imports.)
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def _run(out_dir: str, stage: int, persist: bool, rank: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
-    from tests.forked_ranks import run_ranks
+    from tests.rank_launcher import run_file_function
 
     out = tmp_path_factory.mktemp("logit_scale")
-    run_ranks(__file__, "_rank_main", 2, str(out), timeout=240)
+    run_file_function(__file__, "_rank_main", 2, str(out), timeout=240)
     return {run: [json.loads((out / f"{run[0]}_{run[1]}_rank{r}.json").read_text())
                   for r in range(2)] for run in RUNS}
 

@@ -3,7 +3,7 @@
 Run as a script (``python tests/test_m3i_ema.py OUT_DIR``) this file is one rank, which runs
 every set-up of RUNS for its world size, one after the other (three 2-rank set-ups in one
 pair of processes, the 1-rank one in a third: not seven processes contending for the cores;
-the fixture forks them from tests/rank_launcher.py's forkserver, tests/forked_ranks.py, so
+the fixture forks them from tests/rank_launcher.py's forkserver, run_file_function, so
 none imports torch and DeepSpeed afresh). For each set-up the rank builds the tiny demo model
 and its EMA teacher as the trainer does, takes optimizer steps on fixed data and updates
 the teacher in place (its own slices under ZeRO-3, the whole tensors under ZeRO-2),
@@ -154,11 +154,11 @@ def _local_numel(param) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple, list[dict]]:
-    from tests.forked_ranks import run_ranks
+    from tests.rank_launcher import run_file_function
 
     out = tmp_path_factory.mktemp("m3i_ema")
     for world in sorted({run[2] for run in RUNS}):
-        run_ranks(__file__, "_rank_main", world, str(out), timeout=240)
+        run_file_function(__file__, "_rank_main", world, str(out), timeout=240)
     return {(stage, precision, world): [
         json.loads((out / f"{stage}_{precision}_world{world}_rank{r}.json").read_text())
         for r in range(world)] for stage, precision, world in RUNS}

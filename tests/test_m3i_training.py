@@ -15,7 +15,7 @@ import math
 import pytest
 
 from tests.pretrain_utils import TINY, kill_forked_once_saved, latest, losses, pretrain_cmd
-from tests.rank_launcher import run_ranks
+from tests.rank_launcher import run_cli
 
 pytestmark = [pytest.mark.distributed]
 # 64 px: a 2x2 grid at the tiny InternImage's stride 32, the least that can mix two images
@@ -37,8 +37,8 @@ def _rows(run_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("m3i_all_branches")
-    codes = run_ranks(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH],
-                      world=2, env={"INTERNIMAGE_CACHE": str(cache)}, timeout=240)
+    codes = run_cli(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH],
+                    world=2, env={"INTERNIMAGE_CACHE": str(cache)}, timeout=240)
     assert codes == [0, 0], codes
     return out
 
@@ -71,9 +71,9 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
     # mid-run, no chance to clean up (its ranks forked, as the resume's: no fresh imports)
     kill_forked_once_saved(cmd, cache, out, "step_0000002")
     assert latest(out) in ("step_0000002", "step_0000004"), latest(out)
-    codes = run_ranks(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH,
-                       "--resume", "auto"], world=2, env={"INTERNIMAGE_CACHE": str(cache)},
-                      timeout=240)
+    codes = run_cli(["pretrain", "--output-dir", str(out), *TINY, *IMAGE_BRANCH,
+                     "--resume", "auto"], world=2, env={"INTERNIMAGE_CACHE": str(cache)},
+                    timeout=240)
     assert codes == [0, 0], codes
     resumed, reference = losses(out), losses(reference_run)
     assert sorted(resumed) == list(range(1, 7))

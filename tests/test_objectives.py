@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain.objectives import M3ILoss, image_tag_loss, image_text_loss, mixed_image_text_loss
-from tests.forked_ranks import run_ranks
+from tests.rank_launcher import run_file_function
 
 
 def _embeddings(n: int = 12, d: int = 8):
@@ -85,7 +85,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("two_ranks")
     # each rank forked from tests/rank_launcher.py's forkserver (torch imported there once),
     # not a spawned interpreter importing torch afresh
-    run_ranks(__file__, "_worker", 2, str(out), timeout=120)
+    run_file_function(__file__, "_worker", 2, str(out), timeout=120)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
@@ -232,7 +232,8 @@ def _three_rank_worker(out_dir: str) -> None:
 def three_ranks(tmp_path_factory) -> list[dict]:
     """What each of 3 gloo ranks computed on its third of the global batch."""
     out = tmp_path_factory.mktemp("three_ranks")
-    run_ranks(__file__, "_three_rank_worker", W3, str(out), timeout=120)  # as two_ranks
+    # as two_ranks
+    run_file_function(__file__, "_three_rank_worker", W3, str(out), timeout=120)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(W3)]
 
 

@@ -147,16 +147,11 @@ sys.exit(main(sys.argv[1:]))
 def run_code_forked(code: str, ranks: int, args: list[str], cache, logs) -> None:
     """``python -c CODE ARGS`` on ``ranks`` ranks forked as ``run_forked`` forks them (its
     command form takes code on one rank only); fails with the ranks' stderr."""
-    from tests.forked_code import start_code_ranks
     from tests.pretrain_utils import env
+    from tests.rank_launcher import Code, start_ranks, wait_ranks
 
-    procs = start_code_ranks(code, ranks, args, env(cache), logs)
-    for p in procs:
-        p.join(300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    procs = start_ranks(Code(code, args), ranks, env(cache), stdout_dir=logs, stderr_dir=logs)
+    wait_ranks(procs, 300)  # one still running then is killed: its exit code fails below
     if any(p.exitcode for p in procs):
         raise AssertionError("".join((logs / f"rank{r}.err").read_text()[-3000:]
                                      for r in range(ranks)))

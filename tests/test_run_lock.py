@@ -205,11 +205,13 @@ def test_pretrain_resume_while_the_run_still_trains_is_refused_then_continues_it
     by a killed torchrun go on) and a 2-rank `--resume auto` of it. Every rank of the
     second job refuses in one line and writes nothing; once the first is killed, a resume
     takes its lock over at once and continues from its last checkpoint."""
-    from tests.pretrain_utils import _logs, _start_forked, latest, losses, pretrain_cmd, run_forked
+    from tests.pretrain_utils import latest, losses, pretrain_cmd, run_forked, start_forked
+    from tests.rank_launcher import stop_ranks
 
-    out = tmp_path / "run"
-    holder = _start_forked(pretrain_cmd(1, out, "--max-steps", "100000",
-                                        "--checkpoint-every", "2"), cache, _logs())[0]
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    holder = start_forked(pretrain_cmd(1, out, "--max-steps", "100000",
+                                       "--checkpoint-every", "2"), cache, logs)[0]
     try:
         deadline = time.time() + 240
         while latest(out) is None and time.time() < deadline and holder.exitcode is None:
@@ -226,9 +228,7 @@ def test_pretrain_resume_while_the_run_still_trains_is_refused_then_continues_it
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid
         assert holder.exitcode is None  # the first run trains on, untouched
     finally:
-        if holder.exitcode is None:
-            os.kill(holder.pid, signal.SIGKILL)
-        holder.join()
+        stop_ranks([holder])
     step = int(latest(out).split("_")[1])
     resumed = run_forked(pretrain_cmd(1, out, "--max-steps", str(step + 1), "--resume", "auto"),
                          cache)

@@ -1,7 +1,7 @@
 """Building the pre-training model under DeepSpeed's zero.Init (ZeRO-3) on 2 real gloo ranks.
 
 Run as a script (``python tests/test_zero_init.py OUT_DIR``) this file is one rank; the
-fixture starts two, forked from tests/rank_launcher.py's forkserver (tests/forked_ranks.py:
+fixture starts two, forked from tests/rank_launcher.py's forkserver (run_file_function:
 no fresh interpreter's imports). Each rank builds InternImage-T's M3I model twice with the
 same seed, partitioned (as the trainer does under ZeRO-3) and plain, measuring its resident
 memory while building, and compares the gathered weights with the plain ones.
@@ -189,10 +189,10 @@ def _rank_main(out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    from tests.forked_ranks import run_ranks
+    from tests.rank_launcher import run_file_function
 
     out = tmp_path_factory.mktemp("zero_init")
-    run_ranks(__file__, "_rank_main", 2, str(out), timeout=300)
+    run_file_function(__file__, "_rank_main", 2, str(out), timeout=300)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
