@@ -16,9 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch.multiprocessing as mp
 
-from tests.pretrain_utils import free_port
+from tests.rank_launcher import FileFunction, launcher_env, start_ranks, wait_ranks
 
 pytestmark = [pytest.mark.distributed]
 
@@ -26,10 +25,10 @@ WORLD = 2
 TIMEOUT_S = 40  # the process group's: a rank left in the barrier fails only then
 
 
-def _resize_on_rank(rank: int, port: int, ckpt: str, out: str, timeout_s: float = TIMEOUT_S,
-                    converts_s: float = 0.0, rank0_dies: bool = False) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+def _resize_on_rank(ckpt: str, out: str, timeout_s: float, converts_s: float,
+                    rank0_dies: bool) -> None:
+    """One rank (a process forked by tests/rank_launcher.py, torchrun's variables set)."""
+    rank = int(os.environ["RANK"])
     from runtime.dist import init_distributed
 
     # both interpreters up before the rendezvous, which the short timeouts also bound
@@ -77,18 +76,11 @@ def _run_ranks(tmp_path: Path, **kwargs) -> tuple[Path, list[int | None], list[P
     (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")  # per rank
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_resize_on_rank, args=(r, port, str(ckpt), str(out)),
-                         kwargs=kwargs) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=TIMEOUT_S + 120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    work = FileFunction(__file__, "_resize_on_rank", (
+        str(ckpt), str(out), kwargs.get("timeout_s", TIMEOUT_S), kwargs.get("converts_s", 0.0),
+        kwargs.get("rank0_dies", False)))
+    procs = start_ranks(work, WORLD, launcher_env(), stderr_dir=out)
+    wait_ranks(procs, TIMEOUT_S + 120)
     return ckpt, [p.exitcode for p in procs], [out / f"rank{r}.json" for r in range(WORLD)]
 
 
