@@ -423,7 +423,11 @@ def test_a_conversion_publishes_its_own_folder_with_its_source(tmp_path, convert
 
 def _fake_gather(monkeypatch, rank: int, world: int, gathered: list) -> None:
     """runtime.checkpoint.all_gather_objects on rank ``rank`` of ``world``: every other rank
-    passed (None); what this rank passed is recorded in ``gathered``."""
+    passed (None); what this rank passed is recorded in ``gathered``. Rank 0's mark and the
+    others' wait for it (the store of whatever process group this test process holds, left
+    by an earlier test, would never get the mark) pass at once; real ranks:
+    tests/test_pretrain_resize_refusal_ranks.py."""
+    import pretrain.resize as resize
     import runtime.checkpoint as ck
 
     def gather(outcome):
@@ -431,6 +435,8 @@ def _fake_gather(monkeypatch, rank: int, world: int, gathered: list) -> None:
         return [outcome if r == rank else None for r in range(world)]
 
     monkeypatch.setattr(ck, "all_gather_objects", gather)
+    monkeypatch.setattr(resize, "mark_done", lambda key: None)
+    monkeypatch.setattr(resize, "wait_for_main", lambda key, what, bound_s: None)
 
 
 def test_a_refused_conversion_is_raised_on_every_rank(tmp_path, monkeypatch):
@@ -509,17 +515,21 @@ def test_a_rank_waiting_for_rank_0_gives_up_at_its_bound():
     """The other ranks wait for rank 0's conversion through the store, however long it
     takes up to a bound: a rank 0 that hangs (alive, its store answering) ends their wait
     with one error naming what they waited for. A one-process gloo group over a HashStore
-    stands in for the job's (wait_for_main asks only the store)."""
+    stands in for the job's (wait_for_main asks only the store; keys of this test alone)."""
     import torch.distributed as dist
 
     from runtime.dist import MainRankLostError, mark_done, wait_for_main
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    created = not dist.is_initialized()  # else an earlier test's group: its store serves
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(MainRankLostError) as err:
-            wait_for_main("internimage/test/never", "the conversion", bound_s=0.3, poll_s=0.1)
+            wait_for_main("internimage/test/never-marked", "the conversion", bound_s=0.3,
+                          poll_s=0.1)
         assert str(err.value) == "rank 0 did not finish the conversion within 0.3 s"
         mark_done("internimage/test/done")
         wait_for_main("internimage/test/done", "the conversion", bound_s=0.3, poll_s=0.1)
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
