@@ -10,6 +10,7 @@ be installed or started.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -92,6 +93,11 @@ def write_conf(root: Path, node: str, cpus: int) -> Path:
         # Short waits keep the requeue and time-out tests quick.
         "KillWait=3",
         "MinJobAge=600",
+        # job ids of their own: submitit derives a job's rendezvous port from its id
+        # (helpers.TorchDistributedEnvironment: random.Random(job_id) in 20000-60000), so two
+        # test clusters running at once, both counting from 1, gave their first jobs the
+        # same port ("EADDRINUSE" in a 3-worker run)
+        f"FirstJobId={random.randint(1000, 1_000_000)}",
         "SlurmdTimeout=60",
         f"StateSaveLocation={root / 'state'}",
         f"SlurmdSpoolDir={root / 'spool'}",
