@@ -61,7 +61,7 @@ from runtime.checkpoint import (
     derived_staging,
     ranks_text,
 )
-from runtime.dist import MainRankLostError, mark_done, wait_for_main
+from runtime.dist import mark_done, wait_for_main
 
 log = logging.getLogger(__name__)
 _CALLS = itertools.count()  # resize_load calls in this process (its store keys)
@@ -263,11 +263,12 @@ def resize_load(engine, ckpt_dir: Path, own_root: Path, is_main: bool) -> tuple[
         # goes with it, or the launcher ends the others)
         mark_done(key)
     else:
-        try:
-            wait_for_main(key, f"the universal conversion of {ckpt_dir}",
-                          bound_s=CONVERSION_TIMEOUT_S + _WAIT_MARGIN_S)
-        except MainRankLostError as err:
-            raise ResumeError(str(err)) from None
+        # rank 0 lost (killed, or hung past the bound) is a failure, not a refusal of the
+        # resume: MainRankLostError goes up as it is (a crash, exit 1 with a traceback,
+        # where rank 0's own error says why), not as a one-line exit-2 refusal that reads
+        # as "fix your checkpoint"
+        wait_for_main(key, f"the universal conversion of {ckpt_dir}",
+                      bound_s=CONVERSION_TIMEOUT_S + _WAIT_MARGIN_S)
     agree_on_refusal(refusal)
     engine._config.load_universal_checkpoint = True
     return own_root, ckpt_dir.name + SUFFIX
