@@ -4,14 +4,17 @@ where SLURM is missing, and the same job through submitit's local executor."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from launch.cli import main
 from launch.config import ConfigError
-from launch.slurm.job import resume_argv
+from launch.slurm.environment import TaskInfo, record
+from launch.slurm.job import own_checkpoint, resume_argv
 from launch.slurm.profile import load_profile, parse_mem_gb
 from tests.pretrain_utils import REPO, TINY, env, latest, losses
 
@@ -78,13 +81,48 @@ def test_bad_jobs_fail_before_submission(capsys):
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
 
 
+def _publish(run_dir: Path, tag: str) -> None:
+    """Point the run's ``latest`` at ``tag`` as a save publishes it (runtime/checkpoint.py:
+    a new file renamed over the old one)."""
+    ckpts = run_dir / "checkpoints"
+    (ckpts / tag).mkdir(parents=True, exist_ok=True)
+    (ckpts / "latest.tmp").write_text(tag)
+    os.replace(ckpts / "latest.tmp", ckpts / "latest")
+
+
+def _first_start(run_dir: Path, job_id: str) -> None:
+    """What rank 0 records at the job's first start (launch/slurm/job.py __call__)."""
+    info = TaskInfo(job_id, 0, 0, 2, "node1", "slurm")
+    record(run_dir, "start", info, requeue=0, timeouts=0, argv=[],
+           checkpoint=own_checkpoint(run_dir))
+
+
 def test_requeued_runs_resume_from_their_own_checkpoint(tmp_path):
     argv = ["pretrain", "--resume", "/elsewhere/step_0000100", "--max-steps", "9"]
+    auto = ["pretrain", "--max-steps", "9", "--resume", "auto"]
+    _first_start(tmp_path, "11")
     # no checkpoint of its own yet: keep starting from the given one
-    assert resume_argv(argv, tmp_path) == argv
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000004")
-    assert resume_argv(argv, tmp_path) == ["pretrain", "--max-steps", "9", "--resume", "auto"]
+    assert resume_argv(argv, tmp_path, "11") == argv
+    _publish(tmp_path, "step_0000004")
+    assert resume_argv(argv, tmp_path, "11") == auto
+    # a run started before the start records named the checkpoint: any is its own
+    assert resume_argv(argv, tmp_path, "12") == auto
+    assert resume_argv(["pretrain"], tmp_path, "11") == ["pretrain", "--resume", "auto"]
+
+
+def test_a_rewound_job_restarted_before_its_first_save_stays_rewound(tmp_path):
+    """Rewinding a run (``--resume RUN/checkpoints/step_0000500`` while ``latest`` names
+    step_0001000) and being restarted by SLURM (node failure, ``scontrol requeue``) before
+    the rewound branch saved: the restart must resume the rewind, not the abandoned
+    step_0001000 that ``--resume auto`` resolves to; once the job has saved, its own."""
+    _publish(tmp_path, "step_0000500")
+    _publish(tmp_path, "step_0001000")
+    rewind = ["pretrain", "--resume", str(tmp_path / "checkpoints" / "step_0000500")]
+    _first_start(tmp_path, "21")
+    assert resume_argv(rewind, tmp_path, "21") == rewind
+    # the rewound branch saves the very tag it abandoned: still a save of this job
+    _publish(tmp_path, "step_0001000")
+    assert resume_argv(rewind, tmp_path, "21") == ["pretrain", "--resume", "auto"]
 
 
 def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, capsys):

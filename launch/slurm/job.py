@@ -55,6 +55,7 @@ from launch.slurm.environment import (
     TaskInfo,
     export_distributed_env,
     is_timeout,
+    read_records,
     record,
     restart_count,
     submitted_time_limit_min,
@@ -125,22 +126,54 @@ def log_ignored(rt: _Runtime) -> None:
                 "one requeue at most)", ignored, signal.Signals(rt.signals[0][0]).name)
 
 
-def resume_argv(argv: list[str], run_dir: Path) -> list[str]:
-    """The command line of a restart: continue the run from its latest checkpoint.
+def own_checkpoint(run_dir: Path) -> list[int] | None:
+    """Which checkpoint the run's pointer to its newest one names right now, as
+    ``[inode, mtime_ns]`` of ``checkpoints/latest`` (pre-training and ZeRO fine-tuning) or
+    ``checkpoints/last.pt`` (DDP fine-tuning of an earlier version); None without either.
 
-    An explicit ``--resume PATH`` (start from another run's checkpoint) is kept only while
-    this run has no checkpoint of its own yet: ``checkpoints/latest`` (pre-training and ZeRO
-    fine-tuning) or ``checkpoints/last.pt`` (DDP fine-tuning). An ``--eval-only`` command
-    line is kept as it is.
-    """
-    if "--eval-only" in argv:  # an evaluation starts over from the weights it names
-        return list(argv)
+    Every publish replaces ``latest`` by a rename (runtime/checkpoint.py), so a new inode
+    and time mean a save happened since, even one that re-saved the same step (a rewound
+    run reaching its old tag again)."""
     from runtime.checkpoint_path import CHECKPOINTS_DIR  # here: it imports torch
 
     ckpts = run_dir / CHECKPOINTS_DIR
-    has_own = (ckpts / "latest").is_file() or (ckpts / "last.pt").is_file()
+    for name in ("latest", "last.pt"):
+        try:
+            st = (ckpts / name).stat()
+        except FileNotFoundError:
+            continue
+        return [st.st_ino, st.st_mtime_ns]
+    return None
+
+
+def resume_argv(argv: list[str], run_dir: Path, job_id: str | None = None) -> list[str]:
+    """The command line of a restart of job ``job_id``: continue the run from its latest
+    checkpoint.
+
+    An explicit ``--resume PATH`` (start from another run's checkpoint, or rewind this run
+    to an earlier one of its own) is kept until this job has saved a checkpoint: until the
+    run's ``latest`` is no longer the one it named when the job first started (recorded in
+    that start's ``slurm_jobs.jsonl`` line, :func:`own_checkpoint`). Only then does the
+    restart continue with ``--resume auto``: a rewound job that SLURM restarted before its
+    first save (a node failure, ``scontrol requeue``, a save on the signal that failed)
+    would otherwise go back to the later checkpoints the user abandoned. Without a record
+    of the job's first start (``job_id`` None, or a run started by an earlier version), any
+    checkpoint of the run counts as its own. An ``--eval-only`` command line is kept as it
+    is.
+    """
+    if "--eval-only" in argv:  # an evaluation starts over from the weights it names
+        return list(argv)
     explicit = any(a == "--resume" or a.startswith("--resume=") for a in argv)
-    return set_resume_auto(argv) if has_own or not explicit else list(argv)
+    if not explicit:
+        return set_resume_auto(argv)
+    now = own_checkpoint(run_dir)
+    if now is None:
+        return list(argv)
+    first = next((r for r in read_records(run_dir)
+                  if r.get("job_id") == job_id and r.get("event") == "start"
+                  and r.get("requeue") == 0 and "checkpoint" in r), None)
+    saved_since = first is None or first["checkpoint"] != now
+    return set_resume_auto(argv) if saved_since else list(argv)
 
 
 def set_resume_auto(argv: list[str]) -> list[str]:
@@ -193,12 +226,12 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self._rt = _Runtime(info, restarts, timeouts, limit, started, signals=signals)
         log.info(START_LINE, info.job_id, info.rank, info.world_size, info.master, restarts,
                  timeouts, self.max_requeues, run_dir)
-        if info.is_main:
+        if info.is_main:  # ``checkpoint``: what a restart's resume_argv compares with
             record(run_dir, "start", info, requeue=restarts, timeouts=timeouts,
-                   argv=self.argv)
+                   argv=self.argv, checkpoint=own_checkpoint(run_dir))
         self._forget_previous_result()
         act_on_signal = self._signal_action(submitit_handler)
-        argv = resume_argv(self.argv, run_dir) if restarts else self.argv
+        argv = resume_argv(self.argv, run_dir, info.job_id) if restarts else self.argv
         if restarts:  # served by its store before, even without a checkpoint yet: a store
             # that does not answer at the start is an outage to wait for (data/preflight.py)
             from data.preflight import REQUEUED_ENV
@@ -311,7 +344,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     # -------------------------------------------------------------------- requeueing
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
-        """Save (optionally), then return the requeue of this job with ``--resume auto``.
+        """Save (optionally), then return the requeue of this job (resuming as
+        :func:`resume_argv` says: ``--resume auto`` once the job has saved).
 
         Called by submitit's USR2 handler, in the main thread of global rank 0 only, once
         (that handler is called outside the signal handler: see ``_note_signals``).
@@ -362,9 +396,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self._requeued(), *args, **kwargs)
 
     def _requeued(self) -> TrainingJob:
+        job_id = self._rt.info.job_id if self._rt is not None else None
         nxt = copy.copy(self)
         nxt._rt = None
-        nxt.argv = resume_argv(self.argv, Path(self.run_dir))
+        nxt.argv = resume_argv(self.argv, Path(self.run_dir), job_id)
         return nxt
 
     def _save_now(self, rt: _Runtime) -> tuple[bool, str | None]:
