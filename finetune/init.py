@@ -28,6 +28,36 @@ log = logging.getLogger(__name__)
 # Keys a backbone-only model (detection/segmentation) or a new classifier does not need.
 HEAD_PREFIXES = ("head.",)
 CLASSIFIER_ONLY_PREFIXES = ("conv_head.", "head.", "dcnv3_head_", "clip_projector.", "fc_norm.")
+# An ImageNet-22K classifier fine-tuned on ImageNet-1K keeps its 1K classes' rows (the
+# released recipe: classification/utils.py load_pretrained, map22kto1k.txt).
+IMAGENET_22K_CLASSES = 21841
+IMAGENET_1K_CLASSES = 1000
+MAP_22K_TO_1K = Path(__file__).with_name("map22kto1k.txt")
+
+
+def imagenet22k_to_1k_rows() -> torch.Tensor:
+    """Row of each ImageNet-1K class (wnids sorted) in an ImageNet-22K classifier (21841
+    classes, wnids sorted): the released ``map22kto1k.txt``, 1000 indices."""
+    rows = [int(line) for line in MAP_22K_TO_1K.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _keep_1k_rows_of_22k_head(state: dict[str, torch.Tensor],
+                              own: dict[str, torch.Tensor]) -> bool:
+    """A 21841-class head going into a 1000-class model: keep the 1K classes' rows, as the
+    released fine-tuning does by default (RAND_INIT_FT_HEAD off), instead of a fresh head
+    (the 22K-to-1K recipes, lr 2e-5 with 2 warm-up epochs, were tuned for a head that
+    already classifies). Whether it did."""
+    weight, theirs = state.get("head.weight"), own.get("head.weight")
+    if (weight is None or theirs is None or weight.shape[0] != IMAGENET_22K_CLASSES
+            or theirs.shape[0] != IMAGENET_1K_CLASSES or weight.shape[1:] != theirs.shape[1:]):
+        return False
+    rows = imagenet22k_to_1k_rows()
+    state["head.weight"] = weight[rows]
+    if "head.bias" in state:
+        state["head.bias"] = state["head.bias"][rows]
+    return True
 
 
 def check_variant(meta: dict[str, str], variant: str, arch: dict, src: str | Path) -> None:
@@ -82,8 +112,10 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
               backbone_only: bool = False) -> LoadReport:
     """Load the backbone of ``src`` into ``model`` (an ``InternImage``) and report keys.
 
-    The classifier (``head.*``) is dropped when its shape differs (new class count); with
-    ``backbone_only`` (dense tasks) every classification-only key is dropped. Any other
+    The classifier (``head.*``) is dropped when its shape differs (new class count), except
+    an ImageNet-22K head (21841 classes) going into a 1000-class model, which keeps its
+    ImageNet-1K rows (as the released fine-tuning); with ``backbone_only`` (dense tasks)
+    every classification-only key is dropped. Any other
     missing or unexpected key, or a shape mismatch, raises ``CheckpointError``.
     """
     state, meta = read_backbone(src)
@@ -100,6 +132,11 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],
     check_variant(meta, variant, arch or {}, src)
     own = model.state_dict()
     report = LoadReport()
+    mapped = not backbone_only and _keep_1k_rows_of_22k_head(state, own)
+    if mapped:
+        log.info("%s: its ImageNet-22K head (%d classes) keeps the rows of the %d ImageNet-1K "
+                 "classes (%s)", Path(src), IMAGENET_22K_CLASSES, IMAGENET_1K_CLASSES,
+                 MAP_22K_TO_1K.name)
     for key in list(state):
         droppable = key.startswith(CLASSIFIER_ONLY_PREFIXES if backbone_only else HEAD_PREFIXES)
         if droppable and (key not in own or own[key].shape != state[key].shape):
