@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from data.config import S3Config, check_shard_list_policy
 from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
-from finetune.plan import count_params, print_plan
+from finetune.plan import count_params, per_gpu_count, plan_gpu_counts, print_plan
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,11 @@ class EmaConfig:
 
 @dataclass
 class ClsOptimConfig(OptimConfig):
-    """``OptimConfig`` plus a warm-up given in epochs (the released recipes' unit)."""
+    """``OptimConfig`` plus a warm-up given in epochs (the released recipes' unit); the
+    lr may be given per ``lr_batch`` images and scaled to the run's total batch, as the
+    released classification code scales it (finetune/cls_build.py ``effective_optim``)."""
+
+    batch_scaled_lr: ClassVar[bool] = True
 
     # set: overrides optim.warmup_steps with int(warmup_epochs x steps per epoch) of the
     # actual run, so the warm-up follows the dataset size and the number of processes
@@ -159,8 +164,13 @@ def check_start(cfg: ClassificationConfig, thorough: bool = True) -> None:
     start_checks(cfg, check_data, thorough=thorough)
 
 
-def dry_run(cfg: ClassificationConfig) -> int:
-    """Build on the meta device (no memory) and print what a run would do."""
+def dry_run(cfg: ClassificationConfig, gpus: int | None = None) -> int:
+    """Build on the meta device (no memory) and print what a run would do: the total
+    batch and effective lr on ``gpus`` processes (None: ``WORLD_SIZE`` if set, else a few
+    GPU counts, finetune/plan.py ``plan_gpu_counts``)."""
+    from finetune.cls_build import effective_optim
+
+    counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_classifier(cfg)
     groups = classifier_groups(model, cfg)
@@ -171,9 +181,16 @@ def dry_run(cfg: ClassificationConfig) -> int:
         "classes / image size": f"{cfg.data.num_classes} / {cfg.data.img_size}",
         "data": cfg.data.kind + (f" {cfg.data.root}" if cfg.data.root else ""),
         "batch": cfg.run.batch_desc(),
+        "total batch": per_gpu_count({n: cfg.run.total_batch(n) for n in counts}),
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
-        "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay}",
+        "optimizer": f"AdamW wd {cfg.optim.weight_decay}, lr " + (
+            f"{cfg.optim.lr} absolute (optim.lr_batch null: the same at any batch)"
+            if cfg.optim.lr_batch is None else
+            f"{cfg.optim.lr} per {cfg.optim.lr_batch} images (optim.lr_batch), scaled "
+            "to the total batch"),
+        "effective lr": per_gpu_count({n: f"{effective_optim(cfg, n).lr:.4g}"
+                                       for n in counts}),
         "warm-up": (f"{cfg.optim.warmup_epochs} epochs" if cfg.optim.warmup_epochs is not None
                     else f"{cfg.optim.warmup_steps} steps"),
         "layer decay": f"{cfg.optim.layer_decay} ({len(groups)} groups, lr scales "

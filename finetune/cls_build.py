@@ -1,6 +1,12 @@
 """What a classification run is built from: the classifier, AdamW over layer-decayed
 groups, timm's cosine schedule, Mixup/CutMix and the loss.
 
+The lr they use is the run's effective one (:func:`effective_optim`): with
+``optim.lr_batch`` set (the presets), ``optim.lr``/``min_lr`` are per that many images and
+scaled linearly to the run's total batch, as the released code does
+(OpenGVLab/InternImage classification/main.py); the optimizer, the scheduler, the start's
+log line and the dry-run plan all read it from there.
+
 Kept apart from the config (finetune/classification.py) and the engine (finetune/zero.py)
 so that the engine needs no import of the entrypoint that calls it.
 """
@@ -16,7 +22,7 @@ from runtime import schedules
 from runtime.param_groups import adamw, param_groups
 
 if TYPE_CHECKING:
-    from finetune.classification import ClassificationConfig
+    from finetune.classification import ClassificationConfig, ClsOptimConfig
 
 
 def build_classifier(cfg: ClassificationConfig) -> nn.Module:
@@ -27,9 +33,31 @@ def build_classifier(cfg: ClassificationConfig) -> nn.Module:
                        **cfg.model.build_kwargs())
 
 
-def build_optimizer(model: nn.Module, cfg: ClassificationConfig) -> torch.optim.Optimizer:
-    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)."""
-    return adamw(classifier_groups(model, cfg), cfg.optim.lr, cfg.optim.betas)
+def effective_optim(cfg: ClassificationConfig, world_size: int) -> ClsOptimConfig:
+    """``cfg.optim`` with the lr and min_lr a run over ``world_size`` processes trains at:
+    scaled to the total batch (``run.batch_size x run.grad_accum x world_size``) when
+    ``optim.lr_batch`` is set, else as given."""
+    return cfg.optim.scaled(cfg.run.total_batch(world_size))
+
+
+def lr_desc(cfg: ClassificationConfig, world_size: int) -> str:
+    """The effective lr of a run over ``world_size`` processes, and where it comes from
+    (the start's log line and the dry-run plan)."""
+    o, eff = cfg.optim, effective_optim(cfg, world_size)
+    total = cfg.run.total_batch(world_size)
+    line = f"lr {eff.lr:.4g}, min_lr {eff.min_lr:.4g} at total batch {total}"
+    if o.lr_batch is None:
+        return line + " (optim.lr absolute: the same at any total batch)"
+    return (line + f" (optim.lr {o.lr:.4g} / min_lr {o.min_lr:.4g} per optim.lr_batch "
+            f"{o.lr_batch} images, x {total}/{o.lr_batch})")
+
+
+def build_optimizer(model: nn.Module, cfg: ClassificationConfig, *,
+                    world_size: int) -> torch.optim.Optimizer:
+    """AdamW over layer-decayed groups (``lr_scale`` per group, applied by the scheduler)
+    at the effective lr of a run over ``world_size`` processes."""
+    o = effective_optim(cfg, world_size)
+    return adamw(classifier_groups(model, cfg), o.lr, o.betas)
 
 
 def classifier_groups(model: nn.Module, cfg: ClassificationConfig) -> list[dict]:
@@ -41,8 +69,10 @@ def classifier_groups(model: nn.Module, cfg: ClassificationConfig) -> list[dict]
                         rule="classification")
 
 
-def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):
-    """timm's cosine schedule, stepped per update, with linear warm-up.
+def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0, *,
+                    world_size: int):
+    """timm's cosine schedule, stepped per update, with linear warm-up, at the effective
+    lr and min_lr of a run over ``world_size`` processes (:func:`effective_optim`).
 
     As in the released InternImage classification code, the cosine spans the whole run and
     the warm-up overlays its start (no warm-up prefix), so the lr reaches ``min_lr`` at the
@@ -51,9 +81,9 @@ def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int = 0):
     groups carry their scaled lr as timm's base value). ``steps_per_epoch`` converts
     ``optim.warmup_epochs``.
     """
-    return schedules.cosine(optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                            total_steps=total_steps,
-                            warmup_steps=cfg.optim.warmup(steps_per_epoch), warmup_prefix=False,
+    o = effective_optim(cfg, world_size)
+    return schedules.cosine(optimizer, lr=o.lr, min_lr=o.min_lr, total_steps=total_steps,
+                            warmup_steps=o.warmup(steps_per_epoch), warmup_prefix=False,
                             absolute_ends=True)
 
 

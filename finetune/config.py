@@ -8,7 +8,8 @@ demo's; presets in configs/finetune/ hold the paper's recipes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 # one validation helper for every config, and the one check of model.dcn_backend
 from data.config import check, check_adamw, check_collective_timeout, check_dcn_backend
@@ -65,9 +66,25 @@ class OptimConfig:
     dcn_lr_mult: float = 0.1  # lr multiplier of the DCN offset layers (param_groups.py)
     backbone_lr_mult: float = 1.0  # dense tasks: backbone lr relative to neck/head
     grad_clip: float = 5.0  # 0: off
+    # Linear lr scaling, as the released classification code (OpenGVLab/InternImage
+    # classification/main.py): set, optim.lr and optim.min_lr (and the warm-up start,
+    # lr x 1e-3) are per lr_batch images, and a run trains at them x total batch /
+    # lr_batch, the total batch being run.batch_size x run.grad_accum x processes
+    # (:meth:`scaled`). None: absolute values, whatever the batch.
+    lr_batch: int | None = None
+    # whether the task's released recipe scales the lr with the batch (classification's
+    # does; mmdet/mmseg's configs give an absolute lr): ``lr_batch`` is refused otherwise
+    batch_scaled_lr: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_adamw(self.lr, self.betas)  # finite lr > 0, betas in [0, 1)
+        check(self.lr_batch is None or self.batch_scaled_lr, "optim.lr_batch",
+              "is for classification only: the released detection/segmentation configs "
+              "give an absolute lr (no auto_scale_lr); set optim.lr for this run's total "
+              "batch instead")
+        check(self.lr_batch is None or self.lr_batch >= 1, "optim.lr_batch",
+              f"must be >= 1 (images the lr is given for; null: an absolute lr), got "
+              f"{self.lr_batch}")
         check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         check(0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
         check(self.dcn_lr_mult > 0, "optim.dcn_lr_mult", "must be > 0")
@@ -76,6 +93,18 @@ class OptimConfig:
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(self.grad_clip >= 0, "optim.grad_clip",
               f"must be >= 0 (max gradient norm; 0: off), got {self.grad_clip}")
+
+    def lr_factor(self, total_batch: int) -> float:
+        """What ``lr`` and ``min_lr`` are multiplied by at ``total_batch`` images per
+        optimizer step: ``total_batch / lr_batch``, or 1 with an absolute lr."""
+        return 1.0 if self.lr_batch is None else total_batch / self.lr_batch
+
+    def scaled(self, total_batch: int):
+        """This section as a run of ``total_batch`` images per optimizer step trains:
+        ``lr`` and ``min_lr`` times :meth:`lr_factor` (the warm-up start, ``lr`` x 1e-3,
+        follows), ``lr_batch`` cleared, so scaling again changes nothing."""
+        f = self.lr_factor(total_batch)
+        return replace(self, lr=self.lr * f, min_lr=self.min_lr * f, lr_batch=None)
 
 
 @dataclass
@@ -143,6 +172,11 @@ class RunConfig:
         with 0 (the released classification, detection and epoch-based configs evaluate
         every epoch; checkpoints follow unless ``checkpoint_every`` says otherwise)."""
         return self.eval_every or steps_per_epoch
+
+    def total_batch(self, world_size: int) -> int:
+        """Images per optimizer step over ``world_size`` processes (what a scaled lr,
+        ``optim.lr_batch``, is scaled to)."""
+        return self.batch_size * self.grad_accum * world_size
 
     def batch_desc(self) -> str:
         """The dry-run plan's batch line: per process, and per optimizer step if accumulated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -18,3 +19,28 @@ def print_plan(title: str, rows: dict[str, Any]) -> None:
     print(title)
     for k, v in rows.items():
         print(f"  {k:<{width}}  {v}")
+
+
+# GPU counts a dry run shows per-count values for when it is not told one
+PLAN_GPU_COUNTS = (1, 8, 32, 64)
+
+
+def plan_gpu_counts(gpus: int | None = None) -> tuple[int, ...]:
+    """The process counts a dry run plans for: ``gpus``, else ``WORLD_SIZE`` when set
+    (the launcher's, as a training start would see it), else :data:`PLAN_GPU_COUNTS`."""
+    if gpus is None:
+        value = os.environ.get("WORLD_SIZE")
+        if value is None:
+            return PLAN_GPU_COUNTS
+        try:
+            gpus = int(value)
+        except ValueError:
+            raise ValueError(f"WORLD_SIZE={value!r}: not a GPU count") from None
+    if gpus < 1:
+        raise ValueError(f"GPU count: must be >= 1, got {gpus}")
+    return (gpus,)
+
+
+def per_gpu_count(values: dict[int, Any]) -> str:
+    """``{gpus: value}`` as one plan cell: ``128 on 1 GPU, 1024 on 8 GPUs``."""
+    return ", ".join(f"{v} on {n} GPU{'s' if n != 1 else ''}" for n, v in values.items())

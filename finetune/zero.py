@@ -210,6 +210,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         build_mixup,
         build_optimizer,
         build_scheduler,
+        lr_desc,
     )
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
@@ -258,12 +259,16 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         for buf in model.buffers():
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
-    optimizer = build_optimizer(model, cfg)
+    # the lr of this world size (optim.lr_batch: scaled to the total batch, as released)
+    if d.is_main:
+        log.info("classification: %s", lr_desc(cfg, d.world_size))
+    optimizer = build_optimizer(model, cfg, world_size=d.world_size)
     # a resume: the checkpoint's moments, this config's group settings (start_engine)
     engine, _ = start_engine(model, optimizer, deepspeed_spec(cfg), run, d)
     # timm's schedule drives the client optimizer's groups: ZeRO steps that same object
     # (its groups' params swapped for flat fp32 partitions), so per-group lr_scale holds
-    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch,
+                                world_size=d.world_size)
     zero3 = cfg.run.zero_stage == 3
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     mixup = build_mixup(cfg)

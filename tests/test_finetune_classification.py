@@ -67,8 +67,8 @@ def test_warmup_epochs_and_cosine_over_the_whole_run():
 
     cfg = load_config(ClassificationConfig, None,
                       ["optim.warmup_epochs=2", "optim.lr=1e-3", "optim.min_lr=1e-5"])
-    opt = build_optimizer(build_classifier(cfg), cfg)
-    sched = build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=10)
+    opt = build_optimizer(build_classifier(cfg), cfg, world_size=1)
+    sched = build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=10, world_size=1)
 
     def lr(step: int) -> float:
         sched.step_update(step)

@@ -51,8 +51,14 @@ def _build(path: Path):
         cfg = load_config(ClassificationConfig, path, overrides)
         with torch.device("meta"):
             model = build_classifier(cfg)
-        opt = build_optimizer(model, cfg)
-        return (cfg, model, opt, build_scheduler(opt, cfg, STEPS, STEPS_PER_EPOCH),
+        # the GPU count at which the lr is optim.lr as given: the total batch is
+        # optim.lr_batch (scaling to other totals: tests/test_finetune_lr_scaling.py)
+        per_gpu = cfg.run.total_batch(1)
+        world = cfg.optim.lr_batch // per_gpu if cfg.optim.lr_batch else 1
+        assert cfg.run.total_batch(world) == (cfg.optim.lr_batch or per_gpu)
+        opt = build_optimizer(model, cfg, world_size=world)
+        return (cfg, model, opt,
+                build_scheduler(opt, cfg, STEPS, STEPS_PER_EPOCH, world_size=world),
                 cfg.optim.warmup(STEPS_PER_EPOCH))
     if task == "detection":
         from finetune.detection import DetectionConfig, build_model, optimizer_and_schedule

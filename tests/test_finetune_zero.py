@@ -186,8 +186,8 @@ def test_group_lr_is_schedule_times_scale():
 
     cfg = load_config(ClassificationConfig, None, ["optim.layer_decay=0.8",
                                                    "optim.warmup_steps=0", "optim.min_lr=0"])
-    opt = build_optimizer(build_classifier(cfg), cfg)
-    sched = build_scheduler(opt, cfg, 100)
+    opt = build_optimizer(build_classifier(cfg), cfg, world_size=1)
+    sched = build_scheduler(opt, cfg, 100, world_size=1)
     sched.step_update(10)
     head = next(g["lr"] for g in opt.param_groups if "head.weight" in g["names"])
     for g in opt.param_groups:
