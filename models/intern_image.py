@@ -41,7 +41,9 @@ class InternImageLayer(nn.Module):
     """One block: a DCNv3 branch and an MLP branch, each with its residual.
 
     Norm placement: pre-norm (default), ``post_norm`` (S..XL) or ``res_post_norm`` (H);
-    ``layer_scale`` multiplies each branch by a learned per-channel gamma.
+    ``layer_scale`` multiplies each branch by a learned per-channel gamma. As in the
+    released model, ``post_norm`` wins over ``res_post_norm``, and ``layer_scale`` turns
+    ``res_post_norm`` off (its norms are still built; no released config combines them).
     """
 
     def __init__(
@@ -71,9 +73,13 @@ class InternImageLayer(nn.Module):
             self.res_post_norm2 = layer_norm(channels)
 
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        # The released forward (classification/models/intern_image.py InternImageLayer,
+        # same in the det/seg backbones) has res_post_norm only in its no-layer-scale
+        # branch: with layer_scale it is post_norm or plain pre-norm, and the
+        # res_post_norm1/2 modules (still built, so state dicts match) are unused.
         if self.post_norm:
             dcn, mlp = (lambda t: self.norm1(self.dcn(t))), (lambda t: self.norm2(self.mlp(t)))
-        elif self.res_post_norm:
+        elif self.res_post_norm and not self.layer_scale:
             dcn = lambda t: self.res_post_norm1(self.dcn(self.norm1(t)))  # noqa: E731
             mlp = lambda t: self.res_post_norm2(self.mlp(self.norm2(t)))  # noqa: E731
         else:
