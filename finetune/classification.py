@@ -155,6 +155,18 @@ class ClassificationConfig:
     run: ClsRunConfig = field(default_factory=ClsRunConfig)
     init: str | None = None
 
+    def __post_init__(self) -> None:
+        # timm's Mixup (which also does CutMix) mixes each image with its mirror in the
+        # batch and asserts an even batch on every call, whatever the mode, alphas or
+        # mix_prob (timm/data/mixup.py Mixup.__call__): an odd batch would train until the
+        # first step, then crash. Mixup is applied to each micro-batch of run.batch_size
+        # (the loaders drop a short last batch).
+        mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
+        check(not mixing or self.run.batch_size % 2 == 0, "run.batch_size",
+              f"must be even with Mixup/CutMix (aug.mixup {self.aug.mixup}, aug.cutmix "
+              f"{self.aug.cutmix}: timm mixes each image with its mirror in the batch), got "
+              f"{self.run.batch_size}")
+
 
 def check_start(cfg: ClassificationConfig, thorough: bool = True) -> None:
     """:func:`finetune.init.start_checks` with this task's data paths."""
