@@ -31,8 +31,11 @@ def _unpooled_stride(variant: str) -> int:
 
 def _cfg(variant: str, size: int) -> dict:
     pool = size // _unpooled_stride(variant)
+    # crop_pct 1.0 at every size: the released evaluation resizes the short side to
+    # IMG_SIZE and centre-crops IMG_SIZE (classification/dataset/build.py, TEST.CROP=True by
+    # default and in every released config), not timm's 224/0.875 = 256 then 224.
     return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": (pool, pool),
-            "crop_pct": 1.0 if size > 224 else 0.875, "interpolation": "bicubic",
+            "crop_pct": 1.0, "interpolation": "bicubic",
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "patch_embed.conv1",
             "classifier": "head", "license": "mit"}
 

@@ -2,6 +2,9 @@
 
 Released facts checked here (OpenGVLab/InternImage):
 
+- classification/dataset/build.py (build_transform, eval branch) with classification/
+  config.py ``_C.TEST.CROP = True`` (no released config changes it): the evaluation resizes
+  the short side to ``int(1.0 * IMG_SIZE)`` and centre-crops ``IMG_SIZE`` at every size.
 - classification/models/intern_image.py (``InternImageLayer.forward``): with
   ``layer_scale`` set, only the ``post_norm`` and plain pre-norm branches exist;
   ``res_post_norm`` acts only without layer scale (its norms are built either way).
@@ -9,6 +12,8 @@ Released facts checked here (OpenGVLab/InternImage):
 
 from __future__ import annotations
 
+import pytest
+import timm
 import torch
 
 import models  # noqa: F401  (registers the timm names)
@@ -23,6 +28,23 @@ TINY_H = dict(channels=32, depths=(1, 1, 6, 1), groups=(1, 2, 4, 8),
 def _tiny(name: str) -> dict:
     variant = PRETRAINED_NAMES.get(name, (name, 0))[0]
     return TINY_H if VARIANTS[variant].use_clip_projector else TINY
+
+
+# ---------------------------------------------------------------- timm eval transform
+@pytest.mark.parametrize("name", sorted(PRETRAINED_NAMES) + sorted(VARIANTS))
+def test_timm_eval_transform_resizes_to_the_input_size_as_released(name):
+    """Released build_transform (TEST.CROP=True): Resize(int(1.0 * IMG_SIZE)) then
+    CenterCrop(IMG_SIZE), so crop_pct is 1.0 for every released name (224 px included:
+    timm's 0.875 would resize T/S/B to 256 first and score another protocol)."""
+    model = timm.create_model(name, pretrained=False, **_tiny(name))
+    cfg = timm.data.resolve_model_data_config(model)
+    assert cfg["crop_pct"] == 1.0
+    size = cfg["input_size"][-1]
+    if name in PRETRAINED_NAMES:
+        assert size == PRETRAINED_NAMES[name][1]
+    resize, crop = timm.data.create_transform(**cfg).transforms[:2]
+    assert resize.size == size
+    assert tuple(crop.size) == (size, size)
 
 
 # ---------------------------------------------------------------- layer_scale + res_post_norm
