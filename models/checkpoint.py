@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,9 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
 _CONTAINER_KEYS = ("model", "module", "state_dict", "model_state")
+# Released detection/segmentation checkpoints (mmdet/mmseg) hold the trunk under this
+# prefix, next to their neck and heads (neck.*, rpn_head.*, decode_head.*, ...).
+DET_SEG_BACKBONE_PREFIX = "backbone."
 
 
 class CheckpointError(RuntimeError):
@@ -27,15 +31,33 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     loaded: int = 0
+    # "backbone." when the file was a detection/segmentation checkpoint whose trunk was
+    # taken out of that prefix (its other keys are in ``dropped``)
+    stripped_prefix: str = ""
 
     def __str__(self) -> str:
         parts = [f"loaded {self.loaded} tensors"]
+        if self.stripped_prefix:
+            parts.append(f"the trunk taken from {self.stripped_prefix}* (a detection/"
+                         f"segmentation checkpoint; its neck and heads are dropped)")
         for name in ("missing", "unexpected", "dropped"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
                 parts.append(f"{len(keys)} {name}: {shown}")
         return "; ".join(parts)
+
+
+def unwrap_containers(state: object) -> object:
+    """``state`` with ``model``/``module``/``state_dict``/``model_state`` container dicts
+    taken off (the released classification files keep the weights under ``model``,
+    mmcv's det/seg files under ``state_dict``)."""
+    while isinstance(state, dict):
+        inner = next((state[k] for k in _CONTAINER_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    return state
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -57,17 +79,45 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # unpickling errors come in many types
             raise CheckpointError(
                 f"cannot read {path} as a weights-only torch file: {err}") from err
-        while isinstance(state, dict):
-            inner = next(
-                (state[k] for k in _CONTAINER_KEYS if isinstance(state.get(k), dict)), None)
-            if inner is None:
-                break
-            state = inner
+        state = unwrap_containers(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state_dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def state_for_model(
+    state: dict[str, torch.Tensor], own_keys: Collection[str], source: str | Path,
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The part of a checkpoint's ``state`` that a model with ``own_keys`` takes, and a
+    report holding what was left out; ``load_pretrained`` and timm's
+    ``pretrained_filter_fn`` (``models.timm_registry``) both go through it.
+
+    A released detection/segmentation checkpoint holds the trunk under ``backbone.``
+    (mmdet/mmseg): when ``state`` has such keys and the model has none, only those are
+    kept, the prefix stripped, as the released det/seg backbones' ``init_weights`` strip
+    it; the neck and head keys are reported as ``dropped``. A state holding none of the
+    model's keys (another model's file) raises ``CheckpointError``, strict or not: loading
+    it would change nothing and say nothing.
+    """
+    report = LoadReport()
+    own = set(own_keys)
+    prefix = DET_SEG_BACKBONE_PREFIX
+    if (any(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in own)):
+        report.stripped_prefix = prefix
+        report.dropped = [k for k in state if not k.startswith(prefix)]
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        log.info("%s: a detection/segmentation checkpoint: %d trunk tensors taken from %s*, "
+                 "%d others (neck, heads) dropped", source, len(state), prefix,
+                 len(report.dropped))
+    if not any(k in own for k in state):
+        shown = ", ".join(list(state)[:5]) or "no tensors"
+        raise CheckpointError(f"{source} holds none of the model's weights (its keys: "
+                              f"{shown}{' ...' if len(state) > 5 else ''}): a checkpoint of "
+                              f"another model?")
+    return state, report
 
 
 def _bn_stem_hint(unexpected: list[str]) -> str:
@@ -85,14 +135,17 @@ def load_pretrained(
 ) -> LoadReport:
     """Load weights into ``model`` and report missing/unexpected keys.
 
+    A released detection/segmentation checkpoint gives its trunk (``backbone.*``, see
+    ``state_for_model``); a file holding none of the model's keys raises even with
+    ``strict=False``.
+
     ``drop_classifier``: ``True`` always skips ``head.*``; ``None`` (default) skips it only
     when its shape differs from the model's (a new class count); ``False`` never does.
     With ``strict=True`` any other missing or unexpected key, or a shape mismatch, raises
     ``CheckpointError`` naming them.
     """
-    state = read_state_dict(path)
     own = model.state_dict()
-    report = LoadReport()
+    state, report = state_for_model(read_state_dict(path), own.keys(), path)
     for key in CLASSIFIER_KEYS:
         if key not in state:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
+from models.checkpoint import CheckpointError, state_for_model, unwrap_containers
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
 from models.features import InternImageTimm
 from models.intern_image import InternImage
@@ -17,11 +18,20 @@ from models.variants import PRETRAINED_NAMES, VARIANTS
 
 
 def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
-    """Released checkpoints already use our keys; only unwrap containers."""
-    for key in ("model", "module", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-    return state_dict
+    """timm's ``pretrained_filter_fn``: what ``models.load_pretrained`` takes from a file.
+
+    Containers are unwrapped; a released detection/segmentation checkpoint gives its trunk
+    (``backbone.*``, the neck and heads dropped); a state with none of the model's keys
+    raises ``CheckpointError`` (timm loads non-strictly with ``features_only=True``, so it
+    would otherwise load nothing and say nothing). See ``models.checkpoint.state_for_model``.
+    """
+    state = unwrap_containers(state_dict)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the pretrained weights do not hold a state_dict "
+                              f"(got {type(state).__name__})")
+    source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "the pretrained weights"
+    state, _ = state_for_model(state, model.state_dict().keys(), source)
+    return state
 
 
 def _unpooled_stride(variant: str) -> int:

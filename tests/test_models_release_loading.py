@@ -5,6 +5,9 @@ Released facts checked here (OpenGVLab/InternImage):
 - classification/dataset/build.py (build_transform, eval branch) with classification/
   config.py ``_C.TEST.CROP = True`` (no released config changes it): the evaluation resizes
   the short side to ``int(1.0 * IMG_SIZE)`` and centre-crops ``IMG_SIZE`` at every size.
+- detection/mmdet_custom/models/backbones/intern_image.py and segmentation/mmseg_custom/
+  models/backbones/intern_image.py (``InternImage.init_weights``): a det/seg checkpoint's
+  ``state_dict`` holds the trunk under ``backbone.``, which the backbone strips.
 - classification/models/intern_image.py (``InternImageLayer.forward``): with
   ``layer_scale`` set, only the ``post_norm`` and plain pre-norm branches exist;
   ``res_post_norm`` acts only without layer scale (its norms are built either way).
@@ -17,6 +20,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the timm names)
+from models import CheckpointError, build_model, load_pretrained
 from models.intern_image import InternImageLayer
 from models.variants import PRETRAINED_NAMES, VARIANTS
 
@@ -45,6 +49,61 @@ def test_timm_eval_transform_resizes_to_the_input_size_as_released(name):
     resize, crop = timm.data.create_transform(**cfg).transforms[:2]
     assert resize.size == size
     assert tuple(crop.size) == (size, size)
+
+
+# ---------------------------------------------------------------- det/seg checkpoints
+def _det_seg_file(tmp_path, trunk: torch.nn.Module) -> tuple:
+    """A checkpoint laid out as the released mmdet/mmseg ones: {'state_dict': ...,
+    'meta': ...} with the trunk under backbone.* next to a neck and heads."""
+    gen = torch.Generator().manual_seed(1)
+    state = {f"backbone.{k}": v for k, v in trunk.state_dict().items()}
+    others = {"neck.lateral_convs.0.conv.weight": torch.randn(8, 32, 1, 1, generator=gen),
+              "decode_head.conv_seg.weight": torch.randn(150, 8, 1, 1, generator=gen),
+              "decode_head.conv_seg.bias": torch.randn(150, generator=gen),
+              "rpn_head.rpn_cls.weight": torch.randn(3, 8, 1, 1, generator=gen)}
+    path = tmp_path / "upernet_internimage_t.pth"
+    torch.save({"state_dict": state | others,
+                "meta": {"mmseg_version": "0.27.0", "CLASSES": ("wall", "building")}}, path)
+    return path, sorted(others)
+
+
+def test_released_det_seg_checkpoint_loads_its_trunk_with_load_pretrained(tmp_path):
+    torch.manual_seed(0)
+    src = build_model("internimage_t", num_classes=0, **TINY).eval()
+    path, others = _det_seg_file(tmp_path, src)
+    dst = build_model("internimage_t", num_classes=0, **TINY).eval()
+    report = load_pretrained(dst, path)  # strict: every trunk key found
+    assert report.loaded == len(src.state_dict())
+    assert not report.missing and not report.unexpected
+    assert report.stripped_prefix == "backbone."
+    assert sorted(report.dropped) == others
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+def test_released_det_seg_checkpoint_loads_into_the_timm_feature_extractor(tmp_path):
+    """README: released weights load through pretrained_cfg_overlay={"file": PATH}; timm
+    loads a features_only model non-strictly, so a det/seg file used to load 0 tensors."""
+    torch.manual_seed(0)
+    src = build_model("internimage_t", num_classes=0, **TINY).eval()
+    path, _ = _det_seg_file(tmp_path, src)
+    net = timm.create_model("internimage_t_1k_224", features_only=True, pretrained=True,
+                            pretrained_cfg_overlay={"file": str(path)}, **TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for got, ref in zip(net(x), src.forward_features(x), strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_file_of_another_model_is_refused_even_non_strict(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(4, 3, 7, 7),
+                          "fc.bias": torch.zeros(10)}}, path)
+    with pytest.raises(CheckpointError, match="none of the model's weights"):
+        load_pretrained(build_model("internimage_t", **TINY), path, strict=False)
+    with pytest.raises(CheckpointError, match="none of the model's weights"):
+        timm.create_model("internimage_t_1k_224", features_only=True, pretrained=True,
+                          pretrained_cfg_overlay={"file": str(path)}, **TINY)
 
 
 # ---------------------------------------------------------------- layer_scale + res_post_norm
