@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,34 @@ def unwrap_containers(state: object) -> object:
     return state
 
 
+def _unpickling_message(path: Path, err: BaseException) -> str | None:
+    """The error for a ``.pth`` that holds pickled Python objects besides its tensors, or
+    ``None`` when ``err`` has another cause (a damaged file)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a readable torch zip file: the caller says so
+        return None
+    if not names:
+        return None
+    # The released classification code's save_checkpoint stores its yacs config under
+    # 'config' (and optimizer, scheduler, ...) next to 'model'; torch's weights-only
+    # reader refuses the pickled CfgNode, and cannot skip that entry to read 'model' only.
+    return (f"{path} holds pickled Python objects besides its weights ({', '.join(names)}): "
+            f"a training checkpoint? (the released classification code's save_checkpoint "
+            f"stores its yacs CfgNode as 'config'). They are not unpickled, since that can "
+            f"run code from the file. If you trust the file, save its weights alone once: "
+            f"python -c \"import torch; c = torch.load({str(path)!r}, map_location='cpu', "
+            f"weights_only=False); torch.save(c['model'], 'weights.pth')\" (or the entry "
+            f"that holds the weights) and load weights.pth")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state_dict from ``.safetensors`` or ``.pth``/``.pt``/``.bin``.
 
     ``.pth`` files are read with ``weights_only=True`` (no code runs) and unwrapped from
     ``model``/``module``/``state_dict`` containers; a ``module.`` prefix (DDP) is stripped.
+    A file that also pickles Python objects (a training checkpoint with its config) is
+    refused with a ``CheckpointError`` that says how to extract its weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -76,6 +100,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            message = _unpickling_message(path, err)
+            if message is None:
+                raise CheckpointError(
+                    f"cannot read {path} as a weights-only torch file: {err}") from err
+            # no cause: callers that reword torch's own error (finetune.convert) keep ours
+            raise CheckpointError(message) from None
         except Exception as err:  # unpickling errors come in many types
             raise CheckpointError(
                 f"cannot read {path} as a weights-only torch file: {err}") from err

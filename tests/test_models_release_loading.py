@@ -11,9 +11,13 @@ Released facts checked here (OpenGVLab/InternImage):
 - classification/models/intern_image.py (``InternImageLayer.forward``): with
   ``layer_scale`` set, only the ``post_norm`` and plain pre-norm branches exist;
   ``res_post_norm`` acts only without layer scale (its norms are built either way).
+- classification/utils.py (``save_checkpoint``): a training checkpoint pickles the yacs
+  config under ``'config'`` next to ``'model'``.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import timm
@@ -126,3 +130,37 @@ def test_layer_scale_takes_precedence_over_res_post_norm_as_released():
         want = x + layer.gamma1 * layer.dcn(layer.norm1(x))
         want = want + layer.gamma2 * layer.mlp(layer.norm2(want))
         torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- training checkpoints
+class CfgNode(dict):
+    """Stands in for yacs.config.CfgNode: a dict subclass the weights-only reader refuses."""
+
+
+def test_a_training_checkpoint_with_a_pickled_config_says_how_to_get_its_weights(
+        tmp_path, monkeypatch):
+    """Released save_checkpoint writes {'model', 'optimizer', 'lr_scheduler',
+    'max_accuracy', 'epoch', 'config' (yacs CfgNode), ...}: torch's weights-only reader
+    refuses the config, so the error names it and gives the one-off extraction, which
+    then loads."""
+    torch.manual_seed(0)
+    src = build_model("internimage_t", num_classes=5, **TINY).eval()
+    path = tmp_path / "ckpt_epoch_299.pth"
+    torch.save({"model": src.state_dict(), "epoch": 299, "max_accuracy": 83.5,
+                "config": CfgNode(MODEL=CfgNode(TYPE="intern_image"))}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(build_model("internimage_t", num_classes=5, **TINY), path)
+    message = str(info.value)
+    assert "CfgNode" in message and "weights_only=False" in message
+    # callers that reword torch's own errors (internimage convert, --init) pass it on
+    from finetune.convert import read_source
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_source(path)
+    # the extraction the message gives, run as written
+    code = re.search(r'python -c "(.+?)"', message).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})  # noqa: S102 - the test's own file
+    dst = build_model("internimage_t", num_classes=5, **TINY).eval()
+    load_pretrained(dst, tmp_path / "weights.pth")
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
