@@ -25,6 +25,10 @@ class BackboneConfig:
     channels: int | None = 16
     depths: list[int] | None = field(default_factory=lambda: [1, 1, 2, 1])
     groups: list[int] | None = field(default_factory=lambda: [1, 2, 4, 8])
+    # Per-block learned gammas (gamma1/gamma2) initialised to this value; None: the
+    # variant's own (S/B/L/XL 1e-5, T and H none). The released InternImage-T detection
+    # and segmentation configs set 1.0, so their checkpoints hold gammas T's own lacks.
+    layer_scale: float | None = None
     drop_path_rate: float = 0.1
     with_cp: bool = False
     dcn_backend: str = "auto"
@@ -37,6 +41,9 @@ class BackboneConfig:
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
         check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+        check(self.layer_scale is None or 0 < self.layer_scale < float("inf"),
+              "model.layer_scale", f"must be > 0 and finite (or null: the variant's), got "
+              f"{self.layer_scale}")
         check_dcn_backend(self.dcn_backend)
         if self.depths is not None and self.groups is not None:
             check(len(self.depths) == len(self.groups), "model.depths",
@@ -44,7 +51,7 @@ class BackboneConfig:
 
     def arch(self) -> dict:
         """Architecture overrides (what a checkpoint's metadata must agree with)."""
-        return {k: getattr(self, k) for k in ("channels", "depths", "groups")
+        return {k: getattr(self, k) for k in ("channels", "depths", "groups", "layer_scale")
                 if getattr(self, k) is not None}
 
     def build_kwargs(self) -> dict:
