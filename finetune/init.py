@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from finetune.convert import read_backbone, read_metadata
+from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from models import CheckpointError, LoadReport
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,28 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],
     fresh = [k for k in result.missing_keys
              if ((backbone_only or dense_trunk) and k.startswith(CLASSIFIER_ONLY_PREFIXES))
              or k.startswith(HEAD_PREFIXES)]
+    # a trunk trained without layer scale into a model with it (the released T det/seg
+    # configs' layer_scale=1.0 from the T 1K classifier): its gammas start at their built
+    # value, as the released backbone's non-strict load leaves them
+    fresh += fresh_gammas(result.missing_keys, state)
     report.missing = [k for k in result.missing_keys if k not in fresh]
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(state) - len(report.unexpected)
     if report.missing or report.unexpected:
+        hint = layer_scale_hint(report.unexpected)
         raise CheckpointError(f"{src} does not match {variant} (another variant or depth?): "
-                              f"{report}")
+                              f"{report}" + (f"; {hint}" if hint else ""))
     # the dropped classifier is fresh too, but the report already names it
     fresh = [k for k in fresh if k not in report.dropped]
     log.info("init from %s%s: %s%s", Path(src), _source_desc(meta), report,
              f"; {len(fresh)} not in the checkpoint, initialised fresh: "
-             f"{', '.join(sorted({k.split('.')[0] + '.*' for k in fresh}))}" if fresh else "")
+             f"{', '.join(sorted({_fresh_name(k) for k in fresh}))}" if fresh else "")
     return report
+
+
+def _fresh_name(key: str) -> str:
+    """How the init log names a fresh key: its module (``head.*``), or the gammas."""
+    return "levels.*.gamma1/gamma2" if is_gamma(key) else key.split(".")[0] + ".*"
 
 
 def _source_desc(meta: dict[str, str]) -> str:

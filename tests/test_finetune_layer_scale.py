@@ -113,8 +113,6 @@ def test_without_layer_scale_the_refusal_can_name_the_key(tmp_path):
     assert layer_scale_hint(["levels.0.blocks.0.norm1.0.weight"]) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="finetune/init.py does not add layer_scale_hint to its "
-                   "'does not match' refusal yet (another agent's file)")
 def test_the_refusal_says_to_set_model_layer_scale(tmp_path):
     from finetune.backbone import build_trunk
     from models import CheckpointError
@@ -148,8 +146,6 @@ def test_fresh_gammas_are_the_missing_gammas_of_a_checkpoint_without_any():
     assert fresh_gammas(missing, ["levels.1.blocks.0.gamma1"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="finetune/init.py does not let fresh_gammas start at "
-                   "model.layer_scale yet (another agent's file)")
 def test_the_1k_classifier_initialises_the_layer_scaled_t_backbone(tmp_path):
     """The released T det/seg configs start from internimage_t_1k_224.pth, which has no
     gammas; their backbone loads it non-strictly (init_weights: load_state_dict(state_dict,
