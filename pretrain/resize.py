@@ -36,6 +36,10 @@ tag (a rewound run re-saving that step) converts again. ``runtime.checkpoint.pru
 deletes it once ``latest`` names another checkpoint. It holds DeepSpeed's state only: the
 trainer state and every old rank's state file (``rank_states/``: the data positions a
 resize re-deals) are read from the checkpoint itself, never copied (pretrain/trainer.py).
+DeepSpeed's intermediate fragments (>2 million files for InternImage-H at 512 ranks) are
+written to node-local scratch (``TMPDIR``), never to the run's filesystem, and whatever a
+conversion leaves is deleted in the background, so the other ranks hear rank 0's outcome
+(published, or its refusal) as soon as the conversion ends.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,8 +62,10 @@ from runtime.checkpoint import (
     TRAINER_STATE,
     ResumeError,
     agree_on_refusal,
+    delete_in_background,
     derived_aside,
     derived_staging,
+    discard,
     ranks_text,
 )
 from runtime.dist import mark_done, wait_for_main
@@ -77,6 +84,17 @@ CONVERSION_TIMEOUT_S = 2 * 3600
 _WAIT_MARGIN_S = 600  # rank 0's publish (renames) after the conversion, and its start
 # inside a universal folder: the identity of the checkpoint it was converted from
 SOURCE = "converted_from.json"
+# ds_to_universal's fragment folder: <output_folder>/tmp, no argument moves it
+# (deepspeed/checkpoint/ds_to_universal.py, main: temp_dir = os.path.join(
+# args.output_folder, 'tmp')). It writes one file per parameter x old rank x state there
+# (dump_param_fragment), merges them, then deletes them: InternImage-H (1,355 parameter
+# tensors) at 512 ranks, >2 million files. So it is a link to a scratch folder on
+# node-local disk (TMPDIR, which SLURM sites point at it), never on the run's parallel
+# filesystem.
+FRAGMENTS = "tmp"
+# a scratch filesystem with less room than this left after a failed conversion filled it
+# (a torch.save that hit ENOSPC says only "unexpected pos" or "file write failed")
+_SCRATCH_FULL_BYTES = 256 * 2**20
 
 
 def check_resize(state: dict, world_size: int, ckpt_dir: Path, image_branch: bool) -> None:
@@ -164,12 +182,45 @@ def _drop_pointer(into: Path, out: Path) -> None:
         pass  # none, or unreadable: nothing of ours to remove
 
 
+def _scratch_folder(ckpt_dir: Path, token: str) -> Path:
+    """A new folder of this conversion's own (its ``token`` in the name) for
+    ds_to_universal's fragments, in the node's temporary directory (``TMPDIR``)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"internimage-universal-{token}-"))
+    except OSError as err:
+        raise ResumeError(f"{ckpt_dir}: could not create the universal conversion's "
+                          f"scratch folder in {tempfile.gettempdir()} (TMPDIR): {err}; set "
+                          "TMPDIR to a writable node-local folder") from None
+
+
+def _scratch_full(scratch: Path) -> str:
+    """What to add to a failed conversion's refusal when its scratch filesystem is full
+    (the fragments, not yet deleted, total about the checkpoint's optimizer state), else
+    ''. One statvfs: asked only once a conversion failed."""
+    try:
+        free = shutil.disk_usage(scratch).free
+    except OSError:
+        return ""
+    if free >= _SCRATCH_FULL_BYTES:
+        return ""
+    return (f"; the filesystem of its scratch folder {scratch.parent} (TMPDIR) is full "
+            f"({free / 2**20:.0f} MiB left): the fragments it writes there total about the "
+            "checkpoint's optimizer state; set TMPDIR to a node-local folder with room "
+            "for them")
+
+
 def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
     """``ckpt_dir``'s universal form (``<tag>_universal``) in ``into``, the resuming run's
     own ``checkpoints/`` (default: beside ``ckpt_dir``), converted with DeepSpeed's
     ``ds_to_universal`` unless one made from this very checkpoint is there. A run resumed
     from another run's checkpoint writes nothing into that run (it holds no lock of it; it
-    may be live, read-only, or pruning). Call on one process."""
+    may be live, read-only, or pruning). Call on one process.
+
+    DeepSpeed's intermediate fragments (one file per parameter x old rank x state) go to
+    a scratch folder in ``TMPDIR`` (node-local disk on SLURM sites), not the run's
+    filesystem. What a conversion leaves (its scratch folder; its partial folder if it
+    failed, or the outdated form it replaced) is deleted by rank 0's deletion thread,
+    after this returns (runtime.checkpoint.discard)."""
     into = ckpt_dir.parent if into is None else into
     into.mkdir(parents=True, exist_ok=True)
     out = into / (ckpt_dir.name + SUFFIX)
@@ -191,8 +242,13 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
     (tmp / SOURCE).write_text(json.dumps({"source": ckpt_dir.name, "identity": identity,
                                           "token": token}))
     start = time.perf_counter()
-    published = False
+    published = interrupted = False
+    scratch: Path | None = None
     try:
+        scratch = _scratch_folder(ckpt_dir, token)
+        # ds_to_universal's own rmtree of the link does nothing (rmtree refuses a
+        # symbolic link; it passes ignore_errors=True): the fragments are deleted below
+        (tmp / FRAGMENTS).symlink_to(scratch, target_is_directory=True)
         # its default worker counts: --num_extract_workers 1 with the default merge
         # workers hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry
         # no universal_checkpoint_info unless the model has tensor-parallel metadata (ours
@@ -209,25 +265,37 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal failed "
-                              f"({proc.returncode}): {last}")
+                              f"({proc.returncode}): {last}{_scratch_full(scratch)}")
         _check_own(tmp, token, out)
+        (tmp / FRAGMENTS).unlink(missing_ok=True)  # the link: not part of the form
         if out.exists():  # a stale conversion: set aside, then gone once the new one is in
             os.replace(out, aside)
         os.replace(tmp, out)
         published = True
+    except BaseException as err:
+        interrupted = not isinstance(err, Exception)  # KeyboardInterrupt, SystemExit
+        raise
     finally:
         # ds_to_universal's pointer names our staging folder, renamed or removed here;
         # left on no path (a refusal, a failure, a publish)
         _drop_pointer(into, out)
-        if published:  # the outdated form it replaced
-            shutil.rmtree(aside, ignore_errors=True)
-        else:  # its name is this conversion's alone: no other job's folder
-            shutil.rmtree(tmp, ignore_errors=True)
-            if aside.exists() and not out.exists():  # set aside, then the rename failed
-                try:
-                    os.replace(aside, out)
-                except OSError:
-                    pass  # left hidden: deleted by the run's next start or save
+        if not published and aside.exists() and not out.exists():
+            try:  # set aside, then the rename failed: put back
+                os.replace(aside, out)
+            except OSError:
+                pass  # left hidden: deleted by the run's next start or save
+        # Deleted in the background, never here: rank 0 signals the waiting ranks
+        # (resize_load's mark_done) only once this returns, and unlinking a failed
+        # conversion's files (~2 million fragments at 512 ranks, plus its partial
+        # output) could outlast their wait, turning rank 0's refusal into their
+        # MainRankLostError. Published: the outdated form it replaced; else this
+        # conversion's own folder (its name is this conversion's alone: no other job's).
+        # A process being interrupted leaves them, as a kill does, to the run's next start
+        # or save: its exit would otherwise wait for the deletion thread.
+        if not interrupted:
+            discard(into, [aside] if published else [tmp])
+            if scratch is not None:
+                delete_in_background([scratch])
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out

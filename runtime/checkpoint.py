@@ -551,11 +551,26 @@ class _Deleter:
 
 
 _DELETER = _Deleter()
-
 # A forked child has none of its parent's threads, yet would inherit the deleter's state
 # (a thread it takes for running, a queue it does not own, a lock perhaps held): it starts
 # afresh, with nothing queued (the parent deletes what it queued).
 os.register_at_fork(after_in_child=_DELETER.__init__)
+
+
+def discard(root: Path, folders: Iterable[Path]) -> None:
+    """Rank 0: delete ``folders`` of ``root`` (a run's ``checkpoints/``) off the critical
+    path, as :func:`prune` does: each is renamed to a garbage name (one metadata
+    operation; a deletion cut short is finished by the run's next start or save) and
+    queued for the deletion thread. Returns at once, whatever the folders hold (a failed
+    universal conversion's partial output, pretrain/resize.py)."""
+    _DELETER.add(_set_aside(root, [p for p in folders if p.exists()]))
+
+
+def delete_in_background(folders: Iterable[Path]) -> None:
+    """Queue ``folders`` outside any run's ``checkpoints/`` (a universal conversion's
+    scratch folder on node-local disk, pretrain/resize.py: its name is its own) for the
+    deletion thread as they are; returns at once."""
+    _DELETER.add(folders)
 
 
 def wait_for_deletions(timeout: float | None = None) -> bool:

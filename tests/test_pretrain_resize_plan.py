@@ -227,7 +227,7 @@ def test_universal_form_of_a_replaced_checkpoint_is_converted_again(tmp_path, co
     """The sequence of the audit (a resize, then a rewind that saved the same step again,
     then another resize): the second resize loads the new step 4, not the abandoned one."""
     from pretrain.resize import convert_to_universal
-    from runtime.checkpoint import _publish, prune
+    from runtime.checkpoint import _publish, prune, wait_for_deletions
 
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -244,6 +244,7 @@ def test_universal_form_of_a_replaced_checkpoint_is_converted_again(tmp_path, co
     prune(root, keep_last=2)
     out = convert_to_universal(root / "step_0000004")
     assert (out / "branch").read_text() == "B" and len(converter) == 2
+    assert wait_for_deletions(timeout=60)  # the outdated form: deleted in the background
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
         "step_0000002", "step_0000004", "step_0000004_universal"]
 
@@ -275,13 +276,14 @@ def test_failed_conversion_is_one_line(tmp_path, monkeypatch):
     its last line, and nothing of the attempt is left (its folder, and the pointer to it
     that ds_to_universal writes, which named a folder gone once it failed)."""
     import pretrain.resize as resize
-    from runtime.checkpoint import ResumeError
+    from runtime.checkpoint import ResumeError, wait_for_deletions
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
     monkeypatch.setattr(resize.subprocess, "run", _failing)
     with pytest.raises(ResumeError) as err:
         resize.convert_to_universal(ckpt)
     assert "\n" not in str(err.value) and str(err.value).endswith("ValueError: broken")
+    assert wait_for_deletions(timeout=60)  # deleted in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004"]
 
 
@@ -334,7 +336,7 @@ def _taken_over(monkeypatch, new_job_converts: bool, new_job: dict) -> None:
         dst = Path(cmd[cmd.index("--output_folder") + 1])
         given.append(dst)
         if len(given) == 2:  # the new job's: extract, merge, copy (the old one's interleaved)
-            (dst / "tmp").mkdir()
+            (dst / "tmp").mkdir(exist_ok=True)  # as its makedirs(exist_ok=True)
             (dst / "tmp" / "fragment").write_text("new")
             _old_conversion_goes_on(given[0])
             if not (dst / "tmp" / "fragment").is_file():
@@ -342,7 +344,7 @@ def _taken_over(monkeypatch, new_job_converts: bool, new_job: dict) -> None:
             for param in ("param_a", "param_b"):
                 (dst / "zero" / param).mkdir(parents=True, exist_ok=True)
                 (dst / "zero" / param / "fp32.pt").write_text("new")
-            shutil.rmtree(dst / "tmp")
+            shutil.rmtree(dst / "tmp", ignore_errors=True)  # as ds_to_universal does
             (dst / "mp_rank_00_model_states.pt").write_text("new")
             (dst.parent / "latest_universal").write_text(dst.name)
             return subprocess.CompletedProcess(cmd, 0, "", "")
@@ -471,7 +473,7 @@ def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monke
     one-line refusal all ranks raise too, not a traceback on rank 0 with the others left
     waiting."""
     import pretrain.resize as resize
-    from runtime.checkpoint import ResumeError
+    from runtime.checkpoint import ResumeError, wait_for_deletions
 
     (tmp_path / "checkpoints").mkdir()
     ckpt = _checkpoint(tmp_path / "checkpoints", "step_0000004", "A")
@@ -488,6 +490,7 @@ def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monke
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{ckpt}: ")
     assert "No space left on device" in message and gathered == [message]
+    assert wait_for_deletions(timeout=60)  # deleted in the background
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_0000004"]
 
 
@@ -496,7 +499,7 @@ def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
     in REFERENCE.md) is killed at CONVERSION_TIMEOUT_S and refused in one line, nothing of
     it left, instead of holding every rank until the job's time limit."""
     import pretrain.resize as resize
-    from runtime.checkpoint import ResumeError
+    from runtime.checkpoint import ResumeError, wait_for_deletions
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
     hang = tmp_path / "python-that-hangs"
@@ -508,6 +511,7 @@ def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
         resize.convert_to_universal(ckpt)
     assert str(err.value) == (f"{ckpt}: DeepSpeed's ds_to_universal did not finish within "
                               "1 s (hung?)")
+    assert wait_for_deletions(timeout=60)  # deleted in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["python-that-hangs", "step_0000004"]
 
 
