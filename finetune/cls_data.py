@@ -20,6 +20,7 @@ from data.config import S3Config
 from data.preflight import check_sources_readable
 from finetune.data_files import NextReadable
 from finetune.dense_data import CollateCounted, CountedItems
+from finetune.eval_loader import eval_generator
 from runtime.dist import DistInfo, all_gather_objects, rank_share
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import StartAt, loader_generator
@@ -345,12 +346,14 @@ def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0,
 
 def build_val_loader(cfg, d: DistInfo, val_set: Dataset) -> DataLoader:
     """This rank's share of ``val_set``, unpadded, in batches of 2 x ``run.batch_size``
-    (unreadable images left out: :class:`SkipUnreadable`)."""
+    (unreadable images left out: :class:`SkipUnreadable`). Its own generator
+    (:func:`finetune.eval_loader.eval_generator`): an evaluation leaves torch's global RNG,
+    and so training's randomness, as it found it."""
     # each validation image on exactly one rank (no padding): evaluate() sums the counts
     return DataLoader(SkipUnreadable(val_set, substitute=False),
                       batch_size=cfg.run.batch_size * 2, shuffle=False,
                       sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers,
-                      collate_fn=drop_unreadable)
+                      collate_fn=drop_unreadable, generator=eval_generator())
 
 
 def epoch_batches(loader):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data_files import UnreadableFile
@@ -47,6 +48,23 @@ class _ShareItems(Dataset):
             return _Unreadable(str(err))
 
 
+EVAL_LOADER_SEED = 0
+"""Seed of every evaluation DataLoader's own generator (:func:`eval_generator`)."""
+
+
+def eval_generator() -> torch.Generator:
+    """A generator of its own for an evaluation ``DataLoader`` (``generator=``).
+
+    Starting a DataLoader's iterator draws its workers' base seed from the loader's
+    generator, or without one from torch's global RNG (even with ``num_workers=0``; torch
+    docs, ``DataLoader(generator=)``), which training draws from too. An evaluation
+    drawing there would shift every later random number of training: a run resumed after
+    a stop at an evaluation step, or run with another ``eval_every``, would train on
+    different randomness than the uninterrupted one. Evaluations draw nothing random
+    themselves (their order and transforms are fixed), so one constant seed will do."""
+    return torch.Generator().manual_seed(EVAL_LOADER_SEED)
+
+
 def _as_list(batch: list) -> list:
     """The DataLoader's collate: the items as they are (images differ in size)."""
     return batch
@@ -56,14 +74,15 @@ def share_batches(val_set: Sequence, d: DistInfo, batch_size: int,
                   num_workers: int) -> Iterator[list]:
     """This rank's share of ``val_set`` (:func:`runtime.dist.rank_share`), in order, as
     lists of ``batch_size`` items (the last one shorter), read by ``num_workers`` loader
-    processes (0: by this one).
+    processes (0: by this one), never drawing from torch's global RNG
+    (:func:`eval_generator`).
 
     A batch holding an item that cannot be read is not yielded: its
     :class:`UnreadableFile` is raised here, with the message the read gave (naming the
     file), so the batches before it have been evaluated and none after it."""
     loader = DataLoader(_ShareItems(val_set, rank_share(len(val_set), d)),
                         batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_as_list)
+                        collate_fn=_as_list, generator=eval_generator())
     for batch in loader:
         for item in batch:
             if isinstance(item, _Unreadable):
