@@ -51,6 +51,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,33 @@ def _scratch_full(scratch: Path) -> str:
             "for them")
 
 
+def run_tool(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (its output captured as text) in a process group of its own, and end
+    the whole group once it returns, fails, times out (``subprocess.TimeoutExpired``) or
+    this process is interrupted. ds_to_universal extracts and merges in pools of worker
+    processes: killing only the main one at the timeout (what ``subprocess.run`` does)
+    would leave workers writing fragments into the scratch folder being deleted."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            _kill_group(proc.pid)
+            proc.wait()  # not communicate: a worker stuck in the kernel may hold the pipes
+            raise
+        _kill_group(proc.pid)  # workers that outlived it (none when it ends normally)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in group ``pgid`` (a group outlives its leader while
+    members remain, so its id is not reused meanwhile)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left
+        pass
+
+
 def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
     """``ckpt_dir``'s universal form (``<tag>_universal``) in ``into``, the resuming run's
     own ``checkpoints/`` (default: beside ``ckpt_dir``), converted with DeepSpeed's
@@ -254,11 +282,10 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
         # no universal_checkpoint_info unless the model has tensor-parallel metadata (ours
         # has none: nothing to merge); ZeRO-3's conversion ignores the flag.
         try:
-            proc = subprocess.run(
+            proc = run_tool(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                  "--input_folder", str(ckpt_dir), "--output_folder", str(tmp),
-                 "--inject_missing_state"],
-                capture_output=True, text=True, timeout=CONVERSION_TIMEOUT_S)
+                 "--inject_missing_state"], timeout=CONVERSION_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise ResumeError(f"{ckpt_dir}: DeepSpeed's ds_to_universal did not finish "
                               f"within {CONVERSION_TIMEOUT_S} s (hung?)") from None

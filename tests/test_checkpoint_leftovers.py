@@ -54,7 +54,7 @@ def _interrupted_conversion(root: Path, ckpt: Path, monkeypatch) -> str:
         raise KeyboardInterrupt  # the process dies here
 
     with monkeypatch.context() as m:
-        m.setattr(resize.subprocess, "run", killed)
+        m.setattr(resize, "run_tool", killed)
         m.setattr(resize.shutil, "rmtree", lambda *a, **kw: None)  # no clean-up of its own
         with pytest.raises(KeyboardInterrupt):
             resize.convert_to_universal(ckpt, into=root)

@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,7 +220,7 @@ def converter(monkeypatch):
         calls.append(src.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(resize.subprocess, "run", run)
+    monkeypatch.setattr(resize, "run_tool", run)
     return calls
 
 
@@ -279,7 +280,7 @@ def test_failed_conversion_is_one_line(tmp_path, monkeypatch):
     from runtime.checkpoint import ResumeError, wait_for_deletions
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
-    monkeypatch.setattr(resize.subprocess, "run", _failing)
+    monkeypatch.setattr(resize, "run_tool", _failing)
     with pytest.raises(ResumeError) as err:
         resize.convert_to_universal(ckpt)
     assert "\n" not in str(err.value) and str(err.value).endswith("ValueError: broken")
@@ -362,7 +363,7 @@ def _taken_over(monkeypatch, new_job_converts: bool, new_job: dict) -> None:
         (dst.parent / "latest_universal").write_text(dst.name)  # its main's end
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(resize.subprocess, "run", run)
+    monkeypatch.setattr(resize, "run_tool", run)
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -452,7 +453,7 @@ def test_a_refused_conversion_is_raised_on_every_rank(tmp_path, monkeypatch):
 
     (tmp_path / "checkpoints").mkdir()
     ckpt = _checkpoint(tmp_path / "checkpoints", "step_0000004", "A")
-    monkeypatch.setattr(resize.subprocess, "run", _failing)
+    monkeypatch.setattr(resize, "run_tool", _failing)
     engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
     gathered: list = []
     _fake_gather(monkeypatch, 0, 2, gathered)
@@ -481,7 +482,7 @@ def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monke
     def full(cmd, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resize.subprocess, "run", full)
+    monkeypatch.setattr(resize, "run_tool", full)
     engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
     gathered: list = []
     _fake_gather(monkeypatch, 0, 2, gathered)
@@ -494,6 +495,15 @@ def test_a_conversion_that_cannot_write_is_refused_on_every_rank(tmp_path, monke
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_0000004"]
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one whose parent died may wait
+    for a reaper that a container's init never is)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
     """A ds_to_universal that never ends (a stalled mount; the extract workers' hang noted
     in REFERENCE.md) is killed at CONVERSION_TIMEOUT_S and refused in one line, nothing of
@@ -503,7 +513,10 @@ def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
 
     ckpt = _checkpoint(tmp_path, "step_0000004", "A")
     hang = tmp_path / "python-that-hangs"
-    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    # with a worker of its own, as ds_to_universal's pools: killed with it (killing only
+    # the main process, as subprocess.run's timeout does, left it running)
+    worker_pid = tmp_path.parent / f"{tmp_path.name}-worker.pid"
+    hang.write_text(f"#!/bin/sh\nsleep 600 &\necho $! > {worker_pid}\nexec sleep 600\n")
     hang.chmod(0o755)
     monkeypatch.setattr(resize.sys, "executable", str(hang))  # the real subprocess.run
     monkeypatch.setattr(resize, "CONVERSION_TIMEOUT_S", 1)
@@ -511,6 +524,11 @@ def test_a_hung_conversion_is_refused_after_its_timeout(tmp_path, monkeypatch):
         resize.convert_to_universal(ckpt)
     assert str(err.value) == (f"{ckpt}: DeepSpeed's ds_to_universal did not finish within "
                               "1 s (hung?)")
+    worker = int(worker_pid.read_text())
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker), "the conversion's worker outlived its timeout"
     assert wait_for_deletions(timeout=60)  # deleted in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["python-that-hangs", "step_0000004"]
 

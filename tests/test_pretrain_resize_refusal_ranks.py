@@ -47,7 +47,7 @@ def _resize_on_rank(ckpt: str, out: str, timeout_s: float, converts_s: float,
             os._exit(9)
         return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nValueError: broken\n")
 
-    resize.subprocess.run = failed
+    resize.run_tool = failed
     engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
     start = time.monotonic()
     try:

@@ -94,7 +94,7 @@ def test_a_real_zero3_conversion_writes_its_fragments_to_node_local_scratch(
     shutil.copytree(zero3_checkpoint.parent.parent, run)
     ckpt = run / "checkpoints" / TAG
     seen: dict = {"run_tmp_dirs": set()}
-    real_run = subprocess.run
+    real_run = resize.run_tool
     done = threading.Event()
 
     def watch():  # a scan of the run's folder while ds_to_universal runs
@@ -121,7 +121,7 @@ def test_a_real_zero3_conversion_writes_its_fragments_to_node_local_scratch(
         seen["run_files"] = _run_files(run)
         return proc
 
-    monkeypatch.setattr(resize.subprocess, "run", run_conversion)
+    monkeypatch.setattr(resize, "run_tool", run_conversion)
     out = resize.convert_to_universal(ckpt)
     # the fragment folder was a link into TMPDIR, which holds the fragments (ds_to_universal
     # names them <param>/<tp rank>/<state>.<dp rank>: one per parameter x old rank x state)
@@ -180,7 +180,7 @@ def test_rank_0_signals_its_refusal_before_it_deletes_the_leftovers(outcome, tmp
     root = tmp_path / "run" / "checkpoints"
     ckpt = _checkpoint(root)
     if outcome == "failed":
-        monkeypatch.setattr(resize.subprocess, "run", _failing)
+        monkeypatch.setattr(resize, "run_tool", _failing)
     else:
         monkeypatch.setattr(resize.sys, "executable", _hanging(tmp_path))
         monkeypatch.setattr(resize, "CONVERSION_TIMEOUT_S", 1)
@@ -218,7 +218,7 @@ def test_a_full_scratch_is_named_in_the_refusal(tmp_path, scratch, monkeypatch):
     from runtime.checkpoint import ResumeError, wait_for_deletions
 
     ckpt = _checkpoint(tmp_path / "checkpoints")
-    monkeypatch.setattr(resize.subprocess, "run", _failing)
+    monkeypatch.setattr(resize, "run_tool", _failing)
     real_usage = shutil.disk_usage
 
     def usage(path):  # the scratch filesystem left full by the conversion
