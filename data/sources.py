@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import braceexpand
 from webdataset.tariterators import base_plus_ext
 
 from data.config import S3Config
+from data.shard_schedule import SHARD_ATTEMPTS
 from data.stats import SkipCounter
 from data.storage import RetryingReader, ShardChangedError, is_missing, read_small
 from data.tar_stream import ShardCursor, TarDamage, open_tar_stream, tar_members
@@ -215,6 +217,7 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
     (the likely change is the same shard uploaded again): once per call (``reread``); a
     second change fails the read, to be retried later from there.
     """
+    resumable = outcome is not None  # else the caller cannot know where the read broke
     outcome = outcome if outcome is not None else {}
     cursor = cursor or ShardCursor()
     outcome.update(_new_outcome(cursor))
@@ -293,14 +296,57 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
         changed = err
     except Exception as err:
         outcome.update(status="failed", failed=True, error=_describe(err))
-        log.warning("shard %s of source %r: read broke after %d samples (%s); it will be "
-                    "resumed there", redact_url(url), source, outcome["samples"],
-                    outcome["error"])
+        # promise no resume: only a caller holding the outcome (its cursor) can resume
+        log.warning("shard %s of source %r: read broke after %d samples (%s); %s",
+                    redact_url(url), source, outcome["samples"], outcome["error"],
+                    "the read can be resumed there" if resumable
+                    else "the rest of the shard is not read")
     finally:
         counter.event(source, "shard_retries", events.get("shard_retries", 0))
     if changed is not None:
         yield from _reread_changed(url, source, s3, counter, outcome, done, changed,
                                    count_damage, part, parts, reread)
+
+
+class ShardReadError(RuntimeError):
+    """A shard a reader must read whole whose read kept failing (:func:`read_whole_shard`);
+    its message names the shard, where the read stopped and the last error."""
+
+
+def read_whole_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
+                     attempts: int = SHARD_ATTEMPTS) -> Iterator[RawSample]:
+    """Every sample of shard ``url`` once, in tar order, for a one-shot reader whose result
+    is wrong without the whole shard (a tag vocabulary, a fine-tuning set in memory).
+
+    :func:`read_shard` with an outcome; a read that ``failed`` (the store stopped
+    answering after ``s3.retries`` in-place retries) is resumed at the outcome's cursor,
+    as :class:`data.shard_schedule.ShardSchedule` resumes a set-aside shard, after a pause
+    of ``s3.max_backoff``: no sample is lost or repeated. After ``attempts`` failed reads
+    in a row that delivered nothing (the schedule's :data:`SHARD_ATTEMPTS` rule; each
+    read that delivers makes progress, so the loop ends) it raises
+    :class:`ShardReadError`. A missing or damaged shard is counted by the read as for
+    every reader and not read again (its bytes would not change)."""
+    outcome: dict[str, Any] = {}
+    cursor: ShardCursor | None = None
+    fruitless = 0  # failed reads in a row that delivered nothing
+    while True:
+        yield from read_shard(url, source, s3, counter, outcome, cursor)
+        if outcome["status"] != "failed":
+            return
+        cursor = outcome["cursor"]
+        fruitless = 0 if outcome["samples"] else fruitless + 1
+        if fruitless >= attempts:
+            raise ShardReadError(
+                f"shard {redact_url(url)} of source {source!r} could not be read whole: "
+                f"{fruitless} reads in a row failed at sample {cursor.samples} without "
+                f"delivering any (each after s3.retries={s3.retries} retries in place; "
+                f"last error: {outcome['error']}). A result from part of it would be "
+                "wrong: check the store or the shard and run again")
+        log.warning("shard %s of source %r: resuming the read at sample %d in %g s (given "
+                    "up after %d failed reads in a row that deliver no sample; %d so far)",
+                    redact_url(url), source, cursor.samples, s3.max_backoff, attempts,
+                    fruitless)
+        time.sleep(s3.max_backoff)
 
 
 def _is_metadata(name: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import S3Config
-from data.sources import RawSample, read_shard
+from data.sources import RawSample, read_whole_shard
 from data.stats import SkipCounter
 
 
@@ -131,12 +131,17 @@ _COVERAGE_BLOCK = 1 << 20
 def count_tags(urls: list[str], tags_key: str, s3: S3Config | None = None) -> TagCounts:
     """Stream the shards ``urls`` once and count the tags under ``tags_key`` (the data
     config's ``tags_key``: ``json:tags`` or ``ext``). Keeps each tagged sample's tag ids
-    (a few bytes a tag) for :meth:`TagCounts.coverage`."""
+    (a few bytes a tag) for :meth:`TagCounts.coverage`.
+
+    A read that breaks is resumed where it broke (:func:`data.sources.read_whole_shard`);
+    one that keeps failing raises :class:`data.sources.ShardReadError` naming the shard: a
+    vocabulary counted on part of the shards would be wrong without a word. A missing or
+    damaged shard is counted in ``shard_skips`` (its bytes will not change on a re-read)."""
     s3 = s3 or S3Config()
     counter = SkipCounter()
     out = TagCounts()
     for url in urls:
-        for raw in read_shard(url, "tags", s3, counter):
+        for raw in read_whole_shard(url, "tags", s3, counter):
             out.samples += 1
             try:
                 tags = parse_tags(raw, tags_key)

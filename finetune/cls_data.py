@@ -33,36 +33,55 @@ class ShardDataset(Dataset):
     shuffling, DDP sampling and resume are exact. Large sets: ``data.kind=stream``.
     Samples without an image or a readable label, or (with ``num_classes``) with a label
     outside ``[0, num_classes)``, are skipped, counted (``skipped``, by reason in
-    ``skipped_by_reason``) and logged once per shard."""
+    ``skipped_by_reason``) and logged once per shard.
+
+    Every rank reads every shard (the sampler splits the samples), so every rank must
+    hold the same items: a broken read is resumed where it broke
+    (:func:`data.sources.read_whole_shard`), and the ranks then compare what they read
+    (a collective: every rank builds the set). A shard some rank could not read whole, or
+    ranks holding different numbers of items (a shard missing on one node only), raise
+    :class:`data.sources.ShardReadError` on every rank: a set built from part of a shard,
+    or samplers of different lengths, would train on a wrong set without a word."""
 
     def __init__(self, urls: list[str], transform, s3: S3Config | None = None,
                  label_key: str = "cls", num_classes: int | None = None):
-        from data.sources import expand_urls, read_shard
+        from data.sources import ShardReadError, expand_urls
         from data.stats import SkipCounter
-        from finetune.cls_stream import describe_skip, labelled_member
 
         s3 = s3 or S3Config()
         self.items: list[tuple[bytes, int]] = []
         self.skipped_by_reason: Counter[str] = Counter()
         counter = SkipCounter()
-        # every rank reads every shard: the sampler splits the samples
-        for url in expand_urls(urls, s3):
-            skipped, first = Counter(), ""
-            for raw in read_shard(url, "shards", s3, counter):
-                member = labelled_member(raw, label_key, num_classes)
-                if isinstance(member, str):  # the reason it is unusable
-                    skipped[member] += 1
-                    first = first or describe_skip(raw, member, label_key, num_classes)
-                else:
-                    self.items.append(member)
-            if skipped:
-                log.warning("data: shard %s: %d samples skipped (%s), e.g. %s",
-                            redact_url(url), sum(skipped.values()), dict(skipped), first)
-                self.skipped_by_reason.update(skipped)
+        error = None
+        try:
+            for url in expand_urls(urls, s3):
+                self._read(url, s3, counter, label_key, num_classes)
+        except ShardReadError as err:  # told to every rank below, none left waiting
+            error = str(err)
+        _agree_on_items(len(self.items), error)
         self.skipped = sum(self.skipped_by_reason.values())
         if not self.items:
             raise ValueError(f"data: no samples in {redact_urls(urls)}")
         self.transform = transform
+
+    def _read(self, url: str, s3: S3Config, counter, label_key: str,
+              num_classes: int | None) -> None:
+        """Add the usable samples of shard ``url``; count and log the others."""
+        from data.sources import read_whole_shard
+        from finetune.cls_stream import describe_skip, labelled_member
+
+        skipped, first = Counter(), ""
+        for raw in read_whole_shard(url, "shards", s3, counter):
+            member = labelled_member(raw, label_key, num_classes)
+            if isinstance(member, str):  # the reason it is unusable
+                skipped[member] += 1
+                first = first or describe_skip(raw, member, label_key, num_classes)
+            else:
+                self.items.append(member)
+        if skipped:
+            log.warning("data: shard %s: %d samples skipped (%s), e.g. %s",
+                        redact_url(url), sum(skipped.values()), dict(skipped), first)
+            self.skipped_by_reason.update(skipped)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,6 +90,28 @@ class ShardDataset(Dataset):
         raw, label = self.items[i]
         img = Image.open(io.BytesIO(raw)).convert("RGB")
         return self.transform(img), label
+
+
+def _agree_on_items(count: int, error: str | None) -> None:
+    """Raise :class:`data.sources.ShardReadError` on every rank when any rank could not
+    read its shards whole (``error``) or the ranks hold different numbers of items
+    (``count``): a collective, called by every rank that builds a :class:`ShardDataset`."""
+    from data.sources import ShardReadError
+
+    seen = all_gather_objects((count, error))
+    failed = [(rank, err) for rank, (_, err) in enumerate(seen) if err is not None]
+    if failed:
+        rank, err = failed[0]
+        where = f"rank {rank}" if len(seen) > 1 else "this process"
+        raise ShardReadError(f"data: {where} could not read the set: {err}")
+    counts = sorted({n for n, _ in seen})
+    if len(counts) > 1:
+        per_rank = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(seen))
+        raise ShardReadError(
+            f"data: the ranks read different numbers of samples from the same shards "
+            f"({per_rank}): every rank must hold the same set for the sampler to split "
+            "it. A shard missing or damaged on some nodes only (see the warnings above)? "
+            "Make the shards readable alike from every node and run again")
 
 
 class SkipUnreadable(Dataset):
