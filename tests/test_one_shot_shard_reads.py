@@ -117,3 +117,23 @@ def test_a_reader_that_does_not_resume_is_not_told_it_will(tmp_path, caplog):
         list(read_shard(_always_fails(tar), "tags", FAST, SkipCounter()))
     assert "read broke" in caplog.text
     assert "the rest of the shard is not read" in caplog.text and "resumed" not in caplog.text
+
+
+def test_the_tags_command_ends_in_one_line_and_writes_no_vocabulary(tmp_path, monkeypatch,
+                                                                     capsys):
+    """`internimage shards tags` over a shard that cannot be read whole: exit 1 with the
+    shard's error on stderr, and no vocabulary file (one counted from part of the data)."""
+    import data.tags
+    from launch.cli import main
+
+    def broken(urls, key, s3):
+        raise ShardReadError(f"{urls[0]}: could not be read whole (stopped at sample 3)")
+
+    monkeypatch.setattr(data.tags, "count_tags", broken)
+    out = tmp_path / "vocab.txt"
+    assert main(["shards", "tags", str(tmp_path / "0.tar"), "--top", "5",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"internimage shards tags: {tmp_path / '0.tar'}: could not be read "
+                       "whole (stopped at sample 3)")
+    assert not out.exists()

@@ -127,9 +127,10 @@ def _list_error(err: Exception) -> str:
 
 def run_tags(args: argparse.Namespace) -> int:
     """Count tags, write the top-N vocabulary, print counts and coverage. A ``.txt`` list
-    that cannot be read or used as one: its message on stderr, exit status 2."""
+    that cannot be read or used as one: its message on stderr, exit status 2; a shard that
+    could not be read whole: its message on stderr, exit status 1, no vocabulary written."""
     from data.config import S3Config
-    from data.sources import ShardListError, expand_urls
+    from data.sources import ShardListError, ShardReadError, expand_urls
     from data.tags import count_tags, top_tags, write_vocab
 
     if args.top < 1:
@@ -141,7 +142,11 @@ def run_tags(args: argparse.Namespace) -> int:
     except (ShardListError, OSError) as err:  # a .txt list unusable, missing or unreadable
         print(f"internimage shards tags: {_list_error(err)}", file=sys.stderr)
         return 2
-    counts = count_tags(urls, args.tags_key, s3)
+    try:
+        counts = count_tags(urls, args.tags_key, s3)
+    except ShardReadError as err:  # a shard read only in part: a vocabulary of part of it
+        print(f"internimage shards tags: {err}", file=sys.stderr)
+        return 1
     vocab = top_tags(counts.tags, args.top)
     path = write_vocab(vocab, args.out)
     for tag in vocab[:args.show]:
