@@ -80,15 +80,26 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_write(args: argparse.Namespace) -> int:
-    """Write shards from an image folder and a captions table."""
-    from data.shard_writer import MissingImagesError, write_shards
+    """Write shards from an image folder and a captions table. Bad input (a flag's path
+    that cannot be used, missing images): its message on stderr, exit status 2, nothing
+    written; a write that failed part-way or wrote no sample: its message, exit status 1,
+    the shards it began removed and no manifest."""
+    from data.shard_writer import MissingImagesError, ShardWriteError, write_shards
 
+    if args.maxcount < 1 or args.maxsize < 1:
+        flag, value = (("--maxcount", args.maxcount) if args.maxcount < 1
+                       else ("--maxsize", args.maxsize))
+        print(f"internimage shards write: {flag} must be >= 1, got {value}", file=sys.stderr)
+        return 2
     try:
         manifest = write_shards(args.images, args.captions, args.out, maxcount=args.maxcount,
                                 maxsize=args.maxsize, skip_missing=args.skip_missing)
-    except (MissingImagesError, ValueError) as err:
+    except (MissingImagesError, ValueError) as err:  # refused before anything was written
         print(f"internimage shards write: {err}", file=sys.stderr)
         return 2
+    except ShardWriteError as err:
+        print(f"internimage shards write: {err}", file=sys.stderr)
+        return 1
     unreadable = sum(manifest.get("skipped_unreadable", {}).values())
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shard(s); "
           f"skipped {manifest['skipped_missing']} with missing images, {unreadable} not "
