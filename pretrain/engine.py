@@ -195,14 +195,21 @@ def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
 def build_teacher(cfg: PretrainConfig, engine, ds_config: dict[str, Any]):
     """The image branch's momentum target encoder (pretrain/m3i/ema.py), starting as an
     exact copy of the online image tower. Under ZeRO-3 it is built under zero.Init in
-    fp32 and partitioned like the online tower; else a plain fp32 module."""
+    fp32 and partitioned like the online tower; else a plain fp32 module. Its forward
+    autocasts to the online run's 16-bit type (``ds_config``'s bf16/fp16 section)."""
     from models import build_model as build_backbone
-    from pretrain.m3i.ema import MomentumTeacher, TargetEncoder, teacher_ds_config
+    from pretrain.m3i.ema import (
+        MomentumTeacher,
+        TargetEncoder,
+        teacher_autocast_dtype,
+        teacher_ds_config,
+    )
 
     def encoder() -> TargetEncoder:
         # no activation checkpointing: the teacher runs without gradient
         return TargetEncoder(build_backbone(cfg.model.name, num_classes=0, with_cp=False,
-                                            **cfg.model.overrides()))
+                                            **cfg.model.overrides()),
+                             autocast_dtype=teacher_autocast_dtype(ds_config))
 
     if cfg.engine.zero_stage == 3:
         from pretrain.zero_init import partitioned_construction

@@ -15,9 +15,15 @@ reads it where it is, again with no communication (the fp32 master itself in fp3
 its bf16/fp16 copy, the weights the online network computes with, in mixed precision).
 Assembling the partitioned fp32 master instead (``safe_get_full_fp32_param``) would
 all-reduce every whole tensor every step: 1355 collectives and 4.4 GB for InternImage-H.
-The teacher stays fp32 even in bf16 runs (a bf16 EMA with m near 1 stalls: the increments
-round away). Its slices are saved and restored with every checkpoint (``state_dict``), so
-a resumed run is exact.
+The teacher's weights stay fp32 even in bf16 runs (a bf16 EMA with m near 1 stalls: the
+increments round away), but in bf16/fp16 runs its forward computes in the run's 16-bit type
+under ``torch.autocast`` (``teacher_autocast_dtype``), as Siamese Image Modeling's target
+encoder runs inside its training step's autocast (OpenGVLab/Siamese-Image-Modeling,
+engine_pretrain.py: ``torch.cuda.amp.autocast`` around the model call; models_sim.py
+``forward_sim``: the target encoder under ``no_grad`` inside it): an fp32 forward of 2B
+views would dominate the step, whose online tower runs in bf16 (H100: ~67 dense fp32 TFLOPS
+against ~989 bf16). The target it returns is fp32. Its slices are saved and restored with
+every checkpoint (``state_dict``), so a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -38,20 +44,44 @@ def momentum_at(done: float, total: float, base: float, final: float = 1.0) -> f
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def teacher_autocast_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The 16-bit type the teacher's forward autocasts to: the one the online engine
+    computes in, read from the online run's DeepSpeed config (its ``bf16``/``fp16``
+    sections, which ``engine.precision`` sets); None in fp32 runs (the forward stays fp32)."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds_config.get(key, {}).get("enabled", False):
+            return dtype
+    return None
+
+
 class TargetEncoder(nn.Module):
     """The image tower as the target encoder: its forward is the unpooled feature map
-    (the map the decoder predicts), named ``visual.*`` like the online model's tower."""
+    (the map the decoder predicts), named ``visual.*`` like the online model's tower.
 
-    def __init__(self, visual: nn.Module):
+    ``autocast_dtype`` (``teacher_autocast_dtype``): the forward runs under
+    ``torch.autocast`` to that type on the input's device (the weights stay as they are,
+    fp32) and returns the map in fp32; None: a plain forward."""
+
+    def __init__(self, visual: nn.Module, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.visual = visual
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual.forward_unpooled(images)
+        if self.autocast_dtype is None:
+            return self.visual.forward_unpooled(images)
+        # Entered here, inside the module, not around the engine call: DeepSpeed's
+        # engine.forward turns an autocast entered outside it off (deepspeed/runtime/
+        # torch_autocast.py, autocast_if_enabled) unless its own torch_autocast section is
+        # on, and that section would also change how ZeRO-3 gathers the parameters.
+        with torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype):
+            features = self.visual.forward_unpooled(images)
+        return features.float()
 
 
 def teacher_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """The online run's DeepSpeed config for an fp32 engine without an optimizer."""
+    """The online run's DeepSpeed config for an fp32 engine without an optimizer (fp32
+    weights; the forward's compute type is the encoder's ``autocast_dtype``)."""
     config = copy.deepcopy(ds_config)
     config["bf16"] = {"enabled": False}
     config["fp16"] = {"enabled": False}
@@ -136,9 +166,10 @@ class MomentumTeacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The target feature map of ``images`` (fp32, no gradient)."""
+        """The target feature map of ``images`` (fp32, no gradient), computed in the
+        encoder's ``autocast_dtype`` where it has one."""
         self.engine.eval()
-        return self.engine(images.float())
+        return self.engine(images.float()).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's teacher tensors by name (its slices under ZeRO-3), for checkpoints."""
