@@ -6,11 +6,16 @@ configs/pretrain/ hold the real recipes.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
 from data.config import check_adamw, check_collective_timeout, check_dcn_backend
 from pretrain.data.config import DataConfig, check
+
+# how a data.tag_vocab is made (launch/commands/shards.py), named where one is refused
+TAGS_HINT = "build one with `internimage shards tags SHARDS --top N --out FILE`"
 
 
 @dataclass
@@ -34,6 +39,12 @@ class ModelConfig:
         except ValueError as err:
             raise ValueError(f"model.name: {err}") from None
         check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        # drop path keeps a block with probability 1 - rate (torch's bernoulli_ refuses a
+        # rate outside [0, 1] only at the first forward, after the whole ZeRO-3 build; a
+        # negative one switched drop path off); 1 would drop the last block always. The
+        # range fine-tuning accepts (finetune/config.py)
+        check(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1,
+              "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
         check_dcn_backend(self.dcn_backend)
         if self.depths is not None and self.groups is not None:
             check(len(self.depths) == len(self.groups), "model.depths",
@@ -95,21 +106,24 @@ class ImageTargetConfig:
     (cross-view); mask tokens with position embeddings relative to the input views' top-left
     origin. Not published by M3I, so taken from Siamese Image Modeling (Tao et al. 2022):
     the EMA target encoder with momentum 0.995 rising to 1 on a cosine, a 4-block decoder,
-    block-wise masks, normalised-feature regression. Our own assumptions: decoder
-    width/heads (MAE's decoder width), the mixing share, the view crop range (the loaded
-    image is already a random resized crop), the decorrelation term's form (not SiamIM's
-    target-correlation term: pretrain/m3i/loss.py) and its weight.
+    block-wise masks, normalised-feature regression, 16 decoder heads, each view flipped
+    with probability 0.5. Our own choices: the decoder width (MAE's and SiamIM's code
+    default, 512; SiamIM's published ViT-B recipe uses 768), the mixing share, the view
+    crop range (the loaded image is already a random resized crop; SiamIM crops each view
+    from the whole image), the decorrelation term's form (not SiamIM's target-correlation
+    term: pretrain/m3i/loss.py) and its weight. Sources: configs/pretrain/
+    internimage_h_m3i.yaml names each.
     """
 
     weight: float = 0.0  # 0: branch off (the CLIP + tags objective)
     momentum: float = 0.995  # SiamIM's base EMA momentum (published)
     momentum_final: float = 1.0  # cosine to 1 (SiamIM, after BYOL; published)
     decoder_depth: int = 4  # SiamIM's decoder depth (published)
-    decoder_width: int = 512  # assumption (MAE's decoder width)
-    decoder_heads: int = 16  # assumption (MAE's decoder heads)
+    decoder_width: int = 512  # ours (MAE's, SiamIM's code default; its recipe: 768)
+    decoder_heads: int = 16  # SiamIM's decoder heads (published code)
     mix_share: float = 0.5  # share of patches showing the second image (assumption)
     view_scale: tuple[float, float] = (0.4, 1.0)  # crop area of each view (assumption)
-    view_flip: float = 0.5  # horizontal flip probability of each view (assumption)
+    view_flip: float = 0.5  # horizontal flip probability of each view (SiamIM's)
     decorrelation_weight: float = 0.1  # assumption (the term: ours, see pretrain/m3i/loss.py)
 
     def __post_init__(self) -> None:
@@ -253,8 +267,8 @@ class RunConfig:
     """Length, logging, checkpoints and failure handling."""
 
     output_dir: str = "runs/pretrain"
-    max_steps: int = 200
-    epochs: float = 0.0  # if > 0 (with samples_per_epoch): max_steps derived from it
+    max_steps: int = 200  # the run's length when epochs is 0; not used when epochs > 0
+    epochs: float = 0.0  # if > 0 (with samples_per_epoch): the steps derived from it
     samples_per_epoch: int = 0
     seed: int = 0
     log_every: int = 10
@@ -271,7 +285,12 @@ class RunConfig:
     collective_timeout_min: float | None = None
 
     def __post_init__(self) -> None:
-        check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps", "must be >= 1")
+        # a negative epochs count fell back to max_steps without a word, an infinite one
+        # failed at the first int() of the plan
+        check(math.isfinite(self.epochs) and self.epochs >= 0, "run.epochs",
+              f"must be >= 0 (0: run.max_steps steps), got {self.epochs}")
+        check(self.max_steps >= 1 or self.epochs > 0, "run.max_steps",
+              f"must be >= 1, got {self.max_steps}")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
         check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
         check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
@@ -310,3 +329,37 @@ class PretrainConfig:
                   f"grid: needs a multiple of {stride} of at least {2 * stride}, got {size}")
             check(self.data.batch_size >= 2, "data.batch_size",
                   "objective.image mixes two images of a rank's batch: needs >= 2")
+        if self.data is not None and self.data.tag_vocab is not None:
+            # read from the file system (pretrain.data.decode.TagVocab.load): a URL failed
+            # at the start, on every rank, as a file not found
+            check("://" not in self.data.tag_vocab, "data.tag_vocab",
+                  f"{self.data.tag_vocab}: must be a local file (the vocabulary is read from "
+                  f"the file system, not from object storage; copy it to a path every node "
+                  f"sees, or {TAGS_HINT})")
+
+
+def check_tag_vocab(data: DataConfig | None) -> None:
+    """Refuse (``ValueError`` naming ``data.tag_vocab``) a tag vocabulary this machine cannot
+    read: missing, a folder, unreadable, not UTF-8. The trainer and every data worker load
+    it (one tag a line) once the run has started; a missing one ended every rank with a
+    ``FileNotFoundError`` traceback. Called before any compute (`internimage pretrain`, its
+    dry run, and `internimage submit`, which only warns: the compute nodes may see other
+    files). The built-in demo's (``builtin:``, written on first use) is not checked."""
+    path = None if data is None else data.tag_vocab
+    if path is None or path.startswith("builtin:"):
+        return
+    where = path if os.path.isabs(path) else f"{path} (from {os.getcwd()})"
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except FileNotFoundError:
+        reason = "not found"
+    except IsADirectoryError:
+        reason = "is a folder, not a file"
+    except OSError as err:
+        reason = f"cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError:
+        reason = "is not UTF-8 text (one tag a line)"
+    else:
+        return
+    raise ValueError(f"data.tag_vocab: {where} {reason}; {TAGS_HINT}")

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from pretrain.config import PretrainConfig
+from pretrain.engine import global_batch, total_steps
 from pretrain.estimate import (
     build_bytes_per_rank,
+    check_whole_nodes,
     largest_layer_params,
     measure_activation_bytes,
     measure_text_activation_bytes,
@@ -32,14 +34,14 @@ def meta_model(cfg: PretrainConfig):
 
 def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, Any]:
     """Parameters (model built on the meta device), steps, samples, per-GPU memory and
-    what a rank holds while the model is built (zero.Init under ZeRO-3, as the trainer)."""
+    what a rank holds while the model is built (zero.Init under ZeRO-3, as the trainer).
+    A ``gpus`` count that fills no whole number of ``gpus_per_node`` nodes is refused
+    (``ValueError``): DeepSpeed's estimators would count it as whole nodes."""
+    check_whole_nodes(gpus, gpus_per_node)
     model = meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
-    global_batch = cfg.data.batch_size * cfg.engine.grad_accum * gpus
-    if cfg.run.epochs > 0:
-        steps = max(1, int(cfg.run.epochs * cfg.run.samples_per_epoch / global_batch))
-    else:
-        steps = cfg.run.max_steps
+    batch = global_batch(cfg, gpus)
+    steps = total_steps(cfg, gpus)  # what the trainer runs (a fresh start)
     memory = memory_bytes(cfg, model, gpus, gpus_per_node)
     weights = sum(s.weight for s in cfg.data.sources)
     gib = 2**30
@@ -47,9 +49,10 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
         "model": cfg.model.name,
         "backbone_parameters": sum(p.numel() for p in model.visual.parameters()),
         "total_parameters": total,
-        "gpus": gpus, "global_batch": global_batch, "steps": steps,
+        "gpus": gpus, "gpus_per_node": min(gpus, gpus_per_node), "global_batch": batch,
+        "steps": steps,
         "epochs": cfg.run.epochs, "samples_per_epoch": cfg.run.samples_per_epoch,
-        "samples_total": steps * global_batch, "warmup_steps": cfg.optim.warmup_steps,
+        "samples_total": steps * batch, "warmup_steps": cfg.optim.warmup_steps,
         "sources": [{"name": s.name, "weight": s.weight, "share": round(s.weight / weights, 4)}
                     for s in cfg.data.sources],
         "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,

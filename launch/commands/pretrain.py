@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from launch.config import check_output_dir, dump_config, load_config
+from launch.config import ConfigError, check_output_dir, dump_config, load_config, parse_overrides
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
 
@@ -20,22 +24,37 @@ def register(sub, name: str) -> None:
         "shards. With no --config it runs the built-in CPU demo (configs/pretrain/demo.yaml).")
     p.add_argument("--config", help="YAML config (configs/pretrain/*.yaml); default: the demo")
     p.add_argument("--output-dir", help="run directory (run.output_dir)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (run.max_steps)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="run N optimizer steps: sets run.max_steps=N and run.epochs=0, so it "
+                   "wins over an epoch plan of the config (a smoke test of a preset); the "
+                   "key run.max_steps alone is refused with run.epochs > 0")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, if any) | PATH")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, build the model on the meta device, print the plan; no data")
+                   help="validate (the tag vocabulary must be readable), build the model on "
+                   "the meta device, print the plan; reads no shards")
     p.add_argument("--gpus", type=int, default=None,
                    help="with --dry-run: GPUs to plan for (default: $WORLD_SIZE or 8)")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="with --dry-run: GPUs per node (default 8; as `internimage estimate`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace, missing_data: str = "warn"):
     """The resolved PretrainConfig of these arguments (flags win over key=value); a run
-    directory that is a file is refused here (also what `internimage submit` checks)."""
-    from pretrain.config import PretrainConfig
+    directory that is a file is refused here (also what `internimage submit` checks).
 
+    ``--max-steps N`` runs N steps: it sets ``run.epochs=0`` too (logged when that drops an
+    epoch plan); ``run.max_steps`` given as an override to an epoch run (``run.epochs > 0``,
+    where it is not used) is refused. A tag vocabulary this machine cannot read
+    (``pretrain.config.check_tag_vocab``) is refused with ``missing_data="refuse"`` (the
+    command's own start and dry run), else (``"warn"``, `internimage submit` on a login
+    node, which may not see the compute nodes' files) a warning on stderr."""
+    from pretrain.config import PretrainConfig, check_tag_vocab
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps: must be >= 1, got {args.max_steps}")
     overrides = list(args.overrides)
     for flag, key in (("output_dir", "run.output_dir"), ("max_steps", "run.max_steps"),
                       ("checkpoint_every", "run.checkpoint_every")):
@@ -43,21 +62,43 @@ def load(args: argparse.Namespace):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(PretrainConfig, args.config or DEMO_CONFIG, overrides)
+    if args.max_steps is not None and cfg.run.epochs > 0:
+        # the trainer runs max_steps only without an epoch plan: the flag took none and a
+        # smoke test of the H preset planned its 30 epochs
+        if os.environ.get("RANK", "0") == "0":
+            log.info("--max-steps %d: the run is %d optimizer steps, not the config's epoch "
+                     "plan (run.epochs=%g, set to 0)", args.max_steps, args.max_steps,
+                     cfg.run.epochs)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, epochs=0.0))
+    elif cfg.run.epochs > 0 and _overrides_max_steps(args.overrides):
+        raise ConfigError(f"run.max_steps: not used by an epoch run (run.epochs="
+                          f"{cfg.run.epochs:g}); give --max-steps N to run N steps (it sets "
+                          f"run.epochs=0), or run.epochs=0 too")
     if cfg.data is None:
-        from launch.config import ConfigError
-
         raise ConfigError("data: no data sources configured (the demo config has them)")
     check_output_dir(cfg.run.output_dir,
                      "--output-dir" if args.output_dir is not None else "run.output_dir")
+    try:
+        check_tag_vocab(cfg.data)
+    except ValueError as err:
+        if missing_data != "warn":
+            raise ConfigError(str(err)) from None
+        print(f"internimage submit: warning: {err} (on this machine: the job fails at its "
+              "start unless its nodes see it)", file=sys.stderr, flush=True)
     return cfg
+
+
+def _overrides_max_steps(overrides: list[str]) -> bool:
+    """Whether the key=value ``overrides`` set ``run.max_steps`` (``run.max_steps=N``, or
+    ``run={max_steps: N}``)."""
+    run = parse_overrides(overrides).get("run")
+    return isinstance(run, dict) and "max_steps" in run
 
 
 def dry_run_gpus(gpus: int | None) -> int:
     """The GPU count a dry run plans for: ``--gpus``, else ``WORLD_SIZE``, else 8; refused
     below 1 (``--gpus 0`` planned for 8, a negative count printed a negative batch,
     ``WORLD_SIZE=0`` divided by zero)."""
-    from launch.config import ConfigError
-
     if gpus is None:
         value = os.environ.get("WORLD_SIZE", "8")
         try:
@@ -73,11 +114,18 @@ def dry_run_gpus(gpus: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load(args)
+    cfg = load(args, missing_data="refuse")
     if args.dry_run:
         from pretrain.plan import plan
 
-        print(json.dumps(plan(cfg, dry_run_gpus(args.gpus)), indent=2))
+        gpus = dry_run_gpus(args.gpus)
+        if args.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node: must be >= 1, got {args.gpus_per_node}")
+        try:
+            result = plan(cfg, gpus, args.gpus_per_node)
+        except ValueError as err:  # GPUs that fill no whole nodes (names the flags)
+            raise ConfigError(str(err)) from None
+        print(json.dumps(result, indent=2))
         return 0
     from launch.commands.refusals import refusal_line, training_refusals
     from pretrain.demo import resolve_builtin
