@@ -179,9 +179,13 @@ def check_start(cfg: ClassificationConfig, thorough: bool = True) -> None:
 def dry_run(cfg: ClassificationConfig, gpus: int | None = None) -> int:
     """Build on the meta device (no memory) and print what a run would do: the total
     batch and effective lr on ``gpus`` processes (None: ``WORLD_SIZE`` if set, else a few
-    GPU counts, finetune/plan.py ``plan_gpu_counts``)."""
+    GPU counts, finetune/plan.py ``plan_gpu_counts``). First, as a start: an ``init``
+    recording another backbone raises ``CheckpointError`` (its metadata alone; the data
+    paths are not checked, a plan is often made where the data is not)."""
     from finetune.cls_build import effective_optim
+    from finetune.init import start_checks
 
+    start_checks(cfg, check_data=lambda cfg, thorough: None)  # the init check alone
     counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_classifier(cfg)

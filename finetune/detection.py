@@ -86,8 +86,18 @@ def check_start(cfg: DetectionConfig, thorough: bool = True) -> None:
     start_checks(cfg, check_data, thorough=thorough)
 
 
-def dry_run(cfg: DetectionConfig) -> int:
-    """Build on the meta device and print the plan."""
+def dry_run(cfg: DetectionConfig, gpus: int | None = None) -> int:
+    """Build on the meta device and print the plan, with the total batch on ``gpus``
+    processes (None: ``WORLD_SIZE`` if set, else a few GPU counts; the released mmdet
+    configs give their lr for one total batch, samples_per_gpu x GPUs). First, as a
+    start: an ``init`` recording another backbone raises ``CheckpointError`` (its
+    metadata alone; the data paths are not checked, a plan is often made where the data
+    is not)."""
+    from finetune.init import start_checks
+    from finetune.plan import per_gpu_count, plan_gpu_counts
+
+    start_checks(cfg, check_data=lambda cfg, thorough: None)  # the init check alone
+    counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_model(cfg, num_classes=80)
     d, h = cfg.detector, cfg.head
@@ -105,6 +115,7 @@ def dry_run(cfg: DetectionConfig) -> int:
         "train sizes / test / max": sizes,
         "train augmentation": _augmentation_desc(cfg),
         "batch": cfg.run.batch_desc(),
+        "total batch": per_gpu_count({n: cfg.run.total_batch(n) for n in counts}),
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} layer decay "

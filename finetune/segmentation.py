@@ -110,8 +110,19 @@ def check_start(cfg: SegmentationConfig, thorough: bool = True) -> None:
                  thorough=thorough)
 
 
-def dry_run(cfg: SegmentationConfig) -> int:
-    """Build on the meta device and print the plan (with a per-GPU memory estimate)."""
+def dry_run(cfg: SegmentationConfig, gpus: int | None = None) -> int:
+    """Build on the meta device and print the plan (with a per-GPU memory estimate and the
+    total batch on ``gpus`` processes; None: ``WORLD_SIZE`` if set, else a few GPU counts;
+    the released mmseg configs give their lr for one total batch). First, as a start: an
+    ``init`` recording another backbone raises ``CheckpointError`` (its metadata alone;
+    a whole segmenter's is checked when loaded; the data paths are not checked, a plan is
+    often made where the data is not)."""
+    from finetune.init import start_checks
+    from finetune.plan import per_gpu_count, plan_gpu_counts
+
+    start_checks(cfg, check_data=lambda cfg, thorough: None,  # the init check alone
+                 backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)))
+    counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_segmentor(cfg)
     d = cfg.data
@@ -125,6 +136,7 @@ def dry_run(cfg: SegmentationConfig) -> int:
                 + (f"; scales {list(cfg.head.test_scales) or [1.0]} flip {cfg.head.test_flip}"
                    if cfg.head.multiscale else ""),
         "batch": cfg.run.batch_desc(),
+        "total batch": per_gpu_count({n: cfg.run.total_batch(n) for n in counts}),
         "length": f"{cfg.run.max_steps} steps" if cfg.run.max_steps else
                   f"{cfg.run.epochs} epochs",
         "optimizer": f"AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} layer decay "

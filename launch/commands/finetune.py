@@ -28,6 +28,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--resume", help="auto | PATH of a training checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model on the meta device, print the plan")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="with --dry-run: GPUs to plan for (default: $WORLD_SIZE, else "
+                   "1, 8, 32 and 64)")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate --resume PATH|auto (classification also --init CKPT) "
                    "once on the validation set, no training; prints the metrics as one "
@@ -57,6 +60,9 @@ def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
     ``--init`` and ``--output-dir``), validated: a ``ConfigError`` naming the key (a run
     directory that is a file included). Also what `internimage submit` checks before
     sbatch."""
+    if getattr(args, "gpus", None) is not None and not args.dry_run:
+        raise ConfigError("--gpus is for --dry-run: a start trains on the processes its "
+                          "launcher starts (WORLD_SIZE)")
     overrides = list(args.overrides) + list(extras)
     if args.init:
         overrides.append(f"init={args.init}")
@@ -80,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
         check_eval_only(args)
     cfg = load(args, extras)
     if args.dry_run:
-        check_init(cfg.init)
-        return mod.dry_run(cfg)
+        return dry_run(mod, cfg, args.gpus)
     if args.eval_only:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
@@ -127,6 +132,31 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def dry_run(mod, cfg, gpus: int | None = None) -> int:
+    """``--dry-run``: ``mod``'s plan of ``cfg`` on ``gpus`` processes (None: ``WORLD_SIZE``
+    when set, else a few counts), after the start's checks that read no data: ``init`` a
+    checkpoint (:func:`check_init`) recording this run's backbone (the task's dry run
+    checks its metadata first, no tensor read). Refusals as a start's: one line, exit 2.
+    The data paths are not checked: a plan is made where the data may not be (a laptop, a
+    login node); ``internimage submit`` warns about them and the start refuses them."""
+    from launch.commands.pretrain import dry_run_gpus
+    from models import CheckpointError
+
+    if gpus is not None or "WORLD_SIZE" in os.environ:
+        gpus = dry_run_gpus(gpus)  # refused below 1, named by its source
+    check_init(cfg.init)
+    try:
+        return mod.dry_run(cfg, gpus)
+    except CheckpointError as err:  # the init's recorded backbone, checked before building
+        raise init_refusal(err) from None
+
+
+def init_refusal(err: Exception) -> ConfigError:
+    """The refusal of an ``init`` that this run cannot start from, as every check of it
+    words it (``init: <why>``): the same line from a dry run, a start and a submit."""
+    return ConfigError(f"init: {err}")
 
 
 def check_eval_only(args: argparse.Namespace) -> None:
@@ -214,7 +244,7 @@ def checked_start(mod, cfg, resume_dir: Path | None, missing_data: str = "refuse
         # file is gigabytes of memory to parse; the job's start parses it)
         mod.check_start(cfg, thorough=missing_data != "warn")
     except CheckpointError as err:
-        raise ConfigError(f"init: {err}") from None
+        raise init_refusal(err) from None
     except (ValueError, OSError) as err:  # a ValueError names its key (config checks)
         if missing_data == "warn":
             print(f"internimage submit: warning: {err}, on this machine: the job fails at "
@@ -257,4 +287,4 @@ def check_init(init: str | None) -> None:
     try:
         resolve_checkpoint(init)
     except CheckpointPathError as err:
-        raise ConfigError(f"init: {err}") from None
+        raise init_refusal(err) from None
