@@ -154,9 +154,12 @@ class _DCNv3Reference(torch.autograd.Function):
             return out
         cd = compute_dtype(x.dtype)
         per_sample = ho * wo * kernel_size * kernel_size * x.shape[-1]
-        for sl in _chunks(n, _CORNERS * per_sample):
-            out[sl] = _sample_chunk(x[sl].to(cd), offset[sl].to(cd), mask[sl].to(cd),
-                                    *ctx.params).to(x.dtype)
+        # in compute_dtype whatever autocast region calls it (an M3I teacher's bf16
+        # forward): autocast would otherwise run the bmm below in its 16-bit type
+        with torch.autocast(x.device.type, enabled=False):
+            for sl in _chunks(n, _CORNERS * per_sample):
+                out[sl] = _sample_chunk(x[sl].to(cd), offset[sl].to(cd), mask[sl].to(cd),
+                                        *ctx.params).to(x.dtype)
         return out
 
     @staticmethod
@@ -173,7 +176,7 @@ class _DCNv3Reference(torch.autograd.Function):
         for sl in _chunks(x.shape[0], _CORNERS * per_sample):
             inputs = [t[sl].detach().to(cd).requires_grad_(need)
                       for t, need in zip((x, offset, mask), wants)]
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
                 out = _sample_chunk(*inputs, *ctx.params)
                 needed = [t for t in inputs if t.requires_grad]
                 chunk_grads = iter(torch.autograd.grad(out, needed, grad_out[sl].to(cd)))
