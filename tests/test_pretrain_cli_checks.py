@@ -132,18 +132,29 @@ def test_a_tag_vocab_that_cannot_be_read_is_refused_before_any_compute(kind, tmp
               "binary": "is not UTF-8 text", "url": "must be a local file"}[kind]
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), f"data.tag_vocab={path}"]
-    for start in (["pretrain", "--dry-run", *argv], ["pretrain", *argv]):
-        err = _refusal(capsys, start)
-        assert err.startswith(f"internimage pretrain: config error: data.tag_vocab: {path}")
-        assert reason in err
-        assert "internimage shards tags" in err and "--out" in err
+    err = _refusal(capsys, ["pretrain", *argv])
+    assert err.startswith(f"internimage pretrain: config error: data.tag_vocab: {path}")
+    assert reason in err
+    assert "internimage shards tags" in err and "--out" in err
     assert not out.exists()  # a refused start leaves no run directory
+    # a URL never works (read from the file system): refused by the config itself
+    if kind == "url":
+        assert _refusal(capsys, ["pretrain", "--dry-run", *argv]) == err
+        return
+    # a dry run plans without the data (a laptop, a login node): it warns, naming the key
+    from launch.cli import main
+
+    assert main(["pretrain", "--dry-run", *argv]) == 0
+    warning = capsys.readouterr().err
+    assert f"internimage pretrain: warning: data.tag_vocab: {path}" in warning
+    assert reason in warning
 
 
 def test_a_relative_tag_vocab_names_the_folder_it_is_looked_up_from(tmp_path, capsys,
                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)
-    err = _refusal(capsys, ["pretrain", "--dry-run", "--config", H_PRESET])
+    err = _refusal(capsys, ["pretrain", "--config", H_PRESET, "--output-dir",
+                            str(tmp_path / "run")])
     assert (f"data.tag_vocab: tags/yfcc15m_tags.txt (from {tmp_path}) not found; build one "
             "with `internimage shards tags") in err
 

@@ -41,7 +41,8 @@ def register(sub, name: str) -> None:
     p.set_defaults(func=run)
 
 
-def load(args: argparse.Namespace, missing_data: str = "warn"):
+def load(args: argparse.Namespace, missing_data: str = "warn",
+         warn_as: str = "internimage submit"):
     """The resolved PretrainConfig of these arguments (flags win over key=value); a run
     directory that is a file is refused here (also what `internimage submit` checks).
 
@@ -49,8 +50,9 @@ def load(args: argparse.Namespace, missing_data: str = "warn"):
     epoch plan); ``run.max_steps`` given as an override to an epoch run (``run.epochs > 0``,
     where it is not used) is refused. A tag vocabulary this machine cannot read
     (``pretrain.config.check_tag_vocab``) is refused with ``missing_data="refuse"`` (the
-    command's own start and dry run), else (``"warn"``, `internimage submit` on a login
-    node, which may not see the compute nodes' files) a warning on stderr."""
+    command's own start), else (``"warn"``: `internimage submit` on a login node, which
+    may not see the compute nodes' files, and the dry run, a plan made where the data may
+    not be) a warning on stderr, prefixed ``warn_as``."""
     from pretrain.config import PretrainConfig, check_tag_vocab
 
     if args.max_steps is not None and args.max_steps < 1:
@@ -83,8 +85,8 @@ def load(args: argparse.Namespace, missing_data: str = "warn"):
     except ValueError as err:
         if missing_data != "warn":
             raise ConfigError(str(err)) from None
-        print(f"internimage submit: warning: {err} (on this machine: the job fails at its "
-              "start unless its nodes see it)", file=sys.stderr, flush=True)
+        print(f"{warn_as}: warning: {err} (on this machine: a start fails unless the "
+              "machine it runs on sees it)", file=sys.stderr, flush=True)
     return cfg
 
 
@@ -114,7 +116,10 @@ def dry_run_gpus(gpus: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load(args, missing_data="refuse")
+    # a dry run plans without reading data (the README's H plan, on a laptop or a login
+    # node): an unreadable tag vocabulary is a warning there; the start refuses it
+    cfg = load(args, missing_data="warn" if args.dry_run else "refuse",
+               warn_as="internimage pretrain")
     if args.dry_run:
         from pretrain.plan import plan
 
