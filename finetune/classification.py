@@ -168,12 +168,13 @@ class ClassificationConfig:
               f"{self.run.batch_size}")
 
 
-def check_start(cfg: ClassificationConfig, thorough: bool = True) -> None:
-    """:func:`finetune.init.start_checks` with this task's data paths."""
+def check_start(cfg: ClassificationConfig, thorough: bool = True, with_data: bool = True) -> None:
+    """:func:`finetune.init.start_checks` with this task's data paths (``with_data=False``:
+    the init alone, as a dry run checks it)."""
     from finetune.cls_data import check_data
     from finetune.init import start_checks
 
-    start_checks(cfg, check_data, thorough=thorough)
+    start_checks(cfg, check_data if with_data else None, thorough=thorough)
 
 
 def dry_run(cfg: ClassificationConfig, gpus: int | None = None) -> int:
@@ -183,9 +184,8 @@ def dry_run(cfg: ClassificationConfig, gpus: int | None = None) -> int:
     recording another backbone raises ``CheckpointError`` (its metadata alone; the data
     paths are not checked, a plan is often made where the data is not)."""
     from finetune.cls_build import effective_optim
-    from finetune.init import start_checks
 
-    start_checks(cfg, check_data=lambda cfg, thorough: None)  # the init check alone
+    check_start(cfg, with_data=False)
     counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_classifier(cfg)

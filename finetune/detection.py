@@ -78,12 +78,13 @@ def _variant_depths(cfg) -> tuple[int, ...]:
     return VARIANTS[cfg.model.name].depths
 
 
-def check_start(cfg: DetectionConfig, thorough: bool = True) -> None:
-    """:func:`finetune.init.start_checks` with this task's data paths."""
+def check_start(cfg: DetectionConfig, thorough: bool = True, with_data: bool = True) -> None:
+    """:func:`finetune.init.start_checks` with this task's data paths (``with_data=False``:
+    the init alone, as a dry run checks it)."""
     from finetune.det_data import check_data
     from finetune.init import start_checks
 
-    start_checks(cfg, check_data, thorough=thorough)
+    start_checks(cfg, check_data if with_data else None, thorough=thorough)
 
 
 def dry_run(cfg: DetectionConfig, gpus: int | None = None) -> int:
@@ -93,10 +94,9 @@ def dry_run(cfg: DetectionConfig, gpus: int | None = None) -> int:
     start: an ``init`` recording another backbone raises ``CheckpointError`` (its
     metadata alone; the data paths are not checked, a plan is often made where the data
     is not)."""
-    from finetune.init import start_checks
     from finetune.plan import per_gpu_count, plan_gpu_counts
 
-    start_checks(cfg, check_data=lambda cfg, thorough: None)  # the init check alone
+    check_start(cfg, with_data=False)
     counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_model(cfg, num_classes=80)

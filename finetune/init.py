@@ -89,7 +89,7 @@ def check_init_backbone(src: str | Path, variant: str, arch: dict) -> None:
     check_variant(meta, variant, arch, src)
 
 
-def start_checks(cfg, check_data: Callable[..., None], backbone_init: bool = True,
+def start_checks(cfg, check_data: Callable[..., None] | None, backbone_init: bool = True,
                  thorough: bool = True) -> None:
     """What a fine-tuning run refuses before anything is built: an ``init`` recording
     another backbone than ``cfg.model`` (a ``CheckpointError``; ``backbone_init=False``:
@@ -102,7 +102,8 @@ def start_checks(cfg, check_data: Callable[..., None], backbone_init: bool = Tru
     for Objects365) are left to the job's own start."""
     if cfg.init and backbone_init:
         check_init_backbone(cfg.init, cfg.model.name, cfg.model.arch())
-    check_data(cfg, thorough=thorough)
+    if check_data is not None:  # None: a dry run (a plan is often made where the data is not)
+        check_data(cfg, thorough=thorough)
 
 
 def _seq(v):

@@ -99,13 +99,14 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
     return describe(est, batch, d.crop_size, cfg.model.with_cp, scope=scope)
 
 
-def check_start(cfg: SegmentationConfig, thorough: bool = True) -> None:
+def check_start(cfg: SegmentationConfig, thorough: bool = True, with_data: bool = True) -> None:
     """:func:`finetune.init.start_checks` with this task's data paths (a whole segmenter's
-    init is checked when it is loaded)."""
+    init is checked when it is loaded; ``with_data=False``: the init alone, as a dry run
+    checks it)."""
     from finetune.init import start_checks
     from finetune.seg_data import check_data
 
-    start_checks(cfg, check_data,
+    start_checks(cfg, check_data if with_data else None,
                  backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)),
                  thorough=thorough)
 
@@ -117,11 +118,9 @@ def dry_run(cfg: SegmentationConfig, gpus: int | None = None) -> int:
     ``init`` recording another backbone raises ``CheckpointError`` (its metadata alone;
     a whole segmenter's is checked when loaded; the data paths are not checked, a plan is
     often made where the data is not)."""
-    from finetune.init import start_checks
     from finetune.plan import per_gpu_count, plan_gpu_counts
 
-    start_checks(cfg, check_data=lambda cfg, thorough: None,  # the init check alone
-                 backbone_init=not (cfg.init and is_segmenter_checkpoint(cfg.init)))
+    check_start(cfg, with_data=False)
     counts = plan_gpu_counts(gpus)
     with torch.device("meta"):
         model = build_segmentor(cfg)
