@@ -210,6 +210,16 @@ def test_a_dry_run_for_gpus_that_fill_no_whole_node_is_refused(capsys):
     assert "--gpus-per-node: must be >= 1, got 0" in err
 
 
+@pytest.mark.parametrize("flag", ["--gpus", "--gpus-per-node"])
+def test_the_dry_run_gpu_flags_are_refused_by_a_start(flag, tmp_path, capsys):
+    """A start trains on the processes its launcher started: ``--gpus 64`` there was
+    accepted and ignored (a user expecting 64 GPUs got one process)."""
+    err = _refusal(capsys, ["pretrain", flag, "8", "--output-dir", str(tmp_path / "run")])
+    assert err.endswith(f"{flag} is for --dry-run: a start trains on the processes its "
+                        "launcher starts (WORLD_SIZE)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_dry_run_plans_the_model_states_of_its_nodes(capsys):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 

@@ -31,11 +31,12 @@ def register(sub, name: str) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, if any) | PATH")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate (the tag vocabulary must be readable), build the model on "
-                   "the meta device, print the plan; reads no shards")
+                   help="validate, build the model on the meta device, print the plan; reads "
+                   "no shards (an unreadable tag vocabulary is a warning here, refused by a "
+                   "start)")
     p.add_argument("--gpus", type=int, default=None,
                    help="with --dry-run: GPUs to plan for (default: $WORLD_SIZE or 8)")
-    p.add_argument("--gpus-per-node", type=int, default=8,
+    p.add_argument("--gpus-per-node", type=int, default=None,
                    help="with --dry-run: GPUs per node (default 8; as `internimage estimate`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
@@ -55,6 +56,10 @@ def load(args: argparse.Namespace, missing_data: str = "warn",
     not be) a warning on stderr, prefixed ``warn_as``."""
     from pretrain.config import PretrainConfig, check_tag_vocab
 
+    for flag in ("gpus", "gpus_per_node"):  # a start trains on what its launcher started
+        if getattr(args, flag, None) is not None and not args.dry_run:
+            raise ConfigError(f"--{flag.replace('_', '-')} is for --dry-run: a start trains on "
+                              "the processes its launcher starts (WORLD_SIZE)")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps: must be >= 1, got {args.max_steps}")
     overrides = list(args.overrides)
@@ -124,10 +129,11 @@ def run(args: argparse.Namespace) -> int:
         from pretrain.plan import plan
 
         gpus = dry_run_gpus(args.gpus)
-        if args.gpus_per_node < 1:
-            raise ConfigError(f"--gpus-per-node: must be >= 1, got {args.gpus_per_node}")
+        per_node = 8 if args.gpus_per_node is None else args.gpus_per_node
+        if per_node < 1:
+            raise ConfigError(f"--gpus-per-node: must be >= 1, got {per_node}")
         try:
-            result = plan(cfg, gpus, args.gpus_per_node)
+            result = plan(cfg, gpus, per_node)
         except ValueError as err:  # GPUs that fill no whole nodes (names the flags)
             raise ConfigError(str(err)) from None
         print(json.dumps(result, indent=2))
