@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pretrain.config import PretrainConfig
-from pretrain.engine import global_batch, total_steps
+from pretrain.engine import DTYPES, global_batch, total_steps
 from pretrain.estimate import (
     build_bytes_per_rank,
     check_whole_nodes,
@@ -17,8 +17,6 @@ from pretrain.estimate import (
     zero3_buffer_bytes,
 )
 from runtime.memory import model_state_bytes
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def meta_model(cfg: PretrainConfig):

@@ -30,10 +30,11 @@ import pytest
 import torch
 from torch import nn
 
+from pretrain.engine import DTYPES
+
 OVERRIDES = ["model.channels=8", "model.depths=[1,1,1,1]", "model.groups=[1,1,1,1]",
              "model.embed_dim=16", "text.width=16", "text.heads=2", "text.layers=1",
              "data.batch_size=2", "engine.zero_stage=2"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPO = Path(__file__).resolve().parents[1]
 
 
