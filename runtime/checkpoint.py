@@ -355,6 +355,9 @@ def _publish(root: Path, staging: str, tag: str) -> list[Path]:
         return [aside]
     os.replace(root / staging, final)
     _atomic_write(root / LATEST, tag)
+    # checkpoints/ itself, made by the run's first save: its name in the run directory
+    # (one fsync of a small folder per save)
+    _fsync_path(root.parent)
     return []
 
 

@@ -148,6 +148,8 @@ def test_every_file_of_a_checkpoint_is_fsynced_by_its_writer_before_it_is_publis
     renamed = max(e[1] for e in events[0] if e[0] == "replace" and e[3] == str(folder))
     last_root_fsync = max(e[1] for e in events[0] if e[0] == "fsync" and e[2] == str(root))
     assert renamed < last_root_fsync
+    # and the run directory, which the first save created checkpoints/ in
+    assert any(e[0] == "fsync" and e[2] == str(run) and e[1] > renamed for e in events[0])
     assert f"{folder}/trainer_state.json" in fsynced[0] and f"{root}/latest" in fsynced[0]
     assert (root / "latest").read_text() == "step_0000001"
 
