@@ -214,3 +214,19 @@ def test_dino_t_l_offsets_train_at_the_base_lr_and_level_embeds_at_layer_0(name)
     assert offsets and all(lr == pytest.approx(1e-4) for lr in offsets)
     level = {g["lr"] for g in head if any("level_embed" in n for n in g["names"])}
     assert level and all(lr == pytest.approx(1e-4 * 0.9 ** (sum(DEPTHS) + 1)) for lr in level)
+
+
+def test_cls_presets_without_layer_decay_train_the_dcn_layers_at_the_full_lr():
+    """The released classification/optimizer.py (set_weight_decay_and_lr) multiplies the
+    DCN layers' lr by DCN_LR_MUL only inside ``if lr_layer_decay:``: its without_lr_decay
+    configs (the paper's results), which state DCN_LR_MUL 0.1, trained them at the full
+    lr. A preset without layer decay therefore has ``dcn_lr_mult`` 1.0."""
+    from finetune.classification import ClassificationConfig
+    from launch.config import load_config
+
+    for path in PRESETS:
+        if not path.stem.startswith("cls_"):
+            continue
+        o = load_config(ClassificationConfig, path, ["init=null"]).optim
+        if o.layer_decay == 1.0:
+            assert o.dcn_lr_mult == 1.0, path.name
