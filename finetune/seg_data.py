@@ -1,6 +1,7 @@
 """Segmentation data: dataset layouts (demo, ADE20K, Cityscapes, Mapillary Vistas,
 COCO-Stuff) and mmsegmentation's training transforms (rescale, crop with
-``cat_max_ratio``, flip, photometric distortion), as the released recipes use them.
+``cat_max_ratio``, flip, photometric distortion, normalise, pad to the crop size), in the
+order the released recipes use them.
 
 Data faults: images without a label file are a config error when the pairs are listed
 (:func:`check_data`, before anything is built); a file that lists but cannot be read is
@@ -186,7 +187,9 @@ def check_label_range(label: torch.Tensor, num_classes: int, label_path: Path,
 
 
 class SegDataset(Dataset):
-    """(normalised image, label map with 255 = ignore); train: rescale, crop, flip.
+    """(normalised image, label map with 255 = ignore); train: rescale, crop, flip,
+    photometric distortion, normalise, then pad to ``crop_size`` (image 0, label 255, at
+    the bottom and right), mmseg's order; evaluation: the whole image, normalised.
 
     A pair whose image or label cannot be read (truncated, not an image; the file is
     named): in training the next readable pair takes its place
@@ -255,7 +258,10 @@ class SegDataset(Dataset):
                 from finetune.photometric import photometric_distortion
 
                 img = photometric_distortion(img)
-        return ((img - MEAN) / STD, label), replaced
+        img = (img - MEAN) / STD
+        if self.train:  # after Normalize, as mmseg: the padding is exactly 0
+            img, label = pad_to_crop(img, label, c.crop_size)
+        return (img, label), replaced
 
 
 def rescale_size(h: int, w: int, short: int, long: int = 0) -> tuple[int, int]:
@@ -300,20 +306,48 @@ def crop_is_dominated(label: torch.Tensor, cat_max_ratio: float) -> bool:
 
 def random_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int],
                 cat_max_ratio: float = 1.0):
-    """A random ``crop`` window; with ``cat_max_ratio`` < 1, up to 10 windows are drawn
-    until one is not dominated by a single class (mmseg's ``RandomCrop``)."""
+    """A random window of ``crop`` = (h, w), cut to the image where a side is shorter (no
+    padding: :func:`pad_to_crop` pads after normalisation); with ``cat_max_ratio`` < 1 a
+    window dominated by one class (:func:`crop_is_dominated`) is redrawn, at most 10 times.
+
+    As mmseg 0.27's ``RandomCrop`` (mmseg/datasets/pipelines/transforms.py, the
+    ``RandomCrop(crop_size, cat_max_ratio=0.75)`` of OpenGVLab/InternImage
+    segmentation/configs/_base_/datasets/ade20k.py): each draw takes the top offset, then
+    the left one, uniform in [0, max(side - crop, 0)]; the window is checked and redrawn up
+    to 10 times, so when all 10 are dominated the 11th draw is kept unchecked."""
     ch, cw = crop
     h, w = img.shape[-2:]
-    if h < ch or w < cw:  # pad: image with 0 (the mean after normalising), label ignored
-        ph, pw = max(0, ch - h), max(0, cw - w)
-        img = F.pad(img - MEAN, (0, pw, 0, ph)) + MEAN
-        label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
-        h, w = img.shape[-2:]
-    for _ in range(10 if cat_max_ratio < 1 else 1):
-        y, x = random.randint(0, h - ch), random.randint(0, w - cw)
-        if not crop_is_dominated(label[y:y + ch, x:x + cw], cat_max_ratio):
-            break
+
+    def draw() -> tuple[int, int]:
+        return random.randint(0, max(h - ch, 0)), random.randint(0, max(w - cw, 0))
+
+    y, x = draw()
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            if not crop_is_dominated(label[y:y + ch, x:x + cw], cat_max_ratio):
+                break
+            y, x = draw()
     return img[:, y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+def pad_to_crop(img: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]):
+    """A NORMALISED (C, h, w) image padded with 0 and its label with the ignore index, at
+    the bottom and the right, to ``crop`` = (H, W) (every side at most ``crop``'s: a
+    :func:`random_crop` window): mmseg's ``Pad(size=crop_size, pad_val=0,
+    seg_pad_val=255)`` after ``Normalize`` in the released training pipelines
+    (OpenGVLab/InternImage segmentation/configs/_base_/datasets/ade20k.py,
+    cityscapes.py, the Mask2Former configs), mmcv's ``impad`` placing the image at the top
+    left. Padding after the flip and the photometric distortion keeps it at the right and
+    exactly 0 (the mean colour) for the convolutions and BatchNorm, which see it (the loss
+    ignores it); every training item then has the one size the collate stacks."""
+    ph, pw = crop[0] - img.shape[-2], crop[1] - img.shape[-1]
+    if ph < 0 or pw < 0:
+        raise ValueError(f"pad_to_crop: a {tuple(img.shape[-2:])} image is larger than "
+                         f"data.crop_size {tuple(crop)}")
+    if ph == 0 and pw == 0:
+        return img, label
+    return (F.pad(img, (0, pw, 0, ph), value=0.0),
+            F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX))
 
 
 def resize_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
