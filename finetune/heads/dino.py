@@ -5,12 +5,14 @@ three changes. What is kept from libraries and what is written here:
 
 - Kept (transformers ``DeformableDetrModel``): the backbone wrapper (our timm features
   model through ``InternImageBackbone``), input projections + extra stride-2 level,
-  sine position embedding, the 6-layer multi-scale deformable encoder, encoder proposal
+  the 6-layer multi-scale deformable encoder, encoder proposal
   generation, and the decoder layers (self-attention, deformable cross-attention, FFN).
   Kept (transformers' losses): the focal-cost Hungarian matcher (scipy
   ``linear_sum_assignment``), the focal / L1 / GIoU losses, RT-DETR's contrastive
   denoising group builder and its denoising match indices.
 - Written here, because transformers' Deformable DETR lacks them:
+  * the feature maps' sine position embedding as mmdet's (``finetune/heads/common.py``
+    ``SinePositionEmbedding``: no 0.5 offset, float32 under bf16);
   * contrastive denoising (CDN): noised ground-truth queries (positives inside the box-noise
     band, negatives outside it, labels flipped at ``label_noise_ratio / 2``) in dynamic
     groups, concatenated before the matching queries; the self-attention mask keeps the
@@ -66,11 +68,11 @@ from transformers.loss.loss_deformable_detr import (
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrMLPPredictionHead,
     DeformableDetrModel,
-    DeformableDetrSinePositionEmbedding,
     inverse_sigmoid,
 )
 from transformers.models.rt_detr.modeling_rt_detr import get_contrastive_denoising_training_group
 
+from finetune.heads.common import SinePositionEmbedding
 from finetune.heads.dino_criterion import dino_losses
 from finetune.heads.hf_backbone import backbone_config
 from finetune.heads.mask2former import ARCH_KEYS, reset_backbone_init
@@ -162,8 +164,11 @@ class DinoDetector(nn.Module):
         # DINO replaces Deformable DETR's one-off proposal -> query projection by a per-layer
         # positional query (ref_point_head); the unused layers would idle under DDP.
         del self.detr.pos_trans, self.detr.pos_trans_norm
-        self.detr.position_embedding = DeformableDetrSinePositionEmbedding(
-            d // 2, temperature=cfg["pos_temperature"], normalize=True)
+        # mmdet's SinePositionalEncoding(num_feats=d/2, temperature=20, normalize=True) of
+        # the released DINO configs (offset 0; transformers' Deformable DETR one subtracts
+        # 0.5), in float32 whatever the features' dtype; it holds no parameters
+        self.detr.position_embedding = SinePositionEmbedding(
+            d // 2, temperature=cfg["pos_temperature"])
 
         self.query_content = nn.Embedding(self.num_queries, d)          # mixed query selection
         # CDN content: one row per class, as the release's label_embedding (cls_out_channels
@@ -202,8 +207,8 @@ class DinoDetector(nn.Module):
             sources.append(m.input_proj[level](src))
             masks.append(F.interpolate(pixel_mask[None].float(), size=sources[-1].shape[-2:])
                          .bool()[0])
-        pos = [m.position_embedding(shape=s.shape, device=s.device, dtype=s.dtype, mask=k)
-               .to(s.dtype) for s, k in zip(sources, masks)]
+        pos = [m.position_embedding(s.shape, s.device, s.dtype, mask=k)
+               for s, k in zip(sources, masks)]
         shapes_list = [tuple(s.shape[-2:]) for s in sources]
         flat = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
         mask_flat = torch.cat([k.flatten(1) for k in masks], 1)

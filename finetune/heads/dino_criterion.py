@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from transformers.loss.loss_rt_detr import RTDetrLoss
+
+from finetune.heads.common import rank_mean
 
 
 def weighted_terms(criterion, cfg: dict, out: dict, targets: list[dict], indices,
@@ -29,12 +30,7 @@ def weighted_terms(criterion, cfg: dict, out: dict, targets: list[dict], indices
 
 def mean_num_boxes(targets: list[dict], device: torch.device) -> float:
     """Ground-truth boxes per rank, averaged over ranks as DINO does (at least 1)."""
-    num_boxes = torch.tensor(float(sum(len(t["class_labels"]) for t in targets)),
-                             device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num_boxes)
-        num_boxes = num_boxes / dist.get_world_size()
-    return num_boxes.clamp(min=1).item()
+    return rank_mean(sum(len(t["class_labels"]) for t in targets), device)
 
 
 def dino_losses(criterion, matcher: Callable, cfg: dict, logits: torch.Tensor,

@@ -10,8 +10,12 @@ fine-tuning loops need around it:
   per-image binary masks + class ids Mask2Former trains on (one mask per present class,
   the semantic-segmentation recipe of the Mask2Former paper).
 - ``forward(images)`` / ``semantic_scores``: (B, C, H, W) per-class scores at input size
-  (softmax class probabilities x sigmoid masks, summed over queries), so the existing
-  sliding-window / whole-image evaluators use this head unchanged.
+  (softmax class probabilities x sigmoid masks, summed over queries at the masks' 1/4
+  resolution, then resized, as released), so the existing sliding-window / whole-image
+  evaluators use this head unchanged.
+- ``build_mask2former`` swaps two transformers parts for the release's behaviour: the
+  loss normaliser (target masks averaged over all ranks, ``RankMeanMask2FormerLoss``) and
+  the sine position embeddings (computed in float32, ``SinePositionEmbedding``).
 - ``predict_semantic(images, scales=..., flip=...)``: class ids, single- or multi-scale.
 """
 
@@ -23,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from finetune.datasets.base import IGNORE_INDEX
+from finetune.heads.common import SinePositionEmbedding, rank_mean
 from finetune.heads.hf_backbone import backbone_config
 from finetune.heads.seg_inference import multiscale_flip_scores
 from models.intern_image import InternImage
@@ -53,6 +59,26 @@ def semantic_targets(label_maps: torch.Tensor, num_classes: int,
     return mask_labels, class_labels
 
 
+class RankMeanMask2FormerLoss(Mask2FormerLoss):
+    """transformers' Mask2Former loss with the released normaliser of the mask and dice
+    terms: the number of target masks averaged over all ranks, at least 1.
+
+    The released head (OpenGVLab/InternImage segmentation/mmseg_custom/models/decode_heads/
+    mask2former_head.py, ``loss_single``) divides the summed dice loss by
+    ``num_total_masks = max(reduce_mean(num_total_pos), 1)`` and the summed point BCE by
+    that times the number of points. transformers averages over ranks only through
+    ``accelerate``'s state, which these runs do not set up, so each rank divided by its own
+    count: a rank with fewer masks weighted each of them more. The class term is unchanged:
+    both are the per-rank weighted mean cross-entropy (no-object weight ``no_object_weight``),
+    ``sum(w * ce) / sum(w)`` over the rank's queries (mmdet's ``avg_factor =
+    class_weight[labels].sum()`` is torch's weighted mean).
+    """
+
+    def get_num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> float:
+        """Target masks of this rank's batch, averaged over the ranks (at least 1)."""
+        return rank_mean(sum(len(classes) for classes in class_labels), device)
+
+
 class Mask2FormerSegmenter(nn.Module):
     """Training/inference interface around a transformers Mask2Former (see module doc)."""
 
@@ -79,13 +105,22 @@ class Mask2FormerSegmenter(nn.Module):
         return out.loss
 
     def semantic_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, num_classes, H, W) class scores at the input size (one forward pass)."""
+        """(B, num_classes, H, W) class scores at the input size (one forward pass).
+
+        As released (OpenGVLab/InternImage segmentation/mmseg_custom/models/decode_heads/
+        mask2former_head.py ``forward_test`` and segmentors/encoder_decoder_mask2former.py
+        ``encode_decode``): the per-class scores are formed at the mask predictions' 1/4
+        resolution (sigmoid of the mask logits there), then the C-channel map is resized
+        bilinearly (``align_corners=False``) to the input size. Resizing the Q mask logits
+        first would change the scores (the sigmoid does not commute with interpolation)
+        and hold Q full-size maps.
+        """
         out = self.model(pixel_values=images)
         # The last class of Mask2Former's classifier is "no object"; it votes for nothing.
         class_probs = out.class_queries_logits.softmax(-1)[..., :-1]
-        masks = F.interpolate(out.masks_queries_logits, size=images.shape[-2:],
-                              mode="bilinear", align_corners=False).sigmoid()
-        return torch.einsum("bqc,bqhw->bchw", class_probs, masks)
+        scores = torch.einsum("bqc,bqhw->bchw", class_probs, out.masks_queries_logits.sigmoid())
+        return F.interpolate(scores, size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Same as ``semantic_scores``: lets logits-based evaluators use this head."""
@@ -134,7 +169,18 @@ def build_mask2former(backbone: str, num_classes: int, *,
     backbone_kwargs = dict(backbone_kwargs or {})
     config = Mask2FormerConfig(backbone_config=backbone_config(backbone, **backbone_kwargs),
                                num_labels=num_classes, ignore_value=ignore_index, **head_cfg)
-    segmenter = Mask2FormerSegmenter(Mask2FormerForUniversalSegmentation(config), ignore_index)
+    model = Mask2FormerForUniversalSegmentation(config)
+    # mask/dice normaliser over all ranks, as released (see RankMeanMask2FormerLoss); its
+    # only state is the class-weight buffer, rebuilt here with the same name and values
+    model.criterion = RankMeanMask2FormerLoss(config, weight_dict=model.weight_dict)
+    # position embeddings in float32 whatever the features' dtype (bf16 runs collided
+    # neighbouring positions); same formula as transformers' Mask2Former one (mmdet's,
+    # offset 0), no parameters
+    model.model.pixel_level_module.decoder.position_embedding = SinePositionEmbedding(
+        config.feature_size // 2)
+    model.model.transformer_module.position_embedder = SinePositionEmbedding(
+        config.hidden_dim // 2)
+    segmenter = Mask2FormerSegmenter(model, ignore_index)
     reset_backbone_init(segmenter.backbone)
     if init:
         from finetune.init import load_init
