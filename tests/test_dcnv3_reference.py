@@ -326,3 +326,42 @@ def test_auto_on_cpu_compiles_large_layers_and_stays_correct_without_a_compiler(
             out.sum().backward()
     assert calls == [False, False, True]
     assert sum("compiling the fused CPU op failed" in r.message for r in caplog.records) == 1
+
+
+def test_meta_tensors_through_compiled_never_reach_the_compiler(cpu_fused, monkeypatch):
+    """A memory plan on the meta device with ``backend="compiled"`` must not hand meta
+    tensors to the compiler: Inductor cannot build them, and that failure would switch the
+    compiled op off for the rest of the process (every later CPU layer in the reference)."""
+    def no_compiler():
+        raise AssertionError("meta tensors reached the compiler")
+
+    monkeypatch.setattr(cpu_fused, "_compiled_kernels", no_compiler)
+    case = (2, 6, 7, 2, 4, 3, 1, 1, 1, 1.0, 2.0)
+    inputs = [t.to("meta").requires_grad_() for t in _inputs(case, torch.float32)]
+    out = dcnv3(*inputs, **_kw(case), backend="compiled")
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert out.shape == inputs[0].shape  # stride 1, padding 1
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
+    assert not cpu_fused._compile_failed
+
+
+@pytest.mark.slow  # ~15 s: Dynamo traces the fused op's loops
+def test_auto_inside_a_fullgraph_compile_on_cpu_equals_the_reference(cpu_fused):
+    """A user's ``torch.compile(model, fullgraph=True)`` on CPU: a small layer (below
+    COMPILE_MIN_SAMPLES, which outside a compile runs the eager reference) must trace,
+    and give the reference's output and gradients."""
+    case = (2, 6, 7, 2, 4, 3, 1, 1, 1, 1.0, 2.0)
+    x, offset, mask = _inputs(case, torch.float32, seed=14)
+    kw = _kw(case)
+
+    def layer(*leaves):
+        return dcnv3(*leaves, **kw)
+
+    results = []
+    for fn in (torch.compile(layer, fullgraph=True, backend="eager"),
+               lambda *leaves: dcnv3(*leaves, **kw, backend="reference")):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -247,12 +247,19 @@ def dcnv3_compiled(
     padding: int, dilation: int, groups: int, offset_scale: float,
 ) -> torch.Tensor:
     """``dcnv3_fused`` with compiled loops (arguments already validated by
-    ``ops.dcnv3.dcnv3``); the eager reference once compiling has failed."""
+    ``ops.dcnv3.dcnv3``); the eager reference once compiling has failed. Tensors not on
+    the CPU (meta, as in memory probes) and calls inside a caller's ``torch.compile`` take
+    the eager loops: they never reach this module's compiler nor its failure state."""
     params = (kernel_size, stride, padding, dilation, groups, offset_scale)
-    if _compile_failed:
-        return dcnv3_reference(x, offset, mask, *params)
     if torch.compiler.is_compiling():  # inside a caller's torch.compile: it fuses these
         return dcnv3_fused(x, offset, mask, *params)
+    if x.device.type != "cpu":
+        # Only CPU code is compiled here. Meta tensors (the dry-run memory probes of
+        # models/memory.py) would fail in Inductor and switch compiling off for the
+        # process; the eager loops keep the same tensors for backward as compiled ones.
+        return dcnv3_fused(x, offset, mask, *params)
+    if _compile_failed:
+        return dcnv3_reference(x, offset, mask, *params)
     return dcnv3_fused(x, offset, mask, *params, kernels=_FALLBACK)
 
 

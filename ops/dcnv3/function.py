@@ -34,8 +34,11 @@ def _cpu_auto(
     x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_size: int, *params,
 ) -> torch.Tensor:
     """``auto`` on CPU: the compiled fused op for large layers (faster than the released
-    grid_sample fallback, and leaner), the eager reference for small ones (no compile)."""
-    if worth_compiling(x, offset, kernel_size):
+    grid_sample fallback, and leaner), the eager reference for small ones (no compile).
+    Inside a caller's ``torch.compile`` every layer takes the fused op, whose loops that
+    compile traces and fuses: the reference's backward calls ``torch.autograd.grad``,
+    which Dynamo does not trace (``fullgraph=True`` would fail on small layers)."""
+    if torch.compiler.is_compiling() or worth_compiling(x, offset, kernel_size):
         return _BACKENDS["compiled"](x, offset, mask, kernel_size, *params)
     return _BACKENDS["reference"](x, offset, mask, kernel_size, *params)
 
