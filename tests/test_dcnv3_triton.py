@@ -586,3 +586,32 @@ def test_gpu_internimage_h_layer_fp64():
     tensors = _make(case, seed=10)
     _assert_close(_both("triton", case, tensors), _both("reference", case, tensors), 1e-10,
                   "H stage 3")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_skipped_points_weight_is_never_read(backend):
+    """The released kernel samples a point only if -1 < loc < size and never reads the
+    weight of one it skips (dcnv3_im2col_cuda.cuh: the weight is multiplied inside that
+    branch): a NaN or inf weight there leaves output and gradients as a zero weight would."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64, device=DEVICE)
+    offset = torch.randn(2, 5, 6, 2 * 9 * 2, dtype=torch.float64, device=DEVICE)
+    offset[..., 0] = 50.0         # group 0, point 0: x far right of the image: skipped
+    offset[..., 9 * 2 + 9] = -50  # group 1, point 4: y far above: skipped
+    mask = torch.rand(2, 5, 6, 2 * 9, dtype=torch.float64, device=DEVICE)
+    go = torch.randn(2, 5, 6, 8, dtype=torch.float64, device=DEVICE)
+    params = dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=2)
+
+    def run(point_weights):
+        m = mask.clone()
+        m[..., 0], m[..., 9 + 4] = point_weights
+        leaves = [t.clone().requires_grad_() for t in (x, offset, m)]
+        out = dcnv3(*leaves, **params, backend=backend)
+        return (out, *torch.autograd.grad(out, leaves, go))
+
+    want = run((0.0, 0.0))
+    for bad in (float("nan"), float("inf")):
+        got = run((bad, -bad))
+        for name, a, b in zip(("output", "grad_input", "grad_offset", "grad_mask"), got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12,
+                                       msg=lambda m, n=name, v=bad: f"{v} {n}: {m}")

@@ -215,7 +215,7 @@ def _set_pair(tile, c, j, x, y):
 @triton.jit
 def _point_geometry(px, py, n, H, W, pvalid):
     """Corner indices, validity and fractions of one point at locations (px, py) of
-    each row (rows that are not ``pvalid`` sample nothing)."""
+    each row (rows that are not ``pvalid`` sample nothing), and whether it is used."""
     # The released kernel samples a point only if -1 < loc < size on both axes; at
     # exactly -1 zero padding would still give the offset a gradient (from row/column 0).
     used = pvalid & (px > -1.0) & (px < W) & (py > -1.0) & (py < H)
@@ -238,7 +238,7 @@ def _point_geometry(px, py, n, H, W, pvalid):
     vy1 = used & (y0 < H - 1)
     # Pixel index of the top-left corner; int64 because N*H*W*C can exceed 2**31.
     pix00 = ((n * H + y0) * W + x0).to(tl.int64)
-    return pix00, vx0, vx1, vy0, vy1, lx, ly
+    return pix00, vx0, vx1, vy0, vy1, lx, ly, used
 
 
 @triton.jit
@@ -354,7 +354,10 @@ def dcnv3_fwd_kernel(
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         px, py = _point_location(la, lb, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W, pvalid)
+        pix00, vx0, vx1, vy0, vy1, lx, ly, used = _point_geometry(px, py, n, H, W, pvalid)
+        # the released kernel never reads a skipped point's weight: a NaN/inf one must
+        # not reach 0 * weight in the corner sums
+        wk = tl.where(used, wk, 0.0)
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
         base = x_ptr + pix00[:, None] * C + chan
         m00, m01, m10, m11 = _corner_masks(chan0, vx0, vx1, vy0, vy1, FULL)
@@ -442,7 +445,10 @@ def dcnv3_bwd_kernel(
     for k in tl.range(0, K, loop_unroll_factor=1 + (K - 1) * UNROLL):
         wk = _column(w, c, k)
         px, py = _point_location(la, lb, c, k)
-        pix00, vx0, vx1, vy0, vy1, lx, ly = _point_geometry(px, py, n, H, W, pvalid)
+        pix00, vx0, vx1, vy0, vy1, lx, ly, used = _point_geometry(px, py, n, H, W, pvalid)
+        # the released kernel never reads a skipped point's weight: a NaN/inf one must
+        # not reach 0 * weight in the corner sums
+        wk = tl.where(used, wk, 0.0)
         hx = 1.0 - lx
         hy = 1.0 - ly
         a00, a01, a10, a11 = _corner_weights(wk, lx, ly)
