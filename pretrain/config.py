@@ -338,20 +338,33 @@ class PretrainConfig:
                   f"sees, or {TAGS_HINT})")
 
 
-def check_tag_vocab(data: DataConfig | None) -> None:
+def check_tag_vocab(data: DataConfig | None, tag_weight: float = 0.0) -> None:
     """Refuse (``ValueError`` naming ``data.tag_vocab``) a tag vocabulary this machine cannot
-    read: missing, a folder, unreadable, not UTF-8. The trainer and every data worker load
-    it (one tag a line) once the run has started; a missing one ended every rank with a
-    ``FileNotFoundError`` traceback. Called before any compute (`internimage pretrain`, its
-    dry run, and `internimage submit`, which only warns: the compute nodes may see other
-    files). The built-in demo's (``builtin:``, written on first use) is not checked."""
+    read: missing, a folder, unreadable, not UTF-8, and, while the tag term is on
+    (``tag_weight`` > 0), none at all or one without a tag: the term then scores images
+    against zero tags, a loss of exactly 0 that trains nothing, and a run went on for days
+    without a sign. The trainer and every data worker load the file (one tag a line) once
+    the run has started; a missing one ended every rank with a ``FileNotFoundError``
+    traceback. Called before any compute (`internimage pretrain`, its dry run, and
+    `internimage submit`, which only warn: the file may be built after the plan, and the
+    compute nodes may see other files). The built-in demo's (``builtin:``, written on first
+    use) is not checked."""
     path = None if data is None else data.tag_vocab
-    if path is None or path.startswith("builtin:"):
+    if path is None:
+        if tag_weight > 0:
+            raise ValueError(
+                f"data.tag_vocab: not set, while objective.tag_weight is {tag_weight:g}: "
+                f"the tag term would score images against no tags (a loss of 0 that trains "
+                f"nothing); set data.tag_vocab ({TAGS_HINT}) or objective.tag_weight=0")
+        return
+    if path.startswith("builtin:"):
         return
     where = path if os.path.isabs(path) else f"{path} (from {os.getcwd()})"
     try:
         with open(path, encoding="utf-8") as f:
-            f.read()
+            # the vocabulary's own reading rule (pretrain.data.decode.TagVocab.load)
+            tags = [ln for ln in f.read().splitlines()
+                    if ln.strip() and not ln.startswith("#")]
     except FileNotFoundError:
         reason = "not found"
     except IsADirectoryError:
@@ -361,5 +374,8 @@ def check_tag_vocab(data: DataConfig | None) -> None:
     except UnicodeDecodeError:
         reason = "is not UTF-8 text (one tag a line)"
     else:
-        return
+        if tags or tag_weight <= 0:
+            return
+        reason = (f"holds no tag (one a line; '#' starts a comment), while "
+                  f"objective.tag_weight is {tag_weight:g}")
     raise ValueError(f"data.tag_vocab: {where} {reason}; {TAGS_HINT}")

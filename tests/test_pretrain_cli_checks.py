@@ -182,6 +182,29 @@ def test_a_readable_tag_vocab_passes(tmp_path, capsys):
     assert _plan(capsys, ["--gpus", "1", f"data.tag_vocab={vocab}"])["steps"] == 300
 
 
+@pytest.mark.parametrize("vocab", ["unset", "no tags"])
+def test_the_tag_term_without_tags_is_refused_before_any_compute(vocab, tmp_path, capsys):
+    # objective.tag_weight 0.5 (the demo's and the H preset's) with no vocabulary scored the
+    # images against zero tags: loss_tag exactly 0, nothing trained, nothing said
+    from launch.cli import main
+
+    path = tmp_path / "tags.txt"
+    path.write_text("# built later\n\n", encoding="utf-8")
+    key = "data.tag_vocab=null" if vocab == "unset" else f"data.tag_vocab={path}"
+    out = tmp_path / "run"
+    err = _refusal(capsys, ["pretrain", "--output-dir", str(out), key])
+    assert "data.tag_vocab: " in err and "objective.tag_weight is 0.5" in err, err
+    assert "internimage shards tags" in err
+    assert not out.exists()
+    # a plan is made before the vocabulary exists: it warns
+    assert main(["pretrain", "--dry-run", "--output-dir", str(out), key]) == 0
+    assert "internimage pretrain: warning: data.tag_vocab: " in capsys.readouterr().err
+    # without the tag term no vocabulary is needed: no refusal, no warning
+    assert main(["pretrain", "--dry-run", "--output-dir", str(out), key,
+                 "objective.tag_weight=0"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 # -- 3. model.drop_path_rate ----------------------------------------------------------------
 
 @pytest.mark.parametrize("rate", ["1.5", "1.0", "-0.1", ".nan"])

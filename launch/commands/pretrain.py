@@ -86,7 +86,7 @@ def load(args: argparse.Namespace, missing_data: str = "warn",
     check_output_dir(cfg.run.output_dir,
                      "--output-dir" if args.output_dir is not None else "run.output_dir")
     try:
-        check_tag_vocab(cfg.data)
+        check_tag_vocab(cfg.data, cfg.objective.tag_weight)
     except ValueError as err:
         if missing_data != "warn":
             raise ConfigError(str(err)) from None
