@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -215,7 +216,8 @@ class ShardWriteError(RuntimeError):
 
 def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
                  maxcount: int = 10000, maxsize: int = 1_000_000_000,
-                 skip_missing: bool = False, progress: bool = True) -> dict[str, Any]:
+                 skip_missing: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Write one sample per caption row (``jpg|png|webp``, ``txt``, ``json`` with tags and
     the original path) into shards named by ``out_pattern`` (e.g. ``out/data-%06d.tar``);
     write ``manifest.json`` next to them and return it.
@@ -223,16 +225,18 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     Bad input is refused before anything is written, as a ``ValueError`` in one line naming
     its flag (``--images`` not a folder or holding none of the images, ``--captions``
     unusable, see :func:`read_caption_table`, ``--out`` without one number field or not
-    writable). Missing image files raise :class:`MissingImagesError` listing them, unless
-    ``skip_missing`` (then they are left out and counted in the manifest). Images in other
-    formats are stored as PNG (counted, ``transcoded``); a file that is no image the reader
-    could decode is left out, counted by reason (``skipped_unreadable``) and named in a
-    warning: that is only known once it is decoded, while writing, unlike a missing file
-    (see :func:`image_member`). A write that fails part-way or writes no sample raises
-    :class:`ShardWriteError` after removing the shards it began (their tar files are closed
-    on the way out and would look whole) and writes no manifest; any earlier
-    ``manifest.json`` there is removed when the first shard is begun (it no longer
-    describes the folder).
+    writable, or its folder holding shards of the pattern already, unless ``overwrite``:
+    then they are removed first). Missing image files raise :class:`MissingImagesError`
+    listing them, unless ``skip_missing`` (then they are left out and counted in the
+    manifest). Images in other formats are stored as PNG (counted, ``transcoded``); a file
+    that is no image the reader could decode is left out, counted by reason
+    (``skipped_unreadable``) and named in a warning: that is only known once it is decoded,
+    while writing, unlike a missing file (see :func:`image_member`). A write that fails
+    part-way or writes no sample raises :class:`ShardWriteError` after removing the shards
+    it began (their tar files are closed on the way out and would look whole) and writes no
+    manifest; any earlier ``manifest.json`` there is removed when the first shard is begun
+    (it no longer describes the folder); a folder the write created is removed again when it
+    failed.
     """
     import webdataset as wds
     from tqdm import tqdm
@@ -259,6 +263,15 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
         raise MissingImagesError(missing, images_dir)
     missing_set = set(missing)
     out_dir = first.parent
+    old_shards = existing_shards(out_pattern)
+    if old_shards and not overwrite:
+        # written over, they would mix with the new set: those numbered past its last
+        # shard would stay and pass for part of it in a brace pattern or a glob
+        raise ValueError(f"--out {out_pattern!r}: {out_dir} already holds "
+                         f"{len(old_shards)} shard(s) of this pattern (first: "
+                         f"{old_shards[0].name}); remove them, choose another folder, or "
+                         "give --overwrite to replace them")
+    created = _first_missing(out_dir)  # removed again if the write fails
     _check_writable(out_dir, out_pattern)
     closed: list[str] = []  # the shard files written whole, in order
     written = transcoded = 0
@@ -268,6 +281,8 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     row = None
     try:
         (out_dir / "manifest.json").unlink(missing_ok=True)
+        for path in old_shards:  # only with overwrite
+            path.unlink(missing_ok=True)
         with wds.ShardWriter(out_pattern, maxcount=maxcount, maxsize=maxsize, verbose=0,
                              post=closed.append) as sink:
             for row in tqdm(rows, desc="writing shards", unit="img", disable=not progress):
@@ -316,6 +331,7 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
         begun = set(closed) | ({sink.fname} if sink is not None and sink.fname else set())
         for path in [*begun, out_dir / "manifest.json.partial"]:
             Path(path).unlink(missing_ok=True)
+        _remove_empty(out_dir, created)
         if isinstance(err, OSError):
             where = f" at image {row['path']}" if row is not None else ""
             raise ShardWriteError(f"writing shards stopped{where}: {type(err).__name__}: "
@@ -323,6 +339,55 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
                                   "manifest written") from err
         raise
     return manifest
+
+
+def existing_shards(out_pattern: str) -> list[Path]:
+    """The files that ``out_pattern`` names for some shard number, sorted: those in its
+    folder whose name ``out_pattern % n`` gives for a number ``n``."""
+    first = Path(out_pattern % 0)
+    if not first.parent.is_dir():
+        return []
+    name_pattern = Path(out_pattern).name
+    field = re.search(r"%[#0\- +]*\d*(?:\.\d+)?([diouxX])", name_pattern.replace("%%", ""))
+    if field is None:  # the number is in the folder's name: only this folder's one file
+        return [first] if first.is_file() else []
+    base = {"x": 16, "X": 16, "o": 8}.get(field.group(1), 10)
+    found = []
+    for path in first.parent.iterdir():
+        digits = re.findall(r"[0-9a-fA-F]+", path.name)
+        for candidate in digits:
+            try:
+                if name_pattern % int(candidate, base) == path.name:
+                    found.append(path)
+                    break
+            except (TypeError, ValueError):
+                continue
+    return sorted(p for p in found if p.is_file())
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: it
+    exists): what creating ``folder`` makes."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def _remove_empty(folder: Path, created: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``created`` while they are empty (the
+    folders a failed write made and left with nothing in them)."""
+    if created is None:
+        return
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): leave it and what holds it
+            return
+        if path == created:
+            return
 
 
 def _check_writable(out_dir: Path, out_pattern: str) -> None:

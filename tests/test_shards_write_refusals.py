@@ -204,7 +204,7 @@ def test_no_sample_written_is_a_failure_not_an_empty_shard(tmp_path, capsys):
     assert code == 1
     assert _last_line(capsys).startswith("no sample written: none of the 1 caption rows' "
                                         "files is an image the reader can decode")
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder it made is gone again, not left empty
     with pytest.raises(data.shard_writer.ShardWriteError):
         write_shards(folder, captions, str(out / "d-%06d.tar"), progress=False)
 
@@ -225,3 +225,51 @@ def test_a_good_write_still_writes_whole_shards_and_its_manifest(tmp_path, image
     with tarfile.open(out / "d-000001.tar") as tar:
         assert sorted(m.name for m in tar.getmembers()) == [
             "000000003.jpg", "000000003.json", "000000003.txt"]
+
+
+def test_a_folder_holding_shards_of_the_pattern_is_refused_unless_overwrite(
+        tmp_path, images, capsys):
+    """A second write into a folder of 4 one-sample shards wrote 2 shards over the first
+    two and left d-000002/3 of the old set: `out/d-{000000..000003}.tar` read both sets
+    mixed. Refused now (exit 2, one line, nothing touched); ``--overwrite`` removes the old
+    set first, and a folder a failed write created is not left behind."""
+    captions = _csv(tmp_path / "captions.csv")
+    out = tmp_path / "out"
+    argv = ["shards", "write", "--images", str(images), "--captions", str(captions),
+            "--out", str(out / "d-%06d.tar")]
+    assert main([*argv, "--maxcount", "1"]) == 0
+    capsys.readouterr()
+    old = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert len(old) == 5  # 4 shards and the manifest
+
+    assert main([*argv, "--maxcount", "2"]) == 2
+    assert _one_line(capsys) == (
+        f"--out '{out / 'd-%06d.tar'}': {out} already holds 4 shard(s) of this pattern "
+        "(first: d-000000.tar); remove them, choose another folder, or give --overwrite "
+        "to replace them")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    # files that only look like shards of the pattern are not the writer's: they stay
+    (out / "d-notes.tar").write_text("mine")
+    (out / "d-000001.tar.bak").write_text("mine")
+
+    assert main([*argv, "--maxcount", "2", "--overwrite"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == ["d-000000.tar", "d-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "d-000000.tar", "d-000001.tar", "d-000001.tar.bak", "d-notes.tar", "manifest.json"]
+
+
+def test_a_failed_write_removes_the_folders_it_created(tmp_path, images, capsys,
+                                                       monkeypatch):
+    captions = _csv(tmp_path / "captions.csv")
+
+    def failing(file: Path):
+        raise OSError(5, "Input/output error", str(file))
+
+    monkeypatch.setattr(data.shard_writer, "image_member", failing)
+    out = tmp_path / "new" / "nested" / "d-%06d.tar"
+    assert main(["shards", "write", "--images", str(images), "--captions", str(captions),
+                 "--out", str(out)]) == 1
+    assert "removed the 1 shard(s) begun" in _last_line(capsys)
+    assert not (tmp_path / "new").exists()

@@ -36,6 +36,9 @@ def register(sub, name: str) -> None:
     write.add_argument("--maxsize", type=int, default=1_000_000_000, help="bytes per shard")
     write.add_argument("--skip-missing", action="store_true",
                        help="skip rows whose image file is missing (else: error)")
+    write.add_argument("--overwrite", action="store_true",
+                       help="remove the output folder's shards of this pattern first "
+                       "(else: refused)")
     write.set_defaults(func=run_write)
 
     verify = actions.add_parser("verify", help="decode every sample, print a JSON tally",
@@ -93,7 +96,8 @@ def run_write(args: argparse.Namespace) -> int:
         return 2
     try:
         manifest = write_shards(args.images, args.captions, args.out, maxcount=args.maxcount,
-                                maxsize=args.maxsize, skip_missing=args.skip_missing)
+                                maxsize=args.maxsize, skip_missing=args.skip_missing,
+                                overwrite=args.overwrite)
     except (MissingImagesError, ValueError) as err:  # refused before anything was written
         print(f"internimage shards write: {err}", file=sys.stderr)
         return 2
