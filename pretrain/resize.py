@@ -39,11 +39,15 @@ resize re-deals) are read from the checkpoint itself, never copied (pretrain/tra
 DeepSpeed's intermediate fragments (>2 million files for InternImage-H at 512 ranks) are
 written to node-local scratch (``TMPDIR``), never to the run's filesystem, and whatever a
 conversion leaves is deleted in the background, so the other ranks hear rank 0's outcome
-(published, or its refusal) as soon as the conversion ends.
+(published, or its refusal) as soon as the conversion ends. A conversion holds a lock in
+its scratch folder while it lives: the folder of one that was killed (SIGKILL, a node's
+OOM killer, a cancelled job: about the optimizer state's size, 13 GB for InternImage-H) is
+deleted by the next conversion on that node (:func:`_sweep_dead_scratch`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -183,15 +187,55 @@ def _drop_pointer(into: Path, out: Path) -> None:
         pass  # none, or unreadable: nothing of ours to remove
 
 
-def _scratch_folder(ckpt_dir: Path, token: str) -> Path:
+SCRATCH_PREFIX = "internimage-universal-"
+SCRATCH_OWNER = ".owner"  # in a scratch folder: locked (flock) while its conversion lives
+
+
+def _scratch_folder(ckpt_dir: Path, token: str) -> tuple[Path, int]:
     """A new folder of this conversion's own (its ``token`` in the name) for
-    ds_to_universal's fragments, in the node's temporary directory (``TMPDIR``)."""
+    ds_to_universal's fragments, in the node's temporary directory (``TMPDIR``), and the
+    descriptor of its owner file, locked until it is closed (or this process dies)."""
     try:
-        return Path(tempfile.mkdtemp(prefix=f"internimage-universal-{token}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{token}-"))
+        fd = os.open(folder / SCRATCH_OWNER, os.O_CREAT | os.O_WRONLY, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return folder, fd
     except OSError as err:
         raise ResumeError(f"{ckpt_dir}: could not create the universal conversion's "
                           f"scratch folder in {tempfile.gettempdir()} (TMPDIR): {err}; set "
                           "TMPDIR to a writable node-local folder") from None
+
+
+def _sweep_dead_scratch() -> list[Path]:
+    """Queue for deletion (in the background) the scratch folders in ``TMPDIR`` whose
+    conversion is dead: their owner file's lock is free (a lock ends with its process,
+    SIGKILL included). A live conversion's (another job's on a shared ``/tmp``) is kept,
+    as is a folder without an owner file (being created, or not ours). Returns them.
+    Cost: one listing of ``TMPDIR`` and one open per scratch folder, per conversion."""
+    dead = []
+    try:
+        folders = [p for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*")
+                   if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            fd = os.open(folder / SCRATCH_OWNER, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its conversion is running
+            continue
+        else:
+            dead.append(folder)
+        finally:
+            os.close(fd)
+    if dead:
+        log.warning("deleting %d scratch folder(s) of killed universal conversions in %s: "
+                    "%s", len(dead), tempfile.gettempdir(), ", ".join(p.name for p in dead))
+        delete_in_background(dead)
+    return dead
 
 
 def _scratch_full(scratch: Path) -> str:
@@ -272,8 +316,10 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
     start = time.perf_counter()
     published = interrupted = False
     scratch: Path | None = None
+    owner = -1
     try:
-        scratch = _scratch_folder(ckpt_dir, token)
+        _sweep_dead_scratch()
+        scratch, owner = _scratch_folder(ckpt_dir, token)
         # ds_to_universal's own rmtree of the link does nothing (rmtree refuses a
         # symbolic link; it passes ignore_errors=True): the fragments are deleted below
         (tmp / FRAGMENTS).symlink_to(scratch, target_is_directory=True)
@@ -323,6 +369,8 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
             discard(into, [aside] if published else [tmp])
             if scratch is not None:
                 delete_in_background([scratch])
+        if owner >= 0:  # unlocked: an interrupted one's folder is the next one's to sweep
+            os.close(owner)
     log.warning("converted %s to a universal checkpoint in %.1f s (%s)", ckpt_dir,
                 time.perf_counter() - start, out)
     return out

@@ -235,5 +235,42 @@ def test_a_full_scratch_is_named_in_the_refusal(tmp_path, scratch, monkeypatch):
     assert wait_for_deletions(timeout=60)
 
 
+def test_a_killed_conversions_scratch_is_deleted_by_the_next_one_not_a_live_ones(
+        tmp_path, scratch, monkeypatch):
+    """A conversion killed with SIGKILL (a cancelled job, the OOM killer) ran no cleanup:
+    its fragments (the optimizer state's size) stayed in the node's TMPDIR for good. The
+    next conversion on the node deletes them; a live conversion's folder (another job's, on
+    a shared /tmp) and a folder that is not a conversion's stay."""
+    import pretrain.resize as resize
+    from runtime.checkpoint import ResumeError, wait_for_deletions
+
+    code = ("import sys, tempfile, time; from pathlib import Path; "
+            "sys.path.insert(0, sys.argv[1]); tempfile.tempdir = sys.argv[2]; "
+            "import pretrain.resize as r; "
+            "folder, _ = r._scratch_folder(Path('ckpt'), sys.argv[3]); "
+            "(folder / 'fp32.00').write_text('fragment'); print(folder, flush=True); "
+            "time.sleep(600)")
+    procs = {name: subprocess.Popen([sys.executable, "-c", code, str(REPO), str(scratch),
+                                     name], stdout=subprocess.PIPE, text=True)
+             for name in ("killed", "live")}
+    try:
+        folders = {name: Path(proc.stdout.readline().strip()) for name, proc in procs.items()}
+        foreign = scratch / f"{resize.SCRATCH_PREFIX}made-by-hand"
+        foreign.mkdir()
+        procs["killed"].kill()
+        procs["killed"].wait()
+        monkeypatch.setattr(resize, "run_tool", _failing)
+        with pytest.raises(ResumeError):
+            resize.convert_to_universal(_checkpoint(tmp_path / "checkpoints"))
+        assert wait_for_deletions(timeout=60)
+        left = sorted(p.name for p in scratch.iterdir())
+        assert left == sorted([folders["live"].name, foreign.name]), left
+        assert (folders["live"] / "fp32.00").is_file()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
