@@ -254,6 +254,32 @@ def _scratch_full(scratch: Path) -> str:
             "for them")
 
 
+def _check_room(ckpt_dir: Path, scratch: Path, into: Path) -> None:
+    """Refuse (``ResumeError``) a conversion that cannot fit, before it runs (it takes
+    minutes to hours, then failed on a full disk): ds_to_universal writes its fragments
+    into ``scratch`` (TMPDIR), then the universal form into ``into`` (the run's
+    ``checkpoints/``), each about the size of the checkpoint's optimizer files (fp32
+    weights and Adam moments, the ``*_optim_states.pt`` files summed). Free space that
+    cannot be read is not refused (the conversion then tells)."""
+    try:
+        need = sum(f.stat().st_size for f in ckpt_dir.glob("*_optim_states.pt"))
+    except OSError:
+        return
+    for folder, what in ((scratch, "its scratch folder's filesystem (TMPDIR)"),
+                         (into, "the run's checkpoints folder")):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if free < need:
+            raise ResumeError(
+                f"{ckpt_dir}: the universal conversion needs about {need / 2**30:.1f} GiB in "
+                f"{what} {folder if folder is into else folder.parent} (the checkpoint's "
+                f"optimizer state), {free / 2**30:.1f} GiB free; make room"
+                + (" or set TMPDIR to a node-local folder with room" if folder is scratch
+                   else ""))
+
+
 def run_tool(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` (its output captured as text) in a process group of its own, and end
     the whole group once it returns, fails, times out (``subprocess.TimeoutExpired``) or
@@ -323,6 +349,7 @@ def convert_to_universal(ckpt_dir: Path, into: Path | None = None) -> Path:
         # ds_to_universal's own rmtree of the link does nothing (rmtree refuses a
         # symbolic link; it passes ignore_errors=True): the fragments are deleted below
         (tmp / FRAGMENTS).symlink_to(scratch, target_is_directory=True)
+        _check_room(ckpt_dir, scratch, into)
         # its default worker counts: --num_extract_workers 1 with the default merge
         # workers hangs (REFERENCE.md). --inject_missing_state: ZeRO-1/2 checkpoints carry
         # no universal_checkpoint_info unless the model has tensor-parallel metadata (ours

@@ -235,6 +235,41 @@ def test_a_full_scratch_is_named_in_the_refusal(tmp_path, scratch, monkeypatch):
     assert wait_for_deletions(timeout=60)
 
 
+@pytest.mark.parametrize("full", ["scratch", "run"])
+def test_a_conversion_that_cannot_fit_is_refused_before_it_runs(full, tmp_path, scratch,
+                                                                 monkeypatch):
+    """The fragments (in TMPDIR) and the universal form (in the run's checkpoints) are
+    each about the optimizer files' size: a disk without that room failed the conversion
+    only after it had run (hours for H at 512 ranks). Refused at once now, naming where."""
+    import pretrain.resize as resize
+    from runtime.checkpoint import ResumeError, wait_for_deletions
+
+    ckpt = _checkpoint(tmp_path / "checkpoints")
+    os.truncate(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", 3 * 2**30)  # sparse
+    calls = []
+    monkeypatch.setattr(resize, "run_tool", lambda cmd, **kw: calls.append(cmd))
+    real_usage = shutil.disk_usage
+
+    def usage(path):
+        real = real_usage(path)
+        small = (Path(path).is_relative_to(scratch) if full == "scratch"
+                 else not Path(path).is_relative_to(scratch))
+        return type(real)(real.total, real.used, 2**30 if small else 2**40)
+
+    monkeypatch.setattr(resize.shutil, "disk_usage", usage)
+    with pytest.raises(ResumeError) as err:
+        resize.convert_to_universal(ckpt)
+    message = str(err.value)
+    where = (f"its scratch folder's filesystem (TMPDIR) {scratch}" if full == "scratch"
+             else f"the run's checkpoints folder {ckpt.parent}")
+    assert f"needs about 3.0 GiB in {where}" in message, message
+    assert "1.0 GiB free" in message
+    assert calls == []  # ds_to_universal never started
+    assert wait_for_deletions(timeout=60)
+    assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [TAG]
+
+
 def test_a_killed_conversions_scratch_is_deleted_by_the_next_one_not_a_live_ones(
         tmp_path, scratch, monkeypatch):
     """A conversion killed with SIGKILL (a cancelled job, the OOM killer) ran no cleanup:
