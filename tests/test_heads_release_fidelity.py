@@ -121,6 +121,69 @@ def test_mask2former_mask_and_dice_losses_divide_by_the_mean_over_ranks():
     run_file_function(__file__, "_m2f_rank", 2, "x", timeout=240)
 
 
+DN_BOXES_PER_IMAGE = ([1, 2], [20, 30])  # the two ranks' images: 3 and 50 boxes
+
+
+def _dino_rank(_unused: str = "") -> None:
+    """One rank of DINO's denoising normaliser: this rank's images hold
+    DN_BOXES_PER_IMAGE[rank] boxes, so transformers' group builder gives it its own group
+    count (100 denoising queries // its most boxes in one image: 50 and 3). The released
+    head divides the denoising terms by reduce_mean(positive denoising queries) =
+    (3 * 50 + 50 * 3) / 2 = 150 on both ranks; the same collective runs on a rank whose
+    batch has no box (no groups), and then the mean is (0 + 150) / 2."""
+    sys.path.insert(0, str(REPO))
+    import torch.distributed as dist
+    from transformers.models.rt_detr.modeling_rt_detr import (
+        get_contrastive_denoising_training_group,
+    )
+
+    import finetune.heads.dino_criterion as dc
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    seen = []
+
+    def weighted_terms(criterion, cfg, out, targets, indices, num_boxes):
+        seen.append(num_boxes)
+        zero = torch.zeros(())
+        return zero, {"loss_ce": zero, "loss_bbox": zero, "loss_giou": zero}
+
+    dc.weighted_terms = weighted_terms
+    cfg = {"weight_class": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}
+    for step, counts in enumerate((DN_BOXES_PER_IMAGE[rank],
+                                   [0, 0] if rank == 0 else [20, 30])):
+        targets = [{"class_labels": torch.zeros(n, dtype=torch.long),
+                    "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25} for n in counts]
+        meta = None
+        if sum(counts):
+            *_, meta = get_contrastive_denoising_training_group(
+                targets, 80, 900, torch.nn.Embedding(81, 8), num_denoising_queries=100)
+            assert meta["dn_num_group"] == 100 // max(counts)
+        num_dn = meta["dn_num_split"][0] if meta else 0
+        seen.clear()
+        dc.dino_losses(None, lambda out, targets: None, cfg, torch.zeros(2, 2, num_dn + 4, 80),
+                       torch.zeros(2, 2, num_dn + 4, 4), num_dn, {}, meta, targets,
+                       torch.zeros(()))
+        matching_norm = (sum(DN_BOXES_PER_IMAGE[0]) + sum(DN_BOXES_PER_IMAGE[1])) / 2
+        if step == 0:
+            # 2 decoder layers and the encoder: the mean box count; 2 denoising layers: 150
+            assert seen == [matching_norm] * 3 + [150.0] * 2, (rank, seen)
+        elif rank == 1:  # rank 0 has no box this time: (0 + 50 * 3) / 2
+            assert seen[3:] == [75.0, 75.0], (rank, seen)
+        else:
+            assert len(seen) == 3, (rank, seen)  # no denoising queries on this rank
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_dino_denoising_terms_divide_by_the_positive_dn_queries_averaged_over_ranks():
+    from tests.rank_launcher import run_file_function
+
+    run_file_function(__file__, "_dino_rank", 2, "x", timeout=240)
+
+
 class _FixedMask2Former(torch.nn.Module):
     """Stands in for transformers' model: a fixed output at 1/4 of the input size."""
 

@@ -57,9 +57,17 @@ def dino_losses(criterion, matcher: Callable, cfg: dict, logits: torch.Tensor,
             aux = aux + total
     enc_total, _ = weighted_terms(criterion, cfg, enc_out, targets, matcher(enc_out, targets),
                                   num_boxes)
+    # The denoising terms divide by the positive denoising queries (each box once per
+    # group) averaged over the ranks, as released (OpenGVLab/InternImage detection/
+    # mmdet_custom/models/dense_heads/dino_head.py: reduce_mean(num_total_pos) of
+    # get_dn_target). A rank's group count is its own (num_dn_queries // its most boxes
+    # in one image), so the mean box count times this rank's groups was not it. Called
+    # on every rank, also one without boxes (meta None): it is a collective.
+    dn_positives = sum(len(t["class_labels"]) for t in targets) * (
+        meta["dn_num_group"] if meta else 0)
+    dn_norm = rank_mean(dn_positives, zero.device)
     if meta:
         dn_indices = RTDetrLoss.get_cdn_matched_indices(meta, targets)
-        dn_norm = num_boxes * meta["dn_num_group"]
         for i in range(len(logits)):
             out = {"logits": logits[i, :, :num_dn], "pred_boxes": boxes[i, :, :num_dn]}
             dn_total = dn_total + weighted_terms(criterion, cfg, out, targets, dn_indices,
