@@ -356,6 +356,7 @@ def check_data(cfg: DetectionConfig, thorough: bool = True, val_only: bool = Fal
         return
     root = Path(d.root)
     checked = set()
+    categories = {}
     try:
         for _, images, ann in _SPLITS[1:] if val_only else _SPLITS:
             ann_file, image_dir = root / getattr(d, ann), root / getattr(d, images)
@@ -368,13 +369,43 @@ def check_data(cfg: DetectionConfig, thorough: bool = True, val_only: bool = Fal
                                  masks=needs_masks(cfg))
             except ValueError as err:
                 raise ValueError(f"data.{ann}: {err}") from None
+            categories[ann] = (ann_file, {c["id"]: c.get("name") for c in
+                                          data.get("categories", [])})
             checked.add(ann_file.resolve())
             _refuse_missing(f"data.{images}", image_dir, ann_file, names)
+        if not val_only:
+            refuse_other_categories(*categories["train_ann"], *categories["val_ann"])
     except ValueError:
         _PARSED.clear()  # a refused start builds nothing: free the parses
         raise
     for path in set(_PARSED) - checked:  # an earlier check's, that nothing will take now
         del _PARSED[path]
+
+
+def refuse_other_categories(train_file: Path, train: dict[int, object], val_file: Path,
+                            val: dict[int, object]) -> None:
+    """Raise a ``ValueError`` naming ``data.val_ann`` when the two annotation files'
+    categories (id -> name) differ: the classes are the training file's (label i = its
+    i-th category id), while an evaluation maps predicted labels back to category ids with
+    the validation file's list, so a different list scored a class as another one, or
+    failed at the first evaluation. mmdet's ``CocoDataset`` takes one class list for both
+    splits (``get_cat_ids(cat_names=CLASSES)``); here they must simply be the same."""
+    if train == val:
+        return
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    renamed = sorted(c for c in set(train) & set(val) if train[c] != val[c])
+    if only_train:
+        first = f"id {only_train[0]} ({_show(train[only_train[0]])}) is only in {train_file}"
+    elif only_val:
+        first = f"id {only_val[0]} ({_show(val[only_val[0]])}) is only in {val_file}"
+    else:
+        c = renamed[0]
+        first = f"id {c} is {_show(train[c])} in {train_file} but {_show(val[c])} in it"
+    raise ValueError(f"data.val_ann: {val_file} lists other categories than data.train_ann "
+                     f"({len(val)} vs {len(train)}; {first}); the model's classes are the "
+                     "training file's and the evaluation reads its labels back with the "
+                     "validation file's: both must list the same (id, name) categories")
 
 
 def _file_names(data: dict, ann_file: Path) -> list[str]:
@@ -710,9 +741,13 @@ def build_datasets(cfg: DetectionConfig) -> tuple[CocoInstances, CocoInstances]:
         # (finetune.init.start_checks), whose parse of the annotation files is taken below
         check_data_paths(data_paths(cfg))
     paths = _split_files(cfg)
-    return (CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
-                          d.min_size, masks=needs_masks(cfg)),
-            CocoInstances(paths[2], paths[3], False))
+    train = CocoInstances(paths[0], paths[1], True, d.hflip, d.crop_aug, d.filter_empty_gt,
+                          d.min_size, masks=needs_masks(cfg))
+    val = CocoInstances(paths[2], paths[3], False)
+    refuse_other_categories(
+        Path(paths[1]), {c: train.coco.cats[c].get("name") for c in train.cat_ids},
+        Path(paths[3]), {c: val.coco.cats[c].get("name") for c in val.cat_ids})
+    return train, val
 
 
 def build_val_set(cfg: DetectionConfig) -> CocoInstances:

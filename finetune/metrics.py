@@ -14,6 +14,11 @@ from finetune.datasets.base import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# mmdet 2.x CocoDataset.evaluate_det_segm (what the released detection code reports):
+# cocoEval.params.maxDets = list(proposal_nums), (100, 300, 1000). pycocotools' summarize
+# then reports AP at 100 detections and AP50, AP75, APs/m/l at the last, 1000; with its
+# default (1, 10, 100) those were capped at 100 for the presets that output 300.
+COCO_MAX_DETS = [100, 300, 1000]
 
 
 def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm")) -> dict[str, float]:
@@ -41,6 +46,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm")) -> d
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
             coco_dt = coco_gt.loadRes(dets)
             ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.maxDets = list(COCO_MAX_DETS)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()

@@ -190,3 +190,33 @@ def test_masks_are_checked_only_for_a_head_that_reads_them(split, tmp_path):
     assert str(info.value) == (f"data.{split}_ann: {ann}: {total} of {total} annotations "
                                "unusable, first: annotation id 1 (index 0): no segmentation")
     assert not det_data._PARSED
+
+
+@pytest.mark.parametrize("change", ["extra_in_train", "renamed_in_val"])
+def test_train_and_val_files_with_other_categories_are_refused(change, tmp_path):
+    """The classes are the training file's categories (label i = its i-th id); the
+    evaluation maps predicted labels back to ids with the validation file's list. A
+    training file with a category the validation file lacks scored that class as the
+    next one, or crashed (IndexError) at the first evaluation, after an epoch. mmdet's
+    CocoDataset takes one class list for both splits (get_cat_ids(cat_names=CLASSES))."""
+    from finetune import det_data
+
+    root = _coco(tmp_path / "coco")
+    train = root / "annotations" / "instances_train2017.json"
+    val = root / "annotations" / "instances_val2017.json"
+    target, edit = (train, lambda d: d["categories"].append({"id": 7, "name": "dog"})) \
+        if change == "extra_in_train" else \
+        (val, lambda d: d["categories"][0].update(name="something else"))
+    data = json.loads(target.read_text())
+    edit(data)
+    target.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        det_data.check_data(_cfg(root))
+    msg = str(info.value)
+    assert msg.startswith(f"data.val_ann: {val} lists other categories than data.train_ann")
+    assert ("id 7 (\"dog\") is only in " + str(train)) in msg if change == "extra_in_train" \
+        else "but \"something else\" in it" in msg
+    assert not det_data._PARSED
+    # the datasets themselves refuse it too (a start whose checks were skipped)
+    with pytest.raises(ValueError, match="lists other categories"):
+        det_data.build_datasets(_cfg(root))

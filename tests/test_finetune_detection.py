@@ -3,6 +3,8 @@ COCOeval of a perfect prediction is AP 1.0."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -52,6 +54,31 @@ def test_coco_eval_of_perfect_prediction_is_one(cache):
     # a wrong class everywhere scores 0
     wrong = [{**r, "category_id": r["category_id"] % 3 + 1} for r in results]
     assert coco_evaluate(gt, wrong)["bbox_AP"] == pytest.approx(0.0)
+
+
+def test_coco_eval_counts_detections_as_mmdet_does():
+    """mmdet 2.x (the released detection code) evaluates with maxDets (100, 300, 1000):
+    pycocotools' summary reports AP at 100 detections per image, AP50/AP75 and the size
+    APs at 1000. One image of 120 objects found perfectly: AP50 is 1.0 (at pycocotools'
+    default maxDets, 100, it was 0.83), AP itself is taken at 100."""
+    from pycocotools.coco import COCO
+
+    from finetune.metrics import coco_evaluate
+
+    boxes = [[10.0 * (i % 12), 10.0 * (i // 12), 8.0, 8.0] for i in range(120)]
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 200, "height": 200}],
+                  "categories": [{"id": 1, "name": "dot"}],
+                  "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b,
+                                   "area": 64.0, "iscrowd": 0} for i, b in enumerate(boxes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    results = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - i / 1000}
+               for i, b in enumerate(boxes)]
+    scores = coco_evaluate(gt, results, iou_types=("bbox",))
+    assert scores["bbox_AP50"] == pytest.approx(1.0)
+    assert scores["bbox_AP75"] == pytest.approx(1.0)
+    assert scores["bbox_AP"] < 0.9  # 100 of the 120 found
 
 
 DINO = ["head.kind=dino", "head.num_queries=20", "head.decoder_layers=2", "head.ffn_dim=128",
