@@ -517,7 +517,12 @@ class _Deleter:
                     self._queued.add(folder)
                     self._queue.append(folder)
             if self._queue and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="checkpoint-deleter")
+                # daemon=False said outright: a thread takes its creator's flag, and the
+                # SLURM job runs the trainer in a daemon thread (launch/slurm/job.py), where
+                # the exit killed the deleter and left the last pruned checkpoint half
+                # deleted in a finished run for good
+                self._thread = threading.Thread(target=self._run, name="checkpoint-deleter",
+                                                daemon=False)
                 self._thread.start()
 
     def _run(self) -> None:

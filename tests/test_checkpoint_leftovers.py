@@ -170,3 +170,33 @@ def test_pretrain_resume_of_a_finished_run_says_so_and_deletes_leftovers(cache, 
             if not k.startswith("checkpoints/")} == before
     assert not any(p.exists() for p in leftovers)
     assert _names(root) == ["latest", "step_0000002", "zero_to_fp32.py", "zero_to_torch.py"]
+
+
+def test_deletions_queued_from_a_daemon_thread_finish_before_the_process_exits(tmp_path):
+    """The SLURM job runs the trainer in a daemon thread (launch/slurm/job.py); the deletion
+    thread took that flag from its creator, so the process's exit killed it: the checkpoint
+    the last save pruned stayed half deleted in the finished run (a slow deletion stands in
+    for 13 GB on a parallel filesystem)."""
+    import subprocess
+    import sys
+
+    garbage = tmp_path / "deleting.tmp-step_0000002"
+    (garbage / "zero").mkdir(parents=True)
+    for i in range(20):
+        (garbage / "zero" / f"{i}.pt").write_text("x")
+    code = (
+        "import shutil, sys, threading, time\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import runtime.checkpoint as ck\n"
+        "real = shutil.rmtree\n"
+        "def slow(path, *a, **k):\n"
+        "    time.sleep(2)\n"
+        "    real(path, *a, **k)\n"
+        "shutil.rmtree = slow\n"
+        "t = threading.Thread(target=ck.delete_in_background, args=([sys.argv[2]],),\n"
+        "                     daemon=True)\n"
+        "t.start(); t.join()\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ck.__file__).rsplit("/", 2)[0],
+                           str(garbage)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not garbage.exists()
