@@ -235,3 +235,22 @@ def test_a_save_that_overruns_its_bound_is_recorded_as_not_saved(task):
     assert requeued(answers)
     [req] = [r for r in task.records() if r["event"] == "requeue_requested"]
     assert req["saved"] is False and "save_timeout_s=0.2" in req["save_error"]
+
+
+def test_a_record_cut_short_by_a_crash_is_skipped_and_the_next_one_kept(tmp_path, caplog):
+    """A node crash during an append left half a line in slurm_jobs.jsonl: every later
+    start of the job failed (JSONDecodeError in timeout_count), requeues included, and the
+    next append would have been glued to the half line."""
+    from launch.slurm.environment import JOBS_FILE, TaskInfo, read_records, record, timeout_count
+
+    info = TaskInfo(job_id="77", rank=0, local_rank=0, world_size=8, master="n1:29500",
+                    cluster="slurm")
+    record(tmp_path, "requeue_requested", info, timed_out=True)
+    with (tmp_path / JOBS_FILE).open("a") as f:
+        f.write('{"event": "requeue_requested", "job_id": "77", "timed_')  # the crash
+    with caplog.at_level(logging.WARNING):
+        assert timeout_count(tmp_path, "77") == 1
+    assert "skipped 1 line(s)" in caplog.text
+    record(tmp_path, "requeue_requested", info, timed_out=True)
+    assert [r["event"] for r in read_records(tmp_path)] == ["requeue_requested"] * 2
+    assert timeout_count(tmp_path, "77") == 2

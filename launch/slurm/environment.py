@@ -68,11 +68,30 @@ def export_distributed_env(cpus_per_task: int) -> TaskInfo:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's job records (one JSON line per job start, requeue request, give-up)."""
+    """The run's job records (one JSON line per job start, requeue request, give-up).
+
+    A line that does not parse (cut short by a node crash during an append) is skipped
+    with a warning: it failed every later start of the job, requeues included."""
     path = run_dir / JOBS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            records.append(row)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: skipped %d line(s) that are no JSON record (cut short by a "
+                    "crash?)", path, bad)
+    return records
 
 
 def restart_count(run_dir: Path, info: TaskInfo) -> int:
@@ -150,5 +169,14 @@ def record(run_dir: Path, event: str, info: TaskInfo, **extra: Any) -> None:
     row = {"event": event, "job_id": info.job_id, "cluster": info.cluster,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time(),
            "host": socket.gethostname(), "world_size": info.world_size, **extra}
-    with (run_dir / JOBS_FILE).open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    path = run_dir / JOBS_FILE
+    try:  # a line cut short by a crash would swallow this one: start on a new line
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+    except OSError:  # no file yet, or empty (nothing to seek back over)
+        pass
+    with path.open("a") as f:
+        f.write(line)
