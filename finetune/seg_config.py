@@ -115,7 +115,14 @@ class SegEvalConfig:
 
     def __post_init__(self) -> None:
         check(self.mode in ("slide", "whole"), "eval.mode", "must be slide|whole")
+        check(min(self.crop) >= 1, "eval.crop", "must be >= 1")
         check(min(self.stride) >= 1, "eval.stride", "must be >= 1")
+        # windows further apart than their size leave pixels no window scores: their
+        # logits were 0/0 (NaN), argmax'ed to class 0 into the mIoU (mmseg's slide
+        # inference asserts every pixel is covered: count_mat == 0 nowhere)
+        check(self.mode != "slide" or all(s <= c for s, c in zip(self.stride, self.crop)),
+              "eval.stride", f"{list(self.stride)} must be <= eval.crop {list(self.crop)} "
+              "on each side (windows further apart leave pixels unscored)")
         check(self.size_divisor >= 0, "eval.size_divisor", "must be >= 0")
 
 

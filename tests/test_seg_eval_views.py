@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +138,23 @@ def test_ade20k_ms_preset_ratios_give_the_released_scales():
     assert [(int(long * r), int(short * r)) for r in cfg.head.test_scales] == [
         (int(3584 * n / 896.), int(896 * n / 896.)) for n in (768, 832, 896, 960, 1024)] == [
         (3072, 768), (3328, 832), (3584, 896), (3840, 960), (4096, 1024)]
+
+
+def test_slide_windows_further_apart_than_their_size_are_refused():
+    """eval.stride 100 with eval.crop 80 left a 20-pixel band between windows that no
+    window scored: its logits were 0/0 (NaN), argmax'ed to class 0 into the mIoU. mmseg's
+    slide inference asserts that every pixel is covered (count_mat == 0 nowhere); the
+    config refuses it, naming the key."""
+    from finetune.seg_config import SegEvalConfig
+    from finetune.seg_eval import slide_logits
+
+    with pytest.raises(ValueError, match=r"eval.stride.*\[100, 100\] must be <= eval.crop"):
+        SegEvalConfig(mode="slide", crop=(80, 80), stride=(100, 100))
+    with pytest.raises(ValueError, match="eval.crop"):
+        SegEvalConfig(mode="slide", crop=(0, 80), stride=(1, 1))
+    SegEvalConfig(mode="whole", crop=(80, 80), stride=(100, 100))  # whole: not used
+    # at the bound every pixel is scored: no NaN
+    cfg = SegEvalConfig(mode="slide", crop=(80, 80), stride=(80, 80))
+    logits = slide_logits(lambda x: x[:, :3], torch.randn(1, 3, 200, 170), 3, cfg.crop,
+                          cfg.stride)
+    assert not torch.isnan(logits).any()
