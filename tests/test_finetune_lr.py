@@ -167,6 +167,29 @@ def test_each_group_trains_at_base_lr_times_schedule_times_released_scale(path: 
                 f"released rule gives {want:.3e} (scale {scale:.3e})")
 
 
+SEG_PRESETS = [p for p in PRESETS if p.stem.startswith("seg_")]
+
+
+@pytest.mark.parametrize("path", SEG_PRESETS, ids=lambda p: p.stem)
+def test_segmentation_warm_up_scales_the_poly_lr_as_mmcv(path: Path):
+    """mmcv 1.x LrUpdaterHook.get_warmup_lr (linear), what the released segmentation
+    configs run (warmup='linear', warmup_iters=1500, warmup_ratio=1e-6, policy='poly'):
+    ``regular_lr * (1 - (1 - t / W) * (1 - warmup_ratio))``, ``regular_lr`` the poly lr of
+    the same iteration. timm's warm-up ramps to the base lr instead: 1.9% above at the last
+    warm-up step of an 80k schedule, then a drop."""
+    cfg, model, opt, sched, warmup = _build(path)
+    assert warmup > 1
+    o = cfg.optim
+    head = next(iter(_lr_of(opt)))  # any group: its lr_scale multiplies both alike
+    scale = next(g.get("lr_scale", 1.0) for g in opt.param_groups
+                 if any(id(p) == head for p in g["params"]))
+    for t in (0, warmup // 2, warmup - 1, warmup):
+        sched.step_update(t)
+        regular = o.min_lr + (o.lr - o.min_lr) * (1 - t / STEPS) ** cfg.poly_power
+        factor = 1 - (1 - t / warmup) * (1 - o.warmup_ratio) if t < warmup else 1.0
+        assert _lr_of(opt)[head] == pytest.approx(scale * regular * factor, rel=1e-9), t
+
+
 def test_cls_h_224_layer_decayed_groups_decay_to_the_released_absolute_min_lr():
     """The released internimage_h_jointto1k_224.yaml (OpenGVLab/InternImage commit 3ba75d4,
     classification/configs/; BASE_LR 3e-5, MIN_LR 3e-7 per 512 images, LR_LAYER_DECAY_RATIO
