@@ -34,9 +34,23 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    """Conv (no bias) -> BatchNorm -> ReLU, the unit every UperNet branch is made of."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    """Conv (no bias) -> BatchNorm -> ReLU, the unit every UperNet branch is made of, the
+    conv initialised as mmcv's ``ConvModule`` does on construction (``kaiming_init``:
+    normal, ``mode='fan_out'``, ReLU gain; the released heads are built of them)."""
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def pixel_classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 per-pixel classifier, initialised as mmseg 0.x's ``BaseDecodeHead.conv_seg``
+    (``init_cfg=dict(type='Normal', std=0.01, override=dict(name='conv_seg'))``: weights
+    N(0, 0.01), bias 0) rather than torch's default (uniform, std ~0.026 at 512 inputs,
+    and a random bias per class)."""
+    classifier = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    return classifier
 
 
 class PyramidPooling(nn.Module):
@@ -68,7 +82,7 @@ class UperNetHead(nn.Module):
                                      for _ in in_channels[:-1])
         self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = pixel_classifier(channels, num_classes)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         laterals = [lat(f) for lat, f in zip(self.lateral, feats[:-1])]
@@ -91,7 +105,7 @@ class FCNAuxHead(nn.Module):
         super().__init__()
         self.conv = conv_bn_relu(in_channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = pixel_classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.conv(x)))

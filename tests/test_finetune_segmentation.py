@@ -438,3 +438,24 @@ def test_a_one_image_upernet_batch_is_refused_at_the_start(cache, tmp_path, caps
     assert err[-1].startswith("internimage finetune: ") and "Traceback" not in "\n".join(err)
     assert "run.batch_size=1" in err[-1] and "run.batch_size >= 2" in err[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_upernet_heads_start_from_mmsegs_initialisation():
+    """mmseg 0.x, which the released UperNet recipes run: the classifier (conv_seg) is
+    N(0, 0.01) with bias 0 (BaseDecodeHead's init_cfg Normal std=0.01 override conv_seg),
+    each conv of a ConvModule kaiming-normal with mode fan_out (mmcv's ConvModule runs
+    kaiming_init on construction). torch's defaults gave the classifier std ~0.026 and a
+    random bias per class."""
+    import math
+
+    from finetune.upernet import FCNAuxHead, UperNetHead
+
+    torch.manual_seed(0)
+    head = UperNetHead([64, 128, 256, 512], num_classes=150, channels=512)
+    aux = FCNAuxHead(256, num_classes=150)
+    for classifier in (head.classifier, aux.classifier):
+        assert torch.equal(classifier.bias, torch.zeros(150))
+        assert classifier.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    for conv, fan_out in ((head.fuse[0], 512 * 9), (head.lateral[0][0], 512),
+                          (head.ppm.bottleneck[0], 512 * 9), (aux.conv[0], 256 * 9)):
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
