@@ -17,6 +17,7 @@ from models.memory import (  # noqa: F401 - re-exported: pretrain.plan and users
     largest_layer_params,
     measure_saved_bytes,
 )
+from runtime.ds_config import reduce_bytes
 from runtime.memory import model_state_bytes
 
 
@@ -83,13 +84,16 @@ def measure_text_activation_bytes(text: nn.Module, batch: int, context_length: i
     return plain
 
 
-def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int) -> dict[str, int]:
+def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int,
+                       bucket_bytes: int | None = None) -> dict[str, int]:
     """GPU bytes ZeRO-3 holds beyond DeepSpeed's model-state estimate, for ``params``
     parameters and the run's ``zero_optimization`` settings (DeepSpeed's defaults where
     unset), in the 16-bit dtype's ``dtype_bytes``:
 
-    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements,
-      allocated whole at start-up when ``contiguous_gradients`` is on (its default);
+    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements of
+      the reduction's dtype (``bucket_bytes`` each, default ``dtype_bytes``; fp32 under bf16:
+      :func:`runtime.ds_config.reduce_bytes`), allocated whole at start-up when
+      ``contiguous_gradients`` is on (its default);
     - ``live_parameters``: gathered parameters. DeepSpeed 0.19.8 keeps every parameter it
       gathers in the forward gathered until the backward reaches it (measured on 2 ranks,
       with and without activation checkpointing, whatever ``stage3_max_reuse_distance``
@@ -100,7 +104,8 @@ def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int) -> dict
 
     zc = DeepSpeedZeroConfig(**zero_config)
     bucket = zc.reduce_bucket_size if zc.contiguous_gradients else 0
-    return {"reduce_bucket": int(bucket * dtype_bytes), "live_parameters": params * dtype_bytes}
+    bucket_bytes = dtype_bytes if bucket_bytes is None else bucket_bytes
+    return {"reduce_bucket": int(bucket * bucket_bytes), "live_parameters": params * dtype_bytes}
 
 
 def build_bytes_per_rank(params: int, largest_layer_params: int, ranks: int, zero_init: bool,
@@ -146,8 +151,9 @@ def estimate(
     gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
                                  zero_init)
     # DeepSpeed's defaults (our pre-training config leaves the reduce bucket at its default)
-    buffers = (zero3_buffer_bytes(params, {"stage": 3}, dtype.itemsize) if zero_stage == 3
-               else {"reduce_bucket": 0, "live_parameters": 0})
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    buffers = (zero3_buffer_bytes(params, {"stage": 3}, dtype.itemsize, reduce_bytes(precision))
+               if zero_stage == 3 else {"reduce_bucket": 0, "live_parameters": 0})
     per_node = min(gpus, gpus_per_node)
     act_plain, act_cp = measure_activation_bytes(model, batch_per_gpu, image_size, dtype)
     return MemoryEstimate(

@@ -16,6 +16,7 @@ from pretrain.estimate import (
     measure_text_activation_bytes,
     zero3_buffer_bytes,
 )
+from runtime.ds_config import reduce_bytes
 from runtime.memory import model_state_bytes
 
 
@@ -110,8 +111,9 @@ def memory_bytes(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int = 8) 
                                                eng.zero_stage, eng.offload_optimizer, zero_init)
     buffers = {"reduce_bucket": 0, "live_parameters": 0}
     if eng.zero_stage == 3:
-        zero_config = deepspeed_config(cfg, cfg.data.batch_size)["zero_optimization"]
-        buffers = zero3_buffer_bytes(params, zero_config, dtype.itemsize)
+        ds = deepspeed_config(cfg, cfg.data.batch_size)
+        buffers = zero3_buffer_bytes(params, ds["zero_optimization"], dtype.itemsize,
+                                     reduce_bytes(eng.precision, ds))
     # the probes move the model to dtype on the meta device: after the counts above
     plain, ckpt = measure_activation_bytes(model.visual, cfg.data.batch_size,
                                            cfg.data.image_size, dtype)

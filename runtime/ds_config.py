@@ -22,6 +22,18 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the dtype gradients are reduced across ranks in, per run precision (DeepSpeed's
+# communication_data_type; fp16 keeps DeepSpeed's own, scaled by the loss scale)
+REDUCE_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16"}
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def reduce_bytes(precision: str, config: dict[str, Any] | None = None) -> int:
+    """Bytes per element of the gradients reduced across ranks, the element size of
+    ZeRO-3's reduce bucket: a DeepSpeed ``config``'s ``communication_data_type`` where it
+    has one (a user's JSON may set it), else this ``precision``'s (``REDUCE_DTYPES``)."""
+    name = (config or {}).get("communication_data_type") or REDUCE_DTYPES[precision]
+    return _BYTES[str(name).lower()]
 
 
 @dataclass(frozen=True)
@@ -117,12 +129,25 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    # Gradients are reduced across ranks in fp32 under bf16 (DeepSpeed's default for bf16
+    # is bf16: 8 significant bits, rounded at every step of the reduction over hundreds of
+    # ranks; Megatron-LM reduces bf16 runs' gradients in fp32 too,
+    # --accumulate-allreduce-grads-in-fp32). Twice the gradient traffic and reduce bucket.
+    config["communication_data_type"] = REDUCE_DTYPES[spec.precision]
     if spec.precision != "fp32":
         # DeepSpeed casts parameters to 16 bits but leaves buffers as built (fp32) unless
         # told otherwise: a BatchNorm then meets 16-bit weights and the first forward fails
         # ("expected scalar type BFloat16 but found Float"). Every floating buffer follows
         # the parameters' dtype (DeepSpeed's data_types config).
         config["data_types"] = {"buffer_dtype": spec.precision}
+        if spec.precision == "bf16" and spec.zero_stage == 3:
+            # ZeRO-3 casts the reduced gradient to its accumulation dtype (the model's,
+            # bf16, unless set): the fp32 reduction above would be rounded right after it
+            # (deepspeed/runtime/zero/stage3.py __avg_scatter_*grads). fp32 partitions cost
+            # 4 bytes per parameter / ranks. Not for stages 1-2: there DeepSpeed takes bf16
+            # weights with fp32 accumulation as a different optimizer (BF16_Optimizer, its
+            # own checkpoint files); they keep one rounding after the fp32 reduction.
+            config["data_types"]["grad_accum_dtype"] = "fp32"
     if spec.offload_optimizer:
         opt = spec.offload_adamw
         config["optimizer"] = {"type": "AdamW", "params": {

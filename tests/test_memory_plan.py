@@ -74,8 +74,9 @@ def test_zero3_plan_counts_reduce_bucket_and_gathered_parameters(tmp_path):
     mem, info = _plan()
     gpu = mem["gpu"]
     # DeepSpeed's docs: reduce_bucket_size defaults to 5e8 elements; the bucket is in the
-    # 16-bit communication dtype (bf16: 2 bytes).
-    assert gpu["reduce_bucket"] == 5e8 * 2
+    # communication dtype (deepspeed/runtime/zero/stage3.py: ipg_buckets keyed by it), fp32
+    # under bf16 (runtime/ds_config.py REDUCE_DTYPES): 4 bytes
+    assert gpu["reduce_bucket"] == 5e8 * 4
     # measured in tests/test_zero_init.py: every parameter gathered at the forward's end
     assert gpu["live_parameters"] == 2 * info["params"]
     assert gpu["text_tower_activations"] > 0
@@ -84,7 +85,10 @@ def test_zero3_plan_counts_reduce_bucket_and_gathered_parameters(tmp_path):
     override = tmp_path / "ds.json"
     override.write_text('{"zero_optimization": {"reduce_bucket_size": 1e8}}')
     mem2, _ = _plan(f"engine.deepspeed_config={override}")
-    assert mem2["gpu"]["reduce_bucket"] == 1e8 * 2
+    assert mem2["gpu"]["reduce_bucket"] == 1e8 * 4
+    override.write_text('{"communication_data_type": "bf16"}')  # a user's choice: 2 bytes
+    mem3, _ = _plan(f"engine.deepspeed_config={override}")
+    assert mem3["gpu"]["reduce_bucket"] == 5e8 * 2
 
 
 @pytest.mark.parametrize("stage, zero_init, device", [(3, True, "gpu"), (2, False, "host")])

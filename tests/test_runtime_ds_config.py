@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 deepspeed_config_mod = pytest.importorskip("deepspeed.runtime.config")
 
@@ -34,6 +35,10 @@ def test_every_stage_and_precision_reaches_the_engine(stage, precision):
     assert (ds.bfloat16_config.enabled, ds.float16_config.enabled) == (
         precision == "bf16", precision == "fp16")
     assert ds.buffer_dtype == (None if precision == "fp32" else precision)
+    # gradients are reduced across ranks in fp32 under bf16 (DeepSpeed's default there is
+    # bf16; Megatron-LM --accumulate-allreduce-grads-in-fp32), fp16 keeps fp16
+    want = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float16}[precision]
+    assert ds.communication_data_type == want
 
 
 def test_user_json_overrides_key_by_key_and_errors_name_the_key(tmp_path):
@@ -70,3 +75,41 @@ def test_classification_bf16_casts_buffers_and_names_its_json_key(tmp_path):
     cfg.run.deepspeed_config = str(bad)
     with pytest.raises(ValueError, match="run.deepspeed_config"):
         deepspeed_config(cfg)
+
+
+def _bf16_reduce_rank(_unused: str = "") -> None:
+    """One of 2 ranks of a ZeRO-3 bf16 engine of one weight w (loss = w * x): rank 0's
+    gradient is 1, rank 1's 2**-9, both exact in bf16. Their mean, 0.5 + 2**-10, needs 11
+    significant bits: reduced in bf16 (8 bits) it rounds to 0.5, in fp32 it is exact."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from torch import nn
+
+    from runtime.dist import init_distributed
+    from runtime.ds_config import DeepSpeedSpec, deepspeed_config
+
+    info = init_distributed()
+    net = nn.Linear(1, 1, bias=False)
+    engine, *_ = deepspeed.initialize(
+        model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+        config=deepspeed_config(DeepSpeedSpec(micro_batch=1, zero_stage=3, precision="bf16")),
+        dist_init_required=False)
+    x = torch.tensor([[1.0 if info.rank == 0 else 2.0**-9]], dtype=torch.bfloat16)
+    engine.backward(engine(x).float().sum())
+    grad = safe_get_full_grad(engine.module.weight)
+    assert grad.dtype == torch.float32
+    assert grad.item() == 0.5 + 2.0**-10, grad.item()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_bf16_gradients_are_averaged_across_ranks_in_fp32():
+    from tests.rank_launcher import run_file_function
+
+    run_file_function(__file__, "_bf16_reduce_rank", 2, "x", timeout=300)
