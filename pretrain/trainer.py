@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from data.preflight import check_sources_readable
+from data.stats import count_slots, from_slots, to_slots
 from models.checkpoint import CheckpointError
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
@@ -65,6 +66,7 @@ from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import (
     DistInfo,
     all_gather_objects,
+    all_reduce_sum,
     any_rank,
     gather_objects,
     init_distributed,
@@ -348,12 +350,12 @@ class Trainer:
         return engine_layout(self.cfg.engine.zero_stage, self.cfg.engine.precision)
 
     def _save(self) -> Path:
-        # rank 0 alone writes the shared state: only it needs every rank's counts
-        per_rank_stats = gather_objects(self.loader.stats.to_dict()) or []
+        # rank 0 alone writes the shared state (the others' copy is not used)
+        merged = self._merged_stats() or {}
         shared = {"step": self.step, "world_size": self.info.world_size,
                   "global_batch": self.batch, "samples_done": self.samples,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
-                  "samples_seen": _merge_counts([s.get("samples", {}) for s in per_rank_stats]),
+                  "samples_seen": merged.get("samples", {}),
                   "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time(),
                   "engine": self._engine_layout()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
@@ -402,14 +404,30 @@ class Trainer:
         return evaluate(self.engine, self.loader.tokenizer, zs, self.cfg.data, self.info.rank,
                         self.info.world_size, self.info.device, self.dtype)
 
+    def _merged_stats(self) -> dict[str, Any] | None:
+        """Every rank's data totals summed, on rank 0; None on the others. A collective.
+
+        One all-reduce of the totals as a vector of fixed slots (data.stats.count_slots:
+        ~60 numbers; an all-gather of the dicts would hand each of N ranks all N counts,
+        N^2 x ~750 bytes, and a gather to rank 0 is point-to-point under NCCL, connecting
+        it to every rank). A total outside the slots (a name the list lacks) on any rank
+        makes every rank take the gather instead, so nothing is dropped."""
+        slots = count_slots([source.name for source in self.cfg.data.sources])
+        values = to_slots(self.loader.stats.to_dict(), slots)
+        vector = torch.tensor([*(values or [0.0] * len(slots)), float(values is None)],
+                              dtype=torch.float64, device=self.info.device)
+        all_reduce_sum(vector, self.info)
+        if vector[-1].item() == 0:
+            return from_slots(vector[:-1].tolist(), slots) if self.info.is_main else None
+        per_rank = gather_objects(self.loader.stats.to_dict())
+        return None if per_rank is None else _merge_counts(per_rank)
+
     def _data_stats(self) -> dict[str, Any]:
         """The data statistics of every rank merged, on rank 0 (which writes the record);
-        {} on the others. Gathered to one rank: an all-gather would hand each of N ranks
-        all N counts at every log step (N^2 x ~750 bytes: 0.2 GB at 512 ranks)."""
-        per_rank = gather_objects(self.loader.stats.to_dict())
-        if per_rank is None:
+        {} on the others."""
+        merged = self._merged_stats()
+        if merged is None:
             return {}
-        merged = _merge_counts(per_rank)
         samples = merged.get("samples", {})
         total = sum(samples.values()) or 1
         return {"skipped": merged.get("skipped", {}),
