@@ -66,10 +66,10 @@ from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import (
     DistInfo,
     all_gather_objects,
-    all_reduce_sum,
     any_rank,
     gather_objects,
     init_distributed,
+    sum_over_ranks,
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger, records_at
@@ -413,12 +413,9 @@ class Trainer:
         it to every rank). A total outside the slots (a name the list lacks) on any rank
         makes every rank take the gather instead, so nothing is dropped."""
         slots = count_slots([source.name for source in self.cfg.data.sources])
-        values = to_slots(self.loader.stats.to_dict(), slots)
-        vector = torch.tensor([*(values or [0.0] * len(slots)), float(values is None)],
-                              dtype=torch.float64, device=self.info.device)
-        all_reduce_sum(vector, self.info)
-        if vector[-1].item() == 0:
-            return from_slots(vector[:-1].tolist(), slots) if self.info.is_main else None
+        summed = sum_over_ranks(to_slots(self.loader.stats.to_dict(), slots), len(slots))
+        if summed is not None:
+            return from_slots(summed, slots) if self.info.is_main else None
         per_rank = gather_objects(self.loader.stats.to_dict())
         return None if per_rank is None else _merge_counts(per_rank)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -366,6 +367,36 @@ def gather_objects(obj, dst: int = 0) -> list | None:
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def global_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if _process_group_up() else 0
+
+
+def sum_over_ranks(values: Sequence[float] | None, length: int) -> list[float] | None:
+    """Each rank's ``length`` numbers summed over the ranks (float64), on every rank: one
+    all-reduce of ``length + 1`` numbers (under NCCL on the current CUDA device, as
+    :func:`init_distributed` sets it). None on every rank when any rank passed None
+    (it holds a count the caller's fixed slots lack: the caller then gathers instead).
+
+    For counts rank 0 logs or saves: a :func:`gather_objects` of each rank's dict is,
+    under NCCL, point-to-point, and connects rank 0 to every other rank, with GPU buffers
+    kept per peer (NVIDIA/nccl#1685), at each logged step and checkpoint."""
+    import torch.distributed as dist
+
+    if values is not None and len(values) != length:
+        raise ValueError(f"sum_over_ranks: {len(values)} values for {length} slots")
+    vector = torch.tensor([*(values if values is not None else [0.0] * length),
+                           float(values is None)], dtype=torch.float64)
+    if _process_group_up():
+        if dist.get_backend() == "nccl":
+            vector = vector.cuda()
+        dist.all_reduce(vector)
+    summed = vector.tolist()
+    return None if summed[-1] else summed[:-1]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -43,3 +43,31 @@ def test_a_name_outside_the_slots_is_noticed():
     assert to_slots(_rank({"other_source": 1}, {}, {}), slots) is None
     assert to_slots(_rank({}, {}, {"a_new_event": 1}), slots) is None
     assert to_slots(_rank({}, {"laion400m": {"a_new_reason": 1}}, {}), slots) is None
+
+
+def _sum_rank(_unused: str = "") -> None:
+    """One of 2 gloo ranks: the sum on every rank; None on every rank when one rank
+    holds a count outside the slots."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch.distributed as dist
+
+    from runtime.dist import global_rank, sum_over_ranks
+
+    dist.init_process_group("gloo")
+    rank = global_rank()
+    assert rank == dist.get_rank()
+    assert sum_over_ranks([1.0 + rank, 2.5 * rank, 2.0**40], 3) == [3.0, 2.5, 2.0**41]
+    assert sum_over_ranks(None if rank == 1 else [1.0, 2.0, 3.0], 3) is None
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_sum_over_ranks_on_two_ranks():
+    from tests.rank_launcher import run_file_function
+
+    run_file_function(__file__, "_sum_rank", 2, "x", timeout=120)
