@@ -461,7 +461,11 @@ def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
     tmp = _temporary(dst)
     try:
         if fmt == "official":
-            torch.save(out, tmp)
+            # under 'model', as every released classification loader reads it
+            # (classification/utils.py load_checkpoint, export.py, huggingface/convert.py:
+            # checkpoint['model']); load_pretrained and the det/seg backbones' init_weights
+            # take it too (they unwrap 'model' or 'state_dict', else the plain dict)
+            torch.save({"model": out}, tmp)
         else:
             from safetensors.torch import save_file
 

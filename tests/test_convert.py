@@ -121,9 +121,14 @@ def test_zero3_round_trip(zero_run, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_pooled(ref["x"]), ref["pooled"])
 
-    # official layout: a plain .pth that models.load_pretrained takes strictly
+    # official layout: the state dict under 'model', as the released classification code
+    # reads it (classification/utils.py load_checkpoint: checkpoint['model'], then
+    # model.load_state_dict; also export.py and huggingface/convert.py), and
+    # models.load_pretrained takes it strictly
     official = tmp_path / "backbone.pth"
     convert(zero_run / "checkpoints" / "step_0000001", official, fmt="official", dtype="bf16")
+    released_read = torch.load(official, map_location="cpu")["model"]
+    assert set(released_read) == set(_tiny().state_dict())
     fresh = _tiny().eval()
     load_pretrained(fresh, official, strict=True)
     backbone, _ = read_backbone(official)

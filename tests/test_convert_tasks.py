@@ -115,7 +115,7 @@ def test_a_dense_run_converts_to_the_released_backbone_and_its_head(runs, name, 
     official = tmp_path / "backbone.pth"
     assert main(["convert", str(run), str(official), "--format", "official"]) == 0
     assert "head left out" in capsys.readouterr().out
-    _assert_equal(torch.load(official, weights_only=True), trunk, "official")
+    _assert_equal(torch.load(official, weights_only=True)["model"], trunk, "official")
     fresh = _fresh_trunk()
     load_pretrained(fresh, official, strict=True)  # as other InternImage code loads it
     _assert_equal(fresh.state_dict(), trunk, "loaded")
@@ -203,7 +203,7 @@ def test_a_converted_task_file_keeps_its_head_aside_and_inits_the_trunk(runs, tm
     official = tmp_path / "backbone.pth"
     convert(first, official, fmt="official")
     trunk = _trunk(runs["upernet"], "model.backbone.")
-    _assert_equal(torch.load(official, weights_only=True), trunk, "official")
+    _assert_equal(torch.load(official, weights_only=True)["model"], trunk, "official")
     # the converted file is a backbone: --init of segmentation takes the trunk only
     cfg = load_config(SegmentationConfig, None, [*SEG, f"init={first}"])
     model = build_segmentor(cfg, cfg.init)
@@ -229,7 +229,7 @@ def test_a_task_state_without_a_recorded_task_is_told_by_its_names(tmp_path):
         torch.save({"model": state, "step": 1}, src)
         report = convert(src, tmp_path / f"{task}.pth", fmt="official")
         assert report.metadata["task"] == task
-        _assert_equal(torch.load(tmp_path / f"{task}.pth", weights_only=True),
+        _assert_equal(torch.load(tmp_path / f"{task}.pth", weights_only=True)["model"],
                       model.backbone.state_dict() if task == "segmentation"
                       else model.backbone.body.state_dict(), task)
     # two trunks in one state: which is meant is refused, not guessed
