@@ -30,6 +30,7 @@ each forward all-gathers parameters collectively.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -108,15 +109,25 @@ class ShardedEma:
 
     def update(self, module: nn.Module, step: int, zero3: bool) -> None:
         """One EMA step from ``module`` (the engine's module); collective under ZeRO-3."""
-        if not zero3:
+        with _whole(module, zero3):
             self.ema.update(module, step=step)
-            return
-        import deepspeed
 
-        # read-only gather (modifier_rank=None): every rank sees the full weights, then
-        # DeepSpeed re-partitions them on exit without writing anything back
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            self.ema.update(module, step=step)
+    def set_to(self, module: nn.Module, zero3: bool) -> None:
+        """The EMA set to ``module``'s weights (the engine's module, as a resume loaded
+        them); collective under ZeRO-3."""
+        with _whole(module, zero3):
+            self.ema.set(module)
+
+
+def _whole(module: nn.Module, zero3: bool):
+    """A context in which every rank sees ``module``'s full weights: under ZeRO-3 a
+    read-only gather (modifier_rank=None: DeepSpeed re-partitions them on exit without
+    writing anything back), else nothing to do."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
 @torch.no_grad()
@@ -274,8 +285,17 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
     step = run.start_step
-    if ema is not None and run.resume_dir is not None and (run.resume_dir / EMA_FILE).is_file():
-        ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
+    if ema is not None and run.resume_dir is not None:
+        if (run.resume_dir / EMA_FILE).is_file():
+            ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
+        else:
+            # saved with ema.enabled=false: the EMA starts from the resumed weights (as the
+            # released main.py builds its ModelEma after loading the checkpoint), not from
+            # the weights the model had before the checkpoint was loaded
+            if d.is_main:
+                log.warning("%s holds no %s (saved without ema): the EMA starts from the "
+                            "resumed weights", run.resume_dir, EMA_FILE)
+            ema.set_to(engine.module, zero3)
     scheduler.step_update(step)
     shared = {"task": "classification", "world_size": d.world_size, "model_hash": mhash,
               "engine": engine_state, "batch": batch}

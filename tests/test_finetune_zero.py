@@ -199,3 +199,37 @@ def test_group_lr_is_schedule_times_scale():
     depths = build_classifier(cfg).depths
     # the released classification rule (tests/released_lr.py) times DCN_LR_MUL
     assert dcn["lr_scale"] == pytest.approx(0.1 * classification_ratio(name, depths, 0.8))
+
+
+def test_a_resume_that_turns_ema_on_starts_it_from_the_resumed_weights(cache, tmp_path):
+    """A checkpoint saved with ema.enabled=false holds no ema.pt; resumed with the EMA on,
+    it started from the weights the model had before the checkpoint was loaded (the
+    seeded initialisation), so top1_ema reported those for ~1/(1-decay) steps. The
+    released main.py builds its ModelEma after loading the checkpoint: the EMA starts from
+    the resumed weights. One update later (decay 0.9) it is 0.9 w4 + 0.1 w5."""
+    import torch
+
+    out = tmp_path / "run"
+    run_forked(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=4", "run.eval_every=4",
+                    "ema.enabled=false"), cache)
+    proc = run_forked(_cmd(1, out, cache, "run.zero_stage=2", "run.max_steps=5",
+                           "run.eval_every=5", "ema.enabled=true", "ema.warmup=false",
+                           "--resume", "auto"), cache)
+    assert "holds no ema.pt" in proc.stdout + proc.stderr
+
+    def weights(step: int) -> dict:
+        state = torch.load(out / "checkpoints" / f"step_{step:07d}" /
+                           "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items()}
+
+    w4, w5 = weights(4), weights(5)
+    ema = torch.load(out / "checkpoints" / "step_0000005" / "ema.pt", weights_only=True)
+    moved = 0
+    for name, value in ema.items():
+        if not value.is_floating_point() or name not in w4:
+            continue
+        torch.testing.assert_close(value, 0.9 * w4[name] + 0.1 * w5[name], rtol=1e-5,
+                                   atol=1e-6, msg=name)
+        moved += int(not torch.equal(w4[name], w5[name]))
+    assert moved > 0  # the step changed weights, so the check above tells the two apart
