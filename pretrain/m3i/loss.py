@@ -1,9 +1,13 @@
 """The image-target loss: normalised-feature regression plus a small decorrelation term.
 
-Regression: each predicted patch feature and its target (the EMA encoder's feature at
-that patch) are L2-normalised, and the loss is their mean squared distance,
-||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t) (BYOL's loss, which Siamese Image Modeling applies
-per patch). Decorrelation: the mean squared cosine between different predicted patches,
+Regression: each predicted patch feature and its target (the EMA encoder's raw feature
+at that patch) are L2-normalised, and the loss is their mean squared distance,
+||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t) (BYOL's loss, per patch): our choice. Siamese Image
+Modeling's ``compute_unigrad_loss`` (models_sim.py) differs: the raw prediction (its
+``student_norm`` is the identity unless ``--online_ln``) is regressed onto the target
+layer-normalised without affine (``teacher_norm``), squared error summed over channels,
+averaged over patches, divided by the width, the target taken after an EMA'd projector
+(``mm_decoder_embed``, ``mm_projector_decoder_blocks``). Decorrelation: the mean squared cosine between different predicted patches,
 which keeps the predictions from collapsing onto one direction. This is our own form, in
 the spirit of UniGrad (Tao et al. 2022) but not its term: Siamese Image Modeling's
 ``compute_unigrad_loss`` (OpenGVLab/Siamese-Image-Modeling, models_sim.py) weighs the
