@@ -1,22 +1,21 @@
 """The image-target loss: normalised-feature regression plus a small decorrelation term.
 
-Regression: each predicted patch feature and its target (the EMA encoder's raw feature
-at that patch) are L2-normalised, and the loss is their mean squared distance,
-||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t) (BYOL's loss, per patch): our choice. Siamese Image
-Modeling's ``compute_unigrad_loss`` (models_sim.py) differs: the raw prediction (its
-``student_norm`` is the identity unless ``--online_ln``) is regressed onto the target
-layer-normalised without affine (``teacher_norm``), squared error summed over channels,
-averaged over patches, divided by the width, the target taken after an EMA'd projector
-(``mm_decoder_embed``, ``mm_projector_decoder_blocks``). Decorrelation: the mean squared cosine between different predicted patches,
-which keeps the predictions from collapsing onto one direction. This is our own form, in
-the spirit of UniGrad (Tao et al. 2022) but not its term: Siamese Image Modeling's
-``compute_unigrad_loss`` (OpenGVLab/Siamese-Image-Modeling, models_sim.py) weighs the
-predictions against the correlation matrix of the targets, all-reduced over ranks and
-without gradient, at weight 0.02. The two agree while predictions follow their targets;
-on collapsed predictions ours is 1 where that term stays near 0. Both terms here are means
-over this rank's patches; DeepSpeed's gradient averaging over ranks then gives the global
-mean (equal batch per rank).
-"""
+Regression: each predicted patch feature and its target (the EMA encoder's raw feature at
+that patch) are L2-normalised, and the loss is their mean squared distance, ||p/|p| -
+t/|t|||^2 = 2 - 2 cos(p, t) (BYOL's loss, per patch): our choice. Siamese Image Modeling's
+``compute_unigrad_loss`` (models_sim.py) differs: the raw prediction (its ``student_norm``
+is the identity unless ``--online_ln``) is regressed onto the target layer-normalised
+without affine (``teacher_norm``), squared error summed over channels, averaged over
+patches, divided by the width, the target taken after an EMA'd projector
+(``mm_decoder_embed``, ``mm_projector_decoder_blocks``). Decorrelation: the mean squared
+cosine between different predicted patches, which keeps the predictions from collapsing
+onto one direction. This is our own form, in the spirit of UniGrad (Tao et al. 2022) but
+not its term: Siamese Image Modeling's ``compute_unigrad_loss`` (OpenGVLab/Siamese-Image-
+Modeling, models_sim.py) weighs the predictions against the correlation matrix of the
+targets, all-reduced over ranks and without gradient, at weight 0.02. The two agree while
+predictions follow their targets; on collapsed predictions ours is 1 where that term stays
+near 0. Both terms here are means over this rank's patches; DeepSpeed's gradient averaging
+over ranks then gives the global mean (equal batch per rank)."""
 
 from __future__ import annotations
 
