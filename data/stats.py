@@ -61,44 +61,39 @@ EVENTS = ("unknown_tags", "malformed_tags", "shards_opened", "shards_changed",
 def count_slots(sources: list[str]) -> list[tuple[str, ...]]:
     """Every entry a :meth:`DataStats.to_dict` of a loader over ``sources`` can hold, in
     one fixed order: ``(section, key)``, or ``(section, source, reason)`` for
-    ``skipped_by_source``. Ranks sum their totals as one vector of these slots (one
-    all-reduce of ~60 numbers) instead of gathering every rank's dict to one rank: under
-    NCCL a gather is point-to-point, connecting rank 0 to every other rank (GPU buffers
-    per peer, NVIDIA/nccl#1685) at each log step and save."""
+    ``skipped_by_source`` (the keys of :func:`flat_counts`). Ranks sum their totals over
+    these keys with one all-reduce of ~60 numbers (``runtime.dist.sum_counts``) instead of
+    gathering every rank's dict to one rank: under NCCL a gather is point-to-point,
+    connecting rank 0 to every other rank (GPU buffers per peer, NVIDIA/nccl#1685) at each
+    log step and save."""
     return ([("samples", s) for s in sources] + [("skipped", r) for r in SKIP_REASONS]
             + [("skipped_by_source", s, r) for s in sources for r in SKIP_REASONS]
             + [("events", e) for e in EVENTS])
 
 
-def to_slots(totals: dict[str, Any], slots: list[tuple[str, ...]]) -> list[float] | None:
-    """``totals`` (a :meth:`DataStats.to_dict`) as the values of ``slots``, or None when
-    it holds an entry no slot has (a source or name outside the lists)."""
-    index = {slot: i for i, slot in enumerate(slots)}
-    values = [0.0] * len(slots)
+def flat_counts(totals: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    """``totals`` (a :meth:`DataStats.to_dict`) keyed by :func:`count_slots`' tuples."""
+    flat: dict[tuple[str, ...], float] = {}
     for section, counts in totals.items():
         for key, value in counts.items():
-            entries = (((section, key, r), n) for r, n in value.items()) \
-                if isinstance(value, dict) else (((section, key), value),)
-            for slot, n in entries:
-                if slot not in index:
-                    return None
-                values[index[slot]] += n
-    return values
+            if isinstance(value, dict):
+                flat.update({(section, key, reason): n for reason, n in value.items()})
+            else:
+                flat[section, key] = value
+    return flat
 
 
-def from_slots(values: list[float], slots: list[tuple[str, ...]]) -> dict[str, Any]:
-    """The :meth:`DataStats.to_dict` form of ``values`` of ``slots`` (zero entries left
-    out, whole numbers as ints)."""
+def nested_counts(flat: dict[tuple[str, ...], float]) -> dict[str, Any]:
+    """The :meth:`DataStats.to_dict` form of :func:`flat_counts`' (zero entries left out,
+    whole numbers as ints)."""
     out: dict[str, Any] = {}
-    for slot, value in zip(slots, values):
+    for (section, *keys), value in flat.items():
         if not value:
             continue
-        value = int(value) if float(value).is_integer() else value
-        section, *keys = slot
         node = out.setdefault(section, {})
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        node[keys[-1]] = int(value) if float(value).is_integer() else value
     return out
 
 

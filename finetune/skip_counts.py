@@ -22,10 +22,8 @@ again when it loads).
 
 Either way the field is absent until something was skipped, and the counts are summed
 over ranks by one all-reduce of a fixed list of reasons (``REASONS``:
-``runtime.dist.sum_over_ranks``) per logged step and per checkpoint; rank 0 alone writes
-the records and the checkpoint's shared state. A gather of each rank's dict to rank 0 is
-point-to-point under NCCL (rank 0 connected to every rank); a reason outside the list on
-any rank makes every rank gather instead.
+``runtime.dist.sum_counts``) per logged step and per checkpoint; rank 0 alone writes
+the records and the checkpoint's shared state.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from typing import Any
 
 from data.stats import SKIP_REASONS
 from finetune.dense_data import UNREADABLE, Counted
-from runtime.dist import gather_objects, global_rank, sum_over_ranks
+from runtime.dist import sum_counts
 
 # every reason a fine-tuning count holds: replaced unreadable items, a stream's skips
 REASONS = (UNREADABLE, *SKIP_REASONS)
@@ -67,20 +65,12 @@ class SkipCounts:
         """The run's skips by reason while it trains, summed over ranks, on rank 0 (None
         on the others; ``loaded`` not included). Collective: every rank calls it, at logged
         steps and checkpoints only."""
-        own = dict(self.stream() if self.stream is not None else self.here)
-        listed = None if set(own) - set(REASONS) else [own.get(r, 0) for r in REASONS]
-        summed = sum_over_ranks(listed, len(REASONS))
-        if summed is not None:
-            if global_rank() != 0:
-                return None
-            counts = [{r: int(n) for r, n in zip(REASONS, summed)}]
-        else:
-            counts = gather_objects(own)
-            if counts is None:
-                return None
+        summed = sum_counts(self.stream() if self.stream is not None else self.here,
+                            REASONS)
+        if summed is None:
+            return None
         total = Counter(self.before)
-        for rank_counts in counts:
-            total.update(rank_counts)
+        total.update({reason: int(n) for reason, n in summed.items()})
         return {reason: n for reason, n in sorted(total.items()) if n}
 
     def record(self) -> dict[str, Any]:

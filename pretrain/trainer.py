@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data.preflight import check_sources_readable
-from data.stats import count_slots, from_slots, to_slots
+from data.stats import count_slots, flat_counts, nested_counts
 from models.checkpoint import CheckpointError
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
@@ -67,9 +67,8 @@ from runtime.dist import (
     DistInfo,
     all_gather_objects,
     any_rank,
-    gather_objects,
     init_distributed,
-    sum_over_ranks,
+    sum_counts,
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger, records_at
@@ -100,17 +99,6 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
-
-
-def _merge_counts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in dicts:
-        for key, value in d.items():
-            if isinstance(value, dict):
-                out[key] = _merge_counts([out.get(key, {}), value])
-            else:
-                out[key] = out.get(key, 0) + value
-    return out
 
 
 @dataclass
@@ -407,17 +395,13 @@ class Trainer:
     def _merged_stats(self) -> dict[str, Any] | None:
         """Every rank's data totals summed, on rank 0; None on the others. A collective.
 
-        One all-reduce of the totals as a vector of fixed slots (data.stats.count_slots:
-        ~60 numbers; an all-gather of the dicts would hand each of N ranks all N counts,
-        N^2 x ~750 bytes, and a gather to rank 0 is point-to-point under NCCL, connecting
-        it to every rank). A total outside the slots (a name the list lacks) on any rank
-        makes every rank take the gather instead, so nothing is dropped."""
+        One all-reduce of the totals over fixed keys (data.stats.count_slots, ~60
+        numbers: runtime.dist.sum_counts; an all-gather of the dicts would hand each of N
+        ranks all N counts, N^2 x ~750 bytes, and a gather to rank 0 is point-to-point
+        under NCCL, connecting it to every rank)."""
         slots = count_slots([source.name for source in self.cfg.data.sources])
-        summed = sum_over_ranks(to_slots(self.loader.stats.to_dict(), slots), len(slots))
-        if summed is not None:
-            return from_slots(summed, slots) if self.info.is_main else None
-        per_rank = gather_objects(self.loader.stats.to_dict())
-        return None if per_rank is None else _merge_counts(per_rank)
+        summed = sum_counts(flat_counts(self.loader.stats.to_dict()), slots)
+        return None if summed is None else nested_counts(summed)
 
     def _data_stats(self) -> dict[str, Any]:
         """The data statistics of every rank merged, on rank 0 (which writes the record);

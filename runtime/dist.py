@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -397,6 +397,29 @@ def sum_over_ranks(values: Sequence[float] | None, length: int) -> list[float] |
         dist.all_reduce(vector)
     summed = vector.tolist()
     return None if summed[-1] else summed[:-1]
+
+
+def sum_counts(counts: Mapping[Hashable, float],
+               keys: Sequence[Hashable]) -> dict[Hashable, float] | None:
+    """``counts`` summed over the ranks, on rank 0 (every key of ``keys``, zeros
+    included); None on the others. Collective: every rank calls it.
+
+    One :func:`sum_over_ranks` of the values at ``keys``, the fixed list every rank
+    shares. A rank holding a key outside it makes every rank :func:`gather_objects` its
+    counts to rank 0 instead, summed there: nothing is dropped, at the cost of the
+    point-to-point gather."""
+    listed = None if set(counts) - set(keys) else [float(counts.get(k, 0)) for k in keys]
+    summed = sum_over_ranks(listed, len(keys))
+    if summed is not None:
+        return dict(zip(keys, summed)) if global_rank() == 0 else None
+    per_rank = gather_objects(dict(counts))
+    if per_rank is None:
+        return None
+    total: dict[Hashable, float] = dict.fromkeys(keys, 0.0)
+    for rank_counts in per_rank:
+        for key, n in rank_counts.items():
+            total[key] = total.get(key, 0.0) + n
+    return total
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -102,16 +102,17 @@ def test_segmentation_counts_replaced_items_over_workers_and_a_resume(tmp_path):
 
 
 def _two_equal_ranks(values, length):
-    """runtime.dist.sum_over_ranks over two ranks that counted the same."""
+    """runtime.dist.sum_over_ranks (under runtime.dist.sum_counts) over two ranks that
+    counted the same."""
     return None if values is None else [2 * v for v in values]
 
 
 def test_detection_counts_replaced_items_summed_over_ranks(tmp_path, monkeypatch):
     """Two ranks that replaced the same items, as the loop's all-reduce sums them: the
     record holds their sum (one process here: the sum is the only place ranks meet)."""
-    import finetune.skip_counts
+    import runtime.dist
 
-    monkeypatch.setattr(finetune.skip_counts, "sum_over_ranks", _two_equal_ranks)
+    monkeypatch.setattr(runtime.dist, "sum_over_ranks", _two_equal_ranks)
     root, out = tmp_path / "data", tmp_path / "run"
     for path in _dataset("detection", root)[3:5]:
         _truncate(path)
@@ -126,9 +127,9 @@ def test_classification_counts_replaced_images_over_workers_ranks_and_a_resume(
     replaced the same images, as the loop's all-reduce sums them (doubled): the records hold
     their sum, and the resume goes on from the saved total without counting again the
     batches it loads only to skip them."""
-    import finetune.skip_counts
+    import runtime.dist
 
-    monkeypatch.setattr(finetune.skip_counts, "sum_over_ranks", _two_equal_ranks)
+    monkeypatch.setattr(runtime.dist, "sum_over_ranks", _two_equal_ranks)
     root, out = tmp_path / "data", tmp_path / "run"
     images = _dataset("classification", root)
     assert [p.relative_to(root / "train").as_posix() for p in images[3:5]] == [
@@ -153,7 +154,7 @@ def test_the_skipped_field_is_absent_until_something_was_skipped_in_every_kind_o
     writes the records, receives the counts."""
     from collections import Counter
 
-    import finetune.skip_counts
+    import runtime.dist
     from finetune.skip_counts import SkipCounts
 
     stream_counts: Counter[str] = Counter()
@@ -171,12 +172,11 @@ def test_the_skipped_field_is_absent_until_something_was_skipped_in_every_kind_o
     assert list(resumed.counted([("batch", 1), ("next", 0)])) == ["batch", "next"]
     assert resumed.state() == {"skipped": {"unreadable": 3}}
     # a rank other than 0: no field, the state not its to write
-    monkeypatch.setattr(finetune.skip_counts, "global_rank", lambda: 1)
+    monkeypatch.setattr(runtime.dist, "global_rank", lambda: 1)
     assert resumed.record() == {} and resumed.state() == {"skipped": {}}
     # a reason outside finetune.skip_counts.REASONS on some rank: every rank gathers
-    monkeypatch.setattr(finetune.skip_counts, "global_rank", lambda: 0)
-    monkeypatch.setattr(finetune.skip_counts, "gather_objects",
-                        lambda obj: [obj, {"a_new_reason": 4}])
+    monkeypatch.setattr(runtime.dist, "global_rank", lambda: 0)
+    monkeypatch.setattr(runtime.dist, "gather_objects", lambda obj: [obj, {"a_new_reason": 4}])
     stream_counts["a_new_reason"] += 1
     assert streamed.record() == {"skipped": {"a_new_reason": 5, "undecodable_image": 1}}
 
