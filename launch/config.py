@@ -27,6 +27,16 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+def refuse_plan_flags(args: Any, *flags: str) -> None:
+    """Refuse (``ConfigError``) the dry-run-only ``flags`` (argparse names, e.g.
+    ``gpus_per_node``) given to a start: a start trains on the processes its launcher
+    starts."""
+    for flag in flags:
+        if getattr(args, flag, None) is not None and not args.dry_run:
+            raise ConfigError(f"--{flag.replace('_', '-')} is for --dry-run: a start trains on "
+                              "the processes its launcher starts (WORLD_SIZE)")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["optim.lr=1e-4", "model.name=internimage_t"]`` into a nested dict.
 

@@ -10,7 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from launch.config import ConfigError, check_output_dir, config_hash, dump_config, load_config
+from launch.config import (
+    ConfigError,
+    check_output_dir,
+    config_hash,
+    dump_config,
+    load_config,
+    refuse_plan_flags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,7 @@ def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
     ``--init`` and ``--output-dir``), validated: a ``ConfigError`` naming the key (a run
     directory that is a file included). Also what `internimage submit` checks before
     sbatch."""
-    if getattr(args, "gpus", None) is not None and not args.dry_run:
-        raise ConfigError("--gpus is for --dry-run: a start trains on the processes its "
-                          "launcher starts (WORLD_SIZE)")
+    refuse_plan_flags(args, "gpus")
     overrides = list(args.overrides) + list(extras)
     if args.init:
         overrides.append(f"init={args.init}")

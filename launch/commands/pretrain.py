@@ -10,7 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from launch.config import ConfigError, check_output_dir, dump_config, load_config, parse_overrides
+from launch.config import (
+    ConfigError,
+    check_output_dir,
+    dump_config,
+    load_config,
+    parse_overrides,
+    refuse_plan_flags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +63,7 @@ def load(args: argparse.Namespace, missing_data: str = "warn",
     not be) a warning on stderr, prefixed ``warn_as``."""
     from pretrain.config import PretrainConfig, check_tag_vocab
 
-    for flag in ("gpus", "gpus_per_node"):  # a start trains on what its launcher started
-        if getattr(args, flag, None) is not None and not args.dry_run:
-            raise ConfigError(f"--{flag.replace('_', '-')} is for --dry-run: a start trains on "
-                              "the processes its launcher starts (WORLD_SIZE)")
+    refuse_plan_flags(args, "gpus", "gpus_per_node")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps: must be >= 1, got {args.max_steps}")
     overrides = list(args.overrides)
