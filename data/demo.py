@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data.shard_writer import existing_shards
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
 CAPTION_TEMPLATES = (
@@ -77,7 +79,9 @@ def _split(n: int) -> tuple[list[int], list[int]]:
 def write_demo_shards(out: str | Path, image_size: int = 32, maxcount: int = 256,
                       seed: int = 0) -> Path:
     """Write the digits shards and ``manifest.json`` into directory ``out``; return the
-    manifest path. Deterministic for given arguments."""
+    manifest path. Deterministic for given arguments. Shards of an earlier demo there are
+    removed first (written over with another ``maxcount``, its higher-numbered shards
+    stayed, and the manifest and a glob counted both sets)."""
     import webdataset as wds
     from sklearn.datasets import load_digits
 
@@ -91,7 +95,11 @@ def write_demo_shards(out: str | Path, image_size: int = 32, maxcount: int = 256
                                 ("val", val_ids, "val-%06d.tar")):
         # the held-out split stays one shard: evaluation reads it whole
         count = maxcount if split == "train" else max(len(ids), 1)
-        with wds.ShardWriter(str(out / pattern), maxcount=count, verbose=0) as sink:
+        for old in existing_shards(str(out / pattern)):
+            old.unlink()
+        written: list[str] = []
+        with wds.ShardWriter(str(out / pattern), maxcount=count, verbose=0,
+                             post=written.append) as sink:
             for i in ids:
                 label = int(digits.target[i])
                 rng = random.Random(f"{seed}/{i}")
@@ -103,7 +111,7 @@ def write_demo_shards(out: str | Path, image_size: int = 32, maxcount: int = 256
                             "txt": caption, "cls": str(label),
                             "json": json.dumps({"label": label, "tags": tags,
                                                 "index": i}).encode()})
-        shards = sorted(p.name for p in out.glob(pattern.replace("%06d", "*")))
+        shards = [Path(name).name for name in written]
         splits[split] = {"shards": shards, "samples": len(ids),
                          "indices_sha": _digest(ids)}
     manifest = {

@@ -99,6 +99,13 @@ def read_caption_table(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"--captions {path}: {where} has no {column!r} value")
         if not str(row["path"]).strip():
             raise ValueError(f"--captions {path}: {where} has an empty 'path'")
+        for column in CAPTION_COLUMNS:
+            try:  # JSON's "\udc80" escapes decode to lone surrogates, which UTF-8 cannot hold
+                str(row[column]).encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"--captions {path}: {where}: its {column!r} holds "
+                                 f"{err.object[err.start:err.end]!r}, which is no Unicode "
+                                 "character (a lone surrogate)") from None
         try:
             tags = _parse_tags(row.get("tags"))
         except (ValueError, TypeError) as err:  # "[..." that is no JSON, a number
@@ -170,20 +177,23 @@ def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 class UnreadableImage(ValueError):
-    """A file that is not an image the reader could decode; ``reason`` names why, as the
-    reader's skip counts do (``not_an_image``, ``undecodable_image``, ``oversized_image``)."""
+    """A row the reader would skip: its file is not an image it could decode, or its
+    caption is blank; ``reason`` names why, as the reader's skip counts do
+    (``not_an_image``, ``undecodable_image``, ``oversized_image``, ``empty_caption``)."""
 
     def __init__(self, reason: str, detail: str):
         self.reason = reason
         super().__init__(f"{reason}: {detail}")
 
 
-def image_member(file: Path) -> tuple[str, bytes, bool]:
+def image_member(file: Path, max_pixels: int = Image.MAX_IMAGE_PIXELS
+                 ) -> tuple[str, bytes, bool]:
     """``(member, bytes, transcoded)`` to store for the image ``file``: a jpg/jpeg/png/webp
     file byte for byte under its own member, any other image PIL decodes (bmp, tif, gif,
     ...) as a PNG of its first frame under ``png`` (``transcoded``). Every file is decoded
     once, as the reader does, so a sample is written only if the reader can read it; one
-    that cannot be raises :class:`UnreadableImage`."""
+    that cannot be raises :class:`UnreadableImage`: so does one of more than ``max_pixels``
+    pixels, which the reader skips (``data.max_image_pixels``, PIL's limit by default)."""
     data = file.read_bytes()
     try:
         with warnings.catch_warnings():
@@ -191,6 +201,10 @@ def image_member(file: Path) -> tuple[str, bytes, bool]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
         with img:
+            width, height = img.size
+            if width * height > max_pixels:  # the reader skips it, as oversized_image
+                raise UnreadableImage("oversized_image",
+                                      f"{width}x{height} pixels > limit {max_pixels}")
             member = IMAGE_EXTS.get(file.suffix.lower())
             if member is not None and img.format == "JPEG":
                 # only checked, not kept: a 1/8-scale decode still reads every byte
@@ -201,6 +215,8 @@ def image_member(file: Path) -> tuple[str, bytes, bool]:
             out = io.BytesIO()
             (img if img.mode in PNG_MODES else img.convert("RGB")).save(out, format="PNG")
             return "png", out.getvalue(), True
+    except UnreadableImage:
+        raise
     except UnidentifiedImageError as err:  # a text file, an empty file, random bytes
         raise UnreadableImage("not_an_image", "no image format PIL knows") from err
     except Image.DecompressionBombError as err:  # beyond twice PIL's limit: so does the reader
@@ -217,7 +233,8 @@ class ShardWriteError(RuntimeError):
 def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
                  maxcount: int = 10000, maxsize: int = 1_000_000_000,
                  skip_missing: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False,
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Write one sample per caption row (``jpg|png|webp``, ``txt``, ``json`` with tags and
     the original path) into shards named by ``out_pattern`` (e.g. ``out/data-%06d.tar``);
     write ``manifest.json`` next to them and return it.
@@ -229,9 +246,11 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     then they are removed first). Missing image files raise :class:`MissingImagesError`
     listing them, unless ``skip_missing`` (then they are left out and counted in the
     manifest). Images in other formats are stored as PNG (counted, ``transcoded``); a file
-    that is no image the reader could decode is left out, counted by reason
-    (``skipped_unreadable``) and named in a warning: that is only known once it is decoded,
-    while writing, unlike a missing file (see :func:`image_member`). A write that fails
+    that is no image the reader could decode (or has more than ``max_pixels`` pixels) is
+    left out, counted by reason (``skipped_unreadable``) and named in a warning, as is a
+    row whose caption is blank (``empty_caption``: the reader skips it too); an image's
+    fault is only known once it is decoded, while writing, unlike a missing file (see
+    :func:`image_member`). A write that fails
     part-way or writes no sample raises :class:`ShardWriteError` after removing the shards
     it began (their tar files are closed on the way out and would look whole) and writes no
     manifest; any earlier ``manifest.json`` there is removed when the first shard is begun
@@ -241,6 +260,10 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
     import webdataset as wds
     from tqdm import tqdm
 
+    if "://" in out_pattern or out_pattern.startswith("pipe:"):
+        raise ValueError(f"--out {out_pattern!r}: shards are written to a local folder "
+                         "(then upload the folder, e.g. with `aws s3 sync`), not to a URL "
+                         "or a pipe")
     try:
         first = Path(out_pattern % 0)
     except (TypeError, ValueError):  # no field, two fields, "%%" only, a bad conversion
@@ -289,7 +312,10 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
                 if row["path"] in missing_set:
                     continue
                 try:
-                    member, data, was_transcoded = image_member(images_dir / row["path"])
+                    if not row["caption"].strip():
+                        raise UnreadableImage("empty_caption", "blank caption")
+                    member, data, was_transcoded = image_member(images_dir / row["path"],
+                                                                max_pixels)
                 except UnreadableImage as err:
                     unreadable[err.reason] = unreadable.get(err.reason, 0) + 1
                     if len(shown) < 20:
@@ -305,12 +331,13 @@ def write_shards(images_dir: str | Path, captions: str | Path, out_pattern: str,
         skipped = sum(unreadable.values())
         if skipped:
             more = f"\n  ... and {skipped - len(shown)} more" if skipped > len(shown) else ""
-            log.warning("skipped %d caption rows whose file is not an image the reader can "
-                        "decode:\n  %s%s", skipped, "\n  ".join(shown), more)
+            log.warning("skipped %d caption rows the reader would skip (a file that is no "
+                        "image it can decode, too many pixels, a blank caption):\n  %s%s",
+                        skipped, "\n  ".join(shown), more)
         if not written:
             raise ShardWriteError(f"no sample written: none of the {len(rows)} caption rows' "
                                   "files is an image the reader can decode ("
-                                  f"{len(missing)} missing, {skipped} not decodable); the "
+                                  f"{len(missing)} missing, {skipped} unreadable or blank); the "
                                   "empty shard was removed")
         if transcoded:
             log.info("stored %d images of other formats as PNG (the reader takes jpg, png "

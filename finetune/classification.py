@@ -231,7 +231,8 @@ def _memory_line(cfg: ClassificationConfig, model: nn.Module) -> str:
     x = torch.empty(batch, 3, size, size, device="meta")
     est = memory_estimate(model, lambda dtype: model(x.to(dtype)),
                           precision=cfg.run.precision, checkpointing=cfg.model.with_cp,
-                          zero_stage=cfg.run.zero_stage, ema=cfg.ema.enabled)
+                          zero_stage=cfg.run.zero_stage, ema=cfg.ema.enabled,
+                          weights=cfg.run.precision)
     return describe(est, batch, (size, size), cfg.model.with_cp, cfg.run.zero_stage)
 
 

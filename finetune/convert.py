@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from models import CheckpointError, read_state_dict
+from models.checkpoint import PRETRAIN_PREFIX, TASK_PREFIX
 from models.variants import InternImageSpec
 from runtime.checkpoint_path import resolve_checkpoint
 from runtime.master_weights import read_master_weights
@@ -38,8 +39,6 @@ from runtime.master_weights import read_master_weights
 log = logging.getLogger(__name__)
 
 BACKBONE_PREFIX = "visual."  # M3IModel's image tower
-PRETRAIN_PREFIX = "pretrain."  # everything else of the pre-training network
-TASK_PREFIX = "task."  # a detection/segmentation run's head: task.<task>.<its own name>
 # A tensor every InternImage has once (the stem's first conv): the text before it in a
 # checkpoint's name is where the trunk sits in the model that was saved.
 TRUNK_ANCHOR = "patch_embed.conv1.weight"

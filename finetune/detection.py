@@ -169,8 +169,9 @@ def _memory_line(cfg: DetectionConfig, model: nn.Module) -> str:
             return model.backbone(x.to(dtype))
     est = memory_estimate(model, probe, precision=cfg.run.precision,
                           checkpointing=cfg.model.with_cp,
-                          training_probe=cfg.head.kind != "dino")
-    return describe(est, batch, size, cfg.model.with_cp, scope=scope)
+                          training_probe=cfg.head.kind != "dino",
+                          zero_stage=cfg.run.zero_stage)
+    return describe(est, batch, size, cfg.model.with_cp, cfg.run.zero_stage, scope=scope)
 
 
 def detection_model_hash(cfg: DetectionConfig, num_classes: int, *,

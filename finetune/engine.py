@@ -211,13 +211,15 @@ def recorded_evaluation(out_dir: Path, step: int) -> dict[str, Any] | None:
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:
     """The checkpoint a run in ``out_dir`` started with ``resume`` (``auto``, a path or
     None) continues from, None for a fresh start; refused (a ``CheckpointError``) when
-    ``resume`` names no training checkpoint, or a fresh start would replace a run's
-    metrics and checkpoints (``out_dir`` already holds one). ``warn``: log what a rewind
+    ``resume`` names no training checkpoint, or the start would replace a run's metrics
+    and checkpoints (``out_dir`` already holds one: a fresh start, or another run's
+    checkpoint). ``warn``: log what a rewind
     abandons (the training run's own resolution does; a look-ahead passes False)."""
     root = out_dir / CHECKPOINTS_DIR
     refuse_legacy_resume(resume, root)
-    refuse_fresh_start(resume, root, out_dir)
-    return resolve_resume(resume, root, warn, init=True)  # a weights file: --init's
+    resume_dir = resolve_resume(resume, root, warn, init=True)  # a weights file: --init's
+    refuse_fresh_start(resume_dir, root, out_dir)
+    return resume_dir
 
 
 def batch_state(batch_size: int, grad_accum: int) -> dict[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from torch import nn
@@ -29,13 +28,10 @@ def plan_gpu_counts(gpus: int | None = None) -> tuple[int, ...]:
     """The process counts a dry run plans for: ``gpus``, else ``WORLD_SIZE`` when set
     (the launcher's, as a training start would see it), else :data:`PLAN_GPU_COUNTS`."""
     if gpus is None:
-        value = os.environ.get("WORLD_SIZE")
-        if value is None:
-            return PLAN_GPU_COUNTS
-        try:
-            gpus = int(value)
-        except ValueError:
-            raise ValueError(f"WORLD_SIZE={value!r}: not a GPU count") from None
+        from runtime.dist import launcher_world_size
+
+        gpus = launcher_world_size()
+        return PLAN_GPU_COUNTS if gpus is None else (gpus,)
     if gpus < 1:
         raise ValueError(f"GPU count: must be >= 1, got {gpus}")
     return (gpus,)

@@ -95,8 +95,9 @@ def _memory_line(cfg: SegmentationConfig, model: nn.Module) -> str:
     scope = "Mask2Former loss (point-sampled) not counted" if mask2former else ""
     est = memory_estimate(model, probe, precision=cfg.run.precision,
                           checkpointing=cfg.model.with_cp,
-                          training_probe=not mask2former)
-    return describe(est, batch, d.crop_size, cfg.model.with_cp, scope=scope)
+                          training_probe=not mask2former, zero_stage=cfg.run.zero_stage)
+    return describe(est, batch, d.crop_size, cfg.model.with_cp, cfg.run.zero_stage,
+                    scope=scope)
 
 
 def check_start(cfg: SegmentationConfig, thorough: bool = True, with_data: bool = True) -> None:

@@ -18,6 +18,11 @@ _CONTAINER_KEYS = ("model", "module", "state_dict", "model_state")
 # Released detection/segmentation checkpoints (mmdet/mmseg) hold the trunk under this
 # prefix, next to their neck and heads (neck.*, rpn_head.*, decode_head.*, ...).
 DET_SEG_BACKBONE_PREFIX = "backbone."
+# `internimage convert` writes the backbone under the released keys and keeps the rest of
+# the network it came from under these: the pre-training heads and text tower
+# (``pretrain.*``), a detection/segmentation run's head (``task.<task>.*``).
+PRETRAIN_PREFIX = "pretrain."
+TASK_PREFIX = "task."
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +36,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # the model's classifier keys a backbone-only file does not hold: left as built
+    fresh: list[str] = field(default_factory=list)
     loaded: int = 0
     # "backbone." when the file was a detection/segmentation checkpoint whose trunk was
     # taken out of that prefix (its other keys are in ``dropped``)
@@ -41,7 +48,7 @@ class LoadReport:
         if self.stripped_prefix:
             parts.append(f"the trunk taken from {self.stripped_prefix}* (a detection/"
                          f"segmentation checkpoint; its neck and heads are dropped)")
-        for name in ("missing", "unexpected", "dropped"):
+        for name in ("missing", "unexpected", "dropped", "fresh"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
@@ -143,6 +150,12 @@ def state_for_model(
         log.info("%s: a detection/segmentation checkpoint: %d trunk tensors taken from %s*, "
                  "%d others (neck, heads) dropped", source, len(state), prefix,
                  len(report.dropped))
+    rest = [k for k in state if k.startswith((PRETRAIN_PREFIX, TASK_PREFIX)) and k not in own]
+    if rest:  # a converted file's other parts: never an InternImage's own weights
+        report.dropped += rest
+        state = {k: v for k, v in state.items() if k not in set(rest)}
+        log.info("%s: %d tensors of the network it was converted from (%s*, %s*) dropped",
+                 source, len(rest), PRETRAIN_PREFIX, TASK_PREFIX)
     if not any(k in own for k in state):
         shown = ", ".join(list(state)[:5]) or "no tensors"
         raise CheckpointError(f"{source} holds none of the model's weights (its keys: "
@@ -177,6 +190,7 @@ def load_pretrained(
     """
     own = model.state_dict()
     state, report = state_for_model(read_state_dict(path), own.keys(), path)
+    holds_classifier = any(k in state for k in CLASSIFIER_KEYS)
     for key in CLASSIFIER_KEYS:
         if key not in state:
             continue
@@ -190,7 +204,12 @@ def load_pretrained(
         raise CheckpointError(f"{path}: {len(shape_errors)} tensors have the wrong shape (a "
                               f"different variant?): " + "; ".join(shape_errors[:5]))
     result = model.load_state_dict(state, strict=False)
-    report.missing = [k for k in result.missing_keys if k not in report.dropped]
+    # a backbone-only file (a converted pre-training run, num_classes=0) into a classifier:
+    # its head starts as built, as when the class count differs
+    if not holds_classifier:
+        report.fresh = [k for k in result.missing_keys if k in CLASSIFIER_KEYS]
+    report.missing = [k for k in result.missing_keys
+                      if k not in report.dropped and k not in report.fresh]
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(state) - len(report.unexpected)
     if strict and (report.missing or report.unexpected):

@@ -242,15 +242,39 @@ class EngineConfig:
         check(self.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
         check(not self.offload_param or self.zero_stage == 3, "engine.offload_param",
                "parameter offload needs engine.zero_stage=3")
+        # DeepSpeed's CPU Adam steps host parameters: stage 0 keeps them on the GPU
+        # (deepspeed/ops/adam/cpu_adam.py asserts at the first step)
+        check(not self.offload_optimizer or self.zero_stage >= 1, "engine.offload_optimizer",
+               "optimizer offload needs engine.zero_stage 1, 2 or 3")
+
+
+# Named sets from open_clip (open_clip/zero_shot_metadata.py): CLIP's ImageNet class names
+# (IMAGENET_CLASSNAMES, in the ILSVRC-2012 class-id order: sorted WordNet ids) and prompt
+# templates (OPENAI_IMAGENET_TEMPLATES: CLIP's 80, Radford et al. 2021, whose ensemble the
+# published ImageNet zero-shot numbers use; SIMPLE_IMAGENET_TEMPLATES: its 7 short ones).
+CLASS_NAME_SETS = {"imagenet": "IMAGENET_CLASSNAMES"}
+TEMPLATE_SETS = {"openai_imagenet": "OPENAI_IMAGENET_TEMPLATES",
+                 "simple_imagenet": "SIMPLE_IMAGENET_TEMPLATES"}
+
+
+def _open_clip_set(name: str) -> list:
+    from open_clip import zero_shot_metadata
+
+    return list(getattr(zero_shot_metadata, name))
 
 
 @dataclass
 class ZeroShotConfig:
-    """Held-out classification set for zero-shot evaluation (class names + prompts)."""
+    """Held-out classification set for zero-shot evaluation (class names + prompts).
+
+    ``class_names``: a list (index = the label id in the held-out shards) or the name of
+    one of open_clip's sets (``imagenet``); ``templates``: format strings with one ``{}``
+    or a set name (``openai_imagenet``: CLIP's 80, ``simple_imagenet``). Read them through
+    :meth:`names` and :meth:`prompt_templates`."""
 
     urls: list[str] = field(default_factory=list)
-    class_names: list[str] = field(default_factory=list)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    class_names: list[str] | str = field(default_factory=list)
+    templates: list[str] | str = field(default_factory=lambda: ["a photo of a {}."])
     label_key: str = "cls"  # tar member holding the integer class id
     every: int = 0  # steps; 0: only at the end
     max_batches: int = 0  # 0: the whole set
@@ -258,8 +282,31 @@ class ZeroShotConfig:
     prompt_batch: int = 256
 
     def __post_init__(self) -> None:
+        for key, value, sets in (("class_names", self.class_names, CLASS_NAME_SETS),
+                                 ("templates", self.templates, TEMPLATE_SETS)):
+            check(not isinstance(value, str) or value in sets, f"zero_shot.{key}",
+                  f"must be a list or one of {sorted(sets)}, got {value!r}")
+        if not isinstance(self.templates, str):
+            check(bool(self.templates), "zero_shot.templates", "needs at least one template")
+            for i, template in enumerate(self.templates):
+                # without exactly one {} every class gets the same prompt (or format fails)
+                check(template.count("{}") == 1 and template.count("{") == 1,
+                      f"zero_shot.templates[{i}]",
+                      f"must hold the class name's place as one {{}}, got {template!r}")
         check(self.prompt_batch >= 1, "zero_shot.prompt_batch", "must be >= 1")
         check(self.max_batches >= 0, "zero_shot.max_batches", "must be >= 0 (0: the whole set)")
+
+    def names(self) -> list[str]:
+        """The class names, by label id."""
+        if isinstance(self.class_names, str):
+            return _open_clip_set(CLASS_NAME_SETS[self.class_names])
+        return list(self.class_names)
+
+    def prompt_templates(self) -> list[str]:
+        """The prompt templates, as format strings with one ``{}``."""
+        if isinstance(self.templates, str):  # open_clip's are functions of the class name
+            return [t("{}") for t in _open_clip_set(TEMPLATE_SETS[self.templates])]
+        return list(self.templates)
 
 
 @dataclass

@@ -194,9 +194,10 @@ def build_engine(cfg: PretrainConfig, model: M3IModel, steps: int):
 
 def build_teacher(cfg: PretrainConfig, engine, ds_config: dict[str, Any]):
     """The image branch's momentum target encoder (pretrain/m3i/ema.py), starting as an
-    exact copy of the online image tower. Under ZeRO-3 it is built under zero.Init in
-    fp32 and partitioned like the online tower; else a plain fp32 module. Its forward
-    autocasts to the online run's 16-bit type (``ds_config``'s bf16/fp16 section)."""
+    exact copy of the online image tower. Under ZeRO-3 it is built under zero.Init in the
+    run's precision and partitioned like the online tower (the fp32 moving average kept
+    beside it); else a plain fp32 module. Its forward autocasts to the online run's 16-bit
+    type (``ds_config``'s bf16/fp16 section)."""
     from models import build_model as build_backbone
     from pretrain.m3i.ema import (
         MomentumTeacher,

@@ -18,7 +18,7 @@ from models.memory import (  # noqa: F401 - re-exported: pretrain.plan and users
     measure_saved_bytes,
 )
 from runtime.ds_config import reduce_bytes
-from runtime.memory import model_state_bytes
+from runtime.memory import model_state_bytes, zero_buffer_bytes
 
 
 @dataclass
@@ -40,14 +40,14 @@ class MemoryEstimate:
     model_states_cpu_per_node: int
     activations_per_gpu: int
     activations_per_gpu_without_checkpointing: int
-    reduce_bucket_per_gpu: int = 0  # ZeRO-3 only (zero3_buffer_bytes)
+    reduce_bucket_per_gpu: int = 0  # ZeRO 1-3 (zero_buffer_bytes)
     live_parameters_per_gpu: int = 0
     zero_init: bool = False  # stage 3 builds the model partitioned (pretrain/zero_init.py)
     model_build_per_rank: int = 0  # peak parameter bytes per rank during construction
 
     @property
     def total_per_gpu(self) -> int:
-        """Model states, activations and ZeRO-3's buffers on one GPU."""
+        """Model states, activations and ZeRO's buffers on one GPU."""
         return (self.model_states_per_gpu + self.activations_per_gpu
                 + self.reduce_bucket_per_gpu + self.live_parameters_per_gpu)
 
@@ -82,30 +82,6 @@ def measure_text_activation_bytes(text: nn.Module, batch: int, context_length: i
     tokens = torch.zeros(batch, context_length, dtype=torch.long, device="meta")
     plain, _ = measure_saved_bytes(text, lambda: text(tokens), dtype)
     return plain
-
-
-def zero3_buffer_bytes(params: int, zero_config: dict, dtype_bytes: int,
-                       bucket_bytes: int | None = None) -> dict[str, int]:
-    """GPU bytes ZeRO-3 holds beyond DeepSpeed's model-state estimate, for ``params``
-    parameters and the run's ``zero_optimization`` settings (DeepSpeed's defaults where
-    unset), in the 16-bit dtype's ``dtype_bytes``:
-
-    - ``reduce_bucket``: the gradient-reduction buffer, ``reduce_bucket_size`` elements of
-      the reduction's dtype (``bucket_bytes`` each, default ``dtype_bytes``; fp32 under bf16:
-      :func:`runtime.ds_config.reduce_bytes`), allocated whole at start-up when
-      ``contiguous_gradients`` is on (its default);
-    - ``live_parameters``: gathered parameters. DeepSpeed 0.19.8 keeps every parameter it
-      gathers in the forward gathered until the backward reaches it (measured on 2 ranks,
-      with and without activation checkpointing, whatever ``stage3_max_reuse_distance``
-      and ``stage3_prefetch_bucket_size``: tests/test_zero_init.py; cf. DeepSpeed issue
-      #7670): by the end of the forward every GPU holds the whole 16-bit model.
-    """
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    zc = DeepSpeedZeroConfig(**zero_config)
-    bucket = zc.reduce_bucket_size if zc.contiguous_gradients else 0
-    bucket_bytes = dtype_bytes if bucket_bytes is None else bucket_bytes
-    return {"reduce_bucket": int(bucket * bucket_bytes), "live_parameters": params * dtype_bytes}
 
 
 def build_bytes_per_rank(params: int, largest_layer_params: int, ranks: int, zero_init: bool,
@@ -150,10 +126,11 @@ def estimate(
     zero_init = zero_stage == 3  # what pretrain/engine.py does
     gpu, cpu = model_state_bytes(params, largest, gpus, gpus_per_node, zero_stage, offload,
                                  zero_init)
-    # DeepSpeed's defaults (our pre-training config leaves the reduce bucket at its default)
+    # DeepSpeed's defaults, with pre-training's overlap_comm (its config leaves the reduce
+    # bucket at DeepSpeed's default)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    buffers = (zero3_buffer_bytes(params, {"stage": 3}, dtype.itemsize, reduce_bytes(precision))
-               if zero_stage == 3 else {"reduce_bucket": 0, "live_parameters": 0})
+    buffers = zero_buffer_bytes(params, {"stage": zero_stage, "overlap_comm": True},
+                                dtype.itemsize, reduce_bytes(precision))
     per_node = min(gpus, gpus_per_node)
     act_plain, act_cp = measure_activation_bytes(model, batch_per_gpu, image_size, dtype)
     return MemoryEstimate(

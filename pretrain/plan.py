@@ -14,20 +14,38 @@ from pretrain.estimate import (
     largest_layer_params,
     measure_activation_bytes,
     measure_text_activation_bytes,
-    zero3_buffer_bytes,
 )
 from runtime.ds_config import reduce_bytes
-from runtime.memory import model_state_bytes
+from runtime.memory import model_state_bytes, zero_buffer_bytes
 
 
-def meta_model(cfg: PretrainConfig):
-    """The run's M3I model on the meta device (no memory; one tag: tags are not counted)."""
+def planned_tags(cfg: PretrainConfig) -> int | None:
+    """The number of tags the trainer will read from ``data.tag_vocab`` (the built-in demo
+    vocabulary's without writing the demo data), None where a dry run cannot read it (it
+    plans without the data: pretrain/config.py warns then)."""
+    from pretrain.data.decode import TagVocab
+    from pretrain.demo import BUILTIN
+
+    path = cfg.data.tag_vocab
+    if path and path.startswith(BUILTIN):
+        from data.demo import TAG_VOCAB  # what ensure_demo_shards writes as tags.txt
+
+        return len(TAG_VOCAB)
+    try:
+        return len(TagVocab.load(path))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def meta_model(cfg: PretrainConfig, num_tags: int = 1):
+    """The run's M3I model on the meta device (no memory) with ``num_tags`` tag
+    embeddings."""
     from pretrain.m3i_model import M3IModel
 
     with torch.device("meta"):
         return M3IModel(cfg.model.name, cfg.model.embed_dim, cfg.data.context_length,
                         cfg.text.width, cfg.text.heads, cfg.text.layers, cfg.text.vocab_size,
-                        1, decoder=cfg.objective.image.decoder_spec(),
+                        num_tags, decoder=cfg.objective.image.decoder_spec(),
                         text_arch=cfg.text.arch, **cfg.model.overrides())
 
 
@@ -37,7 +55,8 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
     A ``gpus`` count that fills no whole number of ``gpus_per_node`` nodes is refused
     (``ValueError``): DeepSpeed's estimators would count it as whole nodes."""
     check_whole_nodes(gpus, gpus_per_node)
-    model = meta_model(cfg)
+    tags = planned_tags(cfg)
+    model = meta_model(cfg, tags if tags is not None else 1)
     total = sum(p.numel() for p in model.parameters())
     batch = global_batch(cfg, gpus)
     steps = total_steps(cfg, gpus)  # what the trainer runs (a fresh start)
@@ -48,6 +67,8 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
         "model": cfg.model.name,
         "backbone_parameters": sum(p.numel() for p in model.visual.parameters()),
         "total_parameters": total,
+        # an unreadable vocabulary: its tag embeddings are not in total_parameters
+        "tag_vocabulary_size": tags if tags is not None else "unread: not counted",
         "gpus": gpus, "gpus_per_node": min(gpus, gpus_per_node), "global_batch": batch,
         "steps": steps,
         "epochs": cfg.run.epochs, "samples_per_epoch": cfg.run.samples_per_epoch,
@@ -68,7 +89,8 @@ def plan(cfg: PretrainConfig, gpus: int, gpus_per_node: int = 8) -> dict[str, An
 def image_branch_bytes(cfg: PretrainConfig, model, gpus: int, dtype: torch.dtype
                        ) -> dict[str, int]:
     """Per-GPU bytes of M3I's image branch beyond the online model's states: the fp32 EMA
-    target encoder (partitioned over the GPUs under ZeRO-3, whole otherwise), an upper
+    target encoder (partitioned over the GPUs under ZeRO-3, with the run's 16-bit slices
+    beside it in bf16/fp16 runs; whole and fp32 only otherwise), an upper
     bound of its no-gradient forward on the 2B target views (the block inputs checkpointing
     would keep: a no-grad forward frees each block's tensors as it goes), and what autograd
     keeps for the decoder's backward. ``model``: the M3I model on the meta device."""
@@ -92,7 +114,9 @@ def image_branch_bytes(cfg: PretrainConfig, model, gpus: int, dtype: torch.dtype
 
     decoder_plain, _ = measure_saved_bytes(decoder, decode, dtype)
     model.visual.to(dtype=dtype)  # leave the model in the run's dtype, as the other probes
-    return {"target_encoder_states": 4 * -(-visual_params // shards),
+    # ZeRO-3 in 16 bits: fp32 average + the engine's 16-bit slices (pretrain/m3i/ema.py)
+    per_param = 4 + (dtype.itemsize if cfg.engine.zero_stage == 3 and dtype.itemsize < 4 else 0)
+    return {"target_encoder_states": per_param * -(-visual_params // shards),
             "target_encoder_forward_upper_bound": teacher_forward,
             "decoder_activations": decoder_plain}
 
@@ -108,12 +132,11 @@ def memory_bytes(cfg: PretrainConfig, model, gpus: int, gpus_per_node: int = 8) 
     params, largest = sum(p.numel() for p in model.parameters()), largest_layer_params(model)
     zero_init = eng.zero_stage == 3  # the trainer builds under deepspeed.zero.Init then
     states_gpu, states_cpu = model_state_bytes(params, largest, gpus, gpus_per_node,
-                                               eng.zero_stage, eng.offload_optimizer, zero_init)
-    buffers = {"reduce_bucket": 0, "live_parameters": 0}
-    if eng.zero_stage == 3:
-        ds = deepspeed_config(cfg, cfg.data.batch_size)
-        buffers = zero3_buffer_bytes(params, ds["zero_optimization"], dtype.itemsize,
-                                     reduce_bytes(eng.precision, ds))
+                                               eng.zero_stage, eng.offload_optimizer, zero_init,
+                                               offload_param=eng.offload_param)
+    ds = deepspeed_config(cfg, cfg.data.batch_size)
+    buffers = zero_buffer_bytes(params, ds["zero_optimization"], dtype.itemsize,
+                                reduce_bytes(eng.precision, ds))
     # the probes move the model to dtype on the meta device: after the counts above
     plain, ckpt = measure_activation_bytes(model.visual, cfg.data.batch_size,
                                            cfg.data.image_size, dtype)

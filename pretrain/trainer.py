@@ -68,6 +68,7 @@ from runtime.dist import (
     all_gather_objects,
     any_rank,
     init_distributed,
+    mean_by_name,
     sum_counts,
 )
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
@@ -89,16 +90,6 @@ def _seed_rank(seed: int, rank: int) -> None:
     random.seed(seed * 1000 + rank)
     np.random.seed((seed * 1000 + rank) % 2**32)
     torch.manual_seed(seed * 1000 + rank)
-
-
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
 
 
 @dataclass
@@ -190,7 +181,7 @@ class Trainer:
             # conversion cut short) goes, also when this start saves nothing
             clear_leftovers(self.ckpt_root)
         self.resume_dir = resolve_resume(resume, self.ckpt_root)
-        refuse_fresh_start(resume, self.ckpt_root, self.run_dir)
+        refuse_fresh_start(self.resume_dir, self.ckpt_root, self.run_dir)
         self.state: dict[str, Any] | None = None
         self._saved_rng: dict[str, Any] | None = None  # this rank's, from the checkpoint
         if self.resume_dir is not None:
@@ -387,7 +378,7 @@ class Trainer:
         from pretrain.zeroshot import evaluate
 
         zs = self.cfg.zero_shot
-        if not zs.urls or not zs.class_names:
+        if not zs.urls or not zs.names():
             return {}
         return evaluate(self.engine, self.loader.tokenizer, zs, self.cfg.data, self.info.rank,
                         self.info.world_size, self.info.device, self.dtype)
@@ -469,8 +460,8 @@ class Trainer:
             losses.append(loss.item())
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.item()
-        values = _mean_over_ranks({"loss": sum(losses) / accum}
-                                  | {k: v / accum for k, v in term_sums.items()}, device)
+        values = mean_by_name({"loss": sum(losses) / accum}
+                              | {k: v / accum for k, v in term_sums.items()})
         self._step_values = values
         return {"loss": torch.tensor(values["loss"], dtype=torch.float64)}
 
@@ -529,7 +520,7 @@ class Trainer:
                         eval_every=cfg.zero_shot.every,
                         checkpoint_every=cfg.run.checkpoint_every,
                         log_every=cfg.run.log_every, log_first=False, log_last=True,
-                        epochs=False)
+                        epochs=False, losses_over_ranks=True)
         result = run_loop(spec, hooks, LoopPosition(self.step), metrics=metrics, d=self.info)
         stopped = {"stopped_early": True} if result.get("stopped_early") else {}
         return {"step": self.step, **self._last, **stopped}

@@ -232,7 +232,7 @@ def zero_shot_source(zs: ZeroShotConfig, resumed: bool = False) -> list[tuple[st
     evaluation being skipped (:func:`read_share`). A ``resumed`` run is not checked: an
     auxiliary evaluation set gone since must not end a run of weeks at its requeue; its
     evaluations are skipped instead, logged."""
-    return [("zero_shot", list(zs.urls))] if zs.urls and zs.class_names and not resumed \
+    return [("zero_shot", list(zs.urls))] if zs.urls and zs.names() and not resumed \
         else []
 
 
@@ -290,7 +290,7 @@ def read_share(zs: ZeroShotConfig, data: DataConfig, rank: int, world_size: int,
     device = device if device is not None else torch.device("cpu")
     urls, unlisted = _held_out_urls(zs, data.s3)  # ([], why) when the lists are unusable
     cap = zs.max_batches * data.batch_size if zs.max_batches else None
-    num_classes = len(zs.class_names)
+    num_classes = len(zs.names())
     counter = SkipCounter()
     share = HeldOutShare()
     mine: list[tuple[int, RawSample]] = []  # (global index in the set, sample)
@@ -468,15 +468,16 @@ def class_embeddings(model, tokenizer, zs: ZeroShotConfig, context_length: int,
     classes x 80 templates would not fit as one batch); the per-class sums are
     accumulated, so memory stays O(classes x D).
     """
-    num_templates = len(zs.templates)
-    prompts = [t.format(name) for name in zs.class_names for t in zs.templates]
+    names, templates = zs.names(), zs.prompt_templates()
+    num_templates = len(templates)
+    prompts = [t.format(name) for name in names for t in templates]
     sums = None
     for start in range(0, len(prompts), zs.prompt_batch):
         tokens = tokenizer(prompts[start:start + zs.prompt_batch],
                            context_length=context_length).to(device)
         emb = model.encode_text(tokens).float()
         if sums is None:
-            sums = emb.new_zeros(len(zs.class_names), emb.shape[-1])
+            sums = emb.new_zeros(len(names), emb.shape[-1])
         owner = torch.arange(start, start + len(emb), device=emb.device) // num_templates
         sums.index_add_(0, owner, emb)
     return torch.nn.functional.normalize(sums / num_templates, dim=-1)
@@ -505,7 +506,7 @@ def evaluate(engine, tokenizer, zs: ZeroShotConfig, data: DataConfig, rank: int,
     if share.bad_labels:
         log.warning("zero-shot evaluation without %d held-out sample(s) whose label is not a "
                     "class id (0 to %d, zero_shot.class_names)", share.bad_labels,
-                    len(zs.class_names) - 1)
+                    len(zs.names()) - 1)
     totals = {"zero_shot_unreadable_shards": unreadable, "zero_shot_bad_labels": share.bad_labels}
     if share.num_samples == 0:
         log.warning("zero-shot evaluation skipped: the held-out set %s has no labelled sample",

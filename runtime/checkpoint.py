@@ -712,15 +712,25 @@ def resolve_resume(resume: str | None, root: Path, warn: bool = True,
     return source.path
 
 
+def is_own_checkpoint(ckpt_dir: Path, root: Path) -> bool:
+    """``ckpt_dir`` is a checkpoint of the run whose checkpoints folder is ``root``."""
+    return ckpt_dir.parent.resolve() == root.resolve()
+
+
+def tags_after(root: Path, tag: str) -> list[str]:
+    """The checkpoints of ``root`` later than ``tag``: what a resume from ``tag`` abandons
+    (:func:`prune` deletes them once the resumed run's first checkpoint is complete)."""
+    step = _step_of(tag) or 0
+    return [p.name for p in sorted(root.glob("step_*"))
+            if _is_tag(p.name) and _step_of(p.name) > step]
+
+
 def _warn_rewind(ckpt_dir: Path, root: Path) -> None:
-    """Say which checkpoints a resume from an earlier checkpoint of this run abandons:
-    :func:`prune` deletes them once the resumed run's first checkpoint is complete."""
+    """Say which checkpoints a resume from an earlier checkpoint of this run abandons."""
     latest = read_latest(root)
-    if not latest or ckpt_dir.parent.resolve() != root.resolve():
+    if not latest or not is_own_checkpoint(ckpt_dir, root):
         return
-    step = _step_of(ckpt_dir.name) or 0
-    later = [p.name for p in sorted(root.glob("step_*"))
-             if _is_tag(p.name) and _step_of(p.name) > step]
+    later = tags_after(root, ckpt_dir.name)
     if later:
         log.warning("resuming from %s, before %s (latest): %s will be deleted once this "
                     "run's first checkpoint is complete (until then, resuming from them "
@@ -791,15 +801,27 @@ def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
             f"convert) and start a new run from it")
 
 
-def refuse_fresh_start(resume: str | None, root: Path, run_dir: Path) -> None:
-    """Refuse a start without ``--resume`` in ``run_dir`` when its checkpoints ``root``
-    have a ``latest``: the new run would replace the run's metrics and, one save after
-    another, its checkpoints. Never lose a run."""
-    tag = None if resume else read_latest(root)
-    if tag:
+def refuse_fresh_start(resume_dir: Path | None, root: Path, run_dir: Path) -> None:
+    """Refuse a start in ``run_dir`` whose checkpoints ``root`` have a ``latest`` unless it
+    continues that run: without ``--resume`` (``resume_dir`` None, from
+    :func:`resolve_resume`) the new run would replace the run's metrics and, one save
+    after another, its checkpoints; from another run's checkpoint, its first save would
+    make ``latest`` and :func:`prune` delete this run's later checkpoints, all of them.
+    Resuming this run's own checkpoints (``auto``, or a rewind, which
+    :func:`resolve_resume` warns about) is allowed. Never lose a run."""
+    tag = read_latest(root)
+    if not tag:
+        return
+    if resume_dir is None:
         raise ResumeError(
             f"{run_dir} already holds a run (checkpoints/{LATEST} = {tag}); continue it with "
             f"--resume auto, or pass another --output-dir")
+    if not is_own_checkpoint(resume_dir, root):
+        raise ResumeError(
+            f"{run_dir} already holds a run (checkpoints/{LATEST} = {tag}) and --resume "
+            f"{resume_dir} is another run's checkpoint: continuing it here would delete this "
+            f"run's checkpoints at its first save; pass another --output-dir (or --resume "
+            f"auto to continue this run)")
 
 
 def _pending_config(run_dir: Path) -> Path:

@@ -369,6 +369,21 @@ def gather_objects(obj, dst: int = 0) -> list | None:
     return out
 
 
+def launcher_world_size() -> int | None:
+    """``WORLD_SIZE`` as a launcher exported it (a dry run plans for that many GPUs), None
+    when unset; a ValueError naming it when it is not a whole number >= 1."""
+    value = os.environ.get("WORLD_SIZE")
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r}: not a GPU count") from None
+    if count < 1:
+        raise ValueError(f"WORLD_SIZE={count}: must be >= 1")
+    return count
+
+
 def global_rank() -> int:
     """This process's rank in the default process group (0 without one)."""
     import torch.distributed as dist
@@ -397,6 +412,26 @@ def sum_over_ranks(values: Sequence[float] | None, length: int) -> list[float] |
         dist.all_reduce(vector)
     summed = vector.tolist()
     return None if summed[-1] else summed[:-1]
+
+
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
+    """Each rank's ``values`` averaged over the ranks (float64), on every rank: one
+    :func:`sum_over_ranks` (the values themselves without a process group). Collective:
+    every rank calls it with as many values."""
+    import torch.distributed as dist
+
+    summed = sum_over_ranks(list(values), len(values))
+    world = dist.get_world_size() if _process_group_up() else 1
+    return [v / world for v in summed]
+
+
+def mean_by_name(values: Mapping[str, float]) -> dict[str, float]:
+    """Named values averaged over the ranks (:func:`mean_over_ranks`), reduced in sorted
+    name order so ranks that built their dicts in different orders still agree, returned in
+    ``values``' order. Collective: every rank calls it with the same names."""
+    names = sorted(values)
+    means = dict(zip(names, mean_over_ranks([float(values[n]) for n in names])))
+    return {name: means[name] for name in values}
 
 
 def sum_counts(counts: Mapping[Hashable, float],

@@ -74,6 +74,11 @@ class DeepSpeedSpec:
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch and grad_accum must be >= 1, got "
                              f"{self.micro_batch} and {self.grad_accum}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (DeepSpeed's CPU "
+                             "Adam steps host parameters, which stage 0 keeps on the GPU)")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.offload_adamw is None:
             raise ValueError("offload_optimizer needs offload_adamw (DeepSpeed's CPU Adam "
                              "is configured in the DeepSpeed config)")

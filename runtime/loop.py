@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from runtime import preemption
-from runtime.dist import DistInfo
+from runtime.dist import DistInfo, mean_by_name
 from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class LoopSpec:
     log_first: bool = True
     log_last: bool = False
     epochs: bool = True
+    # the task's train_step returns its losses already averaged over the ranks
+    # (pre-training's, which it needs every step); else the loop averages them at log steps
+    losses_over_ranks: bool = False
 
 
 class RefusedStart(ValueError):
@@ -171,8 +174,19 @@ def _total_loss(losses: dict[str, torch.Tensor]) -> float:
     return sum(v.detach().float() for v in losses.values()).item()
 
 
+def _rank_mean(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The step's named losses averaged over the ranks (float64), as mmdet and mmseg log
+    theirs (``_parse_losses``: each logged loss all-reduced and divided by the world
+    size): one all-reduce, at log steps only, which every rank reaches together (a step is
+    skipped on all ranks or none). A task's loss names are the same on every rank."""
+    means = mean_by_name({n: v.detach().double().item() for n, v in losses.items()})
+    return {n: torch.tensor(v, dtype=torch.float64) for n, v in means.items()}
+
+
 def _log_step(metrics: MetricsLogger, spec: LoopSpec, pos: LoopPosition,
               losses: dict[str, torch.Tensor], optimizer, extra: dict[str, Any]) -> None:
+    if not spec.losses_over_ranks:
+        losses = _rank_mean(losses)
     loss = _total_loss(losses)
     record: dict[str, Any] = {"epoch": pos.epoch} if spec.epochs else {}
     record["loss"] = loss

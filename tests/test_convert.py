@@ -89,7 +89,8 @@ def zero_run(tmp_path_factory) -> Path:
 def _tiny(**kw):
     from models import build_model
 
-    return build_model("internimage_t", num_classes=0, dcn_backend="reference", **ARCH, **kw)
+    return build_model("internimage_t", **{"num_classes": 0, "dcn_backend": "reference",
+                                           **ARCH, **kw})
 
 
 @pytest.mark.distributed
@@ -97,7 +98,7 @@ def test_zero3_round_trip(zero_run, tmp_path, capsys):
     from safetensors import safe_open
 
     from finetune.convert import convert
-    from models import load_pretrained
+    from models import CheckpointError, load_pretrained
 
     dst = tmp_path / "m3i.safetensors"
     report = convert(zero_run / "checkpoints", dst)  # the dir with `latest`
@@ -134,6 +135,25 @@ def test_zero3_round_trip(zero_run, tmp_path, capsys):
     backbone, _ = read_backbone(official)
     assert set(backbone) == set(fresh.state_dict())
     assert all(v.dtype == torch.bfloat16 for v in backbone.values() if v.is_floating_point())
+
+    # README's Models snippet, `load_pretrained(model, FILE)`, on both converted formats:
+    # strict, the pre-training heads (pretrain.*) dropped and a classifier the file does
+    # not hold left as built (both reported); before, each raised CheckpointError
+    for path in (dst, official):
+        classifier = _tiny(num_classes=10).eval()
+        loaded = load_pretrained(classifier, path)
+        assert loaded.fresh == ["head.weight", "head.bias"] and not loaded.missing
+        assert all(k.startswith("pretrain.") for k in loaded.dropped)
+        assert bool(loaded.dropped) == (path == dst)
+        torch.testing.assert_close(classifier.forward_pooled(ref["x"]), ref["pooled"],
+                                   atol=2e-2, rtol=2e-2)  # official: bf16 weights
+    with pytest.raises(CheckpointError, match="missing"):  # a head cut short still fails
+        partial = tmp_path / "partial.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({**torch.load(official, map_location="cpu")["model"],
+                   "head.weight": torch.zeros(10, 192)}, str(partial))
+        load_pretrained(_tiny(num_classes=10), partial)
 
     # the ZeRO dir directly as --init, and the CLI's printed report
     load_init(_tiny(), zero_run / "checkpoints", variant="internimage_t", arch=ARCH)

@@ -43,6 +43,19 @@ def test_demo_writes_manifest_with_disjoint_val_split(tmp_path, capsys):
     assert report == {"samples": val["samples"], "skipped": 0, "reasons": {}, "shards": 1}
 
 
+def test_demo_again_into_its_folder_replaces_the_earlier_shards(tmp_path, capsys):
+    """`shards demo --out DIR` twice with another --maxcount: the first run's 24 train
+    shards stayed beside the second's 3, and the manifest (a glob) listed all of them: a
+    brace pattern over them read 2862 samples, every key twice."""
+    assert main(["shards", "demo", "--out", str(tmp_path), "--maxcount", "64"]) == 0
+    assert main(["shards", "demo", "--out", str(tmp_path), "--maxcount", "512"]) == 0
+    train = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]
+    on_disk = sorted(p.name for p in tmp_path.glob("train-*.tar"))
+    assert train["shards"] == on_disk and len(on_disk) == -(-train["samples"] // 512)
+    keys = [k for s in on_disk for k in _keys(tmp_path / s)]
+    assert len(keys) == len(set(keys)) == train["samples"]
+
+
 def test_ensure_demo_shards_is_safe_under_concurrent_calls(tmp_path):
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(ensure_demo_shards(tmp_path)))

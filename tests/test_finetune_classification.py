@@ -105,12 +105,15 @@ def test_real_configs_dry_run(config, capsys):
     assert main(["finetune", task, "--config", str(config), "--dry-run", *extra]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out
-    memory = re.search(r"memory per GPU +~([0-9.]+) GiB = states ([0-9.]+) .* activations "
-                       r"([0-9.]+)", out)
+    memory = re.search(r"memory per GPU +~([0-9.]+) GiB = states ([0-9.]+) \(([^)]*)\)"
+                       r"(?: \+ ZeRO buffers ([0-9.]+))? \+ activations ([0-9.]+)", out)
     assert memory, out
-    total, states, activations = map(float, memory.groups())
-    assert states > 0 and activations > 0 and total == pytest.approx(states + activations,
-                                                                      abs=0.02)
+    total, states, buffers, activations = (float(memory[i] or 0) for i in (1, 2, 4, 5))
+    assert states > 0 and activations > 0 and total == pytest.approx(
+        states + buffers + activations, abs=0.02)
+    # under ZeRO, DeepSpeed's gradient-reduction buffers (and ZeRO-3's gathered model)
+    zero = yaml.safe_load(config.read_text()).get("run", {}).get("zero_stage", 0)
+    assert (buffers > 0) == bool(zero) and (f"ZeRO-{zero}" in memory[3]) == bool(zero)
 
 
 def test_bad_config_fails_before_compute(capsys):

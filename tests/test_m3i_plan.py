@@ -36,8 +36,8 @@ def test_plan_counts_the_teacher_and_the_decoder():
             == sum(p.numel() for p in model_off.parameters()) + decoder)
     gpu = on["gpu"]
     # fp32 EMA copy of the image tower, 1/8 per GPU under ZeRO-3 (REFERENCE.md section 6:
-    # 4N/W bytes per rank)
-    assert gpu["target_encoder_states"] == 4 * -(-visual // 8)
+    # 4N/W bytes per rank), and the teacher engine's bf16 slices (2N/W) in this bf16 run
+    assert gpu["target_encoder_states"] == (4 + 2) * -(-visual // 8)
     assert gpu["target_encoder_forward_upper_bound"] > 0 and gpu["decoder_activations"] > 0
     assert gpu["total"] == sum(v for k, v in gpu.items() if k != "total")
     assert gpu["total"] > off["gpu"]["total"]
@@ -61,7 +61,8 @@ def test_teacher_is_whole_on_each_gpu_without_zero3():
 
 
 def test_h_recipe_plans_all_branches():
-    # REFERENCE.md section 6: the EMA teacher costs ~0.54 GB per rank for H on 8 ranks
+    # REFERENCE.md section 6: the fp32 EMA teacher costs ~0.54 GB per rank for H on 8
+    # ranks; the bf16 slices its forward gathers half as much again
     terms = _image_branch(REPO / "configs/pretrain/internimage_h_m3i.yaml", gpus=8)
-    assert terms["target_encoder_states"] == pytest.approx(0.54e9, rel=0.03)
+    assert terms["target_encoder_states"] == pytest.approx(0.54e9 * 1.5, rel=0.03)
     assert terms["decoder_activations"] > 0

@@ -14,7 +14,8 @@ target cast ``.float()`` for the loss, line 460). fp32 runs stay fp32.
 The teacher is built by ``pretrain.engine.build_teacher`` from the run's DeepSpeed config
 (its precision's one source), in-process on the tiny demo tower under ZeRO-2 (a plain
 module: no process group needed), and once under ZeRO-3 (the teacher a DeepSpeed engine of
-its own, fp32 slices, F.linear replaced by DeepSpeed's zero3_linear_wrap) on one rank
+its own with bf16 slices beside the fp32 average, F.linear replaced by DeepSpeed's
+zero3_linear_wrap) on one rank
 forked from tests/rank_launcher.py's forkserver: run as a script (``python
 tests/test_m3i_teacher_precision.py OUT_DIR``) this file is that rank.
 """
@@ -170,23 +171,26 @@ def _rank_main(out_dir: str) -> None:
     seen, target = _linear_dtypes(teacher, _images(torch.bfloat16))
     result = {"linears": sorted({f"{a}->{b}" for a, b in seen}),
               "slices": sorted({str(p.ds_tensor.dtype) for p in teacher.module.parameters()}),
+              "average": sorted({str(v.dtype) for v in teacher.state_dict().values()}),
               "target": str(target.dtype), "finite": bool(torch.isfinite(target).all())}
     Path(out_dir, "zero3.json").write_text(json.dumps(result))
     engine.destroy()
 
 
 @pytest.mark.distributed
-def test_zero3_teacher_engine_computes_in_bf16_with_fp32_slices(tmp_path):
+def test_zero3_teacher_engine_computes_in_bf16_with_an_fp32_average(tmp_path):
     """The production path (InternImage-H runs ZeRO-3): the teacher is a DeepSpeed engine
-    whose config turns bf16 off (its slices fp32), and DeepSpeed's engine.forward would
-    switch off an autocast entered around it (runtime/torch_autocast.py) on CUDA: the
-    autocast is entered inside the encoder, and its Linears compute in bf16."""
+    with bf16 slices (what its forward gathers) and the fp32 moving average beside them,
+    and DeepSpeed's engine.forward would switch off an autocast entered around it
+    (runtime/torch_autocast.py) on CUDA: the autocast is entered inside the encoder, and
+    its Linears compute in bf16."""
     from tests.rank_launcher import run_file_function
 
     run_file_function(__file__, "_rank_main", 1, str(tmp_path), timeout=240)
     result = json.loads((tmp_path / "zero3.json").read_text())
     assert result == {"linears": ["torch.bfloat16->torch.bfloat16"],
-                      "slices": ["torch.float32"], "target": "torch.float32",
+                      "slices": ["torch.bfloat16"], "average": ["torch.float32"],
+                      "target": "torch.float32",
                       "finite": True}
 
 

@@ -53,3 +53,22 @@ def test_block_checkpointing_keeps_less_for_backward():
 def test_zero_sharding_lowers_the_states_per_gpu():
     ddp = _estimate(2, checkpointing=False)["states"]
     assert _estimate(2, checkpointing=False, zero_stage=3)["states"] < ddp
+
+
+@pytest.mark.parametrize("stage, weights, expected", [
+    # ZeRO-1/2: two reduce_bucket_size (5e8, DeepSpeed's default) buffers with overlap_comm
+    # in the weights' dtype (stage_1_and_2.setup_buckets; tests/test_memory_plan.py measures
+    # them); ZeRO-3: one bucket in the reduction's fp32 plus the gathered 16-bit model
+    (1, "bf16", 2 * 5e8 * 2), (2, "fp32", 2 * 5e8 * 4), (3, "bf16", None)])
+def test_zero_runs_count_deepspeeds_buffers(stage, weights, expected):
+    """Fine-tuning dry runs under ZeRO left DeepSpeed's buffers out (~1.9 GiB per GPU
+    for the L/XL 22kto1k presets' ZeRO-1 in bf16); the dense tasks also planned DDP states
+    whatever run.zero_stage said."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model("internimage_t", **TINY).parameters())
+    est = _estimate(2, checkpointing=False, zero_stage=stage, weights=weights)
+    if expected is None:  # ZeRO-3: fp32 bucket + every bf16 parameter gathered
+        expected = 5e8 * 4 + 2 * params
+    assert est["buffers"] == pytest.approx(expected / GiB)
+    assert est["total"] == pytest.approx(est["states"] + est["buffers"] + est["activations"])
+    assert _estimate(2, checkpointing=False)["buffers"] == 0  # DDP

@@ -269,3 +269,25 @@ def test_a_dry_run_plans_the_model_states_of_its_nodes(capsys):
 
     assert plan["memory_per_gpu_gib"]["model_states"] == states_gib(5, 2)
     assert states_gib(5, 2) > states_gib(8, 2)  # what 10 GPUs at 8 a node were planned as
+
+
+def test_a_dry_runs_parameter_count_is_the_trained_models(capsys, tmp_path):
+    """The plan counted one tag embedding (the demo trains 14: 832 parameters short; for a
+    vocabulary of 10k tags at width 1024, ~10M); now it counts the vocabulary the trainer
+    reads, and says so where the dry run cannot read it."""
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.data.decode import TagVocab
+    from pretrain.demo import resolve_builtin
+    from pretrain.engine import build_model
+
+    plan = _plan(capsys, [])
+    # as the trainer builds it (ZeRO-2 here: no zero.Init, so no process group; the
+    # parameters are the same)
+    cfg = resolve_builtin(load_config(PretrainConfig, DEMO_CONFIG, ["engine.zero_stage=2"]))
+    trained = build_model(cfg, len(TagVocab.load(cfg.data.tag_vocab)))
+    assert plan["tag_vocabulary_size"] == len(TagVocab.load(cfg.data.tag_vocab)) == 14
+    assert plan["total_parameters"] == sum(p.numel() for p in trained.parameters())
+    unread = _plan(capsys, [f"data.tag_vocab={tmp_path / 'none.txt'}"])
+    assert unread["tag_vocabulary_size"] == "unread: not counted"

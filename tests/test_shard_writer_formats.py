@@ -105,3 +105,44 @@ def test_files_that_are_no_image_are_left_out_counted_and_named(tmp_path, capsys
     assert json.loads(sample["json"]) == {"path": "good.png", "tags": []}
     tally = _verify(shard, capsys)
     assert tally["samples"] == 1 and tally["skipped"] == 0, tally
+
+
+def test_rows_the_reader_would_skip_are_left_out_and_counted(tmp_path, capsys, caplog):
+    """Written and counted in manifest.json before, then skipped by every training read
+    (pretrain/data/decode.py): a blank caption (``missing_caption``: the reader strips it)
+    and an image over the reader's pixel limit (``data.max_image_pixels``, PIL's
+    Image.MAX_IMAGE_PIXELS by default: ``oversized_image``; the writer refused only beyond
+    twice that, PIL's DecompressionBombError). Now both are left out, counted by reason, and
+    the manifest's samples are what the reader reads."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
+        Image.fromarray(_pixels(seed)).save(imgs / name)
+    # 20x24 = 480 pixels: over a limit of 400, as a 10000x9000 scan is over PIL's
+    with caplog.at_level(logging.WARNING, logger="data.shard_writer"):
+        captions = tmp_path / "cap.jsonl"
+        captions.write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in
+                                    (("a.png", "a cat"), ("b.png", "   "), ("c.png", ""))))
+        out = tmp_path / "o"
+        assert main(["shards", "write", "--images", str(imgs), "--captions", str(captions),
+                     "--out", str(out / "d-%06d.tar")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 1 and manifest["skipped_unreadable"] == {"empty_caption": 2}
+    assert "b.png" in caplog.text and "c.png" in caplog.text
+    assert _verify(out / "d-000000.tar", capsys)["samples"] == manifest["samples"]
+    captions.write_text("".join(json.dumps({"path": p, "caption": "x"}) + "\n"
+                                for p in ("a.png", "b.png")))
+    assert main(["shards", "write", "--images", str(imgs), "--captions", str(captions),
+                 "--out", str(tmp_path / "small" / "d-%06d.tar"),
+                 "--max-image-pixels", "400"]) == 1  # nothing left to write
+    assert "2 unreadable or blank" in capsys.readouterr().err
+    # the default limit is the reader's: PIL's
+    from data.shard_writer import UnreadableImage, image_member
+
+    big = tmp_path / "big.png"
+    Image.new("L", (10000, 9000)).save(big)
+    try:
+        image_member(big)
+        raise AssertionError("a 90M-pixel image was accepted")
+    except UnreadableImage as err:
+        assert err.reason == "oversized_image"

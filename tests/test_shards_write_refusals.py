@@ -68,7 +68,8 @@ def _last_line(capsys) -> str:
                                   "directory_as_captions", "unknown_suffix",
                                   "no_path_column", "semicolons", "binary_csv",
                                   "header_only", "empty_file", "short_row", "bad_jsonl",
-                                  "jsonl_not_object", "wrong_images_folder"])
+                                  "jsonl_not_object", "wrong_images_folder",
+                                  "lone_surrogate"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, images, capsys):
     captions = _csv(tmp_path / "captions.csv")
     expect = {}
@@ -115,6 +116,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, images
         captions = tmp_path / "captions.jsonl"
         captions.write_text('["0.jpg", "a"]\n')
         expect = f"--captions {captions}: line 1 is not a JSON object"
+    elif case == "lone_surrogate":  # failed part-way: "'utf-8' codec can't encode ..."
+        captions = tmp_path / "captions.jsonl"
+        captions.write_text('{"path": "0.jpg", "caption": "a"}\n'
+                            '{"path": "1.jpg", "caption": "b\\udc80"}\n')
+        expect = (f"--captions {captions}: line 2: its 'caption' holds '\\udc80', which is "
+                  "no Unicode character")
     elif case == "wrong_images_folder":  # a folder, but not the one the paths are under
         images = tmp_path
         expect = (f"--images {images}: none of the 4 image files --captions lists is there "
@@ -165,10 +172,10 @@ def test_a_failure_part_way_removes_the_shards_begun_and_writes_no_manifest(
     (out / "manifest.json").write_text('{"shards": ["d-000000.tar"], "samples": 2}\n')
     real = data.shard_writer.image_member
 
-    def failing(file: Path):
+    def failing(file: Path, *limit):
         if file.name == "3.jpg":
             raise PermissionError(13, "Permission denied", str(file))
-        return real(file)
+        return real(file, *limit)
 
     monkeypatch.setattr(data.shard_writer, "image_member", failing)
     code = main(["shards", "write", "--images", str(images), "--captions", str(captions),
@@ -180,10 +187,10 @@ def test_a_failure_part_way_removes_the_shards_begun_and_writes_no_manifest(
     assert list(out.iterdir()) == []
 
     # an interrupt (Ctrl-C) removes them as well, and is not swallowed
-    def interrupted(file: Path):
+    def interrupted(file: Path, *limit):
         if file.name == "3.jpg":
             raise KeyboardInterrupt
-        return real(file)
+        return real(file, *limit)
 
     monkeypatch.setattr(data.shard_writer, "image_member", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -264,7 +271,7 @@ def test_a_failed_write_removes_the_folders_it_created(tmp_path, images, capsys,
                                                        monkeypatch):
     captions = _csv(tmp_path / "captions.csv")
 
-    def failing(file: Path):
+    def failing(file: Path, *limit):
         raise OSError(5, "Input/output error", str(file))
 
     monkeypatch.setattr(data.shard_writer, "image_member", failing)
@@ -273,3 +280,20 @@ def test_a_failed_write_removes_the_folders_it_created(tmp_path, images, capsys,
                  "--out", str(out)]) == 1
     assert "removed the 1 shard(s) begun" in _last_line(capsys)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/prefix/d-%06d.tar",
+                                 "pipe:aws s3 cp - s3://bucket/d-%06d.tar"])
+def test_an_out_that_is_a_url_or_a_pipe_is_refused_naming_out(out, tmp_path, images, capsys,
+                                                               monkeypatch):
+    """webdataset has no s3 writer (webdataset/gopen.py gopen_schemes): `--out s3://...`
+    made a local folder "s3:" and failed at the first shard with "no gopen handler defined";
+    a pipe: pattern made a folder named after the command and put manifest.json there, and
+    the existing-shard and clean-up checks looked at that folder, not at the shards."""
+    monkeypatch.chdir(tmp_path)
+    captions = _csv(tmp_path / "captions.csv")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _refused(tmp_path, images, captions, out) == 2
+    message = _one_line(capsys)
+    assert message.startswith(f"--out {out!r}") and "local folder" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -380,3 +380,100 @@ def test_a_submission_over_an_existing_run_says_it_continues_it(job, tmp_path, m
     assert main(["submit", "--dry-run", *JOBS[job], "--output-dir", str(run)]) == 0
     err = capsys.readouterr().err
     assert f"{run} holds a run: the job continues it from {step.name}" in err
+
+
+def _two_runs(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """Run A with checkpoints 4, 8, 12 (latest 12) and run B with checkpoint 4."""
+    run_a = tmp_path / "runA"
+    _fake_checkpoint(run_a)
+    for step in ("step_0000008", "step_0000012"):
+        (run_a / "checkpoints" / step).mkdir()
+        (run_a / "checkpoints" / step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (run_a / "checkpoints" / "latest").write_text("step_0000012")
+    other = _fake_checkpoint(tmp_path / "runB")
+    return run_a, other, sorted(p.name for p in (run_a / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_another_runs_checkpoint_into_a_run_directory_is_refused(job, no_sbatch, tmp_path,
+                                                                 capsys):
+    """Run A in the output dir, --resume naming run B's checkpoint: the job's first save
+    would become A's ``latest`` and pruning would delete all of A's checkpoints (README:
+    a run is never overwritten). Before: submitted, with "A holds a run: the job continues
+    it from step_0000004". Refused before sbatch, and A untouched."""
+    run_a, other, before = _two_runs(tmp_path)
+    status = main(["submit", "--folder", str(tmp_path / "logs"), *JOBS[job], "--output-dir",
+                   str(run_a), "--resume", str(other)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "another run's checkpoint" in err and "step_0000012" in err, err
+    assert not no_sbatch.exists()
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
+
+
+def test_the_runtime_refuses_another_runs_checkpoint_and_allows_a_rewind(tmp_path):
+    """The check every training start runs (pretrain.trainer, finetune.engine): this run's
+    own checkpoints (auto, or a rewind) continue it; another run's checkpoint does not."""
+    from runtime.checkpoint import ResumeError, refuse_fresh_start, resolve_resume
+
+    run_a, other, _ = _two_runs(tmp_path)
+    root = run_a / "checkpoints"
+    for resume in ("auto", str(root / "step_0000008")):
+        refuse_fresh_start(resolve_resume(resume, root, warn=False), root, run_a)
+    for resume in (None, str(other)):
+        with pytest.raises(ResumeError, match="already holds a run"):
+            refuse_fresh_start(resolve_resume(resume, root, warn=False), root, run_a)
+    # a new directory may start from another run's checkpoint
+    fresh = tmp_path / "runC" / "checkpoints"
+    refuse_fresh_start(resolve_resume(str(other), fresh, warn=False), fresh, fresh.parent)
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_submit_says_what_a_resume_does(job, tmp_path, capsys):
+    """Into a new directory from another run: a new run (before: "holds a run", telling
+    the user to change a directory that was fine); a rewind names what it deletes."""
+    run_a, other, _ = _two_runs(tmp_path)
+    new = tmp_path / "new"
+    assert main(["submit", "--dry-run", *JOBS[job], "--output-dir", str(new), "--resume",
+                 str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"{new}: the job starts a new run from {other}" in err and "holds a run" not in err
+    assert main(["submit", "--dry-run", *JOBS[job], "--output-dir", str(run_a), "--resume",
+                 str(run_a / "checkpoints" / "step_0000004")]) == 0
+    err = capsys.readouterr().err
+    assert "continues it from step_0000004" in err
+    assert "step_0000008, step_0000012 deleted at the job's first save" in err
+
+
+@pytest.mark.parametrize("export, refused", [
+    ("NONE", True), ("AWS_ACCESS_KEY_ID", True), ("ALL", False),
+    ("PATH,AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN", False)])
+@pytest.mark.parametrize("where", ["shell", "profile"])
+def test_credentials_sbatch_would_not_export_are_refused(export, refused, where, no_sbatch,
+                                                         tmp_path, monkeypatch, capsys):
+    """Credentials given as overrides reach the job through the environment sbatch passes
+    on (--export, default ALL). With --export=NONE (the profile's sbatch_extra, or the
+    shell's SBATCH_EXPORT, which sbatch reads when the option is absent: sbatch(1)) or a
+    list without them, the job started without them and failed at its first S3 read after
+    its wait in the queue. Refused before sbatch, naming what would be missing."""
+    from tests.test_secrets import AWS_ENV, CREDS
+
+    for name in AWS_ENV:  # set first so that monkeypatch restores them after `submit`
+        monkeypatch.setenv(name, "unset")
+    extra = []
+    if where == "shell":
+        monkeypatch.setenv("SBATCH_EXPORT", export)
+    else:
+        monkeypatch.delenv("SBATCH_EXPORT", raising=False)
+        profile = tmp_path / "profile.yaml"
+        profile.write_text(f"sbatch_extra: {{export: '{export}'}}\n")
+        extra = ["--profile", str(profile)]
+    status = main(["submit", "--folder", str(tmp_path / "logs"), *extra, "pretrain",
+                   "--output-dir", str(tmp_path / "run"), *CREDS])
+    err = capsys.readouterr().err
+    if refused:
+        assert status == 2 and "AWS_SECRET_ACCESS_KEY" in err and "--export" in err, err
+        assert not no_sbatch.exists() and SECRET not in err
+    else:
+        assert status == 0, err
+        assert no_sbatch.exists()

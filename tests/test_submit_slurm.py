@@ -90,7 +90,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
         out, err = proc.communicate()
         raise AssertionError(
             f"submit --wait did not return in {timeout}s:\n{err[-3000:]}") from None
-    assert proc.returncode == 0, f"submit --wait failed ({proc.returncode}):\n{err[-4000:]}"
+    # the head too: submit's failure message starts with the SLURM state the wait ended on
+    shown = err if len(err) <= 5000 else f"{err[:1500]}\n[...]\n{err[-3500:]}"
+    assert proc.returncode == 0, f"submit --wait failed ({proc.returncode}):\n{shown}"
     return out, err
 
 

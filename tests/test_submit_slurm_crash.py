@@ -66,10 +66,14 @@ def test_a_failed_task_ends_the_job_promptly(cluster: SlurmCluster, cache, tmp_p
         holder.listen()
         port = holder.getsockname()[1]
         job_env = env(cache) | {"SLURM_CONF": cluster.env["SLURM_CONF"],
-                                "PATH": cluster.env["PATH"], "MASTER_PORT": str(port)}
-        # local_cpu: this one machine's result_grace_s (2 s): task 1, killed by srun,
-        # writes no result, and --wait reports it 2 s after the job's end, not 15 s
-        cmd = [sys.executable, "-m", "launch.cli", "submit", "--profile", "local_cpu",
+                                "PATH": cluster.env["PATH"]}
+        # local_cpu (this one machine's result_grace_s, 2 s: task 1, killed by srun, writes
+        # no result, and --wait reports it 2 s after the job's end, not 15 s) with the taken
+        # port as the profile's master_port
+        profile = tmp_path / "profile.yaml"
+        profile.write_text((REPO / "configs/launch/local_cpu.yaml").read_text()
+                           + f"master_port: {port}\n")
+        cmd = [sys.executable, "-m", "launch.cli", "submit", "--profile", str(profile),
                "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
                "--folder", str(logs / "%j"), "--wait",
                "pretrain", "--output-dir", str(run_dir), "--max-steps", "5", *TINY]

@@ -136,8 +136,8 @@ def _rank_main(out_dir: str) -> None:
     from models.memory import largest_layer_params
     from pretrain.config import PretrainConfig
     from pretrain.engine import build_engine, build_model
-    from pretrain.estimate import zero3_buffer_bytes
     from runtime.dist import init_distributed
+    from runtime.memory import zero_buffer_bytes
     from runtime.param_groups import param_groups
 
     info = init_distributed()
@@ -182,7 +182,7 @@ def _rank_main(out_dir: str) -> None:
     images = torch.randn(2, 3, 32, 32)
     tokens = torch.randint(0, train_cfg.text.vocab_size, (2, train_cfg.data.context_length))
     result["gathered_peak_numel"] = _peak_gathered_numel(engine, images, tokens)
-    result["planned_live_numel"] = zero3_buffer_bytes(
+    result["planned_live_numel"] = zero_buffer_bytes(
         result["params"], ds_config["zero_optimization"], 1)["live_parameters"]
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
 

@@ -426,3 +426,42 @@ def test_prompt_batch_must_be_positive():
 
     with pytest.raises((ConfigError, ValueError), match="zero_shot.prompt_batch"):
         load_config(PretrainConfig, DEMO_CONFIG, ["zero_shot.prompt_batch=0"])
+
+
+def test_named_sets_are_open_clips_imagenet_names_and_clips_80_templates():
+    """The H preset evaluates as published ImageNet zero-shot numbers are computed: open_clip's
+    1000 class names in ILSVRC class-id order and CLIP's 80-template ensemble (open_clip
+    zero_shot_metadata.py, OPENAI_IMAGENET_TEMPLATES; Radford et al. 2021 report the
+    ensemble adds ~1.5% top-1 over one prompt). Before, the preset had class_names: [] (off
+    until a user pasted 1000 names) and one template."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from tests.pretrain_utils import REPO
+
+    zs = load_config(PretrainConfig, REPO / "configs/pretrain/internimage_h_m3i.yaml").zero_shot
+    names, templates = zs.names(), zs.prompt_templates()
+    assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet paper"
+    assert names == list(IMAGENET_CLASSNAMES)
+    assert len(templates) == 80 and templates[0] == "a bad photo of a {}."
+    assert [t.format("dog") for t in templates] == [t("dog") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert zs.class_names == "imagenet"  # the name, not 1000 strings, in config.yaml
+
+
+@pytest.mark.parametrize("override, key", [
+    ("zero_shot.class_names=imagenet21k", "zero_shot.class_names"),
+    ("zero_shot.templates=clip", "zero_shot.templates"),
+    ("zero_shot.templates=[\"a photo of a dog\"]", "zero_shot.templates[0]"),
+    ("zero_shot.templates=[\"a {} of a {}\"]", "zero_shot.templates[0]"),
+    ("zero_shot.templates=[]", "zero_shot.templates"),
+])
+def test_unknown_sets_and_templates_without_one_slot_are_refused(override, key):
+    """A template without its {} gives every class the same prompt: an accuracy of chance
+    that looks like a result."""
+    from launch.commands.pretrain import DEMO_CONFIG
+    from launch.config import ConfigError, load_config
+    from pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(PretrainConfig, DEMO_CONFIG, [override])

@@ -11,20 +11,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from runtime.dist import mean_over_ranks
 
-def rank_mean(count: float, device: torch.device) -> float:
+
+def rank_mean(count: float) -> float:
     """``count`` (this rank's number of targets) averaged over the ranks of the default
     process group, at least 1: the normaliser the released DINO and Mask2Former heads divide
     their summed per-target losses by (``max(reduce_mean(count), 1)``). Every rank must
     call it the same number of times (it is a collective when a group is initialised)."""
-    total = torch.tensor(float(count), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return total.clamp(min=1).item()
+    return max(mean_over_ranks([float(count)])[0], 1.0)
 
 
 class SinePositionEmbedding(nn.Module):

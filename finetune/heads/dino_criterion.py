@@ -28,9 +28,9 @@ def weighted_terms(criterion, cfg: dict, out: dict, targets: list[dict], indices
             + cfg["weight_giou"] * terms["loss_giou"]), terms
 
 
-def mean_num_boxes(targets: list[dict], device: torch.device) -> float:
+def mean_num_boxes(targets: list[dict]) -> float:
     """Ground-truth boxes per rank, averaged over ranks as DINO does (at least 1)."""
-    return rank_mean(sum(len(t["class_labels"]) for t in targets), device)
+    return rank_mean(sum(len(t["class_labels"]) for t in targets))
 
 
 def dino_losses(criterion, matcher: Callable, cfg: dict, logits: torch.Tensor,
@@ -41,7 +41,7 @@ def dino_losses(criterion, matcher: Callable, cfg: dict, logits: torch.Tensor,
     ``boxes`` (the first ``num_dn`` queries are denoising ones), the encoder proposals
     ``enc_out`` and the denoising group ``meta`` (None without ground-truth boxes);
     ``zero``: the scalar the sums start from (the input's device and dtype)."""
-    num_boxes = mean_num_boxes(targets, zero.device)
+    num_boxes = mean_num_boxes(targets)
     losses: dict[str, torch.Tensor] = {}
     aux = dn_total = zero
     last = len(logits) - 1
@@ -65,7 +65,7 @@ def dino_losses(criterion, matcher: Callable, cfg: dict, logits: torch.Tensor,
     # on every rank, also one without boxes (meta None): it is a collective.
     dn_positives = sum(len(t["class_labels"]) for t in targets) * (
         meta["dn_num_group"] if meta else 0)
-    dn_norm = rank_mean(dn_positives, zero.device)
+    dn_norm = rank_mean(dn_positives)
     if meta:
         dn_indices = RTDetrLoss.get_cdn_matched_indices(meta, targets)
         for i in range(len(logits)):

@@ -76,7 +76,7 @@ class RankMeanMask2FormerLoss(Mask2FormerLoss):
 
     def get_num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> float:
         """Target masks of this rank's batch, averaged over the ranks (at least 1)."""
-        return rank_mean(sum(len(classes) for classes in class_labels), device)
+        return rank_mean(sum(len(classes) for classes in class_labels))
 
 
 class Mask2FormerSegmenter(nn.Module):

@@ -43,7 +43,7 @@ def _table(est) -> str:
         (f"activations per GPU ({est.dtype})", f"{est.activations_per_gpu / gib:.2f} GiB"),
         ("  without checkpointing",
          f"{est.activations_per_gpu_without_checkpointing / gib:.2f} GiB"),
-        ("ZeRO-3 reduce bucket per GPU", f"{est.reduce_bucket_per_gpu / gib:.2f} GiB"),
+        ("ZeRO reduce buckets per GPU", f"{est.reduce_bucket_per_gpu / gib:.2f} GiB"),
         ("ZeRO-3 gathered parameters per GPU", f"{est.live_parameters_per_gpu / gib:.2f} GiB"),
         ("total per GPU", f"{est.total_per_gpu / gib:.2f} GiB"),
         ("model build per rank (zero.Init: " + ("yes)" if est.zero_init else "no)"),
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"internimage estimate: --{name.replace('_', '-')} must be >= 1, got {value}")
             return 2
+    if args.offload and args.zero == 0:
+        print("internimage estimate: --offload needs --zero 1, 2 or 3 (DeepSpeed's CPU Adam "
+              "steps host parameters, which stage 0 keeps on the GPU)")
+        return 2
     try:
         check_whole_nodes(args.gpus, args.gpus_per_node)
     except ValueError as err:

@@ -110,18 +110,16 @@ def dry_run_gpus(gpus: int | None) -> int:
     """The GPU count a dry run plans for: ``--gpus``, else ``WORLD_SIZE``, else 8; refused
     below 1 (``--gpus 0`` planned for 8, a negative count printed a negative batch,
     ``WORLD_SIZE=0`` divided by zero)."""
-    if gpus is None:
-        value = os.environ.get("WORLD_SIZE", "8")
-        try:
-            gpus = int(value)
-        except ValueError:
-            raise ConfigError(f"WORLD_SIZE={value!r}: not a GPU count") from None
-        source = f"WORLD_SIZE={gpus}"
-    else:
-        source = f"--gpus {gpus}"
-    if gpus < 1:
-        raise ConfigError(f"{source}: must be >= 1")
-    return gpus
+    if gpus is not None:
+        if gpus < 1:
+            raise ConfigError(f"--gpus {gpus}: must be >= 1")
+        return gpus
+    from runtime.dist import launcher_world_size
+
+    try:
+        return launcher_world_size() or 8
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:

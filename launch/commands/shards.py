@@ -39,6 +39,9 @@ def register(sub, name: str) -> None:
     write.add_argument("--overwrite", action="store_true",
                        help="remove the output folder's shards of this pattern first "
                        "(else: refused)")
+    write.add_argument("--max-image-pixels", type=int, default=None,
+                       help="leave out images with more pixels (default: the reader's "
+                       "data.max_image_pixels default, PIL's limit)")
     write.set_defaults(func=run_write)
 
     verify = actions.add_parser("verify", help="decode every sample, print a JSON tally",
@@ -89,15 +92,17 @@ def run_write(args: argparse.Namespace) -> int:
     the shards it began removed and no manifest."""
     from data.shard_writer import MissingImagesError, ShardWriteError, write_shards
 
-    if args.maxcount < 1 or args.maxsize < 1:
-        flag, value = (("--maxcount", args.maxcount) if args.maxcount < 1
-                       else ("--maxsize", args.maxsize))
-        print(f"internimage shards write: {flag} must be >= 1, got {value}", file=sys.stderr)
-        return 2
+    for flag, value in (("--maxcount", args.maxcount), ("--maxsize", args.maxsize),
+                        ("--max-image-pixels", args.max_image_pixels)):
+        if value is not None and value < 1:
+            print(f"internimage shards write: {flag} must be >= 1, got {value}",
+                  file=sys.stderr)
+            return 2
+    pixels = {} if args.max_image_pixels is None else {"max_pixels": args.max_image_pixels}
     try:
         manifest = write_shards(args.images, args.captions, args.out, maxcount=args.maxcount,
                                 maxsize=args.maxsize, skip_missing=args.skip_missing,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, **pixels)
     except (MissingImagesError, ValueError) as err:  # refused before anything was written
         print(f"internimage shards write: {err}", file=sys.stderr)
         return 2

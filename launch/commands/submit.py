@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from launch.config import ConfigError
 
@@ -91,6 +92,43 @@ def _print_dry_run(profile, spec) -> None:
     print(sbatch_script(profile))
 
 
+def refuse_unexported(env: dict[str, str], sbatch_extra: dict) -> None:
+    """Refuse a job whose credentials (moved from its overrides into ``env``) sbatch would
+    not pass on: its ``--export`` (the profile's ``sbatch_extra``, else the submitting
+    shell's ``SBATCH_EXPORT``, which sbatch reads when the option is absent) is NONE or a
+    list without ALL or those variables. The job would start without them and fail at its
+    first read of the data, after its wait in the queue."""
+    value = sbatch_extra.get("export", os.environ.get("SBATCH_EXPORT"))
+    if not env or value is None:
+        return
+    names = {item.split("=", 1)[0].strip() for item in str(value).split(",")}
+    missing = sorted(set(env) - names)
+    if "ALL" not in names and missing:
+        raise ConfigError(
+            f"sbatch --export={value} would not pass {', '.join(missing)} to the job (the "
+            f"credentials given as overrides travel in the environment, never in a file): "
+            f"export ALL or name them, or set them in the job's environment otherwise")
+
+
+def _resume_note(run_dir: Path, resumes: Path) -> str:
+    """What the job does with the checkpoint it resumes, said before anything is submitted:
+    the same command submitted again continues the run (resuming by hand), and a new run
+    needs a directory of its own (a preset's default output dir is shared by every
+    submission that does not name one); a rewind names what its first save deletes."""
+    from runtime.checkpoint import is_own_checkpoint, read_latest, tags_after
+    from runtime.checkpoint_path import CHECKPOINTS_DIR
+
+    root = run_dir / CHECKPOINTS_DIR
+    if not is_own_checkpoint(resumes, root):  # refused if run_dir held a run
+        return f"{run_dir}: the job starts a new run from {resumes}"
+    note = (f"{run_dir} holds a run: the job continues it from {resumes.name}; give "
+            "another --output-dir to start a new run")
+    later = tags_after(root, resumes.name)
+    if later and read_latest(root) != resumes.name:
+        note += f" ({', '.join(later)} deleted at the job's first save)"
+    return note
+
+
 def run(args: argparse.Namespace) -> int:
     from launch.slurm.jobspec import job_spec
 
@@ -99,11 +137,7 @@ def run(args: argparse.Namespace) -> int:
     # refuse on that many ranks is refused now, not after its wait in the queue
     spec = job_spec(list(args.job), args.cli_parser, world_size=profile.world_size)
     if spec.resumes is not None:
-        # said before anything is submitted: the same command submitted again continues
-        # the run (resuming by hand), and a new run needs a directory of its own (a preset's
-        # default output dir is shared by every submission that does not name one)
-        print(f"internimage submit: {spec.run_dir} holds a run: the job continues it from "
-              f"{spec.resumes.name}; give another --output-dir to start a new run",
+        print(f"internimage submit: {_resume_note(spec.run_dir, spec.resumes)}",
               file=sys.stderr, flush=True)
     if args.dry_run:
         _print_dry_run(profile, spec)
@@ -121,12 +155,15 @@ def run(args: argparse.Namespace) -> int:
         return 3
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if not args.local:
+        refuse_unexported(spec.env, profile.sbatch_extra)
     # credentials reach the job through the environment sbatch passes on, never the pickle
     os.environ.update(spec.env)
     training = TrainingJob(spec.argv, spec.run_dir, max_requeues=profile.max_requeues,
                            save_on_signal=profile.save_on_signal,
                            save_timeout_s=profile.save_timeout_s,
-                           cpus_per_task=profile.cpus_per_task, entry=args.cli_entry)
+                           cpus_per_task=profile.cpus_per_task, entry=args.cli_entry,
+                           master_port=profile.master_port)
     try:
         job = executor.submit(training)
     except (FailedJobError, FailedSubmissionError) as err:

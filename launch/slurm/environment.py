@@ -43,7 +43,7 @@ class TaskInfo:
         return self.rank == 0
 
 
-def export_distributed_env(cpus_per_task: int) -> TaskInfo:
+def export_distributed_env(cpus_per_task: int, master_port: int | None = None) -> TaskInfo:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT for this task.
 
     CUDA_VISIBLE_DEVICES is left as SLURM set it: with ``--gpus-per-node`` and no binding
@@ -53,9 +53,16 @@ def export_distributed_env(cpus_per_task: int) -> TaskInfo:
     GPU in both cases from LOCAL_RANK and LOCAL_WORLD_SIZE (which submitit 1.5.4 exports
     as SLURM_NTASKS // SLURM_JOB_NUM_NODES: exact for our equal tasks per node). Thread
     pools are sized to the CPUs SLURM gave the task, so 2 tasks on 2 cores do not
-    oversubscribe.
+    oversubscribe. ``master_port``: the rendezvous port (a profile's ``master_port``);
+    None: submitit's, derived from the job id, the same for every task of the job.
     """
-    # overwrite: the submitting shell's variables travel into the job (sbatch --export=ALL)
+    # The submitting shell's variables travel into the job (sbatch --export=ALL): overwrite
+    # them, and drop its MASTER_PORT first, which submitit would take as the job's (helpers
+    # .TorchDistributedEnvironment._get_master_port) instead of deriving one from the job
+    # id: two jobs sharing a first node would then both listen on it (EADDRINUSE).
+    os.environ.pop("MASTER_PORT", None)
+    if master_port is not None:  # asked for by the profile: taken as the job's
+        os.environ["MASTER_PORT"] = str(master_port)
     dist = submitit.helpers.TorchDistributedEnvironment().export(
         set_cuda_visible_devices=False, overwrite=True)
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", cpus_per_task))

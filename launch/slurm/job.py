@@ -192,7 +192,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def __init__(self, argv: list[str], run_dir: str | Path, max_requeues: int = 3,
                  save_on_signal: bool = True, save_timeout_s: float = 60,
-                 cpus_per_task: int = 1, *, entry: Callable[[list[str]], int]) -> None:
+                 cpus_per_task: int = 1, *, entry: Callable[[list[str]], int],
+                 master_port: int | None = None) -> None:
         # ``entry`` (`internimage`'s main, pickled by reference) is handed in rather than
         # imported here: launch.cli -> commands -> slurm.job must not lead back to launch.cli.
         self.entry = entry
@@ -202,6 +203,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.save_on_signal = save_on_signal
         self.save_timeout_s = save_timeout_s
         self.cpus_per_task = cpus_per_task
+        self.master_port = master_port  # None: derived from the job id (submitit)
         self._rt: _Runtime | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -217,7 +219,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         signals, submitit_handler = self._note_signals()
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        info = export_distributed_env(self.cpus_per_task)
+        # getattr: a job pickled by an earlier version, requeued, has no such attribute
+        info = export_distributed_env(self.cpus_per_task, getattr(self, "master_port", None))
         run_dir = Path(self.run_dir)
         restarts = restart_count(run_dir, info)
         # only rank 0 handles the signal, so only it judges and counts time-outs

@@ -204,7 +204,7 @@ def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
         # order; warn=False: the job resolves again and says what a rewind abandons then
         root = run_dir / CHECKPOINTS_DIR
         resume_dir = resolve_resume(resume, root, warn=False)
-        refuse_fresh_start(resume, root, run_dir)
+        refuse_fresh_start(resume_dir, root, run_dir)
         return resume_dir
     except CheckpointError as err:  # the job would stop on it, with this message
         raise ConfigError(str(err)) from None

@@ -54,6 +54,10 @@ class ClusterProfile:
     result_grace_s: float = RESULT_GRACE_S
     # Shell lines run in the sbatch script before srun (module load, exports...).
     setup: list[str] = field(default_factory=list)
+    # The tasks' rendezvous port (torch.distributed's MASTER_PORT on the first node). None:
+    # derived from the job id (submitit), so jobs sharing a node do not collide; a
+    # MASTER_PORT in the submitting shell is not used.
+    master_port: int | None = None
     # Extra `#SBATCH --key=value` lines that have no field here.
     sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)
 
@@ -71,6 +75,8 @@ class ClusterProfile:
             # extra ones would fail at start-up, after the job's wait in the queue
             raise ValueError(f"tasks_per_node ({self.tasks}) must not exceed gpus_per_node "
                              f"({self.gpus_per_node}): one task per GPU")
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port: must be a port 1..65535, got {self.master_port}")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ValueError(f"mem_gb: must be > 0, got {self.mem_gb}")
         if not (math.isfinite(self.result_grace_s) and self.result_grace_s >= 0):

@@ -7,23 +7,30 @@ optimizer step, theta_t <- m theta_t + (1 - m) theta_s, with m rising from ``bas
 
 Under ZeRO-3 the teacher is a second DeepSpeed engine without an optimizer, built under
 zero.Init: each parameter is split across the ranks exactly as its online twin (same
-shape, same world size), so every rank updates its own slice in place from the online
-model's fp32 master slice, with no communication and never a whole copy of the model
-(REFERENCE.md section 6, measured on this machine). Under ZeRO stages 0-2 the teacher is a
-plain whole module on every rank, and so is the online module's parameter: the update
-reads it where it is, again with no communication (the fp32 master itself in fp32 runs;
-its bf16/fp16 copy, the weights the online network computes with, in mixed precision).
-Assembling the partitioned fp32 master instead (``safe_get_full_fp32_param``) would
-all-reduce every whole tensor every step: 1355 collectives and 4.4 GB for InternImage-H.
-The teacher's weights stay fp32 even in bf16 runs (a bf16 EMA with m near 1 stalls: the
-increments round away), but in bf16/fp16 runs its forward computes in the run's 16-bit type
+shape, same world size), so every rank updates its own slice from the online model's fp32
+master slice, with no communication and never a whole copy of the model (REFERENCE.md
+section 6, measured on this machine). Under ZeRO stages 0-2 the teacher is a plain whole
+module on every rank, and so is the online module's parameter: the update reads it where
+it is, again with no communication (the fp32 master itself in fp32 runs; its bf16/fp16
+copy, the weights the online network computes with, in mixed precision). Assembling the
+partitioned fp32 master instead (``safe_get_full_fp32_param``) would all-reduce every
+whole tensor every step: 1355 collectives and 4.4 GB for InternImage-H.
+
+The moving average itself is always fp32 (a bf16 EMA with m near 1 stalls: the increments
+round away). In a bf16/fp16 ZeRO-3 run the teacher engine's parameters are 16-bit, like
+the online engine's: each rank keeps its fp32 EMA slices beside the engine and writes them,
+rounded, into the engine's slices after every update, so the teacher's forward gathers 2
+bytes per parameter, not 4 (InternImage-H: 2.2 GB per rank per step instead of 4.3; the
+fp32 slices cost 4N/W bytes per rank, ~0.54 GB on 8 ranks, the 16-bit ones 2N/W more).
+Whatever its weights' type, in bf16/fp16 runs the forward computes in the run's 16-bit type
 under ``torch.autocast`` (``teacher_autocast_dtype``), as Siamese Image Modeling's target
 encoder runs inside its training step's autocast (OpenGVLab/Siamese-Image-Modeling,
 engine_pretrain.py: ``torch.cuda.amp.autocast`` around the model call; models_sim.py
 ``forward_sim``: the target encoder under ``no_grad`` inside it): an fp32 forward of 2B
 views would dominate the step, whose online tower runs in bf16 (H100: ~67 dense fp32 TFLOPS
-against ~989 bf16). The target it returns is fp32. Its slices are saved and restored with
-every checkpoint (``state_dict``), so a resumed run is exact.
+against ~989 bf16). Under ZeRO 0-2 the teacher module stays fp32 (no gathering to save).
+The target it returns is fp32. The fp32 EMA is saved and restored with every checkpoint
+(``state_dict``), so a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -80,11 +87,10 @@ class TargetEncoder(nn.Module):
 
 
 def teacher_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """The online run's DeepSpeed config for an fp32 engine without an optimizer (fp32
-    weights; the forward's compute type is the encoder's ``autocast_dtype``)."""
+    """The online run's DeepSpeed config for the teacher engine: no optimizer, parameters in
+    the run's precision (16-bit slices in bf16/fp16 runs: what its forward gathers; the
+    fp32 moving average lives beside the engine, in ``MomentumTeacher``)."""
     config = copy.deepcopy(ds_config)
-    config["bf16"] = {"enabled": False}
-    config["fp16"] = {"enabled": False}
     for key in ("optimizer", "scheduler", "data_types"):
         config.pop(key, None)
     config.get("zero_optimization", {}).pop("offload_optimizer", None)
@@ -107,8 +113,8 @@ class MomentumTeacher:
 
     ``ds_config``: the teacher engine's config (``teacher_ds_config``) when the online
     model is a ZeRO-3 engine (``encoder`` then built under zero.Init with it), else None
-    (a plain module, updated whole). Call :meth:`update` with momentum 0 once the online
-    engine has its optimizer: the teacher then starts as an exact copy.
+    (a plain fp32 module, updated whole). Call :meth:`update` with momentum 0 once the
+    online engine has its optimizer: the teacher then starts as an exact copy.
     """
 
     def __init__(self, encoder: TargetEncoder, online: nn.Module,
@@ -130,12 +136,17 @@ class MomentumTeacher:
             if name not in online_params:
                 raise ValueError(f"target encoder parameter {name} has no online twin")
             self.pairs.append((name, param, online_params[name]))
+        # The fp32 moving average of this rank's elements: the parameters themselves where
+        # they are fp32, else (a 16-bit ZeRO-3 teacher engine) fp32 copies beside them.
+        self.apart = any(self._local(p).dtype != torch.float32 for _, p, _ in self.pairs)
+        self.copies = ({name: self._local(p).float().clone() for name, p, _ in self.pairs}
+                       if self.apart else {})
 
     def _local(self, param: nn.Parameter) -> torch.Tensor:
         """The elements this rank owns: its ZeRO-3 slice without the padding that evens out
         the last rank's slice (never gathered into the parameter, and left uninitialised:
         an EMA or a 0 * x refresh over it reads NaN garbage of the fp32 master's padding),
-        or the whole parameter."""
+        or the whole parameter. (Looked up at each use: ZeRO-3 may swap the slice's storage.)"""
         if not self.partitioned:
             return param.data
         import torch.distributed as dist
@@ -144,16 +155,28 @@ class MomentumTeacher:
         rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
         return flat[:max(0, min(flat.numel(), param.ds_numel - rank * flat.numel()))]
 
+    def _average(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 moving average of this rank's elements of ``param``."""
+        return self.copies[name] if self.apart else self._local(param)
+
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta_s, on this rank's slices only."""
-        for _, teacher, online in self.pairs:
-            local = self._local(teacher)
+        """theta_t <- m theta_t + (1 - m) theta_s, in fp32 on this rank's slices only."""
+        for name, teacher, online in self.pairs:
+            ema = self._average(name, teacher)
             # the master slice is padded as the teacher's: its first elements are ours
-            source = _online_source(online).reshape(-1)[:local.numel()].view_as(local)
+            source = _online_source(online).reshape(-1)[:ema.numel()].view_as(ema)
             # (with optimizer offload the fp32 master slice lives on the host; a 16-bit
-            # source is promoted by add_ into the fp32 teacher, no copy)
-            local.mul_(momentum).add_(source.to(local.device), alpha=1 - momentum)
+            # source is promoted by add_ into the fp32 average, no copy)
+            ema.mul_(momentum).add_(source.to(ema.device), alpha=1 - momentum)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Make the engine's parameters the fp32 average (rounded into 16-bit slices where
+        the engine keeps them) and drop gathered copies that are now stale."""
+        if self.apart:
+            for name, teacher, _ in self.pairs:
+                self._local(teacher).copy_(self.copies[name])
         self._drop_gathered()
 
     def _drop_gathered(self) -> None:
@@ -172,8 +195,10 @@ class MomentumTeacher:
         return self.engine(images.float()).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's teacher tensors by name (its slices under ZeRO-3), for checkpoints."""
-        return {name: self._local(p).detach().clone().cpu() for name, p, _ in self.pairs}
+        """This rank's fp32 moving average by name (its slices under ZeRO-3), for
+        checkpoints."""
+        return {name: self._average(name, p).detach().clone().cpu()
+                for name, p, _ in self.pairs}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy back tensors saved by :meth:`state_dict` on the same rank and world size."""
@@ -183,7 +208,7 @@ class MomentumTeacher:
                              f"({len(missing)} tensors)")
         with torch.no_grad():
             for name, p, _ in self.pairs:
-                local = self._local(p)
+                ema = self._average(name, p)
                 # checkpoints saved before the padding was left out hold it at the end
-                local.copy_(state[name].reshape(-1)[:local.numel()].view_as(local))
-        self._drop_gathered()
+                ema.copy_(state[name].reshape(-1)[:ema.numel()].view_as(ema))
+            self._publish()
