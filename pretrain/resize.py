@@ -194,11 +194,19 @@ SCRATCH_OWNER = ".owner"  # in a scratch folder: locked (flock) while its conver
 def _scratch_folder(ckpt_dir: Path, token: str) -> tuple[Path, int]:
     """A new folder of this conversion's own (its ``token`` in the name) for
     ds_to_universal's fragments, in the node's temporary directory (``TMPDIR``), and the
-    descriptor of its owner file, locked until it is closed (or this process dies)."""
+    descriptor of its owner file, locked until it is closed (or this process dies).
+
+    The owner file is locked under a name no sweep reads, then renamed into place (the
+    lock stays with the open file): a conversion sweeping the node's scratch meanwhile
+    sees either no owner file (a folder being created: kept) or a locked one, never the
+    unlocked moment between creating and locking it (which it took for a dead
+    conversion's, deleting the new folder under this one)."""
     try:
         folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{token}-"))
-        fd = os.open(folder / SCRATCH_OWNER, os.O_CREAT | os.O_WRONLY, 0o600)
+        unpublished = folder / f"{SCRATCH_OWNER}.new"
+        fd = os.open(unpublished, os.O_CREAT | os.O_WRONLY, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(unpublished, folder / SCRATCH_OWNER)
         return folder, fd
     except OSError as err:
         raise ResumeError(f"{ckpt_dir}: could not create the universal conversion's "

@@ -298,13 +298,48 @@ def test_a_killed_conversions_scratch_is_deleted_by_the_next_one_not_a_live_ones
         with pytest.raises(ResumeError):
             resize.convert_to_universal(_checkpoint(tmp_path / "checkpoints"))
         assert wait_for_deletions(timeout=60)
-        left = sorted(p.name for p in scratch.iterdir())
+        # (only scratch-named folders: torch may put its own caches in TMPDIR meanwhile,
+        # e.g. torchinductor_<user> when this test runs alone)
+        left = sorted(p.name for p in scratch.iterdir() if p.name.startswith(
+            resize.SCRATCH_PREFIX))
         assert left == sorted([folders["live"].name, foreign.name]), left
         assert (folders["live"] / "fp32.00").is_file()
     finally:
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_a_sweep_between_creating_and_locking_the_owner_file_keeps_the_new_folder(
+        scratch, monkeypatch):
+    """Two conversions on one node (two jobs, a shared /tmp): one sweeping while the other
+    has created its owner file but not yet locked it took the new folder for a dead
+    conversion's and deleted it under the live one. The sweep is run in that window here:
+    the folder and its owner file must survive, and the owner file be locked after."""
+    import fcntl
+
+    import pretrain.resize as resize
+    from runtime.checkpoint import wait_for_deletions
+
+    swept: list[list[Path]] = []
+    real_flock = fcntl.flock
+
+    def sweep_first(fd, operation):  # another conversion's sweep lands in the window
+        if not swept:
+            swept.append(resize._sweep_dead_scratch())
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(resize.fcntl, "flock", sweep_first)
+    folder, fd = resize._scratch_folder(Path("ckpt"), "window")
+    try:
+        monkeypatch.setattr(resize.fcntl, "flock", real_flock)
+        assert swept == [[]], swept  # nothing taken for dead
+        assert wait_for_deletions(timeout=60)
+        assert sorted(p.name for p in folder.iterdir()) == [resize.SCRATCH_OWNER]
+        assert resize._sweep_dead_scratch() == []  # locked: a live conversion's
+        assert folder.is_dir()
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,10 @@ def release(cluster: SlurmCluster, job_id: str, *updates: str) -> None:
     cluster.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates)
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+def finish(proc: subprocess.Popen, timeout: float, cluster: SlurmCluster | None = None,
+           job_id: str | None = None) -> tuple[str, str]:
+    """submit --wait's output, once it returned 0; on a failure, the job's state in SLURM
+    and the daemons' logs too (what a rare failure needs to be told apart)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -92,6 +95,10 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
             f"submit --wait did not return in {timeout}s:\n{err[-3000:]}") from None
     # the head too: submit's failure message starts with the SLURM state the wait ended on
     shown = err if len(err) <= 5000 else f"{err[:1500]}\n[...]\n{err[-3500:]}"
+    if proc.returncode != 0 and cluster is not None:
+        if job_id is not None:
+            shown += f"\n--- scontrol show job {job_id}\n{cluster.job(job_id)}"
+        shown += f"\n{cluster.logs_tail(80)}"
     assert proc.returncode == 0, f"submit --wait failed ({proc.returncode}):\n{shown}"
     return out, err
 
@@ -137,6 +144,7 @@ def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, clu
                                        "--wait", job=tuple(STEPS)),
                             env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    job_id = None
     try:
         job_id = first_job_id(run_dir)
         deadline = time.time() + 120
@@ -146,7 +154,7 @@ def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, clu
         cluster.cmd("scontrol", "requeue", job_id)  # SIGTERM, then SIGKILL: no time to save
         release(cluster, job_id)
     finally:
-        out, _ = finish(proc, timeout=240)
+        out, _ = finish(proc, 240, cluster, job_id)
     assert out.strip().splitlines()[-1] == job_id  # a requeue keeps the job id
     starts = [r for r in records(run_dir) if r["event"] == "start"]
     assert [(r["job_id"], r["requeue"], r["timeouts"]) for r in starts] == [
@@ -317,11 +325,12 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
     proc = subprocess.Popen(finetune_submit_cmd(tmp_path / "logs", run_dir, cache),
                             env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    job_id = None
     try:
         job_id = signal_after_first_step(cluster, run_dir)
         release(cluster, job_id)
     finally:
-        finish(proc, timeout=300)
+        finish(proc, 300, cluster, job_id)
     events = [r["event"] for r in records(run_dir)]
     assert events == ["start", "requeue_requested", "start"], events
     request = records(run_dir)[1]
