@@ -93,8 +93,9 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
-                 group_channels: int, unroll: int = 0):
-    """Compile one kernel variant for sm_90; returns Triton's CompiledKernel."""
+                 group_channels: int, unroll: int = 0, arch: int = 90):
+    """Compile one kernel variant for sm_90 (or another ``arch``, e.g. 70 for sm_70);
+    returns Triton's CompiledKernel."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -109,7 +110,7 @@ def compile_sm90(kernel: str, elem: str, softmax: bool, block_p: int, num_warps:
     dtype = getattr(torch, DTYPES[elem])
     consts.update(KS=3, SOFTMAX=softmax, ACC_F64=False, BLOCK_P=block_p, UNROLL=unroll,
                   **kernels.tile_constants(dtype, kernel == "bwd", group_channels, 3))
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": 1})
 
 
@@ -208,10 +209,10 @@ def issue_estimate(sass: str, kernel_loop: list[str], block_p: int, num_warps: i
 
 
 def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
-            group_channels: int, unroll: int = 0) -> dict:
+            group_channels: int, unroll: int = 0, arch: int = 90) -> dict:
     """Fence, barrier, atomic and spill counts of one compiled variant (see module doc)."""
     compiled = compile_sm90(kernel, elem, softmax, block_p, num_warps, group_channels,
-                            unroll)
+                            unroll, arch)
     ptx = compiled.asm["ptx"]
     sass, registers = _sass_and_registers(compiled.asm["cubin"])
     ptx_loop = "\n".join(_ptx_loop(ptx))
@@ -220,7 +221,7 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
     import triton
 
     return {
-        "triton": triton.__version__,
+        "triton": triton.__version__, "arch": arch,
         "kernel": kernel, "dtype": elem, "softmax": softmax, "BLOCK_P": block_p,
         "num_warps": num_warps, "unroll": unroll, "group_channels": group_channels,
         "registers": registers,
@@ -229,6 +230,20 @@ def inspect(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
         "loop_found": bool(ptx_loop) and bool(sass_loop),
         **issue_estimate(sass, sass_loop_lines, block_p, num_warps, group_channels),
     }
+
+
+def compiled_ptx(kernel: str, elem: str, softmax: bool, block_p: int, num_warps: int,
+                 group_channels: int, unroll: int = 0, arch: int = 90) -> dict:
+    """One variant compiled for ``arch`` (ptxas ran: a cubin exists), its PTX counts."""
+    import triton
+
+    compiled = compile_sm90(kernel, elem, softmax, block_p, num_warps, group_channels,
+                            unroll, arch)
+    return {"triton": triton.__version__, "arch": arch, "kernel": kernel, "dtype": elem,
+            "softmax": softmax, "BLOCK_P": block_p, "num_warps": num_warps,
+            "unroll": unroll, "group_channels": group_channels,
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            "ptx": _count(compiled.asm["ptx"], PTX_PATTERNS)}
 
 
 def _offered(kernels, kernel: str, elem: str, widest: bool) -> list[str]:
@@ -265,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                              "with the most positions per warp, looped and unrolled (the "
                              "most registers: the others run the same code on fewer rows "
                              "per thread)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability to compile for, as a number (90: sm_90; "
+                             "70: sm_70, the oldest the backward compiles for)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile (ptxas included) and count PTX only: no SASS, which "
+                             "the bundled cuobjdump cannot disassemble for every --arch "
+                             "(CUDA 13's has no sm_70)")
     args = parser.parse_args(argv)
     variants = [(v.split(":")[0], v.split(":")[1] == "softmax")
                 for v in args.variants.split(",")]
@@ -276,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
                 for cfg in configs:
                     unroll = int(cfg.endswith("u"))
                     block_p, warps = map(int, cfg.rstrip("u").split("x"))
-                    print(json.dumps(inspect(kernel, elem, softmax, block_p, warps, gc,
-                                             unroll)), flush=True)
+                    if args.compile_only:
+                        row = compiled_ptx(kernel, elem, softmax, block_p, warps, gc,
+                                           unroll, args.arch)
+                    else:
+                        row = inspect(kernel, elem, softmax, block_p, warps, gc, unroll,
+                                      args.arch)
+                    print(json.dumps(row), flush=True)
     return 0
 
 

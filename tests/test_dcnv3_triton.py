@@ -428,10 +428,10 @@ def test_released_op_wrapper_uses_the_current_signature_and_the_old_one(monkeypa
 GPU_TRITON_DIR = os.environ.get("GPU_TRITON_DIR", "")
 
 
-def _sm90_code(*args: str, triton_dir: str = "") -> list[dict]:
-    """Counts from benchmarks/dcnv3_sm90_code.py: the kernels compiled for an H100 (sm_90)
-    as a launch at an InternImage-H layer would compile them; no GPU needed. With
-    ``triton_dir``, by the Triton installed there instead of ours."""
+def _code_script(*args: str, triton_dir: str = "") -> subprocess.CompletedProcess:
+    """Run benchmarks/dcnv3_sm90_code.py (the kernels compiled for a GPU, by default an
+    H100's sm_90, as a launch at an InternImage-H layer would compile them; no GPU
+    needed). With ``triton_dir``, by the Triton installed there instead of ours."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_dir:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_dir,
@@ -444,6 +444,12 @@ def _sm90_code(*args: str, triton_dir: str = "") -> list[dict]:
     if proc.returncode and ("ptxas" in proc.stderr or "cuobjdump" in proc.stderr) \
             and "not found" in proc.stderr:
         pytest.skip("Triton's bundled ptxas/cuobjdump is missing")
+    return proc
+
+
+def _sm90_code(*args: str, triton_dir: str = "") -> list[dict]:
+    """Counts from benchmarks/dcnv3_sm90_code.py, one dict per compiled variant."""
+    proc = _code_script(*args, triton_dir=triton_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
@@ -524,6 +530,46 @@ def test_compiled_point_loops_have_no_barriers(widest_sm90):
         assert row["loop_found"], _where(row)
         assert row["ptx_loop"]["bar_sync"] == 0, (_where(row), row["ptx_loop"])
         assert row["sass_loop"]["BAR_SYNC"] == 0, (_where(row), row["sass_loop"])
+
+
+def test_backward_compiles_from_the_oldest_gpu_auto_takes_triton_on_and_not_before():
+    """ptxas refuses the backward's relaxed atomics below sm_70 (PTX ISA: ``.relaxed``
+    needs sm_70; the forward would compile for sm_60, so a Pascal GPU failed at its first
+    backward). ``triton_backend.MIN_CAPABILITY`` must be that bound: the backward compiles
+    for it and not for the generation before (sm_60)."""
+    block_p, warps, unroll = triton_kernels.offered_configs("bwd", torch.float32)[0]
+    config = f"{block_p}x{warps}{'u' * unroll}"
+    major, minor = triton_backend.MIN_CAPABILITY
+    args = ("--kernels", "bwd", "--variants", "fp32:weights", "--configs", config,
+            "--compile-only")
+    [row] = _sm90_code(*args, "--arch", f"{major}{minor}")
+    assert row["arch"] == major * 10 + minor and row["cubin_bytes"] > 0
+    assert row["ptx"]["relaxed"] > 0
+    older = _code_script(*args, "--arch", "60")
+    assert older.returncode != 0
+    assert "'.relaxed' requires .target sm_70" in older.stderr, older.stderr[-2000:]
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 1), "reference"), ((7, 0), "triton"),
+                                                  ((9, 0), "triton")])
+def test_auto_takes_triton_only_on_gpus_it_compiles_for(monkeypatch, capability, expected):
+    """``auto`` on a GPU older than ``MIN_CAPABILITY`` (a P100 or GTX 10xx: 6.x) takes the
+    reference op instead of crashing at the first backward; ``backend="triton"`` given
+    on one says why it cannot run there."""
+    from types import SimpleNamespace
+
+    from ops.dcnv3.function import pick_backend
+    from ops.dcnv3.reference import dcnv3_reference
+
+    monkeypatch.setattr(triton_backend, "_capability", lambda index: capability)
+    gpu = torch.device("cuda", 0)
+    picked = pick_backend("auto", gpu)
+    assert picked is (triton_backend.dcnv3_triton if expected == "triton"
+                      else dcnv3_reference)
+    if expected == "reference":
+        with pytest.raises(RuntimeError, match=r"compute capability 7\.0 or newer; cuda:0 "
+                           r"has 6\.1: use backend='reference'"):
+            triton_backend._check_device(SimpleNamespace(device=gpu))
 
 
 def test_autotuner_pruning_offers_unrolled_loops_only_where_they_fit():

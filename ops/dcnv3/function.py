@@ -48,7 +48,9 @@ def pick_backend(backend: str, device: torch.device) -> Backend:
     if backend == "auto":
         _load_optional_backends()
         if device.type == "cuda" and "triton" in _BACKENDS:
-            return _BACKENDS["triton"]
+            triton = _BACKENDS["triton"]
+            if triton.supports(device):  # else a GPU older than its kernels compile for
+                return triton
         if device.type == "cpu":
             return _cpu_auto
         return _BACKENDS["reference"]
@@ -86,9 +88,10 @@ def dcnv3(
         offset_scale: scales both the regular grid and the learned offsets.
         backend: ``"reference"`` (pure PyTorch, eager, memory-lean), ``"compiled"`` (the
             same op fused by torch.compile, for CPU), ``"triton"`` (fused GPU kernels,
-            when installed) or ``"auto"``: Triton on CUDA; on CPU ``"compiled"`` for
-            layers of at least ``cpu_fused.COMPILE_MIN_SAMPLES`` sampled values, else
-            ``"reference"``.
+            when installed) or ``"auto"``: Triton on CUDA GPUs it compiles for
+            (``triton_backend.MIN_CAPABILITY`` on; ``"reference"`` on older ones); on CPU
+            ``"compiled"`` for layers of at least ``cpu_fused.COMPILE_MIN_SAMPLES``
+            sampled values, else ``"reference"``.
 
     Returns:
         (N, Ho, Wo, C) in the input's dtype.

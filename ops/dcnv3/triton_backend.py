@@ -17,6 +17,8 @@ first imported (Triton's interpreter; slow, for tests).
 
 from __future__ import annotations
 
+import functools
+
 try:
     import triton  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -32,8 +34,42 @@ from ops.dcnv3.registry import check_inputs, register_backend
 POISON_OUTPUTS = False
 
 
+# The oldest NVIDIA GPUs these kernels compile for: the backward's relaxed atomics (no
+# fence, as the released op's atomicAdd) are PTX ``.relaxed``, which ptxas refuses below
+# sm_70 ("Feature '.relaxed' requires .target sm_70 or higher", Triton 3.6 and 3.8; the
+# forward would compile for sm_60, so a Pascal GPU failed at its first backward).
+# tests/test_dcnv3_triton.py compiles the backward at both sides of this bound.
+MIN_CAPABILITY = (7, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int] | None:
+    """Compute capability of CUDA device ``index``; None on ROCm (Triton's own support)."""
+    if torch.version.hip is not None:
+        return None
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the kernels run on ``device``: a CUDA GPU of ``MIN_CAPABILITY`` or newer
+    (or a ROCm one), or the CPU under Triton's interpreter."""
+    if device.type == "cpu":
+        return kernels.INTERPRET
+    if device.type != "cuda":
+        return False
+    capability = _capability(torch.cuda.current_device() if device.index is None
+                             else device.index)
+    return capability is None or capability >= MIN_CAPABILITY
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
+        if not supports(t.device):
+            have = ".".join(map(str, _capability(t.device.index or 0) or ()))
+            need = ".".join(map(str, MIN_CAPABILITY))
+            raise RuntimeError(
+                f"dcnv3 backend 'triton' needs a GPU of compute capability {need} or "
+                f"newer; {t.device} has {have}: use backend='reference'")
         return
     if t.device.type == "cpu" and kernels.INTERPRET:
         return
@@ -155,5 +191,7 @@ def dcnv3_softmax(
 
 # The module looks for this attribute on the resolved backend to use the fused softmax.
 dcnv3_triton.fused_softmax = dcnv3_softmax  # type: ignore[attr-defined]
+# what ``auto`` asks before it takes this backend on a device
+dcnv3_triton.supports = supports  # type: ignore[attr-defined]
 
 register_backend("triton", dcnv3_triton)
