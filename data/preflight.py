@@ -1,5 +1,6 @@
-"""Before a run computes anything: can its remote sources be read? (``s3://`` objects; on a
-fresh start, whether ``s3://``, ``pipe:`` and ``http(s)://`` shards start like tars.)
+"""Before a run computes anything: can its sources be read? (``s3://`` objects; local
+shards exist; on a fresh start, whether ``s3://``, ``pipe:`` and ``http(s)://`` shards
+start like tars.)
 
 Once a run is going, a store that does not answer is waited out (data/shard_schedule.py:
 an outage pauses the streams, it never ends the run). At the start, the same wait hides a
@@ -80,7 +81,7 @@ tar is refused, each probe's outcome named (``first: not a tar: starts with b'PA
 middle: not found; last: empty: not a byte``); a part none of whose probes opens is
 refused as missing or refused, as before. A resumed run or requeued job only opens them.
 (``.txt`` lists of any kind are read as the loader reads them; local shards are not
-probed.)
+opened: one of a part's first, middle and last local shards must exist, a stat each.)
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ from data.storage import (
     endpoint,
     is_missing,
     is_remote,
+    local_path,
     refusal_code,
     refused_code,
     s3_filesystem,
@@ -526,7 +528,8 @@ def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
     pattern or list; the shards named one by one together), all of a few of its shards
     (first, middle, last), because the store cannot be reached, does not hold them, or
     refuses them; when any of its ``.txt`` lists (local, http(s) or ``s3://``) cannot be
-    read, lists itself or lists no shard; and, on a fresh start, when none of a few
+    read, lists itself or lists no shard; when none of a few local shards of a part
+    (first, middle, last) exists; and, on a fresh start, when none of a few
     ``s3://``, ``pipe:`` or ``http(s)://`` shards of a part starts like a tar (the module's
     docstring). ``urls``: the source's URL items as configured (brace patterns, ``::``
     joins, ``.txt`` lists). ``resumed``: the run continues a checkpoint (a requeued job
@@ -534,8 +537,18 @@ def check_source_readable(name: str, urls: list[str] | str, s3: S3Config,
     opened, not read (commands not run)."""
     probe = _Probe(name, s3, resumed or os.environ.get(REQUEUED_ENV) == "1", clock, sleep)
     for part, shards in probe.parts(urls):  # the lists first: parts() reads them
-        # local shards are read by the loader, not probed (a list part holds one at least:
-        # the walker refuses an empty list)
+        # local shards: one of a few must exist (a stat each; a list part holds one at
+        # least: the walker refuses an empty list). Unchecked, a mistyped path started
+        # the run, each worker then found every shard of the source missing, one by one,
+        # before it trained on without the source (a wrong mix, nothing refused)
+        local = [u for u in shards if not is_remote(u)]
+        if local:
+            probes = _spread(local, PROBES_PER_SOURCE)
+            if not any(os.path.isfile(local_path(u)) for u in probes):
+                raise StorageAccessError(
+                    f"data source {name!r}: {_where(part, local, probes)} not found (no "
+                    f"file {probes[0]}). Check the source's urls (path, brace range), and "
+                    "that the file system holding them is mounted on this node")
         stored = [u for u in shards if u.startswith("s3://")]
         if stored:
             probes = _spread(stored, PROBES_PER_SOURCE)

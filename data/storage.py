@@ -49,6 +49,11 @@ def is_remote(url: str) -> bool:
     return scheme not in ("", "file") and not re.match(r"^[a-zA-Z]:[\\/]", url)
 
 
+def local_path(url: str) -> str:
+    """The file a local shard URL (a path, or ``file:``) names."""
+    return urlsplit(url).path if url.startswith("file:") else url
+
+
 _FS_CACHE: dict[tuple[int, str], Any] = {}
 _FS_BUILT_AT: dict[tuple[int, str], float] = {}  # time.monotonic() of each cached one's build
 FS_REBUILD_MIN_S = 15.0
@@ -131,8 +136,7 @@ def _open_once(url: str, cfg: S3Config, offset: int) -> IO[bytes]:
             f.seek(offset)
         return f
     if not is_remote(url):
-        path = urlsplit(url).path if url.startswith("file:") else url
-        f = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed by RetryingReader
+        f = open(local_path(url), "rb")  # noqa: SIM115 - handed to the caller, closed by RetryingReader
         if offset:
             f.seek(offset)
         return f

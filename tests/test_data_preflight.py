@@ -125,9 +125,34 @@ def test_a_missing_local_list_names_the_source_and_where_it_was_listed(tmp_path)
             f"data source 'loc': its shard list {inner}{where} not found "
             "(FileNotFoundError: "), str(err.value)
 
+def test_a_local_source_none_of_whose_probed_shards_exists_is_refused_naming_it(tmp_path):
+    """Before: a mistyped local path started the run; every worker then found each of the
+    source's shards missing, one by one (41,408 warnings and 13 minutes before step 1 in a
+    reviewer's run), and trained on without the source. Now the start refuses it, as an
+    ``s3://`` source that holds none of its probed shards; one existing probe is enough
+    (a gap in a range is the loader's to skip and count)."""
+    s3 = S3Config()
+    good = tmp_path / "laion"
+    good.mkdir()
+    for i in (0, 9):  # first and last of {00..09} only
+        write_tar(good / f"{i:02d}.tar", good_samples(f"l{i}-", 1, size=8))
+    check_source_readable("laion", str(good / "{00..09}.tar"), s3)
+    check_source_readable("laion", f"file:{good}/{{00..09}}.tar", s3)
+    typo = str(tmp_path / "laoin" / "{000000..041407}.tar")
+    with pytest.raises(StorageAccessError) as err:
+        check_source_readable("laion", f"{good}/{{00..09}}.tar::{typo}", s3)
+    assert str(err.value) == (
+        f"data source 'laion': its first, middle and last shard (of 41408) in {typo} not "
+        f"found (no file {tmp_path}/laoin/000000.tar). Check the source's urls (path, "
+        "brace range), and that the file system holding them is mounted on this node")
+    with pytest.raises(StorageAccessError, match=r"data source 'one': its shards not found"):
+        check_source_readable("one", [str(tmp_path / "gone.tar")], s3, resumed=True)
+
+
 # -- the ranks agree ----------------------------------------------------------------------
 
-def test_the_ranks_agree_and_a_failing_rank_of_a_resumed_run_raises_alone(monkeypatch):
+def test_the_ranks_agree_and_a_failing_rank_of_a_resumed_run_raises_alone(monkeypatch,
+                                                                          tmp_path):
     """The agreement's rules, with a stand-in for the all-gather: every rank gathers its
     outcome once; a rank that fails in a resumed run (where another rank may be waiting
     for its store) raises alone, at once, as before."""
@@ -143,7 +168,8 @@ def test_the_ranks_agree_and_a_failing_rank_of_a_resumed_run_raises_alone(monkey
             return [*others[:rank], outcome, *others[rank:]]
         return gather
 
-    local = [("local", "/data/shard-{0..3}.tar")]  # nothing remote: passes
+    (tmp_path / "shard-0.tar").touch()
+    local = [("local", f"{tmp_path}/shard-{{0..3}}.tar")]  # a local shard exists: passes
     check_sources_readable(local, s3, gather=gather_as(0, [None, None]))
     assert sent == [None]
     with pytest.raises(StorageAccessError) as err:  # this rank passed, two others did not

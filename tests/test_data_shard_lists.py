@@ -199,9 +199,11 @@ def test_the_start_check_refuses_a_zero_shot_list_that_lists_no_shard(tmp_path):
     empty = _write(tmp_path / "val.txt", "# held-out set: to be filled")
     zs, _ = _zero_shot([empty])
     assert zero_shot_source(zs) == [("zero_shot", [empty])]
+    train = tmp_path / "x.tar"
+    train.touch()  # a training source the start's check passes
     with pytest.raises(StorageAccessError, match=rf"^data source 'zero_shot': its shard list "
                        rf"{empty} lists no shard"):
-        check_sources_readable([("train", "/d/x.tar")] + zero_shot_source(zs), S3Config())
+        check_sources_readable([("train", str(train))] + zero_shot_source(zs), S3Config())
     # not configured (no class names: the trainer runs no evaluation): not checked
     assert zero_shot_source(dataclasses.replace(zs, class_names=[])) == []
     assert zero_shot_source(dataclasses.replace(zs, urls=[])) == []
