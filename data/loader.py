@@ -288,6 +288,25 @@ class ResumableLoader:
         st.positions = {}
         st.next_worker = 0
 
+    def endless(self) -> Iterator[Any]:
+        """Batches pass after pass, for ever: what a run counted in steps draws from.
+        Resampled sources never end a pass; when only one-pass sources (``resampled:
+        false``) are left and they end, the next pass begins (the next epoch's order),
+        where a plain ``next()`` on one iterator ended the run with a bare StopIteration.
+        A pass that yields no batch at all raises (the sources hold nothing usable)."""
+        while True:
+            empty = True
+            for batch in self:
+                empty = False
+                yield batch
+            names = ", ".join(s.name for s in self.sources)
+            if empty:
+                raise UnusableSourceError(f"a whole pass over the data sources ({names}) "
+                                          "gave no batch: nothing readable in them")
+            log.info("a pass over the data sources (%s) ended, one-pass sources read to "
+                     "their end: the next pass begins (data epoch %d)", names,
+                     self._state.epoch)
+
     def start_at(self, epoch: int) -> None:
         """Fresh positions at the start of data epoch ``epoch`` (a resume from a checkpoint
         that holds no stream position: the nearest exact point it knows)."""

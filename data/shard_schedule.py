@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,27 @@ class SetAside:
     error: str = ""
 
 
+class GrowingSet(set):
+    """A set of unit keys that only grows (``add``/``update``), keeping the order of the
+    additions in :attr:`added`: a reader of it keeps a sorted copy up to date from the
+    new keys instead of sorting the whole set again (data/stream.py, once per unit)."""
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.added: list[str] = []
+        self.update(keys)
+
+    def add(self, key: str) -> None:
+        if key not in self:
+            super().add(key)
+            self.added.append(key)
+
+    def update(self, *keys: Iterable[str]) -> None:
+        for group in keys:
+            for key in group:
+                self.add(key)
+
+
 class ShardSchedule:
     """Shards to read, in order, for one source stream, with the policy above.
 
@@ -149,8 +170,8 @@ class ShardSchedule:
         self.source, self.s3, self.counter, self.give_up = source, s3, counter, give_up
         self.redrawn = redrawn
         self.clock, self.sleep = clock, sleep
-        self.dropped: set[str] = set()  # missing, unreadable or given up: never read again
-        self.damaged: set[str] = set()  # damage already counted by this process
+        self.dropped = GrowingSet()  # missing, unreadable or given up: never read again
+        self.damaged = GrowingSet()  # damage already counted by this process
         self.aside: dict[str, SetAside] = {}
         self.last_progress = -math.inf  # when a read last delivered samples or completed
         self.failures_in_row = 0

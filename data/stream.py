@@ -70,6 +70,7 @@ dropped shard names (twice the source cursors inside a block a fault cut). Measu
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
@@ -205,6 +206,7 @@ class SourceStream:
         self.schedule = ShardSchedule(self._draws(), len(urls) * self.parts, resampled, name,
                                       s3, counter, self._give_up, redrawn=self._owe,
                                       **timing)
+        self._faults: tuple[list[str], list[str]] = ([], [])  # see _sorted_faults
         self._restore_faults()
         # Reads ahead the shard this slot's deal names next (see _open); never changes
         # which shard is read, so samples and cursors are the same with it off.
@@ -229,11 +231,23 @@ class SourceStream:
                      e.cursor.version, self._aside_epochs.get(k),
                      *([[list(o) for o in self._owed[k]]] if k in self._owed else [])]
                  for k, e in sorted(self.schedule.aside.items())}
+        dropped, damaged = self._sorted_faults()
         return SourceCursor(c.epoch, c.position, c.unit, c.offset, c.samples, c.compressed,
-                            aside, sorted(self.schedule.dropped),
-                            sorted(self.schedule.damaged),
+                            aside, dropped, damaged,
                             [list(e) for e in c.share] if c.share is not None else None,
                             c.share_last, c.share_total, c.count_epoch, c.version)
+
+    def _sorted_faults(self) -> tuple[list[str], list[str]]:
+        """The schedule's dropped and damaged units, sorted (copies). Both sets only grow
+        (``GrowingSet``): their sorted copies here take the keys added since the last
+        call, each inserted in place. The cursor is taken once per unit, and sorting the
+        sets afresh each time cost O(d log d) per unit with d dropped units, quadratic over
+        a source with many missing shards (10,000 missing: 22.6 s, mostly sorting)."""
+        for faults, kept in ((self.schedule.dropped, self._faults[0]),
+                             (self.schedule.damaged, self._faults[1])):
+            for key in faults.added[len(kept):]:
+                bisect.insort(kept, key)
+        return list(self._faults[0]), list(self._faults[1])
 
     def _restore_faults(self) -> None:
         now = self.schedule.clock()
@@ -482,7 +496,11 @@ class MixState:
     cursor in ``sources`` is at that sample's unit start), None when the block's first
     sample is drawn in it. ``size``: the block size ``block`` was filled with (a resume
     inside it fills it alike, even when the configured shuffle buffer changed since;
-    later blocks take the new size).
+    later blocks take the new size). ``weights``: likewise the source weights the block
+    was drawn with (a resume inside it draws it alike when the configured weights
+    changed since: else it drew other samples, so skipping its emitted ones dropped
+    samples never handed out and handed out again ones that had been; states saved
+    before it was kept: none, the configured weights).
 
     ``cut``: None, or, inside a block that a fault ended (a failed read, a retry: see
     :class:`MixedStream`), ``{"length", "draws", "sources", "lead", "skips", "ended"}``:
@@ -514,6 +532,7 @@ class MixState:
     sources: list[dict[str, Any]] | None = None
     lead: int | None = None
     size: int | None = None
+    weights: list[float] | None = None
     skips: list[list] = field(default_factory=list)
     cut: dict[str, Any] | None = None
     ended: list[int] = field(default_factory=list)
@@ -564,11 +583,12 @@ class MixedStream:
             out["skips"] = _skip_list(before + (self.counter.met - mark))
         return out
 
-    def _pick(self, draw: int, active: list[int]) -> int:
+    def _pick(self, draw: int, active: list[int], base: list[float]) -> int:
+        """The source of mix draw ``draw`` among ``active``, by the weights ``base``."""
         if len(active) == 1:
             return active[0]
         u = derive_seed(self.seed, "mix", self.slot, draw) / _U63
-        weights = [self.weights[i] * (self._streams[i].share() if self._streams else 1.0)
+        weights = [base[i] * (self._streams[i].share() if self._streams else 1.0)
                    for i in active]
         x, acc = u * sum(weights), 0.0
         for i, w in zip(active, weights, strict=True):
@@ -615,7 +635,9 @@ class MixedStream:
             replaying = self._replay(streams, skip > 0 and exact)
         while active or lead is not None:
             # a block resumed inside is filled to the size it had (the buffer may differ)
+            # and drawn with the weights it had (they may differ too)
             size = (st.size or self.block_size) if skip > 0 else self.block_size
+            weights = self._block_weights(st.weights if skip > 0 else None)
             if lead is None:  # the block's first sample is drawn in it: from the cursors now
                 start = [s.cursor().to_dict() for s in streams] if size > 1 else None
             first, block_no, leader = live, st.block, lead[0] if lead is not None else None
@@ -633,7 +655,7 @@ class MixedStream:
             lead = next_start = None
             faulted = False
             while active and len(block) < (cut["length"] if cut is not None else size):
-                pick = self._pick(live, active)
+                pick = self._pick(live, active, weights)
                 live += 1
                 faults = streams[pick].schedule.faults
                 item = next(iters[pick], None)
@@ -694,6 +716,7 @@ class MixedStream:
                 if j + 1 < len(block):  # resuming here re-reads this block from its start
                     st.block, st.emitted, st.draws, st.sources = block_no, j + 1, first, start
                     st.lead, st.size, self._at_block_end = leader, size, False
+                    st.weights = weights
                     st.cut, st.ended, self._block_met = cut, ended, (before, mark)
                 else:
                     self._next_block(block_no + 1, after)
@@ -758,8 +781,22 @@ class MixedStream:
         st = self._state
         st.block, st.emitted, st.draws, st.sources = block, 0, start["draws"], start["sources"]
         st.lead, st.size, st.skips, st.cut = start["lead"], None, start["skips"], None
+        st.weights = None
         st.ended = start.get("ended", [])
         self._at_block_end, self._block_met = start["sources"] is None, None
+
+    def _block_weights(self, saved: list[float] | None) -> list[float]:
+        """The weights a block is drawn with: ``saved``, those a resumed block had (when
+        they differ from the configured ones, said once), else the configured ones."""
+        if saved is None or list(saved) == self.weights:
+            return self.weights
+        if len(saved) != len(self.weights):  # other sources: refused before this runs
+            raise ValueError(f"the saved shuffle block has {len(saved)} source weights, "
+                             f"the run {len(self.weights)}")
+        log.warning("source weights changed since the checkpoint (%s -> %s): the shuffle "
+                    "block resumed inside is drawn with the old ones, as it was; the new "
+                    "ones apply from the next block", saved, self.weights)
+        return list(saved)
 
     @staticmethod
     def _replay(streams: list[SourceStream], on: bool) -> bool:

@@ -194,7 +194,7 @@ class StreamingShards:
         needs, and the next call goes on after the last one drawn (the workers and what
         they prefetched live on between calls)."""
         if self._live is None:
-            self._live = iter(self.loader)
+            self._live = self.loader.endless()
         while True:
             yield next(self._live)
 

@@ -505,7 +505,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, self.info.is_main, self.total_steps, self.step,
                                 tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
                                 desc="pretrain")
-        batches = iter(self.loader)
+        batches = self.loader.endless()  # one-pass sources: pass after pass
         # last before the first step (the loader draws from its own generator, never from
         # torch's global RNG, which the restored state continues)
         self._restore_rng()

@@ -293,6 +293,36 @@ def test_a_missing_shard_read_in_parts_is_counted_once(tmp_path):
     assert dict(stats.skipped) == {"missing_shard": 1}
 
 
+def test_a_cursor_lists_every_dropped_shard_sorted_as_they_accrue_and_after_a_resume(
+        tmp_path):
+    """The cursor's dropped/damaged lists are kept sorted incrementally (one insertion per
+    new key, where a sort of the whole set per unit made a source with many missing shards
+    cost quadratic time): at every unit, before and after a resume, the cursor (and the
+    unit's start) must list exactly the shards dropped so far, sorted. The shards go
+    missing in an order unlike their sorted one (the deal shuffles them)."""
+    good = [_cut_shard(tmp_path, f"g{i}", 2, cut_in=None) for i in range(3)]
+    urls = good + [str(tmp_path / f"gone-{i:02d}.tar") for i in range(12)]
+    counter = SkipCounter()
+    stream = SourceStream("s", urls, 0, 1, 0, S3Config(prefetch_bytes=0, retries=0),
+                          counter, resampled=False)
+    order: list[str] = []
+    for seen, _ in enumerate(stream, 1):
+        now = set(stream.schedule.dropped)
+        order = list(stream.schedule.dropped.added)
+        assert stream.cursor().dropped == sorted(now)
+        assert set(stream.unit_start().dropped) <= now
+        if seen == 3:
+            break
+    assert order and order != sorted(order)  # some dropped out of sorted order
+    saved = stream.cursor()
+    resumed = SourceStream("s", urls, 0, 1, 0, S3Config(prefetch_bytes=0, retries=0),
+                           SkipCounter(), resampled=False, cursor=saved)
+    assert resumed.cursor().dropped == saved.dropped
+    list(resumed)
+    gone = sorted(u for u in urls if "gone" in u)
+    assert resumed.cursor().dropped == gone
+
+
 def test_a_stream_resumed_into_a_replaced_local_shard_reads_it_from_its_start(tmp_path):
     """A saved position is a byte offset in the object it was taken in; the same path may
     hold another file by the resume (a shard written again): its version (size, mtime) is

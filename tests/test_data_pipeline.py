@@ -14,6 +14,7 @@ import torch
 from s3_server import good_samples, jpeg_bytes, write_tar
 
 from data.config import S3Config
+from data.loader import UnusableSourceError
 from data.storage import redact_url
 from pretrain.data import DataConfig, SourceConfig, build_loader
 from pretrain.data.verify import verify_shards
@@ -78,6 +79,35 @@ def test_counts_are_aggregated_across_worker_processes(corrupt_shards):
     assert len(seen) == len(set(seen)) == expected["samples"]
     assert dict(loader.stats.skipped) == expected["reasons"]
     assert loader.stats.samples == {"mixed": expected["samples"]}
+
+
+def test_endless_batches_of_one_pass_sources_go_on_pass_after_pass_and_resume(tmp_path):
+    """A run counted in steps draws from ``endless()``: with only one-pass sources, a
+    plain iterator ended (pre-training died with a bare StopIteration after one pass).
+    Each pass hands out every sample once, the next pass in another order, and a state
+    saved inside the second pass resumes there exactly."""
+    import itertools
+
+    urls = [str(write_tar(tmp_path / f"o{i}.tar", good_samples(f"o{i}-", 6, size=8)))
+            for i in range(3)]
+    cfg = _cfg([SourceConfig("once", urls, resampled=False)], workers=2, batch_size=3)
+    loader = build_loader(cfg, 0, 1, train=True)
+    batches = loader.endless()
+    keys = [b["keys"] for b in itertools.islice(batches, 8)]  # 6 batches a pass
+    first, second = [k for b in keys[:6] for k in b], [k for b in keys[6:] for k in b]
+    assert sorted(first) == sorted(f"o{i}.tar/o{i}-{j:04d}" for i in range(3)
+                                   for j in range(6))
+    assert len(second) == 6 and set(second) <= set(first)
+    saved = json.loads(json.dumps(loader.state_dict()))
+    later = [next(batches)["keys"] for _ in range(3)]
+    second += [k for b in later for k in b]
+    assert second != first[:len(second)]  # the next pass: another order
+    resumed = build_loader(cfg, 0, 1, train=True, state=saved).endless()
+    assert [next(resumed)["keys"] for _ in range(3)] == later
+    with pytest.raises(UnusableSourceError, match=r"a whole pass over the data sources "
+                       r"\(gone\) gave no batch"):
+        next(build_loader(_cfg([SourceConfig("gone", str(tmp_path / "gone.tar"),
+                                             resampled=False)]), 0, 1).endless())
 
 
 def test_batch_format_tags_and_unknown_tags(tmp_path):

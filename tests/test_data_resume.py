@@ -173,6 +173,51 @@ def test_a_resume_at_any_sample_continues_the_mix_exactly(tmp_path):
         assert got == keys[at + 1:at + 21], at
 
 
+def test_a_block_resumed_after_the_weights_changed_is_drawn_with_its_saved_weights(
+        tmp_path, caplog):
+    """Source weights changed between a save and its resume (a new mix for the rest of a
+    run): the shuffle block the state was saved inside was drawn again with the new
+    weights, i.e. other samples, of which the emitted count was skipped: samples handed
+    out before were handed out again and others never (a reviewer's run: 10 of 120 and 7
+    of 30 repeated). The resumed block must hand out exactly what the uninterrupted run
+    had left of it; the new weights apply from the next block on (said once)."""
+    urls_a = [str(write_tar(tmp_path / f"a{i}.tar", good_samples(f"a{i}-", 9, size=8)))
+              for i in range(3)]
+    urls_b = [str(write_tar(tmp_path / f"b{i}.tar", good_samples(f"b{i}-", 9, size=8)))
+              for i in range(3)]
+
+    def mixed(weights: list[float], state: dict | None = None) -> MixedStream:
+        def make(cursors):
+            return [SourceStream(name, urls, slot=0, nslots=1, seed=5, s3=S3,
+                                 counter=SkipCounter(),
+                                 cursor=cursors[i] if cursors else None)
+                    for i, (name, urls) in enumerate((("a", urls_a), ("b", urls_b)))]
+        return MixedStream(make, weights, seed=5, slot=0, block_size=8,
+                           counter=SkipCounter(), state=state)
+
+    oracle = mixed([1.0, 1.0])
+    stream = iter(oracle)
+    keys, states = [], []
+    for _ in range(30):
+        keys.append(next(stream)[1]["__key__"])
+        states.append(json.loads(json.dumps(oracle.state())))
+    at = next(i for i, st in enumerate(states) if st["block"] >= 1 and st["emitted"] == 2)
+    assert states[at]["weights"] == [1.0, 1.0]
+    end = next(j for j in range(at, len(states)) if states[j]["emitted"] == 0)
+    rest = keys[at + 1:end + 1]  # what the block had left to hand out
+    assert len(rest) >= 4
+    resumed = mixed([6.0, 1.0], state=states[at])
+    it = iter(resumed)
+    with caplog.at_level("WARNING", logger="data.stream"):
+        got = [next(it)[1]["__key__"] for _ in range(len(rest))]
+    assert got == rest
+    assert "source weights changed since the checkpoint ([1.0, 1.0] -> [6.0, 1.0])" in (
+        caplog.text)
+    assert resumed.state()["weights"] is None  # at the block's end
+    next(it)
+    assert resumed.state()["weights"] == [6.0, 1.0]  # the next block: the new weights
+
+
 def test_a_state_saved_before_blocks_ended_at_epochs_re_reads_its_block_as_filled_then(
         tmp_path):
     # States written before 8b66a0c have no "lead": their shuffle block may hold two

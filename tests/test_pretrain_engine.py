@@ -300,6 +300,23 @@ def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
 
 
+def test_one_pass_sources_train_on_pass_after_pass(tmp_path, cache):
+    """``resampled: false`` sources (one pass over the shards, then the next pass): the run
+    drew from one iterator and died with a bare StopIteration where the first pass
+    ended (step 24 of 60 of the demo in a reviewer's run). The demo's 1,500 training
+    samples at batch 128 make a pass of 12 batches: 14 steps cross into the next one."""
+    demo = (REPO / "configs" / "pretrain" / "demo.yaml").read_text()
+    assert demo.count("tags_key: json:tags\n") == 1
+    config = tmp_path / "one_pass.yaml"
+    config.write_text(demo.replace("tags_key: json:tags\n",
+                                   "tags_key: json:tags\n      resampled: false\n"))
+    out = tmp_path / "run"
+    proc = run_forked(pretrain_cmd(1, out, "--config", str(config), "--max-steps", "14",
+                                   "data.batch_size=128"), cache)
+    assert sorted(losses(out)) == list(range(1, 15))
+    assert "the next pass begins (data epoch 1)" in proc.stdout + proc.stderr
+
+
 def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
     before = latest(reference_run)
     proc = run_forked(pretrain_cmd(1, reference_run, "--max-steps", "2"), cache, check=False)
