@@ -583,10 +583,12 @@ class MixedStream:
             out["skips"] = _skip_list(before + (self.counter.met - mark))
         return out
 
-    def _pick(self, draw: int, active: list[int], base: list[float]) -> int:
-        """The source of mix draw ``draw`` among ``active``, by the weights ``base``."""
+    def _pick(self, draw: int, active: list[int], base: list[float] | None = None) -> int:
+        """The source of mix draw ``draw`` among ``active``, by the weights ``base`` (None:
+        the configured ones)."""
         if len(active) == 1:
             return active[0]
+        base = self.weights if base is None else base
         u = derive_seed(self.seed, "mix", self.slot, draw) / _U63
         weights = [base[i] * (self._streams[i].share() if self._streams else 1.0)
                    for i in active]
