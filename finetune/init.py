@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune.convert import read_backbone, read_metadata
 from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
-from models import CheckpointError, LoadReport
+from models import VARIANTS, CheckpointError, LoadReport, resolve_variant
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,38 @@ def _keep_1k_rows_of_22k_head(state: dict[str, torch.Tensor],
     return True
 
 
+# Spec fields that make another network (tensor shapes, or what the weights compute),
+# compared with the variant's defaults filled in on both sides: each side records or sets
+# only what it overrides, so a key set on one side only (a width-16 demo checkpoint into a
+# config that keeps the variant's 64 channels) went unchecked. Not compared: layer_scale
+# unless both sides set it (a trunk without gammas takes fresh ones: load_init), and the
+# classification head's cls_scale / use_clip_projector (a head missing from the
+# checkpoint starts fresh).
+COMPARED_ARCH = ("channels", "depths", "groups", "mlp_ratio", "offset_scale", "post_norm",
+                 "dw_kernel_size", "res_post_norm", "level2_post_norm_block_ids",
+                 "center_feature_scale")
+
+
 def check_variant(meta: dict[str, str], variant: str, arch: dict, src: str | Path) -> None:
-    """Fail clearly when the checkpoint's recorded variant/arch differs from the model's."""
+    """Fail clearly when the checkpoint's recorded variant/arch differs from the model's
+    (``arch``: the config's overrides; both sides resolved against ``variant``'s spec)."""
     theirs = meta.get("variant")
     if theirs and theirs != variant:
         raise CheckpointError(f"{src} holds an {theirs} backbone but this run builds {variant}; "
                               "set model.name to the checkpoint's variant")
     if "arch" in meta:
         recorded = json.loads(meta["arch"])
-        diffs = [f"{k}={recorded[k]} (checkpoint) vs {arch.get(k)} (config)"
-                 for k in sorted(recorded)
-                 if k in arch and list(_seq(recorded[k])) != list(_seq(arch[k]))]
+        spec = VARIANTS[resolve_variant(variant)].kwargs()
+        keys = [k for k in COMPARED_ARCH if k in recorded or k in arch]
+        if "layer_scale" in recorded and "layer_scale" in arch:
+            keys.append("layer_scale")
+
+        def value(side: dict, key: str) -> list:
+            return list(_seq(side[key] if key in side else spec[key]))
+
+        diffs = [f"{k}={recorded.get(k, spec[k])} (checkpoint) vs {arch.get(k, spec[k])} "
+                 f"(config{'' if k in arch else f': {variant} default'})"
+                 for k in keys if value(recorded, k) != value(arch, k)]
         if diffs:
             raise CheckpointError(f"{src}: backbone architecture differs from the config: "
                                   + "; ".join(diffs))

@@ -73,6 +73,47 @@ def test_every_task_s_dry_run_refuses_another_backbone_as_its_start(task, tmp_pa
     assert "parameters" in capsys.readouterr().out
 
 
+def _converted_arch(path: Path, variant: str, arch: dict) -> Path:
+    """A convert output's header recording ``variant`` and the run's ``arch`` overrides."""
+    import json
+
+    save_file({"patch_embed.conv1.weight": torch.zeros(1)}, str(path),
+              metadata={"variant": variant, "arch": json.dumps(arch, sort_keys=True)})
+    return path
+
+
+def test_a_checkpoint_of_another_width_is_refused_by_the_dry_run_as_by_the_start(
+        tmp_path, capsys):
+    """Each side records only what it overrides: the pre-training demo's T (channels 16,
+    configs/pretrain/demo.yaml) into the released T recipe (the variant's 64 channels,
+    set nowhere) was planned by the dry run and queued by submit, and refused only by the
+    job's start, after its queue wait and the model's build (130 tensors of other
+    shapes). Both sides are now resolved against the variant's spec."""
+    demo = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}
+    tiny = _converted_arch(tmp_path / "tiny.safetensors", "internimage_t", demo)
+    released_t = CONFIGS / "cls_internimage_t_1k_224.yaml"
+    args = ["finetune", "classification", "--config", str(released_t), "--init", str(tiny)]
+    planned = _refusal([*args, "--dry-run"], capsys)
+    started = _refusal([*args, "--output-dir", str(tmp_path / "run")], capsys)
+    assert planned == started
+    assert ("backbone architecture differs from the config: channels=16 (checkpoint) vs 64 "
+            "(config: internimage_t default); depths=[1, 1, 2, 1] (checkpoint) vs "
+            "(4, 4, 18, 4) (config: internimage_t default)") in planned, planned
+    # the other way: the variant's own widths into the demo config (its tiny overrides)
+    full = _converted_arch(tmp_path / "full.safetensors", "internimage_t", {})
+    planned = _refusal(["finetune", "classification", "--init", str(full), "--dry-run"],
+                       capsys)
+    assert "channels=64 (checkpoint) vs 16 (config)" in planned, planned
+    # the demo checkpoint into the demo config: the same network
+    assert main(["finetune", "classification", "--init", str(tiny), "--dry-run"]) == 0
+    capsys.readouterr()
+    # a T trunk without layer scale into the released Mask R-CNN-T recipe (layer_scale
+    # 1.0, its gammas started fresh as released): not a mismatch
+    assert main(["finetune", "detection", "--config",
+                 str(CONFIGS / "det_mask_rcnn_internimage_t_fpn_1x_coco.yaml"), "--init",
+                 str(full), "--dry-run"]) == 0
+
+
 def test_gpus_sets_the_dry_run_s_gpu_count(capsys, monkeypatch):
     """`--gpus N` plans for N processes, as pretrain's dry run. The detection preset's total
     batch on 8 GPUs is the released one: detection/configs/coco/
