@@ -26,6 +26,15 @@ from PIL import Image
 
 from data.shard_writer import existing_shards
 
+
+def cache_dir() -> Path:
+    """Where built-in demo data is written on first use, for every task:
+    ``$INTERNIMAGE_CACHE``, else ``$XDG_CACHE_HOME/internimage``, else
+    ``~/.cache/internimage``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "internimage"
+    return Path(os.environ.get("INTERNIMAGE_CACHE", default))
+
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
 CAPTION_TEMPLATES = (

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from data.config import S3Config, check_shard_list_policy
+from data.demo import cache_dir as demo_cache_dir
 from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.plan import count_params, per_gpu_count, plan_gpu_counts, print_plan
@@ -41,7 +42,7 @@ class ClsDataConfig:
     num_classes: int = 10
     img_size: int = 32
     source_size: int = 32  # demo: pixel size of the generated digit shards
-    cache_dir: str = "~/.cache/internimage"
+    cache_dir: str = ""  # demo data; "": data.demo.cache_dir() ($INTERNIMAGE_CACHE...)
     train_samples: int = 0  # stream: samples per epoch (the size of the training set)
     shuffle_buffer: int = 2000  # stream: per-worker sample shuffle buffer
     # stream: a resume whose shard list changed since the checkpoint is refused (error),
@@ -65,7 +66,8 @@ class ClsDataConfig:
               f"{self.kind}")
         check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
         check(self.img_size >= 16, "data.img_size", "must be >= 16")
-        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        self.cache_dir = str(Path(self.cache_dir).expanduser() if self.cache_dir
+                             else demo_cache_dir())
 
 
 @dataclass

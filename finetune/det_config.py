@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.demo import cache_dir as demo_cache_dir
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 
 
@@ -69,7 +70,7 @@ class DetDataConfig:
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 64
-    cache_dir: str = "~/.cache/internimage"
+    cache_dir: str = ""  # demo data; "": data.demo.cache_dir() ($INTERNIMAGE_CACHE...)
 
     def __post_init__(self) -> None:
         check(self.kind in ("demo", "coco"), "data.kind", f"must be demo|coco, got {self.kind!r}")
@@ -84,7 +85,8 @@ class DetDataConfig:
         # a "no demo images found" traceback after the run directory was set up
         for key, count in (("data.demo_train", self.demo_train), ("data.demo_val", self.demo_val)):
             check(count >= 1, key, f"must be >= 1 (images the demo writes), got {count}")
-        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        self.cache_dir = str(Path(self.cache_dir).expanduser() if self.cache_dir
+                             else demo_cache_dir())
 
 
 @dataclass

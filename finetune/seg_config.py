@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.demo import cache_dir as demo_cache_dir
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 
 DATA_KINDS = ("demo", "ade20k", "cityscapes", "mapillary", "cocostuff")
@@ -57,7 +58,7 @@ class SegDataConfig:
     demo_train: int = 400
     demo_val: int = 80
     demo_size: int = 96
-    cache_dir: str = "~/.cache/internimage"
+    cache_dir: str = ""  # demo data; "": data.demo.cache_dir() ($INTERNIMAGE_CACHE...)
 
     def __post_init__(self) -> None:
         check(self.kind in DATA_KINDS, "data.kind",
@@ -89,7 +90,8 @@ class SegDataConfig:
         # a "no demo images found" traceback after the run directory was set up
         for key, count in (("data.demo_train", self.demo_train), ("data.demo_val", self.demo_val)):
             check(count >= 1, key, f"must be >= 1 (images the demo writes), got {count}")
-        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        self.cache_dir = str(Path(self.cache_dir).expanduser() if self.cache_dir
+                             else demo_cache_dir())
 
     @property
     def eval_kind(self) -> str:

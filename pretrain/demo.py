@@ -4,20 +4,14 @@ YAML file whose every key can be overridden."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
+from data.demo import cache_dir
 from pretrain.config import PretrainConfig
 from pretrain.data import demo_source_urls, ensure_demo_shards
 
 BUILTIN = "builtin:digits/"
-
-
-def cache_dir() -> Path:
-    """Where built-in data is written on first use (``$INTERNIMAGE_CACHE`` overrides)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "internimage"
-    return Path(os.environ.get("INTERNIMAGE_CACHE", default))
 
 
 def _resolve(value: str, manifest: Path) -> list[str]:
