@@ -262,7 +262,7 @@ def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) ->
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int, engine: dict[str, Any], publish: bool = True,
              is_main: bool = True, batch: dict[str, int] | None = None,
-             rank: int = 0) -> FinetuneRun:
+             rank: int = 0, task: str | None = None) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
@@ -286,7 +286,7 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
             # cut short) goes, also when this start saves nothing (a finished run's resume)
             clear_leftovers(out_dir / CHECKPOINTS_DIR)
         resume_dir = resume_checkpoint(resume, out_dir)
-        state = (checked_state(resume_dir, model_hash, world_size, engine)
+        state = (checked_state(resume_dir, model_hash, world_size, engine, task)
                  if resume_dir is not None else None)
         if state is not None and batch is not None:
             check_batch(state, batch, resume_dir)

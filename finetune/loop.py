@@ -70,7 +70,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # may refuse: before compute
     batch = batch_state(batch_size, grad_accum)
     run = open_run(resume, out_dir, model_hash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank)
+                   is_main=d.is_main, batch=batch, rank=d.rank, task=name)
     done = run.completed(total_steps, d)
     if done is not None:  # nothing to train: the run's own config.yaml stays
         discard_config(out_dir)

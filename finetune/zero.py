@@ -235,7 +235,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
     batch = batch_state(cfg.run.batch_size, cfg.run.grad_accum)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank)
+                   is_main=d.is_main, batch=batch, rank=d.rank, task="classification")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)

@@ -47,6 +47,7 @@ from pretrain.objectives import M3ILoss
 from pretrain.resize import check_resize
 from runtime import run_lock
 from runtime.checkpoint import (
+    PRETRAIN_TASK,
     ResumeError,
     agree_on_refusal,
     check_compatible,
@@ -187,7 +188,8 @@ class Trainer:
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)
             check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
-                             allow_resize=True, engine=self._engine_layout())
+                             allow_resize=True, engine=self._engine_layout(),
+                             task=PRETRAIN_TASK)
         # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
         self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
         # The run's position in samples, what an epoch plan is measured in: every optimizer

@@ -761,7 +761,48 @@ def engine_layout(zero_stage: int, precision: str) -> dict[str, Any]:
     return {"zero_stage": zero_stage, "precision": precision}
 
 
-def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path) -> None:
+PRETRAIN_TASK = "pretrain"  # what a trainer state without ``task`` was saved by
+
+
+def _key(task: str, name: str) -> str:
+    """The config key ``name`` (zero_stage, precision) of ``task``'s runs."""
+    return f"{'engine' if task == PRETRAIN_TASK else 'run'}.{name}"
+
+
+def _restart_hint(task: str) -> str:
+    """How to start afresh from a checkpoint this run cannot resume (fine-tuning only:
+    pre-training starts from no weights)."""
+    return ("" if task == PRETRAIN_TASK else
+            ", or convert it (internimage convert) and --init a new run")
+
+
+def _check_task(state: dict[str, Any], task: str, ckpt_dir: Path) -> None:
+    """A checkpoint of another task's run: said as such, before the engine and model
+    checks, whose advice (another ZeRO stage, the run's own config) misled (the common
+    mix-up of ``--resume`` with ``--init``)."""
+    saved = state.get("task", PRETRAIN_TASK)
+    if saved == task:
+        return
+    if task == PRETRAIN_TASK:
+        hint = (f"resume it with `internimage finetune {saved} --resume`; pre-training "
+                "resumes its own runs only")
+    elif saved == PRETRAIN_TASK:
+        hint = (f"to fine-tune from its weights give it as --init (internimage finetune "
+                f"{task} --init {ckpt_dir}), not --resume")
+    else:
+        hint = (f"to fine-tune from its backbone give it as --init (internimage finetune "
+                f"{task} --init {ckpt_dir}), or resume it with `internimage finetune "
+                f"{saved} --resume`")
+    raise ResumeError(f"{ckpt_dir} is a checkpoint of a {_task_name(saved)} run, this is a "
+                      f"{_task_name(task)} run: {hint}")
+
+
+def _task_name(task: str) -> str:
+    return "pre-training" if task == PRETRAIN_TASK else task
+
+
+def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path,
+                  task: str) -> None:
     saved = state.get("engine") or {}
     # states saved before ``engine`` was recorded hold the stage alone (fine-tuning's)
     stage = saved.get("zero_stage", state.get("zero_stage"))
@@ -769,25 +810,29 @@ def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path)
         raise ResumeError(
             f"{ckpt_dir} was saved with ZeRO stage {stage}, this run has stage "
             f"{engine['zero_stage']}: DeepSpeed resumes a checkpoint only in the ZeRO layout "
-            f"that wrote it (stages 1 and 2 share one); resume with zero_stage={stage} as in "
-            f"the run's config.yaml, or convert it (internimage convert) and --init a new run")
+            f"that wrote it (stages 1 and 2 share one); resume with "
+            f"{_key(task, 'zero_stage')}={stage} as in the run's config.yaml"
+            f"{_restart_hint(task)}")
     precision = saved.get("precision")
     if precision is not None and precision != engine["precision"]:
         raise ResumeError(
             f"{ckpt_dir} was saved by a {precision} engine, this run's is "
             f"{engine['precision']}: DeepSpeed's optimizer state differs between them; resume "
-            f"with precision={precision} as in the run's config.yaml, or convert it "
-            f"(internimage convert) and --init a new run")
+            f"with {_key(task, 'precision')}={precision} as in the run's config.yaml"
+            f"{_restart_hint(task)}")
 
 
 def check_compatible(state: dict[str, Any], model_hash: str, world_size: int,
                      ckpt_dir: Path, allow_resize: bool = False,
-                     engine: dict[str, Any] | None = None) -> None:
+                     engine: dict[str, Any] | None = None, task: str | None = None) -> None:
     """Refuse, before any compute, a resume the saved state cannot support
     (``allow_resize``: the caller resumes on another world size itself; ``engine``: this
-    run's :func:`engine_layout`, checked against the saved one when given)."""
+    run's :func:`engine_layout`, checked against the saved one when given; ``task``: this
+    run's, ``pretrain`` or a fine-tuning task's name, checked first when given)."""
+    if task is not None:
+        _check_task(state, task, ckpt_dir)
     if engine is not None:
-        _check_engine(state, engine, ckpt_dir)
+        _check_engine(state, engine, ckpt_dir, task or PRETRAIN_TASK)
     if state["model_hash"] != model_hash:
         raise ResumeError(
             f"{ckpt_dir} was saved for a different model/text-tower config (hash "
@@ -896,9 +941,10 @@ def open_resume(resume: str | None, root: Path, model_hash: str,
 
 
 def checked_state(ckpt_dir: Path, model_hash: str, world_size: int,
-                  engine: dict[str, Any] | None = None) -> dict[str, Any]:
+                  engine: dict[str, Any] | None = None,
+                  task: str | None = None) -> dict[str, Any]:
     """The trainer state of the resolved checkpoint ``ckpt_dir``, checked against this
-    run (model hash, world size, and ``engine``'s layout when given)."""
+    run (its task, model hash, world size, and ``engine``'s layout when given)."""
     state = load_trainer_state(ckpt_dir)
-    check_compatible(state, model_hash, world_size, ckpt_dir, engine=engine)
+    check_compatible(state, model_hash, world_size, ckpt_dir, engine=engine, task=task)
     return state

@@ -111,12 +111,28 @@ def test_incompatible_resume_fails_before_compute(reference_run, tmp_path, cache
     assert "different model" in other_model.stderr
     # DeepSpeed loads a checkpoint only in the ZeRO layout and precision that wrote it
     # (runtime/checkpoint.py engine_layout); refused in one line before any compute
-    for change, reason in (("engine.zero_stage=0", "saved with ZeRO stage 3"),
-                           ("engine.precision=bf16", "saved by a fp32 engine")):
+    # (the advice names pre-training's own keys, and no --init: pre-training has none)
+    for change, reason in (("engine.zero_stage=0", "saved with ZeRO stage 3, this run has "
+                            "stage 0: DeepSpeed resumes a checkpoint only in the ZeRO layout "
+                            "that wrote it (stages 1 and 2 share one); resume with "
+                            "engine.zero_stage=3 as in the run's config.yaml\n"),
+                           ("engine.precision=bf16", "saved by a fp32 engine, this run's is "
+                            "bf16: DeepSpeed's optimizer state differs between them; resume "
+                            "with engine.precision=fp32 as in the run's config.yaml\n")):
         proc = run_forked(pretrain_cmd(2, tmp_path / "c", "--resume", ckpt, change), cache,
                           check=False)
         assert proc.returncode != 0 and reason in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+    # the common mix-up: a pre-training run given to fine-tuning as --resume (its ZeRO stage
+    # and then its model hash were refused, advising another stage and the run's config)
+    proc = run_forked([sys.executable, "-m", "launch.cli", "finetune", "classification",
+                       "--resume", ckpt, "--output-dir", str(tmp_path / "f")], cache,
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"is a checkpoint of a pre-training run, this is a classification run: to "
+            f"fine-tune from its weights give it as --init (internimage finetune "
+            f"classification --init {reference_run / 'checkpoints'}") in proc.stderr, (
+        proc.stderr[-2000:])
 
 
 def test_a_resume_over_a_changed_shard_list_is_refused_in_one_line(reference_run, tmp_path,

@@ -70,3 +70,20 @@ def test_raising_max_steps_on_resume_says_the_extra_steps_train_at_min_lr(tmp_pa
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # the demo's optim.min_lr
+
+
+def test_a_refused_fresh_start_leaves_no_run_directory(tmp_path, cache):
+    """As fine-tuning's (README): a start refused before any compute (here a --resume
+    path that does not exist) removes the folders it created, empty; an existing folder
+    stays as it was."""
+    out = tmp_path / "runs" / "new"
+    proc = run_forked(pretrain_cmd(1, out, "--max-steps", "2", "--resume",
+                                   str(tmp_path / "nothere")), cache, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "internimage pretrain:" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    proc = run_forked(pretrain_cmd(1, kept, "--max-steps", "2", "--resume",
+                                   str(tmp_path / "nothere")), cache, check=False)
+    assert proc.returncode == 2 and kept.is_dir() and list(kept.iterdir()) == []

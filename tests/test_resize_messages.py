@@ -69,3 +69,39 @@ def test_refusals_say_one_rank_not_one_ranks(tmp_path):
         load_rank_state(tmp_path, state, 0)
     with pytest.raises(ResumeError, match="resume with 2 ranks$"):
         check_resize(state | {"world_size": 2}, 1, tmp_path, image_branch=True)
+
+
+def test_a_checkpoint_of_another_task_is_named_before_its_engine_or_model(tmp_path):
+    """Each task's resume names the task a checkpoint was saved by (fine-tuning records
+    ``task``; a pre-training state has none) before its ZeRO stage or model hash, whose
+    advice misled; and how to go on: --init, or the command that resumes it."""
+    from runtime.checkpoint import ResumeError, check_compatible
+
+    pretrain = {"world_size": 1, "model_hash": "p", "engine": {"zero_stage": 3,
+                                                               "precision": "bf16"}}
+    detection = {"world_size": 1, "model_hash": "d", "task": "detection",
+                 "engine": {"zero_stage": 0, "precision": "fp32"}}
+    cls_engine = {"zero_stage": 0, "precision": "fp32"}
+    cases = [
+        (pretrain, "classification", cls_engine,
+         "is a checkpoint of a pre-training run, this is a classification run: to fine-tune "
+         f"from its weights give it as --init (internimage finetune classification --init "
+         f"{tmp_path}), not --resume"),
+        (detection, "segmentation", cls_engine,
+         "is a checkpoint of a detection run, this is a segmentation run: to fine-tune from "
+         f"its backbone give it as --init (internimage finetune segmentation --init "
+         f"{tmp_path}), or resume it with `internimage finetune detection --resume`"),
+        (detection, "pretrain", {"zero_stage": 3, "precision": "bf16"},
+         "is a checkpoint of a detection run, this is a pre-training run: resume it with "
+         "`internimage finetune detection --resume`; pre-training resumes its own runs only"),
+    ]
+    for state, task, engine, message in cases:
+        with pytest.raises(ResumeError) as err:
+            check_compatible(state, "other", 1, tmp_path, engine=engine, task=task)
+        assert str(err.value) == f"{tmp_path} {message}", str(err.value)
+    # its own task: on to the engine's checks, with the task's own key
+    with pytest.raises(ResumeError, match=r"resume with run\.zero_stage=0 as in the run's "
+                       r"config\.yaml, or convert it \(internimage convert\) and --init"):
+        check_compatible(detection, "d", 1, tmp_path, engine={"zero_stage": 3,
+                                                              "precision": "fp32"},
+                         task="detection")

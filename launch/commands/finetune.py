@@ -95,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
-    from launch.commands.refusals import refusal_line, training_refusals
+    from launch.commands.refusals import (
+        first_missing,
+        refusal_line,
+        remove_empty_up_to,
+        training_refusals,
+    )
     from models import CheckpointError
     from runtime import run_lock
     from runtime.checkpoint import discard_config, stage_config
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     train_cfg = checked_start(mod, cfg, resume_dir)
     is_main = os.environ.get("RANK", "0") == "0"
-    created = _first_missing(out)  # the outermost folder this start creates (None: none)
+    created = first_missing(out)  # the outermost folder this start creates (None: none)
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(out, lambda path: dump_config(cfg, path))
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             discard_config(out)
             run_lock.release()  # before the folder it lies in is removed
             if created is not None:  # a failed fresh start leaves no empty folder either
-                _remove_empty_up_to(out, created)
+                remove_empty_up_to(out, created)
         if not isinstance(err, training_refusals()):
             raise
         print(f"internimage finetune: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
@@ -259,27 +264,6 @@ def checked_start(mod, cfg, resume_dir: Path | None, missing_data: str = "refuse
         else:
             raise ConfigError(str(err)) from None
     return cfg
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost of ``path`` and its parents that does not exist yet (None: it exists)."""
-    path, top = path.absolute(), None
-    while not path.exists():
-        path, top = path.parent, path
-    return top
-
-
-def _remove_empty_up_to(path: Path, top: Path) -> None:
-    """Remove ``path`` and its parents up to ``top`` while they are empty."""
-    path = path.absolute()
-    while True:
-        try:
-            path.rmdir()
-        except OSError:  # not empty (another rank's files, a user's): left as it is
-            return
-        if path == top:
-            return
-        path = path.parent
 
 
 def check_init(init: str | None) -> None:

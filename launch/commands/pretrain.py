@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(str(err)) from None
         print(json.dumps(result, indent=2))
         return 0
-    from launch.commands.refusals import refusal_line, training_refusals
+    from launch.commands.refusals import (
+        first_missing,
+        refusal_line,
+        remove_empty_up_to,
+        training_refusals,
+    )
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import discard_config, stage_config
@@ -149,15 +154,18 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_builtin(cfg)
     run_dir = Path(cfg.run.output_dir)
     is_main = os.environ.get("RANK", "0") == "0"
+    created = first_missing(run_dir)  # the outermost folder this start creates (None: none)
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
-        final = pretrain(cfg, resume=args.resume)
+        final = pretrain(cfg, resume=args.resume)  # (its run lock released when it ends)
     except BaseException as err:
         # whatever ended the start, a refusal or a crash: rank 0's staged config goes
         # (this process's own file; nothing once published)
         if is_main:
             discard_config(run_dir)
+            if created is not None:  # a failed fresh start leaves no empty folder either
+                remove_empty_up_to(run_dir, created)
         if not isinstance(err, training_refusals()):
             raise
         # one line, exit 2, as finetune

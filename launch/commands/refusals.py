@@ -3,6 +3,8 @@ line, exit 2, instead of a traceback: one list for both commands."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def training_refusals() -> tuple[type[Exception], ...]:
     """A refused resume or start (``CheckpointError``, the run lock's included;
@@ -38,3 +40,25 @@ def refusal_line(err: BaseException) -> str:
         if lines[i].startswith(prefix):
             return " ".join([lines[i][len(prefix):], *lines[i + 1:]]).strip()
     return text
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None: it exists):
+    what a start creates, and a refused fresh start removes again (empty)."""
+    path, top = path.absolute(), None
+    while not path.exists():
+        path, top = path.parent, path
+    return top
+
+
+def remove_empty_up_to(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty."""
+    path = path.absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another rank's files, a user's): left as it is
+            return
+        if path == top:
+            return
+        path = path.parent
