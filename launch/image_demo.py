@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from models import build_model, load_pretrained
+from models import CheckpointError, build_model, load_pretrained
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -45,9 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
-    if args.weights:
-        print(load_pretrained(model, args.weights))
+    try:
+        model = build_model(args.model).eval()
+        if args.weights:
+            print(load_pretrained(model, args.weights))
+    except (CheckpointError, ValueError) as err:  # a wrong name or file: one line, exit 2
+        print(f"launch.image_demo: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     x = load_photo(args.image_size)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -56,6 +56,18 @@ def test_demo_again_into_its_folder_replaces_the_earlier_shards(tmp_path, capsys
     assert len(keys) == len(set(keys)) == train["samples"]
 
 
+@pytest.mark.parametrize("out", ["my.yaml", "my.yaml/sub"])
+def test_demo_into_a_file_is_refused_in_one_line(out, tmp_path, capsys):
+    """`shards demo --out FILE` (or a folder under a file): a FileExistsError traceback
+    before; now one line naming the file, exit 2, the file untouched."""
+    (tmp_path / "my.yaml").write_text("keep: me\n")
+    assert main(["shards", "demo", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"internimage shards demo: --out {tmp_path / out}: {tmp_path / 'my.yaml'} "
+                   "is a file, not a directory: give a directory for the shards\n")
+    assert (tmp_path / "my.yaml").read_text() == "keep: me\n"
+
+
 def test_ensure_demo_shards_is_safe_under_concurrent_calls(tmp_path):
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(ensure_demo_shards(tmp_path)))

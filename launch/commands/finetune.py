@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
     from launch.commands.refusals import (
+        INTERRUPTED_STATUS,
         first_missing,
+        interrupted_line,
         refusal_line,
         remove_empty_up_to,
         training_refusals,
@@ -129,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
             run_lock.release()  # before the folder it lies in is removed
             if created is not None:  # a failed fresh start leaves no empty folder either
                 remove_empty_up_to(out, created)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one line, not a traceback per rank
+            if is_main:
+                print(f"internimage finetune: {interrupted_line(out)}", file=sys.stderr)
+            return INTERRUPTED_STATUS
         if not isinstance(err, training_refusals()):
             raise
         print(f"internimage finetune: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2

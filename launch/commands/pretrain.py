@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     from launch.commands.refusals import (
+        INTERRUPTED_STATUS,
         first_missing,
+        interrupted_line,
         refusal_line,
         remove_empty_up_to,
         training_refusals,
@@ -166,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
             discard_config(run_dir)
             if created is not None:  # a failed fresh start leaves no empty folder either
                 remove_empty_up_to(run_dir, created)
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one line, not a traceback per rank
+            if is_main:
+                print(f"internimage pretrain: {interrupted_line(run_dir)}", file=sys.stderr)
+            return INTERRUPTED_STATUS
         if not isinstance(err, training_refusals()):
             raise
         # one line, exit 2, as finetune

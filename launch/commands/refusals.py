@@ -62,3 +62,20 @@ def remove_empty_up_to(path: Path, top: Path) -> None:
         if path == top:
             return
         path = path.parent
+
+
+# the exit status of a command ended by SIGINT, as a shell reports it (128 + 2)
+INTERRUPTED_STATUS = 130
+
+
+def interrupted_line(run_dir: Path) -> str:
+    """What a training run stopped by Ctrl-C prints (rank 0), instead of every rank's
+    traceback: where it can go on from (a save cut short is never ``latest``)."""
+    from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST
+
+    latest = run_dir / CHECKPOINTS_DIR / LATEST
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if not tag:
+        return "interrupted before its first checkpoint: nothing to resume, start it again"
+    return (f"interrupted; its last complete checkpoint is {run_dir / CHECKPOINTS_DIR / tag}"
+            ": go on with --resume auto")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(sub, name: str) -> None:
@@ -77,7 +78,13 @@ def run_demo(args: argparse.Namespace) -> int:
     """Write the digits demo shards and print the manifest path and counts."""
     from data.demo import write_demo_shards
 
-    manifest = write_demo_shards(args.out, image_size=args.image_size, maxcount=args.maxcount)
+    out = Path(args.out)
+    clash = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:  # was FileExistsError's traceback
+        print(f"internimage shards demo: --out {args.out}: {clash} is a file, not a "
+              "directory: give a directory for the shards", file=sys.stderr)
+        return 2
+    manifest = write_demo_shards(out, image_size=args.image_size, maxcount=args.maxcount)
     splits = json.loads(manifest.read_text())["splits"]
     for split, info in splits.items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
