@@ -43,6 +43,17 @@ def global_batch(cfg: PretrainConfig, world_size: int) -> int:
     return cfg.data.batch_size * cfg.engine.grad_accum * world_size
 
 
+def warmup_warning(warmup_steps: int, steps: int) -> str | None:
+    """What to say when a run ends inside its lr warm-up (a smoke test of a long recipe:
+    the H preset's 10,000 warm-up steps in a 100-step run train at <= 1% of optim.lr,
+    nothing said); None otherwise."""
+    if steps <= 0 or warmup_steps <= steps:
+        return None
+    return (f"optim.warmup_steps={warmup_steps} exceeds the run's {steps} steps: it ends "
+            f"inside its warm-up, at most {steps / warmup_steps:.1%} of optim.lr; set "
+            "optim.warmup_steps lower for a short run")
+
+
 def total_steps(cfg: PretrainConfig, world_size: int, step: int = 0,
                 samples: int = 0) -> int:
     """Optimizer steps of the run: ``run.max_steps``, or with ``run.epochs`` the steps that

@@ -42,6 +42,7 @@ from pretrain.engine import (
     model_hash,
     run_progress,
     total_steps,
+    warmup_warning,
 )
 from pretrain.objectives import M3ILoss
 from pretrain.resize import check_resize
@@ -208,6 +209,9 @@ class Trainer:
         if self.state is not None:
             check_resize(self.state, self.info.world_size, self.resume_dir,
                          cfg.objective.image.enabled)
+        warning = warmup_warning(cfg.optim.warmup_steps, self.total_steps)
+        if warning and self.state is None and self.info.is_main:
+            log.warning("%s", warning)
 
     def _completed(self) -> dict[str, Any] | None:
         """None while the run has steps left; else (its checkpoint at or past the run's

@@ -291,3 +291,21 @@ def test_a_dry_runs_parameter_count_is_the_trained_models(capsys, tmp_path):
     assert plan["total_parameters"] == sum(p.numel() for p in trained.parameters())
     unread = _plan(capsys, [f"data.tag_vocab={tmp_path / 'none.txt'}"])
     assert unread["tag_vocabulary_size"] == "unread: not counted"
+
+
+def test_a_run_that_ends_inside_its_warm_up_is_warned_of(capsys):
+    """The README's smoke test of the H preset (100 steps) trains inside the preset's
+    10,000 warm-up steps, at <= 1% of optim.lr, and nothing said so; the full recipe, and
+    a run as long as its warm-up, are not warned of."""
+    from launch.cli import main
+
+    assert main(["pretrain", "--dry-run", "--config", H_PRESET, "--max-steps", "100",
+                 "--gpus", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["warmup_steps"] == 10_000
+    assert ("internimage pretrain: warning: optim.warmup_steps=10000 exceeds the run's 100 "
+            "steps: it ends inside its warm-up, at most 1.0% of optim.lr; set "
+            "optim.warmup_steps lower for a short run") in err, err
+    for argv in (["--gpus", "64"], ["--max-steps", "100", "optim.warmup_steps=100"]):
+        assert main(["pretrain", "--dry-run", "--config", H_PRESET, *argv]) == 0
+        assert "warm-up" not in capsys.readouterr().err

@@ -139,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:  # GPUs that fill no whole nodes (names the flags)
             raise ConfigError(str(err)) from None
         print(json.dumps(result, indent=2))
+        from pretrain.engine import warmup_warning
+
+        warning = warmup_warning(cfg.optim.warmup_steps, result["steps"])
+        if warning:
+            print(f"internimage pretrain: warning: {warning}", file=sys.stderr)
         return 0
     from launch.commands.refusals import (
         INTERRUPTED_STATUS,
