@@ -75,8 +75,11 @@ def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
         cfg = load_config(task_entry(args.task)[0], args.config, overrides)
-    except ValueError as err:  # __post_init__ checks name their key too
-        raise ConfigError(str(err)) from None
+    except ValueError as err:  # __post_init__ checks name their key too (ConfigError's one)
+        from launch.commands.task_configs import other_task_hint
+
+        hint = other_task_hint(args.config, f"internimage finetune {args.task}")
+        raise ConfigError(f"{err}{hint}") from None
     check_output_dir(cfg.run.output_dir, "--output-dir" if args.output_dir else "run.output_dir")
     return cfg
 

@@ -72,7 +72,13 @@ def load(args: argparse.Namespace, missing_data: str = "warn",
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(PretrainConfig, args.config or DEMO_CONFIG, overrides)
+    try:
+        cfg = load_config(PretrainConfig, args.config or DEMO_CONFIG, overrides)
+    except ValueError as err:  # (ConfigError's one) another task's preset: said so
+        from launch.commands.task_configs import other_task_hint
+
+        raise ConfigError(f"{err}{other_task_hint(args.config, 'internimage pretrain')}"
+                          ) from None
     if args.max_steps is not None and cfg.run.epochs > 0:
         # the trainer runs max_steps only without an epoch plan: the flag took none and a
         # smoke test of the H preset planned its 30 epochs
