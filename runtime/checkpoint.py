@@ -780,7 +780,11 @@ def _check_task(state: dict[str, Any], task: str, ckpt_dir: Path) -> None:
     """A checkpoint of another task's run: said as such, before the engine and model
     checks, whose advice (another ZeRO stage, the run's own config) misled (the common
     mix-up of ``--resume`` with ``--init``)."""
-    saved = state.get("task", PRETRAIN_TASK)
+    saved = state.get("task")
+    if saved is None:
+        if "epoch_step" in state:  # a fine-tuning run's, saved before ``task`` was kept
+            return
+        saved = PRETRAIN_TASK  # pre-training records none (nor an epoch_step)
     if saved == task:
         return
     if task == PRETRAIN_TASK:

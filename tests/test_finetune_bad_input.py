@@ -207,7 +207,8 @@ def test_a_refused_start_removes_the_folders_it_made_and_keeps_the_users():
     (--output-dir nest/a/run), while they are empty; never a folder that was there."""
     import tempfile
 
-    from launch.commands.finetune import _first_missing, _remove_empty_up_to
+    from launch.commands.refusals import first_missing as _first_missing
+    from launch.commands.refusals import remove_empty_up_to as _remove_empty_up_to
 
     with tempfile.TemporaryDirectory() as tmp:
         keep = Path(tmp) / "keep"

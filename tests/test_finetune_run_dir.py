@@ -33,7 +33,7 @@ def _existing_run(out: Path, model_hash: str = "h") -> Path:
     (step / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     # the rank's random state, as a save writes it (a resume checks it when it opens)
     (step / "trainer_state.json").write_text(json.dumps(
-        {"step": 2000, "model_hash": model_hash, "world_size": 1,
+        {"step": 2000, "model_hash": model_hash, "world_size": 1, "task": "classification",
          "ranks": [{"rng": rng_state()}]}))
     (out / "checkpoints" / "latest").write_text("step_0002000")
     (out / "metrics.jsonl").write_text(

@@ -333,38 +333,6 @@ def test_one_pass_sources_train_on_pass_after_pass(tmp_path, cache):
     assert "the next pass begins (data epoch 1)" in proc.stdout + proc.stderr
 
 
-def test_ctrl_c_ends_a_run_in_one_line_naming_its_last_checkpoint(tmp_path, cache):
-    """Ctrl-C (SIGINT) printed some 60 lines of traceback per rank and nothing about the
-    checkpoint to go on from; now one line, exit 130 (a shell's status for SIGINT), and
-    the run resumes from the checkpoint it names."""
-    import signal
-    import subprocess
-    import time
-
-    from tests.pretrain_utils import env
-
-    out = tmp_path / "run"
-    proc = subprocess.Popen(pretrain_cmd(1, out, "--max-steps", "400", "--checkpoint-every",
-                                         "2"), env=env(cache), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while latest(out) is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert latest(out) is not None
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    [line] = [x for x in err.splitlines() if x.startswith("internimage pretrain:")]
-    tag = line.split("checkpoints/")[1].split(":")[0]
-    assert line == (f"internimage pretrain: interrupted; its last complete checkpoint is "
-                    f"{out / 'checkpoints' / tag}: go on with --resume auto")
-    assert latest(out) == tag
-
-
 def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
     before = latest(reference_run)
     proc = run_forked(pretrain_cmd(1, reference_run, "--max-steps", "2"), cache, check=False)

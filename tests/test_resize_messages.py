@@ -99,6 +99,11 @@ def test_a_checkpoint_of_another_task_is_named_before_its_engine_or_model(tmp_pa
         with pytest.raises(ResumeError) as err:
             check_compatible(state, "other", 1, tmp_path, engine=engine, task=task)
         assert str(err.value) == f"{tmp_path} {message}", str(err.value)
+    # a fine-tuning state saved before ``task`` was kept (it has an epoch_step): not
+    # taken for pre-training's; on to the model check
+    with pytest.raises(ResumeError, match="different model"):
+        check_compatible({"world_size": 1, "model_hash": "d", "epoch_step": 0}, "other", 1,
+                         tmp_path, task="segmentation")
     # its own task: on to the engine's checks, with the task's own key
     with pytest.raises(ResumeError, match=r"resume with run\.zero_stage=0 as in the run's "
                        r"config\.yaml, or convert it \(internimage convert\) and --init"):
