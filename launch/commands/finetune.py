@@ -98,17 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
-    from launch.commands.refusals import (
-        INTERRUPTED_STATUS,
-        first_missing,
-        interrupted_line,
-        refusal_line,
-        remove_empty_up_to,
-        training_refusals,
-    )
+    from launch.commands.refusals import end_failed_start, first_missing
     from models import CheckpointError
     from runtime import run_lock
-    from runtime.checkpoint import discard_config, stage_config
+    from runtime.checkpoint import stage_config
 
     out = Path(cfg.run.output_dir)
     try:
@@ -126,22 +119,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
         result = mod.train(train_cfg, out, resume=args.resume)
-    except BaseException as err:
-        # whatever ended the start, a refusal or a crash (a missing file, an interrupt):
-        # rank 0's staged config goes (this process's own file; nothing once published)
-        if is_main:
-            discard_config(out)
-            run_lock.release()  # before the folder it lies in is removed
-            if created is not None:  # a failed fresh start leaves no empty folder either
-                remove_empty_up_to(out, created)
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one line, not a traceback per rank
-            if is_main:
-                print(f"internimage finetune: {interrupted_line(out)}", file=sys.stderr)
-            return INTERRUPTED_STATUS
-        if not isinstance(err, training_refusals()):
-            raise
-        print(f"internimage finetune: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
-        return 2
+    except BaseException as err:  # a refusal, an interrupt or a crash (a missing file)
+        return end_failed_start(err, "finetune", out, created, is_main)
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start
     # every rank's own log says what it computed; rank 0 alone prints it, as one JSON

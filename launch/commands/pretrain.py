@@ -151,17 +151,10 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             print(f"internimage pretrain: warning: {warning}", file=sys.stderr)
         return 0
-    from launch.commands.refusals import (
-        INTERRUPTED_STATUS,
-        first_missing,
-        interrupted_line,
-        refusal_line,
-        remove_empty_up_to,
-        training_refusals,
-    )
+    from launch.commands.refusals import end_failed_start, first_missing
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
-    from runtime.checkpoint import discard_config, stage_config
+    from runtime.checkpoint import stage_config
     from runtime.checkpoint_path import CHECKPOINTS_DIR
 
     cfg = resolve_builtin(cfg)
@@ -172,22 +165,8 @@ def run(args: argparse.Namespace) -> int:
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
         final = pretrain(cfg, resume=args.resume)  # (its run lock released when it ends)
-    except BaseException as err:
-        # whatever ended the start, a refusal or a crash: rank 0's staged config goes
-        # (this process's own file; nothing once published)
-        if is_main:
-            discard_config(run_dir)
-            if created is not None:  # a failed fresh start leaves no empty folder either
-                remove_empty_up_to(run_dir, created)
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one line, not a traceback per rank
-            if is_main:
-                print(f"internimage pretrain: {interrupted_line(run_dir)}", file=sys.stderr)
-            return INTERRUPTED_STATUS
-        if not isinstance(err, training_refusals()):
-            raise
-        # one line, exit 2, as finetune
-        print(f"internimage pretrain: {refusal_line(err)}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # a refusal, an interrupt or a crash: as finetune's
+        return end_failed_start(err, "pretrain", run_dir, created, is_main)
     if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
                           "metrics": str(Path(cfg.run.output_dir, "metrics.jsonl").resolve()),

@@ -3,6 +3,7 @@ line, exit 2, instead of a traceback: one list for both commands."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -79,3 +80,28 @@ def interrupted_line(run_dir: Path) -> str:
         return "interrupted before its first checkpoint: nothing to resume, start it again"
     return (f"interrupted; its last complete checkpoint is {run_dir / CHECKPOINTS_DIR / tag}"
             ": go on with --resume auto")
+
+
+def end_failed_start(err: BaseException, command: str, run_dir: Path, created: Path | None,
+                     is_main: bool) -> int:
+    """What `internimage pretrain|finetune` does when its run ended by ``err`` (a refusal,
+    an interrupt or a crash): rank 0 drops its staged config, releases the run lock and
+    removes the folders a fresh start created (``created``, from :func:`first_missing`)
+    while empty; then Ctrl-C gives one line and :data:`INTERRUPTED_STATUS`, a refusal
+    (:func:`training_refusals`) one line and 2, anything else is raised again."""
+    from runtime import run_lock
+    from runtime.checkpoint import discard_config
+
+    if is_main:  # (this process's own files; nothing once the config was published)
+        discard_config(run_dir)
+        run_lock.release()  # before the folder it lies in is removed
+        if created is not None:  # a failed fresh start leaves no empty folder either
+            remove_empty_up_to(run_dir, created)
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one line, not a traceback per rank
+        if is_main:
+            print(f"internimage {command}: {interrupted_line(run_dir)}", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    if not isinstance(err, training_refusals()):
+        raise err
+    print(f"internimage {command}: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
+    return 2
