@@ -1,13 +1,14 @@
 """`internimage submit` against a real single-node SLURM (munged, slurmctld, slurmd).
 
 2-task CPU pre-training jobs (gloo ranks, the demo shrunk by TINY): a job that completes,
-a job requeued by `scontrol requeue` mid-run that ends with the same losses as the
-undisturbed one, and a job whose tasks are killed (SIGKILL) without writing a result,
-which `--wait` must report instead of waiting forever. A 2-task fine-tuning job
-(classification demo) sent USR2 (what SLURM sends before the time limit or on a
-preemption) saves at the next step, is requeued by submitit and ends with the metrics of
-an undisturbed one. (Pre-training and fine-tuning stop on a signal through the same loop,
-runtime/loop.py: tests/test_runtime_loop_stop.py; one job type here is enough.)
+a job requeued by `scontrol requeue` mid-run whose tasks wrote error results (waited
+through, not reported) and which ends with the same losses as the undisturbed one, and a
+job whose tasks are killed (SIGKILL) without writing a result, which `--wait` must report
+instead of waiting forever. A 2-task fine-tuning job (classification demo) sent USR2
+(what SLURM sends before the time limit or on a preemption) saves at the next step, is
+requeued by submitit and ends with the metrics of an undisturbed one. (Pre-training and
+fine-tuning stop on a signal through the same loop, runtime/loop.py:
+tests/test_runtime_loop_stop.py; one job type here is enough.)
 
 The USR2 test sends the signal themselves (`scancel --signal=USR2`, to every task of the
 job) once the job has logged a step, with a time limit far away: a signal timed by a short
@@ -25,18 +26,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import submitit
+from submitit.core.utils import pickle_load
 
+from launch.slurm.wait import failure, wait_for
 from tests.pretrain_utils import REPO, TINY, env, latest, losses, run_forked
 from tests.slurm_cluster import SlurmCluster, running_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
-STEPS = ["--max-steps", "10", "--checkpoint-every", "2"]
+# data.workers=1: the requeue test needs a loader worker for its SIGTERM to kill
+STEPS = ["--max-steps", "10", "--checkpoint-every", "2", "data.workers=1"]
 
 
 @pytest.fixture(scope="session")
@@ -134,28 +139,59 @@ def test_two_task_job_completes_with_metrics_checkpoints_and_job_record(undistur
     assert "task 1/2" in (logs / f"{job_id}_1_log.err").read_text()
 
 
-def test_scontrol_requeue_mid_run_resumes_with_identical_losses(undisturbed, cluster, cache,
-                                                                 tmp_path):
-    """Also with --max-requeues 0: a restart by SLURM (here `scontrol requeue`; likewise a
-    preemption with PreemptMode=REQUEUE or a node failure) is no time-out and is not
-    limited."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(submit_cmd(tmp_path / "logs", run_dir, "--max-requeues", "0",
-                                       "--wait", job=tuple(STEPS)),
-                            env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    job_id = None
+# The requeue tests: its exit grace, short so that the job pending after its requeue
+# outlasts it in seconds (the waiter's default is EXIT_GRACE_S, a minute)
+REQUEUE_EXIT_GRACE_S = 15.0
+
+
+def test_scontrol_requeue_mid_run_is_waited_through_and_resumes_with_identical_losses(
+        undisturbed, cluster, cache, tmp_path):
+    """`scontrol requeue` mid-run (SIGTERM, then SIGKILL: no time to save; likewise a
+    preemption with PreemptMode=REQUEUE or a node failure): the job restarts under the same
+    id from its last checkpoint and ends with the undisturbed job's losses. With
+    --max-requeues 0 too: a restart by SLURM is no time-out and is not limited.
+
+    The SIGTERM kills the data-loader worker (data.workers=1), the training raises and
+    submitit writes an ("error", ...) result for every task before SLURM requeues the job.
+    Those results are the requeued run's, not the job's: the wait (launch.slurm.wait, as
+    `submit --wait` calls it; here in a thread with a short exit grace, which an earlier
+    wait gave up after, returning PENDING) must go on through the requeue and report how
+    the restarted run ends."""
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    proc = subprocess.run(submit_cmd(logs, run_dir, "--max-requeues", "0", job=tuple(STEPS)),
+                          env=job_env(cluster, cache), cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    job_id = proc.stdout.strip().splitlines()[-1]
+    job = submitit.SlurmJob(folder=logs / job_id, job_id=job_id, tasks=(0, 1))
+    waited: dict = {}
+
+    def wait() -> None:
+        waited["state"] = wait_for(job, poll_s=0.5, exit_grace_s=REQUEUE_EXIT_GRACE_S)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
     try:
-        job_id = first_job_id(run_dir)
+        assert first_job_id(run_dir) == job_id
         deadline = time.time() + 120
         while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
             time.sleep(0.05)
         assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
-        cluster.cmd("scontrol", "requeue", job_id)  # SIGTERM, then SIGKILL: no time to save
+        cluster.cmd("scontrol", "requeue", job_id)
+        requeued = time.time()
+        cluster.wait_job(job_id, lambda j: int(j.get("Restarts", "0")) >= 1
+                         and j.get("JobState") == "PENDING", 90, "the requeue")
+        for task in (0, 1):  # the case at hand: every task of the requeued run wrote an error
+            assert pickle_load(job.task(task).paths.result_pickle)[0] == "error"
+        time.sleep(max(0.0, requeued + REQUEUE_EXIT_GRACE_S + 2 - time.time()))
+        assert waiter.is_alive(), f"the wait returned during the requeue: {waited}"
         release(cluster, job_id)
+        waiter.join(timeout=240)
+        assert not waiter.is_alive(), "the wait did not end with the restarted job"
     finally:
-        out, _ = finish(proc, 240, cluster, job_id)
-    assert out.strip().splitlines()[-1] == job_id  # a requeue keeps the job id
+        cluster.cmd("scancel", job_id, check=False)
+    assert waited["state"] == "COMPLETED" and failure(job, waited["state"]) is None
+    assert cluster.job(job_id)["JobState"] == "COMPLETED"
     starts = [r for r in records(run_dir) if r["event"] == "start"]
     assert [(r["job_id"], r["requeue"], r["timeouts"]) for r in starts] == [
         (job_id, 0, 0), (job_id, 1, 0)]
@@ -256,8 +292,6 @@ def test_wait_on_a_job_slurm_no_longer_knows_is_bounded_and_reads_the_results(cl
     `scontrol` answers "Invalid job id specified" and sacct has nothing (no accounting).
     The wait ends after the grace period and reports task 1 only, from the result files."""
     from submitit.core.utils import cloudpickle_dump
-
-    from launch.slurm.wait import failure, wait_for
 
     job_id = "67000000"  # below SLURM's default MaxJobId (67043328), never reached here
     assert "Invalid job id" in subprocess.run(
