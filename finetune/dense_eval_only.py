@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from finetune.eval_only import EvalSource, resumed_step_dir, write_record
+from finetune.eval_only import EvalSource, check_eval_task, resumed_step_dir, write_record
 from models import CheckpointError
 from runtime.checkpoint import ResumeError, load_trainer_state
 
@@ -60,12 +60,7 @@ def check_dense_eval_start(task: str, cfg, resume: str, thorough: bool = True) -
         from finetune.seg_data import check_data
     step_dir = resumed_step_dir(cfg, resume)
     state = load_trainer_state(step_dir)
-    saved = state.get("task")  # every fine-tuning task records it (classification
-    # since 2026-12); pre-training and older classification checkpoints do not
-    if saved != task:
-        writer = f"a {saved} run" if saved else "a run of another task (no task recorded)"
-        raise ResumeError(f"{step_dir} was saved by {writer}, not a {task} run: --eval-only "
-                          f"of {task} evaluates its own checkpoints")
+    check_eval_task(state, task, step_dir)
     check_data(cfg, thorough, val_only=True)
     if (thorough or task == "segmentation") and state.get("model_hash") != _model_hash(task,
                                                                                        cfg):

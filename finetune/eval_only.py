@@ -36,7 +36,14 @@ import torch
 from finetune.cls_build import build_classifier
 from finetune.init import CLASSIFIER_ONLY_PREFIXES
 from models import CheckpointError
-from runtime.checkpoint import ResumeError, load_trainer_state, resolve_resume
+from runtime.checkpoint import (
+    PRETRAIN_TASK,
+    ResumeError,
+    load_trainer_state,
+    resolve_resume,
+    saved_task,
+    task_name,
+)
 from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ def check_eval_start(cfg, resume: str | None) -> EvalSource:
     if resume:
         step_dir = resumed_step_dir(cfg, resume)
         state = load_trainer_state(step_dir)
+        check_eval_task(state, "classification", step_dir)
         if state.get("model_hash") != model_hash(cfg):
             raise ResumeError(
                 f"{step_dir} was saved for another model than this config builds "
@@ -78,6 +86,24 @@ def check_eval_start(cfg, resume: str | None) -> EvalSource:
         evaluated = EvalSource(cfg.init)
     check_data(cfg, val_only=True)
     return evaluated
+
+
+def check_eval_task(state: dict[str, Any], task: str, step_dir: Path) -> None:
+    """Refuse a checkpoint another task's run saved (``ResumeError``), naming that task and
+    the command that evaluates it: ``--eval-only --resume`` evaluates a run's own model,
+    head included; a pre-training checkpoint has none (before this check, the model-hash
+    refusal advised "the run's own config", which cannot evaluate it either)."""
+    saved = saved_task(state)
+    if saved == task:
+        return
+    if saved == PRETRAIN_TASK:
+        hint = (f"it holds no {task} head, so fine-tune from it first (internimage finetune "
+                f"{task} --init {step_dir})")
+    else:
+        hint = f"evaluate it with `internimage finetune {saved} --eval-only --resume`"
+    raise ResumeError(f"{step_dir} is a checkpoint of a {task_name(saved)} run, not a "
+                      f"{task} run (--eval-only --resume evaluates a {task} run's own "
+                      f"checkpoints): {hint}")
 
 
 def resumed_step_dir(cfg, resume: str) -> Path:

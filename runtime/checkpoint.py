@@ -776,15 +776,27 @@ def _restart_hint(task: str) -> str:
             ", or convert it (internimage convert) and --init a new run")
 
 
+def saved_task(state: dict[str, Any]) -> str:
+    """The task whose run saved ``state``: its recorded ``task``, else pre-training or
+    classification. Pre-training records no task but has always recorded
+    ``samples_seen``, which no fine-tuning run writes; of the fine-tuning tasks only
+    classification saved states without a task (before 2026-12)."""
+    saved = state.get("task")
+    if saved is None:
+        return PRETRAIN_TASK if "samples_seen" in state else "classification"
+    return saved
+
+
+def task_name(task: str) -> str:
+    """A task as a message names it."""
+    return "pre-training" if task == PRETRAIN_TASK else task
+
+
 def _check_task(state: dict[str, Any], task: str, ckpt_dir: Path) -> None:
     """A checkpoint of another task's run: said as such, before the engine and model
     checks, whose advice (another ZeRO stage, the run's own config) misled (the common
     mix-up of ``--resume`` with ``--init``)."""
-    saved = state.get("task")
-    if saved is None:
-        if "epoch_step" in state:  # a fine-tuning run's, saved before ``task`` was kept
-            return
-        saved = PRETRAIN_TASK  # pre-training records none (nor an epoch_step)
+    saved = saved_task(state)
     if saved == task:
         return
     if task == PRETRAIN_TASK:
@@ -797,12 +809,8 @@ def _check_task(state: dict[str, Any], task: str, ckpt_dir: Path) -> None:
         hint = (f"to fine-tune from its backbone give it as --init (internimage finetune "
                 f"{task} --init {ckpt_dir}), or resume it with `internimage finetune "
                 f"{saved} --resume`")
-    raise ResumeError(f"{ckpt_dir} is a checkpoint of a {_task_name(saved)} run, this is a "
-                      f"{_task_name(task)} run: {hint}")
-
-
-def _task_name(task: str) -> str:
-    return "pre-training" if task == PRETRAIN_TASK else task
+    raise ResumeError(f"{ckpt_dir} is a checkpoint of a {task_name(saved)} run, this is a "
+                      f"{task_name(task)} run: {hint}")
 
 
 def _check_engine(state: dict[str, Any], engine: dict[str, Any], ckpt_dir: Path,

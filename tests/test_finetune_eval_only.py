@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -139,6 +140,40 @@ def test_a_missing_doubled_or_mismatched_weight_source_is_one_line(
                 "detection": "--eval-only of detection evaluates a detection run's own checkpoint: "
                 "--resume PATH|auto"}[case]
     assert expected in err, err
+
+
+def test_a_checkpoint_of_another_tasks_run_is_named_with_the_command_for_it(
+        trained, cache, tmp_path, capsys):
+    """`--eval-only --resume` of a pre-training checkpoint said it was "saved for another
+    model" and advised the run's own config, which cannot evaluate it either: it names the
+    pre-training run and --init (a classifier must be fine-tuned first); a detection run's
+    checkpoint names the detection command. A classification state saved before
+    ``task`` was recorded is still evaluated."""
+    from launch.cli import main
+
+    out, _ = trained
+    mine = json.loads((out / "checkpoints/step_0000002/trainer_state.json").read_text())
+    assert mine["task"] == "classification" and "samples_seen" not in mine
+    # pre-training records no task, but its samples_seen (pretrain/trainer.py's state)
+    pretrain = {k: v for k, v in mine.items() if k != "task"} | {"samples_seen": {}}
+    cases = {"pretrain": (pretrain, "is a checkpoint of a pre-training run, not a "
+                          "classification run", "--init "),
+             "detection": (mine | {"task": "detection"}, "is a checkpoint of a detection "
+                           "run", "`internimage finetune detection --eval-only --resume`")}
+    for name, (state, what, advice) in cases.items():
+        step_dir = tmp_path / name / "checkpoints" / "step_0000002"
+        shutil.copytree(out / "checkpoints/step_0000002", step_dir)
+        (step_dir / "trainer_state.json").write_text(json.dumps(state))
+        code = main(["finetune", "classification", "--eval-only", "--resume", str(step_dir),
+                     *TINY, f"data.cache_dir={cache}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and what in err[-1] and advice in err[-1], (name, err)
+        assert "another model" not in err[-1]
+
+    from finetune.eval_only import check_eval_task
+
+    old = {k: v for k, v in mine.items() if k != "task"}
+    check_eval_task(old, "classification", out)  # no refusal
 
 
 def test_submit_passes_eval_only_through_without_a_resume(trained, capsys):

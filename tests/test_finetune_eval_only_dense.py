@@ -143,7 +143,7 @@ def test_a_checkpoint_it_cannot_evaluate_is_one_line(case, runs, cache, tmp_path
     assert code == 2 and (not built or case == "other_shape")
     assert "Traceback" not in err and err.splitlines()[-1].startswith("internimage finetune")
     expected = {"init": "--eval-only of detection evaluates a detection run's own checkpoint",
-                "other_task": "was saved by a segmentation run, not a detection run",
+                "other_task": "is a checkpoint of a segmentation run, not a detection run",
                 "other_model": "was saved for another model than this config builds",
                 "no_run": "holds no checkpoint",
                 "other_shape": "tensors differ in shape"}[case]
@@ -163,4 +163,4 @@ def test_submit_checks_a_dense_eval_only_before_queueing(runs, cache, capsys):
     assert "--eval-only --resume auto" in line
     assert main(["submit", "--dry-run", "finetune", "detection", *args,
                  *_args("detection", cache)]) == 2
-    assert "was saved by a segmentation run" in capsys.readouterr().err
+    assert "is a checkpoint of a segmentation run" in capsys.readouterr().err

@@ -349,7 +349,8 @@ def test_a_refused_start_keeps_the_runs_config_and_says_why_in_one_line(tmp_path
     step = out / "checkpoints" / "step_0000002"
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text(json.dumps(
-        {"step": 2, "model_hash": "another model", "world_size": 1, "ranks": [{}]}))
+        {"step": 2, "model_hash": "another model", "world_size": 1, "ranks": [{}],
+         "samples_seen": {}}))  # pre-training's own keys (no task)
     (out / "checkpoints" / "latest").write_text("step_0000002")
     (out / "config.yaml").write_text("# the run's own config\n")
     for args, why in ((["--max-steps", "2"], "already holds a run"),

@@ -77,8 +77,9 @@ def test_a_checkpoint_of_another_task_is_named_before_its_engine_or_model(tmp_pa
     advice misled; and how to go on: --init, or the command that resumes it."""
     from runtime.checkpoint import ResumeError, check_compatible
 
-    pretrain = {"world_size": 1, "model_hash": "p", "engine": {"zero_stage": 3,
-                                                               "precision": "bf16"}}
+    # pre-training records no task, but always its samples_seen (pretrain/trainer.py)
+    pretrain = {"world_size": 1, "model_hash": "p", "samples_seen": {},
+                "engine": {"zero_stage": 3, "precision": "bf16"}}
     detection = {"world_size": 1, "model_hash": "d", "task": "detection",
                  "engine": {"zero_stage": 0, "precision": "fp32"}}
     cls_engine = {"zero_stage": 0, "precision": "fp32"}
@@ -99,11 +100,14 @@ def test_a_checkpoint_of_another_task_is_named_before_its_engine_or_model(tmp_pa
         with pytest.raises(ResumeError) as err:
             check_compatible(state, "other", 1, tmp_path, engine=engine, task=task)
         assert str(err.value) == f"{tmp_path} {message}", str(err.value)
-    # a fine-tuning state saved before ``task`` was kept (it has an epoch_step): not
-    # taken for pre-training's; on to the model check
+    # a classification state saved before ``task`` was kept (nor samples_seen): not taken
+    # for pre-training's; its own task goes on to the model check
+    old_classification = {"world_size": 1, "model_hash": "c", "batch": 32}
     with pytest.raises(ResumeError, match="different model"):
-        check_compatible({"world_size": 1, "model_hash": "d", "epoch_step": 0}, "other", 1,
-                         tmp_path, task="segmentation")
+        check_compatible(old_classification, "other", 1, tmp_path, task="classification")
+    with pytest.raises(ResumeError, match="is a checkpoint of a classification run, this is "
+                       "a segmentation run"):
+        check_compatible(old_classification, "other", 1, tmp_path, task="segmentation")
     # its own task: on to the engine's checks, with the task's own key
     with pytest.raises(ResumeError, match=r"resume with run\.zero_stage=0 as in the run's "
                        r"config\.yaml, or convert it \(internimage convert\) and --init"):
