@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.redact import secret_field
+from runtime.redact import has_credential, redact_url, secret_field
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -24,6 +24,20 @@ def check_positive_finite(value: float, key: str) -> None:
     """``key`` must be a finite number > 0 (``inf`` and ``nan`` pass ``> 0`` checks or
     fail only later: an infinite lr trains until the loss is non-finite)."""
     check(math.isfinite(value) and value > 0, key, f"must be finite and > 0, got {value}")
+
+
+def check_no_credentials(urls: Sequence[str] | str, key: str) -> None:
+    """Shard URLs or patterns of a config (``key``'s) must not hold a credential's value (a
+    presigned URL's signature, ``user:password@``, a token in a ``pipe:`` command): a
+    config's values are written to the run's ``config.yaml`` and, through ``submit``, to
+    the job's pickled command line and ``slurm_jobs.jsonl``, where only the credential
+    fields (``data.s3.key``...) are left out."""
+    for url in [urls] if isinstance(urls, str) else urls:
+        check(not has_credential(url), key,
+              f"{redact_url(url)!r} holds a credential, which the run would write to its "
+              "config.yaml (and `submit` to the job's command line): list such URLs in a "
+              ".txt shard list (the config keeps only its path), or let a pipe: command "
+              "read it from the environment ($VAR, expanded when the command runs)")
 
 
 # ~1.9 years: "never" for any job, and well inside what torch's millisecond count holds

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from data.config import S3Config, check_shard_list_policy
+from data.config import S3Config, check_no_credentials, check_shard_list_policy
 from data.demo import cache_dir as demo_cache_dir
 from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
@@ -64,6 +64,8 @@ class ClsDataConfig:
                                                         bool(self.val_urls)),
               "data.train_urls", f"data.train_urls and data.val_urls are required for "
               f"{self.kind}")
+        check_no_credentials(self.train_urls, "data.train_urls")
+        check_no_credentials(self.val_urls, "data.val_urls")
         check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
         check(self.img_size >= 16, "data.img_size", "must be >= 16")
         self.cache_dir = str(Path(self.cache_dir).expanduser() if self.cache_dir

@@ -11,7 +11,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
-from data.config import check_adamw, check_collective_timeout, check_dcn_backend
+from data.config import (
+    check_adamw,
+    check_collective_timeout,
+    check_dcn_backend,
+    check_no_credentials,
+)
 from pretrain.data.config import DataConfig, check
 
 # how a data.tag_vocab is made (launch/commands/shards.py), named where one is refused
@@ -293,6 +298,7 @@ class ZeroShotConfig:
                 check(template.count("{}") == 1 and template.count("{") == 1,
                       f"zero_shot.templates[{i}]",
                       f"must hold the class name's place as one {{}}, got {template!r}")
+        check_no_credentials(self.urls, "zero_shot.urls")
         check(self.prompt_batch >= 1, "zero_shot.prompt_batch", "must be >= 1")
         check(self.max_batches >= 0, "zero_shot.max_batches", "must be >= 0 (0: the whole set)")
 

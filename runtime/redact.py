@@ -158,6 +158,36 @@ def redact_url(text: str) -> str:
     return text
 
 
+# What :func:`has_credential` ignores. The log redaction above errs on the side of hiding
+# (every header's value, any option named like ``user``); a refusal must not stop what
+# cannot be a credential: a value that is only shell variables ($TOKEN, ${AUTH}: expanded
+# when the ``pipe:`` command runs, never written), an auth scheme word, a header not
+# named for one (Accept:, Range:), curl's --user-agent.
+_VAR_REF = re.compile(r"\$(?:\{\w+\}|\w+)")
+_AUTH_SCHEME = re.compile(r"(?i)\b(?:bearer|basic|token|digest|negotiate|aws4-hmac-sha256)\b")
+_CREDENTIAL_HEADER = re.compile(r"(?i)auth|token|key|secret|cookie|session|password")
+_NOT_A_SECRET_FLAG = re.compile(r"(?i)^--?user-agent\b")
+
+
+def has_credential(text: str) -> bool:
+    """Whether ``text`` (a shard URL or ``pipe:`` command of a config) holds a credential's
+    value itself: a signed URL's signature, ``user:password@``, a token in a header or an
+    option, an inline ``SECRET=value``; a value that only names environment variables
+    (``-H "Authorization: Bearer $HF_TOKEN"``) holds none."""
+    for pattern in _REDACTIONS:
+        for match in pattern.finditer(text):
+            name = match.group("name")
+            if pattern in (_HEADER_QUOTED, _HEADER_BARE) and not _CREDENTIAL_HEADER.search(
+                    name):
+                continue
+            if pattern is _SECRET_FLAG and _NOT_A_SECRET_FLAG.match(name):
+                continue
+            value = _AUTH_SCHEME.sub("", _VAR_REF.sub("", match.group(0)[len(name):]))
+            if re.search(r"\w", value):
+                return True
+    return False
+
+
 def redact_urls(urls: list[str] | str, limit: int = 3) -> str:
     """The first ``limit`` of ``urls`` (or the one pattern), redacted, for a message."""
     items = [urls] if isinstance(urls, str) else list(urls)

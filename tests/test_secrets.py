@@ -210,3 +210,57 @@ def test_classification_data_never_logs_or_raises_url_credentials(tmp_path, capl
     assert "skipped sample" in caplog.text and "unreadable" in messages[1]
     leaks = [m for m in messages if any(s in m for s in PIPE_SECRETS)]
     assert not leaks
+
+
+# AWS Signature Version 4 query-string authentication (AWS S3 API reference,
+# "Authenticating Requests: Using Query Parameters"): X-Amz-Credential and X-Amz-Signature
+PRESIGNED = ("https://bucket.s3.amazonaws.com/shards/000001.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             "&X-Amz-Credential=AKIAEXAMPLE%2F20261203%2Fus-east-1%2Fs3%2Faws4_request"
+             "&X-Amz-Expires=604800&X-Amz-Signature=f00dEXAMPLEsig")
+
+
+def test_has_credential_tells_a_value_from_a_variable_that_names_one():
+    from runtime.redact import has_credential
+
+    held = ["pipe:curl -u alice:hunter2 https://h/x.tar",
+            'pipe:curl -H "Authorization: Bearer hf_EXAMPLEtoken" -L https://h/x.tar',
+            "pipe:wget --header=X-Api-Key:k_EXAMPLE -O - https://h/x.tar",
+            "pipe:HF_TOKEN=sk_EXAMPLEtoken curl https://h/x.tar",
+            "s3://AKIA:hunter2@bucket/x.tar", PRESIGNED]
+    # a value the shell expands when the command runs is never written; headers and
+    # options that are no credential (Accept:, --user-agent) are not one
+    not_held = ['pipe:curl -H "Authorization: Bearer $HF_TOKEN" -L https://h/{0..9}.tar',
+                "pipe:curl -u ${USER_NAME}:${USER_PASSWORD} https://h/x.tar",
+                "pipe:curl -H 'Accept: application/x-tar' --user-agent 'me/1.0' https://h/x",
+                "pipe:aws s3 cp s3://bucket/x-user/{0..3}.tar -",
+                "s3://laion-400m/{000000..041407}.tar", "/data/shards/list.txt"]
+    assert [u for u in held if not has_credential(u)] == []
+    assert [u for u in not_held if has_credential(u)] == []
+
+
+@pytest.mark.parametrize("command, override", [
+    ("pretrain", f"data.sources=[{{name: laion, urls: '{PRESIGNED}'}}]"),
+    ("pretrain", "zero_shot.urls=['pipe:curl -u alice:hunter2 https://h/{0..3}.tar']"),
+    ("finetune classification", "data.train_urls=['pipe:HF_TOKEN=sk_EXAMPLEtoken curl "
+                                "https://h/{0..3}.tar']"),
+])
+def test_a_url_holding_a_credential_is_a_config_error_that_does_not_show_it(
+        command, override, capsys):
+    """A config's URLs reach the run's config.yaml and a submitted job's command line
+    (only the credential fields are left out there): a credential inside one is refused
+    before anything runs, named by its key, the value not shown."""
+    args = [*command.split(), "--dry-run", override]
+    if command != "pretrain":
+        args += ["data.kind=shards", "data.val_urls=[/nowhere/val.tar]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    key = override.split("=", 1)[0]
+    assert "config error" in err and "holds a credential" in err and "$VAR" in err, err
+    assert (key if key != "data.sources" else "sources.laion.urls") in err, err
+    assert not any(s in err for s in (*PIPE_SECRETS, "f00dEXAMPLEsig", "AKIAEXAMPLE")), err
+
+
+def test_a_pipe_command_reading_its_token_from_the_environment_is_accepted(capsys):
+    url = 'pipe:curl -sL -H "Authorization: Bearer $HF_TOKEN" https://h/{000..009}.tar'
+    assert main(["pretrain", "--dry-run", f"data.sources=[{{name: hf, urls: '{url}'}}]"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"][0]["name"] == "hf"

@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from data.config import S3Config, check, check_positive_finite, check_shard_list_policy
+from data.config import (
+    S3Config,
+    check,
+    check_no_credentials,
+    check_positive_finite,
+    check_shard_list_policy,
+)
 from data.sources import url_items
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,6 +55,7 @@ class SourceConfig:
         entries = [self.urls] if isinstance(self.urls, str) else list(self.urls)
         check(all(url_items(entry) for entry in entries), f"{key}.urls",
               f"every entry must name a shard pattern or list, got {self.urls!r}")
+        check_no_credentials(self.urls, f"{key}.urls")
         # the mix draws u x sum(weights) (data/stream.py): with an infinite weight that is
         # inf, and every draw falls on the last source, whatever the weights
         check_positive_finite(self.weight, f"{key}.weight")
