@@ -53,7 +53,7 @@ block though not read again."""
 
 EVENTS = ("unknown_tags", "malformed_tags", "shards_opened", "shards_changed",
           "shard_retries", "shard_failures", "storage_waits", "storage_wait_seconds",
-          "unread_bytes", "sources_ended")
+          "unread_bytes", "sources_ended", "pass_remainder")
 """Every event name the readers count (:meth:`SkipCounter.event`): with the sources and
 :data:`SKIP_REASONS`, the fixed slots of :func:`count_slots`."""
 
@@ -107,7 +107,8 @@ class SkipCounter:
     position was saved: read again from its start), ``shard_retries`` (in-place
     re-opens), ``shard_failures`` (reads set aside for a later retry), ``storage_waits`` and
     ``storage_wait_seconds`` (a stream waiting for its storage), ``unread_bytes`` (bytes
-    after a break in a damaged shard), ``sources_ended``).
+    after a break in a damaged shard), ``sources_ended``, ``pass_remainder`` (samples of a
+    pass's end too few for a full training batch, left out of that pass)).
 
     ``met``: every skip since the counter was made, ``(source, reason)`` -> n, muted or
     not (never drained), and the events of :data:`MET_EVENTS` alike: what a read of the

@@ -75,10 +75,15 @@ def test_counts_are_aggregated_across_worker_processes(corrupt_shards):
     urls, expected = corrupt_shards
     cfg = _cfg([SourceConfig("mixed", urls, resampled=False)], workers=2, batch_size=3)
     loader = build_loader(cfg, rank=0, world_size=1, train=True)
-    seen = [k for batch in loader for k in batch["keys"]]
-    assert len(seen) == len(set(seen)) == expected["samples"]
+    batches = [batch["keys"] for batch in loader]
+    seen = [k for keys in batches for k in keys]
+    # training batches are full; each worker's rest of the pass sits it out, counted
+    assert {len(keys) for keys in batches} == {3}
+    rest = loader.stats.events["pass_remainder"]
+    assert 0 < rest < 2 * 3
+    assert len(seen) == len(set(seen)) == expected["samples"] - rest
     assert dict(loader.stats.skipped) == expected["reasons"]
-    assert loader.stats.samples == {"mixed": expected["samples"]}
+    assert loader.stats.samples == {"mixed": len(seen)}
 
 
 def test_endless_batches_of_one_pass_sources_go_on_pass_after_pass_and_resume(tmp_path):
@@ -234,10 +239,13 @@ def test_shard_list_file_and_env_rank(tmp_path, monkeypatch):
     # cannot be torn down between files
     import torch.distributed as dist
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    loader = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]))
+    # train=False: each rank's whole share, not only its full training batches
+    loader = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]),
+                          train=False)
     keys = {k.split("/")[0] for b in loader for k in b["keys"]}
     assert (loader.rank, loader.world_size) == (1, 2)
-    other = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]), 0, 2)
+    other = build_loader(_cfg([SourceConfig("s", str(listing), resampled=False)]), 0, 2,
+                         train=False)
     other_keys = {k.split("/")[0] for b in other for k in b["keys"]}
     # one pass: the two ranks read disjoint halves of the listed shards
     assert len(keys) == 2 and keys | other_keys == {f"s{i}.tar" for i in range(4)}

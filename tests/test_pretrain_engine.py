@@ -316,21 +316,34 @@ def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
 
 
-def test_one_pass_sources_train_on_pass_after_pass(tmp_path, cache):
-    """``resampled: false`` sources (one pass over the shards, then the next pass): the run
-    drew from one iterator and died with a bare StopIteration where the first pass
-    ended (step 24 of 60 of the demo in a reviewer's run). The demo's 1,500 training
-    samples at batch 128 make a pass of 12 batches: 14 steps cross into the next one."""
+def test_one_pass_sources_train_pass_after_pass_on_ranks_with_uneven_shares(tmp_path, cache):
+    """``resampled: false`` sources (one pass over the shards, then the next pass) on 2
+    ranks x 2 workers: the demo's 6 shards over 4 slots give the ranks uneven shares, so
+    they end their passes at different steps, each going on to its next pass alone. The
+    run drew from one iterator and died with a bare StopIteration where the first pass
+    ended; then each slot's short last batch of a pass made the ranks' feature gathers
+    differ in size (gloo aborted: "Received data size doesn't match expected size").
+    Every training batch is full now, the rest of a pass counted as ``pass_remainder``."""
     demo = (REPO / "configs" / "pretrain" / "demo.yaml").read_text()
     assert demo.count("tags_key: json:tags\n") == 1
     config = tmp_path / "one_pass.yaml"
     config.write_text(demo.replace("tags_key: json:tags\n",
                                    "tags_key: json:tags\n      resampled: false\n"))
     out = tmp_path / "run"
-    proc = run_forked(pretrain_cmd(1, out, "--config", str(config), "--max-steps", "14",
-                                   "data.batch_size=128"), cache)
-    assert sorted(losses(out)) == list(range(1, 15))
-    assert "the next pass begins (data epoch 1)" in proc.stdout + proc.stderr
+    steps = 20  # the demo's 1,500 samples at 2 x 64 per step: a pass is ~11.7 steps
+    proc = run_forked(pretrain_cmd(2, out, "--config", str(config), "--max-steps",
+                                   str(steps), "--checkpoint-every", str(steps),
+                                   "data.batch_size=64", "data.workers=2"), cache)
+    assert sorted(losses(out)) == list(range(1, steps + 1))
+    logged = proc.stdout + proc.stderr
+    assert logged.count("the next pass begins (data epoch 1)") == 2  # each rank's own
+    step_dir = out / "checkpoints" / f"step_{steps:07d}"
+    state = json.loads((step_dir / "trainer_state.json").read_text())
+    assert state["samples_seen"] == {"digits": steps * 2 * 64}  # full batches only
+    ranks = [json.loads(p.read_text())["data"] for p in sorted(
+        (step_dir / "rank_states").iterdir())]
+    assert [r["epoch"] for r in ranks] == [1, 1]
+    assert sum(r["stats"]["events"].get("pass_remainder", 0) for r in ranks) > 0
 
 
 def test_fresh_start_never_overwrites_an_existing_run(reference_run, cache):
