@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune.skip_counts import SkipCounts
+from runtime.best import BestCheckpoint
 from runtime.dist import DistInfo
 from runtime.loop import (
     LoopPosition,
@@ -51,13 +52,15 @@ class ClsSteps:
 def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
                        steps_per_epoch: int, total: int, metrics: MetricsLogger,
-                       desc: str, skipped_before: Mapping[str, int] | None = None) -> dict:
+                       desc: str, skipped_before: Mapping[str, int] | None = None,
+                       best: BestCheckpoint | None = None) -> dict:
     """Train from ``start_step`` to ``total``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
     Steps are optimizer steps of ``run.grad_accum`` micro-batches each;
     ``steps_per_epoch`` counts them. ``skipped_before``: the resumed checkpoint's
-    ``skipped`` (its shared state's), which a map-style set's count goes on from."""
+    ``skipped`` (its shared state's), which a map-style set's count goes on from.
+    ``best``: the run's best checkpoint so far (runtime/best.py), None: not kept."""
     from finetune.cls_data import build_loaders, epoch_batches
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)
@@ -99,4 +102,4 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     epoch = start_step // max(1, steps_per_epoch)
     start = LoopPosition(start_step, epoch, start_step - epoch * steps_per_epoch)
     return run_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
-                    metrics=metrics, d=d)
+                    metrics=metrics, d=d, best=best)

@@ -130,6 +130,10 @@ class RunConfig:
     epochs: float = 1.0
     eval_every: int = 0  # steps; 0: at every epoch end
     checkpoint_every: int = 0  # steps; 0: at every evaluation
+    # Checkpoints kept: the newest keep_last, and with keep_best the one whose evaluation
+    # scored best so far (top1 / bbox_AP / mIoU), saved when it improves (runtime/best.py)
+    keep_last: int = 2
+    keep_best: bool = True
     log_every: int = 10
     seed: int = 0
     num_workers: int = 1
@@ -168,6 +172,8 @@ class RunConfig:
         check(self.checkpoint_every >= 0, "run.checkpoint_every",
               f"must be >= 0 (optimizer steps; 0: at every evaluation), got "
               f"{self.checkpoint_every}")
+        check(self.keep_last >= 1, "run.keep_last",
+              f"must be >= 1 (the newest checkpoints kept), got {self.keep_last}")
         check(self.num_workers >= 0, "run.num_workers",
               f"must be >= 0 (0: load in the training process), got {self.num_workers}")
         check(self.threads >= 0, "run.threads",

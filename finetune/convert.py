@@ -33,6 +33,7 @@ import torch
 from models import CheckpointError, read_state_dict
 from models.checkpoint import PRETRAIN_PREFIX, TASK_PREFIX
 from models.variants import InternImageSpec
+from runtime.checkpoint import fsync_path
 from runtime.checkpoint_path import resolve_checkpoint
 from runtime.master_weights import read_master_weights
 
@@ -137,7 +138,24 @@ def check_complete(step_dir: Path) -> tuple[int, int]:
 
 
 def read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Consolidated fp32 state_dict of a ZeRO tag directory and its provenance metadata."""
+    """Consolidated fp32 state_dict of a ZeRO tag directory and its provenance metadata.
+    A folder that goes while it is read (the live run that wrote it pruned it: a run
+    keeps its newest checkpoints only) is a ``CheckpointError`` saying so."""
+    try:
+        return _read_zero_checkpoint(step_dir)
+    except FileNotFoundError as err:
+        if step_dir.is_dir():
+            raise
+        latest = step_dir.parent / "latest"
+        newest = latest.read_text().strip() if latest.is_file() else None
+        kept = f" (latest: {step_dir.parent / newest})" if newest else ""
+        raise CheckpointError(
+            f"{step_dir} was removed while it was read: the run that wrote it deletes all "
+            "but its newest checkpoints as it saves new ones (pre-training: run.keep_last); "
+            f"read one it keeps{kept}, or copy the folder first") from err
+
+
+def _read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from deepspeed.utils import zero_to_fp32
 
     stage, world = check_complete(step_dir)
@@ -470,7 +488,11 @@ def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
 
             save_file(out, str(tmp), metadata=meta)
         os.chmod(tmp, 0o666 & ~_umask())
+        # on disk before it takes the final name, and the name after: a node crash soon
+        # after a convert then never leaves an empty or truncated file under ``dst``
+        fsync_path(tmp)
         os.replace(tmp, dst)
+        fsync_path(dst.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

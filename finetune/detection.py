@@ -47,6 +47,11 @@ from runtime.param_groups import adamw, param_groups
 
 log = logging.getLogger(__name__)
 
+# the metric whose best checkpoint is kept (runtime/best.py): the released detection
+# configs' ``evaluation = dict(save_best='auto')`` (e.g. coco/mask_rcnn_internimage_t_fpn_1x_
+# coco.py), which mmdet resolves to the first metric, the box mAP
+BEST_METRIC = "bbox_AP"
+
 
 def optimizer_and_schedule(model: nn.Module, cfg: DetectionConfig, total: int):
     """AdamW over the recipe's parameter groups and its schedule for ``total`` steps."""
@@ -257,4 +262,6 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
                     batch_size=cfg.run.batch_size, model_hash=model_hash,
                     zero_stage=cfg.run.zero_stage, precision=cfg.run.precision,
                     tensorboard=cfg.run.tensorboard, grad_accum=cfg.run.grad_accum,
-                    zero_persistence_threshold=cfg.run.zero_persistence_threshold)
+                    zero_persistence_threshold=cfg.run.zero_persistence_threshold,
+                    keep_last=cfg.run.keep_last, best_metric=BEST_METRIC if cfg.run.keep_best
+                    else None)

@@ -25,12 +25,14 @@ from torch import nn
 
 from models.checkpoint import CheckpointError
 from runtime import rng, run_lock
+from runtime.best import BestCheckpoint
 from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
     checked_state,
     clear_leftovers,
     complete_message,
+    load_engine_checkpoint,
     load_rank_state,
     load_rank_states,
     publish_config,
@@ -48,7 +50,6 @@ from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 
 log = logging.getLogger(__name__)
-KEEP_LAST = 2  # complete checkpoints kept (plus whatever ``latest`` names)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -95,6 +96,14 @@ class FinetuneRun:
     resume_dir: Path | None
     state: dict[str, Any] | None
     own: dict[str, Any] | None = None
+    keep_last: int = 2  # run.keep_last: the newest complete checkpoints kept
+
+    def best(self, metric: str | None, start_step: int, is_main: bool
+             ) -> BestCheckpoint | None:
+        """The run's best checkpoint by ``metric`` so far (None: not kept)."""
+        if metric is None:
+            return None
+        return BestCheckpoint.resume(self.root, metric, start_step, is_main)
 
     @property
     def root(self) -> Path:
@@ -115,7 +124,8 @@ class FinetuneRun:
         :meth:`rank_states`);
         ``side_files``: name -> object rank 0 saves into it (an EMA's weights)."""
         return save_checkpoint(engine, self.root, step, {"rng": rng.rng_state()} | (local or {}),
-                               shared | {"step": step}, d, KEEP_LAST, side_files=side_files)
+                               shared | {"step": step}, d, self.keep_last,
+                               side_files=side_files)
 
     def own_entry(self, key: str, d: DistInfo) -> Any | None:
         """This rank's ``local`` entry ``key`` as saved, when the checkpoint was saved by
@@ -262,7 +272,7 @@ def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) ->
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int, engine: dict[str, Any], publish: bool = True,
              is_main: bool = True, batch: dict[str, int] | None = None,
-             rank: int = 0, task: str | None = None) -> FinetuneRun:
+             rank: int = 0, task: str | None = None, keep_last: int = 2) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
     ``CheckpointError``: the CLI reports it without a traceback; ``engine``: this run's
@@ -302,7 +312,7 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
         raise
     if publish:
         publish_config(out_dir)
-    return FinetuneRun(out_dir, resume_dir, state, own)
+    return FinetuneRun(out_dir, resume_dir, state, own, keep_last)
 
 
 def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpeedSpec,
@@ -323,9 +333,7 @@ def start_engine(net: nn.Module, optimizer: torch.optim.Optimizer, spec: DeepSpe
         (run.out_dir / "deepspeed_config.json").write_text(
             json.dumps(config, indent=2) + "\n")
     if run.resume_dir is not None:
-        path, _ = engine.load_checkpoint(str(run.resume_dir.parent), tag=run.resume_dir.name)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load {run.resume_dir}")
+        load_engine_checkpoint(engine, run.resume_dir, d.rank)
         apply_group_settings(optimizer, built, run.resume_dir)
         log.info("resumed from %s at step %d", run.resume_dir, run.start_step)
     return engine, config

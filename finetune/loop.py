@@ -55,7 +55,8 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
              d: DistInfo, resume: str | None, progress: bool, batch_size: int,
              model_hash: str, zero_stage: int = 0, precision: str = "fp32",
              tensorboard: bool = True, grad_accum: int = 1,
-             zero_persistence_threshold: int | None = None) -> dict[str, float]:
+             zero_persistence_threshold: int | None = None, keep_last: int = 2,
+             best_metric: str | None = None) -> dict[str, float]:
     """Train ``total_steps`` updates; ``batches(epoch, skip)`` is one epoch's loader
     (sized) of micro-batches from micro-batch ``skip`` on (a resumed epoch's), each a
     :class:`finetune.dense_data.Counted` (the batch ``loss_fn`` takes and the unreadable
@@ -70,7 +71,8 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # may refuse: before compute
     batch = batch_state(batch_size, grad_accum)
     run = open_run(resume, out_dir, model_hash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank, task=name)
+                   is_main=d.is_main, batch=batch, rank=d.rank, task=name,
+                   keep_last=keep_last)
     done = run.completed(total_steps, d)
     if done is not None:  # nothing to train: the run's own config.yaml stays
         discard_config(out_dir)
@@ -130,4 +132,5 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     engine.train()
     run.restore_rng(d)  # last: nothing between here and the first batch draws
     return run_training_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
-                             metrics=metrics, d=d)
+                             metrics=metrics, d=d,
+                             best=run.best(best_metric, start.step, d.is_main))

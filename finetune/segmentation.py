@@ -59,6 +59,10 @@ from runtime.param_groups import adamw, param_groups
 
 log = logging.getLogger(__name__)
 
+# the metric whose best checkpoint is kept (runtime/best.py): the released segmentation
+# configs' ``evaluation = dict(..., metric='mIoU', save_best='mIoU')``
+BEST_METRIC = "mIoU"
+
 
 def optimizer_and_schedule(model: nn.Module, cfg: SegmentationConfig, total: int):
     """AdamW over the recipe's parameter groups and its poly schedule for ``total`` steps."""
@@ -229,4 +233,6 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
                     batch_size=cfg.run.batch_size, model_hash=model_hash,
                     zero_stage=cfg.run.zero_stage, precision=cfg.run.precision,
                     tensorboard=cfg.run.tensorboard, grad_accum=cfg.run.grad_accum,
-                    zero_persistence_threshold=cfg.run.zero_persistence_threshold)
+                    zero_persistence_threshold=cfg.run.zero_persistence_threshold,
+                    keep_last=cfg.run.keep_last, best_metric=BEST_METRIC if cfg.run.keep_best
+                    else None)

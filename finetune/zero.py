@@ -65,6 +65,10 @@ from runtime.ds_config import deepspeed_config as build_deepspeed_config
 from runtime.lockstep import lockstep
 from runtime.loop import refuse_empty_epoch
 
+# the metric whose best checkpoint is kept (runtime/best.py): top-1, as the released
+# classification/main.py keeps ``ckpt_epoch_best.pth`` when acc1 beats its max_accuracy
+BEST_METRIC = "top1"
+
 log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -235,7 +239,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
     batch = batch_state(cfg.run.batch_size, cfg.run.grad_accum)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank, task="classification")
+                   is_main=d.is_main, batch=batch, rank=d.rank, task="classification",
+                   keep_last=cfg.run.keep_last)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = build_datasets(cfg, resumed=run.resume_dir is not None)
@@ -335,4 +340,5 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         metrics=metrics, desc=desc,
         # a map-style set's replaced samples go on from the checkpoint's count (one saved
         # before it was kept: from 0)
-        skipped_before=run.state.get("skipped") if run.state is not None else None)
+        skipped_before=run.state.get("skipped") if run.state is not None else None,
+        best=run.best(BEST_METRIC if cfg.run.keep_best else None, step, d.is_main))

@@ -17,6 +17,7 @@ from pretrain.config import PretrainConfig
 from pretrain.ds_config import deepspeed_config
 from pretrain.m3i_model import M3IModel
 from runtime.loop import RefusedStart
+from runtime.schedules import warmup_cosine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +53,42 @@ def warmup_warning(warmup_steps: int, steps: int) -> str | None:
     return (f"optim.warmup_steps={warmup_steps} exceeds the run's {steps} steps: it ends "
             f"inside its warm-up, at most {steps / warmup_steps:.1%} of optim.lr; set "
             "optim.warmup_steps lower for a short run")
+
+
+def _steps_text(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def extension_warning(scheduler, steps: int, min_lr: float) -> str | None:
+    """What to say when a step-based run resumed with ``run.max_steps`` past the end of its
+    restored schedule (``scheduler``: ``warmup_steps``, ``total_steps``, ``min_ratio``),
+    which keeps that end; None when it does not go past. Read off the schedule itself
+    (runtime.schedules.warmup_cosine; training step k runs at its value at k - 1, the
+    scheduler stepping after each step): past its end it stays at ``optim.min_lr``; one
+    that ended inside its warm-up (a smoke test's, extended) first goes on rising to
+    ``optim.lr`` and holds it a step, then drops at once."""
+    end, warmup = scheduler.total_steps, scheduler.warmup_steps
+    if steps <= end:
+        return None
+    factor = warmup_cosine(warmup, end, scheduler.min_ratio)
+    # past both its end and its warm-up the value is min_ratio: the search stops there
+    bound = min(steps, max(end, warmup) + 2)
+    low = [k for k in range(end + 1, bound + 1)
+           if k - 1 >= warmup and factor(k - 1) <= scheduler.min_ratio][:1]
+    keep = ("a step-based schedule keeps its end on resume; start a new run to re-plan "
+            "it")
+    at_min = (f"{_steps_text(low[0], steps)} train{'s' if low[0] == steps else ''} at "
+              f"optim.min_lr={min_lr:g}" if low else "")
+    if low and low[0] == end + 1:
+        return (f"run.max_steps={steps}, the checkpoint's schedule ends at step {end}: "
+                f"{at_min} ({keep})")
+    peak = min(warmup, steps)
+    held = low[0] - 1 if low else steps
+    before = (f"the lr goes on rising to optim.lr (reached at step {peak})"
+              + (f" and holds it to step {held}" if held > peak else ""))
+    return (f"run.max_steps={steps}, the checkpoint's schedule ends at step {end}, inside "
+            f"its {warmup}-step warm-up: {before}"
+            + (f", then drops at once: {at_min}" if low else "") + f" ({keep})")
 
 
 def total_steps(cfg: PretrainConfig, world_size: int, step: int = 0,

@@ -38,6 +38,7 @@ from pretrain.engine import (
     build_teacher,
     check_precision,
     clamp_logit_scale,
+    extension_warning,
     global_batch,
     model_hash,
     run_progress,
@@ -56,6 +57,7 @@ from runtime.checkpoint import (
     complete_message,
     discard_config,
     engine_layout,
+    load_engine_checkpoint,
     load_rank_state,
     load_rank_states,
     load_trainer_state,
@@ -284,9 +286,8 @@ class Trainer:
         # trains with them and the checkpoint's moments (apply_schedule_settings)
         optimizer = self.engine.lr_scheduler.optimizer
         built = group_settings(optimizer)
-        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load {self.resume_dir}")
+        client_state = load_engine_checkpoint(self.engine, self.resume_dir, self.info.rank,
+                                              load_dir, tag)
         apply_group_settings(optimizer, built, self.resume_dir)
         apply_schedule_settings(self.engine.lr_scheduler, self.cfg)
         if tag != self.resume_dir.name:  # the universal path leaves buffers at init
@@ -310,15 +311,12 @@ class Trainer:
         epochs) it is re-planned from here (lr continuous in samples, ``min_lr`` at the
         new last step). A step-based run (``run.max_steps``) keeps the restored schedule,
         which counts steps, whatever the world size (said when the run now goes past its
-        end: those steps train at ``optim.min_lr``)."""
+        end: :func:`pretrain.engine.extension_warning`)."""
         if self.cfg.run.epochs <= 0:
-            end = self.engine.lr_scheduler.total_steps
-            if self.total_steps > end and self.info.is_main:
-                log.warning("run.max_steps=%d, the checkpoint's schedule ends at step %d: "
-                            "steps %d-%d train at optim.min_lr=%g (a step-based schedule "
-                            "keeps its end on resume; start a new run to re-plan it)",
-                            self.total_steps, end, end + 1, self.total_steps,
-                            self.cfg.optim.min_lr)
+            warning = extension_warning(self.engine.lr_scheduler, self.total_steps,
+                                        self.cfg.optim.min_lr)
+            if warning and self.info.is_main:
+                log.warning("%s", warning)
             return
         if align_schedule(self.engine.lr_scheduler, self.step, self.total_steps, self.batch,
                           self.batch_before) and self.info.is_main:

@@ -85,6 +85,7 @@ from runtime.checkpoint_path import (
 )
 from runtime.dist import (
     DistInfo,
+    MainRankLostError,
     all_gather_objects,
     barrier,
     broadcast_object,
@@ -98,6 +99,7 @@ log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
 LATEST = "latest"
+BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
 CONFIG = "config.yaml"  # the resolved config a run directory's run started with
 PENDING_CONFIG = ".config.yaml.pending"  # + this process's host and PID (_pending_config)
 
@@ -105,6 +107,11 @@ PENDING_CONFIG = ".config.yaml.pending"  # + this process's host and PID (_pendi
 class ResumeError(CheckpointError):
     """A checkpoint that cannot be resumed under the current config or world size (a
     ``CheckpointError``: the command line reports it in one line, without a traceback)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed writing its files (a full disk, a quota): ``latest`` still
+    names the last complete checkpoint; reported in one line, with the room there is."""
 
 
 def agree_on_refusal(refusal: CheckpointError | None) -> None:
@@ -138,7 +145,7 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush ``path`` to disk: a file's data, or a folder's entries (the names created,
     renamed or removed in it). The one place this module makes something durable.
 
@@ -164,11 +171,26 @@ def _durable_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def _atomic_write(path: Path, text: str) -> None:
     _durable_write(path, lambda f: f.write(text), "w")
+
+
+def record_best(root: Path, best: dict[str, Any]) -> None:
+    """Rank 0: point ``root``'s :data:`BEST` at a published checkpoint (``best["tag"]``),
+    atomically and durably; :func:`prune` keeps what it names (runtime/best.py)."""
+    _atomic_write(root / BEST, json.dumps(best) + "\n")
+
+
+def _best_tag(root: Path) -> str | None:
+    """The tag :data:`BEST` names, or None (none, unreadable)."""
+    try:
+        tag = json.loads((root / BEST).read_text()).get("tag")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tag if isinstance(tag, str) and _is_tag(tag) else None
 
 
 def save_torch_file(path: Path, obj: Any) -> None:
@@ -297,19 +319,24 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     names = master_names(engine)
     if names is not None:
         client_state[MASTER_NAMES] = names
-    engine.save_checkpoint(str(root), tag=staging, save_latest=False,
-                           client_state=client_state)
-    # DeepSpeed's torch.save returns with the data perhaps still in this node's cache
-    # (a node crash after rank 0 wrote ``latest`` would leave it naming truncated
-    # shards): each rank fsyncs the files it wrote itself (on Lustre/NFS an fsync flushes
-    # the calling client's cache only), in parallel: InternImage-H at 512 ranks, ~34 MB
-    # a rank. Then the folder, for the names this rank created in it.
-    for path in _deepspeed_files(engine, root, staging):
-        _fsync_path(path)
-    # Each rank's own file (rank 0 used to gather them all into trainer_state.json: 16 MB
-    # built and dumped by rank 0, then parsed by every rank, at 512 ranks).
-    write_rank_state(root / staging, info.rank, local_state)
-    _fsync_path(root / staging)
+    try:
+        engine.save_checkpoint(str(root), tag=staging, save_latest=False,
+                               client_state=client_state)
+        # DeepSpeed's torch.save returns with the data perhaps still in this node's cache
+        # (a node crash after rank 0 wrote ``latest`` would leave it naming truncated
+        # shards): each rank fsyncs the files it wrote itself (on Lustre/NFS an fsync
+        # flushes the calling client's cache only), in parallel: InternImage-H at 512
+        # ranks, ~34 MB a rank. Then the folder, for the names this rank created in it.
+        for path in _deepspeed_files(engine, root, staging):
+            fsync_path(path)
+        # Each rank's own file (rank 0 used to gather them all into trainer_state.json:
+        # 16 MB built and dumped by rank 0, then parsed by every rank, at 512 ranks).
+        write_rank_state(root / staging, info.rank, local_state)
+        fsync_path(root / staging)
+    except (OSError, RuntimeError) as err:
+        if _is_collective_failure(err):
+            raise
+        raise CheckpointSaveError(_save_failure(root, tag, err)) from err
     # What lets rank 0 publish: a rank enters the barrier only once engine.save_checkpoint
     # has returned (its shards written) and its files are fsynced (its rank file renamed
     # into place), and no rank leaves it before every rank has entered; so rank 0 finds
@@ -337,10 +364,85 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     return root / tag
 
 
+def _is_collective_failure(err: BaseException) -> bool:
+    """A failure of the process group (a rank lost, a collective timed out): not the
+    save's writes, reported as it is."""
+    import torch.distributed as dist
+
+    return isinstance(err, (dist.DistError, MainRankLostError))
+
+
+def _save_failure(root: Path, tag: str, err: BaseException) -> str:
+    """What a save that failed writing says: the error (torch's for a full disk names no
+    cause: "unexpected pos N vs M"), the room left beside the size of the last
+    checkpoint, what ``latest`` still names, and how to go on."""
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    latest = read_latest(root)
+    room = ""
+    try:
+        free = shutil.disk_usage(root).free / 2**30
+        room = f"; {free:.2f} GiB free in {root}"
+        if latest:
+            size = sum(p.stat().st_size for p in (root / latest).rglob("*") if p.is_file())
+            room += (f", the last checkpoint took {size / 2**30:.2f} GiB (a save needs as "
+                     "much again: the old ones are pruned once the new one is complete)")
+    except OSError:
+        pass
+    kept = (f"latest still names {latest}, the last complete checkpoint: resume it with "
+            "--resume auto once there is room (the failed save's folder is deleted then)"
+            if latest else "no checkpoint of this run is complete yet")
+    return f"saving {tag} failed ({type(err).__name__}: {reason}){room}; {kept}"
+
+
+def load_engine_checkpoint(engine, ckpt_dir: Path, rank: int,
+                           load_dir: Path | None = None, tag: str | None = None) -> Any:
+    """``engine.load_checkpoint`` of ``ckpt_dir`` (or of ``load_dir``/``tag``, a resize's
+    universal form of it); returns DeepSpeed's client state. A checkpoint it cannot read
+    is a ``ResumeError``: naming this rank's file that torch cannot open (truncated by a
+    full disk or an interrupted copy; torch's "failed reading zip archive" names none)
+    and the checkpoint before it to resume instead."""
+    load_dir = load_dir if load_dir is not None else ckpt_dir.parent
+    tag = tag if tag is not None else ckpt_dir.name
+    try:
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    except Exception as err:  # torch and pickle raise several types for damage
+        if _is_collective_failure(err):
+            raise
+        raise ResumeError(_load_failure(ckpt_dir, load_dir / tag, rank, err)) from err
+    if path is None:
+        raise ResumeError(f"DeepSpeed could not load {ckpt_dir}")
+    return client_state
+
+
+def _load_failure(ckpt_dir: Path, folder: Path, rank: int, err: BaseException) -> str:
+    import torch
+
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    own = sorted(p for p in folder.glob("*.pt") if p.name.startswith("mp_rank_")
+                 or f"zero_pp_rank_{rank}_" in p.name)
+    damaged = None
+    for path in own:  # memory-mapped: the archive's index and pickle are read, no tensor
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as bad:
+            damaged = (path, f"{type(bad).__name__}: {str(bad).strip()[:160]}")
+            break
+    root, step = ckpt_dir.parent, _step_of(ckpt_dir.name)
+    earlier = [p.name for p in sorted(root.glob("step_*")) if _is_tag(p.name)
+               and step is not None and (_step_of(p.name) or 0) < step
+               and (p / TRAINER_STATE).is_file()]
+    instead = (f"resume from the checkpoint before it (--resume {root / earlier[-1]})"
+               if earlier else "no earlier checkpoint of the run is kept")
+    if damaged is not None:
+        return (f"cannot load {ckpt_dir}: {damaged[0].name} cannot be read ({damaged[1]}): "
+                f"damaged or truncated (a full disk, an interrupted copy?); {instead}")
+    return f"DeepSpeed could not load {ckpt_dir} ({reason}); {instead}"
+
+
 def _publish(root: Path, staging: str, tag: str) -> list[Path]:
     """Rank 0: rename the complete ``staging`` folder to ``tag`` and point ``latest`` at
-    it. A folder already named ``tag`` (an abandoned branch's, which ``latest`` may name)
-    is swapped out with ``latest`` on the new one's staging name meanwhile, then deleted:
+    it, ``latest`` on the staging name meanwhile. A folder already named ``tag`` (an
+    abandoned branch's, which ``latest`` may name) is swapped out, then deleted:
     a crash at any point leaves ``latest`` naming a complete checkpoint (right after the
     rename, by its staging name, which ``checkpoint_path.latest_tag`` maps to ``tag``).
     The swapped-out folder is set aside under a garbage name (returned, for the caller
@@ -353,11 +455,16 @@ def _publish(root: Path, staging: str, tag: str) -> list[Path]:
         os.replace(root / staging, final)
         _atomic_write(root / LATEST, tag)
         return [aside]
+    # latest names the complete staging folder first, as in the swap: a crash between the
+    # rename and the write below then leaves latest naming it (latest_tag maps it to
+    # ``tag``); written after the rename, a crash there left the run's first checkpoint
+    # without a latest, and --resume auto started the run afresh
+    _atomic_write(root / LATEST, staging)
     os.replace(root / staging, final)
     _atomic_write(root / LATEST, tag)
     # checkpoints/ itself, made by the run's first save: its name in the run directory
     # (one fsync of a small folder per save)
-    _fsync_path(root.parent)
+    fsync_path(root.parent)
     return []
 
 
@@ -442,6 +549,14 @@ def _leftovers(root: Path) -> list[Path]:
             or _DERIVED_LEFTOVER.fullmatch(p.name)) and p.is_dir()]
 
 
+def _crashed_saves(root: Path) -> list[Path]:
+    """Staging folders of saves that died (``step_*.tmp-*``) but the one ``latest``
+    names (a publish cut short: the run's newest complete checkpoint)."""
+    raw = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
+    return [p for p in root.glob("step_*") if is_staging(p.name) and p.name != raw
+            and not is_garbage(p.name) and p.is_dir()]
+
+
 def _set_aside(root: Path, folders: list[Path]) -> list[Path]:
     """Rename each of ``folders`` (in ``root``) to a garbage name; returns the new paths.
     One that cannot be renamed is left, with a warning: the next prune tries again."""
@@ -460,7 +575,7 @@ def _set_aside(root: Path, folders: list[Path]) -> list[Path]:
         # crash mid-deletion then never brings back a half-deleted folder under its
         # ``step_*`` name (it may still hold trainer_state.json, and look complete)
         try:
-            _fsync_path(root)
+            fsync_path(root)
         except OSError as err:
             log.warning("could not fsync %s after setting folders aside (%s)", root, err)
     return garbage
@@ -469,7 +584,8 @@ def _set_aside(root: Path, folders: list[Path]) -> list[Path]:
 def clear_leftovers(root: Path) -> list[Path]:
     """Rank 0 of the job that holds the run directory's lock (runtime/run_lock.py), at its
     start, before it writes anything into ``root``: queue for the deletion thread what an
-    earlier job of the run left behind (:func:`_leftovers`). A run that never saves again
+    earlier job of the run left behind (:func:`_leftovers`, and the staging folders of
+    its saves that failed or were killed, :func:`_crashed_saves`). A run that never saves again
     (a resume of a finished run) would otherwise keep them for ever, as only a save's
     :func:`prune` deleted garbage. Safe: the lock means no other live job writes in the
     run directory, and this job's own derived folders are written later (a resize's
@@ -482,7 +598,10 @@ def clear_leftovers(root: Path) -> list[Path]:
     since rank 0 raising here, before the ranks agree on their resume checks, would leave
     the others waiting in a collective."""
     try:
-        found = _leftovers(root) if root.is_dir() else []
+        # a save that failed (a full disk) left its staging folder, which only the next
+        # successful save's prune removed: a resume on the same disk failed again, short
+        # of the room the first one took
+        found = _leftovers(root) + _crashed_saves(root) if root.is_dir() else []
     except OSError as err:
         log.warning("could not look for what an earlier job left in %s (%s); the next "
                     "save's prune looks again", root, err)
@@ -622,8 +741,8 @@ def _wait_for_previous_deletions(others_waiting_since: float | None,
 
 
 def prune(root: Path, keep_last: int, wait: bool = True) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints of the run's lineage (never
-    ``latest``'s); delete the rest of the ``step_*`` folders.
+    """Keep the newest ``keep_last`` complete checkpoints of the run's lineage, ``latest``'s
+    and the best evaluated one (:data:`BEST`); delete the rest of the ``step_*`` folders.
 
     The lineage is what ``latest`` has reached: checkpoints at or below its step. Those
     above it belong to a branch the run abandoned when it was resumed from an earlier
@@ -646,6 +765,9 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
                 and (head is None or _step_of(p.name) <= head)
                 and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
+    best = _best_tag(root)
+    if best in complete:  # the best evaluated checkpoint of the lineage (runtime/best.py)
+        keep.add(best)
     doomed = []
     for p in folders:
         name, step = p.name, _step_of(p.name)

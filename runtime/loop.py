@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from runtime import preemption
+from runtime.best import BestCheckpoint
 from runtime.dist import DistInfo, mean_by_name
 from runtime.metrics import MetricsLogger
 
@@ -219,22 +220,25 @@ def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
 
 
 def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer=None,
-             scheduler=None, metrics: MetricsLogger, d: DistInfo) -> dict:
+             scheduler=None, metrics: MetricsLogger, d: DistInfo,
+             best: BestCheckpoint | None = None) -> dict:
     """Train from ``start`` to ``spec.total_steps``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
     ``scheduler``: timm-style (``step_update(step)``), stepped by the loop; None where the
     task's engine steps its own. ``optimizer``: its largest group lr is logged (None: the
     task logs its lr through ``log_values``). ``metrics`` is closed when the loop ends.
+    ``best``: an evaluation that improves on it is saved (at once, when no checkpoint is
+    due at its step) and recorded as the run's best checkpoint (runtime/best.py).
     """
     try:
-        return _run(spec, hooks, start, optimizer, scheduler, metrics, d)
+        return _run(spec, hooks, start, optimizer, scheduler, metrics, d, best)
     finally:
         metrics.close()
 
 
 def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, scheduler,
-         metrics: MetricsLogger, d: DistInfo) -> dict:
+         metrics: MetricsLogger, d: DistInfo, best: BestCheckpoint | None) -> dict:
     pos, last_eval = LoopPosition(start.step, start.epoch, start.epoch_step), {}
     if scheduler is not None:
         scheduler.step_update(pos.step)
@@ -261,6 +265,7 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
             # last step, which no resumed run would come back to.
             stopping = preemption.stop_agreed(d.device)  # every rank: the same answer
             last = pos.step >= spec.total_steps
+            improved = False
             if _due(spec.eval_every, pos.step, spec.total_steps):
                 if stopping and not last:
                     if d.is_main:
@@ -268,8 +273,12 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                                     "skipped to save in time", pos.step)
                 else:
                     last_eval = _evaluate(hooks, spec, pos, metrics, d)
-            if stopping or _due(spec.checkpoint_every, pos.step, spec.total_steps):
+                    improved = best is not None and best.improves(last_eval)
+            if stopping or improved or _due(spec.checkpoint_every, pos.step,
+                                            spec.total_steps):
                 _save(hooks, pos, metrics)
+                if improved:  # published: the pointer may name it now
+                    best.record(pos.step, last_eval)
             preemption.kill_point(pos.step)
             if stopping:  # every rank leaves at this same step
                 if d.is_main:

@@ -91,13 +91,18 @@ def test_a_start_deletes_what_killed_jobs_left_and_nothing_else(tmp_path, monkey
     _folder(root / "step_0000030_universal")  # kept: a resize resume may load it
     _folder(root / f"{ck.DELETING}0badc0de-step_0000010")  # a deletion cut short
     (root / ".latest.tmp").write_text("step_0000030")  # a file, not a derived folder
-    staging = _folder(root / "step_0000040.tmp-12345678")  # a save's: prune's decision
+    # a save that failed (a full disk) or was killed: its partial folder took the room a
+    # resume's first save needs (only the next successful save's prune removed it)
+    _folder(root / "step_0000040.tmp-12345678")
     queued = ck.clear_leftovers(root)
-    assert len(queued) == 4 and all(ck.is_garbage(p.name) for p in queued)
+    assert len(queued) == 5 and all(ck.is_garbage(p.name) for p in queued)
     assert ck.wait_for_deletions(timeout=60)
-    assert _names(root) == [".latest.tmp", "latest", "step_0000030", "step_0000030_universal",
-                            staging.name]
+    assert _names(root) == [".latest.tmp", "latest", "step_0000030", "step_0000030_universal"]
     assert ck.clear_leftovers(tmp_path / "nothing") == []  # a fresh run: no checkpoints/
+    # the staging folder latest names is a publish cut short: the newest checkpoint, kept
+    (root / ck.LATEST).write_text("step_0000050.tmp-0badf00d")
+    published = _checkpoint(root, 50).rename(root / "step_0000050.tmp-0badf00d")
+    assert ck.clear_leftovers(root) == [] and published.is_dir()
 
 
 def test_a_start_that_cannot_list_checkpoints_warns_and_goes_on(tmp_path, monkeypatch,

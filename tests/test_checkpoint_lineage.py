@@ -223,3 +223,103 @@ def test_the_finetune_command_says_once_what_a_rewind_abandons(tmp_path, caplog,
                      "--resume", rewind]) == 0
     assert resolved == [out / "checkpoints" / "step_0001900"]
     assert caplog.text.count("step_0002000 will be deleted") == 1
+
+
+# the save's renames: its rank state file (1) and trainer state (2) into the staging
+# folder, then the publish's (3 onwards)
+@pytest.mark.parametrize("die_at", range(3, 6))
+def test_a_crash_anywhere_in_a_runs_first_publish_resumes_its_checkpoint(tmp_path,
+                                                                         monkeypatch, die_at):
+    """The first save's publish (nothing of the step there before): rank 0 dying after
+    any of its renames leaves ``latest`` naming the complete checkpoint. Renamed into
+    place before ``latest`` was written, a crash between the two left a complete
+    step_0000100 and no ``latest``: --resume auto started the run afresh, silently."""
+    root = tmp_path / "run" / "checkpoints"
+    calls = [0]
+    for name in ("replace", "rename"):
+        real = getattr(ck.os, name)
+
+        def dying(src, dst, real=real):
+            real(src, dst)
+            calls[0] += 1
+            if calls[0] == die_at:
+                raise Killed
+        monkeypatch.setattr(ck.os, name, dying)
+    with pytest.raises(Killed):
+        save(root, 100, "first")
+    monkeypatch.undo()
+    folder, state = resumed(root)
+    assert folder.name.startswith("step_0000100") and state["label"] == "first"
+    assert shards(folder) == {"first"}
+
+
+class DiskFullEngine(FakeEngine):
+    """Rank 0's shard written, then torch's error for a full disk (the message torch
+    2.x raised on a 110 MB tmpfs in a reviewer's run: it names no cause)."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_text(self.label)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                           "14720448 vs 14720368")
+
+
+def test_a_save_that_fails_writing_says_so_and_the_next_start_takes_its_room_back(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 2, "ok")
+    with pytest.raises(ck.CheckpointSaveError) as err:
+        ck.save_checkpoint(DiskFullEngine("partial"), root, 4, {}, SHARED | {"step": 4},
+                           DistInfo(), 2)
+    message = str(err.value)
+    assert message.startswith("saving step_0000004 failed (RuntimeError: [enforce fail")
+    assert "GiB free in" in message and "the last checkpoint took" in message
+    assert "latest still names step_0000002" in message and "--resume auto" in message
+    assert ck.read_latest(root) == "step_0000002"
+    [partial] = [p for p in root.glob("step_0000004*")]
+    assert ck.is_staging(partial.name)
+    # the resume's start (rank 0, under the run lock) deletes the failed save's folder
+    assert len(ck.clear_leftovers(root)) == 1 and ck.wait_for_deletions(timeout=60)
+    assert step_dirs(root) == ["step_0000002"]
+
+
+def test_a_collective_failure_inside_a_save_is_not_taken_for_the_disk(tmp_path):
+    import torch.distributed as dist
+
+    class LostRank(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+            raise dist.DistBackendError("rank 1 timed out in all_gather")
+
+    with pytest.raises(dist.DistBackendError):
+        ck.save_checkpoint(LostRank("x"), tmp_path / "checkpoints", 2, {}, SHARED,
+                           DistInfo(), 2)
+
+
+def test_a_damaged_file_of_the_resumed_checkpoint_is_named_with_the_one_before(tmp_path):
+    """engine.load_checkpoint of a checkpoint with a truncated shard (a full disk, an
+    interrupted copy) raised torch's 'failed reading zip archive', naming no file."""
+    import torch
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        save(root, step, "ok")
+    step_dir = root / "step_0000004"
+    for rank in range(RANKS):  # DeepSpeed's files of ZeRO-3, as torch.save writes them
+        for kind in ("model", "optim"):
+            torch.save({"x": torch.zeros(1000)},
+                       step_dir / f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt")
+    shard = step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
+
+    class Loading:
+        def load_checkpoint(self, load_dir, tag):
+            return torch.load(Path(load_dir) / tag / shard.name), {}
+
+    with pytest.raises(ck.ResumeError) as err:
+        ck.load_engine_checkpoint(Loading(), step_dir, rank=0)
+    message = str(err.value)
+    assert f"cannot load {step_dir}: {shard.name} cannot be read" in message, message
+    assert f"--resume {root / 'step_0000002'}" in message
+    # rank 1 opens other files: a failure there that its own files do not explain
+    with pytest.raises(ck.ResumeError, match="DeepSpeed could not load .*RuntimeError"):
+        ck.load_engine_checkpoint(Loading(), step_dir, rank=1)

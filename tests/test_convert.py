@@ -208,6 +208,53 @@ def test_incomplete_checkpoint_names_missing_files(zero_run, tmp_path):
         convert(tmp_path / "nothing.pth", tmp_path / "x.safetensors")
 
 
+def test_a_checkpoint_pruned_while_it_is_read_is_said_so(zero_run, tmp_path, monkeypatch):
+    """A live run prunes its older checkpoints as it saves (a rename, then a delete): a
+    convert reading one then died of zero_to_fp32's FileNotFoundError, which read as if
+    the run's checkpoint were lost. The reviewer's sequence: prune's rename right after
+    convert's completeness check."""
+    import shutil
+
+    import finetune.convert as fc
+    from models import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(zero_run / "checkpoints", run / "checkpoints")
+    step_dir = run / "checkpoints" / "step_0000001"
+    real = fc.check_complete
+
+    def pruned_after_the_check(folder):
+        result = real(folder)
+        folder.rename(folder.with_name("deleting.tmp-0badc0de-step_0000001"))
+        return result
+
+    monkeypatch.setattr(fc, "check_complete", pruned_after_the_check)
+    with pytest.raises(CheckpointError) as err:
+        fc.convert(step_dir, tmp_path / "x.safetensors")
+    assert f"{step_dir} was removed while it was read" in str(err.value)
+    assert "latest: " in str(err.value) and "copy the folder first" in str(err.value)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_output_is_on_disk_before_it_takes_its_name(zero_run, tmp_path, monkeypatch):
+    """A node crash soon after a convert must not leave an empty or truncated file under
+    the final name: the temporary file is fsynced before its rename, the folder after."""
+    import finetune.convert as fc
+
+    events = []
+    real_replace = fc.os.replace
+    monkeypatch.setattr(fc, "fsync_path", lambda path: events.append(("fsync", Path(path))))
+    monkeypatch.setattr(fc.os, "replace", lambda a, b: (events.append(("replace", Path(b))),
+                                                        real_replace(a, b)))
+    dst = tmp_path / "out" / "x.safetensors"
+    fc.convert(zero_run, dst)
+    monkeypatch.undo()
+    kinds = [(kind, path == dst, path == dst.parent) for kind, path in events]
+    assert kinds == [("fsync", False, False), ("replace", True, False),
+                     ("fsync", False, True)], events
+    assert events[0][1].parent == dst.parent  # the temporary file, beside it
+
+
 # What `internimage convert` / `--init` / `--resume` accept, worded as in issue #12 item 6.
 ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "
             "directory")

@@ -72,6 +72,30 @@ def test_raising_max_steps_on_resume_says_the_extra_steps_train_at_min_lr(tmp_pa
     assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # the demo's optim.min_lr
 
 
+def test_extending_a_run_that_ended_inside_its_warm_up_says_what_its_lr_does(tmp_path,
+                                                                             cache):
+    """A smoke test (its run ends inside the warm-up) extended on resume: its schedule
+    keeps its end, so the lr warms up to optim.lr until the warm-up's end, then drops to
+    optim.min_lr at once; the warning said the extra steps all train at min_lr."""
+    import json
+
+    out = tmp_path / "run"
+    warmup = "optim.warmup_steps=4"
+    run_forked(pretrain_cmd(1, out, "--max-steps", "3", "--checkpoint-every", "3", warmup),
+               cache)
+    proc = run_forked(pretrain_cmd(1, out, "--max-steps", "6", "--resume", "auto", warmup),
+                      cache)
+    assert ("run.max_steps=6, the checkpoint's schedule ends at step 3, inside its 4-step "
+            "warm-up: the lr goes on rising to optim.lr (reached at step 4) and holds it to "
+            "step 5, then drops at once: step 6 trains at optim.min_lr=0.0001"
+            ) in proc.stderr, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # the lr logged at a step is the scheduler's after it: what the next step trains at
+    assert lrs[2] < lrs[3] == lrs[4] == pytest.approx(3e-3)  # steps 4-5 at TINY's optim.lr
+    assert lrs[5] == pytest.approx(1e-4)  # step 6 at the demo's optim.min_lr
+
+
 def test_a_refused_fresh_start_leaves_no_run_directory(tmp_path, cache):
     """As fine-tuning's (README): a start refused before any compute (here a --resume
     path that does not exist) removes the folders it created, empty; an existing folder

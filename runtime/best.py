@@ -1,0 +1,82 @@
+"""The run's best checkpoint by its evaluation metric, kept whatever the retention.
+
+A fine-tuning run keeps its newest ``run.keep_last`` checkpoints; the one whose evaluation
+scored best (top-1, box AP, mIoU: higher is better) may be older, and was pruned with the
+rest, its weights lost. As the released code does (classification ``main.py`` writes
+``ckpt_epoch_best.pth`` when ``max_accuracy`` improves; the detection and segmentation
+configs set ``save_best``), an evaluation that improves on the best so far makes the loop
+save at that step (when no checkpoint was due there) and then points
+``checkpoints/best.json`` at it: ``{"tag", "step", "metric", "value"}``.
+:func:`runtime.checkpoint.prune` never deletes the checkpoint it names (when it is in the
+run's lineage), so a run holds at most ``keep_last + 1`` checkpoints.
+
+A resume restores the best so far from that file, when its checkpoint is at or before the
+step resumed from (one after it belongs to a branch the resume abandons: the best starts
+afresh). A kill between a best checkpoint's save and the file's write leaves the file on
+the previous best: the resumed run does not evaluate that step again, and keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.checkpoint import BEST, record_best, tag_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BestCheckpoint:
+    """The best value of ``metric`` so far (None: none yet) and its step; ``root``: the
+    run's ``checkpoints/``, where rank 0 (``is_main``) writes the pointer."""
+
+    root: Path
+    metric: str
+    is_main: bool
+    value: float | None = None
+    step: int | None = None
+
+    @classmethod
+    def resume(cls, root: Path, metric: str, start_step: int, is_main: bool
+               ) -> BestCheckpoint:
+        """The best so far of a run resumed at ``start_step`` (0: a fresh start), read
+        from ``root``'s pointer (every rank reads the same file)."""
+        best = cls(root, metric, is_main)
+        saved = _read(root / BEST)
+        if (start_step > 0 and saved is not None and saved.get("metric") == metric
+                and isinstance(saved.get("step"), int) and saved["step"] <= start_step
+                and isinstance(saved.get("value"), (int, float))
+                and (root / tag_for(saved["step"])).is_dir()):
+            best.value, best.step = float(saved["value"]), saved["step"]
+        return best
+
+    def improves(self, result: dict[str, Any]) -> bool:
+        """Whether an evaluation's ``result`` beats the best so far (a result without the
+        metric, or a non-finite one, never does). The same on every rank: evaluations
+        return the same metrics on every rank."""
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return self.value is None or value > self.value
+
+    def record(self, step: int, result: dict[str, Any]) -> None:
+        """The checkpoint of ``step`` (saved, published) is the best now."""
+        self.value, self.step = float(result[self.metric]), step
+        if self.is_main:
+            record_best(self.root, {"tag": tag_for(step), "step": step,
+                                    "metric": self.metric, "value": self.value})
+            log.info("best %s so far: %.6g at step %d (%s)", self.metric, self.value, step,
+                     self.root / tag_for(step))
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

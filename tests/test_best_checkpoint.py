@@ -1,0 +1,136 @@
+"""The best evaluated checkpoint of a fine-tuning run is kept (runtime/best.py).
+
+Fine-tuning kept its last 2 checkpoints only: a run whose top-1 peaked earlier lost those
+weights, where the released code keeps them (classification/main.py saves
+``ckpt_epoch_best.pth`` when acc1 beats ``max_accuracy``; the detection and segmentation
+configs set ``evaluation = dict(save_best=...)``). Here the loop's own evaluations and
+checkpoints (runtime/loop.py) with real saves and pruning (runtime/checkpoint.py), a
+resume of the run, a rewind; then a real classification run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime.checkpoint as ck
+from runtime.best import BestCheckpoint
+from runtime.dist import DistInfo
+from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
+from runtime.metrics import MetricsLogger
+from tests.pretrain_utils import run_forked
+
+
+class Engine:
+    """DeepSpeed's layout of one rank's files (what runtime.checkpoint saves through)."""
+
+    def zero_optimization(self) -> bool:
+        return False
+
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_text(tag)
+
+
+def _train(root: Path, top1: dict[int, float], total: int, start: int = 0,
+           keep_last: int = 1, checkpoint_every: int = 0) -> list[int]:
+    """Evaluate every step (top-1 from ``top1``), checkpoint every ``checkpoint_every``
+    (0: the last step only); the steps saved."""
+    saved: list[int] = []
+    steps = iter(range(start + 1, total + 1))
+    current = [start]
+
+    def train_step(batch):
+        current[0] = next(steps)
+        return {"loss": torch.tensor(1.0)}
+
+    def save(pos: LoopPosition) -> None:
+        saved.append(pos.step)
+        ck.save_checkpoint(Engine(), root, pos.step, {}, {"step": pos.step}, DistInfo(),
+                           keep_last)
+        ck.wait_for_deletions(timeout=60)
+
+    hooks = TaskHooks(batches=lambda epoch, skip: range(100), train_step=train_step,
+                      evaluate=lambda: {"top1": top1[current[0]]}, save=save)
+    spec = LoopSpec(name="t", total_steps=total, eval_every=1,
+                    checkpoint_every=checkpoint_every, log_every=1)
+    metrics = MetricsLogger(root.parent, True, total, start, tensorboard=False,
+                            progress=False)
+    best = BestCheckpoint.resume(root, "top1", start, is_main=True)
+    run_loop(spec, hooks, LoopPosition(start), metrics=metrics, d=DistInfo(), best=best)
+    return saved
+
+
+def _best(root: Path) -> dict:
+    return json.loads((root / ck.BEST).read_text())
+
+
+def _kept(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in root.glob("step_*"))
+
+
+def test_an_evaluation_that_improves_is_saved_and_outlives_the_retention(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    top1 = {1: 0.30, 2: 0.50, 3: 0.40, 4: 0.20, 5: 0.45, 6: 0.10}
+    # saved where an evaluation improved (1, 2) and at the last step; no other
+    assert _train(root, top1, total=6) == [1, 2, 6]
+    assert _best(root) == {"tag": "step_0000002", "step": 2, "metric": "top1",
+                           "value": 0.50}
+    assert _kept(root) == [2, 6]  # keep_last=1 and the best
+    # a checkpoint due at an improving step is saved once
+    root2 = tmp_path / "run2" / "checkpoints"
+    assert _train(root2, top1, total=6, checkpoint_every=2, keep_last=2) == [1, 2, 4, 6]
+    assert _best(root2)["step"] == 2 and _kept(root2) == [2, 4, 6]
+
+
+def test_a_resume_keeps_the_best_so_far_and_a_rewind_forgets_an_abandoned_branchs(
+        tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    top1 = {1: 0.30, 2: 0.50, 3: 0.40, 4: 0.20, 5: 0.45, 6: 0.10, 7: 0.48, 8: 0.60}
+    _train(root, top1, total=6)
+    # resumed at step 6 (its latest) and trained on: 0.48 at step 7 is no best
+    assert _train(root, top1, total=8, start=6) == [8]
+    # step 8's save pruned with the pointer still on step 2: that one goes at the next
+    assert _best(root)["step"] == 8 and _kept(root) == [2, 8]
+    # a rewind to an earlier checkpoint: a best beyond it belongs to the abandoned branch
+    assert BestCheckpoint.resume(root, "top1", 6, is_main=True).value is None
+    # a start from nothing, or another metric's pointer, knows no best either
+    assert BestCheckpoint.resume(root, "top1", 0, is_main=True).value is None
+    assert BestCheckpoint.resume(root, "mIoU", 8, is_main=True).value is None
+    assert BestCheckpoint.resume(root, "top1", 8, is_main=True).value == 0.60
+
+
+def test_a_non_finite_or_missing_metric_is_never_best(tmp_path):
+    best = BestCheckpoint(tmp_path, "top1", True)
+    assert not best.improves({"top1": float("nan")}) and not best.improves({})
+    assert best.improves({"top1": 0.0})
+
+
+@pytest.mark.slow
+def test_a_classification_run_keeps_its_best_evaluated_checkpoint(tmp_path, cache):
+    """The demo evaluated every step, checkpointed every 4, keeping 1: the checkpoint of
+    the best top-1 is on disk and named by best.json, whatever step it was."""
+    out = tmp_path / "run"
+    run_forked([*_cls_cmd(out, cache), "run.max_steps=6", "run.eval_every=1",
+                "run.checkpoint_every=4", "run.keep_last=1", "optim.lr=5e-2"], cache)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    top1 = [(r["top1"], -r["step"]) for r in rows if "top1" in r]
+    want = -max(top1)[1]  # the first step of the highest top-1
+    root = out / "checkpoints"
+    assert _best(root)["step"] == want and _best(root)["value"] == max(top1)[0]
+    assert (root / ck.tag_for(want) / ck.TRAINER_STATE).is_file()
+    # the latest, the best, and at most the previous best (pruned at the next save)
+    assert {6, want} <= set(_kept(root)) and len(_kept(root)) <= 3
+
+
+def _cls_cmd(out: Path, cache: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "launch.cli", "finetune", "classification",
+            "--output-dir", str(out), f"data.cache_dir={cache}", "run.progress=false",
+            "run.num_workers=0", "run.log_every=1", "run.tensorboard=false"]
+
