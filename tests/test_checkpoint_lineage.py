@@ -69,6 +69,20 @@ def step_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*"))
 
 
+def _die_after_rename(monkeypatch, die_at: int) -> None:
+    """Rank 0 killed right after the ``die_at``-th rename of runtime.checkpoint."""
+    calls = [0]
+    for name in ("replace", "rename"):
+        real = getattr(ck.os, name)
+
+        def dying(src, dst, real=real):
+            real(src, dst)
+            calls[0] += 1
+            if calls[0] == die_at:
+                raise Killed
+        monkeypatch.setattr(ck.os, name, dying)
+
+
 def test_a_save_that_dies_after_a_rewind_leaves_latest_on_one_consistent_checkpoint(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     save(root, 1900, "old")
@@ -96,16 +110,7 @@ def test_a_crash_anywhere_while_a_checkpoint_replaces_one_of_its_step_resumes_a_
     root = tmp_path / "run" / "checkpoints"
     save(root, 1900, "old")
     save(root, 2000, "old")
-    calls = [0]
-    for name in ("replace", "rename"):
-        real = getattr(ck.os, name)
-
-        def dying(src, dst, real=real):
-            real(src, dst)
-            calls[0] += 1
-            if calls[0] == die_at:
-                raise Killed
-        monkeypatch.setattr(ck.os, name, dying)
+    _die_after_rename(monkeypatch, die_at)
     with pytest.raises(Killed):
         save(root, 2000, "new")
     monkeypatch.undo()
@@ -235,16 +240,7 @@ def test_a_crash_anywhere_in_a_runs_first_publish_resumes_its_checkpoint(tmp_pat
     place before ``latest`` was written, a crash between the two left a complete
     step_0000100 and no ``latest``: --resume auto started the run afresh, silently."""
     root = tmp_path / "run" / "checkpoints"
-    calls = [0]
-    for name in ("replace", "rename"):
-        real = getattr(ck.os, name)
-
-        def dying(src, dst, real=real):
-            real(src, dst)
-            calls[0] += 1
-            if calls[0] == die_at:
-                raise Killed
-        monkeypatch.setattr(ck.os, name, dying)
+    _die_after_rename(monkeypatch, die_at)
     with pytest.raises(Killed):
         save(root, 100, "first")
     monkeypatch.undo()
