@@ -100,10 +100,14 @@ class FinetuneRun:
 
     def best(self, metric: str | None, start_step: int, is_main: bool
              ) -> BestCheckpoint | None:
-        """The run's best checkpoint by ``metric`` so far (None: not kept)."""
+        """The run's best checkpoint by ``metric`` so far (None: not kept). Collective:
+        rank 0's reading on every rank, since an evaluation that beats it saves, and a
+        save is collective (a rank seeing a stale file would wait alone)."""
         if metric is None:
             return None
-        return BestCheckpoint.resume(self.root, metric, start_step, is_main)
+        best = BestCheckpoint.resume(self.root, metric, start_step, is_main)
+        best.value, best.step = broadcast_object((best.value, best.step))
+        return best
 
     @property
     def root(self) -> Path:
