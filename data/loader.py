@@ -306,14 +306,34 @@ class ResumableLoader:
         where a plain ``next()`` on one iterator ended the run with a bare StopIteration.
         A pass that yields no batch at all raises (the sources hold nothing usable)."""
         while True:
-            empty = True
+            # a pass resumed after its last full batch (a checkpoint at that step) holds
+            # only the rest that sits it out: no batch, and nothing wrong
+            fresh, batches = not self._state.positions, 0
+            delivered = sum(self.stats.samples.values())
+            rest = self.stats.events["pass_remainder"]
             for batch in self:
-                empty = False
+                batches += 1
                 yield batch
             names = ", ".join(s.name for s in self.sources)
-            if empty:
+            delivered = sum(self.stats.samples.values()) - delivered
+            rest = self.stats.events["pass_remainder"] - rest
+            if fresh and not batches:
+                if rest:
+                    raise UnusableSourceError(
+                        f"a whole pass over the data sources ({names}) gave no full batch: "
+                        f"each of the {self.world_size} ranks x {self.workers} workers' "
+                        f"share of a pass holds fewer than data.batch_size="
+                        f"{self.opts.batch_size} samples ({rest} in all on this rank); "
+                        "lower data.batch_size or data.workers, or use more shards")
                 raise UnusableSourceError(f"a whole pass over the data sources ({names}) "
                                           "gave no batch: nothing readable in them")
+            if fresh and rest > 0.1 * (delivered + rest):
+                log.warning("%d of this pass's %d samples on rank %d (%.0f%%) sat it out: "
+                            "each rank x worker slot's share ends in fewer than "
+                            "data.batch_size=%d samples, left out of the pass; lower "
+                            "data.batch_size or data.workers to train on more of it", rest,
+                            delivered + rest, self.rank, 100 * rest / (delivered + rest),
+                            self.opts.batch_size)
             log.info("a pass over the data sources (%s) ended, one-pass sources read to "
                      "their end: the next pass begins (data epoch %d)", names,
                      self._state.epoch)

@@ -226,6 +226,33 @@ def test_state_from_another_layout_is_refused(tmp_path):
         build_loader(other, 0, 1, state=state)
 
 
+def test_one_pass_training_resumes_from_any_batch_and_tiny_shares_are_named(tmp_path):
+    """A checkpoint right after a pass's last full batch holds a position whose pass has
+    only its rest left (which sits the pass out): resumed there, the loader raised
+    "nothing readable" (on one rank, the others waiting in a collective). From every saved
+    position, the resumed stream gives the uninterrupted one's batches. A pass whose
+    slots each hold fewer than a batch says so, not "nothing readable"."""
+    import itertools
+
+    urls = [str(write_tar(tmp_path / f"o{i}.tar", good_samples(f"o{i}-", 7, size=8)))
+            for i in range(3)]
+    cfg = _cfg([SourceConfig("once", urls, resampled=False)], batch_size=4, workers=0,
+               shuffle_buffer=4)
+    loader = build_loader(cfg, 0, 1, train=True)
+    batches, states, keys = loader.endless(), [], []
+    for _ in range(8):  # 21 samples: 5 full batches a pass, 1 left out
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        keys.append(next(batches)["keys"])
+    assert [s["epoch"] for s in states] == [0] * 6 + [1] * 2  # 5 batches, then the rest
+    for i, state in enumerate(states[:6]):
+        resumed = build_loader(cfg, 0, 1, train=True, state=state).endless()
+        assert [next(resumed)["keys"] for _ in range(2)] == keys[i:i + 2], i
+    tiny = build_loader(_cfg([SourceConfig("once", urls, resampled=False)], batch_size=8,
+                             workers=3), 0, 1, train=True)
+    with pytest.raises(UnusableSourceError, match="fewer than data.batch_size=8 samples"):
+        list(itertools.islice(tiny.endless(), 1))
+
+
 def test_shard_list_file_and_env_rank(tmp_path, monkeypatch):
     urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 3, size=8)))
             for i in range(4)]
