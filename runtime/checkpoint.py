@@ -345,9 +345,12 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     barrier()
     others_waiting_since = time.monotonic()  # the others are in the barrier below from now
     if info.is_main:
-        for name, obj in (side_files or {}).items():
-            save_torch_file(root / staging / name, obj)
-        write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
+        try:  # an EMA's weights are the last large write: a disk may fill here too
+            for name, obj in (side_files or {}).items():
+                save_torch_file(root / staging / name, obj)
+            write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
+        except OSError as err:
+            raise CheckpointSaveError(_save_failure(root, tag, err)) from err
         # a swap an earlier rank 0 died in is finished first: else the prune below would
         # take the run's checkpoint (still under its staging name) for a crashed save
         swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
@@ -364,12 +367,20 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     return root / tag
 
 
+# what gloo's and NCCL's transport errors say when a peer is gone (torch raises them as a
+# plain RuntimeError, e.g. gloo's "Connection closed by peer" in torch 2.14)
+_PEER_LOST = ("closed by peer", "reset by peer", "gloo", "nccl", "timed out", "timeout")
+
+
 def _is_collective_failure(err: BaseException) -> bool:
     """A failure of the process group (a rank lost, a collective timed out): not the
-    save's writes, reported as it is."""
+    save's writes or the checkpoint's files, reported as it is."""
     import torch.distributed as dist
 
-    return isinstance(err, (dist.DistError, MainRankLostError))
+    if isinstance(err, (dist.DistError, MainRankLostError)):
+        return True
+    return (isinstance(err, RuntimeError) and not isinstance(err, OSError)
+            and any(s in str(err).lower() for s in _PEER_LOST))
 
 
 def _save_failure(root: Path, tag: str, err: BaseException) -> str:
@@ -436,7 +447,9 @@ def _load_failure(ckpt_dir: Path, folder: Path, rank: int, err: BaseException) -
     if damaged is not None:
         return (f"cannot load {ckpt_dir}: {damaged[0].name} cannot be read ({damaged[1]}): "
                 f"damaged or truncated (a full disk, an interrupted copy?); {instead}")
-    return f"DeepSpeed could not load {ckpt_dir} ({reason}); {instead}"
+    # its files open: no advice to rewind (an earlier checkpoint would meet the same
+    # cause, e.g. memory)
+    return f"DeepSpeed could not load {ckpt_dir} ({reason})"
 
 
 def _publish(root: Path, staging: str, tag: str) -> list[Path]:
