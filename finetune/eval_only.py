@@ -100,7 +100,8 @@ def check_eval_task(state: dict[str, Any], task: str, step_dir: Path) -> None:
         hint = (f"it holds no {task} head, so fine-tune from it first (internimage finetune "
                 f"{task} --init {step_dir})")
     else:
-        hint = f"evaluate it with `internimage finetune {saved} --eval-only --resume`"
+        hint = (f"evaluate it with `internimage finetune {saved} --eval-only --resume "
+                f"{step_dir}`")
     raise ResumeError(f"{step_dir} is a checkpoint of a {task_name(saved)} run, not a "
                       f"{task} run (--eval-only --resume evaluates a {task} run's own "
                       f"checkpoints): {hint}")

@@ -55,8 +55,9 @@ def warmup_warning(warmup_steps: int, steps: int) -> str | None:
             "optim.warmup_steps lower for a short run")
 
 
-def _steps_text(first: int, last: int) -> str:
-    return f"step {first}" if first == last else f"steps {first}-{last}"
+def _steps(first: int, last: int, one: str, many: str) -> str:
+    """``step 4 trains`` / ``steps 4-5 train``."""
+    return f"step {first} {one}" if first == last else f"steps {first}-{last} {many}"
 
 
 def extension_warning(scheduler, steps: int, min_lr: float) -> str | None:
@@ -64,31 +65,37 @@ def extension_warning(scheduler, steps: int, min_lr: float) -> str | None:
     restored schedule (``scheduler``: ``warmup_steps``, ``total_steps``, ``min_ratio``),
     which keeps that end; None when it does not go past. Read off the schedule itself
     (runtime.schedules.warmup_cosine; training step k runs at its value at k - 1, the
-    scheduler stepping after each step): past its end it stays at ``optim.min_lr``; one
-    that ended inside its warm-up (a smoke test's, extended) first goes on rising to
-    ``optim.lr`` and holds it a step, then drops at once."""
-    end, warmup = scheduler.total_steps, scheduler.warmup_steps
+    scheduler stepping after each step): past its end and its warm-up it is at
+    ``optim.min_lr``; one that ended inside its warm-up (a smoke test's, extended) first
+    goes on rising to ``optim.lr``, holds it a step, then drops at once."""
+    end, warmup, low = scheduler.total_steps, scheduler.warmup_steps, scheduler.min_ratio
     if steps <= end:
         return None
-    factor = warmup_cosine(warmup, end, scheduler.min_ratio)
-    # past both its end and its warm-up the value is min_ratio: the search stops there
+    factor = warmup_cosine(warmup, end, low)
+
+    def kind(k: int) -> str:
+        value = factor(k - 1)
+        if k - 1 >= warmup and value <= low:
+            return "min"
+        return "peak" if value >= 1 else "rise"
+
+    # past both its end and its warm-up the value stays min_ratio: looked at up to there
     bound = min(steps, max(end, warmup) + 2)
-    low = [k for k in range(end + 1, bound + 1)
-           if k - 1 >= warmup and factor(k - 1) <= scheduler.min_ratio][:1]
-    keep = ("a step-based schedule keeps its end on resume; start a new run to re-plan "
-            "it")
-    at_min = (f"{_steps_text(low[0], steps)} train{'s' if low[0] == steps else ''} at "
-              f"optim.min_lr={min_lr:g}" if low else "")
-    if low and low[0] == end + 1:
-        return (f"run.max_steps={steps}, the checkpoint's schedule ends at step {end}: "
-                f"{at_min} ({keep})")
-    peak = min(warmup, steps)
-    held = low[0] - 1 if low else steps
-    before = (f"the lr goes on rising to optim.lr (reached at step {peak})"
-              + (f" and holds it to step {held}" if held > peak else ""))
-    return (f"run.max_steps={steps}, the checkpoint's schedule ends at step {end}, inside "
-            f"its {warmup}-step warm-up: {before}"
-            + (f", then drops at once: {at_min}" if low else "") + f" ({keep})")
+    spans: list[list] = []  # [first, last, kind]
+    for k in range(end + 1, bound + 1):
+        if spans and spans[-1][2] == kind(k):
+            spans[-1][1] = k
+        else:
+            spans.append([k, k, kind(k)])
+    spans[-1][1] = steps
+    said = {"min": f"at optim.min_lr={min_lr:g}", "peak": "at optim.lr"}
+    parts = [f"{_steps(a, b, 'trains', 'train')} {said[what]}" if what in said else
+             f"{_steps(a, b, 'still warms up', 'still warm up')} (step {b} at "
+             f"{factor(b - 1):.2%} of optim.lr)" for a, b, what in spans]
+    inside = f", inside its {warmup}-step warm-up" if end < warmup else ""
+    return (f"run.max_steps={steps}, the checkpoint's schedule ends at step {end}{inside}: "
+            + "; ".join(parts) + " (a step-based schedule keeps its end on resume; start a "
+            "new run to re-plan it)")
 
 
 def total_steps(cfg: PretrainConfig, world_size: int, step: int = 0,

@@ -5,15 +5,17 @@ scored best (top-1, box AP, mIoU: higher is better) may be older, and was pruned
 rest, its weights lost. As the released code does (classification ``main.py`` writes
 ``ckpt_epoch_best.pth`` when ``max_accuracy`` improves; the detection and segmentation
 configs set ``save_best``), an evaluation that improves on the best so far makes the loop
-save at that step (when no checkpoint was due there) and then points
+save at that step (when no checkpoint was due there) and points
 ``checkpoints/best.json`` at it: ``{"tag", "step", "metric", "value"}``.
-:func:`runtime.checkpoint.prune` never deletes the checkpoint it names (when it is in the
-run's lineage), so a run holds at most ``keep_last + 1`` checkpoints.
+:func:`runtime.checkpoint.prune` never deletes the checkpoints it names (when in the run's
+lineage), so a run holds at most ``keep_last + 1`` checkpoints.
 
-A resume restores the best so far from that file, when its checkpoint is at or before the
-step resumed from (one after it belongs to a branch the resume abandons: the best starts
-afresh). A kill between a best checkpoint's save and the file's write leaves the file on
-the previous best: the resumed run does not evaluate that step again, and keeps it.
+The pointer is written twice: before the save, naming the new best as ``pending`` beside
+the current one (prune, inside that save, keeps both), and once the save is published, as
+the current one alone. A kill in between leaves both named: a resume adopts the pending
+one when its checkpoint is complete, else keeps the current one. A resume restores the
+best so far when its checkpoint is at or before the step resumed from (one after it
+belongs to a branch the resume abandons: the best starts afresh).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint import BEST, record_best, tag_for
+from runtime.checkpoint import BEST, TRAINER_STATE, record_best, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,18 @@ class BestCheckpoint:
         """The best so far of a run resumed at ``start_step`` (0: a fresh start), read
         from ``root``'s pointer (every rank reads the same file)."""
         best = cls(root, metric, is_main)
-        saved = _read(root / BEST)
-        if (start_step > 0 and saved is not None and saved.get("metric") == metric
-                and isinstance(saved.get("step"), int) and saved["step"] <= start_step
-                and isinstance(saved.get("value"), (int, float))
-                and (root / tag_for(saved["step"])).is_dir()):
-            best.value, best.step = float(saved["value"]), saved["step"]
+        saved = _read(root / BEST) if start_step > 0 else None
+        if saved is None or saved.get("metric") != metric:
+            return best
+        for entry in (saved.get("pending"), saved):  # a pending one saved whole wins
+            if (isinstance(entry, dict) and isinstance(entry.get("step"), int)
+                    and entry["step"] <= start_step
+                    and isinstance(entry.get("value"), (int, float))
+                    and (root / tag_for(entry["step"]) / TRAINER_STATE).is_file()):
+                best.value, best.step = float(entry["value"]), entry["step"]
+                if entry is not saved and is_main:  # the kill came before its own write
+                    record_best(root, best._entry(best.step, best.value))
+                break
         return best
 
     def improves(self, result: dict[str, Any]) -> bool:
@@ -64,12 +72,22 @@ class BestCheckpoint:
             return False
         return self.value is None or value > self.value
 
+    def _entry(self, step: int | None, value: float | None) -> dict[str, Any]:
+        return {"tag": tag_for(step) if step is not None else None, "step": step,
+                "metric": self.metric, "value": value}
+
+    def begin(self, step: int, result: dict[str, Any]) -> None:
+        """Before the save of ``step``, whose evaluation ``result`` improves: name it
+        pending beside the current best (both kept by that save's prune)."""
+        if self.is_main:
+            pending = self._entry(step, float(result[self.metric]))
+            record_best(self.root, self._entry(self.step, self.value) | {"pending": pending})
+
     def record(self, step: int, result: dict[str, Any]) -> None:
         """The checkpoint of ``step`` (saved, published) is the best now."""
         self.value, self.step = float(result[self.metric]), step
         if self.is_main:
-            record_best(self.root, {"tag": tag_for(step), "step": step,
-                                    "metric": self.metric, "value": self.value})
+            record_best(self.root, self._entry(step, self.value))
             log.info("best %s so far: %.6g at step %d (%s)", self.metric, self.value, step,
                      self.root / tag_for(step))
 

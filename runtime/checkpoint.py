@@ -179,18 +179,22 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def record_best(root: Path, best: dict[str, Any]) -> None:
-    """Rank 0: point ``root``'s :data:`BEST` at a published checkpoint (``best["tag"]``),
-    atomically and durably; :func:`prune` keeps what it names (runtime/best.py)."""
+    """Rank 0: point ``root``'s :data:`BEST` at the best checkpoint (``best["tag"]``; and
+    ``best["pending"]["tag"]`` while it is saved), atomically and durably; :func:`prune`
+    keeps what it names (runtime/best.py)."""
+    root.mkdir(parents=True, exist_ok=True)  # a run's first save may be its first best
     _atomic_write(root / BEST, json.dumps(best) + "\n")
 
 
-def _best_tag(root: Path) -> str | None:
-    """The tag :data:`BEST` names, or None (none, unreadable)."""
+def _best_tags(root: Path) -> set[str]:
+    """The tags :data:`BEST` names: the best and a pending one (runtime/best.py)."""
     try:
-        tag = json.loads((root / BEST).read_text()).get("tag")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return tag if isinstance(tag, str) and _is_tag(tag) else None
+        best = json.loads((root / BEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    entries = [best, best.get("pending")] if isinstance(best, dict) else []
+    tags = {e.get("tag") for e in entries if isinstance(e, dict)}
+    return {t for t in tags if isinstance(t, str) and _is_tag(t)}
 
 
 def save_torch_file(path: Path, obj: Any) -> None:
@@ -778,9 +782,8 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
                 and (head is None or _step_of(p.name) <= head)
                 and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
-    best = _best_tag(root)
-    if best in complete:  # the best evaluated checkpoint of the lineage (runtime/best.py)
-        keep.add(best)
+    # the best evaluated checkpoint of the lineage, and one pending (runtime/best.py)
+    keep |= _best_tags(root) & set(complete)
     doomed = []
     for p in folders:
         name, step = p.name, _step_of(p.name)

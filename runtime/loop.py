@@ -276,8 +276,10 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                     improved = best is not None and best.improves(last_eval)
             if stopping or improved or _due(spec.checkpoint_every, pos.step,
                                             spec.total_steps):
+                if improved:  # named pending first: a kill in the save loses no best
+                    best.begin(pos.step, last_eval)
                 _save(hooks, pos, metrics)
-                if improved:  # published: the pointer may name it now
+                if improved:  # published: the pointer names it alone now
                     best.record(pos.step, last_eval)
             preemption.kill_point(pos.step)
             if stopping:  # every rank leaves at this same step

@@ -104,6 +104,35 @@ def test_a_resume_keeps_the_best_so_far_and_a_rewind_forgets_an_abandoned_branch
     assert BestCheckpoint.resume(root, "top1", 8, is_main=True).value == 0.60
 
 
+def test_a_kill_between_the_best_save_and_its_pointer_keeps_that_best(tmp_path,
+                                                                       monkeypatch):
+    """The save of an improving evaluation is published, then the job dies before the
+    pointer names it: the requeued run must keep that checkpoint as its best (it is not
+    evaluated again), not prune it as an ordinary one (the reviewer's case: 0.9 at step 4
+    lost, 0.6 at step 5 recorded as best)."""
+    class Killed(BaseException):
+        pass
+
+    root = tmp_path / "run" / "checkpoints"
+    top1 = {1: 0.3, 2: 0.5, 3: 0.4, 4: 0.9, 5: 0.6, 6: 0.55, 7: 0.1, 8: 0.1}
+    real = BestCheckpoint.record
+
+    def dying(self, step, result):
+        if step == 4:
+            raise Killed
+        real(self, step, result)
+
+    monkeypatch.setattr(BestCheckpoint, "record", dying)
+    with pytest.raises(Killed):
+        _train(root, top1, total=8)
+    monkeypatch.undo()
+    assert ck.read_latest(root) == "step_0000004"
+    _train(root, top1, total=8, start=4)
+    assert _best(root) == {"tag": "step_0000004", "step": 4, "metric": "top1",
+                           "value": 0.9}
+    assert _kept(root) == [4, 8]
+
+
 def test_a_non_finite_or_missing_metric_is_never_best(tmp_path):
     best = BestCheckpoint(tmp_path, "top1", True)
     assert not best.improves({"top1": float("nan")}) and not best.improves({})

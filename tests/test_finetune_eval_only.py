@@ -159,7 +159,7 @@ def test_a_checkpoint_of_another_tasks_run_is_named_with_the_command_for_it(
     cases = {"pretrain": (pretrain, "is a checkpoint of a pre-training run, not a "
                           "classification run", "--init "),
              "detection": (mine | {"task": "detection"}, "is a checkpoint of a detection "
-                           "run", "`internimage finetune detection --eval-only --resume`")}
+                           "run", "`internimage finetune detection --eval-only --resume ")}
     for name, (state, what, advice) in cases.items():
         step_dir = tmp_path / name / "checkpoints" / "step_0000002"
         shutil.copytree(out / "checkpoints/step_0000002", step_dir)

@@ -86,14 +86,49 @@ def test_extending_a_run_that_ended_inside_its_warm_up_says_what_its_lr_does(tmp
     proc = run_forked(pretrain_cmd(1, out, "--max-steps", "6", "--resume", "auto", warmup),
                       cache)
     assert ("run.max_steps=6, the checkpoint's schedule ends at step 3, inside its 4-step "
-            "warm-up: the lr goes on rising to optim.lr (reached at step 4) and holds it to "
-            "step 5, then drops at once: step 6 trains at optim.min_lr=0.0001"
+            "warm-up: steps 4-5 train at optim.lr; step 6 trains at optim.min_lr=0.0001"
             ) in proc.stderr, proc.stderr[-2000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     # the lr logged at a step is the scheduler's after it: what the next step trains at
     assert lrs[2] < lrs[3] == lrs[4] == pytest.approx(3e-3)  # steps 4-5 at TINY's optim.lr
     assert lrs[5] == pytest.approx(1e-4)  # step 6 at the demo's optim.min_lr
+
+
+@pytest.mark.parametrize("end, warmup, min_ratio, steps", [
+    (3, 4, 0.05, 6), (5, 10, 0.05, 8), (10, 10, 0.05, 15), (3, 4, 1.0, 8), (100, 10, 0.05, 120)])
+def test_the_extension_warning_says_what_the_restored_schedule_trains_at(end, warmup,
+                                                                        min_ratio, steps):
+    """Each step range the warning names trains at what it says: a real WarmupCosine,
+    stepped as DeepSpeed steps it (after each optimizer step), past its end (the
+    reviewer's cases: an end inside the warm-up, an end at it, min_lr = lr)."""
+    import re
+
+    import torch
+
+    from pretrain.engine import extension_warning
+    from runtime.schedules import WarmupCosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupCosine(opt, warmup, end, min_ratio)
+    trained = {}
+    for k in range(1, steps + 1):  # step k trains at the lr set after step k - 1
+        trained[k] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    message = extension_warning(sched, steps, min_lr=min_ratio)
+    spans = re.findall(r"steps? (\d+)(?:-(\d+))? (trains? at optim.lr|trains? at optim.min_lr|"
+                       r"still warms? up)", message)
+    assert spans and int(spans[0][0]) == end + 1 and int(spans[-1][1] or spans[-1][0]) == steps
+    for first, last, what in spans:
+        for k in range(int(first), int(last or first) + 1):
+            if "min_lr" in what:
+                assert trained[k] == pytest.approx(min_ratio), (k, message)
+            elif "optim.lr" in what:
+                assert trained[k] == pytest.approx(1.0), (k, message)
+            else:
+                assert trained[k] < 1.0, (k, message)
+    assert ("inside its" in message) == (end < warmup)
 
 
 def test_a_refused_fresh_start_leaves_no_run_directory(tmp_path, cache):
