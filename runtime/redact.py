@@ -117,8 +117,8 @@ def secret_keys(cls: type) -> dict[str, str | None]:
 # loses the rest ("-u ***").
 _USERINFO = re.compile(r"(?P<name>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+(?=@)")  # user:pw@
 _SECRET_PARAM = re.compile(  # signed-URL and token query parameters
-    r"(?i)(?P<name>[?&](?:x-amz-[a-z-]*|signature|sig|token|key|secret|password|"
-    r"access_?key[a-z_]*|aws_[a-z_]+)=)[^&\s]*")
+    r"(?i)(?P<name>[?&](?:x-amz-[a-z-]*|x-goog-[a-z-]*|[a-z_]*signature|sig|[a-z_]*token|"
+    r"api_?key|key|secret|password|auth|access_?key[a-z_]*|aws_[a-z_]+)=)[^&\s]*")
 # a header given to a command (curl -H, wget --header): its value, whatever the header;
 # quoted, up to the closing quote (an "Authorization: Bearer ..." value has a space)
 _HEADER_QUOTED = re.compile(
@@ -162,11 +162,16 @@ def redact_url(text: str) -> str:
 # (every header's value, any option named like ``user``); a refusal must not stop what
 # cannot be a credential: a value that is only shell variables ($TOKEN, ${AUTH}: expanded
 # when the ``pipe:`` command runs, never written), an auth scheme word, a header not
-# named for one (Accept:, Range:), curl's --user-agent.
+# named for one (Accept:, Range:), an option that takes no credential (below).
 _VAR_REF = re.compile(r"\$(?:\{\w+\}|\w+)")
 _AUTH_SCHEME = re.compile(r"(?i)\b(?:bearer|basic|token|digest|negotiate|aws4-hmac-sha256)\b")
 _CREDENTIAL_HEADER = re.compile(r"(?i)auth|token|key|secret|cookie|session|password")
-_NOT_A_SECRET_FLAG = re.compile(r"(?i)^--?user-agent\b")
+# options named like credentials whose value is none: a path (--key FILE, --cert,
+# --credentials-file), an id (--sse-kms-key-id), a switch that takes no value at all
+# (rclone's --s3-env-auth, curl's --anyauth, wget's --auth-no-challenge), a user agent
+_NOT_A_SECRET_FLAG = re.compile(
+    r"(?i)^--?(?:user-agent|key|cert|cacert|capath|anyauth|auth-no-challenge|[\w-]*-file|"
+    r"[\w-]*-id|[\w-]*env-auth|no-[\w-]+)(?:=|\s|$)")
 
 
 def has_credential(text: str) -> bool:
@@ -180,9 +185,14 @@ def has_credential(text: str) -> bool:
             if pattern in (_HEADER_QUOTED, _HEADER_BARE) and not _CREDENTIAL_HEADER.search(
                     name):
                 continue
-            if pattern is _SECRET_FLAG and _NOT_A_SECRET_FLAG.match(name):
-                continue
-            value = _AUTH_SCHEME.sub("", _VAR_REF.sub("", match.group(0)[len(name):]))
+            raw = match.group(0)[len(name):].strip("'\" ")
+            if pattern in (_SECRET_FLAG, _SHORT_USER):
+                if _NOT_A_SECRET_FLAG.match(name) or raw.startswith("-"):
+                    continue  # the "value" is the next option: this one takes none
+                # -u is curl's user:password, but gsutil's billing project
+                if pattern is _SHORT_USER and ":" not in raw:
+                    continue
+            value = _AUTH_SCHEME.sub("", _VAR_REF.sub("", raw))
             if re.search(r"\w", value):
                 return True
     return False

@@ -226,14 +226,28 @@ def test_has_credential_tells_a_value_from_a_variable_that_names_one():
             'pipe:curl -H "Authorization: Bearer hf_EXAMPLEtoken" -L https://h/x.tar',
             "pipe:wget --header=X-Api-Key:k_EXAMPLE -O - https://h/x.tar",
             "pipe:HF_TOKEN=sk_EXAMPLEtoken curl https://h/x.tar",
-            "s3://AKIA:hunter2@bucket/x.tar", PRESIGNED]
+            "s3://AKIA:hunter2@bucket/x.tar", PRESIGNED,
+            # a GCS V4 signed URL (Google Cloud Storage docs, "V4 signing process":
+            # X-Goog-Credential, X-Goog-Signature), an OAuth token, an API key
+            "https://storage.googleapis.com/b/x.tar?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+            "&X-Goog-Credential=sa%40p.iam.gserviceaccount.com&X-Goog-Signature=8f3a9c",
+            "https://h/x.tar?access_token=ya29.EXAMPLE", "https://h/x.tar?api_key=k_EXAMPLE"]
     # a value the shell expands when the command runs is never written; headers and
     # options that are no credential (Accept:, --user-agent) are not one
     not_held = ['pipe:curl -H "Authorization: Bearer $HF_TOKEN" -L https://h/{0..9}.tar',
                 "pipe:curl -u ${USER_NAME}:${USER_PASSWORD} https://h/x.tar",
                 "pipe:curl -H 'Accept: application/x-tar' --user-agent 'me/1.0' https://h/x",
                 "pipe:aws s3 cp s3://bucket/x-user/{0..3}.tar -",
-                "s3://laion-400m/{000000..041407}.tar", "/data/shards/list.txt"]
+                "s3://laion-400m/{000000..041407}.tar", "/data/shards/list.txt",
+                # options named like credentials that take none: rclone reading them
+                # from the environment, gsutil's requester-pays project, curl choosing
+                # its auth method, files and key ids
+                "pipe:rclone cat --s3-env-auth remote:bucket/laion-{00000..00099}.tar",
+                "pipe:gsutil -u my-billing-project cat gs://bucket/x.tar",
+                "pipe:curl --anyauth -u $U:$P https://h/x.tar",
+                "pipe:s5cmd --credentials-file ~/.aws/credentials cat s3://b/x.tar",
+                "pipe:curl --key /etc/ssl/client.key --cert /etc/ssl/c.pem https://h/x",
+                "pipe:aws s3 cp --sse-kms-key-id alias/mykey s3://b/x.tar -"]
     assert [u for u in held if not has_credential(u)] == []
     assert [u for u in not_held if has_credential(u)] == []
 
