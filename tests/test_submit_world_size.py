@@ -53,7 +53,8 @@ def _saved_run(run_dir: Path, world_size: int, model_hash: str) -> Path:
     step.mkdir(parents=True)
     (step / "mp_rank_00_model_states.pt").write_bytes(b"")
     (step / "trainer_state.json").write_text(json.dumps(
-        {"step": 4, "world_size": world_size, "model_hash": model_hash}))
+        {"step": 4, "world_size": world_size, "model_hash": model_hash,
+         "samples_seen": {}}))  # pre-training's keys: no task, its samples_seen
     (run_dir / "checkpoints" / "latest").write_text(step.name)
     return step
 
