@@ -33,7 +33,7 @@ import torch
 from models import CheckpointError, read_state_dict
 from models.checkpoint import PRETRAIN_PREFIX, TASK_PREFIX
 from models.variants import InternImageSpec
-from runtime.checkpoint import fsync_path
+from runtime.checkpoint import fsync_path, read_latest
 from runtime.checkpoint_path import resolve_checkpoint
 from runtime.master_weights import read_master_weights
 
@@ -146,8 +146,7 @@ def read_zero_checkpoint(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[
     except FileNotFoundError as err:
         if step_dir.is_dir():
             raise
-        latest = step_dir.parent / "latest"
-        newest = latest.read_text().strip() if latest.is_file() else None
+        newest = read_latest(step_dir.parent)
         kept = f" (latest: {step_dir.parent / newest})" if newest else ""
         raise CheckpointError(
             f"{step_dir} was removed while it was read: the run that wrote it deletes all "

@@ -20,14 +20,13 @@ belongs to a branch the resume abandons: the best starts afresh).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint import BEST, TRAINER_STATE, record_best, tag_for
+from runtime.checkpoint import TRAINER_STATE, read_best, record_best, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,10 @@ class BestCheckpoint:
     def resume(cls, root: Path, metric: str, start_step: int, is_main: bool
                ) -> BestCheckpoint:
         """The best so far of a run resumed at ``start_step`` (0: a fresh start), read
-        from ``root``'s pointer (every rank reads the same file)."""
+        from ``root``'s pointer (rank 0's reading is the one to use on every rank:
+        ``finetune.engine.FinetuneRun.best`` broadcasts it)."""
         best = cls(root, metric, is_main)
-        saved = _read(root / BEST) if start_step > 0 else None
+        saved = read_best(root) if start_step > 0 else None
         if saved is None or saved.get("metric") != metric:
             return best
         for entry in (saved.get("pending"), saved):  # a pending one saved whole wins
@@ -91,10 +91,3 @@ class BestCheckpoint:
             log.info("best %s so far: %.6g at step %d (%s)", self.metric, self.value, step,
                      self.root / tag_for(step))
 
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -186,13 +186,19 @@ def record_best(root: Path, best: dict[str, Any]) -> None:
     _atomic_write(root / BEST, json.dumps(best) + "\n")
 
 
-def _best_tags(root: Path) -> set[str]:
-    """The tags :data:`BEST` names: the best and a pending one (runtime/best.py)."""
+def read_best(root: Path) -> dict[str, Any] | None:
+    """What :data:`BEST` holds, or None (none, unreadable, not an object)."""
     try:
         best = json.loads((root / BEST).read_text())
     except (OSError, ValueError):
-        return set()
-    entries = [best, best.get("pending")] if isinstance(best, dict) else []
+        return None
+    return best if isinstance(best, dict) else None
+
+
+def _best_tags(root: Path) -> set[str]:
+    """The tags :data:`BEST` names: the best and a pending one (runtime/best.py)."""
+    best = read_best(root)
+    entries = [best, best.get("pending")] if best is not None else []
     tags = {e.get("tag") for e in entries if isinstance(e, dict)}
     return {t for t in tags if isinstance(t, str) and _is_tag(t)}
 
@@ -391,7 +397,7 @@ def _save_failure(root: Path, tag: str, err: BaseException) -> str:
     """What a save that failed writing says: the error (torch's for a full disk names no
     cause: "unexpected pos N vs M"), the room left beside the size of the last
     checkpoint, what ``latest`` still names, and how to go on."""
-    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    reason = _first_line(err)
     latest = read_latest(root)
     room = ""
     try:
@@ -407,6 +413,11 @@ def _save_failure(root: Path, tag: str, err: BaseException) -> str:
             "--resume auto once there is room (the failed save's folder is deleted then)"
             if latest else "no checkpoint of this run is complete yet")
     return f"saving {tag} failed ({type(err).__name__}: {reason}){room}; {kept}"
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message for a one-line report: its first line, at most 200 characters."""
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def load_engine_checkpoint(engine, ckpt_dir: Path, rank: int,
@@ -432,7 +443,7 @@ def load_engine_checkpoint(engine, ckpt_dir: Path, rank: int,
 def _load_failure(ckpt_dir: Path, folder: Path, rank: int, err: BaseException) -> str:
     import torch
 
-    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    reason = f"{type(err).__name__}: {_first_line(err)}"
     own = sorted(p for p in folder.glob("*.pt") if p.name.startswith("mp_rank_")
                  or f"zero_pp_rank_{rank}_" in p.name)
     damaged = None
@@ -485,11 +496,16 @@ def _publish(root: Path, staging: str, tag: str) -> list[Path]:
     return []
 
 
+def _latest_as_written(root: Path) -> str:
+    """What ``latest`` holds, a staging folder's name too ("": no ``latest``)."""
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else ""
+
+
 def _interrupted_swap(root: Path) -> str | None:
     """The staging folder ``latest`` names when rank 0 died in :func:`_publish`'s swap
     (the complete new checkpoint, not yet under its step's name), else None."""
-    path = root / LATEST
-    raw = path.read_text().strip() if path.is_file() else ""
+    raw = _latest_as_written(root)
     return raw if is_staging(raw) and (root / raw).is_dir() else None
 
 
@@ -569,7 +585,7 @@ def _leftovers(root: Path) -> list[Path]:
 def _crashed_saves(root: Path) -> list[Path]:
     """Staging folders of saves that died (``step_*.tmp-*``) but the one ``latest``
     names (a publish cut short: the run's newest complete checkpoint)."""
-    raw = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
+    raw = _latest_as_written(root)
     return [p for p in root.glob("step_*") if is_staging(p.name) and p.name != raw
             and not is_garbage(p.name) and p.is_dir()]
 
@@ -809,8 +825,8 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
 
 def read_latest(root: Path) -> str | None:
     """The tag ``latest`` names, or None."""
-    path = root / LATEST
-    return latest_tag(root, path.read_text().strip()) if path.is_file() else None
+    raw = _latest_as_written(root)
+    return latest_tag(root, raw) if raw else None
 
 
 def resolve_resume(resume: str | None, root: Path, warn: bool = True,
