@@ -45,6 +45,7 @@ from data.sources import RawSample
 from data.state import PipelineState, derive_seed, url_list_digest
 from data.stats import DataStats, SkipCounter
 from data.stream import MixedStream, SourceCursor, SourceStream
+from runtime.preemption import loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class ResumableLoader:
         # resumed run restores that RNG and starts a new iterator, so the draw would shift
         # every later random number. The workers seed their samples themselves.
         loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
-                            pin_memory=opts.pin_memory,
+                            pin_memory=opts.pin_memory, worker_init_fn=loader_worker_init,
                             generator=torch.Generator().manual_seed(opts.seed), **extra)
         names = [s.name for s in self.sources]
         for item in loader:

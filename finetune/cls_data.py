@@ -22,6 +22,7 @@ from finetune.data_files import NextReadable
 from finetune.dense_data import CollateCounted, CountedItems
 from finetune.eval_loader import eval_generator
 from runtime.dist import DistInfo, all_gather_objects, rank_share
+from runtime.preemption import loader_worker_init
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import StartAt, loader_generator
 
@@ -381,7 +382,8 @@ def build_loaders(cfg, d: DistInfo, train_set, val_set: Dataset, epoch: int = 0,
             items, batch_size=cfg.run.batch_size,
             sampler=StartAt(order, skip * cfg.run.batch_size),
             num_workers=cfg.run.num_workers, drop_last=True, generator=g,
-            persistent_workers=False, collate_fn=CollateCounted())
+            persistent_workers=False, collate_fn=CollateCounted(),
+            worker_init_fn=loader_worker_init)
     return train, build_val_loader(cfg, d, val_set), sampler
 
 
@@ -394,7 +396,8 @@ def build_val_loader(cfg, d: DistInfo, val_set: Dataset) -> DataLoader:
     return DataLoader(SkipUnreadable(val_set, substitute=False),
                       batch_size=cfg.run.batch_size * 2, shuffle=False,
                       sampler=rank_share(len(val_set), d), num_workers=cfg.run.num_workers,
-                      collate_fn=drop_unreadable, generator=eval_generator())
+                      collate_fn=drop_unreadable, generator=eval_generator(),
+                      worker_init_fn=loader_worker_init)
 
 
 def epoch_batches(loader):

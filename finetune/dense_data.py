@@ -20,6 +20,7 @@ from torch.utils.data import (
 from runtime import rng
 from runtime.dist import DistInfo
 from runtime.loop import refuse_empty_epoch
+from runtime.preemption import loader_worker_init
 
 # the reason the training loop logs the replaced items under (metrics.jsonl ``skipped``,
 # by reason, as classification and pre-training log theirs)
@@ -103,7 +104,7 @@ def train_batches(train_set: Dataset, d: DistInfo, *, batch_size: int, grad_accu
         return DataLoader(CountedItems(train_set, seed, epoch), batch_size,
                           sampler=rng.StartAt(order, skip * batch_size),
                           num_workers=num_workers, drop_last=True, collate_fn=collate_fn,
-                          generator=g)
+                          generator=g, worker_init_fn=loader_worker_init)
 
     # the loader's length: len(sampler) // batch_size whole batches (drop_last)
     steps = len(batches(0)) // grad_accum

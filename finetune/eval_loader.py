@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.data_files import UnreadableFile
 from runtime.dist import DistInfo, rank_share
+from runtime.preemption import loader_worker_init
 
 
 class _Unreadable:
@@ -82,7 +83,8 @@ def share_batches(val_set: Sequence, d: DistInfo, batch_size: int,
     file), so the batches before it have been evaluated and none after it."""
     loader = DataLoader(_ShareItems(val_set, rank_share(len(val_set), d)),
                         batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_as_list, generator=eval_generator())
+                        collate_fn=_as_list, generator=eval_generator(),
+                        worker_init_fn=loader_worker_init)
     for batch in loader:
         for item in batch:
             if isinstance(item, _Unreadable):

@@ -98,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         return eval_only(args.task, cfg, args.resume)
     from finetune.engine import resume_checkpoint
-    from launch.commands.refusals import end_failed_start, first_missing
+    from launch.commands.refusals import end_failed_start, first_missing, signal_status
     from models import CheckpointError
     from runtime import run_lock
     from runtime.checkpoint import stage_config
+    from runtime.preemption import stop_on_signals
 
     out = Path(cfg.run.output_dir)
     try:
@@ -118,11 +119,15 @@ def run(args: argparse.Namespace) -> int:
         stage_config(out, lambda path: dump_config(cfg, path))
     log.info("finetune %s -> %s (config %s)", args.task, out, config_hash(cfg))
     try:
-        result = mod.train(train_cfg, out, resume=args.resume)
+        with stop_on_signals():  # SIGTERM saves at the next step boundary
+            result = mod.train(train_cfg, out, resume=args.resume)
     except BaseException as err:  # a refusal, an interrupt or a crash (a missing file)
         return end_failed_start(err, "finetune", out, created, is_main)
     finally:
         run_lock.release()  # the run directory's lock, taken by rank 0's start
+    status = signal_status(result, "finetune", out, is_main)
+    if status is not None:
+        return status
     # every rank's own log says what it computed; rank 0 alone prints it, as one JSON
     # line (as pretrain and --eval-only do: 512 ranks printed 512 copies before)
     log.info("finetune result on rank %d: %s", int(os.environ.get("RANK", "0")),

@@ -151,11 +151,12 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             print(f"internimage pretrain: warning: {warning}", file=sys.stderr)
         return 0
-    from launch.commands.refusals import end_failed_start, first_missing
+    from launch.commands.refusals import end_failed_start, first_missing, signal_status
     from pretrain.demo import resolve_builtin
     from pretrain.trainer import pretrain
     from runtime.checkpoint import stage_config
     from runtime.checkpoint_path import CHECKPOINTS_DIR
+    from runtime.preemption import stop_on_signals
 
     cfg = resolve_builtin(cfg)
     run_dir = Path(cfg.run.output_dir)
@@ -164,9 +165,13 @@ def run(args: argparse.Namespace) -> int:
     if is_main:  # becomes config.yaml once the resume checks passed (a refusal keeps the run's)
         stage_config(run_dir, lambda path: dump_config(cfg, path))
     try:
-        final = pretrain(cfg, resume=args.resume)  # (its run lock released when it ends)
+        with stop_on_signals():  # SIGTERM saves at the next step boundary
+            final = pretrain(cfg, resume=args.resume)  # (its run lock released at the end)
     except BaseException as err:  # a refusal, an interrupt or a crash: as finetune's
         return end_failed_start(err, "pretrain", run_dir, created, is_main)
+    status = signal_status(final, "pretrain", run_dir, is_main)
+    if status is not None:
+        return status
     if is_main:
         print(json.dumps({"final": final, "run_dir": str(Path(cfg.run.output_dir).resolve()),
                           "metrics": str(Path(cfg.run.output_dir, "metrics.jsonl").resolve()),

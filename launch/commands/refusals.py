@@ -69,17 +69,36 @@ def remove_empty_up_to(path: Path, top: Path) -> None:
 INTERRUPTED_STATUS = 130
 
 
-def interrupted_line(run_dir: Path) -> str:
-    """What a training run stopped by Ctrl-C prints (rank 0), instead of every rank's
-    traceback: where it can go on from (a save cut short is never ``latest``)."""
+def interrupted_line(run_dir: Path, how: str = "interrupted") -> str:
+    """What a training run stopped by Ctrl-C (or ended early ``how``) prints (rank 0),
+    instead of every rank's traceback: where it can go on from (a save cut short is never
+    ``latest``)."""
     from runtime.checkpoint_path import CHECKPOINTS_DIR, LATEST
 
     latest = run_dir / CHECKPOINTS_DIR / LATEST
     tag = latest.read_text().strip() if latest.is_file() else ""
     if not tag:
-        return "interrupted before its first checkpoint: nothing to resume, start it again"
-    return (f"interrupted; its last complete checkpoint is {run_dir / CHECKPOINTS_DIR / tag}"
+        return f"{how} before its first checkpoint: nothing to resume, start it again"
+    return (f"{how}; its last complete checkpoint is {run_dir / CHECKPOINTS_DIR / tag}"
             ": go on with --resume auto")
+
+
+def signal_status(result: dict, command: str, run_dir: Path, is_main: bool) -> int | None:
+    """The exit status of a run that a stop signal (``runtime.preemption.stop_on_signals``:
+    SIGTERM) ended early, saved: 128 + the signal's number, as a shell reports a process
+    the signal ended, so that torchrun, a Kubernetes Job or a retry script never takes the
+    run for finished; rank 0 prints where it goes on from. None: the run was not stopped by
+    a signal (a run that finished as the signal came exits 0)."""
+    from runtime.preemption import stop_signal
+
+    sig = stop_signal()
+    if sig is None or not result.get("stopped_early"):
+        return None
+    if is_main:
+        how = f"stopped by {sig.name} at step {result.get('step')}, saved"
+        print(f"internimage {command}: {interrupted_line(run_dir, how)}", file=sys.stderr,
+              flush=True)
+    return 128 + int(sig)
 
 
 def end_failed_start(err: BaseException, command: str, run_dir: Path, created: Path | None,
