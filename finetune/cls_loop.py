@@ -12,7 +12,7 @@ step (checkpoints store the step only).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,14 +53,15 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
                        steps_per_epoch: int, total: int, metrics: MetricsLogger,
                        desc: str, skipped_before: Mapping[str, int] | None = None,
-                       best: BestCheckpoint | None = None) -> dict:
+                       best: Sequence[BestCheckpoint] = ()) -> dict:
     """Train from ``start_step`` to ``total``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
     Steps are optimizer steps of ``run.grad_accum`` micro-batches each;
     ``steps_per_epoch`` counts them. ``skipped_before``: the resumed checkpoint's
     ``skipped`` (its shared state's), which a map-style set's count goes on from.
-    ``best``: the run's best checkpoint so far (runtime/best.py), None: not kept."""
+    ``best``: the run's best checkpoints so far, by top-1 and the EMA's (runtime/best.py;
+    none: not kept)."""
     from finetune.cls_data import build_loaders, epoch_batches
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)

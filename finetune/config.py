@@ -131,7 +131,8 @@ class RunConfig:
     eval_every: int = 0  # steps; 0: at every epoch end
     checkpoint_every: int = 0  # steps; 0: at every evaluation
     # Checkpoints kept: the newest keep_last, and with keep_best the one whose evaluation
-    # scored best so far (top1 / bbox_AP / mIoU), saved when it improves (runtime/best.py)
+    # scored best so far (top1 / bbox_AP / mIoU; with an EMA also top1_ema's), saved when
+    # it improves (runtime/best.py)
     keep_last: int = 2
     keep_best: bool = True
     log_every: int = 10

@@ -98,16 +98,20 @@ class FinetuneRun:
     own: dict[str, Any] | None = None
     keep_last: int = 2  # run.keep_last: the newest complete checkpoints kept
 
-    def best(self, metric: str | None, start_step: int, is_main: bool
-             ) -> BestCheckpoint | None:
-        """The run's best checkpoint by ``metric`` so far (None: not kept). Collective:
-        rank 0's reading on every rank, since an evaluation that beats it saves, and a
-        save is collective (a rank seeing a stale file would wait alone)."""
-        if metric is None:
-            return None
-        best = BestCheckpoint.resume(self.root, metric, start_step, is_main)
-        best.value, best.step = broadcast_object((best.value, best.step))
-        return best
+    def bests(self, pointers: dict[str, str], start_step: int, is_main: bool
+              ) -> tuple[BestCheckpoint, ...]:
+        """The run's best checkpoints so far, one per ``pointers`` entry (pointer file ->
+        metric: ``{"best.json": "top1", "best_ema.json": "top1_ema"}``; empty: none
+        kept). Collective: rank 0's readings on every rank, since an evaluation that beats
+        one saves, and a save is collective (a rank seeing a stale file would wait
+        alone)."""
+        bests = tuple(BestCheckpoint.resume(self.root, metric, start_step, is_main, pointer)
+                      for pointer, metric in pointers.items())
+        if bests:
+            shared = broadcast_object([(b.value, b.step) for b in bests])
+            for best, (value, step) in zip(bests, shared, strict=True):
+                best.value, best.step = value, step
+        return bests
 
     @property
     def root(self) -> Path:

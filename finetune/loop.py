@@ -38,7 +38,7 @@ from finetune.engine import (
     start_engine,
 )
 from finetune.skip_counts import SkipCounts
-from runtime.checkpoint import discard_config, engine_layout, publish_config
+from runtime.checkpoint import BEST, discard_config, engine_layout, publish_config
 from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
@@ -133,4 +133,5 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     run.restore_rng(d)  # last: nothing between here and the first batch draws
     return run_training_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
                              metrics=metrics, d=d,
-                             best=run.best(best_metric, start.step, d.is_main))
+                             best=run.bests({BEST: best_metric} if best_metric else {},
+                                            start.step, d.is_main))

@@ -53,6 +53,8 @@ from finetune.engine import (
 from models.checkpoint import CheckpointError
 from runtime import rng
 from runtime.checkpoint import (
+    BEST,
+    BEST_EMA,
     ResumeError,
     agree_on_refusal,
     discard_config,
@@ -66,7 +68,9 @@ from runtime.lockstep import lockstep
 from runtime.loop import refuse_empty_epoch
 
 # the metric whose best checkpoint is kept (runtime/best.py): top-1, as the released
-# classification/main.py keeps ``ckpt_epoch_best.pth`` when acc1 beats its max_accuracy
+# classification/main.py keeps ``ckpt_epoch_best.pth`` when acc1 beats its max_accuracy,
+# and with an EMA the EMA's top-1 too (``ckpt_epoch_ema_best.pth`` when the EMA's acc1
+# beats its max_ema_accuracy)
 BEST_METRIC = "top1"
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,14 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 EMA_FILE = "ema.pt"
 DATA_KEY = "data"  # a rank's streamed-set position in its checkpoint rank-state file
+
+
+def best_pointers(cfg) -> dict[str, str]:
+    """The best checkpoints a classification run (``cfg``: ClassificationConfig) keeps:
+    pointer file -> metric (none without ``run.keep_best``)."""
+    if not cfg.run.keep_best:
+        return {}
+    return {BEST: BEST_METRIC} | ({BEST_EMA: f"{BEST_METRIC}_ema"} if cfg.ema.enabled else {})
 
 
 def deepspeed_spec(cfg) -> DeepSpeedSpec:
@@ -341,4 +353,4 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         # a map-style set's replaced samples go on from the checkpoint's count (one saved
         # before it was kept: from 0)
         skipped_before=run.state.get("skipped") if run.state is not None else None,
-        best=run.best(BEST_METRIC if cfg.run.keep_best else None, step, d.is_main))
+        best=run.bests(best_pointers(cfg), step, d.is_main))

@@ -6,9 +6,12 @@ rest, its weights lost. As the released code does (classification ``main.py`` wr
 ``ckpt_epoch_best.pth`` when ``max_accuracy`` improves; the detection and segmentation
 configs set ``save_best``), an evaluation that improves on the best so far makes the loop
 save at that step (when no checkpoint was due there) and points
-``checkpoints/best.json`` at it: ``{"tag", "step", "metric", "value"}``.
-:func:`runtime.checkpoint.prune` never deletes the checkpoints it names (when in the run's
-lineage), so a run holds at most ``keep_last + 1`` checkpoints.
+``checkpoints/best.json`` at it: ``{"tag", "step", "metric", "value"}``. A classification
+run with an EMA keeps a second best, the EMA's top-1 (``top1_ema``), in
+``checkpoints/best_ema.json`` (the released main.py's ``ckpt_epoch_ema_best.pth``, kept by
+its own ``max_ema_accuracy``). :func:`runtime.checkpoint.prune` never deletes the
+checkpoints they name (when in the run's lineage), so a run holds at most ``keep_last +
+2`` checkpoints.
 
 The pointer is written twice: before the save, naming the new best as ``pending`` beside
 the current one (prune, inside that save, keeps both), and once the save is published, as
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint import TRAINER_STATE, read_best, record_best, tag_for
+from runtime.checkpoint import BEST, TRAINER_STATE, read_best, record_best, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +37,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class BestCheckpoint:
     """The best value of ``metric`` so far (None: none yet) and its step; ``root``: the
-    run's ``checkpoints/``, where rank 0 (``is_main``) writes the pointer."""
+    run's ``checkpoints/``, where rank 0 (``is_main``) writes the ``pointer`` file
+    (``best.json``; ``best_ema.json`` for a classification run's EMA, ``top1_ema``)."""
 
     root: Path
     metric: str
     is_main: bool
     value: float | None = None
     step: int | None = None
+    pointer: str = BEST
 
     @classmethod
-    def resume(cls, root: Path, metric: str, start_step: int, is_main: bool
-               ) -> BestCheckpoint:
+    def resume(cls, root: Path, metric: str, start_step: int, is_main: bool,
+               pointer: str = BEST) -> BestCheckpoint:
         """The best so far of a run resumed at ``start_step`` (0: a fresh start), read
-        from ``root``'s pointer (rank 0's reading is the one to use on every rank:
-        ``finetune.engine.FinetuneRun.best`` broadcasts it)."""
-        best = cls(root, metric, is_main)
-        saved = read_best(root) if start_step > 0 else None
+        from ``root``'s ``pointer`` (rank 0's reading is the one to use on every rank:
+        ``finetune.engine.FinetuneRun.bests`` broadcasts it)."""
+        best = cls(root, metric, is_main, pointer=pointer)
+        saved = read_best(root, pointer) if start_step > 0 else None
         if saved is None or saved.get("metric") != metric:
             return best
         for entry in (saved.get("pending"), saved):  # a pending one saved whole wins
@@ -59,7 +64,7 @@ class BestCheckpoint:
                     and (root / tag_for(entry["step"]) / TRAINER_STATE).is_file()):
                 best.value, best.step = float(entry["value"]), entry["step"]
                 if entry is not saved and is_main:  # the kill came before its own write
-                    record_best(root, best._entry(best.step, best.value))
+                    record_best(root, best._entry(best.step, best.value), pointer)
                 break
         return best
 
@@ -81,13 +86,14 @@ class BestCheckpoint:
         pending beside the current best (both kept by that save's prune)."""
         if self.is_main:
             pending = self._entry(step, float(result[self.metric]))
-            record_best(self.root, self._entry(self.step, self.value) | {"pending": pending})
+            record_best(self.root, self._entry(self.step, self.value) | {"pending": pending},
+                        self.pointer)
 
     def record(self, step: int, result: dict[str, Any]) -> None:
         """The checkpoint of ``step`` (saved, published) is the best now."""
         self.value, self.step = float(result[self.metric]), step
         if self.is_main:
-            record_best(self.root, self._entry(step, self.value))
+            record_best(self.root, self._entry(step, self.value), self.pointer)
             log.info("best %s so far: %.6g at step %d (%s)", self.metric, self.value, step,
                      self.root / tag_for(step))
 

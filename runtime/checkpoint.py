@@ -100,6 +100,8 @@ TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
 LATEST = "latest"
 BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
+BEST_EMA = "best_ema.json"  # the one whose EMA weights scored best (classification)
+BEST_POINTERS = (BEST, BEST_EMA)  # every pointer prune reads
 CONFIG = "config.yaml"  # the resolved config a run directory's run started with
 PENDING_CONFIG = ".config.yaml.pending"  # + this process's host and PID (_pending_config)
 
@@ -178,27 +180,29 @@ def _atomic_write(path: Path, text: str) -> None:
     _durable_write(path, lambda f: f.write(text), "w")
 
 
-def record_best(root: Path, best: dict[str, Any]) -> None:
-    """Rank 0: point ``root``'s :data:`BEST` at the best checkpoint (``best["tag"]``; and
-    ``best["pending"]["tag"]`` while it is saved), atomically and durably; :func:`prune`
-    keeps what it names (runtime/best.py)."""
+def record_best(root: Path, best: dict[str, Any], pointer: str = BEST) -> None:
+    """Rank 0: point ``root``'s ``pointer`` (one of :data:`BEST_POINTERS`) at the best
+    checkpoint (``best["tag"]``; and ``best["pending"]["tag"]`` while it is saved),
+    atomically and durably; :func:`prune` keeps what it names (runtime/best.py)."""
     root.mkdir(parents=True, exist_ok=True)  # a run's first save may be its first best
-    _atomic_write(root / BEST, json.dumps(best) + "\n")
+    _atomic_write(root / pointer, json.dumps(best) + "\n")
 
 
-def read_best(root: Path) -> dict[str, Any] | None:
-    """What :data:`BEST` holds, or None (none, unreadable, not an object)."""
+def read_best(root: Path, pointer: str = BEST) -> dict[str, Any] | None:
+    """What ``root``'s ``pointer`` holds, or None (none, unreadable, not an object)."""
     try:
-        best = json.loads((root / BEST).read_text())
+        best = json.loads((root / pointer).read_text())
     except (OSError, ValueError):
         return None
     return best if isinstance(best, dict) else None
 
 
 def _best_tags(root: Path) -> set[str]:
-    """The tags :data:`BEST` names: the best and a pending one (runtime/best.py)."""
-    best = read_best(root)
-    entries = [best, best.get("pending")] if best is not None else []
+    """The tags :data:`BEST_POINTERS` name: each best and a pending one (runtime/best.py)."""
+    entries: list[Any] = []
+    for pointer in BEST_POINTERS:
+        best = read_best(root, pointer)
+        entries += [best, best.get("pending")] if best is not None else []
     tags = {e.get("tag") for e in entries if isinstance(e, dict)}
     return {t for t in tags if isinstance(t, str) and _is_tag(t)}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -221,15 +221,16 @@ def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
 
 def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer=None,
              scheduler=None, metrics: MetricsLogger, d: DistInfo,
-             best: BestCheckpoint | None = None) -> dict:
+             best: Sequence[BestCheckpoint] = ()) -> dict:
     """Train from ``start`` to ``spec.total_steps``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
     ``scheduler``: timm-style (``step_update(step)``), stepped by the loop; None where the
     task's engine steps its own. ``optimizer``: its largest group lr is logged (None: the
     task logs its lr through ``log_values``). ``metrics`` is closed when the loop ends.
-    ``best``: an evaluation that improves on it is saved (at once, when no checkpoint is
-    due at its step) and recorded as the run's best checkpoint (runtime/best.py).
+    ``best``: an evaluation that improves on one of them (by its metric: top-1, and the
+    EMA's) is saved (at once, when no checkpoint is due at its step) and recorded as that
+    one's best checkpoint (runtime/best.py).
     """
     try:
         return _run(spec, hooks, start, optimizer, scheduler, metrics, d, best)
@@ -238,7 +239,7 @@ def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer
 
 
 def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, scheduler,
-         metrics: MetricsLogger, d: DistInfo, best: BestCheckpoint | None) -> dict:
+         metrics: MetricsLogger, d: DistInfo, best: Sequence[BestCheckpoint]) -> dict:
     pos, last_eval = LoopPosition(start.step, start.epoch, start.epoch_step), {}
     if scheduler is not None:
         scheduler.step_update(pos.step)
@@ -265,7 +266,7 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
             # last step, which no resumed run would come back to.
             stopping = preemption.stop_agreed(d.device)  # every rank: the same answer
             last = pos.step >= spec.total_steps
-            improved = False
+            improved: list[BestCheckpoint] = []
             if _due(spec.eval_every, pos.step, spec.total_steps):
                 if stopping and not last:
                     if d.is_main:
@@ -273,14 +274,14 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                                     "skipped to save in time", pos.step)
                 else:
                     last_eval = _evaluate(hooks, spec, pos, metrics, d)
-                    improved = best is not None and best.improves(last_eval)
+                    improved = [b for b in best if b.improves(last_eval)]
             if stopping or improved or _due(spec.checkpoint_every, pos.step,
                                             spec.total_steps):
-                if improved:  # named pending first: a kill in the save loses no best
-                    best.begin(pos.step, last_eval)
+                for b in improved:  # named pending first: a kill in the save loses no best
+                    b.begin(pos.step, last_eval)
                 _save(hooks, pos, metrics)
-                if improved:  # published: the pointer names it alone now
-                    best.record(pos.step, last_eval)
+                for b in improved:  # published: the pointer names it alone now
+                    b.record(pos.step, last_eval)
             preemption.kill_point(pos.step)
             if stopping:  # every rank leaves at this same step
                 if d.is_main:

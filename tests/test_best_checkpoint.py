@@ -37,9 +37,11 @@ class Engine:
 
 
 def _train(root: Path, top1: dict[int, float], total: int, start: int = 0,
-           keep_last: int = 1, checkpoint_every: int = 0) -> list[int]:
-    """Evaluate every step (top-1 from ``top1``), checkpoint every ``checkpoint_every``
-    (0: the last step only); the steps saved."""
+           keep_last: int = 1, checkpoint_every: int = 0,
+           top1_ema: dict[int, float] | None = None) -> list[int]:
+    """Evaluate every step (top-1 from ``top1``; the EMA's from ``top1_ema``, whose best
+    is kept too when given), checkpoint every ``checkpoint_every`` (0: the last step
+    only); the steps saved."""
     saved: list[int] = []
     steps = iter(range(start + 1, total + 1))
     current = [start]
@@ -55,18 +57,22 @@ def _train(root: Path, top1: dict[int, float], total: int, start: int = 0,
         ck.wait_for_deletions(timeout=60)
 
     hooks = TaskHooks(batches=lambda epoch, skip: range(100), train_step=train_step,
-                      evaluate=lambda: {"top1": top1[current[0]]}, save=save)
+                      evaluate=lambda: {"top1": top1[current[0]]} | (
+                          {"top1_ema": top1_ema[current[0]]} if top1_ema else {}),
+                      save=save)
     spec = LoopSpec(name="t", total_steps=total, eval_every=1,
                     checkpoint_every=checkpoint_every, log_every=1)
     metrics = MetricsLogger(root.parent, True, total, start, tensorboard=False,
                             progress=False)
-    best = BestCheckpoint.resume(root, "top1", start, is_main=True)
+    best = [BestCheckpoint.resume(root, "top1", start, is_main=True)]
+    if top1_ema:
+        best.append(BestCheckpoint.resume(root, "top1_ema", start, True, ck.BEST_EMA))
     run_loop(spec, hooks, LoopPosition(start), metrics=metrics, d=DistInfo(), best=best)
     return saved
 
 
-def _best(root: Path) -> dict:
-    return json.loads((root / ck.BEST).read_text())
+def _best(root: Path, pointer: str = ck.BEST) -> dict:
+    return json.loads((root / pointer).read_text())
 
 
 def _kept(root: Path) -> list[int]:
@@ -133,6 +139,43 @@ def test_a_kill_between_the_best_save_and_its_pointer_keeps_that_best(tmp_path,
     assert _kept(root) == [4, 8]
 
 
+def test_the_emas_best_is_kept_beside_the_models(tmp_path, monkeypatch):
+    """With an EMA the released classification/main.py keeps two bests: acc1's
+    (``ckpt_epoch_best.pth``) and the EMA's (``ckpt_epoch_ema_best.pth``, by its own
+    max_ema_accuracy). Their peaks at different steps: both checkpoints outlive the
+    retention, each named by its pointer, through a kill between a save and the pointers
+    (both pending at once) and a resume."""
+    class Killed(BaseException):
+        pass
+
+    root = tmp_path / "run" / "checkpoints"
+    top1 = {1: 0.3, 2: 0.6, 3: 0.4, 4: 0.7, 5: 0.2, 6: 0.1, 7: 0.1, 8: 0.1}
+    ema = {1: 0.1, 2: 0.2, 3: 0.5, 4: 0.8, 5: 0.3, 6: 0.85, 7: 0.4, 8: 0.2}
+    assert _train(root, top1, total=3, top1_ema=ema) == [1, 2, 3]
+    assert (_best(root)["step"], _best(root, ck.BEST_EMA)["step"]) == (2, 3)
+    assert _best(root, ck.BEST_EMA) == {"tag": "step_0000003", "step": 3,
+                                        "metric": "top1_ema", "value": 0.5}
+    assert _kept(root) == [2, 3]
+    # step 4 improves both: both named pending, saved, then the job dies before the
+    # pointers are written
+    real = BestCheckpoint.record
+
+    def dying(self, step, result):
+        if step == 4:
+            raise Killed
+        real(self, step, result)
+
+    monkeypatch.setattr(BestCheckpoint, "record", dying)
+    with pytest.raises(Killed):
+        _train(root, top1, total=8, start=3, top1_ema=ema)
+    monkeypatch.undo()
+    assert _best(root)["pending"]["step"] == _best(root, ck.BEST_EMA)["pending"]["step"] == 4
+    assert _kept(root) == [2, 3, 4]  # each current best, each pending one
+    assert _train(root, top1, total=8, start=4, top1_ema=ema) == [6, 8]
+    assert (_best(root)["step"], _best(root, ck.BEST_EMA)["step"]) == (4, 6)
+    assert _kept(root) == [4, 6, 8]
+
+
 def test_a_non_finite_or_missing_metric_is_never_best(tmp_path):
     best = BestCheckpoint(tmp_path, "top1", True)
     assert not best.improves({"top1": float("nan")}) and not best.improves({})
@@ -141,19 +184,25 @@ def test_a_non_finite_or_missing_metric_is_never_best(tmp_path):
 
 @pytest.mark.slow
 def test_a_classification_run_keeps_its_best_evaluated_checkpoint(tmp_path, cache):
-    """The demo evaluated every step, checkpointed every 4, keeping 1: the checkpoint of
-    the best top-1 is on disk and named by best.json, whatever step it was."""
+    """The demo with an EMA evaluated every step, checkpointed every 4, keeping 1: the
+    checkpoints of the best top-1 and of the EMA's best top-1 are on disk, named by
+    best.json and best_ema.json, whatever steps they were."""
     out = tmp_path / "run"
     run_forked([*_cls_cmd(out, cache), "run.max_steps=6", "run.eval_every=1",
-                "run.checkpoint_every=4", "run.keep_last=1", "optim.lr=5e-2"], cache)
+                "run.checkpoint_every=4", "run.keep_last=1", "optim.lr=5e-2",
+                "ema.enabled=true", "ema.decay=0.5"], cache)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    top1 = [(r["top1"], -r["step"]) for r in rows if "top1" in r]
-    want = -max(top1)[1]  # the first step of the highest top-1
     root = out / "checkpoints"
-    assert _best(root)["step"] == want and _best(root)["value"] == max(top1)[0]
-    assert (root / ck.tag_for(want) / ck.TRAINER_STATE).is_file()
-    # the latest, the best, and at most the previous best (pruned at the next save)
-    assert {6, want} <= set(_kept(root)) and len(_kept(root)) <= 3
+    wanted = set()
+    for metric, pointer in (("top1", ck.BEST), ("top1_ema", ck.BEST_EMA)):
+        scores = [(r[metric], -r["step"]) for r in rows if metric in r]
+        want = -max(scores)[1]  # the first step of the highest score
+        assert _best(root, pointer)["step"] == want, (metric, scores)
+        assert _best(root, pointer)["value"] == max(scores)[0]
+        assert (root / ck.tag_for(want) / ck.TRAINER_STATE).is_file()
+        wanted.add(want)
+    # the latest, the bests, and at most the previous bests (pruned at the next save)
+    assert {6} | wanted <= set(_kept(root)) and len(_kept(root)) <= 5
 
 
 def _cls_cmd(out: Path, cache: Path) -> list[str]:
