@@ -33,7 +33,7 @@ import torch
 from models import CheckpointError, read_state_dict
 from models.checkpoint import PRETRAIN_PREFIX, TASK_PREFIX
 from models.variants import InternImageSpec
-from runtime.checkpoint import fsync_path, read_latest
+from runtime.checkpoint import EMA_FILE, fsync_path, load_torch_file, read_latest
 from runtime.checkpoint_path import resolve_checkpoint
 from runtime.master_weights import read_master_weights
 
@@ -228,11 +228,41 @@ def _reason(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def read_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+WEIGHTS = ("model", "ema")  # what a source's weights are read from: the model's, its EMA
+
+
+def read_ema(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A classification checkpoint's EMA weights (``ema.pt``, the released code's
+    ``model_ema``: what ``top1_ema`` evaluated and ``best_ema.json`` picks) and the
+    checkpoint's metadata (``weights: ema``)."""
+    path = step_dir / EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{step_dir} holds no EMA weights ({EMA_FILE}): only a "
+                              "classification run with ema.enabled saves them")
+    try:
+        state = load_torch_file(path)
+    except Exception as err:  # noqa: BLE001 - a damaged file: named in one line
+        raise CheckpointError(f"cannot read {path}: {_reason(err)}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state_dict")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return state, run_metadata(step_dir) | {"weights": "ema"}
+
+
+def read_source(src: str | Path, weights: str = "model"
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Any accepted source as (state_dict, metadata): see ``runtime.checkpoint_path`` for
     the accepted forms (a run dir, ``checkpoints/``, ``checkpoints/latest``, a ``step_*``
-    dir, a released ``.pth``, a ``.safetensors`` file)."""
+    dir, a released ``.pth``, a ``.safetensors`` file). ``weights="ema"``: a run's
+    checkpoint's EMA weights instead (:func:`read_ema`; a file is refused)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     source = resolve_checkpoint(src)
+    if weights == "ema":
+        if not source.is_zero:
+            raise CheckpointError(f"--weights ema reads a run's checkpoint (its {EMA_FILE}); "
+                                  f"{source.path} is a weights file")
+        return read_ema(source.path)
     if source.is_zero:
         return read_zero_checkpoint(source.path)
     src = source.path
@@ -324,11 +354,11 @@ def split_state(state: dict[str, torch.Tensor], meta: dict[str, str]
     return backbone, other, meta
 
 
-def split_source(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                           dict[str, str]]:
-    """Any accepted source (:func:`read_source`) split by :func:`split_state`; refused
-    when it holds no InternImage backbone."""
-    state, meta = read_source(src)
+def split_source(src: str | Path, weights: str = "model"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Any accepted source (:func:`read_source`, its ``weights``) split by
+    :func:`split_state`; refused when it holds no InternImage backbone."""
+    state, meta = read_source(src, weights)
     backbone, other, meta = split_state(state, meta)
     if not backbone:
         raise CheckpointError(f"{src} holds no InternImage backbone weights")
@@ -497,17 +527,18 @@ def _write_atomically(dst: Path, out: dict[str, torch.Tensor], fmt: str,
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str = "safetensors",
-            dtype: str = "fp32") -> ConvertReport:
+            dtype: str = "fp32", weights: str = "model") -> ConvertReport:
     """Convert ``src`` into ``dst``; see the module docstring. Returns what was written.
     A ``dst`` whose suffix is not ``fmt``'s is refused before ``src`` is read
-    (:func:`check_destination`)."""
+    (:func:`check_destination`). ``weights="ema"``: a classification checkpoint's EMA
+    weights (:func:`read_ema`)."""
     if fmt not in ("safetensors", "official"):
         raise ValueError(f"format must be 'safetensors' or 'official', got {fmt!r}")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
     # before the source is read: consolidating a large ZeRO run takes minutes
     check_destination(dst, fmt)
-    backbone, other, meta = split_source(src)
+    backbone, other, meta = split_source(src, weights)
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     out = backbone if fmt == "official" else {**backbone, **other}
     out = _own_storages({k: v.to(target) if v.is_floating_point() else v

@@ -153,9 +153,9 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     from finetune.cls_data import build_val_loader, build_val_set
     from finetune.convert import read_backbone
     from finetune.init import load_backbone_state
-    from finetune.zero import EMA_FILE, evaluate_with_ema
+    from finetune.zero import evaluate_with_ema
     from runtime import rng
-    from runtime.checkpoint import agree_on_refusal, load_torch_file
+    from runtime.checkpoint import EMA_FILE, agree_on_refusal, load_torch_file
     from runtime.dist import broadcast_object, init_distributed
 
     d = init_distributed(cfg.run.collective_timeout_min)

@@ -55,6 +55,7 @@ from runtime import rng
 from runtime.checkpoint import (
     BEST,
     BEST_EMA,
+    EMA_FILE,
     ResumeError,
     agree_on_refusal,
     discard_config,
@@ -77,7 +78,6 @@ log = logging.getLogger(__name__)
 # DeepSpeed calls collectives torch has renamed; one warning per step drowns the output.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
-EMA_FILE = "ema.pt"
 DATA_KEY = "data"  # a rank's streamed-set position in its checkpoint rank-state file
 
 

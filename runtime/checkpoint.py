@@ -102,6 +102,7 @@ LATEST = "latest"
 BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
 BEST_EMA = "best_ema.json"  # the one whose EMA weights scored best (classification)
 BEST_POINTERS = (BEST, BEST_EMA)  # every pointer prune reads
+EMA_FILE = "ema.pt"  # a classification run's EMA weights (rank 0 saves it), a full state_dict
 CONFIG = "config.yaml"  # the resolved config a run directory's run started with
 PENDING_CONFIG = ".config.yaml.pending"  # + this process's host and PID (_pending_config)
 

@@ -204,6 +204,27 @@ def test_a_classification_run_keeps_its_best_evaluated_checkpoint(tmp_path, cach
     # the latest, the bests, and at most the previous bests (pruned at the next save)
     assert {6} | wanted <= set(_kept(root)) and len(_kept(root)) <= 5
 
+    # the EMA's best exported as weights to fine-tune from: its ema.pt, not the model's
+    from safetensors.torch import load_file
+
+    from launch.cli import main
+
+    ema_best = root / _best(root, ck.BEST_EMA)["tag"]
+    for weights in ("ema", "model"):
+        assert main(["convert", str(ema_best), str(tmp_path / f"{weights}.safetensors"),
+                     "--weights", weights]) == 0
+    exported = load_file(tmp_path / "ema.safetensors")
+    saved = torch.load(ema_best / ck.EMA_FILE, map_location="cpu")
+    assert exported.keys() == saved.keys() == load_file(tmp_path / "model.safetensors").keys()
+    for name, value in saved.items():
+        assert torch.equal(exported[name], value.float() if value.is_floating_point()
+                           else value), name
+    model = load_file(tmp_path / "model.safetensors")
+    assert any(not torch.equal(model[k], exported[k]) for k in exported)
+    # a weights file holds no EMA: refused in one line
+    assert main(["convert", str(tmp_path / "ema.safetensors"),
+                 str(tmp_path / "again.safetensors"), "--weights", "ema"]) == 2
+
 
 def _cls_cmd(out: Path, cache: Path) -> list[str]:
     import sys

@@ -22,6 +22,9 @@ def register(sub, name: str) -> None:
     p.add_argument("dst")
     p.add_argument("--format", choices=["safetensors", "official"], default="safetensors")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--weights", choices=["model", "ema"], default="model",
+                   help="ema: a classification run's EMA weights (the checkpoint's ema.pt, "
+                   "what top1_ema evaluated; checkpoints/best_ema.json names its best)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        report = convert(args.src, args.dst, fmt=args.format, dtype=args.dtype)
+        report = convert(args.src, args.dst, fmt=args.format, dtype=args.dtype,
+                         weights=args.weights)
     except CheckpointError as err:
         print(f"internimage convert: {err}", file=sys.stderr)
         return 2
