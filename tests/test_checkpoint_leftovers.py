@@ -154,16 +154,16 @@ def test_pretrain_resume_of_a_finished_run_says_so_and_deletes_leftovers(cache, 
     is complete (naming its checkpoint), prints the run's last values, writes nothing
     (config.yaml, deepspeed_config.json, metrics.jsonl as they were), and deletes what a
     killed job left (garbage, a conversion cut short) although it never saves."""
-    from pretrain_utils import pretrain_cmd, run
+    from pretrain_utils import pretrain_cmd, run_forked
 
     out = tmp_path / "run"
     args = ["run.max_steps=2", "run.checkpoint_every=2"]
-    run(pretrain_cmd(1, out, *args), cache)
+    run_forked(pretrain_cmd(1, out, *args), cache)
     root = out / "checkpoints"
     leftovers = [_folder(root / f"{ck.DELETING}0badc0de-step_0000001"),
                  _folder(root / ".step_0000002_universal.tmp")]
     before = {k: v for k, v in _contents(out).items() if not k.startswith("checkpoints/")}
-    proc = run(pretrain_cmd(1, out, *args, "--resume", "auto"), cache)
+    proc = run_forked(pretrain_cmd(1, out, *args, "--resume", "auto"), cache)
     assert f"the run is already complete: its checkpoint {root / 'step_0000002'} is at " \
            "step 2 of 2" in proc.stderr, proc.stderr[-3000:]
     assert "resumed from" not in proc.stderr

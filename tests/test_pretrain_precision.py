@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from tests.pretrain_utils import losses, pretrain_cmd, run, run_forked
+from tests.pretrain_utils import losses, pretrain_cmd, run_forked
 
 pytestmark = [pytest.mark.distributed]
 
@@ -32,7 +32,7 @@ def _assert_trains(out, steps: int) -> None:
 
 def test_bf16_pretraining_on_two_ranks_with_zero3(tmp_path, cache):
     out = tmp_path / "bf16"
-    run(pretrain_cmd(2, out, "--max-steps", "6", "engine.precision=bf16"), cache)
+    run_forked(pretrain_cmd(2, out, "--max-steps", "6", "engine.precision=bf16"), cache)
     _assert_trains(out, 6)
 
 

@@ -109,12 +109,12 @@ def test_eval_only_resume_of_weights_suggests_init(tmp_path):
 def test_pretrain_cli_resume_of_a_weights_file_names_no_init(tmp_path, cache):
     """`internimage pretrain --resume x.pth`: one refusal line, exit 2, naming what
     --resume takes; it suggested --init, which pretrain does not have."""
-    from tests.pretrain_utils import pretrain_cmd, run
+    from tests.pretrain_utils import pretrain_cmd, run_forked
 
     weights = tmp_path / "x.pth"
     weights.write_bytes(b"x")
-    proc = run(pretrain_cmd(1, tmp_path / "run", "--resume", str(weights)), cache,
-               check=False)
+    proc = run_forked(pretrain_cmd(1, tmp_path / "run", "--resume", str(weights)), cache,
+                      check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("internimage pretrain:")]
     assert f"--resume {weights}: a weights file holds no optimizer" in line

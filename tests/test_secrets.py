@@ -13,7 +13,7 @@ import torch
 
 from launch.cli import main
 from launch.config import ConfigError, config_hash, dump_config, load_config
-from tests.pretrain_utils import REPO, pretrain_cmd, run
+from tests.pretrain_utils import REPO, pretrain_cmd, run_forked
 
 # AWS's documented example credentials (docs.aws.amazon.com, "Understanding and getting your
 # AWS credentials"): shaped like real ones, valid nowhere.
@@ -92,8 +92,8 @@ def test_pretrain_run_writes_no_credentials(tmp_path, cache):
     (A fine-tuning run writes its config through the same ``dump_config``, tested above;
     its metrics and ``last.pt`` hold no config.)"""
     out = tmp_path / "run"
-    proc = run(pretrain_cmd(1, out, "--max-steps", "1", "--checkpoint-every", "1", *CREDS),
-               cache)
+    proc = run_forked(pretrain_cmd(1, out, "--max-steps", "1", "--checkpoint-every", "1",
+                                   *CREDS), cache)
     assert (out / "checkpoints" / "latest").is_file()
     assert not _leaks(out)
     for value in (KEY, SECRET, TOKEN):
