@@ -75,6 +75,25 @@ def _best(root: Path, pointer: str = ck.BEST) -> dict:
     return json.loads((root / pointer).read_text())
 
 
+def _killed_before_pointing_at(step: int, monkeypatch, train) -> None:
+    """``train()`` dies (a BaseException, as a kill) once the checkpoint of ``step`` is
+    saved, before a best's pointer names it alone."""
+    class Killed(BaseException):
+        pass
+
+    real = BestCheckpoint.record
+
+    def dying(self, at, result):
+        if at == step:
+            raise Killed
+        real(self, at, result)
+
+    monkeypatch.setattr(BestCheckpoint, "record", dying)
+    with pytest.raises(Killed):
+        train()
+    monkeypatch.undo()
+
+
 def _kept(root: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in root.glob("step_*"))
 
@@ -116,22 +135,9 @@ def test_a_kill_between_the_best_save_and_its_pointer_keeps_that_best(tmp_path,
     pointer names it: the requeued run must keep that checkpoint as its best (it is not
     evaluated again), not prune it as an ordinary one (the reviewer's case: 0.9 at step 4
     lost, 0.6 at step 5 recorded as best)."""
-    class Killed(BaseException):
-        pass
-
     root = tmp_path / "run" / "checkpoints"
     top1 = {1: 0.3, 2: 0.5, 3: 0.4, 4: 0.9, 5: 0.6, 6: 0.55, 7: 0.1, 8: 0.1}
-    real = BestCheckpoint.record
-
-    def dying(self, step, result):
-        if step == 4:
-            raise Killed
-        real(self, step, result)
-
-    monkeypatch.setattr(BestCheckpoint, "record", dying)
-    with pytest.raises(Killed):
-        _train(root, top1, total=8)
-    monkeypatch.undo()
+    _killed_before_pointing_at(4, monkeypatch, lambda: _train(root, top1, total=8))
     assert ck.read_latest(root) == "step_0000004"
     _train(root, top1, total=8, start=4)
     assert _best(root) == {"tag": "step_0000004", "step": 4, "metric": "top1",
@@ -145,9 +151,6 @@ def test_the_emas_best_is_kept_beside_the_models(tmp_path, monkeypatch):
     max_ema_accuracy). Their peaks at different steps: both checkpoints outlive the
     retention, each named by its pointer, through a kill between a save and the pointers
     (both pending at once) and a resume."""
-    class Killed(BaseException):
-        pass
-
     root = tmp_path / "run" / "checkpoints"
     top1 = {1: 0.3, 2: 0.6, 3: 0.4, 4: 0.7, 5: 0.2, 6: 0.1, 7: 0.1, 8: 0.1}
     ema = {1: 0.1, 2: 0.2, 3: 0.5, 4: 0.8, 5: 0.3, 6: 0.85, 7: 0.4, 8: 0.2}
@@ -158,17 +161,8 @@ def test_the_emas_best_is_kept_beside_the_models(tmp_path, monkeypatch):
     assert _kept(root) == [2, 3]
     # step 4 improves both: both named pending, saved, then the job dies before the
     # pointers are written
-    real = BestCheckpoint.record
-
-    def dying(self, step, result):
-        if step == 4:
-            raise Killed
-        real(self, step, result)
-
-    monkeypatch.setattr(BestCheckpoint, "record", dying)
-    with pytest.raises(Killed):
-        _train(root, top1, total=8, start=3, top1_ema=ema)
-    monkeypatch.undo()
+    _killed_before_pointing_at(4, monkeypatch,
+                               lambda: _train(root, top1, total=8, start=3, top1_ema=ema))
     assert _best(root)["pending"]["step"] == _best(root, ck.BEST_EMA)["pending"]["step"] == 4
     assert _kept(root) == [2, 3, 4]  # each current best, each pending one
     assert _train(root, top1, total=8, start=4, top1_ema=ema) == [6, 8]
