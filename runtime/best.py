@@ -63,9 +63,15 @@ class BestCheckpoint:
                     and isinstance(entry.get("value"), (int, float))
                     and (root / tag_for(entry["step"]) / TRAINER_STATE).is_file()):
                 best.value, best.step = float(entry["value"]), entry["step"]
-                if entry is not saved and is_main:  # the kill came before its own write
-                    record_best(root, best._entry(best.step, best.value), pointer)
                 break
+        # The pointer as this resume reads it: a pending one adopted (the kill came
+        # before its own write), or an entry beyond the resume step dropped (a rewind's
+        # abandoned branch, or a save that never completed). Left as it was, a later save
+        # of the new branch at that step number would be taken for that best, with a
+        # score it never had.
+        expected = best._entry(best.step, best.value)
+        if is_main and saved != expected:
+            record_best(root, expected, pointer)
         return best
 
     def improves(self, result: dict[str, Any]) -> bool:

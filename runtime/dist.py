@@ -459,13 +459,19 @@ def sum_counts(counts: Mapping[Hashable, float],
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
+    return max_over_ranks(1 if flag else 0, device) > 0
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of all ranks (all ranks get the same answer; alone: itself).
+    Small integers only: it travels as a float32."""
     import torch.distributed as dist
 
     if not _process_group_up() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -263,7 +263,11 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
             # the time limit) leaves a grace period that the checkpoint needs and that an
             # evaluation (minutes on ImageNet or COCO at scale) would use up first. The
             # evaluation due at the stop step is then skipped (logged), except at the
-            # last step, which no resumed run would come back to.
+            # last step, which no resumed run would come back to. Asked again after an
+            # evaluation and after a save (both collective, so every rank asks at the same
+            # point): a stop that came during either saves at this step, or is this step's
+            # save, instead of training one more step and saving again (torchrun gives
+            # 30 s from SIGTERM to SIGKILL).
             stopping = preemption.stop_agreed(d.device)  # every rank: the same answer
             last = pos.step >= spec.total_steps
             improved: list[BestCheckpoint] = []
@@ -275,6 +279,7 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 else:
                     last_eval = _evaluate(hooks, spec, pos, metrics, d)
                     improved = [b for b in best if b.improves(last_eval)]
+                    stopping = stopping or preemption.stop_agreed(d.device)
             if stopping or improved or _due(spec.checkpoint_every, pos.step,
                                             spec.total_steps):
                 for b in improved:  # named pending first: a kill in the save loses no best
@@ -282,13 +287,14 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 _save(hooks, pos, metrics)
                 for b in improved:  # published: the pointer names it alone now
                     b.record(pos.step, last_eval)
+                stopping = stopping or preemption.stop_agreed(d.device)
             preemption.kill_point(pos.step)
+            if last:  # finished, whatever came during its last step
+                break
             if stopping:  # every rank leaves at this same step
                 if d.is_main:
                     log.warning("stop requested: saved at step %d, returning", pos.step)
                 return {**last_eval, "step": pos.step, "stopped_early": True}
-            if last:
-                break
         if pos.epoch_step == 0 and skipped == 0:
             raise EmptyEpochError(spec.name)
         pos.epoch, pos.epoch_step = pos.epoch + 1, 0

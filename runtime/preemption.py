@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from runtime.dist import any_rank
+from runtime.dist import max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ SIGNALLED: list[int] = []
 # The signals this process's stop_on_signals turned into a save, while it runs: a forked
 # data-loader worker inherits the value (loader_worker_init).
 _SAVING_ON: tuple[int, ...] = ()
+# The stop signal the ranks agreed on at a step boundary (stop_agreed; 0: none): every rank
+# of a run stopped by a signal exits as signalled, also those it did not reach (another
+# node's, whose torchrun would otherwise report the run as finished).
+_AGREED: list[int] = [0]
 
 
 def request_stop() -> None:
@@ -48,12 +52,21 @@ def request_stop() -> None:
 
 def stop_agreed(device: torch.device) -> bool:
     """Whether a stop was requested (or a stop signal noted) on any rank (call at every
-    step boundary, on every rank: collective)."""
-    return any_rank(STOP_REQUESTED.is_set() or bool(SIGNALLED), device)
+    step boundary, on every rank: collective). A signal noted on any rank is agreed on
+    too (:func:`stop_signal`)."""
+    # one all-reduce: a rank's signal number (> 1), else 1 for a request, else 0
+    own = SIGNALLED[0] if SIGNALLED else int(STOP_REQUESTED.is_set())
+    agreed = max_over_ranks(own, device)
+    if agreed > 1:
+        _AGREED[0] = agreed
+    return agreed > 0
 
 
 def stop_signal() -> signal.Signals | None:
-    """The first stop signal :func:`stop_on_signals` noted in this process, if any."""
+    """The stop signal of this run: the one the ranks agreed on at a step boundary, else
+    the first :func:`stop_on_signals` noted in this process; None: none."""
+    if _AGREED[0]:
+        return signal.Signals(_AGREED[0])
     return signal.Signals(SIGNALLED[0]) if SIGNALLED else None
 
 
@@ -78,6 +91,8 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[No
     signals submitit and that job handle. What this does not cover: a rank blocked in a
     collective on a dead peer stays blocked until the collective timeout or the SIGKILL
     that follows (torchrun restarting after a failed rank waits those 30 s)."""
+    SIGNALLED.clear()  # a run before this one in the same process (tests) left its own
+    _AGREED[0] = 0
     if threading.current_thread() is not threading.main_thread():
         yield
         return

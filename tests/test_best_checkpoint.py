@@ -121,12 +121,36 @@ def test_a_resume_keeps_the_best_so_far_and_a_rewind_forgets_an_abandoned_branch
     assert _train(root, top1, total=8, start=6) == [8]
     # step 8's save pruned with the pointer still on step 2: that one goes at the next
     assert _best(root)["step"] == 8 and _kept(root) == [2, 8]
+    # (read as another rank reads it: rank 0 alone rewrites the pointer)
     # a rewind to an earlier checkpoint: a best beyond it belongs to the abandoned branch
-    assert BestCheckpoint.resume(root, "top1", 6, is_main=True).value is None
+    assert BestCheckpoint.resume(root, "top1", 6, is_main=False).value is None
     # a start from nothing, or another metric's pointer, knows no best either
-    assert BestCheckpoint.resume(root, "top1", 0, is_main=True).value is None
-    assert BestCheckpoint.resume(root, "mIoU", 8, is_main=True).value is None
-    assert BestCheckpoint.resume(root, "top1", 8, is_main=True).value == 0.60
+    assert BestCheckpoint.resume(root, "top1", 0, is_main=False).value is None
+    assert BestCheckpoint.resume(root, "mIoU", 8, is_main=False).value is None
+    assert BestCheckpoint.resume(root, "top1", 8, is_main=False).value == 0.60
+
+
+def test_a_rewinds_abandoned_best_is_never_taken_for_a_new_checkpoint_at_its_step(
+        tmp_path):
+    """The reviewer's case: a best at step 2 (0.9); a rewind to step 1, whose run is
+    stopped during step 2 (its evaluation skipped to save in time: step 2 saved, never
+    evaluated); its resume took step 2 for the 0.9 best, kept it and let nothing worse
+    than 0.9 replace it. The rewind's resume drops the abandoned branch's entry."""
+    from runtime.preemption import STOP_REQUESTED
+
+    root = tmp_path / "run" / "checkpoints"
+    ema = {1: 0.1, 2: 0.8}
+    _train(root, {1: 0.3, 2: 0.9}, total=2, top1_ema=ema)
+    assert _best(root)["step"] == _best(root, ck.BEST_EMA)["step"] == 2
+    STOP_REQUESTED.set()  # agreed at the end of the rewound run's first step, step 2
+    try:
+        assert _train(root, {2: 0.2}, total=3, start=1, top1_ema=ema) == [2]
+    finally:
+        STOP_REQUESTED.clear()
+    assert _best(root)["tag"] is None and _best(root, ck.BEST_EMA)["tag"] is None
+    assert _train(root, {3: 0.35}, total=3, start=2, top1_ema={3: 0.3}) == [3]
+    assert (_best(root)["step"], _best(root)["value"]) == (3, 0.35)
+    assert (_best(root, ck.BEST_EMA)["step"], _best(root, ck.BEST_EMA)["value"]) == (3, 0.3)
 
 
 def test_a_kill_between_the_best_save_and_its_pointer_keeps_that_best(tmp_path,

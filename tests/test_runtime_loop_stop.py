@@ -22,19 +22,34 @@ def _clear_stop():
     STOP_REQUESTED.clear()
 
 
-def _run(tmp_path, stop_in_step: int, total: int = 6) -> tuple[list[str], dict]:
+def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train"
+         ) -> tuple[list[str], dict]:
+    """Events of a run evaluating and saving every 3 steps whose stop request arrives
+    ``during`` (train, evaluate, save) step ``stop_in_step``."""
+    STOP_REQUESTED.clear()  # a process's one flag: each run here starts without a stop
     events: list[str] = []
     steps = iter(range(1, total + 1))
+    current = [0]
 
     def train_step(batch):
-        step = next(steps)
-        if step == stop_in_step:
+        current[0] = next(steps)
+        if (current[0], during) == (stop_in_step, "train"):
             request_stop()  # the signal arrives while this step trains
         return {"loss": torch.tensor(1.0)}
 
+    def evaluate():
+        events.append("evaluate")
+        if (current[0], during) == (stop_in_step, "evaluate"):
+            request_stop()
+        return {"top1": 0.5}
+
+    def save(pos):
+        events.append(f"save {pos.step}")
+        if (current[0], during) == (stop_in_step, "save"):
+            request_stop()
+
     hooks = TaskHooks(batches=lambda epoch, skip: range(100), train_step=train_step,
-                      evaluate=lambda: events.append("evaluate") or {"top1": 0.5},
-                      save=lambda pos: events.append(f"save {pos.step}"))
+                      evaluate=evaluate, save=save)
     spec = LoopSpec(name="t", total_steps=total, eval_every=3, checkpoint_every=3,
                     log_every=1)
     metrics = MetricsLogger(tmp_path, True, total, 0, tensorboard=False, progress=False)
@@ -54,8 +69,23 @@ def test_a_stop_between_checkpoints_saves_at_that_step(tmp_path):
     assert result["step"] == 4
 
 
+def test_a_stop_during_an_evaluation_or_a_save_is_answered_by_that_steps_save(tmp_path):
+    """The reviewer's case: a signal landing in an evaluation (minutes at scale) or in a
+    save trained one more step and saved again, where torchrun's SIGKILL comes 30 s after
+    its SIGTERM. The step's own save answers it."""
+    events, result = _run(tmp_path, stop_in_step=3, during="evaluate")
+    assert events == ["evaluate", "save 3"]
+    assert result["stopped_early"] and result["step"] == 3
+    events, result = _run(tmp_path / "b", stop_in_step=3, during="save")
+    assert events == ["evaluate", "save 3"]
+    assert result["stopped_early"] and result["step"] == 3
+
+
 def test_a_stop_at_the_last_step_still_evaluates_the_finished_run(tmp_path):
-    # no resumed run comes back to the last step: its evaluation is the run's result
-    events, result = _run(tmp_path, stop_in_step=6)
-    assert events == ["evaluate", "save 3", "evaluate", "save 6"]
-    assert result["top1"] == 0.5
+    # no resumed run comes back to the last step: its evaluation is the run's result, and
+    # the run is finished (exit 0), not stopped (a SIGTERM start exited 143 and said to
+    # resume a run that was complete)
+    for during in ("train", "evaluate", "save"):
+        events, result = _run(tmp_path / during, stop_in_step=6, during=during)
+        assert events == ["evaluate", "save 3", "evaluate", "save 6"]
+        assert result["top1"] == 0.5 and "stopped_early" not in result, during

@@ -17,7 +17,15 @@ import time
 import pytest
 
 from runtime import preemption
-from tests.pretrain_utils import REPO, env, latest, losses, pretrain_cmd, run_forked
+from tests.pretrain_utils import (
+    REPO,
+    env,
+    latest,
+    losses,
+    pretrain_cmd,
+    run_forked,
+    start_forked,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +82,32 @@ def test_sigterm_to_torchrun_saves_every_rank_at_the_step_boundary_and_resume_go
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, step + 2)), (steps, resumed.stderr[-3000:])
+
+
+def test_a_signal_reaching_one_rank_ends_every_rank_as_signalled(cache, tmp_path):
+    """The reviewer's case: a SIGTERM to one node's ranks only (one evicted pod, one
+    preempted node of a multi-node torchrun job): every rank stops and saves (the stop is
+    agreed), but the others exited 0 with the finished run's output, and their node's
+    torchrun reported success. Every rank now exits 143 and rank 0, not signalled, names
+    the checkpoint."""
+    from tests.rank_launcher import stop_ranks, wait_ranks
+
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    procs = start_forked(pretrain_cmd(2, run_dir, "--max-steps", "400",
+                                      "--checkpoint-every", "1000"), cache, logs)
+    try:
+        _wait_for_step(run_dir, 2)
+        os.kill(procs[1].pid, signal.SIGTERM)  # rank 1 alone
+        assert wait_ranks(procs, 120) == []
+    finally:
+        stop_ranks(procs)
+    assert [p.exitcode for p in procs] == [143, 143], (logs / "rank0.err").read_text()[-3000:]
+    tag = latest(run_dir)
+    assert tag is not None and 2 <= int(tag.split("_")[-1]) < 400
+    assert (f"stopped by SIGTERM at step {int(tag.split('_')[-1])}, saved"
+            in (logs / "rank0.err").read_text())
+    assert '"final"' not in (logs / "rank0.out").read_text()  # no finished run's output
 
 
 def test_sigterm_to_a_finetune_run_saves_at_the_step_boundary_and_exits_143(
