@@ -115,8 +115,9 @@ class ImageTargetConfig:
     with probability 0.5. Our own choices: the decoder width (MAE's and SiamIM's code
     default, 512; SiamIM's published ViT-B recipe uses 768), the mixing share, the view
     crop range (the loaded image is already a random resized crop; SiamIM crops each view
-    from the whole image), the decorrelation term's form (not SiamIM's target-correlation
-    term: pretrain/m3i/loss.py) and its weight. Sources: configs/pretrain/
+    from the whole image). The image loss is SiamIM's UniGrad form and weight
+    (``loss: unigrad``; its target is the encoder's map, without SiamIM's EMA projector);
+    ``loss: cosine`` is our earlier form (pretrain/m3i/loss.py). Sources: configs/pretrain/
     internimage_h_m3i.yaml names each.
     """
 
@@ -129,7 +130,10 @@ class ImageTargetConfig:
     mix_share: float = 0.5  # share of patches showing the second image (assumption)
     view_scale: tuple[float, float] = (0.4, 1.0)  # crop area of each view (assumption)
     view_flip: float = 0.5  # horizontal flip probability of each view (SiamIM's)
-    decorrelation_weight: float = 0.1  # assumption (the term: ours, see pretrain/m3i/loss.py)
+    # SiamIM's UniGrad loss (published code), or our earlier cosine form
+    # (pretrain/m3i/loss.py); the weight: SiamIM's --neg_weight default
+    loss: Literal["unigrad", "cosine"] = "unigrad"
+    decorrelation_weight: float = 0.02
 
     def __post_init__(self) -> None:
         check(self.weight >= 0, "objective.image.weight", "must be >= 0 (0: branch off)")

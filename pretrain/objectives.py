@@ -204,7 +204,8 @@ class M3ILoss:
     image_text_weight: float = 1.0
     tag_weight: float = 0.5
     image_weight: float = 0.0
-    decorrelation_weight: float = 0.1
+    image_loss: str = "unigrad"  # pretrain/m3i/loss.py's IMAGE_LOSSES
+    decorrelation_weight: float = 0.02
 
     def mixed(self, image, text, tags, scale, has_text, tag_targets, has_tags, partner,
               predictions, targets):
@@ -232,6 +233,7 @@ class M3ILoss:
             total = total + self.tag_weight * terms["loss_tag"]
         if self.image_weight > 0:
             image_loss, image_terms = image_target_loss(predictions, targets,
+                                                        self.image_loss,
                                                         self.decorrelation_weight)
             terms |= {"loss_image": image_loss} | image_terms
             total = total + self.image_weight * image_loss

@@ -155,7 +155,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.engine.precision]
         image = cfg.objective.image
         self.loss_fn = M3ILoss(cfg.objective.image_text_weight, cfg.objective.tag_weight,
-                               image_weight=image.weight,
+                               image_weight=image.weight, image_loss=image.loss,
                                decorrelation_weight=image.decorrelation_weight)
         self.engine, self.ds_config = build_engine(cfg, build_model(cfg, num_tags),
                                                    self.total_steps)

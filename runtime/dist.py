@@ -474,6 +474,17 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def tensor_mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the ranks of the process group (alone: ``t`` itself), in
+    place and without gradient: every rank must call it, with a tensor of the same shape."""
+    import torch.distributed as dist
+
+    if _process_group_up() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum of ``t`` over ranks, in place (identity alone)."""
     import torch.distributed as dist

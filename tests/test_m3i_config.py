@@ -31,6 +31,7 @@ def test_image_branch_is_off_by_default_and_the_demo_keeps_it_off():
     (["objective.image.decoder_width=30", "objective.image.decoder_heads=3"],
      "objective.image.decoder_width"),
     (["objective.image.view_scale=[0.0,1.0]"], "objective.image.view_scale"),
+    (["objective.image.loss=mse"], "objective.image.loss"),
 ])
 def test_bad_image_branch_config_fails_before_compute(overrides, message, capsys):
     from launch.cli import main

@@ -57,8 +57,8 @@ def test_all_branches_finite_and_falling(reference_run):
     for row in rows:
         expected = 1 - 0.005 * (math.cos(math.pi * (row["step"] - 1) / 6) + 1) / 2
         assert row["ema_momentum"] == pytest.approx(expected, rel=1e-12), row["step"]
-    # the squared cosine of different patches is a mean of values in [0, 1]
-    assert all(0 <= r["loss_image_decorrelation"] <= 1 for r in rows)
+    # UniGrad's p^T C p with C = mean t t^T (positive semi-definite) is never negative
+    assert all(r["loss_image_decorrelation"] >= 0 for r in rows)
     ckpt = reference_run / "checkpoints" / "step_0000006"
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-3: one partition per rank
 

@@ -1,26 +1,36 @@
-"""The image-target loss: normalised-feature regression plus a small decorrelation term.
+"""The image-target loss: a regression of each predicted patch feature onto its target
+(the EMA encoder's feature at that patch) plus a small decorrelation term; two forms.
 
-Regression: each predicted patch feature and its target (the EMA encoder's raw feature at
-that patch) are L2-normalised, and the loss is their mean squared distance, ||p/|p| -
-t/|t|||^2 = 2 - 2 cos(p, t) (BYOL's loss, per patch): our choice. Siamese Image Modeling's
-``compute_unigrad_loss`` (models_sim.py) differs: the raw prediction (its ``student_norm``
-is the identity unless ``--online_ln``) is regressed onto the target layer-normalised
-without affine (``teacher_norm``), squared error summed over channels, averaged over
-patches, divided by the width, the target taken after an EMA'd projector
-(``mm_decoder_embed``, ``mm_projector_decoder_blocks``). Decorrelation: the mean squared
-cosine between different predicted patches, which keeps the predictions from collapsing
-onto one direction. This is our own form, in the spirit of UniGrad (Tao et al. 2022) but
-not its term: Siamese Image Modeling's ``compute_unigrad_loss`` (OpenGVLab/Siamese-Image-
-Modeling, models_sim.py) weighs the predictions against the correlation matrix of the
-targets, all-reduced over ranks and without gradient, at weight 0.02. The two agree while
-predictions follow their targets; on collapsed predictions ours is 1 where that term stays
-near 0. Both terms here are means over this rank's patches; DeepSpeed's gradient averaging
-over ranks then gives the global mean (equal batch per rank)."""
+``unigrad`` (the default): Siamese Image Modeling's ``compute_unigrad_loss``
+(OpenGVLab/Siamese-Image-Modeling, models_sim.py; UniGrad, Tao et al. 2022), the form M3I
+builds on. The raw prediction p is regressed onto the target t layer-normalised without
+affine parameters (``teacher_norm``: LayerNorm, eps 1e-5, in fp32, no gradient), the
+squared error summed over the D channels and averaged over patches; the decorrelation
+term is p^T C p averaged over patches, with C = t^T t / N the targets' correlation matrix
+averaged over the ranks (an all-reduce, without gradient); the sum, the second weighted
+by ``--neg_weight`` (0.02 in main_pretrain.py), is divided by D. SiamIM forms the N x N
+product ``P C P^T`` for its diagonal; here the row-wise sum gives the same values with D x D
+memory. Not taken over: SiamIM's target passes an EMA'd projector
+(``mm_decoder_embed``, ``mm_projector_decoder_blocks``) first; ours is the target
+encoder's map itself.
+
+``cosine`` (ours, the form of runs before the published one was built): prediction and
+target L2-normalised, their mean squared distance ||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t)
+(BYOL's loss, per patch), plus the mean squared cosine between different predicted
+patches, which keeps the predictions from collapsing onto one direction (1 on collapsed
+predictions, where SiamIM's term stays near 0).
+
+Both terms are means over this rank's patches; DeepSpeed's gradient averaging over ranks
+then gives the global mean (equal batch per rank, as SiamIM's DDP assumes too)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from runtime.dist import tensor_mean_over_ranks
+
+IMAGE_LOSSES = ("unigrad", "cosine")  # objective.image.loss
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,11 +52,32 @@ def decorrelation_loss(prediction: torch.Tensor) -> torch.Tensor:
     return ((z.t() @ z).pow(2).sum() - n) / (n * (n - 1))
 
 
-def image_target_loss(prediction: torch.Tensor, target: torch.Tensor,
-                      decorrelation_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(regression + weight * decorrelation, the two terms for logging)."""
-    terms = {"loss_image_regression": regression_loss(prediction, target),
-             "loss_image_decorrelation": decorrelation_loss(prediction)}
-    total = terms["loss_image_regression"] + decorrelation_weight * terms[
-        "loss_image_decorrelation"]
-    return total, terms
+def unigrad_terms(prediction: torch.Tensor, target: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiamIM's UniGrad terms, each divided by the width D: (the mean over patches of
+    ||p - LN(t)||^2, the mean over patches of p^T C p), C the layer-normalised targets'
+    correlation matrix averaged over the ranks (collective: every rank calls it)."""
+    width = prediction.shape[-1]
+    p = prediction.float().reshape(-1, width)
+    with torch.no_grad():
+        t = F.layer_norm(target.float().reshape(-1, width), (width,), eps=1e-5)
+        correlation = tensor_mean_over_ranks(t.t() @ t / t.shape[0])
+    regression = (p - t).pow(2).sum(-1).mean()
+    decorrelation = ((p @ correlation) * p).sum(-1).mean()
+    return regression / width, decorrelation / width
+
+
+def image_target_loss(prediction: torch.Tensor, target: torch.Tensor, form: str,
+                      decorrelation_weight: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(regression + weight * decorrelation, the two terms for logging) in ``form``
+    (:data:`IMAGE_LOSSES`); inputs (..., D), no gradient to ``target``."""
+    if form == "unigrad":
+        regression, decorrelation = unigrad_terms(prediction, target)
+    elif form == "cosine":
+        regression = regression_loss(prediction, target)
+        decorrelation = decorrelation_loss(prediction)
+    else:
+        raise ValueError(f"image loss {form!r}: not one of {IMAGE_LOSSES}")
+    terms = {"loss_image_regression": regression, "loss_image_decorrelation": decorrelation}
+    return regression + decorrelation_weight * decorrelation, terms
