@@ -71,7 +71,6 @@ from runtime.checkpoint import (
     derived_aside,
     derived_staging,
     discard,
-    ranks_text,
 )
 from runtime.dist import mark_done, wait_for_main
 
@@ -102,16 +101,32 @@ FRAGMENTS = "tmp"
 _SCRATCH_FULL_BYTES = 256 * 2**20
 
 
-def check_resize(state: dict, world_size: int, ckpt_dir: Path, image_branch: bool) -> None:
-    """Refuse a resume of ``ckpt_dir`` (trainer state ``state``) on ``world_size`` ranks
-    that pre-training cannot make: another world size than the checkpoint's with M3I's
-    image branch on (``image_branch``), whose EMA teacher is saved in per-rank slices.
-    Every other resize is made (:func:`resize_load`, the data re-dealt). The one home of
-    the rule: the trainer's start checks it, and `internimage submit` before sbatch."""
-    if image_branch and state["world_size"] != world_size:
-        raise ResumeError(f"{ckpt_dir}: resuming the image branch's EMA teacher on another "
-                          f"world size is not supported (its slices are per rank); resume "
-                          f"with {ranks_text(state['world_size'])}")
+def read_teacher_slices(ckpt_dir: Path, world_size: int, key: str) -> list[dict]:
+    """The EMA target encoder's saved moving average for a resume on another world size:
+    each of the ``world_size`` saving ranks' client-state entry ``key``, in rank order
+    (``pretrain.m3i.ema.MomentumTeacher.load_resized`` re-deals them). ZeRO-3 keeps one
+    slice per rank in each rank's model-states file; ZeRO 0-2 the whole tensors in rank
+    0's only. Mapped, not read: each rank reads the pages its own elements are on
+    (InternImage-H: 4.3 GB in all, 8.4 MB per rank at 512 ranks), plus each file's index:
+    O(old world size) file opens per rank, as the data re-deal's rank-state reads."""
+    import torch
+
+    files = [ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+             for r in range(world_size)]
+    if not all(f.is_file() for f in files):
+        files = [ckpt_dir / "mp_rank_00_model_states.pt"]
+    slices = []
+    for path in files:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise ResumeError(f"{ckpt_dir}: {path.name} cannot be read for the EMA target "
+                              f"encoder ({type(err).__name__}: {err})") from None
+        if key not in saved:
+            raise ResumeError(f"{ckpt_dir} holds no EMA target encoder in {path.name} "
+                              f"(saved with objective.image off?)")
+        slices.append(saved[key])
+    return slices
 
 
 def is_per_rank(ckpt_dir: Path) -> bool:

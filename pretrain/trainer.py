@@ -46,7 +46,6 @@ from pretrain.engine import (
     warmup_warning,
 )
 from pretrain.objectives import M3ILoss
-from pretrain.resize import check_resize
 from runtime import run_lock
 from runtime.checkpoint import (
     PRETRAIN_TASK,
@@ -208,9 +207,6 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.info.world_size,
                                        int(self.state["step"]) if self.state else 0,
                                        self.samples)
-        if self.state is not None:
-            check_resize(self.state, self.info.world_size, self.resume_dir,
-                         cfg.objective.image.enabled)
         warning = warmup_warning(cfg.optim.warmup_steps, self.total_steps)
         if warning and self.state is None and self.info.is_main:
             log.warning("%s", warning)
@@ -294,7 +290,15 @@ class Trainer:
             from pretrain.resize import restore_buffers
 
             restore_buffers(self.engine.module, self.resume_dir)
-        if self.teacher is not None:
+        if self.teacher is not None and self.resized:  # its slices re-dealt
+            from pretrain.resize import read_teacher_slices
+
+            try:
+                self.teacher.load_resized(read_teacher_slices(
+                    self.resume_dir, int(self.state["world_size"]), TEACHER_KEY))
+            except ValueError as err:  # slices that do not make up the tensors
+                raise ResumeError(f"{self.resume_dir}: {err}") from None
+        elif self.teacher is not None:
             if TEACHER_KEY not in (client_state or {}):
                 raise ResumeError(f"{self.resume_dir} holds no EMA target encoder "
                                   f"(saved with objective.image off?)")

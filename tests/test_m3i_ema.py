@@ -269,3 +269,41 @@ def test_momentum_schedule_is_byols_cosine():
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
+
+
+def _plain_teacher(seed: int):
+    """A MomentumTeacher over a tiny plain (ZeRO 0-2: whole, unpartitioned) tower."""
+    import torch
+    from torch import nn
+
+    from pretrain.m3i.ema import MomentumTeacher, TargetEncoder
+
+    torch.manual_seed(seed)
+    online = nn.Module()
+    online.visual = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+    encoder = TargetEncoder(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)))
+    return MomentumTeacher(encoder, online)
+
+
+def test_a_zero_0_to_2_teacher_resized_reads_rank_0s_whole_tensors(tmp_path):
+    """ZeRO 0-2 save the whole teacher in rank 0's mp_rank_00_model_states.pt alone
+    (DeepSpeed writes that file from rank 0): a resize reads it there, whatever the saved
+    world size, and a teacher state that does not make up a tensor is named."""
+    import torch
+
+    from pretrain.resize import read_teacher_slices
+    from runtime.checkpoint import ResumeError
+
+    saved = {k: v + 1.0 for k, v in _plain_teacher(0).state_dict().items()}
+    torch.save({"module": {}, "teacher": saved}, tmp_path / "mp_rank_00_model_states.pt")
+    teacher = _plain_teacher(1)
+    teacher.load_resized(read_teacher_slices(tmp_path, 2, "teacher"))
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert torch.equal(dict(teacher.module.named_parameters())["visual.0.weight"],
+                       saved["visual.0.weight"])  # the module computes with it
+    with pytest.raises(ResumeError, match="holds no EMA target encoder"):
+        read_teacher_slices(tmp_path, 2, "other_key")
+    short = dict(saved) | {"visual.0.weight": saved["visual.0.weight"].reshape(-1)[:7]}
+    with pytest.raises(ValueError, match="visual.0.weight: the saved slices hold 7"):
+        teacher.load_resized([short])

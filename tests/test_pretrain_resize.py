@@ -282,3 +282,67 @@ def test_epoch_run_resumed_on_more_ranks_reads_its_planned_samples(tmp_path, cac
     run_forked(pretrain_cmd(2, out, *EPOCH_PLAN, "--checkpoint-every", "100",
                             "--resume", "auto"), cache)
     _assert_read_the_plan(out, last=13, resumed_at=10, batch_before=16, batch_after=32)
+
+
+# Resume through the CLI and write, right after the checkpoint is loaded, each rank's EMA
+# teacher elements (its fp32 moving average) with their place in each whole tensor, to
+# argv[1] + ".rank<r>".
+DUMP_TEACHER = """
+import os, sys, torch
+import pretrain.trainer as tr
+out = sys.argv.pop(1)
+restore = tr.Trainer._restore
+def restoring(self):
+    restore(self)
+    teacher, rank = self.teacher, int(os.environ.get("RANK", "0"))
+    params = {name: p for name, p, _ in teacher.pairs}
+    mine = {}
+    for name, local in teacher.state_dict().items():
+        p = params[name]
+        start = rank * p.ds_tensor.numel() if teacher.partitioned else 0
+        mine[name] = (start, local.reshape(-1), p.ds_numel if teacher.partitioned else p.numel())
+    torch.save(mine, f"{out}.rank{rank}")
+tr.Trainer._restore = restoring
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+# the image branch on at the least image size that mixes two views, bf16 (the teacher
+# engine's 16-bit slices beside their fp32 averages), as the H preset trains
+IMAGE_BRANCH = ["data.image_size=64", "data.batch_size=8", "objective.image.weight=1.0",
+                "objective.image.decoder_width=32", "objective.image.decoder_heads=2",
+                "objective.image.decoder_depth=1", "engine.precision=bf16"]
+
+
+def test_image_branch_teacher_is_re_dealt_from_two_ranks_to_three(tmp_path, cache):
+    """M3I's EMA teacher is saved as one ZeRO-3 slice per rank (its partition, padding
+    left out). Resumed on 3 ranks (other partition sizes, other padding) every rank holds
+    exactly its elements of the saved moving average: the 3 ranks' elements put together
+    are the 2 saved slices concatenated, element for element. Before, the resume was
+    refused ("its slices are per rank"), so the H preset could never continue on another
+    GPU count. Training then goes on."""
+    from pretrain.engine import TEACHER_KEY
+
+    out, dump = tmp_path / "run", str(tmp_path / "teacher")
+    run_forked(pretrain_cmd(2, out, *IMAGE_BRANCH, "--max-steps", "2",
+                            "--checkpoint-every", "2"), cache)
+    ckpt = out / "checkpoints" / "step_0000002"
+    saved = [torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                        weights_only=False)[TEACHER_KEY] for r in range(2)]
+    run_code_forked(DUMP_TEACHER, 3, [dump, *pretrain_cmd(
+        1, out, *IMAGE_BRANCH, "--max-steps", "3", "--resume", "auto")[3:]], cache, tmp_path)
+    ranks = [torch.load(f"{dump}.rank{r}") for r in range(3)]
+    assert set(ranks[0]) == set(saved[0]) and len(saved[0]) > 10
+    uneven = 0
+    for name in saved[0]:
+        numel = ranks[0][name][2]
+        whole = torch.cat([s[name].reshape(-1) for s in saved])[:numel]
+        uneven += numel % 6 != 0  # a tensor whose 2- and 3-way partitions pad differently
+        restored = torch.full((numel,), float("nan"))
+        for rank in ranks:
+            start, local, _ = rank[name]
+            restored[start:start + local.numel()] = local
+        assert torch.equal(restored, whole), name
+    assert uneven > 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in rows if r.get("step") == 3 and "loss_image" in r]
+    assert resumed and math.isfinite(resumed[-1]["loss_image"])

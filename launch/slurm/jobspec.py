@@ -210,13 +210,13 @@ def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
         raise ConfigError(str(err)) from None
 
 
-def _check_world_size(command: str, cfg: Any, resume_dir: Path, world_size: int) -> None:
-    """Refuse, as a ``ConfigError`` with the job's own one-line message, a resume of
-    ``resume_dir`` that the job's start would refuse on ``world_size`` ranks (its tasks x
-    nodes), by the rule the job itself runs: fine-tuning resumes on the saved world size
-    only (``check_compatible``, as ``finetune.engine.open_run`` calls it); pre-training
-    resizes but with M3I's image branch on (``pretrain.resize.check_resize``). A trainer
-    state that cannot be read is left to the job, whose start names what is wrong."""
+def _check_world_size(resume_dir: Path, world_size: int) -> None:
+    """Refuse, as a ``ConfigError`` with the job's own one-line message, a fine-tuning
+    resume of ``resume_dir`` that the job's start would refuse on ``world_size`` ranks (its
+    tasks x nodes), by the rule the job itself runs: fine-tuning resumes on the saved world
+    size only (``check_compatible``, as ``finetune.engine.open_run`` calls it; pre-training
+    resumes on any: pretrain/resize.py). A trainer state that cannot be read is left to the
+    job, whose start names what is wrong."""
     from models import CheckpointError
     from runtime.checkpoint import check_compatible, load_trainer_state
 
@@ -227,15 +227,10 @@ def _check_world_size(command: str, cfg: Any, resume_dir: Path, world_size: int)
     if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
         return
     try:
-        if command == "finetune":
-            if "model_hash" in state:
-                # the model hash is the job's to check (it builds the model): given the
-                # saved one, check_compatible judges the world size alone
-                check_compatible(state, state["model_hash"], world_size, resume_dir)
-        else:
-            from pretrain.resize import check_resize
-
-            check_resize(state, world_size, resume_dir, cfg.objective.image.enabled)
+        if "model_hash" in state:
+            # the model hash is the job's to check (it builds the model): given the saved
+            # one, check_compatible judges the world size alone
+            check_compatible(state, state["model_hash"], world_size, resume_dir)
     except CheckpointError as err:  # the job would stop on it, with this message
         raise ConfigError(str(err)) from None
 
@@ -278,8 +273,8 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
     # --resume stays as given: the job then starts afresh, or refuses to over a run
     resume = "auto" if args.resume is None else args.resume
     resume_dir = _check_resume(args.command, resume, run_dir)
-    if resume_dir is not None and world_size is not None:
-        _check_world_size(args.command, cfg, resume_dir, world_size)
+    if args.command == "finetune" and resume_dir is not None and world_size is not None:
+        _check_world_size(resume_dir, world_size)
     if args.command == "finetune":  # the job's own start checks (a resumed job's: no init)
         from launch.commands.finetune import checked_start, task_entry
 

@@ -30,7 +30,9 @@ engine_pretrain.py: ``torch.cuda.amp.autocast`` around the model call; models_si
 views would dominate the step, whose online tower runs in bf16 (H100: ~67 dense fp32 TFLOPS
 against ~989 bf16). Under ZeRO 0-2 the teacher module stays fp32 (no gathering to save).
 The target it returns is fp32. The fp32 EMA is saved and restored with every checkpoint
-(``state_dict``), so a resumed run is exact.
+(``state_dict``), so a resumed run is exact; a resume on another world size re-deals the
+saved slices (``load_resized``: each rank copies its new elements out of the old ranks'
+slices, read from their files mapped: pretrain/resize.py ``read_teacher_slices``).
 """
 
 from __future__ import annotations
@@ -149,10 +151,8 @@ class MomentumTeacher:
         or the whole parameter. (Looked up at each use: ZeRO-3 may swap the slice's storage.)"""
         if not self.partitioned:
             return param.data
-        import torch.distributed as dist
-
         flat = param.ds_tensor.view(-1)
-        rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+        rank = _rank_in_group(param)
         return flat[:max(0, min(flat.numel(), param.ds_numel - rank * flat.numel()))]
 
     def _average(self, name: str, param: nn.Parameter) -> torch.Tensor:
@@ -200,6 +200,25 @@ class MomentumTeacher:
         return {name: self._average(name, p).detach().clone().cpu()
                 for name, p, _ in self.pairs}
 
+    def load_resized(self, saved: list[dict[str, torch.Tensor]]) -> None:
+        """Copy back the moving average saved on another world size: ``saved`` holds each
+        old rank's :meth:`state_dict` in rank order (under ZeRO 0-2, rank 0's whole
+        tensors alone). A tensor's saved slices, concatenated, are its elements in order
+        (the padding that evens out a ZeRO-3 partition is never saved, or, in checkpoints
+        saved before it was left out, sits past the tensor's last element), from which
+        this rank takes the elements it owns on this world size."""
+        missing = [name for name, _, _ in self.pairs if any(name not in s for s in saved)]
+        if missing:
+            raise ValueError(f"checkpoint lacks the target encoder's {missing[:3]} "
+                             f"({len(missing)} tensors)")
+        with torch.no_grad():
+            for name, p, _ in self.pairs:
+                ema = self._average(name, p).view(-1)
+                # this rank's first element: its partition's place in the padded tensor
+                start = _rank_in_group(p) * p.ds_tensor.numel() if self.partitioned else 0
+                _copy_elements(ema, [s[name] for s in saved], start, name)
+            self._publish()
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy back tensors saved by :meth:`state_dict` on the same rank and world size."""
         missing = [name for name, _, _ in self.pairs if name not in state]
@@ -212,3 +231,28 @@ class MomentumTeacher:
                 # checkpoints saved before the padding was left out hold it at the end
                 ema.copy_(state[name].reshape(-1)[:ema.numel()].view_as(ema))
             self._publish()
+
+
+def _rank_in_group(param: nn.Parameter) -> int:
+    """This rank's index among the ranks a ZeRO-3 parameter is partitioned over."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group=getattr(param, "ds_process_group", None))
+
+
+def _copy_elements(dst: torch.Tensor, parts: list[torch.Tensor], start: int,
+                   name: str) -> None:
+    """``dst`` (flat) <- elements ``start .. start + len(dst)`` of the concatenation of
+    ``parts``, read part by part (a part mapped from a checkpoint file is read only where
+    it overlaps)."""
+    end, at, copied = start + dst.numel(), 0, 0
+    for part in parts:
+        flat = part.reshape(-1)
+        lo, hi = max(start, at), min(end, at + flat.numel())
+        if lo < hi:
+            dst[lo - start:hi - start].copy_(flat[lo - at:hi - at])
+            copied += hi - lo
+        at += flat.numel()
+    if copied != dst.numel():
+        raise ValueError(f"target encoder tensor {name}: the saved slices hold {at} "
+                         f"elements, this rank needs {start}..{end}")
