@@ -161,14 +161,21 @@ class MomentumTeacher:
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta_s, in fp32 on this rank's slices only."""
+        """theta_t <- m theta_t + (1 - m) theta_s, in fp32 on this rank's slices only.
+
+        Two multi-tensor (foreach) operations over all tensors, not two kernels per tensor:
+        InternImage-H's 1,355 tensors made ~2,700 launches a step."""
+        averages, sources = [], []
         for name, teacher, online in self.pairs:
             ema = self._average(name, teacher)
+            averages.append(ema)
             # the master slice is padded as the teacher's: its first elements are ours
             source = _online_source(online).reshape(-1)[:ema.numel()].view_as(ema)
             # (with optimizer offload the fp32 master slice lives on the host; a 16-bit
-            # source is promoted by add_ into the fp32 average, no copy)
-            ema.mul_(momentum).add_(source.to(ema.device), alpha=1 - momentum)
+            # source is promoted into the fp32 average, no copy)
+            sources.append(source.to(ema.device))
+        torch._foreach_mul_(averages, momentum)
+        torch._foreach_add_(averages, sources, alpha=1 - momentum)
         self._publish()
 
     def _publish(self) -> None:
