@@ -101,28 +101,31 @@ FRAGMENTS = "tmp"
 _SCRATCH_FULL_BYTES = 256 * 2**20
 
 
-def read_teacher_slices(ckpt_dir: Path, world_size: int, key: str) -> list[dict]:
+def read_teacher_slices(ckpt_dir: Path, world_size: int, key: str, zero3: bool) -> list[dict]:
     """The EMA target encoder's saved moving average for a resume on another world size:
     each of the ``world_size`` saving ranks' client-state entry ``key``, in rank order
-    (``pretrain.m3i.ema.MomentumTeacher.load_resized`` re-deals them). ZeRO-3 keeps one
-    slice per rank in each rank's model-states file; ZeRO 0-2 the whole tensors in rank
-    0's only. Mapped, not read: each rank reads the pages its own elements are on
-    (InternImage-H: 4.3 GB in all, 8.4 MB per rank at 512 ranks), plus each file's index:
-    O(old world size) file opens per rank, as the data re-deal's rank-state reads."""
+    (``pretrain.m3i.ema.MomentumTeacher.load_resized`` re-deals them). ZeRO-3 (``zero3``,
+    the saved stage: a resume keeps it) keeps one slice per rank in each rank's
+    model-states file; ZeRO 0-2 the whole tensors in rank 0's only. Mapped, not read: each
+    rank reads the pages its own elements are on (InternImage-H: 4.3 GB in all, 8.4 MB per
+    rank at 512 ranks), plus each file's index: O(old world size) file opens per rank, as
+    the data re-deal's rank-state reads."""
     import torch
 
-    files = [ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
-             for r in range(world_size)]
-    if not all(f.is_file() for f in files):
-        files = [ckpt_dir / "mp_rank_00_model_states.pt"]
+    files = ([ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+              for r in range(world_size)] if zero3
+             else [ckpt_dir / "mp_rank_00_model_states.pt"])
     slices = []
     for path in files:
+        if not path.is_file():
+            raise ResumeError(f"{ckpt_dir}: {path.name} is missing (the EMA target "
+                              f"encoder's saved average is read from it)")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except (OSError, RuntimeError, EOFError) as err:
+        except Exception as err:  # noqa: BLE001 - any unreadable file: one line, named
             raise ResumeError(f"{ckpt_dir}: {path.name} cannot be read for the EMA target "
                               f"encoder ({type(err).__name__}: {err})") from None
-        if key not in saved:
+        if not isinstance(saved, dict) or key not in saved:
             raise ResumeError(f"{ckpt_dir} holds no EMA target encoder in {path.name} "
                               f"(saved with objective.image off?)")
         slices.append(saved[key])

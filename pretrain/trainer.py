@@ -45,6 +45,7 @@ from pretrain.engine import (
     total_steps,
     warmup_warning,
 )
+from pretrain.m3i.loss import image_loss_change, image_loss_state
 from pretrain.objectives import M3ILoss
 from runtime import run_lock
 from runtime.checkpoint import (
@@ -187,6 +188,8 @@ class Trainer:
         refuse_fresh_start(self.resume_dir, self.ckpt_root, self.run_dir)
         self.state: dict[str, Any] | None = None
         self._saved_rng: dict[str, Any] | None = None  # this rank's, from the checkpoint
+        # a resize's EMA teacher: the old ranks' saved slices (read before the engine)
+        self._teacher_slices: list[dict] = []
         if self.resume_dir is not None:
             self.state = load_trainer_state(self.resume_dir)
             check_compatible(self.state, self.model_hash, self.info.world_size, self.resume_dir,
@@ -194,6 +197,10 @@ class Trainer:
                              task=PRETRAIN_TASK)
         # another world size: DeepSpeed's universal checkpoint, data re-dealt (_resized)
         self.resized = self.state is not None and self.state["world_size"] != self.info.world_size
+        if self.state is not None and cfg.objective.image.enabled and self.info.is_main:
+            warning = image_loss_change(self.state, cfg.objective.image)
+            if warning:
+                log.warning("%s: %s", self.resume_dir, warning)
         # The run's position in samples, what an epoch plan is measured in: every optimizer
         # step counts one global batch (a step skipped for a non-finite loss too, as the lr
         # schedule counts it). A checkpoint written before it was recorded read its steps
@@ -266,6 +273,14 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: {err}") from None
         if own is not None:
             self._saved_rng = own["rng"]
+        if self.resized and self.cfg.objective.image.enabled:
+            # read here, before the engine: a checkpoint without the teacher, or a file
+            # that cannot be read, is refused by every rank together before any compute
+            from pretrain.resize import read_teacher_slices
+
+            self._teacher_slices = read_teacher_slices(
+                self.resume_dir, int(self.state["world_size"]), TEACHER_KEY,
+                zero3=self.cfg.engine.zero_stage == 3)
         # a checkpoint written before rank files holds every rank's entries in the shared
         # state (~32 KB each: 16 MB at 512 ranks); they have served
         self.state.pop("ranks", None)
@@ -291,13 +306,13 @@ class Trainer:
 
             restore_buffers(self.engine.module, self.resume_dir)
         if self.teacher is not None and self.resized:  # its slices re-dealt
-            from pretrain.resize import read_teacher_slices
-
+            refusal = None
             try:
-                self.teacher.load_resized(read_teacher_slices(
-                    self.resume_dir, int(self.state["world_size"]), TEACHER_KEY))
+                self.teacher.load_resized(self._teacher_slices)
             except ValueError as err:  # slices that do not make up the tensors
-                raise ResumeError(f"{self.resume_dir}: {err}") from None
+                refusal = ResumeError(f"{self.resume_dir}: {err}")
+            self._teacher_slices = []
+            agree_on_refusal(refusal)  # seen on some ranks only: raised on every rank
         elif self.teacher is not None:
             if TEACHER_KEY not in (client_state or {}):
                 raise ResumeError(f"{self.resume_dir} holds no EMA target encoder "
@@ -343,7 +358,8 @@ class Trainer:
                   "global_batch": self.batch, "samples_done": self.samples,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": merged.get("samples", {}),
-                  "nonfinite_skipped": self.nonfinite_skipped, "saved_at": time.time(),
+                  "nonfinite_skipped": self.nonfinite_skipped,
+                  **image_loss_state(self.cfg.objective.image),
                   "engine": self._engine_layout()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
         client = {TEACHER_KEY: self.teacher.state_dict()} if self.teacher is not None else None

@@ -25,13 +25,38 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint import BEST, TRAINER_STATE, read_best, record_best, tag_for
+from models import CheckpointError
+from runtime.checkpoint import (
+    BEST,
+    SAVED_AT,
+    TRAINER_STATE,
+    load_trainer_state,
+    read_best,
+    record_best,
+    tag_for,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _saved_since(step_dir: Path, begun: float | None) -> bool:
+    """Whether the checkpoint ``step_dir`` is complete and, for a pending entry
+    (``begun``: when its save began), was written by that save: its trainer state's
+    ``saved_at`` is no earlier (both by rank 0's clock, which writes both files)."""
+    if not (step_dir / TRAINER_STATE).is_file():
+        return False
+    if begun is None:
+        return True
+    try:
+        saved_at = load_trainer_state(step_dir).get(SAVED_AT)
+    except (CheckpointError, AttributeError):
+        return False
+    return isinstance(saved_at, (int, float)) and saved_at >= begun
 
 
 @dataclass
@@ -46,6 +71,10 @@ class BestCheckpoint:
     value: float | None = None
     step: int | None = None
     pointer: str = BEST
+    # the pointer as a resume read it when it names a checkpoint beyond the resume step (a
+    # rewind's abandoned branch): kept on disk until this run's first save is published
+    # (settle), since until then ``latest`` still names that branch, whose resume needs it
+    abandoned: dict[str, Any] | None = None
 
     @classmethod
     def resume(cls, root: Path, metric: str, start_step: int, is_main: bool,
@@ -61,16 +90,21 @@ class BestCheckpoint:
             if (isinstance(entry, dict) and isinstance(entry.get("step"), int)
                     and entry["step"] <= start_step
                     and isinstance(entry.get("value"), (int, float))
-                    and (root / tag_for(entry["step"]) / TRAINER_STATE).is_file()):
+                    and _saved_since(root / tag_for(entry["step"]), entry.get("begun"))):
                 best.value, best.step = float(entry["value"]), entry["step"]
                 break
         # The pointer as this resume reads it: a pending one adopted (the kill came
-        # before its own write), or an entry beyond the resume step dropped (a rewind's
-        # abandoned branch, or a save that never completed). Left as it was, a later save
-        # of the new branch at that step number would be taken for that best, with a
-        # score it never had.
+        # before its own write) is written now; an entry beyond the resume step (a
+        # rewind's abandoned branch, or a save that never completed) is dropped once this
+        # run's first save is published (settle). Left as it was, a later save of the new
+        # branch at that step number would be taken for that best, with a score it never
+        # had; dropped at once, a rewound start ended before its first save would leave
+        # the branch ``latest`` still names without its best.
         expected = best._entry(best.step, best.value)
-        if is_main and saved != expected:
+        if any(isinstance(e, dict) and isinstance(e.get("step"), int)
+               and e["step"] > start_step for e in (saved.get("pending"), saved)):
+            best.abandoned = saved
+        elif is_main and saved != expected:
             record_best(root, expected, pointer)
         return best
 
@@ -91,15 +125,26 @@ class BestCheckpoint:
         """Before the save of ``step``, whose evaluation ``result`` improves: name it
         pending beside the current best (both kept by that save's prune)."""
         if self.is_main:
-            pending = self._entry(step, float(result[self.metric]))
-            record_best(self.root, self._entry(self.step, self.value) | {"pending": pending},
-                        self.pointer)
+            # ``begun``: a checkpoint at that step saved before (a rewind's abandoned
+            # branch) is not this save's
+            pending = self._entry(step, float(result[self.metric])) | {"begun": time.time()}
+            # an abandoned branch's entry stays current until this save is published
+            current = ({k: v for k, v in self.abandoned.items() if k != "pending"}
+                       if self.abandoned is not None else self._entry(self.step, self.value))
+            record_best(self.root, current | {"pending": pending}, self.pointer)
 
     def record(self, step: int, result: dict[str, Any]) -> None:
         """The checkpoint of ``step`` (saved, published) is the best now."""
-        self.value, self.step = float(result[self.metric]), step
+        self.value, self.step, self.abandoned = float(result[self.metric]), step, None
         if self.is_main:
             record_best(self.root, self._entry(step, self.value), self.pointer)
             log.info("best %s so far: %.6g at step %d (%s)", self.metric, self.value, step,
                      self.root / tag_for(step))
 
+    def settle(self) -> None:
+        """After each published save: a pointer kept as a resume read it (naming a
+        checkpoint of the branch that save leaves behind) names this run's best alone."""
+        if self.abandoned is not None:
+            self.abandoned = None
+            if self.is_main:
+                record_best(self.root, self._entry(self.step, self.value), self.pointer)

@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
+SAVED_AT = "saved_at"  # trainer state: rank 0's clock when it wrote it (runtime/best.py)
 LATEST = "latest"
 BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
 BEST_EMA = "best_ema.json"  # the one whose EMA weights scored best (classification)
@@ -363,7 +364,8 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         try:  # an EMA's weights are the last large write: a disk may fill here too
             for name, obj in (side_files or {}).items():
                 save_torch_file(root / staging / name, obj)
-            write_trainer_state(root / staging, shared_state | {RANK_STATES: info.world_size})
+            write_trainer_state(root / staging, shared_state | {
+                RANK_STATES: info.world_size, SAVED_AT: time.time()})
         except OSError as err:
             raise CheckpointSaveError(_save_failure(root, tag, err)) from err
         # a swap an earlier rank 0 died in is finished first: else the prune below would

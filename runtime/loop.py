@@ -279,7 +279,7 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 else:
                     last_eval = _evaluate(hooks, spec, pos, metrics, d)
                     improved = [b for b in best if b.improves(last_eval)]
-                    stopping = stopping or preemption.stop_agreed(d.device)
+                    stopping = preemption.stop_agreed(d.device) or stopping
             if stopping or improved or _due(spec.checkpoint_every, pos.step,
                                             spec.total_steps):
                 for b in improved:  # named pending first: a kill in the save loses no best
@@ -287,7 +287,9 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 _save(hooks, pos, metrics)
                 for b in improved:  # published: the pointer names it alone now
                     b.record(pos.step, last_eval)
-                stopping = stopping or preemption.stop_agreed(d.device)
+                for b in best:  # a rewind's abandoned branch is left behind for good now
+                    b.settle()
+                stopping = preemption.stop_agreed(d.device) or stopping
             preemption.kill_point(pos.step)
             if last:  # finished, whatever came during its last step
                 break

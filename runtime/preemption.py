@@ -54,11 +54,12 @@ def stop_agreed(device: torch.device) -> bool:
     """Whether a stop was requested (or a stop signal noted) on any rank (call at every
     step boundary, on every rank: collective). A signal noted on any rank is agreed on
     too (:func:`stop_signal`)."""
-    # one all-reduce: a rank's signal number (> 1), else 1 for a request, else 0
-    own = SIGNALLED[0] if SIGNALLED else int(STOP_REQUESTED.is_set())
+    # one all-reduce (max) of 2 x a rank's signal number (0: none) + 1 for a request: a
+    # request alone is 1, and signal 1 (SIGHUP) is not taken for one
+    own = (2 * SIGNALLED[0] if SIGNALLED else 0) + int(STOP_REQUESTED.is_set())
     agreed = max_over_ranks(own, device)
-    if agreed > 1:
-        _AGREED[0] = agreed
+    if agreed >= 2:
+        _AGREED[0] = agreed // 2
     return agreed > 0
 
 

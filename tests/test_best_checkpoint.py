@@ -121,13 +121,43 @@ def test_a_resume_keeps_the_best_so_far_and_a_rewind_forgets_an_abandoned_branch
     assert _train(root, top1, total=8, start=6) == [8]
     # step 8's save pruned with the pointer still on step 2: that one goes at the next
     assert _best(root)["step"] == 8 and _kept(root) == [2, 8]
-    # (read as another rank reads it: rank 0 alone rewrites the pointer)
+    pointer = _best(root)
     # a rewind to an earlier checkpoint: a best beyond it belongs to the abandoned branch
-    assert BestCheckpoint.resume(root, "top1", 6, is_main=False).value is None
+    assert BestCheckpoint.resume(root, "top1", 6, is_main=True).value is None
     # a start from nothing, or another metric's pointer, knows no best either
-    assert BestCheckpoint.resume(root, "top1", 0, is_main=False).value is None
-    assert BestCheckpoint.resume(root, "mIoU", 8, is_main=False).value is None
-    assert BestCheckpoint.resume(root, "top1", 8, is_main=False).value == 0.60
+    assert BestCheckpoint.resume(root, "top1", 0, is_main=True).value is None
+    assert BestCheckpoint.resume(root, "mIoU", 8, is_main=True).value is None
+    # none of these starts has saved yet: the pointer is as it was (`latest` still names
+    # the branch at step 8), so that branch's resume keeps its best
+    assert _best(root) == pointer
+    assert BestCheckpoint.resume(root, "top1", 8, is_main=True).value == 0.60
+
+
+def test_a_rewound_start_that_ends_before_its_first_save_leaves_the_branchs_best(
+        tmp_path, monkeypatch):
+    """The reviewer's case: a rewind (`--resume .../step_1` of a run whose best is step
+    2) dies before its first save; `latest` still names step 2's branch, and a resume of
+    it must keep step 2 as its best (the rewind's start used to drop it from best.json
+    at once, and prune then let step 2 go)."""
+    root = tmp_path / "run" / "checkpoints"
+    _train(root, {1: 0.3, 2: 0.9, 3: 0.5}, total=3, checkpoint_every=1)
+    assert _best(root)["step"] == 2
+
+    class Killed(BaseException):
+        pass
+
+    def dying(hooks, pos, metrics):
+        raise Killed
+
+    monkeypatch.setattr("runtime.loop._save", dying)
+    with pytest.raises(Killed):  # evaluated (0.95 improves) and dies in its first save
+        _train(root, {2: 0.95}, total=3, start=1, checkpoint_every=1)
+    monkeypatch.undo()
+    assert _best(root)["step"] == 2  # the abandoned branch's entry still current
+    assert _train(root, {4: 0.1}, total=4, start=3, keep_last=1) == [4]
+    # its own score: the rewind's pending 0.95 at step 2 named a save that never
+    # happened, not the older checkpoint at that step
+    assert (_best(root)["step"], _best(root)["value"]) == (2, 0.9) and _kept(root) == [2, 4]
 
 
 def test_a_rewinds_abandoned_best_is_never_taken_for_a_new_checkpoint_at_its_step(

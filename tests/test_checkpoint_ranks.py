@@ -133,9 +133,10 @@ def test_each_rank_writes_its_own_state_file_and_none_waits_for_rank_0s_deletion
     states = [{"rank": r, "rng": f"rank {r}'s generators"} for r in range(WORLD)]
     folder = root / "step_0000003"
     assert (root / "latest").read_text() == "step_0000003"
-    # the shared state only, with how many rank files there are
-    assert json.loads((folder / "trainer_state.json").read_text()) == {
-        "step": 3, "world_size": WORLD, "rank_states": WORLD}
+    # the shared state only, with how many rank files there are and when rank 0 wrote it
+    shared = json.loads((folder / "trainer_state.json").read_text())
+    assert 0 < time.time() - shared.pop("saved_at") < 300
+    assert shared == {"step": 3, "world_size": WORLD, "rank_states": WORLD}
     for r in range(WORLD):
         assert json.loads((folder / "rank_states" / f"{r:05d}.json").read_text()) == states[r]
     # rank 1 wrote its shard and its state a second after rank 0 was ready: the barrier

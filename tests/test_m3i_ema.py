@@ -297,13 +297,32 @@ def test_a_zero_0_to_2_teacher_resized_reads_rank_0s_whole_tensors(tmp_path):
     saved = {k: v + 1.0 for k, v in _plain_teacher(0).state_dict().items()}
     torch.save({"module": {}, "teacher": saved}, tmp_path / "mp_rank_00_model_states.pt")
     teacher = _plain_teacher(1)
-    teacher.load_resized(read_teacher_slices(tmp_path, 2, "teacher"))
+    teacher.load_resized(read_teacher_slices(tmp_path, 2, "teacher", zero3=False))
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert torch.equal(dict(teacher.module.named_parameters())["visual.0.weight"],
                        saved["visual.0.weight"])  # the module computes with it
     with pytest.raises(ResumeError, match="holds no EMA target encoder"):
-        read_teacher_slices(tmp_path, 2, "other_key")
+        read_teacher_slices(tmp_path, 2, "other_key", zero3=False)
     short = dict(saved) | {"visual.0.weight": saved["visual.0.weight"].reshape(-1)[:7]}
     with pytest.raises(ValueError, match="visual.0.weight: the saved slices hold 7"):
         teacher.load_resized([short])
+
+
+def test_a_zero3_teachers_missing_or_unreadable_rank_file_is_named(tmp_path):
+    """A resize reads every saving rank's model-states file: one missing, or not a
+    checkpoint file, is named in one line (read before the engine is built, so every rank
+    refuses together: pretrain/trainer.py)."""
+    import torch
+
+    from pretrain.resize import read_teacher_slices
+    from runtime.checkpoint import ResumeError
+
+    torch.save({"teacher": {}}, tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(ResumeError, match="zero_pp_rank_1_mp_rank_00_model_states.pt is "
+                                          "missing"):
+        read_teacher_slices(tmp_path, 2, "teacher", zero3=True)
+    (tmp_path / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ResumeError, match="zero_pp_rank_1_mp_rank_00_model_states.pt cannot "
+                                          "be read for the EMA target encoder"):
+        read_teacher_slices(tmp_path, 2, "teacher", zero3=True)

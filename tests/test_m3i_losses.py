@@ -168,3 +168,25 @@ def test_decoder_reads_only_its_images_patches():
     moved = decoder(feature_map, mix, pos_a + 1.0, pos_b)
     assert float((moved[:2] - out[:2]).abs().max()) > 1e-5
     assert float((moved[2:] - out[2:]).abs().max()) < 1e-6
+
+
+def test_a_resume_that_changes_the_image_loss_says_how_to_keep_it():
+    """Checkpoints record the image loss they trained (trainer state ``image_loss``); one
+    saved before the record trained the cosine form at 0.1, the then default. A resume
+    whose config trains another form or weight is warned, with the overrides that
+    continue as it was; the same loss is not."""
+    from pretrain.config import ImageTargetConfig
+    from pretrain.m3i.loss import image_loss_change, image_loss_state
+
+    unigrad = ImageTargetConfig(weight=1.0)
+    assert image_loss_state(ImageTargetConfig()) == {}  # branch off: nothing recorded
+    state = image_loss_state(unigrad)
+    assert state == {"image_loss": {"form": "unigrad", "decorrelation_weight": 0.02}}
+    assert image_loss_change(state, unigrad) is None
+    old = image_loss_change({}, unigrad)  # a checkpoint from before the record
+    assert old.endswith("objective.image.loss=cosine objective.image.decorrelation_weight=0.1")
+    assert image_loss_change({}, ImageTargetConfig(weight=1.0, loss="cosine",
+                                                   decorrelation_weight=0.1)) is None
+    heavier = image_loss_change(state, ImageTargetConfig(weight=1.0, decorrelation_weight=0.1))
+    assert "trains unigrad with 0.1" in heavier and heavier.endswith(
+        "objective.image.loss=unigrad objective.image.decorrelation_weight=0.02")

@@ -61,6 +61,9 @@ def test_all_branches_finite_and_falling(reference_run):
     assert all(r["loss_image_decorrelation"] >= 0 for r in rows)
     ckpt = reference_run / "checkpoints" / "step_0000006"
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-3: one partition per rank
+    # the image loss it trained, recorded for a resume to compare (pretrain/m3i/loss.py)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["image_loss"] == {"form": "unigrad", "decorrelation_weight": 0.02}
 
 
 def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache):

@@ -302,6 +302,12 @@ def restoring(self):
         start = rank * p.ds_tensor.numel() if teacher.partitioned else 0
         mine[name] = (start, local.reshape(-1), p.ds_numel if teacher.partitioned else p.numel())
     torch.save(mine, f"{out}.rank{rank}")
+    # what the teacher's forward computes with: DeepSpeed's own gathering of its slices
+    import deepspeed
+    named = list(teacher.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        if rank == 0:
+            torch.save({n: p.detach().clone() for n, p in named}, f"{out}.gathered")
 tr.Trainer._restore = restoring
 from launch.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -342,6 +348,10 @@ def test_image_branch_teacher_is_re_dealt_from_two_ranks_to_three(tmp_path, cach
             start, local, _ = rank[name]
             restored[start:start + local.numel()] = local
         assert torch.equal(restored, whole), name
+        # and where DeepSpeed's partition layout puts them: the teacher engine's bf16
+        # parameters, gathered, are the saved average rounded
+        gathered = torch.load(f"{dump}.gathered")[name]
+        assert torch.equal(gathered.reshape(-1), whole.to(gathered.dtype)), name
     assert uneven > 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in rows if r.get("step") == 3 and "loss_image" in r]

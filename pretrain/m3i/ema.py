@@ -168,14 +168,18 @@ class MomentumTeacher:
         averages, sources = [], []
         for name, teacher, online in self.pairs:
             ema = self._average(name, teacher)
-            averages.append(ema)
             # the master slice is padded as the teacher's: its first elements are ours
             source = _online_source(online).reshape(-1)[:ema.numel()].view_as(ema)
-            # (with optimizer offload the fp32 master slice lives on the host; a 16-bit
-            # source is promoted into the fp32 average, no copy)
-            sources.append(source.to(ema.device))
-        torch._foreach_mul_(averages, momentum)
-        torch._foreach_add_(averages, sources, alpha=1 - momentum)
+            if source.device != ema.device:
+                # optimizer offload: the fp32 master slice lives on the host, copied over
+                # one tensor at a time (all at once would hold a copy of every slice)
+                ema.mul_(momentum).add_(source.to(ema.device), alpha=1 - momentum)
+                continue
+            averages.append(ema)
+            sources.append(source)  # a 16-bit one is promoted into the fp32 average
+        if averages:
+            torch._foreach_mul_(averages, momentum)
+            torch._foreach_add_(averages, sources, alpha=1 - momentum)
         self._publish()
 
     def _publish(self) -> None:

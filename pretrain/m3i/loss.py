@@ -13,9 +13,9 @@ product ``P C P^T`` for its diagonal; here the row-wise sum gives the same value
 memory. Cost at the InternImage-H preset (D = 1024 channels of the 14 x 14 target map,
 2 x 32 images per GPU: N = 12,544 rows): C is 4 MiB in fp32, all-reduced once per
 micro-step whatever the world size (ring all-reduce: ~8 MiB sent per rank), and two
-N x D x D products of 13 GFLOP each. Not taken over: SiamIM's target passes an EMA'd projector
-(``mm_decoder_embed``, ``mm_projector_decoder_blocks``) first; ours is the target
-encoder's map itself.
+N x D x D products of 13 G multiply-adds (26 GFLOP) each, plus the backward's. Not taken
+over: SiamIM's target passes an EMA'd projector (``mm_decoder_embed``,
+``mm_projector_decoder_blocks``) first; ours is the target encoder's map itself.
 
 ``cosine`` (ours, the form of runs before the published one was built): prediction and
 target L2-normalised, their mean squared distance ||p/|p| - t/|t|||^2 = 2 - 2 cos(p, t)
@@ -27,6 +27,8 @@ Both terms are means over this rank's patches; DeepSpeed's gradient averaging ov
 then gives the global mean (equal batch per rank, as SiamIM's DDP assumes too)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,3 +86,31 @@ def image_target_loss(prediction: torch.Tensor, target: torch.Tensor, form: str,
         raise ValueError(f"image loss {form!r}: not one of {IMAGE_LOSSES}")
     terms = {"loss_image_regression": regression, "loss_image_decorrelation": decorrelation}
     return regression + decorrelation_weight * decorrelation, terms
+
+
+IMAGE_LOSS_KEY = "image_loss"  # trainer state: the image loss a checkpoint trained with
+
+
+def image_loss_state(image) -> dict[str, Any]:
+    """What a checkpoint records of the image loss (``image``: the config's
+    ``objective.image``; nothing with the branch off)."""
+    if not image.enabled:
+        return {}
+    return {IMAGE_LOSS_KEY: {"form": image.loss,
+                             "decorrelation_weight": image.decorrelation_weight}}
+
+
+def image_loss_change(state: dict[str, Any], image) -> str | None:
+    """A warning when a resume trains another image loss than its checkpoint's (None:
+    the same). A checkpoint that records none was saved before the published form became
+    the default: it trained the cosine form (weight 0.1 unless set otherwise)."""
+    saved = state.get(IMAGE_LOSS_KEY) or {"form": "cosine", "decorrelation_weight": None}
+    form, weight = saved.get("form"), saved.get("decorrelation_weight")
+    if form == image.loss and weight in (None, image.decorrelation_weight):
+        return None
+    shown = weight if weight is not None else 0.1
+    unrecorded = "" if weight is not None else " (not recorded: the default then)"
+    return (f"this checkpoint trained the image loss {form} with decorrelation_weight "
+            f"{shown}{unrecorded}; this start trains {image.loss} with "
+            f"{image.decorrelation_weight}. To continue as it was: "
+            f"objective.image.loss={form} objective.image.decorrelation_weight={shown}")
