@@ -244,6 +244,7 @@ class Trainer:
         refusal = None
         try:
             self._restore_rank_state()
+            self._read_teacher_slices()
         except CheckpointError as err:
             refusal = err
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -252,6 +253,18 @@ class Trainer:
                                   f"does not hold a data position and random state as "
                                   f"saved ({type(err).__name__}: {err})")
         agree_on_refusal(refusal)
+
+    def _read_teacher_slices(self) -> None:
+        """A resize's EMA teacher: the old ranks' saved slices (re-dealt in
+        :meth:`_restore`), read here, before the engine, so that a checkpoint without
+        them, or a file that cannot be read, is refused by every rank together."""
+        if self.resized and self.cfg.objective.image.enabled:
+            from pretrain.resize import read_teacher_slices
+
+            assert self.resume_dir is not None and self.state is not None
+            self._teacher_slices = read_teacher_slices(
+                self.resume_dir, int(self.state["world_size"]), TEACHER_KEY,
+                zero3=self.cfg.engine.zero_stage == 3)
 
     def _restore_rank_state(self) -> None:
         """This rank's data position and (kept for :meth:`_restore`) RNG state as saved.
@@ -273,14 +286,6 @@ class Trainer:
             raise ResumeError(f"{self.resume_dir}: {err}") from None
         if own is not None:
             self._saved_rng = own["rng"]
-        if self.resized and self.cfg.objective.image.enabled:
-            # read here, before the engine: a checkpoint without the teacher, or a file
-            # that cannot be read, is refused by every rank together before any compute
-            from pretrain.resize import read_teacher_slices
-
-            self._teacher_slices = read_teacher_slices(
-                self.resume_dir, int(self.state["world_size"]), TEACHER_KEY,
-                zero3=self.cfg.engine.zero_stage == 3)
         # a checkpoint written before rank files holds every rank's entries in the shared
         # state (~32 KB each: 16 MB at 512 ranks); they have served
         self.state.pop("ranks", None)

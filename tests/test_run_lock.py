@@ -229,7 +229,9 @@ def test_pretrain_resume_while_the_run_still_trains_is_refused_then_continues_it
         assert holder.exitcode is None  # the first run trains on, untouched
     finally:
         stop_ranks([holder])
-    step = int(latest(out).split("_")[1])
+    # killed inside a publish, `latest` may name the staging folder (step_N.tmp-...):
+    # the newest complete checkpoint, which the resume takes (runtime/checkpoint.py)
+    step = int(latest(out).split("_")[1].split(".")[0])
     resumed = run_forked(pretrain_cmd(1, out, "--max-steps", str(step + 1), "--resume", "auto"),
                          cache)
     assert f"process {holder.pid} is gone" in resumed.stderr
