@@ -138,16 +138,14 @@ def test_a_signal_inside_a_logging_call_does_not_deadlock_the_save(task, signal_
             return 0
         return entry
 
-    # a stuck save waits all of save_timeout_s; a made one takes well under a second,
-    # with room for a loaded machine
+    # a stuck save waits all of save_timeout_s and is recorded as not made (saved:
+    # false): the record, not a wall-clock bound (20.5 s once on a loaded machine with
+    # the save made), tells the two apart
     job, answers = task.run(0, make, max_requeues=3, save_timeout_s=40)
-    started = time.monotonic()
     job()
-    took = time.monotonic() - started
     assert signal_while_logging.sent, "the second signal was not sent"
-    assert saves(task) == [("requeue_requested", True, None)]
+    assert saves(task) == [("requeue_requested", True, None)], "stuck on the logging lock?"
     assert requeued(answers)
-    assert took < 20, f"the job took {took:.1f}s: stuck on the logging lock?"
     assert "training thread: saving at the step boundary" in signal_while_logging.messages
 
 
