@@ -102,6 +102,10 @@ class TextConfig:
         return out
 
 
+# objective.image.loss: the forms pretrain/m3i/loss.py computes
+ImageLoss = Literal["unigrad", "cosine"]
+
+
 @dataclass
 class ImageTargetConfig:
     """M3I's image branch (issue #16): mixed views, EMA target encoder, decoder.
@@ -132,7 +136,7 @@ class ImageTargetConfig:
     view_flip: float = 0.5  # horizontal flip probability of each view (SiamIM's)
     # SiamIM's UniGrad loss (published code), or our earlier cosine form
     # (pretrain/m3i/loss.py); the weight: SiamIM's --neg_weight default
-    loss: Literal["unigrad", "cosine"] = "unigrad"
+    loss: ImageLoss = "unigrad"
     decorrelation_weight: float = 0.02
 
     def __post_init__(self) -> None:

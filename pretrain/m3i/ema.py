@@ -152,8 +152,18 @@ class MomentumTeacher:
         if not self.partitioned:
             return param.data
         flat = param.ds_tensor.view(-1)
-        rank = _rank_in_group(param)
-        return flat[:max(0, min(flat.numel(), param.ds_numel - rank * flat.numel()))]
+        return flat[:max(0, min(flat.numel(), param.ds_numel - self._first(param)))]
+
+    def _first(self, param: nn.Parameter) -> int:
+        """The place of this rank's first element in the whole (padded) tensor: its
+        partition's start under ZeRO-3 (each rank's partition is as long as every
+        other's), else 0."""
+        if not self.partitioned:
+            return 0
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+        return rank * param.ds_tensor.numel()
 
     def _average(self, name: str, param: nn.Parameter) -> torch.Tensor:
         """The fp32 moving average of this rank's elements of ``param``."""
@@ -218,37 +228,29 @@ class MomentumTeacher:
         (the padding that evens out a ZeRO-3 partition is never saved, or, in checkpoints
         saved before it was left out, sits past the tensor's last element), from which
         this rank takes the elements it owns on this world size."""
-        missing = [name for name, _, _ in self.pairs if any(name not in s for s in saved)]
+        self._require(saved)
+        with torch.no_grad():
+            for name, p, _ in self.pairs:
+                _copy_elements(self._average(name, p).view(-1), [s[name] for s in saved],
+                               self._first(p), name)
+            self._publish()
+
+    def _require(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Refuse saved ``states`` that lack any of the target encoder's tensors."""
+        missing = [name for name, _, _ in self.pairs if any(name not in s for s in states)]
         if missing:
             raise ValueError(f"checkpoint lacks the target encoder's {missing[:3]} "
                              f"({len(missing)} tensors)")
-        with torch.no_grad():
-            for name, p, _ in self.pairs:
-                ema = self._average(name, p).view(-1)
-                # this rank's first element: its partition's place in the padded tensor
-                start = _rank_in_group(p) * p.ds_tensor.numel() if self.partitioned else 0
-                _copy_elements(ema, [s[name] for s in saved], start, name)
-            self._publish()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy back tensors saved by :meth:`state_dict` on the same rank and world size."""
-        missing = [name for name, _, _ in self.pairs if name not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks the target encoder's {missing[:3]} "
-                             f"({len(missing)} tensors)")
+        self._require([state])
         with torch.no_grad():
             for name, p, _ in self.pairs:
                 ema = self._average(name, p)
                 # checkpoints saved before the padding was left out hold it at the end
                 ema.copy_(state[name].reshape(-1)[:ema.numel()].view_as(ema))
             self._publish()
-
-
-def _rank_in_group(param: nn.Parameter) -> int:
-    """This rank's index among the ranks a ZeRO-3 parameter is partitioned over."""
-    import torch.distributed as dist
-
-    return dist.get_rank(group=getattr(param, "ds_process_group", None))
 
 
 def _copy_elements(dst: torch.Tensor, parts: list[torch.Tensor], start: int,

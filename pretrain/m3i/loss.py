@@ -28,14 +28,15 @@ then gives the global mean (equal batch per rank, as SiamIM's DDP assumes too)."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import ImageLoss
 from runtime.dist import tensor_mean_over_ranks
 
-IMAGE_LOSSES = ("unigrad", "cosine")  # objective.image.loss
+IMAGE_LOSSES = get_args(ImageLoss)  # objective.image.loss's values
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
