@@ -48,9 +48,13 @@ def _patched_copy(src: Path, out: Path) -> Path:
 
 def build(src: Path, out: Path) -> None:
     """Compile the released sources in ``src`` into ``out`` (see the module docstring)."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     src = _patched_copy(src, out)
+    # The toolkit's own headers first: a wheel's cuda_runtime_api.h ahead of them includes
+    # crt/host_defines.h, which only the toolkit has (seen with the cu13 wheels); the
+    # wheels' folders only fill in the library headers a slim toolkit lacks.
+    toolkit = [str(Path(CUDA_HOME) / "include")] if CUDA_HOME else []
 
     sources = [src / "vision.cpp", *sorted((src / "cpu").glob("*.cpp")),
                *sorted((src / "cuda").glob("*.cu"))]
@@ -58,9 +62,9 @@ def build(src: Path, out: Path) -> None:
     if missing or len(sources) < 3:
         raise FileNotFoundError(f"released DCNv3 sources not found under {src}")
     load(name="DCNv3", sources=[str(p) for p in sources],
-         extra_include_paths=[str(src), *_wheel_includes()], extra_cflags=["-O3", "-DWITH_CUDA"],
-         extra_cuda_cflags=["-O3", "-DWITH_CUDA"], build_directory=str(out),
-         with_cuda=True, verbose=False)
+         extra_include_paths=[str(src), *toolkit, *_wheel_includes()],
+         extra_cflags=["-O3", "-DWITH_CUDA"], extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
+         build_directory=str(out), with_cuda=True, verbose=False)
 
 
 def main(argv: list[str]) -> int:

@@ -4,9 +4,8 @@ Layout (all contiguous, channels-last): input (N, H, W, C); offset (P, G*K*2) an
 (P, G*K) with P = N*Ho*Wo output positions; output (P, C). One program handles a block of
 ``BLOCK_P`` output positions of one group; its ``BLOCK_C`` channel lanes run along the
 contiguous group-channel dimension, so every corner load is one vector load per position.
-A group wider than two tiles (InternImage-H: 32 channels) is handled as ``NCH = 2``
-chunks of BLOCK_C channels by the same lanes, so each point's geometry, computed per
-lane, serves twice the channels.
+A group is one tile (``NCH = 1``) or ``NCH = 2`` chunks of BLOCK_C channels handled by
+the same lanes, whichever an H200 ran faster (``tile_constants``).
 
 Semantics are those of ``ops.dcnv3.reference`` (sampling location, x-major point order,
 zeros outside the image, and the released kernel's rule that a point is skipped unless
@@ -34,14 +33,14 @@ How the code is shaped for the GPU (each point checked in the sm_90 code, see
   gradients in tiles of the same form and stores each once. (A strided load, e.g. only
   the x offsets, gets a layout of its own from Triton 3.6, the GPU machine's, which
   then converts between the two at every point: checked with both compilers.)
-- The forward is bound by instruction issue, not by memory (sm_90 instruction counts
-  against H200 timings, benchmarks/RESULTS.md): the per-lane point geometry and
-  column selection are the overhead the chunks amortise, and each corner adds into the
-  accumulator with one fused multiply-add per channel. bf16 corners are widened to fp32
+- The forward is not bound by DRAM bandwidth (bf16 runs barely faster than fp32, sm_90
+  instruction counts against H200 timings, benchmarks/RESULTS.md): per point and lane
+  it computes the geometry and selects the point's column, and each corner adds into
+  the accumulator with one fused multiply-add per channel. bf16 corners are widened to fp32
   by two integer instructions per pair (``_widen``), and the autotuner may also pick the
   fully unrolled point loop (``offered_configs``), where the column selections fold.
-  The corner masks are per row where the group's channels fill the chunks (``FULL``,
-  every InternImage width), shared by the chunks, with the row's own validity folded
+  The corner masks are per row where the group's channels fill the tile (``FULL``,
+  every InternImage width), with the row's own validity folded
   into the point's; each corner tests one bound per axis.
 - The backward's vectors are capped at 4 lanes (``_lanes``), so that its bf16 loads and
   its fp32 atomics get the same layout.
@@ -73,16 +72,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (BLOCK_P, num_warps) tried by the autotuner, per kernel, each with the point loop as a
 # loop and fully unrolled where that fits (``offered_configs``). Compiled for sm_90 at
-# InternImage's group widths (16 and 32 channels, fp32 and bf16) none spills in its
-# point loop, with Triton 3.6 or 3.8 (ptxas under 3.8 keeps one value of the fp32
-# forward at 128x8 in local memory across it), and each covers its tile without idle
-# warps: a warp spans 32 / (BLOCK_C / VEC) rows, 16 for the forward's bf16 16-lane
-# chunks, 8 in the backward (see tile_constants). Register counts: benchmarks/RESULTS.md.
-GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 4), (128, 8)),
+# InternImage's group widths (16 and 32 channels, fp32 and bf16) none spills (no local
+# memory load or store in the kernel) with Triton 3.6 or 3.8, and each covers its tile
+# without idle warps: a warp spans 32 / (BLOCK_C / VEC) rows (see tile_constants). Registers and
+# timings: benchmarks/RESULTS.md.
+GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 8)),
                "bwd": ((32, 4), (64, 4), (64, 8))}
 # Largest input element (bytes) whose kernel is also offered with the point loop fully
-# unrolled: the unrolled forward spills registers from 4-byte inputs on (sm_90 code).
-UNROLL_MAX_ITEMSIZE = {"fwd": 2, "bwd": 4}
+# unrolled: the unrolled forward spills registers from 4-byte inputs on (sm_90 code);
+# the unrolled backward (one 32-lane tile) spills at 64x4 and ran slower at every
+# config on an H200, so it is not offered.
+UNROLL_MAX_ITEMSIZE = {"fwd": 2, "bwd": 0}
 
 # Integer arguments that vary with the layer shape but gain nothing from Triton's
 # specialisation on their value (== 1, divisible by 16): leaving them generic keeps one
@@ -103,13 +103,14 @@ def offered_configs(kernel: str, dtype: torch.dtype) -> list[tuple[int, int, int
 
 
 def _configs(kernel: str, interpret: bool = INTERPRET) -> list[triton.Config]:
-    """Every config of ``GPU_CONFIGS[kernel]``, as a loop and unrolled (the autotuner's
-    pruning keeps what ``offered_configs`` allows for the launch's dtype); one config
-    under the interpreter."""
+    """Every config of ``GPU_CONFIGS[kernel]``, as a loop and, where any dtype may take
+    it, unrolled (the autotuner's pruning keeps what ``offered_configs`` allows for the
+    launch's dtype); one config under the interpreter."""
     if interpret:
         return [triton.Config({"BLOCK_P": 32, "UNROLL": 0}, num_warps=4)]
+    unrolls = (0, 1) if UNROLL_MAX_ITEMSIZE[kernel] else (0,)
     return [triton.Config({"BLOCK_P": bp, "UNROLL": u}, num_warps=w, num_stages=1)
-            for bp, w in GPU_CONFIGS[kernel] for u in (0, 1)]
+            for bp, w in GPU_CONFIGS[kernel] for u in unrolls]
 
 
 def prune_configs(kernel: str, configs: list[triton.Config], named_args: dict,
@@ -502,24 +503,30 @@ def launch_args(
 
 
 def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
-                   kernel_size: int) -> dict:
+                   kernel_size: int, split: bool | None = None) -> dict:
     """BLOCK_C, NCH, VEC, FULL and WIDEN_ASM of a launch.
 
     A tile is BLOCK_C lanes wide; the point tiles use the lanes as columns, so BLOCK_C
-    >= K. A group wider than two such tiles is split into NCH = 2 chunks of half its
-    (power-of-two) width, each a tile of its own handled by the same lanes: a lane then
-    computes each point's geometry once for twice the channels (InternImage-H, 32
-    channels per group: two 16-lane chunks; T..XL, 16 channels: one tile, no idle
-    lanes). VEC: elements per vector access, 16 bytes of the tensors' dtype in the
-    forward; in the backward what one 16-byte atomic of the fp32 (fp64) accumulator
-    holds, so that loads and atomics share one layout (see ``_lanes``). FULL: the group's
-    channels fill the NCH chunks exactly (no lane to mask in the point loop).
-    WIDEN_ASM: bf16 widened by inline PTX (``_widen``), on NVIDIA GPUs only (not the
-    interpreter, not ROCm).
+    >= K. A group is either one tile of its (power-of-two) width, at least K lanes
+    (NCH = 1; InternImage-H: 32 lanes, T..XL: 16), or, split, NCH = 2 chunks of half
+    its width (only for groups at least twice as wide as K), each a tile of its own
+    handled by the same lanes, so that a lane computes each point's geometry once for
+    twice the channels. ``split`` None takes the layout an H200 ran faster at H's
+    32-channel groups (2026-12-04, ``benchmarks/dcnv3_sweep.py --layouts``): one tile
+    for the backward (split took 17-19% longer) and for 16-bit forwards (5-13% longer);
+    split for the forward from 4-byte inputs (equal at stage 1, 8% faster at stage 4,
+    and the one tile spills two registers under Triton 3.6). VEC: elements per vector
+    access, 16 bytes of the tensors' dtype in the forward; in the backward what one
+    16-byte atomic of the fp32 (fp64) accumulator holds, so that loads and atomics share
+    one layout (see ``_lanes``). FULL: the group's channels fill the NCH chunks exactly
+    (no lane to mask in the point loop). WIDEN_ASM: bf16 widened by inline PTX
+    (``_widen``), on NVIDIA GPUs only (not the interpreter, not ROCm).
     """
+    if split is None:
+        split = not backward and dtype.itemsize >= 4
     k_width = triton.next_power_of_2(kernel_size**2)
     width = triton.next_power_of_2(group_channels)
-    nch = 2 if width >= 2 * k_width else 1
+    nch = 2 if split and width >= 2 * k_width else 1
     # At least 2 lanes: a point's (x, y) offset pair never straddles two tiles.
     block_c = width // 2 if nch == 2 else max(width, k_width, 2)
     elem = dtype.itemsize
