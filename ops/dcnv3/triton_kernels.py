@@ -513,8 +513,8 @@ def tile_constants(dtype: torch.dtype, backward: bool, group_channels: int,
     handled by the same lanes, so that a lane computes each point's geometry once for
     twice the channels. ``split`` None takes the layout an H200 ran faster at H's
     32-channel groups (2026-12-04, ``benchmarks/dcnv3_sweep.py --layouts``): one tile
-    for the backward (split took 17-19% longer) and for 16-bit forwards (5-13% longer);
-    split for the forward from 4-byte inputs (equal at stage 1, 8% faster at stage 4,
+    for the backward (split took 19-21% longer) and for 16-bit forwards (5-13% longer);
+    split for the forward from 4-byte inputs (equal at stage 1, 9% faster at stage 4,
     and the one tile spills two registers under Triton 3.6). VEC: elements per vector
     access, 16 bytes of the tensors' dtype in the forward; in the backward what one
     16-byte atomic of the fp32 (fp64) accumulator holds, so that loads and atomics share
