@@ -95,6 +95,7 @@ def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, f
     validation set, on every rank of the job; the metrics a training evaluation of the
     same weights logs (``bbox_AP``... / ``mIoU``, ``IoU.<class>``...)."""
     from finetune.convert import read_source
+    from finetune.init import read_once
     from runtime import rng
     from runtime.checkpoint import agree_on_refusal
     from runtime.dist import broadcast_object, init_distributed
@@ -108,7 +109,7 @@ def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, f
     try:
         # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
         with contextlib.redirect_stdout(sys.stderr):
-            state, _ = read_source(source.weights)
+            state, _ = read_once(read_source, source.weights)  # rank 0 reads
     except (CheckpointError, OSError) as err:  # e.g. pruned while this rank read it
         refusal = err if isinstance(err, CheckpointError) else CheckpointError(
             f"{source.weights}: {err}")

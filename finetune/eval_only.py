@@ -152,7 +152,7 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     EMA weights)."""
     from finetune.cls_data import build_val_loader, build_val_set
     from finetune.convert import read_backbone
-    from finetune.init import load_backbone_state
+    from finetune.init import load_backbone_state, read_once
     from finetune.zero import evaluate_with_ema
     from runtime import rng
     from runtime.checkpoint import EMA_FILE, agree_on_refusal, load_torch_file
@@ -173,7 +173,7 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     try:
         # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
         with contextlib.redirect_stdout(sys.stderr):
-            state, meta = read_backbone(source.weights)
+            state, meta = read_once(read_backbone, source.weights)  # rank 0 reads
         check_head(state, cfg, source.weights)
         if has_ema:  # training evaluates its fp32 EMA too
             ema_state = load_torch_file(ema_file)

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from finetune.convert import read_backbone, read_metadata
 from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from models import VARIANTS, CheckpointError, LoadReport, resolve_variant
+from runtime.dist import broadcast_object, broadcast_tensors, global_rank, group_size
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +142,47 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
     ImageNet-1K rows (as the released fine-tuning); with ``backbone_only`` (dense tasks)
     every classification-only key is dropped. Any other
     missing or unexpected key, or a shape mismatch, raises ``CheckpointError``.
+
+    Under a process group every rank must call it (each builds the whole model): rank 0
+    alone reads ``src`` (:func:`read_backbone_once`).
     """
-    state, meta = read_backbone(src)
+    state, meta = read_backbone_once(src)
     return load_backbone_state(model, state, meta, src, variant=variant, arch=arch,
                                backbone_only=backbone_only)
+
+
+def read_backbone_once(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``read_backbone(src)`` on rank 0 only (:func:`read_once`)."""
+    return read_once(read_backbone, src)
+
+
+def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
+              src: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """``read(src)`` (a state dict and its metadata) on rank 0 only, the tensors and the
+    metadata broadcast to the other ranks; ``read(src)`` itself without a process group.
+    Collective: every rank calls it.
+
+    Every rank reading a ZeRO directory would read the fp32 partitions of all its rank
+    files (InternImage-H: 4.3 GB) and open each of them: at 64 ranks 275 GB from shared
+    storage where one read and a broadcast do. A read that fails on rank 0 fails on
+    every rank: rank 0 raises its own error, the others a ``CheckpointError`` with its
+    message (none waits in a collective for tensors that never come).
+    """
+    if group_size() == 1:
+        return read(src)
+    result, error = None, None
+    if global_rank() == 0:
+        try:
+            result = read(src)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise CheckpointError(f"{src}: rank 0 could not read it: {message}")
+    meta = broadcast_object(result[1] if result else None)
+    return broadcast_tensors(result[0] if result else None), meta
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],

@@ -64,8 +64,10 @@ def _segmenter_state(path: str) -> dict[str, torch.Tensor]:
     if tag_dir is None:
         return load_torch_file(Path(path))["model"]
     from finetune.convert import read_zero_checkpoint
+    from finetune.init import read_once
 
-    state, _ = read_zero_checkpoint(tag_dir)  # fp32, consolidated over ZeRO partitions
+    # fp32, consolidated over ZeRO partitions, by rank 0 alone
+    state, _ = read_once(read_zero_checkpoint, tag_dir)
     # the engine wrapped ``LossForward(model)``: its names carry the ``model.`` prefix
     return {k.removeprefix("model."): v for k, v in state.items()}
 

@@ -347,6 +347,37 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Rank 0's named CPU tensors on every rank, as CPU tensors (``tensors`` itself without
+    a process group or alone; rank 0 keeps its own). Collective: every rank calls it, the
+    others with None.
+
+    For weights one rank read from storage that every rank needs (``--init`` of a
+    fine-tuning run): one storage read instead of one per rank. One broadcast per tensor,
+    in rank 0's order; under NCCL each travels through the current CUDA device, so the
+    device holds one tensor more at a time, never the whole dict.
+    """
+    import torch.distributed as dist
+
+    if not _process_group_up() or dist.get_world_size() == 1:
+        return dict(tensors or {})
+    main = dist.get_rank() == 0
+    specs = broadcast_object([(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+                             if main else None)
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    out = {}
+    for key, shape, dtype in specs:
+        if main:
+            t = tensors[key].contiguous().to(device)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        if t.numel():  # nothing to send (and gloo refuses an empty buffer)
+            dist.broadcast(t, src=0)
+        out[key] = tensors[key] if main else t.cpu()
+    return out
+
+
 def gather_objects(obj, dst: int = 0) -> list | None:
     """Every rank's ``obj`` in rank order on rank ``dst``, None on the other ranks (a
     one-element list without a process group). Collective: every rank calls it.
@@ -391,6 +422,13 @@ def global_rank() -> int:
     return dist.get_rank() if _process_group_up() else 0
 
 
+def group_size() -> int:
+    """The default process group's world size (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _process_group_up() else 1
+
+
 def sum_over_ranks(values: Sequence[float] | None, length: int) -> list[float] | None:
     """Each rank's ``length`` numbers summed over the ranks (float64), on every rank: one
     all-reduce of ``length + 1`` numbers (under NCCL on the current CUDA device, as
@@ -418,11 +456,8 @@ def mean_over_ranks(values: Sequence[float]) -> list[float]:
     """Each rank's ``values`` averaged over the ranks (float64), on every rank: one
     :func:`sum_over_ranks` (the values themselves without a process group). Collective:
     every rank calls it with as many values."""
-    import torch.distributed as dist
-
     summed = sum_over_ranks(list(values), len(values))
-    world = dist.get_world_size() if _process_group_up() else 1
-    return [v / world for v in summed]
+    return [v / group_size() for v in summed]
 
 
 def mean_by_name(values: Mapping[str, float]) -> dict[str, float]:

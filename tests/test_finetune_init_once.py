@@ -1,0 +1,92 @@
+"""``--init`` under several ranks: rank 0 alone reads the checkpoint, the others receive its
+tensors (finetune.init.read_backbone_once), and a read that fails on rank 0 fails on every
+rank instead of leaving them waiting for tensors. 2 real gloo ranks, forked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.rank_launcher import run_file_function
+
+pytestmark = pytest.mark.distributed
+
+ARCH = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8]}
+
+
+def _tiny(seed: int):
+    from models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("internimage_t", num_classes=0, dcn_backend="reference", **ARCH)
+
+
+def _worker(out_dir: str, src: str) -> None:
+    import torch.distributed as dist
+
+    import finetune.init as init
+    from models import CheckpointError
+
+    dist.init_process_group("gloo")  # env://, as torchrun sets it
+    rank = dist.get_rank()
+    reads = []
+    real_read = init.read_backbone
+
+    def counted(path):
+        reads.append(str(path))
+        if rank != 0:
+            raise AssertionError(f"rank {rank} read {path} itself")
+        return real_read(path)
+
+    init.read_backbone = counted
+    model = _tiny(seed=100 + rank)  # each rank starts from other weights
+    record: dict = {"reads": reads}
+    try:
+        init.load_init(model, src, variant="internimage_t", arch=ARCH)
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    except CheckpointError as err:
+        record["error"] = str(err)
+    except FileNotFoundError as err:  # what rank 0's own read of a missing file raises
+        record["error"] = f"FileNotFoundError: {err}"
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    # Skip interpreter teardown: gloo's destructors occasionally abort when peers exit
+    # at the same moment (as tests/test_objectives.py's workers).
+    os._exit(0)
+
+
+def _run(tmp_path: Path, src: Path) -> list[dict]:
+    out = tmp_path / "ranks"
+    out.mkdir()
+    run_file_function(__file__, "_worker", 2, str(out), str(src), timeout=180)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_rank_zero_reads_the_init_and_every_rank_gets_its_weights(tmp_path):
+    src = tmp_path / "backbone.pth"
+    # the released layout: the state dict under 'model' (classification/utils.py)
+    torch.save({"model": _tiny(seed=0).state_dict()}, src)
+    records = _run(tmp_path, src)
+    assert records[0]["reads"] == [str(src)] and records[1]["reads"] == []
+    assert all("error" not in r for r in records), records
+    want = torch.load(src)["model"]
+    for rank in range(2):
+        got = torch.load(tmp_path / "ranks" / f"rank{rank}.pt")
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (rank, key)
+
+
+def test_a_read_failing_on_rank_zero_fails_every_rank(tmp_path):
+    src = tmp_path / "missing.pth"
+    records = _run(tmp_path, src)  # finishing at all: no rank waits for tensors
+    assert records[1]["reads"] == []
+    assert "error" in records[0] and "error" in records[1], records
+    assert "rank 0 could not read it" in records[1]["error"]
+    assert str(src) in records[1]["error"]
+    # rank 0's own message travels to the others
+    assert records[0]["error"].split(": ", 1)[-1][:40] in records[1]["error"]
