@@ -23,6 +23,7 @@ from finetune.skip_counts import SkipCounts
 from runtime.best import BestCheckpoint
 from runtime.dist import DistInfo
 from runtime.loop import (
+    EVAL_OWED,
     LoopPosition,
     LoopSpec,
     TaskHooks,
@@ -53,7 +54,7 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
                        optimizer: torch.optim.Optimizer, scheduler, mixup, start_step: int,
                        steps_per_epoch: int, total: int, metrics: MetricsLogger,
                        desc: str, skipped_before: Mapping[str, int] | None = None,
-                       best: Sequence[BestCheckpoint] = ()) -> dict:
+                       best: Sequence[BestCheckpoint] = (), eval_owed: bool = False) -> dict:
     """Train from ``start_step`` to ``total``; returns the last evaluation (with
     ``stopped_early`` and the ``step`` when a stop request ended the run first).
 
@@ -94,13 +95,14 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     hooks = TaskHooks(batches=batches,
                       train_step=lambda group: accumulated_step(micro_step, group),
                       evaluate=lambda: steps.evaluate(loaders["val"]),
-                      save=lambda pos: steps.save(pos.step, skips.state()),
+                      save=lambda pos: steps.save(pos.step, skips.state()
+                                                  | {EVAL_OWED: pos.eval_owed}),
                       after_step=steps.after_step,
                       log_values=lambda step: skips.record())
     spec = LoopSpec(name=desc, total_steps=total, eval_every=eval_every,
                     checkpoint_every=cfg.run.checkpoint_every or eval_every,
                     log_every=cfg.run.log_every)
     epoch = start_step // max(1, steps_per_epoch)
-    start = LoopPosition(start_step, epoch, start_step - epoch * steps_per_epoch)
+    start = LoopPosition(start_step, epoch, start_step - epoch * steps_per_epoch, eval_owed)
     return run_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
                     metrics=metrics, d=d, best=best)

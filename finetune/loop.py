@@ -41,7 +41,14 @@ from finetune.skip_counts import SkipCounts
 from runtime.checkpoint import BEST, discard_config, engine_layout, publish_config
 from runtime.dist import DistInfo, broadcast_buffers
 from runtime.ds_config import DeepSpeedSpec
-from runtime.loop import LoopPosition, LoopSpec, TaskHooks, accumulated_step, step_batches
+from runtime.loop import (
+    EVAL_OWED,
+    LoopPosition,
+    LoopSpec,
+    TaskHooks,
+    accumulated_step,
+    step_batches,
+)
 from runtime.loop import run_loop as run_training_loop
 
 __all__ = ["fingerprint", "run_loop"]  # fingerprint: what detection/segmentation hash with
@@ -84,7 +91,8 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
         param_persistence_threshold=zero_persistence_threshold), run, d)
     start = LoopPosition()
     if run.state is not None:
-        start = LoopPosition(run.start_step, run.state["epoch"], run.state["epoch_step"])
+        start = LoopPosition(run.start_step, run.state["epoch"], run.state["epoch_step"],
+                             bool(run.state.get(EVAL_OWED, False)))
     scheduler.step_update(start.step)
     metrics = open_metrics(run, d, total_steps, name, tensorboard=tensorboard,
                            progress=progress)
@@ -121,7 +129,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
 
     def save(pos: LoopPosition) -> None:  # every rank: its shard and its random state
         run.save(engine, pos.step, shared | {"epoch": pos.epoch, "epoch_step": pos.epoch_step,
-                                             **skips.state()}, d)
+                                             EVAL_OWED: pos.eval_owed, **skips.state()}, d)
 
     hooks = TaskHooks(batches=epoch_steps,
                       train_step=lambda group: accumulated_step(micro_step, group),

@@ -75,7 +75,7 @@ from runtime.dist import (
     mean_by_name,
     sum_counts,
 )
-from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
+from runtime.loop import EVAL_OWED, LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 from runtime.redact import config_hash
@@ -356,10 +356,10 @@ class Trainer:
         another ZeRO layout or precision is refused: runtime.checkpoint.engine_layout)."""
         return engine_layout(self.cfg.engine.zero_stage, self.cfg.engine.precision)
 
-    def _save(self) -> Path:
+    def _save(self, eval_owed: bool = False) -> Path:
         # rank 0 alone writes the shared state (the others' copy is not used)
         merged = self._merged_stats() or {}
-        shared = {"step": self.step, "world_size": self.info.world_size,
+        shared = {"step": self.step, "world_size": self.info.world_size, EVAL_OWED: eval_owed,
                   "global_batch": self.batch, "samples_done": self.samples,
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": merged.get("samples", {}),
@@ -543,14 +543,17 @@ class Trainer:
         # loop's skip is ignored; each step pulls its micro-batches itself
         hooks = TaskHooks(batches=lambda epoch, skip: itertools.repeat(batches),
                           train_step=self._train_step, evaluate=self._evaluate,
-                          save=lambda pos: self._save(), after_step=self._after_step,
+                          save=lambda pos: self._save(pos.eval_owed),
+                          after_step=self._after_step,
                           skipped=self._skipped, log_values=self._log_values)
         spec = LoopSpec(name="pretrain", total_steps=self.total_steps,
                         eval_every=cfg.zero_shot.every,
                         checkpoint_every=cfg.run.checkpoint_every,
                         log_every=cfg.run.log_every, log_first=False, log_last=True,
                         epochs=False, losses_over_ranks=True)
-        result = run_loop(spec, hooks, LoopPosition(self.step), metrics=metrics, d=self.info)
+        owed = bool(self.state.get(EVAL_OWED, False)) if self.state is not None else False
+        result = run_loop(spec, hooks, LoopPosition(self.step, eval_owed=owed),
+                          metrics=metrics, d=self.info)
         stopped = {"stopped_early": True} if result.get("stopped_early") else {}
         return {"step": self.step, **self._last, **stopped}
 

@@ -37,11 +37,18 @@ T = TypeVar("T")
 @dataclass
 class LoopPosition:
     """Where a run stands: optimizer steps done, the epoch, and the batches of that epoch
-    already trained on (what a mid-epoch resume skips)."""
+    already trained on (what a mid-epoch resume skips). ``eval_owed``: the evaluation due
+    at ``step`` was skipped by a stop request; a checkpoint records it (``EVAL_OWED`` in
+    its trainer state) and a run resumed from it evaluates first."""
 
     step: int = 0
     epoch: int = 0
     epoch_step: int = 0
+    eval_owed: bool = False
+
+
+# The trainer-state key under which a task's checkpoint records ``LoopPosition.eval_owed``.
+EVAL_OWED = "eval_owed"
 
 
 @dataclass
@@ -213,6 +220,22 @@ def _evaluate(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition, metrics: Metr
     return result
 
 
+def _owed_evaluation(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition,
+                     metrics: MetricsLogger, d: DistInfo,
+                     best: Sequence[BestCheckpoint]) -> dict[str, float]:
+    """The evaluation a stop skipped at ``pos.step``, run on resuming from that step's
+    checkpoint (the weights it would have evaluated). That checkpoint is published: an
+    improving result names it best at once, with no save between."""
+    if d.is_main:
+        log.info("step %d: running the evaluation the stop before this resume skipped",
+                 pos.step)
+    result = _evaluate(hooks, spec, pos, metrics, d)
+    for b in best:
+        if b.improves(result):
+            b.record(pos.step, result)
+    return result
+
+
 def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
     hooks.save(pos)
     metrics.checkpointed()  # what a resume cut is no checkpoint's any more
@@ -243,6 +266,8 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
     pos, last_eval = LoopPosition(start.step, start.epoch, start.epoch_step), {}
     if scheduler is not None:
         scheduler.step_update(pos.step)
+    if start.eval_owed and pos.step > 0:
+        last_eval = _owed_evaluation(hooks, spec, pos, metrics, d, best)
     while pos.step < spec.total_steps:
         skipped = pos.epoch_step  # a resumed epoch may have no batch left: not an error
         for batch in hooks.batches(pos.epoch, pos.epoch_step):
@@ -275,7 +300,9 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
                 if stopping and not last:
                     if d.is_main:
                         log.warning("stop requested: the evaluation due at step %d is "
-                                    "skipped to save in time", pos.step)
+                                    "skipped to save in time (a resume runs it first)",
+                                    pos.step)
+                    pos.eval_owed = True  # recorded by the save below
                 else:
                     last_eval = _evaluate(hooks, spec, pos, metrics, d)
                     improved = [b for b in best if b.improves(last_eval)]

@@ -21,6 +21,7 @@ from runtime.best import BestCheckpoint
 from runtime.dist import DistInfo
 from runtime.loop import LoopPosition, LoopSpec, TaskHooks, run_loop
 from runtime.metrics import MetricsLogger
+from runtime.preemption import STOP_REQUESTED, request_stop
 from tests.pretrain_utils import run_forked
 
 
@@ -38,16 +39,20 @@ class Engine:
 
 def _train(root: Path, top1: dict[int, float], total: int, start: int = 0,
            keep_last: int = 1, checkpoint_every: int = 0,
-           top1_ema: dict[int, float] | None = None) -> list[int]:
+           top1_ema: dict[int, float] | None = None, stop_at: int = 0,
+           eval_owed: bool = False) -> list[int]:
     """Evaluate every step (top-1 from ``top1``; the EMA's from ``top1_ema``, whose best
     is kept too when given), checkpoint every ``checkpoint_every`` (0: the last step
-    only); the steps saved."""
+    only); a stop requested during step ``stop_at``; from ``start`` owing its evaluation
+    or not (``eval_owed``); the steps saved."""
     saved: list[int] = []
     steps = iter(range(start + 1, total + 1))
     current = [start]
 
     def train_step(batch):
         current[0] = next(steps)
+        if current[0] == stop_at:
+            request_stop()
         return {"loss": torch.tensor(1.0)}
 
     def save(pos: LoopPosition) -> None:
@@ -67,7 +72,11 @@ def _train(root: Path, top1: dict[int, float], total: int, start: int = 0,
     best = [BestCheckpoint.resume(root, "top1", start, is_main=True)]
     if top1_ema:
         best.append(BestCheckpoint.resume(root, "top1_ema", start, True, ck.BEST_EMA))
-    run_loop(spec, hooks, LoopPosition(start), metrics=metrics, d=DistInfo(), best=best)
+    try:
+        run_loop(spec, hooks, LoopPosition(start, eval_owed=eval_owed), metrics=metrics,
+                 d=DistInfo(), best=best)
+    finally:
+        STOP_REQUESTED.clear()
     return saved
 
 
@@ -110,6 +119,20 @@ def test_an_evaluation_that_improves_is_saved_and_outlives_the_retention(tmp_pat
     root2 = tmp_path / "run2" / "checkpoints"
     assert _train(root2, top1, total=6, checkpoint_every=2, keep_last=2) == [1, 2, 4, 6]
     assert _best(root2)["step"] == 2 and _kept(root2) == [2, 4, 6]
+
+
+def test_the_evaluation_a_stop_skipped_can_still_make_its_checkpoint_the_best(tmp_path):
+    """A stop at step 3 saves without evaluating (runtime/loop.py); the resume evaluates
+    step 3's checkpoint first, and its best top-1 names that checkpoint, which the later
+    saves' pruning (keep_last=1) then keeps."""
+    root = tmp_path / "run" / "checkpoints"
+    top1 = {1: 0.30, 2: 0.50, 3: 0.90, 4: 0.20, 5: 0.45}
+    assert _train(root, top1, total=5, stop_at=3) == [1, 2, 3]
+    assert _best(root)["step"] == 2  # step 3 was not evaluated
+    assert _train(root, top1, total=5, start=3, eval_owed=True) == [5]
+    assert _best(root) == {"tag": "step_0000003", "step": 3, "metric": "top1",
+                           "value": 0.90}
+    assert _kept(root) == [3, 5]
 
 
 def test_a_resume_keeps_the_best_so_far_and_a_rewind_forgets_an_abandoned_branchs(

@@ -316,6 +316,24 @@ def test_stop_request_saves_at_the_step_boundary_and_returns(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
 
 
+def test_a_zero_shot_evaluation_a_stop_skipped_runs_when_the_run_resumes(tmp_path, cache):
+    """A stop at a zero-shot step saves without evaluating (to save within SLURM's grace
+    period); the checkpoint records the evaluation owed and the resumed run evaluates
+    step 3's weights before training on, so no evaluation step goes missing."""
+    out = tmp_path / "owed"
+    args = pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "6",
+                        "zero_shot.every=3")[3:]
+    run_forked([sys.executable, "-c", STOP_AT_STEP_3, *args], cache)
+    step3 = out / "checkpoints" / "step_0000003" / "trainer_state.json"
+    assert json.loads(step3.read_text())["eval_owed"] is True
+    run_forked(pretrain_cmd(1, out, "--max-steps", "6", "--checkpoint-every", "6",
+                            "zero_shot.every=3", "--resume", "auto"), cache)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "zero_shot_top1" in r] == [3, 6]
+    step6 = out / "checkpoints" / "step_0000006" / "trainer_state.json"
+    assert json.loads(step6.read_text())["eval_owed"] is False
+
+
 def test_one_pass_sources_train_pass_after_pass_on_ranks_with_uneven_shares(tmp_path, cache):
     """``resampled: false`` sources (one pass over the shards, then the next pass) on 2
     ranks x 2 workers: the demo's 6 shards over 4 slots give the ranks uneven shares, so

@@ -6,6 +6,8 @@ checkpoint of the steps since the last one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -22,14 +24,16 @@ def _clear_stop():
     STOP_REQUESTED.clear()
 
 
-def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train"
-         ) -> tuple[list[str], dict]:
+def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train",
+         start: LoopPosition | None = None) -> tuple[list[str], dict]:
     """Events of a run evaluating and saving every 3 steps whose stop request arrives
-    ``during`` (train, evaluate, save) step ``stop_in_step``."""
+    ``during`` (train, evaluate, save) step ``stop_in_step``; from ``start`` (a resume)
+    or step 0. A save whose position owes an evaluation reads ``save N owing``."""
     STOP_REQUESTED.clear()  # a process's one flag: each run here starts without a stop
+    start = start or LoopPosition()
     events: list[str] = []
-    steps = iter(range(1, total + 1))
-    current = [0]
+    steps = iter(range(start.step + 1, total + 1))
+    current = [start.step]
 
     def train_step(batch):
         current[0] = next(steps)
@@ -44,7 +48,7 @@ def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train"
         return {"top1": 0.5}
 
     def save(pos):
-        events.append(f"save {pos.step}")
+        events.append(f"save {pos.step}" + (" owing" if pos.eval_owed else ""))
         if (current[0], during) == (stop_in_step, "save"):
             request_stop()
 
@@ -52,15 +56,31 @@ def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train"
                       evaluate=evaluate, save=save)
     spec = LoopSpec(name="t", total_steps=total, eval_every=3, checkpoint_every=3,
                     log_every=1)
-    metrics = MetricsLogger(tmp_path, True, total, 0, tensorboard=False, progress=False)
-    result = run_loop(spec, hooks, LoopPosition(), metrics=metrics, d=DistInfo())
+    metrics = MetricsLogger(tmp_path, True, total, start.step, tensorboard=False,
+                            progress=False)
+    result = run_loop(spec, hooks, start, metrics=metrics, d=DistInfo())
     return events, result
 
 
 def test_a_stop_at_an_evaluation_step_saves_without_evaluating_first(tmp_path):
     events, result = _run(tmp_path, stop_in_step=3)
-    assert events == ["save 3"]
+    assert events == ["save 3 owing"]  # the checkpoint records the skipped evaluation
     assert result["stopped_early"] and result["step"] == 3
+
+
+def test_the_evaluation_a_stop_skipped_runs_first_on_resuming(tmp_path):
+    """The evaluation due at the stop step was skipped for good: the resumed run went on
+    to step 4, and step 3's weights were never evaluated (nor could they become the best
+    checkpoint). A resume from a checkpoint owing it evaluates before training, logs the
+    result at that step, and saves owing nothing."""
+    events, result = _run(tmp_path / "resumed", stop_in_step=0, start=LoopPosition(3, 0, 3, True))
+    assert events == ["evaluate", "evaluate", "save 6"]
+    records = [json.loads(line) for line in
+               (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "top1" in r] == [3, 6]
+    # a resume owing nothing starts training at once
+    events, _ = _run(tmp_path / "plain", stop_in_step=0, start=LoopPosition(3, 0, 3))
+    assert events == ["evaluate", "save 6"]
 
 
 def test_a_stop_between_checkpoints_saves_at_that_step(tmp_path):
