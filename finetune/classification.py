@@ -22,6 +22,7 @@ from data.demo import cache_dir as demo_cache_dir
 from finetune.cls_build import build_classifier, classifier_groups
 from finetune.config import BackboneConfig, OptimConfig, RunConfig, check
 from finetune.plan import count_params, per_gpu_count, plan_gpu_counts, print_plan
+from runtime import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def _memory_line(cfg: ClassificationConfig, model: nn.Module) -> str:
     return describe(est, batch, (size, size), cfg.model.with_cp, cfg.run.zero_stage)
 
 
+@run_lock.releasing
 def train(cfg: ClassificationConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune through the DeepSpeed engine (ZeRO stage ``run.zero_stage``, 0 by
     default: plain data parallelism); returns the last evaluation metrics."""

@@ -63,7 +63,7 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     ``skipped`` (its shared state's), which a map-style set's count goes on from.
     ``best``: the run's best checkpoints so far, by top-1 and the EMA's (runtime/best.py;
     none: not kept)."""
-    from finetune.cls_data import build_loaders, epoch_batches
+    from finetune.cls_data import build_loaders, build_val_loader, epoch_batches
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)
     accum = cfg.run.grad_accum
@@ -85,6 +85,13 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
             micro = skips.counted(micro)
         return step_batches(micro, accum, steps_per_epoch - skip)
 
+    def evaluate() -> dict:
+        # a resume owing an evaluation runs it before the first batches build the loaders
+        # (the validation loader draws from its own generator, not training's)
+        if "val" not in loaders:
+            loaders["val"] = build_val_loader(cfg, d, val_set)
+        return steps.evaluate(loaders["val"])
+
     def micro_step(batch) -> dict[str, torch.Tensor]:
         images, labels = (t.to(d.device) for t in batch)
         if mixup is not None:
@@ -94,7 +101,7 @@ def run_classification(cfg, d: DistInfo, train_set, val_set, steps: ClsSteps, *,
     # one update; its loss is the mean over the micro-batches
     hooks = TaskHooks(batches=batches,
                       train_step=lambda group: accumulated_step(micro_step, group),
-                      evaluate=lambda: steps.evaluate(loaders["val"]),
+                      evaluate=evaluate,
                       save=lambda pos: steps.save(pos.step, skips.state()
                                                   | {EVAL_OWED: pos.eval_owed}),
                       after_step=steps.after_step,

@@ -41,7 +41,7 @@ from finetune.det_model import (  # noqa: F401  (the public import path)
     build_model,
 )
 from finetune.plan import count_params, print_plan
-from runtime import rng, schedules
+from runtime import rng, run_lock, schedules
 from runtime.dist import init_distributed
 from runtime.param_groups import adamw, param_groups
 
@@ -219,6 +219,7 @@ def refuse_shared_head_checkpoint(cfg: DetectionConfig, num_classes: int,
             "in another directory (--init from the same backbone checkpoint still works)")
 
 
+@run_lock.releasing
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
     from finetune.loop import run_loop

@@ -165,8 +165,9 @@ def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
     Every rank reading a ZeRO directory would read the fp32 partitions of all its rank
     files (InternImage-H: 4.3 GB) and open each of them: at 64 ranks 275 GB from shared
     storage where one read and a broadcast do. A read that fails on rank 0 fails on
-    every rank: rank 0 raises its own error, the others a ``CheckpointError`` with its
-    message (none waits in a collective for tensors that never come).
+    every rank with a ``CheckpointError`` carrying its message (rank 0's own, if it was
+    one), so none waits in a collective for tensors that never come and callers that
+    agree on refusals see the same kind of error on every rank.
     """
     if group_size() == 1:
         return read(src)
@@ -177,8 +178,10 @@ def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
     message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
+    if isinstance(error, CheckpointError):
         raise error
+    if error is not None:  # one type on every rank: callers agree on refusals by it
+        raise CheckpointError(f"{src}: {message}") from error
     if message is not None:
         raise CheckpointError(f"{src}: rank 0 could not read it: {message}")
     meta = broadcast_object(result[1] if result else None)

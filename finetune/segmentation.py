@@ -52,7 +52,7 @@ from finetune.seg_model import (  # noqa: F401  (the public import path)
     build_segmentor,
     is_segmenter_checkpoint,
 )
-from runtime import rng, schedules
+from runtime import rng, run_lock, schedules
 from runtime.dist import init_distributed
 from runtime.loop import RefusedStart
 from runtime.param_groups import adamw, param_groups
@@ -189,6 +189,7 @@ def segmentation_model_hash(cfg: SegmentationConfig) -> str:
                        cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes)
 
 
+@run_lock.releasing
 def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind`` on InternImage; returns the last evaluation (``mIoU``,
     ``IoU.<class>``, ...)."""

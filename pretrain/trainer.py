@@ -569,11 +569,8 @@ def recorded_metrics(run_dir: Path, step: int) -> dict[str, Any]:
     return found
 
 
+@run_lock.releasing
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) pre-training; return the final metrics (rank-local view). The
     run directory's lock (rank 0's) is released when it returns or raises."""
-    try:
-        trainer = Trainer(cfg, resume=resume)
-        return trainer.fit()
-    finally:
-        run_lock.release()
+    return Trainer(cfg, resume=resume).fit()

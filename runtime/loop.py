@@ -231,7 +231,9 @@ def _owed_evaluation(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition,
                  pos.step)
     result = _evaluate(hooks, spec, pos, metrics, d)
     for b in best:
-        if b.improves(result):
+        # not during a rewind: its pointer keeps naming the branch ``latest`` names
+        # until this run's first save is published (runtime/best.py)
+        if b.improves(result) and b.abandoned is None:
             b.record(pos.step, result)
     return result
 

@@ -44,6 +44,7 @@ start's refusal agreement, well inside the process group's timeout).
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -51,13 +52,17 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from models.checkpoint import CheckpointError
 from runtime import preemption
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 LOCK_NAME = ".run.lock"
 HEARTBEAT_S = 30.0
@@ -382,6 +387,23 @@ def release() -> None:
         if _HELD is not None:
             _HELD.release()
             _HELD = None
+
+
+def releasing(entry: Callable[P, R]) -> Callable[P, R]:
+    """``entry`` (a run's entry point: pre-training, a fine-tuning task's ``train``) with
+    this process's lock released when it returns or raises. A run started from Python
+    outlives its entry point: its lock stayed held, its heartbeat thread beating, and
+    once the run directory went (a notebook's temporary folder) that thread took the
+    missing file for a takeover and asked whatever the process trained next to stop."""
+
+    @functools.wraps(entry)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            release()
+
+    return run
 
 
 def lost_message(run_dir: Path) -> str | None:

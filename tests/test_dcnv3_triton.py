@@ -55,9 +55,10 @@ CASES = [
     _case(2, 6, 5, 5, 6, pad=0),
     _case(1, 8, 6, 2, 20, ks=5, pad=2),
     # The tile layouts of triton_kernels.tile_constants: 16 channels (InternImage-T..XL)
-    # are one tile; 32 (H), 20 (above: partly masked) and 64 are one tile in the
-    # backward and 16-bit forwards, two chunks in 4-byte forwards (see
-    # test_both_tile_layouts_match_reference for each layout in both kernels).
+    # are one tile; 32 (H) and 64 are one tile in the backward and 16-bit forwards, two
+    # chunks in 4-byte forwards (20 channels at kernel 5, above, are always one tile:
+    # K = 25 needs 32 lanes; test_both_tile_layouts_match_reference runs each layout in
+    # both kernels).
     _case(1, 5, 6, 2, 16),
     _case(1, 4, 5, 1, 64, stride=2),
 ]
@@ -532,7 +533,10 @@ def test_compiled_backward_atomics_are_relaxed_unfenced_and_nothing_spills(wides
     for row in rows:
         spills = row["sass_loop"] if not row["unroll"] else row["sass"]
         assert spills["STL"] == spills["LDL"] == 0, (_where(row), row["registers"])
-        assert row["sass"]["STL"] <= 1 and row["sass"]["LDL"] <= 1, (_where(row), row["sass"])
+        kept = 1 if (row["kernel"], row["dtype"], row["BLOCK_P"], row["num_warps"]) == (
+            "fwd", "fp32", 128, 8) else 0  # the one value named above, outside the loop
+        assert row["sass"]["STL"] <= kept and row["sass"]["LDL"] <= kept, (
+            _where(row), row["sass"])
         assert row["registers"] <= 255
     for row in rows:
         if row["kernel"] != "bwd":

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.run_lock import LOCK_NAME
+
 # whole DeepSpeed training runs (the suite's long files run first, tests/conftest.py)
 pytestmark = pytest.mark.slow
 
@@ -32,6 +34,10 @@ def test_train_loss_falls_metrics_and_resume(cache, tmp_path):
     out = tmp_path / "run"
     result = train(cfg, out)
     assert {"top1", "top5", "top1_ema"} <= set(result)
+    # started from Python, the run lets go of its directory when train() returns: a lock
+    # left held kept a heartbeat thread that, once the folder went, asked the next run
+    # in this process to stop (runtime/run_lock.py releasing)
+    assert not (out / LOCK_NAME).exists()
     recs = _records(out)
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0]

@@ -12,6 +12,7 @@ epoch already trained.
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,38 @@ def test_a_stop_request_saves_at_the_step_boundary_and_the_run_resumes_from_it(c
         STOP_REQUESTED.clear()
         torch.set_num_threads(threads)
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_an_evaluation_a_stop_skipped_is_run_first_by_the_resume(task, cache, tmp_path):
+    """A stop at an evaluation step saves without evaluating; the checkpoint owes that
+    evaluation (trainer_state ``eval_owed``) and the resumed run makes it up before
+    training on, logged at that step. Classification builds its loaders with its first
+    batches: the owed evaluation comes before them (it failed there with KeyError 'val',
+    on every retry of the resume)."""
+    from launch.config import load_config
+    from runtime.preemption import STOP_REQUESTED, request_stop
+
+    module = import_module(f"finetune.{task}")
+    config = {"classification": "ClassificationConfig",
+              "segmentation": "SegmentationConfig"}[task]
+    args = [*COMMON, *TASKS[task], f"data.cache_dir={cache}", "run.max_steps=2",
+            "run.eval_every=1", "run.threads=1"]
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    request_stop()  # before the first step: it ends at step 1, an evaluation step
+    try:
+        result = module.train(load_config(getattr(module, config), None, args), out)
+        STOP_REQUESTED.clear()
+        assert result["stopped_early"] and result["step"] == 1
+        step1 = out / "checkpoints" / "step_0000001" / "trainer_state.json"
+        assert json.loads(step1.read_text())["eval_owed"] is True
+        assert not any("loss" not in r for r in _records(out))  # nothing evaluated yet
+        module.train(load_config(getattr(module, config), None, args), out, resume="auto")
+    finally:
+        STOP_REQUESTED.clear()
+        torch.set_num_threads(threads)
+    records = _records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    evaluated = [r["step"] for r in records if "loss" not in r]
+    assert evaluated == [1, 2]

@@ -131,8 +131,8 @@ def dump(trainer, suffix):
         torch.save(state | {"step": trainer.step}, out + suffix)
 
 save, restore = tr.Trainer._save, tr.Trainer._restore
-def saving(self):
-    path = save(self)
+def saving(self, *args):
+    path = save(self, *args)
     dump(self, f".saved{self.step}")
     return path
 def restoring(self):

@@ -72,10 +72,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (BLOCK_P, num_warps) tried by the autotuner, per kernel, each with the point loop as a
 # loop and fully unrolled where that fits (``offered_configs``). Compiled for sm_90 at
-# InternImage's group widths (16 and 32 channels, fp32 and bf16) none spills (no local
-# memory load or store in the kernel) with Triton 3.6 or 3.8, and each covers its tile
-# without idle warps: a warp spans 32 / (BLOCK_C / VEC) rows (see tile_constants). Registers and
-# timings: benchmarks/RESULTS.md.
+# InternImage's group widths (16 and 32 channels, fp32 and bf16) none spills in its point
+# loop with Triton 3.6 or 3.8 (ptxas under 3.8 keeps one value of the split fp32 forward
+# at 128x8 in local memory outside it), and each covers its tile without idle warps: a
+# warp spans 32 / (BLOCK_C / VEC) rows (see tile_constants). Registers and timings:
+# benchmarks/RESULTS.md.
 GPU_CONFIGS = {"fwd": ((32, 2), (64, 4), (128, 8)),
                "bwd": ((32, 4), (64, 4), (64, 8))}
 # Largest input element (bytes) whose kernel is also offered with the point loop fully
