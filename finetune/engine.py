@@ -46,6 +46,7 @@ from runtime.checkpoint import (
 from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
+from runtime.loop import OWED_MARK
 from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 
@@ -223,7 +224,8 @@ def recorded_evaluation(out_dir: Path, step: int) -> dict[str, Any] | None:
     evaluations = [r for r in records_at(out_dir, step) if "loss" not in r]
     if not evaluations:
         return None
-    return {k: v for k, v in evaluations[-1].items() if k not in ("step", "epoch", "time")}
+    return {k: v for k, v in evaluations[-1].items()
+            if k not in ("step", "epoch", "time", OWED_MARK)}
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, warn: bool = True) -> Path | None:

@@ -27,7 +27,7 @@ import torch
 
 from runtime import preemption
 from runtime.best import BestCheckpoint
-from runtime.dist import DistInfo, mean_by_name
+from runtime.dist import DistInfo, broadcast_object, mean_by_name
 from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class LoopPosition:
 
 # The trainer-state key under which a task's checkpoint records ``LoopPosition.eval_owed``.
 EVAL_OWED = "eval_owed"
+# The mark of an owed evaluation's record in metrics.jsonl (see _owed_evaluation).
+OWED_MARK = "owed_evaluation"
 
 
 @dataclass
@@ -211,10 +213,11 @@ def _log_step(metrics: MetricsLogger, spec: LoopSpec, pos: LoopPosition,
 
 
 def _evaluate(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition, metrics: MetricsLogger,
-              d: DistInfo) -> dict[str, float]:
+              d: DistInfo, mark: dict[str, Any] | None = None) -> dict[str, float]:
     result = hooks.evaluate()
     if result:
-        metrics.log(pos.step, ({"epoch": pos.epoch} if spec.epochs else {}) | result)
+        metrics.log(pos.step, ({"epoch": pos.epoch} if spec.epochs else {}) | result
+                    | (mark or {}))
         if d.is_main:
             log.info("step %d: %s", pos.step, result)
     return result
@@ -224,12 +227,26 @@ def _owed_evaluation(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition,
                      metrics: MetricsLogger, d: DistInfo,
                      best: Sequence[BestCheckpoint]) -> dict[str, float]:
     """The evaluation a stop skipped at ``pos.step``, run on resuming from that step's
-    checkpoint (the weights it would have evaluated). That checkpoint is published: an
-    improving result names it best at once, with no save between."""
-    if d.is_main:
-        log.info("step %d: running the evaluation the stop before this resume skipped",
-                 pos.step)
-    result = _evaluate(hooks, spec, pos, metrics, d)
+    checkpoint (the weights it would have evaluated), its record marked ``OWED_MARK``.
+    Only a save clears the debt, so a resume that died before its next one leaves it to
+    the next: that one finds the record (kept by the cut back to this step) and takes
+    its values instead of logging the evaluation twice. That checkpoint is published: an
+    improving result names it best at once, with no save between (except during a
+    rewind, whose first save must come first: then it is logged only)."""
+    # rank 0 reads the file; every rank takes its answer (the evaluation is collective)
+    earlier = broadcast_object(next((r for r in metrics.logged_at(pos.step)
+                                     if r.get(OWED_MARK)), None))
+    if earlier is not None:
+        result = {k: v for k, v in earlier.items()
+                  if k not in ("time", "step", "epoch", OWED_MARK)}
+        if d.is_main:
+            log.info("step %d: the evaluation the stop skipped was made by an earlier "
+                     "resume: %s", pos.step, result)
+    else:
+        if d.is_main:
+            log.info("step %d: running the evaluation the stop before this resume "
+                     "skipped", pos.step)
+        result = _evaluate(hooks, spec, pos, metrics, d, {OWED_MARK: True})
     for b in best:
         # not during a rewind: its pointer keeps naming the branch ``latest`` names
         # until this run's first save is published (runtime/best.py)

@@ -257,6 +257,13 @@ class MetricsFile:
             self.path.with_name(self.path.name + CUT_SUFFIX).unlink(missing_ok=True)
             self._cut_pending = False
 
+    def logged_at(self, step: int) -> list[dict[str, Any]]:
+        """The records this file holds at ``step``, in file order, read from the end (the
+        cost does not grow with the run); [] where this rank writes nothing."""
+        if not self.enabled:
+            return []
+        return [json.loads(x) for x in _tail(self.path, step - 1) if _step(x) == step]
+
     def write(self, step: int, **values: Any) -> dict[str, Any]:
         """Append one record for ``step``; returns it (as written, without the time)."""
         record = {"step": step, **values}
@@ -361,6 +368,10 @@ class MetricsLogger:
             for tag, value in _scalars(values).items():
                 self.writer.add_scalar(tag, value, step)
         return record
+
+    def logged_at(self, step: int) -> list[dict[str, Any]]:
+        """The records of ``step`` so far (rank 0; see :meth:`MetricsFile.logged_at`)."""
+        return self.file.logged_at(step)
 
     def progress(self, step: int, **postfix: str) -> None:
         """Advance the bar to ``step``; ``postfix``: what it shows beside (loss, img/s)."""

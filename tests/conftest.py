@@ -102,6 +102,24 @@ def _torch_linear_restored():
     F.linear = original
 
 
+@pytest.fixture(autouse=True)
+def _no_run_lock_or_stop_left():
+    """Each test is a job of its own, several run in one worker process. A run directory's
+    lock that a test left held (``open_run`` or a Trainer built directly, no entry point
+    to release it) keeps its heartbeat thread beating; once the passed test's tmp_path is
+    removed (pyproject: tmp_path_retention_policy), that thread takes the missing file
+    for a takeover and requests a stop, which ended a later test's run at its first step
+    (16 CI failures, nowhere near their cause). Released here; and a test that leaves a
+    stop request set fails itself, instead of the next run in the worker."""
+    yield
+    from runtime import preemption, run_lock
+
+    run_lock.release()
+    if preemption.STOP_REQUESTED.is_set():
+        preemption.STOP_REQUESTED.clear()
+        pytest.fail("the test left runtime.preemption.STOP_REQUESTED set: clear it")
+
+
 @pytest.fixture
 def no_sbatch(tmp_path, monkeypatch) -> Path:
     """A fake SLURM on PATH (tests/test_secrets.py): the file its sbatch writes exists

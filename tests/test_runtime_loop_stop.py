@@ -39,6 +39,8 @@ def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train",
         current[0] = next(steps)
         if (current[0], during) == (stop_in_step, "train"):
             request_stop()  # the signal arrives while this step trains
+        if (current[0], during) == (stop_in_step, "kill"):
+            raise KeyboardInterrupt  # the process ends here, saving nothing
         return {"loss": torch.tensor(1.0)}
 
     def evaluate():
@@ -81,6 +83,21 @@ def test_the_evaluation_a_stop_skipped_runs_first_on_resuming(tmp_path):
     # a resume owing nothing starts training at once
     events, _ = _run(tmp_path / "plain", stop_in_step=0, start=LoopPosition(3, 0, 3))
     assert events == ["evaluate", "save 6"]
+
+
+def test_a_resume_that_died_before_saving_leaves_its_owed_evaluation_logged_once(tmp_path):
+    """Only a save clears the debt: a resume killed before its next checkpoint leaves the
+    checkpoint owing, and the next resume would evaluate and log step 3 a second time.
+    It finds the owed record (the cut back to step 3 keeps it) and takes its values."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # killed during step 5, before saving at 6
+        _run(run_dir, stop_in_step=5, during="kill", start=LoopPosition(3, 0, 3, True))
+    events, result = _run(run_dir, stop_in_step=0, start=LoopPosition(3, 0, 3, True))
+    assert events == ["evaluate", "save 6"]  # step 6's evaluation only
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["step"] for r in records if "top1" in r] == [3, 6]
+    assert [r["step"] for r in records if "loss" in r] == [4, 5, 6]
 
 
 def test_a_stop_between_checkpoints_saves_at_that_step(tmp_path):
