@@ -107,7 +107,8 @@ def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, f
     source = broadcast_object(source)
     refusal, state = None, {}
     try:
-        # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
+        # zero_to_fp32 prints its progress (on rank 0, which reads): stdout is for the
+        # metrics line
         with contextlib.redirect_stdout(sys.stderr):
             state, _ = read_once(read_source, source.weights)  # rank 0 reads
     except (CheckpointError, OSError) as err:  # e.g. pruned while this rank read it

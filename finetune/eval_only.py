@@ -171,7 +171,8 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
     ema_file = source.step_dir / EMA_FILE if source.step_dir is not None else None
     refusal, state, meta, ema_state = None, {}, None, None
     try:
-        # zero_to_fp32 prints its progress on every rank: stdout is for the metrics line
+        # zero_to_fp32 prints its progress (on rank 0, which reads): stdout is for the
+        # metrics line
         with contextlib.redirect_stdout(sys.stderr):
             state, meta = read_once(read_backbone, source.weights)  # rank 0 reads
         check_head(state, cfg, source.weights)

@@ -144,16 +144,11 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
     missing or unexpected key, or a shape mismatch, raises ``CheckpointError``.
 
     Under a process group every rank must call it (each builds the whole model): rank 0
-    alone reads ``src`` (:func:`read_backbone_once`).
+    alone reads ``src`` (:func:`read_once`).
     """
-    state, meta = read_backbone_once(src)
+    state, meta = read_once(read_backbone, src)
     return load_backbone_state(model, state, meta, src, variant=variant, arch=arch,
                                backbone_only=backbone_only)
-
-
-def read_backbone_once(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``read_backbone(src)`` on rank 0 only (:func:`read_once`)."""
-    return read_once(read_backbone, src)
 
 
 def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],

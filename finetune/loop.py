@@ -47,6 +47,7 @@ from runtime.loop import (
     LoopSpec,
     TaskHooks,
     accumulated_step,
+    owes_evaluation,
     step_batches,
 )
 from runtime.loop import run_loop as run_training_loop
@@ -92,7 +93,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     start = LoopPosition()
     if run.state is not None:
         start = LoopPosition(run.start_step, run.state["epoch"], run.state["epoch_step"],
-                             bool(run.state.get(EVAL_OWED, False)))
+                             owes_evaluation(run.state))
     scheduler.step_update(start.step)
     metrics = open_metrics(run, d, total_steps, name, tensorboard=tensorboard,
                            progress=progress)

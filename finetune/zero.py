@@ -66,7 +66,7 @@ from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distr
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
 from runtime.lockstep import lockstep
-from runtime.loop import EVAL_OWED, refuse_empty_epoch
+from runtime.loop import owes_evaluation, refuse_empty_epoch
 
 # the metric whose best checkpoint is kept (runtime/best.py): top-1, as the released
 # classification/main.py keeps ``ckpt_epoch_best.pth`` when acc1 beats its max_accuracy,
@@ -354,4 +354,4 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         # before it was kept: from 0)
         skipped_before=run.state.get("skipped") if run.state is not None else None,
         best=run.bests(best_pointers(cfg), step, d.is_main),
-        eval_owed=bool(run.state.get(EVAL_OWED, False)) if run.state is not None else False)
+        eval_owed=owes_evaluation(run.state))

@@ -75,7 +75,14 @@ from runtime.dist import (
     mean_by_name,
     sum_counts,
 )
-from runtime.loop import EVAL_OWED, LoopPosition, LoopSpec, TaskHooks, run_loop
+from runtime.loop import (
+    EVAL_OWED,
+    LoopPosition,
+    LoopSpec,
+    TaskHooks,
+    owes_evaluation,
+    run_loop,
+)
 from runtime.metrics import MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 from runtime.redact import config_hash
@@ -551,8 +558,8 @@ class Trainer:
                         checkpoint_every=cfg.run.checkpoint_every,
                         log_every=cfg.run.log_every, log_first=False, log_last=True,
                         epochs=False, losses_over_ranks=True)
-        owed = bool(self.state.get(EVAL_OWED, False)) if self.state is not None else False
-        result = run_loop(spec, hooks, LoopPosition(self.step, eval_owed=owed),
+        result = run_loop(spec, hooks,
+                          LoopPosition(self.step, eval_owed=owes_evaluation(self.state)),
                           metrics=metrics, d=self.info)
         stopped = {"stopped_early": True} if result.get("stopped_early") else {}
         return {"step": self.step, **self._last, **stopped}

@@ -359,7 +359,7 @@ def broadcast_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, t
     """
     import torch.distributed as dist
 
-    if not _process_group_up() or dist.get_world_size() == 1:
+    if group_size() == 1:
         return dict(tensors or {})
     main = dist.get_rank() == 0
     specs = broadcast_object([(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,6 +51,13 @@ class LoopPosition:
 EVAL_OWED = "eval_owed"
 # The mark of an owed evaluation's record in metrics.jsonl (see _owed_evaluation).
 OWED_MARK = "owed_evaluation"
+
+
+def owes_evaluation(state: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint whose trainer state is ``state`` (None: a fresh start) owes
+    the evaluation of its step (``EVAL_OWED``; a checkpoint saved before it was recorded
+    owes none)."""
+    return bool(state.get(EVAL_OWED, False)) if state is not None else False
 
 
 @dataclass

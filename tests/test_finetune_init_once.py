@@ -1,5 +1,5 @@
 """``--init`` under several ranks: rank 0 alone reads the checkpoint, the others receive its
-tensors (finetune.init.read_backbone_once), and a read that fails on rank 0 fails on every
+tensors (finetune.init.read_once), and a read that fails on rank 0 fails on every
 rank instead of leaving them waiting for tensors. 2 real gloo ranks, forked."""
 
 from __future__ import annotations

@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     from finetune.engine import resume_checkpoint
     from launch.commands.refusals import end_failed_start, first_missing, signal_status
     from models import CheckpointError
-    from runtime import run_lock
     from runtime.checkpoint import stage_config
     from runtime.preemption import stop_on_signals
 
@@ -122,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
         with stop_on_signals():  # SIGTERM saves at the next step boundary
             result = mod.train(train_cfg, out, resume=args.resume)
     except BaseException as err:  # a refusal, an interrupt or a crash (a missing file)
+        # (the task's train() has released the run directory's lock: run_lock.releasing)
         return end_failed_start(err, "finetune", out, created, is_main)
-    finally:
-        run_lock.release()  # the run directory's lock, taken by rank 0's start
     status = signal_status(result, "finetune", out, is_main)
     if status is not None:
         return status
