@@ -59,8 +59,22 @@ def is_segmenter_checkpoint(path: str | Path | None) -> bool:
     return _segmenter_tag_dir(path) is not None or _legacy_segmenter_file(path)
 
 
-def _segmenter_state(path: str) -> dict[str, torch.Tensor]:
-    tag_dir = _segmenter_tag_dir(path)
+def _whole_init(init: str | None) -> tuple[bool, Path | None]:
+    """Whether ``init`` is a whole segmenter's checkpoint, and its DeepSpeed tag directory
+    (None: a legacy ``last.pt``), decided by rank 0 and broadcast. Collective: every rank
+    calls it. Each rank deciding alone could split them when ``init`` names a live run
+    (its ``latest`` moving between the ranks' reads): some would enter the rank-0 read's
+    broadcasts while the others loaded a trunk, and all would hang."""
+    from runtime.dist import broadcast_object, global_rank
+
+    decided = (False, None)
+    if init and global_rank() == 0:
+        tag_dir = _segmenter_tag_dir(init)
+        decided = (tag_dir is not None or _legacy_segmenter_file(init), tag_dir)
+    return broadcast_object(decided)
+
+
+def _segmenter_state(path: str, tag_dir: Path | None) -> dict[str, torch.Tensor]:
     if tag_dir is None:
         return load_torch_file(Path(path))["model"]
     from finetune.convert import read_zero_checkpoint
@@ -72,8 +86,10 @@ def _segmenter_state(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def _load_whole(model: nn.Module, path: str, strict: bool = True) -> None:
-    """Load a whole segmenter state (stage-2 init); a different head/arch fails clearly.
+def _load_whole(model: nn.Module, path: str, tag_dir: Path | None,
+                strict: bool = True) -> None:
+    """Load a whole segmenter state (stage-2 init; ``tag_dir``: its DeepSpeed tag
+    directory, None for a legacy ``last.pt``); a different head/arch fails clearly.
 
     ``strict=False``: tensors whose shape differs (class predictor and class weights of a
     dataset with another class count) keep their fresh initialisation and are logged;
@@ -81,7 +97,7 @@ def _load_whole(model: nn.Module, path: str, strict: bool = True) -> None:
     """
     from models import CheckpointError
 
-    state = _segmenter_state(path)
+    state = _segmenter_state(path, tag_dir)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -105,8 +121,9 @@ def _load_whole(model: nn.Module, path: str, strict: bool = True) -> None:
 
 def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Module:
     """InternImage trunk + ``head.kind`` head; ``init``: a backbone checkpoint (trunk only)
-    or a segmentation run's checkpoint of the same head (whole model loaded)."""
-    whole = is_segmenter_checkpoint(init)
+    or a segmentation run's checkpoint of the same head (whole model loaded). Collective
+    under a process group (rank 0 decides which ``init`` is, and reads it)."""
+    whole, tag_dir = _whole_init(init)
     trunk_init = None if whole else init
     if cfg.head.kind == "mask2former":
         from finetune.heads import build_mask2former
@@ -121,7 +138,7 @@ def build_segmentor(cfg: SegmentationConfig, init: str | None = None) -> nn.Modu
         model = UperNetSegmentor(build_trunk(cfg.model, trunk_init), cfg.data.num_classes,
                                  cfg.head_channels, cfg.aux_weight, IGNORE_INDEX)
     if whole:
-        _load_whole(model, str(init), strict=cfg.init_strict)
+        _load_whole(model, str(init), tag_dir, strict=cfg.init_strict)
     return model
 
 

@@ -90,3 +90,48 @@ def test_a_read_failing_on_rank_zero_fails_every_rank(tmp_path):
     assert str(src) in records[1]["error"]
     # rank 0's own message travels to the others
     assert records[0]["error"].split(": ", 1)[-1][:40] in records[1]["error"]
+
+
+def _segmenter_worker(out_dir: str, src: str) -> None:
+    import torch.distributed as dist
+
+    import finetune.seg_model as seg_model
+    from finetune.seg_config import SegmentationConfig
+    from launch.config import load_config
+    from tests.test_finetune_segmentation import TINY
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 1:
+        # what a rank reading a live run's checkpoint mid-publish may see: not a
+        # segmenter (a trunk init, which would enter the rank-0 read's broadcasts alone)
+        seg_model._segmenter_tag_dir = lambda path: None
+        seg_model._legacy_segmenter_file = lambda path: False
+    torch.manual_seed(100 + rank)
+    model = seg_model.build_segmentor(load_config(SegmentationConfig, None, TINY), src)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_every_rank_takes_rank_zeros_view_of_a_whole_segmenter_init(tmp_path):
+    """A stage-2 init is a whole segmenter or a trunk as rank 0 finds it: a rank whose own
+    look found a trunk init (a live run's ``latest`` moving) loads the whole segmenter
+    too, instead of waiting alone in a broadcast (finetune.seg_model.build_segmentor)."""
+    from finetune.seg_config import SegmentationConfig
+    from finetune.seg_model import build_segmentor
+    from launch.config import load_config
+    from tests.test_finetune_segmentation import TINY
+
+    torch.manual_seed(0)
+    want = build_segmentor(load_config(SegmentationConfig, None, TINY)).state_dict()
+    src = tmp_path / "last.pt"  # a segmentation run's pre-DeepSpeed checkpoint
+    torch.save({"model": want, "step": 6}, src)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    run_file_function(__file__, "_segmenter_worker", 2, str(out), str(src), timeout=180)
+    for rank in range(2):
+        got = torch.load(out / f"rank{rank}.pt")
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (rank, key)
