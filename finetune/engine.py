@@ -46,7 +46,7 @@ from runtime.checkpoint import (
 from runtime.checkpoint_path import CHECKPOINTS_DIR
 from runtime.dist import DistInfo, broadcast_object
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
-from runtime.loop import OWED_MARK
+from runtime.loop import OWED_MARK, owes_evaluation
 from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
 from runtime.param_groups import apply_group_settings, group_settings
 
@@ -197,8 +197,11 @@ class FinetuneRun:
         if not ok:
             raise ResumeError(recorded)
         if d.is_main:
-            log.info("%s", complete_message(self.resume_dir, step, total_steps, recorded,
-                                            "evaluation"))
+            owed = owes_evaluation(self.state)
+            # an owed evaluation is a warning: the run's result lacks it
+            (log.warning if owed else log.info)("%s", complete_message(
+                self.resume_dir, step, total_steps, recorded, "evaluation",
+                owed="evaluation" if owed else ""))
         return {**(recorded or {}), "step": step, "already_complete": True}
 
     def restore_rng(self, d: DistInfo) -> None:

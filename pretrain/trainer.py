@@ -239,8 +239,11 @@ class Trainer:
             return {"step": step, "already_complete": True}
         discard_config(self.run_dir)
         recorded = recorded_metrics(self.run_dir, step)
-        log.info("%s", complete_message(self.resume_dir, step, self.total_steps, recorded,
-                                        "values"))
+        owed = owes_evaluation(self.state)
+        # an owed evaluation is a warning: the run's result lacks it
+        (log.warning if owed else log.info)("%s", complete_message(
+            self.resume_dir, step, self.total_steps, recorded, "values",
+            owed="zero-shot evaluation" if owed else ""))
         return {**recorded, "step": step, "already_complete": True}
 
     def _agreed_rank_state(self) -> None:

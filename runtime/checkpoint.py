@@ -1074,20 +1074,27 @@ def discard_config(run_dir: Path) -> None:
 
 
 def complete_message(ckpt_dir: Path, step: int, total: int,
-                     recorded: dict[str, Any] | None, what: str) -> str:
+                     recorded: dict[str, Any] | None, what: str, owed: str = "") -> str:
     """What rank 0 logs at a resume with nothing left to train, the one wording of
     pre-training and fine-tuning: the run's checkpoint ``ckpt_dir`` is at ``step``, the
     run's end (``total``, this config's last step) or past it, and ``recorded`` is what
     ``metrics.jsonl`` holds at that step (None or empty: nothing), ``what`` naming it
     ("values": pre-training's training and zero-shot records; "evaluation": fine-tuning's
-    last evaluation)."""
+    last evaluation). ``owed``: the evaluation the checkpoint owes (a stop skipped it,
+    ``runtime.loop.owes_evaluation``; "" for none), named with how to make it, since a
+    run with nothing left to train does not."""
     end = (f"step {step} of {total}" if step == total else
            f"step {step}, past this config's end at step {total}")
     found = (f"its last {what} (metrics.jsonl, step {step}): {recorded}" if recorded
              else f"metrics.jsonl records no {what} at step {step}")
-    return (f"the run is already complete: its checkpoint {ckpt_dir} is at {end}; nothing "
-            f"to train or evaluate, nothing saved: the run's checkpoints and {CONFIG} are "
-            f"left as they were; {found}")
+    message = (f"the run is already complete: its checkpoint {ckpt_dir} is at {end}; "
+               f"nothing to train or evaluate, nothing saved: the run's checkpoints and "
+               f"{CONFIG} are left as they were; {found}")
+    if owed:
+        message += (f". NOTE: the {owed} due at step {step} was skipped by the stop that "
+                    f"saved this checkpoint and is not made now: a resume of a run ending "
+                    f"after step {step} makes it first")
+    return message
 
 
 def refuse_legacy_resume(resume: str | None, root: Path) -> None:

@@ -223,7 +223,10 @@ def _evaluate(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition, metrics: Metr
               d: DistInfo, mark: dict[str, Any] | None = None) -> dict[str, float]:
     result = hooks.evaluate()
     if result:
-        metrics.log(pos.step, ({"epoch": pos.epoch} if spec.epochs else {}) | result
+        # a resume at an epoch's end may stand at the next epoch's start (classification
+        # derives its position from the step): the step it evaluates ended the epoch before
+        epoch = pos.epoch - 1 if pos.epoch_step == 0 and pos.step > 0 else pos.epoch
+        metrics.log(pos.step, ({"epoch": epoch} if spec.epochs else {}) | result
                     | (mark or {}))
         if d.is_main:
             log.info("step %d: %s", pos.step, result)
@@ -293,7 +296,17 @@ def _run(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, optimizer, sched
     if scheduler is not None:
         scheduler.step_update(pos.step)
     if start.eval_owed and pos.step > 0:
-        last_eval = _owed_evaluation(hooks, spec, pos, metrics, d, best)
+        # A stop that came during the resume's set-up or during this evaluation (minutes
+        # on ImageNet or COCO at scale) ends the run here, before it trains: the
+        # checkpoint it resumed from is this step's and still owes the evaluation (the
+        # next resume takes the record if this one was made), so nothing is saved.
+        if not preemption.stop_agreed(d.device):
+            last_eval = _owed_evaluation(hooks, spec, pos, metrics, d, best)
+        if preemption.stop_agreed(d.device):
+            if d.is_main:
+                log.warning("stop requested: returning at step %d, the checkpoint this "
+                            "run resumed from", pos.step)
+            return {**last_eval, "step": pos.step, "stopped_early": True}
     while pos.step < spec.total_steps:
         skipped = pos.epoch_step  # a resumed epoch may have no batch left: not an error
         for batch in hooks.batches(pos.epoch, pos.epoch_step):

@@ -63,6 +63,32 @@ def test_pretraining_and_finetuning_say_a_run_is_complete_alike(total, tmp_path,
     assert fine == pre.replace(str(pre_ckpt), str(fine_ckpt)).replace("values", "evaluation")
 
 
+def test_a_complete_run_owing_an_evaluation_warns_that_it_is_not_made(tmp_path, caplog):
+    """A checkpoint a stop saved at an evaluation step owes that evaluation (the loop makes
+    it first on resuming); resumed with a config that ends at or before that step, the run
+    is complete and makes none: said as a warning, with how to have it made, by both."""
+    from finetune.engine import FinetuneRun
+    from pretrain.trainer import Trainer
+
+    caplog.set_level(logging.INFO)
+    pre_dir, fine_dir = tmp_path / "pre", tmp_path / "fine"
+    pre_ckpt, fine_ckpt = _finished_run(pre_dir, 3), _finished_run(fine_dir, 3)
+    owing = {"step": 3, "eval_owed": True}
+    trainer = Trainer.__new__(Trainer)
+    trainer.state, trainer.total_steps, trainer.info = owing, 2, DistInfo()
+    trainer.run_dir, trainer.resume_dir = pre_dir, pre_ckpt
+    assert trainer._completed()["already_complete"]
+    assert FinetuneRun(fine_dir, fine_ckpt, owing).completed(3, DistInfo())["already_complete"]
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "already complete" in r.getMessage()]
+    assert len(warned) == 2, [r.getMessage() for r in caplog.records]
+    pre, fine = warned
+    assert pre.endswith("NOTE: the zero-shot evaluation due at step 3 was skipped by the "
+                        "stop that saved this checkpoint and is not made now: a resume of "
+                        "a run ending after step 3 makes it first")
+    assert "NOTE: the evaluation due at step 3 was skipped" in fine
+
+
 def test_a_run_without_records_at_its_last_step_says_so_alike(tmp_path):
     message = ck.complete_message(tmp_path / "step_0000002", 2, 2, None, "evaluation")
     assert message.endswith("; metrics.jsonl records no evaluation at step 2")

@@ -27,9 +27,12 @@ def _clear_stop():
 def _run(tmp_path, stop_in_step: int, total: int = 6, during: str = "train",
          start: LoopPosition | None = None) -> tuple[list[str], dict]:
     """Events of a run evaluating and saving every 3 steps whose stop request arrives
-    ``during`` (train, evaluate, save) step ``stop_in_step``; from ``start`` (a resume)
+    ``during`` (train, evaluate, save) step ``stop_in_step`` (an owed evaluation's is its
+    checkpoint's step; ``start``: before the loop); from ``start`` (a resume)
     or step 0. A save whose position owes an evaluation reads ``save N owing``."""
     STOP_REQUESTED.clear()  # a process's one flag: each run here starts without a stop
+    if during == "start":  # the signal came while the run was being set up
+        request_stop()
     start = start or LoopPosition()
     events: list[str] = []
     steps = iter(range(start.step + 1, total + 1))
@@ -98,6 +101,54 @@ def test_a_resume_that_died_before_saving_leaves_its_owed_evaluation_logged_once
                .splitlines()]
     assert [r["step"] for r in records if "top1" in r] == [3, 6]
     assert [r["step"] for r in records if "loss" in r] == [4, 5, 6]
+
+
+def test_a_stop_before_or_during_the_owed_evaluation_returns_at_the_checkpoints_step(
+        tmp_path):
+    """The reviewer's case: a stop that came during the owed evaluation (minutes at
+    scale) trained step 4 and saved it, spending the grace period (SLURM's SIGKILL follows
+    its warning by a fixed lead). The run returns at once: the checkpoint it resumed from
+    is step 3's, owing still (a made evaluation's record is taken by the next resume);
+    one that came before the evaluation skips it as well."""
+    owing = LoopPosition(3, 0, 3, True)
+    events, result = _run(tmp_path / "during", stop_in_step=3, during="evaluate", start=owing)
+    assert events == ["evaluate"]  # no step 4, no save
+    assert result == {"top1": 0.5, "step": 3, "stopped_early": True}
+    events, result = _run(tmp_path / "before", stop_in_step=0, during="start", start=owing)
+    assert events == []
+    assert result == {"step": 3, "stopped_early": True}
+    # the next resume takes the made evaluation's record and goes on
+    events, result = _run(tmp_path / "during", stop_in_step=0, start=owing)
+    assert events == ["evaluate", "save 6"]  # step 6's only
+    records = [json.loads(line) for line in
+               (tmp_path / "during" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "top1" in r] == [3, 6]
+
+
+def _epoch_records(run_dir, start: LoopPosition) -> list[dict]:
+    """The evaluation records of a run of two 3-step epochs evaluating every 3 steps."""
+    hooks = TaskHooks(batches=lambda epoch, skip: range(3 - skip),
+                      train_step=lambda batch: {"loss": torch.tensor(1.0)},
+                      evaluate=lambda: {"top1": 0.5},
+                      save=lambda pos: None)
+    spec = LoopSpec(name="t", total_steps=6, eval_every=3, checkpoint_every=3, log_every=1)
+    metrics = MetricsLogger(run_dir, True, 6, start.step, tensorboard=False, progress=False)
+    run_loop(spec, hooks, start, metrics=metrics, d=DistInfo())
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "top1" in line]
+
+
+def test_an_owed_evaluation_at_an_epochs_end_is_logged_with_that_epoch(tmp_path):
+    """Step 3 ends epoch 0: the uninterrupted run logs its evaluation with epoch 0. A
+    resume owing it logged epoch 1 when its position stood at the next epoch's start
+    (classification derives (epoch, batch) from the step: 3 // 3 = epoch 1, batch 0);
+    the dense tasks' saved position (epoch 0, batch 3) was right already."""
+    want = [(r["step"], r["epoch"]) for r in _epoch_records(tmp_path / "plain", LoopPosition())]
+    assert want == [(3, 0), (6, 1)]
+    for name, position in (("step-derived", LoopPosition(3, 1, 0, True)),
+                           ("saved", LoopPosition(3, 0, 3, True))):
+        got = _epoch_records(tmp_path / name, position)
+        assert [(r["step"], r["epoch"]) for r in got] == want, name
 
 
 def test_a_stop_between_checkpoints_saves_at_that_step(tmp_path):
