@@ -9,7 +9,7 @@ import logging
 import sys
 
 from launch.commands import COMMANDS
-from launch.config import ConfigError
+from launch.config import REFUSED_STATUS, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"internimage {args.command}: config error: {err}", file=sys.stderr)
-        return 2
+        return REFUSED_STATUS
 
 
 if __name__ == "__main__":

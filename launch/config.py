@@ -19,12 +19,18 @@ import yaml
 from runtime.redact import config_hash, is_secret, public_dict, secrets_set
 
 T = TypeVar("T")
-__all__ = ["ConfigError", "build", "check_output_dir", "config_hash", "dump_config",
-           "load_config", "parse_overrides", "to_dict"]
+__all__ = ["REFUSED_STATUS", "ConfigError", "build", "check_output_dir", "config_hash",
+           "dump_config", "load_config", "parse_overrides", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+# Every command's exit status for a refused start: a bad config or flag, a checkpoint it
+# will not resume (launch/cli.py, launch/commands/refusals.py). The same command line is
+# refused again, so a job that ended so is not requeued (launch/slurm/after_exit.py).
+REFUSED_STATUS = 2
 
 
 def refuse_plan_flags(args: Any, *flags: str) -> None:

@@ -120,11 +120,13 @@ def test_preemptions_beyond_max_requeues_keep_requeueing(task):
         assert requeued(answers), f"restart {restart}: not requeued"
     job, answers = task.run(6, completes, max_requeues=1)
     assert job()["requeues"] == 6 and answers == []
-    rows = [(r["event"], r["requeue"], r.get("timed_out"), r["timeouts"])
+    rows = [(r["event"], r["requeue"], r.get("timed_out"), r.get("timeouts"))
             for r in task.records()]
+    # each segment's command returned 0 after its save ("ended": for the exit trap)
     assert rows == [row for k in range(6) for row in (("start", k, None, 0),
-                                                      ("requeue_requested", k + 1, False, 0))
-                    ] + [("start", 6, None, 0)]
+                                                      ("requeue_requested", k + 1, False, 0),
+                                                      ("ended", k, None, None))
+                    ] + [("start", 6, None, 0), ("ended", 6, None, None)]
 
 
 def test_time_outs_beyond_max_requeues_stop_with_a_clear_error(task, capsys):
@@ -141,7 +143,7 @@ def test_time_outs_beyond_max_requeues_stop_with_a_clear_error(task, capsys):
             "--max-requeues 1 allows (preemptions do not count)") in err
     assert f"`--resume auto` on {task.run_dir}" in err
     rows = [(r["event"], r.get("timed_out"), r["timeouts"], r.get("saved"))
-            for r in task.records() if r["event"] != "start"]
+            for r in task.records() if r["event"] not in ("start", "ended")]
     assert rows == [("requeue_requested", False, 0, True), ("requeue_requested", True, 1, True),
                     ("requeue_requested", False, 1, True), ("gave_up", True, 2, True)]
 
@@ -153,8 +155,8 @@ def test_max_requeues_zero_requeues_preemptions_but_no_time_out(task):
     job, answers = task.run(1, TIMED_OUT, max_requeues=0)
     job()
     assert answers == [None]
-    assert [r["event"] for r in task.records()] == ["start", "requeue_requested", "start",
-                                                    "gave_up"]
+    assert [r["event"] for r in task.records()] == ["start", "requeue_requested", "ended",
+                                                    "start", "gave_up", "ended"]
 
 
 @pytest.mark.parametrize("limit_min", [5, 12, 30, 60, 600, 4320])
@@ -188,7 +190,8 @@ def test_signal_after_the_run_completed_does_not_requeue_it(task):
     time.sleep(0.1)  # the handler runs in this (main) thread at the next bytecode
     assert answers == []  # submitit's handler never ran
     assert job.checkpoint() is None
-    assert [r["event"] for r in task.records()] == ["start"]
+    assert [(r["event"], r.get("status")) for r in task.records()] == [("start", None),
+                                                                       ("ended", 0)]
 
 
 def test_signal_after_the_run_failed_does_not_requeue_it(task):
@@ -200,7 +203,11 @@ def test_signal_after_the_run_failed_does_not_requeue_it(task):
     with pytest.raises(ValueError, match="bad config"):
         job()
     assert job.checkpoint() is None
-    assert [r["event"] for r in task.records()] == ["start"]
+    start, ended = task.records()
+    assert start["event"] == "start" and ended["event"] == "ended"
+    # a failure the exit trap may requeue: not a refusal (exit status 2)
+    assert ended["status"] is None and ended["refused"] is False
+    assert "bad config" in ended["error"]
 
 
 # ------------------------------------------------------------- a save that did not happen
@@ -254,3 +261,22 @@ def test_a_record_cut_short_by_a_crash_is_skipped_and_the_next_one_kept(tmp_path
     record(tmp_path, "requeue_requested", info, timed_out=True)
     assert [r["event"] for r in read_records(tmp_path)] == ["requeue_requested"] * 2
     assert timeout_count(tmp_path, "77") == 2
+
+
+@pytest.mark.parametrize("refusal", ["status", "argparse"])
+def test_a_refused_start_is_recorded_as_one_which_the_exit_trap_leaves_failed(task, refusal):
+    """`internimage` refuses a bad config or checkpoint with exit status 2, and argparse a
+    bad flag with SystemExit(2): the same command line is refused on every try, so rank 0
+    records ``refused`` and the batch script's exit trap does not requeue the job
+    (launch/slurm/after_exit.py)."""
+    def make(job):
+        def entry(argv):
+            if refusal == "argparse":
+                raise SystemExit(2)
+            return 2
+        return entry
+    job, _ = task.run(0, make, max_requeues=3)
+    with pytest.raises((RuntimeError, SystemExit)):
+        job()
+    ended = task.records()[-1]
+    assert ended["event"] == "ended" and ended["refused"] is True

@@ -58,7 +58,7 @@ def noted(job: TrainingJob, seen: int) -> None:
 
 def saves(task) -> list[tuple]:
     return [(r["event"], r.get("saved"), r.get("save_error")) for r in task.records()
-            if r["event"] != "start"]
+            if r["event"] not in ("start", "ended")]
 
 
 def test_signals_during_the_save_are_ignored_one_save_one_requeue(task, caplog):

@@ -201,8 +201,11 @@ def test_local_executor_runs_the_same_two_task_job(tmp_path, cache):
     assert proc.returncode == 0, proc.stderr[-4000:]
     job_id = proc.stdout.strip().splitlines()[-1]
     assert sorted(losses(run_dir)) == [1, 2, 3] and latest(run_dir) == "step_0000003"
-    [start] = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+    start, ended = [json.loads(x) for x in
+                    (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
     assert start["cluster"] == "local" and start["job_id"] == job_id
+    # how rank 0's command ended, for the batch script's exit trap (after_exit.py)
+    assert (ended["event"], ended["status"], ended["refused"]) == ("ended", 0, False)
     assert start["world_size"] == 2
     assert (tmp_path / "logs" / job_id / f"{job_id}_1_log.err").is_file()
 

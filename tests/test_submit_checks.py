@@ -132,7 +132,7 @@ def test_local_job_records_and_logs_hold_no_credentials_given_as_a_mapping(tmp_p
          *TINY, *SPELLINGS["data mapping"]],
         env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    [start] = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+    start, _ = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
     assert any(a.startswith("data={s3: {key: null, secret: null") for a in start["argv"])
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert not _leaks(run_dir, logs)
@@ -263,7 +263,7 @@ def test_the_time_out_allowance_is_max_requeues_on_slurm_and_locally(local, tmp_
 
     monkeypatch.setattr(executor_module, "slurm_available", lambda: True)
     profile = ClusterProfile(folder=str(tmp_path), max_requeues=7)
-    executor = executor_module.make_executor(profile, local=local)
+    executor = executor_module.make_executor(profile, tmp_path / "run", local=local)
     assert executor._executor.max_num_timeout == 7
 
 

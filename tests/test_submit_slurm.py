@@ -128,8 +128,9 @@ def test_two_task_job_completes_with_metrics_checkpoints_and_job_record(undistur
     assert latest(run_dir) == "step_0000010"
     state = json.loads((run_dir / "checkpoints/step_0000010/trainer_state.json").read_text())
     assert state["world_size"] == 2
-    [start] = records(run_dir)
+    start, ended = records(run_dir)
     assert start["event"] == "start" and start["job_id"] == job_id
+    assert (ended["event"], ended["status"], ended["refused"]) == ("ended", 0, False)
     assert start["requeue"] == 0 and start["world_size"] == 2 and start["cluster"] == "slurm"
     # submitit's per-job, per-task logs under the job folder
     logs = root / "logs" / job_id
@@ -245,7 +246,8 @@ def test_wait_reports_tasks_killed_without_a_result_within_a_bound(cluster, cach
     a result and SLURM has no accounting here (no sacct), yet `submit --wait` must return
     soon with a non-zero exit naming the job, its final state and the log tail."""
     run_dir = tmp_path / "run"
-    cmd = submit_cmd(tmp_path / "logs", run_dir, "--wait",
+    # --failure-requeues 0: the exit trap would requeue the job (the next test)
+    cmd = submit_cmd(tmp_path / "logs", run_dir, "--wait", "--failure-requeues", "0",
                      job=("--max-steps", "100000", "--checkpoint-every", "100000"))
     proc = subprocess.Popen(cmd, env=job_env(cluster, cache), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -284,6 +286,49 @@ def test_wait_reports_tasks_killed_without_a_result_within_a_bound(cluster, cach
     task_log = tmp_path / "logs" / job_id / f"{job_id}_0_log.err"
     assert str(task_log) in err and "Starting with JobEnvironment" in err, err[-4000:]
     assert out.strip().splitlines()[-1] == job_id
+
+
+def test_a_killed_task_is_requeued_by_the_exit_trap_and_ends_as_the_undisturbed_job(
+        undisturbed, cluster, cache, tmp_path):
+    """kill -9 one task mid-run (what the OOM killer or a GPU error does to a rank): srun
+    ends the other, the batch script's exit trap (launch/slurm/after_exit.py) finds a
+    failure of the running attempt and requeues the job, which resumes from its latest
+    checkpoint and ends with the undisturbed job's losses; `submit --wait` waits through
+    the requeue and returns 0. Before, the job ended FAILED and the run waited for a
+    person to submit it again."""
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    proc = subprocess.Popen(submit_cmd(logs, run_dir, "--wait", job=tuple(STEPS)),
+                            env=job_env(cluster, cache), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        job_id = first_job_id(run_dir)
+        deadline = time.time() + 120
+        while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
+            time.sleep(0.05)
+        assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
+        os.kill(task_pids(cluster, job_id, tasks=2)[-1], signal.SIGKILL)
+        release(cluster, job_id)  # the trap's requeue, and SLURM's hold on it skipped
+        out, _ = finish(proc, 300, cluster, job_id)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if job_id is not None:
+            cluster.cmd("scancel", job_id, check=False)
+    assert out.strip().splitlines()[-1] == job_id
+    assert cluster.job(job_id)["JobState"] == "COMPLETED"
+    rows = records(run_dir)
+    failed = [r for r in rows if r["event"] == "failure_requeue"]
+    assert len(failed) == 1 and failed[0]["status"] != 0 and failed[0]["requeue"] == 1
+    starts = [r["requeue"] for r in rows if r["event"] == "start"]
+    assert starts == [0, 1]
+    assert rows[-1]["event"] == "ended" and rows[-1]["status"] == 0
+    resumed, reference = losses(run_dir), losses(undisturbed[1])
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert latest(run_dir) == "step_0000010"
 
 
 def test_wait_on_a_job_slurm_no_longer_knows_is_bounded_and_reads_the_results(cluster,
@@ -366,7 +411,10 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
     finally:
         finish(proc, 300, cluster, job_id)
     events = [r["event"] for r in records(run_dir)]
-    assert events == ["start", "requeue_requested", "start"], events
+    # each attempt's end is recorded after the signal's requeue request, which the exit
+    # trap therefore leaves alone (launch/slurm/after_exit.py)
+    assert events == ["start", "requeue_requested", "ended", "start", "ended"], events
+    assert records(run_dir)[-1]["status"] == 0
     request = records(run_dir)[1]
     assert (request["timed_out"], request["timeouts"], request["saved"]) == (False, 0, True)
     logs = tmp_path / "logs" / job_id

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from launch.config import REFUSED_STATUS
+
 
 def training_refusals() -> tuple[type[Exception], ...]:
     """A refused resume or start (``CheckpointError``, the run lock's included;
@@ -123,4 +125,4 @@ def end_failed_start(err: BaseException, command: str, run_dir: Path, created: P
     if not isinstance(err, training_refusals()):
         raise err
     print(f"internimage {command}: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
-    return 2
+    return REFUSED_STATUS

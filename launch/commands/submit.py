@@ -20,7 +20,7 @@ FLAGS = {
     "cpus_per_task": "cpus_per_task", "partition": "partition", "time": "time_min",
     "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
     "job_name": "job_name", "folder": "folder", "max_requeues": "max_requeues",
-    "save_on_signal": "save_on_signal",
+    "failure_requeues": "failure_requeues", "save_on_signal": "save_on_signal",
 }
 
 
@@ -48,6 +48,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--max-requeues", type=int,
                    help="time-outs after which the job stops instead of requeueing "
                    "(preemptions and SLURM's own restarts are not counted)")
+    p.add_argument("--failure-requeues", type=int,
+                   help="requeue a job whose task failed (GPU error, OOM kill, lost node) "
+                   "up to this many times in a row without a new checkpoint; 0: never")
     p.add_argument("--save-on-signal", action=argparse.BooleanOptionalAction, default=None,
                    help="checkpoint on the time-out/preemption signal before requeueing")
     p.add_argument("--wait", action="store_true",
@@ -80,7 +83,8 @@ def _print_dry_run(profile, spec) -> None:
         "partition": profile.partition, "time_min": profile.time_min,
         "account": profile.account, "qos": profile.qos, "constraint": profile.constraint,
         "exclude": profile.exclude, "job_name": profile.job_name, "folder": profile.folder,
-        "max_requeues": profile.max_requeues, "save_on_signal": profile.save_on_signal,
+        "max_requeues": profile.max_requeues, "failure_requeues": profile.failure_requeues,
+        "save_on_signal": profile.save_on_signal,
         "signal_delay_s": profile.signal_delay_s, "result_grace_s": profile.result_grace_s,
         "run_dir": str(spec.run_dir),
     }
@@ -89,7 +93,7 @@ def _print_dry_run(profile, spec) -> None:
         print(f"{key}: {value if value is not None else '-'}")
     print(f"# each task runs: internimage {' '.join(spec.argv)}")
     print("# sbatch script (not submitted)")
-    print(sbatch_script(profile))
+    print(sbatch_script(profile, spec.run_dir))
 
 
 def refuse_unexported(env: dict[str, str], sbatch_extra: dict) -> None:
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from launch.slurm.wait import RunResults, failure, wait_for
 
     try:
-        executor = make_executor(profile, local=args.local)
+        executor = make_executor(profile, spec.run_dir, local=args.local)
     except SlurmNotFoundError as err:
         print(f"internimage submit: {err}", file=sys.stderr)
         return 3

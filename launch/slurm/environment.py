@@ -75,7 +75,8 @@ def export_distributed_env(cpus_per_task: int, master_port: int | None = None) -
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's job records (one JSON line per job start, requeue request, give-up).
+    """The run's job records (one JSON line per job start, end, requeue request, failure
+    requeue, give-up).
 
     A line that does not parse (cut short by a node crash during an append) is skipped
     with a warning: it failed every later start of the job, requeues included."""

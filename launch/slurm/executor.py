@@ -7,12 +7,14 @@ submitit's local executor (`--local`: the tasks as local processes, no scheduler
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.slurm.slurm import SlurmExecutor
 
+from launch.slurm.after_exit import trap_lines
 from launch.slurm.profile import ClusterProfile
 
 
@@ -25,8 +27,9 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("srun") is not None
 
 
-def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
-    """AutoExecutor parameters: generic ones, plus ``slurm_*`` ones SLURM alone reads."""
+def executor_parameters(profile: ClusterProfile, run_dir: Path) -> dict[str, Any]:
+    """AutoExecutor parameters: generic ones, plus ``slurm_*`` ones SLURM alone reads
+    (``run_dir``: the job's run directory, where the script's exit trap records)."""
     params: dict[str, Any] = {
         "name": profile.job_name,
         "nodes": profile.nodes,
@@ -47,21 +50,25 @@ def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
         value = getattr(profile, key)
         if value:
             params[f"slurm_{key}"] = value
-    if profile.setup:
-        params["slurm_setup"] = list(profile.setup)
+    # after the profile's own lines: the trap's python is the one the tasks run
+    setup = [*profile.setup, *trap_lines(sys.executable, run_dir, profile.failure_requeues)]
+    if setup:
+        params["slurm_setup"] = setup
     if profile.sbatch_extra:
         params["slurm_additional_parameters"] = dict(profile.sbatch_extra)
     return params
 
 
-def make_executor(profile: ClusterProfile, local: bool = False) -> submitit.AutoExecutor:
-    """The executor that submits with this profile (SLURM, or local processes)."""
+def make_executor(profile: ClusterProfile, run_dir: Path,
+                  local: bool = False) -> submitit.AutoExecutor:
+    """The executor that submits with this profile (SLURM, or local processes) a job
+    whose run directory is ``run_dir``."""
     folder = Path(profile.folder).expanduser().absolute()
     if local:
         # the same time-out allowance as on SLURM (submitit's local default is 3)
         executor = submitit.AutoExecutor(folder=folder, cluster="local",
                                          local_max_num_timeout=profile.max_requeues)
-        params = {k: v for k, v in executor_parameters(profile).items()
+        params = {k: v for k, v in executor_parameters(profile, run_dir).items()
                   if not k.startswith("slurm_")}
         if profile.nodes != 1:
             raise ValueError("--local runs on this machine only: use --nodes 1")
@@ -74,7 +81,7 @@ def make_executor(profile: ClusterProfile, local: bool = False) -> submitit.Auto
             "processes through submitit, or `--dry-run` to see the sbatch script.")
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
                                      slurm_max_num_timeout=profile.max_requeues)
-    executor.update_parameters(**executor_parameters(profile))
+    executor.update_parameters(**executor_parameters(profile, run_dir))
     return executor
 
 
@@ -86,15 +93,16 @@ class _RenderingSlurmExecutor(SlurmExecutor):
         return 1
 
 
-def sbatch_script(profile: ClusterProfile) -> str:
-    """The sbatch script submitit would submit for this profile (nothing is submitted).
+def sbatch_script(profile: ClusterProfile, run_dir: Path) -> str:
+    """The sbatch script submitit would submit for this profile and a job whose run
+    directory is ``run_dir`` (nothing is submitted).
 
     The job id in paths stays the literal ``%j`` that SLURM fills in.
     """
     folder = Path(profile.folder).expanduser().absolute()
     executor = _RenderingSlurmExecutor(folder, max_num_timeout=profile.max_requeues)
     generic, specific = {}, {}
-    for key, value in executor_parameters(profile).items():
+    for key, value in executor_parameters(profile, run_dir).items():
         if key.startswith("slurm_"):
             specific[key[len("slurm_"):]] = value
         else:

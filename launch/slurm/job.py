@@ -32,7 +32,9 @@ requeue request in ``slurm_jobs.jsonl``, and a job whose time limit comes once m
 come, and restarts SLURM makes by itself (preemption with PreemptMode=REQUEUE, a node
 failure, ``scontrol requeue``) are not limited here either: each is the scheduler's or an
 operator's decision, resumes from a checkpoint, and on a busy preemptible partition a
-weeks-long run may meet dozens of them.
+weeks-long run may meet dozens of them. A task's failure is requeued by the batch
+script's exit trap, within its own bound (``failure_requeues``, launch/slurm/after_exit.py),
+which reads the ``ended`` record rank 0 writes here.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 
 import submitit
 
+from launch.config import REFUSED_STATUS
 from launch.slurm.environment import (
     TaskInfo,
     export_distributed_env,
@@ -186,7 +189,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     ``argv`` is a full `internimage` command line (``["pretrain", "--output-dir", ...]``),
     run by ``entry`` (the console script's ``main``), whose run directory is ``run_dir``;
-    rank 0 appends each start, requeue request and give-up to ``run_dir/slurm_jobs.jsonl``.
+    rank 0 appends each start, end, requeue request and give-up to
+    ``run_dir/slurm_jobs.jsonl``.
     ``max_requeues`` limits requeues for the time limit only (see the module docstring).
     """
 
@@ -240,12 +244,34 @@ class TrainingJob(submitit.helpers.Checkpointable):
             from data.preflight import REQUEUED_ENV
 
             os.environ[REQUEUED_ENV] = "1"
-        status = self._run_in_thread(argv, act_on_signal)
+        try:
+            status = self._run_in_thread(argv, act_on_signal)
+        except BaseException as err:
+            self._record_end(run_dir, info, restarts, None, err)
+            raise
+        self._record_end(run_dir, info, restarts, status, None)
         if status != 0:
             raise RuntimeError(f"`internimage {' '.join(argv)}` exited with status {status} "
                                f"(job {info.job_id}, task {info.rank})")
         return {"job_id": info.job_id, "rank": info.rank, "run_dir": str(run_dir),
                 "requeues": restarts}
+
+    @staticmethod
+    def _record_end(run_dir: Path, info: TaskInfo, restarts: int, status: int | None,
+                    error: BaseException | None) -> None:
+        """Rank 0 records how the command ended (``ended``: its exit status, or the error
+        it raised; ``refused``: a refusal, which the same command line meets again), read
+        by the batch script's trap to tell a failure worth a requeue (after_exit.py)."""
+        if not info.is_main:
+            return
+        code = error.code if isinstance(error, SystemExit) else status  # argparse: 2
+        extra: dict[str, Any] = {"status": status, "refused": code == REFUSED_STATUS}
+        if error is not None:
+            extra["error"] = repr(error)[:1000]
+        try:
+            record(run_dir, "ended", info, requeue=restarts, **extra)
+        except OSError as err:  # the run's own outcome matters more than its record
+            log.warning("could not record the run's end in %s: %s", run_dir, err)
 
     def _run_in_thread(self, argv: list[str], act_on_signal: Callable[[], None]) -> int:
         """Run the command in a worker thread; the main thread stays free for signals.

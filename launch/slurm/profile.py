@@ -40,6 +40,10 @@ class ClusterProfile:
     # submitit's folder: sbatch script, pickles and %j_%t_log.out/err; %j = the job id.
     folder: str = "runs/submitit/%j"
     max_requeues: int = 3
+    # A task's failure (a GPU error, the OOM killer, a lost node): requeue the job this
+    # many times in a row without a new checkpoint in between (each new checkpoint counts
+    # afresh; launch/slurm/after_exit.py); 0: a failure ends the job FAILED.
+    failure_requeues: int = 2
     # On the time-out/preemption signal, save a checkpoint before asking for the requeue.
     save_on_signal: bool = True
     # How long the signal handler waits for that save (must end before SLURM's kill).
@@ -65,7 +69,7 @@ class ClusterProfile:
         for name in ("nodes", "cpus_per_task", "time_min"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "max_requeues", "save_timeout_s"):
+        for name in ("gpus_per_node", "max_requeues", "failure_requeues", "save_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:

@@ -1,0 +1,171 @@
+"""A job whose task failed is requeued by its batch script's exit trap
+(launch/slurm/after_exit.py), within bounds: not a cancelled job, not one being requeued
+already, not a refusal or a completed run, and not a failure that keeps coming back
+before the run saves again.
+
+The SLURM states the rules read are what this project's test cluster (Slurm 22.05, the
+one tests/slurm_cluster.py starts) shows from inside a batch script's EXIT trap: after a
+task exits non-zero under ``srun --kill-on-bad-exit``, ``JobState=RUNNING`` and
+``Restarts`` unchanged; after ``scancel`` or ``scontrol requeue`` of the running job,
+``JobState=COMPLETING`` (a requeue with ``Restarts`` one higher). The real requeue of a
+killed task is tests/test_submit_slurm.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import main
+from launch.slurm.after_exit import decide, trap_lines
+
+CKPT = [1234, 5678]  # own_checkpoint(): inode and mtime of checkpoints/latest
+
+
+def _start(attempt: int) -> dict:
+    return {"event": "start", "job_id": "7", "requeue": attempt}
+
+
+def _decide(status=137, state="RUNNING", restarts=0, attempt=0, records=None,
+            checkpoint=CKPT, limit=2):
+    records = [_start(attempt)] if records is None else records
+    return decide(status, state, restarts, attempt, records, checkpoint, limit)
+
+
+def test_a_failed_task_of_a_running_attempt_is_requeued():
+    requeue, why = _decide()
+    assert requeue and "status 137" in why
+
+
+@pytest.mark.parametrize(("state", "restarts"), [
+    ("COMPLETING", 0),  # scancel of the running job
+    ("COMPLETING", 1),  # scontrol requeue / the signal handler's requeue
+    ("RUNNING", 1),     # SLURM restarted it already
+    ("CANCELLED", 0), ("FAILED", 0), (None, None), ("UNKNOWN", None)])
+def test_a_job_slurm_ends_or_requeues_by_itself_is_left_to_slurm(state, restarts):
+    requeue, why = _decide(state=state, restarts=restarts)
+    assert not requeue and "no longer runs this attempt" in why
+
+
+def test_tasks_that_all_returned_are_not_requeued():
+    assert _decide(status=0) == (False, "every task returned")
+
+
+@pytest.mark.parametrize(("ended", "reason"), [
+    ({"event": "requeue_requested"}, "signal requeued it"),
+    ({"event": "gave_up"}, "--max-requeues"),
+    ({"event": "ended", "status": 0, "refused": False}, "the run completed"),
+    ({"event": "ended", "status": 2, "refused": True}, "refused"),
+    ({"event": "ended", "status": None, "refused": True, "error": "SystemExit(2)"},
+     "refused")])
+def test_what_rank_zero_recorded_for_this_attempt_is_respected(ended, reason):
+    requeue, why = _decide(records=[_start(0), {**ended, "job_id": "7"}])
+    assert not requeue and reason in why
+
+
+def test_a_record_of_an_earlier_attempt_does_not_decide_this_one():
+    # attempt 0 was requeued by its signal; attempt 1 failed on its own
+    records = [_start(0), {"event": "requeue_requested", "job_id": "7"}, _start(1)]
+    assert _decide(restarts=1, attempt=1, records=records)[0]
+    # attempt 1's run raised (rank 0 recorded its error, not a refusal): a failure
+    crashed = [*records, {"event": "ended", "status": None, "refused": False,
+                          "error": "RuntimeError('NCCL watchdog')"}]
+    assert _decide(restarts=1, attempt=1, records=crashed)[0]
+
+
+def test_a_failure_that_returns_before_a_new_checkpoint_is_tried_a_bounded_number_of_times():
+    records = [_start(0)]
+    for attempt in range(3):
+        records.append(_start(attempt))
+        requeue, why = _decide(restarts=attempt, attempt=attempt, records=records, limit=2)
+        if attempt < 2:
+            assert requeue, (attempt, why)
+            records.append({"event": "failure_requeue", "checkpoint": CKPT})
+        else:
+            assert not requeue and "failed 3 times without a new checkpoint" in why
+    # the run saved since: the same failure count starts afresh
+    records.append(_start(3))
+    assert _decide(restarts=3, attempt=3, records=records, checkpoint=[1235, 9999])[0]
+    # no checkpoint at all yet (None) is one position like any other
+    fresh = [_start(0), {"event": "failure_requeue", "checkpoint": None}, _start(1)]
+    assert not _decide(restarts=1, attempt=1, records=fresh, checkpoint=None, limit=1)[0]
+
+
+def test_the_trap_hands_srun_s_exit_status_and_the_run_dir_to_the_module(tmp_path):
+    """The lines the sbatch script gets, run by bash: the function the EXIT trap calls
+    sees the exit status of the script's last command (srun's), and a run dir with a
+    space and a quote arrives as one argument."""
+    fake = tmp_path / "python"
+    seen = tmp_path / "argv.txt"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {seen}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    run_dir = tmp_path / "it's a run"
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(["#!/bin/bash", *trap_lines(str(fake), run_dir, 3),
+                                 "sh -c 'exit 137'", ""]))
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr  # the job's own status is kept
+    assert seen.read_text().splitlines() == [
+        "-m", "launch.slurm.after_exit", "--status", "137", "--run-dir", str(run_dir),
+        "--failure-requeues", "3"]
+    assert trap_lines(str(fake), run_dir, 0) == []  # 0: no trap at all
+
+
+def test_dry_run_script_has_the_trap_after_the_profiles_set_up(capsys, tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("setup: ['module load cuda']\n")
+    run_dir = tmp_path / "run"
+    assert main(["submit", "--profile", str(profile), "--dry-run", "--failure-requeues", "4",
+                 "pretrain", "--output-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "failure_requeues: 4" in out
+    lines = out.splitlines()
+    load, trap, srun = (next(i for i, x in enumerate(lines) if x.startswith(p))
+                        for p in ("module load cuda", "trap internimage_after_exit EXIT",
+                                  "srun "))
+    assert load < trap < srun
+    assert (f"{sys.executable} -m launch.slurm.after_exit --status \"$status\" --run-dir "
+            f"{run_dir} --failure-requeues 4") in out
+    assert main(["submit", "--dry-run", "--failure-requeues", "0", "pretrain"]) == 0
+    assert "after_exit" not in capsys.readouterr().out
+    assert main(["submit", "--dry-run", "--failure-requeues", "-1", "pretrain"]) == 2
+    assert "failure_requeues" in capsys.readouterr().err
+
+
+def test_the_module_records_its_decision_and_asks_slurm_to_requeue(tmp_path, monkeypatch):
+    """The trap's entry point: SLURM's answer and the run's records in, the decision
+    recorded in slurm_jobs.jsonl and ``scontrol requeue <job>`` run (a fake scontrol on
+    PATH answers and logs its calls)."""
+    import json
+
+    from launch.slurm import after_exit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                        "echo 'JobId=7 JobState=RUNNING Restarts=0 Reason=None'\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "slurm_jobs.jsonl").write_text(json.dumps(_start(0)) + "\n")
+    argv = ["--status", "137", "--run-dir", str(run_dir), "--failure-requeues", "1"]
+    assert after_exit.main(argv) == 0
+    assert calls.read_text().splitlines() == ["show job -o 7", "requeue 7"]
+    rows = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "failure_requeue" and rows[-1]["checkpoint"] is None
+    assert rows[-1]["requeue"] == 1 and rows[-1]["status"] == 137
+    # the same failure again before any checkpoint: recorded, not requeued
+    calls.unlink()
+    assert after_exit.main(argv) == 0
+    assert calls.read_text().splitlines() == ["show job -o 7"]
+    last = json.loads((run_dir / "slurm_jobs.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "failure_not_requeued" and "failure_requeues=1" in last["why"]
