@@ -17,7 +17,9 @@ short keeps what it measured. Phases, in order:
 3. ``speed``: forward and forward+backward of the four H stages at batch 16
    (``triton.testing.do_bench``, median, L2 flushed), bf16 with fused softmax (what the
    model runs) and fp32 with weights, zero and random offsets; each time also as a
-   fraction of the copy bandwidth under the ideal-traffic model of dcnv3_gpu.py.
+   fraction of the copy bandwidth under the ideal-traffic model of dcnv3_gpu.py; and
+   forward+backward replayed from a CUDA graph (``forward_backward_graph_ms``: the GPU's
+   time without the host's, which bounds the small stage-4 layer).
 4. ``memory``: peak CUDA memory of one H stage-1 block forward+backward (bf16, batch 16),
    triton vs reference.
 5. ``released``: the released CUDA op (``import DCNv3``), when importable: its error
@@ -295,8 +297,33 @@ def time_op(impl: Callable, row: dict, tensors: list, timer) -> dict:
     forward_backward()
     _sync()
     first = time.monotonic() - t0
-    return {"first_call_s": round(first, 2), "forward_ms": timer(forward),
-            "forward_backward_ms": timer(forward_backward)}
+    stats = {"first_call_s": round(first, 2), "forward_ms": timer(forward),
+             "forward_backward_ms": timer(forward_backward)}
+    if torch.cuda.is_available() and x.is_cuda:
+        try:
+            stats["forward_backward_graph_ms"] = timer(_graphed(forward_backward))
+        except Exception as exc:  # noqa: BLE001 - recorded; the plain times stand
+            stats["forward_backward_graph_error"] = _error(exc)
+    return stats
+
+
+def _graphed(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; its replay. The replay's time is the GPU's
+    alone: the op's Python, autograd and the launches stay out (what a training step
+    under CUDA graphs, e.g. torch.compile's "reduce-overhead", would see). Warmed up on
+    a side stream first, as torch.cuda.graphs' documentation asks (autotuning done)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _sync() -> None:
@@ -496,6 +523,11 @@ def phase_released(report: Report, device: str, smoke: bool, stages: list[int],
                     entry["triton_speedup_forward"] = entry["forward_ms"] / mine["forward_ms"]
                     entry["triton_speedup_forward_backward"] = (
                         entry["forward_backward_ms"] / mine["forward_backward_ms"])
+                    if "forward_backward_graph_ms" in entry and \
+                            "forward_backward_graph_ms" in mine:  # both without host time
+                        entry["triton_speedup_forward_backward_graph"] = (
+                            entry["forward_backward_graph_ms"]
+                            / mine["forward_backward_graph_ms"])
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = _error(exc)
             report.add("released", entry)
@@ -521,6 +553,9 @@ def summarise(report: Report) -> None:
         "speedup_forward_backward_vs_released_min": (
             min(r["triton_speedup_forward_backward"] for r in released) if released else None),
         "target_speedup_forward_backward": 2.0,
+        "speedup_forward_backward_graph_vs_released_min": min(
+            (r["triton_speedup_forward_backward_graph"] for r in released
+             if "triton_speedup_forward_backward_graph" in r), default=None),
         "elapsed_s": round(time.monotonic() - report.t0, 1),
     }
     report.save()

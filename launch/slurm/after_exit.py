@@ -82,7 +82,7 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
             return False, "the run completed (rank 0 returned 0); another task failed after"
         if r.get("event") == "ended" and r.get("refused"):
             return False, (f"the run refused to start or go on (exit status "
-                           f"{REFUSED_STATUS}): the same job would again")
+                           f"{REFUSED_STATUS}): the same command line would be refused again")
     tried = sum(1 for r in job_records
                 if r.get("event") == "failure_requeue" and r.get("checkpoint") == checkpoint)
     if tried >= failure_requeues:

@@ -22,6 +22,7 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import pickle_load
 
+from launch.config import REFUSED_STATUS
 from launch.slurm.job import START_LINE
 from launch.slurm.profile import RESULT_GRACE_S
 
@@ -311,7 +312,7 @@ def failure(job: submitit.Job, state: str | None,
 # with which `internimage pretrain|finetune` ends on a refusal (or a config error), having
 # printed it in one line to stderr, ``internimage <command>: <why>`` (launch/cli.py,
 # launch/commands/pretrain.py, launch/commands/finetune.py)
-REFUSED_STATUS = "exited with status 2 "
+REFUSED_EXIT = f"exited with status {REFUSED_STATUS} "
 REFUSAL_LINE = re.compile(r"^internimage (pretrain|finetune): \S.*$")
 # The line launch.slurm.job.TrainingJob logs once at each start of every task, before it
 # runs the command ("job 4242 task 0/2 (master node1), restart 1 (...)", its START_LINE
@@ -363,7 +364,7 @@ def refusal(job: submitit.Job, failed: list[TaskOutcome]) -> str | None:
     further back fills all of them.
     """
     for outcome in failed:
-        if outcome.status != "error" or REFUSED_STATUS not in outcome.detail:
+        if outcome.status != "error" or REFUSED_EXIT not in outcome.detail:
             continue
         path = Path(job.task(outcome.task).paths.stderr)
         if not path.is_file():
