@@ -187,9 +187,13 @@ class FinetuneRun:
         # rank 0 reads (and repairs) the file; a failure there is every rank's refusal,
         # raised together: the others would otherwise wait in this broadcast
         outcome: tuple[bool, Any] = (True, None)
+        owed = False
         if d.is_main:
             try:
                 outcome = (True, recorded_evaluation(self.out_dir, step))
+                # owed and not made by a resume that stopped right after it
+                owed = owes_evaluation(self.state) and not any(
+                    r.get(OWED_MARK) for r in records_at(self.out_dir, step))
             except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
                 outcome = (False, f"{self.out_dir / METRICS_FILE}: cannot read the finished "
                                   f"run's records ({type(err).__name__}: {err})")
@@ -197,7 +201,6 @@ class FinetuneRun:
         if not ok:
             raise ResumeError(recorded)
         if d.is_main:
-            owed = owes_evaluation(self.state)
             # an owed evaluation is a warning: the run's result lacks it
             (log.warning if owed else log.info)("%s", complete_message(
                 self.resume_dir, step, total_steps, recorded, "evaluation",

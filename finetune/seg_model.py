@@ -64,14 +64,25 @@ def _whole_init(init: str | None) -> tuple[bool, Path | None]:
     (None: a legacy ``last.pt``), decided by rank 0 and broadcast. Collective: every rank
     calls it. Each rank deciding alone could split them when ``init`` names a live run
     (its ``latest`` moving between the ranks' reads): some would enter the rank-0 read's
-    broadcasts while the others loaded a trunk, and all would hang."""
+    broadcasts while the others loaded a trunk, and all would hang. A failure on rank 0
+    fails every rank (``CheckpointError``), none left waiting."""
+    from models import CheckpointError
     from runtime.dist import broadcast_object, global_rank
 
-    decided = (False, None)
-    if init and global_rank() == 0:
-        tag_dir = _segmenter_tag_dir(init)
-        decided = (tag_dir is not None or _legacy_segmenter_file(init), tag_dir)
-    return broadcast_object(decided)
+    if not init:  # the config's, the same on every rank: nothing to agree on
+        return False, None
+    decided: tuple[bool, object] = (True, None)
+    if global_rank() == 0:
+        try:
+            tag_dir = _segmenter_tag_dir(init)
+            decided = (True, (tag_dir is not None or _legacy_segmenter_file(init), tag_dir))
+        except Exception as err:  # noqa: BLE001 - every rank raises it, below
+            decided = (False, f"{type(err).__name__}: {err}")
+    ok, value = broadcast_object(decided)
+    if not ok:  # (a live run's prune removed its state file between two reads, say)
+        raise CheckpointError(f"{init}: rank 0 could not tell whether it is a whole "
+                              f"segmenter's checkpoint: {value}")
+    return value
 
 
 def _segmenter_state(path: str, tag_dir: Path | None) -> dict[str, torch.Tensor]:

@@ -77,6 +77,7 @@ from runtime.dist import (
 )
 from runtime.loop import (
     EVAL_OWED,
+    OWED_MARK,
     LoopPosition,
     LoopSpec,
     TaskHooks,
@@ -239,8 +240,9 @@ class Trainer:
             return {"step": step, "already_complete": True}
         discard_config(self.run_dir)
         recorded = recorded_metrics(self.run_dir, step)
-        owed = owes_evaluation(self.state)
-        # an owed evaluation is a warning: the run's result lacks it
+        # owed and not made by a resume that stopped right after it: a warning, the run's
+        # result lacks it
+        owed = owes_evaluation(self.state) and not recorded.get(OWED_MARK)
         (log.warning if owed else log.info)("%s", complete_message(
             self.resume_dir, step, self.total_steps, recorded, "values",
             owed="zero-shot evaluation" if owed else ""))

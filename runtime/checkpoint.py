@@ -75,6 +75,7 @@ from typing import Any
 
 from models.checkpoint import CheckpointError
 from runtime.checkpoint_path import (
+    LATEST,
     RESUMABLE,
     RESUMABLE_OR_INIT,
     STAGING,
@@ -99,7 +100,6 @@ log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
 SAVED_AT = "saved_at"  # trainer state: rank 0's clock when it wrote it (runtime/best.py)
-LATEST = "latest"
 BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
 BEST_EMA = "best_ema.json"  # the one whose EMA weights scored best (classification)
 BEST_POINTERS = (BEST, BEST_EMA)  # every pointer prune reads

@@ -87,6 +87,18 @@ def test_a_complete_run_owing_an_evaluation_warns_that_it_is_not_made(tmp_path, 
                         "stop that saved this checkpoint and is not made now: a resume of "
                         "a run ending after step 3 makes it first")
     assert "NOTE: the evaluation due at step 3 was skipped" in fine
+    # made already, by a resume that a stop then ended before its next save: its marked
+    # record is the run's result, no NOTE beside it
+    caplog.clear()
+    for out in (pre_dir, fine_dir):
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 3, "acc1": 51.0, "owed_evaluation": True,
+                                "time": 2.0}) + "\n")
+    assert trainer._completed()["acc1"] == 51.0
+    assert FinetuneRun(fine_dir, fine_ckpt, owing).completed(3, DistInfo())["acc1"] == 51.0
+    said = [r for r in caplog.records if "already complete" in r.getMessage()]
+    assert len(said) == 2 and all(r.levelno == logging.INFO for r in said)
+    assert not any("NOTE" in r.getMessage() for r in said)
 
 
 def test_a_run_without_records_at_its_last_step_says_so_alike(tmp_path):

@@ -13,6 +13,7 @@ killed task is tests/test_submit_slurm.py's.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import pytest
 
 from launch.cli import main
-from launch.slurm.after_exit import decide, trap_lines
+from launch.slurm.after_exit import decide, slurm_ended_it, trap_lines
 
 CKPT = [1234, 5678]  # own_checkpoint(): inode and mtime of checkpoints/latest
 
@@ -45,10 +46,17 @@ def test_a_failed_task_of_a_running_attempt_is_requeued():
     ("COMPLETING", 0),  # scancel of the running job
     ("COMPLETING", 1),  # scontrol requeue / the signal handler's requeue
     ("RUNNING", 1),     # SLURM restarted it already
-    ("CANCELLED", 0), ("FAILED", 0), (None, None), ("UNKNOWN", None)])
+    ("CANCELLED", 0), ("FAILED", 0), ("TIMEOUT", 0), ("NODE_FAIL", 0), (None, None)])
 def test_a_job_slurm_ends_or_requeues_by_itself_is_left_to_slurm(state, restarts):
+    assert slurm_ended_it(state, restarts, 0)
     requeue, why = _decide(state=state, restarts=restarts)
-    assert not requeue and "no longer runs this attempt" in why
+    assert not requeue and "SLURM ended or requeued this attempt itself" in why
+
+
+def test_an_unanswered_scontrol_is_a_failure_not_requeued_said_as_such():
+    assert not slurm_ended_it("UNKNOWN", None, 0)  # not SLURM's doing: recorded
+    requeue, why = _decide(state="UNKNOWN", restarts=None)
+    assert not requeue and "scontrol did not answer" in why
 
 
 def test_tasks_that_all_returned_are_not_requeued():
@@ -56,29 +64,41 @@ def test_tasks_that_all_returned_are_not_requeued():
 
 
 @pytest.mark.parametrize(("ended", "reason"), [
-    ({"event": "requeue_requested"}, "signal requeued it"),
     ({"event": "gave_up"}, "--max-requeues"),
-    ({"event": "ended", "status": 0, "refused": False}, "the run completed"),
-    ({"event": "ended", "status": 2, "refused": True}, "refused"),
-    ({"event": "ended", "status": None, "refused": True, "error": "SystemExit(2)"},
-     "refused")])
-def test_what_rank_zero_recorded_for_this_attempt_is_respected(ended, reason):
+    ({"event": "ended", "status": 0, "refused": False}, "the run completed")])
+def test_a_run_that_completed_or_gave_up_is_not_requeued(ended, reason):
     requeue, why = _decide(records=[_start(0), {**ended, "job_id": "7"}])
     assert not requeue and reason in why
 
 
+def test_a_refusal_or_a_failed_signal_requeue_is_a_failure_like_any_other():
+    # a resume refused (exit 2: e.g. the checkpoint load failed on a bad node's GPU)
+    refused = [_start(0), {"event": "ended", "status": 2, "refused": True, "job_id": "7"}]
+    assert _decide(records=refused)[0]
+    # bounded as any failure: the same checkpoint, failure_requeues times
+    again = [*refused, {"event": "failure_requeue", "checkpoint": CKPT}, _start(1),
+             {"event": "ended", "status": 2, "refused": True, "job_id": "7"}]
+    assert not _decide(restarts=1, attempt=1, records=again, limit=1)[0]
+    # the signal's handler asked for a requeue, yet SLURM runs the same attempt: it did
+    # not happen (scontrol failed, or the rank died before asking)
+    requeue, why = _decide(records=[_start(0), {"event": "requeue_requested",
+                                                "job_id": "7"}])
+    assert requeue and "signal's requeue did not happen" in why
+
+
 def test_a_record_of_an_earlier_attempt_does_not_decide_this_one():
-    # attempt 0 was requeued by its signal; attempt 1 failed on its own
-    records = [_start(0), {"event": "requeue_requested", "job_id": "7"}, _start(1)]
+    # attempt 0 completed its signal's requeue; attempt 1 failed on its own
+    records = [_start(0), {"event": "requeue_requested", "job_id": "7"},
+               {"event": "ended", "status": 0, "refused": False}, _start(1)]
     assert _decide(restarts=1, attempt=1, records=records)[0]
-    # attempt 1's run raised (rank 0 recorded its error, not a refusal): a failure
+    # attempt 1's run raised (rank 0 recorded its error): a failure
     crashed = [*records, {"event": "ended", "status": None, "refused": False,
                           "error": "RuntimeError('NCCL watchdog')"}]
     assert _decide(restarts=1, attempt=1, records=crashed)[0]
 
 
 def test_a_failure_that_returns_before_a_new_checkpoint_is_tried_a_bounded_number_of_times():
-    records = [_start(0)]
+    records = []
     for attempt in range(3):
         records.append(_start(attempt))
         requeue, why = _decide(restarts=attempt, attempt=attempt, records=records, limit=2)
@@ -130,42 +150,82 @@ def test_dry_run_script_has_the_trap_after_the_profiles_set_up(capsys, tmp_path)
     assert load < trap < srun
     assert (f"{sys.executable} -m launch.slurm.after_exit --status \"$status\" --run-dir "
             f"{run_dir} --failure-requeues 4") in out
+    # requeueable whatever the site's JobRequeue: the trap's `scontrol requeue`, the
+    # signal's, and SLURM's own after a node failure
+    assert "#SBATCH --requeue" in out
     assert main(["submit", "--dry-run", "--failure-requeues", "0", "pretrain"]) == 0
     assert "after_exit" not in capsys.readouterr().out
+    profile.write_text("sbatch_extra: {no-requeue: true}\n")  # a site's choice is kept
+    assert main(["submit", "--profile", str(profile), "--dry-run", "pretrain"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --no-requeue" in out and "#SBATCH --requeue" not in out
     assert main(["submit", "--dry-run", "--failure-requeues", "-1", "pretrain"]) == 2
     assert "failure_requeues" in capsys.readouterr().err
 
 
-def test_the_module_records_its_decision_and_asks_slurm_to_requeue(tmp_path, monkeypatch):
-    """The trap's entry point: SLURM's answer and the run's records in, the decision
-    recorded in slurm_jobs.jsonl and ``scontrol requeue <job>`` run (a fake scontrol on
-    PATH answers and logs its calls)."""
-    import json
-
-    from launch.slurm import after_exit
-
+def _fake_scontrol(tmp_path, monkeypatch, answer: str, requeue_status: int = 0):
+    """A stand-in ``scontrol`` on PATH: ``show job`` prints ``answer``, ``requeue`` exits
+    with ``requeue_status``; every call is logged to calls.txt."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
-                        "echo 'JobId=7 JobState=RUNNING Restarts=0 Reason=None'\n")
+                        f"if [ \"$1\" = requeue ]; then echo refused >&2; "
+                        f"exit {requeue_status}; fi\necho '{answer}'\n")
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    return calls
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
+
+
+RUNNING = "JobId=7 JobState=RUNNING Restarts=0 Reason=None"
+
+
+def test_the_module_records_its_decision_and_asks_slurm_to_requeue(tmp_path, monkeypatch):
+    """The trap's entry point: SLURM's answer and the run's records in, the decision
+    recorded in slurm_jobs.jsonl and ``scontrol requeue <job>`` run."""
+    from launch.slurm import after_exit
+
+    calls = _fake_scontrol(tmp_path, monkeypatch, RUNNING)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "slurm_jobs.jsonl").write_text(json.dumps(_start(0)) + "\n")
     argv = ["--status", "137", "--run-dir", str(run_dir), "--failure-requeues", "1"]
     assert after_exit.main(argv) == 0
     assert calls.read_text().splitlines() == ["show job -o 7", "requeue 7"]
-    rows = [json.loads(x) for x in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
-    assert rows[-1]["event"] == "failure_requeue" and rows[-1]["checkpoint"] is None
-    assert rows[-1]["requeue"] == 1 and rows[-1]["status"] == 137
+    last = _rows(run_dir)[-1]
+    assert last["event"] == "failure_requeue" and last["checkpoint"] is None
+    assert last["requeue"] == 1 and last["status"] == 137
     # the same failure again before any checkpoint: recorded, not requeued
     calls.unlink()
     assert after_exit.main(argv) == 0
     assert calls.read_text().splitlines() == ["show job -o 7"]
-    last = json.loads((run_dir / "slurm_jobs.jsonl").read_text().splitlines()[-1])
+    last = _rows(run_dir)[-1]
     assert last["event"] == "failure_not_requeued" and "failure_requeues=1" in last["why"]
+
+
+def test_a_requeue_scontrol_refuses_is_recorded_and_one_slurm_made_is_not(tmp_path,
+                                                                         monkeypatch):
+    from launch.slurm import after_exit
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "slurm_jobs.jsonl").write_text(json.dumps(_start(0)) + "\n")
+    argv = ["--status", "1", "--run-dir", str(run_dir), "--failure-requeues", "2"]
+    _fake_scontrol(tmp_path, monkeypatch, RUNNING, requeue_status=1)
+    assert after_exit.main(argv) == 0
+    requested, failed = _rows(run_dir)[-2:]
+    assert requested["event"] == "failure_requeue"
+    assert failed["event"] == "failure_requeue_failed" and "refused" in failed["error"]
+    # a requeue SLURM is making (srun returned before the batch shell's SIGTERM): the
+    # record of the run is left as it was
+    before = _rows(run_dir)
+    _fake_scontrol(tmp_path, monkeypatch, "JobId=7 JobState=COMPLETING Restarts=1")
+    assert after_exit.main(argv) == 0
+    assert _rows(run_dir) == before

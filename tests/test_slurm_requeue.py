@@ -264,11 +264,11 @@ def test_a_record_cut_short_by_a_crash_is_skipped_and_the_next_one_kept(tmp_path
 
 
 @pytest.mark.parametrize("refusal", ["status", "argparse"])
-def test_a_refused_start_is_recorded_as_one_which_the_exit_trap_leaves_failed(task, refusal):
+def test_a_refused_start_is_recorded_as_one(task, refusal):
     """`internimage` refuses a bad config or checkpoint with exit status 2, and argparse a
-    bad flag with SystemExit(2): the same command line is refused on every try, so rank 0
-    records ``refused`` and the batch script's exit trap does not requeue the job
-    (launch/slurm/after_exit.py)."""
+    bad flag with SystemExit(2): rank 0's ``ended`` record says ``refused`` (for whoever
+    reads why the job failed; the exit trap bounds it as any failure, since a resume
+    refused on a bad node may work on another: launch/slurm/after_exit.py)."""
     def make(job):
         def entry(argv):
             if refusal == "argparse":

@@ -49,8 +49,9 @@ def register(sub, name: str) -> None:
                    help="time-outs after which the job stops instead of requeueing "
                    "(preemptions and SLURM's own restarts are not counted)")
     p.add_argument("--failure-requeues", type=int,
-                   help="requeue a job whose task failed (GPU error, OOM kill, lost node) "
-                   "up to this many times in a row without a new checkpoint; 0: never")
+                   help="requeue a job whose task failed (GPU error, OOM kill, collective "
+                   "timeout) up to this many times in a row without a new checkpoint; 0: "
+                   "never (SLURM only: --local runs once)")
     p.add_argument("--save-on-signal", action=argparse.BooleanOptionalAction, default=None,
                    help="checkpoint on the time-out/preemption signal before requeueing")
     p.add_argument("--wait", action="store_true",

@@ -1,37 +1,44 @@
 """What a job's batch script does once its tasks have ended: requeue a run that failed.
 
 A task that dies (a GPU or driver error, the OOM killer, a collective that timed out, a
-rank lost with its node) ends the whole job: srun's ``--kill-on-bad-exit`` ends the other
-tasks, the batch script exits non-zero and SLURM marks the job FAILED. The time-out and
-preemption signal requeues the job itself (launch/slurm/job.py), but nothing did so for a
-failure: at 512 GPUs one comes every few days, and the run waited for someone to notice
-and submit it again. Every task's command already resumes from the run's latest
-checkpoint (``--resume auto``), so a requeue is all a failed run needs.
+rank whose node stopped answering) ends the whole job: srun's ``--kill-on-bad-exit`` ends
+the other tasks, the batch script exits non-zero and SLURM marks the job FAILED. The
+time-out and preemption signal requeues the job itself (launch/slurm/job.py), but nothing
+did so for a failure: at 512 GPUs one comes every few days, and the run waited for
+someone to notice and submit it again. Every task's command already resumes from the
+run's latest checkpoint (``--resume auto``), so a requeue is all a failed run needs. (A
+node that SLURM itself declares failed is SLURM's to requeue: the script asks for
+``--requeue``, launch/slurm/executor.py, so it does, whatever the site's default.)
 
 The sbatch script runs this module from its EXIT trap (:func:`trap_lines`, added to the
 script's set-up by launch/slurm/executor.py) with srun's exit status. It requeues the job
 (``scontrol requeue``, the job's own id) when, by :func:`decide`:
 
-- srun exited non-zero: a task failed (0: every task returned);
+- srun exited non-zero: a task failed (0: every task returned). A batch shell that SLURM
+  ends (``scancel``, the time limit, a requeue) gets SIGTERM while it waits for srun, and
+  bash runs the trap at once with the status of the last command that completed (0);
 - SLURM still runs this attempt of the job: ``JobState=RUNNING`` with ``Restarts`` equal
-  to this attempt's ``SLURM_RESTART_COUNT``. A cancelled job, or one that is already
-  being requeued (by the signal's handler, an operator's ``scontrol requeue``, SLURM's own
-  preemption) is COMPLETING by the time the trap runs, or counts one restart more (both
-  seen on this project's test cluster, Slurm 22.05: ``scancel`` and ``scontrol requeue``
-  of a running job run the trap with COMPLETING; a task's failure with RUNNING);
-- rank 0 did not record that the run ended without a failure to retry: a refusal (exit
-  status 2: a bad config or a checkpoint it will not resume, the same on every try), a
-  completed run (another task failed as it exited), the signal's requeue or its give-up
-  after ``max_requeues`` time-outs;
+  to this attempt's ``SLURM_RESTART_COUNT``. A job being cancelled or requeued (by the
+  signal's handler, an operator, SLURM's own preemption) is COMPLETING by then, or counts
+  one restart more (seen on this project's test cluster, Slurm 22.05, when srun returned
+  first). Such a job is SLURM's business: nothing is recorded. An unanswered ``scontrol``
+  is asked again, then taken as a failure not requeued (said so);
+- rank 0 did not record that this attempt's run completed (another task failed as it
+  exited) or gave up after ``max_requeues`` time-outs. A ``requeue_requested`` of the
+  signal's handler does not count: SLURM running the same attempt still shows that its
+  requeue did not happen;
 - fewer than ``failure_requeues`` requeues of this job for a failure found the run's
   checkpoint where it is now. A failure that comes back before the run saves again (a
-  crash at the same step, a node that always fails) is tried that many times and then
-  left FAILED; one after a new checkpoint counts afresh, so a weeks-long run survives any
-  number of sporadic failures as long as it makes progress between them.
+  crash at the same step, a refused resume, a node that always fails) is tried that many
+  times and then left FAILED; one after a new checkpoint counts afresh, so a weeks-long
+  run survives any number of sporadic failures as long as it makes progress between
+  them. Refusals (exit status 2) are not told apart: a checkpoint load that failed on a
+  bad node's GPU or a flaky file system is refused too, and would succeed elsewhere.
 
-Every decision is appended to the run's ``slurm_jobs.jsonl`` (``failure_requeue`` or
-``failure_not_requeued`` with the reason). The requeued job waits out SLURM's hold on
-requeued batch jobs (its EligibleTime, about two minutes) and resumes.
+Each failure is recorded in the run's ``slurm_jobs.jsonl`` (``failure_requeue``, then
+``failure_requeue_failed`` if ``scontrol requeue`` refused; or ``failure_not_requeued``,
+with the reason). The requeued job waits out SLURM's hold on requeued batch jobs (its
+EligibleTime, about two minutes) and resumes.
 """
 
 from __future__ import annotations
@@ -42,19 +49,26 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launch.config import REFUSED_STATUS
 from launch.slurm.environment import TaskInfo, read_records, record
+from launch.slurm.wait import UNANSWERED, slurm_job
 
 log = logging.getLogger(__name__)
 
-# Rank 0's records after a start that end the attempt in a way a requeue must not repeat
-# (launch/slurm/job.py writes them): the signal's own requeue and its give-up.
-_HANDLED = {"requeue_requested": "the job's time-out/preemption signal requeued it",
-            "gave_up": "the job reached its time limit more often than --max-requeues"}
+# How often, and how far apart, an unanswered ``scontrol show job`` is asked again (a
+# busy controller; the job stays RUNNING meanwhile, so nothing is lost by waiting)
+ASKS, ASK_EVERY_S = 4, 10.0
+
+
+def slurm_ended_it(state: str | None, restarts: int | None, attempt: int) -> bool:
+    """Whether SLURM has ended or requeued this attempt itself (a cancel, the time limit,
+    a node failure, a requeue): not RUNNING, or restarted since (``restarts`` above
+    ``attempt``). An unanswered state is not taken for either."""
+    return state != UNANSWERED and (state != "RUNNING" or restarts != attempt)
 
 
 def decide(status: int, state: str | None, restarts: int | None, attempt: int,
@@ -70,26 +84,29 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
     """
     if status == 0:
         return False, "every task returned"
-    if state != "RUNNING" or restarts != attempt:
-        return False, (f"SLURM no longer runs this attempt (JobState={state}, Restarts="
-                       f"{restarts}, this attempt {attempt}): cancelled, or requeued already")
+    if state == UNANSWERED:
+        return False, ("scontrol did not answer: SLURM's state of the job is unknown; "
+                       "submit the same command again to resume")
+    if slurm_ended_it(state, restarts, attempt):
+        return False, (f"SLURM ended or requeued this attempt itself (JobState={state}, "
+                       f"Restarts={restarts}, this attempt {attempt})")
     starts = [i for i, r in enumerate(job_records)
               if r.get("event") == "start" and r.get("requeue") == attempt]
+    signalled = ""
     for r in job_records[starts[-1] + 1:] if starts else []:
-        if r.get("event") in _HANDLED:
-            return False, _HANDLED[r["event"]]
+        if r.get("event") == "gave_up":
+            return False, "the job reached its time limit more often than --max-requeues"
         if r.get("event") == "ended" and r.get("status") == 0:
             return False, "the run completed (rank 0 returned 0); another task failed after"
-        if r.get("event") == "ended" and r.get("refused"):
-            return False, (f"the run refused to start or go on (exit status "
-                           f"{REFUSED_STATUS}): the same command line would be refused again")
+        if r.get("event") == "requeue_requested":
+            signalled = "; the time-out/preemption signal's requeue did not happen"
     tried = sum(1 for r in job_records
                 if r.get("event") == "failure_requeue" and r.get("checkpoint") == checkpoint)
     if tried >= failure_requeues:
         return False, (f"failed {tried + 1} times without a new checkpoint in between "
-                       f"(failure_requeues={failure_requeues})")
+                       f"(failure_requeues={failure_requeues}){signalled}")
     return True, (f"srun exited with status {status}; requeue {tried + 1} of at most "
-                  f"{failure_requeues} without a new checkpoint")
+                  f"{failure_requeues} without a new checkpoint{signalled}")
 
 
 def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
@@ -103,13 +120,6 @@ def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
                         "--failure-requeues", str(failure_requeues)])
     return [f"internimage_after_exit() {{ status=$?; {command}; }}",
             "trap internimage_after_exit EXIT"]
-
-
-def _slurm_job(job_id: str) -> tuple[str | None, int | None]:
-    from launch.slurm.wait import slurm_job  # scontrol's answer, parsed once
-
-    info = slurm_job(job_id)
-    return info.state, info.restarts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,28 +137,46 @@ def main(argv: list[str] | None = None) -> int:
     attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if args.status == 0:  # the common end: nothing to ask SLURM or to record
         return 0
-    state, restarts = _slurm_job(job_id)
+    for ask in range(ASKS):
+        info = slurm_job(job_id)
+        state, restarts = info.state, info.restarts
+        if state != UNANSWERED:
+            break
+        if ask + 1 < ASKS:
+            time.sleep(ASK_EVERY_S)
+    if slurm_ended_it(state, restarts, attempt):  # SLURM's business: nothing to record
+        log.info("job %s: SLURM ended or requeued this attempt itself (JobState=%s)",
+                 job_id, state)
+        return 0
     records = [r for r in read_records(args.run_dir) if r.get("job_id") == job_id]
     checkpoint = own_checkpoint(args.run_dir)
     requeue, why = decide(args.status, state, restarts, attempt, records, checkpoint,
                           args.failure_requeues)
-    info = TaskInfo(job_id=job_id, rank=0, local_rank=0,
-                    world_size=int(os.environ.get("SLURM_NTASKS", "1")), master="",
-                    cluster="slurm")
+    me = TaskInfo(job_id=job_id, rank=0, local_rank=0,
+                  world_size=int(os.environ.get("SLURM_NTASKS", "1")), master="",
+                  cluster="slurm")
     if not requeue:
         log.warning("job %s not requeued after its failure: %s", job_id, why)
-        record(args.run_dir, "failure_not_requeued", info, requeue=attempt,
+        record(args.run_dir, "failure_not_requeued", me, requeue=attempt,
                status=args.status, why=why)
         return 0
     log.warning("job %s: requeueing after a failure (%s); it resumes from its latest "
                 "checkpoint", job_id, why)
-    record(args.run_dir, "failure_requeue", info, requeue=attempt + 1, status=args.status,
+    record(args.run_dir, "failure_requeue", me, requeue=attempt + 1, status=args.status,
            checkpoint=checkpoint, why=why)
-    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                          timeout=60)
-    if proc.returncode != 0:
-        log.error("scontrol requeue %s failed (%d): %s", job_id, proc.returncode,
-                  proc.stderr.strip())
+    # recorded first: a requeue that works ends this shell (SIGTERM) before it returns
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True,
+                              text=True, timeout=60)
+        failed = f"exit status {proc.returncode}: {proc.stderr.strip()}" \
+            if proc.returncode != 0 else None
+    except (OSError, subprocess.SubprocessError) as err:
+        failed = repr(err)
+    if failed is not None:
+        log.error("scontrol requeue %s failed (%s): the job ends FAILED; submit the same "
+                  "command again to resume", job_id, failed)
+        record(args.run_dir, "failure_requeue_failed", me, requeue=attempt + 1,
+               error=failed[:1000])
     return 0
 
 

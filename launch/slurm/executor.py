@@ -54,8 +54,12 @@ def executor_parameters(profile: ClusterProfile, run_dir: Path) -> dict[str, Any
     setup = [*profile.setup, *trap_lines(sys.executable, run_dir, profile.failure_requeues)]
     if setup:
         params["slurm_setup"] = setup
-    if profile.sbatch_extra:
-        params["slurm_additional_parameters"] = dict(profile.sbatch_extra)
+    # requeueable whatever the site's default (JobRequeue): the signal's and the exit
+    # trap's `scontrol requeue`, and SLURM's own requeue of a job on a failed node
+    extra = dict(profile.sbatch_extra)
+    if not {"requeue", "no_requeue", "no-requeue"} & set(extra):
+        extra["requeue"] = True
+    params["slurm_additional_parameters"] = extra
     return params
 
 

@@ -137,7 +137,7 @@ def own_checkpoint(run_dir: Path) -> list[int] | None:
     Every publish replaces ``latest`` by a rename (runtime/checkpoint.py), so a new inode
     and time mean a save happened since, even one that re-saved the same step (a rewound
     run reaching its old tag again)."""
-    from runtime.checkpoint_path import CHECKPOINTS_DIR  # here: it imports torch
+    from runtime.run_layout import CHECKPOINTS_DIR  # torch-free (the exit trap calls this)
 
     ckpts = run_dir / CHECKPOINTS_DIR
     for name in ("latest", "last.pt"):
@@ -260,8 +260,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def _record_end(run_dir: Path, info: TaskInfo, restarts: int, status: int | None,
                     error: BaseException | None) -> None:
         """Rank 0 records how the command ended (``ended``: its exit status, or the error
-        it raised; ``refused``: a refusal, which the same command line meets again), read
-        by the batch script's trap to tell a failure worth a requeue (after_exit.py)."""
+        it raised; ``refused``: exit status 2, a refused start or resume), read by the
+        batch script's exit trap: a run that completed is not requeued (after_exit.py)."""
         if not info.is_main:
             return
         code = error.code if isinstance(error, SystemExit) else status  # argparse: 2

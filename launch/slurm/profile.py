@@ -40,9 +40,10 @@ class ClusterProfile:
     # submitit's folder: sbatch script, pickles and %j_%t_log.out/err; %j = the job id.
     folder: str = "runs/submitit/%j"
     max_requeues: int = 3
-    # A task's failure (a GPU error, the OOM killer, a lost node): requeue the job this
-    # many times in a row without a new checkpoint in between (each new checkpoint counts
-    # afresh; launch/slurm/after_exit.py); 0: a failure ends the job FAILED.
+    # A task's failure (a GPU error, the OOM killer, a collective timeout): requeue the
+    # job this many times in a row without a new checkpoint in between (each new
+    # checkpoint counts afresh; launch/slurm/after_exit.py); 0: a failure ends the job
+    # FAILED. SLURM only (the batch script's exit trap).
     failure_requeues: int = 2
     # On the time-out/preemption signal, save a checkpoint before asking for the requeue.
     save_on_signal: bool = True
