@@ -153,6 +153,15 @@ class SlurmCluster:
         raise AssertionError(f"job {job_id}: timed out waiting for {what}; last: {info}\n"
                              f"{self.logs_tail()}")
 
+    def end_submission(self, proc: subprocess.Popen, job_id: str | None) -> None:
+        """A test's clean-up of its `internimage submit` process and job, whatever state
+        they are in: the process killed if it still runs, the job cancelled."""
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if job_id is not None:
+            self.cmd("scancel", job_id, check=False)
+
     def logs_tail(self, lines: int = 30) -> str:
         out = []
         for name in ("slurmctld.log", "slurmd.log"):

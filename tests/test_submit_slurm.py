@@ -145,6 +145,15 @@ def test_two_task_job_completes_with_metrics_checkpoints_and_job_record(undistur
 REQUEUE_EXIT_GRACE_S = 15.0
 
 
+def wait_for_mid_run_checkpoint(run_dir: Path, timeout: float = 120) -> None:
+    """Until the 10-step job (STEPS: a checkpoint every 2 steps) has published its step 4
+    or step 6 checkpoint: mid-run, with steps left to resume."""
+    deadline = time.time() + timeout
+    while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
+        time.sleep(0.05)
+    assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
+
+
 def test_scontrol_requeue_mid_run_is_waited_through_and_resumes_with_identical_losses(
         undisturbed, cluster, cache, tmp_path):
     """`scontrol requeue` mid-run (SIGTERM, then SIGKILL: no time to save; likewise a
@@ -174,10 +183,7 @@ def test_scontrol_requeue_mid_run_is_waited_through_and_resumes_with_identical_l
     waiter.start()
     try:
         assert first_job_id(run_dir) == job_id
-        deadline = time.time() + 120
-        while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
-            time.sleep(0.05)
-        assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
+        wait_for_mid_run_checkpoint(run_dir)
         cluster.cmd("scontrol", "requeue", job_id)
         requeued = time.time()
         cluster.wait_job(job_id, lambda j: int(j.get("Restarts", "0")) >= 1
@@ -267,11 +273,7 @@ def test_wait_reports_tasks_killed_without_a_result_within_a_bound(cluster, cach
                                  "killed") from None
         waited = time.time() - killed_at
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        if job_id is not None:
-            cluster.cmd("scancel", job_id, check=False)
+        cluster.end_submission(proc, job_id)
     print(f"submit --wait returned {waited:.1f} s after the kill")
     assert proc.returncode != 0, err[-4000:]
     # SLURM: a batch job whose script exits non-zero ends FAILED (squeue(1), JOB STATE
@@ -303,19 +305,12 @@ def test_a_killed_task_is_requeued_by_the_exit_trap_and_ends_as_the_undisturbed_
     job_id = None
     try:
         job_id = first_job_id(run_dir)
-        deadline = time.time() + 120
-        while latest(run_dir) not in ("step_0000004", "step_0000006") and time.time() < deadline:
-            time.sleep(0.05)
-        assert latest(run_dir) in ("step_0000004", "step_0000006"), latest(run_dir)
+        wait_for_mid_run_checkpoint(run_dir)
         os.kill(task_pids(cluster, job_id, tasks=2)[-1], signal.SIGKILL)
         release(cluster, job_id)  # the trap's requeue, and SLURM's hold on it skipped
         out, _ = finish(proc, 300, cluster, job_id)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        if job_id is not None:
-            cluster.cmd("scancel", job_id, check=False)
+        cluster.end_submission(proc, job_id)
     assert out.strip().splitlines()[-1] == job_id
     assert cluster.job(job_id)["JobState"] == "COMPLETED"
     rows = records(run_dir)

@@ -92,11 +92,7 @@ def test_a_failed_task_ends_the_job_promptly(cluster: SlurmCluster, cache, tmp_p
             print(f"job {job_id} ended {time.time() - exited:.1f} s after task 0 exited")
             out, err = proc.communicate(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-            if job_id is not None:
-                cluster.cmd("scancel", job_id, check=False)
+            cluster.end_submission(proc, job_id)
     assert info["JobState"] == "FAILED"
     assert proc.returncode == 1 and f"job {job_id}" in err, err[-4000:]
     assert out.strip().splitlines()[-1] == job_id
