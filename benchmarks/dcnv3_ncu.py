@@ -89,7 +89,7 @@ def child(smoke: bool) -> list[dict]:
             runs.append(step)
             cases.append({"stage": stage + 1, "batch": row["batch"], "dtype": dtype_name,
                           "variant": variant, "input_shape": row["input_shape"],
-                          "groups": row["groups"]})
+                          "groups": row["groups"], "configs": _chosen_configs()})
     if not smoke:
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
@@ -99,6 +99,16 @@ def child(smoke: bool) -> list[dict]:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
     return cases
+
+
+def _chosen_configs() -> dict[str, str | None]:
+    """The config each kernel's autotuner took for its last launch (this process tunes
+    afresh: what gpu_check timed may differ); None under the interpreter."""
+    from ops.dcnv3 import triton_kernels as kernels
+
+    return {name: str(getattr(kernel, "best_config", None) or "") or None
+            for name, kernel in (("fwd", kernels.dcnv3_fwd_kernel),
+                                 ("bwd", kernels.dcnv3_bwd_kernel))}
 
 
 def read_raw_csv(path: Path) -> list[dict[str, str]]:
@@ -152,7 +162,12 @@ def profile(out_dir: Path, ncu: str) -> int:
     if exported.returncode != 0:
         return exported.returncode
     cases = json.loads((out_dir / "dcnv3_ncu_cases.json").read_text())
-    summary = summarise(read_raw_csv(raw), cases)
+    launches = read_raw_csv(raw)
+    if len(launches) != 2 * len(cases):  # e.g. a warning line before the CSV's header
+        print(f"dcnv3_ncu: {raw} holds {len(launches)} launches, expected "
+              f"{2 * len(cases)}: see it and the .ncu-rep", file=sys.stderr)
+        return 4
+    summary = summarise(launches, cases)
     (out_dir / "dcnv3_ncu.json").write_text(json.dumps(summary, indent=2) + "\n")
     for entry in summary:
         case = entry["case"] or {}

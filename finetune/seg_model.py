@@ -69,10 +69,8 @@ def _whole_init(init: str | None) -> tuple[bool, Path | None]:
     from models import CheckpointError
     from runtime.dist import broadcast_object, global_rank
 
-    if not init:  # the config's, the same on every rank: nothing to agree on
-        return False, None
-    decided: tuple[bool, object] = (True, None)
-    if global_rank() == 0:
+    decided: tuple[bool, object] = (True, (False, None))
+    if init and global_rank() == 0:
         try:
             tag_dir = _segmenter_tag_dir(init)
             decided = (True, (tag_dir is not None or _legacy_segmenter_file(init), tag_dir))

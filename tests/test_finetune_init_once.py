@@ -135,3 +135,41 @@ def test_every_rank_takes_rank_zeros_view_of_a_whole_segmenter_init(tmp_path):
         assert set(got) == set(want)
         for key, value in want.items():
             assert torch.equal(got[key], value), (rank, key)
+
+
+def _segmenter_look_fails_worker(out_dir: str, src: str) -> None:
+    import torch.distributed as dist
+
+    import finetune.seg_model as seg_model
+    from finetune.seg_config import SegmentationConfig
+    from launch.config import load_config
+    from models import CheckpointError
+    from tests.test_finetune_segmentation import TINY
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 0:  # a live run's prune removed the state file between two reads, say
+        def gone(path):
+            raise FileNotFoundError(f"{path}/trainer_state.json")
+        seg_model._segmenter_tag_dir = gone
+    record = {}
+    try:
+        seg_model.build_segmentor(load_config(SegmentationConfig, None, TINY), src)
+    except CheckpointError as err:
+        record["error"] = str(err)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_rank_zeros_failed_look_at_a_segmenter_init_fails_every_rank(tmp_path):
+    """Rank 0 alone looks at what ``--init`` is; when that look fails, every rank fails
+    with its message (none waits in the broadcast of an answer that never comes)."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    run_file_function(__file__, "_segmenter_look_fails_worker", 2, str(out),
+                      str(tmp_path / "run"), timeout=180)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in records:
+        assert "rank 0 could not tell" in record.get("error", ""), records
+        assert "trainer_state.json" in record["error"]

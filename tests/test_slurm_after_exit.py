@@ -1,7 +1,7 @@
 """A job whose task failed is requeued by its batch script's exit trap
-(launch/slurm/after_exit.py), within bounds: not a cancelled job, not one being requeued
-already, not a refusal or a completed run, and not a failure that keeps coming back
-before the run saves again.
+(launch/slurm/after_exit.py), within bounds: not a cancelled job, not one SLURM requeues
+itself, not a completed run or one that gave up on its time-outs, and not a failure
+(a refused resume included) that keeps coming back before the run saves again.
 
 The SLURM states the rules read are what this project's test cluster (Slurm 22.05, the
 one tests/slurm_cluster.py starts) shows from inside a batch script's EXIT trap: after a
@@ -155,24 +155,30 @@ def test_dry_run_script_has_the_trap_after_the_profiles_set_up(capsys, tmp_path)
     assert "#SBATCH --requeue" in out
     assert main(["submit", "--dry-run", "--failure-requeues", "0", "pretrain"]) == 0
     assert "after_exit" not in capsys.readouterr().out
-    profile.write_text("sbatch_extra: {no-requeue: true}\n")  # a site's choice is kept
-    assert main(["submit", "--profile", str(profile), "--dry-run", "pretrain"]) == 0
-    out = capsys.readouterr().out
-    assert "#SBATCH --no-requeue" in out and "#SBATCH --requeue" not in out
+    for said in ("{no-requeue: true}", "{requeue: false}", "{no_requeue: true}"):
+        profile.write_text(f"sbatch_extra: {said}\n")  # a site's choice is kept
+        assert main(["submit", "--profile", str(profile), "--dry-run", "pretrain"]) == 0
+        out = capsys.readouterr().out
+        assert "#SBATCH --no-requeue" in out and "--requeue" not in out.replace(
+            "--no-requeue", ""), said  # never `--requeue=False`, which sbatch refuses
     assert main(["submit", "--dry-run", "--failure-requeues", "-1", "pretrain"]) == 2
     assert "failure_requeues" in capsys.readouterr().err
 
 
-def _fake_scontrol(tmp_path, monkeypatch, answer: str, requeue_status: int = 0):
-    """A stand-in ``scontrol`` on PATH: ``show job`` prints ``answer``, ``requeue`` exits
-    with ``requeue_status``; every call is logged to calls.txt."""
+def _fake_scontrol(tmp_path, monkeypatch, answer: str, requeue_status: int = 0,
+                   silent: int = 0):
+    """A stand-in ``scontrol`` on PATH: ``show job`` prints ``answer`` (nothing for its
+    first ``silent`` calls: a controller that does not answer), ``requeue`` exits with
+    ``requeue_status``; every call is logged to calls.txt."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
                         f"if [ \"$1\" = requeue ]; then echo refused >&2; "
-                        f"exit {requeue_status}; fi\necho '{answer}'\n")
+                        f"exit {requeue_status}; fi\n"
+                        f"[ $(grep -c show {calls}) -le {silent} ] && exit 1\n"
+                        f"echo '{answer}'\n")
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
@@ -229,3 +235,26 @@ def test_a_requeue_scontrol_refuses_is_recorded_and_one_slurm_made_is_not(tmp_pa
     _fake_scontrol(tmp_path, monkeypatch, "JobId=7 JobState=COMPLETING Restarts=1")
     assert after_exit.main(argv) == 0
     assert _rows(run_dir) == before
+
+
+def test_an_unanswered_scontrol_is_asked_again(tmp_path, monkeypatch):
+    """A busy controller (scontrol without an answer) is asked again before anything is
+    decided: the job still runs its attempt, so the answer that comes is acted on."""
+    from launch.slurm import after_exit
+
+    monkeypatch.setattr(after_exit, "ASK_EVERY_S", 0.0)
+    calls = _fake_scontrol(tmp_path, monkeypatch, RUNNING, silent=after_exit.ASKS - 1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "slurm_jobs.jsonl").write_text(json.dumps(_start(0)) + "\n")
+    argv = ["--status", "1", "--run-dir", str(run_dir), "--failure-requeues", "2"]
+    assert after_exit.main(argv) == 0
+    assert calls.read_text().splitlines() == ["show job -o 7"] * after_exit.ASKS + [
+        "requeue 7"]
+    # never answering: a failure not requeued, said as such
+    calls.unlink()
+    _fake_scontrol(tmp_path, monkeypatch, RUNNING, silent=after_exit.ASKS)
+    assert after_exit.main(argv) == 0
+    assert "requeue 7" not in calls.read_text()
+    last = _rows(run_dir)[-1]
+    assert last["event"] == "failure_not_requeued" and "did not answer" in last["why"]

@@ -406,8 +406,8 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
     finally:
         finish(proc, 300, cluster, job_id)
     events = [r["event"] for r in records(run_dir)]
-    # each attempt's end is recorded after the signal's requeue request, which the exit
-    # trap therefore leaves alone (launch/slurm/after_exit.py)
+    # each attempt's end is recorded; the exit trap, which finds SLURM requeueing the
+    # attempt itself, records nothing (launch/slurm/after_exit.py)
     assert events == ["start", "requeue_requested", "ended", "start", "ended"], events
     assert records(run_dir)[-1]["status"] == 0
     request = records(run_dir)[1]

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # How often, and how far apart, an unanswered ``scontrol show job`` is asked again (a
 # busy controller; the job stays RUNNING meanwhile, so nothing is lost by waiting)
-ASKS, ASK_EVERY_S = 4, 10.0
+ASKS, ASK_EVERY_S = 3, 5.0
 
 
 def slurm_ended_it(state: str | None, restarts: int | None, attempt: int) -> bool:
@@ -123,9 +123,9 @@ def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The trap's entry point; always exits 0 (the job's state is SLURM's business)."""
-    from launch.slurm.job import own_checkpoint
-
+    """The trap's entry point; exits 0 (the job's state is SLURM's business), also when
+    the run directory cannot be read or written (a full disk may be what ended the run:
+    said in the log, the job left to end FAILED)."""
     p = argparse.ArgumentParser(prog="python -m launch.slurm.after_exit")
     p.add_argument("--status", type=int, required=True)
     p.add_argument("--run-dir", type=Path, required=True)
@@ -148,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("job %s: SLURM ended or requeued this attempt itself (JobState=%s)",
                  job_id, state)
         return 0
+    try:
+        return _decide_and_act(args, job_id, attempt, state, restarts)
+    except OSError as err:
+        log.error("job %s: the run directory %s cannot be read or written (%s): not "
+                  "requeued; submit the same command again to resume", job_id,
+                  args.run_dir, err)
+        return 0
+
+
+def _decide_and_act(args: argparse.Namespace, job_id: str, attempt: int,
+                    state: str | None, restarts: int | None) -> int:
+    from launch.slurm.job import own_checkpoint
+
     records = [r for r in read_records(args.run_dir) if r.get("job_id") == job_id]
     checkpoint = own_checkpoint(args.run_dir)
     requeue, why = decide(args.status, state, restarts, attempt, records, checkpoint,

@@ -54,13 +54,23 @@ def executor_parameters(profile: ClusterProfile, run_dir: Path) -> dict[str, Any
     setup = [*profile.setup, *trap_lines(sys.executable, run_dir, profile.failure_requeues)]
     if setup:
         params["slurm_setup"] = setup
-    # requeueable whatever the site's default (JobRequeue): the signal's and the exit
-    # trap's `scontrol requeue`, and SLURM's own requeue of a job on a failed node
-    extra = dict(profile.sbatch_extra)
-    if not {"requeue", "no_requeue", "no-requeue"} & set(extra):
-        extra["requeue"] = True
-    params["slurm_additional_parameters"] = extra
+    params["slurm_additional_parameters"] = _with_requeue(profile.sbatch_extra)
     return params
+
+
+def _with_requeue(sbatch_extra: dict[str, Any]) -> dict[str, Any]:
+    """The profile's extra sbatch options with ``--requeue`` (or ``--no-requeue`` where the
+    profile says so: ``requeue: false`` or ``no_requeue: true``). Requeueable by default,
+    whatever the site's JobRequeue: the signal's and the exit trap's `scontrol requeue`,
+    and SLURM's own requeue of a job on a failed node, need it. (submitit writes a bare
+    flag for True only: ``requeue: false`` would become ``--requeue=False``.)"""
+    extra = dict(sbatch_extra)
+    wants = True
+    for key in ("requeue", "no_requeue", "no-requeue"):
+        if key in extra:
+            wants = bool(extra.pop(key)) == (key == "requeue")
+    extra["requeue" if wants else "no_requeue"] = True
+    return extra
 
 
 def make_executor(profile: ClusterProfile, run_dir: Path,

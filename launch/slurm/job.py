@@ -137,10 +137,10 @@ def own_checkpoint(run_dir: Path) -> list[int] | None:
     Every publish replaces ``latest`` by a rename (runtime/checkpoint.py), so a new inode
     and time mean a save happened since, even one that re-saved the same step (a rewound
     run reaching its old tag again)."""
-    from runtime.run_layout import CHECKPOINTS_DIR  # torch-free (the exit trap calls this)
+    from runtime.run_layout import CHECKPOINTS_DIR, LATEST  # torch-free (the exit trap)
 
     ckpts = run_dir / CHECKPOINTS_DIR
-    for name in ("latest", "last.pt"):
+    for name in (LATEST, "last.pt"):
         try:
             st = (ckpts / name).stat()
         except FileNotFoundError:
