@@ -153,6 +153,19 @@ class SlurmCluster:
         raise AssertionError(f"job {job_id}: timed out waiting for {what}; last: {info}\n"
                              f"{self.logs_tail()}")
 
+    def node_state(self) -> str:
+        """The node's state as sinfo gives it (idle, allocated, completing, ...)."""
+        return self.cmd("sinfo", "-h", "-N", "-o", "%T", check=False).strip()
+
+    def wait_node_idle(self, timeout: float) -> None:
+        """Until the node is idle: no job on it, the last one's clean-up done."""
+        deadline = time.time() + timeout
+        while not self.node_state().startswith("idle"):
+            if time.time() > deadline:
+                raise AssertionError(f"node not idle after {timeout}s "
+                                     f"(sinfo: {self.node_state()!r})\n{self.logs_tail()}")
+            time.sleep(0.2)
+
     def end_submission(self, proc: subprocess.Popen, job_id: str | None) -> None:
         """A test's clean-up of its `internimage submit` process and job, whatever state
         they are in: the process killed if it still runs, the job cancelled."""
@@ -259,7 +272,7 @@ def _start_daemons(cluster: SlurmCluster, root: Path, conf: Path,
         if dead:
             cluster.stop()
             raise RuntimeError(f"daemon(s) exited: {dead}\n{cluster.logs_tail()}")
-        state = cluster.cmd("sinfo", "-h", "-N", "-o", "%T", check=False).strip()
+        state = cluster.node_state()
         if state.startswith("idle"):
             return cluster
         time.sleep(0.2)

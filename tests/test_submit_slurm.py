@@ -81,9 +81,19 @@ def first_job_id(run_dir: Path, timeout: float = 120) -> str:
 
 
 def release(cluster: SlurmCluster, job_id: str, *updates: str) -> None:
-    """Once requeued and pending, let the job start now (and apply ``updates``)."""
+    """Once requeued and pending, and once the node has cleaned up after its previous run,
+    let the job start now (and apply ``updates``).
+
+    Not within the second of the requeue: the requeue revokes the job's credential on the
+    node, and slurmd refuses a launch whose credential is not newer than the revocation,
+    compared in whole seconds ("Killing non-startable batch JobId=...: Job credential
+    revoked", the job then FAILED: seen once, the trap's requeue at 17:22:27.456 released
+    at .630 and started at .743). SLURM's own hold on a requeued job (about two minutes)
+    never meets that."""
     cluster.wait_job(job_id, lambda j: int(j.get("Restarts", "0")) >= 1
                      and j.get("JobState") == "PENDING", 90, "the requeue")
+    cluster.wait_node_idle(60)
+    time.sleep(2.0)
     cluster.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates)
 
 
