@@ -44,7 +44,7 @@ from runtime.checkpoint import (
     saved_ranks,
 )
 from runtime.checkpoint_path import CHECKPOINTS_DIR
-from runtime.dist import DistInfo, broadcast_object
+from runtime.dist import DistInfo, broadcast_object, decided_on_rank0
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
 from runtime.loop import OWED_MARK, owes_evaluation
 from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
@@ -184,22 +184,21 @@ class FinetuneRun:
             return None
         assert self.resume_dir is not None
         step = self.start_step
-        # rank 0 reads (and repairs) the file; a failure there is every rank's refusal,
-        # raised together: the others would otherwise wait in this broadcast
-        outcome: tuple[bool, Any] = (True, None)
-        owed = False
-        if d.is_main:
+        metrics = self.out_dir / METRICS_FILE
+
+        def look() -> tuple[dict[str, Any] | None, bool]:
             try:
-                outcome = (True, recorded_evaluation(self.out_dir, step))
-                # owed and not made by a resume that stopped right after it
-                owed = owes_evaluation(self.state) and not any(
-                    r.get(OWED_MARK) for r in records_at(self.out_dir, step))
+                records = records_at(self.out_dir, step)
             except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
-                outcome = (False, f"{self.out_dir / METRICS_FILE}: cannot read the finished "
-                                  f"run's records ({type(err).__name__}: {err})")
-        ok, recorded = broadcast_object(outcome)
-        if not ok:
-            raise ResumeError(recorded)
+                raise ResumeError(f"{metrics}: cannot read the finished run's records "
+                                  f"({type(err).__name__}: {err})") from err
+            # owed and not made by a resume that stopped right after it
+            owed = owes_evaluation(self.state) and not any(r.get(OWED_MARK) for r in records)
+            return last_evaluation(records), owed
+
+        # rank 0 reads (and repairs) the file; a failure there is every rank's refusal,
+        # raised together: the others would otherwise wait for rank 0's answer
+        recorded, owed = decided_on_rank0(look, ResumeError, f"{metrics}: rank 0 refused")
         if d.is_main:
             # an owed evaluation is a warning: the run's result lacks it
             (log.warning if owed else log.info)("%s", complete_message(
@@ -221,13 +220,12 @@ class FinetuneRun:
         rng.set_rng_state(self._own_state(d)["rng"])
 
 
-def recorded_evaluation(out_dir: Path, step: int) -> dict[str, Any] | None:
-    """The metrics of the last evaluation record at ``step`` in ``out_dir``'s
-    ``metrics.jsonl`` (runtime/loop.py logs an evaluation as ``step``, ``epoch`` and the
-    metrics; a training record holds a ``loss``), without the step, epoch and time; None
-    when it holds none. Rank 0 only: the file's lineage is repaired first
-    (``runtime.metrics.records_at``)."""
-    evaluations = [r for r in records_at(out_dir, step) if "loss" not in r]
+def last_evaluation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The metrics of the last evaluation among ``records`` (one step's records of a
+    ``metrics.jsonl``, ``runtime.metrics.records_at``: runtime/loop.py logs an evaluation
+    as ``step``, ``epoch`` and the metrics; a training record holds a ``loss``), without
+    the step, epoch and time; None when they hold none."""
+    evaluations = [r for r in records if "loss" not in r]
     if not evaluations:
         return None
     return {k: v for k, v in evaluations[-1].items()

@@ -24,7 +24,7 @@ from torch import nn
 from finetune.convert import read_backbone, read_metadata
 from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from models import VARIANTS, CheckpointError, LoadReport, resolve_variant
-from runtime.dist import broadcast_object, broadcast_tensors, global_rank, group_size
+from runtime.dist import broadcast_tensors, decided_on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +164,15 @@ def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
     one), so none waits in a collective for tensors that never come and callers that
     agree on refusals see the same kind of error on every rank.
     """
-    if group_size() == 1:
-        return read(src)
-    result, error = None, None
-    if global_rank() == 0:
-        try:
-            result = read(src)
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-            error = err
-    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if isinstance(error, CheckpointError):
-        raise error
-    if error is not None:  # one type on every rank: callers agree on refusals by it
-        raise CheckpointError(f"{src}: {message}") from error
-    if message is not None:
-        raise CheckpointError(f"{src}: rank 0 could not read it: {message}")
-    meta = broadcast_object(result[1] if result else None)
-    return broadcast_tensors(result[0] if result else None), meta
+    held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read_and_hold():  # rank 0 alone: the tensors stay here, the metadata is carried
+        state, meta = read(src)
+        held["state"] = state
+        return meta
+
+    meta = decided_on_rank0(read_and_hold, CheckpointError, f"{src}: rank 0 could not read it")
+    return broadcast_tensors(held.get("state")), meta
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],

@@ -67,20 +67,17 @@ def _whole_init(init: str | None) -> tuple[bool, Path | None]:
     broadcasts while the others loaded a trunk, and all would hang. A failure on rank 0
     fails every rank (``CheckpointError``), none left waiting."""
     from models import CheckpointError
-    from runtime.dist import broadcast_object, global_rank
+    from runtime.dist import decided_on_rank0
 
-    decided: tuple[bool, object] = (True, (False, None))
-    if init and global_rank() == 0:
-        try:
-            tag_dir = _segmenter_tag_dir(init)
-            decided = (True, (tag_dir is not None or _legacy_segmenter_file(init), tag_dir))
-        except Exception as err:  # noqa: BLE001 - every rank raises it, below
-            decided = (False, f"{type(err).__name__}: {err}")
-    ok, value = broadcast_object(decided)
-    if not ok:  # (a live run's prune removed its state file between two reads, say)
-        raise CheckpointError(f"{init}: rank 0 could not tell whether it is a whole "
-                              f"segmenter's checkpoint: {value}")
-    return value
+    def look() -> tuple[bool, Path | None]:
+        if not init:
+            return False, None
+        tag_dir = _segmenter_tag_dir(init)
+        return tag_dir is not None or _legacy_segmenter_file(init), tag_dir
+
+    # (a live run's prune removing its state file between two reads fails the look, say)
+    return decided_on_rank0(look, CheckpointError, f"{init}: rank 0 could not tell whether "
+                            "it is a whole segmenter's checkpoint")
 
 
 def _segmenter_state(path: str, tag_dir: Path | None) -> dict[str, torch.Tensor]:

@@ -26,13 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -345,6 +348,34 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def decided_on_rank0(decide: Callable[[], T], error: type[Exception], context: str) -> T:
+    """``decide()`` run on rank 0 alone, its (picklable) result broadcast to every rank;
+    ``decide()`` itself without a process group. Collective: every rank calls it.
+
+    For a look at shared storage every rank must agree on (which checkpoint ``--init``
+    names, what it holds): each rank looking alone could find different answers while a
+    live run writes there, and take different collective paths, then hang. A failure on
+    rank 0 fails every rank with an ``error`` reading ``context: <rank 0's error>`` (rank 0
+    re-raises its own when it is an ``error`` already), so no rank waits in a collective
+    for a rank that gave up, and callers see one kind of error on every rank.
+    """
+    if group_size() == 1:
+        return decide()
+    outcome: tuple[bool, object] = (True, None)
+    failure: Exception | None = None
+    if global_rank() == 0:
+        try:
+            outcome = (True, decide())
+        except Exception as err:  # noqa: BLE001 - every rank raises it, below
+            failure, outcome = err, (False, f"{type(err).__name__}: {err}")
+    ok, value = broadcast_object(outcome)
+    if ok:
+        return value
+    if isinstance(failure, error):
+        raise failure
+    raise error(f"{context}: {value}") from failure
 
 
 def broadcast_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
