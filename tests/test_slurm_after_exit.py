@@ -24,7 +24,7 @@ import pytest
 from launch.cli import main
 from launch.slurm.after_exit import decide, slurm_ended_it, trap_lines
 
-CKPT = [1234, 5678]  # own_checkpoint(): inode and mtime of checkpoints/latest
+CKPT = ["step_0000006", 5678]  # own_checkpoint(): the tag in checkpoints/latest, its mtime
 
 
 def _start(attempt: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,9 @@ def _publish(run_dir: Path, tag: str) -> None:
     ckpts = run_dir / "checkpoints"
     (ckpts / tag).mkdir(parents=True, exist_ok=True)
     (ckpts / "latest.tmp").write_text(tag)
+    if (ckpts / "latest").exists():  # saves are seconds apart: more than a clock tick
+        later = (ckpts / "latest").stat().st_mtime_ns + 1_000_000_000
+        os.utime(ckpts / "latest.tmp", ns=(later, later))
     os.replace(ckpts / "latest.tmp", ckpts / "latest")
 
 
@@ -123,6 +127,22 @@ def test_a_rewound_job_restarted_before_its_first_save_stays_rewound(tmp_path):
     # the rewound branch saves the very tag it abandoned: still a save of this job
     _publish(tmp_path, "step_0001000")
     assert resume_argv(rewind, tmp_path, "21") == ["pretrain", "--resume", "auto"]
+
+
+def test_the_same_checkpoint_seen_through_another_mount_is_the_same(tmp_path):
+    """A requeued job's batch host may be another node, whose FUSE mount of object storage
+    numbers the same file with another inode: the job's own checkpoint is told by the tag
+    ``latest`` names and its time, so a restart there still counts no save of its own."""
+    _publish(tmp_path, "step_0000500")
+    rewind = ["pretrain", "--resume", str(tmp_path / "checkpoints" / "step_0000500")]
+    _first_start(tmp_path, "31")
+    latest = tmp_path / "checkpoints" / "latest"
+    before = latest.stat()
+    shutil.copy2(latest, latest.with_name("latest.copy"))  # a new inode, same time
+    os.replace(latest.with_name("latest.copy"), latest)
+    assert latest.stat().st_ino != before.st_ino
+    assert own_checkpoint(tmp_path) == ["step_0000500", before.st_mtime_ns]
+    assert resume_argv(rewind, tmp_path, "31") == rewind
 
 
 def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, capsys):

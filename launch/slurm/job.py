@@ -129,24 +129,31 @@ def log_ignored(rt: _Runtime) -> None:
                 "one requeue at most)", ignored, signal.Signals(rt.signals[0][0]).name)
 
 
-def own_checkpoint(run_dir: Path) -> list[int] | None:
+def own_checkpoint(run_dir: Path) -> list[str | int] | None:
     """Which checkpoint the run's pointer to its newest one names right now, as
-    ``[inode, mtime_ns]`` of ``checkpoints/latest`` (pre-training and ZeRO fine-tuning) or
-    ``checkpoints/last.pt`` (DDP fine-tuning of an earlier version); None without either.
+    ``[tag, mtime_ns]`` of ``checkpoints/latest`` (pre-training and ZeRO fine-tuning: the
+    tag it holds) or ``["last.pt", mtime_ns]`` (DDP fine-tuning of an earlier version);
+    None without either.
 
-    Every publish replaces ``latest`` by a rename (runtime/checkpoint.py), so a new inode
-    and time mean a save happened since, even one that re-saved the same step (a rewound
-    run reaching its old tag again)."""
+    Every publish writes ``latest`` anew and renames it into place (runtime/checkpoint.py),
+    so a new time means a save happened since, even one that re-saved the same tag (a
+    rewound run reaching its old tag again: saves are seconds apart, more than any file
+    system's time step). Not the inode: the job's batch host reads this, and a requeued
+    job may get another one, where a FUSE mount of object storage numbers the same file
+    differently."""
     from runtime.run_layout import CHECKPOINTS_DIR, LATEST  # torch-free (the exit trap)
 
     ckpts = run_dir / CHECKPOINTS_DIR
-    for name in (LATEST, "last.pt"):
-        try:
-            st = (ckpts / name).stat()
-        except FileNotFoundError:
-            continue
-        return [st.st_ino, st.st_mtime_ns]
-    return None
+    try:
+        with (ckpts / LATEST).open(encoding="utf-8", errors="replace") as f:
+            tag = f.read(1024).strip()
+            return [tag, os.fstat(f.fileno()).st_mtime_ns]
+    except FileNotFoundError:
+        pass
+    try:
+        return ["last.pt", (ckpts / "last.pt").stat().st_mtime_ns]
+    except FileNotFoundError:
+        return None
 
 
 def resume_argv(argv: list[str], run_dir: Path, job_id: str | None = None) -> list[str]:
