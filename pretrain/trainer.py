@@ -95,7 +95,13 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf and the run is configured to stop."""
+    """The loss became NaN/inf and the run is configured to stop.
+
+    Not worth a retry (``retry_helps``, read by launch/slurm/job.py): a requeue resumes
+    from the same checkpoint with the same data and schedule, and diverges again, and the
+    run's configuration (``run.on_nonfinite=stop``) asked for a stop."""
+
+    retry_helps = False
 
 
 def _seed_rank(seed: int, rank: int) -> None:

@@ -97,6 +97,26 @@ def test_a_record_of_an_earlier_attempt_does_not_decide_this_one():
     assert _decide(restarts=1, attempt=1, records=crashed)[0]
 
 
+def test_a_run_stopped_by_a_non_finite_loss_is_not_requeued(tmp_path):
+    """``run.on_nonfinite=stop`` raises NonFiniteLossError on every rank: rank 0's record of
+    it (TrainingJob._record_end) tells the exit trap that a requeue would diverge again
+    from the same checkpoint; another error is still a failure worth a requeue."""
+    from launch.slurm.environment import TaskInfo, read_records, record
+    from launch.slurm.job import TrainingJob
+    from pretrain.trainer import NonFiniteLossError
+
+    info = TaskInfo("7", 0, 0, 2, "node1", "slurm")
+    record(tmp_path, "start", info, requeue=0)
+    TrainingJob._record_end(tmp_path, info, 0, None,
+                            NonFiniteLossError("non-finite loss (nan) at step 12"))
+    requeue, why = _decide(records=read_records(tmp_path))
+    assert not requeue and "a retry cannot help" in why and "step 12" in why
+    other = tmp_path / "other"
+    record(other, "start", info, requeue=0)
+    TrainingJob._record_end(other, info, 0, None, RuntimeError("NCCL watchdog timeout"))
+    assert _decide(records=read_records(other))[0]
+
+
 def test_a_failure_that_returns_before_a_new_checkpoint_is_tried_a_bounded_number_of_times():
     records = []
     for attempt in range(3):

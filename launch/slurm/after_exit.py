@@ -26,7 +26,9 @@ script's set-up by launch/slurm/executor.py) with srun's exit status. It requeue
 - rank 0 did not record that this attempt's run completed (another task failed as it
   exited) or gave up after ``max_requeues`` time-outs. A ``requeue_requested`` of the
   signal's handler does not count: SLURM running the same attempt still shows that its
-  requeue did not happen;
+  requeue did not happen. Nor did rank 0's run stop on an error that says a retry cannot
+  help (``retry_helps = False``: a non-finite loss under ``run.on_nonfinite=stop``
+  resumes from the same checkpoint and data, and diverges again);
 - fewer than ``failure_requeues`` requeues of this job for a failure found the run's
   checkpoint where it is now. A failure that comes back before the run saves again (a
   crash at the same step, a refused resume, a node that always fails) is tried that many
@@ -98,6 +100,9 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
             return False, "the job reached its time limit more often than --max-requeues"
         if r.get("event") == "ended" and r.get("status") == 0:
             return False, "the run completed (rank 0 returned 0); another task failed after"
+        if r.get("event") == "ended" and r.get("retry") is False:
+            return False, (f"the run stopped where a retry cannot help ({r.get('error')}): "
+                           "mend the cause, then submit the same command again")
         if r.get("event") == "requeue_requested":
             signalled = "; the time-out/preemption signal's requeue did not happen"
     tried = sum(1 for r in job_records

@@ -267,14 +267,18 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def _record_end(run_dir: Path, info: TaskInfo, restarts: int, status: int | None,
                     error: BaseException | None) -> None:
         """Rank 0 records how the command ended (``ended``: its exit status, or the error
-        it raised; ``refused``: exit status 2, a refused start or resume), read by the
-        batch script's exit trap: a run that completed is not requeued (after_exit.py)."""
+        it raised; ``refused``: exit status 2, a refused start or resume; ``retry``: False
+        for an error that says a retry cannot help, ``retry_helps = False``), read by the
+        batch script's exit trap: a run that completed or stopped so is not requeued
+        (after_exit.py)."""
         if not info.is_main:
             return
         code = error.code if isinstance(error, SystemExit) else status  # argparse: 2
         extra: dict[str, Any] = {"status": status, "refused": code == REFUSED_STATUS}
         if error is not None:
             extra["error"] = repr(error)[:1000]
+            if getattr(error, "retry_helps", True) is False:  # the exit trap's requeue
+                extra["retry"] = False
         try:
             record(run_dir, "ended", info, requeue=restarts, **extra)
         except OSError as err:  # the run's own outcome matters more than its record
