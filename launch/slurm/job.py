@@ -465,5 +465,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             log.error("the save on the signal failed: %s (the job resumes from the last "
                       "complete checkpoint)", why)
             return False, why
-        log.warning("checkpoint saved; training stopped cleanly")
+        # (saved now, or the step's checkpoint existed already: a stop during a resume's
+        # set-up or its owed evaluation returns at the checkpoint it resumed from)
+        log.warning("training stopped cleanly at a checkpoint")
         return True, None
