@@ -247,8 +247,8 @@ class Trainer:
         discard_config(self.run_dir)
         recorded = recorded_metrics(self.run_dir, step)
         # owed and not made by a resume that stopped right after it: a warning, the run's
-        # result lacks it
-        owed = owes_evaluation(self.state) and not recorded.get(OWED_MARK)
+        # result lacks it (the mark is the record's, not a value of the run)
+        owed = owes_evaluation(self.state) and not recorded.pop(OWED_MARK, False)
         (log.warning if owed else log.info)("%s", complete_message(
             self.resume_dir, step, self.total_steps, recorded, "values",
             owed="zero-shot evaluation" if owed else ""))
