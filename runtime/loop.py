@@ -27,7 +27,7 @@ import torch
 
 from runtime import preemption
 from runtime.best import BestCheckpoint
-from runtime.dist import DistInfo, broadcast_object, mean_by_name
+from runtime.dist import DistInfo, decided_on_rank0, mean_by_name
 from runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,14 @@ def _owed_evaluation(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition,
     its values instead of logging the evaluation twice. That checkpoint is published: an
     improving result names it best at once, with no save between (except during a
     rewind, whose first save must come first: then it is logged only)."""
-    # rank 0 reads the file; every rank takes its answer (the evaluation is collective)
-    earlier = broadcast_object(next((r for r in metrics.logged_at(pos.step)
-                                     if r.get(OWED_MARK)), None))
+    from runtime.checkpoint import ResumeError
+
+    # rank 0 reads the file; every rank takes its answer (the evaluation is collective),
+    # or its failure to read it (the others would wait for its answer until the timeout)
+    earlier = decided_on_rank0(
+        lambda: next((r for r in metrics.logged_at(pos.step) if r.get(OWED_MARK)), None),
+        ResumeError, f"step {pos.step}: rank 0 could not read the metrics file's records "
+        "of the owed evaluation")
     if earlier is not None:
         result = {k: v for k, v in earlier.items()
                   if k not in ("time", "step", "epoch", OWED_MARK)}

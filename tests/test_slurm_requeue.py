@@ -228,7 +228,8 @@ def test_a_save_that_raises_is_recorded_as_failed_and_still_requeued(task, caplo
     assert req["saved"] is False and "No space left on device" in req["save_error"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("save on the signal failed" in m and "OSError" in m for m in errors), errors
-    assert not any("checkpoint saved" in r.getMessage() for r in caplog.records)
+    assert not any("stopped cleanly at a checkpoint" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_a_save_that_overruns_its_bound_is_recorded_as_not_saved(task):

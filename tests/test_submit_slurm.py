@@ -8,7 +8,13 @@ instead of waiting forever. A 2-task fine-tuning job (classification demo) sent 
 (what SLURM sends before the time limit or on a preemption) saves at the next step, is
 requeued by submitit and ends with the metrics of an undisturbed one. (Pre-training and
 fine-tuning stop on a signal through the same loop, runtime/loop.py:
-tests/test_runtime_loop_stop.py; one job type here is enough.)
+tests/test_runtime_loop_stop.py; one job type here is enough.) A job one of whose tasks
+is SIGKILLed is requeued by its batch script's exit trap and ends as the undisturbed
+one; a task that fails ends the whole job within seconds (srun --kill-on-bad-exit: the
+other task would wait for its rendezvous until torch's timeout, holding the allocation).
+
+One cluster, one file: the file's jobs run one after another on one xdist worker (a job
+run beside another cluster's job took 3x as long).
 
 The USR2 test sends the signal themselves (`scancel --signal=USR2`, to every task of the
 job) once the job has logged a step, with a time limit far away: a signal timed by a short
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -427,7 +435,7 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
     # submitit 1.5.4 (core/job_environment.py): "Caught signal USR2 ...: this job is
     # preempted." when the job is far from its time limit; our job logs the save, which
     # the training loop made and returned from in time
-    assert "this job is preempted" in log and "checkpoint saved" in log
+    assert "this job is preempted" in log and "stopped cleanly at a checkpoint" in log
     assert "cannot read the job's time limit" not in log  # judged on submitit's limit
     saved_at = int(latest_before_requeue(logs / f"{job_id}_0_log.err"))
     assert 0 < saved_at < FT_STEPS  # resumed from the checkpoint written on the signal
@@ -436,3 +444,75 @@ def test_usr2_saves_a_finetune_job_which_requeues_and_ends_as_an_undisturbed_one
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for mine, theirs in zip(got, want, strict=True):
         assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-7), mine["step"]
+
+
+# From task 0's exit to the job's end: srun's kill (SIGTERM, then SIGKILL after the test
+# cluster's KillWait=3) and slurmctld's bookkeeping take seconds.
+BOUND_S = 45
+
+
+def _job_id(logs: Path, proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The job id: the name of the job's folder under ``logs`` (``--folder logs/%j``)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ids = [p.name for p in logs.iterdir() if p.name.isdigit()] if logs.is_dir() else []
+        if ids:
+            return ids[0]
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no job folder under {logs} after {timeout}s")
+
+
+def _wait_for_task0_exit(log: Path, timeout: float = 120) -> None:
+    """Until srun reports task 0's non-zero exit in the job's log (srun(1) prints
+    "<node>: task 0: Exited with exit code N", or a range "tasks 0-1: ...")."""
+    pattern = re.compile(r"tasks? 0(-\d+)?: Exited with exit code [1-9]")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.is_file() and pattern.search(log.read_text(errors="replace")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"task 0 did not exit non-zero within {timeout}s: {log}")
+
+
+def test_a_failed_task_ends_the_job_promptly(cluster: SlurmCluster, cache, tmp_path):
+    """Task 0 cannot open the rendezvous (its port is taken by another process) and exits
+    non-zero; task 1 has reached that port and would wait for a rendezvous that never
+    comes. The job must end, FAILED, within seconds of task 0's exit."""
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    with socket.socket() as holder:  # the rendezvous port, taken (listening, never answering)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        job_env = env(cache) | {"SLURM_CONF": cluster.env["SLURM_CONF"],
+                                "PATH": cluster.env["PATH"]}
+        # local_cpu (this one machine's result_grace_s, 2 s: task 1, killed by srun, writes
+        # no result, and --wait reports it 2 s after the job's end, not 15 s) with the taken
+        # port as the profile's master_port
+        profile = tmp_path / "profile.yaml"
+        # (failure_requeues 0: the job's exit trap would requeue this failure, which
+        # tests/test_submit_slurm.py checks; here the job must end)
+        profile.write_text((REPO / "configs/launch/local_cpu.yaml").read_text()
+                           + f"master_port: {port}\nfailure_requeues: 0\n")
+        cmd = [sys.executable, "-m", "launch.cli", "submit", "--profile", str(profile),
+               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+               "--folder", str(logs / "%j"), "--wait",
+               "pretrain", "--output-dir", str(run_dir), "--max-steps", "5", *TINY]
+        proc = subprocess.Popen(cmd, env=job_env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        job_id = None
+        try:
+            job_id = _job_id(logs, proc)
+            _wait_for_task0_exit(logs / job_id / f"{job_id}_0_log.err")
+            exited = time.time()
+            info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in (
+                "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"), BOUND_S,
+                f"the job to end within {BOUND_S} s of task 0's exit")
+            print(f"job {job_id} ended {time.time() - exited:.1f} s after task 0 exited")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            cluster.end_submission(proc, job_id)
+    assert info["JobState"] == "FAILED"
+    assert proc.returncode == 1 and f"job {job_id}" in err, err[-4000:]
+    assert out.strip().splitlines()[-1] == job_id
