@@ -154,15 +154,15 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
 def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
               src: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """``read(src)`` (a state dict and its metadata) on rank 0 only, the tensors and the
-    metadata broadcast to the other ranks; ``read(src)`` itself without a process group.
-    Collective: every rank calls it.
+    metadata broadcast to the other ranks (:func:`runtime.dist.decided_on_rank0`; the lone
+    process reads without a process group). Collective: every rank calls it.
 
     Every rank reading a ZeRO directory would read the fp32 partitions of all its rank
     files (InternImage-H: 4.3 GB) and open each of them: at 64 ranks 275 GB from shared
     storage where one read and a broadcast do. A read that fails on rank 0 fails on
     every rank with a ``CheckpointError`` carrying its message (rank 0's own, if it was
     one), so none waits in a collective for tensors that never come and callers that
-    agree on refusals see the same kind of error on every rank.
+    agree on refusals see the same kind of error on every rank (and a lone process).
     """
     held: dict[str, dict[str, torch.Tensor]] = {}
 

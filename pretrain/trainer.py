@@ -71,6 +71,7 @@ from runtime.dist import (
     DistInfo,
     all_gather_objects,
     any_rank,
+    decided_on_rank0,
     init_distributed,
     mean_by_name,
     sum_counts,
@@ -236,22 +237,28 @@ class Trainer:
         """None while the run has steps left; else (its checkpoint at or past the run's
         last step) what :meth:`fit` returns without training: the records
         ``metrics.jsonl`` holds at the checkpoint's step (its last training and zero-shot
-        values: what the run returned when it ended; rank 0 reads them), with ``step``
-        and ``already_complete``. Rank 0 says so in the log and drops the staged config
-        (the run's own config.yaml stays). Every rank decides alike (the same saved step)."""
+        values: what the run returned when it ended), with ``step`` and
+        ``already_complete``. Rank 0 reads them, says so in the log and drops the staged
+        config (the run's own config.yaml stays); every rank returns its reading, or
+        raises its failure to read (``runtime.dist.decided_on_rank0``: collective). Every
+        rank decides alike whether the run is complete (the same saved step)."""
         if self.state is None or int(self.state["step"]) < self.total_steps:
             return None
         step = int(self.state["step"])
-        if not self.info.is_main:
-            return {"step": step, "already_complete": True}
-        discard_config(self.run_dir)
-        recorded = recorded_metrics(self.run_dir, step)
-        # owed and not made by a resume that stopped right after it: a warning, the run's
-        # result lacks it (the mark is the record's, not a value of the run)
-        owed = owes_evaluation(self.state) and not recorded.pop(OWED_MARK, False)
-        (log.warning if owed else log.info)("%s", complete_message(
-            self.resume_dir, step, self.total_steps, recorded, "values",
-            owed="zero-shot evaluation" if owed else ""))
+
+        def look() -> tuple[dict[str, Any], bool]:
+            discard_config(self.run_dir)
+            recorded = recorded_metrics(self.run_dir, step)
+            # owed and not made by a resume that stopped right after it: a warning, the
+            # run's result lacks it (the mark is the record's, not a value of the run)
+            return recorded, owes_evaluation(self.state) and not recorded.pop(OWED_MARK, False)
+
+        recorded, owed = decided_on_rank0(look, ResumeError, f"{self.run_dir}: rank 0 could "
+                                          "not read the finished run's records")
+        if self.info.is_main:
+            (log.warning if owed else log.info)("%s", complete_message(
+                self.resume_dir, step, self.total_steps, recorded, "values",
+                owed="zero-shot evaluation" if owed else ""))
         return {**recorded, "step": step, "already_complete": True}
 
     def _agreed_rank_state(self) -> None:

@@ -93,13 +93,12 @@ from runtime.dist import (
     group_timeout,
 )
 from runtime.master_weights import MASTER_NAMES, master_names
+from runtime.run_layout import SAVED_AT, TRAINER_STATE
 from runtime.run_lock import RunLockError, lost_message
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
 RANK_STATES = "rank_states"  # a checkpoint's folder of per-rank state files
-SAVED_AT = "saved_at"  # trainer state: rank 0's clock when it wrote it (runtime/best.py)
 BEST = "best.json"  # the checkpoint whose evaluation scored best (runtime/best.py)
 BEST_EMA = "best_ema.json"  # the one whose EMA weights scored best (classification)
 BEST_POINTERS = (BEST, BEST_EMA)  # every pointer prune reads

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Literal
 
 from models.checkpoint import CheckpointError
-from runtime.run_layout import CHECKPOINTS_DIR, LATEST
+from runtime.run_layout import CHECKPOINTS_DIR, LATEST, STAGING
 
-STAGING = ".tmp-"  # in the name of a folder a checkpoint is written into (or swapped out)
 MODEL_STATES_SUFFIX = "_model_states.pt"  # every DeepSpeed tag directory holds one per rank
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 ACCEPTED = ("a run directory, its checkpoints/ directory, checkpoints/latest, a step_* "

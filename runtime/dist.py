@@ -351,18 +351,18 @@ def broadcast_object(obj, src: int = 0):
 
 
 def decided_on_rank0(decide: Callable[[], T], error: type[Exception], context: str) -> T:
-    """``decide()`` run on rank 0 alone, its (picklable) result broadcast to every rank;
-    ``decide()`` itself without a process group. Collective: every rank calls it.
+    """``decide()`` run on rank 0 alone (the lone process without a process group), its
+    (picklable) result broadcast to every rank. Collective: every rank calls it.
 
     For a look at shared storage every rank must agree on (which checkpoint ``--init``
     names, what it holds): each rank looking alone could find different answers while a
     live run writes there, and take different collective paths, then hang. A failure on
     rank 0 fails every rank with an ``error`` reading ``context: <rank 0's error>`` (rank 0
     re-raises its own when it is an ``error`` already), so no rank waits in a collective
-    for a rank that gave up, and callers see one kind of error on every rank.
+    for a rank that gave up, and callers see one kind of error on every rank, and at any
+    world size: a lone process raises the same ``error`` (a one-line refusal of the
+    command, not a traceback).
     """
-    if group_size() == 1:
-        return decide()
     outcome: tuple[bool, object] = (True, None)
     failure: Exception | None = None
     if global_rank() == 0:
@@ -370,7 +370,7 @@ def decided_on_rank0(decide: Callable[[], T], error: type[Exception], context: s
             outcome = (True, decide())
         except Exception as err:  # noqa: BLE001 - every rank raises it, below
             failure, outcome = err, (False, f"{type(err).__name__}: {err}")
-    ok, value = broadcast_object(outcome)
+    ok, value = broadcast_object(outcome)  # (``outcome`` itself without a process group)
     if ok:
         return value
     if isinstance(failure, error):

@@ -173,3 +173,18 @@ def test_rank_zeros_failed_look_at_a_segmenter_init_fails_every_rank(tmp_path):
     for record in records:
         assert "rank 0 could not tell" in record.get("error", ""), records
         assert "trainer_state.json" in record["error"]
+
+
+def test_a_lone_process_s_failed_look_is_the_same_refusal(tmp_path, monkeypatch):
+    """One GPU, no process group: the failed look is the CheckpointError the ranks of a job
+    raise (a one-line refusal of the command), not a FileNotFoundError traceback."""
+    import finetune.seg_model as seg_model
+    from models import CheckpointError
+
+    def gone(path):
+        raise FileNotFoundError(f"{path}/trainer_state.json")
+
+    monkeypatch.setattr(seg_model, "_segmenter_tag_dir", gone)
+    with pytest.raises(CheckpointError, match="rank 0 could not tell.*trainer_state.json"):
+        seg_model._whole_init(str(tmp_path / "run"))
+    assert seg_model._whole_init(None) == (False, None)  # no --init: nothing looked at

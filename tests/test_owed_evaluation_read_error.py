@@ -60,3 +60,10 @@ def test_rank_zero_s_earlier_record_is_every_rank_s_result(monkeypatch):
     earlier = {"step": 6, "epoch": 1, "top1": 71.5, "time": 3.0, loop.OWED_MARK: True}
     _as_rank(monkeypatch, 1, answer=(True, earlier))
     assert _owed(_NotRead(), 1) == {"top1": 71.5}
+
+
+def test_a_lone_process_refuses_as_the_ranks_of_a_job_do():
+    # one GPU, no process group: the same refusal (a one-line ResumeError), not an OSError
+    with pytest.raises(ResumeError, match="step 6: rank 0 could not read .*Stale file"):
+        loop._owed_evaluation(None, None, loop.LoopPosition(6, eval_owed=True),
+                              _UnreadableMetrics(), DistInfo(), ())

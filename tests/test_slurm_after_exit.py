@@ -24,7 +24,8 @@ import pytest
 from launch.cli import main
 from launch.slurm.after_exit import decide, slurm_ended_it, trap_lines
 
-CKPT = ["step_0000006", 5678]  # own_checkpoint(): the tag in checkpoints/latest, its mtime
+# own_checkpoint(): the tag checkpoints/latest holds, its save's saved_at, the mtime of latest
+CKPT = ["step_0000006", 1764800000.25, 5678]
 
 
 def _start(attempt: int) -> dict:
@@ -129,7 +130,14 @@ def test_a_failure_that_returns_before_a_new_checkpoint_is_tried_a_bounded_numbe
             assert not requeue and "failed 3 times without a new checkpoint" in why
     # the run saved since: the same failure count starts afresh
     records.append(_start(3))
-    assert _decide(restarts=3, attempt=3, records=records, checkpoint=[1235, 9999])[0]
+    saved = ["step_0000008", 1764800100.5, 9999]
+    assert _decide(restarts=3, attempt=3, records=records, checkpoint=saved)[0]
+    # a record of the version that keyed on [inode, mtime]: the same save by its mtime
+    legacy = [_start(0), {"event": "failure_requeue", "checkpoint": [4321, CKPT[2]]},
+              _start(1)]
+    assert not _decide(restarts=1, attempt=1, records=legacy, limit=1)[0]
+    assert _decide(restarts=1, attempt=1, records=legacy, limit=1,
+                   checkpoint=["step_0000006", 1764800000.25, 5679])[0]
     # no checkpoint at all yet (None) is one position like any other
     fresh = [_start(0), {"event": "failure_requeue", "checkpoint": None}, _start(1)]
     assert not _decide(restarts=1, attempt=1, records=fresh, checkpoint=None, limit=1)[0]

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from launch.cli import main
 from launch.config import ConfigError
 from launch.slurm.environment import TaskInfo, record
-from launch.slurm.job import own_checkpoint, resume_argv
+from launch.slurm.job import own_checkpoint, resume_argv, same_checkpoint
 from launch.slurm.profile import load_profile, parse_mem_gb
 from tests.pretrain_utils import REPO, TINY, env, latest, losses
 
@@ -83,14 +84,13 @@ def test_bad_jobs_fail_before_submission(capsys):
 
 
 def _publish(run_dir: Path, tag: str) -> None:
-    """Point the run's ``latest`` at ``tag`` as a save publishes it (runtime/checkpoint.py:
-    a new file renamed over the old one)."""
+    """Save ``tag`` and point the run's ``latest`` at it as runtime/checkpoint.py does:
+    ``trainer_state.json`` with rank 0's clock (``saved_at``), then a new ``latest``
+    renamed over the old one."""
     ckpts = run_dir / "checkpoints"
     (ckpts / tag).mkdir(parents=True, exist_ok=True)
+    (ckpts / tag / "trainer_state.json").write_text(json.dumps({"saved_at": time.time()}))
     (ckpts / "latest.tmp").write_text(tag)
-    if (ckpts / "latest").exists():  # saves are seconds apart: more than a clock tick
-        later = (ckpts / "latest").stat().st_mtime_ns + 1_000_000_000
-        os.utime(ckpts / "latest.tmp", ns=(later, later))
     os.replace(ckpts / "latest.tmp", ckpts / "latest")
 
 
@@ -130,19 +130,42 @@ def test_a_rewound_job_restarted_before_its_first_save_stays_rewound(tmp_path):
 
 
 def test_the_same_checkpoint_seen_through_another_mount_is_the_same(tmp_path):
-    """A requeued job's batch host may be another node, whose FUSE mount of object storage
-    numbers the same file with another inode: the job's own checkpoint is told by the tag
-    ``latest`` names and its time, so a restart there still counts no save of its own."""
+    """Every task tells whether its job saved (resume_argv), each on its own node, and a
+    requeued job's exit trap may run on another node: a FUSE mount of object storage may
+    number the same file with another inode and give it another mtime there. The save is
+    told by the tag ``latest`` names and the ``saved_at`` its state holds."""
     _publish(tmp_path, "step_0000500")
     rewind = ["pretrain", "--resume", str(tmp_path / "checkpoints" / "step_0000500")]
     _first_start(tmp_path, "31")
     latest = tmp_path / "checkpoints" / "latest"
-    before = latest.stat()
-    shutil.copy2(latest, latest.with_name("latest.copy"))  # a new inode, same time
+    before, key = latest.stat(), own_checkpoint(tmp_path)
+    shutil.copy2(latest, latest.with_name("latest.copy"))  # another inode
     os.replace(latest.with_name("latest.copy"), latest)
+    os.utime(latest, ns=(before.st_mtime_ns + 7_000_000_000,) * 2)  # another mtime
     assert latest.stat().st_ino != before.st_ino
-    assert own_checkpoint(tmp_path) == ["step_0000500", before.st_mtime_ns]
+    assert same_checkpoint(key, own_checkpoint(tmp_path))
     assert resume_argv(rewind, tmp_path, "31") == rewind
+
+
+def test_a_re_save_of_the_same_tag_within_one_clock_tick_is_a_new_save(tmp_path):
+    _publish(tmp_path, "step_0001000")
+    first = own_checkpoint(tmp_path)
+    mtime = (tmp_path / "checkpoints" / "latest").stat().st_mtime_ns
+    _publish(tmp_path, "step_0001000")
+    os.utime(tmp_path / "checkpoints" / "latest", ns=(mtime, mtime))  # the same mtime
+    assert not same_checkpoint(first, own_checkpoint(tmp_path))
+
+
+def test_a_checkpoint_without_saved_at_is_told_by_the_mtime_of_latest(tmp_path):
+    _publish(tmp_path, "step_0000002")
+    (tmp_path / "checkpoints" / "step_0000002" / "trainer_state.json").write_text("{}")
+    first = own_checkpoint(tmp_path)
+    assert first[1] == first[2] == (tmp_path / "checkpoints" / "latest").stat().st_mtime_ns
+    later = first[2] + 1_000_000_000
+    os.utime(tmp_path / "checkpoints" / "latest", ns=(later, later))
+    assert not same_checkpoint(first, own_checkpoint(tmp_path))
+    # and an earlier version's start record, [inode, mtime_ns], by its mtime
+    assert same_checkpoint([12345, later], own_checkpoint(tmp_path))
 
 
 def test_without_slurm_submit_says_so_and_suggests_local(tmp_path, monkeypatch, capsys):

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.slurm.environment import TaskInfo, read_records, record
+from launch.slurm.job import same_checkpoint
 from launch.slurm.wait import UNANSWERED, slurm_job
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
                            "mend the cause, then submit the same command again")
         if r.get("event") == "requeue_requested":
             signalled = "; the time-out/preemption signal's requeue did not happen"
-    tried = sum(1 for r in job_records
-                if r.get("event") == "failure_requeue" and r.get("checkpoint") == checkpoint)
+    tried = sum(1 for r in job_records if r.get("event") == "failure_requeue"
+                and same_checkpoint(r.get("checkpoint"), checkpoint))
     if tried >= failure_requeues:
         return False, (f"failed {tried + 1} times without a new checkpoint in between "
                        f"(failure_requeues={failure_requeues}){signalled}")

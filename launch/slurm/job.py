@@ -40,6 +40,7 @@ which reads the ``ended`` record rank 0 writes here.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
@@ -129,31 +130,59 @@ def log_ignored(rt: _Runtime) -> None:
                 "one requeue at most)", ignored, signal.Signals(rt.signals[0][0]).name)
 
 
-def own_checkpoint(run_dir: Path) -> list[str | int] | None:
-    """Which checkpoint the run's pointer to its newest one names right now, as
-    ``[tag, mtime_ns]`` of ``checkpoints/latest`` (pre-training and ZeRO fine-tuning: the
-    tag it holds) or ``["last.pt", mtime_ns]`` (DDP fine-tuning of an earlier version);
-    None without either.
+def own_checkpoint(run_dir: Path) -> list[Any] | None:
+    """Which save of the run its pointer to the newest checkpoint names right now:
+    ``[tag, saved_at, mtime_ns]``, the tag ``checkpoints/latest`` holds, the time rank 0
+    wrote into that save's ``trainer_state.json`` (``saved_at``) and the mtime of
+    ``latest``; ``["last.pt", mtime_ns, mtime_ns]`` for a DDP fine-tuning run of an
+    earlier version; None without either. Compare two with :func:`same_checkpoint`.
 
-    Every publish writes ``latest`` anew and renames it into place (runtime/checkpoint.py),
-    so a new time means a save happened since, even one that re-saved the same tag (a
-    rewound run reaching its old tag again: saves are seconds apart, more than any file
-    system's time step). Not the inode: the job's batch host reads this, and a requeued
-    job may get another one, where a FUSE mount of object storage numbers the same file
-    differently."""
-    from runtime.run_layout import CHECKPOINTS_DIR, LATEST  # torch-free (the exit trap)
+    Every task reads this (:func:`resume_argv`), each on its own node, as does the batch
+    script's exit trap on the batch host, which a requeued job may have on another node:
+    so the save is told by what it wrote, which reads the same everywhere, not by the
+    file's inode or mtime, which a FUSE mount of object storage may give otherwise on
+    each node. A save that re-saved the same tag (a rewound run reaching its old tag
+    again) wrote another ``saved_at``. A checkpoint without one (saved before it was
+    written, or its state file unreadable) falls back on the mtime of ``latest``."""
+    from runtime.run_layout import (  # torch-free (the exit trap)
+        CHECKPOINTS_DIR,
+        LATEST,
+        SAVED_AT,
+        STAGING,
+        TRAINER_STATE,
+    )
 
     ckpts = run_dir / CHECKPOINTS_DIR
     try:
         with (ckpts / LATEST).open(encoding="utf-8", errors="replace") as f:
             tag = f.read(1024).strip()
-            return [tag, os.fstat(f.fileno()).st_mtime_ns]
+            mtime = os.fstat(f.fileno()).st_mtime_ns
     except FileNotFoundError:
-        pass
+        try:
+            mtime = (ckpts / "last.pt").stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        return ["last.pt", mtime, mtime]
+    folder = ckpts / tag
+    if STAGING in tag and not folder.is_dir():  # a swap's end (runtime.checkpoint_path)
+        folder = ckpts / tag.split(STAGING)[0]
     try:
-        return ["last.pt", (ckpts / "last.pt").stat().st_mtime_ns]
-    except FileNotFoundError:
-        return None
+        saved_at = json.loads((folder / TRAINER_STATE).read_text()).get(SAVED_AT)
+    except (OSError, ValueError, AttributeError):
+        saved_at = None
+    return [tag, saved_at if isinstance(saved_at, (int, float)) else mtime, mtime]
+
+
+def same_checkpoint(recorded: Any, now: list[Any] | None) -> bool:
+    """Whether ``recorded`` (an :func:`own_checkpoint` of a ``slurm_jobs.jsonl`` record)
+    names the save ``now`` does. A record of an earlier version, ``[inode, mtime_ns]``,
+    is told by the mtime alone (its inode is the one this key gave up)."""
+    if recorded is None or now is None:
+        return recorded is None and now is None
+    if (isinstance(recorded, list) and len(recorded) == 2
+            and all(isinstance(x, int) for x in recorded)):
+        return recorded[1] == now[2]
+    return isinstance(recorded, list) and recorded[:2] == now[:2]
 
 
 def resume_argv(argv: list[str], run_dir: Path, job_id: str | None = None) -> list[str]:
@@ -182,7 +211,7 @@ def resume_argv(argv: list[str], run_dir: Path, job_id: str | None = None) -> li
     first = next((r for r in read_records(run_dir)
                   if r.get("job_id") == job_id and r.get("event") == "start"
                   and r.get("requeue") == 0 and "checkpoint" in r), None)
-    saved_since = first is None or first["checkpoint"] != now
+    saved_since = first is None or not same_checkpoint(first["checkpoint"], now)
     return set_resume_auto(argv) if saved_since else list(argv)
 
 
