@@ -285,7 +285,7 @@ def check_batch(state: dict[str, Any], batch: dict[str, int], ckpt_dir: Path) ->
 
 def open_run(resume: str | None, out_dir: Path, model_hash: str,
              world_size: int, engine: dict[str, Any], publish: bool = True,
-             is_main: bool = True, batch: dict[str, int] | None = None,
+             batch: dict[str, int] | None = None,
              rank: int = 0, task: str | None = None, keep_last: int = 2) -> FinetuneRun:
     """Create ``out_dir`` and open the checkpoint ``resume`` names (``auto``, a path or
     None), refused here, before any compute, when this run cannot continue it (a
@@ -293,8 +293,9 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     ``runtime.checkpoint.engine_layout``, which a checkpoint's must match); once all
     checks passed, the config the command line staged becomes ``config.yaml``
     (``publish=False``: the caller checks more first, then calls
-    ``runtime.checkpoint.publish_config``). ``is_main``: this is rank 0, which takes the
-    run directory's lock (runtime/run_lock.py: another live job there is refused too).
+    ``runtime.checkpoint.publish_config``). Rank 0 takes the run directory's lock
+    (runtime/run_lock.py: another live job there is refused too) and then chooses the
+    checkpoint, every rank's (collective).
     ``batch``: this run's :func:`batch_state`, which the checkpoint's must equal.
     ``rank``: this process's rank, whose own saved state (random state, stream position)
     is read and checked here too (:func:`own_rank_state`): a missing or damaged file is
@@ -303,13 +304,20 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     refusal: CheckpointError | None = None
     resume_dir, state, own = None, None, None
+    def resolve() -> Path | None:  # rank 0 alone
+        # one job at a time in a run directory (runtime/run_lock.py)
+        run_lock.acquire(out_dir)
+        # the run is this job's now: what a killed job left (a deletion or a conversion
+        # cut short) goes, also when this start saves nothing (a finished run's resume)
+        clear_leftovers(out_dir / CHECKPOINTS_DIR)
+        return resume_checkpoint(resume, out_dir)
+
     try:
-        if is_main:  # one job at a time in a run directory (runtime/run_lock.py)
-            run_lock.acquire(out_dir)
-            # the run is this job's now: what a killed job left (a deletion or a conversion
-            # cut short) goes, also when this start saves nothing (a finished run's resume)
-            clear_leftovers(out_dir / CHECKPOINTS_DIR)
-        resume_dir = resume_checkpoint(resume, out_dir)
+        # rank 0's checkpoint on every rank, chosen once it holds the lock: a job still
+        # ending here may publish a newer one meanwhile (ranks resuming different steps
+        # hang, or save the files of two as one checkpoint)
+        resume_dir = decided_on_rank0(resolve, CheckpointError,
+                                      f"rank 0 of {world_size} refused the start")
         state = (checked_state(resume_dir, model_hash, world_size, engine, task)
                  if resume_dir is not None else None)
         if state is not None and batch is not None:

@@ -79,7 +79,7 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     # may refuse: before compute
     batch = batch_state(batch_size, grad_accum)
     run = open_run(resume, out_dir, model_hash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank, task=name,
+                   batch=batch, rank=d.rank, task=name,
                    keep_last=keep_last)
     done = run.completed(total_steps, d)
     if done is not None:  # nothing to train: the run's own config.yaml stays

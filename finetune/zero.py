@@ -251,7 +251,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     engine_state = engine_layout(cfg.run.zero_stage, cfg.run.precision)
     batch = batch_state(cfg.run.batch_size, cfg.run.grad_accum)
     run = open_run(resume, out_dir, mhash, d.world_size, engine_state, publish=False,
-                   is_main=d.is_main, batch=batch, rank=d.rank, task="classification",
+                   batch=batch, rank=d.rank, task="classification",
                    keep_last=cfg.run.keep_last)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

@@ -194,13 +194,21 @@ class Trainer:
         """The checkpoint ``resume`` names, its state and the run's position from it;
         refused (a ``CheckpointError``) when this run cannot continue it, or another
         live job holds the run directory (rank 0 takes its lock: runtime/run_lock.py)."""
-        if self.info.is_main:
+        def resolve() -> Path | None:  # rank 0 alone, once it holds the run's lock
             run_lock.acquire(self.run_dir)
             # the run is this job's now: what a killed job left (a deletion or a resize's
             # conversion cut short) goes, also when this start saves nothing
             clear_leftovers(self.ckpt_root)
-        self.resume_dir = resolve_resume(resume, self.ckpt_root)
-        refuse_fresh_start(self.resume_dir, self.ckpt_root, self.run_dir)
+            resume_dir = resolve_resume(resume, self.ckpt_root)
+            refuse_fresh_start(resume_dir, self.ckpt_root, self.run_dir)
+            return resume_dir
+
+        # Rank 0's checkpoint on every rank: a job still ending in this run directory (a
+        # resubmit right after scancel) may publish a newer one while rank 0 waits for its
+        # lock, and ranks resuming different steps would hang, or save as one checkpoint
+        # the files of two
+        self.resume_dir = decided_on_rank0(
+            resolve, CheckpointError, f"rank 0 of {self.info.world_size} refused the start")
         self.state: dict[str, Any] | None = None
         self._saved_rng: dict[str, Any] | None = None  # this rank's, from the checkpoint
         # a resize's EMA teacher: the old ranks' saved slices (read before the engine)

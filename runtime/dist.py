@@ -363,14 +363,15 @@ def decided_on_rank0(decide: Callable[[], T], error: type[Exception], context: s
     world size: a lone process raises the same ``error`` (a one-line refusal of the
     command, not a traceback).
     """
+    lone = group_size() == 1
     outcome: tuple[bool, object] = (True, None)
     failure: Exception | None = None
-    if global_rank() == 0:
+    if lone or global_rank() == 0:
         try:
             outcome = (True, decide())
         except Exception as err:  # noqa: BLE001 - every rank raises it, below
             failure, outcome = err, (False, f"{type(err).__name__}: {err}")
-    ok, value = broadcast_object(outcome)  # (``outcome`` itself without a process group)
+    ok, value = outcome if lone else broadcast_object(outcome)
     if ok:
         return value
     if isinstance(failure, error):

@@ -133,6 +133,10 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # Every rank must save under one tag; DeepSpeed compares the tag's hash over the
+        # ranks at each save anyway (two all-reduces) and by default only warns: a save
+        # whose ranks disagree on the step would publish rank 0's files alone as complete
+        "checkpoint": {"tag_validation": "FAIL"},
     }
     # Gradients are reduced across ranks in fp32 under bf16 (DeepSpeed's default for bf16
     # is bf16: 8 significant bits, rounded at every step of the reduction over hundreds of

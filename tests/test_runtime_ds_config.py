@@ -39,6 +39,10 @@ def test_every_stage_and_precision_reaches_the_engine(stage, precision):
     # bf16; Megatron-LM --accumulate-allreduce-grads-in-fp32), fp16 keeps fp16
     want = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float16}[precision]
     assert ds.communication_data_type == want
+    # a save whose ranks disagree on the tag fails on every rank (DeepSpeed's engine
+    # compares the tag's hash over the ranks, _checkpoint_tag_validation, and by default
+    # only warns): never rank 0's files alone published as a complete checkpoint
+    assert ds.checkpoint_tag_validation_enabled and ds.checkpoint_tag_validation_fail
 
 
 def test_user_json_overrides_key_by_key_and_errors_name_the_key(tmp_path):
