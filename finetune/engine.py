@@ -44,7 +44,7 @@ from runtime.checkpoint import (
     saved_ranks,
 )
 from runtime.checkpoint_path import CHECKPOINTS_DIR
-from runtime.dist import DistInfo, broadcast_object, decided_on_rank0
+from runtime.dist import DistInfo, decided_on_rank0
 from runtime.ds_config import DeepSpeedSpec, deepspeed_config
 from runtime.loop import OWED_MARK, owes_evaluation
 from runtime.metrics import METRICS_FILE, MetricsLogger, records_at
@@ -103,16 +103,27 @@ class FinetuneRun:
               ) -> tuple[BestCheckpoint, ...]:
         """The run's best checkpoints so far, one per ``pointers`` entry (pointer file ->
         metric: ``{"best.json": "top1", "best_ema.json": "top1_ema"}``; empty: none
-        kept). Collective: rank 0's readings on every rank, since an evaluation that beats
-        one saves, and a save is collective (a rank seeing a stale file would wait
-        alone)."""
-        bests = tuple(BestCheckpoint.resume(self.root, metric, start_step, is_main, pointer)
-                      for pointer, metric in pointers.items())
-        if bests:
-            shared = broadcast_object([(b.value, b.step) for b in bests])
-            for best, (value, step) in zip(bests, shared, strict=True):
-                best.value, best.step = value, step
-        return bests
+        kept). Collective: rank 0's readings on every rank (value, step, and an abandoned
+        branch's entry), since an evaluation that beats one saves, and a save is
+        collective (a rank seeing a stale file would wait alone); a pointer rank 0 cannot
+        read is every rank's ``ResumeError``."""
+        if not pointers:
+            return ()
+
+        def look() -> list[tuple[float | None, int | None, dict[str, Any] | None]]:
+            # rank 0 reads each pointer (and mends it: BestCheckpoint.resume)
+            return [(b.value, b.step, b.abandoned) for b in (
+                BestCheckpoint.resume(self.root, metric, start_step, True, pointer)
+                for pointer, metric in pointers.items())]
+
+        # a pointer rank 0 cannot read (EIO, ESTALE) refuses the resume on every rank:
+        # taken for "no best", the run would forget its best checkpoint and prune it
+        readings = decided_on_rank0(look, ResumeError, f"{self.root}: rank 0 could not "
+                                    "read the best checkpoint's pointer")
+        return tuple(BestCheckpoint(self.root, metric, is_main, value=value, step=step,
+                                    pointer=pointer, abandoned=abandoned)
+                     for (pointer, metric), (value, step, abandoned)
+                     in zip(pointers.items(), readings, strict=True))
 
     @property
     def root(self) -> Path:

@@ -190,10 +190,18 @@ def record_best(root: Path, best: dict[str, Any], pointer: str = BEST) -> None:
 
 
 def read_best(root: Path, pointer: str = BEST) -> dict[str, Any] | None:
-    """What ``root``'s ``pointer`` holds, or None (none, unreadable, not an object)."""
+    """What ``root``'s ``pointer`` holds, or None (none, or not a JSON object). A read that
+    fails (an ``OSError`` other than a missing file: EIO, ESTALE, a FUSE mount's hiccup)
+    is raised: taken for "no best", it would have a prune delete the best checkpoint and
+    a resume forget it (its first evaluation then "improving" on nothing)."""
     try:
-        best = json.loads((root / pointer).read_text())
-    except (OSError, ValueError):
+        text = (root / pointer).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        best = json.loads(text)
+    except ValueError:  # written atomically: damaged by something else, and for good
+        log.warning("%s is not JSON: taken as no best checkpoint", root / pointer)
         return None
     return best if isinstance(best, dict) else None
 
@@ -805,7 +813,13 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
                 and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
     # the best evaluated checkpoint of the lineage, and one pending (runtime/best.py)
-    keep |= _best_tags(root) & set(complete)
+    try:
+        keep |= _best_tags(root) & set(complete)
+    except OSError as err:  # unknown: every complete one stays this time (the next
+        # save prunes again)
+        log.warning("keeping every complete checkpoint after this save: the best "
+                    "checkpoint's pointer cannot be read (%s)", err)
+        keep |= set(complete)
     doomed = []
     for p in folders:
         name, step = p.name, _step_of(p.name)

@@ -304,3 +304,56 @@ def _cls_cmd(out: Path, cache: Path) -> list[str]:
             "--output-dir", str(out), f"data.cache_dir={cache}", "run.progress=false",
             "run.num_workers=0", "run.log_every=1", "run.tensorboard=false"]
 
+
+
+def _flaky_pointer(monkeypatch) -> None:
+    """Reading best.json fails as a transient EIO of a parallel or FUSE file system does;
+    every other file reads."""
+    import errno
+
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == ck.BEST:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def test_a_pointer_that_cannot_be_read_keeps_every_checkpoint_at_that_prune(tmp_path,
+                                                                             monkeypatch):
+    """One failed read of best.json at a save: taken for "no best", the prune set the best
+    checkpoint aside for deletion. Now that save keeps every complete checkpoint, and the
+    next save, the pointer readable again, prunes as before."""
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3, 4):
+        (root / ck.tag_for(step)).mkdir(parents=True)
+        ck.write_trainer_state(root / ck.tag_for(step), {"step": step})
+    (root / "latest").write_text(ck.tag_for(4))
+    ck.record_best(root, {"tag": ck.tag_for(1), "step": 1, "metric": "top1", "value": 0.9})
+    with monkeypatch.context() as patch:
+        _flaky_pointer(patch)
+        ck.prune(root, keep_last=1, wait=True)
+    assert _kept(root) == [1, 2, 3, 4]
+    ck.prune(root, keep_last=1, wait=True)
+    assert _kept(root) == [1, 4]  # the best and the newest
+
+
+def test_a_resume_whose_pointer_cannot_be_read_is_refused_on_every_rank(tmp_path,
+                                                                       monkeypatch):
+    """Rank 0 reads the pointers for every rank (FinetuneRun.bests): a read that fails is
+    a ResumeError (a requeue tries again), not a run that forgot its best; a pointer that
+    is not there is no best, as before."""
+    from finetune.engine import FinetuneRun
+
+    root = tmp_path / "run" / "checkpoints"
+    ck.record_best(root, {"tag": ck.tag_for(1), "step": 1, "metric": "top1", "value": 0.9})
+    run = FinetuneRun(tmp_path / "run", None, None)
+    with monkeypatch.context() as patch:
+        _flaky_pointer(patch)
+        with pytest.raises(ck.ResumeError, match="best checkpoint's pointer.*Input/output"):
+            run.bests({ck.BEST: "top1"}, 4, True)
+    (root / ck.BEST).unlink()
+    (best,) = run.bests({ck.BEST: "top1"}, 4, True)
+    assert best.value is None and best.step is None
