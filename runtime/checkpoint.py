@@ -375,6 +375,12 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
                 RANK_STATES: info.world_size, SAVED_AT: time.time()})
         except OSError as err:
             raise CheckpointSaveError(_save_failure(root, tag, err)) from err
+        # the lock once more before the publish (the writes above may take minutes): a job
+        # that took the run over meanwhile keeps its ``latest``, and its saves in progress
+        # are not pruned here as crashed ones
+        lost = lost_message(root.parent)
+        if lost:
+            raise RunLockError(lost)
         # a swap an earlier rank 0 died in is finished first: else the prune below would
         # take the run's checkpoint (still under its staging name) for a crashed save
         swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)

@@ -271,9 +271,11 @@ def _owed_evaluation(hooks: TaskHooks, spec: LoopSpec, pos: LoopPosition,
 
 
 def _save(hooks: TaskHooks, pos: LoopPosition, metrics: MetricsLogger) -> None:
+    # the records up to the checkpoint on disk before it is published: they survive a
+    # kill and a node's crash, as the checkpoint does
+    metrics.sync()
     hooks.save(pos)
     metrics.checkpointed()  # what a resume cut is no checkpoint's any more
-    metrics.flush()  # the events up to a checkpoint survive a kill, as metrics.jsonl does
 
 
 def run_loop(spec: LoopSpec, hooks: TaskHooks, start: LoopPosition, *, optimizer=None,

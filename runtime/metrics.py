@@ -385,11 +385,25 @@ class MetricsLogger:
         """A checkpoint is complete (runtime/loop.py): see :meth:`MetricsFile.checkpointed`."""
         self.file.checkpointed()
 
-    def flush(self) -> None:
-        """Put the TensorBoard events written so far on disk (the writer buffers them):
-        called with each checkpoint, so what a killed run leaves reaches its checkpoint."""
+    def sync(self) -> None:
+        """Put every record written so far on disk, durably: ``metrics.jsonl`` and the
+        TensorBoard events (the writer buffers them; flushed, then fsynced). Called before
+        each checkpoint's save (runtime/loop.py): a node that crashes after its publish
+        would otherwise lose the records of the steps before it from the page cache, and
+        the resume, which logs from the checkpoint's step on, would leave them missing for
+        good. One fsync of each file per checkpoint, on rank 0."""
+        from runtime.checkpoint import fsync_path
+
+        if self.file.enabled and self.path.is_file():
+            fsync_path(self.path)
         if self.writer is not None:
             self.writer.flush()
+            # the writer's own event file (tensorboard's EventFileWriter names it)
+            name = getattr(self.writer.file_writer.event_writer, "_file_name", None)
+            events = ([Path(name)] if name else
+                      list(Path(self.writer.get_logdir()).glob("events.out.tfevents.*")))
+            for path in events:
+                fsync_path(path)
 
     def close(self) -> None:
         """Flush and close the writers (TensorBoard's events reach the disk here)."""

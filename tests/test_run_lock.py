@@ -183,6 +183,37 @@ def test_a_holder_that_lost_its_lock_saves_nothing(tmp_path, caplog):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 4242
 
 
+class _TakenOverWhileWriting:
+    """An engine whose writes last until another job has taken the run directory over (a
+    stall of this job past the lock's stale bound, during a long save)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def zero_optimization(self) -> bool:
+        return False
+
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_text(tag)
+        _other_machine(self.run_dir)
+
+
+def test_a_lock_lost_during_a_save_s_writes_publishes_nothing(tmp_path):
+    """The lock is read once more before the publish: the job that took the run over keeps
+    its ``latest``, and nothing of it is pruned as a crashed save."""
+    run_lock.acquire(tmp_path, heartbeat_s=60)  # no heartbeat in the test's time
+    root = tmp_path / "checkpoints"
+    theirs = root / "step_0000007.tmp-feedbeef"  # the other job's save in progress
+    theirs.mkdir(parents=True)
+    (root / "latest").write_text("step_0000006")
+    with pytest.raises(RunLockError, match="taken over by process 4242"):
+        save_checkpoint(_TakenOverWhileWriting(tmp_path), root, 3, {}, {"step": 3},
+                        DistInfo(), keep_last=2)
+    assert (root / "latest").read_text() == "step_0000006" and theirs.is_dir()
+    run_lock.release()
+
+
 def test_finetune_start_in_a_run_directory_another_job_holds_is_refused(tmp_path):
     from finetune.engine import open_run
     from runtime.checkpoint import engine_layout
