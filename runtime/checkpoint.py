@@ -298,9 +298,14 @@ def load_rank_state(ckpt_dir: Path, state: dict[str, Any], rank: int) -> dict[st
 
 def _read_json(path: Path, ckpt_dir: Path) -> dict[str, Any]:
     """A checkpoint's JSON state file, or a ResumeError naming it when it is damaged (the
-    saves write them atomically: a file cut short by a full disk or a bad copy)."""
+    saves write them atomically: a file cut short by a full disk or a bad copy) or cannot
+    be read (EIO, ESTALE: a refusal the ranks agree on, where a bare ``OSError`` was
+    raised by one rank alone while the others waited for its agreement)."""
     try:
         return json.loads(path.read_text())
+    except OSError as err:
+        raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} cannot be read "
+                          f"({err})") from err
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} is damaged, not JSON "
                           f"({err}); resume from an earlier checkpoint (--resume "

@@ -41,6 +41,28 @@ def test_a_damaged_state_file_is_named(name, tmp_path):
         _resume(tmp_path, ckpt, 1, 2)
 
 
+@pytest.mark.parametrize("name", ["trainer_state", "rank_state"])
+def test_a_state_file_that_cannot_be_read_is_a_resume_error(name, tmp_path, monkeypatch):
+    """EIO/ESTALE on one rank's read: a ResumeError the ranks agree on (agree_on_refusal
+    takes those), not a bare OSError raised by that rank alone while the others wait."""
+    import errno
+    from pathlib import Path
+
+    ckpt, _ = _saved_checkpoint(tmp_path, 2)
+    path = ckpt / ck.TRAINER_STATE if name == "trainer_state" else ck.rank_state_path(ckpt, 1)
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == path:
+            raise OSError(errno.ESTALE, "Stale file handle", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(ck.ResumeError,
+                       match=str(path.relative_to(ckpt)) + " cannot be read.*Stale file"):
+        _resume(tmp_path, ckpt, 1, 2)
+
+
 @pytest.mark.slow
 def test_a_rank_file_missing_refuses_the_resume_on_every_rank(tmp_path, cache):
     out = tmp_path / "run"

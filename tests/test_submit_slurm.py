@@ -491,8 +491,8 @@ def test_a_failed_task_ends_the_job_promptly(cluster: SlurmCluster, cache, tmp_p
         # no result, and --wait reports it 2 s after the job's end, not 15 s) with the taken
         # port as the profile's master_port
         profile = tmp_path / "profile.yaml"
-        # (failure_requeues 0: the job's exit trap would requeue this failure, which
-        # tests/test_submit_slurm.py checks; here the job must end)
+        # (failure_requeues 0: the job's exit trap would requeue this failure, which the
+        # killed-task test above checks; here the job must end)
         profile.write_text((REPO / "configs/launch/local_cpu.yaml").read_text()
                            + f"master_port: {port}\nfailure_requeues: 0\n")
         cmd = [sys.executable, "-m", "launch.cli", "submit", "--profile", str(profile),
