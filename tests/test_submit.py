@@ -156,6 +156,26 @@ def test_a_re_save_of_the_same_tag_within_one_clock_tick_is_a_new_save(tmp_path)
     assert not same_checkpoint(first, own_checkpoint(tmp_path))
 
 
+def test_saves_through_the_real_publish_are_told_apart_and_named_alike_everywhere(
+        tmp_path):
+    """runtime.checkpoint.save_checkpoint's own publish (an engine stand-in writing
+    DeepSpeed's one file): a re-save of the same step (a rewound run reaching its old tag,
+    swapped in under a staging name) is a new save; the key is the same read again."""
+    from runtime.checkpoint import save_checkpoint, wait_for_deletions
+    from runtime.dist import DistInfo
+    from tests.test_best_checkpoint import Engine
+
+    root = tmp_path / "checkpoints"
+    keys = []
+    for step in (4, 6, 6):
+        save_checkpoint(Engine(), root, step, {}, {"step": step}, DistInfo(), keep_last=2)
+        wait_for_deletions(timeout=60)
+        keys.append(own_checkpoint(tmp_path))
+        assert same_checkpoint(keys[-1], own_checkpoint(tmp_path))
+    assert [k[0] for k in keys] == ["step_0000004", "step_0000006", "step_0000006"]
+    assert not any(same_checkpoint(a, b) for a, b in zip(keys, keys[1:]))
+
+
 def test_a_checkpoint_without_saved_at_is_told_by_the_mtime_of_latest(tmp_path):
     _publish(tmp_path, "step_0000002")
     (tmp_path / "checkpoints" / "step_0000002" / "trainer_state.json").write_text("{}")
