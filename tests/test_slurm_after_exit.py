@@ -286,3 +286,19 @@ def test_an_unanswered_scontrol_is_asked_again(tmp_path, monkeypatch):
     assert "requeue 7" not in calls.read_text()
     last = _rows(run_dir)[-1]
     assert last["event"] == "failure_not_requeued" and "did not answer" in last["why"]
+
+
+def test_a_job_record_is_on_disk_before_record_returns(tmp_path, monkeypatch):
+    """The exit trap counts the job's failure_requeue lines: each is fsynced before the
+    trap asks for the requeue (a batch host that crashed lost the last ones from its
+    page cache, and the bound then counted one failure fewer)."""
+    import launch.slurm.environment as environment
+    from launch.slurm.environment import TaskInfo, read_records, record
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(environment.os, "fsync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    record(tmp_path, "failure_requeue", TaskInfo("7", 0, 0, 2, "node1", "slurm"), requeue=1)
+    assert synced == [str(tmp_path / "slurm_jobs.jsonl")]
+    assert read_records(tmp_path)[-1]["event"] == "failure_requeue"

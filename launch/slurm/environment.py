@@ -172,7 +172,7 @@ def submitted_time_limit_min() -> float | None:
 
 
 def record(run_dir: Path, event: str, info: TaskInfo, **extra: Any) -> None:
-    """Append one line to RUN/slurm_jobs.jsonl (called on rank 0 only)."""
+    """Append one line to RUN/slurm_jobs.jsonl (called on rank 0 only), durably."""
     run_dir.mkdir(parents=True, exist_ok=True)
     row = {"event": event, "job_id": info.job_id, "cluster": info.cluster,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time(),
@@ -188,3 +188,8 @@ def record(run_dir: Path, event: str, info: TaskInfo, **extra: Any) -> None:
         pass
     with path.open("a") as f:
         f.write(line)
+        # on disk before the caller goes on (a requeue, an exit): the exit trap counts
+        # these lines, and a batch host that crashes would otherwise lose the last ones;
+        # a few lines per job attempt
+        f.flush()
+        os.fsync(f.fileno())
