@@ -10,24 +10,9 @@ from pathlib import Path
 import pytest
 
 import finetune.engine as engine
-import runtime.dist as dist
 from runtime.checkpoint import ResumeError
 from runtime.dist import DistInfo
-
-
-def _as_rank(monkeypatch, rank: int, answer=None) -> list:
-    """Rank ``rank`` of 2 as far as ``runtime.dist.decided_on_rank0`` sees; its broadcast
-    records what is sent and receives rank 0's ``answer`` (rank 0 receives its own)."""
-    sent = []
-
-    def broadcast(obj, src=0):
-        sent.append(obj)
-        return obj if rank == 0 else answer
-
-    monkeypatch.setattr(dist, "group_size", lambda: 2)
-    monkeypatch.setattr(dist, "global_rank", lambda: rank)
-    monkeypatch.setattr(dist, "broadcast_object", broadcast)
-    return sent
+from tests.fake_ranks import as_rank
 
 
 def _unreadable(run_dir: Path, step: int):
@@ -39,7 +24,7 @@ def _finished_run(tmp_path: Path) -> engine.FinetuneRun:
 
 
 def test_an_unreadable_metrics_file_is_a_refusal_sent_to_every_rank(tmp_path, monkeypatch):
-    sent = _as_rank(monkeypatch, 0)
+    sent = as_rank(monkeypatch, 0)
     monkeypatch.setattr(engine, "records_at", _unreadable)
     run = _finished_run(tmp_path)
     with pytest.raises(ResumeError, match="metrics.jsonl: cannot read the finished run"):
@@ -52,7 +37,7 @@ def test_an_unreadable_metrics_file_is_a_refusal_sent_to_every_rank(tmp_path, mo
 
 def test_the_other_ranks_raise_rank_zeros_refusal_without_reading(tmp_path, monkeypatch):
     refusal = "ResumeError: metrics.jsonl: cannot read the finished run's records (OSError)"
-    sent = _as_rank(monkeypatch, 1, answer=(False, refusal))
+    sent = as_rank(monkeypatch, 1, answer=(False, refusal))
 
     def read(run_dir: Path, step: int):
         raise AssertionError("only rank 0 reads the file")
@@ -72,7 +57,7 @@ def test_a_lone_process_refuses_an_unreadable_file_as_a_resume_error(tmp_path, m
 
 def test_every_rank_returns_rank_zeros_evaluation(tmp_path, monkeypatch):
     evaluation = {"acc1": 81.5}
-    _as_rank(monkeypatch, 1, answer=(True, (evaluation, False)))
+    as_rank(monkeypatch, 1, answer=(True, (evaluation, False)))
     monkeypatch.setattr(engine, "records_at", lambda run_dir, step: [])
     result = _finished_run(tmp_path).completed(2, DistInfo(rank=1, world_size=2))
     assert result == {"acc1": 81.5, "step": 2, "already_complete": True}

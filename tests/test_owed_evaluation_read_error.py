@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-import runtime.dist as dist
 import runtime.loop as loop
 from runtime.checkpoint import ResumeError
 from runtime.dist import DistInfo
+from tests.fake_ranks import as_rank
 
 
 class _UnreadableMetrics:
@@ -24,19 +24,6 @@ class _NotRead:
         raise AssertionError("only rank 0 reads the metrics file")
 
 
-def _as_rank(monkeypatch, rank: int, answer=None) -> list:
-    sent = []
-
-    def broadcast(obj, src=0):
-        sent.append(obj)
-        return obj if rank == 0 else answer
-
-    monkeypatch.setattr(dist, "group_size", lambda: 2)
-    monkeypatch.setattr(dist, "global_rank", lambda: rank)
-    monkeypatch.setattr(dist, "broadcast_object", broadcast)
-    return sent
-
-
 def _owed(metrics, rank: int):
     # nothing past the read is reached: no hooks, spec or best checkpoints needed
     return loop._owed_evaluation(None, None, loop.LoopPosition(6, eval_owed=True), metrics,
@@ -44,21 +31,21 @@ def _owed(metrics, rank: int):
 
 
 def test_rank_zero_sends_its_failure_to_read_and_raises_it(monkeypatch):
-    sent = _as_rank(monkeypatch, 0)
+    sent = as_rank(monkeypatch, 0)
     with pytest.raises(ResumeError, match="step 6: rank 0 could not read .*Stale file"):
         _owed(_UnreadableMetrics(), 0)
     assert len(sent) == 1 and sent[0][0] is False and "Stale file handle" in sent[0][1]
 
 
 def test_the_other_ranks_raise_it_without_waiting_or_reading(monkeypatch):
-    _as_rank(monkeypatch, 1, answer=(False, "OSError: [Errno 116] Stale file handle"))
+    as_rank(monkeypatch, 1, answer=(False, "OSError: [Errno 116] Stale file handle"))
     with pytest.raises(ResumeError, match="rank 0 could not read .*Stale file handle"):
         _owed(_NotRead(), 1)
 
 
 def test_rank_zero_s_earlier_record_is_every_rank_s_result(monkeypatch):
     earlier = {"step": 6, "epoch": 1, "top1": 71.5, "time": 3.0, loop.OWED_MARK: True}
-    _as_rank(monkeypatch, 1, answer=(True, earlier))
+    as_rank(monkeypatch, 1, answer=(True, earlier))
     assert _owed(_NotRead(), 1) == {"top1": 71.5}
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import runtime.dist as dist_helpers
 from runtime.dist import DistInfo
+from tests.fake_ranks import as_rank
 from tests.rank_launcher import run_file_function
 
 pytestmark = pytest.mark.distributed
@@ -88,12 +88,8 @@ def test_pretraining_ranks_take_rank_zeros_choice_without_reading_latest(tmp_pat
     def resolve(*args, **kwargs):
         raise AssertionError("only rank 0 resolves --resume")
 
-    sent = []
     monkeypatch.setattr(trainer_mod, "resolve_resume", resolve)
-    monkeypatch.setattr(dist_helpers, "group_size", lambda: 2)
-    monkeypatch.setattr(dist_helpers, "global_rank", lambda: 1)
-    monkeypatch.setattr(dist_helpers, "broadcast_object",
-                        lambda obj, src=0: sent.append(obj) or (True, None))
+    sent = as_rank(monkeypatch, 1, answer=(True, None))  # rank 0 chose a fresh start
     cfg = load_config(PretrainConfig, DEMO_CONFIG, [f"run.output_dir={tmp_path / 'run'}"])
     trainer = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
     trainer.cfg, trainer.info = cfg, DistInfo(rank=1, world_size=2)
