@@ -42,7 +42,7 @@ from finetune.det_model import (  # noqa: F401  (the public import path)
 )
 from finetune.plan import count_params, print_plan
 from runtime import rng, run_lock, schedules
-from runtime.dist import init_distributed
+from runtime.dist import decided_on_rank0, init_distributed
 from runtime.param_groups import adamw, param_groups
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,9 @@ def refuse_shared_head_checkpoint(cfg: DetectionConfig, num_classes: int,
 @run_lock.releasing
 def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind``; returns the last evaluation (bbox_AP, bbox_AP50, ...)."""
+    from finetune.init import agreed_init
     from finetune.loop import run_loop
+    from models import CheckpointError
 
     d = init_distributed(cfg.run.collective_timeout_min)
     if cfg.run.threads:
@@ -233,9 +235,13 @@ def train(cfg: DetectionConfig, out_dir: Path, resume: str | None = None) -> dic
     # what the checkpoint's tensors depend on: a resume with another model fails early
     model_hash = detection_model_hash(cfg, num_classes)
     if cfg.head.kind == "dino":  # before the model is built: a refusal costs nothing
-        refuse_shared_head_checkpoint(cfg, num_classes, resume, out_dir)
+        # rank 0 looks, every rank refuses with it (a rank refusing alone would leave the
+        # others in the init's collective read)
+        decided_on_rank0(lambda: refuse_shared_head_checkpoint(cfg, num_classes, resume,
+                                                               out_dir),
+                         CheckpointError, f"rank 0 of {d.world_size} refused the start")
     # Mask R-CNN adds its background class itself; DINO predicts the C classes (focal loss).
-    model = build_model(cfg, num_classes, cfg.init).to(d.device)
+    model = build_model(cfg, num_classes, agreed_init(cfg.init)).to(d.device)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each
     batches, steps_per_epoch = train_batches(
         train_set, d, batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum,

@@ -151,6 +151,17 @@ def load_init(model: nn.Module, src: str | Path, *, variant: str, arch: dict | N
                                backbone_only=backbone_only)
 
 
+def agreed_init(init: str | None) -> str | None:
+    """Rank 0's ``init`` on every rank (one broadcast at a start). Whether a start loads
+    ``--init`` is decided on each rank before the process group exists
+    (launch/commands/finetune.py drops it where the run resumes, reading the run's
+    ``latest``): a checkpoint published between two ranks' looks (a job still ending
+    there) would have some ranks enter the collective read of the init (:func:`read_once`)
+    and others not, all then waiting. A resume's checkpoint replaces the init's weights
+    anyway, so a rank loading one it did not need loses nothing."""
+    return decided_on_rank0(lambda: init, CheckpointError, "init")
+
+
 def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],
               src: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """``read(src)`` (a state dict and its metadata) on rank 0 only, the tensors and the

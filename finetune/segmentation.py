@@ -193,6 +193,7 @@ def segmentation_model_hash(cfg: SegmentationConfig) -> str:
 def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> dict:
     """Fine-tune ``head.kind`` on InternImage; returns the last evaluation (``mIoU``,
     ``IoU.<class>``, ...)."""
+    from finetune.init import agreed_init
     from finetune.loop import run_loop
 
     d = init_distributed(cfg.run.collective_timeout_min)
@@ -202,7 +203,7 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = SegDataset(cfg.data, True), SegDataset(cfg.data, False)
     rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
-    model = build_segmentor(cfg, cfg.init).to(d.device)
+    model = build_segmentor(cfg, agreed_init(cfg.init)).to(d.device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # optimizer steps: run.grad_accum micro-batches of run.batch_size per process each

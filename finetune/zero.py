@@ -241,7 +241,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     )
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
-    from finetune.init import load_init
+    from finetune.init import agreed_init, load_init
     from runtime.checkpoint import load_torch_file
 
     d = init_distributed(cfg.run.collective_timeout_min)  # env for a lone process, gloo/nccl
@@ -275,8 +275,9 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
     model = build_classifier(cfg)
-    if cfg.init:  # may refuse (another variant, other shapes): nothing published yet
-        load_init(model, cfg.init, variant=cfg.model.name, arch=cfg.model.arch())
+    init = agreed_init(cfg.init)  # rank 0's: each rank's start dropped it alone
+    if init:  # may refuse (another variant, other shapes): nothing published yet
+        load_init(model, init, variant=cfg.model.name, arch=cfg.model.arch())
     publish_config(out_dir)
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)

@@ -41,17 +41,19 @@ next start of the run (:func:`clear_leftovers`: a run that never saves again), f
 
 What a save costs. Every rank: writing its DeepSpeed files and its rank file, one
 broadcast of rank 0's 8-character staging token (each rank receives one string; it was an
-all-gather, every rank's token sent to every rank), and two barriers. Rank 0, between the
-barriers: its side files, ``trainer_state.json``, the publish (renames and ``latest``
-writes) and prune's decisions and renames, one metadata operation per folder that goes,
+all-gather, every rank's token sent to every rank), a barrier, and a broadcast of rank 0's
+outcome (None, or its refusal: every rank raises it). Rank 0, between the barrier and the
+broadcast: its side files, ``trainer_state.json``, the lock read once more, the publish
+(renames and ``latest`` writes) and prune's decisions and renames, one metadata operation
+per folder that goes,
 whatever it holds. Unlinking those folders' files (an InternImage-H ZeRO-3 checkpoint at
 512 ranks: ~1,024 files, ~13 GB of optimizer state; seconds on Lustre) is left to rank 0's
 deletion thread, which starts on them as prune queues them and goes on while every rank
 trains. At most one save's deletions are outstanding: a save whose predecessor's are not
 done yet (a filesystem that cannot delete a checkpoint in a checkpoint interval) waits
-for them between the barriers, once its checkpoint is published, holding every rank as
+for them before the broadcast, once its checkpoint is published, holding every rank as
 every save did before, so checkpoints never pile up (a wait longer than the process
-group's timeout fails the other ranks in the barrier; the checkpoint is complete).
+group's timeout fails the other ranks in the broadcast; the checkpoint is complete).
 The thread is not a daemon and ends when it has nothing left: a normal exit waits for the
 deletions already decided (the files go with the run), a kill leaves them to the next
 prune.
@@ -181,12 +183,22 @@ def _atomic_write(path: Path, text: str) -> None:
     _durable_write(path, lambda f: f.write(text), "w")
 
 
+# The tags the best pointers named at this process's last prune of each run (rank 0):
+# what a prune keeps when the pointers cannot be read (see prune)
+_LAST_BEST_TAGS: dict[Path, set[str]] = {}
+
+
 def record_best(root: Path, best: dict[str, Any], pointer: str = BEST) -> None:
     """Rank 0: point ``root``'s ``pointer`` (one of :data:`BEST_POINTERS`) at the best
     checkpoint (``best["tag"]``; and ``best["pending"]["tag"]`` while it is saved),
     atomically and durably; :func:`prune` keeps what it names (runtime/best.py)."""
     root.mkdir(parents=True, exist_ok=True)  # a run's first save may be its first best
     _atomic_write(root / pointer, json.dumps(best) + "\n")
+    known = _LAST_BEST_TAGS.get(root.resolve())
+    if known is not None:  # what a prune keeps while the pointers cannot be read
+        entries = (best, best.get("pending"))
+        known |= {e["tag"] for e in entries if isinstance(e, dict)
+                  and isinstance(e.get("tag"), str) and _is_tag(e["tag"])}
 
 
 def read_best(root: Path, pointer: str = BEST) -> dict[str, Any] | None:
@@ -195,12 +207,10 @@ def read_best(root: Path, pointer: str = BEST) -> dict[str, Any] | None:
     is raised: taken for "no best", it would have a prune delete the best checkpoint and
     a resume forget it (its first evaluation then "improving" on nothing)."""
     try:
-        text = (root / pointer).read_text()
+        best = json.loads((root / pointer).read_text())
     except FileNotFoundError:
         return None
-    try:
-        best = json.loads(text)
-    except ValueError:  # written atomically: damaged by something else, and for good
+    except ValueError:  # not UTF-8, not JSON: written atomically, so damaged for good
         log.warning("%s is not JSON: taken as no best checkpoint", root / pointer)
         return None
     return best if isinstance(best, dict) else None
@@ -371,34 +381,47 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     # every rank's files on disk. O(1) per rank, where the gather it replaces carried
     # every state to rank 0.
     barrier()
-    others_waiting_since = time.monotonic()  # the others are in the barrier below from now
+    others_waiting_since = time.monotonic()  # the others wait in the broadcast below from now
+    failure: CheckpointError | None = None
     if info.is_main:
-        try:  # an EMA's weights are the last large write: a disk may fill here too
-            for name, obj in (side_files or {}).items():
-                save_torch_file(root / staging / name, obj)
-            write_trainer_state(root / staging, shared_state | {
-                RANK_STATES: info.world_size, SAVED_AT: time.time()})
-        except OSError as err:
-            raise CheckpointSaveError(_save_failure(root, tag, err)) from err
-        # the lock once more before the publish (the writes above may take minutes): a job
-        # that took the run over meanwhile keeps its ``latest``, and its saves in progress
-        # are not pruned here as crashed ones
-        lost = lost_message(root.parent)
-        if lost:
-            raise RunLockError(lost)
-        # a swap an earlier rank 0 died in is finished first: else the prune below would
-        # take the run's checkpoint (still under its staging name) for a crashed save
-        swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
-        # At most one save's deletions outstanding: a filesystem too slow to delete a
-        # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
-        # for once the new checkpoint is published: a stop request's save cut short here
-        # (its grace period is a minute) has lost nothing.
-        _wait_for_previous_deletions(others_waiting_since if info.world_size > 1 else None)
-        _DELETER.add(swapped_out)
-        # renames only: the files are deleted by rank 0's deletion thread, so the barrier
-        # below does not hold every rank while rank 0 unlinks a thousand files
-        prune(root, keep_last, wait=False)
-    barrier()  # the others return once the checkpoint is published
+        try:
+            try:  # an EMA's weights are the last large write: a disk may fill here too
+                for name, obj in (side_files or {}).items():
+                    save_torch_file(root / staging / name, obj)
+                write_trainer_state(root / staging, shared_state | {
+                    RANK_STATES: info.world_size, SAVED_AT: time.time()})
+            except OSError as err:
+                raise CheckpointSaveError(_save_failure(root, tag, err)) from err
+            # the lock once more before the publish (the writes above may take minutes): a job
+            # that took the run over meanwhile keeps its ``latest``, and its saves in progress
+            # are not pruned here as crashed ones
+            lost = lost_message(root.parent)
+            if lost:
+                raise RunLockError(lost)
+            # a swap an earlier rank 0 died in is finished first: else the prune below would
+            # take the run's checkpoint (still under its staging name) for a crashed save
+            swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
+            # At most one save's deletions outstanding: a filesystem too slow to delete a
+            # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
+            # for once the new checkpoint is published: a stop request's save cut short here
+            # (its grace period is a minute) has lost nothing.
+            _wait_for_previous_deletions(others_waiting_since if info.world_size > 1 else None)
+            _DELETER.add(swapped_out)
+            # renames only: the files are deleted by rank 0's deletion thread, so the
+            # broadcast below does not hold every rank while rank 0 unlinks a thousand files
+            prune(root, keep_last, wait=False)
+        except (CheckpointSaveError, RunLockError) as err:
+            failure = err
+    # The others return once the checkpoint is published, or raise rank 0's refusal with
+    # it in one line (in a barrier rank 0 never reached they waited until srun killed
+    # them or the collective timed out, with a traceback)
+    told = broadcast_object(None if failure is None
+                            else (isinstance(failure, RunLockError), str(failure)))
+    if failure is not None:
+        raise failure
+    if told is not None:
+        lock_lost, message = told
+        raise (RunLockError if lock_lost else CheckpointSaveError)(f"rank 0: {message}")
     return root / tag
 
 
@@ -825,12 +848,18 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
     # the best evaluated checkpoint of the lineage, and one pending (runtime/best.py)
     try:
-        keep |= _best_tags(root) & set(complete)
-    except OSError as err:  # unknown: every complete one stays this time (the next
-        # save prunes again)
-        log.warning("keeping every complete checkpoint after this save: the best "
-                    "checkpoint's pointer cannot be read (%s)", err)
-        keep |= set(complete)
+        best_tags = _best_tags(root)
+        _LAST_BEST_TAGS[root.resolve()] = best_tags
+    except OSError as err:
+        # unknown now: what the pointers named at this run's last prune (only a save
+        # changes them, and this process made every save since); at the first prune of
+        # this process, every complete checkpoint (a pointer that stays unreadable from
+        # then on fills the disk, said at each save)
+        best_tags = _LAST_BEST_TAGS.get(root.resolve(), set(complete))
+        log.warning("the best checkpoint's pointer cannot be read (%s): keeping %s", err,
+                    "what it named at the last save" if root.resolve() in _LAST_BEST_TAGS
+                    else "every complete checkpoint after this save")
+    keep |= best_tags & set(complete)
     doomed = []
     for p in folders:
         name, step = p.name, _step_of(p.name)

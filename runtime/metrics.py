@@ -24,12 +24,15 @@ and one listing of ``checkpoints/`` (``run.keep_last`` folders and a few).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # a run's TensorBoard events, under its run directory
@@ -394,16 +397,21 @@ class MetricsLogger:
         good. One fsync of each file per checkpoint, on rank 0."""
         from runtime.checkpoint import fsync_path
 
-        if self.file.enabled and self.path.is_file():
-            fsync_path(self.path)
+        paths = [self.path] if self.file.enabled and self.path.is_file() else []
         if self.writer is not None:
             self.writer.flush()
-            # the writer's own event file (tensorboard's EventFileWriter names it)
-            name = getattr(self.writer.file_writer.event_writer, "_file_name", None)
-            events = ([Path(name)] if name else
+            # the writer's own event file, as tensorboard's EventFileWriter names it (else
+            # every event file of the folder: one per start of the run)
+            events = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+            name = getattr(events, "_file_name", None)
+            paths += ([Path(name)] if name else
                       list(Path(self.writer.get_logdir()).glob("events.out.tfevents.*")))
-            for path in events:
+        for path in paths:
+            try:
                 fsync_path(path)
+            except OSError as err:  # the records' durability is not worth the run: rank 0
+                # alone here, just before the collective save
+                log.warning("could not fsync %s before the checkpoint: %s", path, err)
 
     def close(self) -> None:
         """Flush and close the writers (TensorBoard's events reach the disk here)."""

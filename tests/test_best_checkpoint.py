@@ -324,8 +324,9 @@ def _flaky_pointer(monkeypatch) -> None:
 def test_a_pointer_that_cannot_be_read_keeps_every_checkpoint_at_that_prune(tmp_path,
                                                                              monkeypatch):
     """One failed read of best.json at a save: taken for "no best", the prune set the best
-    checkpoint aside for deletion. Now that save keeps every complete checkpoint, and the
-    next save, the pointer readable again, prunes as before."""
+    checkpoint aside for deletion. Now the first prune of a process keeps every complete
+    checkpoint, the next, the pointer readable again, prunes as before, and a later one
+    that cannot read it keeps what it named then."""
     root = tmp_path / "run" / "checkpoints"
     for step in (1, 2, 3, 4):
         (root / ck.tag_for(step)).mkdir(parents=True)
@@ -338,6 +339,16 @@ def test_a_pointer_that_cannot_be_read_keeps_every_checkpoint_at_that_prune(tmp_
     assert _kept(root) == [1, 2, 3, 4]
     ck.prune(root, keep_last=1, wait=True)
     assert _kept(root) == [1, 4]  # the best and the newest
+    # unreadable again later (bad permissions for good, say): what it named at the last
+    # prune is kept, not every checkpoint of every save (a disk filled by them)
+    for step in (5, 6):
+        (root / ck.tag_for(step)).mkdir()
+        ck.write_trainer_state(root / ck.tag_for(step), {"step": step})
+    (root / "latest").write_text(ck.tag_for(6))
+    with monkeypatch.context() as patch:
+        _flaky_pointer(patch)
+        ck.prune(root, keep_last=1, wait=True)
+    assert _kept(root) == [1, 6]
 
 
 def test_a_resume_whose_pointer_cannot_be_read_is_refused_on_every_rank(tmp_path,

@@ -188,3 +188,30 @@ def test_a_lone_process_s_failed_look_is_the_same_refusal(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match="rank 0 could not tell.*trainer_state.json"):
         seg_model._whole_init(str(tmp_path / "run"))
     assert seg_model._whole_init(None) == (False, None)  # no --init: nothing looked at
+
+
+def _agreed_init_worker(out_dir: str, src: str) -> None:
+    import torch.distributed as dist
+
+    from finetune.init import agreed_init
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    # rank 1's start saw a checkpoint (published by a job still ending) and dropped --init;
+    # rank 0's, a moment before, did not
+    agreed = agreed_init(src if rank == 0 else None)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"init": agreed}))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_every_rank_loads_init_as_rank_zeros_start_decided(tmp_path):
+    """Whether a start loads --init is decided per rank before the process group exists
+    (launch/commands/finetune.py drops it where the run resumes); rank 0's decision is
+    every rank's, so all enter the init's collective read or none does."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    run_file_function(__file__, "_agreed_init_worker", 2, str(out),
+                      str(tmp_path / "backbone.pth"), timeout=120)
+    got = [json.loads((out / f"rank{r}.json").read_text())["init"] for r in range(2)]
+    assert got == [str(tmp_path / "backbone.pth")] * 2

@@ -99,3 +99,45 @@ def test_pretraining_ranks_take_rank_zeros_choice_without_reading_latest(tmp_pat
     trainer._open_resume(cfg, "auto")
     assert trainer.resume_dir is None and trainer.state is None
     assert len(sent) == 1  # it waited for rank 0's answer
+
+
+def _save_refused_worker(out_dir: str, run: str) -> None:
+    import torch.distributed as dist
+
+    import runtime.checkpoint as ck
+    from runtime.dist import DistInfo as Info
+    from runtime.run_lock import RunLockError
+    from tests.test_best_checkpoint import Engine
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    checks = []
+
+    def lost_at_the_second_look(run_dir):  # taken over during the save's writes
+        checks.append(run_dir)
+        return None if len(checks) == 1 else "taken over by process 4242 on node-17"
+
+    ck.lost_message = lost_at_the_second_look
+    record = {}
+    try:
+        ck.save_checkpoint(Engine(), Path(run) / "checkpoints", 3, {}, {"step": 3},
+                           Info(rank=rank, world_size=2), keep_last=2)
+    except RunLockError as err:
+        record["error"] = str(err)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_rank_zeros_refusal_to_publish_is_every_rank_s(tmp_path):
+    """Rank 0 finds the run taken over right before it would publish: every rank raises
+    that refusal (RunLockError, one line), where the others waited in a barrier rank 0
+    never reached; nothing is published."""
+    run, out = tmp_path / "run", tmp_path / "ranks"
+    out.mkdir()
+    run_file_function(__file__, "_save_refused_worker", 2, str(out), str(run), timeout=180)
+    errors = [json.loads((out / f"rank{r}.json").read_text()).get("error", "")
+              for r in range(2)]
+    assert all("taken over by process 4242" in e for e in errors), errors
+    assert errors[1].startswith("rank 0: ")
+    assert not (run / "checkpoints" / "latest").exists()

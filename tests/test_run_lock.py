@@ -207,11 +207,13 @@ def test_a_lock_lost_during_a_save_s_writes_publishes_nothing(tmp_path):
     theirs = root / "step_0000007.tmp-feedbeef"  # the other job's save in progress
     theirs.mkdir(parents=True)
     (root / "latest").write_text("step_0000006")
-    with pytest.raises(RunLockError, match="taken over by process 4242"):
-        save_checkpoint(_TakenOverWhileWriting(tmp_path), root, 3, {}, {"step": 3},
-                        DistInfo(), keep_last=2)
+    try:
+        with pytest.raises(RunLockError, match="taken over by process 4242"):
+            save_checkpoint(_TakenOverWhileWriting(tmp_path), root, 3, {}, {"step": 3},
+                            DistInfo(), keep_last=2)
+    finally:
+        run_lock.release()
     assert (root / "latest").read_text() == "step_0000006" and theirs.is_dir()
-    run_lock.release()
 
 
 def test_finetune_start_in_a_run_directory_another_job_holds_is_refused(tmp_path):

@@ -300,5 +300,5 @@ def test_a_job_record_is_on_disk_before_record_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(environment.os, "fsync",
                         lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
     record(tmp_path, "failure_requeue", TaskInfo("7", 0, 0, 2, "node1", "slurm"), requeue=1)
-    assert synced == [str(tmp_path / "slurm_jobs.jsonl")]
+    assert synced == [os.path.realpath(tmp_path / "slurm_jobs.jsonl")]
     assert read_records(tmp_path)[-1]["event"] == "failure_requeue"
