@@ -145,9 +145,10 @@ def test_each_rank_writes_its_own_state_file_and_none_waits_for_rank_0s_deletion
         *(f"rank_states/{r:05d}.json" for r in range(WORLD)), "trainer_state.json",
         *(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORLD))]
     # no rank was handed a rank's state by an object collective (rank 0 was sent all 512
-    # at every save, ~32 KB each); the staging token: one broadcast a save, no all-gather
-    # (every rank's token to every rank: 512 strings received by each of 512 ranks)
+    # at every save, ~32 KB each); two broadcasts a save (of the two saves here): the
+    # staging token, no all-gather (every rank's token to every rank: 512 strings received
+    # by each of 512 ranks), and rank 0's outcome (None, or its refusal)
     for r in range(WORLD):
         assert json.loads((out / f"rank{r}.json").read_text()) == {
             "received": [], "all_gather_object": 0, "gather_object": 0,
-            "broadcast_object_list": 2}
+            "broadcast_object_list": 4}
