@@ -24,7 +24,7 @@ from torch import nn
 from finetune.convert import read_backbone, read_metadata
 from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from models import VARIANTS, CheckpointError, LoadReport, resolve_variant
-from runtime.dist import broadcast_tensors, decided_on_rank0
+from runtime.dist import broadcast_object, broadcast_tensors, decided_on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def agreed_init(init: str | None) -> str | None:
     there) would have some ranks enter the collective read of the init (:func:`read_once`)
     and others not, all then waiting. A resume's checkpoint replaces the init's weights
     anyway, so a rank loading one it did not need loses nothing."""
-    return decided_on_rank0(lambda: init, CheckpointError, "init")
+    return broadcast_object(init)
 
 
 def read_once(read: Callable[[Any], tuple[dict[str, torch.Tensor], Any]],

@@ -69,9 +69,10 @@ def _whole_init(init: str | None) -> tuple[bool, Path | None]:
     from models import CheckpointError
     from runtime.dist import decided_on_rank0
 
+    if not init:  # the same on every rank (finetune.init.agreed_init): nothing to agree on
+        return False, None
+
     def look() -> tuple[bool, Path | None]:
-        if not init:
-            return False, None
         tag_dir = _segmenter_tag_dir(init)
         return tag_dir is not None or _legacy_segmenter_file(init), tag_dir
 

@@ -385,31 +385,8 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     failure: CheckpointError | None = None
     if info.is_main:
         try:
-            try:  # an EMA's weights are the last large write: a disk may fill here too
-                for name, obj in (side_files or {}).items():
-                    save_torch_file(root / staging / name, obj)
-                write_trainer_state(root / staging, shared_state | {
-                    RANK_STATES: info.world_size, SAVED_AT: time.time()})
-            except OSError as err:
-                raise CheckpointSaveError(_save_failure(root, tag, err)) from err
-            # the lock once more before the publish (the writes above may take minutes): a job
-            # that took the run over meanwhile keeps its ``latest``, and its saves in progress
-            # are not pruned here as crashed ones
-            lost = lost_message(root.parent)
-            if lost:
-                raise RunLockError(lost)
-            # a swap an earlier rank 0 died in is finished first: else the prune below would
-            # take the run's checkpoint (still under its staging name) for a crashed save
-            swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
-            # At most one save's deletions outstanding: a filesystem too slow to delete a
-            # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited
-            # for once the new checkpoint is published: a stop request's save cut short here
-            # (its grace period is a minute) has lost nothing.
-            _wait_for_previous_deletions(others_waiting_since if info.world_size > 1 else None)
-            _DELETER.add(swapped_out)
-            # renames only: the files are deleted by rank 0's deletion thread, so the
-            # broadcast below does not hold every rank while rank 0 unlinks a thousand files
-            prune(root, keep_last, wait=False)
+            _complete_and_publish(root, staging, tag, shared_state, side_files, info,
+                                  keep_last, others_waiting_since)
         except (CheckpointSaveError, RunLockError) as err:
             failure = err
     # The others return once the checkpoint is published, or raise rank 0's refusal with
@@ -423,6 +400,39 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
         lock_lost, message = told
         raise (RunLockError if lock_lost else CheckpointSaveError)(f"rank 0: {message}")
     return root / tag
+
+
+def _complete_and_publish(root: Path, staging: str, tag: str, shared_state: dict[str, Any],
+                          side_files: dict[str, Any] | None, info: DistInfo, keep_last: int,
+                          others_waiting_since: float) -> None:
+    """Rank 0's part of :func:`save_checkpoint` once every rank's files are on disk: its
+    side files and ``trainer_state.json``, the publish and the prune. A failed write is a
+    :class:`CheckpointSaveError`, a run taken over meanwhile a ``RunLockError``."""
+    try:  # an EMA's weights are the last large write: a disk may fill here too
+        for name, obj in (side_files or {}).items():
+            save_torch_file(root / staging / name, obj)
+        write_trainer_state(root / staging, shared_state | {
+            RANK_STATES: info.world_size, SAVED_AT: time.time()})
+    except OSError as err:
+        raise CheckpointSaveError(_save_failure(root, tag, err)) from err
+    # the lock once more before the publish (the writes above may take minutes): a job
+    # that took the run over meanwhile keeps its ``latest``, and its saves in progress are
+    # not pruned here as crashed ones
+    lost = lost_message(root.parent)
+    if lost:
+        raise RunLockError(lost)
+    # a swap an earlier rank 0 died in is finished first: else the prune below would take
+    # the run's checkpoint (still under its staging name) for a crashed save
+    swapped_out = finish_interrupted_swap(root) + _publish(root, staging, tag)
+    # At most one save's deletions outstanding: a filesystem too slow to delete a
+    # checkpoint in a checkpoint interval would otherwise pile up 13 GB a save. Waited for
+    # once the new checkpoint is published: a stop request's save cut short here (its
+    # grace period is a minute) has lost nothing.
+    _wait_for_previous_deletions(others_waiting_since if info.world_size > 1 else None)
+    _DELETER.add(swapped_out)
+    # renames only: the files are deleted by rank 0's deletion thread, so the broadcast
+    # that ends the save does not hold every rank while rank 0 unlinks a thousand files
+    prune(root, keep_last, wait=False)
 
 
 # what gloo's and NCCL's transport errors say when a peer is gone (torch raises them as a
@@ -847,17 +857,17 @@ def prune(root: Path, keep_last: int, wait: bool = True) -> None:
                 and (p / TRAINER_STATE).is_file()]
     keep = set(complete[-keep_last:]) | ({latest} if latest else set())
     # the best evaluated checkpoint of the lineage, and one pending (runtime/best.py)
+    run = root.resolve()
     try:
-        best_tags = _best_tags(root)
-        _LAST_BEST_TAGS[root.resolve()] = best_tags
+        best_tags = _LAST_BEST_TAGS[run] = _best_tags(root)
     except OSError as err:
         # unknown now: what the pointers named at this run's last prune (only a save
         # changes them, and this process made every save since); at the first prune of
         # this process, every complete checkpoint (a pointer that stays unreadable from
         # then on fills the disk, said at each save)
-        best_tags = _LAST_BEST_TAGS.get(root.resolve(), set(complete))
+        best_tags = _LAST_BEST_TAGS.get(run, set(complete))
         log.warning("the best checkpoint's pointer cannot be read (%s): keeping %s", err,
-                    "what it named at the last save" if root.resolve() in _LAST_BEST_TAGS
+                    "what it named at the last save" if run in _LAST_BEST_TAGS
                     else "every complete checkpoint after this save")
     keep |= best_tags & set(complete)
     doomed = []
