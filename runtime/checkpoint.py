@@ -90,6 +90,7 @@ from runtime.dist import (
     DistInfo,
     MainRankLostError,
     all_gather_objects,
+    any_rank,
     barrier,
     broadcast_object,
     group_timeout,
@@ -343,15 +344,27 @@ def save_checkpoint(engine, root: Path, step: int, local_state: dict[str, Any],
     ``side_files``: name -> object that rank 0 writes into the checkpoint with
     :func:`save_torch_file` (an EMA's weights). Returns the checkpoint's directory.
     """
-    tag = tag_for(step)
-    # every rank must write into the same folder: rank 0's token names it; none when
-    # another job took the run directory over from this one (runtime/run_lock.py): then
-    # no rank writes anything
+    # every rank must write into the same folder: rank 0's step and token name it; none
+    # when another job took the run directory over from this one (runtime/run_lock.py):
+    # then no rank writes anything
     lost = lost_message(root.parent) if info.is_main else None
-    token = broadcast_object(None if lost else secrets.token_hex(4))
-    if token is None:
+    named = broadcast_object(None if lost else (step, secrets.token_hex(4)))
+    if named is None:
         raise RunLockError(lost or f"rank 0 refused to save into {root}: another job "
                            "took its run directory over")
+    main_step, token = named
+    # Ranks at different steps hold states that belong to no one checkpoint (a bug, or
+    # ranks that resumed different checkpoints): every rank refuses, before any write.
+    # DeepSpeed's own tag check (checkpoint.tag_validation) is an ``assert``, gone under
+    # ``python -O``, and a traceback; one all-reduce of a flag a save.
+    if any_rank(step != main_step, engine.device):
+        mine = f"; this rank is at step {step}" if step != main_step else ""
+        raise CheckpointSaveError(
+            f"not saved: the ranks are at different steps (rank 0 at step {main_step}"
+            f"{mine}), so their states belong to no one checkpoint; latest still names "
+            f"{read_latest(root) or 'nothing'}. This is a bug: please report it with the "
+            "run's log")
+    tag = tag_for(step)
     staging = f"{tag}{STAGING}{token}"
     client_state = dict(client_state or {})
     names = master_names(engine)

@@ -27,6 +27,7 @@ from tests.pretrain_utils import run_forked
 
 class Engine:
     """DeepSpeed's layout of one rank's files (what runtime.checkpoint saves through)."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def zero_optimization(self) -> bool:
         return False

@@ -31,6 +31,7 @@ class Killed(BaseException):
 class FakeEngine:
     """Writes DeepSpeed's per-rank shard files holding ``label``; dies before writing
     rank ``die_at_rank``'s shard when given."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def __init__(self, label: str, die_at_rank: int | None = None):
         self.label, self.die_at_rank = label, die_at_rank

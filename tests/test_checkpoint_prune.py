@@ -26,6 +26,7 @@ SHARDS = 4  # DeepSpeed files per checkpoint (one per rank at 512 ranks: ~1,024)
 
 class Engine:
     """Writes DeepSpeed-style shard files holding ``label`` (``ranks``: whose shards)."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def __init__(self, label: str = "x", ranks: range = range(SHARDS)):
         self.label, self.ranks = label, ranks

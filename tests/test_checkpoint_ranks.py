@@ -24,6 +24,7 @@ WORLD = 2
 
 class SlowEngine:
     """Writes this rank's DeepSpeed-style shard file, rank 1 late (after rank 0 is done)."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -152,3 +153,49 @@ def test_each_rank_writes_its_own_state_file_and_none_waits_for_rank_0s_deletion
         assert json.loads((out / f"rank{r}.json").read_text()) == {
             "received": [], "all_gather_object": 0, "gather_object": 0,
             "broadcast_object_list": 4}
+
+
+def _save_at_own_step(rank: int, port: int, root: str, out: str) -> None:
+    """Rank 1 saves one step ahead of rank 0 (ranks that resumed different checkpoints)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    import runtime.checkpoint as ck
+    from runtime.dist import DistInfo
+
+    step = 4 + rank
+    try:
+        ck.save_checkpoint(SlowEngine(rank), Path(root), step, {}, {"step": step},
+                           DistInfo(rank=rank, world_size=WORLD), keep_last=1)
+        outcome = "saved"
+    except ck.CheckpointSaveError as err:
+        outcome = str(err)
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_ranks_at_different_steps_save_nothing_and_every_rank_says_why(tmp_path):
+    """DeepSpeed checks the tag of a save over the ranks (``checkpoint.tag_validation``)
+    with an ``assert`` (deepspeed/runtime/engine.py, ``_checkpoint_tag_validation``):
+    gone under ``python -O``, where each rank wrote into its own folder and rank 0
+    published a checkpoint holding its files alone. Every rank refuses, before any write,
+    and ``latest`` still names the checkpoint before."""
+    root, out = tmp_path / "checkpoints", tmp_path / "out"
+    (root / "step_0000002").mkdir(parents=True)
+    (root / "latest").write_text("step_0000002")
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_save_at_own_step, args=(r, port, str(root), str(out)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    said = [(out / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert all("the ranks are at different steps (rank 0 at step 4" in s for s in said), said
+    assert "this rank is at step 5" in said[1] and "this rank is at" not in said[0]
+    assert all("latest still names step_0000002" in s for s in said), said
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+    assert (root / "latest").read_text() == "step_0000002"

@@ -160,6 +160,7 @@ def test_silent_lock_of_another_machine_is_taken_over_after_stale_s(tmp_path, ca
 
 class _NoSave:
     """An engine a refused save must never reach."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def save_checkpoint(self, *args, **kwargs):
         raise AssertionError("saved although the run directory was taken over")
@@ -186,6 +187,7 @@ def test_a_holder_that_lost_its_lock_saves_nothing(tmp_path, caplog):
 class _TakenOverWhileWriting:
     """An engine whose writes last until another job has taken the run directory over (a
     stall of this job past the lock's stale bound, during a long save)."""
+    device = "cpu"  # where a rank's collectives put their tensors (DeepSpeedEngine.device)
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
