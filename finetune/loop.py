@@ -85,6 +85,8 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     if done is not None:  # nothing to train: the run's own config.yaml stays
         discard_config(out_dir)
         return done
+    # may refuse (a pointer rank 0 cannot read): before the config and the metrics
+    best = run.bests({BEST: best_metric} if best_metric else {}, run.start_step, d.is_main)
     publish_config(out_dir)
     engine, _ = start_engine(net, optimizer, DeepSpeedSpec(
         micro_batch=batch_size, zero_stage=zero_stage, grad_accum=grad_accum,
@@ -142,5 +144,4 @@ def run_loop(*, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, sch
     run.restore_rng(d)  # last: nothing between here and the first batch draws
     return run_training_loop(spec, hooks, start, optimizer=optimizer, scheduler=scheduler,
                              metrics=metrics, d=d,
-                             best=run.bests({BEST: best_metric} if best_metric else {},
-                                            start.step, d.is_main))
+                             best=best)

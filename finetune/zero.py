@@ -278,6 +278,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     init = agreed_init(cfg.init)  # rank 0's: each rank's start dropped it alone
     if init:  # may refuse (another variant, other shapes): nothing published yet
         load_init(model, init, variant=cfg.model.name, arch=cfg.model.arch())
+    # may refuse (a pointer rank 0 cannot read): before the config and the metrics
+    best = run.bests(best_pointers(cfg), run.start_step, d.is_main)
     publish_config(out_dir)
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
@@ -354,5 +356,5 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         # a map-style set's replaced samples go on from the checkpoint's count (one saved
         # before it was kept: from 0)
         skipped_before=run.state.get("skipped") if run.state is not None else None,
-        best=run.bests(best_pointers(cfg), step, d.is_main),
+        best=best,
         eval_owed=owes_evaluation(run.state))

@@ -117,3 +117,29 @@ def test_a_resume_refused_for_another_model_keeps_the_runs_config(cache, tmp_pat
     assert proc.returncode == 2 and "different model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_a_resume_refused_for_an_unreadable_best_pointer_keeps_the_runs_files(cache, tmp_path):
+    """The best checkpoint's pointer is read once the model is built (FinetuneRun.bests):
+    a pointer that cannot be read refuses the resume before the run's config.yaml is
+    replaced and its metrics are opened (before, the config of the refused start was
+    published and the metrics writer left open)."""
+    out = tmp_path / "run"
+
+    def finetune(*args: str) -> list[str]:
+        return [sys.executable, "-m", "launch.cli", "finetune", "classification",
+                "--output-dir", str(out), *CLS, f"data.cache_dir={cache}",
+                "run.keep_best=true", "run.eval_every=2", *args]
+
+    run_forked(finetune("run.max_steps=2"), cache)
+    pointer = out / "checkpoints" / "best.json"
+    assert json.loads(pointer.read_text())["step"] == 2
+    pointer.unlink()
+    pointer.mkdir()  # a read fails as an EIO would: IsADirectoryError, an OSError
+    before = _snapshot(out)
+    proc = run_forked(finetune("run.max_steps=4", "--resume", "auto"), cache, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "could not read the best checkpoint's pointer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(out) == before  # config.yaml still says max_steps 2
