@@ -11,9 +11,13 @@ second job refuse at its start, in one line naming the holder, before any comput
 Never blocking a requeue. A lock outlives a job killed without warning (SIGKILL, a node
 failure); a start takes it over, at once, when its holder is provably gone:
 
-- the holder is this SLURM job (a requeue keeps ``SLURM_JOB_ID``; SLURM runs a job once
-  at a time. Two runs started by hand into one directory from job steps of one
-  allocation, ``salloc`` or an interactive shell, share the id: not told apart);
+- the holder is an earlier attempt of this SLURM job: a requeue keeps ``SLURM_JOB_ID``
+  and counts up ``SLURM_RESTART_COUNT`` (a time-limit or preemption requeue, a node
+  failure, ``scontrol requeue``), and SLURM starts an attempt only once the last one has
+  ended (COMPLETING until every step's tasks are gone). Two runs started by hand into one
+  directory from steps of one allocation (``salloc``, an interactive shell) share the job
+  id and the count: judged as any other holder below. A lock of a version that recorded
+  no count is taken for an earlier attempt, as that version did;
 - the holder ran on this machine (same host name, boot id and PID namespace) and its
   process is gone: no process with its PID, or one started at another time (a reused
   PID);
@@ -122,9 +126,14 @@ class Holder:
     started: str
     beat: int = 0
     boot_id: str = ""  # this boot of this machine: two hosts may share a name
+    # the SLURM job's restarts before this attempt (None: recorded by an earlier version)
+    slurm_restart: int | None = None
 
     def describe(self) -> str:
-        job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
+        job = ""
+        if self.slurm_job:
+            job = f", SLURM job {self.slurm_job}" + (
+                f" (restart {self.slurm_restart})" if self.slurm_restart else "")
         return f"process {self.pid} on {self.host}{job}, started {self.started}"
 
 
@@ -139,10 +148,13 @@ def _boot_id() -> str:
 
 def _this_holder() -> Holder:
     pid = os.getpid()
+    job = os.environ.get("SLURM_JOB_ID")
+    # SLURM sets the count from the first restart on (absent: the first attempt)
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None
     return Holder(token=secrets.token_hex(8), host=socket.gethostname(), pid=pid,
                   pid_namespace=_pid_namespace(), process_start=_process_start(pid) or "",
-                  slurm_job=os.environ.get("SLURM_JOB_ID"),
-                  started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), boot_id=_boot_id())
+                  slurm_job=job, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  boot_id=_boot_id(), slurm_restart=restart)
 
 
 _UNKNOWN = dict(host="?", pid=-1, pid_namespace="", process_start="", slurm_job=None,
@@ -261,8 +273,12 @@ class RunLock:
     def _gone(self, holder: Holder) -> str | None:
         """Why ``holder`` is provably not training any more; '' when it provably is (a
         live process on this machine); None when that cannot be told from here."""
-        if holder.slurm_job and holder.slurm_job == self.me.slurm_job:
-            return f"this SLURM job ({holder.slurm_job}), requeued"
+        if (holder.slurm_job and holder.slurm_job == self.me.slurm_job
+                and holder.slurm_restart != self.me.slurm_restart):
+            before = ("" if holder.slurm_restart is None
+                      else f" from restart {holder.slurm_restart}")
+            return (f"this SLURM job ({holder.slurm_job}), requeued{before} to restart "
+                    f"{self.me.slurm_restart}")
         if (holder.host, holder.pid_namespace, holder.boot_id) != (
                 self.me.host, self.me.pid_namespace, self.me.boot_id):
             return None

@@ -7,6 +7,7 @@ beating) or lock files written as another machine's holder would write them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,11 +53,14 @@ def _holder_process(run_dir: Path, env: dict[str, str] | None = None) -> subproc
     return proc
 
 
-def _other_machine(run_dir: Path, beat: int = 0, slurm_job: str | None = None) -> dict:
-    """A lock file as a holder on another machine writes it."""
+def _other_machine(run_dir: Path, beat: int = 0, slurm_job: str | None = None,
+                   **fields) -> dict:
+    """A lock file as a holder on another machine writes it (``fields``: more of its
+    fields, e.g. ``slurm_restart``; without: as a version that recorded no count)."""
     holder = {"token": "0123456789abcdef", "host": "node-elsewhere-17", "pid": 4242,
               "pid_namespace": "pid:[4026531836]", "process_start": "123456",
-              "slurm_job": slurm_job, "started": "2026-12-01T10:00:00+0000", "beat": beat}
+              "slurm_job": slurm_job, "started": "2026-12-01T10:00:00+0000", "beat": beat,
+              **fields}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK_NAME).write_text(json.dumps(holder) + "\n")
     return holder
@@ -110,37 +114,66 @@ def test_reused_pid_is_not_the_holder(tmp_path, caplog):
         other.wait()
 
 
-def test_requeued_slurm_job_takes_its_own_lock_over(tmp_path, monkeypatch, caplog):
-    """A requeue keeps SLURM_JOB_ID and may start on another node: the lock the job's
-    first run left is taken over without waiting for a heartbeat."""
-    _other_machine(tmp_path, slurm_job="918273")
+@pytest.mark.parametrize("recorded", [{"slurm_restart": 0}, {}])
+def test_requeued_slurm_job_takes_its_own_lock_over(tmp_path, monkeypatch, caplog, recorded):
+    """A requeue keeps SLURM_JOB_ID, counts SLURM_RESTART_COUNT up (sbatch(1), OUTPUT
+    ENVIRONMENT VARIABLES: set once the job is restarted or requeued) and may start on
+    another node: the lock the job's first attempt left is taken over without waiting for
+    a heartbeat; so is one of a version that recorded no count ({})."""
+    _other_machine(tmp_path, slurm_job="918273", **recorded)
     monkeypatch.setenv("SLURM_JOB_ID", "918273")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="runtime.run_lock"):
         run_lock.acquire(tmp_path, stale_s=60)
     assert time.monotonic() - start < 5
-    assert "this SLURM job (918273), requeued" in caplog.text
+    since = " from restart 0" if recorded else ""
+    assert f"this SLURM job (918273), requeued{since} to restart 1" in caplog.text
+    mine = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert (mine["slurm_job"], mine["slurm_restart"]) == ("918273", 1)
 
 
-def test_other_machine_with_a_beating_lock_is_refused(tmp_path):
-    holder = _other_machine(tmp_path)
+def test_a_live_run_of_the_same_slurm_attempt_is_not_taken_over(tmp_path, monkeypatch):
+    """Two runs started by hand into one directory from steps of one allocation (salloc:
+    one SLURM_JOB_ID, no restart between them) are two live jobs: the second watches the
+    first's heartbeat and is refused (before, it took the run over at once, and both
+    saved into it)."""
+    holder = _other_machine(tmp_path, slurm_job="918273", slurm_restart=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "918273")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)  # the first attempt
+    refused = pytest.raises(RunLockError, match="in use by process 4242 on "
+                            "node-elsewhere-17, SLURM job 918273")
+    with _beating(tmp_path, holder), refused:
+        run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=30)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == holder["token"]
+
+
+@contextlib.contextmanager
+def _beating(run_dir: Path, holder: dict):
+    """``holder``'s heartbeat, as its thread on another machine writes the lock."""
     stop = threading.Event()
 
-    def beat():  # the remote holder's heartbeat, as its thread writes it
+    def beat():
         while not stop.wait(0.05):
             holder["beat"] += 1
-            tmp = tmp_path / "beat.tmp"
+            tmp = run_dir / "beat.tmp"
             tmp.write_text(json.dumps(holder))
-            os.replace(tmp, tmp_path / LOCK_NAME)
+            os.replace(tmp, run_dir / LOCK_NAME)
 
     thread = threading.Thread(target=beat)
     thread.start()
     try:
-        with pytest.raises(RunLockError, match="in use by process 4242 on node-elsewhere-17"):
-            run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=30)
+        yield
     finally:
         stop.set()
         thread.join()
+
+
+def test_other_machine_with_a_beating_lock_is_refused(tmp_path):
+    holder = _other_machine(tmp_path)
+    refused = pytest.raises(RunLockError, match="in use by process 4242 on node-elsewhere-17")
+    with _beating(tmp_path, holder), refused:
+        run_lock.acquire(tmp_path, heartbeat_s=0.3, stale_s=30)
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == holder["token"]
 
 

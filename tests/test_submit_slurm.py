@@ -342,6 +342,12 @@ def test_a_killed_task_is_requeued_by_the_exit_trap_and_ends_as_the_undisturbed_
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert latest(run_dir) == "step_0000010"
+    # rank 0, killed by srun, left its lock: the requeued attempt took it over at once as
+    # its own job's earlier attempt, told by SLURM_RESTART_COUNT (set by SLURM in the
+    # requeued batch script and passed on to its srun tasks: seen here, Slurm 22.05)
+    rank0 = (logs / f"{job_id}_0_log.err").read_text(errors="replace")
+    assert (f"this SLURM job ({job_id}), requeued from restart 0 to restart 1"
+            in rank0), [line for line in rank0.splitlines() if "lock" in line]
 
 
 def test_wait_on_a_job_slurm_no_longer_knows_is_bounded_and_reads_the_results(cluster,
