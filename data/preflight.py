@@ -104,6 +104,7 @@ from data.shard_schedule import COOLDOWN_CAP_S, REFUSAL_CAUSES, StorageAccessErr
 from data.sources import ShardListError, expand_urls, list_label, url_items
 from data.storage import (
     RetryingReader,
+    StorageSetupError,
     StoreRefusedError,
     endpoint,
     is_missing,
@@ -112,6 +113,8 @@ from data.storage import (
     refusal_code,
     refused_code,
     s3_filesystem,
+    setup_failure,
+    setup_fault,
 )
 from data.tar_stream import BLOCK, open_tar_stream, read_exact
 from runtime.redact import redact_url
@@ -332,6 +335,11 @@ class _Probe:
             except Exception as err:  # noqa: BLE001 - every failure is sorted here
                 if is_missing(err):
                     return err, b""
+                if isinstance(err, StorageSetupError) or setup_fault(err):
+                    # no wait mends it, a resumed run's neither (it waited for ever)
+                    failure = err if isinstance(err, StorageSetupError) else setup_failure(
+                        url, err)
+                    raise StorageSetupError(f"data source {self.name!r}: {failure}") from None
                 if not self.resumed:
                     raise StorageAccessError(
                         f"data source {self.name!r}: cannot read from the object store at "
@@ -369,7 +377,7 @@ class _Probe:
                 if code is not None:
                     raise StoreRefusedError(f"{code}: {redact_url(str(err))[:200]} (object "
                                             f"{redact_url(url)})") from err
-                if is_missing(err) or failures >= self.s3.retries:
+                if is_missing(err) or setup_fault(err) or failures >= self.s3.retries:
                     raise
             self.sleep(min(self.s3.backoff * 2**failures, self.s3.max_backoff))
             failures += 1

@@ -67,7 +67,7 @@ from typing import Any
 
 from data.config import S3Config
 from data.stats import SkipCounter
-from data.storage import refused_code
+from data.storage import StorageAccessError, refused_code
 from data.tar_stream import ShardCursor
 from runtime.redact import redact_url
 
@@ -97,12 +97,6 @@ REFUSAL_CAUSES = {
 }
 """Per refusal code: (what it means, what to do) for :class:`StorageAccessError`'s message;
 ``"*"``: every other code."""
-
-
-class StorageAccessError(RuntimeError):
-    """The object store kept refusing a stream's reads for ``s3.auth_grace_s`` with no read
-    succeeding: its credentials are rejected. Raised in the data worker, it ends the run (a
-    DataLoader re-raises a worker's exception in the trainer with its type and message)."""
 
 
 @dataclass

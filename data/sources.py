@@ -17,7 +17,13 @@ from webdataset.tariterators import base_plus_ext
 from data.config import S3Config
 from data.shard_schedule import SHARD_ATTEMPTS
 from data.stats import SkipCounter
-from data.storage import RetryingReader, ShardChangedError, is_missing, read_small
+from data.storage import (
+    RetryingReader,
+    ShardChangedError,
+    StorageSetupError,
+    is_missing,
+    read_small,
+)
 from data.tar_stream import ShardCursor, TarDamage, open_tar_stream, tar_members
 from runtime.redact import redact_url
 
@@ -226,6 +232,8 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
     try:
         reader = (opener(url, events, start) if opener is not None
                   else RetryingReader(url, s3, events, start=start))
+    except StorageSetupError:
+        raise  # not the shard's: ends the run
     except Exception as err:
         _opening_failed(url, source, counter if count_damage and part == 0 else None,
                         outcome, err)
@@ -294,6 +302,8 @@ def read_shard(url: str, source: str, s3: S3Config, counter: SkipCounter,
                           current is not None or cut_key is not None, part, parts)
     except ShardChangedError as err:
         changed = err
+    except StorageSetupError:
+        raise
     except Exception as err:
         outcome.update(status="failed", failed=True, error=_describe(err))
         # promise no resume: only a caller holding the outcome (its cursor) can resume

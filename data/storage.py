@@ -250,6 +250,49 @@ def refusal_code(url: str, err: BaseException) -> str | None:
     return None
 
 
+class StorageAccessError(RuntimeError):
+    """The object store kept refusing a stream's reads for ``s3.auth_grace_s`` with no read
+    succeeding: its credentials are rejected. Raised in the data worker, it ends the run (a
+    DataLoader re-raises a worker's exception in the trainer with its type and message)."""
+
+
+class StorageSetupError(StorageAccessError):
+    """A read failed in a way no wait mends (:func:`setup_fault`): ends the run at once,
+    where a storage outage is retried, and waited for by a resumed run (a requeued job
+    with a mistyped endpoint sat idle until its time limit, then did so again)."""
+
+
+# botocore's errors of the client's own configuration (botocore/exceptions.py), told by
+# name: botocore is imported only where s3:// is read
+_SETUP_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError",
+                 "InvalidRegionError", "ParamValidationError", "UnknownServiceError",
+                 "InvalidEndpointConfigurationError"}
+
+
+def setup_fault(err: BaseException) -> bool:
+    """True when ``err`` is this process's or its configuration's, not the network's or
+    the store's: a package missing on this node (s3fs is imported at the first open), code
+    that does not fit the installed libraries (TypeError, AttributeError), memory, a
+    botocore client configuration error (no credentials, an invalid region), or an
+    endpoint that does not parse (botocore/endpoint.py raises ``ValueError("Invalid
+    endpoint: ...")``). Retrying these only hides them."""
+    if isinstance(err, (ImportError, TypeError, AttributeError, NameError, MemoryError,
+                        RecursionError, AssertionError, NotImplementedError)):
+        return True
+    if any(cls.__name__ in _SETUP_ERRORS for cls in type(err).__mro__):
+        return True
+    return isinstance(err, ValueError) and str(err).startswith("Invalid endpoint")
+
+
+def setup_failure(url: str, err: BaseException) -> StorageSetupError:
+    """The :class:`StorageSetupError` of a read of ``url`` that failed with ``err``."""
+    return StorageSetupError(
+        f"reading {redact_url(url)} failed with {type(err).__name__}: "
+        f"{redact_url(str(err))[:300]}: not a storage outage but this node's set-up (an "
+        "installed package, data.s3.endpoint_url / AWS_ENDPOINT_URL, region or "
+        "credentials configuration, memory); retrying cannot mend it")
+
+
 class StoreRefusedError(PermissionError):
     """The object store refused a shard read through every in-place retry. Its text is
     ``<code>: <the store's message> (object <redacted url>)``: the read's outcome carries
@@ -359,6 +402,8 @@ class RetryingReader:
                 return op()
             except Exception as err:
                 self._drop()
+                if setup_fault(err):
+                    raise setup_failure(self.url, err) from err
                 if _expired(err):
                     raise ShardChangedError(f"{redact_url(self.url)} changed while being "
                                             f"read ({type(err).__name__})") from err

@@ -49,6 +49,8 @@ def parse_tags(sample: RawSample, tags_key: str | None) -> list[str] | None:
             value = data.decode("utf-8").split(",")
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedTags(str(err)) from None
+    except RecursionError:  # json's C scanner on brackets nested too deep
+        raise MalformedTags(f"{ext}: JSON nested too deep") from None
     if value is None:
         return None
     if isinstance(value, str):

@@ -254,6 +254,8 @@ def test_has_credential_tells_a_value_from_a_variable_that_names_one():
 
 @pytest.mark.parametrize("command, override", [
     ("pretrain", f"data.sources=[{{name: laion, urls: '{PRESIGNED}'}}]"),
+    # beside an entry that names no shard: that refusal quotes the URLs (it came first)
+    ("pretrain", f"data.sources=[{{name: laion, urls: ['{PRESIGNED}', '']}}]"),
     ("pretrain", "zero_shot.urls=['pipe:curl -u alice:hunter2 https://h/{0..3}.tar']"),
     ("finetune classification", "data.train_urls=['pipe:HF_TOKEN=sk_EXAMPLEtoken curl "
                                 "https://h/{0..3}.tar']"),

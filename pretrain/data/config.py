@@ -53,9 +53,10 @@ class SourceConfig:
         # an entry that names no shard (blank, or only '::' joins) would be dropped when
         # the URLs are expanded, or leave the source none after the run has started
         entries = [self.urls] if isinstance(self.urls, str) else list(self.urls)
+        # credentials first: the refusal below quotes the URLs
+        check_no_credentials(self.urls, f"{key}.urls")
         check(all(url_items(entry) for entry in entries), f"{key}.urls",
               f"every entry must name a shard pattern or list, got {self.urls!r}")
-        check_no_credentials(self.urls, f"{key}.urls")
         # the mix draws u x sum(weights) (data/stream.py): with an infinite weight that is
         # inf, and every draw falls on the last source, whatever the weights
         check_positive_finite(self.weight, f"{key}.weight")
