@@ -103,7 +103,7 @@ import numpy as np
 
 from data.epochs import deal as deal_units
 from data.epochs import extra_offsets, first_slot, parts_per_shard
-from data.state import PipelineState, check_seed, derive_seed, url_list_digest
+from data.state import PipelineState, check_seed, derive_seed, unit_key, url_list_digest
 from data.stats import DataStats
 from data.stream import SourceCursor
 
@@ -142,7 +142,7 @@ class Redeal:
 
 def _key(urls: list[str], unit_id: int, parts: int) -> str:
     shard, part = divmod(int(unit_id), parts)
-    return urls[shard] if parts == 1 else f"{urls[shard]}#{part}/{parts}"
+    return unit_key(urls, shard, part, parts)
 
 
 class _OldDeal:

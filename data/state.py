@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.redact import has_credential, redact_url
+
 STATE_VERSION = 2
 
 
@@ -33,11 +35,42 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def shard_name(url: str) -> str:
+    """How a saved state names shard ``url``: the URL itself, or, when it holds a
+    credential (a presigned URL's signature, a ``pipe:`` command's inline token, which a
+    ``.txt`` shard list may hold: the config refuses them), the URL redacted. A checkpoint
+    is copied, shared and archived, and a SigV4 signature lasts up to 7 days, an Azure SAS
+    token years."""
+    return redact_url(url) if has_credential(url) else url
+
+
+def unit_key(urls: list[str], shard: int, part: int = 0, parts: int = 1) -> str:
+    """The key of part ``part`` of ``parts`` of shard ``urls[shard]`` in cursors, logs and
+    the fault policy: its URL (``url#part/parts`` when split); a URL that holds a credential
+    by its redacted name and its index in the list (``name#@index``), which the list's
+    digest pins (:func:`url_list_digest`; :func:`key_url` reads it back)."""
+    url = urls[shard]
+    name = url if not has_credential(url) else f"{redact_url(url)}{INDEXED}{shard}"
+    return name if parts == 1 else f"{name}#{part}/{parts}"
+
+
+INDEXED = "#@"  # a key's name part ends with it and the shard's index: see unit_key
+
+
+def key_url(urls: list[str], name: str) -> str:
+    """The URL the name part of a unit key (before any ``#part/parts``) reads: the key's
+    own for a URL without a credential, else ``urls`` at the index it ends with."""
+    head, sep, index = name.rpartition(INDEXED)
+    return urls[int(index)] if sep and head and index.isdigit() else name
+
+
 def url_list_digest(urls: list[str]) -> list:
-    """``[count, hash]`` of a source's shard URLs in their order (16 hex digits of their
-    SHA-256): what a saved state keeps to tell that a resume deals the same shards. (44k
-    URLs: a few milliseconds, once per loader.)"""
-    return [len(urls), hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]]
+    """``[count, hash]`` of a source's shard names (:func:`shard_name`) in their order (16
+    hex digits of their SHA-256): what a saved state keeps to tell that a resume deals the
+    same shards. A list signed again with fresh credentials (presigned URLs expire in days,
+    a run lasts weeks) is the same list. (44k URLs: ~0.3 s, once per loader.)"""
+    names = "\n".join(shard_name(u) for u in urls)
+    return [len(urls), hashlib.sha256(names.encode()).hexdigest()[:16]]
 
 
 def dist_info() -> tuple[int, int]:

@@ -83,7 +83,7 @@ from data.config import S3Config
 from data.epochs import first_slot, parts_per_shard, slot_units, unit_of
 from data.shard_schedule import SetAside, ShardSchedule
 from data.sources import RawSample, count_lost, read_shard
-from data.state import derive_seed
+from data.state import derive_seed, key_url, unit_key
 from data.stats import MET_EVENTS, SkipCounter
 from data.storage import ShardPrefetcher
 from data.tar_stream import ShardCursor
@@ -261,10 +261,15 @@ class SourceStream:
 
     # -- units ---------------------------------------------------------------------------
     def key(self, unit_id: int) -> str:
-        """The name of a unit in cursors, logs and the fault policy."""
+        """The name of a unit in cursors, logs and the fault policy (:func:`unit_key`)."""
         unit = unit_of(unit_id, self.parts)
-        url = self.urls[unit.shard]
-        return url if unit.parts == 1 else f"{url}#{unit.part}/{unit.parts}"
+        return unit_key(self.urls, unit.shard, unit.part, unit.parts)
+
+    def locate(self, key: str) -> tuple[str, int, int]:
+        """(shard URL, part, parts) of a unit key: :meth:`split_key` with the URL of a
+        key that names it by index (:func:`data.state.key_url`)."""
+        name, part, parts = self.split_key(key)
+        return key_url(self.urls, name), part, parts
 
     def share(self) -> float:
         """This slot's share of the current epoch relative to an average slot (units held
@@ -324,7 +329,7 @@ class SourceStream:
         retried first), looking into the next epoch at the end of this one."""
         for key in self._upcoming_keys():
             if key not in self.schedule.dropped and key not in self.schedule.aside:
-                return self.split_key(key)[0]
+                return self.locate(key)[0]
         return None
 
     def _upcoming_keys(self) -> Iterator[str]:
@@ -372,7 +377,7 @@ class SourceStream:
                     "epoch %d waits for a retry and %d more are owed: this epoch's read is "
                     "skipped, its samples lost", self.name, redact_url(key), entry[0],
                     self._aside_epochs.get(key, c.epoch), len(owed))
-        url, part, parts = self.split_key(key)
+        url, part, parts = self.locate(key)
         count_lost(url, self.name, self.s3, self.counter, ShardCursor(*entry[2:6]).samples,
                    False, part, parts)
 
@@ -396,7 +401,7 @@ class SourceStream:
 
     def _give_up(self, key: str, cursor: ShardCursor, reason: str) -> None:
         self.counter.skip(self.name, reason)
-        url, part, parts = self.split_key(key)
+        url, part, parts = self.locate(key)
         count_lost(url, self.name, self.s3, self.counter, cursor.samples, False, part, parts)
 
     def reading_epoch(self) -> int:
@@ -471,7 +476,7 @@ class SourceStream:
             key, start.offset, start.samples, start.compressed, start.version)
         self._unit_start = self.cursor()  # once per unit
         self._unit_met = self.counter.met.copy()  # a few entries, once per unit
-        url, part, parts = self.split_key(key)
+        url, part, parts = self.locate(key)
         ahead = False
         for raw in read_shard(url, self.name, self.s3, self.counter, outcome, start,
                               count_damage=self._counts_losses(key),

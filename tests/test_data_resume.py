@@ -294,3 +294,61 @@ def test_a_shard_being_retried_at_the_save_is_re_dealt_once(tmp_path, monkeypatc
         after += [next(reader)["__key__"] for _ in range(sum(
             6 - (e[3] if len(e) > 2 else 0) for e in c.share))]
     assert sorted(before + after) == sorted(f"s{i}-{j:04d}" for i in range(3) for j in range(6))
+
+
+def test_a_saved_position_holds_no_credential_of_a_listed_url_and_resumes_a_re_signed_list(
+        tmp_path):
+    """A ``.txt`` shard list may hold presigned URLs or ``pipe:`` commands with a token
+    (the config refuses them inline and says to list them there). A loader's position
+    names shards: such a shard by its redacted name and its index in the list, never its
+    credential (before: the whole URL, in every rank file of every checkpoint). A list
+    signed again (new tokens: presigned URLs expire in days) is the same list: the resume
+    continues exactly, on the same ranks and re-dealt over another count; and so do the
+    split keys of a resampled list with fewer shards than slots (``#@index#part/parts``)."""
+    from pretrain.data import DataConfig, SourceConfig, build_loader
+
+    tars = [write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 4, size=8))
+            for i in range(3)]
+
+    def cfg(token: str, resampled: bool = False):
+        path = tmp_path / f"list-{token}.txt"
+        path.write_text("".join(f"pipe:AWS_SECRET_ACCESS_KEY={token} cat {t}\n" for t in tars))
+        return DataConfig(sources=[SourceConfig("laion", str(path), resampled=resampled)],
+                          image_size=8, batch_size=1, workers=0, shuffle_buffer=0,
+                          context_length=8, seed=1, s3=S3Config(prefetch_bytes=0))
+
+    def saved_state(loader) -> dict:
+        text = json.dumps(loader.state_dict())  # as a checkpoint's rank file holds it
+        assert "SECRET" not in text.replace("AWS_SECRET_ACCESS_KEY=***", ""), text[:600]
+        assert "AWS_SECRET_ACCESS_KEY=*** cat" in text and "#@" in text, text[:600]
+        return json.loads(text)
+
+    world = 3
+    saved, seen, rest = [], set(), []
+    for rank in range(world):
+        loader = build_loader(cfg("abc123SECRET"), rank, world)
+        seen |= set(_keys(loader, 2))
+        saved.append(saved_state(loader))
+        rest.append(_keys(loader, 100))  # what the uninterrupted loader reads to its end
+    everything = {f"s{i}-{k:04d}" for i in range(3) for k in range(4)}
+    assert len(seen) == 6 and seen | {k for r in rest for k in r} == everything
+    for rank in range(world):  # the same ranks, the list signed again
+        resumed = build_loader(cfg("xyz789SECRET"), rank, world, state=saved[rank])
+        assert _keys(resumed, 100) == rest[rank], rank
+    # re-dealt over 2 ranks: what the old ranks had not read, each sample once
+    read = []
+    for rank in range(2):
+        resumed = build_loader(cfg("xyz789SECRET"), rank, 2, state=saved)
+        read += _keys(resumed, 1)
+        saved_state(resumed)
+        read += _keys(resumed, 100)
+    assert sorted(read) == sorted(everything - seen)
+    # resampled over 4 slots: each shard read as 2 parts
+    for rank in range(4):
+        loader = build_loader(cfg("abc123SECRET", resampled=True), rank, 4)
+        _keys(loader, 1)
+        state = saved_state(loader)
+        assert "#@" in json.dumps(state["positions"]) and "/2" in json.dumps(state["positions"])
+        expected = _keys(loader, 5)
+        resumed = build_loader(cfg("xyz789SECRET", resampled=True), rank, 4, state=state)
+        assert _keys(resumed, 5) == expected, rank

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from data.sources import RawSample, pick_member
+from data.state import shard_name
 from data.stats import SkipCounter
 from data.tags import MalformedTags, parse_tags
 from pretrain.data.config import SourceConfig
@@ -249,5 +250,6 @@ def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransfor
     except Exception:
         counter.skip(source.name, "undecodable_image")
         return None
+    # the shard's name: a presigned URL's signature or a command's token left out
     return Sample(image, caption, sample_tags(raw, source, counter),
-                  f"{raw['__url__'].rsplit('/', 1)[-1]}/{raw['__key__']}")
+                  f"{shard_name(raw['__url__'].rsplit('/', 1)[-1])}/{raw['__key__']}")
