@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
 from data.state import PipelineState, derive_seed, url_list_digest
 from data.stats import DataStats, SkipCounter
+from data.storage import StorageAccessError
 from data.stream import MixedStream, SourceCursor, SourceStream
 from runtime.preemption import loader_worker_init
 
@@ -338,6 +339,32 @@ class ResumableLoader:
             log.info("a pass over the data sources (%s) ended, one-pass sources read to "
                      "their end: the next pass begins (data epoch %d)", names,
                      self._state.epoch)
+
+    def check_same_lists(self, gather: Callable[[Any], list]) -> None:
+        """Collective: refuse, on every rank alike (:class:`StorageAccessError`, naming the
+        source and the ranks that differ), unless every rank expanded the same shard lists
+        (their :func:`~data.state.url_list_digest`). ``gather``: every rank's object in rank
+        order (``runtime.dist.all_gather_objects``; a lone process: ``lambda x: [x]``).
+
+        Each rank expands its ``.txt`` lists itself: a list rewritten while the job's ranks
+        start, or nodes that see different copies of it (a node-local copy, a stale NFS
+        attribute cache), would deal the epochs differently on different ranks, some
+        shards read by two slots and others by none, silently, until a resume refused the
+        changed list. Cost: one all-gather of ~40 bytes a source per rank, once per start.
+        """
+        lists = gather(self._state.shard_lists)
+        for i, name in enumerate(self._state.sources):
+            main = lists[0][i]
+            other = [r for r, digests in enumerate(lists) if digests[i] != main]
+            if other:
+                r = other[0]
+                raise StorageAccessError(
+                    f"data source {name!r}: the ranks read different shard lists: rank 0 "
+                    f"lists {main[0]} shards ({main[1]}), rank {r} {lists[r][i][0]} "
+                    f"({lists[r][i][1]}); {len(other)} of {len(lists)} ranks differ from "
+                    "rank 0. A list rewritten while the job started, or nodes that see "
+                    "different copies of it: make every node see the same lists, then "
+                    "start again")
 
     def start_at(self, epoch: int) -> None:
         """Fresh positions at the start of data epoch ``epoch`` (a resume from a checkpoint

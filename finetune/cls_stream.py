@@ -51,6 +51,7 @@ from data.loader import LoaderOptions, ResumableLoader, StreamSource
 from data.sources import RawSample, expand_urls, pick_member
 from data.state import dist_info
 from data.stats import DataStats, SkipCounter
+from runtime.dist import all_gather_objects
 from runtime.redact import redact_url, redact_urls
 from runtime.rng import seeded_host_rngs
 
@@ -171,6 +172,7 @@ class StreamingShards:
         self.loader = ResumableLoader([StreamSource(SOURCE, shards)], opts,
                                       LabelledCodec(transform, label_key, num_classes),
                                       rank, world, train=True)
+        self.loader.check_same_lists(all_gather_objects)  # every rank built its list
         self._live: Iterator | None = None
 
     def __len__(self) -> int:

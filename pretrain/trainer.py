@@ -163,6 +163,7 @@ class Trainer:
                                + zero_shot_source(cfg.zero_shot, resumed), cfg.data.s3,
                                resumed=resumed, gather=all_gather_objects)
         self.loader = build_loader(cfg.data, self.info.rank, self.info.world_size, train=True)
+        self.loader.check_same_lists(all_gather_objects)
         if self.state is not None:
             self._agreed_rank_state()
         if self.info.is_main:  # checks passed: the config this run starts with is the run's

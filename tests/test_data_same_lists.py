@@ -1,0 +1,69 @@
+"""Every rank deals from the same shard lists, or none starts (data/loader.py
+``check_same_lists``).
+
+Each rank expands its ``.txt`` shard lists itself. A list rewritten while a job's ranks
+start (shards appended by an ingestion job), or nodes that see different copies of it,
+made ranks deal the epochs over different unit counts: some shards read by two slots and
+others by none, silently, until a resume refused the changed list. Two real gloo ranks
+here, rank 1's list holding one shard more: both refuse with the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from s3_server import good_samples, write_tar
+
+from tests.pretrain_utils import free_port
+
+pytestmark = [pytest.mark.distributed]
+
+
+def _start(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from data.config import S3Config
+    from pretrain.data import DataConfig, SourceConfig, build_loader
+    from runtime.dist import all_gather_objects
+
+    shards = sorted(Path(root).glob("s*.tar"))
+    listed = Path(root, f"seen-by-rank{rank}.txt")  # what this rank's node sees of the list
+    listed.write_text("".join(f"{s}\n" for s in shards[:3 + rank]))
+    cfg = DataConfig(sources=[SourceConfig("laion", str(listed))], image_size=8, batch_size=1,
+                     workers=0, shuffle_buffer=0, context_length=8, seed=1,
+                     s3=S3Config(prefetch_bytes=0))
+    loader = build_loader(cfg, rank, 2)
+    try:
+        loader.check_same_lists(all_gather_objects)
+        outcome = {"started": True}
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        outcome = {"type": type(err).__name__, "message": str(err)}
+    Path(root, f"rank{rank}.json").write_text(json.dumps(outcome))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_ranks_that_expanded_different_shard_lists_refuse_together(tmp_path):
+    for i in range(4):
+        write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_start, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0]["type"] == "StorageAccessError"
+    message = outcomes[0]["message"]
+    assert message.startswith("data source 'laion': the ranks read different shard lists: "
+                              "rank 0 lists 3 shards"), message
+    assert "rank 1 4 (" in message and "1 of 2 ranks differ" in message
+
