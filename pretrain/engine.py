@@ -301,6 +301,10 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
     Clamping commutes with rounding to 16 bits (both monotone; torch rounds the bounds to
     the tensor's dtype), so each copy ends as DeepSpeed would derive it from the clamped
     master at its next step.
+
+    Then, where the forward reads a 16-bit copy, the clamped master's value itself is
+    handed to it (``M3IModel.exact_logit_scale``): DeepSpeed's
+    ``safe_get_full_fp32_param``, one all-reduce of one element over the ranks a step.
     """
     param = engine.module.logit_scale
     low, high = 0.0, math.log(max_logit_scale)
@@ -314,3 +318,9 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
     elif getattr(param, "_hp_mapping", None) is not None:
         param._hp_mapping.get_hp_fragment().clamp_(low, high)
     param.data.clamp_(low, high)
+    if param.dtype != torch.float32:  # a 16-bit copy: the forward takes the master's value
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        exact = safe_get_full_fp32_param(param)  # collective under ZeRO
+        engine.module.exact_logit_scale = (None if exact is None
+                                           else exact.detach().float().reshape(1))

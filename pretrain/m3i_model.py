@@ -141,6 +141,9 @@ class M3IModel(nn.Module):
         self.tag_embed = nn.Parameter(torch.randn(max(num_tags, 1), embed_dim) / embed_dim**0.5)
         # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
+        # The fp32 master's value of logit_scale where the parameter is a 16-bit copy (set
+        # after each step by pretrain.engine.clamp_logit_scale; None: the parameter is it)
+        self.exact_logit_scale: torch.Tensor | None = None
         with gathered_for_init(self.image_proj.parameters()):  # a child: zero.Init-safe
             nn.init.normal_(self.image_proj.weight, std=self.visual.embed_dim**-0.5)
         # M3I's image branch (pretrain/m3i/): ``decoder`` = {width, depth, heads}; it
@@ -172,8 +175,18 @@ class M3IModel(nn.Module):
         once past it the temperature could never come back. The training loop clamps the
         parameter itself after every optimizer step (``pretrain.engine.clamp_logit_scale``),
         so every forward already sees a bounded value.
+
+        In fp32 from the fp32 master's value (``exact_logit_scale``) when the parameter is
+        a 16-bit copy: bf16 rounds ln 100 to 4.594 (a scale of 98.9 at the bound), and
+        above e^4 it moves the scale only in steps of ~3% where the master moves smoothly
+        (open_clip keeps the parameter in fp32). The gradient still flows into the
+        parameter, as d exp(v)/dv at the exact value.
         """
-        return self.logit_scale.exp()
+        value = self.logit_scale.float()
+        exact = self.exact_logit_scale
+        if exact is not None:
+            value = value + (exact.to(value.device) - value).detach()
+        return value.exp()
 
     def region_pooled(self, unpooled: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim) pooled embeddings of each map over its ``region`` (B, h, w) bool:

@@ -180,6 +180,7 @@ class Trainer:
                         else None)
         self.step = 0
         self.nonfinite_skipped = 0
+        self.overflow_skipped = 0  # updates DeepSpeed skipped for an fp16 overflow
         self._momentum = cfg.objective.image.momentum  # the last EMA update's (logged)
         if self.state is not None:
             self._restore()
@@ -359,6 +360,7 @@ class Trainer:
             self.teacher.load_state_dict(client_state[TEACHER_KEY])
         self.step = int(self.state["step"])
         self.nonfinite_skipped = int(self.state.get("nonfinite_skipped", 0))
+        self.overflow_skipped = int(self.state.get("overflow_skipped", 0))
         if self.info.is_main:
             log.info("resumed from %s at step %d", self.resume_dir, self.step)
         self._align_schedule()
@@ -398,6 +400,7 @@ class Trainer:
                   "config_hash": self.config_hash, "model_hash": self.model_hash,
                   "samples_seen": merged.get("samples", {}),
                   "nonfinite_skipped": self.nonfinite_skipped,
+                  "overflow_skipped": self.overflow_skipped,
                   **image_loss_state(self.cfg.objective.image),
                   "engine": self._engine_layout()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
@@ -476,6 +479,9 @@ class Trainer:
         epoch plan, so a resume with another global batch does not jump; run_progress)."""
         self.step = step
         self.samples += self.batch
+        if not self.engine.was_step_applied():
+            self._overflowed(step)
+            return
         clamp_logit_scale(self.engine, self.cfg.objective.max_logit_scale)
         if self.teacher is None:
             return
@@ -485,6 +491,20 @@ class Trainer:
         done, total = run_progress(self.cfg, step, self.samples, self.batch, self.total_steps)
         self._momentum = momentum_at(done, total, image.momentum, image.momentum_final)
         self.teacher.update(self._momentum)
+
+    def _overflowed(self, step: int) -> None:
+        """DeepSpeed skipped the update of step ``step`` itself: fp16's dynamic loss scale
+        overflowed (deepspeed/runtime/engine.py ``_take_model_step``: no optimizer step,
+        ``skipped_steps`` counted, the lr scheduler not stepped). The step counts as taken
+        (the data and the plan moved on): the lr schedule is stepped here, as for a
+        skipped step, so the lr of step k stays schedule(k); the weights did not change,
+        so the EMA teacher takes no step towards them and the temperature needs no clamp.
+        Counted as ``overflow_skipped`` (expected while the loss scale settles)."""
+        self.overflow_skipped += 1
+        if self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()
+        log.info("step %d: fp16 loss scale overflow, update skipped by DeepSpeed (%d so far)",
+                 step, self.overflow_skipped)
 
     def _skipped(self, step: int) -> None:
         """Count a step skipped for a non-finite loss and keep the lr schedule on the step
@@ -540,6 +560,7 @@ class Trainer:
             "images_per_s_per_device": images / elapsed,
             "data_wait": w.data_wait / elapsed,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "overflow_skipped": self.overflow_skipped,
         } | self._data_stats()
         if self.teacher is not None:  # the EMA momentum of the last update (BYOL's cosine)
             values["ema_momentum"] = self._momentum
