@@ -404,7 +404,11 @@ class Trainer:
                   **image_loss_state(self.cfg.objective.image),
                   "engine": self._engine_layout()}
         local = {"rng": rng_state(), "data": self.loader.state_dict()}
-        client = {TEACHER_KEY: self.teacher.state_dict()} if self.teacher is not None else None
+        # under ZeRO 0-2 DeepSpeed writes client state on rank 0 alone (its model states
+        # file, read back by every rank): the others' copy of the whole teacher (4.3 GB
+        # for H, to host memory at every save) would be thrown away
+        client = ({TEACHER_KEY: self.teacher.state_dict()} if self.teacher is not None and (
+            self.teacher.partitioned or self.info.is_main) else None)
         return save_checkpoint(self.engine, self.ckpt_root, self.step, local, shared, self.info,
                                self.cfg.run.keep_last, client_state=client)
 

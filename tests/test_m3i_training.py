@@ -85,3 +85,25 @@ def test_kill_then_resume_gives_identical_losses(reference_run, tmp_path, cache)
     rows = {r["step"]: r for r in _rows(out)}
     for step, row in zip(range(1, 7), _rows(reference_run)):
         assert rows[step]["loss_image"] == pytest.approx(row["loss_image"], rel=1e-6), step
+
+
+def test_a_zero2_run_resumes_its_teacher_from_rank_0s_copy(tmp_path, cache):
+    """Under ZeRO 0-2 DeepSpeed writes client state with the model states on rank 0 alone
+    (deepspeed/runtime/engine.py ``_configure_checkpointing``: every rank reads that one
+    file back), so only rank 0 copies the whole teacher into it (the others' 4.3 GB host
+    copy of H's teacher was thrown away at every save): a killed ZeRO-2 run still resumes
+    to the losses of one never stopped."""
+    zero2 = [*IMAGE_BRANCH, "engine.zero_stage=2"]
+    reference = tmp_path / "reference"
+    codes = run_cli(["pretrain", "--output-dir", str(reference), *TINY, *zero2], world=2,
+                    env={"INTERNIMAGE_CACHE": str(cache)}, timeout=240)
+    assert codes == [0, 0], codes
+    out = tmp_path / "killed"
+    kill_forked_once_saved(pretrain_cmd(2, out, *zero2), cache, out, "step_0000002")
+    codes = run_cli(["pretrain", "--output-dir", str(out), *TINY, *zero2, "--resume", "auto"],
+                    world=2, env={"INTERNIMAGE_CACHE": str(cache)}, timeout=240)
+    assert codes == [0, 0], codes
+    resumed, expected = losses(out), losses(reference)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
