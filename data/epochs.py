@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.state import derive_seed
+from data.state import derive_seed, seeded_permutation
 
 
 class Unit(NamedTuple):
@@ -63,8 +63,7 @@ def epoch_permutation(units: int, seed: int, source: str, epoch: int,
     not ``shuffle``); the same in every process, a function of its arguments only."""
     if not shuffle:
         return np.arange(units, dtype=np.int64)
-    rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "epoch", source, epoch)))
-    return rng.permutation(units).astype(np.int64)
+    return seeded_permutation(derive_seed(seed, "epoch", source, epoch), units).astype(np.int64)
 
 
 def first_slot(nslots: int, epoch: int, offset: int, stride: int) -> int:

@@ -414,7 +414,8 @@ class ResumableLoader:
         if not changed or self.opts.on_shard_list_change != "restart":
             return False
         if self.rank == 0:
-            log.warning("data: the sources or shard lists changed since the checkpoint "
+            log.warning("data: the sources or shard lists (or numpy's permutations) changed "
+                        "since the checkpoint "
                         "(%s); data.on_shard_list_change=restart: the data pipeline starts "
                         "afresh over this run's sources and lists (samples of the current "
                         "epoch read again)", ", ".join(changed))

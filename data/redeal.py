@@ -103,7 +103,14 @@ import numpy as np
 
 from data.epochs import deal as deal_units
 from data.epochs import extra_offsets, first_slot, parts_per_shard
-from data.state import PipelineState, check_seed, derive_seed, unit_key, url_list_digest
+from data.state import (
+    PipelineState,
+    check_permutations,
+    check_seed,
+    derive_seed,
+    unit_key,
+    url_list_digest,
+)
 from data.stats import DataStats
 from data.stream import SourceCursor
 
@@ -327,6 +334,7 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     lists = [url_list_digest(sp.urls) for sp in specs]
     for st in states:
         check_seed(st.seed, seed)
+        check_permutations(st.permutations)
         if st.sources != names:
             raise ValueError(f"data state: saved sources={st.sources} but this run has "
                              f"sources={names}; the sample streams differ")

@@ -18,10 +18,13 @@ position is one cursor per saved source), naming it; the loader's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from runtime.redact import has_credential, redact_url
 
@@ -83,6 +86,39 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def seeded_permutation(seed: int, n: int) -> np.ndarray:
+    """A permutation of ``range(n)`` drawn from ``seed`` (numpy's PCG64 and
+    ``Generator.permutation``): every shard order and shuffle block of the pipeline.
+
+    numpy keeps the PCG64 bit stream stable, not the algorithms of ``Generator``'s
+    methods (NEP 19, "Random number generator policy": they may change between releases).
+    A requeue on a node image with another numpy could then deal other permutations
+    under the same saved position, repeating and skipping samples without a word: a saved
+    state records :func:`permutation_fingerprint`, and a resume refuses another one."""
+    return np.random.Generator(np.random.PCG64(seed)).permutation(n)
+
+
+@functools.cache
+def permutation_fingerprint() -> list[str]:
+    """``[numpy version, hash]``: 16 hex digits of a fixed permutation of 1,009 elements
+    by :func:`seeded_permutation`, what this numpy deals (computed once per process)."""
+    order = seeded_permutation(derive_seed("fingerprint"), 1009).astype(np.int64)
+    return [np.__version__, hashlib.sha256(order.tobytes()).hexdigest()[:16]]
+
+
+def check_permutations(saved: list[str] | None) -> None:
+    """Raise ValueError (one line) when a state's :func:`permutation_fingerprint` is not
+    this process's (None: saved before it was recorded, unchecked)."""
+    mine = permutation_fingerprint()
+    if saved is not None and saved[1] != mine[1]:
+        raise ValueError(
+            f"data state: numpy {mine[0]} permutes the shards differently from numpy "
+            f"{saved[0]}, which saved the checkpoint, so the saved data position would go on "
+            f"in other shard orders (samples repeated and skipped): resume with numpy "
+            f"{saved[0]}, or set data.on_shard_list_change=restart to start the data "
+            "pipeline afresh")
+
+
 def check_seed(saved: int, mine: int) -> None:
     """Raise ValueError (one line, for the command line) when the checkpoint's data seed is
     not this run's: every shard order and shuffle is drawn from it, so a saved position
@@ -117,6 +153,7 @@ class PipelineState:
     positions: dict[int, dict[str, Any]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     shard_lists: list[list] | None = None
+    permutations: list[str] | None = field(default_factory=permutation_fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (worker ids as strings, as JSON keys must be)."""
@@ -125,7 +162,8 @@ class PipelineState:
                 "sources": list(self.sources), "epoch": self.epoch,
                 "next_worker": self.next_worker,
                 "positions": {str(k): v for k, v in sorted(self.positions.items())},
-                "stats": self.stats, "shard_lists": self.shard_lists}
+                "stats": self.stats, "shard_lists": self.shard_lists,
+                "permutations": self.permutations}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineState:
@@ -137,12 +175,14 @@ class PipelineState:
                    workers=d["workers"], sources=list(d["sources"]), epoch=d["epoch"],
                    next_worker=d["next_worker"],
                    positions={int(k): v for k, v in d["positions"].items()},
-                   stats=d.get("stats", {}), shard_lists=d.get("shard_lists"))
+                   stats=d.get("stats", {}), shard_lists=d.get("shard_lists"),
+                   permutations=d.get("permutations"))
 
     def check_compatible(self, other: PipelineState) -> None:
         """Raise ValueError naming what differs if ``other`` (the saved state) describes
         different streams than ``self`` (the new loader): exact resume is impossible then."""
         check_seed(other.seed, self.seed)
+        check_permutations(other.permutations)
         for name in ("rank", "world_size", "workers"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
@@ -188,8 +228,12 @@ class PipelineState:
         since ``other`` (the saved state) and those whose shard list differs from the saved
         one (lists compared by source name, and only when both states record them); this
         run's sources first, then the removed ones. Sources only listed in another order
-        are not changed (:meth:`check_sources` refuses the order)."""
+        are not changed (:meth:`check_sources` refuses the order). Under a numpy that
+        permutes differently (:func:`check_permutations`) every source is changed."""
         added, removed = self.source_changes(other)
+        if (other.permutations is not None and self.permutations is not None
+                and other.permutations[1] != self.permutations[1]):
+            return [*self.sources, *removed]
         if self.shard_lists is None or other.shard_lists is None:
             return added + removed
         saved = dict(zip(other.sources, other.shard_lists, strict=True))

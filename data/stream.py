@@ -83,7 +83,7 @@ from data.config import S3Config
 from data.epochs import first_slot, parts_per_shard, slot_units, unit_of
 from data.shard_schedule import SetAside, ShardSchedule
 from data.sources import RawSample, count_lost, read_shard
-from data.state import derive_seed, key_url, unit_key
+from data.state import derive_seed, key_url, seeded_permutation, unit_key
 from data.stats import MET_EVENTS, SkipCounter
 from data.storage import ShardPrefetcher
 from data.tar_stream import ShardCursor
@@ -814,6 +814,4 @@ class MixedStream:
     def _block_order(self, block: int, n: int, size: int) -> np.ndarray:
         if size == 1 or n <= 1:
             return np.arange(n)
-        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, "block", self.slot,
-                                                              block)))
-        return rng.permutation(n)
+        return seeded_permutation(derive_seed(self.seed, "block", self.slot, block), n)

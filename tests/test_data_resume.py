@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from s3_server import good_samples, write_tar
 
 import data.storage
@@ -352,3 +353,38 @@ def test_a_saved_position_holds_no_credential_of_a_listed_url_and_resumes_a_re_s
         expected = _keys(loader, 5)
         resumed = build_loader(cfg("xyz789SECRET", resampled=True), rank, 4, state=state)
         assert _keys(resumed, 5) == expected, rank
+
+
+def test_a_state_saved_under_a_numpy_that_permutes_differently_is_refused(tmp_path, caplog):
+    """numpy keeps PCG64's bit stream stable, not the algorithms of Generator's methods
+    (NEP 19): a requeue on a node image whose numpy permutes otherwise would go on in other
+    shard orders from the same saved position (samples repeated and skipped, silently). A
+    state records what its numpy deals; another one is refused on the same ranks and over
+    another count, or the pipeline restarts when asked; a state saved before the record
+    resumes unchecked."""
+    import pytest
+
+    from data.state import permutation_fingerprint
+    from pretrain.data import build_loader
+
+    urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 4, size=8)))
+            for i in range(4)]
+    saved = []
+    for rank in (0, 1):
+        loader = build_loader(_list_cfg(urls), rank, 2)
+        _keys(loader, 3)
+        saved.append(json.loads(json.dumps(loader.state_dict())))
+    assert saved[0]["permutations"] == permutation_fingerprint()
+    other = [dict(s, permutations=["1.0.0", "0123456789abcdef"]) for s in saved]
+    for state, world in ((other[0], 2), (other, 1)):
+        with pytest.raises(ValueError, match=rf"numpy {np.__version__} permutes the shards "
+                                             r"differently from numpy 1.0.0.*resume with "
+                                             r"numpy 1.0.0"):
+            build_loader(_list_cfg(urls), 0, world, state=state)
+    restarted = build_loader(_list_cfg(urls, on_shard_list_change="restart"), 0, 2,
+                             state=other[0])
+    assert _keys(restarted, 4) == _keys(build_loader(_list_cfg(urls), 0, 2), 4)
+    assert "numpy's permutations" in caplog.text
+    legacy = [{k: v for k, v in s.items() if k != "permutations"} for s in saved]
+    build_loader(_list_cfg(urls), 0, 2, state=legacy[0])
+    build_loader(_list_cfg(urls), 0, 1, state=legacy)
