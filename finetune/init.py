@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from finetune.convert import read_backbone, read_metadata
-from finetune.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from models import VARIANTS, CheckpointError, LoadReport, resolve_variant
+from models.layer_scale import fresh_gammas, is_gamma, layer_scale_hint
 from runtime.dist import broadcast_object, broadcast_tensors, decided_on_rank0
 
 log = logging.getLogger(__name__)

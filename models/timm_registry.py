@@ -14,6 +14,7 @@ from models.checkpoint import CheckpointError, state_for_model, unwrap_container
 from models.constants import IMAGENET_MEAN, IMAGENET_STD
 from models.features import InternImageTimm
 from models.intern_image import InternImage
+from models.layer_scale import gammas_lacking, layer_scale_hint
 from models.variants import PRETRAINED_NAMES, VARIANTS
 
 
@@ -30,7 +31,15 @@ def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
         raise CheckpointError(f"the pretrained weights do not hold a state_dict "
                               f"(got {type(state).__name__})")
     source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "the pretrained weights"
-    state, _ = state_for_model(state, model.state_dict().keys(), source)
+    own = model.state_dict().keys()
+    state, _ = state_for_model(state, own, source)
+    # timm loads non-strictly here, dropping unexpected keys with a warning: a T det/seg
+    # backbone's trained gammas would be lost, and every feature change
+    lacking = gammas_lacking(state, own)
+    if lacking:
+        raise CheckpointError(
+            f"{source}: {len(lacking)} tensors the model lacks ({', '.join(lacking[:2])}, ...); "
+            + layer_scale_hint(lacking, "layer_scale=1.0 in timm.create_model"))
     return state
 
 

@@ -97,10 +97,10 @@ def test_segmentor_of_the_t_ade20k_preset_takes_the_released_backbone(tmp_path):
 
 def test_without_layer_scale_the_refusal_can_name_the_key(tmp_path):
     """The T backbone without model.layer_scale refuses the released file; the gamma keys
-    it names are what :func:`finetune.layer_scale.layer_scale_hint` turns into advice."""
+    it names are what :func:`models.layer_scale.layer_scale_hint` turns into advice."""
     from finetune.backbone import build_trunk
-    from finetune.layer_scale import layer_scale_hint
     from models import CheckpointError
+    from models.layer_scale import layer_scale_hint
 
     path = tmp_path / "mask_rcnn_internimage_t_fpn_1x_coco.pth"
     _released_layout(path)
@@ -138,7 +138,7 @@ def _classifier_1k_without_gammas(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_fresh_gammas_are_the_missing_gammas_of_a_checkpoint_without_any():
-    from finetune.layer_scale import fresh_gammas
+    from models.layer_scale import fresh_gammas
 
     missing = ["levels.0.blocks.0.gamma1", "levels.0.blocks.0.gamma2", "patch_embed.conv1.weight"]
     assert fresh_gammas(missing, ["patch_embed.conv1.bias"]) == missing[:2]

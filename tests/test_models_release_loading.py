@@ -99,6 +99,37 @@ def test_released_det_seg_checkpoint_loads_into_the_timm_feature_extractor(tmp_p
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+def test_a_released_t_det_seg_file_keeps_its_layer_scale_through_timm(tmp_path):
+    """The released T det/seg backbones are built with layer_scale=1.0 (OpenGVLab/
+    InternImage detection/configs/coco/mask_rcnn_internimage_t_fpn_1x_coco.py,
+    segmentation/configs/ade20k/upernet_internimage_t_512_160k_ade20k.py: ``layer_scale=
+    1.0``), which InternImage-T lacks: their files hold trained gamma1/gamma2. timm's
+    non-strict load dropped them with a warning, and every stage's features changed; it is
+    refused naming the setting, and with it the features are the source's."""
+    torch.manual_seed(0)
+    src = build_model("internimage_t", num_classes=0, layer_scale=1.0, **TINY).eval()
+    with torch.no_grad():  # trained gammas: far from their built value 1.0
+        for name, p in src.named_parameters():
+            if name.endswith(("gamma1", "gamma2")):
+                p.uniform_(0.2, 2.0)
+    path, _ = _det_seg_file(tmp_path, src)
+    overlay = {"file": str(path)}
+    with pytest.raises(CheckpointError, match=r"gamma1.*set layer_scale=1.0 in "
+                                              r"timm.create_model"):
+        timm.create_model("internimage_t_1k_224", features_only=True, pretrained=True,
+                          pretrained_cfg_overlay=overlay, **TINY)
+    net = timm.create_model("internimage_t_1k_224", features_only=True, pretrained=True,
+                            pretrained_cfg_overlay=overlay, layer_scale=1.0, **TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for got, ref in zip(net(x), src.forward_features(x), strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # a feature extractor of the first stages only still loads (the later levels' gammas
+    # belong to blocks it does not have)
+    timm.create_model("internimage_t_1k_224", features_only=True, out_indices=(0, 1),
+                      pretrained=True, pretrained_cfg_overlay=overlay, layer_scale=1.0, **TINY)
+
+
 def test_a_file_of_another_model_is_refused_even_non_strict(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(4, 3, 7, 7),
