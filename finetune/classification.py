@@ -149,10 +149,27 @@ class ClsRunConfig(RunConfig):
 
 
 @dataclass
+class ClsModelConfig(BackboneConfig):
+    """The classifier: a backbone and how its head starts."""
+
+    # A head the --init does not provide (a new class count, a backbone-only file) starts
+    # at its built initialisation times this: the released TRAIN.RAND_INIT_FT_HEAD scales
+    # it by 0.001 (OpenGVLab/InternImage classification/utils.py load_pretrained), so
+    # the first steps, without warm-up in the H 224 recipe, send no random gradients into
+    # the trunk. 1.0: as built.
+    head_init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.head_init_scale <= 1, "model.head_init_scale",
+              f"must be in (0, 1], got {self.head_init_scale}")
+
+
+@dataclass
 class ClassificationConfig:
     """A classification fine-tuning run."""
 
-    model: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ClsModelConfig = field(default_factory=ClsModelConfig)
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     aug: ClsAugConfig = field(default_factory=ClsAugConfig)
     optim: ClsOptimConfig = field(default_factory=ClsOptimConfig)

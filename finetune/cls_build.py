@@ -25,12 +25,23 @@ if TYPE_CHECKING:
     from finetune.classification import ClassificationConfig, ClsOptimConfig
 
 
-def build_classifier(cfg: ClassificationConfig) -> nn.Module:
-    """InternImage with a ``data.num_classes`` head."""
+def build_classifier(cfg: ClassificationConfig, init: str | None = None) -> nn.Module:
+    """InternImage with a ``data.num_classes`` head, its weights loaded from ``init`` when
+    given (``finetune.init.load_init``; collective under a process group). A head the init
+    does not provide starts at its built weights times ``model.head_init_scale`` (the
+    released ``RAND_INIT_FT_HEAD``), before anything copies the model (the EMA)."""
+    from finetune.init import fresh_head, load_init
     from models import build_model
 
-    return build_model(cfg.model.name, num_classes=cfg.data.num_classes,
-                       **cfg.model.build_kwargs())
+    model = build_model(cfg.model.name, num_classes=cfg.data.num_classes,
+                        **cfg.model.build_kwargs())
+    if init:
+        report = load_init(model, init, variant=cfg.model.name, arch=cfg.model.arch())
+        if fresh_head(report) and cfg.model.head_init_scale != 1.0:
+            with torch.no_grad():
+                for p in model.head.parameters():
+                    p.mul_(cfg.model.head_init_scale)
+    return model
 
 
 def effective_optim(cfg: ClassificationConfig, world_size: int) -> ClsOptimConfig:

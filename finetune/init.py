@@ -238,7 +238,14 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor],
     log.info("init from %s%s: %s%s", Path(src), _source_desc(meta), report,
              f"; {len(fresh)} not in the checkpoint, initialised fresh: "
              f"{', '.join(sorted({_fresh_name(k) for k in fresh}))}" if fresh else "")
+    report.fresh = fresh
     return report
+
+
+def fresh_head(report: LoadReport) -> bool:
+    """Whether the classifier (``head.*``) of a model loaded by :func:`load_init` starts
+    as built: the checkpoint held none, or one of another class count (dropped)."""
+    return any(k.startswith(HEAD_PREFIXES) for k in [*report.fresh, *report.dropped])
 
 
 def _fresh_name(key: str) -> str:

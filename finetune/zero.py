@@ -241,7 +241,7 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     )
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
-    from finetune.init import agreed_init, load_init
+    from finetune.init import agreed_init
     from runtime.checkpoint import load_torch_file
 
     d = init_distributed(cfg.run.collective_timeout_min)  # env for a lone process, gloo/nccl
@@ -274,10 +274,9 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
         return done
     # same initial weights on every rank: ZeRO-3 partitions each rank's own copy
     rng.seed_all(cfg.run.seed)
-    model = build_classifier(cfg)
-    init = agreed_init(cfg.init)  # rank 0's: each rank's start dropped it alone
-    if init:  # may refuse (another variant, other shapes): nothing published yet
-        load_init(model, init, variant=cfg.model.name, arch=cfg.model.arch())
+    # --init: rank 0's (each rank's start dropped it alone); may refuse (another variant,
+    # other shapes): nothing published yet
+    model = build_classifier(cfg, init=agreed_init(cfg.init))
     # may refuse (a pointer rank 0 cannot read): before the config and the metrics
     best = run.bests(best_pointers(cfg), run.start_step, d.is_main)
     publish_config(out_dir)
