@@ -345,7 +345,7 @@ def test_a_killed_task_is_requeued_by_the_exit_trap_and_ends_as_the_undisturbed_
     # rank 0, killed by srun, left its lock: the requeued attempt took it over at once as
     # its own job's earlier attempt, told by SLURM_RESTART_COUNT (set by SLURM in the
     # requeued batch script and passed on to its srun tasks: seen here, Slurm 22.05)
-    rank0 = (logs / f"{job_id}_0_log.err").read_text(errors="replace")
+    rank0 = (logs / job_id / f"{job_id}_0_log.err").read_text(errors="replace")
     assert (f"this SLURM job ({job_id}), requeued from restart 0 to restart 1"
             in rank0), [line for line in rank0.splitlines() if "lock" in line]
 
