@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
-from data.state import PipelineState, derive_seed, url_list_digest
+from data.state import PipelineState, derive_seed, upgrade_state, url_list_digest
 from data.stats import DataStats, SkipCounter
 from data.storage import StorageAccessError
 from data.stream import MixedStream, SourceCursor, SourceStream
@@ -343,7 +343,8 @@ class ResumableLoader:
     def check_same_lists(self, gather: Callable[[Any], list]) -> None:
         """Collective: refuse, on every rank alike (:class:`StorageAccessError`, naming the
         source and the ranks that differ), unless every rank expanded the same shard lists
-        (their :func:`~data.state.url_list_digest`). ``gather``: every rank's object in rank
+        (their :func:`~data.state.url_list_digest`) and permutes them alike (numpy's
+        :func:`~data.state.permutation_fingerprint`). ``gather``: every rank's object in rank
         order (``runtime.dist.all_gather_objects``; a lone process: ``lambda x: [x]``).
 
         Each rank expands its ``.txt`` lists itself: a list rewritten while the job's ranks
@@ -352,7 +353,18 @@ class ResumableLoader:
         shards read by two slots and others by none, silently, until a resume refused the
         changed list. Cost: one all-gather of ~40 bytes a source per rank, once per start.
         """
-        lists = gather(self._state.shard_lists)
+        gathered = gather((self._state.shard_lists, self._state.permutations))
+        # nodes on another numpy may permute differently (data.state.check_permutations):
+        # their slots would deal other orders of the same list
+        numpy = [r for r, (_, perm) in enumerate(gathered) if perm != gathered[0][1]]
+        if numpy:
+            r = numpy[0]
+            raise StorageAccessError(
+                f"data: the ranks' numpy permutes the shards differently: rank 0 has numpy "
+                f"{gathered[0][1][0]}, rank {r} numpy {gathered[r][1][0]} ({len(numpy)} of "
+                f"{len(gathered)} ranks differ), so their slots would deal other orders of "
+                "the same lists: run every node on one numpy")
+        lists = [digests for digests, _ in gathered]
         for i, name in enumerate(self._state.sources):
             main = lists[0][i]
             other = [r for r, digests in enumerate(lists) if digests[i] != main]
@@ -389,6 +401,9 @@ class ResumableLoader:
         A source whose shard list changed since the save is refused (ValueError naming
         it), or with ``on_shard_list_change=restart`` the pipeline starts afresh with the
         saved counts (the old positions index permutations of the old lists)."""
+        lists = {s.name: s.urls for s in self.sources}
+        state = ([upgrade_state(s, lists) for s in state] if isinstance(state, list)
+                 else upgrade_state(state, lists))
         if self._restart_on_changed_lists(state):
             return
         if isinstance(state, list):

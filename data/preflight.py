@@ -106,6 +106,7 @@ from data.storage import (
     RetryingReader,
     StorageSetupError,
     StoreRefusedError,
+    config_fault,
     endpoint,
     is_missing,
     is_remote,
@@ -377,7 +378,7 @@ class _Probe:
                 if code is not None:
                     raise StoreRefusedError(f"{code}: {redact_url(str(err))[:200]} (object "
                                             f"{redact_url(url)})") from err
-                if is_missing(err) or setup_fault(err) or failures >= self.s3.retries:
+                if is_missing(err) or config_fault(err) or failures >= self.s3.retries:
                     raise
             self.sleep(min(self.s3.backoff * 2**failures, self.s3.max_backoff))
             failures += 1

@@ -23,6 +23,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -40,20 +41,27 @@ def derive_seed(*parts: object) -> int:
 
 def shard_name(url: str) -> str:
     """How a saved state names shard ``url``: the URL itself, or, when it holds a
-    credential (a presigned URL's signature, a ``pipe:`` command's inline token, which a
-    ``.txt`` shard list may hold: the config refuses them), the URL redacted. A checkpoint
-    is copied, shared and archived, and a SigV4 signature lasts up to 7 days, an Azure SAS
-    token years."""
-    return redact_url(url) if has_credential(url) else url
+    credential (which a ``.txt`` shard list may: the config refuses them), a name without
+    it: a URL without its user info and its whole query string (whatever the signing
+    scheme: SigV4's ``X-Amz-*``, an Azure SAS's ``sig``/``se``/``sp``, V2's ``Expires``,
+    all of which change when the list is signed again), a ``pipe:`` command redacted
+    (:func:`runtime.redact.redact_url`). A checkpoint is copied, shared and archived, and
+    a SigV4 signature lasts up to 7 days, an Azure SAS token years."""
+    if not has_credential(url):
+        return url
+    if url.startswith("pipe:"):
+        return redact_url(url)
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
 def unit_key(urls: list[str], shard: int, part: int = 0, parts: int = 1) -> str:
     """The key of part ``part`` of ``parts`` of shard ``urls[shard]`` in cursors, logs and
     the fault policy: its URL (``url#part/parts`` when split); a URL that holds a credential
-    by its redacted name and its index in the list (``name#@index``), which the list's
+    by its :func:`shard_name` and its index in the list (``name#@index``), which the list's
     digest pins (:func:`url_list_digest`; :func:`key_url` reads it back)."""
     url = urls[shard]
-    name = url if not has_credential(url) else f"{redact_url(url)}{INDEXED}{shard}"
+    name = url if not has_credential(url) else f"{shard_name(url)}{INDEXED}{shard}"
     return name if parts == 1 else f"{name}#{part}/{parts}"
 
 
@@ -62,9 +70,15 @@ INDEXED = "#@"  # a key's name part ends with it and the shard's index: see unit
 
 def key_url(urls: list[str], name: str) -> str:
     """The URL the name part of a unit key (before any ``#part/parts``) reads: the key's
-    own for a URL without a credential, else ``urls`` at the index it ends with."""
+    own for a URL without a credential, else ``urls`` at the index it ends with (only
+    where that URL's name is the key's: a URL that itself ends in ``#@<digits>`` is its
+    own key)."""
     head, sep, index = name.rpartition(INDEXED)
-    return urls[int(index)] if sep and head and index.isdigit() else name
+    if sep and index.isdigit() and int(index) < len(urls):
+        url = urls[int(index)]
+        if shard_name(url) == head and url != name:
+            return url
+    return name
 
 
 def url_list_digest(urls: list[str]) -> list:
@@ -74,6 +88,49 @@ def url_list_digest(urls: list[str]) -> list:
     a run lasts weeks) is the same list. (44k URLs: ~0.3 s, once per loader.)"""
     names = "\n".join(shard_name(u) for u in urls)
     return [len(urls), hashlib.sha256(names.encode()).hexdigest()[:16]]
+
+
+def raw_list_digest(urls: list[str]) -> list:
+    """:func:`url_list_digest` as states saved before shards were named without their
+    credentials computed it: over the URLs themselves."""
+    return [len(urls), hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]]
+
+
+def upgrade_state(d: dict[str, Any], lists: dict[str, list[str]]) -> dict[str, Any]:
+    """A saved state (:meth:`PipelineState.to_dict`) in today's naming: where it recorded a
+    source's list by :func:`raw_list_digest` of this run's list (``lists``: source name ->
+    URLs), saved before shards that hold a credential were named without it
+    (:func:`unit_key`), its digest is replaced and every key naming such a shard by its
+    URL renamed, so that a run saved by that version resumes as before. ``d`` itself when
+    nothing differs (every state without such shards)."""
+    digests = list(d.get("shard_lists") or [])
+    rename: dict[str, str] = {}
+    for i, name in enumerate(d.get("sources", [])[:len(digests)]):
+        urls = lists.get(name)
+        if urls is None or not any(has_credential(u) for u in urls):
+            continue
+        if list(digests[i]) != raw_list_digest(urls):
+            continue
+        digests[i] = url_list_digest(urls)
+        rename.update({u: unit_key(urls, j) for j, u in enumerate(urls) if has_credential(u)})
+    if not rename:
+        return d
+    return {**d, "shard_lists": digests, "positions": _renamed(d["positions"], rename)}
+
+
+def _renamed(obj: Any, rename: dict[str, str]) -> Any:
+    """``obj`` (a saved position, JSON) with every string that is a key of ``rename``, or
+    such a key with a ``#part/parts`` suffix, renamed; dict keys alike."""
+    if isinstance(obj, str):
+        if obj in rename:
+            return rename[obj]
+        name, sep, tail = obj.rpartition("#")
+        return f"{rename[name]}#{tail}" if sep and name in rename and "/" in tail else obj
+    if isinstance(obj, list):
+        return [_renamed(x, rename) for x in obj]
+    if isinstance(obj, dict):
+        return {_renamed(k, rename): _renamed(v, rename) for k, v in obj.items()}
+    return obj
 
 
 def dist_info() -> tuple[int, int]:

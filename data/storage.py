@@ -263,25 +263,36 @@ class StorageSetupError(StorageAccessError):
 
 
 # botocore's errors of the client's own configuration (botocore/exceptions.py), told by
-# name: botocore is imported only where s3:// is read
-_SETUP_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError",
-                 "InvalidRegionError", "ParamValidationError", "UnknownServiceError",
-                 "InvalidEndpointConfigurationError"}
+# name: botocore is imported only where s3:// is read. (Not NoCredentialsError: the
+# instance metadata service throttling many workers at once raises it too, botocore
+# #2117, #1791: it is retried as any other failure.)
+_CONFIG_ERRORS = {"NoRegionError", "InvalidRegionError", "ParamValidationError",
+                  "UnknownServiceError", "InvalidEndpointConfigurationError"}
+# What code that does not fit the installed libraries raises at every read, but a dropped
+# connection inside s3fs/aiohttp/botocore sometimes too (s3fs #598, aiohttp #11761)
+_CODE_ERRORS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError,
+                MemoryError, RecursionError)
+_reads = {"ok": False}  # whether any read of this process (a worker: or its parent) worked
+
+
+def config_fault(err: BaseException) -> bool:
+    """True when ``err`` fails every read whatever happens: a package missing on this node
+    (s3fs is imported at the first open), a botocore client configuration error (an invalid
+    region, parameters), an endpoint that does not parse (botocore/endpoint.py raises
+    ``ValueError("Invalid endpoint: ...")``)."""
+    if isinstance(err, ImportError):
+        return True
+    if any(cls.__name__ in _CONFIG_ERRORS for cls in type(err).__mro__):
+        return True
+    return isinstance(err, ValueError) and str(err).startswith("Invalid endpoint")
 
 
 def setup_fault(err: BaseException) -> bool:
-    """True when ``err`` is this process's or its configuration's, not the network's or
-    the store's: a package missing on this node (s3fs is imported at the first open), code
-    that does not fit the installed libraries (TypeError, AttributeError), memory, a
-    botocore client configuration error (no credentials, an invalid region), or an
-    endpoint that does not parse (botocore/endpoint.py raises ``ValueError("Invalid
-    endpoint: ...")``). Retrying these only hides them."""
-    if isinstance(err, (ImportError, TypeError, AttributeError, NameError, MemoryError,
-                        RecursionError, AssertionError, NotImplementedError)):
-        return True
-    if any(cls.__name__ in _SETUP_ERRORS for cls in type(err).__mro__):
-        return True
-    return isinstance(err, ValueError) and str(err).startswith("Invalid endpoint")
+    """True when no wait mends ``err``: a :func:`config_fault`, or an error of code (a
+    TypeError, AttributeError, memory) while no read of this process has worked yet: a
+    library that does not fit fails every read, where once reads have worked such an
+    error is taken for a dropped connection's, retried and waited out as before."""
+    return config_fault(err) or (isinstance(err, _CODE_ERRORS) and not _reads["ok"])
 
 
 def setup_failure(url: str, err: BaseException) -> StorageSetupError:
@@ -399,10 +410,12 @@ class RetryingReader:
             try:
                 if self._f is None:
                     self._open()
-                return op()
+                result = op()
+                _reads["ok"] = True
+                return result
             except Exception as err:
                 self._drop()
-                if setup_fault(err):
+                if config_fault(err):
                     raise setup_failure(self.url, err) from err
                 if _expired(err):
                     raise ShardChangedError(f"{redact_url(self.url)} changed while being "
@@ -416,6 +429,8 @@ class RetryingReader:
                     if refusal is not None:
                         raise refusal from err
                 if last:
+                    if setup_fault(err):  # after its retries: not a hiccup
+                        raise setup_failure(self.url, err) from err
                     raise
                 delay = min(self.cfg.backoff * 2**failures, self.cfg.max_backoff)
                 failures += 1

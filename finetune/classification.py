@@ -153,10 +153,13 @@ class ClsModelConfig(BackboneConfig):
     """The classifier: a backbone and how its head starts."""
 
     # A head the --init does not provide (a new class count, a backbone-only file) starts
-    # at its built initialisation times this: the released TRAIN.RAND_INIT_FT_HEAD scales
-    # it by 0.001 (OpenGVLab/InternImage classification/utils.py load_pretrained), so
-    # the first steps, without warm-up in the H 224 recipe, send no random gradients into
-    # the trunk. 1.0: as built.
+    # at its built initialisation times this. The released TRAIN.RAND_INIT_FT_HEAD scales
+    # the head by 0.001 where the checkpoint holds one of another class count
+    # (OpenGVLab/InternImage classification/utils.py load_pretrained; it then also drops
+    # a 22K head instead of mapping its 1K rows, which ours keeps, unscaled); ours applies
+    # to any head the init leaves fresh, our convert output holding none. So the first
+    # steps, without warm-up in the H 224 recipe, send no random gradients into the trunk.
+    # 1.0: as built.
     head_init_scale: float = 1.0
 
     def __post_init__(self) -> None:

@@ -388,3 +388,72 @@ def test_a_state_saved_under_a_numpy_that_permutes_differently_is_refused(tmp_pa
     legacy = [{k: v for k, v in s.items() if k != "permutations"} for s in saved]
     build_loader(_list_cfg(urls), 0, 2, state=legacy[0])
     build_loader(_list_cfg(urls), 0, 1, state=legacy)
+
+
+def test_a_list_signed_again_is_the_same_list_whatever_the_signing_scheme():
+    """Signed URLs carry their signature and expiry in the query string: AWS SigV4
+    (``X-Amz-Signature``, ``X-Amz-Date``), Azure SAS (``sig``, ``se``, ``sp``, ``sv``: Azure
+    Storage docs, "Create a service SAS"), S3 V2 (``Signature``, ``Expires``). A shard with
+    one is named without its query (and without ``user:password@``): the list's digest and
+    the saved keys do not change when it is signed again, and hold no credential. A URL
+    without a credential is its own name and key, even one ending like an indexed key."""
+    from data.state import key_url, unit_key, url_list_digest
+
+    def lists(sig: str, expiry: str) -> list[str]:
+        return [f"https://b.s3.amazonaws.com/s/{i}.tar?X-Amz-Date={expiry}"
+                f"&X-Amz-Signature={sig}" for i in range(2)] + [
+            f"https://acct.blob.core.windows.net/c/2.tar?sv=2022&se={expiry}&sp=r&sig={sig}",
+            f"https://h/3.tar?AWSAccessKeyId=AKIA&Expires={expiry}&Signature={sig}",
+            "s3://AKIA:hunter2@bucket/4.tar", "https://h/5.tar#@0", "s3://bucket/6.tar"]
+
+    first, again = lists("s1gnat", "20261201"), lists("0ther", "20261208")
+    assert url_list_digest(first) == url_list_digest(again)
+    assert url_list_digest(first) != url_list_digest(first[:-1] + ["s3://bucket/7.tar"])
+    for urls in (first, again):
+        keys = [unit_key(urls, i) for i in range(len(urls))]
+        assert not any(s in " ".join(keys) for s in ("s1gnat", "0ther", "hunter2", "AKIA"))
+        assert [key_url(urls, k) for k in keys] == urls
+        assert keys[5:] == urls[5:]  # no credential: the URL itself
+    assert [unit_key(first, i) for i in range(7)] == [unit_key(again, i) for i in range(7)]
+
+
+def test_a_state_saved_before_shards_were_named_without_credentials_resumes(tmp_path):
+    """The version before named a listed shard by its whole URL (credential included) in
+    its keys and digested the list over the URLs. Its states resume as before: same ranks
+    and re-dealt, exactly where the uninterrupted loader goes on (a state of that version is
+    made here from today's by the inverse renaming: the old digest, the URLs as keys)."""
+    from data.state import raw_list_digest, unit_key
+    from pretrain.data import DataConfig, SourceConfig, build_loader
+
+    tars = [write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 4, size=8))
+            for i in range(3)]
+    urls = [f"pipe:AWS_SECRET_ACCESS_KEY=abc123SECRET cat {t}" for t in tars]
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{u}\n" for u in urls))
+    cfg = DataConfig(sources=[SourceConfig("laion", str(listed), resampled=False)],
+                     image_size=8, batch_size=1, workers=0, shuffle_buffer=0,
+                     context_length=8, seed=1, s3=S3Config(prefetch_bytes=0))
+    old_names = {unit_key(urls, j): u for j, u in enumerate(urls)}
+
+    def as_saved_before(state: dict) -> dict:
+        text = json.dumps(state)
+        for new, url in old_names.items():
+            text = text.replace(json.dumps(new)[1:-1], json.dumps(url)[1:-1])
+        old = json.loads(text)
+        old["shard_lists"] = [raw_list_digest(urls)]
+        return old
+
+    saved, seen, rest = [], set(), []
+    for rank in range(3):
+        loader = build_loader(cfg, rank, 3)
+        seen |= set(_keys(loader, 2))
+        saved.append(as_saved_before(loader.state_dict()))
+        rest.append(_keys(loader, 100))
+    assert "abc123SECRET" in json.dumps(saved)  # what that version wrote
+    for rank in range(3):
+        resumed = build_loader(cfg, rank, 3, state=saved[rank])
+        assert _keys(resumed, 100) == rest[rank], rank
+    read = []
+    for rank in range(2):
+        read += _keys(build_loader(cfg, rank, 2, state=saved), 100)
+    assert sorted(read) == sorted(k for r in rest for k in r)

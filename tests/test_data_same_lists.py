@@ -24,7 +24,7 @@ from tests.pretrain_utils import free_port
 pytestmark = [pytest.mark.distributed]
 
 
-def _start(rank: int, port: int, root: str) -> None:
+def _start(rank: int, port: int, root: str, other_numpy: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from data.config import S3Config
@@ -33,11 +33,15 @@ def _start(rank: int, port: int, root: str) -> None:
 
     shards = sorted(Path(root).glob("s*.tar"))
     listed = Path(root, f"seen-by-rank{rank}.txt")  # what this rank's node sees of the list
-    listed.write_text("".join(f"{s}\n" for s in shards[:3 + rank]))
+    # rank 1's node sees one shard more; or, with other_numpy, the same list on a numpy
+    # that permutes otherwise
+    listed.write_text("".join(f"{s}\n" for s in shards[:3 + (0 if other_numpy else rank)]))
     cfg = DataConfig(sources=[SourceConfig("laion", str(listed))], image_size=8, batch_size=1,
                      workers=0, shuffle_buffer=0, context_length=8, seed=1,
                      s3=S3Config(prefetch_bytes=0))
     loader = build_loader(cfg, rank, 2)
+    if other_numpy and rank == 1:  # what a node image with another numpy records
+        loader._state.permutations = ["9.9.9", "0123456789abcdef"]
     try:
         loader.check_same_lists(all_gather_objects)
         outcome = {"started": True}
@@ -48,18 +52,23 @@ def _start(rank: int, port: int, root: str) -> None:
     os._exit(0)
 
 
-def test_ranks_that_expanded_different_shard_lists_refuse_together(tmp_path):
+def _outcomes(root: Path, other_numpy: bool = False) -> list[dict]:
     for i in range(4):
-        write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
+        write_tar(root / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_start, args=(r, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_start, args=(r, port, str(root), other_numpy))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_ranks_that_expanded_different_shard_lists_refuse_together(tmp_path):
+    outcomes = _outcomes(tmp_path)
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0]["type"] == "StorageAccessError"
     message = outcomes[0]["message"]
@@ -67,3 +76,12 @@ def test_ranks_that_expanded_different_shard_lists_refuse_together(tmp_path):
                               "rank 0 lists 3 shards"), message
     assert "rank 1 4 (" in message and "1 of 2 ranks differ" in message
 
+
+
+def test_ranks_on_numpys_that_permute_differently_refuse_together(tmp_path):
+    """numpy keeps PCG64's stream stable, not Generator.permutation's algorithm (NEP 19):
+    nodes on two numpy versions would deal other orders of one list."""
+    outcomes = _outcomes(tmp_path, other_numpy=True)
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0]["type"] == "StorageAccessError"
+    assert "rank 1 numpy 9.9.9" in outcomes[0]["message"]

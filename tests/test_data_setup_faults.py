@@ -6,8 +6,11 @@ must not die of an outage. Errors of this node's own set-up were taken for an ou
 a requeued job with a mistyped endpoint (botocore/endpoint.py raises ``ValueError("Invalid
 endpoint: ...")``), or started on a node image without s3fs, sat idle on every GPU until
 its time limit, then did the same after its requeue. Now they raise
-``StorageSetupError`` (a ``StorageAccessError``: one line from the command) at once, and a
-connection that is refused (an outage) is still retried.
+``StorageSetupError`` (a ``StorageAccessError``: one line from the command): a client
+configuration error at once; an error of code (TypeError, AttributeError: a library that
+does not fit) after its in-place retries, and only while no read of the process has worked
+(a dropped connection inside s3fs/aiohttp raises those too: retried and waited out as
+before). A connection that is refused (an outage) is still retried.
 """
 
 from __future__ import annotations
@@ -70,3 +73,27 @@ def test_an_outage_is_still_retried_then_the_shard_fails_for_later():
     assert list(read_shard("s3://bucket/shard-000.tar", "laion", s3, counter, outcome)) == []
     assert outcome["status"] == "failed", outcome
     assert ("event", "laion", "shard_retries", 1) in counter.drain()
+
+
+def test_an_error_of_code_ends_the_run_only_before_any_read_worked(monkeypatch):
+    """A TypeError at every read (a library that does not fit) ends the run after the
+    in-place retries; once a read of the process has worked, it is a dropped connection's
+    (s3fs #598: a TypeError from aiohttp on a closed connection) and the shard's read fails
+    for a later retry, as before."""
+    calls = []
+
+    def broken(url, cfg, offset):
+        calls.append(offset)
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(storage, "_open_once", broken)
+    s3 = S3Config(retries=2, backoff=0.0, max_backoff=0.0)
+    monkeypatch.setitem(storage._reads, "ok", False)
+    with pytest.raises(StorageSetupError, match="TypeError: 'NoneType'"):
+        list(read_shard("s3://bucket/shard-000.tar", "laion", s3, SkipCounter(), {}))
+    assert len(calls) == 3  # the first try and its 2 retries
+    monkeypatch.setitem(storage._reads, "ok", True)  # reads of this process have worked
+    outcome: dict = {}
+    assert list(read_shard("s3://bucket/shard-000.tar", "laion", s3, SkipCounter(),
+                           outcome)) == []
+    assert outcome["status"] == "failed" and "TypeError" in outcome["error"]
