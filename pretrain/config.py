@@ -259,14 +259,6 @@ class EngineConfig:
         # (deepspeed/ops/adam/cpu_adam.py asserts at the first step)
         check(not self.offload_optimizer or self.zero_stage >= 1, "engine.offload_optimizer",
                "optimizer offload needs engine.zero_stage 1, 2 or 3")
-        # Without ZeRO, DeepSpeed's fp16 optimizer (deepspeed/runtime/fp16/
-        # fused_optimizer.py) keeps the fp32 masters in flat buffers of its own, with no
-        # per-parameter mapping (_hp_mapping) that the temperature's clamp
-        # (pretrain.engine.clamp_logit_scale) can address: the master of logit_scale
-        # drifted past ln 100 unseen
-        check(not (self.precision == "fp16" and self.zero_stage == 0), "engine.precision",
-              "fp16 needs engine.zero_stage 1, 2 or 3 (stage 1 costs no more memory or "
-              "time than 0 and partitions the optimizer states)")
 
 
 # Named sets from open_clip (open_clip/zero_shot_metadata.py): CLIP's ImageNet class names
