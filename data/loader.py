@@ -356,7 +356,7 @@ class ResumableLoader:
         gathered = gather((self._state.shard_lists, self._state.permutations))
         # nodes on another numpy may permute differently (data.state.check_permutations):
         # their slots would deal other orders of the same list
-        numpy = [r for r, (_, perm) in enumerate(gathered) if perm != gathered[0][1]]
+        numpy = [r for r, (_, perm) in enumerate(gathered) if perm[1] != gathered[0][1][1]]
         if numpy:
             r = numpy[0]
             raise StorageAccessError(

@@ -23,7 +23,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -42,17 +42,36 @@ def derive_seed(*parts: object) -> int:
 def shard_name(url: str) -> str:
     """How a saved state names shard ``url``: the URL itself, or, when it holds a
     credential (which a ``.txt`` shard list may: the config refuses them), a name without
-    it: a URL without its user info and its whole query string (whatever the signing
-    scheme: SigV4's ``X-Amz-*``, an Azure SAS's ``sig``/``se``/``sp``, V2's ``Expires``,
-    all of which change when the list is signed again), a ``pipe:`` command redacted
+    it: a URL without its user info and its signing parameters (SigV4's ``X-Amz-*``, an
+    Azure SAS's ``sig``/``se``/``sp``..., V2's ``Expires``/``Signature``: all change when
+    the list is signed again; the rest of the query, which may name the object, stays), a
+    ``pipe:`` command redacted
     (:func:`runtime.redact.redact_url`). A checkpoint is copied, shared and archived, and
     a SigV4 signature lasts up to 7 days, an Azure SAS token years."""
     if not has_credential(url):
         return url
     if url.startswith("pipe:"):
         return redact_url(url)
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL urllib can split ("http://[::1" ...): redacted then
+        return redact_url(url)
+    # what names the object stays (``?file=a.tar``): only signing parameters go
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k.lower() not in _SIGNING and not k.lower().startswith(("x-amz-", "x-goog-"))
+            and not has_credential(f"?{k}={v}")]
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path,
+                       urlencode(kept), ""))
+
+
+# Query parameters of signed URLs that change when a URL is signed again (besides the
+# X-Amz-*/X-Goog-* families and what redact_url names): Azure SAS (Azure Storage docs,
+# "Create a service SAS": sv, ss, srt, sp, se, st, spr, sig, sr, si, skoid, ...), S3/GCS
+# V2 query-string auth (AWSAccessKeyId/GoogleAccessId, Expires, Signature), CloudFront
+# (Policy, Key-Pair-Id)
+_SIGNING = {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sdd", "skoid",
+            "sktid", "skt", "ske", "sks", "skv", "awsaccesskeyid", "googleaccessid",
+            "expires", "signature", "policy", "key-pair-id"}
 
 
 def unit_key(urls: list[str], shard: int, part: int = 0, parts: int = 1) -> str:
@@ -76,7 +95,7 @@ def key_url(urls: list[str], name: str) -> str:
     head, sep, index = name.rpartition(INDEXED)
     if sep and index.isdigit() and int(index) < len(urls):
         url = urls[int(index)]
-        if shard_name(url) == head and url != name:
+        if has_credential(url) and shard_name(url) == head:
             return url
     return name
 
@@ -104,7 +123,7 @@ def upgrade_state(d: dict[str, Any], lists: dict[str, list[str]]) -> dict[str, A
     URL renamed, so that a run saved by that version resumes as before. ``d`` itself when
     nothing differs (every state without such shards)."""
     digests = list(d.get("shard_lists") or [])
-    rename: dict[str, str] = {}
+    renames: dict[int, dict[str, str]] = {}  # saved source index -> its own keys' renaming
     for i, name in enumerate(d.get("sources", [])[:len(digests)]):
         urls = lists.get(name)
         if urls is None or not any(has_credential(u) for u in urls):
@@ -112,10 +131,20 @@ def upgrade_state(d: dict[str, Any], lists: dict[str, list[str]]) -> dict[str, A
         if list(digests[i]) != raw_list_digest(urls):
             continue
         digests[i] = url_list_digest(urls)
-        rename.update({u: unit_key(urls, j) for j, u in enumerate(urls) if has_credential(u)})
-    if not rename:
+        renames[i] = {u: unit_key(urls, j) for j, u in enumerate(urls) if has_credential(u)}
+    if not renames:
         return d
-    return {**d, "shard_lists": digests, "positions": _renamed(d["positions"], rename)}
+    # a position holds one cursor per source, by index (data.stream.MixState: ``sources``,
+    # and ``cut["sources"]`` inside a block a fault cut): each renamed by its own list
+    positions = {}
+    for worker, position in d["positions"].items():
+        position = dict(position)
+        for holder in (position, position.get("cut")):
+            if holder and holder.get("sources") is not None:
+                holder["sources"] = [_renamed(c, renames[i]) if i in renames else c
+                                     for i, c in enumerate(holder["sources"])]
+        positions[worker] = position
+    return {**d, "shard_lists": digests, "positions": positions}
 
 
 def _renamed(obj: Any, rename: dict[str, str]) -> Any:

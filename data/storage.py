@@ -267,12 +267,15 @@ class StorageSetupError(StorageAccessError):
 # instance metadata service throttling many workers at once raises it too, botocore
 # #2117, #1791: it is retried as any other failure.)
 _CONFIG_ERRORS = {"NoRegionError", "InvalidRegionError", "ParamValidationError",
-                  "UnknownServiceError", "InvalidEndpointConfigurationError"}
+                  "UnknownServiceError", "InvalidEndpointConfigurationError",
+                  "PartialCredentialsError"}  # a key without its secret, say
 # What code that does not fit the installed libraries raises at every read, but a dropped
 # connection inside s3fs/aiohttp/botocore sometimes too (s3fs #598, aiohttp #11761)
 _CODE_ERRORS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError,
                 MemoryError, RecursionError)
-_reads = {"ok": False}  # whether any read of this process (a worker: or its parent) worked
+# the process (pid) in which a read of a remote shard delivered bytes: opens, local files
+# and lists do not count, and a forked DataLoader worker starts without
+_reads: dict[str, int | None] = {"pid": None}
 
 
 def config_fault(err: BaseException) -> bool:
@@ -289,10 +292,12 @@ def config_fault(err: BaseException) -> bool:
 
 def setup_fault(err: BaseException) -> bool:
     """True when no wait mends ``err``: a :func:`config_fault`, or an error of code (a
-    TypeError, AttributeError, memory) while no read of this process has worked yet: a
-    library that does not fit fails every read, where once reads have worked such an
-    error is taken for a dropped connection's, retried and waited out as before."""
-    return config_fault(err) or (isinstance(err, _CODE_ERRORS) and not _reads["ok"])
+    TypeError, AttributeError, memory) while no read of a remote shard in this process has
+    delivered bytes yet: a library that does not fit fails every read, where once reads
+    have delivered such an error is taken for a dropped connection's, retried and waited
+    out as before."""
+    return config_fault(err) or (isinstance(err, _CODE_ERRORS)
+                                 and _reads["pid"] != os.getpid())
 
 
 def setup_failure(url: str, err: BaseException) -> StorageSetupError:
@@ -410,9 +415,7 @@ class RetryingReader:
             try:
                 if self._f is None:
                     self._open()
-                result = op()
-                _reads["ok"] = True
-                return result
+                return op()
             except Exception as err:
                 self._drop()
                 if config_fault(err):
@@ -444,6 +447,8 @@ class RetryingReader:
         """Read up to ``n`` bytes (all remaining for -1), retrying transient failures."""
         data = self._call(lambda: self._read_checked(n))
         self.offset += len(data)
+        if data and is_remote(self.url):
+            _reads["pid"] = os.getpid()
         return data
 
     def _read_checked(self, n: int) -> bytes:

@@ -296,6 +296,11 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
       parameters under ``stage3_param_persistence_threshold`` (empty otherwise);
     - ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment of the fp32 master,
       if it holds one (``_hp_mapping``), and the whole 16-bit parameter every rank keeps;
+    - 16-bit weights without ZeRO (bf16 or fp16 at stage 0 with our torch AdamW):
+      DeepSpeed's ``FP16_UnfusedOptimizer`` keeps one fp32 master per parameter
+      (deepspeed/runtime/fp16/unfused_optimizer.py ``fp32_groups``, copied into the
+      16-bit weights after every step; no ``_hp_mapping``): it is clamped there (before,
+      it drifted past the bound and was copied back every step);
     - otherwise (fp32 without a ZeRO optimizer) the parameter is the master.
 
     Clamping commutes with rounding to 16 bits (both monotone; torch rounds the bounds to
@@ -317,10 +322,32 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
         param.ds_tensor.clamp_(low, high)
     elif getattr(param, "_hp_mapping", None) is not None:
         param._hp_mapping.get_hp_fragment().clamp_(low, high)
+    elif param.dtype != torch.float32 and not engine.zero_optimization():
+        unfused_master(engine, param).data.clamp_(low, high)
     param.data.clamp_(low, high)
     if param.dtype != torch.float32:  # a 16-bit copy: the forward takes the master's value
         from deepspeed.utils import safe_get_full_fp32_param
 
         exact = safe_get_full_fp32_param(param)  # collective under ZeRO
+        if exact is None and not engine.zero_optimization():  # the unfused optimizer's
+            exact = unfused_master(engine, param)
         engine.module.exact_logit_scale = (None if exact is None
                                            else exact.detach().float().reshape(1))
+
+
+def unfused_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master of 16-bit ``param`` that DeepSpeed's ``FP16_UnfusedOptimizer``
+    keeps without ZeRO (``fp32_groups``, parallel to ``fp16_groups``). Refuses another
+    optimizer: DeepSpeed's fused ``FP16_Optimizer`` (a DeepSpeed Adam set through
+    ``engine.deepspeed_config`` at stage 0) keeps its masters in flat buffers of its own,
+    where the clamp could not reach them, and would let the temperature drift unseen."""
+    opt = getattr(engine, "optimizer", None)
+    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()),
+                         strict=False):
+        for lp, hp in zip(low, high, strict=True):
+            if lp is param:
+                return hp
+    raise RuntimeError(
+        f"the temperature's fp32 master cannot be found in {type(opt).__name__} (16-bit "
+        "weights at engine.zero_stage=0 with an optimizer from engine.deepspeed_config): "
+        "use engine.zero_stage=1, or drop the optimizer from that file")

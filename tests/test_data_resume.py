@@ -404,17 +404,19 @@ def test_a_list_signed_again_is_the_same_list_whatever_the_signing_scheme():
                 f"&X-Amz-Signature={sig}" for i in range(2)] + [
             f"https://acct.blob.core.windows.net/c/2.tar?sv=2022&se={expiry}&sp=r&sig={sig}",
             f"https://h/3.tar?AWSAccessKeyId=AKIA&Expires={expiry}&Signature={sig}",
-            "s3://AKIA:hunter2@bucket/4.tar", "https://h/5.tar#@0", "s3://bucket/6.tar"]
+            "s3://AKIA:hunter2@bucket/4.tar", "https://h/5.tar#@0", "s3://bucket/6.tar"] + [
+            f"https://h/get?file={i}.tar&token={sig}" for i in (7, 8)]  # the query names it
 
     first, again = lists("s1gnat", "20261201"), lists("0ther", "20261208")
     assert url_list_digest(first) == url_list_digest(again)
     assert url_list_digest(first) != url_list_digest(first[:-1] + ["s3://bucket/7.tar"])
+    assert url_list_digest(first) != url_list_digest(first[:-2] + first[-2:][::-1])
     for urls in (first, again):
         keys = [unit_key(urls, i) for i in range(len(urls))]
         assert not any(s in " ".join(keys) for s in ("s1gnat", "0ther", "hunter2", "AKIA"))
         assert [key_url(urls, k) for k in keys] == urls
-        assert keys[5:] == urls[5:]  # no credential: the URL itself
-    assert [unit_key(first, i) for i in range(7)] == [unit_key(again, i) for i in range(7)]
+        assert keys[5:7] == urls[5:7]  # no credential: the URL itself
+    assert [unit_key(first, i) for i in range(9)] == [unit_key(again, i) for i in range(9)]
 
 
 def test_a_state_saved_before_shards_were_named_without_credentials_resumes(tmp_path):
@@ -457,3 +459,23 @@ def test_a_state_saved_before_shards_were_named_without_credentials_resumes(tmp_
     for rank in range(2):
         read += _keys(build_loader(cfg, rank, 2, state=saved), 100)
     assert sorted(read) == sorted(k for r in rest for k in r)
+
+
+def test_the_upgrade_renames_each_sources_keys_by_its_own_list():
+    """Two sources may list the same shard at other places: an old state's key of it is
+    renamed by the list of the source whose cursor holds it (one map over all sources gave
+    source A source B's index, and A's unit was then read from the key's literal text)."""
+    from data.state import raw_list_digest, unit_key, upgrade_state
+
+    u = [f"pipe:HF_TOKEN=sk_EXAMPLE{i} cat /s/{i}.tar" for i in range(2)]
+    lists = {"a": [u[0], u[1]], "b": [u[1], u[0]]}
+    cursor = {"unit": u[1], "aside": {f"{u[0]}#0/2": [1]}, "dropped": [u[0]], "damaged": []}
+    old = {"sources": ["a", "b"], "shard_lists": [raw_list_digest(lists["a"]),
+                                                  raw_list_digest(lists["b"])],
+           "positions": {"0": {"sources": [cursor, cursor], "cut": None}}}
+    new = upgrade_state(old, lists)
+    a, b = new["positions"]["0"]["sources"]
+    assert a["unit"] == unit_key(lists["a"], 1) and b["unit"] == unit_key(lists["b"], 0)
+    assert a["dropped"] == [unit_key(lists["a"], 0)] and b["dropped"] == [unit_key(lists["b"], 1)]
+    assert list(a["aside"]) == [unit_key(lists["a"], 0, 0, 2)]
+    assert "sk_EXAMPLE" not in json.dumps(new)

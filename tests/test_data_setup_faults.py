@@ -15,6 +15,8 @@ before). A connection that is refused (an outage) is still retried.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import data.storage as storage
@@ -88,12 +90,29 @@ def test_an_error_of_code_ends_the_run_only_before_any_read_worked(monkeypatch):
 
     monkeypatch.setattr(storage, "_open_once", broken)
     s3 = S3Config(retries=2, backoff=0.0, max_backoff=0.0)
-    monkeypatch.setitem(storage._reads, "ok", False)
+    monkeypatch.setitem(storage._reads, "pid", None)
     with pytest.raises(StorageSetupError, match="TypeError: 'NoneType'"):
         list(read_shard("s3://bucket/shard-000.tar", "laion", s3, SkipCounter(), {}))
     assert len(calls) == 3  # the first try and its 2 retries
-    monkeypatch.setitem(storage._reads, "ok", True)  # reads of this process have worked
+    # a remote read of this process has delivered bytes (another process's does not count)
+    monkeypatch.setitem(storage._reads, "pid", os.getpid())
     outcome: dict = {}
     assert list(read_shard("s3://bucket/shard-000.tar", "laion", s3, SkipCounter(),
                            outcome)) == []
     assert outcome["status"] == "failed" and "TypeError" in outcome["error"]
+
+
+def test_only_a_remote_read_that_delivers_bytes_opens_the_gate(tmp_path, monkeypatch):
+    """Opens, local files and shard lists (the start reads those before any shard) do not
+    count, nor does another process's read (a forked DataLoader worker starts without)."""
+    monkeypatch.setitem(storage._reads, "pid", None)
+    listed = tmp_path / "list.txt"
+    listed.write_text("s3://bucket/a.tar\n")
+    with RetryingReader(str(listed), S3Config()) as reader:
+        assert reader.read()
+    assert storage.setup_fault(AttributeError("'NoneType' object has no attribute 'read'"))
+    monkeypatch.setitem(storage._reads, "pid", os.getpid() + 1)  # the parent's, say
+    assert storage.setup_fault(TypeError("x"))
+    monkeypatch.setitem(storage._reads, "pid", os.getpid())
+    assert not storage.setup_fault(TypeError("x"))
+    assert storage.setup_fault(ValueError("Invalid endpoint: htp//x"))  # config: always

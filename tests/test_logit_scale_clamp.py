@@ -38,7 +38,8 @@ OVERRIDES = ["model.channels=8", "model.depths=[1,1,1,1]", "model.groups=[1,1,1,
 # ~0.3 s of DeepSpeed's per-module hooks here: 7 saved per set-up, two of them ZeRO-3.)
 UP, DOWN = 3, 10
 # (ZeRO stage, whether ZeRO-3 keeps the 1-element parameter gathered between steps)
-RUNS = [(3, True), (3, False), (2, True)]
+# (stage 0: DeepSpeed's FP16_UnfusedOptimizer keeps the fp32 masters, bf16 as fp16)
+RUNS = [(3, True), (3, False), (2, True), (0, False)]
 
 
 def _rank_main(out_dir: str) -> None:
@@ -59,6 +60,13 @@ def _run(out_dir: str, stage: int, persist: bool, rank: int) -> None:
     from pretrain.config import PretrainConfig
     from pretrain.engine import build_engine, build_model, clamp_logit_scale
 
+    def read_master() -> float:  # DeepSpeed's fp32 copy, where each set-up keeps it
+        if stage == 0:  # deepspeed/runtime/fp16/unfused_optimizer.py
+            opt = engine.optimizer
+            return next(float(hp) for lows, highs in zip(opt.fp16_groups, opt.fp32_groups)
+                        for lp, hp in zip(lows, highs) if lp is engine.module.logit_scale)
+        return float(safe_get_full_fp32_param(engine.module.logit_scale))
+
     threshold = 100_000 if persist else 0
     cfg = load_config(PretrainConfig, DEMO_CONFIG, [
         *OVERRIDES, f"engine.zero_stage={stage}",
@@ -68,7 +76,7 @@ def _run(out_dir: str, stage: int, persist: bool, rank: int) -> None:
     images = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
     tokens = torch.randint(0, cfg.text.vocab_size, (2, cfg.data.context_length))
     clamp_logit_scale(engine, cfg.objective.max_logit_scale)  # as the trainer's start does
-    forward, master = [], [float(safe_get_full_fp32_param(engine.module.logit_scale))]
+    forward, master = [], [read_master()]
     for step in range(UP + DOWN + 1):
         image, text, tags, scale = engine(images, tokens)
         forward.append(float(scale))
@@ -79,7 +87,7 @@ def _run(out_dir: str, stage: int, persist: bool, rank: int) -> None:
         engine.backward(sign * scale.float().sum() + 0.0 * unused)
         engine.step()
         clamp_logit_scale(engine, cfg.objective.max_logit_scale)
-        master.append(float(safe_get_full_fp32_param(engine.module.logit_scale)))
+        master.append(read_master())
     Path(out_dir, f"{stage}_{persist}_rank{rank}.json").write_text(
         json.dumps({"forward": forward, "master": master}))
     engine.destroy()

@@ -252,4 +252,4 @@ def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransfor
         return None
     # the shard's name: a presigned URL's signature or a command's token left out
     return Sample(image, caption, sample_tags(raw, source, counter),
-                  f"{shard_name(raw['__url__'].rsplit('/', 1)[-1])}/{raw['__key__']}")
+                  f"{shard_name(raw['__url__']).rsplit('/', 1)[-1]}/{raw['__key__']}")
