@@ -347,7 +347,10 @@ def unfused_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
         for lp, hp in zip(low, high, strict=True):
             if lp is param:
                 return hp
-    raise RuntimeError(
-        f"the temperature's fp32 master cannot be found in {type(opt).__name__} (16-bit "
+    from runtime.loop import RefusedStart
+
+    raise RefusedStart(
+        f"engine.deepspeed_config: the temperature's fp32 master cannot be found in "
+        f"{type(opt).__name__} (16-bit "
         "weights at engine.zero_stage=0 with an optimizer from engine.deepspeed_config): "
         "use engine.zero_stage=1, or drop the optimizer from that file")
