@@ -85,3 +85,44 @@ def test_ranks_on_numpys_that_permute_differently_refuse_together(tmp_path):
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0]["type"] == "StorageAccessError"
     assert "rank 1 numpy 9.9.9" in outcomes[0]["message"]
+
+
+def _stream_start(rank: int, port: int, root: str) -> None:
+    """Streamed classification's start (finetune/cls_stream.py StreamingShards), rank 1's
+    node seeing a list with one shard more."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from finetune.cls_stream import StreamingShards
+
+    shards = sorted(Path(root).glob("s*.tar"))
+    listed = Path(root, f"cls-seen-by-rank{rank}.txt")
+    listed.write_text("".join(f"{s}\n" for s in shards[:3 + rank]))
+    try:
+        StreamingShards([str(listed)], lambda img: img, num_samples=8, batch_size=2,
+                        rank=rank, world=2)
+        outcome = {"started": True}
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        outcome = {"type": type(err).__name__, "message": str(err)}
+    Path(root, f"cls-rank{rank}.json").write_text(json.dumps(outcome))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_streamed_classification_ranks_with_different_lists_refuse_together(tmp_path):
+    """The same check where streamed classification builds its loader."""
+    for i in range(4):
+        write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_stream_start, args=(r, port, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    outcomes = [json.loads((tmp_path / f"cls-rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0]["type"] == "StorageAccessError"
+    assert "the ranks read different shard lists: rank 0 lists 3 shards" in (
+        outcomes[0]["message"])
