@@ -42,7 +42,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
-from data.state import PipelineState, derive_seed, upgrade_state, url_list_digest
+from data.state import (
+    PipelineState,
+    derive_seed,
+    legacy_naming,
+    upgrade_state,
+    url_list_digest,
+)
 from data.stats import DataStats, SkipCounter
 from data.storage import StorageAccessError
 from data.stream import MixedStream, SourceCursor, SourceStream
@@ -401,9 +407,14 @@ class ResumableLoader:
         A source whose shard list changed since the save is refused (ValueError naming
         it), or with ``on_shard_list_change=restart`` the pipeline starts afresh with the
         saved counts (the old positions index permutations of the old lists)."""
-        lists = {s.name: s.urls for s in self.sources}
-        state = ([upgrade_state(s, lists) for s in state] if isinstance(state, list)
-                 else upgrade_state(state, lists))
+        legacy = {}  # lists a state of the version before named otherwise
+        for source, digest in zip(self.sources, self._state.shard_lists, strict=True):
+            found = legacy_naming(source.urls, digest)
+            if found is not None:
+                legacy[source.name] = (found[0], digest, found[1])
+        if legacy:
+            state = ([upgrade_state(s, legacy) for s in state] if isinstance(state, list)
+                     else upgrade_state(state, legacy))
         if self._restart_on_changed_lists(state):
             return
         if isinstance(state, list):

@@ -39,6 +39,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+@functools.lru_cache(maxsize=1024)  # a decoded sample names its shard: one look a shard
 def shard_name(url: str) -> str:
     """How a saved state names shard ``url``: the URL itself, or, when it holds a
     credential (which a ``.txt`` shard list may: the config refuses them), a name without
@@ -115,23 +116,32 @@ def raw_list_digest(urls: list[str]) -> list:
     return [len(urls), hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]]
 
 
-def upgrade_state(d: dict[str, Any], lists: dict[str, list[str]]) -> dict[str, Any]:
+def legacy_naming(urls: list[str], digest: list) -> tuple[list, dict[str, str]] | None:
+    """How states saved before shards that hold a credential were named without it
+    (:func:`unit_key`) recorded this list (``urls``, today's ``digest``): (its
+    :func:`raw_list_digest`, old key -> today's key), computed once per list; None where
+    the two namings agree (no URL of the list holds a credential: one SHA-256 of the list
+    tells, no URL is scanned)."""
+    raw = raw_list_digest(urls)
+    if list(raw) == list(digest):
+        return None
+    return raw, {u: unit_key(urls, j) for j, u in enumerate(urls) if has_credential(u)}
+
+
+def upgrade_state(d: dict[str, Any],
+                  legacy: dict[str, tuple[list, list, dict[str, str]]]) -> dict[str, Any]:
     """A saved state (:meth:`PipelineState.to_dict`) in today's naming: where it recorded a
-    source's list by :func:`raw_list_digest` of this run's list (``lists``: source name ->
-    URLs), saved before shards that hold a credential were named without it
-    (:func:`unit_key`), its digest is replaced and every key naming such a shard by its
-    URL renamed, so that a run saved by that version resumes as before. ``d`` itself when
-    nothing differs (every state without such shards)."""
+    source's list by its raw digest, saved before shards that hold a credential were
+    named without it, its digest is replaced and every key naming such a shard by its URL
+    renamed, so that a run saved by that version resumes as before. ``legacy``: source
+    name -> (raw digest, today's digest, renaming), for the lists :func:`legacy_naming`
+    found one for (a re-deal upgrades every old rank's state: the renaming is built once).
+    ``d`` itself when nothing differs."""
     digests = list(d.get("shard_lists") or [])
     renames: dict[int, dict[str, str]] = {}  # saved source index -> its own keys' renaming
     for i, name in enumerate(d.get("sources", [])[:len(digests)]):
-        urls = lists.get(name)
-        if urls is None or not any(has_credential(u) for u in urls):
-            continue
-        if list(digests[i]) != raw_list_digest(urls):
-            continue
-        digests[i] = url_list_digest(urls)
-        renames[i] = {u: unit_key(urls, j) for j, u in enumerate(urls) if has_credential(u)}
+        if name in legacy and list(digests[i]) == list(legacy[name][0]):
+            digests[i], renames[i] = legacy[name][1], legacy[name][2]
     if not renames:
         return d
     # a position holds one cursor per source, by index (data.stream.MixState: ``sources``,

@@ -313,6 +313,7 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
     """
     param = engine.module.logit_scale
     low, high = 0.0, math.log(max_logit_scale)
+    unfused = None  # the unfused optimizer's master, where it holds one
     if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
@@ -323,14 +324,14 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
     elif getattr(param, "_hp_mapping", None) is not None:
         param._hp_mapping.get_hp_fragment().clamp_(low, high)
     elif param.dtype != torch.float32 and not engine.zero_optimization():
-        unfused_master(engine, param).data.clamp_(low, high)
+        unfused = unfused_master(engine, param)
+        unfused.data.clamp_(low, high)
     param.data.clamp_(low, high)
     if param.dtype != torch.float32:  # a 16-bit copy: the forward takes the master's value
         from deepspeed.utils import safe_get_full_fp32_param
 
-        exact = safe_get_full_fp32_param(param)  # collective under ZeRO
-        if exact is None and not engine.zero_optimization():  # the unfused optimizer's
-            exact = unfused_master(engine, param)
+        # (collective under ZeRO)
+        exact = unfused if unfused is not None else safe_get_full_fp32_param(param)
         engine.module.exact_logit_scale = (None if exact is None
                                            else exact.detach().float().reshape(1))
 
@@ -351,6 +352,5 @@ def unfused_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
 
     raise RefusedStart(
         f"engine.deepspeed_config: the temperature's fp32 master cannot be found in "
-        f"{type(opt).__name__} (16-bit "
-        "weights at engine.zero_stage=0 with an optimizer from engine.deepspeed_config): "
-        "use engine.zero_stage=1, or drop the optimizer from that file")
+        f"{type(opt).__name__} (16-bit weights at engine.zero_stage=0 with an optimizer "
+        "from that file): use engine.zero_stage=1, or drop the optimizer from that file")

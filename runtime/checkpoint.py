@@ -40,8 +40,9 @@ folder, never a half-deleted ``step_*`` one that looks complete; the next prune,
 next start of the run (:func:`clear_leftovers`: a run that never saves again), finishes it.
 
 What a save costs. Every rank: writing its DeepSpeed files and its rank file, one
-broadcast of rank 0's 8-character staging token (each rank receives one string; it was an
-all-gather, every rank's token sent to every rank), a barrier, and a broadcast of rank 0's
+broadcast of rank 0's step and 8-character staging token (each rank receives one; it was
+an all-gather, every rank's token sent to every rank), one all-reduce of a flag (a rank at
+another step), a barrier, and a broadcast of rank 0's
 outcome (None, or its refusal: every rank raises it). Rank 0, between the barrier and the
 broadcast: its side files, ``trainer_state.json``, the lock read once more, the publish
 (renames and ``latest`` writes) and prune's decisions and renames, one metadata operation

@@ -465,7 +465,7 @@ def test_the_upgrade_renames_each_sources_keys_by_its_own_list():
     """Two sources may list the same shard at other places: an old state's key of it is
     renamed by the list of the source whose cursor holds it (one map over all sources gave
     source A source B's index, and A's unit was then read from the key's literal text)."""
-    from data.state import raw_list_digest, unit_key, upgrade_state
+    from data.state import legacy_naming, raw_list_digest, unit_key, upgrade_state, url_list_digest
 
     u = [f"pipe:HF_TOKEN=sk_EXAMPLE{i} cat /s/{i}.tar" for i in range(2)]
     lists = {"a": [u[0], u[1]], "b": [u[1], u[0]]}
@@ -473,7 +473,12 @@ def test_the_upgrade_renames_each_sources_keys_by_its_own_list():
     old = {"sources": ["a", "b"], "shard_lists": [raw_list_digest(lists["a"]),
                                                   raw_list_digest(lists["b"])],
            "positions": {"0": {"sources": [cursor, cursor], "cut": None}}}
-    new = upgrade_state(old, lists)
+    legacy = {}
+    for name, urls in lists.items():
+        raw, rename = legacy_naming(urls, url_list_digest(urls))
+        legacy[name] = (raw, url_list_digest(urls), rename)
+    assert legacy_naming(["s3://b/0.tar"], url_list_digest(["s3://b/0.tar"])) is None
+    new = upgrade_state(old, legacy)
     a, b = new["positions"]["0"]["sources"]
     assert a["unit"] == unit_key(lists["a"], 1) and b["unit"] == unit_key(lists["b"], 0)
     assert a["dropped"] == [unit_key(lists["a"], 0)] and b["dropped"] == [unit_key(lists["b"], 1)]
