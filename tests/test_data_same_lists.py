@@ -24,17 +24,15 @@ from tests.pretrain_utils import free_port
 pytestmark = [pytest.mark.distributed]
 
 
-def _start(rank: int, port: int, root: str, other_numpy: bool = False) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _pretrain_start(rank: int, root: str, other_numpy: bool) -> None:
+    """Pre-training's loader (pretrain/data), rank 1's node seeing a list with one shard
+    more, or, with ``other_numpy``, the same list on a numpy that permutes otherwise."""
     from data.config import S3Config
     from pretrain.data import DataConfig, SourceConfig, build_loader
     from runtime.dist import all_gather_objects
 
     shards = sorted(Path(root).glob("s*.tar"))
     listed = Path(root, f"seen-by-rank{rank}.txt")  # what this rank's node sees of the list
-    # rank 1's node sees one shard more; or, with other_numpy, the same list on a numpy
-    # that permutes otherwise
     listed.write_text("".join(f"{s}\n" for s in shards[:3 + (0 if other_numpy else rank)]))
     cfg = DataConfig(sources=[SourceConfig("laion", str(listed))], image_size=8, batch_size=1,
                      workers=0, shuffle_buffer=0, context_length=8, seed=1,
@@ -42,8 +40,30 @@ def _start(rank: int, port: int, root: str, other_numpy: bool = False) -> None:
     loader = build_loader(cfg, rank, 2)
     if other_numpy and rank == 1:  # what a node image with another numpy records
         loader._state.permutations = ["9.9.9", "0123456789abcdef"]
+    loader.check_same_lists(all_gather_objects)
+
+
+def _stream_start(rank: int, root: str, other_numpy: bool) -> None:
+    """Streamed classification's start (finetune/cls_stream.py StreamingShards), rank 1's
+    node seeing a list with one shard more."""
+    from finetune.cls_stream import StreamingShards
+
+    shards = sorted(Path(root).glob("s*.tar"))
+    listed = Path(root, f"cls-seen-by-rank{rank}.txt")
+    listed.write_text("".join(f"{s}\n" for s in shards[:3 + rank]))
+    StreamingShards([str(listed)], lambda img: img, num_samples=8, batch_size=2,
+                    rank=rank, world=2)
+
+
+STARTS = {"pretrain": _pretrain_start, "stream": _stream_start}
+
+
+def _rank(rank: int, port: int, root: str, start: str, other_numpy: bool) -> None:
+    """One gloo rank: its start's outcome (started, or the error) into ``rank<r>.json``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        loader.check_same_lists(all_gather_objects)
+        STARTS[start](rank, root, other_numpy)
         outcome = {"started": True}
     except Exception as err:  # noqa: BLE001 - recorded for the test
         outcome = {"type": type(err).__name__, "message": str(err)}
@@ -52,12 +72,12 @@ def _start(rank: int, port: int, root: str, other_numpy: bool = False) -> None:
     os._exit(0)
 
 
-def _outcomes(root: Path, other_numpy: bool = False) -> list[dict]:
+def _outcomes(root: Path, start: str = "pretrain", other_numpy: bool = False) -> list[dict]:
     for i in range(4):
         write_tar(root / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_start, args=(r, port, str(root), other_numpy))
+    procs = [ctx.Process(target=_rank, args=(r, port, str(root), start, other_numpy))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -87,41 +107,9 @@ def test_ranks_on_numpys_that_permute_differently_refuse_together(tmp_path):
     assert "rank 1 numpy 9.9.9" in outcomes[0]["message"]
 
 
-def _stream_start(rank: int, port: int, root: str) -> None:
-    """Streamed classification's start (finetune/cls_stream.py StreamingShards), rank 1's
-    node seeing a list with one shard more."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    from finetune.cls_stream import StreamingShards
-
-    shards = sorted(Path(root).glob("s*.tar"))
-    listed = Path(root, f"cls-seen-by-rank{rank}.txt")
-    listed.write_text("".join(f"{s}\n" for s in shards[:3 + rank]))
-    try:
-        StreamingShards([str(listed)], lambda img: img, num_samples=8, batch_size=2,
-                        rank=rank, world=2)
-        outcome = {"started": True}
-    except Exception as err:  # noqa: BLE001 - recorded for the test
-        outcome = {"type": type(err).__name__, "message": str(err)}
-    Path(root, f"cls-rank{rank}.json").write_text(json.dumps(outcome))
-    dist.barrier()
-    os._exit(0)
-
-
 def test_streamed_classification_ranks_with_different_lists_refuse_together(tmp_path):
     """The same check where streamed classification builds its loader."""
-    for i in range(4):
-        write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 2, size=8))
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_stream_start, args=(r, port, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    outcomes = [json.loads((tmp_path / f"cls-rank{r}.json").read_text()) for r in range(2)]
+    outcomes = _outcomes(tmp_path, "stream")
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0]["type"] == "StorageAccessError"
     assert "the ranks read different shard lists: rank 0 lists 3 shards" in (
