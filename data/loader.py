@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.adopted import AdoptingStream
 from data.config import S3Config
 from data.epochs import extra_offsets, parts_per_shard
 from data.sources import RawSample
@@ -163,13 +164,32 @@ class SlotStreams(IterableDataset):
         physical = info.id if info is not None else 0
         yield from self.batches((physical + self.rotation) % self.workers)
 
-    def mixed_stream(self, worker: int, counter: SkipCounter) -> MixedStream:
+    def mixed_stream(self, worker: int, counter: SkipCounter) -> MixedStream | AdoptingStream:
         """The raw samples of logical ``worker``: every source's epochs dealt over all
         (rank, worker) slots (:mod:`data.epochs`), mixed by weight and shuffled in blocks
-        (:mod:`data.stream`), resumed from the worker's saved state if there is one."""
+        (:mod:`data.stream`), resumed from the worker's saved state if there is one (after
+        a resume on another slot count, first the old blocks it adopted:
+        :mod:`data.adopted`)."""
+        position = self.positions.get(worker)
+        adopted = position.get("adopted") if position is not None else None
+        if position is not None:
+            position = {k: v for k, v in position.items() if k != "adopted"}
+        own = self._slot_stream(self.rank * self.workers + worker,
+                                self.world_size * self.workers, self.epoch, counter, position)
+        if not adopted:
+            return own
+
+        def open_block(entry: dict[str, Any]) -> MixedStream:
+            return self._slot_stream(entry["slot"], entry["nslots"], entry["epoch"], counter,
+                                     entry["state"], one_block=True)
+
+        return AdoptingStream(own, adopted, open_block)
+
+    def _slot_stream(self, slot: int, nslots: int, epoch: int, counter: SkipCounter,
+                     state: dict[str, Any] | None, one_block: bool = False) -> MixedStream:
+        """The stream of ``slot`` of ``nslots`` in loader epoch ``epoch`` (an adopted
+        block's: the old slot's, on the old deal)."""
         opts = self.opts
-        nslots = self.world_size * self.workers
-        slot = self.rank * self.workers + worker
         resampled = [s.resampled and self.train for s in self.sources]
         units = [len(s.urls) * (parts_per_shard(len(s.urls), nslots) if r else 1)
                  for s, r in zip(self.sources, resampled, strict=True)]
@@ -178,15 +198,15 @@ class SlotStreams(IterableDataset):
         def make_sources(cursors: list[SourceCursor] | None) -> list[SourceStream]:
             return [SourceStream(s.name, s.urls, slot, nslots, opts.seed, opts.s3, counter,
                                  resampled=resampled[i], shuffle=self.train,
-                                 first_epoch=self.epoch,
+                                 first_epoch=epoch,
                                  cursor=cursors[i] if cursors is not None else None,
                                  deal_offset=offsets[i], deal_stride=stride)
                     for i, s in enumerate(self.sources)]
 
         return MixedStream(make_sources, [s.weight for s in self.sources],
-                           derive_seed(opts.seed, self.epoch), slot,
+                           derive_seed(opts.seed, epoch), slot,
                            opts.shuffle_buffer if self.train else 0, counter,
-                           state=self.positions.get(worker))
+                           state=state, one_block=one_block)
 
     def batches(self, worker: int) -> Iterator[dict[str, Any]]:
         """Batches of logical ``worker``, continuing from its saved state. A final one may
@@ -233,8 +253,8 @@ class SlotStreams(IterableDataset):
             pending = []
         yield self._item(pending, worker, mixed, counter)
 
-    def _item(self, pending: list[tuple[int, Any]], worker: int, mixed: MixedStream,
-              counter: SkipCounter) -> dict[str, Any]:
+    def _item(self, pending: list[tuple[int, Any]], worker: int,
+              mixed: MixedStream | AdoptingStream, counter: SkipCounter) -> dict[str, Any]:
         data = self.codec.collate(pending, worker, counter) if pending else None
         return {"data": data, "worker": worker, "state": mixed.state(),
                 "counts": counter.drain(), "sources": dict(Counter(i for i, _ in pending))}

@@ -13,20 +13,27 @@ unit of those epochs is read exactly once across the change:
 
 - a unit an old slot was inside goes on at its saved byte offset (nothing of it repeated);
 - nothing is skipped;
-- repeated: the samples of each old worker's current shuffle block that were already
-  handed out (a saved cursor is the block's start, see :mod:`data.stream`; the new slots
-  cannot re-create another slot's block), at most ``shuffle_buffer`` per old worker. The
-  count is logged and returned (per old worker's block, not per source: a block mixes
-  sources).
+- nothing is repeated: each old worker inside a shuffle block hands it to one new slot,
+  which finishes it as the old worker would have (:mod:`data.adopted`: the block re-read
+  from its start cursors, muted, its handed-out samples skipped); the re-deal starts from
+  the cursors at the block's end (``MixState.end``, or ``cut["sources"]``), so none of the
+  block's units is dealt to anyone else. About one block per new slot, read before its own
+  share.
 
-**Skip counts of those blocks.** Whatever an old worker counted from its block's start
-(a missing or cut shard, lost samples, an undecodable image of a sample handed out, the
-``unread_bytes`` of a damaged shard, the ``unknown_tags`` and ``malformed_tags`` of the
-samples handed out: :data:`data.stats.MET_EVENTS`) the new slots count again as they read
-the same shards. A resume on the same slot count mutes
-its re-read of the block; the new slots cannot tell the block's samples from the rest of
-their shards, so the skips (and those events) each old worker's state says its block met
-(:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
+**States saved before the block's end was kept** re-deal from the block's start: the
+samples of each old worker's current block already handed out are read again, at most
+``shuffle_buffer`` per old worker (~10M at the H preset's 4,096 slots and buffer 5,000),
+logged and returned as ``repeated``. So are the samples a one-pass rank had handed out of
+the pass after the one going on (below).
+
+**Skip counts of those blocks** (such older states). Whatever an old worker counted from
+its block's start (a missing or cut shard, lost samples, an undecodable image of a sample
+handed out, the ``unread_bytes`` of a damaged shard, the ``unknown_tags`` and
+``malformed_tags`` of the samples handed out: :data:`data.stats.MET_EVENTS`) the new slots
+count again as they read the same shards. A resume on the same slot count (and an adopted
+block) mutes its re-read of the block; the new slots cannot tell the block's samples from
+the rest of their shards, so the skips (and those events) each old worker's state says its
+block met (:class:`data.stream.MixState` ``skips``) are taken out of the totals instead
 (:func:`resized_state`), to be counted once more by the re-read: totals end up those of a
 run that never changed its slot count. Nothing of it goes to the new slots' positions.
 
@@ -134,7 +141,10 @@ class Redeal:
     state), and what the change costs over all new slots: ``units[source]`` re-dealt,
     ``resumed[source]`` of them at a byte offset, ``repeated`` samples (already handed out,
     read again), ``recounted``: ``[source, reason, n]`` skips (and unread bytes) the old
-    workers counted in their current blocks, which the re-read counts again; ``epoch``:
+    workers counted in their current blocks, which the re-read counts again (states saved
+    before ``MixState.end`` was kept); ``adopted``: old shuffle blocks handed on whole to
+    new slots (:mod:`data.adopted`), ``kept`` the samples already handed out of them (not
+    repeated); ``epoch``:
     the loader epoch (pass) the new slots go on with; ``ahead``: old ranks that had begun
     a later pass than it (see the module docstring on one-pass sources)."""
 
@@ -145,6 +155,8 @@ class Redeal:
     resumed: dict[str, int] = field(default_factory=dict)
     repeated: int = 0
     recounted: list[list] = field(default_factory=list)
+    adopted: int = 0
+    kept: int = 0
 
 
 def _key(urls: list[str], unit_id: int, parts: int) -> str:
@@ -353,24 +365,44 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     epochs = [st.epoch for st in states for _ in range(old.workers)]
     if any(m and m.get("sources") is None for m in mixes):
         raise ValueError("data state: a worker's saved position has no source cursors")
+    # Each old worker inside a shuffle block of the pass going on hands the block to one
+    # new slot (data.adopted), which finishes it; the re-deal goes on from the block's end.
+    # States saved before the block's end was kept: from its start (its shards read again,
+    # the part handed out repeated, its skips taken out of the totals).
+    adopted: list[dict[str, Any]] = []
+    starts: list[list[dict[str, Any]] | None] = []
+    legacy: list[dict[str, Any]] = []
+    for slot, (m, e) in enumerate(zip(mixes, epochs, strict=True)):
+        adopted += m.get("adopted", [])  # blocks an earlier re-deal handed to this slot
+        end = _block_end(m) if e == result.epoch else None
+        if end is not None:
+            # (the block's end is of no more use to the slot that finishes it)
+            adopted.append({"slot": slot, "nslots": old_nslots, "epoch": e,
+                            "state": {k: v for k, v in m.items() if k != "adopted"}
+                            | {"end": None}})
+        elif m and m.get("emitted") and e == result.epoch:
+            legacy.append(m)
+        starts.append(end if end is not None else (m["sources"] if m else None))
     per_source: list[list[SourceCursor]] = []
     units = [len(sp.urls) * (parts_per_shard(len(sp.urls), old_nslots) if sp.resampled else 1)
              for sp in specs]
     offsets, stride = extra_offsets(units, old_nslots)
     for i, spec in enumerate(specs):
-        cursors = [SourceCursor.from_dict(m["sources"][i]) if m else SourceCursor(epoch=e)
-                   for m, e in zip(mixes, epochs, strict=True)]
+        cursors = [SourceCursor.from_dict(c[i]) if c is not None else SourceCursor(epoch=e)
+                   for c, e in zip(starts, epochs, strict=True)]
         new, n, resumed = redeal_source(cursors, spec, old_nslots, new_nslots, seed,
                                         offsets[i], stride, pass_epoch=result.epoch)
         per_source.append(new)
         result.units[spec.name], result.resumed[spec.name] = n, resumed
-    # a rank in a later pass: all it handed out of it (``index``) is read again, not
-    # only its current block
-    result.repeated = sum(m.get("index" if e > result.epoch else "emitted", 0)
-                          for m, e in zip(mixes, epochs, strict=True) if m)
+    # a rank in a later pass: all it handed out of it (``index``) is read again
+    result.repeated = sum(m.get("index", 0) for m, e in zip(mixes, epochs, strict=True)
+                          if m and e > result.epoch)
+    result.repeated += sum(m["emitted"] for m in legacy)
+    result.adopted = len(adopted)
+    result.kept = sum(entry["state"]["emitted"] for entry in adopted)
     recounted: Counter[tuple[str, str]] = Counter()
-    for m in mixes:
-        for source, reason, n in (m or {}).get("skips", []):  # none in older states
+    for m in legacy:
+        for source, reason, n in m.get("skips", []):  # none in older states
             recounted[source, reason] += n
     result.recounted = [[source, reason, n] for (source, reason), n in sorted(recounted.items())]
     draws = max((m.get("draws", 0) for m in mixes if m), default=0)
@@ -381,7 +413,18 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
                                   "emitted": 0, "draws": draws, "index": index, "lead": None,
                                   "sources": [per_source[i][slot].to_dict()
                                               for i in range(len(specs))]}
+        mine = adopted[slot::new_nslots]  # round the new slots, in old slot order
+        if mine:
+            result.positions[slot]["adopted"] = mine
     return result
+
+
+def _block_end(m: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The source cursors where the shuffle block a saved position is inside ended (the
+    next block's start), None outside a block or in states saved before it was kept."""
+    if not m or not m.get("emitted"):
+        return None
+    return m["cut"]["sources"] if m.get("cut") else m.get("end")
 
 
 def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: int,
@@ -410,6 +453,10 @@ def resized_state(saved: list[dict[str, Any]], specs: list[SourceSpec], rank: in
         counts = ", ".join(f"{source} {reason}: {n}" for source, reason, n in out.recounted)
         withdrawn = (f"; what they counted there ({counts}) is taken out of the totals, to "
                      "be counted again" if counts else "")
+        if out.adopted:
+            log.warning("data: %d shuffle blocks the old workers were inside are finished by "
+                        "new slots (the %d samples handed out of them are not repeated)",
+                        out.adopted, out.kept)
         log.warning("data: %d samples repeated across the change (handed out from the old "
                     "workers' current shuffle blocks, which are read again%s)", out.repeated,
                     withdrawn)

@@ -30,11 +30,14 @@ see "Faults end a block"; to the end of the block at least: a resumed stream ret
 shards set aside after failed reads at once, from the next block on, where the
 uninterrupted one waited for their cooldowns; the same samples, each once). Counts made
 while re-reading the block were already reported before the checkpoint and are muted. The
-state also keeps the skips counted from the block's start (``MixState.skips``, a few
-entries): a resume on another slot count, whose new slots read the block's shards again
-unmuted, takes them out of the totals instead (:mod:`data.redeal`). (The alternative,
-dropping the buffer and refilling it, would lose up to a buffer of samples per worker at
-every resume and make the resumed stream differ.)
+state also keeps the cursors where the block's fill ended (``MixState.end``): a resume on
+another slot count hands the block to one new slot, which finishes it as this one would
+have (:mod:`data.adopted`), and re-deals the rest from there (:mod:`data.redeal`), so
+none of the block is repeated; and the skips counted from the block's start
+(``MixState.skips``, a few entries), which such a resume from a state saved before the end
+was kept takes out of the totals (its new slots read the block's shards again, unmuted).
+(The alternative, dropping the buffer and refilling it, would lose up to a buffer of
+samples per worker at every resume and make the resumed stream differ.)
 
 **Faults end a block.** Re-reading a block from its start cursors reads what was read
 only if nothing in the read depended on the clock or on a transient fault: a failed read
@@ -64,8 +67,9 @@ block per worker: ``shuffle_buffer`` raw samples, on average half of them not ye
 buffer costs proportionally less). None of it grows with the samples consumed: the same
 after 10^3 samples or after 30 epochs (the replay it replaces read ~7.5 TB after 300M
 samples). The saved state is a few hundred bytes per worker plus the (rare) set-aside and
-dropped shard names (twice the source cursors inside a block a fault cut). Measured:
-``benchmarks/data_resume.py``.
+dropped shard names, twice that inside a block (its start and its end cursors; the end is
+taken once per block). Measured: ``benchmarks/data_resume.py``, and for a resume on
+another slot count ``benchmarks/data_resize.py``.
 """
 
 from __future__ import annotations
@@ -521,6 +525,13 @@ class MixState:
     other sources for the block's samples than it had (states saved before it was kept:
     none).
 
+    ``end``: inside a block not cut by a fault, the source cursors where the block's fill
+    ended (the next block's start; ``cut["sources"]`` holds them in a cut block), None
+    otherwise and in states saved before it was kept. A resume on the same slot count does
+    not need them (it re-reads the block); one on another slot count re-deals what the old
+    slots left from there, and hands each old block's rest to one new slot
+    (:mod:`data.redeal`, :class:`data.adopted.AdoptingStream`).
+
     ``skips``: ``[source, reason, n]``, the skips this stream counted from ``sources`` on
     (reading the block and its lead, decoding its emitted samples; also the events of
     :data:`data.stats.MET_EVENTS`: damaged shards' unread bytes, the samples' tag counts):
@@ -541,6 +552,7 @@ class MixState:
     skips: list[list] = field(default_factory=list)
     cut: dict[str, Any] | None = None
     ended: list[int] = field(default_factory=list)
+    end: list[dict[str, Any]] | None = None
 
 
 def _skip_list(met: Counter[tuple[str, str]]) -> list[list]:
@@ -554,16 +566,22 @@ class MixedStream:
     sample, ``state=`` (from :meth:`state`) to resume exactly there.
 
     ``make_sources(cursors)`` builds the source streams (cursors: None for a fresh start).
+    ``one_block``: hand out the rest of the block ``state`` is inside, then end (an old
+    slot's block finished by a new slot after a resize, :mod:`data.adopted`).
     """
 
     def __init__(self, make_sources: Callable[[list[SourceCursor] | None],
                                               list[SourceStream]],
                  weights: list[float], seed: int, slot: int, block_size: int,
-                 counter: SkipCounter, state: dict[str, Any] | None = None):
+                 counter: SkipCounter, state: dict[str, Any] | None = None,
+                 one_block: bool = False):
         self.make_sources, self.weights = make_sources, list(weights)
         self.seed, self.slot, self.counter = seed, slot, counter
         self.block_size = max(1, block_size)
+        self.one_block = one_block
         self._state = MixState(**state) if state is not None else MixState()
+        # the next block's start cursors while a block is handed out (MixState.end)
+        self._end: list[dict[str, Any]] | None = None
         # A state saved before blocks ended at epoch boundaries (no "lead" key) names a
         # block that may hold two epochs of a source: re-read it as it was filled then.
         self._legacy_block = state is not None and "lead" not in state
@@ -578,11 +596,19 @@ class MixedStream:
         """Raw samples handed out so far (from the start of the run, across resumes)."""
         return self._state.index
 
+    def advance_index(self) -> None:
+        """Count a sample handed out for this slot by another stream (an old slot's block
+        it adopted, :mod:`data.adopted`): each sample's augmentation seed stays its own."""
+        self._state.index += 1
+
     def state(self) -> dict[str, Any]:
         """The resumable position after the last sample handed out (JSON-ready)."""
         out = asdict(self._state)
         if self._at_block_end and self._streams:
             out["sources"] = [s.cursor().to_dict() for s in self._streams]
+        if self._streams:  # (not started: the end as resumed)
+            inside = self._state.emitted > 0 and self._state.cut is None
+            out["end"] = self._end if inside else None
         if self._block_met is not None:
             before, mark = self._block_met
             out["skips"] = _skip_list(before + (self.counter.met - mark))
@@ -717,6 +743,11 @@ class MixedStream:
                 after = {"draws": live, "sources": None, "lead": None, "skips": [],
                          "ended": self._ended(active)}
             self._legacy_block = False
+            # where this block ends, for a resume on another slot count (MixState.end): the
+            # streams stand still while it is handed out; once per block (none of one
+            # sample: never saved inside it)
+            self._end = (None if len(block) - skip < 2 or cut is not None else
+                         after["sources"] or [s.cursor().to_dict() for s in streams])
             order = self._block_order(block_no, len(block), size)
             for j in range(skip, len(block)):
                 st.index += 1
@@ -730,11 +761,11 @@ class MixedStream:
                 yield block[order[j]]
             if len(block) <= skip:  # (nothing re-read to hand out: go on all the same)
                 self._next_block(block_no + 1, after)
-            if jump:
+            if jump or self.one_block:
                 for stream, it in zip(streams, iters, strict=True):
                     it.close()  # its open shard
                     stream.close()
-                return True
+                return not self.one_block
             start, skip, cut = next_start, 0, None
             before = lead_met if lead is not None else Counter()
         return False

@@ -441,7 +441,10 @@ def test_skip_counts_of_the_old_shuffle_blocks_count_once_across_a_resize(tmp_pa
         for batch in loader:
             delivered.update(batch)
         skipped.update(loader.stats.skipped)
-    assert set(delivered) == set(delivered_once)  # nothing lost (some samples repeated)
+    # each sample once: the old blocks were finished by new slots (data.adopted); before,
+    # the samples handed out of them were read again
+    assert delivered == delivered_once, (delivered - delivered_once,
+                                         delivered_once - delivered)
     assert skipped == reference
 
 
@@ -604,28 +607,27 @@ def test_a_rank_that_finished_its_pass_has_nothing_re_dealt_and_the_pass_ends_on
     # A one-pass source (resampled=False, as in evaluation or an epochs run over a finite
     # pass) saved while some ranks had finished the pass and others had not, resumed on
     # another rank count and read to the end of the pass: every sample of the pass is
-    # delivered exactly once, apart from the documented repetition (the samples each old
-    # worker had handed out of its current shuffle block). The next pass is a whole pass
-    # 1, dealt over the new ranks as in a run that started there.
+    # delivered exactly once (before, the samples each old worker had handed out of its
+    # current shuffle block were read again). The next pass is a whole pass 1, dealt over
+    # the new ranks as in a run that started there.
     urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
             for i in range(6)]
     one_pass = Counter(f"s{i}-{j:04d}" for i in range(6) for j in range(5))
-    delivered, repeated, saved = Counter(), Counter(), []
+    delivered, saved, inside = Counter(), [], 0
     for rank, take in enumerate(takes):
         keys, state = _read_pass(_pass_loader(urls, rank, len(takes)), take)
         assert (state["epoch"], bool(state["positions"])) == (
             (1, False) if take is None else (0, take > 0))
-        emitted = state["positions"]["0"]["emitted"] if state["positions"] else 0
-        repeated.update(keys[len(keys) - emitted:])  # the current block's, read again
+        inside += bool(state["positions"] and state["positions"]["0"]["emitted"])
         delivered.update(keys)
         saved.append(state)
+    assert inside  # an old rank saved inside a shuffle block
     loaders = [_pass_loader(urls, rank, new_ranks, state=saved) for rank in range(new_ranks)]
     for loader in loaders:
         keys, state = _read_pass(loader)
         delivered.update(keys)
         assert state["epoch"] == 1  # the resumed pass was pass 0
-    assert delivered == one_pass + repeated, (delivered - one_pass - repeated,
-                                              one_pass + repeated - delivered)
+    assert delivered == one_pass, (delivered - one_pass, one_pass - delivered)
     for rank, loader in enumerate(loaders):  # the next pass: pass 1 of the new rank count
         fresh = _pass_loader(urls, rank, new_ranks)
         fresh.start_at(1)
@@ -685,9 +687,9 @@ def test_a_one_pass_slot_at_the_end_of_its_share_leaves_nothing_and_no_next_pass
 
 def test_a_rank_already_in_the_next_pass_is_re_read_in_it_and_says_so(tmp_path):
     # Old rank 1 finished pass 0 and read 2 batches of pass 1 while rank 0 was still in
-    # pass 0. The new ranks finish pass 0 exactly (its samples once, but for rank 0's
-    # current block) and deal pass 1 afresh: rank 1's 2 samples of it are read again,
-    # which the re-deal counts as repeated and names rank 1 for.
+    # pass 0. The new ranks finish pass 0 exactly (its samples once: rank 0's current
+    # shuffle block is finished by a new slot) and deal pass 1 afresh: rank 1's 2 samples
+    # of it are read again, which the re-deal counts as repeated and names rank 1 for.
     from data.redeal import redeal
 
     urls = [str(write_tar(tmp_path / f"s{i}.tar", good_samples(f"s{i}-", 5, size=8)))
@@ -696,17 +698,18 @@ def test_a_rank_already_in_the_next_pass_is_re_read_in_it_and_says_so(tmp_path):
     keys, first = _read_pass(_pass_loader(urls, 0, 2), 7)
     delivered = Counter(keys)
     emitted = first["positions"]["0"]["emitted"]
-    repeated = Counter(keys[len(keys) - emitted:])
+    assert emitted  # saved inside a shuffle block
     ahead = _pass_loader(urls, 1, 2)
     delivered.update(_read_pass(ahead)[0])
     assert _read_pass(ahead, 2)[1]["epoch"] == 1
     saved = [first, json.loads(json.dumps(ahead.state_dict()))]
     out = redeal(saved, [SourceSpec("s", urls, resampled=False)], 3, 1, 3)
-    assert (out.epoch, out.ahead, out.repeated) == (0, [1], emitted + 2)
+    assert (out.epoch, out.ahead, out.repeated) == (0, [1], 2)
+    assert (out.adopted, out.kept) == (1, emitted)  # rank 0's block, handed on whole
     loaders = [_pass_loader(urls, rank, 3, state=saved) for rank in range(3)]
     for loader in loaders:
         delivered.update(_read_pass(loader)[0])
-    assert delivered == one_pass + repeated
+    assert delivered == one_pass
     for rank, loader in enumerate(loaders):
         fresh = _pass_loader(urls, rank, 3)
         fresh.start_at(1)
