@@ -281,3 +281,37 @@ def test_a_refused_start_is_recorded_as_one(task, refusal):
         job()
     ended = task.records()[-1]
     assert ended["event"] == "ended" and ended["refused"] is True
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_a_start_refused_because_another_job_trains_the_run_is_not_requeued(task, lock):
+    """A second submission of a running job's command is refused by the run lock
+    (runtime/run_lock.py). Its record says a retry cannot help, so the exit trap leaves it
+    failed: before, it was requeued as a failure for as long as the first job saved
+    checkpoints (the bound counts failures without a new checkpoint), each attempt holding
+    its allocation (days, at 512 GPUs). Another refusal (a resume a bad node could not
+    load) is still a failure worth a requeue."""
+    from launch.commands.refusals import end_failed_start
+    from launch.slurm.after_exit import decide
+    from models.checkpoint import CheckpointError
+    from runtime.run_lock import RunLockError
+
+    error = (RunLockError(f"run directory {task.run_dir} is in use by process 4242 on "
+                          "node-elsewhere-17 (job 76)") if lock
+             else CheckpointError("checkpoint step_0000012: rank 3's file is unreadable"))
+
+    def make(job):
+        # the command's own refusal path: one line, exit status 2 (launch/commands)
+        return lambda argv: end_failed_start(error, "pretrain", task.run_dir, None, True)
+
+    job, _ = task.run(0, make, max_requeues=3)
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        job()
+    ended = task.records()[-1]
+    assert ended["event"] == "ended" and ended["refused"] is True
+    requeue, why = decide(2, "RUNNING", 0, 0, task.records(), None, 2)
+    if lock:
+        assert ended["retry"] is False and "node-elsewhere-17" in ended["error"]
+        assert not requeue and "a retry cannot help" in why
+    else:
+        assert "retry" not in ended and requeue

@@ -103,6 +103,16 @@ def signal_status(result: dict, command: str, run_dir: Path, is_main: bool) -> i
     return 128 + int(sig)
 
 
+_last_refusal: list[BaseException] = []
+
+
+def take_refusal() -> BaseException | None:
+    """The refusal :func:`end_failed_start` reported last in this process and not taken
+    yet (None if none): the SLURM job wrapper records whether a retry can help it
+    (launch/slurm/job.py)."""
+    return _last_refusal.pop() if _last_refusal else None
+
+
 def end_failed_start(err: BaseException, command: str, run_dir: Path, created: Path | None,
                      is_main: bool) -> int:
     """What `internimage pretrain|finetune` does when its run ended by ``err`` (a refusal,
@@ -125,4 +135,5 @@ def end_failed_start(err: BaseException, command: str, run_dir: Path, created: P
     if not isinstance(err, training_refusals()):
         raise err
     print(f"internimage {command}: {refusal_line(err)}", file=sys.stderr)  # one line, exit 2
+    _last_refusal[:] = [err]
     return REFUSED_STATUS

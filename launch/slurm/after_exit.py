@@ -34,8 +34,11 @@ script's set-up by launch/slurm/executor.py) with srun's exit status. It requeue
   crash at the same step, a refused resume, a node that always fails) is tried that many
   times and then left FAILED; one after a new checkpoint counts afresh, so a weeks-long
   run survives any number of sporadic failures as long as it makes progress between
-  them. Refusals (exit status 2) are not told apart: a checkpoint load that failed on a
-  bad node's GPU or a flaky file system is refused too, and would succeed elsewhere.
+  them. Refusals (exit status 2) are not told apart (a checkpoint load that failed on a
+  bad node's GPU or a flaky file system is refused too, and would succeed elsewhere),
+  but for a run directory another live job holds (``RunLockError``: a second submission
+  of a running job's command): recorded ``retry: false``, not requeued, since the first
+  job's new checkpoints would reset the bound for as long as it runs.
 
 Each failure is recorded in the run's ``slurm_jobs.jsonl`` (``failure_requeue``, then
 ``failure_requeue_failed`` if ``scontrol requeue`` refused; or ``failure_not_requeued``,

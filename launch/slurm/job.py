@@ -54,6 +54,7 @@ from typing import Any
 
 import submitit
 
+from launch.commands.refusals import take_refusal
 from launch.config import REFUSED_STATUS
 from launch.slurm.environment import (
     TaskInfo,
@@ -275,6 +276,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self._forget_previous_result()
         act_on_signal = self._signal_action(submitit_handler)
         argv = resume_argv(self.argv, run_dir, info.job_id) if restarts else self.argv
+        take_refusal()  # (none of this run's yet)
         if restarts:  # served by its store before, even without a checkpoint yet: a store
             # that does not answer at the start is an outage to wait for (data/preflight.py)
             from data.preflight import REQUEUED_ENV
@@ -285,7 +287,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         except BaseException as err:
             self._record_end(run_dir, info, restarts, None, err)
             raise
-        self._record_end(run_dir, info, restarts, status, None)
+        # a refusal is reported and returned (exit 2), not raised: its record says whether
+        # a retry can help (a run directory another job trains: no)
+        self._record_end(run_dir, info, restarts, status,
+                         take_refusal() if status == REFUSED_STATUS else None)
         if status != 0:
             raise RuntimeError(f"`internimage {' '.join(argv)}` exited with status {status} "
                                f"(job {info.job_id}, task {info.rank})")
