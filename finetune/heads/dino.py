@@ -362,13 +362,24 @@ class DinoDetector(nn.Module):
         enc = self._encode(pixels, pixel_mask)
         content, reference, enc_out = self._select_queries(enc)
         dn_content, dn_boxes, attn_mask, meta = self._denoising(tgts)
+        unused_dn = None
         if dn_content is not None:
             content = torch.cat([dn_content, content], 1)
             reference = torch.cat([dn_boxes, reference], 1)
+        else:
+            # No box here: the CDN builder never called label_embed, which another rank's
+            # may have. ZeRO 1-3 reduce (and ZeRO-3 gathers) only the parameters each rank
+            # used, so run the module at the same point and add exactly zero (see below).
+            index = torch.zeros(1, dtype=torch.long, device=pixels.device)
+            unused_dn = self.label_embed(index).sum() * 0.0
         logits, boxes = self._decode(content, reference, enc, attn_mask)
         num_dn = meta["dn_num_split"][0] if meta else 0
-        return dino_losses(self.criterion, self.matcher, self.cfg, logits, boxes, num_dn,
-                           enc_out, meta, tgts, zero=pixels.new_zeros(()))
+        total, losses = dino_losses(self.criterion, self.matcher, self.cfg, logits, boxes,
+                                    num_dn, enc_out, meta, tgts, zero=pixels.new_zeros(()))
+        if unused_dn is not None:  # into the terms too: the training loop sums those
+            losses["loss_dn"] = losses["loss_dn"] + unused_dn
+            total = total + unused_dn
+        return total, losses
 
     # ------------------------------------------------------------ inference
     @torch.no_grad()
