@@ -10,6 +10,7 @@ finetune/zero.py). With no config it fine-tunes on the digits demo shards.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -129,8 +130,11 @@ class ClsOptimConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.warmup_epochs is None or self.warmup_epochs >= 0, "optim.warmup_epochs",
-              "must be >= 0 (or null: use optim.warmup_steps)")
+        # an infinite one failed at the start's int() of the warm-up steps (OverflowError)
+        check(self.warmup_epochs is None
+              or (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0),
+              "optim.warmup_epochs", f"must be a finite number >= 0 (or null: use "
+              f"optim.warmup_steps), got {self.warmup_epochs}")
 
     def warmup(self, steps_per_epoch: int) -> int:
         """Warm-up length in optimizer steps."""

@@ -8,6 +8,7 @@ demo's; presets in configs/finetune/ hold the paper's recipes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -160,6 +161,10 @@ class RunConfig:
         check(self.grad_accum >= 1, "run.grad_accum",
               f"must be >= 1 (micro-batches per optimizer step), got {self.grad_accum}")
         check(self.max_steps >= 0, "run.max_steps", "must be >= 0")
+        # an infinite count was planned as "inf epochs" and failed at the start's int() of
+        # the step count (OverflowError); NaN or a negative one passed with max_steps set
+        check(math.isfinite(self.epochs) and self.epochs >= 0, "run.epochs",
+              f"must be a finite number >= 0, got {self.epochs}")
         check(self.max_steps > 0 or self.epochs > 0, "run.epochs", "must be > 0 (or set "
               "run.max_steps)")
         check(self.zero_stage in (0, 1, 2, 3), "run.zero_stage", "must be 0..3")

@@ -20,7 +20,7 @@ from runtime.redact import config_hash, is_secret, public_dict, secrets_set
 
 T = TypeVar("T")
 __all__ = ["REFUSED_STATUS", "ConfigError", "build", "check_output_dir", "config_hash",
-           "dump_config", "load_config", "parse_overrides", "to_dict"]
+           "dump_config", "load_config", "parse_overrides", "read_config_file", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -186,6 +186,12 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise
     except ValueError as err:  # dataclasses validate in __post_init__ and name the key
         raise ConfigError(str(err)) from None
+    except ArithmeticError as err:
+        # a check that divided by a value before range-checking it (a ZeroDivisionError,
+        # an OverflowError): still one line, naming the section, never a traceback
+        where = prefix or cls.__name__
+        raise ConfigError(f"{where}: a value out of range ({type(err).__name__}: {err}); "
+                          f"check the counts and sizes under {where}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -200,20 +206,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: list[str] | None = None) -> T:
     """Load ``cls`` from an optional YAML file plus dotted overrides (overrides win)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
+    data = read_config_file(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     return build(cls, data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (``ConfigError`` if missing, not YAML, or not a
+    mapping), not yet checked against a dataclass."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
 
 
 def check_output_dir(output_dir: str | Path, key: str = "run.output_dir") -> None:

@@ -86,6 +86,11 @@ class TextConfig:
     arch: Literal["clip", "bert"] = "clip"
 
     def __post_init__(self) -> None:
+        # the counts first: a zero made the modulo below a ZeroDivisionError traceback,
+        # and a negative one passed it (both towers split the width into heads: open_clip's
+        # nn.MultiheadAttention and BERT's self-attention need width % heads == 0)
+        check(self.heads >= 1, "text.heads", f"must be >= 1, got {self.heads}")
+        check(self.width >= 1, "text.width", f"must be >= 1, got {self.width}")
         check(self.width % self.heads == 0, "text.width",
                f"must be divisible by text.heads ({self.heads}), got {self.width}")
         check(self.layers >= 1, "text.layers", "must be >= 1")
@@ -144,9 +149,17 @@ class ImageTargetConfig:
         check(0 <= self.momentum <= self.momentum_final <= 1, "objective.image.momentum",
               "needs 0 <= momentum <= momentum_final <= 1")
         check(self.decoder_depth >= 1, "objective.image.decoder_depth", "must be >= 1")
+        # the counts first (a zero was a ZeroDivisionError traceback below); the decoder's
+        # attention splits its width into decoder_heads heads and its 2-D sine-cosine
+        # position embedding into quarters (pretrain/m3i/decoder.py, pos_embed.py)
+        check(self.decoder_heads >= 1, "objective.image.decoder_heads",
+              f"must be >= 1, got {self.decoder_heads}")
+        check(self.decoder_width >= 1, "objective.image.decoder_width",
+              f"must be >= 1, got {self.decoder_width}")
         check(self.decoder_width % self.decoder_heads == 0 and self.decoder_width % 4 == 0,
               "objective.image.decoder_width",
-              f"must be divisible by 4 and by decoder_heads ({self.decoder_heads})")
+              f"must be divisible by 4 and by decoder_heads ({self.decoder_heads}), got "
+              f"{self.decoder_width}")
         check(0 < self.mix_share < 1, "objective.image.mix_share", "must be in (0, 1)")
         check(0 < self.view_scale[0] <= self.view_scale[1] <= 1, "objective.image.view_scale",
               "needs 0 < min <= max <= 1")
@@ -378,6 +391,21 @@ class PretrainConfig:
         # still apply those; only whole single-micro-batch steps can be skipped cleanly.
         check(self.run.on_nonfinite == "stop" or self.engine.grad_accum == 1,
                "run.on_nonfinite", "'skip' needs engine.grad_accum=1")
+        # a data section trains on its sources: without any (an empty list, or a section
+        # without the key, whose default is []) the start failed in the loader, after the
+        # distributed set-up, with a traceback (DataConfig itself may be empty: the data
+        # tools build one to fill in)
+        check(self.data is None or bool(self.data.sources), "data.sources",
+              "needs at least one source (a list of {name, urls, ...}; the demo config, "
+              "configs/pretrain/demo.yaml, has one)")
+        # the trainer evaluates only with both: held-out shards without class names were
+        # skipped without a word (class names without URLs is how evaluation is turned
+        # off: zero_shot.urls=[])
+        check(not self.zero_shot.urls or bool(self.zero_shot.class_names),
+              "zero_shot.class_names",
+              f"is empty while zero_shot.urls is set ({len(self.zero_shot.urls)} URL(s)): "
+              "zero-shot evaluation needs the class names, by label id (a list, or "
+              "imagenet); set them, or zero_shot.urls=[] to run no evaluation")
         if self.objective.image.enabled and self.data is not None:
             # the image branch mixes at the grid of the map its decoder reads: stride 16
             # for InternImage-H's fused map, 32 for T..XL's last stage

@@ -12,12 +12,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, build, read_config_file
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "launch"
 # How long result files may lag behind the job's end on a shared file system: submitit's
 # own allowance (Job._results_timeout_s in submitit 1.5.4); the default of result_grace_s.
 RESULT_GRACE_S = 15.0
+# How much earlier than sbatch's --signal=SIG@delay SLURM may send the signal ("up to 60
+# seconds earlier than specified", sbatch(1), --signal).
+SIGNAL_EARLY_S = 60
 
 
 @dataclass
@@ -90,6 +93,16 @@ class ClusterProfile:
                              f"{self.result_grace_s}")
         if self.signal_delay_s < 1:
             raise ValueError(f"signal_delay_s: must be >= 1, got {self.signal_delay_s}")
+        if self.time_min * 60 <= self.signal_delay_s + SIGNAL_EARLY_S:
+            # SLURM signals once the job is within signal_delay_s of its limit (and may do
+            # so up to a minute early): here that is at once, so every attempt saved and
+            # requeued at its first step, counting a time-out, until max_requeues ran out
+            raise ValueError(
+                f"time_min (--time) {self.time_min} min ({self.time_min * 60} s) must be "
+                f"longer than signal_delay_s ({self.signal_delay_s} s) + {SIGNAL_EARLY_S} s: "
+                f"SLURM sends the time-limit signal signal_delay_s before the limit (up to "
+                f"{SIGNAL_EARLY_S} s earlier), so the job would get it at once and requeue "
+                f"without training; give a longer --time or a smaller signal_delay_s")
         if self.save_on_signal and self.save_timeout_s >= self.signal_delay_s:
             raise ValueError(f"save_timeout_s ({self.save_timeout_s}) must be below "
                              f"signal_delay_s ({self.signal_delay_s}): the save has to end "
@@ -130,12 +143,11 @@ def resolve_profile_path(name: str) -> Path:
 
 def load_profile(name: str | None, overrides: dict[str, object]) -> ClusterProfile:
     """The profile ``name`` (None: defaults) with command-line values (not None) on top."""
-    base = load_config(ClusterProfile, resolve_profile_path(name) if name else None)
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(ClusterProfile)})
     if unknown:
         raise ConfigError(f"unknown profile key(s): {unknown}")
-    try:
-        return dataclasses.replace(base, **given)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    # the flags over the file's values, checked together: a check across keys (time_min
+    # against signal_delay_s) judges what the job gets, not the file alone
+    data = read_config_file(resolve_profile_path(name)) if name else {}
+    return build(ClusterProfile, {**data, **given})
