@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
-from finetune.data_files import NextReadable
+from finetune.data_files import NextReadable, agree_on_listing
 from finetune.dense_data import CollateCounted, CountedItems
 from finetune.eval_loader import eval_generator
 from runtime.dist import DistInfo, all_gather_objects, rank_share
@@ -299,7 +299,11 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
         from torchvision.datasets import ImageFolder
 
         train = ImageFolder(str(Path(d.root) / d.train_split), train_tf)
-        return train, _val_set(cfg, train.class_to_idx)
+        val = _val_set(cfg, train.class_to_idx)
+        agree_on_listing("training", train.samples, d.root, all_gather_objects)
+        if isinstance(val, ImageFolder):  # (not shards: ShardDataset agrees on its own)
+            agree_on_listing("validation", val.samples, d.root, all_gather_objects)
+        return train, val
     n = d.num_classes  # a label outside [0, n) is skipped, never handed to the loss
     if d.kind == "demo":
         train_urls, _ = demo_urls(d.cache_dir, d.source_size)

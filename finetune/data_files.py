@@ -5,14 +5,17 @@ cannot be read (the next item read in its place, :class:`NextReadable`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
+
+from runtime.loop import RefusedStart
 
 # how many missing files an error names (its count says how many there are)
 NAMED_MISSING = 3
@@ -27,6 +30,49 @@ def first_few(names: Iterable[str], total: int) -> str:
     with ``, ...`` when there are more: the tail of a "first: ..." in an error."""
     shown = list(names)[:NAMED_MISSING]
     return ", ".join(shown) + (", ..." if total > NAMED_MISSING else "")
+
+
+class ListingMismatch(RefusedStart):
+    """The ranks listed different files for one set (a refused start, one line)."""
+
+
+def agree_on_listing(what: str, entries: Sequence[tuple], root: str | Path,
+                     gather: Callable[[Any], list]) -> None:
+    """Refuse on every rank (:class:`ListingMismatch`) unless every rank listed the same
+    ``entries`` for the set ``what`` (an ImageFolder's ``(path, label)`` samples, a
+    segmentation set's ``(image, label, lut)`` pairs): their paths relative to ``root``
+    and their integers (labels) compared; other fields (a lookup table) are the same
+    code's output on every rank. Collective: every rank calls it (``gather``:
+    ``all_gather_objects``).
+
+    Each rank lists its own copy of the folders. A node-local copy that is incomplete, or
+    a folder synced while the job starts, gave that node's ranks another epoch length, so
+    another evaluation, checkpoint and final step: the others waited in a collective it
+    never entered (a hang at the first evaluation); with equal lengths, samplers that
+    split different lists and labels shifted by a missing class, silently. Cost: one
+    SHA-256 over the listing per rank (ImageNet-22K's 14M paths: seconds, next to
+    minutes of listing them) and one all-gather of ~100 bytes, once per start."""
+    digest, prefix = hashlib.sha256(), len(str(root))
+    for entry in entries:
+        for field in entry:
+            if isinstance(field, (str, Path)):
+                digest.update(str(field)[prefix:].encode())
+            elif isinstance(field, int):
+                digest.update(str(field).encode())
+            digest.update(b"\t")
+        digest.update(b"\n")
+    seen = gather((len(entries), digest.hexdigest()))
+    if len({d for _, d in seen}) == 1:
+        return
+    main = seen[0]
+    other = [r for r, s in enumerate(seen) if s != main]
+    first = other[0]
+    raise ListingMismatch(
+        f"data: the ranks listed different {what} sets: rank 0 {main[0]} items, rank "
+        f"{first} {seen[first][0]}{' (other files)' if seen[first][0] == main[0] else ''}; "
+        f"{len(other)} of {len(seen)} ranks differ from rank 0. Every rank must see the "
+        "same files (their epochs and labels follow from them): make every node's copy "
+        "whole and alike, then start again")
 
 
 class UnreadableFile(OSError):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.data_files import agree_on_listing
 from finetune.dense_data import train_batches
 from finetune.plan import count_params, print_plan
 from finetune.seg_config import (  # noqa: F401  (the public import path)
@@ -53,7 +54,7 @@ from finetune.seg_model import (  # noqa: F401  (the public import path)
     is_segmenter_checkpoint,
 )
 from runtime import rng, run_lock, schedules
-from runtime.dist import init_distributed
+from runtime.dist import all_gather_objects, init_distributed
 from runtime.loop import RefusedStart
 from runtime.param_groups import adamw, param_groups
 
@@ -202,6 +203,9 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     train_set, val_set = SegDataset(cfg.data, True), SegDataset(cfg.data, False)
+    for what, dataset, root in (("training", train_set, cfg.data.root),
+                                ("validation", val_set, cfg.data.eval_root)):
+        agree_on_listing(what, dataset.pairs, root, all_gather_objects)
     rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
     model = build_segmentor(cfg, agreed_init(cfg.init)).to(d.device)
     if sync_bn:

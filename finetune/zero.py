@@ -62,7 +62,13 @@ from runtime.checkpoint import (
     engine_layout,
     publish_config,
 )
-from runtime.dist import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
+from runtime.dist import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+)
 from runtime.ds_config import DeepSpeedSpec
 from runtime.ds_config import deepspeed_config as build_deepspeed_config
 from runtime.lockstep import lockstep
@@ -203,6 +209,21 @@ def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
     return run.save(engine, step, shared, info, side_files=side, local=local)
 
 
+def resumed_ema_state(resume_dir: Path, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The EMA weights saved in checkpoint ``resume_dir`` (None: saved without the EMA),
+    looked for and read by rank 0 for every rank (collective: every rank calls it). Each
+    rank looking for itself, a rank whose view of shared storage differed took the other
+    branch, whose ``set_to`` is a collective under ZeRO-3 (a hang); and each read the
+    whole file (H: 4.3 GB each, 2.2 TB at 512 ranks)."""
+    from finetune.init import read_once
+    from runtime.checkpoint import load_torch_file
+
+    path = resume_dir / EMA_FILE
+    if not broadcast_object(path.is_file() if is_main else None):
+        return None
+    return read_once(lambda p: (load_torch_file(p), None), path)[0]
+
+
 def _restore_stream(train_set, run: FinetuneRun, steps_per_epoch: int, d: DistInfo) -> None:
     """A resumed streamed set goes on after the batches its checkpoint had trained; a
     position it cannot continue (a changed shard list, another seed) is refused as a
@@ -242,7 +263,6 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     from finetune.cls_data import build_datasets
     from finetune.cls_loop import ClsSteps, run_classification
     from finetune.init import agreed_init
-    from runtime.checkpoint import load_torch_file
 
     d = init_distributed(cfg.run.collective_timeout_min)  # env for a lone process, gloo/nccl
     mhash = model_hash(cfg)
@@ -305,8 +325,9 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     criterion = build_loss(cfg, mixup)
     step = run.start_step
     if ema is not None and run.resume_dir is not None:
-        if (run.resume_dir / EMA_FILE).is_file():
-            ema.module.load_state_dict(load_torch_file(run.resume_dir / EMA_FILE))
+        saved = resumed_ema_state(run.resume_dir, d.is_main)
+        if saved is not None:
+            ema.module.load_state_dict(saved)
         else:
             # saved with ema.enabled=false: the EMA starts from the resumed weights (as the
             # released main.py builds its ModelEma after loading the checkpoint), not from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -414,7 +415,8 @@ def test_eval_every_0_evaluates_and_checkpoints_every_epoch(monkeypatch, tmp_pat
                                                     "run.checkpoint_every=0"])
     steps_per_epoch = 125
     captured = {}
-    monkeypatch.setattr(seg, "SegDataset", lambda data, train: None)
+    # (no files: the ranks agree on an empty listing)
+    monkeypatch.setattr(seg, "SegDataset", lambda data, train: SimpleNamespace(pairs=[]))
     monkeypatch.setattr(seg, "build_segmentor", lambda cfg, init: torch.nn.Linear(1, 1))
     monkeypatch.setattr(seg, "train_batches", lambda *a, **k: (None, steps_per_epoch))
     monkeypatch.setattr(seg, "optimizer_and_schedule", lambda *a: (None, None))
