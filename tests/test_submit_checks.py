@@ -477,3 +477,35 @@ def test_credentials_sbatch_would_not_export_are_refused(export, refused, where,
     else:
         assert status == 0, err
         assert no_sbatch.exists()
+
+
+def test_a_pretrain_resume_over_another_model_config_is_refused_before_sbatch(
+        no_sbatch, tmp_path, capsys):
+    """A changed model config over an existing run: the job's start refuses the resume
+    (pretrain.trainer: check_compatible's model hash) and the exit trap requeued it twice
+    more. submit runs the same check first, naming the hashes; the run's own config still
+    goes through."""
+    import json
+
+    from pretrain.data.decode import TagVocab
+    from pretrain.engine import model_hash
+    from runtime.checkpoint import engine_layout
+
+    run_dir, vocab = tmp_path / "run", tmp_path / "tags.txt"
+    vocab.write_text("cat\ndog\nbird\n")
+    job = ["pretrain", "--output-dir", str(run_dir), f"data.tag_vocab={vocab}"]
+    step = _fake_checkpoint(run_dir)
+    cfg = _load(job)
+    saved = model_hash(cfg, len(TagVocab.load(cfg.data.tag_vocab)))
+    (step / "trainer_state.json").write_text(json.dumps({
+        "step": 4, "world_size": 8, "model_hash": saved, "samples_seen": {},
+        "engine": engine_layout(cfg.engine.zero_stage, cfg.engine.precision)}))
+    # the run's own config, on another node count: accepted (pre-training re-deals)
+    spec = job_spec(job, build_parser(), world_size=2)
+    assert spec.argv[-2:] == ["--resume", "auto"]
+    status = main(["submit", "--folder", str(tmp_path / "logs"), *job,
+                   f"model.embed_dim={cfg.model.embed_dim * 2}"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("internimage submit: config error:"), err
+    assert "was saved for a different model/text-tower config" in err and saved in err
+    assert err.count("\n") == 1 and not no_sbatch.exists()

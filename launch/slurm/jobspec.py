@@ -235,6 +235,43 @@ def _check_world_size(resume_dir: Path, world_size: int) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _check_pretrain_resume(cfg, resume_dir: Path) -> None:
+    """Raise :class:`ConfigError` for a pre-training resume of ``resume_dir`` that the
+    job's start would refuse (``pretrain.trainer.Trainer``'s ``check_compatible``: the
+    task, ZeRO layout and precision, the model/text-tower hash; any world size). Before, a
+    changed model config over an existing run was queued, refused at its start, and
+    requeued as a failure twice more. A state or tag vocabulary that cannot be read here
+    (or the built-in demo's, written on first use) is left to the job, whose start names
+    what is wrong."""
+    from models import CheckpointError
+    from pretrain.data.decode import TagVocab
+    from pretrain.engine import model_hash
+    from runtime.checkpoint import (
+        PRETRAIN_TASK,
+        check_compatible,
+        engine_layout,
+        load_trainer_state,
+    )
+
+    vocab = cfg.data.tag_vocab if cfg.data is not None else None
+    if vocab is not None and vocab.startswith("builtin:"):
+        return
+    try:
+        state = load_trainer_state(resume_dir)
+        num_tags = len(TagVocab.load(vocab))
+    except (CheckpointError, OSError, UnicodeError):
+        return
+    if not isinstance(state, dict) or "model_hash" not in state:
+        return
+    try:
+        check_compatible(state, model_hash(cfg, num_tags), state.get("world_size", 0),
+                         resume_dir, allow_resize=True,
+                         engine=engine_layout(cfg.engine.zero_stage, cfg.engine.precision),
+                         task=PRETRAIN_TASK)
+    except CheckpointError as err:  # the job would stop on it, with this message
+        raise ConfigError(str(err)) from None
+
+
 def job_spec(job: list[str], parser: argparse.ArgumentParser,
              world_size: int | None = None) -> JobSpec:
     """Check ``job`` (``["pretrain", ...]``, parsed by the `internimage` ``parser``) and pin
@@ -275,6 +312,8 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
     resume_dir = _check_resume(args.command, resume, run_dir)
     if args.command == "finetune" and resume_dir is not None and world_size is not None:
         _check_world_size(resume_dir, world_size)
+    if args.command == "pretrain" and resume_dir is not None:
+        _check_pretrain_resume(cfg, resume_dir)
     if args.command == "finetune":  # the job's own start checks (a resumed job's: no init)
         from launch.commands.finetune import checked_start, task_entry
 
