@@ -12,9 +12,21 @@ from launch.commands import COMMANDS
 from launch.config import REFUSED_STATUS, ConfigError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviated flags (``--res`` for ``--resume``): a SLURM job reruns
+    its command line and finds its flags by their full names (launch/slurm/job.py
+    ``resume_argv``, jobspec ``with_flag``), so an abbreviation slipped past them (a
+    restart before the first save resumed ``auto`` instead of the path given). Subcommand
+    parsers are of the same class (argparse's default ``parser_class``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (each subcommand adds its own arguments)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="internimage",
         description="Pre-train, convert, fine-tune and launch InternImage models.",
     )

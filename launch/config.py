@@ -20,7 +20,8 @@ from runtime.redact import config_hash, is_secret, public_dict, secrets_set
 
 T = TypeVar("T")
 __all__ = ["REFUSED_STATUS", "ConfigError", "build", "check_output_dir", "config_hash",
-           "dump_config", "load_config", "parse_overrides", "read_config_file", "to_dict"]
+           "dump_config", "flag_override", "load_config", "parse_overrides", "read_config_file",
+           "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -226,13 +227,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def flag_override(key: str, value: Any) -> str:
+    """The ``key=value`` override of a command-line flag's ``value``, read back as that
+    string (or number): written bare, the override parser reads it as YAML, so
+    ``--output-dir "runs/exp #3"`` became ``runs/exp`` (a comment), ``2024-06-01`` a date
+    and ``12:30`` the integer 750."""
+    return f"{key}={json.dumps(value) if isinstance(value, str) else value}"
+
+
 def check_output_dir(output_dir: str | Path, key: str = "run.output_dir") -> None:
     """Refuse a run directory that cannot be one: ``output_dir`` itself, or one of the
     folders above it, exists but is not a directory (a file, a broken link). A
     ``ConfigError`` naming ``key`` and what is in the way, raised when the config is loaded
     (a dry run and `internimage submit` too): before, the start failed after its setup
     with a ``FileExistsError``/``NotADirectoryError`` traceback from creating the folder.
-    A path that does not exist yet is fine (the start creates it and its parents)."""
+    A path that does not exist yet is fine (the start creates it and its parents); an empty
+    one is refused (an unset shell variable: the run wrote into the current directory)."""
+    if not str(output_dir).strip():
+        raise ConfigError(f"{key}: empty; give the run's directory (an unset variable?)")
     path = Path(output_dir).absolute()
     for folder in (path, *path.parents):
         if not os.path.lexists(folder):

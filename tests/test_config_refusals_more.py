@@ -157,3 +157,34 @@ def test_a_check_that_divides_by_a_bad_value_is_still_one_config_error():
 
     with pytest.raises(ConfigError, match=r"^text: a value out of range \(ZeroDivisionError"):
         build(Section, {"heads": 0}, prefix="text")
+
+
+@pytest.mark.parametrize("command", [["pretrain"], ["finetune", "classification"]])
+def test_flag_values_are_taken_as_given_and_an_empty_output_dir_is_refused(
+        command, tmp_path, capsys):
+    """``--output-dir`` and ``--init`` went through the override parser's YAML: ``#`` cut
+    the path (``runs/exp #3`` continued ``runs/exp``, another run), ``2024-06-01`` became a
+    date. An empty ``--output-dir`` (an unset variable) ran pre-training in the current
+    directory and was ignored by fine-tuning (the config's default run directory)."""
+    from launch.cli import build_parser
+    from launch.commands.finetune import load as finetune_load
+    from launch.commands.pretrain import load as pretrain_load
+
+    load = pretrain_load if command == ["pretrain"] else finetune_load
+    for given in (f"{tmp_path}/exp #3", "2024-06-01", "12:30"):
+        args, extra = build_parser().parse_known_args([*command, "--output-dir", given])
+        args.overrides += extra
+        assert load(args).run.output_dir == given
+    line = _refused([*command, "--dry-run", "--output-dir", ""], capsys)
+    assert line.endswith("config error: --output-dir: empty; give the run's directory "
+                         "(an unset variable?)"), line
+
+
+def test_abbreviated_flags_are_refused_not_taken_for_the_full_ones(capsys):
+    """argparse took ``--res PATH`` for ``--resume PATH``; a SLURM job finds its flags by
+    their full names when it reruns its command, so a restart before the first save
+    resumed ``auto`` instead of PATH (launch/slurm/job.py resume_argv)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--dry-run", "--res", "/elsewhere/step_0000010"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --res" in capsys.readouterr().err

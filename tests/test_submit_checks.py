@@ -252,6 +252,16 @@ def test_srun_ends_every_task_when_one_fails(no_sbatch, tmp_path, capsys):
     assert "--kill-on-bad-exit=1" in _srun_line(script.read_text())
 
 
+def test_srun_asks_for_the_tasks_cpus_again(capsys):
+    """Slurm 22.05 to 23.02: srun does not inherit sbatch's --cpus-per-task (22.05 release
+    notes, "srun will no longer read in SLURM_CPUS_PER_TASK"): each task ran on one CPU
+    while OMP_NUM_THREADS and the data workers counted on cpus_per_task."""
+    assert main(["submit", "--dry-run", "--cpus-per-task", "12", "pretrain"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --cpus-per-task=12" in script
+    assert "--cpus-per-task=12" in _srun_line(script).split()
+
+
 @pytest.mark.parametrize("local", [False, True])
 def test_the_time_out_allowance_is_max_requeues_on_slurm_and_locally(local, tmp_path,
                                                                       monkeypatch):

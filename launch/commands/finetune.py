@@ -15,6 +15,7 @@ from launch.config import (
     check_output_dir,
     config_hash,
     dump_config,
+    flag_override,
     load_config,
     refuse_plan_flags,
 )
@@ -70,9 +71,9 @@ def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
     refuse_plan_flags(args, "gpus")
     overrides = list(args.overrides) + list(extras)
     if args.init:
-        overrides.append(f"init={args.init}")
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
+        overrides.append(flag_override("init", args.init))
+    if args.output_dir is not None:  # (an empty one refused below, not ignored)
+        overrides.append(flag_override("run.output_dir", args.output_dir))
     try:
         cfg = load_config(task_entry(args.task)[0], args.config, overrides)
     except ValueError as err:  # __post_init__ checks name their key too (ConfigError's one)
@@ -80,7 +81,8 @@ def load(args: argparse.Namespace, extras: list[str] | tuple[str, ...] = ()):
 
         hint = other_task_hint(args.config, f"internimage finetune {args.task}")
         raise ConfigError(f"{err}{hint}") from None
-    check_output_dir(cfg.run.output_dir, "--output-dir" if args.output_dir else "run.output_dir")
+    check_output_dir(cfg.run.output_dir,
+                     "--output-dir" if args.output_dir is not None else "run.output_dir")
     return cfg
 
 

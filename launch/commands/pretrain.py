@@ -14,6 +14,7 @@ from launch.config import (
     ConfigError,
     check_output_dir,
     dump_config,
+    flag_override,
     load_config,
     parse_overrides,
     refuse_plan_flags,
@@ -71,7 +72,7 @@ def load(args: argparse.Namespace, missing_data: str = "warn",
                       ("checkpoint_every", "run.checkpoint_every")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(flag_override(key, value))
     try:
         cfg = load_config(PretrainConfig, args.config or DEMO_CONFIG, overrides)
     except ValueError as err:  # (ConfigError's one) another task's preset: said so

@@ -42,7 +42,12 @@ def executor_parameters(profile: ClusterProfile, run_dir: Path) -> dict[str, Any
         # the dead rank in a collective until its timeout, holding the allocation. A clean
         # stop is not cut short: after a requeue rank 0 exits non-zero (submitit), but the
         # requeue it has already asked for ends every task anyway.
-        "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        # And the tasks' CPUs again: from Slurm 22.05 until 23.11 srun no longer inherits
+        # sbatch's --cpus-per-task (22.05 release notes: "srun will no longer read in
+        # SLURM_CPUS_PER_TASK"), so each task was bound to one CPU while its OpenMP
+        # threads and data workers counted on cpus_per_task. Harmless on other versions.
+        "slurm_srun_args": ["--kill-on-bad-exit=1",
+                            f"--cpus-per-task={profile.cpus_per_task}"],
     }
     if profile.mem_gb is not None:
         params["mem_gb"] = profile.mem_gb
