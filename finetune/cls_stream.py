@@ -112,6 +112,8 @@ class LabelledCodec:
         try:
             img = Image.open(io.BytesIO(image))
             img = img.convert("RGB")
+        except MemoryError:  # the worker's memory, not the sample's bytes: not a skip
+            raise
         except Exception:  # noqa: BLE001 - any undecodable image is skipped, never fatal
             return self._skip(raw, "undecodable_image", counter)
         # a worker's generators serve nothing else; the main process's serve training

@@ -365,3 +365,24 @@ def test_a_streamed_resume_reads_its_own_rank_file_unless_the_workers_changed(
     expected = _stream(urls, workers=workers, num_samples=48, rank=1, world=3)
     expected.load_state_dict(states)
     assert _labels(resumed, 3) == _labels(expected, 3)
+
+
+def test_a_worker_out_of_memory_is_not_counted_as_an_undecodable_image(monkeypatch):
+    """Streamed classification's decode: a MemoryError is the worker's, not the sample's
+    (it was counted undecodable_image, sample after sample); a damaged image still is."""
+    import finetune.cls_stream as cls_stream
+    from data.stats import SkipCounter
+
+    codec = cls_stream.LabelledCodec(lambda img: img)
+    raw = {"__key__": "k", "__url__": "x.tar", "jpg": b"\xff\xd8 not really", "cls": b"3"}
+    counter = SkipCounter()
+    assert codec.decode(0, raw, random.Random(0), counter) is None  # damaged: skipped
+    assert [(name, n) for kind, _, name, n in counter.drain() if kind == "skip"] == [
+        ("undecodable_image", 1)]
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cls_stream.Image, "open", out_of_memory)
+    with pytest.raises(MemoryError):
+        codec.decode(0, raw, random.Random(0), SkipCounter())

@@ -134,3 +134,26 @@ def test_pixel_limit_skips_and_counts_oversized_images(limit, side, reason):
 def test_max_image_pixels_is_validated():
     with pytest.raises(ValueError, match="data.max_image_pixels"):
         DataConfig(max_image_pixels=0)
+
+
+def test_a_worker_out_of_memory_is_not_counted_as_an_undecodable_image(monkeypatch):
+    """A MemoryError while decoding is the worker's memory, not the sample's bytes: it was
+    counted ``undecodable_image`` and the next samples skipped alike until
+    max_skipped_in_a_row ended the run naming the data. Other decode errors still skip."""
+    source = SourceConfig(name="s", urls="x.tar")
+    t = ImageTransform(16, True, MEAN, STD)
+    raw = {"__key__": "k", "__url__": "x.tar", "jpg": _photo(40, 40), "txt": b"a caption"}
+
+    def fails(error):
+        def decode(data, rng):
+            raise error
+        return decode
+
+    monkeypatch.setattr(t, "decode", fails(MemoryError()))
+    with pytest.raises(MemoryError):
+        decode_sample(raw, source, t, random.Random(0), SkipCounter())
+    monkeypatch.setattr(t, "decode", fails(OSError("broken data stream")))
+    counter = SkipCounter()
+    assert decode_sample(raw, source, t, random.Random(0), counter) is None
+    assert {name: n for kind, _, name, n in counter.drain() if kind == "skip"} == {
+        "undecodable_image": 1}

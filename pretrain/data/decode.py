@@ -247,6 +247,8 @@ def decode_sample(raw: RawSample, source: SourceConfig, transform: ImageTransfor
     except EmptyImage:
         counter.skip(source.name, "empty_image")
         return None
+    except MemoryError:  # the worker's memory, not the sample's bytes: not a skip
+        raise
     except Exception:
         counter.skip(source.name, "undecodable_image")
         return None
