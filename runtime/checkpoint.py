@@ -1138,11 +1138,29 @@ def stage_config(run_dir: Path, write: Callable[[Path], None]) -> None:
 
 def publish_config(run_dir: Path) -> None:
     """The staged config becomes ``run_dir/config.yaml`` (atomic; nothing to do when none
-    is staged: a run started without the command line, or another rank published it)."""
+    is staged: a run started without the command line, or another rank published it). One
+    that differs from the config the run last started with keeps that one and names the
+    changed keys (runtime/config_history.py)."""
+    from runtime.config_history import keep_previous
+
+    staged, current = _pending_config(run_dir), run_dir / CONFIG
     try:
-        os.replace(_pending_config(run_dir), run_dir / CONFIG)
+        new = staged.read_text()
     except FileNotFoundError:
-        pass
+        return
+    try:
+        previous = current.read_text()
+    except OSError:  # a fresh start (or a record unreadable: nothing to compare with)
+        previous = None
+    try:
+        os.replace(staged, current)
+    except FileNotFoundError:
+        return
+    if previous is not None:
+        try:
+            keep_previous(run_dir, previous, new)
+        except OSError as err:  # the record of a change is not worth the run
+            log.warning("%s: could not keep the previous %s: %s", run_dir, CONFIG, err)
 
 
 def discard_config(run_dir: Path) -> None:
