@@ -75,15 +75,11 @@ STALE_S = 120.0
 
 class RunLockError(CheckpointError):
     """The run directory is another live job's (a ``CheckpointError``: the command line
-    reports it in one line, exit 2), or this job lost it to another one.
-
-    Not worth a retry (``retry_helps``, read by launch/slurm/job.py): the other job trains
-    the run. Requeued after a failure, a second submission of a running job's command was
-    refused again and again for as long as the first one saved checkpoints (the exit
-    trap bounds failures without a new checkpoint, and the first job kept making them),
-    each attempt holding its whole allocation."""
-
-    retry_helps = False
+    reports it in one line, exit 2), or this job lost it to another one. A SLURM job
+    refused so is requeued a bounded number of times (launch/slurm/after_exit.py: a
+    refused attempt made no progress, whatever checkpoints the other job saves), which
+    lets a job submitted right after ``scancel`` take over once the cancelled one is
+    gone, and a lock file the file system failed to read (ESTALE) be read again."""
 
 
 def _pid_namespace() -> str:

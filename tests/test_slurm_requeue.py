@@ -283,35 +283,37 @@ def test_a_refused_start_is_recorded_as_one(task, refusal):
     assert ended["event"] == "ended" and ended["refused"] is True
 
 
-@pytest.mark.parametrize("lock", [True, False])
-def test_a_start_refused_because_another_job_trains_the_run_is_not_requeued(task, lock):
+def test_a_start_refused_by_the_run_lock_is_requeued_a_bounded_number_of_times(task):
     """A second submission of a running job's command is refused by the run lock
-    (runtime/run_lock.py). Its record says a retry cannot help, so the exit trap leaves it
-    failed: before, it was requeued as a failure for as long as the first job saved
-    checkpoints (the bound counts failures without a new checkpoint), each attempt holding
-    its allocation (days, at 512 GPUs). Another refusal (a resume a bad node could not
-    load) is still a failure worth a requeue."""
+    (runtime/run_lock.py) through the command's real refusal path. The exit trap bounds
+    failures without progress: the bound counted only failures at the same checkpoint,
+    and the first job saved new ones, so the second was requeued for as long as the first
+    ran, each attempt holding its allocation. A refused attempt is now no progress,
+    whatever the checkpoint does; a retry is still allowed (a job submitted right after
+    scancel takes over once the cancelled one has gone)."""
     from launch.commands.refusals import end_failed_start
     from launch.slurm.after_exit import decide
-    from models.checkpoint import CheckpointError
     from runtime.run_lock import RunLockError
 
-    error = (RunLockError(f"run directory {task.run_dir} is in use by process 4242 on "
-                          "node-elsewhere-17 (job 76)") if lock
-             else CheckpointError("checkpoint step_0000012: rank 3's file is unreadable"))
-
-    def make(job):
-        # the command's own refusal path: one line, exit status 2 (launch/commands)
-        return lambda argv: end_failed_start(error, "pretrain", task.run_dir, None, True)
-
-    job, _ = task.run(0, make, max_requeues=3)
-    with pytest.raises(RuntimeError, match="exited with status 2"):
-        job()
-    ended = task.records()[-1]
-    assert ended["event"] == "ended" and ended["refused"] is True
-    requeue, why = decide(2, "RUNNING", 0, 0, task.records(), None, 2)
-    if lock:
-        assert ended["retry"] is False and "node-elsewhere-17" in ended["error"]
-        assert not requeue and "a retry cannot help" in why
-    else:
-        assert "retry" not in ended and requeue
+    error = RunLockError(f"run directory {task.run_dir} is in use by process 4242 on "
+                         "node-elsewhere-17 (job 76)")
+    records = []
+    for attempt in range(3):
+        job, _ = task.run(attempt, lambda job: lambda argv: end_failed_start(
+            error, "pretrain", task.run_dir, None, True), max_requeues=3)
+        with pytest.raises(RuntimeError, match="exited with status 2"):
+            job()
+        ended = task.records()[-1]
+        assert ended["event"] == "ended" and ended["refused"] is True
+        assert "node-elsewhere-17" in ended["error"]  # why, for whoever reads the records
+        # the first job saved meanwhile: the run's checkpoint differs at every failure
+        checkpoint = [f"step_{1000 * (attempt + 1):07d}", 1764800000.0 + attempt, attempt]
+        requeue, why = decide(2, "RUNNING", attempt, attempt, task.records(), checkpoint, 2)
+        if attempt < 2:
+            assert requeue, why
+            records.append({"event": "failure_requeue", "checkpoint": checkpoint,
+                            "job_id": "77"})
+            with (task.run_dir / "slurm_jobs.jsonl").open("a") as f:
+                f.write(json.dumps(records[-1]) + "\n")
+        else:
+            assert not requeue and "failed 3 times without a new checkpoint" in why

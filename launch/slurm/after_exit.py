@@ -36,9 +36,9 @@ script's set-up by launch/slurm/executor.py) with srun's exit status. It requeue
   run survives any number of sporadic failures as long as it makes progress between
   them. Refusals (exit status 2) are not told apart (a checkpoint load that failed on a
   bad node's GPU or a flaky file system is refused too, and would succeed elsewhere),
-  but for a run directory another live job holds (``RunLockError``: a second submission
-  of a running job's command): recorded ``retry: false``, not requeued, since the first
-  job's new checkpoints would reset the bound for as long as it runs.
+  and a refused attempt counts against the bound whatever the checkpoint does (a second
+  submission of a running job's command, refused by the run lock while the first job
+  keeps saving, would otherwise be requeued for as long as the first one runs).
 
 Each failure is recorded in the run's ``slurm_jobs.jsonl`` (``failure_requeue``, then
 ``failure_requeue_failed`` if ``scontrol requeue`` refused; or ``failure_not_requeued``,
@@ -109,13 +109,30 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
                            "mend the cause, then submit the same command again")
         if r.get("event") == "requeue_requested":
             signalled = "; the time-out/preemption signal's requeue did not happen"
-    tried = sum(1 for r in job_records if r.get("event") == "failure_requeue"
-                and same_checkpoint(r.get("checkpoint"), checkpoint))
+    tried = _failures_without_progress(job_records, checkpoint)
     if tried >= failure_requeues:
         return False, (f"failed {tried + 1} times without a new checkpoint in between "
                        f"(failure_requeues={failure_requeues}){signalled}")
     return True, (f"srun exited with status {status}; requeue {tried + 1} of at most "
                   f"{failure_requeues} without a new checkpoint{signalled}")
+
+
+def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint: Any) -> int:
+    """This job's earlier failure requeues that found the run's checkpoint where it is now,
+    or whose attempt was refused at its start (rank 0's ``ended`` record says
+    ``refused``): a refused attempt made no progress of its own, whatever checkpoints
+    another job saves meanwhile. Counted by checkpoint alone, a second submission of a
+    running job's command, refused by the run lock, was requeued for as long as the first
+    job saved, each attempt holding its allocation."""
+    tried, refused = 0, False
+    for r in job_records:
+        if r.get("event") == "start":
+            refused = False
+        elif r.get("event") == "ended":
+            refused = bool(r.get("refused"))
+        elif r.get("event") == "failure_requeue":
+            tried += refused or same_checkpoint(r.get("checkpoint"), checkpoint)
+    return tried
 
 
 def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
