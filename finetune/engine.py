@@ -29,6 +29,7 @@ from runtime.best import BestCheckpoint
 from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
+    check_engine_files,
     checked_state,
     clear_leftovers,
     complete_message,
@@ -336,6 +337,7 @@ def open_run(resume: str | None, out_dir: Path, model_hash: str,
         if state is not None:
             assert resume_dir is not None
             own = own_rank_state(resume_dir, state, rank, world_size)
+            check_engine_files(resume_dir, rank)  # (its DeepSpeed shards: opened only later)
     except CheckpointError as err:
         refusal = err
     try:

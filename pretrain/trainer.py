@@ -53,6 +53,7 @@ from runtime.checkpoint import (
     ResumeError,
     agree_on_refusal,
     check_compatible,
+    check_engine_files,
     clear_leftovers,
     complete_message,
     discard_config,
@@ -280,6 +281,8 @@ class Trainer:
         try:
             self._restore_rank_state()
             self._read_teacher_slices()
+            if not self.resized:  # its own DeepSpeed shards (a resize reads universal ones)
+                check_engine_files(self.resume_dir, self.info.rank)
         except CheckpointError as err:
             refusal = err
         except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -513,30 +513,53 @@ def load_engine_checkpoint(engine, ckpt_dir: Path, rank: int,
 
 
 def _load_failure(ckpt_dir: Path, folder: Path, rank: int, err: BaseException) -> str:
+    reason = f"{type(err).__name__}: {_first_line(err)}"
+    damaged = _damaged_file(folder, rank)
+    if damaged is not None:
+        return _damage_message(ckpt_dir, damaged)
+    # its files open: no advice to rewind (an earlier checkpoint would meet the same
+    # cause, e.g. memory)
+    return f"DeepSpeed could not load {ckpt_dir} ({reason})"
+
+
+def check_engine_files(ckpt_dir: Path, rank: int) -> None:
+    """Raise :class:`ResumeError` when one of the DeepSpeed files ``rank`` will load from
+    ``ckpt_dir`` cannot be opened (truncated by a full disk or an interrupted copy): read
+    before the engine exists, so that the callers' refusal agreement ends every rank
+    together. Met only in ``engine.load_checkpoint``, after ``deepspeed.initialize``, the
+    rank refused alone while the others went on into collectives (until the launcher or
+    the process group's timeout ended them). Cost: each file's zip index and pickle,
+    memory-mapped (no tensor read): a few reads per rank, once per resume."""
+    damaged = _damaged_file(ckpt_dir, rank)
+    if damaged is not None:
+        raise ResumeError(_damage_message(ckpt_dir, damaged))
+
+
+def _damaged_file(folder: Path, rank: int) -> tuple[Path, str] | None:
+    """The first of ``rank``'s DeepSpeed files in ``folder`` (the shared model states,
+    its own ZeRO shards) that torch cannot open, with why; None when all open."""
     import torch
 
-    reason = f"{type(err).__name__}: {_first_line(err)}"
     own = sorted(p for p in folder.glob("*.pt") if p.name.startswith("mp_rank_")
                  or f"zero_pp_rank_{rank}_" in p.name)
-    damaged = None
     for path in own:  # memory-mapped: the archive's index and pickle are read, no tensor
         try:
             torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as bad:
-            damaged = (path, f"{type(bad).__name__}: {str(bad).strip()[:160]}")
-            break
+            return path, f"{type(bad).__name__}: {str(bad).strip()[:160]}"
+    return None
+
+
+def _damage_message(ckpt_dir: Path, damaged: tuple[Path, str]) -> str:
+    """A damaged file of ``ckpt_dir``, named, and the checkpoint before it to resume."""
     root, step = ckpt_dir.parent, _step_of(ckpt_dir.name)
     earlier = [p.name for p in sorted(root.glob("step_*")) if _is_tag(p.name)
                and step is not None and (_step_of(p.name) or 0) < step
                and (p / TRAINER_STATE).is_file()]
     instead = (f"resume from the checkpoint before it (--resume {root / earlier[-1]})"
                if earlier else "no earlier checkpoint of the run is kept")
-    if damaged is not None:
-        return (f"cannot load {ckpt_dir}: {damaged[0].name} cannot be read ({damaged[1]}): "
-                f"damaged or truncated (a full disk, an interrupted copy?); {instead}")
-    # its files open: no advice to rewind (an earlier checkpoint would meet the same
-    # cause, e.g. memory)
-    return f"DeepSpeed could not load {ckpt_dir} ({reason})"
+    return (f"cannot load {ckpt_dir}: {damaged[0].name} cannot be read ({damaged[1]}): "
+            f"damaged or truncated (a full disk, an interrupted copy?); {instead}")
 
 
 def _publish(root: Path, staging: str, tag: str) -> list[Path]:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.pretrain_utils import run_forked
 
@@ -30,7 +31,7 @@ def _existing_run(out: Path, model_hash: str = "h") -> Path:
 
     step = out / "checkpoints" / "step_0002000"
     step.mkdir(parents=True)
-    (step / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    torch.save({"module": {}}, step / "mp_rank_00_model_states.pt")  # opened at the resume
     # the rank's random state, as a save writes it (a resume checks it when it opens)
     (step / "trainer_state.json").write_text(json.dumps(
         {"step": 2000, "model_hash": model_hash, "world_size": 1, "task": "classification",

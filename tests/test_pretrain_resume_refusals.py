@@ -78,6 +78,27 @@ def test_a_rank_file_missing_refuses_the_resume_on_every_rank(tmp_path, cache):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_truncated_zero_shard_of_one_rank_refuses_the_resume_on_every_rank(tmp_path, cache):
+    """Rank 1's own ZeRO-3 shard truncated (a full disk, an interrupted copy): met only in
+    engine.load_checkpoint, after deepspeed.initialize, rank 1 refused alone while rank 0
+    went on into the engine's collectives (ended by torchrun, or by the process group's
+    timeout under a plain launcher). Now each rank opens its own DeepSpeed files before
+    the engine (runtime.checkpoint.check_engine_files), and both refuse in one line."""
+    out = tmp_path / "run"
+    run_forked(pretrain_cmd(2, out, "--max-steps", "2", "--checkpoint-every", "2"), cache)
+    ckpt = out / "checkpoints" / "step_0000002"
+    [shard] = ckpt.glob("*zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = run_forked(pretrain_cmd(2, out, "--max-steps", "3", "--resume", "auto"), cache,
+                      check=False)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("internimage pretrain:")]
+    assert len(lines) == 2, proc.stderr[-3000:]  # one line on each rank
+    assert all(f"{shard.name} cannot be read" in x for x in lines), lines
+    assert "Traceback" not in proc.stderr
+
+
 def test_raising_max_steps_on_resume_says_the_extra_steps_train_at_min_lr(tmp_path, cache):
     """README: a step-based run's schedule keeps its end on resume. The steps past it
     train at optim.min_lr; that used to happen without a word while config.yaml recorded

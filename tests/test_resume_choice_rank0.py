@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from runtime.dist import DistInfo
 from tests.fake_ranks import as_rank
@@ -29,7 +30,7 @@ def _publish(run: Path, step: int) -> None:
     tag = f"step_{step:07d}"
     ckpt = run / "checkpoints" / tag
     ckpt.mkdir(parents=True)
-    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"")
+    torch.save({}, ckpt / "mp_rank_00_model_states.pt")  # (a resume opens it before the engine)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
     (run / "checkpoints" / "latest.tmp").write_text(tag)
     os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
