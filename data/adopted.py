@@ -55,7 +55,8 @@ class AdoptingStream:
         out = self.own.state()
         pending = self._pending
         if self._current is not None:
-            now = self._current.state() | {"end": None}  # (see data.redeal: not needed)
+            # (its end is of no use to this slot: see data.redeal)
+            now = self._current.state() | {"end": None, "end_skips": []}
             # after the block's last sample its state is the next block's start: done
             pending = ([{**pending[0], "state": now}] if now["emitted"] else []) + pending[1:]
         if pending:

@@ -372,6 +372,7 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     adopted: list[dict[str, Any]] = []
     starts: list[list[dict[str, Any]] | None] = []
     legacy: list[dict[str, Any]] = []
+    withdrawn: list[list] = []
     for slot, (m, e) in enumerate(zip(mixes, epochs, strict=True)):
         adopted += m.get("adopted", [])  # blocks an earlier re-deal handed to this slot
         end = _block_end(m) if e == result.epoch else None
@@ -379,9 +380,13 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
             # (the block's end is of no more use to the slot that finishes it)
             adopted.append({"slot": slot, "nslots": old_nslots, "epoch": e,
                             "state": {k: v for k, v in m.items() if k != "adopted"}
-                            | {"end": None}})
+                            | {"end": None, "end_skips": []}})
         elif m and m.get("emitted") and e == result.epoch:
             legacy.append(m)
+        # what was met and counted before the position the re-deal goes on from, which a
+        # new slot reads again unmuted: a lead's unit read from its start (the block's end,
+        # or a position at a block's start), or a legacy block's whole read
+        withdrawn.extend(_met_again(m, end is not None))
         starts.append(end if end is not None else (m["sources"] if m else None))
     per_source: list[list[SourceCursor]] = []
     units = [len(sp.urls) * (parts_per_shard(len(sp.urls), old_nslots) if sp.resampled else 1)
@@ -401,9 +406,8 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
     result.adopted = len(adopted)
     result.kept = sum(entry["state"]["emitted"] for entry in adopted)
     recounted: Counter[tuple[str, str]] = Counter()
-    for m in legacy:
-        for source, reason, n in m.get("skips", []):  # none in older states
-            recounted[source, reason] += n
+    for source, reason, n in withdrawn:
+        recounted[source, reason] += n
     result.recounted = [[source, reason, n] for (source, reason), n in sorted(recounted.items())]
     draws = max((m.get("draws", 0) for m in mixes if m), default=0)
     index = max((m.get("index", 0) for m in mixes if m), default=0)
@@ -417,6 +421,19 @@ def redeal(saved: list[dict[str, Any]], specs: list[SourceSpec], world_size: int
         if mine:
             result.positions[slot]["adopted"] = mine
     return result
+
+
+def _met_again(m: dict[str, Any], adopted: bool) -> list[list]:
+    """``[source, reason, n]`` a saved position counted that the new slots meet again: an
+    adopted block's re-read is muted by the slot that adopts it, but not the read of the
+    next block's lead (its unit is re-dealt from its start: ``end_skips``, or the cut's);
+    any other position, its ``skips`` (a block start's lead; a block of a state saved
+    before its end was kept)."""
+    if not m:
+        return []
+    if adopted:
+        return m["cut"].get("skips", []) if m.get("cut") else m.get("end_skips", [])
+    return m.get("skips", [])
 
 
 def _block_end(m: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -527,7 +527,9 @@ class MixState:
 
     ``end``: inside a block not cut by a fault, the source cursors where the block's fill
     ended (the next block's start; ``cut["sources"]`` holds them in a cut block), None
-    otherwise and in states saved before it was kept. A resume on the same slot count does
+    otherwise and in states saved before it was kept; ``end_skips``, what reading the
+    next block's lead met (``cut["skips"]`` in a cut block): a read of the lead's unit
+    from its start meets it again. A resume on the same slot count does
     not need them (it re-reads the block); one on another slot count re-deals what the old
     slots left from there, and hands each old block's rest to one new slot
     (:mod:`data.redeal`, :class:`data.adopted.AdoptingStream`).
@@ -553,6 +555,7 @@ class MixState:
     cut: dict[str, Any] | None = None
     ended: list[int] = field(default_factory=list)
     end: list[dict[str, Any]] | None = None
+    end_skips: list[list] = field(default_factory=list)
 
 
 def _skip_list(met: Counter[tuple[str, str]]) -> list[list]:
@@ -582,6 +585,7 @@ class MixedStream:
         self._state = MixState(**state) if state is not None else MixState()
         # the next block's start cursors while a block is handed out (MixState.end)
         self._end: list[dict[str, Any]] | None = None
+        self._end_skips: list[list] = []  # what reading the next block's lead met
         # A state saved before blocks ended at epoch boundaries (no "lead" key) names a
         # block that may hold two epochs of a source: re-read it as it was filled then.
         self._legacy_block = state is not None and "lead" not in state
@@ -609,6 +613,7 @@ class MixedStream:
         if self._streams:  # (not started: the end as resumed)
             inside = self._state.emitted > 0 and self._state.cut is None
             out["end"] = self._end if inside else None
+            out["end_skips"] = self._end_skips if inside else []
         if self._block_met is not None:
             before, mark = self._block_met
             out["skips"] = _skip_list(before + (self.counter.met - mark))
@@ -688,6 +693,8 @@ class MixedStream:
             lead = next_start = None
             faulted = False
             while active and len(block) < (cut["length"] if cut is not None else size):
+                if self.one_block and not exact:
+                    break  # (see below: an adopted block is not filled on)
                 pick = self._pick(live, active, weights)
                 live += 1
                 faults = streams[pick].schedule.faults
@@ -721,6 +728,21 @@ class MixedStream:
                 block.append((pick, item))
             self.counter.muted = muted
             replaying = self._replay(streams, False)
+            if self.one_block and not exact:
+                # An old slot's block whose re-read met what its first read did not (a
+                # shard missing or failing since the save): filled on from the old slot's
+                # deal, it read units the re-deal gave other slots (their samples handed
+                # out twice). Its rest is dropped instead, said here (what the re-read met
+                # was counted by _reread_check).
+                log.warning("an adopted shuffle block (old slot %d, block %d) could not be "
+                            "re-read as it was first read: its %d samples not yet handed out "
+                            "are dropped (at most a shuffle buffer; filled on, it would read "
+                            "shards other slots were dealt)", self.slot, block_no,
+                            max(0, (cut["length"] if cut is not None else size) - skip))
+                for stream, it in zip(streams, iters, strict=True):
+                    it.close()
+                    stream.close()
+                return False
             if not exact:  # filled on from other shards: it goes on from the live streams
                 cut = None
             # a resumed cut block goes on where the run went on after it (the streams now
@@ -748,6 +770,7 @@ class MixedStream:
             # sample: never saved inside it)
             self._end = (None if len(block) - skip < 2 or cut is not None else
                          after["sources"] or [s.cursor().to_dict() for s in streams])
+            self._end_skips = after["skips"] if self._end is not None else []
             order = self._block_order(block_no, len(block), size)
             for j in range(skip, len(block)):
                 st.index += 1

@@ -129,3 +129,55 @@ def test_an_adopted_block_hands_out_the_rest_the_old_worker_would_have(tmp_path)
         got, state = _read(_loader(urls, rank, 3, state=saved, resampled=True), len(want))
         assert got == want, rank
         assert "adopted" not in state["positions"]["0"]  # done, and not saved again
+
+
+@pytest.mark.parametrize("gone", range(8))
+def test_a_shard_gone_since_the_save_repeats_nothing_across_a_resize(tmp_path, gone,
+                                                                    caplog):
+    # An adopted block holding a shard that went missing since the save cannot be re-read
+    # as it was: filled on from the old slot's deal, it read units the re-deal had given
+    # other slots (their samples handed out twice, up to a block per broken block). Its
+    # rest is dropped instead (said in a warning); other blocks and units are unchanged.
+    import shutil
+
+    urls = _shards(tmp_path)
+    delivered, saved = _save(urls, 4, (3, 5, 1, 6))
+    shutil.move(urls[gone], tmp_path / "away.tar")
+    totals = Counter(delivered)
+    for rank in range(3):
+        totals.update(_read(_loader(urls, rank, 3, state=saved))[0])
+    assert max(totals.values()) == 1, {k: n for k, n in totals.items() if n > 1}
+    lost = [f"s{i}-{j:04d}" for i in range(8) for j in range(5)
+            if i != gone and f"s{i}-{j:04d}" not in totals]
+    dropped = [r.getMessage() for r in caplog.records if "could not be re-read" in
+               r.getMessage()]
+    assert len(lost) <= 3 * len(dropped), (lost, dropped)  # blocks of 4, 1+ handed out
+
+
+def test_what_a_resize_takes_out_of_the_totals_is_what_the_new_slots_read_again():
+    """The new slots read again, unmuted, from where the re-deal goes on: a position at a
+    block's start whose lead sample's unit is re-read from its start (its ``skips``), and
+    the lead at an adopted block's end (``end_skips``); an adopted block's own re-read is
+    muted by the slot that adopts it, so its ``skips`` stay counted."""
+    from data.redeal import SourceSpec, redeal
+    from data.state import PipelineState, url_list_digest
+    from data.stream import SourceCursor
+
+    spec = SourceSpec("a", [f"s3://b/a{i}.tar" for i in range(8)])
+    cursor = SourceCursor(epoch=0, position=1, unit="s3://b/a0.tar", offset=1024,
+                          samples=1).to_dict()
+    positions = [
+        # a block's start, opened by a lead whose unit's read met a duplicate member
+        {"block": 2, "emitted": 0, "draws": 5, "index": 5, "lead": 0, "sources": [cursor],
+         "skips": [["a", "duplicate_member", 1]]},
+        # inside a block (adopted); the next block's lead met a truncated shard
+        {"block": 1, "emitted": 2, "draws": 1, "index": 3, "lead": None, "size": 4,
+         "sources": [cursor], "skips": [["a", "missing_image", 3]], "end": [cursor],
+         "end_skips": [["a", "truncated_shard", 1]]},
+    ]
+    saved = [PipelineState(7, rank, 2, 1, ["a"], positions={0: position},
+                           shard_lists=[url_list_digest(spec.urls)]).to_dict()
+             for rank, position in enumerate(positions)]
+    out = redeal(saved, [spec], 3, 1, 7)
+    assert (out.adopted, out.kept, out.repeated) == (1, 2, 0)
+    assert out.recounted == [["a", "duplicate_member", 1], ["a", "truncated_shard", 1]]

@@ -572,6 +572,14 @@ def test_a_saved_state_holds_the_skips_a_re_read_of_its_block_meets_again(tmp_pa
     assert any(s["lead"] is not None and s["skips"] for s in states)
     assert any(s["skips"] and s["emitted"] for s in states)
     check(states, handed)
+    # inside a block, where it ends (MixState.end, what a resize re-deals from) and what
+    # the next block's lead met (end_skips, what a resize takes out of the totals): the
+    # next block's start, as the state after the block's last sample names it
+    for i, state in enumerate(states[:-5]):
+        if state["emitted"]:
+            after = next(s for s in states[i + 1:] if not s["emitted"])
+            assert (state["end"], state["end_skips"]) == (after["sources"], after["skips"]), i
+    assert any(s["emitted"] and s["end_skips"] for s in states)
     # resumed inside a block that ends with a lead met with skips, saved again further on
     k = next(i for i in range(len(states) - 1) if states[i]["emitted"]
              and states[i + 1]["lead"] is not None and states[i + 1]["skips"])
