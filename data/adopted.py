@@ -12,6 +12,15 @@ dealt to anyone else. Across the change each sample is handed out once (before, 
 slots read the block's shards again: the part handed out was repeated, up to a shuffle
 buffer per old worker, ~10M samples at the H preset's 4,096 slots and buffer 5,000).
 
+**A block that cannot be re-read as it was** (a shard of it missing or failing for good
+since the save): its rest is dropped, said in a warning (at most a shuffle buffer). Filled
+on from the old slot's deal, as a same-count resume fills on, it read units the re-deal
+had given other slots, whose samples were then handed out twice.
+
+**Counts**: the adopted re-read is muted (counted before the save); what reading the next
+block's lead met (``MixState.end_skips``) is taken out of the totals instead, since that
+unit is re-dealt from its start and read again unmuted (:func:`data.redeal.redeal`).
+
 **Position** (``positions[w]`` of :class:`data.state.PipelineState`): the new slot's own
 :class:`data.stream.MixState` plus ``adopted``: the blocks still to finish, each ``{"slot",
 "nslots", "epoch", "state"}`` (the old slot, the old slot count, its loader epoch, its
