@@ -7,6 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs (installed only where missing).
 SYSTEM_PACKAGES ?= slurm-wlm munge
+# What DeepSpeed's first use needs: it compiles its CPU ops (shm comm, cpu_adam) with a C++
+# compiler against Python's headers (torch.utils.cpp_extension); without them the demo
+# ended in a ninja "Error building extension" traceback.
+PYTHON_DEV := $(shell $(PYTHON) -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}-dev")' 2>/dev/null)
+BUILD_PACKAGES ?= g++ $(PYTHON_DEV)
+HAS_HEADERS := $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
 
 export DS_ACCELERATOR ?= cpu
 # DeepSpeed builds its CPU ops (shm comm, cpu_adam) at first use; one build folder per
@@ -18,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 GPU_TRITON ?= 3.6.0
 export GPU_TRITON_DIR ?= $(CURDIR)/$(VENV)/triton-$(GPU_TRITON)
 
-.PHONY: demo test lint setup system-deps gpu-triton clean
+.PHONY: demo test lint setup system-deps build-deps gpu-triton clean
 
 setup: $(STAMP)
 
@@ -39,10 +45,20 @@ system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	    echo "make: missing system packages:$$missing (install them, e.g. sudo apt-get install$$missing; as root on Debian/Ubuntu make installs them)"; exit 1; fi; \
 	  echo "apt-get install$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
-demo: $(STAMP)
+# A C++ compiler and Python's headers, installed where missing (Debian/Ubuntu as root),
+# else named in one line before anything runs.
+build-deps:
+	@if ! command -v $${CXX:-c++} >/dev/null 2>&1 || ! $(HAS_HEADERS); then \
+	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(BUILD_PACKAGES)"; fi; \
+	  if ! command -v $${CXX:-c++} >/dev/null 2>&1 || ! $(HAS_HEADERS); then \
+	    echo "make: DeepSpeed compiles its CPU ops at first use: it needs a C++ compiler ($${CXX:-c++}) and Python's headers (Python.h), e.g. the packages $(BUILD_PACKAGES)"; exit 1; fi; fi
+
+demo: $(STAMP) build-deps
 	# a new run directory each time: an existing run is never overwritten
 	$(VENV)/bin/internimage pretrain --output-dir runs/demo/$$(date +%Y%m%d-%H%M%S)
 
@@ -53,7 +69,7 @@ lint: $(STAMP)
 # a shared reference run stay one per file); TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) gpu-triton system-deps lint
+test: $(STAMP) gpu-triton system-deps build-deps lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 clean:
