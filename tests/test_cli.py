@@ -53,8 +53,9 @@ def test_estimate_table_and_more_gpus_means_less_state(capsys):
 
 
 def test_estimate_rejects_bad_input(capsys):
-    assert main(["estimate", "--model", "internimage_q"]) == 2
-    assert "unknown InternImage model" in capsys.readouterr().out
+    assert main(["estimate", "--model", "internimage_q", "--json"]) == 2
+    out = capsys.readouterr()  # on stderr: --json's stdout is for the JSON alone
+    assert "unknown InternImage model" in out.err and out.out == ""
     assert main(["estimate", "--model", "internimage_t", "--batch", "0"]) == 2
 
 
@@ -63,7 +64,7 @@ def test_estimate_refuses_gpus_that_fill_no_whole_nodes(capsys):
     estimated (and shown) as 16 GPUs, understating each GPU's share of the states."""
     assert main(["estimate", "--model", "internimage_t", "--gpus", "10",
                  "--gpus-per-node", "8"]) == 2
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert "--gpus 10 is not a whole number of nodes" in out and "--gpus-per-node 5" in out
     assert main(["estimate", "--model", "internimage_t", "--gpus", "10", "--gpus-per-node",
                  "5", "--batch", "2", "--json"]) == 0

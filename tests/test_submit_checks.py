@@ -519,3 +519,26 @@ def test_a_pretrain_resume_over_another_model_config_is_refused_before_sbatch(
     assert status == 2 and err.startswith("internimage submit: config error:"), err
     assert "was saved for a different model/text-tower config" in err and saved in err
     assert err.count("\n") == 1 and not no_sbatch.exists()
+
+
+@pytest.mark.parametrize("given, blanked", [
+    ([f"data.s3.key={KEY}", f"data.s3.secret={SECRET}"], True),
+    ([f"data.s3.key={KEY}", f"data.s3.secret={SECRET}", f"data.s3.token={TOKEN}"], False),
+    ([], False),  # no credential given: the shell's own (a whole session) stays the job's
+])
+def test_a_key_given_without_a_token_does_not_pair_with_the_shells_session_token(
+        given, blanked):
+    """Run by hand, data.s3.key/secret without a token reach s3fs alone (token None). In
+    the job they come from the environment, where botocore's EnvProvider pairs them with
+    the first non-empty AWS_SECURITY_TOKEN / AWS_SESSION_TOKEN, e.g. the SSO session the
+    submitting shell exported: the store refused the pair after the queue wait. The job's
+    environment blanks both (botocore reads an empty one as none)."""
+    spec = job_spec(["pretrain", "--output-dir", "/tmp/x", *given], build_parser())
+    tokens = {k: v for k, v in spec.env.items() if k in ("AWS_SESSION_TOKEN",
+                                                          "AWS_SECURITY_TOKEN")}
+    if blanked:
+        assert tokens == {"AWS_SESSION_TOKEN": "", "AWS_SECURITY_TOKEN": ""}
+    elif given:
+        assert tokens == {"AWS_SESSION_TOKEN": TOKEN}
+    else:
+        assert spec.env == {}

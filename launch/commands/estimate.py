@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 DEFAULT_SIZE = {"internimage_l": 384, "internimage_xl": 384, "internimage_h": 640}
 
@@ -60,21 +61,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         variant = resolve_variant(args.model)
     except ValueError as err:
-        print(f"internimage estimate: {err}")
+        print(f"internimage estimate: {err}", file=sys.stderr)
         return 2
     for name in ("gpus", "gpus_per_node", "batch", "image_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            print(f"internimage estimate: --{name.replace('_', '-')} must be >= 1, got {value}")
+            print(f"internimage estimate: --{name.replace('_', '-')} must be >= 1, got {value}",
+                  file=sys.stderr)
             return 2
     if args.offload and args.zero == 0:
         print("internimage estimate: --offload needs --zero 1, 2 or 3 (DeepSpeed's CPU Adam "
-              "steps host parameters, which stage 0 keeps on the GPU)")
+              "steps host parameters, which stage 0 keeps on the GPU)", file=sys.stderr)
         return 2
     try:
         check_whole_nodes(args.gpus, args.gpus_per_node)
     except ValueError as err:
-        print(f"internimage estimate: {err}")
+        print(f"internimage estimate: {err}", file=sys.stderr)
         return 2
     size = args.image_size or DEFAULT_SIZE.get(variant, 224)
     est = estimate(variant, gpus=args.gpus, gpus_per_node=args.gpus_per_node,

@@ -107,7 +107,8 @@ def refuse_unexported(env: dict[str, str], sbatch_extra: dict) -> None:
     if not env or value is None:
         return
     names = {item.split("=", 1)[0].strip() for item in str(value).split(",")}
-    missing = sorted(set(env) - names)
+    # (a blanked variable not passed on is unset in the job all the same)
+    missing = sorted({name for name, v in env.items() if v} - names)
     if "ALL" not in names and missing:
         raise ConfigError(
             f"sbatch --export={value} would not pass {', '.join(missing)} to the job (the "

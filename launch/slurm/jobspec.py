@@ -182,7 +182,31 @@ def credentials_to_env(argv: list[str], keys: dict[str, str | None]) -> tuple[li
             raise ConfigError(f"submit: {dotted} is a credential and cannot travel in the "
                               "job's command line; put it in the --config file")
         env[keys[dotted]] = value  # unset in the job: its consumer reads this variable
+    _no_inherited_token(env, final, keys)
     return out, env
+
+
+# botocore's variables for a session token, of which it takes the first set non-empty
+# (botocore.credentials.EnvProvider.TOKENS): an empty value reads as none
+_SESSION_TOKENS = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def _no_inherited_token(env: dict[str, str], final: dict[str, Any],
+                        keys: dict[str, str | None]) -> None:
+    """Where the overrides give an S3 key or secret but no token, the job's environment
+    blanks the session token variables: run by hand, such a config hands s3fs the key and
+    secret alone (``token=None``), but the job reads them from the environment, where
+    botocore paired them with a session token the submitting shell exported (an SSO or
+    STS session): refused by the store after the queue wait (InvalidToken,
+    SignatureDoesNotMatch)."""
+    for dotted, var in keys.items():
+        if var not in _SESSION_TOKENS:
+            continue
+        group = dotted.rsplit(".", 1)[0]
+        given = [d for d in final if d.rsplit(".", 1)[0] == group and final[d]]
+        if given and dotted not in given:
+            for name in _SESSION_TOKENS:
+                env.setdefault(name, "")
 
 
 def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
