@@ -35,17 +35,18 @@ log = logging.getLogger(__name__)
 TASKS = ("detection", "segmentation")
 
 
-def _model_hash(task: str, cfg) -> str:
+def _model_hash(task: str, cfg, saved: str | None) -> str:
     """The ``model_hash`` a run of ``task`` with ``cfg`` gives its checkpoints (detection
-    counts its classes from the validation annotations)."""
+    counts its classes from the validation annotations; a Mask2Former checkpoint written
+    before its head sizes were hashed, ``saved``, keeps the hash it had)."""
     if task == "detection":
         from finetune.det_data import build_val_set
         from finetune.detection import detection_model_hash
 
         return detection_model_hash(cfg, len(build_val_set(cfg).cat_ids))
-    from finetune.segmentation import segmentation_model_hash
+    from finetune.segmentation import resume_model_hash
 
-    return segmentation_model_hash(cfg)
+    return resume_model_hash(cfg, saved)
 
 
 def check_dense_eval_start(task: str, cfg, resume: str, thorough: bool = True) -> EvalSource:
@@ -62,8 +63,8 @@ def check_dense_eval_start(task: str, cfg, resume: str, thorough: bool = True) -
     state = load_trainer_state(step_dir)
     check_eval_task(state, task, step_dir)
     check_data(cfg, thorough, val_only=True)
-    if (thorough or task == "segmentation") and state.get("model_hash") != _model_hash(task,
-                                                                                       cfg):
+    saved = state.get("model_hash")
+    if (thorough or task == "segmentation") and saved != _model_hash(task, cfg, saved):
         raise ResumeError(
             f"{step_dir} was saved for another model than this config builds (variant, "
             "architecture, head or class count differ); evaluate it with the run's own "

@@ -53,8 +53,9 @@ from finetune.seg_model import (  # noqa: F401  (the public import path)
     build_segmentor,
     is_segmenter_checkpoint,
 )
+from models.checkpoint import CheckpointError
 from runtime import rng, run_lock, schedules
-from runtime.dist import all_gather_objects, init_distributed
+from runtime.dist import all_gather_objects, broadcast_object, init_distributed
 from runtime.loop import RefusedStart
 from runtime.param_groups import adamw, param_groups
 
@@ -181,13 +182,52 @@ def refuse_single_image_batchnorm(cfg: SegmentationConfig, pooled_ranks: int) ->
             f"run.batch_size >= 2 (the UperNet configs use 2 per GPU)")
 
 
-def segmentation_model_hash(cfg: SegmentationConfig) -> str:
+# Mask2Former settings that shape its parameters or how they are used (transformers'
+# Mask2FormerConfig names): part of its runs' model hash
+MASK2FORMER_SHAPE_KEYS = ("num_queries", "hidden_dim", "feature_size", "mask_feature_size",
+                          "encoder_layers", "encoder_feedforward_dim", "decoder_layers",
+                          "num_attention_heads", "dim_feedforward")
+
+
+def segmentation_model_hash(cfg: SegmentationConfig, head_sizes: bool = True) -> str:
     """The hash a segmentation run's checkpoints carry (``trainer_state.json``
-    ``model_hash``): what their tensors depend on."""
+    ``model_hash``): what their tensors depend on. Mask2Former's adds its head sizes
+    (:data:`MASK2FORMER_SHAPE_KEYS`); ``head_sizes=False``: the hash its runs had before,
+    to recognise their checkpoints (:func:`resume_model_hash`)."""
     from finetune.engine import fingerprint
 
-    return fingerprint("segmentation", cfg.model.name, cfg.model.arch(), cfg.head.kind,
-                       cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes)
+    parts: list = ["segmentation", cfg.model.name, cfg.model.arch(), cfg.head.kind,
+                   cfg.head_channels, cfg.aux_weight > 0, cfg.data.num_classes]
+    if cfg.head.kind == "mask2former" and head_sizes:
+        parts.append({k: getattr(cfg.head, k) for k in MASK2FORMER_SHAPE_KEYS})
+    return fingerprint(*parts)
+
+
+def resume_model_hash(cfg: SegmentationConfig, saved: str | None) -> str:
+    """The hash this run checks a checkpoint's ``saved`` one against (and saves its own
+    with): :func:`segmentation_model_hash`, or, for a Mask2Former checkpoint written
+    before the head sizes were hashed, that run's own hash (its sizes cannot be told:
+    resumed as before, and the run keeps its hash). Before, a resume with other
+    Mask2Former sizes passed the hash and failed inside DeepSpeed's load with advice that
+    could not help; now it is refused first, naming the hashes (runtime.checkpoint
+    ``check_compatible``)."""
+    legacy = segmentation_model_hash(cfg, head_sizes=False)
+    if cfg.head.kind == "mask2former" and saved == legacy:
+        return legacy
+    return segmentation_model_hash(cfg)
+
+
+def _saved_hash(resume: str | None, out_dir: Path) -> str | None:
+    """The model hash of the checkpoint ``resume`` names (None: none, or unreadable: the
+    run's own resume checks say why)."""
+    from finetune.engine import resume_checkpoint
+    from runtime.checkpoint import load_trainer_state
+
+    try:
+        ckpt = resume_checkpoint(resume, out_dir, warn=False)  # the run resolves again
+        return load_trainer_state(ckpt).get("model_hash") if ckpt is not None else None
+    except (CheckpointError, OSError):
+        return None
 
 
 @run_lock.releasing
@@ -229,7 +269,9 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
 
     eval_every = cfg.run.eval_interval(steps_per_epoch)
     # what the checkpoint's tensors depend on: a resume with another model fails early
-    model_hash = segmentation_model_hash(cfg)
+    # (rank 0 reads the checkpoint's, for every rank)
+    model_hash = resume_model_hash(cfg, broadcast_object(
+        _saved_hash(resume, out_dir) if d.is_main and resume else None))
     return run_loop(name="segmentation", net=LossForward(model), optimizer=optimizer,
                     scheduler=scheduler, batches=batches, loss_fn=loss_fn,
                     evaluate=lambda: evaluate(model, val_set, cfg, d), total_steps=total,

@@ -461,3 +461,34 @@ def test_upernet_heads_start_from_mmsegs_initialisation():
     for conv, fan_out in ((head.fuse[0], 512 * 9), (head.lateral[0][0], 512),
                           (head.ppm.bottleneck[0], 512 * 9), (aux.conv[0], 256 * 9)):
         assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+
+
+def test_a_mask2former_resume_with_other_head_sizes_is_refused_before_the_engine(
+        cache, tmp_path, capsys):
+    """Mask2Former's sizes were not in the segmentation model hash: a resume with another
+    head.num_queries passed the hash and failed inside DeepSpeed's load (size mismatch)
+    with advice that could not help. Now refused first, in one line. A checkpoint written
+    before the sizes were hashed (its hash without them) still resumes with its config."""
+    import json as json_module
+
+    from finetune.segmentation import SegmentationConfig, segmentation_model_hash
+    from launch.cli import main
+    from launch.config import load_config
+
+    out = tmp_path / "m2f"
+    args = [*TINY, *M2F, f"data.cache_dir={cache}", "run.max_steps=2", "run.eval_every=2"]
+    assert main(["finetune", "segmentation", "--output-dir", str(out), *args]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "segmentation", "--output-dir", str(out), *args,
+                 "head.num_queries=6", "run.max_steps=3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was saved for a different model" in err[0], err
+    # a checkpoint of the version before: its hash without the head sizes
+    state_file = out / "checkpoints" / "step_0000002" / "trainer_state.json"
+    state = json_module.loads(state_file.read_text())
+    cfg = load_config(SegmentationConfig, None, args)
+    assert state["model_hash"] == segmentation_model_hash(cfg)
+    state["model_hash"] = segmentation_model_hash(cfg, head_sizes=False)
+    state_file.write_text(json_module.dumps(state))
+    assert main(["finetune", "segmentation", "--output-dir", str(out), *args,
+                 "run.max_steps=3", "run.eval_every=3", "--resume", "auto"]) == 0
