@@ -821,12 +821,14 @@ class MixedStream:
             missing = [s.schedule.replay_missing for s in streams
                        if s.schedule.replay_missing is not None]
             log.warning("a resumed shuffle block, re-read, met what its first read did not "
-                        "(%s%s; counted now): it is filled on as a fresh run would, so its "
-                        "samples may differ from the uninterrupted run's (nothing else "
-                        "changes)", ", ".join(f"{s} {r} {n}" for (s, r), n in sorted(
-                            new.items())),
+                        "(%s%s; counted now): %s", ", ".join(f"{s} {r} {n}" for (s, r), n in
+                                                            sorted(new.items())),
                         f"; shard {redact_url(missing[-1])} missing since the save"
-                        if missing else "")
+                        if missing else "",
+                        "an old slot's block adopted after a resize: its rest is dropped "
+                        "(below)" if self.one_block else "it is filled on as a fresh run "
+                        "would, so its samples may differ from the uninterrupted run's "
+                        "(nothing else changes)")
         elif not any(s.schedule.replay_broken for s in streams):
             return True  # (the schedule that broke off warned)
         self._replay(streams, False)

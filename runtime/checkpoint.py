@@ -542,9 +542,16 @@ def _damaged_file(folder: Path, rank: int) -> tuple[Path, str] | None:
 
     own = sorted(p for p in folder.glob("*.pt") if p.name.startswith("mp_rank_")
                  or f"zero_pp_rank_{rank}_" in p.name)
-    for path in own:  # memory-mapped: the archive's index and pickle are read, no tensor
+    for path in own:
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            with path.open("rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            # torch's zip format, memory-mapped: its index and pickle are read, no tensor
+            # (a truncated one keeps its first bytes). The legacy format (DeepSpeed's
+            # checkpoint_serialization: false) cannot be mapped, and reading it means
+            # reading it whole: left to DeepSpeed's load.
+            if zipped:
+                torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as bad:
             return path, f"{type(bad).__name__}: {str(bad).strip()[:160]}"
     return None
@@ -1173,8 +1180,8 @@ def publish_config(run_dir: Path) -> None:
         return
     try:
         previous = current.read_text()
-    except OSError:  # a fresh start (or a record unreadable: nothing to compare with)
-        previous = None
+    except (OSError, ValueError):  # a fresh start (or a record unreadable, not UTF-8:
+        previous = None  # nothing to compare with)
     try:
         os.replace(staged, current)
     except FileNotFoundError:

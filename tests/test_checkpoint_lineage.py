@@ -344,3 +344,22 @@ def test_a_damaged_file_of_the_resumed_checkpoint_is_named_with_the_one_before(t
     # rank 1 opens other files: a failure there that its own files do not explain
     with pytest.raises(ck.ResumeError, match="DeepSpeed could not load .*RuntimeError"):
         ck.load_engine_checkpoint(Loading(), step_dir, rank=1)
+    # the same check before the engine (check_engine_files): rank 0 refused, rank 1 not
+    with pytest.raises(ck.ResumeError, match=f"{shard.name} cannot be read"):
+        ck.check_engine_files(step_dir, 0)
+    ck.check_engine_files(step_dir, 1)
+
+
+def test_files_in_torch_s_legacy_format_are_not_taken_for_damaged(tmp_path):
+    """DeepSpeed's checkpoint_serialization: false writes torch's legacy (non-zip) format,
+    which cannot be memory-mapped: the pre-engine check took every such file, and the
+    checkpoint before it, for damaged ones, where DeepSpeed loads them."""
+    import torch
+
+    step_dir = tmp_path / "checkpoints" / "step_0000004"
+    step_dir.mkdir(parents=True)
+    for kind in ("model", "optim"):
+        torch.save({"x": torch.zeros(1000)},
+                   step_dir / f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt",
+                   _use_new_zipfile_serialization=False)
+    ck.check_engine_files(step_dir, 0)

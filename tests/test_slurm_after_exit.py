@@ -302,3 +302,29 @@ def test_a_job_record_is_on_disk_before_record_returns(tmp_path, monkeypatch):
     record(tmp_path, "failure_requeue", TaskInfo("7", 0, 0, 2, "node1", "slurm"), requeue=1)
     assert synced == [os.path.realpath(tmp_path / "slurm_jobs.jsonl")]
     assert read_records(tmp_path)[-1]["event"] == "failure_requeue"
+
+
+def test_refused_attempts_count_until_an_attempt_gets_past_its_start():
+    """A refused attempt is no progress whatever the checkpoint does (a second submission
+    refused by the run lock while the first job saves: bounded), but a job that trains
+    between sporadic refusals (a lock file the file system failed to read once) goes on:
+    counted over the job's whole life, its third such refusal ended it."""
+    refused = {"event": "ended", "status": 2, "refused": True, "job_id": "7"}
+    ran = {"event": "ended", "status": None, "refused": False, "error": "NCCL timeout",
+           "job_id": "7"}
+    records: list[dict] = []
+    for attempt in range(6):  # refused, trained (then crashed at a newer checkpoint), ...
+        records += [_start(attempt), refused if attempt % 2 == 0 else ran]
+        checkpoint = [f"step_{1000 * attempt:07d}", 1764800000.0 + attempt, attempt]
+        requeue, why = _decide(status=2, restarts=attempt, attempt=attempt, records=records,
+                               checkpoint=checkpoint, limit=2)
+        assert requeue, (attempt, why)
+        records.append({"event": "failure_requeue", "checkpoint": checkpoint})
+    # refused again and again, the other job saving each time: two requeues, then left
+    for attempt in range(6, 9):
+        records += [_start(attempt), refused]
+        checkpoint = [f"step_{1000 * attempt:07d}", 1764800000.0 + attempt, attempt]
+        requeue, why = _decide(status=2, restarts=attempt, attempt=attempt, records=records,
+                               checkpoint=checkpoint, limit=2)
+        assert requeue == (attempt < 8), (attempt, why)
+        records.append({"event": "failure_requeue", "checkpoint": checkpoint})

@@ -119,20 +119,28 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
 
 def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint: Any) -> int:
     """This job's earlier failure requeues that found the run's checkpoint where it is now,
-    or whose attempt was refused at its start (rank 0's ``ended`` record says
-    ``refused``): a refused attempt made no progress of its own, whatever checkpoints
-    another job saves meanwhile. Counted by checkpoint alone, a second submission of a
-    running job's command, refused by the run lock, was requeued for as long as the first
-    job saved, each attempt holding its allocation."""
-    tried, refused = 0, False
+    plus those of the refused attempts since its last attempt that got past its start
+    (rank 0's ``ended`` record says ``refused``): a refused attempt made no progress of
+    its own, whatever checkpoints another job saves meanwhile. Counted by checkpoint
+    alone, a second submission of a running job's command, refused by the run lock, was
+    requeued for as long as the first job saved, each attempt holding its allocation;
+    counted for the job's whole life, sporadic refusals (a lock file the file system
+    failed to read) of a job that trains between them would end it."""
+    tried, streak, refused = 0, 0, False
     for r in job_records:
-        if r.get("event") == "start":
+        event = r.get("event")
+        if event == "start":
             refused = False
-        elif r.get("event") == "ended":
+        elif event == "ended":
             refused = bool(r.get("refused"))
-        elif r.get("event") == "failure_requeue":
-            tried += refused or same_checkpoint(r.get("checkpoint"), checkpoint)
-    return tried
+            streak = streak if refused else 0  # an attempt that got past its start
+        elif event == "failure_requeue":
+            if refused:
+                streak += 1
+            else:
+                streak = 0
+                tried += same_checkpoint(r.get("checkpoint"), checkpoint)
+    return tried + streak
 
 
 def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
