@@ -545,13 +545,17 @@ def _damaged_file(folder: Path, rank: int) -> tuple[Path, str] | None:
     for path in own:
         try:
             with path.open("rb") as f:
-                zipped = f.read(4) == b"PK\x03\x04"
+                head = f.read(4)
             # torch's zip format, memory-mapped: its index and pickle are read, no tensor
             # (a truncated one keeps its first bytes). The legacy format (DeepSpeed's
-            # checkpoint_serialization: false) cannot be mapped, and reading it means
-            # reading it whole: left to DeepSpeed's load.
-            if zipped:
+            # checkpoint_serialization: false; a pickle, b"\x80" first) cannot be mapped,
+            # and reading it means reading it whole: left to DeepSpeed's load. Anything
+            # else (an empty file: a save cut at its start) is no torch file.
+            if head == b"PK\x03\x04":
                 torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            elif not head.startswith(b"\x80"):
+                raise ValueError(f"not a torch file ({len(head)} bytes at its start: "
+                                 f"{head!r})")
         except Exception as bad:
             return path, f"{type(bad).__name__}: {str(bad).strip()[:160]}"
     return None

@@ -363,3 +363,7 @@ def test_files_in_torch_s_legacy_format_are_not_taken_for_damaged(tmp_path):
                    step_dir / f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt",
                    _use_new_zipfile_serialization=False)
     ck.check_engine_files(step_dir, 0)
+    # an empty file (a save cut at its start) is no torch file of either format
+    (step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ck.ResumeError, match="optim_states.pt cannot be read .*not a torch"):
+        ck.check_engine_files(step_dir, 0)
