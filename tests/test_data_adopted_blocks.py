@@ -6,7 +6,6 @@ buffer per old worker (~10M samples at the H preset's 4,096 slots and buffer 5,0
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -14,6 +13,7 @@ from s3_server import good_samples, write_tar
 
 from data.config import S3Config
 from data.loader import LoaderOptions, ResumableLoader, StreamSource
+from tests.test_data_resume_resize import _read_pass as _read  # (keys, state after them)
 
 S3 = S3Config(retries=0, backoff=0.01)
 
@@ -37,18 +37,6 @@ def _loader(urls, rank, world_size, state=None, resampled=False):
     opts = LoaderOptions(seed=3, batch_size=1, workers=0, shuffle_buffer=4, s3=S3)
     return ResumableLoader([StreamSource("s", urls, resampled=resampled)], opts, _Keys(),
                            rank, world_size, state=state)
-
-
-def _read(loader, take=None) -> tuple[list[str], dict]:
-    """The keys of ``take`` batches (None: to the end of the pass) and the state after
-    them, as stored in checkpoints."""
-    keys: list[str] = []
-    if take != 0:
-        for batch in loader:
-            keys += batch
-            if len(keys) == take:
-                break
-    return keys, json.loads(json.dumps(loader.state_dict()))
 
 
 def _save(urls, world_size, takes, state=None):
