@@ -328,3 +328,21 @@ def test_refused_attempts_count_until_an_attempt_gets_past_its_start():
                                checkpoint=checkpoint, limit=2)
         assert requeue == (attempt < 8), (attempt, why)
         records.append({"event": "failure_requeue", "checkpoint": checkpoint})
+
+
+def test_an_attempt_slurm_ended_itself_breaks_a_streak_of_refusals():
+    """An attempt SLURM requeued itself (a time limit, a preemption) leaves only its start
+    record, and it trained: the refusals before it are no part of the streak after it.
+    Counted on, the job's second refusal after it ended the job 'without a new
+    checkpoint' (failure_requeues=2)."""
+    refused = {"event": "ended", "status": 2, "refused": True, "job_id": "7"}
+    records = [_start(0), refused, {"event": "failure_requeue", "checkpoint": CKPT},
+               _start(1)]  # trained; SLURM requeued it at its time limit: no record after
+    for attempt in (2, 3):
+        records += [_start(attempt), refused]
+        requeue, why = _decide(status=2, restarts=attempt, attempt=attempt, records=records,
+                               limit=2)
+        assert requeue, (attempt, why)
+        records.append({"event": "failure_requeue", "checkpoint": CKPT})
+    records += [_start(4), refused]  # the third refusal since: the bound holds
+    assert not _decide(status=2, restarts=4, attempt=4, records=records, limit=2)[0]

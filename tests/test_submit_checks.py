@@ -69,7 +69,8 @@ def test_credentials_in_any_spelling_travel_only_in_the_environment(job, spellin
 
     # what every task runs: the same config, but the credentials come from the environment
     spec = job_spec(argv, build_parser())
-    assert spec.env == AWS_ENV
+    # (the legacy token variable blanked: botocore would take a shell's before ours)
+    assert spec.env == AWS_ENV | {"AWS_SECURITY_TOKEN": ""}
     given, in_job = _load(argv), _load(spec.argv)
     assert (given.data.s3.key, given.data.s3.secret, given.data.s3.token) == (KEY, SECRET, TOKEN)
     assert (in_job.data.s3.key, in_job.data.s3.secret, in_job.data.s3.token) == (None,) * 3
@@ -538,7 +539,31 @@ def test_a_key_given_without_a_token_does_not_pair_with_the_shells_session_token
                                                           "AWS_SECURITY_TOKEN")}
     if blanked:
         assert tokens == {"AWS_SESSION_TOKEN": "", "AWS_SECURITY_TOKEN": ""}
-    elif given:
-        assert tokens == {"AWS_SESSION_TOKEN": TOKEN}
+    elif given:  # botocore takes AWS_SECURITY_TOKEN first: a shell's would win over ours
+        assert tokens == {"AWS_SESSION_TOKEN": TOKEN, "AWS_SECURITY_TOKEN": ""}
     else:
         assert spec.env == {}
+
+
+def test_credentials_split_between_the_config_file_and_overrides_are_refused(tmp_path):
+    """The overrides' credentials travel in the environment, the file's stay in the job's
+    config: s3fs then got a token without its key (botocore ignores it) or a key without
+    its secret, and the job failed after the queue wait where the command worked by hand.
+    Refused in one line that shows no value; all one way is accepted."""
+    import yaml
+
+    from tests.test_secrets import DEMO
+
+    base = ["pretrain", "--config", str(DEMO), "--output-dir", str(tmp_path / "r")]
+    with_token = tmp_path / "with_token.yaml"  # a session token in the file
+    tree = yaml.safe_load(DEMO.read_text())
+    tree.setdefault("data", {}).setdefault("s3", {})["token"] = TOKEN
+    with_token.write_text(yaml.safe_dump(tree))
+    split = ["pretrain", "--config", str(with_token), "--output-dir", str(tmp_path / "r"),
+             f"data.s3.key={KEY}", f"data.s3.secret={SECRET}"]
+    with pytest.raises(ConfigError, match="data.s3.token comes from the --config file") as err:
+        job_spec(split, build_parser())
+    assert TOKEN not in str(err.value) and KEY not in str(err.value)
+    job_spec([*base, f"data.s3.key={KEY}", f"data.s3.secret={SECRET}"], build_parser())
+    job_spec(["pretrain", "--config", str(with_token), "--output-dir", str(tmp_path / "r")],
+             build_parser())

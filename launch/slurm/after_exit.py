@@ -130,6 +130,8 @@ def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint
     for r in job_records:
         event = r.get("event")
         if event == "start":
+            if not refused:  # the attempt before got past its start (or SLURM ended it)
+                streak = 0
             refused = False
         elif event == "ended":
             refused = bool(r.get("refused"))

@@ -193,20 +193,45 @@ _SESSION_TOKENS = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 def _no_inherited_token(env: dict[str, str], final: dict[str, Any],
                         keys: dict[str, str | None]) -> None:
-    """Where the overrides give an S3 key or secret but no token, the job's environment
-    blanks the session token variables: run by hand, such a config hands s3fs the key and
-    secret alone (``token=None``), but the job reads them from the environment, where
-    botocore paired them with a session token the submitting shell exported (an SSO or
-    STS session): refused by the store after the queue wait (InvalidToken,
+    """Where the overrides give S3 credentials, the job's environment blanks the session
+    token variables they do not set: run by hand, such a config hands s3fs what it gives
+    (a key and secret alone: ``token=None``), but the job reads them from the environment,
+    where botocore paired them with a session token the submitting shell exported (an SSO
+    or STS session): refused by the store after the queue wait (InvalidToken,
     SignatureDoesNotMatch)."""
     for dotted, var in keys.items():
         if var not in _SESSION_TOKENS:
             continue
         group = dotted.rsplit(".", 1)[0]
-        given = [d for d in final if d.rsplit(".", 1)[0] == group and final[d]]
-        if given and dotted not in given:
+        if any(d.rsplit(".", 1)[0] == group and final[d] for d in final):
+            # botocore takes the first non-empty of AWS_SECURITY_TOKEN, AWS_SESSION_TOKEN:
+            # both blanked but for the one given (a shell's legacy AWS_SECURITY_TOKEN
+            # came before a token given as an override)
             for name in _SESSION_TOKENS:
                 env.setdefault(name, "")
+
+
+def _refuse_split_credentials(cfg: Any, env: dict[str, str],
+                               keys: dict[str, str | None]) -> None:
+    """Refuse credentials given partly in the ``--config`` file and partly as overrides:
+    the overrides' travel in the environment (nulled in the job's command line), the
+    file's stay in the job's config, and s3fs then got a token without its key (botocore
+    ignores it and reads the environment) or a key without its secret
+    (PartialCredentialsError): a job that failed after the queue wait where the same
+    command run by hand worked."""
+    given = {var for var, value in env.items() if value}
+    if not given:
+        return
+    for dotted, var in keys.items():
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+        if value and var not in given:
+            raise ConfigError(
+                f"submit: {dotted} comes from the --config file while other credentials of "
+                f"it are given as overrides (value not shown): give them all one way, all "
+                f"in the file or all as overrides (or in the environment: "
+                f"{', '.join(sorted(v for v in keys.values() if v))})")
 
 
 def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
@@ -329,6 +354,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
         argv, env = credentials_to_env(list(job), _secret_keys(args))
+        _refuse_split_credentials(cfg, env, _secret_keys(args))
         return JobSpec(with_flag(argv, "--output-dir", str(run_dir)), run_dir, env)
     # the job runs with --resume auto unless one was given (appended below); an empty
     # --resume stays as given: the job then starts afresh, or refuses to over a run
@@ -343,6 +369,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
 
         checked_start(task_entry(args.task)[1], cfg, resume_dir, missing_data="warn")
     argv, env = credentials_to_env(list(job), _secret_keys(args))
+    _refuse_split_credentials(cfg, env, _secret_keys(args))
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if args.resume is None:
         argv += ["--resume", "auto"]
