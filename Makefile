@@ -10,9 +10,9 @@ SYSTEM_PACKAGES ?= slurm-wlm munge
 # What DeepSpeed's first use needs: it compiles its CPU ops (shm comm, cpu_adam) with a C++
 # compiler against Python's headers (torch.utils.cpp_extension); without them the demo
 # ended in a ninja "Error building extension" traceback.
-PYTHON_DEV := $(shell $(PYTHON) -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}-dev")' 2>/dev/null)
-BUILD_PACKAGES ?= g++ $(PYTHON_DEV)
-HAS_HEADERS := $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+# The Python they are checked for: the venv's where it exists (what runs), else $(PYTHON).
+PY_VERSION := import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")
+HAS_HEADERS := import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 
 export DS_ACCELERATOR ?= cpu
 # DeepSpeed builds its CPU ops (shm comm, cpu_adam) at first use; one build folder per
@@ -53,10 +53,13 @@ system-deps:
 # A C++ compiler and Python's headers, installed where missing (Debian/Ubuntu as root),
 # else named in one line before anything runs.
 build-deps:
-	@if ! command -v $${CXX:-c++} >/dev/null 2>&1 || ! $(HAS_HEADERS); then \
-	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(BUILD_PACKAGES)"; fi; \
-	  if ! command -v $${CXX:-c++} >/dev/null 2>&1 || ! $(HAS_HEADERS); then \
-	    echo "make: DeepSpeed compiles its CPU ops at first use: it needs a C++ compiler ($${CXX:-c++}) and Python's headers (Python.h), e.g. the packages $(BUILD_PACKAGES)"; exit 1; fi; fi
+	@py=$(PY); [ -x "$$py" ] || py=$(PYTHON); cxx="$${CXX:-c++}"; \
+	dev="python$$("$$py" -c '$(PY_VERSION)')-dev"; \
+	ready() { command -v "$$cxx" >/dev/null 2>&1 && "$$py" -c '$(HAS_HEADERS)'; }; \
+	if ! ready; then \
+	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="g++ $$dev"; fi; \
+	  if ! ready; then \
+	    echo "make: DeepSpeed compiles its CPU ops at first use: it needs a C++ compiler ($$cxx) and Python's headers (Python.h), e.g. the packages g++ $$dev"; exit 1; fi; fi
 
 demo: $(STAMP) build-deps
 	# a new run directory each time: an existing run is never overwritten

@@ -155,3 +155,21 @@ def test_multiscale_interpolates_each_views_logits_to_the_original_size_before_s
         expected = expected / (2 * len(scales))
     assert ours.shape == (1, 5, *original)
     torch.testing.assert_close(ours, expected)
+
+
+def test_a_loaded_state_keeps_this_configs_no_object_weight():
+    """The no-object class weight is config (head.no_object_weight; transformers keeps it
+    in the criterion's ``empty_weight`` buffer, saved with the model): a resume or a whole
+    init with another value trains with this config's, strictly loaded as before. Before,
+    the checkpoint's value replaced it without a word."""
+    torch.manual_seed(0)
+    saved = build_mask2former("internimage_t", 3, backbone_kwargs=TINY, no_object_weight=0.1,
+                              **HEAD)
+    model = build_mask2former("internimage_t", 3, backbone_kwargs=TINY, no_object_weight=0.5,
+                              **HEAD)
+    state = saved.state_dict()
+    assert state["model.criterion.empty_weight"].tolist() == pytest.approx([1, 1, 1, 0.1])
+    model.load_state_dict(state, strict=True)
+    assert model.model.criterion.empty_weight.tolist() == pytest.approx([1, 1, 1, 0.5])
+    learned = {k for k in state if k != "model.criterion.empty_weight"}
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in learned)

@@ -29,17 +29,28 @@ IMAGE_BRANCH = ["data.image_size=64", "data.batch_size=8", "objective.image.weig
 REFUSAL = "was saved by 2 ranks, this run has 1: resume with 2 ranks"
 
 
-def _saved_run(run_dir: Path, world_size: int, model_hash: str) -> Path:
+def _saved_run(run_dir: Path, world_size: int, model_hash: str,
+               task: str | None = None, **more) -> Path:
     """``run_dir`` holding a checkpoint saved by ``world_size`` ranks, as far as a start's
-    resume checks read it (its trainer state: step, world size, model hash)."""
+    resume checks read it (its trainer state: step, world size, model hash; ``task``: a
+    fine-tuning run's, with ``more`` of its keys, else pre-training's)."""
     step = run_dir / "checkpoints" / "step_0000004"
     step.mkdir(parents=True)
     (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    own = {"task": task, **more} if task else {"samples_seen": {}}  # pre-training: no task
     (step / "trainer_state.json").write_text(json.dumps(
-        {"step": 4, "world_size": world_size, "model_hash": model_hash,
-         "samples_seen": {}}))  # pre-training's keys: no task, its samples_seen
+        {"step": 4, "world_size": world_size, "model_hash": model_hash, **own}))
     (run_dir / "checkpoints" / "latest").write_text(step.name)
     return step
+
+
+def _classification_hash(*overrides: str) -> str:
+    """The model hash ``finetune classification`` with ``overrides`` gives its checkpoints."""
+    from finetune.classification import ClassificationConfig
+    from finetune.zero import model_hash
+    from launch.config import load_config
+
+    return model_hash(load_config(ClassificationConfig, None, list(overrides)))
 
 
 def _files(run_dir: Path) -> dict[str, int]:
@@ -75,10 +86,11 @@ def test_a_finetune_resume_on_another_world_size_is_refused_before_sbatch(
 
     run_dir = tmp_path / "ft"
     job = ["finetune", "classification", "--output-dir", str(run_dir)]
-    step = _saved_run(run_dir, 2, "h")
+    mhash = _classification_hash()
+    step = _saved_run(run_dir, 2, mhash, task="classification")
     before = _files(run_dir)
     with pytest.raises(ResumeError) as expected:
-        check_compatible(json.loads((step / "trainer_state.json").read_text()), "h", 1, step)
+        check_compatible(json.loads((step / "trainer_state.json").read_text()), mhash, 1, step)
 
     assert _submit(tmp_path, 1, *job) == 2
     err = capsys.readouterr().err
@@ -88,6 +100,50 @@ def test_a_finetune_resume_on_another_world_size_is_refused_before_sbatch(
 
     assert _submit(tmp_path, 2, *job) == 0
     assert no_sbatch.exists()
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (["data.num_classes=100"], "was saved for a different model"),
+    (["run.zero_stage=3"], "was saved with ZeRO stage 0, this run has stage 3"),
+    (["run.batch_size=7"], "images per rank and step"),
+], ids=["classes", "zero_stage", "batch"])
+def test_a_finetune_resume_its_start_would_refuse_is_refused_before_sbatch(
+        no_sbatch, tmp_path, capsys, change, refusal):
+    """The job's start checks of a fine-tuning resume (finetune.engine.open_run: task,
+    engine layout, model hash, images per step), run at submit: before, only the world
+    size was, and a changed class count was queued, refused at its start and requeued as
+    a failure. The run's own settings are submitted."""
+    run_dir = tmp_path / "ft"
+    job = ["finetune", "classification", "--output-dir", str(run_dir)]
+    _saved_run(run_dir, 1, _classification_hash(), task="classification",
+               engine={"zero_stage": 0, "precision": "fp32"},
+               batch={"batch_size": 64, "grad_accum": 1})  # the defaults
+    before = _files(run_dir)
+    assert _submit(tmp_path, 1, *job, *change) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("internimage submit: config error: ") and refusal in err, err
+    assert not no_sbatch.exists() and _files(run_dir) == before
+    assert _submit(tmp_path, 1, *job) == 0
+    assert no_sbatch.exists()
+
+
+def test_a_segmentation_resume_with_other_head_sizes_is_refused_before_sbatch(
+        no_sbatch, tmp_path, capsys):
+    """Segmentation's hash (Mask2Former's head sizes included) is checked at submit too;
+    detection's class count comes from its annotation file, which submit does not parse:
+    the job's start checks it."""
+    from finetune.segmentation import SegmentationConfig, segmentation_model_hash
+    from launch.config import load_config
+
+    head = ["head.kind=mask2former", "head.num_queries=8"]
+    saved = segmentation_model_hash(load_config(SegmentationConfig, None, head))
+    run_dir = tmp_path / "seg"
+    _saved_run(run_dir, 1, saved, task="segmentation")
+    job = ["finetune", "segmentation", "--output-dir", str(run_dir), "head.kind=mask2former"]
+    assert _submit(tmp_path, 1, *job, "head.num_queries=16") == 2
+    assert "was saved for a different model" in capsys.readouterr().err
+    assert not no_sbatch.exists()
+    assert _submit(tmp_path, 1, *job, "head.num_queries=8") == 0
 
 
 def test_a_checkpoint_whose_state_cannot_be_read_is_left_to_the_job(no_sbatch, tmp_path):

@@ -78,6 +78,16 @@ class RankMeanMask2FormerLoss(Mask2FormerLoss):
         """Target masks of this rank's batch, averaged over the ranks (at least 1)."""
         return rank_mean(sum(len(classes) for classes in class_labels))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the class weights (``empty_weight``: 1 per class, ``no_object_weight`` last) are
+        # this run's config, not learned; a loaded one (a resume through DeepSpeed's
+        # load_state_dict, a whole-segmenter init) replaced a changed head.no_object_weight
+        # without a word. The key stays (checkpoints hold it: strict loads need it).
+        key = prefix + "empty_weight"
+        if key in state_dict:
+            state_dict[key] = self.empty_weight.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class Mask2FormerSegmenter(nn.Module):
     """Training/inference interface around a transformers Mask2Former (see module doc)."""

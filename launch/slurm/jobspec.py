@@ -259,27 +259,50 @@ def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
         raise ConfigError(str(err)) from None
 
 
-def _check_world_size(resume_dir: Path, world_size: int) -> None:
+def _finetune_hash(task: str, cfg, saved: str | None) -> str | None:
+    """The model hash a fine-tuning job of ``task`` checks its checkpoint's against (None:
+    detection, whose class count comes from the validation annotation file, parsed by
+    the job's start only: gigabytes of memory on a login node)."""
+    if task == "classification":
+        from finetune.zero import model_hash
+
+        return model_hash(cfg)
+    if task == "segmentation":
+        from finetune.segmentation import resume_model_hash
+
+        return resume_model_hash(cfg, saved)
+    return None
+
+
+def _check_finetune_resume(task: str, cfg, resume_dir: Path, world_size: int | None) -> None:
     """Refuse, as a ``ConfigError`` with the job's own one-line message, a fine-tuning
-    resume of ``resume_dir`` that the job's start would refuse on ``world_size`` ranks (its
-    tasks x nodes), by the rule the job itself runs: fine-tuning resumes on the saved world
-    size only (``check_compatible``, as ``finetune.engine.open_run`` calls it; pre-training
-    resumes on any: pretrain/resize.py). A trainer state that cannot be read is left to the
-    job, whose start names what is wrong."""
+    resume of ``resume_dir`` that the job's start would refuse (``finetune.engine.open_run``'s
+    checks: the task, ZeRO layout and precision, the model hash, the world size, the
+    images per step). Fine-tuning resumes on the saved world size only (``world_size``:
+    the job's tasks x nodes; None: not checked). Before, only the world size was checked
+    here: a changed head or class count was queued, refused at its start, and requeued as
+    a failure. A trainer state that cannot be read is left to the job, whose start names
+    what is wrong."""
+    from finetune.engine import batch_state, check_batch
     from models import CheckpointError
-    from runtime.checkpoint import check_compatible, load_trainer_state
+    from runtime.checkpoint import check_compatible, engine_layout, load_trainer_state
 
     try:
         state = load_trainer_state(resume_dir)
     except CheckpointError:
         return
-    if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
+    if (not isinstance(state, dict) or not isinstance(state.get("world_size"), int)
+            or "model_hash" not in state):
         return
+    # detection and segmentation train fp32 engines (bf16 is autocast): finetune/loop.py
+    precision = cfg.run.precision if task == "classification" else "fp32"
+    model_hash = _finetune_hash(task, cfg, state["model_hash"]) or state["model_hash"]
     try:
-        if "model_hash" in state:
-            # the model hash is the job's to check (it builds the model): given the saved
-            # one, check_compatible judges the world size alone
-            check_compatible(state, state["model_hash"], world_size, resume_dir)
+        check_compatible(state, model_hash,
+                         state["world_size"] if world_size is None else world_size,
+                         resume_dir, engine=engine_layout(cfg.run.zero_stage, precision),
+                         task=task)
+        check_batch(state, batch_state(cfg.run.batch_size, cfg.run.grad_accum), resume_dir)
     except CheckpointError as err:  # the job would stop on it, with this message
         raise ConfigError(str(err)) from None
 
@@ -360,8 +383,8 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
     # --resume stays as given: the job then starts afresh, or refuses to over a run
     resume = "auto" if args.resume is None else args.resume
     resume_dir = _check_resume(args.command, resume, run_dir)
-    if args.command == "finetune" and resume_dir is not None and world_size is not None:
-        _check_world_size(resume_dir, world_size)
+    if args.command == "finetune" and resume_dir is not None:
+        _check_finetune_resume(args.task, cfg, resume_dir, world_size)
     if args.command == "pretrain" and resume_dir is not None:
         _check_pretrain_resume(cfg, resume_dir)
     if args.command == "finetune":  # the job's own start checks (a resumed job's: no init)
