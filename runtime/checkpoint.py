@@ -1170,13 +1170,31 @@ def stage_config(run_dir: Path, write: Callable[[Path], None]) -> None:
     write(_pending_config(run_dir))
 
 
+# The run directories this process published a config in: their runs got past their start
+# checks (launch/slurm/job.py tells a refused start from a run that trained and then
+# failed, both exit 2, by it)
+_published: set[str] = set()
+
+
+def published_here(run_dir: Path, forget: bool = False) -> bool:
+    """Whether this process called :func:`publish_config` for ``run_dir`` (its run passed
+    its start checks); ``forget``: and forget it (a new attempt starts)."""
+    key = os.path.realpath(run_dir)
+    passed = key in _published
+    if forget:
+        _published.discard(key)
+    return passed
+
+
 def publish_config(run_dir: Path) -> None:
     """The staged config becomes ``run_dir/config.yaml`` (atomic; nothing to do when none
     is staged: a run started without the command line, or another rank published it). One
     that differs from the config the run last started with keeps that one and names the
-    changed keys (runtime/config_history.py)."""
+    changed keys (runtime/config_history.py). Called once the start checks passed
+    (:func:`published_here`)."""
     from runtime.config_history import keep_previous
 
+    _published.add(os.path.realpath(run_dir))
     staged, current = _pending_config(run_dir), run_dir / CONFIG
     try:
         new = staged.read_text()

@@ -315,5 +315,45 @@ def test_a_start_refused_by_the_run_lock_is_requeued_a_bounded_number_of_times(t
                             "job_id": "77"})
             with (task.run_dir / "slurm_jobs.jsonl").open("a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
-        else:
-            assert not requeue and "failed 3 times without a new checkpoint" in why
+        else:  # said as it is: refused at its start, not 'without a new checkpoint'
+            assert not requeue and "refused at their start" in why, why
+            assert "node-elsewhere-17" in why and "without a new checkpoint" not in why
+
+
+def test_a_refusal_after_the_start_checks_is_bounded_by_the_checkpoint(task):
+    """Exit 2 also ends a run that trained: a save that hit a full disk
+    (CheckpointSaveError) or a store refusing reads, through the same refusal path. Its
+    ``ended`` record says ``started``, and the exit trap bounds it by the checkpoint: a
+    run saving between such failures is requeued each time (counted as refused starts,
+    its third ended it 'without a new checkpoint'); one that does not save is bounded."""
+    from launch.commands.refusals import end_failed_start
+    from launch.slurm.after_exit import decide
+    from runtime.checkpoint import CheckpointSaveError, publish_config
+
+    def trained_then_refused(job):
+        def entry(argv):
+            publish_config(task.run_dir)  # the start checks passed
+            return end_failed_start(CheckpointSaveError("no space left on device"),
+                                    "pretrain", task.run_dir, None, True)
+        return entry
+
+    def attempt_ends(attempt: int, checkpoint: list) -> tuple[bool, str]:
+        job, _ = task.run(attempt, trained_then_refused, max_requeues=3)
+        with pytest.raises(RuntimeError, match="exited with status 2"):
+            job()
+        ended = task.records()[-1]
+        assert (ended["refused"], ended["started"]) == (True, True)
+        requeue, why = decide(2, "RUNNING", attempt, attempt, task.records(), checkpoint, 2)
+        with (task.run_dir / "slurm_jobs.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "failure_requeue", "checkpoint": checkpoint,
+                                "job_id": "77"}) + "\n")
+        return requeue, why
+
+    for attempt in range(4):  # a new checkpoint before each failure
+        checkpoint = [f"step_{1000 * (attempt + 1):07d}", 1764800000.0 + attempt, attempt]
+        requeue, why = attempt_ends(attempt, checkpoint)
+        assert requeue, (attempt, why)
+    for attempt in range(4, 6):  # then none: bounded as any failure without progress
+        requeue, why = attempt_ends(attempt, checkpoint)  # (3, 4 and 5 at step_0004000)
+        assert requeue == (attempt < 5), (attempt, why)
+    assert "failed 3 times without a new checkpoint" in why

@@ -109,23 +109,45 @@ def decide(status: int, state: str | None, restarts: int | None, attempt: int,
                            "mend the cause, then submit the same command again")
         if r.get("event") == "requeue_requested":
             signalled = "; the time-out/preemption signal's requeue did not happen"
-    tried = _failures_without_progress(job_records, checkpoint)
-    if tried >= failure_requeues:
+    tried, refusals = _failures_without_progress(job_records, checkpoint)
+    if tried + refusals >= failure_requeues:
+        if refusals:  # another job's checkpoints (the run lock's case) are no progress
+            return False, (f"failed {tried + refusals + 1} times without progress of its "
+                           f"own (failure_requeues={failure_requeues}), the last "
+                           f"{refusals} before this one refused at their start: "
+                           f"{_last_refusal(job_records)}{signalled}")
         return False, (f"failed {tried + 1} times without a new checkpoint in between "
                        f"(failure_requeues={failure_requeues}){signalled}")
-    return True, (f"srun exited with status {status}; requeue {tried + 1} of at most "
-                  f"{failure_requeues} without a new checkpoint{signalled}")
+    return True, (f"srun exited with status {status}; requeue {tried + refusals + 1} of at "
+                  f"most {failure_requeues} without progress{signalled}")
 
 
-def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint: Any) -> int:
+def _refused_start(r: dict[str, Any]) -> bool:
+    """Whether ``ended`` record ``r`` is a start that was refused (exit 2 before the run
+    passed its start checks: the run lock, a resume check). A refusal after them (a save
+    that hit a full disk, a store refusing reads) came from a run that trained; records
+    written before ``started`` was recorded count as refused starts."""
+    return bool(r.get("refused")) and not r.get("started", False)
+
+
+def _last_refusal(job_records: Sequence[dict[str, Any]]) -> str:
+    """The error of the job's last refused start, shortened (its record keeps it whole)."""
+    for r in reversed(job_records):
+        if r.get("event") == "ended" and _refused_start(r):
+            return str(r.get("error", "no error recorded"))[:300]
+    return "no error recorded"
+
+
+def _failures_without_progress(job_records: Sequence[dict[str, Any]],
+                               checkpoint: Any) -> tuple[int, int]:
     """This job's earlier failure requeues that found the run's checkpoint where it is now,
-    plus those of the refused attempts since its last attempt that got past its start
-    (rank 0's ``ended`` record says ``refused``): a refused attempt made no progress of
-    its own, whatever checkpoints another job saves meanwhile. Counted by checkpoint
-    alone, a second submission of a running job's command, refused by the run lock, was
-    requeued for as long as the first job saved, each attempt holding its allocation;
-    counted for the job's whole life, sporadic refusals (a lock file the file system
-    failed to read) of a job that trains between them would end it."""
+    and the refused starts since its last attempt that got past its start (rank 0's
+    ``ended`` record: :func:`_refused_start`): a refused start made no progress of its
+    own, whatever checkpoints another job saves meanwhile. Counted by checkpoint alone, a
+    second submission of a running job's command, refused by the run lock, was requeued
+    for as long as the first job saved, each attempt holding its allocation; counted for
+    the job's whole life, sporadic refusals (a lock file the file system failed to read)
+    of a job that trains between them would end it."""
     tried, streak, refused = 0, 0, False
     for r in job_records:
         event = r.get("event")
@@ -134,7 +156,7 @@ def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint
                 streak = 0
             refused = False
         elif event == "ended":
-            refused = bool(r.get("refused"))
+            refused = _refused_start(r)
             streak = streak if refused else 0  # an attempt that got past its start
         elif event == "failure_requeue":
             if refused:
@@ -142,7 +164,7 @@ def _failures_without_progress(job_records: Sequence[dict[str, Any]], checkpoint
             else:
                 streak = 0
                 tried += same_checkpoint(r.get("checkpoint"), checkpoint)
-    return tried + streak
+    return tried, streak
 
 
 def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:

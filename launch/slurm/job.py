@@ -277,6 +277,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         act_on_signal = self._signal_action(submitit_handler)
         argv = resume_argv(self.argv, run_dir, info.job_id) if restarts else self.argv
         take_refusal()  # (none of this run's yet)
+        from runtime.checkpoint import published_here
+
+        published_here(run_dir, forget=True)  # (nor a passed start)
         if restarts:  # served by its store before, even without a checkpoint yet: a store
             # that does not answer at the start is an outage to wait for (data/preflight.py)
             from data.preflight import REQUEUED_ENV
@@ -301,14 +304,19 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def _record_end(run_dir: Path, info: TaskInfo, restarts: int, status: int | None,
                     error: BaseException | None) -> None:
         """Rank 0 records how the command ended (``ended``: its exit status, or the error
-        it raised; ``refused``: exit status 2, a refused start or resume; ``retry``: False
-        for an error that says a retry cannot help, ``retry_helps = False``), read by the
-        batch script's exit trap: a run that completed or stopped so is not requeued
-        (after_exit.py)."""
+        it raised; ``refused``: exit status 2, a refusal; ``started``: whether the run had
+        passed its start checks, published its config: a refusal after it (a save that
+        hit a full disk, a store refusing reads) came from a run that trained; ``retry``:
+        False for an error that says a retry cannot help, ``retry_helps = False``), read
+        by the batch script's exit trap: a run that completed or stopped so is not
+        requeued, refused starts are bounded apart (after_exit.py)."""
         if not info.is_main:
             return
+        from runtime.checkpoint import published_here
+
         code = error.code if isinstance(error, SystemExit) else status  # argparse: 2
-        extra: dict[str, Any] = {"status": status, "refused": code == REFUSED_STATUS}
+        extra: dict[str, Any] = {"status": status, "refused": code == REFUSED_STATUS,
+                                 "started": published_here(run_dir)}
         if error is not None:
             extra["error"] = repr(error)[:1000]
             if getattr(error, "retry_helps", True) is False:  # the exit trap's requeue
