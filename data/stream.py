@@ -734,10 +734,13 @@ class MixedStream:
                 # deal, it read units the re-deal gave other slots (their samples handed
                 # out twice). Its rest is dropped instead, said here (what the re-read met
                 # was counted by _reread_check).
+                # a cut block's length was saved; another may have ended before its size
+                # (a source's epoch boundary): only a bound is known then
+                bound = "" if cut is not None else "up to "
                 log.warning("an adopted shuffle block (old slot %d, block %d) could not be "
-                            "re-read as it was first read: its %d samples not yet handed out "
-                            "are dropped (at most a shuffle buffer; filled on, it would read "
-                            "shards other slots were dealt)", self.slot, block_no,
+                            "re-read as it was first read: its %s%d samples not yet handed "
+                            "out are dropped (at most a shuffle buffer; filled on, it would "
+                            "read shards other slots were dealt)", self.slot, block_no, bound,
                             max(0, (cut["length"] if cut is not None else size) - skip))
                 for stream, it in zip(streams, iters, strict=True):
                     it.close()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from data.config import S3Config
 from data.preflight import check_sources_readable
-from finetune.data_files import NextReadable, agree_on_listing
+from finetune.data_files import NextReadable, agreed_set
 from finetune.dense_data import CollateCounted, CountedItems
 from finetune.eval_loader import eval_generator
 from runtime.dist import DistInfo, all_gather_objects, rank_share
@@ -298,11 +298,11 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     if d.kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 
-        train = ImageFolder(str(Path(d.root) / d.train_split), train_tf)
-        val = _val_set(cfg, train.class_to_idx)
-        agree_on_listing("training", train.samples, d.root, all_gather_objects)
-        if isinstance(val, ImageFolder):  # (not shards: ShardDataset agrees on its own)
-            agree_on_listing("validation", val.samples, d.root, all_gather_objects)
+        train = agreed_set("training", lambda: ImageFolder(str(Path(d.root) / d.train_split),
+                                                            train_tf),
+                           _samples, d.root, all_gather_objects)
+        val = agreed_set("validation", lambda: _val_set(cfg, train.class_to_idx), _samples,
+                         d.root, all_gather_objects)
         return train, val
     n = d.num_classes  # a label outside [0, n) is skipped, never handed to the loss
     if d.kind == "demo":
@@ -323,13 +323,23 @@ def build_datasets(cfg, resumed: bool = False) -> tuple[Dataset, Dataset]:
     return ShardDataset(d.train_urls, train_tf, d.s3, num_classes=n), val
 
 
+def _samples(dataset: Dataset) -> list:
+    """An image folder's ``(path, label)`` samples, compared across the ranks; none for
+    shards (ShardDataset agrees on its own lists)."""
+    from torchvision.datasets import ImageFolder
+
+    return dataset.samples if isinstance(dataset, ImageFolder) else []
+
+
 def build_val_set(cfg) -> Dataset:
     """The validation set alone, as :func:`build_datasets` builds it (an evaluation
-    without training reads no training image or shard: finetune/eval_only.py)."""
+    without training reads no training image or shard: finetune/eval_only.py), the ranks'
+    listings of an image folder agreed on (collective)."""
     d = cfg.data
     if d.kind in ("shards", "stream"):  # as build_datasets: refused here, not in a reader
         check_sources_readable([("val", d.val_urls)], d.s3, gather=all_gather_objects)
-    return _val_set(cfg)
+    return agreed_set("validation", lambda: _val_set(cfg), _samples, d.root,
+                      all_gather_objects)
 
 
 def _val_set(cfg, class_to_idx: dict[str, int] | None = None) -> Dataset:

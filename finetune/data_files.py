@@ -36,6 +36,43 @@ class ListingMismatch(RefusedStart):
     """The ranks listed different files for one set (a refused start, one line)."""
 
 
+def _listing_digest(entries: Sequence[tuple], root: str | Path) -> tuple[int, str]:
+    """(item count, SHA-256 of the listing): paths relative to ``root`` and integers."""
+    digest, prefix = hashlib.sha256(), len(str(root))
+    for entry in entries:
+        for field in entry:
+            if isinstance(field, (str, Path)):
+                digest.update(str(field)[prefix:].encode())
+            elif isinstance(field, int):
+                digest.update(str(field).encode())
+            digest.update(b"\t")
+        digest.update(b"\n")
+    return len(entries), digest.hexdigest()
+
+
+def _judge(what: str, seen: list) -> None:
+    """Raise :class:`ListingMismatch` unless the ranks' ``(count, digest)`` (or ``(None,
+    error text)`` from a rank whose listing raised) are all one."""
+    failed = [r for r, (count, _) in enumerate(seen) if count is None]
+    if failed:
+        first = failed[0]
+        raise ListingMismatch(
+            f"data: rank {first} could not list the {what} set ({seen[first][1]}); "
+            f"{len(failed)} of {len(seen)} ranks failed. Every rank must see the same "
+            "files: make every node's copy whole and alike, then start again")
+    if len({d for _, d in seen}) == 1:
+        return
+    main = seen[0]
+    other = [r for r, s in enumerate(seen) if s != main]
+    first = other[0]
+    raise ListingMismatch(
+        f"data: the ranks listed different {what} sets: rank 0 {main[0]} items, rank "
+        f"{first} {seen[first][0]}{' (other files)' if seen[first][0] == main[0] else ''}; "
+        f"{len(other)} of {len(seen)} ranks differ from rank 0. Every rank must see the "
+        "same files (their epochs and labels follow from them): make every node's copy "
+        "whole and alike, then start again")
+
+
 def agree_on_listing(what: str, entries: Sequence[tuple], root: str | Path,
                      gather: Callable[[Any], list]) -> None:
     """Refuse on every rank (:class:`ListingMismatch`) unless every rank listed the same
@@ -52,27 +89,30 @@ def agree_on_listing(what: str, entries: Sequence[tuple], root: str | Path,
     split different lists and labels shifted by a missing class, silently. Cost: one
     SHA-256 over the listing per rank (ImageNet-22K's 14M paths: seconds, next to
     minutes of listing them) and one all-gather of ~100 bytes, once per start."""
-    digest, prefix = hashlib.sha256(), len(str(root))
-    for entry in entries:
-        for field in entry:
-            if isinstance(field, (str, Path)):
-                digest.update(str(field)[prefix:].encode())
-            elif isinstance(field, int):
-                digest.update(str(field).encode())
-            digest.update(b"\t")
-        digest.update(b"\n")
-    seen = gather((len(entries), digest.hexdigest()))
-    if len({d for _, d in seen}) == 1:
-        return
-    main = seen[0]
-    other = [r for r, s in enumerate(seen) if s != main]
-    first = other[0]
-    raise ListingMismatch(
-        f"data: the ranks listed different {what} sets: rank 0 {main[0]} items, rank "
-        f"{first} {seen[first][0]}{' (other files)' if seen[first][0] == main[0] else ''}; "
-        f"{len(other)} of {len(seen)} ranks differ from rank 0. Every rank must see the "
-        "same files (their epochs and labels follow from them): make every node's copy "
-        "whole and alike, then start again")
+    _judge(what, gather(_listing_digest(entries, root)))
+
+
+def agreed_set(what: str, build: Callable[[], T], entries: Callable[[T], Sequence[tuple]],
+               root: str | Path, gather: Callable[[Any], list]) -> T:
+    """``build()`` (a dataset, listing its folders) on every rank, then
+    :func:`agree_on_listing` of its ``entries(dataset)``, in one all-gather. A rank whose
+    build raised (a class folder still empty mid-sync, an image whose label file has not
+    arrived) raises its own error and every other rank a :class:`ListingMismatch` naming
+    it: before, that rank ended alone and the others waited in the listing's all-gather
+    until the collective timeout. Collective: every rank calls it."""
+    try:
+        dataset: T | None = build()
+        own: tuple = _listing_digest(entries(dataset), root)
+        error: Exception | None = None
+    except Exception as err:  # noqa: BLE001 - raised below, after every rank knows
+        dataset, error = None, err
+        own = (None, f"{type(err).__name__}: {err}"[:500])
+    seen = gather(own)
+    if error is not None:
+        raise error
+    _judge(what, seen)
+    assert dataset is not None
+    return dataset
 
 
 class UnreadableFile(OSError):

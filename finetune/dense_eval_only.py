@@ -83,12 +83,12 @@ def _build(task: str, cfg):
         val_set = build_val_set(cfg)
         model = build_model(cfg, len(val_set.cat_ids))
         return model, model, val_set, evaluate
-    from finetune.seg_data import SegDataset
+    from finetune.seg_data import agreed_seg_set
     from finetune.seg_eval import evaluate
     from finetune.seg_model import LossForward, build_segmentor
 
     model = build_segmentor(cfg)
-    return model, LossForward(model), SegDataset(cfg.data, False), evaluate
+    return model, LossForward(model), agreed_seg_set(cfg.data, False), evaluate
 
 
 def evaluate_dense_checkpoint(task: str, cfg, source: EvalSource) -> dict[str, float]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from finetune.data_files import NextReadable, read_image
+from finetune.data_files import NextReadable, agreed_set, read_image
 from finetune.data_paths import DataPath, check_data_paths
 from finetune.datasets.base import IGNORE_INDEX, UnlabelledImages
 from finetune.seg_config import SPLIT_NAMES, SegDataConfig
@@ -184,6 +184,17 @@ def check_label_range(label: torch.Tensor, num_classes: int, label_path: Path,
         f"value {value}{stored} in {pixels} pixels, outside the classes 0 .. "
         f"data.num_classes - 1 = {num_classes - 1} (and not the ignore index "
         f"{IGNORE_INDEX}); {fix}")
+
+
+def agreed_seg_set(cfg: SegDataConfig, train: bool) -> SegDataset:
+    """The training or validation :class:`SegDataset`, built on every rank and its pairs
+    agreed on (``finetune.data_files.agreed_set``: one rank's failed listing or other
+    files end every rank together). Collective."""
+    from runtime.dist import all_gather_objects
+
+    return agreed_set("training" if train else "validation", lambda: SegDataset(cfg, train),
+                      lambda dataset: dataset.pairs, cfg.root if train else cfg.eval_root,
+                      all_gather_objects)
 
 
 class SegDataset(Dataset):

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.data_files import agree_on_listing
 from finetune.dense_data import train_batches
 from finetune.plan import count_params, print_plan
 from finetune.seg_config import (  # noqa: F401  (the public import path)
@@ -38,6 +37,7 @@ from finetune.seg_data import (  # noqa: F401  (the public import path)
     STD,
     LabelRangeError,
     SegDataset,
+    agreed_seg_set,
     crop_is_dominated,
     random_crop,
     resize_short_side,
@@ -55,7 +55,7 @@ from finetune.seg_model import (  # noqa: F401  (the public import path)
 )
 from models.checkpoint import CheckpointError
 from runtime import rng, run_lock, schedules
-from runtime.dist import all_gather_objects, broadcast_object, init_distributed
+from runtime.dist import broadcast_object, init_distributed
 from runtime.loop import RefusedStart
 from runtime.param_groups import adamw, param_groups
 
@@ -242,10 +242,8 @@ def train(cfg: SegmentationConfig, out_dir: Path, resume: str | None = None) -> 
     refuse_single_image_batchnorm(cfg, d.world_size if sync_bn else 1)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    train_set, val_set = SegDataset(cfg.data, True), SegDataset(cfg.data, False)
-    for what, dataset, root in (("training", train_set, cfg.data.root),
-                                ("validation", val_set, cfg.data.eval_root)):
-        agree_on_listing(what, dataset.pairs, root, all_gather_objects)
+    train_set = agreed_seg_set(cfg.data, True)
+    val_set = agreed_seg_set(cfg.data, False)
     rng.seed_all(cfg.run.seed + d.rank)  # after the data: its first build may draw
     model = build_segmentor(cfg, agreed_init(cfg.init)).to(d.device)
     if sync_bn:

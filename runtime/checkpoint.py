@@ -314,14 +314,19 @@ def _read_json(path: Path, ckpt_dir: Path) -> dict[str, Any]:
     be read (EIO, ESTALE: a refusal the ranks agree on, where a bare ``OSError`` was
     raised by one rank alone while the others waited for its agreement)."""
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except OSError as err:
         raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} cannot be read "
                           f"({err})") from err
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} is damaged, not JSON "
-                          f"({err}); resume from an earlier checkpoint (--resume "
-                          f"{ckpt_dir.parent}/step_...)") from None
+        state, why = None, f"not JSON ({err})"
+    else:  # JSON, but no state (a hand edit, a bad copy): every reader calls .get on it
+        why = f"not a JSON object (a {type(state).__name__})"
+    if not isinstance(state, dict):
+        raise ResumeError(f"{ckpt_dir}: {path.relative_to(ckpt_dir)} is damaged, {why}; "
+                          f"resume from an earlier checkpoint (--resume "
+                          f"{ckpt_dir.parent}/step_...)")
+    return state
 
 
 def load_rank_states(ckpt_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ pre-training resume tests."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,17 @@ def test_files_in_torch_s_legacy_format_are_not_taken_for_damaged(tmp_path):
     (step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(ck.ResumeError, match="optim_states.pt cannot be read .*not a torch"):
         ck.check_engine_files(step_dir, 0)
+
+
+@pytest.mark.parametrize("text, why", [("[]", "not a JSON object (a list)"),
+                                       ('"step_4"', "not a JSON object (a str)"),
+                                       ('{"step": 4', "not JSON")])
+def test_a_state_file_that_holds_no_object_is_refused_as_damaged(tmp_path, text, why):
+    """A trainer state that parses but holds no object (a hand edit, a bad copy) is as
+    damaged as one cut short: every reader calls ``.get`` on it, and segmentation's rank
+    0 alone raised an AttributeError before a broadcast the others waited in."""
+    step_dir = tmp_path / "checkpoints" / "step_0000004"
+    step_dir.mkdir(parents=True)
+    (step_dir / ck.TRAINER_STATE).write_text(text)
+    with pytest.raises(ck.ResumeError, match=re.escape(f"trainer_state.json is damaged, {why}")):
+        ck.load_trainer_state(step_dir)

@@ -25,14 +25,15 @@ from tests.pretrain_utils import free_port
 pytestmark = [pytest.mark.distributed]
 
 
-def _copy(root: Path, skip: int = -1) -> Path:
-    """A class-folder set (train/ and val/, 2 classes x 3 images), image ``skip`` of
-    train/c1 left out: one node's incomplete copy."""
+def _copy(root: Path, skip: tuple[int, ...] = ()) -> Path:
+    """A class-folder set (train/ and val/, 2 classes x 3 images), images ``skip`` of
+    train/c1 left out: one node's incomplete copy (all three: a class folder still empty
+    mid-sync, which torchvision's ImageFolder refuses)."""
     for split in ("train", "val"):
         for c in ("c0", "c1"):
             (root / split / c).mkdir(parents=True)
             for i in range(3):
-                if (split, c, i) != ("train", "c1", skip):
+                if split != "train" or c != "c1" or i not in skip:
                     Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / c / f"{i}.png")
     return root
 
@@ -72,6 +73,9 @@ def _rank(rank: int, port: int, base: str, body: str) -> None:
     except Exception as err:  # what each rank refused with
         out = {"error": f"{type(err).__name__}: {err}"}
     Path(base, f"{body}-{rank}.json").write_text(json.dumps(out))
+    # the last collective's sender may end before its receiver has read: gloo aborts the
+    # receiver on the closed connection (SIGABRT, once in a few runs of the EMA case)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -89,7 +93,7 @@ def _run(base: Path, body: str) -> list[dict]:
 @pytest.mark.parametrize("incomplete", [False, True])
 def test_ranks_that_listed_different_image_folders_refuse_alike(tmp_path, incomplete):
     _copy(tmp_path / "node0")
-    _copy(tmp_path / "node1", skip=2 if incomplete else -1)
+    _copy(tmp_path / "node1", skip=(2,) if incomplete else ())
     results = _run(tmp_path, "folders")
     if not incomplete:  # the same files under another mount point: agreed
         assert results == [{"ok": [6, 6]}] * 2
@@ -98,6 +102,21 @@ def test_ranks_that_listed_different_image_folders_refuse_alike(tmp_path, incomp
     error = results[0]["error"]
     assert error.startswith("ListingMismatch: data: the ranks listed different training "
                             "sets: rank 0 6 items, rank 1 5"), error
+
+
+def test_a_rank_whose_listing_raises_ends_every_rank(tmp_path):
+    """One node's class folder still empty (ImageFolder raises there alone): that rank
+    raises its own error and rank 0 a refusal naming it, both at once. Before, rank 1
+    ended alone and rank 0 waited in the listing's all-gather until the collective
+    timeout (30 minutes by default)."""
+    _copy(tmp_path / "node0")
+    _copy(tmp_path / "node1", skip=(0, 1, 2))
+    results = _run(tmp_path, "folders")
+    assert results[1]["error"].startswith("FileNotFoundError: Found no valid file for the "
+                                          "classes c1"), results
+    assert results[0]["error"].startswith("ListingMismatch: data: rank 1 could not list the "
+                                          "training set (FileNotFoundError: Found no valid "
+                                          "file"), results
 
 
 def test_a_rank_that_does_not_see_ema_pt_resumes_rank_0_s_ema(tmp_path):
