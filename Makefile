@@ -57,7 +57,7 @@ build-deps:
 	dev="python$$("$$py" -c '$(PY_VERSION)')-dev"; \
 	ready() { command -v "$$cxx" >/dev/null 2>&1 && "$$py" -c '$(HAS_HEADERS)'; }; \
 	if ! ready; then \
-	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="g++ $$dev"; fi; \
+	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="g++ $$dev" || exit 1; fi; \
 	  if ! ready; then \
 	    echo "make: DeepSpeed compiles its CPU ops at first use: it needs a C++ compiler ($$cxx) and Python's headers (Python.h), e.g. the packages g++ $$dev"; exit 1; fi; fi
 
