@@ -176,8 +176,9 @@ def evaluate_checkpoint(cfg, source: EvalSource) -> dict[str, float]:
         with contextlib.redirect_stdout(sys.stderr):
             state, meta = read_once(read_backbone, source.weights)  # rank 0 reads
         check_head(state, cfg, source.weights)
-        if has_ema:  # training evaluates its fp32 EMA too
-            ema_state = load_torch_file(ema_file)
+        if has_ema:  # training evaluates its fp32 EMA too; rank 0 reads it for all (H:
+            # 4.3 GB each rank read from shared storage)
+            ema_state, _ = read_once(lambda path: (load_torch_file(path), None), ema_file)
     except (CheckpointError, OSError) as err:  # e.g. pruned while this rank read it
         refusal = err if isinstance(err, CheckpointError) else CheckpointError(
             f"{source.weights}: {err}")
