@@ -55,7 +55,7 @@ system-deps:
 build-deps:
 	@py=$(PY); [ -x "$$py" ] || py=$(PYTHON); cxx="$${CXX:-c++}"; \
 	dev="python$$("$$py" -c '$(PY_VERSION)')-dev"; \
-	ready() { command -v "$$cxx" >/dev/null 2>&1 && "$$py" -c '$(HAS_HEADERS)'; }; \
+	ready() { command -v "$${cxx%% *}" >/dev/null 2>&1 && "$$py" -c '$(HAS_HEADERS)'; }; \
 	if ! ready; then \
 	  if command -v dpkg >/dev/null; then $(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="g++ $$dev" || exit 1; fi; \
 	  if ! ready; then \

@@ -338,6 +338,8 @@ def build_val_set(cfg) -> Dataset:
     d = cfg.data
     if d.kind in ("shards", "stream"):  # as build_datasets: refused here, not in a reader
         check_sources_readable([("val", d.val_urls)], d.s3, gather=all_gather_objects)
+    if d.kind != "imagefolder":  # shards agree on their own items, inside their build
+        return _val_set(cfg)
     return agreed_set("validation", lambda: _val_set(cfg), _samples, d.root,
                       all_gather_objects)
 

@@ -346,3 +346,21 @@ def test_an_attempt_slurm_ended_itself_breaks_a_streak_of_refusals():
         records.append({"event": "failure_requeue", "checkpoint": CKPT})
     records += [_start(4), refused]  # the third refusal since: the bound holds
     assert not _decide(status=2, restarts=4, attempt=4, records=records, limit=2)[0]
+
+
+def test_refused_starts_before_an_attempt_that_trained_are_not_charged_to_it():
+    """Refused twice (the run lock, just after scancel), then trained for days and saved;
+    then SIGKILLed by srun after another task failed: rank 0 wrote no ``ended`` record.
+    That attempt is judged by the checkpoint, not charged with the refusals before it (it
+    was ended 'refused at their start')."""
+    refused = {"event": "ended", "status": 2, "refused": True, "job_id": "7"}
+    records = []
+    for attempt in (0, 1):
+        records += [_start(attempt), refused,
+                    {"event": "failure_requeue", "checkpoint": CKPT}]
+    records.append(_start(2))  # trained; killed without a record
+    newer = ["step_0005000", 1764900000.0, 9999]
+    requeue, why = _decide(status=137, restarts=2, attempt=2, records=records,
+                           checkpoint=newer, limit=2)
+    assert requeue, why
+    assert "requeue 1 of at most 2" in why

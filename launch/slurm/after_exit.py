@@ -164,7 +164,9 @@ def _failures_without_progress(job_records: Sequence[dict[str, Any]],
             else:
                 streak = 0
                 tried += same_checkpoint(r.get("checkpoint"), checkpoint)
-    return tried, streak
+    # the attempt judged now: a refused start continues the streak; one that got past its
+    # start (or left no record: SIGKILLed by srun after another task failed) broke it
+    return tried, streak if refused else 0
 
 
 def trap_lines(python: str, run_dir: Path, failure_requeues: int) -> list[str]:
