@@ -36,7 +36,10 @@ def memory_estimate(model: nn.Module, run: Callable[[torch.dtype], object], *, p
                                         reduce_bytes(weights)).values())
     else:
         states = DDP_ADAMW_BYTES_PER_PARAM * params
-    states += 4 * params if ema else 0
+    # the EMA of the fp32 masters, each rank its part (finetune/ema.py): partitioned as
+    # ZeRO partitions them, whole at stage 0 (its whole fp32 model is assembled only for
+    # an evaluation or a save, outside the training step)
+    states += (4 * params / (ASSUMED_GPUS if zero_stage else 1)) if ema else 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     plain, ckpt = measure_saved_bytes(model, lambda: run(dtype), dtype, training=training_probe)
     activations = ckpt if checkpointing else plain

@@ -8,11 +8,11 @@ its ``lr_scale`` and timm's scheduler, stepped here on that same optimizer, mult
 in), gradient clipping (``optim.grad_clip`` -> DeepSpeed's ``gradient_clipping``), the
 metrics records and ``--resume auto``.
 
-EMA: kept at every stage as a full fp32 copy on every rank (timm ``ModelEmaV3``, made
-before DeepSpeed casts the module to bf16). Under ZeRO-3 each update gathers the
-partitioned weights with ``deepspeed.zero.GatheredParameters`` (read-only, all ranks
-together), so the EMA is exact; it costs one extra all-gather of the weights per step and
-one fp32 model per rank (H: ~4.3 GB), which is why ZeRO-3 runs may set ``ema.enabled=false``.
+EMA: each rank averages its own part of DeepSpeed's fp32 masters (finetune/ema.py: timm
+``ModelEmaV3``'s rule, no communication per step; 1/world of the model per rank under
+ZeRO), assembled by one all-reduce for an evaluation and for ``ema.pt``. Before, a full
+fp32 copy on every rank averaged the module's weights: a bf16 run's rounded copies, and
+under ZeRO-3 a whole-model all-gather at every step.
 
 Checkpoints: the one format (``runtime.checkpoint``, as pre-training):
 ``OUT/checkpoints/step_XXXXXXX/`` holds DeepSpeed's shards, ``ema.pt``, each rank's random
@@ -30,7 +30,6 @@ each forward all-gathers parameters collectively.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import warnings
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.cls_stream import StreamingShards
+from finetune.ema import PartitionedEma, meta_copy
 from finetune.engine import (
     FinetuneRun,
     batch_state,
@@ -119,39 +119,6 @@ def model_hash(cfg) -> str:
     return fingerprint(cfg.model.name, cfg.model.arch(), cfg.data.num_classes)
 
 
-class ShardedEma:
-    """timm ``ModelEmaV3`` of a (possibly ZeRO-3 partitioned) DeepSpeed module."""
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool):
-        from timm.utils import ModelEmaV3
-
-        # fp32 copy made before DeepSpeed casts/partitions ``model``
-        self.ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
-        self.module = self.ema.module
-
-    def update(self, module: nn.Module, step: int, zero3: bool) -> None:
-        """One EMA step from ``module`` (the engine's module); collective under ZeRO-3."""
-        with _whole(module, zero3):
-            self.ema.update(module, step=step)
-
-    def set_to(self, module: nn.Module, zero3: bool) -> None:
-        """The EMA set to ``module``'s weights (the engine's module, as a resume loaded
-        them); collective under ZeRO-3."""
-        with _whole(module, zero3):
-            self.ema.set(module)
-
-
-def _whole(module: nn.Module, zero3: bool):
-    """A context in which every rank sees ``module``'s full weights: under ZeRO-3 a
-    read-only gather (modifier_rank=None: DeepSpeed re-partitions them on exit without
-    writing anything back), else nothing to do."""
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, d: DistInfo, dtype: torch.dtype,
              img_size: int) -> dict[str, float]:
@@ -199,12 +166,14 @@ def evaluate_with_ema(net: nn.Module, ema_net: nn.Module | None, loader, d: Dist
     return result
 
 
-def _save(engine, run: FinetuneRun, step: int, ema: ShardedEma | None,
+def _save(engine, run: FinetuneRun, step: int, ema: PartitionedEma | None,
           shared: dict[str, Any], info: DistInfo, train_set) -> Path:
-    """DeepSpeed's shards and the EMA (rank 0) first; ``trainer_state.json``/``latest``
-    last (the EMA goes into the checkpoint's staging folder, runtime/checkpoint.py), with
-    each rank's position in a streamed training set."""
-    side = {EMA_FILE: ema.module.state_dict()} if ema is not None and info.is_main else None
+    """DeepSpeed's shards and the EMA (assembled on every rank, written by rank 0) first;
+    ``trainer_state.json``/``latest`` last (the EMA goes into the checkpoint's staging
+    folder, runtime/checkpoint.py), with each rank's position in a streamed training
+    set."""
+    whole = ema.state_dict() if ema is not None else None  # (collective)
+    side = {EMA_FILE: whole} if whole is not None and info.is_main else None
     local = {DATA_KEY: train_set.state_dict()} if isinstance(train_set, StreamingShards) else None
     return run.save(engine, step, shared, info, side_files=side, local=local)
 
@@ -302,7 +271,8 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     publish_config(out_dir)
     model.to(d.device)
     rng.seed_all(cfg.run.seed + d.rank)
-    ema = ShardedEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    # the EMA's model structure (finetune/ema.py), taken before DeepSpeed partitions it
+    ema_skeleton = meta_copy(model) if cfg.ema.enabled else None
     if cfg.run.precision == "bf16":
         # DeepSpeed's bf16 mode casts the parameters only (under ZeRO-3); floating buffers
         # (BatchNorm running stats of the stem) must match the bf16 activations too
@@ -319,23 +289,23 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
     # (its groups' params swapped for flat fp32 partitions), so per-group lr_scale holds
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch,
                                 world_size=d.world_size)
-    zero3 = cfg.run.zero_stage == 3
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     mixup = build_mixup(cfg)
     criterion = build_loss(cfg, mixup)
     step = run.start_step
+    # after the engine (and a resume's load): it averages the engine's fp32 masters
+    ema = (PartitionedEma(engine, ema_skeleton, cfg.ema.decay, cfg.ema.warmup)
+           if ema_skeleton is not None else None)
     if ema is not None and run.resume_dir is not None:
         saved = resumed_ema_state(run.resume_dir, d.is_main)
         if saved is not None:
-            ema.module.load_state_dict(saved)
-        else:
+            ema.load_state_dict(saved)
+        elif d.is_main:
             # saved with ema.enabled=false: the EMA starts from the resumed weights (as the
-            # released main.py builds its ModelEma after loading the checkpoint), not from
-            # the weights the model had before the checkpoint was loaded
-            if d.is_main:
-                log.warning("%s holds no %s (saved without ema): the EMA starts from the "
-                            "resumed weights", run.resume_dir, EMA_FILE)
-            ema.set_to(engine.module, zero3)
+            # released main.py builds its ModelEma after loading the checkpoint): it was
+            # built from the engine's masters after the load
+            log.warning("%s holds no %s (saved without ema): the EMA starts from the "
+                        "resumed weights", run.resume_dir, EMA_FILE)
     scheduler.step_update(step)
     shared = {"task": "classification", "world_size": d.world_size, "model_hash": mhash,
               "engine": engine_state, "batch": batch}
@@ -355,11 +325,13 @@ def train_zero(cfg, out_dir: Path, resume: str | None = None) -> dict[str, float
 
     def after_step(step: int) -> None:
         if ema is not None:
-            ema.update(engine.module, step, zero3)
+            ema.update(step)
 
     def evaluate_all(val_loader) -> dict:
-        return evaluate_with_ema(engine, ema.module if ema is not None else None, val_loader,
-                                 d, dtype, cfg.data.img_size)
+        if ema is None:
+            return evaluate_with_ema(engine, None, val_loader, d, dtype, cfg.data.img_size)
+        with ema.module() as ema_net:  # assembled for the evaluation (collective)
+            return evaluate_with_ema(engine, ema_net, val_loader, d, dtype, cfg.data.img_size)
 
     def save(step: int, state: dict[str, Any]) -> None:  # every rank writes its shard
         _save(engine, run, step, ema, shared | state, d, train_set)

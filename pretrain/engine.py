@@ -324,6 +324,8 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
     elif getattr(param, "_hp_mapping", None) is not None:
         param._hp_mapping.get_hp_fragment().clamp_(low, high)
     elif param.dtype != torch.float32 and not engine.zero_optimization():
+        from runtime.master_slices import unfused_master
+
         unfused = unfused_master(engine, param)
         unfused.data.clamp_(low, high)
     param.data.clamp_(low, high)
@@ -334,23 +336,3 @@ def clamp_logit_scale(engine, max_logit_scale: float) -> None:
         exact = unfused if unfused is not None else safe_get_full_fp32_param(param)
         engine.module.exact_logit_scale = (None if exact is None
                                            else exact.detach().float().reshape(1))
-
-
-def unfused_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """The fp32 master of 16-bit ``param`` that DeepSpeed's ``FP16_UnfusedOptimizer``
-    keeps without ZeRO (``fp32_groups``, parallel to ``fp16_groups``). Refuses another
-    optimizer: DeepSpeed's fused ``FP16_Optimizer`` (a DeepSpeed Adam set through
-    ``engine.deepspeed_config`` at stage 0) keeps its masters in flat buffers of its own,
-    where the clamp could not reach them, and would let the temperature drift unseen."""
-    opt = getattr(engine, "optimizer", None)
-    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()),
-                         strict=False):
-        for lp, hp in zip(low, high, strict=True):
-            if lp is param:
-                return hp
-    from runtime.loop import RefusedStart
-
-    raise RefusedStart(
-        f"engine.deepspeed_config: the temperature's fp32 master cannot be found in "
-        f"{type(opt).__name__} (16-bit weights at engine.zero_stage=0 with an optimizer "
-        "from that file): use engine.zero_stage=1, or drop the optimizer from that file")

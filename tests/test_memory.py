@@ -30,6 +30,11 @@ def test_ddp_states_are_sixteen_bytes_per_parameter_and_ema_adds_a_copy():
     assert _estimate(2, checkpointing=False, ema=True)["states"] == pytest.approx(
         20 * params / GiB)
     assert plain["total"] == pytest.approx(plain["states"] + plain["activations"])
+    # under ZeRO the EMA is partitioned as the masters are (finetune/ema.py): 4 B/param
+    # over the data-parallel group
+    zero, zero_ema = (_estimate(2, checkpointing=False, zero_stage=3, ema=ema)["states"]
+                      for ema in (False, True))
+    assert zero_ema - zero == pytest.approx(4 * params / 8 / GiB)
 
 
 def test_activations_scale_with_batch_and_pixels_and_precision():
