@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from runtime.master_slices import MasterSlice, master_slices, master_view
+from runtime.master_slices import MasterSlice, master_slices, master_view, unfused_masters
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -48,10 +48,14 @@ class PartitionedEma:
 
         self.engine = engine
         # timm's decay rule (get_decay: warmup, update_after_step), held by a one-weight
-        # module (timm's EMA needs one to place its state)
-        self.rule = ModelEmaV3(nn.Linear(1, 1, bias=False), decay=decay, use_warmup=warmup)
+        # module (timm's EMA needs one to place its state), left uninitialised: its init
+        # would draw from the global generator, and a run's draws must not depend on
+        # whether the EMA is on
+        self.rule = ModelEmaV3(nn.utils.skip_init(nn.Linear, 1, 1, bias=False), decay=decay,
+                               use_warmup=warmup)
         self.skeleton = skeleton
         self.slices: list[MasterSlice] = master_slices(engine)
+        self.unfused = unfused_masters(engine)  # (looked up once, not per step)
         self.params: list[torch.Tensor] = []
         self.buffers: dict[str, torch.Tensor] = {}
         self.set_to_masters()
@@ -60,7 +64,8 @@ class PartitionedEma:
     def set_to_masters(self) -> None:
         """The EMA set to the engine's masters now (a start, or a resume of a checkpoint
         saved without an EMA)."""
-        self.params = [master_view(self.engine, s).detach().clone() for s in self.slices]
+        self.params = [master_view(self.engine, s, self.unfused).detach().clone()
+                       for s in self.slices]
         self.buffers = {n: b.detach().float().clone() if b.is_floating_point()
                         else b.detach().clone()
                         for n, b in self.engine.module.named_buffers()}
@@ -71,7 +76,7 @@ class PartitionedEma:
         optimizer step ``step``; floating buffers averaged too, others copied (timm's
         rule). No communication."""
         weight = 1.0 - self.rule.get_decay(step)
-        masters = [master_view(self.engine, s) for s in self.slices]
+        masters = [master_view(self.engine, s, self.unfused) for s in self.slices]
         held = [(e, m) for e, m in zip(self.params, masters, strict=True) if e.numel()]
         if held:
             torch._foreach_lerp_([e for e, _ in held], [m for _, m in held], weight)

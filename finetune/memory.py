@@ -37,14 +37,17 @@ def memory_estimate(model: nn.Module, run: Callable[[torch.dtype], object], *, p
     else:
         states = DDP_ADAMW_BYTES_PER_PARAM * params
     # the EMA of the fp32 masters, each rank its part (finetune/ema.py): partitioned as
-    # ZeRO partitions them, whole at stage 0 (its whole fp32 model is assembled only for
-    # an evaluation or a save, outside the training step)
+    # ZeRO partitions them, whole at stage 0; under ZeRO an evaluation or a save assembles
+    # the whole fp32 model on every rank (the training step's activations are freed by
+    # then): the peak is the larger of the two
     states += (4 * params / (ASSUMED_GPUS if zero_stage else 1)) if ema else 0
+    assembled = 4 * params if ema and zero_stage else 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     plain, ckpt = measure_saved_bytes(model, lambda: run(dtype), dtype, training=training_probe)
     activations = ckpt if checkpointing else plain
     return {"states": states / GiB, "buffers": buffers / GiB, "activations": activations / GiB,
-            "total": (states + buffers + activations) / GiB}
+            "ema_assembled": assembled / GiB,
+            "total": (states + buffers + max(activations, assembled)) / GiB}
 
 
 def describe(est: dict[str, float], batch: int, size: tuple[int, int], checkpointing: bool,
@@ -53,6 +56,8 @@ def describe(est: dict[str, float], batch: int, size: tuple[int, int], checkpoin
     states = f"ZeRO-{zero_stage} over {ASSUMED_GPUS} GPUs" if zero_stage else "DDP AdamW"
     cp = "with" if checkpointing else "without"
     buffers = f" + ZeRO buffers {est['buffers']:.2f}" if est.get("buffers") else ""
+    ema = (f"; while an evaluation or a save assembles the EMA: {est['ema_assembled']:.2f} "
+           "in their place" if est.get("ema_assembled") else "")
     return (f"~{est['total']:.2f} GiB = states {est['states']:.2f} ({states}){buffers} + "
             f"activations {est['activations']:.2f} (batch {batch} at {size[0]}x{size[1]}, {cp} "
-            f"checkpointing{'; ' + scope if scope else ''}; measured on the meta device)")
+            f"checkpointing{'; ' + scope if scope else ''}; measured on the meta device){ema}")

@@ -59,6 +59,16 @@ def unfused_master(engine, param: nn.Parameter) -> torch.Tensor:
         "file): use ZeRO stage 1, or drop the optimizer from that file")
 
 
+def unfused_masters(engine) -> dict[int, torch.Tensor]:
+    """``id(param)`` -> fp32 master for every 16-bit parameter ``FP16_UnfusedOptimizer``
+    keeps one of (none without it): :func:`unfused_master` for all, in one pass."""
+    opt = getattr(engine, "optimizer", None)
+    return {id(lp): hp
+            for low, high in zip(getattr(opt, "fp16_groups", ()),
+                                 getattr(opt, "fp32_groups", ()), strict=False)
+            for lp, hp in zip(low, high, strict=True)}
+
+
 def _dp_rank() -> int:
     import torch.distributed as dist
 
@@ -86,10 +96,12 @@ def master_slices(engine) -> list[MasterSlice]:
     return slices
 
 
-def master_view(engine, s: MasterSlice) -> torch.Tensor:
+def master_view(engine, s: MasterSlice,
+                unfused: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """This rank's part of ``s``'s fp32 master, 1-D (``s.numel`` elements): a view into
     DeepSpeed's buffers where it keeps one (fetched at each call: a checkpoint load may
-    replace them), else a float copy of the parameter (fp32: the parameter itself)."""
+    replace them), else a float copy of the parameter (fp32: the parameter itself).
+    ``unfused``: :func:`unfused_masters` of ``engine``, for a caller that asks each step."""
     p = s.param
     if hasattr(p, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param
@@ -103,5 +115,6 @@ def master_view(engine, s: MasterSlice) -> torch.Tensor:
             return p.new_empty(0, dtype=torch.float32)
         return p._hp_mapping.get_hp_fragment().reshape(-1).float()
     if p.dtype != torch.float32 and p.requires_grad and not engine.zero_optimization():
-        return unfused_master(engine, p).reshape(-1)
+        master = unfused.get(id(p)) if unfused is not None else None
+        return (master if master is not None else unfused_master(engine, p)).reshape(-1)
     return p.detach().reshape(-1).float()

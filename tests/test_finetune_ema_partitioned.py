@@ -42,8 +42,10 @@ def _full_masters(engine) -> dict[str, torch.Tensor]:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from runtime.master_slices import unfused_master
-
+    optimizer = engine.optimizer  # stage 0 in 16 bits: FP16_UnfusedOptimizer's masters
+    unfused = {id(lp): hp for low, high in zip(getattr(optimizer, "fp16_groups", ()),
+                                               getattr(optimizer, "fp32_groups", ()))
+               for lp, hp in zip(low, high)}
     out = {}
     for name, p in engine.module.named_parameters():
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
@@ -53,7 +55,7 @@ def _full_masters(engine) -> dict[str, torch.Tensor]:
             with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                 out[name] = p.detach().float().clone()
         elif p.dtype != torch.float32 and p.requires_grad:
-            out[name] = unfused_master(engine, p).detach().float().clone().view(p.shape)
+            out[name] = unfused[id(p)].detach().float().clone().view(p.shape)
         else:
             out[name] = p.detach().float().clone()
     return out
@@ -71,8 +73,9 @@ def _rank_main(_unused: str = "") -> None:
 
     info = init_distributed(timeout_min=0.5)
     rank = info.rank
-    rule = ModelEmaV3(torch.nn.Linear(1, 1, bias=False), decay=DECAY)
     for stage, precision in ENGINES:
+        warmup = stage == 1  # timm's warmup rule on one engine
+        rule = ModelEmaV3(torch.nn.Linear(1, 1, bias=False), decay=DECAY, use_warmup=warmup)
         model = _model()
         skeleton = meta_copy(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -82,8 +85,13 @@ def _rank_main(_unused: str = "") -> None:
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
             params, lr=3e-3), config=config, dist_init_required=False)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        ema = PartitionedEma(engine, skeleton, DECAY, warmup=False)
+        drawn = torch.random.get_rng_state()
+        ema = PartitionedEma(engine, skeleton, DECAY, warmup=warmup)
+        # a run's random draws do not depend on whether its EMA is on
+        assert torch.equal(drawn, torch.random.get_rng_state())
         truth = _full_masters(engine)
+        truth_buffers = {n: b.detach().float().clone() for n, b in engine.module.named_buffers()
+                         if b.is_floating_point()}
         module_ema = {k: v.clone() for k, v in truth.items()}  # the EMA of the module
         gen = torch.Generator().manual_seed(10 + rank)
         for step in range(1, STEPS + 1):
@@ -95,6 +103,9 @@ def _rank_main(_unused: str = "") -> None:
             weight = 1.0 - rule.get_decay(step)
             for name, master in _full_masters(engine).items():
                 truth[name].lerp_(master, weight)
+            for name, b in engine.module.named_buffers():
+                if name in truth_buffers:
+                    truth_buffers[name].lerp_(b.detach().float(), weight)
             params = list(engine.module.named_parameters())
             with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
                 for name, p in params:
@@ -104,16 +115,21 @@ def _rank_main(_unused: str = "") -> None:
         error = max((state[n] - t).abs().max().item() for n, t in truth.items())
         module_error = max((module_ema[n] - t).abs().max().item() for n, t in truth.items())
         assert error < 1e-6, (stage, precision, error)
+        for name, want in truth_buffers.items():  # BatchNorm's statistics, averaged too
+            torch.testing.assert_close(state[name], want, rtol=0, atol=1e-6)
         buffers = dict(engine.module.named_buffers())
         assert state["1.num_batches_tracked"].item() == buffers["1.num_batches_tracked"].item()
         # a resume: the whole state back into each rank's part gives the same whole
-        again = PartitionedEma(engine, skeleton, DECAY, warmup=False)
+        again = PartitionedEma(engine, skeleton, DECAY, warmup=warmup)
         again.load_state_dict(state)
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
                                                      state.values(), strict=True))
+        reference = _model().eval()  # the truth as one fp32 model
+        reference.load_state_dict(truth | truth_buffers, strict=False)
         with ema.module() as net:  # evaluated as one fp32 model
             assert all(p.dtype == torch.float32 for p in net.parameters())
             out = net(torch.ones(2, 7))
+        torch.testing.assert_close(out, reference(torch.ones(2, 7)), rtol=1e-5, atol=1e-6)
         gathered = [torch.empty_like(out) for _ in range(2)]
         dist.all_gather(gathered, out.contiguous())
         assert torch.equal(gathered[0], gathered[1])

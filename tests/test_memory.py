@@ -32,9 +32,14 @@ def test_ddp_states_are_sixteen_bytes_per_parameter_and_ema_adds_a_copy():
     assert plain["total"] == pytest.approx(plain["states"] + plain["activations"])
     # under ZeRO the EMA is partitioned as the masters are (finetune/ema.py): 4 B/param
     # over the data-parallel group
-    zero, zero_ema = (_estimate(2, checkpointing=False, zero_stage=3, ema=ema)["states"]
+    zero, zero_ema = (_estimate(2, checkpointing=False, zero_stage=3, ema=ema)
                       for ema in (False, True))
-    assert zero_ema - zero == pytest.approx(4 * params / 8 / GiB)
+    assert zero_ema["states"] - zero["states"] == pytest.approx(4 * params / 8 / GiB)
+    # an evaluation or a save assembles it whole on every rank, in the activations' place
+    assert zero_ema["ema_assembled"] == pytest.approx(4 * params / GiB)
+    assert zero_ema["total"] == pytest.approx(
+        zero_ema["states"] + zero_ema["buffers"]
+        + max(zero_ema["activations"], zero_ema["ema_assembled"]))
 
 
 def test_activations_scale_with_batch_and_pixels_and_precision():
