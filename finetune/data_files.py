@@ -73,33 +73,25 @@ def _judge(what: str, seen: list) -> None:
         "whole and alike, then start again")
 
 
-def agree_on_listing(what: str, entries: Sequence[tuple], root: str | Path,
-                     gather: Callable[[Any], list]) -> None:
-    """Refuse on every rank (:class:`ListingMismatch`) unless every rank listed the same
-    ``entries`` for the set ``what`` (an ImageFolder's ``(path, label)`` samples, a
-    segmentation set's ``(image, label, lut)`` pairs): their paths relative to ``root``
-    and their integers (labels) compared; other fields (a lookup table) are the same
-    code's output on every rank. Collective: every rank calls it (``gather``:
-    ``all_gather_objects``).
+def agreed_set(what: str, build: Callable[[], T], entries: Callable[[T], Sequence[tuple]],
+               root: str | Path, gather: Callable[[Any], list]) -> T:
+    """``build()`` (a dataset, listing its folders) on every rank, refused on every rank
+    (:class:`ListingMismatch`) unless every rank listed the same ``entries(dataset)`` for
+    the set ``what`` (an ImageFolder's ``(path, label)`` samples, a segmentation set's
+    ``(image, label, lut)`` pairs): their paths relative to ``root`` and their integers
+    (labels) compared; other fields (a lookup table) are the same code's output on every
+    rank. Collective: every rank calls it (``gather``: ``all_gather_objects``).
 
     Each rank lists its own copy of the folders. A node-local copy that is incomplete, or
     a folder synced while the job starts, gave that node's ranks another epoch length, so
     another evaluation, checkpoint and final step: the others waited in a collective it
     never entered (a hang at the first evaluation); with equal lengths, samplers that
-    split different lists and labels shifted by a missing class, silently. Cost: one
-    SHA-256 over the listing per rank (ImageNet-22K's 14M paths: seconds, next to
-    minutes of listing them) and one all-gather of ~100 bytes, once per start."""
-    _judge(what, gather(_listing_digest(entries, root)))
-
-
-def agreed_set(what: str, build: Callable[[], T], entries: Callable[[T], Sequence[tuple]],
-               root: str | Path, gather: Callable[[Any], list]) -> T:
-    """``build()`` (a dataset, listing its folders) on every rank, then
-    :func:`agree_on_listing` of its ``entries(dataset)``, in one all-gather. A rank whose
+    split different lists and labels shifted by a missing class, silently. A rank whose
     build raised (a class folder still empty mid-sync, an image whose label file has not
     arrived) raises its own error and every other rank a :class:`ListingMismatch` naming
-    it: before, that rank ended alone and the others waited in the listing's all-gather
-    until the collective timeout. Collective: every rank calls it."""
+    it, rather than ending alone while the others wait until the collective timeout.
+    Cost: one SHA-256 over the listing per rank (ImageNet-22K's 14M paths: seconds, next
+    to minutes of listing them) and one all-gather of ~100 bytes, once per start."""
     try:
         dataset: T | None = build()
         own: tuple = _listing_digest(entries(dataset), root)

@@ -92,25 +92,25 @@ class PartitionedEma:
         every rank. Collective: one all-reduce of the model's size (every rank calls it)."""
         import torch.distributed as dist
 
+        from runtime.dist import global_rank, group_size
+
         # the engine's device: the masters may lie elsewhere (an offloaded optimizer's on
         # the CPU), the all-reduce and the evaluation run there
-        device = torch.device(self.engine.device)
-        sizes = [s.param.ds_numel if hasattr(s.param, "ds_id") else s.param.numel()
-                 for s in self.slices]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        offset, rank = 0, dist.get_rank() if dist.is_initialized() else 0
-        for s, ema, size in zip(self.slices, self.params, sizes, strict=True):
+        flat = torch.zeros(sum(s.size for s in self.slices), dtype=torch.float32,
+                           device=torch.device(self.engine.device))
+        offset, rank = 0, global_rank()
+        for s, ema in zip(self.slices, self.params, strict=True):
             if s.numel and (not s.whole or rank == 0):  # a whole one: rank 0's counts
                 flat[offset + s.start: offset + s.start + s.numel] = ema
-            offset += size
-        if dist.is_initialized() and dist.get_world_size() > 1:
+            offset += s.size
+        if group_size() > 1:
             dist.all_reduce(flat)
         shapes = {n: t.shape for n, t in self.skeleton.named_parameters()}
         state: dict[str, torch.Tensor] = {}
         offset = 0
-        for s, size in zip(self.slices, sizes, strict=True):
-            state[s.name] = flat[offset: offset + size].view(shapes[s.name])
-            offset += size
+        for s in self.slices:
+            state[s.name] = flat[offset: offset + s.size].view(shapes[s.name])
+            offset += s.size
         state.update(self.buffers)
         return {k: state[k] for k in self.skeleton.state_dict()}  # the model's key order
 

@@ -29,39 +29,22 @@ from torch import nn
 @dataclass
 class MasterSlice:
     """This rank's part of parameter ``name``'s fp32 master: ``numel`` elements from
-    ``start`` of the flattened parameter (0: none here); ``whole``: every rank holds all of
-    it (no partition: summed over the ranks it would count once per rank)."""
+    ``start`` of the flattened parameter of ``size`` elements (0: none here); ``whole``:
+    every rank holds all of it (no partition: summed over the ranks it would count once
+    per rank)."""
 
     name: str
     param: nn.Parameter
+    size: int  # the whole parameter's elements
     start: int
     numel: int
     whole: bool
 
 
-def unfused_master(engine, param: nn.Parameter) -> torch.Tensor:
-    """The fp32 master of 16-bit ``param`` that DeepSpeed's ``FP16_UnfusedOptimizer``
-    keeps without ZeRO (``fp32_groups``, parallel to ``fp16_groups``). Refuses another
-    optimizer: DeepSpeed's fused ``FP16_Optimizer`` (a DeepSpeed Adam set through
-    ``engine.deepspeed_config`` at stage 0) keeps its masters in flat buffers of its own,
-    which cannot be read by parameter."""
-    opt = getattr(engine, "optimizer", None)
-    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()),
-                         strict=False):
-        for lp, hp in zip(low, high, strict=True):
-            if lp is param:
-                return hp
-    from runtime.loop import RefusedStart
-
-    raise RefusedStart(
-        f"the fp32 master of a 16-bit weight cannot be found in {type(opt).__name__} "
-        "(16-bit weights at ZeRO stage 0 with an optimizer from the DeepSpeed config "
-        "file): use ZeRO stage 1, or drop the optimizer from that file")
-
-
 def unfused_masters(engine) -> dict[int, torch.Tensor]:
-    """``id(param)`` -> fp32 master for every 16-bit parameter ``FP16_UnfusedOptimizer``
-    keeps one of (none without it): :func:`unfused_master` for all, in one pass."""
+    """``id(param)`` -> fp32 master for every 16-bit parameter DeepSpeed's
+    ``FP16_UnfusedOptimizer`` keeps one of without ZeRO (``fp32_groups``, parallel to
+    ``fp16_groups``; none without it), in one pass."""
     opt = getattr(engine, "optimizer", None)
     return {id(lp): hp
             for low, high in zip(getattr(opt, "fp16_groups", ()),
@@ -69,30 +52,46 @@ def unfused_masters(engine) -> dict[int, torch.Tensor]:
             for lp, hp in zip(low, high, strict=True)}
 
 
-def _dp_rank() -> int:
-    import torch.distributed as dist
+def unfused_master(engine, param: nn.Parameter,
+                   masters: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The fp32 master of 16-bit ``param`` in :func:`unfused_masters` (``masters``: those
+    of ``engine``, for a caller that asks each step; looked up here otherwise). Refuses
+    another optimizer: DeepSpeed's fused ``FP16_Optimizer`` (a DeepSpeed Adam set through
+    ``engine.deepspeed_config`` at stage 0) keeps its masters in flat buffers of its own,
+    which cannot be read by parameter."""
+    master = (unfused_masters(engine) if masters is None else masters).get(id(param))
+    if master is not None:
+        return master
+    from runtime.loop import RefusedStart
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    raise RefusedStart(
+        f"the fp32 master of a 16-bit weight cannot be found in "
+        f"{type(getattr(engine, 'optimizer', None)).__name__} (16-bit weights at ZeRO "
+        "stage 0 with an optimizer from the DeepSpeed config file): use ZeRO stage 1, or "
+        "drop the optimizer from that file")
 
 
 def master_slices(engine) -> list[MasterSlice]:
     """Every parameter of ``engine.module`` with where this rank's part of its fp32 master
     lies (see the module doc), in ``named_parameters`` order."""
-    rank = _dp_rank()
+    from runtime.dist import global_rank
+
+    # the partition index: classification's ranks are all data-parallel
+    rank = global_rank()
     slices = []
     for name, p in engine.module.named_parameters():
-        if hasattr(p, "ds_id"):  # ZeRO-3: the partition index is the data-parallel rank
+        if hasattr(p, "ds_id"):  # ZeRO-3 (``p`` itself is an empty placeholder)
             part = p.ds_tensor.ds_numel
             start = rank * part
-            slices.append(MasterSlice(name, p, start, max(0, min(part, p.ds_numel - start)),
-                                      False))
+            slices.append(MasterSlice(name, p, p.ds_numel, start,
+                                      max(0, min(part, p.ds_numel - start)), False))
         elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16 optimizer (None: not held here)
             mapping = p._hp_mapping
             address = mapping.lp_fragment_address if mapping is not None else None
-            slices.append(MasterSlice(name, p, address.start if address else 0,
+            slices.append(MasterSlice(name, p, p.numel(), address.start if address else 0,
                                       address.numel if address else 0, False))
         else:  # the unfused optimizer's whole master, or the parameter itself
-            slices.append(MasterSlice(name, p, 0, p.numel(), True))
+            slices.append(MasterSlice(name, p, p.numel(), 0, p.numel(), True))
     return slices
 
 
@@ -115,6 +114,5 @@ def master_view(engine, s: MasterSlice,
             return p.new_empty(0, dtype=torch.float32)
         return p._hp_mapping.get_hp_fragment().reshape(-1).float()
     if p.dtype != torch.float32 and p.requires_grad and not engine.zero_optimization():
-        master = unfused.get(id(p)) if unfused is not None else None
-        return (master if master is not None else unfused_master(engine, p)).reshape(-1)
+        return unfused_master(engine, p, unfused).reshape(-1)
     return p.detach().reshape(-1).float()

@@ -234,6 +234,17 @@ def _refuse_split_credentials(cfg: Any, env: dict[str, str],
                 f"{', '.join(sorted(v for v in keys.values() if v))})")
 
 
+def _job_credentials(job: list[str], args: argparse.Namespace,
+                     cfg: Any) -> tuple[list[str], dict[str, str]]:
+    """The job's command line without credentials and the environment they travel in
+    (:func:`credentials_to_env`), refused when split between the file and the overrides
+    (:func:`_refuse_split_credentials`)."""
+    keys = _secret_keys(args)
+    argv, env = credentials_to_env(list(job), keys)
+    _refuse_split_credentials(cfg, env, keys)
+    return argv, env
+
+
 def _check_resume(command: str, resume: str, run_dir: Path) -> Path | None:
     """The checkpoint the job will resume from (None: a fresh start), resolved as the job
     itself resolves ``--resume resume`` in ``run_dir``; what the job would refuse (a path
@@ -376,8 +387,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
             checked_eval(args.task, cfg, args.resume, missing_data="warn")
         except CheckpointError as err:
             raise ConfigError(str(err)) from None
-        argv, env = credentials_to_env(list(job), _secret_keys(args))
-        _refuse_split_credentials(cfg, env, _secret_keys(args))
+        argv, env = _job_credentials(job, args, cfg)
         return JobSpec(with_flag(argv, "--output-dir", str(run_dir)), run_dir, env)
     # the job runs with --resume auto unless one was given (appended below); an empty
     # --resume stays as given: the job then starts afresh, or refuses to over a run
@@ -391,8 +401,7 @@ def job_spec(job: list[str], parser: argparse.ArgumentParser,
         from launch.commands.finetune import checked_start, task_entry
 
         checked_start(task_entry(args.task)[1], cfg, resume_dir, missing_data="warn")
-    argv, env = credentials_to_env(list(job), _secret_keys(args))
-    _refuse_split_credentials(cfg, env, _secret_keys(args))
+    argv, env = _job_credentials(job, args, cfg)
     argv = with_flag(argv, "--output-dir", str(run_dir))
     if args.resume is None:
         argv += ["--resume", "auto"]
